@@ -1,0 +1,798 @@
+"""The seed's public calls, in Python spelling. Each one validates fully before it
+changes anything: a refused call raises a typed MMSBError and leaves state and log as
+they were."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .config import MMSBConfig
+from .delta import Delta, delta_from_mask
+from .delta import merge_deltas as _merge
+from .device import cuda_available
+from .errors import (
+    InvalidArgumentError,
+    InvalidDeltaError,
+    PageNotFoundError,
+    SerializationError,
+)
+from .events import Subscription, make_filter
+from .graph import ShadowPageGraph
+from .log.checkpoint import read_checkpoint, restore_into, write_checkpoint
+from .log.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
+from .monitor import Counters, MMSBStats
+from .state import MMSBState, Page, check_size, normalize_metadata
+from .types import (
+    DATA_DEPENDENCY,
+    EdgeType,
+    EventType,
+    PageLocation,
+    PropagationMode,
+    coerce_location,
+)
+
+__all__ = [
+    "mmsb_start", "mmsb_stop", "active", "active_state",
+    "create_page", "create_pages", "update_page", "write_page", "query_page", "delete_page",
+    "resize_page", "clone_page", "migrate_page", "set_metadata", "update_metadata",
+    "create_delta", "route_delta", "batch", "apply_batch", "Batch",
+    "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
+    "checkpoint_log", "load_checkpoint", "replay_from_checkpoint",
+    "add_dependency", "remove_dependency", "get_children", "get_parents", "has_cycle",
+    "topological_sort", "find_descendants", "find_ancestors",
+    "register_recompute_fn", "register_passthrough_recompute",
+    "propagate_change", "queue_recomputation", "schedule_propagation", "execute_propagation",
+    "subscribe", "unsubscribe", "merge_deltas",
+    "get_stats", "print_stats", "reset_stats", "track_delta_latency", "track_propagation_latency",
+]
+
+_active: contextvars.ContextVar[MMSBState | None] = contextvars.ContextVar("mmsb_active", default=None)
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool = False,
+               config: MMSBConfig | None = None, path: str | os.PathLike[str] | None = None) -> MMSBState:
+    """Build a state and make it the active state.
+
+    ``enable_gpu=None`` detects CUDA; ``True`` without CUDA falls back to CPU with a
+    warning. ``path=None`` gives an in-memory state; a directory gives a durable bus
+    there (created, or reopened and recovered).
+    """
+    import dataclasses
+
+    cfg = dataclasses.replace(config) if config is not None else MMSBConfig()
+    if config is not None and not isinstance(config, MMSBConfig):
+        raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(config).__name__}")
+    if enable_gpu is None:
+        cfg.enable_gpu = cfg.enable_gpu and cuda_available()
+    elif enable_gpu:
+        if not cuda_available():
+            warnings.warn("enable_gpu=True but no CUDA device is usable; pages stay on the CPU",
+                          RuntimeWarning, stacklevel=2)
+            cfg.enable_gpu = False
+        else:
+            cfg.enable_gpu = True
+    else:
+        cfg.enable_gpu = False
+    cfg.enable_instrumentation = bool(enable_instrumentation or cfg.enable_instrumentation)
+    if path is not None:
+        from .log.bus import open_bus
+
+        state = open_bus(path, cfg)
+    else:
+        state = MMSBState(cfg)
+    _active.set(state)
+    return state
+
+
+def mmsb_stop(state: MMSBState, *, checkpoint_path: str | os.PathLike[str] | None = None) -> None:
+    """Optionally checkpoint, then flush and close ``state``; clears the active state if
+    it is this one. Stopping a stopped state does nothing."""
+    if not isinstance(state, MMSBState):
+        raise InvalidArgumentError(f"mmsb_stop takes an MMSBState, not {type(state).__name__}")
+    if state.closed:
+        return
+    if checkpoint_path is not None:
+        checkpoint_log(state, checkpoint_path)
+    with state._lock:
+        if state.bus is not None:
+            state.bus.close(state)
+        state.closed = True
+    if _active.get() is state:
+        _active.set(None)
+
+
+@contextlib.contextmanager
+def active(state: MMSBState) -> Iterator[MMSBState]:
+    """Inside the block ``active_state()`` is ``state``; after it, what it was before."""
+    if not isinstance(state, MMSBState):
+        raise InvalidArgumentError(f"active() takes an MMSBState, not {type(state).__name__}")
+    token = _active.set(state)
+    try:
+        yield state
+    finally:
+        _active.reset(token)
+
+
+def active_state() -> MMSBState | None:
+    """The active state (``None`` at top level)."""
+    return _active.get()
+
+
+def _state_of(obj: Any, fn: str) -> MMSBState:
+    if isinstance(obj, MMSBState):
+        return obj
+    raise InvalidArgumentError(f"{fn}() takes an MMSBState as its first argument, not {type(obj).__name__}")
+
+
+# -- pages -----------------------------------------------------------------------------
+
+def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
+                metadata: dict[str, Any] | None = None) -> Page:
+    """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
+    epoch 0, with the next id. O(1).
+
+    Raises:
+        InvalidArgumentError (a ValueError): size not a positive int.
+        UnsupportedLocationError: unknown location.
+        GPUMemoryError: a GPU/unified page without a usable CUDA device.
+        MetadataError: metadata msgpack cannot encode.
+    """
+    state = _state_of(state, "create_page")
+    return Page(state, state._create(1, size, location, metadata))
+
+
+def create_pages(state: MMSBState, n: int, size: int | None = None, *, location: Any = "cpu",
+                 metadata: dict[str, Any] | None = None) -> list[Page]:
+    """``n`` new pages in one call: one lock, one log record, one bulk allocation.
+    O(n) in numpy (plus the handles returned)."""
+    state = _state_of(state, "create_pages")
+    first = state._create(n, size, location, metadata)
+    return [Page(state, pid) for pid in range(first, first + int(n))]
+
+
+def _split_page_args(first: Any, args: tuple[Any, ...], fn: str, nargs: int) -> tuple[MMSBState, Any, tuple[Any, ...]]:
+    if isinstance(first, Page):
+        if len(args) != nargs:
+            raise InvalidArgumentError(f"{fn}(page, ...) takes {nargs} more argument(s)")
+        return first.state, first.id, args
+    if isinstance(first, MMSBState):
+        if len(args) != nargs + 1:
+            raise InvalidArgumentError(f"{fn}(state, page_id, ...) takes {nargs + 1} more argument(s)")
+        return first, args[0], args[1:]
+    raise InvalidArgumentError(f"{fn}() takes a state and a page id, or a Page, not {type(first).__name__}")
+
+
+def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api") -> Page:
+    """Replace a page's whole content: ``update_page(state, page_id, data)`` or
+    ``update_page(page, data)``. Logs the delta of the bytes that differ, applies it,
+    propagates. Unchanged bytes: nothing logged, epoch unchanged. O(page size) compare,
+    O(changed bytes) otherwise.
+
+    Raises:
+        PageNotFoundError: unknown page. InvalidDeltaError: wrong length or not bytes-like.
+    """
+    state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
+    state._write(page_id, 0, data, source, True)
+    return Page(state, state._require(page_id, "update_page"))
+
+
+def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source: str = "api") -> Page:
+    """Write ``data`` at ``offset`` (a partial update). Only differing bytes are logged.
+
+    Raises:
+        PageNotFoundError: unknown page. InvalidDeltaError: the write runs outside the page.
+    """
+    state = _state_of(state, "write_page")
+    state._write(page_id, offset, data, source, False)
+    return Page(state, state._require(page_id, "write_page"))
+
+
+def query_page(state: MMSBState, page_id: int) -> bytes:
+    """A copy of the page's current bytes. O(size)."""
+    state = _state_of(state, "query_page")
+    with state._lock:
+        return state._page_view(state._require(page_id, "query_page")).tobytes()
+
+
+def delete_page(state: MMSBState, page_id: int) -> None:
+    """Remove a page and its edges. Its id is never reused.
+
+    Raises:
+        PageNotFoundError: unknown page.
+    """
+    state = _state_of(state, "delete_page")
+    state._enter()
+    try:
+        pid = state._require(page_id, "delete_page")
+        state._commit(PageDelete(pid))
+        state._emit(EventType.PAGE_DELETED, pid)
+    finally:
+        state._leave()
+
+
+def resize_page(state: MMSBState, page_id: int, new_size: int) -> Page:
+    """Give a page a new size: the common prefix is kept, growth is zero-filled, the
+    epoch is unchanged. The bytes move to a new slot. O(size)."""
+    state = _state_of(state, "resize_page")
+    size = check_size(new_size, "new size")
+    state._enter()
+    try:
+        pid = state._require(page_id, "resize_page")
+        old = int(state._table.size[pid])
+        if old != size:
+            state._commit(PageResize(pid, size))
+            state._emit(EventType.PAGE_RESIZED, pid, old, size)
+        return Page(state, pid)
+    finally:
+        state._leave()
+
+
+def clone_page(state: MMSBState, page_id: int) -> Page:
+    """A new page (new id) with the same bytes, epoch, metadata and location."""
+    state = _state_of(state, "clone_page")
+    state._enter()
+    try:
+        src = state._require(page_id, "clone_page")
+        new_id = state._table.next_id
+        state._commit(PageClone(new_id, src))
+        state._emit(EventType.PAGE_CREATED, new_id)
+        return Page(state, new_id)
+    finally:
+        state._leave()
+
+
+def migrate_page(state: MMSBState, page_id: int, location: Any) -> Page:
+    """Move a page between CPU / GPU / unified memory: same id, same bytes, same epoch.
+
+    Raises:
+        UnsupportedLocationError, GPUMemoryError: as for create_page.
+    """
+    state = _state_of(state, "migrate_page")
+    loc = coerce_location(location)
+    state._enter()
+    try:
+        pid = state._require(page_id, "migrate_page")
+        old = PageLocation(int(state._table.loc[pid]))
+        if old is not loc:
+            state._check_location(loc, int(state._table.size[pid]))
+            state._commit(PageMigrate(pid, int(loc)))
+            state._emit(EventType.PAGE_MIGRATED, pid, old, loc)
+        return Page(state, pid)
+    finally:
+        state._leave()
+
+
+def set_metadata(state: MMSBState, page_id: int, key: str, value: Any) -> Page:
+    """Set one metadata entry (logged; replayable). ``value`` must be msgpack-encodable."""
+    return update_metadata(state, page_id, {key: value})
+
+
+def update_metadata(state: MMSBState, page_id: int, mapping: dict[str, Any], *,
+                    replace: bool = False) -> Page:
+    """Merge ``mapping`` into a page's metadata (or replace it whole), as one logged change.
+
+    Raises:
+        MetadataError: keys not str or values msgpack cannot encode.
+    """
+    state = _state_of(state, "update_metadata")
+    state._enter()
+    try:
+        pid = state._require(page_id, "update_metadata")
+        new = {} if replace else dict(state._table.meta.get(pid, {}))
+        new.update(normalize_metadata(mapping, pid))
+        state._set_metadata(pid, new)
+        return Page(state, pid)
+    finally:
+        state._leave()
+
+
+# -- deltas ----------------------------------------------------------------------------
+
+def create_delta(state: MMSBState, page_id: int, mask: Any, data: Any, source: str = "api") -> Delta:
+    """A delta for ``page_id`` (not yet applied): positions where ``mask`` is true take
+    ``data``'s bytes. Built on the page's current epoch; its epoch is ``epoch + 1``.
+
+    Raises:
+        PageNotFoundError; InvalidDeltaError: mask and data lengths differ from each
+        other or from the page.
+    """
+    state = _state_of(state, "create_delta")
+    with state._lock:
+        pid = state._require(page_id, "create_delta")
+        t = state._table
+        d = delta_from_mask(0, pid, int(t.epoch[pid]), int(t.size[pid]), mask, data, source)
+        d.id = state._new_delta_id()
+        return d
+
+
+def route_delta(state: MMSBState, delta: Delta) -> Page:
+    """Validate (page exists, sizes, ``base_epoch == page.epoch``), log, apply,
+    propagate and announce ``delta``.
+
+    Raises:
+        PageNotFoundError; InvalidDeltaError: size or epoch conflict (a lost update).
+    """
+    state = _state_of(state, "route_delta")
+    if not isinstance(delta, Delta):
+        raise InvalidDeltaError(f"route_delta takes a Delta, not {type(delta).__name__}")
+    state._route(delta)
+    return Page(state, delta.page_id)
+
+
+def merge_deltas(d1: Delta, d2: Delta) -> Delta:
+    """One delta equal to ``d1`` then ``d2`` (``d2`` wins where both write), spanning
+    ``d1.base_epoch`` → ``d2.epoch``."""
+    if not isinstance(d1, Delta) or not isinstance(d2, Delta):
+        raise InvalidDeltaError("merge_deltas takes two Delta objects")
+    return _merge(d1, d2)
+
+
+class Batch:
+    """Collects writes and applies them as one group when the ``batch`` block ends."""
+
+    def __init__(self, state: MMSBState) -> None:
+        self.state = state
+        self.writes: list[tuple[int, int, Any]] = []
+
+    def write(self, page_id: int, offset: int, data: Any) -> None:
+        """Queue a write of ``data`` at ``offset`` (applied at the end of the block)."""
+        self.writes.append((page_id, offset, data))
+
+    def update(self, page_id: int, data: Any) -> None:
+        """Queue a whole-page update."""
+        self.writes.append((page_id, 0, data))
+
+
+@contextlib.contextmanager
+def batch(state: MMSBState) -> Iterator[Batch]:
+    """Group writes: ``with batch(state) as b: b.write(id, off, data)``. The queued
+    writes are applied at the end with :func:`apply_batch`; plain calls made inside
+    the block apply at once, but their propagation and events wait for the end."""
+    state = _state_of(state, "batch")
+    b = Batch(state)
+    state._enter()
+    state._batch_depth += 1
+    ok = False
+    try:
+        yield b
+        ok = True
+    finally:
+        state._batch_depth -= 1
+        try:
+            if ok and b.writes:
+                apply_batch(state, b.writes)
+            elif state._batch_depth == 0 and state._pending and \
+                    state.propagation_mode is not PropagationMode.DEFERRED:
+                _flush_pending(state)
+        finally:
+            state._leave()
+
+
+def _flush_pending(state: MMSBState) -> None:
+    pending = set(state._pending)
+    state._pending.clear()
+    live = {p for p in pending if state._table.is_live(p)}
+    if live:
+        state._propagate(live)
+
+
+def apply_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], *,
+                source: str = "api") -> int:
+    """Apply many ``(page_id, offset, bytes)`` writes as one group: one lock, every
+    write checked before any is applied, then one propagation pass and one event
+    burst. The log and every replay are the same as for the writes done one by one.
+    Returns the number of deltas logged. O(total bytes written).
+
+    Raises:
+        PageNotFoundError, InvalidDeltaError: for the first bad write; nothing applied.
+    """
+    from .batching import run_batch
+
+    state = _state_of(state, "apply_batch")
+    return run_batch(state, writes, source)
+
+
+# -- log -------------------------------------------------------------------------------
+
+def query_log(state: MMSBState, *, page_id: int | None = None, start_time: int | None = None,
+              end_time: int | None = None, source: str | None = None) -> list[Delta]:
+    """Retained deltas matching every given filter (times in ns, inclusive), in log
+    order. O(matching page's deltas) with ``page_id``, else O(log)."""
+    state = _state_of(state, "query_log")
+    with state._lock:
+        log = state._log
+        pool = log.by_page.get(page_id, []) if page_id is not None else log.deltas
+        return [d for d in pool
+                if (start_time is None or d.timestamp >= start_time)
+                and (end_time is None or d.timestamp <= end_time)
+                and (source is None or d.source == source)]
+
+
+def get_deltas_for_page(state: MMSBState, page_id: int) -> list[Delta]:
+    """The retained deltas of one page, in log order. O(its deltas)."""
+    state = _state_of(state, "get_deltas_for_page")
+    with state._lock:
+        return list(state._log.by_page.get(page_id, []))
+
+
+def get_deltas_in_range(state: MMSBState, start: int, stop: int) -> list[Delta]:
+    """Retained deltas ``start:stop`` (0-based, half-open, like a slice)."""
+    state = _state_of(state, "get_deltas_in_range")
+    for name, v in (("start", start), ("stop", stop)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidArgumentError(f"{name} must be an int, not {v!r}")
+    with state._lock:
+        return state._log.deltas[start:stop]
+
+
+def compute_log_statistics(state: MMSBState) -> dict[str, Any]:
+    """``total_deltas``, ``bytes_changed``, ``sources`` (source → count), ``pages``
+    (page id → delta count), ``records``, ``first_lsn``/``last_lsn``, ``sparse_deltas``,
+    ``payload_bytes``."""
+    state = _state_of(state, "compute_log_statistics")
+    with state._lock:
+        log = state._log
+        sources: dict[str, int] = {}
+        changed = 0
+        sparse = 0
+        for d in log.deltas:
+            sources[d.source] = sources.get(d.source, 0) + 1
+            changed += d.count
+            sparse += d.is_sparse
+        return {
+            "total_deltas": len(log.deltas),
+            "bytes_changed": changed,
+            "sources": sources,
+            "pages": {pid: len(ds) for pid, ds in log.by_page.items()},
+            "records": len(log.records),
+            "first_lsn": log.records[0].lsn if log.records else 0,
+            "last_lsn": log.last_lsn,
+            "sparse_deltas": sparse,
+            "payload_bytes": log.bytes_logged,
+        }
+
+
+def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
+    """Write pages (bytes, epochs, metadata, locations), graph and log to one file
+    (atomically, fsynced). Returns its size in bytes."""
+    import time
+
+    state = _state_of(state, "checkpoint_log")
+    with state._lock:
+        t0 = time.perf_counter_ns()
+        try:
+            size = write_checkpoint(state, path)
+        except OSError as exc:
+            raise SerializationError(f"cannot write the checkpoint ({exc.strerror})", path=path) from None
+        state._counters.checkpoint.add(time.perf_counter_ns() - t0)
+        return size
+
+
+def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState:
+    """Replace ``state``'s pages, graph and log with a checkpoint's. The file is read
+    and checked in full first: on any damage nothing changes.
+
+    Raises:
+        SerializationError: bad magic, version, truncation, checksum mismatch.
+    """
+    state = _state_of(state, "load_checkpoint")
+    ck = read_checkpoint(path)
+    state._enter()
+    try:
+        if state.bus is not None:
+            state.bus.before_restore(state)
+        restore_into(state, ck)
+        if state.bus is not None:
+            state.bus.after_restore(state)
+    finally:
+        state._leave()
+    return state
+
+
+def replay_from_checkpoint(path: str | os.PathLike[str], target_epoch: int | None = None,
+                           *, config: MMSBConfig | None = None) -> MMSBState:
+    """A new state from a checkpoint file; with ``target_epoch``, its per-page epoch
+    cut (replay_to_epoch) instead."""
+    from .replay import replay_to_epoch
+
+    state = MMSBState(config)
+    load_checkpoint(state, path)
+    if target_epoch is None:
+        return state
+    return replay_to_epoch(state, target_epoch)
+
+
+# -- graph -----------------------------------------------------------------------------
+
+def _resolve(obj: Any, fn: str) -> tuple[MMSBState, ShadowPageGraph]:
+    if isinstance(obj, MMSBState):
+        return obj, obj.graph
+    if isinstance(obj, ShadowPageGraph):
+        owner = obj.owner
+        if owner is None:
+            raise InvalidArgumentError(f"{fn}(): this graph belongs to no state")
+        return owner, obj
+    raise InvalidArgumentError(f"{fn}() takes a state or its graph, not {type(obj).__name__}")
+
+
+def _edge_type(edge_type: Any) -> EdgeType:
+    try:
+        return EdgeType(edge_type)
+    except (ValueError, TypeError):
+        raise InvalidArgumentError(f"edge_type must be an EdgeType, not {edge_type!r}") from None
+
+
+def add_dependency(graph_or_state: MMSBState | ShadowPageGraph, parent_id: int, child_id: int,
+                   edge_type: EdgeType = DATA_DEPENDENCY) -> None:
+    """Add the edge parent → child (logged). An existing edge takes the new type.
+    O(edges reachable from the child) for the cycle check.
+
+    Raises:
+        PageNotFoundError: unknown page. GraphCycleError: the edge would close a cycle
+        (self-edges included); the graph is unchanged.
+    """
+    state, graph = _resolve(graph_or_state, "add_dependency")
+    et = _edge_type(edge_type)
+    state._enter()
+    try:
+        p = state._require(parent_id, "add_dependency")
+        c = state._require(child_id, "add_dependency")
+        graph.check_edge(p, c)
+        if graph.children.get(p, {}).get(c) is not et:
+            state._commit(EdgeAdd(p, c, int(et)))
+    finally:
+        state._leave()
+
+
+def remove_dependency(graph_or_state: MMSBState | ShadowPageGraph, parent_id: int, child_id: int) -> None:
+    """Remove the edge parent → child (logged).
+
+    Raises:
+        PageNotFoundError: unknown page or no such edge.
+    """
+    state, graph = _resolve(graph_or_state, "remove_dependency")
+    state._enter()
+    try:
+        p = state._require(parent_id, "remove_dependency")
+        c = state._require(child_id, "remove_dependency")
+        if not graph.has_edge(p, c):
+            raise PageNotFoundError(c, f"remove_dependency (no edge {p} → {c})")
+        state._commit(EdgeRemove(p, c))
+    finally:
+        state._leave()
+
+
+def _g(obj: Any, fn: str) -> ShadowPageGraph:
+    if isinstance(obj, MMSBState):
+        return obj.graph
+    if isinstance(obj, ShadowPageGraph):
+        return obj
+    raise InvalidArgumentError(f"{fn}() takes a state or its graph, not {type(obj).__name__}")
+
+
+def get_children(graph: ShadowPageGraph | MMSBState, page_id: int) -> list[tuple[int, EdgeType]]:
+    """``(child_id, edge_type)`` pairs of ``page_id``."""
+    return _g(graph, "get_children").get_children(page_id)
+
+
+def get_parents(graph: ShadowPageGraph | MMSBState, page_id: int) -> list[tuple[int, EdgeType]]:
+    """``(parent_id, edge_type)`` pairs of ``page_id``."""
+    return _g(graph, "get_parents").get_parents(page_id)
+
+
+def has_cycle(graph: ShadowPageGraph | MMSBState) -> bool:
+    """True if the graph holds a cycle. O(V + E)."""
+    return _g(graph, "has_cycle").has_cycle()
+
+
+def topological_sort(graph: ShadowPageGraph | MMSBState) -> list[int]:
+    """Ids with edges, parents before children, ties by id. O(V log V + E)."""
+    return _g(graph, "topological_sort").topological_sort()
+
+
+def find_descendants(graph: ShadowPageGraph | MMSBState, page_id: int) -> set[int]:
+    """Every page reachable from ``page_id``."""
+    return _g(graph, "find_descendants").find_descendants(page_id)
+
+
+def find_ancestors(graph: ShadowPageGraph | MMSBState, page_id: int) -> set[int]:
+    """Every page from which ``page_id`` is reachable."""
+    return _g(graph, "find_ancestors").find_ancestors(page_id)
+
+
+# -- propagation -----------------------------------------------------------------------
+
+def register_recompute_fn(state: MMSBState, page_id: int, fn: Callable[[MMSBState, Page], Any]) -> None:
+    """``fn(state, page) -> bytes`` recomputes ``page`` when a DATA parent changes. Its
+    result is logged as a delta (source ``"propagation"``), so replay never calls it.
+    Functions are code: they are not saved; register them again after a reload."""
+    state = _state_of(state, "register_recompute_fn")
+    if not callable(fn):
+        raise InvalidArgumentError(f"recompute fn must be callable, not {type(fn).__name__}")
+    with state._lock:
+        state._recompute[state._require(page_id, "register_recompute_fn")] = fn
+
+
+def register_passthrough_recompute(state: MMSBState, target_id: int, source_id: int,
+                                   transform: Callable[[bytes], Any] | None = None) -> None:
+    """Make ``target`` become ``transform(source bytes)`` (identity by default) whenever it
+    is recomputed. Does not add the edge: use add_dependency(state, source, target)."""
+    state = _state_of(state, "register_passthrough_recompute")
+    if transform is not None and not callable(transform):
+        raise InvalidArgumentError("transform must be callable")
+    with state._lock:
+        src = state._require(source_id, "register_passthrough_recompute")
+        state._require(target_id, "register_passthrough_recompute")
+
+    if transform is None:
+        def fn(st: MMSBState, page: Page) -> Any:
+            return st._page_view(st._require(src, "passthrough source"))
+    else:
+        def fn(st: MMSBState, page: Page) -> Any:
+            return transform(st._page_view(st._require(src, "passthrough source")).tobytes())
+
+    register_recompute_fn(state, target_id, fn)
+
+
+def propagate_change(state: MMSBState, page_id: int | Iterable[int],
+                     mode: PropagationMode = PropagationMode.IMMEDIATE) -> None:
+    """Bring the dependents of ``page_id`` (or several ids) up to date: now
+    (IMMEDIATE), or queue them (DEFERRED, BATCH) for execute_propagation()."""
+    state = _state_of(state, "propagate_change")
+    try:
+        mode = PropagationMode(mode)
+    except ValueError:
+        raise InvalidArgumentError(f"mode must be a PropagationMode, not {mode!r}") from None
+    ids = [page_id] if isinstance(page_id, int | np.integer | Page) else list(page_id)
+    state._enter()
+    try:
+        pids = {state._require(p, "propagate_change") for p in ids}
+        if mode is PropagationMode.IMMEDIATE and not state._batch_depth:
+            state._propagate(pids)
+        else:
+            state._pending.update(pids)
+    finally:
+        state._leave()
+
+
+def queue_recomputation(state: MMSBState, page_id: int) -> None:
+    """Queue ``page_id``'s dependents for the next execute_propagation()."""
+    propagate_change(state, page_id, PropagationMode.DEFERRED)
+
+
+def schedule_propagation(state: MMSBState, page_ids: Iterable[int]) -> None:
+    """Queue several pages' dependents for the next execute_propagation()."""
+    propagate_change(state, list(page_ids), PropagationMode.DEFERRED)
+
+
+def execute_propagation(state: MMSBState) -> int:
+    """Run every queued propagation now, as one topological pass. Returns how many
+    source pages it covered."""
+    state = _state_of(state, "execute_propagation")
+    state._enter()
+    try:
+        n = len(state._pending)
+        _flush_pending(state)
+        return n
+    finally:
+        state._leave()
+
+
+# -- events ----------------------------------------------------------------------------
+
+def subscribe(state: MMSBState, event_type: EventType, handler: Callable[..., Any],
+              filter: Any = None) -> Subscription:
+    """Call ``handler(state, event_type, *data)`` for each event of that type on this
+    state, after the change is complete. ``filter``: a page id, ids, or a predicate
+    ``f(event_type, *data) -> bool``."""
+    state = _state_of(state, "subscribe")
+    try:
+        et = EventType(event_type)
+    except (ValueError, TypeError):
+        raise InvalidArgumentError(f"event_type must be an EventType, not {event_type!r}") from None
+    if not callable(handler):
+        raise InvalidArgumentError(f"handler must be callable, not {type(handler).__name__}")
+    sub = Subscription(et, handler, make_filter(filter), owner=id(state))
+    with state._lock:
+        state._events.add(sub)
+    return sub
+
+
+def unsubscribe(state: MMSBState, sub: Subscription) -> bool:
+    """Stop delivering to ``sub``. Returns False if it was not subscribed here."""
+    state = _state_of(state, "unsubscribe")
+    if not isinstance(sub, Subscription):
+        raise InvalidArgumentError(f"unsubscribe takes a Subscription, not {type(sub).__name__}")
+    with state._lock:
+        return state._events.remove(sub)
+
+
+# -- monitoring ------------------------------------------------------------------------
+
+def get_stats(state: MMSBState) -> MMSBStats:
+    """A frozen snapshot of sizes, counters and latency percentiles."""
+    state = _state_of(state, "get_stats")
+    with state._lock:
+        t = state._table
+        live = t.live_ids()
+        locs = np.bincount(t.loc[live], minlength=3) if live.size else np.zeros(3, np.int64)
+        c = state._counters
+        a = state._arena
+        deltas = state._log.deltas
+        delta_bytes = sum(d.count for d in deltas)
+        page_bytes = int(t.size[live].sum()) if live.size else 0
+        carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
+        da50, da90, da99 = c.delta_apply.percentiles()
+        pr50, pr90, pr99 = c.propagation.percentiles()
+        la50, _la90, la99 = c.log_append.percentiles()
+        ck50, _ck90, _ck99 = c.checkpoint.percentiles()
+        g = state.graph
+        return MMSBStats(
+            total_pages=int(live.size), cpu_pages=int(locs[0]), gpu_pages=int(locs[1]),
+            unified_pages=int(locs[2]), total_page_bytes=page_bytes,
+            total_deltas=len(deltas), total_delta_bytes=delta_bytes,
+            avg_delta_bytes=delta_bytes / len(deltas) if deltas else 0.0,
+            graph_nodes=len(g.nodes), graph_edges=g.edge_count, graph_max_depth=g.max_depth(),
+            delta_apply_count=c.delta_apply.count, delta_apply_total_ns=c.delta_apply.total_ns,
+            delta_apply_avg_ns=c.delta_apply.avg,
+            propagation_count=c.propagation.count, propagation_total_ns=c.propagation.total_ns,
+            propagation_avg_ns=c.propagation.avg,
+            delta_apply_p50_ns=da50, delta_apply_p90_ns=da90, delta_apply_p99_ns=da99,
+            delta_apply_max_ns=c.delta_apply.max_ns,
+            propagation_p50_ns=pr50, propagation_p90_ns=pr90, propagation_p99_ns=pr99,
+            propagation_max_ns=c.propagation.max_ns,
+            log_append_count=c.log_append.count, log_append_p50_ns=la50, log_append_p99_ns=la99,
+            checkpoint_count=c.checkpoint.count, checkpoint_p50_ns=ck50,
+            checkpoint_max_ns=c.checkpoint.max_ns,
+            log_records=len(state._log.records), log_bytes=state._log.bytes_logged,
+            last_lsn=state._log.last_lsn, records_logged=c.records_logged,
+            events_emitted=state._events.emitted, handler_errors=state._events.handler_errors,
+            torn_tails_recovered=c.torn_tails_recovered,
+            arena_bytes_in_use=a.bytes_in_use, arena_bytes_free=a.bytes_free_listed,
+            arena_bytes_reserved=a.bytes_reserved,
+            arena_fragmentation=(carved - page_bytes) / carved if carved else 0.0,
+        )
+
+
+def print_stats(state: MMSBState, file: Any = None) -> None:
+    """Print get_stats() as a table (to ``file``, default stdout)."""
+    get_stats(state).render(file)
+
+
+def reset_stats(state: MMSBState) -> None:
+    """Zero the counters and latency samples; pages, log and graph are untouched."""
+    state = _state_of(state, "reset_stats")
+    with state._lock:
+        state._counters = Counters()
+        state._events.emitted = 0
+        state._events.handler_errors = 0
+
+
+def _ns(ns: Any) -> int:
+    if isinstance(ns, bool) or not isinstance(ns, int | float) or ns < 0:
+        raise InvalidArgumentError(f"latency must be a number of ns ≥ 0, not {ns!r}")
+    return int(ns)
+
+
+def track_delta_latency(state: MMSBState, ns: int) -> None:
+    """Add one delta-apply latency sample (ns) to the state's counters."""
+    state = _state_of(state, "track_delta_latency")
+    with state._lock:
+        state._counters.delta_apply.add(_ns(ns))
+
+
+def track_propagation_latency(state: MMSBState, ns: int) -> None:
+    """Add one propagation latency sample (ns) to the state's counters."""
+    state = _state_of(state, "track_propagation_latency")
+    with state._lock:
+        state._counters.propagation.add(_ns(ns))
+

@@ -1,0 +1,360 @@
+"""Deltas: which bytes of a page changed and their new values, and the kernels that
+build, merge and apply them.
+
+A delta is *sparse* when it covers at most a quarter of the page: it keeps the sorted
+positions (uint32) and their values, so its memory grows with the changed bytes, not
+with the page. Otherwise it is *dense*: the full-length bytes (zero outside the mask)
+and a bool mask, or no mask at all when every byte is covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidDeltaError
+
+__all__ = [
+    "Delta",
+    "SPARSE_FRACTION",
+    "as_bytes_array",
+    "diff_bytes",
+    "make_delta",
+    "merge_deltas",
+    "delta_byte_count",
+    "apply_delta",
+    "apply_clipped",
+]
+
+SPARSE_FRACTION = 0.25
+_EMPTY_IDX = np.empty(0, np.uint32)
+_EMPTY_VALS = np.empty(0, np.uint8)
+_EMPTY_IDX.flags.writeable = False
+_EMPTY_VALS.flags.writeable = False
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def as_bytes_array(data: Any, what: str = "data") -> np.ndarray:
+    """View a bytes-like object (bytes, bytearray, memoryview, uint8 array) as uint8.
+
+    Raises:
+        InvalidDeltaError: if ``data`` is not bytes-like.
+    """
+    if isinstance(data, np.ndarray):
+        if data.dtype == np.uint8 and data.ndim == 1:
+            return data
+        if data.dtype.itemsize and data.flags.c_contiguous:
+            return data.reshape(-1).view(np.uint8)
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise InvalidDeltaError(
+            f"{what} must be bytes-like (bytes, bytearray, memoryview or a numpy array), "
+            f"not {type(data).__name__}"
+        ) from exc
+
+
+class Delta:
+    """One change to one page: the covered byte positions and their new values.
+
+    Attributes (read-only by contract):
+        id: the delta's id, unique within its state.
+        page_id: the page it changes.
+        base_epoch: the page epoch it was built on; it applies only to a page at that epoch.
+        epoch: the page epoch after it is applied.
+        lsn: its log sequence number (0 until logged).
+        timestamp: nanoseconds since the epoch when it was logged (0 until logged).
+        source: who made it (``"api"``, ``"propagation"``, ``"compressed"`` …).
+        page_size: the page size it was built for.
+    """
+
+    __slots__ = ("id", "page_id", "base_epoch", "epoch", "lsn", "timestamp", "source",
+                 "page_size", "_idx", "_vals", "_data", "_mask")
+
+    def __init__(self, id: int, page_id: int, base_epoch: int, epoch: int, source: str,
+                 page_size: int, idx: np.ndarray | None, vals: np.ndarray | None,
+                 data: np.ndarray | None, mask: np.ndarray | None,
+                 lsn: int = 0, timestamp: int = 0) -> None:
+        self.id = id
+        self.page_id = page_id
+        self.base_epoch = base_epoch
+        self.epoch = epoch
+        self.source = source
+        self.page_size = page_size
+        # Payload arrays (numpy typing cannot express "set together"; see is_sparse).
+        self._idx: Any = idx
+        self._vals: Any = vals
+        self._data: Any = data
+        self._mask: Any = mask
+        self.lsn = lsn
+        self.timestamp = timestamp
+
+    # -- views -----------------------------------------------------------------------
+    @property
+    def is_sparse(self) -> bool:
+        """True when the payload holds only the changed bytes."""
+        return self._idx is not None
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Sorted positions covered by the delta (uint32, read-only)."""
+        if self._idx is not None:
+            return _readonly(self._idx)
+        if self._mask is None:
+            return np.arange(self.page_size, dtype=np.uint32)
+        return np.flatnonzero(self._mask).astype(np.uint32)
+
+    @property
+    def values(self) -> np.ndarray:
+        """The new values at :attr:`indices` (uint8, read-only)."""
+        if self._vals is not None:
+            return _readonly(self._vals)
+        assert self._data is not None
+        return self._data if self._mask is None else self._data[self._mask]
+
+    @property
+    def mask(self) -> np.ndarray:
+        """One bool per byte of the page: True where the delta writes. O(page size)."""
+        if self._idx is not None:
+            m = np.zeros(self.page_size, dtype=bool)
+            m[self._idx] = True
+            return m
+        if self._mask is None:
+            return np.ones(self.page_size, dtype=bool)
+        return _readonly(self._mask)
+
+    @property
+    def data(self) -> bytes:
+        """The payload: the changed bytes (sparse) or the full-length bytes (dense)."""
+        if self._vals is not None:
+            return self._vals.tobytes()
+        return self.dense_data()
+
+    def dense_data(self) -> bytes:
+        """Full-length bytes of the page size, 0 where the delta does not write."""
+        if self._idx is not None:
+            out = np.zeros(self.page_size, dtype=np.uint8)
+            out[self._idx] = self._vals
+            return out.tobytes()
+        assert self._data is not None
+        return self._data.tobytes()
+
+    @property
+    def count(self) -> int:
+        """Number of byte positions the delta writes. O(1) for sparse, O(size) dense."""
+        if self._idx is not None:
+            return int(self._idx.size)
+        if self._mask is None:
+            return self.page_size
+        return int(np.count_nonzero(self._mask))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the payload holds."""
+        total = 0
+        for a in (self._idx, self._vals, self._data, self._mask):
+            if a is not None:
+                total += a.nbytes
+        return total
+
+    def __repr__(self) -> str:
+        kind = "sparse" if self.is_sparse else "dense"
+        return (f"Delta(id={self.id}, page_id={self.page_id}, epoch={self.base_epoch}->"
+                f"{self.epoch}, lsn={self.lsn}, source={self.source!r}, {kind}, "
+                f"bytes={self.count})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Delta):
+            return NotImplemented
+        return (self.id == other.id and self.page_id == other.page_id
+                and self.base_epoch == other.base_epoch and self.epoch == other.epoch
+                and self.lsn == other.lsn and self.timestamp == other.timestamp
+                and self.source == other.source and self.page_size == other.page_size
+                and np.array_equal(self.indices, other.indices)
+                and np.array_equal(self.values, other.values))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# -- building ----------------------------------------------------------------------------
+
+def make_delta(delta_id: int, page_id: int, base_epoch: int, page_size: int,
+               idx: np.ndarray, vals: np.ndarray, source: str, epoch: int | None = None) -> Delta:
+    """A delta writing ``vals`` at sorted unique positions ``idx``, sparse or dense by the
+    25 % rule. ``vals`` is copied if it could alias caller memory."""
+    n = int(idx.size)
+    if epoch is None:
+        epoch = base_epoch + 1
+    if n * 4 <= page_size:
+        return Delta(delta_id, page_id, base_epoch, epoch, source, page_size,
+                     idx.astype(np.uint32, copy=False), np.array(vals, dtype=np.uint8),
+                     None, None)
+    data = np.zeros(page_size, dtype=np.uint8)
+    data[idx] = vals
+    if n == page_size:
+        return Delta(delta_id, page_id, base_epoch, epoch, source, page_size, None, None,
+                     data, None)
+    mask = np.zeros(page_size, dtype=bool)
+    mask[idx] = True
+    return Delta(delta_id, page_id, base_epoch, epoch, source, page_size, None, None, data, mask)
+
+
+def diff_bytes(current: np.ndarray, new: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """Compare two equal-length uint8 arrays.
+
+    Returns ``(ne, n)``: the bool array of differing positions and their number, or
+    ``(None, 0)`` when equal. O(len) in numpy.
+    """
+    ne = current != new
+    n = int(np.count_nonzero(ne))
+    if n == 0:
+        return None, 0
+    return ne, n
+
+
+def delta_from_diff(delta_id: int, page_id: int, base_epoch: int, page_size: int,
+                    offset: int, new: np.ndarray, ne: np.ndarray, n: int, source: str) -> Delta:
+    """The delta of a write of ``new`` at ``offset`` whose differing positions are ``ne``
+    (relative to ``offset``, ``n`` of them). Copies what it keeps."""
+    if n * 4 <= page_size:
+        rel = np.flatnonzero(ne)
+        vals = new[rel]
+        idx = rel.astype(np.uint32)
+        if offset:
+            idx += np.uint32(offset)
+        return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, page_size, idx,
+                     vals, None, None)
+    if n == page_size:
+        return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, page_size, None,
+                     None, new.copy(), None)
+    data = np.zeros(page_size, dtype=np.uint8)
+    mask = np.zeros(page_size, dtype=bool)
+    end = offset + len(new)
+    mask[offset:end] = ne
+    np.copyto(data[offset:end], new, where=ne)
+    return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, page_size, None, None,
+                 data, mask)
+
+
+def delta_from_mask(delta_id: int, page_id: int, base_epoch: int, page_size: int,
+                    mask: Any, data: Any, source: str) -> Delta:
+    """The delta of ``create_delta``: positions where ``mask`` is true take ``data``.
+
+    Raises:
+        InvalidDeltaError: lengths that differ from each other or from the page.
+    """
+    m = np.asarray(mask)
+    if m.ndim != 1:
+        raise InvalidDeltaError("mask must be one-dimensional (one bool per byte)", page_id=page_id)
+    if m.dtype != bool:
+        if m.size and not np.isin(m, (0, 1)).all():
+            raise InvalidDeltaError("mask must hold bools (or 0/1)", page_id=page_id)
+        m = m.astype(bool)
+    d = as_bytes_array(data)
+    if len(m) != len(d):
+        raise InvalidDeltaError(
+            f"mask has {len(m)} entries but data has {len(d)} bytes; they must be equal",
+            page_id=page_id)
+    if len(m) != page_size:
+        raise InvalidDeltaError(
+            f"mask and data have {len(m)} entries but the page has {page_size} bytes",
+            page_id=page_id)
+    idx = np.flatnonzero(m)
+    return make_delta(delta_id, page_id, base_epoch, page_size, idx, d[idx], source)
+
+
+# -- merging -----------------------------------------------------------------------------
+
+def merge_deltas(d1: Delta, d2: Delta, *, delta_id: int | None = None,
+                 source: str | None = None) -> Delta:
+    """One delta equal to applying ``d1`` then ``d2``; ``d2`` wins where both write.
+
+    The result spans ``d1.base_epoch`` → ``d2.epoch`` and has ``d2``'s page size
+    (``d1``'s positions beyond it are dropped). O(changed bytes) for sparse inputs.
+
+    Raises:
+        InvalidDeltaError: the deltas are of different pages, or ``d2`` does not follow ``d1``.
+    """
+    if d1.page_id != d2.page_id:
+        raise InvalidDeltaError(
+            f"cannot merge deltas of different pages ({d1.page_id} and {d2.page_id})")
+    if d2.base_epoch < d1.epoch:
+        raise InvalidDeltaError(
+            f"delta {d2.id} (base epoch {d2.base_epoch}) does not follow delta {d1.id} "
+            f"(epoch {d1.epoch}); merge them in log order", page_id=d1.page_id)
+    size = d2.page_size
+    i1, v1 = d1.indices, d1.values
+    if d1.page_size > size:
+        keep = i1 < size
+        i1, v1 = i1[keep], v1[keep]
+    i2, v2 = d2.indices, d2.values
+    idx = np.concatenate([i1, i2]).astype(np.int64)
+    vals = np.concatenate([v1, v2])
+    # Stable sort then keep the last occurrence of each position: d2 wins.
+    order = np.argsort(idx, kind="stable")
+    idx, vals = idx[order], vals[order]
+    last = np.ones(idx.size, dtype=bool)
+    if idx.size > 1:
+        last[:-1] = idx[1:] != idx[:-1]
+    idx, vals = idx[last], vals[last]
+    return make_delta(d2.id if delta_id is None else delta_id, d2.page_id, d1.base_epoch, size,
+                      idx, vals, d2.source if source is None else source, epoch=d2.epoch)
+
+
+def delta_byte_count(delta: Delta) -> int:
+    """Number of bytes the delta writes."""
+    return delta.count
+
+
+# -- applying ----------------------------------------------------------------------------
+
+def apply_delta(view: np.ndarray, delta: Delta) -> None:
+    """Write ``delta`` into ``view`` (the page's bytes, same length). The one kernel every
+    writer and every replay uses. O(changed bytes) sparse, O(size) dense."""
+    if delta._idx is not None:
+        view[delta._idx] = delta._vals
+    elif delta._mask is None:
+        view[:] = delta._data
+    else:
+        np.copyto(view, delta._data, where=delta._mask)
+
+
+def apply_clipped(view: np.ndarray, delta: Delta) -> None:
+    """Like :func:`apply_delta` for a delta built for another page size: positions past
+    the shorter of the two are ignored."""
+    if delta.page_size == len(view):
+        apply_delta(view, delta)
+        return
+    n = min(len(view), delta.page_size)
+    if delta._idx is not None:
+        keep = delta._idx < n
+        view[delta._idx[keep]] = delta._vals[keep]
+    elif delta._mask is None:
+        assert delta._data is not None
+        view[:n] = delta._data[:n]
+    else:
+        assert delta._data is not None
+        np.copyto(view[:n], delta._data[:n], where=delta._mask[:n])
+
+
+def union_mask(size: int, deltas: Sequence[Delta]) -> np.ndarray:
+    """Bool mask of every position any of ``deltas`` writes, cut to ``size``."""
+    m = np.zeros(size, dtype=bool)
+    for d in deltas:
+        if d._idx is not None:
+            idx = d._idx if d.page_size <= size else d._idx[d._idx < size]
+            m[idx] = True
+        elif d._mask is None:
+            m[: min(size, d.page_size)] = True
+        else:
+            n = min(size, d.page_size)
+            m[:n] |= d._mask[:n]
+    return m

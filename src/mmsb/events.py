@@ -1,0 +1,113 @@
+"""Subscriptions and event delivery, per state.
+
+Events are collected while a write holds the state's lock and delivered after the
+write is complete and the lock released. A handler that raises is logged and counted;
+it never undoes or blocks the write.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidArgumentError
+from .types import EventType
+
+__all__ = ["Subscription", "EventBus", "Handler"]
+
+log = logging.getLogger("mmsb.events")
+
+Handler = Callable[..., Any]
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A handler registered for one event type on one state."""
+
+    event_type: EventType
+    handler: Handler
+    filter: Callable[..., bool] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    active: bool = True
+    owner: int = 0
+    """id() of the state it belongs to."""
+    delivered: int = 0
+    errors: int = 0
+
+    def matches(self, event_type: EventType, data: tuple[Any, ...]) -> bool:
+        return self.filter is None or bool(self.filter(event_type, *data))
+
+
+def make_filter(spec: Any) -> Callable[..., bool] | None:
+    """Turn a filter spec (None, a page id, ids, or a callable) into a predicate."""
+    if spec is None:
+        return None
+    if isinstance(spec, bool):
+        raise InvalidArgumentError("filter must be a page id, an iterable of ids or a callable")
+    if isinstance(spec, int):
+        pid = spec
+        return lambda _et, *data: bool(data) and data[0] == pid
+    if callable(spec):
+        return spec
+    if isinstance(spec, Iterable):
+        ids = frozenset(spec)
+        if not all(isinstance(i, int) for i in ids):
+            raise InvalidArgumentError("a filter of ids must hold integers only")
+        return lambda _et, *data: bool(data) and data[0] in ids
+    raise InvalidArgumentError(
+        f"filter must be None, a page id, an iterable of ids or a callable, not {type(spec).__name__}")
+
+
+class EventBus:
+    """Holds a state's subscriptions and delivers events to them in order."""
+
+    def __init__(self) -> None:
+        self._subs: dict[EventType, list[Subscription]] = {}
+        self.active = False
+        """True when any subscription exists (lets writers skip building events)."""
+        self.emitted = 0
+        self.handler_errors = 0
+
+    def add(self, sub: Subscription) -> None:
+        self._subs.setdefault(sub.event_type, []).append(sub)
+        self.active = True
+
+    def remove(self, sub: Subscription) -> bool:
+        lst = self._subs.get(sub.event_type, [])
+        if sub in lst:
+            lst.remove(sub)
+            sub.active = False
+            self.active = any(self._subs.values())
+            return True
+        return False
+
+    def wants(self, event_type: EventType) -> bool:
+        return bool(self._subs.get(event_type))
+
+    def deliver(self, state: Any, events: list[tuple[EventType, tuple[Any, ...]]]) -> None:
+        """Call the handlers of each event, in order. Never raises for a handler's error."""
+        for event_type, data in events:
+            subs = self._subs.get(event_type)
+            self.emitted += 1
+            if not subs:
+                continue
+            for sub in list(subs):
+                if not sub.active:
+                    continue
+                try:
+                    if not sub.matches(event_type, data):
+                        continue
+                    sub.delivered += 1
+                    sub.handler(state, event_type, *data)
+                except Exception:
+                    sub.errors += 1
+                    self.handler_errors += 1
+                    log.exception("event handler %r for %s failed", sub.handler,
+                                  event_type.name)
+
+    def subscriptions(self) -> list[Subscription]:
+        return [s for lst in self._subs.values() for s in lst]

@@ -1,0 +1,182 @@
+"""The dependency graph between pages: typed edges parent → child, kept acyclic."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .errors import GraphCycleError
+from .types import EdgeType
+
+__all__ = ["ShadowPageGraph"]
+
+
+class ShadowPageGraph:
+    """Typed, acyclic edges between page ids.
+
+    ``children[p]`` and ``parents[c]`` map to ``{other_id: EdgeType}``. Adding an edge
+    checks reachability from the child to the parent (O(edges reachable from the
+    child)), never a whole-graph scan.
+    """
+
+    def __init__(self) -> None:
+        self.children: dict[int, dict[int, EdgeType]] = {}
+        self.parents: dict[int, dict[int, EdgeType]] = {}
+        self._owner: Callable[[], Any] | None = None
+
+    @property
+    def owner(self) -> Any:
+        """The state this graph belongs to (None for a free-standing graph)."""
+        return None if self._owner is None else self._owner()
+
+    # -- queries ---------------------------------------------------------------------
+    @property
+    def edge_count(self) -> int:
+        return sum(len(c) for c in self.children.values())
+
+    @property
+    def nodes(self) -> set[int]:
+        """Ids that have at least one edge."""
+        return set(self.children) | set(self.parents)
+
+    def edges(self) -> list[tuple[int, int, EdgeType]]:
+        """Every edge as ``(parent, child, type)``, sorted."""
+        return sorted((p, c, t) for p, cs in self.children.items() for c, t in cs.items())
+
+    def has_edge(self, parent: int, child: int) -> bool:
+        return child in self.children.get(parent, {})
+
+    def get_children(self, page_id: int) -> list[tuple[int, EdgeType]]:
+        """``(child_id, edge_type)`` pairs, by child id."""
+        return sorted(self.children.get(page_id, {}).items())
+
+    def get_parents(self, page_id: int) -> list[tuple[int, EdgeType]]:
+        """``(parent_id, edge_type)`` pairs, by parent id."""
+        return sorted(self.parents.get(page_id, {}).items())
+
+    def path(self, start: int, goal: int) -> list[int] | None:
+        """A path start → … → goal along edges, or None. Iterative BFS."""
+        if start == goal:
+            return [start]
+        prev: dict[int, int] = {start: start}
+        queue = deque([start])
+        while queue:
+            node = queue.popleft()
+            for nxt in self.children.get(node, ()):
+                if nxt in prev:
+                    continue
+                prev[nxt] = node
+                if nxt == goal:
+                    out = [goal]
+                    while out[-1] != start:
+                        out.append(prev[out[-1]])
+                    return out[::-1]
+                queue.append(nxt)
+        return None
+
+    def find_descendants(self, page_id: int) -> set[int]:
+        """Every id reachable from ``page_id`` (not itself). Iterative."""
+        return self._reach(page_id, self.children)
+
+    def find_ancestors(self, page_id: int) -> set[int]:
+        """Every id from which ``page_id`` is reachable (not itself). Iterative."""
+        return self._reach(page_id, self.parents)
+
+    @staticmethod
+    def _reach(start: int, adj: dict[int, dict[int, EdgeType]]) -> set[int]:
+        seen: set[int] = set()
+        stack = list(adj.get(start, ()))
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(adj.get(node, ()))
+        seen.discard(start)
+        return seen
+
+    def has_cycle(self) -> bool:
+        """True if the edges hold a cycle (never, unless built around the checks)."""
+        return len(self.topological_sort()) < len(self.nodes)
+
+    def topological_sort(self, subset: Iterable[int] | None = None) -> list[int]:
+        """Ids in an order where every parent comes before its children (Kahn's algorithm,
+        smallest id first among the ready ones, so the order is deterministic). With
+        ``subset``, only those ids and the edges among them. O(V log V + E)."""
+        nodes = self.nodes if subset is None else set(subset)
+        indeg = {n: 0 for n in nodes}
+        for n in nodes:
+            for c in self.children.get(n, ()):
+                if c in indeg:
+                    indeg[c] += 1
+        ready = [n for n, d in indeg.items() if d == 0]
+        heapq.heapify(ready)
+        order: list[int] = []
+        while ready:
+            n = heapq.heappop(ready)
+            order.append(n)
+            for c in self.children.get(n, ()):
+                if c in indeg:
+                    indeg[c] -= 1
+                    if indeg[c] == 0:
+                        heapq.heappush(ready, c)
+        return order
+
+    # -- changes (the state logs them; these only mutate) ----------------------------
+    def check_edge(self, parent: int, child: int) -> None:
+        """Raise GraphCycleError if ``parent → child`` would close a cycle."""
+        if parent == child:
+            raise GraphCycleError(parent, child, [parent])
+        back = self.path(child, parent)
+        if back is not None:
+            raise GraphCycleError(parent, child, back)
+
+    def add_edge(self, parent: int, child: int, edge_type: EdgeType) -> None:
+        self.children.setdefault(parent, {})[child] = edge_type
+        self.parents.setdefault(child, {})[parent] = edge_type
+
+    def remove_edge(self, parent: int, child: int) -> None:
+        cs = self.children.get(parent)
+        if cs is not None:
+            cs.pop(child, None)
+            if not cs:
+                del self.children[parent]
+        ps = self.parents.get(child)
+        if ps is not None:
+            ps.pop(parent, None)
+            if not ps:
+                del self.parents[child]
+
+    def edges_of(self, page_id: int) -> list[tuple[int, int]]:
+        """Every edge touching ``page_id`` as ``(parent, child)``."""
+        out = [(page_id, c) for c in self.children.get(page_id, ())]
+        out += [(p, page_id) for p in self.parents.get(page_id, ())]
+        return out
+
+    def max_depth(self) -> int:
+        """Length in edges of the longest path. O(V + E)."""
+        depth: dict[int, int] = {}
+        best = 0
+        for n in self.topological_sort():
+            d = depth.get(n, 0)
+            for c in self.children.get(n, ()):
+                if depth.get(c, 0) < d + 1:
+                    depth[c] = d + 1
+                    best = max(best, d + 1)
+        return best
+
+    def copy(self) -> ShadowPageGraph:
+        g = ShadowPageGraph()
+        g.children = {p: dict(cs) for p, cs in self.children.items()}
+        g.parents = {c: dict(ps) for c, ps in self.parents.items()}
+        return g
+
+    def _check(self) -> None:
+        """Assert the two adjacency maps mirror each other and no cycle exists."""
+        fwd = {(p, c, t) for p, cs in self.children.items() for c, t in cs.items()}
+        back = {(p, c, t) for c, ps in self.parents.items() for p, t in ps.items()}
+        assert fwd == back, "children and parents maps disagree"
+        assert all(self.children.values()) and all(self.parents.values()), "empty adjacency kept"
+        assert not self.has_cycle(), "the graph holds a cycle"

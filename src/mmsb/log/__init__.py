@@ -1,0 +1,1 @@
+"""The transaction log: record types, the in-memory log, binary formats, durability."""

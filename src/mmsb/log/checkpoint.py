@@ -1,0 +1,515 @@
+"""Checkpoint files: the page table, page bytes, masks, graph and retained log of a
+state at one LSN, in one file with a magic, a version and CRC32C checksums.
+
+Layout (little-endian; docs/SerializationSpec.md has every field)::
+
+    header   48 B   "MMSBCKPT" | version u16 | flags u16 | sections u32 | lsn u64
+                    | next_page_id u64 | next_delta_id u64 | crc32c u32 | zero u32
+    section  32 B   tag 4s | codec u8 | 3 zero | raw_len u64 | stored_len u64
+                    | crc32c(stored) u32 | crc32c(first 28 B) u32, then stored bytes
+    ...             sections META, PTBL, PDAT, MASK, GRPH, TLOG, in that order
+    footer   24 B   "MMSBEND\\0" | bytes before footer u64 | crc32c(first 16 B) u32 | zero u32
+
+Writers go through a temporary file, fsync and rename, so a reader sees the old file
+or the new one, never half of one. Readers check everything before touching the
+target state.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import msgpack
+import numpy as np
+import zstandard
+
+from ..delta import Delta
+from ..errors import SerializationError
+from ..graph import ShadowPageGraph
+from ..types import EdgeType
+from .codec import (
+    MAX_PAGE_SIZE,
+    crc32c,
+    decode_metadata,
+    decode_record,
+    encode_metadata,
+    encode_record,
+)
+from .records import AnyRecord
+
+if TYPE_CHECKING:
+    from ..state import MMSBState
+
+__all__ = ["write_checkpoint", "read_checkpoint", "restore_into", "CheckpointData",
+           "checkpoint_bytes", "MAGIC", "VERSION"]
+
+MAGIC = b"MMSBCKPT"
+END_MAGIC = b"MMSBEND\0"
+VERSION = 1
+_HEADER = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
+_HEADER_SIZE = 48
+_SECTION = struct.Struct("<4sB3xQQI")  # 28 bytes, then header crc u32
+_SECTION_SIZE = 32
+_FOOTER = struct.Struct("<8sQ")  # 16 bytes, then crc u32 + zero u32
+_FOOTER_SIZE = 24
+_U32 = struct.Struct("<I")
+_TAGS = (b"META", b"PTBL", b"PDAT", b"MASK", b"GRPH", b"TLOG")
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+_MAX_SECTION = 1 << 42
+_ZSTD_LEVEL = 1
+_STREAM_CHUNK = 1 << 20
+
+
+@dataclass
+class CheckpointData:
+    """A decoded, validated checkpoint (nothing of any state touched yet)."""
+
+    lsn: int
+    next_page_id: int
+    next_delta_id: int
+    ids: np.ndarray
+    sizes: np.ndarray
+    epochs: np.ndarray
+    locs: np.ndarray
+    data: np.ndarray
+    metadata: dict[int, dict[str, Any]]
+    masks: dict[int, tuple[np.ndarray, int]]
+    edges: list[tuple[int, int, EdgeType]]
+    records: list[AnyRecord]
+    horizon_lsn: int = 0
+    last_timestamp: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- writing ---------------------------------------------------------------------------
+
+class _CrcWriter:
+    """A file wrapper that counts and checksums what passes through."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.crc = 0
+        self.n = 0
+
+    def write(self, b: Any) -> int:
+        self.crc = crc32c(b, self.crc)
+        n = len(memoryview(b).cast("B"))
+        self.n += n
+        self.f.write(b)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _section_header(tag: bytes, codec: int, raw_len: int, stored_len: int, crc: int) -> bytes:
+    head = _SECTION.pack(tag, codec, raw_len, stored_len, crc)
+    return head + _U32.pack(crc32c(head))
+
+
+def _write_small(f: BinaryIO, tag: bytes, raw: bytes, cctx: zstandard.ZstdCompressor) -> None:
+    stored = cctx.compress(raw)
+    f.write(_section_header(tag, CODEC_ZSTD, len(raw), len(stored), crc32c(stored)))
+    f.write(stored)
+
+
+def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
+    """(addr, length) runs covering the pages' bytes in id order, merging neighbours
+    that sit back to back in the arena (bulk-created pages do)."""
+    if ids.size == 0:
+        return []
+    t = state._table
+    addrs = t.addr[ids]
+    sizes = t.size[ids]
+    ends = addrs + sizes
+    same_chunk = (addrs[1:] >> 26) == (addrs[:-1] >> 26)
+    brk = np.flatnonzero((addrs[1:] != ends[:-1]) | ~same_chunk) + 1
+    starts = np.concatenate(([0], brk))
+    stops = np.concatenate((brk, [ids.size]))
+    run_addr = addrs[starts]
+    run_len = ends[stops - 1] - run_addr
+    return list(zip(run_addr.tolist(), run_len.tolist(), strict=True))
+
+
+def _encode_log(records: list[AnyRecord]) -> bytes:
+    parts: list[bytes] = []
+    for rec in records:
+        body = encode_record(rec)
+        parts.append(_U32.pack(len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def _write_body(f: BinaryIO, state: MMSBState) -> None:
+    t = state._table
+    log = state._log
+    ids = t.live_ids()
+    cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    header = _HEADER.pack(MAGIC, VERSION, 0, len(_TAGS), log.last_lsn, t.next_id,
+                          state._next_delta_id)
+    f.write(header + _U32.pack(crc32c(header)) + _U32.pack(0))
+    meta = {
+        "format": "mmsb-checkpoint",
+        "pages": int(ids.size),
+        "horizon_lsn": log.horizon_lsn,
+        "last_timestamp": log.last_timestamp,
+        "written_ns": time.time_ns(),
+        "metadata": {str(pid): t.meta[pid] for pid in ids.tolist() if pid in t.meta},
+    }
+    _write_small(f, b"META", msgpack.packb(meta, use_bin_type=True), cctx)
+    table = b"".join([ids.astype("<i8").tobytes(), t.size[ids].astype("<i8").tobytes(),
+                      t.epoch[ids].astype("<i8").tobytes(), t.loc[ids].astype("u1").tobytes()])
+    _write_small(f, b"PTBL", table, cctx)
+    # Page bytes: streamed through zstd straight from the arena, no gathered copy.
+    raw_len = int(t.size[ids].sum()) if ids.size else 0
+    head_pos = f.tell()
+    f.write(b"\0" * _SECTION_SIZE)
+    cw: Any = _CrcWriter(f)
+    with cctx.stream_writer(cw, size=raw_len, closefd=False, write_return_read=True) as zw:
+        for addr, length in _page_runs(state, ids):
+            zw.write(state._arena.view(addr, length).data)
+    end_pos = f.tell()
+    f.seek(head_pos)
+    f.write(_section_header(b"PDAT", CODEC_ZSTD, raw_len, cw.n, cw.crc))
+    f.seek(end_pos)
+    masks = [[pid, anchor, len(m), np.packbits(m).tobytes()]
+             for pid, (m, anchor) in sorted(state._mask_base.items())]
+    _write_small(f, b"MASK", msgpack.packb(masks, use_bin_type=True), cctx)
+    edges = state.graph.edges()
+    graph = b"".join([np.array([e[0] for e in edges], "<i8").tobytes(),
+                      np.array([e[1] for e in edges], "<i8").tobytes(),
+                      np.array([int(e[2]) for e in edges], "u1").tobytes()])
+    _write_small(f, b"GRPH", _U32.pack(len(edges)) + graph, cctx)
+    _write_small(f, b"TLOG", _encode_log(log.records), cctx)
+    before_footer = f.tell()
+    footer = _FOOTER.pack(END_MAGIC, before_footer)
+    f.write(footer + _U32.pack(crc32c(footer)) + _U32.pack(0))
+
+
+def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: bool = True) -> int:
+    """Write ``state`` (caller holds its lock) to ``path`` atomically: a temporary file in
+    the same directory, fsync, rename, fsync of the directory. Returns the file size."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+            _write_body(f, state)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, target)
+        if fsync:
+            _fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return size
+
+
+def checkpoint_bytes(state: MMSBState) -> bytes:
+    """The checkpoint of ``state`` as bytes (caller holds its lock)."""
+    import io
+
+    buf = io.BytesIO()
+    _write_body(buf, state)
+    return buf.getvalue()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytes:
+    """Stream-decompress, never producing (or allocating for) more than ``raw_len``."""
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    out = bytearray()
+    pos = 0
+    try:
+        while pos < len(stored):
+            piece = dobj.decompress(stored[pos : pos + _STREAM_CHUNK])
+            pos += _STREAM_CHUNK
+            out += piece
+            if len(out) > raw_len:
+                raise err(f"decompresses to more than its declared {raw_len} bytes")
+        if not dobj.eof:
+            raise err("its compressed stream is incomplete")
+    except zstandard.ZstdError as exc:
+        raise err(f"does not decompress ({exc})") from None
+    if len(out) != raw_len:
+        raise err(f"decompresses to {len(out)} bytes, not the declared {raw_len}")
+    return bytes(out)
+
+
+def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None) -> CheckpointData:
+    """Read and validate a checkpoint file (or its bytes).
+
+    Raises:
+        SerializationError: bad magic, unsupported version, truncation, checksum
+            mismatch, or contents that do not describe a consistent state; the message
+            names the file and offset.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        raw = bytes(source)
+        label = path_label or "<bytes>"
+    else:
+        label = str(source)
+        try:
+            with open(source, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise SerializationError(f"cannot read the file ({exc.strerror})", path=label) from None
+    return _parse(memoryview(raw), label)
+
+
+def _parse(buf: memoryview, label: str) -> CheckpointData:
+    def fail(reason: str, offset: int | None = None) -> SerializationError:
+        return SerializationError(reason, path=label, offset=offset)
+
+    total = len(buf)
+    if total < _HEADER_SIZE + _FOOTER_SIZE:
+        raise fail(f"file is {total} bytes, too short for a checkpoint (truncated?)")
+    magic, version, _flags, nsec, lsn, next_page_id, next_delta_id = _HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise fail(f"bad magic {bytes(magic)!r}: not an MMSB checkpoint", 0)
+    (hcrc,) = _U32.unpack_from(buf, 40)
+    if crc32c(buf[:40]) != hcrc:
+        raise fail("header checksum mismatch (the header is damaged)", 0)
+    if version != VERSION:
+        raise fail(f"unsupported checkpoint format version {version} (this build reads {VERSION})", 8)
+    if _U32.unpack_from(buf, 44)[0] != 0 or nsec != len(_TAGS):
+        raise fail("header fields out of range", 12)
+    fpos = total - _FOOTER_SIZE
+    fmagic, before = _FOOTER.unpack_from(buf, fpos)
+    (fcrc,) = _U32.unpack_from(buf, fpos + 16)
+    if fmagic != END_MAGIC or crc32c(buf[fpos : fpos + 16]) != fcrc or before != fpos:
+        raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
+    pos = _HEADER_SIZE
+    sections: dict[bytes, bytes] = {}
+    for tag_expected in _TAGS:
+        if fpos - pos < _SECTION_SIZE:
+            raise fail("section header runs past the end (truncated)", pos)
+        tag, codec, raw_len, stored_len, crc = _SECTION.unpack_from(buf, pos)
+        (shcrc,) = _U32.unpack_from(buf, pos + 28)
+        if crc32c(buf[pos : pos + 28]) != shcrc:
+            raise fail(f"section header checksum mismatch (expected section {tag_expected.decode()})", pos)
+        if tag != tag_expected:
+            raise fail(f"expected section {tag_expected.decode()}, found {bytes(tag)!r}", pos)
+        if codec not in (CODEC_RAW, CODEC_ZSTD) or raw_len > _MAX_SECTION:
+            raise fail(f"section {tag.decode()} has an unknown codec or an impossible size", pos)
+        data_pos = pos + _SECTION_SIZE
+        if stored_len > fpos - data_pos:
+            raise fail(f"section {tag.decode()} runs past the end of the file (truncated)", pos)
+        stored = buf[data_pos : data_pos + stored_len]
+        if crc32c(stored) != crc:
+            raise fail(f"section {tag.decode()} checksum mismatch (its bytes are damaged)", data_pos)
+
+        def sec_err(reason: str, _tag: bytes = tag, _pos: int = data_pos) -> SerializationError:
+            return fail(f"section {_tag.decode()} {reason}", _pos)
+
+        if codec == CODEC_ZSTD:
+            sections[tag] = _decompress(stored, raw_len, sec_err)
+        else:
+            if stored_len != raw_len:
+                raise sec_err("stored and raw lengths differ for raw data")
+            sections[tag] = bytes(stored)
+        pos = data_pos + stored_len
+    if pos != fpos:
+        raise fail(f"{fpos - pos} unexpected bytes before the end marker", pos)
+    return _decode_sections(sections, lsn, next_page_id, next_delta_id, fail)
+
+
+def _decode_sections(sec: dict[bytes, bytes], lsn: int, next_page_id: int, next_delta_id: int,
+                     fail: Any) -> CheckpointData:
+    try:
+        meta = msgpack.unpackb(sec[b"META"], raw=False, strict_map_key=False, max_ext_len=0)
+    except Exception as exc:
+        raise fail(f"section META is not valid msgpack ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
+        raise fail("section META does not describe an MMSB checkpoint")
+    n = meta.get("pages")
+    if not isinstance(n, int) or n < 0:
+        raise fail("section META has no valid page count")
+    table = sec[b"PTBL"]
+    if len(table) != n * 25:
+        raise fail(f"section PTBL holds {len(table)} bytes, not the {n * 25} that {n} pages need")
+    ids = np.frombuffer(table, "<i8", n, 0).astype(np.int64)
+    sizes = np.frombuffer(table, "<i8", n, 8 * n).astype(np.int64)
+    epochs = np.frombuffer(table, "<i8", n, 16 * n).astype(np.int64)
+    locs = np.frombuffer(table, "u1", n, 24 * n).astype(np.uint8)
+    if n:
+        if ids[0] < 1 or (np.diff(ids) <= 0).any() or ids[-1] >= next_page_id:
+            raise fail("section PTBL page ids are not ascending, positive and below the next id")
+        if (sizes <= 0).any() or (sizes > MAX_PAGE_SIZE).any() or (epochs < 0).any() or (locs > 2).any():
+            raise fail("section PTBL has an impossible size, epoch or location")
+    if next_page_id < 1 or next_page_id > (1 << 40):
+        raise fail("header next page id out of range")
+    data = np.frombuffer(sec[b"PDAT"], np.uint8)
+    if len(data) != int(sizes.sum()):
+        raise fail("section PDAT does not hold exactly the pages' bytes")
+    id_set = set(ids.tolist())
+    metadata: dict[int, dict[str, Any]] = {}
+    raw_meta = meta.get("metadata", {})
+    if not isinstance(raw_meta, dict):
+        raise fail("section META metadata is not a map")
+    for key, value in raw_meta.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) in id_set and isinstance(value, dict)):
+            raise fail(f"section META has metadata for an unknown page {key!r}")
+        metadata[int(key)] = decode_metadata(encode_metadata(value), "page metadata") if value else {}
+    size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
+    masks: dict[int, tuple[np.ndarray, int]] = {}
+    try:
+        mask_rows = msgpack.unpackb(sec[b"MASK"], raw=False, strict_map_key=False, max_ext_len=0)
+    except Exception as exc:
+        raise fail(f"section MASK is not valid msgpack ({exc})") from None
+    if not isinstance(mask_rows, list):
+        raise fail("section MASK is not a list")
+    for row in mask_rows:
+        if not (isinstance(row, list) and len(row) == 4 and all(isinstance(x, int) for x in row[:3])
+                and isinstance(row[3], bytes)):
+            raise fail("section MASK has a malformed row")
+        pid, anchor, length, packed = row
+        if pid not in id_set or length != size_of[pid] or anchor < 0 or len(packed) != (length + 7) // 8:
+            raise fail(f"section MASK row for page {pid} does not match the page table")
+        masks[pid] = (np.unpackbits(np.frombuffer(packed, np.uint8), count=length).astype(bool), anchor)
+    graph_raw = sec[b"GRPH"]
+    if len(graph_raw) < 4:
+        raise fail("section GRPH is truncated")
+    (m,) = _U32.unpack_from(graph_raw, 0)
+    if len(graph_raw) != 4 + m * 17:
+        raise fail(f"section GRPH holds {len(graph_raw)} bytes, not the {4 + m * 17} of {m} edges")
+    parents = np.frombuffer(graph_raw, "<i8", m, 4).tolist()
+    children = np.frombuffer(graph_raw, "<i8", m, 4 + 8 * m).tolist()
+    types = np.frombuffer(graph_raw, "u1", m, 4 + 16 * m).tolist()
+    g = ShadowPageGraph()
+    edges: list[tuple[int, int, EdgeType]] = []
+    for p, c, et in zip(parents, children, types, strict=True):
+        if p not in id_set or c not in id_set or et > 3 or g.has_edge(p, c):
+            raise fail(f"section GRPH edge {p} → {c} names a missing page, an unknown type or repeats")
+        try:
+            g.check_edge(p, c)
+        except Exception:
+            raise fail(f"section GRPH edge {p} → {c} closes a cycle") from None
+        g.add_edge(p, c, EdgeType(et))
+        edges.append((p, c, EdgeType(et)))
+    records = decode_log(sec[b"TLOG"], fail)
+    if records and records[-1].lsn > lsn:
+        raise fail(f"section TLOG holds LSN {records[-1].lsn}, past the checkpoint LSN {lsn}")
+    max_delta = max((r.id for r in records if isinstance(r, Delta)), default=0)
+    if next_delta_id <= max_delta:
+        raise fail("header next delta id is not above the log's deltas")
+    horizon = meta.get("horizon_lsn", 0)
+    last_ts = meta.get("last_timestamp", 0)
+    if not isinstance(horizon, int) or not isinstance(last_ts, int) or horizon < 0 or horizon > lsn + 1:
+        raise fail("section META has an impossible horizon or timestamp")
+    return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
+                          metadata, masks, edges, records, horizon, last_ts, meta)
+
+
+def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
+    """Records framed as ``len u32 | body`` back to back; LSNs must increase and
+    timestamps must not decrease."""
+    buf = memoryview(raw)
+    out: list[AnyRecord] = []
+    pos, end = 0, len(buf)
+    prev_lsn, prev_ts = 0, -(1 << 63)
+    while pos < end:
+        if end - pos < 4:
+            raise fail("section TLOG ends inside a record length")
+        (n,) = _U32.unpack_from(buf, pos)
+        pos += 4
+        if n > end - pos:
+            raise fail(f"section TLOG record at byte {pos - 4} runs past the section end")
+        try:
+            rec = decode_record(buf[pos : pos + n], "log record")
+        except SerializationError as exc:
+            raise fail(f"section TLOG record at byte {pos - 4}: {exc.reason}") from None
+        if rec.lsn <= prev_lsn or rec.timestamp < prev_ts:
+            raise fail(f"section TLOG record at byte {pos - 4} breaks LSN or time order")
+        prev_lsn, prev_ts = rec.lsn, rec.timestamp
+        out.append(rec)
+        pos += n
+    return out
+
+
+def restore_into(target: MMSBState, ck: CheckpointData) -> None:
+    """Build fresh tables from ``ck`` and swap them into ``target`` (caller holds its
+    lock). Nothing of ``target`` changes until everything is built."""
+    from ..state import MMSBState
+
+    fresh = MMSBState(target.config)
+    t = fresh._table
+    arena = fresh._arena
+    n = int(ck.ids.size)
+    t.reserve(ck.next_page_id)
+    if n:
+        # Group runs of consecutive ids of one size: one bulk allocation each.
+        ids, sizes = ck.ids, ck.sizes
+        brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(sizes) != 0)) + 1
+        starts = np.concatenate(([0], brk)).tolist()
+        stops = np.concatenate((brk, [n])).tolist()
+        offsets = np.concatenate(([0], np.cumsum(sizes)))
+        for a, b in zip(starts, stops, strict=True):
+            size = int(sizes[a])
+            addrs = arena.alloc_many(b - a, size)
+            first = int(ids[a])
+            t.add_rows(first, addrs, size, 0)
+            src = ck.data[int(offsets[a]) : int(offsets[b])]
+            contiguous = b - a == 1 or bool((np.diff(addrs) == size).all())
+            if contiguous:
+                arena.view(int(addrs[0]), size * (b - a))[:] = src
+            else:
+                for k, addr in enumerate(addrs.tolist()):
+                    arena.view(addr, size)[:] = src[k * size : (k + 1) * size]
+        t.epoch[ids] = ck.epochs
+        t.loc[ids] = ck.locs
+    t.next_id = ck.next_page_id
+    t.meta = {pid: dict(m) for pid, m in ck.metadata.items() if m}
+    fresh._mask_base = dict(ck.masks)
+    for p, c, et in ck.edges:
+        fresh.graph.add_edge(p, c, et)
+    log = fresh._log
+    for rec in ck.records:
+        log.adopt(rec)
+    log.next_lsn = ck.lsn + 1
+    log.last_timestamp = max(log.last_timestamp, ck.last_timestamp)
+    log.horizon_lsn = ck.horizon_lsn
+    fresh._next_delta_id = ck.next_delta_id
+    # Swap: the target keeps its lock, config, subscriptions and counters.
+    target._arena = fresh._arena
+    target._table = fresh._table
+    target._log = fresh._log if target.bus is None else _keep_sink(target, fresh)
+    target.graph = fresh.graph
+    target.graph._owner = weakref.ref(target)
+    target._mask_base = fresh._mask_base
+    target._next_delta_id = fresh._next_delta_id
+    target._recompute = {pid: fn for pid, fn in target._recompute.items() if t.is_live(pid)}
+    target._pending.clear()
+
+
+def _keep_sink(target: MMSBState, fresh: MMSBState) -> Any:
+    fresh._log.sink = target._log.sink
+    return fresh._log

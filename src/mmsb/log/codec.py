@@ -1,0 +1,348 @@
+"""Binary encoding of log records and of standalone deltas.
+
+Every integer is little-endian. A record body is ``kind u8 | lsn u64 | timestamp i64``
+followed by the kind's payload (see docs/SerializationSpec.md). Decoders check every
+length and count against the bytes that remain before allocating anything, and raise
+only :class:`SerializationError` on bad input. Nothing is unpickled or evaluated;
+metadata is msgpack.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import crc32c as _crc32c
+import msgpack
+import numpy as np
+
+from ..delta import Delta
+from ..errors import SerializationError
+from .records import (
+    AnyRecord,
+    Compacted,
+    EdgeAdd,
+    EdgeRemove,
+    MetadataSet,
+    PageClone,
+    PageCreate,
+    PageDelete,
+    PageMigrate,
+    PageResize,
+)
+
+__all__ = [
+    "crc32c",
+    "encode_record",
+    "decode_record",
+    "encode_metadata",
+    "decode_metadata",
+    "serialize_delta",
+    "deserialize_delta",
+    "KIND_DELTA",
+    "MAX_PAGE_SIZE",
+]
+
+MAX_PAGE_SIZE = (1 << 32) - 1
+"""Largest page a record may describe (sparse positions are 32-bit)."""
+MAX_METADATA = 16 << 20
+
+KIND_DELTA = 1
+KIND_CREATE = 2
+KIND_DELETE = 3
+KIND_RESIZE = 4
+KIND_MIGRATE = 5
+KIND_CLONE = 6
+KIND_METADATA = 7
+KIND_EDGE_ADD = 8
+KIND_EDGE_REMOVE = 9
+KIND_COMPACTED = 10
+
+ENC_SPARSE_RUNS = 0
+ENC_DENSE_FULL = 1
+ENC_DENSE_MASKED = 2
+
+_HEAD = struct.Struct("<BQq")
+_DELTA = struct.Struct("<QQQQQ")
+_CREATE = struct.Struct("<QQQB")
+_Q = struct.Struct("<Q")
+_QQ = struct.Struct("<QQ")
+_QB = struct.Struct("<QB")
+_QQB = struct.Struct("<QQB")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+_DELTA_MAGIC = b"MMSD"
+_DELTA_VERSION = 1
+_DELTA_HEAD = struct.Struct("<4sHI")
+
+
+def crc32c(data: Any, value: int = 0) -> int:
+    """CRC32C (Castagnoli) of ``data``, continuing from ``value``."""
+    return int(_crc32c.crc32c(data, value))
+
+
+def encode_metadata(meta: dict[str, Any] | None) -> bytes:
+    return b"" if not meta else msgpack.packb(meta, use_bin_type=True)
+
+
+def decode_metadata(raw: bytes | memoryview, what: str = "metadata") -> dict[str, Any]:
+    if len(raw) == 0:
+        return {}
+    try:
+        out = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=False,
+                              max_bin_len=MAX_METADATA, max_str_len=MAX_METADATA,
+                              max_array_len=1 << 20, max_map_len=1 << 20, max_ext_len=0)
+    except Exception as exc:
+        raise SerializationError(f"{what} is not valid msgpack ({exc})") from None
+    if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
+        raise SerializationError(f"{what} must be a map with str keys")
+    return out
+
+
+# -- encoding --------------------------------------------------------------------------
+
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique positions → (starts, lengths) of their consecutive runs (uint32)."""
+    if idx.size == 0:
+        return np.empty(0, np.uint32), np.empty(0, np.uint32)
+    i = idx.astype(np.int64)
+    brk = np.flatnonzero(np.diff(i) != 1) + 1
+    starts = i[np.concatenate(([0], brk))]
+    ends = i[np.concatenate((brk - 1, [i.size - 1]))] + 1
+    return starts.astype("<u4"), (ends - starts).astype("<u4")
+
+
+def _encode_delta_payload(d: Delta) -> list[bytes]:
+    src = d.source.encode("utf-8")
+    if len(src) > 0xFFFF:
+        raise SerializationError("delta source name longer than 65535 bytes")
+    parts = [_DELTA.pack(d.id, d.page_id, d.base_epoch, d.epoch, d.page_size),
+             _U16.pack(len(src)), src]
+    if d._idx is not None:
+        assert d._vals is not None
+        starts, lengths = _runs(d._idx)
+        parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.tobytes(),
+                  lengths.tobytes(), d._vals.tobytes()]
+    elif d._mask is None:
+        assert d._data is not None
+        parts += [bytes([ENC_DENSE_FULL]), d._data.tobytes()]
+    else:
+        assert d._data is not None
+        data = np.where(d._mask, d._data, 0).astype(np.uint8)
+        parts += [bytes([ENC_DENSE_MASKED]), np.packbits(d._mask).tobytes(), data.tobytes()]
+    return parts
+
+
+def encode_record(rec: AnyRecord) -> bytes:
+    """The body of one record: ``kind u8 | lsn u64 | timestamp i64 | payload``."""
+    if isinstance(rec, Delta):
+        return b"".join([_HEAD.pack(KIND_DELTA, rec.lsn, rec.timestamp),
+                         *_encode_delta_payload(rec)])
+    if isinstance(rec, PageCreate):
+        meta = encode_metadata(rec.metadata)
+        body = _CREATE.pack(rec.first_id, rec.count, rec.size, rec.location) + _U32.pack(len(meta)) + meta
+        kind = KIND_CREATE
+    elif isinstance(rec, PageDelete):
+        body, kind = _Q.pack(rec.page_id), KIND_DELETE
+    elif isinstance(rec, PageResize):
+        body, kind = _QQ.pack(rec.page_id, rec.new_size), KIND_RESIZE
+    elif isinstance(rec, PageMigrate):
+        body, kind = _QB.pack(rec.page_id, rec.location), KIND_MIGRATE
+    elif isinstance(rec, PageClone):
+        body, kind = _QQ.pack(rec.page_id, rec.source_id), KIND_CLONE
+    elif isinstance(rec, MetadataSet):
+        meta = encode_metadata(rec.metadata)
+        src = rec.source.encode("utf-8")
+        body = _Q.pack(rec.page_id) + _U16.pack(len(src)) + src + _U32.pack(len(meta)) + meta
+        kind = KIND_METADATA
+    elif isinstance(rec, EdgeAdd):
+        body, kind = _QQB.pack(rec.parent_id, rec.child_id, rec.edge_type), KIND_EDGE_ADD
+    elif isinstance(rec, EdgeRemove):
+        body, kind = _QQ.pack(rec.parent_id, rec.child_id), KIND_EDGE_REMOVE
+    elif isinstance(rec, Compacted):
+        body, kind = _Q.pack(rec.next_id), KIND_COMPACTED
+    else:
+        raise SerializationError(f"cannot encode a {type(rec).__name__}")
+    return _HEAD.pack(kind, rec.lsn, rec.timestamp) + body
+
+
+# -- decoding --------------------------------------------------------------------------
+
+class _Reader:
+    """Bounds-checked reads from a buffer; every failure is a SerializationError."""
+
+    __slots__ = ("buf", "pos", "end", "what")
+
+    def __init__(self, buf: bytes | memoryview, what: str) -> None:
+        self.buf = memoryview(buf)
+        self.pos = 0
+        self.end = len(self.buf)
+        self.what = what
+
+    def fail(self, reason: str) -> SerializationError:
+        return SerializationError(f"{self.what}: {reason}", offset=self.pos)
+
+    def need(self, n: int) -> None:
+        if n < 0 or self.end - self.pos < n:
+            raise self.fail(f"needs {n} more bytes but only {self.end - self.pos} remain (truncated)")
+
+    def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
+        self.need(st.size)
+        out = st.unpack_from(self.buf, self.pos)
+        self.pos += st.size
+        return out
+
+    def take(self, n: int) -> memoryview:
+        self.need(n)
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def text(self) -> str:
+        (n,) = self.unpack(_U16)
+        raw = self.take(n)
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a name is not valid UTF-8") from None
+
+    def done(self) -> None:
+        if self.pos != self.end:
+            raise self.fail(f"{self.end - self.pos} unexpected bytes after the record")
+
+
+def _check_page_size(r: _Reader, size: int) -> None:
+    if not 0 < size <= MAX_PAGE_SIZE:
+        raise r.fail(f"page size {size} is out of range")
+
+
+def _decode_delta(r: _Reader, lsn: int, ts: int) -> Delta:
+    did, pid, base, epoch, size = r.unpack(_DELTA)
+    _check_page_size(r, size)
+    if epoch <= base:
+        raise r.fail(f"delta epoch {epoch} is not after its base epoch {base}")
+    source = r.text()
+    (enc,) = r.unpack(struct.Struct("<B"))
+    idx = vals = data = mask = None
+    if enc == ENC_SPARSE_RUNS:
+        (nruns,) = r.unpack(_U32)
+        r.need(nruns * 8)
+        starts = np.frombuffer(r.take(nruns * 4), dtype="<u4").astype(np.int64)
+        lengths = np.frombuffer(r.take(nruns * 4), dtype="<u4").astype(np.int64)
+        if nruns:
+            ends = starts + lengths
+            if (lengths == 0).any() or (ends[:-1] > starts[1:]).any() or ends[-1] > size:
+                raise r.fail("sparse runs are empty, overlapping, unsorted or past the page end")
+        total = int(lengths.sum())
+        vals = np.frombuffer(r.take(total), dtype=np.uint8).copy()
+        if total:
+            offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+            idx = (np.arange(total, dtype=np.int64) + offsets).astype(np.uint32)
+        else:
+            idx = np.empty(0, np.uint32)
+    elif enc == ENC_DENSE_FULL:
+        data = np.frombuffer(r.take(size), dtype=np.uint8).copy()
+    elif enc == ENC_DENSE_MASKED:
+        packed = np.frombuffer(r.take((size + 7) // 8), dtype=np.uint8)
+        mask = np.unpackbits(packed, count=size).astype(bool)
+        data = np.frombuffer(r.take(size), dtype=np.uint8).copy()
+    else:
+        raise r.fail(f"unknown delta encoding {enc}")
+    r.done()
+    return Delta(did, pid, base, epoch, source, size, idx, vals, data, mask, lsn=lsn, timestamp=ts)
+
+
+def decode_record(buf: bytes | memoryview, what: str = "record") -> AnyRecord:
+    """Decode one record body (the inverse of :func:`encode_record`).
+
+    Raises:
+        SerializationError: anything malformed, with the offset.
+    """
+    r = _Reader(buf, what)
+    kind, lsn, ts = r.unpack(_HEAD)
+    rec: AnyRecord
+    if kind == KIND_DELTA:
+        return _decode_delta(r, lsn, ts)
+    if kind == KIND_CREATE:
+        first, count, size, loc = r.unpack(_CREATE)
+        _check_page_size(r, size)
+        if first < 1 or count < 1 or count > (1 << 40) or loc > 2:
+            raise r.fail("page creation with an impossible id, count or location")
+        (n,) = r.unpack(_U32)
+        meta = decode_metadata(r.take(n), f"{what} metadata") if n else None
+        rec = PageCreate(first, count, size, loc, meta or None)
+    elif kind == KIND_DELETE:
+        rec = PageDelete(*r.unpack(_Q))
+    elif kind == KIND_RESIZE:
+        pid, new_size = r.unpack(_QQ)
+        _check_page_size(r, new_size)
+        rec = PageResize(pid, new_size)
+    elif kind == KIND_MIGRATE:
+        pid, loc = r.unpack(_QB)
+        if loc > 2:
+            raise r.fail(f"unknown location {loc}")
+        rec = PageMigrate(pid, loc)
+    elif kind == KIND_CLONE:
+        rec = PageClone(*r.unpack(_QQ))
+    elif kind == KIND_METADATA:
+        (pid,) = r.unpack(_Q)
+        source = r.text()
+        (n,) = r.unpack(_U32)
+        rec = MetadataSet(pid, decode_metadata(r.take(n), f"{what} metadata"), source)
+    elif kind == KIND_EDGE_ADD:
+        parent, child, et = r.unpack(_QQB)
+        if et > 3:
+            raise r.fail(f"unknown edge type {et}")
+        rec = EdgeAdd(parent, child, et)
+    elif kind == KIND_EDGE_REMOVE:
+        rec = EdgeRemove(*r.unpack(_QQ))
+    elif kind == KIND_COMPACTED:
+        rec = Compacted(*r.unpack(_Q))
+    else:
+        raise r.fail(f"unknown record kind {kind}")
+    r.done()
+    rec.lsn = lsn
+    rec.timestamp = ts
+    return rec
+
+
+# -- standalone deltas -----------------------------------------------------------------
+
+def serialize_delta(delta: Delta) -> bytes:
+    """Bytes of one delta: ``"MMSD" | version u16 | crc32c u32 | record body``. A sparse
+    delta's size grows with its changed bytes (stored as runs), not with the page."""
+    if not isinstance(delta, Delta):
+        raise SerializationError(f"serialize_delta takes a Delta, not {type(delta).__name__}")
+    body = encode_record(delta)
+    return _DELTA_HEAD.pack(_DELTA_MAGIC, _DELTA_VERSION, crc32c(body)) + body
+
+
+def deserialize_delta(data: bytes | bytearray | memoryview) -> Delta:
+    """The inverse of :func:`serialize_delta`.
+
+    Raises:
+        SerializationError: bad magic, unsupported version, checksum mismatch, truncation,
+            or a body that is not one well-formed delta.
+    """
+    try:
+        buf = memoryview(data).cast("B")
+    except TypeError:
+        raise SerializationError(
+            f"deserialize_delta takes bytes, not {type(data).__name__}") from None
+    if len(buf) < _DELTA_HEAD.size:
+        raise SerializationError(f"delta bytes truncated: {len(buf)} bytes, the header alone is "
+                                 f"{_DELTA_HEAD.size}")
+    magic, version, crc = _DELTA_HEAD.unpack_from(buf, 0)
+    if magic != _DELTA_MAGIC:
+        raise SerializationError(f"bad magic {bytes(magic)!r}: not a serialized delta", offset=0)
+    if version != _DELTA_VERSION:
+        raise SerializationError(f"unsupported delta format version {version} (this build reads "
+                                 f"{_DELTA_VERSION})", offset=4)
+    body = buf[_DELTA_HEAD.size :]
+    if crc32c(body) != crc:
+        raise SerializationError("checksum mismatch: the delta bytes are damaged", offset=6)
+    rec = decode_record(body, "delta")
+    if not isinstance(rec, Delta):
+        raise SerializationError("the bytes hold a log record that is not a delta")
+    return rec

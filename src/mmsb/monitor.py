@@ -1,0 +1,168 @@
+"""Monitoring: counters and latency samples kept by a state, and the frozen
+:class:`MMSBStats` snapshot that :func:`get_stats` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, TextIO
+
+import numpy as np
+
+__all__ = ["MMSBStats", "Counters", "LatencyRing"]
+
+
+class LatencyRing:
+    """The last ``capacity`` latency samples (ns) of one operation, plus exact totals."""
+
+    __slots__ = ("samples", "pos", "count", "total_ns", "max_ns")
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.samples = np.zeros(capacity, np.int64)
+        self.pos = 0
+        self.count = 0
+        self.total_ns = 0
+        self.max_ns = 0
+
+    def add(self, ns: int) -> None:
+        """Record one sample. O(1)."""
+        samples = self.samples
+        samples[self.pos] = ns
+        self.pos = (self.pos + 1) % len(samples)
+        self.count += 1
+        self.total_ns += ns
+        if ns > self.max_ns:
+            self.max_ns = ns
+
+    def percentiles(self) -> tuple[float, float, float]:
+        """p50, p90, p99 over the retained samples (0 when none)."""
+        n = min(self.count, len(self.samples))
+        if n == 0:
+            return 0.0, 0.0, 0.0
+        p = np.percentile(self.samples[:n], [50, 90, 99])
+        return float(p[0]), float(p[1]), float(p[2])
+
+    @property
+    def avg(self) -> float:
+        return self.total_ns / self.count if self.count else 0.0
+
+
+class Counters:
+    """The live counters of one state (mutated by the engine; read by get_stats)."""
+
+    def __init__(self) -> None:
+        self.delta_apply = LatencyRing()
+        self.propagation = LatencyRing()
+        self.log_append = LatencyRing()
+        self.checkpoint = LatencyRing()
+        self.records_logged = 0
+        self.deltas_logged = 0
+        self.torn_tails_recovered = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MMSBStats:
+    """A snapshot of a state's size and activity. Every field is a plain number."""
+
+    total_pages: int
+    """Live pages."""
+    cpu_pages: int
+    """Live pages on the CPU."""
+    gpu_pages: int
+    """Live pages on a GPU."""
+    unified_pages: int
+    """Live pages in unified memory."""
+    total_page_bytes: int
+    """Sum of the live pages' sizes."""
+    total_deltas: int
+    """Deltas retained in the log."""
+    total_delta_bytes: int
+    """Bytes the retained deltas write (changed bytes, not payload memory)."""
+    avg_delta_bytes: float
+    """total_delta_bytes / total_deltas (0 when none)."""
+    graph_nodes: int
+    """Pages with at least one dependency edge."""
+    graph_edges: int
+    """Dependency edges."""
+    graph_max_depth: int
+    """Longest path of the graph, in edges."""
+    delta_apply_count: int
+    """Deltas applied since the last reset (writes and propagation)."""
+    delta_apply_total_ns: int
+    """Time spent in those applies (the whole write path under the lock), ns."""
+    delta_apply_avg_ns: float
+    """delta_apply_total_ns / delta_apply_count."""
+    propagation_count: int
+    """Propagation passes run since the last reset."""
+    propagation_total_ns: int
+    """Time spent propagating, ns."""
+    propagation_avg_ns: float
+    """propagation_total_ns / propagation_count."""
+    delta_apply_p50_ns: float
+    """Median write latency over the last 4096 writes."""
+    delta_apply_p90_ns: float
+    """90th percentile write latency."""
+    delta_apply_p99_ns: float
+    """99th percentile write latency."""
+    delta_apply_max_ns: int
+    """Slowest write since the last reset."""
+    propagation_p50_ns: float
+    """Median propagation pass latency."""
+    propagation_p90_ns: float
+    """90th percentile propagation latency."""
+    propagation_p99_ns: float
+    """99th percentile propagation latency."""
+    propagation_max_ns: int
+    """Slowest propagation pass."""
+    log_append_count: int
+    """Records appended to the log since the last reset."""
+    log_append_p50_ns: float
+    """Median time to append one record (incl. the write-ahead log when durable)."""
+    log_append_p99_ns: float
+    """99th percentile append time."""
+    checkpoint_count: int
+    """Checkpoints written since the last reset."""
+    checkpoint_p50_ns: float
+    """Median checkpoint time."""
+    checkpoint_max_ns: int
+    """Slowest checkpoint."""
+    log_records: int
+    """Records of every kind in the log (deltas and structural)."""
+    log_bytes: int
+    """Payload memory of the retained deltas."""
+    last_lsn: int
+    """LSN of the newest record."""
+    records_logged: int
+    """Records appended since the last reset."""
+    events_emitted: int
+    """Events delivered since the last reset."""
+    handler_errors: int
+    """Event handlers that raised since the last reset."""
+    torn_tails_recovered: int
+    """Torn log tails cut off by recovery (durable buses)."""
+    arena_bytes_in_use: int
+    """Arena bytes held by live page slots (size classes included)."""
+    arena_bytes_free: int
+    """Arena bytes in free lists, ready for reuse."""
+    arena_bytes_reserved: int
+    """Arena buffer bytes (virtual; untouched memory is not resident)."""
+    arena_fragmentation: float
+    """Share of carved arena bytes not holding page bytes (slack + free + tail waste)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def render(self, file: TextIO | None = None) -> None:
+        """Print as a table (rich)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="MMSB statistics", show_header=True, header_style="bold")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for name, value in self.as_dict().items():
+            if isinstance(value, float):
+                text = f"{value:,.1f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+            else:
+                text = f"{value:,}"
+            table.add_row(name, text)
+        Console(file=file, width=80, force_terminal=False, no_color=file is not None).print(table)

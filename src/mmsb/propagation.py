@@ -1,0 +1,101 @@
+"""Propagation: after pages change, bring their dependents up to date, in topological
+order, each affected page once, after all of its changed parents (glitch-free).
+
+DATA edges recompute the child with its registered function (the result is logged as
+a delta with source ``"propagation"``, so replay never calls user code); a recompute
+that yields identical bytes stops the change there (cutoff). CONTROL edges mark the
+child stale, COMPILER edges mark its compiled artifacts invalid (both as logged
+metadata changes), GPU_SYNC edges ask for a device sync. Iterative: no recursion limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .delta import as_bytes_array
+from .errors import InvalidDeltaError
+from .state import Page
+from .types import EdgeType, EventType
+
+if TYPE_CHECKING:
+    from .state import MMSBState
+
+__all__ = ["run_propagation", "affected_order"]
+
+log = logging.getLogger("mmsb.propagation")
+
+
+def affected_order(state: MMSBState, sources: set[int]) -> list[int]:
+    """The sources' descendants in topological order (Kahn's algorithm on the affected
+    subgraph only; ties broken by id, so the order is deterministic)."""
+    children = state.graph.children
+    affected: set[int] = set()
+    queue = deque(s for s in sources if s in children)
+    while queue:
+        node = queue.popleft()
+        for c in children.get(node, ()):
+            if c not in affected:
+                affected.add(c)
+                queue.append(c)
+    if not affected:
+        return []
+    return [n for n in state.graph.topological_sort(affected | sources) if n in affected]
+
+
+def run_propagation(state: MMSBState, sources: set[int]) -> None:
+    """Propagate changes of ``sources`` (caller holds the state's lock).
+
+    Raises:
+        InvalidDeltaError: a recompute function returned bytes of the wrong length (the
+            sources' writes stand; that child and what depends only on it are skipped).
+    """
+    changed = set(sources)
+    parents = state.graph.parents
+    table = state._table
+    first_error: Exception | None = None
+    for node in affected_order(state, sources):
+        if not table.is_live(node):
+            continue
+        kinds: dict[EdgeType, int] = {}
+        for parent, et in parents.get(node, {}).items():
+            if parent in changed and et not in kinds:
+                kinds[et] = parent
+        if not kinds:
+            continue
+        if EdgeType.DATA in kinds:
+            fn = state._recompute.get(node)
+            if fn is None:
+                state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
+            else:
+                try:
+                    result = fn(state, Page(state, node))
+                    size = int(table.size[node])
+                    arr = as_bytes_array(result, "recompute result")
+                    if len(arr) != size:
+                        raise InvalidDeltaError(
+                            f"recompute function returned {len(arr)} bytes but the page has "
+                            f"{size}; it must return the page's full new content", page_id=node)
+                    if state._write(node, 0, arr, "propagation", True):
+                        changed.add(node)
+                except InvalidDeltaError as exc:
+                    state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
+                    if first_error is None:
+                        first_error = exc
+        if EdgeType.CONTROL in kinds:
+            meta = dict(table.meta.get(node, {}))
+            if meta.get("stale") is not True:
+                meta["stale"] = True
+                state._set_metadata(node, meta, "propagation")
+            state._emit(EventType.PAGE_STALE, node, kinds[EdgeType.CONTROL])
+        if EdgeType.COMPILER in kinds:
+            meta = dict(table.meta.get(node, {}))
+            if meta.get("ir_valid") is not False:
+                meta["ir_valid"] = False
+                state._set_metadata(node, meta, "propagation")
+            state._emit(EventType.IR_INVALIDATED, node, kinds[EdgeType.COMPILER])
+        if EdgeType.GPU_SYNC in kinds:
+            state._emit(EventType.GPU_SYNC_NEEDED, node, kinds[EdgeType.GPU_SYNC])
+    if first_error is not None:
+        raise first_error

@@ -1,0 +1,367 @@
+"""Replay: rebuilding states from log records, through the same apply path as live
+writes, and the log's compression."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .delta import Delta, apply_clipped, make_delta, union_mask
+from .errors import (
+    HistoryUnavailableError,
+    InvalidArgumentError,
+    InvalidDeltaError,
+    PageNotFoundError,
+)
+from .log.records import AnyRecord, Compacted, EdgeAdd, MetadataSet, PageCreate
+from .state import MMSBState, Page, PageSnapshot
+
+__all__ = [
+    "replay_into",
+    "replay_to_lsn",
+    "replay_to_timestamp",
+    "replay_to_epoch",
+    "replay_log",
+    "replay_page_history",
+    "verify_state_consistency",
+    "state_differences",
+    "compute_diff",
+    "incremental_replay",
+    "replay_with_predicate",
+    "compress_log",
+    "compress_log_locked",
+]
+
+
+def _detached(state: MMSBState) -> MMSBState:
+    new = MMSBState(dataclasses.replace(state.config))
+    new.detached = True
+    return new
+
+
+def replay_into(target: MMSBState, records: Iterable[AnyRecord],
+                after_delta: Callable[[Delta], None] | None = None,
+                watch: int | None = None) -> MMSBState:
+    """Apply logged ``records`` to ``target`` and keep them in its log.
+
+    Runs of deltas are applied together (sparse ones in one vectorised scatter). With
+    ``watch``, ``after_delta`` is called right after each delta of that page. O(records
+    + changed bytes).
+    """
+    run: list[Delta] = []
+    log = target._log
+    for rec in records:
+        if type(rec) is Delta:
+            if watch is not None and rec.page_id == watch:
+                if run:
+                    target._apply_delta_run(run)
+                    run = []
+                log.adopt(rec)
+                target._apply(rec)
+                if after_delta is not None:
+                    after_delta(rec)
+                continue
+            log.adopt(rec)
+            run.append(rec)
+            continue
+        if run:
+            target._apply_delta_run(run)
+            run = []
+        target._apply(rec)
+        log.adopt(rec)
+    if run:
+        target._apply_delta_run(run)
+    return target
+
+
+def _check_lsn_reachable(state: MMSBState, lsn: int) -> None:
+    state._require_history("replay")
+    log = state._log
+    if isinstance(lsn, bool) or not isinstance(lsn, int | np.integer):
+        raise InvalidArgumentError(f"lsn must be an int, not {lsn!r}")
+    if lsn < 0 or lsn > log.last_lsn:
+        raise InvalidArgumentError(
+            f"LSN {lsn} is outside the log (0 … {log.last_lsn})")
+    if log.horizon_lsn and lsn < log.horizon_lsn:
+        raise HistoryUnavailableError(
+            f"LSN {lsn} is before the oldest retained history (LSN {log.horizon_lsn}): the "
+            "log was compressed or truncated there")
+
+
+def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
+    """A new, detached state equal to ``state`` right after record ``lsn``.
+
+    Raises:
+        InvalidArgumentError: ``lsn`` outside 0 … last LSN.
+        HistoryUnavailableError: ``lsn`` before the retained history.
+    """
+    with state._lock:
+        _check_lsn_reachable(state, lsn)
+        records = state._log.records[: state._log.index_after_lsn(int(lsn))]
+    return replay_into(_detached(state), records)
+
+
+def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
+    """The state at time ``ns``: replay_to_lsn of the last record with timestamp ≤ ns
+    (an empty state when ``ns`` is before the first record)."""
+    if isinstance(ns, bool) or not isinstance(ns, int | np.integer):
+        raise InvalidArgumentError(f"timestamp must be an int of nanoseconds, not {ns!r}")
+    with state._lock:
+        state._require_history("replay_to_timestamp")
+        log = state._log
+        k = log.index_after_time(int(ns))
+        lsn = log.records[k - 1].lsn if k else 0
+        if log.horizon_lsn and lsn < log.horizon_lsn:
+            raise HistoryUnavailableError(
+                f"time {ns} is before the oldest retained history (LSN {log.horizon_lsn})")
+        records = log.records[:k]
+    return replay_into(_detached(state), records)
+
+
+def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
+    """Each live page as it stands now (size, location, metadata), rebuilt from zero
+    with only its own deltas whose epoch lies in [lo, hi], in log order."""
+    for name, value in (("start_epoch", lo), ("end_epoch", hi)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise InvalidArgumentError(f"{name} must be an int, not {value!r}")
+    new = _detached(state)
+    with state._lock:
+        state._require_history("epoch replay")
+        t = state._table
+        pages = []
+        for pid in t.live_ids().tolist():
+            size = int(t.size[pid])
+            buf = np.zeros(size, np.uint8)
+            applied = [d for d in state._log.by_page.get(pid, ()) if lo <= d.epoch <= hi]
+            for d in applied:
+                apply_clipped(buf, d)
+            pages.append((pid, size, int(t.loc[pid]), t.meta.get(pid), buf, applied))
+        next_id = t.next_id
+        edges = state.graph.edges()
+    for pid, size, loc, meta, buf, applied in pages:
+        new._commit(PageCreate(pid, 1, size, loc, dict(meta) if meta else None))
+        if applied:
+            idx = np.flatnonzero(union_mask(size, applied) | (buf != 0))
+            d = make_delta(new._new_delta_id(), pid, 0, size, idx, buf[idx], "replay",
+                           epoch=max(d.epoch for d in applied))
+            new._commit(d)
+    for parent, child, et in edges:
+        new._commit(EdgeAdd(parent, child, int(et)))
+    if new._table.next_id < next_id:
+        new._commit(Compacted(next_id))
+    return new
+
+
+def replay_to_epoch(state: MMSBState, epoch: int) -> MMSBState:
+    """The seed's per-page cut, detached: the pages as they stand now, each with only
+    its deltas of epoch ≤ ``epoch`` applied, in log order."""
+    return _epoch_cut(state, 0, epoch)
+
+
+def replay_log(state: MMSBState, start_epoch: int, end_epoch: int) -> dict[int, Page]:
+    """The seed's epoch-window snapshot: page id → detached page rebuilt from the
+    deltas with ``start_epoch ≤ epoch ≤ end_epoch``."""
+    snap = _epoch_cut(state, start_epoch, end_epoch)
+    return {pid: Page(snap, pid) for pid in snap.pages}
+
+
+def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
+    """One detached snapshot per retained delta of ``page_id``, oldest first, each with
+    ``.epoch`` and ``.data`` (the page's bytes right after that delta). Deleted pages
+    keep their history while the log retains it.
+
+    Raises:
+        PageNotFoundError: the log holds nothing of that page.
+    """
+    with state._lock:
+        state._require_history("replay_page_history")
+        if isinstance(page_id, Page):
+            page_id = page_id.id
+        if page_id not in state._log.by_page:
+            if state._table.is_live(page_id) if isinstance(page_id, int) else False:
+                return []
+            raise PageNotFoundError(page_id, "replay_page_history (no history in the log)")
+        records = list(state._log.records)
+    scratch = _detached(state)
+    out: list[PageSnapshot] = []
+
+    def snap(d: Delta) -> None:
+        out.append(PageSnapshot(d.page_id, d.epoch, d.lsn, d.timestamp,
+                                scratch._page_view(d.page_id).tobytes(), d.source))
+
+    replay_into(scratch, records, after_delta=snap, watch=page_id)
+    return out
+
+
+def state_differences(a: MMSBState, b: MMSBState, limit: int = 20) -> list[str]:
+    """Human-readable differences between two states' pages, graphs and id counters."""
+    out: list[str] = []
+    ta, tb = a._table, b._table
+    ids_a, ids_b = set(ta.live_ids().tolist()), set(tb.live_ids().tolist())
+    for pid in sorted(ids_a - ids_b):
+        out.append(f"page {pid} only in the first state")
+    for pid in sorted(ids_b - ids_a):
+        out.append(f"page {pid} only in the second state")
+    for pid in sorted(ids_a & ids_b):
+        if len(out) >= limit:
+            break
+        for col in ("size", "epoch", "loc"):
+            va, vb = int(getattr(ta, col)[pid]), int(getattr(tb, col)[pid])
+            if va != vb:
+                out.append(f"page {pid}: {col} {va} != {vb}")
+        if ta.meta.get(pid, {}) != tb.meta.get(pid, {}):
+            out.append(f"page {pid}: metadata differs")
+        va_, vb_ = a._page_view(pid), b._page_view(pid)
+        if len(va_) == len(vb_) and not np.array_equal(va_, vb_):
+            first = int(np.flatnonzero(va_ != vb_)[0])
+            out.append(f"page {pid}: bytes differ from offset {first}")
+    if a.graph.edges() != b.graph.edges():
+        out.append("dependency edges differ")
+    if ta.next_id != tb.next_id:
+        out.append(f"next page id {ta.next_id} != {tb.next_id}")
+    return out[:limit]
+
+
+def verify_state_consistency(state: MMSBState) -> bool:
+    """True when replaying the whole retained log gives exactly the live state: same
+    pages, bytes, epochs, sizes, locations, metadata, edges and id counter. O(log)."""
+    with state._lock:
+        state._require_history("verify_state_consistency")
+        records = list(state._log.records)
+        scratch = _detached(state)
+        replay_into(scratch, records)
+        return not state_differences(state, scratch, limit=1)
+
+
+def compute_diff(state_a: MMSBState, state_b: MMSBState) -> list[Delta]:
+    """Deltas that turn ``state_a``'s pages into ``state_b``'s: one per page present in
+    both with equal size and different bytes, built on a's epoch (so
+    ``incremental_replay(state_a, deltas)`` applies them). Pages missing from either
+    state, or of different sizes, cannot be expressed as deltas and are left out."""
+    out: list[Delta] = []
+    with state_a._lock, state_b._lock:
+        ta, tb = state_a._table, state_b._table
+        common = np.intersect1d(ta.live_ids(), tb.live_ids())
+        for pid in common.tolist():
+            size = int(ta.size[pid])
+            if size != int(tb.size[pid]):
+                continue
+            va, vb = state_a._page_view(pid), state_b._page_view(pid)
+            ne = va != vb
+            idx = np.flatnonzero(ne)
+            if idx.size:
+                out.append(make_delta(state_a._new_delta_id(), pid, int(ta.epoch[pid]), size,
+                                      idx, vb[idx], "diff"))
+    return out
+
+
+def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
+    """Route ``deltas`` (e.g. from compute_diff, or another state's log) into ``state``
+    in order, as new log records. All or nothing: the whole sequence is checked first
+    (pages exist, sizes match, each delta's base epoch follows the page's epoch), and
+    on any refusal nothing is applied.
+
+    Raises:
+        PageNotFoundError, InvalidDeltaError: as route_delta would, for the first bad delta.
+    """
+    state._enter()
+    try:
+        t = state._table
+        epochs: dict[int, int] = {}
+        for d in deltas:
+            if not isinstance(d, Delta):
+                raise InvalidDeltaError(f"incremental_replay takes Delta objects, not {type(d).__name__}")
+            pid = state._require(d.page_id, "incremental_replay")
+            if d.page_size != int(t.size[pid]):
+                raise InvalidDeltaError(
+                    f"delta was built for {d.page_size} bytes but the page has {int(t.size[pid])}",
+                    page_id=pid, delta_id=d.id)
+            cur = epochs.get(pid, int(t.epoch[pid]))
+            if d.base_epoch != cur:
+                raise InvalidDeltaError(
+                    f"delta was built on epoch {d.base_epoch} but the page will be at epoch {cur}",
+                    page_id=pid, delta_id=d.id)
+            if d.epoch <= d.base_epoch:
+                raise InvalidDeltaError(
+                    f"delta epoch {d.epoch} must be greater than its base epoch {d.base_epoch}",
+                    page_id=pid, delta_id=d.id)
+            epochs[pid] = d.epoch
+        for d in deltas:
+            copy = Delta(state._new_delta_id(), d.page_id, d.base_epoch, d.epoch, d.source,
+                         d.page_size, d._idx, d._vals, d._data, d._mask)
+            state._route(copy)
+    finally:
+        state._leave()
+    return state
+
+
+def replay_with_predicate(state: MMSBState, pred: Callable[[Delta], Any]) -> list[tuple[int, MMSBState]]:
+    """For each retained delta with ``pred(delta)`` true, ``(delta.lsn, state right after
+    it)`` — detached states, oldest first."""
+    with state._lock:
+        state._require_history("replay_with_predicate")
+        hits = [d.lsn for d in state._log.deltas if pred(d)]
+    return [(lsn, replay_to_lsn(state, lsn)) for lsn in hits]
+
+
+def compress_log_locked(state: MMSBState) -> None:
+    """Rewrite the log as the shortest record sequence that rebuilds the current state:
+    bulk page creations, metadata, one ``"compressed"`` delta per written page (its
+    epoch span 0 → epoch, its mask the page's written bytes), the edges, and a
+    Compacted marker. History before the marker is gone. Caller holds the lock."""
+    state._require_history("compress_log")
+    t = state._table
+    log = state._log
+    recs: list[AnyRecord] = []
+    live = t.live_ids()
+    i, n = 0, len(live)
+    sizes, locs = t.size, t.loc
+    while i < n:
+        j = i + 1
+        first = int(live[i])
+        while (j < n and int(live[j]) == first + (j - i) and sizes[live[j]] == sizes[first]
+               and locs[live[j]] == locs[first]):
+            j += 1
+        recs.append(PageCreate(first, j - i, int(sizes[first]), int(locs[first]), None))
+        i = j
+    for pid in live.tolist():
+        meta = t.meta.get(pid)
+        if meta:
+            recs.append(MetadataSet(pid, dict(meta), "compressed"))
+    for pid in live.tolist():
+        epoch = int(t.epoch[pid])
+        view = state._page_view(pid)
+        mask = state._page_mask(pid) | (view != 0)
+        if epoch == 0:
+            assert not mask.any(), f"page {pid} has bytes but epoch 0"
+            continue
+        idx = np.flatnonzero(mask)
+        recs.append(make_delta(state._new_delta_id(), pid, 0, len(view), idx, view[idx],
+                               "compressed", epoch=epoch))
+    for parent, child, et in state.graph.edges():
+        recs.append(EdgeAdd(parent, child, int(et)))
+    recs.append(Compacted(t.next_id))
+    for rec in recs:
+        log.stamp(rec)
+        log.next_lsn = rec.lsn + 1
+        log.last_timestamp = rec.timestamp
+    log.replace_all(recs)
+    state._mask_base.clear()
+    if state.bus is not None:
+        state.bus.after_compress(state)
+
+
+def compress_log(state: MMSBState) -> None:
+    """Merge each page's deltas into one (source ``"compressed"``), bounding the log.
+    The state is unchanged; replay to an LSN before the compression is no longer
+    possible (HistoryUnavailableError). Runs by itself past ``max_tlog_size`` deltas.
+    O(pages + written bytes)."""
+    state._enter()
+    try:
+        compress_log_locked(state)
+    finally:
+        state._leave()
+

@@ -1,0 +1,686 @@
+"""The state: pages, log, graph, events and counters behind one lock.
+
+Every change follows the same path: validate → build a record → append it to the log
+(the write-ahead log first, when the bus is durable) → apply it to the store → propagate
+→ deliver events after the lock is released. Replay feeds logged records to the same
+``_apply`` methods, so there is one implementation of every change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+
+from .config import MMSBConfig
+from .delta import (
+    Delta,
+    apply_delta,
+    as_bytes_array,
+    delta_from_diff,
+    union_mask,
+)
+from .device import cuda_unavailable_reason
+from .errors import (
+    GPUMemoryError,
+    HistoryUnavailableError,
+    InvalidArgumentError,
+    InvalidDeltaError,
+    MetadataError,
+    PageNotFoundError,
+    StateClosedError,
+)
+from .events import EventBus
+from .graph import ShadowPageGraph
+from .log.codec import MAX_PAGE_SIZE
+from .log.records import (
+    AnyRecord,
+    Compacted,
+    EdgeAdd,
+    EdgeRemove,
+    MetadataSet,
+    PageClone,
+    PageCreate,
+    PageDelete,
+    PageMigrate,
+    PageResize,
+)
+from .log.tlog import DeltaView, TransactionLog
+from .monitor import Counters
+from .store.arena import CHUNK_SHIFT, Arena
+from .store.page_table import LIVE, PageTable
+from .types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
+
+if TYPE_CHECKING:
+    from .log.bus import DurableBus
+
+__all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "normalize_metadata"]
+
+RecomputeFn = Callable[["MMSBState", "Page"], Any]
+Event = tuple[EventType, tuple[Any, ...]]
+
+
+def check_size(size: object, what: str = "size") -> int:
+    """A page size must be a positive int (bools refused)."""
+    if isinstance(size, bool) or not isinstance(size, int | np.integer):
+        raise InvalidArgumentError(f"page {what} must be a positive int, not {size!r}")
+    if size <= 0:
+        raise InvalidArgumentError(f"page {what} must be a positive int, not {size}")
+    if size > MAX_PAGE_SIZE:
+        raise InvalidArgumentError(f"page {what} {size} is larger than the limit of {MAX_PAGE_SIZE} bytes")
+    return int(size)
+
+
+def normalize_metadata(metadata: Any, page_id: int | None = None) -> dict[str, Any]:
+    """The stored form of a metadata mapping: str keys, msgpack-encodable values, as
+    they read back after a round trip (tuples become lists), so replay and reload
+    give equal metadata. Raises MetadataError naming what cannot be stored."""
+    where = f" of page {page_id}" if page_id is not None else ""
+    if not isinstance(metadata, Mapping):
+        raise MetadataError(f"metadata{where} must be a mapping (dict), not {type(metadata).__name__}")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise MetadataError(f"metadata{where} keys must be str, not {key!r}")
+    try:
+        packed = msgpack.packb(dict(metadata), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MetadataError(
+            f"metadata{where} holds a value msgpack cannot encode ({exc}); use None, bool, "
+            "int, float, str, bytes, and lists or dicts of those") from None
+    out: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    return out
+
+
+class PageSnapshot:
+    """A detached, immutable view of one page at one point of its history."""
+
+    __slots__ = ("page_id", "epoch", "lsn", "timestamp", "data", "source")
+
+    def __init__(self, page_id: int, epoch: int, lsn: int, timestamp: int, data: bytes,
+                 source: str) -> None:
+        self.page_id = page_id
+        self.epoch = epoch
+        self.lsn = lsn
+        self.timestamp = timestamp
+        self.data = data
+        self.source = source
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return (f"PageSnapshot(page_id={self.page_id}, epoch={self.epoch}, lsn={self.lsn}, "
+                f"size={len(self.data)})")
+
+
+class Page:
+    """A live handle on one page of a state. Cheap: it holds the state and the id, and
+    reads everything else from the page table when asked."""
+
+    __slots__ = ("_state", "id")
+
+    def __init__(self, state: MMSBState, page_id: int) -> None:
+        self._state = state
+        self.id = page_id
+
+    @property
+    def state(self) -> MMSBState:
+        return self._state
+
+    def _row(self) -> int:
+        if not self._state._table.is_live(self.id):
+            raise PageNotFoundError(self.id, "this page handle (the page was deleted)")
+        return self.id
+
+    @property
+    def size(self) -> int:
+        return int(self._state._table.size[self._row()])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state._table.epoch[self._row()])
+
+    @property
+    def location(self) -> PageLocation:
+        return PageLocation(int(self._state._table.loc[self._row()]))
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        """Read-only mapping; change it with set_metadata() / update_metadata()."""
+        self._row()
+        return MappingProxyType(dict(self._state._table.meta.get(self.id, {})))
+
+    @property
+    def data(self) -> np.ndarray:
+        """Read-only uint8 view of the page's current bytes (re-read on each access, so
+        it follows the page through resizes)."""
+        return self._state._page_view(self._row(), readonly=True)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """One bool per byte: True where any applied delta has written."""
+        return self._state._page_mask(self._row())
+
+    def query(self) -> bytes:
+        return self._state._page_view(self._row()).tobytes()
+
+    def update(self, data: Any, *, source: str = "api") -> Page:
+        """Replace the whole content (see update_page)."""
+        self._state._write(self.id, 0, data, source, True)
+        return self
+
+    def write(self, offset: int, data: Any, *, source: str = "api") -> Page:
+        """Write ``data`` at ``offset`` (see write_page)."""
+        self._state._write(self.id, offset, data, source, False)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Page) and other._state is self._state and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash((id(self._state), self.id))
+
+    def __repr__(self) -> str:
+        t = self._state._table
+        if not t.is_live(self.id):
+            return f"<Page {self.id} (deleted)>"
+        return (f"<Page {self.id} size={int(t.size[self.id])} epoch={int(t.epoch[self.id])} "
+                f"location={PageLocation(int(t.loc[self.id]))}>")
+
+
+class PageMap(Mapping[int, Page]):
+    """``state.pages``: page id → live :class:`Page` handle, ids ascending."""
+
+    def __init__(self, state: MMSBState) -> None:
+        self._state = state
+
+    def __getitem__(self, page_id: int) -> Page:
+        if not isinstance(page_id, int | np.integer) or not self._state._table.is_live(int(page_id)):
+            raise PageNotFoundError(page_id, "state.pages")
+        return Page(self._state, int(page_id))
+
+    def __contains__(self, page_id: object) -> bool:
+        return isinstance(page_id, int | np.integer) and self._state._table.is_live(int(page_id))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._state._table.live_ids().tolist())
+
+    def __len__(self) -> int:
+        return self._state._table.live_count
+
+    def __repr__(self) -> str:
+        return f"<PageMap {len(self)} pages>"
+
+
+class MMSBState:
+    """One authoritative, versioned, replayable set of pages.
+
+    Use the module-level functions (``create_page(state, …)``) or the methods they
+    call. All changes go through one re-entrant lock.
+    """
+
+    def __init__(self, config: MMSBConfig | None = None) -> None:
+        cfg = MMSBConfig() if config is None else config
+        if not isinstance(cfg, MMSBConfig):
+            raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(cfg).__name__}")
+        cfg.validate()
+        self.config = cfg
+        self._lock = threading.RLock()
+        self._arena = Arena()
+        self._table = PageTable()
+        self._log = TransactionLog()
+        self.graph = ShadowPageGraph()
+        self.graph._owner = weakref.ref(self)
+        self._events = EventBus()
+        self._counters = Counters()
+        self._recompute: dict[int, RecomputeFn] = {}
+        self._mask_base: dict[int, tuple[np.ndarray, int]] = {}
+        self._pending: set[int] = set()
+        self._queue: list[Event] = []
+        self._depth = 0
+        self._batch_depth = 0
+        self._next_delta_id = 1
+        self._compress_at = cfg.max_tlog_size
+        self._propagating = False
+        self.propagation_mode = cfg.propagation_mode
+        self.closed = False
+        self.bus: DurableBus | None = None
+        """The durable bus behind this state, when it was started with a path."""
+        self.detached = False
+        """True for states built by replay (not backed by any bus)."""
+
+    # -- context manager -------------------------------------------------------------
+    def __enter__(self) -> MMSBState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from .api import mmsb_stop
+
+        if not self.closed:
+            mmsb_stop(self)
+
+    def __repr__(self) -> str:
+        kind = "closed" if self.closed else ("durable" if self.bus else "in-memory")
+        return (f"<MMSBState {kind} pages={self._table.live_count} "
+                f"deltas={len(self._log.deltas)} last_lsn={self._log.last_lsn}>")
+
+    # -- public views ----------------------------------------------------------------
+    @property
+    def pages(self) -> PageMap:
+        return PageMap(self)
+
+    @property
+    def tlog(self) -> DeltaView:
+        return DeltaView(self._log)
+
+    @property
+    def last_lsn(self) -> int:
+        """LSN of the newest record (0 when nothing was logged)."""
+        return self._log.last_lsn
+
+    @property
+    def next_page_id(self) -> int:
+        return self._table.next_id
+
+    # -- locking and event delivery --------------------------------------------------
+    def _enter(self) -> None:
+        self._lock.acquire()
+        if self.closed:
+            self._lock.release()
+            raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
+        self._depth += 1
+
+    def _leave(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._queue:
+            events = self._queue
+            self._queue = []
+            self._lock.release()
+            self._events.deliver(self, events)
+        else:
+            self._lock.release()
+
+    def _emit(self, event_type: EventType, *data: Any) -> None:
+        if self._events.active:
+            self._queue.append((event_type, data))
+
+    # -- reading ---------------------------------------------------------------------
+    def _require(self, page_id: Any, context: str) -> int:
+        if isinstance(page_id, Page):
+            page_id = page_id.id
+        if isinstance(page_id, bool) or not isinstance(page_id, int | np.integer):
+            raise PageNotFoundError(page_id, context)
+        pid = int(page_id)
+        if not self._table.is_live(pid):
+            raise PageNotFoundError(pid, context)
+        return pid
+
+    def _page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
+        t = self._table
+        v = self._arena.view(int(t.addr[pid]), int(t.size[pid]))
+        if readonly:
+            v = v.view()
+            v.flags.writeable = False
+        return v
+
+    def _page_mask(self, pid: int) -> np.ndarray:
+        size = int(self._table.size[pid])
+        base = self._mask_base.get(pid)
+        deltas = self._log.by_page.get(pid, [])
+        if base is None:
+            return union_mask(size, deltas)
+        m, anchor = base
+        out = union_mask(size, deltas[anchor:])
+        n = min(size, len(m))
+        out[:n] |= m[:n]
+        return out
+
+    # -- building and logging --------------------------------------------------------
+    def _log_append(self, rec: AnyRecord) -> None:
+        t0 = time.perf_counter_ns()
+        self._log.append(rec)
+        c = self._counters
+        c.log_append.add(time.perf_counter_ns() - t0)
+        c.records_logged += 1
+        if not self.config.enable_logging:
+            self._forget(rec)
+
+    def _forget(self, rec: AnyRecord) -> None:
+        """enable_logging=False: keep LSNs moving but retain nothing."""
+        log = self._log
+        if isinstance(rec, Delta):
+            self._fold_mask(rec)
+            log.deltas.clear()
+            log.by_page.clear()
+        log.records.clear()
+        log.horizon_lsn = rec.lsn + 1
+
+    def _fold_mask(self, d: Delta) -> None:
+        pid = d.page_id
+        size = int(self._table.size[pid])
+        m = union_mask(size, [d])
+        base = self._mask_base.get(pid)
+        if base is not None:
+            n = min(size, len(base[0]))
+            m[:n] |= base[0][:n]
+        self._mask_base[pid] = (m, 0)
+
+    def _new_delta_id(self) -> int:
+        i = self._next_delta_id
+        self._next_delta_id = i + 1
+        return i
+
+    # -- applying records (shared by live writes and replay) -------------------------
+    def _apply(self, rec: AnyRecord) -> None:
+        """Apply one logged record to the store and graph. No validation, no events."""
+        t = self._table
+        if isinstance(rec, Delta):
+            pid = rec.page_id
+            apply_delta(self._arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
+            t.epoch[pid] = rec.epoch
+            if rec.id >= self._next_delta_id:
+                self._next_delta_id = rec.id + 1
+        elif isinstance(rec, PageCreate):
+            if rec.count == 1:
+                addrs = np.array([self._arena.alloc(rec.size)], dtype=np.int64)
+            else:
+                addrs = self._arena.alloc_many(rec.count, rec.size)
+            t.add_rows(rec.first_id, addrs, rec.size, rec.location)
+            if rec.metadata:
+                for pid in range(rec.first_id, rec.first_id + rec.count):
+                    t.meta[pid] = dict(rec.metadata)
+        elif isinstance(rec, PageDelete):
+            pid = rec.page_id
+            self._arena.free(int(t.addr[pid]), int(t.size[pid]))
+            t.drop_row(pid)
+            for parent, child in self.graph.edges_of(pid):
+                self.graph.remove_edge(parent, child)
+            self._recompute.pop(pid, None)
+            self._mask_base.pop(pid, None)
+            self._pending.discard(pid)
+        elif isinstance(rec, PageResize):
+            pid = rec.page_id
+            old_size = int(t.size[pid])
+            mask = self._page_mask(pid)
+            keep = min(old_size, rec.new_size)
+            new_mask = np.zeros(rec.new_size, dtype=bool)
+            new_mask[:keep] = mask[:keep]
+            old_addr = int(t.addr[pid])
+            new_addr = self._arena.alloc(rec.new_size)
+            self._arena.view(new_addr, keep)[:] = self._arena.view(old_addr, keep)
+            self._arena.free(old_addr, old_size)
+            t.addr[pid] = new_addr
+            t.size[pid] = rec.new_size
+            self._mask_base[pid] = (new_mask, len(self._log.by_page.get(pid, ())))
+        elif isinstance(rec, PageMigrate):
+            t.loc[rec.page_id] = rec.location
+        elif isinstance(rec, PageClone):
+            src = rec.source_id
+            size = int(t.size[src])
+            addr = self._arena.alloc(size)
+            self._arena.view(addr, size)[:] = self._page_view(src)
+            t.add_rows(rec.page_id, np.array([addr], np.int64), size, int(t.loc[src]))
+            t.epoch[rec.page_id] = t.epoch[src]
+            if src in t.meta:
+                t.meta[rec.page_id] = dict(t.meta[src])
+            self._mask_base[rec.page_id] = (self._page_mask(src), 0)
+        elif isinstance(rec, MetadataSet):
+            if rec.metadata:
+                t.meta[rec.page_id] = dict(rec.metadata)
+            else:
+                t.meta.pop(rec.page_id, None)
+        elif isinstance(rec, EdgeAdd):
+            self.graph.add_edge(rec.parent_id, rec.child_id, EdgeType(rec.edge_type))
+        elif isinstance(rec, EdgeRemove):
+            self.graph.remove_edge(rec.parent_id, rec.child_id)
+        elif isinstance(rec, Compacted):
+            if rec.next_id > t.next_id:
+                t.reserve(rec.next_id)
+                t.next_id = rec.next_id
+        else:  # pragma: no cover - every record type is handled above
+            raise TypeError(f"unknown record {type(rec).__name__}")
+
+    def _commit(self, rec: AnyRecord) -> None:
+        """Log then apply a validated structural record."""
+        self._log_append(rec)
+        self._apply(rec)
+
+    def _apply_delta_run(self, deltas: list[Delta]) -> None:
+        """Apply consecutive logged deltas at once (replay): sparse runs in one
+        vectorised scatter, dense ones one by one, in log order."""
+        i, n = 0, len(deltas)
+        while i < n:
+            d = deltas[i]
+            if d._idx is None or n - i < 8:
+                self._apply(d)
+                i += 1
+                continue
+            j = i
+            while j < n and deltas[j]._idx is not None:
+                j += 1
+            run = deltas[i:j]
+            if len(run) < 8:
+                for d in run:
+                    self._apply(d)
+            else:
+                self._scatter(run)
+            i = j
+        last_id = max((d.id for d in deltas), default=0)
+        if last_id >= self._next_delta_id:
+            self._next_delta_id = last_id + 1
+
+    def _scatter(self, run: list[Delta]) -> None:
+        t = self._table
+        pids = np.fromiter((d.page_id for d in run), np.int64, len(run))
+        eps = np.fromiter((d.epoch for d in run), np.int64, len(run))
+        lens = np.fromiter((d._idx.size for d in run), np.int64, len(run))
+        gidx = np.concatenate([d._idx for d in run]).astype(np.int64)
+        gidx += np.repeat(t.addr[pids], lens)
+        gvals = np.concatenate([d._vals for d in run])
+        # Later deltas win where they overlap: keep the last occurrence of each address.
+        order = np.argsort(gidx, kind="stable")
+        gidx, gvals = gidx[order], gvals[order]
+        if gidx.size > 1:
+            last = np.empty(gidx.size, dtype=bool)
+            last[-1] = True
+            np.not_equal(gidx[1:], gidx[:-1], out=last[:-1])
+            gidx, gvals = gidx[last], gvals[last]
+        chunk_ids = gidx >> CHUNK_SHIFT
+        offsets = gidx & ((1 << CHUNK_SHIFT) - 1)
+        first, last_c = int(chunk_ids[0]), int(chunk_ids[-1])
+        if first == last_c:
+            chunk = self._arena.chunk(first)
+            assert chunk is not None
+            chunk[offsets] = gvals
+        else:
+            for c in np.unique(chunk_ids).tolist():
+                sel = chunk_ids == c
+                chunk = self._arena.chunk(c)
+                assert chunk is not None
+                chunk[offsets[sel]] = gvals[sel]
+        np.maximum.at(t.epoch, pids, eps)
+
+    # -- live changes ----------------------------------------------------------------
+    def _check_location(self, location: Any, size: int) -> PageLocation:
+        loc = coerce_location(location)
+        if loc is not PageLocation.CPU:
+            if not self.config.enable_gpu:
+                raise GPUMemoryError(
+                    f"{loc} pages need enable_gpu=True in MMSBConfig", requested_bytes=size)
+            reason = cuda_unavailable_reason()
+            raise GPUMemoryError(f"cannot place a {loc} page: {reason}", requested_bytes=size)
+        return loc
+
+    def _create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
+        size = self.config.page_size_default if size is None else check_size(size)
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
+            raise InvalidArgumentError(f"page count must be an int ≥ 0, not {count!r}")
+        count = int(count)
+        loc = self._check_location(location, size)
+        meta = normalize_metadata(metadata) if metadata else None
+        self._enter()
+        try:
+            first = self._table.next_id
+            if count:
+                self._commit(PageCreate(first, count, size, int(loc), meta))
+                if self._events.active:
+                    for pid in range(first, first + count):
+                        self._emit(EventType.PAGE_CREATED, pid)
+            return first
+        finally:
+            self._leave()
+
+    def _write(self, page_id: Any, offset: Any, data: Any, source: str, whole: bool) -> bool:
+        """The write path of update_page/write_page. Returns True if a delta was logged.
+
+        Cost: O(bytes written) to compare, O(changed bytes) to keep and apply.
+        """
+        new = as_bytes_array(data)
+        self._enter()
+        try:
+            t = self._table
+            if not (isinstance(page_id, int) and 0 < page_id < t.next_id and t.flags[page_id] & LIVE):
+                pid = self._require(page_id, "update_page" if whole else "write_page")
+            else:
+                pid = page_id
+            size = int(t.size[pid])
+            view = self._arena.view(int(t.addr[pid]), size)
+            n_new = len(new)
+            if whole:
+                if n_new != size:
+                    raise InvalidDeltaError(
+                        f"data has {n_new} bytes but the page has {size}; update_page replaces "
+                        "the whole page (use write_page for a part)", page_id=pid)
+                off = 0
+                cur = view
+            else:
+                if isinstance(offset, bool) or not isinstance(offset, int | np.integer):
+                    raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
+                off = int(offset)
+                if off < 0 or off + n_new > size:
+                    raise InvalidDeltaError(
+                        f"write of {n_new} bytes at offset {off} runs outside the page "
+                        f"(size {size})", page_id=pid)
+                cur = view[off : off + n_new]
+            t0 = time.perf_counter_ns()
+            ne = cur != new
+            n = int(np.count_nonzero(ne))
+            if n == 0:
+                return False
+            if not isinstance(source, str):
+                raise InvalidArgumentError(f"source must be a str, not {type(source).__name__}")
+            d = delta_from_diff(self._new_delta_id(), pid, int(t.epoch[pid]), size, off, new,
+                                ne, n, source)
+            self._log_append(d)
+            apply_delta(view, d)
+            t.epoch[pid] = d.epoch
+            self._after_delta(d, t0)
+            return True
+        finally:
+            self._leave()
+
+    def _route(self, d: Delta) -> None:
+        """Validate, log, apply and propagate a user-built delta (route_delta)."""
+        self._enter()
+        try:
+            t = self._table
+            pid = self._require(d.page_id, "route_delta")
+            size = int(t.size[pid])
+            if d.page_size != size:
+                raise InvalidDeltaError(
+                    f"delta was built for {d.page_size} bytes but the page has {size}",
+                    page_id=pid, delta_id=d.id)
+            epoch = int(t.epoch[pid])
+            if d.base_epoch != epoch:
+                raise InvalidDeltaError(
+                    f"delta was built on epoch {d.base_epoch} but the page is at epoch {epoch} "
+                    "(another write came first); rebuild it from the current page",
+                    page_id=pid, delta_id=d.id)
+            if d.epoch <= d.base_epoch:
+                raise InvalidDeltaError(
+                    f"delta epoch {d.epoch} must be greater than its base epoch {d.base_epoch}",
+                    page_id=pid, delta_id=d.id)
+            if d.lsn:
+                raise InvalidDeltaError(
+                    f"delta was already logged (LSN {d.lsn}); build a new one with create_delta",
+                    page_id=pid, delta_id=d.id)
+            t0 = time.perf_counter_ns()
+            self._log_append(d)
+            apply_delta(self._arena.view(int(t.addr[pid]), size), d)
+            t.epoch[pid] = d.epoch
+            self._after_delta(d, t0)
+        finally:
+            self._leave()
+
+    def _after_delta(self, d: Delta, t0: int) -> None:
+        """Counters, events and propagation after a delta was logged and applied."""
+        pid = d.page_id
+        if self._events.active:
+            self._emit(EventType.DELTA_APPLIED, pid, d.epoch, d.id, d.lsn)
+            self._emit(EventType.PAGE_CHANGED, pid, d.epoch, d.id)
+        if pid in self.graph.children and not self._propagating:
+            if self._batch_depth or self.propagation_mode is not PropagationMode.IMMEDIATE:
+                self._pending.add(pid)
+            else:
+                self._propagate({pid})
+        self._counters.delta_apply.add(time.perf_counter_ns() - t0)
+        if len(self._log.deltas) > self._compress_at and not self._propagating \
+                and not self._batch_depth:
+            self._auto_compress()
+
+    def _auto_compress(self) -> None:
+        from .replay import compress_log_locked
+
+        compress_log_locked(self)
+        self._compress_at = max(self.config.max_tlog_size, 2 * len(self._log.deltas))
+
+    def _propagate(self, sources: set[int]) -> None:
+        from .propagation import run_propagation
+
+        t0 = time.perf_counter_ns()
+        self._propagating = True
+        try:
+            run_propagation(self, sources)
+        finally:
+            self._propagating = False
+            self._counters.propagation.add(time.perf_counter_ns() - t0)
+
+    def _set_metadata(self, pid: int, meta: dict[str, Any], source: str = "api") -> bool:
+        """Log and apply a metadata change (caller holds the lock). False if unchanged."""
+        if self._table.meta.get(pid, {}) == meta:
+            return False
+        self._commit(MetadataSet(pid, meta, source))
+        self._emit(EventType.METADATA_CHANGED, pid)
+        return True
+
+    # -- invariants ------------------------------------------------------------------
+    def _check(self) -> None:
+        """Assert every invariant of the table, arena, log and graph."""
+        with self._lock:
+            t = self._table
+            t._check()
+            live = t.live_ids()
+            self._arena._check([(int(t.addr[i]), int(t.size[i])) for i in live])
+            self._log._check()
+            self.graph._check()
+            for node in self.graph.nodes:
+                assert t.is_live(node), f"edge kept for dead page {node}"
+            for pid in self._recompute:
+                assert t.is_live(pid), f"recompute function kept for dead page {pid}"
+            if self.config.enable_logging:
+                for pid in live.tolist():
+                    deltas = self._log.by_page.get(pid, [])
+                    if deltas and pid not in self._mask_base:
+                        assert deltas[-1].epoch == t.epoch[pid], f"page {pid} epoch off its log"
+
+    def _require_history(self, what: str) -> None:
+        if not self.config.enable_logging:
+            raise HistoryUnavailableError(
+                f"{what} needs the transaction log, but this state has enable_logging=False")

@@ -1,0 +1,169 @@
+"""The arena: large zero-initialised buffers carved into page slots by size class.
+
+A slot is addressed by one integer ``addr``: the chunk index in the high bits and the
+offset inside the chunk in the low ``CHUNK_SHIFT`` bits. Chunks come from ``np.zeros``,
+which the C library serves from lazily-mapped anonymous memory, so untouched bytes cost
+no resident memory. Slots never straddle chunks; a slot larger than a quarter chunk
+gets a dedicated buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["Arena", "size_class", "CHUNK_SHIFT", "CHUNK_SIZE"]
+
+CHUNK_SHIFT = 26
+CHUNK_SIZE = 1 << CHUNK_SHIFT
+_OFFSET_MASK = CHUNK_SIZE - 1
+_LARGE = CHUNK_SIZE // 4
+_MIN_CLASS = 16
+
+
+def size_class(size: int) -> int:
+    """The slot size for a page of ``size`` bytes: at most 25 % larger than ``size``.
+
+    Classes are 16 and then four evenly spaced sizes per power of two (16, 20, 24, 28,
+    32, 40, 48, 56, 64, 80 …), so powers of two are exact. O(1).
+    """
+    if size <= _MIN_CLASS:
+        return _MIN_CLASS
+    top = 1 << ((size - 1).bit_length() - 1)
+    step = top >> 2
+    return (size + step - 1) // step * step
+
+
+class Arena:
+    """Buffers of page bytes, carved into slots by a size-class allocator.
+
+    Free slots are kept in one list per size class and reused first (zeroed again), so
+    a churn of creates and deletes of one size does not grow the arena.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray | None] = []
+        self._cur = -1
+        self._bump = CHUNK_SIZE
+        self._free: dict[int, list[int]] = {}
+        self.bytes_in_use = 0
+        self.bytes_free_listed = 0
+        self.bytes_tail_waste = 0
+
+    # -- reading ---------------------------------------------------------------------
+    def view(self, addr: int, size: int) -> np.ndarray:
+        """A writable uint8 view of ``size`` bytes at ``addr``. O(1)."""
+        off = addr & _OFFSET_MASK
+        chunk = self._chunks[addr >> CHUNK_SHIFT]
+        assert chunk is not None
+        return chunk[off : off + size]
+
+    def chunk(self, index: int) -> np.ndarray | None:
+        return self._chunks[index]
+
+    @property
+    def bytes_reserved(self) -> int:
+        """Bytes of all buffers the arena holds (virtual; untouched pages are not resident)."""
+        return sum(c.nbytes for c in self._chunks if c is not None)
+
+    # -- allocation ------------------------------------------------------------------
+    def _new_chunk(self, nbytes: int) -> int:
+        index = len(self._chunks)
+        self._chunks.append(np.zeros(nbytes, dtype=np.uint8))
+        span = max(1, -(-nbytes // CHUNK_SIZE))
+        self._chunks.extend([None] * (span - 1))
+        return index
+
+    def alloc(self, size: int) -> int:
+        """A zero-filled slot for ``size`` bytes; returns its address. Amortised O(1)."""
+        cls = size_class(size)
+        free = self._free.get(cls)
+        if free:
+            addr = free.pop()
+            self.bytes_free_listed -= cls
+            self.view(addr, cls)[:] = 0
+        elif cls > _LARGE:
+            addr = self._new_chunk(cls) << CHUNK_SHIFT
+        else:
+            if self._bump + cls > CHUNK_SIZE:
+                self._start_bump_chunk()
+            addr = (self._cur << CHUNK_SHIFT) | self._bump
+            self._bump += cls
+        self.bytes_in_use += cls
+        return addr
+
+    def _start_bump_chunk(self) -> None:
+        if self._cur >= 0:
+            self.bytes_tail_waste += CHUNK_SIZE - self._bump
+        self._cur = self._new_chunk(CHUNK_SIZE)
+        self._bump = 0
+
+    def alloc_many(self, n: int, size: int) -> np.ndarray:
+        """``n`` zero-filled slots of ``size`` bytes; returns their addresses (int64).
+
+        Reuses free slots first, then carves the rest contiguously. O(n) in numpy.
+        """
+        cls = size_class(size)
+        parts: list[np.ndarray] = []
+        free = self._free.get(cls)
+        if free:
+            take = min(n, len(free))
+            reused = np.array(free[len(free) - take :], dtype=np.int64)[::-1]
+            del free[len(free) - take :]
+            self.bytes_free_listed -= take * cls
+            for addr in reused.tolist():
+                self.view(addr, cls)[:] = 0
+            parts.append(reused)
+            self.bytes_in_use += take * cls
+            n -= take
+        if cls > _LARGE:
+            parts.append(np.array([self.alloc(size) for _ in range(n)], dtype=np.int64))
+            n = 0
+        while n > 0:
+            if self._bump + cls > CHUNK_SIZE:
+                self._start_bump_chunk()
+            fit = min(n, (CHUNK_SIZE - self._bump) // cls)
+            base = (self._cur << CHUNK_SHIFT) | self._bump
+            parts.append(base + np.arange(fit, dtype=np.int64) * cls)
+            self._bump += fit * cls
+            self.bytes_in_use += fit * cls
+            n -= fit
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def free(self, addr: int, size: int) -> None:
+        """Return the slot at ``addr`` (made for ``size`` bytes) to the allocator. O(1)."""
+        cls = size_class(size)
+        self.bytes_in_use -= cls
+        if cls > _LARGE:
+            index = addr >> CHUNK_SHIFT
+            self._chunks[index] = None
+            return
+        self._free.setdefault(cls, []).append(addr)
+        self.bytes_free_listed += cls
+
+    # -- invariants ------------------------------------------------------------------
+    def _check(self, live: list[tuple[int, int]]) -> None:
+        """Assert the allocator's invariants against the live ``(addr, size)`` slots.
+
+        No two slots (live or free) overlap, every slot lies inside an existing chunk,
+        and the byte counters match the slots.
+        """
+        spans = [(a, size_class(s)) for a, s in live]
+        in_use = sum(c for _, c in spans)
+        assert in_use == self.bytes_in_use, (in_use, self.bytes_in_use)
+        free_total = 0
+        for cls, addrs in self._free.items():
+            assert len(set(addrs)) == len(addrs), "a free slot is listed twice"
+            for a in addrs:
+                spans.append((a, cls))
+                free_total += cls
+        assert free_total == self.bytes_free_listed, (free_total, self.bytes_free_listed)
+        spans.sort()
+        prev_end = -1
+        for a, c in spans:
+            assert a >= prev_end, f"slot at {a:#x} overlaps the previous slot"
+            chunk = self._chunks[a >> CHUNK_SHIFT]
+            assert chunk is not None, f"slot at {a:#x} lies in a released chunk"
+            assert (a & _OFFSET_MASK) + c <= chunk.nbytes, f"slot at {a:#x} runs past its chunk"
+            prev_end = a + c

@@ -1,0 +1,90 @@
+"""The columnar page table: one row per page id, numpy columns, no object per page.
+
+Row ``i`` describes page id ``i`` (row 0 is unused). Ids are never reused, so a
+deleted page keeps its row with the LIVE flag cleared; this makes id → row free and
+lets a million pages cost a few numpy columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PageTable", "LIVE"]
+
+LIVE = 1
+_COLUMNS = (("addr", np.int64), ("size", np.int64), ("epoch", np.int64), ("loc", np.uint8), ("flags", np.uint8))
+
+
+class PageTable:
+    """Columns ``addr``, ``size``, ``epoch``, ``loc``, ``flags`` indexed by page id.
+
+    ``meta`` maps page id → metadata dict, only for pages that have metadata.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        capacity = max(capacity, 2)
+        self.addr = np.zeros(capacity, np.int64)
+        self.size = np.zeros(capacity, np.int64)
+        self.epoch = np.zeros(capacity, np.int64)
+        self.loc = np.zeros(capacity, np.uint8)
+        self.flags = np.zeros(capacity, np.uint8)
+        self.meta: dict[int, dict[str, Any]] = {}
+        self.next_id = 1
+        self.live_count = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.addr.shape[0])
+
+    def reserve(self, upto: int) -> None:
+        """Make rows ``0..upto-1`` exist (amortised doubling)."""
+        cap = self.capacity
+        if upto <= cap:
+            return
+        new_cap = max(upto, cap * 2)
+        for name, dtype in _COLUMNS:
+            old = getattr(self, name)
+            col = np.zeros(new_cap, dtype)
+            col[:cap] = old
+            setattr(self, name, col)
+
+    def is_live(self, page_id: int) -> bool:
+        """True if ``page_id`` names a live page. O(1)."""
+        return 0 < page_id < self.next_id and bool(self.flags[page_id] & LIVE)
+
+    def live_ids(self) -> np.ndarray:
+        """Ids of live pages, ascending. O(rows)."""
+        n = self.next_id
+        return np.flatnonzero(self.flags[:n] & LIVE).astype(np.int64)
+
+    def add_rows(self, first_id: int, addrs: np.ndarray, size: int, loc: int) -> None:
+        """Fill rows ``first_id …`` for new pages at ``addrs``. O(n) in numpy."""
+        n = len(addrs)
+        end = first_id + n
+        self.reserve(end)
+        self.addr[first_id:end] = addrs
+        self.size[first_id:end] = size
+        self.epoch[first_id:end] = 0
+        self.loc[first_id:end] = loc
+        self.flags[first_id:end] = LIVE
+        self.next_id = max(self.next_id, end)
+        self.live_count += n
+
+    def drop_row(self, page_id: int) -> None:
+        self.flags[page_id] = 0
+        self.meta.pop(page_id, None)
+        self.live_count -= 1
+
+    def _check(self) -> None:
+        """Assert the table's invariants: live count matches the flags, ids below
+        ``next_id``, sizes positive, epochs non-negative, metadata only for live pages."""
+        live = self.live_ids()
+        assert len(live) == self.live_count, (len(live), self.live_count)
+        assert not (self.flags[self.next_id :] & LIVE).any(), "a live row past next_id"
+        assert not (self.flags[0] & LIVE), "row 0 must stay unused"
+        assert (self.size[live] > 0).all(), "a live page has a non-positive size"
+        assert (self.epoch[live] >= 0).all(), "a live page has a negative epoch"
+        for pid in self.meta:
+            assert self.is_live(pid), f"metadata kept for dead page {pid}"
