@@ -337,52 +337,44 @@ def merge_deltas(d1: Delta, d2: Delta) -> Delta:
 
 
 class Batch:
-    """Collects writes and applies them as one group when the ``batch`` block ends."""
+    """The handle a ``batch`` block gives: shorthand for writes into its state."""
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
-        self.writes: list[tuple[int, int, Any]] = []
 
-    def write(self, page_id: int, offset: int, data: Any) -> None:
-        """Queue a write of ``data`` at ``offset`` (applied at the end of the block)."""
-        self.writes.append((page_id, offset, data))
+    def write(self, page_id: int, offset: int, data: Any, *, source: str = "api") -> None:
+        """Write ``data`` at ``offset`` (as write_page)."""
+        self.state._write(page_id, offset, data, source, False)
 
-    def update(self, page_id: int, data: Any) -> None:
-        """Queue a whole-page update."""
-        self.writes.append((page_id, 0, data))
+    def update(self, page_id: int, data: Any, *, source: str = "api") -> None:
+        """Replace a page's content (as update_page)."""
+        self.state._write(page_id, 0, data, source, True)
 
 
 @contextlib.contextmanager
 def batch(state: MMSBState) -> Iterator[Batch]:
-    """Group writes: ``with batch(state) as b: b.write(id, off, data)``. The queued
-    writes are applied at the end with :func:`apply_batch`; plain calls made inside
-    the block apply at once, but their propagation and events wait for the end."""
+    """Group writes as one unit: ``with batch(state) as b: ...``.
+
+    Inside the block, ``write_page``/``update_page``/``route_delta`` (and ``b.write``)
+    apply at once and are visible to reads, but their log records are appended together
+    when the block ends, followed by one propagation pass and one event burst. If the
+    block raises (a refused write included), every write it made is undone: state and
+    log are as before. Structural changes (create, delete, resize, edges …) are refused
+    inside a batch. Other threads wait until the block ends.
+    """
     state = _state_of(state, "batch")
     b = Batch(state)
     state._enter()
-    state._batch_depth += 1
     ok = False
     try:
-        yield b
-        ok = True
-    finally:
-        state._batch_depth -= 1
+        state._begin_batch()
         try:
-            if ok and b.writes:
-                apply_batch(state, b.writes)
-            elif state._batch_depth == 0 and state._pending and \
-                    state.propagation_mode is not PropagationMode.DEFERRED:
-                _flush_pending(state)
+            yield b
+            ok = True
         finally:
-            state._leave()
-
-
-def _flush_pending(state: MMSBState) -> None:
-    pending = set(state._pending)
-    state._pending.clear()
-    live = {p for p in pending if state._table.is_live(p)}
-    if live:
-        state._propagate(live)
+            state._end_batch(ok)
+    finally:
+        state._leave()
 
 
 def apply_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], *,
@@ -665,8 +657,12 @@ def propagate_change(state: MMSBState, page_id: int | Iterable[int],
 
 
 def queue_recomputation(state: MMSBState, page_id: int) -> None:
-    """Queue ``page_id``'s dependents for the next execute_propagation()."""
-    propagate_change(state, page_id, PropagationMode.DEFERRED)
+    """Queue ``page_id`` itself to be recomputed (with its recompute function) by the
+    next execute_propagation(); its dependents follow if its bytes change. Queuing a
+    page twice recomputes it once."""
+    state = _state_of(state, "queue_recomputation")
+    with state._lock:
+        state._forced.add(state._require(page_id, "queue_recomputation"))
 
 
 def schedule_propagation(state: MMSBState, page_ids: Iterable[int]) -> None:
@@ -674,13 +670,22 @@ def schedule_propagation(state: MMSBState, page_ids: Iterable[int]) -> None:
     propagate_change(state, list(page_ids), PropagationMode.DEFERRED)
 
 
+def _flush_pending(state: MMSBState) -> None:
+    pending = {p for p in state._pending if state._table.is_live(p)}
+    forced = frozenset(p for p in state._forced if state._table.is_live(p))
+    state._pending.clear()
+    state._forced.clear()
+    if pending or forced:
+        state._propagate(pending, forced)
+
+
 def execute_propagation(state: MMSBState) -> int:
-    """Run every queued propagation now, as one topological pass. Returns how many
-    source pages it covered."""
+    """Run every queued propagation and recomputation now, as one topological pass.
+    Returns how many queued pages it covered."""
     state = _state_of(state, "execute_propagation")
     state._enter()
     try:
-        n = len(state._pending)
+        n = len(state._pending | state._forced)
         _flush_pending(state)
         return n
     finally:

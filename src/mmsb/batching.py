@@ -11,7 +11,6 @@ import numpy as np
 from .delta import as_bytes_array
 from .errors import InvalidArgumentError, InvalidDeltaError
 from .state import MMSBState
-from .types import PropagationMode
 
 __all__ = ["run_batch"]
 
@@ -47,21 +46,15 @@ def run_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], source: 
     state._enter()
     try:
         prepared = _prepare(state, writes)
-        state._batch_depth += 1
-        logged = 0
+        state._begin_batch()
+        ok = False
         try:
+            logged = 0
             for pid, off, arr in prepared:
                 logged += state._write(pid, off, arr, source, False)
+            ok = True
         finally:
-            state._batch_depth -= 1
-        if state._batch_depth == 0 and state._pending and \
-                state.propagation_mode is not PropagationMode.DEFERRED:
-            pending = {p for p in state._pending if state._table.is_live(p)}
-            state._pending.clear()
-            if pending:
-                state._propagate(pending)
-        if len(state._log.deltas) > state._compress_at and state._batch_depth == 0:
-            state._auto_compress()
+            state._end_batch(ok)
         return logged
     finally:
         state._leave()

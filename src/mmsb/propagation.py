@@ -27,12 +27,13 @@ __all__ = ["run_propagation", "affected_order"]
 log = logging.getLogger("mmsb.propagation")
 
 
-def affected_order(state: MMSBState, sources: set[int]) -> list[int]:
-    """The sources' descendants in topological order (Kahn's algorithm on the affected
-    subgraph only; ties broken by id, so the order is deterministic)."""
+def affected_order(state: MMSBState, sources: set[int], forced: frozenset[int] = frozenset()) -> list[int]:
+    """The sources' descendants, and the forced pages and theirs, in topological order
+    (Kahn's algorithm on the affected subgraph only; ties broken by id, so the order is
+    deterministic)."""
     children = state.graph.children
-    affected: set[int] = set()
-    queue = deque(s for s in sources if s in children)
+    affected: set[int] = set(forced)
+    queue = deque(s for s in sources | forced if s in children)
     while queue:
         node = queue.popleft()
         for c in children.get(node, ()):
@@ -44,8 +45,9 @@ def affected_order(state: MMSBState, sources: set[int]) -> list[int]:
     return [n for n in state.graph.topological_sort(affected | sources) if n in affected]
 
 
-def run_propagation(state: MMSBState, sources: set[int]) -> None:
-    """Propagate changes of ``sources`` (caller holds the state's lock).
+def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
+    """Propagate changes of ``sources`` (caller holds the state's lock); pages in
+    ``forced`` are recomputed whether or not a parent changed (queue_recomputation).
 
     Raises:
         InvalidDeltaError: a recompute function returned bytes of the wrong length (the
@@ -55,13 +57,15 @@ def run_propagation(state: MMSBState, sources: set[int]) -> None:
     parents = state.graph.parents
     table = state._table
     first_error: Exception | None = None
-    for node in affected_order(state, sources):
+    for node in affected_order(state, sources, forced):
         if not table.is_live(node):
             continue
         kinds: dict[EdgeType, int] = {}
         for parent, et in parents.get(node, {}).items():
             if parent in changed and et not in kinds:
                 kinds[et] = parent
+        if node in forced and EdgeType.DATA not in kinds:
+            kinds[EdgeType.DATA] = node
         if not kinds:
             continue
         if EdgeType.DATA in kinds:

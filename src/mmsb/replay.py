@@ -298,13 +298,35 @@ def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
     return state
 
 
-def replay_with_predicate(state: MMSBState, pred: Callable[[Delta], Any]) -> list[tuple[int, MMSBState]]:
-    """For each retained delta with ``pred(delta)`` true, ``(delta.lsn, state right after
-    it)`` — detached states, oldest first."""
+def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -> list[tuple[int, MMSBState]]:
+    """For each retained delta with ``pred(delta.epoch, delta)`` true (the seed's
+    predicate form), ``(delta.epoch, the state right after that delta)``: detached
+    states, oldest first. One pass over the log; each hit costs one state copy."""
     with state._lock:
         state._require_history("replay_with_predicate")
-        hits = [d.lsn for d in state._log.deltas if pred(d)]
-    return [(lsn, replay_to_lsn(state, lsn)) for lsn in hits]
+        records = list(state._log.records)
+    hits = {d.lsn for d in state._log.deltas if pred(d.epoch, d)}
+    out: list[tuple[int, MMSBState]] = []
+    scratch = _detached(state)
+    run: list[AnyRecord] = []
+    for rec in records:
+        run.append(rec)
+        if rec.lsn in hits:
+            replay_into(scratch, run)
+            run = []
+            assert isinstance(rec, Delta)
+            out.append((rec.epoch, _copy_state(scratch)))
+    return out
+
+
+def _copy_state(state: MMSBState) -> MMSBState:
+    """A detached deep copy (via the in-memory checkpoint codec: no shared buffers)."""
+    from .log.checkpoint import _parse, checkpoint_bytes, restore_into
+
+    ck = _parse(memoryview(checkpoint_bytes(state)), "<copy>")
+    new = _detached(state)
+    restore_into(new, ck)
+    return new
 
 
 def compress_log_locked(state: MMSBState) -> None:

@@ -243,9 +243,11 @@ class MMSBState:
         self._recompute: dict[int, RecomputeFn] = {}
         self._mask_base: dict[int, tuple[np.ndarray, int]] = {}
         self._pending: set[int] = set()
+        self._forced: set[int] = set()
         self._queue: list[Event] = []
         self._depth = 0
         self._batch_depth = 0
+        self._batch: _BatchFrame | None = None
         self._next_delta_id = 1
         self._compress_at = cfg.max_tlog_size
         self._propagating = False
@@ -344,6 +346,10 @@ class MMSBState:
 
     # -- building and logging --------------------------------------------------------
     def _log_append(self, rec: AnyRecord) -> None:
+        if self._batch is not None:
+            self._batch.hold(self._log, rec)
+            self._counters.records_logged += 1
+            return
         t0 = time.perf_counter_ns()
         self._log.append(rec)
         c = self._counters
@@ -405,6 +411,7 @@ class MMSBState:
             self._recompute.pop(pid, None)
             self._mask_base.pop(pid, None)
             self._pending.discard(pid)
+            self._forced.discard(pid)
         elif isinstance(rec, PageResize):
             pid = rec.page_id
             old_size = int(t.size[pid])
@@ -449,6 +456,10 @@ class MMSBState:
 
     def _commit(self, rec: AnyRecord) -> None:
         """Log then apply a validated structural record."""
+        if self._batch is not None:
+            raise InvalidArgumentError(
+                f"{type(rec).__name__} is a structural change, which a batch cannot hold "
+                "(a batch groups writes); make it before or after the batch")
         self._log_append(rec)
         self._apply(rec)
 
@@ -579,6 +590,8 @@ class MMSBState:
             d = delta_from_diff(self._new_delta_id(), pid, int(t.epoch[pid]), size, off, new,
                                 ne, n, source)
             self._log_append(d)
+            if self._batch is not None:
+                self._batch.save(view, d)
             apply_delta(view, d)
             t.epoch[pid] = d.epoch
             self._after_delta(d, t0)
@@ -613,7 +626,10 @@ class MMSBState:
                     page_id=pid, delta_id=d.id)
             t0 = time.perf_counter_ns()
             self._log_append(d)
-            apply_delta(self._arena.view(int(t.addr[pid]), size), d)
+            view = self._arena.view(int(t.addr[pid]), size)
+            if self._batch is not None:
+                self._batch.save(view, d)
+            apply_delta(view, d)
             t.epoch[pid] = d.epoch
             self._after_delta(d, t0)
         finally:
@@ -641,13 +657,13 @@ class MMSBState:
         compress_log_locked(self)
         self._compress_at = max(self.config.max_tlog_size, 2 * len(self._log.deltas))
 
-    def _propagate(self, sources: set[int]) -> None:
+    def _propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
         from .propagation import run_propagation
 
         t0 = time.perf_counter_ns()
         self._propagating = True
         try:
-            run_propagation(self, sources)
+            run_propagation(self, sources, forced)
         finally:
             self._propagating = False
             self._counters.propagation.add(time.perf_counter_ns() - t0)
@@ -659,6 +675,42 @@ class MMSBState:
         self._commit(MetadataSet(pid, meta, source))
         self._emit(EventType.METADATA_CHANGED, pid)
         return True
+
+    # -- batches ---------------------------------------------------------------------
+    def _begin_batch(self) -> None:
+        """Start (or nest into) a batch; caller holds the lock via _enter()."""
+        if self._batch_depth == 0:
+            self._batch = _BatchFrame(self)
+        self._batch_depth += 1
+
+    def _end_batch(self, ok: bool) -> None:
+        """Leave a batch; the outermost one commits its records in one append (then
+        propagates once), or, on failure, undoes every write it made."""
+        self._batch_depth -= 1
+        if self._batch_depth:
+            return
+        frame, self._batch = self._batch, None
+        assert frame is not None
+        if not ok:
+            frame.rollback()
+            return
+        try:
+            self._log.append_held(frame.records)
+        except BaseException:
+            frame.rollback()
+            raise
+        c = self._counters
+        c.log_append.add(0)
+        if not self.config.enable_logging and frame.records:
+            for rec in frame.records:
+                self._forget(rec)
+        if self._pending and self.propagation_mode is not PropagationMode.DEFERRED:
+            pending = {p for p in self._pending if self._table.is_live(p)}
+            self._pending.clear()
+            if pending:
+                self._propagate(pending)
+        if len(self._log.deltas) > self._compress_at:
+            self._auto_compress()
 
     # -- invariants ------------------------------------------------------------------
     def _check(self) -> None:
@@ -684,3 +736,54 @@ class MMSBState:
         if not self.config.enable_logging:
             raise HistoryUnavailableError(
                 f"{what} needs the transaction log, but this state has enable_logging=False")
+
+
+class _BatchFrame:
+    """What an open batch holds back: its stamped records (logged at the end, in one
+    append) and the bytes and epochs its writes replaced (restored if it fails)."""
+
+    __slots__ = ("state", "records", "undo", "next_lsn", "last_ts", "next_delta_id",
+                 "queue_len", "pending")
+
+    def __init__(self, state: MMSBState) -> None:
+        self.state = state
+        self.records: list[AnyRecord] = []
+        self.undo: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
+        self.next_lsn = state._log.next_lsn
+        self.last_ts = state._log.last_timestamp
+        self.next_delta_id = state._next_delta_id
+        self.queue_len = len(state._queue)
+        self.pending = set(state._pending)
+
+    def hold(self, log: TransactionLog, rec: AnyRecord) -> None:
+        log.stamp(rec)
+        log.next_lsn = rec.lsn + 1
+        log.last_timestamp = rec.timestamp
+        self.records.append(rec)
+
+    def save(self, view: np.ndarray, d: Delta) -> None:
+        """Remember what ``d`` is about to overwrite."""
+        epoch = int(self.state._table.epoch[d.page_id])
+        if d._idx is not None:
+            self.undo.append((d.page_id, epoch, d._idx, view[d._idx].copy()))
+        else:
+            self.undo.append((d.page_id, epoch, None, view.copy()))
+
+    def rollback(self) -> None:
+        st = self.state
+        t = st._table
+        for pid, epoch, idx, old in reversed(self.undo):
+            view = st._arena.view(int(t.addr[pid]), int(t.size[pid]))
+            if idx is None:
+                view[:] = old
+            else:
+                view[idx] = old
+            t.epoch[pid] = epoch
+        for rec in self.records:
+            rec.lsn = 0
+            rec.timestamp = 0
+        st._log.next_lsn = self.next_lsn
+        st._log.last_timestamp = self.last_ts
+        st._next_delta_id = self.next_delta_id
+        del st._queue[self.queue_len:]
+        st._pending = self.pending

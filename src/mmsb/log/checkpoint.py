@@ -305,7 +305,8 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
     fpos = total - _FOOTER_SIZE
     fmagic, before = _FOOTER.unpack_from(buf, fpos)
     (fcrc,) = _U32.unpack_from(buf, fpos + 16)
-    if fmagic != END_MAGIC or crc32c(buf[fpos : fpos + 16]) != fcrc or before != fpos:
+    (fzero,) = _U32.unpack_from(buf, fpos + 20)
+    if fmagic != END_MAGIC or crc32c(buf[fpos : fpos + 16]) != fcrc or before != fpos or fzero:
         raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
     pos = _HEADER_SIZE
     sections: dict[bytes, bytes] = {}

@@ -32,6 +32,8 @@ class TransactionLog:
         """Replays can target LSNs ≥ this (0: the whole history is here)."""
         self.sink: Sink | None = None
         """Called with each new record before it is kept (the write-ahead log)."""
+        self.sink_many: Callable[[list[AnyRecord]], None] | None = None
+        """Called with a batch's records in one go (group commit), when set."""
         self.bytes_logged = 0
 
     @property
@@ -58,6 +60,19 @@ class TransactionLog:
                 rec.timestamp = 0
                 raise
         self.adopt(rec)
+
+    def append_held(self, records: list[AnyRecord]) -> None:
+        """Keep records stamped earlier by a batch: the sink sees them in one call
+        (and may raise: then none is kept)."""
+        if not records:
+            return
+        if self.sink_many is not None:
+            self.sink_many(records)
+        elif self.sink is not None:
+            for rec in records:
+                self.sink(rec)
+        for rec in records:
+            self.adopt(rec)
 
     def adopt(self, rec: AnyRecord) -> None:
         """Keep an already-stamped record (replay, recovery). O(1)."""
