@@ -42,6 +42,19 @@ def _detached(state: MMSBState) -> MMSBState:
     return new
 
 
+def _origin(state: MMSBState) -> MMSBState:
+    """A detached state where replay of ``state``'s retained log starts: empty, or its
+    replay base (the checkpoint image at the log's horizon). Caller holds the lock."""
+    new = _detached(state)
+    if state._base is not None:
+        from .log.checkpoint import read_checkpoint, restore_into
+
+        raw = state._base_bytes()
+        restore_into(new, read_checkpoint(raw, path_label="replay base"))
+        new._log.horizon_lsn = new._log.last_lsn
+    return new
+
+
 def replay_into(target: MMSBState, records: Iterable[AnyRecord],
                 after_delta: Callable[[Delta], None] | None = None,
                 watch: int | None = None) -> MMSBState:
@@ -101,7 +114,8 @@ def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
     with state._lock:
         _check_lsn_reachable(state, lsn)
         records = state._log.records[: state._log.index_after_lsn(int(lsn))]
-    return replay_into(_detached(state), records)
+        origin = _origin(state)
+    return replay_into(origin, records)
 
 
 def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
@@ -118,7 +132,8 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
             raise HistoryUnavailableError(
                 f"time {ns} is before the oldest retained history (LSN {log.horizon_lsn})")
         records = log.records[:k]
-    return replay_into(_detached(state), records)
+        origin = _origin(state)
+    return replay_into(origin, records)
 
 
 def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
@@ -185,7 +200,7 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
                 return []
             raise PageNotFoundError(page_id, "replay_page_history (no history in the log)")
         records = list(state._log.records)
-    scratch = _detached(state)
+        scratch = _origin(state)
     out: list[PageSnapshot] = []
 
     def snap(d: Delta) -> None:
@@ -231,7 +246,7 @@ def verify_state_consistency(state: MMSBState) -> bool:
     with state._lock:
         state._require_history("verify_state_consistency")
         records = list(state._log.records)
-        scratch = _detached(state)
+        scratch = _origin(state)
         replay_into(scratch, records)
         return not state_differences(state, scratch, limit=1)
 
@@ -305,9 +320,9 @@ def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -
     with state._lock:
         state._require_history("replay_with_predicate")
         records = list(state._log.records)
+        scratch = _origin(state)
     hits = {d.lsn for d in state._log.deltas if pred(d.epoch, d)}
     out: list[tuple[int, MMSBState]] = []
-    scratch = _detached(state)
     run: list[AnyRecord] = []
     for rec in records:
         run.append(rec)
@@ -372,6 +387,7 @@ def compress_log_locked(state: MMSBState) -> None:
         log.last_timestamp = rec.timestamp
     log.replace_all(recs)
     state._mask_base.clear()
+    state._base = None
     if state.bus is not None:
         state.bus.after_compress(state)
 

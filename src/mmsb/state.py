@@ -8,10 +8,12 @@ Every change follows the same path: validate → build a record → append it to
 
 from __future__ import annotations
 
+import bisect
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -242,6 +244,8 @@ class MMSBState:
         self._counters = Counters()
         self._recompute: dict[int, RecomputeFn] = {}
         self._mask_base: dict[int, tuple[np.ndarray, int]] = {}
+        """page id → (bool mask, LSN): bytes written by deltas up to that LSN, for pages
+        whose log no longer shows it all (resized, cloned, trimmed history)."""
         self._pending: set[int] = set()
         self._forced: set[int] = set()
         self._queue: list[Event] = []
@@ -257,6 +261,9 @@ class MMSBState:
         """The durable bus behind this state, when it was started with a path."""
         self.detached = False
         """True for states built by replay (not backed by any bus)."""
+        self._base: bytes | os.PathLike[str] | None = None
+        """Replay base: a checkpoint (bytes, or a file of the durable bus) whose images are
+        the state at ``_log.horizon_lsn``; None when the log rebuilds from nothing."""
 
     # -- context manager -------------------------------------------------------------
     def __enter__(self) -> MMSBState:
@@ -300,6 +307,8 @@ class MMSBState:
         self._depth += 1
 
     def _leave(self) -> None:
+        if self._depth == 1 and self.bus is not None and not self._batch_depth:
+            self.bus.maybe_checkpoint(self)
         self._depth -= 1
         if self._depth == 0 and self._queue:
             events = self._queue
@@ -333,16 +342,37 @@ class MMSBState:
         return v
 
     def _page_mask(self, pid: int) -> np.ndarray:
+        """Bytes any applied delta wrote: the folded base (if any) plus the retained
+        deltas after it. O(the page's retained deltas)."""
         size = int(self._table.size[pid])
         base = self._mask_base.get(pid)
         deltas = self._log.by_page.get(pid, [])
         if base is None:
             return union_mask(size, deltas)
-        m, anchor = base
-        out = union_mask(size, deltas[anchor:])
+        m, as_of = base
+        k = bisect.bisect_right(deltas, as_of, key=lambda d: d.lsn)
+        out = union_mask(size, deltas[k:])
         n = min(size, len(m))
         out[:n] |= m[:n]
         return out
+
+    def _fold_masks(self, pids: Iterable[int], lsn: int) -> None:
+        """Record the current masks of ``pids`` as their base as of ``lsn``."""
+        for pid in pids:
+            if self._table.is_live(pid):
+                self._mask_base[pid] = (self._page_mask(pid), lsn)
+
+    def _trim_log(self, lsn: int) -> None:
+        """Drop retained records with LSN ≤ ``lsn`` (history the bus no longer keeps),
+        folding the masks they carried into the pages' mask bases."""
+        log = self._log
+        k = log.index_after_lsn(lsn)
+        if k == 0 and log.horizon_lsn >= lsn:
+            return
+        dropped = log.records[:k]
+        self._fold_masks({r.page_id for r in dropped if isinstance(r, Delta)}, lsn)
+        log.replace_all(log.records[k:])
+        log.horizon_lsn = max(log.horizon_lsn, lsn)
 
     # -- building and logging --------------------------------------------------------
     def _log_append(self, rec: AnyRecord) -> None:
@@ -376,7 +406,7 @@ class MMSBState:
         if base is not None:
             n = min(size, len(base[0]))
             m[:n] |= base[0][:n]
-        self._mask_base[pid] = (m, 0)
+        self._mask_base[pid] = (m, d.lsn)
 
     def _new_delta_id(self) -> int:
         i = self._next_delta_id
@@ -425,7 +455,7 @@ class MMSBState:
             self._arena.free(old_addr, old_size)
             t.addr[pid] = new_addr
             t.size[pid] = rec.new_size
-            self._mask_base[pid] = (new_mask, len(self._log.by_page.get(pid, ())))
+            self._mask_base[pid] = (new_mask, rec.lsn)
         elif isinstance(rec, PageMigrate):
             t.loc[rec.page_id] = rec.location
         elif isinstance(rec, PageClone):
@@ -437,7 +467,7 @@ class MMSBState:
             t.epoch[rec.page_id] = t.epoch[src]
             if src in t.meta:
                 t.meta[rec.page_id] = dict(t.meta[src])
-            self._mask_base[rec.page_id] = (self._page_mask(src), 0)
+            self._mask_base[rec.page_id] = (self._page_mask(src), rec.lsn)
         elif isinstance(rec, MetadataSet):
             if rec.metadata:
                 t.meta[rec.page_id] = dict(rec.metadata)
@@ -652,6 +682,8 @@ class MMSBState:
             self._auto_compress()
 
     def _auto_compress(self) -> None:
+        if self.bus is not None:
+            return  # a durable bus bounds its log by checkpoints and retention instead
         from .replay import compress_log_locked
 
         compress_log_locked(self)
@@ -729,8 +761,17 @@ class MMSBState:
             if self.config.enable_logging:
                 for pid in live.tolist():
                     deltas = self._log.by_page.get(pid, [])
-                    if deltas and pid not in self._mask_base:
+                    if deltas:
                         assert deltas[-1].epoch == t.epoch[pid], f"page {pid} epoch off its log"
+
+    def _base_bytes(self) -> bytes:
+        """The replay base as checkpoint bytes (b"" when there is none)."""
+        if self._base is None:
+            return b""
+        if isinstance(self._base, bytes):
+            return self._base
+        with open(self._base, "rb") as f:
+            return f.read()
 
     def _require_history(self, what: str) -> None:
         if not self.config.enable_logging:

@@ -53,7 +53,7 @@ class HarnessSettings:
     @classmethod
     def full(cls) -> HarnessSettings:
         return cls(
-            repeats=21,
+            repeats=31,
             warmup=2,
             target_batch_ns=5_000_000,
             min_samples=5,
@@ -237,6 +237,7 @@ def measure(
     setup_fn: Callable[[int], Any] = setup if setup is not None else _no_setup
     gc.collect()
     if inner is None:
+        _time_batch(batch, setup_fn, teardown, 1)  # cold caches must not stop calibration
         n = 1
         while True:
             elapsed = _time_batch(batch, setup_fn, teardown, n)

@@ -90,17 +90,23 @@ def _headline(metrics: Mapping[str, Any]) -> str:
 _STATUS_STYLE = {"ok": "green", "skipped": "yellow", "error": "bold red"}
 
 
-def results_table(doc: Mapping[str, Any]) -> Table:
-    """Every case: median, mean, min, max, IQR, samples, derived metric, allocations."""
+def results_table(doc: Mapping[str, Any], *, compact: bool = False) -> Table:
+    """Every case: median, mean, min, max, IQR, samples, derived metric, allocations.
+
+    ``compact`` (for narrow terminals) keeps only median, IQR, samples and derived.
+    """
     table = Table(title=f"MMSB benchmarks ({doc.get('mode', 'full')} run)", show_lines=False)
     table.add_column("case", no_wrap=True)
-    table.add_column("median", justify="right")
-    table.add_column("mean", justify="right")
-    table.add_column("min", justify="right")
-    table.add_column("max", justify="right")
-    table.add_column("IQR", justify="right")
-    table.add_column("n×ops", justify="right")
-    table.add_column("alloc/op", justify="right")
+    table.add_column("median", justify="right", no_wrap=True)
+    wide = not compact
+    if wide:
+        table.add_column("mean", justify="right", no_wrap=True)
+        table.add_column("min", justify="right", no_wrap=True)
+        table.add_column("max", justify="right", no_wrap=True)
+    table.add_column("IQR", justify="right", no_wrap=True)
+    table.add_column("n×ops", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("alloc/op", justify="right", no_wrap=True)
     table.add_column("derived")
     previous = None
     for key, rec in doc.get("cases", {}).items():
@@ -110,20 +116,18 @@ def results_table(doc: Mapping[str, Any]) -> Table:
         status = rec.get("status", "ok")
         if status != "ok":
             reason = Text(f"{status}: {rec.get('reason', '')}", style=_STATUS_STYLE[status])
-            table.add_row(key, "—", "", "", "", "", "", "", reason)
+            blanks = [""] * (len(table.columns) - 3)
+            table.add_row(key, "—", *blanks, reason)
             continue
         alloc = rec.get("alloc")
-        table.add_row(
-            key,
-            Text(fmt_ns(rec["median_ns"]), style="bold"),
-            fmt_ns(rec["mean_ns"]),
-            fmt_ns(rec["min_ns"]),
-            fmt_ns(rec["max_ns"]),
-            fmt_ns(rec["iqr_ns"]),
-            f"{rec['samples']}×{rec['ops_per_sample']}",
-            fmt_bytes(alloc["net_bytes_per_op"]) if alloc else "",
-            _headline(rec.get("metrics", {})),
-        )
+        cells: list[str | Text] = [key, Text(fmt_ns(rec["median_ns"]), style="bold")]
+        if wide:
+            cells += [fmt_ns(rec["mean_ns"]), fmt_ns(rec["min_ns"]), fmt_ns(rec["max_ns"])]
+        cells += [fmt_ns(rec["iqr_ns"]), f"{rec['samples']}×{rec['ops_per_sample']}"]
+        if wide:
+            cells.append(fmt_bytes(alloc["net_bytes_per_op"]) if alloc else "")
+        cells.append(_headline(rec.get("metrics", {})))
+        table.add_row(*cells)
     return table
 
 

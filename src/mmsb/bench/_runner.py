@@ -72,6 +72,14 @@ def run_case(case: Case, ctx: RunContext) -> CaseResult:
     )
 
 
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: a busy machine explains a slow run."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def select(categories: Iterable[str] | None, *, peers: bool | None) -> list[str]:
     """The categories to run: the selection (default all), with peers forced on or off."""
     chosen = list(categories) if categories is not None else list(DEFAULT_CATEGORIES)
@@ -100,6 +108,7 @@ def run_suite(
     """
     chosen = select(categories, peers=peers)
     cases = cases_for(chosen)
+    load_start = _loadavg()
     ctx = RunContext(smoke=smoke, seed=seed)
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -117,7 +126,7 @@ def run_suite(
         "schema": SCHEMA_VERSION,
         "mode": "smoke" if smoke else "full",
         "seed": seed,
-        "environment": environment(),
+        "environment": {**environment(), "loadavg_start": load_start, "loadavg_end": _loadavg()},
         "categories": chosen,
         "wall_s": round(time.perf_counter() - started, 3),
         "cases": results,

@@ -438,6 +438,9 @@ def _fresh_dir(ctx: RunContext, peer: str) -> Path:
 
 def _reference(ctx: RunContext, peer: str) -> tuple[Store, Workload]:
     key = f"peer_store_{peer}"
+    missing = _lmdb_missing() if peer == "lmdb" else None
+    if missing is not None:
+        raise CaseSkipped(missing)
     if key not in ctx.cache:
         raise CaseSkipped(f"the {peer} store was not built (its update case did not run)")
     store, w = ctx.cache[key]

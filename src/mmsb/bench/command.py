@@ -92,7 +92,10 @@ def bench_command(
 ) -> None:
     from rich.console import Console
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Logs and pipes: wide enough for the tables instead of rich's 80 columns.
+        console = Console(highlight=False, width=180)
     if list_only:
         _list_cases(console, categories, peers)
         return
@@ -126,7 +129,7 @@ def bench_command(
 
     doc = _run_with_progress(console, run_suite, select(categories, peers=peers), smoke)
 
-    console.print(results_table(doc))
+    console.print(results_table(doc, compact=console.width < 150))
     errors = [k for k, r in doc["cases"].items() if r.get("status") == "error"]
     if doc.get("peer_ratios"):
         console.print(peers_table(doc["peer_ratios"]))

@@ -7,7 +7,7 @@ Layout (little-endian; docs/SerializationSpec.md has every field)::
                     | next_page_id u64 | next_delta_id u64 | crc32c u32 | zero u32
     section  32 B   tag 4s | codec u8 | 3 zero | raw_len u64 | stored_len u64
                     | crc32c(stored) u32 | crc32c(first 28 B) u32, then stored bytes
-    ...             sections META, PTBL, PDAT, MASK, GRPH, TLOG, in that order
+    ...             sections META, PTBL, PDAT, MASK, GRPH, TLOG, BASE, in that order
     footer   24 B   "MMSBEND\\0" | bytes before footer u64 | crc32c(first 16 B) u32 | zero u32
 
 Writers go through a temporary file, fsync and rename, so a reader sees the old file
@@ -60,7 +60,7 @@ _SECTION_SIZE = 32
 _FOOTER = struct.Struct("<8sQ")  # 16 bytes, then crc u32 + zero u32
 _FOOTER_SIZE = 24
 _U32 = struct.Struct("<I")
-_TAGS = (b"META", b"PTBL", b"PDAT", b"MASK", b"GRPH", b"TLOG")
+_TAGS = (b"META", b"PTBL", b"PDAT", b"MASK", b"GRPH", b"TLOG", b"BASE")
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 _MAX_SECTION = 1 << 42
@@ -87,6 +87,13 @@ class CheckpointData:
     horizon_lsn: int = 0
     last_timestamp: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    base: bytes = b""
+    """A nested checkpoint (its images are the state at ``horizon_lsn``) that replays of
+    this log start from; empty when the log rebuilds the state from nothing."""
+    log_from_lsn: int = 0
+    """The log holds the records after this LSN (0: the whole retained log)."""
+    bus: dict[str, Any] | None = None
+    """Durable bus identity: ``bus_id`` (hex), ``generation``; None for plain files."""
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -148,7 +155,8 @@ def _encode_log(records: list[AnyRecord]) -> bytes:
     return b"".join(parts)
 
 
-def _write_body(f: BinaryIO, state: MMSBState) -> None:
+def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
+                bus: dict[str, Any] | None = None, base: bytes = b"") -> None:
     t = state._table
     log = state._log
     ids = t.live_ids()
@@ -163,7 +171,10 @@ def _write_body(f: BinaryIO, state: MMSBState) -> None:
         "last_timestamp": log.last_timestamp,
         "written_ns": time.time_ns(),
         "metadata": {str(pid): t.meta[pid] for pid in ids.tolist() if pid in t.meta},
+        "log_from_lsn": from_lsn,
     }
+    if bus is not None:
+        meta["bus"] = bus
     _write_small(f, b"META", msgpack.packb(meta, use_bin_type=True), cctx)
     table = b"".join([ids.astype("<i8").tobytes(), t.size[ids].astype("<i8").tobytes(),
                       t.epoch[ids].astype("<i8").tobytes(), t.loc[ids].astype("u1").tobytes()])
@@ -180,29 +191,42 @@ def _write_body(f: BinaryIO, state: MMSBState) -> None:
     f.seek(head_pos)
     f.write(_section_header(b"PDAT", CODEC_ZSTD, raw_len, cw.n, cw.crc))
     f.seek(end_pos)
-    masks = [[pid, anchor, len(m), np.packbits(m).tobytes()]
-             for pid, (m, anchor) in sorted(state._mask_base.items())]
+    masks = [[pid, as_of, len(m), np.packbits(m).tobytes()]
+             for pid, (m, as_of) in sorted(state._mask_base.items())]
     _write_small(f, b"MASK", msgpack.packb(masks, use_bin_type=True), cctx)
     edges = state.graph.edges()
     graph = b"".join([np.array([e[0] for e in edges], "<i8").tobytes(),
                       np.array([e[1] for e in edges], "<i8").tobytes(),
                       np.array([int(e[2]) for e in edges], "u1").tobytes()])
     _write_small(f, b"GRPH", _U32.pack(len(edges)) + graph, cctx)
-    _write_small(f, b"TLOG", _encode_log(log.records), cctx)
+    records = log.records
+    if from_lsn:
+        records = records[log.index_after_lsn(from_lsn):]
+    _write_small(f, b"TLOG", _encode_log(records), cctx)
+    f.write(_section_header(b"BASE", CODEC_RAW, len(base), len(base), crc32c(base)))
+    f.write(base)
     before_footer = f.tell()
     footer = _FOOTER.pack(END_MAGIC, before_footer)
     f.write(footer + _U32.pack(crc32c(footer)) + _U32.pack(0))
 
 
-def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: bool = True) -> int:
+def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: bool = True,
+                     from_lsn: int = 0, bus: dict[str, Any] | None = None,
+                     base: bytes | None = None) -> int:
     """Write ``state`` (caller holds its lock) to ``path`` atomically: a temporary file in
-    the same directory, fsync, rename, fsync of the directory. Returns the file size."""
+    the same directory, fsync, rename, fsync of the directory. Returns the file size.
+
+    ``from_lsn``: keep only the log records after it (a durable bus's slice since its
+    previous checkpoint). ``base``: the nested base checkpoint; by default the state's
+    own replay base, so the file stands alone."""
+    if base is None:
+        base = state._base_bytes() if not from_lsn else b""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            _write_body(f, state)
+            _write_body(f, state, from_lsn, bus, base)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -224,7 +248,7 @@ def checkpoint_bytes(state: MMSBState) -> bytes:
     import io
 
     buf = io.BytesIO()
-    _write_body(buf, state)
+    _write_body(buf, state, 0, None, state._base_bytes())
     return buf.getvalue()
 
 
@@ -426,8 +450,21 @@ def _decode_sections(sec: dict[bytes, bytes], lsn: int, next_page_id: int, next_
     last_ts = meta.get("last_timestamp", 0)
     if not isinstance(horizon, int) or not isinstance(last_ts, int) or horizon < 0 or horizon > lsn + 1:
         raise fail("section META has an impossible horizon or timestamp")
+    from_lsn = meta.get("log_from_lsn", 0)
+    if not isinstance(from_lsn, int) or not 0 <= from_lsn <= lsn:
+        raise fail("section META has an impossible log start")
+    if records and records[0].lsn <= from_lsn:
+        raise fail("section TLOG starts before the log start META declares")
+    bus = meta.get("bus")
+    if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
+                                and isinstance(bus.get("generation"), int)):
+        raise fail("section META has a malformed bus identity")
+    base = sec[b"BASE"]
+    if base and not base.startswith(MAGIC):
+        raise fail("section BASE does not hold a checkpoint")
     return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
-                          metadata, masks, edges, records, horizon, last_ts, meta)
+                          metadata, masks, edges, records, horizon, last_ts, meta, base,
+                          from_lsn, bus)
 
 
 def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
@@ -499,6 +536,8 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     log.last_timestamp = max(log.last_timestamp, ck.last_timestamp)
     log.horizon_lsn = ck.horizon_lsn
     fresh._next_delta_id = ck.next_delta_id
+    if ck.base:
+        fresh._base = ck.base
     # Swap: the target keeps its lock, config, subscriptions and counters.
     target._arena = fresh._arena
     target._table = fresh._table
@@ -507,6 +546,7 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     target.graph._owner = weakref.ref(target)
     target._mask_base = fresh._mask_base
     target._next_delta_id = fresh._next_delta_id
+    target._base = fresh._base
     target._recompute = {pid: fn for pid, fn in target._recompute.items() if t.is_live(pid)}
     target._pending.clear()
 

@@ -1,0 +1,531 @@
+"""The durable bus: a state whose every record is in a write-ahead log on disk before
+the call that made it returns, with checkpoints and crash recovery.
+
+Directory layout::
+
+    DIR/LOCK                         flock()ed by the one writer process
+    DIR/BUS                          identity: magic, version, bus id, creation time, CRC
+    DIR/checkpoints/ckpt-<gen>.mmsb  checkpoint of generation <gen> (16 hex digits)
+    DIR/wal/wal-<gen>-<seq>.log      log segments written after checkpoint <gen>
+
+Recovery = the newest checkpoint + the segments of its generation, in order. Older
+generations' segments hold only records that a checkpoint already covers; segments of
+another bus or generation are never replayed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import MMSBConfig
+from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationError
+from .checkpoint import read_checkpoint, restore_into, write_checkpoint
+from .codec import crc32c, encode_record
+from .records import AnyRecord
+from .wal import SegmentScan, SegmentWriter, frame, scan_segment
+
+if TYPE_CHECKING:
+    from ..state import MMSBState
+
+__all__ = ["DurableBus", "open_bus", "BUS_MAGIC", "bus_files"]
+
+log = logging.getLogger("mmsb.bus")
+
+BUS_MAGIC = b"MMSBBUS\0"
+BUS_VERSION = 1
+_BUS = struct.Struct("<8sHHQQ")
+_U32 = struct.Struct("<I")
+_CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$")
+_WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+
+
+def _ckpt_name(gen: int) -> str:
+    return f"ckpt-{gen:016x}.mmsb"
+
+
+def _wal_name(gen: int, seq: int) -> str:
+    return f"wal-{gen:016x}-{seq:08x}.log"
+
+
+@dataclass
+class _Ckpt:
+    generation: int
+    lsn: int
+    log_from_lsn: int
+    path: Path
+
+
+def bus_files(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """The checkpoint and segment files of a bus directory, oldest first."""
+    r = Path(root)
+    ck = sorted(p for p in (r / "checkpoints").glob("ckpt-*.mmsb") if _CKPT_RE.match(p.name))
+    wal = sorted(p for p in (r / "wal").glob("wal-*.log") if _WAL_RE.match(p.name))
+    return {"checkpoints": ck, "wal": wal}
+
+
+class DurableBus:
+    """The disk side of one state: the segment writer, group commit, checkpoints."""
+
+    def __init__(self, root: Path, bus_id: int, config: MMSBConfig, lock_fd: int) -> None:
+        self.root = root
+        self.bus_id = bus_id
+        self.config = config
+        self.lock_fd = lock_fd
+        self.ckpt_dir = root / "checkpoints"
+        self.wal_dir = root / "wal"
+        self.generation = 0
+        self.ckpt_lsn = 0
+        self.retained: list[_Ckpt] = []
+        self.writer: SegmentWriter | None = None
+        self.failed: BaseException | None = None
+        self.io_lock = threading.Lock()
+        self.records_since_ckpt = 0
+        self.last_ckpt_time = time.monotonic()
+        self.reset_chain = False
+        self.recovery_notes: list[str] = []
+        self.torn_tails = 0
+        self.closed = False
+        self._stop = threading.Event()
+        self._syncer: threading.Thread | None = None
+
+    # -- appending ---------------------------------------------------------------------
+    def sink(self, rec: AnyRecord) -> None:
+        self.sink_many([rec])
+
+    def sink_many(self, records: list[AnyRecord]) -> None:
+        """Append records to the log before they take effect. With ``fsync="always"``
+        they are on stable storage when this returns; otherwise in the kernel.
+
+        Raises:
+            DurabilityError: the bus failed earlier, or this write or fsync failed (then
+                it refuses every later write).
+        """
+        if self.failed is not None:
+            raise DurabilityError(
+                f"the bus at {self.root} refuses writes: an earlier write or fsync failed "
+                f"({self.failed}); stop it and reopen it to recover")
+        data = b"".join(frame(encode_record(r)) for r in records)
+        with self.io_lock:
+            try:
+                if self.writer is None or self.writer.size >= self.config.segment_bytes:
+                    self._roll()
+                assert self.writer is not None
+                self.writer.append(data)
+                if self.config.fsync == "always":
+                    self.writer.sync()
+            except OSError as exc:
+                self.failed = exc
+                raise DurabilityError(
+                    f"writing the log at {self.root} failed ({exc.strerror or exc}); the bus "
+                    "refuses further writes") from exc
+        self.records_since_ckpt += len(records)
+
+    def _roll(self) -> None:
+        """Start the next segment of the current generation (caller holds io_lock)."""
+        seq = 0
+        if self.writer is not None:
+            seq = self.writer.seq + 1
+            self.writer.close()
+        self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
+                                    self.generation, seq)
+
+    def _sync_loop(self) -> None:
+        interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0
+        while not self._stop.wait(interval):
+            with self.io_lock:
+                w = self.writer
+                if w is None or not w.dirty or self.failed is not None:
+                    continue
+                try:
+                    w.sync()
+                except OSError as exc:
+                    self.failed = exc
+                    log.error("group commit fsync failed at %s: %s; the bus refuses writes",
+                              self.root, exc)
+
+    def start(self) -> None:
+        if self.config.fsync == "batch" and self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, name="mmsb-group-commit",
+                                            daemon=True)
+            self._syncer.start()
+
+    def flush(self) -> None:
+        """Make every appended record durable now."""
+        with self.io_lock:
+            if self.writer is not None and self.failed is None:
+                try:
+                    self.writer.sync()
+                except OSError as exc:
+                    self.failed = exc
+                    raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
+
+    # -- checkpoints -------------------------------------------------------------------
+    def maybe_checkpoint(self, state: MMSBState) -> None:
+        """Checkpoint when ``max_tlog_size`` records or ``checkpoint_interval`` seconds
+        have passed since the last one. A failed automatic checkpoint is logged and
+        retried later; the log still holds everything."""
+        n = self.records_since_ckpt
+        if n == 0 or self.failed is not None:
+            return
+        interval = self.config.checkpoint_interval
+        due = n >= self.config.max_tlog_size or (
+            interval > 0 and time.monotonic() - self.last_ckpt_time >= interval)
+        if not due:
+            return
+        try:
+            self.checkpoint(state)
+        except (OSError, MMSBError) as exc:
+            self.last_ckpt_time = time.monotonic()
+            log.warning("automatic checkpoint of %s failed: %s", self.root, exc)
+
+    def checkpoint(self, state: MMSBState) -> Path:
+        """Write checkpoint generation+1 (caller holds the state's lock), start its log
+        segment, then drop what it makes redundant: older generations' segments and
+        checkpoints beyond ``retain_checkpoints``."""
+        if self.failed is not None:
+            raise DurabilityError(f"the bus at {self.root} failed earlier ({self.failed}); "
+                                  "no checkpoint is written")
+        t0 = time.perf_counter_ns()
+        gen = self.generation + 1
+        lsn = state._log.last_lsn
+        full = self.reset_chain or self.generation == 0
+        keep = self.config.retain_checkpoints
+        kept = [] if full else list(self.retained)
+        kept.append(_Ckpt(gen, lsn, 0 if full else self.ckpt_lsn, self.ckpt_dir / _ckpt_name(gen)))
+        if keep is not None and len(kept) > keep:
+            kept = kept[-keep:]
+        # History older than the oldest kept checkpoint leaves memory first, so that
+        # the new file's masks and log describe exactly what recovery will rebuild.
+        oldest = kept[0]
+        if oldest.generation != gen and not self._chain_starts_at(kept):
+            state._trim_log(oldest.lsn)
+            state._base = oldest.path
+        elif oldest.generation == gen and len(kept) == 1 and not full:
+            state._trim_log(lsn)
+        path = self.ckpt_dir / _ckpt_name(gen)
+        info = {"bus_id": f"{self.bus_id:016x}", "generation": gen}
+        if full:
+            write_checkpoint(state, path, from_lsn=0, bus=info, base=state._base_bytes())
+        else:
+            write_checkpoint(state, path, from_lsn=self.ckpt_lsn, bus=info, base=b"")
+        if oldest.generation == gen and not full:
+            state._base = path
+        with self.io_lock:
+            old_writer = self.writer
+            self.generation = gen
+            self.writer = None
+            if old_writer is not None:
+                old_writer.close()
+            self.writer = SegmentWriter(self.wal_dir / _wal_name(gen, 0), self.bus_id, gen, 0)
+        self.ckpt_lsn = lsn
+        self.reset_chain = False
+        self.records_since_ckpt = 0
+        self.last_ckpt_time = time.monotonic()
+        for p in bus_files(self.root)["wal"]:
+            m = _WAL_RE.match(p.name)
+            if m and int(m.group(1), 16) < gen:
+                _unlink(p)
+        kept_paths = {c.path for c in kept}
+        for c in [*self.retained, *([] if not full else self._all_ckpts())]:
+            if c.path not in kept_paths:
+                _unlink(c.path)
+        self.retained = kept
+        state._counters.checkpoint.add(time.perf_counter_ns() - t0)
+        return path
+
+    def _all_ckpts(self) -> list[_Ckpt]:
+        out = []
+        for p in bus_files(self.root)["checkpoints"]:
+            m = _CKPT_RE.match(p.name)
+            if m:
+                out.append(_Ckpt(int(m.group(1), 16), 0, 0, p))
+        return out
+
+    @staticmethod
+    def _chain_starts_at(kept: list[_Ckpt]) -> bool:
+        """True when the oldest kept checkpoint's log starts from nothing (no base needed)."""
+        return kept[0].log_from_lsn == 0
+
+    # -- hooks called by the state ---------------------------------------------------
+    def after_compress(self, state: MMSBState) -> None:
+        """compress_log rewrote history: checkpoint it as a new chain start."""
+        self.reset_chain = True
+        self.checkpoint(state)
+
+    def before_restore(self, state: MMSBState) -> None:
+        self.flush()
+
+    def after_restore(self, state: MMSBState) -> None:
+        """load_checkpoint replaced the state: make it the bus's new chain start."""
+        state._log.sink = self.sink
+        state._log.sink_many = self.sink_many
+        self.reset_chain = True
+        self.checkpoint(state)
+
+    def close(self, state: MMSBState) -> None:
+        """Final checkpoint (when anything was logged since the last), then release the
+        segment, the group-commit thread and the lock."""
+        if self.closed:
+            return
+        try:
+            if self.failed is None and (self.records_since_ckpt or self.generation == 0):
+                self.checkpoint(state)
+        finally:
+            self._stop.set()
+            if self._syncer is not None:
+                self._syncer.join(timeout=5)
+            with self.io_lock:
+                if self.writer is not None:
+                    try:
+                        self.writer.close()
+                    except OSError as exc:
+                        log.error("closing the log at %s failed: %s", self.root, exc)
+                    self.writer = None
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.lock_fd)
+            self.closed = True
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# -- opening and recovery ----------------------------------------------------------------
+
+def _lock(root: Path) -> int:
+    fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = ""
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            pass
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            who = f" by process {holder}" if holder else ""
+            raise BusLockedError(
+                f"the bus at {root} is already open for writing{who}; a bus has one "
+                "writer at a time: stop that one first (mmsb_stop)") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _identity(root: Path, has_data: bool) -> int:
+    path = root / "BUS"
+    if not path.exists():
+        if has_data:
+            raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
+                                     "log segments exist; refusing to guess", path=path)
+        bus_id = secrets.randbits(64) or 1
+        head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, time.time_ns())
+        tmp = root / ".BUS.tmp"
+        with open(tmp, "wb") as f:
+            f.write(head + _U32.pack(crc32c(head)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync(root)
+        return bus_id
+    raw = path.read_bytes()
+    if len(raw) != _BUS.size + 4:
+        raise SerializationError(f"the identity file is {len(raw)} bytes, not {_BUS.size + 4}", path=path)
+    magic, version, _flags, bus_id, _created = _BUS.unpack_from(raw, 0)
+    if magic != BUS_MAGIC or crc32c(raw[: _BUS.size]) != _U32.unpack_from(raw, _BUS.size)[0]:
+        raise SerializationError("the identity file is damaged or not an MMSB bus", path=path, offset=0)
+    if version != BUS_VERSION:
+        raise SerializationError(f"unsupported bus format version {version}", path=path, offset=8)
+    return int(bus_id)
+
+
+def _fsync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
+    """Create a durable bus in ``path``, or reopen and recover the one there.
+
+    Raises:
+        BusLockedError: another process has it open for writing.
+        SerializationError: damage that the recovery mode does not tolerate, naming the
+            file and offset.
+    """
+    from ..state import MMSBState
+
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "checkpoints").mkdir(exist_ok=True)
+    (root / "wal").mkdir(exist_ok=True)
+    config.validate()
+    lock_fd = _lock(root)
+    try:
+        files = bus_files(root)
+        bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]))
+        for tmp in (root / "checkpoints").glob(".ckpt-*.tmp"):
+            _unlink(tmp)
+        bus = DurableBus(root, bus_id, config, lock_fd)
+        state = MMSBState(config)
+        _recover(bus, state, files)
+    except BaseException:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+        raise
+    state.bus = bus
+    state._log.sink = bus.sink
+    state._log.sink_many = bus.sink_many
+    state._counters.torn_tails_recovered = bus.torn_tails
+    bus.start()
+    return state
+
+
+def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) -> None:
+    from ..replay import replay_into
+
+    cfg = bus.config
+    ckpts: list[_Ckpt] = []
+    newest = None
+    by_gen = {}
+    for p in files["checkpoints"]:
+        m = _CKPT_RE.match(p.name)
+        assert m is not None
+        by_gen[int(m.group(1), 16)] = p
+    if by_gen:
+        gen = max(by_gen)
+        newest = read_checkpoint(by_gen[gen])
+        _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
+        # Walk back along the chain of log slices while the files are there.
+        chain = [(gen, newest)]
+        while chain[-1][1].log_from_lsn != 0:
+            g_prev = chain[-1][0] - 1
+            if g_prev not in by_gen:
+                break
+            ck_prev = read_checkpoint(by_gen[g_prev])
+            _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
+            if ck_prev.lsn != chain[-1][1].log_from_lsn:
+                raise SerializationError(
+                    f"checkpoint {g_prev} is at LSN {ck_prev.lsn}, but the next one's log starts "
+                    f"at {chain[-1][1].log_from_lsn}", path=by_gen[g_prev])
+            chain.append((g_prev, ck_prev))
+        chain.reverse()
+        first_gen, first = chain[0]
+        records: list[AnyRecord] = []
+        if first.log_from_lsn == 0:
+            start_slices = chain
+            base: bytes | Path | None = first.base or None
+        else:
+            # The oldest retained checkpoint is the replay base; its own slice is older.
+            start_slices = chain[1:]
+            base = by_gen[first_gen]
+        for _g, ck in start_slices:
+            records.extend(ck.records)
+        newest.records = records
+        restore_into(state, newest)
+        # The newest file's horizon was written after its history was trimmed, so it
+        # already names where the rebuilt log begins.
+        state._base = base
+        for g, ck in chain:
+            ckpts.append(_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]))
+        bus.generation = gen
+        bus.ckpt_lsn = newest.lsn
+        bus.retained = ckpts
+        for g, p in by_gen.items():
+            if g < chain[0][0]:
+                _unlink(p)
+    # Replay the current generation's segments.
+    segs: list[tuple[int, Path]] = []
+    for p in files["wal"]:
+        m = _WAL_RE.match(p.name)
+        assert m is not None
+        g, seq = int(m.group(1), 16), int(m.group(2), 16)
+        if g < bus.generation:
+            _unlink(p)  # covered by a checkpoint already
+        elif g > bus.generation:
+            bus.recovery_notes.append(f"{p.name}: generation {g} is newer than the newest "
+                                      "checkpoint; not replayed")
+            log.warning("ignoring log segment %s: no checkpoint of its generation", p)
+        else:
+            segs.append((seq, p))
+    segs.sort()
+    expected_lsn = state._log.last_lsn + 1
+    replayed = 0
+    damaged = False
+    for k, (seq, p) in enumerate(segs):
+        last = k == len(segs) - 1
+        if seq != k:
+            err = SerializationError(f"log segment {k} of generation {bus.generation} is missing",
+                                     path=p)
+            if cfg.recovery == "point_in_time":
+                damaged = True
+                bus.recovery_notes.append(str(err))
+                break
+            raise err
+        scan: SegmentScan = scan_segment(p, bus.bus_id, bus.generation, seq, expected_lsn)
+        if scan.foreign is not None:
+            err = SerializationError(f"log segment is not this bus's: {scan.foreign}", path=p)
+            if cfg.recovery == "point_in_time":
+                damaged = True
+                bus.recovery_notes.append(str(err))
+                break
+            raise err
+        replay_into(state, scan.records)
+        replayed += len(scan.records)
+        expected_lsn += len(scan.records)
+        if scan.damage is not None:
+            if cfg.recovery != "point_in_time":
+                raise scan.damage
+            damaged = True
+            bus.recovery_notes.append(str(scan.damage))
+            break
+        if scan.torn:
+            if cfg.recovery == "strict" or (not last and cfg.recovery == "tolerate_tail"):
+                raise SerializationError("the log ends inside a record (a torn write)" +
+                                         ("" if last else " before its last segment"),
+                                         path=p, offset=scan.valid_end)
+            bus.torn_tails += 1
+            damaged = True
+            note = f"{p.name}: torn record at byte {scan.valid_end} cut off"
+            bus.recovery_notes.append(note)
+            log.warning("recovery of %s: %s", bus.root, note)
+            break
+    if replayed or damaged or bus.generation == 0:
+        # Start a clean generation: what was recovered becomes a checkpoint, and the
+        # segments it covers (a cut tail included) are dropped.
+        if bus.generation == 0 and not replayed and not damaged:
+            bus.reset_chain = True
+        bus.records_since_ckpt = replayed
+        bus.checkpoint(state)
+    else:
+        with bus.io_lock:
+            bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),
+                                       bus.bus_id, bus.generation, len(segs))
+
+
+def _check_owner(info: dict[str, object] | None, bus_id: int, gen: int, path: Path) -> None:
+    if info is None or info.get("bus_id") != f"{bus_id:016x}" or info.get("generation") != gen:
+        raise SerializationError("this checkpoint belongs to another bus or generation; it is "
+                                 "never loaded into this one", path=path)

@@ -1,0 +1,172 @@
+"""Write-ahead log segments.
+
+A segment file starts with a 36-byte header — ``"MMSBWAL\\0" | version u16 | flags u16 |
+bus_id u64 | generation u64 | seq u32 | crc32c u32`` — followed by frames
+``length u64 | crc32c u32 | body``, where the CRC covers the 8 length bytes and the body
+(the record encoding of :mod:`mmsb.log.codec`, which holds the record's kind and LSN).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SerializationError
+from .codec import crc32c, decode_record
+from .records import AnyRecord
+
+__all__ = ["SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
+           "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]
+
+SEG_MAGIC = b"MMSBWAL\0"
+SEG_VERSION = 1
+_SEG_HEAD = struct.Struct("<8sHHQQI")
+SEG_HEADER_SIZE = _SEG_HEAD.size + 4
+_LEN = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+FRAME_HEAD = 12
+MAX_RECORD = 1 << 34
+"""Largest record body a frame may declare (a 4 GiB dense delta and its fields)."""
+
+
+def frame(body: bytes) -> bytes:
+    """``length u64 | crc32c(length bytes + body) u32 | body``."""
+    head = _LEN.pack(len(body))
+    return head + _U32.pack(crc32c(body, crc32c(head))) + body
+
+
+def segment_header(bus_id: int, generation: int, seq: int) -> bytes:
+    head = _SEG_HEAD.pack(SEG_MAGIC, SEG_VERSION, 0, bus_id, generation, seq)
+    return head + _U32.pack(crc32c(head))
+
+
+class SegmentWriter:
+    """Appends frames to one segment file with unbuffered ``os.write``, so a record is
+    in the kernel (safe from a process crash) when ``append`` returns; ``sync`` makes it
+    durable (``fdatasync``)."""
+
+    def __init__(self, path: Path, bus_id: int, generation: int, seq: int) -> None:
+        self.path = path
+        self.generation = generation
+        self.seq = seq
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self.size = 0
+        self.dirty = False
+        self.append(segment_header(bus_id, generation, seq))
+        self.sync()
+        _fsync_dir(path.parent)
+
+    def append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            os.fdatasync(self.fd)
+            self.dirty = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.sync()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class SegmentScan:
+    """What one segment holds: its records, where valid data ends, and any damage."""
+
+    path: Path
+    records: list[AnyRecord] = field(default_factory=list)
+    valid_end: int = 0
+    """Offset just past the last good frame."""
+    torn: bool = False
+    """The file ends inside a frame (or with a bad checksum on the very last frame)."""
+    damage: SerializationError | None = None
+    """The first damage before the tail, if any (records after it are not read)."""
+    foreign: str | None = None
+    """Why the header says this segment belongs to another bus or generation."""
+
+
+def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: int) -> SegmentScan:
+    """Read a segment, checking every frame. Records must carry LSNs ``first_lsn``,
+    ``first_lsn + 1`` … in order. Never raises for bad content: damage is reported in
+    the result, with its offset."""
+    out = SegmentScan(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        out.damage = SerializationError(f"cannot read the segment ({exc.strerror})", path=path)
+        return out
+    buf = memoryview(data)
+    end = len(buf)
+    if end < SEG_HEADER_SIZE:
+        out.torn = True
+        return out
+    magic, version, _flags, seg_bus, seg_gen, seg_seq = _SEG_HEAD.unpack_from(buf, 0)
+    (crc,) = _U32.unpack_from(buf, _SEG_HEAD.size)
+    if magic != SEG_MAGIC or crc32c(buf[: _SEG_HEAD.size]) != crc:
+        out.damage = SerializationError("segment header is damaged or not a segment", path=path, offset=0)
+        return out
+    if version != SEG_VERSION:
+        out.damage = SerializationError(f"unsupported segment version {version}", path=path, offset=8)
+        return out
+    if seg_bus != bus_id:
+        out.foreign = f"it belongs to bus {seg_bus:016x}, not {bus_id:016x}"
+        return out
+    if seg_gen != generation or seg_seq != seq:
+        out.foreign = (f"its header says generation {seg_gen} segment {seg_seq}, but it stands "
+                       f"where generation {generation} segment {seq} belongs")
+        return out
+    pos = SEG_HEADER_SIZE
+    out.valid_end = pos
+    expected = first_lsn
+    while pos < end:
+        if end - pos < FRAME_HEAD:
+            out.torn = True
+            break
+        (length,) = _LEN.unpack_from(buf, pos)
+        (fcrc,) = _U32.unpack_from(buf, pos + 8)
+        body_end = pos + FRAME_HEAD + length
+        if length > MAX_RECORD or body_end > end:
+            out.torn = True
+            break
+        body = buf[pos + FRAME_HEAD : body_end]
+        if crc32c(body, crc32c(buf[pos : pos + 8])) != fcrc:
+            if body_end == end:
+                out.torn = True
+            else:
+                out.damage = SerializationError("record checksum mismatch before the end of the log",
+                                                path=path, offset=pos)
+            break
+        try:
+            rec = decode_record(body, "log record")
+        except SerializationError as exc:
+            out.damage = SerializationError(f"record does not decode ({exc.reason})", path=path, offset=pos)
+            break
+        if rec.lsn != expected:
+            out.damage = SerializationError(
+                f"record has LSN {rec.lsn} where LSN {expected} belongs (a stale or foreign record)",
+                path=path, offset=pos)
+            break
+        out.records.append(rec)
+        expected += 1
+        pos = body_end
+        out.valid_end = pos
+    return out
