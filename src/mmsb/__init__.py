@@ -76,6 +76,7 @@ from .events import Subscription as Subscription
 from .graph import ShadowPageGraph as ShadowPageGraph
 from .log.codec import deserialize_delta as deserialize_delta
 from .log.codec import serialize_delta as serialize_delta
+from .log.bus import open_readonly as open_readonly
 from .monitor import MMSBStats as MMSBStats
 from .replay import compress_log as compress_log
 from .replay import compute_diff as compute_diff
@@ -104,6 +105,7 @@ __version__ = "0.1.0"
 __all__ = [
     # lifecycle
     "MMSBConfig", "MMSBState", "mmsb_start", "mmsb_stop", "active", "active_state",
+    "open_readonly",
     # pages
     "Page", "PageLocation", "PageSnapshot", "create_page", "create_pages", "update_page",
     "write_page", "query_page", "delete_page", "resize_page", "clone_page", "migrate_page",

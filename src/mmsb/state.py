@@ -261,6 +261,8 @@ class MMSBState:
         """The durable bus behind this state, when it was started with a path."""
         self.detached = False
         """True for states built by replay (not backed by any bus)."""
+        self.recovery_notes: list[str] = []
+        """What recovery of a durable bus cut off or skipped (empty when nothing)."""
         self._base: bytes | os.PathLike[str] | None = None
         """Replay base: a checkpoint (bytes, or a file of the durable bus) whose images are
         the state at ``_log.horizon_lsn``; None when the log rebuilds from nothing."""

@@ -38,7 +38,7 @@ from .wal import SegmentScan, SegmentWriter, frame, scan_segment
 if TYPE_CHECKING:
     from ..state import MMSBState
 
-__all__ = ["DurableBus", "open_bus", "BUS_MAGIC", "bus_files"]
+__all__ = ["DurableBus", "open_bus", "open_readonly", "BUS_MAGIC", "bus_files"]
 
 log = logging.getLogger("mmsb.bus")
 
@@ -96,6 +96,8 @@ class DurableBus:
         self.recovery_notes: list[str] = []
         self.torn_tails = 0
         self.closed = False
+        self.read_only = False
+        """Recovery only: nothing on disk is changed (open_readonly)."""
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
 
@@ -365,6 +367,36 @@ def _fsync(directory: Path) -> None:
         os.close(fd)
 
 
+def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None) -> MMSBState:
+    """Recover a durable bus into a detached, in-memory state without writing anything:
+    no lock is taken, nothing is checkpointed or cut, and a torn tail is only skipped.
+    Safe beside a live writer (it sees what is on disk at that moment). Writes to the
+    returned state stay in memory.
+
+    Raises:
+        SerializationError: no bus there, or damage the recovery mode does not tolerate.
+    """
+    from ..state import MMSBState
+
+    cfg = config or MMSBConfig()
+    cfg.validate()
+    root = Path(path)
+    if not (root / "BUS").is_file():
+        raise SerializationError("no MMSB bus here (the identity file BUS is missing)", path=root)
+    files = bus_files(root)
+    bus_id = _identity(root, True)
+    bus = DurableBus(root, bus_id, cfg, -1)
+    bus.read_only = True
+    state = MMSBState(cfg)
+    _recover(bus, state, files)
+    if isinstance(state._base, Path):
+        state._base = state._base.read_bytes()  # the writer may drop the file later
+    state.detached = True
+    state._counters.torn_tails_recovered = bus.torn_tails
+    state.recovery_notes = list(bus.recovery_notes)
+    return state
+
+
 def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
     """Create a durable bus in ``path``, or reopen and recover the one there.
 
@@ -399,6 +431,7 @@ def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
     state._log.sink = bus.sink
     state._log.sink_many = bus.sink_many
     state._counters.torn_tails_recovered = bus.torn_tails
+    state.recovery_notes = list(bus.recovery_notes)
     bus.start()
     return state
 
@@ -454,7 +487,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         bus.ckpt_lsn = newest.lsn
         bus.retained = ckpts
         for g, p in by_gen.items():
-            if g < chain[0][0]:
+            if g < chain[0][0] and not bus.read_only:
                 _unlink(p)
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
@@ -463,7 +496,8 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         assert m is not None
         g, seq = int(m.group(1), 16), int(m.group(2), 16)
         if g < bus.generation:
-            _unlink(p)  # covered by a checkpoint already
+            if not bus.read_only:
+                _unlink(p)  # covered by a checkpoint already
         elif g > bus.generation:
             bus.recovery_notes.append(f"{p.name}: generation {g} is newer than the newest "
                                       "checkpoint; not replayed")
@@ -502,6 +536,10 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             bus.recovery_notes.append(str(scan.damage))
             break
         if scan.torn:
+            if bus.read_only and last:
+                bus.recovery_notes.append(f"{p.name}: ends inside a record at byte "
+                                          f"{scan.valid_end} (being written, or torn)")
+                break
             if cfg.recovery == "strict" or (not last and cfg.recovery == "tolerate_tail"):
                 raise SerializationError("the log ends inside a record (a torn write)" +
                                          ("" if last else " before its last segment"),
@@ -512,6 +550,8 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             bus.recovery_notes.append(note)
             log.warning("recovery of %s: %s", bus.root, note)
             break
+    if bus.read_only:
+        return
     if replayed or damaged or bus.generation == 0:
         # Start a clean generation: what was recovered becomes a checkpoint, and the
         # segments it covers (a cut tail included) are dropped.
