@@ -1,0 +1,141 @@
+"""Shared fixtures and helpers for the MMSB test suite.
+
+``snapshot(state)`` captures everything a caller can observe of a state (page bytes,
+epochs, sizes, locations, metadata, edges, the retained log and the newest LSN), so that
+``assert_unchanged(state, before)`` can check the core rule "a refused call changes
+nothing".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mmsb
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when some CUDA device is usable (then GPU refusal tests do not apply)."""
+    return _torch_cuda() or _cupy_cuda()
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch  # type: ignore[import-not-found]
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # any import or driver failure means "no CUDA"
+        return False
+
+
+def _cupy_cuda() -> bool:
+    try:
+        import cupy  # type: ignore[import-not-found]
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:
+        return False
+
+
+needs_no_cuda = pytest.mark.skipif(
+    cuda_available(), reason="a CUDA device is present; the no-CUDA path is not reachable"
+)
+
+
+def new_state(**config: Any) -> mmsb.MMSBState:
+    """A fresh in-memory CPU-only state; keyword arguments go to MMSBConfig."""
+    config.setdefault("enable_gpu", False)
+    return mmsb.MMSBState(mmsb.MMSBConfig(**config))
+
+
+@pytest.fixture
+def state() -> mmsb.MMSBState:
+    return mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def page_ids(state: mmsb.MMSBState) -> list[int]:
+    return sorted(int(k) for k in state.pages.keys())
+
+
+def as_bool(mask: Any) -> np.ndarray:
+    return np.asarray(mask, dtype=bool).reshape(-1)
+
+
+def as_u8(data: Any) -> np.ndarray:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def delta_key(d: Any) -> tuple:
+    """What a delta means: page, epochs, which bytes and their new values."""
+    m = as_bool(d.mask)
+    dense = as_u8(d.dense_data())
+    return (
+        int(d.page_id),
+        int(d.base_epoch),
+        int(d.epoch),
+        tuple(np.flatnonzero(m).tolist()),
+        bytes(dense[m].tobytes()),
+    )
+
+
+def edges(state: mmsb.MMSBState) -> list[tuple[int, int, Any]]:
+    out = []
+    for pid in page_ids(state):
+        for child, etype in mmsb.get_children(state.graph, pid):
+            out.append((pid, int(child), etype))
+    return sorted(out, key=lambda e: (e[0], e[1], str(e[2])))
+
+
+def pages_view(state: mmsb.MMSBState) -> dict[int, tuple]:
+    """{id: (bytes, epoch, size, location, metadata)} of every live page."""
+    view = {}
+    for pid in page_ids(state):
+        p = state.pages[pid]
+        view[pid] = (
+            mmsb.query_page(state, pid),
+            int(p.epoch),
+            int(p.size),
+            p.location,
+            dict(p.metadata),
+        )
+    return view
+
+
+def content_view(state: mmsb.MMSBState) -> dict[int, tuple[bytes, int]]:
+    """{id: (bytes, epoch)} of every live page."""
+    return {pid: (mmsb.query_page(state, pid), int(state.pages[pid].epoch)) for pid in page_ids(state)}
+
+
+def log_view(state: mmsb.MMSBState) -> list[tuple[int, int, int]]:
+    return [(int(d.lsn), int(d.page_id), int(d.epoch)) for d in state.tlog]
+
+
+def snapshot(state: mmsb.MMSBState) -> tuple:
+    """Everything observable of a state, as a comparable value."""
+    return (
+        pages_view(state),
+        edges(state),
+        len(state.tlog),
+        log_view(state),
+        int(state.last_lsn),
+    )
+
+
+def assert_unchanged(state: mmsb.MMSBState, before: tuple) -> None:
+    after = snapshot(state)
+    names = ("pages", "edges", "len(tlog)", "tlog (lsn, page_id, epoch)", "last_lsn")
+    for name, b, a in zip(names, before, after, strict=True):
+        assert a == b, f"refused call changed {name}: before={b!r} after={a!r}"
+
+
+def rand_bytes(rng: np.random.Generator, n: int) -> bytes:
+    return rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()

@@ -1,0 +1,117 @@
+"""The typed error hierarchy, and that real failures raise it with useful messages."""
+
+from __future__ import annotations
+
+import pytest
+
+import mmsb
+from conftest import assert_unchanged, needs_no_cuda, snapshot
+
+ALL_ERRORS = [
+    "PageNotFoundError", "InvalidDeltaError", "GPUMemoryError", "SerializationError",
+    "GraphCycleError", "UnsupportedLocationError", "HistoryUnavailableError",
+    "InvalidArgumentError", "MetadataError",
+]
+
+
+@pytest.mark.parametrize("name", ALL_ERRORS)
+def test_every_error_is_an_mmsb_error(name: str) -> None:
+    cls = getattr(mmsb, name)
+    assert issubclass(cls, mmsb.MMSBError)
+    assert issubclass(mmsb.MMSBError, Exception)
+
+
+def test_stdlib_bases() -> None:
+    assert issubclass(mmsb.PageNotFoundError, KeyError)
+    for name in ("InvalidDeltaError", "SerializationError", "GraphCycleError",
+                 "UnsupportedLocationError", "InvalidArgumentError"):
+        assert issubclass(getattr(mmsb, name), ValueError), name
+    assert issubclass(mmsb.GPUMemoryError, RuntimeError)
+    assert issubclass(mmsb.MetadataError, TypeError)
+
+
+def test_page_not_found_message_and_field(state) -> None:
+    with pytest.raises(mmsb.PageNotFoundError) as ei:
+        mmsb.query_page(state, 4242)
+    assert "4242" in str(ei.value)
+    assert getattr(ei.value, "page_id", 4242) == 4242
+    # catchable as KeyError too
+    with pytest.raises(KeyError):
+        mmsb.delete_page(state, 4242)
+
+
+def test_invalid_delta_message_mentions_page(state) -> None:
+    p = mmsb.create_page(state, 8)
+    with pytest.raises(mmsb.InvalidDeltaError) as ei:
+        mmsb.update_page(state, p.id, b"\x01" * 9)
+    msg = str(ei.value)
+    assert msg.strip()
+    assert str(p.id) in msg
+    with pytest.raises(ValueError):
+        mmsb.write_page(state, p.id, 7, b"ab")
+
+
+def test_graph_cycle_message_names_edge(state) -> None:
+    a = mmsb.create_page(state, 4)
+    b = mmsb.create_page(state, 4)
+    mmsb.add_dependency(state, a.id, b.id)
+    with pytest.raises(mmsb.GraphCycleError) as ei:
+        mmsb.add_dependency(state, b.id, a.id)
+    msg = str(ei.value)
+    assert str(a.id) in msg and str(b.id) in msg
+
+
+def test_unsupported_location_message(state) -> None:
+    with pytest.raises(mmsb.UnsupportedLocationError) as ei:
+        mmsb.create_page(state, 8, location="tpu")
+    assert "tpu" in str(ei.value)
+
+
+@needs_no_cuda
+def test_gpu_memory_error_message(state) -> None:
+    before = snapshot(state)
+    with pytest.raises(mmsb.GPUMemoryError) as ei:
+        mmsb.create_page(state, 8, location="gpu")
+    msg = str(ei.value).lower()
+    assert "gpu" in msg or "cuda" in msg
+    assert_unchanged(state, before)
+
+
+def test_serialization_error_message(tmp_path) -> None:
+    path = tmp_path / "junk.ckpt"
+    path.write_bytes(b"not a checkpoint at all")
+    s = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+    with pytest.raises(mmsb.SerializationError) as ei:
+        mmsb.load_checkpoint(s, str(path))
+    assert str(ei.value).strip()
+    with pytest.raises(mmsb.SerializationError) as ei2:
+        mmsb.deserialize_delta(b"\x00\x01garbage")
+    assert str(ei2.value).strip()
+
+
+def test_invalid_size_is_value_error(state) -> None:
+    with pytest.raises(mmsb.MMSBError) as ei:
+        mmsb.create_page(state, -5)
+    assert isinstance(ei.value, ValueError)
+    assert str(ei.value).strip()
+
+
+def test_metadata_error(state) -> None:
+    p = mmsb.create_page(state, 4)
+    before = snapshot(state)
+    with pytest.raises(mmsb.MMSBError) as ei:
+        mmsb.set_metadata(state, p.id, "bad", object())
+    assert isinstance(ei.value, mmsb.MetadataError)
+    assert str(ei.value).strip()
+    assert_unchanged(state, before)
+
+
+def test_errors_catchable_as_base(state) -> None:
+    for call in (
+        lambda: mmsb.query_page(state, 99),
+        lambda: mmsb.create_page(state, 0),
+        lambda: mmsb.create_page(state, 8, location="nowhere"),
+        lambda: mmsb.deserialize_delta(b""),
+    ):
+        with pytest.raises(mmsb.MMSBError):
+            call()
