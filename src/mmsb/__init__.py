@@ -74,9 +74,9 @@ from .errors import StateClosedError as StateClosedError
 from .errors import UnsupportedLocationError as UnsupportedLocationError
 from .events import Subscription as Subscription
 from .graph import ShadowPageGraph as ShadowPageGraph
+from .log.bus import open_readonly as open_readonly
 from .log.codec import deserialize_delta as deserialize_delta
 from .log.codec import serialize_delta as serialize_delta
-from .log.bus import open_readonly as open_readonly
 from .monitor import MMSBStats as MMSBStats
 from .replay import compress_log as compress_log
 from .replay import compute_diff as compute_diff

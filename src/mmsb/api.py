@@ -180,9 +180,12 @@ def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api"
     Raises:
         PageNotFoundError: unknown page. InvalidDeltaError: wrong length or not bytes-like.
     """
-    state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
+    if type(state_or_page) is MMSBState and len(args) == 2:
+        state, page_id, data = state_or_page, args[0], args[1]
+    else:
+        state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
     state._write(page_id, 0, data, source, True)
-    return Page(state, state._require(page_id, "update_page"))
+    return Page(state, page_id if type(page_id) is int else state._require(page_id, "update_page"))
 
 
 def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source: str = "api") -> Page:
@@ -191,9 +194,10 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
     Raises:
         PageNotFoundError: unknown page. InvalidDeltaError: the write runs outside the page.
     """
-    state = _state_of(state, "write_page")
+    if type(state) is not MMSBState:
+        state = _state_of(state, "write_page")
     state._write(page_id, offset, data, source, False)
-    return Page(state, state._require(page_id, "write_page"))
+    return Page(state, page_id if type(page_id) is int else state._require(page_id, "write_page"))
 
 
 def query_page(state: MMSBState, page_id: int) -> bytes:

@@ -20,7 +20,7 @@ __all__ = [
     "Delta",
     "SPARSE_FRACTION",
     "as_bytes_array",
-    "diff_bytes",
+    "diff_write",
     "make_delta",
     "merge_deltas",
     "delta_byte_count",
@@ -77,12 +77,12 @@ class Delta:
     """
 
     __slots__ = ("id", "page_id", "base_epoch", "epoch", "lsn", "timestamp", "source",
-                 "page_size", "_idx", "_vals", "_data", "_mask")
+                 "page_size", "_idx", "_vals", "_data", "_mask", "_exact")
 
     def __init__(self, id: int, page_id: int, base_epoch: int, epoch: int, source: str,
                  page_size: int, idx: np.ndarray | None, vals: np.ndarray | None,
                  data: np.ndarray | None, mask: np.ndarray | None,
-                 lsn: int = 0, timestamp: int = 0) -> None:
+                 lsn: int = 0, timestamp: int = 0, exact: bool = False) -> None:
         self.id = id
         self.page_id = page_id
         self.base_epoch = base_epoch
@@ -94,6 +94,10 @@ class Delta:
         self._vals: Any = vals
         self._data: Any = data
         self._mask: Any = mask
+        # Dense only: _data holds the page's whole content after the delta, the unmasked
+        # positions being the bytes it had before. Applying it in log order is then one
+        # plain copy; applying it anywhere else must go through the mask.
+        self._exact = exact
         self.lsn = lsn
         self.timestamp = timestamp
 
@@ -144,8 +148,9 @@ class Delta:
             out = np.zeros(self.page_size, dtype=np.uint8)
             out[self._idx] = self._vals
             return out.tobytes()
-        assert self._data is not None
-        return self._data.tobytes()
+        if self._exact and self._mask is not None:
+            return np.where(self._mask, self._data, 0).astype(np.uint8).tobytes()
+        return bytes(self._data.tobytes())
 
     @property
     def count(self) -> int:
@@ -207,41 +212,64 @@ def make_delta(delta_id: int, page_id: int, base_epoch: int, page_size: int,
     return Delta(delta_id, page_id, base_epoch, epoch, source, page_size, None, None, data, mask)
 
 
-def diff_bytes(current: np.ndarray, new: np.ndarray) -> tuple[np.ndarray | None, int]:
-    """Compare two equal-length uint8 arrays.
+_SMALL = 1 << 16
 
-    Returns ``(ne, n)``: the bool array of differing positions and their number, or
-    ``(None, 0)`` when equal. O(len) in numpy.
+
+def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, offset: int,
+               new: np.ndarray, source: str, scratch: np.ndarray) -> Delta | None:
+    """The delta of writing ``new`` at ``offset`` into a page whose bytes are ``view``:
+    only the positions that differ. None when nothing differs. Copies what it keeps.
+
+    Cost: one compare of ``len(new)`` bytes, then O(changed bytes) for a sparse delta or
+    one copy of the page for a dense one. ``scratch`` (at least ``len(new)`` bytes when
+    that is over 64 KiB) holds the comparison of large writes.
     """
-    ne = current != new
-    n = int(np.count_nonzero(ne))
-    if n == 0:
-        return None, 0
-    return ne, n
-
-
-def delta_from_diff(delta_id: int, page_id: int, base_epoch: int, page_size: int,
-                    offset: int, new: np.ndarray, ne: np.ndarray, n: int, source: str) -> Delta:
-    """The delta of a write of ``new`` at ``offset`` whose differing positions are ``ne``
-    (relative to ``offset``, ``n`` of them). Copies what it keeps."""
-    if n * 4 <= page_size:
-        rel = np.flatnonzero(ne)
-        vals = new[rel]
-        idx = rel.astype(np.uint32)
-        if offset:
-            idx += np.uint32(offset)
-        return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, page_size, idx,
-                     vals, None, None)
-    if n == page_size:
-        return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, page_size, None,
-                     None, new.copy(), None)
-    data = np.zeros(page_size, dtype=np.uint8)
-    mask = np.zeros(page_size, dtype=bool)
-    end = offset + len(new)
-    mask[offset:end] = ne
-    np.copyto(data[offset:end], new, where=ne)
-    return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, page_size, None, None,
-                 data, mask)
+    size = len(view)
+    m = len(new)
+    cur = view if m == size else view[offset : offset + m]
+    if m <= _SMALL:
+        ne = cur != new
+        rel = ne.nonzero()[0]
+        n = len(rel)
+        if n == 0:
+            return None
+        if n * 4 <= size:
+            vals = new[rel]
+            if offset:
+                rel += offset
+            return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, rel, vals,
+                         None, None)
+    else:
+        x = np.bitwise_xor(cur, new, out=scratch[:m])
+        if x.all():
+            n, ne = m, None
+        else:
+            ne = x.astype(bool)
+            n = int(np.count_nonzero(ne))
+            if n == 0:
+                return None
+            if n * 4 <= size:
+                rel = ne.nonzero()[0]
+                vals = new[rel]
+                if offset:
+                    rel += offset
+                return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, rel,
+                             vals, None, None)
+    if n == size:
+        return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, None, None,
+                     new.copy(), None)
+    if m == size:
+        data = new.copy()
+    else:
+        data = view.copy()
+        data[offset : offset + m] = new
+    mask = np.zeros(size, dtype=bool)
+    if ne is None:
+        mask[offset : offset + m] = True
+    else:
+        mask[offset : offset + m] = ne
+    return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, None, None, data,
+                 mask, exact=True)
 
 
 def delta_from_mask(delta_id: int, page_id: int, base_epoch: int, page_size: int,
@@ -321,7 +349,7 @@ def apply_delta(view: np.ndarray, delta: Delta) -> None:
     writer and every replay uses. O(changed bytes) sparse, O(size) dense."""
     if delta._idx is not None:
         view[delta._idx] = delta._vals
-    elif delta._mask is None:
+    elif delta._mask is None or delta._exact:
         view[:] = delta._data
     else:
         np.copyto(view, delta._data, where=delta._mask)
@@ -330,7 +358,7 @@ def apply_delta(view: np.ndarray, delta: Delta) -> None:
 def apply_clipped(view: np.ndarray, delta: Delta) -> None:
     """Like :func:`apply_delta` for a delta built for another page size: positions past
     the shorter of the two are ignored."""
-    if delta.page_size == len(view):
+    if delta.page_size == len(view) and not delta._exact:
         apply_delta(view, delta)
         return
     n = min(len(view), delta.page_size)

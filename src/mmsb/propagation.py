@@ -11,7 +11,6 @@ metadata changes), GPU_SYNC edges ask for a device sync. Iterative: no recursion
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING
 
 from .delta import as_bytes_array
@@ -28,20 +27,34 @@ log = logging.getLogger("mmsb.propagation")
 
 
 def affected_order(state: MMSBState, sources: set[int], forced: frozenset[int] = frozenset()) -> list[int]:
-    """The sources' descendants, and the forced pages and theirs, in topological order
-    (Kahn's algorithm on the affected subgraph only; ties broken by id, so the order is
-    deterministic)."""
+    """The sources' descendants, and the forced pages and theirs, in topological order.
+
+    One breadth-first walk finds them; when no page is reached twice (chains, trees —
+    the common case) that walk's order is already topological. Otherwise Kahn's
+    algorithm runs on the affected subgraph only, ties broken by id. O(affected edges).
+    """
     children = state.graph.children
-    affected: set[int] = set(forced)
-    queue = deque(s for s in sources | forced if s in children)
-    while queue:
-        node = queue.popleft()
-        for c in children.get(node, ()):
-            if c not in affected:
-                affected.add(c)
+    order: list[int] = list(forced)
+    seen: dict[int, int] = dict.fromkeys(order, 0)
+    queue = [s for s in sources if s not in seen] + order
+    tree = True
+    i = 0
+    while i < len(queue):
+        node = queue[i]
+        i += 1
+        kids = children.get(node)
+        if not kids:
+            continue
+        for c in kids:
+            if c in seen:
+                tree = False
+            else:
+                seen[c] = 1
+                order.append(c)
                 queue.append(c)
-    if not affected:
-        return []
+    if tree or not order:
+        return order
+    affected = set(order)
     return [n for n in state.graph.topological_sort(affected | sources) if n in affected]
 
 

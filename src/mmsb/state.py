@@ -25,7 +25,7 @@ from .delta import (
     Delta,
     apply_delta,
     as_bytes_array,
-    delta_from_diff,
+    diff_write,
     union_mask,
 )
 from .device import cuda_unavailable_reason
@@ -56,7 +56,7 @@ from .log.records import (
 from .log.tlog import DeltaView, TransactionLog
 from .monitor import Counters
 from .store.arena import CHUNK_SHIFT, Arena
-from .store.page_table import LIVE, PageTable
+from .store.page_table import PageTable
 from .types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
 
 if TYPE_CHECKING:
@@ -236,6 +236,7 @@ class MMSBState:
         self.config = cfg
         self._lock = threading.RLock()
         self._arena = Arena()
+        self._scratch = np.empty(0, np.uint8)
         self._table = PageTable()
         self._log = TransactionLog()
         self.graph = ShadowPageGraph()
@@ -377,6 +378,11 @@ class MMSBState:
         log.horizon_lsn = max(log.horizon_lsn, lsn)
 
     # -- building and logging --------------------------------------------------------
+    @property
+    def _plain_log(self) -> bool:
+        """True when a delta can take the log's fast path (no sink, logging on)."""
+        return self._log.sink is None and self.config.enable_logging
+
     def _log_append(self, rec: AnyRecord) -> None:
         if self._batch is not None:
             self._batch.hold(self._log, rec)
@@ -585,16 +591,20 @@ class MMSBState:
 
         Cost: O(bytes written) to compare, O(changed bytes) to keep and apply.
         """
-        new = as_bytes_array(data)
+        t0 = time.perf_counter_ns()
+        if type(data) is np.ndarray and data.dtype == np.uint8 and data.ndim == 1:
+            new = data
+        else:
+            new = as_bytes_array(data)
         self._enter()
         try:
             t = self._table
-            if not (isinstance(page_id, int) and 0 < page_id < t.next_id and t.flags[page_id] & LIVE):
-                pid = self._require(page_id, "update_page" if whole else "write_page")
-            else:
+            if type(page_id) is int and 0 < page_id < t.next_id and t.flags[page_id]:
                 pid = page_id
-            size = int(t.size[pid])
-            view = self._arena.view(int(t.addr[pid]), size)
+            else:
+                pid = self._require(page_id, "update_page" if whole else "write_page")
+            size = t.size.item(pid)
+            view = self._arena.view(t.addr.item(pid), size)
             n_new = len(new)
             if whole:
                 if n_new != size:
@@ -602,28 +612,32 @@ class MMSBState:
                         f"data has {n_new} bytes but the page has {size}; update_page replaces "
                         "the whole page (use write_page for a part)", page_id=pid)
                 off = 0
-                cur = view
             else:
-                if isinstance(offset, bool) or not isinstance(offset, int | np.integer):
-                    raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
-                off = int(offset)
+                if type(offset) is not int:
+                    if isinstance(offset, bool) or not isinstance(offset, np.integer):
+                        raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
+                    offset = int(offset)
+                off = offset
                 if off < 0 or off + n_new > size:
                     raise InvalidDeltaError(
                         f"write of {n_new} bytes at offset {off} runs outside the page "
                         f"(size {size})", page_id=pid)
-                cur = view[off : off + n_new]
-            t0 = time.perf_counter_ns()
-            ne = cur != new
-            n = int(np.count_nonzero(ne))
-            if n == 0:
-                return False
-            if not isinstance(source, str):
+            if type(source) is not str:
                 raise InvalidArgumentError(f"source must be a str, not {type(source).__name__}")
-            d = delta_from_diff(self._new_delta_id(), pid, int(t.epoch[pid]), size, off, new,
-                                ne, n, source)
-            self._log_append(d)
+            if n_new > 1 << 16 and len(self._scratch) < n_new:
+                self._scratch = np.empty(n_new, np.uint8)
+            d = diff_write(self._next_delta_id, pid, t.epoch.item(pid), view, off, new, source,
+                           self._scratch)
+            if d is None:
+                return False
+            self._next_delta_id += 1
             if self._batch is not None:
+                self._log_append(d)
                 self._batch.save(view, d)
+            elif self._plain_log:
+                self._log.append_delta(d)
+            else:
+                self._log_append(d)
             apply_delta(view, d)
             t.epoch[pid] = d.epoch
             self._after_delta(d, t0)

@@ -34,7 +34,6 @@ class TransactionLog:
         """Called with each new record before it is kept (the write-ahead log)."""
         self.sink_many: Callable[[list[AnyRecord]], None] | None = None
         """Called with a batch's records in one go (group commit), when set."""
-        self.bytes_logged = 0
 
     @property
     def last_lsn(self) -> int:
@@ -61,6 +60,29 @@ class TransactionLog:
                 raise
         self.adopt(rec)
 
+    def append_delta(self, d: Delta) -> None:
+        """append() for a delta on a log without a sink: stamp and keep it. O(1)."""
+        lsn = self.next_lsn
+        ts = time.time_ns()
+        if ts < self.last_timestamp:
+            ts = self.last_timestamp
+        d.lsn = lsn
+        d.timestamp = ts
+        self.records.append(d)
+        self.deltas.append(d)
+        lst = self.by_page.get(d.page_id)
+        if lst is None:
+            self.by_page[d.page_id] = [d]
+        else:
+            lst.append(d)
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
+
+    @property
+    def bytes_logged(self) -> int:
+        """Payload memory of the retained deltas. O(deltas)."""
+        return sum(d.nbytes for d in self.deltas)
+
     def append_held(self, records: list[AnyRecord]) -> None:
         """Keep records stamped earlier by a batch: the sink sees them in one call
         (and may raise: then none is kept)."""
@@ -86,7 +108,6 @@ class TransactionLog:
                 self.by_page[rec.page_id] = [rec]
             else:
                 lst.append(rec)
-            self.bytes_logged += rec.nbytes
         elif isinstance(rec, Compacted):
             self.horizon_lsn = rec.lsn
 
@@ -95,7 +116,6 @@ class TransactionLog:
         self.records = []
         self.deltas = []
         self.by_page = {}
-        self.bytes_logged = 0
         for rec in records:
             self.adopt(rec)
 
