@@ -433,10 +433,10 @@ class MMSBState:
                 self._next_delta_id = rec.id + 1
         elif isinstance(rec, PageCreate):
             if rec.count == 1:
-                addrs = np.array([self._arena.alloc(rec.size)], dtype=np.int64)
+                t.add_row(rec.first_id, self._arena.alloc(rec.size), rec.size, rec.location)
             else:
-                addrs = self._arena.alloc_many(rec.count, rec.size)
-            t.add_rows(rec.first_id, addrs, rec.size, rec.location)
+                t.add_rows(rec.first_id, self._arena.alloc_many(rec.count, rec.size), rec.size,
+                           rec.location)
             if rec.metadata:
                 for pid in range(rec.first_id, rec.first_id + rec.count):
                     t.meta[pid] = dict(rec.metadata)
@@ -568,11 +568,17 @@ class MMSBState:
         return loc
 
     def _create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
-        size = self.config.page_size_default if size is None else check_size(size)
-        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
+        if size is None:
+            size = self.config.page_size_default
+        elif type(size) is not int or not 0 < size <= MAX_PAGE_SIZE:
+            size = check_size(size)
+        if type(count) is not int:
+            if isinstance(count, bool) or not isinstance(count, np.integer):
+                raise InvalidArgumentError(f"page count must be an int ≥ 0, not {count!r}")
+            count = int(count)
+        if count < 0:
             raise InvalidArgumentError(f"page count must be an int ≥ 0, not {count!r}")
-        count = int(count)
-        loc = self._check_location(location, size)
+        loc = PageLocation.CPU if location == "cpu" else self._check_location(location, size)
         meta = normalize_metadata(metadata) if metadata else None
         self._enter()
         try:

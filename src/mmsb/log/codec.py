@@ -238,19 +238,96 @@ def _decode_delta(r: _Reader, lsn: int, ts: int) -> Delta:
         vals = np.frombuffer(r.take(total), dtype=np.uint8).copy()
         if total:
             offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-            idx = (np.arange(total, dtype=np.int64) + offsets).astype(np.uint32)
+            idx = np.arange(total, dtype=np.intp) + offsets
         else:
-            idx = np.empty(0, np.uint32)
+            idx = np.empty(0, np.intp)
     elif enc == ENC_DENSE_FULL:
         data = np.frombuffer(r.take(size), dtype=np.uint8).copy()
     elif enc == ENC_DENSE_MASKED:
         packed = np.frombuffer(r.take((size + 7) // 8), dtype=np.uint8)
-        mask = np.unpackbits(packed, count=size).astype(bool)
+        mask = np.unpackbits(packed, count=size).view(bool)
         data = np.frombuffer(r.take(size), dtype=np.uint8).copy()
     else:
         raise r.fail(f"unknown delta encoding {enc}")
     r.done()
     return Delta(did, pid, base, epoch, source, size, idx, vals, data, mask, lsn=lsn, timestamp=ts)
+
+
+_DELTA_FIXED = struct.Struct("<BQqQQQQQH")
+_SOURCES: dict[bytes, str] = {}
+
+
+def _fast_delta(buf: memoryview) -> Delta | None:
+    """Decode a well-formed delta body with few Python steps; None on any doubt (the
+    checked decoder then reports exactly what is wrong)."""
+    end = len(buf)
+    if end < _DELTA_FIXED.size + 1:
+        return None
+    kind, lsn, ts, did, pid, base, epoch, size, slen = _DELTA_FIXED.unpack_from(buf, 0)
+    p = _DELTA_FIXED.size + slen
+    if kind != KIND_DELTA or not 0 < size <= MAX_PAGE_SIZE or epoch <= base or p + 1 > end:
+        return None
+    raw = bytes(buf[_DELTA_FIXED.size : p])
+    source = _SOURCES.get(raw)
+    if source is None:
+        try:
+            source = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if len(_SOURCES) < 1024:
+            _SOURCES[raw] = source
+    enc = buf[p]
+    p += 1
+    if enc == ENC_DENSE_FULL:
+        if end - p != size:
+            return None
+        data = np.frombuffer(buf, np.uint8, size, p).copy()
+        return Delta(did, pid, base, epoch, source, size, None, None, data, None, lsn, ts)
+    if enc == ENC_SPARSE_RUNS:
+        if end - p < 4:
+            return None
+        (nruns,) = _U32.unpack_from(buf, p)
+        p += 4
+        if end - p < nruns * 8:
+            return None
+        starts = np.frombuffer(buf, "<u4", nruns, p).astype(np.int64)
+        lengths = np.frombuffer(buf, "<u4", nruns, p + 4 * nruns).astype(np.int64)
+        p += 8 * nruns
+        total = int(lengths.sum())
+        if end - p != total:
+            return None
+        if nruns:
+            ends = starts + lengths
+            if (lengths == 0).any() or (ends[:-1] > starts[1:]).any() or ends[-1] > size:
+                return None
+        vals = np.frombuffer(buf, np.uint8, total, p).copy()
+        if nruns == 1:
+            idx = np.arange(starts[0], starts[0] + total, dtype=np.intp)
+        else:
+            offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+            idx = np.arange(total, dtype=np.intp) + offsets
+        return Delta(did, pid, base, epoch, source, size, idx, vals, None, None, lsn, ts)
+    if enc == ENC_DENSE_MASKED:
+        nbits = (size + 7) // 8
+        if end - p != nbits + size:
+            return None
+        mask = np.unpackbits(np.frombuffer(buf, np.uint8, nbits, p), count=size).view(bool)
+        data = np.frombuffer(buf, np.uint8, size, p + nbits).copy()
+        return Delta(did, pid, base, epoch, source, size, None, None, data, mask, lsn, ts)
+    return None
+
+
+_CREATE_FIXED = struct.Struct("<BQqQQQBI")
+
+
+def _fast_create(buf: memoryview) -> PageCreate | None:
+    """Decode a well-formed page-creation body without metadata; None on any doubt."""
+    if len(buf) != _CREATE_FIXED.size:
+        return None
+    _kind, lsn, ts, first, count, size, loc, n = _CREATE_FIXED.unpack_from(buf, 0)
+    if n or first < 1 or not 0 < count <= (1 << 40) or not 0 < size <= MAX_PAGE_SIZE or loc > 2:
+        return None
+    return PageCreate(first, count, size, loc, None, lsn=lsn, timestamp=ts)
 
 
 def decode_record(buf: bytes | memoryview, what: str = "record") -> AnyRecord:
@@ -259,6 +336,17 @@ def decode_record(buf: bytes | memoryview, what: str = "record") -> AnyRecord:
     Raises:
         SerializationError: anything malformed, with the offset.
     """
+    if not isinstance(buf, memoryview):
+        buf = memoryview(buf)
+    kind = buf[0] if len(buf) else 0
+    if kind == KIND_DELTA:
+        fast: AnyRecord | None = _fast_delta(buf)
+        if fast is not None:
+            return fast
+    elif kind == KIND_CREATE:
+        fast = _fast_create(buf)
+        if fast is not None:
+            return fast
     r = _Reader(buf, what)
     kind, lsn, ts = r.unpack(_HEAD)
     rec: AnyRecord

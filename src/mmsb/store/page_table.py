@@ -72,6 +72,18 @@ class PageTable:
         self.next_id = max(self.next_id, end)
         self.live_count += n
 
+    def add_row(self, page_id: int, addr: int, size: int, loc: int) -> None:
+        """Fill the row of one new page. O(1)."""
+        if page_id >= len(self.addr):
+            self.reserve(page_id + 1)
+        self.addr[page_id] = addr
+        self.size[page_id] = size
+        self.loc[page_id] = loc
+        self.flags[page_id] = LIVE
+        if page_id >= self.next_id:
+            self.next_id = page_id + 1
+        self.live_count += 1
+
     def drop_row(self, page_id: int) -> None:
         self.flags[page_id] = 0
         self.meta.pop(page_id, None)
