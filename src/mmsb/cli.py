@@ -55,11 +55,6 @@ class _Group(click.Group):
         except click.Abort:
             click.echo("mmsb: aborted", err=True)
             sys.exit(130)
-        except BrokenPipeError:
-            # The reader went away (``mmsb log … | head``): not an error of ours.
-            with contextlib.suppress(OSError):
-                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the exit flush
-            sys.exit(0)
         except MMSBError as exc:
             _fail(str(exc))
         except OSError as exc:
@@ -99,13 +94,26 @@ class _RangeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _PageType(click.ParamType):
+    name = "PAGE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            self.fail(f"{value!r} is not a page id (page ids are integers from 1)", param, ctx)
+        return int(text)
+
+
 TIME = _TimeType()
+PAGE = _PageType()
 _TIME_HELP = "ISO 8601 (2025-01-31T12:00:00Z; no zone means UTC) or integer nanoseconds"
 
 _path_arg = click.argument("path", type=click.Path(path_type=Path))
 _json_opt = click.option("--json", "as_json", is_flag=True,
                          help="Print one JSON document instead of tables (for scripts).")
-_page_arg = click.argument("page", type=click.IntRange(min=1))
+_page_arg = click.argument("page", type=PAGE)
 
 
 def _out() -> Console:
@@ -293,7 +301,7 @@ def inspect(path: Path, max_pages: int, as_json: bool) -> None:
 
 @main.command("log")
 @_path_arg
-@click.option("--page", type=click.IntRange(min=1), help="Only this page's deltas.")
+@click.option("--page", type=PAGE, help="Only this page's deltas.")
 @click.option("--source", help="Only deltas of this source (api, propagation, compressed …).")
 @click.option("--since", type=TIME, help=f"Only deltas at or after this time: {_TIME_HELP}.")
 @click.option("--until", type=TIME, help=f"Only deltas at or before this time: {_TIME_HELP}.")
@@ -582,4 +590,4 @@ def _attach_optional_commands() -> None:
 _attach_optional_commands()
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="mmsb")

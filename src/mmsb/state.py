@@ -805,13 +805,14 @@ class _BatchFrame:
     """What an open batch holds back: its stamped records (logged at the end, in one
     append) and the bytes and epochs its writes replaced (restored if it fails)."""
 
-    __slots__ = ("state", "records", "undo", "next_lsn", "last_ts", "next_delta_id",
-                 "queue_len", "pending")
+    __slots__ = ("state", "records", "undo", "scatters", "next_lsn", "last_ts",
+                 "next_delta_id", "queue_len", "pending")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
         self.records: list[AnyRecord] = []
         self.undo: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
+        self.scatters: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.next_lsn = state._log.next_lsn
         self.last_ts = state._log.last_timestamp
         self.next_delta_id = state._next_delta_id
@@ -824,6 +825,26 @@ class _BatchFrame:
         log.last_timestamp = rec.timestamp
         self.records.append(rec)
 
+    def hold_many(self, log: TransactionLog, deltas: list[Delta]) -> None:
+        """Stamp a run of deltas with consecutive LSNs and one timestamp, and hold them."""
+        lsn = log.next_lsn
+        ts = time.time_ns()
+        if ts < log.last_timestamp:
+            ts = log.last_timestamp
+        for d in deltas:
+            d.lsn = lsn
+            d.timestamp = ts
+            lsn += 1
+        log.next_lsn = lsn
+        log.last_timestamp = ts
+        self.records.extend(deltas)
+
+    def undo_scatter(self, chunk: int, offsets: np.ndarray, old: np.ndarray, pids: np.ndarray,
+                     epochs: np.ndarray) -> None:
+        """Remember a vectorised write: the bytes at ``offsets`` of arena chunk ``chunk``
+        and the epochs of ``pids`` before it."""
+        self.scatters.append((chunk, offsets, old, pids, epochs))
+
     def save(self, view: np.ndarray, d: Delta) -> None:
         """Remember what ``d`` is about to overwrite."""
         epoch = int(self.state._table.epoch[d.page_id])
@@ -835,6 +856,11 @@ class _BatchFrame:
     def rollback(self) -> None:
         st = self.state
         t = st._table
+        for chunk, offsets, old_bytes, pids, epochs in reversed(self.scatters):
+            buf = st._arena.chunk(chunk)
+            assert buf is not None
+            buf[offsets] = old_bytes
+            t.epoch[pids] = epochs
         for pid, epoch, idx, old in reversed(self.undo):
             view = st._arena.view(int(t.addr[pid]), int(t.size[pid]))
             if idx is None:

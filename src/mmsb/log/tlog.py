@@ -93,6 +93,20 @@ class TransactionLog:
         elif self.sink is not None:
             for rec in records:
                 self.sink(rec)
+        if all(type(r) is Delta for r in records):
+            self.records.extend(records)
+            self.deltas.extend(records)
+            by_page = self.by_page
+            for d in records:
+                lst = by_page.get(d.page_id)
+                if lst is None:
+                    by_page[d.page_id] = [d]
+                else:
+                    lst.append(d)
+            last = records[-1]
+            self.next_lsn = last.lsn + 1
+            self.last_timestamp = last.timestamp
+            return
         for rec in records:
             self.adopt(rec)
 
