@@ -128,7 +128,8 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
         log = state._log
         k = log.index_after_time(int(ns))
         lsn = log.records[k - 1].lsn if k else 0
-        if log.horizon_lsn and lsn < log.horizon_lsn:
+        at_horizon = k == 0 and state._base is not None and ns >= log.horizon_timestamp
+        if log.horizon_lsn and lsn < log.horizon_lsn and not at_horizon:
             raise HistoryUnavailableError(
                 f"time {ns} is before the oldest retained history (LSN {log.horizon_lsn})")
         records = log.records[:k]
@@ -146,13 +147,33 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
     with state._lock:
         state._require_history("epoch replay")
         t = state._table
+        origin = _origin(state) if state._base is not None else None
         pages = []
         for pid in t.live_ids().tolist():
             size = int(t.size[pid])
             buf = np.zeros(size, np.uint8)
-            applied = [d for d in state._log.by_page.get(pid, ()) if lo <= d.epoch <= hi]
+            retained = state._log.by_page.get(pid, ())
+            start = 0
+            if origin is not None and origin._table.is_live(pid):
+                # History before the horizon is the base image; it is usable only when
+                # the window starts at 0 and the page's base epoch lies inside it.
+                start = int(origin._table.epoch[pid])
+                if start and (lo > 0 or start > hi):
+                    raise HistoryUnavailableError(
+                        f"page {pid}: epochs up to {start} are before the oldest retained "
+                        f"history (LSN {state._log.horizon_lsn})")
+                if start:
+                    apply_clipped(buf, _image_delta(origin, pid))
+            for d in retained:
+                if d.base_epoch + 1 < lo <= d.epoch or d.base_epoch < hi < d.epoch:
+                    raise HistoryUnavailableError(
+                        f"page {pid}: epochs {d.base_epoch}..{d.epoch} were merged into one "
+                        f"delta ({d.source}), so the cut at {lo}..{hi} is not in the history")
+            applied = [d for d in retained if lo <= d.epoch <= hi and d.epoch > start]
             for d in applied:
                 apply_clipped(buf, d)
+            if start and origin is not None:
+                applied = [_image_delta(origin, pid), *applied]
             pages.append((pid, size, int(t.loc[pid]), t.meta.get(pid), buf, applied))
         next_id = t.next_id
         edges = state.graph.edges()
@@ -168,6 +189,14 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
     if new._table.next_id < next_id:
         new._commit(Compacted(next_id))
     return new
+
+
+def _image_delta(origin: MMSBState, pid: int) -> Delta:
+    """A page of the replay base as one delta from zero (its bytes and epoch)."""
+    view = origin._page_view(pid)
+    idx = np.flatnonzero(origin._page_mask(pid) | (view != 0))
+    return make_delta(0, pid, 0, len(view), idx, view[idx], "base",
+                      epoch=max(int(origin._table.epoch[pid]), 1))
 
 
 def replay_to_epoch(state: MMSBState, epoch: int) -> MMSBState:

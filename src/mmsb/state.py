@@ -374,6 +374,8 @@ class MMSBState:
             return
         dropped = log.records[:k]
         self._fold_masks({r.page_id for r in dropped if isinstance(r, Delta)}, lsn)
+        if dropped:
+            log.horizon_timestamp = dropped[-1].timestamp
         log.replace_all(log.records[k:])
         log.horizon_lsn = max(log.horizon_lsn, lsn)
 

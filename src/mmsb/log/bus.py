@@ -191,10 +191,12 @@ class DurableBus:
             self.last_ckpt_time = time.monotonic()
             log.warning("automatic checkpoint of %s failed: %s", self.root, exc)
 
-    def checkpoint(self, state: MMSBState) -> Path:
+    def checkpoint(self, state: MMSBState, *, evict: bool = True) -> Path:
         """Write checkpoint generation+1 (caller holds the state's lock), start its log
         segment, then drop what it makes redundant: older generations' segments and
-        checkpoints beyond ``retain_checkpoints``."""
+        checkpoints beyond ``retain_checkpoints``. ``evict=False`` (the checkpoints of
+        stop and recovery) keeps every retained checkpoint, so closing and reopening a
+        bus never shortens its history; the next regular checkpoint evicts."""
         if self.failed is not None:
             raise DurabilityError(f"the bus at {self.root} failed earlier ({self.failed}); "
                                   "no checkpoint is written")
@@ -205,7 +207,7 @@ class DurableBus:
         keep = self.config.retain_checkpoints
         kept = [] if full else list(self.retained)
         kept.append(_Ckpt(gen, lsn, 0 if full else self.ckpt_lsn, self.ckpt_dir / _ckpt_name(gen)))
-        if keep is not None and len(kept) > keep:
+        if keep is not None and len(kept) > keep and evict:
             kept = kept[-keep:]
         # History older than the oldest kept checkpoint leaves memory first, so that
         # the new file's masks and log describe exactly what recovery will rebuild.
@@ -282,7 +284,7 @@ class DurableBus:
             return
         try:
             if self.failed is None and (self.records_since_ckpt or self.generation == 0):
-                self.checkpoint(state)
+                self.checkpoint(state, evict=False)
         finally:
             self._stop.set()
             if self._syncer is not None:
@@ -499,9 +501,15 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             if not bus.read_only:
                 _unlink(p)  # covered by a checkpoint already
         elif g > bus.generation:
-            bus.recovery_notes.append(f"{p.name}: generation {g} is newer than the newest "
-                                      "checkpoint; not replayed")
-            log.warning("ignoring log segment %s: no checkpoint of its generation", p)
+            note = f"{p.name}: generation {g} is newer than the newest checkpoint; not replayed"
+            if not bus.read_only:
+                # Set aside under a name no generation uses, so it can never be replayed
+                # or collide with a segment this bus writes later.
+                aside = p.with_name(p.name + ".stale")
+                os.replace(p, aside)
+                note += f" (kept as {aside.name})"
+            bus.recovery_notes.append(note)
+            log.warning("recovery of %s: %s", bus.root, note)
         else:
             segs.append((seq, p))
     segs.sort()
@@ -558,7 +566,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         if bus.generation == 0 and not replayed and not damaged:
             bus.reset_chain = True
         bus.records_since_ckpt = replayed
-        bus.checkpoint(state)
+        bus.checkpoint(state, evict=False)
     else:
         with bus.io_lock:
             bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),

@@ -22,6 +22,7 @@ import struct
 import tempfile
 import time
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -40,7 +41,7 @@ from .codec import (
     decode_metadata,
     decode_record,
     encode_metadata,
-    encode_record,
+    record_parts,
 )
 from .records import AnyRecord
 
@@ -122,10 +123,45 @@ def _section_header(tag: bytes, codec: int, raw_len: int, stored_len: int, crc: 
     return head + _U32.pack(crc32c(head))
 
 
-def _write_small(f: BinaryIO, tag: bytes, raw: bytes, cctx: zstandard.ZstdCompressor) -> None:
-    stored = cctx.compress(raw)
-    f.write(_section_header(tag, CODEC_ZSTD, len(raw), len(stored), crc32c(stored)))
-    f.write(stored)
+_SAMPLE = 1 << 20
+
+
+def _write_section(f: BinaryIO, tag: bytes, chunks: Iterable[Any],
+                   cctx: zstandard.ZstdCompressor) -> None:
+    """Stream ``chunks`` (buffers) into one section. The codec is chosen from a sample
+    of the first MiB: zstd when it saves at least a tenth, raw otherwise (random bytes
+    would only cost compression time). The header is written last, in place."""
+    it = iter(chunks)
+    sample: list[Any] = []
+    sampled = 0
+    for chunk in it:
+        sample.append(chunk)
+        sampled += memoryview(chunk).nbytes
+        if sampled >= _SAMPLE:
+            break
+    head = b"".join(sample)
+    codec = CODEC_RAW
+    if head and len(cctx.compress(head[:_SAMPLE])) < 0.9 * min(len(head), _SAMPLE):
+        codec = CODEC_ZSTD
+    head_pos = f.tell()
+    f.write(b"\0" * _SECTION_SIZE)
+    cw: Any = _CrcWriter(f)
+    raw_len = 0
+    if codec == CODEC_ZSTD:
+        with cctx.stream_writer(cw, closefd=False, write_return_read=True) as zw:
+            zw.write(head)
+            raw_len += len(head)
+            for chunk in it:
+                raw_len += zw.write(chunk)
+    else:
+        cw.write(head)
+        raw_len += len(head)
+        for chunk in it:
+            raw_len += cw.write(chunk)
+    end_pos = f.tell()
+    f.seek(head_pos)
+    f.write(_section_header(tag, codec, raw_len, cw.n, cw.crc))
+    f.seek(end_pos)
 
 
 def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
@@ -146,13 +182,21 @@ def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(run_addr.tolist(), run_len.tolist(), strict=True))
 
 
-def _encode_log(records: list[AnyRecord]) -> bytes:
-    parts: list[bytes] = []
+def _log_chunks(records: list[AnyRecord]) -> Iterator[Any]:
+    """Records framed as ``len u32 | body``, as buffers; small ones grouped."""
+    pending: list[Any] = []
+    pending_n = 0
     for rec in records:
-        body = encode_record(rec)
-        parts.append(_U32.pack(len(body)))
-        parts.append(body)
-    return b"".join(parts)
+        parts = record_parts(rec)
+        n = sum(memoryview(p).nbytes for p in parts)
+        pending.append(_U32.pack(n))
+        pending.extend(parts)
+        pending_n += n
+        if pending_n >= 1 << 16:
+            yield b"".join(pending)
+            pending, pending_n = [], 0
+    if pending:
+        yield b"".join(pending)
 
 
 def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
@@ -168,6 +212,7 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
         "format": "mmsb-checkpoint",
         "pages": int(ids.size),
         "horizon_lsn": log.horizon_lsn,
+        "horizon_timestamp": log.horizon_timestamp,
         "last_timestamp": log.last_timestamp,
         "written_ns": time.time_ns(),
         "metadata": {str(pid): t.meta[pid] for pid in ids.tolist() if pid in t.meta},
@@ -175,36 +220,26 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
     }
     if bus is not None:
         meta["bus"] = bus
-    _write_small(f, b"META", msgpack.packb(meta, use_bin_type=True), cctx)
-    table = b"".join([ids.astype("<i8").tobytes(), t.size[ids].astype("<i8").tobytes(),
-                      t.epoch[ids].astype("<i8").tobytes(), t.loc[ids].astype("u1").tobytes()])
-    _write_small(f, b"PTBL", table, cctx)
-    # Page bytes: streamed through zstd straight from the arena, no gathered copy.
-    raw_len = int(t.size[ids].sum()) if ids.size else 0
-    head_pos = f.tell()
-    f.write(b"\0" * _SECTION_SIZE)
-    cw: Any = _CrcWriter(f)
-    with cctx.stream_writer(cw, size=raw_len, closefd=False, write_return_read=True) as zw:
-        for addr, length in _page_runs(state, ids):
-            zw.write(state._arena.view(addr, length).data)
-    end_pos = f.tell()
-    f.seek(head_pos)
-    f.write(_section_header(b"PDAT", CODEC_ZSTD, raw_len, cw.n, cw.crc))
-    f.seek(end_pos)
+    _write_section(f, b"META", [msgpack.packb(meta, use_bin_type=True)], cctx)
+    table = [ids.astype("<i8").data, t.size[ids].astype("<i8").data,
+             t.epoch[ids].astype("<i8").data, t.loc[ids].astype("u1").data]
+    _write_section(f, b"PTBL", table, cctx)
+    # Page bytes go straight from the arena to the file: no gathered copy.
+    _write_section(f, b"PDAT", (state._arena.view(addr, length).data
+                                for addr, length in _page_runs(state, ids)), cctx)
     masks = [[pid, as_of, len(m), np.packbits(m).tobytes()]
              for pid, (m, as_of) in sorted(state._mask_base.items())]
-    _write_small(f, b"MASK", msgpack.packb(masks, use_bin_type=True), cctx)
+    _write_section(f, b"MASK", [msgpack.packb(masks, use_bin_type=True)], cctx)
     edges = state.graph.edges()
-    graph = b"".join([np.array([e[0] for e in edges], "<i8").tobytes(),
-                      np.array([e[1] for e in edges], "<i8").tobytes(),
-                      np.array([int(e[2]) for e in edges], "u1").tobytes()])
-    _write_small(f, b"GRPH", _U32.pack(len(edges)) + graph, cctx)
+    graph = [_U32.pack(len(edges)), np.array([e[0] for e in edges], "<i8").data,
+             np.array([e[1] for e in edges], "<i8").data,
+             np.array([int(e[2]) for e in edges], "u1").data]
+    _write_section(f, b"GRPH", graph, cctx)
     records = log.records
     if from_lsn:
         records = records[log.index_after_lsn(from_lsn):]
-    _write_small(f, b"TLOG", _encode_log(records), cctx)
-    f.write(_section_header(b"BASE", CODEC_RAW, len(base), len(base), crc32c(base)))
-    f.write(base)
+    _write_section(f, b"TLOG", _log_chunks(records), cctx)
+    _write_section(f, b"BASE", [base] if base else [], cctx)
     before_footer = f.tell()
     footer = _FOOTER.pack(END_MAGIC, before_footer)
     f.write(footer + _U32.pack(crc32c(footer)) + _U32.pack(0))
@@ -333,7 +368,7 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
     if fmagic != END_MAGIC or crc32c(buf[fpos : fpos + 16]) != fcrc or before != fpos or fzero:
         raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
     pos = _HEADER_SIZE
-    sections: dict[bytes, bytes] = {}
+    sections: dict[bytes, Any] = {}
     for tag_expected in _TAGS:
         if fpos - pos < _SECTION_SIZE:
             raise fail("section header runs past the end (truncated)", pos)
@@ -360,17 +395,17 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
         else:
             if stored_len != raw_len:
                 raise sec_err("stored and raw lengths differ for raw data")
-            sections[tag] = bytes(stored)
+            sections[tag] = stored
         pos = data_pos + stored_len
     if pos != fpos:
         raise fail(f"{fpos - pos} unexpected bytes before the end marker", pos)
     return _decode_sections(sections, lsn, next_page_id, next_delta_id, fail)
 
 
-def _decode_sections(sec: dict[bytes, bytes], lsn: int, next_page_id: int, next_delta_id: int,
+def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_delta_id: int,
                      fail: Any) -> CheckpointData:
     try:
-        meta = msgpack.unpackb(sec[b"META"], raw=False, strict_map_key=False, max_ext_len=0)
+        meta = msgpack.unpackb(bytes(sec[b"META"]), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
         raise fail(f"section META is not valid msgpack ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
@@ -407,7 +442,7 @@ def _decode_sections(sec: dict[bytes, bytes], lsn: int, next_page_id: int, next_
     size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     masks: dict[int, tuple[np.ndarray, int]] = {}
     try:
-        mask_rows = msgpack.unpackb(sec[b"MASK"], raw=False, strict_map_key=False, max_ext_len=0)
+        mask_rows = msgpack.unpackb(bytes(sec[b"MASK"]), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
         raise fail(f"section MASK is not valid msgpack ({exc})") from None
     if not isinstance(mask_rows, list):
@@ -459,7 +494,7 @@ def _decode_sections(sec: dict[bytes, bytes], lsn: int, next_page_id: int, next_
     if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
                                 and isinstance(bus.get("generation"), int)):
         raise fail("section META has a malformed bus identity")
-    base = sec[b"BASE"]
+    base = bytes(sec[b"BASE"])
     if base and not base.startswith(MAGIC):
         raise fail("section BASE does not hold a checkpoint")
     return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
@@ -535,6 +570,8 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     log.next_lsn = ck.lsn + 1
     log.last_timestamp = max(log.last_timestamp, ck.last_timestamp)
     log.horizon_lsn = ck.horizon_lsn
+    ht = ck.info.get("horizon_timestamp", 0)
+    log.horizon_timestamp = ht if isinstance(ht, int) else 0
     fresh._next_delta_id = ck.next_delta_id
     if ck.base:
         fresh._base = ck.base

@@ -34,6 +34,7 @@ from .records import (
 __all__ = [
     "crc32c",
     "encode_record",
+    "record_parts",
     "decode_record",
     "encode_metadata",
     "decode_metadata",
@@ -113,32 +114,40 @@ def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts.astype("<u4"), (ends - starts).astype("<u4")
 
 
-def _encode_delta_payload(d: Delta) -> list[bytes]:
+def _encode_delta_payload(d: Delta) -> list[Any]:
     src = d.source.encode("utf-8")
     if len(src) > 0xFFFF:
         raise SerializationError("delta source name longer than 65535 bytes")
-    parts = [_DELTA.pack(d.id, d.page_id, d.base_epoch, d.epoch, d.page_size),
-             _U16.pack(len(src)), src]
+    parts: list[Any] = [_DELTA.pack(d.id, d.page_id, d.base_epoch, d.epoch, d.page_size),
+                        _U16.pack(len(src)), src]
     if d._idx is not None:
         assert d._vals is not None
         starts, lengths = _runs(d._idx)
-        parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.tobytes(),
-                  lengths.tobytes(), d._vals.tobytes()]
+        parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.data,
+                  lengths.data, np.ascontiguousarray(d._vals).data]
     elif d._mask is None:
         assert d._data is not None
-        parts += [bytes([ENC_DENSE_FULL]), d._data.tobytes()]
+        parts += [bytes([ENC_DENSE_FULL]), np.ascontiguousarray(d._data).data]
     else:
         assert d._data is not None
-        data = np.where(d._mask, d._data, 0).astype(np.uint8)
-        parts += [bytes([ENC_DENSE_MASKED]), np.packbits(d._mask).tobytes(), data.tobytes()]
+        data = np.where(d._mask, d._data, 0).astype(np.uint8) if d._exact else d._data
+        parts += [bytes([ENC_DENSE_MASKED]), np.packbits(d._mask).data,
+                  np.ascontiguousarray(data).data]
     return parts
+
+
+def record_parts(rec: AnyRecord) -> list[Any]:
+    """The body of one record as buffers to write one after another (no joined copy of
+    large payloads)."""
+    if isinstance(rec, Delta):
+        return [_HEAD.pack(KIND_DELTA, rec.lsn, rec.timestamp), *_encode_delta_payload(rec)]
+    return [encode_record(rec)]
 
 
 def encode_record(rec: AnyRecord) -> bytes:
     """The body of one record: ``kind u8 | lsn u64 | timestamp i64 | payload``."""
     if isinstance(rec, Delta):
-        return b"".join([_HEAD.pack(KIND_DELTA, rec.lsn, rec.timestamp),
-                         *_encode_delta_payload(rec)])
+        return b"".join(record_parts(rec))
     if isinstance(rec, PageCreate):
         meta = encode_metadata(rec.metadata)
         body = _CREATE.pack(rec.first_id, rec.count, rec.size, rec.location) + _U32.pack(len(meta)) + meta

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import overload
+from typing import cast, overload
 
 from ..delta import Delta
 from .records import AnyRecord, Compacted
@@ -30,6 +30,8 @@ class TransactionLog:
         self.last_timestamp = 0
         self.horizon_lsn = 0
         """Replays can target LSNs ≥ this (0: the whole history is here)."""
+        self.horizon_timestamp = 0
+        """Timestamp of the record at the horizon (when history was trimmed there)."""
         self.sink: Sink | None = None
         """Called with each new record before it is kept (the write-ahead log)."""
         self.sink_many: Callable[[list[AnyRecord]], None] | None = None
@@ -94,10 +96,11 @@ class TransactionLog:
             for rec in records:
                 self.sink(rec)
         if all(type(r) is Delta for r in records):
-            self.records.extend(records)
-            self.deltas.extend(records)
+            deltas = cast(list[Delta], records)
+            self.records.extend(deltas)
+            self.deltas.extend(deltas)
             by_page = self.by_page
-            for d in records:
+            for d in deltas:
                 lst = by_page.get(d.page_id)
                 if lst is None:
                     by_page[d.page_id] = [d]
