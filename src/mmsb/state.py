@@ -683,7 +683,11 @@ class MMSBState:
             view = self._arena.view(int(t.addr[pid]), size)
             if self._batch is not None:
                 self._batch.save(view, d)
-            apply_delta(view, d)
+            if d._exact:
+                # Built on another copy of the page: only its mask says what to write.
+                np.copyto(view, d._data, where=d._mask)
+            else:
+                apply_delta(view, d)
             t.epoch[pid] = d.epoch
             self._after_delta(d, t0)
         finally:

@@ -129,19 +129,27 @@ _SAMPLE = 1 << 20
 def _write_section(f: BinaryIO, tag: bytes, chunks: Iterable[Any],
                    cctx: zstandard.ZstdCompressor) -> None:
     """Stream ``chunks`` (buffers) into one section. The codec is chosen from a sample
-    of the first MiB: zstd when it saves at least a tenth, raw otherwise (random bytes
+    of the first MiB: zstd when it saves at least a fifth, raw otherwise (random bytes
     would only cost compression time). The header is written last, in place."""
     it = iter(chunks)
-    sample: list[Any] = []
+    sample: list[memoryview] = []
     sampled = 0
     for chunk in it:
-        sample.append(chunk)
-        sampled += memoryview(chunk).nbytes
+        view = memoryview(chunk).cast("B")
+        sample.append(view)
+        sampled += view.nbytes
         if sampled >= _SAMPLE:
             break
-    head = b"".join(sample)
+    probe_parts = []
+    need = _SAMPLE
+    for view in sample:
+        if need <= 0:
+            break
+        probe_parts.append(view[:need])
+        need -= view.nbytes
+    probe = b"".join(probe_parts)
     codec = CODEC_RAW
-    if head and len(cctx.compress(head[:_SAMPLE])) < 0.9 * min(len(head), _SAMPLE):
+    if probe and len(cctx.compress(probe)) < 0.8 * len(probe):
         codec = CODEC_ZSTD
     head_pos = f.tell()
     f.write(b"\0" * _SECTION_SIZE)
@@ -149,13 +157,13 @@ def _write_section(f: BinaryIO, tag: bytes, chunks: Iterable[Any],
     raw_len = 0
     if codec == CODEC_ZSTD:
         with cctx.stream_writer(cw, closefd=False, write_return_read=True) as zw:
-            zw.write(head)
-            raw_len += len(head)
+            for view in sample:
+                raw_len += zw.write(view)
             for chunk in it:
                 raw_len += zw.write(chunk)
     else:
-        cw.write(head)
-        raw_len += len(head)
+        for view in sample:
+            raw_len += cw.write(view)
         for chunk in it:
             raw_len += cw.write(chunk)
     end_pos = f.tell()
@@ -183,15 +191,22 @@ def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _log_chunks(records: list[AnyRecord]) -> Iterator[Any]:
-    """Records framed as ``len u32 | body``, as buffers; small ones grouped."""
+    """Records framed as ``len u32 | body``, as buffers: small pieces are grouped, large
+    payloads are passed through without a copy."""
     pending: list[Any] = []
     pending_n = 0
     for rec in records:
         parts = record_parts(rec)
-        n = sum(memoryview(p).nbytes for p in parts)
-        pending.append(_U32.pack(n))
-        pending.extend(parts)
-        pending_n += n
+        sizes = [memoryview(p).nbytes for p in parts]
+        pending.append(_U32.pack(sum(sizes)))
+        for part, n in zip(parts, sizes, strict=True):
+            if n >= 1 << 16:
+                yield b"".join(pending)
+                pending, pending_n = [], 0
+                yield part
+            else:
+                pending.append(part)
+                pending_n += n
         if pending_n >= 1 << 16:
             yield b"".join(pending)
             pending, pending_n = [], 0

@@ -62,6 +62,7 @@ KIND_COMPACTED = 10
 ENC_SPARSE_RUNS = 0
 ENC_DENSE_FULL = 1
 ENC_DENSE_MASKED = 2
+ENC_DENSE_EXACT = 3
 
 _HEAD = struct.Struct("<BQq")
 _DELTA = struct.Struct("<QQQQQ")
@@ -130,9 +131,8 @@ def _encode_delta_payload(d: Delta) -> list[Any]:
         parts += [bytes([ENC_DENSE_FULL]), np.ascontiguousarray(d._data).data]
     else:
         assert d._data is not None
-        data = np.where(d._mask, d._data, 0).astype(np.uint8) if d._exact else d._data
-        parts += [bytes([ENC_DENSE_MASKED]), np.packbits(d._mask).data,
-                  np.ascontiguousarray(data).data]
+        enc = ENC_DENSE_EXACT if d._exact else ENC_DENSE_MASKED
+        parts += [bytes([enc]), np.packbits(d._mask).data, np.ascontiguousarray(d._data).data]
     return parts
 
 
@@ -252,14 +252,17 @@ def _decode_delta(r: _Reader, lsn: int, ts: int) -> Delta:
             idx = np.empty(0, np.intp)
     elif enc == ENC_DENSE_FULL:
         data = np.frombuffer(r.take(size), dtype=np.uint8).copy()
-    elif enc == ENC_DENSE_MASKED:
+    elif enc in (ENC_DENSE_MASKED, ENC_DENSE_EXACT):
         packed = np.frombuffer(r.take((size + 7) // 8), dtype=np.uint8)
         mask = np.unpackbits(packed, count=size).view(bool)
         data = np.frombuffer(r.take(size), dtype=np.uint8).copy()
+        if enc == ENC_DENSE_MASKED and (data[~mask] != 0).any():
+            raise r.fail("a masked delta has bytes outside its mask")
     else:
         raise r.fail(f"unknown delta encoding {enc}")
     r.done()
-    return Delta(did, pid, base, epoch, source, size, idx, vals, data, mask, lsn=lsn, timestamp=ts)
+    return Delta(did, pid, base, epoch, source, size, idx, vals, data, mask, lsn=lsn, timestamp=ts,
+                 exact=enc == ENC_DENSE_EXACT)
 
 
 _DELTA_FIXED = struct.Struct("<BQqQQQQQH")
@@ -316,13 +319,16 @@ def _fast_delta(buf: memoryview) -> Delta | None:
             offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
             idx = np.arange(total, dtype=np.intp) + offsets
         return Delta(did, pid, base, epoch, source, size, idx, vals, None, None, lsn, ts)
-    if enc == ENC_DENSE_MASKED:
+    if enc == ENC_DENSE_MASKED or enc == ENC_DENSE_EXACT:
         nbits = (size + 7) // 8
         if end - p != nbits + size:
             return None
         mask = np.unpackbits(np.frombuffer(buf, np.uint8, nbits, p), count=size).view(bool)
         data = np.frombuffer(buf, np.uint8, size, p + nbits).copy()
-        return Delta(did, pid, base, epoch, source, size, None, None, data, mask, lsn, ts)
+        if enc == ENC_DENSE_MASKED and (data[~mask] != 0).any():
+            return None
+        return Delta(did, pid, base, epoch, source, size, None, None, data, mask, lsn, ts,
+                     exact=enc == ENC_DENSE_EXACT)
     return None
 
 
