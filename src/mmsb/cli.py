@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -573,11 +574,15 @@ def metrics(path: Path, port: int | None, host: str, once: bool) -> None:
     server = serve_metrics(_Reloading(path, src), port, host, bus_path=bus_path, activity=False)
     _err().print(f"serving metrics of {path} at http://{server.host}:{server.port}/metrics "
                  "(Ctrl-C stops)")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
     try:
-        threading.Event().wait()
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.close()
 
 

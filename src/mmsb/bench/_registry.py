@@ -36,6 +36,7 @@ CATEGORIES: tuple[str, ...] = (
     "replay",
     "stress",
     "batch",
+    "durable",
     "memory",
     "gpu",
     "peers",
@@ -45,6 +46,7 @@ CATEGORIES: tuple[str, ...] = (
 _CASE_MODULES: tuple[str, ...] = (
     "mmsb.bench.cases_core",
     "mmsb.bench.cases_io",
+    "mmsb.bench.cases_durable",
     "mmsb.bench.cases_memory",
     "mmsb.bench.cases_gpu",
     "mmsb.bench.cases_peers",

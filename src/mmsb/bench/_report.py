@@ -82,6 +82,10 @@ def _headline(metrics: Mapping[str, Any]) -> str:
         parts.append(f"{metrics['file_mb_per_s']:.0f} MB/s")
     if "storage_bytes" in metrics:
         parts.append(f"history {fmt_bytes(metrics['storage_bytes'])}")
+    if "records_per_s" in metrics:
+        parts.append(f"{fmt_rate(metrics['records_per_s'])} records")
+    if "mb_per_s" in metrics:
+        parts.append(f"{metrics['mb_per_s']:.3g} MB/s")
     if "source" in metrics:
         parts.append(str(metrics["source"]))
     return "; ".join(parts)

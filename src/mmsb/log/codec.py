@@ -73,6 +73,8 @@ _QB = struct.Struct("<QB")
 _QQB = struct.Struct("<QQB")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+_ONE_RUN = struct.Struct("<BIII")
+_TWO_U32 = struct.Struct("<II")
 
 _DELTA_MAGIC = b"MMSD"
 _DELTA_VERSION = 1
@@ -122,10 +124,16 @@ def _encode_delta_payload(d: Delta) -> list[Any]:
     parts: list[Any] = [_DELTA.pack(d.id, d.page_id, d.base_epoch, d.epoch, d.page_size),
                         _U16.pack(len(src)), src]
     if d._idx is not None:
-        assert d._vals is not None
-        starts, lengths = _runs(d._idx)
-        parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.data,
-                  lengths.data, np.ascontiguousarray(d._vals).data]
+        idx = d._idx
+        n = len(idx)
+        vals = np.ascontiguousarray(d._vals).data
+        if n and int(idx[-1]) - int(idx[0]) + 1 == n:
+            # One contiguous run, the common shape of a small write.
+            parts += [_ONE_RUN.pack(ENC_SPARSE_RUNS, 1, int(idx[0]), n), vals]
+        else:
+            starts, lengths = _runs(idx)
+            parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.data,
+                      lengths.data, vals]
     elif d._mask is None:
         assert d._data is not None
         parts += [bytes([ENC_DENSE_FULL]), np.ascontiguousarray(d._data).data]
@@ -302,6 +310,14 @@ def _fast_delta(buf: memoryview) -> Delta | None:
         p += 4
         if end - p < nruns * 8:
             return None
+        if nruns == 1:
+            start, length = _TWO_U32.unpack_from(buf, p)
+            p += 8
+            if length == 0 or start + length > size or end - p != length:
+                return None
+            vals = np.frombuffer(buf, np.uint8, length, p).copy()
+            idx = np.arange(start, start + length, dtype=np.intp)
+            return Delta(did, pid, base, epoch, source, size, idx, vals, None, None, lsn, ts)
         starts = np.frombuffer(buf, "<u4", nruns, p).astype(np.int64)
         lengths = np.frombuffer(buf, "<u4", nruns, p + 4 * nruns).astype(np.int64)
         p += 8 * nruns
@@ -313,11 +329,8 @@ def _fast_delta(buf: memoryview) -> Delta | None:
             if (lengths == 0).any() or (ends[:-1] > starts[1:]).any() or ends[-1] > size:
                 return None
         vals = np.frombuffer(buf, np.uint8, total, p).copy()
-        if nruns == 1:
-            idx = np.arange(starts[0], starts[0] + total, dtype=np.intp)
-        else:
-            offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-            idx = np.arange(total, dtype=np.intp) + offsets
+        offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        idx = np.arange(total, dtype=np.intp) + offsets
         return Delta(did, pid, base, epoch, source, size, idx, vals, None, None, lsn, ts)
     if enc == ENC_DENSE_MASKED or enc == ENC_DENSE_EXACT:
         nbits = (size + 7) // 8
