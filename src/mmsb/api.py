@@ -742,8 +742,8 @@ def get_stats(state: MMSBState) -> MMSBStats:
         carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
         da50, da90, da99 = c.delta_apply.percentiles()
         pr50, pr90, pr99 = c.propagation.percentiles()
-        la50, _la90, la99 = c.log_append.percentiles()
-        ck50, _ck90, _ck99 = c.checkpoint.percentiles()
+        la50, la90, la99 = c.log_append.percentiles()
+        ck50, ck90, ck99 = c.checkpoint.percentiles()
         g = state.graph
         return MMSBStats(
             total_pages=int(live.size), cpu_pages=int(locs[0]), gpu_pages=int(locs[1]),
@@ -759,11 +759,13 @@ def get_stats(state: MMSBState) -> MMSBStats:
             delta_apply_max_ns=c.delta_apply.max_ns,
             propagation_p50_ns=pr50, propagation_p90_ns=pr90, propagation_p99_ns=pr99,
             propagation_max_ns=c.propagation.max_ns,
-            log_append_count=c.log_append.count, log_append_p50_ns=la50, log_append_p99_ns=la99,
-            checkpoint_count=c.checkpoint.count, checkpoint_p50_ns=ck50,
-            checkpoint_max_ns=c.checkpoint.max_ns,
+            log_append_count=c.log_append.count, log_append_p50_ns=la50,
+            log_append_p90_ns=la90, log_append_p99_ns=la99, log_append_max_ns=c.log_append.max_ns,
+            checkpoint_count=c.checkpoint.count, checkpoint_p50_ns=ck50, checkpoint_p90_ns=ck90,
+            checkpoint_p99_ns=ck99, checkpoint_max_ns=c.checkpoint.max_ns,
             log_records=len(state._log.records), log_bytes=state._log.bytes_logged,
             last_lsn=state._log.last_lsn, records_logged=c.records_logged,
+            payload_bytes_logged=c.payload_bytes_logged,
             events_emitted=state._events.emitted, handler_errors=state._events.handler_errors,
             torn_tails_recovered=c.torn_tails_recovered,
             arena_bytes_in_use=a.bytes_in_use, arena_bytes_free=a.bytes_free_listed,

@@ -3,6 +3,7 @@ one propagation pass and one event burst at the end."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,6 +58,16 @@ def _columns(writes: list[Any]) -> tuple[np.ndarray, np.ndarray, list[Any]] | No
 
 
 def _vector_batch(state: MMSBState, writes: list[Any], source: str) -> int | None:
+    t0 = time.perf_counter_ns()
+    logged = _vector_apply(state, writes, source)
+    if logged:
+        c = state._counters
+        c.delta_apply.add_many(time.perf_counter_ns() - t0, logged)
+        c.records_logged += logged
+    return logged
+
+
+def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | None:
     """Apply a batch of small writes with numpy: one sort and gather to compare each
     byte with what precedes it, one scatter to apply, deltas cut from shared arrays.
     Returns the number of deltas logged, or None when the batch needs the
@@ -144,6 +155,7 @@ def _vector_batch(state: MMSBState, writes: list[Any], source: str) -> int | Non
     frame.hold_many(state._log, deltas)
     frame.undo_scatter(c0, final_at, final_old, cpids, t.epoch[cpids].copy())
     chunk[final_at] = final_val
+    state._counters.payload_bytes_logged += int(vals.size)
     np.maximum.at(t.epoch, cpids, base + 1)
     if state._events.active:
         for d in deltas:

@@ -33,6 +33,19 @@ class LatencyRing:
         if ns > self.max_ns:
             self.max_ns = ns
 
+    def add_many(self, total_ns: int, n: int) -> None:
+        """Record ``n`` operations that took ``total_ns`` together (one sample of their
+        mean). O(1)."""
+        if n <= 0:
+            return
+        mean = total_ns // n
+        self.samples[self.pos] = mean
+        self.pos = (self.pos + 1) % len(self.samples)
+        self.count += n
+        self.total_ns += total_ns
+        if mean > self.max_ns:
+            self.max_ns = mean
+
     def percentiles(self) -> tuple[float, float, float]:
         """p50, p90, p99 over the retained samples (0 when none)."""
         n = min(self.count, len(self.samples))
@@ -55,6 +68,7 @@ class Counters:
         self.log_append = LatencyRing()
         self.checkpoint = LatencyRing()
         self.records_logged = 0
+        self.payload_bytes_logged = 0
         self.deltas_logged = 0
         self.torn_tails_recovered = 0
 
@@ -117,12 +131,20 @@ class MMSBStats:
     """Records appended to the log since the last reset."""
     log_append_p50_ns: float
     """Median time to append one record (incl. the write-ahead log when durable)."""
+    log_append_p90_ns: float
+    """90th percentile append time."""
     log_append_p99_ns: float
     """99th percentile append time."""
+    log_append_max_ns: int
+    """Slowest append since the last reset."""
     checkpoint_count: int
     """Checkpoints written since the last reset."""
     checkpoint_p50_ns: float
     """Median checkpoint time."""
+    checkpoint_p90_ns: float
+    """90th percentile checkpoint time."""
+    checkpoint_p99_ns: float
+    """99th percentile checkpoint time."""
     checkpoint_max_ns: int
     """Slowest checkpoint."""
     log_records: int
@@ -133,6 +155,9 @@ class MMSBStats:
     """LSN of the newest record."""
     records_logged: int
     """Records appended since the last reset."""
+    payload_bytes_logged: int
+    """Delta payload bytes appended since the last reset (changed values, or the full
+    page for dense deltas)."""
     events_emitted: int
     """Events delivered since the last reset."""
     handler_errors: int

@@ -386,15 +386,18 @@ class MMSBState:
         return self._log.sink is None and self.config.enable_logging
 
     def _log_append(self, rec: AnyRecord) -> None:
+        """Append a record (deltas are counted by _after_delta)."""
         if self._batch is not None:
             self._batch.hold(self._log, rec)
-            self._counters.records_logged += 1
+            if type(rec) is not Delta:
+                self._counters.records_logged += 1
             return
         t0 = time.perf_counter_ns()
         self._log.append(rec)
         c = self._counters
         c.log_append.add(time.perf_counter_ns() - t0)
-        c.records_logged += 1
+        if type(rec) is not Delta:
+            c.records_logged += 1
         if not self.config.enable_logging:
             self._forget(rec)
 
@@ -704,7 +707,10 @@ class MMSBState:
                 self._pending.add(pid)
             else:
                 self._propagate({pid})
-        self._counters.delta_apply.add(time.perf_counter_ns() - t0)
+        c = self._counters
+        c.delta_apply.add(time.perf_counter_ns() - t0)
+        c.records_logged += 1
+        c.payload_bytes_logged += (d._vals if d._idx is not None else d._data).size
         if len(self._log.deltas) > self._compress_at and not self._propagating \
                 and not self._batch_depth:
             self._auto_compress()
