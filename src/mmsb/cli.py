@@ -203,7 +203,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(short_help="Run the guided demo (in memory, or on a durable bus with --path).")
 @click.option("--path", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run on a durable bus in this directory (created if missing) instead of in memory.")
 def demo(path: Path | None) -> None:
@@ -216,7 +216,7 @@ def demo(path: Path | None) -> None:
 
 # -- inspect ------------------------------------------------------------------------------
 
-@main.command()
+@main.command(short_help="Pages, edges, log summary, checkpoint files and log segments.")
 @_path_arg
 @click.option("--max-pages", type=click.IntRange(min=0), default=100, show_default=True,
               help="Pages listed in the table (0: all). --json lists all.")
@@ -300,7 +300,7 @@ def inspect(path: Path, max_pages: int, as_json: bool) -> None:
 
 # -- log, history, blame --------------------------------------------------------------------
 
-@main.command("log")
+@main.command("log", short_help="The log's deltas, filtered by page, source or time.")
 @_path_arg
 @click.option("--page", type=PAGE, help="Only this page's deltas.")
 @click.option("--source", help="Only deltas of this source (api, propagation, compressed …).")
@@ -336,7 +336,7 @@ def log_command(path: Path, page: int | None, source: str | None, since: int | N
     out.print(f"{len(found)} delta(s) matched{more}")
 
 
-@main.command()
+@main.command(short_help="Every retained delta of one page, with a hex preview.")
 @_path_arg
 @_page_arg
 @_json_opt
@@ -363,7 +363,7 @@ def history(path: Path, page: int, as_json: bool) -> None:
                   "compressed away)")
 
 
-@main.command()
+@main.command(short_help="Which delta last wrote each byte range of a page.")
 @_path_arg
 @_page_arg
 @click.option("--range", "byte_range", type=_RangeType(),
@@ -389,7 +389,9 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
         elif status == "cloned":
             who = [r["lsn"], None, r["time"], f"(cloned from page {r['source_page']})"]
         elif status == "before_history":
-            who = [None, None, None, f"(before the retained history, LSN < {r['horizon_lsn']})"]
+            who = [None, None, None,
+                   f"(written at or before LSN {r['horizon_lsn']}, where the retained "
+                   "history starts)"]
         else:
             who = [None, None, None, "(never written)"]
         rows.append([f"{r['start']}:{r['stop']}", r["length"], *who, r["preview_hex"]])
@@ -402,7 +404,7 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
 
 # -- replay, verify, stats ------------------------------------------------------------------
 
-@main.command()
+@main.command(short_help="Write the state at a past LSN, epoch or time as a checkpoint.")
 @_path_arg
 @click.option("--lsn", type=click.IntRange(min=0), help="The state right after this log record.")
 @click.option("--epoch", type=click.IntRange(min=0),
@@ -430,6 +432,7 @@ def replay(path: Path, lsn: int | None, epoch: int | None, at_time: int | None, 
         raise click.BadParameter("refusing to write inside the bus directory; the bus owns it",
                                  param_hint="'--out'")
     src = _open(path)
+    src.require_replayable("replay")
     with _working("replaying"):
         if lsn is not None:
             past = mmsb.replay_to_lsn(src.state, lsn)
@@ -453,7 +456,7 @@ def replay(path: Path, lsn: int | None, epoch: int | None, at_time: int | None, 
                  f"{doc['pages']} page(s), {doc['deltas']} delta(s), last LSN {doc['state_lsn']}")
 
 
-@main.command()
+@main.command(short_help="Check the state against the replay of its log, and the files.")
 @_path_arg
 @_json_opt
 def verify(path: Path, as_json: bool) -> None:
@@ -488,11 +491,12 @@ def verify(path: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Statistics of the state (get_stats).")
 @_path_arg
 @_json_opt
 def stats(path: Path, as_json: bool) -> None:
-    """get_stats of the state: pages, deltas, log, graph, arena, latencies.
+    """Statistics of the state (mmsb.get_stats): pages, deltas, log, graph, arena,
+    latencies.
 
     Latencies and activity counters are kept by the process that writes and are not
     stored on disk: here they describe only this read."""
@@ -548,7 +552,7 @@ class _Reloading:
             return self.src.state
 
 
-@main.command()
+@main.command(short_help="Prometheus metrics of a bus: print once, or serve on a port.")
 @_path_arg
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Serve http://HOST:PORT/metrics (required unless --once).")

@@ -56,6 +56,12 @@ class Source:
     """"bus" or "checkpoint"."""
     state: mmsb.MMSBState
     notes: list[str] = field(default_factory=list)
+    replayable: bool = True
+    """False when the log cannot rebuild the state alone (one checkpoint of a bus)."""
+
+    def require_replayable(self, what: str) -> None:
+        if not self.replayable:
+            raise UserError(f"cannot {what} {self.path} alone: {self.notes[0]}")
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:
@@ -82,9 +88,18 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
     mmsb.load_checkpoint(state, p)
     notes = []
-    if state._log.horizon_lsn:
-        notes.append(f"history before LSN {state._log.horizon_lsn} is not in this file "
-                     "(compressed or trimmed)")
+    log = state._log
+    horizon = log.horizon_lsn
+    if horizon and state._base is None and (not log.records or log.records[0].lsn > horizon):
+        # A slice of a bus: its pages are whole, but the log only holds what came after
+        # the previous checkpoint, and the image it starts from is in another file.
+        notes.append(f"this file is one checkpoint of a bus: its log starts after LSN "
+                     f"{horizon} and the state there is in the bus's other files; open "
+                     "the bus directory to replay or verify")
+        return Source(p, "checkpoint", state, notes, replayable=False)
+    if horizon:
+        notes.append(f"history before LSN {horizon} is not in this file (compressed or "
+                     "trimmed)")
     return Source(p, "checkpoint", state, notes)
 
 
@@ -443,6 +458,7 @@ def bus_files_info(root: Path, step: Callable[[str], None] | None = None) -> dic
 def verify(src: Source, step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Live state against the replay of its log (:func:`mmsb.verify_state_consistency`,
     with the differences listed), plus, for a bus, every file checked."""
+    src.require_replayable("verify")
     state = src.state
     consistent = mmsb.verify_state_consistency(state)
     differences: list[str] = []

@@ -49,13 +49,9 @@ __all__ = [
 
 log = logging.getLogger("mmsb.metrics")
 
-# (operation, MMSBStats prefix, quantiles present in MMSBStats, has total_ns)
-_OPERATIONS: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
-    ("delta_apply", "delta_apply", ("0.5", "0.9", "0.99"), True),
-    ("propagation", "propagation", ("0.5", "0.9", "0.99"), True),
-    ("log_append", "log_append", ("0.5", "0.99"), False),
-    ("checkpoint", "checkpoint", ("0.5",), False),
-)
+# Timed operations: each has ``<op>_count`` in MMSBStats, and where present
+# ``<op>_total_ns``, ``<op>_p50_ns`` / ``_p90_ns`` / ``_p99_ns`` and ``<op>_max_ns``.
+_OPERATIONS = ("delta_apply", "propagation", "log_append", "checkpoint")
 _Q_FIELD = {"0.5": "p50", "0.9": "p90", "0.99": "p99"}
 
 
@@ -80,7 +76,7 @@ def _state_factory(source: Any, what: str) -> Callable[[], MMSBState]:
     if isinstance(source, MMSBState):
         return lambda: source
     if callable(source):
-        return source  # type: ignore[no-any-return]
+        return source
     raise InvalidArgumentError(
         f"{what} takes an MMSBState or a function returning one, not {type(source).__name__}")
 
@@ -115,7 +111,10 @@ _FAMILIES: tuple[_Family, ...] = (
             ("state",)),
     _Family("arena_fragmentation_ratio", "gauge",
             "Share of carved arena bytes not holding page bytes."),
-    _Family("records_logged", "counter", "Records appended to the log since the last reset.", activity=True),
+    _Family("records_logged", "counter", "Records appended to the log since the last reset.",
+            activity=True),
+    _Family("payload_bytes_logged", "counter",
+            "Delta payload bytes appended to the log since the last reset.", activity=True),
     _Family("events_emitted", "counter", "Events delivered since the last reset.", activity=True),
     _Family("handler_errors", "counter", "Event handlers that raised since the last reset.", activity=True),
     _Family("torn_tails_recovered", "counter", "Torn log tails cut off by recovery.", activity=True),
@@ -223,15 +222,19 @@ class MMSBCollector:
         put("events_emitted", s.events_emitted)
         put("handler_errors", s.handler_errors)
         put("torn_tails_recovered", s.torn_tails_recovered)
-        for op, prefix, quantiles, has_total in _OPERATIONS:
-            put("operations", getattr(s, f"{prefix}_count"), op)
-            if has_total:
-                put("operation_seconds", getattr(s, f"{prefix}_total_ns") / 1e9, op)
-            for q in quantiles:
-                put("operation_latency_seconds", getattr(s, f"{prefix}_{_Q_FIELD[q]}_ns") / 1e9, op, q)
-            max_field = f"{prefix}_max_ns"
-            if hasattr(s, max_field):
-                put("operation_latency_max_seconds", getattr(s, max_field) / 1e9, op)
+        put("payload_bytes_logged", s.payload_bytes_logged)
+        for op in _OPERATIONS:
+            put("operations", getattr(s, f"{op}_count"), op)
+            total = getattr(s, f"{op}_total_ns", None)
+            if total is not None:
+                put("operation_seconds", total / 1e9, op)
+            for q, suffix in _Q_FIELD.items():
+                value = getattr(s, f"{op}_{suffix}_ns", None)
+                if value is not None:
+                    put("operation_latency_seconds", value / 1e9, op, q)
+            worst = getattr(s, f"{op}_max_ns", None)
+            if worst is not None:
+                put("operation_latency_max_seconds", worst / 1e9, op)
 
 
 class BusFilesCollector:
