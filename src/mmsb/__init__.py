@@ -67,6 +67,7 @@ from .errors import HistoryUnavailableError as HistoryUnavailableError
 from .errors import InvalidArgumentError as InvalidArgumentError
 from .errors import InvalidDeltaError as InvalidDeltaError
 from .errors import MetadataError as MetadataError
+from .errors import MissingDependencyError as MissingDependencyError
 from .errors import MMSBError as MMSBError
 from .errors import PageNotFoundError as PageNotFoundError
 from .errors import SerializationError as SerializationError
@@ -133,5 +134,5 @@ __all__ = [
     "MMSBError", "PageNotFoundError", "InvalidDeltaError", "GPUMemoryError",
     "SerializationError", "GraphCycleError", "UnsupportedLocationError",
     "InvalidArgumentError", "MetadataError", "HistoryUnavailableError", "StateClosedError",
-    "BusLockedError", "DurabilityError",
+    "BusLockedError", "DurabilityError", "MissingDependencyError",
 ]

@@ -49,6 +49,9 @@ class _Group(click.Group):
         try:
             rv = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``mmsb`` (click ≥ 8.2)
+                exc.show()
+                sys.exit(exc.exit_code)
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
             _fail(exc.format_message() + hint, exc.exit_code)
         except click.ClickException as exc:
@@ -294,8 +297,8 @@ def inspect(path: Path, max_pages: int, as_json: bool) -> None:
             ("replay base", "nested" if c.get("has_base") else "none"),
             ("bus", c.get("bus_id")),
         ]))
-    notes = doc["notes"]
-    out.print("recovery notes: " + ("; ".join(notes) if notes else "none"))
+    label = "recovery notes" if src.kind == "bus" else "notes"
+    out.print(f"{label}: " + ("; ".join(doc["notes"]) if doc["notes"] else "none"), markup=False)
 
 
 # -- log, history, blame --------------------------------------------------------------------

@@ -88,19 +88,29 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
     mmsb.load_checkpoint(state, p)
     notes = []
-    log = state._log
-    horizon = log.horizon_lsn
-    if horizon and state._base is None and (not log.records or log.records[0].lsn > horizon):
-        # A slice of a bus: its pages are whole, but the log only holds what came after
-        # the previous checkpoint, and the image it starts from is in another file.
-        notes.append(f"this file is one checkpoint of a bus: its log starts after LSN "
-                     f"{horizon} and the state there is in the bus's other files; open "
-                     "the bus directory to replay or verify")
+    horizon = state._log.horizon_lsn
+    if not _log_is_anchored(state):
+        notes.append("its log does not start from an empty state or from a replay base "
+                     "(the file is one checkpoint of a bus, whose earlier history is in "
+                     "the bus's other files); open the bus directory to replay or verify")
         return Source(p, "checkpoint", state, notes, replayable=False)
     if horizon:
         notes.append(f"history before LSN {horizon} is not in this file (compressed or "
                      "trimmed)")
     return Source(p, "checkpoint", state, notes)
+
+
+def _log_is_anchored(state: mmsb.MMSBState) -> bool:
+    """True when replaying the retained log rebuilds the state: it starts from the
+    replay base, or from nothing at LSN 1, or is a compressed log (whose records before
+    its Compacted marker rebuild everything)."""
+    log = state._log
+    if state._base is not None:
+        return True
+    if not log.records:
+        return log.last_lsn == 0 or not len(state.pages)
+    first = log.records[0].lsn
+    return first == 1 or (log.horizon_lsn > 0 and first <= log.horizon_lsn)
 
 
 # -- times ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ __all__ = [
     "StateClosedError",
     "BusLockedError",
     "DurabilityError",
+    "MissingDependencyError",
 ]
 
 
@@ -171,3 +172,7 @@ class BusLockedError(MMSBError, RuntimeError):
 
 class DurabilityError(MMSBError, OSError):
     """A write or fsync of the durable log failed; the bus refuses further writes."""
+
+
+class MissingDependencyError(MMSBError, ImportError):
+    """An optional extra that a feature needs is not installed; the message names it."""

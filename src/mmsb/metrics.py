@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidArgumentError, MMSBError
+from .errors import InvalidArgumentError, MissingDependencyError, MMSBError
 
 if TYPE_CHECKING:
     from .monitor import MMSBStats
@@ -59,12 +59,12 @@ def require_prometheus_client() -> Any:
     """Import and return ``prometheus_client``.
 
     Raises:
-        MMSBError: it is not installed (the message says how to install it).
+        MissingDependencyError: it is not installed (the message says how to install it).
     """
     try:
         import prometheus_client
     except ImportError:
-        raise MMSBError(
+        raise MissingDependencyError(
             "Prometheus metrics need the prometheus_client package, which is not installed; "
             "install the extra: pip install 'mmsb[metrics]'") from None
     return prometheus_client

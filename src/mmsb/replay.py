@@ -100,7 +100,7 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
 
 
 def _check_lsn_reachable(state: MMSBState, lsn: int) -> None:
-    state._require_history("replay")
+    state._require_replayable("replay")
     log = state._log
     if isinstance(lsn, bool) or not isinstance(lsn, int | np.integer):
         raise InvalidArgumentError(f"lsn must be an int, not {lsn!r}")
@@ -133,7 +133,7 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
     if isinstance(ns, bool) or not isinstance(ns, int | np.integer):
         raise InvalidArgumentError(f"timestamp must be an int of nanoseconds, not {ns!r}")
     with state._lock:
-        state._require_history("replay_to_timestamp")
+        state._require_replayable("replay_to_timestamp")
         log = state._log
         k = log.index_after_time(int(ns))
         lsn = log.records[k - 1].lsn if k else 0
@@ -154,7 +154,7 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
             raise InvalidArgumentError(f"{name} must be an int, not {value!r}")
     new = _detached(state)
     with state._lock:
-        state._require_history("epoch replay")
+        state._require_replayable("epoch replay")
         t = state._table
         origin = _origin(state) if state._base is not None else None
         pages = []
@@ -230,7 +230,7 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
         PageNotFoundError: the log holds nothing of that page.
     """
     with state._lock:
-        state._require_history("replay_page_history")
+        state._require_replayable("replay_page_history")
         if isinstance(page_id, Page):
             page_id = page_id.id
         if page_id not in state._log.by_page:
@@ -316,7 +316,7 @@ def verify_state_consistency(state: MMSBState) -> bool:
     """True when replaying the whole retained log gives exactly the live state: same
     pages, bytes, epochs, sizes, locations, metadata, edges and id counter. O(log)."""
     with state._lock:
-        state._require_history("verify_state_consistency")
+        state._require_replayable("verify_state_consistency")
         records = list(state._log.records)
         scratch = _origin(state)
         replay_into(scratch, records)
@@ -390,7 +390,7 @@ def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -
     predicate form), ``(delta.epoch, the state right after that delta)``: detached
     states, oldest first. One pass over the log; each hit costs one state copy."""
     with state._lock:
-        state._require_history("replay_with_predicate")
+        state._require_replayable("replay_with_predicate")
         records = list(state._log.records)
         scratch = _origin(state)
     hits = {d.lsn for d in state._log.deltas if pred(d.epoch, d)}
@@ -460,6 +460,7 @@ def compress_log_locked(state: MMSBState) -> None:
     log.replace_all(recs)
     state._mask_base.clear()
     state._base = None
+    state._orphan_from = 0
     if state.bus is not None:
         state.bus.after_compress(state)
 

@@ -262,6 +262,10 @@ class MMSBState:
         """The durable bus behind this state, when it was started with a path."""
         self.detached = False
         """True for states built by replay (not backed by any bus)."""
+        self._orphan_from = 0
+        """Nonzero when the retained log starts after this LSN with no replay base (one
+        checkpoint file of a bus, loaded on its own): the state is whole, its history
+        is not, so replays are refused."""
         self.recovery_notes: list[str] = []
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
         self._base: bytes | os.PathLike[str] | None = None
@@ -806,6 +810,16 @@ class MMSBState:
             return self._base
         with open(self._base, "rb") as f:
             return f.read()
+
+    def _require_replayable(self, what: str) -> None:
+        """Replays need the log to rebuild the state from its start or replay base."""
+        self._require_history(what)
+        if self._orphan_from:
+            raise HistoryUnavailableError(
+                f"{what} needs history this state does not have: its log starts after LSN "
+                f"{self._orphan_from} and the checkpoint it came from did not carry what "
+                "precedes it (a durable bus keeps that in its other checkpoint files: open "
+                "the bus directory instead)")
 
     def _require_history(self, what: str) -> None:
         if not self.config.enable_logging:

@@ -481,8 +481,9 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         newest.records = records
         restore_into(state, newest)
         # The newest file's horizon was written after its history was trimmed, so it
-        # already names where the rebuilt log begins.
+        # already names where the rebuilt log begins; the chain gives its base.
         state._base = base
+        state._orphan_from = 0
         for g, ck in chain:
             ckpts.append(_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]))
         bus.generation = gen

@@ -231,7 +231,7 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
         "last_timestamp": log.last_timestamp,
         "written_ns": time.time_ns(),
         "metadata": {str(pid): t.meta[pid] for pid in ids.tolist() if pid in t.meta},
-        "log_from_lsn": from_lsn,
+        "log_from_lsn": from_lsn or state._orphan_from,
     }
     if bus is not None:
         meta["bus"] = bus
@@ -599,6 +599,7 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     target._mask_base = fresh._mask_base
     target._next_delta_id = fresh._next_delta_id
     target._base = fresh._base
+    target._orphan_from = ck.log_from_lsn if ck.log_from_lsn and not ck.base else 0
     target._recompute = {pid: fn for pid, fn in target._recompute.items() if t.is_live(pid)}
     target._pending.clear()
 

@@ -1,0 +1,5 @@
+"""``python -m mmsb``: the ``mmsb`` command."""
+
+from .cli import main
+
+main()
