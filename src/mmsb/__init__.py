@@ -70,6 +70,7 @@ from .errors import MetadataError as MetadataError
 from .errors import MissingDependencyError as MissingDependencyError
 from .errors import MMSBError as MMSBError
 from .errors import PageNotFoundError as PageNotFoundError
+from .errors import PropagationError as PropagationError
 from .errors import SerializationError as SerializationError
 from .errors import StateClosedError as StateClosedError
 from .errors import UnsupportedLocationError as UnsupportedLocationError
@@ -135,4 +136,5 @@ __all__ = [
     "SerializationError", "GraphCycleError", "UnsupportedLocationError",
     "InvalidArgumentError", "MetadataError", "HistoryUnavailableError", "StateClosedError",
     "BusLockedError", "DurabilityError", "MissingDependencyError",
+    "PropagationError",
 ]

@@ -68,9 +68,9 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
     """
     import dataclasses
 
-    cfg = dataclasses.replace(config) if config is not None else MMSBConfig()
     if config is not None and not isinstance(config, MMSBConfig):
         raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(config).__name__}")
+    cfg = dataclasses.replace(config) if config is not None else MMSBConfig()
     if enable_gpu is None:
         cfg.enable_gpu = cfg.enable_gpu and cuda_available()
     elif enable_gpu:

@@ -24,6 +24,7 @@ __all__ = [
     "BusLockedError",
     "DurabilityError",
     "MissingDependencyError",
+    "PropagationError",
 ]
 
 
@@ -176,3 +177,21 @@ class DurabilityError(MMSBError, OSError):
 
 class MissingDependencyError(MMSBError, ImportError):
     """An optional extra that a feature needs is not installed; the message names it."""
+
+
+class PropagationError(MMSBError, RuntimeError):
+    """A recompute function raised while propagating a write. The write itself was
+    applied and logged; the page whose function failed (and what depends on it through
+    it) was not updated, and PAGE_INVALIDATED was emitted for it. The function's own
+    exception is the ``__cause__``.
+
+    Attributes:
+        page_id: the page whose recompute function failed.
+    """
+
+    def __init__(self, page_id: int, exc: BaseException) -> None:
+        self.page_id = page_id
+        super().__init__(
+            f"recomputing page {page_id} failed ({type(exc).__name__}: {exc}); the write "
+            f"that triggered it was applied, but page {page_id} and what depends on it "
+            "through it were not updated")

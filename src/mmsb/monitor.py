@@ -128,7 +128,9 @@ class MMSBStats:
     propagation_max_ns: int
     """Slowest propagation pass."""
     log_append_count: int
-    """Records appended to the log since the last reset."""
+    """Appends timed through the full append path since the last reset: structural
+    records, every record of a durable bus (the write-ahead log included) and batch
+    commits. An in-memory delta's append is an O(1) list append and is not timed."""
     log_append_p50_ns: float
     """Median time to append one record (incl. the write-ahead log when durable)."""
     log_append_p90_ns: float

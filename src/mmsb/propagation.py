@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .delta import as_bytes_array
-from .errors import InvalidDeltaError
+from .errors import InvalidDeltaError, MMSBError, PropagationError
 from .state import Page
 from .types import EdgeType, EventType
 
@@ -63,8 +63,10 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
     ``forced`` are recomputed whether or not a parent changed (queue_recomputation).
 
     Raises:
-        InvalidDeltaError: a recompute function returned bytes of the wrong length (the
-            sources' writes stand; that child and what depends only on it are skipped).
+        InvalidDeltaError: a recompute function returned bytes of the wrong length.
+        PropagationError: a recompute function raised.
+        In both cases the sources' writes stand, the rest of the pass still runs, and
+        that child (and what depends on it only through it) is left as it was.
     """
     changed = set(sources)
     parents = state.graph.parents
@@ -100,6 +102,15 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                     state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
                     if first_error is None:
                         first_error = exc
+                except MMSBError:
+                    raise
+                except Exception as exc:
+                    # User code failed: keep propagating the other branches, report after.
+                    log.warning("recompute function of page %d raised %r", node, exc)
+                    state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
+                    if first_error is None:
+                        first_error = PropagationError(node, exc)
+                        first_error.__cause__ = exc
         if EdgeType.CONTROL in kinds:
             meta = dict(table.meta.get(node, {}))
             if meta.get("stale") is not True:
