@@ -595,9 +595,6 @@ def _segment_image(tmp_path: Path, n: int = 50) -> tuple[dict[str, Any], str, li
     return image, seg, frame_ends(image[seg]), ref
 
 
-@pytest.mark.xfail(reason="a damaged length field before the tail is taken for a torn "
-                          "tail and the records after it are dropped (see "
-                          "/tmp/mmsb_bus_bugs.md, bug 6)", strict=True)
 def test_damaged_frame_length_before_the_tail_is_an_error(tmp_path: Path) -> None:
     """Issue 3: only a torn *last* record is cut; damage before the tail is a
     SerializationError naming the file and offset. A flipped byte in the length field of
@@ -741,10 +738,6 @@ def test_hostile_record_bodies_are_typed_errors(tmp_path: Path, case: str) -> No
         assert isinstance(out, mmsb.SerializationError) and peak < 50 * MB
 
 
-_SEMANTIC_BUG = pytest.mark.xfail(
-    reason="recovery replays checksum-valid records without checking them against the "
-           "state (see /tmp/mmsb_bus_bugs.md, bug 1)", strict=True)
-
 # Records that decode, with valid checksums and LSNs, but that no real log can hold:
 # page 1 exists (8 bytes, epoch 1); page 77 does not.
 IMPOSSIBLE_RECORDS: dict[str, Callable[[int], bytes]] = {
@@ -759,7 +752,6 @@ IMPOSSIBLE_RECORDS: dict[str, Callable[[int], bytes]] = {
     + struct.pack("<I", 0),
     "delete a missing page": lambda lsn: _head(3, lsn) + struct.pack("<Q", 77),
     "resize a missing page": lambda lsn: _head(4, lsn) + struct.pack("<QQ", 77, 8),
-    "resize to 4 GiB": lambda lsn: _head(4, lsn) + struct.pack("<QQ", 1, 2**32 - 1),
     "migrate a missing page": lambda lsn: _head(5, lsn) + struct.pack("<QB", 77, 0),
     "clone a missing page": lambda lsn: _head(6, lsn) + struct.pack("<QQ", 2, 77),
     "clone into id 2**40": lambda lsn: _head(6, lsn) + struct.pack("<QQ", 1 << 40, 1),
@@ -772,7 +764,6 @@ IMPOSSIBLE_RECORDS: dict[str, Callable[[int], bytes]] = {
 }
 
 
-@_SEMANTIC_BUG
 @pytest.mark.parametrize("case", sorted(IMPOSSIBLE_RECORDS))
 def test_impossible_records_in_the_log_are_refused(tmp_path: Path, case: str) -> None:
     """A crafted WAL record with a valid checksum and LSN that contradicts the state it
@@ -792,6 +783,23 @@ def test_impossible_records_in_the_log_are_refused(tmp_path: Path, case: str) ->
         pytest.fail(f"opened: {view}")
     assert isinstance(out, mmsb.SerializationError), f"{type(out).__name__}: {out}"
     assert peak < base_peak + 50 * MB
+
+
+def test_a_large_but_possible_resize_in_the_log_is_never_an_untyped_error(tmp_path: Path) -> None:
+    """A resize to the largest page size is a request a real writer can make: recovery
+    either grows the page or, where memory runs out, refuses with SerializationError."""
+    parts = _bus_parts(tmp_path)
+    record = _head(4, parts["lsn"] + 1) + struct.pack("<QQ", 1, 2**32 - 1)
+    root = _with_segment(parts, frame(record), "bus2")
+    with memory_cap():
+        try:
+            state = mmsb.mmsb_start(path=str(root), config=cfg(fsync="none"))
+        except mmsb.SerializationError:
+            return
+    try:
+        assert state.pages[1].size == 2**32 - 1
+    finally:
+        mmsb.mmsb_stop(state)
 
 
 # ---- crafted checkpoints (valid checksums, impossible sizes)
@@ -891,9 +899,6 @@ def test_hostile_checkpoint_lengths(tmp_path: Path, case: str) -> None:
     assert len(target.pages) == 0
 
 
-@pytest.mark.xfail(reason="a compressed section is inflated to its declared size before "
-                          "it is checked against the page table (see /tmp/mmsb_bus_bugs.md, "
-                          "bug 7)", strict=True)
 def test_decompression_bomb_in_page_data_is_refused_small(tmp_path: Path) -> None:
     """PTBL says 24 bytes of pages; PDAT declares 64 MiB and holds a ~2 KiB zstd stream of
     zeros. The contradiction must be found before 64 MiB is inflated."""
@@ -907,8 +912,6 @@ def test_decompression_bomb_in_page_data_is_refused_small(tmp_path: Path) -> Non
     assert peak < 50 * MB, f"peak {peak / MB:.0f} MiB for a {len(blob)}-byte file"
 
 
-@pytest.mark.xfail(reason="restoring a checkpoint reserves page-table rows up to its "
-                          "next page id (see /tmp/mmsb_bus_bugs.md, bug 8)", strict=True)
 @pytest.mark.parametrize("next_id", [1 << 40, 1 << 32])
 def test_checkpoint_with_a_huge_next_page_id_is_refused_or_cheap(tmp_path: Path,
                                                                  next_id: int) -> None:

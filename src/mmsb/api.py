@@ -246,6 +246,7 @@ def clone_page(state: MMSBState, page_id: int) -> Page:
     state._enter()
     try:
         src = state._require(page_id, "clone_page")
+        state._check_room(1, int(state._table.size[src]))
         new_id = state._table.next_id
         state._commit(PageClone(new_id, src))
         state._emit(EventType.PAGE_CREATED, new_id)

@@ -20,13 +20,14 @@ from .log.records import (
     AnyRecord,
     Compacted,
     EdgeAdd,
+    EdgeRemove,
     MetadataSet,
     PageClone,
     PageCreate,
     PageDelete,
     PageResize,
 )
-from .state import MMSBState, Page, PageSnapshot
+from .state import MMSBState, Page, PageSnapshot, creation_cost, physical_memory
 
 __all__ = [
     "replay_into",
@@ -42,6 +43,7 @@ __all__ = [
     "replay_with_predicate",
     "compress_log",
     "compress_log_locked",
+    "check_record",
 ]
 
 
@@ -97,6 +99,54 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
     if run:
         target._apply_delta_run(run)
     return target
+
+
+def check_record(state: MMSBState, rec: AnyRecord) -> str | None:
+    """Why ``rec`` cannot be the next record of ``state``'s log (None when it can): the
+    checks the live calls make before they log, applied to a record read from disk, so
+    a crafted or foreign record can never be applied blindly. O(1), except an edge's
+    cycle check (O(edges reachable from its child))."""
+    t = state._table
+    if isinstance(rec, Delta):
+        pid = rec.page_id
+        if not t.is_live(pid):
+            return f"a delta of page {pid}, which does not exist"
+        if rec.page_size != int(t.size[pid]):
+            return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
+        if rec.base_epoch != int(t.epoch[pid]):
+            return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
+                    f"epoch {int(t.epoch[pid])}")
+        return None
+    if isinstance(rec, PageCreate | PageClone):
+        first = rec.first_id if isinstance(rec, PageCreate) else rec.page_id
+        if first != t.next_id:
+            return f"pages created at id {first} where the next id is {t.next_id}"
+        if isinstance(rec, PageClone) and not t.is_live(rec.source_id):
+            return f"a clone of page {rec.source_id}, which does not exist"
+        if isinstance(rec, PageCreate):
+            need = creation_cost(state, rec.count, rec.size)
+            if need > physical_memory():
+                return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
+                        "memory, more than this machine has")
+        return None
+    if isinstance(rec, Compacted):
+        return "a compaction marker, which only checkpoints hold"
+    if isinstance(rec, EdgeAdd):
+        if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
+            return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
+        try:
+            state.graph.check_edge(rec.parent_id, rec.child_id)
+        except Exception:
+            return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
+        return None
+    if isinstance(rec, EdgeRemove):
+        if not state.graph.has_edge(rec.parent_id, rec.child_id):
+            return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
+        return None
+    pid = getattr(rec, "page_id", 0)
+    if not t.is_live(pid):
+        return f"a {type(rec).__name__} of page {pid}, which does not exist"
+    return None
 
 
 def _check_lsn_reachable(state: MMSBState, lsn: int) -> None:

@@ -40,7 +40,7 @@ from .errors import (
 )
 from .events import EventBus
 from .graph import ShadowPageGraph
-from .log.codec import MAX_PAGE_SIZE
+from .log.codec import MAX_PAGE_ID, MAX_PAGE_SIZE
 from .log.records import (
     AnyRecord,
     Compacted,
@@ -97,6 +97,23 @@ def normalize_metadata(metadata: Any, page_id: int | None = None) -> dict[str, A
             "int, float, str, bytes, and lists or dicts of those") from None
     out: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
     return out
+
+
+def creation_cost(state: MMSBState, count: int, size: int) -> int:
+    """Bytes that creating ``count`` pages of ``size`` bytes commits at least: their
+    slots and the page-table rows up to their ids."""
+    from .store.arena import size_class
+
+    rows = max(0, state._table.next_id + count - state._table.capacity)
+    return count * size_class(size) + rows * 26
+
+
+def physical_memory() -> int:
+    """Bytes of RAM of this machine (a large number where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 50
 
 
 class PageSnapshot:
@@ -495,9 +512,8 @@ class MMSBState:
         elif isinstance(rec, EdgeRemove):
             self.graph.remove_edge(rec.parent_id, rec.child_id)
         elif isinstance(rec, Compacted):
-            if rec.next_id > t.next_id:
-                t.reserve(rec.next_id)
-                t.next_id = rec.next_id
+            # Rows grow when pages are created; only the id counter moves here.
+            t.next_id = max(t.next_id, rec.next_id)
         else:  # pragma: no cover - every record type is handled above
             raise TypeError(f"unknown record {type(rec).__name__}")
 
@@ -592,6 +608,8 @@ class MMSBState:
         self._enter()
         try:
             first = self._table.next_id
+            if count > 1 or first >= self._table.capacity:
+                self._check_room(count, size)
             if count:
                 self._commit(PageCreate(first, count, size, int(loc), meta))
                 if self._events.active:
@@ -600,6 +618,20 @@ class MMSBState:
             return first
         finally:
             self._leave()
+
+    def _check_room(self, count: int, size: int) -> None:
+        """Refuse creations past the id space or the machine's memory, before anything is
+        logged (a page table indexed by id grows with the highest id)."""
+        first = self._table.next_id
+        if first + count - 1 > MAX_PAGE_ID:
+            raise InvalidArgumentError(
+                f"creating {count} page(s) from id {first} passes the largest page id "
+                f"{MAX_PAGE_ID}")
+        need = creation_cost(self, count, size)
+        if need > physical_memory():
+            raise InvalidArgumentError(
+                f"creating {count} page(s) of {size} bytes needs {need:,} bytes, more than "
+                "this machine's memory")
 
     def _write(self, page_id: Any, offset: Any, data: Any, source: str, whole: bool) -> bool:
         """The write path of update_page/write_page. Returns True if a delta was logged.
@@ -614,7 +646,7 @@ class MMSBState:
         self._enter()
         try:
             t = self._table
-            if type(page_id) is int and 0 < page_id < t.next_id and t.flags[page_id]:
+            if type(page_id) is int and 0 < page_id < len(t.flags) and t.flags[page_id]:
                 pid = page_id
             else:
                 pid = self._require(page_id, "update_page" if whole else "write_page")

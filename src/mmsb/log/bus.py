@@ -439,7 +439,6 @@ def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
 
 
 def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) -> None:
-    from ..replay import replay_into
 
     cfg = bus.config
     ckpts: list[_Ckpt] = []
@@ -535,9 +534,11 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
                 bus.recovery_notes.append(str(err))
                 break
             raise err
-        replay_into(state, scan.records)
-        replayed += len(scan.records)
-        expected_lsn += len(scan.records)
+        good = _apply_checked(state, scan, p)
+        replayed += good
+        expected_lsn += good
+        if good < len(scan.records) and scan.damage is None:
+            scan.damage = scan.refused
         if scan.damage is not None:
             if cfg.recovery != "point_in_time":
                 raise scan.damage
@@ -572,6 +573,28 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         with bus.io_lock:
             bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),
                                        bus.bus_id, bus.generation, len(segs))
+
+
+def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
+    """Apply a segment's records one by one, each checked against the state first
+    (see :func:`mmsb.replay.check_record`). Returns how many were applied; on the first
+    refusal the reason goes to ``scan.refused`` and the rest is not applied."""
+    from ..replay import check_record
+
+    log_ = state._log
+    for k, rec in enumerate(scan.records):
+        why = check_record(state, rec)
+        if why is None:
+            try:
+                state._apply(rec)
+            except MemoryError:
+                why = "a record needing more memory than this machine can give"
+        if why is not None:
+            scan.refused = SerializationError(f"the log holds {why}", path=path,
+                                              offset=scan.offsets[k])
+            return k
+        log_.adopt(rec)
+    return len(scan.records)
 
 
 def _check_owner(info: dict[str, object] | None, bus_id: int, gen: int, path: Path) -> None:

@@ -22,7 +22,7 @@ import struct
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -36,6 +36,7 @@ from ..errors import SerializationError
 from ..graph import ShadowPageGraph
 from ..types import EdgeType
 from .codec import (
+    MAX_PAGE_ID,
     MAX_PAGE_SIZE,
     crc32c,
     decode_metadata,
@@ -124,14 +125,21 @@ def _section_header(tag: bytes, codec: int, raw_len: int, stored_len: int, crc: 
 
 
 _SAMPLE = 1 << 20
+INFLATE_FLOOR = 16 << 20
+INFLATE_RATIO = 4096
+"""Readers refuse a compressed section whose size is not fixed by the page table and
+that would inflate beyond INFLATE_RATIO times its stored size and INFLATE_FLOOR bytes;
+writers store such a section raw instead."""
 
 
-def _write_section(f: BinaryIO, tag: bytes, chunks: Iterable[Any],
-                   cctx: zstandard.ZstdCompressor) -> None:
+def _write_section(f: BinaryIO, tag: bytes, make_chunks: Callable[[], Iterable[Any]],
+                   cctx: zstandard.ZstdCompressor, *, sized_by_table: bool = False) -> None:
     """Stream ``chunks`` (buffers) into one section. The codec is chosen from a sample
     of the first MiB: zstd when it saves at least a fifth, raw otherwise (random bytes
-    would only cost compression time). The header is written last, in place."""
-    it = iter(chunks)
+    would only cost compression time). The header is written last, in place. A section
+    that compresses past the readers' inflation cap is written again, raw, unless its
+    size is fixed by the page table (``sized_by_table``: readers check it exactly)."""
+    it = iter(make_chunks())
     sample: list[memoryview] = []
     sampled = 0
     for chunk in it:
@@ -161,6 +169,12 @@ def _write_section(f: BinaryIO, tag: bytes, chunks: Iterable[Any],
                 raw_len += zw.write(view)
             for chunk in it:
                 raw_len += zw.write(chunk)
+        if not sized_by_table and raw_len > max(INFLATE_FLOOR, INFLATE_RATIO * cw.n):
+            f.seek(head_pos + _SECTION_SIZE)
+            f.truncate()
+            codec, cw, raw_len = CODEC_RAW, _CrcWriter(f), 0
+            for chunk in make_chunks():
+                raw_len += cw.write(chunk)
     else:
         for view in sample:
             raw_len += cw.write(view)
@@ -235,26 +249,30 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
     }
     if bus is not None:
         meta["bus"] = bus
-    _write_section(f, b"META", [msgpack.packb(meta, use_bin_type=True)], cctx)
+    meta_raw = msgpack.packb(meta, use_bin_type=True)
+    _write_section(f, b"META", lambda: [meta_raw], cctx)
     table = [ids.astype("<i8").data, t.size[ids].astype("<i8").data,
              t.epoch[ids].astype("<i8").data, t.loc[ids].astype("u1").data]
-    _write_section(f, b"PTBL", table, cctx)
+    _write_section(f, b"PTBL", lambda: table, cctx, sized_by_table=True)
     # Page bytes go straight from the arena to the file: no gathered copy.
-    _write_section(f, b"PDAT", (state._arena.view(addr, length).data
-                                for addr, length in _page_runs(state, ids)), cctx)
+    runs = _page_runs(state, ids)
+    arena = state._arena
+    _write_section(f, b"PDAT", lambda: (arena.view(a, n).data for a, n in runs), cctx,
+                   sized_by_table=True)
     masks = [[pid, as_of, len(m), np.packbits(m).tobytes()]
              for pid, (m, as_of) in sorted(state._mask_base.items())]
-    _write_section(f, b"MASK", [msgpack.packb(masks, use_bin_type=True)], cctx)
+    mask_raw = msgpack.packb(masks, use_bin_type=True)
+    _write_section(f, b"MASK", lambda: [mask_raw], cctx)
     edges = state.graph.edges()
     graph = [_U32.pack(len(edges)), np.array([e[0] for e in edges], "<i8").data,
              np.array([e[1] for e in edges], "<i8").data,
              np.array([int(e[2]) for e in edges], "u1").data]
-    _write_section(f, b"GRPH", graph, cctx)
+    _write_section(f, b"GRPH", lambda: graph, cctx)
     records = log.records
     if from_lsn:
         records = records[log.index_after_lsn(from_lsn):]
-    _write_section(f, b"TLOG", _log_chunks(records), cctx)
-    _write_section(f, b"BASE", [base] if base else [], cctx)
+    _write_section(f, b"TLOG", lambda: _log_chunks(records), cctx)
+    _write_section(f, b"BASE", lambda: [base] if base else [], cctx)
     before_footer = f.tell()
     footer = _FOOTER.pack(END_MAGIC, before_footer)
     f.write(footer + _U32.pack(crc32c(footer)) + _U32.pack(0))
@@ -317,7 +335,7 @@ def _fsync_dir(directory: Path) -> None:
 
 # -- reading ---------------------------------------------------------------------------
 
-def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytes:
+def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytearray:
     """Stream-decompress, never producing (or allocating for) more than ``raw_len``."""
     dobj = zstandard.ZstdDecompressor().decompressobj()
     out = bytearray()
@@ -335,7 +353,7 @@ def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytes:
         raise err(f"does not decompress ({exc})") from None
     if len(out) != raw_len:
         raise err(f"decompresses to {len(out)} bytes, not the declared {raw_len}")
-    return bytes(out)
+    return out
 
 
 def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None) -> CheckpointData:
@@ -383,7 +401,7 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
     if fmagic != END_MAGIC or crc32c(buf[fpos : fpos + 16]) != fcrc or before != fpos or fzero:
         raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
     pos = _HEADER_SIZE
-    sections: dict[bytes, Any] = {}
+    sections: dict[bytes, tuple[int, int, memoryview, int]] = {}
     for tag_expected in _TAGS:
         if fpos - pos < _SECTION_SIZE:
             raise fail("section header runs past the end (truncated)", pos)
@@ -401,26 +419,38 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
         stored = buf[data_pos : data_pos + stored_len]
         if crc32c(stored) != crc:
             raise fail(f"section {tag.decode()} checksum mismatch (its bytes are damaged)", data_pos)
-
-        def sec_err(reason: str, _tag: bytes = tag, _pos: int = data_pos) -> SerializationError:
-            return fail(f"section {_tag.decode()} {reason}", _pos)
-
-        if codec == CODEC_ZSTD:
-            sections[tag] = _decompress(stored, raw_len, sec_err)
-        else:
-            if stored_len != raw_len:
-                raise sec_err("stored and raw lengths differ for raw data")
-            sections[tag] = stored
+        if codec == CODEC_RAW and stored_len != raw_len:
+            raise fail(f"section {tag.decode()} has stored and raw lengths that differ for raw "
+                       "data", data_pos)
+        sections[tag] = (codec, raw_len, stored, data_pos)
         pos = data_pos + stored_len
     if pos != fpos:
         raise fail(f"{fpos - pos} unexpected bytes before the end marker", pos)
-    return _decode_sections(sections, lsn, next_page_id, next_delta_id, fail)
+
+    def get(tag: bytes, exact: int | None = None) -> Any:
+        """A section's bytes, inflated only after its declared size passed its bound:
+        ``exact`` when other sections determine it, else the inflation cap."""
+        codec, raw_len, stored, data_pos = sections[tag]
+
+        def sec_err(reason: str) -> SerializationError:
+            return fail(f"section {tag.decode()} {reason}", data_pos)
+
+        if exact is not None and raw_len != exact:
+            raise sec_err(f"declares {raw_len} bytes where the page table implies {exact}")
+        if codec == CODEC_RAW:
+            return stored
+        if exact is None and raw_len > max(INFLATE_FLOOR, INFLATE_RATIO * len(stored)):
+            raise sec_err(f"declares {raw_len} bytes from {len(stored)} compressed: more than "
+                          f"this format allows ({INFLATE_RATIO}:1 beyond {INFLATE_FLOOR} bytes)")
+        return _decompress(stored, raw_len, sec_err)
+
+    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail)
 
 
-def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_delta_id: int,
+def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
                      fail: Any) -> CheckpointData:
     try:
-        meta = msgpack.unpackb(bytes(sec[b"META"]), raw=False, strict_map_key=False, max_ext_len=0)
+        meta = msgpack.unpackb(bytes(get(b"META")), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
         raise fail(f"section META is not valid msgpack ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
@@ -428,7 +458,7 @@ def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_de
     n = meta.get("pages")
     if not isinstance(n, int) or n < 0:
         raise fail("section META has no valid page count")
-    table = sec[b"PTBL"]
+    table = get(b"PTBL", n * 25)
     if len(table) != n * 25:
         raise fail(f"section PTBL holds {len(table)} bytes, not the {n * 25} that {n} pages need")
     ids = np.frombuffer(table, "<i8", n, 0).astype(np.int64)
@@ -440,9 +470,10 @@ def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_de
             raise fail("section PTBL page ids are not ascending, positive and below the next id")
         if (sizes <= 0).any() or (sizes > MAX_PAGE_SIZE).any() or (epochs < 0).any() or (locs > 2).any():
             raise fail("section PTBL has an impossible size, epoch or location")
-    if next_page_id < 1 or next_page_id > (1 << 40):
-        raise fail("header next page id out of range")
-    data = np.frombuffer(sec[b"PDAT"], np.uint8)
+    if next_page_id < 1 or next_page_id > MAX_PAGE_ID + 1:
+        raise fail(f"header next page id {next_page_id} is out of range (page ids stop at "
+                   f"{MAX_PAGE_ID})")
+    data = np.frombuffer(get(b"PDAT", int(sizes.sum())), np.uint8)
     if len(data) != int(sizes.sum()):
         raise fail("section PDAT does not hold exactly the pages' bytes")
     id_set = set(ids.tolist())
@@ -457,7 +488,7 @@ def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_de
     size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     masks: dict[int, tuple[np.ndarray, int]] = {}
     try:
-        mask_rows = msgpack.unpackb(bytes(sec[b"MASK"]), raw=False, strict_map_key=False, max_ext_len=0)
+        mask_rows = msgpack.unpackb(bytes(get(b"MASK")), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
         raise fail(f"section MASK is not valid msgpack ({exc})") from None
     if not isinstance(mask_rows, list):
@@ -470,7 +501,7 @@ def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_de
         if pid not in id_set or length != size_of[pid] or anchor < 0 or len(packed) != (length + 7) // 8:
             raise fail(f"section MASK row for page {pid} does not match the page table")
         masks[pid] = (np.unpackbits(np.frombuffer(packed, np.uint8), count=length).astype(bool), anchor)
-    graph_raw = sec[b"GRPH"]
+    graph_raw = get(b"GRPH")
     if len(graph_raw) < 4:
         raise fail("section GRPH is truncated")
     (m,) = _U32.unpack_from(graph_raw, 0)
@@ -490,7 +521,7 @@ def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_de
             raise fail(f"section GRPH edge {p} → {c} closes a cycle") from None
         g.add_edge(p, c, EdgeType(et))
         edges.append((p, c, EdgeType(et)))
-    records = decode_log(sec[b"TLOG"], fail)
+    records = decode_log(get(b"TLOG"), fail)
     if records and records[-1].lsn > lsn:
         raise fail(f"section TLOG holds LSN {records[-1].lsn}, past the checkpoint LSN {lsn}")
     max_delta = max((r.id for r in records if isinstance(r, Delta)), default=0)
@@ -509,7 +540,7 @@ def _decode_sections(sec: dict[bytes, Any], lsn: int, next_page_id: int, next_de
     if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
                                 and isinstance(bus.get("generation"), int)):
         raise fail("section META has a malformed bus identity")
-    base = bytes(sec[b"BASE"])
+    base = bytes(get(b"BASE"))
     if base and not base.startswith(MAGIC):
         raise fail("section BASE does not hold a checkpoint")
     return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
@@ -552,7 +583,7 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     t = fresh._table
     arena = fresh._arena
     n = int(ck.ids.size)
-    t.reserve(ck.next_page_id)
+    t.reserve(int(ck.ids[-1]) + 1 if n else 1)
     if n:
         # Group runs of consecutive ids of one size: one bulk allocation each.
         ids, sizes = ck.ids, ck.sizes

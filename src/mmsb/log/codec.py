@@ -42,10 +42,14 @@ __all__ = [
     "deserialize_delta",
     "KIND_DELTA",
     "MAX_PAGE_SIZE",
+    "MAX_PAGE_ID",
 ]
 
 MAX_PAGE_SIZE = (1 << 32) - 1
 """Largest page a record may describe (sparse positions are 32-bit)."""
+MAX_PAGE_ID = (1 << 31) - 1
+"""Largest page id: the page table is indexed by id, so ids stay in a range its
+columns can cover."""
 MAX_METADATA = 16 << 20
 
 KIND_DELTA = 1
@@ -353,7 +357,8 @@ def _fast_create(buf: memoryview) -> PageCreate | None:
     if len(buf) != _CREATE_FIXED.size:
         return None
     _kind, lsn, ts, first, count, size, loc, n = _CREATE_FIXED.unpack_from(buf, 0)
-    if n or first < 1 or not 0 < count <= (1 << 40) or not 0 < size <= MAX_PAGE_SIZE or loc > 2:
+    if (n or first < 1 or count < 1 or first + count - 1 > MAX_PAGE_ID
+            or not 0 < size <= MAX_PAGE_SIZE or loc > 2):
         return None
     return PageCreate(first, count, size, loc, None, lsn=lsn, timestamp=ts)
 
@@ -383,7 +388,7 @@ def decode_record(buf: bytes | memoryview, what: str = "record") -> AnyRecord:
     if kind == KIND_CREATE:
         first, count, size, loc = r.unpack(_CREATE)
         _check_page_size(r, size)
-        if first < 1 or count < 1 or count > (1 << 40) or loc > 2:
+        if first < 1 or count < 1 or first + count - 1 > MAX_PAGE_ID or loc > 2:
             raise r.fail("page creation with an impossible id, count or location")
         (n,) = r.unpack(_U32)
         meta = decode_metadata(r.take(n), f"{what} metadata") if n else None

@@ -102,6 +102,34 @@ class SegmentScan:
     """The first damage before the tail, if any (records after it are not read)."""
     foreign: str | None = None
     """Why the header says this segment belongs to another bus or generation."""
+    offsets: list[int] = field(default_factory=list)
+    """File offset of each record's frame."""
+    refused: SerializationError | None = None
+    """A record that decoded but could not follow the state (set by recovery)."""
+
+
+def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
+    """True if a checksum-valid frame of a record with LSN ``expected`` or
+    ``expected + 1`` starts somewhere at or after ``start``: the mark of damage in the
+    middle of a log rather than a torn last append. Searches for the LSN's bytes (a
+    frame's body begins ``kind u8 | lsn u64``), then checks each candidate's CRC."""
+    end = len(buf)
+    raw = buf.obj if isinstance(buf.obj, bytes) else bytes(buf)
+    for lsn in (expected, expected + 1):
+        needle = _LEN.pack(lsn)
+        at = raw.find(needle, start + FRAME_HEAD + 1)
+        while at != -1:
+            frame_at = at - FRAME_HEAD - 1
+            if frame_at >= start and end - frame_at >= FRAME_HEAD:
+                (length,) = _LEN.unpack_from(buf, frame_at)
+                (fcrc,) = _U32.unpack_from(buf, frame_at + 8)
+                body_end = frame_at + FRAME_HEAD + length
+                if length <= MAX_RECORD and body_end <= end and crc32c(
+                        buf[frame_at + FRAME_HEAD : body_end],
+                        crc32c(buf[frame_at : frame_at + 8])) == fcrc:
+                    return True
+            at = raw.find(needle, at + 1)
+    return False
 
 
 def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: int) -> SegmentScan:
@@ -145,11 +173,16 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
         (fcrc,) = _U32.unpack_from(buf, pos + 8)
         body_end = pos + FRAME_HEAD + length
         if length > MAX_RECORD or body_end > end:
-            out.torn = True
+            # A torn append leaves nothing valid after it; a damaged length does.
+            if _valid_frame_after(buf, pos + 1, expected):
+                out.damage = SerializationError(
+                    "a record length is damaged (intact records follow it)", path=path, offset=pos)
+            else:
+                out.torn = True
             break
         body = buf[pos + FRAME_HEAD : body_end]
         if crc32c(body, crc32c(buf[pos : pos + 8])) != fcrc:
-            if body_end == end:
+            if body_end == end or not _valid_frame_after(buf, pos + 1, expected):
                 out.torn = True
             else:
                 out.damage = SerializationError("record checksum mismatch before the end of the log",
@@ -166,6 +199,7 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
                 path=path, offset=pos)
             break
         out.records.append(rec)
+        out.offsets.append(pos)
         expected += 1
         pos = body_end
         out.valid_end = pos
