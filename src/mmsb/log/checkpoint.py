@@ -36,8 +36,10 @@ from ..errors import SerializationError
 from ..graph import ShadowPageGraph
 from ..types import EdgeType
 from .codec import (
+    KIND_DELTA,
     MAX_PAGE_ID,
     MAX_PAGE_SIZE,
+    _fast_delta,
     crc32c,
     decode_metadata,
     decode_record,
@@ -562,8 +564,10 @@ def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
         pos += 4
         if n > end - pos:
             raise fail(f"section TLOG record at byte {pos - 4} runs past the section end")
+        body = buf[pos : pos + n]
+        fast = _fast_delta(body) if n and body[0] == KIND_DELTA else None
         try:
-            rec = decode_record(buf[pos : pos + n], "log record")
+            rec: AnyRecord = fast if fast is not None else decode_record(body, "log record")
         except SerializationError as exc:
             raise fail(f"section TLOG record at byte {pos - 4}: {exc.reason}") from None
         if rec.lsn <= prev_lsn or rec.timestamp < prev_ts:
@@ -611,8 +615,7 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     for p, c, et in ck.edges:
         fresh.graph.add_edge(p, c, et)
     log = fresh._log
-    for rec in ck.records:
-        log.adopt(rec)
+    log.replace_all(ck.records)
     log.next_lsn = ck.lsn + 1
     log.last_timestamp = max(log.last_timestamp, ck.last_timestamp)
     log.horizon_lsn = ck.horizon_lsn

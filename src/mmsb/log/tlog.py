@@ -129,12 +129,25 @@ class TransactionLog:
             self.horizon_lsn = rec.lsn
 
     def replace_all(self, records: list[AnyRecord]) -> None:
-        """Swap in a rewritten log (compression). LSNs keep increasing."""
-        self.records = []
-        self.deltas = []
-        self.by_page = {}
-        for rec in records:
-            self.adopt(rec)
+        """Swap in a rewritten log (compression, trimming, restore). LSNs keep
+        increasing. O(records)."""
+        self.records = list(records)
+        self.deltas = [r for r in self.records if type(r) is Delta]
+        by_page: dict[int, list[Delta]] = {}
+        for d in self.deltas:
+            lst = by_page.get(d.page_id)
+            if lst is None:
+                by_page[d.page_id] = [d]
+            else:
+                lst.append(d)
+        self.by_page = by_page
+        if self.records:
+            last = self.records[-1]
+            self.next_lsn = max(self.next_lsn, last.lsn + 1)
+            self.last_timestamp = max(self.last_timestamp, last.timestamp)
+        for rec in self.records:
+            if type(rec) is Compacted:
+                self.horizon_lsn = rec.lsn
 
     def index_after_lsn(self, lsn: int) -> int:
         """Number of records with LSN ≤ ``lsn``. O(log n)."""
