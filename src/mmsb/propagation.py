@@ -26,6 +26,13 @@ __all__ = ["run_propagation", "affected_order"]
 log = logging.getLogger("mmsb.propagation")
 
 
+# Edge types that mark the child through a logged metadata flag, and the event they emit.
+_MARKS = (
+    (EdgeType.CONTROL, "stale", True, EventType.PAGE_STALE),
+    (EdgeType.COMPILER, "ir_valid", False, EventType.IR_INVALIDATED),
+)
+
+
 def affected_order(state: MMSBState, sources: set[int], forced: frozenset[int] = frozenset()) -> list[int]:
     """The sources' descendants, and the forced pages and theirs, in topological order.
 
@@ -111,18 +118,13 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                     if first_error is None:
                         first_error = PropagationError(node, exc)
                         first_error.__cause__ = exc
-        if EdgeType.CONTROL in kinds:
-            meta = dict(table.meta.get(node, {}))
-            if meta.get("stale") is not True:
-                meta["stale"] = True
-                state._set_metadata(node, meta, "propagation")
-            state._emit(EventType.PAGE_STALE, node, kinds[EdgeType.CONTROL])
-        if EdgeType.COMPILER in kinds:
-            meta = dict(table.meta.get(node, {}))
-            if meta.get("ir_valid") is not False:
-                meta["ir_valid"] = False
-                state._set_metadata(node, meta, "propagation")
-            state._emit(EventType.IR_INVALIDATED, node, kinds[EdgeType.COMPILER])
+        for edge, key, value, event in _MARKS:
+            if edge in kinds:
+                meta = dict(table.meta.get(node, {}))
+                if meta.get(key) is not value:
+                    meta[key] = value
+                    state._set_metadata(node, meta, "propagation")
+                state._emit(event, node, kinds[edge])
         if EdgeType.GPU_SYNC in kinds:
             state._emit(EventType.GPU_SYNC_NEEDED, node, kinds[EdgeType.GPU_SYNC])
     if first_error is not None:

@@ -33,7 +33,7 @@ from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationEr
 from .checkpoint import read_checkpoint, restore_into, write_checkpoint
 from .codec import crc32c, encode_record
 from .records import AnyRecord
-from .wal import SegmentScan, SegmentWriter, frame, scan_segment
+from .wal import SegmentScan, SegmentWriter, frame, fsync_dir, scan_segment
 
 if TYPE_CHECKING:
     from ..state import MMSBState
@@ -348,7 +348,7 @@ def _identity(root: Path, has_data: bool) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync(root)
+        fsync_dir(root)
         return bus_id
     raw = path.read_bytes()
     if len(raw) != _BUS.size + 4:
@@ -359,14 +359,6 @@ def _identity(root: Path, has_data: bool) -> int:
     if version != BUS_VERSION:
         raise SerializationError(f"unsupported bus format version {version}", path=path, offset=8)
     return int(bus_id)
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None) -> MMSBState:

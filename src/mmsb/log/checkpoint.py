@@ -47,6 +47,7 @@ from .codec import (
     record_parts,
 )
 from .records import AnyRecord
+from .wal import fsync_dir
 
 if TYPE_CHECKING:
     from ..state import MMSBState
@@ -303,7 +304,7 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
             size = f.tell()
         os.replace(tmp, target)
         if fsync:
-            _fsync_dir(directory)
+            fsync_dir(directory, strict=False)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -320,19 +321,6 @@ def checkpoint_bytes(state: MMSBState) -> bytes:
     buf = io.BytesIO()
     _write_body(buf, state, 0, None, state._base_bytes())
     return buf.getvalue()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -99,13 +99,7 @@ class TransactionLog:
             deltas = cast(list[Delta], records)
             self.records.extend(deltas)
             self.deltas.extend(deltas)
-            by_page = self.by_page
-            for d in deltas:
-                lst = by_page.get(d.page_id)
-                if lst is None:
-                    by_page[d.page_id] = [d]
-                else:
-                    lst.append(d)
+            self._index(deltas)
             last = records[-1]
             self.next_lsn = last.lsn + 1
             self.last_timestamp = last.timestamp
@@ -128,19 +122,24 @@ class TransactionLog:
         elif isinstance(rec, Compacted):
             self.horizon_lsn = rec.lsn
 
-    def replace_all(self, records: list[AnyRecord]) -> None:
-        """Swap in a rewritten log (compression, trimming, restore). LSNs keep
-        increasing. O(records)."""
-        self.records = list(records)
-        self.deltas = [r for r in self.records if type(r) is Delta]
-        by_page: dict[int, list[Delta]] = {}
-        for d in self.deltas:
+    def _index(self, deltas: list[Delta]) -> None:
+        """Add deltas to the per-page index, in order. (append_delta and adopt inline
+        the same two lines: they are the hot paths.)"""
+        by_page = self.by_page
+        for d in deltas:
             lst = by_page.get(d.page_id)
             if lst is None:
                 by_page[d.page_id] = [d]
             else:
                 lst.append(d)
-        self.by_page = by_page
+
+    def replace_all(self, records: list[AnyRecord]) -> None:
+        """Swap in a rewritten log (compression, trimming, restore). LSNs keep
+        increasing. O(records)."""
+        self.records = list(records)
+        self.deltas = [r for r in self.records if type(r) is Delta]
+        self.by_page = {}
+        self._index(self.deltas)
         if self.records:
             last = self.records[-1]
             self.next_lsn = max(self.next_lsn, last.lsn + 1)

@@ -17,7 +17,7 @@ from ..errors import SerializationError
 from .codec import crc32c, decode_record
 from .records import AnyRecord
 
-__all__ = ["SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
+__all__ = ["fsync_dir", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]
 
 SEG_MAGIC = b"MMSBWAL\0"
@@ -56,7 +56,7 @@ class SegmentWriter:
         self.dirty = False
         self.append(segment_header(bus_id, generation, seq))
         self.sync()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def append(self, data: bytes) -> None:
         view = memoryview(data)
@@ -80,10 +80,20 @@ class SegmentWriter:
                 self.fd = -1
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_dir(directory: Path, *, strict: bool = True) -> None:
+    """Make a directory's entries (a created, renamed or deleted file) durable. With
+    ``strict=False`` a platform that cannot fsync directories is tolerated."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        if strict:
+            raise
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        if strict:
+            raise
     finally:
         os.close(fd)
 
