@@ -23,7 +23,8 @@ class MMSBConfig:
     enable_gpu: bool = True
     """Allow GPU and unified pages when a CUDA device is usable."""
     enable_instrumentation: bool = False
-    """Record code artifacts and call events on pages (instrumentation layer)."""
+    """Reserved for the instrumentation layer (code artifacts and call events on pages),
+    which is not part of this release: the flag is kept, and nothing acts on it yet."""
     page_size_default: int = 4096
     """Size of a page created without a size."""
     max_tlog_size: int = 10_000

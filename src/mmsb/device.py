@@ -26,9 +26,7 @@ def cuda_unavailable_reason() -> str | None:
 
 def cuda_available() -> bool:
     """True when a CUDA device is usable."""
-    import importlib.util as _u
-
-    if _u.find_spec("torch") is None:
+    if importlib.util.find_spec("torch") is None:
         return False
     try:
         import torch

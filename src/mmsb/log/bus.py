@@ -163,9 +163,16 @@ class DurableBus:
             self._syncer.start()
 
     def flush(self) -> None:
-        """Make every appended record durable now."""
+        """Make every appended record durable now.
+
+        Raises:
+            DurabilityError: the bus failed earlier, or this fsync failed.
+        """
+        if self.failed is not None:
+            raise DurabilityError(f"the bus at {self.root} failed earlier ({self.failed}); "
+                                  "nothing more can be made durable")
         with self.io_lock:
-            if self.writer is not None and self.failed is None:
+            if self.writer is not None:
                 try:
                     self.writer.sync()
                 except OSError as exc:
