@@ -23,6 +23,7 @@ array's bytes (numpy).
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import sqlite3
@@ -98,30 +99,33 @@ def make_workload(ctx: RunContext) -> Workload:
     return w
 
 
-class Store:
+class Store(abc.ABC):
     """One peer's store of the workload's pages with full history."""
 
+    @abc.abstractmethod
     def apply(self, w: Workload, start: int, stop: int) -> None:
-        raise NotImplementedError
+        """Apply updates ``start:stop`` of the workload, keeping every version."""
 
-    def mark_probe(self, w: Workload) -> None:
+    def mark_probe(self, w: Workload) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called right after update ``w.probe`` in the reference build."""
 
+    @abc.abstractmethod
     def storage_bytes(self) -> int:
-        raise NotImplementedError
+        """Bytes the store's history occupies."""
 
+    @abc.abstractmethod
     def read_version(self, w: Workload, i: int) -> bytes:
         """The bytes of page ``w.pids[i]`` as they were right after update ``i``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def checkpoint(self, path: Path) -> None:
-        raise NotImplementedError
+        """Write the store (history included) to ``path``."""
 
+    @abc.abstractmethod
     def restore(self, path: Path) -> list[bytes]:
         """Load a checkpoint; return every page's latest bytes."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release files and handles."""
 
 
