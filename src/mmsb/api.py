@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +29,15 @@ from .graph import ShadowPageGraph
 from .log.checkpoint import read_checkpoint, restore_into, write_checkpoint
 from .log.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
 from .monitor import Counters, MMSBStats
-from .state import MMSBState, Page, check_size, normalize_metadata
+from .state import (
+    MMSBState,
+    Page,
+    check_size,
+    check_source,
+    normalize_metadata,
+    require_page_id,
+    require_state,
+)
 from .types import (
     DATA_DEPENDENCY,
     EdgeType,
@@ -100,6 +109,8 @@ def mmsb_stop(state: MMSBState, *, checkpoint_path: str | os.PathLike[str] | Non
         raise InvalidArgumentError(f"mmsb_stop takes an MMSBState, not {type(state).__name__}")
     if state.closed:
         return
+    with state._lock:
+        state._refuse_in_batch("mmsb_stop")
     if checkpoint_path is not None:
         checkpoint_log(state, checkpoint_path)
     with state._lock:
@@ -127,10 +138,7 @@ def active_state() -> MMSBState | None:
     return _active.get()
 
 
-def _state_of(obj: Any, fn: str) -> MMSBState:
-    if isinstance(obj, MMSBState):
-        return obj
-    raise InvalidArgumentError(f"{fn}() takes an MMSBState as its first argument, not {type(obj).__name__}")
+_state_of = require_state
 
 
 # -- pages -----------------------------------------------------------------------------
@@ -311,6 +319,7 @@ def create_delta(state: MMSBState, page_id: int, mask: Any, data: Any, source: s
         other or from the page.
     """
     state = _state_of(state, "create_delta")
+    check_source(source)
     with state._lock:
         pid = state._require(page_id, "create_delta")
         t = state._table
@@ -395,6 +404,9 @@ def apply_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], *,
     from .batching import run_batch
 
     state = _state_of(state, "apply_batch")
+    if not isinstance(writes, Iterable) or isinstance(writes, str | bytes):
+        raise InvalidArgumentError(
+            f"apply_batch() takes an iterable of (page_id, offset, bytes), not {type(writes).__name__}")
     return run_batch(state, writes, source)
 
 
@@ -405,6 +417,13 @@ def query_log(state: MMSBState, *, page_id: int | None = None, start_time: int |
     """Retained deltas matching every given filter (times in ns, inclusive), in log
     order. O(matching page's deltas) with ``page_id``, else O(log)."""
     state = _state_of(state, "query_log")
+    if page_id is not None:
+        page_id = require_page_id(page_id, "query_log")
+    if source is not None and not isinstance(source, str):
+        raise InvalidArgumentError(f"query_log(): source must be a str, not {type(source).__name__}")
+    for name, value in (("start_time", start_time), ("end_time", end_time)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise InvalidArgumentError(f"query_log(): {name} must be an int of nanoseconds, not {value!r}")
     with state._lock:
         log = state._log
         pool = log.by_page.get(page_id, []) if page_id is not None else log.deltas
@@ -417,6 +436,7 @@ def query_log(state: MMSBState, *, page_id: int | None = None, start_time: int |
 def get_deltas_for_page(state: MMSBState, page_id: int) -> list[Delta]:
     """The retained deltas of one page, in log order. O(its deltas)."""
     state = _state_of(state, "get_deltas_for_page")
+    page_id = require_page_id(page_id, "get_deltas_for_page")
     with state._lock:
         return list(state._log.by_page.get(page_id, []))
 
@@ -464,7 +484,9 @@ def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
     import time
 
     state = _state_of(state, "checkpoint_log")
+    _check_path(path, "checkpoint_log")
     with state._lock:
+        state._refuse_in_batch("checkpoint_log")
         t0 = time.perf_counter_ns()
         try:
             size = write_checkpoint(state, path)
@@ -482,17 +504,33 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
         SerializationError: bad magic, version, truncation, checksum mismatch.
     """
     state = _state_of(state, "load_checkpoint")
+    _check_path(path, "load_checkpoint")
+    with state._lock:
+        state._refuse_in_batch("load_checkpoint")
     ck = read_checkpoint(path)
     state._enter()
     try:
+        state._refuse_in_batch("load_checkpoint")
         if state.bus is not None:
             state.bus.before_restore(state)
+        before = state._swap_snapshot()
         restore_into(state, ck)
         if state.bus is not None:
-            state.bus.after_restore(state)
+            try:
+                state.bus.after_restore(state)
+            except BaseException:
+                for name, value in before.items():
+                    setattr(state, name, value)
+                state.graph._owner = weakref.ref(state)
+                raise
     finally:
         state._leave()
     return state
+
+
+def _check_path(path: Any, fn: str) -> None:
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidArgumentError(f"{fn}() takes a file path (str or os.PathLike), not {type(path).__name__}")
 
 
 def replay_from_checkpoint(path: str | os.PathLike[str], target_epoch: int | None = None,
@@ -649,7 +687,13 @@ def propagate_change(state: MMSBState, page_id: int | Iterable[int],
         mode = PropagationMode(mode)
     except ValueError:
         raise InvalidArgumentError(f"mode must be a PropagationMode, not {mode!r}") from None
-    ids = [page_id] if isinstance(page_id, int | np.integer | Page) else list(page_id)
+    if isinstance(page_id, int | np.integer | Page):
+        ids = [page_id]
+    elif isinstance(page_id, Iterable) and not isinstance(page_id, str | bytes):
+        ids = list(page_id)
+    else:
+        raise InvalidArgumentError(
+            f"propagate_change(): page_id must be a page id or ids, not {type(page_id).__name__}")
     state._enter()
     try:
         pids = {state._require(p, "propagate_change") for p in ids}
@@ -790,8 +834,8 @@ def reset_stats(state: MMSBState) -> None:
 
 
 def _ns(ns: Any) -> int:
-    if isinstance(ns, bool) or not isinstance(ns, int | float) or ns < 0:
-        raise InvalidArgumentError(f"latency must be a number of ns ≥ 0, not {ns!r}")
+    if isinstance(ns, bool) or not isinstance(ns, int | float) or not 0 <= ns < 1 << 62:
+        raise InvalidArgumentError(f"latency must be a finite number of ns ≥ 0, not {ns!r}")
     return int(ns)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .delta import Delta, as_bytes_array
 from .errors import InvalidArgumentError, InvalidDeltaError
-from .state import MMSBState
+from .state import MMSBState, check_source
 from .store.arena import CHUNK_SHIFT
 from .types import EventType
 
@@ -170,8 +170,7 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
 def run_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], source: str = "api") -> int:
     """Apply ``writes`` as one group (see :func:`mmsb.apply_batch`). Returns the number of
     deltas logged."""
-    if not isinstance(source, str):
-        raise InvalidArgumentError(f"source must be a str, not {type(source).__name__}")
+    check_source(source)
     state._enter()
     try:
         items = writes if isinstance(writes, list) else list(writes)

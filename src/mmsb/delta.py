@@ -50,6 +50,8 @@ def as_bytes_array(data: Any, what: str = "data") -> np.ndarray:
     if isinstance(data, np.ndarray):
         if data.dtype == np.uint8 and data.ndim == 1:
             return data
+        if data.dtype.hasobject:
+            raise InvalidDeltaError(f"{what} must hold bytes, not Python objects (dtype object)")
         if data.dtype.itemsize and data.flags.c_contiguous:
             return data.reshape(-1).view(np.uint8)
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)

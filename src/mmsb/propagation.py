@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .delta import as_bytes_array
-from .errors import InvalidDeltaError, MMSBError, PropagationError
+from .errors import InvalidDeltaError, PropagationError
 from .state import Page
 from .types import EdgeType, EventType
 
@@ -109,8 +109,6 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                     state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
                     if first_error is None:
                         first_error = exc
-                except MMSBError:
-                    raise
                 except Exception as exc:
                     # User code failed: keep propagating the other branches, report after.
                     log.warning("recompute function of page %d raised %r", node, exc)

@@ -27,7 +27,15 @@ from .log.records import (
     PageDelete,
     PageResize,
 )
-from .state import MMSBState, Page, PageSnapshot, creation_cost, physical_memory
+from .state import (
+    MMSBState,
+    Page,
+    PageSnapshot,
+    creation_cost,
+    physical_memory,
+    require_page_id,
+    require_state,
+)
 
 __all__ = [
     "replay_into",
@@ -170,6 +178,7 @@ def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
         InvalidArgumentError: ``lsn`` outside 0 … last LSN.
         HistoryUnavailableError: ``lsn`` before the retained history.
     """
+    state = require_state(state, "replay_to_lsn")
     with state._lock:
         _check_lsn_reachable(state, lsn)
         records = state._log.records[: state._log.index_after_lsn(int(lsn))]
@@ -180,6 +189,7 @@ def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
 def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
     """The state at time ``ns``: replay_to_lsn of the last record with timestamp ≤ ns
     (an empty state when ``ns`` is before the first record)."""
+    state = require_state(state, "replay_to_timestamp")
     if isinstance(ns, bool) or not isinstance(ns, int | np.integer):
         raise InvalidArgumentError(f"timestamp must be an int of nanoseconds, not {ns!r}")
     with state._lock:
@@ -199,6 +209,7 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
 def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
     """Each live page as it stands now (size, location, metadata), rebuilt from zero
     with only its own deltas whose epoch lies in [lo, hi], in log order."""
+    state = require_state(state, "replay_to_epoch")
     for name, value in (("start_epoch", lo), ("end_epoch", hi)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise InvalidArgumentError(f"{name} must be an int, not {value!r}")
@@ -279,10 +290,10 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
     Raises:
         PageNotFoundError: the log holds nothing of that page.
     """
+    state = require_state(state, "replay_page_history")
+    page_id = require_page_id(page_id, "replay_page_history")
     with state._lock:
         state._require_replayable("replay_page_history")
-        if isinstance(page_id, Page):
-            page_id = page_id.id
         if page_id not in state._log.by_page:
             if state._table.is_live(page_id) if isinstance(page_id, int) else False:
                 return []
@@ -365,6 +376,7 @@ def state_differences(a: MMSBState, b: MMSBState, limit: int = 20) -> list[str]:
 def verify_state_consistency(state: MMSBState) -> bool:
     """True when replaying the whole retained log gives exactly the live state: same
     pages, bytes, epochs, sizes, locations, metadata, edges and id counter. O(log)."""
+    state = require_state(state, "verify_state_consistency")
     with state._lock:
         state._require_replayable("verify_state_consistency")
         records = list(state._log.records)
@@ -378,8 +390,11 @@ def compute_diff(state_a: MMSBState, state_b: MMSBState) -> list[Delta]:
     both with equal size and different bytes, built on a's epoch (so
     ``incremental_replay(state_a, deltas)`` applies them). Pages missing from either
     state, or of different sizes, cannot be expressed as deltas and are left out."""
+    state_a = require_state(state_a, "compute_diff")
+    state_b = require_state(state_b, "compute_diff")
     out: list[Delta] = []
-    with state_a._lock, state_b._lock:
+    first, second = sorted((state_a, state_b), key=id)  # one lock order: no deadlock
+    with first._lock, second._lock:
         ta, tb = state_a._table, state_b._table
         common = np.intersect1d(ta.live_ids(), tb.live_ids())
         for pid in common.tolist():
@@ -404,6 +419,10 @@ def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
     Raises:
         PageNotFoundError, InvalidDeltaError: as route_delta would, for the first bad delta.
     """
+    state = require_state(state, "incremental_replay")
+    if not isinstance(deltas, Iterable) or isinstance(deltas, str | bytes):
+        raise InvalidArgumentError(f"incremental_replay() takes Delta objects, not {type(deltas).__name__}")
+    deltas = list(deltas)
     state._enter()
     try:
         t = state._table
@@ -426,10 +445,18 @@ def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
                     f"delta epoch {d.epoch} must be greater than its base epoch {d.base_epoch}",
                     page_id=pid, delta_id=d.id)
             epochs[pid] = d.epoch
-        for d in deltas:
-            copy = Delta(state._new_delta_id(), d.page_id, d.base_epoch, d.epoch, d.source,
-                         d.page_size, d._idx, d._vals, d._data, d._mask)
-            state._route(copy)
+        # One batch: propagation waits for the end, so the epochs checked above hold,
+        # and a failure undoes every delta applied so far.
+        state._begin_batch()
+        ok = False
+        try:
+            for d in deltas:
+                copy = Delta(state._new_delta_id(), d.page_id, d.base_epoch, d.epoch, d.source,
+                             d.page_size, d._idx, d._vals, d._data, d._mask)
+                state._route(copy)
+            ok = True
+        finally:
+            state._end_batch(ok)
     finally:
         state._leave()
     return state
@@ -439,6 +466,9 @@ def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -
     """For each retained delta with ``pred(delta.epoch, delta)`` true (the seed's
     predicate form), ``(delta.epoch, the state right after that delta)``: detached
     states, oldest first. One pass over the log; each hit costs one state copy."""
+    state = require_state(state, "replay_with_predicate")
+    if not callable(pred):
+        raise InvalidArgumentError(f"replay_with_predicate() takes a callable, not {type(pred).__name__}")
     with state._lock:
         state._require_replayable("replay_with_predicate")
         records = list(state._log.records)
@@ -472,6 +502,7 @@ def compress_log_locked(state: MMSBState) -> None:
     epoch span 0 → epoch, its mask the page's written bytes), the edges, and a
     Compacted marker. History before the marker is gone. Caller holds the lock."""
     state._require_history("compress_log")
+    saved = state._history_snapshot()
     t = state._table
     log = state._log
     recs: list[AnyRecord] = []
@@ -508,11 +539,15 @@ def compress_log_locked(state: MMSBState) -> None:
         log.next_lsn = rec.lsn + 1
         log.last_timestamp = rec.timestamp
     log.replace_all(recs)
-    state._mask_base.clear()
+    state._mask_base = {}
     state._base = None
     state._orphan_from = 0
     if state.bus is not None:
-        state.bus.after_compress(state)
+        try:
+            state.bus.after_compress(state)
+        except BaseException:
+            state._history_restore(saved)
+            raise
 
 
 def compress_log(state: MMSBState) -> None:
@@ -520,8 +555,10 @@ def compress_log(state: MMSBState) -> None:
     The state is unchanged; replay to an LSN before the compression is no longer
     possible (HistoryUnavailableError). Runs by itself past ``max_tlog_size`` deltas.
     O(pages + written bytes)."""
+    state = require_state(state, "compress_log")
     state._enter()
     try:
+        state._refuse_in_batch("compress_log")
         compress_log_locked(state)
     finally:
         state._leave()

@@ -68,6 +68,42 @@ RecomputeFn = Callable[["MMSBState", "Page"], Any]
 Event = tuple[EventType, tuple[Any, ...]]
 
 
+def require_state(obj: Any, fn: str) -> MMSBState:
+    """``obj`` if it is an MMSBState, else a typed refusal naming the call."""
+    if isinstance(obj, MMSBState):
+        return obj
+    raise InvalidArgumentError(f"{fn}() takes an MMSBState as its first argument, not {type(obj).__name__}")
+
+
+def require_page_id(page_id: Any, fn: str) -> int:
+    """A page id (an int, or a Page) as an int; anything else is a typed refusal."""
+    if isinstance(page_id, Page):
+        return page_id.id
+    if isinstance(page_id, bool) or not isinstance(page_id, int | np.integer):
+        raise InvalidArgumentError(f"{fn}(): a page id must be an int, not {type(page_id).__name__}")
+    return int(page_id)
+
+
+_GOOD_SOURCES: set[str] = set()
+
+
+def check_source(source: Any) -> str:
+    """A delta source name: a str that encodes as UTF-8 in at most 65535 bytes."""
+    if type(source) is str and source in _GOOD_SOURCES:
+        return source
+    if not isinstance(source, str):
+        raise InvalidArgumentError(f"source must be a str, not {type(source).__name__}")
+    try:
+        n = len(source.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"source {source!r} is not valid text (it cannot be UTF-8 encoded)") from None
+    if n > 0xFFFF:
+        raise InvalidArgumentError(f"source is {n} bytes long; at most 65535 bytes of UTF-8 are allowed")
+    if len(_GOOD_SOURCES) < 4096:
+        _GOOD_SOURCES.add(source)
+    return source
+
+
 def check_size(size: object, what: str = "size") -> int:
     """A page size must be a positive int (bools refused)."""
     if isinstance(size, bool) or not isinstance(size, int | np.integer):
@@ -180,12 +216,14 @@ class Page:
     def data(self) -> np.ndarray:
         """Read-only uint8 view of the page's current bytes (re-read on each access, so
         it follows the page through resizes)."""
-        return self._state._page_view(self._row(), readonly=True)
+        with self._state._lock:
+            return self._state._page_view(self._row(), readonly=True)
 
     @property
     def mask(self) -> np.ndarray:
         """One bool per byte: True where any applied delta has written."""
-        return self._state._page_mask(self._row())
+        with self._state._lock:
+            return self._state._page_mask(self._row())
 
     def query(self) -> bytes:
         return self._state._page_view(self._row()).tobytes()
@@ -267,6 +305,7 @@ class MMSBState:
         self._pending: set[int] = set()
         self._forced: set[int] = set()
         self._queue: list[Event] = []
+        self._delivering = threading.local()
         self._depth = 0
         self._batch_depth = 0
         self._batch: _BatchFrame | None = None
@@ -334,13 +373,27 @@ class MMSBState:
         if self._depth == 1 and self.bus is not None and not self._batch_depth:
             self.bus.maybe_checkpoint(self)
         self._depth -= 1
-        if self._depth == 0 and self._queue:
-            events = self._queue
-            self._queue = []
+        if self._depth == 0 and self._queue and not getattr(self._delivering, "on", False):
             self._lock.release()
-            self._events.deliver(self, events)
+            self._deliver_queued()
         else:
             self._lock.release()
+
+    def _deliver_queued(self) -> None:
+        """Deliver queued events in order. A handler's own writes queue more events;
+        they are delivered after the current burst, never in the middle of it."""
+        flag = self._delivering
+        flag.on = True
+        try:
+            while True:
+                with self._lock:
+                    events = self._queue
+                    self._queue = []
+                if not events:
+                    return
+                self._events.deliver(self, events)
+        finally:
+            flag.on = False
 
     def _emit(self, event_type: EventType, *data: Any) -> None:
         if self._events.active:
@@ -385,6 +438,30 @@ class MMSBState:
         for pid in pids:
             if self._table.is_live(pid):
                 self._mask_base[pid] = (self._page_mask(pid), lsn)
+
+    def _history_snapshot(self) -> tuple[Any, ...]:
+        """What trimming or rewriting the log changes, to undo it if a checkpoint fails.
+        O(pages with a mask base); the log's lists are replaced, never edited, by those
+        operations, so references suffice."""
+        log = self._log
+        return (log.records, log.deltas, log.by_page, log.next_lsn, log.last_timestamp,
+                log.horizon_lsn, log.horizon_timestamp, dict(self._mask_base), self._base,
+                self._orphan_from, self._next_delta_id)
+
+    def _history_restore(self, saved: tuple[Any, ...]) -> None:
+        log = self._log
+        (log.records, log.deltas, log.by_page, log.next_lsn, log.last_timestamp,
+         log.horizon_lsn, log.horizon_timestamp, self._mask_base, self._base,
+         self._orphan_from, self._next_delta_id) = saved
+
+    def _swap_snapshot(self) -> dict[str, Any]:
+        """Every part load_checkpoint swaps, to swap back if the bus cannot follow."""
+        names = ("_arena", "_table", "_log", "graph", "_mask_base", "_next_delta_id", "_base",
+                 "_orphan_from", "_recompute", "_pending", "_forced")
+        out = {n: getattr(self, n) for n in names}
+        out["_pending"] = set(self._pending)
+        out["_forced"] = set(self._forced)
+        return out
 
     def _trim_log(self, lsn: int) -> None:
         """Drop retained records with LSN ≤ ``lsn`` (history the bus no longer keeps),
@@ -669,8 +746,8 @@ class MMSBState:
                     raise InvalidDeltaError(
                         f"write of {n_new} bytes at offset {off} runs outside the page "
                         f"(size {size})", page_id=pid)
-            if type(source) is not str:
-                raise InvalidArgumentError(f"source must be a str, not {type(source).__name__}")
+            if type(source) is not str or source not in _GOOD_SOURCES:
+                check_source(source)
             if n_new > 1 << 16 and len(self._scratch) < n_new:
                 self._scratch = np.empty(n_new, np.uint8)
             d = diff_write(self._next_delta_id, pid, t.epoch.item(pid), view, off, new, source,
@@ -843,8 +920,17 @@ class MMSBState:
         with open(self._base, "rb") as f:
             return f.read()
 
+    def _refuse_in_batch(self, what: str) -> None:
+        """Calls that read or replace the whole log cannot run inside an open batch,
+        whose records are held back until it ends."""
+        if self._batch is not None:
+            raise InvalidArgumentError(
+                f"{what} cannot run inside an open batch (its writes are not in the log "
+                "yet); call it after the batch ends")
+
     def _require_replayable(self, what: str) -> None:
         """Replays need the log to rebuild the state from its start or replay base."""
+        self._refuse_in_batch(what)
         self._require_history(what)
         if self._orphan_from:
             raise HistoryUnavailableError(

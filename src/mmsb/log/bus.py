@@ -93,6 +93,7 @@ class DurableBus:
         self.records_since_ckpt = 0
         self.last_ckpt_time = time.monotonic()
         self.reset_chain = False
+        self._retry_after = 0
         self.recovery_notes: list[str] = []
         self.torn_tails = 0
         self.closed = False
@@ -188,15 +189,19 @@ class DurableBus:
         if n == 0 or self.failed is not None:
             return
         interval = self.config.checkpoint_interval
-        due = n >= self.config.max_tlog_size or (
+        due = n >= self.config.max_tlog_size + self._retry_after or (
             interval > 0 and time.monotonic() - self.last_ckpt_time >= interval)
         if not due:
             return
         try:
             self.checkpoint(state)
         except (OSError, MMSBError) as exc:
+            # Retry after another max_tlog_size records or checkpoint_interval seconds.
             self.last_ckpt_time = time.monotonic()
+            self._retry_after = n
             log.warning("automatic checkpoint of %s failed: %s", self.root, exc)
+        else:
+            self._retry_after = 0
 
     def checkpoint(self, state: MMSBState, *, evict: bool = True) -> Path:
         """Write checkpoint generation+1 (caller holds the state's lock), start its log
@@ -212,25 +217,35 @@ class DurableBus:
         lsn = state._log.last_lsn
         full = self.reset_chain or self.generation == 0
         keep = self.config.retain_checkpoints
+        path = self.ckpt_dir / _ckpt_name(gen)
+        new = _Ckpt(gen, lsn, 0 if full else self.ckpt_lsn, path)
         kept = [] if full else list(self.retained)
-        kept.append(_Ckpt(gen, lsn, 0 if full else self.ckpt_lsn, self.ckpt_dir / _ckpt_name(gen)))
+        kept.append(new)
         if keep is not None and len(kept) > keep and evict:
             kept = kept[-keep:]
-        # History older than the oldest kept checkpoint leaves memory first, so that
-        # the new file's masks and log describe exactly what recovery will rebuild.
-        oldest = kept[0]
-        if oldest.generation != gen and not self._chain_starts_at(kept):
-            state._trim_log(oldest.lsn)
-            state._base = oldest.path
-        elif oldest.generation == gen and len(kept) == 1 and not full:
-            state._trim_log(lsn)
-        path = self.ckpt_dir / _ckpt_name(gen)
-        info = {"bus_id": f"{self.bus_id:016x}", "generation": gen}
-        if full:
-            write_checkpoint(state, path, from_lsn=0, bus=info, base=state._base_bytes())
-        else:
-            write_checkpoint(state, path, from_lsn=self.ckpt_lsn, bus=info, base=b"")
-        if oldest.generation == gen and not full:
+        saved = state._history_snapshot()
+        try:
+            # History older than the oldest kept checkpoint leaves memory first, so that
+            # the new file's masks and log describe exactly what recovery will rebuild.
+            oldest = kept[0]
+            if oldest is not new and not self._chain_starts_at(kept):
+                state._trim_log(oldest.lsn)
+                state._base = oldest.path
+            elif oldest is new and not full:
+                # The new checkpoint is the only one kept: it is its own replay base.
+                state._trim_log(lsn)
+                new.log_from_lsn = lsn
+            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen}
+            base = state._base_bytes() if full else b""
+            write_checkpoint(state, path, from_lsn=new.log_from_lsn, bus=info, base=base)
+        except BaseException as exc:
+            state._history_restore(saved)
+            if isinstance(exc, OSError):
+                raise DurabilityError(
+                    f"writing checkpoint {path.name} failed ({exc.strerror or exc}); the log "
+                    "still holds every record, and the bus goes on") from exc
+            raise
+        if oldest is new and not full:
             state._base = path
         with self.io_lock:
             old_writer = self.writer
@@ -270,19 +285,29 @@ class DurableBus:
 
     # -- hooks called by the state ---------------------------------------------------
     def after_compress(self, state: MMSBState) -> None:
-        """compress_log rewrote history: checkpoint it as a new chain start."""
+        """compress_log rewrote history: checkpoint it as a new chain start (on failure
+        the caller restores the old history)."""
         self.reset_chain = True
-        self.checkpoint(state)
+        try:
+            self.checkpoint(state)
+        except BaseException:
+            self.reset_chain = False
+            raise
 
     def before_restore(self, state: MMSBState) -> None:
         self.flush()
 
     def after_restore(self, state: MMSBState) -> None:
-        """load_checkpoint replaced the state: make it the bus's new chain start."""
+        """load_checkpoint replaced the state: make it the bus's new chain start (on
+        failure the caller swaps the old state back)."""
         state._log.sink = self.sink
         state._log.sink_many = self.sink_many
         self.reset_chain = True
-        self.checkpoint(state)
+        try:
+            self.checkpoint(state)
+        except BaseException:
+            self.reset_chain = False
+            raise
 
     def close(self, state: MMSBState) -> None:
         """Final checkpoint (when anything was logged since the last), then release the

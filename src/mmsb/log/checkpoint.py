@@ -624,6 +624,7 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     target._orphan_from = ck.log_from_lsn if ck.log_from_lsn and not ck.base else 0
     target._recompute = {pid: fn for pid, fn in target._recompute.items() if t.is_live(pid)}
     target._pending.clear()
+    target._forced.clear()
 
 
 def _keep_sink(target: MMSBState, fresh: MMSBState) -> Any:
