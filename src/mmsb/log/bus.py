@@ -33,7 +33,7 @@ from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationEr
 from .checkpoint import read_checkpoint, restore_into, write_checkpoint
 from .codec import crc32c, encode_record
 from .records import AnyRecord
-from .wal import SegmentScan, SegmentWriter, frame, fsync_dir, scan_segment
+from .wal import SegmentScan, SegmentWriter, frame, fsync_dir, group_body, scan_segment
 
 if TYPE_CHECKING:
     from ..state import MMSBState
@@ -118,7 +118,11 @@ class DurableBus:
             raise DurabilityError(
                 f"the bus at {self.root} refuses writes: an earlier write or fsync failed "
                 f"({self.failed}); stop it and reopen it to recover")
-        data = b"".join(frame(encode_record(r)) for r in records)
+        if len(records) == 1:
+            data = frame(encode_record(records[0]))
+        else:
+            # A batch is one frame: after a crash it is in the log whole, or not at all.
+            data = frame(group_body([encode_record(r) for r in records]))
         with self.io_lock:
             try:
                 if self.writer is None or self.writer.size >= self.config.segment_bytes:

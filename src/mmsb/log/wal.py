@@ -13,11 +13,13 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import SerializationError
 from .codec import crc32c, decode_record
 from .records import AnyRecord
 
-__all__ = ["fsync_dir", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
+__all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]
 
 SEG_MAGIC = b"MMSBWAL\0"
@@ -26,6 +28,9 @@ _SEG_HEAD = struct.Struct("<8sHHQQI")
 SEG_HEADER_SIZE = _SEG_HEAD.size + 4
 _LEN = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_GROUP_HEAD = struct.Struct("<BI")
+KIND_GROUP = 11
+"""Frame body kind of a record group (not a record kind: groups exist only in segments)."""
 FRAME_HEAD = 12
 MAX_RECORD = 1 << 34
 """Largest record body a frame may declare (a 4 GiB dense delta and its fields)."""
@@ -119,18 +124,30 @@ class SegmentScan:
 
 
 def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
-    """True if a checksum-valid frame of a record with LSN ``expected`` or
-    ``expected + 1`` starts somewhere at or after ``start``: the mark of damage in the
-    middle of a log rather than a torn last append. Searches for the LSN's bytes (a
-    frame's body begins ``kind u8 | lsn u64``), then checks each candidate's CRC."""
+    """True if a checksum-valid frame starts somewhere at or after ``start``: the mark of
+    damage in the middle of a log rather than a torn last append (nothing valid can
+    follow a torn append). Any later frame carries an LSN between ``expected`` and
+    ``expected`` + the records that could fit; those eight bytes are found with numpy at
+    every offset (eight aligned views), and only the few candidates get a CRC check."""
     end = len(buf)
+    span = end - start
+    if span < FRAME_HEAD + 9:
+        return False
     raw = buf.obj if isinstance(buf.obj, bytes) else bytes(buf)
-    for lsn in (expected, expected + 1):
-        needle = _LEN.pack(lsn)
-        at = raw.find(needle, start + FRAME_HEAD + 1)
-        while at != -1:
-            frame_at = at - FRAME_HEAD - 1
-            if frame_at >= start and end - frame_at >= FRAME_HEAD:
+    lo, hi = expected, expected + span // (FRAME_HEAD + 9) + 2
+    leads = (FRAME_HEAD + 1, FRAME_HEAD + _GROUP_HEAD.size + 4 + 1)  # plain, group
+    for align in range(8):
+        first = start + align
+        count = (end - first) // 8
+        if count <= 0:
+            continue
+        words = np.frombuffer(raw, "<u8", count, first)
+        for k in np.flatnonzero((words >= lo) & (words < hi)).tolist():
+            at = first + 8 * k
+            for lead in leads:
+                frame_at = at - lead
+                if frame_at < start or end - frame_at < FRAME_HEAD:
+                    continue
                 (length,) = _LEN.unpack_from(buf, frame_at)
                 (fcrc,) = _U32.unpack_from(buf, frame_at + 8)
                 body_end = frame_at + FRAME_HEAD + length
@@ -138,7 +155,6 @@ def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
                         buf[frame_at + FRAME_HEAD : body_end],
                         crc32c(buf[frame_at : frame_at + 8])) == fcrc:
                     return True
-            at = raw.find(needle, at + 1)
     return False
 
 
@@ -199,18 +215,54 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
                                                 path=path, offset=pos)
             break
         try:
-            rec = decode_record(body, "log record")
+            recs = _decode_frame_body(body)
         except SerializationError as exc:
             out.damage = SerializationError(f"record does not decode ({exc.reason})", path=path, offset=pos)
             break
-        if rec.lsn != expected:
+        bad = next((r for k, r in enumerate(recs) if r.lsn != expected + k), None)
+        if bad is not None:
             out.damage = SerializationError(
-                f"record has LSN {rec.lsn} where LSN {expected} belongs (a stale or foreign record)",
-                path=path, offset=pos)
+                f"record has LSN {bad.lsn} where LSN {expected + recs.index(bad)} belongs (a "
+                "stale or foreign record)", path=path, offset=pos)
             break
-        out.records.append(rec)
-        out.offsets.append(pos)
-        expected += 1
+        out.records.extend(recs)
+        out.offsets.extend([pos] * len(recs))
+        expected += len(recs)
         pos = body_end
         out.valid_end = pos
+    return out
+
+
+def group_body(bodies: list[bytes]) -> bytes:
+    """One frame body holding several records, so that they reach the log all or none:
+    ``11 u8 | count u32 | (length u32 | record body) × count``."""
+    parts = [_GROUP_HEAD.pack(KIND_GROUP, len(bodies))]
+    for b in bodies:
+        parts.append(_U32.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _decode_frame_body(body: memoryview) -> list[AnyRecord]:
+    """The records of one frame: one record, or a group (see :func:`group_body`)."""
+    if len(body) == 0 or body[0] != KIND_GROUP:
+        return [decode_record(body, "log record")]
+    if len(body) < _GROUP_HEAD.size:
+        raise SerializationError("a record group ends inside its header")
+    _kind, count = _GROUP_HEAD.unpack_from(body, 0)
+    if count < 1 or count > (len(body) - _GROUP_HEAD.size) // 4:
+        raise SerializationError(f"a record group declares {count} records")
+    out: list[AnyRecord] = []
+    pos, end = _GROUP_HEAD.size, len(body)
+    for _ in range(count):
+        if end - pos < 4:
+            raise SerializationError("a record group ends inside a record length")
+        (n,) = _U32.unpack_from(body, pos)
+        pos += 4
+        if n > end - pos:
+            raise SerializationError("a record in a group runs past the group's end")
+        out.append(decode_record(body[pos : pos + n], "log record"))
+        pos += n
+    if pos != end:
+        raise SerializationError("unexpected bytes after a record group")
     return out
