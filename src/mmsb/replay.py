@@ -207,8 +207,12 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
 
 
 def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
-    """Each live page as it stands now (size, location, metadata), rebuilt from zero
-    with only its own deltas whose epoch lies in [lo, hi], in log order."""
+    """The pages as they stand now (ids, sizes, locations, metadata, edges), each with
+    the bytes its history gives for the epoch window [lo, hi]. For lo = 0 (the seed's
+    replay_to_epoch): the page as it was right after its last change at an epoch ≤ hi —
+    clones, resizes and the replay base included — laid into its current size. For
+    lo > 0 (replay_log's window): only the page's own deltas of that window, applied
+    from zero."""
     state = require_state(state, "replay_to_epoch")
     for name, value in (("start_epoch", lo), ("end_epoch", hi)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
@@ -217,43 +221,23 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
     with state._lock:
         state._require_replayable("epoch replay")
         t = state._table
-        origin = _origin(state) if state._base is not None else None
-        pages = []
-        for pid in t.live_ids().tolist():
-            size = int(t.size[pid])
-            buf = np.zeros(size, np.uint8)
-            retained = state._log.by_page.get(pid, ())
-            start = 0
-            if origin is not None and origin._table.is_live(pid):
-                # History before the horizon is the base image; it is usable only when
-                # the window starts at 0 and the page's base epoch lies inside it.
-                start = int(origin._table.epoch[pid])
-                if start and (lo > 0 or start > hi):
-                    raise HistoryUnavailableError(
-                        f"page {pid}: epochs up to {start} are before the oldest retained "
-                        f"history (LSN {state._log.horizon_lsn})")
-                if start:
-                    apply_clipped(buf, _image_delta(origin, pid))
-            for d in retained:
-                if d.base_epoch + 1 < lo <= d.epoch or d.base_epoch < hi < d.epoch:
-                    raise HistoryUnavailableError(
-                        f"page {pid}: epochs {d.base_epoch}..{d.epoch} were merged into one "
-                        f"delta ({d.source}), so the cut at {lo}..{hi} is not in the history")
-            applied = [d for d in retained if lo <= d.epoch <= hi and d.epoch > start]
-            for d in applied:
-                apply_clipped(buf, d)
-            if start and origin is not None:
-                applied = [_image_delta(origin, pid), *applied]
-            pages.append((pid, size, int(t.loc[pid]), t.meta.get(pid), buf, applied))
+        live = t.live_ids().tolist()
+        cut = _history_cut(state, live, hi) if lo == 0 else _window_cut(state, live, lo, hi)
+        pages = [(pid, int(t.size[pid]), int(t.loc[pid]), t.meta.get(pid), *cut[pid])
+                 for pid in live]
         next_id = t.next_id
         edges = state.graph.edges()
-    for pid, size, loc, meta, buf, applied in pages:
+    for pid, size, loc, meta, data, epoch, mask in pages:
         new._commit(PageCreate(pid, 1, size, loc, dict(meta) if meta else None))
-        if applied:
-            idx = np.flatnonzero(union_mask(size, applied) | (buf != 0))
-            d = make_delta(new._new_delta_id(), pid, 0, size, idx, buf[idx], "replay",
-                           epoch=max(d.epoch for d in applied))
-            new._commit(d)
+        buf = np.zeros(size, np.uint8)
+        n = min(size, len(data))
+        buf[:n] = data[:n]
+        if epoch:
+            m = np.zeros(size, bool)
+            m[:n] = mask[:n]
+            idx = np.flatnonzero(m | (buf != 0))
+            new._commit(make_delta(new._new_delta_id(), pid, 0, size, idx, buf[idx], "replay",
+                                   epoch=epoch))
     for parent, child, et in edges:
         new._commit(EdgeAdd(parent, child, int(et)))
     if new._table.next_id < next_id:
@@ -261,12 +245,97 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
     return new
 
 
-def _image_delta(origin: MMSBState, pid: int) -> Delta:
-    """A page of the replay base as one delta from zero (its bytes and epoch)."""
-    view = origin._page_view(pid)
-    idx = np.flatnonzero(origin._page_mask(pid) | (view != 0))
-    return make_delta(0, pid, 0, len(view), idx, view[idx], "base",
-                      epoch=max(int(origin._table.epoch[pid]), 1))
+Cut = dict[int, tuple[np.ndarray, int, np.ndarray]]
+
+
+def _merged_across(d: Delta, bound: int) -> bool:
+    return d.base_epoch < bound < d.epoch
+
+
+def _history_cut(state: MMSBState, live: list[int], bound: int) -> Cut:
+    """Page id → (bytes, epoch, written mask) right after the page's last change at an
+    epoch ≤ ``bound``. One pass finds, from the records alone, which record that is for
+    each page; one replay from the origin snapshots each page there. Caller holds the
+    lock. O(records) plus one copy per page."""
+    origin = _origin(state)
+    records = state._log.records
+    ot = origin._table
+    epoch_of: dict[int, int] = {pid: int(ot.epoch[pid]) for pid in ot.live_ids().tolist()}
+    last: dict[int, int] = {pid: -1 for pid, e in epoch_of.items() if e <= bound}
+    too_new = {pid for pid, e in epoch_of.items() if e > bound}
+    for i, rec in enumerate(records):
+        if isinstance(rec, Delta):
+            if _merged_across(rec, bound):
+                raise HistoryUnavailableError(
+                    f"page {rec.page_id}: epochs {rec.base_epoch}..{rec.epoch} were merged into "
+                    f"one delta ({rec.source}), so epoch {bound} is not in the history")
+            epoch_of[rec.page_id] = rec.epoch
+            touched: tuple[int, ...] = (rec.page_id,)
+        elif isinstance(rec, PageCreate):
+            touched = tuple(range(rec.first_id, rec.first_id + rec.count))
+            epoch_of.update(dict.fromkeys(touched, 0))
+        elif isinstance(rec, PageClone):
+            epoch_of[rec.page_id] = epoch_of.get(rec.source_id, 0)
+            touched = (rec.page_id,)
+        elif isinstance(rec, PageResize):
+            touched = (rec.page_id,)
+        else:
+            continue
+        for pid in touched:
+            if epoch_of.get(pid, 0) <= bound:
+                last[pid] = i
+                too_new.discard(pid)
+    missing = [pid for pid in live if pid not in last]
+    if missing:
+        raise HistoryUnavailableError(
+            f"page {missing[0]}: its epochs up to {bound} are before the oldest retained "
+            f"history (LSN {state._log.horizon_lsn})")
+    wanted: dict[int, list[int]] = {}
+    for pid in live:
+        wanted.setdefault(last[pid], []).append(pid)
+    out: Cut = {}
+
+    def take(pids: list[int]) -> None:
+        for pid in pids:
+            out[pid] = (origin._page_view(pid).copy(), int(origin._table.epoch[pid]),
+                        origin._page_mask(pid))
+
+    take(wanted.get(-1, []))
+    stop = max(wanted)
+    for i, rec in enumerate(records[: stop + 1]):
+        origin._apply(rec)
+        if isinstance(rec, Delta):
+            origin._log.adopt(rec)  # masks come from the log
+        if i in wanted:
+            take(wanted[i])
+    return out
+
+
+def _window_cut(state: MMSBState, live: list[int], lo: int, hi: int) -> Cut:
+    """Page id → (bytes, epoch, mask) from the page's own deltas with lo ≤ epoch ≤ hi,
+    applied from zero in log order. Caller holds the lock."""
+    out: Cut = {}
+    t = state._table
+    origin = _origin(state) if state._base is not None else None
+    for pid in live:
+        size = int(t.size[pid])
+        retained = state._log.by_page.get(pid, ())
+        if origin is not None and origin._table.is_live(pid) and \
+                lo <= int(origin._table.epoch[pid]):
+            raise HistoryUnavailableError(
+                f"page {pid}: epochs up to {int(origin._table.epoch[pid])} are before the "
+                f"oldest retained history (LSN {state._log.horizon_lsn})")
+        for d in retained:
+            if d.base_epoch + 1 < lo <= d.epoch or _merged_across(d, hi):
+                raise HistoryUnavailableError(
+                    f"page {pid}: epochs {d.base_epoch}..{d.epoch} were merged into one delta "
+                    f"({d.source}), so the window {lo}..{hi} is not in the history")
+        applied = [d for d in retained if lo <= d.epoch <= hi]
+        buf = np.zeros(size, np.uint8)
+        for d in applied:
+            apply_clipped(buf, d)
+        out[pid] = (buf, max((d.epoch for d in applied), default=0), union_mask(size, applied))
+    return out
 
 
 def replay_to_epoch(state: MMSBState, epoch: int) -> MMSBState:
