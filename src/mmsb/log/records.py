@@ -13,7 +13,7 @@ from ..delta import Delta
 
 __all__ = [
     "Record", "PageCreate", "PageDelete", "PageResize", "PageMigrate", "PageClone",
-    "MetadataSet", "EdgeAdd", "EdgeRemove", "Compacted", "AnyRecord", "record_page_ids",
+    "MetadataSet", "EdgeAdd", "EdgeRemove", "Compacted", "AnyRecord",
 ]
 
 
@@ -106,17 +106,3 @@ class Compacted(Record):
 
 
 AnyRecord = Record | Delta
-
-
-def record_page_ids(rec: AnyRecord) -> tuple[int, ...]:
-    """Page ids a record touches (for filtering the log by page)."""
-    if isinstance(rec, Delta):
-        return (rec.page_id,)
-    if isinstance(rec, PageCreate):
-        return tuple(range(rec.first_id, rec.first_id + rec.count))
-    if isinstance(rec, EdgeAdd | EdgeRemove):
-        return (rec.parent_id, rec.child_id)
-    if isinstance(rec, PageClone):
-        return (rec.page_id, rec.source_id)
-    page_id = getattr(rec, "page_id", None)
-    return () if page_id is None else (page_id,)
