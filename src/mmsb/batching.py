@@ -146,13 +146,15 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     first_id = state._next_delta_id
     lo = bounds[changed].tolist()
     hi = bounds[changed + 1].tolist()
+    lsn0, ts = frame.reserve(state._log, len(lo))
     new_delta = Delta
-    deltas = [new_delta(first_id + k, p, e, e + 1, source, size, rel[a:b], vals[a:b], None, None)
+    deltas = [new_delta(first_id + k, p, e, e + 1, source, size, rel[a:b], vals[a:b], None, None,
+                        lsn0 + k, ts)
               for k, (p, e, size, a, b) in enumerate(zip(cpids.tolist(), base.tolist(),
                                                          sizes[changed].tolist(), lo, hi,
                                                          strict=True))]
     state._next_delta_id = first_id + len(deltas)
-    frame.hold_many(state._log, deltas)
+    frame.records.extend(deltas)
     frame.undo_scatter(c0, final_at, final_old, cpids, t.epoch[cpids].copy())
     chunk[final_at] = final_val
     state._counters.payload_bytes_logged += int(vals.size)

@@ -969,19 +969,16 @@ class _BatchFrame:
         log.last_timestamp = rec.timestamp
         self.records.append(rec)
 
-    def hold_many(self, log: TransactionLog, deltas: list[Delta]) -> None:
-        """Stamp a run of deltas with consecutive LSNs and one timestamp, and hold them."""
+    def reserve(self, log: TransactionLog, n: int) -> tuple[int, int]:
+        """Reserve ``n`` consecutive LSNs and one timestamp for records about to be held;
+        returns the first LSN and the timestamp."""
         lsn = log.next_lsn
         ts = time.time_ns()
         if ts < log.last_timestamp:
             ts = log.last_timestamp
-        for d in deltas:
-            d.lsn = lsn
-            d.timestamp = ts
-            lsn += 1
-        log.next_lsn = lsn
+        log.next_lsn = lsn + n
         log.last_timestamp = ts
-        self.records.extend(deltas)
+        return lsn, ts
 
     def undo_scatter(self, chunk: int, offsets: np.ndarray, old: np.ndarray, pids: np.ndarray,
                      epochs: np.ndarray) -> None:
