@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .delta import Delta, as_bytes_array
+from .delta import Delta, as_bytes_array, sparse_enough
 from .errors import InvalidArgumentError, InvalidDeltaError
 from .state import MMSBState, check_source
 from .store.arena import CHUNK_SHIFT
@@ -124,7 +124,7 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     owner = np.searchsorted(starts, nz, side="right") - 1
     counts = np.bincount(owner, minlength=nw)
     changed = np.flatnonzero(counts)
-    if (counts[changed] * 4 > sizes[changed]).any():
+    if not sparse_enough(counts[changed], sizes[changed]).all():
         return None  # a dense delta: its payload depends on the writes before it
     rel = nz - starts[owner] + offs[owner]
     vals = cat[nz]

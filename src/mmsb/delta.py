@@ -2,7 +2,7 @@
 build, merge and apply them.
 
 A delta is *sparse* when it covers at most a quarter of the page: it keeps the sorted
-positions (uint32) and their values, so its memory grows with the changed bytes, not
+positions (integers) and their values, so its memory grows with the changed bytes, not
 with the page. Otherwise it is *dense*: the full-length bytes (zero outside the mask)
 and a bool mask, or no mask at all when every byte is covered.
 """
@@ -18,7 +18,7 @@ from .errors import InvalidDeltaError
 
 __all__ = [
     "Delta",
-    "SPARSE_FRACTION",
+    "sparse_enough",
     "as_bytes_array",
     "diff_write",
     "make_delta",
@@ -28,11 +28,12 @@ __all__ = [
     "apply_clipped",
 ]
 
-SPARSE_FRACTION = 0.25
-_EMPTY_IDX = np.empty(0, np.uint32)
-_EMPTY_VALS = np.empty(0, np.uint8)
-_EMPTY_IDX.flags.writeable = False
-_EMPTY_VALS.flags.writeable = False
+def sparse_enough(changed: Any, size: Any) -> Any:
+    """The representation rule: a delta is sparse when it changes at most a quarter of
+    the page. Works on ints and on numpy arrays alike."""
+    return changed * 4 <= size
+
+
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -111,12 +112,12 @@ class Delta:
 
     @property
     def indices(self) -> np.ndarray:
-        """Sorted positions covered by the delta (uint32, read-only)."""
+        """Sorted positions covered by the delta (integers, read-only)."""
         if self._idx is not None:
             return _readonly(self._idx)
         if self._mask is None:
-            return np.arange(self.page_size, dtype=np.uint32)
-        return np.flatnonzero(self._mask).astype(np.uint32)
+            return np.arange(self.page_size, dtype=np.intp)
+        return np.flatnonzero(self._mask)
 
     @property
     def values(self) -> np.ndarray:
@@ -200,9 +201,9 @@ def make_delta(delta_id: int, page_id: int, base_epoch: int, page_size: int,
     n = int(idx.size)
     if epoch is None:
         epoch = base_epoch + 1
-    if n * 4 <= page_size:
+    if sparse_enough(n, page_size):
         return Delta(delta_id, page_id, base_epoch, epoch, source, page_size,
-                     idx.astype(np.uint32, copy=False), np.array(vals, dtype=np.uint8),
+                     idx.astype(np.intp, copy=False), np.array(vals, dtype=np.uint8),
                      None, None)
     data = np.zeros(page_size, dtype=np.uint8)
     data[idx] = vals
@@ -229,18 +230,12 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
     size = len(view)
     m = len(new)
     cur = view if m == size else view[offset : offset + m]
+    rel: np.ndarray | None = None
+    ne: np.ndarray | None
     if m <= _SMALL:
         ne = cur != new
-        rel = ne.nonzero()[0]
+        rel = ne.nonzero()[0]  # cheap at this size, and a sparse delta needs it anyway
         n = len(rel)
-        if n == 0:
-            return None
-        if n * 4 <= size:
-            vals = new[rel]
-            if offset:
-                rel += offset
-            return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, rel, vals,
-                         None, None)
     else:
         x = np.bitwise_xor(cur, new, out=scratch[:m])
         if x.min():  # no zero byte: every byte changed (min is the fastest reduction)
@@ -248,15 +243,17 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
         else:
             ne = x.astype(bool)
             n = int(np.count_nonzero(ne))
-            if n == 0:
-                return None
-            if n * 4 <= size:
-                rel = ne.nonzero()[0]
-                vals = new[rel]
-                if offset:
-                    rel += offset
-                return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, rel,
-                             vals, None, None)
+    if n == 0:
+        return None
+    if sparse_enough(n, size):
+        if rel is None:
+            assert ne is not None
+            rel = ne.nonzero()[0]
+        vals = new[rel]
+        if offset:
+            rel += offset
+        return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, rel, vals,
+                     None, None)
     if n == size:
         return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, None, None,
                      new.copy(), None)

@@ -288,30 +288,29 @@ class DurableBus:
         return kept[0].log_from_lsn == 0
 
     # -- hooks called by the state ---------------------------------------------------
-    def after_compress(self, state: MMSBState) -> None:
-        """compress_log rewrote history: checkpoint it as a new chain start (on failure
-        the caller restores the old history)."""
+    def _checkpoint_new_chain(self, state: MMSBState) -> None:
+        """Checkpoint ``state``'s whole log as a new chain start (after compress_log or
+        load_checkpoint replaced history). On failure nothing of the bus changes; the
+        caller restores its state."""
         self.reset_chain = True
         try:
             self.checkpoint(state)
         except BaseException:
             self.reset_chain = False
             raise
+
+    def after_compress(self, state: MMSBState) -> None:
+        """compress_log rewrote history."""
+        self._checkpoint_new_chain(state)
 
     def before_restore(self, state: MMSBState) -> None:
         self.flush()
 
     def after_restore(self, state: MMSBState) -> None:
-        """load_checkpoint replaced the state: make it the bus's new chain start (on
-        failure the caller swaps the old state back)."""
+        """load_checkpoint replaced the state (and its log object)."""
         state._log.sink = self.sink
         state._log.sink_many = self.sink_many
-        self.reset_chain = True
-        try:
-            self.checkpoint(state)
-        except BaseException:
-            self.reset_chain = False
-            raise
+        self._checkpoint_new_chain(state)
 
     def close(self, state: MMSBState) -> None:
         """Final checkpoint (when anything was logged since the last), then release the
