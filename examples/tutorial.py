@@ -183,9 +183,9 @@ def events(state: mmsb.MMSBState, ids: dict[str, int]) -> None:
         raise RuntimeError("a buggy subscriber")
 
     oops = mmsb.subscribe(state, mmsb.EventType.DELTA_APPLIED, broken, filter=ids["a"])
-    logging.getLogger("mmsb.events").disabled = True       # keep the tutorial's output tidy
+    logging.getLogger("mmsb._core.events").disabled = True       # keep the tutorial's output tidy
     mmsb.update_page(state, ids["a"], struct.pack("<I", 21))
-    logging.getLogger("mmsb.events").disabled = False
+    logging.getLogger("mmsb._core.events").disabled = False
     print("handler errors so far:", mmsb.get_stats(state).handler_errors)
 
     for sub in (only_d, stale, oops):

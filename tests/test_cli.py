@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import mmsb
-from mmsb.cli_views import blame, format_time, parse_range, parse_time
-from mmsb.log.bus import bus_files
+from mmsb.cli.views import blame, format_time, parse_range, parse_time
+from mmsb._storage.bus import bus_files
 
 HAVE_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -31,7 +31,7 @@ ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": 
 
 def mmsb_cmd(*args: Any, check: int | None = 0) -> subprocess.CompletedProcess[str]:
     """Run ``python -m mmsb.cli ARGS``; with ``check``, assert that exit status."""
-    r = subprocess.run([sys.executable, "-m", "mmsb.cli", *map(str, args)],
+    r = subprocess.run([sys.executable, "-m", "mmsb", *map(str, args)],
                        capture_output=True, text=True, env=ENV, timeout=60)
     if check is not None:
         assert r.returncode == check, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
@@ -121,7 +121,7 @@ def test_inspect_json_matches_library(bus: Path, lib: mmsb.MMSBState) -> None:
            for row in doc["pages"]]
     assert got == want
     stats = mmsb.compute_log_statistics(lib)
-    assert doc["log"]["records"] == stats["records"] == len(lib._log.records)
+    assert doc["log"]["records"] == stats["records"] == len(lib.log.records)
     assert doc["log"]["deltas"] == len(lib.tlog)
     assert (doc["log"]["first_lsn"], doc["log"]["last_lsn"]) == (1, lib.last_lsn)
     assert doc["log"]["sources"] == stats["sources"]
@@ -244,7 +244,7 @@ def test_blame_and_verify_on_trimmed_history(tmp_path: Path) -> None:
             time.sleep(0.002)  # past checkpoint_interval: each write checkpoints
             mmsb.write_page(s, 1, 4 * k, b"\x07" * 4)
     lib = mmsb.open_readonly(path)
-    horizon = lib._log.horizon_lsn
+    horizon = lib.log.horizon_lsn
     assert horizon > 0
     doc, ver = mmsb_jsons(("blame", path, 1), ("verify", path))
     assert _ranges(doc) == [(0, 12, "before_history", None), (12, 16, "never_written", None)]
@@ -341,7 +341,7 @@ def test_verify_ok(bus: Path, lib: mmsb.MMSBState, crafted: Path) -> None:
 
 def test_verify_reports_a_state_that_differs_from_its_log(tmp_path: Path) -> None:
     s = _crafted_state()
-    s._page_view(1)[5] = 0x7F  # bytes changed behind the log's back
+    s.page_view(1)[5] = 0x7F  # bytes changed behind the log's back
     bad = tmp_path / "bad.mmsb"
     mmsb.checkpoint_log(s, bad)
     r = mmsb_cmd("verify", bad, check=1)
@@ -409,7 +409,7 @@ def test_metrics_serves_and_follows_the_writer(tmp_path: Path) -> None:
         mmsb.create_page(state, 8)
         mmsb.write_page(state, 1, 0, b"abc")
         state.bus.flush()  # type: ignore[union-attr]
-        proc = subprocess.Popen([sys.executable, "-m", "mmsb.cli", "metrics", str(path),
+        proc = subprocess.Popen([sys.executable, "-m", "mmsb", "metrics", str(path),
                                  "--port", "0"], stderr=subprocess.PIPE, text=True, env=ENV)
         try:
             assert proc.stderr is not None
@@ -442,7 +442,7 @@ def test_metrics_without_prometheus_client_is_one_line(bus: Path, tmp_path: Path
     (fake / "__init__.py").write_text("raise ImportError('not installed (test)')\n")
     env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path),
                                                               ENV.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-m", "mmsb.cli", "metrics", str(bus), "--once"],
+    r = subprocess.run([sys.executable, "-m", "mmsb", "metrics", str(bus), "--once"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.splitlines() == [

@@ -42,11 +42,11 @@ import mmsb
 from conftest import edges, pages_view
 from crash_writer import apply as apply_write
 from crash_writer import digest, plan
-from mmsb.log import checkpoint as ckpt_mod
-from mmsb.log import wal as wal_mod
-from mmsb.log.bus import bus_files
-from mmsb.log.codec import crc32c, decode_record
-from mmsb.log.wal import SEG_HEADER_SIZE, frame, scan_segment, segment_header
+from mmsb._storage import checkpoint as ckpt_mod
+from mmsb._storage import wal as wal_mod
+from mmsb._storage.bus import bus_files
+from mmsb._storage.codec import crc32c, decode_record
+from mmsb._storage.wal import SEG_HEADER_SIZE, frame, scan_segment, segment_header
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 MB = 1 << 20

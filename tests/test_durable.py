@@ -30,12 +30,12 @@ from typing import Any
 import pytest
 
 import mmsb
-import mmsb.log.wal as wal_mod
+import mmsb._storage.wal as wal_mod
 from conftest import edges, pages_view
 from crash_writer import apply as apply_write
 from crash_writer import digest, plan
-from mmsb.log.bus import bus_files, open_readonly
-from mmsb.log.codec import encode_record
+from mmsb._storage.bus import bus_files, open_readonly
+from mmsb._storage.codec import encode_record
 
 WRITER = Path(__file__).with_name("crash_writer.py")
 
@@ -54,14 +54,14 @@ def start(path: Path, **kw: Any) -> mmsb.MMSBState:
 
 def log_records(state: mmsb.MMSBState) -> list[bytes]:
     """The retained log, each record as its exact binary encoding."""
-    return [encode_record(r) for r in state._log.records]
+    return [encode_record(r) for r in state.log.records]
 
 
 def full_view(state: mmsb.MMSBState) -> tuple:
     """Pages (bytes, epoch, size, location, metadata), edges, the next page id, the last
     LSN, the history horizon and the retained log."""
     return (pages_view(state), edges(state), int(state.next_page_id), int(state.last_lsn),
-            int(state._log.horizon_lsn), log_records(state))
+            int(state.log.horizon_lsn), log_records(state))
 
 
 def state_view(state: mmsb.MMSBState) -> tuple:
@@ -540,7 +540,7 @@ def _history_bus(root: Path, keep: int | None, n: int = 45) -> tuple[mmsb.MMSBSt
 
     def note_stamp() -> None:
         # A checkpoint with retain_checkpoints=1 may trim the newest record at once.
-        recs = s._log.records
+        recs = s.log.records
         if recs and recs[-1].lsn == s.last_lsn:
             stamps[s.last_lsn] = recs[-1].timestamp
 
@@ -583,7 +583,7 @@ def test_retention_keeps_n_checkpoints_of_history(tmp_path: Path, keep: int) -> 
     try:
         ckpts = bus_files(root)["checkpoints"]
         assert len(ckpts) == keep
-        horizon = s._log.horizon_lsn
+        horizon = s.log.horizon_lsn
         # Checkpoints fall every 10 records: the oldest kept one is the horizon.
         assert horizon == 40 - 10 * (keep - 1)
         _check_time_travel(s, views, horizon, stamps)
@@ -603,7 +603,7 @@ def test_replay_to_timestamp_at_the_horizon(tmp_path: Path) -> None:
     root = tmp_path / "bus"
     s, views, stamps = _history_bus(root, 2)
     try:
-        horizon = s._log.horizon_lsn
+        horizon = s.log.horizon_lsn
         assert state_view(mmsb.replay_to_lsn(s, horizon)) == views[horizon]
         r = mmsb.replay_to_timestamp(s, stamps[horizon])
         assert r.last_lsn == horizon and state_view(r) == views[horizon]
@@ -614,12 +614,12 @@ def test_replay_to_timestamp_at_the_horizon(tmp_path: Path) -> None:
 def test_keep_all_keeps_the_whole_history_across_reopens(tmp_path: Path) -> None:
     root = tmp_path / "bus"
     s, views, stamps = _history_bus(root, None)
-    assert s._log.horizon_lsn == 0
+    assert s.log.horizon_lsn == 0
     _check_time_travel(s, views, 0, stamps)
     mmsb.mmsb_stop(s)
     s = start(root, fsync="none", max_tlog_size=10)
     try:
-        assert s._log.horizon_lsn == 0
+        assert s.log.horizon_lsn == 0
         assert len(bus_files(root)["checkpoints"]) >= 5
         _check_time_travel(s, views, 0, stamps)
     finally:
@@ -665,7 +665,7 @@ def test_retention_resumes_after_a_reopen(tmp_path: Path, how: str) -> None:
     s = start(root, **config)
     first = full_view(s)
     try:
-        assert s._log.horizon_lsn == 30
+        assert s.log.horizon_lsn == 30
     finally:
         mmsb.mmsb_stop(s)
     s = start(root, **config)
@@ -676,7 +676,7 @@ def test_retention_resumes_after_a_reopen(tmp_path: Path, how: str) -> None:
         for i in range(10):
             mmsb.write_page(s, pid, i % 8, bytes([0x80 + i]))
         assert len(bus_files(root)["checkpoints"]) == 2
-        assert s._log.horizon_lsn == last
+        assert s.log.horizon_lsn == last
         with pytest.raises(mmsb.HistoryUnavailableError):
             mmsb.replay_to_lsn(s, last - 1)
         assert state_view(mmsb.replay_to_lsn(s, last)) == views[last]
@@ -697,7 +697,7 @@ def test_replay_to_epoch_within_retained_history(tmp_path: Path) -> None:
         for i in range(45):
             mmsb.write_page(st, (a.id, b.id)[i % 2], i % 8, bytes([i + 1]))
     try:
-        assert s._log.horizon_lsn > 0
+        assert s.log.horizon_lsn > 0
         for e in range(0, 26):
             want = pages_view(mmsb.replay_to_epoch(ref, e))
             try:

@@ -1,10 +1,10 @@
 """Hypothesis fuzzing of every decoder of the durable formats (issue 3): only
 SerializationError may escape.
 
-* ``mmsb.log.codec.decode_record`` — log record bodies;
+* ``mmsb._storage.codec.decode_record`` — log record bodies;
 * ``mmsb.deserialize_delta`` — standalone deltas (``MMSD`` blobs);
-* ``mmsb.log.checkpoint.read_checkpoint`` — checkpoint files given as bytes;
-* ``mmsb.log.wal.scan_segment`` — WAL segment files; it reports damage in its result
+* ``mmsb._storage.checkpoint.read_checkpoint`` — checkpoint files given as bytes;
+* ``mmsb._storage.wal.scan_segment`` — WAL segment files; it reports damage in its result
   and never raises.
 
 Inputs are random bytes and, mostly, mutations of valid encodings of every record kind
@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmsb
-from mmsb.log import checkpoint as ckpt_mod
-from mmsb.log.codec import crc32c, decode_record, encode_record
-from mmsb.log.records import Compacted, EdgeRemove, PageMigrate
-from mmsb.log.wal import SEG_HEADER_SIZE, frame, scan_segment, segment_header
+from mmsb._storage import checkpoint as ckpt_mod
+from mmsb._storage.codec import crc32c, decode_record, encode_record
+from mmsb._core.records import Compacted, EdgeRemove, PageMigrate
+from mmsb._storage.wal import SEG_HEADER_SIZE, frame, scan_segment, segment_header
 
 FUZZ = settings(max_examples=int(os.environ.get("MMSB_FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -74,13 +74,13 @@ def _corpus_state() -> mmsb.MMSBState:
 
 def _records() -> list[bytes]:
     s = _corpus_state()
-    recs = [encode_record(r) for r in s._log.records]
+    recs = [encode_record(r) for r in s.log.records]
     extra = [PageMigrate(1, 0, lsn=900, timestamp=1), EdgeRemove(1, 2, lsn=901, timestamp=2),
              Compacted(77, lsn=902, timestamp=3)]
     recs += [encode_record(r) for r in extra]
     c = _corpus_state()
     mmsb.compress_log(c)
-    recs += [encode_record(r) for r in c._log.records]
+    recs += [encode_record(r) for r in c.log.records]
     return recs
 
 
@@ -93,7 +93,7 @@ _DELTA_ENCODINGS = {mmsb.deserialize_delta(b).is_sparse for b in DELTA_BLOBS}
 def _checkpoints() -> list[bytes]:
     out = [ckpt_mod.checkpoint_bytes(mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False)))]
     s = _corpus_state()
-    with s._lock:
+    with s.lock:
         out.append(ckpt_mod.checkpoint_bytes(s))
     # A durable bus's checkpoint: META with a bus identity, a log slice, a nested BASE.
     with tempfile.TemporaryDirectory() as d:
@@ -102,7 +102,7 @@ def _checkpoints() -> list[bytes]:
         p = mmsb.create_page(b, 8, metadata={"x": 1})
         for i in range(13):
             mmsb.write_page(b, p.id, i % 8, bytes([i + 1]))
-        with b._lock:
+        with b.lock:
             out.append(ckpt_mod.checkpoint_bytes(b))
         mmsb.mmsb_stop(b)
         out += [f.read_bytes() for f in sorted((Path(d) / "checkpoints").glob("ckpt-*"))]

@@ -58,7 +58,7 @@ def _problems(path: Path, base: Path = PACKAGE.parent) -> list[str]:
 
 def test_the_package_sources_are_found() -> None:
     names = {p.name for p in SOURCES}
-    assert {"codec.py", "checkpoint.py", "wal.py", "bus.py", "api.py"} <= names
+    assert {"codec.py", "checkpoint.py", "wal.py", "bus.py", "_api.py"} <= names
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -82,11 +82,11 @@ def test_loaded_modules_do_not_include_pickle_through_mmsb() -> None:
     """Importing the whole public API and the durable bus pulls in no pickle-family
     module of the package's own making (the standard library may import pickle for its
     own reasons; what matters is that no mmsb module references it)."""
-    import mmsb.log.bus
-    import mmsb.log.checkpoint
-    import mmsb.log.codec
-    import mmsb.log.wal  # noqa: F401
+    import mmsb._storage.bus
+    import mmsb._storage.checkpoint
+    import mmsb._storage.codec
+    import mmsb._storage.wal  # noqa: F401
 
-    for mod in (mmsb.log.codec, mmsb.log.checkpoint, mmsb.log.wal, mmsb.log.bus):
+    for mod in (mmsb._storage.codec, mmsb._storage.checkpoint, mmsb._storage.wal, mmsb._storage.bus):
         for name in FORBIDDEN_MODULES:
             assert name not in vars(mod), f"{mod.__name__} binds {name}"

@@ -40,8 +40,8 @@ def test_history_matches_replay_to_lsn(steps):
     for pid in ids:
         for snap in mmsb.replay_page_history(s, pid):
             # A compressed prefix ends at its Compacted marker: replay starts there.
-            past = mmsb.replay_to_lsn(s, max(snap.lsn, s._log.horizon_lsn))
-            if snap.lsn < s._log.horizon_lsn:
+            past = mmsb.replay_to_lsn(s, max(snap.lsn, s.log.horizon_lsn))
+            if snap.lsn < s.log.horizon_lsn:
                 assert snap.source == "compressed"
             assert mmsb.query_page(past, pid) == snap.data
             assert past.pages[pid].epoch == snap.epoch

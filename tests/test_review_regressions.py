@@ -66,7 +66,7 @@ def test_a_failed_automatic_checkpoint_keeps_history_whole(tmp_path):
     p = mmsb.create_page(s, 16).id
     for i in range(12):
         mmsb.write_page(s, p, i, b"a")
-    with mock.patch("mmsb.log.bus.write_checkpoint", side_effect=OSError(errno.ENOSPC, "full")):
+    with mock.patch("mmsb._storage.bus.write_checkpoint", side_effect=OSError(errno.ENOSPC, "full")):
         for i in range(8):
             mmsb.write_page(s, p, 8 + i, b"b")
     assert mmsb.verify_state_consistency(s)
@@ -84,7 +84,7 @@ def test_compress_on_a_bus_whose_checkpoint_fails_changes_nothing(tmp_path):
     for i in range(5):
         mmsb.write_page(s, p, i, b"c")
     before = ([(d.lsn, d.source) for d in s.tlog], s.last_lsn)
-    with mock.patch("mmsb.log.bus.write_checkpoint", side_effect=OSError(errno.ENOSPC, "full")):
+    with mock.patch("mmsb._storage.bus.write_checkpoint", side_effect=OSError(errno.ENOSPC, "full")):
         with pytest.raises(mmsb.DurabilityError):
             mmsb.compress_log(s)
     assert ([(d.lsn, d.source) for d in s.tlog], s.last_lsn) == before
@@ -107,7 +107,7 @@ def test_load_checkpoint_into_a_bus_whose_checkpoint_fails_changes_nothing(tmp_p
     s = mmsb.mmsb_start(path=tmp_path / "bus", config=mmsb.MMSBConfig(enable_gpu=False))
     p = mmsb.create_page(s, 8).id
     mmsb.write_page(s, p, 0, b"mine")
-    with mock.patch("mmsb.log.bus.write_checkpoint", side_effect=OSError(errno.ENOSPC, "full")):
+    with mock.patch("mmsb._storage.bus.write_checkpoint", side_effect=OSError(errno.ENOSPC, "full")):
         with pytest.raises(mmsb.DurabilityError):
             mmsb.load_checkpoint(s, ck)
     assert mmsb.query_page(s, p) == b"mine\x00\x00\x00\x00"

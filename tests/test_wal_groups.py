@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 
 import mmsb
-from mmsb.log.bus import bus_files
+from mmsb._storage.bus import bus_files
 
 
 def _copy_while_open(state, src: Path, dst: Path) -> Path:
@@ -63,7 +63,7 @@ def test_a_write_failing_in_the_middle_of_a_batch_leaves_nothing_after_reopen(tm
             raise OSError(28, "No space left on device")
         return n
 
-    with mock.patch("mmsb.log.wal.os.write", side_effect=failing_write):
+    with mock.patch("mmsb._storage.wal.os.write", side_effect=failing_write):
         with pytest.raises(mmsb.DurabilityError):
             mmsb.apply_batch(s, [(p, i, bytes([i + 1])) for i in range(10)])
     assert mmsb.query_page(s, p) == bytes(64)

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidArgumentError, MissingDependencyError, MMSBError
 
 if TYPE_CHECKING:
-    from .monitor import MMSBStats
-    from .state import MMSBState
+    from ._core.monitor import MMSBStats
+    from ._core.engine import MMSBState
 
 __all__ = [
     "MMSBCollector",
@@ -71,7 +71,7 @@ def require_prometheus_client() -> Any:
 
 
 def _state_factory(source: Any, what: str) -> Callable[[], MMSBState]:
-    from .state import MMSBState
+    from ._core.engine import MMSBState
 
     if isinstance(source, MMSBState):
         return lambda: source
@@ -181,7 +181,7 @@ class MMSBCollector:
 
     def collect(self) -> Iterator[Any]:
         """Yield the metric families of one ``get_stats`` snapshot."""
-        from .api import get_stats
+        from ._api import get_stats
 
         fams = {f.name: self._new(f) for f in self._families}
         const = list(self.const_labels.values())
@@ -268,7 +268,7 @@ class BusFilesCollector:
         return list(self._families().values())
 
     def collect(self) -> Iterator[Any]:
-        from .log.bus import bus_files
+        from ._storage.bus import bus_files
 
         fams = self._families()
         const = list(self.const_labels.values())

@@ -14,16 +14,16 @@ import logging
 from typing import TYPE_CHECKING
 
 from .delta import as_bytes_array
-from .errors import InvalidDeltaError, PropagationError
-from .state import Page
-from .types import EdgeType, EventType
+from ..errors import InvalidDeltaError, PropagationError
+from .engine import Page
+from ..types import EdgeType, EventType
 
 if TYPE_CHECKING:
-    from .state import MMSBState
+    from .engine import MMSBState
 
 __all__ = ["run_propagation", "affected_order"]
 
-log = logging.getLogger("mmsb.propagation")
+log = logging.getLogger("mmsb._core.propagation")
 
 
 # Edge types that mark the child through a logged metadata flag, and the event they emit.
@@ -77,7 +77,7 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
     """
     changed = set(sources)
     parents = state.graph.parents
-    table = state._table
+    table = state.table
     first_error: Exception | None = None
     for node in affected_order(state, sources, forced):
         if not table.is_live(node):
@@ -91,9 +91,9 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
         if not kinds:
             continue
         if EdgeType.DATA in kinds:
-            fn = state._recompute.get(node)
+            fn = state.recompute_fns.get(node)
             if fn is None:
-                state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
+                state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
             else:
                 try:
                     result = fn(state, Page(state, node))
@@ -103,16 +103,16 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                         raise InvalidDeltaError(
                             f"recompute function returned {len(arr)} bytes but the page has "
                             f"{size}; it must return the page's full new content", page_id=node)
-                    if state._write(node, 0, arr, "propagation", True):
+                    if state.write_bytes(node, 0, arr, "propagation", True):
                         changed.add(node)
                 except InvalidDeltaError as exc:
-                    state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
+                    state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
                     if first_error is None:
                         first_error = exc
                 except Exception as exc:
                     # User code failed: keep propagating the other branches, report after.
                     log.warning("recompute function of page %d raised %r", node, exc)
-                    state._emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
+                    state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
                     if first_error is None:
                         first_error = PropagationError(node, exc)
                         first_error.__cause__ = exc
@@ -121,9 +121,9 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                 meta = dict(table.meta.get(node, {}))
                 if meta.get(key) is not value:
                     meta[key] = value
-                    state._set_metadata(node, meta, "propagation")
-                state._emit(event, node, kinds[edge])
+                    state.commit_metadata(node, meta, "propagation")
+                state.emit(event, node, kinds[edge])
         if EdgeType.GPU_SYNC in kinds:
-            state._emit(EventType.GPU_SYNC_NEEDED, node, kinds[EdgeType.GPU_SYNC])
+            state.emit(EventType.GPU_SYNC_NEEDED, node, kinds[EdgeType.GPU_SYNC])
     if first_error is not None:
         raise first_error

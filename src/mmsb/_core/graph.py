@@ -7,8 +7,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import GraphCycleError
-from .types import EdgeType
+from ..errors import GraphCycleError
+from ..types import EdgeType
 
 __all__ = ["ShadowPageGraph"]
 

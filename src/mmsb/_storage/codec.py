@@ -16,9 +16,10 @@ import crc32c as _crc32c
 import msgpack
 import numpy as np
 
-from ..delta import Delta
+from .._core.delta import Delta
 from ..errors import SerializationError
-from .records import (
+from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .._core.records import (
     AnyRecord,
     Compacted,
     EdgeAdd,
@@ -45,11 +46,6 @@ __all__ = [
     "MAX_PAGE_ID",
 ]
 
-MAX_PAGE_SIZE = (1 << 32) - 1
-"""Largest page a record may describe (sparse positions are 32-bit)."""
-MAX_PAGE_ID = (1 << 31) - 1
-"""Largest page id: the page table is indexed by id, so ids stay in a range its
-columns can cover."""
 MAX_METADATA = 16 << 20
 
 KIND_DELTA = 1

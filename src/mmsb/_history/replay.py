@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from .delta import Delta, apply_clipped, apply_delta, make_delta, union_mask
-from .errors import (
+from .._core.delta import Delta, apply_clipped, apply_delta, make_delta, union_mask
+from ..errors import (
     HistoryUnavailableError,
     InvalidArgumentError,
     InvalidDeltaError,
     PageNotFoundError,
 )
-from .log.records import (
+from .._core.records import (
     AnyRecord,
     Compacted,
     EdgeAdd,
@@ -27,7 +27,7 @@ from .log.records import (
     PageDelete,
     PageResize,
 )
-from .state import (
+from .._core.engine import (
     MMSBState,
     Page,
     PageSnapshot,
@@ -65,12 +65,12 @@ def _origin(state: MMSBState) -> MMSBState:
     """A detached state where replay of ``state``'s retained log starts: empty, or its
     replay base (the checkpoint image at the log's horizon). Caller holds the lock."""
     new = _detached(state)
-    if state._base is not None:
-        from .log.checkpoint import read_checkpoint, restore_into
+    if state.replay_base is not None:
+        from .._storage.checkpoint import read_checkpoint, restore_into
 
-        raw = state._base_bytes()
+        raw = state.base_bytes()
         restore_into(new, read_checkpoint(raw, path_label="replay base"))
-        new._log.horizon_lsn = new._log.last_lsn
+        new.log.horizon_lsn = new.log.last_lsn
     return new
 
 
@@ -84,15 +84,15 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
     + changed bytes).
     """
     run: list[Delta] = []
-    log = target._log
+    log = target.log
     for rec in records:
         if type(rec) is Delta:
             if watch is not None and rec.page_id == watch:
                 if run:
-                    target._apply_delta_run(run)
+                    target.apply_delta_run(run)
                     run = []
                 log.adopt(rec)
-                target._apply(rec)
+                target.apply_record(rec)
                 if after_delta is not None:
                     after_delta(rec)
                 continue
@@ -100,12 +100,12 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
             run.append(rec)
             continue
         if run:
-            target._apply_delta_run(run)
+            target.apply_delta_run(run)
             run = []
-        target._apply(rec)
+        target.apply_record(rec)
         log.adopt(rec)
     if run:
-        target._apply_delta_run(run)
+        target.apply_delta_run(run)
     return target
 
 
@@ -114,7 +114,7 @@ def check_record(state: MMSBState, rec: AnyRecord) -> str | None:
     checks the live calls make before they log, applied to a record read from disk, so
     a crafted or foreign record can never be applied blindly. O(1), except an edge's
     cycle check (O(edges reachable from its child))."""
-    t = state._table
+    t = state.table
     if isinstance(rec, Delta):
         pid = rec.page_id
         if not t.is_live(pid):
@@ -158,8 +158,8 @@ def check_record(state: MMSBState, rec: AnyRecord) -> str | None:
 
 
 def _check_lsn_reachable(state: MMSBState, lsn: int) -> None:
-    state._require_replayable("replay")
-    log = state._log
+    state.require_replayable("replay")
+    log = state.log
     if isinstance(lsn, bool) or not isinstance(lsn, int | np.integer):
         raise InvalidArgumentError(f"lsn must be an int, not {lsn!r}")
     if lsn < 0 or lsn > log.last_lsn:
@@ -179,9 +179,9 @@ def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
         HistoryUnavailableError: ``lsn`` before the retained history.
     """
     state = require_state(state, "replay_to_lsn")
-    with state._lock:
+    with state.lock:
         _check_lsn_reachable(state, lsn)
-        records = state._log.records[: state._log.index_after_lsn(int(lsn))]
+        records = state.log.records[: state.log.index_after_lsn(int(lsn))]
         origin = _origin(state)
     return replay_into(origin, records)
 
@@ -192,12 +192,12 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
     state = require_state(state, "replay_to_timestamp")
     if isinstance(ns, bool) or not isinstance(ns, int | np.integer):
         raise InvalidArgumentError(f"timestamp must be an int of nanoseconds, not {ns!r}")
-    with state._lock:
-        state._require_replayable("replay_to_timestamp")
-        log = state._log
+    with state.lock:
+        state.require_replayable("replay_to_timestamp")
+        log = state.log
         k = log.index_after_time(int(ns))
         lsn = log.records[k - 1].lsn if k else 0
-        at_horizon = k == 0 and state._base is not None and ns >= log.horizon_timestamp
+        at_horizon = k == 0 and state.replay_base is not None and ns >= log.horizon_timestamp
         if log.horizon_lsn and lsn < log.horizon_lsn and not at_horizon:
             raise HistoryUnavailableError(
                 f"time {ns} is before the oldest retained history (LSN {log.horizon_lsn})")
@@ -218,9 +218,9 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise InvalidArgumentError(f"{name} must be an int, not {value!r}")
     new = _detached(state)
-    with state._lock:
-        state._require_replayable("epoch replay")
-        t = state._table
+    with state.lock:
+        state.require_replayable("epoch replay")
+        t = state.table
         live = t.live_ids().tolist()
         cut = _history_cut(state, live, hi) if lo == 0 else _window_cut(state, live, lo, hi)
         pages = [(pid, int(t.size[pid]), int(t.loc[pid]), t.meta.get(pid), *cut[pid])
@@ -228,7 +228,7 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
         next_id = t.next_id
         edges = state.graph.edges()
     for pid, size, loc, meta, data, epoch, mask in pages:
-        new._commit(PageCreate(pid, 1, size, loc, dict(meta) if meta else None))
+        new.commit(PageCreate(pid, 1, size, loc, dict(meta) if meta else None))
         buf = np.zeros(size, np.uint8)
         n = min(size, len(data))
         buf[:n] = data[:n]
@@ -236,12 +236,12 @@ def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
             m = np.zeros(size, bool)
             m[:n] = mask[:n]
             idx = np.flatnonzero(m | (buf != 0))
-            new._commit(make_delta(new._new_delta_id(), pid, 0, size, idx, buf[idx], "replay",
+            new.commit(make_delta(new.new_delta_id(), pid, 0, size, idx, buf[idx], "replay",
                                    epoch=epoch))
     for parent, child, et in edges:
-        new._commit(EdgeAdd(parent, child, int(et)))
-    if new._table.next_id < next_id:
-        new._commit(Compacted(next_id))
+        new.commit(EdgeAdd(parent, child, int(et)))
+    if new.table.next_id < next_id:
+        new.commit(Compacted(next_id))
     return new
 
 
@@ -258,8 +258,8 @@ def _history_cut(state: MMSBState, live: list[int], bound: int) -> Cut:
     each page; one replay from the origin snapshots each page there. Caller holds the
     lock. O(records) plus one copy per page."""
     origin = _origin(state)
-    records = state._log.records
-    ot = origin._table
+    records = state.log.records
+    ot = origin.table
     epoch_of: dict[int, int] = {pid: int(ot.epoch[pid]) for pid in ot.live_ids().tolist()}
     last: dict[int, int] = {pid: -1 for pid, e in epoch_of.items() if e <= bound}
     too_new = {pid for pid, e in epoch_of.items() if e > bound}
@@ -289,7 +289,7 @@ def _history_cut(state: MMSBState, live: list[int], bound: int) -> Cut:
     if missing:
         raise HistoryUnavailableError(
             f"page {missing[0]}: its epochs up to {bound} are before the oldest retained "
-            f"history (LSN {state._log.horizon_lsn})")
+            f"history (LSN {state.log.horizon_lsn})")
     wanted: dict[int, list[int]] = {}
     for pid in live:
         wanted.setdefault(last[pid], []).append(pid)
@@ -297,15 +297,15 @@ def _history_cut(state: MMSBState, live: list[int], bound: int) -> Cut:
 
     def take(pids: list[int]) -> None:
         for pid in pids:
-            out[pid] = (origin._page_view(pid).copy(), int(origin._table.epoch[pid]),
-                        origin._page_mask(pid))
+            out[pid] = (origin.page_view(pid).copy(), int(origin.table.epoch[pid]),
+                        origin.page_mask(pid))
 
     take(wanted.get(-1, []))
     stop = max(wanted)
     for i, rec in enumerate(records[: stop + 1]):
-        origin._apply(rec)
+        origin.apply_record(rec)
         if isinstance(rec, Delta):
-            origin._log.adopt(rec)  # masks come from the log
+            origin.log.adopt(rec)  # masks come from the log
         if i in wanted:
             take(wanted[i])
     return out
@@ -315,16 +315,16 @@ def _window_cut(state: MMSBState, live: list[int], lo: int, hi: int) -> Cut:
     """Page id → (bytes, epoch, mask) from the page's own deltas with lo ≤ epoch ≤ hi,
     applied from zero in log order. Caller holds the lock."""
     out: Cut = {}
-    t = state._table
-    origin = _origin(state) if state._base is not None else None
+    t = state.table
+    origin = _origin(state) if state.replay_base is not None else None
     for pid in live:
         size = int(t.size[pid])
-        retained = state._log.by_page.get(pid, ())
-        if origin is not None and origin._table.is_live(pid) and \
-                lo <= int(origin._table.epoch[pid]):
+        retained = state.log.by_page.get(pid, ())
+        if origin is not None and origin.table.is_live(pid) and \
+                lo <= int(origin.table.epoch[pid]):
             raise HistoryUnavailableError(
-                f"page {pid}: epochs up to {int(origin._table.epoch[pid])} are before the "
-                f"oldest retained history (LSN {state._log.horizon_lsn})")
+                f"page {pid}: epochs up to {int(origin.table.epoch[pid])} are before the "
+                f"oldest retained history (LSN {state.log.horizon_lsn})")
         for d in retained:
             if d.base_epoch + 1 < lo <= d.epoch or _merged_across(d, hi):
                 raise HistoryUnavailableError(
@@ -361,13 +361,13 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
     """
     state = require_state(state, "replay_page_history")
     page_id = require_page_id(page_id, "replay_page_history")
-    with state._lock:
-        state._require_replayable("replay_page_history")
-        if page_id not in state._log.by_page:
-            if state._table.is_live(page_id) if isinstance(page_id, int) else False:
+    with state.lock:
+        state.require_replayable("replay_page_history")
+        if page_id not in state.log.by_page:
+            if state.table.is_live(page_id) if isinstance(page_id, int) else False:
                 return []
             raise PageNotFoundError(page_id, "replay_page_history (no history in the log)")
-        records = list(state._log.records)
+        records = list(state.log.records)
         own = _own_history(state, page_id, records)
         if own is not None:
             return own
@@ -376,7 +376,7 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
 
     def snap(d: Delta) -> None:
         out.append(PageSnapshot(d.page_id, d.epoch, d.lsn, d.timestamp,
-                                scratch._page_view(d.page_id).tobytes(), d.source))
+                                scratch.page_view(d.page_id).tobytes(), d.source))
 
     replay_into(scratch, records, after_delta=snap, watch=page_id)
     return out
@@ -416,7 +416,7 @@ def _own_history(state: MMSBState, pid: int, records: list[AnyRecord]) -> list[P
 def state_differences(a: MMSBState, b: MMSBState, limit: int = 20) -> list[str]:
     """Human-readable differences between two states' pages, graphs and id counters."""
     out: list[str] = []
-    ta, tb = a._table, b._table
+    ta, tb = a.table, b.table
     ids_a, ids_b = set(ta.live_ids().tolist()), set(tb.live_ids().tolist())
     for pid in sorted(ids_a - ids_b):
         out.append(f"page {pid} only in the first state")
@@ -431,7 +431,7 @@ def state_differences(a: MMSBState, b: MMSBState, limit: int = 20) -> list[str]:
                 out.append(f"page {pid}: {col} {va} != {vb}")
         if ta.meta.get(pid, {}) != tb.meta.get(pid, {}):
             out.append(f"page {pid}: metadata differs")
-        va_, vb_ = a._page_view(pid), b._page_view(pid)
+        va_, vb_ = a.page_view(pid), b.page_view(pid)
         if len(va_) == len(vb_) and not np.array_equal(va_, vb_):
             first = int(np.flatnonzero(va_ != vb_)[0])
             out.append(f"page {pid}: bytes differ from offset {first}")
@@ -446,9 +446,9 @@ def verify_state_consistency(state: MMSBState) -> bool:
     """True when replaying the whole retained log gives exactly the live state: same
     pages, bytes, epochs, sizes, locations, metadata, edges and id counter. O(log)."""
     state = require_state(state, "verify_state_consistency")
-    with state._lock:
-        state._require_replayable("verify_state_consistency")
-        records = list(state._log.records)
+    with state.lock:
+        state.require_replayable("verify_state_consistency")
+        records = list(state.log.records)
         scratch = _origin(state)
         replay_into(scratch, records)
         return not state_differences(state, scratch, limit=1)
@@ -463,18 +463,18 @@ def compute_diff(state_a: MMSBState, state_b: MMSBState) -> list[Delta]:
     state_b = require_state(state_b, "compute_diff")
     out: list[Delta] = []
     first, second = sorted((state_a, state_b), key=id)  # one lock order: no deadlock
-    with first._lock, second._lock:
-        ta, tb = state_a._table, state_b._table
+    with first.lock, second.lock:
+        ta, tb = state_a.table, state_b.table
         common = np.intersect1d(ta.live_ids(), tb.live_ids())
         for pid in common.tolist():
             size = int(ta.size[pid])
             if size != int(tb.size[pid]):
                 continue
-            va, vb = state_a._page_view(pid), state_b._page_view(pid)
+            va, vb = state_a.page_view(pid), state_b.page_view(pid)
             ne = va != vb
             idx = np.flatnonzero(ne)
             if idx.size:
-                out.append(make_delta(state_a._new_delta_id(), pid, int(ta.epoch[pid]), size,
+                out.append(make_delta(state_a.new_delta_id(), pid, int(ta.epoch[pid]), size,
                                       idx, vb[idx], "diff"))
     return out
 
@@ -492,14 +492,14 @@ def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
     if not isinstance(deltas, Iterable) or isinstance(deltas, str | bytes):
         raise InvalidArgumentError(f"incremental_replay() takes Delta objects, not {type(deltas).__name__}")
     deltas = list(deltas)
-    state._enter()
+    state.enter()
     try:
-        t = state._table
+        t = state.table
         epochs: dict[int, int] = {}
         for d in deltas:
             if not isinstance(d, Delta):
                 raise InvalidDeltaError(f"incremental_replay takes Delta objects, not {type(d).__name__}")
-            pid = state._require(d.page_id, "incremental_replay")
+            pid = state.require_page(d.page_id, "incremental_replay")
             if d.page_size != int(t.size[pid]):
                 raise InvalidDeltaError(
                     f"delta was built for {d.page_size} bytes but the page has {int(t.size[pid])}",
@@ -516,18 +516,18 @@ def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
             epochs[pid] = d.epoch
         # One batch: propagation waits for the end, so the epochs checked above hold,
         # and a failure undoes every delta applied so far.
-        state._begin_batch()
+        state.begin_batch()
         ok = False
         try:
             for d in deltas:
-                copy = Delta(state._new_delta_id(), d.page_id, d.base_epoch, d.epoch, d.source,
+                copy = Delta(state.new_delta_id(), d.page_id, d.base_epoch, d.epoch, d.source,
                              d.page_size, d._idx, d._vals, d._data, d._mask)
-                state._route(copy)
+                state.route(copy)
             ok = True
         finally:
-            state._end_batch(ok)
+            state.end_batch(ok)
     finally:
-        state._leave()
+        state.leave()
     return state
 
 
@@ -538,11 +538,11 @@ def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -
     state = require_state(state, "replay_with_predicate")
     if not callable(pred):
         raise InvalidArgumentError(f"replay_with_predicate() takes a callable, not {type(pred).__name__}")
-    with state._lock:
-        state._require_replayable("replay_with_predicate")
-        records = list(state._log.records)
+    with state.lock:
+        state.require_replayable("replay_with_predicate")
+        records = list(state.log.records)
         scratch = _origin(state)
-    hits = {d.lsn for d in state._log.deltas if pred(d.epoch, d)}
+    hits = {d.lsn for d in state.log.deltas if pred(d.epoch, d)}
     out: list[tuple[int, MMSBState]] = []
     run: list[AnyRecord] = []
     for rec in records:
@@ -557,7 +557,7 @@ def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -
 
 def _copy_state(state: MMSBState) -> MMSBState:
     """A detached deep copy (via the in-memory checkpoint codec: no shared buffers)."""
-    from .log.checkpoint import _parse, checkpoint_bytes, restore_into
+    from .._storage.checkpoint import _parse, checkpoint_bytes, restore_into
 
     ck = _parse(memoryview(checkpoint_bytes(state)), "<copy>")
     new = _detached(state)
@@ -570,10 +570,10 @@ def compress_log_locked(state: MMSBState) -> None:
     bulk page creations, metadata, one ``"compressed"`` delta per written page (its
     epoch span 0 → epoch, its mask the page's written bytes), the edges, and a
     Compacted marker. History before the marker is gone. Caller holds the lock."""
-    state._require_history("compress_log")
-    saved = state._history_snapshot()
-    t = state._table
-    log = state._log
+    state.require_history("compress_log")
+    saved = state.history_snapshot()
+    t = state.table
+    log = state.log
     recs: list[AnyRecord] = []
     live = t.live_ids()
     i, n = 0, len(live)
@@ -592,13 +592,13 @@ def compress_log_locked(state: MMSBState) -> None:
             recs.append(MetadataSet(pid, dict(meta), "compressed"))
     for pid in live.tolist():
         epoch = int(t.epoch[pid])
-        view = state._page_view(pid)
-        mask = state._page_mask(pid) | (view != 0)
+        view = state.page_view(pid)
+        mask = state.page_mask(pid) | (view != 0)
         if epoch == 0:
             assert not mask.any(), f"page {pid} has bytes but epoch 0"
             continue
         idx = np.flatnonzero(mask)
-        recs.append(make_delta(state._new_delta_id(), pid, 0, len(view), idx, view[idx],
+        recs.append(make_delta(state.new_delta_id(), pid, 0, len(view), idx, view[idx],
                                "compressed", epoch=epoch))
     for parent, child, et in state.graph.edges():
         recs.append(EdgeAdd(parent, child, int(et)))
@@ -608,14 +608,14 @@ def compress_log_locked(state: MMSBState) -> None:
         log.next_lsn = rec.lsn + 1
         log.last_timestamp = rec.timestamp
     log.replace_all(recs)
-    state._mask_base = {}
-    state._base = None
-    state._orphan_from = 0
+    state.mask_base = {}
+    state.replay_base = None
+    state.orphan_from = 0
     if state.bus is not None:
         try:
             state.bus.after_compress(state)
         except BaseException:
-            state._history_restore(saved)
+            state.history_restore(saved)
             raise
 
 
@@ -625,10 +625,10 @@ def compress_log(state: MMSBState) -> None:
     possible (HistoryUnavailableError). Runs by itself past ``max_tlog_size`` deltas.
     O(pages + written bytes)."""
     state = require_state(state, "compress_log")
-    state._enter()
+    state.enter()
     try:
-        state._refuse_in_batch("compress_log")
+        state.refuse_in_batch("compress_log")
         compress_log_locked(state)
     finally:
-        state._leave()
+        state.leave()
 

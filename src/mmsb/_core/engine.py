@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from .config import MMSBConfig
+from ..config import MMSBConfig
 from .delta import (
     Delta,
     apply_delta,
@@ -28,8 +28,8 @@ from .delta import (
     diff_write,
     union_mask,
 )
-from .device import cuda_unavailable_reason
-from .errors import (
+from ..device import cuda_unavailable_reason
+from ..errors import (
     GPUMemoryError,
     HistoryUnavailableError,
     InvalidArgumentError,
@@ -40,8 +40,8 @@ from .errors import (
 )
 from .events import EventBus
 from .graph import ShadowPageGraph
-from .log.codec import MAX_PAGE_ID, MAX_PAGE_SIZE
-from .log.records import (
+from .limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .records import (
     AnyRecord,
     Compacted,
     EdgeAdd,
@@ -53,14 +53,14 @@ from .log.records import (
     PageMigrate,
     PageResize,
 )
-from .log.tlog import DeltaView, TransactionLog
+from .log import DeltaView, TransactionLog
 from .monitor import Counters
-from .store.arena import CHUNK_SHIFT, Arena
-from .store.page_table import PageTable
-from .types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
+from .arena import CHUNK_SHIFT, Arena
+from .page_table import PageTable
+from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
 
 if TYPE_CHECKING:
-    from .log.bus import DurableBus
+    from .._storage.bus import DurableBus
 
 __all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "normalize_metadata"]
 
@@ -138,9 +138,9 @@ def normalize_metadata(metadata: Any, page_id: int | None = None) -> dict[str, A
 def creation_cost(state: MMSBState, count: int, size: int) -> int:
     """Bytes that creating ``count`` pages of ``size`` bytes commits at least: their
     slots and the page-table rows up to their ids."""
-    from .store.arena import size_class
+    from .arena import size_class
 
-    rows = max(0, state._table.next_id + count - state._table.capacity)
+    rows = max(0, state.table.next_id + count - state.table.capacity)
     return count * size_class(size) + rows * 26
 
 
@@ -190,52 +190,52 @@ class Page:
         return self._state
 
     def _row(self) -> int:
-        if not self._state._table.is_live(self.id):
+        if not self._state.table.is_live(self.id):
             raise PageNotFoundError(self.id, "this page handle (the page was deleted)")
         return self.id
 
     @property
     def size(self) -> int:
-        return int(self._state._table.size[self._row()])
+        return int(self._state.table.size[self._row()])
 
     @property
     def epoch(self) -> int:
-        return int(self._state._table.epoch[self._row()])
+        return int(self._state.table.epoch[self._row()])
 
     @property
     def location(self) -> PageLocation:
-        return PageLocation(int(self._state._table.loc[self._row()]))
+        return PageLocation(int(self._state.table.loc[self._row()]))
 
     @property
     def metadata(self) -> Mapping[str, Any]:
         """Read-only mapping; change it with set_metadata() / update_metadata()."""
         self._row()
-        return MappingProxyType(dict(self._state._table.meta.get(self.id, {})))
+        return MappingProxyType(dict(self._state.table.meta.get(self.id, {})))
 
     @property
     def data(self) -> np.ndarray:
         """Read-only uint8 view of the page's current bytes (re-read on each access, so
         it follows the page through resizes)."""
-        with self._state._lock:
-            return self._state._page_view(self._row(), readonly=True)
+        with self._state.lock:
+            return self._state.page_view(self._row(), readonly=True)
 
     @property
     def mask(self) -> np.ndarray:
         """One bool per byte: True where any applied delta has written."""
-        with self._state._lock:
-            return self._state._page_mask(self._row())
+        with self._state.lock:
+            return self._state.page_mask(self._row())
 
     def query(self) -> bytes:
-        return self._state._page_view(self._row()).tobytes()
+        return self._state.page_view(self._row()).tobytes()
 
     def update(self, data: Any, *, source: str = "api") -> Page:
         """Replace the whole content (see update_page)."""
-        self._state._write(self.id, 0, data, source, True)
+        self._state.write_bytes(self.id, 0, data, source, True)
         return self
 
     def write(self, offset: int, data: Any, *, source: str = "api") -> Page:
         """Write ``data`` at ``offset`` (see write_page)."""
-        self._state._write(self.id, offset, data, source, False)
+        self._state.write_bytes(self.id, offset, data, source, False)
         return self
 
     def __eq__(self, other: object) -> bool:
@@ -245,7 +245,7 @@ class Page:
         return hash((id(self._state), self.id))
 
     def __repr__(self) -> str:
-        t = self._state._table
+        t = self._state.table
         if not t.is_live(self.id):
             return f"<Page {self.id} (deleted)>"
         return (f"<Page {self.id} size={int(t.size[self.id])} epoch={int(t.epoch[self.id])} "
@@ -259,18 +259,18 @@ class PageMap(Mapping[int, Page]):
         self._state = state
 
     def __getitem__(self, page_id: int) -> Page:
-        if not isinstance(page_id, int | np.integer) or not self._state._table.is_live(int(page_id)):
+        if not isinstance(page_id, int | np.integer) or not self._state.table.is_live(int(page_id)):
             raise PageNotFoundError(page_id, "state.pages")
         return Page(self._state, int(page_id))
 
     def __contains__(self, page_id: object) -> bool:
-        return isinstance(page_id, int | np.integer) and self._state._table.is_live(int(page_id))
+        return isinstance(page_id, int | np.integer) and self._state.table.is_live(int(page_id))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._state._table.live_ids().tolist())
+        return iter(self._state.table.live_ids().tolist())
 
     def __len__(self) -> int:
-        return self._state._table.live_count
+        return self._state.table.live_count
 
     def __repr__(self) -> str:
         return f"<PageMap {len(self)} pages>"
@@ -289,42 +289,42 @@ class MMSBState:
             raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(cfg).__name__}")
         cfg.validate()
         self.config = cfg
-        self._lock = threading.RLock()
-        self._arena = Arena()
+        self.lock = threading.RLock()
+        self.arena = Arena()
         self._scratch = np.empty(0, np.uint8)
-        self._table = PageTable()
-        self._log = TransactionLog()
+        self.table = PageTable()
+        self.log = TransactionLog()
         self.graph = ShadowPageGraph()
         self.graph._owner = weakref.ref(self)
-        self._events = EventBus()
-        self._counters = Counters()
-        self._recompute: dict[int, RecomputeFn] = {}
-        self._mask_base: dict[int, tuple[np.ndarray, int]] = {}
+        self.events = EventBus()
+        self.counters = Counters()
+        self.recompute_fns: dict[int, RecomputeFn] = {}
+        self.mask_base: dict[int, tuple[np.ndarray, int]] = {}
         """page id → (bool mask, LSN): bytes written by deltas up to that LSN, for pages
         whose log no longer shows it all (resized, cloned, trimmed history)."""
-        self._pending: set[int] = set()
-        self._forced: set[int] = set()
-        self._queue: list[Event] = []
+        self.pending: set[int] = set()
+        self.forced: set[int] = set()
+        self.event_queue: list[Event] = []
         self._delivering = threading.local()
         self._depth = 0
-        self._batch_depth = 0
-        self._batch: _BatchFrame | None = None
-        self._next_delta_id = 1
+        self.batch_depth = 0
+        self.batch_frame: _BatchFrame | None = None
+        self.next_delta_id = 1
         self._compress_at = cfg.max_tlog_size
-        self._propagating = False
+        self.propagating = False
         self.propagation_mode = cfg.propagation_mode
         self.closed = False
         self.bus: DurableBus | None = None
         """The durable bus behind this state, when it was started with a path."""
         self.detached = False
         """True for states built by replay (not backed by any bus)."""
-        self._orphan_from = 0
+        self.orphan_from = 0
         """Nonzero when the retained log starts after this LSN with no replay base (one
         checkpoint file of a bus, loaded on its own): the state is whole, its history
         is not, so replays are refused."""
         self.recovery_notes: list[str] = []
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
-        self._base: bytes | os.PathLike[str] | None = None
+        self.replay_base: bytes | os.PathLike[str] | None = None
         """Replay base: a checkpoint (bytes, or a file of the durable bus) whose images are
         the state at ``_log.horizon_lsn``; None when the log rebuilds from nothing."""
 
@@ -333,15 +333,15 @@ class MMSBState:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from .api import mmsb_stop
+        from .._api import mmsb_stop
 
         if not self.closed:
             mmsb_stop(self)
 
     def __repr__(self) -> str:
         kind = "closed" if self.closed else ("durable" if self.bus else "in-memory")
-        return (f"<MMSBState {kind} pages={self._table.live_count} "
-                f"deltas={len(self._log.deltas)} last_lsn={self._log.last_lsn}>")
+        return (f"<MMSBState {kind} pages={self.table.live_count} "
+                f"deltas={len(self.log.deltas)} last_lsn={self.log.last_lsn}>")
 
     # -- public views ----------------------------------------------------------------
     @property
@@ -350,34 +350,34 @@ class MMSBState:
 
     @property
     def tlog(self) -> DeltaView:
-        return DeltaView(self._log)
+        return DeltaView(self.log)
 
     @property
     def last_lsn(self) -> int:
         """LSN of the newest record (0 when nothing was logged)."""
-        return self._log.last_lsn
+        return self.log.last_lsn
 
     @property
     def next_page_id(self) -> int:
-        return self._table.next_id
+        return self.table.next_id
 
     # -- locking and event delivery --------------------------------------------------
-    def _enter(self) -> None:
-        self._lock.acquire()
+    def enter(self) -> None:
+        self.lock.acquire()
         if self.closed:
-            self._lock.release()
+            self.lock.release()
             raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
         self._depth += 1
 
-    def _leave(self) -> None:
-        if self._depth == 1 and self.bus is not None and not self._batch_depth:
+    def leave(self) -> None:
+        if self._depth == 1 and self.bus is not None and not self.batch_depth:
             self.bus.maybe_checkpoint(self)
         self._depth -= 1
-        if self._depth == 0 and self._queue and not getattr(self._delivering, "on", False):
-            self._lock.release()
+        if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
+            self.lock.release()
             self._deliver_queued()
         else:
-            self._lock.release()
+            self.lock.release()
 
     def _deliver_queued(self) -> None:
         """Deliver queued events in order. A handler's own writes queue more events;
@@ -386,44 +386,44 @@ class MMSBState:
         flag.on = True
         try:
             while True:
-                with self._lock:
-                    events = self._queue
-                    self._queue = []
+                with self.lock:
+                    events = self.event_queue
+                    self.event_queue = []
                 if not events:
                     return
-                self._events.deliver(self, events)
+                self.events.deliver(self, events)
         finally:
             flag.on = False
 
-    def _emit(self, event_type: EventType, *data: Any) -> None:
-        if self._events.active:
-            self._queue.append((event_type, data))
+    def emit(self, event_type: EventType, *data: Any) -> None:
+        if self.events.active:
+            self.event_queue.append((event_type, data))
 
     # -- reading ---------------------------------------------------------------------
-    def _require(self, page_id: Any, context: str) -> int:
+    def require_page(self, page_id: Any, context: str) -> int:
         if isinstance(page_id, Page):
             page_id = page_id.id
         if isinstance(page_id, bool) or not isinstance(page_id, int | np.integer):
             raise PageNotFoundError(page_id, context)
         pid = int(page_id)
-        if not self._table.is_live(pid):
+        if not self.table.is_live(pid):
             raise PageNotFoundError(pid, context)
         return pid
 
-    def _page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
-        t = self._table
-        v = self._arena.view(int(t.addr[pid]), int(t.size[pid]))
+    def page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
+        t = self.table
+        v = self.arena.view(int(t.addr[pid]), int(t.size[pid]))
         if readonly:
             v = v.view()
             v.flags.writeable = False
         return v
 
-    def _page_mask(self, pid: int) -> np.ndarray:
+    def page_mask(self, pid: int) -> np.ndarray:
         """Bytes any applied delta wrote: the folded base (if any) plus the retained
         deltas after it. O(the page's retained deltas)."""
-        size = int(self._table.size[pid])
-        base = self._mask_base.get(pid)
-        deltas = self._log.by_page.get(pid, [])
+        size = int(self.table.size[pid])
+        base = self.mask_base.get(pid)
+        deltas = self.log.by_page.get(pid, [])
         if base is None:
             return union_mask(size, deltas)
         m, as_of = base
@@ -433,45 +433,45 @@ class MMSBState:
         out[:n] |= m[:n]
         return out
 
-    def _fold_masks(self, pids: Iterable[int], lsn: int) -> None:
+    def fold_masks(self, pids: Iterable[int], lsn: int) -> None:
         """Record the current masks of ``pids`` as their base as of ``lsn``."""
         for pid in pids:
-            if self._table.is_live(pid):
-                self._mask_base[pid] = (self._page_mask(pid), lsn)
+            if self.table.is_live(pid):
+                self.mask_base[pid] = (self.page_mask(pid), lsn)
 
-    def _history_snapshot(self) -> tuple[Any, ...]:
+    def history_snapshot(self) -> tuple[Any, ...]:
         """What trimming or rewriting the log changes, to undo it if a checkpoint fails.
         O(pages with a mask base); the log's lists are replaced, never edited, by those
         operations, so references suffice."""
-        log = self._log
+        log = self.log
         return (log.records, log.deltas, log.by_page, log.next_lsn, log.last_timestamp,
-                log.horizon_lsn, log.horizon_timestamp, dict(self._mask_base), self._base,
-                self._orphan_from, self._next_delta_id)
+                log.horizon_lsn, log.horizon_timestamp, dict(self.mask_base), self.replay_base,
+                self.orphan_from, self.next_delta_id)
 
-    def _history_restore(self, saved: tuple[Any, ...]) -> None:
-        log = self._log
+    def history_restore(self, saved: tuple[Any, ...]) -> None:
+        log = self.log
         (log.records, log.deltas, log.by_page, log.next_lsn, log.last_timestamp,
-         log.horizon_lsn, log.horizon_timestamp, self._mask_base, self._base,
-         self._orphan_from, self._next_delta_id) = saved
+         log.horizon_lsn, log.horizon_timestamp, self.mask_base, self.replay_base,
+         self.orphan_from, self.next_delta_id) = saved
 
-    def _swap_snapshot(self) -> dict[str, Any]:
+    def swap_snapshot(self) -> dict[str, Any]:
         """Every part load_checkpoint swaps, to swap back if the bus cannot follow."""
-        names = ("_arena", "_table", "_log", "graph", "_mask_base", "_next_delta_id", "_base",
-                 "_orphan_from", "_recompute", "_pending", "_forced")
+        names = ("arena", "table", "log", "graph", "mask_base", "next_delta_id", "replay_base",
+                 "orphan_from", "recompute_fns", "pending", "forced")
         out = {n: getattr(self, n) for n in names}
-        out["_pending"] = set(self._pending)
-        out["_forced"] = set(self._forced)
+        out["pending"] = set(self.pending)
+        out["forced"] = set(self.forced)
         return out
 
-    def _trim_log(self, lsn: int) -> None:
+    def trim_log(self, lsn: int) -> None:
         """Drop retained records with LSN ≤ ``lsn`` (history the bus no longer keeps),
         folding the masks they carried into the pages' mask bases."""
-        log = self._log
+        log = self.log
         k = log.index_after_lsn(lsn)
         if k == 0 and log.horizon_lsn >= lsn:
             return
         dropped = log.records[:k]
-        self._fold_masks({r.page_id for r in dropped if isinstance(r, Delta)}, lsn)
+        self.fold_masks({r.page_id for r in dropped if isinstance(r, Delta)}, lsn)
         if dropped:
             log.horizon_timestamp = dropped[-1].timestamp
         log.replace_all(log.records[k:])
@@ -479,20 +479,20 @@ class MMSBState:
 
     # -- building and logging --------------------------------------------------------
     @property
-    def _plain_log(self) -> bool:
+    def plain_log(self) -> bool:
         """True when a delta can take the log's fast path (no sink, logging on)."""
-        return self._log.sink is None and self.config.enable_logging
+        return self.log.sink is None and self.config.enable_logging
 
-    def _log_append(self, rec: AnyRecord) -> None:
+    def log_append(self, rec: AnyRecord) -> None:
         """Append a record (deltas are counted by _after_delta)."""
-        if self._batch is not None:
-            self._batch.hold(self._log, rec)
+        if self.batch_frame is not None:
+            self.batch_frame.hold(self.log, rec)
             if type(rec) is not Delta:
-                self._counters.records_logged += 1
+                self.counters.records_logged += 1
             return
         t0 = time.perf_counter_ns()
-        self._log.append(rec)
-        c = self._counters
+        self.log.append(rec)
+        c = self.counters
         c.log_append.add(time.perf_counter_ns() - t0)
         if type(rec) is not Delta:
             c.records_logged += 1
@@ -501,7 +501,7 @@ class MMSBState:
 
     def _forget(self, rec: AnyRecord) -> None:
         """enable_logging=False: keep LSNs moving but retain nothing."""
-        log = self._log
+        log = self.log
         if isinstance(rec, Delta):
             self._fold_mask(rec)
             log.deltas.clear()
@@ -511,74 +511,74 @@ class MMSBState:
 
     def _fold_mask(self, d: Delta) -> None:
         pid = d.page_id
-        size = int(self._table.size[pid])
+        size = int(self.table.size[pid])
         m = union_mask(size, [d])
-        base = self._mask_base.get(pid)
+        base = self.mask_base.get(pid)
         if base is not None:
             n = min(size, len(base[0]))
             m[:n] |= base[0][:n]
-        self._mask_base[pid] = (m, d.lsn)
+        self.mask_base[pid] = (m, d.lsn)
 
-    def _new_delta_id(self) -> int:
-        i = self._next_delta_id
-        self._next_delta_id = i + 1
+    def new_delta_id(self) -> int:
+        i = self.next_delta_id
+        self.next_delta_id = i + 1
         return i
 
     # -- applying records (shared by live writes and replay) -------------------------
-    def _apply(self, rec: AnyRecord) -> None:
+    def apply_record(self, rec: AnyRecord) -> None:
         """Apply one logged record to the store and graph. No validation, no events."""
-        t = self._table
+        t = self.table
         if isinstance(rec, Delta):
             pid = rec.page_id
-            apply_delta(self._arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
+            apply_delta(self.arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
             t.epoch[pid] = rec.epoch
-            if rec.id >= self._next_delta_id:
-                self._next_delta_id = rec.id + 1
+            if rec.id >= self.next_delta_id:
+                self.next_delta_id = rec.id + 1
         elif isinstance(rec, PageCreate):
             if rec.count == 1:
-                t.add_row(rec.first_id, self._arena.alloc(rec.size), rec.size, rec.location)
+                t.add_row(rec.first_id, self.arena.alloc(rec.size), rec.size, rec.location)
             else:
-                t.add_rows(rec.first_id, self._arena.alloc_many(rec.count, rec.size), rec.size,
+                t.add_rows(rec.first_id, self.arena.alloc_many(rec.count, rec.size), rec.size,
                            rec.location)
             if rec.metadata:
                 for pid in range(rec.first_id, rec.first_id + rec.count):
                     t.meta[pid] = dict(rec.metadata)
         elif isinstance(rec, PageDelete):
             pid = rec.page_id
-            self._arena.free(int(t.addr[pid]), int(t.size[pid]))
+            self.arena.free(int(t.addr[pid]), int(t.size[pid]))
             t.drop_row(pid)
             for parent, child in self.graph.edges_of(pid):
                 self.graph.remove_edge(parent, child)
-            self._recompute.pop(pid, None)
-            self._mask_base.pop(pid, None)
-            self._pending.discard(pid)
-            self._forced.discard(pid)
+            self.recompute_fns.pop(pid, None)
+            self.mask_base.pop(pid, None)
+            self.pending.discard(pid)
+            self.forced.discard(pid)
         elif isinstance(rec, PageResize):
             pid = rec.page_id
             old_size = int(t.size[pid])
-            mask = self._page_mask(pid)
+            mask = self.page_mask(pid)
             keep = min(old_size, rec.new_size)
             new_mask = np.zeros(rec.new_size, dtype=bool)
             new_mask[:keep] = mask[:keep]
             old_addr = int(t.addr[pid])
-            new_addr = self._arena.alloc(rec.new_size)
-            self._arena.view(new_addr, keep)[:] = self._arena.view(old_addr, keep)
-            self._arena.free(old_addr, old_size)
+            new_addr = self.arena.alloc(rec.new_size)
+            self.arena.view(new_addr, keep)[:] = self.arena.view(old_addr, keep)
+            self.arena.free(old_addr, old_size)
             t.addr[pid] = new_addr
             t.size[pid] = rec.new_size
-            self._mask_base[pid] = (new_mask, rec.lsn)
+            self.mask_base[pid] = (new_mask, rec.lsn)
         elif isinstance(rec, PageMigrate):
             t.loc[rec.page_id] = rec.location
         elif isinstance(rec, PageClone):
             src = rec.source_id
             size = int(t.size[src])
-            addr = self._arena.alloc(size)
-            self._arena.view(addr, size)[:] = self._page_view(src)
+            addr = self.arena.alloc(size)
+            self.arena.view(addr, size)[:] = self.page_view(src)
             t.add_rows(rec.page_id, np.array([addr], np.int64), size, int(t.loc[src]))
             t.epoch[rec.page_id] = t.epoch[src]
             if src in t.meta:
                 t.meta[rec.page_id] = dict(t.meta[src])
-            self._mask_base[rec.page_id] = (self._page_mask(src), rec.lsn)
+            self.mask_base[rec.page_id] = (self.page_mask(src), rec.lsn)
         elif isinstance(rec, MetadataSet):
             if rec.metadata:
                 t.meta[rec.page_id] = dict(rec.metadata)
@@ -594,23 +594,23 @@ class MMSBState:
         else:  # pragma: no cover - every record type is handled above
             raise TypeError(f"unknown record {type(rec).__name__}")
 
-    def _commit(self, rec: AnyRecord) -> None:
+    def commit(self, rec: AnyRecord) -> None:
         """Log then apply a validated structural record."""
-        if self._batch is not None:
+        if self.batch_frame is not None:
             raise InvalidArgumentError(
                 f"{type(rec).__name__} is a structural change, which a batch cannot hold "
                 "(a batch groups writes); make it before or after the batch")
-        self._log_append(rec)
-        self._apply(rec)
+        self.log_append(rec)
+        self.apply_record(rec)
 
-    def _apply_delta_run(self, deltas: list[Delta]) -> None:
+    def apply_delta_run(self, deltas: list[Delta]) -> None:
         """Apply consecutive logged deltas at once (replay): sparse runs in one
         vectorised scatter, dense ones one by one, in log order."""
         i, n = 0, len(deltas)
         while i < n:
             d = deltas[i]
             if d._idx is None or n - i < 8:
-                self._apply(d)
+                self.apply_record(d)
                 i += 1
                 continue
             j = i
@@ -619,16 +619,16 @@ class MMSBState:
             run = deltas[i:j]
             if len(run) < 8:
                 for d in run:
-                    self._apply(d)
+                    self.apply_record(d)
             else:
                 self._scatter(run)
             i = j
         last_id = max((d.id for d in deltas), default=0)
-        if last_id >= self._next_delta_id:
-            self._next_delta_id = last_id + 1
+        if last_id >= self.next_delta_id:
+            self.next_delta_id = last_id + 1
 
     def _scatter(self, run: list[Delta]) -> None:
-        t = self._table
+        t = self.table
         pids = np.fromiter((d.page_id for d in run), np.int64, len(run))
         eps = np.fromiter((d.epoch for d in run), np.int64, len(run))
         lens = np.fromiter((d._idx.size for d in run), np.int64, len(run))
@@ -647,19 +647,19 @@ class MMSBState:
         offsets = gidx & ((1 << CHUNK_SHIFT) - 1)
         first, last_c = int(chunk_ids[0]), int(chunk_ids[-1])
         if first == last_c:
-            chunk = self._arena.chunk(first)
+            chunk = self.arena.chunk(first)
             assert chunk is not None
             chunk[offsets] = gvals
         else:
             for c in np.unique(chunk_ids).tolist():
                 sel = chunk_ids == c
-                chunk = self._arena.chunk(c)
+                chunk = self.arena.chunk(c)
                 assert chunk is not None
                 chunk[offsets[sel]] = gvals[sel]
         np.maximum.at(t.epoch, pids, eps)
 
     # -- live changes ----------------------------------------------------------------
-    def _check_location(self, location: Any, size: int) -> PageLocation:
+    def check_location(self, location: Any, size: int) -> PageLocation:
         loc = coerce_location(location)
         if loc is not PageLocation.CPU:
             if not self.config.enable_gpu:
@@ -669,7 +669,7 @@ class MMSBState:
             raise GPUMemoryError(f"cannot place a {loc} page: {reason}", requested_bytes=size)
         return loc
 
-    def _create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
+    def create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
         if size is None:
             size = self.config.page_size_default
         elif type(size) is not int or not 0 < size <= MAX_PAGE_SIZE:
@@ -680,26 +680,26 @@ class MMSBState:
             count = int(count)
         if count < 0:
             raise InvalidArgumentError(f"page count must be an int ≥ 0, not {count!r}")
-        loc = PageLocation.CPU if location == "cpu" else self._check_location(location, size)
+        loc = PageLocation.CPU if location == "cpu" else self.check_location(location, size)
         meta = normalize_metadata(metadata) if metadata else None
-        self._enter()
+        self.enter()
         try:
-            first = self._table.next_id
-            if count > 1 or first >= self._table.capacity:
-                self._check_room(count, size)
+            first = self.table.next_id
+            if count > 1 or first >= self.table.capacity:
+                self.check_room(count, size)
             if count:
-                self._commit(PageCreate(first, count, size, int(loc), meta))
-                if self._events.active:
+                self.commit(PageCreate(first, count, size, int(loc), meta))
+                if self.events.active:
                     for pid in range(first, first + count):
-                        self._emit(EventType.PAGE_CREATED, pid)
+                        self.emit(EventType.PAGE_CREATED, pid)
             return first
         finally:
-            self._leave()
+            self.leave()
 
-    def _check_room(self, count: int, size: int) -> None:
+    def check_room(self, count: int, size: int) -> None:
         """Refuse creations past the id space or the machine's memory, before anything is
         logged (a page table indexed by id grows with the highest id)."""
-        first = self._table.next_id
+        first = self.table.next_id
         if first + count - 1 > MAX_PAGE_ID:
             raise InvalidArgumentError(
                 f"creating {count} page(s) from id {first} passes the largest page id "
@@ -710,7 +710,7 @@ class MMSBState:
                 f"creating {count} page(s) of {size} bytes needs {need:,} bytes, more than "
                 "this machine's memory")
 
-    def _write(self, page_id: Any, offset: Any, data: Any, source: str, whole: bool) -> bool:
+    def write_bytes(self, page_id: Any, offset: Any, data: Any, source: str, whole: bool) -> bool:
         """The write path of update_page/write_page. Returns True if a delta was logged.
 
         Cost: O(bytes written) to compare, O(changed bytes) to keep and apply.
@@ -720,15 +720,15 @@ class MMSBState:
             new = data
         else:
             new = as_bytes_array(data)
-        self._enter()
+        self.enter()
         try:
-            t = self._table
+            t = self.table
             if type(page_id) is int and 0 < page_id < len(t.flags) and t.flags[page_id]:
                 pid = page_id
             else:
-                pid = self._require(page_id, "update_page" if whole else "write_page")
+                pid = self.require_page(page_id, "update_page" if whole else "write_page")
             size = t.size.item(pid)
-            view = self._arena.view(t.addr.item(pid), size)
+            view = self.arena.view(t.addr.item(pid), size)
             n_new = len(new)
             if whole:
                 if n_new != size:
@@ -750,31 +750,31 @@ class MMSBState:
                 check_source(source)
             if n_new > 1 << 16 and len(self._scratch) < n_new:
                 self._scratch = np.empty(n_new, np.uint8)
-            d = diff_write(self._next_delta_id, pid, t.epoch.item(pid), view, off, new, source,
+            d = diff_write(self.next_delta_id, pid, t.epoch.item(pid), view, off, new, source,
                            self._scratch)
             if d is None:
                 return False
-            self._next_delta_id += 1
-            if self._batch is not None:
-                self._log_append(d)
-                self._batch.save(view, d)
-            elif self._plain_log:
-                self._log.append_delta(d)
+            self.next_delta_id += 1
+            if self.batch_frame is not None:
+                self.log_append(d)
+                self.batch_frame.save(view, d)
+            elif self.plain_log:
+                self.log.append_delta(d)
             else:
-                self._log_append(d)
+                self.log_append(d)
             apply_delta(view, d)
             t.epoch[pid] = d.epoch
-            self._after_delta(d, t0)
+            self.after_delta(d, t0)
             return True
         finally:
-            self._leave()
+            self.leave()
 
-    def _route(self, d: Delta) -> None:
+    def route(self, d: Delta) -> None:
         """Validate, log, apply and propagate a user-built delta (route_delta)."""
-        self._enter()
+        self.enter()
         try:
-            t = self._table
-            pid = self._require(d.page_id, "route_delta")
+            t = self.table
+            pid = self.require_page(d.page_id, "route_delta")
             size = int(t.size[pid])
             if d.page_size != size:
                 raise InvalidDeltaError(
@@ -795,151 +795,151 @@ class MMSBState:
                     f"delta was already logged (LSN {d.lsn}); build a new one with create_delta",
                     page_id=pid, delta_id=d.id)
             t0 = time.perf_counter_ns()
-            self._log_append(d)
-            view = self._arena.view(int(t.addr[pid]), size)
-            if self._batch is not None:
-                self._batch.save(view, d)
+            self.log_append(d)
+            view = self.arena.view(int(t.addr[pid]), size)
+            if self.batch_frame is not None:
+                self.batch_frame.save(view, d)
             if d._exact:
                 # Built on another copy of the page: only its mask says what to write.
                 np.copyto(view, d._data, where=d._mask)
             else:
                 apply_delta(view, d)
             t.epoch[pid] = d.epoch
-            self._after_delta(d, t0)
+            self.after_delta(d, t0)
         finally:
-            self._leave()
+            self.leave()
 
-    def _after_delta(self, d: Delta, t0: int) -> None:
+    def after_delta(self, d: Delta, t0: int) -> None:
         """Counters, events and propagation after a delta was logged and applied."""
         pid = d.page_id
-        if self._events.active:
-            self._emit(EventType.DELTA_APPLIED, pid, d.epoch, d.id, d.lsn)
-            self._emit(EventType.PAGE_CHANGED, pid, d.epoch, d.id)
-        if pid in self.graph.children and not self._propagating:
-            if self._batch_depth or self.propagation_mode is not PropagationMode.IMMEDIATE:
-                self._pending.add(pid)
+        if self.events.active:
+            self.emit(EventType.DELTA_APPLIED, pid, d.epoch, d.id, d.lsn)
+            self.emit(EventType.PAGE_CHANGED, pid, d.epoch, d.id)
+        if pid in self.graph.children and not self.propagating:
+            if self.batch_depth or self.propagation_mode is not PropagationMode.IMMEDIATE:
+                self.pending.add(pid)
             else:
-                self._propagate({pid})
-        c = self._counters
+                self.propagate({pid})
+        c = self.counters
         c.delta_apply.add(time.perf_counter_ns() - t0)
         c.records_logged += 1
         c.payload_bytes_logged += (d._vals if d._idx is not None else d._data).size
-        if len(self._log.deltas) > self._compress_at and not self._propagating \
-                and not self._batch_depth:
-            self._auto_compress()
+        if len(self.log.deltas) > self._compress_at and not self.propagating \
+                and not self.batch_depth:
+            self.auto_compress()
 
-    def _auto_compress(self) -> None:
+    def auto_compress(self) -> None:
         if self.bus is not None:
             return  # a durable bus bounds its log by checkpoints and retention instead
-        from .replay import compress_log_locked
+        from .._history.replay import compress_log_locked
 
         compress_log_locked(self)
-        self._compress_at = max(self.config.max_tlog_size, 2 * len(self._log.deltas))
+        self._compress_at = max(self.config.max_tlog_size, 2 * len(self.log.deltas))
 
-    def _propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
+    def propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
         from .propagation import run_propagation
 
         t0 = time.perf_counter_ns()
-        self._propagating = True
+        self.propagating = True
         try:
             run_propagation(self, sources, forced)
         finally:
-            self._propagating = False
-            self._counters.propagation.add(time.perf_counter_ns() - t0)
+            self.propagating = False
+            self.counters.propagation.add(time.perf_counter_ns() - t0)
 
-    def _set_metadata(self, pid: int, meta: dict[str, Any], source: str = "api") -> bool:
+    def commit_metadata(self, pid: int, meta: dict[str, Any], source: str = "api") -> bool:
         """Log and apply a metadata change (caller holds the lock). False if unchanged."""
-        if self._table.meta.get(pid, {}) == meta:
+        if self.table.meta.get(pid, {}) == meta:
             return False
-        self._commit(MetadataSet(pid, meta, source))
-        self._emit(EventType.METADATA_CHANGED, pid)
+        self.commit(MetadataSet(pid, meta, source))
+        self.emit(EventType.METADATA_CHANGED, pid)
         return True
 
     # -- batches ---------------------------------------------------------------------
-    def _begin_batch(self) -> None:
+    def begin_batch(self) -> None:
         """Start (or nest into) a batch; caller holds the lock via _enter()."""
-        if self._batch_depth == 0:
-            self._batch = _BatchFrame(self)
-        self._batch_depth += 1
+        if self.batch_depth == 0:
+            self.batch_frame = _BatchFrame(self)
+        self.batch_depth += 1
 
-    def _end_batch(self, ok: bool) -> None:
+    def end_batch(self, ok: bool) -> None:
         """Leave a batch; the outermost one commits its records in one append (then
         propagates once), or, on failure, undoes every write it made."""
-        self._batch_depth -= 1
-        if self._batch_depth:
+        self.batch_depth -= 1
+        if self.batch_depth:
             return
-        frame, self._batch = self._batch, None
+        frame, self.batch_frame = self.batch_frame, None
         assert frame is not None
         if not ok:
             frame.rollback()
             return
         try:
-            self._log.append_held(frame.records)
+            self.log.append_held(frame.records)
         except BaseException:
             frame.rollback()
             raise
-        c = self._counters
+        c = self.counters
         c.log_append.add(0)
         if not self.config.enable_logging and frame.records:
             for rec in frame.records:
                 self._forget(rec)
-        if self._pending and self.propagation_mode is not PropagationMode.DEFERRED:
-            pending = {p for p in self._pending if self._table.is_live(p)}
-            self._pending.clear()
+        if self.pending and self.propagation_mode is not PropagationMode.DEFERRED:
+            pending = {p for p in self.pending if self.table.is_live(p)}
+            self.pending.clear()
             if pending:
-                self._propagate(pending)
-        if len(self._log.deltas) > self._compress_at:
-            self._auto_compress()
+                self.propagate(pending)
+        if len(self.log.deltas) > self._compress_at:
+            self.auto_compress()
 
     # -- invariants ------------------------------------------------------------------
     def _check(self) -> None:
         """Assert every invariant of the table, arena, log and graph."""
-        with self._lock:
-            t = self._table
+        with self.lock:
+            t = self.table
             t._check()
             live = t.live_ids()
-            self._arena._check([(int(t.addr[i]), int(t.size[i])) for i in live])
-            self._log._check()
+            self.arena._check([(int(t.addr[i]), int(t.size[i])) for i in live])
+            self.log._check()
             self.graph._check()
             for node in self.graph.nodes:
                 assert t.is_live(node), f"edge kept for dead page {node}"
-            for pid in self._recompute:
+            for pid in self.recompute_fns:
                 assert t.is_live(pid), f"recompute function kept for dead page {pid}"
             if self.config.enable_logging:
                 for pid in live.tolist():
-                    deltas = self._log.by_page.get(pid, [])
+                    deltas = self.log.by_page.get(pid, [])
                     if deltas:
                         assert deltas[-1].epoch == t.epoch[pid], f"page {pid} epoch off its log"
 
-    def _base_bytes(self) -> bytes:
+    def base_bytes(self) -> bytes:
         """The replay base as checkpoint bytes (b"" when there is none)."""
-        if self._base is None:
+        if self.replay_base is None:
             return b""
-        if isinstance(self._base, bytes):
-            return self._base
-        with open(self._base, "rb") as f:
+        if isinstance(self.replay_base, bytes):
+            return self.replay_base
+        with open(self.replay_base, "rb") as f:
             return f.read()
 
-    def _refuse_in_batch(self, what: str) -> None:
+    def refuse_in_batch(self, what: str) -> None:
         """Calls that read or replace the whole log cannot run inside an open batch,
         whose records are held back until it ends."""
-        if self._batch is not None:
+        if self.batch_frame is not None:
             raise InvalidArgumentError(
                 f"{what} cannot run inside an open batch (its writes are not in the log "
                 "yet); call it after the batch ends")
 
-    def _require_replayable(self, what: str) -> None:
+    def require_replayable(self, what: str) -> None:
         """Replays need the log to rebuild the state from its start or replay base."""
-        self._refuse_in_batch(what)
-        self._require_history(what)
-        if self._orphan_from:
+        self.refuse_in_batch(what)
+        self.require_history(what)
+        if self.orphan_from:
             raise HistoryUnavailableError(
                 f"{what} needs history this state does not have: its log starts after LSN "
-                f"{self._orphan_from} and the checkpoint it came from did not carry what "
+                f"{self.orphan_from} and the checkpoint it came from did not carry what "
                 "precedes it (a durable bus keeps that in its other checkpoint files: open "
                 "the bus directory instead)")
 
-    def _require_history(self, what: str) -> None:
+    def require_history(self, what: str) -> None:
         if not self.config.enable_logging:
             raise HistoryUnavailableError(
                 f"{what} needs the transaction log, but this state has enable_logging=False")
@@ -957,11 +957,11 @@ class _BatchFrame:
         self.records: list[AnyRecord] = []
         self.undo: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
         self.scatters: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.next_lsn = state._log.next_lsn
-        self.last_ts = state._log.last_timestamp
-        self.next_delta_id = state._next_delta_id
-        self.queue_len = len(state._queue)
-        self.pending = set(state._pending)
+        self.next_lsn = state.log.next_lsn
+        self.last_ts = state.log.last_timestamp
+        self.next_delta_id = state.next_delta_id
+        self.queue_len = len(state.event_queue)
+        self.pending = set(state.pending)
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> None:
         log.stamp(rec)
@@ -988,7 +988,7 @@ class _BatchFrame:
 
     def save(self, view: np.ndarray, d: Delta) -> None:
         """Remember what ``d`` is about to overwrite."""
-        epoch = int(self.state._table.epoch[d.page_id])
+        epoch = int(self.state.table.epoch[d.page_id])
         if d._idx is not None:
             self.undo.append((d.page_id, epoch, d._idx, view[d._idx].copy()))
         else:
@@ -996,14 +996,14 @@ class _BatchFrame:
 
     def rollback(self) -> None:
         st = self.state
-        t = st._table
+        t = st.table
         for chunk, offsets, old_bytes, pids, epochs in reversed(self.scatters):
-            buf = st._arena.chunk(chunk)
+            buf = st.arena.chunk(chunk)
             assert buf is not None
             buf[offsets] = old_bytes
             t.epoch[pids] = epochs
         for pid, epoch, idx, old in reversed(self.undo):
-            view = st._arena.view(int(t.addr[pid]), int(t.size[pid]))
+            view = st.arena.view(int(t.addr[pid]), int(t.size[pid]))
             if idx is None:
                 view[:] = old
             else:
@@ -1012,8 +1012,8 @@ class _BatchFrame:
         for rec in self.records:
             rec.lsn = 0
             rec.timestamp = 0
-        st._log.next_lsn = self.next_lsn
-        st._log.last_timestamp = self.last_ts
-        st._next_delta_id = self.next_delta_id
-        del st._queue[self.queue_len:]
-        st._pending = self.pending
+        st.log.next_lsn = self.next_lsn
+        st.log.last_timestamp = self.last_ts
+        st.next_delta_id = self.next_delta_id
+        del st.event_queue[self.queue_len:]
+        st.pending = self.pending

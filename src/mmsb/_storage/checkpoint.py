@@ -31,9 +31,9 @@ import msgpack
 import numpy as np
 import zstandard
 
-from ..delta import Delta
+from .._core.delta import Delta
 from ..errors import SerializationError
-from ..graph import ShadowPageGraph
+from .._core.graph import ShadowPageGraph
 from ..types import EdgeType
 from .codec import (
     KIND_DELTA,
@@ -46,11 +46,11 @@ from .codec import (
     encode_metadata,
     record_parts,
 )
-from .records import AnyRecord
+from .._core.records import AnyRecord
 from .wal import fsync_dir
 
 if TYPE_CHECKING:
-    from ..state import MMSBState
+    from .._core.engine import MMSBState
 
 __all__ = ["write_checkpoint", "read_checkpoint", "restore_into", "CheckpointData",
            "checkpoint_bytes", "MAGIC", "VERSION"]
@@ -194,7 +194,7 @@ def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
     that sit back to back in the arena (bulk-created pages do)."""
     if ids.size == 0:
         return []
-    t = state._table
+    t = state.table
     addrs = t.addr[ids]
     sizes = t.size[ids]
     ends = addrs + sizes
@@ -233,12 +233,12 @@ def _log_chunks(records: list[AnyRecord]) -> Iterator[Any]:
 
 def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
                 bus: dict[str, Any] | None = None, base: bytes = b"") -> None:
-    t = state._table
-    log = state._log
+    t = state.table
+    log = state.log
     ids = t.live_ids()
     cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     header = _HEADER.pack(MAGIC, VERSION, 0, len(_TAGS), log.last_lsn, t.next_id,
-                          state._next_delta_id)
+                          state.next_delta_id)
     f.write(header + _U32.pack(crc32c(header)) + _U32.pack(0))
     meta = {
         "format": "mmsb-checkpoint",
@@ -248,7 +248,7 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
         "last_timestamp": log.last_timestamp,
         "written_ns": time.time_ns(),
         "metadata": {str(pid): t.meta[pid] for pid in ids.tolist() if pid in t.meta},
-        "log_from_lsn": from_lsn or state._orphan_from,
+        "log_from_lsn": from_lsn or state.orphan_from,
     }
     if bus is not None:
         meta["bus"] = bus
@@ -259,11 +259,11 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
     _write_section(f, b"PTBL", lambda: table, cctx, sized_by_table=True)
     # Page bytes go straight from the arena to the file: no gathered copy.
     runs = _page_runs(state, ids)
-    arena = state._arena
+    arena = state.arena
     _write_section(f, b"PDAT", lambda: (arena.view(a, n).data for a, n in runs), cctx,
                    sized_by_table=True)
     masks = [[pid, as_of, len(m), np.packbits(m).tobytes()]
-             for pid, (m, as_of) in sorted(state._mask_base.items())]
+             for pid, (m, as_of) in sorted(state.mask_base.items())]
     mask_raw = msgpack.packb(masks, use_bin_type=True)
     _write_section(f, b"MASK", lambda: [mask_raw], cctx)
     edges = state.graph.edges()
@@ -291,7 +291,7 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
     previous checkpoint). ``base``: the nested base checkpoint; by default the state's
     own replay base, so the file stands alone."""
     if base is None:
-        base = state._base_bytes() if not from_lsn else b""
+        base = state.base_bytes() if not from_lsn else b""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
@@ -319,7 +319,7 @@ def checkpoint_bytes(state: MMSBState) -> bytes:
     import io
 
     buf = io.BytesIO()
-    _write_body(buf, state, 0, None, state._base_bytes())
+    _write_body(buf, state, 0, None, state.base_bytes())
     return buf.getvalue()
 
 
@@ -569,11 +569,11 @@ def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
 def restore_into(target: MMSBState, ck: CheckpointData) -> None:
     """Build fresh tables from ``ck`` and swap them into ``target`` (caller holds its
     lock). Nothing of ``target`` changes until everything is built."""
-    from ..state import MMSBState
+    from .._core.engine import MMSBState
 
     fresh = MMSBState(target.config)
-    t = fresh._table
-    arena = fresh._arena
+    t = fresh.table
+    arena = fresh.arena
     n = int(ck.ids.size)
     t.reserve(int(ck.ids[-1]) + 1 if n else 1)
     if n:
@@ -599,34 +599,34 @@ def restore_into(target: MMSBState, ck: CheckpointData) -> None:
         t.loc[ids] = ck.locs
     t.next_id = ck.next_page_id
     t.meta = {pid: dict(m) for pid, m in ck.metadata.items() if m}
-    fresh._mask_base = dict(ck.masks)
+    fresh.mask_base = dict(ck.masks)
     for p, c, et in ck.edges:
         fresh.graph.add_edge(p, c, et)
-    log = fresh._log
+    log = fresh.log
     log.replace_all(ck.records)
     log.next_lsn = ck.lsn + 1
     log.last_timestamp = max(log.last_timestamp, ck.last_timestamp)
     log.horizon_lsn = ck.horizon_lsn
     ht = ck.info.get("horizon_timestamp", 0)
     log.horizon_timestamp = ht if isinstance(ht, int) else 0
-    fresh._next_delta_id = ck.next_delta_id
+    fresh.next_delta_id = ck.next_delta_id
     if ck.base:
-        fresh._base = ck.base
+        fresh.replay_base = ck.base
     # Swap: the target keeps its lock, config, subscriptions and counters.
-    target._arena = fresh._arena
-    target._table = fresh._table
-    target._log = fresh._log if target.bus is None else _keep_sink(target, fresh)
+    target.arena = fresh.arena
+    target.table = fresh.table
+    target.log = fresh.log if target.bus is None else _keep_sink(target, fresh)
     target.graph = fresh.graph
     target.graph._owner = weakref.ref(target)
-    target._mask_base = fresh._mask_base
-    target._next_delta_id = fresh._next_delta_id
-    target._base = fresh._base
-    target._orphan_from = ck.log_from_lsn if ck.log_from_lsn and not ck.base else 0
-    target._recompute = {pid: fn for pid, fn in target._recompute.items() if t.is_live(pid)}
-    target._pending.clear()
-    target._forced.clear()
+    target.mask_base = fresh.mask_base
+    target.next_delta_id = fresh.next_delta_id
+    target.replay_base = fresh.replay_base
+    target.orphan_from = ck.log_from_lsn if ck.log_from_lsn and not ck.base else 0
+    target.recompute_fns = {pid: fn for pid, fn in target.recompute_fns.items() if t.is_live(pid)}
+    target.pending.clear()
+    target.forced.clear()
 
 
 def _keep_sink(target: MMSBState, fresh: MMSBState) -> Any:
-    fresh._log.sink = target._log.sink
-    return fresh._log
+    fresh.log.sink = target.log.sink
+    return fresh.log

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from .config import MMSBConfig
-from .delta import Delta, delta_from_mask
-from .delta import merge_deltas as _merge
+from ._core.delta import Delta, delta_from_mask
+from ._core.delta import merge_deltas as _merge
 from .device import cuda_available
 from .errors import (
     InvalidArgumentError,
@@ -24,12 +24,12 @@ from .errors import (
     PageNotFoundError,
     SerializationError,
 )
-from .events import Subscription, make_filter
-from .graph import ShadowPageGraph
-from .log.checkpoint import read_checkpoint, restore_into, write_checkpoint
-from .log.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
-from .monitor import Counters, MMSBStats
-from .state import (
+from ._core.events import Subscription, make_filter
+from ._core.graph import ShadowPageGraph
+from ._storage.checkpoint import read_checkpoint, restore_into, write_checkpoint
+from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
+from ._core.monitor import Counters, MMSBStats
+from ._core.engine import (
     MMSBState,
     Page,
     check_size,
@@ -93,7 +93,7 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         cfg.enable_gpu = False
     cfg.enable_instrumentation = bool(enable_instrumentation or cfg.enable_instrumentation)
     if path is not None:
-        from .log.bus import open_bus
+        from ._storage.bus import open_bus
 
         state = open_bus(path, cfg)
     else:
@@ -109,11 +109,11 @@ def mmsb_stop(state: MMSBState, *, checkpoint_path: str | os.PathLike[str] | Non
         raise InvalidArgumentError(f"mmsb_stop takes an MMSBState, not {type(state).__name__}")
     if state.closed:
         return
-    with state._lock:
-        state._refuse_in_batch("mmsb_stop")
+    with state.lock:
+        state.refuse_in_batch("mmsb_stop")
     if checkpoint_path is not None:
         checkpoint_log(state, checkpoint_path)
-    with state._lock:
+    with state.lock:
         if state.bus is not None:
             state.bus.close(state)
         state.closed = True
@@ -155,7 +155,7 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         MetadataError: metadata msgpack cannot encode.
     """
     state = _state_of(state, "create_page")
-    return Page(state, state._create(1, size, location, metadata))
+    return Page(state, state.create(1, size, location, metadata))
 
 
 def create_pages(state: MMSBState, n: int, size: int | None = None, *, location: Any = "cpu",
@@ -163,7 +163,7 @@ def create_pages(state: MMSBState, n: int, size: int | None = None, *, location:
     """``n`` new pages in one call: one lock, one log record, one bulk allocation.
     O(n) in numpy (plus the handles returned)."""
     state = _state_of(state, "create_pages")
-    first = state._create(n, size, location, metadata)
+    first = state.create(n, size, location, metadata)
     return [Page(state, pid) for pid in range(first, first + int(n))]
 
 
@@ -192,8 +192,8 @@ def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api"
         state, page_id, data = state_or_page, args[0], args[1]
     else:
         state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
-    state._write(page_id, 0, data, source, True)
-    return Page(state, page_id if type(page_id) is int else state._require(page_id, "update_page"))
+    state.write_bytes(page_id, 0, data, source, True)
+    return Page(state, page_id if type(page_id) is int else state.require_page(page_id, "update_page"))
 
 
 def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source: str = "api") -> Page:
@@ -204,15 +204,15 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
     """
     if type(state) is not MMSBState:
         state = _state_of(state, "write_page")
-    state._write(page_id, offset, data, source, False)
-    return Page(state, page_id if type(page_id) is int else state._require(page_id, "write_page"))
+    state.write_bytes(page_id, offset, data, source, False)
+    return Page(state, page_id if type(page_id) is int else state.require_page(page_id, "write_page"))
 
 
 def query_page(state: MMSBState, page_id: int) -> bytes:
     """A copy of the page's current bytes. O(size)."""
     state = _state_of(state, "query_page")
-    with state._lock:
-        return state._page_view(state._require(page_id, "query_page")).tobytes()
+    with state.lock:
+        return state.page_view(state.require_page(page_id, "query_page")).tobytes()
 
 
 def delete_page(state: MMSBState, page_id: int) -> None:
@@ -222,13 +222,13 @@ def delete_page(state: MMSBState, page_id: int) -> None:
         PageNotFoundError: unknown page.
     """
     state = _state_of(state, "delete_page")
-    state._enter()
+    state.enter()
     try:
-        pid = state._require(page_id, "delete_page")
-        state._commit(PageDelete(pid))
-        state._emit(EventType.PAGE_DELETED, pid)
+        pid = state.require_page(page_id, "delete_page")
+        state.commit(PageDelete(pid))
+        state.emit(EventType.PAGE_DELETED, pid)
     finally:
-        state._leave()
+        state.leave()
 
 
 def resize_page(state: MMSBState, page_id: int, new_size: int) -> Page:
@@ -236,31 +236,31 @@ def resize_page(state: MMSBState, page_id: int, new_size: int) -> Page:
     epoch is unchanged. The bytes move to a new slot. O(size)."""
     state = _state_of(state, "resize_page")
     size = check_size(new_size, "new size")
-    state._enter()
+    state.enter()
     try:
-        pid = state._require(page_id, "resize_page")
-        old = int(state._table.size[pid])
+        pid = state.require_page(page_id, "resize_page")
+        old = int(state.table.size[pid])
         if old != size:
-            state._commit(PageResize(pid, size))
-            state._emit(EventType.PAGE_RESIZED, pid, old, size)
+            state.commit(PageResize(pid, size))
+            state.emit(EventType.PAGE_RESIZED, pid, old, size)
         return Page(state, pid)
     finally:
-        state._leave()
+        state.leave()
 
 
 def clone_page(state: MMSBState, page_id: int) -> Page:
     """A new page (new id) with the same bytes, epoch, metadata and location."""
     state = _state_of(state, "clone_page")
-    state._enter()
+    state.enter()
     try:
-        src = state._require(page_id, "clone_page")
-        state._check_room(1, int(state._table.size[src]))
-        new_id = state._table.next_id
-        state._commit(PageClone(new_id, src))
-        state._emit(EventType.PAGE_CREATED, new_id)
+        src = state.require_page(page_id, "clone_page")
+        state.check_room(1, int(state.table.size[src]))
+        new_id = state.table.next_id
+        state.commit(PageClone(new_id, src))
+        state.emit(EventType.PAGE_CREATED, new_id)
         return Page(state, new_id)
     finally:
-        state._leave()
+        state.leave()
 
 
 def migrate_page(state: MMSBState, page_id: int, location: Any) -> Page:
@@ -271,17 +271,17 @@ def migrate_page(state: MMSBState, page_id: int, location: Any) -> Page:
     """
     state = _state_of(state, "migrate_page")
     loc = coerce_location(location)
-    state._enter()
+    state.enter()
     try:
-        pid = state._require(page_id, "migrate_page")
-        old = PageLocation(int(state._table.loc[pid]))
+        pid = state.require_page(page_id, "migrate_page")
+        old = PageLocation(int(state.table.loc[pid]))
         if old is not loc:
-            state._check_location(loc, int(state._table.size[pid]))
-            state._commit(PageMigrate(pid, int(loc)))
-            state._emit(EventType.PAGE_MIGRATED, pid, old, loc)
+            state.check_location(loc, int(state.table.size[pid]))
+            state.commit(PageMigrate(pid, int(loc)))
+            state.emit(EventType.PAGE_MIGRATED, pid, old, loc)
         return Page(state, pid)
     finally:
-        state._leave()
+        state.leave()
 
 
 def set_metadata(state: MMSBState, page_id: int, key: str, value: Any) -> Page:
@@ -297,15 +297,15 @@ def update_metadata(state: MMSBState, page_id: int, mapping: dict[str, Any], *,
         MetadataError: keys not str or values msgpack cannot encode.
     """
     state = _state_of(state, "update_metadata")
-    state._enter()
+    state.enter()
     try:
-        pid = state._require(page_id, "update_metadata")
-        new = {} if replace else dict(state._table.meta.get(pid, {}))
+        pid = state.require_page(page_id, "update_metadata")
+        new = {} if replace else dict(state.table.meta.get(pid, {}))
         new.update(normalize_metadata(mapping, pid))
-        state._set_metadata(pid, new)
+        state.commit_metadata(pid, new)
         return Page(state, pid)
     finally:
-        state._leave()
+        state.leave()
 
 
 # -- deltas ----------------------------------------------------------------------------
@@ -320,11 +320,11 @@ def create_delta(state: MMSBState, page_id: int, mask: Any, data: Any, source: s
     """
     state = _state_of(state, "create_delta")
     check_source(source)
-    with state._lock:
-        pid = state._require(page_id, "create_delta")
-        t = state._table
+    with state.lock:
+        pid = state.require_page(page_id, "create_delta")
+        t = state.table
         d = delta_from_mask(0, pid, int(t.epoch[pid]), int(t.size[pid]), mask, data, source)
-        d.id = state._new_delta_id()
+        d.id = state.new_delta_id()
         return d
 
 
@@ -338,7 +338,7 @@ def route_delta(state: MMSBState, delta: Delta) -> Page:
     state = _state_of(state, "route_delta")
     if not isinstance(delta, Delta):
         raise InvalidDeltaError(f"route_delta takes a Delta, not {type(delta).__name__}")
-    state._route(delta)
+    state.route(delta)
     return Page(state, delta.page_id)
 
 
@@ -358,11 +358,11 @@ class Batch:
 
     def write(self, page_id: int, offset: int, data: Any, *, source: str = "api") -> None:
         """Write ``data`` at ``offset`` (as write_page)."""
-        self.state._write(page_id, offset, data, source, False)
+        self.state.write_bytes(page_id, offset, data, source, False)
 
     def update(self, page_id: int, data: Any, *, source: str = "api") -> None:
         """Replace a page's content (as update_page)."""
-        self.state._write(page_id, 0, data, source, True)
+        self.state.write_bytes(page_id, 0, data, source, True)
 
 
 @contextlib.contextmanager
@@ -378,17 +378,17 @@ def batch(state: MMSBState) -> Iterator[Batch]:
     """
     state = _state_of(state, "batch")
     b = Batch(state)
-    state._enter()
+    state.enter()
     ok = False
     try:
-        state._begin_batch()
+        state.begin_batch()
         try:
             yield b
             ok = True
         finally:
-            state._end_batch(ok)
+            state.end_batch(ok)
     finally:
-        state._leave()
+        state.leave()
 
 
 def apply_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], *,
@@ -401,7 +401,7 @@ def apply_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], *,
     Raises:
         PageNotFoundError, InvalidDeltaError: for the first bad write; nothing applied.
     """
-    from .batching import run_batch
+    from ._core.batching import run_batch
 
     state = _state_of(state, "apply_batch")
     if not isinstance(writes, Iterable) or isinstance(writes, str | bytes):
@@ -424,8 +424,8 @@ def query_log(state: MMSBState, *, page_id: int | None = None, start_time: int |
     for name, value in (("start_time", start_time), ("end_time", end_time)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidArgumentError(f"query_log(): {name} must be an int of nanoseconds, not {value!r}")
-    with state._lock:
-        log = state._log
+    with state.lock:
+        log = state.log
         pool = log.by_page.get(page_id, []) if page_id is not None else log.deltas
         return [d for d in pool
                 if (start_time is None or d.timestamp >= start_time)
@@ -437,8 +437,8 @@ def get_deltas_for_page(state: MMSBState, page_id: int) -> list[Delta]:
     """The retained deltas of one page, in log order. O(its deltas)."""
     state = _state_of(state, "get_deltas_for_page")
     page_id = require_page_id(page_id, "get_deltas_for_page")
-    with state._lock:
-        return list(state._log.by_page.get(page_id, []))
+    with state.lock:
+        return list(state.log.by_page.get(page_id, []))
 
 
 def get_deltas_in_range(state: MMSBState, start: int, stop: int) -> list[Delta]:
@@ -447,8 +447,8 @@ def get_deltas_in_range(state: MMSBState, start: int, stop: int) -> list[Delta]:
     for name, v in (("start", start), ("stop", stop)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InvalidArgumentError(f"{name} must be an int, not {v!r}")
-    with state._lock:
-        return state._log.deltas[start:stop]
+    with state.lock:
+        return state.log.deltas[start:stop]
 
 
 def compute_log_statistics(state: MMSBState) -> dict[str, Any]:
@@ -456,8 +456,8 @@ def compute_log_statistics(state: MMSBState) -> dict[str, Any]:
     (page id → delta count), ``records``, ``first_lsn``/``last_lsn``, ``sparse_deltas``,
     ``payload_bytes``."""
     state = _state_of(state, "compute_log_statistics")
-    with state._lock:
-        log = state._log
+    with state.lock:
+        log = state.log
         sources: dict[str, int] = {}
         changed = 0
         sparse = 0
@@ -485,14 +485,14 @@ def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
 
     state = _state_of(state, "checkpoint_log")
     _check_path(path, "checkpoint_log")
-    with state._lock:
-        state._refuse_in_batch("checkpoint_log")
+    with state.lock:
+        state.refuse_in_batch("checkpoint_log")
         t0 = time.perf_counter_ns()
         try:
             size = write_checkpoint(state, path)
         except OSError as exc:
             raise SerializationError(f"cannot write the checkpoint ({exc.strerror})", path=path) from None
-        state._counters.checkpoint.add(time.perf_counter_ns() - t0)
+        state.counters.checkpoint.add(time.perf_counter_ns() - t0)
         return size
 
 
@@ -505,15 +505,15 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     """
     state = _state_of(state, "load_checkpoint")
     _check_path(path, "load_checkpoint")
-    with state._lock:
-        state._refuse_in_batch("load_checkpoint")
+    with state.lock:
+        state.refuse_in_batch("load_checkpoint")
     ck = read_checkpoint(path)
-    state._enter()
+    state.enter()
     try:
-        state._refuse_in_batch("load_checkpoint")
+        state.refuse_in_batch("load_checkpoint")
         if state.bus is not None:
             state.bus.before_restore(state)
-        before = state._swap_snapshot()
+        before = state.swap_snapshot()
         restore_into(state, ck)
         if state.bus is not None:
             try:
@@ -524,7 +524,7 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
                 state.graph._owner = weakref.ref(state)
                 raise
     finally:
-        state._leave()
+        state.leave()
     return state
 
 
@@ -537,7 +537,7 @@ def replay_from_checkpoint(path: str | os.PathLike[str], target_epoch: int | Non
                            *, config: MMSBConfig | None = None) -> MMSBState:
     """A new state from a checkpoint file; with ``target_epoch``, its per-page epoch
     cut (replay_to_epoch) instead."""
-    from .replay import replay_to_epoch
+    from ._history.replay import replay_to_epoch
 
     state = MMSBState(config)
     load_checkpoint(state, path)
@@ -577,15 +577,15 @@ def add_dependency(graph_or_state: MMSBState | ShadowPageGraph, parent_id: int, 
     """
     state, graph = _resolve(graph_or_state, "add_dependency")
     et = _edge_type(edge_type)
-    state._enter()
+    state.enter()
     try:
-        p = state._require(parent_id, "add_dependency")
-        c = state._require(child_id, "add_dependency")
+        p = state.require_page(parent_id, "add_dependency")
+        c = state.require_page(child_id, "add_dependency")
         graph.check_edge(p, c)
         if graph.children.get(p, {}).get(c) is not et:
-            state._commit(EdgeAdd(p, c, int(et)))
+            state.commit(EdgeAdd(p, c, int(et)))
     finally:
-        state._leave()
+        state.leave()
 
 
 def remove_dependency(graph_or_state: MMSBState | ShadowPageGraph, parent_id: int, child_id: int) -> None:
@@ -595,15 +595,15 @@ def remove_dependency(graph_or_state: MMSBState | ShadowPageGraph, parent_id: in
         PageNotFoundError: unknown page or no such edge.
     """
     state, graph = _resolve(graph_or_state, "remove_dependency")
-    state._enter()
+    state.enter()
     try:
-        p = state._require(parent_id, "remove_dependency")
-        c = state._require(child_id, "remove_dependency")
+        p = state.require_page(parent_id, "remove_dependency")
+        c = state.require_page(child_id, "remove_dependency")
         if not graph.has_edge(p, c):
             raise PageNotFoundError(c, f"remove_dependency (no edge {p} → {c})")
-        state._commit(EdgeRemove(p, c))
+        state.commit(EdgeRemove(p, c))
     finally:
-        state._leave()
+        state.leave()
 
 
 def _g(obj: Any, fn: str) -> ShadowPageGraph:
@@ -653,8 +653,8 @@ def register_recompute_fn(state: MMSBState, page_id: int, fn: Callable[[MMSBStat
     state = _state_of(state, "register_recompute_fn")
     if not callable(fn):
         raise InvalidArgumentError(f"recompute fn must be callable, not {type(fn).__name__}")
-    with state._lock:
-        state._recompute[state._require(page_id, "register_recompute_fn")] = fn
+    with state.lock:
+        state.recompute_fns[state.require_page(page_id, "register_recompute_fn")] = fn
 
 
 def register_passthrough_recompute(state: MMSBState, target_id: int, source_id: int,
@@ -664,16 +664,16 @@ def register_passthrough_recompute(state: MMSBState, target_id: int, source_id: 
     state = _state_of(state, "register_passthrough_recompute")
     if transform is not None and not callable(transform):
         raise InvalidArgumentError("transform must be callable")
-    with state._lock:
-        src = state._require(source_id, "register_passthrough_recompute")
-        state._require(target_id, "register_passthrough_recompute")
+    with state.lock:
+        src = state.require_page(source_id, "register_passthrough_recompute")
+        state.require_page(target_id, "register_passthrough_recompute")
 
     if transform is None:
         def fn(st: MMSBState, page: Page) -> Any:
-            return st._page_view(st._require(src, "passthrough source"))
+            return st.page_view(st.require_page(src, "passthrough source"))
     else:
         def fn(st: MMSBState, page: Page) -> Any:
-            return transform(st._page_view(st._require(src, "passthrough source")).tobytes())
+            return transform(st.page_view(st.require_page(src, "passthrough source")).tobytes())
 
     register_recompute_fn(state, target_id, fn)
 
@@ -694,15 +694,15 @@ def propagate_change(state: MMSBState, page_id: int | Iterable[int],
     else:
         raise InvalidArgumentError(
             f"propagate_change(): page_id must be a page id or ids, not {type(page_id).__name__}")
-    state._enter()
+    state.enter()
     try:
-        pids = {state._require(p, "propagate_change") for p in ids}
-        if mode is PropagationMode.IMMEDIATE and not state._batch_depth:
-            state._propagate(pids)
+        pids = {state.require_page(p, "propagate_change") for p in ids}
+        if mode is PropagationMode.IMMEDIATE and not state.batch_depth:
+            state.propagate(pids)
         else:
-            state._pending.update(pids)
+            state.pending.update(pids)
     finally:
-        state._leave()
+        state.leave()
 
 
 def queue_recomputation(state: MMSBState, page_id: int) -> None:
@@ -710,8 +710,8 @@ def queue_recomputation(state: MMSBState, page_id: int) -> None:
     next execute_propagation(); its dependents follow if its bytes change. Queuing a
     page twice recomputes it once."""
     state = _state_of(state, "queue_recomputation")
-    with state._lock:
-        state._forced.add(state._require(page_id, "queue_recomputation"))
+    with state.lock:
+        state.forced.add(state.require_page(page_id, "queue_recomputation"))
 
 
 def schedule_propagation(state: MMSBState, page_ids: Iterable[int]) -> None:
@@ -720,25 +720,25 @@ def schedule_propagation(state: MMSBState, page_ids: Iterable[int]) -> None:
 
 
 def _flush_pending(state: MMSBState) -> None:
-    pending = {p for p in state._pending if state._table.is_live(p)}
-    forced = frozenset(p for p in state._forced if state._table.is_live(p))
-    state._pending.clear()
-    state._forced.clear()
+    pending = {p for p in state.pending if state.table.is_live(p)}
+    forced = frozenset(p for p in state.forced if state.table.is_live(p))
+    state.pending.clear()
+    state.forced.clear()
     if pending or forced:
-        state._propagate(pending, forced)
+        state.propagate(pending, forced)
 
 
 def execute_propagation(state: MMSBState) -> int:
     """Run every queued propagation and recomputation now, as one topological pass.
     Returns how many queued pages it covered."""
     state = _state_of(state, "execute_propagation")
-    state._enter()
+    state.enter()
     try:
-        n = len(state._pending | state._forced)
+        n = len(state.pending | state.forced)
         _flush_pending(state)
         return n
     finally:
-        state._leave()
+        state.leave()
 
 
 # -- events ----------------------------------------------------------------------------
@@ -756,8 +756,8 @@ def subscribe(state: MMSBState, event_type: EventType, handler: Callable[..., An
     if not callable(handler):
         raise InvalidArgumentError(f"handler must be callable, not {type(handler).__name__}")
     sub = Subscription(et, handler, make_filter(filter), owner=id(state))
-    with state._lock:
-        state._events.add(sub)
+    with state.lock:
+        state.events.add(sub)
     return sub
 
 
@@ -766,8 +766,8 @@ def unsubscribe(state: MMSBState, sub: Subscription) -> bool:
     state = _state_of(state, "unsubscribe")
     if not isinstance(sub, Subscription):
         raise InvalidArgumentError(f"unsubscribe takes a Subscription, not {type(sub).__name__}")
-    with state._lock:
-        return state._events.remove(sub)
+    with state.lock:
+        return state.events.remove(sub)
 
 
 # -- monitoring ------------------------------------------------------------------------
@@ -775,13 +775,13 @@ def unsubscribe(state: MMSBState, sub: Subscription) -> bool:
 def get_stats(state: MMSBState) -> MMSBStats:
     """A frozen snapshot of sizes, counters and latency percentiles."""
     state = _state_of(state, "get_stats")
-    with state._lock:
-        t = state._table
+    with state.lock:
+        t = state.table
         live = t.live_ids()
         locs = np.bincount(t.loc[live], minlength=3) if live.size else np.zeros(3, np.int64)
-        c = state._counters
-        a = state._arena
-        deltas = state._log.deltas
+        c = state.counters
+        a = state.arena
+        deltas = state.log.deltas
         delta_bytes = sum(d.count for d in deltas)
         page_bytes = int(t.size[live].sum()) if live.size else 0
         carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
@@ -808,10 +808,10 @@ def get_stats(state: MMSBState) -> MMSBStats:
             log_append_p90_ns=la90, log_append_p99_ns=la99, log_append_max_ns=c.log_append.max_ns,
             checkpoint_count=c.checkpoint.count, checkpoint_p50_ns=ck50, checkpoint_p90_ns=ck90,
             checkpoint_p99_ns=ck99, checkpoint_max_ns=c.checkpoint.max_ns,
-            log_records=len(state._log.records), log_bytes=state._log.bytes_logged,
-            last_lsn=state._log.last_lsn, records_logged=c.records_logged,
+            log_records=len(state.log.records), log_bytes=state.log.bytes_logged,
+            last_lsn=state.log.last_lsn, records_logged=c.records_logged,
             payload_bytes_logged=c.payload_bytes_logged,
-            events_emitted=state._events.emitted, handler_errors=state._events.handler_errors,
+            events_emitted=state.events.emitted, handler_errors=state.events.handler_errors,
             torn_tails_recovered=c.torn_tails_recovered,
             arena_bytes_in_use=a.bytes_in_use, arena_bytes_free=a.bytes_free_listed,
             arena_bytes_reserved=a.bytes_reserved,
@@ -827,10 +827,10 @@ def print_stats(state: MMSBState, file: Any = None) -> None:
 def reset_stats(state: MMSBState) -> None:
     """Zero the counters and latency samples; pages, log and graph are untouched."""
     state = _state_of(state, "reset_stats")
-    with state._lock:
-        state._counters = Counters()
-        state._events.emitted = 0
-        state._events.handler_errors = 0
+    with state.lock:
+        state.counters = Counters()
+        state.events.emitted = 0
+        state.events.handler_errors = 0
 
 
 def _ns(ns: Any) -> int:
@@ -842,13 +842,13 @@ def _ns(ns: Any) -> int:
 def track_delta_latency(state: MMSBState, ns: int) -> None:
     """Add one delta-apply latency sample (ns) to the state's counters."""
     state = _state_of(state, "track_delta_latency")
-    with state._lock:
-        state._counters.delta_apply.add(_ns(ns))
+    with state.lock:
+        state.counters.delta_apply.add(_ns(ns))
 
 
 def track_propagation_latency(state: MMSBState, ns: int) -> None:
     """Add one propagation latency sample (ns) to the state's counters."""
     state = _state_of(state, "track_propagation_latency")
-    with state._lock:
-        state._counters.propagation.add(_ns(ns))
+    with state.lock:
+        state.counters.propagation.add(_ns(ns))
 

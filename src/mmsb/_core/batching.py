@@ -10,17 +10,17 @@ from typing import Any
 import numpy as np
 
 from .delta import Delta, as_bytes_array, sparse_enough
-from .errors import InvalidArgumentError, InvalidDeltaError
-from .state import MMSBState, check_source
-from .store.arena import CHUNK_SHIFT
-from .types import EventType
+from ..errors import InvalidArgumentError, InvalidDeltaError
+from .engine import MMSBState, check_source
+from .arena import CHUNK_SHIFT
+from ..types import EventType
 
 __all__ = ["run_batch"]
 
 
 def _prepare(state: MMSBState, writes: Iterable[tuple[int, int, Any]]) -> list[tuple[int, int, np.ndarray]]:
     """Check every write (page, range, bytes) before anything is applied."""
-    t = state._table
+    t = state.table
     out: list[tuple[int, int, np.ndarray]] = []
     for k, w in enumerate(writes):
         try:
@@ -28,7 +28,7 @@ def _prepare(state: MMSBState, writes: Iterable[tuple[int, int, Any]]) -> list[t
         except (TypeError, ValueError):
             raise InvalidArgumentError(
                 f"batch write #{k} must be a (page_id, offset, bytes) tuple, not {w!r:.80}") from None
-        pid = state._require(page_id, f"apply_batch (write #{k})")
+        pid = state.require_page(page_id, f"apply_batch (write #{k})")
         if isinstance(offset, bool) or not isinstance(offset, int | np.integer):
             raise InvalidDeltaError(f"batch write #{k}: offset must be an int, not {offset!r}", page_id=pid)
         arr = as_bytes_array(data, f"batch write #{k} data")
@@ -61,7 +61,7 @@ def _vector_batch(state: MMSBState, writes: list[Any], source: str) -> int | Non
     t0 = time.perf_counter_ns()
     logged = _vector_apply(state, writes, source)
     if logged:
-        c = state._counters
+        c = state.counters
         c.delta_apply.add_many(time.perf_counter_ns() - t0, logged)
         c.records_logged += logged
     return logged
@@ -78,7 +78,7 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     if cols is None:
         return None
     pids, offs, datas = cols
-    t = state._table
+    t = state.table
     nw = len(datas)
     lens = np.fromiter(map(len, datas), np.int64, nw)
     if (pids <= 0).any() or (pids >= t.next_id).any():
@@ -99,7 +99,7 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     c0 = int(chunk_of[0])
     if not (chunk_of == c0).all():
         return None
-    chunk = state._arena.chunk(c0)
+    chunk = state.arena.chunk(c0)
     assert chunk is not None
     local = gaddr & ((1 << CHUNK_SHIFT) - 1)
     # Each written byte is compared with what the page holds just before that write:
@@ -141,31 +141,31 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     rank[order] = np.arange(len(sorted_p)) - run_start
     base = t.epoch[cpids] + rank
     # Build the deltas (views into the shared position and value arrays).
-    frame = state._batch
+    frame = state.batch_frame
     assert frame is not None
-    first_id = state._next_delta_id
+    first_id = state.next_delta_id
     lo = bounds[changed].tolist()
     hi = bounds[changed + 1].tolist()
-    lsn0, ts = frame.reserve(state._log, len(lo))
+    lsn0, ts = frame.reserve(state.log, len(lo))
     new_delta = Delta
     deltas = [new_delta(first_id + k, p, e, e + 1, source, size, rel[a:b], vals[a:b], None, None,
                         lsn0 + k, ts)
               for k, (p, e, size, a, b) in enumerate(zip(cpids.tolist(), base.tolist(),
                                                          sizes[changed].tolist(), lo, hi,
                                                          strict=True))]
-    state._next_delta_id = first_id + len(deltas)
+    state.next_delta_id = first_id + len(deltas)
     frame.records.extend(deltas)
     frame.undo_scatter(c0, final_at, final_old, cpids, t.epoch[cpids].copy())
     chunk[final_at] = final_val
-    state._counters.payload_bytes_logged += int(vals.size)
+    state.counters.payload_bytes_logged += int(vals.size)
     np.maximum.at(t.epoch, cpids, base + 1)
-    if state._events.active:
+    if state.events.active:
         for d in deltas:
-            state._emit(EventType.DELTA_APPLIED, d.page_id, d.epoch, d.id, d.lsn)
-            state._emit(EventType.PAGE_CHANGED, d.page_id, d.epoch, d.id)
+            state.emit(EventType.DELTA_APPLIED, d.page_id, d.epoch, d.id, d.lsn)
+            state.emit(EventType.PAGE_CHANGED, d.page_id, d.epoch, d.id)
     children = state.graph.children
     if children:
-        state._pending.update(p for p in set(cpids.tolist()) if p in children)
+        state.pending.update(p for p in set(cpids.tolist()) if p in children)
     return len(deltas)
 
 
@@ -173,10 +173,10 @@ def run_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], source: 
     """Apply ``writes`` as one group (see :func:`mmsb.apply_batch`). Returns the number of
     deltas logged."""
     check_source(source)
-    state._enter()
+    state.enter()
     try:
         items = writes if isinstance(writes, list) else list(writes)
-        state._begin_batch()
+        state.begin_batch()
         ok = False
         try:
             fast = _vector_batch(state, items, source) if len(items) >= 16 else None
@@ -185,10 +185,10 @@ def run_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], source: 
             else:
                 logged = 0
                 for pid, off, arr in _prepare(state, items):
-                    logged += state._write(pid, off, arr, source, False)
+                    logged += state.write_bytes(pid, off, arr, source, False)
             ok = True
         finally:
-            state._end_batch(ok)
+            state.end_batch(ok)
         return logged
     finally:
-        state._leave()
+        state.leave()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidDeltaError
+from ..errors import InvalidDeltaError
 
 __all__ = [
     "Delta",

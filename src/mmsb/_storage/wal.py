@@ -3,7 +3,7 @@
 A segment file starts with a 36-byte header — ``"MMSBWAL\\0" | version u16 | flags u16 |
 bus_id u64 | generation u64 | seq u32 | crc32c u32`` — followed by frames
 ``length u64 | crc32c u32 | body``, where the CRC covers the 8 length bytes and the body
-(the record encoding of :mod:`mmsb.log.codec`, which holds the record's kind and LSN).
+(the record encoding of :mod:`mmsb._storage.codec`, which holds the record's kind and LSN).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import SerializationError
 from .codec import crc32c, decode_record
-from .records import AnyRecord
+from .._core.records import AnyRecord
 
 __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]

@@ -1,6 +1,6 @@
 """Typed log records. Every change of state is one of these, with an LSN and a time.
 
-Deltas (:class:`mmsb.delta.Delta`) are records too. Records are immutable by contract:
+Deltas (:class:`mmsb._core.delta.Delta`) are records too. Records are immutable by contract:
 the live state, replayed states and checkpoints share the same objects.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..delta import Delta
+from .delta import Delta
 
 __all__ = [
     "Record", "PageCreate", "PageDelete", "PageResize", "PageMigrate", "PageClone",

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgumentError
-from .types import EventType
+from ..errors import InvalidArgumentError
+from ..types import EventType
 
 __all__ = ["Subscription", "EventBus", "Handler"]
 
-log = logging.getLogger("mmsb.events")
+log = logging.getLogger("mmsb._core.events")
 
 Handler = Callable[..., Any]
 _ids = itertools.count(1)

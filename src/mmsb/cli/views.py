@@ -20,10 +20,10 @@ import numpy as np
 
 import mmsb
 
-from .errors import MMSBError, SerializationError
-from .log.bus import bus_files
-from .log.records import PageClone, PageResize
-from .replay import state_differences
+from ..errors import MMSBError, SerializationError
+from .._storage.bus import bus_files
+from .._core.records import PageClone, PageResize
+from .._history.replay import state_differences
 
 __all__ = [
     "UserError", "Source", "open_source", "parse_time", "format_time", "parse_range",
@@ -88,7 +88,7 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
     mmsb.load_checkpoint(state, p)
     notes = []
-    horizon = state._log.horizon_lsn
+    horizon = state.log.horizon_lsn
     if not _log_is_anchored(state):
         notes.append("its log does not start from an empty state or from a replay base "
                      "(the file is one checkpoint of a bus, whose earlier history is in "
@@ -104,8 +104,8 @@ def _log_is_anchored(state: mmsb.MMSBState) -> bool:
     """True when replaying the retained log rebuilds the state: it starts from the
     replay base, or from nothing at LSN 1, or is a compressed log (whose records before
     its Compacted marker rebuild everything)."""
-    log = state._log
-    if state._base is not None:
+    log = state.log
+    if state.replay_base is not None:
         return True
     if not log.records:
         return log.last_lsn == 0 or not len(state.pages)
@@ -204,7 +204,7 @@ def edge_rows(state: mmsb.MMSBState) -> list[dict[str, Any]]:
 def log_summary(state: mmsb.MMSBState) -> dict[str, Any]:
     """Records, deltas, bytes, LSN range, horizon, times and sources of the retained log."""
     st = mmsb.compute_log_statistics(state)
-    log = state._log
+    log = state.log
     first_ts = log.records[0].timestamp if log.records else 0
     return {
         "records": st["records"], "deltas": st["total_deltas"],
@@ -212,7 +212,7 @@ def log_summary(state: mmsb.MMSBState) -> dict[str, Any]:
         "payload_bytes": st["payload_bytes"], "first_lsn": st["first_lsn"],
         "last_lsn": st["last_lsn"], "horizon_lsn": log.horizon_lsn,
         "first_time": format_time(first_ts), "last_time": format_time(log.last_timestamp),
-        "sources": st["sources"], "replay_base": state._base is not None,
+        "sources": st["sources"], "replay_base": state.replay_base is not None,
     }
 
 
@@ -317,7 +317,7 @@ def blame(state: mmsb.MMSBState, page_id: int, lo: int | None = None,
     # another page's bytes. Both are structural records of this page in the log.
     events: list[tuple[int, int, Any]] = [(d.lsn, 1, k) for k, d in enumerate(deltas)]
     clone: PageClone | None = None
-    for rec in state._log.records:
+    for rec in state.log.records:
         if isinstance(rec, PageResize) and rec.page_id == page_id:
             events.append((rec.lsn, 0, rec.new_size))
         elif isinstance(rec, PageClone) and rec.page_id == page_id:
@@ -345,7 +345,7 @@ def blame(state: mmsb.MMSBState, page_id: int, lo: int | None = None,
     starts = (np.concatenate(([0], brk)) + start).tolist()
     stops = (np.concatenate((brk, [cut.size])) + start).tolist()
     data = state.pages[page_id].data
-    horizon = state._log.horizon_lsn
+    horizon = state.log.horizon_lsn
     ranges = []
     for a, b in zip(starts, stops, strict=True):
         code = int(owner[a])
@@ -378,7 +378,7 @@ def count_bus_files(root: Path) -> int:
 
 def checkpoint_file_info(path: Path) -> dict[str, Any]:
     """What a checkpoint file holds (it is read and checked in full)."""
-    from .log.checkpoint import read_checkpoint
+    from .._storage.checkpoint import read_checkpoint
 
     info: dict[str, Any] = {"file": str(path), "name": path.name}
     m = _CKPT_NAME.match(path.name)
@@ -408,8 +408,8 @@ def bus_files_info(root: Path, step: Callable[[str], None] | None = None) -> dic
     directory, read (not changed): generation, LSNs, sizes, what recovery does with
     each segment, and damage found. ``step(name)`` is called before each file (for a
     progress bar); ``count_bus_files`` says how many there are."""
-    from .log.bus import _identity
-    from .log.wal import scan_segment
+    from .._storage.bus import _identity
+    from .._storage.wal import scan_segment
 
     bus_id = _identity(root, True)
     raw = (root / "BUS").read_bytes()
@@ -493,6 +493,6 @@ def verify(src: Source, step: Callable[[str], None] | None = None) -> dict[str, 
     ok = consistent and not problems
     return {
         "ok": ok, "consistent": consistent, "differences": differences, "problems": problems,
-        "warnings": sorted(set(warnings)), "records": len(state._log.records),
+        "warnings": sorted(set(warnings)), "records": len(state.log.records),
         "pages": len(state.pages), "last_lsn": state.last_lsn,
     }

@@ -32,11 +32,11 @@ from ..config import MMSBConfig
 from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationError
 from .checkpoint import read_checkpoint, restore_into, write_checkpoint
 from .codec import crc32c, encode_record
-from .records import AnyRecord
+from .._core.records import AnyRecord
 from .wal import SegmentScan, SegmentWriter, frame, fsync_dir, group_body, scan_segment
 
 if TYPE_CHECKING:
-    from ..state import MMSBState
+    from .._core.engine import MMSBState
 
 __all__ = ["DurableBus", "open_bus", "open_readonly", "BUS_MAGIC", "bus_files"]
 
@@ -218,7 +218,7 @@ class DurableBus:
                                   "no checkpoint is written")
         t0 = time.perf_counter_ns()
         gen = self.generation + 1
-        lsn = state._log.last_lsn
+        lsn = state.log.last_lsn
         full = self.reset_chain or self.generation == 0
         keep = self.config.retain_checkpoints
         path = self.ckpt_dir / _ckpt_name(gen)
@@ -227,30 +227,30 @@ class DurableBus:
         kept.append(new)
         if keep is not None and len(kept) > keep and evict:
             kept = kept[-keep:]
-        saved = state._history_snapshot()
+        saved = state.history_snapshot()
         try:
             # History older than the oldest kept checkpoint leaves memory first, so that
             # the new file's masks and log describe exactly what recovery will rebuild.
             oldest = kept[0]
             if oldest is not new and not self._chain_starts_at(kept):
-                state._trim_log(oldest.lsn)
-                state._base = oldest.path
+                state.trim_log(oldest.lsn)
+                state.replay_base = oldest.path
             elif oldest is new and not full:
                 # The new checkpoint is the only one kept: it is its own replay base.
-                state._trim_log(lsn)
+                state.trim_log(lsn)
                 new.log_from_lsn = lsn
             info = {"bus_id": f"{self.bus_id:016x}", "generation": gen}
-            base = state._base_bytes() if full else b""
+            base = state.base_bytes() if full else b""
             write_checkpoint(state, path, from_lsn=new.log_from_lsn, bus=info, base=base)
         except BaseException as exc:
-            state._history_restore(saved)
+            state.history_restore(saved)
             if isinstance(exc, OSError):
                 raise DurabilityError(
                     f"writing checkpoint {path.name} failed ({exc.strerror or exc}); the log "
                     "still holds every record, and the bus goes on") from exc
             raise
         if oldest is new and not full:
-            state._base = path
+            state.replay_base = path
         with self.io_lock:
             old_writer = self.writer
             self.generation = gen
@@ -271,7 +271,7 @@ class DurableBus:
             if c.path not in kept_paths:
                 _unlink(c.path)
         self.retained = kept
-        state._counters.checkpoint.add(time.perf_counter_ns() - t0)
+        state.counters.checkpoint.add(time.perf_counter_ns() - t0)
         return path
 
     def _all_ckpts(self) -> list[_Ckpt]:
@@ -308,8 +308,8 @@ class DurableBus:
 
     def after_restore(self, state: MMSBState) -> None:
         """load_checkpoint replaced the state (and its log object)."""
-        state._log.sink = self.sink
-        state._log.sink_many = self.sink_many
+        state.log.sink = self.sink
+        state.log.sink_many = self.sink_many
         self._checkpoint_new_chain(state)
 
     def close(self, state: MMSBState) -> None:
@@ -405,7 +405,7 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
     Raises:
         SerializationError: no bus there, or damage the recovery mode does not tolerate.
     """
-    from ..state import MMSBState
+    from .._core.engine import MMSBState
 
     cfg = config or MMSBConfig()
     cfg.validate()
@@ -418,10 +418,10 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
     bus.read_only = True
     state = MMSBState(cfg)
     _recover(bus, state, files)
-    if isinstance(state._base, Path):
-        state._base = state._base.read_bytes()  # the writer may drop the file later
+    if isinstance(state.replay_base, Path):
+        state.replay_base = state.replay_base.read_bytes()  # the writer may drop the file later
     state.detached = True
-    state._counters.torn_tails_recovered = bus.torn_tails
+    state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
     return state
 
@@ -434,7 +434,7 @@ def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
         SerializationError: damage that the recovery mode does not tolerate, naming the
             file and offset.
     """
-    from ..state import MMSBState
+    from .._core.engine import MMSBState
 
     root = Path(path)
     if root.exists() and not root.is_dir():
@@ -457,9 +457,9 @@ def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
         os.close(lock_fd)
         raise
     state.bus = bus
-    state._log.sink = bus.sink
-    state._log.sink_many = bus.sink_many
-    state._counters.torn_tails_recovered = bus.torn_tails
+    state.log.sink = bus.sink
+    state.log.sink_many = bus.sink_many
+    state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
     bus.start()
     return state
@@ -508,8 +508,8 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         restore_into(state, newest)
         # The newest file's horizon was written after its history was trimmed, so it
         # already names where the rebuilt log begins; the chain gives its base.
-        state._base = base
-        state._orphan_from = 0
+        state.replay_base = base
+        state.orphan_from = 0
         for g, ck in chain:
             ckpts.append(_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]))
         bus.generation = gen
@@ -540,7 +540,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         else:
             segs.append((seq, p))
     segs.sort()
-    expected_lsn = state._log.last_lsn + 1
+    expected_lsn = state.log.last_lsn + 1
     replayed = 0
     damaged = False
     for k, (seq, p) in enumerate(segs):
@@ -604,16 +604,16 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
 
 def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
     """Apply a segment's records one by one, each checked against the state first
-    (see :func:`mmsb.replay.check_record`). Returns how many were applied; on the first
+    (see :func:`mmsb._history.replay.check_record`). Returns how many were applied; on the first
     refusal the reason goes to ``scan.refused`` and the rest is not applied."""
-    from ..replay import check_record
+    from .._history.replay import check_record
 
-    log_ = state._log
+    log_ = state.log
     for k, rec in enumerate(scan.records):
         why = check_record(state, rec)
         if why is None:
             try:
-                state._apply(rec)
+                state.apply_record(rec)
             except MemoryError:
                 why = "a record needing more memory than this machine can give"
         if why is not None:

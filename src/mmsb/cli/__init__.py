@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .errors import MMSBError
+from ..errors import MMSBError
 
 __all__ = ["main"]
 
@@ -75,7 +75,7 @@ class _TimeType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        from .cli_views import parse_time
+        from .views import parse_time
 
         try:
             return parse_time(str(value))
@@ -90,7 +90,7 @@ class _RangeType(click.ParamType):
                 ctx: click.Context | None) -> tuple[int | None, int | None]:
         if isinstance(value, tuple):
             return value
-        from .cli_views import parse_range
+        from .views import parse_range
 
         try:
             return parse_range(str(value))
@@ -161,7 +161,7 @@ def _progress(text: str, total: int) -> Iterator[Any]:
 
 
 def _open(path: Path) -> Any:
-    from .cli_views import open_source
+    from .views import open_source
 
     with _working(f"reading {path}"):
         return open_source(path)
@@ -229,7 +229,7 @@ def inspect(path: Path, max_pages: int, as_json: bool) -> None:
 
     For a bus: its checkpoint files (generation, LSN, size) and log segments (records,
     LSN range, state), and what recovery had to skip."""
-    from .cli_views import (
+    from .views import (
         bus_files_info,
         checkpoint_file_info,
         count_bus_files,
@@ -316,7 +316,7 @@ def log_command(path: Path, page: int | None, source: str | None, since: int | N
     """The deltas of the log, oldest first: LSN, time, page, epochs, source, bytes."""
     import mmsb
 
-    from .cli_views import delta_row, require_page_history
+    from .views import delta_row, require_page_history
 
     if since is not None and until is not None and since > until:
         raise click.BadParameter("--since is after --until", param_hint="'--since'")
@@ -346,7 +346,7 @@ def log_command(path: Path, page: int | None, source: str | None, since: int | N
 def history(path: Path, page: int, as_json: bool) -> None:
     """Every retained delta of one page: epoch, LSN, time, source, bytes changed and a
     hex preview of the new bytes (``@offset: bytes``)."""
-    from .cli_views import history_rows, require_page_history
+    from .views import history_rows, require_page_history
 
     src = _open(path)
     require_page_history(src.state, page, path)
@@ -376,7 +376,7 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
           as_json: bool) -> None:
     """Who wrote each byte of a page: for every maximal byte range, the LSN, epoch,
     time and source of the delta that last wrote it."""
-    from .cli_views import blame as blame_view
+    from .views import blame as blame_view
 
     src = _open(path)
     lo, hi = byte_range if byte_range is not None else (None, None)
@@ -465,8 +465,8 @@ def replay(path: Path, lsn: int | None, epoch: int | None, at_time: int | None, 
 def verify(path: Path, as_json: bool) -> None:
     """Check that the state equals the replay of its log (and, for a bus, that every
     checkpoint and log segment reads cleanly). Exit 1 with a report otherwise."""
-    from .cli_views import count_bus_files
-    from .cli_views import verify as verify_view
+    from .views import count_bus_files
+    from .views import verify as verify_view
 
     src = _open(path)
     total = count_bus_files(path) if src.kind == "bus" else 0
@@ -526,7 +526,7 @@ class _Reloading:
         self.lock = threading.Lock()
 
     def _key(self) -> tuple[Any, ...]:
-        from .log.bus import bus_files
+        from .._storage.bus import bus_files
 
         if not self.path.is_dir():
             st = self.path.stat()
@@ -540,7 +540,7 @@ class _Reloading:
         return tuple(out)
 
     def __call__(self) -> Any:
-        from .cli_views import open_source
+        from .views import open_source
 
         with self.lock:
             key = self._key()
@@ -567,7 +567,7 @@ def metrics(path: Path, port: int | None, host: str, once: bool) -> None:
 
     Served from a read-only view that follows the writer (reopened when the bus's
     files change). Needs the extra: pip install 'mmsb[metrics]'."""
-    from .metrics import render_metrics, require_prometheus_client, serve_metrics
+    from ..metrics import render_metrics, require_prometheus_client, serve_metrics
 
     if not once and port is None:
         raise click.UsageError("give --port N to serve, or --once to print the metrics once")
@@ -594,12 +594,9 @@ def metrics(path: Path, port: int | None, host: str, once: bool) -> None:
 
 
 def _attach_optional_commands() -> None:
-    from .bench.command import bench_command
+    from ..bench.command import bench_command
 
     main.add_command(bench_command)
 
 
 _attach_optional_commands()
-
-if __name__ == "__main__":  # pragma: no cover
-    main(prog_name="mmsb")

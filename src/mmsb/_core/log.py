@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast, overload
 
-from ..delta import Delta
+from .delta import Delta
 from .records import AnyRecord, Compacted
 
 __all__ = ["TransactionLog", "DeltaView"]

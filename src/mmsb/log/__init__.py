@@ -1,1 +1,0 @@
-"""The transaction log: record types, the in-memory log, binary formats, durability."""
