@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import mmsb
-from mmsb.cli.views import blame, format_time, parse_range, parse_time
 from mmsb._storage.bus import bus_files
+from mmsb.cli.views import blame, format_time, parse_range, parse_time
 
 HAVE_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1"}

@@ -34,7 +34,8 @@ import mmsb._storage.wal as wal_mod
 from conftest import edges, pages_view
 from crash_writer import apply as apply_write
 from crash_writer import digest, plan
-from mmsb._storage.bus import bus_files, open_readonly
+from mmsb import open_readonly
+from mmsb._storage.bus import bus_files
 from mmsb._storage.codec import encode_record
 
 WRITER = Path(__file__).with_name("crash_writer.py")

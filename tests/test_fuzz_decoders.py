@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from mmsb._core.records import Compacted, EdgeRemove, PageMigrate
 from mmsb._storage import checkpoint as ckpt_mod
 from mmsb._storage.codec import crc32c, decode_record, encode_record
-from mmsb._core.records import Compacted, EdgeRemove, PageMigrate
 from mmsb._storage.wal import SEG_HEADER_SIZE, frame, scan_segment, segment_header
 
 FUZZ = settings(max_examples=int(os.environ.get("MMSB_FUZZ_EXAMPLES", "300")), deadline=None,

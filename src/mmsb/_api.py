@@ -5,7 +5,6 @@ they were."""
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import warnings
 import weakref
@@ -14,22 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import MMSBConfig
 from ._core.delta import Delta, delta_from_mask
 from ._core.delta import merge_deltas as _merge
-from .device import cuda_available
-from .errors import (
-    InvalidArgumentError,
-    InvalidDeltaError,
-    PageNotFoundError,
-    SerializationError,
-)
-from ._core.events import Subscription, make_filter
-from ._core.graph import ShadowPageGraph
-from ._storage.checkpoint import read_checkpoint, restore_into, write_checkpoint
-from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
-from ._core.monitor import Counters, MMSBStats
 from ._core.engine import (
+    ACTIVE,
     MMSBState,
     Page,
     check_size,
@@ -37,6 +24,20 @@ from ._core.engine import (
     normalize_metadata,
     require_page_id,
     require_state,
+)
+from ._core.events import Subscription, make_filter
+from ._core.graph import ShadowPageGraph
+from ._core.monitor import Counters, MMSBStats
+from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
+from ._storage.bus import open_bus, recover_readonly
+from ._storage.checkpoint import read_checkpoint, write_checkpoint
+from .config import MMSBConfig
+from .device import cuda_available
+from .errors import (
+    InvalidArgumentError,
+    InvalidDeltaError,
+    PageNotFoundError,
+    SerializationError,
 )
 from .types import (
     DATA_DEPENDENCY,
@@ -48,7 +49,7 @@ from .types import (
 )
 
 __all__ = [
-    "mmsb_start", "mmsb_stop", "active", "active_state",
+    "mmsb_start", "mmsb_stop", "open_readonly", "active", "active_state",
     "create_page", "create_pages", "update_page", "write_page", "query_page", "delete_page",
     "resize_page", "clone_page", "migrate_page", "set_metadata", "update_metadata",
     "create_delta", "route_delta", "batch", "apply_batch", "Batch",
@@ -62,7 +63,7 @@ __all__ = [
     "get_stats", "print_stats", "reset_stats", "track_delta_latency", "track_propagation_latency",
 ]
 
-_active: contextvars.ContextVar[MMSBState | None] = contextvars.ContextVar("mmsb_active", default=None)
+_active = ACTIVE
 
 
 # -- lifecycle -------------------------------------------------------------------------
@@ -93,9 +94,8 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         cfg.enable_gpu = False
     cfg.enable_instrumentation = bool(enable_instrumentation or cfg.enable_instrumentation)
     if path is not None:
-        from ._storage.bus import open_bus
-
-        state = open_bus(path, cfg)
+        state = MMSBState(cfg)
+        open_bus(state, path)
     else:
         state = MMSBState(cfg)
     _active.set(state)
@@ -113,12 +113,22 @@ def mmsb_stop(state: MMSBState, *, checkpoint_path: str | os.PathLike[str] | Non
         state.refuse_in_batch("mmsb_stop")
     if checkpoint_path is not None:
         checkpoint_log(state, checkpoint_path)
-    with state.lock:
-        if state.bus is not None:
-            state.bus.close(state)
-        state.closed = True
-    if _active.get() is state:
-        _active.set(None)
+    state.close()
+
+
+def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None) -> MMSBState:
+    """Recover a durable bus into a detached, in-memory state without writing anything:
+    no lock is taken, nothing is checkpointed or cut, and a torn tail is only skipped.
+    Safe beside a live writer (it sees what is on disk at that moment). Writes to the
+    returned state stay in memory.
+
+    Raises:
+        InvalidArgumentError: config is not an MMSBConfig or holds a bad value.
+        SerializationError: no bus there, or damage the recovery mode does not tolerate.
+    """
+    state = MMSBState(config)
+    recover_readonly(state, path)
+    return state
 
 
 @contextlib.contextmanager
@@ -514,7 +524,7 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
         if state.bus is not None:
             state.bus.before_restore(state)
         before = state.swap_snapshot()
-        restore_into(state, ck)
+        state.restore(ck)
         if state.bus is not None:
             try:
                 state.bus.after_restore(state)

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidArgumentError, MissingDependencyError, MMSBError
 
 if TYPE_CHECKING:
-    from ._core.monitor import MMSBStats
     from ._core.engine import MMSBState
+    from ._core.monitor import MMSBStats
 
 __all__ = [
     "MMSBCollector",

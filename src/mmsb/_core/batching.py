@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .delta import Delta, as_bytes_array, sparse_enough
 from ..errors import InvalidArgumentError, InvalidDeltaError
-from .engine import MMSBState, check_source
-from .arena import CHUNK_SHIFT
 from ..types import EventType
+from .arena import CHUNK_SHIFT
+from .delta import Delta, as_bytes_array, sparse_enough
+from .engine import MMSBState, check_source
 
 __all__ = ["run_batch"]
 

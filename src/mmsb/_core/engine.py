@@ -9,6 +9,7 @@ Every change follows the same path: validate → build a record → append it to
 from __future__ import annotations
 
 import bisect
+import contextvars
 import os
 import threading
 import time
@@ -21,13 +22,6 @@ import msgpack
 import numpy as np
 
 from ..config import MMSBConfig
-from .delta import (
-    Delta,
-    apply_delta,
-    as_bytes_array,
-    diff_write,
-    union_mask,
-)
 from ..device import cuda_unavailable_reason
 from ..errors import (
     GPUMemoryError,
@@ -38,9 +32,21 @@ from ..errors import (
     PageNotFoundError,
     StateClosedError,
 )
+from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
+from .arena import CHUNK_SHIFT, Arena
+from .delta import (
+    Delta,
+    apply_delta,
+    as_bytes_array,
+    diff_write,
+    union_mask,
+)
 from .events import EventBus
 from .graph import ShadowPageGraph
 from .limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .log import DeltaView, TransactionLog
+from .monitor import Counters
+from .page_table import PageTable
 from .records import (
     AnyRecord,
     Compacted,
@@ -53,11 +59,7 @@ from .records import (
     PageMigrate,
     PageResize,
 )
-from .log import DeltaView, TransactionLog
-from .monitor import Counters
-from .arena import CHUNK_SHIFT, Arena
-from .page_table import PageTable
-from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
+from .snapshot import ReplayBase, Snapshot
 
 if TYPE_CHECKING:
     from .._storage.bus import DurableBus
@@ -65,6 +67,10 @@ if TYPE_CHECKING:
 __all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "normalize_metadata"]
 
 RecomputeFn = Callable[["MMSBState", "Page"], Any]
+
+ACTIVE: contextvars.ContextVar[MMSBState | None] = contextvars.ContextVar("mmsb_active", default=None)
+"""The active state (``mmsb.active_state()``): the one ``mmsb_start`` made or ``with
+mmsb.active(state)`` entered, per thread and task."""
 Event = tuple[EventType, tuple[Any, ...]]
 
 
@@ -324,19 +330,33 @@ class MMSBState:
         is not, so replays are refused."""
         self.recovery_notes: list[str] = []
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
-        self.replay_base: bytes | os.PathLike[str] | None = None
-        """Replay base: a checkpoint (bytes, or a file of the durable bus) whose images are
-        the state at ``_log.horizon_lsn``; None when the log rebuilds from nothing."""
+        self.replay_base: ReplayBase | None = None
+        """Replay base: the state at ``log.horizon_lsn``, where replays of the retained
+        log start; None when the log rebuilds the state from nothing."""
 
     # -- context manager -------------------------------------------------------------
     def __enter__(self) -> MMSBState:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from .._api import mmsb_stop
+        self.close()
 
-        if not self.closed:
-            mmsb_stop(self)
+    def close(self) -> None:
+        """Flush and close the durable bus behind this state (if any), mark the state
+        stopped and clear it as the active state. Stopping a stopped state does nothing.
+
+        Raises:
+            InvalidArgumentError: inside an open batch (its writes are not logged yet).
+        """
+        with self.lock:
+            if self.closed:
+                return
+            self.refuse_in_batch("mmsb_stop")
+            if self.bus is not None:
+                self.bus.close(self)
+            self.closed = True
+        if ACTIVE.get() is self:
+            ACTIVE.set(None)
 
     def __repr__(self) -> str:
         kind = "closed" if self.closed else ("durable" if self.bus else "in-memory")
@@ -360,6 +380,10 @@ class MMSBState:
     @property
     def next_page_id(self) -> int:
         return self.table.next_id
+
+    def page_handle(self, page_id: int) -> Page:
+        """A live :class:`Page` handle on ``page_id`` (not checked: see ``require_page``)."""
+        return Page(self, page_id)
 
     # -- locking and event delivery --------------------------------------------------
     def enter(self) -> None:
@@ -525,6 +549,53 @@ class MMSBState:
         return i
 
     # -- applying records (shared by live writes and replay) -------------------------
+    def check_record(self, rec: AnyRecord) -> str | None:
+        """Why ``rec`` cannot be the next record of ``state``'s log (None when it can): the
+        checks the live calls make before they log, applied to a record read from disk, so
+        a crafted or foreign record can never be applied blindly. O(1), except an edge's
+        cycle check (O(edges reachable from its child))."""
+        t = self.table
+        if isinstance(rec, Delta):
+            pid = rec.page_id
+            if not t.is_live(pid):
+                return f"a delta of page {pid}, which does not exist"
+            if rec.page_size != int(t.size[pid]):
+                return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
+            if rec.base_epoch != int(t.epoch[pid]):
+                return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
+                        f"epoch {int(t.epoch[pid])}")
+            return None
+        if isinstance(rec, PageCreate | PageClone):
+            first = rec.first_id if isinstance(rec, PageCreate) else rec.page_id
+            if first != t.next_id:
+                return f"pages created at id {first} where the next id is {t.next_id}"
+            if isinstance(rec, PageClone) and not t.is_live(rec.source_id):
+                return f"a clone of page {rec.source_id}, which does not exist"
+            if isinstance(rec, PageCreate):
+                need = creation_cost(self, rec.count, rec.size)
+                if need > physical_memory():
+                    return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
+                            "memory, more than this machine has")
+            return None
+        if isinstance(rec, Compacted):
+            return "a compaction marker, which only checkpoints hold"
+        if isinstance(rec, EdgeAdd):
+            if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
+                return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
+            try:
+                self.graph.check_edge(rec.parent_id, rec.child_id)
+            except Exception:
+                return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
+            return None
+        if isinstance(rec, EdgeRemove):
+            if not self.graph.has_edge(rec.parent_id, rec.child_id):
+                return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
+            return None
+        pid = getattr(rec, "page_id", 0)
+        if not t.is_live(pid):
+            return f"a {type(rec).__name__} of page {pid}, which does not exist"
+        return None
+
     def apply_record(self, rec: AnyRecord) -> None:
         """Apply one logged record to the store and graph. No validation, no events."""
         t = self.table
@@ -831,7 +902,7 @@ class MMSBState:
     def auto_compress(self) -> None:
         if self.bus is not None:
             return  # a durable bus bounds its log by checkpoints and retention instead
-        from .._history.replay import compress_log_locked
+        from .compaction import compress_log_locked
 
         compress_log_locked(self)
         self._compress_at = max(self.config.max_tlog_size, 2 * len(self.log.deltas))
@@ -913,12 +984,81 @@ class MMSBState:
 
     def base_bytes(self) -> bytes:
         """The replay base as checkpoint bytes (b"" when there is none)."""
-        if self.replay_base is None:
-            return b""
-        if isinstance(self.replay_base, bytes):
-            return self.replay_base
-        with open(self.replay_base, "rb") as f:
-            return f.read()
+        return b"" if self.replay_base is None else self.replay_base.raw()
+
+    # -- whole-state images ----------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """A deep copy of the state as a :class:`Snapshot` (caller holds the lock). The
+        records are shared: they are immutable. O(pages + page bytes)."""
+        t = self.table
+        ids = t.live_ids().astype(np.int64)
+        sizes = t.size[ids].astype(np.int64)
+        data = np.empty(int(sizes.sum()), np.uint8)
+        pos = 0
+        for pid, size in zip(ids.tolist(), sizes.tolist(), strict=True):
+            data[pos:pos + size] = self.page_view(pid)
+            pos += size
+        log = self.log
+        return Snapshot(
+            log.last_lsn, t.next_id, self.next_delta_id, ids, sizes, t.epoch[ids].copy(),
+            t.loc[ids].copy(), data, {pid: dict(m) for pid, m in t.meta.items()},
+            {pid: (m.copy(), lsn) for pid, (m, lsn) in self.mask_base.items()},
+            self.graph.edges(), list(log.records), log.horizon_lsn, log.last_timestamp,
+            {"horizon_timestamp": log.horizon_timestamp}, self.replay_base,
+            self.orphan_from, None)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Replace everything but the lock, config, subscriptions, counters and the
+        durable sink with ``snap`` (caller holds the lock). Fresh tables are built first
+        and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
+        fresh = MMSBState(self.config)
+        t = fresh.table
+        arena = fresh.arena
+        n = int(snap.ids.size)
+        t.reserve(int(snap.ids[-1]) + 1 if n else 1)
+        if n:
+            # Group runs of consecutive ids of one size: one bulk allocation each.
+            ids, sizes = snap.ids, snap.sizes
+            brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(sizes) != 0)) + 1
+            starts = np.concatenate(([0], brk)).tolist()
+            stops = np.concatenate((brk, [n])).tolist()
+            offsets = np.concatenate(([0], np.cumsum(sizes)))
+            for a, b in zip(starts, stops, strict=True):
+                size = int(sizes[a])
+                addrs = arena.alloc_many(b - a, size)
+                t.add_rows(int(ids[a]), addrs, size, 0)
+                src = snap.data[int(offsets[a]) : int(offsets[b])]
+                if b - a == 1 or bool((np.diff(addrs) == size).all()):
+                    arena.view(int(addrs[0]), size * (b - a))[:] = src
+                else:
+                    for k, addr in enumerate(addrs.tolist()):
+                        arena.view(addr, size)[:] = src[k * size : (k + 1) * size]
+            t.epoch[ids] = snap.epochs
+            t.loc[ids] = snap.locs
+        t.next_id = snap.next_page_id
+        t.meta = {pid: dict(m) for pid, m in snap.metadata.items() if m}
+        for p, c, et in snap.edges:
+            fresh.graph.add_edge(p, c, et)
+        log = fresh.log
+        log.replace_all(snap.records)
+        log.next_lsn = snap.lsn + 1
+        log.last_timestamp = max(log.last_timestamp, snap.last_timestamp)
+        log.horizon_lsn = snap.horizon_lsn
+        ht = snap.info.get("horizon_timestamp", 0)
+        log.horizon_timestamp = ht if isinstance(ht, int) else 0
+        log.sink, log.sink_many = self.log.sink, self.log.sink_many
+        self.arena = fresh.arena
+        self.table = t
+        self.log = log
+        self.graph = fresh.graph
+        self.graph._owner = weakref.ref(self)
+        self.mask_base = dict(snap.masks)
+        self.next_delta_id = snap.next_delta_id
+        self.replay_base = snap.base
+        self.orphan_from = snap.log_from_lsn if snap.log_from_lsn and snap.base is None else 0
+        self.recompute_fns = {pid: fn for pid, fn in self.recompute_fns.items() if t.is_live(pid)}
+        self.pending.clear()
+        self.forced.clear()
 
     def refuse_in_batch(self, what: str) -> None:
         """Calls that read or replace the whole log cannot run inside an open batch,

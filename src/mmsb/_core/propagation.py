@@ -13,10 +13,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .delta import as_bytes_array
 from ..errors import InvalidDeltaError, PropagationError
-from .engine import Page
 from ..types import EdgeType, EventType
+from .delta import as_bytes_array
 
 if TYPE_CHECKING:
     from .engine import MMSBState
@@ -96,7 +95,7 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                 state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
             else:
                 try:
-                    result = fn(state, Page(state, node))
+                    result = fn(state, state.page_handle(node))
                     size = int(table.size[node])
                     arr = as_bytes_array(result, "recompute result")
                     if len(arr) != size:

@@ -9,32 +9,29 @@ from typing import Any
 
 import numpy as np
 
+from .._core.compaction import compress_log_locked
 from .._core.delta import Delta, apply_clipped, apply_delta, make_delta, union_mask
-from ..errors import (
-    HistoryUnavailableError,
-    InvalidArgumentError,
-    InvalidDeltaError,
-    PageNotFoundError,
+from .._core.engine import (
+    MMSBState,
+    Page,
+    PageSnapshot,
+    require_page_id,
+    require_state,
 )
 from .._core.records import (
     AnyRecord,
     Compacted,
     EdgeAdd,
-    EdgeRemove,
-    MetadataSet,
     PageClone,
     PageCreate,
     PageDelete,
     PageResize,
 )
-from .._core.engine import (
-    MMSBState,
-    Page,
-    PageSnapshot,
-    creation_cost,
-    physical_memory,
-    require_page_id,
-    require_state,
+from ..errors import (
+    HistoryUnavailableError,
+    InvalidArgumentError,
+    InvalidDeltaError,
+    PageNotFoundError,
 )
 
 __all__ = [
@@ -50,8 +47,6 @@ __all__ = [
     "incremental_replay",
     "replay_with_predicate",
     "compress_log",
-    "compress_log_locked",
-    "check_record",
 ]
 
 
@@ -66,10 +61,7 @@ def _origin(state: MMSBState) -> MMSBState:
     replay base (the checkpoint image at the log's horizon). Caller holds the lock."""
     new = _detached(state)
     if state.replay_base is not None:
-        from .._storage.checkpoint import read_checkpoint, restore_into
-
-        raw = state.base_bytes()
-        restore_into(new, read_checkpoint(raw, path_label="replay base"))
+        new.restore(state.replay_base.snapshot())
         new.log.horizon_lsn = new.log.last_lsn
     return new
 
@@ -107,54 +99,6 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
     if run:
         target.apply_delta_run(run)
     return target
-
-
-def check_record(state: MMSBState, rec: AnyRecord) -> str | None:
-    """Why ``rec`` cannot be the next record of ``state``'s log (None when it can): the
-    checks the live calls make before they log, applied to a record read from disk, so
-    a crafted or foreign record can never be applied blindly. O(1), except an edge's
-    cycle check (O(edges reachable from its child))."""
-    t = state.table
-    if isinstance(rec, Delta):
-        pid = rec.page_id
-        if not t.is_live(pid):
-            return f"a delta of page {pid}, which does not exist"
-        if rec.page_size != int(t.size[pid]):
-            return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
-        if rec.base_epoch != int(t.epoch[pid]):
-            return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
-                    f"epoch {int(t.epoch[pid])}")
-        return None
-    if isinstance(rec, PageCreate | PageClone):
-        first = rec.first_id if isinstance(rec, PageCreate) else rec.page_id
-        if first != t.next_id:
-            return f"pages created at id {first} where the next id is {t.next_id}"
-        if isinstance(rec, PageClone) and not t.is_live(rec.source_id):
-            return f"a clone of page {rec.source_id}, which does not exist"
-        if isinstance(rec, PageCreate):
-            need = creation_cost(state, rec.count, rec.size)
-            if need > physical_memory():
-                return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
-                        "memory, more than this machine has")
-        return None
-    if isinstance(rec, Compacted):
-        return "a compaction marker, which only checkpoints hold"
-    if isinstance(rec, EdgeAdd):
-        if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
-            return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
-        try:
-            state.graph.check_edge(rec.parent_id, rec.child_id)
-        except Exception:
-            return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
-        return None
-    if isinstance(rec, EdgeRemove):
-        if not state.graph.has_edge(rec.parent_id, rec.child_id):
-            return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
-        return None
-    pid = getattr(rec, "page_id", 0)
-    if not t.is_live(pid):
-        return f"a {type(rec).__name__} of page {pid}, which does not exist"
-    return None
 
 
 def _check_lsn_reachable(state: MMSBState, lsn: int) -> None:
@@ -557,66 +501,9 @@ def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -
 
 def _copy_state(state: MMSBState) -> MMSBState:
     """A detached deep copy (via the in-memory checkpoint codec: no shared buffers)."""
-    from .._storage.checkpoint import _parse, checkpoint_bytes, restore_into
-
-    ck = _parse(memoryview(checkpoint_bytes(state)), "<copy>")
     new = _detached(state)
-    restore_into(new, ck)
+    new.restore(state.snapshot())
     return new
-
-
-def compress_log_locked(state: MMSBState) -> None:
-    """Rewrite the log as the shortest record sequence that rebuilds the current state:
-    bulk page creations, metadata, one ``"compressed"`` delta per written page (its
-    epoch span 0 → epoch, its mask the page's written bytes), the edges, and a
-    Compacted marker. History before the marker is gone. Caller holds the lock."""
-    state.require_history("compress_log")
-    saved = state.history_snapshot()
-    t = state.table
-    log = state.log
-    recs: list[AnyRecord] = []
-    live = t.live_ids()
-    i, n = 0, len(live)
-    sizes, locs = t.size, t.loc
-    while i < n:
-        j = i + 1
-        first = int(live[i])
-        while (j < n and int(live[j]) == first + (j - i) and sizes[live[j]] == sizes[first]
-               and locs[live[j]] == locs[first]):
-            j += 1
-        recs.append(PageCreate(first, j - i, int(sizes[first]), int(locs[first]), None))
-        i = j
-    for pid in live.tolist():
-        meta = t.meta.get(pid)
-        if meta:
-            recs.append(MetadataSet(pid, dict(meta), "compressed"))
-    for pid in live.tolist():
-        epoch = int(t.epoch[pid])
-        view = state.page_view(pid)
-        mask = state.page_mask(pid) | (view != 0)
-        if epoch == 0:
-            assert not mask.any(), f"page {pid} has bytes but epoch 0"
-            continue
-        idx = np.flatnonzero(mask)
-        recs.append(make_delta(state.new_delta_id(), pid, 0, len(view), idx, view[idx],
-                               "compressed", epoch=epoch))
-    for parent, child, et in state.graph.edges():
-        recs.append(EdgeAdd(parent, child, int(et)))
-    recs.append(Compacted(t.next_id))
-    for rec in recs:
-        log.stamp(rec)
-        log.next_lsn = rec.lsn + 1
-        log.last_timestamp = rec.timestamp
-    log.replace_all(recs)
-    state.mask_base = {}
-    state.replay_base = None
-    state.orphan_from = 0
-    if state.bus is not None:
-        try:
-            state.bus.after_compress(state)
-        except BaseException:
-            state.history_restore(saved)
-            raise
 
 
 def compress_log(state: MMSBState) -> None:

@@ -28,17 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._core.records import AnyRecord
+from .._core.snapshot import ReplayBase
 from ..config import MMSBConfig
 from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationError
-from .checkpoint import read_checkpoint, restore_into, write_checkpoint
+from .checkpoint import CheckpointBase, read_checkpoint, write_checkpoint
 from .codec import crc32c, encode_record
-from .._core.records import AnyRecord
 from .wal import SegmentScan, SegmentWriter, frame, fsync_dir, group_body, scan_segment
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
-__all__ = ["DurableBus", "open_bus", "open_readonly", "BUS_MAGIC", "bus_files"]
+__all__ = ["DurableBus", "open_bus", "recover_readonly", "BUS_MAGIC", "bus_files"]
 
 log = logging.getLogger("mmsb.bus")
 
@@ -234,7 +235,7 @@ class DurableBus:
             oldest = kept[0]
             if oldest is not new and not self._chain_starts_at(kept):
                 state.trim_log(oldest.lsn)
-                state.replay_base = oldest.path
+                state.replay_base = CheckpointBase(oldest.path)
             elif oldest is new and not full:
                 # The new checkpoint is the only one kept: it is its own replay base.
                 state.trim_log(lsn)
@@ -250,7 +251,7 @@ class DurableBus:
                     "still holds every record, and the bus goes on") from exc
             raise
         if oldest is new and not full:
-            state.replay_base = path
+            state.replay_base = CheckpointBase(path)
         with self.io_lock:
             old_writer = self.writer
             self.generation = gen
@@ -396,19 +397,15 @@ def _identity(root: Path, has_data: bool) -> int:
     return int(bus_id)
 
 
-def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None) -> MMSBState:
-    """Recover a durable bus into a detached, in-memory state without writing anything:
-    no lock is taken, nothing is checkpointed or cut, and a torn tail is only skipped.
-    Safe beside a live writer (it sees what is on disk at that moment). Writes to the
-    returned state stay in memory.
+def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
+    """Recover the durable bus in ``path`` into the fresh, in-memory ``state`` without
+    writing anything: no lock is taken, nothing is checkpointed or cut, and a torn tail
+    is only skipped. Safe beside a live writer (it sees what is on disk at that moment).
 
     Raises:
         SerializationError: no bus there, or damage the recovery mode does not tolerate.
     """
-    from .._core.engine import MMSBState
-
-    cfg = config or MMSBConfig()
-    cfg.validate()
+    cfg = state.config
     root = Path(path)
     if not (root / "BUS").is_file():
         raise SerializationError("no MMSB bus here (the identity file BUS is missing)", path=root)
@@ -416,26 +413,24 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
     bus_id = _identity(root, True)
     bus = DurableBus(root, bus_id, cfg, -1)
     bus.read_only = True
-    state = MMSBState(cfg)
     _recover(bus, state, files)
-    if isinstance(state.replay_base, Path):
-        state.replay_base = state.replay_base.read_bytes()  # the writer may drop the file later
+    if state.replay_base is not None:
+        state.replay_base = state.replay_base.detached()  # the writer may drop the file later
     state.detached = True
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
-    return state
 
 
-def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
-    """Create a durable bus in ``path``, or reopen and recover the one there.
+def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
+    """Make the fresh ``state`` a durable bus in ``path``: create one there, or reopen
+    and recover the one there into ``state``.
 
     Raises:
         BusLockedError: another process has it open for writing.
         SerializationError: damage that the recovery mode does not tolerate, naming the
             file and offset.
     """
-    from .._core.engine import MMSBState
-
+    config = state.config
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
@@ -450,7 +445,6 @@ def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
         for tmp in (root / "checkpoints").glob(".ckpt-*.tmp"):
             _unlink(tmp)
         bus = DurableBus(root, bus_id, config, lock_fd)
-        state = MMSBState(config)
         _recover(bus, state, files)
     except BaseException:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
@@ -462,7 +456,6 @@ def open_bus(path: str | os.PathLike[str], config: MMSBConfig) -> MMSBState:
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
     bus.start()
-    return state
 
 
 def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) -> None:
@@ -497,7 +490,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         records: list[AnyRecord] = []
         if first.log_from_lsn == 0:
             start_slices = chain
-            base: bytes | Path | None = first.base or None
+            base: ReplayBase | Path | None = first.base
         else:
             # The oldest retained checkpoint is the replay base; its own slice is older.
             start_slices = chain[1:]
@@ -505,10 +498,10 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         for _g, ck in start_slices:
             records.extend(ck.records)
         newest.records = records
-        restore_into(state, newest)
+        state.restore(newest)
         # The newest file's horizon was written after its history was trimmed, so it
         # already names where the rebuilt log begins; the chain gives its base.
-        state.replay_base = base
+        state.replay_base = base if not isinstance(base, Path) else CheckpointBase(base)
         state.orphan_from = 0
         for g, ck in chain:
             ckpts.append(_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]))
@@ -604,13 +597,11 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
 
 def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
     """Apply a segment's records one by one, each checked against the state first
-    (see :func:`mmsb._history.replay.check_record`). Returns how many were applied; on the first
+    (see ``MMSBState.check_record``). Returns how many were applied; on the first
     refusal the reason goes to ``scan.refused`` and the rest is not applied."""
-    from .._history.replay import check_record
-
     log_ = state.log
     for k, rec in enumerate(scan.records):
-        why = check_record(state, rec)
+        why = state.check_record(rec)
         if why is None:
             try:
                 state.apply_record(rec)

@@ -21,9 +21,7 @@ import os
 import struct
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -32,8 +30,10 @@ import numpy as np
 import zstandard
 
 from .._core.delta import Delta
-from ..errors import SerializationError
 from .._core.graph import ShadowPageGraph
+from .._core.records import AnyRecord
+from .._core.snapshot import ReplayBase, Snapshot
+from ..errors import SerializationError
 from ..types import EdgeType
 from .codec import (
     KIND_DELTA,
@@ -46,13 +46,12 @@ from .codec import (
     encode_metadata,
     record_parts,
 )
-from .._core.records import AnyRecord
 from .wal import fsync_dir
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
-__all__ = ["write_checkpoint", "read_checkpoint", "restore_into", "CheckpointData",
+__all__ = ["write_checkpoint", "read_checkpoint", "CheckpointData", "CheckpointBase",
            "checkpoint_bytes", "MAGIC", "VERSION"]
 
 MAGIC = b"MMSBCKPT"
@@ -73,32 +72,27 @@ _ZSTD_LEVEL = 1
 _STREAM_CHUNK = 1 << 20
 
 
-@dataclass
-class CheckpointData:
-    """A decoded, validated checkpoint (nothing of any state touched yet)."""
+class CheckpointBase(ReplayBase):
+    """A replay base held as a checkpoint: its bytes, or a file of a durable bus."""
 
-    lsn: int
-    next_page_id: int
-    next_delta_id: int
-    ids: np.ndarray
-    sizes: np.ndarray
-    epochs: np.ndarray
-    locs: np.ndarray
-    data: np.ndarray
-    metadata: dict[int, dict[str, Any]]
-    masks: dict[int, tuple[np.ndarray, int]]
-    edges: list[tuple[int, int, EdgeType]]
-    records: list[AnyRecord]
-    horizon_lsn: int = 0
-    last_timestamp: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
-    base: bytes = b""
-    """A nested checkpoint (its images are the state at ``horizon_lsn``) that replays of
-    this log start from; empty when the log rebuilds the state from nothing."""
-    log_from_lsn: int = 0
-    """The log holds the records after this LSN (0: the whole retained log)."""
-    bus: dict[str, Any] | None = None
-    """Durable bus identity: ``bus_id`` (hex), ``generation``; None for plain files."""
+    def __init__(self, source: bytes | Path) -> None:
+        self.source = source
+
+    def raw(self) -> bytes:
+        if isinstance(self.source, bytes):
+            return self.source
+        with open(self.source, "rb") as f:
+            return f.read()
+
+    def snapshot(self) -> Snapshot:
+        return read_checkpoint(self.raw(), path_label="replay base")
+
+    def detached(self) -> ReplayBase:
+        return self if isinstance(self.source, bytes) else CheckpointBase(self.raw())
+
+
+CheckpointData = Snapshot
+"""A decoded checkpoint is a :class:`Snapshot`."""
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -534,8 +528,8 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if base and not base.startswith(MAGIC):
         raise fail("section BASE does not hold a checkpoint")
     return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
-                          metadata, masks, edges, records, horizon, last_ts, meta, base,
-                          from_lsn, bus)
+                          metadata, masks, edges, records, horizon, last_ts, meta,
+                          CheckpointBase(base) if base else None, from_lsn, bus)
 
 
 def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
@@ -564,69 +558,3 @@ def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
         out.append(rec)
         pos += n
     return out
-
-
-def restore_into(target: MMSBState, ck: CheckpointData) -> None:
-    """Build fresh tables from ``ck`` and swap them into ``target`` (caller holds its
-    lock). Nothing of ``target`` changes until everything is built."""
-    from .._core.engine import MMSBState
-
-    fresh = MMSBState(target.config)
-    t = fresh.table
-    arena = fresh.arena
-    n = int(ck.ids.size)
-    t.reserve(int(ck.ids[-1]) + 1 if n else 1)
-    if n:
-        # Group runs of consecutive ids of one size: one bulk allocation each.
-        ids, sizes = ck.ids, ck.sizes
-        brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(sizes) != 0)) + 1
-        starts = np.concatenate(([0], brk)).tolist()
-        stops = np.concatenate((brk, [n])).tolist()
-        offsets = np.concatenate(([0], np.cumsum(sizes)))
-        for a, b in zip(starts, stops, strict=True):
-            size = int(sizes[a])
-            addrs = arena.alloc_many(b - a, size)
-            first = int(ids[a])
-            t.add_rows(first, addrs, size, 0)
-            src = ck.data[int(offsets[a]) : int(offsets[b])]
-            contiguous = b - a == 1 or bool((np.diff(addrs) == size).all())
-            if contiguous:
-                arena.view(int(addrs[0]), size * (b - a))[:] = src
-            else:
-                for k, addr in enumerate(addrs.tolist()):
-                    arena.view(addr, size)[:] = src[k * size : (k + 1) * size]
-        t.epoch[ids] = ck.epochs
-        t.loc[ids] = ck.locs
-    t.next_id = ck.next_page_id
-    t.meta = {pid: dict(m) for pid, m in ck.metadata.items() if m}
-    fresh.mask_base = dict(ck.masks)
-    for p, c, et in ck.edges:
-        fresh.graph.add_edge(p, c, et)
-    log = fresh.log
-    log.replace_all(ck.records)
-    log.next_lsn = ck.lsn + 1
-    log.last_timestamp = max(log.last_timestamp, ck.last_timestamp)
-    log.horizon_lsn = ck.horizon_lsn
-    ht = ck.info.get("horizon_timestamp", 0)
-    log.horizon_timestamp = ht if isinstance(ht, int) else 0
-    fresh.next_delta_id = ck.next_delta_id
-    if ck.base:
-        fresh.replay_base = ck.base
-    # Swap: the target keeps its lock, config, subscriptions and counters.
-    target.arena = fresh.arena
-    target.table = fresh.table
-    target.log = fresh.log if target.bus is None else _keep_sink(target, fresh)
-    target.graph = fresh.graph
-    target.graph._owner = weakref.ref(target)
-    target.mask_base = fresh.mask_base
-    target.next_delta_id = fresh.next_delta_id
-    target.replay_base = fresh.replay_base
-    target.orphan_from = ck.log_from_lsn if ck.log_from_lsn and not ck.base else 0
-    target.recompute_fns = {pid: fn for pid, fn in target.recompute_fns.items() if t.is_live(pid)}
-    target.pending.clear()
-    target.forced.clear()
-
-
-def _keep_sink(target: MMSBState, fresh: MMSBState) -> Any:
-    fresh.log.sink = target.log.sink
-    return fresh.log

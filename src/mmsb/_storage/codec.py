@@ -17,7 +17,6 @@ import msgpack
 import numpy as np
 
 from .._core.delta import Delta
-from ..errors import SerializationError
 from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE
 from .._core.records import (
     AnyRecord,
@@ -31,6 +30,7 @@ from .._core.records import (
     PageMigrate,
     PageResize,
 )
+from ..errors import SerializationError
 
 __all__ = [
     "crc32c",

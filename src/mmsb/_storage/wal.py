@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._core.records import AnyRecord
 from ..errors import SerializationError
 from .codec import crc32c, decode_record
-from .._core.records import AnyRecord
 
 __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]

@@ -20,10 +20,10 @@ import numpy as np
 
 import mmsb
 
-from ..errors import MMSBError, SerializationError
-from .._storage.bus import bus_files
 from .._core.records import PageClone, PageResize
 from .._history.replay import state_differences
+from .._storage.bus import bus_files
+from ..errors import MMSBError, SerializationError
 
 __all__ = [
     "UserError", "Source", "open_source", "parse_time", "format_time", "parse_range",
