@@ -4,9 +4,12 @@ checkpoints and their damage handling."""
 from __future__ import annotations
 
 import os
+import re
+import struct
 
 import numpy as np
 import pytest
+from crc32c import crc32c
 
 import mmsb
 from conftest import (
@@ -316,14 +319,43 @@ def test_damaged_flipped_bytes_anywhere(tmp_path, ckpt_blob) -> None:
         _load_damaged(tmp_path, bytes(blob))
 
 
-def test_damaged_version(tmp_path, ckpt_blob) -> None:
-    # whatever the version field's position, a file from a "future" writer is refused:
-    # bump each small little-endian integer in the first 32 bytes that looks like a version
-    for i in range(4, min(32, len(ckpt_blob))):
-        if ckpt_blob[i] in (1, 2) and ckpt_blob[i + 1:i + 4] == b"\x00\x00\x00":
-            blob = bytearray(ckpt_blob)
-            blob[i] = 99
-            _load_damaged(tmp_path, bytes(blob))
+# The checkpoint header (docs/SerializationSpec.md): "MMSBCKPT" | version u16 | ... in
+# 40 bytes, then the CRC32C of those 40 bytes.
+def _version_of(blob: bytes) -> int:
+    return int(struct.unpack_from("<H", blob, 8)[0])
+
+
+def _with_version(blob: bytes, version: int) -> bytes:
+    """The checkpoint with another format version and a header CRC made valid again, so
+    that the version check, not the checksum, is what a reader meets."""
+    head = bytearray(blob[:40])
+    struct.pack_into("<H", head, 8, version)
+    return bytes(head) + struct.pack("<I", crc32c(bytes(head))) + blob[44:]
+
+
+def test_version_rewrite_is_sound(ckpt_blob) -> None:
+    # resealing the file's own version gives back the very same bytes
+    assert _with_version(ckpt_blob, _version_of(ckpt_blob)) == ckpt_blob
+
+
+@pytest.mark.parametrize("shift", [-1, 1, 98, 0xFFFE])
+def test_damaged_version(tmp_path, ckpt_blob, shift: int) -> None:
+    # a file from an older or a "future" writer is refused, and the message names both
+    # the file's version and the one this build reads
+    ours = _version_of(ckpt_blob)
+    version = (ours + shift) % 0x10000
+    blob = _with_version(ckpt_blob, version)
+    assert blob != ckpt_blob
+    t, before = _target()
+    path = tmp_path / "other-version.ckpt"
+    path.write_bytes(blob)
+    with pytest.raises(mmsb.SerializationError, match="version") as info:
+        mmsb.load_checkpoint(t, str(path))
+    message = str(info.value)
+    assert re.search(rf"\b{version}\b", message), message
+    assert re.search(rf"\b{ours}\b", message), message
+    assert "checksum" not in message.lower() and "crc" not in message.lower(), message
+    assert_unchanged(t, before)
 
 
 def test_not_a_checkpoint_file(tmp_path) -> None:
