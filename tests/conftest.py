@@ -9,6 +9,8 @@ nothing".
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -139,3 +141,45 @@ def assert_unchanged(state: mmsb.MMSBState, before: tuple) -> None:
 
 def rand_bytes(rng: np.random.Generator, n: int) -> bytes:
     return rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class Workers:
+    """Threads running ``target(*args)`` for each ``args``, whose exceptions are kept.
+
+    ``join`` waits for all of them, fails if one is still running after ``timeout``
+    seconds (a hang or deadlock), and raises every exception any worker raised, as one
+    exception group, so that no failure in a thread goes unnoticed.
+    """
+
+    def __init__(self, target: Callable[..., Any], args: Iterable[Sequence[Any]]) -> None:
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+        def run(*a: Any) -> None:
+            try:
+                target(*a)
+            except BaseException as exc:  # every kind: a failed assert, a bug, an exit
+                with self._lock:
+                    self.errors.append(exc)
+
+        self.threads = [threading.Thread(target=run, args=tuple(a), daemon=True) for a in args]
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float = 120.0) -> None:
+        for t in self.threads:
+            t.join(timeout=timeout)
+        hung = sum(t.is_alive() for t in self.threads)
+        if self.errors:
+            raise BaseExceptionGroup(
+                f"{len(self.errors)} of {len(self.threads)} worker threads raised", self.errors)
+        assert not hung, f"{hung} worker thread(s) still running after {timeout}s (deadlock?)"
+
+
+def run_workers(target: Callable[..., Any], args: Iterable[Sequence[Any]],
+                timeout: float = 120.0) -> None:
+    """Run ``target(*a)`` for each ``a`` in its own thread; see ``Workers.join``."""
+    Workers(target, args).join(timeout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import mmsb
-from conftest import new_state
+from conftest import new_state, run_workers
 
 ET = mmsb.EventType
 
@@ -181,10 +181,6 @@ def test_handler_from_other_threads_writes(state) -> None:
         for i in range(50):
             mmsb.write_page(state, p.id, k * 8 + (i % 8), bytes([i + 1]))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_workers(worker, [(k,) for k in range(8)], timeout=60)
     assert sorted(got) == list(range(1, p.epoch + 1))
     assert p.epoch == 400

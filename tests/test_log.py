@@ -13,6 +13,7 @@ from crc32c import crc32c
 
 import mmsb
 from conftest import (
+    Workers,
     assert_unchanged,
     content_view,
     edges,
@@ -431,20 +432,14 @@ def test_checkpoint_while_writing_from_threads(tmp_path) -> None:
     s = new_state()
     ids = [p.id for p in mmsb.create_pages(s, 6, 32)]
     stop = threading.Event()
-    errors: list[BaseException] = []
 
     def writer(k: int) -> None:
         rng = np.random.default_rng(k)
-        try:
-            while not stop.is_set():
-                pid = ids[int(rng.integers(0, len(ids)))]
-                mmsb.write_page(s, pid, int(rng.integers(0, 28)), rng.integers(0, 256, 4, dtype=np.uint8).tobytes())
-        except BaseException as e:
-            errors.append(e)
+        while not stop.is_set():
+            pid = ids[int(rng.integers(0, len(ids)))]
+            mmsb.write_page(s, pid, int(rng.integers(0, 28)), rng.integers(0, 256, 4, dtype=np.uint8).tobytes())
 
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
+    workers = Workers(writer, [(k,) for k in range(4)])
     try:
         for i in range(8):
             path = tmp_path / f"live{i}.ckpt"
@@ -455,7 +450,5 @@ def test_checkpoint_while_writing_from_threads(tmp_path) -> None:
             assert mmsb.verify_state_consistency(t2), "checkpoint taken mid-write is torn"
     finally:
         stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    assert not errors, errors[0]
+        workers.join(timeout=30)
     assert mmsb.verify_state_consistency(s)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mmsb
-from conftest import content_view, new_state
+from conftest import content_view, new_state, run_workers
 
 
 def _chain(state, n: int, size: int = 8) -> list[int]:
@@ -360,9 +360,7 @@ def test_recompute_that_raises_leaves_bus_usable(state) -> None:
         mmsb.write_page(state, b.id, 0, b"ok")
         done.set()
 
-    t = threading.Thread(target=other, daemon=True)
-    t.start()
-    t.join(timeout=10)
+    run_workers(other, [()], timeout=10)
     assert done.is_set(), "state lock still held after a failed recompute"
     assert mmsb.query_page(state, b.id)[:2] == b"ok"
 
