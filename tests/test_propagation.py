@@ -203,7 +203,9 @@ def test_no_event_when_parent_unchanged(state) -> None:
     got = _events(state, mmsb.EventType.PAGE_STALE)
     mmsb.update_page(state, a.id, bytes(4))  # no byte changes
     assert got == []
-    assert "stale" not in b.metadata or b.metadata["stale"] is not True
+    assert "stale" not in b.metadata
+    mmsb.update_page(state, a.id, b"abcd")  # a real change is told, once
+    assert got == [(b.id, a.id)]
 
 
 def _counted_pair(state):
@@ -396,6 +398,8 @@ def test_data_child_without_recompute_fn_is_untouched(state) -> None:
     a = mmsb.create_page(state, 4)
     b = mmsb.create_page(state, 4)
     mmsb.add_dependency(state, a.id, b.id)
+    invalidated = _events(state, mmsb.EventType.PAGE_INVALIDATED)
     mmsb.update_page(state, a.id, b"abcd")
+    assert invalidated == [(b.id, a.id)]
     assert mmsb.query_page(state, b.id) == bytes(4) and b.epoch == 0
     assert mmsb.verify_state_consistency(state)
