@@ -1,4 +1,4 @@
-"""The durable bus (issue 3): open / create / reopen, the single-writer lock, the fsync
+"""The durable bus: open / create / reopen, the single-writer lock, the fsync
 policies, failed writes, retention and time travel across checkpoints, read-only
 opening beside a live writer, and stale or foreign log segments.
 
