@@ -9,12 +9,57 @@ nothing".
 from __future__ import annotations
 
 import functools
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
 
 import mmsb
+
+# --------------------------------------------------------------------------- CI
+#
+# Under CI (CI=true, as CI services set it) a test skipped because a Python package is
+# missing is a failure: the test extra installs everything the suite needs, and a skip
+# would hide a test that never ran. Skips for the environment (no CUDA device) stay skips.
+
+_MISSING_PACKAGE = re.compile(
+    r"could not import|No module named|is not installed|not importable", re.IGNORECASE)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _skip_reason(report: Any) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def _fail_missing_package_skip(report: Any) -> None:
+    if _in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if _MISSING_PACKAGE.search(reason):
+            report.outcome = "failed"
+            report.longrepr = (f"skipped for a missing Python package under CI ({reason}); "
+                               "install the test extra: pip install -e '.[test]'")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    _fail_missing_package_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Any:
+    outcome = yield
+    _fail_missing_package_skip(outcome.get_result())
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,3 +184,45 @@ def assert_unchanged(state: mmsb.MMSBState, before: tuple) -> None:
 
 def rand_bytes(rng: np.random.Generator, n: int) -> bytes:
     return rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class Workers:
+    """Threads running ``target(*args)`` for each ``args``, whose exceptions are kept.
+
+    ``join`` waits for all of them, fails if one is still running after ``timeout``
+    seconds (a hang or deadlock), and raises every exception any worker raised, as one
+    exception group, so that no failure in a thread goes unnoticed.
+    """
+
+    def __init__(self, target: Callable[..., Any], args: Iterable[Sequence[Any]]) -> None:
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+
+        def run(*a: Any) -> None:
+            try:
+                target(*a)
+            except BaseException as exc:  # every kind: a failed assert, a bug, an exit
+                with self._lock:
+                    self.errors.append(exc)
+
+        self.threads = [threading.Thread(target=run, args=tuple(a), daemon=True) for a in args]
+        for t in self.threads:
+            t.start()
+
+    def join(self, timeout: float = 120.0) -> None:
+        for t in self.threads:
+            t.join(timeout=timeout)
+        hung = sum(t.is_alive() for t in self.threads)
+        if self.errors:
+            raise BaseExceptionGroup(
+                f"{len(self.errors)} of {len(self.threads)} worker threads raised", self.errors)
+        assert not hung, f"{hung} worker thread(s) still running after {timeout}s (deadlock?)"
+
+
+def run_workers(target: Callable[..., Any], args: Iterable[Sequence[Any]],
+                timeout: float = 120.0) -> None:
+    """Run ``target(*a)`` for each ``a`` in its own thread; see ``Workers.join``."""
+    Workers(target, args).join(timeout)

@@ -5,7 +5,6 @@ with exit status 2 and no traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,7 +24,6 @@ import mmsb
 from mmsb._storage.bus import bus_files
 from mmsb.cli.views import blame, format_time, parse_range, parse_time
 
-HAVE_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -389,7 +387,6 @@ def test_stats_json_matches_library(bus: Path, lib: mmsb.MMSBState) -> None:
 
 # -- metrics --------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not HAVE_PROMETHEUS, reason="prometheus_client is not installed")
 def test_metrics_once(bus: Path, lib: mmsb.MMSBState) -> None:
     text = mmsb_cmd("metrics", bus, "--once").stdout
     assert "mmsb_up 1.0" in text
@@ -401,7 +398,6 @@ def test_metrics_once(bus: Path, lib: mmsb.MMSBState) -> None:
     assert "mmsb_operation_latency_seconds" not in text
 
 
-@pytest.mark.skipif(not HAVE_PROMETHEUS, reason="prometheus_client is not installed")
 def test_metrics_serves_and_follows_the_writer(tmp_path: Path) -> None:
     path = tmp_path / "bus"
     state = mmsb.mmsb_start(enable_gpu=False, path=path)

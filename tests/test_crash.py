@@ -1,4 +1,4 @@
-"""Crash safety of the durable bus (issue 3): a SIGKILL loop, torn tails cut at every
+"""Crash safety of the durable bus: a SIGKILL loop, torn tails cut at every
 byte, every byte of every file flipped, and hostile lengths and counts.
 
 * Crash loop: tests/crash_writer.py writes with fsync="always" and acknowledges each

@@ -348,3 +348,18 @@ def test_sparse_delta_memory_proportional_to_change() -> None:
     d = s.tlog[-1]
     assert d.is_sparse
     assert as_u8(d.data).nbytes <= 64
+
+
+@pytest.mark.parametrize("shift", [-1, 1, 0xFFFE])
+def test_deserialize_other_version_names_both(state, shift: int) -> None:
+    # "MMSD" | version u16 | crc32c(body) u32 | body: the checksum does not cover the
+    # version, so only the version check can refuse this blob
+    p = mmsb.create_page(state, 8)
+    mmsb.write_page(state, p.id, 2, b"ab")
+    blob = bytearray(mmsb.serialize_delta(state.tlog[-1]))
+    ours = int.from_bytes(blob[4:6], "little")
+    theirs = (ours + shift) % 0x10000
+    blob[4:6] = theirs.to_bytes(2, "little")
+    with pytest.raises(mmsb.SerializationError, match="version") as info:
+        mmsb.deserialize_delta(bytes(blob))
+    assert f"version {theirs}" in str(info.value) and f"reads {ours}" in str(info.value)

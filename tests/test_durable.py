@@ -1,4 +1,4 @@
-"""The durable bus (issue 3): open / create / reopen, the single-writer lock, the fsync
+"""The durable bus: open / create / reopen, the single-writer lock, the fsync
 policies, failed writes, retention and time travel across checkpoints, read-only
 opening beside a live writer, and stale or foreign log segments.
 
@@ -885,3 +885,31 @@ def test_segment_of_a_newer_generation_is_never_replayed_and_the_bus_goes_on(
         assert state_view(s) == view2
     finally:
         mmsb.mmsb_stop(s)
+
+
+# --------------------------------------------------------------------------- format versions
+
+# A segment header (docs/SerializationSpec.md): "MMSBWAL\0" | version u16 | ... in 32
+# bytes, then the CRC32C of those 32 bytes.
+@pytest.mark.parametrize("shift", [-1, 1, 0xFFFE])
+def test_segment_of_another_version_is_refused_naming_both(tmp_path: Path, shift: int) -> None:
+    from crc32c import crc32c
+
+    path = tmp_path / "bus"
+    with start(path) as s:
+        mmsb.create_page(s, 8)
+        mmsb.write_page(s, 1, 0, b"abc")
+    segments = sorted((path / "wal").iterdir())
+    assert segments
+    ours = int.from_bytes(segments[0].read_bytes()[8:10], "little")
+    theirs = (ours + shift) % 0x10000
+    for seg in segments:
+        data = bytearray(seg.read_bytes())
+        data[8:10] = theirs.to_bytes(2, "little")
+        data[32:36] = crc32c(bytes(data[:32])).to_bytes(4, "little")
+        seg.write_bytes(bytes(data))
+    with pytest.raises(mmsb.SerializationError, match="version") as info:
+        start(path)
+    message = str(info.value)
+    assert f"version {theirs}" in message, message
+    assert f"reads {ours}" in message, message

@@ -34,7 +34,7 @@ def test_page_not_found_message_and_field(state) -> None:
     with pytest.raises(mmsb.PageNotFoundError) as ei:
         mmsb.query_page(state, 4242)
     assert "4242" in str(ei.value)
-    assert getattr(ei.value, "page_id", 4242) == 4242
+    assert ei.value.page_id == 4242
     # catchable as KeyError too
     with pytest.raises(KeyError):
         mmsb.delete_page(state, 4242)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import mmsb
-from conftest import new_state
+from conftest import new_state, run_workers
 
 ET = mmsb.EventType
 
@@ -64,6 +64,9 @@ def test_no_event_for_unchanged_update_or_refusal(state) -> None:
     with pytest.raises(mmsb.InvalidDeltaError):
         mmsb.update_page(state, p.id, b"toolong")
     assert got == []
+    # the subscription is live: the first real change is delivered, once
+    mmsb.update_page(state, p.id, b"live")
+    assert [g[2][:2] for g in got] == [(p.id, 1)]
 
 
 def test_handler_sees_consistent_state(state) -> None:
@@ -115,13 +118,12 @@ def test_raising_handler_does_not_break_write(state) -> None:
 
     mmsb.subscribe(state, ET.PAGE_CHANGED, bad)
     mmsb.subscribe(state, ET.PAGE_CHANGED, h_ok)
-    before = getattr(mmsb.get_stats(state), "handler_errors", None)
+    before = mmsb.get_stats(state).handler_errors
     mmsb.update_page(state, p.id, b"safe")  # must not raise
     assert mmsb.query_page(state, p.id) == b"safe"
     assert p.epoch == 1
     assert mmsb.verify_state_consistency(state)
-    if before is not None:
-        assert mmsb.get_stats(state).handler_errors == before + 1
+    assert mmsb.get_stats(state).handler_errors == before + 1
     mmsb.write_page(state, p.id, 0, b"S")
     assert mmsb.query_page(state, p.id) == b"Safe"
     assert len(later) == 2
@@ -147,6 +149,9 @@ def test_subscription_to_other_type_not_called(state) -> None:
     p = mmsb.create_page(state, 4)
     mmsb.update_page(state, p.id, b"abcd")
     assert got == []
+    # ... and is called for its own type
+    mmsb.delete_page(state, p.id)
+    assert [(g[1], g[2]) for g in got] == [(ET.PAGE_DELETED, (p.id,))]
 
 
 def test_handler_may_write_to_the_bus(state) -> None:
@@ -181,10 +186,29 @@ def test_handler_from_other_threads_writes(state) -> None:
         for i in range(50):
             mmsb.write_page(state, p.id, k * 8 + (i % 8), bytes([i + 1]))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_workers(worker, [(k,) for k in range(8)], timeout=60)
     assert sorted(got) == list(range(1, p.epoch + 1))
     assert p.epoch == 400
+
+
+def test_structural_events_as_documented(state) -> None:
+    got, h = _recorder()
+    for et in ET:
+        mmsb.subscribe(state, et, h)
+    p = mmsb.create_page(state, 4)
+    mmsb.resize_page(state, p.id, 8)
+    mmsb.resize_page(state, p.id, 8)  # the same size does nothing
+    mmsb.set_metadata(state, p.id, "k", 1)
+    mmsb.set_metadata(state, p.id, "k", 1)  # unchanged metadata: no event
+    mmsb.update_metadata(state, p.id, {"j": 2})
+    c = mmsb.clone_page(state, p.id)
+    mmsb.migrate_page(state, p.id, "cpu")  # already there: nothing to tell
+    mmsb.delete_page(state, c.id)
+    assert [(g[1], g[2]) for g in got] == [
+        (ET.PAGE_CREATED, (p.id,)),
+        (ET.PAGE_RESIZED, (p.id, 4, 8)),
+        (ET.METADATA_CHANGED, (p.id,)),
+        (ET.METADATA_CHANGED, (p.id,)),
+        (ET.PAGE_CREATED, (c.id,)),
+        (ET.PAGE_DELETED, (c.id,)),
+    ]

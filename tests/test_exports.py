@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,7 +105,53 @@ def test_enums_have_spec_members() -> None:
         assert hasattr(mmsb.PageLocation, member), member
 
 
-def test_package_reimport_is_stable() -> None:
-    again = importlib.import_module("mmsb")
-    assert again is mmsb
-    assert again.__all__ == mmsb.__all__
+_FRESH_IMPORT = """
+import json, sys
+import mmsb
+first = list(mmsb.__all__)
+ns = {}
+exec("from mmsb import *", ns)
+for name in [m for m in sys.modules if m == "mmsb" or m.startswith("mmsb.")]:
+    del sys.modules[name]
+import mmsb as again
+print(json.dumps({
+    "file": mmsb.__file__,
+    "all": first,
+    "missing": [n for n in first if not hasattr(mmsb, n)],
+    "star": sorted(n for n in ns if not n.startswith("__")),
+    "again_all": list(again.__all__),
+    "again_is_new": again is not mmsb,
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh() -> dict[str, Any]:
+    """What a new interpreter sees when it imports this checkout's ``mmsb``, imports it
+    a second time from scratch, and star-imports it (nothing cached from this process)."""
+    src = str(Path(mmsb.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", _FRESH_IMPORT], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    doc: dict[str, Any] = json.loads(out.stdout)
+    return doc
+
+
+def test_fresh_import_is_this_checkout(fresh: dict[str, Any]) -> None:
+    assert Path(fresh["file"]).resolve() == Path(mmsb.__file__).resolve()
+
+
+def test_fresh_import_exports_every_spec_name(fresh: dict[str, Any]) -> None:
+    assert fresh["missing"] == [], f"in __all__ but not importable: {fresh['missing']}"
+    missing = sorted(set(SPEC_NAMES + EXTRA_NAMES) - set(fresh["all"]))
+    assert not missing, f"missing from a fresh mmsb.__all__: {missing}"
+    assert fresh["all"] == list(mmsb.__all__)
+    assert sorted(fresh["all"]) == fresh["star"], "star import differs from __all__"
+
+
+def test_package_reimport_is_stable(fresh: dict[str, Any]) -> None:
+    # the second import really ran the package again, and exported the same names
+    assert fresh["again_is_new"]
+    assert fresh["again_all"] == fresh["all"]

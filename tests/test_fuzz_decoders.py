@@ -1,4 +1,4 @@
-"""Hypothesis fuzzing of every decoder of the durable formats (issue 3): only
+"""Hypothesis fuzzing of every decoder of the durable formats: only
 SerializationError may escape.
 
 * ``mmsb._storage.codec.decode_record`` — log record bodies;

@@ -3,7 +3,6 @@ optional-dependency error, the bus files collector and the HTTP endpoint."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 import urllib.request
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry  # in the test extra: never skipped
 
 import mmsb
 from mmsb.metrics import (
@@ -20,10 +20,6 @@ from mmsb.metrics import (
     require_prometheus_client,
     serve_metrics,
 )
-
-HAVE_PROMETHEUS = importlib.util.find_spec("prometheus_client") is not None
-needs_prometheus = pytest.mark.skipif(not HAVE_PROMETHEUS,
-                                      reason="prometheus_client is not installed")
 
 
 def _busy_state() -> mmsb.MMSBState:
@@ -44,14 +40,11 @@ def _busy_state() -> mmsb.MMSBState:
 
 
 def _registry(collector: Any) -> Any:
-    from prometheus_client import CollectorRegistry
-
     reg = CollectorRegistry()
     reg.register(collector)
     return reg
 
 
-@needs_prometheus
 def test_collector_values_match_get_stats(tmp_path: Path) -> None:
     s = _busy_state()
     mmsb.checkpoint_log(s, tmp_path / "c.mmsb")
@@ -85,7 +78,6 @@ def test_collector_values_match_get_stats(tmp_path: Path) -> None:
         st.propagation_max_ns / 1e9)
 
 
-@needs_prometheus
 def test_exposition_names_and_types() -> None:
     text = render_metrics(_busy_state())
     for name, kind in [("mmsb_up", "gauge"), ("mmsb_pages", "gauge"),
@@ -102,7 +94,6 @@ def test_exposition_names_and_types() -> None:
     assert 'mmsb_operation_latency_seconds{operation="log_append",quantile="0.99"}' in text
 
 
-@needs_prometheus
 def test_activity_off_and_labels_and_namespace() -> None:
     s = _busy_state()
     reg = _registry(MMSBCollector(s, namespace="bus", const_labels={"bus": "orders"},
@@ -114,7 +105,6 @@ def test_activity_off_and_labels_and_namespace() -> None:
     assert "bus_last_lsn" in names
 
 
-@needs_prometheus
 def test_factory_is_called_per_scrape_and_failure_reports_down() -> None:
     states = [_busy_state()]
     calls = []
@@ -133,7 +123,6 @@ def test_factory_is_called_per_scrape_and_failure_reports_down() -> None:
     assert reg.get_sample_value("mmsb_pages", {"location": "cpu"}) is None
 
 
-@needs_prometheus
 def test_bus_files_collector(tmp_path: Path) -> None:
     path = tmp_path / "bus"
     with mmsb.mmsb_start(enable_gpu=False, path=path) as s:
@@ -150,7 +139,6 @@ def test_bus_files_collector(tmp_path: Path) -> None:
     assert "mmsb_bus_wal_bytes" in text and "mmsb_pages" in text
 
 
-@needs_prometheus
 def test_serve_metrics_http() -> None:
     s = _busy_state()
     with serve_metrics(s, 0) as server:
@@ -164,7 +152,6 @@ def test_serve_metrics_http() -> None:
         assert f"mmsb_last_lsn {float(s.last_lsn)}" in body
 
 
-@needs_prometheus
 def test_serve_metrics_refuses_a_busy_port() -> None:
     s = _busy_state()
     with serve_metrics(s, 0) as server:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mmsb
-from conftest import content_view, new_state
+from conftest import content_view, new_state, run_workers
 
 
 def _chain(state, n: int, size: int = 8) -> list[int]:
@@ -203,7 +203,9 @@ def test_no_event_when_parent_unchanged(state) -> None:
     got = _events(state, mmsb.EventType.PAGE_STALE)
     mmsb.update_page(state, a.id, bytes(4))  # no byte changes
     assert got == []
-    assert "stale" not in b.metadata or b.metadata["stale"] is not True
+    assert "stale" not in b.metadata
+    mmsb.update_page(state, a.id, b"abcd")  # a real change is told, once
+    assert got == [(b.id, a.id)]
 
 
 def _counted_pair(state):
@@ -360,9 +362,7 @@ def test_recompute_that_raises_leaves_bus_usable(state) -> None:
         mmsb.write_page(state, b.id, 0, b"ok")
         done.set()
 
-    t = threading.Thread(target=other, daemon=True)
-    t.start()
-    t.join(timeout=10)
+    run_workers(other, [()], timeout=10)
     assert done.is_set(), "state lock still held after a failed recompute"
     assert mmsb.query_page(state, b.id)[:2] == b"ok"
 
@@ -398,6 +398,8 @@ def test_data_child_without_recompute_fn_is_untouched(state) -> None:
     a = mmsb.create_page(state, 4)
     b = mmsb.create_page(state, 4)
     mmsb.add_dependency(state, a.id, b.id)
+    invalidated = _events(state, mmsb.EventType.PAGE_INVALIDATED)
     mmsb.update_page(state, a.id, b"abcd")
+    assert invalidated == [(b.id, a.id)]
     assert mmsb.query_page(state, b.id) == bytes(4) and b.epoch == 0
     assert mmsb.verify_state_consistency(state)

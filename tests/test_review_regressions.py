@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import mmsb
+from conftest import Workers
 
 
 def _kill(state):
@@ -152,14 +153,10 @@ def test_compute_diff_in_both_directions_at_once_does_not_deadlock():
         while not stop.is_set():
             mmsb.compute_diff(x, y)
 
-    threads = [threading.Thread(target=loop, args=p, daemon=True) for p in ((a, b), (b, a))]
-    for t in threads:
-        t.start()
+    workers = Workers(loop, [(a, b), (b, a)])
     threading.Event().wait(0.5)
     stop.set()
-    for t in threads:
-        t.join(timeout=5)
-        assert not t.is_alive(), "compute_diff deadlocked"
+    workers.join(timeout=5)  # fails on a deadlock and on any exception in a loop
 
 
 def test_malformed_arguments_get_typed_errors():

@@ -119,10 +119,9 @@ class BusMachine(RuleBasedStateMachine):
             del buf[new_size:]
         else:
             buf.extend(bytes(new_size - len(buf)))
-        # whether a resize advances the epoch is not fixed by the contract
-        new_epoch = int(self.state.pages[pid].epoch)
-        assert new_epoch >= old_epoch
-        self.epochs[pid] = new_epoch
+        # docs/API.md: a resize keeps the epoch unchanged
+        assert int(self.state.pages[pid].epoch) == old_epoch
+        assert self.state.pages[pid].size == new_size
         self._note()
 
     @precondition(lambda self: self.model)
@@ -198,6 +197,12 @@ class BusMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self) -> None:
         assert mmsb.verify_state_consistency(self.state)
+
+    @invariant()
+    def internal_invariants(self) -> None:
+        # MMSBState._check asserts the page table's, the arena's, the log's and the
+        # graph's own _check() invariants, and how they agree with each other
+        self.state._check()
 
 
 BusMachine.TestCase.settings = settings(

@@ -179,7 +179,9 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
         out.damage = SerializationError("segment header is damaged or not a segment", path=path, offset=0)
         return out
     if version != SEG_VERSION:
-        out.damage = SerializationError(f"unsupported segment version {version}", path=path, offset=8)
+        out.damage = SerializationError(
+            f"unsupported segment version {version} (this build reads {SEG_VERSION})",
+            path=path, offset=8)
         return out
     if seg_bus != bus_id:
         out.foreign = f"it belongs to bus {seg_bus:016x}, not {bus_id:016x}"
