@@ -14,12 +14,17 @@ from .api import add_dependency as add_dependency
 from .api import apply_batch as apply_batch
 from .api import batch as batch
 from .api import checkpoint_log as checkpoint_log
+from .api import clear_subscriptions as clear_subscriptions
 from .api import clone_page as clone_page
+from .api import compute_closure as compute_closure
 from .api import compute_log_statistics as compute_log_statistics
+from .api import create_debug_subscriber as create_debug_subscriber
 from .api import create_delta as create_delta
+from .api import create_logging_subscriber as create_logging_subscriber
 from .api import create_page as create_page
 from .api import create_pages as create_pages
 from .api import delete_page as delete_page
+from .api import detect_cycles as detect_cycles
 from .api import execute_propagation as execute_propagation
 from .api import find_ancestors as find_ancestors
 from .api import find_descendants as find_descendants
@@ -28,6 +33,7 @@ from .api import get_deltas_for_page as get_deltas_for_page
 from .api import get_deltas_in_range as get_deltas_in_range
 from .api import get_parents as get_parents
 from .api import get_stats as get_stats
+from .api import get_subscription_count as get_subscription_count
 from .api import has_cycle as has_cycle
 from .api import load_checkpoint as load_checkpoint
 from .api import merge_deltas as merge_deltas
@@ -45,8 +51,10 @@ from .api import remove_dependency as remove_dependency
 from .api import replay_from_checkpoint as replay_from_checkpoint
 from .api import reset_stats as reset_stats
 from .api import resize_page as resize_page
+from .api import reverse_postorder as reverse_postorder
 from .api import route_delta as route_delta
 from .api import schedule_propagation as schedule_propagation
+from .api import serialize_page as serialize_page
 from .api import set_metadata as set_metadata
 from .api import subscribe as subscribe
 from .api import topological_sort as topological_sort
@@ -58,6 +66,7 @@ from .api import update_page as update_page
 from .api import write_page as write_page
 from .config import MMSBConfig as MMSBConfig
 from .delta import Delta as Delta
+from .delta import compress_delta as compress_delta
 from .delta import delta_byte_count as delta_byte_count
 from .errors import BusLockedError as BusLockedError
 from .errors import DurabilityError as DurabilityError
@@ -79,6 +88,8 @@ from .graph import ShadowPageGraph as ShadowPageGraph
 from .log.bus import open_readonly as open_readonly
 from .log.codec import deserialize_delta as deserialize_delta
 from .log.codec import serialize_delta as serialize_delta
+from .log.pagecodec import PageImage as PageImage
+from .log.pagecodec import deserialize_page as deserialize_page
 from .monitor import MMSBStats as MMSBStats
 from .replay import compress_log as compress_log
 from .replay import compute_diff as compute_diff
@@ -114,7 +125,8 @@ __all__ = [
     "set_metadata", "update_metadata",
     # deltas
     "Delta", "create_delta", "route_delta", "batch", "Batch", "apply_batch", "merge_deltas",
-    "delta_byte_count", "serialize_delta", "deserialize_delta",
+    "delta_byte_count", "serialize_delta", "deserialize_delta", "compress_delta",
+    "serialize_page", "deserialize_page", "PageImage",
     # log, checkpoints, replay
     "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
     "compress_log", "checkpoint_log", "load_checkpoint", "replay_to_lsn",
@@ -128,6 +140,8 @@ __all__ = [
     "find_ancestors", "register_recompute_fn", "register_passthrough_recompute",
     "PropagationMode", "propagate_change", "queue_recomputation", "schedule_propagation",
     "execute_propagation", "EventType", "subscribe", "unsubscribe", "Subscription",
+    "compute_closure", "detect_cycles", "reverse_postorder", "clear_subscriptions",
+    "get_subscription_count", "create_logging_subscriber", "create_debug_subscriber",
     # monitoring
     "MMSBStats", "get_stats", "print_stats", "reset_stats", "track_delta_latency",
     "track_propagation_latency",
