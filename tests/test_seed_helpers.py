@@ -360,6 +360,19 @@ def test_forge_matches_the_writer() -> None:
     assert forge() == mmsb.serialize_page(img)
 
 
+def test_the_specification_example_is_what_the_writer_produces() -> None:
+    s = new_state()
+    p = mmsb.create_page(s, 16)
+    mmsb.write_page(s, p.id, 4, b"hi")
+    want = bytes.fromhex(
+        "4d4d5350 0100 0000 f6ce1150"
+        "0100000000000000 1000000000000000 0100000000000000"
+        "00 02 00 00 00000000 1200000000000000"
+        "0c00 00000000686900000000000000000000")
+    assert mmsb.serialize_page(p) == want
+    assert crc32c(want[12:]) == 0x5011CEF6
+
+
 @pytest.mark.parametrize("fields, match", [
     ({"magic": b"MMSD"}, "bad magic"),
     ({"version": 2}, "unsupported page format version 2 \\(this build reads 1\\)"),
