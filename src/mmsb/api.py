@@ -862,7 +862,6 @@ def track_propagation_latency(state: MMSBState, ns: int) -> None:
         state._counters.propagation.add(_ns(ns))
 
 
-
 # -- whole-graph helpers ---------------------------------------------------------------
 
 def _graph_and_state(obj: Any, fn: str) -> tuple[ShadowPageGraph, MMSBState | None]:
@@ -915,6 +914,9 @@ def detect_cycles(graph: ShadowPageGraph | MMSBState) -> list[list[int]]:
     whose edges were set directly (``ShadowPageGraph.add_edge``) may hold cycles.
     Iterative.
 
+    Args:
+        graph: a state, or a ShadowPageGraph (its own or a free-standing one).
+
     Raises:
         InvalidArgumentError: ``graph`` is not a state or a ShadowPageGraph.
 
@@ -932,6 +934,9 @@ def reverse_postorder(graph: ShadowPageGraph | MMSBState) -> list[int]:
     pages without parents (then any page not reached), smallest id first, children by
     id. On an acyclic graph every parent comes before its children. Iterative: chains
     of any length work.
+
+    Args:
+        graph: a state, or a ShadowPageGraph (its own or a free-standing one).
 
     Raises:
         InvalidArgumentError: ``graph`` is not a state or a ShadowPageGraph.
@@ -1019,6 +1024,10 @@ def clear_subscriptions(state: MMSBState, event_type: EventType | None = None) -
     """Remove every subscription of this state (or only those of ``event_type``); they
     become inactive. Returns how many were removed.
 
+    Args:
+        state: the state whose subscriptions go.
+        event_type: None for all of them, or one EventType.
+
     Raises:
         InvalidArgumentError: ``state`` is not a state, or ``event_type`` is not an
             EventType.
@@ -1033,6 +1042,10 @@ def clear_subscriptions(state: MMSBState, event_type: EventType | None = None) -
 
 def get_subscription_count(state: MMSBState, event_type: EventType | None = None) -> int:
     """How many subscriptions this state holds (of ``event_type``, when given).
+
+    Args:
+        state: the state to ask.
+        event_type: None to count all of them, or one EventType.
 
     Raises:
         InvalidArgumentError: ``state`` is not a state, or ``event_type`` is not an
