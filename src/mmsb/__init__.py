@@ -14,12 +14,17 @@ from ._api import add_dependency as add_dependency
 from ._api import apply_batch as apply_batch
 from ._api import batch as batch
 from ._api import checkpoint_log as checkpoint_log
+from ._api import clear_subscriptions as clear_subscriptions
 from ._api import clone_page as clone_page
+from ._api import compute_closure as compute_closure
 from ._api import compute_log_statistics as compute_log_statistics
+from ._api import create_debug_subscriber as create_debug_subscriber
 from ._api import create_delta as create_delta
+from ._api import create_logging_subscriber as create_logging_subscriber
 from ._api import create_page as create_page
 from ._api import create_pages as create_pages
 from ._api import delete_page as delete_page
+from ._api import detect_cycles as detect_cycles
 from ._api import execute_propagation as execute_propagation
 from ._api import find_ancestors as find_ancestors
 from ._api import find_descendants as find_descendants
@@ -28,6 +33,7 @@ from ._api import get_deltas_for_page as get_deltas_for_page
 from ._api import get_deltas_in_range as get_deltas_in_range
 from ._api import get_parents as get_parents
 from ._api import get_stats as get_stats
+from ._api import get_subscription_count as get_subscription_count
 from ._api import has_cycle as has_cycle
 from ._api import load_checkpoint as load_checkpoint
 from ._api import merge_deltas as merge_deltas
@@ -46,8 +52,10 @@ from ._api import remove_dependency as remove_dependency
 from ._api import replay_from_checkpoint as replay_from_checkpoint
 from ._api import reset_stats as reset_stats
 from ._api import resize_page as resize_page
+from ._api import reverse_postorder as reverse_postorder
 from ._api import route_delta as route_delta
 from ._api import schedule_propagation as schedule_propagation
+from ._api import serialize_page as serialize_page
 from ._api import set_metadata as set_metadata
 from ._api import subscribe as subscribe
 from ._api import topological_sort as topological_sort
@@ -58,6 +66,7 @@ from ._api import update_metadata as update_metadata
 from ._api import update_page as update_page
 from ._api import write_page as write_page
 from ._core.delta import Delta as Delta
+from ._core.delta import compress_delta as compress_delta
 from ._core.delta import delta_byte_count as delta_byte_count
 from ._core.engine import MMSBState as MMSBState
 from ._core.engine import Page as Page
@@ -77,6 +86,8 @@ from ._history.replay import replay_with_predicate as replay_with_predicate
 from ._history.replay import verify_state_consistency as verify_state_consistency
 from ._storage.codec import deserialize_delta as deserialize_delta
 from ._storage.codec import serialize_delta as serialize_delta
+from ._storage.pagecodec import PageImage as PageImage
+from ._storage.pagecodec import deserialize_page as deserialize_page
 from .config import MMSBConfig as MMSBConfig
 from .errors import BusLockedError as BusLockedError
 from .errors import DurabilityError as DurabilityError
@@ -114,7 +125,10 @@ __all__ = [
     "set_metadata", "update_metadata",
     # deltas
     "Delta", "create_delta", "route_delta", "batch", "Batch", "apply_batch", "merge_deltas",
-    "delta_byte_count", "serialize_delta", "deserialize_delta",
+    "delta_byte_count", "serialize_delta", "deserialize_delta", "compress_delta",
+    "serialize_page", "deserialize_page", "PageImage",
+    "compute_closure", "detect_cycles", "reverse_postorder", "clear_subscriptions",
+    "get_subscription_count", "create_logging_subscriber", "create_debug_subscriber",
     # log, checkpoints, replay
     "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
     "compress_log", "checkpoint_log", "load_checkpoint", "replay_to_lsn",

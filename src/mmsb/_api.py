@@ -5,7 +5,9 @@ they were."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -25,12 +27,16 @@ from ._core.engine import (
     require_page_id,
     require_state,
 )
-from ._core.events import Subscription, make_filter
+from ._core.events import Subscription, describe_event, make_filter
 from ._core.graph import ShadowPageGraph
+from ._core.graph import compute_closure as _closure
+from ._core.graph import detect_cycles as _cycles
+from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
 from ._storage.bus import open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
+from ._storage.pagecodec import PageImage, encode_page
 from .config import MMSBConfig
 from .device import cuda_available
 from .errors import (
@@ -61,6 +67,9 @@ __all__ = [
     "propagate_change", "queue_recomputation", "schedule_propagation", "execute_propagation",
     "subscribe", "unsubscribe", "merge_deltas",
     "get_stats", "print_stats", "reset_stats", "track_delta_latency", "track_propagation_latency",
+    "compute_closure", "detect_cycles", "reverse_postorder", "serialize_page",
+    "clear_subscriptions", "get_subscription_count", "create_logging_subscriber",
+    "create_debug_subscriber",
 ]
 
 _active = ACTIVE
@@ -862,3 +871,296 @@ def track_propagation_latency(state: MMSBState, ns: int) -> None:
     with state.lock:
         state.counters.propagation.add(_ns(ns))
 
+
+# -- whole-graph helpers ---------------------------------------------------------------
+
+def _graph_and_state(obj: Any, fn: str) -> tuple[ShadowPageGraph, MMSBState | None]:
+    """The graph to read and the state it belongs to (None for a free-standing graph)."""
+    if isinstance(obj, MMSBState):
+        return obj.graph, obj
+    if isinstance(obj, ShadowPageGraph):
+        owner = obj.owner
+        return obj, owner if isinstance(owner, MMSBState) else None
+    raise InvalidArgumentError(f"{fn}() takes a state or a ShadowPageGraph, not {type(obj).__name__}")
+
+
+def compute_closure(graph: ShadowPageGraph | MMSBState, ids: int | Page | Iterable[int | Page]) -> set[int]:
+    """Every page reachable from ``ids`` along dependency edges, ``ids`` included: the
+    pages a change to ``ids`` can reach. Iterative.
+
+    Args:
+        graph: a state, or a ShadowPageGraph (its own or a free-standing one).
+        ids: a page id, a Page, or an iterable of them.
+
+    Raises:
+        InvalidArgumentError: ``graph`` is neither, or an id is not an int.
+        PageNotFoundError: an id that is not a live page of the graph's state (a
+            free-standing graph accepts any int).
+
+    Cost: O(ids + edges reachable from them).
+    """
+    g, state = _graph_and_state(graph, "compute_closure")
+    if isinstance(ids, int | np.integer | Page):
+        items: list[Any] = [ids]
+    elif isinstance(ids, Iterable) and not isinstance(ids, str | bytes | bytearray):
+        items = list(ids)
+    else:
+        raise InvalidArgumentError(
+            f"compute_closure(): ids must be a page id or an iterable of ids, not {type(ids).__name__}")
+    pids = [require_page_id(p, "compute_closure") for p in items]
+    if state is None:
+        return _closure(g, pids)
+    with state.lock:
+        for pid in pids:
+            state.require_page(pid, "compute_closure")
+        return _closure(g, pids)
+
+
+def detect_cycles(graph: ShadowPageGraph | MMSBState) -> list[list[int]]:
+    """The cycles of the graph, one per strongly connected group of pages that holds
+    one: the shortest cycle through the group's smallest id, in edge order from there
+    (``[2, 5, 7]`` is 2 → 5 → 7 → 2; ``[4]`` a self-edge), sorted by first id. Empty for
+    an acyclic graph, which every graph changed only through add_dependency is; a graph
+    whose edges were set directly (``ShadowPageGraph.add_edge``) may hold cycles.
+    Iterative.
+
+    Args:
+        graph: a state, or a ShadowPageGraph (its own or a free-standing one).
+
+    Raises:
+        InvalidArgumentError: ``graph`` is not a state or a ShadowPageGraph.
+
+    Cost: O(V + E).
+    """
+    g, state = _graph_and_state(graph, "detect_cycles")
+    if state is None:
+        return _cycles(g)
+    with state.lock:
+        return _cycles(g)
+
+
+def reverse_postorder(graph: ShadowPageGraph | MMSBState) -> list[int]:
+    """The ids that have edges in reverse postorder of a depth-first search from the
+    pages without parents (then any page not reached), smallest id first, children by
+    id. On an acyclic graph every parent comes before its children. Iterative: chains
+    of any length work.
+
+    Args:
+        graph: a state, or a ShadowPageGraph (its own or a free-standing one).
+
+    Raises:
+        InvalidArgumentError: ``graph`` is not a state or a ShadowPageGraph.
+
+    Cost: O(V log V + E log E).
+    """
+    g, state = _graph_and_state(graph, "reverse_postorder")
+    if state is None:
+        return _rpo(g)
+    with state.lock:
+        return _rpo(g)
+
+
+# -- page serialization ----------------------------------------------------------------
+
+def serialize_page(page: Page | PageImage) -> bytes:
+    """One page as bytes: its id, epoch, location, metadata, written-mask and bytes,
+    taken together under the state's lock (layout in docs/SerializationSpec.md; the
+    payload is zstd-compressed when that pays). ``deserialize_page`` reads it back.
+
+    Args:
+        page: a live Page handle, or a PageImage (as deserialize_page returns).
+
+    Raises:
+        InvalidArgumentError: ``page`` is neither.
+        PageNotFoundError: the handle's page was deleted.
+
+    Cost: O(size + the page's retained deltas) (the mask is rebuilt from them).
+    """
+    if isinstance(page, PageImage):
+        return encode_page(page)
+    if not isinstance(page, Page):
+        raise InvalidArgumentError(
+            f"serialize_page takes a Page or a PageImage, not {type(page).__name__}")
+    state = page.state
+    with state.lock:
+        pid = state.require_page(page.id, "serialize_page")
+        t = state.table
+        image = PageImage._trusted(
+            pid, int(t.epoch[pid]), PageLocation(int(t.loc[pid])), dict(t.meta.get(pid, {})),
+            state.page_view(pid).tobytes(), np.array(state.page_mask(pid), dtype=bool))
+    return encode_page(image)
+
+
+# -- subscription helpers --------------------------------------------------------------
+
+def _event_types(event_types: Any, fn: str) -> list[EventType]:
+    """``None`` (every type), one EventType, or an iterable of them, without repeats."""
+    if event_types is None:
+        return list(EventType)
+    items = [event_types] if isinstance(event_types, EventType | int) else event_types
+    if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+        raise InvalidArgumentError(
+            f"{fn}(): event_types must be None, an EventType or an iterable of them, "
+            f"not {type(event_types).__name__}")
+    out: list[EventType] = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise TypeError
+            et = EventType(item)
+        except (ValueError, TypeError):
+            raise InvalidArgumentError(f"{fn}(): {item!r} is not an EventType") from None
+        if et not in out:
+            out.append(et)
+    if not out:
+        raise InvalidArgumentError(f"{fn}(): event_types is empty; pass None for every type")
+    return out
+
+
+def _one_event_type(event_type: Any, fn: str) -> EventType | None:
+    """``None``, or ``event_type`` as an EventType (a typed refusal otherwise)."""
+    if event_type is None:
+        return None
+    try:
+        if isinstance(event_type, bool):
+            raise TypeError
+        return EventType(event_type)
+    except (ValueError, TypeError):
+        raise InvalidArgumentError(
+            f"{fn}(): event_type must be an EventType or None, not {event_type!r}") from None
+
+
+def clear_subscriptions(state: MMSBState, event_type: EventType | None = None) -> int:
+    """Remove every subscription of this state (or only those of ``event_type``); they
+    become inactive. Returns how many were removed.
+
+    Args:
+        state: the state whose subscriptions go.
+        event_type: None for all of them, or one EventType.
+
+    Raises:
+        InvalidArgumentError: ``state`` is not a state, or ``event_type`` is not an
+            EventType.
+
+    Cost: O(subscriptions removed).
+    """
+    state = _state_of(state, "clear_subscriptions")
+    et = _one_event_type(event_type, "clear_subscriptions")
+    with state.lock:
+        return state.events.clear(et)
+
+
+def get_subscription_count(state: MMSBState, event_type: EventType | None = None) -> int:
+    """How many subscriptions this state holds (of ``event_type``, when given).
+
+    Args:
+        state: the state to ask.
+        event_type: None to count all of them, or one EventType.
+
+    Raises:
+        InvalidArgumentError: ``state`` is not a state, or ``event_type`` is not an
+            EventType.
+
+    Cost: O(event types).
+    """
+    state = _state_of(state, "get_subscription_count")
+    et = _one_event_type(event_type, "get_subscription_count")
+    with state.lock:
+        return state.events.count(et)
+
+
+def _subscribe_all(state: MMSBState, types: list[EventType], handler: Callable[..., Any]) -> list[Subscription]:
+    subs = [Subscription(et, handler, None, owner=id(state)) for et in types]
+    with state.lock:
+        for sub in subs:
+            state.events.add(sub)
+    return subs
+
+
+def create_logging_subscriber(state: MMSBState, logger: logging.Logger | logging.LoggerAdapter[Any] | str | None = None,
+                              level: int | str = logging.DEBUG,
+                              event_types: EventType | Iterable[EventType] | None = None) -> list[Subscription]:
+    """Log every event of this state (or of ``event_types``) through stdlib ``logging``,
+    one record per event: ``mmsb event PAGE_CHANGED page=3 epoch=2 delta=7``. The line
+    is only formatted when the logger is enabled for ``level``.
+
+    Args:
+        state: the state to watch.
+        logger: a Logger or LoggerAdapter, a logger name, or None for ``mmsb.events``.
+        level: a logging level (an int ≥ 0, or a name such as ``"INFO"``).
+        event_types: None (every type), one EventType, or an iterable of them.
+
+    Returns:
+        One Subscription per event type; ``unsubscribe`` each (or
+        ``clear_subscriptions``) to stop.
+
+    Raises:
+        InvalidArgumentError: a bad logger, level or event type; nothing is subscribed.
+
+    Cost: one subscription per event type; per event, a level check (and one log call).
+    """
+    state = _state_of(state, "create_logging_subscriber")
+    if logger is None:
+        lg: Any = logging.getLogger("mmsb.events")
+    elif isinstance(logger, str):
+        lg = logging.getLogger(logger)
+    elif isinstance(logger, logging.Logger | logging.LoggerAdapter):
+        lg = logger
+    else:
+        raise InvalidArgumentError(
+            f"create_logging_subscriber(): logger must be a logging.Logger, a LoggerAdapter, "
+            f"a logger name or None, not {type(logger).__name__}")
+    if isinstance(level, str):
+        lvl = logging.getLevelNamesMapping().get(level.strip().upper())
+        if lvl is None:
+            raise InvalidArgumentError(
+                f"create_logging_subscriber(): unknown logging level {level!r}; use DEBUG, "
+                "INFO, WARNING, ERROR, CRITICAL or an int")
+    elif isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        lvl = level
+    else:
+        raise InvalidArgumentError(
+            f"create_logging_subscriber(): level must be an int ≥ 0 or a level name, not {level!r}")
+    types = _event_types(event_types, "create_logging_subscriber")
+
+    def log_event(_state: MMSBState, event_type: EventType, *data: Any) -> None:
+        if lg.isEnabledFor(lvl):
+            lg.log(lvl, "mmsb event %s", describe_event(event_type, data))
+
+    return _subscribe_all(state, types, log_event)
+
+
+def create_debug_subscriber(state: MMSBState, file: Any = None,
+                            event_types: EventType | Iterable[EventType] | None = None) -> list[Subscription]:
+    """Print one readable line per event of this state (or of ``event_types``):
+    ``mmsb: PAGE_CHANGED page=3 epoch=2 delta=7``, flushed at once.
+
+    Args:
+        state: the state to watch.
+        file: a text stream with ``write``; None prints to ``sys.stdout`` as it is at
+            each event.
+        event_types: None (every type), one EventType, or an iterable of them.
+
+    Returns:
+        One Subscription per event type; ``unsubscribe`` each (or
+        ``clear_subscriptions``) to stop. A stream that fails to write is reported and
+        counted like any handler error; it never breaks the write.
+
+    Raises:
+        InvalidArgumentError: ``file`` has no ``write`` method, or a bad event type;
+            nothing is subscribed.
+
+    Cost: one subscription per event type; one formatted line per event.
+    """
+    state = _state_of(state, "create_debug_subscriber")
+    if file is not None and not callable(getattr(file, "write", None)):
+        raise InvalidArgumentError(
+            f"create_debug_subscriber(): file must be a text stream with write(), not "
+            f"{type(file).__name__}")
+    types = _event_types(event_types, "create_debug_subscriber")
+
+    def print_event(_state: MMSBState, event_type: EventType, *data: Any) -> None:
+        print(f"mmsb: {describe_event(event_type, data)}",
+              file=sys.stdout if file is None else file, flush=True)
+
+    return _subscribe_all(state, types, print_event)

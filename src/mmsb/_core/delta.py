@@ -26,6 +26,7 @@ __all__ = [
     "delta_byte_count",
     "apply_delta",
     "apply_clipped",
+    "compress_delta",
 ]
 
 def sparse_enough(changed: Any, size: Any) -> Any:
@@ -385,3 +386,79 @@ def union_mask(size: int, deltas: Sequence[Delta]) -> np.ndarray:
             n = min(size, d.page_size)
             m[:n] |= d._mask[:n]
     return m
+
+
+# -- compacting --------------------------------------------------------------------------
+
+def _payload_of(delta: Delta) -> tuple[np.ndarray, np.ndarray]:
+    """The positions and values a delta writes, checked: sorted, unique (a later value
+    wins where a hand-built delta repeats a position), inside the page."""
+    size = delta.page_size
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size <= 0:
+        raise InvalidDeltaError(f"page_size must be a positive int, not {size!r}",
+                                page_id=delta.page_id, delta_id=delta.id)
+    where = {"page_id": delta.page_id, "delta_id": delta.id}
+    if delta._idx is not None:
+        idx = np.asarray(delta._idx)
+        vals = np.asarray(delta._vals) if delta._vals is not None else None
+        if vals is None or idx.ndim != 1 or vals.ndim != 1 or len(idx) != len(vals):
+            raise InvalidDeltaError("a sparse delta needs as many values as positions", **where)
+        if idx.size and idx.dtype.kind not in "iu":
+            raise InvalidDeltaError(f"positions must be integers, not {idx.dtype}", **where)
+        if vals.dtype != np.uint8:
+            raise InvalidDeltaError(f"values must be uint8, not {vals.dtype}", **where)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise InvalidDeltaError(f"a position lies outside the page's {size} bytes", **where)
+        idx = idx.astype(np.intp, copy=False)
+        if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
+            order = np.argsort(idx, kind="stable")
+            idx, vals = idx[order], vals[order]
+            last = np.ones(idx.size, dtype=bool)
+            last[:-1] = idx[1:] != idx[:-1]
+            idx, vals = idx[last], vals[last]
+        return idx, vals
+    data = delta._data
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (size,):
+        raise InvalidDeltaError(f"a dense delta needs {size} uint8 bytes of data", **where)
+    mask = delta._mask
+    if mask is None:
+        return np.arange(size, dtype=np.intp), data
+    if not isinstance(mask, np.ndarray) or mask.dtype != bool or mask.shape != (size,):
+        raise InvalidDeltaError(f"a dense delta's mask needs {size} bools", **where)
+    idx = np.flatnonzero(mask)
+    return idx, data[idx]
+
+
+def compress_delta(delta: Delta) -> Delta:
+    """The same change in its most compact form, as a new delta.
+
+    The positions are sorted and unique (where a hand-built delta repeats a position,
+    its later value wins, as applying it would do). The payload follows the
+    representation rule: sparse (positions and their values only) when the delta writes
+    at most a quarter of the page, so it never takes more memory than the dense form;
+    otherwise the full-length bytes with no mask when every byte is written, else the
+    bytes (zero outside the mask) and the mask. A dense delta that also carried the
+    page's unchanged bytes drops them. The result keeps the input's id, page, epochs,
+    LSN, timestamp, source and page size, writes the same values at the same positions,
+    and so has the same effect on a page at its base epoch. The input is not changed,
+    and the result shares no array with it. Serialized, a sparse result is stored as
+    runs of consecutive positions (``serialize_delta``).
+
+    Args:
+        delta: any delta, logged or not.
+
+    Raises:
+        InvalidDeltaError: ``delta`` is not a Delta, or its payload is inconsistent
+            (lengths that differ, positions outside the page, values that are not bytes).
+
+    Cost: O(written bytes) for a sparse delta (O(n log n) when its positions are not
+    sorted), O(page size) for a dense one.
+    """
+    if not isinstance(delta, Delta):
+        raise InvalidDeltaError(f"compress_delta takes a Delta, not {type(delta).__name__}")
+    idx, vals = _payload_of(delta)
+    out = make_delta(delta.id, delta.page_id, delta.base_epoch, int(delta.page_size),
+                     np.array(idx, dtype=np.intp), vals, delta.source, epoch=delta.epoch)
+    out.lsn = delta.lsn
+    out.timestamp = delta.timestamp
+    return out

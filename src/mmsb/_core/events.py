@@ -7,6 +7,7 @@ it never undoes or blocks the write.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 from collections.abc import Callable, Iterable
@@ -14,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from ..types import EventType
+from ..types import EventType, PageLocation
 
-__all__ = ["Subscription", "EventBus", "Handler"]
+__all__ = ["Subscription", "EventBus", "Handler", "EVENT_FIELDS", "describe_event"]
 
-log = logging.getLogger("mmsb._core.events")
+log = logging.getLogger("mmsb.events")
 
 Handler = Callable[..., Any]
 _ids = itertools.count(1)
@@ -111,3 +112,52 @@ class EventBus:
 
     def subscriptions(self) -> list[Subscription]:
         return [s for lst in self._subs.values() for s in lst]
+
+    def clear(self, event_type: EventType | None = None) -> int:
+        """Remove every subscription (or those of one event type); they become
+        inactive. Returns how many were removed. O(subscriptions removed)."""
+        if event_type is None:
+            removed = [s for lst in self._subs.values() for s in lst]
+            self._subs.clear()
+        else:
+            removed = self._subs.pop(event_type, [])
+        for sub in removed:
+            sub.active = False
+        self.active = any(self._subs.values())
+        return len(removed)
+
+    def count(self, event_type: EventType | None = None) -> int:
+        """Number of subscriptions (of one event type, when given). O(event types)."""
+        if event_type is None:
+            return sum(len(lst) for lst in self._subs.values())
+        return len(self._subs.get(event_type, ()))
+
+
+EVENT_FIELDS: dict[EventType, tuple[str, ...]] = {
+    EventType.PAGE_CREATED: ("page",),
+    EventType.PAGE_DELETED: ("page",),
+    EventType.PAGE_CHANGED: ("page", "epoch", "delta"),
+    EventType.PAGE_INVALIDATED: ("page", "parent"),
+    EventType.PAGE_STALE: ("page", "parent"),
+    EventType.DELTA_APPLIED: ("page", "epoch", "delta", "lsn"),
+    EventType.GPU_SYNC_NEEDED: ("page", "parent"),
+    EventType.GPU_SYNC_COMPLETE: ("page",),
+    EventType.IR_INVALIDATED: ("page", "parent"),
+    EventType.PAGE_RESIZED: ("page", "old_size", "new_size"),
+    EventType.PAGE_MIGRATED: ("page", "old_location", "new_location"),
+    EventType.METADATA_CHANGED: ("page",),
+}
+"""The name of each position of an event's data, as EventType documents it."""
+
+
+def describe_event(event_type: EventType, data: tuple[Any, ...]) -> str:
+    """One readable line for an event: ``PAGE_CHANGED page=3 epoch=2 delta=7``. Data
+    beyond the named positions is shown by position (``arg4=…``). O(len(data))."""
+    names = EVENT_FIELDS.get(event_type, ())
+    parts = [event_type.name]
+    for i, value in enumerate(data):
+        name = names[i] if i < len(names) else f"arg{i}"
+        if isinstance(value, enum.Enum):
+            value = str(value) if isinstance(value, PageLocation) else value.name
+        parts.append(f"{name}={value}")
+    return " ".join(parts)

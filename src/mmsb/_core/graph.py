@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import GraphCycleError
 from ..types import EdgeType
 
-__all__ = ["ShadowPageGraph"]
+__all__ = ["ShadowPageGraph", "compute_closure", "detect_cycles", "reverse_postorder"]
 
 
 class ShadowPageGraph:
@@ -180,3 +180,153 @@ class ShadowPageGraph:
         assert fwd == back, "children and parents maps disagree"
         assert all(self.children.values()) and all(self.parents.values()), "empty adjacency kept"
         assert not self.has_cycle(), "the graph holds a cycle"
+
+
+# -- whole-graph helpers ---------------------------------------------------------------
+
+def compute_closure(graph: ShadowPageGraph, ids: Iterable[int]) -> set[int]:
+    """Every id reachable from ``ids`` along edges, ``ids`` themselves included: the
+    pages a change to ``ids`` can reach. Iterative.
+
+    Args:
+        graph: the graph to walk.
+        ids: starting ids (integers; duplicates are fine).
+
+    Cost: O(ids + edges reachable from them).
+    """
+    adj = graph.children
+    seen: set[int] = set()
+    stack = list(ids)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        nxt = adj.get(node)
+        if nxt:
+            stack.extend(c for c in nxt if c not in seen)
+    return seen
+
+
+def detect_cycles(graph: ShadowPageGraph) -> list[list[int]]:
+    """The cycles of ``graph``, one per strongly connected group of ids that holds one.
+
+    Each cycle is the shortest one through the smallest id of its group, as the ids in
+    edge order starting there: ``[2, 5, 7]`` stands for 2 → 5 → 7 → 2, ``[4]`` for a
+    self-edge 4 → 4. The list is sorted by first id and is empty for an acyclic graph
+    (always, for a graph changed only through the checked calls). Only ``children`` is
+    read, so a graph whose edges were set by hand is judged by its forward edges.
+    Iterative (Tarjan's algorithm with an explicit stack), so chains of any length work.
+
+    Args:
+        graph: the graph to examine.
+
+    Cost: O(V + E).
+    """
+    adj = graph.children
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    comp_stack: list[int] = []
+    groups: list[list[int]] = []
+    counter = 0
+    for root in sorted(graph.nodes):
+        if root in index:
+            continue
+        index[root] = low[root] = counter
+        counter += 1
+        comp_stack.append(root)
+        on_stack.add(root)
+        work: list[tuple[int, Iterator[int]]] = [(root, iter(sorted(adj.get(root, ()))))]
+        while work:
+            node, it = work[-1]
+            advanced = False
+            for child in it:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    comp_stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(adj.get(child, ())))))
+                    advanced = True
+                    break
+                if child in on_stack and index[child] < low[node]:
+                    low[node] = index[child]
+            if advanced:
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                if low[node] < low[parent]:
+                    low[parent] = low[node]
+            if low[node] == index[node]:
+                group: list[int] = []
+                while True:
+                    member = comp_stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1 or node in adj.get(node, {}):
+                    groups.append(group)
+    cycles = [_shortest_cycle(adj, set(g), min(g)) for g in groups]
+    cycles.sort(key=lambda c: c[0])
+    return cycles
+
+
+def _shortest_cycle(adj: dict[int, dict[int, EdgeType]], members: set[int],
+                    start: int) -> list[int]:
+    """The shortest cycle through ``start`` inside one strongly connected group (BFS)."""
+    if start in adj.get(start, {}):
+        return [start]
+    prev: dict[int, int] = {start: start}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for nxt in sorted(adj.get(node, ())):
+            if nxt == start:
+                out = [node]
+                while out[-1] != start:
+                    out.append(prev[out[-1]])
+                return out[::-1]
+            if nxt in members and nxt not in prev:
+                prev[nxt] = node
+                queue.append(nxt)
+    raise AssertionError(f"page {start} is in a strongly connected group but on no cycle")
+
+
+def reverse_postorder(graph: ShadowPageGraph) -> list[int]:
+    """The ids that have edges, in reverse postorder of a depth-first search that starts
+    from the ids without parents (then from any id not yet reached, for cycles), smallest
+    id first, and visits children by id. On an acyclic graph every parent comes before
+    its children (a topological order, in general not the one of topological_sort).
+    Iterative: chains of any length work.
+
+    Args:
+        graph: the graph to order.
+
+    Cost: O(V log V + E log E) (children are visited sorted).
+    """
+    adj = graph.children
+    nodes = graph.nodes
+    parents = graph.parents
+    roots = sorted(n for n in nodes if not parents.get(n))
+    seen: set[int] = set()
+    post: list[int] = []
+    for root in roots + sorted(nodes):
+        if root in seen:
+            continue
+        seen.add(root)
+        work: list[tuple[int, Iterator[int]]] = [(root, iter(sorted(adj.get(root, ()))))]
+        while work:
+            node, it = work[-1]
+            for child in it:
+                if child not in seen:
+                    seen.add(child)
+                    work.append((child, iter(sorted(adj.get(child, ())))))
+                    break
+            else:
+                work.pop()
+                post.append(node)
+    post.reverse()
+    return post

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["run_propagation", "affected_order"]
 
-log = logging.getLogger("mmsb._core.propagation")
+log = logging.getLogger("mmsb.propagation")
 
 
 # Edge types that mark the child through a logged metadata flag, and the event they emit.

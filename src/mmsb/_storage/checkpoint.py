@@ -31,14 +31,13 @@ import zstandard
 
 from .._core.delta import Delta
 from .._core.graph import ShadowPageGraph
+from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE
 from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase, Snapshot
 from ..errors import SerializationError
 from ..types import EdgeType
 from .codec import (
     KIND_DELTA,
-    MAX_PAGE_ID,
-    MAX_PAGE_SIZE,
     _fast_delta,
     crc32c,
     decode_metadata,

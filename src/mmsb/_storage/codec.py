@@ -42,8 +42,6 @@ __all__ = [
     "serialize_delta",
     "deserialize_delta",
     "KIND_DELTA",
-    "MAX_PAGE_SIZE",
-    "MAX_PAGE_ID",
 ]
 
 MAX_METADATA = 16 << 20
