@@ -48,9 +48,9 @@ def normalize_location(location: Any) -> str:
 
 @lru_cache(maxsize=1)
 def _cuda_reason() -> str | None:
-    if importlib.util.find_spec("cupy") is None:
-        return f"CuPy is not installed; {_INSTALL_HINT}"
     try:
+        if importlib.util.find_spec("cupy") is None:
+            return f"CuPy is not installed; {_INSTALL_HINT}"
         cp = importlib.import_module("cupy")
     except Exception as exc:  # a broken CuPy install must not break MMSB
         return f"CuPy failed to import ({type(exc).__name__}: {exc}); {_INSTALL_HINT}"
