@@ -105,7 +105,7 @@ def compile_kernels() -> Any:
     """The compiled kernel module (compiled once per process, then cached by CuPy)."""
     global _module
     if _module is None:
-        _module = cp.RawModule(code=_SOURCE, options=("--std=c++14",))
+        _module = cp.RawModule(code=_SOURCE)
     return _module
 
 
@@ -255,6 +255,17 @@ class CudaBackend(DeviceBackend):
                 f"the device could not provide another {nbytes}-byte arena chunk ({exc})",
                 requested_bytes=nbytes) from exc
         return arr
+
+    def free(self, slot: int) -> None:
+        """Return ``slot`` to the arena. A slot with a chunk of its own releases that
+        chunk to CuPy's pool, so the work queued on the slot is waited for first.
+
+        Raises:
+            InvalidArgumentError: ``slot`` is not live.
+        """
+        if self._arena.size_of(slot) > self._arena.chunk_size // 4:
+            self._stream.synchronize()
+        super().free(slot)
 
     def _zero(self, chunk: Any, offset: int, nbytes: int) -> None:
         with self._device:
