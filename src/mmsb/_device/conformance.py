@@ -415,6 +415,13 @@ def check_unified_hints(make: Make) -> None:
     b.prefetch(s, "cpu").wait()  # type: ignore[attr-defined]
     assert np.array_equal(b.copy_out(s), data)
     assert b.stats().bytes_prefetched == 10000
+    big = b.alloc(300_000)  # large enough that the CPU write migrates the pages first
+    bulk = _rand(_rng(9), 300_000)
+    b.copy_in(big, bulk)
+    b.apply_sparse(big, [0, 299_999], b"\x01\x02")
+    bulk[0], bulk[299_999] = 1, 2
+    assert np.array_equal(b.copy_out(big), bulk)
+    b.free(big)
     free, _ = cp.cuda.runtime.memGetInfo()
     before = _snapshot(b)
     for bad in (lambda: b.prefetch(s, "disk"),  # type: ignore[attr-defined]

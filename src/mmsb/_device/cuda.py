@@ -44,6 +44,7 @@ _ADVISE_SET_PREFERRED = 3
 _ADVISE_UNSET_PREFERRED = 4
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _THREADS = 256
+_PREFETCH_BEFORE_WRITE = 1 << 18  # unified writes of 256 KiB or more migrate first
 
 _SOURCE = r"""
 typedef long long i64;
@@ -99,6 +100,43 @@ extern "C" __global__ void mmsb_batch(const i64* __restrict__ meta, i64 nd,
 """
 
 _module: Any = None
+
+
+class _MemLocation(ctypes.Structure):
+    """``CUmemLocation``: a location type (1 device, 2 host) and a device ordinal."""
+
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+_LOC_DEVICE, _LOC_HOST = 1, 2
+_driver_fns: Any = None
+
+
+def _location_api() -> tuple[Any, Any] | None:
+    """The driver's location-based prefetch and advice calls (``cuMemPrefetchAsync_v2``,
+    ``cuMemAdvise_v2``, drivers of CUDA 12.2 and later), or None where absent. Under
+    CUDA 13 the runtime's device-ordinal calls that CuPy wraps no longer accept the
+    host as a target, so hints to the CPU go through these."""
+    global _driver_fns
+    if _driver_fns is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            prefetch = lib.cuMemPrefetchAsync_v2
+            advise = lib.cuMemAdvise_v2
+        except (OSError, AttributeError):
+            _driver_fns = False
+        else:
+            prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, _MemLocation,
+                                 ctypes.c_uint, ctypes.c_void_p]
+            prefetch.restype = ctypes.c_int
+            advise.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, _MemLocation]
+            advise.restype = ctypes.c_int
+            _driver_fns = (prefetch, advise)
+    return _driver_fns or None
+
+
+def _location(dev: int) -> _MemLocation:
+    return _MemLocation(_LOC_HOST, 0) if dev == _CPU_DEVICE_ID else _MemLocation(_LOC_DEVICE, dev)
 
 
 def compile_kernels() -> Any:
@@ -578,7 +616,14 @@ class UnifiedBackend(CudaBackend):
             super()._copy_in(dst, src, on_device)
             return
         # The CPU writes the managed bytes itself, after the device work that could
-        # touch them has finished.
+        # touch them has finished. A large write first moves the pages to the host in
+        # one migration rather than one fault per page; the hint is only a hint, so a
+        # refused prefetch leaves the write to the page faults.
+        if len(src) >= _PREFETCH_BEFORE_WRITE:
+            try:
+                self._prefetch(dst, _CPU_DEVICE_ID)
+            except GPUMemoryError:
+                pass
         self._stream.synchronize()
         self._host_array(dst)[:] = src
 
@@ -592,13 +637,24 @@ class UnifiedBackend(CudaBackend):
         """
         arr, size = self._array(slot)
         dst = self._target(to)
-        try:
-            with self._device:
-                cp.cuda.runtime.memPrefetchAsync(arr.data.ptr, size, dst, self._stream.ptr)
-        except cp.cuda.runtime.CUDARuntimeError as exc:
-            raise GPUMemoryError(f"prefetch to {to} failed ({exc})", requested_bytes=size) from exc
+        self._prefetch(arr, dst)
         self._prefetched += size
         return Pending(self, self._record_event())
+
+    def _prefetch(self, arr: Any, dst: int) -> None:
+        api = _location_api()
+        with self._device:
+            if api is not None:
+                rc = api[0](int(arr.data.ptr), len(arr), _location(dst), 0, self._stream.ptr)
+                if rc:
+                    raise GPUMemoryError(f"the driver refused a prefetch (CUresult {rc})",
+                                         requested_bytes=len(arr))
+                return
+            try:
+                cp.cuda.runtime.memPrefetchAsync(arr.data.ptr, len(arr), dst, self._stream.ptr)
+            except cp.cuda.runtime.CUDARuntimeError as exc:
+                raise GPUMemoryError(f"the runtime refused a prefetch ({exc})",
+                                     requested_bytes=len(arr)) from exc
 
     def advise(self, slot: int, *, preferred: str | None = None,
                read_mostly: bool | None = None) -> None:
@@ -623,12 +679,20 @@ class UnifiedBackend(CudaBackend):
                 raise InvalidArgumentError(f"read_mostly must be a bool, not {read_mostly!r}")
             calls.append((_ADVISE_SET_READ_MOSTLY if read_mostly else _ADVISE_UNSET_READ_MOSTLY,
                           self._device.id))
-        try:
-            with self._device:
-                for advice, dev in calls:
+        api = _location_api()
+        with self._device:
+            for advice, dev in calls:
+                if api is not None:
+                    rc = api[1](int(arr.data.ptr), size, advice, _location(dev))
+                    if rc:
+                        raise GPUMemoryError(f"the driver refused memory advice {advice} "
+                                             f"(CUresult {rc})", requested_bytes=size)
+                    continue
+                try:
                     cp.cuda.runtime.memAdvise(arr.data.ptr, size, advice, dev)
-        except cp.cuda.runtime.CUDARuntimeError as exc:
-            raise GPUMemoryError(f"memory advice refused ({exc})", requested_bytes=size) from exc
+                except cp.cuda.runtime.CUDARuntimeError as exc:
+                    raise GPUMemoryError(f"memory advice refused ({exc})",
+                                         requested_bytes=size) from exc
 
     def _target(self, to: Any) -> int:
         if to == "gpu":
