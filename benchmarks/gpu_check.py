@@ -292,7 +292,7 @@ def bench_sync(res: Results, cp: Any, quick: bool) -> None:
 
     t_u = wall(unified_default, uni.synchronize, reps)
     res.add("unified_sync_64MiB_cpu_write_prefetch", gbps(size, t_u), "GB/s",
-            f"{t_u * 1e3:.2f} ms: copy_in (pages migrated to the host, CPU write), then "
+            f"{t_u * 1e3:.2f} ms: copy_in (a CPU write into managed memory), then "
             "prefetch to the GPU",
             "within 80 % of explicit sync", t_in / t_u >= 0.8)
     t_u2 = wall(unified_cpu_first, uni.synchronize, reps)

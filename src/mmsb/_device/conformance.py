@@ -415,7 +415,7 @@ def check_unified_hints(make: Make) -> None:
     b.prefetch(s, "cpu").wait()  # type: ignore[attr-defined]
     assert np.array_equal(b.copy_out(s), data)
     assert b.stats().bytes_prefetched == 10000
-    big = b.alloc(300_000)  # large enough that the CPU write migrates the pages first
+    big = b.alloc(300_000)  # a slot with a chunk of its own, written by the CPU
     bulk = _rand(_rng(9), 300_000)
     b.copy_in(big, bulk)
     b.apply_sparse(big, [0, 299_999], b"\x01\x02")

@@ -44,7 +44,6 @@ _ADVISE_SET_PREFERRED = 3
 _ADVISE_UNSET_PREFERRED = 4
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 _THREADS = 256
-_PREFETCH_BEFORE_WRITE = 1 << 18  # unified writes of 256 KiB or more migrate first
 
 _SOURCE = r"""
 typedef long long i64;
@@ -616,14 +615,7 @@ class UnifiedBackend(CudaBackend):
             super()._copy_in(dst, src, on_device)
             return
         # The CPU writes the managed bytes itself, after the device work that could
-        # touch them has finished. A large write first moves the pages to the host in
-        # one migration rather than one fault per page; the hint is only a hint, so a
-        # refused prefetch leaves the write to the page faults.
-        if len(src) >= _PREFETCH_BEFORE_WRITE:
-            try:
-                self._prefetch(dst, _CPU_DEVICE_ID)
-            except GPUMemoryError:
-                pass
+        # touch them has finished.
         self._stream.synchronize()
         self._host_array(dst)[:] = src
 
