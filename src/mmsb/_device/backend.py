@@ -7,11 +7,11 @@ argument before anything is written, so a refused call raises a typed
 backend classes implement only the underscore primitives (allocation, copies, scatter,
 diff, synchronisation), once per device kind.
 
-Deltas travel in the shapes the CPU engine uses (:mod:`mmsb.delta`): *sparse* as sorted
+Deltas travel in the shapes the CPU engine uses (:mod:`mmsb._core.delta`): *sparse* as sorted
 unique positions and their byte values, *runs* as (start, length) pairs with their bytes
 concatenated, *dense* as the full page (with a bool mask when not every byte is
 covered). A diff returns :class:`Changes`, sparse or dense by the same 25 % rule
-(:func:`mmsb.delta.sparse_enough`), which the engine logs.
+(:func:`mmsb._core.delta.sparse_enough`), which the engine logs.
 
 Backends are not thread-safe: the engine calls them under its one lock.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..delta import Delta, as_bytes_array
+from .._core.delta import Delta, as_bytes_array
 from ..errors import InvalidArgumentError, InvalidDeltaError
 from .arena import SlotArena
 
@@ -150,7 +150,7 @@ class Changes:
         return self._mask
 
     def to_delta(self, delta_id: int, page_id: int, base_epoch: int, source: str) -> Delta:
-        """The :class:`mmsb.delta.Delta` of these changes, on a page at ``base_epoch``."""
+        """The :class:`mmsb._core.delta.Delta` of these changes, on a page at ``base_epoch``."""
         if self._pos is not None:
             return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, self.size,
                          self._pos.astype(np.intp, copy=False), self._vals, None, None)
@@ -580,7 +580,7 @@ class DeviceBackend(ABC):
         self._deltas += 1
 
     def apply_delta(self, slot: int, delta: Delta) -> None:
-        """Write an :class:`mmsb.delta.Delta` (built for a page of the slot's size).
+        """Write an :class:`mmsb._core.delta.Delta` (built for a page of the slot's size).
 
         Sparse deltas go as one scatter, dense ones as one copy (or one masked copy).
 

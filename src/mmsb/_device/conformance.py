@@ -17,7 +17,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ..delta import apply_delta, diff_write, make_delta
+from .._core.delta import apply_delta, diff_write, make_delta
 from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError, MMSBError
 from .arena import slot_class
 from .backend import Changes, DeltaBatch, DeviceBackend
@@ -147,7 +147,7 @@ def check_sparse_runs_dense(make: Make) -> None:
 
 def check_apply_engine_deltas(make: Make) -> None:
     """Deltas built by the CPU engine's kernels (sparse, dense, masked dense) apply to a
-    slot exactly as :func:`mmsb.delta.apply_delta` applies them to numpy bytes."""
+    slot exactly as :func:`mmsb._core.delta.apply_delta` applies them to numpy bytes."""
     b = make()
     rng = _rng(2)
     n = 4096
@@ -207,7 +207,7 @@ def check_batch(make: Make) -> None:
 def check_diff(make: Make) -> None:
     """Diffs find exactly the changed bytes, sparse or dense by the 25 % rule, at an
     offset, from host or device contents, with and without applying them; their deltas
-    equal those of :func:`mmsb.delta.diff_write`."""
+    equal those of :func:`mmsb._core.delta.diff_write`."""
     b = make()
     rng = _rng(4)
     n = 2048

@@ -29,7 +29,7 @@ from typing import Any
 import cupy as cp
 import numpy as np
 
-from ..delta import sparse_enough
+from .._core.delta import sparse_enough
 from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError
 from .backend import DEFAULT_CHUNK_SIZE, Changes, DeltaBatch, DeviceBackend, Pending
 from .host import _host_bytes

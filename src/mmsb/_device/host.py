@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..delta import as_bytes_array, sparse_enough
+from .._core.delta import as_bytes_array, sparse_enough
 from ..errors import InvalidDeltaError
 from .backend import DEFAULT_CHUNK_SIZE, Changes, DeltaBatch, DeviceBackend
 
