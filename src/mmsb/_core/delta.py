@@ -105,6 +105,13 @@ class Delta:
         self.lsn = lsn
         self.timestamp = timestamp
 
+    def stamped(self, lsn: int, timestamp: int) -> Delta:
+        """A copy of this delta with ``lsn`` and ``timestamp`` (the payload is shared:
+        both are read-only by contract)."""
+        return Delta(self.id, self.page_id, self.base_epoch, self.epoch, self.source,
+                     self.page_size, self._idx, self._vals, self._data, self._mask, lsn,
+                     timestamp, self._exact)
+
     # -- views -----------------------------------------------------------------------
     @property
     def is_sparse(self) -> bool:

@@ -465,18 +465,14 @@ class MMSBState:
 
     def history_snapshot(self) -> tuple[Any, ...]:
         """What trimming or rewriting the log changes, to undo it if a checkpoint fails.
-        O(pages with a mask base); the log's lists are replaced, never edited, by those
+        O(pages with a mask base); the log's columns are replaced, never edited, by those
         operations, so references suffice."""
-        log = self.log
-        return (log.records, log.deltas, log.by_page, log.next_lsn, log.last_timestamp,
-                log.horizon_lsn, log.horizon_timestamp, dict(self.mask_base), self.replay_base,
+        return (self.log.memento(), dict(self.mask_base), self.replay_base,
                 self.orphan_from, self.next_delta_id)
 
     def history_restore(self, saved: tuple[Any, ...]) -> None:
-        log = self.log
-        (log.records, log.deltas, log.by_page, log.next_lsn, log.last_timestamp,
-         log.horizon_lsn, log.horizon_timestamp, self.mask_base, self.replay_base,
-         self.orphan_from, self.next_delta_id) = saved
+        memento, self.mask_base, self.replay_base, self.orphan_from, self.next_delta_id = saved
+        self.log.restore_memento(memento)
 
     def swap_snapshot(self) -> dict[str, Any]:
         """Every part load_checkpoint swaps, to swap back if the bus cannot follow."""
@@ -494,11 +490,11 @@ class MMSBState:
         k = log.index_after_lsn(lsn)
         if k == 0 and log.horizon_lsn >= lsn:
             return
-        dropped = log.records[:k]
-        self.fold_masks({r.page_id for r in dropped if isinstance(r, Delta)}, lsn)
-        if dropped:
-            log.horizon_timestamp = dropped[-1].timestamp
-        log.replace_all(log.records[k:])
+        rows = log.rows_through(lsn)
+        self.fold_masks({int(log.page[r]) for r in range(rows)}, lsn)
+        if k:
+            log.horizon_timestamp = log.records[k - 1].timestamp
+        log.drop_through(lsn)
         log.horizon_lsn = max(log.horizon_lsn, lsn)
 
     # -- building and logging --------------------------------------------------------
@@ -507,33 +503,32 @@ class MMSBState:
         """True when a delta can take the log's fast path (no sink, logging on)."""
         return self.log.sink is None and self.config.enable_logging
 
-    def log_append(self, rec: AnyRecord) -> None:
-        """Append a record (deltas are counted by _after_delta)."""
+    def log_append(self, rec: AnyRecord) -> int:
+        """Append a record (deltas are counted by after_delta); returns its LSN. A delta
+        is never stamped in place: the log keeps a stamped copy."""
         if self.batch_frame is not None:
-            self.batch_frame.hold(self.log, rec)
+            lsn = self.batch_frame.hold(self.log, rec)
             if type(rec) is not Delta:
                 self.counters.records_logged += 1
-            return
+            return lsn
         t0 = time.perf_counter_ns()
         self.log.append(rec)
+        lsn = self.log.last_lsn
         c = self.counters
         c.log_append.add(time.perf_counter_ns() - t0)
         if type(rec) is not Delta:
             c.records_logged += 1
         if not self.config.enable_logging:
-            self._forget(rec)
+            self._forget(rec, lsn)
+        return lsn
 
-    def _forget(self, rec: AnyRecord) -> None:
+    def _forget(self, rec: AnyRecord, lsn: int) -> None:
         """enable_logging=False: keep LSNs moving but retain nothing."""
-        log = self.log
         if isinstance(rec, Delta):
-            self._fold_mask(rec)
-            log.deltas.clear()
-            log.by_page.clear()
-        log.records.clear()
-        log.horizon_lsn = rec.lsn + 1
+            self._fold_mask(rec, lsn)
+        self.log.forget_all(lsn + 1)
 
-    def _fold_mask(self, d: Delta) -> None:
+    def _fold_mask(self, d: Delta, lsn: int) -> None:
         pid = d.page_id
         size = int(self.table.size[pid])
         m = union_mask(size, [d])
@@ -541,7 +536,7 @@ class MMSBState:
         if base is not None:
             n = min(size, len(base[0]))
             m[:n] |= base[0][:n]
-        self.mask_base[pid] = (m, d.lsn)
+        self.mask_base[pid] = (m, lsn)
 
     def new_delta_id(self) -> int:
         i = self.next_delta_id
@@ -827,15 +822,15 @@ class MMSBState:
                 return False
             self.next_delta_id += 1
             if self.batch_frame is not None:
-                self.log_append(d)
+                lsn = self.log_append(d)
                 self.batch_frame.save(view, d)
             elif self.plain_log:
-                self.log.append_delta(d)
+                lsn = self.log.append_delta(d)[0]
             else:
-                self.log_append(d)
+                lsn = self.log_append(d)
             apply_delta(view, d)
             t.epoch[pid] = d.epoch
-            self.after_delta(d, t0)
+            self.after_delta(d, t0, lsn)
             return True
         finally:
             self.leave()
@@ -866,7 +861,7 @@ class MMSBState:
                     f"delta was already logged (LSN {d.lsn}); build a new one with create_delta",
                     page_id=pid, delta_id=d.id)
             t0 = time.perf_counter_ns()
-            self.log_append(d)
+            lsn = self.log_append(d)
             view = self.arena.view(int(t.addr[pid]), size)
             if self.batch_frame is not None:
                 self.batch_frame.save(view, d)
@@ -876,15 +871,15 @@ class MMSBState:
             else:
                 apply_delta(view, d)
             t.epoch[pid] = d.epoch
-            self.after_delta(d, t0)
+            self.after_delta(d, t0, lsn)
         finally:
             self.leave()
 
-    def after_delta(self, d: Delta, t0: int) -> None:
+    def after_delta(self, d: Delta, t0: int, lsn: int) -> None:
         """Counters, events and propagation after a delta was logged and applied."""
         pid = d.page_id
         if self.events.active:
-            self.emit(EventType.DELTA_APPLIED, pid, d.epoch, d.id, d.lsn)
+            self.emit(EventType.DELTA_APPLIED, pid, d.epoch, d.id, lsn)
             self.emit(EventType.PAGE_CHANGED, pid, d.epoch, d.id)
         if pid in self.graph.children and not self.propagating:
             if self.batch_depth or self.propagation_mode is not PropagationMode.IMMEDIATE:
@@ -953,7 +948,7 @@ class MMSBState:
         c.log_append.add(0)
         if not self.config.enable_logging and frame.records:
             for rec in frame.records:
-                self._forget(rec)
+                self._forget(rec, rec.lsn)
         if self.pending and self.propagation_mode is not PropagationMode.DEFERRED:
             pending = {p for p in self.pending if self.table.is_live(p)}
             self.pending.clear()
@@ -1103,11 +1098,17 @@ class _BatchFrame:
         self.queue_len = len(state.event_queue)
         self.pending = set(state.pending)
 
-    def hold(self, log: TransactionLog, rec: AnyRecord) -> None:
-        log.stamp(rec)
+    def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
+        """Stamp ``rec`` (a copy, for a delta) and hold it back; returns its LSN."""
+        if type(rec) is Delta:
+            lsn, ts = log._next_stamp()
+            rec = rec.stamped(lsn, ts)
+        else:
+            log.stamp(rec)
         log.next_lsn = rec.lsn + 1
         log.last_timestamp = rec.timestamp
         self.records.append(rec)
+        return rec.lsn
 
     def reserve(self, log: TransactionLog, n: int) -> tuple[int, int]:
         """Reserve ``n`` consecutive LSNs and one timestamp for records about to be held;
@@ -1150,8 +1151,9 @@ class _BatchFrame:
                 view[idx] = old
             t.epoch[pid] = epoch
         for rec in self.records:
-            rec.lsn = 0
-            rec.timestamp = 0
+            if type(rec) is not Delta:
+                rec.lsn = 0
+                rec.timestamp = 0
         st.log.next_lsn = self.next_lsn
         st.log.last_timestamp = self.last_ts
         st.next_delta_id = self.next_delta_id

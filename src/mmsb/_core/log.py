@@ -1,31 +1,153 @@
-"""The in-memory transaction log: every record in LSN order, with per-page indexes."""
+"""The in-memory transaction log, kept as columns.
+
+A delta is a row of a few typed columns (page, page size, epoch, timestamp, source,
+payload place and encoding) and its payload sits in an append-only byte arena: a
+contiguous write as one run (its start and its bytes), other sparse writes as their
+positions and values, dense writes as the page's bytes. LSNs and delta ids are implied
+by the row where they run in step, so they cost nothing until a structural record or
+an out-of-order id breaks the step. Structural records (page creation, deletion,
+resize, clone, migration, metadata, edges, compaction markers) are rare and stay as
+objects; page creations that follow each other are kept as one run. A :class:`Delta`
+object is built only when someone asks for one (``log.deltas[i]``, ``log.records``),
+and every one built is a fresh, immutable copy of what the log holds.
+
+Per-page indexes are arrays of row numbers, so a page's history is found without a
+scan. Memory per logged small write: 39 bytes of columns, 4 of page index, the
+payload (4 bytes of run start plus the changed bytes for a contiguous write).
+"""
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import cast, overload
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, overload
+
+import numpy as np
 
 from .delta import Delta
-from .records import AnyRecord, Compacted
+from .records import AnyRecord, Compacted, PageCreate
 
-__all__ = ["TransactionLog", "DeltaView"]
+__all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas"]
 
 Sink = Callable[[AnyRecord], None]
 
+# Payload encodings (the ``enc`` column).
+ENC_RUN = 0
+"""Sparse, one contiguous run: u32 start, then the values."""
+ENC_POS16 = 1
+"""Sparse: u16 positions, then the values (pages of at most 65,536 bytes)."""
+ENC_POS32 = 2
+"""Sparse: u32 positions, then the values."""
+ENC_FULL = 3
+"""Dense, every byte written: the page's bytes."""
+ENC_EXACT = 4
+"""Dense: the page's whole content after the delta, then the mask as packed bits."""
+ENC_MASKED = 5
+"""Dense from a mask: full-length bytes (zero outside the mask), then packed bits."""
+
+_CHUNK = 1 << 20
+"""Payload arena chunk; a payload over a quarter of it gets a chunk of its own."""
+_NO_SOURCE = 0xFFFF
+
+
+class _Steps:
+    """A map row → value that rises by one per row, except at recorded breaks: the
+    LSNs and the delta ids of the delta rows. O(1) to extend, O(log breaks) to read."""
+
+    __slots__ = ("rows", "vals")
+
+    def __init__(self) -> None:
+        self.rows = array("q")
+        self.vals = array("q")
+
+    def at(self, row: int) -> int:
+        j = bisect.bisect_right(self.rows, row) - 1
+        return self.vals[j] + row - self.rows[j]
+
+    def push(self, row: int, value: int) -> None:
+        """Record that ``row`` has ``value`` (a break only if the step does not give it)."""
+        if row and self.at(row - 1) + 1 == value:
+            return
+        self.rows.append(row)
+        self.vals.append(value)
+
+    def find(self, value: int) -> int:
+        """Number of rows whose value is ≤ ``value`` (values increase with rows)."""
+        j = bisect.bisect_right(self.vals, value) - 1
+        if j < 0:
+            return 0
+        end = self.rows[j + 1] if j + 1 < len(self.rows) else None
+        k = self.rows[j] + value - self.vals[j] + 1
+        return k if end is None or k < end else end
+
+    def shifted(self, k: int, n: int) -> _Steps:
+        """The map of rows ``k … n-1`` renumbered from 0."""
+        out = _Steps()
+        if k >= n:
+            return out
+        out.rows.append(0)
+        out.vals.append(self.at(k))
+        j = bisect.bisect_right(self.rows, k)
+        for r, v in zip(self.rows[j:], self.vals[j:], strict=True):
+            if r < n:
+                out.rows.append(r - k)
+                out.vals.append(v)
+        return out
+
+    def nbytes(self) -> int:
+        return 16 * len(self.rows)
+
+
+class _CreateRun:
+    """Single-page creations that followed each other (consecutive ids and LSNs, one
+    size and location, no metadata): one object instead of one per page."""
+
+    __slots__ = ("first_id", "size", "location", "lsn", "timestamp", "offsets")
+
+    def __init__(self, rec: PageCreate) -> None:
+        self.first_id = rec.first_id
+        self.size = rec.size
+        self.location = rec.location
+        self.lsn = rec.lsn
+        self.timestamp = rec.timestamp
+        self.offsets = array("I", [0])
+        """Nanoseconds of each creation after the first."""
+
+    @property
+    def count(self) -> int:
+        return len(self.offsets)
+
+    def take(self, rec: AnyRecord) -> bool:
+        """Absorb ``rec`` if it is the next creation of this run."""
+        if (type(rec) is not PageCreate or rec.count != 1 or rec.metadata
+                or rec.size != self.size or rec.location != self.location):
+            return False
+        n = len(self.offsets)
+        off = rec.timestamp - self.timestamp
+        if rec.first_id != self.first_id + n or rec.lsn != self.lsn + n or not 0 <= off < 1 << 32:
+            return False
+        self.offsets.append(off)
+        return True
+
+    def record(self, k: int) -> PageCreate:
+        return PageCreate(self.first_id + k, 1, self.size, self.location, None,
+                          lsn=self.lsn + k, timestamp=self.timestamp + self.offsets[k])
+
+    def records(self) -> list[AnyRecord]:
+        return [self.record(k) for k in range(len(self.offsets))]
+
 
 class TransactionLog:
-    """All records of a state, in log order.
+    """All retained records of a state, in LSN order, as columns.
 
-    ``records`` holds every record; ``deltas`` only the deltas (the seed's TLog);
-    ``by_page`` maps page id → its deltas in order. Appending is O(1).
+    ``deltas`` (the seed's TLog), ``records`` (everything) and ``by_page`` are read-only
+    views that build :class:`Delta` objects on demand. Appending a delta is O(its
+    payload); reading one is O(log breaks + its payload).
     """
 
     def __init__(self) -> None:
-        self.records: list[AnyRecord] = []
-        self.deltas: list[Delta] = []
-        self.by_page: dict[int, list[Delta]] = {}
         self.next_lsn = 1
         self.last_timestamp = 0
         self.horizon_lsn = 0
@@ -36,12 +158,69 @@ class TransactionLog:
         """Called with each new record before it is kept (the write-ahead log)."""
         self.sink_many: Callable[[list[AnyRecord]], None] | None = None
         """Called with a batch's records in one go (group commit), when set."""
+        self._clear()
 
+    def _clear(self) -> None:
+        # delta rows
+        self.page = array("i")
+        self.psize = array("I")
+        self.epoch = array("q")
+        self.ts = array("q")
+        self.enc = array("B")
+        self.src = array("H")
+        self.poff = array("q")
+        self.plen = array("I")
+        self.lsns = _Steps()
+        self.ids = _Steps()
+        self.bases: dict[int, int] = {}
+        """row → base epoch, where it is not epoch − 1 (merged deltas)."""
+        self.rare_sources: dict[int, str] = {}
+        self.sources: list[str] = []
+        self.source_ids: dict[str, int] = {}
+        self.index: dict[int, array[int]] = {}
+        """page id → its delta rows, ascending."""
+        self.chunks: list[np.ndarray | None] = []
+        self.cur = -1
+        """The shared chunk small payloads go to (-1: none yet)."""
+        self.tail = _CHUNK
+        # structural records, by first LSN
+        self.structs: list[AnyRecord | _CreateRun] = []
+        self.struct_lsn = array("q")
+        self.struct_before = array("q")
+        """Records the structural entries before each one stand for."""
+        self.struct_count = 0
+        """Records the structural entries stand for (a creation run counts its pages)."""
+        self.payload_bytes = 0
+
+    # -- sizes and counters ----------------------------------------------------------
     @property
     def last_lsn(self) -> int:
         """LSN of the newest record; 0 when the log is empty."""
         return self.next_lsn - 1
 
+    @property
+    def delta_count(self) -> int:
+        return len(self.page)
+
+    @property
+    def record_count(self) -> int:
+        return len(self.page) + self.struct_count
+
+    @property
+    def bytes_logged(self) -> int:
+        """Payload bytes of the retained deltas. O(1)."""
+        return self.payload_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the log's columns, indexes and payload chunks hold. O(pages)."""
+        cols = sum(a.itemsize * len(a) for a in (self.page, self.psize, self.epoch, self.ts,
+                                                 self.enc, self.src, self.poff, self.plen))
+        idx = sum(a.itemsize * len(a) for a in self.index.values())
+        chunks = sum(c.nbytes for c in self.chunks if c is not None)
+        return cols + idx + chunks + self.lsns.nbytes() + self.ids.nbytes()
+
+    # -- stamping --------------------------------------------------------------------
     def stamp(self, rec: AnyRecord) -> None:
         """Give ``rec`` the next LSN and a timestamp that never decreases. O(1)."""
         rec.lsn = self.next_lsn
@@ -50,8 +229,23 @@ class TransactionLog:
             ts = self.last_timestamp
         rec.timestamp = ts
 
+    def _next_stamp(self) -> tuple[int, int]:
+        ts = time.time_ns()
+        if ts < self.last_timestamp:
+            ts = self.last_timestamp
+        return self.next_lsn, ts
+
+    # -- appending -------------------------------------------------------------------
     def append(self, rec: AnyRecord) -> None:
-        """Stamp ``rec``, hand it to the sink (which may raise: then nothing changes), keep it."""
+        """Stamp ``rec``, hand it to the sink (which may raise: then nothing changes), keep
+        it. A delta is kept as a row and not stamped in place: the log holds a copy."""
+        if type(rec) is Delta:
+            lsn, ts = self._next_stamp()
+            d = rec.stamped(lsn, ts)
+            if self.sink is not None:
+                self.sink(d)
+            self.adopt(d)
+            return
         self.stamp(rec)
         if self.sink is not None:
             try:
@@ -62,28 +256,12 @@ class TransactionLog:
                 raise
         self.adopt(rec)
 
-    def append_delta(self, d: Delta) -> None:
-        """append() for a delta on a log without a sink: stamp and keep it. O(1)."""
-        lsn = self.next_lsn
-        ts = time.time_ns()
-        if ts < self.last_timestamp:
-            ts = self.last_timestamp
-        d.lsn = lsn
-        d.timestamp = ts
-        self.records.append(d)
-        self.deltas.append(d)
-        lst = self.by_page.get(d.page_id)
-        if lst is None:
-            self.by_page[d.page_id] = [d]
-        else:
-            lst.append(d)
-        self.next_lsn = lsn + 1
-        self.last_timestamp = ts
-
-    @property
-    def bytes_logged(self) -> int:
-        """Payload memory of the retained deltas. O(deltas)."""
-        return sum(d.nbytes for d in self.deltas)
+    def append_delta(self, d: Delta) -> tuple[int, int]:
+        """append() for a fresh delta on a log without a sink; returns its LSN and
+        timestamp. O(payload)."""
+        lsn, ts = self._next_stamp()
+        self._push_delta(d, lsn, ts)
+        return lsn, ts
 
     def append_held(self, records: list[AnyRecord]) -> None:
         """Keep records stamped earlier by a batch: the sink sees them in one call
@@ -95,96 +273,444 @@ class TransactionLog:
         elif self.sink is not None:
             for rec in records:
                 self.sink(rec)
-        if all(type(r) is Delta for r in records):
-            deltas = cast(list[Delta], records)
-            self.records.extend(deltas)
-            self.deltas.extend(deltas)
-            self._index(deltas)
-            last = records[-1]
-            self.next_lsn = last.lsn + 1
-            self.last_timestamp = last.timestamp
-            return
         for rec in records:
             self.adopt(rec)
 
     def adopt(self, rec: AnyRecord) -> None:
-        """Keep an already-stamped record (replay, recovery). O(1)."""
-        self.records.append(rec)
+        """Keep an already-stamped record (replay, recovery, batches). O(1) plus the
+        payload of a delta."""
+        if type(rec) is Delta:
+            self._push_delta(rec, rec.lsn, rec.timestamp)
+            return
         self.next_lsn = rec.lsn + 1
         self.last_timestamp = rec.timestamp
-        if isinstance(rec, Delta):
-            self.deltas.append(rec)
-            lst = self.by_page.get(rec.page_id)
-            if lst is None:
-                self.by_page[rec.page_id] = [rec]
-            else:
-                lst.append(rec)
-        elif isinstance(rec, Compacted):
+        if self.structs:
+            last = self.structs[-1]
+            # A delta in between would have taken an LSN: take() sees the gap.
+            if type(last) is _CreateRun and last.take(rec):
+                self.struct_count += 1
+                return
+        if type(rec) is PageCreate and rec.count == 1 and not rec.metadata:
+            self.structs.append(_CreateRun(rec))
+        else:
+            self.structs.append(rec)
+        self.struct_lsn.append(rec.lsn)
+        self.struct_before.append(self.struct_count)
+        self.struct_count += 1
+        if type(rec) is Compacted:
             self.horizon_lsn = rec.lsn
 
-    def _index(self, deltas: list[Delta]) -> None:
-        """Add deltas to the per-page index, in order. (append_delta and adopt inline
-        the same two lines: they are the hot paths.)"""
-        by_page = self.by_page
-        for d in deltas:
-            lst = by_page.get(d.page_id)
-            if lst is None:
-                by_page[d.page_id] = [d]
-            else:
-                lst.append(d)
+    def _source_id(self, source: str, row: int) -> int:
+        sid = self.source_ids.get(source)
+        if sid is None:
+            if len(self.sources) >= _NO_SOURCE:
+                self.rare_sources[row] = source
+                return _NO_SOURCE
+            sid = len(self.sources)
+            self.sources.append(source)
+            self.source_ids[source] = sid
+        return sid
 
-    def replace_all(self, records: list[AnyRecord]) -> None:
-        """Swap in a rewritten log (compression, trimming, restore). LSNs keep
-        increasing. O(records)."""
-        self.records = list(records)
-        self.deltas = [r for r in self.records if type(r) is Delta]
-        self.by_page = {}
-        self._index(self.deltas)
-        if self.records:
-            last = self.records[-1]
-            self.next_lsn = max(self.next_lsn, last.lsn + 1)
-            self.last_timestamp = max(self.last_timestamp, last.timestamp)
-        for rec in self.records:
-            if type(rec) is Compacted:
-                self.horizon_lsn = rec.lsn
+    def _room(self, n: int) -> tuple[np.ndarray, int, int]:
+        """A place for ``n`` payload bytes: (chunk, offset in it, encoded offset)."""
+        if n > _CHUNK >> 2:
+            buf = np.empty(n, np.uint8)
+            self.chunks.append(buf)
+            return buf, 0, (len(self.chunks) - 1) << 32
+        if self.cur < 0 or self.tail + n > _CHUNK:
+            self.chunks.append(np.empty(_CHUNK, np.uint8))
+            self.cur = len(self.chunks) - 1
+            self.tail = 0
+        ci = self.cur
+        chunk = self.chunks[ci]
+        assert chunk is not None
+        off = self.tail
+        self.tail = off + n
+        return chunk, off, (ci << 32) | off
+
+    def _push_delta(self, d: Delta, lsn: int, ts: int) -> None:
+        row = len(self.page)
+        size = d.page_size
+        idx = d._idx
+        if idx is not None:
+            vals = d._vals
+            n = len(vals)
+            first = int(idx[0]) if n else 0
+            if not n or int(idx[-1]) - first + 1 == n:
+                enc, head = ENC_RUN, 4
+            elif size <= 1 << 16:
+                enc, head = ENC_POS16, 2 * n
+            else:
+                enc, head = ENC_POS32, 4 * n
+            plen = head + n
+            chunk, off, poff = self._room(plen)
+            if enc == ENC_RUN:
+                chunk[off:off + 4] = np.frombuffer(first.to_bytes(4, "little"), np.uint8)
+            else:
+                chunk[off:off + head].view(np.uint16 if enc == ENC_POS16 else np.uint32)[:] = idx
+            chunk[off + head:off + plen] = vals
+        else:
+            data = d._data
+            if d._mask is None:
+                enc, plen = ENC_FULL, size
+            else:
+                enc = ENC_EXACT if d._exact else ENC_MASKED
+                plen = size + (size + 7) // 8
+            chunk, off, poff = self._room(plen)
+            chunk[off:off + size] = data
+            if d._mask is not None:
+                chunk[off + size:off + plen] = np.packbits(d._mask)
+        pid = d.page_id
+        self.page.append(pid)
+        self.psize.append(size)
+        self.epoch.append(d.epoch)
+        self.ts.append(ts)
+        self.enc.append(enc)
+        self.src.append(self._source_id(d.source, row))
+        self.poff.append(poff)
+        self.plen.append(plen)
+        self.lsns.push(row, lsn)
+        self.ids.push(row, d.id)
+        if d.base_epoch != d.epoch - 1:
+            self.bases[row] = d.base_epoch
+        rows = self.index.get(pid)
+        if rows is None:
+            self.index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        self.payload_bytes += plen
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
+
+    # -- reading ---------------------------------------------------------------------
+    def delta_at(self, row: int) -> Delta:
+        """The delta of ``row`` as a fresh, immutable object. O(log breaks + payload)."""
+        enc = self.enc[row]
+        size = self.psize[row]
+        poff = self.poff[row]
+        plen = self.plen[row]
+        chunk = self.chunks[poff >> 32]
+        assert chunk is not None
+        off = poff & 0xFFFFFFFF
+        raw = chunk[off:off + plen]
+        idx = vals = data = mask = None
+        if enc == ENC_RUN:
+            first = int.from_bytes(raw[:4].tobytes(), "little")
+            vals = raw[4:].copy()
+            idx = np.arange(first, first + len(vals), dtype=np.intp)
+        elif enc == ENC_POS16 or enc == ENC_POS32:
+            w = 2 if enc == ENC_POS16 else 4
+            n = plen // (w + 1)
+            idx = raw[:w * n].view(np.uint16 if w == 2 else np.uint32).astype(np.intp)
+            vals = raw[w * n:].copy()
+        elif enc == ENC_FULL:
+            data = raw.copy() if plen <= _CHUNK >> 2 else raw
+        else:
+            data = raw[:size].copy() if plen <= _CHUNK >> 2 else raw[:size]
+            mask = np.unpackbits(raw[size:], count=size).astype(bool)
+        if data is not None:
+            data.flags.writeable = False
+        epoch = self.epoch[row]
+        sid = self.src[row]
+        source = self.rare_sources[row] if sid == _NO_SOURCE else self.sources[sid]
+        return Delta(self.ids.at(row), self.page[row], self.bases.get(row, epoch - 1), epoch,
+                     source, size, idx, vals, data, mask, lsn=self.lsns.at(row),
+                     timestamp=self.ts[row], exact=enc == ENC_EXACT)
+
+    def row_lsn(self, row: int) -> int:
+        return self.lsns.at(row)
+
+    def rows_through(self, lsn: int) -> int:
+        """Number of delta rows with LSN ≤ ``lsn``. O(log breaks)."""
+        return min(self.lsns.find(lsn), len(self.page)) if len(self.page) else 0
+
+    def _structs_through(self, lsn: int) -> int:
+        """Structural records (creation runs counted page by page) with LSN ≤ ``lsn``.
+        O(log n)."""
+        j = bisect.bisect_right(self.struct_lsn, lsn)
+        if not j:
+            return 0
+        last = self.structs[j - 1]
+        own = min(last.count, lsn - last.lsn + 1) if type(last) is _CreateRun else 1
+        return self.struct_before[j - 1] + own
 
     def index_after_lsn(self, lsn: int) -> int:
-        """Number of records with LSN ≤ ``lsn``. O(log n)."""
-        return bisect.bisect_right(self.records, lsn, key=lambda r: r.lsn)
+        """Number of records with LSN ≤ ``lsn``. O(log n) (plus creation runs)."""
+        return self.rows_through(lsn) + self._structs_through(lsn)
+
+    def iter_records(self, start: int = 0, stop: int | None = None) -> Iterator[AnyRecord]:
+        """Records with ``start`` < LSN ≤ ``stop`` (all by default), in LSN order, built
+        on demand. O(records yielded)."""
+        hi = self.last_lsn if stop is None else stop
+        r = self.rows_through(start)
+        nr = self.rows_through(hi)
+        lsns = self.lsns
+
+        def structural() -> Iterator[AnyRecord]:
+            j = max(0, bisect.bisect_right(self.struct_lsn, start) - 1)
+            for s in self.structs[j:]:
+                if isinstance(s, _CreateRun):
+                    if s.lsn > hi:
+                        return
+                    for k in range(max(0, start + 1 - s.lsn), min(s.count, hi + 1 - s.lsn)):
+                        yield s.record(k)
+                elif s.lsn > hi:
+                    return
+                elif s.lsn > start:
+                    yield s
+
+        it = structural()
+        nxt = next(it, None)
+        while r < nr or nxt is not None:
+            if r < nr and (nxt is None or lsns.at(r) < nxt.lsn):
+                yield self.delta_at(r)
+                r += 1
+            else:
+                assert nxt is not None
+                yield nxt
+                nxt = next(it, None)
+
+    @property
+    def records(self) -> RecordView:
+        return RecordView(self)
+
+    @property
+    def deltas(self) -> DeltaView:
+        return DeltaView(self)
+
+    @property
+    def by_page(self) -> _ByPage:
+        return _ByPage(self)
+
+    def page_rows(self, page_id: int) -> np.ndarray:
+        """The delta rows of ``page_id``, ascending (a copy). O(its deltas)."""
+        rows = self.index.get(page_id)
+        return np.array(rows, np.int64) if rows is not None else np.zeros(0, np.int64)
 
     def index_after_time(self, ns: int) -> int:
         """Number of records with timestamp ≤ ``ns``. O(log n)."""
-        return bisect.bisect_right(self.records, ns, key=lambda r: r.timestamp)
+        view = self.records
+        return bisect.bisect_right(view, ns, key=lambda r: r.timestamp)
+
+    # -- rewriting -------------------------------------------------------------------
+    def replace_all(self, records: Iterable[AnyRecord]) -> None:
+        """Swap in a rewritten log (compression, restore). LSNs keep increasing.
+        O(records)."""
+        next_lsn, last_ts, horizon = self.next_lsn, self.last_timestamp, self.horizon_lsn
+        self._clear()
+        for rec in records:
+            self.adopt(rec)
+        self.next_lsn = max(next_lsn, self.next_lsn)
+        self.last_timestamp = max(last_ts, self.last_timestamp)
+        self.horizon_lsn = max(horizon, self.horizon_lsn)
+
+    def drop_through(self, lsn: int) -> list[int]:
+        """Forget the records with LSN ≤ ``lsn``; returns the pages whose deltas were
+        dropped. The kept rows are copied into fresh columns (so a memento taken
+        before stays valid). O(records)."""
+        n = len(self.page)
+        k = self.rows_through(lsn)
+        dropped_pages = sorted({int(p) for p in np.frombuffer(self.page, np.int32)[:k]}) if k else []
+        keep_structs: list[AnyRecord] = []
+        for s in self.structs:
+            if isinstance(s, _CreateRun):
+                for rec in s.records():
+                    if rec.lsn > lsn:
+                        keep_structs.append(rec)
+            elif s.lsn > lsn:
+                keep_structs.append(s)
+        old = {name: getattr(self, name) for name in ("page", "psize", "epoch", "ts", "enc", "src",
+                                                      "poff", "plen")}
+        lsns, ids, bases, rare = self.lsns, self.ids, self.bases, self.rare_sources
+        sources, source_ids, chunks = self.sources, self.source_ids, self.chunks
+        cur, tail = self.cur, self.tail
+        payload = sum(self.plen[k:]) if k else self.payload_bytes
+        self._clear()
+        for name, col in old.items():
+            setattr(self, name, col[k:])
+        self.lsns = lsns.shifted(k, n)
+        self.ids = ids.shifted(k, n)
+        self.bases = {r - k: b for r, b in bases.items() if r >= k}
+        self.rare_sources = {r - k: s for r, s in rare.items() if r >= k}
+        self.sources, self.source_ids, self.cur, self.tail = sources, source_ids, cur, tail
+        used = set((np.frombuffer(self.poff, np.int64) >> 32).tolist()) if len(self.poff) else set()
+        used.add(cur)
+        self.chunks = [c if i in used else None for i, c in enumerate(chunks)]
+        if len(self.page):
+            pages = np.frombuffer(self.page, np.int32)
+            order = np.argsort(pages, kind="stable")
+            bounds = np.flatnonzero(np.diff(pages[order])) + 1
+            for grp in np.split(order, bounds):
+                self.index[int(pages[grp[0]])] = array("I", grp.astype(np.uint32).tobytes())
+            del pages
+        self.payload_bytes = payload
+        counters = (self.next_lsn, self.last_timestamp, self.horizon_lsn)
+        for rec in keep_structs:
+            self.adopt(rec)
+        self.next_lsn, self.last_timestamp, self.horizon_lsn = counters
+        return dropped_pages
+
+    def memento(self) -> dict[str, Any]:
+        """Everything a rewrite (replace_all, drop_through) replaces, to undo it."""
+        return dict(self.__dict__)
+
+    def restore_memento(self, saved: dict[str, Any]) -> None:
+        self.__dict__.update(saved)
+
+    def forget_all(self, horizon: int) -> None:
+        """Retain nothing (logging disabled); LSNs keep moving."""
+        self._clear()
+        self.horizon_lsn = horizon
 
     def _check(self) -> None:
         """Assert LSNs strictly increase, timestamps never decrease, indexes agree."""
         prev_lsn, prev_ts = 0, 0
-        for rec in self.records:
+        count = 0
+        for rec in self.iter_records():
             assert rec.lsn > prev_lsn, f"LSN {rec.lsn} does not increase after {prev_lsn}"
             assert rec.timestamp >= prev_ts, f"timestamp decreases at LSN {rec.lsn}"
             prev_lsn, prev_ts = rec.lsn, rec.timestamp
-        assert [r for r in self.records if isinstance(r, Delta)] == self.deltas
-        assert sum(len(v) for v in self.by_page.values()) == len(self.deltas)
+            count += 1
+        assert count == self.record_count, f"{count} records, {self.record_count} counted"
+        assert sum(len(v) for v in self.index.values()) == len(self.page)
+        for pid, rows in self.index.items():
+            assert all(self.page[r] == pid for r in rows), f"index of page {pid} is off"
+        cols = (self.psize, self.epoch, self.ts, self.enc, self.src, self.poff, self.plen)
+        assert all(len(c) == len(self.page) for c in cols)
 
 
-class DeltaView(Sequence[Delta]):
-    """``state.tlog``: the retained deltas in log order, as a read-only sequence."""
+class RecordView(Sequence[AnyRecord]):
+    """Every retained record in LSN order, read-only, each built on demand."""
 
     def __init__(self, log: TransactionLog) -> None:
         self._log = log
 
     def __len__(self) -> int:
-        return len(self._log.deltas)
+        return self._log.record_count
+
+    def __iter__(self) -> Iterator[AnyRecord]:
+        return self._log.iter_records()
+
+    @overload
+    def __getitem__(self, i: int) -> AnyRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[AnyRecord]: ...
+    def __getitem__(self, i: int | slice) -> AnyRecord | list[AnyRecord]:
+        n = len(self)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(n)
+            if step != 1:
+                return list(self)[i]
+            if start >= stop:
+                return []
+            lo = self._lsn_of_index(start) - 1
+            hi = self._lsn_of_index(stop - 1)
+            return list(self._log.iter_records(lo, hi))
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("record index out of range")
+        lsn = self._lsn_of_index(i)
+        return next(self._log.iter_records(lsn - 1, lsn))
+
+    def _lsn_of_index(self, i: int) -> int:
+        """LSN of the ``i``-th retained record (0-based). O(log n · log n)."""
+        log = self._log
+        lo, hi = 0, log.last_lsn
+        # smallest LSN x with index_after_lsn(x) > i
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if log.index_after_lsn(mid) > i:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def __bool__(self) -> bool:
+        return self._log.record_count > 0
+
+
+class DeltaView(Sequence[Delta]):
+    """``state.tlog``: the retained deltas in log order, as a read-only sequence of
+    fresh :class:`Delta` objects built on demand."""
+
+    def __init__(self, log: TransactionLog) -> None:
+        self._log = log
+
+    def __len__(self) -> int:
+        return len(self._log.page)
 
     @overload
     def __getitem__(self, i: int) -> Delta: ...
     @overload
     def __getitem__(self, i: slice) -> list[Delta]: ...
     def __getitem__(self, i: int | slice) -> Delta | list[Delta]:
-        return self._log.deltas[i]
+        n = len(self)
+        if isinstance(i, slice):
+            return [self._log.delta_at(r) for r in range(*i.indices(n))]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("delta index out of range")
+        return self._log.delta_at(i)
 
     def __iter__(self) -> Iterator[Delta]:
-        return iter(list(self._log.deltas))
+        log = self._log
+        return (log.delta_at(r) for r in range(len(log.page)))
 
     def __repr__(self) -> str:
         return f"<TLog {len(self)} deltas, last LSN {self._log.last_lsn}>"
+
+
+class PageDeltas(Sequence[Delta]):
+    """One page's retained deltas in log order, built on demand."""
+
+    def __init__(self, log: TransactionLog, rows: array[int]) -> None:
+        self._log = log
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, i: int) -> Delta: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Delta]: ...
+    def __getitem__(self, i: int | slice) -> Delta | list[Delta]:
+        if isinstance(i, slice):
+            return [self._log.delta_at(r) for r in self._rows[i]]
+        return self._log.delta_at(self._rows[i])
+
+    def __iter__(self) -> Iterator[Delta]:
+        log = self._log
+        return (log.delta_at(r) for r in list(self._rows))
+
+
+class _ByPage:
+    """``log.by_page``: page id → :class:`PageDeltas` (a read-only mapping)."""
+
+    def __init__(self, log: TransactionLog) -> None:
+        self._log = log
+
+    def get(self, page_id: int, default: Any = None) -> Any:
+        rows = self._log.index.get(page_id)
+        return default if rows is None else PageDeltas(self._log, rows)
+
+    def __getitem__(self, page_id: int) -> PageDeltas:
+        return PageDeltas(self._log, self._log.index[page_id])
+
+    def __contains__(self, page_id: object) -> bool:
+        return page_id in self._log.index
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._log.index))
+
+    def __len__(self) -> int:
+        return len(self._log.index)
+
+    def items(self) -> Iterator[tuple[int, PageDeltas]]:
+        log = self._log
+        return ((pid, PageDeltas(log, rows)) for pid, rows in list(log.index.items()))
+
+    def keys(self) -> list[int]:
+        return list(self._log.index)

@@ -264,9 +264,7 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
              np.array([e[1] for e in edges], "<i8").data,
              np.array([int(e[2]) for e in edges], "u1").data]
     _write_section(f, b"GRPH", lambda: graph, cctx)
-    records = log.records
-    if from_lsn:
-        records = records[log.index_after_lsn(from_lsn):]
+    records = list(log.iter_records(from_lsn))
     _write_section(f, b"TLOG", lambda: _log_chunks(records), cctx)
     _write_section(f, b"BASE", lambda: [base] if base else [], cctx)
     before_footer = f.tell()
