@@ -33,7 +33,7 @@ from ..errors import (
     StateClosedError,
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
-from .arena import CHUNK_SHIFT, Arena
+from .arena import CHUNK_MASK, CHUNK_SHIFT, Arena
 from .delta import (
     Delta,
     apply_delta,
@@ -43,6 +43,7 @@ from .delta import (
 )
 from .events import EventBus
 from .graph import ShadowPageGraph
+from .kernels import SMALL_WRITE
 from .limits import MAX_PAGE_ID, MAX_PAGE_SIZE
 from .log import DeltaView, TransactionLog
 from .monitor import Counters
@@ -491,7 +492,7 @@ class MMSBState:
         if k == 0 and log.horizon_lsn >= lsn:
             return
         rows = log.rows_through(lsn)
-        self.fold_masks({int(log.page[r]) for r in range(rows)}, lsn)
+        self.fold_masks(set(log.rows["page"][:rows].tolist()), lsn)
         if k:
             log.horizon_timestamp = log.records[k - 1].timestamp
         log.drop_through(lsn)
@@ -782,7 +783,8 @@ class MMSBState:
         Cost: O(bytes written) to compare, O(changed bytes) to keep and apply.
         """
         t0 = time.perf_counter_ns()
-        if type(data) is np.ndarray and data.dtype == np.uint8 and data.ndim == 1:
+        tp = type(data)
+        if tp is bytes or (tp is np.ndarray and data.dtype == np.uint8 and data.ndim == 1):
             new = data
         else:
             new = as_bytes_array(data)
@@ -794,7 +796,6 @@ class MMSBState:
             else:
                 pid = self.require_page(page_id, "update_page" if whole else "write_page")
             size = t.size.item(pid)
-            view = self.arena.view(t.addr.item(pid), size)
             n_new = len(new)
             if whole:
                 if n_new != size:
@@ -814,6 +815,25 @@ class MMSBState:
                         f"(size {size})", page_id=pid)
             if type(source) is not str or source not in _GOOD_SOURCES:
                 check_source(source)
+            addr = t.addr.item(pid)
+            if (n_new <= SMALL_WRITE and self.batch_frame is None and self.log.sink is None
+                    and self.config.enable_logging):
+                epoch = t.epoch.item(pid) + 1
+                mem = self.arena.chunk(addr >> CHUNK_SHIFT)
+                assert mem is not None
+                lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, off, new, pid, epoch,
+                                           self.next_delta_id, source)
+                if lsn == 0:
+                    return False
+                if lsn > 0:
+                    did = self.next_delta_id
+                    self.next_delta_id = did + 1
+                    t.epoch[pid] = epoch
+                    self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+                    return True
+            view = self.arena.view(addr, size)
+            if tp is bytes:
+                new = np.frombuffer(new, np.uint8)
             if n_new > 1 << 16 and len(self._scratch) < n_new:
                 self._scratch = np.empty(n_new, np.uint8)
             d = diff_write(self.next_delta_id, pid, t.epoch.item(pid), view, off, new, source,
@@ -877,10 +897,15 @@ class MMSBState:
 
     def after_delta(self, d: Delta, t0: int, lsn: int) -> None:
         """Counters, events and propagation after a delta was logged and applied."""
-        pid = d.page_id
+        self.after_write(d.page_id, d.epoch, d.id, lsn, t0,
+                         (d._vals if d._idx is not None else d._data).size)
+
+    def after_write(self, pid: int, epoch: int, did: int, lsn: int, t0: int,
+                    changed: int) -> None:
+        """after_delta() from the delta's parts: ``changed`` payload bytes."""
         if self.events.active:
-            self.emit(EventType.DELTA_APPLIED, pid, d.epoch, d.id, lsn)
-            self.emit(EventType.PAGE_CHANGED, pid, d.epoch, d.id)
+            self.emit(EventType.DELTA_APPLIED, pid, epoch, did, lsn)
+            self.emit(EventType.PAGE_CHANGED, pid, epoch, did)
         if pid in self.graph.children and not self.propagating:
             if self.batch_depth or self.propagation_mode is not PropagationMode.IMMEDIATE:
                 self.pending.add(pid)
@@ -889,8 +914,8 @@ class MMSBState:
         c = self.counters
         c.delta_apply.add(time.perf_counter_ns() - t0)
         c.records_logged += 1
-        c.payload_bytes_logged += (d._vals if d._idx is not None else d._data).size
-        if len(self.log.deltas) > self._compress_at and not self.propagating \
+        c.payload_bytes_logged += changed
+        if self.log.n > self._compress_at and not self.propagating \
                 and not self.batch_depth:
             self.auto_compress()
 

@@ -27,6 +27,7 @@ from typing import Any, overload
 import numpy as np
 
 from .delta import Delta
+from .kernels import ROW_DTYPE, write_small
 from .records import AnyRecord, Compacted, PageCreate
 
 __all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas"]
@@ -56,22 +57,25 @@ class _Steps:
     """A map row → value that rises by one per row, except at recorded breaks: the
     LSNs and the delta ids of the delta rows. O(1) to extend, O(log breaks) to read."""
 
-    __slots__ = ("rows", "vals")
+    __slots__ = ("rows", "vals", "last")
 
     def __init__(self) -> None:
         self.rows = array("q")
         self.vals = array("q")
+        self.last = -2
+        """Value of the newest row (-2: none)."""
 
     def at(self, row: int) -> int:
         j = bisect.bisect_right(self.rows, row) - 1
         return self.vals[j] + row - self.rows[j]
 
     def push(self, row: int, value: int) -> None:
-        """Record that ``row`` has ``value`` (a break only if the step does not give it)."""
-        if row and self.at(row - 1) + 1 == value:
-            return
-        self.rows.append(row)
-        self.vals.append(value)
+        """Record that the new ``row`` has ``value`` (a break only where the step does
+        not give it). O(1)."""
+        if value != self.last + 1 or not row:
+            self.rows.append(row)
+            self.vals.append(value)
+        self.last = value
 
     def find(self, value: int) -> int:
         """Number of rows whose value is ≤ ``value`` (values increase with rows)."""
@@ -94,6 +98,7 @@ class _Steps:
             if r < n:
                 out.rows.append(r - k)
                 out.vals.append(v)
+        out.last = self.at(n - 1)
         return out
 
     def nbytes(self) -> int:
@@ -162,14 +167,9 @@ class TransactionLog:
 
     def _clear(self) -> None:
         # delta rows
-        self.page = array("i")
-        self.psize = array("I")
-        self.epoch = array("q")
-        self.ts = array("q")
-        self.enc = array("B")
-        self.src = array("H")
-        self.poff = array("q")
-        self.plen = array("I")
+        self.rows = np.empty(1024, ROW_DTYPE)
+        """Delta rows ``0 … n-1`` (capacity grows by doubling)."""
+        self.n = 0
         self.lsns = _Steps()
         self.ids = _Steps()
         self.bases: dict[int, int] = {}
@@ -179,9 +179,10 @@ class TransactionLog:
         self.source_ids: dict[str, int] = {}
         self.index: dict[int, array[int]] = {}
         """page id → its delta rows, ascending."""
-        self.chunks: list[np.ndarray | None] = []
+        self.chunks: list[memoryview | None] = []
         self.cur = -1
         """The shared chunk small payloads go to (-1: none yet)."""
+        self.cur_array = np.zeros(0, np.uint8)
         self.tail = _CHUNK
         # structural records, by first LSN
         self.structs: list[AnyRecord | _CreateRun] = []
@@ -191,6 +192,8 @@ class TransactionLog:
         self.struct_count = 0
         """Records the structural entries stand for (a creation run counts its pages)."""
         self.payload_bytes = 0
+        self.last_changed = 0
+        """Bytes the last write_small() changed."""
 
     # -- sizes and counters ----------------------------------------------------------
     @property
@@ -200,11 +203,11 @@ class TransactionLog:
 
     @property
     def delta_count(self) -> int:
-        return len(self.page)
+        return self.n
 
     @property
     def record_count(self) -> int:
-        return len(self.page) + self.struct_count
+        return self.n + self.struct_count
 
     @property
     def bytes_logged(self) -> int:
@@ -214,8 +217,7 @@ class TransactionLog:
     @property
     def nbytes(self) -> int:
         """Memory the log's columns, indexes and payload chunks hold. O(pages)."""
-        cols = sum(a.itemsize * len(a) for a in (self.page, self.psize, self.epoch, self.ts,
-                                                 self.enc, self.src, self.poff, self.plen))
+        cols = ROW_DTYPE.itemsize * self.n
         idx = sum(a.itemsize * len(a) for a in self.index.values())
         chunks = sum(c.nbytes for c in self.chunks if c is not None)
         return cols + idx + chunks + self.lsns.nbytes() + self.ids.nbytes()
@@ -300,6 +302,70 @@ class TransactionLog:
         if type(rec) is Compacted:
             self.horizon_lsn = rec.lsn
 
+    def _new_chunk(self) -> None:
+        buf = memoryview(bytearray(_CHUNK))
+        self.chunks.append(buf)
+        self.cur = len(self.chunks) - 1
+        self.cur_array = np.frombuffer(buf, np.uint8)
+        self.tail = 0
+
+    def write_small(self, mem: np.ndarray, base: int, size: int, off: int,
+                    new: bytes | np.ndarray, pid: int, epoch: int, delta_id: int,
+                    source: str) -> int:
+        """Log and apply the write of ``new`` at ``off`` of the page of ``size`` bytes at
+        ``mem[base:]`` as one sparse delta to ``epoch``, in one compiled pass. For a log
+        without a sink. Returns the delta's LSN; 0 when no byte differs (nothing logged
+        or written), -1 when the write is dense (nothing logged or written: the caller
+        builds the delta). O(len(new))."""
+        row = self.n
+        if row == len(self.rows):
+            self._grow()
+        if self.cur < 0:
+            self._new_chunk()
+        ts = time.time_ns()
+        if ts < self.last_timestamp:
+            ts = self.last_timestamp
+        lsn = self.next_lsn
+        src = self.source_ids.get(source)
+        if src is None:
+            src = self._source_id(source, row)
+        while True:
+            tail = self.tail
+            n, plen = write_small(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
+                                  _CHUNK - tail, pid, epoch, ts, src, (self.cur << 32) | tail)
+            if n != -2:
+                break
+            self._new_chunk()
+        if n <= 0:
+            return n
+        self.last_changed = n
+        self.tail = tail + plen
+        self.n = row + 1
+        lsns = self.lsns
+        if lsn == lsns.last + 1 and row:
+            lsns.last = lsn
+        else:
+            lsns.push(row, lsn)
+        ids = self.ids
+        if delta_id == ids.last + 1 and row:
+            ids.last = delta_id
+        else:
+            ids.push(row, delta_id)
+        rows = self.index.get(pid)
+        if rows is None:
+            self.index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        self.payload_bytes += plen
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
+        return lsn
+
+    def _grow(self) -> None:
+        rows = np.empty(2 * len(self.rows), ROW_DTYPE)
+        rows[: self.n] = self.rows[: self.n]
+        self.rows = rows
+
     def _source_id(self, source: str, row: int) -> int:
         sid = self.source_ids.get(source)
         if sid is None:
@@ -311,16 +377,15 @@ class TransactionLog:
             self.source_ids[source] = sid
         return sid
 
-    def _room(self, n: int) -> tuple[np.ndarray, int, int]:
-        """A place for ``n`` payload bytes: (chunk, offset in it, encoded offset)."""
+    def _room(self, n: int) -> tuple[memoryview, int, int]:
+        """A place for ``n`` payload bytes: (chunk, offset in it, encoded offset).
+        Chunks never grow or move, so views of them stay valid."""
         if n > _CHUNK >> 2:
-            buf = np.empty(n, np.uint8)
+            buf = memoryview(bytearray(n))
             self.chunks.append(buf)
             return buf, 0, (len(self.chunks) - 1) << 32
         if self.cur < 0 or self.tail + n > _CHUNK:
-            self.chunks.append(np.empty(_CHUNK, np.uint8))
-            self.cur = len(self.chunks) - 1
-            self.tail = 0
+            self._new_chunk()
         ci = self.cur
         chunk = self.chunks[ci]
         assert chunk is not None
@@ -329,7 +394,9 @@ class TransactionLog:
         return chunk, off, (ci << 32) | off
 
     def _push_delta(self, d: Delta, lsn: int, ts: int) -> None:
-        row = len(self.page)
+        row = self.n
+        if row == len(self.rows):
+            self._grow()
         size = d.page_size
         idx = d._idx
         if idx is not None:
@@ -345,9 +412,9 @@ class TransactionLog:
             plen = head + n
             chunk, off, poff = self._room(plen)
             if enc == ENC_RUN:
-                chunk[off:off + 4] = np.frombuffer(first.to_bytes(4, "little"), np.uint8)
+                chunk[off:off + 4] = first.to_bytes(4, "little")
             else:
-                chunk[off:off + head].view(np.uint16 if enc == ENC_POS16 else np.uint32)[:] = idx
+                chunk[off:off + head] = idx.astype(np.uint16 if enc == ENC_POS16 else np.uint32).view(np.uint8)
             chunk[off + head:off + plen] = vals
         else:
             data = d._data
@@ -359,16 +426,10 @@ class TransactionLog:
             chunk, off, poff = self._room(plen)
             chunk[off:off + size] = data
             if d._mask is not None:
-                chunk[off + size:off + plen] = np.packbits(d._mask)
+                chunk[off + size:off + plen] = np.packbits(d._mask).data
         pid = d.page_id
-        self.page.append(pid)
-        self.psize.append(size)
-        self.epoch.append(d.epoch)
-        self.ts.append(ts)
-        self.enc.append(enc)
-        self.src.append(self._source_id(d.source, row))
-        self.poff.append(poff)
-        self.plen.append(plen)
+        self.rows[row] = (pid, size, plen, self._source_id(d.source, row), enc, d.epoch, ts, poff)
+        self.n = row + 1
         self.lsns.push(row, lsn)
         self.ids.push(row, d.id)
         if d.base_epoch != d.epoch - 1:
@@ -385,14 +446,11 @@ class TransactionLog:
     # -- reading ---------------------------------------------------------------------
     def delta_at(self, row: int) -> Delta:
         """The delta of ``row`` as a fresh, immutable object. O(log breaks + payload)."""
-        enc = self.enc[row]
-        size = self.psize[row]
-        poff = self.poff[row]
-        plen = self.plen[row]
+        pid, size, plen, sid, enc, epoch, ts, poff = self.rows[row].item()
         chunk = self.chunks[poff >> 32]
         assert chunk is not None
         off = poff & 0xFFFFFFFF
-        raw = chunk[off:off + plen]
+        raw = np.frombuffer(chunk, np.uint8, plen, off)
         idx = vals = data = mask = None
         if enc == ENC_RUN:
             first = int.from_bytes(raw[:4].tobytes(), "little")
@@ -410,19 +468,17 @@ class TransactionLog:
             mask = np.unpackbits(raw[size:], count=size).astype(bool)
         if data is not None:
             data.flags.writeable = False
-        epoch = self.epoch[row]
-        sid = self.src[row]
         source = self.rare_sources[row] if sid == _NO_SOURCE else self.sources[sid]
-        return Delta(self.ids.at(row), self.page[row], self.bases.get(row, epoch - 1), epoch,
+        return Delta(self.ids.at(row), pid, self.bases.get(row, epoch - 1), epoch,
                      source, size, idx, vals, data, mask, lsn=self.lsns.at(row),
-                     timestamp=self.ts[row], exact=enc == ENC_EXACT)
+                     timestamp=ts, exact=enc == ENC_EXACT)
 
     def row_lsn(self, row: int) -> int:
         return self.lsns.at(row)
 
     def rows_through(self, lsn: int) -> int:
         """Number of delta rows with LSN ≤ ``lsn``. O(log breaks)."""
-        return min(self.lsns.find(lsn), len(self.page)) if len(self.page) else 0
+        return min(self.lsns.find(lsn), self.n) if self.n else 0
 
     def _structs_through(self, lsn: int) -> int:
         """Structural records (creation runs counted page by page) with LSN ≤ ``lsn``.
@@ -508,9 +564,9 @@ class TransactionLog:
         """Forget the records with LSN ≤ ``lsn``; returns the pages whose deltas were
         dropped. The kept rows are copied into fresh columns (so a memento taken
         before stays valid). O(records)."""
-        n = len(self.page)
+        n = self.n
         k = self.rows_through(lsn)
-        dropped_pages = sorted({int(p) for p in np.frombuffer(self.page, np.int32)[:k]}) if k else []
+        dropped_pages = sorted(set(self.rows["page"][:k].tolist())) if k else []
         keep_structs: list[AnyRecord] = []
         for s in self.structs:
             if isinstance(s, _CreateRun):
@@ -519,30 +575,29 @@ class TransactionLog:
                         keep_structs.append(rec)
             elif s.lsn > lsn:
                 keep_structs.append(s)
-        old = {name: getattr(self, name) for name in ("page", "psize", "epoch", "ts", "enc", "src",
-                                                      "poff", "plen")}
+        kept = self.rows[k:n].copy()
         lsns, ids, bases, rare = self.lsns, self.ids, self.bases, self.rare_sources
         sources, source_ids, chunks = self.sources, self.source_ids, self.chunks
-        cur, tail = self.cur, self.tail
-        payload = sum(self.plen[k:]) if k else self.payload_bytes
+        cur, tail, cur_array = self.cur, self.tail, self.cur_array
+        payload = int(kept["plen"].sum(dtype=np.int64)) if k else self.payload_bytes
         self._clear()
-        for name, col in old.items():
-            setattr(self, name, col[k:])
+        self.rows = kept if len(kept) else np.empty(1024, ROW_DTYPE)
+        self.n = n - k
         self.lsns = lsns.shifted(k, n)
         self.ids = ids.shifted(k, n)
         self.bases = {r - k: b for r, b in bases.items() if r >= k}
         self.rare_sources = {r - k: s for r, s in rare.items() if r >= k}
         self.sources, self.source_ids, self.cur, self.tail = sources, source_ids, cur, tail
-        used = set((np.frombuffer(self.poff, np.int64) >> 32).tolist()) if len(self.poff) else set()
+        self.cur_array = cur_array
+        used = set(np.unique(kept["poff"] >> 32).tolist())
         used.add(cur)
         self.chunks = [c if i in used else None for i, c in enumerate(chunks)]
-        if len(self.page):
-            pages = np.frombuffer(self.page, np.int32)
+        if self.n:
+            pages = kept["page"]
             order = np.argsort(pages, kind="stable")
             bounds = np.flatnonzero(np.diff(pages[order])) + 1
             for grp in np.split(order, bounds):
                 self.index[int(pages[grp[0]])] = array("I", grp.astype(np.uint32).tobytes())
-            del pages
         self.payload_bytes = payload
         counters = (self.next_lsn, self.last_timestamp, self.horizon_lsn)
         for rec in keep_structs:
@@ -572,11 +627,10 @@ class TransactionLog:
             prev_lsn, prev_ts = rec.lsn, rec.timestamp
             count += 1
         assert count == self.record_count, f"{count} records, {self.record_count} counted"
-        assert sum(len(v) for v in self.index.values()) == len(self.page)
+        assert sum(len(v) for v in self.index.values()) == self.n
+        pages = self.rows["page"]
         for pid, rows in self.index.items():
-            assert all(self.page[r] == pid for r in rows), f"index of page {pid} is off"
-        cols = (self.psize, self.epoch, self.ts, self.enc, self.src, self.poff, self.plen)
-        assert all(len(c) == len(self.page) for c in cols)
+            assert (pages[np.asarray(rows, np.int64)] == pid).all(), f"index of page {pid} is off"
 
 
 class RecordView(Sequence[AnyRecord]):
@@ -638,7 +692,7 @@ class DeltaView(Sequence[Delta]):
         self._log = log
 
     def __len__(self) -> int:
-        return len(self._log.page)
+        return self._log.n
 
     @overload
     def __getitem__(self, i: int) -> Delta: ...
@@ -656,7 +710,7 @@ class DeltaView(Sequence[Delta]):
 
     def __iter__(self) -> Iterator[Delta]:
         log = self._log
-        return (log.delta_at(r) for r in range(len(log.page)))
+        return (log.delta_at(r) for r in range(log.n))
 
     def __repr__(self) -> str:
         return f"<TLog {len(self)} deltas, last LSN {self._log.last_lsn}>"

@@ -1,0 +1,99 @@
+"""Compiled kernels for the hot paths that numpy alone cannot make short enough: each
+does in one pass what would otherwise take several numpy calls (compare, compact,
+encode, apply). One implementation per kernel; compiled once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["ROW_DTYPE", "write_small", "ENC_RUN", "ENC_POS16", "ENC_POS32", "SMALL_WRITE"]
+
+ROW_DTYPE = np.dtype([
+    ("page", np.int32), ("psize", np.uint32), ("plen", np.uint32), ("src", np.uint16),
+    ("enc", np.uint8), ("epoch", np.int64), ("ts", np.int64), ("poff", np.int64),
+], align=False)
+"""One logged delta: its page, the page's size, payload length, source, payload
+encoding, epoch after it, timestamp and payload place (39 bytes)."""
+
+ENC_RUN = 0
+ENC_POS16 = 1
+ENC_POS32 = 2
+
+SMALL_WRITE = 4096
+"""Writes up to this many bytes go through :func:`write_small`."""
+
+
+@njit(cache=True, nogil=True)
+def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np.ndarray,
+                rows: np.ndarray, row: int, chunk: np.ndarray, coff: int, room: int, pid: int,
+                epoch: int, ts: int, src: int, poff: int) -> tuple[int, int]:  # pragma: no cover
+    """Write ``new`` at ``off`` of the page of ``size`` bytes at ``mem[base:]`` as one
+    sparse delta, in one pass.
+
+    Counts the changed bytes; when there are some and they are at most a quarter of the
+    page, encodes them into ``chunk[coff:]`` (one run: u32 start and the values; else
+    u16 or u32 positions and the values), fills log row ``row`` and applies the bytes.
+    Returns ``(changed, payload length)``; changed is 0 when nothing differs (nothing
+    written), -1 when the write is dense (nothing written: the caller takes the dense
+    path), -2 when the payload needs more than ``room`` bytes (nothing written).
+    """
+    m = len(new)
+    page = mem[base:base + size]
+    n = 0
+    first = -1
+    last = -1
+    for i in range(m):
+        if page[off + i] != new[i]:
+            if first < 0:
+                first = i
+            last = i
+            n += 1
+    if n == 0:
+        return 0, 0
+    if n * 4 > size:
+        return -1, 0
+    if last - first + 1 == n:
+        enc = ENC_RUN
+        plen = 4 + n
+    elif size <= 65536:
+        enc = ENC_POS16
+        plen = 3 * n
+    else:
+        enc = ENC_POS32
+        plen = 5 * n
+    if plen > room:
+        return -2, plen
+    if enc == ENC_RUN:
+        start = off + first
+        chunk[coff] = start & 0xFF
+        chunk[coff + 1] = (start >> 8) & 0xFF
+        chunk[coff + 2] = (start >> 16) & 0xFF
+        chunk[coff + 3] = (start >> 24) & 0xFF
+        for k in range(n):
+            chunk[coff + 4 + k] = new[first + k]
+    else:
+        w = 2 if enc == ENC_POS16 else 4
+        v = coff + w * n
+        k = 0
+        for i in range(first, last + 1):
+            b = new[i]
+            if page[off + i] != b:
+                p = off + i
+                for j in range(w):
+                    chunk[coff + w * k + j] = (p >> (8 * j)) & 0xFF
+                chunk[v + k] = b
+                k += 1
+    for i in range(first, last + 1):
+        page[off + i] = new[i]
+    r = rows[row]
+    r.page = pid
+    r.psize = size
+    r.plen = plen
+    r.src = src
+    r.enc = enc
+    r.epoch = epoch
+    r.ts = ts
+    r.poff = poff
+    return n, plen
