@@ -12,8 +12,9 @@ import numpy as np
 from ..errors import InvalidArgumentError, InvalidDeltaError
 from ..types import EventType
 from .arena import CHUNK_SHIFT
-from .delta import Delta, as_bytes_array, sparse_enough
+from .delta import as_bytes_array, sparse_enough
 from .engine import MMSBState, check_source
+from .log import DeltaGroup
 
 __all__ = ["run_batch"]
 
@@ -144,29 +145,27 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     frame = state.batch_frame
     assert frame is not None
     first_id = state.next_delta_id
-    lo = bounds[changed].tolist()
-    hi = bounds[changed + 1].tolist()
-    lsn0, ts = frame.reserve(state.log, len(lo))
-    new_delta = Delta
-    deltas = [new_delta(first_id + k, p, e, e + 1, source, size, rel[a:b], vals[a:b], None, None,
-                        lsn0 + k, ts)
-              for k, (p, e, size, a, b) in enumerate(zip(cpids.tolist(), base.tolist(),
-                                                         sizes[changed].tolist(), lo, hi,
-                                                         strict=True))]
-    state.next_delta_id = first_id + len(deltas)
-    frame.records.extend(deltas)
+    ndeltas = len(changed)
+    lsn0, ts = frame.reserve(state.log, ndeltas)
+    group = DeltaGroup(cpids, sizes[changed], base, rel, vals,
+                       np.append(bounds[changed], bounds[nw]), lsn0, ts, first_id, source)
+    state.next_delta_id = first_id + ndeltas
+    if state.log.sink is None and state.config.enable_logging:
+        frame.records.append(group)
+    else:
+        frame.records.extend(group.deltas())
     frame.undo_scatter(c0, final_at, final_old, cpids, t.epoch[cpids].copy())
     chunk[final_at] = final_val
     state.counters.payload_bytes_logged += int(vals.size)
     np.maximum.at(t.epoch, cpids, base + 1)
     if state.events.active:
-        for d in deltas:
-            state.emit(EventType.DELTA_APPLIED, d.page_id, d.epoch, d.id, d.lsn)
-            state.emit(EventType.PAGE_CHANGED, d.page_id, d.epoch, d.id)
+        for k, (p, e) in enumerate(zip(cpids.tolist(), base.tolist(), strict=True)):
+            state.emit(EventType.DELTA_APPLIED, p, e + 1, first_id + k, lsn0 + k)
+            state.emit(EventType.PAGE_CHANGED, p, e + 1, first_id + k)
     children = state.graph.children
     if children:
         state.pending.update(p for p in set(cpids.tolist()) if p in children)
-    return len(deltas)
+    return ndeltas
 
 
 def run_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], source: str = "api") -> int:

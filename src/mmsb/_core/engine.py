@@ -45,7 +45,7 @@ from .events import EventBus
 from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_PAGE_ID, MAX_PAGE_SIZE
-from .log import DeltaView, TransactionLog
+from .log import DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import PageTable
 from .records import (
@@ -973,7 +973,8 @@ class MMSBState:
         c.log_append.add(0)
         if not self.config.enable_logging and frame.records:
             for rec in frame.records:
-                self._forget(rec, rec.lsn)
+                if not isinstance(rec, DeltaGroup):
+                    self._forget(rec, rec.lsn)
         if self.pending and self.propagation_mode is not PropagationMode.DEFERRED:
             pending = {p for p in self.pending if self.table.is_live(p)}
             self.pending.clear()
@@ -1114,7 +1115,7 @@ class _BatchFrame:
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
-        self.records: list[AnyRecord] = []
+        self.records: list[AnyRecord | DeltaGroup] = []
         self.undo: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
         self.scatters: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.next_lsn = state.log.next_lsn
@@ -1176,7 +1177,7 @@ class _BatchFrame:
                 view[idx] = old
             t.epoch[pid] = epoch
         for rec in self.records:
-            if type(rec) is not Delta:
+            if not isinstance(rec, Delta | DeltaGroup):
                 rec.lsn = 0
                 rec.timestamp = 0
         st.log.next_lsn = self.next_lsn

@@ -144,6 +144,42 @@ class _CreateRun:
         return [self.record(k) for k in range(len(self.offsets))]
 
 
+class DeltaGroup:
+    """Sparse deltas a batch made, held as columns until the batch commits: delta
+    ``k`` writes ``vals[bounds[k]:bounds[k+1]]`` at positions ``pos[...]`` of page
+    ``pages[k]`` (of ``sizes[k]`` bytes), from epoch ``bases[k]`` to ``bases[k] + 1``,
+    with LSN ``lsn + k`` and delta id ``first_id + k``, all at time ``ts``."""
+
+    __slots__ = ("pages", "sizes", "bases", "pos", "vals", "bounds", "lsn", "ts", "first_id",
+                 "source")
+
+    def __init__(self, pages: np.ndarray, sizes: np.ndarray, bases: np.ndarray, pos: np.ndarray,
+                 vals: np.ndarray, bounds: np.ndarray, lsn: int, ts: int, first_id: int,
+                 source: str) -> None:
+        self.pages = pages
+        self.sizes = sizes
+        self.bases = bases
+        self.pos = pos
+        self.vals = vals
+        self.bounds = bounds
+        self.lsn = lsn
+        self.ts = ts
+        self.first_id = first_id
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def deltas(self) -> list[Delta]:
+        """The group as Delta objects (each a copy of its slice). O(deltas + bytes)."""
+        b = self.bounds.tolist()
+        return [Delta(self.first_id + k, p, e, e + 1, self.source, s,
+                      self.pos[b[k]:b[k + 1]].copy(), self.vals[b[k]:b[k + 1]].copy(), None,
+                      None, self.lsn + k, self.ts)
+                for k, (p, e, s) in enumerate(zip(self.pages.tolist(), self.bases.tolist(),
+                                                  self.sizes.tolist(), strict=True))]
+
+
 class TransactionLog:
     """All retained records of a state, in LSN order, as columns.
 
@@ -265,18 +301,106 @@ class TransactionLog:
         self._push_delta(d, lsn, ts)
         return lsn, ts
 
-    def append_held(self, records: list[AnyRecord]) -> None:
+    def append_held(self, records: Sequence[AnyRecord | DeltaGroup]) -> None:
         """Keep records stamped earlier by a batch: the sink sees them in one call
         (and may raise: then none is kept)."""
         if not records:
             return
-        if self.sink_many is not None:
-            self.sink_many(records)
-        elif self.sink is not None:
-            for rec in records:
-                self.sink(rec)
-        for rec in records:
-            self.adopt(rec)
+        if self.sink is not None or self.sink_many is not None:
+            flat: list[AnyRecord] = []
+            for item in records:
+                if isinstance(item, DeltaGroup):
+                    flat.extend(item.deltas())
+                else:
+                    flat.append(item)
+            if self.sink_many is not None:
+                self.sink_many(flat)
+            elif self.sink is not None:
+                for rec in flat:
+                    self.sink(rec)
+            records = flat
+        for item in records:
+            if isinstance(item, DeltaGroup):
+                self._push_group(item)
+            else:
+                self.adopt(item)
+
+    def _push_group(self, g: DeltaGroup) -> None:
+        """Keep a batch's column group as rows, vectorised: a contiguous delta as one
+        run, others as positions. O(deltas + bytes)."""
+        k = len(g)
+        if not k:
+            return
+        b = g.bounds
+        n = np.diff(b)
+        first = g.pos[b[:-1]]
+        lastp = g.pos[b[1:] - 1]
+        run = lastp - first + 1 == n
+        small = g.sizes <= 1 << 16
+        enc = np.where(run, ENC_RUN, np.where(small, ENC_POS16, ENC_POS32)).astype(np.uint8)
+        head = np.where(run, 4, np.where(small, 2 * n, 4 * n))
+        plen = head + n
+        offs = np.zeros(k + 1, np.int64)
+        np.cumsum(plen, out=offs[1:])
+        total = int(offs[-1])
+        buf = np.empty(total, np.uint8)
+        # values, after each delta's head
+        owner = np.repeat(np.arange(k), n)
+        local = np.arange(len(g.vals)) - b[owner]
+        buf[(offs[:-1] + head)[owner] + local] = g.vals
+        # run starts: four little-endian bytes
+        ri = np.flatnonzero(run)
+        if ri.size:
+            starts = first[ri].astype(np.uint32).view(np.uint8).reshape(-1, 4)
+            buf[(offs[ri][:, None] + np.arange(4)).reshape(-1)] = starts.reshape(-1)
+        for code, width in ((ENC_POS16, 2), (ENC_POS32, 4)):
+            sel = enc[owner] == code
+            if sel.any():
+                pos = g.pos[sel].astype(np.uint16 if width == 2 else np.uint32).view(np.uint8)
+                at = offs[owner[sel]] + width * local[sel]
+                buf[(at[:, None] + np.arange(width)).reshape(-1)] = pos
+        if total > _CHUNK >> 2:
+            mv = memoryview(bytearray(total))
+            self.chunks.append(mv)
+            ci, base = len(self.chunks) - 1, 0
+        else:
+            mv, base, poff0 = self._room(total)
+            ci = poff0 >> 32
+        np.frombuffer(mv, np.uint8, total, base)[:] = buf
+        r0 = self.n
+        while self.n + k > len(self.rows):
+            self._grow()
+        rows = self.rows[r0:r0 + k]
+        rows["page"] = g.pages
+        rows["psize"] = g.sizes
+        rows["plen"] = plen
+        rows["src"] = self._source_id(g.source, r0)
+        rows["enc"] = enc
+        rows["epoch"] = g.bases + 1
+        rows["ts"] = g.ts
+        rows["poff"] = (ci << 32) + base + offs[:-1]
+        if self.rows["src"][r0] == _NO_SOURCE:
+            for r in range(r0 + 1, r0 + k):
+                self.rare_sources[r] = g.source
+        self.n = r0 + k
+        self.lsns.push(r0, g.lsn)
+        self.lsns.last = g.lsn + k - 1
+        self.ids.push(r0, g.first_id)
+        self.ids.last = g.first_id + k - 1
+        order = np.argsort(g.pages, kind="stable")
+        sp = g.pages[order]
+        cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
+        index = self.index
+        for grp in np.split(order + r0, cut):
+            pid = int(g.pages[grp[0] - r0])
+            rows_of = index.get(pid)
+            if rows_of is None:
+                index[pid] = array("I", grp.astype(np.uint32).tobytes())
+            else:
+                rows_of.frombytes(grp.astype(np.uint32).tobytes())
+        self.payload_bytes += total
+        self.next_lsn = g.lsn + k
+        self.last_timestamp = g.ts
 
     def adopt(self, rec: AnyRecord) -> None:
         """Keep an already-stamped record (replay, recovery, batches). O(1) plus the
