@@ -14,6 +14,7 @@ from ..types import EventType
 from .arena import CHUNK_SHIFT
 from .delta import as_bytes_array, sparse_enough
 from .engine import MMSBState, check_source
+from .kernels import batch_apply
 from .log import DeltaGroup
 
 __all__ = ["run_batch"]
@@ -69,8 +70,9 @@ def _vector_batch(state: MMSBState, writes: list[Any], source: str) -> int | Non
 
 
 def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | None:
-    """Apply a batch of small writes with numpy: one sort and gather to compare each
-    byte with what precedes it, one scatter to apply, deltas cut from shared arrays.
+    """Apply a batch of small writes in one compiled pass (each byte compared with
+    what the page holds at that moment, changes recorded with their old values), then
+    log them as one column group.
     Returns the number of deltas logged, or None when the batch needs the
     write-by-write path (a dense delta, pages in several arena chunks, odd inputs, or
     any refusal — which that path then reports).
@@ -93,42 +95,27 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     total = len(cat)
     if total == 0:
         return 0
-    starts = np.zeros(nw + 1, np.int64)
-    np.cumsum(lens, out=starts[1:])
-    gaddr = np.repeat(t.addr[pids] + offs - starts[:-1], lens) + np.arange(total, dtype=np.int64)
-    chunk_of = gaddr >> CHUNK_SHIFT
+    addrs = t.addr[pids]
+    chunk_of = addrs >> CHUNK_SHIFT
     c0 = int(chunk_of[0])
-    if not (chunk_of == c0).all():
+    if not (chunk_of == c0).all() or not ((addrs + sizes - 1) >> CHUNK_SHIFT == c0).all():
         return None
     chunk = state.arena.chunk(c0)
     assert chunk is not None
-    local = gaddr & ((1 << CHUNK_SHIFT) - 1)
-    # Each written byte is compared with what the page holds just before that write:
-    # the previous write to the same byte in this batch, else the arena. A stable sort
-    # by address keeps the writes' order within each address.
-    order = np.argsort(local, kind="stable")
-    sl = local[order]
-    sv = cat[order]
-    same = np.zeros(total, bool)
-    np.equal(sl[1:], sl[:-1], out=same[1:])
-    orig = chunk[sl]
-    prev_sorted = orig.copy()
-    prev_sorted[1:][same[1:]] = sv[:-1][same[1:]]
-    prev = np.empty_like(cat)
-    prev[order] = prev_sorted
-    nz = np.flatnonzero(prev != cat)
-    if nz.size == 0:
+    local = addrs & ((1 << CHUNK_SHIFT) - 1)
+    rel = np.empty(total, np.int64)
+    vals = np.empty(total, np.uint8)
+    at = np.empty(total, np.int64)
+    old = np.empty(total, np.uint8)
+    counts = np.empty(nw, np.int64)
+    nchanged = batch_apply(chunk, local, offs, lens, cat, rel, vals, at, old, counts)
+    if nchanged == 0:
         return 0
-    last = np.ones(total, bool)
-    last[:-1] = ~same[1:]
-    final_at, final_val, final_old = sl[last], sv[last], orig[last]
-    owner = np.searchsorted(starts, nz, side="right") - 1
-    counts = np.bincount(owner, minlength=nw)
+    rel, vals, at, old = rel[:nchanged], vals[:nchanged], at[:nchanged], old[:nchanged]
     changed = np.flatnonzero(counts)
     if not sparse_enough(counts[changed], sizes[changed]).all():
-        return None  # a dense delta: its payload depends on the writes before it
-    rel = nz - starts[owner] + offs[owner]
-    vals = cat[nz]
+        chunk[at[::-1]] = old[::-1]  # a dense delta: its payload depends on the writes before it
+        return None
     bounds = np.zeros(nw + 1, np.int64)
     np.cumsum(counts, out=bounds[1:])
     # Epochs: a page written k times in the batch advances k times, in write order.
@@ -154,8 +141,7 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
         frame.records.append(group)
     else:
         frame.records.extend(group.deltas())
-    frame.undo_scatter(c0, final_at, final_old, cpids, t.epoch[cpids].copy())
-    chunk[final_at] = final_val
+    frame.undo_scatter(c0, at[::-1], old[::-1], cpids, t.epoch[cpids].copy())
     state.counters.payload_bytes_logged += int(vals.size)
     np.maximum.at(t.epoch, cpids, base + 1)
     if state.events.active:

@@ -97,3 +97,37 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     r.ts = ts
     r.poff = poff
     return n, plen
+
+
+@njit(cache=True, nogil=True)
+def batch_apply(mem: np.ndarray, bases: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+                cat: np.ndarray, pos_out: np.ndarray, val_out: np.ndarray,
+                addr_out: np.ndarray, old_out: np.ndarray,
+                counts: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Apply writes in order to ``mem``: write ``w`` puts ``cat``'s next ``lens[w]``
+    bytes at offset ``offs[w]`` of the page at ``mem[bases[w]:]``. Each byte that
+    differs from what the page holds at that moment (earlier writes of the batch
+    included) is recorded in write order: its position in the page, new value, address
+    in ``mem`` and old value; ``counts[w]`` is how many write ``w`` changed. Returns the
+    number of changed bytes. Undo: restore ``old_out`` at ``addr_out`` in reverse."""
+    k = 0
+    src = 0
+    for w in range(lens.shape[0]):
+        base = bases[w]
+        off = offs[w]
+        c = 0
+        for i in range(lens[w]):
+            a = base + off + i
+            b = cat[src + i]
+            old = mem[a]
+            if old != b:
+                pos_out[k] = off + i
+                val_out[k] = b
+                addr_out[k] = a
+                old_out[k] = old
+                mem[a] = b
+                k += 1
+                c += 1
+        counts[w] = c
+        src += lens[w]
+    return k

@@ -390,14 +390,16 @@ class TransactionLog:
         order = np.argsort(g.pages, kind="stable")
         sp = g.pages[order]
         cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
+        rows_bytes = (order + r0).astype(np.uint32).tobytes()
         index = self.index
-        for grp in np.split(order + r0, cut):
-            pid = int(g.pages[grp[0] - r0])
+        lo = [0, *cut.tolist()]
+        hi = [*cut.tolist(), k]
+        for pid, a, z in zip(sp[lo].tolist(), lo, hi, strict=True):
             rows_of = index.get(pid)
             if rows_of is None:
-                index[pid] = array("I", grp.astype(np.uint32).tobytes())
+                index[pid] = array("I", rows_bytes[4 * a:4 * z])
             else:
-                rows_of.frombytes(grp.astype(np.uint32).tobytes())
+                rows_of.frombytes(rows_bytes[4 * a:4 * z])
         self.payload_bytes += total
         self.next_lsn = g.lsn + k
         self.last_timestamp = g.ts
