@@ -34,7 +34,7 @@ from ._core.graph import detect_cycles as _cycles
 from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
-from ._storage.bus import open_bus, recover_readonly
+from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
 from .config import MMSBConfig
@@ -135,9 +135,20 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
         InvalidArgumentError: config is not an MMSBConfig or holds a bad value.
         SerializationError: no bus there, or damage the recovery mode does not tolerate.
     """
+    for _ in range(_READONLY_ATTEMPTS - 1):
+        state = MMSBState(config)
+        try:
+            recover_readonly(state, path)
+        except BusChangedError:
+            continue  # a writer checkpointed meanwhile: list and read again
+        return state
     state = MMSBState(config)
     recover_readonly(state, path)
     return state
+
+
+_READONLY_ATTEMPTS = 200
+"""Reads of a bus that a busy writer keeps changing, before open_readonly gives up."""
 
 
 @contextlib.contextmanager

@@ -347,14 +347,20 @@ class MMSBState:
 
         Raises:
             InvalidArgumentError: inside an open batch (its writes are not logged yet).
+            DurabilityError: the final checkpoint failed; the state and its bus are
+                closed all the same (the log holds every record; reopening recovers).
         """
         with self.lock:
             if self.closed:
                 return
             self.refuse_in_batch("mmsb_stop")
-            if self.bus is not None:
-                self.bus.close(self)
-            self.closed = True
+            try:
+                if self.bus is not None:
+                    self.bus.close(self)
+            finally:
+                # A bus that failed its final checkpoint is still closed (log synced,
+                # lock released): the state says so too.
+                self.closed = self.bus is None or self.bus.closed
         if ACTIVE.get() is self:
             ACTIVE.set(None)
 

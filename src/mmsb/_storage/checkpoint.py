@@ -18,8 +18,8 @@ target state.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,6 +36,7 @@ from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase, Snapshot
 from ..errors import SerializationError
 from ..types import EdgeType
+from . import fsops
 from .codec import (
     KIND_DELTA,
     _fast_delta,
@@ -45,7 +46,7 @@ from .codec import (
     encode_metadata,
     record_parts,
 )
-from .wal import fsync_dir
+from .fsops import fsync_dir
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -78,10 +79,18 @@ class CheckpointBase(ReplayBase):
         self.source = source
 
     def raw(self) -> bytes:
+        """The checkpoint's bytes.
+
+        Raises:
+            SerializationError: the file cannot be read (gone, or not a regular file).
+        """
         if isinstance(self.source, bytes):
             return self.source
-        with open(self.source, "rb") as f:
-            return f.read()
+        try:
+            return fsops.read_all(self.source)
+        except OSError as exc:
+            raise SerializationError(f"cannot read the replay base ({exc.strerror or exc})",
+                                     path=self.source) from None
 
     def snapshot(self) -> Snapshot:
         return read_checkpoint(self.raw(), path_label="replay base")
@@ -287,21 +296,27 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
         base = state.base_bytes() if not from_lsn else b""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    f = fsops.HookedWriter(fsops.create_exclusive(tmp), tmp)
     try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            _write_body(f, state, from_lsn, bus, base)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, target)
+        _write_body(f, state, from_lsn, bus, base)  # type: ignore[arg-type]
+        f.flush()
+        if fsync:
+            fsops.fsync(f.fd, tmp)
+        size = f.tell()
+        f.close()
+        fsops.replace(tmp, target)
         if fsync:
             fsync_dir(directory, strict=False)
     except BaseException:
+        if not f.closed:
+            try:
+                f.close()
+            except OSError:
+                pass
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
+            fsops.unlink(tmp)
+        except OSError:
             pass
         raise
     return size
@@ -353,10 +368,10 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
     else:
         label = str(source)
         try:
-            with open(source, "rb") as f:
-                raw = f.read()
+            raw = fsops.read_all(source)
         except OSError as exc:
-            raise SerializationError(f"cannot read the file ({exc.strerror})", path=label) from None
+            raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
+                                     path=label) from None
     return _parse(memoryview(raw), label)
 
 
