@@ -287,8 +287,8 @@ class DurableBus:
         checkpoints beyond ``retain_checkpoints``. ``evict=False`` (the checkpoints of
         stop and recovery) keeps every retained checkpoint, so closing and reopening a
         bus never shortens its history; the next regular checkpoint evicts.
-        ``need_segment=False`` (stop): a first segment that cannot be created is left to
-        the next open, without an error.
+        ``need_segment=False`` (stop, compress_log, load_checkpoint): a first segment that
+        cannot be created is left to the next write or open, without an error.
 
         Raises:
             DurabilityError: the checkpoint could not be written (nothing changed), or
@@ -401,7 +401,10 @@ class DurableBus:
         caller restores its state."""
         self.reset_chain = True
         try:
-            self.checkpoint(state)
+            # The checkpoint is what the caller's change rests on: once it is written the
+            # change stands, and a first segment that cannot be created yet is left to
+            # the next write (which reports the full disk, if it still is).
+            self.checkpoint(state, need_segment=False)
         except BaseException:
             self.reset_chain = False
             raise
