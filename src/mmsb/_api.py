@@ -324,7 +324,9 @@ def update_metadata(state: MMSBState, page_id: int, mapping: dict[str, Any], *,
     """Merge ``mapping`` into a page's metadata (or replace it whole), as one logged change.
 
     Raises:
-        MetadataError: keys not str or values msgpack cannot encode.
+        MetadataError: keys not str, values msgpack cannot encode, or beyond the bounds
+            every reader accepts (16 MiB encoded, 2**20 items per list or map, nesting
+            64 deep); nothing is logged then.
     """
     state = _state_of(state, "update_metadata")
     state.enter()
@@ -332,6 +334,8 @@ def update_metadata(state: MMSBState, page_id: int, mapping: dict[str, Any], *,
         pid = state.require_page(page_id, "update_metadata")
         new = {} if replace else dict(state.table.meta.get(pid, {}))
         new.update(normalize_metadata(mapping, pid))
+        if not replace:
+            new = normalize_metadata(new, pid)  # the merged whole must stay in bounds too
         state.commit_metadata(pid, new)
         return Page(state, pid)
     finally:
@@ -544,7 +548,11 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
         if state.bus is not None:
             state.bus.before_restore(state)
         before = state.swap_snapshot()
-        state.restore(ck)
+        try:
+            state.restore(ck)
+        except MemoryError:
+            raise SerializationError("the checkpoint describes a state larger than the memory "
+                                     "this process may use", path=path) from None
         if state.bus is not None:
             try:
                 state.bus.after_restore(state)

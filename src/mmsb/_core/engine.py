@@ -43,7 +43,7 @@ from .delta import (
 )
 from .events import EventBus
 from .graph import ShadowPageGraph
-from .limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import PageTable
@@ -131,12 +131,17 @@ def normalize_metadata(metadata: Any, page_id: int | None = None) -> dict[str, A
     for key in metadata:
         if not isinstance(key, str):
             raise MetadataError(f"metadata{where} keys must be str, not {key!r}")
+    problem = metadata_bounds_problem(dict(metadata))
     try:
-        packed = msgpack.packb(dict(metadata), use_bin_type=True)
+        packed = msgpack.packb(dict(metadata), use_bin_type=True) if problem is None else b""
     except (TypeError, ValueError, OverflowError) as exc:
         raise MetadataError(
             f"metadata{where} holds a value msgpack cannot encode ({exc}); use None, bool, "
             "int, float, str, bytes, and lists or dicts of those") from None
+    if problem is None and len(packed) > MAX_METADATA_BYTES:
+        problem = f"{len(packed)} bytes encoded (at most {MAX_METADATA_BYTES})"
+    if problem is not None:
+        raise MetadataError(f"metadata{where} is beyond what every reader accepts: {problem}")
     out: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
     return out
 

@@ -687,7 +687,11 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         for _g, ck in start_slices:
             records.extend(ck.records)
         newest.records = records
-        state.restore(newest)
+        try:
+            state.restore(newest)
+        except MemoryError:
+            raise SerializationError("the checkpoint describes a state larger than the memory "
+                                     "this process may use", path=by_gen[gen]) from None
         # The newest file's horizon was written after its history was trimmed, so it
         # already names where the rebuilt log begins; the chain gives its base.
         if isinstance(base, Path):
