@@ -376,3 +376,107 @@ def test_clock_before_1970_is_handled(tmp_path: Path, monkeypatch: Any) -> None:
         assert mmsb.query_page(s, p.id)[:3] == b"old"
     finally:
         mmsb.mmsb_stop(s)
+
+
+# --------------------------------------------------------------------------- metadata
+
+DEEP: Any = []
+for _ in range(1000):
+    DEEP = [DEEP]
+
+
+@pytest.mark.parametrize("value", [
+    b"\0" * (17 << 20), list(range((1 << 20) + 1)), DEEP, {"k": DEEP},
+], ids=["17MiB-bytes", "2^20+1-items", "1000-deep", "1000-deep-map"])
+def test_metadata_no_reader_could_decode_is_refused_before_logging(tmp_path: Path,
+                                                                   value: Any) -> None:
+    root = tmp_path / "bus"
+    s = start(root)
+    p = mmsb.create_page(s, 8)
+    lsn = s.last_lsn
+    with pytest.raises(mmsb.MetadataError):
+        mmsb.set_metadata(s, p.id, "big", value)
+    with pytest.raises(mmsb.MetadataError):
+        mmsb.update_metadata(s, p.id, {"big": value})
+    with pytest.raises(mmsb.MetadataError):
+        mmsb.create_page(s, 8, metadata={"big": value})
+    assert s.last_lsn == lsn and s.table.next_id == p.id + 1
+    mmsb.mmsb_stop(s)
+    s = start(root)  # nothing unreadable reached the log or a checkpoint
+    mmsb.mmsb_stop(s)
+    mmsb.load_checkpoint(mmsb.MMSBState(cfg()), sorted((root / "checkpoints").glob("ckpt-*"))[-1])
+
+
+def test_metadata_merged_past_the_bound_is_refused(tmp_path: Path) -> None:
+    s = mmsb.MMSBState(cfg())
+    p = mmsb.create_page(s, 8)
+    mmsb.set_metadata(s, p.id, "a", b"\0" * (9 << 20))
+    with pytest.raises(mmsb.MetadataError):
+        mmsb.set_metadata(s, p.id, "b", b"\0" * (9 << 20))
+    assert set(s.pages[p.id].metadata) == {"a"}
+
+
+def test_metadata_decoders_raise_typed_errors_on_deep_nesting() -> None:
+    import msgpack
+
+    from mmsb._storage.codec import decode_metadata
+
+    with pytest.raises(mmsb.SerializationError):
+        decode_metadata(msgpack.packb({"k": DEEP[0][0][0]}))
+
+
+# --------------------------------------------------------------------------- allocation
+
+_ALLOC_CHILD = r"""
+import resource, sys
+import mmsb
+root, what = sys.argv[1], sys.argv[2]
+s = mmsb.mmsb_start(config=mmsb.MMSBConfig(enable_gpu=False, fsync="always"), path=root)
+p = mmsb.create_page(s, 64)
+mmsb.write_page(s, p.id, 0, b"kept")
+with open("/proc/self/status") as f:
+    vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))
+lsn = s.last_lsn
+try:
+    if what == "create":
+        mmsb.create_page(s, 2**32 - 1)
+    elif what == "create_pages":
+        mmsb.create_pages(s, 64, 64 << 20)
+    else:
+        mmsb.resize_page(s, p.id, 2**32 - 1)
+except mmsb.MMSBError as exc:
+    print("typed", type(exc).__name__, exc)
+else:
+    print("allocated")
+assert s.last_lsn == lsn, "a refused allocation was logged"
+q = mmsb.create_page(s, 8)
+print("next", q.id)
+mmsb.mmsb_stop(s)
+"""
+
+
+@pytest.mark.parametrize("what", ["create", "create_pages", "resize"])
+def test_failed_allocation_is_typed_and_logs_nothing(tmp_path: Path, what: str) -> None:
+    root = tmp_path / "bus"
+    r = subprocess.run([sys.executable, "-c", _ALLOC_CHILD, str(root), what],
+                       capture_output=True, text=True, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "typed InvalidArgumentError" in r.stdout, r.stdout
+    assert "next 2" in r.stdout  # the refused creation did not take an id
+    s = start(root)
+    try:
+        assert sorted(s.pages) == [1, 2] and mmsb.query_page(s, 1)[:4] == b"kept"
+        assert mmsb.verify_state_consistency(s)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_strided_memoryview_is_written_as_its_bytes() -> None:
+    s = mmsb.MMSBState(cfg())
+    p = mmsb.create_page(s, 64)
+    mv = memoryview(bytes(range(128)))[::2]
+    mmsb.update_page(s, p.id, mv)
+    assert mmsb.query_page(s, p.id) == bytes(range(0, 128, 2))
+    mmsb.write_page(s, p.id, 0, memoryview(b"xyxyxy")[::2])
+    assert mmsb.query_page(s, p.id)[:3] == b"xxx"

@@ -682,8 +682,31 @@ class MMSBState:
             raise InvalidArgumentError(
                 f"{type(rec).__name__} is a structural change, which a batch cannot hold "
                 "(a batch groups writes); make it before or after the batch")
+        self.reserve_for(rec)
         self.log_append(rec)
         self.apply_record(rec)
+
+    def reserve_for(self, rec: AnyRecord) -> None:
+        """Allocate ahead the memory applying ``rec`` needs, before it is logged: a
+        record is logged only when it will apply.
+
+        Raises:
+            InvalidArgumentError: the memory is not there (nothing logged or changed).
+        """
+        t = self.table
+        try:
+            if isinstance(rec, PageCreate):
+                t.reserve(rec.first_id + rec.count)
+                self.arena.reserve(rec.count, rec.size)
+            elif isinstance(rec, PageResize):
+                self.arena.reserve(1, rec.new_size)
+            elif isinstance(rec, PageClone):
+                t.reserve(rec.page_id + 1)
+                self.arena.reserve(1, int(t.size[rec.source_id]))
+        except MemoryError:
+            raise InvalidArgumentError(
+                f"{type(rec).__name__} needs more memory than this process can get; nothing "
+                "was logged or changed") from None
 
     def apply_delta_run(self, deltas: list[Delta]) -> None:
         """Apply consecutive logged deltas at once (replay): sparse runs in one
