@@ -335,6 +335,8 @@ class MMSBState:
         is not, so replays are refused."""
         self.recovery_notes: list[str] = []
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
+        self.recomputing: int | None = None
+        """The page whose recompute function is running (changes are refused meanwhile)."""
         self.replay_base: ReplayBase | None = None
         """Replay base: the state at ``log.horizon_lsn``, where replays of the retained
         log start; None when the log rebuilds the state from nothing."""
@@ -402,6 +404,11 @@ class MMSBState:
         if self.closed:
             self.lock.release()
             raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
+        if self.recomputing is not None:
+            self.lock.release()
+            raise InvalidArgumentError(
+                f"the recompute function of page {self.recomputing} tried to change the state; "
+                "a recompute function returns its page's new bytes and changes nothing else")
         self._depth += 1
 
     def leave(self) -> None:
