@@ -82,6 +82,9 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
     """
     try:
         return _replay_into(target, records, after_delta, watch)
+    except MemoryError:
+        raise SerializationError("the retained log holds a record whose replay needs more "
+                                 "memory than this process can get") from None
     except (IndexError, KeyError, ValueError, OverflowError) as exc:
         if isinstance(exc, MMSBError):
             raise
