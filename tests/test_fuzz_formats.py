@@ -135,7 +135,7 @@ def _checkpoint_cases() -> Iterator[tuple[str, bytes]]:
             yield f"PTBL loc row {row}={v}", with_section(b"PTBL", bytes(t))
     # Mask rows: page id, anchor LSN, length, bits.
     rows = msgpack.unpackb(raw_of[b"MASK"], raw=False)
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         for j in range(4):
             for v in INTS[:6] + WRONG[:6]:
                 r2 = [list(x) for x in rows]
