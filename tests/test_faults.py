@@ -36,7 +36,7 @@ def cfg(**kw: Any) -> mmsb.MMSBConfig:
     ("fsync_batch_ms", -1.0), ("checkpoint_interval", math.inf),
     ("checkpoint_interval", math.nan), ("checkpoint_interval", -math.inf),
     ("page_size_default", 1 << 32), ("page_size_default", 0), ("page_size_default", 4.0),
-    ("max_tlog_size", 1 << 41), ("max_tlog_size", True), ("segment_bytes", 1 << 41),
+    ("max_tlog_size", 1 << 63), ("max_tlog_size", True), ("segment_bytes", 1 << 41),
     ("segment_bytes", "64"), ("retain_checkpoints", 1 << 21), ("retain_checkpoints", 0),
     ("retain_checkpoints", 2.0), ("fsync", ["always"]), ("recovery", None),
     ("propagation_mode", object()), ("enable_logging", 1),

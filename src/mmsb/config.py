@@ -17,7 +17,7 @@ _RECOVERY = ("tolerate_tail", "strict", "point_in_time")
 # the engine's largest page (sparse positions are 32-bit).
 _INT_RANGES = {
     "page_size_default": (1, (1 << 32) - 1),
-    "max_tlog_size": (1, 1 << 40),
+    "max_tlog_size": (1, 1 << 62),
     "segment_bytes": (1, 1 << 40),
 }
 _FLOAT_RANGES = {
@@ -43,7 +43,7 @@ class MMSBConfig:
     """Size of a page created without a size (1 to 2**32 - 1)."""
     max_tlog_size: int = 10_000
     """Deltas retained before compress_log() runs by itself (and, for a durable bus,
-    records before an automatic checkpoint). 1 to 2**40."""
+    records before an automatic checkpoint). 1 to 2**62."""
     checkpoint_interval: float = 60
     """Seconds between automatic checkpoints of a durable bus (0: never by time); finite,
     at most one year."""
