@@ -687,7 +687,14 @@ def find_ancestors(graph: ShadowPageGraph | MMSBState, page_id: int) -> set[int]
 def register_recompute_fn(state: MMSBState, page_id: int, fn: Callable[[MMSBState, Page], Any]) -> None:
     """``fn(state, page) -> bytes`` recomputes ``page`` when a DATA parent changes. Its
     result is logged as a delta (source ``"propagation"``), so replay never calls it.
-    Functions are code: they are not saved; register them again after a reload."""
+    ``fn`` may read any page but change nothing: a change made from inside it raises
+    InvalidArgumentError there (surfacing as the PropagationError's cause). Functions
+    are code: they are not saved; register them again after a reload.
+
+    Raises:
+        PageNotFoundError: unknown page.
+        InvalidArgumentError: ``fn`` is not callable.
+    """
     state = _state_of(state, "register_recompute_fn")
     if not callable(fn):
         raise InvalidArgumentError(f"recompute fn must be callable, not {type(fn).__name__}")
