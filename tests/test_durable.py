@@ -454,9 +454,17 @@ def test_failed_write_or_fsync_refuses_every_later_write(tmp_path: Path, monkeyp
         mmsb.write_page(s, p.id, 4, b"lost?")
     assert isinstance(exc.value, mmsb.MMSBError) and isinstance(exc.value, OSError)
     assert full_view(s) == before  # the failed call changed nothing in memory
-    monkeypatch.undo()  # the disk works again: the bus still refuses (never retry and pretend)
-    _refused_calls(s, p.id)
-    assert full_view(s) == before
+    monkeypatch.undo()
+    if what == "fdatasync":
+        # The disk works again, but what the failed fsync covered is unknown: the bus
+        # still refuses (never retry and pretend).
+        _refused_calls(s, p.id)
+        assert full_view(s) == before
+    else:
+        # The failed append was cut back, so nothing of it is in the log: once the disk
+        # has room again the bus goes on.
+        mmsb.write_page(s, p.id, 0, b"ok")
+        assert full_view(s) == before
     mmsb.mmsb_stop(s)
     # After a restart the failed write is wholly there or wholly absent.
     s = start(root)
@@ -474,6 +482,8 @@ def test_failed_write_or_fsync_refuses_every_later_write(tmp_path: Path, monkeyp
 
 def test_partial_write_leaves_a_torn_tail_that_recovery_cuts(tmp_path: Path,
                                                             monkeypatch: Any) -> None:
+    """A failed append whose partial bytes cannot even be cut back (ftruncate fails too)
+    leaves a torn tail: the bus refuses writes, and recovery cuts the tail."""
     root = tmp_path / "bus"
     s = start(root, fsync="always")
     p = mmsb.create_page(s, 4096)
@@ -481,6 +491,11 @@ def test_partial_write_leaves_a_torn_tail_that_recovery_cuts(tmp_path: Path,
     before = state_view(s)
     real = os.write
     calls = {"n": 0}
+
+    def no_truncate(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, "injected EIO")
+
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
 
     def half_then_fail(fd: int, data: Any) -> int:
         if s.bus.writer is not None and fd == s.bus.writer.fd:
@@ -495,6 +510,8 @@ def test_partial_write_leaves_a_torn_tail_that_recovery_cuts(tmp_path: Path,
         mmsb.update_page(s, p.id, b"\x07" * 4096)
     monkeypatch.undo()
     assert state_view(s) == before
+    with pytest.raises(mmsb.DurabilityError):
+        mmsb.write_page(s, p.id, 0, b"later")
     mmsb.mmsb_stop(s)
     s = start(root)
     try:

@@ -34,7 +34,7 @@ from ._core.graph import detect_cycles as _cycles
 from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
-from ._storage.bus import open_bus, recover_readonly
+from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
 from .config import MMSBConfig
@@ -135,9 +135,20 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
         InvalidArgumentError: config is not an MMSBConfig or holds a bad value.
         SerializationError: no bus there, or damage the recovery mode does not tolerate.
     """
+    for _ in range(_READONLY_ATTEMPTS - 1):
+        state = MMSBState(config)
+        try:
+            recover_readonly(state, path)
+        except BusChangedError:
+            continue  # a writer checkpointed meanwhile: list and read again
+        return state
     state = MMSBState(config)
     recover_readonly(state, path)
     return state
+
+
+_READONLY_ATTEMPTS = 200
+"""Reads of a bus that a busy writer keeps changing, before open_readonly gives up."""
 
 
 @contextlib.contextmanager
@@ -313,7 +324,9 @@ def update_metadata(state: MMSBState, page_id: int, mapping: dict[str, Any], *,
     """Merge ``mapping`` into a page's metadata (or replace it whole), as one logged change.
 
     Raises:
-        MetadataError: keys not str or values msgpack cannot encode.
+        MetadataError: keys not str, values msgpack cannot encode, or beyond the bounds
+            every reader accepts (16 MiB encoded, 2**20 items per list or map, nesting
+            64 deep); nothing is logged then.
     """
     state = _state_of(state, "update_metadata")
     state.enter()
@@ -321,6 +334,8 @@ def update_metadata(state: MMSBState, page_id: int, mapping: dict[str, Any], *,
         pid = state.require_page(page_id, "update_metadata")
         new = {} if replace else dict(state.table.meta.get(pid, {}))
         new.update(normalize_metadata(mapping, pid))
+        if not replace:
+            new = normalize_metadata(new, pid)  # the merged whole must stay in bounds too
         state.commit_metadata(pid, new)
         return Page(state, pid)
     finally:
@@ -533,7 +548,11 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
         if state.bus is not None:
             state.bus.before_restore(state)
         before = state.swap_snapshot()
-        state.restore(ck)
+        try:
+            state.restore(ck)
+        except MemoryError:
+            raise SerializationError("the checkpoint describes a state larger than the memory "
+                                     "this process may use", path=path) from None
         if state.bus is not None:
             try:
                 state.bus.after_restore(state)
@@ -668,7 +687,14 @@ def find_ancestors(graph: ShadowPageGraph | MMSBState, page_id: int) -> set[int]
 def register_recompute_fn(state: MMSBState, page_id: int, fn: Callable[[MMSBState, Page], Any]) -> None:
     """``fn(state, page) -> bytes`` recomputes ``page`` when a DATA parent changes. Its
     result is logged as a delta (source ``"propagation"``), so replay never calls it.
-    Functions are code: they are not saved; register them again after a reload."""
+    ``fn`` may read any page but change nothing: a change made from inside it raises
+    InvalidArgumentError there (surfacing as the PropagationError's cause). Functions
+    are code: they are not saved; register them again after a reload.
+
+    Raises:
+        PageNotFoundError: unknown page.
+        InvalidArgumentError: ``fn`` is not callable.
+    """
     state = _state_of(state, "register_recompute_fn")
     if not callable(fn):
         raise InvalidArgumentError(f"recompute fn must be callable, not {type(fn).__name__}")

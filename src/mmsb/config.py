@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .errors import InvalidArgumentError
@@ -11,6 +12,19 @@ __all__ = ["MMSBConfig"]
 
 _FSYNC = ("always", "batch", "none")
 _RECOVERY = ("tolerate_tail", "strict", "point_in_time")
+
+# Valid ranges of the numeric fields: (low, high), both inclusive. The page size bound is
+# the engine's largest page (sparse positions are 32-bit).
+_INT_RANGES = {
+    "page_size_default": (1, (1 << 32) - 1),
+    "max_tlog_size": (1, 1 << 62),
+    "segment_bytes": (1, 1 << 40),
+}
+_FLOAT_RANGES = {
+    "checkpoint_interval": (0.0, 365 * 86400.0),
+    "fsync_batch_ms": (0.0, 60_000.0),
+}
+MAX_RETAIN_CHECKPOINTS = 1 << 20
 
 
 @dataclass(slots=True)
@@ -26,49 +40,65 @@ class MMSBConfig:
     """Reserved for the instrumentation layer (code artifacts and call events on pages),
     which is not part of this release: the flag is kept, and nothing acts on it yet."""
     page_size_default: int = 4096
-    """Size of a page created without a size."""
+    """Size of a page created without a size (1 to 2**32 - 1)."""
     max_tlog_size: int = 10_000
     """Deltas retained before compress_log() runs by itself (and, for a durable bus,
-    records before an automatic checkpoint)."""
+    records before an automatic checkpoint). 1 to 2**62."""
     checkpoint_interval: float = 60
-    """Seconds between automatic checkpoints of a durable bus (0: never by time)."""
+    """Seconds between automatic checkpoints of a durable bus (0: never by time); finite,
+    at most one year."""
     propagation_mode: PropagationMode = PropagationMode.IMMEDIATE
     """When writes reach dependent pages."""
     fsync: str = "batch"
     """Durable bus only: "always", "batch" (group commit) or "none"."""
     fsync_batch_ms: float = 5.0
-    """Durable bus, fsync="batch": most milliseconds between group commits."""
+    """Durable bus, fsync="batch": most milliseconds between group commits; finite, 0 to
+    60,000 (below 0.1 the group-commit thread waits 0.1 ms)."""
     recovery: str = "tolerate_tail"
     """Durable bus only: "tolerate_tail", "strict" or "point_in_time"."""
     retain_checkpoints: int | None = None
-    """Durable bus only: checkpoints (and the log between them) kept; None keeps all."""
+    """Durable bus only: checkpoints (and the log between them) kept, 1 to 2**20; None
+    keeps all."""
     segment_bytes: int = 64 << 20
-    """Durable bus only: size at which a log segment file is closed and a new one begun."""
+    """Durable bus only: size at which a log segment file is closed and a new one begun
+    (1 to 2**40 bytes)."""
 
     def validate(self) -> None:
-        """Raise InvalidArgumentError naming the first bad field."""
+        """Check every field's type and range.
+
+        Raises:
+            InvalidArgumentError: naming the first bad field, its value and what it
+                accepts (numbers must be finite and inside the field's range).
+        """
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("enable_logging", "enable_gpu", "enable_instrumentation"):
                 if not isinstance(value, bool):
                     raise InvalidArgumentError(f"MMSBConfig.{f.name} must be True or False, not {value!r}")
-        for name in ("page_size_default", "max_tlog_size", "segment_bytes"):
+        for name, (lo, hi) in _INT_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"MMSBConfig.{name} must be a positive int, not {value!r}")
-        for name in ("checkpoint_interval", "fsync_batch_ms"):
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise InvalidArgumentError(
+                    f"MMSBConfig.{name} must be an int from {lo} to {hi}, not {value!r}")
+        for name, (flo, fhi) in _FLOAT_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidArgumentError(f"MMSBConfig.{name} must be a number ≥ 0, not {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or not flo <= value <= fhi):
+                raise InvalidArgumentError(
+                    f"MMSBConfig.{name} must be a finite number from {flo:g} to {fhi:g}, "
+                    f"not {value!r}")
         try:
             self.propagation_mode = PropagationMode(self.propagation_mode)
-        except ValueError:
+        except (ValueError, TypeError):
             raise InvalidArgumentError(
                 f"MMSBConfig.propagation_mode must be a PropagationMode, not {self.propagation_mode!r}") from None
-        if self.fsync not in _FSYNC:
+        if not isinstance(self.fsync, str) or self.fsync not in _FSYNC:
             raise InvalidArgumentError(f"MMSBConfig.fsync must be one of {_FSYNC}, not {self.fsync!r}")
-        if self.recovery not in _RECOVERY:
+        if not isinstance(self.recovery, str) or self.recovery not in _RECOVERY:
             raise InvalidArgumentError(f"MMSBConfig.recovery must be one of {_RECOVERY}, not {self.recovery!r}")
         rc = self.retain_checkpoints
-        if rc is not None and (isinstance(rc, bool) or not isinstance(rc, int) or rc < 1):
-            raise InvalidArgumentError(f"MMSBConfig.retain_checkpoints must be None or an int ≥ 1, not {rc!r}")
+        if rc is not None and (isinstance(rc, bool) or not isinstance(rc, int)
+                               or not 1 <= rc <= MAX_RETAIN_CHECKPOINTS):
+            raise InvalidArgumentError(
+                f"MMSBConfig.retain_checkpoints must be None or an int from 1 to "
+                f"{MAX_RETAIN_CHECKPOINTS}, not {rc!r}")

@@ -49,6 +49,10 @@ class Arena:
         self.bytes_in_use = 0
         self.bytes_free_listed = 0
         self.bytes_tail_waste = 0
+        self._spare: list[np.ndarray] = []
+        """Bump chunks allocated ahead by reserve(), used before any new one."""
+        self._reserved: dict[int, list[np.ndarray]] = {}
+        """Dedicated buffers of large slots allocated ahead by reserve(), per class."""
 
     # -- reading ---------------------------------------------------------------------
     def view(self, addr: int, size: int) -> np.ndarray:
@@ -67,9 +71,41 @@ class Arena:
         return sum(c.nbytes for c in self._chunks if c is not None)
 
     # -- allocation ------------------------------------------------------------------
+    def reserve(self, count: int, size: int) -> None:
+        """Allocate ahead whatever the next ``count`` allocations of ``size`` bytes need
+        beyond free slots and the current chunk, so that they cannot fail for memory:
+        callers reserve before they log a record, and apply it after. O(new buffers).
+
+        Raises:
+            MemoryError: the memory is not there; nothing is kept.
+        """
+        cls = size_class(size)
+        try:
+            if cls > _LARGE:
+                have = self._reserved.setdefault(cls, [])
+                while len(have) < count - len(self._free.get(cls, ())):
+                    have.append(np.zeros(cls, dtype=np.uint8))
+                return
+            room = len(self._free.get(cls, ()))
+            if self._cur >= 0:
+                room += (CHUNK_SIZE - self._bump) // cls
+            per_chunk = CHUNK_SIZE // cls
+            while room + len(self._spare) * per_chunk < count:
+                self._spare.append(np.zeros(CHUNK_SIZE, dtype=np.uint8))
+        except MemoryError:
+            self._spare.clear()
+            self._reserved.clear()
+            raise
+
     def _new_chunk(self, nbytes: int) -> int:
         index = len(self._chunks)
-        self._chunks.append(np.zeros(nbytes, dtype=np.uint8))
+        ahead = self._reserved.get(nbytes) if nbytes > _LARGE else None
+        if ahead:
+            self._chunks.append(ahead.pop())
+        elif nbytes == CHUNK_SIZE and self._spare:
+            self._chunks.append(self._spare.pop())
+        else:
+            self._chunks.append(np.zeros(nbytes, dtype=np.uint8))
         span = max(1, -(-nbytes // CHUNK_SIZE))
         self._chunks.extend([None] * (span - 1))
         return index

@@ -59,6 +59,9 @@ def as_bytes_array(data: Any, what: str = "data") -> np.ndarray:
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     try:
         return np.frombuffer(data, dtype=np.uint8)
+    except BufferError:
+        # A non-contiguous buffer (a strided memoryview): its bytes, in order, copied.
+        return as_bytes_array(np.array(data), what)
     except (TypeError, ValueError) as exc:
         raise InvalidDeltaError(
             f"{what} must be bytes-like (bytes, bytearray, memoryview or a numpy array), "

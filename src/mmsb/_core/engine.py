@@ -44,7 +44,7 @@ from .delta import (
 from .events import EventBus
 from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
-from .limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import PageTable
@@ -132,12 +132,17 @@ def normalize_metadata(metadata: Any, page_id: int | None = None) -> dict[str, A
     for key in metadata:
         if not isinstance(key, str):
             raise MetadataError(f"metadata{where} keys must be str, not {key!r}")
+    problem = metadata_bounds_problem(dict(metadata))
     try:
-        packed = msgpack.packb(dict(metadata), use_bin_type=True)
+        packed = msgpack.packb(dict(metadata), use_bin_type=True) if problem is None else b""
     except (TypeError, ValueError, OverflowError) as exc:
         raise MetadataError(
             f"metadata{where} holds a value msgpack cannot encode ({exc}); use None, bool, "
             "int, float, str, bytes, and lists or dicts of those") from None
+    if problem is None and len(packed) > MAX_METADATA_BYTES:
+        problem = f"{len(packed)} bytes encoded (at most {MAX_METADATA_BYTES})"
+    if problem is not None:
+        raise MetadataError(f"metadata{where} is beyond what every reader accepts: {problem}")
     out: dict[str, Any] = msgpack.unpackb(packed, raw=False, strict_map_key=False)
     return out
 
@@ -331,6 +336,8 @@ class MMSBState:
         is not, so replays are refused."""
         self.recovery_notes: list[str] = []
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
+        self.recomputing: int | None = None
+        """The page whose recompute function is running (changes are refused meanwhile)."""
         self.replay_base: ReplayBase | None = None
         """Replay base: the state at ``log.horizon_lsn``, where replays of the retained
         log start; None when the log rebuilds the state from nothing."""
@@ -348,14 +355,20 @@ class MMSBState:
 
         Raises:
             InvalidArgumentError: inside an open batch (its writes are not logged yet).
+            DurabilityError: the final checkpoint failed; the state and its bus are
+                closed all the same (the log holds every record; reopening recovers).
         """
         with self.lock:
             if self.closed:
                 return
             self.refuse_in_batch("mmsb_stop")
-            if self.bus is not None:
-                self.bus.close(self)
-            self.closed = True
+            try:
+                if self.bus is not None:
+                    self.bus.close(self)
+            finally:
+                # A bus that failed its final checkpoint is still closed (log synced,
+                # lock released): the state says so too.
+                self.closed = self.bus is None or self.bus.closed
         if ACTIVE.get() is self:
             ACTIVE.set(None)
 
@@ -392,6 +405,11 @@ class MMSBState:
         if self.closed:
             self.lock.release()
             raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
+        if self.recomputing is not None:
+            self.lock.release()
+            raise InvalidArgumentError(
+                f"the recompute function of page {self.recomputing} tried to change the state; "
+                "a recompute function returns its page's new bytes and changes nothing else")
         self._depth += 1
 
     def leave(self) -> None:
@@ -667,8 +685,31 @@ class MMSBState:
             raise InvalidArgumentError(
                 f"{type(rec).__name__} is a structural change, which a batch cannot hold "
                 "(a batch groups writes); make it before or after the batch")
+        self.reserve_for(rec)
         self.log_append(rec)
         self.apply_record(rec)
+
+    def reserve_for(self, rec: AnyRecord) -> None:
+        """Allocate ahead the memory applying ``rec`` needs, before it is logged: a
+        record is logged only when it will apply.
+
+        Raises:
+            InvalidArgumentError: the memory is not there (nothing logged or changed).
+        """
+        t = self.table
+        try:
+            if isinstance(rec, PageCreate):
+                t.reserve(rec.first_id + rec.count)
+                self.arena.reserve(rec.count, rec.size)
+            elif isinstance(rec, PageResize):
+                self.arena.reserve(1, rec.new_size)
+            elif isinstance(rec, PageClone):
+                t.reserve(rec.page_id + 1)
+                self.arena.reserve(1, int(t.size[rec.source_id]))
+        except MemoryError:
+            raise InvalidArgumentError(
+                f"{type(rec).__name__} needs more memory than this process can get; nothing "
+                "was logged or changed") from None
 
     def apply_delta_run(self, deltas: list[Delta]) -> None:
         """Apply consecutive logged deltas at once (replay): sparse runs in one

@@ -70,7 +70,9 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
 
     Raises:
         InvalidDeltaError: a recompute function returned bytes of the wrong length.
-        PropagationError: a recompute function raised.
+        PropagationError: a recompute function raised; also when it tried to change the
+            state (write, create, delete, metadata …), which is refused inside it with
+            InvalidArgumentError (the ``__cause__``).
         In both cases the sources' writes stand, the rest of the pass still runs, and
         that child (and what depends on it only through it) is left as it was.
     """
@@ -95,7 +97,14 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                 state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
             else:
                 try:
-                    result = fn(state, state.page_handle(node))
+                    # A recompute function returns its page's bytes; it may read any page
+                    # but change none (state.enter refuses): a write from inside it would
+                    # reach pages whose dependants this pass has already passed by.
+                    state.recomputing = node
+                    try:
+                        result = fn(state, state.page_handle(node))
+                    finally:
+                        state.recomputing = None
                     size = int(table.size[node])
                     arr = as_bytes_array(result, "recompute result")
                     if len(arr) != size:

@@ -31,7 +31,9 @@ from ..errors import (
     HistoryUnavailableError,
     InvalidArgumentError,
     InvalidDeltaError,
+    MMSBError,
     PageNotFoundError,
+    SerializationError,
 )
 
 __all__ = [
@@ -74,7 +76,27 @@ def replay_into(target: MMSBState, records: Iterable[AnyRecord],
     Runs of deltas are applied together (sparse ones in one vectorised scatter). With
     ``watch``, ``after_delta`` is called right after each delta of that page. O(records
     + changed bytes).
+
+    Raises:
+        SerializationError: a record that does not follow the state (a damaged log).
     """
+    try:
+        return _replay_into(target, records, after_delta, watch)
+    except MemoryError:
+        raise SerializationError("the retained log holds a record whose replay needs more "
+                                 "memory than this process can get") from None
+    except (IndexError, KeyError, ValueError, OverflowError) as exc:
+        if isinstance(exc, MMSBError):
+            raise
+        # Only a damaged or crafted log (a checkpoint's, say) gets here: every record a
+        # live state logs was checked before it was logged.
+        raise SerializationError(
+            f"the retained log holds a record that cannot be replayed ({type(exc).__name__}: "
+            f"{exc}); it names a page, size or epoch the state does not have") from None
+
+
+def _replay_into(target: MMSBState, records: Iterable[AnyRecord],
+                 after_delta: Callable[[Delta], None] | None, watch: int | None) -> MMSBState:
     run: list[Delta] = []
     log = target.log
     for rec in records:
@@ -394,7 +416,10 @@ def verify_state_consistency(state: MMSBState) -> bool:
         state.require_replayable("verify_state_consistency")
         records = list(state.log.records)
         scratch = _origin(state)
-        replay_into(scratch, records)
+        try:
+            replay_into(scratch, records)
+        except SerializationError:
+            return False  # a log that cannot be replayed does not rebuild the state
         return not state_differences(state, scratch, limit=1)
 
 

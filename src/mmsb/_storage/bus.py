@@ -26,20 +26,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase
 from ..config import MMSBConfig
 from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationError
+from . import fsops
 from .checkpoint import CheckpointBase, read_checkpoint, write_checkpoint
 from .codec import crc32c, encode_record
-from .wal import SegmentScan, SegmentWriter, frame, fsync_dir, group_body, scan_segment
+from .fsops import fsync_dir
+from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
-__all__ = ["DurableBus", "open_bus", "recover_readonly", "BUS_MAGIC", "bus_files"]
+__all__ = ["DurableBus", "open_bus", "recover_readonly", "BUS_MAGIC", "bus_files",
+           "BusChangedError"]
 
 log = logging.getLogger("mmsb.bus")
 
@@ -94,6 +97,8 @@ class DurableBus:
         self.records_since_ckpt = 0
         self.last_ckpt_time = time.monotonic()
         self.reset_chain = False
+        self.next_seq = 0
+        """Sequence number of the next segment of this generation (when none is open)."""
         self._retry_after = 0
         self.recovery_notes: list[str] = []
         self.torn_tails = 0
@@ -102,6 +107,52 @@ class DurableBus:
         """Recovery only: nothing on disk is changed (open_readonly)."""
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
+        self.fds = {}
+        self.raw_seen: dict[Path, bytes] = {}
+        """Read-only opens: the bytes of each checkpoint read (a replay base is kept as
+        bytes, since the writer may remove its file)."""
+        self.vanished = False
+        """A file listed for recovery was gone when read (read-only opens retry)."""
+
+    # -- reading (recovery) ----------------------------------------------------------
+    fds: dict[Path, int]
+    """Files opened ahead of recovery (read-only opens), read from these descriptors so
+    that a writer's retention removing them meanwhile does not matter."""
+
+    def read_bytes(self, path: Path) -> bytes:
+        """A bus file's bytes: from its descriptor opened ahead, else opened no-follow."""
+        fd = self.fds.get(path)
+        return fsops.read_fd(fd) if fd is not None else fsops.read_all(path)
+
+    def read_checkpoint(self, path: Path) -> Any:
+        """Read and check one checkpoint of this bus.
+
+        Raises:
+            SerializationError: unreadable (gone, not a regular file) or damaged.
+        """
+        try:
+            raw = self.read_bytes(path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                self.vanished = True
+            raise SerializationError(f"cannot read the checkpoint ({exc.strerror or exc})",
+                                     path=path) from None
+        if self.read_only:
+            self.raw_seen[path] = raw
+        return read_checkpoint(raw, path_label=str(path))
+
+    def scan_segment(self, path: Path, seq: int, first_lsn: int) -> SegmentScan:
+        """Read and check one segment of the current generation (see scan_segment)."""
+        try:
+            data = self.read_bytes(path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError):
+                self.vanished = True
+            out = SegmentScan(path)
+            out.damage = SerializationError(f"cannot read the segment ({exc.strerror or exc})",
+                                            path=path)
+            return out
+        return scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data)
 
     # -- appending ---------------------------------------------------------------------
     def sink(self, rec: AnyRecord) -> None:
@@ -125,14 +176,25 @@ class DurableBus:
             # A batch is one frame: after a crash it is in the log whole, or not at all.
             data = frame(group_body([encode_record(r) for r in records]))
         with self.io_lock:
+            stage = "segment"
             try:
                 if self.writer is None or self.writer.size >= self.config.segment_bytes:
                     self._roll()
                 assert self.writer is not None
+                stage = "append"
                 self.writer.append(data)
                 if self.config.fsync == "always":
+                    stage = "fsync"
                     self.writer.sync()
             except OSError as exc:
+                if self.failed is None and (stage == "segment" or (
+                        stage == "append" and self.writer is not None and self.writer.intact)):
+                    # Nothing of this write is in the log (a new segment is removed again,
+                    # a partial append cut back): refuse it alone, and go on once the
+                    # cause (a full disk, say) is gone.
+                    raise DurabilityError(
+                        f"writing the log at {self.root} failed ({exc.strerror or exc}); this "
+                        "write was not applied or logged, and the bus goes on") from exc
                 self.failed = exc
                 raise DurabilityError(
                     f"writing the log at {self.root} failed ({exc.strerror or exc}); the bus "
@@ -141,12 +203,23 @@ class DurableBus:
 
     def _roll(self) -> None:
         """Start the next segment of the current generation (caller holds io_lock)."""
-        seq = 0
+        seq = self.next_seq
         if self.writer is not None:
             seq = self.writer.seq + 1
-            self.writer.close()
+            old, self.writer = self.writer, None
+            self.next_seq = seq
+            try:
+                old.close()
+            except OSError:
+                # Its records may not be durable: the power-loss guarantee is gone.
+                self.failed_sync(old)
+                raise
         self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
                                     self.generation, seq)
+        self.next_seq = seq + 1
+
+    def failed_sync(self, writer: SegmentWriter) -> None:
+        self.failed = OSError(f"fsync of {writer.path.name} failed")
 
     def _sync_loop(self) -> None:
         interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0
@@ -208,12 +281,20 @@ class DurableBus:
         else:
             self._retry_after = 0
 
-    def checkpoint(self, state: MMSBState, *, evict: bool = True) -> Path:
+    def checkpoint(self, state: MMSBState, *, evict: bool = True, need_segment: bool = True) -> Path:
         """Write checkpoint generation+1 (caller holds the state's lock), start its log
         segment, then drop what it makes redundant: older generations' segments and
         checkpoints beyond ``retain_checkpoints``. ``evict=False`` (the checkpoints of
         stop and recovery) keeps every retained checkpoint, so closing and reopening a
-        bus never shortens its history; the next regular checkpoint evicts."""
+        bus never shortens its history; the next regular checkpoint evicts.
+        ``need_segment=False`` (stop, compress_log, load_checkpoint): a first segment that
+        cannot be created is left to the next write or open, without an error.
+
+        Raises:
+            DurabilityError: the checkpoint could not be written (nothing changed), or
+                it was written and is in force but its first log segment could not be
+                created (the next write creates it; until then the disk must have room).
+        """
         if self.failed is not None:
             raise DurabilityError(f"the bus at {self.root} failed earlier ({self.failed}); "
                                   "no checkpoint is written")
@@ -252,27 +333,52 @@ class DurableBus:
             raise
         if oldest is new and not full:
             state.replay_base = CheckpointBase(path)
+        segment_error: OSError | None = None
         with self.io_lock:
             old_writer = self.writer
             self.generation = gen
             self.writer = None
+            self.next_seq = 0
             if old_writer is not None:
-                old_writer.close()
-            self.writer = SegmentWriter(self.wal_dir / _wal_name(gen, 0), self.bus_id, gen, 0)
+                try:
+                    old_writer.close()
+                except OSError:
+                    pass  # the checkpoint, fsynced, holds every record of that segment
+            try:
+                self.writer = SegmentWriter(self.wal_dir / _wal_name(gen, 0), self.bus_id, gen, 0)
+                self.next_seq = 1
+            except OSError as exc:
+                if need_segment:
+                    segment_error = exc
         self.ckpt_lsn = lsn
         self.reset_chain = False
         self.records_since_ckpt = 0
         self.last_ckpt_time = time.monotonic()
-        for p in bus_files(self.root)["wal"]:
-            m = _WAL_RE.match(p.name)
-            if m and int(m.group(1), 16) < gen:
-                _unlink(p)
-        kept_paths = {c.path for c in kept}
-        for c in [*self.retained, *([] if not full else self._all_ckpts())]:
-            if c.path not in kept_paths:
-                _unlink(c.path)
+        removed = False
+        try:
+            for p in bus_files(self.root)["wal"]:
+                m = _WAL_RE.match(p.name)
+                if m and int(m.group(1), 16) < gen:
+                    _unlink(p)
+                    removed = True
+            kept_paths = {c.path for c in kept}
+            for c in [*self.retained, *([] if not full else self._all_ckpts())]:
+                if c.path not in kept_paths:
+                    _unlink(c.path)
+                    removed = True
+            if removed:
+                fsync_dir(self.wal_dir, strict=False)
+                fsync_dir(self.ckpt_dir, strict=False)
+        except OSError as exc:
+            # What stays is superseded: recovery ignores (and later removes) it.
+            log.warning("removing superseded files of %s failed: %s", self.root, exc)
         self.retained = kept
         state.counters.checkpoint.add(time.perf_counter_ns() - t0)
+        if segment_error is not None:
+            raise DurabilityError(
+                f"checkpoint {path.name} is written and in force, but its log segment could "
+                f"not be created ({segment_error.strerror or segment_error}); the next write "
+                "creates it once the disk has room") from segment_error
         return path
 
     def _all_ckpts(self) -> list[_Ckpt]:
@@ -295,7 +401,10 @@ class DurableBus:
         caller restores its state."""
         self.reset_chain = True
         try:
-            self.checkpoint(state)
+            # The checkpoint is what the caller's change rests on: once it is written the
+            # change stands, and a first segment that cannot be created yet is left to
+            # the next write (which reports the full disk, if it still is).
+            self.checkpoint(state, need_segment=False)
         except BaseException:
             self.reset_chain = False
             raise
@@ -320,7 +429,13 @@ class DurableBus:
             return
         try:
             if self.failed is None and (self.records_since_ckpt or self.generation == 0):
-                self.checkpoint(state, evict=False)
+                try:
+                    self.checkpoint(state, evict=False, need_segment=False)
+                except DurabilityError as exc:
+                    raise DurabilityError(
+                        f"the final checkpoint of the bus at {self.root} failed ({exc}); the bus "
+                        "is closed all the same, its log holds every record, and reopening it "
+                        "recovers them") from exc
         finally:
             self._stop.set()
             if self._syncer is not None:
@@ -340,16 +455,13 @@ class DurableBus:
 
 
 def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    fsops.unlink(path)
 
 
 # -- opening and recovery ----------------------------------------------------------------
 
 def _lock(root: Path) -> int:
-    fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = fsops.open_regular(root / "LOCK", os.O_RDWR | os.O_CREAT, create=True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -365,28 +477,43 @@ def _lock(root: Path) -> int:
                 f"the bus at {root} is already open for writing{who}; a bus has one "
                 "writer at a time: stop that one first (mmsb_stop)") from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
 def _identity(root: Path, has_data: bool) -> int:
     path = root / "BUS"
-    if not path.exists():
+    if not os.path.lexists(path):
         if has_data:
             raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
                                      "log segments exist; refusing to guess", path=path)
         bus_id = secrets.randbits(64) or 1
-        head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, time.time_ns())
+        # A clock before 1970 records creation time 0.
+        head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, max(0, time.time_ns()))
         tmp = root / ".BUS.tmp"
-        with open(tmp, "wb") as f:
-            f.write(head + _U32.pack(crc32c(head)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsops.unlink(tmp)  # a leftover (or a planted link) is removed, never written through
+        fd = fsops.create_exclusive(tmp)
+        try:
+            fsops.write_all(fd, head + _U32.pack(crc32c(head)), tmp)
+            fsops.fsync(fd, tmp)
+        except BaseException:
+            os.close(fd)
+            fsops.unlink(tmp)
+            raise
+        os.close(fd)
+        fsops.replace(tmp, path)
         fsync_dir(root)
         return bus_id
-    raw = path.read_bytes()
+    try:
+        raw = fsops.read_all(path)
+    except OSError as exc:
+        raise SerializationError(f"cannot read the identity file ({exc.strerror or exc})",
+                                 path=path) from None
     if len(raw) != _BUS.size + 4:
         raise SerializationError(f"the identity file is {len(raw)} bytes, not {_BUS.size + 4}", path=path)
     magic, version, _flags, bus_id, _created = _BUS.unpack_from(raw, 0)
@@ -397,25 +524,64 @@ def _identity(root: Path, has_data: bool) -> int:
     return int(bus_id)
 
 
+class BusChangedError(SerializationError):
+    """The bus's files changed while a read-only open read them (a live writer
+    checkpointed and removed what was listed); reading again gives a consistent view."""
+
+
+def _listing(root: Path) -> tuple[list[Path], list[Path]]:
+    """Segments, then checkpoints. In this order a checkpoint that replaces the listed
+    segments is listed with them, so the two lists always cover every record that was
+    in the log when the listing began."""
+    wal = bus_files(root)["wal"]
+    ck = bus_files(root)["checkpoints"]
+    return wal, ck
+
+
 def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
     """Recover the durable bus in ``path`` into the fresh, in-memory ``state`` without
     writing anything: no lock is taken, nothing is checkpointed or cut, and a torn tail
-    is only skipped. Safe beside a live writer (it sees what is on disk at that moment).
+    is only skipped. Safe beside a live writer: the files are listed (segments first)
+    and the newest checkpoint and every segment opened at once, and read through those
+    descriptors, so the state includes every record acknowledged before the call.
 
     Raises:
+        BusChangedError: a listed file was removed before it could be opened or read, or
+            the listing changed while damage was found (read again: the writer moved on).
         SerializationError: no bus there, or damage the recovery mode does not tolerate.
     """
     cfg = state.config
     root = Path(path)
-    if not (root / "BUS").is_file():
+    if not os.path.lexists(root / "BUS"):
         raise SerializationError("no MMSB bus here (the identity file BUS is missing)", path=root)
-    files = bus_files(root)
     bus_id = _identity(root, True)
+    wal, ck = _listing(root)
     bus = DurableBus(root, bus_id, cfg, -1)
     bus.read_only = True
-    _recover(bus, state, files)
-    if state.replay_base is not None:
-        state.replay_base = state.replay_base.detached()  # the writer may drop the file later
+    try:
+        try:
+            for p in ([ck[-1]] if ck else []) + wal:
+                bus.fds[p] = fsops.open_regular(p, os.O_RDONLY)
+        except FileNotFoundError:
+            raise BusChangedError("a bus file was removed while it was being opened (a "
+                                  "writer's checkpoint moved on)", path=root) from None
+        except OSError as exc:
+            raise SerializationError(f"cannot open a bus file ({exc.strerror or exc})",
+                                     path=exc.filename) from None
+        try:
+            _recover(bus, state, {"checkpoints": ck, "wal": wal})
+            if state.replay_base is not None:
+                # The writer may drop the file later: keep its bytes.
+                state.replay_base = state.replay_base.detached()
+        except SerializationError as exc:
+            if bus.vanished or _listing(root) != (wal, ck):
+                raise BusChangedError(f"the bus changed while it was read ({exc.reason})",
+                                      path=root) from exc
+            raise
+    finally:
+        for fd in bus.fds.values():
+            os.close(fd)
+        bus.fds.clear()
     state.detached = True
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
@@ -432,13 +598,19 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
     """
     config = state.config
     root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "checkpoints").mkdir(exist_ok=True)
-    (root / "wal").mkdir(exist_ok=True)
     config.validate()
-    lock_fd = _lock(root)
+    try:
+        if root.exists() and not root.is_dir():
+            raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sub in ("checkpoints", "wal"):
+            d = root / sub
+            if d.is_symlink() or (d.exists() and not d.is_dir()):
+                raise fsops.NotRegularFileError(errno.EINVAL, "not a directory of the bus", str(d))
+            d.mkdir(mode=0o700, exist_ok=True)
+        lock_fd = _lock(root)
+    except OSError as exc:
+        raise _durability(root, "open", exc) from exc
     try:
         files = bus_files(root)
         bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]))
@@ -446,9 +618,11 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
             _unlink(tmp)
         bus = DurableBus(root, bus_id, config, lock_fd)
         _recover(bus, state, files)
-    except BaseException:
+    except BaseException as exc:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
+        if isinstance(exc, OSError) and not isinstance(exc, MMSBError):
+            raise _durability(root, "recover", exc) from exc
         raise
     state.bus = bus
     state.log.sink = bus.sink
@@ -456,6 +630,17 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
     bus.start()
+
+
+def _durability(root: Path, what: str, exc: OSError) -> DurabilityError:
+    """The typed error for a file-system failure while opening a bus."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.ELOOP or isinstance(exc, fsops.NotRegularFileError):
+        why = (f"{exc.filename} is a symlink or not a regular file; bus files are never "
+               "followed through links or read from special files")
+    elif exc.errno == errno.EROFS:
+        why = "the file system is read-only (use open_readonly to read this bus)"
+    return DurabilityError(f"cannot {what} the bus at {root}: {why}")
 
 
 def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) -> None:
@@ -470,15 +655,19 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         by_gen[int(m.group(1), 16)] = p
     if by_gen:
         gen = max(by_gen)
-        newest = read_checkpoint(by_gen[gen])
+        newest = bus.read_checkpoint(by_gen[gen])
         _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
-        # Walk back along the chain of log slices while the files are there.
+        # Walk back along the chain of log slices while the files are there, down to the
+        # checkpoint at the newest file's horizon (its replay base) or the chain's start.
+        # An older checkpoint that a crash left behind before retention removed it is
+        # superseded, never part of the chain.
         chain = [(gen, newest)]
-        while chain[-1][1].log_from_lsn != 0:
+        horizon = newest.horizon_lsn
+        while chain[-1][1].log_from_lsn != 0 and chain[-1][1].lsn > horizon:
             g_prev = chain[-1][0] - 1
             if g_prev not in by_gen:
                 break
-            ck_prev = read_checkpoint(by_gen[g_prev])
+            ck_prev = bus.read_checkpoint(by_gen[g_prev])
             _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
             if ck_prev.lsn != chain[-1][1].log_from_lsn:
                 raise SerializationError(
@@ -498,19 +687,28 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         for _g, ck in start_slices:
             records.extend(ck.records)
         newest.records = records
-        state.restore(newest)
+        try:
+            state.restore(newest)
+        except MemoryError:
+            raise SerializationError("the checkpoint describes a state larger than the memory "
+                                     "this process may use", path=by_gen[gen]) from None
         # The newest file's horizon was written after its history was trimmed, so it
         # already names where the rebuilt log begins; the chain gives its base.
-        state.replay_base = base if not isinstance(base, Path) else CheckpointBase(base)
+        if isinstance(base, Path):
+            state.replay_base = CheckpointBase(bus.raw_seen.get(base, base))
+        else:
+            state.replay_base = base
         state.orphan_from = 0
         for g, ck in chain:
             ckpts.append(_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]))
         bus.generation = gen
         bus.ckpt_lsn = newest.lsn
         bus.retained = ckpts
-        for g, p in by_gen.items():
-            if g < chain[0][0] and not bus.read_only:
+        superseded = [p for g, p in by_gen.items() if g < chain[0][0]]
+        if superseded and not bus.read_only:
+            for p in superseded:
                 _unlink(p)
+            fsync_dir(bus.ckpt_dir, strict=False)
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
     for p in files["wal"]:
@@ -526,7 +724,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
                 # Set aside under a name no generation uses, so it can never be replayed
                 # or collide with a segment this bus writes later.
                 aside = p.with_name(p.name + ".stale")
-                os.replace(p, aside)
+                fsops.replace(p, aside)
                 note += f" (kept as {aside.name})"
             bus.recovery_notes.append(note)
             log.warning("recovery of %s: %s", bus.root, note)
@@ -546,7 +744,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
                 bus.recovery_notes.append(str(err))
                 break
             raise err
-        scan: SegmentScan = scan_segment(p, bus.bus_id, bus.generation, seq, expected_lsn)
+        scan: SegmentScan = bus.scan_segment(p, seq, expected_lsn)
         if scan.foreign is not None:
             err = SerializationError(f"log segment is not this bus's: {scan.foreign}", path=p)
             if cfg.recovery == "point_in_time":
@@ -591,8 +789,10 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         bus.checkpoint(state, evict=False)
     else:
         with bus.io_lock:
+            bus.next_seq = len(segs)
             bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),
                                        bus.bus_id, bus.generation, len(segs))
+            bus.next_seq += 1
 
 
 def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:

@@ -18,8 +18,8 @@ target state.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -30,12 +30,14 @@ import numpy as np
 import zstandard
 
 from .._core.delta import Delta
+from .._core.engine import physical_memory
 from .._core.graph import ShadowPageGraph
-from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE
-from .._core.records import AnyRecord
+from .._core.limits import MAX_COUNTER, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
+from .._core.records import AnyRecord, PageCreate
 from .._core.snapshot import ReplayBase, Snapshot
 from ..errors import SerializationError
 from ..types import EdgeType
+from . import fsops
 from .codec import (
     KIND_DELTA,
     _fast_delta,
@@ -45,7 +47,7 @@ from .codec import (
     encode_metadata,
     record_parts,
 )
-from .wal import fsync_dir
+from .fsops import fsync_dir
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -78,10 +80,18 @@ class CheckpointBase(ReplayBase):
         self.source = source
 
     def raw(self) -> bytes:
+        """The checkpoint's bytes.
+
+        Raises:
+            SerializationError: the file cannot be read (gone, or not a regular file).
+        """
         if isinstance(self.source, bytes):
             return self.source
-        with open(self.source, "rb") as f:
-            return f.read()
+        try:
+            return fsops.read_all(self.source)
+        except OSError as exc:
+            raise SerializationError(f"cannot read the replay base ({exc.strerror or exc})",
+                                     path=self.source) from None
 
     def snapshot(self) -> Snapshot:
         return read_checkpoint(self.raw(), path_label="replay base")
@@ -285,21 +295,27 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
         base = state.base_bytes() if not from_lsn else b""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    f = fsops.HookedWriter(fsops.create_exclusive(tmp), tmp)
     try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-            _write_body(f, state, from_lsn, bus, base)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-            size = f.tell()
-        os.replace(tmp, target)
+        _write_body(f, state, from_lsn, bus, base)  # type: ignore[arg-type]
+        f.flush()
+        if fsync:
+            fsops.fsync(f.fd, tmp)
+        size = f.tell()
+        f.close()
+        fsops.replace(tmp, target)
         if fsync:
             fsync_dir(directory, strict=False)
     except BaseException:
+        if not f.closed:
+            try:
+                f.close()
+            except OSError:
+                pass
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
+            fsops.unlink(tmp)
+        except OSError:
             pass
         raise
     return size
@@ -351,10 +367,10 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
     else:
         label = str(source)
         try:
-            with open(source, "rb") as f:
-                raw = f.read()
+            raw = fsops.read_all(source)
         except OSError as exc:
-            raise SerializationError(f"cannot read the file ({exc.strerror})", path=label) from None
+            raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
+                                     path=label) from None
     return _parse(memoryview(raw), label)
 
 
@@ -437,8 +453,17 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
         raise fail("section META does not describe an MMSB checkpoint")
     n = meta.get("pages")
-    if not isinstance(n, int) or n < 0:
+    if not isinstance(n, int) or not 0 <= n <= MAX_PAGE_ID:
         raise fail("section META has no valid page count")
+    for key in ("horizon_lsn", "log_from_lsn"):
+        if not isinstance(meta.get(key, 0), int) or not 0 <= meta.get(key, 0) < MAX_COUNTER:
+            raise fail(f"section META {key} is not an int from 0 to {MAX_COUNTER - 1}")
+    for key in ("horizon_timestamp", "last_timestamp", "written_ns"):
+        if not isinstance(meta.get(key, 0), int) or not -(1 << 63) <= meta.get(key, 0) < 1 << 63:
+            raise fail(f"section META {key} is not a 64-bit int")
+    if not 0 <= lsn < MAX_COUNTER or not 1 <= next_delta_id < MAX_COUNTER:
+        raise fail(f"header LSN {lsn} or next delta id {next_delta_id} is out of range (both "
+                   f"stay below {MAX_COUNTER})", 16)
     table = get(b"PTBL", n * 25)
     if len(table) != n * 25:
         raise fail(f"section PTBL holds {len(table)} bytes, not the {n * 25} that {n} pages need")
@@ -449,8 +474,13 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if n:
         if ids[0] < 1 or (np.diff(ids) <= 0).any() or ids[-1] >= next_page_id:
             raise fail("section PTBL page ids are not ascending, positive and below the next id")
-        if (sizes <= 0).any() or (sizes > MAX_PAGE_SIZE).any() or (epochs < 0).any() or (locs > 2).any():
+        if ((sizes <= 0).any() or (sizes > MAX_PAGE_SIZE).any() or (epochs < 0).any()
+                or (epochs >= MAX_COUNTER).any() or (locs > 2).any()):
             raise fail("section PTBL has an impossible size, epoch or location")
+        rows = (int(ids[-1]) + 1) * 26
+        if rows > physical_memory():
+            raise fail(f"section PTBL names page id {int(ids[-1])}, whose page-table rows "
+                       f"({rows:,} bytes) are more than this machine's memory")
     if next_page_id < 1 or next_page_id > MAX_PAGE_ID + 1:
         raise fail(f"header next page id {next_page_id} is out of range (page ids stop at "
                    f"{MAX_PAGE_ID})")
@@ -463,9 +493,18 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if not isinstance(raw_meta, dict):
         raise fail("section META metadata is not a map")
     for key, value in raw_meta.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) in id_set and isinstance(value, dict)):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
+                and int(key) in id_set and isinstance(value, dict)):
             raise fail(f"section META has metadata for an unknown page {key!r}")
-        metadata[int(key)] = decode_metadata(encode_metadata(value), "page metadata") if value else {}
+        if not all(isinstance(k, str) for k in value):
+            raise fail(f"section META metadata of page {key} has a key that is not a str")
+        problem = metadata_bounds_problem(value)
+        if problem is not None:
+            raise fail(f"section META metadata of page {key} is out of bounds: {problem}")
+        try:
+            metadata[int(key)] = decode_metadata(encode_metadata(value), "page metadata") if value else {}
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise fail(f"section META metadata of page {key} does not encode ({exc})") from None
     size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     masks: dict[int, tuple[np.ndarray, int]] = {}
     try:
@@ -505,6 +544,14 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     records = decode_log(get(b"TLOG"), fail)
     if records and records[-1].lsn > lsn:
         raise fail(f"section TLOG holds LSN {records[-1].lsn}, past the checkpoint LSN {lsn}")
+    for rec in records:
+        if isinstance(rec, Delta):
+            if rec.page_id >= next_page_id or rec.epoch >= MAX_COUNTER:
+                raise fail(f"section TLOG delta at LSN {rec.lsn} names page {rec.page_id} or "
+                           f"epoch {rec.epoch}, out of range")
+        elif max(_record_pages(rec), default=0) >= next_page_id:
+            raise fail(f"section TLOG record at LSN {rec.lsn} names a page at or past the "
+                       f"next page id {next_page_id}")
     max_delta = max((r.id for r in records if isinstance(r, Delta)), default=0)
     if next_delta_id <= max_delta:
         raise fail("header next delta id is not above the log's deltas")
@@ -519,7 +566,8 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         raise fail("section TLOG starts before the log start META declares")
     bus = meta.get("bus")
     if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
-                                and isinstance(bus.get("generation"), int)):
+                                and isinstance(bus.get("generation"), int)
+                                and 0 <= bus["generation"] < 1 << 64):
         raise fail("section META has a malformed bus identity")
     base = bytes(get(b"BASE"))
     if base and not base.startswith(MAGIC):
@@ -527,6 +575,14 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
                           metadata, masks, edges, records, horizon, last_ts, meta,
                           CheckpointBase(base) if base else None, from_lsn, bus)
+
+
+def _record_pages(rec: AnyRecord) -> list[int]:
+    """The page ids a structural record names."""
+    if isinstance(rec, PageCreate):
+        return [rec.first_id + rec.count - 1]
+    return [v for k in ("page_id", "source_id", "parent_id", "child_id")
+            if isinstance(v := getattr(rec, k, None), int)]
 
 
 def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
@@ -551,6 +607,8 @@ def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
             raise fail(f"section TLOG record at byte {pos - 4}: {exc.reason}") from None
         if rec.lsn <= prev_lsn or rec.timestamp < prev_ts:
             raise fail(f"section TLOG record at byte {pos - 4} breaks LSN or time order")
+        if rec.lsn >= MAX_COUNTER:
+            raise fail(f"section TLOG record at byte {pos - 4} has LSN {rec.lsn}, out of range")
         prev_lsn, prev_ts = rec.lsn, rec.timestamp
         out.append(rec)
         pos += n

@@ -17,7 +17,13 @@ import msgpack
 import numpy as np
 
 from .._core.delta import Delta
-from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .._core.limits import (
+    MAX_COUNTER,
+    MAX_METADATA_BYTES,
+    MAX_PAGE_ID,
+    MAX_PAGE_SIZE,
+    metadata_bounds_problem,
+)
 from .._core.records import (
     AnyRecord,
     Compacted,
@@ -44,7 +50,7 @@ __all__ = [
     "KIND_DELTA",
 ]
 
-MAX_METADATA = 16 << 20
+MAX_METADATA = MAX_METADATA_BYTES
 
 KIND_DELTA = 1
 KIND_CREATE = 2
@@ -99,6 +105,9 @@ def decode_metadata(raw: bytes | memoryview, what: str = "metadata") -> dict[str
         raise SerializationError(f"{what} is not valid msgpack ({exc})") from None
     if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
         raise SerializationError(f"{what} must be a map with str keys")
+    problem = metadata_bounds_problem(out)
+    if problem is not None:
+        raise SerializationError(f"{what} is out of bounds: {problem}")
     return out
 
 
@@ -237,6 +246,9 @@ def _decode_delta(r: _Reader, lsn: int, ts: int) -> Delta:
     _check_page_size(r, size)
     if epoch <= base:
         raise r.fail(f"delta epoch {epoch} is not after its base epoch {base}")
+    if epoch >= MAX_COUNTER or lsn >= MAX_COUNTER or did >= MAX_COUNTER:
+        raise r.fail(f"delta id {did}, epoch {epoch} or LSN {lsn} is out of range (below "
+                     f"{MAX_COUNTER})")
     source = r.text()
     (enc,) = r.unpack(struct.Struct("<B"))
     idx = vals = data = mask = None
@@ -283,7 +295,8 @@ def _fast_delta(buf: memoryview) -> Delta | None:
         return None
     kind, lsn, ts, did, pid, base, epoch, size, slen = _DELTA_FIXED.unpack_from(buf, 0)
     p = _DELTA_FIXED.size + slen
-    if kind != KIND_DELTA or not 0 < size <= MAX_PAGE_SIZE or epoch <= base or p + 1 > end:
+    if (kind != KIND_DELTA or not 0 < size <= MAX_PAGE_SIZE or epoch <= base or p + 1 > end
+            or epoch >= MAX_COUNTER or lsn >= MAX_COUNTER or did >= MAX_COUNTER):
         return None
     raw = bytes(buf[_DELTA_FIXED.size : p])
     source = _SOURCES.get(raw)

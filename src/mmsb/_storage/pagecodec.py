@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE
+from .._core.limits import MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from ..errors import InvalidArgumentError, MetadataError, SerializationError
 from ..types import PageLocation, coerce_location
 from .checkpoint import (
@@ -210,6 +210,9 @@ def _checked_metadata(metadata: Any) -> dict[str, Any]:
         raise MetadataError(f"metadata must be a mapping (dict), not {type(metadata).__name__}")
     if not all(isinstance(k, str) for k in metadata):
         raise MetadataError("metadata keys must be str")
+    problem = metadata_bounds_problem(dict(metadata))
+    if problem is not None:
+        raise MetadataError(f"metadata is beyond what every reader accepts: {problem}")
     try:
         packed = encode_metadata(dict(metadata))
     except (TypeError, ValueError, OverflowError) as exc:

@@ -17,7 +17,9 @@ import numpy as np
 
 from .._core.records import AnyRecord
 from ..errors import SerializationError
+from . import fsops
 from .codec import crc32c, decode_record
+from .fsops import fsync_dir
 
 __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]
@@ -50,30 +52,55 @@ def segment_header(bus_id: int, generation: int, seq: int) -> bytes:
 class SegmentWriter:
     """Appends frames to one segment file with unbuffered ``os.write``, so a record is
     in the kernel (safe from a process crash) when ``append`` returns; ``sync`` makes it
-    durable (``fdatasync``)."""
+    durable (``fdatasync``). The file is created 0600, exclusively, never through a
+    link; if its header cannot be written and synced, the file is removed again and
+    the descriptor closed before the error is raised."""
+
+    intact = True
+    """False once a failed append could not be cut back (the file's end is unknown)."""
 
     def __init__(self, path: Path, bus_id: int, generation: int, seq: int) -> None:
         self.path = path
         self.generation = generation
         self.seq = seq
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self.size = 0
         self.dirty = False
-        self.append(segment_header(bus_id, generation, seq))
-        self.sync()
-        fsync_dir(path.parent)
+        self.fd = fsops.create_exclusive(path, append=True)
+        try:
+            self.append(segment_header(bus_id, generation, seq))
+            self.sync()
+            fsync_dir(path.parent)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            try:
+                fsops.unlink(path)
+            except OSError:
+                pass
+            raise
 
     def append(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.size += n
+        """Append ``data`` whole. On failure the file is cut back to where it was, so
+        nothing partial stays; if even that fails, ``intact`` becomes False.
+
+        Raises:
+            OSError: the write failed (ENOSPC, EIO …).
+        """
+        before = self.size
+        try:
+            fsops.write_all(self.fd, data, self.path)
+        except OSError:
+            try:
+                fsops.truncate(self.fd, before, self.path)
+            except OSError:
+                self.intact = False
+            raise
+        self.size = before + len(data)
         self.dirty = True
 
     def sync(self) -> None:
         if self.dirty:
-            os.fdatasync(self.fd)
+            fsops.fdatasync(self.fd, self.path)
             self.dirty = False
 
     def close(self) -> None:
@@ -83,24 +110,6 @@ class SegmentWriter:
             finally:
                 os.close(self.fd)
                 self.fd = -1
-
-
-def fsync_dir(directory: Path, *, strict: bool = True) -> None:
-    """Make a directory's entries (a created, renamed or deleted file) durable. With
-    ``strict=False`` a platform that cannot fsync directories is tolerated."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        if strict:
-            raise
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        if strict:
-            raise
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -121,6 +130,8 @@ class SegmentScan:
     """File offset of each record's frame."""
     refused: SerializationError | None = None
     """A record that decoded but could not follow the state (set by recovery)."""
+    missing: bool = False
+    """The file vanished before it could be read (a writer's retention removed it)."""
 
 
 def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
@@ -158,16 +169,21 @@ def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
     return False
 
 
-def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: int) -> SegmentScan:
-    """Read a segment, checking every frame. Records must carry LSNs ``first_lsn``,
-    ``first_lsn + 1`` … in order. Never raises for bad content: damage is reported in
-    the result, with its offset."""
+def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: int,
+                 data: bytes | None = None) -> SegmentScan:
+    """Read a segment (or check its bytes ``data``, already read), checking every frame.
+    Records must carry LSNs ``first_lsn``, ``first_lsn + 1`` … in order. Never raises
+    for bad content: damage is reported in the result, with its offset; a path that is
+    not a regular file is damage too (it is never followed or waited on)."""
     out = SegmentScan(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        out.damage = SerializationError(f"cannot read the segment ({exc.strerror})", path=path)
-        return out
+    if data is None:
+        try:
+            data = fsops.read_all(path)
+        except OSError as exc:
+            out.damage = SerializationError(f"cannot read the segment ({exc.strerror or exc})",
+                                            path=path)
+            out.missing = isinstance(exc, FileNotFoundError)
+            return out
     buf = memoryview(data)
     end = len(buf)
     if end < SEG_HEADER_SIZE:

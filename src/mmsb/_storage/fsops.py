@@ -1,0 +1,235 @@
+"""Every file-system step of the durable bus, in one place.
+
+The bus never opens, writes, syncs, renames or removes a file except through these
+functions, for two reasons:
+
+* **Safety.** Files are opened with ``O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC`` and checked
+  with ``fstat`` to be regular files, so a symlink, FIFO or device where a bus file
+  belongs is refused (never followed, never written through, never waited on). Files
+  are created with mode 0600 whatever the umask, and an existing file is narrowed to
+  0600 when the bus opens it for writing.
+* **Fault injection.** Each step first calls the hook installed with
+  :func:`set_fault_hook` (none by default), with the step's name and path. A test hook
+  can raise ``OSError`` (ENOSPC, EIO, EROFS …) or end the process at the Nth step, so
+  that loops can walk a fault over every step of checkpointing, retention, segment
+  rotation and stop. Step names: ``"create"``, ``"open"``, ``"write"``, ``"fsync"``,
+  ``"truncate"``, ``"rename"``, ``"unlink"``, ``"fsync_dir"``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "create_exclusive",
+           "read_all", "read_fd", "write_all", "fsync", "fdatasync", "truncate", "replace",
+           "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
+
+FILE_MODE = 0o600
+"""Mode of every file the bus creates (page bytes are not for other users)."""
+
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_hook: Callable[[str, str], None] | None = None
+
+
+class NotRegularFileError(OSError):
+    """A path that names a symlink, FIFO, device or directory where a regular file
+    belongs."""
+
+
+def set_fault_hook(hook: Callable[[str, str], None] | None) -> Callable[[str, str], None] | None:
+    """Install ``hook(step, path)``, called before every file-system step of the bus
+    (None removes it). Returns the previous hook. For tests of faults and crashes.
+
+    Args:
+        hook: called with the step's name and the path it acts on; whatever it raises
+            is raised by the step.
+    """
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
+
+
+def step(name: str, path: Any) -> None:
+    """Announce one file-system step to the fault hook (if any)."""
+    hook = _hook
+    if hook is not None:
+        hook(name, str(path))
+
+
+def _require_regular(fd: int, path: Any) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegularFileError(errno.EINVAL, "not a regular file (a FIFO, device, directory "
+                                  "or other special file stands where a bus file belongs)",
+                                  str(path))
+
+
+def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
+    """Open ``path`` without following a final symlink and without blocking, and return
+    the descriptor of a regular file (created 0600 with ``create``; an existing file
+    opened for writing is narrowed to 0600).
+
+    Args:
+        path: the file.
+        flags: ``os.O_*`` access flags (``O_CREAT``/``O_EXCL`` as needed).
+        create: announce the step as ``"create"`` rather than ``"open"``.
+
+    Raises:
+        NotRegularFileError: the path is not a regular file (ELOOP for a symlink comes
+            from the kernel as a plain OSError).
+        OSError: as the system call raises it.
+    """
+    step("create" if create else "open", path)
+    fd = os.open(path, flags | _SAFE, FILE_MODE)
+    _require_regular(fd, path)
+    if flags & (os.O_WRONLY | os.O_RDWR):
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                os.fchmod(fd, FILE_MODE)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def create_exclusive(path: Any, *, append: bool = False) -> int:
+    """Create a new regular file at ``path`` (0600), refusing anything already there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_APPEND if append else 0)
+    return open_regular(path, flags, create=True)
+
+
+def read_fd(fd: int) -> bytes:
+    """All bytes of the open regular file ``fd``, from its start."""
+    size = os.fstat(fd).st_size
+    parts = []
+    pos = 0
+    while True:
+        chunk = os.pread(fd, max(size - pos, 1 << 16), pos)
+        if not chunk:
+            break
+        parts.append(chunk)
+        pos += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_all(path: Any) -> bytes:
+    """All bytes of the regular file ``path`` (opened no-follow, non-blocking).
+
+    Raises:
+        OSError: missing, unreadable, or not a regular file.
+    """
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        return read_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: Any, path: Any) -> int:
+    """Write all of ``data`` to ``fd``; returns how many bytes were written."""
+    step("write", path)
+    view = memoryview(data).cast("B")
+    total = len(view)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return total
+
+
+def fsync(fd: int, path: Any) -> None:
+    step("fsync", path)
+    os.fsync(fd)
+
+
+def fdatasync(fd: int, path: Any) -> None:
+    step("fsync", path)
+    os.fdatasync(fd)
+
+
+def truncate(fd: int, size: int, path: Any) -> None:
+    step("truncate", path)
+    os.ftruncate(fd, size)
+
+
+def replace(src: Any, dst: Any) -> None:
+    step("rename", dst)
+    os.replace(src, dst)
+
+
+def unlink(path: Any, *, missing_ok: bool = True) -> None:
+    step("unlink", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def fsync_dir(directory: Path, *, strict: bool = True) -> None:
+    """Make a directory's entries (a created, renamed or deleted file) durable. With
+    ``strict=False`` a platform that cannot fsync directories is tolerated."""
+    step("fsync_dir", directory)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        if strict:
+            raise
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if strict:
+            raise
+    finally:
+        os.close(fd)
+
+
+class HookedWriter:
+    """A buffered file on a descriptor (``write``, ``seek``, ``tell``, ``truncate``,
+    ``flush``) whose writes are hooked steps: one before the first write, then one per
+    ``step_bytes`` written, and one per flush."""
+
+    def __init__(self, fd: int, path: Any, step_bytes: int = 1 << 20) -> None:
+        self.fd = fd
+        self.path = path
+        self.f = os.fdopen(fd, "wb", buffering=step_bytes, closefd=False)
+        self.step_bytes = step_bytes
+        self.unannounced = step_bytes
+        self.closed = False
+
+    def write(self, b: Any) -> int:
+        n = len(memoryview(b).cast("B"))
+        if self.unannounced >= self.step_bytes:
+            step("write", self.path)
+            self.unannounced = 0
+        self.unannounced += n
+        return self.f.write(b)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.f.truncate(size)
+
+    def flush(self) -> None:
+        step("write", self.path)
+        self.f.flush()
+
+    def close(self) -> None:
+        """Close the file and its descriptor (without flushing: call flush first)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.f.close()
+            except OSError:
+                pass
+            os.close(self.fd)
