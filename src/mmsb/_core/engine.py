@@ -8,7 +8,6 @@ Every change follows the same path: validate → build a record → append it to
 
 from __future__ import annotations
 
-import bisect
 import contextvars
 import os
 import threading
@@ -463,15 +462,13 @@ class MMSBState:
 
     def page_mask(self, pid: int) -> np.ndarray:
         """Bytes any applied delta wrote: the folded base (if any) plus the retained
-        deltas after it. O(the page's retained deltas)."""
+        deltas after it. O(the page's retained payload bytes), in one compiled pass."""
         size = int(self.table.size[pid])
         base = self.mask_base.get(pid)
-        deltas = self.log.by_page.get(pid, [])
         if base is None:
-            return union_mask(size, deltas)
+            return self.log.written_mask(pid, size)
         m, as_of = base
-        k = bisect.bisect_right(deltas, as_of, key=lambda d: d.lsn)
-        out = union_mask(size, deltas[k:])
+        out = self.log.written_mask(pid, size, as_of)
         n = min(size, len(m))
         out[:n] |= m[:n]
         return out

@@ -27,7 +27,7 @@ from typing import Any, overload
 import numpy as np
 
 from .delta import Delta
-from .kernels import ROW_DTYPE, write_small
+from .kernels import ROW_DTYPE, mark_written, write_small
 from .records import AnyRecord, Compacted, PageCreate
 
 __all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas"]
@@ -663,6 +663,30 @@ class TransactionLog:
     @property
     def by_page(self) -> _ByPage:
         return _ByPage(self)
+
+    def written_mask(self, page_id: int, size: int, after_lsn: int = 0) -> np.ndarray:
+        """One bool per byte of a ``size``-byte page: where its retained deltas with LSN
+        > ``after_lsn`` write (positions past ``size`` ignored). One compiled pass over
+        their payloads. O(its deltas' payload bytes)."""
+        out = np.zeros(size, dtype=bool)
+        rows = self.index.get(page_id)
+        if not rows:
+            return out
+        sel = np.frombuffer(rows, np.uint32).astype(np.int64)
+        if after_lsn:
+            sel = sel[self.rows_through(after_lsn) <= sel]
+        if not sel.size:
+            return out
+        recs = self.rows[sel]
+        chunk_of = recs["poff"] >> 32
+        for ci in np.unique(chunk_of).tolist():
+            pick = recs[chunk_of == ci]
+            chunk = self.chunks[ci]
+            assert chunk is not None
+            mark_written(np.frombuffer(chunk, np.uint8), pick["poff"] & 0xFFFFFFFF,
+                         pick["plen"].astype(np.int64), pick["enc"], pick["psize"].astype(np.int64),
+                         out)
+        return out
 
     def page_rows(self, page_id: int) -> np.ndarray:
         """The delta rows of ``page_id``, ascending (a copy). O(its deltas)."""
