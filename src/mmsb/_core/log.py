@@ -36,6 +36,11 @@ class TransactionLog:
         """Called with each new record before it is kept (the write-ahead log)."""
         self.sink_many: Callable[[list[AnyRecord]], None] | None = None
         """Called with a batch's records in one go (group commit), when set."""
+        self.generation = 0
+        """Bumped each time the record lists are replaced (compression, trimming)."""
+        self.history_index: object | None = None
+        """What the history layer derives from these records (time-travel keyframes);
+        it checks ``generation`` and the lists' identity before trusting it."""
 
     @property
     def last_lsn(self) -> int:
