@@ -163,9 +163,16 @@ class TransactionLog:
         """Called with each new record before it is kept (the write-ahead log)."""
         self.sink_many: Callable[[list[AnyRecord]], None] | None = None
         """Called with a batch's records in one go (group commit), when set."""
+        self.generation = 0
+        """Bumped each time the log's contents are replaced or rewritten (compression,
+        trimming, a restored memento), so what was derived from them can tell."""
+        self.history_index: object | None = None
+        """What the history layer derives from these records (time-travel keyframes);
+        it checks ``generation`` before trusting it."""
         self._clear()
 
     def _clear(self) -> None:
+        self.generation += 1
         # delta rows
         self.rows = np.empty(1024, ROW_DTYPE)
         """Delta rows ``0 … n-1`` (capacity grows by doubling)."""
@@ -610,7 +617,9 @@ class TransactionLog:
         return dict(self.__dict__)
 
     def restore_memento(self, saved: dict[str, Any]) -> None:
+        generation = self.generation
         self.__dict__.update(saved)
+        self.generation = generation + 1
 
     def forget_all(self, horizon: int) -> None:
         """Retain nothing (logging disabled); LSNs keep moving."""
@@ -631,6 +640,153 @@ class TransactionLog:
         pages = self.rows["page"]
         for pid, rows in self.index.items():
             assert (pages[np.asarray(rows, np.int64)] == pid).all(), f"index of page {pid} is off"
+
+    # -- reading by LSN, applying rows, copying a prefix -----------------------------
+    def iter_structs(self, start: int = 0, stop: int | None = None) -> Iterator[AnyRecord]:
+        """Structural records with ``start`` < LSN ≤ ``stop`` (all by default), in LSN
+        order; a creation run yields one record per page. O(records yielded + log n)."""
+        hi = self.last_lsn if stop is None else stop
+        structs = self.structs
+        for i in range(max(0, bisect.bisect_right(self.struct_lsn, start) - 1), len(structs)):
+            s = structs[i]
+            if s.lsn > hi:
+                return
+            if isinstance(s, _CreateRun):
+                for k in range(max(0, start + 1 - s.lsn), min(s.count, hi + 1 - s.lsn)):
+                    yield s.record(k)
+            elif s.lsn > start:
+                yield s
+
+    def row_lsns(self, r0: int, r1: int) -> np.ndarray:
+        """LSNs of rows ``r0 … r1-1`` (int64), read from the step map in one go.
+        O(rows + log breaks)."""
+        rows = np.arange(r0, r1, dtype=np.int64)
+        if r0 >= r1:
+            return rows
+        # Copies, so the arrays are never held while they grow.
+        brk = np.frombuffer(self.lsns.rows.tobytes(), np.int64)
+        val = np.frombuffer(self.lsns.vals.tobytes(), np.int64)
+        j = np.searchsorted(brk, rows, "right") - 1
+        return val[j] + rows - brk[j]
+
+    def max_id_through(self, k: int) -> int:
+        """The largest delta id among rows ``0 … k-1`` (0 when k is 0). O(breaks)."""
+        k = min(k, self.n)
+        if k <= 0:
+            return 0
+        m = bisect.bisect_left(self.ids.rows, k)
+        brk = np.frombuffer(self.ids.rows.tobytes(), np.int64)[:m]
+        val = np.frombuffer(self.ids.vals.tobytes(), np.int64)[:m]
+        ends = np.append(brk[1:], k)
+        return int((val + ends - 1 - brk).max())
+
+    def apply_row(self, row: int, buf: np.ndarray) -> int:
+        """Write the delta of ``row`` into ``buf`` (its page's bytes, same size) straight
+        from the payload arena, as :func:`~mmsb._core.delta.apply_delta` writes the delta
+        :meth:`delta_at` builds. Returns the bytes it writes (the page size when dense).
+        O(log breaks + payload)."""
+        _pid, size, plen, _sid, enc, _epoch, _ts, poff = self.rows[row].item()
+        chunk = self.chunks[poff >> 32]
+        assert chunk is not None
+        off = poff & 0xFFFFFFFF
+        if enc == ENC_RUN:
+            first = int.from_bytes(chunk[off:off + 4], "little")
+            n = plen - 4
+            buf[first:first + n] = np.frombuffer(chunk, np.uint8, n, off + 4)
+            return n
+        if enc == ENC_POS16 or enc == ENC_POS32:
+            w = 2 if enc == ENC_POS16 else 4
+            n = plen // (w + 1)
+            pos = np.frombuffer(chunk, np.uint16 if w == 2 else np.uint32, n, off)
+            buf[pos] = np.frombuffer(chunk, np.uint8, n, off + w * n)
+            return n
+        data = np.frombuffer(chunk, np.uint8, size, off)
+        if enc == ENC_MASKED:
+            bits = np.frombuffer(chunk, np.uint8, plen - size, off + size)
+            np.copyto(buf, data, where=np.unpackbits(bits, count=size).view(bool))
+        else:
+            buf[:] = data
+        return size
+
+    def extend_from(self, other: TransactionLog, start: int, stop: int) -> None:
+        """Keep ``other``'s records with ``start`` < LSN ≤ ``stop``, as adopting them one
+        by one in LSN order would: delta rows copied in one go, with their payloads
+        shared by reference (chunk numbers remapped; this log's next payload starts a
+        chunk of its own, so a shared chunk is never written), structural records
+        adopted. O(rows + structural records + breaks + chunks), no payload copied."""
+        r0, r1 = other.rows_through(start), other.rows_through(stop)
+        newest = (0, 0)
+        if r1 > r0:
+            m = r1 - r0
+            at = self.n
+            while at + m > len(self.rows):
+                self._grow()
+            new = other.rows[r0:r1].copy()
+            ci = new["poff"] >> 32
+            used = np.unique(ci)
+            have = {id(c): i for i, c in enumerate(self.chunks)}
+            lut = np.zeros(int(used[-1]) + 1, np.int64)
+            for c in used.tolist():
+                buf = other.chunks[c]
+                k = have.get(id(buf))
+                if k is None:
+                    self.chunks.append(buf)
+                    k = have[id(buf)] = len(self.chunks) - 1
+                lut[c] = k
+            new["poff"] = (lut[ci] << 32) | (new["poff"] & 0xFFFFFFFF)
+            src = new["src"]
+            for s in np.unique(src).tolist():
+                at_rows = np.flatnonzero(src == s)
+                if s == _NO_SOURCE:
+                    for i in at_rows.tolist():
+                        self.rare_sources[at + i] = other.rare_sources[r0 + i]
+                    continue
+                name = other.sources[s]
+                sid = self._source_id(name, at + int(at_rows[0]))
+                if sid == _NO_SOURCE:
+                    for i in at_rows.tolist():
+                        self.rare_sources[at + i] = name
+                src[at_rows] = sid
+            self.rows[at:at + m] = new
+            self._copy_steps(self.lsns, other.lsns, r0, r1, at)
+            self._copy_steps(self.ids, other.ids, r0, r1, at)
+            for r, b in other.bases.items():
+                if r0 <= r < r1:
+                    self.bases[r - r0 + at] = b
+            pages = new["page"]
+            order = np.argsort(pages, kind="stable")
+            bounds = np.flatnonzero(np.diff(pages[order])) + 1
+            for grp in np.split(order, bounds):
+                part = (grp + at).astype(np.uint32).tobytes()
+                pid = int(pages[grp[0]])
+                rows = self.index.get(pid)
+                if rows is None:
+                    self.index[pid] = array("I", part)
+                else:
+                    rows.frombytes(part)
+            self.n = at + m
+            self.payload_bytes += int(new["plen"].sum(dtype=np.int64))
+            self.cur, self.tail, self.cur_array = -1, _CHUNK, np.zeros(0, np.uint8)
+            newest = (other.lsns.at(r1 - 1), int(new["ts"][-1]))
+        for rec in other.iter_structs(start, stop):
+            self.adopt(rec)
+            if rec.lsn > newest[0]:
+                newest = (rec.lsn, rec.timestamp)
+        if newest[0]:
+            self.next_lsn, self.last_timestamp = newest[0] + 1, newest[1]
+
+    @staticmethod
+    def _copy_steps(dst: _Steps, src: _Steps, r0: int, r1: int, at: int) -> None:
+        """Append to ``dst`` (from its row ``at``) the values of ``src``'s rows
+        ``r0 … r1-1``. O(log breaks + breaks copied)."""
+        dst.push(at, src.at(r0))
+        j0 = bisect.bisect_right(src.rows, r0)
+        j1 = bisect.bisect_left(src.rows, r1)
+        shift = at - r0
+        for r, v in zip(src.rows[j0:j1], src.vals[j0:j1], strict=True):
+            dst.rows.append(r + shift)
+            dst.vals.append(v)
+        dst.last = src.at(r1 - 1)
 
 
 class RecordView(Sequence[AnyRecord]):
