@@ -19,6 +19,7 @@ payload (4 bytes of run start plus the changed bytes for a contiguous write).
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -642,6 +643,8 @@ class TransactionLog:
             assert (pages[np.asarray(rows, np.int64)] == pid).all(), f"index of page {pid} is off"
 
     # -- reading by LSN, applying rows, copying a prefix -----------------------------
+    _row_struct = struct.Struct("=iIIHBqqq")
+    """One row of :data:`ROW_DTYPE` (packed, native byte order), read without numpy."""
     def iter_structs(self, start: int = 0, stop: int | None = None) -> Iterator[AnyRecord]:
         """Structural records with ``start`` < LSN ≤ ``stop`` (all by default), in LSN
         order; a creation run yields one record per page. O(records yielded + log n)."""
@@ -684,29 +687,40 @@ class TransactionLog:
         """Write the delta of ``row`` into ``buf`` (its page's bytes, same size) straight
         from the payload arena, as :func:`~mmsb._core.delta.apply_delta` writes the delta
         :meth:`delta_at` builds. Returns the bytes it writes (the page size when dense).
-        O(log breaks + payload)."""
-        _pid, size, plen, _sid, enc, _epoch, _ts, poff = self.rows[row].item()
-        chunk = self.chunks[poff >> 32]
-        assert chunk is not None
-        off = poff & 0xFFFFFFFF
-        if enc == ENC_RUN:
-            first = int.from_bytes(chunk[off:off + 4], "little")
-            n = plen - 4
-            buf[first:first + n] = np.frombuffer(chunk, np.uint8, n, off + 4)
-            return n
-        if enc == ENC_POS16 or enc == ENC_POS32:
-            w = 2 if enc == ENC_POS16 else 4
-            n = plen // (w + 1)
-            pos = np.frombuffer(chunk, np.uint16 if w == 2 else np.uint32, n, off)
-            buf[pos] = np.frombuffer(chunk, np.uint8, n, off + w * n)
-            return n
-        data = np.frombuffer(chunk, np.uint8, size, off)
-        if enc == ENC_MASKED:
-            bits = np.frombuffer(chunk, np.uint8, plen - size, off + size)
-            np.copyto(buf, data, where=np.unpackbits(bits, count=size).view(bool))
-        else:
-            buf[:] = data
-        return size
+        O(payload)."""
+        return self.apply_rows((row,), buf)
+
+    def apply_rows(self, rows: Iterable[int], buf: np.ndarray) -> int:
+        """:meth:`apply_row` for each of ``rows`` (deltas of one page, in log order);
+        returns the bytes they write. O(their payloads)."""
+        unpack, width = self._row_struct.unpack_from, self._row_struct.size
+        cols, chunks = self.rows.data, self.chunks
+        wrote = 0
+        for row in rows:
+            _pid, size, plen, _sid, enc, _epoch, _ts, poff = unpack(cols, row * width)
+            chunk = chunks[poff >> 32]
+            assert chunk is not None
+            off = poff & 0xFFFFFFFF
+            if enc == ENC_RUN:
+                first = int.from_bytes(chunk[off:off + 4], "little")
+                n = plen - 4
+                buf[first:first + n] = chunk[off + 4:off + plen]
+                wrote += n
+            elif enc == ENC_POS16 or enc == ENC_POS32:
+                w = 2 if enc == ENC_POS16 else 4
+                n = plen // (w + 1)
+                pos = np.frombuffer(chunk, np.uint16 if w == 2 else np.uint32, n, off)
+                buf[pos] = np.frombuffer(chunk, np.uint8, n, off + w * n)
+                wrote += n
+            else:
+                data = np.frombuffer(chunk, np.uint8, size, off)
+                if enc == ENC_MASKED:
+                    bits = np.frombuffer(chunk, np.uint8, plen - size, off + size)
+                    np.copyto(buf, data, where=np.unpackbits(bits, count=size).view(bool))
+                else:
+                    buf[:] = data
+                wrote += size
+        return wrote
 
     def extend_from(self, other: TransactionLog, start: int, stop: int) -> None:
         """Keep ``other``'s records with ``start`` < LSN ≤ ``stop``, as adopting them one
@@ -719,51 +733,70 @@ class TransactionLog:
         if r1 > r0:
             m = r1 - r0
             at = self.n
-            while at + m > len(self.rows):
-                self._grow()
-            new = other.rows[r0:r1].copy()
-            ci = new["poff"] >> 32
-            used = np.unique(ci)
-            have = {id(c): i for i, c in enumerate(self.chunks)}
-            lut = np.zeros(int(used[-1]) + 1, np.int64)
-            for c in used.tolist():
+            if at + m > len(self.rows):
+                rows = np.empty(max(2 * len(self.rows), at + m), ROW_DTYPE)
+                rows[:at] = self.rows[:at]
+                self.rows = rows
+            new = self.rows[at:at + m]
+            new.view(np.uint8)[:] = other.rows[r0:r1].view(np.uint8)
+            # Payload chunks: shared, renumbered (by identity: a chunk taken before
+            # keeps its number here).
+            poff = new["poff"]
+            ci = poff >> 32
+            lo, hi = int(ci.min()), int(ci.max())
+            have = {id(c): i for i, c in enumerate(self.chunks) if c is not None}
+            lut = np.zeros(hi + 1 - lo, np.int64)
+            for c in range(lo, hi + 1):
                 buf = other.chunks[c]
+                if buf is None:
+                    continue
                 k = have.get(id(buf))
                 if k is None:
                     self.chunks.append(buf)
                     k = have[id(buf)] = len(self.chunks) - 1
-                lut[c] = k
-            new["poff"] = (lut[ci] << 32) | (new["poff"] & 0xFFFFFFFF)
+                lut[c - lo] = k
+            if not (lut == np.arange(lo, hi + 1)).all():
+                poff[:] = (lut[ci - lo] << 32) | (poff & 0xFFFFFFFF)
+            # Sources: renumbered where this log numbers them otherwise.
             src = new["src"]
-            for s in np.unique(src).tolist():
-                at_rows = np.flatnonzero(src == s)
-                if s == _NO_SOURCE:
-                    for i in at_rows.tolist():
+            slo, shi = int(src.min()), int(src.max())
+            used = np.flatnonzero(np.bincount(src - slo)) + slo
+            slut = np.arange(slo, shi + 1)
+            for sv in used.tolist():
+                if sv == _NO_SOURCE:
+                    for i in np.flatnonzero(src == sv).tolist():
                         self.rare_sources[at + i] = other.rare_sources[r0 + i]
                     continue
-                name = other.sources[s]
-                sid = self._source_id(name, at + int(at_rows[0]))
+                name = other.sources[sv]
+                first = at + int(np.argmax(src == sv))
+                sid = self._source_id(name, first)
                 if sid == _NO_SOURCE:
-                    for i in at_rows.tolist():
+                    for i in np.flatnonzero(src == sv).tolist():
                         self.rare_sources[at + i] = name
-                src[at_rows] = sid
-            self.rows[at:at + m] = new
+                slut[sv - slo] = sid
+            if not (slut == np.arange(slo, shi + 1)).all():
+                src[:] = slut[src - slo]
             self._copy_steps(self.lsns, other.lsns, r0, r1, at)
             self._copy_steps(self.ids, other.ids, r0, r1, at)
             for r, b in other.bases.items():
                 if r0 <= r < r1:
                     self.bases[r - r0 + at] = b
-            pages = new["page"]
-            order = np.argsort(pages, kind="stable")
-            bounds = np.flatnonzero(np.diff(pages[order])) + 1
-            for grp in np.split(order, bounds):
-                part = (grp + at).astype(np.uint32).tobytes()
-                pid = int(pages[grp[0]])
-                rows = self.index.get(pid)
-                if rows is None:
-                    self.index[pid] = array("I", part)
+            # Each page's rows in the range are a slice of its index there.
+            shift = at - r0
+            for pid, prow in other.index.items():
+                i = bisect.bisect_left(prow, r0)
+                j = bisect.bisect_left(prow, r1, i)
+                if i == j:
+                    continue
+                part = prow[i:j]
+                if shift:
+                    part = array("I", (np.frombuffer(part, np.uint32) + shift).astype(np.uint32)
+                                 .tobytes())
+                mine = self.index.get(pid)
+                if mine is None:
+                    self.index[pid] = part
                 else:
-                    rows.frombytes(part)
+                    mine.extend(part)
             self.n = at + m
             self.payload_bytes += int(new["plen"].sum(dtype=np.int64))
             self.cur, self.tail, self.cur_array = -1, _CHUNK, np.zeros(0, np.uint8)

@@ -323,8 +323,7 @@ class HistoryIndex:
         else:
             last = line.frame_pos[-1]
             buf = line.frames[-1].copy()
-            for k in range(last + 1, line.built + 1):
-                apply_row(refs[k], buf)
+            self.log.apply_rows(refs[last + 1 : line.built + 1], buf)
         for j in range(line.built + 1, n):
             kind = kinds[j]
             if kind == DELTA:
@@ -376,10 +375,8 @@ class HistoryIndex:
         else:
             out[:] = frame
             buf = out
-        refs = line.refs
-        apply_row = self.log.apply_row
-        for k in range(at + 1, j + 1):
-            apply_row(refs[k], buf)
+        if j > at:
+            self.log.apply_rows(line.refs[at + 1 : j + 1], buf)
         return buf
 
     def walk(self, line: PageLine) -> Iterator[tuple[Delta, np.ndarray]]:
