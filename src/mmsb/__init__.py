@@ -84,6 +84,7 @@ from ._history.replay import replay_to_lsn as replay_to_lsn
 from ._history.replay import replay_to_timestamp as replay_to_timestamp
 from ._history.replay import replay_with_predicate as replay_with_predicate
 from ._history.replay import verify_state_consistency as verify_state_consistency
+from ._history.timetravel import read_page_at as read_page_at
 from ._storage.codec import deserialize_delta as deserialize_delta
 from ._storage.codec import serialize_delta as serialize_delta
 from ._storage.pagecodec import PageImage as PageImage
@@ -134,7 +135,7 @@ __all__ = [
     "compress_log", "checkpoint_log", "load_checkpoint", "replay_to_lsn",
     "replay_to_timestamp", "replay_to_epoch", "replay_log", "replay_page_history",
     "verify_state_consistency", "compute_diff", "incremental_replay", "replay_with_predicate",
-    "replay_from_checkpoint",
+    "replay_from_checkpoint", "read_page_at",
     # graph, propagation, events
     "ShadowPageGraph", "EdgeType", "DATA_DEPENDENCY", "CONTROL_DEPENDENCY",
     "GPU_SYNC_DEPENDENCY", "COMPILER_DEPENDENCY", "add_dependency", "remove_dependency",

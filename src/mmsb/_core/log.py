@@ -19,6 +19,7 @@ payload (4 bytes of run start plus the changed bytes for a contiguous write).
 from __future__ import annotations
 
 import bisect
+import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -199,9 +200,16 @@ class TransactionLog:
         """Called with each new record before it is kept (the write-ahead log)."""
         self.sink_many: Callable[[list[AnyRecord]], None] | None = None
         """Called with a batch's records in one go (group commit), when set."""
+        self.generation = 0
+        """Bumped each time the log's contents are replaced or rewritten (compression,
+        trimming, a restored memento), so what was derived from them can tell."""
+        self.history_index: object | None = None
+        """What the history layer derives from these records (time-travel keyframes);
+        it checks ``generation`` before trusting it."""
         self._clear()
 
     def _clear(self) -> None:
+        self.generation += 1
         # delta rows
         self.rows = np.empty(1024, ROW_DTYPE)
         """Delta rows ``0 … n-1`` (capacity grows by doubling)."""
@@ -760,7 +768,9 @@ class TransactionLog:
         return dict(self.__dict__)
 
     def restore_memento(self, saved: dict[str, Any]) -> None:
+        generation = self.generation
         self.__dict__.update(saved)
+        self.generation = generation + 1
 
     def forget_all(self, horizon: int) -> None:
         """Retain nothing (logging disabled); LSNs keep moving."""
@@ -781,6 +791,185 @@ class TransactionLog:
         pages = self.rows["page"]
         for pid, rows in self.index.items():
             assert (pages[np.asarray(rows, np.int64)] == pid).all(), f"index of page {pid} is off"
+
+    # -- reading by LSN, applying rows, copying a prefix -----------------------------
+    _row_struct = struct.Struct("=iIIHBqqq")
+    """One row of :data:`ROW_DTYPE` (packed, native byte order), read without numpy."""
+    def iter_structs(self, start: int = 0, stop: int | None = None) -> Iterator[AnyRecord]:
+        """Structural records with ``start`` < LSN ≤ ``stop`` (all by default), in LSN
+        order; a creation run yields one record per page. O(records yielded + log n)."""
+        hi = self.last_lsn if stop is None else stop
+        structs = self.structs
+        for i in range(max(0, bisect.bisect_right(self.struct_lsn, start) - 1), len(structs)):
+            s = structs[i]
+            if s.lsn > hi:
+                return
+            if isinstance(s, _CreateRun):
+                for k in range(max(0, start + 1 - s.lsn), min(s.count, hi + 1 - s.lsn)):
+                    yield s.record(k)
+            elif s.lsn > start:
+                yield s
+
+    def row_lsns(self, r0: int, r1: int) -> np.ndarray:
+        """LSNs of rows ``r0 … r1-1`` (int64), read from the step map in one go.
+        O(rows + log breaks)."""
+        rows = np.arange(r0, r1, dtype=np.int64)
+        if r0 >= r1:
+            return rows
+        # Copies, so the arrays are never held while they grow.
+        brk = np.frombuffer(self.lsns.rows.tobytes(), np.int64)
+        val = np.frombuffer(self.lsns.vals.tobytes(), np.int64)
+        j = np.searchsorted(brk, rows, "right") - 1
+        return val[j] + rows - brk[j]
+
+    def max_id_through(self, k: int) -> int:
+        """The largest delta id among rows ``0 … k-1`` (0 when k is 0). O(breaks)."""
+        k = min(k, self.n)
+        if k <= 0:
+            return 0
+        m = bisect.bisect_left(self.ids.rows, k)
+        brk = np.frombuffer(self.ids.rows.tobytes(), np.int64)[:m]
+        val = np.frombuffer(self.ids.vals.tobytes(), np.int64)[:m]
+        ends = np.append(brk[1:], k)
+        return int((val + ends - 1 - brk).max())
+
+    def apply_row(self, row: int, buf: np.ndarray) -> int:
+        """Write the delta of ``row`` into ``buf`` (its page's bytes, same size) straight
+        from the payload arena, as :func:`~mmsb._core.delta.apply_delta` writes the delta
+        :meth:`delta_at` builds. Returns the bytes it writes (the page size when dense).
+        O(payload)."""
+        return self.apply_rows((row,), buf)
+
+    def apply_rows(self, rows: Iterable[int], buf: np.ndarray) -> int:
+        """:meth:`apply_row` for each of ``rows`` (deltas of one page, in log order);
+        returns the bytes they write. O(their payloads)."""
+        unpack, width = self._row_struct.unpack_from, self._row_struct.size
+        cols, chunks = self.rows.data, self.chunks
+        wrote = 0
+        for row in rows:
+            _pid, size, plen, _sid, enc, _epoch, _ts, poff = unpack(cols, row * width)
+            chunk = chunks[poff >> 32]
+            assert chunk is not None
+            off = poff & 0xFFFFFFFF
+            if enc == ENC_RUN:
+                first = int.from_bytes(chunk[off:off + 4], "little")
+                n = plen - 4
+                buf[first:first + n] = chunk[off + 4:off + plen]
+                wrote += n
+            elif enc == ENC_POS16 or enc == ENC_POS32:
+                w = 2 if enc == ENC_POS16 else 4
+                n = plen // (w + 1)
+                pos = np.frombuffer(chunk, np.uint16 if w == 2 else np.uint32, n, off)
+                buf[pos] = np.frombuffer(chunk, np.uint8, n, off + w * n)
+                wrote += n
+            else:
+                data = np.frombuffer(chunk, np.uint8, size, off)
+                if enc == ENC_MASKED:
+                    bits = np.frombuffer(chunk, np.uint8, plen - size, off + size)
+                    np.copyto(buf, data, where=np.unpackbits(bits, count=size).view(bool))
+                else:
+                    buf[:] = data
+                wrote += size
+        return wrote
+
+    def extend_from(self, other: TransactionLog, start: int, stop: int) -> None:
+        """Keep ``other``'s records with ``start`` < LSN ≤ ``stop``, as adopting them one
+        by one in LSN order would: delta rows copied in one go, with their payloads
+        shared by reference (chunk numbers remapped; this log's next payload starts a
+        chunk of its own, so a shared chunk is never written), structural records
+        adopted. O(rows + structural records + breaks + chunks), no payload copied."""
+        r0, r1 = other.rows_through(start), other.rows_through(stop)
+        newest = (0, 0)
+        if r1 > r0:
+            m = r1 - r0
+            at = self.n
+            if at + m > len(self.rows):
+                rows = np.empty(max(2 * len(self.rows), at + m), ROW_DTYPE)
+                rows[:at] = self.rows[:at]
+                self.rows = rows
+            new = self.rows[at:at + m]
+            new.view(np.uint8)[:] = other.rows[r0:r1].view(np.uint8)
+            # Payload chunks: shared, renumbered (by identity: a chunk taken before
+            # keeps its number here).
+            poff = new["poff"]
+            ci = poff >> 32
+            lo, hi = int(ci.min()), int(ci.max())
+            have = {id(c): i for i, c in enumerate(self.chunks) if c is not None}
+            lut = np.zeros(hi + 1 - lo, np.int64)
+            for c in range(lo, hi + 1):
+                buf = other.chunks[c]
+                if buf is None:
+                    continue
+                k = have.get(id(buf))
+                if k is None:
+                    self.chunks.append(buf)
+                    k = have[id(buf)] = len(self.chunks) - 1
+                lut[c - lo] = k
+            if not (lut == np.arange(lo, hi + 1)).all():
+                poff[:] = (lut[ci - lo] << 32) | (poff & 0xFFFFFFFF)
+            # Sources: renumbered where this log numbers them otherwise.
+            src = new["src"]
+            slo, shi = int(src.min()), int(src.max())
+            used = np.flatnonzero(np.bincount(src - slo)) + slo
+            slut = np.arange(slo, shi + 1)
+            for sv in used.tolist():
+                if sv == _NO_SOURCE:
+                    for i in np.flatnonzero(src == sv).tolist():
+                        self.rare_sources[at + i] = other.rare_sources[r0 + i]
+                    continue
+                name = other.sources[sv]
+                first = at + int(np.argmax(src == sv))
+                sid = self._source_id(name, first)
+                if sid == _NO_SOURCE:
+                    for i in np.flatnonzero(src == sv).tolist():
+                        self.rare_sources[at + i] = name
+                slut[sv - slo] = sid
+            if not (slut == np.arange(slo, shi + 1)).all():
+                src[:] = slut[src - slo]
+            self._copy_steps(self.lsns, other.lsns, r0, r1, at)
+            self._copy_steps(self.ids, other.ids, r0, r1, at)
+            for r, b in other.bases.items():
+                if r0 <= r < r1:
+                    self.bases[r - r0 + at] = b
+            # Each page's rows in the range are a slice of its index there.
+            shift = at - r0
+            for pid, prow in other.index.items():
+                i = bisect.bisect_left(prow, r0)
+                j = bisect.bisect_left(prow, r1, i)
+                if i == j:
+                    continue
+                part = prow[i:j]
+                if shift:
+                    part = array("I", (np.frombuffer(part, np.uint32) + shift).astype(np.uint32)
+                                 .tobytes())
+                mine = self.index.get(pid)
+                if mine is None:
+                    self.index[pid] = part
+                else:
+                    mine.extend(part)
+            self.n = at + m
+            self.payload_bytes += int(new["plen"].sum(dtype=np.int64))
+            self.cur, self.tail, self.cur_array = -1, _CHUNK, np.zeros(0, np.uint8)
+            newest = (other.lsns.at(r1 - 1), int(new["ts"][-1]))
+        for rec in other.iter_structs(start, stop):
+            self.adopt(rec)
+            if rec.lsn > newest[0]:
+                newest = (rec.lsn, rec.timestamp)
+        if newest[0]:
+            self.next_lsn, self.last_timestamp = newest[0] + 1, newest[1]
+
+    @staticmethod
+    def _copy_steps(dst: _Steps, src: _Steps, r0: int, r1: int, at: int) -> None:
+        """Append to ``dst`` (from its row ``at``) the values of ``src``'s rows
+        ``r0 … r1-1``. O(log breaks + breaks copied)."""
+        dst.push(at, src.at(r0))
+        j0 = bisect.bisect_right(src.rows, r0)
+        j1 = bisect.bisect_left(src.rows, r1)
+        shift = at - r0
+        for r, v in zip(src.rows[j0:j1], src.vals[j0:j1], strict=True):
+            dst.rows.append(r + shift)
+            dst.vals.append(v)
+        dst.last = src.at(r1 - 1)
 
 
 class RecordView(Sequence[AnyRecord]):

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._core.compaction import compress_log_locked
-from .._core.delta import Delta, apply_clipped, apply_delta, make_delta, union_mask
+from .._core.delta import Delta, apply_clipped, make_delta, union_mask
 from .._core.engine import (
     MMSBState,
     Page,
@@ -24,22 +24,28 @@ from .._core.records import (
     EdgeAdd,
     PageClone,
     PageCreate,
-    PageDelete,
     PageResize,
 )
 from ..errors import (
     HistoryUnavailableError,
     InvalidArgumentError,
     InvalidDeltaError,
-    MMSBError,
     PageNotFoundError,
     SerializationError,
+)
+from .timetravel import (
+    check_lsn_reachable,
+    damaged_log_errors,
+    history_index,
+    lsn_at_time,
+    state_at_lsn,
 )
 
 __all__ = [
     "replay_into",
     "replay_to_lsn",
     "replay_to_timestamp",
+    "replay_records_to_lsn",
     "replay_to_epoch",
     "replay_log",
     "replay_page_history",
@@ -68,48 +74,24 @@ def _origin(state: MMSBState) -> MMSBState:
     return new
 
 
-def replay_into(target: MMSBState, records: Iterable[AnyRecord],
-                after_delta: Callable[[Delta], None] | None = None,
-                watch: int | None = None) -> MMSBState:
+def replay_into(target: MMSBState, records: Iterable[AnyRecord]) -> MMSBState:
     """Apply logged ``records`` to ``target`` and keep them in its log.
 
-    Runs of deltas are applied together (sparse ones in one vectorised scatter). With
-    ``watch``, ``after_delta`` is called right after each delta of that page. O(records
-    + changed bytes).
+    Runs of deltas are applied together (sparse ones in one vectorised scatter).
+    O(records + changed bytes).
 
     Raises:
         SerializationError: a record that does not follow the state (a damaged log).
     """
-    try:
-        return _replay_into(target, records, after_delta, watch)
-    except MemoryError:
-        raise SerializationError("the retained log holds a record whose replay needs more "
-                                 "memory than this process can get") from None
-    except (IndexError, KeyError, ValueError, OverflowError) as exc:
-        if isinstance(exc, MMSBError):
-            raise
-        # Only a damaged or crafted log (a checkpoint's, say) gets here: every record a
-        # live state logs was checked before it was logged.
-        raise SerializationError(
-            f"the retained log holds a record that cannot be replayed ({type(exc).__name__}: "
-            f"{exc}); it names a page, size or epoch the state does not have") from None
+    with damaged_log_errors():
+        return _replay_into(target, records)
 
 
-def _replay_into(target: MMSBState, records: Iterable[AnyRecord],
-                 after_delta: Callable[[Delta], None] | None, watch: int | None) -> MMSBState:
+def _replay_into(target: MMSBState, records: Iterable[AnyRecord]) -> MMSBState:
     run: list[Delta] = []
     log = target.log
     for rec in records:
         if type(rec) is Delta:
-            if watch is not None and rec.page_id == watch:
-                if run:
-                    target.apply_delta_run(run)
-                    run = []
-                log.adopt(rec)
-                target.apply_record(rec)
-                if after_delta is not None:
-                    after_delta(rec)
-                continue
             log.adopt(rec)
             run.append(rec)
             continue
@@ -123,22 +105,15 @@ def _replay_into(target: MMSBState, records: Iterable[AnyRecord],
     return target
 
 
-def _check_lsn_reachable(state: MMSBState, lsn: int) -> None:
-    state.require_replayable("replay")
-    log = state.log
-    if isinstance(lsn, bool) or not isinstance(lsn, int | np.integer):
-        raise InvalidArgumentError(f"lsn must be an int, not {lsn!r}")
-    if lsn < 0 or lsn > log.last_lsn:
-        raise InvalidArgumentError(
-            f"LSN {lsn} is outside the log (0 … {log.last_lsn})")
-    if log.horizon_lsn and lsn < log.horizon_lsn:
-        raise HistoryUnavailableError(
-            f"LSN {lsn} is before the oldest retained history (LSN {log.horizon_lsn}): the "
-            "log was compressed or truncated there")
-
-
 def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
-    """A new, detached state equal to ``state`` right after record ``lsn``.
+    """A new, detached state equal to ``state`` right after record ``lsn``: pages,
+    bytes, epochs, written-byte masks, metadata, edges, id counters and the log up to
+    that record.
+
+    Built from the history index (see :mod:`mmsb._history.timetravel`): the structural
+    records up to ``lsn`` are applied, each changed page is its nearest keyframe plus at
+    most K deltas, and the log is sliced. O(structural records + pages × (log n + page
+    size + K deltas)).
 
     Raises:
         InvalidArgumentError: ``lsn`` outside 0 … last LSN.
@@ -146,28 +121,36 @@ def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
     """
     state = require_state(state, "replay_to_lsn")
     with state.lock:
-        _check_lsn_reachable(state, lsn)
-        records = state.log.records[: state.log.index_after_lsn(int(lsn))]
-        origin = _origin(state)
-    return replay_into(origin, records)
+        lsn = check_lsn_reachable(state, lsn)
+        with damaged_log_errors():
+            return state_at_lsn(state, lsn)
 
 
 def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
     """The state at time ``ns``: replay_to_lsn of the last record with timestamp ≤ ns
-    (an empty state when ``ns`` is before the first record)."""
+    (an empty state when ``ns`` is before the first record).
+
+    Raises:
+        InvalidArgumentError: ``ns`` is not an int, or negative.
+        HistoryUnavailableError: ``ns`` is before the retained history.
+    """
     state = require_state(state, "replay_to_timestamp")
-    if isinstance(ns, bool) or not isinstance(ns, int | np.integer):
-        raise InvalidArgumentError(f"timestamp must be an int of nanoseconds, not {ns!r}")
     with state.lock:
         state.require_replayable("replay_to_timestamp")
-        log = state.log
-        k = log.index_after_time(int(ns))
-        lsn = log.records[k - 1].lsn if k else 0
-        at_horizon = k == 0 and state.replay_base is not None and ns >= log.horizon_timestamp
-        if log.horizon_lsn and lsn < log.horizon_lsn and not at_horizon:
-            raise HistoryUnavailableError(
-                f"time {ns} is before the oldest retained history (LSN {log.horizon_lsn})")
-        records = log.records[:k]
+        lsn = lsn_at_time(state, ns)
+        with damaged_log_errors():
+            return state_at_lsn(state, lsn)
+
+
+def replay_records_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
+    """replay_to_lsn the long way: every retained record up to ``lsn`` applied in order
+    from the log's origin, through the same apply path as live writes. What
+    verification compares the live state and the index against. O(records + bytes
+    written)."""
+    state = require_state(state, "replay_records_to_lsn")
+    with state.lock:
+        lsn = check_lsn_reachable(state, lsn)
+        records = state.log.records[: state.log.index_after_lsn(lsn)]
         origin = _origin(state)
     return replay_into(origin, records)
 
@@ -322,6 +305,10 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
     ``.epoch`` and ``.data`` (the page's bytes right after that delta). Deleted pages
     keep their history while the log retains it.
 
+    Built from the page's own events in the history index (its start — creation,
+    clone or replay base — resizes and deltas), never a replay of other pages.
+    O(log n + the page's events × its size).
+
     Raises:
         PageNotFoundError: the log holds nothing of that page.
     """
@@ -330,53 +317,15 @@ def replay_page_history(state: MMSBState, page_id: int) -> list[PageSnapshot]:
     with state.lock:
         state.require_replayable("replay_page_history")
         if page_id not in state.log.by_page:
-            if state.table.is_live(page_id) if isinstance(page_id, int) else False:
+            if state.table.is_live(page_id):
                 return []
             raise PageNotFoundError(page_id, "replay_page_history (no history in the log)")
-        records = list(state.log.records)
-        own = _own_history(state, page_id, records)
-        if own is not None:
-            return own
-        scratch = _origin(state)
-    out: list[PageSnapshot] = []
-
-    def snap(d: Delta) -> None:
-        out.append(PageSnapshot(d.page_id, d.epoch, d.lsn, d.timestamp,
-                                scratch.page_view(d.page_id).tobytes(), d.source))
-
-    replay_into(scratch, records, after_delta=snap, watch=page_id)
-    return out
-
-
-def _own_history(state: MMSBState, pid: int, records: list[AnyRecord]) -> list[PageSnapshot] | None:
-    """The page's history from its own records alone: its creation, resizes and deltas,
-    applied to one buffer. O(records) to scan, O(its bytes) to apply. None when the page
-    began as a clone or before the log's horizon (then the whole log is replayed)."""
-    buf: np.ndarray | None = None
-    out: list[PageSnapshot] = []
-    for rec in records:
-        if isinstance(rec, Delta):
-            if rec.page_id == pid:
-                if buf is None:
-                    return None
-                apply_delta(buf, rec)
-                out.append(PageSnapshot(pid, rec.epoch, rec.lsn, rec.timestamp, buf.tobytes(),
-                                        rec.source))
-        elif isinstance(rec, PageCreate):
-            if rec.first_id <= pid < rec.first_id + rec.count:
-                buf = np.zeros(rec.size, np.uint8)
-        elif isinstance(rec, PageResize):
-            if rec.page_id == pid and buf is not None:
-                grown = np.zeros(rec.new_size, np.uint8)
-                keep = min(len(buf), len(grown))
-                grown[:keep] = buf[:keep]
-                buf = grown
-        elif isinstance(rec, PageClone):
-            if rec.page_id == pid:
-                return None
-        elif isinstance(rec, PageDelete) and rec.page_id == pid:
-            break
-    return out
+        with damaged_log_errors():
+            ix = history_index(state)
+            line = ix.line(page_id)
+            assert line is not None, "a page with deltas has a line"
+            return [PageSnapshot(page_id, d.epoch, d.lsn, d.timestamp, buf.tobytes(), d.source)
+                    for d, buf in ix.walk(line)]
 
 
 def state_differences(a: MMSBState, b: MMSBState, limit: int = 20) -> list[str]:

@@ -272,9 +272,12 @@ def replay_page_history_100(ctx: RunContext) -> CaseOutcome:
     return CaseOutcome(m, {"deltas": 100})
 
 
-@case("replay", "to_lsn_1mb_dense", "replay_to_lsn(last) of a log of dense 1 MiB deltas; GB/s")
+@case("replay", "to_lsn_1mb_dense",
+      "replay_records_to_lsn(last) of a log of dense 1 MiB deltas, every record applied "
+      "in order (replay_to_lsn answers from keyframes instead); GB/s")
 def replay_lsn_1mb(ctx: RunContext) -> CaseOutcome:
     import mmsb
+    from mmsb._history.replay import replay_records_to_lsn
 
     n_deltas = ctx.pick(64, 4)
     state = ctx.new_state()
@@ -285,10 +288,10 @@ def replay_lsn_1mb(ctx: RunContext) -> CaseOutcome:
 
     def batch(_obj: None, n: int) -> None:
         for _ in range(n):
-            mmsb.replay_to_lsn(state, lsn)
+            replay_records_to_lsn(state, lsn)
 
     m = ctx.measure(batch, inner=1, repeats=ctx.pick(11, 2))
-    replayed = mmsb.replay_to_lsn(state, lsn)
+    replayed = replay_records_to_lsn(state, lsn)
     expect(mmsb.query_page(replayed, pid) == mmsb.query_page(state, pid), "replay differs")
     delta_bytes = n_deltas * MIB
     return CaseOutcome(
@@ -314,10 +317,12 @@ def small_writes(
 @case(
     "replay",
     "to_lsn_small_deltas",
-    "replay_to_lsn(last) of ~100k 8-byte deltas over 1,000 pages of 1 KiB; deltas/s",
+    "replay_records_to_lsn(last) of ~100k 8-byte deltas over 1,000 pages of 1 KiB, every "
+    "record applied in order (replay_to_lsn answers from keyframes instead); deltas/s",
 )
 def replay_lsn_small(ctx: RunContext) -> CaseOutcome:
     import mmsb
+    from mmsb._history.replay import replay_records_to_lsn
 
     n_pages, n_deltas = ctx.pick((1_000, 100_000), (50, 1_000))
     rng = _rng(ctx, 5)
@@ -331,10 +336,10 @@ def replay_lsn_small(ctx: RunContext) -> CaseOutcome:
 
     def batch(_obj: None, n: int) -> None:
         for _ in range(n):
-            mmsb.replay_to_lsn(state, lsn)
+            replay_records_to_lsn(state, lsn)
 
     m = ctx.measure(batch, inner=1, repeats=ctx.pick(7, 2))
-    replayed = mmsb.replay_to_lsn(state, lsn)
+    replayed = replay_records_to_lsn(state, lsn)
     expect(_same_pages(state, replayed), "replay of small deltas differs from the live state")
     return CaseOutcome(
         m,

@@ -8,8 +8,8 @@ delta-logging store takes).
 
 | peer | update | history kept as | time-travel read | checkpoint / restore |
 | --- | --- | --- | --- | --- |
-| ``mmsb`` | ``update_page`` (diffs) | sparse deltas in the log | ``replay_page_history`` | ``checkpoint_log`` / ``load_checkpoint`` |
-| ``mmsb_write`` | ``write_page`` (region) | same | ``replay_to_lsn`` + ``query_page`` | same as mmsb |
+| ``mmsb`` | ``update_page`` (diffs) | sparse deltas in the log | ``read_page_at(epoch=version)`` | ``checkpoint_log`` / ``load_checkpoint`` |
+| ``mmsb_write`` | ``write_page`` (region) | same | ``read_page_at(lsn=...)`` | same as mmsb |
 | ``lmdb`` | one write txn, ``put((page, version), page bytes)`` | one key per page version | ``get`` | ``env.copy(compact=True)`` / open + read latest |
 | ``sqlite`` | one autocommit ``INSERT`` per update, WAL, synchronous=NORMAL | a table of deltas | fold the page's deltas up to the version | ``backup()`` / open + fold latest |
 | ``naive`` | ``dict`` of ``bytearray`` + a list of copies per page | full copies | list index | one flat file / read it back |
@@ -29,6 +29,7 @@ import shutil
 import sqlite3
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,14 @@ class Workload:
         return len(self.pids)
 
 
-def make_workload(ctx: RunContext) -> Workload:
-    if "peer_workload" in ctx.cache:
-        w: Workload = ctx.cache["peer_workload"]
+def make_workload(ctx: RunContext, key: str = "peer_workload",
+                  full: tuple[int, int] = (64, 10_000)) -> Workload:
+    """The workload (cached in the run under ``key``): ``full`` = (pages, updates) in a
+    full run, (8, 200) in a smoke run."""
+    if key in ctx.cache:
+        w: Workload = ctx.cache[key]
         return w
-    n_pages, n = ctx.pick((64, 10_000), (8, 200))
+    n_pages, n = ctx.pick(full, (8, 200))
     rng = np.random.default_rng(ctx.seed + 300)
     pids = rng.integers(0, n_pages, n)
     offs = rng.integers(0, PAGE - REGION + 1, n)
@@ -95,7 +99,7 @@ def make_workload(ctx: RunContext) -> Workload:
         final=[row.tobytes() for row in current],
         probe=n // 2,
     )
-    ctx.cache["peer_workload"] = w
+    ctx.cache[key] = w
     return w
 
 
@@ -173,10 +177,8 @@ class MMSBStore(Store):
         if self.partial:
             if self.probe_lsn is None:
                 raise CaseSkipped("the mmsb_write store has no probe LSN recorded")
-            past = self.mmsb.replay_to_lsn(self.state, self.probe_lsn)
-            return bytes(self.mmsb.query_page(past, pid))
-        history = self.mmsb.replay_page_history(self.state, pid)
-        return bytes(history[w.versions[i] - 1].data)
+            return self.mmsb.read_page_at(self.state, pid, lsn=self.probe_lsn)
+        return self.mmsb.read_page_at(self.state, pid, epoch=w.versions[i])
 
     def checkpoint(self, path: Path) -> None:
         self.mmsb.checkpoint_log(self.state, str(path))
@@ -490,7 +492,7 @@ def _update_case(peer: str) -> None:
 
 
 def _time_travel_case(peer: str) -> None:
-    how = {"mmsb": "replay_page_history", "mmsb_write": "replay_to_lsn + query_page"}
+    how = {"mmsb": "read_page_at(epoch=)", "mmsb_write": "read_page_at(lsn=)"}
     desc = f"{PEERS[peer]}: read a page as of a past version" + (
         f" ({how[peer]})" if peer in how else ""
     )
@@ -540,6 +542,156 @@ def _restore_case(peer: str) -> None:
         m = ctx.measure(batch, inner=1, repeats=ctx.pick(7, 2))
         expect(store.restore(path) == w.final, f"{peer}: restored pages differ from the live ones")
         return CaseOutcome(m, {"peer": peer})
+
+
+# -- time travel at a random past LSN: read_page_at, replay_to_lsn, whole-version peers --
+
+TT_FULL = (64, 5_000)
+"""Pages of 1 KiB and writes of 64 B of the time-travel workload (full run)."""
+
+
+def _tt_workload(ctx: RunContext) -> Workload:
+    return make_workload(ctx, key="tt_workload", full=TT_FULL)
+
+
+def _tt_probes(ctx: RunContext, w: Workload) -> list[int]:
+    """Random past updates whose result the reads ask for (the same for every store)."""
+    rng = np.random.default_rng(ctx.seed + 301)
+    return [int(i) for i in rng.integers(0, w.n, ctx.pick(2_000, 20))]
+
+
+def _tt_mmsb(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
+    """A state holding the workload as ``write_page`` calls: (state, page ids, the LSN
+    right after each update, workload). Built once per run."""
+    if "tt_mmsb" not in ctx.cache:
+        import mmsb
+
+        w = _tt_workload(ctx)
+        state = ctx.new_state()
+        ids = [p.id for p in mmsb.create_pages(state, w.pages, PAGE)]
+        lsns: list[int] = []
+        for p, off, data in zip(w.pids, w.offsets, w.regions, strict=True):
+            mmsb.write_page(state, ids[p], off, data)
+            lsns.append(int(state.last_lsn))
+        ctx.cache["tt_mmsb"] = (state, ids, lsns, w)
+    out: tuple[Any, list[int], list[int], Workload] = ctx.cache["tt_mmsb"]
+    return out
+
+
+@case("peers", "read_page_at_mmsb",
+      "MMSB read_page_at: one 1 KiB page at a random past LSN (64 pages, 5,000 writes of 64 B)")
+def _read_page_at_mmsb(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    state, ids, lsns, w = _tt_mmsb(ctx)
+    probes = _tt_probes(ctx, w)
+    args = [(ids[w.pids[i]], lsns[i]) for i in probes]
+    read = mmsb.read_page_at
+    t0 = time.perf_counter_ns()
+    for pid, lsn in args:  # the first read of each page builds its keyframes
+        read(state, pid, lsn=lsn)
+    first_pass = time.perf_counter_ns() - t0
+    m_args = len(args)
+
+    def batch(_obj: None, n: int) -> None:
+        for k in range(n):
+            pid, lsn = args[k % m_args]
+            read(state, pid, lsn=lsn)
+
+    m = ctx.measure(batch, max_inner=ctx.pick(10_000, 20))
+    for i, (pid, lsn) in zip(probes, args, strict=True):
+        expect(read(state, pid, lsn=lsn) == w.fulls[i], "read_page_at returned the wrong bytes")
+    return CaseOutcome(m, {"pages": w.pages, "writes": w.n, "probes": m_args,
+                           "first_pass_ns_per_read": first_pass / m_args})
+
+
+@case("peers", "read_version_sqlite",
+      "SQLite: one whole stored version by its (page, version) primary key (same workload)")
+def _read_version_sqlite(ctx: RunContext) -> CaseOutcome:
+    w = _tt_workload(ctx)
+    probes = _tt_probes(ctx, w)
+    directory = _fresh_dir(ctx, "tt-sqlite")
+    directory.mkdir(parents=True, exist_ok=True)
+    con = SQLiteStore._open(directory / "versions.sqlite")
+    ctx.on_close(con.close)
+    con.execute("CREATE TABLE versions (page INTEGER, version INTEGER, data BLOB, "
+                "PRIMARY KEY (page, version)) WITHOUT ROWID")
+    con.execute("BEGIN")
+    con.executemany("INSERT INTO versions VALUES (?, ?, ?)",
+                    zip(w.pids, w.versions, w.fulls, strict=True))
+    con.execute("COMMIT")
+    args = [(w.pids[i], w.versions[i]) for i in probes]
+    m_args = len(args)
+    sql = "SELECT data FROM versions WHERE page = ? AND version = ?"
+    execute = con.execute
+
+    def batch(_obj: None, n: int) -> None:
+        for k in range(n):
+            execute(sql, args[k % m_args]).fetchone()
+
+    m = ctx.measure(batch, max_inner=ctx.pick(10_000, 20))
+    for i, a in zip(probes, args, strict=True):
+        expect(execute(sql, a).fetchone()[0] == w.fulls[i], "sqlite returned the wrong version")
+    return CaseOutcome(m, {"pages": w.pages, "writes": w.n, "probes": m_args})
+
+
+@case("peers", "read_version_lmdb",
+      "LMDB: one whole stored version by its (page, version) key (same workload)")
+def _read_version_lmdb(ctx: RunContext) -> CaseOutcome:
+    missing = _lmdb_missing()
+    if missing is not None:
+        raise CaseSkipped(missing)
+    import lmdb
+
+    w = _tt_workload(ctx)
+    probes = _tt_probes(ctx, w)
+    directory = _fresh_dir(ctx, "tt-lmdb")
+    directory.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(directory), map_size=1 << 32, sync=False, metasync=False)
+    ctx.on_close(env.close)
+    with env.begin(write=True) as txn:
+        for p, v, data in zip(w.pids, w.versions, w.fulls, strict=True):
+            txn.put(_lmdb_key(p, v), data)
+    keys = [_lmdb_key(w.pids[i], w.versions[i]) for i in probes]
+    m_keys = len(keys)
+    begin = env.begin
+
+    def batch(_obj: None, n: int) -> None:
+        for k in range(n):
+            with begin() as txn:
+                txn.get(keys[k % m_keys])
+
+    m = ctx.measure(batch, max_inner=ctx.pick(10_000, 20))
+    with begin() as txn:
+        for i, key in zip(probes, keys, strict=True):
+            expect(txn.get(key) == w.fulls[i], "lmdb returned the wrong version")
+    return CaseOutcome(m, {"pages": w.pages, "writes": w.n, "probes": m_keys})
+
+
+@case("replay", "to_lsn_64x1k",
+      "replay_to_lsn at a random past LSN: 64 pages of 1 KiB, 5,000 writes of 64 B")
+def _replay_to_lsn_64x1k(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    state, ids, lsns, w = _tt_mmsb(ctx)
+    probes = _tt_probes(ctx, w)[: ctx.pick(200, 5)]
+    targets = [lsns[i] for i in probes]
+    m_targets = len(targets)
+    replay = mmsb.replay_to_lsn
+    for lsn in targets:  # the first replays build the pages' keyframes
+        replay(state, lsn)
+
+    def batch(_obj: None, n: int) -> None:
+        for k in range(n):
+            replay(state, targets[k % m_targets])
+
+    m = ctx.measure(batch, max_inner=ctx.pick(200, 5))
+    i = probes[0]
+    past = replay(state, lsns[i])
+    expect(mmsb.query_page(past, ids[w.pids[i]]) == w.fulls[i],
+           "replay_to_lsn returned the wrong bytes")
+    expect(past.last_lsn == lsns[i], "replay_to_lsn stopped at the wrong record")
+    return CaseOutcome(m, {"pages": w.pages, "writes": w.n})
 
 
 for _peer in PEERS:

@@ -20,8 +20,9 @@ import numpy as np
 
 import mmsb
 
-from .._core.records import PageClone, PageResize
-from .._history.replay import state_differences
+from .._core.records import PageClone
+from .._history.replay import replay_records_to_lsn, state_differences
+from .._history.timetravel import CLONE, RESIZE, history_index
 from .._storage.bus import bus_files
 from ..errors import MMSBError, SerializationError
 
@@ -315,13 +316,17 @@ def blame(state: mmsb.MMSBState, page_id: int, lo: int | None = None,
     deltas = mmsb.get_deltas_for_page(state, page_id)
     # Resizes drop (shrink) or zero-fill (grow) bytes; a clone starts the page from
     # another page's bytes. Both are structural records of this page in the log.
+    # The page's own events come from the history index: O(its events), not O(log).
     events: list[tuple[int, int, Any]] = [(d.lsn, 1, k) for k, d in enumerate(deltas)]
     clone: PageClone | None = None
-    for rec in state.log.records:
-        if isinstance(rec, PageResize) and rec.page_id == page_id:
-            events.append((rec.lsn, 0, rec.new_size))
-        elif isinstance(rec, PageClone) and rec.page_id == page_id:
-            clone = rec
+    with state.lock:
+        line = history_index(state).line(page_id)
+    if line is not None:
+        for kind, rec in line.structural():
+            if kind == RESIZE:
+                events.append((rec.lsn, 0, rec.new_size))
+            elif kind == CLONE:
+                clone = rec
     events.sort(key=lambda e: e[0])
     width = max([size, *(d.page_size for d in deltas),
                  *(e[2] for e in events if e[1] == 0)])
@@ -473,7 +478,7 @@ def verify(src: Source, step: Callable[[str], None] | None = None) -> dict[str, 
     consistent = mmsb.verify_state_consistency(state)
     differences: list[str] = []
     if not consistent:
-        replayed = mmsb.replay_to_lsn(state, state.last_lsn)
+        replayed = replay_records_to_lsn(state, state.last_lsn)
         differences = state_differences(state, replayed, limit=50)
         if not differences:
             differences = ["the replay differs (no detail available)"]
