@@ -48,6 +48,7 @@ _CASE_MODULES: tuple[str, ...] = (
     "mmsb.bench.cases_io",
     "mmsb.bench.cases_durable",
     "mmsb.bench.cases_memory",
+    "mmsb.bench.cases_engine",
     "mmsb.bench.cases_gpu",
     "mmsb.bench.cases_peers",
 )

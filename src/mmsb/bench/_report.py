@@ -73,7 +73,12 @@ def _headline(metrics: Mapping[str, Any]) -> str:
     if "deltas_per_s" in metrics:
         parts.append(f"{fmt_rate(metrics['deltas_per_s'])} deltas")
     if "rss_bytes_per_page" in metrics:
-        parts.append(f"{metrics['rss_bytes_per_page']:.1f} B/page ({metrics['rss_ratio']:.2f}×)")
+        ratio = f" ({metrics['rss_ratio']:.2f}×)" if "rss_ratio" in metrics else ""
+        parts.append(f"{metrics['rss_bytes_per_page']:.1f} B/page{ratio}")
+    if "bytes_per_write_beyond_changed" in metrics:
+        parts.append(f"{metrics['bytes_per_write_beyond_changed']:.1f} B/write beyond its bytes")
+    if "p999_ns" in metrics:
+        parts.append(f"p99.9 {fmt_ns(metrics['p999_ns'])}, max {fmt_ns(metrics['max_ns'])}")
         if "rss_ratio_written" in metrics:
             parts.append(f"written once: {metrics['rss_ratio_written']:.2f}×")
     if "state_mb_per_s" in metrics:

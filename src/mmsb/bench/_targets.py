@@ -118,7 +118,7 @@ class Target:
     """``"<="`` or ``">="``: how measured compares with ``threshold`` when met."""
     threshold: float
     unit: str
-    """``"ns"``, ``"x"`` (a ratio), ``"GB/s"``, ``"/s"``."""
+    """``"ns"``, ``"x"`` (a ratio), ``"GB/s"``, ``"/s"``, ``"B"``, ``"MB"``."""
     seed: str = "—"
     """The seed's own target."""
     julia: str = "—"
@@ -147,6 +147,26 @@ TARGETS: tuple[Target, ...] = (
         "x",
         seed="< 1 µs",
         julia="3.0 µs",
+    ),
+    Target(
+        "alloc_1kb",
+        "allocation/cpu_1kb (one create_page of 1 KiB)",
+        "≤ 1 µs median",
+        Median("allocation/cpu_1kb"),
+        "<=",
+        1_000,
+        "ns",
+        seed="< 1 µs",
+        julia="3.0 µs",
+    ),
+    Target(
+        "create_loop_1m_rss",
+        "memory: 1,000,000 create_page(state, 64) calls in a loop",
+        "≤ 96 MB of RSS in all",
+        Metric("memory/create_page_loop_1m", "rss_growth_mb_per_million"),
+        "<=",
+        96,
+        "MB",
     ),
     Target(
         "alloc_bulk_1kb",
@@ -181,6 +201,42 @@ TARGETS: tuple[Target, ...] = (
         seed="< 500 µs",
     ),
     Target(
+        "write_page_8b",
+        "delta/write_page_8b (8 bytes into a 1 KiB page)",
+        "≤ 2.5 µs median",
+        Median("delta/write_page_8b"),
+        "<=",
+        2_500,
+        "ns",
+    ),
+    Target(
+        "write_tail_p999",
+        "stress/write_tail_200k: p99.9 of 200,000 8-byte writes, default config",
+        "≤ 50 µs",
+        Metric("stress/write_tail_200k", "p999_ns"),
+        "<=",
+        50_000,
+        "ns",
+    ),
+    Target(
+        "write_tail_max",
+        "stress/write_tail_200k: the longest single write (compaction included)",
+        "≤ 1 ms: compaction never holds a user's call longer",
+        Metric("stress/write_tail_200k", "max_ns"),
+        "<=",
+        1_000_000,
+        "ns",
+    ),
+    Target(
+        "log_bytes_per_small_write",
+        "memory: RAM per logged 8-byte write, full history",
+        "≤ 48 B beyond its changed bytes",
+        Metric("memory/log_per_small_write", "bytes_per_write_beyond_changed"),
+        "<=",
+        48,
+        "B",
+    ),
+    Target(
         "delta_dense_1mb_vs_copy",
         "delta, 1 MiB page, all changed",
         "≤ 4 × one numpy copy of 1 MiB, same run",
@@ -192,10 +248,10 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "propagation_single_hop",
         "propagation/single_hop (update parent, child recomputed)",
-        "≤ 25 µs",
+        "≤ 10 µs",
         Median("propagation/single_hop"),
         "<=",
-        25_000,
+        10_000,
         "ns",
         seed="< 10 µs",
         julia="302 µs",
@@ -263,18 +319,27 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "replay_small_deltas",
         "replay (small deltas)",
-        "≥ 500 k small deltas/s",
+        "≥ 1 M small deltas/s",
         Metric("replay/to_lsn_small_deltas", "deltas_per_s"),
         ">=",
-        500_000,
+        1_000_000,
         "/s",
         seed="> 1 GB/s",
     ),
     Target(
         "batch_small_deltas",
         "delta throughput, batch path",
-        "≥ 1,000,000 small deltas/s on one core",
+        "apply_batch ≥ 2,000,000 small deltas/s on one core",
         Metric("batch/apply_batch_small", "deltas_per_s"),
+        ">=",
+        2_000_000,
+        "/s",
+    ),
+    Target(
+        "with_batch_small_deltas",
+        "delta throughput, with batch(state)",
+        "≥ 1,000,000 small deltas/s on one core",
+        Metric("batch/with_batch_small", "deltas_per_s"),
         ">=",
         1_000_000,
         "/s",

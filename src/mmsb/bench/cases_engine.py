@@ -1,0 +1,168 @@
+"""Cases for the engine's own budgets: write latency tails under the default config,
+``with batch()`` throughput, and memory per logged write and per created page, each
+measured where nothing else skews it (memory in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ._harness import Measurement, summarize
+from ._registry import CaseOutcome, CaseSkipped, RunContext, case, expect
+from .cases_core import KIB
+from .cases_io import _batch_setup, _rng
+from .cases_memory import _child_env
+
+_WRITE_BUDGET_CHILD = r"""
+import gc, json, os, sys, time
+import numpy as np
+n = int(sys.argv[1])
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+import mmsb
+
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60)
+state = mmsb.MMSBState(config=config)
+ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
+rng = np.random.default_rng(3)
+offs = rng.integers(0, 1016, n).tolist()
+pids = rng.integers(0, 64, n).tolist()
+pay = [bytes(rng.integers(1, 256, 8, dtype=np.uint8)) for _ in range(256)]
+# Warm up the kernels and the first payload chunk, so only the log's growth is counted.
+for i in range(2000):
+    mmsb.write_page(state, ids[pids[i]], offs[i], pay[i & 255])
+gc.collect()
+before = rss()
+logged0 = len(state.tlog)
+write = mmsb.write_page
+for i in range(n):
+    write(state, ids[pids[i]], offs[i], pay[i & 255])
+gc.collect()
+after = rss()
+logged = len(state.tlog) - logged0
+print(json.dumps({"n": n, "logged": logged, "rss_growth": after - before}))
+"""
+
+_CREATE_LOOP_CHILD = r"""
+import gc, json, os, sys, time
+n = int(sys.argv[1])
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+import mmsb
+
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60)
+warm = mmsb.MMSBState(config=config)
+for _ in range(1000):
+    mmsb.create_page(warm, 64)
+del warm
+state = mmsb.MMSBState(config=config)
+gc.collect()
+before = rss()
+create = mmsb.create_page
+t0 = time.perf_counter_ns()
+for _ in range(n):
+    create(state, 64)
+ns = time.perf_counter_ns() - t0
+gc.collect()
+after = rss()
+print(json.dumps({"n": n, "pages": len(state.pages), "rss_growth": after - before, "ns": ns}))
+"""
+
+
+def _child(ctx: RunContext, script: str, *args: int) -> dict[str, Any]:
+    try:
+        open("/proc/self/statm").close()  # noqa: SIM115 - a probe
+    except OSError:
+        raise CaseSkipped("resident memory is read from /proc/self/statm, which this system lacks") from None
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
+                          text=True, timeout=ctx.pick(600, 120), env=_child_env(), check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"memory child process failed (rc {proc.returncode}): {tail[0]}")
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+@case("memory", "log_per_small_write",
+      "RSS growth per logged 8-byte write_page with full history, beyond its changed bytes")
+def memory_per_write(ctx: RunContext) -> CaseOutcome:
+    n = ctx.pick(1_000_000, 20_000)
+    out = _child(ctx, _WRITE_BUDGET_CHILD, n)
+    expect(out["logged"] > 0.99 * n, f"only {out['logged']} of {n} writes were logged")
+    per_write = out["rss_growth"] / out["logged"]
+    m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
+    return CaseOutcome(m, {"writes": out["logged"], "rss_growth_bytes": out["rss_growth"],
+                           "bytes_per_write": per_write,
+                           "bytes_per_write_beyond_changed": per_write - 8})
+
+
+@case("memory", "create_page_loop_1m",
+      "RSS growth of 1,000,000 create_page(state, 64) calls in a loop, fresh process")
+def memory_create_loop(ctx: RunContext) -> CaseOutcome:
+    n = ctx.pick(1_000_000, 20_000)
+    out = _child(ctx, _CREATE_LOOP_CHILD, n)
+    expect(out["pages"] == n, f"{out['pages']} pages after {n} create_page calls")
+    per_page_ns = out["ns"] / n
+    m = Measurement(stats=summarize([per_page_ns], n), samples_ns=(per_page_ns,))
+    return CaseOutcome(m, {"pages": n, "rss_growth_bytes": out["rss_growth"],
+                           "rss_growth_mb": out["rss_growth"] / 1e6,
+                           "rss_growth_mb_per_million": out["rss_growth"] / 1e6 * 1_000_000 / n,
+                           "rss_bytes_per_page": out["rss_growth"] / n})
+
+
+@case("stress", "write_tail_200k",
+      "200,000 write_page calls of 8 bytes over 64 pages of 1 KiB with the default config "
+      "(automatic compaction on): latency percentiles of single calls")
+def stress_write_tail(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    n = ctx.pick(200_000, 5_000)
+    rng = _rng(ctx, 11)
+    state = mmsb.MMSBState()  # the default config, compaction included
+    ids = [p.id for p in mmsb.create_pages(state, 64, KIB)]
+    offs = rng.integers(0, KIB - 8, n).tolist()
+    pids = rng.integers(0, 64, n).tolist()
+    pay = [bytes(rng.integers(1, 256, 8, dtype=np.uint8)) for _ in range(256)]
+    lat = np.empty(n, np.int64)
+    write = mmsb.write_page
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        write(state, ids[pids[i]], offs[i], pay[i & 255])
+        lat[i] = clock() - t0
+    expect(mmsb.verify_state_consistency(state), "the state differs from the replay of its log")
+    p50, p99, p999 = (float(x) for x in np.percentile(lat, [50, 99, 99.9]))
+    m = Measurement(stats=summarize([p50], n), samples_ns=(p50,))
+    return CaseOutcome(m, {"writes": n, "p50_ns": p50, "p99_ns": p99, "p999_ns": p999,
+                           "max_ns": int(lat.max()), "over_1ms": int((lat > 1_000_000).sum())})
+
+
+@case("batch", "with_batch_small",
+      "with batch(state): write_page of 8 bytes, over 1,000 pages of 1 KiB")
+def batch_with_small(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    n_pages = ctx.pick(1_000, 50)
+    setup = _batch_setup(ctx, _rng(ctx, 13), n_pages)
+
+    def batch(obj: tuple[Any, list[tuple[int, int, bytes]]], n: int) -> None:
+        state, writes = obj
+        write = mmsb.write_page
+        with mmsb.batch(state):
+            for pid, off, data in writes:
+                write(state, pid, off, data)
+
+    m = ctx.measure(batch, setup=setup, inner=ctx.pick(20_000, 500))
+    return CaseOutcome(m, {"writes_per_batch": m.stats.ops_per_sample, "write_bytes": 8,
+                           "deltas_per_s": 1e9 / m.stats.median_ns})
