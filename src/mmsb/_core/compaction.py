@@ -40,13 +40,15 @@ def compress_log_locked(state: MMSBState) -> None:
         meta = t.meta.get(pid)
         if meta:
             recs.append(MetadataSet(pid, dict(meta), "compressed"))
+    written = [pid for pid in live.tolist() if t.epoch[pid]]
+    masks = dict(zip(written, state.page_masks(written), strict=True))
     for pid in live.tolist():
         epoch = int(t.epoch[pid])
         view = state.page_view(pid)
-        mask = state.page_mask(pid) | (view != 0)
         if epoch == 0:
-            assert not mask.any(), f"page {pid} has bytes but epoch 0"
+            assert not view.any(), f"page {pid} has bytes but epoch 0"
             continue
+        mask = masks[pid] | (view != 0)
         idx = np.flatnonzero(mask)
         recs.append(make_delta(state.new_delta_id(), pid, 0, len(view), idx, view[idx],
                                "compressed", epoch=epoch))

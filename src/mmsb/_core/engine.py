@@ -463,15 +463,22 @@ class MMSBState:
     def page_mask(self, pid: int) -> np.ndarray:
         """Bytes any applied delta wrote: the folded base (if any) plus the retained
         deltas after it. O(the page's retained payload bytes), in one compiled pass."""
-        size = int(self.table.size[pid])
-        base = self.mask_base.get(pid)
-        if base is None:
-            return self.log.written_mask(pid, size)
-        m, as_of = base
-        out = self.log.written_mask(pid, size, as_of)
-        n = min(size, len(m))
-        out[:n] |= m[:n]
-        return out
+        return self.page_masks([pid])[0]
+
+    def page_masks(self, pids: list[int]) -> list[np.ndarray]:
+        """:meth:`page_mask` of many pages, their payloads read in one compiled pass per
+        payload chunk. O(their retained payload bytes)."""
+        t = self.table
+        bases = self.mask_base
+        sizes = [int(t.size[pid]) for pid in pids]
+        after = [bases[pid][1] if pid in bases else 0 for pid in pids]
+        masks = self.log.written_masks(pids, sizes, after)
+        for pid, out in zip(pids, masks, strict=True):
+            base = bases.get(pid)
+            if base is not None:
+                n = min(len(out), len(base[0]))
+                out[:n] |= base[0][:n]
+        return masks
 
     def fold_masks(self, pids: Iterable[int], lsn: int) -> None:
         """Record the current masks of ``pids`` as their base as of ``lsn``."""

@@ -135,20 +135,23 @@ def batch_apply(mem: np.ndarray, bases: np.ndarray, offs: np.ndarray, lens: np.n
 
 @njit(cache=True, nogil=True)
 def mark_written(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: np.ndarray,
-                 psizes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Set ``out[p]`` for every position ``p`` < len(out) that the payloads at ``offs``
-    of ``chunk`` write (encodings as in the log: a run, u16 or u32 positions, dense
-    bytes with or without packed mask bits)."""
-    size = out.shape[0]
+                 psizes: np.ndarray, out: np.ndarray, out_off: np.ndarray,
+                 out_len: np.ndarray) -> None:  # pragma: no cover - compiled
+    """For each payload ``r`` at ``offs[r]`` of ``chunk``, set ``out[out_off[r] + p]`` for
+    every position ``p`` < ``out_len[r]`` it writes (encodings as in the log: a run, u16
+    or u32 positions, dense bytes with or without packed mask bits). Several pages'
+    masks can share ``out``, each at its own offset."""
     for r in range(offs.shape[0]):
         o = offs[r]
         plen = plens[r]
         enc = encs[r]
+        base = out_off[r]
+        size = out_len[r]
         if enc == 0:
             start = (chunk[o] | (chunk[o + 1] << 8) | (chunk[o + 2] << 16)
                      | (np.int64(chunk[o + 3]) << 24))
             for p in range(start, min(start + plen - 4, size)):
-                out[p] = True
+                out[base + p] = True
         elif enc == 1 or enc == 2:
             w = 2 if enc == 1 else 4
             n = plen // (w + 1)
@@ -157,12 +160,12 @@ def mark_written(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: n
                 for j in range(w):
                     q |= np.int64(chunk[o + w * k + j]) << (8 * j)
                 if q < size:
-                    out[q] = True
+                    out[base + q] = True
         elif enc == 3:
             for p in range(min(psizes[r], size)):
-                out[p] = True
+                out[base + p] = True
         else:
             ps = psizes[r]
             for p in range(min(ps, size)):
                 if (chunk[o + ps + (p >> 3)] >> (7 - (p & 7))) & 1:
-                    out[p] = True
+                    out[base + p] = True

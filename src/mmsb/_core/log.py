@@ -49,8 +49,9 @@ ENC_EXACT = 4
 ENC_MASKED = 5
 """Dense from a mask: full-length bytes (zero outside the mask), then packed bits."""
 
-_CHUNK = 1 << 20
-"""Payload arena chunk; a payload over a quarter of it gets a chunk of its own."""
+_CHUNK = 1 << 18
+"""Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
+quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
 
 
@@ -676,25 +677,43 @@ class TransactionLog:
         """One bool per byte of a ``size``-byte page: where its retained deltas with LSN
         > ``after_lsn`` write (positions past ``size`` ignored). One compiled pass over
         their payloads. O(its deltas' payload bytes)."""
-        out = np.zeros(size, dtype=bool)
-        rows = self.index.get(page_id)
-        if not rows:
-            return out
-        sel = np.frombuffer(rows, np.uint32).astype(np.int64)
-        if after_lsn:
-            sel = sel[self.rows_through(after_lsn) <= sel]
-        if not sel.size:
-            return out
-        recs = self.rows[sel]
-        chunk_of = recs["poff"] >> 32
-        for ci in np.unique(chunk_of).tolist():
-            pick = recs[chunk_of == ci]
-            chunk = self.chunks[ci]
-            assert chunk is not None
-            mark_written(np.frombuffer(chunk, np.uint8), pick["poff"] & 0xFFFFFFFF,
-                         pick["plen"].astype(np.int64), pick["enc"], pick["psize"].astype(np.int64),
-                         out)
-        return out
+        return self.written_masks([page_id], [size], [after_lsn])[0]
+
+    def written_masks(self, page_ids: Sequence[int], sizes: Sequence[int],
+                      after_lsns: Sequence[int]) -> list[np.ndarray]:
+        """:meth:`written_mask` of many pages at once: one gather of their rows and one
+        compiled pass per payload chunk. O(their deltas' payload bytes)."""
+        bounds = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(np.asarray(sizes, np.int64), out=bounds[1:])
+        out = np.zeros(int(bounds[-1]), dtype=bool)
+        parts: list[np.ndarray] = []
+        owners: list[np.ndarray] = []
+        for k, (pid, after) in enumerate(zip(page_ids, after_lsns, strict=True)):
+            rows = self.index.get(pid)
+            if not rows:
+                continue
+            sel = np.frombuffer(rows, np.uint32).astype(np.int64)
+            if after:
+                sel = sel[self.rows_through(after) <= sel]
+            if sel.size:
+                parts.append(sel)
+                owners.append(np.full(sel.size, k, np.int64))
+        if parts:
+            sel = np.concatenate(parts)
+            owner = np.concatenate(owners)
+            recs = self.rows[sel]
+            chunk_of = recs["poff"] >> 32
+            lens = np.asarray(sizes, np.int64)
+            for ci in np.unique(chunk_of).tolist():
+                pick = chunk_of == ci
+                r = recs[pick]
+                own = owner[pick]
+                chunk = self.chunks[ci]
+                assert chunk is not None
+                mark_written(np.frombuffer(chunk, np.uint8), r["poff"] & 0xFFFFFFFF,
+                             r["plen"].astype(np.int64), r["enc"], r["psize"].astype(np.int64),
+                             out, bounds[own], lens[own])
+        return [out[bounds[k]:bounds[k + 1]] for k in range(len(sizes))]
 
     def page_rows(self, page_id: int) -> np.ndarray:
         """The delta rows of ``page_id``, ascending (a copy). O(its deltas)."""

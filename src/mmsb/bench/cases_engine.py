@@ -35,16 +35,18 @@ ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
 rng = np.random.default_rng(3)
 offs = rng.integers(0, 1016, n).tolist()
 pids = rng.integers(0, 64, n).tolist()
-pay = [bytes(rng.integers(1, 256, 8, dtype=np.uint8)) for _ in range(256)]
+block = rng.integers(1, 256, (n, 8), dtype=np.uint8)
+pay = [row.tobytes() for row in block]
+del block
 # Warm up the kernels and the first payload chunk, so only the log's growth is counted.
 for i in range(2000):
-    mmsb.write_page(state, ids[pids[i]], offs[i], pay[i & 255])
+    mmsb.write_page(state, ids[pids[i]], offs[i], pay[i])
 gc.collect()
 before = rss()
 logged0 = len(state.tlog)
 write = mmsb.write_page
 for i in range(n):
-    write(state, ids[pids[i]], offs[i], pay[i & 255])
+    write(state, ids[pids[i]], offs[i], pay[i] if i & 1 else pay[i][::-1])
 gc.collect()
 after = rss()
 logged = len(state.tlog) - logged0
@@ -99,7 +101,7 @@ def _child(ctx: RunContext, script: str, *args: int) -> dict[str, Any]:
 def memory_per_write(ctx: RunContext) -> CaseOutcome:
     n = ctx.pick(1_000_000, 20_000)
     out = _child(ctx, _WRITE_BUDGET_CHILD, n)
-    expect(out["logged"] > 0.99 * n, f"only {out['logged']} of {n} writes were logged")
+    expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} writes were logged")
     per_write = out["rss_growth"] / out["logged"]
     m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
     return CaseOutcome(m, {"writes": out["logged"], "rss_growth_bytes": out["rss_growth"],
