@@ -184,6 +184,8 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         GPUMemoryError: a GPU/unified page without a usable CUDA device.
         MetadataError: metadata msgpack cannot encode.
     """
+    if type(state) is MMSBState and location == "cpu" and not metadata:
+        return Page(state, state.create_one(size))
     state = _state_of(state, "create_page")
     return Page(state, state.create(1, size, location, metadata))
 

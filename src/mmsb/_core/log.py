@@ -436,6 +436,35 @@ class TransactionLog:
         if type(rec) is Compacted:
             self.horizon_lsn = rec.lsn
 
+    def extend_creation(self, page_id: int, size: int, location: int) -> int:
+        """Log the creation of the one page ``page_id`` (no metadata) by extending the
+        open creation run, with no record object: what ``append(PageCreate(page_id, 1,
+        size, location))`` keeps, for a log without a sink. Returns its LSN; 0 when the
+        newest structural entry is not a run this creation continues (nothing changed:
+        append the record instead). O(1)."""
+        structs = self.structs
+        if not structs:
+            return 0
+        run = structs[-1]
+        if type(run) is not _CreateRun or run.size != size or run.location != location:
+            return 0
+        offsets = run.offsets
+        n = len(offsets)
+        lsn = self.next_lsn
+        if page_id != run.first_id + n or lsn != run.lsn + n:
+            return 0
+        ts = time.time_ns()
+        if ts < self.last_timestamp:
+            ts = self.last_timestamp
+        off = ts - run.timestamp
+        if off >= 1 << 32:
+            return 0
+        offsets.append(off)
+        self.struct_count += 1
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
+        return lsn
+
     def _new_chunk(self) -> None:
         buf = memoryview(bytearray(_CHUNK))
         self.chunks.append(buf)
