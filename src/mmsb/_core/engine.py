@@ -47,6 +47,7 @@ from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bou
 from .log import DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
+from .propagation import run_propagation
 from .records import (
     AnyRecord,
     Compacted,
@@ -913,12 +914,11 @@ class MMSBState:
                                            self.next_delta_id, source)
                 if lsn == 0:
                     return False
-                if lsn > 0:
-                    did = self.next_delta_id
-                    self.next_delta_id = did + 1
-                    t.epoch[pid] = epoch
-                    self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
-                    return True
+                did = self.next_delta_id
+                self.next_delta_id = did + 1
+                t.epoch[pid] = epoch
+                self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+                return True
             view = self.arena.view(addr, size)
             if tp is bytes:
                 new = np.frombuffer(new, np.uint8)
@@ -942,6 +942,31 @@ class MMSBState:
             return True
         finally:
             self.leave()
+
+    def write_recomputed(self, pid: int, data: np.ndarray) -> bool:
+        """write_bytes(pid, 0, data, "propagation", True) for a propagation pass, which
+        holds the lock and has checked the page and the length (``data`` is 1-D uint8 of
+        the page's size): a log without a sink takes the compiled small-write path with
+        no check repeated. Returns True if a delta was logged. O(page size)."""
+        t = self.table
+        size = t.size.item(pid)
+        if (size > SMALL_WRITE or self.batch_frame is not None or self.log.sink is not None
+                or not self.config.enable_logging):
+            return self.write_bytes(pid, 0, data, "propagation", True)
+        t0 = time.perf_counter_ns()
+        addr = t.addr.item(pid)
+        epoch = t.epoch.item(pid) + 1
+        mem = self.arena.chunk(addr >> CHUNK_SHIFT)
+        assert mem is not None
+        lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, 0, data, pid, epoch,
+                                   self.next_delta_id, "propagation")
+        if lsn == 0:
+            return False
+        did = self.next_delta_id
+        self.next_delta_id = did + 1
+        t.epoch[pid] = epoch
+        self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+        return True
 
     def route(self, d: Delta) -> None:
         """Validate, log, apply and propagate a user-built delta (route_delta)."""
@@ -1016,8 +1041,6 @@ class MMSBState:
         self._compress_at = max(self.config.max_tlog_size, 2 * len(self.log.deltas))
 
     def propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
-        from .propagation import run_propagation
-
         t0 = time.perf_counter_ns()
         self.propagating = True
         try:

@@ -237,7 +237,8 @@ class TransactionLog:
         """Records the structural entries stand for (a creation run counts its pages)."""
         self.payload_bytes = 0
         self.last_changed = 0
-        """Bytes the last write_small() changed."""
+        """Payload bytes of the delta the last write_small() logged (its values; the
+        page's size for a dense one)."""
 
     # -- sizes and counters ----------------------------------------------------------
     @property
@@ -476,10 +477,10 @@ class TransactionLog:
                     new: bytes | np.ndarray, pid: int, epoch: int, delta_id: int,
                     source: str) -> int:
         """Log and apply the write of ``new`` at ``off`` of the page of ``size`` bytes at
-        ``mem[base:]`` as one sparse delta to ``epoch``, in one compiled pass. For a log
+        ``mem[base:]`` as one delta to ``epoch``, in one compiled pass, encoded as
+        ``append`` would keep the delta the write makes (sparse or dense). For a log
         without a sink. Returns the delta's LSN; 0 when no byte differs (nothing logged
-        or written), -1 when the write is dense (nothing logged or written: the caller
-        builds the delta). O(len(new))."""
+        or written). O(len(new)), O(page size) for a dense write."""
         row = self.n
         if row == len(self.rows):
             self._grow()
@@ -501,7 +502,8 @@ class TransactionLog:
             self._new_chunk()
         if n <= 0:
             return n
-        self.last_changed = n
+        # The payload bytes a delta counts: its values, or the page for a dense one.
+        self.last_changed = n if n * 4 <= size else size
         self.tail = tail + plen
         self.n = row + 1
         lsns = self.lsns
