@@ -49,7 +49,7 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     n = 0
     for i in range(m):
         # Branch-free, so it vectorises; the ends of the change are found after.
-        n += np.int64(cur[i] != new[i])
+        n += int(cur[i] != new[i])
     if n == 0:
         return 0, 0
     first = 0
