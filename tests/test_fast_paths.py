@@ -45,7 +45,7 @@ def _fast_create(state: mmsb.MMSBState, size: int | None, metadata: Any) -> int:
 _ops = st.lists(st.one_of(
     st.tuples(st.just("create"), st.sampled_from([None, 1, 16, 17, 1024, 4096]),
               st.sampled_from([None, {}, {"k": 1}])),
-    st.tuples(st.just("write"), st.integers(0, 40), st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("write"), st.integers(0, 40), st.binary(min_size=1, max_size=80)),
     st.tuples(st.just("delete"), st.integers(0, 40), st.none()),
 ), max_size=40)
 
@@ -67,7 +67,7 @@ def _run(state: mmsb.MMSBState, ops: list[tuple[str, Any, Any]], create: Any) ->
 @settings(max_examples=60, deadline=None)
 @given(ops=_ops)
 def test_fast_create_logs_and_replays_as_the_general_path(ops: list[tuple[str, Any, Any]]) -> None:
-    fast, general = new_state(page_size_default=64), new_state(page_size_default=64)
+    fast, general = new_state(page_size_default=64), _general_state(page_size_default=64)
     _run(fast, ops, _fast_create)
     _run(general, ops, _general_create)
     fast._check()
@@ -166,3 +166,110 @@ def test_fast_create_reuses_freed_slots_zeroed() -> None:
     b = mmsb.create_page(s, 512)
     assert b.query() == bytes(512)
     s._check()
+
+
+# --------------------------------------------------------------------------- propagation
+
+_dags = st.tuples(
+    st.integers(2, 9),
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), max_size=16),
+    st.lists(st.tuples(st.integers(0, 8), st.binary(min_size=8, max_size=8)), min_size=1,
+             max_size=6),
+    st.booleans(),
+)
+
+
+def _general_state(**config: Any) -> mmsb.MMSBState:
+    """A state whose log has a sink that keeps nothing: every write and creation takes
+    the general path (Delta objects, records appended one by one)."""
+    s = new_state(**config)
+    s.log.sink = lambda rec: None
+    return s
+
+
+def _build(n: int, edges: list[tuple[int, int]], general: bool) -> tuple[mmsb.MMSBState, list[int]]:
+    s = _general_state() if general else new_state()
+    ids = [mmsb.create_page(s, 8).id for _ in range(n)]
+    for a, b in edges:
+        lo, hi = sorted((a % n, b % n))
+        if lo == hi or mmsb.get_parents(s, ids[hi]):
+            continue  # one DATA parent per page: a passthrough copies one source
+        mmsb.add_dependency(s, ids[lo], ids[hi], mmsb.DATA_DEPENDENCY)
+        if general:
+            src = ids[lo]
+            mmsb.register_recompute_fn(s, ids[hi], lambda st_, _p, src=src: bytes(st_.page_view(src)))
+            s.write_recomputed = (  # type: ignore[method-assign]
+                lambda pid, arr, s=s: s.write_bytes(pid, 0, arr, "propagation", True))
+        else:
+            mmsb.register_passthrough_recompute(s, ids[hi], ids[lo])
+    return s, ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(dag=_dags)
+def test_fast_propagation_matches_the_general_path(dag: Any) -> None:
+    n, edges, writes, dense = dag
+    fast, ids = _build(n, edges, general=False)
+    general, _ = _build(n, edges, general=True)
+    for k, data in writes:
+        payload = data * 2 if dense else data[:3]
+        for s in (fast, general):
+            mmsb.write_page(s, ids[k % n], 0, payload[:8])
+    fast._check()
+    general._check()
+    assert _records(fast) == _records(general)
+    assert _pages(fast) == _pages(general)
+    for pid in ids:
+        assert np.array_equal(fast.pages[pid].mask, general.pages[pid].mask)
+    replayed = mmsb.replay_to_lsn(fast, fast.last_lsn)
+    assert _pages(replayed) == _pages(fast)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(2, 12), edges=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)),
+                                            max_size=24), src=st.integers(0, 11))
+def test_affected_order_is_topological_and_complete(n: int, edges: list[tuple[int, int]],
+                                                    src: int) -> None:
+    from mmsb._core.propagation import affected_order
+
+    s = new_state()
+    ids = [mmsb.create_page(s, 8).id for _ in range(n)]
+    for a, b in edges:
+        lo, hi = sorted((a % n, b % n))
+        if lo != hi and not s.graph.has_edge(ids[lo], ids[hi]):
+            mmsb.add_dependency(s, ids[lo], ids[hi], mmsb.DATA_DEPENDENCY)
+    source = ids[src % n]
+    order = affected_order(s, {source})
+    assert sorted(order) == sorted(mmsb.find_descendants(s, source))
+    pos = {p: i for i, p in enumerate(order)}
+    for p, c, _ in s.graph.edges():
+        if p in pos and c in pos:
+            assert pos[p] < pos[c]
+
+
+def test_passthrough_of_a_deleted_source_raises_propagation_error() -> None:
+    s = new_state()
+    a, b, c = (mmsb.create_page(s, 4) for _ in range(3))
+    mmsb.add_dependency(s, a.id, c.id, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, c.id, b.id)
+    mmsb.delete_page(s, b.id)
+    with pytest.raises(mmsb.PropagationError):
+        mmsb.update_page(s, a.id, b"\x01\x02\x03\x04")
+    assert c.query() == bytes(4)
+
+
+def test_passthrough_cutoff_stops_at_unchanged_bytes() -> None:
+    s = new_state()
+    a, b, c = (mmsb.create_page(s, 4) for _ in range(3))
+    mmsb.add_dependency(s, a.id, b.id, mmsb.DATA_DEPENDENCY)
+    mmsb.add_dependency(s, b.id, c.id, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, b.id, a.id, transform=lambda x: bytes(4))
+    calls: list[int] = []
+
+    def fn(st_: mmsb.MMSBState, page: mmsb.Page) -> bytes:
+        calls.append(page.id)
+        return b"\x09" * 4
+
+    mmsb.register_recompute_fn(s, c.id, fn)
+    mmsb.update_page(s, a.id, b"\x01\x02\x03\x04")
+    assert b.epoch == 0 and calls == []
