@@ -33,6 +33,7 @@ from ._core.graph import compute_closure as _closure
 from ._core.graph import detect_cycles as _cycles
 from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
+from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
 from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
@@ -184,6 +185,8 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         GPUMemoryError: a GPU/unified page without a usable CUDA device.
         MetadataError: metadata msgpack cannot encode.
     """
+    if type(state) is MMSBState and location == "cpu" and not metadata:
+        return Page(state, state.create_one(size))
     state = _state_of(state, "create_page")
     return Page(state, state.create(1, size, location, metadata))
 
@@ -713,14 +716,7 @@ def register_passthrough_recompute(state: MMSBState, target_id: int, source_id: 
         src = state.require_page(source_id, "register_passthrough_recompute")
         state.require_page(target_id, "register_passthrough_recompute")
 
-    if transform is None:
-        def fn(st: MMSBState, page: Page) -> Any:
-            return st.page_view(st.require_page(src, "passthrough source"))
-    else:
-        def fn(st: MMSBState, page: Page) -> Any:
-            return transform(st.page_view(st.require_page(src, "passthrough source")).tobytes())
-
-    register_recompute_fn(state, target_id, fn)
+    register_recompute_fn(state, target_id, Passthrough(src, transform))
 
 
 def propagate_change(state: MMSBState, page_id: int | Iterable[int],

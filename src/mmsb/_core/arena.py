@@ -53,6 +53,8 @@ class Arena:
         """Bump chunks allocated ahead by reserve(), used before any new one."""
         self._reserved: dict[int, list[np.ndarray]] = {}
         """Dedicated buffers of large slots allocated ahead by reserve(), per class."""
+        self._classes: dict[int, int] = {}
+        """size → size_class(size), for the sizes seen (at most 256 of them)."""
 
     # -- reading ---------------------------------------------------------------------
     def view(self, addr: int, size: int) -> np.ndarray:
@@ -125,6 +127,31 @@ class Arena:
                 self._start_bump_chunk()
             addr = (self._cur << CHUNK_SHIFT) | self._bump
             self._bump += cls
+        self.bytes_in_use += cls
+        return addr
+
+    def alloc_ready(self, size: int) -> int:
+        """alloc() when it needs no new buffer: a free-listed slot (zeroed again) or room
+        in the current chunk. Returns the address, or -1 when a buffer would have to be
+        allocated (nothing changed). Cannot raise MemoryError. O(1), O(size) to zero a
+        reused slot."""
+        cls = self._classes.get(size)
+        if cls is None:
+            cls = size_class(size)
+            if len(self._classes) < 256:
+                self._classes[size] = cls
+        free = self._free.get(cls)
+        if free:
+            addr = free.pop()
+            self.bytes_free_listed -= cls
+            self.view(addr, cls)[:] = 0
+        else:
+            # _bump is CHUNK_SIZE until the first chunk: no room before it.
+            bump = self._bump + cls
+            if bump > CHUNK_SIZE or cls > _LARGE:
+                return -1
+            addr = (self._cur << CHUNK_SHIFT) | self._bump
+            self._bump = bump
         self.bytes_in_use += cls
         return addr
 

@@ -46,7 +46,8 @@ from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
-from .page_table import PageTable
+from .page_table import LIVE, PageTable
+from .propagation import run_propagation
 from .records import (
     AnyRecord,
     Compacted,
@@ -808,6 +809,56 @@ class MMSBState:
         finally:
             self.leave()
 
+    def create_one(self, size: Any) -> int:
+        """``create(1, size, "cpu", None)``: one zero-filled cpu page without metadata;
+        returns its id. The common case (an in-memory log without a sink, logging on,
+        not in a batch or a nested call, a row free in the page table, a slot free in
+        the arena, the open creation run continued) takes no record object: the slot
+        is taken first (it needs no new memory, so it cannot fail), then the creation
+        is logged, then the table row is filled. Anything else takes ``create``, with
+        its refusals. O(1).
+        """
+        lock = self.lock
+        lock.acquire()
+        t = self.table
+        pid = t.next_id
+        log = self.log
+        if size is None:
+            size = self.config.page_size_default
+        if (type(size) is not int or not 0 < size <= MAX_PAGE_SIZE or pid >= len(t.flags)
+                or self._depth or self.closed or self.bus is not None or log.sink is not None
+                or not self.config.enable_logging):
+            # A batch and a running recompute function hold the lock entered (_depth):
+            # both take the general path, which refuses them.
+            lock.release()
+            return self.create(1, size, "cpu", None)
+        addr = self.arena.alloc_ready(size)
+        if addr < 0:
+            lock.release()
+            return self.create(1, size, "cpu", None)
+        try:
+            try:
+                if not log.extend_creation(pid, size, 0):
+                    log.append(PageCreate(pid, 1, size, 0, None))
+            except BaseException:
+                self.arena.free(addr, size)
+                raise
+            # Rows past next_id are all zero (PageTable._check), so epoch 0 and the cpu
+            # location are already there.
+            t.addr[pid] = addr
+            t.size[pid] = size
+            t.flags[pid] = LIVE
+            t.next_id = pid + 1
+            t.live_count += 1
+            self.counters.records_logged += 1
+            if self.events.active:
+                self.event_queue.append((EventType.PAGE_CREATED, (pid,)))
+        finally:
+            lock.release()
+        if self.event_queue and not getattr(self._delivering, "on", False):
+            self._deliver_queued()
+        return pid
+
     def check_room(self, count: int, size: int) -> None:
         """Refuse creations past the id space or the machine's memory, before anything is
         logged (a page table indexed by id grows with the highest id)."""
@@ -870,12 +921,11 @@ class MMSBState:
                                            self.next_delta_id, source)
                 if lsn == 0:
                     return False
-                if lsn > 0:
-                    did = self.next_delta_id
-                    self.next_delta_id = did + 1
-                    t.epoch[pid] = epoch
-                    self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
-                    return True
+                did = self.next_delta_id
+                self.next_delta_id = did + 1
+                t.epoch[pid] = epoch
+                self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+                return True
             view = self.arena.view(addr, size)
             if tp is bytes:
                 new = np.frombuffer(new, np.uint8)
@@ -899,6 +949,31 @@ class MMSBState:
             return True
         finally:
             self.leave()
+
+    def write_recomputed(self, pid: int, data: np.ndarray) -> bool:
+        """write_bytes(pid, 0, data, "propagation", True) for a propagation pass, which
+        holds the lock and has checked the page and the length (``data`` is 1-D uint8 of
+        the page's size): a log without a sink takes the compiled small-write path with
+        no check repeated. Returns True if a delta was logged. O(page size)."""
+        t = self.table
+        size = t.size.item(pid)
+        if (size > SMALL_WRITE or self.batch_frame is not None or self.log.sink is not None
+                or not self.config.enable_logging):
+            return self.write_bytes(pid, 0, data, "propagation", True)
+        t0 = time.perf_counter_ns()
+        addr = t.addr.item(pid)
+        epoch = t.epoch.item(pid) + 1
+        mem = self.arena.chunk(addr >> CHUNK_SHIFT)
+        assert mem is not None
+        lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, 0, data, pid, epoch,
+                                   self.next_delta_id, "propagation")
+        if lsn == 0:
+            return False
+        did = self.next_delta_id
+        self.next_delta_id = did + 1
+        t.epoch[pid] = epoch
+        self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+        return True
 
     def route(self, d: Delta) -> None:
         """Validate, log, apply and propagate a user-built delta (route_delta)."""
@@ -973,8 +1048,6 @@ class MMSBState:
         self._compress_at = max(self.config.max_tlog_size, 2 * len(self.log.deltas))
 
     def propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
-        from .propagation import run_propagation
-
         t0 = time.perf_counter_ns()
         self.propagating = True
         try:

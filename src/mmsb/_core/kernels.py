@@ -20,6 +20,8 @@ encoding, epoch after it, timestamp and payload place (39 bytes)."""
 ENC_RUN = 0
 ENC_POS16 = 1
 ENC_POS32 = 2
+ENC_FULL = 3
+ENC_EXACT = 4
 
 SMALL_WRITE = 4096
 """Writes up to this many bytes go through :func:`write_small`."""
@@ -32,28 +34,33 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     """Write ``new`` at ``off`` of the page of ``size`` bytes at ``mem[base:]`` as one
     sparse delta, in one pass.
 
-    Counts the changed bytes; when there are some and they are at most a quarter of the
-    page, encodes them into ``chunk[coff:]`` (one run: u32 start and the values; else
-    u16 or u32 positions and the values), fills log row ``row`` and applies the bytes.
+    Counts the changed bytes; when there are some, encodes them into ``chunk[coff:]``,
+    fills log row ``row`` and applies the bytes. At most a quarter of the page changed:
+    one run (u32 start and the values), else u16 or u32 positions and the values. More
+    (dense, as the log keeps it): the page's bytes when every byte changed, else the
+    page's whole content after the write and the changed positions as packed bits.
     Returns ``(changed, payload length)``; changed is 0 when nothing differs (nothing
-    written), -1 when the write is dense (nothing written: the caller takes the dense
-    path), -2 when the payload needs more than ``room`` bytes (nothing written).
+    written), -2 when the payload needs more than ``room`` bytes (nothing written).
     """
     m = len(new)
     page = mem[base:base + size]
+    # Indexing a slice with the loop counter lets the compare vectorise.
+    cur = page[off:off + m]
     n = 0
-    first = -1
-    last = -1
     for i in range(m):
-        if page[off + i] != new[i]:
-            if first < 0:
-                first = i
-            last = i
-            n += 1
+        # Branch-free, so it vectorises; the ends of the change are found after.
+        n += int(cur[i] != new[i])
     if n == 0:
         return 0, 0
+    first = 0
+    while cur[first] == new[first]:
+        first += 1
+    last = m - 1
+    while cur[last] == new[last]:
+        last -= 1
     if n * 4 > size:
-        return -1, 0
+        return _write_dense(page, cur, size, off, new, n, rows, row, chunk, coff, room, pid,
+                            epoch, ts, src, poff)
     if last - first + 1 == n:
         enc = ENC_RUN
         plen = 4 + n
@@ -79,20 +86,61 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
         k = 0
         for i in range(first, last + 1):
             b = new[i]
-            if page[off + i] != b:
+            if cur[i] != b:
                 p = off + i
                 for j in range(w):
                     chunk[coff + w * k + j] = (p >> (8 * j)) & 0xFF
                 chunk[v + k] = b
                 k += 1
     for i in range(first, last + 1):
-        page[off + i] = new[i]
+        cur[i] = new[i]
     r = rows[row]
     r.page = pid
     r.psize = size
     r.plen = plen
     r.src = src
     r.enc = enc
+    r.epoch = epoch
+    r.ts = ts
+    r.poff = poff
+    return n, plen
+
+
+@njit(cache=True, nogil=True)
+def _write_dense(page: np.ndarray, cur: np.ndarray, size: int, off: int,
+                 new: bytes | np.ndarray, n: int,
+                 rows: np.ndarray, row: int, chunk: np.ndarray, coff: int, room: int, pid: int,
+                 epoch: int, ts: int, src: int, poff: int) -> tuple[int, int]:  # pragma: no cover
+    """The dense case of :func:`write_small` (``n`` of the written bytes differ; ``cur``
+    is ``page[off:off + len(new)]``)."""
+    m = len(new)
+    full = n == size
+    plen = size if full else size + (size + 7) // 8
+    if plen > room:
+        return -2, plen
+    if full:
+        for i in range(m):
+            chunk[coff + i] = new[i]
+    else:
+        for i in range(size):
+            chunk[coff + i] = page[i]
+        bits = coff + size
+        for i in range(plen - size):
+            chunk[bits + i] = 0
+        for i in range(m):
+            b = new[i]
+            if cur[i] != b:
+                p = off + i
+                chunk[coff + p] = b
+                chunk[bits + (p >> 3)] |= 0x80 >> (p & 7)
+    for i in range(m):
+        cur[i] = new[i]
+    r = rows[row]
+    r.page = pid
+    r.psize = size
+    r.plen = plen
+    r.src = src
+    r.enc = ENC_FULL if full else ENC_EXACT
     r.epoch = epoch
     r.ts = ts
     r.poff = poff

@@ -238,7 +238,8 @@ class TransactionLog:
         """Records the structural entries stand for (a creation run counts its pages)."""
         self.payload_bytes = 0
         self.last_changed = 0
-        """Bytes the last write_small() changed."""
+        """Payload bytes of the delta the last write_small() logged (its values; the
+        page's size for a dense one)."""
 
     # -- sizes and counters ----------------------------------------------------------
     @property
@@ -437,6 +438,35 @@ class TransactionLog:
         if type(rec) is Compacted:
             self.horizon_lsn = rec.lsn
 
+    def extend_creation(self, page_id: int, size: int, location: int) -> int:
+        """Log the creation of the one page ``page_id`` (no metadata) by extending the
+        open creation run, with no record object: what ``append(PageCreate(page_id, 1,
+        size, location))`` keeps, for a log without a sink. Returns its LSN; 0 when the
+        newest structural entry is not a run this creation continues (nothing changed:
+        append the record instead). O(1)."""
+        structs = self.structs
+        if not structs:
+            return 0
+        run = structs[-1]
+        if type(run) is not _CreateRun or run.size != size or run.location != location:
+            return 0
+        offsets = run.offsets
+        n = len(offsets)
+        lsn = self.next_lsn
+        if page_id != run.first_id + n or lsn != run.lsn + n:
+            return 0
+        ts = time.time_ns()
+        if ts < self.last_timestamp:
+            ts = self.last_timestamp
+        off = ts - run.timestamp
+        if off >= 1 << 32:
+            return 0
+        offsets.append(off)
+        self.struct_count += 1
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
+        return lsn
+
     def _new_chunk(self) -> None:
         buf = memoryview(bytearray(_CHUNK))
         self.chunks.append(buf)
@@ -448,10 +478,10 @@ class TransactionLog:
                     new: bytes | np.ndarray, pid: int, epoch: int, delta_id: int,
                     source: str) -> int:
         """Log and apply the write of ``new`` at ``off`` of the page of ``size`` bytes at
-        ``mem[base:]`` as one sparse delta to ``epoch``, in one compiled pass. For a log
+        ``mem[base:]`` as one delta to ``epoch``, in one compiled pass, encoded as
+        ``append`` would keep the delta the write makes (sparse or dense). For a log
         without a sink. Returns the delta's LSN; 0 when no byte differs (nothing logged
-        or written), -1 when the write is dense (nothing logged or written: the caller
-        builds the delta). O(len(new))."""
+        or written). O(len(new)), O(page size) for a dense write."""
         row = self.n
         if row == len(self.rows):
             self._grow()
@@ -473,7 +503,8 @@ class TransactionLog:
             self._new_chunk()
         if n <= 0:
             return n
-        self.last_changed = n
+        # The payload bytes a delta counts: its values, or the page for a dense one.
+        self.last_changed = n if n * 4 <= size else size
         self.tail = tail + plen
         self.n = row + 1
         lsns = self.lsns

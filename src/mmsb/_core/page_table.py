@@ -19,6 +19,7 @@ _COLUMNS = (("addr", np.int64), ("size", np.int64), ("epoch", np.int64), ("loc",
 
 class PageTable:
     """Columns ``addr``, ``size``, ``epoch``, ``loc``, ``flags`` indexed by page id.
+    Rows from ``next_id`` on are all zero.
 
     ``meta`` maps page id → metadata dict, only for pages that have metadata.
     """
@@ -96,6 +97,9 @@ class PageTable:
         live = self.live_ids()
         assert len(live) == self.live_count, (len(live), self.live_count)
         assert not (self.flags[self.next_id :] & LIVE).any(), "a live row past next_id"
+        for name, _ in _COLUMNS:
+            # Creating a page fills only addr, size and flags: the rest must be zero.
+            assert not getattr(self, name)[self.next_id :].any(), f"{name} set past next_id"
         assert not (self.flags[0] & LIVE), "row 0 must stay unused"
         assert (self.size[live] > 0).all(), "a live page has a non-positive size"
         assert (self.epoch[live] >= 0).all(), "a live page has a negative epoch"

@@ -11,16 +11,17 @@ metadata changes), GPU_SYNC edges ask for a device sync. Iterative: no recursion
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidDeltaError, PropagationError
 from ..types import EdgeType, EventType
 from .delta import as_bytes_array
 
 if TYPE_CHECKING:
-    from .engine import MMSBState
+    from .engine import MMSBState, Page
 
-__all__ = ["run_propagation", "affected_order"]
+__all__ = ["run_propagation", "affected_order", "Passthrough"]
 
 log = logging.getLogger("mmsb.propagation")
 
@@ -32,6 +33,23 @@ _MARKS = (
 )
 
 
+class Passthrough:
+    """The recompute function of ``register_passthrough_recompute``: the bytes of page
+    ``source``, through ``transform`` when there is one. A propagation pass recognises
+    it and, without a transform, copies the source's bytes with no call and no page
+    handle."""
+
+    __slots__ = ("source", "transform")
+
+    def __init__(self, source: int, transform: Callable[[bytes], Any] | None) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __call__(self, state: MMSBState, page: Page) -> Any:
+        view = state.page_view(state.require_page(self.source, "passthrough source"))
+        return view if self.transform is None else self.transform(view.tobytes())
+
+
 def affected_order(state: MMSBState, sources: set[int], forced: frozenset[int] = frozenset()) -> list[int]:
     """The sources' descendants, and the forced pages and theirs, in topological order.
 
@@ -40,6 +58,20 @@ def affected_order(state: MMSBState, sources: set[int], forced: frozenset[int] =
     algorithm runs on the affected subgraph only, ties broken by id. O(affected edges).
     """
     children = state.graph.children
+    if not forced and len(sources) == 1:
+        # A chain below one source (the common case): follow it while each page has
+        # one child; a branch starts the general walk.
+        (node,) = sources
+        chain: list[int] = []
+        kids = children.get(node)
+        while kids:
+            if len(kids) != 1:
+                break
+            (node,) = kids
+            chain.append(node)
+            kids = children.get(node)
+        else:
+            return chain
     order: list[int] = list(forced)
     seen: dict[int, int] = dict.fromkeys(order, 0)
     queue = [s for s in sources if s not in seen] + order
@@ -97,21 +129,26 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                 state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
             else:
                 try:
-                    # A recompute function returns its page's bytes; it may read any page
-                    # but change none (state.enter refuses): a write from inside it would
-                    # reach pages whose dependants this pass has already passed by.
-                    state.recomputing = node
-                    try:
-                        result = fn(state, state.page_handle(node))
-                    finally:
-                        state.recomputing = None
-                    size = int(table.size[node])
-                    arr = as_bytes_array(result, "recompute result")
+                    if (type(fn) is Passthrough and fn.transform is None
+                            and table.is_live(fn.source)):
+                        # What the call would return, without the call.
+                        arr = state.page_view(fn.source)
+                    else:
+                        # A recompute function returns its page's bytes; it may read any
+                        # page but change none (state.enter refuses): a write from inside
+                        # it would reach pages whose dependants this pass has passed by.
+                        state.recomputing = node
+                        try:
+                            result = fn(state, state.page_handle(node))
+                        finally:
+                            state.recomputing = None
+                        arr = as_bytes_array(result, "recompute result")
+                    size = table.size.item(node)
                     if len(arr) != size:
                         raise InvalidDeltaError(
                             f"recompute function returned {len(arr)} bytes but the page has "
                             f"{size}; it must return the page's full new content", page_id=node)
-                    if state.write_bytes(node, 0, arr, "propagation", True):
+                    if state.write_recomputed(node, arr):
                         changed.add(node)
                 except InvalidDeltaError as exc:
                     state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])

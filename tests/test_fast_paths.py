@@ -1,0 +1,275 @@
+"""The fast paths against the general ones: one-page creation that extends the open
+creation run without a record object, and the propagation pass for its common cases.
+Each fast path must leave the same state, log and replays as the general path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmsb
+from conftest import assert_unchanged, new_state, snapshot
+from mmsb._core.records import PageCreate
+
+
+def _records(state: mmsb.MMSBState) -> list[tuple[Any, ...]]:
+    """The log's records without their timestamps (two states never share a clock)."""
+    out = []
+    for rec in state.log.records:
+        if isinstance(rec, mmsb.Delta):
+            out.append(("delta", rec.lsn, rec.page_id, rec.base_epoch, rec.epoch, rec.source,
+                        rec.page_size, bytes(rec.indices.astype(np.int64)),
+                        bytes(rec.values)))
+        else:
+            fields = {k: getattr(rec, k) for k in rec.__slots__ if k != "timestamp"}
+            out.append((type(rec).__name__, rec.lsn, sorted(fields.items(), key=str)))
+    return out
+
+
+def _pages(state: mmsb.MMSBState) -> list[tuple[int, int, int, bytes, dict[str, Any]]]:
+    return [(pid, p.size, p.epoch, p.query(), dict(p.metadata)) for pid, p in state.pages.items()]
+
+
+def _general_create(state: mmsb.MMSBState, size: int | None, metadata: Any) -> int:
+    return state.create(1, size, "cpu", metadata)
+
+
+def _fast_create(state: mmsb.MMSBState, size: int | None, metadata: Any) -> int:
+    return mmsb.create_page(state, size, metadata=metadata).id
+
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("create"), st.sampled_from([None, 1, 16, 17, 1024, 4096]),
+              st.sampled_from([None, {}, {"k": 1}])),
+    st.tuples(st.just("write"), st.integers(0, 40), st.binary(min_size=1, max_size=80)),
+    st.tuples(st.just("delete"), st.integers(0, 40), st.none()),
+), max_size=40)
+
+
+def _run(state: mmsb.MMSBState, ops: list[tuple[str, Any, Any]], create: Any) -> None:
+    for op, a, b in ops:
+        live = list(state.pages)
+        if op == "create":
+            create(state, a, b)
+        elif live:
+            pid = live[a % len(live)]
+            if op == "write":
+                size = state.pages[pid].size
+                mmsb.write_page(state, pid, 0, b[:size])
+            else:
+                mmsb.delete_page(state, pid)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_ops)
+def test_fast_create_logs_and_replays_as_the_general_path(ops: list[tuple[str, Any, Any]]) -> None:
+    fast, general = new_state(page_size_default=64), _general_state(page_size_default=64)
+    _run(fast, ops, _fast_create)
+    _run(general, ops, _general_create)
+    fast._check()
+    general._check()
+    assert _records(fast) == _records(general)
+    assert _pages(fast) == _pages(general)
+    assert fast.log.record_count == general.log.record_count
+    assert fast.counters.records_logged == general.counters.records_logged
+    replayed = mmsb.replay_to_lsn(fast, fast.last_lsn)
+    assert _pages(replayed) == _pages(fast)
+
+
+def test_consecutive_creations_share_one_run_and_read_back_as_records() -> None:
+    s = new_state()
+    ids = [mmsb.create_page(s, 256).id for _ in range(50)]
+    assert len(s.log.structs) == 1
+    recs = list(s.log.records)
+    assert [r.first_id for r in recs] == ids
+    assert [r.lsn for r in recs] == list(range(1, 51))
+    stamps = [r.timestamp for r in recs]
+    assert stamps == sorted(stamps)
+    assert all(isinstance(r, PageCreate) and r.count == 1 and r.size == 256 for r in recs)
+
+
+def test_fast_create_takes_no_record_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = new_state()
+    mmsb.create_page(s, 64)
+
+    def refuse(*args: Any) -> int:
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(s, "create", refuse)
+    monkeypatch.setattr(s.log, "append", refuse)
+    ids = [mmsb.create_page(s, 64).id for _ in range(10)]
+    assert ids == list(range(2, 12))
+    s._check()
+
+
+def test_fast_create_emits_page_created() -> None:
+    s = new_state()
+    seen: list[int] = []
+    mmsb.subscribe(s, mmsb.EventType.PAGE_CREATED, lambda _st, _et, pid: seen.append(pid))
+    ids = [mmsb.create_page(s, 32).id for _ in range(5)]
+    assert seen == ids
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_memory_error_while_logging_leaves_no_record(monkeypatch: pytest.MonkeyPatch,
+                                                     first: bool) -> None:
+    s = new_state()
+    if not first:
+        mmsb.create_page(s, 128)
+
+    def fail(*args: Any) -> int:
+        raise MemoryError
+
+    # The first creation of a run is appended as a record, the next ones extend the run.
+    monkeypatch.setattr(s.log, "append" if first else "extend_creation", fail)
+    if first:
+        # A run is only continued by creations of its own size.
+        monkeypatch.setattr(s.log, "extend_creation", lambda *a: 0)
+    before = snapshot(s)
+    in_use = s.arena.bytes_in_use
+    with pytest.raises(MemoryError):
+        mmsb.create_page(s, 128)
+    assert_unchanged(s, before)
+    assert s.arena.bytes_in_use == in_use
+    monkeypatch.undo()
+    s._check()
+    p = mmsb.create_page(s, 128)
+    assert p.query() == bytes(128)
+    s._check()
+
+
+def test_fast_create_falls_back_where_it_must() -> None:
+    s = new_state(enable_logging=False)
+    mmsb.create_page(s, 64)
+    assert s.log.record_count == 0
+    s = new_state()
+    with mmsb.batch(s), pytest.raises(mmsb.InvalidArgumentError):
+        mmsb.create_page(s, 64)
+    with pytest.raises(mmsb.InvalidArgumentError):
+        mmsb.create_page(s, 0)
+    with pytest.raises(mmsb.InvalidArgumentError):
+        mmsb.create_page(s, True)
+    mmsb.mmsb_stop(s)
+    with pytest.raises(mmsb.StateClosedError):
+        mmsb.create_page(s, 64)
+
+
+def test_fast_create_reuses_freed_slots_zeroed() -> None:
+    s = new_state()
+    a = mmsb.create_page(s, 512)
+    mmsb.update_page(s, a.id, b"\xff" * 512)
+    mmsb.delete_page(s, a.id)
+    b = mmsb.create_page(s, 512)
+    assert b.query() == bytes(512)
+    s._check()
+
+
+# --------------------------------------------------------------------------- propagation
+
+_dags = st.tuples(
+    st.integers(2, 9),
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), max_size=16),
+    st.lists(st.tuples(st.integers(0, 8), st.binary(min_size=8, max_size=8)), min_size=1,
+             max_size=6),
+    st.booleans(),
+)
+
+
+def _general_state(**config: Any) -> mmsb.MMSBState:
+    """A state whose log has a sink that keeps nothing: every write and creation takes
+    the general path (Delta objects, records appended one by one)."""
+    s = new_state(**config)
+    s.log.sink = lambda rec: None
+    return s
+
+
+def _build(n: int, edges: list[tuple[int, int]], general: bool) -> tuple[mmsb.MMSBState, list[int]]:
+    s = _general_state() if general else new_state()
+    ids = [mmsb.create_page(s, 8).id for _ in range(n)]
+    for a, b in edges:
+        lo, hi = sorted((a % n, b % n))
+        if lo == hi or mmsb.get_parents(s, ids[hi]):
+            continue  # one DATA parent per page: a passthrough copies one source
+        mmsb.add_dependency(s, ids[lo], ids[hi], mmsb.DATA_DEPENDENCY)
+        if general:
+            src = ids[lo]
+            mmsb.register_recompute_fn(s, ids[hi], lambda st_, _p, src=src: bytes(st_.page_view(src)))
+            s.write_recomputed = (  # type: ignore[method-assign]
+                lambda pid, arr, s=s: s.write_bytes(pid, 0, arr, "propagation", True))
+        else:
+            mmsb.register_passthrough_recompute(s, ids[hi], ids[lo])
+    return s, ids
+
+
+@settings(max_examples=60, deadline=None)
+@given(dag=_dags)
+def test_fast_propagation_matches_the_general_path(dag: Any) -> None:
+    n, edges, writes, dense = dag
+    fast, ids = _build(n, edges, general=False)
+    general, _ = _build(n, edges, general=True)
+    for k, data in writes:
+        payload = data * 2 if dense else data[:3]
+        for s in (fast, general):
+            mmsb.write_page(s, ids[k % n], 0, payload[:8])
+    fast._check()
+    general._check()
+    assert _records(fast) == _records(general)
+    assert _pages(fast) == _pages(general)
+    for pid in ids:
+        assert np.array_equal(fast.pages[pid].mask, general.pages[pid].mask)
+    replayed = mmsb.replay_to_lsn(fast, fast.last_lsn)
+    assert _pages(replayed) == _pages(fast)
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(2, 12), edges=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)),
+                                            max_size=24), src=st.integers(0, 11))
+def test_affected_order_is_topological_and_complete(n: int, edges: list[tuple[int, int]],
+                                                    src: int) -> None:
+    from mmsb._core.propagation import affected_order
+
+    s = new_state()
+    ids = [mmsb.create_page(s, 8).id for _ in range(n)]
+    for a, b in edges:
+        lo, hi = sorted((a % n, b % n))
+        if lo != hi and not s.graph.has_edge(ids[lo], ids[hi]):
+            mmsb.add_dependency(s, ids[lo], ids[hi], mmsb.DATA_DEPENDENCY)
+    source = ids[src % n]
+    order = affected_order(s, {source})
+    assert sorted(order) == sorted(mmsb.find_descendants(s, source))
+    pos = {p: i for i, p in enumerate(order)}
+    for p, c, _ in s.graph.edges():
+        if p in pos and c in pos:
+            assert pos[p] < pos[c]
+
+
+def test_passthrough_of_a_deleted_source_raises_propagation_error() -> None:
+    s = new_state()
+    a, b, c = (mmsb.create_page(s, 4) for _ in range(3))
+    mmsb.add_dependency(s, a.id, c.id, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, c.id, b.id)
+    mmsb.delete_page(s, b.id)
+    with pytest.raises(mmsb.PropagationError):
+        mmsb.update_page(s, a.id, b"\x01\x02\x03\x04")
+    assert c.query() == bytes(4)
+
+
+def test_passthrough_cutoff_stops_at_unchanged_bytes() -> None:
+    s = new_state()
+    a, b, c = (mmsb.create_page(s, 4) for _ in range(3))
+    mmsb.add_dependency(s, a.id, b.id, mmsb.DATA_DEPENDENCY)
+    mmsb.add_dependency(s, b.id, c.id, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, b.id, a.id, transform=lambda x: bytes(4))
+    calls: list[int] = []
+
+    def fn(st_: mmsb.MMSBState, page: mmsb.Page) -> bytes:
+        calls.append(page.id)
+        return b"\x09" * 4
+
+    mmsb.register_recompute_fn(s, c.id, fn)
+    mmsb.update_page(s, a.id, b"\x01\x02\x03\x04")
+    assert b.epoch == 0 and calls == []
