@@ -220,3 +220,65 @@ def test_an_io_error_at_every_file_step_is_typed_and_recoverable(
         finally:
             mmsb.mmsb_stop(s)
         assert _fds() == fds, n
+
+
+def _killed_child(root: Path, retain: int | None, n: int) -> int:
+    """Fork a process that runs the workload and dies by ``os._exit`` at file step
+    ``n`` (a real kill: its buffers and descriptors go with it); returns how many calls
+    it acknowledged (written to a pipe after each one returned)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(r)
+        seen = [0]
+
+        def hook(step: str, path: str) -> None:
+            seen[0] += 1
+            if seen[0] >= n:
+                os._exit(137)
+
+        try:
+            fsops.set_fault_hook(hook)
+            s = mmsb.mmsb_start(config=_cfg(retain), path=root)
+            for step in _steps():
+                step(s)
+                os.write(w, b"+")
+            mmsb.mmsb_stop(s)
+            os.write(w, b"+")
+        finally:
+            os._exit(0)
+    os.close(w)
+    acked = b""
+    while chunk := os.read(r, 64):
+        acked += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (0, 137), status
+    return len(acked)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a real process")
+@pytest.mark.parametrize("retain", RETAIN)
+def test_a_real_kill_at_file_steps_loses_no_acknowledged_write(tmp_path: Path,
+                                                               retain: int | None) -> None:
+    """The same as the simulated crash, with a real process killed at every step."""
+    views, total = _expected(retain, tmp_path / "clean")
+    n_steps = len(_steps())
+    killed = 0
+    for n in range(1, total + 1):
+        root = tmp_path / f"r{n}"
+        done = _killed_child(root, retain, n)
+        if done < n_steps + 1:
+            killed += 1
+        if not (root / "BUS").exists():
+            continue  # killed before the bus existed
+        s = mmsb.mmsb_start(config=_cfg(retain), path=root)
+        try:
+            k = min(done, n_steps)
+            allowed = [views[k]] + ([views[k + 1]] if k + 1 < len(views) else [])
+            assert _view(s) in allowed, (n, done)
+            assert mmsb.verify_state_consistency(s)
+            mmsb.create_page(s, 8)  # usable again
+        finally:
+            mmsb.mmsb_stop(s)
+    assert killed >= total - 1
