@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mmsb
 from mmsb._core.delta import Delta
@@ -113,3 +114,51 @@ def test_a_damaged_row_is_refused_typed(damage):
         replay_records_to_lsn(s, s.last_lsn)
     assert not mmsb.verify_state_consistency(s)
     assert {pid: mmsb.query_page(s, pid) for pid in (a, b)} == before
+
+
+def _one_by_one(state: MMSBState, records: list) -> tuple[int, str | None]:
+    """Recovery's reference: check, apply and keep each record in turn."""
+    for k, rec in enumerate(records):
+        why = state.check_record(rec)
+        if why is not None:
+            return k, why
+        state.apply_record(rec)
+        state.log.adopt(rec)
+    return len(records), None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 30), st.binary(min_size=1, max_size=3),
+                          st.sampled_from(["ok"] * 12 + ["base", "size", "page"])),
+                min_size=1, max_size=40))
+def test_recovery_checks_a_run_of_deltas_as_one_by_one(tmp_path_factory, steps):
+    from mmsb._storage.bus import _apply_checked
+    from mmsb._storage.wal import SegmentScan
+
+    a, b = MMSBState(CFG), MMSBState(CFG)
+    mmsb.create_pages(a, 4, 32)
+    b.restore(a.snapshot())
+    epochs = {pid: 0 for pid in range(1, 5)}
+    records, lsn, ts = [], a.last_lsn, a.log.last_timestamp
+    for k, (pid, off, data, fault) in enumerate(steps):
+        pid = pid or 99 if fault == "page" else max(pid, 1)
+        base = epochs.get(pid, 0) + (1 if fault == "base" else 0)
+        size = 33 if fault == "size" else 32
+        off = min(off, 32 - len(data))
+        idx = np.arange(off, off + len(data))
+        lsn += 1
+        records.append(Delta(k + 1, pid, base, base + 1, "t", size, idx,
+                             np.frombuffer(data, np.uint8).copy(), None, None, lsn=lsn,
+                             timestamp=ts + lsn))
+        epochs[pid] = base + 1
+    path = tmp_path_factory.mktemp("seg") / "wal.log"
+    scan = SegmentScan(path, records=list(records), offsets=list(range(len(records))))
+    good = _apply_checked(a, scan, path)
+    want, why = _one_by_one(b, records)
+    assert good == want
+    if why is None:
+        assert scan.refused is None
+    else:
+        assert scan.refused is not None and why in str(scan.refused)
+        assert scan.refused.offset == want
+    _same_state(a, b)
