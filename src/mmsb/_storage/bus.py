@@ -853,10 +853,17 @@ def _deltas_that_follow(state: MMSBState, run: list[Delta]) -> int:
     one on the epoch of the one before. O(deltas log deltas), vectorised."""
     t = state.table
     m = len(run)
-    pids = np.fromiter((d.page_id for d in run), np.int64, m)
-    sizes = np.fromiter((d.page_size for d in run), np.int64, m)
-    bases = np.fromiter((d.base_epoch for d in run), np.int64, m)
-    epochs = np.fromiter((d.epoch for d in run), np.int64, m)
+    try:
+        pids = np.fromiter((d.page_id for d in run), np.int64, m)
+        sizes = np.fromiter((d.page_size for d in run), np.int64, m)
+        bases = np.fromiter((d.base_epoch for d in run), np.int64, m)
+        epochs = np.fromiter((d.epoch for d in run), np.int64, m)
+    except OverflowError:
+        # A field past int64 (a crafted record) is refused one by one; those before it
+        # are still checked together.
+        big = next(i for i, d in enumerate(run)
+                   if max(d.page_id, d.page_size, d.base_epoch, d.epoch) >= 1 << 63)
+        return _deltas_that_follow(state, run[:big]) if big else 0
     top = min(t.next_id, len(t.flags))
     ok = (pids > 0) & (pids < top)
     safe = np.where(ok, pids, 0)
