@@ -26,9 +26,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
 import numpy as np
+from numba.typed import List as NumbaList
 
+from ..errors import SerializationError
+from .arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .delta import Delta
-from .kernels import ROW_DTYPE, mark_written, write_small
+from .kernels import ROW_DTYPE, apply_log_rows, mark_written, write_small
+from .page_table import LIVE, PageTable
 from .records import AnyRecord, Compacted, PageCreate
 
 __all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas"]
@@ -1021,6 +1025,82 @@ class TransactionLog:
             dst.rows.append(r + shift)
             dst.vals.append(v)
         dst.last = src.at(r1 - 1)
+
+    def max_id_between(self, r0: int, r1: int) -> int:
+        """The largest delta id among rows ``r0 … r1-1`` (0 when there are none): ids
+        rise by one within a step, so only the row before each break and the last row
+        can hold it. O(log breaks + breaks in the range)."""
+        r1 = min(r1, self.n)
+        if r0 >= r1:
+            return 0
+        ids = self.ids
+        j0 = bisect.bisect_right(ids.rows, r0)
+        j1 = bisect.bisect_left(ids.rows, r1)
+        ends = [r - 1 for r in ids.rows[j0:j1]]
+        ends.append(r1 - 1)
+        return max(ids.at(r) for r in ends)
+
+    def write_rows(self, r0: int, r1: int, table: PageTable, arena: Arena) -> int:
+        """Write the deltas of rows ``r0 … r1-1`` into the pages ``table`` places in
+        ``arena``, in log order (later rows win), straight from the payload chunks in
+        one compiled pass (:func:`~mmsb._core.kernels.apply_log_rows`; a dense row is
+        one copy), and set each page's epoch to that of its last row, vectorised. This
+        is what applying :meth:`delta_at` of each row in turn does, without a Delta
+        object. Returns the bytes written.
+
+        Every row is checked first: its page live, of the size the row was logged for,
+        its payload inside the page; on a refusal nothing is written.
+
+        Raises:
+            SerializationError: a row that does not fit the pages (a damaged log).
+
+        Cost: O(rows + payload bytes + chunks touched).
+        """
+        if r0 >= r1:
+            return 0
+        rows = self.rows[r0:r1]
+        pages = rows["page"].astype(np.int64)
+        sizes = rows["psize"].astype(np.int64)
+        top = min(table.next_id, len(table.flags))
+        ok = (pages > 0) & (pages < top)
+        if ok.all():
+            ok = (table.flags[pages] & LIVE).astype(bool)
+        if not ok.all():
+            bad = int(np.argmin(ok))
+            raise SerializationError(f"the log holds a delta of page {int(pages[bad])}, which "
+                                     f"does not exist (delta row {r0 + bad})")
+        have = table.size[pages]
+        if not (have == sizes).all():
+            bad = int(np.argmax(have != sizes))
+            raise SerializationError(
+                f"the log holds a delta for {int(sizes[bad])} bytes on page {int(pages[bad])} "
+                f"of {int(have[bad])} (delta row {r0 + bad})")
+        poff = rows["poff"]
+        pci, pmap = np.unique(poff >> 32, return_inverse=True)
+        addr = table.addr[pages]
+        aci, amap = np.unique(addr >> CHUNK_SHIFT, return_inverse=True)
+        srcs = NumbaList()
+        for c in pci.tolist():
+            chunk = self.chunks[c]
+            srcs.append(np.frombuffer(chunk, np.uint8) if chunk is not None
+                        else np.zeros(0, np.uint8))
+        dsts = NumbaList()
+        for c in aci.tolist():
+            buf = arena.chunk(c)
+            dsts.append(buf if buf is not None else np.zeros(0, np.uint8))
+        wrote = apply_log_rows(srcs, pmap.astype(np.int64), poff & 0xFFFFFFFF,
+                               rows["plen"].astype(np.int64), np.ascontiguousarray(rows["enc"]), sizes, dsts,
+                               amap.astype(np.int64), addr & (CHUNK_SIZE - 1))
+        if wrote < 0:
+            bad = -1 - wrote
+            raise SerializationError(
+                f"the log holds a delta whose payload does not fit page {int(pages[bad])} "
+                f"(delta row {r0 + bad})")
+        # Each page ends at the epoch of its last row.
+        last = pages[::-1]
+        uniq, at = np.unique(last, return_index=True)
+        table.epoch[uniq] = rows["epoch"][::-1][at]
+        return int(wrote)
 
 
 class RecordView(Sequence[AnyRecord]):

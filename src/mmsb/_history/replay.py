@@ -18,12 +18,14 @@ from .._core.engine import (
     require_page_id,
     require_state,
 )
+from .._core.log import TransactionLog
 from .._core.records import (
     AnyRecord,
     Compacted,
     EdgeAdd,
     PageClone,
     PageCreate,
+    PageDelete,
     PageResize,
 )
 from ..errors import (
@@ -43,6 +45,7 @@ from .timetravel import (
 
 __all__ = [
     "replay_into",
+    "replay_log_into",
     "replay_to_lsn",
     "replay_to_timestamp",
     "replay_records_to_lsn",
@@ -105,6 +108,53 @@ def _replay_into(target: MMSBState, records: Iterable[AnyRecord]) -> MMSBState:
     return target
 
 
+_MOVES_BYTES = (PageCreate, PageDelete, PageResize, PageClone)
+"""Structural records before which the deltas logged ahead of them must be in the
+pages: they create, free, resize or copy page slots."""
+
+
+def replay_log_into(target: MMSBState, source: TransactionLog, start: int,
+                    stop: int) -> MMSBState:
+    """Apply ``source``'s records with ``start`` < LSN ≤ ``stop`` to ``target`` and keep
+    them in its log, exactly as :func:`replay_into` of those records would, without a
+    Delta object for any delta.
+
+    The delta rows between two structural records that create, free, resize or copy
+    pages go into the pages in one compiled pass over their payloads
+    (:meth:`TransactionLog.write_rows`: later rows win, epochs set vectorised); every
+    structural record goes through the engine's apply path; the log takes the rows as
+    :meth:`TransactionLog.extend_from` copies them (payload chunks shared), extended up
+    to each resize or clone before it is applied, since those read the written-byte
+    masks from the log. Caller holds ``source``'s owner's lock.
+
+    Raises:
+        SerializationError: a record that does not follow the state (a damaged log).
+
+    Cost: O(structural records + rows + payload bytes), vectorised per run of rows.
+    """
+    with damaged_log_errors():
+        t = target.table
+        log = target.log
+        done = start  # source records with LSN <= done are in target's log
+        r0 = r_first = source.rows_through(start)
+        for rec in source.iter_structs(start, stop):
+            if isinstance(rec, _MOVES_BYTES):
+                r1 = source.rows_through(rec.lsn)
+                source.write_rows(r0, r1, t, target.arena)
+                r0 = r1
+                if isinstance(rec, PageResize | PageClone):
+                    log.extend_from(source, done, rec.lsn - 1)
+                    done = rec.lsn - 1
+            target.apply_record(rec)
+        r1 = source.rows_through(stop)
+        source.write_rows(r0, r1, t, target.arena)
+        log.extend_from(source, done, stop)
+        top = source.max_id_between(r_first, r1)
+        if top >= target.next_delta_id:
+            target.next_delta_id = top + 1
+    return target
+
+
 def replay_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
     """A new, detached state equal to ``state`` right after record ``lsn``: pages,
     bytes, epochs, written-byte masks, metadata, edges, id counters and the log up to
@@ -144,15 +194,13 @@ def replay_to_timestamp(state: MMSBState, ns: int) -> MMSBState:
 
 def replay_records_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
     """replay_to_lsn the long way: every retained record up to ``lsn`` applied in order
-    from the log's origin, through the same apply path as live writes. What
-    verification compares the live state and the index against. O(records + bytes
-    written)."""
+    from the log's origin (:func:`replay_log_into`: runs of delta rows in one compiled
+    pass, structural records through the engine's apply path). What verification
+    compares the live state and the index against. O(records + bytes written)."""
     state = require_state(state, "replay_records_to_lsn")
     with state.lock:
         lsn = check_lsn_reachable(state, lsn)
-        records = state.log.records[: state.log.index_after_lsn(lsn)]
-        origin = _origin(state)
-    return replay_into(origin, records)
+        return replay_log_into(_origin(state), state.log, 0, lsn)
 
 
 def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
@@ -363,10 +411,9 @@ def verify_state_consistency(state: MMSBState) -> bool:
     state = require_state(state, "verify_state_consistency")
     with state.lock:
         state.require_replayable("verify_state_consistency")
-        records = list(state.log.records)
         scratch = _origin(state)
         try:
-            replay_into(scratch, records)
+            replay_log_into(scratch, state.log, 0, state.log.last_lsn)
         except SerializationError:
             return False  # a log that cannot be replayed does not rebuild the state
         return not state_differences(state, scratch, limit=1)
