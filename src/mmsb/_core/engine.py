@@ -914,18 +914,7 @@ class MMSBState:
             addr = t.addr.item(pid)
             if (n_new <= SMALL_WRITE and self.batch_frame is None and self.log.sink is None
                     and self.config.enable_logging):
-                epoch = t.epoch.item(pid) + 1
-                mem = self.arena.chunk(addr >> CHUNK_SHIFT)
-                assert mem is not None
-                lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, off, new, pid, epoch,
-                                           self.next_delta_id, source)
-                if lsn == 0:
-                    return False
-                did = self.next_delta_id
-                self.next_delta_id = did + 1
-                t.epoch[pid] = epoch
-                self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
-                return True
+                return self._write_compiled(pid, addr, size, off, new, source, t0)
             view = self.arena.view(addr, size)
             if tp is bytes:
                 new = np.frombuffer(new, np.uint8)
@@ -960,13 +949,19 @@ class MMSBState:
         if (size > SMALL_WRITE or self.batch_frame is not None or self.log.sink is not None
                 or not self.config.enable_logging):
             return self.write_bytes(pid, 0, data, "propagation", True)
-        t0 = time.perf_counter_ns()
-        addr = t.addr.item(pid)
+        return self._write_compiled(pid, t.addr.item(pid), size, 0, data, "propagation",
+                                    time.perf_counter_ns())
+
+    def _write_compiled(self, pid: int, addr: int, size: int, off: int, new: Any,
+                        source: str, t0: int) -> bool:
+        """Log and apply a checked write of at most SMALL_WRITE bytes in one compiled
+        pass (a log without a sink, outside a batch). True if a delta was logged."""
+        t = self.table
         epoch = t.epoch.item(pid) + 1
         mem = self.arena.chunk(addr >> CHUNK_SHIFT)
         assert mem is not None
-        lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, 0, data, pid, epoch,
-                                   self.next_delta_id, "propagation")
+        lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, off, new, pid, epoch,
+                                   self.next_delta_id, source)
         if lsn == 0:
             return False
         did = self.next_delta_id

@@ -28,6 +28,21 @@ SMALL_WRITE = 4096
 
 
 @njit(cache=True, nogil=True)
+def _fill_row(rows: np.ndarray, row: int, pid: int, size: int, plen: int, src: int, enc: int,
+              epoch: int, ts: int, poff: int) -> None:  # pragma: no cover - compiled
+    """Fill log row ``row`` (the fields of :data:`ROW_DTYPE`)."""
+    r = rows[row]
+    r.page = pid
+    r.psize = size
+    r.plen = plen
+    r.src = src
+    r.enc = enc
+    r.epoch = epoch
+    r.ts = ts
+    r.poff = poff
+
+
+@njit(cache=True, nogil=True)
 def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np.ndarray,
                 rows: np.ndarray, row: int, chunk: np.ndarray, coff: int, room: int, pid: int,
                 epoch: int, ts: int, src: int, poff: int) -> tuple[int, int]:  # pragma: no cover
@@ -94,15 +109,7 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
                 k += 1
     for i in range(first, last + 1):
         cur[i] = new[i]
-    r = rows[row]
-    r.page = pid
-    r.psize = size
-    r.plen = plen
-    r.src = src
-    r.enc = enc
-    r.epoch = epoch
-    r.ts = ts
-    r.poff = poff
+    _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, poff)
     return n, plen
 
 
@@ -135,15 +142,7 @@ def _write_dense(page: np.ndarray, cur: np.ndarray, size: int, off: int,
                 chunk[bits + (p >> 3)] |= 0x80 >> (p & 7)
     for i in range(m):
         cur[i] = new[i]
-    r = rows[row]
-    r.page = pid
-    r.psize = size
-    r.plen = plen
-    r.src = src
-    r.enc = ENC_FULL if full else ENC_EXACT
-    r.epoch = epoch
-    r.ts = ts
-    r.poff = poff
+    _fill_row(rows, row, pid, size, plen, src, ENC_FULL if full else ENC_EXACT, epoch, ts, poff)
     return n, plen
 
 
