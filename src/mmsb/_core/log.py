@@ -733,8 +733,8 @@ class TransactionLog:
             keep = own >= 0
             keep[keep] = np.arange(n)[keep] >= first_row[own[keep]]
             # Field by field: a gather of whole packed rows is far slower than of columns.
-            sel = np.flatnonzero(keep)
             rows = self.rows
+            sel: slice | np.ndarray = slice(None) if keep.all() else np.flatnonzero(keep)
             poff = rows["poff"][:n][sel]
             plen = rows["plen"][:n][sel].astype(np.int64)
             enc = rows["enc"][:n][sel]
@@ -742,10 +742,11 @@ class TransactionLog:
             owner = own[sel]
             chunk_of = poff >> 32
             lens = np.asarray(sizes, np.int64)
-            for ci in np.flatnonzero(np.bincount(chunk_of)).tolist():
+            used = np.flatnonzero(np.bincount(chunk_of)).tolist()
+            for ci in used:
                 chunk = self.chunks[ci]
                 assert chunk is not None
-                pick = chunk_of == ci
+                pick: slice | np.ndarray = slice(None) if len(used) == 1 else chunk_of == ci
                 o = owner[pick]
                 mark_written(np.frombuffer(chunk, np.uint8), poff[pick] & 0xFFFFFFFF, plen[pick],
                              enc[pick], psize[pick], out, bounds[o], lens[o])
