@@ -137,10 +137,7 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     group = DeltaGroup(cpids, sizes[changed], base, rel, vals,
                        np.append(bounds[changed], bounds[nw]), lsn0, ts, first_id, source)
     state.next_delta_id = first_id + ndeltas
-    if state.log.sink is None and state.config.enable_logging:
-        frame.records.append(group)
-    else:
-        frame.records.extend(group.deltas())
+    frame.hold_group(state.log, group)
     frame.undo_scatter(c0, at[::-1], old[::-1], cpids, t.epoch[cpids].copy())
     state.counters.payload_bytes_logged += int(vals.size)
     np.maximum.at(t.epoch, cpids, base + 1)

@@ -912,8 +912,11 @@ class MMSBState:
             if type(source) is not str or source not in _GOOD_SOURCES:
                 check_source(source)
             addr = t.addr.item(pid)
-            if (n_new <= SMALL_WRITE and self.batch_frame is None and self.log.sink is None
-                    and self.config.enable_logging):
+            frame = self.batch_frame
+            if (n_new <= SMALL_WRITE and self.log.sink is None and self.config.enable_logging
+                    and (frame is None or frame.direct)):
+                if frame is not None and pid not in frame.touched:
+                    frame.touch(pid)
                 return self._write_compiled(pid, addr, size, off, new, source, t0)
             view = self.arena.view(addr, size)
             if tp is bytes:
@@ -1220,17 +1223,27 @@ class MMSBState:
 
 
 class _BatchFrame:
-    """What an open batch holds back: its stamped records (logged at the end, in one
-    append) and the bytes and epochs its writes replaced (restored if it fails)."""
+    """What an open batch holds back and how to undo it.
 
-    __slots__ = ("state", "records", "undo", "scatters", "next_lsn", "last_ts",
-                 "next_delta_id", "queue_len", "pending")
+    On a log with a sink (the durable bus) the batch's records are stamped and held,
+    then logged in one append when it ends. On an in-memory log (``direct``) they are
+    logged at once, as rows, and a failed batch truncates the log back to where it
+    began. Either way the bytes and epochs its writes replaced are kept, in order, and
+    restored newest first if it fails."""
+
+    __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
+                 "last_ts", "next_delta_id", "queue_len", "pending")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
         self.records: list[AnyRecord | DeltaGroup] = []
-        self.undo: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
-        self.scatters: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.undo: list[tuple[Any, ...]] = []
+        """("scatter", chunk, offsets, old bytes, pages, epochs) | ("delta", page, epoch,
+        positions or None, old bytes) | ("page", page, epoch, old bytes), oldest first."""
+        self.touched: set[int] = set()
+        """Pages whose whole bytes are saved (writes taking the compiled path)."""
+        self.direct = state.log.sink is None and state.config.enable_logging
+        self.mark = state.log.mark() if self.direct else None
         self.next_lsn = state.log.next_lsn
         self.last_ts = state.log.last_timestamp
         self.next_delta_id = state.next_delta_id
@@ -1238,7 +1251,11 @@ class _BatchFrame:
         self.pending = set(state.pending)
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
-        """Stamp ``rec`` (a copy, for a delta) and hold it back; returns its LSN."""
+        """Log ``rec`` at once (``direct``), or stamp it (a copy, for a delta) and hold
+        it back; returns its LSN."""
+        if self.direct:
+            log.append(rec)
+            return log.last_lsn
         if type(rec) is Delta:
             lsn, ts = log._next_stamp()
             rec = rec.stamped(lsn, ts)
@@ -1248,6 +1265,15 @@ class _BatchFrame:
         log.last_timestamp = rec.timestamp
         self.records.append(rec)
         return rec.lsn
+
+    def hold_group(self, log: TransactionLog, group: DeltaGroup) -> None:
+        """A vectorised batch's column group: logged at once (``direct``) or held."""
+        if self.direct:
+            log._push_group(group)
+        elif log.sink is None and self.state.config.enable_logging:
+            self.records.append(group)
+        else:
+            self.records.extend(group.deltas())
 
     def reserve(self, log: TransactionLog, n: int) -> tuple[int, int]:
         """Reserve ``n`` consecutive LSNs and one timestamp for records about to be held;
@@ -1263,32 +1289,48 @@ class _BatchFrame:
     def undo_scatter(self, chunk: int, offsets: np.ndarray, old: np.ndarray, pids: np.ndarray,
                      epochs: np.ndarray) -> None:
         """Remember a vectorised write: the bytes at ``offsets`` of arena chunk ``chunk``
-        and the epochs of ``pids`` before it."""
-        self.scatters.append((chunk, offsets, old, pids, epochs))
+        (restored in the order given) and the epochs of ``pids`` before it."""
+        self.undo.append(("scatter", chunk, offsets, old, pids, epochs))
 
     def save(self, view: np.ndarray, d: Delta) -> None:
         """Remember what ``d`` is about to overwrite."""
         epoch = int(self.state.table.epoch[d.page_id])
         if d._idx is not None:
-            self.undo.append((d.page_id, epoch, d._idx, view[d._idx].copy()))
+            self.undo.append(("delta", d.page_id, epoch, d._idx, view[d._idx].copy()))
         else:
-            self.undo.append((d.page_id, epoch, None, view.copy()))
+            self.undo.append(("delta", d.page_id, epoch, None, view.copy()))
+
+    def touch(self, pid: int) -> None:
+        """Save page ``pid``'s bytes and epoch before the batch's first compiled write to
+        it (later ones need nothing: a rollback restores this copy after undoing them)."""
+        st = self.state
+        t = st.table
+        self.touched.add(pid)
+        self.undo.append(("page", pid, int(t.epoch[pid]),
+                          st.arena.view(int(t.addr[pid]), int(t.size[pid])).copy()))
 
     def rollback(self) -> None:
         st = self.state
         t = st.table
-        for chunk, offsets, old_bytes, pids, epochs in reversed(self.scatters):
-            buf = st.arena.chunk(chunk)
-            assert buf is not None
-            buf[offsets] = old_bytes
-            t.epoch[pids] = epochs
-        for pid, epoch, idx, old in reversed(self.undo):
+        for entry in reversed(self.undo):
+            if entry[0] == "scatter":
+                _kind, chunk, offsets, old_bytes, pids, epochs = entry
+                buf = st.arena.chunk(chunk)
+                assert buf is not None
+                buf[offsets] = old_bytes
+                t.epoch[pids] = epochs
+                continue
+            pid, epoch = entry[1], entry[2]
             view = st.arena.view(int(t.addr[pid]), int(t.size[pid]))
-            if idx is None:
-                view[:] = old
+            if entry[0] == "page":
+                view[:] = entry[3]
+            elif entry[3] is None:
+                view[:] = entry[4]
             else:
-                view[idx] = old
+                view[entry[3]] = entry[4]
             t.epoch[pid] = epoch
+        if self.mark is not None:
+            st.log.truncate(self.mark)
         for rec in self.records:
             if not isinstance(rec, Delta | DeltaGroup):
                 rec.lsn = 0

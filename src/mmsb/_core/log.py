@@ -828,6 +828,40 @@ class TransactionLog:
         self.__dict__.update(saved)
         self.generation = generation + 1
 
+    def mark(self) -> tuple[Any, ...]:
+        """Where the log ends now, for :meth:`truncate` (an open batch's rollback)."""
+        return (self.n, self.next_lsn, self.last_timestamp, self.payload_bytes,
+                len(self.chunks), self.cur, self.tail, len(self.lsns.rows), self.lsns.last,
+                len(self.ids.rows), self.ids.last, len(self.structs), self.struct_count)
+
+    def truncate(self, mark: tuple[Any, ...]) -> None:
+        """Forget every delta row appended since ``mark`` (no structural record may have
+        come in between). O(rows dropped + pages they touched)."""
+        (n0, next_lsn, last_ts, payload, nchunks, cur, tail, nl, lsn_last, ni, id_last,
+         nstructs, struct_count) = mark
+        assert len(self.structs) == nstructs and self.struct_count == struct_count, \
+            "a structural record came after the mark"
+        if self.n > n0:
+            for pid in set(self.rows["page"][n0:self.n].tolist()):
+                rows = self.index[pid]
+                k = bisect.bisect_left(rows, n0)
+                del rows[k:]
+                if not rows:
+                    del self.index[pid]
+            for side in (self.bases, self.rare_sources):
+                for r in [r for r in side if r >= n0]:
+                    del side[r]
+        del self.lsns.rows[nl:], self.lsns.vals[nl:], self.ids.rows[ni:], self.ids.vals[ni:]
+        self.lsns.last, self.ids.last = lsn_last, id_last
+        del self.chunks[nchunks:]
+        self.cur, self.tail = cur, tail
+        chunk = self.chunks[cur] if cur >= 0 else None
+        self.cur_array = np.frombuffer(chunk, np.uint8) if chunk is not None else np.zeros(0, np.uint8)
+        self.n = n0
+        self.payload_bytes = payload
+        self.next_lsn, self.last_timestamp = next_lsn, last_ts
+        self.generation += 1
+
     def forget_all(self, horizon: int) -> None:
         """Retain nothing (logging disabled); LSNs keep moving."""
         self._clear()
