@@ -252,10 +252,6 @@ class TransactionLog:
         return self.next_lsn - 1
 
     @property
-    def delta_count(self) -> int:
-        return self.n
-
-    @property
     def record_count(self) -> int:
         return self.n + self.struct_count
 
@@ -510,25 +506,7 @@ class TransactionLog:
         # The payload bytes a delta counts: its values, or the page for a dense one.
         self.last_changed = n if n * 4 <= size else size
         self.tail = tail + plen
-        self.n = row + 1
-        lsns = self.lsns
-        if lsn == lsns.last + 1 and row:
-            lsns.last = lsn
-        else:
-            lsns.push(row, lsn)
-        ids = self.ids
-        if delta_id == ids.last + 1 and row:
-            ids.last = delta_id
-        else:
-            ids.push(row, delta_id)
-        rows = self.index.get(pid)
-        if rows is None:
-            self.index[pid] = array("I", [row])
-        else:
-            rows.append(row)
-        self.payload_bytes += plen
-        self.next_lsn = lsn + 1
-        self.last_timestamp = ts
+        self._note_row(row, pid, plen, lsn, delta_id, ts)
         return lsn
 
     def _grow(self) -> None:
@@ -599,11 +577,15 @@ class TransactionLog:
                 chunk[off + size:off + plen] = np.packbits(d._mask).data
         pid = d.page_id
         self.rows[row] = (pid, size, plen, self._source_id(d.source, row), enc, d.epoch, ts, poff)
-        self.n = row + 1
-        self.lsns.push(row, lsn)
-        self.ids.push(row, d.id)
         if d.base_epoch != d.epoch - 1:
             self.bases[row] = d.base_epoch
+        self._note_row(row, pid, plen, lsn, d.id, ts)
+
+    def _note_row(self, row: int, pid: int, plen: int, lsn: int, delta_id: int, ts: int) -> None:
+        """Count in the row just filled: its LSN and id, the page's index, the totals."""
+        self.n = row + 1
+        self.lsns.push(row, lsn)
+        self.ids.push(row, delta_id)
         rows = self.index.get(pid)
         if rows is None:
             self.index[pid] = array("I", [row])
@@ -642,9 +624,6 @@ class TransactionLog:
         return Delta(self.ids.at(row), pid, self.bases.get(row, epoch - 1), epoch,
                      source, size, idx, vals, data, mask, lsn=self.lsns.at(row),
                      timestamp=ts, exact=enc == ENC_EXACT)
-
-    def row_lsn(self, row: int) -> int:
-        return self.lsns.at(row)
 
     def rows_through(self, lsn: int) -> int:
         """Number of delta rows with LSN ≤ ``lsn``. O(log breaks)."""
@@ -708,38 +687,47 @@ class TransactionLog:
     def by_page(self) -> _ByPage:
         return _ByPage(self)
 
-    def written_mask(self, page_id: int, size: int, after_lsn: int = 0) -> np.ndarray:
-        """One bool per byte of a ``size``-byte page: where its retained deltas with LSN
-        > ``after_lsn`` write (positions past ``size`` ignored). One compiled pass over
-        their payloads. O(its deltas' payload bytes)."""
-        return self.written_masks([page_id], [size], [after_lsn])[0]
-
     def written_masks(self, page_ids: Sequence[int], sizes: Sequence[int],
                       after_lsns: Sequence[int]) -> list[np.ndarray]:
-        """:meth:`written_mask` of many pages at once: one vectorised pick of their rows
-        and one compiled pass per payload chunk. O(retained rows + their payload bytes)."""
+        """For each page, one bool per byte of its ``size``: where its retained deltas
+        with LSN > its ``after_lsn`` write (positions past the size ignored). The rows
+        come from the pages' indexes, or from one scan of the columns when the pages
+        hold most of the log (compaction); then one compiled pass per payload chunk.
+        O(the pages' rows + their payload bytes)."""
         bounds = np.zeros(len(sizes) + 1, np.int64)
         np.cumsum(np.asarray(sizes, np.int64), out=bounds[1:])
         out = np.zeros(int(bounds[-1]), dtype=bool)
         n = self.n
-        if n and page_ids:
+        if not n or not page_ids:
+            return [out[bounds[k]:bounds[k + 1]] for k in range(len(sizes))]
+        first_row = np.array([self.rows_through(a) if a else 0 for a in after_lsns], np.int64)
+        indexes = [self.index.get(pid) for pid in page_ids]
+        wanted = sum(len(rows) for rows in indexes if rows)
+        sel: slice | np.ndarray
+        if wanted * 4 < n:
+            parts = [np.frombuffer(rows, np.uint32).astype(np.int64) if rows else
+                     np.zeros(0, np.int64) for rows in indexes]
+            owner = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+            sel = np.concatenate(parts)
+            keep = sel >= first_row[owner]
+            sel, owner = sel[keep], owner[keep]
+        else:
             pages = self.rows["page"][:n]
             pids = np.asarray(page_ids, np.int64)
             slot = np.full(max(int(pids.max()), int(pages.max())) + 1, -1, np.int64)
             slot[pids] = np.arange(len(pids))
             own = slot[pages]
-            first_row = np.array([self.rows_through(a) if a else 0 for a in after_lsns],
-                                 np.int64)
             keep = own >= 0
             keep[keep] = np.arange(n)[keep] >= first_row[own[keep]]
-            # Field by field: a gather of whole packed rows is far slower than of columns.
-            rows = self.rows
-            sel: slice | np.ndarray = slice(None) if keep.all() else np.flatnonzero(keep)
-            poff = rows["poff"][:n][sel]
+            sel = slice(None) if keep.all() else np.flatnonzero(keep)
+            owner = own[sel]
+        # Field by field: a gather of whole packed rows is far slower than of columns.
+        rows = self.rows
+        poff = rows["poff"][:n][sel]
+        if len(poff):
             plen = rows["plen"][:n][sel].astype(np.int64)
             enc = rows["enc"][:n][sel]
             psize = rows["psize"][:n][sel].astype(np.int64)
-            owner = own[sel]
             chunk_of = poff >> 32
             lens = np.asarray(sizes, np.int64)
             used = np.flatnonzero(np.bincount(chunk_of)).tolist()
@@ -751,11 +739,6 @@ class TransactionLog:
                 mark_written(np.frombuffer(chunk, np.uint8), poff[pick] & 0xFFFFFFFF, plen[pick],
                              enc[pick], psize[pick], out, bounds[o], lens[o])
         return [out[bounds[k]:bounds[k + 1]] for k in range(len(sizes))]
-
-    def page_rows(self, page_id: int) -> np.ndarray:
-        """The delta rows of ``page_id``, ascending (a copy). O(its deltas)."""
-        rows = self.index.get(page_id)
-        return np.array(rows, np.int64) if rows is not None else np.zeros(0, np.int64)
 
     def index_after_time(self, ns: int) -> int:
         """Number of records with timestamp ≤ ``ns``. O(log n)."""
