@@ -109,7 +109,7 @@ def traced_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
 def write_image(dst: Path, files: dict[str, bytes]) -> Path:
     """Make ``dst`` a bus directory holding exactly ``files`` (relative path → bytes),
     reusing it (and its sub-directories) when it exists."""
-    for sub in ("checkpoints", "wal"):
+    for sub in ("checkpoints", "wal", "map"):
         d = dst / sub
         if d.is_dir():
             for p in d.iterdir():
@@ -155,9 +155,11 @@ def fast_io(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def read_image(root: Path) -> dict[str, bytes]:
-    """The data files of a bus directory (the LOCK file holds only a pid)."""
+    """The data files of a bus directory: not the LOCK file (it holds only a pid), nor
+    the mapped pages under map/ (derived from the log, rebuilt by every writer's open;
+    tests/test_attach.py covers them)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "LOCK"}
+            if p.is_file() and p.name != "LOCK" and p.relative_to(root).parts[0] != "map"}
 
 
 # --------------------------------------------------------------------------- crash loop

@@ -71,6 +71,7 @@ from ._core.delta import delta_byte_count as delta_byte_count
 from ._core.engine import MMSBState as MMSBState
 from ._core.engine import Page as Page
 from ._core.engine import PageSnapshot as PageSnapshot
+from ._core.events import Event as Event
 from ._core.events import Subscription as Subscription
 from ._core.graph import ShadowPageGraph as ShadowPageGraph
 from ._core.monitor import MMSBStats as MMSBStats
@@ -85,8 +86,13 @@ from ._history.replay import replay_to_timestamp as replay_to_timestamp
 from ._history.replay import replay_with_predicate as replay_with_predicate
 from ._history.replay import verify_state_consistency as verify_state_consistency
 from ._history.timetravel import read_page_at as read_page_at
+from ._reader import BusReader as BusReader
+from ._reader import ReaderSnapshot as ReaderSnapshot
+from ._reader import attach as attach
 from ._storage.codec import deserialize_delta as deserialize_delta
 from ._storage.codec import serialize_delta as serialize_delta
+from ._storage.feed import deserialize_event as deserialize_event
+from ._storage.feed import serialize_event as serialize_event
 from ._storage.pagecodec import PageImage as PageImage
 from ._storage.pagecodec import deserialize_page as deserialize_page
 from .config import MMSBConfig as MMSBConfig
@@ -143,6 +149,8 @@ __all__ = [
     "find_ancestors", "register_recompute_fn", "register_passthrough_recompute",
     "PropagationMode", "propagate_change", "queue_recomputation", "schedule_propagation",
     "execute_propagation", "EventType", "subscribe", "unsubscribe", "Subscription",
+    # readers in other processes, the change feed
+    "attach", "BusReader", "ReaderSnapshot", "Event", "serialize_event", "deserialize_event",
     # monitoring
     "MMSBStats", "get_stats", "print_stats", "reset_stats", "track_delta_latency",
     "track_propagation_latency",

@@ -94,6 +94,12 @@ class EventType(enum.IntEnum):
     """(page_id, old_location, new_location)"""
     METADATA_CHANGED = 11
     """(page_id,)"""
+    EDGE_ADDED = 20
+    """Change feed only (``page_id`` = the child; payload ``parent_id``, ``edge_type``)."""
+    EDGE_REMOVED = 21
+    """Change feed only (``page_id`` = the child; payload ``parent_id``)."""
+    LOG_COMPACTED = 22
+    """Change feed only: the log was rewritten by compaction (``page_id`` 0)."""
 
 
 class PropagationMode(enum.IntEnum):

@@ -414,7 +414,7 @@ class MMSBState:
 
     def leave(self) -> None:
         if self._depth == 1 and self.bus is not None and not self.batch_depth:
-            self.bus.maybe_checkpoint(self)
+            self.bus.after_call(self)
         self._depth -= 1
         if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
             self.lock.release()

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import InvalidArgumentError
 from ..types import EventType, PageLocation
 
-__all__ = ["Subscription", "EventBus", "Handler", "EVENT_FIELDS", "describe_event"]
+__all__ = ["Subscription", "EventBus", "Handler", "EVENT_FIELDS", "describe_event", "Event"]
 
 log = logging.getLogger("mmsb.events")
 
@@ -133,6 +133,21 @@ class EventBus:
         return len(self._subs.get(event_type, ()))
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a bus's change feed: what a logged record did, with the record's LSN
+    and time. Several events may share an LSN (a record that creates many pages)."""
+
+    type: EventType
+    timestamp: int
+    """Nanoseconds since the Unix epoch (the record's time)."""
+    lsn: int
+    page_id: int
+    """The page the event is about (0 when it is about no page)."""
+    payload: dict[str, Any] = field(default_factory=dict)
+    """Event-specific fields (str keys; ints, strs, bools, floats, lists, dicts, None)."""
+
+
 EVENT_FIELDS: dict[EventType, tuple[str, ...]] = {
     EventType.PAGE_CREATED: ("page",),
     EventType.PAGE_DELETED: ("page",),
@@ -146,6 +161,9 @@ EVENT_FIELDS: dict[EventType, tuple[str, ...]] = {
     EventType.PAGE_RESIZED: ("page", "old_size", "new_size"),
     EventType.PAGE_MIGRATED: ("page", "old_location", "new_location"),
     EventType.METADATA_CHANGED: ("page",),
+    EventType.EDGE_ADDED: ("page",),
+    EventType.EDGE_REMOVED: ("page",),
+    EventType.LOG_COMPACTED: ("page",),
 }
 """The name of each position of an event's data, as EventType documents it."""
 

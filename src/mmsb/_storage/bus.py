@@ -7,6 +7,7 @@ Directory layout::
     DIR/BUS                          identity: magic, version, bus id, creation time, CRC
     DIR/checkpoints/ckpt-<gen>.mmsb  checkpoint of generation <gen> (16 hex digits)
     DIR/wal/wal-<gen>-<seq>.log      log segments written after checkpoint <gen>
+    DIR/map/HEAD, table, pages       the mapped pages readers attach to (mapped.py)
 
 Recovery = the newest checkpoint + the segments of its generation, in order. Older
 generations' segments hold only records that a checkpoint already covers; segments of
@@ -40,13 +41,14 @@ from . import fsops
 from .checkpoint import CheckpointBase, read_checkpoint, write_checkpoint
 from .codec import crc32c, encode_record
 from .fsops import fsync_dir
+from .mapped import Publisher
 from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["DurableBus", "open_bus", "recover_readonly", "BUS_MAGIC", "bus_files",
-           "BusChangedError"]
+           "BusChangedError", "bus_identity"]
 
 log = logging.getLogger("mmsb.bus")
 
@@ -117,6 +119,8 @@ class DurableBus:
         bytes, since the writer may remove its file)."""
         self.vanished = False
         """A file listed for recovery was gone when read (read-only opens retry)."""
+        self.publisher: Publisher | None = None
+        """Keeps the mapped pages (DIR/map) equal to the state, for attached readers."""
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -190,6 +194,8 @@ class DurableBus:
                 if self.config.fsync == "always":
                     stage = "fsync"
                     self.writer.sync()
+                if self.publisher is not None:
+                    self.publisher.note(records)
             except OSError as exc:
                 if self.failed is None and (stage == "segment" or (
                         stage == "append" and self.writer is not None and self.writer.intact)):
@@ -261,6 +267,14 @@ class DurableBus:
                 except OSError as exc:
                     self.failed = exc
                     raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
+
+    # -- after each call ---------------------------------------------------------------
+    def after_call(self, state: MMSBState) -> None:
+        """End of a call that held the state's lock: show its changes to attached
+        readers (and wake followers), then checkpoint if one is due."""
+        if self.publisher is not None:
+            self.publisher.publish(state)
+        self.maybe_checkpoint(state)
 
     # -- checkpoints -------------------------------------------------------------------
     def maybe_checkpoint(self, state: MMSBState) -> None:
@@ -415,6 +429,8 @@ class DurableBus:
 
     def after_compress(self, state: MMSBState) -> None:
         """compress_log rewrote history."""
+        if self.publisher is not None:
+            self.publisher.full = True
         self._checkpoint_new_chain(state)
 
     def before_restore(self, state: MMSBState) -> None:
@@ -424,6 +440,8 @@ class DurableBus:
         """load_checkpoint replaced the state (and its log object)."""
         state.log.sink = self.sink
         state.log.sink_many = self.sink_many
+        if self.publisher is not None:
+            self.publisher.full = True
         self._checkpoint_new_chain(state)
 
     def close(self, state: MMSBState) -> None:
@@ -441,6 +459,12 @@ class DurableBus:
                         "is closed all the same, its log holds every record, and reopening it "
                         "recovers them") from exc
         finally:
+            if self.publisher is not None:
+                try:
+                    self.publisher.close(state)
+                except OSError as exc:
+                    log.error("closing the mapped pages of %s failed: %s", self.root, exc)
+                self.publisher = None
             self._stop.set()
             if self._syncer is not None:
                 self._syncer.join(timeout=5)
@@ -526,6 +550,17 @@ def _identity(root: Path, has_data: bool) -> int:
     if version != BUS_VERSION:
         raise SerializationError(f"unsupported bus format version {version}", path=path, offset=8)
     return int(bus_id)
+
+
+def bus_identity(root: Path) -> int:
+    """The id of the bus in ``root`` (its BUS file), read only.
+
+    Raises:
+        SerializationError: no bus there, or its identity file is damaged.
+    """
+    if not os.path.lexists(root / "BUS"):
+        raise SerializationError("no MMSB bus here (the identity file BUS is missing)", path=root)
+    return _identity(root, True)
 
 
 class BusChangedError(SerializationError):
@@ -622,6 +657,16 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
             _unlink(tmp)
         bus = DurableBus(root, bus_id, config, lock_fd)
         _recover(bus, state, files)
+        try:
+            bus.publisher = Publisher(root, bus_id)
+        except BaseException:
+            if bus.writer is not None:
+                try:
+                    bus.writer.close()
+                except OSError:
+                    pass  # the recovered state is in its checkpoint; nothing more to keep
+            raise
+        bus.publisher.publish(state)
     except BaseException as exc:
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)

@@ -22,7 +22,8 @@ from .codec import crc32c, decode_record
 from .fsops import fsync_dir
 
 __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
-           "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD"]
+           "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD", "FRAME_HEAD",
+           "decode_frame_body"]
 
 SEG_MAGIC = b"MMSBWAL\0"
 SEG_VERSION = 1
@@ -233,7 +234,7 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
                                                 path=path, offset=pos)
             break
         try:
-            recs = _decode_frame_body(body)
+            recs = decode_frame_body(body)
         except SerializationError as exc:
             out.damage = SerializationError(f"record does not decode ({exc.reason})", path=path, offset=pos)
             break
@@ -261,7 +262,7 @@ def group_body(bodies: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_frame_body(body: memoryview) -> list[AnyRecord]:
+def decode_frame_body(body: memoryview) -> list[AnyRecord]:
     """The records of one frame: one record, or a group (see :func:`group_body`)."""
     if len(body) == 0 or body[0] != KIND_GROUP:
         return [decode_record(body, "log record")]

@@ -1,0 +1,551 @@
+"""The mapped view of a durable bus: its pages and page table in shared files, for
+readers in other processes.
+
+The writer of a bus publishes every committed call into three files under
+``DIR/map/`` (mode 0600), mapped with ``MAP_SHARED``:
+
+``HEAD``  (4096 bytes)  identity and the publication counters (layout below)
+``table`` (32 B a row)  row ``i`` describes page id ``i``:
+                        ``offset i64 | size i64 (-1: no live page) | epoch i64 | lsn i64``
+``pages``               page bytes, each page in a slot of its size class at ``offset``
+
+HEAD::
+
+    0   magic "MMSBMAP\\0" | version u16 | flags u16 | reserved u32
+    16  bus id u64 | boot id 16 bytes | created ns u64 | crc32c(bytes 0..48) u32 | u32
+    64  seq u64          odd while the writer changes the table or pages (a seqlock)
+    72  lsn u64          the LSN the mapped pages show
+    80  rows u64         table rows in use (the next page id)
+    88  pages_bytes u64  length of the pages file readers may map
+    96  table_bytes u64  length of the table file readers may map
+    104 timestamp u64    time of the last publication (ns since the Unix epoch)
+    112 notify u32       bumped after every publication (the word followers wait on)
+    116 status u32       0 no writer, 1 a writer publishes, 2 publication failed
+    120 writer pid u64
+    128 start u64        bumped whenever a writer (re)starts publishing
+
+The log stays the truth: the mapped files are rebuilt from the recovered state whenever
+a writer opens the bus, and only ever grow (a reader's mapping never loses its backing
+file's bytes). A reader copies a page between two reads of ``seq`` and retries when they
+differ or are odd, so it never returns a mix of two versions; the writer's stores and
+the reader's loads of ``seq`` are ordered by the processor's memory model (x86-64: total
+store order). File space is allocated (``posix_fallocate``) before it is mapped, so a
+full disk is an error at growth, never a fault in the middle of a copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._core.arena import size_class
+from .._core.delta import Delta
+from .._core.records import AnyRecord, PageClone, PageCreate, PageDelete, PageResize
+from ..errors import DurabilityError, PageNotFoundError, SerializationError
+from . import fsops, notify
+from .codec import crc32c
+
+if TYPE_CHECKING:
+    from .._core.engine import MMSBState
+
+__all__ = ["Publisher", "MappedPages", "MAP_MAGIC", "MAP_VERSION", "boot_id", "ROW_DTYPE"]
+
+log = logging.getLogger("mmsb.bus")
+
+MAP_MAGIC = b"MMSBMAP\0"
+MAP_VERSION = 1
+HEAD_SIZE = 4096
+_STATIC = struct.Struct("<8sHHIQ16sQ")  # 48 bytes, then crc u32
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_TWO = struct.Struct("<QQ")
+_ROW3 = struct.Struct("<qqq")
+ROW_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("epoch", "<i8"), ("lsn", "<i8")])
+ROW_SIZE = ROW_DTYPE.itemsize
+# Word indexes (u64) of the dynamic fields.
+_SEQ, _LSN, _ROWS, _PAGES_BYTES, _TABLE_BYTES, _TS = 8, 9, 10, 11, 12, 13
+_NOTIFY_OFF, _STATUS_OFF, _PID, _START = 112, 116, 15, 16
+STATUS_NONE, STATUS_LIVE, STATUS_FAILED = 0, 1, 2
+_MIN_PAGES = 1 << 20
+_MIN_ROWS = 1024
+_READ_SPINS = 1000
+_STALL_LIMIT = 5.0
+"""Seconds a reader waits for a publication in progress before it gives up."""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def boot_id() -> bytes:
+    """16 bytes naming this boot of the operating system (Linux: the kernel's boot id);
+    zeros when unknown. Mapped pages written before another boot are never trusted."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return bytes(16)
+
+
+def _map_dir(root: Path) -> Path:
+    return root / "map"
+
+
+def _grow(fd: int, path: Path, size: int) -> None:
+    """Extend the file to ``size`` bytes with its blocks allocated."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+class Publisher:
+    """The writer's side: keeps the mapped files equal to the state after each call.
+
+    ``note(records)`` remembers which pages the logged records touch (and which bytes);
+    ``publish(state)`` copies those pages into the mapped files under the seqlock, then
+    wakes followers. ``publish_all`` rewrites every page (after recovery or a restore).
+    """
+
+    def __init__(self, root: Path, bus_id: int) -> None:
+        d = _map_dir(root)
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            raise fsops.NotRegularFileError(errno.EINVAL, "not a directory of the bus", str(d))
+        d.mkdir(mode=0o700, exist_ok=True)
+        self.root = root
+        self.fds: dict[str, int] = {}
+        try:
+            for name in ("HEAD", "table", "pages"):
+                self.fds[name] = fsops.open_regular(d / name, os.O_RDWR | os.O_CREAT, create=True)
+            head_fd = self.fds["HEAD"]
+            if os.fstat(head_fd).st_size < HEAD_SIZE:
+                _grow(head_fd, d / "HEAD", HEAD_SIZE)
+            self.head = mmap.mmap(head_fd, HEAD_SIZE)
+        except BaseException:
+            self.close_files()
+            raise
+        self.h = np.frombuffer(self.head, "<u8")
+        self.notify_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.head, _NOTIFY_OFF))
+        static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
+        self.h[_SEQ] = self.h[_SEQ] | 1  # readers wait while the files are rebuilt
+        self.head[0 : _STATIC.size] = static
+        self.head[_STATIC.size : _STATIC.size + 4] = _U32.pack(crc32c(static))
+        self.h[_PID] = os.getpid()
+        self.h[_START] = self.h[_START] + 1
+        _U32.pack_into(self.head, _STATUS_OFF, STATUS_LIVE)
+        self.pages_cap = max(int(self.h[_PAGES_BYTES]), os.fstat(self.fds["pages"]).st_size)
+        self.table_rows = max(int(self.h[_TABLE_BYTES]), os.fstat(self.fds["table"]).st_size) // ROW_SIZE
+        self.pages_mm: mmap.mmap | None = None
+        self.table_mm: mmap.mmap | None = None
+        self.pages = np.zeros(0, np.uint8)
+        self.table = np.zeros(0, ROW_DTYPE)
+        self.bump = 0
+        self.free: dict[int, list[int]] = {}
+        self.touched: dict[int, tuple[int, int]] = {}
+        """page id → (lo, hi) byte range to copy; (0, -1) = the whole page."""
+        self.full = True
+        self.failed = False
+
+    # -- files -------------------------------------------------------------------------
+    def close_files(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _remap_pages(self, need: int) -> None:
+        cap = max(_MIN_PAGES, self.pages_cap)
+        while cap < need:
+            cap *= 2
+        if cap > os.fstat(self.fds["pages"]).st_size:
+            _grow(self.fds["pages"], _map_dir(self.root) / "pages", cap)
+        self.pages = np.zeros(0, np.uint8)
+        self.pages_mm = mmap.mmap(self.fds["pages"], cap)
+        self.pages = np.frombuffer(self.pages_mm, np.uint8)
+        self.pages_cap = cap
+        self.h[_PAGES_BYTES] = cap
+
+    def _remap_table(self, rows: int) -> None:
+        cap = max(_MIN_ROWS, self.table_rows)
+        while cap < rows:
+            cap *= 2
+        nbytes = cap * ROW_SIZE
+        if nbytes > os.fstat(self.fds["table"]).st_size:
+            _grow(self.fds["table"], _map_dir(self.root) / "table", nbytes)
+        self.table = np.zeros(0, ROW_DTYPE)
+        self.table_mm = mmap.mmap(self.fds["table"], nbytes)
+        self.table = np.frombuffer(self.table_mm, ROW_DTYPE)
+        self.table_rows = cap
+        self.h[_TABLE_BYTES] = nbytes
+
+    # -- slots -------------------------------------------------------------------------
+    def _alloc(self, size: int) -> int:
+        cls = size_class(max(size, 1))
+        free = self.free.get(cls)
+        if free:
+            return free.pop()
+        off = self.bump
+        if off + cls > self.pages.shape[0]:
+            self._remap_pages(off + cls)
+        self.bump = off + cls
+        return off
+
+    def _release(self, off: int, size: int) -> None:
+        self.free.setdefault(size_class(max(size, 1)), []).append(off)
+
+    # -- what the log touched ------------------------------------------------------------
+    def note(self, records: list[AnyRecord]) -> None:
+        """Remember the pages ``records`` change (called as they are logged)."""
+        touched = self.touched
+        for r in records:
+            if isinstance(r, Delta):
+                pid = r.page_id
+                lo, hi = (0, -1)
+                if r.is_sparse:
+                    idx = r.indices
+                    if idx.size:
+                        lo, hi = int(idx[0]), int(idx[-1]) + 1
+                old = touched.get(pid)
+                if old is not None and old != (0, -1) and hi != -1:
+                    lo, hi = min(lo, old[0]), max(hi, old[1])
+                elif old is not None:
+                    lo, hi = 0, -1
+                touched[pid] = (lo, hi)
+            elif isinstance(r, PageCreate):
+                if r.count > 4096:
+                    self.full = True
+                else:
+                    for pid in range(r.first_id, r.first_id + r.count):
+                        touched[pid] = (0, -1)
+            elif isinstance(r, PageDelete | PageResize | PageClone):
+                touched[r.page_id] = (0, -1)
+            elif not hasattr(r, "page_id") and not hasattr(r, "parent_id"):
+                self.full = True  # a record that rewrites the state (compaction)
+
+    # -- publishing --------------------------------------------------------------------
+    def publish(self, state: MMSBState) -> None:
+        """Make the mapped files show ``state`` (its lock held), then wake followers.
+        A failure (no room to grow the files) is logged and marks the head failed, so
+        readers raise instead of reading stale pages; the next call retries in full."""
+        if not self.touched and not self.full:
+            return
+        h = self.h
+        h[_SEQ] = h[_SEQ] | 1
+        try:
+            if self.full or self.failed:
+                self._publish_all(state)
+            else:
+                self._publish_touched(state)
+        except OSError as exc:
+            self.failed = True
+            self.touched.clear()
+            _U32.pack_into(self.head, _STATUS_OFF, STATUS_FAILED)
+            log.error("publishing the mapped pages of %s failed: %s; readers are told so "
+                      "until a later call succeeds", self.root, exc)
+        else:
+            if self.failed:
+                _U32.pack_into(self.head, _STATUS_OFF, STATUS_LIVE)
+            self.failed = False
+            self.full = False
+            self.touched.clear()
+        h[_LSN] = state.log.last_lsn
+        h[_ROWS] = state.table.next_id
+        h[_TS] = max(0, time.time_ns())
+        h[_SEQ] = h[_SEQ] + 1
+        (n,) = _U32.unpack_from(self.head, _NOTIFY_OFF)
+        _U32.pack_into(self.head, _NOTIFY_OFF, (n + 1) & 0xFFFFFFFF)
+        notify.wake(self.notify_addr)
+
+    def _ensure_rows(self, rows: int) -> None:
+        if rows > self.table.shape[0]:
+            old = self.table.shape[0]
+            self._remap_table(rows)
+            self.table[old:]["size"] = -1
+
+    def _publish_all(self, state: MMSBState) -> None:
+        t = state.table
+        rows = t.next_id
+        self._ensure_rows(rows)
+        if self.pages_mm is None:
+            self._remap_pages(0)
+        self.free.clear()
+        self.bump = 0
+        self.table["size"] = -1
+        lsn = state.log.last_lsn
+        for pid in t.live_ids().tolist():
+            self._write_page(state, pid, lsn, 0, -1, fresh=True)
+
+    def _publish_touched(self, state: MMSBState) -> None:
+        t = state.table
+        self._ensure_rows(t.next_id)
+        lsn = state.log.last_lsn
+        for pid, (lo, hi) in self.touched.items():
+            if pid >= t.next_id:
+                continue
+            if t.is_live(pid):
+                self._write_page(state, pid, lsn, lo, hi, fresh=False)
+            else:
+                row = self.table[pid]
+                if row["size"] >= 0:
+                    self._release(int(row["offset"]), int(row["size"]))
+                    row["size"] = -1
+                    row["lsn"] = lsn
+
+    def _write_page(self, state: MMSBState, pid: int, lsn: int, lo: int, hi: int,
+                    fresh: bool) -> None:
+        t = state.table
+        size = int(t.size[pid])
+        row = self.table[pid]
+        old_size = -1 if fresh else int(row["size"])
+        if old_size >= 0 and size_class(max(old_size, 1)) == size_class(max(size, 1)):
+            off = int(row["offset"])
+        else:
+            if old_size >= 0:
+                self._release(int(row["offset"]), old_size)
+            off = self._alloc(size)
+            lo, hi = 0, -1
+            row = self.table[pid]  # the table may have been remapped
+        if old_size != size:
+            lo, hi = 0, -1
+        view = state.page_view(pid)
+        if hi < 0:
+            self.pages[off : off + size] = view
+        else:
+            self.pages[off + lo : off + hi] = view[lo:hi]
+        row["offset"] = off
+        row["size"] = size
+        row["epoch"] = int(t.epoch[pid])
+        row["lsn"] = lsn
+
+    def close(self, state: MMSBState | None) -> None:
+        """Last publication and ``status`` = no writer; the files stay for readers."""
+        if not self.fds:
+            return
+        try:
+            if state is not None:
+                self.publish(state)
+            _U32.pack_into(self.head, _STATUS_OFF, STATUS_NONE)
+            self.h[_PID] = 0
+            (n,) = _U32.unpack_from(self.head, _NOTIFY_OFF)
+            _U32.pack_into(self.head, _NOTIFY_OFF, (n + 1) & 0xFFFFFFFF)
+            notify.wake(self.notify_addr)
+        finally:
+            self.h = np.zeros(0, "<u8")
+            self.pages = np.zeros(0, np.uint8)
+            self.table = np.zeros(0, ROW_DTYPE)
+            self.notify_addr = 0
+            self.close_files()
+
+
+class MappedPages:
+    """A reader's read-only mapping of a bus's pages (see the module's docstring)."""
+
+    def __init__(self, root: Path, bus_id: int) -> None:
+        d = _map_dir(root)
+        self.root = root
+        self.fds: dict[str, int] = {}
+        try:
+            for name in ("HEAD", "table", "pages"):
+                self.fds[name] = fsops.open_regular(d / name, os.O_RDONLY)
+            if os.fstat(self.fds["HEAD"]).st_size < HEAD_SIZE:
+                raise SerializationError("the mapped head is shorter than its layout",
+                                         path=d / "HEAD")
+            self.head = mmap.mmap(self.fds["HEAD"], HEAD_SIZE, prot=mmap.PROT_READ)
+        except BaseException:
+            self._close_fds()
+            raise
+        raw = self.head[: _STATIC.size]
+        magic, version, _flags, _r, head_bus, self.boot, _created = _STATIC.unpack(raw)
+        (crc,) = _U32.unpack_from(self.head, _STATIC.size)
+        if magic != MAP_MAGIC or crc != crc32c(raw):
+            self.close()
+            raise SerializationError("the mapped head is damaged or not an MMSB map", path=d / "HEAD")
+        if version != MAP_VERSION:
+            self.close()
+            raise SerializationError(f"unsupported map version {version} (this build reads "
+                                     f"{MAP_VERSION})", path=d / "HEAD")
+        if head_bus != bus_id:
+            self.close()
+            raise SerializationError(f"the mapped pages belong to bus {head_bus:016x}, not "
+                                     f"{bus_id:016x}", path=d / "HEAD")
+        self.h = np.frombuffer(self.head, "<u8")
+        self.notify_addr = int(np.frombuffer(self.head, np.uint8).ctypes.data) + _NOTIFY_OFF
+        self.pages_mm: mmap.mmap | None = None
+        self.table_mm: mmap.mmap | None = None
+        self.pages_len = 0
+        self.table_len = 0
+        self._remap()
+
+    def _close_fds(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def close(self) -> None:
+        self.pages_mm = self.table_mm = None
+        self.h = np.zeros(0, "<u8")
+        self._close_fds()
+
+    def _remap(self) -> None:
+        plen = int(self.h[_PAGES_BYTES])
+        tlen = int(self.h[_TABLE_BYTES])
+        if plen != self.pages_len:
+            self.pages_mm = mmap.mmap(self.fds["pages"], plen, prot=mmap.PROT_READ) if plen else None
+            self.pages_len = plen
+        if tlen != self.table_len:
+            self.table_mm = mmap.mmap(self.fds["table"], tlen, prot=mmap.PROT_READ) if tlen else None
+            self.table_len = tlen
+
+    # -- counters --------------------------------------------------------------------
+    @property
+    def lsn(self) -> int:
+        return int(_U64.unpack_from(self.head, _LSN * 8)[0])
+
+    @property
+    def notify_value(self) -> int:
+        return int(_U32.unpack_from(self.head, _NOTIFY_OFF)[0])
+
+    @property
+    def status(self) -> int:
+        return int(_U32.unpack_from(self.head, _STATUS_OFF)[0])
+
+    @property
+    def writer_pid(self) -> int:
+        return int(self.h[_PID])
+
+    def wait(self, expected: int, timeout: float | None) -> None:
+        notify.wait(self.notify_addr, expected, timeout, lambda: self.notify_value)
+
+    # -- reading ---------------------------------------------------------------------
+    def _stable_seq(self) -> int:
+        head = self.head
+        (s,) = _U64.unpack_from(head, 64)
+        if not s & 1:
+            return int(s)
+        for _ in range(_READ_SPINS):
+            (s,) = _U64.unpack_from(head, 64)
+            if not s & 1:
+                return int(s)
+        deadline = time.monotonic() + _STALL_LIMIT
+        while time.monotonic() < deadline:
+            time.sleep(0.0002)
+            (s,) = _U64.unpack_from(head, 64)
+            if not s & 1:
+                return int(s)
+            if not _alive(self.writer_pid):
+                break
+        raise DurabilityError(f"the writer of {self.root} stopped in the middle of publishing "
+                              "its pages (it died or stalls); the pages show again once a "
+                              "writer reopens the bus")
+
+    def _row(self, pid: int) -> tuple[int, int, int, int]:
+        if pid < 1 or (pid + 1) * ROW_SIZE > self.table_len:
+            return (0, -1, 0, 0)
+        assert self.table_mm is not None
+        return struct.unpack_from("<qqqq", self.table_mm, pid * ROW_SIZE)
+
+    def _check_status(self) -> None:
+        if self.status == STATUS_FAILED:
+            raise DurabilityError(f"the writer of {self.root} could not publish its pages "
+                                  "(no room to grow the mapped files); read with open_readonly")
+
+    def read(self, pid: int) -> tuple[bytes, int, int]:
+        """(bytes, epoch, lsn of the publication) of page ``pid``, consistent.
+
+        Raises:
+            PageNotFoundError: no live page ``pid`` at that publication.
+            DurabilityError: the writer could not publish, or stalls while publishing.
+        """
+        head = self.head
+        while True:
+            (s1,) = _U64.unpack_from(head, 64)
+            if s1 & 1:
+                s1 = self._stable_seq()
+            plen, tlen = _TWO.unpack_from(head, _PAGES_BYTES * 8)
+            if plen != self.pages_len or tlen != self.table_len:
+                self._remap()
+                continue
+            data = None
+            epoch = 0
+            if 0 < pid and (pid + 1) * ROW_SIZE <= tlen:
+                off, size, epoch = _ROW3.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+                if size >= 0 and off + size <= plen:
+                    data = self.pages_mm[off : off + size]  # type: ignore[index]
+            s2, lsn = _TWO.unpack_from(head, 64)
+            if s1 != s2:
+                continue
+            if data is None:
+                self._check_status()
+                raise PageNotFoundError(pid, "read from the mapped pages")
+            if _U32.unpack_from(head, _STATUS_OFF)[0] == STATUS_FAILED:
+                self._check_status()
+            return data, epoch, lsn
+
+    def snapshot(self, pids: list[int]) -> tuple[dict[int, bytes], int]:
+        """Pages ``pids`` as of one publication, and its LSN.
+
+        Raises:
+            PageNotFoundError: one of them is not live at that publication.
+        """
+        head = self.head
+        while True:
+            s1 = self._stable_seq()
+            if (int(_U64.unpack_from(head, _PAGES_BYTES * 8)[0]) != self.pages_len
+                    or int(_U64.unpack_from(head, _TABLE_BYTES * 8)[0]) != self.table_len):
+                self._remap()
+                continue
+            out: dict[int, bytes] = {}
+            missing = None
+            for pid in pids:
+                off, size, _e, _l = self._row(pid)
+                if size < 0 or self.pages_mm is None or off + size > self.pages_len:
+                    missing = pid
+                    break
+                out[pid] = self.pages_mm[off : off + size]
+            lsn = int(_U64.unpack_from(head, _LSN * 8)[0])
+            (s2,) = _U64.unpack_from(head, 64)
+            if s1 != s2:
+                continue
+            self._check_status()
+            if missing is not None:
+                raise PageNotFoundError(missing, "snapshot of the mapped pages")
+            return out, lsn
+
+    def live_ids(self) -> tuple[list[int], int]:
+        """Ids of the live pages at one publication, and its LSN."""
+        head = self.head
+        while True:
+            s1 = self._stable_seq()
+            if (int(_U64.unpack_from(head, _PAGES_BYTES * 8)[0]) != self.pages_len
+                    or int(_U64.unpack_from(head, _TABLE_BYTES * 8)[0]) != self.table_len):
+                self._remap()
+                continue
+            rows = min(int(_U64.unpack_from(head, _ROWS * 8)[0]), self.table_len // ROW_SIZE)
+            ids: list[int] = []
+            if self.table_mm is not None and rows > 1:
+                table = np.frombuffer(self.table_mm, ROW_DTYPE, rows)
+                ids = (np.flatnonzero(table["size"][1:] >= 0) + 1).tolist()
+            lsn = int(_U64.unpack_from(head, _LSN * 8)[0])
+            (s2,) = _U64.unpack_from(head, 64)
+            if s1 == s2:
+                self._check_status()
+                return ids, lsn

@@ -1,0 +1,481 @@
+"""Readers beside a writer: ``mmsb.attach`` (mapped pages, snapshots, wait_for) and the
+change feed (``changes``, ``serialize_event``, ``mmsb tail``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmsb
+from mmsb._storage.feed import record_events
+from mmsb._storage.mapped import HEAD_SIZE, MAP_MAGIC
+
+SRC = str(Path(mmsb.__file__).resolve().parent.parent)
+
+
+def _bus(path: Path, **cfg: object) -> mmsb.MMSBState:
+    return mmsb.mmsb_start(path=path, config=mmsb.MMSBConfig(**cfg), enable_gpu=False)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "LOCK"}
+
+
+def _log_events(path: Path, since: int = 0) -> list[mmsb.Event]:
+    st = mmsb.open_readonly(path)
+    return [e for r in st.log.iter_records(since) for e in record_events(r)]
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[tuple[Path, mmsb.MMSBState]]:
+    s = _bus(tmp_path / "bus")
+    yield tmp_path / "bus", s
+    if not s.closed:
+        mmsb.mmsb_stop(s)
+
+
+# --------------------------------------------------------------------------- reading
+
+def test_a_reader_sees_every_call_of_the_writer(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    path, s = bus
+    p = mmsb.create_page(s, 1024)
+    with mmsb.attach(path) as r:
+        assert r.page_ids() == [p.id]
+        assert r.read_page(p.id) == bytes(1024)
+        mmsb.write_page(s, p.id, 10, b"abc")
+        assert r.read_page(p.id) == mmsb.query_page(s, p.id)
+        assert r.page_epoch(p.id) == p.epoch == 1
+        assert r.last_lsn == s.last_lsn
+        assert r.writer_pid == os.getpid()
+        mmsb.resize_page(s, p.id, 3000)
+        assert r.read_page(p.id) == mmsb.query_page(s, p.id)
+        q = mmsb.create_page(s, 16)
+        mmsb.delete_page(s, p.id)
+        assert r.page_ids() == [q.id]
+        with pytest.raises(mmsb.PageNotFoundError):
+            r.read_page(p.id)
+        with mmsb.batch(s) as b:
+            b.write(q.id, 0, b"x" * 16)
+        assert r.read_page(q.id) == b"x" * 16
+    assert r.closed
+
+
+def test_files_grow_and_readers_remap(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    path, s = bus
+    r = mmsb.attach(path)
+    ids = [mmsb.create_page(s, 4096).id for _ in range(600)]  # 2.4 MiB > the first 1 MiB
+    many = mmsb.create_pages(s, 3000, 8)  # more rows than the first table holds
+    for i in ids[::37]:
+        mmsb.write_page(s, i, 0, i.to_bytes(4, "little"))
+    for i in ids[::37]:
+        assert r.read_page(i)[:4] == i.to_bytes(4, "little")
+    assert len(r.page_ids()) == 3600
+    assert r.read_page(many[-1].id) == bytes(8)
+    snap = r.snapshot()
+    assert snap.lsn == s.last_lsn and len(snap.pages) == 3600
+    assert snap.pages[ids[37]][:4] == ids[37].to_bytes(4, "little")
+    r.close()
+
+
+def test_the_mapped_files_are_private_and_rebuilt_on_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    s = _bus(path)
+    p = mmsb.create_page(s, 64)
+    mmsb.write_page(s, p.id, 0, b"one")
+    mmsb.mmsb_stop(s)
+    for name in ("HEAD", "table", "pages"):
+        mode = stat.S_IMODE((path / "map" / name).stat().st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    # A reader of a stopped bus still reads its last published pages.
+    with mmsb.attach(path) as r:
+        assert r.read_page(p.id)[:3] == b"one"
+        assert r.writer_pid is None
+    # Wrong bytes in the pages file are replaced by the log's truth at the next open.
+    with open(path / "map" / "pages", "r+b") as f:
+        f.write(b"\xff" * 64)
+    s = _bus(path)
+    with mmsb.attach(path) as r:
+        assert r.read_page(p.id) == mmsb.query_page(s, p.id)
+    mmsb.mmsb_stop(s)
+
+
+def test_snapshot_is_consistent_at_one_lsn(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    path, s = bus
+    a, b = mmsb.create_page(s, 32), mmsb.create_page(s, 32)
+    with mmsb.attach(path) as r:
+        for i in range(50):
+            mmsb.apply_batch(s, [(a.id, 0, bytes([i]) * 32), (b.id, 0, bytes([i]) * 32)])
+            snap = r.snapshot([a.id, b.id])
+            assert snap.pages[a.id] == snap.pages[b.id] == bytes([i]) * 32
+            assert snap.lsn == s.last_lsn
+        with pytest.raises(mmsb.PageNotFoundError):
+            r.snapshot([a.id, 999])
+        assert r.snapshot(a.id).pages == {a.id: bytes([49]) * 32}
+
+
+def test_wait_for(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    path, s = bus
+    p = mmsb.create_page(s, 8)
+    with mmsb.attach(path) as r:
+        assert r.wait_for(s.last_lsn, timeout=0)
+        assert not r.wait_for(s.last_lsn + 1, timeout=0.05)
+        mmsb.write_page(s, p.id, 0, b"1")
+        assert r.wait_for(s.last_lsn, timeout=1)
+
+
+# --------------------------------------------------------------------------- refusals
+
+def test_refused_reader_calls_change_nothing(bus: tuple[Path, mmsb.MMSBState],
+                                            tmp_path: Path) -> None:
+    path, s = bus
+    p = mmsb.create_page(s, 8)
+    mmsb.write_page(s, p.id, 0, b"1")
+    before = _files(path)
+    lsn = s.last_lsn
+    with pytest.raises(mmsb.SerializationError, match="no MMSB bus"):
+        mmsb.attach(tmp_path / "nothing")
+    with pytest.raises(mmsb.InvalidArgumentError):
+        mmsb.attach(42)  # type: ignore[arg-type]
+    r = mmsb.attach(path)
+    for bad in (0, -1, 999, "1", True, 1.0):
+        with pytest.raises(mmsb.PageNotFoundError):
+            r.read_page(bad)  # type: ignore[arg-type]
+    for bad_lsn in (-1, "3", None, True):
+        with pytest.raises(mmsb.InvalidArgumentError):
+            r.wait_for(bad_lsn, timeout=0)  # type: ignore[arg-type]
+    with pytest.raises(mmsb.InvalidArgumentError):
+        r.wait_for(1, timeout=-1)
+    for bad_since in (-1, "0", 1.5, True):
+        with pytest.raises(mmsb.InvalidArgumentError):
+            r.changes(bad_since)  # type: ignore[arg-type]
+    with pytest.raises(mmsb.InvalidArgumentError):
+        r.changes(0, timeout=-2)
+    with pytest.raises(mmsb.InvalidArgumentError):
+        r.snapshot(object())
+    r.close()
+    with pytest.raises(mmsb.StateClosedError):
+        r.read_page(p.id)
+    with pytest.raises(mmsb.StateClosedError):
+        r.snapshot()
+    assert _files(path) == before and s.last_lsn == lsn
+
+
+def test_a_bus_no_writer_has_published_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    mmsb.mmsb_stop(_bus(path))
+    for name in ("HEAD", "table", "pages"):
+        (path / "map" / name).unlink()
+    with pytest.raises(mmsb.SerializationError, match="no mapped pages"):
+        mmsb.attach(path)
+
+
+def test_pages_from_before_a_restart_of_the_machine_are_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    s = _bus(path)
+    p = mmsb.create_page(s, 8)
+    mmsb.write_page(s, p.id, 0, b"x")
+    mmsb.mmsb_stop(s)
+    head = bytearray((path / "map" / "HEAD").read_bytes())
+    head[24:40] = bytes(range(1, 17))  # another boot's id, checksum made valid
+    from mmsb._storage.codec import crc32c
+    head[48:52] = struct.pack("<I", crc32c(bytes(head[:48])))
+    (path / "map" / "HEAD").write_bytes(bytes(head))
+    with pytest.raises(mmsb.HistoryUnavailableError, match="restarted"):
+        mmsb.attach(path)
+    s = _bus(path)  # the writer's open rebuilds them from the log
+    with mmsb.attach(path) as r:
+        assert r.read_page(p.id) == b"x" + bytes(7)
+    mmsb.mmsb_stop(s)
+
+
+def test_damaged_or_hostile_mapped_files(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    s = _bus(path)
+    p = mmsb.create_page(s, 8)
+    mmsb.mmsb_stop(s)
+    head = (path / "map" / "HEAD").read_bytes()
+    assert head[:8] == MAP_MAGIC and len(head) == HEAD_SIZE
+    for at in (0, 9, 17, 30, 44, 49):  # the identity's bytes, covered by the checksum
+        bad = bytearray(head)
+        bad[at] ^= 0x40
+        (path / "map" / "HEAD").write_bytes(bytes(bad))
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.attach(path)
+    (path / "map" / "HEAD").write_bytes(head[:100])
+    with pytest.raises(mmsb.SerializationError, match="shorter"):
+        mmsb.attach(path)
+    (path / "map" / "HEAD").write_bytes(head)
+    # A table row pointing past the pages file reads as no page, never out of bounds.
+    with open(path / "map" / "table", "r+b") as f:
+        f.seek(p.id * 32)
+        f.write(struct.pack("<qq", 1 << 40, 8))
+    with mmsb.attach(path) as r:
+        with pytest.raises(mmsb.PageNotFoundError):
+            r.read_page(p.id)
+    # A symbolic link where a mapped file belongs is never followed.
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\0" * 4096)
+    (path / "map" / "HEAD").unlink()
+    (path / "map" / "HEAD").symlink_to(target)
+    with pytest.raises(mmsb.SerializationError):
+        mmsb.attach(path)
+    with pytest.raises(mmsb.DurabilityError):
+        _bus(path)
+    assert target.read_bytes() == b"\0" * 4096
+
+
+def test_a_writer_that_died_while_publishing_is_reported(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "bus"
+    s = _bus(path)
+    p = mmsb.create_page(s, 8)
+    mmsb.mmsb_stop(s)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(path / "map" / "HEAD", "r+b") as f:
+        f.seek(64)
+        (seq,) = struct.unpack("<Q", f.read(8))
+        f.seek(64)
+        f.write(struct.pack("<Q", seq | 1))
+        f.seek(120)
+        f.write(struct.pack("<Q", dead.pid))
+    with mmsb.attach(path) as r:
+        t0 = time.monotonic()
+        with pytest.raises(mmsb.DurabilityError, match="middle of publishing"):
+            r.read_page(p.id)
+        assert time.monotonic() - t0 < 3
+    s = _bus(path)
+    with mmsb.attach(path) as r:
+        assert r.read_page(p.id) == bytes(8)
+    mmsb.mmsb_stop(s)
+
+
+# --------------------------------------------------------------------------- other processes
+
+_WRITER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {src!r})
+    import mmsb
+    s = mmsb.mmsb_start(path={path!r}, config=mmsb.MMSBConfig(max_tlog_size={tlog}), enable_gpu=False)
+    ids = [p for p in sorted(s.pages)] or [mmsb.create_page(s, {size}).id for _ in range({pages})]
+    print("open", s.last_lsn, flush=True)
+    i = int.from_bytes(mmsb.query_page(s, ids[0])[:1], "little")
+    n = 0
+    while n < {writes}:
+        i = (i + 1) % 256
+        pid = ids[n % len(ids)]
+        if n % 7 == 3:
+            mmsb.apply_batch(s, [(q, 0, bytes([i]) * {size}) for q in ids[:2]])
+        else:
+            mmsb.update_page(s, pid, bytes([i]) * {size})
+        n += 1
+        print("ack", s.last_lsn, flush=True)
+    print("done", flush=True)
+    time.sleep(60)
+""")
+
+
+def _start_writer(path: Path, *, writes: int, pages: int = 4, size: int = 1024,
+                  tlog: int = 10000) -> subprocess.Popen[str]:
+    code = _WRITER.format(src=SRC, path=str(path), writes=writes, pages=pages, size=size,
+                          tlog=tlog)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("open"), line
+    return proc
+
+
+def test_a_reader_in_this_process_never_sees_a_torn_page(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    w = _start_writer(path, writes=3000)
+    try:
+        r = mmsb.attach(path)
+        ids = r.page_ids()
+        reads = 0
+        deadline = time.monotonic() + 20
+        while w.poll() is None and time.monotonic() < deadline:
+            for pid in ids:
+                data = r.read_page(pid)
+                assert data == data[:1] * len(data), "a torn page"
+                reads += 1
+            snap = r.snapshot(ids)
+            for data in snap.pages.values():
+                assert data == data[:1] * len(data), "a torn page in a snapshot"
+            if reads > 20000:
+                break
+        assert reads > 100
+        r.close()
+    finally:
+        w.kill()
+        w.wait()
+
+
+def test_changes_follow_a_writer_in_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    w = _start_writer(path, writes=400, tlog=50)  # checkpoints every 50 records
+    try:
+        with mmsb.attach(path) as r:
+            seen = []
+            for ev in r.changes(0, follow=True, timeout=10):
+                seen.append(ev)
+                if ev.lsn >= 4 + 400 + 400 // 7:  # creates, writes, batches' extra records
+                    break
+        assert w.stdout is not None
+        lsns = [e.lsn for e in seen]
+        assert lsns == sorted(lsns)
+        assert seen == _log_events(path)[: len(seen)]
+    finally:
+        w.kill()
+        w.wait()
+
+
+def test_changes_resume_across_kills_of_both_sides(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    tail_cmd = [sys.executable, "-m", "mmsb", "tail", str(path), "--follow", "--json",
+                "--timeout", "10"]
+    env = dict(os.environ, PYTHONPATH=SRC)
+    got: list[str] = []
+    last = 0
+    for rnd in range(3):
+        w = _start_writer(path, writes=150, tlog=40)
+        follower = subprocess.Popen([*tail_cmd, "--since", str(last)], stdout=subprocess.PIPE,
+                                    text=True, env=env)
+        assert follower.stdout is not None and w.stdout is not None
+        # The writer is killed mid-run; the follower is killed after some lines.
+        for _ in range(60 + 20 * rnd):
+            w.stdout.readline()
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+        for _ in range(40):
+            line = follower.stdout.readline()
+            if not line:
+                break
+            got.append(line)
+            last = int(line.split('"lsn": ')[1].split(",")[0])
+        follower.send_signal(signal.SIGKILL)
+        follower.wait()
+    # Drain what is left, then compare with the log.
+    out = subprocess.run([sys.executable, "-m", "mmsb", "tail", str(path), "--json", "--since",
+                          str(last)], capture_output=True, text=True, env=env, check=True)
+    got.extend(out.stdout.splitlines(keepends=True))
+    import json
+
+    lsns = [json.loads(g)["lsn"] for g in got]
+    expected = _log_events(path)
+    assert [e.lsn for e in expected] == lsns, "each event exactly once, in order"
+    assert [json.loads(g)["type"] for g in got] == [e.type.name for e in expected]
+
+
+def test_changes_read_back_from_checkpoints_and_refuse_lost_history(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    s = _bus(path, max_tlog_size=20, retain_checkpoints=2)
+    p = mmsb.create_page(s, 16)
+    for i in range(200):
+        mmsb.write_page(s, p.id, i % 16, bytes([i % 256]))
+    with mmsb.attach(path) as r:
+        horizon = mmsb.open_readonly(path).log.horizon_lsn
+        assert horizon > 0
+        evs = list(r.changes(horizon))
+        assert evs == _log_events(path, horizon)
+        assert evs[0].lsn == horizon + 1 and evs[-1].lsn == s.last_lsn
+        with pytest.raises(mmsb.HistoryUnavailableError):
+            list(r.changes(0))
+        assert list(r.changes(s.last_lsn)) == []
+    mmsb.mmsb_stop(s)
+
+
+# --------------------------------------------------------------------------- events
+
+_payload = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.text(max_size=20)
+    | st.binary(max_size=20) | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(etype=st.sampled_from(list(mmsb.EventType)), ts=st.integers(0, (1 << 64) - 1),
+       lsn=st.integers(0, (1 << 64) - 1), pid=st.integers(0, (1 << 64) - 1),
+       payload=st.dictionaries(st.text(max_size=10), _payload, max_size=5))
+def test_events_round_trip(etype: mmsb.EventType, ts: int, lsn: int, pid: int,
+                           payload: dict[str, object]) -> None:
+    ev = mmsb.Event(etype, ts, lsn, pid, payload)
+    data = mmsb.serialize_event(ev)
+    back = mmsb.deserialize_event(data)
+    assert back == ev and mmsb.serialize_event(back) == data
+
+
+def test_every_damaged_event_is_refused() -> None:
+    ev = mmsb.Event(mmsb.EventType.PAGE_CHANGED, 123, 7, 3, {"epoch": 2, "source": "api"})
+    data = mmsb.serialize_event(ev)
+    for i in range(len(data)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(data)
+            bad[i] ^= bit
+            with pytest.raises(mmsb.SerializationError):
+                mmsb.deserialize_event(bytes(bad))
+    for cut in range(len(data)):
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.deserialize_event(data[:cut])
+    with pytest.raises(mmsb.SerializationError):
+        mmsb.deserialize_event(data + b"\0")
+    with pytest.raises(mmsb.SerializationError):
+        mmsb.deserialize_event("text")  # type: ignore[arg-type]
+
+
+def test_events_that_cannot_be_serialized_are_refused() -> None:
+    E, T = mmsb.Event, mmsb.EventType.PAGE_CREATED
+    for bad in (E(T, -1, 0, 0), E(T, 0, 1 << 64, 0), E(T, 0, 0, 0, {1: 2}),  # type: ignore[dict-item]
+                E(T, 0, 0, 0, {"x": object()}), E(99, 0, 0, 0), "event"):  # type: ignore[arg-type]
+        with pytest.raises(mmsb.InvalidArgumentError):
+            mmsb.serialize_event(bad)  # type: ignore[arg-type]
+
+
+def test_every_record_kind_has_its_events(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    path, s = bus
+    a = mmsb.create_page(s, 8)
+    mmsb.create_pages(s, 3, 4)
+    b = mmsb.clone_page(s, a.id)
+    mmsb.write_page(s, a.id, 0, b"zz")
+    mmsb.resize_page(s, a.id, 16)
+    mmsb.set_metadata(s, a.id, "k", 1)
+    mmsb.add_dependency(s, a.id, b.id, mmsb.DATA_DEPENDENCY)
+    mmsb.remove_dependency(s, a.id, b.id)
+    mmsb.delete_page(s, b.id)
+    with mmsb.attach(path) as r:
+        evs = list(r.changes())
+    types = [e.type.name for e in evs]
+    assert types == ["PAGE_CREATED"] * 4 + ["PAGE_CREATED", "PAGE_CHANGED", "PAGE_RESIZED",
+                                            "METADATA_CHANGED", "EDGE_ADDED", "EDGE_REMOVED",
+                                            "PAGE_DELETED"]
+    assert evs[4].payload == {"source_id": a.id}
+    assert evs[5].payload["bytes"] == 2 and evs[5].payload["epoch"] == 1
+    assert all(mmsb.deserialize_event(mmsb.serialize_event(e)) == e for e in evs)
+    assert [e.lsn for e in evs] == [1, 2, 2, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_tail_command(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    path, s = bus
+    p = mmsb.create_page(s, 8)
+    mmsb.write_page(s, p.id, 0, b"1")
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-m", "mmsb", "tail", str(path)], capture_output=True,
+                         text=True, env=env, check=True).stdout.splitlines()
+    assert len(out) == 2 and "PAGE_CREATED" in out[0] and "PAGE_CHANGED" in out[1]
+    bad = subprocess.run([sys.executable, "-m", "mmsb", "tail", str(path / "nope")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("mmsb: error:")
