@@ -122,6 +122,15 @@ class Delta:
         return self._idx is not None
 
     @property
+    def span(self) -> tuple[int, int]:
+        """``(lo, hi)``: the half-open byte range the delta may write (the whole page for
+        a dense delta). O(1)."""
+        idx = self._idx
+        if idx is not None and len(idx):
+            return int(idx[0]), int(idx[-1]) + 1
+        return 0, self.page_size
+
+    @property
     def indices(self) -> np.ndarray:
         """Sorted positions covered by the delta (integers, read-only)."""
         if self._idx is not None:

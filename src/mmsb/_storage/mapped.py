@@ -50,6 +50,7 @@ import numpy as np
 
 from .._core.arena import size_class
 from .._core.delta import Delta
+from .._core.page_table import LIVE
 from .._core.records import AnyRecord, PageClone, PageCreate, PageDelete, PageResize
 from ..errors import DurabilityError, PageNotFoundError, SerializationError
 from . import fsops, notify
@@ -70,6 +71,10 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TWO = struct.Struct("<QQ")
 _ROW3 = struct.Struct("<qqq")
+_TWO_I = struct.Struct("<qq")
+_ROW = struct.Struct("<qqqq")
+_WHOLE = (0, 1 << 62)
+"""A touched range that covers any page."""
 ROW_DTYPE = np.dtype([("offset", "<i8"), ("size", "<i8"), ("epoch", "<i8"), ("lsn", "<i8")])
 ROW_SIZE = ROW_DTYPE.itemsize
 # Word indexes (u64) of the dynamic fields.
@@ -217,27 +222,23 @@ class Publisher:
         """Remember the pages ``records`` change (called as they are logged)."""
         touched = self.touched
         for r in records:
-            if isinstance(r, Delta):
+            if type(r) is Delta:
                 pid = r.page_id
-                lo, hi = (0, -1)
-                if r.is_sparse:
-                    idx = r.indices
-                    if idx.size:
-                        lo, hi = int(idx[0]), int(idx[-1]) + 1
+                lo, hi = r.span
                 old = touched.get(pid)
-                if old is not None and old != (0, -1) and hi != -1:
+                if old is not None:
                     lo, hi = min(lo, old[0]), max(hi, old[1])
-                elif old is not None:
-                    lo, hi = 0, -1
                 touched[pid] = (lo, hi)
             elif isinstance(r, PageCreate):
                 if r.count > 4096:
                     self.full = True
                 else:
                     for pid in range(r.first_id, r.first_id + r.count):
-                        touched[pid] = (0, -1)
+                        touched[pid] = _WHOLE
             elif isinstance(r, PageDelete | PageResize | PageClone):
-                touched[r.page_id] = (0, -1)
+                touched[r.page_id] = _WHOLE
+            elif isinstance(r, Delta):
+                touched[r.page_id] = _WHOLE
             elif not hasattr(r, "page_id") and not hasattr(r, "parent_id"):
                 self.full = True  # a record that rewrites the state (compaction)
 
@@ -248,8 +249,9 @@ class Publisher:
         readers raise instead of reading stale pages; the next call retries in full."""
         if not self.touched and not self.full:
             return
-        h = self.h
-        h[_SEQ] = h[_SEQ] | 1
+        head = self.head
+        (seq,) = _U64.unpack_from(head, 64)
+        _U64.pack_into(head, 64, seq | 1)
         try:
             if self.full or self.failed:
                 self._publish_all(state)
@@ -258,21 +260,20 @@ class Publisher:
         except OSError as exc:
             self.failed = True
             self.touched.clear()
-            _U32.pack_into(self.head, _STATUS_OFF, STATUS_FAILED)
+            _U32.pack_into(head, _STATUS_OFF, STATUS_FAILED)
             log.error("publishing the mapped pages of %s failed: %s; readers are told so "
                       "until a later call succeeds", self.root, exc)
         else:
             if self.failed:
-                _U32.pack_into(self.head, _STATUS_OFF, STATUS_LIVE)
+                _U32.pack_into(head, _STATUS_OFF, STATUS_LIVE)
             self.failed = False
             self.full = False
             self.touched.clear()
-        h[_LSN] = state.log.last_lsn
-        h[_ROWS] = state.table.next_id
-        h[_TS] = max(0, time.time_ns())
-        h[_SEQ] = h[_SEQ] + 1
-        (n,) = _U32.unpack_from(self.head, _NOTIFY_OFF)
-        _U32.pack_into(self.head, _NOTIFY_OFF, (n + 1) & 0xFFFFFFFF)
+        _TWO.pack_into(head, 72, state.log.last_lsn, state.table.next_id)
+        _U64.pack_into(head, _TS * 8, max(0, state.log.last_timestamp))
+        _U64.pack_into(head, 64, (seq | 1) + 1)
+        (n,) = _U32.unpack_from(head, _NOTIFY_OFF)
+        _U32.pack_into(head, _NOTIFY_OFF, (n + 1) & 0xFFFFFFFF)
         notify.wake(self.notify_addr)
 
     def _ensure_rows(self, rows: int) -> None:
@@ -296,45 +297,48 @@ class Publisher:
 
     def _publish_touched(self, state: MMSBState) -> None:
         t = state.table
-        self._ensure_rows(t.next_id)
+        if t.next_id > self.table_rows:
+            self._ensure_rows(t.next_id)
         lsn = state.log.last_lsn
+        flags = t.flags
         for pid, (lo, hi) in self.touched.items():
             if pid >= t.next_id:
                 continue
-            if t.is_live(pid):
+            if flags[pid] & LIVE:
                 self._write_page(state, pid, lsn, lo, hi, fresh=False)
             else:
-                row = self.table[pid]
-                if row["size"] >= 0:
-                    self._release(int(row["offset"]), int(row["size"]))
-                    row["size"] = -1
-                    row["lsn"] = lsn
+                off, size = _TWO_I.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+                if size >= 0:
+                    self._release(off, size)
+                    _ROW.pack_into(self.table_mm, pid * ROW_SIZE, off, -1, 0, lsn)  # type: ignore[arg-type]
 
     def _write_page(self, state: MMSBState, pid: int, lsn: int, lo: int, hi: int,
                     fresh: bool) -> None:
         t = state.table
         size = int(t.size[pid])
-        row = self.table[pid]
-        old_size = -1 if fresh else int(row["size"])
-        if old_size >= 0 and size_class(max(old_size, 1)) == size_class(max(size, 1)):
-            off = int(row["offset"])
+        if fresh:
+            old_off, old_size = 0, -1
         else:
-            if old_size >= 0:
-                self._release(int(row["offset"]), old_size)
-            off = self._alloc(size)
-            lo, hi = 0, -1
-            row = self.table[pid]  # the table may have been remapped
-        if old_size != size:
+            old_off, old_size = _TWO_I.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+        if old_size == size:
+            off = old_off
+        else:
+            if old_size >= 0 and size_class(max(old_size, 1)) == size_class(max(size, 1)):
+                off = old_off
+            else:
+                if old_size >= 0:
+                    self._release(old_off, old_size)
+                off = self._alloc(size)
             lo, hi = 0, -1
         view = state.page_view(pid)
-        if hi < 0:
-            self.pages[off : off + size] = view
-        else:
-            self.pages[off + lo : off + hi] = view[lo:hi]
-        row["offset"] = off
-        row["size"] = size
-        row["epoch"] = int(t.epoch[pid])
-        row["lsn"] = lsn
+        pages = self.pages_mm
+        assert pages is not None
+        if hi < 0 or (lo == 0 and hi >= size):
+            pages[off : off + size] = view  # type: ignore[call-overload]
+        elif lo < size:
+            hi = min(hi, size)
+            pages[off + lo : off + hi] = view[lo:hi]  # type: ignore[call-overload]
+        _ROW.pack_into(self.table_mm, pid * ROW_SIZE, off, size, int(t.epoch[pid]), lsn)  # type: ignore[arg-type]
 
     def close(self, state: MMSBState | None) -> None:
         """Last publication and ``status`` = no writer; the files stay for readers."""

@@ -40,15 +40,30 @@ def _load() -> object | None:
     return fn
 
 
+def _load_wake() -> object | None:
+    """A second handle on syscall() with fixed argument types, so a wake passes plain
+    ints without building ctypes objects (the writer calls it after every publication)."""
+    if _syscall is None:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
 _syscall = _load()
+_wake = _load_wake()
 FUTEX_AVAILABLE = _syscall is not None
 
 
 def wake(addr: int) -> None:
     """Wake every process waiting on the 32-bit word at ``addr`` (an address inside a
     shared mapping). A no-op without futex support."""
-    if _syscall is not None:
-        _syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)  # type: ignore[operator]
+    if _wake is not None and addr:
+        _wake(_SYS_FUTEX, addr, _FUTEX_WAKE, 0x7FFFFFFF)  # type: ignore[operator]
 
 
 def wait(addr: int, expected: int, timeout: float | None, current: object) -> None:
@@ -76,8 +91,8 @@ def wait(addr: int, expected: int, timeout: float | None, current: object) -> No
 
 
 def _disable() -> None:
-    global _syscall, FUTEX_AVAILABLE
-    _syscall = None
+    global _syscall, _wake, FUTEX_AVAILABLE
+    _syscall = _wake = None
     FUTEX_AVAILABLE = False
 
 

@@ -363,6 +363,33 @@ TARGETS: tuple[Target, ...] = (
         "x",
         seed="> 10 GB/s",
     ),
+    Target(
+        "attach_read_1k",
+        "durable/attach_read_1k: read a 1 KiB page of a bus another process writes",
+        "≤ 1 µs median, never torn",
+        Median("durable/attach_read_1k"),
+        "<=",
+        1_000,
+        "ns",
+    ),
+    Target(
+        "feed_latency_p50",
+        "durable/feed_latency: a write in another process to its change-feed event, p50",
+        "≤ 1 ms",
+        Metric("durable/feed_latency", "p50_ns"),
+        "<=",
+        1_000_000,
+        "ns",
+    ),
+    Target(
+        "feed_latency_p99",
+        "durable/feed_latency: p99",
+        "≤ 10 ms",
+        Metric("durable/feed_latency", "p99_ns"),
+        "<=",
+        10_000_000,
+        "ns",
+    ),
 )
 """SPEC.md's targets, in its table's order."""
 

@@ -93,3 +93,153 @@ def recovery_100k(ctx: RunContext) -> CaseOutcome:
         "records": n_records,
         "records_per_s": n_records / (m.stats.median_ns / 1e9),
     })
+
+
+# -- readers in other processes ----------------------------------------------------------
+
+_WRITER_CHILD = r"""
+import sys, time
+import mmsb
+path, pages, writes, gap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = mmsb.mmsb_start(path=path, enable_gpu=False,
+                    config=mmsb.MMSBConfig(fsync="none", checkpoint_interval=0))
+ids = [mmsb.create_page(s, 1024).id for _ in range(pages)]
+for i in ids:
+    mmsb.write_page(s, i, 0, i.to_bytes(4, "little"))
+print("ready", s.last_lsn, flush=True)
+sys.stdin.readline()
+for k in range(writes):
+    mmsb.write_page(s, ids[k % pages], 8, (k + 1).to_bytes(8, "little"))
+    time.sleep(gap)
+print("done", flush=True)
+sys.stdin.readline()
+mmsb.mmsb_stop(s)
+"""
+
+
+def _writer(ctx: RunContext, name: str, pages: int, writes: int, gap: float) -> Any:
+    import subprocess
+    import sys
+
+    from .cases_memory import _child_env
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER_CHILD, str(ctx.path(name)), str(pages),
+                             str(writes), str(gap)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=_child_env())
+
+    def stop() -> None:
+        if proc.poll() is None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write("\n\n")
+                proc.stdin.flush()
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a stuck child is killed
+                proc.kill()
+                proc.wait()
+
+    ctx.on_close(stop)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    expect(line.startswith("ready"), f"the writer process did not start: {line!r}")
+    return proc
+
+
+@case("durable", "attach_read_1k",
+      "read one 1 KiB page from a bus another process writes (mmsb.attach); SQLite WAL "
+      "and LMDB reads of a 1 KiB value by key, same run")
+def attach_read_1k(ctx: RunContext) -> CaseOutcome:
+    import sqlite3
+
+    import mmsb
+
+    pages = 64
+    _writer(ctx, "attach-read", pages, 0, 0.0)
+    reader = mmsb.attach(ctx.path("attach-read"))
+    ctx.on_close(reader.close)
+    rng = np.random.default_rng(ctx.seed)
+    order = [int(x) for x in rng.integers(1, pages + 1, 4096)]
+
+    def batch(_obj: None, n: int) -> None:
+        read = reader.read_page
+        for i in range(n):
+            read(order[i & 4095])
+
+    m = ctx.measure(batch, max_inner=ctx.pick(1_000_000, 200))
+    for pid in (1, pages):
+        expect(reader.read_page(pid)[:4] == pid.to_bytes(4, "little"), "wrong bytes read")
+    metrics: dict[str, Any] = {"pages": pages}
+    # Peers: a 1 KiB value by primary key from a reader connection.
+    db = ctx.path("attach-read.sqlite")
+    w = sqlite3.connect(db)
+    w.execute("PRAGMA journal_mode=WAL")
+    w.execute("CREATE TABLE p (id INTEGER PRIMARY KEY, data BLOB)")
+    w.executemany("INSERT INTO p VALUES (?, ?)", [(i, bytes(1024)) for i in range(1, pages + 1)])
+    w.commit()
+    r = sqlite3.connect(db)
+    q = "SELECT data FROM p WHERE id = ?"
+
+    def sq(_obj: None, n: int) -> None:
+        ex = r.execute
+        for i in range(n):
+            ex(q, (order[i & 4095],)).fetchone()
+
+    metrics["sqlite_median_ns"] = ctx.measure(sq, max_inner=ctx.pick(200_000, 100)).stats.median_ns
+    r.close()
+    w.close()
+    try:
+        import lmdb
+    except ImportError:
+        metrics["lmdb_median_ns"] = None
+    else:
+        env = lmdb.open(str(ctx.path("attach-read.lmdb")), map_size=1 << 26, sync=False)
+        with env.begin(write=True) as txn:
+            for i in range(1, pages + 1):
+                txn.put(i.to_bytes(8, "big"), bytes(1024))
+        keys = [k.to_bytes(8, "big") for k in order]
+
+        def lm(_obj: None, n: int) -> None:
+            for i in range(n):
+                with env.begin() as t:
+                    t.get(keys[i & 4095])
+
+        metrics["lmdb_median_ns"] = ctx.measure(lm, max_inner=ctx.pick(500_000, 100)).stats.median_ns
+        env.close()
+    return CaseOutcome(m, metrics)
+
+
+@case("durable", "feed_latency",
+      "change feed across processes: from a write in another process to its event here "
+      "(changes(follow=True)); p50, p99, and the follower's CPU while idle")
+def feed_latency(ctx: RunContext) -> CaseOutcome:
+    import time
+
+    import mmsb
+
+    from ._harness import Measurement, summarize
+
+    writes = ctx.pick(2000, 50)
+    proc = _writer(ctx, "feed", 8, writes, 0.0005)
+    reader = mmsb.attach(ctx.path("feed"))
+    ctx.on_close(reader.close)
+    start = reader.last_lsn
+    # Idle cost: follow for a while with nothing written.
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    idle = list(reader.changes(start, follow=True, timeout=ctx.pick(1.0, 0.1)))
+    idle_cpu = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+    expect(idle == [], "events while the writer was idle")
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    lat: list[float] = []
+    for ev in reader.changes(start, follow=True, timeout=10):
+        lat.append(time.time_ns() - ev.timestamp)
+        if len(lat) == writes:
+            break
+    expect(len(lat) == writes, f"{len(lat)} of {writes} events arrived")
+    stats = summarize(lat, 1)
+    ordered = sorted(lat)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return CaseOutcome(Measurement(stats), {
+        "events": writes, "p50_ns": stats.median_ns, "p99_ns": p99,
+        "idle_cpu_fraction": idle_cpu})
