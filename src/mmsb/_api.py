@@ -79,13 +79,22 @@ _active = ACTIVE
 # -- lifecycle -------------------------------------------------------------------------
 
 def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool = False,
-               config: MMSBConfig | None = None, path: str | os.PathLike[str] | None = None) -> MMSBState:
+               config: MMSBConfig | None = None, path: str | os.PathLike[str] | None = None,
+               shared: bool = False) -> MMSBState:
     """Build a state and make it the active state.
 
     ``enable_gpu=None`` detects CUDA; ``True`` without CUDA falls back to CPU with a
     warning. ``path=None`` gives an in-memory state; a directory gives a durable bus
-    there (created, or reopened and recovered).
+    there (created, or reopened and recovered). ``shared=True``: other processes (and
+    other states) may open the same bus with ``shared=True`` and write it too; each
+    changing call waits for the bus's write lock and first applies what the others
+    appended. ``shared=False`` (the default) asks for exclusive use: any other writer
+    gets ``BusLockedError``.
     """
+    if not isinstance(shared, bool):
+        raise InvalidArgumentError(f"shared must be True or False, not {shared!r}")
+    if shared and path is None:
+        raise InvalidArgumentError("shared=True needs a path: only a durable bus has other writers")
     import dataclasses
 
     if config is not None and not isinstance(config, MMSBConfig):
@@ -105,7 +114,7 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
     cfg.enable_instrumentation = bool(enable_instrumentation or cfg.enable_instrumentation)
     if path is not None:
         state = MMSBState(cfg)
-        open_bus(state, path)
+        open_bus(state, path, shared)
     else:
         state = MMSBState(cfg)
     _active.set(state)

@@ -362,6 +362,11 @@ class MMSBState:
             if self.closed:
                 return
             self.refuse_in_batch("mmsb_stop")
+            if self.bus is not None and self.bus.shared and self.bus.failed is None:
+                # One last look at the other writers' records, so that this process's
+                # recompute functions follow them before it goes.
+                self.enter()
+                self.leave()
             try:
                 if self.bus is not None:
                     self.bus.close(self)
@@ -411,10 +416,39 @@ class MMSBState:
                 f"the recompute function of page {self.recomputing} tried to change the state; "
                 "a recompute function returns its page's new bytes and changes nothing else")
         self._depth += 1
+        if self._depth == 1 and self.bus is not None and self.bus.shared:
+            try:
+                changed = self.bus.before_call(self)
+            except BaseException:
+                self._depth -= 1
+                self.lock.release()
+                raise
+            if changed:
+                try:
+                    self._follow_other_writers(changed)
+                except BaseException:
+                    self.leave()
+                    raise
+
+    def _follow_other_writers(self, changed: set[int]) -> None:
+        """Pages other writers of a shared bus changed: run this process's recompute
+        functions on their dependants (what it registered, it computes)."""
+        fns = self.recompute_fns
+        if not fns:
+            return
+        sources = {p for p in changed if self.table.is_live(p)
+                   and any(c in fns for c, _ in self.graph.get_children(p))}
+        if sources:
+            self.propagate(sources)
 
     def leave(self) -> None:
-        if self._depth == 1 and self.bus is not None and not self.batch_depth:
-            self.bus.after_call(self)
+        if self._depth == 1 and self.bus is not None:
+            try:
+                if not self.batch_depth:
+                    self.bus.after_call(self)
+            finally:
+                if self.bus.held:
+                    self.bus.end_call()
         self._depth -= 1
         if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
             self.lock.release()

@@ -36,10 +36,17 @@ from .._core.page_table import LIVE
 from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase
 from ..config import MMSBConfig
-from ..errors import BusLockedError, DurabilityError, MMSBError, SerializationError
+from ..errors import (
+    BusLockedError,
+    DurabilityError,
+    InvalidArgumentError,
+    MMSBError,
+    SerializationError,
+)
 from . import fsops
 from .checkpoint import CheckpointBase, read_checkpoint, write_checkpoint
 from .codec import crc32c, encode_record
+from .feed import ChangeFeed
 from .fsops import fsync_dir
 from .mapped import Publisher
 from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
@@ -121,6 +128,14 @@ class DurableBus:
         """A file listed for recovery was gone when read (read-only opens retry)."""
         self.publisher: Publisher | None = None
         """Keeps the mapped pages (DIR/map) equal to the state, for attached readers."""
+        self.shared = False
+        """Other processes may write this bus too: each call takes DIR/WRITE and catches
+        up with their records first."""
+        self.write_fd = -1
+        self.held = False
+        """This process holds DIR/WRITE (a call of a shared writer is in progress)."""
+        self.feed: ChangeFeed | None = None
+        """Reads the records other writers appended (shared writers)."""
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -196,6 +211,8 @@ class DurableBus:
                     self.writer.sync()
                 if self.publisher is not None:
                     self.publisher.note(records)
+                    self.publisher.note_append(self.generation, self.writer.seq,
+                                               self.writer.size, records[-1].lsn)
             except OSError as exc:
                 if self.failed is None and (stage == "segment" or (
                         stage == "append" and self.writer is not None and self.writer.intact)):
@@ -227,6 +244,16 @@ class DurableBus:
         self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
                                     self.generation, seq)
         self.next_seq = seq + 1
+        self._note_position()
+
+    def _note_position(self) -> None:
+        """Tell the head (and so the other writers of a shared bus) which segment the
+        log continues in, after a roll or a checkpoint."""
+        if self.publisher is not None:
+            lsn = self.publisher.log_end()[3]
+            w = self.writer
+            self.publisher.note_append(self.generation, w.seq if w else self.next_seq,
+                                       w.size if w else 0, lsn)
 
     def failed_sync(self, writer: SegmentWriter) -> None:
         self.failed = OSError(f"fsync of {writer.path.name} failed")
@@ -268,13 +295,140 @@ class DurableBus:
                     self.failed = exc
                     raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
 
-    # -- after each call ---------------------------------------------------------------
+    # -- around each call ----------------------------------------------------------------
+    def before_call(self, state: MMSBState) -> set[int]:
+        """Start of a changing call of a shared writer: take DIR/WRITE (waiting for the
+        other writers' calls) and apply the records they appended since this process
+        last looked. Returns the pages those records changed.
+
+        Raises:
+            DurabilityError: the other writers' records could not be read or applied
+                (the lock is released again; nothing changed here).
+        """
+        fcntl.flock(self.write_fd, fcntl.LOCK_EX)
+        self.held = True
+        try:
+            return self._catch_up(state)
+        except BaseException:
+            self.end_call()
+            raise
+
+    def end_call(self) -> None:
+        """Release DIR/WRITE (the end of a shared writer's call)."""
+        if self.held:
+            self.held = False
+            fcntl.flock(self.write_fd, fcntl.LOCK_UN)
+
     def after_call(self, state: MMSBState) -> None:
         """End of a call that held the state's lock: show its changes to attached
         readers (and wake followers), then checkpoint if one is due."""
         if self.publisher is not None:
             self.publisher.publish(state)
         self.maybe_checkpoint(state)
+
+    def _catch_up(self, state: MMSBState) -> set[int]:
+        """Apply what other writers appended (caller holds DIR/WRITE), point this
+        writer's segment at the log's end and cut a record a dead writer left torn."""
+        assert self.publisher is not None
+        gen, seq, end, lsn = self.publisher.log_end()
+        w = self.writer
+        mine = state.log.last_lsn
+        if (lsn == mine and w is not None and (gen, seq) == (w.generation, w.seq)
+                and os.fstat(w.fd).st_size == end):
+            return set()
+        if self.feed is None or self.feed.next_lsn != mine + 1:
+            if self.feed is not None:
+                self.feed.close()
+            self.feed = ChangeFeed(self.root, self.bus_id, mine,
+                                   lambda since: self._records_after(state, since),
+                                   lambda: self.publisher.log_end()[3] if self.publisher else 0)
+        try:
+            recs = self.feed.poll()
+        except (SerializationError, OSError) as exc:
+            raise DurabilityError(f"reading what other writers of {self.root} appended failed "
+                                  f"({exc}); nothing was changed here") from exc
+        changed: set[int] = set()
+        if recs:
+            scan = SegmentScan(self.root / "wal")
+            scan.records = recs
+            scan.offsets = [0] * len(recs)
+            good = _apply_checked(state, scan, self.root / "wal")
+            if good < len(recs):
+                raise DurabilityError(f"a record another writer of {self.root} appended does "
+                                      f"not follow this process's state ({scan.refused}); "
+                                      "stop this writer and reopen the bus")
+            for r in recs:
+                pid = getattr(r, "page_id", None)
+                if pid is not None:
+                    changed.add(pid)
+            self.records_since_ckpt += len(recs)
+        if state.log.last_lsn < lsn:
+            raise DurabilityError(f"the log of {self.root} ends at LSN {lsn} but only LSN "
+                                  f"{state.log.last_lsn} could be read; nothing was changed here")
+        seg = self.feed.seg
+        if seg is not None:
+            gen, seq = seg.gen, seg.seq
+        if gen != self.generation:
+            self._refresh_chain(gen)
+        with self.io_lock:
+            if self.writer is None or (self.writer.generation, self.writer.seq) != (gen, seq):
+                if self.writer is not None:
+                    try:
+                        self.writer.close()
+                    except OSError as exc:
+                        self.failed = exc
+                        raise DurabilityError(f"closing a log segment of {self.root} failed "
+                                              f"({exc})") from exc
+                    self.writer = None
+                path = self.wal_dir / _wal_name(gen, seq)
+                try:
+                    self.writer = SegmentWriter.reopen(path, self.bus_id, gen, seq)
+                except FileNotFoundError:
+                    self.writer = None
+                    self.next_seq = seq
+                else:
+                    self.next_seq = seq + 1
+            w = self.writer
+            if w is not None:
+                size = os.fstat(w.fd).st_size
+                valid = seg.pos if seg is not None and (seg.gen, seg.seq) == (gen, seq) else size
+                if size > valid:
+                    # A writer died in the middle of an append: cut its torn record.
+                    fsops.truncate(w.fd, valid, w.path)
+                    if seg is not None:
+                        seg.buf = b""
+                    self.recovery_notes.append(f"{w.path.name}: a torn record another writer "
+                                               f"left at byte {valid} was cut off")
+                w.size = valid
+                self.publisher.note_append(gen, seq, valid, state.log.last_lsn)
+        return changed
+
+    def _records_after(self, state: MMSBState, since: int) -> tuple[list[AnyRecord], int]:
+        """Records after ``since`` from the bus's retained history (checkpoints and log),
+        for a shared writer that fell behind a checkpoint of another."""
+        fresh = type(state)(state.config)
+        recover_readonly(fresh, self.root)
+        log_ = fresh.log
+        if since < log_.horizon_lsn:
+            raise SerializationError(f"records after LSN {since} are no longer retained (the "
+                                     f"history starts after LSN {log_.horizon_lsn})")
+        return list(log_.iter_records(since)), log_.last_lsn
+
+    def _refresh_chain(self, gen: int) -> None:
+        """Another writer checkpointed: learn the chain of checkpoints now on disk."""
+        by_gen = {}
+        for p in bus_files(self.root)["checkpoints"]:
+            m = _CKPT_RE.match(p.name)
+            if m:
+                by_gen[int(m.group(1), 16)] = p
+        if gen not in by_gen:
+            raise DurabilityError(f"the log of {self.root} is at generation {gen}, whose "
+                                  "checkpoint is missing")
+        chain = _read_chain(self, by_gen, gen)
+        self.generation = gen
+        self.ckpt_lsn = chain[-1][1].lsn
+        self.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]) for g, ck in chain]
+        self.records_since_ckpt = 0
 
     # -- checkpoints -------------------------------------------------------------------
     def maybe_checkpoint(self, state: MMSBState) -> None:
@@ -368,6 +522,7 @@ class DurableBus:
             except OSError as exc:
                 if need_segment:
                     segment_error = exc
+            self._note_position()
         self.ckpt_lsn = lsn
         self.reset_chain = False
         self.records_since_ckpt = 0
@@ -427,13 +582,21 @@ class DurableBus:
             self.reset_chain = False
             raise
 
+    def _refuse_shared(self, what: str) -> None:
+        if self.shared:
+            raise InvalidArgumentError(
+                f"{what} rewrites the history other writers of {self.root} share; open the "
+                "bus with exclusive use (mmsb_start(path=..., shared=False)) to do it")
+
     def after_compress(self, state: MMSBState) -> None:
         """compress_log rewrote history."""
+        self._refuse_shared("compress_log")
         if self.publisher is not None:
             self.publisher.full = True
         self._checkpoint_new_chain(state)
 
     def before_restore(self, state: MMSBState) -> None:
+        self._refuse_shared("load_checkpoint")
         self.flush()
 
     def after_restore(self, state: MMSBState) -> None:
@@ -450,6 +613,9 @@ class DurableBus:
         if self.closed:
             return
         try:
+            if self.shared and self.failed is None:
+                # The final checkpoint must hold the other writers' records too.
+                self.before_call(state)
             if self.failed is None and (self.records_since_ckpt or self.generation == 0):
                 try:
                     self.checkpoint(state, evict=False, need_segment=False)
@@ -475,6 +641,13 @@ class DurableBus:
                     except OSError as exc:
                         log.error("closing the log at %s failed: %s", self.root, exc)
                     self.writer = None
+            if self.feed is not None:
+                self.feed.close()
+                self.feed = None
+            if self.write_fd >= 0:
+                self.end_call()
+                os.close(self.write_fd)
+                self.write_fd = -1
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
             finally:
@@ -488,10 +661,12 @@ def _unlink(path: Path) -> None:
 
 # -- opening and recovery ----------------------------------------------------------------
 
-def _lock(root: Path) -> int:
+def _lock(root: Path, shared: bool = False) -> int:
+    """Take DIR/LOCK for the writer's lifetime: exclusive, or shared with the other
+    shared writers (either kind keeps the other out)."""
     fd = fsops.open_regular(root / "LOCK", os.O_RDWR | os.O_CREAT, create=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         holder = ""
         try:
@@ -501,10 +676,16 @@ def _lock(root: Path) -> int:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             who = f" by process {holder}" if holder else ""
+            if shared:
+                raise BusLockedError(
+                    f"the bus at {root} is open for exclusive writing{who}; stop that writer "
+                    "first (mmsb_stop)") from None
             raise BusLockedError(
-                f"the bus at {root} is already open for writing{who}; a bus has one "
-                "writer at a time: stop that one first (mmsb_stop)") from None
+                f"the bus at {root} is already open for writing{who}; stop that writer first "
+                "(mmsb_stop), or open both with shared=True") from None
         raise
+    if shared:
+        return fd
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -626,12 +807,14 @@ def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
     state.recovery_notes = list(bus.recovery_notes)
 
 
-def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
+def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = False) -> None:
     """Make the fresh ``state`` a durable bus in ``path``: create one there, or reopen
-    and recover the one there into ``state``.
+    and recover the one there into ``state``. ``shared``: other processes may write it
+    too (each call takes DIR/WRITE and catches up with their records first).
 
     Raises:
-        BusLockedError: another process has it open for writing.
+        BusLockedError: another process has it open for writing (exclusively, or shared
+            when this open asks for exclusive use).
         SerializationError: damage that the recovery mode does not tolerate, naming the
             file and offset.
     """
@@ -647,10 +830,14 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
             if d.is_symlink() or (d.exists() and not d.is_dir()):
                 raise fsops.NotRegularFileError(errno.EINVAL, "not a directory of the bus", str(d))
             d.mkdir(mode=0o700, exist_ok=True)
-        lock_fd = _lock(root)
+        lock_fd = _lock(root, shared)
     except OSError as exc:
         raise _durability(root, "open", exc) from exc
+    write_fd = -1
     try:
+        if shared:
+            write_fd = fsops.open_regular(root / "WRITE", os.O_RDWR | os.O_CREAT, create=True)
+            fcntl.flock(write_fd, fcntl.LOCK_EX)  # recovery runs between other writers' calls
         files = bus_files(root)
         bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]))
         for tmp in (root / "checkpoints").glob(".ckpt-*.tmp"):
@@ -667,12 +854,21 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str]) -> None:
                     pass  # the recovered state is in its checkpoint; nothing more to keep
             raise
         bus.publisher.publish(state)
+        w = bus.writer
+        bus.publisher.note_append(bus.generation, w.seq if w else bus.next_seq,
+                                  w.size if w else 0, state.log.last_lsn)
+        bus.shared = shared
+        bus.write_fd = write_fd
     except BaseException as exc:
+        if write_fd >= 0:
+            os.close(write_fd)
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
         if isinstance(exc, OSError) and not isinstance(exc, MMSBError):
             raise _durability(root, "recover", exc) from exc
         raise
+    if write_fd >= 0:
+        fcntl.flock(write_fd, fcntl.LOCK_UN)
     state.bus = bus
     state.log.sink = bus.sink
     state.log.sink_many = bus.sink_many
@@ -706,24 +902,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         gen = max(by_gen)
         newest = bus.read_checkpoint(by_gen[gen])
         _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
-        # Walk back along the chain of log slices while the files are there, down to the
-        # checkpoint at the newest file's horizon (its replay base) or the chain's start.
-        # An older checkpoint that a crash left behind before retention removed it is
-        # superseded, never part of the chain.
-        chain = [(gen, newest)]
-        horizon = newest.horizon_lsn
-        while chain[-1][1].log_from_lsn != 0 and chain[-1][1].lsn > horizon:
-            g_prev = chain[-1][0] - 1
-            if g_prev not in by_gen:
-                break
-            ck_prev = bus.read_checkpoint(by_gen[g_prev])
-            _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
-            if ck_prev.lsn != chain[-1][1].log_from_lsn:
-                raise SerializationError(
-                    f"checkpoint {g_prev} is at LSN {ck_prev.lsn}, but the next one's log starts "
-                    f"at {chain[-1][1].log_from_lsn}", path=by_gen[g_prev])
-            chain.append((g_prev, ck_prev))
-        chain.reverse()
+        chain = _read_chain(bus, by_gen, gen, newest)
         first_gen, first = chain[0]
         records: list[AnyRecord] = []
         if first.log_from_lsn == 0:
@@ -842,6 +1021,37 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),
                                        bus.bus_id, bus.generation, len(segs))
             bus.next_seq += 1
+
+
+def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
+                newest: Any = None) -> list[tuple[int, Any]]:
+    """The chain of checkpoints ending at generation ``gen``, oldest first: walk back
+    while the files are there, down to the newest file's horizon (its replay base) or
+    the chain's start. An older checkpoint that a crash left behind before retention
+    removed it is superseded, never part of the chain.
+
+    Raises:
+        SerializationError: a checkpoint is damaged, another bus's, or does not end
+            where the next one's log starts.
+    """
+    if newest is None:
+        newest = bus.read_checkpoint(by_gen[gen])
+        _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
+    chain = [(gen, newest)]
+    horizon = newest.horizon_lsn
+    while chain[-1][1].log_from_lsn != 0 and chain[-1][1].lsn > horizon:
+        g_prev = chain[-1][0] - 1
+        if g_prev not in by_gen:
+            break
+        ck_prev = bus.read_checkpoint(by_gen[g_prev])
+        _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
+        if ck_prev.lsn != chain[-1][1].log_from_lsn:
+            raise SerializationError(
+                f"checkpoint {g_prev} is at LSN {ck_prev.lsn}, but the next one's log starts "
+                f"at {chain[-1][1].log_from_lsn}", path=by_gen[g_prev])
+        chain.append((g_prev, ck_prev))
+    chain.reverse()
+    return chain
 
 
 def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:

@@ -23,6 +23,10 @@ HEAD::
     116 status u32       0 no writer, 1 a writer publishes, 2 publication failed
     120 writer pid u64
     128 start u64        bumped whenever a writer (re)starts publishing
+    136 log gen u64 | log seq u64 | log end u64 | log lsn u64
+                         where the log ends: the segment the last append went to, the
+                         offset after it and its last LSN (shared writers catch up from it)
+    168 owner u64        token of the writer that published last (its slot allocator)
 
 The log stays the truth: the mapped files are rebuilt from the recovered state whenever
 a writer opens the bus, and only ever grow (a reader's mapping never loses its backing
@@ -80,6 +84,8 @@ ROW_SIZE = ROW_DTYPE.itemsize
 # Word indexes (u64) of the dynamic fields.
 _SEQ, _LSN, _ROWS, _PAGES_BYTES, _TABLE_BYTES, _TS = 8, 9, 10, 11, 12, 13
 _NOTIFY_OFF, _STATUS_OFF, _PID, _START = 112, 116, 15, 16
+_LOG_OFF, _OWNER_OFF = 136, 168
+_LOG = struct.Struct("<QQQQ")
 STATUS_NONE, STATUS_LIVE, STATUS_FAILED = 0, 1, 2
 _MIN_PAGES = 1 << 20
 _MIN_ROWS = 1024
@@ -170,6 +176,39 @@ class Publisher:
         """page id → (lo, hi) byte range to copy; (0, -1) = the whole page."""
         self.full = True
         self.failed = False
+        self.token = int.from_bytes(os.urandom(8), "little") | 1
+        """Names this publisher in the head's owner field: another writer of a shared
+        bus that published since means the slot allocator must be rebuilt."""
+
+    # -- the log's end (shared writers) ----------------------------------------------------
+    def log_end(self) -> tuple[int, int, int, int]:
+        """(generation, segment, offset, LSN) after the last append to the log."""
+        return _LOG.unpack_from(self.head, _LOG_OFF)
+
+    def note_append(self, gen: int, seq: int, end: int, lsn: int) -> None:
+        _LOG.pack_into(self.head, _LOG_OFF, gen, seq, end, lsn)
+
+    def _take_over(self) -> None:
+        """Another writer published last: map the files at their current length and
+        rebuild the slot allocator from the table (free slots it left are not reused
+        until the next full publication)."""
+        plen = int(self.h[_PAGES_BYTES])
+        if plen > self.pages.shape[0]:
+            self.pages_cap = plen
+            self._remap_pages(plen)
+        trows = int(self.h[_TABLE_BYTES]) // ROW_SIZE
+        if trows > self.table.shape[0]:
+            self.table_rows = trows
+            self._remap_table(trows)
+        t = self.table
+        live = t["size"] >= 0
+        if live.any():
+            uniq, inv = np.unique(np.maximum(t["size"][live], 1), return_inverse=True)
+            cls = np.array([size_class(int(x)) for x in uniq], np.int64)[inv]
+            self.bump = int((t["offset"][live] + cls).max())
+        else:
+            self.bump = 0
+        self.free.clear()
 
     # -- files -------------------------------------------------------------------------
     def close_files(self) -> None:
@@ -252,6 +291,10 @@ class Publisher:
         head = self.head
         (seq,) = _U64.unpack_from(head, 64)
         _U64.pack_into(head, 64, seq | 1)
+        if _U64.unpack_from(head, _OWNER_OFF)[0] != self.token:
+            if self.pages_mm is not None:
+                self._take_over()
+            _U64.pack_into(head, _OWNER_OFF, self.token)
         try:
             if self.full or self.failed:
                 self._publish_all(state)

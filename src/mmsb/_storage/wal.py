@@ -80,6 +80,33 @@ class SegmentWriter:
                 pass
             raise
 
+    @classmethod
+    def reopen(cls, path: Path, bus_id: int, generation: int, seq: int) -> SegmentWriter:
+        """Append to an existing segment (another writer of a shared bus started it),
+        after checking its header.
+
+        Raises:
+            FileNotFoundError: no such segment.
+            SerializationError: its header is not the one its name calls for.
+        """
+        self = cls.__new__(cls)
+        self.path = path
+        self.generation = generation
+        self.seq = seq
+        self.dirty = False
+        self.fd = fsops.open_regular(path, os.O_RDWR | os.O_APPEND)
+        try:
+            head = os.pread(self.fd, SEG_HEADER_SIZE, 0)
+            if head != segment_header(bus_id, generation, seq):
+                raise SerializationError("the segment's header is not the one its name calls "
+                                         "for", path=path, offset=0)
+            self.size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+        return self
+
     def append(self, data: bytes) -> None:
         """Append ``data`` whole. On failure the file is cut back to where it was, so
         nothing partial stays; if even that fails, ``intact`` becomes False.
