@@ -390,6 +390,34 @@ TARGETS: tuple[Target, ...] = (
         10_000_000,
         "ns",
     ),
+    Target(
+        "reopen_after_kill",
+        "durable/reopen_after_kill_100k: reopen after SIGKILL and read 64 pages",
+        "≤ 2 × SQLite's open + read of the same pages, same run",
+        Ratio(Median("durable/reopen_after_kill_100k"),
+              Metric("durable/reopen_after_kill_100k", "sqlite_open_read_ns")),
+        "<=",
+        2.0,
+        "x",
+    ),
+    Target(
+        "durable_write_batch_vs_lmdb",
+        "durable/append_batch vs durable/lmdb_put_nosync",
+        "64 B write with fsync=\"batch\" ≤ LMDB sync=False, same run",
+        Ratio(Median("durable/append_batch"), Median("durable/lmdb_put_nosync")),
+        "<=",
+        1.0,
+        "x",
+    ),
+    Target(
+        "durable_write_always_vs_lmdb",
+        "durable/append_always vs durable/lmdb_put_sync",
+        "64 B write with fsync=\"always\" ≤ LMDB sync=True, same run",
+        Ratio(Median("durable/append_always"), Median("durable/lmdb_put_sync")),
+        "<=",
+        1.0,
+        "x",
+    ),
 )
 """SPEC.md's targets, in its table's order."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
-from ._registry import CaseOutcome, RunContext, case, expect
+from ._registry import CaseOutcome, CaseSkipped, RunContext, case, expect
 
 _RECORD_BYTES = 64
 
@@ -243,3 +244,147 @@ def feed_latency(ctx: RunContext) -> CaseOutcome:
     return CaseOutcome(Measurement(stats), {
         "events": writes, "p50_ns": stats.median_ns, "p99_ns": p99,
         "idle_cpu_fraction": idle_cpu})
+
+
+# -- side by side with SQLite and LMDB ----------------------------------------------------
+
+_KILLED_CHILD = r"""
+import os, signal, sys
+import numpy as np
+import mmsb
+path, n = sys.argv[1], int(sys.argv[2])
+s = mmsb.mmsb_start(path=path, enable_gpu=False, config=mmsb.MMSBConfig(fsync="none",
+                    checkpoint_interval=0))
+ids = [p.id for p in mmsb.create_pages(s, 64, 1024)]
+rng = np.random.default_rng(5)
+offs = rng.integers(0, 1016, n).tolist()
+vals = rng.integers(1, 256, (n, 8), dtype=np.uint8)
+for i in range(n):
+    mmsb.write_page(s, ids[i % 64], offs[i], vals[i].tobytes())
+print(s.last_lsn, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+_SQLITE_KILLED_CHILD = r"""
+import os, signal, sqlite3, sys
+import numpy as np
+path, n = sys.argv[1], int(sys.argv[2])
+db = sqlite3.connect(path)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA wal_autocheckpoint=1000")
+db.execute("CREATE TABLE p (id INTEGER PRIMARY KEY, data BLOB)")
+db.executemany("INSERT INTO p VALUES (?, ?)", [(i, bytes(1024)) for i in range(64)])
+db.commit()
+rng = np.random.default_rng(5)
+offs = rng.integers(0, 1016, n).tolist()
+vals = rng.integers(1, 256, (n, 8), dtype=np.uint8)
+pages = [bytearray(1024) for _ in range(64)]
+for i in range(n):
+    p = pages[i % 64]
+    p[offs[i]:offs[i] + 8] = vals[i].tobytes()
+    db.execute("UPDATE p SET data = ? WHERE id = ?", (bytes(p), i % 64))
+    db.commit()
+print(n, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _reopen_case(ctx: RunContext, records: int) -> CaseOutcome:
+    """Reopen a bus whose writer was killed (SIGKILL) after ``records`` 8-byte writes to
+    64 pages of 1 KiB, and read every page; SQLite (WAL, killed the same way after the
+    same updates of 64 rows of 1 KiB) opened and read in the same run."""
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    import mmsb
+
+    from ._harness import Measurement, summarize
+    from .cases_memory import _child_env
+
+    n = ctx.pick(records, 500)
+    src = ctx.path(f"reopen-{records}")
+    out = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(src), str(n)],
+                         capture_output=True, text=True, env=_child_env())
+    expect(out.stdout.strip().isdigit(), f"the writer did not run: {out.stderr[-300:]}")
+    logged = int(out.stdout)
+    db_src = ctx.path(f"reopen-{records}.sqlite")
+    subprocess.run([sys.executable, "-c", _SQLITE_KILLED_CHILD, str(db_src), str(n)],
+                   capture_output=True, text=True, env=_child_env())
+    samples: list[float] = []
+    sq: list[float] = []
+    for k in range(ctx.pick(5, 2)):
+        dst = ctx.path(f"reopen-{records}-{k}")
+        shutil.copytree(src, dst)
+        t0 = time.perf_counter_ns()
+        s = mmsb.mmsb_start(path=dst, enable_gpu=False)
+        pages = [mmsb.query_page(s, pid) for pid in sorted(s.pages)]
+        samples.append(time.perf_counter_ns() - t0)
+        expect(s.last_lsn == logged and len(pages) == 64, "the reopened bus lost records")
+        mmsb.mmsb_stop(s)
+        db_dst = ctx.path(f"reopen-{records}-{k}.sqlite")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(str(db_src) + suffix):
+                shutil.copyfile(str(db_src) + suffix, str(db_dst) + suffix)
+        t0 = time.perf_counter_ns()
+        db = sqlite3.connect(db_dst)
+        rows = db.execute("SELECT data FROM p ORDER BY id").fetchall()
+        sq.append(time.perf_counter_ns() - t0)
+        expect(len(rows) == 64, "sqlite lost rows")
+        db.close()
+    sq.sort()
+    return CaseOutcome(Measurement(summarize(samples, 1)), {
+        "records": logged, "sqlite_open_read_ns": sq[len(sq) // 2]})
+
+
+@case("durable", "reopen_after_kill_10k",
+      "reopen a bus after SIGKILL (10,000 writes, 64 pages of 1 KiB) and read every page; "
+      "SQLite WAL open + read after the same, same run")
+def reopen_after_kill_10k(ctx: RunContext) -> CaseOutcome:
+    return _reopen_case(ctx, 10_000)
+
+
+@case("durable", "reopen_after_kill_100k",
+      "as reopen_after_kill_10k after 100,000 writes (the cost should not grow with history)")
+def reopen_after_kill_100k(ctx: RunContext) -> CaseOutcome:
+    return _reopen_case(ctx, 100_000)
+
+
+def _lmdb_put_case(ctx: RunContext, sync: bool) -> CaseOutcome:
+    """LMDB, one write transaction per 64-byte put into a 4 KiB value (the same work as
+    durable/append_*: 64 changed bytes of a 4 KiB page per call)."""
+    try:
+        import lmdb
+    except ImportError:
+        raise CaseSkipped("lmdb is not installed (pip install 'mmsb[bench]')") from None
+    env = lmdb.open(str(ctx.path(f"lmdb-put-{sync}")), map_size=1 << 30, sync=sync,
+                    metasync=sync)
+    ctx.on_close(env.close)
+    page = bytearray(4096)
+    rng = np.random.default_rng(ctx.seed)
+    payloads = [rng.integers(1, 256, _RECORD_BYTES, dtype=np.uint8).tobytes() for _ in range(64)]
+    counter = [0]
+
+    def batch(_obj: None, n: int) -> None:
+        k = counter[0]
+        for i in range(n):
+            off = ((k + i) * _RECORD_BYTES) % 4032
+            page[off : off + _RECORD_BYTES] = payloads[(k + i) & 63]
+            with env.begin(write=True) as txn:
+                txn.put(b"page", bytes(page))
+        counter[0] = k + n
+
+    m = ctx.measure(batch, max_inner=ctx.pick(2000 if sync else 200_000, 50))
+    return CaseOutcome(m, {"sync": sync})
+
+
+@case("durable", "lmdb_put_nosync", "LMDB put of a 4 KiB value with 64 changed bytes, sync=False")
+def lmdb_put_nosync(ctx: RunContext) -> CaseOutcome:
+    return _lmdb_put_case(ctx, False)
+
+
+@case("durable", "lmdb_put_sync", "LMDB put of a 4 KiB value with 64 changed bytes, sync=True")
+def lmdb_put_sync(ctx: RunContext) -> CaseOutcome:
+    return _lmdb_put_case(ctx, True)
