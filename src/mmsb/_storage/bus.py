@@ -362,6 +362,8 @@ class DurableBus:
                 if pid is not None:
                     changed.add(pid)
             self.records_since_ckpt += len(recs)
+            # A writer that died after appending may never have published these.
+            self.publisher.note(recs)
         if state.log.last_lsn < lsn:
             raise DurabilityError(f"the log of {self.root} ends at LSN {lsn} but only LSN "
                                   f"{state.log.last_lsn} could be read; nothing was changed here")

@@ -286,10 +286,14 @@ class Publisher:
         """Make the mapped files show ``state`` (its lock held), then wake followers.
         A failure (no room to grow the files) is logged and marks the head failed, so
         readers raise instead of reading stale pages; the next call retries in full."""
-        if not self.touched and not self.full:
-            return
         head = self.head
         (seq,) = _U64.unpack_from(head, 64)
+        if seq & 1:
+            # The last publisher died in the middle (writers publish one at a time):
+            # what it was copying may be torn, so everything is written again.
+            self.full = True
+        elif not self.touched and not self.full:
+            return
         _U64.pack_into(head, 64, seq | 1)
         if _U64.unpack_from(head, _OWNER_OFF)[0] != self.token:
             if self.pages_mm is not None:
