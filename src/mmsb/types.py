@@ -94,6 +94,13 @@ class EventType(enum.IntEnum):
     """(page_id, old_location, new_location)"""
     METADATA_CHANGED = 11
     """(page_id,)"""
+    COMPILE_START = 12
+    """(page_id, name): capture of a function's or module's code artefacts begins;
+    page_id is its IR page when it was captured before, else 0."""
+    COMPILE_COMPLETE = 13
+    """(page_id, name, world_age, changed): the artefacts are on pages; page_id is the IR
+    page (or the last artefact page captured); changed is True when the code differs
+    from what the pages held."""
 
 
 class PropagationMode(enum.IntEnum):

@@ -338,6 +338,9 @@ class MMSBState:
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
         self.recomputing: int | None = None
         """The page whose recompute function is running (changes are refused meanwhile)."""
+        self.recompute_hook: Callable[[MMSBState, int, RecomputeFn], None] | None = None
+        """Called as ``hook(state, page_id, fn)`` before a propagation pass runs a page's
+        recompute function (the instrumentation layer's provenance); None: nothing."""
         self.replay_base: ReplayBase | None = None
         """Replay base: the state at ``log.horizon_lsn``, where replays of the retained
         log start; None when the log rebuilds the state from nothing."""
