@@ -526,7 +526,7 @@ def _dec_ast(m: Any, depth: int) -> Any:
         _want(set(m) == {"_", "v"}, "a value node is malformed")
         return _dec_value(m["v"], depth + 1)
     cls = getattr(ast, kind, None)
-    _want(isinstance(cls, type) and issubclass(cls, ast.AST) and kind[:1].isupper(),
+    _want(isinstance(cls, type) and issubclass(cls, ast.AST) and not kind.startswith("_"),
           f"{kind!r} is not a node class of the ast module")
     _want(set(m) == {"_", "f", "p"} and isinstance(m["f"], dict), f"node {kind} is malformed")
     fields = m["f"]

@@ -345,8 +345,9 @@ def log_command(path: Path, page: int | None, source: str | None, since: int | N
 @_json_opt
 def history(path: Path, page: int, as_json: bool) -> None:
     """Every retained delta of one page: epoch, LSN, time, source, bytes changed and a
-    hex preview of the new bytes (``@offset: bytes``)."""
-    from .views import history_rows, require_page_history
+    hex preview of the new bytes (``@offset: bytes``); for propagated deltas recorded with
+    instrumentation, the code that produced them (name, hash, IR page and epoch)."""
+    from .views import code_label, history_rows, require_page_history
 
     src = _open(path)
     require_page_history(src.state, page, path)
@@ -357,9 +358,12 @@ def history(path: Path, page: int, as_json: bool) -> None:
         return
     out = _out()
     title = f"history of page {page}" + ("" if live else " (deleted)")
-    out.print(_table(title, ["epoch", "lsn", "time", "source", "bytes", "changed bytes"],
+    with_code = any(r["code"] for r in rows)
+    out.print(_table(title, ["epoch", "lsn", "time", "source", "bytes", "changed bytes"]
+                     + (["code"] if with_code else []),
                      [[f"{r['base_epoch']}→{r['epoch']}", r["lsn"], r["time"], r["source"],
-                       r["bytes"], r["preview"]] for r in rows],
+                       r["bytes"], r["preview"]] + ([code_label(r["code"])] if with_code else [])
+                      for r in rows],
                      right=("lsn", "bytes")))
     if not rows:
         out.print(f"page {page} has no retained deltas (never written, or its history was "
@@ -375,8 +379,10 @@ def history(path: Path, page: int, as_json: bool) -> None:
 def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | None,
           as_json: bool) -> None:
     """Who wrote each byte of a page: for every maximal byte range, the LSN, epoch,
-    time and source of the delta that last wrote it."""
+    time and source of the delta that last wrote it (and, for a propagated delta recorded
+    with instrumentation, the code that produced it)."""
     from .views import blame as blame_view
+    from .views import code_label
 
     src = _open(path)
     lo, hi = byte_range if byte_range is not None else (None, None)
@@ -388,7 +394,8 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
     for r in doc["ranges"]:
         status = r["status"]
         if status == "delta":
-            who = [r["lsn"], f"{r['base_epoch']}→{r['epoch']}", r["time"], r["source"]]
+            source = r["source"] + (f" [{code_label(r['code'])}]" if r.get("code") else "")
+            who = [r["lsn"], f"{r['base_epoch']}→{r['epoch']}", r["time"], source]
         elif status == "cloned":
             who = [r["lsn"], None, r["time"], f"(cloned from page {r['source_page']})"]
         elif status == "before_history":
