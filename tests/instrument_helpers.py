@@ -53,8 +53,8 @@ class ModuleDir:
         return importlib.reload(module)
 
 
-@pytest.fixture
-def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleDir]:
+def make_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleDir]:
+    """Fixture body: use ``pytest.fixture(name="modules")(make_modules)``."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     monkeypatch.syspath_prepend(str(tmp_path))
     d = ModuleDir(tmp_path, "instr_mod_")
@@ -63,8 +63,8 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleD
         sys.modules.pop(name, None)
 
 
-@pytest.fixture
-def state() -> Iterator[mmsb.MMSBState]:
+def make_state() -> Iterator[mmsb.MMSBState]:
+    """Fixture body: a started state, stopped after the test (no hook may be left)."""
     st = mmsb.mmsb_start()
     try:
         yield st

@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 
 import mmsb
+from conftest import assert_unchanged, snapshot
+from instrument_helpers import PIPELINE, ModuleDir, make_modules, make_state
 from mmsb._instrument.manager import _FINDER, finder_installed, manager_of
 
-from conftest import assert_unchanged, snapshot
-from instrument_helpers import PIPELINE, ModuleDir, modules, state  # noqa: F401
+modules_fixture = pytest.fixture(name="modules")(make_modules)
+state_fixture = pytest.fixture(name="state")(make_state)
 
 
 def sample(x: int) -> int:
