@@ -11,6 +11,7 @@ import pytest
 import mmsb
 from conftest import assert_unchanged, snapshot
 from instrument_helpers import make_state
+from mmsb._instrument.tracked import wrappers_installed
 
 state_fixture = pytest.fixture(name="state")(make_state)
 
@@ -38,6 +39,11 @@ class Item:
 
 
 def test_nothing_is_tracked_without_instrumentation(state: mmsb.MMSBState) -> None:
+    # Disabled, the class is exactly as written: no wrapper at all.
+    assert not wrappers_installed(Position)
+    assert "__setattr__" not in vars(Position) and "__delattr__" not in vars(Position)
+    assert Position.__init__.__qualname__ == "Position.__init__"
+    assert not hasattr(Position.__init__, "__wrapped__")
     p = Position(1, 2)
     with pytest.raises(mmsb.InvalidArgumentError, match="has no page"):
         mmsb.page_of(p)
@@ -137,7 +143,9 @@ def test_attributes_off_and_stopped_states(state: mmsb.MMSBState) -> None:
     q = Position(2, 2)
     pid = mmsb.page_of(q)
     n = len(mmsb.get_deltas_for_page(state, pid))
+    assert wrappers_installed(Position)
     mmsb.disable_instrumentation(state)
+    assert not wrappers_installed(Position) and "__setattr__" not in vars(Position)
     q.x = 99  # tracking ended with the instrumentation: a plain write
     assert q.x == 99 and len(mmsb.get_deltas_for_page(state, pid)) == n
 

@@ -135,6 +135,21 @@ _MANAGERS: weakref.WeakKeyDictionary[Any, Instrumentation] = weakref.WeakKeyDict
 _registry_lock = threading.RLock()
 
 
+LISTENERS: list[Callable[[], None]] = []
+"""Called after any state's instrumentation is enabled, reconfigured or disabled."""
+
+
+def attributes_wanted() -> bool:
+    """True while some live state's instrumentation tracks attributes."""
+    with _registry_lock:
+        return any(m.config.attributes and m.state() is not None for m in _MANAGERS.values())
+
+
+def _changed() -> None:
+    for listener in LISTENERS:
+        listener()
+
+
 def manager_of(state: MMSBState) -> Instrumentation | None:
     """The state's instrumentation manager, None when disabled."""
     return _MANAGERS.get(state)
@@ -706,7 +721,10 @@ def enable(state: MMSBState, config: InstrumentationConfig, ops: PageOps) -> Ins
             _MANAGERS[state] = mgr
         else:
             mgr.config = config
-    mgr.install()
+    try:
+        mgr.install()
+    finally:
+        _changed()
     return mgr
 
 
@@ -718,6 +736,7 @@ def disable(state: MMSBState) -> bool:
         return False
     mgr.uninstall()
     _sync_finder()
+    _changed()
     return True
 
 

@@ -12,6 +12,7 @@ version, :func:`field_blame` says which write set each field.
 from __future__ import annotations
 
 import struct
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import msgpack
 from .._core.engine import ACTIVE
 from .._history.replay import replay_page_history
 from ..errors import InvalidArgumentError, SerializationError
-from .manager import manager_of
+from .manager import LISTENERS, attributes_wanted, manager_of
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -241,15 +242,70 @@ def tracked(cls: type | None = None, *, fields: tuple[str, ...] | list[str] | No
 
         __init__.__wrapped__ = orig_init  # type: ignore[attr-defined]
         __init__.__qualname__ = f"{klass.__qualname__}.__init__"
-        klass.__init__ = __init__  # type: ignore[misc]
-        klass.__setattr__ = __setattr__  # type: ignore[method-assign,assignment]
-        klass.__delattr__ = __delattr__  # type: ignore[method-assign,assignment]
         klass.__mmsb_tracked_fields__ = names  # type: ignore[attr-defined]
+        entry = _TrackedClass(klass, {"__init__": __init__, "__setattr__": __setattr__,
+                                      "__delattr__": __delattr__})
+        with _classes_lock:
+            _CLASSES.append(entry)
+        if attributes_wanted():
+            entry.install()
         return klass
 
     if cls is not None:
         return decorate(cls)
     return decorate
+
+
+class _TrackedClass:
+    """A @tracked class and its wrappers, which are on the class only while some
+    state's instrumentation tracks attributes: otherwise the class is as it was
+    written, and its instances cost nothing more."""
+
+    __slots__ = ("klass", "wrappers", "saved", "installed")
+
+    def __init__(self, klass: type, wrappers: dict[str, Any]) -> None:
+        self.klass = klass
+        self.wrappers = wrappers
+        self.saved = {name: vars(klass).get(name, _MISSING) for name in wrappers}
+        self.installed = False
+
+    def install(self) -> None:
+        if not self.installed:
+            for name, fn in self.wrappers.items():
+                setattr(self.klass, name, fn)
+            self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed:
+            for name, value in self.saved.items():
+                if value is _MISSING:
+                    delattr(self.klass, name)
+                else:
+                    setattr(self.klass, name, value)
+            self.installed = False
+
+
+_CLASSES: list[_TrackedClass] = []
+_classes_lock = threading.Lock()
+
+
+def _sync_wrappers() -> None:
+    want = attributes_wanted()
+    with _classes_lock:
+        for entry in _CLASSES:
+            if want:
+                entry.install()
+            else:
+                entry.uninstall()
+
+
+LISTENERS.append(_sync_wrappers)
+
+
+def wrappers_installed(cls: type) -> bool:
+    """True while the tracking wrappers are on ``cls`` (a @tracked class)."""
+    with _classes_lock:
+        return any(e.klass is cls and e.installed for e in _CLASSES)
 
 
 def page_of(obj: Any) -> int:
