@@ -16,6 +16,7 @@ import pytest
 import mmsb
 from conftest import assert_unchanged, snapshot
 from instrument_helpers import PIPELINE, ModuleDir, make_modules, make_state
+from mmsb._instrument.calls import hook_installed
 from mmsb._instrument.manager import _FINDER, finder_installed, manager_of
 
 modules_fixture = pytest.fixture(name="modules")(make_modules)
@@ -43,7 +44,7 @@ def test_disabled_installs_nothing(state: mmsb.MMSBState) -> None:
     assert mmsb.instrumentation_config(state) is None
     assert state.recompute_hook is None
     assert _FINDER not in sys.meta_path
-    assert sys.getprofile() is None
+    assert sys.getprofile() is None and not hook_installed()
     assert manager_of(state) is None
 
 
@@ -52,10 +53,10 @@ def test_enable_then_disable_removes_every_hook(state: mmsb.MMSBState) -> None:
                                      calls=True)
     assert mmsb.enable_instrumentation(state, cfg) == cfg
     assert finder_installed() and state.recompute_hook is not None
-    assert sys.getprofile() is not None
+    assert hook_installed()
     assert mmsb.disable_instrumentation(state) is True
     assert not finder_installed() and state.recompute_hook is None
-    assert sys.getprofile() is None
+    assert not hook_installed() and sys.getprofile() is None
     assert mmsb.disable_instrumentation(state) is False
     # The pages it made stay, as history.
     assert len(state.pages) == 3

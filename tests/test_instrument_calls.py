@@ -13,7 +13,13 @@ import pytest
 import mmsb
 from conftest import assert_unchanged, snapshot
 from instrument_helpers import make_state
-from mmsb._instrument.calls import MONITORING, RING_MAGIC, decode_ring, ring_pages
+from mmsb._instrument.calls import (
+    MONITORING,
+    RING_MAGIC,
+    decode_ring,
+    hook_installed,
+    ring_pages,
+)
 from mmsb._instrument.manager import manager_of
 
 state_fixture = pytest.fixture(name="state")(make_state)
@@ -147,9 +153,9 @@ def test_no_flush_inside_a_batch(state: mmsb.MMSBState) -> None:
 def test_disable_flushes_and_uninstalls(state: mmsb.MMSBState) -> None:
     _enable(state)
     leaf(1)
-    assert sys.getprofile() is not None or MONITORING
+    assert hook_installed()
     mmsb.disable_instrumentation(state)
-    assert sys.getprofile() is None
+    assert not hook_installed() and sys.getprofile() is None
     assert len(mmsb.call_events(state)) == 1
     leaf(2)
     assert len(mmsb.call_events(state)) == 1
@@ -188,11 +194,12 @@ def test_only_one_state_records_calls(state: mmsb.MMSBState) -> None:
 
 def test_calls_option_switched_by_configure(state: mmsb.MMSBState) -> None:
     mmsb.enable_instrumentation(state, mmsb.InstrumentationConfig(functions=(leaf,)))
-    assert sys.getprofile() is None
+    assert not hook_installed()
     mmsb.configure_instrumentation(state, calls=True)
+    assert hook_installed()
     leaf(1)
     mmsb.configure_instrumentation(state, calls=False)
-    assert sys.getprofile() is None
+    assert not hook_installed()
     assert len(mmsb.call_events(state)) == 1
 
 
@@ -221,3 +228,17 @@ def test_ring_decoder_refuses_damage() -> None:
     with pytest.raises(mmsb.SerializationError):
         decode_ring(good + bytes(32))  # says two records, holds one
     assert len(decode_ring(bytes(32 + 64))[2]) == 0  # created, never flushed
+
+
+def test_the_hook_in_use_matches_the_interpreter(state: mmsb.MMSBState) -> None:
+    """sys.monitoring from 3.12 on (only the instrumented code objects report events);
+    a profile function before."""
+    _enable(state)
+    if sys.version_info >= (3, 12):
+        assert MONITORING and sys.getprofile() is None
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        tool = next(i for i in range(6) if mon.get_tool(i) == "mmsb")
+        assert mon.get_local_events(tool, leaf.__code__) != 0
+        assert mon.get_local_events(tool, not_instrumented.__code__) == 0
+    else:
+        assert not MONITORING and sys.getprofile() is not None

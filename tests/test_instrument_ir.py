@@ -11,6 +11,7 @@ import dis
 import functools
 import inspect
 import struct
+import sys
 import textwrap
 import types
 from typing import Any
@@ -277,7 +278,8 @@ def test_flags_are_named() -> None:
 def test_nested_code_is_data_never_a_code_object() -> None:
     ir = mmsb.deserialize_code_ir(mmsb.serialize_code_ir(comprehensions))
     nested = ir.walk()
-    assert len(nested) >= 5  # the function and its four comprehensions
+    # The function and its comprehensions (3.12 inlines list, set and dict ones).
+    assert len(nested) >= (2 if sys.version_info >= (3, 12) else 5)
     seen: list[Any] = []
 
     def visit(v: Any) -> None:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CallRecorder", "CallEvent", "RING_MAGIC", "RING_VERSION", "RING_RECORD", "RING_META",
     "decode_ring", "ring_pages", "read_call_events", "MONITORING", "recording_state",
+    "hook_installed",
 ]
 
 RING_MAGIC = b"MMSBRING"
@@ -54,6 +55,16 @@ MONITORING = sys.version_info >= (3, 12)
 
 _recording: list[CallRecorder] = []
 _recording_lock = threading.Lock()
+
+
+def hook_installed() -> bool:
+    """True while a call hook of MMSB is installed: a ``sys.monitoring`` tool named
+    "mmsb", or MMSB's profile function in this thread (or for new threads)."""
+    if MONITORING:
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        return any(mon.get_tool(i) == "mmsb" for i in range(6))
+    return any(getattr(p, "_mmsb_recorder", None) is not None
+               for p in (sys.getprofile(), threading.getprofile()))
 
 
 def recording_state() -> Any:
