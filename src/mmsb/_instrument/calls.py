@@ -134,6 +134,8 @@ class CallRecorder:
 
     def __init__(self, mgr: Instrumentation) -> None:
         self.mgr = mgr
+        cfg = mgr.config
+        self.settings = (cfg.call_sample_every, cfg.flush_every, cfg.ring_capacity)
         self.codes: dict[int, int] = {}
         """id(code object) → its function's code page."""
         self._keep: list[types.CodeType] = []
@@ -156,8 +158,9 @@ class CallRecorder:
             if self not in _recording:
                 _recording.append(self)
         for unit, code in list(self.mgr.by_code.values()):
+            if id(code) not in self.codes:
+                self._keep.append(code)
             self.codes[id(code)] = unit.code_page
-            self._keep.append(code)
         self.active = True
         if MONITORING:
             self._install_monitoring()
@@ -216,7 +219,11 @@ class CallRecorder:
         tls = self.tls
         perf = time.perf_counter_ns
         rec = self
+        sampled = self.mgr.config.call_sample_every > 1
+        limit = self.mgr.config.flush_every
 
+        # Called for every call and return of this thread's code, C functions
+        # included: the common case (code not instrumented) returns after one lookup.
         def profile(frame: Any, event: str, arg: Any) -> None:
             if event == "call":
                 fid = codes.get(id(frame.f_code))
@@ -229,9 +236,16 @@ class CallRecorder:
                 tb.stack.append((frame, fid, perf()))
             elif event == "return" and id(frame.f_code) in codes:
                 tb = getattr(tls, "tb", None)
-                if tb is not None and tb.stack and tb.stack[-1][0] is frame:
-                    _f, fid, t0 = tb.stack.pop()
+                if tb is None or not tb.stack or tb.stack[-1][0] is not frame:
+                    return
+                _f, fid, t0 = tb.stack.pop()
+                if sampled:
                     rec._done(tb, fid, t0, perf())
+                    return
+                tb.buf.append((fid, len(tb.stack), t0, perf() - t0))
+                tb.taken += 1
+                if len(tb.buf) >= limit:
+                    rec.flush_thread(tb, opportunistic=True)
 
         profile._mmsb_recorder = self  # type: ignore[attr-defined]
         return profile

@@ -194,6 +194,11 @@ class Instrumentation:
             if module is not None and self.wants_module(name):
                 self.capture_module(module)
         self.link_recompute_fns()
+        cfg = self.config
+        if self.calls is not None and (not cfg.calls or self.calls.settings != (
+                cfg.call_sample_every, cfg.flush_every, cfg.ring_capacity)):
+            self.calls.uninstall(flush=True)  # new settings: a new recorder takes over
+            self.calls = None
         if self.config.calls and self.calls is None:
             from .calls import CallRecorder
 
