@@ -242,3 +242,21 @@ def test_the_hook_in_use_matches_the_interpreter(state: mmsb.MMSBState) -> None:
         assert mon.get_local_events(tool, not_instrumented.__code__) == 0
     else:
         assert not MONITORING and sys.getprofile() is not None
+
+
+def test_install_and_uninstall_are_idempotent(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    mgr = manager_of(state)
+    assert mgr is not None and mgr.calls is not None
+    mgr.calls.install()
+    mgr.calls.install()
+    mgr.calls.uninstall(flush=False)
+    assert not hook_installed()
+    mgr.calls.uninstall(flush=False)
+    mgr.calls.install()
+    leaf(1)
+    mmsb.disable_instrumentation(state)
+    assert not hook_installed()
+    if sys.version_info >= (3, 12):
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        assert all(mon.get_tool(i) is None for i in range(6))

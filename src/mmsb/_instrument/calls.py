@@ -153,6 +153,8 @@ class CallRecorder:
         check_can_record(self)
 
     def install(self) -> None:
+        if self.active:
+            return
         self.check_can_install()
         with _recording_lock:
             if self not in _recording:
