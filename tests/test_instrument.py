@@ -337,6 +337,20 @@ def test_capture_inside_a_batch_waits_for_refresh(state: mmsb.MMSBState, modules
     assert set(mmsb.code_pages(state, mod.double)) == {"source", "ast", "ir"}
 
 
+def test_leaving_the_with_block_removes_every_hook() -> None:
+    def f(x: int) -> int:
+        return x
+
+    with mmsb.mmsb_start(enable_instrumentation=True) as st:
+        mmsb.configure_instrumentation(st, functions=(f,), calls=True, modules=("zz_*",))
+        assert hook_installed() and finder_installed()
+        f(1)
+    assert not hook_installed() and not finder_installed() and manager_of(st) is None
+    assert st.recompute_hook is None
+    # Buffered calls were written before the state closed.
+    assert len(mmsb.call_events(st)) == 1
+
+
 def test_stopped_states_are_forgotten_by_the_import_hook(modules: ModuleDir) -> None:
     st = mmsb.mmsb_start()
     name = modules.name()

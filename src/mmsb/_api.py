@@ -134,7 +134,6 @@ def mmsb_stop(state: MMSBState, *, checkpoint_path: str | os.PathLike[str] | Non
         state.refuse_in_batch("mmsb_stop")
     if checkpoint_path is not None:
         checkpoint_log(state, checkpoint_path)
-    _instr.disable(state)
     state.close()
 
 

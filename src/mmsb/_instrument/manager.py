@@ -646,8 +646,9 @@ class _CapturingLoader:
         for mgr in _managers_for(module.__name__):
             try:
                 mgr.capture_module(module, source)
-            except MMSBError as exc:
-                mgr._note(f"capture of module {module.__name__} failed: {exc}")
+            except Exception as exc:  # instrumentation never breaks the program's import
+                log.warning("capture of module %s failed: %r", module.__name__, exc)
+                mgr._note(f"capture of module {module.__name__} failed: {exc!r}")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._loader, name)
@@ -724,6 +725,8 @@ def enable(state: MMSBState, config: InstrumentationConfig, ops: PageOps) -> Ins
         if mgr is None:
             mgr = Instrumentation(state, config, ops)
             _MANAGERS[state] = mgr
+            if disable not in state.close_hooks:
+                state.close_hooks.append(disable)
         else:
             mgr.config = config
     try:
@@ -737,6 +740,8 @@ def disable(state: MMSBState) -> bool:
     """Remove every hook the state's instrumentation installed; False if it had none."""
     with _registry_lock:
         mgr = _MANAGERS.pop(state, None)
+    if disable in state.close_hooks:
+        state.close_hooks.remove(disable)
     if mgr is None:
         return False
     mgr.uninstall()
