@@ -227,3 +227,24 @@ def test_cli_history_and_blame_show_the_code(tmp_path: Path) -> None:
     assert "bump #" in text
     plain = runner.invoke(main, ["history", str(path), str(a)], env={"COLUMNS": "200"}).output
     assert "code" not in plain.splitlines()[1]
+
+
+def test_cli_verify_check_code(tmp_path: Path, modules: ModuleDir) -> None:
+    path = tmp_path / "bus"
+    name = modules.name()
+    modules.write(name, PIPELINE)
+    st = mmsb.mmsb_start(path=path)
+    mmsb.enable_instrumentation(st, mmsb.InstrumentationConfig(modules=(name,)))
+    mod = modules.load(name)
+    a, b = _chain(st, mod.double)
+    mmsb.update_page(st, a, b"\x01\x02\x03\x04")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(path), "--check-code"])
+    assert ok.exit_code == 0, ok.output
+    modules.edit(mod, "(b * 2)", "(b * 7)")  # the IR page now holds other code
+    mmsb.mmsb_stop(st)
+    bad = runner.invoke(main, ["verify", str(path), "--check-code"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 1 and "CODE CHANGED" in bad.output
+    doc = runner.invoke(main, ["verify", str(path), "--check-code", "--json"])
+    assert json.loads(doc.output)["code_changed"][0]["page"] == b
+    assert runner.invoke(main, ["verify", str(path)]).exit_code == 0

@@ -468,8 +468,11 @@ def replay(path: Path, lsn: int | None, epoch: int | None, at_time: int | None, 
 
 @main.command(short_help="Check the state against the replay of its log, and the files.")
 @_path_arg
+@click.option("--check-code", is_flag=True,
+              help="Also fail when a propagated delta came from code that differs from the "
+                   "code now on its IR page.")
 @_json_opt
-def verify(path: Path, as_json: bool) -> None:
+def verify(path: Path, check_code: bool, as_json: bool) -> None:
     """Check that the state equals the replay of its log (and, for a bus, that every
     checkpoint and log segment reads cleanly). Exit 1 with a report otherwise."""
     from .views import count_bus_files
@@ -480,6 +483,14 @@ def verify(path: Path, as_json: bool) -> None:
     with _working("replaying the log"), _progress("checking files", total) as step:
         doc = verify_view(src, step)
     doc = {"path": str(path), "kind": src.kind, **doc}
+    if check_code:
+        import mmsb
+
+        changed = [d for d in mmsb.code_differences(src.state) if d.status == "changed"]
+        doc["code_changed"] = [{"page": d.page_id, "lsn": d.lsn, "deltas": d.deltas,
+                                "produced_by": d.produced_by, "now": d.current,
+                                "reason": d.reason} for d in changed]
+        doc["ok"] = doc["ok"] and not changed
     if as_json:
         _print_json(doc)
     else:
@@ -491,6 +502,9 @@ def verify(path: Path, as_json: bool) -> None:
             out.print("MISMATCH: the state differs from the replay of its log:")
             for line in doc["differences"]:
                 out.print(f"  - {line}", markup=False)
+        for c in doc.get("code_changed", []):
+            out.print(f"CODE CHANGED: page {c['page']}: {c['deltas']} propagated delta(s) "
+                      f"from LSN {c['lsn']}: {c['reason']}", markup=False)
         if doc["problems"]:
             out.print("DAMAGED files:")
             for line in doc["problems"]:
