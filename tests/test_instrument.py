@@ -377,3 +377,21 @@ def test_code_pages_survive_a_durable_reopen(tmp_path: Any) -> None:
         assert mmsb.verify_state_consistency(st2)
     finally:
         mmsb.mmsb_stop(st2)
+
+
+def test_a_syntax_tree_too_deep_is_left_out_not_fatal(state: mmsb.MMSBState) -> None:
+    namespace: dict[str, Any] = {}
+    body = " + ".join(["x"] * 400)
+    src = f"def deep(x):\n    return {body}\n"
+    exec(compile(src, "<deep>", "exec"), namespace)  # noqa: S102 - building a test function
+    fn = namespace["deep"]
+    import linecache
+
+    linecache.cache["<deep>"] = (len(src), None, src.splitlines(True), "<deep>")
+    try:
+        mmsb.enable_instrumentation(state, mmsb.InstrumentationConfig(functions=(fn,)))
+    finally:
+        linecache.cache.pop("<deep>", None)
+    assert set(mmsb.code_pages(state, fn)) == {"source", "ir"}
+    mgr = manager_of(state)
+    assert mgr is not None and any("no syntax tree" in n for n in mgr.notes)

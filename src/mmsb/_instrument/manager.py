@@ -312,22 +312,22 @@ class Instrumentation:
         blobs: dict[str, bytes] = {}
         if kind == "function" and ("source" in cap or "ast" in cap):
             source = _function_source(obj, code)
-        tree: ast.AST | None = None
-        if source is not None and "ast" in cap:
-            try:
-                tree = ast.parse(source)
-            except (SyntaxError, ValueError) as exc:
-                self._note(f"{name}: source does not parse ({exc}); no syntax tree")
         if source is not None and "source" in cap:
             blobs["source"] = source.encode("utf-8", "surrogateescape")
-        if tree is not None:
-            blobs["ast"] = serialize_ast(tree)
+        if source is not None and "ast" in cap:
+            try:
+                blobs["ast"] = serialize_ast(ast.parse(source))
+            except (SyntaxError, ValueError, RecursionError, InvalidArgumentError) as exc:
+                self._note(f"{name}: no syntax tree ({exc})")
         new_hash = ""
         if code is not None:
-            ir = extract_code_ir(code)
-            new_hash = ir_code_hash(ir)
-            if "ir" in cap:
-                blobs["ir"] = serialize_code_ir(ir)
+            try:
+                ir = extract_code_ir(code)
+                new_hash = ir_code_hash(ir)
+                if "ir" in cap:
+                    blobs["ir"] = serialize_code_ir(ir)
+            except (RecursionError, InvalidArgumentError) as exc:
+                self._note(f"{name}: no IR ({exc})")
         for k in [k for k, b in blobs.items() if not b]:
             del blobs[k]  # an empty source: no page can hold zero bytes
         cap_bytes = self.config.max_artefact_bytes
