@@ -3,12 +3,14 @@ and that instrumentation costs nothing once disabled.
 
 The workloads live in a module written to the run's temporary directory and imported
 from there, as an application's own module would be. Instrumented and plain runs of the
-same workload are timed in turn (A, B, A, B …), so drift hits both alike.
+same workload are timed in turn (A, B, A, B …); the overhead is the median of the
+ratios of neighbouring batches, so drift and bursts of other load hit both alike.
 """
 
 from __future__ import annotations
 
 import importlib
+import statistics
 import sys
 import time
 import types
@@ -120,9 +122,11 @@ def _instrumented_state(ctx: RunContext, mod: types.ModuleType) -> Any:
     return state
 
 
-def _alternating(ctx: RunContext, run: Any, toggle: Any) -> tuple[Measurement, Measurement]:
+def _alternating(ctx: RunContext, run: Any, toggle: Any
+                 ) -> tuple[Measurement, Measurement, float]:
     """Time ``run`` in batches with ``toggle(False)`` / ``toggle(True)`` in turn before
-    each (never timed): the (off, on) measurements, so drift hits both alike."""
+    each (never timed): the (off, on) measurements and the median of the ratios of
+    neighbouring on/off batches, so drift and bursts of other load hit both alike."""
     samples: dict[bool, list[float]] = {False: [], True: []}
     flip = [True]
 
@@ -137,14 +141,17 @@ def _alternating(ctx: RunContext, run: Any, toggle: Any) -> tuple[Measurement, M
             run()
         samples[on].append((time.perf_counter_ns() - t0) / n)
 
-    inner = ctx.pick(20, 4)
-    ctx.measure(batch, setup=setup, inner=inner, repeats=2 * ctx.pick(31, 7))
+    inner = ctx.pick(10, 4)
+    ctx.measure(batch, setup=setup, inner=inner, repeats=2 * ctx.pick(81, 7))
     toggle(True)
     out = []
+    skip = ctx.settings.warmup
     for on in (False, True):
-        kept = samples[on][ctx.settings.warmup:] or samples[on]
+        kept = samples[on][skip:] or samples[on]
         out.append(Measurement(stats=summarize(kept, inner), samples_ns=tuple(kept)))
-    return out[0], out[1]
+    pairs = [b / a for a, b in zip(samples[False][skip:], samples[True][skip:], strict=False)]
+    ratio = statistics.median(pairs) if pairs else out[1].stats.median_ns / out[0].stats.median_ns
+    return out[0], out[1], ratio
 
 
 def _paired(ctx: RunContext, run: Any, key: str) -> CaseOutcome:
@@ -167,11 +174,10 @@ def _paired(ctx: RunContext, run: Any, key: str) -> CaseOutcome:
             recorder.uninstall(flush=False)
 
     try:
-        off, on = _alternating(ctx, run, toggle)
+        off, on, ratio = _alternating(ctx, run, toggle)
         mmsb.flush_call_events(state)
         events = mmsb.call_events(state)
         expect(len(events) > 0, "no call was recorded")
-        ratio = on.stats.median_ns / off.stats.median_ns
         metrics = {
             "plain_median_ns": off.stats.median_ns,
             "overhead_ratio": round(ratio, 4),
@@ -237,8 +243,7 @@ def disabled(ctx: RunContext) -> CaseOutcome:
     expect(not hook_installed() and not finder_installed()
            and not wrappers_installed(tracked_cls) and state.recompute_hook is None,
            "disabling left a hook installed")
-    base, after = _alternating(ctx, run, toggle)
-    ratio = after.stats.median_ns / base.stats.median_ns
+    base, after, ratio = _alternating(ctx, run, toggle)
     return CaseOutcome(after, {
         "baseline_median_ns": base.stats.median_ns,
         "overhead_ratio": round(ratio, 4),
