@@ -195,3 +195,23 @@ def test_subclass_of_a_tracked_class(state: mmsb.MMSBState) -> None:
     p = Position3(1, 2, 3)
     fields: list[dict[str, Any]] = [v.fields for v in mmsb.tracked_history(state, p)]
     assert fields[-1] == {"x": 1, "y": 2, "z": 3}
+
+
+def test_threads_writing_one_object(state: mmsb.MMSBState) -> None:
+    import threading
+
+    mmsb.enable_instrumentation(state)
+    p = Position(0, 0)
+
+    def bump(name: str) -> None:
+        for i in range(200):
+            setattr(p, name, i)
+
+    threads = [threading.Thread(target=bump, args=(n,)) for n in ("x", "y")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    last = mmsb.tracked_history(state, p)[-1].fields
+    assert last == {"x": 199, "y": 199} == {"x": p.x, "y": p.y}
+    assert len(mmsb.tracked_history(state, p)) == 1 + 199 * 2

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -110,13 +111,17 @@ class CallEvent:
     start_ns: int
     duration_ns: int
     seq: int
+    ring_page: int
+    """The ring page it was read from (one per thread that made calls)."""
 
 
 class _Thread:
-    __slots__ = ("stack", "buf", "thread_id", "name", "page", "written", "taken", "counts")
+    __slots__ = ("stack", "buf", "thread_id", "name", "page", "written", "taken", "counts",
+                 "thread")
 
     def __init__(self, capacity: int) -> None:
         t = threading.current_thread()
+        self.thread = weakref.ref(t)
         self.stack: list[tuple[Any, int, int]] = []
         self.buf: deque[tuple[int, int, int, int]] = deque(maxlen=capacity)
         self.thread_id = threading.get_native_id()
@@ -139,7 +144,9 @@ class CallRecorder:
         self.codes: dict[int, int] = {}
         """id(code object) → its function's code page."""
         self._keep: list[types.CodeType] = []
-        self.threads: dict[int, _Thread] = {}
+        self.threads: list[_Thread] = []
+        """One per thread that made a recorded call (a thread's id may be reused by a
+        later thread, so they are not keyed by it); dropped once ended and flushed."""
         self.tls = threading.local()
         self.active = False
         self.offset = time.time_ns() - time.perf_counter_ns()
@@ -201,7 +208,7 @@ class CallRecorder:
     def _thread(self) -> _Thread:
         tb = _Thread(self.mgr.config.ring_capacity)
         self.tls.tb = tb
-        self.threads[threading.get_ident()] = tb
+        self.threads.append(tb)
         return tb
 
     def _done(self, tb: _Thread, fid: int, t0: int, t1: int) -> None:
@@ -311,7 +318,12 @@ class CallRecorder:
     # -- flushing --------------------------------------------------------------------------
     def flush(self) -> int:
         """Write every thread's waiting records to its ring page; returns how many."""
-        return sum(self.flush_thread(tb) for tb in list(self.threads.values()))
+        n = sum(self.flush_thread(tb) for tb in list(self.threads))
+        for tb in list(self.threads):
+            t = tb.thread()
+            if (t is None or not t.is_alive()) and not tb.buf:
+                self.threads.remove(tb)
+        return n
 
     def flush_thread(self, tb: _Thread, opportunistic: bool = False) -> int:
         st = self.mgr.state()
@@ -408,13 +420,15 @@ def decode_ring(data: bytes | bytearray | memoryview) -> tuple[int, int, np.ndar
 
 
 def ring_pages(state: MMSBState) -> dict[int, int]:
-    """Thread id → its ring page, for the state's ring pages."""
+    """Ring page → the native id of its thread, for the state's ring pages, oldest
+    first (the system may give a later thread the id of one that ended)."""
     out: dict[int, int] = {}
     with state.lock:
-        for pid, meta in state.table.meta.items():
-            info = meta.get(RING_META)
+        for pid in sorted(state.table.meta):
+            info = state.table.meta[pid].get(RING_META)
             if isinstance(info, dict) and state.table.is_live(pid):
-                out[int(info.get("thread_id", 0))] = pid
+                tid = info.get("thread_id", 0)
+                out[pid] = tid if isinstance(tid, int) else 0
     return out
 
 
@@ -424,8 +438,8 @@ def read_call_events(state: MMSBState, thread_id: int | None = None) -> list[Cal
     out: list[CallEvent] = []
     rings = ring_pages(state)
     if thread_id is not None:
-        rings = {k: v for k, v in rings.items() if k == thread_id}
-    for _tid, pid in sorted(rings.items()):
+        rings = {k: v for k, v in rings.items() if v == thread_id}
+    for pid in rings:
         with state.lock:
             data = state.page_view(pid).tobytes()
         tid, _total, recs = decode_ring(data)
@@ -435,5 +449,5 @@ def read_call_events(state: MMSBState, thread_id: int | None = None) -> list[Cal
                 meta = state.table.meta.get(fpage, {}).get("code_artefact", {})
                 names[fpage] = str(meta.get("name", "")) if isinstance(meta, dict) else ""
             out.append(CallEvent(fpage, names[fpage], tid, int(r[1]), int(r[2]), int(r[3]),
-                                 int(r[4])))
+                                 int(r[4]), pid))
     return out

@@ -131,6 +131,7 @@ def _weak(obj: Any) -> Any:
 
 # -- the per-state manager ---------------------------------------------------------------
 
+_LOCK_WAIT_S = 2.0
 _MANAGERS: weakref.WeakKeyDictionary[Any, Instrumentation] = weakref.WeakKeyDictionary()
 _registry_lock = threading.RLock()
 
@@ -283,6 +284,22 @@ class Instrumentation:
             self._note(f"capture of {len(items)} unit(s) deferred (the state was inside a "
                        "batch or a propagation pass); refresh_code() takes them up")
             return [None] * len(items)
+        # The state's lock is taken for the whole capture, so it is atomic for other
+        # writers; with a timeout, because the caller may hold an import lock that a
+        # thread holding the state's lock is waiting for (a lazy import).
+        if not st.lock.acquire(timeout=_LOCK_WAIT_S):
+            self.deferred.extend((it[0], it[3]) for it in items)
+            self._note(f"capture of {len(items)} unit(s) deferred (the state was busy); "
+                       "refresh_code() takes them up")
+            return [None] * len(items)
+        try:
+            return self._capture_locked(st, items)
+        finally:
+            st.lock.release()
+
+    def _capture_locked(self, st: MMSBState,
+                        items: list[tuple[str, str, str, Any, types.CodeType | None, str | None]]
+                        ) -> list[CodeUnit | None]:
         with self.lock:
             prepared: list[tuple[CodeUnit | None, Any, dict[str, bytes] | None, str]] = []
             for name, kind, module, obj, code, source in items:

@@ -208,19 +208,20 @@ def tracked(cls: type | None = None, *, fields: tuple[str, ...] | list[str] | No
                 orig_set(self, name, value)
                 return
             b, st = found
-            new = _fields(self)
-            new[name] = value
-            blob = _encode(new, cls_name)
-            old = vars(self).get(name, _MISSING)
-            orig_set(self, name, value)
-            try:
-                _store(st, b, blob, f"attr:{short}.{name}")
-            except BaseException:
-                if old is _MISSING:
-                    vars(self).pop(name, None)
-                else:
-                    vars(self)[name] = old
-                raise
+            with st.lock:  # the map written is the object's, also with other writers
+                new = _fields(self)
+                new[name] = value
+                blob = _encode(new, cls_name)
+                old = vars(self).get(name, _MISSING)
+                orig_set(self, name, value)
+                try:
+                    _store(st, b, blob, f"attr:{short}.{name}")
+                except BaseException:
+                    if old is _MISSING:
+                        vars(self).pop(name, None)
+                    else:
+                        vars(self)[name] = old
+                    raise
 
         def __delattr__(self: Any, name: str) -> None:
             found = _live_binding(self) if _is_tracked(self, name) else None
@@ -228,17 +229,18 @@ def tracked(cls: type | None = None, *, fields: tuple[str, ...] | list[str] | No
                 orig_del(self, name)
                 return
             b, st = found
-            new = _fields(self)
-            new.pop(name, None)
-            blob = _encode(new, cls_name)
-            old = vars(self).get(name, _MISSING)
-            orig_del(self, name)
-            try:
-                _store(st, b, blob, f"delattr:{short}.{name}")
-            except BaseException:
-                if old is not _MISSING:
-                    vars(self)[name] = old
-                raise
+            with st.lock:
+                new = _fields(self)
+                new.pop(name, None)
+                blob = _encode(new, cls_name)
+                old = vars(self).get(name, _MISSING)
+                orig_del(self, name)
+                try:
+                    _store(st, b, blob, f"delattr:{short}.{name}")
+                except BaseException:
+                    if old is not _MISSING:
+                        vars(self)[name] = old
+                    raise
 
         __init__.__wrapped__ = orig_init  # type: ignore[attr-defined]
         __init__.__qualname__ = f"{klass.__qualname__}.__init__"
