@@ -395,3 +395,27 @@ def test_a_syntax_tree_too_deep_is_left_out_not_fatal(state: mmsb.MMSBState) -> 
     assert set(mmsb.code_pages(state, fn)) == {"source", "ir"}
     mgr = manager_of(state)
     assert mgr is not None and any("no syntax tree" in n for n in mgr.notes)
+
+
+def test_a_lazy_import_inside_a_recompute_function_is_deferred(state: mmsb.MMSBState,
+                                                                modules: ModuleDir) -> None:
+    name = modules.name()
+    modules.write(name, PIPELINE)
+    mmsb.enable_instrumentation(state, mmsb.InstrumentationConfig(modules=(name,)))
+    a = mmsb.create_page(state, 4)
+    b = mmsb.create_page(state, 4)
+    mmsb.add_dependency(state, a.id, b.id)
+
+    def lazy(st: mmsb.MMSBState, page: mmsb.Page) -> bytes:
+        mod = importlib.import_module(name)  # imported while the pass holds the state
+        return bytes(mod.Scaler().scale(v) % 256 for v in bytes(st.pages[a.id].data))
+
+    mmsb.register_recompute_fn(state, b.id, lazy)
+    mmsb.update_page(state, a.id, b"\x01\x02\x03\x04")
+    assert mmsb.query_page(state, b.id) == b"\x03\x06\x09\x0c"
+    mod = sys.modules[name]
+    with pytest.raises(mmsb.InvalidArgumentError):
+        mmsb.code_pages(state, mod.double)
+    mmsb.refresh_code(state)
+    assert set(mmsb.code_pages(state, mod.double)) == {"source", "ast", "ir"}
+    assert mmsb.verify_state_consistency(state)
