@@ -8,6 +8,7 @@ a second. Each section stands on its own; read them in order the first time:
  3. the graph and propagation      8. batches
  4. events                         9. a durable bus on disk
  5. checkpoints                   10. statistics
+                                  11. instrumentation: code on pages
 
 Only ``import mmsb`` is used: everything here is public API.
 """
@@ -365,6 +366,85 @@ def statistics(state: mmsb.MMSBState) -> None:
           mmsb.get_stats(state).total_pages, "pages still there")
 
 
+# -- 11. instrumentation: code on pages -------------------------------------------------
+
+PIPELINE = """\
+def celsius(state, page):
+    raw = bytes(state.pages[page.id - 1].data)
+    return bytes(((f - 32) * 5 // 9) % 256 for f in raw)
+
+
+def alarm(state, page):
+    temps = bytes(state.pages[page.id - 1].data)
+    return bytes(1 if t > 30 else 0 for t in temps)
+"""
+
+
+def instrumentation(tmp: str) -> None:
+    section("11. instrumentation: code on pages")
+    import importlib
+    import sys
+
+    # A small pipeline in its own module, as an application would have it.
+    path = os.path.join(tmp, "weather_pipeline.py")
+    with open(path, "w") as f:
+        f.write(PIPELINE)
+    sys.path.insert(0, tmp)
+    sys.dont_write_bytecode = True
+    with mmsb.mmsb_start(enable_gpu=False) as state:
+        # Capture modules named weather_* as they are imported: their source, syntax
+        # tree and bytecode IR go on pages, linked source -> ast -> ir by COMPILER edges.
+        mmsb.enable_instrumentation(state, mmsb.InstrumentationConfig(modules=("weather_*",)))
+        import weather_pipeline as wp
+
+        code = mmsb.code_pages(state, wp.celsius)
+        print("celsius's code pages:", code)
+        ir = mmsb.deserialize_code_ir(mmsb.query_page(state, code["ir"]))   # data, never run
+        print(f"its IR: {len(ir.instructions)} instructions, names {ir.names}, "
+              f"flags {ir.flag_names}")
+
+        fahrenheit, celsius, alarm = (mmsb.create_page(state, 3) for _ in range(3))
+        mmsb.add_dependency(state, fahrenheit.id, celsius.id)
+        mmsb.add_dependency(state, celsius.id, alarm.id)
+        mmsb.register_recompute_fn(state, celsius.id, wp.celsius)   # adds ir -> page too
+        mmsb.register_recompute_fn(state, alarm.id, wp.alarm)
+        mmsb.update_page(state, fahrenheit.id, bytes([50, 86, 104]))
+        print("celsius:", list(mmsb.query_page(state, celsius.id)),
+              "alarm:", list(mmsb.query_page(state, alarm.id)))
+
+        # Change one function (a bug fix: round to nearest) and reload the module.
+        invalidated: list[int] = []
+        mmsb.subscribe(state, mmsb.EventType.IR_INVALIDATED,
+                       lambda s, e, page_id, parent: invalidated.append(page_id))
+        age = mmsb.world_age()
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("(f - 32) * 5 // 9", "round((f - 32) * 5 / 9)"))
+        os.utime(path, (os.path.getmtime(path) + 2,) * 2)
+        wp = importlib.reload(wp)
+        code_pages = {p for p in set(invalidated) if "code_artefact" in state.pages[p].metadata}
+        print(f"world age {age} -> {mmsb.world_age()}; IR_INVALIDATED for code pages "
+              f"{sorted(code_pages)} (recaptured at once) and for data pages "
+              f"{sorted(set(invalidated) - code_pages)}")
+        print("celsius page ir_valid:", state.pages[celsius.id].metadata.get("ir_valid"),
+              "| alarm page:", state.pages[alarm.id].metadata.get("ir_valid", "untouched"))
+
+        # Recompute with the new code; each propagated delta says which code made it.
+        mmsb.register_recompute_fn(state, celsius.id, wp.celsius)
+        mmsb.update_page(state, fahrenheit.id, bytes([51, 87, 105]))
+        for d in mmsb.get_deltas_for_page(state, celsius.id):
+            made = mmsb.produced_by(state, d)
+            assert made is not None
+            print(f"  celsius delta at LSN {d.lsn}: {made['name']} #{made['hash'][:8]} "
+                  f"(IR page {made['ir_page']} at epoch {made['ir_epoch']})")
+        for diff in mmsb.code_differences(state):
+            print("  from old code:", diff.reason)
+        print("verify, code included:", mmsb.verify_state_consistency(state, check_code=True))
+    sys.path.remove(tmp)
+    sys.modules.pop("weather_pipeline", None)
+
+
 def main() -> None:
     # enable_gpu=False: CPU pages only, the same on every machine.
     with mmsb.mmsb_start(enable_gpu=False) as state, tempfile.TemporaryDirectory() as tmp:
@@ -379,6 +459,7 @@ def main() -> None:
         batches(state)
         durable(tmp)
         statistics(state)
+        instrumentation(tmp)
     print("\ndone: the state was stopped when the with-block ended.")
 
 

@@ -13,11 +13,15 @@ from ._api import active_state as active_state
 from ._api import add_dependency as add_dependency
 from ._api import apply_batch as apply_batch
 from ._api import batch as batch
+from ._api import call_events as call_events
 from ._api import checkpoint_log as checkpoint_log
 from ._api import clear_subscriptions as clear_subscriptions
 from ._api import clone_page as clone_page
+from ._api import code_differences as code_differences
+from ._api import code_pages as code_pages
 from ._api import compute_closure as compute_closure
 from ._api import compute_log_statistics as compute_log_statistics
+from ._api import configure_instrumentation as configure_instrumentation
 from ._api import create_debug_subscriber as create_debug_subscriber
 from ._api import create_delta as create_delta
 from ._api import create_logging_subscriber as create_logging_subscriber
@@ -25,9 +29,12 @@ from ._api import create_page as create_page
 from ._api import create_pages as create_pages
 from ._api import delete_page as delete_page
 from ._api import detect_cycles as detect_cycles
+from ._api import disable_instrumentation as disable_instrumentation
+from ._api import enable_instrumentation as enable_instrumentation
 from ._api import execute_propagation as execute_propagation
 from ._api import find_ancestors as find_ancestors
 from ._api import find_descendants as find_descendants
+from ._api import flush_call_events as flush_call_events
 from ._api import get_children as get_children
 from ._api import get_deltas_for_page as get_deltas_for_page
 from ._api import get_deltas_in_range as get_deltas_in_range
@@ -35,6 +42,7 @@ from ._api import get_parents as get_parents
 from ._api import get_stats as get_stats
 from ._api import get_subscription_count as get_subscription_count
 from ._api import has_cycle as has_cycle
+from ._api import instrumentation_config as instrumentation_config
 from ._api import load_checkpoint as load_checkpoint
 from ._api import merge_deltas as merge_deltas
 from ._api import migrate_page as migrate_page
@@ -42,10 +50,12 @@ from ._api import mmsb_start as mmsb_start
 from ._api import mmsb_stop as mmsb_stop
 from ._api import open_readonly as open_readonly
 from ._api import print_stats as print_stats
+from ._api import produced_by as produced_by
 from ._api import propagate_change as propagate_change
 from ._api import query_log as query_log
 from ._api import query_page as query_page
 from ._api import queue_recomputation as queue_recomputation
+from ._api import refresh_code as refresh_code
 from ._api import register_passthrough_recompute as register_passthrough_recompute
 from ._api import register_recompute_fn as register_recompute_fn
 from ._api import remove_dependency as remove_dependency
@@ -64,6 +74,8 @@ from ._api import track_propagation_latency as track_propagation_latency
 from ._api import unsubscribe as unsubscribe
 from ._api import update_metadata as update_metadata
 from ._api import update_page as update_page
+from ._api import verify_state_consistency as verify_state_consistency
+from ._api import world_age as world_age
 from ._api import write_page as write_page
 from ._core.delta import Delta as Delta
 from ._core.delta import compress_delta as compress_delta
@@ -84,8 +96,22 @@ from ._history.replay import replay_to_epoch as replay_to_epoch
 from ._history.replay import replay_to_lsn as replay_to_lsn
 from ._history.replay import replay_to_timestamp as replay_to_timestamp
 from ._history.replay import replay_with_predicate as replay_with_predicate
-from ._history.replay import verify_state_consistency as verify_state_consistency
 from ._history.timetravel import read_page_at as read_page_at
+from ._instrument.calls import CallEvent as CallEvent
+from ._instrument.config import InstrumentationConfig as InstrumentationConfig
+from ._instrument.ir import CodeIR as CodeIR
+from ._instrument.ir import Instr as Instr
+from ._instrument.ir import code_hash as code_hash
+from ._instrument.ir import deserialize_ast as deserialize_ast
+from ._instrument.ir import deserialize_code_ir as deserialize_code_ir
+from ._instrument.ir import serialize_ast as serialize_ast
+from ._instrument.ir import serialize_code_ir as serialize_code_ir
+from ._instrument.provenance import CodeDifference as CodeDifference
+from ._instrument.tracked import TrackedVersion as TrackedVersion
+from ._instrument.tracked import field_blame as field_blame
+from ._instrument.tracked import page_of as page_of
+from ._instrument.tracked import tracked as tracked
+from ._instrument.tracked import tracked_history as tracked_history
 from ._reader import BusReader as BusReader
 from ._reader import ReaderSnapshot as ReaderSnapshot
 from ._reader import attach as attach
@@ -151,6 +177,13 @@ __all__ = [
     "execute_propagation", "EventType", "subscribe", "unsubscribe", "Subscription",
     # readers in other processes, the change feed
     "attach", "BusReader", "ReaderSnapshot", "Event", "serialize_event", "deserialize_event",
+    # instrumentation
+    "InstrumentationConfig", "enable_instrumentation", "disable_instrumentation",
+    "configure_instrumentation", "instrumentation_config", "code_pages", "refresh_code",
+    "world_age", "serialize_code_ir", "deserialize_code_ir", "serialize_ast",
+    "deserialize_ast", "CodeIR", "Instr", "code_hash", "flush_call_events", "call_events",
+    "CallEvent", "tracked", "page_of", "tracked_history", "field_blame", "TrackedVersion",
+    "produced_by", "code_differences", "CodeDifference",
     # monitoring
     "MMSBStats", "get_stats", "print_stats", "reset_stats", "track_delta_latency",
     "track_propagation_latency",

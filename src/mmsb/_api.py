@@ -35,6 +35,11 @@ from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
+from ._history.replay import verify_state_consistency as _verify
+from ._instrument import calls as _calls
+from ._instrument import manager as _instr
+from ._instrument import provenance as _prov
+from ._instrument.config import InstrumentationConfig
 from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
@@ -71,6 +76,10 @@ __all__ = [
     "compute_closure", "detect_cycles", "reverse_postorder", "serialize_page",
     "clear_subscriptions", "get_subscription_count", "create_logging_subscriber",
     "create_debug_subscriber",
+    "enable_instrumentation", "disable_instrumentation", "configure_instrumentation",
+    "instrumentation_config", "code_pages", "refresh_code", "world_age",
+    "flush_call_events", "call_events", "produced_by", "code_differences",
+    "verify_state_consistency",
 ]
 
 _active = ACTIVE
@@ -117,6 +126,8 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         open_bus(state, path, shared)
     else:
         state = MMSBState(cfg)
+    if cfg.enable_instrumentation:
+        _instr.enable(state, InstrumentationConfig(), _ops())
     _active.set(state)
     return state
 
@@ -711,7 +722,11 @@ def register_recompute_fn(state: MMSBState, page_id: int, fn: Callable[[MMSBStat
     if not callable(fn):
         raise InvalidArgumentError(f"recompute fn must be callable, not {type(fn).__name__}")
     with state.lock:
-        state.recompute_fns[state.require_page(page_id, "register_recompute_fn")] = fn
+        pid = state.require_page(page_id, "register_recompute_fn")
+        state.recompute_fns[pid] = fn
+    mgr = _instr.manager_of(state)
+    if mgr is not None:
+        mgr.link_recompute(state, pid, fn)
 
 
 def register_passthrough_recompute(state: MMSBState, target_id: int, source_id: int,
@@ -1195,3 +1210,155 @@ def create_debug_subscriber(state: MMSBState, file: Any = None,
               file=sys.stdout if file is None else file, flush=True)
 
     return _subscribe_all(state, types, print_event)
+
+
+# -- instrumentation -------------------------------------------------------------------
+
+def _ops() -> _instr.PageOps:
+    return _instr.PageOps(create_page, update_page, resize_page, add_dependency,
+                          update_metadata, apply_batch, query_page)
+
+
+def enable_instrumentation(state: MMSBState, config: InstrumentationConfig | None = None
+                           ) -> InstrumentationConfig:
+    """Turn on the instrumentation layer for ``state`` (or give it a new config): the
+    config's functions and the loaded modules matching its patterns are captured onto
+    code pages at once, the import hook captures matching modules imported later,
+    recomputed pages record the code that produced them, and, with ``calls=True``,
+    calls of instrumented code go to per-thread ring pages. Returns the config in force.
+
+    Raises:
+        InvalidArgumentError: ``config`` is not an InstrumentationConfig; ``calls=True``
+            while another state records calls or a foreign profile function is set.
+        StateClosedError: the state was stopped.
+        Nothing is enabled or changed when it raises.
+    """
+    state = _state_of(state, "enable_instrumentation")
+    cfg = InstrumentationConfig() if config is None else config
+    if not isinstance(cfg, InstrumentationConfig):
+        raise InvalidArgumentError(
+            f"config must be an InstrumentationConfig, not {type(cfg).__name__}")
+    state.enter()
+    state.leave()
+    return _instr.enable(state, cfg, _ops()).config
+
+
+def disable_instrumentation(state: MMSBState) -> bool:
+    """Remove every hook the state's instrumentation installed (import hook, profiler or
+    monitoring callbacks, recompute hook), after flushing buffered call records. Pages
+    it made stay. Returns False when it was not enabled."""
+    state = _state_of(state, "disable_instrumentation")
+    return _instr.disable(state)
+
+
+def configure_instrumentation(state: MMSBState, **options: Any) -> InstrumentationConfig:
+    """Change some options of the state's instrumentation (enabling it with the default
+    config plus ``options`` when it is off); returns the config in force.
+
+    Raises:
+        InvalidArgumentError: an unknown option or a bad value (nothing changes).
+    """
+    state = _state_of(state, "configure_instrumentation")
+    mgr = _instr.manager_of(state)
+    base = mgr.config if mgr is not None else InstrumentationConfig()
+    return enable_instrumentation(state, base.replace(**options))
+
+
+def instrumentation_config(state: MMSBState) -> InstrumentationConfig | None:
+    """The config of the state's instrumentation, None when it is disabled."""
+    mgr = _instr.manager_of(_state_of(state, "instrumentation_config"))
+    return None if mgr is None else mgr.config
+
+
+def _manager(state: MMSBState, fn: str) -> _instr.Instrumentation:
+    mgr = _instr.manager_of(_state_of(state, fn))
+    if mgr is None:
+        raise InvalidArgumentError(
+            f"{fn}() needs instrumentation on this state; call enable_instrumentation() first")
+    return mgr
+
+
+def code_pages(state: MMSBState, obj: Any) -> dict[str, int]:
+    """The pages of an instrumented function, method, module (or unit name such as
+    ``"pkg.mod:func"``): artefact kind (``"source"``, ``"ast"``, ``"ir"``) → page id.
+
+    Raises:
+        InvalidArgumentError: instrumentation is off, or ``obj`` was not captured.
+    """
+    mgr = _manager(state, "code_pages")
+    unit = mgr.unit_for(obj)
+    if unit is None:
+        raise InvalidArgumentError(
+            f"{obj!r} is not instrumented on this state; name it in "
+            "InstrumentationConfig(functions=...) or match its module with modules=...")
+    return dict(unit.pages)
+
+
+def refresh_code(state: MMSBState) -> list[str]:
+    """Recapture instrumented functions whose ``__code__`` was replaced (and captures
+    that had to wait for a batch to end); returns the names of the units whose code
+    changed. Module reloads and re-imports are picked up without it.
+
+    Raises:
+        InvalidArgumentError: instrumentation is off.
+    """
+    return _manager(state, "refresh_code").refresh()
+
+
+def world_age() -> int:
+    """The process-wide code generation: +1 each time instrumented code changes."""
+    return _instr.world_age()
+
+
+def flush_call_events(state: MMSBState) -> int:
+    """Write the buffered call records of every thread to their ring pages; returns how
+    many were written (0 when calls are not recorded).
+
+    Raises:
+        InvalidArgumentError: inside a batch or a propagation pass.
+    """
+    mgr = _instr.manager_of(_state_of(state, "flush_call_events"))
+    if mgr is None or mgr.calls is None:
+        return 0
+    return mgr.calls.flush()
+
+
+def call_events(state: MMSBState, thread_id: int | None = None) -> list[_calls.CallEvent]:
+    """The calls the state's ring pages hold (one thread's, or all), per thread oldest
+    first. Flush first to include buffered ones."""
+    return _calls.read_call_events(_state_of(state, "call_events"), thread_id)
+
+
+def produced_by(state: MMSBState, delta: Delta) -> dict[str, Any] | None:
+    """The code that produced a propagated delta: ``{"name", "hash"}`` and, for
+    instrumented code, ``"ir_page"``, ``"ir_epoch"``; None for other deltas or when the
+    log does not say (recorded with instrumentation off)."""
+    state = _state_of(state, "produced_by")
+    if not isinstance(delta, Delta):
+        raise InvalidArgumentError(f"produced_by() takes a Delta, not {type(delta).__name__}")
+    return _prov.provenance_index(state).of(delta)
+
+
+def code_differences(state: MMSBState) -> list[_prov.CodeDifference]:
+    """Retained propagated deltas whose code differs from the code there now (the
+    registered recompute function, or the code on the IR page that produced them), or
+    cannot be compared. O(log)."""
+    return _prov.code_differences(_state_of(state, "code_differences"))
+
+
+def verify_state_consistency(state: MMSBState, *, check_code: bool = False) -> bool:
+    """True when replaying the whole retained log gives exactly the live state (pages,
+    bytes, epochs, sizes, locations, metadata, edges, id counter). With
+    ``check_code=True`` also False when a retained propagated delta was produced by code
+    that differs from the code registered now; each such difference is logged as a
+    warning (logger ``mmsb.instrument``; :func:`code_differences` lists them). O(log)."""
+    if not isinstance(check_code, bool):
+        raise InvalidArgumentError(f"check_code must be True or False, not {check_code!r}")
+    ok = _verify(state)
+    if not check_code:
+        return ok
+    changed = [d for d in _prov.code_differences(state) if d.status == "changed"]
+    for d in changed:
+        _instr.log.warning("page %d: %d propagated delta(s) from LSN %d: %s", d.page_id,
+                           d.deltas, d.lsn, d.reason)
+    return ok and not changed

@@ -37,8 +37,8 @@ class MMSBConfig:
     enable_gpu: bool = True
     """Allow GPU and unified pages when a CUDA device is usable."""
     enable_instrumentation: bool = False
-    """Reserved for the instrumentation layer (code artifacts and call events on pages),
-    which is not part of this release: the flag is kept, and nothing acts on it yet."""
+    """``mmsb_start`` enables the instrumentation layer (code artefacts, call events and
+    provenance on pages) with the default InstrumentationConfig."""
     page_size_default: int = 4096
     """Size of a page created without a size (1 to 2**32 - 1)."""
     max_tlog_size: int = 10_000

@@ -100,6 +100,13 @@ class EventType(enum.IntEnum):
     """Change feed only (``page_id`` = the child; payload ``parent_id``)."""
     LOG_COMPACTED = 22
     """Change feed only: the log was rewritten by compaction (``page_id`` 0)."""
+    COMPILE_START = 12
+    """(page_id, name): capture of a function's or module's code artefacts begins;
+    page_id is its IR page when it was captured before, else 0."""
+    COMPILE_COMPLETE = 13
+    """(page_id, name, world_age, changed): the artefacts are on pages; page_id is the IR
+    page (or the last artefact page captured); changed is True when the code differs
+    from what the pages held."""
 
 
 class PropagationMode(enum.IntEnum):

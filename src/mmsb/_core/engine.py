@@ -9,6 +9,7 @@ Every change follows the same path: validate → build a record → append it to
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import threading
 import time
@@ -338,6 +339,12 @@ class MMSBState:
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
         self.recomputing: int | None = None
         """The page whose recompute function is running (changes are refused meanwhile)."""
+        self.close_hooks: list[Callable[[MMSBState], object]] = []
+        """Called once, in order, when the state is stopped (before its bus closes): the
+        instrumentation layer removes its hooks there."""
+        self.recompute_hook: Callable[[MMSBState, int, RecomputeFn], None] | None = None
+        """Called as ``hook(state, page_id, fn)`` before a propagation pass runs a page's
+        recompute function (the instrumentation layer's provenance); None: nothing."""
         self.replay_base: ReplayBase | None = None
         """Replay base: the state at ``log.horizon_lsn``, where replays of the retained
         log start; None when the log rebuilds the state from nothing."""
@@ -367,6 +374,12 @@ class MMSBState:
                 # recompute functions follow them before it goes.
                 self.enter()
                 self.leave()
+            hooks, self.close_hooks = self.close_hooks, []
+            for hook in hooks:
+                try:
+                    hook(self)
+                except Exception:  # a layer's clean-up must not keep the state open
+                    logging.getLogger("mmsb.engine").exception("close hook %r failed", hook)
             try:
                 if self.bus is not None:
                     self.bus.close(self)

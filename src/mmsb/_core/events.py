@@ -154,6 +154,8 @@ EVENT_FIELDS: dict[EventType, tuple[str, ...]] = {
     EventType.PAGE_CHANGED: ("page", "epoch", "delta"),
     EventType.PAGE_INVALIDATED: ("page", "parent"),
     EventType.PAGE_STALE: ("page", "parent"),
+    EventType.COMPILE_START: ("page", "name"),
+    EventType.COMPILE_COMPLETE: ("page", "name", "world_age", "changed"),
     EventType.DELTA_APPLIED: ("page", "epoch", "delta", "lsn"),
     EventType.GPU_SYNC_NEEDED: ("page", "parent"),
     EventType.GPU_SYNC_COMPLETE: ("page",),

@@ -129,6 +129,9 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                 state.emit(EventType.PAGE_INVALIDATED, node, kinds[EdgeType.DATA])
             else:
                 try:
+                    if state.recompute_hook is not None:
+                        # Instrumentation: note which code produces this page's delta.
+                        state.recompute_hook(state, node, fn)
                     if (type(fn) is Passthrough and fn.transform is None
                             and table.is_live(fn.source)):
                         # What the call would return, without the call.

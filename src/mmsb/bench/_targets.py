@@ -418,6 +418,24 @@ TARGETS: tuple[Target, ...] = (
         1.0,
         "x",
     ),
+    Target(
+        "instrument_calls_overhead",
+        "instrumentation: call hooks on a module doing real work",
+        "≤ 10 % overhead (a numpy pipeline, hook running against paused)",
+        Metric("instrumentation/calls_numeric_pipeline", "overhead_ratio"),
+        "<=",
+        1.10,
+        "x",
+    ),
+    Target(
+        "instrument_disabled_overhead",
+        "instrumentation: disabled",
+        "0 when disabled (within 3 % run-to-run noise; nothing is installed)",
+        Metric("instrumentation/disabled", "overhead_ratio"),
+        "<=",
+        1.03,
+        "x",
+    ),
 )
 """SPEC.md's targets, in its table's order."""
 

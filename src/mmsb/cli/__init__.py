@@ -345,8 +345,9 @@ def log_command(path: Path, page: int | None, source: str | None, since: int | N
 @_json_opt
 def history(path: Path, page: int, as_json: bool) -> None:
     """Every retained delta of one page: epoch, LSN, time, source, bytes changed and a
-    hex preview of the new bytes (``@offset: bytes``)."""
-    from .views import history_rows, require_page_history
+    hex preview of the new bytes (``@offset: bytes``); for propagated deltas recorded with
+    instrumentation, the code that produced them (name, hash, IR page and epoch)."""
+    from .views import code_label, history_rows, require_page_history
 
     src = _open(path)
     require_page_history(src.state, page, path)
@@ -357,9 +358,12 @@ def history(path: Path, page: int, as_json: bool) -> None:
         return
     out = _out()
     title = f"history of page {page}" + ("" if live else " (deleted)")
-    out.print(_table(title, ["epoch", "lsn", "time", "source", "bytes", "changed bytes"],
+    with_code = any(r["code"] for r in rows)
+    out.print(_table(title, ["epoch", "lsn", "time", "source", "bytes", "changed bytes"]
+                     + (["code"] if with_code else []),
                      [[f"{r['base_epoch']}→{r['epoch']}", r["lsn"], r["time"], r["source"],
-                       r["bytes"], r["preview"]] for r in rows],
+                       r["bytes"], r["preview"]] + ([code_label(r["code"])] if with_code else [])
+                      for r in rows],
                      right=("lsn", "bytes")))
     if not rows:
         out.print(f"page {page} has no retained deltas (never written, or its history was "
@@ -375,8 +379,10 @@ def history(path: Path, page: int, as_json: bool) -> None:
 def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | None,
           as_json: bool) -> None:
     """Who wrote each byte of a page: for every maximal byte range, the LSN, epoch,
-    time and source of the delta that last wrote it."""
+    time and source of the delta that last wrote it (and, for a propagated delta recorded
+    with instrumentation, the code that produced it)."""
     from .views import blame as blame_view
+    from .views import code_label
 
     src = _open(path)
     lo, hi = byte_range if byte_range is not None else (None, None)
@@ -388,7 +394,8 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
     for r in doc["ranges"]:
         status = r["status"]
         if status == "delta":
-            who = [r["lsn"], f"{r['base_epoch']}→{r['epoch']}", r["time"], r["source"]]
+            source = r["source"] + (f" [{code_label(r['code'])}]" if r.get("code") else "")
+            who = [r["lsn"], f"{r['base_epoch']}→{r['epoch']}", r["time"], source]
         elif status == "cloned":
             who = [r["lsn"], None, r["time"], f"(cloned from page {r['source_page']})"]
         elif status == "before_history":
@@ -461,8 +468,11 @@ def replay(path: Path, lsn: int | None, epoch: int | None, at_time: int | None, 
 
 @main.command(short_help="Check the state against the replay of its log, and the files.")
 @_path_arg
+@click.option("--check-code", is_flag=True,
+              help="Also fail when a propagated delta came from code that differs from the "
+                   "code now on its IR page.")
 @_json_opt
-def verify(path: Path, as_json: bool) -> None:
+def verify(path: Path, check_code: bool, as_json: bool) -> None:
     """Check that the state equals the replay of its log (and, for a bus, that every
     checkpoint and log segment reads cleanly). Exit 1 with a report otherwise."""
     from .views import count_bus_files
@@ -473,6 +483,14 @@ def verify(path: Path, as_json: bool) -> None:
     with _working("replaying the log"), _progress("checking files", total) as step:
         doc = verify_view(src, step)
     doc = {"path": str(path), "kind": src.kind, **doc}
+    if check_code:
+        import mmsb
+
+        changed = [d for d in mmsb.code_differences(src.state) if d.status == "changed"]
+        doc["code_changed"] = [{"page": d.page_id, "lsn": d.lsn, "deltas": d.deltas,
+                                "produced_by": d.produced_by, "now": d.current,
+                                "reason": d.reason} for d in changed]
+        doc["ok"] = doc["ok"] and not changed
     if as_json:
         _print_json(doc)
     else:
@@ -484,6 +502,9 @@ def verify(path: Path, as_json: bool) -> None:
             out.print("MISMATCH: the state differs from the replay of its log:")
             for line in doc["differences"]:
                 out.print(f"  - {line}", markup=False)
+        for c in doc.get("code_changed", []):
+            out.print(f"CODE CHANGED: page {c['page']}: {c['deltas']} propagated delta(s) "
+                      f"from LSN {c['lsn']}: {c['reason']}", markup=False)
         if doc["problems"]:
             out.print("DAMAGED files:")
             for line in doc["problems"]:

@@ -23,6 +23,7 @@ import mmsb
 from .._core.records import PageClone
 from .._history.replay import replay_records_to_lsn, state_differences
 from .._history.timetravel import CLONE, RESIZE, history_index
+from .._instrument.provenance import provenance_index
 from .._storage.bus import bus_files
 from ..errors import MMSBError, SerializationError
 
@@ -254,6 +255,7 @@ def history_rows(state: mmsb.MMSBState, page_id: int) -> list[dict[str, Any]]:
     """One row per retained delta of the page, oldest first: epochs, LSN, time, source,
     bytes changed, the changed ranges and a hex preview of their new values."""
     rows = []
+    index = provenance_index(state)
     for d in mmsb.get_deltas_for_page(state, page_id):
         idx = d.indices
         starts, stops = _runs(idx)
@@ -262,6 +264,7 @@ def history_rows(state: mmsb.MMSBState, page_id: int) -> list[dict[str, Any]]:
         row["ranges"] = [[int(a), int(b)] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
         row["preview_hex"] = vals.tobytes().hex()
         row["preview"] = _preview(starts, stops, vals)
+        row["code"] = index.of(d)
         rows.append(row)
     return rows
 
@@ -352,6 +355,7 @@ def blame(state: mmsb.MMSBState, page_id: int, lo: int | None = None,
     data = state.pages[page_id].data
     horizon = state.log.horizon_lsn
     ranges = []
+    index = provenance_index(state)
     for a, b in zip(starts, stops, strict=True):
         code = int(owner[a])
         row: dict[str, Any] = {"start": a, "stop": b, "length": b - a,
@@ -360,7 +364,7 @@ def blame(state: mmsb.MMSBState, page_id: int, lo: int | None = None,
             d = deltas[code]
             row.update(status="delta", lsn=d.lsn, delta_id=d.id, epoch=d.epoch,
                        base_epoch=d.base_epoch, timestamp_ns=d.timestamp,
-                       time=format_time(d.timestamp), source=d.source)
+                       time=format_time(d.timestamp), source=d.source, code=index.of(d))
         elif code == BEFORE_HISTORY:
             if clone is not None:
                 row.update(status="cloned", lsn=clone.lsn, source_page=clone.source_id,
@@ -501,3 +505,16 @@ def verify(src: Source, step: Callable[[str], None] | None = None) -> dict[str, 
         "warnings": sorted(set(warnings)), "records": len(state.log.records),
         "pages": len(state.pages), "last_lsn": state.last_lsn,
     }
+
+
+def code_label(code: dict[str, Any] | None) -> str:
+    """``pipe:double #1c2493 (ir page 8 @2)`` for a provenance record; "" for none."""
+    if not code:
+        return ""
+    text = str(code.get("name", ""))
+    digest = str(code.get("hash", ""))
+    if digest:
+        text += f" #{digest[:6]}"
+    if "ir_page" in code:
+        text += f" (ir page {code['ir_page']} @{code.get('ir_epoch')})"
+    return text

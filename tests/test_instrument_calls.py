@@ -1,0 +1,297 @@
+"""Call hooks: calls of instrumented functions land in bounded per-thread ring pages
+(function, depth, start, duration, sequence); other code is not recorded; refusals
+install nothing."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+import mmsb
+from conftest import assert_unchanged, snapshot
+from instrument_helpers import make_state
+from mmsb._instrument.calls import (
+    MONITORING,
+    RING_MAGIC,
+    decode_ring,
+    hook_installed,
+    ring_pages,
+)
+from mmsb._instrument.manager import manager_of
+
+state_fixture = pytest.fixture(name="state")(make_state)
+
+
+def leaf(x: int) -> int:
+    return x * 2
+
+
+def outer(n: int) -> int:
+    return sum(leaf(i) for i in range(n))
+
+
+def gen(n: int) -> Any:
+    yield from range(n)
+
+
+def boom() -> None:
+    raise ValueError("boom")
+
+
+def not_instrumented(x: int) -> int:
+    return x
+
+
+def _enable(st: mmsb.MMSBState, **kw: Any) -> None:
+    fns = kw.pop("functions", (leaf, outer, gen, boom))
+    mmsb.enable_instrumentation(st, mmsb.InstrumentationConfig(functions=fns, calls=True,
+                                                              **kw))
+
+
+def test_calls_are_recorded_in_the_threads_ring_page(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    assert outer(3) == 6
+    not_instrumented(1)
+    assert mmsb.flush_call_events(state) == 4
+    events = mmsb.call_events(state)
+    names = [e.name.split(":")[1] for e in events]
+    assert names == ["leaf", "leaf", "leaf", "outer"]  # in order of return
+    assert [e.depth for e in events] == [1, 1, 1, 0]
+    assert [e.seq for e in events] == [0, 1, 2, 3]
+    outer_ev = events[-1]
+    assert outer_ev.function_page == mmsb.code_pages(state, outer)["ir"]
+    assert all(e.duration_ns >= 0 for e in events)
+    assert outer_ev.duration_ns >= max(e.duration_ns for e in events[:3])
+    assert {e.thread_id for e in events} == {threading.get_native_id()}
+    assert mmsb.call_events(state, thread_id=threading.get_native_id()) == events
+    rings = ring_pages(state)
+    assert list(rings.values()) == [threading.get_native_id()]
+    pid = next(iter(rings))
+    assert {e.ring_page for e in events} == {pid}
+    assert mmsb.query_page(state, pid)[:8] == RING_MAGIC
+    assert mmsb.get_deltas_for_page(state, pid)[-1].source == "calls"
+    assert mmsb.verify_state_consistency(state)
+
+
+def test_generators_and_exceptions(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    assert list(gen(2)) == [0, 1]
+    with pytest.raises(ValueError):
+        boom()
+    mmsb.flush_call_events(state)
+    names = [e.name.split(":")[1] for e in mmsb.call_events(state)]
+    # A generator is entered at each resume and left at each yield and at its end.
+    assert names.count("gen") == 3
+    assert names[-1] == "boom"
+
+
+def test_the_ring_keeps_the_newest_records(state: mmsb.MMSBState) -> None:
+    _enable(state, ring_capacity=8, flush_every=5)
+    for i in range(23):
+        leaf(i)
+    mmsb.flush_call_events(state)
+    events = mmsb.call_events(state)
+    assert [e.seq for e in events] == list(range(15, 23))
+    (pid,) = ring_pages(state)
+    tid, total, recs = decode_ring(mmsb.query_page(state, pid))
+    assert total == 23 and len(recs) == 8
+    # Written as it went: flushes at 5, 10, 15 and 20 records, then the last three.
+    assert len(mmsb.get_deltas_for_page(state, pid)) >= 5
+
+
+def test_records_past_the_buffer_bound_are_counted_lost(state: mmsb.MMSBState) -> None:
+    _enable(state, ring_capacity=4, flush_every=1000)
+    for i in range(10):
+        leaf(i)
+    mmsb.flush_call_events(state)
+    events = mmsb.call_events(state)
+    assert [e.seq for e in events] == [6, 7, 8, 9]
+    mgr = manager_of(state)
+    assert mgr is not None and mgr.calls is not None and mgr.calls.dropped == 6
+
+
+def test_sampling(state: mmsb.MMSBState) -> None:
+    _enable(state, call_sample_every=3)
+    for i in range(9):
+        leaf(i)
+    mmsb.flush_call_events(state)
+    assert len(mmsb.call_events(state)) == 3
+
+
+def test_threads_started_later_get_their_own_ring(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    ids: list[int] = []
+
+    def work() -> None:
+        ids.append(threading.get_native_id())
+        for i in range(5):
+            leaf(i)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    leaf(1)
+    mmsb.flush_call_events(state)
+    rings = ring_pages(state)
+    assert len(rings) == 2 and set(rings.values()) <= {ids[0], threading.get_native_id()}
+    counts = sorted(sum(1 for e in mmsb.call_events(state) if e.ring_page == p) for p in rings)
+    assert counts == [1, 5]
+
+
+def test_no_flush_inside_a_batch(state: mmsb.MMSBState) -> None:
+    _enable(state, flush_every=1)
+    page = mmsb.create_page(state, 8)
+    with mmsb.batch(state):
+        mmsb.write_page(state, page.id, 0, b"x")
+        leaf(1)  # the opportunistic flush waits
+        with pytest.raises(mmsb.InvalidArgumentError, match="inside a batch"):
+            mmsb.flush_call_events(state)
+    assert ring_pages(state) == {}
+    assert mmsb.flush_call_events(state) == 1
+
+
+def test_disable_flushes_and_uninstalls(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    leaf(1)
+    assert hook_installed()
+    mmsb.disable_instrumentation(state)
+    assert not hook_installed() and sys.getprofile() is None
+    assert len(mmsb.call_events(state)) == 1
+    leaf(2)
+    assert len(mmsb.call_events(state)) == 1
+
+
+def test_a_foreign_profiler_is_not_replaced(state: mmsb.MMSBState) -> None:
+    if MONITORING:
+        pytest.skip("sys.monitoring leaves sys.setprofile alone")
+    mmsb.create_page(state, 4)
+    before = snapshot(state)
+
+    def theirs(frame: Any, event: str, arg: Any) -> None:
+        return None
+
+    sys.setprofile(theirs)
+    try:
+        with pytest.raises(mmsb.InvalidArgumentError, match="another profile function"):
+            _enable(state)
+        assert sys.getprofile() is theirs
+    finally:
+        sys.setprofile(None)
+    assert manager_of(state) is None
+    assert_unchanged(state, before)
+
+
+def test_only_one_state_records_calls(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    other = mmsb.MMSBState()
+    with pytest.raises(mmsb.InvalidArgumentError, match="another state"):
+        _enable(other)
+    assert manager_of(other) is None and len(other.pages) == 0
+    mmsb.disable_instrumentation(state)
+    _enable(other)
+    mmsb.disable_instrumentation(other)
+
+
+def test_calls_option_switched_by_configure(state: mmsb.MMSBState) -> None:
+    mmsb.enable_instrumentation(state, mmsb.InstrumentationConfig(functions=(leaf,)))
+    assert not hook_installed()
+    mmsb.configure_instrumentation(state, calls=True)
+    assert hook_installed()
+    leaf(1)
+    mmsb.configure_instrumentation(state, calls=False)
+    assert not hook_installed()
+    assert len(mmsb.call_events(state)) == 1
+
+
+def test_recaptured_code_is_recorded_too(state: mmsb.MMSBState) -> None:
+    def target(x: int) -> int:
+        return x
+
+    def replacement(x: int) -> int:
+        return x + 1
+
+    _enable(state, functions=(target,))
+    target(1)
+    target.__code__ = replacement.__code__
+    mmsb.refresh_code(state)
+    target(1)
+    mmsb.flush_call_events(state)
+    assert len(mmsb.call_events(state)) == 2
+
+
+def test_ring_decoder_refuses_damage() -> None:
+    with pytest.raises(mmsb.SerializationError):
+        decode_ring(b"short")
+    with pytest.raises(mmsb.SerializationError):
+        decode_ring(b"NOTARING" + bytes(24 + 32))
+    good = RING_MAGIC + bytes([1, 0, 32, 0, 2, 0, 0, 0]) + bytes(16)
+    with pytest.raises(mmsb.SerializationError):
+        decode_ring(good + bytes(32))  # says two records, holds one
+    assert len(decode_ring(bytes(32 + 64))[2]) == 0  # created, never flushed
+
+
+def test_the_hook_in_use_matches_the_interpreter(state: mmsb.MMSBState) -> None:
+    """sys.monitoring from 3.12 on (only the instrumented code objects report events);
+    a profile function before."""
+    _enable(state)
+    if sys.version_info >= (3, 12):
+        assert MONITORING and sys.getprofile() is None
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        tool = next(i for i in range(6) if mon.get_tool(i) == "mmsb")
+        assert mon.get_local_events(tool, leaf.__code__) != 0
+        assert mon.get_local_events(tool, not_instrumented.__code__) == 0
+    else:
+        assert not MONITORING and sys.getprofile() is not None
+
+
+def test_install_and_uninstall_are_idempotent(state: mmsb.MMSBState) -> None:
+    _enable(state)
+    mgr = manager_of(state)
+    assert mgr is not None and mgr.calls is not None
+    mgr.calls.install()
+    mgr.calls.install()
+    mgr.calls.uninstall(flush=False)
+    assert not hook_installed()
+    mgr.calls.uninstall(flush=False)
+    mgr.calls.install()
+    leaf(1)
+    mmsb.disable_instrumentation(state)
+    assert not hook_installed()
+    if sys.version_info >= (3, 12):
+        mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+        assert all(mon.get_tool(i) is None for i in range(6))
+
+
+def test_threads_calling_while_another_writes(state: mmsb.MMSBState) -> None:
+    _enable(state, flush_every=16, ring_capacity=1 << 16)
+    page = mmsb.create_page(state, 64)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            mmsb.write_page(state, page.id, i % 60, bytes([i % 256]) * 4)
+            i += 1
+
+    def caller() -> None:
+        for i in range(400):
+            leaf(i)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    callers = [threading.Thread(target=caller) for _ in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    stop.set()
+    w.join()
+    mmsb.flush_call_events(state)
+    per_ring: dict[int, int] = {}
+    for e in mmsb.call_events(state):
+        per_ring[e.ring_page] = per_ring.get(e.ring_page, 0) + 1
+    assert sorted(per_ring.values()) == [400] * 4
+    assert mmsb.verify_state_consistency(state)
