@@ -774,3 +774,47 @@ def test_torture_shared_writers_and_readers_killed_and_restarted(tmp_path: Path)
         want = mmsb.read_page_at(final, pid, lsn=lsn)
         assert hashlib.blake2b(want).hexdigest() == digest, (lsn, pid)
     mmsb.mmsb_stop(s)
+
+
+def test_a_writer_that_died_inside_a_checkpoint_loses_nothing(tmp_path: Path) -> None:
+    """A shared writer killed after its checkpoint file is in place but before the new
+    generation's first segment exists (and before the head says so): the next writer
+    continues in the new generation, so recovery finds every record."""
+    path = tmp_path / "bus"
+    a = mmsb.mmsb_start(path=path, shared=True, enable_gpu=False)
+    b = mmsb.mmsb_start(path=path, shared=True, enable_gpu=False)
+    p = mmsb.create_page(a, 16)
+    mmsb.write_page(b, p.id, 0, b"before")
+    assert a.bus is not None and b.bus is not None
+    # a checkpoints, then "dies": its new segment and the head's note are undone.
+    mmsb.write_page(a, p.id, 0, b"ckpt")
+    a.enter()
+    try:
+        saved_head = a.bus.publisher.log_end()  # type: ignore[union-attr]
+        a.bus.checkpoint(a)
+        gen = a.bus.generation
+        seg = path / "wal" / f"wal-{gen:016x}-00000000.log"
+        assert a.bus.writer is not None
+        os.close(a.bus.writer.fd)
+        a.bus.writer.fd = -1
+        a.bus.writer = None
+        seg.unlink()
+        a.bus.publisher.note_append(*saved_head)  # type: ignore[union-attr]
+    finally:
+        a.bus.shared = False  # leave without touching the bus again
+        a.leave()
+    # Its locks go with the process.
+    os.close(a.bus.lock_fd)
+    os.close(a.bus.write_fd)
+    a.bus.publisher.close(None)  # type: ignore[union-attr]
+    a.bus.publisher = None
+    mmsb.write_page(b, p.id, 0, b"after!")
+    # b is killed too (no final checkpoint): the record must be in the log.
+    assert b.bus is not None and b.bus.writer is not None
+    os.close(b.bus.writer.fd)
+    os.close(b.bus.lock_fd)
+    os.close(b.bus.write_fd)
+    c = _bus(path)
+    assert mmsb.query_page(c, p.id)[:6] == b"after!"
+    assert mmsb.verify_state_consistency(c)
+    mmsb.mmsb_stop(c)

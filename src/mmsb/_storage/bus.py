@@ -136,6 +136,8 @@ class DurableBus:
         """This process holds DIR/WRITE (a call of a shared writer is in progress)."""
         self.feed: ChangeFeed | None = None
         """Reads the records other writers appended (shared writers)."""
+        self.dir_stamps: tuple[int, int] | None = None
+        """The folders' modification times when this writer last released DIR/WRITE."""
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -317,7 +319,17 @@ class DurableBus:
         """Release DIR/WRITE (the end of a shared writer's call)."""
         if self.held:
             self.held = False
+            try:
+                self.dir_stamps = self._dir_stamps()
+            except OSError:
+                self.dir_stamps = None
             fcntl.flock(self.write_fd, fcntl.LOCK_UN)
+
+    def _dir_stamps(self) -> tuple[int, int]:
+        """Modification times of the segment and checkpoint folders: a roll or a
+        checkpoint by another writer (even one that died before telling the head)
+        changes them."""
+        return (os.stat(self.wal_dir).st_mtime_ns, os.stat(self.ckpt_dir).st_mtime_ns)
 
     def after_call(self, state: MMSBState) -> None:
         """End of a call that held the state's lock: show its changes to attached
@@ -333,8 +345,9 @@ class DurableBus:
         gen, seq, end, lsn = self.publisher.log_end()
         w = self.writer
         mine = state.log.last_lsn
+        dirs = self._dir_stamps()
         if (lsn == mine and w is not None and (gen, seq) == (w.generation, w.seq)
-                and os.fstat(w.fd).st_size == end):
+                and os.fstat(w.fd).st_size == end and dirs == self.dir_stamps):
             return set()
         if self.feed is None or self.feed.next_lsn != mine + 1:
             if self.feed is not None:
@@ -370,6 +383,13 @@ class DurableBus:
         seg = self.feed.seg
         if seg is not None:
             gen, seq = seg.gen, seg.seq
+        newest = max((int(m.group(1), 16) for p in bus_files(self.root)["checkpoints"]
+                      if (m := _CKPT_RE.match(p.name))), default=0)
+        if newest > gen:
+            # A writer died after its checkpoint was in place but before the checkpoint's
+            # first segment existed (or before it told the head): the log goes on in
+            # that generation, not after the records the checkpoint holds.
+            gen, seq = newest, 0
         if gen != self.generation:
             self._refresh_chain(gen)
         with self.io_lock:
