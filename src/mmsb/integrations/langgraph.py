@@ -31,7 +31,7 @@ import dataclasses
 import os
 import random
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -102,6 +102,8 @@ _JOURNAL_START = 4096
 _STATE_AT = 5
 """Offset of the journal header's state byte."""
 _STRATEGIES = ("keep_latest", "delete")
+_CACHE_RECORDS = 4096
+"""Decoded journal records kept (they are immutable, so sharing them is safe)."""
 
 Version = str | int | float
 
@@ -196,7 +198,7 @@ class _Journal:
     """The in-memory index of one (thread, namespace) journal page."""
 
     __slots__ = ("thread", "ns", "page_id", "end", "entries", "order", "writes", "blobs",
-                 "last")
+                 "last", "generation")
 
     def __init__(self, thread: str, ns: str, page_id: int) -> None:
         self.thread = thread
@@ -212,6 +214,9 @@ class _Journal:
         """(channel, version) → where the latest put of that version lives."""
         self.last: tuple[str, dict[str, ChannelRef]] | None = None
         """The last record indexed: its id and channel refs (the usual parent)."""
+        self.generation = 0
+        """Bumped when the page's records move (a rewrite), so cached records of the
+        old layout are never read again."""
 
 
 def _ranges(mask: np.ndarray) -> builtins.list[tuple[int, int]]:
@@ -274,6 +279,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         self._owner: dict[int, tuple[str, str, str]] = {}
         self._owned_by: dict[tuple[str, str], set[int]] = {}
         self._refs: Counter[int] = Counter()
+        self._cache: OrderedDict[tuple[int, int, int], jr.Record] = OrderedDict()
         self._path = None if path is None else os.fspath(path)
         self._state = mmsb_start(enable_gpu=False, config=cfg, path=path)
         try:
@@ -461,6 +467,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         j.writes.clear()
         j.blobs.clear()
         j.last = None
+        j.generation += 1
         return pages
 
     def _own(self, key: tuple[str, str, str], pid: int) -> None:
@@ -542,9 +549,20 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         return data
 
     def _record(self, j: _Journal, entry: _Entry | tuple[int, int]) -> jr.Record:
+        """The decoded record at ``entry`` (cached: records never change in place)."""
         offset, length = (entry.offset, entry.length) if isinstance(entry, _Entry) else entry
+        key = (j.page_id, j.generation, offset)
+        cache = self._cache
+        record = cache.get(key)
+        if record is not None:
+            cache.move_to_end(key)
+            return record
         where = f"journal page {j.page_id} (thread {j.thread!r}, namespace {j.ns!r})"
-        return jr.decode_frame(self._read(j.page_id, offset, length), where, offset)
+        record = jr.decode_frame(self._read(j.page_id, offset, length), where, offset)
+        cache[key] = record
+        if len(cache) > _CACHE_RECORDS:
+            cache.popitem(last=False)
+        return record
 
     def _checkpoint(self, j: _Journal, cid: str) -> CheckpointRecord:
         record = self._record(j, j.entries[cid])
