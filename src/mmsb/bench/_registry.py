@@ -40,6 +40,7 @@ CATEGORIES: tuple[str, ...] = (
     "memory",
     "gpu",
     "peers",
+    "langgraph",
 )
 """Every category, in run order."""
 
@@ -51,6 +52,7 @@ _CASE_MODULES: tuple[str, ...] = (
     "mmsb.bench.cases_engine",
     "mmsb.bench.cases_gpu",
     "mmsb.bench.cases_peers",
+    "mmsb.bench.cases_langgraph",
 )
 
 
