@@ -9,7 +9,7 @@ Every checkpoint is built before timing, and both savers get the same ones.
 
 | case | what is timed |
 | --- | --- |
-| ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` | each ``put`` of the thread, one sample per put, in runs of fresh savers: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file |
+| ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` | each ``put`` of the thread, one sample per put, in runs of fresh savers driven step by step in turn: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file |
 | ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
 | ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
 | ``decode_middle`` | LangGraph's serializer decoding step ``N // 2``'s messages alone: the floor both savers share |
@@ -107,18 +107,24 @@ def _workload(ctx: RunContext) -> Workload:
     return w
 
 
-def _drive(saver: Any, w: Workload) -> list[float]:
-    """Save the whole thread; return each put's time (ns)."""
+def _drive_all(savers: dict[str, Any], w: Workload) -> dict[str, list[float]]:
+    """Save the whole thread on every saver, step by step in turn (the order rotating
+    each step), so drift in the machine hits all alike; return each put's time (ns)."""
     import time
 
-    times = []
-    config = w.config()
+    kinds = list(savers)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    configs = {k: w.config() for k in kinds}
     for i, step in enumerate(w.steps):
-        if i:
-            saver.put_writes(config, [("messages", [step.message])], f"task-{i}")
-        t0 = time.perf_counter_ns()
-        config = saver.put(config, step.checkpoint, step.metadata, step.new_versions)
-        times.append(float(time.perf_counter_ns() - t0))
+        for j in range(len(kinds)):
+            kind = kinds[(i + j) % len(kinds)]
+            saver = savers[kind]
+            if i:
+                saver.put_writes(configs[kind], [("messages", [step.message])], f"task-{i}")
+            t0 = time.perf_counter_ns()
+            configs[kind] = saver.put(configs[kind], step.checkpoint, step.metadata,
+                                      step.new_versions)
+            times[kind].append(float(time.perf_counter_ns() - t0))
     return times
 
 
@@ -157,41 +163,57 @@ def _sqlite_bytes(path: Path) -> int:
                if Path(str(path) + suffix).exists())
 
 
-def _puts(ctx: RunContext, kind: str) -> CaseOutcome:
-    """Run the thread ``runs`` times on fresh savers of ``kind``; keep the last."""
+_KINDS = ("mmsb", "always", "memory", "sqlite")
+
+
+def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
+    """Run the thread ``runs`` times on fresh savers of every kind, interleaved; keep
+    the last run's savers for the read cases."""
+    if "lg_puts" in ctx.cache:
+        done: dict[str, list[list[float]]] = ctx.cache["lg_puts"]
+        return done
     w = _workload(ctx)
     runs = ctx.pick(3, 1)
-    samples: list[float] = []
-    p50s = []
-    kept: Any = None
+    samples: dict[str, list[list[float]]] = {k: [] for k in _KINDS}
     for r in range(runs):
-        where = ctx.path(f"lg-{kind}-{r}")
-        if kind == "sqlite":
-            where.mkdir(parents=True, exist_ok=True)
-            store: Any = _Sqlite(where / "lg.sqlite")
-            times = _drive(store.saver, w)
-        else:
-            store = _open_mmsb(None if kind == "memory" else where,
-                               "always" if kind == "always" else "batch")
-            times = _drive(store, w)
-        samples.extend(times)
-        p50s.append(summarize(times, 1).median_ns)
-        if kept is not None:
-            kept.close()
-        kept = store
-    ctx.cache[f"lg_store:{kind}"] = kept
-    ctx.on_close(kept.close)
-    last = w.n - 1
-    saver = kept.saver if kind == "sqlite" else kept
-    tup = saver.get_tuple(w.config())
-    expect(tup is not None and tup.checkpoint["id"] == w.steps[last].checkpoint["id"],
-           f"{kind}: the latest checkpoint is not the last one put")
-    expect(len(tup.checkpoint["channel_values"]["messages"]) == w.n,
-           f"{kind}: the latest checkpoint lost messages")
+        stores: dict[str, Any] = {}
+        for kind in _KINDS:
+            where = ctx.path(f"lg-{kind}-{r}")
+            if kind == "sqlite":
+                where.mkdir(parents=True, exist_ok=True)
+                stores[kind] = _Sqlite(where / "lg.sqlite")
+            else:
+                stores[kind] = _open_mmsb(None if kind == "memory" else where,
+                                          "always" if kind == "always" else "batch")
+        savers = {k: (v.saver if k == "sqlite" else v) for k, v in stores.items()}
+        for kind, times in _drive_all(savers, w).items():
+            samples[kind].append(times)
+        last = r == runs - 1
+        for kind, store in stores.items():
+            if last and kind in ("mmsb", "sqlite"):
+                ctx.cache[f"lg_store:{kind}"] = store
+                ctx.on_close(store.close)
+            else:
+                store.close()
+    for kind in ("mmsb", "sqlite"):
+        saver = ctx.cache[f"lg_store:{kind}"]
+        saver = saver.saver if kind == "sqlite" else saver
+        tup = saver.get_tuple(w.config())
+        expect(tup is not None and tup.checkpoint["id"] == w.steps[-1].checkpoint["id"],
+               f"{kind}: the latest checkpoint is not the last one put")
+        expect(len(tup.checkpoint["channel_values"]["messages"]) == w.n,
+               f"{kind}: the latest checkpoint lost messages")
+    ctx.cache["lg_puts"] = samples
+    return samples
+
+
+def _puts(ctx: RunContext, kind: str) -> CaseOutcome:
+    runs = _put_runs(ctx)[kind]
+    samples = [t for run in runs for t in run]
     return CaseOutcome(Measurement(stats=summarize(samples, 1), samples_ns=tuple(samples)), {
-        "steps": w.n,
-        "runs": runs,
-        "p50_per_run_ns": p50s,
+        "steps": len(runs[0]),
+        "runs": len(runs),
+        "p50_per_run_ns": [summarize(run, 1).median_ns for run in runs],
         "langgraph_checkpoint": _metadata.version("langgraph-checkpoint"),
         "langgraph_checkpoint_sqlite": _metadata.version("langgraph-checkpoint-sqlite"),
     })
@@ -220,9 +242,7 @@ def put_sqlite(ctx: RunContext) -> CaseOutcome:
 
 def _savers(ctx: RunContext) -> tuple[Any, Any]:
     """The durable MMSBSaver and the SqliteSaver holding the whole thread."""
-    for kind in ("mmsb", "sqlite"):
-        if f"lg_store:{kind}" not in ctx.cache:
-            _puts(ctx, kind)
+    _put_runs(ctx)
     return ctx.cache["lg_store:mmsb"], ctx.cache["lg_store:sqlite"].saver
 
 
