@@ -218,47 +218,99 @@ def _array(v: Any, n: int | None, what: str) -> list[Any]:
     return v
 
 
+_I63 = (1 << 63) - 1
+_VERSION_TYPES = (str, int, float)
+
+
 def _decode_body(body: bytes) -> Record:
+    """The record of one frame body. The checks are a fast pass over exact types
+    (msgpack yields exactly these); a body that fails it goes through
+    :func:`_explain`, which names the field."""
     try:
         items = msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0)
     except Exception as exc:
         raise ValueError(f"the body is not valid msgpack ({exc})") from None
-    if not isinstance(items, list) or not items:
+    if type(items) is not list or not items:
         raise ValueError("the body is not a non-empty array")
+    kind = items[0]
+    if kind == CHECKPOINT and type(kind) is int and len(items) == 9:
+        _k, cid, parent, ctype, cbytes, mtype, mbytes, run, chans = items
+        if (type(cid) is str and (parent is None or type(parent) is str)
+                and type(ctype) is str and type(cbytes) is bytes and type(mtype) is str
+                and type(mbytes) is bytes and (run is None or type(run) is str)
+                and type(chans) is list):
+            refs = []
+            for c in chans:
+                if type(c) is not list or len(c) != 6:
+                    break
+                name, ver, page, epoch, length, typ = c
+                if (type(name) is not str or type(ver) not in _VERSION_TYPES
+                        or type(page) is not int or type(epoch) is not int
+                        or type(length) is not int or type(typ) is not str
+                        or not 0 <= page <= _I63 or not 0 <= epoch <= _I63
+                        or not 0 <= length <= _I63 or (page == 0 and length != 0)):
+                    break
+                refs.append(ChannelRef(name, ver, page, epoch, length, typ))
+            else:
+                return CheckpointRecord(cid, parent, (ctype, cbytes), (mtype, mbytes), run,
+                                        tuple(refs))
+    elif kind == WRITES and type(kind) is int and len(items) == 5:
+        _k, cid, task, path, raw = items
+        if type(cid) is str and type(task) is str and type(path) is str and type(raw) is list:
+            writes = []
+            for w in raw:
+                if type(w) is not list or len(w) != 4:
+                    break
+                idx, channel, typ, value = w
+                if (type(idx) is not int or not -(1 << 63) <= idx <= _I63
+                        or type(channel) is not str or type(typ) is not str
+                        or type(value) is not bytes):
+                    break
+                writes.append(WriteEntry(idx, channel, typ, value))
+            else:
+                return WritesRecord(cid, task, path, tuple(writes))
+    _explain(items)
+    raise ValueError("the body is not a well-formed record")  # pragma: no cover
+
+
+def _explain(items: list[Any]) -> None:
+    """Raise ``ValueError`` naming what is wrong in a record that failed the fast
+    checks of :func:`_decode_body`."""
     kind = items[0]
     if kind == CHECKPOINT and _is_int(kind):
         _array(items, 9, "a checkpoint record")
-        channels = []
+        _str(items[1], "checkpoint id")
+        _opt_str(items[2], "parent id")
+        _str(items[3], "checkpoint type")
+        _bin(items[4], "checkpoint bytes")
+        _str(items[5], "metadata type")
+        _bin(items[6], "metadata bytes")
+        _opt_str(items[7], "run id")
         for i, raw in enumerate(_array(items[8], None, "the channel list")):
             c = _array(raw, 6, f"channel entry {i}")
+            _str(c[0], f"channel entry {i}: name")
             if not _is_version(c[1]):
                 raise ValueError(f"channel entry {i}: version {c[1]!r} is not a str, int or float")
-            ref = ChannelRef(_str(c[0], f"channel entry {i}: name"), c[1],
-                             _nat(c[2], f"channel entry {i}: page"),
-                             _nat(c[3], f"channel entry {i}: epoch"),
-                             _nat(c[4], f"channel entry {i}: length"),
-                             _str(c[5], f"channel entry {i}: type"))
-            if ref.page_id == 0 and ref.length != 0:
-                raise ValueError(f"channel entry {i}: {ref.length} bytes on no page")
-            channels.append(ref)
-        return CheckpointRecord(
-            _str(items[1], "checkpoint id"), _opt_str(items[2], "parent id"),
-            (_str(items[3], "checkpoint type"), _bin(items[4], "checkpoint bytes")),
-            (_str(items[5], "metadata type"), _bin(items[6], "metadata bytes")),
-            _opt_str(items[7], "run id"), tuple(channels))
-    if kind == WRITES and _is_int(kind):
+            page = _nat(c[2], f"channel entry {i}: page")
+            _nat(c[3], f"channel entry {i}: epoch")
+            length = _nat(c[4], f"channel entry {i}: length")
+            _str(c[5], f"channel entry {i}: type")
+            if page == 0 and length != 0:
+                raise ValueError(f"channel entry {i}: {length} bytes on no page")
+    elif kind == WRITES and _is_int(kind):
         _array(items, 5, "a writes record")
-        writes = []
+        _str(items[1], "checkpoint id")
+        _str(items[2], "task id")
+        _str(items[3], "task path")
         for i, raw in enumerate(_array(items[4], None, "the write list")):
             w = _array(raw, 4, f"write {i}")
             if not _is_int(w[0]) or not -(1 << 63) <= w[0] < (1 << 63):
                 raise ValueError(f"write {i}: index {w[0]!r} is not a 64-bit int")
-            writes.append(WriteEntry(int(w[0]), _str(w[1], f"write {i}: channel"),
-                                     _str(w[2], f"write {i}: type"),
-                                     _bin(w[3], f"write {i}: value")))
-        return WritesRecord(_str(items[1], "checkpoint id"), _str(items[2], "task id"),
-                            _str(items[3], "task path"), tuple(writes))
-    raise ValueError(f"unknown record kind {kind!r}")
+            _str(w[1], f"write {i}: channel")
+            _str(w[2], f"write {i}: type")
+            _bin(w[3], f"write {i}: value")
+    else:
+        raise ValueError(f"unknown record kind {kind!r}")
 
 
 def decode_frame(frame: bytes, where: str, offset: int) -> Record:
@@ -285,21 +337,21 @@ def iter_frames(buf: Any, where: str) -> Iterator[tuple[int, int, Record]]:
     that runs past the page, a checksum mismatch or a body that does not decode.
     Cost: O(page size).
     """
-    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
-    header_state(arr, where)
-    size = int(arr.shape[0])
+    data = buf if isinstance(buf, bytes) else np.asarray(buf, dtype=np.uint8).tobytes()
+    header_state(data, where)
+    size = len(data)
     pos = HEADER_SIZE
     while pos + 4 <= size:
-        length = int(_LEN.unpack(arr[pos:pos + 4].tobytes())[0])
+        length = _LEN.unpack_from(data, pos)[0]
         if length == 0:
             break
         end = pos + FRAME_OVERHEAD + length
         if end > size:
             raise SerializationError(f"{where}: a frame of {length} bytes runs past the "
                                      f"page's {size} bytes", offset=pos)
-        yield pos, end - pos, decode_frame(arr[pos:end].tobytes(), where, pos)
+        yield pos, end - pos, decode_frame(data[pos:end], where, pos)
         pos = end
-    if pos < size and np.any(arr[pos:]):
+    if pos < size and data.count(0, pos) != size - pos:
         raise SerializationError(f"{where}: non-zero bytes after the last record", offset=pos)
 
 

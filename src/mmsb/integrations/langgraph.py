@@ -614,7 +614,11 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         record, values, writes = raw
         loads = self.serde.loads_typed
         checkpoint: Checkpoint = loads(record.checkpoint)
-        checkpoint["channel_values"] = {k: loads(v) for k, v in values.items()}
+        # As LangGraph's savers do: a value whose channel the checkpoint does not
+        # version (a put whose new_versions named it anyway) is not one of its values.
+        versions = checkpoint.get("channel_versions") or {}
+        checkpoint["channel_values"] = {k: loads(v) for k, v in values.items()
+                                        if k in versions}
         writes.sort(key=lambda w: writes_sort_key(w[4], w[0], w[5]))
         pending: builtins.list[PendingWrite] = [(w[0], w[1], loads((w[2], w[3])))
                                                  for w in writes]
