@@ -672,3 +672,89 @@ def test_mmsb_blame_and_history_read_a_channel_page_of_a_live_bus(tmp_path: Path
                                   capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr
             assert json.loads(proc.stdout)
+
+
+# --------------------------------------------------------------------------- more of LangGraph
+
+
+def _subgraph_story(saver: Any) -> tuple[Any, ...]:
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    class Inner(TypedDict):
+        text: str
+
+    def shout(state: Inner) -> dict[str, Any]:
+        return {"text": state["text"].upper()}
+
+    inner = StateGraph(Inner)
+    inner.add_node("shout", shout)
+    inner.add_edge(START, "shout")
+    inner.add_edge("shout", END)
+
+    outer = StateGraph(Inner)
+    outer.add_node("child", inner.compile())
+    outer.add_node("exclaim", lambda s: {"text": s["text"] + "!"})
+    outer.add_edge(START, "child")
+    outer.add_edge("child", "exclaim")
+    outer.add_edge("exclaim", END)
+    graph = outer.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "sub"}}
+    final = graph.invoke({"text": "hi"}, config, durability="sync")
+    namespaces = sorted({t.config["configurable"]["checkpoint_ns"].split(":")[0]
+                         for t in saver.list({"configurable": {"thread_id": "sub"}})})
+    history = [(s.values, s.next) for s in graph.get_state_history(config)]
+    return final, namespaces, history
+
+
+def _interrupt_story(saver: Any) -> tuple[Any, ...]:
+    from typing import TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.types import Command, interrupt
+
+    class Ask(TypedDict):
+        question: str
+        answer: str
+
+    def ask(state: Ask) -> dict[str, Any]:
+        return {"answer": interrupt({"question": state["question"]})}
+
+    b = StateGraph(Ask)
+    b.add_node("ask", ask)
+    b.add_edge(START, "ask")
+    b.add_edge("ask", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "human"}}
+    first = graph.invoke({"question": "why?", "answer": ""}, config, durability="sync")
+    waiting = graph.get_state(config)
+    interrupts = [i.value for t in waiting.tasks for i in t.interrupts]
+    final = graph.invoke(Command(resume="because"), config, durability="sync")
+    return first["__interrupt__"][0].value, waiting.next, interrupts, final
+
+
+@pytest.mark.parametrize("story", [_subgraph_story, _interrupt_story],
+                         ids=["subgraph", "interrupt"])
+def test_subgraphs_and_interrupts_match_sqlite(story: Any, tmp_path: Path) -> None:
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    expected = story(SqliteSaver(conn))
+    conn.close()
+    with MMSBSaver() as saver:
+        assert story(saver) == expected
+    with MMSBSaver(tmp_path / "bus") as saver:
+        assert story(saver) == expected
+
+
+def test_a_closed_saver_reads_and_refuses_writes(tmp_path: Path) -> None:
+    saver = MMSBSaver(tmp_path / "bus")
+    grow(saver, "t", 3)
+    saver.close()
+    saver.close()
+    before = view(saver)
+    assert len(before) == 3
+    with pytest.raises(mmsb.StateClosedError):
+        put_step(saver, "t", 3, parent="00000002-t-")
+    with pytest.raises(mmsb.StateClosedError):
+        saver.put_writes(cfg("t", cid="00000002-t-"), [("x", 1)], "late")
+    assert view(saver) == before

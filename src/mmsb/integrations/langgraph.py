@@ -98,7 +98,7 @@ _CHANNEL = "channel"
 _SOURCE = "langgraph"
 """The ``source`` of every delta the saver logs."""
 _MAX_PAGE = (1 << 32) - 1
-_JOURNAL_START = 4096
+_JOURNAL_START = 1024
 _STATE_AT = 5
 """Offset of the journal header's state byte."""
 _STRATEGIES = ("keep_latest", "delete")
