@@ -13,6 +13,7 @@ Every checkpoint is built before timing, and both savers get the same ones.
 | ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
 | ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
 | ``decode_middle`` | LangGraph's serializer decoding step ``N // 2``'s messages alone: the floor both savers share |
+| ``get_middle_storage`` / ``get_middle_storage_sqlite`` | ``get_tuple`` of step ``N // 2`` with a serializer that decodes nothing: what each saver does around LangGraph's decoding, A/B interleaved |
 | ``list_history`` / ``list_history_sqlite`` | ``list`` of the whole thread, A/B interleaved |
 | ``reopen`` / ``reopen_sqlite`` | open the saver on its files and ``get_tuple`` the latest, A/B interleaved; the files' sizes (``disk_bytes``: the bus directory after ``close``, the SQLite file with its ``-wal`` and ``-shm``) are ``reopen``'s metrics |
 
@@ -305,6 +306,47 @@ def get_middle(ctx: RunContext) -> CaseOutcome:
 @case("langgraph", "get_middle_sqlite", "SqliteSaver.get_tuple of step N/2")
 def get_middle_sqlite(ctx: RunContext) -> CaseOutcome:
     return _sqlite_side(ctx, "get_middle")
+
+
+class _NoDecode:
+    """A serializer that decodes nothing (``loads_typed`` returns an empty dict), to
+    time what a saver does around LangGraph's decoding."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        out: tuple[str, bytes] = self.inner.dumps_typed(obj)
+        return out
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return {}
+
+
+@case("langgraph", "get_middle_storage", "MMSBSaver.get_tuple of step N/2 with decoding "
+      "left out: the saver's own part (paired with SqliteSaver)")
+def get_middle_storage(ctx: RunContext) -> CaseOutcome:
+    w = _workload(ctx)
+    mine, theirs = _savers(ctx)
+    config = w.config(w.n // 2)
+    serdes = mine.serde, theirs.serde
+    mine.serde, theirs.serde = _NoDecode(serdes[0]), _NoDecode(serdes[1])
+    try:
+        expect(mine.get_tuple(config) is not None and theirs.get_tuple(config) is not None,
+               "get_middle_storage: a saver lost the checkpoint")
+        m = _paired(ctx, "get_middle_storage", [lambda: mine.get_tuple(config),
+                                                lambda: theirs.get_tuple(config)])
+    finally:
+        mine.serde, theirs.serde = serdes
+    sqlite_median = ctx.cache["lg_pair:get_middle_storage"].stats.median_ns
+    return CaseOutcome(m, {"sqlite_median_ns": sqlite_median,
+                           "ratio_to_sqlite": m.stats.median_ns / sqlite_median})
+
+
+@case("langgraph", "get_middle_storage_sqlite", "SqliteSaver.get_tuple of step N/2 with "
+      "decoding left out")
+def get_middle_storage_sqlite(ctx: RunContext) -> CaseOutcome:
+    return _sqlite_side(ctx, "get_middle_storage")
 
 
 @case("langgraph", "decode_middle", "LangGraph's serializer decoding step N/2's messages "
