@@ -2,7 +2,7 @@
 
 The workload: one thread of ``N`` steps (500; 20 in smoke mode) whose ``messages``
 channel grows by one LangChain message a step (human and AI in turn, pseudo-random
-words, about 200 bytes each once serialized), saved as LangGraph's loop saves it: a
+words, about 240 bytes each once serialized), saved as LangGraph's loop saves it: a
 ``put_writes`` of the node's new message against the previous checkpoint, then a
 ``put`` of the checkpoint with the conversation so far and the channel's new version.
 Every checkpoint is built before timing, and both savers get the same ones.
