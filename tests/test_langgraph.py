@@ -758,3 +758,144 @@ def test_a_closed_saver_reads_and_refuses_writes(tmp_path: Path) -> None:
     with pytest.raises(mmsb.StateClosedError):
         saver.put_writes(cfg("t", cid="00000002-t-"), [("x", 1)], "late")
     assert view(saver) == before
+
+
+# --------------------------------------------------------------------------- against a model
+
+
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+THREADS = ("t1", "t2", "t3")
+NAMESPACES = ("", "child:1")
+CHANNELS = ("messages", "count", "flag")
+
+
+class SaverMachine(RuleBasedStateMachine):
+    """Random puts, writes, copies, prunes and deletions on an MMSBSaver (durable, with
+    reopens), against a model of what LangGraph's contract says each call leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="mmsb-lg-machine-")
+        self.saver = MMSBSaver(os.path.join(self.dir, "bus"))
+        # (thread, ns) -> cid -> [values, metadata, parent, {(task, idx): (task, ch, v, path)}]
+        self.model: dict[tuple[str, str], dict[str, list[Any]]] = {}
+        self.versions: dict[tuple[str, str], dict[str, int]] = {}
+        self.values: dict[tuple[str, str], dict[str, Any]] = {}
+        self.clock = itertools.count(1)
+
+    def teardown(self) -> None:
+        self.saver.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(thread=st.sampled_from(THREADS), ns=st.sampled_from(NAMESPACES),
+          changes=st.dictionaries(st.sampled_from(CHANNELS),
+                                  st.one_of(st.integers(0, 9),
+                                            st.lists(st.text(max_size=30), max_size=12)),
+                                  max_size=3),
+          run=st.sampled_from(["r1", "r2"]), branch=st.booleans())
+    def put(self, thread: str, ns: str, changes: dict[str, Any], run: str,
+            branch: bool) -> None:
+        key = (thread, ns)
+        ours = self.model.setdefault(key, {})
+        parent = max(ours) if ours else None
+        if branch and len(ours) > 1:
+            parent = sorted(ours)[0]  # a fork from an older checkpoint
+        base = dict(ours[parent][0]) if parent is not None else {}
+        versions = dict(self.versions.get((key, parent), {}))  # type: ignore[call-overload]
+        new_versions = {}
+        for ch, v in changes.items():
+            base[ch] = v
+            versions[ch] = new_versions[ch] = next(self.clock)
+        cid = f"{next(self.clock):010d}"
+        self.saver.put(cfg(thread, ns, parent), make_checkpoint(cid, base, versions),
+                       {"source": "loop", "step": len(ours), "run_id": run}, new_versions)
+        ours[cid] = [base, {"source": "loop", "step": len(ours), "run_id": run}, parent, {}]
+        self.versions[(key, cid)] = versions  # type: ignore[index]
+
+    @rule(thread=st.sampled_from(THREADS), ns=st.sampled_from(NAMESPACES),
+          task=st.sampled_from(["a", "b"]),
+          writes=st.lists(st.tuples(st.sampled_from(["x", "y", "__error__"]),
+                                    st.integers(0, 5)), min_size=1, max_size=3))
+    def put_writes(self, thread: str, ns: str, task: str,
+                   writes: list[tuple[str, int]]) -> None:
+        ours = self.model.get((thread, ns))
+        if not ours:
+            return
+        cid = max(ours)
+        self.saver.put_writes(cfg(thread, ns, cid), writes, task, f"path-{task}")
+        stored = ours[cid][3]
+        for idx, (ch, v) in enumerate(writes):
+            k = (task, -1 if ch == "__error__" else idx)
+            if k[1] >= 0 and k in stored:
+                continue
+            stored[k] = (task, ch, v, f"path-{task}")
+
+    @rule(thread=st.sampled_from(THREADS))
+    def delete_thread(self, thread: str) -> None:
+        self.saver.delete_thread(thread)
+        for key in [k for k in self.model if k[0] == thread]:
+            del self.model[key]
+
+    @rule(src=st.sampled_from(THREADS), dst=st.sampled_from(THREADS))
+    def copy_thread(self, src: str, dst: str) -> None:
+        if src == dst:
+            return
+        self.saver.copy_thread(src, dst)
+        for (thread, ns), cps in list(self.model.items()):
+            if thread == src and cps:
+                target = self.model.setdefault((dst, ns), {})
+                for cid, (vals, md, parent, writes) in cps.items():
+                    old_writes = target[cid][3] if cid in target else {}
+                    target[cid] = [vals, md, parent, {**old_writes, **writes}]
+                    self.versions[((dst, ns), cid)] = self.versions[((src, ns), cid)]  # type: ignore[index]
+
+    @rule(threads=st.lists(st.sampled_from(THREADS), max_size=2))
+    def prune(self, threads: list[str]) -> None:
+        self.saver.prune(threads)
+        for (thread, _ns), cps in self.model.items():
+            if thread in threads and cps:
+                last = max(cps)
+                for cid in [c for c in cps if c != last]:
+                    del cps[cid]
+
+    @rule(run=st.sampled_from(["r1", "r2"]))
+    def delete_for_runs(self, run: str) -> None:
+        self.saver.delete_for_runs([run])
+        for cps in self.model.values():
+            for cid in [c for c, row in cps.items() if row[1]["run_id"] == run]:
+                del cps[cid]
+
+    @rule()
+    def reopen(self) -> None:
+        self.saver.close()
+        self.saver = MMSBSaver(os.path.join(self.dir, "bus"))
+
+    @invariant()
+    def everything_listed_is_the_model(self) -> None:
+        expected = []
+        for (thread, ns), cps in self.model.items():
+            for cid, (vals, md, parent, writes) in cps.items():
+                pending = sorted(writes.values(), key=lambda w: (w[3], w[0]))
+                expected.append((thread, ns, cid, vals, md, parent,
+                                 sorted((w[0], w[1], w[2]) for w in pending)))
+        got = []
+        for t in self.saver.list(None):
+            conf = t.config["configurable"]
+            parent = None if t.parent_config is None else \
+                t.parent_config["configurable"]["checkpoint_id"]
+            got.append((conf["thread_id"], conf["checkpoint_ns"], conf["checkpoint_id"],
+                        t.checkpoint["channel_values"],
+                        {k: t.metadata[k] for k in ("source", "step", "run_id")}, parent,
+                        sorted(t.pending_writes or [])))
+        key = lambda r: (r[0], r[1], r[2])  # noqa: E731
+        assert sorted(got, key=key) == sorted(expected, key=key)
+
+
+SaverMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=25,
+                                          deadline=None)
+test_the_saver_behaves_like_its_model = pytest.mark.slow(SaverMachine.TestCase)
