@@ -65,7 +65,7 @@ def right(state: AgentState) -> dict[str, Any]:
         trace = Path(os.environ["LG_TRACE"])
         while f"left {n}" not in trace.read_text(encoding="utf-8"):
             time.sleep(0.01)
-        time.sleep(0.3)  # let left's writes reach the saver
+        time.sleep(1.0)  # let left's writes reach the saver (put from a background thread)
         Path(os.environ["LG_READY"]).write_text("ready", encoding="utf-8")
         while True:
             time.sleep(1)

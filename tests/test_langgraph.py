@@ -899,3 +899,20 @@ class SaverMachine(RuleBasedStateMachine):
 SaverMachine.TestCase.settings = settings(max_examples=25, stateful_step_count=25,
                                           deadline=None)
 test_the_saver_behaves_like_its_model = pytest.mark.slow(SaverMachine.TestCase)
+
+
+def test_default_durability_reaches_the_same_end(tmp_path: Path) -> None:
+    """With LangGraph's default durability ("async": checkpoints saved in the
+    background while the next step runs) the run ends where SQLite's does, sync and
+    async."""
+    conn = sqlite3.connect(":memory:", check_same_thread=False)
+    expected = lg_graph.build().compile(checkpointer=SqliteSaver(conn)).invoke(
+        lg_graph.first_input(), {"configurable": {"thread_id": "d"}})
+    conn.close()
+    with MMSBSaver(tmp_path / "bus") as saver:
+        graph = lg_graph.build().compile(checkpointer=saver)
+        assert graph.invoke(lg_graph.first_input(), {"configurable": {"thread_id": "d"}}) == expected
+        got = asyncio.run(graph.ainvoke(lg_graph.first_input(),
+                                        {"configurable": {"thread_id": "e"}}))
+        assert got == expected
+        assert graph.get_state({"configurable": {"thread_id": "e"}}).values == expected
