@@ -41,6 +41,7 @@ CATEGORIES: tuple[str, ...] = (
     "gpu",
     "peers",
     "instrumentation",
+    "langgraph",
 )
 """Every category, in run order."""
 
@@ -53,6 +54,7 @@ _CASE_MODULES: tuple[str, ...] = (
     "mmsb.bench.cases_gpu",
     "mmsb.bench.cases_peers",
     "mmsb.bench.cases_instrument",
+    "mmsb.bench.cases_langgraph",
 )
 
 

@@ -436,6 +436,52 @@ TARGETS: tuple[Target, ...] = (
         1.03,
         "x",
     ),
+    Target(
+        "langgraph_put",
+        "LangGraph checkpointer: put (500-step growing conversation)",
+        "≤ SqliteSaver's, same run (both synced per put: MMSB fsync=\"always\", SQLite's "
+        "default synchronous=FULL)",
+        Ratio(Median("langgraph/put_always"), Median("langgraph/put_sqlite")),
+        "<=",
+        1.0,
+        "x",
+    ),
+    Target(
+        "langgraph_get_latest",
+        "LangGraph checkpointer: get_tuple of the latest step",
+        "≤ SqliteSaver's, same run",
+        Ratio(Median("langgraph/get_latest"), Median("langgraph/get_latest_sqlite")),
+        "<=",
+        1.0,
+        "x",
+    ),
+    Target(
+        "langgraph_get_middle",
+        "LangGraph checkpointer: get_tuple of the middle step",
+        "≤ SqliteSaver's, same run",
+        Ratio(Median("langgraph/get_middle"), Median("langgraph/get_middle_sqlite")),
+        "<=",
+        1.0,
+        "x",
+    ),
+    Target(
+        "langgraph_list",
+        "LangGraph checkpointer: list of the whole history",
+        "≤ SqliteSaver's, same run",
+        Ratio(Median("langgraph/list_history"), Median("langgraph/list_history_sqlite")),
+        "<=",
+        1.0,
+        "x",
+    ),
+    Target(
+        "langgraph_disk",
+        "LangGraph checkpointer: history on disk",
+        "≤ 1/5 of SqliteSaver's file, same run",
+        Metric("langgraph/reopen", "disk_ratio_to_sqlite"),
+        "<=",
+        0.2,
+        "x",
+    ),
 )
 """SPEC.md's targets, in its table's order."""
 

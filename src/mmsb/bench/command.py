@@ -45,7 +45,8 @@ def _categories_option(
     metavar="A,B",
     help=(
         "Comma-separated categories to run (default: all): allocation, delta, propagation, "
-        "persistence, replay, stress, batch, memory, gpu, peers, instrumentation. Also read from "
+        "persistence, replay, stress, batch, durable, memory, gpu, peers, instrumentation, "
+        "langgraph. Also read from "
         "MMSB_BENCH_CATEGORIES."
     ),
 )
