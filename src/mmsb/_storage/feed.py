@@ -51,6 +51,8 @@ _LEN = struct.Struct("<Q")
 MAX_EVENT_PAYLOAD = 1 << 24
 _WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
 _READ_STEP = 1 << 20
+TICK_NS = 50_000_000
+"""Longer than the kernel's file-time granularity (a scheduler tick, at most 10 ms)."""
 
 
 # -- events of records ---------------------------------------------------------------
@@ -250,6 +252,9 @@ class ChangeFeed:
         self.published = published
         """The LSN the writer has published: every record up to it is in the files."""
         self.seg: _Segment | None = None
+        self._listing: list[tuple[int, int, Path]] | None = None
+        self._listed_at = -1
+        self._listed_when = -1
 
     def close(self) -> None:
         if self.seg is not None:
@@ -257,16 +262,26 @@ class ChangeFeed:
             self.seg = None
 
     def _segments(self) -> list[tuple[int, int, Path]]:
-        out = []
+        """The bus's segments, oldest first (listed again only when the folder changed)."""
+        wal = self.root / "wal"
         try:
-            names = os.listdir(self.root / "wal")
+            stamp = os.stat(wal).st_mtime_ns
         except FileNotFoundError:
             return []
-        for name in names:
+        # A folder's time is the kernel's coarse clock: a listing taken within a tick of
+        # the last change could miss a change made in that same tick, so it is trusted
+        # only when taken well after the change.
+        if (stamp == self._listed_at and self._listing is not None
+                and self._listed_when - stamp > TICK_NS):
+            return self._listing
+        when = time.time_ns()
+        out = []
+        for name in os.listdir(wal):
             m = _WAL_RE.match(name)
             if m:
-                out.append((int(m.group(1), 16), int(m.group(2), 16), self.root / "wal" / name))
+                out.append((int(m.group(1), 16), int(m.group(2), 16), wal / name))
         out.sort()
+        self._listing, self._listed_at, self._listed_when = out, stamp, when
         return out
 
     def _open(self, gen: int, seq: int, path: Path) -> bool:

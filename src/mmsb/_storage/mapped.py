@@ -27,6 +27,7 @@ HEAD::
                          where the log ends: the segment the last append went to, the
                          offset after it and its last LSN (shared writers catch up from it)
     168 owner u64        token of the writer that published last (its slot allocator)
+    176 bump u64         end of the slots carved from the pages file so far
 
 The log stays the truth: the mapped files are rebuilt from the recovered state whenever
 a writer opens the bus, and only ever grow (a reader's mapping never loses its backing
@@ -84,7 +85,7 @@ ROW_SIZE = ROW_DTYPE.itemsize
 # Word indexes (u64) of the dynamic fields.
 _SEQ, _LSN, _ROWS, _PAGES_BYTES, _TABLE_BYTES, _TS = 8, 9, 10, 11, 12, 13
 _NOTIFY_OFF, _STATUS_OFF, _PID, _START = 112, 116, 15, 16
-_LOG_OFF, _OWNER_OFF = 136, 168
+_LOG_OFF, _OWNER_OFF, _BUMP_OFF = 136, 168, 176
 _LOG = struct.Struct("<QQQQ")
 STATUS_NONE, STATUS_LIVE, STATUS_FAILED = 0, 1, 2
 _MIN_PAGES = 1 << 20
@@ -190,7 +191,7 @@ class Publisher:
 
     def _take_over(self) -> None:
         """Another writer published last: map the files at their current length and
-        rebuild the slot allocator from the table (free slots it left are not reused
+        take the slot allocator's end from the head (free slots it left are not reused
         until the next full publication)."""
         plen = int(self.h[_PAGES_BYTES])
         if plen > self.pages.shape[0]:
@@ -200,14 +201,7 @@ class Publisher:
         if trows > self.table.shape[0]:
             self.table_rows = trows
             self._remap_table(trows)
-        t = self.table
-        live = t["size"] >= 0
-        if live.any():
-            uniq, inv = np.unique(np.maximum(t["size"][live], 1), return_inverse=True)
-            cls = np.array([size_class(int(x)) for x in uniq], np.int64)[inv]
-            self.bump = int((t["offset"][live] + cls).max())
-        else:
-            self.bump = 0
+        self.bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
         self.free.clear()
 
     # -- files -------------------------------------------------------------------------
@@ -288,9 +282,9 @@ class Publisher:
         readers raise instead of reading stale pages; the next call retries in full."""
         head = self.head
         (seq,) = _U64.unpack_from(head, 64)
-        if seq & 1:
-            # The last publisher died in the middle (writers publish one at a time):
-            # what it was copying may be torn, so everything is written again.
+        if seq & 1 or _U32.unpack_from(head, _STATUS_OFF)[0] == STATUS_FAILED:
+            # The last publisher died in the middle (writers publish one at a time), or
+            # could not finish: what it was copying may be torn, so all is written again.
             self.full = True
         elif not self.touched and not self.full:
             return
@@ -317,6 +311,7 @@ class Publisher:
             self.full = False
             self.touched.clear()
         _TWO.pack_into(head, 72, state.log.last_lsn, state.table.next_id)
+        _U64.pack_into(head, _BUMP_OFF, self.bump)
         _U64.pack_into(head, _TS * 8, max(0, state.log.last_timestamp))
         _U64.pack_into(head, 64, (seq | 1) + 1)
         (n,) = _U32.unpack_from(head, _NOTIFY_OFF)
