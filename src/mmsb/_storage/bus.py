@@ -276,12 +276,27 @@ class DurableBus:
                 w = self.writer
                 if w is None or not w.dirty or self.failed is not None:
                     continue
+                # Sync a duplicate of the descriptor outside the lock, so that writers
+                # keep appending during the fsync (appends after this point mark the
+                # segment dirty again; a segment closed meanwhile is synced by its close).
                 try:
-                    w.sync()
+                    fd = os.dup(w.fd)
                 except OSError as exc:
                     self.failed = exc
-                    log.error("group commit fsync failed at %s: %s; the bus refuses writes",
+                    log.error("group commit could not sync %s: %s; the bus refuses writes",
                               self.root, exc)
+                    continue
+                w.dirty = False
+                path = w.path
+            try:
+                fsops.fdatasync(fd, path)
+            except OSError as exc:
+                with self.io_lock:
+                    self.failed = exc
+                log.error("group commit fsync failed at %s: %s; the bus refuses writes",
+                          self.root, exc)
+            finally:
+                os.close(fd)
 
     def start(self) -> None:
         if self.config.fsync == "batch" and self._syncer is None:
