@@ -17,6 +17,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -62,11 +63,14 @@ def record_events(rec: AnyRecord) -> list[Event]:
     subscriber sees give none)."""
     ts, lsn = rec.timestamp, rec.lsn
     if isinstance(rec, Delta):
+        lo, hi = rec.span
         return [Event(EventType.PAGE_CHANGED, ts, lsn, rec.page_id, {
             "epoch": rec.epoch, "base_epoch": rec.base_epoch, "delta_id": rec.id,
-            "source": rec.source, "bytes": rec.count})]
+            "source": rec.source, "bytes": rec.count, "lo": lo, "hi": hi})]
     if isinstance(rec, PageCreate):
-        payload = {"size": rec.size, "location": rec.location}
+        payload: dict[str, Any] = {"size": rec.size, "location": rec.location}
+        if rec.metadata:
+            payload["metadata"] = dict(rec.metadata)
         return [Event(EventType.PAGE_CREATED, ts, lsn, pid, dict(payload))
                 for pid in range(rec.first_id, rec.first_id + rec.count)]
     if isinstance(rec, PageDelete):

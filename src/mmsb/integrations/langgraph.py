@@ -89,6 +89,8 @@ __all__ = [
     "ChannelRef",
     "ChannelVersion",
     "MMSBSaver",
+    "ThreadEvent",
+    "thread_changes",
 ]
 
 _TAG = "mmsb.langgraph"
@@ -1260,3 +1262,98 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                 step, source = self._step(md)
                 out.append(BlameRange(a, b, cid, step, source, ref.version))
         return out
+
+
+# --------------------------------------------------------------------------- change feed
+
+@dataclass(frozen=True)
+class ThreadEvent:
+    """One change of a thread, from :func:`thread_changes`."""
+
+    lsn: int
+    timestamp: int
+    """Nanoseconds since the Unix epoch (the record's time)."""
+    kind: str
+    """``"journal"`` (a ``put`` or ``put_writes`` appended a record to the journal of
+    ``ns``), ``"channel"`` (a new value of ``channel`` was written), ``"created"`` or
+    ``"deleted"`` (a page of the thread)."""
+    ns: str
+    channel: str | None
+    page_id: int
+    epoch: int | None
+    """The page's epoch after the change (``"journal"`` and ``"channel"``)."""
+    byte_range: tuple[int, int] | None
+    """Half-open range of the page the change wrote (``"journal"``: the new record)."""
+
+
+def _page_role(meta: Any) -> tuple[str, str, str | None] | None:
+    """(thread, ns, channel or None for a journal) of a saver's page, from its metadata."""
+    if not isinstance(meta, Mapping) or meta.get(_TAG) not in (_JOURNAL, _CHANNEL):
+        return None
+    thread, ns = meta.get("thread"), meta.get("ns")
+    if not isinstance(thread, str) or not isinstance(ns, str):
+        return None
+    channel = meta.get("channel") if meta.get(_TAG) == _CHANNEL else None
+    return thread, ns, channel if isinstance(channel, str) else None
+
+
+def thread_changes(path: str | os.PathLike[str], thread_id: str, *, since: int = 0,
+                   follow: bool = False, timeout: float | None = None) -> Iterator[ThreadEvent]:
+    """The changes of one thread of the saver whose durable bus is at ``path``, as they
+    are logged, from any process (for a UI beside a running graph): the bus's change
+    feed (``mmsb.attach(path).changes``) narrowed to the thread's journal and channel
+    pages. ``since``, ``follow`` and ``timeout`` are those of ``changes``; resume with
+    the last LSN seen.
+
+    Raises:
+        InvalidArgumentError: thread_id is not a str (or a bad since/timeout).
+        SerializationError: no bus at ``path``.
+        HistoryUnavailableError: ``since`` is older than the history the bus retains.
+    """
+    from .. import EventType, attach
+
+    if not isinstance(thread_id, str):
+        raise InvalidArgumentError(f"thread_id must be a str, not {type(thread_id).__name__}")
+    reader = attach(path)
+    try:
+        feed = reader.changes(since, follow=follow, timeout=timeout)
+        # Pages as they are now; pages made later announce themselves in the feed.
+        roles: dict[int, tuple[str, str, str | None]] = {}
+        hist = reader.history(since)
+        for pid in hist.pages:
+            role = _page_role(hist.table.meta.get(pid))
+            if role is not None:
+                roles[pid] = role
+    except BaseException:
+        reader.close()
+        raise
+    return _thread_events(reader, feed, roles, thread_id, EventType)
+
+
+def _thread_events(reader: Any, feed: Iterator[Any], roles: dict[int, tuple[str, str, str | None]],
+                   thread_id: str, event_type: Any) -> Iterator[ThreadEvent]:
+    try:
+        for ev in feed:
+            pid = ev.page_id
+            if ev.type in (event_type.PAGE_CREATED, event_type.METADATA_CHANGED):
+                role = _page_role(ev.payload.get("metadata"))
+                if role is not None:
+                    roles[pid] = role
+                elif ev.type == event_type.METADATA_CHANGED:
+                    roles.pop(pid, None)  # no longer one of the saver's pages
+            role = roles.get(pid)
+            if role is None or role[0] != thread_id:
+                continue
+            _thread, ns, channel = role
+            if ev.type == event_type.PAGE_CHANGED:
+                kind = "channel" if channel is not None else "journal"
+                yield ThreadEvent(ev.lsn, ev.timestamp, kind, ns, channel, pid,
+                                  ev.payload.get("epoch"),
+                                  (ev.payload.get("lo", 0), ev.payload.get("hi", 0)))
+            elif ev.type == event_type.PAGE_CREATED:
+                yield ThreadEvent(ev.lsn, ev.timestamp, "created", ns, channel, pid, 0, None)
+            elif ev.type == event_type.PAGE_DELETED:
+                roles.pop(pid, None)
+                yield ThreadEvent(ev.lsn, ev.timestamp, "deleted", ns, channel, pid, None, None)
+    finally:
+        reader.close()
