@@ -3,7 +3,6 @@ process while a graph runs."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
