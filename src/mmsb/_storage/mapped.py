@@ -48,8 +48,9 @@ import os
 import struct
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from numba import njit
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["Publisher", "MappedPages", "MAP_MAGIC", "MAP_VERSION", "boot_id", "ROW_DTYPE"]
 
 log = logging.getLogger("mmsb.bus")
+T = TypeVar("T")
 
 MAP_MAGIC = b"MMSBMAP\0"
 MAP_VERSION = 1
@@ -583,52 +585,49 @@ class MappedPages:
                 self._check_status()
             return data, epoch, lsn
 
+    def _consistent(self, fn: Callable[[], T]) -> tuple[T, int]:
+        """``fn()`` run inside one publication (retried until no publication overlaps
+        it), and that publication's LSN."""
+        head = self.head
+        while True:
+            s1 = self._stable_seq()
+            plen, tlen = _TWO.unpack_from(head, _PAGES_BYTES * 8)
+            if plen != self.pages_len or tlen != self.table_len:
+                self._remap()
+                continue
+            out = fn()
+            s2, lsn = _TWO.unpack_from(head, 64)
+            if s1 == s2:
+                self._check_status()
+                return out, int(lsn)
+
     def snapshot(self, pids: list[int]) -> tuple[dict[int, bytes], int]:
         """Pages ``pids`` as of one publication, and its LSN.
 
         Raises:
             PageNotFoundError: one of them is not live at that publication.
         """
-        head = self.head
-        while True:
-            s1 = self._stable_seq()
-            if (int(_U64.unpack_from(head, _PAGES_BYTES * 8)[0]) != self.pages_len
-                    or int(_U64.unpack_from(head, _TABLE_BYTES * 8)[0]) != self.table_len):
-                self._remap()
-                continue
+        def copy() -> tuple[dict[int, bytes], int | None]:
             out: dict[int, bytes] = {}
-            missing = None
             for pid in pids:
                 off, size, _e, _l = self._row(pid)
                 if size < 0 or self.pages_mm is None or off + size > self.pages_len:
-                    missing = pid
-                    break
+                    return out, pid
                 out[pid] = self.pages_mm[off : off + size]
-            lsn = int(_U64.unpack_from(head, _LSN * 8)[0])
-            (s2,) = _U64.unpack_from(head, 64)
-            if s1 != s2:
-                continue
-            self._check_status()
-            if missing is not None:
-                raise PageNotFoundError(missing, "snapshot of the mapped pages")
-            return out, lsn
+            return out, None
+
+        (pages, missing), lsn = self._consistent(copy)
+        if missing is not None:
+            raise PageNotFoundError(missing, "snapshot of the mapped pages")
+        return pages, lsn
 
     def live_ids(self) -> tuple[list[int], int]:
         """Ids of the live pages at one publication, and its LSN."""
-        head = self.head
-        while True:
-            s1 = self._stable_seq()
-            if (int(_U64.unpack_from(head, _PAGES_BYTES * 8)[0]) != self.pages_len
-                    or int(_U64.unpack_from(head, _TABLE_BYTES * 8)[0]) != self.table_len):
-                self._remap()
-                continue
-            rows = min(int(_U64.unpack_from(head, _ROWS * 8)[0]), self.table_len // ROW_SIZE)
-            ids: list[int] = []
-            if self.table_mm is not None and rows > 1:
-                table = np.frombuffer(self.table_mm, ROW_DTYPE, rows)
-                ids = (np.flatnonzero(table["size"][1:] >= 0) + 1).tolist()
-            lsn = int(_U64.unpack_from(head, _LSN * 8)[0])
-            (s2,) = _U64.unpack_from(head, 64)
-            if s1 == s2:
-                self._check_status()
-                return ids, lsn
+        def ids() -> list[int]:
+            rows = min(int(_U64.unpack_from(self.head, _ROWS * 8)[0]), self.table_len // ROW_SIZE)
+            if self.table_mm is None or rows <= 1:
+                return []
+            table = np.frombuffer(self.table_mm, ROW_DTYPE, rows)
+            return (np.flatnonzero(table["size"][1:] >= 0) + 1).tolist()
+
+        return self._consistent(ids)
