@@ -54,7 +54,8 @@ def test_every_config_field_is_in_api_md() -> None:
     assert not missing, f"MMSBConfig fields missing from docs/API.md: {', '.join(missing)}"
 
 
-@pytest.mark.parametrize("script", ["quickstart.py", "tutorial.py", "langgraph_agent.py"])
+@pytest.mark.parametrize("script", ["quickstart.py", "tutorial.py", "langgraph_agent.py",
+                                    "processes.py"])
 def test_example_runs(script: str, tmp_path: Path) -> None:
     path = ROOT / "examples" / script
     proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=_env(),
