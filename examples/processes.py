@@ -42,7 +42,7 @@ def main() -> None:
         reader = mmsb.attach(path)
         start = reader.last_lsn
         rounds = 200
-        writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(rounds)])
+        writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name, str(rounds)])  # noqa: S603
                    for name in ("left", "right")]
         changes = 0
         for event in reader.changes(since=start, follow=True, timeout=5.0):
