@@ -59,6 +59,8 @@ from .records import (
     PageDelete,
     PageMigrate,
     PageResize,
+    bind_engine,
+    kind_of,
 )
 from .snapshot import ReplayBase, Snapshot
 
@@ -571,118 +573,30 @@ class MMSBState:
     def check_record(self, rec: AnyRecord) -> str | None:
         """Why ``rec`` cannot be the next record of ``state``'s log (None when it can): the
         checks the live calls make before they log, applied to a record read from disk, so
-        a crafted or foreign record can never be applied blindly. O(1), except an edge's
-        cycle check (O(edges reachable from its child))."""
-        t = self.table
-        if isinstance(rec, Delta):
-            pid = rec.page_id
-            if not t.is_live(pid):
-                return f"a delta of page {pid}, which does not exist"
-            if rec.page_size != int(t.size[pid]):
-                return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
-            if rec.base_epoch != int(t.epoch[pid]):
-                return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
-                        f"epoch {int(t.epoch[pid])}")
-            return None
-        if isinstance(rec, PageCreate | PageClone):
-            first = rec.first_id if isinstance(rec, PageCreate) else rec.page_id
-            if first != t.next_id:
-                return f"pages created at id {first} where the next id is {t.next_id}"
-            if isinstance(rec, PageClone) and not t.is_live(rec.source_id):
-                return f"a clone of page {rec.source_id}, which does not exist"
-            if isinstance(rec, PageCreate):
-                need = creation_cost(self, rec.count, rec.size)
-                if need > physical_memory():
-                    return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
-                            "memory, more than this machine has")
-            return None
-        if isinstance(rec, Compacted):
-            return "a compaction marker, which only checkpoints hold"
-        if isinstance(rec, EdgeAdd):
-            if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
-                return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
-            try:
-                self.graph.check_edge(rec.parent_id, rec.child_id)
-            except Exception:
-                return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
-            return None
-        if isinstance(rec, EdgeRemove):
-            if not self.graph.has_edge(rec.parent_id, rec.child_id):
-                return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
-            return None
-        pid = getattr(rec, "page_id", 0)
-        if not t.is_live(pid):
-            return f"a {type(rec).__name__} of page {pid}, which does not exist"
-        return None
+        a crafted or foreign record can never be applied blindly. Dispatched through the
+        kind table (:data:`~mmsb._core.records.KINDS`). O(1), except an edge's cycle
+        check (O(edges reachable from its child)).
+
+        Raises:
+            InvalidArgumentError: ``rec`` is of no record kind.
+        """
+        check = kind_of(rec).check
+        assert check is not None, "the engine binds every kind's check"
+        return check(self, rec)
 
     def apply_record(self, rec: AnyRecord) -> None:
-        """Apply one logged record to the store and graph. No validation, no events."""
-        t = self.table
-        if isinstance(rec, Delta):
-            pid = rec.page_id
-            apply_delta(self.arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
-            t.epoch[pid] = rec.epoch
-            if rec.id >= self.next_delta_id:
-                self.next_delta_id = rec.id + 1
-        elif isinstance(rec, PageCreate):
-            if rec.count == 1:
-                t.add_row(rec.first_id, self.arena.alloc(rec.size), rec.size, rec.location)
-            else:
-                t.add_rows(rec.first_id, self.arena.alloc_many(rec.count, rec.size), rec.size,
-                           rec.location)
-            if rec.metadata:
-                for pid in range(rec.first_id, rec.first_id + rec.count):
-                    t.meta[pid] = dict(rec.metadata)
-        elif isinstance(rec, PageDelete):
-            pid = rec.page_id
-            self.arena.free(int(t.addr[pid]), int(t.size[pid]))
-            t.drop_row(pid)
-            for parent, child in self.graph.edges_of(pid):
-                self.graph.remove_edge(parent, child)
-            self.recompute_fns.pop(pid, None)
-            self.mask_base.pop(pid, None)
-            self.pending.discard(pid)
-            self.forced.discard(pid)
-        elif isinstance(rec, PageResize):
-            pid = rec.page_id
-            old_size = int(t.size[pid])
-            mask = self.page_mask(pid)
-            keep = min(old_size, rec.new_size)
-            new_mask = np.zeros(rec.new_size, dtype=bool)
-            new_mask[:keep] = mask[:keep]
-            old_addr = int(t.addr[pid])
-            new_addr = self.arena.alloc(rec.new_size)
-            self.arena.view(new_addr, keep)[:] = self.arena.view(old_addr, keep)
-            self.arena.free(old_addr, old_size)
-            t.addr[pid] = new_addr
-            t.size[pid] = rec.new_size
-            self.mask_base[pid] = (new_mask, rec.lsn)
-        elif isinstance(rec, PageMigrate):
-            t.loc[rec.page_id] = rec.location
-        elif isinstance(rec, PageClone):
-            src = rec.source_id
-            size = int(t.size[src])
-            addr = self.arena.alloc(size)
-            self.arena.view(addr, size)[:] = self.page_view(src)
-            t.add_rows(rec.page_id, np.array([addr], np.int64), size, int(t.loc[src]))
-            t.epoch[rec.page_id] = t.epoch[src]
-            if src in t.meta:
-                t.meta[rec.page_id] = dict(t.meta[src])
-            self.mask_base[rec.page_id] = (self.page_mask(src), rec.lsn)
-        elif isinstance(rec, MetadataSet):
-            if rec.metadata:
-                t.meta[rec.page_id] = dict(rec.metadata)
-            else:
-                t.meta.pop(rec.page_id, None)
-        elif isinstance(rec, EdgeAdd):
-            self.graph.add_edge(rec.parent_id, rec.child_id, EdgeType(rec.edge_type))
-        elif isinstance(rec, EdgeRemove):
-            self.graph.remove_edge(rec.parent_id, rec.child_id)
-        elif isinstance(rec, Compacted):
-            # Rows grow when pages are created; only the id counter moves here.
-            t.next_id = max(t.next_id, rec.next_id)
-        else:  # pragma: no cover - every record type is handled above
-            raise TypeError(f"unknown record {type(rec).__name__}")
+        """Apply one logged record to the store and graph, through the kind table. No
+        validation, no events.
+
+        Raises:
+            InvalidArgumentError: ``rec`` is of no record kind (nothing changed).
+        """
+        if type(rec) is Delta:
+            _apply_delta_record(self, rec)
+            return
+        apply = kind_of(rec).apply
+        assert apply is not None, "the engine binds every kind's apply"
+        apply(self, rec)
 
     def commit(self, rec: AnyRecord) -> None:
         """Log then apply a validated structural record."""
@@ -695,22 +609,18 @@ class MMSBState:
         self.apply_record(rec)
 
     def reserve_for(self, rec: AnyRecord) -> None:
-        """Allocate ahead the memory applying ``rec`` needs, before it is logged: a
-        record is logged only when it will apply.
+        """Allocate ahead the memory applying ``rec`` needs (its kind's ``reserve``),
+        before it is logged: a record is logged only when it will apply.
 
         Raises:
-            InvalidArgumentError: the memory is not there (nothing logged or changed).
+            InvalidArgumentError: the memory is not there (nothing logged or changed),
+                or ``rec`` is of no record kind.
         """
-        t = self.table
+        reserve = kind_of(rec).reserve
+        if reserve is None:
+            return
         try:
-            if isinstance(rec, PageCreate):
-                t.reserve(rec.first_id + rec.count)
-                self.arena.reserve(rec.count, rec.size)
-            elif isinstance(rec, PageResize):
-                self.arena.reserve(1, rec.new_size)
-            elif isinstance(rec, PageClone):
-                t.reserve(rec.page_id + 1)
-                self.arena.reserve(1, int(t.size[rec.source_id]))
+            reserve(self, rec)
         except MemoryError:
             raise InvalidArgumentError(
                 f"{type(rec).__name__} needs more memory than this process can get; nothing "
@@ -1340,3 +1250,184 @@ class _BatchFrame:
         st.next_delta_id = self.next_delta_id
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
+
+
+
+# -- each record kind's check, apply and reserve (bound into the kind table) -------------
+# A check says why a record read from disk cannot follow the state (None: it can); an
+# apply changes the store and graph and validates nothing; a reserve takes the memory
+# an apply will need, before the record is logged.
+
+def _page_missing(state: MMSBState, rec: Any) -> str | None:
+    pid = rec.page_id
+    if not state.table.is_live(pid):
+        return f"a {type(rec).__name__} of page {pid}, which does not exist"
+    return None
+
+
+def _check_delta(state: MMSBState, rec: Delta) -> str | None:
+    t = state.table
+    pid = rec.page_id
+    if not t.is_live(pid):
+        return f"a delta of page {pid}, which does not exist"
+    if rec.page_size != int(t.size[pid]):
+        return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
+    if rec.base_epoch != int(t.epoch[pid]):
+        return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
+                f"epoch {int(t.epoch[pid])}")
+    return None
+
+
+def _apply_delta_record(state: MMSBState, rec: Delta) -> None:
+    t = state.table
+    pid = rec.page_id
+    apply_delta(state.arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
+    t.epoch[pid] = rec.epoch
+    if rec.id >= state.next_delta_id:
+        state.next_delta_id = rec.id + 1
+
+
+def _check_create(state: MMSBState, rec: PageCreate) -> str | None:
+    t = state.table
+    if rec.first_id != t.next_id:
+        return f"pages created at id {rec.first_id} where the next id is {t.next_id}"
+    need = creation_cost(state, rec.count, rec.size)
+    if need > physical_memory():
+        return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
+                "memory, more than this machine has")
+    return None
+
+
+def _apply_create(state: MMSBState, rec: PageCreate) -> None:
+    t = state.table
+    if rec.count == 1:
+        t.add_row(rec.first_id, state.arena.alloc(rec.size), rec.size, rec.location)
+    else:
+        t.add_rows(rec.first_id, state.arena.alloc_many(rec.count, rec.size), rec.size,
+                   rec.location)
+    if rec.metadata:
+        for pid in range(rec.first_id, rec.first_id + rec.count):
+            t.meta[pid] = dict(rec.metadata)
+
+
+def _reserve_create(state: MMSBState, rec: PageCreate) -> None:
+    state.table.reserve(rec.first_id + rec.count)
+    state.arena.reserve(rec.count, rec.size)
+
+
+def _apply_delete(state: MMSBState, rec: PageDelete) -> None:
+    t = state.table
+    pid = rec.page_id
+    state.arena.free(int(t.addr[pid]), int(t.size[pid]))
+    t.drop_row(pid)
+    for parent, child in state.graph.edges_of(pid):
+        state.graph.remove_edge(parent, child)
+    state.recompute_fns.pop(pid, None)
+    state.mask_base.pop(pid, None)
+    state.pending.discard(pid)
+    state.forced.discard(pid)
+
+
+def _apply_resize(state: MMSBState, rec: PageResize) -> None:
+    t = state.table
+    pid = rec.page_id
+    old_size = int(t.size[pid])
+    mask = state.page_mask(pid)
+    keep = min(old_size, rec.new_size)
+    new_mask = np.zeros(rec.new_size, dtype=bool)
+    new_mask[:keep] = mask[:keep]
+    old_addr = int(t.addr[pid])
+    new_addr = state.arena.alloc(rec.new_size)
+    state.arena.view(new_addr, keep)[:] = state.arena.view(old_addr, keep)
+    state.arena.free(old_addr, old_size)
+    t.addr[pid] = new_addr
+    t.size[pid] = rec.new_size
+    state.mask_base[pid] = (new_mask, rec.lsn)
+
+
+def _reserve_resize(state: MMSBState, rec: PageResize) -> None:
+    state.arena.reserve(1, rec.new_size)
+
+
+def _apply_migrate(state: MMSBState, rec: PageMigrate) -> None:
+    state.table.loc[rec.page_id] = rec.location
+
+
+def _check_clone(state: MMSBState, rec: PageClone) -> str | None:
+    t = state.table
+    if rec.page_id != t.next_id:
+        return f"pages created at id {rec.page_id} where the next id is {t.next_id}"
+    if not t.is_live(rec.source_id):
+        return f"a clone of page {rec.source_id}, which does not exist"
+    return None
+
+
+def _apply_clone(state: MMSBState, rec: PageClone) -> None:
+    t = state.table
+    src = rec.source_id
+    size = int(t.size[src])
+    addr = state.arena.alloc(size)
+    state.arena.view(addr, size)[:] = state.page_view(src)
+    t.add_rows(rec.page_id, np.array([addr], np.int64), size, int(t.loc[src]))
+    t.epoch[rec.page_id] = t.epoch[src]
+    if src in t.meta:
+        t.meta[rec.page_id] = dict(t.meta[src])
+    state.mask_base[rec.page_id] = (state.page_mask(src), rec.lsn)
+
+
+def _reserve_clone(state: MMSBState, rec: PageClone) -> None:
+    state.table.reserve(rec.page_id + 1)
+    state.arena.reserve(1, int(state.table.size[rec.source_id]))
+
+
+def _apply_metadata(state: MMSBState, rec: MetadataSet) -> None:
+    if rec.metadata:
+        state.table.meta[rec.page_id] = dict(rec.metadata)
+    else:
+        state.table.meta.pop(rec.page_id, None)
+
+
+def _check_edge_add(state: MMSBState, rec: EdgeAdd) -> str | None:
+    t = state.table
+    if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
+        return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
+    try:
+        state.graph.check_edge(rec.parent_id, rec.child_id)
+    except Exception:
+        return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
+    return None
+
+
+def _apply_edge_add(state: MMSBState, rec: EdgeAdd) -> None:
+    state.graph.add_edge(rec.parent_id, rec.child_id, EdgeType(rec.edge_type))
+
+
+def _check_edge_remove(state: MMSBState, rec: EdgeRemove) -> str | None:
+    if not state.graph.has_edge(rec.parent_id, rec.child_id):
+        return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
+    return None
+
+
+def _apply_edge_remove(state: MMSBState, rec: EdgeRemove) -> None:
+    state.graph.remove_edge(rec.parent_id, rec.child_id)
+
+
+def _check_compacted(state: MMSBState, rec: Compacted) -> str | None:
+    return "a compaction marker, which only checkpoints hold"
+
+
+def _apply_compacted(state: MMSBState, rec: Compacted) -> None:
+    # Rows grow when pages are created; only the id counter moves here.
+    state.table.next_id = max(state.table.next_id, rec.next_id)
+
+
+bind_engine(Delta, _apply_delta_record, _check_delta)
+bind_engine(PageCreate, _apply_create, _check_create, _reserve_create)
+bind_engine(PageDelete, _apply_delete, _page_missing)
+bind_engine(PageResize, _apply_resize, _page_missing, _reserve_resize)
+bind_engine(PageMigrate, _apply_migrate, _page_missing)
+bind_engine(PageClone, _apply_clone, _check_clone, _reserve_clone)
+bind_engine(MetadataSet, _apply_metadata, _page_missing)
+bind_engine(EdgeAdd, _apply_edge_add, _check_edge_add)
+bind_engine(EdgeRemove, _apply_edge_remove, _check_edge_remove)
+bind_engine(Compacted, _apply_compacted, _check_compacted)

@@ -33,7 +33,7 @@ from .._core.delta import Delta
 from .._core.engine import physical_memory
 from .._core.graph import ShadowPageGraph
 from .._core.limits import MAX_COUNTER, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
-from .._core.records import AnyRecord, PageCreate
+from .._core.records import AnyRecord, kind_of
 from .._core.snapshot import ReplayBase, Snapshot
 from ..errors import SerializationError
 from ..types import EdgeType
@@ -549,7 +549,7 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
             if rec.page_id >= next_page_id or rec.epoch >= MAX_COUNTER:
                 raise fail(f"section TLOG delta at LSN {rec.lsn} names page {rec.page_id} or "
                            f"epoch {rec.epoch}, out of range")
-        elif max(_record_pages(rec), default=0) >= next_page_id:
+        elif max(kind_of(rec).pages(rec), default=0) >= next_page_id:
             raise fail(f"section TLOG record at LSN {rec.lsn} names a page at or past the "
                        f"next page id {next_page_id}")
     max_delta = max((r.id for r in records if isinstance(r, Delta)), default=0)
@@ -575,14 +575,6 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
                           metadata, masks, edges, records, horizon, last_ts, meta,
                           CheckpointBase(base) if base else None, from_lsn, bus)
-
-
-def _record_pages(rec: AnyRecord) -> list[int]:
-    """The page ids a structural record names."""
-    if isinstance(rec, PageCreate):
-        return [rec.first_id + rec.count - 1]
-    return [v for k in ("page_id", "source_id", "parent_id", "child_id")
-            if isinstance(v := getattr(rec, k, None), int)]
 
 
 def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:
