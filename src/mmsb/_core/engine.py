@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
 from .arena import CHUNK_MASK, CHUNK_SHIFT, Arena
+from .compaction import FoldJob, compaction_step, start_at
 from .delta import (
     Delta,
     apply_delta,
@@ -324,7 +325,10 @@ class MMSBState:
         self.batch_depth = 0
         self.batch_frame: _BatchFrame | None = None
         self.next_delta_id = 1
-        self._compress_at = cfg.max_tlog_size
+        self.compact_at = start_at(cfg.max_tlog_size)
+        """Delta rows past which a write advances compaction (-1 while a job runs)."""
+        self.compaction: FoldJob | None = None
+        """The incremental compaction in progress, if any (see _core/compaction.py)."""
         self.propagating = False
         self.propagation_mode = cfg.propagation_mode
         self.closed = False
@@ -943,17 +947,16 @@ class MMSBState:
         c.delta_apply.add(time.perf_counter_ns() - t0)
         c.records_logged += 1
         c.payload_bytes_logged += changed
-        if self.log.n > self._compress_at and not self.propagating \
+        if self.log.n > self.compact_at and not self.propagating \
                 and not self.batch_depth:
             self.auto_compress()
 
-    def auto_compress(self) -> None:
+    def auto_compress(self, min_rows: int = 0) -> None:
+        """Start or advance the incremental compaction of an in-memory log (a bounded
+        step; see _core/compaction.py)."""
         if self.bus is not None:
             return  # a durable bus bounds its log by checkpoints and retention instead
-        from .compaction import compress_log_locked
-
-        compress_log_locked(self)
-        self._compress_at = max(self.config.max_tlog_size, 2 * len(self.log.deltas))
+        compaction_step(self, min_rows)
 
     def propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
         t0 = time.perf_counter_ns()
@@ -990,6 +993,7 @@ class MMSBState:
         if not ok:
             frame.rollback()
             return
+        rows0 = frame.mark[0] if frame.mark is not None else self.log.n
         try:
             self.log.append_held(frame.records)
         except BaseException:
@@ -1006,8 +1010,9 @@ class MMSBState:
             self.pending.clear()
             if pending:
                 self.propagate(pending)
-        if len(self.log.deltas) > self._compress_at:
-            self.auto_compress()
+        if self.log.n > self.compact_at:
+            # A compaction in progress folds at least twice what the batch logged.
+            self.auto_compress(2 * max(0, self.log.n - rows0))
 
     # -- invariants ------------------------------------------------------------------
     def _check(self) -> None:
@@ -1106,6 +1111,7 @@ class MMSBState:
         self.recompute_fns = {pid: fn for pid, fn in self.recompute_fns.items() if t.is_live(pid)}
         self.pending.clear()
         self.forced.clear()
+        self.compaction = None
 
     def refuse_in_batch(self, what: str) -> None:
         """Calls that read or replace the whole log cannot run inside an open batch,

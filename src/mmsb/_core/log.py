@@ -26,12 +26,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, overload
 
 import numpy as np
-from numba.typed import List as NumbaList
 
 from ..errors import SerializationError
 from .arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .delta import Delta
-from .kernels import ROW_DTYPE, apply_log_rows, mark_written, write_small
+from .kernels import (
+    ROW_DTYPE,
+    apply_log_rows_one,
+    mark_page_rows,
+    mark_written,
+    write_small,
+)
 from .page_table import LIVE, PageTable
 from .records import AnyRecord, Compacted, PageCreate
 
@@ -723,22 +728,85 @@ class TransactionLog:
             owner = own[sel]
         # Field by field: a gather of whole packed rows is far slower than of columns.
         rows = self.rows
-        poff = rows["poff"][:n][sel]
-        if len(poff):
-            plen = rows["plen"][:n][sel].astype(np.int64)
-            enc = rows["enc"][:n][sel]
-            psize = rows["psize"][:n][sel].astype(np.int64)
-            chunk_of = poff >> 32
-            lens = np.asarray(sizes, np.int64)
-            used = np.flatnonzero(np.bincount(chunk_of)).tolist()
-            for ci in used:
-                chunk = self.chunks[ci]
-                assert chunk is not None
-                pick: slice | np.ndarray = slice(None) if len(used) == 1 else chunk_of == ci
-                o = owner[pick]
-                mark_written(np.frombuffer(chunk, np.uint8), poff[pick] & 0xFFFFFFFF, plen[pick],
-                             enc[pick], psize[pick], out, bounds[o], lens[o])
+        self._mark(rows["poff"][:n][sel], rows["plen"][:n][sel], rows["enc"][:n][sel],
+                   rows["psize"][:n][sel], owner, bounds, np.asarray(sizes, np.int64), out)
         return [out[bounds[k]:bounds[k + 1]] for k in range(len(sizes))]
+
+    def rows_masks(self, page_ids: Sequence[int], sizes: Any, starts: Sequence[int],
+                   stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each page ``k``, one bool per byte of its ``sizes[k]``: where its delta
+        rows from ``starts[k]`` up to (not including) row ``stop`` write (positions past
+        the size ignored), all in one buffer: returns it and the pages' bounds in it
+        (page ``k`` is ``out[bounds[k]:bounds[k + 1]]``). One compiled scan of the rows
+        from the smallest start per payload chunk they use, reading the columns in
+        place (:func:`~mmsb._core.kernels.mark_page_rows`). O(rows scanned + their
+        payload bytes + the pages' sizes)."""
+        lens = np.asarray(sizes, np.int64)
+        bounds = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=bounds[1:])
+        out = np.zeros(int(bounds[-1]), dtype=bool)
+        if not len(lens):
+            return out, bounds
+        first = np.asarray(starts, np.int64)
+        r0, r1 = max(0, int(first.min())), min(stop, self.n)
+        if r0 >= r1:
+            return out, bounds
+        pids = np.asarray(page_ids, np.int64)
+        # page id → 1 + its place (0: not asked for); zero memory is mapped lazily, so a
+        # few pages of a large id space cost little.
+        slot = np.zeros(int(pids.max()) + 1, np.int32)
+        slot[pids] = np.arange(1, len(pids) + 1, dtype=np.int32)
+        for ci in self._chunks_of(r0, r1):
+            chunk = self.chunks[ci]
+            if chunk is None:
+                continue
+            mark_page_rows(self.rows, r0, r1, ci, np.frombuffer(chunk, np.uint8), slot, first,
+                           out, bounds, lens)
+        return out, bounds
+
+    def scan_masks(self, r0: int, r1: int, slot: np.ndarray, starts: np.ndarray,
+                   out: np.ndarray, bounds: np.ndarray) -> None:
+        """Mark in ``out`` what rows ``r0 … r1-1`` write: a row of page ``p`` with
+        ``k = slot[p] - 1 ≥ 0``, at or after row ``starts[k]``, into ``out[bounds[k]:
+        bounds[k + 1]]``. One compiled scan per payload chunk the rows use, reading the
+        columns in place. O(rows + their payload bytes)."""
+        if r0 >= r1:
+            return
+        lens = np.diff(bounds)
+        for ci in self._chunks_of(r0, r1):
+            chunk = self.chunks[ci]
+            if chunk is not None:
+                mark_page_rows(self.rows, r0, r1, ci, np.frombuffer(chunk, np.uint8), slot,
+                               starts, out, bounds, lens)
+
+    def _chunks_of(self, r0: int, r1: int) -> list[int]:
+        """The payload chunks rows ``r0 … r1-1`` use, ascending. O(rows)."""
+        ci = self.rows["poff"][r0:r1] >> 32
+        lo, hi = int(ci.min()), int(ci.max())
+        if hi - lo < 4:
+            return list(range(lo, hi + 1))
+        return np.unique(ci).tolist()
+
+    def _mark(self, poff: np.ndarray, plen: np.ndarray, enc: np.ndarray, psize: np.ndarray,
+              owner: np.ndarray, bounds: np.ndarray, lens: np.ndarray, out: np.ndarray) -> None:
+        """Set in ``out`` the positions each row writes, row ``r`` into the mask of its
+        page ``owner[r]`` (at ``bounds[owner]``, ``lens[owner]`` long), one compiled
+        pass per payload chunk."""
+        if not len(poff):
+            return
+        poff = np.ascontiguousarray(poff)
+        plen = plen.astype(np.int64)
+        enc = np.ascontiguousarray(enc)
+        psize = psize.astype(np.int64)
+        chunk_of = poff >> 32
+        used = np.flatnonzero(np.bincount(chunk_of)).tolist()
+        for ci in used:
+            chunk = self.chunks[ci]
+            assert chunk is not None
+            pick: slice | np.ndarray = slice(None) if len(used) == 1 else chunk_of == ci
+            o = owner[pick]
+            mark_written(np.frombuffer(chunk, np.uint8), poff[pick] & 0xFFFFFFFF, plen[pick],
+                         enc[pick], psize[pick], out, bounds[o], lens[o])
 
     def index_after_time(self, ns: int) -> int:
         """Number of records with timestamp ≤ ``ns``. O(log n)."""
@@ -757,38 +825,67 @@ class TransactionLog:
         self.last_timestamp = max(last_ts, self.last_timestamp)
         self.horizon_lsn = max(horizon, self.horizon_lsn)
 
-    def drop_through(self, lsn: int) -> list[int]:
-        """Forget the records with LSN ≤ ``lsn``; returns the pages whose deltas were
-        dropped. The kept rows are copied into fresh columns (so a memento taken
-        before stays valid). O(records)."""
+    def drop_through(self, lsn: int) -> None:
+        """Forget the records with LSN ≤ ``lsn``. The kept rows are copied into fresh
+        columns and renumbered from 0, the payload chunks no kept row uses are let go
+        and the rest renumbered, and the structural entries after ``lsn`` are kept as
+        they are (a creation run across ``lsn`` is cut), so a memento or a
+        :meth:`frozen` copy taken before stays valid. O(kept rows + kept structural
+        entries + log n)."""
         n = self.n
         k = self.rows_through(lsn)
-        dropped_pages = sorted(set(self.rows["page"][:k].tolist())) if k else []
-        keep_structs: list[AnyRecord] = []
-        for s in self.structs:
-            if isinstance(s, _CreateRun):
-                for rec in s.records():
-                    if rec.lsn > lsn:
-                        keep_structs.append(rec)
-            elif s.lsn > lsn:
-                keep_structs.append(s)
         kept = self.rows[k:n].copy()
         lsns, ids, bases, rare = self.lsns, self.ids, self.bases, self.rare_sources
         sources, source_ids, chunks = self.sources, self.source_ids, self.chunks
-        cur, tail, cur_array = self.cur, self.tail, self.cur_array
+        cur, tail = self.cur, self.tail
         payload = int(kept["plen"].sum(dtype=np.int64)) if k else self.payload_bytes
+        # Structural entries: the ones after the last one at or before lsn, and the
+        # part after lsn of a creation run across it.
+        j = bisect.bisect_right(self.struct_lsn, lsn)
+        structs = self.structs[j:]
+        struct_lsn = self.struct_lsn[j:]
+        first_kept = self.struct_before[j] if j < len(self.structs) else self.struct_count
+        if j:
+            last = self.structs[j - 1]
+            if type(last) is _CreateRun and last.lsn + last.count - 1 > lsn:
+                cut = lsn + 1 - last.lsn
+                rest = _CreateRun(last.record(cut))
+                rest.offsets = array("I", (o - last.offsets[cut] for o in last.offsets[cut:]))
+                structs.insert(0, rest)
+                struct_lsn.insert(0, rest.lsn)
+                first_kept -= rest.count
+        before = array("q", (b - first_kept for b in self.struct_before[j:]))
+        if len(structs) > len(before):
+            before.insert(0, 0)
+        count = self.struct_count - first_kept
+        counters = (self.next_lsn, self.last_timestamp, self.horizon_lsn, self.horizon_timestamp)
         self._clear()
+        self.next_lsn, self.last_timestamp, self.horizon_lsn, self.horizon_timestamp = counters
+        self.structs, self.struct_lsn, self.struct_before = structs, struct_lsn, before
+        self.struct_count = count
         self.rows = kept if len(kept) else np.empty(1024, ROW_DTYPE)
         self.n = n - k
         self.lsns = lsns.shifted(k, n)
         self.ids = ids.shifted(k, n)
         self.bases = {r - k: b for r, b in bases.items() if r >= k}
         self.rare_sources = {r - k: s for r, s in rare.items() if r >= k}
-        self.sources, self.source_ids, self.cur, self.tail = sources, source_ids, cur, tail
-        self.cur_array = cur_array
-        used = set(np.unique(kept["poff"] >> 32).tolist())
-        used.add(cur)
-        self.chunks = [c if i in used else None for i, c in enumerate(chunks)]
+        self.sources, self.source_ids = sources, source_ids
+        # Payload chunks: the ones kept rows use, and the open one, renumbered in order.
+        used = np.unique(kept["poff"] >> 32) if self.n else np.zeros(0, np.int64)
+        if cur >= 0 and not (used == cur).any():
+            used = np.sort(np.append(used, cur))
+        self.chunks = [chunks[c] for c in used.tolist()]
+        if self.n and len(used):
+            remap = np.zeros(int(used[-1]) + 1, np.int64)
+            remap[used] = np.arange(len(used))
+            poff = self.rows["poff"][:self.n]
+            poff[:] = (remap[poff >> 32] << 32) | (poff & 0xFFFFFFFF)
+        if cur >= 0:
+            self.cur = int(np.searchsorted(used, cur))
+            self.tail = tail
+            chunk = self.chunks[self.cur]
+            assert chunk is not None
+            self.cur_array = np.frombuffer(chunk, np.uint8)
         if self.n:
             pages = kept["page"]
             order = np.argsort(pages, kind="stable")
@@ -796,11 +893,17 @@ class TransactionLog:
             for grp in np.split(order, bounds):
                 self.index[int(pages[grp[0]])] = array("I", grp.astype(np.uint32).tobytes())
         self.payload_bytes = payload
-        counters = (self.next_lsn, self.last_timestamp, self.horizon_lsn)
-        for rec in keep_structs:
-            self.adopt(rec)
-        self.next_lsn, self.last_timestamp, self.horizon_lsn = counters
-        return dropped_pages
+
+    def frozen(self) -> TransactionLog:
+        """A log that holds what this one holds now and keeps it while this one is
+        rewritten (:meth:`drop_through`, :meth:`replace_all` and the like replace the
+        columns, never edit them). Read it only up to this log's last LSN now: the
+        two share the open payload chunk and the newest creation run, which this log
+        goes on extending. O(1)."""
+        out = TransactionLog.__new__(TransactionLog)
+        out.__dict__.update(self.__dict__)
+        out.history_index = None
+        return out
 
     def memento(self) -> dict[str, Any]:
         """Everything a rewrite (replace_all, drop_through) replaces, to undo it."""
@@ -1061,8 +1164,9 @@ class TransactionLog:
     def write_rows(self, r0: int, r1: int, table: PageTable, arena: Arena) -> int:
         """Write the deltas of rows ``r0 … r1-1`` into the pages ``table`` places in
         ``arena``, in log order (later rows win), straight from the payload chunks in
-        one compiled pass (:func:`~mmsb._core.kernels.apply_log_rows`; a dense row is
-        one copy), and set each page's epoch to that of its last row, vectorised. This
+        compiled passes (:func:`~mmsb._core.kernels.apply_log_rows_one`, one per run of
+        rows whose payloads share a chunk; a dense row is one copy) that also set each
+        page's epoch to that of its last row. This
         is what applying :meth:`delta_at` of each row in turn does, without a Delta
         object. Returns the bytes written.
 
@@ -1093,31 +1197,50 @@ class TransactionLog:
             raise SerializationError(
                 f"the log holds a delta for {int(sizes[bad])} bytes on page {int(pages[bad])} "
                 f"of {int(have[bad])} (delta row {r0 + bad})")
-        poff = rows["poff"]
-        pci, pmap = np.unique(poff >> 32, return_inverse=True)
+        poff = np.ascontiguousarray(rows["poff"])
+        soff = poff & 0xFFFFFFFF
+        plens = rows["plen"].astype(np.int64)
+        encs = np.ascontiguousarray(rows["enc"])
+        epochs = np.ascontiguousarray(rows["epoch"])
         addr = table.addr[pages]
-        aci, amap = np.unique(addr >> CHUNK_SHIFT, return_inverse=True)
-        srcs = NumbaList()
-        for c in pci.tolist():
-            chunk = self.chunks[c]
-            srcs.append(np.frombuffer(chunk, np.uint8) if chunk is not None
-                        else np.zeros(0, np.uint8))
-        dsts = NumbaList()
-        for c in aci.tolist():
-            buf = arena.chunk(c)
-            dsts.append(buf if buf is not None else np.zeros(0, np.uint8))
-        wrote = apply_log_rows(srcs, pmap.astype(np.int64), poff & 0xFFFFFFFF,
-                               rows["plen"].astype(np.int64), np.ascontiguousarray(rows["enc"]), sizes, dsts,
-                               amap.astype(np.int64), addr & (CHUNK_SIZE - 1))
+        doff = addr & (CHUNK_SIZE - 1)
+        pci = poff >> 32
+        aci = addr >> CHUNK_SHIFT
+        # One compiled call per run of rows whose payloads share a chunk, and within it
+        # per arena chunk (rows of one page share its chunk and keep their order; rows
+        # of different pages commute).
+        brk = np.flatnonzero(pci[1:] != pci[:-1]) + 1
+        edges = [0, *brk.tolist(), len(pci)]
+        wrote = 0
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            src = self.chunks[int(pci[a])]
+            if src is None:
+                wrote = -1 - a
+                break
+            chunk = np.frombuffer(src, np.uint8)
+            sel_a = aci[a:b]
+            groups = [slice(a, b)] if (sel_a == sel_a[0]).all() else \
+                [a + np.flatnonzero(sel_a == c) for c in np.unique(sel_a).tolist()]
+            for g in groups:
+                first = g.start if isinstance(g, slice) else int(g[0])
+                dst = arena.chunk(int(aci[first]))
+                if dst is None:
+                    n = -1 - (first - a)
+                else:
+                    n = apply_log_rows_one(chunk, soff[g], plens[g], encs[g], sizes[g], dst,
+                                           doff[g], pages[g], epochs[g], table.epoch)
+                if n < 0:
+                    k = -1 - n
+                    wrote = -1 - (k + first if isinstance(g, slice) else int(g[k]))
+                    break
+                wrote += n
+            if wrote < 0:
+                break
         if wrote < 0:
             bad = -1 - wrote
             raise SerializationError(
                 f"the log holds a delta whose payload does not fit page {int(pages[bad])} "
                 f"(delta row {r0 + bad})")
-        # Each page ends at the epoch of its last row.
-        last = pages[::-1]
-        uniq, at = np.unique(last, return_index=True)
-        table.epoch[uniq] = rows["epoch"][::-1][at]
         return int(wrote)
 
 

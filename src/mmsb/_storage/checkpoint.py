@@ -29,6 +29,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from .._core.compaction import bind_base_encoder
 from .._core.delta import Delta
 from .._core.engine import physical_memory
 from .._core.graph import ShadowPageGraph
@@ -328,6 +329,10 @@ def checkpoint_bytes(state: MMSBState) -> bytes:
     buf = io.BytesIO()
     _write_body(buf, state, 0, None, state.base_bytes())
     return buf.getvalue()
+
+
+# A replay base that in-memory compaction folded is encoded as a checkpoint of it.
+bind_base_encoder(checkpoint_bytes)
 
 
 # -- reading ---------------------------------------------------------------------------
