@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["compress_log_locked", "compaction_step", "FoldJob", "StateBase", "SnapshotBase",
            "bind_base_encoder", "start_at", "STEP_NS", "START_EIGHTHS", "SLICE_ROWS", "SLICE_PAGES",
-           "SLICE_MASKS", "SLICE_MASK_PAGES"]
+           "SLICE_MASKS", "SLICE_MASK_PAGES", "SLICE_BYTES", "COPY_PER_ROW"]
 
 STEP_NS = 300_000
 """A compaction step starts no new slice after this many nanoseconds."""
@@ -60,6 +60,11 @@ SLICE_MASKS = 32
 """Most pages whose masks one slice takes from the current base (after the side log)."""
 SLICE_MASK_PAGES = 256
 """Most pages whose masks one slice hands to the live state at the cut."""
+SLICE_BYTES = 1 << 20
+"""About the most page bytes one slice copies from the current base."""
+COPY_PER_ROW = 64
+"""A job catches up on the side log by copying the pages its rows changed when that
+copies at most this many bytes per row it would otherwise replay."""
 
 
 # -- the canonical rewrite ---------------------------------------------------------------
@@ -205,9 +210,10 @@ class _Source:
     """Records of one log to fold, up to LSN ``stop``: a cursor over its delta rows and
     its structural entries (``sub``: pages of a creation run already folded)."""
 
-    __slots__ = ("log", "stop", "row", "struct", "sub", "live")
+    __slots__ = ("log", "stop", "row", "struct", "sub", "live", "structs_only")
 
-    def __init__(self, log: TransactionLog, stop: int, live: bool) -> None:
+    def __init__(self, log: TransactionLog, stop: int, live: bool,
+                 structs_only: bool = False) -> None:
         self.log = log
         self.stop = stop
         self.row = 0
@@ -215,6 +221,9 @@ class _Source:
         self.sub = 0
         self.live = live
         """The live log (its masks are tracked), not the side log."""
+        self.structs_only = structs_only
+        """Fold the structural records only: the pages the rows change are copied from
+        the current base afterwards."""
 
 
 class FoldJob:
@@ -244,6 +253,8 @@ class FoldJob:
         self.struct_pages: set[int] = set()
         """Pages the live log's structural records up to the cut name."""
         self.sources: list[_Source] = []
+        self.copy_todo: list[int] = []
+        """Pages whose bytes and epochs are still to be copied from the current base."""
         self.fixup: list[int] = []
         """Pages whose masks the side log changed, still to take from the base."""
         self.fixup_from: MMSBState | None = None
@@ -259,8 +270,16 @@ class FoldJob:
             # The usual case: the spare catches up on the side log to this base's LSN,
             # then on the live log to the cut. Its state is this machinery's alone.
             self.start_from = base.spare
-            self.sources.append(_Source(base.side, base.lsn, False))
-            self.fixup = sorted(base.touched)
+            # Catching up: replay the side log's rows, or copy the pages they changed
+            # from the current base when that moves fewer bytes (its structural records
+            # are replayed either way).
+            side_rows = base.side.rows_through(base.lsn)
+            touched = np.asarray(base.touched, np.int64)
+            copy_bytes = int(base.state.table.size[touched].sum()) if len(touched) else 0
+            by_copy = copy_bytes <= COPY_PER_ROW * side_rows
+            self.sources.append(_Source(base.side, base.lsn, False, structs_only=by_copy))
+            self.copy_todo = list(base.touched) if by_copy else []
+            self.fixup = list(base.touched)
             self.fixup_from = base.state
             self.spare_out = base.state
             self.retire = base
@@ -306,6 +325,9 @@ class FoldJob:
         fold = self.fold if self.fold is not None else self._start(state)
         while self.sources:
             src = self.sources[0]
+            if src.live and self.copy_todo:
+                self._copy_pages(fold)
+                return True
             if src.live and self.fixup:
                 self._fix_masks(fold)
                 return True
@@ -335,6 +357,8 @@ class FoldJob:
             entry = structs[src.struct]
             nxt = min(nxt, entry.lsn + src.sub)
         limit = log.rows_through(nxt - 1)
+        if src.structs_only:
+            src.row = max(src.row, limit)
         if src.row < limit:
             self._fold_rows(fold, src, limit)
             return True
@@ -401,6 +425,27 @@ class FoldJob:
         for k, pid in enumerate(pids):
             bases[pid] = (out[b[k]:b[k + 1]], cut)
             mask_row[pid] = row
+
+    def _copy_pages(self, fold: MMSBState) -> None:
+        """Copy from the current base the bytes and epochs of a slice of the pages the
+        side log's rows changed (about :data:`SLICE_BYTES` bytes): the fold, which got
+        the side log's structural records only, then equals the base."""
+        assert self.fixup_from is not None
+        theirs = self.fixup_from
+        tt, ft = theirs.table, fold.table
+        done = 0
+        todo = self.copy_todo
+        while todo and done < SLICE_BYTES:
+            pid = todo.pop()
+            if not (tt.is_live(pid) and ft.is_live(pid)):
+                continue
+            size = int(tt.size[pid])
+            fold.page_view(pid)[:] = theirs.page_view(pid)
+            ft.epoch[pid] = tt.epoch[pid]
+            done += size
+        if not todo:
+            fold.next_delta_id = max(fold.next_delta_id, theirs.next_delta_id)
+            ft.next_id = max(ft.next_id, tt.next_id)
 
     def _fix_masks(self, fold: MMSBState) -> None:
         """Take from the current base the masks of a slice of the pages the side log

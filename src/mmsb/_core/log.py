@@ -834,11 +834,14 @@ class TransactionLog:
         entries + log n)."""
         n = self.n
         k = self.rows_through(lsn)
-        kept = self.rows[k:n].copy()
+        # The kept rows in columns of the same capacity: a log trimmed over and over
+        # (compaction) does not grow its columns again each time.
+        kept = np.empty(max(1024, n - k, min(len(self.rows), 2 * n)), ROW_DTYPE)
+        kept[:n - k] = self.rows[k:n]
         lsns, ids, bases, rare = self.lsns, self.ids, self.bases, self.rare_sources
         sources, source_ids, chunks = self.sources, self.source_ids, self.chunks
         cur, tail = self.cur, self.tail
-        payload = int(kept["plen"].sum(dtype=np.int64)) if k else self.payload_bytes
+        payload = int(kept["plen"][:n - k].sum(dtype=np.int64)) if k else self.payload_bytes
         # Structural entries: the ones after the last one at or before lsn, and the
         # part after lsn of a creation run across it.
         j = bisect.bisect_right(self.struct_lsn, lsn)
@@ -871,7 +874,7 @@ class TransactionLog:
         self.rare_sources = {r - k: s for r, s in rare.items() if r >= k}
         self.sources, self.source_ids = sources, source_ids
         # Payload chunks: the ones kept rows use, and the open one, renumbered in order.
-        used = np.unique(kept["poff"] >> 32) if self.n else np.zeros(0, np.int64)
+        used = np.unique(kept["poff"][:self.n] >> 32) if self.n else np.zeros(0, np.int64)
         if cur >= 0 and not (used == cur).any():
             used = np.sort(np.append(used, cur))
         self.chunks = [chunks[c] for c in used.tolist()]
@@ -887,7 +890,7 @@ class TransactionLog:
             assert chunk is not None
             self.cur_array = np.frombuffer(chunk, np.uint8)
         if self.n:
-            pages = kept["page"]
+            pages = kept["page"][:self.n]
             order = np.argsort(pages, kind="stable")
             bounds = np.flatnonzero(np.diff(pages[order])) + 1
             for grp in np.split(order, bounds):
