@@ -45,7 +45,7 @@ from .events import EventBus
 from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
-from .log import DeltaGroup, DeltaView, TransactionLog
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -1055,7 +1055,7 @@ class MMSBState:
             log.last_lsn, t.next_id, self.next_delta_id, ids, sizes, t.epoch[ids].copy(),
             t.loc[ids].copy(), data, {pid: dict(m) for pid, m in t.meta.items()},
             {pid: (m.copy(), lsn) for pid, (m, lsn) in self.mask_base.items()},
-            self.graph.edges(), list(log.records), log.horizon_lsn, log.last_timestamp,
+            self.graph.edges(), ColumnRecords(log.columns()), log.horizon_lsn, log.last_timestamp,
             {"horizon_timestamp": log.horizon_timestamp}, self.replay_base,
             self.orphan_from, None)
 
@@ -1063,9 +1063,9 @@ class MMSBState:
         """Replace everything but the lock, config, subscriptions, counters and the
         durable sink with ``snap`` (caller holds the lock). Fresh tables are built first
         and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
-        fresh = MMSBState(self.config)
-        t = fresh.table
-        arena = fresh.arena
+        t = PageTable()
+        arena = Arena()
+        graph = ShadowPageGraph()
         n = int(snap.ids.size)
         t.reserve(int(snap.ids[-1]) + 1 if n else 1)
         if n:
@@ -1090,19 +1090,24 @@ class MMSBState:
         t.next_id = snap.next_page_id
         t.meta = {pid: dict(m) for pid, m in snap.metadata.items() if m}
         for p, c, et in snap.edges:
-            fresh.graph.add_edge(p, c, et)
-        log = fresh.log
-        log.replace_all(snap.records)
+            graph.add_edge(p, c, et)
+        if isinstance(snap.records, ColumnRecords):
+            # A log held as columns: built from them in one go (the snapshot may be
+            # restored again: its columns are only read).
+            log = TransactionLog.from_columns(snap.records.cols)
+        else:
+            log = TransactionLog()
+            log.replace_all(snap.records)
         log.next_lsn = snap.lsn + 1
         log.last_timestamp = max(log.last_timestamp, snap.last_timestamp)
         log.horizon_lsn = snap.horizon_lsn
         ht = snap.info.get("horizon_timestamp", 0)
         log.horizon_timestamp = ht if isinstance(ht, int) else 0
         log.sink, log.sink_many = self.log.sink, self.log.sink_many
-        self.arena = fresh.arena
+        self.arena = arena
         self.table = t
         self.log = log
-        self.graph = fresh.graph
+        self.graph = graph
         self.graph._owner = weakref.ref(self)
         self.mask_base = dict(snap.masks)
         self.next_delta_id = snap.next_delta_id

@@ -329,3 +329,93 @@ def apply_log_rows_one(src: np.ndarray, soff: np.ndarray, plens: np.ndarray,
         table_epoch[pages[r]] = epochs[r]
         wrote += n
     return wrote
+
+
+@njit(cache=True, nogil=True)
+def gather_payloads(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, out: np.ndarray,
+                    at: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Copy payload ``r`` (``chunk[offs[r]:offs[r] + plens[r]]``) to ``out[at[r]:]``."""
+    for r in range(offs.shape[0]):
+        _copy(out[at[r]:at[r] + plens[r]], chunk[offs[r]:offs[r] + plens[r]])
+
+
+@njit(cache=True, nogil=True)
+def check_payloads(buf: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: np.ndarray,
+                   psizes: np.ndarray) -> int:  # pragma: no cover - compiled
+    """The first row whose payload (``buf[offs[r]:offs[r] + plens[r]]``, encoded as in
+    the log) is not one the log could have written, or -1 when every one is: a run
+    inside the page; positions strictly ascending and inside the page (u16 positions
+    only for pages of at most 65,536 bytes); dense bytes of the page's size with
+    ``ceil(size / 8)`` mask bytes where the encoding has a mask, and zero bytes outside
+    the mask of a masked one. O(payload bytes)."""
+    for r in range(offs.shape[0]):
+        o = offs[r]
+        plen = plens[r]
+        enc = encs[r]
+        size = psizes[r]
+        if o + plen > buf.shape[0]:
+            return r
+        if enc == 0:
+            if plen < 4:
+                return r
+            start = (np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8)
+                     | (np.int64(buf[o + 2]) << 16) | (np.int64(buf[o + 3]) << 24))
+            if start + plen - 4 > size:
+                return r
+        elif enc == 1 or enc == 2:
+            w = 2 if enc == 1 else 4
+            if plen % (w + 1) or (enc == 1 and size > 65536):
+                return r
+            n = plen // (w + 1)
+            prev = np.int64(-1)
+            for k in range(n):
+                q = np.int64(0)
+                for j in range(w):
+                    q |= np.int64(buf[o + w * k + j]) << (8 * j)
+                if q <= prev or q >= size:
+                    return r
+                prev = q
+        elif enc == 3:
+            if plen != size:
+                return r
+        elif enc == 4 or enc == 5:
+            if plen != size + (size + 7) // 8:
+                return r
+            if enc == 5:
+                b = o + size
+                for p in range(size):
+                    if buf[o + p] != 0 and not (buf[b + (p >> 3)] >> (7 - (p & 7))) & 1:
+                        return r
+        else:
+            return r
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarray,
+               page: np.ndarray, psize: np.ndarray, plen: np.ndarray, src: np.ndarray,
+               enc: np.ndarray, n_sources: int, next_page_id: int, max_counter: int,
+               max_page_size: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """The first row whose fields are out of range, and which check it fails (0: none
+    fails, row -1): 1 page id, 2 page size, 3 epoch, 4 LSN, 5 delta id, 6 source, 7
+    encoding, 8 LSNs not increasing, 9 timestamps decreasing. O(rows)."""
+    for r in range(lsn.shape[0]):
+        if page[r] < 1 or page[r] >= next_page_id:
+            return r, 1
+        if psize[r] < 1 or psize[r] > max_page_size:
+            return r, 2
+        if epoch[r] < 1 or epoch[r] >= max_counter:
+            return r, 3
+        if lsn[r] < 1 or lsn[r] >= max_counter:
+            return r, 4
+        if ids[r] < 0 or ids[r] >= max_counter:
+            return r, 5
+        if src[r] < 0 or src[r] >= n_sources:
+            return r, 6
+        if enc[r] > 5 or plen[r] < 0:
+            return r, 7
+        if r and lsn[r] <= lsn[r - 1]:
+            return r, 8
+        if r and ts[r] < ts[r - 1]:
+            return r, 9
+    return -1, 0

@@ -23,6 +23,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
@@ -33,14 +34,19 @@ from .delta import Delta
 from .kernels import (
     ROW_DTYPE,
     apply_log_rows_one,
+    check_payloads,
+    check_rows,
+    gather_payloads,
     mark_page_rows,
     mark_written,
     write_small,
 )
+from .limits import MAX_COUNTER, MAX_PAGE_SIZE
 from .page_table import LIVE, PageTable
 from .records import AnyRecord, Compacted, PageCreate
 
-__all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas"]
+__all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas", "LogColumns",
+           "ColumnRecords", "join_records", "check_columns"]
 
 Sink = Callable[[AnyRecord], None]
 
@@ -115,6 +121,17 @@ class _Steps:
     def nbytes(self) -> int:
         return 16 * len(self.rows)
 
+    @classmethod
+    def of(cls, values: np.ndarray) -> _Steps:
+        """The map of rows ``0 … len(values)-1`` to ``values``. O(rows), vectorised."""
+        out = cls()
+        if len(values):
+            brk = np.concatenate(([0], np.flatnonzero(np.diff(values) != 1) + 1))
+            out.rows = array("q", brk.tobytes())
+            out.vals = array("q", values[brk].astype(np.int64).tobytes())
+            out.last = int(values[-1])
+        return out
+
 
 class _CreateRun:
     """Single-page creations that followed each other (consecutive ids and LSNs, one
@@ -154,6 +171,12 @@ class _CreateRun:
     def records(self) -> list[AnyRecord]:
         return [self.record(k) for k in range(len(self.offsets))]
 
+    def copy(self) -> _CreateRun:
+        out = _CreateRun.__new__(_CreateRun)
+        out.first_id, out.size, out.location = self.first_id, self.size, self.location
+        out.lsn, out.timestamp, out.offsets = self.lsn, self.timestamp, array("I", self.offsets)
+        return out
+
 
 class DeltaGroup:
     """Sparse deltas a batch made, held as columns until the batch commits: delta
@@ -189,6 +212,124 @@ class DeltaGroup:
                       None, self.lsn + k, self.ts)
                 for k, (p, e, s) in enumerate(zip(self.pages.tolist(), self.bases.tolist(),
                                                   self.sizes.tolist(), strict=True))]
+
+
+@dataclass
+class LogColumns:
+    """The delta rows of a log as plain columns, with their payloads back to back and
+    the structural records beside them: the form a checkpoint's log section holds
+    (:meth:`TransactionLog.columns`, :meth:`TransactionLog.from_columns`). Row ``r``'s
+    payload, in the log's encodings (``ENC_*``), is ``payload[offsets[r]:offsets[r] +
+    plen[r]]`` with ``offsets`` the running sum of ``plen``."""
+
+    lsn: np.ndarray
+    """LSN of each row (int64)."""
+    ids: np.ndarray
+    """Delta id of each row (int64)."""
+    epoch: np.ndarray
+    """Page epoch after each row's delta (int64)."""
+    ts: np.ndarray
+    """Timestamp of each row (int64)."""
+    page: np.ndarray
+    """Page id of each row (int64)."""
+    psize: np.ndarray
+    """Page size each row was logged for (int64)."""
+    plen: np.ndarray
+    """Payload length of each row (int64)."""
+    src: np.ndarray
+    """Each row's source, an index into ``sources`` (int64)."""
+    enc: np.ndarray
+    """Payload encoding of each row (uint8)."""
+    sources: list[str]
+    base_rows: np.ndarray
+    """Rows whose base epoch is not epoch − 1 (merged deltas), ascending (int64) …"""
+    base_epochs: np.ndarray
+    """… and their base epochs (int64)."""
+    payload: np.ndarray
+    """The rows' payloads back to back (uint8)."""
+    structs: list[AnyRecord]
+    """The structural records, in LSN order (a creation run one record per page)."""
+
+    def __len__(self) -> int:
+        return len(self.lsn)
+
+    @classmethod
+    def concat(cls, parts: Sequence[LogColumns]) -> LogColumns:
+        """The rows and records of ``parts`` one after another (slices of one log in
+        LSN order): columns concatenated, sources merged and renumbered. O(rows +
+        payload bytes + sources)."""
+        sources: list[str] = []
+        index: dict[str, int] = {}
+        srcs, bases_r, bases_e, structs = [], [], [], []
+        at = 0
+        for part in parts:
+            lut = np.empty(len(part.sources), np.int64)
+            for k, name in enumerate(part.sources):
+                if name not in index:
+                    index[name] = len(sources)
+                    sources.append(name)
+                lut[k] = index[name]
+            srcs.append(lut[part.src] if len(lut) else part.src)
+            bases_r.append(part.base_rows + at)
+            bases_e.append(part.base_epochs)
+            structs.extend(part.structs)
+            at += len(part)
+
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            arrays = [getattr(x, name) for x in parts]
+            return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+        return cls(cat("lsn", np.int64), cat("ids", np.int64), cat("epoch", np.int64),
+                   cat("ts", np.int64), cat("page", np.int64), cat("psize", np.int64),
+                   cat("plen", np.int64),
+                   np.concatenate(srcs).astype(np.int64) if srcs else np.zeros(0, np.int64),
+                   cat("enc", np.uint8), sources,
+                   np.concatenate(bases_r).astype(np.int64) if parts else np.zeros(0, np.int64),
+                   np.concatenate(bases_e).astype(np.int64) if parts else np.zeros(0, np.int64),
+                   cat("payload", np.uint8), structs)
+
+
+class ColumnRecords(Sequence[AnyRecord]):
+    """Records held as :class:`LogColumns` (a decoded checkpoint's log section, a
+    snapshot of a log): read-only, each record built on demand (from a log built from
+    the columns once, when first read), and restored by building a log straight from
+    the columns (:meth:`TransactionLog.from_columns`)."""
+
+    def __init__(self, cols: LogColumns) -> None:
+        self.cols = cols
+        self._log: TransactionLog | None = None
+
+    @property
+    def log(self) -> TransactionLog:
+        if self._log is None:
+            self._log = TransactionLog.from_columns(self.cols)
+        return self._log
+
+    def __len__(self) -> int:
+        return len(self.cols) + len(self.cols.structs)
+
+    def first_lsn(self) -> int:
+        """LSN of the oldest record (0 when there is none). O(1)."""
+        c = self.cols
+        out = [int(c.lsn[0])] if len(c) else []
+        if c.structs:
+            out.append(c.structs[0].lsn)
+        return min(out, default=0)
+
+    def last_lsn(self) -> int:
+        """LSN of the newest record (0 when there is none). O(1)."""
+        c = self.cols
+        return max(int(c.lsn[-1]) if len(c) else 0, c.structs[-1].lsn if c.structs else 0)
+
+    @overload
+    def __getitem__(self, i: int) -> AnyRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[AnyRecord]: ...
+    def __getitem__(self, i: int | slice) -> AnyRecord | list[AnyRecord]:
+        return self.log.records[i]
+
+    def __iter__(self) -> Iterator[AnyRecord]:
+        return iter(self.log.records)
 
 
 class TransactionLog:
@@ -866,7 +1007,7 @@ class TransactionLog:
         self.next_lsn, self.last_timestamp, self.horizon_lsn, self.horizon_timestamp = counters
         self.structs, self.struct_lsn, self.struct_before = structs, struct_lsn, before
         self.struct_count = count
-        self.rows = kept if len(kept) else np.empty(1024, ROW_DTYPE)
+        self.rows = kept
         self.n = n - k
         self.lsns = lsns.shifted(k, n)
         self.ids = ids.shifted(k, n)
@@ -1000,6 +1141,171 @@ class TransactionLog:
         val = np.frombuffer(self.lsns.vals.tobytes(), np.int64)
         j = np.searchsorted(brk, rows, "right") - 1
         return val[j] + rows - brk[j]
+
+    def row_ids(self, r0: int, r1: int) -> np.ndarray:
+        """Delta ids of rows ``r0 … r1-1`` (int64), from the step map in one go."""
+        rows = np.arange(r0, r1, dtype=np.int64)
+        if r0 >= r1:
+            return rows
+        brk = np.frombuffer(self.ids.rows.tobytes(), np.int64)
+        val = np.frombuffer(self.ids.vals.tobytes(), np.int64)
+        j = np.searchsorted(brk, rows, "right") - 1
+        return val[j] + rows - brk[j]
+
+    # -- column groups ---------------------------------------------------------------
+    def columns(self, start: int = 0, gather: bool = True) -> LogColumns:
+        """The records with LSN > ``start`` as a :class:`LogColumns`: the delta rows'
+        columns, their payloads gathered back to back in one compiled pass per payload
+        chunk (left empty with ``gather=False``: see :meth:`payload_parts`), and the
+        structural records. O(rows + payload bytes + structural records)."""
+        r0, n = self.rows_through(start), self.n
+        rows = self.rows[r0:n]
+        plen = rows["plen"].astype(np.int64)
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(plen, out=offsets[1:])
+        payload = np.empty(int(offsets[-1]) if gather else 0, np.uint8)
+        if len(rows) and gather:
+            poff = np.ascontiguousarray(rows["poff"])
+            ci = poff >> 32
+            for c in self._chunks_of(r0, n):
+                chunk = self.chunks[c]
+                assert chunk is not None, "a kept row's payload chunk was let go"
+                sel = np.flatnonzero(ci == c)
+                gather_payloads(np.frombuffer(chunk, np.uint8), (poff & 0xFFFFFFFF)[sel],
+                                plen[sel], payload, offsets[sel])
+        # Sources: the ones these rows name, numbered from 0.
+        src = rows["src"].astype(np.int64)
+        names: list[str] = []
+        index: dict[str, int] = {}
+        lut = np.zeros(max(len(self.sources), 1) + 1, np.int64)
+        for sid in np.unique(src[src != _NO_SOURCE]).tolist():
+            index[self.sources[sid]] = len(names)
+            lut[sid] = len(names)
+            names.append(self.sources[sid])
+        out_src = lut[np.minimum(src, len(lut) - 1)]
+        for i in np.flatnonzero(src == _NO_SOURCE).tolist():
+            name = self.rare_sources[r0 + i]
+            if name not in index:
+                index[name] = len(names)
+                names.append(name)
+            out_src[i] = index[name]
+        base_rows = np.array(sorted(r - r0 for r in self.bases if r >= r0), np.int64)
+        base_epochs = np.array([self.bases[r + r0] for r in base_rows.tolist()], np.int64)
+        return LogColumns(
+            self.row_lsns(r0, n), self.row_ids(r0, n), rows["epoch"].astype(np.int64),
+            rows["ts"].astype(np.int64), rows["page"].astype(np.int64),
+            rows["psize"].astype(np.int64), plen, out_src, np.ascontiguousarray(rows["enc"]),
+            names, base_rows, base_epochs, payload, list(self.iter_structs(start)))
+
+    def clone(self) -> TransactionLog:
+        """A log holding the same records that can go on independently: the columns,
+        step maps, indexes and structural entries copied (creation runs too: they grow
+        in place), the payload chunks shared (the copy starts a chunk of its own for
+        what it logs, so a shared chunk is never written). O(rows + pages + structural
+        entries), vectorised."""
+        out = TransactionLog.__new__(TransactionLog)
+        out.__dict__.update(self.__dict__)
+        out.history_index = None
+        out.sink = out.sink_many = None
+        out.rows = self.rows[:max(self.n, 1024)].copy() if self.n else np.empty(1024, ROW_DTYPE)
+        for name in ("lsns", "ids"):
+            old = getattr(self, name)
+            new = _Steps()
+            new.rows, new.vals, new.last = array("q", old.rows), array("q", old.vals), old.last
+            setattr(out, name, new)
+        out.bases = dict(self.bases)
+        out.rare_sources = dict(self.rare_sources)
+        out.sources = list(self.sources)
+        out.source_ids = dict(self.source_ids)
+        out.index = {pid: array("I", rows) for pid, rows in self.index.items()}
+        out.chunks = list(self.chunks)
+        out.cur, out.tail, out.cur_array = -1, _CHUNK, np.zeros(0, np.uint8)
+        out.structs = [_CreateRun.copy(s) if type(s) is _CreateRun else s for s in self.structs]
+        out.struct_lsn = array("q", self.struct_lsn)
+        out.struct_before = array("q", self.struct_before)
+        out.generation = self.generation + 1
+        return out
+
+    def payload_parts(self, start: int = 0) -> Iterator[memoryview]:
+        """The payloads of the rows with LSN > ``start``, back to back, as views of the
+        payload chunks: one view per run of rows that lie back to back in one chunk (a
+        log appends them so), no copy. O(rows) to find the runs."""
+        r0, n = self.rows_through(start), self.n
+        if r0 >= n:
+            return
+        rows = self.rows[r0:n]
+        poff = np.ascontiguousarray(rows["poff"])
+        plen = rows["plen"].astype(np.int64)
+        brk = np.flatnonzero(poff[1:] != poff[:-1] + plen[:-1]) + 1
+        starts = [0, *brk.tolist()]
+        stops = [*brk.tolist(), len(poff)]
+        ends = np.cumsum(plen)
+        for a, b in zip(starts, stops, strict=True):
+            at = int(poff[a])
+            chunk = self.chunks[at >> 32]
+            assert chunk is not None, "a kept row's payload chunk was let go"
+            lo = at & 0xFFFFFFFF
+            size = int(ends[b - 1] - (ends[a] - plen[a]))
+            yield chunk[lo:lo + size]
+
+    @classmethod
+    def from_columns(cls, cols: LogColumns) -> TransactionLog:
+        """A log holding ``cols`` (checked by the caller: see ``check_columns``): the
+        rows filled column by column, the payloads as the log's chunks (one per 4 GiB,
+        cut at rows), the step maps, per-page indexes and sources built vectorised, the
+        structural records adopted. O(rows + pages + structural records + payload
+        bytes copied once)."""
+        log = cls()
+        n = len(cols)
+        if n:
+            rows = np.empty(max(n, 1024), ROW_DTYPE)
+            rows["page"][:n] = cols.page
+            rows["psize"][:n] = cols.psize
+            rows["plen"][:n] = cols.plen
+            rows["enc"][:n] = cols.enc
+            rows["epoch"][:n] = cols.epoch
+            rows["ts"][:n] = cols.ts
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(cols.plen, out=offsets[1:])
+            # Payload chunks: at most 4 GiB each (offsets are 32-bit), cut at rows.
+            if offsets[-1] < 1 << 32:
+                log.chunks.append(memoryview(bytearray(cols.payload.tobytes())))
+                rows["poff"][:n] = offsets[:-1]
+            else:
+                chunk_of = offsets[:-1] >> 32
+                poff = np.zeros(n, np.int64)
+                for c in np.unique(chunk_of).tolist():
+                    sel = np.flatnonzero(chunk_of == c)
+                    lo, hi = int(offsets[sel[0]]), int(offsets[sel[-1] + 1])
+                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi].tobytes())))
+                    poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
+                rows["poff"][:n] = poff
+            sids = np.empty(len(cols.sources), np.int64)
+            for k, name in enumerate(cols.sources):
+                sids[k] = log._source_id(name, 0)
+            mapped = sids[cols.src] if len(sids) else np.zeros(n, np.int64)
+            rows["src"][:n] = mapped
+            if len(sids) >= _NO_SOURCE:
+                for i in np.flatnonzero(mapped == _NO_SOURCE).tolist():
+                    log.rare_sources[i] = cols.sources[int(cols.src[i])]
+            log.rows = rows
+            log.n = n
+            log.lsns = _Steps.of(cols.lsn)
+            log.ids = _Steps.of(cols.ids)
+            log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(), strict=True))
+            order = np.argsort(cols.page, kind="stable")
+            sp = cols.page[order]
+            cut = (np.flatnonzero(sp[1:] != sp[:-1]) + 1).tolist()
+            raw = order.astype(np.uint32).tobytes()
+            for pid, a, z in zip(sp[[0, *cut]].tolist(), [0, *cut], [*cut, n], strict=True):
+                log.index[pid] = array("I", raw[4 * a:4 * z])
+            log.payload_bytes = int(offsets[-1])
+        for rec in cols.structs:
+            log.adopt(rec)
+        if n and (not cols.structs or cols.lsn[-1] > cols.structs[-1].lsn):
+            log.next_lsn = int(cols.lsn[-1]) + 1
+            log.last_timestamp = int(cols.ts[-1])
+        return log
 
     def max_id_through(self, k: int) -> int:
         """The largest delta id among rows ``0 … k-1`` (0 when k is 0). O(breaks)."""
@@ -1382,3 +1688,74 @@ class _ByPage:
 
     def keys(self) -> list[int]:
         return list(self._log.index)
+
+
+def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
+    """The records of ``parts`` one after another (slices of one log, in LSN order):
+    their columns concatenated when every part holds columns
+    (:class:`ColumnRecords`), else a list."""
+    if parts and all(isinstance(p, ColumnRecords) for p in parts):
+        return ColumnRecords(LogColumns.concat([p.cols for p in parts]))  # type: ignore[attr-defined]
+    out: list[AnyRecord] = []
+    for part in parts:
+        out.extend(part)
+    return out
+
+
+def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
+    """Why ``cols`` (read from a file) cannot be a log's records, or None when it can:
+    row fields in range (pages below ``next_page_id``, sizes, epochs, LSNs, ids and
+    base epochs, encodings, sources), payload lengths that fit their encodings and add
+    up to the payload, payloads the log could have written (:func:`check_payloads`),
+    no delta among the structural records, and LSNs that increase across rows and
+    structural records with timestamps that never decrease. O(rows + payload bytes +
+    structural records), vectorised."""
+    n = len(cols)
+    for name in ("ids", "epoch", "ts", "page", "psize", "plen", "src", "enc"):
+        if len(getattr(cols, name)) != n:
+            return f"column {name} holds {len(getattr(cols, name))} values for {n} rows"
+    if n:
+        r, code = check_rows(cols.lsn, cols.ids, cols.epoch, cols.ts, cols.page, cols.psize,
+                             cols.plen, cols.src, cols.enc, len(cols.sources), next_page_id,
+                             MAX_COUNTER, MAX_PAGE_SIZE)
+        if code:
+            return f"delta row {r} has {_ROW_PROBLEMS[code]}"
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(cols.plen, out=offsets[1:])
+        if offsets[-1] != len(cols.payload):
+            return (f"the rows' payloads add up to {int(offsets[-1])} bytes, the section holds "
+                    f"{len(cols.payload)}")
+        r = check_payloads(cols.payload, offsets[:-1], cols.plen, cols.enc, cols.psize)
+        if r >= 0:
+            return f"delta row {r} has a payload the log could not have written"
+    rows, bases = cols.base_rows, cols.base_epochs
+    if len(rows) != len(bases):
+        return "base epochs and their rows differ in number"
+    if len(rows):
+        if (rows < 0).any() or (rows >= n).any() or (np.diff(rows) <= 0).any():
+            return "base epochs name rows out of order or out of range"
+        if (bases < 0).any() or (bases >= cols.epoch[rows]).any():
+            return "a base epoch is not below its delta's epoch"
+    if any(type(rec) is Delta for rec in cols.structs):
+        return "a delta among the structural records"
+    if any(not 0 < rec.lsn < MAX_COUNTER for rec in cols.structs):
+        return "a structural record with an LSN out of range"
+    if cols.structs:
+        # Rows are in order already; merged with the structural records, LSNs must
+        # still increase and timestamps never decrease.
+        lsn = np.concatenate((cols.lsn, np.fromiter((r.lsn for r in cols.structs), np.int64,
+                                                    len(cols.structs))))
+        ts = np.concatenate((cols.ts, np.fromiter((r.timestamp for r in cols.structs),
+                                                  np.int64, len(cols.structs))))
+        order = np.argsort(lsn, kind="stable")
+        if (np.diff(lsn[order]) <= 0).any() or (np.diff(ts[order]) < 0).any():
+            return "records whose LSNs do not increase or whose timestamps decrease"
+    return None
+
+
+_ROW_PROBLEMS = {
+    1: "a page id at or past the next page id", 2: "an impossible page size",
+    3: "an epoch out of range", 4: "an LSN out of range", 5: "a delta id out of range",
+    6: "an unknown source", 7: "an unknown payload encoding",
+    8: "an LSN that does not follow the row before", 9: "a timestamp before the row before",
+}
