@@ -884,7 +884,16 @@ class MMSBState:
         did = self.next_delta_id
         self.next_delta_id = did + 1
         t.epoch[pid] = epoch
-        self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+        if self.events.active or pid in self.graph.children:
+            self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+            return True
+        # after_write() with no event to queue and no child to propagate to.
+        c = self.counters
+        c.delta_apply.add(time.perf_counter_ns() - t0)
+        c.records_logged += 1
+        c.payload_bytes_logged += self.log.last_changed
+        if self.log.n > self.compact_at and not self.propagating and not self.batch_depth:
+            self.auto_compress()
         return True
 
     def route(self, d: Delta) -> None:

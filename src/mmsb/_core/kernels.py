@@ -5,8 +5,10 @@ encode, apply). One implementation per kernel; compiled once and cached on disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -27,6 +29,16 @@ ENC_EXACT = 4
 
 SMALL_WRITE = 4096
 """Writes up to this many bytes go through :func:`write_small`."""
+
+
+def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
+    """The compiled entry of ``kernel`` for the numba types of ``args`` (compiled, or
+    loaded from the cache, without running it). Calling it skips numba's per-call
+    choice of a compiled version (about 0.3 µs for a kernel of 15 arguments); only for
+    call sites whose arguments always have exactly those types."""
+    sig = tuple(numba.typeof(a) for a in args)
+    kernel.compile(sig)
+    return kernel.overloads[sig].entry_point
 
 
 @njit(cache=True, nogil=True)

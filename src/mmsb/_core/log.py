@@ -36,6 +36,7 @@ from .kernels import (
     apply_log_rows_one,
     check_payloads,
     check_rows,
+    entry_point,
     gather_payloads,
     mark_page_rows,
     mark_written,
@@ -68,6 +69,9 @@ _CHUNK = 1 << 18
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
+_SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
+"""The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
+writable C-contiguous uint8 array (2), set on first use."""
 
 
 class _Steps:
@@ -640,19 +644,50 @@ class TransactionLog:
         src = self.source_ids.get(source)
         if src is None:
             src = self._source_id(source, row)
+        # bytes (the API's writes) and writable contiguous arrays (recomputed pages) go
+        # through the kernel's compiled entry for their type directly.
+        if type(new) is bytes:
+            key = 1
+        elif type(new) is np.ndarray and new.flags.c_contiguous and new.flags.writeable:
+            key = 2
+        else:
+            key = 0
+        kernel = _SMALL_ENTRY.get(key, write_small)
         while True:
             tail = self.tail
-            n, plen = write_small(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
-                                  _CHUNK - tail, pid, epoch, ts, src, (self.cur << 32) | tail)
+            n, plen = kernel(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
+                             _CHUNK - tail, pid, epoch, ts, src, (self.cur << 32) | tail)
             if n != -2:
                 break
             self._new_chunk()
+        if key and key not in _SMALL_ENTRY:
+            _SMALL_ENTRY[key] = entry_point(write_small, mem, base, size, off, new, self.rows,
+                                            row, self.cur_array, tail, 0, pid, epoch, ts, src, 0)
         if n <= 0:
             return n
         # The payload bytes a delta counts: its values, or the page for a dense one.
         self.last_changed = n if n * 4 <= size else size
         self.tail = tail + plen
-        self._note_row(row, pid, plen, lsn, delta_id, ts)
+        # _note_row, inlined: the hot path of every small write.
+        self.n = row + 1
+        lsns = self.lsns
+        if lsn != lsns.last + 1 or not row:
+            lsns.rows.append(row)
+            lsns.vals.append(lsn)
+        lsns.last = lsn
+        ids = self.ids
+        if delta_id != ids.last + 1 or not row:
+            ids.rows.append(row)
+            ids.vals.append(delta_id)
+        ids.last = delta_id
+        rows = self.index.get(pid)
+        if rows is None:
+            self.index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        self.payload_bytes += plen
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
         return lsn
 
     def _grow(self) -> None:
