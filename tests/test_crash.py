@@ -873,10 +873,22 @@ def _hostile_checkpoints() -> dict[str, bytes]:
     m2 = dict(meta, pages=10**12)
     out["10**12 pages"] = join_checkpoint(head, _replace(secs, b"META", msgpack.packb(m2)))
     out["graph of 2**32-1 edges"] = join_checkpoint(head, _replace(secs, b"GRPH", struct.pack("<I", 2**32 - 1)))
-    out["log record of 2**32-1 bytes"] = join_checkpoint(head, _replace(secs, b"TLOG", struct.pack("<I", 2**32 - 1) + b"\0" * 20))
+    # Version 1 (log records one by one), still read.
+    v1 = (head[0], 1, *head[2:])
+    out["v1 log record of 2**32-1 bytes"] = join_checkpoint(v1, _replace(secs, b"TLOG", struct.pack("<I", 2**32 - 1) + b"\0" * 20))
     rec = _delta(1, 1, 0, 1, 16, b"\x00" + struct.pack("<I", 2**32 - 1))
-    out["log record with 2**32-1 runs"] = join_checkpoint(head, _replace(
+    out["v1 log record with 2**32-1 runs"] = join_checkpoint(v1, _replace(
         secs, b"TLOG", struct.pack("<I", len(rec)) + rec))
+    # Version 2 (columns): counts that the section's bytes cannot hold.
+    tlog = _raw_of(secs, b"TLOG")
+    for k, name, big in ((0, "rows", 2**60), (1, "structural records", 2**32 - 1),
+                         (2, "payload bytes", 2**63), (3, "base epochs", 2**40),
+                         (4, "sources", 2**32 - 1)):
+        t = bytearray(tlog)
+        struct.pack_into("<I" if k == 4 else "<Q", t, 8 * k, big)
+        out[f"log section of {big} {name}"] = join_checkpoint(head, _replace(secs, b"TLOG", bytes(t)))
+    out["log section of 2**40 raw bytes declared"] = join_checkpoint(head, _replace(
+        secs, b"TLOG", tlog, 1 << 40))
     out["mask row of a 2**40-byte page"] = join_checkpoint(head, _replace(
         secs, b"MASK", msgpack.packb([[1, 0, 1 << 40, b"\xff"]])))
     out["msgpack map of 2**32-1 entries"] = join_checkpoint(head, _replace(

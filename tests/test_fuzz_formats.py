@@ -158,26 +158,65 @@ def _checkpoint_cases() -> Iterator[tuple[str, bytes]]:
             g = bytearray(grph)
             g[4 + 16 * m + e] = v
             yield f"GRPH type {e}={v}", with_section(b"GRPH", bytes(g))
-    # Log records: every u64 field of the head and of a delta's fixed part.
+    # Log section (version 2, columns): every head field, every column value of every
+    # row, base epochs, source names, payload bytes, and the structural records' fields.
     tlog = raw_of[b"TLOG"]
-    pos = 0
-    k = 0
-    while pos < len(tlog):
+    n_rows, n_structs, payload_len, n_bases, n_sources, _zero = struct.unpack_from("<QQQQII", tlog)
+    for k, name in enumerate(("rows", "structs", "payload", "bases", "sources")):
+        fmt = "<I" if k == 4 else "<Q"
+        for v in U64 + [n_rows - 1, n_rows + 1, payload_len - 1]:
+            if 0 <= v < (2**32 if k == 4 else 2**64):
+                t = bytearray(tlog)
+                struct.pack_into(fmt, t, 8 * k, v)
+                yield f"TLOG head {name}={v}", with_section(b"TLOG", bytes(t))
+    t = bytearray(tlog)
+    struct.pack_into("<I", t, 36, 1)
+    yield "TLOG head reserved=1", with_section(b"TLOG", bytes(t))
+    pos = 40
+    columns = [("lsn", "<q", 8), ("id", "<q", 8), ("epoch", "<q", 8), ("ts", "<q", 8),
+               ("page", "<I", 4), ("psize", "<I", 4), ("plen", "<I", 4), ("src", "<I", 4),
+               ("enc", "<B", 1)]
+    for name, fmt, width in columns:
+        for row in range(n_rows):
+            for v in INTS + [6, 255, 65536, 65537]:
+                lo, hi = (-(2**63), 2**63) if fmt == "<q" else (0, 2 ** (8 * width))
+                if lo <= v < hi:
+                    t = bytearray(tlog)
+                    struct.pack_into(fmt, t, pos + width * row, v)
+                    yield f"TLOG {name} row {row}={v}", with_section(b"TLOG", bytes(t))
+        pos += width * n_rows
+    pos += 16 * n_bases
+    for k in range(n_sources):
+        (ln,) = struct.unpack_from("<H", tlog, pos)
+        for v in (0, ln + 1, 0xFFFF):
+            t = bytearray(tlog)
+            struct.pack_into("<H", t, pos, v)
+            yield f"TLOG source {k} length={v}", with_section(b"TLOG", bytes(t))
+        t = bytearray(tlog)
+        if ln:
+            t[pos + 2] = 0xFF
+            yield f"TLOG source {k} not UTF-8", with_section(b"TLOG", bytes(t))
+        pos += 2 + ln
+    for k in range(n_structs):
         (ln,) = struct.unpack_from("<I", tlog, pos)
         body = pos + 4
-        kind = tlog[body]
-        fields = [(1, "lsn"), (9, "timestamp")]
-        if kind == 1:
-            fields += [(17, "delta id"), (25, "page"), (33, "base"), (41, "epoch"), (49, "size")]
-        else:
-            fields += [(17, "first/page"), (25, "second")] if ln >= 33 else [(17, "first/page")]
-        for off, name in fields:
-            for v in U64:
+        fields = [(0, "<B", "kind"), (1, "<Q", "lsn"), (9, "<Q", "timestamp")]
+        fields += [(17, "<Q", "first/page"), (25, "<Q", "second")] if ln >= 33 else \
+            [(17, "<Q", "first/page")]
+        for off, fmt, name in fields:
+            for v in (U64 if fmt == "<Q" else [0, 1, 2, 11, 200, 255]):
                 t = bytearray(tlog)
-                struct.pack_into("<Q", t, body + off, v)
-                yield f"TLOG record {k} {name}={v}", with_section(b"TLOG", bytes(t))
+                struct.pack_into(fmt, t, body + off, v)
+                yield f"TLOG struct {k} {name}={v}", with_section(b"TLOG", bytes(t))
         pos = body + ln
-        k += 1
+    for off in sorted({pos, pos + 1, pos + 4, pos + payload_len // 2, len(tlog) - 1}):
+        if pos <= off < len(tlog):
+            for v in (0, 0xFF):
+                t = bytearray(tlog)
+                t[off] = v
+                yield f"TLOG payload byte {off - pos}={v}", with_section(b"TLOG", bytes(t))
+    yield "TLOG cut short", with_section(b"TLOG", tlog[:-1])
+    yield "TLOG one byte long", with_section(b"TLOG", tlog + b"\0")
 
 
 def test_fuzzed_checkpoint_fields_are_typed_errors_or_usable_states(tmp_path: Path) -> None:

@@ -42,8 +42,9 @@ class MMSBConfig:
     page_size_default: int = 4096
     """Size of a page created without a size (1 to 2**32 - 1)."""
     max_tlog_size: int = 10_000
-    """Deltas retained before compress_log() runs by itself (and, for a durable bus,
-    records before an automatic checkpoint). 1 to 2**62."""
+    """Most deltas an in-memory log retains: past seven eighths of it, compaction folds the
+    oldest records into the replay base over the next calls (for a durable bus, records
+    before an automatic checkpoint). 1 to 2**62."""
     checkpoint_interval: float = 60
     """Seconds between automatic checkpoints of a durable bus (0: never by time); finite,
     at most one year."""

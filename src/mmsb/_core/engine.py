@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
 from .arena import CHUNK_MASK, CHUNK_SHIFT, Arena
+from .compaction import FoldJob, compaction_step, start_at
 from .delta import (
     Delta,
     apply_delta,
@@ -45,7 +46,7 @@ from .events import EventBus
 from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
-from .log import DeltaGroup, DeltaView, TransactionLog
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -60,6 +61,8 @@ from .records import (
     PageDelete,
     PageMigrate,
     PageResize,
+    bind_engine,
+    kind_of,
 )
 from .snapshot import ReplayBase, Snapshot
 
@@ -323,7 +326,10 @@ class MMSBState:
         self.batch_depth = 0
         self.batch_frame: _BatchFrame | None = None
         self.next_delta_id = 1
-        self._compress_at = cfg.max_tlog_size
+        self.compact_at = start_at(cfg.max_tlog_size)
+        """Delta rows past which a write advances compaction (-1 while a job runs)."""
+        self.compaction: FoldJob | None = None
+        """The incremental compaction in progress, if any (see _core/compaction.py)."""
         self.propagating = False
         self.propagation_mode = cfg.propagation_mode
         self.closed = False
@@ -618,118 +624,30 @@ class MMSBState:
     def check_record(self, rec: AnyRecord) -> str | None:
         """Why ``rec`` cannot be the next record of ``state``'s log (None when it can): the
         checks the live calls make before they log, applied to a record read from disk, so
-        a crafted or foreign record can never be applied blindly. O(1), except an edge's
-        cycle check (O(edges reachable from its child))."""
-        t = self.table
-        if isinstance(rec, Delta):
-            pid = rec.page_id
-            if not t.is_live(pid):
-                return f"a delta of page {pid}, which does not exist"
-            if rec.page_size != int(t.size[pid]):
-                return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
-            if rec.base_epoch != int(t.epoch[pid]):
-                return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
-                        f"epoch {int(t.epoch[pid])}")
-            return None
-        if isinstance(rec, PageCreate | PageClone):
-            first = rec.first_id if isinstance(rec, PageCreate) else rec.page_id
-            if first != t.next_id:
-                return f"pages created at id {first} where the next id is {t.next_id}"
-            if isinstance(rec, PageClone) and not t.is_live(rec.source_id):
-                return f"a clone of page {rec.source_id}, which does not exist"
-            if isinstance(rec, PageCreate):
-                need = creation_cost(self, rec.count, rec.size)
-                if need > physical_memory():
-                    return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
-                            "memory, more than this machine has")
-            return None
-        if isinstance(rec, Compacted):
-            return "a compaction marker, which only checkpoints hold"
-        if isinstance(rec, EdgeAdd):
-            if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
-                return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
-            try:
-                self.graph.check_edge(rec.parent_id, rec.child_id)
-            except Exception:
-                return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
-            return None
-        if isinstance(rec, EdgeRemove):
-            if not self.graph.has_edge(rec.parent_id, rec.child_id):
-                return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
-            return None
-        pid = getattr(rec, "page_id", 0)
-        if not t.is_live(pid):
-            return f"a {type(rec).__name__} of page {pid}, which does not exist"
-        return None
+        a crafted or foreign record can never be applied blindly. Dispatched through the
+        kind table (:data:`~mmsb._core.records.KINDS`). O(1), except an edge's cycle
+        check (O(edges reachable from its child)).
+
+        Raises:
+            InvalidArgumentError: ``rec`` is of no record kind.
+        """
+        check = kind_of(rec).check
+        assert check is not None, "the engine binds every kind's check"
+        return check(self, rec)
 
     def apply_record(self, rec: AnyRecord) -> None:
-        """Apply one logged record to the store and graph. No validation, no events."""
-        t = self.table
-        if isinstance(rec, Delta):
-            pid = rec.page_id
-            apply_delta(self.arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
-            t.epoch[pid] = rec.epoch
-            if rec.id >= self.next_delta_id:
-                self.next_delta_id = rec.id + 1
-        elif isinstance(rec, PageCreate):
-            if rec.count == 1:
-                t.add_row(rec.first_id, self.arena.alloc(rec.size), rec.size, rec.location)
-            else:
-                t.add_rows(rec.first_id, self.arena.alloc_many(rec.count, rec.size), rec.size,
-                           rec.location)
-            if rec.metadata:
-                for pid in range(rec.first_id, rec.first_id + rec.count):
-                    t.meta[pid] = dict(rec.metadata)
-        elif isinstance(rec, PageDelete):
-            pid = rec.page_id
-            self.arena.free(int(t.addr[pid]), int(t.size[pid]))
-            t.drop_row(pid)
-            for parent, child in self.graph.edges_of(pid):
-                self.graph.remove_edge(parent, child)
-            self.recompute_fns.pop(pid, None)
-            self.mask_base.pop(pid, None)
-            self.pending.discard(pid)
-            self.forced.discard(pid)
-        elif isinstance(rec, PageResize):
-            pid = rec.page_id
-            old_size = int(t.size[pid])
-            mask = self.page_mask(pid)
-            keep = min(old_size, rec.new_size)
-            new_mask = np.zeros(rec.new_size, dtype=bool)
-            new_mask[:keep] = mask[:keep]
-            old_addr = int(t.addr[pid])
-            new_addr = self.arena.alloc(rec.new_size)
-            self.arena.view(new_addr, keep)[:] = self.arena.view(old_addr, keep)
-            self.arena.free(old_addr, old_size)
-            t.addr[pid] = new_addr
-            t.size[pid] = rec.new_size
-            self.mask_base[pid] = (new_mask, rec.lsn)
-        elif isinstance(rec, PageMigrate):
-            t.loc[rec.page_id] = rec.location
-        elif isinstance(rec, PageClone):
-            src = rec.source_id
-            size = int(t.size[src])
-            addr = self.arena.alloc(size)
-            self.arena.view(addr, size)[:] = self.page_view(src)
-            t.add_rows(rec.page_id, np.array([addr], np.int64), size, int(t.loc[src]))
-            t.epoch[rec.page_id] = t.epoch[src]
-            if src in t.meta:
-                t.meta[rec.page_id] = dict(t.meta[src])
-            self.mask_base[rec.page_id] = (self.page_mask(src), rec.lsn)
-        elif isinstance(rec, MetadataSet):
-            if rec.metadata:
-                t.meta[rec.page_id] = dict(rec.metadata)
-            else:
-                t.meta.pop(rec.page_id, None)
-        elif isinstance(rec, EdgeAdd):
-            self.graph.add_edge(rec.parent_id, rec.child_id, EdgeType(rec.edge_type))
-        elif isinstance(rec, EdgeRemove):
-            self.graph.remove_edge(rec.parent_id, rec.child_id)
-        elif isinstance(rec, Compacted):
-            # Rows grow when pages are created; only the id counter moves here.
-            t.next_id = max(t.next_id, rec.next_id)
-        else:  # pragma: no cover - every record type is handled above
-            raise TypeError(f"unknown record {type(rec).__name__}")
+        """Apply one logged record to the store and graph, through the kind table. No
+        validation, no events.
+
+        Raises:
+            InvalidArgumentError: ``rec`` is of no record kind (nothing changed).
+        """
+        if type(rec) is Delta:
+            _apply_delta_record(self, rec)
+            return
+        apply = kind_of(rec).apply
+        assert apply is not None, "the engine binds every kind's apply"
+        apply(self, rec)
 
     def commit(self, rec: AnyRecord) -> None:
         """Log then apply a validated structural record."""
@@ -742,22 +660,18 @@ class MMSBState:
         self.apply_record(rec)
 
     def reserve_for(self, rec: AnyRecord) -> None:
-        """Allocate ahead the memory applying ``rec`` needs, before it is logged: a
-        record is logged only when it will apply.
+        """Allocate ahead the memory applying ``rec`` needs (its kind's ``reserve``),
+        before it is logged: a record is logged only when it will apply.
 
         Raises:
-            InvalidArgumentError: the memory is not there (nothing logged or changed).
+            InvalidArgumentError: the memory is not there (nothing logged or changed),
+                or ``rec`` is of no record kind.
         """
-        t = self.table
+        reserve = kind_of(rec).reserve
+        if reserve is None:
+            return
         try:
-            if isinstance(rec, PageCreate):
-                t.reserve(rec.first_id + rec.count)
-                self.arena.reserve(rec.count, rec.size)
-            elif isinstance(rec, PageResize):
-                self.arena.reserve(1, rec.new_size)
-            elif isinstance(rec, PageClone):
-                t.reserve(rec.page_id + 1)
-                self.arena.reserve(1, int(t.size[rec.source_id]))
+            reserve(self, rec)
         except MemoryError:
             raise InvalidArgumentError(
                 f"{type(rec).__name__} needs more memory than this process can get; nothing "
@@ -1017,7 +931,16 @@ class MMSBState:
         did = self.next_delta_id
         self.next_delta_id = did + 1
         t.epoch[pid] = epoch
-        self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+        if self.events.active or pid in self.graph.children:
+            self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+            return True
+        # after_write() with no event to queue and no child to propagate to.
+        c = self.counters
+        c.delta_apply.add(time.perf_counter_ns() - t0)
+        c.records_logged += 1
+        c.payload_bytes_logged += self.log.last_changed
+        if self.log.n > self.compact_at and not self.propagating and not self.batch_depth:
+            self.auto_compress()
         return True
 
     def route(self, d: Delta) -> None:
@@ -1080,17 +1003,16 @@ class MMSBState:
         c.delta_apply.add(time.perf_counter_ns() - t0)
         c.records_logged += 1
         c.payload_bytes_logged += changed
-        if self.log.n > self._compress_at and not self.propagating \
+        if self.log.n > self.compact_at and not self.propagating \
                 and not self.batch_depth:
             self.auto_compress()
 
-    def auto_compress(self) -> None:
+    def auto_compress(self, min_rows: int = 0) -> None:
+        """Start or advance the incremental compaction of an in-memory log (a bounded
+        step; see _core/compaction.py)."""
         if self.bus is not None:
             return  # a durable bus bounds its log by checkpoints and retention instead
-        from .compaction import compress_log_locked
-
-        compress_log_locked(self)
-        self._compress_at = max(self.config.max_tlog_size, 2 * len(self.log.deltas))
+        compaction_step(self, min_rows)
 
     def propagate(self, sources: set[int], forced: frozenset[int] = frozenset()) -> None:
         t0 = time.perf_counter_ns()
@@ -1127,6 +1049,7 @@ class MMSBState:
         if not ok:
             frame.rollback()
             return
+        rows0 = frame.mark[0] if frame.mark is not None else self.log.n
         try:
             self.log.append_held(frame.records)
         except BaseException:
@@ -1143,8 +1066,9 @@ class MMSBState:
             self.pending.clear()
             if pending:
                 self.propagate(pending)
-        if len(self.log.deltas) > self._compress_at:
-            self.auto_compress()
+        if self.log.n > self.compact_at:
+            # A compaction in progress folds at least twice what the batch logged.
+            self.auto_compress(2 * max(0, self.log.n - rows0))
 
     # -- invariants ------------------------------------------------------------------
     def _check(self) -> None:
@@ -1187,7 +1111,7 @@ class MMSBState:
             log.last_lsn, t.next_id, self.next_delta_id, ids, sizes, t.epoch[ids].copy(),
             t.loc[ids].copy(), data, {pid: dict(m) for pid, m in t.meta.items()},
             {pid: (m.copy(), lsn) for pid, (m, lsn) in self.mask_base.items()},
-            self.graph.edges(), list(log.records), log.horizon_lsn, log.last_timestamp,
+            self.graph.edges(), ColumnRecords(log.columns()), log.horizon_lsn, log.last_timestamp,
             {"horizon_timestamp": log.horizon_timestamp}, self.replay_base,
             self.orphan_from, None)
 
@@ -1195,9 +1119,9 @@ class MMSBState:
         """Replace everything but the lock, config, subscriptions, counters and the
         durable sink with ``snap`` (caller holds the lock). Fresh tables are built first
         and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
-        fresh = MMSBState(self.config)
-        t = fresh.table
-        arena = fresh.arena
+        t = PageTable()
+        arena = Arena()
+        graph = ShadowPageGraph()
         n = int(snap.ids.size)
         t.reserve(int(snap.ids[-1]) + 1 if n else 1)
         if n:
@@ -1222,19 +1146,24 @@ class MMSBState:
         t.next_id = snap.next_page_id
         t.meta = {pid: dict(m) for pid, m in snap.metadata.items() if m}
         for p, c, et in snap.edges:
-            fresh.graph.add_edge(p, c, et)
-        log = fresh.log
-        log.replace_all(snap.records)
+            graph.add_edge(p, c, et)
+        if isinstance(snap.records, ColumnRecords):
+            # A log held as columns: built from them in one go (the snapshot may be
+            # restored again: its columns are only read).
+            log = TransactionLog.from_columns(snap.records.cols)
+        else:
+            log = TransactionLog()
+            log.replace_all(snap.records)
         log.next_lsn = snap.lsn + 1
         log.last_timestamp = max(log.last_timestamp, snap.last_timestamp)
         log.horizon_lsn = snap.horizon_lsn
         ht = snap.info.get("horizon_timestamp", 0)
         log.horizon_timestamp = ht if isinstance(ht, int) else 0
         log.sink, log.sink_many = self.log.sink, self.log.sink_many
-        self.arena = fresh.arena
+        self.arena = arena
         self.table = t
         self.log = log
-        self.graph = fresh.graph
+        self.graph = graph
         self.graph._owner = weakref.ref(self)
         self.mask_base = dict(snap.masks)
         self.next_delta_id = snap.next_delta_id
@@ -1243,6 +1172,7 @@ class MMSBState:
         self.recompute_fns = {pid: fn for pid, fn in self.recompute_fns.items() if t.is_live(pid)}
         self.pending.clear()
         self.forced.clear()
+        self.compaction = None
 
     def refuse_in_batch(self, what: str) -> None:
         """Calls that read or replace the whole log cannot run inside an open batch,
@@ -1387,3 +1317,184 @@ class _BatchFrame:
         st.next_delta_id = self.next_delta_id
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
+
+
+
+# -- each record kind's check, apply and reserve (bound into the kind table) -------------
+# A check says why a record read from disk cannot follow the state (None: it can); an
+# apply changes the store and graph and validates nothing; a reserve takes the memory
+# an apply will need, before the record is logged.
+
+def _page_missing(state: MMSBState, rec: Any) -> str | None:
+    pid = rec.page_id
+    if not state.table.is_live(pid):
+        return f"a {type(rec).__name__} of page {pid}, which does not exist"
+    return None
+
+
+def _check_delta(state: MMSBState, rec: Delta) -> str | None:
+    t = state.table
+    pid = rec.page_id
+    if not t.is_live(pid):
+        return f"a delta of page {pid}, which does not exist"
+    if rec.page_size != int(t.size[pid]):
+        return f"a delta for {rec.page_size} bytes on page {pid} of {int(t.size[pid])}"
+    if rec.base_epoch != int(t.epoch[pid]):
+        return (f"a delta built on epoch {rec.base_epoch} of page {pid}, which is at "
+                f"epoch {int(t.epoch[pid])}")
+    return None
+
+
+def _apply_delta_record(state: MMSBState, rec: Delta) -> None:
+    t = state.table
+    pid = rec.page_id
+    apply_delta(state.arena.view(int(t.addr[pid]), int(t.size[pid])), rec)
+    t.epoch[pid] = rec.epoch
+    if rec.id >= state.next_delta_id:
+        state.next_delta_id = rec.id + 1
+
+
+def _check_create(state: MMSBState, rec: PageCreate) -> str | None:
+    t = state.table
+    if rec.first_id != t.next_id:
+        return f"pages created at id {rec.first_id} where the next id is {t.next_id}"
+    need = creation_cost(state, rec.count, rec.size)
+    if need > physical_memory():
+        return (f"{rec.count} pages of {rec.size} bytes, which need {need} bytes of "
+                "memory, more than this machine has")
+    return None
+
+
+def _apply_create(state: MMSBState, rec: PageCreate) -> None:
+    t = state.table
+    if rec.count == 1:
+        t.add_row(rec.first_id, state.arena.alloc(rec.size), rec.size, rec.location)
+    else:
+        t.add_rows(rec.first_id, state.arena.alloc_many(rec.count, rec.size), rec.size,
+                   rec.location)
+    if rec.metadata:
+        for pid in range(rec.first_id, rec.first_id + rec.count):
+            t.meta[pid] = dict(rec.metadata)
+
+
+def _reserve_create(state: MMSBState, rec: PageCreate) -> None:
+    state.table.reserve(rec.first_id + rec.count)
+    state.arena.reserve(rec.count, rec.size)
+
+
+def _apply_delete(state: MMSBState, rec: PageDelete) -> None:
+    t = state.table
+    pid = rec.page_id
+    state.arena.free(int(t.addr[pid]), int(t.size[pid]))
+    t.drop_row(pid)
+    for parent, child in state.graph.edges_of(pid):
+        state.graph.remove_edge(parent, child)
+    state.recompute_fns.pop(pid, None)
+    state.mask_base.pop(pid, None)
+    state.pending.discard(pid)
+    state.forced.discard(pid)
+
+
+def _apply_resize(state: MMSBState, rec: PageResize) -> None:
+    t = state.table
+    pid = rec.page_id
+    old_size = int(t.size[pid])
+    mask = state.page_mask(pid)
+    keep = min(old_size, rec.new_size)
+    new_mask = np.zeros(rec.new_size, dtype=bool)
+    new_mask[:keep] = mask[:keep]
+    old_addr = int(t.addr[pid])
+    new_addr = state.arena.alloc(rec.new_size)
+    state.arena.view(new_addr, keep)[:] = state.arena.view(old_addr, keep)
+    state.arena.free(old_addr, old_size)
+    t.addr[pid] = new_addr
+    t.size[pid] = rec.new_size
+    state.mask_base[pid] = (new_mask, rec.lsn)
+
+
+def _reserve_resize(state: MMSBState, rec: PageResize) -> None:
+    state.arena.reserve(1, rec.new_size)
+
+
+def _apply_migrate(state: MMSBState, rec: PageMigrate) -> None:
+    state.table.loc[rec.page_id] = rec.location
+
+
+def _check_clone(state: MMSBState, rec: PageClone) -> str | None:
+    t = state.table
+    if rec.page_id != t.next_id:
+        return f"pages created at id {rec.page_id} where the next id is {t.next_id}"
+    if not t.is_live(rec.source_id):
+        return f"a clone of page {rec.source_id}, which does not exist"
+    return None
+
+
+def _apply_clone(state: MMSBState, rec: PageClone) -> None:
+    t = state.table
+    src = rec.source_id
+    size = int(t.size[src])
+    addr = state.arena.alloc(size)
+    state.arena.view(addr, size)[:] = state.page_view(src)
+    t.add_rows(rec.page_id, np.array([addr], np.int64), size, int(t.loc[src]))
+    t.epoch[rec.page_id] = t.epoch[src]
+    if src in t.meta:
+        t.meta[rec.page_id] = dict(t.meta[src])
+    state.mask_base[rec.page_id] = (state.page_mask(src), rec.lsn)
+
+
+def _reserve_clone(state: MMSBState, rec: PageClone) -> None:
+    state.table.reserve(rec.page_id + 1)
+    state.arena.reserve(1, int(state.table.size[rec.source_id]))
+
+
+def _apply_metadata(state: MMSBState, rec: MetadataSet) -> None:
+    if rec.metadata:
+        state.table.meta[rec.page_id] = dict(rec.metadata)
+    else:
+        state.table.meta.pop(rec.page_id, None)
+
+
+def _check_edge_add(state: MMSBState, rec: EdgeAdd) -> str | None:
+    t = state.table
+    if not (t.is_live(rec.parent_id) and t.is_live(rec.child_id)):
+        return f"an edge {rec.parent_id} → {rec.child_id} between missing pages"
+    try:
+        state.graph.check_edge(rec.parent_id, rec.child_id)
+    except Exception:
+        return f"an edge {rec.parent_id} → {rec.child_id} that closes a cycle"
+    return None
+
+
+def _apply_edge_add(state: MMSBState, rec: EdgeAdd) -> None:
+    state.graph.add_edge(rec.parent_id, rec.child_id, EdgeType(rec.edge_type))
+
+
+def _check_edge_remove(state: MMSBState, rec: EdgeRemove) -> str | None:
+    if not state.graph.has_edge(rec.parent_id, rec.child_id):
+        return f"the removal of an edge {rec.parent_id} → {rec.child_id} that does not exist"
+    return None
+
+
+def _apply_edge_remove(state: MMSBState, rec: EdgeRemove) -> None:
+    state.graph.remove_edge(rec.parent_id, rec.child_id)
+
+
+def _check_compacted(state: MMSBState, rec: Compacted) -> str | None:
+    return "a compaction marker, which only checkpoints hold"
+
+
+def _apply_compacted(state: MMSBState, rec: Compacted) -> None:
+    # Rows grow when pages are created; only the id counter moves here.
+    state.table.next_id = max(state.table.next_id, rec.next_id)
+
+
+bind_engine(Delta, _apply_delta_record, _check_delta)
+bind_engine(PageCreate, _apply_create, _check_create, _reserve_create)
+bind_engine(PageDelete, _apply_delete, _page_missing)
+bind_engine(PageResize, _apply_resize, _page_missing, _reserve_resize)
+bind_engine(PageMigrate, _apply_migrate, _page_missing)
+bind_engine(PageClone, _apply_clone, _check_clone, _reserve_clone)
+bind_engine(MetadataSet, _apply_metadata, _page_missing)
+bind_engine(EdgeAdd, _apply_edge_add, _check_edge_add)
+bind_engine(EdgeRemove, _apply_edge_remove, _check_edge_remove)
+bind_engine(Compacted, _apply_compacted, _check_compacted)

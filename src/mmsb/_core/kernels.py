@@ -5,6 +5,10 @@ encode, apply). One implementation per kernel; compiled once and cached on disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numba
 import numpy as np
 from numba import njit
 
@@ -25,6 +29,16 @@ ENC_EXACT = 4
 
 SMALL_WRITE = 4096
 """Writes up to this many bytes go through :func:`write_small`."""
+
+
+def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
+    """The compiled entry of ``kernel`` for the numba types of ``args`` (compiled, or
+    loaded from the cache, without running it). Calling it skips numba's per-call
+    choice of a compiled version (about 0.3 µs for a kernel of 15 arguments); only for
+    call sites whose arguments always have exactly those types."""
+    sig = tuple(numba.typeof(a) for a in args)
+    kernel.compile(sig)
+    return kernel.overloads[sig].entry_point
 
 
 @njit(cache=True, nogil=True)
@@ -180,6 +194,34 @@ def batch_apply(mem: np.ndarray, bases: np.ndarray, offs: np.ndarray, lens: np.n
     return k
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _mark_row(chunk: np.ndarray, o: Any, plen: Any, enc: Any, ps: Any, out: np.ndarray,
+              base: Any, size: Any) -> None:  # pragma: no cover - compiled
+    """Set ``out[base + p]`` for every position ``p`` < ``size`` that the payload at
+    ``chunk[o:o + plen]`` (of a page of ``ps`` bytes) writes."""
+    if enc == 0:
+        start = (np.int64(chunk[o]) | (np.int64(chunk[o + 1]) << 8)
+                 | (np.int64(chunk[o + 2]) << 16) | (np.int64(chunk[o + 3]) << 24))
+        for p in range(start, min(start + plen - 4, size)):
+            out[base + p] = True
+    elif enc == 1 or enc == 2:
+        w = 2 if enc == 1 else 4
+        n = plen // (w + 1)
+        for k in range(n):
+            q = np.int64(0)
+            for j in range(w):
+                q |= np.int64(chunk[o + w * k + j]) << (8 * j)
+            if q < size:
+                out[base + q] = True
+    elif enc == 3:
+        for p in range(min(ps, size)):
+            out[base + p] = True
+    else:
+        for p in range(min(ps, size)):
+            if (chunk[o + ps + (p >> 3)] >> (7 - (p & 7))) & 1:
+                out[base + p] = True
+
+
 @njit(cache=True, nogil=True)
 def mark_written(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: np.ndarray,
                  psizes: np.ndarray, out: np.ndarray, out_off: np.ndarray,
@@ -189,33 +231,31 @@ def mark_written(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: n
     or u32 positions, dense bytes with or without packed mask bits). Several pages'
     masks can share ``out``, each at its own offset."""
     for r in range(offs.shape[0]):
-        o = offs[r]
-        plen = plens[r]
-        enc = encs[r]
-        base = out_off[r]
-        size = out_len[r]
-        if enc == 0:
-            start = (chunk[o] | (chunk[o + 1] << 8) | (chunk[o + 2] << 16)
-                     | (np.int64(chunk[o + 3]) << 24))
-            for p in range(start, min(start + plen - 4, size)):
-                out[base + p] = True
-        elif enc == 1 or enc == 2:
-            w = 2 if enc == 1 else 4
-            n = plen // (w + 1)
-            for k in range(n):
-                q = np.int64(0)
-                for j in range(w):
-                    q |= np.int64(chunk[o + w * k + j]) << (8 * j)
-                if q < size:
-                    out[base + q] = True
-        elif enc == 3:
-            for p in range(min(psizes[r], size)):
-                out[base + p] = True
-        else:
-            ps = psizes[r]
-            for p in range(min(ps, size)):
-                if (chunk[o + ps + (p >> 3)] >> (7 - (p & 7))) & 1:
-                    out[base + p] = True
+        _mark_row(chunk, offs[r], plens[r], encs[r], psizes[r], out, out_off[r], out_len[r])
+
+
+@njit(cache=True, nogil=True)
+def mark_page_rows(rows: np.ndarray, r0: int, r1: int, cid: int, chunk: np.ndarray,
+                   slot: np.ndarray, starts: np.ndarray, out: np.ndarray, bounds: np.ndarray,
+                   lens: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Scan log rows ``r0 … r1-1`` (of :data:`ROW_DTYPE`) whose payload lies in chunk
+    number ``cid`` (``chunk``): a row of a page ``p`` with ``k = slot[p] - 1 ≥ 0``, at or
+    after row ``starts[k]``, marks the positions it writes in that page's mask,
+    ``out[bounds[k]:]`` of ``lens[k]`` bytes. Reads the columns in place (no gathered
+    copy). O(rows + payload bytes)."""
+    n = slot.shape[0]
+    for r in range(r0, r1):
+        poff = rows[r].poff
+        if (poff >> 32) != cid:
+            continue
+        pg = rows[r].page
+        if pg >= n:
+            continue
+        k = slot[pg] - 1
+        if k < 0 or r < starts[k]:
+            continue
+        _mark_row(chunk, poff & 0xFFFFFFFF, np.int64(rows[r].plen), np.int64(rows[r].enc),
+                  np.int64(rows[r].psize), out, bounds[k], lens[k])
 
 
 @njit(cache=True, nogil=True)
@@ -228,69 +268,166 @@ def _copy(dst: np.ndarray, src: np.ndarray) -> None:  # pragma: no cover - compi
 
 
 @njit(cache=True, nogil=True)
-def apply_log_rows(srcs, sci: np.ndarray, soff: np.ndarray, plens: np.ndarray,
-                   encs: np.ndarray, sizes: np.ndarray, dsts, dci: np.ndarray,
-                   doff: np.ndarray) -> int:  # pragma: no cover - compiled
+def _apply_row(src: np.ndarray, o: int, plen: int, enc: int, size: int, dst: np.ndarray,
+               d: int) -> int:  # pragma: no cover - compiled
+    """Write one logged delta (payload ``src[o:o + plen]``, encoded as in the log: a
+    run, u16 or u32 positions, dense bytes with or without packed mask bits) into its
+    page ``dst[d:d + size]``. Returns the bytes written, or -1 when the payload does not
+    fit the page or its chunk (nothing written for a run or dense row)."""
+    if o + plen > src.shape[0] or d + size > dst.shape[0]:
+        return -1
+    page = dst[d:d + size]
+    if enc == 0:
+        if plen < 4:
+            return -1
+        start = (np.int64(src[o]) | (np.int64(src[o + 1]) << 8)
+                 | (np.int64(src[o + 2]) << 16) | (np.int64(src[o + 3]) << 24))
+        n = plen - 4
+        if start + n > size:
+            return -1
+        _copy(page[start:start + n], src[o + 4:o + plen])
+        return n
+    if enc == 1 or enc == 2:
+        w = 2 if enc == 1 else 4
+        n = plen // (w + 1)
+        if n * (w + 1) != plen:
+            return -1
+        v = o + w * n
+        for k in range(n):
+            q = np.int64(0)
+            for j in range(w):
+                q |= np.int64(src[o + w * k + j]) << (8 * j)
+            if q >= size:
+                return -1
+            page[q] = src[v + k]
+        return n
+    if enc == 3:
+        if plen != size:
+            return -1
+        _copy(page, src[o:o + size])
+        return size
+    if enc == 4 or enc == 5:
+        if plen != size + (size + 7) // 8:
+            return -1
+        if enc == 4:
+            _copy(page, src[o:o + size])
+        else:
+            b = o + size
+            for p in range(size):
+                if (src[b + (p >> 3)] >> (7 - (p & 7))) & 1:
+                    page[p] = src[o + p]
+        return size
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def apply_log_rows_one(src: np.ndarray, soff: np.ndarray, plens: np.ndarray,
+                       encs: np.ndarray, sizes: np.ndarray, dst: np.ndarray,
+                       doff: np.ndarray, pages: np.ndarray, epochs: np.ndarray,
+                       table_epoch: np.ndarray) -> int:  # pragma: no cover - compiled
     """Write logged deltas into page bytes, in log order (later rows win): row ``r``'s
-    payload is ``srcs[sci[r]][soff[r]:soff[r] + plens[r]]`` (encodings as in the log: a
-    run, u16 or u32 positions, dense bytes with or without packed mask bits) and its
-    page of ``sizes[r]`` bytes is ``dsts[dci[r]][doff[r]:]``. A dense row is one copy
-    (:func:`_copy`).
+    payload is ``src[soff[r]:soff[r] + plens[r]]`` and its page of ``sizes[r]`` bytes is
+    ``dst[doff[r]:]`` (see :func:`_apply_row`; every payload in one chunk, every page in
+    one arena chunk); the page's epoch, ``table_epoch[pages[r]]``, becomes
+    ``epochs[r]``. A dense row is one copy (:func:`_copy`).
 
     Returns the bytes written, or ``-1 - r`` for the first row ``r`` whose payload does
     not fit its page or its chunk (rows before it are written). O(payload bytes)."""
     wrote = 0
-    for r in range(sci.shape[0]):
-        src = srcs[sci[r]]
-        dst = dsts[dci[r]]
-        o = soff[r]
+    for r in range(soff.shape[0]):
+        n = _apply_row(src, soff[r], plens[r], encs[r], sizes[r], dst, doff[r])
+        if n < 0:
+            return -1 - r
+        table_epoch[pages[r]] = epochs[r]
+        wrote += n
+    return wrote
+
+
+@njit(cache=True, nogil=True)
+def gather_payloads(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, out: np.ndarray,
+                    at: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Copy payload ``r`` (``chunk[offs[r]:offs[r] + plens[r]]``) to ``out[at[r]:]``."""
+    for r in range(offs.shape[0]):
+        _copy(out[at[r]:at[r] + plens[r]], chunk[offs[r]:offs[r] + plens[r]])
+
+
+@njit(cache=True, nogil=True)
+def check_payloads(buf: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: np.ndarray,
+                   psizes: np.ndarray) -> int:  # pragma: no cover - compiled
+    """The first row whose payload (``buf[offs[r]:offs[r] + plens[r]]``, encoded as in
+    the log) is not one the log could have written, or -1 when every one is: a run
+    inside the page; positions strictly ascending and inside the page (u16 positions
+    only for pages of at most 65,536 bytes); dense bytes of the page's size with
+    ``ceil(size / 8)`` mask bytes where the encoding has a mask, and zero bytes outside
+    the mask of a masked one. O(payload bytes)."""
+    for r in range(offs.shape[0]):
+        o = offs[r]
         plen = plens[r]
         enc = encs[r]
-        size = sizes[r]
-        d = doff[r]
-        if o + plen > src.shape[0] or d + size > dst.shape[0]:
-            return -1 - r
-        page = dst[d:d + size]
+        size = psizes[r]
+        if o + plen > buf.shape[0]:
+            return r
         if enc == 0:
             if plen < 4:
-                return -1 - r
-            start = (np.int64(src[o]) | (np.int64(src[o + 1]) << 8)
-                     | (np.int64(src[o + 2]) << 16) | (np.int64(src[o + 3]) << 24))
-            n = plen - 4
-            if start + n > size:
-                return -1 - r
-            _copy(page[start:start + n], src[o + 4:o + plen])
-            wrote += n
+                return r
+            start = (np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8)
+                     | (np.int64(buf[o + 2]) << 16) | (np.int64(buf[o + 3]) << 24))
+            if start + plen - 4 > size:
+                return r
         elif enc == 1 or enc == 2:
             w = 2 if enc == 1 else 4
+            if plen % (w + 1) or (enc == 1 and size > 65536):
+                return r
             n = plen // (w + 1)
-            if n * (w + 1) != plen:
-                return -1 - r
-            v = o + w * n
+            prev = np.int64(-1)
             for k in range(n):
                 q = np.int64(0)
                 for j in range(w):
-                    q |= np.int64(src[o + w * k + j]) << (8 * j)
-                if q >= size:
-                    return -1 - r
-                page[q] = src[v + k]
-            wrote += n
+                    q |= np.int64(buf[o + w * k + j]) << (8 * j)
+                if q <= prev or q >= size:
+                    return r
+                prev = q
         elif enc == 3:
             if plen != size:
-                return -1 - r
-            _copy(page, src[o:o + size])
-            wrote += size
+                return r
         elif enc == 4 or enc == 5:
             if plen != size + (size + 7) // 8:
-                return -1 - r
-            if enc == 4:
-                _copy(page, src[o:o + size])
-            else:
+                return r
+            if enc == 5:
                 b = o + size
                 for p in range(size):
-                    if (src[b + (p >> 3)] >> (7 - (p & 7))) & 1:
-                        page[p] = src[o + p]
-            wrote += size
+                    if buf[o + p] != 0 and not (buf[b + (p >> 3)] >> (7 - (p & 7))) & 1:
+                        return r
         else:
-            return -1 - r
-    return wrote
+            return r
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarray,
+               page: np.ndarray, psize: np.ndarray, plen: np.ndarray, src: np.ndarray,
+               enc: np.ndarray, n_sources: int, next_page_id: int, max_counter: int,
+               max_page_size: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """The first row whose fields are out of range, and which check it fails (0: none
+    fails, row -1): 1 page id, 2 page size, 3 epoch, 4 LSN, 5 delta id, 6 source, 7
+    encoding, 8 LSNs not increasing, 9 timestamps decreasing. O(rows)."""
+    for r in range(lsn.shape[0]):
+        if page[r] < 1 or page[r] >= next_page_id:
+            return r, 1
+        if psize[r] < 1 or psize[r] > max_page_size:
+            return r, 2
+        if epoch[r] < 1 or epoch[r] >= max_counter:
+            return r, 3
+        if lsn[r] < 1 or lsn[r] >= max_counter:
+            return r, 4
+        if ids[r] < 0 or ids[r] >= max_counter:
+            return r, 5
+        if src[r] < 0 or src[r] >= n_sources:
+            return r, 6
+        if enc[r] > 5 or plen[r] < 0:
+            return r, 7
+        if r and lsn[r] <= lsn[r - 1]:
+            return r, 8
+        if r and ts[r] < ts[r - 1]:
+            return r, 9
+    return -1, 0

@@ -23,19 +23,31 @@ import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
-from numba.typed import List as NumbaList
 
 from ..errors import SerializationError
 from .arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .delta import Delta
-from .kernels import ROW_DTYPE, apply_log_rows, mark_written, write_small
+from .kernels import (
+    ROW_DTYPE,
+    apply_log_rows_one,
+    check_payloads,
+    check_rows,
+    entry_point,
+    gather_payloads,
+    mark_page_rows,
+    mark_written,
+    write_small,
+)
+from .limits import MAX_COUNTER, MAX_PAGE_SIZE
 from .page_table import LIVE, PageTable
 from .records import AnyRecord, Compacted, PageCreate
 
-__all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas"]
+__all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas", "LogColumns",
+           "ColumnRecords", "join_records", "check_columns"]
 
 Sink = Callable[[AnyRecord], None]
 
@@ -57,6 +69,9 @@ _CHUNK = 1 << 18
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
+_SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
+"""The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
+writable C-contiguous uint8 array (2), set on first use."""
 
 
 class _Steps:
@@ -110,6 +125,17 @@ class _Steps:
     def nbytes(self) -> int:
         return 16 * len(self.rows)
 
+    @classmethod
+    def of(cls, values: np.ndarray) -> _Steps:
+        """The map of rows ``0 … len(values)-1`` to ``values``. O(rows), vectorised."""
+        out = cls()
+        if len(values):
+            brk = np.concatenate(([0], np.flatnonzero(np.diff(values) != 1) + 1))
+            out.rows = array("q", brk.tobytes())
+            out.vals = array("q", values[brk].astype(np.int64).tobytes())
+            out.last = int(values[-1])
+        return out
+
 
 class _CreateRun:
     """Single-page creations that followed each other (consecutive ids and LSNs, one
@@ -149,6 +175,12 @@ class _CreateRun:
     def records(self) -> list[AnyRecord]:
         return [self.record(k) for k in range(len(self.offsets))]
 
+    def copy(self) -> _CreateRun:
+        out = _CreateRun.__new__(_CreateRun)
+        out.first_id, out.size, out.location = self.first_id, self.size, self.location
+        out.lsn, out.timestamp, out.offsets = self.lsn, self.timestamp, array("I", self.offsets)
+        return out
+
 
 class DeltaGroup:
     """Sparse deltas a batch made, held as columns until the batch commits: delta
@@ -184,6 +216,124 @@ class DeltaGroup:
                       None, self.lsn + k, self.ts)
                 for k, (p, e, s) in enumerate(zip(self.pages.tolist(), self.bases.tolist(),
                                                   self.sizes.tolist(), strict=True))]
+
+
+@dataclass
+class LogColumns:
+    """The delta rows of a log as plain columns, with their payloads back to back and
+    the structural records beside them: the form a checkpoint's log section holds
+    (:meth:`TransactionLog.columns`, :meth:`TransactionLog.from_columns`). Row ``r``'s
+    payload, in the log's encodings (``ENC_*``), is ``payload[offsets[r]:offsets[r] +
+    plen[r]]`` with ``offsets`` the running sum of ``plen``."""
+
+    lsn: np.ndarray
+    """LSN of each row (int64)."""
+    ids: np.ndarray
+    """Delta id of each row (int64)."""
+    epoch: np.ndarray
+    """Page epoch after each row's delta (int64)."""
+    ts: np.ndarray
+    """Timestamp of each row (int64)."""
+    page: np.ndarray
+    """Page id of each row (int64)."""
+    psize: np.ndarray
+    """Page size each row was logged for (int64)."""
+    plen: np.ndarray
+    """Payload length of each row (int64)."""
+    src: np.ndarray
+    """Each row's source, an index into ``sources`` (int64)."""
+    enc: np.ndarray
+    """Payload encoding of each row (uint8)."""
+    sources: list[str]
+    base_rows: np.ndarray
+    """Rows whose base epoch is not epoch − 1 (merged deltas), ascending (int64) …"""
+    base_epochs: np.ndarray
+    """… and their base epochs (int64)."""
+    payload: np.ndarray
+    """The rows' payloads back to back (uint8)."""
+    structs: list[AnyRecord]
+    """The structural records, in LSN order (a creation run one record per page)."""
+
+    def __len__(self) -> int:
+        return len(self.lsn)
+
+    @classmethod
+    def concat(cls, parts: Sequence[LogColumns]) -> LogColumns:
+        """The rows and records of ``parts`` one after another (slices of one log in
+        LSN order): columns concatenated, sources merged and renumbered. O(rows +
+        payload bytes + sources)."""
+        sources: list[str] = []
+        index: dict[str, int] = {}
+        srcs, bases_r, bases_e, structs = [], [], [], []
+        at = 0
+        for part in parts:
+            lut = np.empty(len(part.sources), np.int64)
+            for k, name in enumerate(part.sources):
+                if name not in index:
+                    index[name] = len(sources)
+                    sources.append(name)
+                lut[k] = index[name]
+            srcs.append(lut[part.src] if len(lut) else part.src)
+            bases_r.append(part.base_rows + at)
+            bases_e.append(part.base_epochs)
+            structs.extend(part.structs)
+            at += len(part)
+
+        def cat(name: str, dtype: Any) -> np.ndarray:
+            arrays = [getattr(x, name) for x in parts]
+            return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+        return cls(cat("lsn", np.int64), cat("ids", np.int64), cat("epoch", np.int64),
+                   cat("ts", np.int64), cat("page", np.int64), cat("psize", np.int64),
+                   cat("plen", np.int64),
+                   np.concatenate(srcs).astype(np.int64) if srcs else np.zeros(0, np.int64),
+                   cat("enc", np.uint8), sources,
+                   np.concatenate(bases_r).astype(np.int64) if parts else np.zeros(0, np.int64),
+                   np.concatenate(bases_e).astype(np.int64) if parts else np.zeros(0, np.int64),
+                   cat("payload", np.uint8), structs)
+
+
+class ColumnRecords(Sequence[AnyRecord]):
+    """Records held as :class:`LogColumns` (a decoded checkpoint's log section, a
+    snapshot of a log): read-only, each record built on demand (from a log built from
+    the columns once, when first read), and restored by building a log straight from
+    the columns (:meth:`TransactionLog.from_columns`)."""
+
+    def __init__(self, cols: LogColumns) -> None:
+        self.cols = cols
+        self._log: TransactionLog | None = None
+
+    @property
+    def log(self) -> TransactionLog:
+        if self._log is None:
+            self._log = TransactionLog.from_columns(self.cols)
+        return self._log
+
+    def __len__(self) -> int:
+        return len(self.cols) + len(self.cols.structs)
+
+    def first_lsn(self) -> int:
+        """LSN of the oldest record (0 when there is none). O(1)."""
+        c = self.cols
+        out = [int(c.lsn[0])] if len(c) else []
+        if c.structs:
+            out.append(c.structs[0].lsn)
+        return min(out, default=0)
+
+    def last_lsn(self) -> int:
+        """LSN of the newest record (0 when there is none). O(1)."""
+        c = self.cols
+        return max(int(c.lsn[-1]) if len(c) else 0, c.structs[-1].lsn if c.structs else 0)
+
+    @overload
+    def __getitem__(self, i: int) -> AnyRecord: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[AnyRecord]: ...
+    def __getitem__(self, i: int | slice) -> AnyRecord | list[AnyRecord]:
+        return self.log.records[i]
+
+    def __iter__(self) -> Iterator[AnyRecord]:
+        return iter(self.log.records)
 
 
 class TransactionLog:
@@ -494,19 +644,50 @@ class TransactionLog:
         src = self.source_ids.get(source)
         if src is None:
             src = self._source_id(source, row)
+        # bytes (the API's writes) and writable contiguous arrays (recomputed pages) go
+        # through the kernel's compiled entry for their type directly.
+        if type(new) is bytes:
+            key = 1
+        elif type(new) is np.ndarray and new.flags.c_contiguous and new.flags.writeable:
+            key = 2
+        else:
+            key = 0
+        kernel = _SMALL_ENTRY.get(key, write_small)
         while True:
             tail = self.tail
-            n, plen = write_small(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
-                                  _CHUNK - tail, pid, epoch, ts, src, (self.cur << 32) | tail)
+            n, plen = kernel(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
+                             _CHUNK - tail, pid, epoch, ts, src, (self.cur << 32) | tail)
             if n != -2:
                 break
             self._new_chunk()
+        if key and key not in _SMALL_ENTRY:
+            _SMALL_ENTRY[key] = entry_point(write_small, mem, base, size, off, new, self.rows,
+                                            row, self.cur_array, tail, 0, pid, epoch, ts, src, 0)
         if n <= 0:
             return n
         # The payload bytes a delta counts: its values, or the page for a dense one.
         self.last_changed = n if n * 4 <= size else size
         self.tail = tail + plen
-        self._note_row(row, pid, plen, lsn, delta_id, ts)
+        # _note_row, inlined: the hot path of every small write.
+        self.n = row + 1
+        lsns = self.lsns
+        if lsn != lsns.last + 1 or not row:
+            lsns.rows.append(row)
+            lsns.vals.append(lsn)
+        lsns.last = lsn
+        ids = self.ids
+        if delta_id != ids.last + 1 or not row:
+            ids.rows.append(row)
+            ids.vals.append(delta_id)
+        ids.last = delta_id
+        rows = self.index.get(pid)
+        if rows is None:
+            self.index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        self.payload_bytes += plen
+        self.next_lsn = lsn + 1
+        self.last_timestamp = ts
         return lsn
 
     def _grow(self) -> None:
@@ -723,22 +904,85 @@ class TransactionLog:
             owner = own[sel]
         # Field by field: a gather of whole packed rows is far slower than of columns.
         rows = self.rows
-        poff = rows["poff"][:n][sel]
-        if len(poff):
-            plen = rows["plen"][:n][sel].astype(np.int64)
-            enc = rows["enc"][:n][sel]
-            psize = rows["psize"][:n][sel].astype(np.int64)
-            chunk_of = poff >> 32
-            lens = np.asarray(sizes, np.int64)
-            used = np.flatnonzero(np.bincount(chunk_of)).tolist()
-            for ci in used:
-                chunk = self.chunks[ci]
-                assert chunk is not None
-                pick: slice | np.ndarray = slice(None) if len(used) == 1 else chunk_of == ci
-                o = owner[pick]
-                mark_written(np.frombuffer(chunk, np.uint8), poff[pick] & 0xFFFFFFFF, plen[pick],
-                             enc[pick], psize[pick], out, bounds[o], lens[o])
+        self._mark(rows["poff"][:n][sel], rows["plen"][:n][sel], rows["enc"][:n][sel],
+                   rows["psize"][:n][sel], owner, bounds, np.asarray(sizes, np.int64), out)
         return [out[bounds[k]:bounds[k + 1]] for k in range(len(sizes))]
+
+    def rows_masks(self, page_ids: Sequence[int], sizes: Any, starts: Sequence[int],
+                   stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each page ``k``, one bool per byte of its ``sizes[k]``: where its delta
+        rows from ``starts[k]`` up to (not including) row ``stop`` write (positions past
+        the size ignored), all in one buffer: returns it and the pages' bounds in it
+        (page ``k`` is ``out[bounds[k]:bounds[k + 1]]``). One compiled scan of the rows
+        from the smallest start per payload chunk they use, reading the columns in
+        place (:func:`~mmsb._core.kernels.mark_page_rows`). O(rows scanned + their
+        payload bytes + the pages' sizes)."""
+        lens = np.asarray(sizes, np.int64)
+        bounds = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=bounds[1:])
+        out = np.zeros(int(bounds[-1]), dtype=bool)
+        if not len(lens):
+            return out, bounds
+        first = np.asarray(starts, np.int64)
+        r0, r1 = max(0, int(first.min())), min(stop, self.n)
+        if r0 >= r1:
+            return out, bounds
+        pids = np.asarray(page_ids, np.int64)
+        # page id → 1 + its place (0: not asked for); zero memory is mapped lazily, so a
+        # few pages of a large id space cost little.
+        slot = np.zeros(int(pids.max()) + 1, np.int32)
+        slot[pids] = np.arange(1, len(pids) + 1, dtype=np.int32)
+        for ci in self._chunks_of(r0, r1):
+            chunk = self.chunks[ci]
+            if chunk is None:
+                continue
+            mark_page_rows(self.rows, r0, r1, ci, np.frombuffer(chunk, np.uint8), slot, first,
+                           out, bounds, lens)
+        return out, bounds
+
+    def scan_masks(self, r0: int, r1: int, slot: np.ndarray, starts: np.ndarray,
+                   out: np.ndarray, bounds: np.ndarray) -> None:
+        """Mark in ``out`` what rows ``r0 … r1-1`` write: a row of page ``p`` with
+        ``k = slot[p] - 1 ≥ 0``, at or after row ``starts[k]``, into ``out[bounds[k]:
+        bounds[k + 1]]``. One compiled scan per payload chunk the rows use, reading the
+        columns in place. O(rows + their payload bytes)."""
+        if r0 >= r1:
+            return
+        lens = np.diff(bounds)
+        for ci in self._chunks_of(r0, r1):
+            chunk = self.chunks[ci]
+            if chunk is not None:
+                mark_page_rows(self.rows, r0, r1, ci, np.frombuffer(chunk, np.uint8), slot,
+                               starts, out, bounds, lens)
+
+    def _chunks_of(self, r0: int, r1: int) -> list[int]:
+        """The payload chunks rows ``r0 … r1-1`` use, ascending. O(rows)."""
+        ci = self.rows["poff"][r0:r1] >> 32
+        lo, hi = int(ci.min()), int(ci.max())
+        if hi - lo < 4:
+            return list(range(lo, hi + 1))
+        return np.unique(ci).tolist()
+
+    def _mark(self, poff: np.ndarray, plen: np.ndarray, enc: np.ndarray, psize: np.ndarray,
+              owner: np.ndarray, bounds: np.ndarray, lens: np.ndarray, out: np.ndarray) -> None:
+        """Set in ``out`` the positions each row writes, row ``r`` into the mask of its
+        page ``owner[r]`` (at ``bounds[owner]``, ``lens[owner]`` long), one compiled
+        pass per payload chunk."""
+        if not len(poff):
+            return
+        poff = np.ascontiguousarray(poff)
+        plen = plen.astype(np.int64)
+        enc = np.ascontiguousarray(enc)
+        psize = psize.astype(np.int64)
+        chunk_of = poff >> 32
+        used = np.flatnonzero(np.bincount(chunk_of)).tolist()
+        for ci in used:
+            chunk = self.chunks[ci]
+            assert chunk is not None
+            pick: slice | np.ndarray = slice(None) if len(used) == 1 else chunk_of == ci
+            o = owner[pick]
+            mark_written(np.frombuffer(chunk, np.uint8), poff[pick] & 0xFFFFFFFF, plen[pick],
+                         enc[pick], psize[pick], out, bounds[o], lens[o])
 
     def index_after_time(self, ns: int) -> int:
         """Number of records with timestamp ≤ ``ns``. O(log n)."""
@@ -757,50 +1001,88 @@ class TransactionLog:
         self.last_timestamp = max(last_ts, self.last_timestamp)
         self.horizon_lsn = max(horizon, self.horizon_lsn)
 
-    def drop_through(self, lsn: int) -> list[int]:
-        """Forget the records with LSN ≤ ``lsn``; returns the pages whose deltas were
-        dropped. The kept rows are copied into fresh columns (so a memento taken
-        before stays valid). O(records)."""
+    def drop_through(self, lsn: int) -> None:
+        """Forget the records with LSN ≤ ``lsn``. The kept rows are copied into fresh
+        columns and renumbered from 0, the payload chunks no kept row uses are let go
+        and the rest renumbered, and the structural entries after ``lsn`` are kept as
+        they are (a creation run across ``lsn`` is cut), so a memento or a
+        :meth:`frozen` copy taken before stays valid. O(kept rows + kept structural
+        entries + log n)."""
         n = self.n
         k = self.rows_through(lsn)
-        dropped_pages = sorted(set(self.rows["page"][:k].tolist())) if k else []
-        keep_structs: list[AnyRecord] = []
-        for s in self.structs:
-            if isinstance(s, _CreateRun):
-                for rec in s.records():
-                    if rec.lsn > lsn:
-                        keep_structs.append(rec)
-            elif s.lsn > lsn:
-                keep_structs.append(s)
-        kept = self.rows[k:n].copy()
+        # The kept rows in columns of the same capacity: a log trimmed over and over
+        # (compaction) does not grow its columns again each time.
+        kept = np.empty(max(1024, n - k, min(len(self.rows), 2 * n)), ROW_DTYPE)
+        kept[:n - k] = self.rows[k:n]
         lsns, ids, bases, rare = self.lsns, self.ids, self.bases, self.rare_sources
         sources, source_ids, chunks = self.sources, self.source_ids, self.chunks
-        cur, tail, cur_array = self.cur, self.tail, self.cur_array
-        payload = int(kept["plen"].sum(dtype=np.int64)) if k else self.payload_bytes
+        cur, tail = self.cur, self.tail
+        payload = int(kept["plen"][:n - k].sum(dtype=np.int64)) if k else self.payload_bytes
+        # Structural entries: the ones after the last one at or before lsn, and the
+        # part after lsn of a creation run across it.
+        j = bisect.bisect_right(self.struct_lsn, lsn)
+        structs = self.structs[j:]
+        struct_lsn = self.struct_lsn[j:]
+        first_kept = self.struct_before[j] if j < len(self.structs) else self.struct_count
+        if j:
+            last = self.structs[j - 1]
+            if type(last) is _CreateRun and last.lsn + last.count - 1 > lsn:
+                cut = lsn + 1 - last.lsn
+                rest = _CreateRun(last.record(cut))
+                rest.offsets = array("I", (o - last.offsets[cut] for o in last.offsets[cut:]))
+                structs.insert(0, rest)
+                struct_lsn.insert(0, rest.lsn)
+                first_kept -= rest.count
+        before = array("q", (b - first_kept for b in self.struct_before[j:]))
+        if len(structs) > len(before):
+            before.insert(0, 0)
+        count = self.struct_count - first_kept
+        counters = (self.next_lsn, self.last_timestamp, self.horizon_lsn, self.horizon_timestamp)
         self._clear()
-        self.rows = kept if len(kept) else np.empty(1024, ROW_DTYPE)
+        self.next_lsn, self.last_timestamp, self.horizon_lsn, self.horizon_timestamp = counters
+        self.structs, self.struct_lsn, self.struct_before = structs, struct_lsn, before
+        self.struct_count = count
+        self.rows = kept
         self.n = n - k
         self.lsns = lsns.shifted(k, n)
         self.ids = ids.shifted(k, n)
         self.bases = {r - k: b for r, b in bases.items() if r >= k}
         self.rare_sources = {r - k: s for r, s in rare.items() if r >= k}
-        self.sources, self.source_ids, self.cur, self.tail = sources, source_ids, cur, tail
-        self.cur_array = cur_array
-        used = set(np.unique(kept["poff"] >> 32).tolist())
-        used.add(cur)
-        self.chunks = [c if i in used else None for i, c in enumerate(chunks)]
+        self.sources, self.source_ids = sources, source_ids
+        # Payload chunks: the ones kept rows use, and the open one, renumbered in order.
+        used = np.unique(kept["poff"][:self.n] >> 32) if self.n else np.zeros(0, np.int64)
+        if cur >= 0 and not (used == cur).any():
+            used = np.sort(np.append(used, cur))
+        self.chunks = [chunks[c] for c in used.tolist()]
+        if self.n and len(used):
+            remap = np.zeros(int(used[-1]) + 1, np.int64)
+            remap[used] = np.arange(len(used))
+            poff = self.rows["poff"][:self.n]
+            poff[:] = (remap[poff >> 32] << 32) | (poff & 0xFFFFFFFF)
+        if cur >= 0:
+            self.cur = int(np.searchsorted(used, cur))
+            self.tail = tail
+            chunk = self.chunks[self.cur]
+            assert chunk is not None
+            self.cur_array = np.frombuffer(chunk, np.uint8)
         if self.n:
-            pages = kept["page"]
+            pages = kept["page"][:self.n]
             order = np.argsort(pages, kind="stable")
             bounds = np.flatnonzero(np.diff(pages[order])) + 1
             for grp in np.split(order, bounds):
                 self.index[int(pages[grp[0]])] = array("I", grp.astype(np.uint32).tobytes())
         self.payload_bytes = payload
-        counters = (self.next_lsn, self.last_timestamp, self.horizon_lsn)
-        for rec in keep_structs:
-            self.adopt(rec)
-        self.next_lsn, self.last_timestamp, self.horizon_lsn = counters
-        return dropped_pages
+
+    def frozen(self) -> TransactionLog:
+        """A log that holds what this one holds now and keeps it while this one is
+        rewritten (:meth:`drop_through`, :meth:`replace_all` and the like replace the
+        columns, never edit them). Read it only up to this log's last LSN now: the
+        two share the open payload chunk and the newest creation run, which this log
+        goes on extending. O(1)."""
+        out = TransactionLog.__new__(TransactionLog)
+        out.__dict__.update(self.__dict__)
+        out.history_index = None
+        return out
 
     def memento(self) -> dict[str, Any]:
         """Everything a rewrite (replace_all, drop_through) replaces, to undo it."""
@@ -894,6 +1176,171 @@ class TransactionLog:
         val = np.frombuffer(self.lsns.vals.tobytes(), np.int64)
         j = np.searchsorted(brk, rows, "right") - 1
         return val[j] + rows - brk[j]
+
+    def row_ids(self, r0: int, r1: int) -> np.ndarray:
+        """Delta ids of rows ``r0 … r1-1`` (int64), from the step map in one go."""
+        rows = np.arange(r0, r1, dtype=np.int64)
+        if r0 >= r1:
+            return rows
+        brk = np.frombuffer(self.ids.rows.tobytes(), np.int64)
+        val = np.frombuffer(self.ids.vals.tobytes(), np.int64)
+        j = np.searchsorted(brk, rows, "right") - 1
+        return val[j] + rows - brk[j]
+
+    # -- column groups ---------------------------------------------------------------
+    def columns(self, start: int = 0, gather: bool = True) -> LogColumns:
+        """The records with LSN > ``start`` as a :class:`LogColumns`: the delta rows'
+        columns, their payloads gathered back to back in one compiled pass per payload
+        chunk (left empty with ``gather=False``: see :meth:`payload_parts`), and the
+        structural records. O(rows + payload bytes + structural records)."""
+        r0, n = self.rows_through(start), self.n
+        rows = self.rows[r0:n]
+        plen = rows["plen"].astype(np.int64)
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(plen, out=offsets[1:])
+        payload = np.empty(int(offsets[-1]) if gather else 0, np.uint8)
+        if len(rows) and gather:
+            poff = np.ascontiguousarray(rows["poff"])
+            ci = poff >> 32
+            for c in self._chunks_of(r0, n):
+                chunk = self.chunks[c]
+                assert chunk is not None, "a kept row's payload chunk was let go"
+                sel = np.flatnonzero(ci == c)
+                gather_payloads(np.frombuffer(chunk, np.uint8), (poff & 0xFFFFFFFF)[sel],
+                                plen[sel], payload, offsets[sel])
+        # Sources: the ones these rows name, numbered from 0.
+        src = rows["src"].astype(np.int64)
+        names: list[str] = []
+        index: dict[str, int] = {}
+        lut = np.zeros(max(len(self.sources), 1) + 1, np.int64)
+        for sid in np.unique(src[src != _NO_SOURCE]).tolist():
+            index[self.sources[sid]] = len(names)
+            lut[sid] = len(names)
+            names.append(self.sources[sid])
+        out_src = lut[np.minimum(src, len(lut) - 1)]
+        for i in np.flatnonzero(src == _NO_SOURCE).tolist():
+            name = self.rare_sources[r0 + i]
+            if name not in index:
+                index[name] = len(names)
+                names.append(name)
+            out_src[i] = index[name]
+        base_rows = np.array(sorted(r - r0 for r in self.bases if r >= r0), np.int64)
+        base_epochs = np.array([self.bases[r + r0] for r in base_rows.tolist()], np.int64)
+        return LogColumns(
+            self.row_lsns(r0, n), self.row_ids(r0, n), rows["epoch"].astype(np.int64),
+            rows["ts"].astype(np.int64), rows["page"].astype(np.int64),
+            rows["psize"].astype(np.int64), plen, out_src, np.ascontiguousarray(rows["enc"]),
+            names, base_rows, base_epochs, payload, list(self.iter_structs(start)))
+
+    def clone(self) -> TransactionLog:
+        """A log holding the same records that can go on independently: the columns,
+        step maps, indexes and structural entries copied (creation runs too: they grow
+        in place), the payload chunks shared (the copy starts a chunk of its own for
+        what it logs, so a shared chunk is never written). O(rows + pages + structural
+        entries), vectorised."""
+        out = TransactionLog.__new__(TransactionLog)
+        out.__dict__.update(self.__dict__)
+        out.history_index = None
+        out.sink = out.sink_many = None
+        out.rows = self.rows[:max(self.n, 1024)].copy() if self.n else np.empty(1024, ROW_DTYPE)
+        for name in ("lsns", "ids"):
+            old = getattr(self, name)
+            new = _Steps()
+            new.rows, new.vals, new.last = array("q", old.rows), array("q", old.vals), old.last
+            setattr(out, name, new)
+        out.bases = dict(self.bases)
+        out.rare_sources = dict(self.rare_sources)
+        out.sources = list(self.sources)
+        out.source_ids = dict(self.source_ids)
+        out.index = {pid: array("I", rows) for pid, rows in self.index.items()}
+        out.chunks = list(self.chunks)
+        out.cur, out.tail, out.cur_array = -1, _CHUNK, np.zeros(0, np.uint8)
+        out.structs = [_CreateRun.copy(s) if type(s) is _CreateRun else s for s in self.structs]
+        out.struct_lsn = array("q", self.struct_lsn)
+        out.struct_before = array("q", self.struct_before)
+        out.generation = self.generation + 1
+        return out
+
+    def payload_parts(self, start: int = 0) -> Iterator[memoryview]:
+        """The payloads of the rows with LSN > ``start``, back to back, as views of the
+        payload chunks: one view per run of rows that lie back to back in one chunk (a
+        log appends them so), no copy. O(rows) to find the runs."""
+        r0, n = self.rows_through(start), self.n
+        if r0 >= n:
+            return
+        rows = self.rows[r0:n]
+        poff = np.ascontiguousarray(rows["poff"])
+        plen = rows["plen"].astype(np.int64)
+        brk = np.flatnonzero(poff[1:] != poff[:-1] + plen[:-1]) + 1
+        starts = [0, *brk.tolist()]
+        stops = [*brk.tolist(), len(poff)]
+        ends = np.cumsum(plen)
+        for a, b in zip(starts, stops, strict=True):
+            at = int(poff[a])
+            chunk = self.chunks[at >> 32]
+            assert chunk is not None, "a kept row's payload chunk was let go"
+            lo = at & 0xFFFFFFFF
+            size = int(ends[b - 1] - (ends[a] - plen[a]))
+            yield chunk[lo:lo + size]
+
+    @classmethod
+    def from_columns(cls, cols: LogColumns) -> TransactionLog:
+        """A log holding ``cols`` (checked by the caller: see ``check_columns``): the
+        rows filled column by column, the payloads as the log's chunks (one per 4 GiB,
+        cut at rows), the step maps, per-page indexes and sources built vectorised, the
+        structural records adopted. O(rows + pages + structural records + payload
+        bytes copied once)."""
+        log = cls()
+        n = len(cols)
+        if n:
+            rows = np.empty(max(n, 1024), ROW_DTYPE)
+            rows["page"][:n] = cols.page
+            rows["psize"][:n] = cols.psize
+            rows["plen"][:n] = cols.plen
+            rows["enc"][:n] = cols.enc
+            rows["epoch"][:n] = cols.epoch
+            rows["ts"][:n] = cols.ts
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(cols.plen, out=offsets[1:])
+            # Payload chunks: at most 4 GiB each (offsets are 32-bit), cut at rows.
+            if offsets[-1] < 1 << 32:
+                log.chunks.append(memoryview(bytearray(cols.payload.tobytes())))
+                rows["poff"][:n] = offsets[:-1]
+            else:
+                chunk_of = offsets[:-1] >> 32
+                poff = np.zeros(n, np.int64)
+                for c in np.unique(chunk_of).tolist():
+                    sel = np.flatnonzero(chunk_of == c)
+                    lo, hi = int(offsets[sel[0]]), int(offsets[sel[-1] + 1])
+                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi].tobytes())))
+                    poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
+                rows["poff"][:n] = poff
+            sids = np.empty(len(cols.sources), np.int64)
+            for k, name in enumerate(cols.sources):
+                sids[k] = log._source_id(name, 0)
+            mapped = sids[cols.src] if len(sids) else np.zeros(n, np.int64)
+            rows["src"][:n] = mapped
+            if len(sids) >= _NO_SOURCE:
+                for i in np.flatnonzero(mapped == _NO_SOURCE).tolist():
+                    log.rare_sources[i] = cols.sources[int(cols.src[i])]
+            log.rows = rows
+            log.n = n
+            log.lsns = _Steps.of(cols.lsn)
+            log.ids = _Steps.of(cols.ids)
+            log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(), strict=True))
+            order = np.argsort(cols.page, kind="stable")
+            sp = cols.page[order]
+            cut = (np.flatnonzero(sp[1:] != sp[:-1]) + 1).tolist()
+            raw = order.astype(np.uint32).tobytes()
+            for pid, a, z in zip(sp[[0, *cut]].tolist(), [0, *cut], [*cut, n], strict=True):
+                log.index[pid] = array("I", raw[4 * a:4 * z])
+            log.payload_bytes = int(offsets[-1])
+        for rec in cols.structs:
+            log.adopt(rec)
+        if n and (not cols.structs or cols.lsn[-1] > cols.structs[-1].lsn):
+            log.next_lsn = int(cols.lsn[-1]) + 1
+            log.last_timestamp = int(cols.ts[-1])
+        return log
 
     def max_id_through(self, k: int) -> int:
         """The largest delta id among rows ``0 … k-1`` (0 when k is 0). O(breaks)."""
@@ -1061,8 +1508,9 @@ class TransactionLog:
     def write_rows(self, r0: int, r1: int, table: PageTable, arena: Arena) -> int:
         """Write the deltas of rows ``r0 … r1-1`` into the pages ``table`` places in
         ``arena``, in log order (later rows win), straight from the payload chunks in
-        one compiled pass (:func:`~mmsb._core.kernels.apply_log_rows`; a dense row is
-        one copy), and set each page's epoch to that of its last row, vectorised. This
+        compiled passes (:func:`~mmsb._core.kernels.apply_log_rows_one`, one per run of
+        rows whose payloads share a chunk; a dense row is one copy) that also set each
+        page's epoch to that of its last row. This
         is what applying :meth:`delta_at` of each row in turn does, without a Delta
         object. Returns the bytes written.
 
@@ -1093,31 +1541,50 @@ class TransactionLog:
             raise SerializationError(
                 f"the log holds a delta for {int(sizes[bad])} bytes on page {int(pages[bad])} "
                 f"of {int(have[bad])} (delta row {r0 + bad})")
-        poff = rows["poff"]
-        pci, pmap = np.unique(poff >> 32, return_inverse=True)
+        poff = np.ascontiguousarray(rows["poff"])
+        soff = poff & 0xFFFFFFFF
+        plens = rows["plen"].astype(np.int64)
+        encs = np.ascontiguousarray(rows["enc"])
+        epochs = np.ascontiguousarray(rows["epoch"])
         addr = table.addr[pages]
-        aci, amap = np.unique(addr >> CHUNK_SHIFT, return_inverse=True)
-        srcs = NumbaList()
-        for c in pci.tolist():
-            chunk = self.chunks[c]
-            srcs.append(np.frombuffer(chunk, np.uint8) if chunk is not None
-                        else np.zeros(0, np.uint8))
-        dsts = NumbaList()
-        for c in aci.tolist():
-            buf = arena.chunk(c)
-            dsts.append(buf if buf is not None else np.zeros(0, np.uint8))
-        wrote = apply_log_rows(srcs, pmap.astype(np.int64), poff & 0xFFFFFFFF,
-                               rows["plen"].astype(np.int64), np.ascontiguousarray(rows["enc"]), sizes, dsts,
-                               amap.astype(np.int64), addr & (CHUNK_SIZE - 1))
+        doff = addr & (CHUNK_SIZE - 1)
+        pci = poff >> 32
+        aci = addr >> CHUNK_SHIFT
+        # One compiled call per run of rows whose payloads share a chunk, and within it
+        # per arena chunk (rows of one page share its chunk and keep their order; rows
+        # of different pages commute).
+        brk = np.flatnonzero(pci[1:] != pci[:-1]) + 1
+        edges = [0, *brk.tolist(), len(pci)]
+        wrote = 0
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            src = self.chunks[int(pci[a])]
+            if src is None:
+                wrote = -1 - a
+                break
+            chunk = np.frombuffer(src, np.uint8)
+            sel_a = aci[a:b]
+            groups = [slice(a, b)] if (sel_a == sel_a[0]).all() else \
+                [a + np.flatnonzero(sel_a == c) for c in np.unique(sel_a).tolist()]
+            for g in groups:
+                first = g.start if isinstance(g, slice) else int(g[0])
+                dst = arena.chunk(int(aci[first]))
+                if dst is None:
+                    n = -1 - (first - a)
+                else:
+                    n = apply_log_rows_one(chunk, soff[g], plens[g], encs[g], sizes[g], dst,
+                                           doff[g], pages[g], epochs[g], table.epoch)
+                if n < 0:
+                    k = -1 - n
+                    wrote = -1 - (k + first if isinstance(g, slice) else int(g[k]))
+                    break
+                wrote += n
+            if wrote < 0:
+                break
         if wrote < 0:
             bad = -1 - wrote
             raise SerializationError(
                 f"the log holds a delta whose payload does not fit page {int(pages[bad])} "
                 f"(delta row {r0 + bad})")
-        # Each page ends at the epoch of its last row.
-        last = pages[::-1]
-        uniq, at = np.unique(last, return_index=True)
-        table.epoch[uniq] = rows["epoch"][::-1][at]
         return int(wrote)
 
 
@@ -1256,3 +1723,74 @@ class _ByPage:
 
     def keys(self) -> list[int]:
         return list(self._log.index)
+
+
+def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
+    """The records of ``parts`` one after another (slices of one log, in LSN order):
+    their columns concatenated when every part holds columns
+    (:class:`ColumnRecords`), else a list."""
+    if parts and all(isinstance(p, ColumnRecords) for p in parts):
+        return ColumnRecords(LogColumns.concat([p.cols for p in parts]))  # type: ignore[attr-defined]
+    out: list[AnyRecord] = []
+    for part in parts:
+        out.extend(part)
+    return out
+
+
+def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
+    """Why ``cols`` (read from a file) cannot be a log's records, or None when it can:
+    row fields in range (pages below ``next_page_id``, sizes, epochs, LSNs, ids and
+    base epochs, encodings, sources), payload lengths that fit their encodings and add
+    up to the payload, payloads the log could have written (:func:`check_payloads`),
+    no delta among the structural records, and LSNs that increase across rows and
+    structural records with timestamps that never decrease. O(rows + payload bytes +
+    structural records), vectorised."""
+    n = len(cols)
+    for name in ("ids", "epoch", "ts", "page", "psize", "plen", "src", "enc"):
+        if len(getattr(cols, name)) != n:
+            return f"column {name} holds {len(getattr(cols, name))} values for {n} rows"
+    if n:
+        r, code = check_rows(cols.lsn, cols.ids, cols.epoch, cols.ts, cols.page, cols.psize,
+                             cols.plen, cols.src, cols.enc, len(cols.sources), next_page_id,
+                             MAX_COUNTER, MAX_PAGE_SIZE)
+        if code:
+            return f"delta row {r} has {_ROW_PROBLEMS[code]}"
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(cols.plen, out=offsets[1:])
+        if offsets[-1] != len(cols.payload):
+            return (f"the rows' payloads add up to {int(offsets[-1])} bytes, the section holds "
+                    f"{len(cols.payload)}")
+        r = check_payloads(cols.payload, offsets[:-1], cols.plen, cols.enc, cols.psize)
+        if r >= 0:
+            return f"delta row {r} has a payload the log could not have written"
+    rows, bases = cols.base_rows, cols.base_epochs
+    if len(rows) != len(bases):
+        return "base epochs and their rows differ in number"
+    if len(rows):
+        if (rows < 0).any() or (rows >= n).any() or (np.diff(rows) <= 0).any():
+            return "base epochs name rows out of order or out of range"
+        if (bases < 0).any() or (bases >= cols.epoch[rows]).any():
+            return "a base epoch is not below its delta's epoch"
+    if any(type(rec) is Delta for rec in cols.structs):
+        return "a delta among the structural records"
+    if any(not 0 < rec.lsn < MAX_COUNTER for rec in cols.structs):
+        return "a structural record with an LSN out of range"
+    if cols.structs:
+        # Rows are in order already; merged with the structural records, LSNs must
+        # still increase and timestamps never decrease.
+        lsn = np.concatenate((cols.lsn, np.fromiter((r.lsn for r in cols.structs), np.int64,
+                                                    len(cols.structs))))
+        ts = np.concatenate((cols.ts, np.fromiter((r.timestamp for r in cols.structs),
+                                                  np.int64, len(cols.structs))))
+        order = np.argsort(lsn, kind="stable")
+        if (np.diff(lsn[order]) <= 0).any() or (np.diff(ts[order]) < 0).any():
+            return "records whose LSNs do not increase or whose timestamps decrease"
+    return None
+
+
+_ROW_PROBLEMS = {
+    1: "a page id at or past the next page id", 2: "an impossible page size",
+    3: "an epoch out of range", 4: "an LSN out of range", 5: "a delta id out of range",
+    6: "an unknown source", 7: "an unknown payload encoding",
+    8: "an LSN that does not follow the row before", 9: "a timestamp before the row before",
+}

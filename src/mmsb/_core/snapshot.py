@@ -5,6 +5,7 @@ of itself to history (``MMSBState.snapshot``). Storage never builds a state."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +54,9 @@ class Snapshot:
     """page id → (written-bytes mask, LSN it is valid as of), for pages whose retained
     log does not show every write."""
     edges: list[tuple[int, int, EdgeType]]
-    records: list[AnyRecord]
-    """The retained log, oldest first."""
+    records: Sequence[AnyRecord]
+    """The retained log, oldest first: a list, or the records view of a log that holds
+    them as columns (a decoded checkpoint's; restoring copies its rows in one go)."""
     horizon_lsn: int = 0
     last_timestamp: int = 0
     info: dict[str, Any] = field(default_factory=dict)

@@ -25,8 +25,8 @@ from .._core.records import (
     EdgeAdd,
     PageClone,
     PageCreate,
-    PageDelete,
     PageResize,
+    kind_of,
 )
 from ..errors import (
     HistoryUnavailableError,
@@ -108,11 +108,6 @@ def _replay_into(target: MMSBState, records: Iterable[AnyRecord]) -> MMSBState:
     return target
 
 
-_MOVES_BYTES = (PageCreate, PageDelete, PageResize, PageClone)
-"""Structural records before which the deltas logged ahead of them must be in the
-pages: they create, free, resize or copy page slots."""
-
-
 def replay_log_into(target: MMSBState, source: TransactionLog, start: int,
                     stop: int) -> MMSBState:
     """Apply ``source``'s records with ``start`` < LSN ≤ ``stop`` to ``target`` and keep
@@ -138,11 +133,12 @@ def replay_log_into(target: MMSBState, source: TransactionLog, start: int,
         done = start  # source records with LSN <= done are in target's log
         r0 = r_first = source.rows_through(start)
         for rec in source.iter_structs(start, stop):
-            if isinstance(rec, _MOVES_BYTES):
+            kind = kind_of(rec)
+            if kind.moves_bytes:
                 r1 = source.rows_through(rec.lsn)
                 source.write_rows(r0, r1, t, target.arena)
                 r0 = r1
-                if isinstance(rec, PageResize | PageClone):
+                if kind.reads_masks:
                     log.extend_from(source, done, rec.lsn - 1)
                     done = rec.lsn - 1
             target.apply_record(rec)

@@ -55,6 +55,7 @@ from .._core.records import (
     PageCreate,
     PageDelete,
     PageResize,
+    kind_of,
 )
 from .._core.snapshot import Snapshot
 from ..errors import (
@@ -630,7 +631,7 @@ def state_at_lsn(state: MMSBState, lsn: int) -> MMSBState:
             run.append(rec)
             continue
         flush_creates()
-        if isinstance(rec, PageResize | PageClone):
+        if kind_of(rec).reads_masks:
             nlog.extend_from(src_log, done, rec.lsn - 1)
             done = rec.lsn - 1
             if isinstance(rec, PageClone):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core.delta import Delta
+from .._core.log import join_records
 from .._core.page_table import LIVE
 from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase
@@ -970,7 +971,6 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
         chain = _read_chain(bus, by_gen, gen, newest)
         first_gen, first = chain[0]
-        records: list[AnyRecord] = []
         if first.log_from_lsn == 0:
             start_slices = chain
             base: ReplayBase | Path | None = first.base
@@ -978,9 +978,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             # The oldest retained checkpoint is the replay base; its own slice is older.
             start_slices = chain[1:]
             base = by_gen[first_gen]
-        for _g, ck in start_slices:
-            records.extend(ck.records)
-        newest.records = records
+        newest.records = join_records([ck.records for _g, ck in start_slices])
         try:
             state.restore(newest)
         except MemoryError:

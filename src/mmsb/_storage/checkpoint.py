@@ -21,7 +21,7 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -29,11 +29,13 @@ import msgpack
 import numpy as np
 import zstandard
 
+from .._core.compaction import bind_base_encoder
 from .._core.delta import Delta
 from .._core.engine import physical_memory
 from .._core.graph import ShadowPageGraph
 from .._core.limits import MAX_COUNTER, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
-from .._core.records import AnyRecord, PageCreate
+from .._core.log import ColumnRecords, LogColumns, TransactionLog, check_columns
+from .._core.records import AnyRecord, kind_of
 from .._core.snapshot import ReplayBase, Snapshot
 from ..errors import SerializationError
 from ..types import EdgeType
@@ -45,7 +47,7 @@ from .codec import (
     decode_metadata,
     decode_record,
     encode_metadata,
-    record_parts,
+    encode_record,
 )
 from .fsops import fsync_dir
 
@@ -57,7 +59,10 @@ __all__ = ["write_checkpoint", "read_checkpoint", "CheckpointData", "CheckpointB
 
 MAGIC = b"MMSBCKPT"
 END_MAGIC = b"MMSBEND\0"
-VERSION = 1
+VERSION = 2
+"""Written by this build. Version 2 holds the log section as columns (TLOG v2)."""
+READ_VERSIONS = (1, 2)
+"""Read by this build: version 1 (log records one by one) and version 2."""
 _HEADER = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
 _HEADER_SIZE = 48
 _SECTION = struct.Struct("<4sB3xQQI")  # 28 bytes, then header crc u32
@@ -65,6 +70,7 @@ _SECTION_SIZE = 32
 _FOOTER = struct.Struct("<8sQ")  # 16 bytes, then crc u32 + zero u32
 _FOOTER_SIZE = 24
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
 _TAGS = (b"META", b"PTBL", b"PDAT", b"MASK", b"GRPH", b"TLOG", b"BASE")
 CODEC_RAW = 0
 CODEC_ZSTD = 1
@@ -131,6 +137,7 @@ def _section_header(tag: bytes, codec: int, raw_len: int, stored_len: int, crc: 
 
 
 _SAMPLE = 1 << 20
+_SMALL_SECTION = 16 << 10
 INFLATE_FLOOR = 16 << 20
 INFLATE_RATIO = 4096
 """Readers refuse a compressed section whose size is not fixed by the page table and
@@ -142,7 +149,7 @@ def _write_section(f: BinaryIO, tag: bytes, make_chunks: Callable[[], Iterable[A
                    cctx: zstandard.ZstdCompressor, *, sized_by_table: bool = False) -> None:
     """Stream ``chunks`` (buffers) into one section. The codec is chosen from a sample
     of the first MiB: zstd when it saves at least a fifth, raw otherwise (random bytes
-    would only cost compression time). The header is written last, in place. A section
+    would only cost compression time); a section under 16 KiB is always raw. The header is written last, in place. A section
     that compresses past the readers' inflation cap is written again, raw, unless its
     size is fixed by the page table (``sized_by_table``: readers check it exactly)."""
     it = iter(make_chunks())
@@ -163,7 +170,8 @@ def _write_section(f: BinaryIO, tag: bytes, make_chunks: Callable[[], Iterable[A
         need -= view.nbytes
     probe = b"".join(probe_parts)
     codec = CODEC_RAW
-    if probe and len(cctx.compress(probe)) < 0.8 * len(probe):
+    # Small sections stay raw: what zstd would save is not worth a reader's time.
+    if len(probe) >= _SMALL_SECTION and len(cctx.compress(probe)) < 0.8 * len(probe):
         codec = CODEC_ZSTD
     head_pos = f.tell()
     f.write(b"\0" * _SECTION_SIZE)
@@ -210,30 +218,6 @@ def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(run_addr.tolist(), run_len.tolist(), strict=True))
 
 
-def _log_chunks(records: list[AnyRecord]) -> Iterator[Any]:
-    """Records framed as ``len u32 | body``, as buffers: small pieces are grouped, large
-    payloads are passed through without a copy."""
-    pending: list[Any] = []
-    pending_n = 0
-    for rec in records:
-        parts = record_parts(rec)
-        sizes = [memoryview(p).nbytes for p in parts]
-        pending.append(_U32.pack(sum(sizes)))
-        for part, n in zip(parts, sizes, strict=True):
-            if n >= 1 << 16:
-                yield b"".join(pending)
-                pending, pending_n = [], 0
-                yield part
-            else:
-                pending.append(part)
-                pending_n += n
-        if pending_n >= 1 << 16:
-            yield b"".join(pending)
-            pending, pending_n = [], 0
-    if pending:
-        yield b"".join(pending)
-
-
 def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
                 bus: dict[str, Any] | None = None, base: bytes = b"") -> None:
     t = state.table
@@ -274,8 +258,7 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
              np.array([e[1] for e in edges], "<i8").data,
              np.array([int(e[2]) for e in edges], "u1").data]
     _write_section(f, b"GRPH", lambda: graph, cctx)
-    records = list(log.iter_records(from_lsn))
-    _write_section(f, b"TLOG", lambda: _log_chunks(records), cctx)
+    _write_section(f, b"TLOG", lambda: encode_columns(log, from_lsn), cctx)
     _write_section(f, b"BASE", lambda: [base] if base else [], cctx)
     before_footer = f.tell()
     footer = _FOOTER.pack(END_MAGIC, before_footer)
@@ -328,6 +311,10 @@ def checkpoint_bytes(state: MMSBState) -> bytes:
     buf = io.BytesIO()
     _write_body(buf, state, 0, None, state.base_bytes())
     return buf.getvalue()
+
+
+# A replay base that in-memory compaction folded is encoded as a checkpoint of it.
+bind_base_encoder(checkpoint_bytes)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -387,8 +374,9 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
     (hcrc,) = _U32.unpack_from(buf, 40)
     if crc32c(buf[:40]) != hcrc:
         raise fail("header checksum mismatch (the header is damaged)", 0)
-    if version != VERSION:
-        raise fail(f"unsupported checkpoint format version {version} (this build reads {VERSION})", 8)
+    if version not in READ_VERSIONS:
+        raise fail(f"unsupported checkpoint format version {version} (this build reads versions "
+                   f"{READ_VERSIONS[0]} and {READ_VERSIONS[1]}, and writes {VERSION})", 8)
     if _U32.unpack_from(buf, 44)[0] != 0 or nsec != len(_TAGS):
         raise fail("header fields out of range", 12)
     fpos = total - _FOOTER_SIZE
@@ -441,11 +429,11 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
                           f"this format allows ({INFLATE_RATIO}:1 beyond {INFLATE_FLOOR} bytes)")
         return _decompress(stored, raw_len, sec_err)
 
-    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail)
+    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version)
 
 
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
-                     fail: Any) -> CheckpointData:
+                     fail: Any, version: int = VERSION) -> CheckpointData:
     try:
         meta = msgpack.unpackb(bytes(get(b"META")), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
@@ -541,29 +529,22 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
             raise fail(f"section GRPH edge {p} → {c} closes a cycle") from None
         g.add_edge(p, c, EdgeType(et))
         edges.append((p, c, EdgeType(et)))
-    records = decode_log(get(b"TLOG"), fail)
-    if records and records[-1].lsn > lsn:
-        raise fail(f"section TLOG holds LSN {records[-1].lsn}, past the checkpoint LSN {lsn}")
-    for rec in records:
-        if isinstance(rec, Delta):
-            if rec.page_id >= next_page_id or rec.epoch >= MAX_COUNTER:
-                raise fail(f"section TLOG delta at LSN {rec.lsn} names page {rec.page_id} or "
-                           f"epoch {rec.epoch}, out of range")
-        elif max(_record_pages(rec), default=0) >= next_page_id:
-            raise fail(f"section TLOG record at LSN {rec.lsn} names a page at or past the "
-                       f"next page id {next_page_id}")
-    max_delta = max((r.id for r in records if isinstance(r, Delta)), default=0)
-    if next_delta_id <= max_delta:
-        raise fail("header next delta id is not above the log's deltas")
+    from_lsn = meta.get("log_from_lsn", 0)
+    if not isinstance(from_lsn, int) or not 0 <= from_lsn <= lsn:
+        raise fail("section META has an impossible log start")
+    records: Sequence[AnyRecord]
+    if version == 1:
+        records = _records_v1(get(b"TLOG"), lsn, next_page_id, next_delta_id, fail)
+        first = records[0].lsn if records else 0
+    else:
+        records = _records_v2(get(b"TLOG"), lsn, next_page_id, next_delta_id, fail)
+        first = records.first_lsn()
+    if records and first <= from_lsn:
+        raise fail("section TLOG starts before the log start META declares")
     horizon = meta.get("horizon_lsn", 0)
     last_ts = meta.get("last_timestamp", 0)
     if not isinstance(horizon, int) or not isinstance(last_ts, int) or horizon < 0 or horizon > lsn + 1:
         raise fail("section META has an impossible horizon or timestamp")
-    from_lsn = meta.get("log_from_lsn", 0)
-    if not isinstance(from_lsn, int) or not 0 <= from_lsn <= lsn:
-        raise fail("section META has an impossible log start")
-    if records and records[0].lsn <= from_lsn:
-        raise fail("section TLOG starts before the log start META declares")
     bus = meta.get("bus")
     if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
                                 and isinstance(bus.get("generation"), int)
@@ -577,12 +558,144 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
                           CheckpointBase(base) if base else None, from_lsn, bus)
 
 
-def _record_pages(rec: AnyRecord) -> list[int]:
-    """The page ids a structural record names."""
-    if isinstance(rec, PageCreate):
-        return [rec.first_id + rec.count - 1]
-    return [v for k in ("page_id", "source_id", "parent_id", "child_id")
-            if isinstance(v := getattr(rec, k, None), int)]
+def _records_v1(raw: Any, lsn: int, next_page_id: int, next_delta_id: int,
+                fail: Any) -> list[AnyRecord]:
+    """A version-1 log section: records one by one (:func:`decode_log`), checked."""
+    records = decode_log(raw, fail)
+    if records and records[-1].lsn > lsn:
+        raise fail(f"section TLOG holds LSN {records[-1].lsn}, past the checkpoint LSN {lsn}")
+    for rec in records:
+        if isinstance(rec, Delta):
+            if rec.page_id >= next_page_id or rec.epoch >= MAX_COUNTER:
+                raise fail(f"section TLOG delta at LSN {rec.lsn} names page {rec.page_id} or "
+                           f"epoch {rec.epoch}, out of range")
+        elif max(kind_of(rec).pages(rec), default=0) >= next_page_id:
+            raise fail(f"section TLOG record at LSN {rec.lsn} names a page at or past the "
+                       f"next page id {next_page_id}")
+    max_delta = max((r.id for r in records if isinstance(r, Delta)), default=0)
+    if next_delta_id <= max_delta:
+        raise fail("header next delta id is not above the log's deltas")
+    return records
+
+
+def _records_v2(raw: Any, lsn: int, next_page_id: int, next_delta_id: int,
+                fail: Any) -> ColumnRecords:
+    """A version-2 log section (:func:`decode_columns`), checked and kept as a log:
+    its records view, built from the columns without a Delta object."""
+    cols = decode_columns(raw, fail)
+    why = check_columns(cols, next_page_id)
+    if why is not None:
+        raise fail(f"section TLOG: {why}")
+    top = max(int(cols.lsn[-1]) if len(cols) else 0, cols.structs[-1].lsn if cols.structs else 0)
+    if top > lsn:
+        raise fail(f"section TLOG holds LSN {top}, past the checkpoint LSN {lsn}")
+    for rec in cols.structs:
+        if max(kind_of(rec).pages(rec), default=0) >= next_page_id:
+            raise fail(f"section TLOG record at LSN {rec.lsn} names a page at or past the "
+                       f"next page id {next_page_id}")
+    if len(cols) and next_delta_id <= int(cols.ids.max()):
+        raise fail("header next delta id is not above the log's deltas")
+    return ColumnRecords(cols)
+
+
+_COLS_HEAD = struct.Struct("<QQQQII")
+"""Log section v2 head: rows, structural records, payload bytes, base epochs, sources,
+zero."""
+_ROW_BYTES = 4 * 8 + 4 * 4 + 1
+"""Bytes of columns per row: lsn, id, epoch, ts (i64); page, psize, plen, src (u32); enc
+(u8)."""
+
+
+def encode_columns(log: TransactionLog, start: int) -> Iterator[Any]:
+    """The version-2 log section of ``log``'s records after LSN ``start``, as buffers:
+    the head, the columns, base epochs, sources, structural records (each ``len u32 |
+    body``), then the payloads back to back, passed through from the log's chunks
+    without a copy where rows lie back to back there (see docs/SerializationSpec.md)."""
+    cols = log.columns(start, gather=False)
+    n = len(cols)
+    srcs = b"".join(_U16.pack(len(raw)) + raw for raw in (x.encode("utf-8") for x in cols.sources))
+    structs = [b"".join((_U32.pack(len(body)), body))
+               for body in (encode_record(rec) for rec in cols.structs)]
+    payload_len = int(cols.plen.sum())
+    yield _COLS_HEAD.pack(n, len(cols.structs), payload_len, len(cols.base_rows),
+                          len(cols.sources), 0)
+    for col in (cols.lsn, cols.ids, cols.epoch, cols.ts):
+        yield col.astype("<i8").data
+    for col in (cols.page, cols.psize, cols.plen, cols.src):
+        yield col.astype("<u4").data
+    yield cols.enc.astype("u1").data
+    yield cols.base_rows.astype("<u8").data
+    yield cols.base_epochs.astype("<i8").data
+    yield srcs
+    yield b"".join(structs)
+    yield from log.payload_parts(start)
+
+
+def decode_columns(raw: Any, fail: Any) -> LogColumns:
+    """A version-2 log section back into :class:`LogColumns` (fields are checked by
+    ``check_columns``); every count is checked against the bytes that remain before
+    anything is allocated for it."""
+    buf = memoryview(raw)
+    end = len(buf)
+    if end < _COLS_HEAD.size:
+        raise fail("section TLOG is shorter than its head")
+    n, n_structs, payload_len, n_bases, n_sources, zero = _COLS_HEAD.unpack_from(buf, 0)
+    pos = _COLS_HEAD.size
+    if zero:
+        raise fail("section TLOG head has a nonzero reserved field")
+    need = n * _ROW_BYTES + n_bases * 16 + n_sources * 2 + n_structs * 4 + payload_len
+    if need > end - pos:
+        raise fail(f"section TLOG declares {n} rows, {n_bases} base epochs, {n_sources} sources, "
+                   f"{n_structs} structural records and {payload_len} payload bytes: more "
+                   f"than its {end - pos} bytes")
+
+    def take(dtype: str, count: int) -> np.ndarray:
+        nonlocal pos
+        width = np.dtype(dtype).itemsize
+        out = np.frombuffer(buf, dtype, count, pos)
+        pos += width * count
+        return out
+
+    lsn, ids, epoch, ts = (take("<i8", n).astype(np.int64) for _ in range(4))
+    page, psize, plen, src = (take("<u4", n).astype(np.int64) for _ in range(4))
+    enc = take("u1", n).copy()
+    base_rows = take("<u8", n_bases)
+    if n_bases and int(base_rows.max()) >= n:
+        raise fail("section TLOG base epochs name rows past its rows")
+    base_rows = base_rows.astype(np.int64)
+    base_epochs = take("<i8", n_bases).astype(np.int64)
+    sources: list[str] = []
+    for _ in range(n_sources):
+        if end - pos < 2:
+            raise fail("section TLOG ends inside its sources")
+        (k,) = _U16.unpack_from(buf, pos)
+        pos += 2
+        if end - pos < k:
+            raise fail("section TLOG ends inside its sources")
+        try:
+            sources.append(bytes(buf[pos:pos + k]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise fail("section TLOG has a source name that is not UTF-8") from None
+        pos += k
+    structs: list[AnyRecord] = []
+    for _ in range(n_structs):
+        if end - pos < 4:
+            raise fail("section TLOG ends inside its structural records")
+        (k,) = _U32.unpack_from(buf, pos)
+        pos += 4
+        if k > end - pos:
+            raise fail(f"section TLOG structural record at byte {pos - 4} runs past the end")
+        try:
+            structs.append(decode_record(buf[pos:pos + k], "log record"))
+        except SerializationError as exc:
+            raise fail(f"section TLOG structural record at byte {pos - 4}: {exc.reason}") from None
+        pos += k
+    if end - pos != payload_len:
+        raise fail(f"section TLOG holds {end - pos} payload bytes, not the {payload_len} its "
+                   "head declares")
+    payload = np.frombuffer(buf, np.uint8, payload_len, pos)
+    return LogColumns(lsn, ids, epoch, ts, page, psize, plen, src, enc, sources, base_rows,
+                      base_epochs, payload, structs)
 
 
 def decode_log(raw: bytes, fail: Any) -> list[AnyRecord]:

@@ -25,6 +25,8 @@ from .._core.limits import (
     metadata_bounds_problem,
 )
 from .._core.records import (
+    KIND_CODES,
+    KINDS,
     AnyRecord,
     Compacted,
     EdgeAdd,
@@ -35,6 +37,7 @@ from .._core.records import (
     PageDelete,
     PageMigrate,
     PageResize,
+    bind_codec,
 )
 from ..errors import SerializationError
 
@@ -52,16 +55,17 @@ __all__ = [
 
 MAX_METADATA = MAX_METADATA_BYTES
 
-KIND_DELTA = 1
-KIND_CREATE = 2
-KIND_DELETE = 3
-KIND_RESIZE = 4
-KIND_MIGRATE = 5
-KIND_CLONE = 6
-KIND_METADATA = 7
-KIND_EDGE_ADD = 8
-KIND_EDGE_REMOVE = 9
-KIND_COMPACTED = 10
+# Kind bytes, as the kind table declares them.
+KIND_DELTA = KINDS[Delta].code
+KIND_CREATE = KINDS[PageCreate].code
+KIND_DELETE = KINDS[PageDelete].code
+KIND_RESIZE = KINDS[PageResize].code
+KIND_MIGRATE = KINDS[PageMigrate].code
+KIND_CLONE = KINDS[PageClone].code
+KIND_METADATA = KINDS[MetadataSet].code
+KIND_EDGE_ADD = KINDS[EdgeAdd].code
+KIND_EDGE_REMOVE = KINDS[EdgeRemove].code
+KIND_COMPACTED = KINDS[Compacted].code
 
 ENC_SPARSE_RUNS = 0
 ENC_DENSE_FULL = 1
@@ -153,42 +157,49 @@ def _encode_delta_payload(d: Delta) -> list[Any]:
 
 def record_parts(rec: AnyRecord) -> list[Any]:
     """The body of one record as buffers to write one after another (no joined copy of
-    large payloads)."""
-    if isinstance(rec, Delta):
-        return [_HEAD.pack(KIND_DELTA, rec.lsn, rec.timestamp), *_encode_delta_payload(rec)]
-    return [encode_record(rec)]
+    large payloads), from its kind's encoder.
+
+    Raises:
+        SerializationError: ``rec`` is of no record kind.
+    """
+    kind = KINDS.get(type(rec))
+    if kind is None or kind.encode is None:
+        raise SerializationError(f"cannot encode a {type(rec).__name__}: it is not a record kind")
+    return kind.encode(rec)
 
 
 def encode_record(rec: AnyRecord) -> bytes:
     """The body of one record: ``kind u8 | lsn u64 | timestamp i64 | payload``."""
-    if isinstance(rec, Delta):
-        return b"".join(record_parts(rec))
-    if isinstance(rec, PageCreate):
-        meta = encode_metadata(rec.metadata)
-        body = _CREATE.pack(rec.first_id, rec.count, rec.size, rec.location) + _U32.pack(len(meta)) + meta
-        kind = KIND_CREATE
-    elif isinstance(rec, PageDelete):
-        body, kind = _Q.pack(rec.page_id), KIND_DELETE
-    elif isinstance(rec, PageResize):
-        body, kind = _QQ.pack(rec.page_id, rec.new_size), KIND_RESIZE
-    elif isinstance(rec, PageMigrate):
-        body, kind = _QB.pack(rec.page_id, rec.location), KIND_MIGRATE
-    elif isinstance(rec, PageClone):
-        body, kind = _QQ.pack(rec.page_id, rec.source_id), KIND_CLONE
-    elif isinstance(rec, MetadataSet):
-        meta = encode_metadata(rec.metadata)
-        src = rec.source.encode("utf-8")
-        body = _Q.pack(rec.page_id) + _U16.pack(len(src)) + src + _U32.pack(len(meta)) + meta
-        kind = KIND_METADATA
-    elif isinstance(rec, EdgeAdd):
-        body, kind = _QQB.pack(rec.parent_id, rec.child_id, rec.edge_type), KIND_EDGE_ADD
-    elif isinstance(rec, EdgeRemove):
-        body, kind = _QQ.pack(rec.parent_id, rec.child_id), KIND_EDGE_REMOVE
-    elif isinstance(rec, Compacted):
-        body, kind = _Q.pack(rec.next_id), KIND_COMPACTED
-    else:
-        raise SerializationError(f"cannot encode a {type(rec).__name__}")
-    return _HEAD.pack(kind, rec.lsn, rec.timestamp) + body
+    parts = record_parts(rec)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _head(rec: AnyRecord, code: int) -> bytes:
+    return _HEAD.pack(code, rec.lsn, rec.timestamp)
+
+
+def _encode_delta(rec: Delta) -> list[Any]:
+    return [_head(rec, KIND_DELTA), *_encode_delta_payload(rec)]
+
+
+def _encode_create(rec: PageCreate) -> list[Any]:
+    meta = encode_metadata(rec.metadata)
+    return [_head(rec, KIND_CREATE) + _CREATE.pack(rec.first_id, rec.count, rec.size, rec.location)
+            + _U32.pack(len(meta)) + meta]
+
+
+def _encode_metadata_set(rec: MetadataSet) -> list[Any]:
+    meta = encode_metadata(rec.metadata)
+    src = rec.source.encode("utf-8")
+    return [_head(rec, KIND_METADATA) + _Q.pack(rec.page_id) + _U16.pack(len(src)) + src
+            + _U32.pack(len(meta)) + meta]
+
+
+def _fixed(code: int, st: struct.Struct, *fields: str) -> Any:
+    """The encoder of a kind whose payload is the fixed struct ``st`` of ``fields``."""
+    def encode(rec: AnyRecord) -> list[Any]:
+        return [_head(rec, code) + st.pack(*(getattr(rec, f) for f in fields))]
+    return encode
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -371,68 +382,112 @@ def _fast_create(buf: memoryview) -> PageCreate | None:
 
 
 def decode_record(buf: bytes | memoryview, what: str = "record") -> AnyRecord:
-    """Decode one record body (the inverse of :func:`encode_record`).
+    """Decode one record body (the inverse of :func:`encode_record`), with the decoder
+    of the kind its first byte names.
 
     Raises:
-        SerializationError: anything malformed, with the offset.
+        SerializationError: an unknown kind or anything malformed, with the offset.
     """
     if not isinstance(buf, memoryview):
         buf = memoryview(buf)
-    kind = buf[0] if len(buf) else 0
-    if kind == KIND_DELTA:
-        fast: AnyRecord | None = _fast_delta(buf)
-        if fast is not None:
-            return fast
-    elif kind == KIND_CREATE:
-        fast = _fast_create(buf)
-        if fast is not None:
-            return fast
-    r = _Reader(buf, what)
-    kind, lsn, ts = r.unpack(_HEAD)
-    rec: AnyRecord
-    if kind == KIND_DELTA:
-        return _decode_delta(r, lsn, ts)
-    if kind == KIND_CREATE:
-        first, count, size, loc = r.unpack(_CREATE)
-        _check_page_size(r, size)
-        if first < 1 or count < 1 or first + count - 1 > MAX_PAGE_ID or loc > 2:
-            raise r.fail("page creation with an impossible id, count or location")
-        (n,) = r.unpack(_U32)
-        meta = decode_metadata(r.take(n), f"{what} metadata") if n else None
-        rec = PageCreate(first, count, size, loc, meta or None)
-    elif kind == KIND_DELETE:
-        rec = PageDelete(*r.unpack(_Q))
-    elif kind == KIND_RESIZE:
-        pid, new_size = r.unpack(_QQ)
-        _check_page_size(r, new_size)
-        rec = PageResize(pid, new_size)
-    elif kind == KIND_MIGRATE:
-        pid, loc = r.unpack(_QB)
-        if loc > 2:
-            raise r.fail(f"unknown location {loc}")
-        rec = PageMigrate(pid, loc)
-    elif kind == KIND_CLONE:
-        rec = PageClone(*r.unpack(_QQ))
-    elif kind == KIND_METADATA:
-        (pid,) = r.unpack(_Q)
-        source = r.text()
-        (n,) = r.unpack(_U32)
-        rec = MetadataSet(pid, decode_metadata(r.take(n), f"{what} metadata"), source)
-    elif kind == KIND_EDGE_ADD:
-        parent, child, et = r.unpack(_QQB)
-        if et > 3:
-            raise r.fail(f"unknown edge type {et}")
-        rec = EdgeAdd(parent, child, et)
-    elif kind == KIND_EDGE_REMOVE:
-        rec = EdgeRemove(*r.unpack(_QQ))
-    elif kind == KIND_COMPACTED:
-        rec = Compacted(*r.unpack(_Q))
-    else:
-        raise r.fail(f"unknown record kind {kind}")
+    if not len(buf):
+        raise SerializationError(f"{what}: an empty record body", offset=0)
+    kind = KIND_CODES.get(buf[0])
+    if kind is None or kind.decode is None:
+        raise SerializationError(f"{what}: unknown record kind {buf[0]}", offset=0)
+    rec: AnyRecord = kind.decode(buf, what)
+    return rec
+
+
+def _stamped(rec: AnyRecord, r: _Reader, lsn: int, ts: int) -> AnyRecord:
     r.done()
     rec.lsn = lsn
     rec.timestamp = ts
     return rec
+
+
+def _decode_delta_body(buf: memoryview, what: str) -> Delta:
+    fast = _fast_delta(buf)
+    if fast is not None:
+        return fast
+    r = _Reader(buf, what)
+    _kind, lsn, ts = r.unpack(_HEAD)
+    return _decode_delta(r, lsn, ts)
+
+
+def _decode_create(buf: memoryview, what: str) -> AnyRecord:
+    fast = _fast_create(buf)
+    if fast is not None:
+        return fast
+    r = _Reader(buf, what)
+    _kind, lsn, ts = r.unpack(_HEAD)
+    first, count, size, loc = r.unpack(_CREATE)
+    _check_page_size(r, size)
+    if first < 1 or count < 1 or first + count - 1 > MAX_PAGE_ID or loc > 2:
+        raise r.fail("page creation with an impossible id, count or location")
+    (n,) = r.unpack(_U32)
+    meta = decode_metadata(r.take(n), f"{what} metadata") if n else None
+    return _stamped(PageCreate(first, count, size, loc, meta or None), r, lsn, ts)
+
+
+def _decode_resize(buf: memoryview, what: str) -> AnyRecord:
+    r = _Reader(buf, what)
+    _kind, lsn, ts = r.unpack(_HEAD)
+    pid, new_size = r.unpack(_QQ)
+    _check_page_size(r, new_size)
+    return _stamped(PageResize(pid, new_size), r, lsn, ts)
+
+
+def _decode_migrate(buf: memoryview, what: str) -> AnyRecord:
+    r = _Reader(buf, what)
+    _kind, lsn, ts = r.unpack(_HEAD)
+    pid, loc = r.unpack(_QB)
+    if loc > 2:
+        raise r.fail(f"unknown location {loc}")
+    return _stamped(PageMigrate(pid, loc), r, lsn, ts)
+
+
+def _decode_metadata_set(buf: memoryview, what: str) -> AnyRecord:
+    r = _Reader(buf, what)
+    _kind, lsn, ts = r.unpack(_HEAD)
+    (pid,) = r.unpack(_Q)
+    source = r.text()
+    (n,) = r.unpack(_U32)
+    return _stamped(MetadataSet(pid, decode_metadata(r.take(n), f"{what} metadata"), source),
+                    r, lsn, ts)
+
+
+def _decode_edge_add(buf: memoryview, what: str) -> AnyRecord:
+    r = _Reader(buf, what)
+    _kind, lsn, ts = r.unpack(_HEAD)
+    parent, child, et = r.unpack(_QQB)
+    if et > 3:
+        raise r.fail(f"unknown edge type {et}")
+    return _stamped(EdgeAdd(parent, child, et), r, lsn, ts)
+
+
+def _plain(cls: type, st: struct.Struct) -> Any:
+    """The decoder of a kind whose payload is the fixed struct ``st`` of its fields."""
+    def decode(buf: memoryview, what: str) -> AnyRecord:
+        r = _Reader(buf, what)
+        _kind, lsn, ts = r.unpack(_HEAD)
+        rec: AnyRecord = cls(*r.unpack(st))
+        return _stamped(rec, r, lsn, ts)
+    return decode
+
+
+bind_codec(Delta, _encode_delta, _decode_delta_body)
+bind_codec(PageCreate, _encode_create, _decode_create)
+bind_codec(PageDelete, _fixed(KIND_DELETE, _Q, "page_id"), _plain(PageDelete, _Q))
+bind_codec(PageResize, _fixed(KIND_RESIZE, _QQ, "page_id", "new_size"), _decode_resize)
+bind_codec(PageMigrate, _fixed(KIND_MIGRATE, _QB, "page_id", "location"), _decode_migrate)
+bind_codec(PageClone, _fixed(KIND_CLONE, _QQ, "page_id", "source_id"), _plain(PageClone, _QQ))
+bind_codec(MetadataSet, _encode_metadata_set, _decode_metadata_set)
+bind_codec(EdgeAdd, _fixed(KIND_EDGE_ADD, _QQB, "parent_id", "child_id", "edge_type"),
+           _decode_edge_add)
+bind_codec(EdgeRemove, _fixed(KIND_EDGE_REMOVE, _QQ, "parent_id", "child_id"),
+           _plain(EdgeRemove, _QQ))
+bind_codec(Compacted, _fixed(KIND_COMPACTED, _Q, "next_id"), _plain(Compacted, _Q))
 
 
 # -- standalone deltas -----------------------------------------------------------------

@@ -62,38 +62,57 @@ def append_none(ctx: RunContext) -> CaseOutcome:
     return _append_case(ctx, "none")
 
 
-@case("durable", "recovery_100k", "recover a bus whose log holds 100k records after its checkpoint")
-def recovery_100k(ctx: RunContext) -> CaseOutcome:
+def _recovery_case(ctx: RunContext, name: str, every: int | None) -> CaseOutcome:
+    """Recover a bus of 100 pages after 100k 8-byte writes (ten apply_batch calls),
+    all still in the write-ahead log (``every`` None), or checkpointed every ``every``
+    records so that recovery reads a chain of checkpoints' log sections."""
     import mmsb
 
     n_records = ctx.pick(100_000, 2_000)
-    path = ctx.path("recovery")
-    cfg = ctx.mmsb_config(fsync="none", checkpoint_interval=0)
+    path = ctx.path(name)
+    extra = {} if every is None else {"max_tlog_size": ctx.pick(every, 500)}
+    cfg = ctx.mmsb_config(fsync="none", checkpoint_interval=0, **extra)
     state = mmsb.mmsb_start(enable_gpu=False, config=cfg, path=path)
     pages = [p.id for p in mmsb.create_pages(state, 100, 1024)]
     rng = np.random.default_rng(ctx.seed + 1)
     offsets = rng.integers(0, 1016, n_records).tolist()
     values = rng.integers(1, 256, (n_records, 8), dtype=np.uint8)
     writes = [(pages[i % 100], offsets[i], values[i].tobytes()) for i in range(n_records)]
-    for start in range(0, n_records, 10_000):
-        mmsb.apply_batch(state, writes[start : start + 10_000])
+    step = ctx.pick(10_000, 200)
+    for start in range(0, n_records, step):
+        mmsb.apply_batch(state, writes[start : start + step])
     logged = state.last_lsn
-    # Leave the records in the log, as a crash would: no checkpoint at stop.
+    # Leave what followed the last checkpoint in the log, as a crash would: no
+    # checkpoint at stop.
     assert state.bus is not None
     state.bus.flush()
     state.bus.records_since_ckpt = 0
     mmsb.mmsb_stop(state)
+    checkpoints = len(list((path / "checkpoints").iterdir()))
 
     def batch(_obj: None, n: int) -> None:
         for _ in range(n):
             recovered = mmsb.open_readonly(path, config=cfg)
             expect(recovered.last_lsn == logged, "recovery lost records")
+            expect(len(recovered.log.records) == logged, "recovery lost history")
 
     m = ctx.measure(batch, inner=1, repeats=ctx.pick(5, 2))
     return CaseOutcome(m, {
         "records": n_records,
+        "checkpoints": checkpoints,
         "records_per_s": n_records / (m.stats.median_ns / 1e9),
     })
+
+
+@case("durable", "recovery_100k", "recover a bus whose log holds 100k records after its checkpoint")
+def recovery_100k(ctx: RunContext) -> CaseOutcome:
+    return _recovery_case(ctx, "recovery", None)
+
+
+@case("durable", "recovery_100k_chain",
+      "recover a bus whose 100k records lie in a chain of checkpoints (one per 10k records)")
+def recovery_100k_chain(ctx: RunContext) -> CaseOutcome:
+    return _recovery_case(ctx, "recovery-chain", 10_000)
 
 
 # -- readers in other processes ----------------------------------------------------------
