@@ -69,7 +69,9 @@ class Inspected:
         self.lock = threading.Lock()
         self.src: Source = open_source(self.path)
         self.reader: Any = mmsb.attach(self.path) if self.src.kind == "bus" else None
-        self._graphs: dict[int, dict[str, Any]] = {}
+        self._memo: dict[tuple[Any, ...], Any] = {}
+        """Answers that cost O(log) to build (page table, stats, past graphs), kept
+        until the writer moves on."""
 
     @property
     def is_bus(self) -> bool:
@@ -84,8 +86,19 @@ class Inspected:
         with self.lock:
             if self.reader is not None and self.reader.last_lsn != self.src.state.last_lsn:
                 self.src = open_source(self.path)
-                self._graphs.clear()
+                self._memo.clear()
             return self.src.state
+
+    def _memoized(self, key: tuple[Any, ...], build: Any) -> Any:
+        with self.lock:
+            if key in self._memo:
+                return self._memo[key]
+        value = build()
+        with self.lock:
+            if len(self._memo) > 32:
+                self._memo.clear()
+            self._memo[key] = value
+        return value
 
     # -- summary and timeline -------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -196,7 +209,7 @@ class Inspected:
         state = self.state()
         off = _int_arg("offset", offset, 0)
         lim = _int_arg("limit", limit, 1, MAX_ROWS)
-        rows = page_rows(state)
+        rows = self._memoized(("pages", state.last_lsn), lambda: page_rows(state))
         return {"total": len(rows), "offset": off, "rows": rows[off : off + lim]}
 
     def heat(self, page_id: Any, mode: str = "count") -> dict[str, Any]:
@@ -277,10 +290,10 @@ class Inspected:
         state = self.state()
         at = state.last_lsn if lsn in (None, "") else _int_arg(
             "lsn", lsn, max(0, state.log.horizon_lsn), state.last_lsn)
-        with self.lock:
-            cached = self._graphs.get(at)
-        if cached is not None:
-            return cached
+        return dict(self._memoized(("graph", state.last_lsn, at),
+                                   lambda: self._graph(state, at)))
+
+    def _graph(self, state: mmsb.MMSBState, at: int) -> dict[str, Any]:
         view = state if at == state.last_lsn else mmsb.replay_to_lsn(state, at)
         edges = edge_rows(view)
         ids = sorted({e["parent"] for e in edges} | {e["child"] for e in edges}
@@ -296,22 +309,26 @@ class Inspected:
                           "live": page is not None})
         shown = {n["id"] for n in nodes}
         edges = [e for e in edges if e["parent"] in shown and e["child"] in shown]
-        out = {"lsn": at, "last_lsn": state.last_lsn, "nodes": nodes, "edges": edges,
-               "truncated": len(ids) > MAX_NODES}
-        with self.lock:
-            if len(self._graphs) > 16:
-                self._graphs.clear()
-            self._graphs[at] = out
-        return out
+        return {"lsn": at, "last_lsn": state.last_lsn, "nodes": nodes, "edges": edges,
+                "truncated": len(ids) > MAX_NODES}
 
     def stats(self) -> dict[str, Any]:
         state = self.state()
-        s = dataclasses.asdict(mmsb.get_stats(state))
+        s = self._memoized(("stats", state.last_lsn),
+                           lambda: dataclasses.asdict(mmsb.get_stats(state)))
         hist = {}
         for kind in ("delta_apply", "propagation", "log_append", "checkpoint"):
             hist[kind] = {"count": s.get(f"{kind}_count", 0),
                           **{q: s.get(f"{kind}_{q}_ns", 0) for q in ("p50", "p90", "p99", "max")}}
-        return {"stats": s, "latency": hist}
+        # Payload bytes per retained delta, in power-of-two bins: measured from the log
+        # itself, so it describes the writer's work, unlike the latency counters above.
+        plen = state.log.rows["plen"][: state.log.n].astype(np.int64)
+        top = int(plen.max()).bit_length() if plen.size else 0
+        counts = np.bincount(np.where(plen > 0, np.log2(np.maximum(plen, 1)).astype(np.int64) + 1,
+                                      0), minlength=top + 1)
+        sizes = {"labels": ["0", *(f"{1 << (k - 1)}–{(1 << k) - 1}" for k in range(1, counts.size))],
+                 "counts": counts.tolist()}
+        return {"stats": s, "latency": hist, "delta_payload_bytes": sizes}
 
 
 def error_body(exc: MMSBError) -> dict[str, Any]:

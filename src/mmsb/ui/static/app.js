@@ -280,15 +280,23 @@ function drawGraph(g) {
 async function stats() {
   const s = await api("stats");
   const charts = Object.entries(s.latency).map(([kind, h]) => {
-    const qsn = ["p50", "p90", "p99", "max"], max = Math.max(1, ...qsn.map(q => h[q]));
-    const bars = qsn.map((q, i) => `<rect x="${50 + i * 60}" y="${130 - (h[q] / max) * 110}" width="40" height="${(h[q] / max) * 110}" fill="#2f6fde"><title>${q}: ${h[q]} ns</title></rect>
-      <text x="${70 + i * 60}" y="146" text-anchor="middle">${q}</text><text x="${70 + i * 60}" y="${126 - (h[q] / max) * 110}" text-anchor="middle">${fmtNs(h[q])}</text>`).join("");
-    return `<div><h3>${kind.replace("_", " ")} latency (${h.count} samples)</h3><svg class="lat" width="300" height="150">${bars}</svg></div>`;
+    const title = `<h3>${kind.replace("_", " ")} latency (${h.count} samples)</h3>`;
+    if (!h.count) return `<div>${title}<p class="muted">no samples in this view</p></div>`;
+    return `<div>${title}${barChart(["p50", "p90", "p99", "max"], ["p50", "p90", "p99", "max"].map(q => h[q]), fmtNs)}</div>`;
   }).join("");
+  const sizes = s.delta_payload_bytes;
   view.innerHTML = `<h2>Statistics</h2>
-    <p class="muted">Activity counters describe this read-only view (the writer's own counters live in its process).</p>
-    <div class="cols">${charts}</div>
+    <p class="muted">Latency counters count the work of the process that serves this view (reads), not the writer's;
+      the payload histogram is measured from the log itself.</p>
+    <div class="cols"><div><h3>delta payload bytes (${sizes.counts.reduce((a, b) => a + b, 0)} deltas)</h3>
+      <div id="sizes">${barChart(sizes.labels, sizes.counts, String)}</div></div>${charts}</div>
     <table id="stats">${Object.entries(s.stats).map(([k, v]) => `<tr><th>${esc(k)}</th><td>${esc(v)}</td></tr>`).join("")}</table>`;
+}
+function barChart(labels, values, fmt) {
+  const max = Math.max(1, ...values), w = Math.max(24, Math.min(60, 360 / labels.length));
+  const bars = values.map((v, i) => `<rect x="${10 + i * w}" y="${130 - (v / max) * 110}" width="${w - 6}" height="${(v / max) * 110}" fill="#2f6fde"><title>${esc(labels[i])}: ${esc(fmt(v))}</title></rect>
+    <text x="${10 + i * w + (w - 6) / 2}" y="146" text-anchor="middle">${esc(labels[i])}</text><text x="${10 + i * w + (w - 6) / 2}" y="${126 - (v / max) * 110}" text-anchor="middle">${esc(fmt(v))}</text>`).join("");
+  return `<svg class="chart" width="${20 + labels.length * w}" height="150">${bars}</svg>`;
 }
 function fmtNs(ns) {
   if (!ns) return "0";
