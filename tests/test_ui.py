@@ -165,6 +165,10 @@ def test_stats_latency_series(client: TestClient) -> None:
     ("/api/log?page=abc", 400, "InvalidArgumentError"),
     ("/api/events?since=-4", 400, "InvalidArgumentError"),
     ("/api/nowhere", 404, "NotFound"),
+    ("/api/log?page=99999999999999999999999", 400, "InvalidArgumentError"),
+    ("/api/timeline?hi=99999999999999999999999", 400, "InvalidArgumentError"),
+    ("/api/pages/99999999999999999999999/heat", 400, "InvalidArgumentError"),
+    ("/api/pages/1/version?offset=99999999999999999999999", 400, "InvalidArgumentError"),
 ])
 def test_bad_requests_get_typed_errors_and_change_nothing(client: TestClient, demo_bus: Path,
                                                           url: str, status: int,
@@ -506,5 +510,46 @@ def test_live_view_follows_new_records(tmp_path: Path) -> None:
             rc, _out, err = s.stop()
             assert rc == 0, err
         assert errors == []
+    finally:
+        mmsb.mmsb_stop(state)
+
+
+def test_views_stay_consistent_beside_a_busy_writer(tmp_path: Path) -> None:
+    import threading
+
+    import httpx
+
+    path = tmp_path / "busy"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        ids = [mmsb.create_page(state, 32).id for _ in range(4)]
+        s = Served(path)
+        stop = threading.Event()
+
+        def write() -> None:
+            k = 0
+            while not stop.is_set() and k < 2000:
+                mmsb.write_page(state, ids[k % 4], k % 28, k.to_bytes(4, "little"))
+                k += 1
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            with httpx.Client(base_url=s.url, timeout=20) as c:
+                for k in range(40):
+                    t = c.get("/api/timeline?bins=50")
+                    assert t.status_code == 200, t.text
+                    body = t.json()
+                    # Counts are those of one consistent state: bins add up to its records.
+                    assert sum(map(sum, body["series"].values())) <= body["last_lsn"]
+                    v = c.get(f"/api/pages/{ids[k % 4]}/version")
+                    assert v.status_code == 200, v.text
+                    assert len(bytes.fromhex(v.json()["hex"])) == 32
+                    assert c.get(f"/api/graph?lsn={body['last_lsn']}").status_code == 200
+        finally:
+            stop.set()
+            writer.join()
+            rc, _out, err = s.stop()
+        assert rc == 0, err
     finally:
         mmsb.mmsb_stop(state)

@@ -43,6 +43,8 @@ MAX_NODES = 2000
 """Most graph nodes one graph answer holds."""
 MAX_HEAT = 4096
 """Most heat-map cells (bytes are pooled into cells beyond this)."""
+_INT_MAX = 2**62
+"""Largest integer a query parameter may hold (ids and LSNs fit int64 columns)."""
 STRUCTURAL = "structural"
 """The timeline's name for page creations, deletions, edges and other structure."""
 
@@ -53,8 +55,8 @@ def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
         n = int(str(value), 10)
     except ValueError:
         raise InvalidArgumentError(f"{name} must be an integer, not {str(value)[:40]!r}") from None
-    if n < lo or (hi is not None and n > hi):
-        span = f"{lo} … {hi}" if hi is not None else f">= {lo}"
+    if n < lo or n > (_INT_MAX if hi is None else hi):
+        span = f"{lo} … {_INT_MAX if hi is None else hi}"
         raise InvalidArgumentError(f"{name} must be in {span}, not {n}")
     return n
 
@@ -85,7 +87,11 @@ class Inspected:
         """The open state, reopened first when the writer has published newer records."""
         with self.lock:
             if self.reader is not None and self.reader.last_lsn != self.src.state.last_lsn:
-                self.src = open_source(self.path)
+                try:
+                    self.src = open_source(self.path)
+                except (MMSBError, OSError):
+                    # The writer may have rolled a file between the listing and the read.
+                    self.src = open_source(self.path)
                 self._memo.clear()
             return self.src.state
 
