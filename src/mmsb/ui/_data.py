@@ -21,6 +21,7 @@ import mmsb
 from ..cli.views import (
     Source,
     blame,
+    delta_row,
     edge_rows,
     format_time,
     history_rows,
@@ -198,10 +199,7 @@ class Inspected:
         total = int(picked.size)
         rows = []
         for r in picked[:lim].tolist():
-            d = state.log.delta_at(r)
-            rows.append({"lsn": d.lsn, "time": format_time(d.timestamp), "page": d.page_id,
-                         "base_epoch": d.base_epoch, "epoch": d.epoch, "source": d.source,
-                         "bytes": d.count, "kind": "sparse" if d.is_sparse else "dense"})
+            rows.append(delta_row(state.log.delta_at(r)))
         return {"total": total, "truncated": total > lim, "rows": rows}
 
     # -- pages ----------------------------------------------------------------------
