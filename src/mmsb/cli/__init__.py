@@ -663,6 +663,9 @@ def _attach_optional_commands() -> None:
     from ..bench.command import bench_command
 
     main.add_command(bench_command)
+    from ..ui.command import ui_command
+
+    main.add_command(ui_command)
 
 
 _attach_optional_commands()

@@ -1,0 +1,340 @@
+"""What the inspector's endpoints answer, as plain data (dicts and lists ready for
+JSON): the log aggregated over LSN bins, pages, byte heat maps, page versions, blame,
+the dependency graph now or at an LSN, statistics.
+
+Every answer is bounded: bins, rows, bytes and graph nodes have caps, so a request
+never ships a whole log or a whole large page. Nothing here writes to the bus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import mmsb
+
+from ..cli.views import (
+    Source,
+    blame,
+    delta_row,
+    edge_rows,
+    format_time,
+    history_rows,
+    jsonable,
+    log_summary,
+    open_source,
+    page_rows,
+)
+from ..errors import InvalidArgumentError, MMSBError, PageNotFoundError
+
+__all__ = ["Inspected", "error_body", "MAX_BINS", "MAX_ROWS", "MAX_BYTES", "MAX_NODES", "MAX_HEAT"]
+
+MAX_BINS = 2000
+"""Most LSN bins one timeline answer holds."""
+MAX_ROWS = 500
+"""Most rows (log records, pages, versions) one answer holds."""
+MAX_BYTES = 4096
+"""Most page bytes one version answer holds."""
+MAX_NODES = 2000
+"""Most graph nodes one graph answer holds."""
+MAX_HEAT = 4096
+"""Most heat-map cells (bytes are pooled into cells beyond this)."""
+_INT_MAX = 2**62
+"""Largest integer a query parameter may hold (ids and LSNs fit int64 columns)."""
+STRUCTURAL = "structural"
+"""The timeline's name for page creations, deletions, edges and other structure."""
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """An integer query parameter in ``[lo, hi]``, or InvalidArgumentError."""
+    try:
+        n = int(str(value), 10)
+    except ValueError:
+        raise InvalidArgumentError(f"{name} must be an integer, not {str(value)[:40]!r}") from None
+    if n < lo or n > (_INT_MAX if hi is None else hi):
+        span = f"{lo} … {_INT_MAX if hi is None else hi}"
+        raise InvalidArgumentError(f"{name} must be in {span}, not {n}")
+    return n
+
+
+class Inspected:
+    """The bus directory or checkpoint file the inspector shows, opened read-only and
+    reopened when a live writer has published past what is open (checked through the
+    bus's published LSN, one memory read, not the files)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.lock = threading.Lock()
+        self.src: Source = open_source(self.path)
+        self.reader: Any = mmsb.attach(self.path) if self.src.kind == "bus" else None
+        self._memo: dict[tuple[Any, ...], Any] = {}
+        """Answers that cost O(log) to build (page table, stats, past graphs), kept
+        until the writer moves on."""
+
+    @property
+    def is_bus(self) -> bool:
+        return self.src.kind == "bus"
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def state(self) -> mmsb.MMSBState:
+        """The open state, reopened first when the writer has published newer records."""
+        with self.lock:
+            if self.reader is not None and self.reader.last_lsn != self.src.state.last_lsn:
+                try:
+                    self.src = open_source(self.path)
+                except (MMSBError, OSError):
+                    # The writer may have rolled a file between the listing and the read.
+                    self.src = open_source(self.path)
+                self._memo.clear()
+            return self.src.state
+
+    def _memoized(self, key: tuple[Any, ...], build: Any) -> Any:
+        with self.lock:
+            if key in self._memo:
+                return self._memo[key]
+        value = build()
+        with self.lock:
+            if len(self._memo) > 32:
+                self._memo.clear()
+            self._memo[key] = value
+        return value
+
+    # -- summary and timeline -------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        state = self.state()
+        return {"path": str(self.path), "kind": self.src.kind, "notes": list(self.src.notes),
+                "pages": len(state.pages), "last_lsn": state.last_lsn,
+                "live": self.is_bus, "log": log_summary(state)}
+
+    def _columns(self, state: mmsb.MMSBState) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                         np.ndarray, list[str]]:
+        """LSN, page, timestamp and source index of every retained delta (numpy), and
+        the source names the index refers to (structural records last)."""
+        log = state.log
+        n = log.n
+        rows = log.rows[:n]
+        lsns = log.row_lsns(0, n)
+        names = list(log.sources)
+        src = rows["src"].astype(np.int64)
+        for row, name in log.rare_sources.items():
+            if name not in names:
+                names.append(name)
+            src[row] = names.index(name)
+        return lsns, rows["page"].astype(np.int64), rows["ts"].astype(np.int64), src, names
+
+    def timeline(self, *, lo: Any = None, hi: Any = None, bins: Any = 200, page: Any = None,
+                 source: Any = None) -> dict[str, Any]:
+        """Records per LSN bin and source over ``[lo, hi]``, counted server-side with
+        numpy (O(retained deltas)); structural records form their own series."""
+        state = self.state()
+        last = state.last_lsn
+        first = max(1, state.log.horizon_lsn)
+        lo_n = first if lo in (None, "") else _int_arg("lo", lo, 0)
+        hi_n = last if hi in (None, "") else _int_arg("hi", hi, 0)
+        nb = _int_arg("bins", bins, 1, MAX_BINS)
+        if hi_n < lo_n:
+            raise InvalidArgumentError(f"hi ({hi_n}) must be >= lo ({lo_n})")
+        lsns, pages, ts, src, names = self._columns(state)
+        keep = (lsns >= lo_n) & (lsns <= hi_n)
+        if page not in (None, ""):
+            keep &= pages == _int_arg("page", page, 1)
+        structs = np.frombuffer(state.log.struct_lsn.tobytes(), np.int64) if page in (None, "") \
+            else np.zeros(0, np.int64)
+        structs = structs[(structs >= lo_n) & (structs <= hi_n)]
+        if source not in (None, ""):
+            if source == STRUCTURAL:
+                keep &= False
+            else:
+                keep &= src == (names.index(source) if source in names else -1)
+                structs = structs[:0]
+        span = hi_n - lo_n + 1
+        nb = min(nb, span)
+        edges = lo_n + (np.arange(nb + 1, dtype=np.int64) * span) // nb
+        series: dict[str, list[int]] = {}
+        sel_l, sel_s = lsns[keep], src[keep]
+        for k, name in enumerate(names):
+            mine = sel_l[sel_s == k]
+            if mine.size:
+                counts = np.histogram(mine, bins=edges)[0] if nb > 1 else np.array([mine.size])
+                series[name] = counts.astype(np.int64).tolist()
+        if structs.size:
+            counts = np.histogram(structs, bins=edges)[0] if nb > 1 else np.array([structs.size])
+            series[STRUCTURAL] = counts.astype(np.int64).tolist()
+        # The first delta time in each bin, where a bin has one (for the time axis).
+        sel_t = ts[keep]
+        times: list[str | None] = [None] * nb
+        if sel_l.size:
+            at = np.searchsorted(sel_l, edges[:-1], "left")
+            for k, i in enumerate(at.tolist()):
+                if i < sel_l.size and sel_l[i] < edges[k + 1]:
+                    times[k] = format_time(int(sel_t[i]))
+        return {"lo": lo_n, "hi": hi_n, "first_lsn": first, "last_lsn": last,
+                "edges": edges.tolist(), "series": series, "times": times,
+                "sources": [*names, STRUCTURAL]}
+
+    def log_rows(self, *, lo: Any = None, hi: Any = None, page: Any = None,
+                 source: Any = None, limit: Any = 100) -> dict[str, Any]:
+        """The deltas with LSN in ``[lo, hi]`` (filtered), oldest first, at most
+        ``limit`` (≤ MAX_ROWS); the filter runs on numpy columns, only shown rows are
+        built."""
+        state = self.state()
+        lsns, pages, _ts, src, names = self._columns(state)
+        lo_n = 0 if lo in (None, "") else _int_arg("lo", lo, 0)
+        hi_n = state.last_lsn if hi in (None, "") else _int_arg("hi", hi, 0)
+        lim = _int_arg("limit", limit, 1, MAX_ROWS)
+        keep = (lsns >= lo_n) & (lsns <= hi_n)
+        if page not in (None, ""):
+            keep &= pages == _int_arg("page", page, 1)
+        if source not in (None, ""):
+            keep &= src == (names.index(source) if source in names else -1)
+        picked = np.flatnonzero(keep)
+        total = int(picked.size)
+        rows = []
+        for r in picked[:lim].tolist():
+            rows.append(delta_row(state.log.delta_at(r)))
+        return {"total": total, "truncated": total > lim, "rows": rows}
+
+    # -- pages ----------------------------------------------------------------------
+    def _page(self, state: mmsb.MMSBState, page_id: Any) -> int:
+        pid = _int_arg("page id", page_id, 1)
+        if pid not in state.pages:
+            raise PageNotFoundError(pid, f"{self.path} ({len(state.pages)} live pages)")
+        return pid
+
+    def pages(self, *, offset: Any = 0, limit: Any = 200) -> dict[str, Any]:
+        state = self.state()
+        off = _int_arg("offset", offset, 0)
+        lim = _int_arg("limit", limit, 1, MAX_ROWS)
+        rows = self._memoized(("pages", state.last_lsn), lambda: page_rows(state))
+        return {"total": len(rows), "offset": off, "rows": rows[off : off + lim]}
+
+    def heat(self, page_id: Any, mode: str = "count") -> dict[str, Any]:
+        """Per byte of the page, how often it was written (``count``) or the LSN that
+        wrote it last (``recency``), pooled (max) into at most MAX_HEAT cells. One numpy
+        assignment per retained delta of the page."""
+        if mode not in ("count", "recency"):
+            raise InvalidArgumentError(f"mode must be 'count' or 'recency', not {mode[:40]!r}")
+        state = self.state()
+        pid = self._page(state, page_id)
+        size = state.pages[pid].size
+        out = np.zeros(size, np.int64)
+        for d in mmsb.get_deltas_for_page(state, pid):
+            idx = d.indices
+            idx = idx[idx < size]
+            if mode == "count":
+                out[idx] += 1
+            else:
+                out[idx] = d.lsn
+        cell = max(1, -(-size // MAX_HEAT))
+        ncell = -(-size // cell)
+        padded = np.zeros(ncell * cell, np.int64)
+        padded[:size] = out
+        cells = padded.reshape(ncell, cell).max(axis=1)
+        return {"page": pid, "size": size, "mode": mode, "cell_bytes": cell,
+                "cells": cells.tolist(), "max": int(cells.max()) if ncell else 0}
+
+    def history(self, page_id: Any) -> dict[str, Any]:
+        """The page's retained versions (newest MAX_ROWS), with LSN, time, source and
+        changed ranges."""
+        state = self.state()
+        pid = self._page(state, page_id)
+        rows = history_rows(state, pid)
+        return {"page": pid, "total": len(rows), "rows": jsonable(rows[-MAX_ROWS:])}
+
+    def version(self, page_id: Any, *, lsn: Any = None, offset: Any = 0,
+                length: Any = 512) -> dict[str, Any]:
+        """The page's bytes right after ``lsn`` (now by default) in ``[offset,
+        offset + length)``, and which of them that LSN's delta changed (against the
+        page's previous version)."""
+        state = self.state()
+        pid = self._page(state, page_id)
+        at = state.last_lsn if lsn in (None, "") else _int_arg("lsn", lsn, 1, state.last_lsn)
+        off = _int_arg("offset", offset, 0)
+        n = _int_arg("length", length, 1, MAX_BYTES)
+        data = np.frombuffer(mmsb.read_page_at(state, pid, lsn=at), np.uint8)
+        lsns = [d.lsn for d in mmsb.get_deltas_for_page(state, pid)]
+        upto = [x for x in lsns if x <= at]
+        prev = upto[-2] if len(upto) >= 2 else None
+        this = upto[-1] if upto else None
+        changed = np.zeros(data.size, bool)
+        if this is not None:
+            if prev is None:
+                changed = data != 0
+            else:
+                before = np.frombuffer(mmsb.read_page_at(state, pid, lsn=prev), np.uint8)
+                m = min(before.size, data.size)
+                changed[:m] = data[:m] != before[:m]
+                changed[m:] = True
+        window = data[off : off + n]
+        marks = np.flatnonzero(changed[off : off + n])
+        return {"page": pid, "lsn": at, "version_lsn": this, "previous_lsn": prev,
+                "size": int(data.size), "offset": off, "hex": window.tobytes().hex(),
+                "changed": marks.tolist(), "versions": lsns[-MAX_ROWS:]}
+
+    def blame(self, page_id: Any) -> dict[str, Any]:
+        state = self.state()
+        pid = self._page(state, page_id)
+        out = blame(state, pid)
+        out["truncated"] = len(out["ranges"]) > MAX_ROWS
+        out["ranges"] = jsonable(out["ranges"][:MAX_ROWS])
+        return out
+
+    # -- graph and stats ------------------------------------------------------------
+    def graph(self, lsn: Any = None) -> dict[str, Any]:
+        """Pages with their edges, types and stale / invalidated flags, now or right
+        after ``lsn`` (a replay of the log to that LSN, kept per LSN)."""
+        state = self.state()
+        at = state.last_lsn if lsn in (None, "") else _int_arg(
+            "lsn", lsn, max(0, state.log.horizon_lsn), state.last_lsn)
+        return dict(self._memoized(("graph", state.last_lsn, at),
+                                   lambda: self._graph(state, at)))
+
+    def _graph(self, state: mmsb.MMSBState, at: int) -> dict[str, Any]:
+        view = state if at == state.last_lsn else mmsb.replay_to_lsn(state, at)
+        edges = edge_rows(view)
+        ids = sorted({e["parent"] for e in edges} | {e["child"] for e in edges}
+                     | set(list(view.pages)[:MAX_NODES]))
+        nodes = []
+        for pid in ids[:MAX_NODES]:
+            page = view.pages.get(pid)
+            meta = dict(page.metadata) if page is not None else {}
+            nodes.append({"id": pid, "epoch": page.epoch if page is not None else None,
+                          "name": str(meta.get("name", "")),
+                          "stale": bool(meta.get("stale", False)),
+                          "invalidated": meta.get("ir_valid", True) is False,
+                          "live": page is not None})
+        shown = {n["id"] for n in nodes}
+        edges = [e for e in edges if e["parent"] in shown and e["child"] in shown]
+        return {"lsn": at, "last_lsn": state.last_lsn, "nodes": nodes, "edges": edges,
+                "truncated": len(ids) > MAX_NODES}
+
+    def stats(self) -> dict[str, Any]:
+        state = self.state()
+        s = self._memoized(("stats", state.last_lsn),
+                           lambda: dataclasses.asdict(mmsb.get_stats(state)))
+        hist = {}
+        for kind in ("delta_apply", "propagation", "log_append", "checkpoint"):
+            hist[kind] = {"count": s.get(f"{kind}_count", 0),
+                          **{q: s.get(f"{kind}_{q}_ns", 0) for q in ("p50", "p90", "p99", "max")}}
+        # Payload bytes per retained delta, in power-of-two bins: measured from the log
+        # itself, so it describes the writer's work, unlike the latency counters above.
+        plen = state.log.rows["plen"][: state.log.n].astype(np.int64)
+        top = int(plen.max()).bit_length() if plen.size else 0
+        counts = np.bincount(np.where(plen > 0, np.log2(np.maximum(plen, 1)).astype(np.int64) + 1,
+                                      0), minlength=top + 1)
+        sizes = {"labels": ["0", *(f"{1 << (k - 1)}–{(1 << k) - 1}" for k in range(1, counts.size))],
+                 "counts": counts.tolist()}
+        return {"stats": s, "latency": hist, "delta_payload_bytes": sizes}
+
+
+def error_body(exc: MMSBError) -> dict[str, Any]:
+    """The typed JSON error every endpoint answers a refused request with."""
+    return {"error": {"type": type(exc).__name__, "message": " ".join(str(exc).split())}}

@@ -1,0 +1,555 @@
+"""The ``mmsb ui`` inspector: its JSON endpoints driven directly, the command as a user
+runs it (a subprocess beside a live writer), and every view in a headless Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+import mmsb
+from mmsb.cli.demo import run_demo
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from mmsb.ui._app import create_app  # noqa: E402
+from mmsb.ui._data import MAX_BINS, MAX_BYTES, Inspected  # noqa: E402
+
+ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1"}
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _files_digest(path: Path) -> dict[str, str]:
+    """Name → SHA-256 of every file of a bus directory (to show nothing was written)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_bus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ui") / "bus"
+    run_demo(path, Console(file=io.StringIO()))
+    return path
+
+
+@pytest.fixture
+def client(demo_bus: Path) -> Iterator[TestClient]:
+    inspected = Inspected(demo_bus)
+    try:
+        yield TestClient(create_app(inspected, lambda: {"testserver"}))
+    finally:
+        inspected.close()
+
+
+def get(client: TestClient, url: str, status: int = 200) -> Any:
+    r = client.get(url)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+# -- endpoints ----------------------------------------------------------------------------
+
+def test_summary_and_timeline_count_every_record(client: TestClient, demo_bus: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    s = get(client, "/api/summary")
+    assert (s["kind"], s["last_lsn"], s["pages"]) == ("bus", state.last_lsn, len(state.pages))
+    t = get(client, "/api/timeline?bins=4")
+    assert len(t["edges"]) == 5 and t["edges"][0] == 1 and t["edges"][-1] == state.last_lsn + 1
+    total = sum(sum(v) for v in t["series"].values())
+    assert total == len(state.log.records)
+    deltas = mmsb.query_log(state)
+    for source in {d.source for d in deltas}:
+        assert sum(t["series"][source]) == sum(d.source == source for d in deltas)
+    only = get(client, "/api/timeline?bins=4&page=1")
+    assert sum(map(sum, only["series"].values())) == len(mmsb.get_deltas_for_page(state, 1))
+    prop = get(client, "/api/timeline?source=propagation")
+    assert set(prop["series"]) == {"propagation"}
+    zoom = get(client, f"/api/timeline?lo=6&hi={state.last_lsn}&bins=1000")
+    assert len(zoom["edges"]) - 1 == state.last_lsn - 6 + 1  # one bin per LSN at most
+
+
+def test_log_rows_filter_and_bound(client: TestClient, demo_bus: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    rows = get(client, "/api/log")["rows"]
+    assert [r["lsn"] for r in rows] == [d.lsn for d in mmsb.query_log(state)]
+    page2 = get(client, "/api/log?page=2&limit=2")
+    assert page2["total"] == len(mmsb.get_deltas_for_page(state, 2)) and len(page2["rows"]) == 2
+    assert page2["truncated"] and all(r["page"] == 2 for r in page2["rows"])
+    lsn = rows[1]["lsn"]
+    assert [r["lsn"] for r in get(client, f"/api/log?lo={lsn}&hi={lsn}")["rows"]] == [lsn]
+    get(client, "/api/log?limit=100000", 400)
+
+
+def test_pages_heat_history_version_blame(client: TestClient, demo_bus: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    pages = get(client, "/api/pages")
+    assert [r["id"] for r in pages["rows"]] == list(state.pages)
+    deltas = mmsb.get_deltas_for_page(state, 1)
+    count = np.zeros(state.pages[1].size, np.int64)
+    last = np.zeros(state.pages[1].size, np.int64)
+    for d in deltas:
+        count[d.indices] += 1
+        last[d.indices] = d.lsn
+    assert get(client, "/api/pages/1/heat")["cells"] == count.tolist()
+    assert get(client, "/api/pages/1/heat?mode=recency")["cells"] == last.tolist()
+    hist = get(client, "/api/pages/1/history")
+    assert [r["lsn"] for r in hist["rows"]] == [d.lsn for d in deltas]
+    now = get(client, "/api/pages/1/version")
+    assert bytes.fromhex(now["hex"]) == mmsb.query_page(state, 1)
+    assert now["versions"] == [d.lsn for d in deltas]
+    for k, d in enumerate(deltas):
+        v = get(client, f"/api/pages/1/version?lsn={d.lsn}")
+        assert bytes.fromhex(v["hex"]) == mmsb.read_page_at(state, 1, lsn=d.lsn)
+        assert v["version_lsn"] == d.lsn
+        before = mmsb.read_page_at(state, 1, lsn=deltas[k - 1].lsn) if k else bytes(d.page_size)
+        after = mmsb.read_page_at(state, 1, lsn=d.lsn)
+        assert v["changed"] == [i for i in range(len(after)) if after[i] != before[i]]
+    window = get(client, "/api/pages/2/version?offset=4&length=8")
+    assert bytes.fromhex(window["hex"]) == mmsb.query_page(state, 2)[4:12]
+    b = get(client, "/api/pages/2/blame")
+    assert b["ranges"][0]["start"] == 0 and b["ranges"][-1]["stop"] == state.pages[2].size
+    assert any(r.get("source") == "propagation" for r in b["ranges"])
+
+
+def test_graph_now_and_at_an_lsn(client: TestClient, demo_bus: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    g = get(client, "/api/graph")
+    assert {(e["parent"], e["child"], e["type"]) for e in g["edges"]} == {
+        (p, c, mmsb.EdgeType(t).name) for p, c, t in state.graph.edges()}
+    stale_now = {n["id"] for n in g["nodes"] if n["stale"]}
+    assert stale_now == {pid for pid, p in state.pages.items() if p.metadata.get("stale")}
+    assert stale_now  # the demo's CONTROL child is marked stale by a write
+    first = min(d.lsn for d in mmsb.query_log(state))
+    early = get(client, f"/api/graph?lsn={first - 1}")
+    assert early["lsn"] == first - 1 and not any(n["stale"] for n in early["nodes"])
+
+
+def test_stats_latency_series(client: TestClient) -> None:
+    s = get(client, "/api/stats")
+    assert s["stats"]["total_pages"] == 3
+    assert set(s["latency"]) == {"delta_apply", "propagation", "log_append", "checkpoint"}
+    assert set(s["latency"]["delta_apply"]) == {"count", "p50", "p90", "p99", "max"}
+    sizes = s["delta_payload_bytes"]
+    assert len(sizes["labels"]) == len(sizes["counts"])
+    assert sum(sizes["counts"]) == s["stats"]["total_deltas"]
+
+
+@pytest.mark.parametrize(("url", "status", "kind"), [
+    ("/api/pages/99/blame", 404, "PageNotFoundError"),
+    ("/api/pages/99/heat", 404, "PageNotFoundError"),
+    ("/api/pages/x/version", 400, "InvalidArgumentError"),
+    ("/api/pages/0/history", 400, "InvalidArgumentError"),
+    ("/api/pages/1/version?lsn=999999", 400, "InvalidArgumentError"),
+    ("/api/pages/1/version?lsn=-1", 400, "InvalidArgumentError"),
+    ("/api/pages/1/version?length=1000000", 400, "InvalidArgumentError"),
+    ("/api/pages/1/heat?mode=loud", 400, "InvalidArgumentError"),
+    ("/api/graph?lsn=999999", 400, "InvalidArgumentError"),
+    ("/api/graph?lsn=1e3", 400, "InvalidArgumentError"),
+    ("/api/timeline?bins=0", 400, "InvalidArgumentError"),
+    ("/api/timeline?lo=9&hi=3", 400, "InvalidArgumentError"),
+    ("/api/log?page=abc", 400, "InvalidArgumentError"),
+    ("/api/events?since=-4", 400, "InvalidArgumentError"),
+    ("/api/nowhere", 404, "NotFound"),
+    ("/api/log?page=99999999999999999999999", 400, "InvalidArgumentError"),
+    ("/api/timeline?hi=99999999999999999999999", 400, "InvalidArgumentError"),
+    ("/api/pages/99999999999999999999999/heat", 400, "InvalidArgumentError"),
+    ("/api/pages/1/version?offset=99999999999999999999999", 400, "InvalidArgumentError"),
+])
+def test_bad_requests_get_typed_errors_and_change_nothing(client: TestClient, demo_bus: Path,
+                                                          url: str, status: int,
+                                                          kind: str) -> None:
+    before = _files_digest(demo_bus)
+    body = get(client, url, status)
+    assert body["error"]["type"] == kind and body["error"]["message"]
+    assert _files_digest(demo_bus) == before
+
+
+def test_host_and_method_guard(client: TestClient, demo_bus: Path) -> None:
+    before = _files_digest(demo_bus)
+    r = client.get("/api/summary", headers={"host": "attacker.example"})
+    assert r.status_code == 421 and r.json()["error"]["type"] == "HostNotAllowed"
+    r = client.get("/", headers={"host": "127.0.0.1.attacker.example"})
+    assert r.status_code == 421
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        r = client.request(method, "/api/pages/1/version")
+        assert r.status_code == 405 and r.json()["error"]["type"] == "ReadOnly"
+    assert _files_digest(demo_bus) == before
+
+
+def test_static_front_end_is_served(client: TestClient) -> None:
+    html = client.get("/").text
+    assert "<script src=\"/app.js\">" in html and "cdn" not in html.lower()
+    js = client.get("/app.js")
+    assert js.status_code == 200 and "EventSource" in js.text
+    assert "http" not in re.sub(r"//.*", "", js.text)  # nothing fetched from elsewhere
+
+
+def test_checkpoint_file(tmp_path: Path) -> None:
+    state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+    p = mmsb.create_page(state, 8)
+    mmsb.write_page(state, p.id, 2, b"\x01\x02", source="batch")
+    ck = tmp_path / "state.ckpt"
+    mmsb.checkpoint_log(state, ck)
+    inspected = Inspected(ck)
+    try:
+        c = TestClient(create_app(inspected, lambda: {"testserver"}))
+        s = get(c, "/api/summary")
+        assert (s["kind"], s["live"]) == ("checkpoint", False)
+        assert sum(get(c, "/api/timeline?source=batch")["series"]["batch"]) == 1
+        assert get(c, "/api/pages/1/version")["changed"] == [2, 3]
+        assert get(c, "/api/events", 404)["error"]["type"] == "NotLive"
+    finally:
+        inspected.close()
+
+
+def test_timeline_is_aggregated_on_a_large_log(tmp_path: Path) -> None:
+    state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=10**7))
+    ids = [p.id for p in mmsb.create_pages(state, 64, 64)]
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        mmsb.apply_batch(state, [(int(ids[k]), int(o), b"\x01\x02")
+                                 for k, o in zip(rng.integers(0, 64, 5000),
+                                                 rng.integers(0, 62, 5000), strict=True)])
+    ck = tmp_path / "big.ckpt"
+    mmsb.checkpoint_log(state, ck)
+    inspected = Inspected(ck)
+    try:
+        c = TestClient(create_app(inspected, lambda: {"testserver"}))
+        r = c.get(f"/api/timeline?bins={MAX_BINS}")
+        t = r.json()
+        assert sum(map(sum, t["series"].values())) == len(state.log.records)
+        assert len(t["edges"]) == MAX_BINS + 1 and len(r.content) < 200_000
+        log = get(c, "/api/log?limit=500")
+        assert log["total"] == len(state.tlog) and len(log["rows"]) == 500
+        assert len(bytes.fromhex(get(c, "/api/pages/1/version?length=4096")["hex"])) == 64
+        assert MAX_BYTES == 4096
+    finally:
+        inspected.close()
+
+
+# -- the command ---------------------------------------------------------------------------
+
+class Served:
+    """``mmsb ui PATH`` in a subprocess; ``url`` is what it printed."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmsb", "ui", str(path)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=ENV)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+        if not m:
+            self.proc.kill()
+            raise AssertionError(f"no URL printed: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.url = m.group(1)
+
+    def stop(self) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=20)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture
+def served(demo_bus: Path) -> Iterator[Served]:
+    s = Served(demo_bus)
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def test_command_serves_read_only_and_stops_cleanly(served: Served, demo_bus: Path) -> None:
+    import httpx
+
+    before = _files_digest(demo_bus)
+    r = httpx.get(served.url + "api/summary", timeout=10)
+    assert r.status_code == 200 and r.json()["kind"] == "bus"
+    port = served.url.rsplit(":", 1)[1].rstrip("/")
+    assert httpx.get(f"http://localhost:{port}/api/summary", timeout=10).status_code == 200
+    assert httpx.get(served.url + "api/summary", headers={"host": f"evil.example:{port}"},
+                     timeout=10).status_code == 421
+    rc, out, err = served.stop()
+    assert rc == 0 and "stopped" in out and "Traceback" not in err
+    assert _files_digest(demo_bus) == before
+
+
+def test_command_without_the_extra_is_one_line(demo_bus: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "starlette"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('missing (test)')\n")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path),
+                                                              ENV.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "mmsb", "ui", str(demo_bus)],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "pip install 'mmsb[ui]'" in r.stderr
+    assert r.stderr.startswith("mmsb: error: ")
+    ok = subprocess.run([sys.executable, "-m", "mmsb", "log", str(demo_bus)],
+                        capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0  # the other commands work without it
+
+
+def test_command_refuses_a_directory_that_is_not_a_bus(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "mmsb", "ui", str(tmp_path)],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 2 and "not an MMSB bus" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_live_feed_follows_a_writer(tmp_path: Path) -> None:
+    import httpx
+
+    path = tmp_path / "live"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        page = mmsb.create_page(state, 16)
+        s = Served(path)
+        try:
+            since = state.last_lsn
+            with httpx.stream("GET", s.url + f"api/events?since={since}", timeout=20) as r:
+                assert r.status_code == 200
+                mmsb.write_page(state, page.id, 0, b"hello")
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        ev = json.loads(line[6:])
+                        break
+            assert (ev["lsn"], ev["page"], ev["type"]) == (state.last_lsn, page.id, "PAGE_CHANGED")
+            # The views follow too: the server reopens when the writer has moved on.
+            v = httpx.get(s.url + f"api/pages/{page.id}/version", timeout=10).json()
+            assert bytes.fromhex(v["hex"]).startswith(b"hello") and v["changed"] == [0, 1, 2, 3, 4]
+        finally:
+            rc, _out, err = s.stop()
+            assert rc == 0, err
+    finally:
+        mmsb.mmsb_stop(state)
+
+
+# -- the browser ---------------------------------------------------------------------------
+
+def _browser() -> Any:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium executable at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    return sync_api
+
+
+@pytest.fixture
+def browser_page(served: Served) -> Iterator[tuple[Any, list[str]]]:
+    sync_api = _browser()
+    errors: list[str] = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.set_default_timeout(10_000)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def _shots() -> Path:
+    return Path(os.environ.get("MMSB_UI_SCREENSHOTS", "")) if os.environ.get(
+        "MMSB_UI_SCREENSHOTS") else Path()
+
+
+def _rendered(page: Any) -> None:
+    """Wait until the view on screen is the one of the current address."""
+    page.wait_for_function("document.getElementById('view').dataset.done === location.hash")
+
+
+def test_every_view_in_a_browser(browser_page: tuple[Any, list[str]], served: Served,
+                                 demo_bus: Path, tmp_path: Path) -> None:
+    page, errors = browser_page
+    shots = _shots() if os.environ.get("MMSB_UI_SCREENSHOTS") else tmp_path
+    state = mmsb.open_readonly(demo_bus)
+    deltas = mmsb.query_log(state)
+
+    page.goto(served.url + "#/timeline")
+    page.wait_for_selector("#log tr td")
+    assert page.locator("#chart rect.bar").count() > 0
+    lsns = page.locator("#log a.lsnlink").all_inner_texts()
+    assert lsns == [str(d.lsn) for d in deltas]
+    assert f"last LSN {state.last_lsn}" in page.inner_text("#where")
+    page.screenshot(path=str(shots / "timeline.png"))
+
+    page.goto(served.url + "#/pages")
+    page.wait_for_selector("#heat div")
+    ids = page.locator("#pages a.pagelink").all_inner_texts()
+    assert ids == [str(i) for i in state.pages]
+    assert page.locator("#heat div").count() == state.pages[1].size
+    assert "sensor.raw" in page.inner_text("#pages")
+    page.screenshot(path=str(shots / "pages.png"))
+
+    # Click a page id: its history, newest version, bytes on screen.
+    page.locator("#pages a.pagelink", has_text="2").first.click()
+    page.wait_for_selector("#hex")
+    assert page.url.endswith("#/page/2")
+    data = mmsb.query_page(state, 2)
+    assert data[:16].hex(" ") in page.inner_text("#hex").replace("\n", " ")
+    assert "propagation" in page.inner_text("#blame")
+    page.screenshot(path=str(shots / "page-history.png"))
+
+    # Step to the older version: the bytes of read_page_at at that LSN.
+    versions = [d.lsn for d in mmsb.get_deltas_for_page(state, 2)]
+    page.click("#prev")
+    page.wait_for_function(f"document.getElementById('vlsn').textContent === '{versions[-2]}'")
+    older = mmsb.read_page_at(state, 2, lsn=versions[-2])
+    assert older[:16].hex(" ") in page.inner_text("#hex").replace("\n", " ")
+    assert page.locator("#hex b").count() > 0  # changed bytes highlighted
+
+    page.goto(served.url + "#/graph")
+    page.wait_for_selector("#graph circle.node")
+    assert sorted(page.locator("#graph circle.node").evaluate_all(
+        "ns => ns.map(n => Number(n.dataset.id))")) == sorted(state.pages)
+    assert "(stale)" in (page.text_content("#graph") or "")
+    page.screenshot(path=str(shots / "graph.png"))
+    page.fill("#g-lsn-n", str(deltas[0].lsn - 1))
+    page.click("#g-go")
+    page.wait_for_function(f"location.hash === '#/graph?lsn={deltas[0].lsn - 1}'")
+    page.wait_for_selector(f"h2:has-text('LSN {deltas[0].lsn - 1}')")
+    assert "(stale)" not in (page.text_content("#graph") or "")
+    page.locator("#graph a").first.click()
+    page.wait_for_selector("#hex")
+
+    page.goto(served.url + "#/stats")
+    page.wait_for_selector("#stats")
+    assert page.locator("#sizes rect").count() > 0
+    assert "total_pages" in page.inner_text("#stats")
+    page.screenshot(path=str(shots / "stats.png"))
+
+    # A bad page id in the address bar: the typed error on screen, not a broken page.
+    page.goto(served.url + "#/page/99")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "PageNotFoundError" in page.inner_text("#error")
+    errors = [e for e in errors if "404" not in e]  # the refused request itself
+    assert errors == []
+    assert all((shots / f"{n}.png").stat().st_size > 0
+               for n in ("timeline", "pages", "page-history", "graph", "stats"))
+
+
+def test_timeline_zoom_and_click_through(browser_page: tuple[Any, list[str]],
+                                         served: Served, demo_bus: Path) -> None:
+    page, errors = browser_page
+    state = mmsb.open_readonly(demo_bus)
+    page.goto(served.url + "#/timeline")
+    page.wait_for_selector("#chart rect.bar")
+    box = page.locator("#chart").bounding_box()
+    y = box["y"] + 100
+    page.mouse.move(box["x"] + 500, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 950, y)
+    page.mouse.up()
+    page.wait_for_function("location.hash.includes('lo=')")
+    page.wait_for_selector("#zoom-out:not([disabled])")
+    page.select_option("#f-source", "propagation")
+    page.click("#f-apply")
+    page.wait_for_function("location.hash.includes('source=propagation')")
+    _rendered(page)
+    shown = page.locator("#log tr td:nth-child(5)").all_inner_texts()
+    assert shown and set(shown) == {"propagation"}
+    first = page.locator("#log a.lsnlink").first
+    lsn = first.inner_text()
+    first.click()
+    page.wait_for_selector("#vlsn")
+    assert page.inner_text("#vlsn") == lsn
+    d = next(d for d in mmsb.query_log(state) if str(d.lsn) == lsn)
+    assert page.url.endswith(f"#/page/{d.page_id}?lsn={lsn}")
+    assert errors == []
+
+
+def test_live_view_follows_new_records(tmp_path: Path) -> None:
+    sync_api = _browser()
+    path = tmp_path / "live"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        page_id = mmsb.create_page(state, 16).id
+        s = Served(path)
+        errors: list[str] = []
+        try:
+            with sync_api.sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking"])
+                try:
+                    page = browser.new_page()
+                    page.set_default_timeout(10_000)
+                    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                    page.goto(s.url + f"#/page/{page_id}")
+                    page.wait_for_selector("#live.on")
+                    mmsb.write_page(state, page_id, 0, b"ABCD")
+                    lsn = state.last_lsn
+                    page.wait_for_function(
+                        f"document.getElementById('live').textContent.includes('LSN {lsn}')")
+                    page.wait_for_function(
+                        f"document.getElementById('vlsn').textContent === '{lsn}'")
+                    assert "ABCD" in page.inner_text("#hex")
+                finally:
+                    browser.close()
+        finally:
+            rc, _out, err = s.stop()
+            assert rc == 0, err
+        assert errors == []
+    finally:
+        mmsb.mmsb_stop(state)
+
+
+def test_views_stay_consistent_beside_a_busy_writer(tmp_path: Path) -> None:
+    import threading
+
+    import httpx
+
+    path = tmp_path / "busy"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        ids = [mmsb.create_page(state, 32).id for _ in range(4)]
+        s = Served(path)
+        stop = threading.Event()
+
+        def write() -> None:
+            k = 0
+            while not stop.is_set() and k < 2000:
+                mmsb.write_page(state, ids[k % 4], k % 28, k.to_bytes(4, "little"))
+                k += 1
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            with httpx.Client(base_url=s.url, timeout=20) as c:
+                for k in range(40):
+                    t = c.get("/api/timeline?bins=50")
+                    assert t.status_code == 200, t.text
+                    body = t.json()
+                    # Counts are those of one consistent state: bins add up to its records.
+                    assert sum(map(sum, body["series"].values())) <= body["last_lsn"]
+                    v = c.get(f"/api/pages/{ids[k % 4]}/version")
+                    assert v.status_code == 200, v.text
+                    assert len(bytes.fromhex(v.json()["hex"])) == 32
+                    assert c.get(f"/api/graph?lsn={body['last_lsn']}").status_code == 200
+        finally:
+            stop.set()
+            writer.join()
+            rc, _out, err = s.stop()
+        assert rc == 0, err
+    finally:
+        mmsb.mmsb_stop(state)
