@@ -38,9 +38,15 @@ def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
     loaded from the cache, without running it). Calling it skips numba's per-call
     choice of a compiled version (about 0.3 µs for a kernel of 15 arguments); only for
     call sites whose arguments always have exactly those types."""
-    sig = tuple(numba.typeof(a) for a in args)
-    kernel.compile(sig)
-    return kernel.overloads[sig].entry_point
+    try:
+        sig = tuple(numba.typeof(a) for a in args)
+        kernel.compile(sig)
+        entry: Callable[..., Any] = kernel.overloads[sig].entry_point
+    except (AttributeError, KeyError, TypeError, ValueError, numba.core.errors.NumbaError):
+        # No compiled version to call directly (numba's JIT turned off, or an
+        # unexpected type): the kernel itself, with its dispatch.
+        return kernel
+    return entry
 
 
 @njit(cache=True, nogil=True)
