@@ -34,6 +34,7 @@ def _busy() -> MMSBState:
     mmsb.route_delta(s, d)
     mmsb.write_page(s, big.id, 0, b"\x01\x00\x01")  # positions, not one run
     mmsb.write_page(s, big.id, 69_990, b"\x07\x00\x00\x07")
+    mmsb.write_page(s, big.id, 100, b"abc")  # a run with a u32 start
     mmsb.resize_page(s, b.id, 100)
     mmsb.clone_page(s, a.id)
     mmsb.add_dependency(s, a.id, b.id)
@@ -136,7 +137,7 @@ def test_check_columns_refuses_what_the_log_could_not_hold() -> None:
     nxt = s.table.next_id
     assert check_columns(cols, nxt) is None
     enc = cols.enc.tolist()
-    run = enc.index(0)
+    run, run16 = enc.index(0), enc.index(6)
     pos16, pos32, exact = enc.index(1), enc.index(2), enc.index(4)
     off = np.concatenate(([0], np.cumsum(cols.plen)))
     payload = cols.payload
@@ -154,9 +155,11 @@ def test_check_columns_refuses_what_the_log_could_not_hold() -> None:
         "LSN repeated": _field(cols, lsn=_set(cols.lsn, 1, cols.lsn[0])),
         "time backwards": _field(cols, ts=_set(cols.ts, 1, cols.ts[0] - 1)),
         "unknown source": _field(cols, src=_set(cols.src, 0, len(cols.sources))),
-        "unknown encoding": _field(cols, enc=_set(cols.enc, 0, 6)),
+        "unknown encoding": _field(cols, enc=_set(cols.enc, 0, 7)),
         "payload short": _field(cols, payload=payload[:-1]),
         "run past the page": with_payload(run, 3, 0x7F),
+        "u16 run past the page": with_payload(run16, 1, 0xFF),
+        "u16 run on a page past 64 KiB": _field(cols, enc=_set(cols.enc, run, 6)),
         "u16 positions unsorted": with_payload(pos16, 1, 0xFF),
         "u32 position past the page": with_payload(pos32, 3, 0x7F),
         "dense length": _field(cols, plen=_set(cols.plen, exact, cols.plen[exact] - 1)),

@@ -303,3 +303,11 @@ def test_writes_of_every_data_type_log_the_same_deltas(writes: list[Any]) -> Non
     assert _pages(a) == _pages(b)
     assert _records(a) == _records(b)
     assert mmsb.verify_state_consistency(a)
+
+
+def test_hot_objects_keep_to_cpythons_fast_attribute_reads() -> None:
+    # CPython 3.11 reads the attributes of an object with at most 29 of them through its
+    # fast path (inline values); one more slows every attribute read of the write path.
+    s = new_state()
+    for obj in (s, s.log, s.table):
+        assert len(vars(obj)) <= 29, (type(obj).__name__, sorted(vars(obj)))

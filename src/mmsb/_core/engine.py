@@ -299,6 +299,11 @@ class MMSBState:
     call. All changes go through one re-entrant lock.
     """
 
+    detached = False
+    """True for states built by replay (not backed by any bus); set on those only, so
+    that a live state keeps to the 29 instance attributes below which CPython 3.11
+    reads attributes through its fast path."""
+
     def __init__(self, config: MMSBConfig | None = None) -> None:
         cfg = MMSBConfig() if config is None else config
         if not isinstance(cfg, MMSBConfig):
@@ -335,8 +340,6 @@ class MMSBState:
         self.closed = False
         self.bus: DurableBus | None = None
         """The durable bus behind this state, when it was started with a path."""
-        self.detached = False
-        """True for states built by replay (not backed by any bus)."""
         self.orphan_from = 0
         """Nonzero when the retained log starts after this LSN with no replay base (one
         checkpoint file of a bus, loaded on its own): the state is whole, its history

@@ -12,7 +12,8 @@ import numba
 import numpy as np
 from numba import njit
 
-__all__ = ["ROW_DTYPE", "write_small", "ENC_RUN", "ENC_POS16", "ENC_POS32", "SMALL_WRITE"]
+__all__ = ["ROW_DTYPE", "write_small", "ENC_RUN", "ENC_RUN16", "ENC_POS16", "ENC_POS32",
+           "SMALL_WRITE"]
 
 ROW_DTYPE = np.dtype([
     ("page", np.int32), ("psize", np.uint32), ("plen", np.uint32), ("src", np.uint16),
@@ -26,6 +27,7 @@ ENC_POS16 = 1
 ENC_POS32 = 2
 ENC_FULL = 3
 ENC_EXACT = 4
+ENC_RUN16 = 6
 
 SMALL_WRITE = 4096
 """Writes up to this many bytes go through :func:`write_small`."""
@@ -36,9 +38,15 @@ def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
     loaded from the cache, without running it). Calling it skips numba's per-call
     choice of a compiled version (about 0.3 µs for a kernel of 15 arguments); only for
     call sites whose arguments always have exactly those types."""
-    sig = tuple(numba.typeof(a) for a in args)
-    kernel.compile(sig)
-    return kernel.overloads[sig].entry_point
+    try:
+        sig = tuple(numba.typeof(a) for a in args)
+        kernel.compile(sig)
+        entry: Callable[..., Any] = kernel.overloads[sig].entry_point
+    except (AttributeError, KeyError, TypeError, ValueError, numba.core.errors.NumbaError):
+        # No compiled version to call directly (numba's JIT turned off, or an
+        # unexpected type): the kernel itself, with its dispatch.
+        return kernel
+    return entry
 
 
 @njit(cache=True, nogil=True)
@@ -65,7 +73,8 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
 
     Counts the changed bytes; when there are some, encodes them into ``chunk[coff:]``,
     fills log row ``row`` and applies the bytes. At most a quarter of the page changed:
-    one run (u32 start and the values), else u16 or u32 positions and the values. More
+    one run (its start, u16 for a page of at most 65,536 bytes, else u32, and the
+    values), else u16 or u32 positions and the values. More
     (dense, as the log keeps it): the page's bytes when every byte changed, else the
     page's whole content after the write and the changed positions as packed bits.
     Returns ``(changed, payload length)``; changed is 0 when nothing differs (nothing
@@ -91,8 +100,8 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
         return _write_dense(page, cur, size, off, new, n, rows, row, chunk, coff, room, pid,
                             epoch, ts, src, poff)
     if last - first + 1 == n:
-        enc = ENC_RUN
-        plen = 4 + n
+        enc = ENC_RUN16 if size <= 65536 else ENC_RUN
+        plen = (2 if enc == ENC_RUN16 else 4) + n
     elif size <= 65536:
         enc = ENC_POS16
         plen = 3 * n
@@ -101,14 +110,13 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
         plen = 5 * n
     if plen > room:
         return -2, plen
-    if enc == ENC_RUN:
+    if enc == ENC_RUN or enc == ENC_RUN16:
         start = off + first
-        chunk[coff] = start & 0xFF
-        chunk[coff + 1] = (start >> 8) & 0xFF
-        chunk[coff + 2] = (start >> 16) & 0xFF
-        chunk[coff + 3] = (start >> 24) & 0xFF
+        head = plen - n
+        for j in range(head):
+            chunk[coff + j] = (start >> (8 * j)) & 0xFF
         for k in range(n):
-            chunk[coff + 4 + k] = new[first + k]
+            chunk[coff + head + k] = new[first + k]
     else:
         w = 2 if enc == ENC_POS16 else 4
         v = coff + w * n
@@ -204,6 +212,10 @@ def _mark_row(chunk: np.ndarray, o: Any, plen: Any, enc: Any, ps: Any, out: np.n
                  | (np.int64(chunk[o + 2]) << 16) | (np.int64(chunk[o + 3]) << 24))
         for p in range(start, min(start + plen - 4, size)):
             out[base + p] = True
+    elif enc == 6:
+        start = np.int64(chunk[o]) | (np.int64(chunk[o + 1]) << 8)
+        for p in range(start, min(start + plen - 2, size)):
+            out[base + p] = True
     elif enc == 1 or enc == 2:
         w = 2 if enc == 1 else 4
         n = plen // (w + 1)
@@ -277,15 +289,17 @@ def _apply_row(src: np.ndarray, o: int, plen: int, enc: int, size: int, dst: np.
     if o + plen > src.shape[0] or d + size > dst.shape[0]:
         return -1
     page = dst[d:d + size]
-    if enc == 0:
-        if plen < 4:
+    if enc == 0 or enc == 6:
+        head = 4 if enc == 0 else 2
+        if plen < head:
             return -1
-        start = (np.int64(src[o]) | (np.int64(src[o + 1]) << 8)
-                 | (np.int64(src[o + 2]) << 16) | (np.int64(src[o + 3]) << 24))
-        n = plen - 4
+        start = np.int64(0)
+        for j in range(head):
+            start |= np.int64(src[o + j]) << (8 * j)
+        n = plen - head
         if start + n > size:
             return -1
-        _copy(page[start:start + n], src[o + 4:o + plen])
+        _copy(page[start:start + n], src[o + head:o + plen])
         return n
     if enc == 1 or enc == 2:
         w = 2 if enc == 1 else 4
@@ -367,12 +381,14 @@ def check_payloads(buf: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: n
         size = psizes[r]
         if o + plen > buf.shape[0]:
             return r
-        if enc == 0:
-            if plen < 4:
+        if enc == 0 or enc == 6:
+            head = 4 if enc == 0 else 2
+            if plen < head or (enc == 6 and size > 65536):
                 return r
-            start = (np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8)
-                     | (np.int64(buf[o + 2]) << 16) | (np.int64(buf[o + 3]) << 24))
-            if start + plen - 4 > size:
+            start = np.int64(0)
+            for j in range(head):
+                start |= np.int64(buf[o + j]) << (8 * j)
+            if start + plen - head > size:
                 return r
         elif enc == 1 or enc == 2:
             w = 2 if enc == 1 else 4
@@ -424,7 +440,7 @@ def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarr
             return r, 5
         if src[r] < 0 or src[r] >= n_sources:
             return r, 6
-        if enc[r] > 5 or plen[r] < 0:
+        if enc[r] > 6 or plen[r] < 0:
             return r, 7
         if r and lsn[r] <= lsn[r - 1]:
             return r, 8

@@ -13,7 +13,8 @@ and every one built is a fresh, immutable copy of what the log holds.
 
 Per-page indexes are arrays of row numbers, so a page's history is found without a
 scan. Memory per logged small write: 39 bytes of columns, 4 of page index, the
-payload (4 bytes of run start plus the changed bytes for a contiguous write).
+payload (2 bytes of run start on a page of at most 64 KiB, plus the changed bytes, for
+a contiguous write).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ Sink = Callable[[AnyRecord], None]
 
 # Payload encodings (the ``enc`` column).
 ENC_RUN = 0
-"""Sparse, one contiguous run: u32 start, then the values."""
+"""Sparse, one contiguous run: u32 start, then the values (pages over 64 KiB)."""
 ENC_POS16 = 1
 """Sparse: u16 positions, then the values (pages of at most 65,536 bytes)."""
 ENC_POS32 = 2
@@ -64,6 +65,9 @@ ENC_EXACT = 4
 """Dense: the page's whole content after the delta, then the mask as packed bits."""
 ENC_MASKED = 5
 """Dense from a mask: full-length bytes (zero outside the mask), then packed bits."""
+ENC_RUN16 = 6
+"""Sparse, one contiguous run, page of at most 65,536 bytes: u16 start, then the
+values."""
 
 _CHUNK = 1 << 18
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
@@ -497,8 +501,9 @@ class TransactionLog:
         lastp = g.pos[b[1:] - 1]
         run = lastp - first + 1 == n
         small = g.sizes <= 1 << 16
-        enc = np.where(run, ENC_RUN, np.where(small, ENC_POS16, ENC_POS32)).astype(np.uint8)
-        head = np.where(run, 4, np.where(small, 2 * n, 4 * n))
+        enc = np.where(run, np.where(small, ENC_RUN16, ENC_RUN),
+                       np.where(small, ENC_POS16, ENC_POS32)).astype(np.uint8)
+        head = np.where(run, np.where(small, 2, 4), np.where(small, 2 * n, 4 * n))
         plen = head + n
         offs = np.zeros(k + 1, np.int64)
         np.cumsum(plen, out=offs[1:])
@@ -508,11 +513,12 @@ class TransactionLog:
         owner = np.repeat(np.arange(k), n)
         local = np.arange(len(g.vals)) - b[owner]
         buf[(offs[:-1] + head)[owner] + local] = g.vals
-        # run starts: four little-endian bytes
-        ri = np.flatnonzero(run)
-        if ri.size:
-            starts = first[ri].astype(np.uint32).view(np.uint8).reshape(-1, 4)
-            buf[(offs[ri][:, None] + np.arange(4)).reshape(-1)] = starts.reshape(-1)
+        # run starts: two or four little-endian bytes
+        for code, width, dtype in ((ENC_RUN16, 2, np.uint16), (ENC_RUN, 4, np.uint32)):
+            ri = np.flatnonzero(run & (enc == code))
+            if ri.size:
+                starts = first[ri].astype(dtype).view(np.uint8)
+                buf[(offs[ri][:, None] + np.arange(width)).reshape(-1)] = starts
         for code, width in ((ENC_POS16, 2), (ENC_POS32, 4)):
             sel = enc[owner] == code
             if sel.any():
@@ -733,15 +739,15 @@ class TransactionLog:
             n = len(vals)
             first = int(idx[0]) if n else 0
             if not n or int(idx[-1]) - first + 1 == n:
-                enc, head = ENC_RUN, 4
+                enc, head = (ENC_RUN16, 2) if size <= 1 << 16 else (ENC_RUN, 4)
             elif size <= 1 << 16:
                 enc, head = ENC_POS16, 2 * n
             else:
                 enc, head = ENC_POS32, 4 * n
             plen = head + n
             chunk, off, poff = self._room(plen)
-            if enc == ENC_RUN:
-                chunk[off:off + 4] = first.to_bytes(4, "little")
+            if enc == ENC_RUN or enc == ENC_RUN16:
+                chunk[off:off + head] = first.to_bytes(head, "little")
             else:
                 chunk[off:off + head] = idx.astype(np.uint16 if enc == ENC_POS16 else np.uint32).view(np.uint8)
             chunk[off + head:off + plen] = vals
@@ -785,9 +791,10 @@ class TransactionLog:
         off = poff & 0xFFFFFFFF
         raw = np.frombuffer(chunk, np.uint8, plen, off)
         idx = vals = data = mask = None
-        if enc == ENC_RUN:
-            first = int.from_bytes(raw[:4].tobytes(), "little")
-            vals = raw[4:].copy()
+        if enc == ENC_RUN or enc == ENC_RUN16:
+            head = 4 if enc == ENC_RUN else 2
+            first = int.from_bytes(raw[:head].tobytes(), "little")
+            vals = raw[head:].copy()
             idx = np.arange(first, first + len(vals), dtype=np.intp)
         elif enc == ENC_POS16 or enc == ENC_POS32:
             w = 2 if enc == ENC_POS16 else 4
@@ -1371,10 +1378,11 @@ class TransactionLog:
             chunk = chunks[poff >> 32]
             assert chunk is not None
             off = poff & 0xFFFFFFFF
-            if enc == ENC_RUN:
-                first = int.from_bytes(chunk[off:off + 4], "little")
-                n = plen - 4
-                buf[first:first + n] = chunk[off + 4:off + plen]
+            if enc == ENC_RUN or enc == ENC_RUN16:
+                head = 4 if enc == ENC_RUN else 2
+                first = int.from_bytes(chunk[off:off + head], "little")
+                n = plen - head
+                buf[first:first + n] = chunk[off + head:off + plen]
                 wrote += n
             elif enc == ENC_POS16 or enc == ENC_POS32:
                 w = 2 if enc == ENC_POS16 else 4
