@@ -303,6 +303,13 @@ class MMSBState:
     """True for states built by replay (not backed by any bus); set on those only, so
     that a live state keeps to the 29 instance attributes below which CPython 3.11
     reads attributes through its fast path."""
+    # Class defaults too, set on an instance only by the layer that uses them.
+    close_hooks: tuple[Callable[[MMSBState], object], ...] = ()
+    """Called once, in order, when the state is stopped (before its bus closes): the
+    instrumentation layer removes its hooks there. Replace the tuple to add one."""
+    recompute_hook: Callable[[MMSBState, int, RecomputeFn], None] | None = None
+    """Called as ``hook(state, page_id, fn)`` before a propagation pass runs a page's
+    recompute function (the instrumentation layer's provenance); None: nothing."""
 
     def __init__(self, config: MMSBConfig | None = None) -> None:
         cfg = MMSBConfig() if config is None else config
@@ -348,12 +355,6 @@ class MMSBState:
         """What recovery of a durable bus cut off or skipped (empty when nothing)."""
         self.recomputing: int | None = None
         """The page whose recompute function is running (changes are refused meanwhile)."""
-        self.close_hooks: list[Callable[[MMSBState], object]] = []
-        """Called once, in order, when the state is stopped (before its bus closes): the
-        instrumentation layer removes its hooks there."""
-        self.recompute_hook: Callable[[MMSBState, int, RecomputeFn], None] | None = None
-        """Called as ``hook(state, page_id, fn)`` before a propagation pass runs a page's
-        recompute function (the instrumentation layer's provenance); None: nothing."""
         self.replay_base: ReplayBase | None = None
         """Replay base: the state at ``log.horizon_lsn``, where replays of the retained
         log start; None when the log rebuilds the state from nothing."""
@@ -383,7 +384,7 @@ class MMSBState:
                 # recompute functions follow them before it goes.
                 self.enter()
                 self.leave()
-            hooks, self.close_hooks = self.close_hooks, []
+            hooks, self.close_hooks = self.close_hooks, ()
             for hook in hooks:
                 try:
                     hook(self)

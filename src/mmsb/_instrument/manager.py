@@ -743,7 +743,7 @@ def enable(state: MMSBState, config: InstrumentationConfig, ops: PageOps) -> Ins
             mgr = Instrumentation(state, config, ops)
             _MANAGERS[state] = mgr
             if disable not in state.close_hooks:
-                state.close_hooks.append(disable)
+                state.close_hooks = (*state.close_hooks, disable)
         else:
             mgr.config = config
     try:
@@ -758,7 +758,7 @@ def disable(state: MMSBState) -> bool:
     with _registry_lock:
         mgr = _MANAGERS.pop(state, None)
     if disable in state.close_hooks:
-        state.close_hooks.remove(disable)
+        state.close_hooks = tuple(h for h in state.close_hooks if h is not disable)
     if mgr is None:
         return False
     mgr.uninstall()
