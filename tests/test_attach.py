@@ -158,8 +158,9 @@ def test_refused_reader_calls_change_nothing(bus: tuple[Path, mmsb.MMSBState],
     for bad_lsn in (-1, "3", None, True):
         with pytest.raises(mmsb.InvalidArgumentError):
             r.wait_for(bad_lsn, timeout=0)  # type: ignore[arg-type]
-    with pytest.raises(mmsb.InvalidArgumentError):
-        r.wait_for(1, timeout=-1)
+    for bad_timeout in (-1, True, "1"):
+        with pytest.raises(mmsb.InvalidArgumentError):
+            r.wait_for(1, timeout=bad_timeout)  # type: ignore[arg-type]
     for bad_since in (-1, "0", 1.5, True):
         with pytest.raises(mmsb.InvalidArgumentError):
             r.changes(bad_since)  # type: ignore[arg-type]

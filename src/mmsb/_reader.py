@@ -162,7 +162,8 @@ class BusReader:
         """
         if isinstance(lsn, bool) or not isinstance(lsn, int) or lsn < 0:
             raise InvalidArgumentError(f"lsn must be an int >= 0, not {lsn!r}")
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                    or timeout < 0):
             raise InvalidArgumentError(f"timeout must be a number >= 0 or None, not {timeout!r}")
         m = self._live()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -193,16 +194,9 @@ class BusReader:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
                                     or timeout < 0):
             raise InvalidArgumentError(f"timeout must be a number >= 0 or None, not {timeout!r}")
-        feed = ChangeFeed(self.path, self.bus_id, since, self._records_after, lambda: m.lsn)
+        feed = ChangeFeed(self.path, self.bus_id, since,
+                          lambda: _api.open_readonly(self.path).log, lambda: m.lsn)
         return _events(feed.follow(lambda: m.notify_value, m.wait, timeout, not follow))
-
-    def _records_after(self, since: int) -> tuple[list[AnyRecord], int]:
-        log = _api.open_readonly(self.path).log
-        if since < log.horizon_lsn:
-            raise HistoryUnavailableError(
-                f"the bus at {self.path} retains history after LSN {log.horizon_lsn}; "
-                f"events after LSN {since} are no longer there")
-        return list(log.iter_records(since)), log.last_lsn
 
     def history(self, at_least: int = 0) -> MMSBState:
         """A detached state rebuilt from the bus's files (checkpoints and log), cached

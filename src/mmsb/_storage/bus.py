@@ -40,6 +40,7 @@ from ..config import MMSBConfig
 from ..errors import (
     BusLockedError,
     DurabilityError,
+    HistoryUnavailableError,
     InvalidArgumentError,
     MMSBError,
     SerializationError,
@@ -385,11 +386,11 @@ class DurableBus:
             if self.feed is not None:
                 self.feed.close()
             self.feed = ChangeFeed(self.root, self.bus_id, mine,
-                                   lambda since: self._records_after(state, since),
+                                   lambda: self._recovered_log(state),
                                    lambda: self.publisher.log_end()[3] if self.publisher else 0)
         try:
             recs = self.feed.poll()
-        except (SerializationError, OSError) as exc:
+        except (SerializationError, HistoryUnavailableError, OSError) as exc:
             raise DurabilityError(f"reading what other writers of {self.root} appended failed "
                                   f"({exc}); nothing was changed here") from exc
         changed: set[int] = set()
@@ -470,16 +471,12 @@ class DurableBus:
                 self.publisher.note_append(gen, seq, valid, state.log.last_lsn)
         return changed
 
-    def _records_after(self, state: MMSBState, since: int) -> tuple[list[AnyRecord], int]:
-        """Records after ``since`` from the bus's retained history (checkpoints and log),
-        for a shared writer that fell behind a checkpoint of another."""
+    def _recovered_log(self, state: MMSBState) -> Any:
+        """The retained history on disk (checkpoints and log), read as a read-only open
+        reads it, for a shared writer that fell behind a checkpoint of another."""
         fresh = type(state)(state.config)
         recover_readonly(fresh, self.root)
-        log_ = fresh.log
-        if since < log_.horizon_lsn:
-            raise SerializationError(f"records after LSN {since} are no longer retained (the "
-                                     f"history starts after LSN {log_.horizon_lsn})")
-        return list(log_.iter_records(since)), log_.last_lsn
+        return fresh.log
 
     def _refresh_chain(self, gen: int) -> None:
         """Another writer checkpointed: learn the chain of checkpoints now on disk."""

@@ -23,6 +23,7 @@ import msgpack
 
 from .._core.delta import Delta
 from .._core.events import Event
+from .._core.log import TransactionLog
 from .._core.records import (
     AnyRecord,
     Compacted,
@@ -245,7 +246,7 @@ class ChangeFeed:
     """
 
     def __init__(self, root: Path, bus_id: int, since: int,
-                 recover: Callable[[int], tuple[list[AnyRecord], int]],
+                 recover: Callable[[], TransactionLog],
                  published: Callable[[], int]) -> None:
         if isinstance(since, bool) or not isinstance(since, int) or since < 0:
             raise InvalidArgumentError(f"since must be an LSN (an int >= 0), not {since!r}")
@@ -307,13 +308,16 @@ class ChangeFeed:
         return True
 
     def _catch_up(self, out: list[AnyRecord]) -> None:
+        """Take the records wanted from the bus's retained history (``recover()``, the
+        log of a read-only recovery), when they are no longer in the segments."""
         self.close()
-        recs, _last = self.recover(self.next_lsn - 1)
-        if recs and recs[0].lsn != self.next_lsn:
+        log = self.recover()
+        since = self.next_lsn - 1
+        if since < log.horizon_lsn:
             raise HistoryUnavailableError(
-                f"the change feed of {self.root} cannot resume after LSN {self.next_lsn - 1}: "
-                f"the bus retains history from LSN {recs[0].lsn} on")
-        self._take(recs, out)
+                f"the change feed of {self.root} cannot resume after LSN {since}: the bus "
+                f"retains history after LSN {log.horizon_lsn} only")
+        self._take(list(log.iter_records(since)), out)
 
     def poll(self) -> list[AnyRecord]:
         """The records written since the last call (possibly none).

@@ -188,7 +188,7 @@ class Publisher:
         self.bump = 0
         self.free: dict[int, list[int]] = {}
         self.touched: dict[int, tuple[int, int]] = {}
-        """page id → (lo, hi) byte range to copy; (0, -1) = the whole page."""
+        """page id → (lo, hi) byte range to copy (``_WHOLE``: the whole page)."""
         self.full = True
         self.failed = False
         self.token = int.from_bytes(os.urandom(8), "little") | 1
