@@ -140,6 +140,81 @@ def test_wait_for(bus: tuple[Path, mmsb.MMSBState]) -> None:
 
 # --------------------------------------------------------------------------- refusals
 
+def _waiting(path: Path) -> int:
+    return struct.unpack_from("<I", (path / "map" / "waiters").read_bytes(), 16)[0]
+
+
+def test_a_follower_is_counted_while_it_sleeps_and_woken(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    import threading
+
+    path, s = bus
+    p = mmsb.create_page(s, 8)
+    assert (path / "map" / "waiters").read_bytes()[:8] == b"MMSBWAIT"
+    with mmsb.attach(path) as r:
+        target = s.last_lsn + 1
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(r.wait_for(target, timeout=30)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while _waiting(path) == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert _waiting(path) == 1  # the writer now knows it must wake somebody
+        started = time.monotonic()
+        mmsb.write_page(s, p.id, 0, b"wake")
+        t.join(10)
+        assert got == [True] and time.monotonic() - started < 5
+        assert _waiting(path) == 0
+        # Nobody waits: publications leave the count at zero.
+        mmsb.write_page(s, p.id, 0, b"more")
+        assert _waiting(path) == 0
+
+
+def test_a_follower_that_cannot_write_the_count_still_follows(bus: tuple[Path, mmsb.MMSBState]) -> None:
+    import threading
+
+    path, s = bus
+    p = mmsb.create_page(s, 8)
+    os.chmod(path / "map" / "waiters", 0o400)
+    try:
+        r = mmsb.attach(path)
+    finally:
+        os.chmod(path / "map" / "waiters", 0o600)
+    if os.geteuid() == 0:  # root opens a 0400 file for writing anyway: remove it instead
+        r.close()
+        (path / "map" / "waiters").unlink()
+        r = mmsb.attach(path)
+    with r:
+        assert r._map.waiters_addr == 0  # sleeps in short steps, uncounted
+        target = s.last_lsn + 1
+        got: list[bool] = []
+        t = threading.Thread(target=lambda: got.append(r.wait_for(target, timeout=30)))
+        t.start()
+        time.sleep(0.05)
+        mmsb.write_page(s, p.id, 0, b"x")
+        t.join(10)
+        assert got == [True]
+        assert r.read_page(p.id)[:1] == b"x"
+
+
+def test_a_damaged_waiters_file_is_renewed_by_the_writer(tmp_path: Path) -> None:
+    from mmsb._storage.mapped import _open_waiters
+
+    path = tmp_path / "bus"
+    mmsb.mmsb_stop(_bus(path))
+    (path / "map" / "waiters").write_bytes(b"junk")
+    with pytest.raises(mmsb.SerializationError, match="waiters"):
+        _open_waiters(path / "map", create=False)
+    with mmsb.attach(path) as r:  # a follower that cannot be counted still reads
+        assert r.last_lsn >= 0 and not r.wait_for(r.last_lsn + 1, timeout=0.01)
+    assert (path / "map" / "waiters").read_bytes() == b"junk"  # followers never repair it
+    s = _bus(path)
+    try:
+        data = (path / "map" / "waiters").read_bytes()
+        assert data[:8] == b"MMSBWAIT" and len(data) == 64 and _waiting(path) == 0
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 def test_refused_reader_calls_change_nothing(bus: tuple[Path, mmsb.MMSBState],
                                             tmp_path: Path) -> None:
     path, s = bus

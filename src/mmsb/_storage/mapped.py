@@ -8,6 +8,10 @@ The writer of a bus publishes every committed call into three files under
 ``table`` (32 B a row)  row ``i`` describes page id ``i``:
                         ``offset i64 | size i64 (-1: no live page) | epoch i64 | lsn i64``
 ``pages``               page bytes, each page in a slot of its size class at ``offset``
+``waiters`` (64 bytes)  ``magic "MMSBWAIT" | version u16 | u16 | u32 | count u32`` at
+                        offset 16: how many followers sleep on ``notify`` now. Followers
+                        add themselves to it (it is the one file they write); the writer
+                        makes the wake system call only when it is not zero.
 
 HEAD::
 
@@ -72,8 +76,13 @@ log = logging.getLogger("mmsb.bus")
 T = TypeVar("T")
 
 MAP_MAGIC = b"MMSBMAP\0"
-MAP_VERSION = 1
+MAP_VERSION = 2
 HEAD_SIZE = 4096
+WAIT_MAGIC = b"MMSBWAIT"
+WAIT_VERSION = 1
+WAIT_SIZE = 64
+_WAIT_HEAD = struct.Struct("<8sHHI")
+_WAIT_COUNT_OFF = 16
 _STATIC = struct.Struct("<8sHHIQ16sQ")  # 48 bytes, then crc u32
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -135,6 +144,36 @@ def _map_dir(root: Path) -> Path:
     return root / "map"
 
 
+def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
+    """Map ``d/waiters`` writable; (mapping, address of its count). ``create``: the
+    writer makes the file (or gives a damaged one a fresh header and a zero count).
+
+    Raises:
+        OSError: the file cannot be opened for writing.
+        SerializationError: (a follower) the file is not a waiters file of this layout.
+    """
+    path = d / "waiters"
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    fd = fsops.open_regular(path, flags, create=create)
+    try:
+        if os.fstat(fd).st_size < WAIT_SIZE:
+            if not create:
+                raise SerializationError("the waiters file is shorter than its layout", path=path)
+            _grow(fd, path, WAIT_SIZE)
+        mm = mmap.mmap(fd, WAIT_SIZE)
+    finally:
+        os.close(fd)
+    magic, version, _f, _r = _WAIT_HEAD.unpack_from(mm, 0)
+    if (magic, version) != (WAIT_MAGIC, WAIT_VERSION):
+        if not create:
+            mm.close()
+            raise SerializationError("the waiters file is damaged or of another version", path=path)
+        mm[0:WAIT_SIZE] = bytes(WAIT_SIZE)
+        _WAIT_HEAD.pack_into(mm, 0, WAIT_MAGIC, WAIT_VERSION, 0, 0)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm, _WAIT_COUNT_OFF))
+    return mm, addr
+
+
 def _grow(fd: int, path: Path, size: int) -> None:
     """Extend the file to ``size`` bytes with its blocks allocated."""
     try:
@@ -172,6 +211,12 @@ class Publisher:
             raise
         self.h = np.frombuffer(self.head, "<u8")
         self.notify_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.head, _NOTIFY_OFF))
+        try:
+            self.waiters, self.waiters_addr = _open_waiters(d, create=True)
+        except BaseException:
+            self.head.close()
+            self.close_files()
+            raise
         static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
         self.h[_SEQ] = self.h[_SEQ] | 1  # readers wait while the files are rebuilt
         self.head[0 : _STATIC.size] = static
@@ -328,9 +373,7 @@ class Publisher:
         _U64.pack_into(head, _BUMP_OFF, self.bump)
         _U64.pack_into(head, _TS * 8, max(0, state.log.last_timestamp))
         _U64.pack_into(head, 64, (seq | 1) + 1)
-        (n,) = _U32.unpack_from(head, _NOTIFY_OFF)
-        _U32.pack_into(head, _NOTIFY_OFF, (n + 1) & 0xFFFFFFFF)
-        notify.wake(self.notify_addr)
+        notify.bump(self.notify_addr, self.waiters_addr)
 
     def _ensure_rows(self, rows: int) -> None:
         if rows > self.table.shape[0]:
@@ -430,14 +473,12 @@ class Publisher:
                 self.publish(state)
             _U32.pack_into(self.head, _STATUS_OFF, STATUS_NONE)
             self.h[_PID] = 0
-            (n,) = _U32.unpack_from(self.head, _NOTIFY_OFF)
-            _U32.pack_into(self.head, _NOTIFY_OFF, (n + 1) & 0xFFFFFFFF)
-            notify.wake(self.notify_addr)
+            notify.bump(self.notify_addr, self.waiters_addr)
         finally:
             self.h = np.zeros(0, "<u8")
             self.pages = np.zeros(0, np.uint8)
             self.table = np.zeros(0, ROW_DTYPE)
-            self.notify_addr = 0
+            self.notify_addr = self.waiters_addr = 0
             self.close_files()
 
 
@@ -474,6 +515,12 @@ class MappedPages:
                                      f"{bus_id:016x}", path=d / "HEAD")
         self.h = np.frombuffer(self.head, "<u8")
         self.notify_addr = int(np.frombuffer(self.head, np.uint8).ctypes.data) + _NOTIFY_OFF
+        try:
+            self.waiters, self.waiters_addr = _open_waiters(d, create=False)
+        except (OSError, SerializationError):
+            # Not writable here (a read-only mount, another owner) or not there: this
+            # follower sleeps in short steps instead of being counted.
+            self.waiters, self.waiters_addr = None, 0
         self.pages_mm: mmap.mmap | None = None
         self.table_mm: mmap.mmap | None = None
         self.pages_len = 0
@@ -518,7 +565,8 @@ class MappedPages:
         return int(self.h[_PID])
 
     def wait(self, expected: int, timeout: float | None) -> None:
-        notify.wait(self.notify_addr, expected, timeout, lambda: self.notify_value)
+        notify.wait(self.notify_addr, expected, timeout, lambda: self.notify_value,
+                    self.waiters_addr)
 
     # -- reading ---------------------------------------------------------------------
     def _stable_seq(self) -> int:
