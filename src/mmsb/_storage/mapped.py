@@ -515,12 +515,13 @@ class MappedPages:
                                      f"{bus_id:016x}", path=d / "HEAD")
         self.h = np.frombuffer(self.head, "<u8")
         self.notify_addr = int(np.frombuffer(self.head, np.uint8).ctypes.data) + _NOTIFY_OFF
+        self.waiters: mmap.mmap | None = None
+        self.waiters_addr = 0
         try:
             self.waiters, self.waiters_addr = _open_waiters(d, create=False)
         except (OSError, SerializationError):
-            # Not writable here (a read-only mount, another owner) or not there: this
-            # follower sleeps in short steps instead of being counted.
-            self.waiters, self.waiters_addr = None, 0
+            pass  # not writable here (a read-only mount, another owner), or not there:
+            # this follower sleeps in short steps instead of being counted
         self.pages_mm: mmap.mmap | None = None
         self.table_mm: mmap.mmap | None = None
         self.pages_len = 0

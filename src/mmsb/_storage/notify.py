@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -74,38 +75,41 @@ _wake = _load_wake()
 FUTEX_AVAILABLE = _syscall is not None
 
 
-@intrinsic
-def _atomic_add_u32(typingctx, addr, val):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _add_u32_typer(typingctx: Any, addr: Any, val: Any) -> Any:  # pragma: no cover
     sig = types.uint32(types.int64, types.uint32)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(32)))
         return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
 
     return sig, codegen
 
 
-@intrinsic
-def _atomic_load_u32(typingctx, addr):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _load_u32_typer(typingctx: Any, addr: Any) -> Any:  # pragma: no cover
     sig = types.uint32(types.int64)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(32)))
         return builder.load_atomic(ptr, "seq_cst", 4)
 
     return sig, codegen
 
 
-@intrinsic
-def _atomic_cas_u32(typingctx, addr, old, new):  # type: ignore[no-untyped-def]  # pragma: no cover
+def _cas_u32_typer(typingctx: Any, addr: Any, old: Any, new: Any) -> Any:  # pragma: no cover
     sig = types.boolean(types.int64, types.uint32, types.uint32)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(32)))
         pair = builder.cmpxchg(ptr, args[1], args[2], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 1)
 
     return sig, codegen
+
+
+# Sequentially consistent atomics on a 32-bit word at an address (compiled code only).
+_atomic_add_u32: Any = intrinsic(_add_u32_typer)
+_atomic_load_u32: Any = intrinsic(_load_u32_typer)
+_atomic_cas_u32: Any = intrinsic(_cas_u32_typer)
 
 
 @njit(cache=True, nogil=True)
