@@ -243,6 +243,9 @@ def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api"
     """
     if type(state_or_page) is MMSBState and len(args) == 2:
         state, page_id, data = state_or_page, args[0], args[1]
+        if type(page_id) is int and type(data) is bytes \
+                and state.write_small_bytes(page_id, 0, data, source, True) is not None:
+            return Page(state, page_id)
     else:
         state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
     state.write_bytes(page_id, 0, data, source, True)
@@ -255,6 +258,9 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
     Raises:
         PageNotFoundError: unknown page. InvalidDeltaError: the write runs outside the page.
     """
+    if type(state) is MMSBState and type(page_id) is int and type(offset) is int \
+            and type(data) is bytes and state.write_small_bytes(page_id, offset, data, source) is not None:
+        return Page(state, page_id)
     if type(state) is not MMSBState:
         state = _state_of(state, "write_page")
     state.write_bytes(page_id, offset, data, source, False)

@@ -72,6 +72,7 @@ values."""
 _CHUNK = 1 << 18
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
+LOG_CHUNK = _CHUNK
 _NO_SOURCE = 0xFFFF
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
 """The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
@@ -1733,6 +1734,12 @@ class _ByPage:
 
     def keys(self) -> list[int]:
         return list(self._log.index)
+
+
+def small_entry() -> Callable[..., tuple[int, int]] | None:
+    """The compiled entry of :func:`write_small` for a write of ``bytes``, once a first
+    such write through :meth:`TransactionLog.write_small` has made it (else None)."""
+    return _SMALL_ENTRY.get(1)
 
 
 def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
