@@ -311,3 +311,90 @@ def test_hot_objects_keep_to_cpythons_fast_attribute_reads() -> None:
     s = new_state()
     for obj in (s, s.log, s.table):
         assert len(vars(obj)) <= 29, (type(obj).__name__, sorted(vars(obj)))
+
+
+_write_ops = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 3), st.integers(-2, 130),
+              st.binary(min_size=0, max_size=40)),
+    st.tuples(st.just("update"), st.integers(0, 3), st.sampled_from([64, 128, 127]),
+              st.binary(min_size=1, max_size=4)),
+    st.tuples(st.just("source"), st.integers(0, 3), st.sampled_from(["api", "x", "", 5]),
+              st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("batch"), st.integers(0, 3), st.booleans(),
+              st.binary(min_size=1, max_size=8)),
+), max_size=30)
+
+
+def _apply_write_ops(state: mmsb.MMSBState, ids: list[int], ops: list[Any]) -> list[str]:
+    outcomes = []
+    for op, k, a, data in ops:
+        pid = ids[k]
+        try:
+            if op == "write":
+                mmsb.write_page(state, pid, a, data)
+            elif op == "update":
+                mmsb.update_page(state, pid, (data * a)[:a])
+            elif op == "source":
+                mmsb.write_page(state, pid, 3, data, source=a)
+            else:
+                with mmsb.batch(state):
+                    mmsb.write_page(state, pid, 1, data)
+                    mmsb.write_page(state, ids[(k + 1) % 4], 9, data)
+                    if a:
+                        raise KeyError("roll back")
+            outcomes.append("ok")
+        except (mmsb.MMSBError, KeyError) as exc:
+            outcomes.append(type(exc).__name__)
+    return outcomes
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_write_ops, events=st.booleans())
+def test_fused_small_write_path_matches_the_general_path(ops: list[Any], events: bool) -> None:
+    # write_page / update_page of small bytes take one fused frame (write_small_bytes);
+    # a state where it always declines takes write_bytes. Same outcomes, refusals,
+    # events, log, pages and propagation either way.
+    states = []
+    for fused in (True, False):
+        s = new_state()
+        if not fused:
+            s.write_small_bytes = lambda *a, **k: None  # type: ignore[method-assign]
+        ids = [p.id for p in mmsb.create_pages(s, 3, 128)] + [mmsb.create_page(s, 64).id]
+        mmsb.add_dependency(s, ids[0], ids[2], mmsb.DATA_DEPENDENCY)
+        mmsb.register_passthrough_recompute(s, ids[2], ids[0])
+        seen: list[tuple[Any, ...]] = []
+        for et in (mmsb.EventType.DELTA_APPLIED, mmsb.EventType.PAGE_CHANGED)[: 2 * events]:
+            mmsb.subscribe(s, et, lambda st, t, *data, seen=seen: seen.append((t, data)))
+        outcomes = _apply_write_ops(s, ids, ops)
+        s._check()
+        states.append((s, outcomes, seen))
+    (a, out_a, ev_a), (b, out_b, ev_b) = states
+    assert out_a == out_b
+    assert ev_a == ev_b
+    assert _records(a) == _records(b)
+    assert _pages(a) == _pages(b)
+    assert a.counters.records_logged == b.counters.records_logged
+    for name in ("records_logged", "payload_bytes_logged"):
+        assert getattr(a.counters, name) == getattr(b.counters, name), name
+    assert a.counters.delta_apply.count == b.counters.delta_apply.count
+    assert mmsb.verify_state_consistency(a)
+
+
+def test_fused_write_path_refuses_in_a_closed_state_and_in_a_recompute() -> None:
+    s = new_state()
+    p, q = mmsb.create_page(s, 8), mmsb.create_page(s, 8)
+    mmsb.add_dependency(s, p.id, q.id, mmsb.DATA_DEPENDENCY)
+
+    def sneaky(state: mmsb.MMSBState, page: Any) -> bytes:
+        mmsb.write_page(state, p.id, 0, b"z")  # refused: a recompute changes nothing
+        return b"\x00" * 8
+
+    mmsb.register_recompute_fn(s, q.id, sneaky)
+    with pytest.raises(mmsb.PropagationError):
+        mmsb.write_page(s, p.id, 0, b"a")
+    assert p.query()[:1] == b"a"
+    mmsb.mmsb_stop(s)
+    with pytest.raises(mmsb.StateClosedError):
+        mmsb.write_page(s, p.id, 0, b"b")
+    with pytest.raises(mmsb.StateClosedError):
+        mmsb.update_page(s, p.id, b"b" * 8)

@@ -923,8 +923,10 @@ class MMSBState:
         done). O(len(data)), O(page size) for a dense write."""
         log = self.log
         kernel = small_entry()
-        if (log.sink is not None or self.bus is not None or self.batch_frame is not None
-                or not self.config.enable_logging or len(data) > SMALL_WRITE or kernel is None):
+        frame = self.batch_frame
+        if (log.sink is not None or self.bus is not None or not self.config.enable_logging
+                or len(data) > SMALL_WRITE or kernel is None
+                or (frame is not None and not frame.direct)):
             return None
         t0 = time.perf_counter_ns()
         lock = self.lock
@@ -943,6 +945,8 @@ class MMSBState:
                 return None
             self._depth += 1
             try:
+                if frame is not None and pid not in frame.touched:
+                    frame.touch(pid)
                 addr = addr_v[pid]
                 epoch = epoch_v[pid] + 1
                 mem = self.arena.chunk(addr >> CHUNK_SHIFT)
@@ -999,7 +1003,17 @@ class MMSBState:
                     self.after_write(pid, epoch, did, lsn, t0, changed)
                     return True
                 c = self.counters
-                c.delta_apply.add(time.perf_counter_ns() - t0)
+                # c.delta_apply.add(), inlined.
+                ns = time.perf_counter_ns() - t0
+                ring = c.delta_apply
+                pos = ring.pos
+                ring.samples[pos] = ns
+                pos += 1
+                ring.pos = 0 if pos == len(ring.samples) else pos
+                ring.count += 1
+                ring.total_ns += ns
+                if ns > ring.max_ns:
+                    ring.max_ns = ns
                 c.records_logged += 1
                 c.payload_bytes_logged += changed
                 if log.n > self.compact_at and not self.propagating and not self.batch_depth:
