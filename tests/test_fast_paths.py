@@ -398,3 +398,34 @@ def test_fused_write_path_refuses_in_a_closed_state_and_in_a_recompute() -> None
         mmsb.write_page(s, p.id, 0, b"b")
     with pytest.raises(mmsb.StateClosedError):
         mmsb.update_page(s, p.id, b"b" * 8)
+
+
+def test_a_large_all_changed_bytes_payload_is_kept_by_reference(tmp_path: Any) -> None:
+    # A dense update of every byte of a large page from a bytes object keeps that object
+    # as its payload (immutable: nothing can change it), where a copy would fault in as
+    # much fresh memory; anything mutable is copied. History reads back either way.
+    size = 1 << 18
+    s = new_state()
+    p = mmsb.create_page(s, size)
+    rng = np.random.default_rng(7)
+    one = (rng.integers(0, 255, size, dtype=np.uint8) + 1).tobytes()  # no zero byte
+    two = bytes(255 - b for b in one[:16]) + one[16:]  # 16 bytes differ: sparse
+    three = np.frombuffer(one, np.uint8) ^ 0xFF  # all differ again, a mutable array
+    mmsb.update_page(s, p.id, one)
+    assert any(c is not None and c.obj is one for c in s.log.chunks)
+    mmsb.update_page(s, p.id, two)
+    mmsb.update_page(s, p.id, three)
+    three[:] = 0  # the caller reuses its array: the logged payload was a copy
+    assert not any(c is not None and c.obj is three for c in s.log.chunks)
+    mmsb.update_page(s, p.id, one)
+    assert [mmsb.read_page_at(s, p.id, epoch=e) for e in (1, 2, 3, 4)] == [
+        one, two, (np.frombuffer(one, np.uint8) ^ 0xFF).tobytes(), one]
+    assert mmsb.verify_state_consistency(s)
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    t = new_state()
+    mmsb.load_checkpoint(t, path)
+    assert mmsb.read_page_at(t, p.id, epoch=3) == (np.frombuffer(one, np.uint8) ^ 0xFF).tobytes()
+    assert t.pages[p.id].query() == one
+    mmsb.compress_log(s)
+    assert s.pages[p.id].query() == one and mmsb.verify_state_consistency(s)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidDeltaError
+from .kernels import count_diff
 
 __all__ = [
     "Delta",
@@ -241,10 +242,12 @@ _SMALL = 1 << 16
 def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, offset: int,
                new: np.ndarray, source: str, scratch: np.ndarray) -> Delta | None:
     """The delta of writing ``new`` at ``offset`` into a page whose bytes are ``view``:
-    only the positions that differ. None when nothing differs. Copies what it keeps.
+    only the positions that differ. None when nothing differs. Copies what it keeps,
+    except a payload of every byte that is the whole of an immutable ``bytes`` object,
+    which it keeps by reference.
 
     Cost: one compare of ``len(new)`` bytes, then O(changed bytes) for a sparse delta or
-    one copy of the page for a dense one. ``scratch`` (at least ``len(new)`` bytes when
+    one copy of the page for a dense one (none for that referenced payload). ``scratch`` (at least ``len(new)`` bytes when
     that is over 64 KiB) holds the comparison of large writes.
     """
     size = len(view)
@@ -257,12 +260,8 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
         rel = ne.nonzero()[0]  # cheap at this size, and a sparse delta needs it anyway
         n = len(rel)
     else:
-        x = np.bitwise_xor(cur, new, out=scratch[:m])
-        if x.min():  # no zero byte: every byte changed (min is the fastest reduction)
-            n, ne = m, None
-        else:
-            ne = x.astype(bool)
-            n = int(np.count_nonzero(ne))
+        n = count_diff(cur, new)  # one compiled pass, no temporary
+        ne = None if n == m or n == 0 else np.not_equal(cur, new, out=scratch[:m].view(bool))
     if n == 0:
         return None
     if sparse_enough(n, size):
@@ -275,8 +274,12 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
         return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, rel, vals,
                      None, None)
     if n == size:
+        # Every byte changed: the delta's payload is ``new`` itself when it is the whole of
+        # an immutable bytes object (nothing can change it later), else a copy.
+        base = new.base
+        keep = new if type(base) is bytes and new.nbytes == len(base) else new.copy()
         return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, None, None,
-                     new.copy(), None)
+                     keep, None)
     if m == size:
         data = new.copy()
     else:

@@ -759,8 +759,17 @@ class TransactionLog:
             else:
                 enc = ENC_EXACT if d._exact else ENC_MASKED
                 plen = size + (size + 7) // 8
-            chunk, off, poff = self._room(plen)
-            chunk[off:off + size] = data
+            base = data.base if type(data) is np.ndarray else None
+            if (enc == ENC_FULL and plen > _CHUNK >> 2 and type(base) is bytes
+                    and data.nbytes == len(base)):
+                # A large payload that is a whole bytes object (immutable): it becomes its
+                # own chunk by reference, where a copy would fault in as much fresh memory.
+                chunk, off = memoryview(base), 0
+                self.chunks.append(chunk)
+                poff = (len(self.chunks) - 1) << 32
+            else:
+                chunk, off, poff = self._room(plen)
+                chunk[off:off + size] = data
             if d._mask is not None:
                 chunk[off + size:off + plen] = np.packbits(d._mask).data
         pid = d.page_id
