@@ -196,6 +196,33 @@ def delta_dense_1mb(ctx: RunContext) -> CaseOutcome:
     return _update_case(ctx, MIB, dense_pair(_rng(ctx, 4), MIB), ctx.pick(32, 4))
 
 
+@case("delta", "cpu_dense_1mb_distinct",
+      "update_page, 1 MiB page, every byte changed, a distinct bytes object per update "
+      "(made before timing)")
+def delta_dense_1mb_distinct(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    rng = _rng(ctx, 4)
+
+    def setup(n: int) -> tuple[Any, int, list[bytes]]:
+        state = ctx.new_state()
+        page = mmsb.create_page(state, MIB)
+        a = rng.integers(2, 256, MIB, dtype=np.uint8)
+        # a ^ k for k = 1, 2, 3 …: no zero byte (a != 1), and each payload differs from
+        # the one before in every byte (consecutive keys differ).
+        payloads = [(a ^ ((i % 255) + 1)).tobytes() for i in range(n)]
+        return state, page.id, payloads
+
+    def batch(obj: tuple[Any, int, list[bytes]], n: int) -> None:
+        state, pid, payloads = obj
+        update = mmsb.update_page
+        for data in payloads:
+            update(state, pid, data)
+
+    m = ctx.measure(batch, setup=setup, max_inner=ctx.pick(32, 4))
+    return CaseOutcome(m, {"page_bytes": MIB, "changed_gb_per_s": MIB / m.stats.median_ns})
+
+
 @case("delta", "write_page_8b", "write_page of 8 bytes at a random offset of a 1 KiB page")
 def delta_write_8b(ctx: RunContext) -> CaseOutcome:
     import mmsb
