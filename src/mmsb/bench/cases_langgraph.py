@@ -110,22 +110,32 @@ def _workload(ctx: RunContext) -> Workload:
 
 def _drive_all(savers: dict[str, Any], w: Workload) -> dict[str, list[float]]:
     """Save the whole thread on every saver, step by step in turn (the order rotating
-    each step), so drift in the machine hits all alike; return each put's time (ns)."""
+    each step), so drift in the machine hits all alike; return each put's time (ns).
+    The cyclic garbage collector is paused while a put is timed, as the harness does
+    for every other timing, so a collection of objects the workload made does not land
+    on whichever saver happens to run then."""
+    import gc
     import time
 
     kinds = list(savers)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     configs = {k: w.config() for k in kinds}
+    gc_was_enabled = gc.isenabled()
     for i, step in enumerate(w.steps):
         for j in range(len(kinds)):
             kind = kinds[(i + j) % len(kinds)]
             saver = savers[kind]
             if i:
                 saver.put_writes(configs[kind], [("messages", [step.message])], f"task-{i}")
-            t0 = time.perf_counter_ns()
-            configs[kind] = saver.put(configs[kind], step.checkpoint, step.metadata,
-                                      step.new_versions)
-            times[kind].append(float(time.perf_counter_ns() - t0))
+            gc.disable()
+            try:
+                t0 = time.perf_counter_ns()
+                configs[kind] = saver.put(configs[kind], step.checkpoint, step.metadata,
+                                          step.new_versions)
+                times[kind].append(float(time.perf_counter_ns() - t0))
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
     return times
 
 
@@ -189,6 +199,7 @@ def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
         savers = {k: (v.saver if k == "sqlite" else v) for k, v in stores.items()}
         for kind, times in _drive_all(savers, w).items():
             samples[kind].append(times)
+        ctx.cache["lg_setup"] = _check_setup(savers, stores["sqlite"].conn)
         last = r == runs - 1
         for kind, store in stores.items():
             if last and kind in ("mmsb", "sqlite"):
@@ -208,6 +219,29 @@ def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
     return samples
 
 
+def _check_setup(savers: dict[str, Any], conn: sqlite3.Connection) -> dict[str, Any]:
+    """Check that the savers are compared on equal terms, and say how: one serializer
+    (the same object: LangGraph's default), SQLite in its default durable mode (WAL,
+    ``synchronous=FULL``: the WAL is synced at every commit) against MMSB's
+    ``fsync="always"`` (the log is synced at every ``put``)."""
+    serdes = {id(s.serde) for s in savers.values()}
+    expect(len(serdes) == 1, "the savers do not share one serializer")
+    journal_mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    synchronous = int(conn.execute("PRAGMA synchronous").fetchone()[0])
+    expect(journal_mode == "wal" and synchronous == 2,
+           f"SQLite runs with journal_mode={journal_mode}, synchronous={synchronous}, not "
+           "SqliteSaver's defaults (wal, 2 = FULL)")
+    expect(savers["always"].state.config.fsync == "always",
+           "the synced MMSB saver does not sync every put")
+    return {
+        "serializer": type(savers["sqlite"].serde).__name__,
+        "sqlite_journal_mode": journal_mode,
+        "sqlite_synchronous": synchronous,
+        "mmsb_fsync_synced": savers["always"].state.config.fsync,
+        "mmsb_fsync_default": savers["mmsb"].state.config.fsync,
+    }
+
+
 def _puts(ctx: RunContext, kind: str) -> CaseOutcome:
     runs = _put_runs(ctx)[kind]
     samples = [t for run in runs for t in run]
@@ -217,6 +251,7 @@ def _puts(ctx: RunContext, kind: str) -> CaseOutcome:
         "p50_per_run_ns": [summarize(run, 1).median_ns for run in runs],
         "langgraph_checkpoint": _metadata.version("langgraph-checkpoint"),
         "langgraph_checkpoint_sqlite": _metadata.version("langgraph-checkpoint-sqlite"),
+        **ctx.cache["lg_setup"],
     })
 
 
