@@ -13,12 +13,18 @@ Every checkpoint is built before timing, and both savers get the same ones.
 | ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
 | ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
 | ``decode_middle`` | LangGraph's serializer decoding step ``N // 2``'s messages alone: the floor both savers share |
+| ``encode_middle`` | LangGraph's serializer encoding step ``N // 2``'s checkpoint: the floor of a put at that step, which both savers pay |
 | ``get_middle_storage`` / ``get_middle_storage_sqlite`` | ``get_tuple`` of step ``N // 2`` with a serializer that decodes nothing: what each saver does around LangGraph's decoding, A/B interleaved |
 | ``list_history`` / ``list_history_sqlite`` | ``list`` of the whole thread, A/B interleaved |
 | ``reopen`` / ``reopen_sqlite`` | open the saver on its files and ``get_tuple`` the latest, A/B interleaved; the files' sizes (``disk_bytes``: the bus directory after ``close``, the SQLite file with its ``-wal`` and ``-shm``) are ``reopen``'s metrics |
 
-Both savers use LangGraph's default serializer; decoding the messages into LangChain
-objects is most of every read, and it is the same work for both.
+Both savers use one serializer object, LangGraph's default (checked, and reported in the
+put cases' metrics with SQLite's journal mode and ``synchronous`` setting): decoding the
+messages into LangChain objects is most of every read, encoding them most of every put,
+and it is the same work for both. The synced comparison is MMSB's ``fsync="always"``
+(one ``fdatasync`` of the log per ``put``) against SQLite's defaults, WAL with
+``synchronous=FULL`` (one ``fdatasync`` of the WAL per commit, a ``put`` being one
+commit). The cyclic garbage collector is paused while an operation is timed.
 """
 
 from __future__ import annotations
@@ -397,6 +403,21 @@ def decode_middle(ctx: RunContext) -> CaseOutcome:
 
     m = ctx.measure(batch, max_inner=ctx.pick(1000, 5))
     return CaseOutcome(m, {"bytes": len(typed[1])})
+
+
+@case("langgraph", "encode_middle", "LangGraph's serializer encoding step N/2's checkpoint "
+      "(the floor of both savers' puts at that step)")
+def encode_middle(ctx: RunContext) -> CaseOutcome:
+    w = _workload(ctx)
+    mine, _theirs = _savers(ctx)
+    checkpoint = w.steps[w.n // 2].checkpoint
+
+    def batch(_obj: Any, n: int) -> None:
+        for _ in range(n):
+            mine.serde.dumps_typed(checkpoint)
+
+    m = ctx.measure(batch, max_inner=ctx.pick(1000, 5))
+    return CaseOutcome(m, {"bytes": len(mine.serde.dumps_typed(checkpoint)[1])})
 
 
 @case("langgraph", "list_history", "list of the thread's whole history with MMSBSaver "
