@@ -9,6 +9,7 @@ Every checkpoint is built before timing, and both savers get the same ones.
 
 | case | what is timed |
 | --- | --- |
+| ``put_own`` / ``put_own_sqlite`` | each ``put`` of fresh savers driven in turn with the values' encoding precomputed and no sync (MMSB ``fsync="none"``, SQLite ``synchronous=OFF``): what each saver does around LangGraph's encoding and the sync |
 | ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` | each ``put`` of the thread, one sample per put, in runs of fresh savers driven step by step in turn: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file |
 | ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
 | ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
@@ -158,12 +159,12 @@ def _open_mmsb(path: Path | None, fsync: str = "batch") -> Any:
 class _Sqlite:
     """A ``SqliteSaver`` on a file, with its connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, serde: Any = None) -> None:
         from langgraph.checkpoint.sqlite import SqliteSaver
 
         self.path = path
         self.conn = sqlite3.connect(str(path), check_same_thread=False)
-        self.saver = SqliteSaver(self.conn)
+        self.saver = SqliteSaver(self.conn, serde=serde)
 
     def close(self) -> None:
         self.conn.close()
@@ -280,6 +281,86 @@ def put_memory(ctx: RunContext) -> CaseOutcome:
 @case("langgraph", "put_sqlite", "SqliteSaver.put on a file (WAL, synchronous=FULL: its defaults)")
 def put_sqlite(ctx: RunContext) -> CaseOutcome:
     return _puts(ctx, "sqlite")
+
+
+class _Precomputed:
+    """A serializer that returns encodings made before timing for the objects it was
+    primed with (matched by identity), and encodes anything else with ``inner``: to
+    time what a saver's ``put`` does around LangGraph's encoding of the values."""
+
+    def __init__(self, inner: Any, objects: list[Any]) -> None:
+        self.inner = inner
+        self.done = {id(o): (o, inner.dumps_typed(o)) for o in objects}
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        hit = self.done.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            out: tuple[str, bytes] = hit[1]
+            return out
+        fresh: tuple[str, bytes] = self.inner.dumps_typed(obj)
+        return fresh
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return self.inner.loads_typed(data)
+
+
+def _own_puts(ctx: RunContext) -> dict[str, list[float]]:
+    """Each saver's own part of a put: the thread saved on fresh savers driven in turn,
+    neither syncing (MMSB ``fsync="none"``, SQLite ``synchronous=OFF``), with a
+    serializer primed with every step's channel values (what MMSB encodes) and whole
+    checkpoint (what SQLite encodes); the small rest (MMSB: the checkpoint without its
+    values and the metadata; SQLite: the metadata, as JSON) is still encoded."""
+    if "lg_own_puts" in ctx.cache:
+        done: dict[str, list[float]] = ctx.cache["lg_own_puts"]
+        return done
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    import mmsb
+    from mmsb.integrations.langgraph import MMSBSaver
+
+    w = _workload(ctx)
+    primed: list[Any] = []
+    for step in w.steps:
+        primed += [step.checkpoint, step.checkpoint["channel_values"]["messages"]]
+    serde = _Precomputed(JsonPlusSerializer(), primed)
+    samples: dict[str, list[float]] = {"mmsb": [], "sqlite": []}
+    for r in range(ctx.pick(2, 1)):
+        mine = MMSBSaver(ctx.path(f"lg-own-{r}"), serde=serde,
+                         config=mmsb.MMSBConfig(fsync="none", max_tlog_size=1 << 20,
+                                                checkpoint_interval=0))
+        where = ctx.path(f"lg-own-sqlite-{r}")
+        where.mkdir(parents=True, exist_ok=True)
+        theirs = _Sqlite(where / "lg.sqlite", serde=serde)
+        try:
+            theirs.saver.setup()
+            theirs.conn.execute("PRAGMA synchronous=OFF")
+            for kind, times in _drive_all({"mmsb": mine, "sqlite": theirs.saver}, w).items():
+                samples[kind] += times
+        finally:
+            mine.close()
+            theirs.close()
+    ctx.cache["lg_own_puts"] = samples
+    return samples
+
+
+@case("langgraph", "put_own", "MMSBSaver.put's own part: the values' encoding precomputed, "
+      "no sync (fsync=\"none\"), one sample per step (paired with SqliteSaver)")
+def put_own(ctx: RunContext) -> CaseOutcome:
+    s = _own_puts(ctx)
+    mine, theirs = summarize(s["mmsb"], 1), summarize(s["sqlite"], 1)
+    return CaseOutcome(Measurement(stats=mine, samples_ns=tuple(s["mmsb"])), {
+        "steps": _workload(ctx).n,
+        "sqlite_median_ns": theirs.median_ns,
+        "ratio_to_sqlite": mine.median_ns / theirs.median_ns,
+    })
+
+
+@case("langgraph", "put_own_sqlite", "SqliteSaver.put's own part: the checkpoint's encoding "
+      "precomputed, synchronous=OFF")
+def put_own_sqlite(ctx: RunContext) -> CaseOutcome:
+    s = _own_puts(ctx)["sqlite"]
+    return CaseOutcome(Measurement(stats=summarize(s, 1), samples_ns=tuple(s)),
+                       {"paired_with": "langgraph/put_own"})
 
 
 def _savers(ctx: RunContext) -> tuple[Any, Any]:
