@@ -181,3 +181,25 @@ def test_random_msgpack_bodies_with_valid_checksums_are_refused_or_well_formed(o
     except SerializationError:
         return
     assert len(got) == 1 and jr.encode_frame(got[0])[8:] == body
+
+
+_text = st.text(max_size=40)
+_version = st.one_of(_text, st.integers(0, (1 << 63) - 1), st.floats(allow_nan=False))
+_nat = st.integers(0, (1 << 63) - 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cid=_text, parent=st.none() | _text, run=st.none() | _text,
+       cp=st.tuples(_text, st.binary(max_size=300)), md=st.tuples(_text, st.binary(max_size=300)),
+       chans=st.lists(st.tuples(_text, _version, _nat, _nat, _nat, _text), max_size=6))
+def test_frame_bound_is_never_below_the_encoded_frame(
+        cid: str, parent: str | None, run: str | None, cp: tuple[str, bytes],
+        md: tuple[str, bytes], chans: list[tuple[str, object, int, int, int, str]]) -> None:
+    # The saver makes room for a record before it knows its epochs: the bound must hold
+    # for every page, epoch and length, non-ASCII text and 64-bit numbers included.
+    refs = tuple(ChannelRef(n, v, p or 1, e, ln, t) for n, v, p, e, ln, t in chans)  # type: ignore[arg-type]
+    record = CheckpointRecord(cid, parent, cp, md, run, refs)
+    bound = jr.frame_bound(cid, parent, cp, md, run, [(r.channel, r.version, r.type) for r in refs])
+    assert len(jr.encode_frame(record)) <= bound
+    assert bound <= 2 * len(jr.encode_frame(record)) + 64 + 40 * len(refs) + 16 * len(
+        "".join([cid, parent or "", run or "", cp[0], md[0]] + [r.channel + r.type for r in refs]))

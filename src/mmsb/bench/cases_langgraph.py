@@ -9,16 +9,23 @@ Every checkpoint is built before timing, and both savers get the same ones.
 
 | case | what is timed |
 | --- | --- |
+| ``put_own`` / ``put_own_sqlite`` | each ``put`` of fresh savers driven in turn with the values' encoding precomputed and no sync (MMSB ``fsync="none"``, SQLite ``synchronous=OFF``): what each saver does around LangGraph's encoding and the sync |
 | ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` | each ``put`` of the thread, one sample per put, in runs of fresh savers driven step by step in turn: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file |
 | ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
 | ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
 | ``decode_middle`` | LangGraph's serializer decoding step ``N // 2``'s messages alone: the floor both savers share |
+| ``encode_middle`` | LangGraph's serializer encoding step ``N // 2``'s checkpoint: the floor of a put at that step, which both savers pay |
 | ``get_middle_storage`` / ``get_middle_storage_sqlite`` | ``get_tuple`` of step ``N // 2`` with a serializer that decodes nothing: what each saver does around LangGraph's decoding, A/B interleaved |
 | ``list_history`` / ``list_history_sqlite`` | ``list`` of the whole thread, A/B interleaved |
 | ``reopen`` / ``reopen_sqlite`` | open the saver on its files and ``get_tuple`` the latest, A/B interleaved; the files' sizes (``disk_bytes``: the bus directory after ``close``, the SQLite file with its ``-wal`` and ``-shm``) are ``reopen``'s metrics |
 
-Both savers use LangGraph's default serializer; decoding the messages into LangChain
-objects is most of every read, and it is the same work for both.
+Both savers use one serializer object, LangGraph's default (checked, and reported in the
+put cases' metrics with SQLite's journal mode and ``synchronous`` setting): decoding the
+messages into LangChain objects is most of every read, encoding them most of every put,
+and it is the same work for both. The synced comparison is MMSB's ``fsync="always"``
+(one ``fdatasync`` of the log per ``put``) against SQLite's defaults, WAL with
+``synchronous=FULL`` (one ``fdatasync`` of the WAL per commit, a ``put`` being one
+commit). The cyclic garbage collector is paused while an operation is timed.
 """
 
 from __future__ import annotations
@@ -110,22 +117,32 @@ def _workload(ctx: RunContext) -> Workload:
 
 def _drive_all(savers: dict[str, Any], w: Workload) -> dict[str, list[float]]:
     """Save the whole thread on every saver, step by step in turn (the order rotating
-    each step), so drift in the machine hits all alike; return each put's time (ns)."""
+    each step), so drift in the machine hits all alike; return each put's time (ns).
+    The cyclic garbage collector is paused while a put is timed, as the harness does
+    for every other timing, so a collection of objects the workload made does not land
+    on whichever saver happens to run then."""
+    import gc
     import time
 
     kinds = list(savers)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     configs = {k: w.config() for k in kinds}
+    gc_was_enabled = gc.isenabled()
     for i, step in enumerate(w.steps):
         for j in range(len(kinds)):
             kind = kinds[(i + j) % len(kinds)]
             saver = savers[kind]
             if i:
                 saver.put_writes(configs[kind], [("messages", [step.message])], f"task-{i}")
-            t0 = time.perf_counter_ns()
-            configs[kind] = saver.put(configs[kind], step.checkpoint, step.metadata,
-                                      step.new_versions)
-            times[kind].append(float(time.perf_counter_ns() - t0))
+            gc.disable()
+            try:
+                t0 = time.perf_counter_ns()
+                configs[kind] = saver.put(configs[kind], step.checkpoint, step.metadata,
+                                          step.new_versions)
+                times[kind].append(float(time.perf_counter_ns() - t0))
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
     return times
 
 
@@ -142,12 +159,12 @@ def _open_mmsb(path: Path | None, fsync: str = "batch") -> Any:
 class _Sqlite:
     """A ``SqliteSaver`` on a file, with its connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, serde: Any = None) -> None:
         from langgraph.checkpoint.sqlite import SqliteSaver
 
         self.path = path
         self.conn = sqlite3.connect(str(path), check_same_thread=False)
-        self.saver = SqliteSaver(self.conn)
+        self.saver = SqliteSaver(self.conn, serde=serde)
 
     def close(self) -> None:
         self.conn.close()
@@ -189,6 +206,7 @@ def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
         savers = {k: (v.saver if k == "sqlite" else v) for k, v in stores.items()}
         for kind, times in _drive_all(savers, w).items():
             samples[kind].append(times)
+        ctx.cache["lg_setup"] = _check_setup(savers, stores["sqlite"].conn)
         last = r == runs - 1
         for kind, store in stores.items():
             if last and kind in ("mmsb", "sqlite"):
@@ -208,6 +226,29 @@ def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
     return samples
 
 
+def _check_setup(savers: dict[str, Any], conn: sqlite3.Connection) -> dict[str, Any]:
+    """Check that the savers are compared on equal terms, and say how: one serializer
+    (the same object: LangGraph's default), SQLite in its default durable mode (WAL,
+    ``synchronous=FULL``: the WAL is synced at every commit) against MMSB's
+    ``fsync="always"`` (the log is synced at every ``put``)."""
+    serdes = {id(s.serde) for s in savers.values()}
+    expect(len(serdes) == 1, "the savers do not share one serializer")
+    journal_mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    synchronous = int(conn.execute("PRAGMA synchronous").fetchone()[0])
+    expect(journal_mode == "wal" and synchronous == 2,
+           f"SQLite runs with journal_mode={journal_mode}, synchronous={synchronous}, not "
+           "SqliteSaver's defaults (wal, 2 = FULL)")
+    expect(savers["always"].state.config.fsync == "always",
+           "the synced MMSB saver does not sync every put")
+    return {
+        "serializer": type(savers["sqlite"].serde).__name__,
+        "sqlite_journal_mode": journal_mode,
+        "sqlite_synchronous": synchronous,
+        "mmsb_fsync_synced": savers["always"].state.config.fsync,
+        "mmsb_fsync_default": savers["mmsb"].state.config.fsync,
+    }
+
+
 def _puts(ctx: RunContext, kind: str) -> CaseOutcome:
     runs = _put_runs(ctx)[kind]
     samples = [t for run in runs for t in run]
@@ -217,6 +258,7 @@ def _puts(ctx: RunContext, kind: str) -> CaseOutcome:
         "p50_per_run_ns": [summarize(run, 1).median_ns for run in runs],
         "langgraph_checkpoint": _metadata.version("langgraph-checkpoint"),
         "langgraph_checkpoint_sqlite": _metadata.version("langgraph-checkpoint-sqlite"),
+        **ctx.cache["lg_setup"],
     })
 
 
@@ -239,6 +281,86 @@ def put_memory(ctx: RunContext) -> CaseOutcome:
 @case("langgraph", "put_sqlite", "SqliteSaver.put on a file (WAL, synchronous=FULL: its defaults)")
 def put_sqlite(ctx: RunContext) -> CaseOutcome:
     return _puts(ctx, "sqlite")
+
+
+class _Precomputed:
+    """A serializer that returns encodings made before timing for the objects it was
+    primed with (matched by identity), and encodes anything else with ``inner``: to
+    time what a saver's ``put`` does around LangGraph's encoding of the values."""
+
+    def __init__(self, inner: Any, objects: list[Any]) -> None:
+        self.inner = inner
+        self.done = {id(o): (o, inner.dumps_typed(o)) for o in objects}
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        hit = self.done.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            out: tuple[str, bytes] = hit[1]
+            return out
+        fresh: tuple[str, bytes] = self.inner.dumps_typed(obj)
+        return fresh
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        return self.inner.loads_typed(data)
+
+
+def _own_puts(ctx: RunContext) -> dict[str, list[float]]:
+    """Each saver's own part of a put: the thread saved on fresh savers driven in turn,
+    neither syncing (MMSB ``fsync="none"``, SQLite ``synchronous=OFF``), with a
+    serializer primed with every step's channel values (what MMSB encodes) and whole
+    checkpoint (what SQLite encodes); the small rest (MMSB: the checkpoint without its
+    values and the metadata; SQLite: the metadata, as JSON) is still encoded."""
+    if "lg_own_puts" in ctx.cache:
+        done: dict[str, list[float]] = ctx.cache["lg_own_puts"]
+        return done
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+    import mmsb
+    from mmsb.integrations.langgraph import MMSBSaver
+
+    w = _workload(ctx)
+    primed: list[Any] = []
+    for step in w.steps:
+        primed += [step.checkpoint, step.checkpoint["channel_values"]["messages"]]
+    serde = _Precomputed(JsonPlusSerializer(), primed)
+    samples: dict[str, list[float]] = {"mmsb": [], "sqlite": []}
+    for r in range(ctx.pick(2, 1)):
+        mine = MMSBSaver(ctx.path(f"lg-own-{r}"), serde=serde,
+                         config=mmsb.MMSBConfig(fsync="none", max_tlog_size=1 << 20,
+                                                checkpoint_interval=0))
+        where = ctx.path(f"lg-own-sqlite-{r}")
+        where.mkdir(parents=True, exist_ok=True)
+        theirs = _Sqlite(where / "lg.sqlite", serde=serde)
+        try:
+            theirs.saver.setup()
+            theirs.conn.execute("PRAGMA synchronous=OFF")
+            for kind, times in _drive_all({"mmsb": mine, "sqlite": theirs.saver}, w).items():
+                samples[kind] += times
+        finally:
+            mine.close()
+            theirs.close()
+    ctx.cache["lg_own_puts"] = samples
+    return samples
+
+
+@case("langgraph", "put_own", "MMSBSaver.put's own part: the values' encoding precomputed, "
+      "no sync (fsync=\"none\"), one sample per step (paired with SqliteSaver)")
+def put_own(ctx: RunContext) -> CaseOutcome:
+    s = _own_puts(ctx)
+    mine, theirs = summarize(s["mmsb"], 1), summarize(s["sqlite"], 1)
+    return CaseOutcome(Measurement(stats=mine, samples_ns=tuple(s["mmsb"])), {
+        "steps": _workload(ctx).n,
+        "sqlite_median_ns": theirs.median_ns,
+        "ratio_to_sqlite": mine.median_ns / theirs.median_ns,
+    })
+
+
+@case("langgraph", "put_own_sqlite", "SqliteSaver.put's own part: the checkpoint's encoding "
+      "precomputed, synchronous=OFF")
+def put_own_sqlite(ctx: RunContext) -> CaseOutcome:
+    s = _own_puts(ctx)["sqlite"]
+    return CaseOutcome(Measurement(stats=summarize(s, 1), samples_ns=tuple(s)),
+                       {"paired_with": "langgraph/put_own"})
 
 
 def _savers(ctx: RunContext) -> tuple[Any, Any]:
@@ -362,6 +484,21 @@ def decode_middle(ctx: RunContext) -> CaseOutcome:
 
     m = ctx.measure(batch, max_inner=ctx.pick(1000, 5))
     return CaseOutcome(m, {"bytes": len(typed[1])})
+
+
+@case("langgraph", "encode_middle", "LangGraph's serializer encoding step N/2's checkpoint "
+      "(the floor of both savers' puts at that step)")
+def encode_middle(ctx: RunContext) -> CaseOutcome:
+    w = _workload(ctx)
+    mine, _theirs = _savers(ctx)
+    checkpoint = w.steps[w.n // 2].checkpoint
+
+    def batch(_obj: Any, n: int) -> None:
+        for _ in range(n):
+            mine.serde.dumps_typed(checkpoint)
+
+    m = ctx.measure(batch, max_inner=ctx.pick(1000, 5))
+    return CaseOutcome(m, {"bytes": len(mine.serde.dumps_typed(checkpoint)[1])})
 
 
 @case("langgraph", "list_history", "list of the thread's whole history with MMSBSaver "

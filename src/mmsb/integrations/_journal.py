@@ -21,7 +21,7 @@ without extension types, every field checked for type and range.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "WritesRecord",
     "encode_frame",
     "encode_header",
+    "frame_bound",
     "header_state",
     "iter_frames",
 ]
@@ -179,6 +180,26 @@ def encode_frame(record: Record) -> bytes:
                                  f"{MAX_FRAME}-byte frame limit")
     head = _LEN.pack(len(body))
     return head + _LEN.pack(_crc32c.crc32c(body, _crc32c.crc32c(head))) + body
+
+
+def _str_bound(v: str | None) -> int:
+    """Most bytes msgpack takes for ``v`` (UTF-8 is at most 4 bytes a code point)."""
+    return 1 if v is None else 5 + 4 * len(v)
+
+
+def frame_bound(checkpoint_id: str, parent_id: str | None, checkpoint: tuple[str, bytes],
+                metadata: tuple[str, bytes], run_id: str | None,
+                channels: Iterable[tuple[str, Version, str]]) -> int:
+    """An upper bound of ``len(encode_frame(...))`` for a checkpoint record with these
+    fields and one channel entry per ``(name, version, type)``, whatever their page,
+    epoch and length (each int takes at most 9 bytes). O(fields), nothing encoded."""
+    n = (FRAME_OVERHEAD + 5 + 1 + _str_bound(checkpoint_id) + _str_bound(parent_id)
+         + _str_bound(checkpoint[0]) + 5 + len(checkpoint[1])
+         + _str_bound(metadata[0]) + 5 + len(metadata[1]) + _str_bound(run_id) + 5)
+    for name, version, typ in channels:
+        n += (1 + _str_bound(name) + (_str_bound(version) if isinstance(version, str) else 9)
+              + 3 * 9 + _str_bound(typ))
+    return n
 
 
 def _is_int(v: Any) -> bool:

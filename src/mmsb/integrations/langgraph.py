@@ -447,7 +447,11 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         cid = record.checkpoint_id
         old = j.entries.get(cid)
         if old is None:
-            bisect.insort(j.order, cid)
+            order = j.order
+            if not order or order[-1] < cid:
+                order.append(cid)  # the usual case: ids grow with time
+            else:
+                bisect.insort(order, cid)
         else:
             self._refs.subtract(old.pages)
         pages = tuple(sorted({c.page_id for c in record.channels if c.page_id}))
@@ -501,6 +505,16 @@ class MMSBSaver(BaseCheckpointSaver[str]):
 
     @staticmethod
     def _ids(config: Any, fn: str, *, need_id: bool = False) -> tuple[str, str, str | None]:
+        if type(config) is dict:
+            conf = config.get("configurable")
+            if type(conf) is dict:
+                # The usual shape, checked with exact types; anything else takes the
+                # general path below, which names what is wrong.
+                thread, ns, cid = (conf.get("thread_id"), conf.get("checkpoint_ns") or "",
+                                   conf.get("checkpoint_id"))
+                if (type(thread) is str and type(ns) is str
+                        and (cid is None or type(cid) is str) and (cid or not need_id)):
+                    return thread, ns, cid
         if not isinstance(config, Mapping) or not isinstance(config.get("configurable"),
                                                               Mapping):
             raise InvalidArgumentError(
@@ -784,15 +798,16 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                 if data:
                     targets[ch] = self._channel_page(thread, ns, ch, len(data),
                                                      parent_refs.get(ch))
-            # An upper bound of the record's size: each epoch as if the write changes it.
-            state = self._state
-            guess = [ChannelRef(ch, new_versions[ch], targets.get(ch, 0),
-                                state.pages[targets[ch]].epoch + 1 if ch in targets else 0,
-                                len(blobs[ch][1]), blobs[ch][0]) for ch in blobs]
-            bound = len(jr.encode_frame(CheckpointRecord(
-                cid, parent_id, cp_typed, md_typed, self._opt_str(run_id),
-                tuple(refs.values()) + tuple(guess))))
+            # The journal must have room for the record before the batch (a resize is
+            # refused inside one); its epochs are known only after the writes, so room
+            # for an upper bound of its size is made, computed without encoding it.
+            run = self._opt_str(run_id)
+            bound = jr.frame_bound(cid, parent_id, cp_typed, md_typed, run,
+                                   [(r.channel, r.version, r.type) for r in refs.values()]
+                                   + [(ch, new_versions[ch], typed[0])
+                                      for ch, typed in blobs.items()])
             self._grow(j.page_id, (j.end or jr.HEADER_SIZE) + bound)
+            state = self._state
             with batch(state) as b:
                 for ch, (typ, data) in blobs.items():
                     if ch in targets:
@@ -802,8 +817,8 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                                               len(data), typ)
                     else:
                         refs[ch] = ChannelRef(ch, new_versions[ch], 0, 0, 0, typ)
-                record = CheckpointRecord(cid, parent_id, cp_typed, md_typed,
-                                          self._opt_str(run_id), tuple(refs.values()))
+                record = CheckpointRecord(cid, parent_id, cp_typed, md_typed, run,
+                                          tuple(refs.values()))
                 frame = jr.encode_frame(record)
                 offset, end = self._append(j, frame, b)
             j.end = end
