@@ -242,6 +242,123 @@ def test_timeline_is_aggregated_on_a_large_log(tmp_path: Path) -> None:
         inspected.close()
 
 
+def _varied_history(max_log: int | None = None, rounds: int = 40) -> mmsb.MMSBState:
+    """A log with every kind of record the inspector aggregates: batches of sparse
+    writes, masked and full dense deltas, metadata flags, edges added and removed,
+    clones, deletions, resizes, and (without ``max_log``) a compression marker half way;
+    with ``max_log`` the log is folded into a replay base as it goes."""
+    state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=max_log or 10**7))
+    ids = [p.id for p in mmsb.create_pages(state, 300, 61)]
+    rng = np.random.default_rng(3)
+    for b in range(rounds):
+        mmsb.apply_batch(state, [(int(ids[i]), int(o), bytes([b, 1, 2])) for i, o in
+                                 zip(rng.integers(0, len(ids), 1500), rng.integers(0, 58, 1500),
+                                     strict=True)], source="batch")
+        size = state.pages[ids[b]].size
+        mask = rng.random(size) < 0.4
+        mmsb.route_delta(state, mmsb.create_delta(
+            state, ids[b], mask, rng.integers(0, 256, size, dtype=np.uint8).tobytes(),
+            source="masked"))
+        mmsb.update_page(state, ids[b + 1], bytes([b]) * state.pages[ids[b + 1]].size)
+        mmsb.set_metadata(state, ids[b + 2], "stale", b % 2 == 0)
+        mmsb.add_dependency(state, ids[b], ids[b + 100], mmsb.CONTROL_DEPENDENCY)
+        if b % 5 == 4:
+            p, c, _t = state.graph.edges()[0]
+            mmsb.remove_dependency(state, p, c)
+        if b % 7 == 3:
+            clone = mmsb.clone_page(state, ids[b + 3])
+            ids.append(clone.id)
+            mmsb.add_dependency(state, ids[b + 3], clone.id, mmsb.DATA_DEPENDENCY)
+        if b % 9 == 8:
+            mmsb.delete_page(state, ids.pop(b + 50))
+        if b % 11 == 5:
+            mmsb.resize_page(state, ids[b + 4], 80)
+        if b == rounds // 2 and max_log is None:
+            mmsb.compress_log(state)
+    return state
+
+
+def _reference_page_stats(state: mmsb.MMSBState) -> dict[int, tuple[int, int, int]]:
+    """Page id → (deltas, bytes written, newest LSN), one Delta object at a time."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for d in state.tlog:
+        n, b, _lsn = out.get(d.page_id, (0, 0, 0))
+        out[d.page_id] = (n + 1, b + d.count, d.lsn)
+    return out
+
+
+def _reference_graph(state: mmsb.MMSBState, lsn: int) -> tuple[dict[int, int], dict[int, Any],
+                                                               list[Any]]:
+    view = mmsb.replay_to_lsn(state, lsn)
+    return ({p: page.epoch for p, page in view.pages.items()},
+            {p: dict(page.metadata) for p, page in view.pages.items() if page.metadata},
+            view.graph.edges())
+
+
+@pytest.mark.parametrize("max_log", [None, 20_000])
+def test_column_statistics_and_past_graphs_equal_the_slow_reference(max_log: int | None) -> None:
+    from mmsb._history.graph_at import graph_at_lsn
+    from mmsb._history.stats import log_statistics, page_statistics
+
+    state = _varied_history(max_log)
+    assert (state.replay_base is not None) == (max_log is not None)
+    assert state.log.horizon_lsn > 0
+    sources: dict[str, int] = {}
+    changed = sparse = 0
+    for d in state.tlog:
+        sources[d.source] = sources.get(d.source, 0) + 1
+        changed += d.count
+        sparse += d.is_sparse
+    got = log_statistics(state.log)
+    assert (got["bytes_changed"], got["sparse_deltas"], got["sources"]) == (changed, sparse, sources)
+    assert list(got["sources"]) == list(sources)  # in the order the deltas meet them
+    assert got["total_deltas"] == len(state.tlog) and got["records"] == len(state.log.records)
+    assert got["first_lsn"] == state.log.records[0].lsn
+    assert page_statistics(state.log) == _reference_page_stats(state)
+    assert mmsb.get_stats(state).total_delta_bytes == changed
+    for lsn in np.linspace(state.log.horizon_lsn, state.last_lsn, 12).astype(int).tolist():
+        past = graph_at_lsn(state, lsn)
+        assert (past.epochs, past.metadata, past.edges) == _reference_graph(state, lsn), lsn
+
+
+def test_large_log_answers_equal_the_slow_reference(tmp_path: Path) -> None:
+    """Page table, summary, stats and past graphs of a log of ~41,000 records (84,000
+    LSNs, compressed half way), served from the log's columns and structural records,
+    against one Delta object at a time and replay_to_lsn."""
+    state = _varied_history(rounds=58)
+    ck = tmp_path / "varied.ckpt"
+    mmsb.checkpoint_log(state, ck)
+    loaded = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=10**7))
+    mmsb.load_checkpoint(loaded, ck)
+    assert len(loaded.log.records) > 40_000
+    inspected = Inspected(ck)
+    try:
+        c = TestClient(create_app(inspected, lambda: {"testserver"}))
+        ref = _reference_page_stats(loaded)
+        rows = get(c, "/api/pages?limit=500")["rows"]
+        assert [r["id"] for r in rows] == list(loaded.pages)
+        for r in rows:
+            want = ref.get(r["id"], (0, 0, None))
+            assert (r["deltas"], r["bytes_written"], r["last_lsn"]) == want, r["id"]
+        log = get(c, "/api/summary")["log"]
+        assert log["bytes_changed"] == sum(b for _n, b, _l in ref.values())
+        assert log["deltas"] == len(loaded.tlog)
+        assert log["sparse_deltas"] == sum(d.is_sparse for d in loaded.tlog)
+        assert get(c, "/api/stats")["stats"]["total_delta_bytes"] == log["bytes_changed"]
+        for lsn in np.linspace(loaded.log.horizon_lsn, loaded.last_lsn, 8).astype(int).tolist():
+            g = get(c, f"/api/graph?lsn={lsn}")
+            epochs, meta, edges = _reference_graph(loaded, lsn)
+            assert {n["id"]: n["epoch"] for n in g["nodes"]} == epochs
+            assert {n["id"] for n in g["nodes"] if n["stale"]} == {
+                p for p, m in meta.items() if m.get("stale")}
+            assert [(e["parent"], e["child"], e["type"]) for e in g["edges"]] == [
+                (p, ch, mmsb.EdgeType(t).name) for p, ch, t in edges]
+        before = loaded.log.horizon_lsn - 1
+        assert get(c, f"/api/graph?lsn={before}", 400)["error"]["type"] == "InvalidArgumentError"
+    finally:
+        inspected.close()
+
+
 # -- the command ---------------------------------------------------------------------------
 
 class Served:

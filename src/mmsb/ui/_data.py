@@ -18,17 +18,17 @@ import numpy as np
 
 import mmsb
 
+from .._history.graph_at import graph_at_lsn
+from .._history.stats import RowColumns, page_statistics, row_columns
 from ..cli.views import (
     Source,
     blame,
     delta_row,
-    edge_rows,
     format_time,
     history_rows,
     jsonable,
     log_summary,
     open_source,
-    page_rows,
 )
 from ..errors import InvalidArgumentError, MMSBError, PageNotFoundError
 
@@ -118,17 +118,16 @@ class Inspected:
                                                          np.ndarray, list[str]]:
         """LSN, page, timestamp and source index of every retained delta (numpy), and
         the source names the index refers to (structural records last)."""
-        log = state.log
-        n = log.n
-        rows = log.rows[:n]
-        lsns = log.row_lsns(0, n)
-        names = list(log.sources)
-        src = rows["src"].astype(np.int64)
-        for row, name in log.rare_sources.items():
-            if name not in names:
-                names.append(name)
-            src[row] = names.index(name)
-        return lsns, rows["page"].astype(np.int64), rows["ts"].astype(np.int64), src, names
+        c = self._rows(state)
+        return c.lsn, c.page, c.ts, c.src, list(c.sources)
+
+    def _rows(self, state: mmsb.MMSBState) -> RowColumns:
+        """The log's delta rows as columns, built once per LSN (one vectorised pass)."""
+        def build() -> RowColumns:
+            with state.lock:
+                return row_columns(state.log)
+        cols: RowColumns = self._memoized(("rows", state.last_lsn), build)
+        return cols
 
     def timeline(self, *, lo: Any = None, hi: Any = None, bins: Any = 200, page: Any = None,
                  source: Any = None) -> dict[str, Any]:
@@ -213,8 +212,23 @@ class Inspected:
         state = self.state()
         off = _int_arg("offset", offset, 0)
         lim = _int_arg("limit", limit, 1, MAX_ROWS)
-        rows = self._memoized(("pages", state.last_lsn), lambda: page_rows(state))
+        rows = self._memoized(("pages", state.last_lsn), lambda: self._page_rows(state))
         return {"total": len(rows), "offset": off, "rows": rows[off : off + lim]}
+
+    def _page_rows(self, state: mmsb.MMSBState) -> list[dict[str, Any]]:
+        """One row per live page: id, size, epoch, location, metadata, and from the log's
+        columns its retained deltas, the bytes they wrote and the newest one's LSN."""
+        cols = self._rows(state)
+        with state.lock:
+            per_page = page_statistics(state.log, cols)
+        rows = []
+        for pid, page in state.pages.items():
+            deltas, nbytes, last = per_page.get(pid, (0, 0, None))
+            rows.append({"id": pid, "size": page.size, "epoch": page.epoch,
+                         "location": str(page.location), "deltas": deltas,
+                         "bytes_written": nbytes, "last_lsn": last,
+                         "metadata": jsonable(dict(page.metadata))})
+        return rows
 
     def heat(self, page_id: Any, mode: str = "count") -> dict[str, Any]:
         """Per byte of the page, how often it was written (``count``) or the LSN that
@@ -290,7 +304,8 @@ class Inspected:
     # -- graph and stats ------------------------------------------------------------
     def graph(self, lsn: Any = None) -> dict[str, Any]:
         """Pages with their edges, types and stale / invalidated flags, now or right
-        after ``lsn`` (a replay of the log to that LSN, kept per LSN)."""
+        after ``lsn`` (the graph rebuilt from the log's structural records, kept per
+        LSN)."""
         state = self.state()
         at = state.last_lsn if lsn in (None, "") else _int_arg(
             "lsn", lsn, max(0, state.log.horizon_lsn), state.last_lsn)
@@ -298,19 +313,28 @@ class Inspected:
                                    lambda: self._graph(state, at)))
 
     def _graph(self, state: mmsb.MMSBState, at: int) -> dict[str, Any]:
-        view = state if at == state.last_lsn else mmsb.replay_to_lsn(state, at)
-        edges = edge_rows(view)
-        ids = sorted({e["parent"] for e in edges} | {e["child"] for e in edges}
-                     | set(list(view.pages)[:MAX_NODES]))
+        if at == state.last_lsn:
+            epochs = {pid: page.epoch for pid, page in state.pages.items()}
+            meta = {pid: dict(page.metadata) for pid, page in state.pages.items()}
+            all_edges = state.graph.edges()
+        else:
+            # Only the graph is rebuilt (structural records and per-page epochs), no
+            # page bytes.
+            with state.lock:
+                past = graph_at_lsn(state, at)
+            epochs, meta, all_edges = past.epochs, past.metadata, past.edges
+        ends: set[int] = {p for p, _c, _t in all_edges} | {c for _p, c, _t in all_edges}
+        edges: list[dict[str, Any]] = [
+            {"parent": p, "child": c, "type": mmsb.EdgeType(t).name} for p, c, t in all_edges]
+        ids = sorted(ends | set(list(epochs)[:MAX_NODES]))
         nodes = []
         for pid in ids[:MAX_NODES]:
-            page = view.pages.get(pid)
-            meta = dict(page.metadata) if page is not None else {}
-            nodes.append({"id": pid, "epoch": page.epoch if page is not None else None,
-                          "name": str(meta.get("name", "")),
-                          "stale": bool(meta.get("stale", False)),
-                          "invalidated": meta.get("ir_valid", True) is False,
-                          "live": page is not None})
+            m = meta.get(pid, {})
+            nodes.append({"id": pid, "epoch": epochs.get(pid),
+                          "name": str(m.get("name", "")),
+                          "stale": bool(m.get("stale", False)),
+                          "invalidated": m.get("ir_valid", True) is False,
+                          "live": pid in epochs})
         shown = {n["id"] for n in nodes}
         edges = [e for e in edges if e["parent"] in shown and e["child"] in shown]
         return {"lsn": at, "last_lsn": state.last_lsn, "nodes": nodes, "edges": edges,
