@@ -83,6 +83,34 @@ def test_summary_and_timeline_count_every_record(client: TestClient, demo_bus: P
     assert len(zoom["edges"]) - 1 == state.last_lsn - 6 + 1  # one bin per LSN at most
 
 
+def test_timeline_over_time(client: TestClient, demo_bus: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    recs = list(state.log.records)
+    us = [r.timestamp // 1000 for r in recs]
+    t = get(client, "/api/timeline?axis=time&bins=7")
+    assert t["axis"] == "time" and (t["lo"], t["hi"]) == (us[0], us[-1])
+    edges = t["edges"]
+    assert len(edges) - 1 == min(7, us[-1] - us[0] + 1)
+    assert edges[0] == us[0] and edges[-1] == us[-1] + 1
+    assert sum(map(sum, t["series"].values())) == len(recs)
+    for i in range(len(edges) - 1):
+        inside = [r for r, u in zip(recs, us, strict=True) if edges[i] <= u < edges[i + 1]]
+        assert sum(v[i] for v in t["series"].values()) == len(inside)
+        assert t["ranges"][i] == ([inside[0].lsn, inside[-1].lsn] if inside else None)
+        assert (t["times"][i] is None) == (not inside)
+    # Zoomed to a window of time: exactly the records stamped inside it.
+    lo, hi = us[len(us) // 3], us[2 * len(us) // 3]
+    z = get(client, f"/api/timeline?axis=time&lo={lo}&hi={hi}&bins=2000")
+    assert sum(map(sum, z["series"].values())) == sum(lo <= u <= hi for u in us)
+    assert len(z["edges"]) - 1 <= 2000
+    prop = get(client, "/api/timeline?axis=time&source=propagation")
+    assert set(prop["series"]) == {"propagation"}
+    assert sum(prop["series"]["propagation"]) == sum(d.source == "propagation"
+                                                      for d in mmsb.query_log(state))
+    lsn_axis = get(client, "/api/timeline?bins=5")
+    assert lsn_axis["axis"] == "lsn" and len(lsn_axis["ranges"]) == 5
+
+
 def test_log_rows_filter_and_bound(client: TestClient, demo_bus: Path) -> None:
     state = mmsb.open_readonly(demo_bus)
     rows = get(client, "/api/log")["rows"]
@@ -162,6 +190,9 @@ def test_stats_latency_series(client: TestClient) -> None:
     ("/api/graph?lsn=1e3", 400, "InvalidArgumentError"),
     ("/api/timeline?bins=0", 400, "InvalidArgumentError"),
     ("/api/timeline?lo=9&hi=3", 400, "InvalidArgumentError"),
+    ("/api/timeline?axis=epoch", 400, "InvalidArgumentError"),
+    ("/api/timeline?axis=time&bins=2001", 400, "InvalidArgumentError"),
+    ("/api/timeline?axis=time&lo=soon", 400, "InvalidArgumentError"),
     ("/api/log?page=abc", 400, "InvalidArgumentError"),
     ("/api/events?since=-4", 400, "InvalidArgumentError"),
     ("/api/nowhere", 404, "NotFound"),
@@ -234,6 +265,10 @@ def test_timeline_is_aggregated_on_a_large_log(tmp_path: Path) -> None:
         t = r.json()
         assert sum(map(sum, t["series"].values())) == len(state.log.records)
         assert len(t["edges"]) == MAX_BINS + 1 and len(r.content) < 200_000
+        r = c.get(f"/api/timeline?axis=time&bins={MAX_BINS}")
+        t = r.json()
+        assert sum(map(sum, t["series"].values())) == len(state.log.records)
+        assert len(t["edges"]) <= MAX_BINS + 1 and len(r.content) < 300_000
         log = get(c, "/api/log?limit=500")
         assert log["total"] == len(state.tlog) and len(log["rows"]) == 500
         assert len(bytes.fromhex(get(c, "/api/pages/1/version?length=4096")["hex"])) == 64
@@ -592,6 +627,47 @@ def test_timeline_zoom_and_click_through(browser_page: tuple[Any, list[str]],
     assert page.inner_text("#vlsn") == lsn
     d = next(d for d in mmsb.query_log(state) if str(d.lsn) == lsn)
     assert page.url.endswith(f"#/page/{d.page_id}?lsn={lsn}")
+    assert errors == []
+
+
+def test_timeline_time_axis_in_a_browser(browser_page: tuple[Any, list[str]],
+                                         served: Served, demo_bus: Path) -> None:
+    page, errors = browser_page
+    state = mmsb.open_readonly(demo_bus)
+    deltas = mmsb.query_log(state)
+    page.goto(served.url + "#/timeline")
+    page.wait_for_selector("#chart rect.bar")
+    page.click("#axis-time")
+    page.wait_for_function("location.hash.includes('axis=time')")
+    _rendered(page)
+    assert page.locator("#chart").get_attribute("data-axis") == "time"
+    assert page.locator("#axis-time.on").count() == 1
+    ticks = page.locator("#chart text.tick").all_text_contents()
+    assert ticks and all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{6}", x) for x in ticks)
+    assert page.locator("#log a.lsnlink").all_inner_texts() == [str(d.lsn) for d in deltas]
+    # Zoom by dragging over the right half: the address holds a window of microseconds.
+    box = page.locator("#chart").bounding_box()
+    page.mouse.move(box["x"] + 500, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 950, box["y"] + 100)
+    page.mouse.up()
+    page.wait_for_function("location.hash.includes('lo=') && location.hash.includes('axis=time')")
+    _rendered(page)
+    lo = int(re.search(r"lo=(\d+)", page.url).group(1))
+    assert lo > state.log.records[0].timestamp // 1000
+    page.wait_for_selector("#zoom-out:not([disabled])")
+    # A bar lists the records of its time bin, by their LSN range.
+    page.locator("#chart rect.bar").last.click()
+    page.wait_for_function("location.hash.includes('blo=')")
+    _rendered(page)
+    blo = int(re.search(r"blo=(\d+)", page.url).group(1))
+    bhi = int(re.search(r"bhi=(\d+)", page.url).group(1))
+    shown = [int(x) for x in page.locator("#log a.lsnlink").all_inner_texts()]
+    assert shown == [d.lsn for d in deltas if blo <= d.lsn <= bhi]
+    page.click("#axis-lsn")
+    page.wait_for_function("!location.hash.includes('axis=time')")
+    _rendered(page)
+    assert page.locator("#chart").get_attribute("data-axis") == "lsn"
     assert errors == []
 
 

@@ -23,9 +23,11 @@ from .._core.log import (
     ENC_RUN,
     ENC_RUN16,
     TransactionLog,
+    _CreateRun,
 )
 
-__all__ = ["RowColumns", "row_columns", "row_counts", "log_statistics", "page_statistics"]
+__all__ = ["RowColumns", "RecordColumns", "row_columns", "row_counts", "record_columns",
+           "structural_columns", "log_statistics", "page_statistics"]
 
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.int64)
 """Set bits of each byte value."""
@@ -178,3 +180,64 @@ def page_statistics(log: TransactionLog, cols: RowColumns | None = None
     return {pid: (d, b, lsn) for pid, d, b, lsn in zip(
         have.tolist(), deltas[have].tolist(), nbytes[have].tolist(), last[have].tolist(),
         strict=True)}
+
+
+def structural_columns(log: TransactionLog) -> tuple[np.ndarray, np.ndarray]:
+    """LSN and timestamp of every retained structural record (int64, in LSN order), a
+    creation run counted page by page. O(structural entries + pages of creation runs),
+    each run in one numpy step."""
+    lsns: list[np.ndarray] = []
+    stamps: list[np.ndarray] = []
+    one_l: list[int] = []
+    one_t: list[int] = []
+    for rec in log.structs:
+        if type(rec) is _CreateRun:
+            if one_l:
+                lsns.append(np.array(one_l, np.int64))
+                stamps.append(np.array(one_t, np.int64))
+                one_l, one_t = [], []
+            lsns.append(rec.lsn + np.arange(rec.count, dtype=np.int64))
+            stamps.append(rec.timestamp + np.frombuffer(rec.offsets, np.uint32).astype(np.int64))
+        else:
+            one_l.append(rec.lsn)
+            one_t.append(rec.timestamp)
+    if one_l:
+        lsns.append(np.array(one_l, np.int64))
+        stamps.append(np.array(one_t, np.int64))
+    if not lsns:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(lsns), np.concatenate(stamps)
+
+
+@dataclass
+class RecordColumns:
+    """Every retained record, deltas and structural ones merged in LSN order."""
+
+    lsn: np.ndarray
+    ts: np.ndarray
+    page: np.ndarray
+    """The delta's page; -1 for a structural record."""
+    src: np.ndarray
+    """Index into ``sources``; structural records have ``len(sources) - 1``."""
+    sources: list[str]
+    """The deltas' source names (first-row order), then ``structural``."""
+
+
+def record_columns(log: TransactionLog, cols: RowColumns | None = None,
+                   structural: str = "structural") -> RecordColumns:
+    """The delta rows and the structural records of ``log`` as one set of columns in
+    LSN order (both are in LSN order already: merged by position, no sort)."""
+    c = row_columns(log) if cols is None else cols
+    s_lsn, s_ts = structural_columns(log)
+    n, m = len(c.lsn), len(s_lsn)
+    at = np.searchsorted(c.lsn, s_lsn) + np.arange(m)
+    is_struct = np.zeros(n + m, bool)
+    is_struct[at] = True
+    lsn = np.empty(n + m, np.int64)
+    ts = np.empty(n + m, np.int64)
+    page = np.full(n + m, -1, np.int64)
+    src = np.full(n + m, len(c.sources), np.int64)
+    lsn[at], ts[at] = s_lsn, s_ts
+    rest = ~is_struct
+    lsn[rest], ts[rest], page[rest], src[rest] = c.lsn, c.ts, c.page, c.src
+    return RecordColumns(lsn, ts, page, src, [*c.sources, structural])

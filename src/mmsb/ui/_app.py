@@ -87,7 +87,8 @@ def create_app(inspected: Inspected, allowed_hosts: Callable[[], set[str]]) -> A
     routes = [
         Route("/api/summary", endpoint(lambda r: inspected.summary())),
         Route("/api/timeline", endpoint(
-            lambda r: inspected.timeline(bins=q(r, "bins", 200), **filters(r)))),
+            lambda r: inspected.timeline(bins=q(r, "bins", 200), axis=q(r, "axis", "lsn"),
+                                         **filters(r)))),
         Route("/api/log", endpoint(
             lambda r: inspected.log_rows(limit=q(r, "limit", 100), **filters(r)))),
         Route("/api/pages", endpoint(

@@ -19,7 +19,13 @@ import numpy as np
 import mmsb
 
 from .._history.graph_at import graph_at_lsn
-from .._history.stats import RowColumns, page_statistics, row_columns
+from .._history.stats import (
+    RecordColumns,
+    RowColumns,
+    page_statistics,
+    record_columns,
+    row_columns,
+)
 from ..cli.views import (
     Source,
     blame,
@@ -129,55 +135,71 @@ class Inspected:
         cols: RowColumns = self._memoized(("rows", state.last_lsn), build)
         return cols
 
+    def _records(self, state: mmsb.MMSBState) -> RecordColumns:
+        """Every retained record (deltas and structural ones) as columns, built once per
+        LSN."""
+        cols = self._rows(state)
+
+        def build() -> RecordColumns:
+            with state.lock:
+                return record_columns(state.log, cols, STRUCTURAL)
+        recs: RecordColumns = self._memoized(("records", state.last_lsn), build)
+        return recs
+
     def timeline(self, *, lo: Any = None, hi: Any = None, bins: Any = 200, page: Any = None,
-                 source: Any = None) -> dict[str, Any]:
-        """Records per LSN bin and source over ``[lo, hi]``, counted server-side with
-        numpy (O(retained deltas)); structural records form their own series."""
+                 source: Any = None, axis: Any = "lsn") -> dict[str, Any]:
+        """Records per bin and source over ``[lo, hi]``, counted server-side with numpy
+        (O(retained records)); structural records form their own series. With
+        ``axis="lsn"`` bins are LSN ranges; with ``axis="time"`` they are ranges of
+        wall-clock time and ``lo`` / ``hi`` / ``edges`` are microseconds since the Unix
+        epoch (exact as JSON numbers). Each bin also gets the time of its first record
+        and the LSN range its records span."""
+        if axis in (None, ""):
+            axis = "lsn"
+        if axis not in ("lsn", "time"):
+            raise InvalidArgumentError(f"axis must be 'lsn' or 'time', not {str(axis)[:40]!r}")
         state = self.state()
         last = state.last_lsn
         first = max(1, state.log.horizon_lsn)
-        lo_n = first if lo in (None, "") else _int_arg("lo", lo, 0)
-        hi_n = last if hi in (None, "") else _int_arg("hi", hi, 0)
         nb = _int_arg("bins", bins, 1, MAX_BINS)
+        recs = self._records(state)
+        x_all = recs.lsn if axis == "lsn" else recs.ts // 1000
+        if axis == "lsn":
+            lo_d, hi_d = first, last
+        else:
+            lo_d = int(x_all[0]) if x_all.size else 0
+            hi_d = int(x_all[-1]) if x_all.size else 0
+        lo_n = lo_d if lo in (None, "") else _int_arg("lo", lo, 0)
+        hi_n = hi_d if hi in (None, "") else _int_arg("hi", hi, 0)
         if hi_n < lo_n:
             raise InvalidArgumentError(f"hi ({hi_n}) must be >= lo ({lo_n})")
-        lsns, pages, ts, src, names = self._columns(state)
-        keep = (lsns >= lo_n) & (lsns <= hi_n)
+        keep = (x_all >= lo_n) & (x_all <= hi_n)
         if page not in (None, ""):
-            keep &= pages == _int_arg("page", page, 1)
-        structs = np.frombuffer(state.log.struct_lsn.tobytes(), np.int64) if page in (None, "") \
-            else np.zeros(0, np.int64)
-        structs = structs[(structs >= lo_n) & (structs <= hi_n)]
+            keep &= recs.page == _int_arg("page", page, 1)
+        names = recs.sources
         if source not in (None, ""):
-            if source == STRUCTURAL:
-                keep &= False
-            else:
-                keep &= src == (names.index(source) if source in names else -1)
-                structs = structs[:0]
+            keep &= recs.src == (names.index(source) if source in names else -1)
         span = hi_n - lo_n + 1
         nb = min(nb, span)
         edges = lo_n + (np.arange(nb + 1, dtype=np.int64) * span) // nb
-        series: dict[str, list[int]] = {}
-        sel_l, sel_s = lsns[keep], src[keep]
-        for k, name in enumerate(names):
-            mine = sel_l[sel_s == k]
-            if mine.size:
-                counts = np.histogram(mine, bins=edges)[0] if nb > 1 else np.array([mine.size])
-                series[name] = counts.astype(np.int64).tolist()
-        if structs.size:
-            counts = np.histogram(structs, bins=edges)[0] if nb > 1 else np.array([structs.size])
-            series[STRUCTURAL] = counts.astype(np.int64).tolist()
-        # The first delta time in each bin, where a bin has one (for the time axis).
-        sel_t = ts[keep]
+        xs, ss, ls, ts = x_all[keep], recs.src[keep], recs.lsn[keep], recs.ts[keep]
+        if axis == "time" and xs.size > 1 and (np.diff(xs) < 0).any():
+            order = np.argsort(xs, kind="stable")  # a log keeps times in order; be sure
+            xs, ss, ls, ts = xs[order], ss[order], ls[order], ts[order]
+        k = len(names)
+        b = np.searchsorted(edges, xs, "right") - 1
+        grid = np.bincount(b * k + ss, minlength=nb * k).reshape(nb, k)
+        series = {names[j]: grid[:, j].tolist() for j in range(k) if grid[:, j].any()}
+        at = np.searchsorted(xs, edges[:-1], "left")
+        end = np.searchsorted(xs, edges[1:], "left") - 1
         times: list[str | None] = [None] * nb
-        if sel_l.size:
-            at = np.searchsorted(sel_l, edges[:-1], "left")
-            for k, i in enumerate(at.tolist()):
-                if i < sel_l.size and sel_l[i] < edges[k + 1]:
-                    times[k] = format_time(int(sel_t[i]))
-        return {"lo": lo_n, "hi": hi_n, "first_lsn": first, "last_lsn": last,
-                "edges": edges.tolist(), "series": series, "times": times,
-                "sources": [*names, STRUCTURAL]}
+        ranges: list[list[int] | None] = [None] * nb
+        for j in np.flatnonzero(at <= end).tolist():
+            times[j] = format_time(int(ts[at[j]]))
+            ranges[j] = [int(ls[at[j]]), int(ls[end[j]])]
+        return {"axis": axis, "lo": lo_n, "hi": hi_n, "first": lo_d, "last": hi_d,
+                "first_lsn": first, "last_lsn": last, "edges": edges.tolist(),
+                "series": series, "times": times, "ranges": ranges, "sources": names}
 
     def log_rows(self, *, lo: Any = None, hi: Any = None, page: Any = None,
                  source: Any = None, limit: Any = 100) -> dict[str, Any]:

@@ -62,41 +62,62 @@ async function render() {
 }
 
 // -- timeline --------------------------------------------------------------------------
+function fmtUs(us, withDate) {
+  // Microseconds since the Unix epoch as UTC time (to the microsecond).
+  const d = new Date(Math.floor(us / 1000)).toISOString();
+  const frac = String(Math.floor(us % 1e6)).padStart(6, "0");
+  return (withDate ? d.slice(0, 10) + " " : "") + d.slice(11, 19) + "." + frac;
+}
+
 async function timeline(r) {
   const p = r.params;
-  const t = await api("timeline" + qs({ lo: p.lo, hi: p.hi, page: p.page, source: p.source, bins: 120 }));
-  const sel = p.blo ? { lo: p.blo, hi: p.bhi } : { lo: t.lo, hi: t.hi };
+  const axis = p.axis === "time" ? "time" : "lsn";
+  const t = await api("timeline" + qs({ axis: p.axis, lo: p.lo, hi: p.hi, page: p.page, source: p.source, bins: 120 }));
+  const spans = t.ranges.filter(Boolean);
+  const sel = p.blo ? { lo: p.blo, hi: p.bhi }
+    : axis === "lsn" ? { lo: t.lo, hi: t.hi }
+    : spans.length ? { lo: spans[0][0], hi: spans[spans.length - 1][1] } : { lo: 1, hi: 0 };
   const log = await api("log" + qs({ lo: sel.lo, hi: sel.hi, page: p.page, source: p.source, limit: 200 }));
   const names = Object.keys(t.series);
   const opts = t.sources.map(s => `<option ${s === p.source ? "selected" : ""}>${esc(s)}</option>`).join("");
+  const range = axis === "lsn" ? `LSN ${t.lo} … ${t.hi}` : `${fmtUs(t.lo, true)} … ${fmtUs(t.hi)} UTC`;
   view.innerHTML = `
     <h2>Timeline</h2>
     <div class="controls">
+      <span class="toggle">x axis <button id="axis-lsn" class="${axis === "lsn" ? "on" : ""}">LSN</button><button id="axis-time" class="${axis === "time" ? "on" : ""}">time</button></span>
       <label>page <input id="f-page" size="6" value="${esc(p.page || "")}"></label>
       <label>source <select id="f-source"><option value="">all</option>${opts}</select></label>
       <button id="f-apply">filter</button>
       <button id="zoom-out" ${p.lo || p.hi ? "" : "disabled"}>zoom out</button>
-      <span class="muted">LSN ${t.lo} … ${t.hi} · drag across the chart to zoom, click a bar for its records</span>
+      <span class="muted" id="t-range">${esc(range)} · drag across the chart to zoom, click a bar for its records</span>
     </div>
     <div class="legend">${names.map((n, k) => `<span><i style="background:${color(n, k)}"></i>${esc(n)}</span>`).join("")}</div>
-    <svg id="chart" width="960" height="220"></svg>
+    <svg id="chart" width="960" height="220" data-axis="${axis}"></svg>
     <h3>Records (LSN ${esc(sel.lo)} … ${esc(sel.hi)}): ${log.total}${log.truncated ? ", first 200 shown" : ""}</h3>
     <table id="log"><tr><th>LSN</th><th>time</th><th>page</th><th>epoch</th><th>source</th><th>bytes</th><th>kind</th></tr>
     ${log.rows.map(d => `<tr><td>${lsnLink(d.page, d.lsn)}</td><td>${esc(d.time)}</td><td>${pageLink(d.page)}</td>
       <td>${d.base_epoch} → ${d.epoch}</td><td>${esc(d.source)}</td><td>${d.bytes}</td><td>${d.kind}</td></tr>`).join("")}</table>`;
-  drawTimeline(t, names, p);
+  drawTimeline(t, names, p, axis);
   const go = extra => { location.hash = "#/timeline" + qs({ ...p, ...extra }); };
   document.getElementById("f-apply").onclick = () => go({
     page: document.getElementById("f-page").value.trim(), source: document.getElementById("f-source").value, blo: "", bhi: "" });
   document.getElementById("zoom-out").onclick = () => go({ lo: "", hi: "", blo: "", bhi: "" });
+  for (const a of ["lsn", "time"]) {
+    document.getElementById("axis-" + a).onclick = () => {
+      if (a !== axis) go({ axis: a === "time" ? "time" : "", lo: "", hi: "", blo: "", bhi: "" });
+    };
+  }
 }
 
-function drawTimeline(t, names, p) {
+function drawTimeline(t, names, p, axis) {
   const svg = document.getElementById("chart");
   const W = 960, H = 220, L = 40, B = 24, n = t.edges.length - 1;
   const totals = Array.from({ length: n }, (_, i) => names.reduce((s, k) => s + t.series[k][i], 0));
   const max = Math.max(1, ...totals);
   const bw = (W - L) / Math.max(1, n);
+  const label = i => axis === "lsn" ? `LSN ${t.edges[i]}` : fmtUs(t.edges[i]);
+  const binText = i => axis === "lsn" ? `LSN ${t.edges[i]}…${t.edges[i + 1] - 1}`
+    : `${fmtUs(t.edges[i])} … ${fmtUs(t.edges[i + 1] - 1)}${t.ranges[i] ? ` (LSN ${t.ranges[i][0]}…${t.ranges[i][1]})` : ""}`;
   let out = `<line x1="${L}" y1="${H - B}" x2="${W}" y2="${H - B}" stroke="#999"/>` +
     `<text x="${L - 4}" y="12" text-anchor="end">${max}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">0</text>`;
   for (let i = 0; i < n; i++) {
@@ -106,12 +127,12 @@ function drawTimeline(t, names, p) {
       if (!v) return;
       const h = (v / max) * (H - B - 10);
       y -= h;
-      out += `<rect class="bar" data-bin="${i}" x="${L + i * bw}" y="${y}" width="${Math.max(1, bw - 1)}" height="${h}" fill="${color(name, k)}"><title>LSN ${t.edges[i]}…${t.edges[i + 1] - 1}: ${v} ${esc(name)}${t.times[i] ? "\n" + t.times[i] : ""}</title></rect>`;
+      out += `<rect class="bar" data-bin="${i}" x="${L + i * bw}" y="${y}" width="${Math.max(1, bw - 1)}" height="${h}" fill="${color(name, k)}"><title>${esc(binText(i))}: ${v} ${esc(name)}${t.times[i] ? "\n" + t.times[i] : ""}</title></rect>`;
     });
   }
   for (const i of [0, Math.floor(n / 2), n - 1]) {
     if (i < 0) continue;
-    out += `<text x="${L + i * bw}" y="${H - 8}">LSN ${t.edges[i]}</text>`;
+    out += `<text class="tick" x="${L + i * bw}" y="${H - 8}">${esc(label(i))}</text>`;
   }
   out += `<rect id="brush" y="0" height="${H - B}" fill="#6cb4ff" opacity="0.3" width="0"/>`;
   svg.innerHTML = out;
@@ -128,9 +149,10 @@ function drawTimeline(t, names, p) {
     const x = xOf(e), a = bin(Math.min(start ?? x, x)), z = bin(Math.max(start ?? x, x));
     const drag = start !== null && Math.abs(x - start) > 4;
     start = null;
-    const base = { page: p.page, source: p.source, lo: p.lo, hi: p.hi };
+    const base = { axis: p.axis, page: p.page, source: p.source, lo: p.lo, hi: p.hi };
     if (drag) location.hash = "#/timeline" + qs({ ...base, lo: t.edges[a], hi: t.edges[z + 1] - 1 });
-    else location.hash = "#/timeline" + qs({ ...base, blo: t.edges[a], bhi: t.edges[a + 1] - 1 });
+    else if (axis === "lsn") location.hash = "#/timeline" + qs({ ...base, blo: t.edges[a], bhi: t.edges[a + 1] - 1 });
+    else if (t.ranges[a]) location.hash = "#/timeline" + qs({ ...base, blo: t.ranges[a][0], bhi: t.ranges[a][1] });
   };
 }
 
