@@ -154,6 +154,56 @@ def test_pages_heat_history_version_blame(client: TestClient, demo_bus: Path) ->
     assert any(r.get("source") == "propagation" for r in b["ranges"])
 
 
+def _reference_heat(state: mmsb.MMSBState, ids: list[int], cols: int
+                    ) -> dict[int, tuple[list[int], list[int]]]:
+    """Page id → (deltas per cell, newest LSN per cell), one Delta object at a time."""
+    out = {}
+    for pid in ids:
+        size = state.pages[pid].size
+        nc = min(cols, size)
+        counts = np.zeros(nc, np.int64)
+        last = np.zeros(nc, np.int64)
+        for d in mmsb.get_deltas_for_page(state, pid):
+            idx = d.indices
+            cells = np.unique(idx[idx < size] * nc // size)
+            counts[cells] += 1
+            last[cells] = np.maximum(last[cells], d.lsn)
+        out[pid] = (counts.tolist(), last.tolist())
+    return out
+
+
+def test_heat_across_pages(client: TestClient, demo_bus: Path, tmp_path: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    h = get(client, "/api/heat?cols=64")
+    assert [r["page"] for r in h["rows"]] == list(state.pages) and h["total"] == len(state.pages)
+    # With a cell per byte, a cell's count is how many deltas wrote that byte.
+    per_byte = np.zeros(state.pages[1].size, np.int64)
+    for d in mmsb.get_deltas_for_page(state, 1):
+        per_byte[d.indices] += 1
+    assert h["rows"][0]["cells"] == per_byte.tolist()
+    # Every kind of delta (runs, positions, full and masked dense, merged), resized,
+    # cloned and deleted pages, cells that split bytes unevenly.
+    varied = _varied_history(rounds=20)
+    ck = tmp_path / "varied.ckpt"
+    mmsb.checkpoint_log(varied, ck)
+    inspected = Inspected(ck)
+    try:
+        c = TestClient(create_app(inspected, lambda: {"testserver"}))
+        live = list(varied.pages)
+        assert len(live) > 256 and any(varied.pages[p].size == 80 for p in live)
+        for off in (0, 256):
+            ref = _reference_heat(varied, live[off:off + 256], 7)
+            for mode, which in (("count", 0), ("recency", 1)):
+                got = get(c, f"/api/heat?mode={mode}&offset={off}&limit=256&cols=7")
+                assert got["total"] == len(live)
+                assert [r["page"] for r in got["rows"]] == live[off:off + 256]
+                for r in got["rows"]:
+                    assert r["cells"] == ref[r["page"]][which], (mode, r["page"])
+                assert got["max"] == max(max(v[which]) for v in ref.values())
+    finally:
+        inspected.close()
+
+
 def test_graph_now_and_at_an_lsn(client: TestClient, demo_bus: Path) -> None:
     state = mmsb.open_readonly(demo_bus)
     g = get(client, "/api/graph")
@@ -186,6 +236,9 @@ def test_stats_latency_series(client: TestClient) -> None:
     ("/api/pages/1/version?lsn=-1", 400, "InvalidArgumentError"),
     ("/api/pages/1/version?length=1000000", 400, "InvalidArgumentError"),
     ("/api/pages/1/heat?mode=loud", 400, "InvalidArgumentError"),
+    ("/api/heat?mode=loud", 400, "InvalidArgumentError"),
+    ("/api/heat?limit=100000", 400, "InvalidArgumentError"),
+    ("/api/heat?cols=0", 400, "InvalidArgumentError"),
     ("/api/graph?lsn=999999", 400, "InvalidArgumentError"),
     ("/api/graph?lsn=1e3", 400, "InvalidArgumentError"),
     ("/api/timeline?bins=0", 400, "InvalidArgumentError"),
@@ -551,7 +604,23 @@ def test_every_view_in_a_browser(browser_page: tuple[Any, list[str]], served: Se
     assert ids == [str(i) for i in state.pages]
     assert page.locator("#heat div").count() == state.pages[1].size
     assert "sensor.raw" in page.inner_text("#pages")
-    page.screenshot(path=str(shots / "pages.png"))
+    # The heat map across pages: a row per page, a cell per byte (pages of <= 64 bytes),
+    # each titled with the deltas that wrote it.
+    page.wait_for_selector("#heatall rect.hcell")
+    assert page.locator("#heatall text.hrow").all_text_contents() == [str(i) for i in state.pages]
+    assert page.locator("#heatall rect.hcell").count() == sum(
+        min(64, p.size) for p in state.pages.values())
+    written = {int(i) for i in page.locator("#heatall rect.hcell").evaluate_all(
+        "cs => cs.filter(c => !c.textContent.includes(' 0 deltas')).map(c => c.dataset.page)")}
+    assert written == {p for p in state.pages if mmsb.get_deltas_for_page(state, p)}
+    page.screenshot(path=str(shots / "pages.png"), full_page=True)
+    # A page id in that map opens its byte-level map.
+    page.locator("#heatall a", has_text="2").first.click()
+    page.wait_for_function("location.hash.includes('heat=2')")
+    _rendered(page)
+    assert page.locator("#heat div").count() == state.pages[2].size
+    page.goto(served.url + "#/pages")
+    page.wait_for_selector("#heat div")
 
     # Click a page id: its history, newest version, bytes on screen.
     page.locator("#pages a.pagelink", has_text="2").first.click()

@@ -93,6 +93,9 @@ def create_app(inspected: Inspected, allowed_hosts: Callable[[], set[str]]) -> A
             lambda r: inspected.log_rows(limit=q(r, "limit", 100), **filters(r)))),
         Route("/api/pages", endpoint(
             lambda r: inspected.pages(offset=q(r, "offset", 0), limit=q(r, "limit", 200)))),
+        Route("/api/heat", endpoint(
+            lambda r: inspected.heat_all(mode=q(r, "mode", "count"), offset=q(r, "offset", 0),
+                                         limit=q(r, "limit", 100), cols=q(r, "cols", 64)))),
         Route("/api/pages/{pid}/heat", endpoint(
             lambda r: inspected.heat(r.path_params["pid"], q(r, "mode", "count")))),
         Route("/api/pages/{pid}/history", endpoint(

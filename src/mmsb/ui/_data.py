@@ -19,6 +19,7 @@ import numpy as np
 import mmsb
 
 from .._history.graph_at import graph_at_lsn
+from .._history.heat import pages_heat
 from .._history.stats import (
     RecordColumns,
     RowColumns,
@@ -38,7 +39,8 @@ from ..cli.views import (
 )
 from ..errors import InvalidArgumentError, MMSBError, PageNotFoundError
 
-__all__ = ["Inspected", "error_body", "MAX_BINS", "MAX_ROWS", "MAX_BYTES", "MAX_NODES", "MAX_HEAT"]
+__all__ = ["Inspected", "error_body", "MAX_BINS", "MAX_ROWS", "MAX_BYTES", "MAX_NODES", "MAX_HEAT",
+           "MAX_HEAT_PAGES", "MAX_HEAT_COLS"]
 
 MAX_BINS = 2000
 """Most LSN bins one timeline answer holds."""
@@ -49,7 +51,11 @@ MAX_BYTES = 4096
 MAX_NODES = 2000
 """Most graph nodes one graph answer holds."""
 MAX_HEAT = 4096
-"""Most heat-map cells (bytes are pooled into cells beyond this)."""
+"""Most heat-map cells of one page (bytes are pooled into cells beyond this)."""
+MAX_HEAT_PAGES = 256
+"""Most pages one heat map across pages holds …"""
+MAX_HEAT_COLS = 256
+"""… and most cells per page there."""
 _INT_MAX = 2**62
 """Largest integer a query parameter may hold (ids and LSNs fit int64 columns)."""
 STRUCTURAL = "structural"
@@ -276,6 +282,31 @@ class Inspected:
         cells = padded.reshape(ncell, cell).max(axis=1)
         return {"page": pid, "size": size, "mode": mode, "cell_bytes": cell,
                 "cells": cells.tolist(), "max": int(cells.max()) if ncell else 0}
+
+    def heat_all(self, *, mode: Any = "count", offset: Any = 0, limit: Any = 100,
+                 cols: Any = 64) -> dict[str, Any]:
+        """The heat of many pages at once: live pages ``offset …`` (at most ``limit`` ≤
+        MAX_HEAT_PAGES, by id), each cut into ``min(cols, size)`` cells (``cols`` ≤
+        MAX_HEAT_COLS) of its bytes; per cell the retained deltas that wrote any of its
+        bytes (``count``) or the newest LSN that did (``recency``). One compiled pass
+        over those pages' payloads."""
+        if mode not in ("count", "recency"):
+            raise InvalidArgumentError(f"mode must be 'count' or 'recency', not {str(mode)[:40]!r}")
+        off = _int_arg("offset", offset, 0)
+        lim = _int_arg("limit", limit, 1, MAX_HEAT_PAGES)
+        ncol = _int_arg("cols", cols, 1, MAX_HEAT_COLS)
+        state = self.state()
+        rows = self._rows(state)
+        with state.lock:
+            live = state.table.live_ids()
+            ids = live[off : off + lim]
+            h = pages_heat(state.log, ids, state.table.size[ids], ncol, rows.lsn)
+        values = h.counts if mode == "count" else h.last
+        out = [{"page": pid, "size": size, "cells": values[b : b + n].tolist()}
+               for pid, size, b, n in zip(h.ids.tolist(), h.sizes.tolist(), h.bases.tolist(),
+                                          h.ncells.tolist(), strict=True)]
+        return {"mode": mode, "offset": off, "total": int(live.size), "cols": ncol,
+                "max": int(values.max()) if values.size else 0, "rows": out}
 
     def history(self, page_id: Any) -> dict[str, Any]:
         """The page's retained versions (newest MAX_ROWS), with LSN, time, source and

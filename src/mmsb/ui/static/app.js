@@ -164,12 +164,44 @@ async function pages(r) {
   view.innerHTML = `
     <h2>Pages (${list.total}${list.total > list.rows.length ? `, first ${list.rows.length} shown` : ""})</h2>
     <div class="cols"><div>
-    <table id="pages"><tr><th>id</th><th>size</th><th>epoch</th><th>location</th><th>deltas</th><th>metadata</th><th>heat</th></tr>
+    <table id="pages"><tr><th>id</th><th>size</th><th>epoch</th><th>location</th><th>deltas</th><th>bytes written</th><th>last LSN</th><th>metadata</th><th>heat</th></tr>
     ${list.rows.map(p => `<tr><td>${pageLink(p.id)}</td><td>${p.size}</td><td>${p.epoch}</td><td>${esc(p.location)}</td>
-      <td>${p.deltas}</td><td><code>${esc(JSON.stringify(p.metadata))}</code></td>
-      <td><a href="#/pages${qs({ heat: p.id, mode })}">show</a></td></tr>`).join("")}</table></div>
-    <div id="heatbox"></div></div>`;
+      <td>${p.deltas}</td><td>${p.bytes_written}</td><td>${p.last_lsn === null ? "" : lsnLink(p.id, p.last_lsn)}</td><td><code>${esc(JSON.stringify(p.metadata))}</code></td>
+      <td><a href="#/pages${qs({ heat: p.id, mode, hoff: r.params.hoff })}">show</a></td></tr>`).join("")}</table></div>
+    <div id="heatbox"></div></div>
+    <div id="heatallbox"></div>`;
   if (sel) await heatmap(sel, mode);
+  await heatAcross(r.params, mode);
+}
+
+async function heatAcross(params, mode) {
+  // One row per page (100 at a time), each page's bytes cut into at most 64 cells.
+  const off = Number(params.hoff || 0), limit = 100;
+  const h = await api("heat" + qs({ mode, offset: off, limit, cols: 64 }));
+  const vals = h.rows.flatMap(row => row.cells).filter(v => v > 0);
+  const lo = mode === "recency" && vals.length ? Math.min(...vals) : 0;
+  const shade = v => {
+    if (!v) return "#eef1f5";
+    const f = h.max > lo ? (v - lo) / (h.max - lo) : 1;
+    return `hsl(${mode === "count" ? 20 : 210}, 85%, ${80 - 50 * f}%)`;
+  };
+  const C = 10, LBL = 56;
+  let out = "";
+  h.rows.forEach((row, k) => {
+    const y = k * (C + 1);
+    out += `<a href="#/pages${qs({ heat: row.page, mode, hoff: off || "" })}"><text class="hrow" x="${LBL - 6}" y="${y + C - 1}" text-anchor="end">${row.page}</text></a>`;
+    const per = Math.ceil(row.size / row.cells.length);
+    row.cells.forEach((v, c) => {
+      out += `<rect class="hcell" data-page="${row.page}" x="${LBL + c * (C + 1)}" y="${y}" width="${C}" height="${C}" fill="${shade(v)}"><title>page ${row.page}, bytes from ${Math.floor(c * row.size / row.cells.length)} (≈${per} per cell): ${mode === "count" ? `${v} deltas` : v ? `last LSN ${v}` : "not written"}</title></rect>`;
+    });
+  });
+  const more = off + limit < h.total, less = off > 0;
+  document.getElementById("heatallbox").innerHTML = `
+    <h3>Heat across pages by ${mode} (pages ${h.total ? off + 1 : 0} … ${off + h.rows.length} of ${h.total})</h3>
+    <p class="muted">one row per page, its bytes in up to ${h.cols} cells; ${mode === "count" ? "darker: written by more deltas" : "darker: written more recently"}; click a page id for its byte-level map.
+      ${less ? `<a id="heat-prev" href="#/pages${qs({ heat: params.heat, mode, hoff: Math.max(0, off - limit) || "" })}">◀ previous pages</a>` : ""}
+      ${more ? `<a id="heat-next" href="#/pages${qs({ heat: params.heat, mode, hoff: off + limit })}">next pages ▶</a>` : ""}</p>
+    <svg id="heatall" width="${LBL + 64 * (C + 1)}" height="${Math.max(C, h.rows.length * (C + 1))}">${out}</svg>`;
 }
 
 async function heatmap(id, mode) {
