@@ -452,8 +452,9 @@ def test_large_log_answers_equal_the_slow_reference(tmp_path: Path) -> None:
 class Served:
     """``mmsb ui PATH`` in a subprocess; ``url`` is what it printed."""
 
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmsb", "ui", str(path)],
+    def __init__(self, path: Path, port: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmsb", "ui", str(path), "--port",
+                                      str(port)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=ENV)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -539,6 +540,70 @@ def test_live_feed_follows_a_writer(tmp_path: Path) -> None:
             # The views follow too: the server reopens when the writer has moved on.
             v = httpx.get(s.url + f"api/pages/{page.id}/version", timeout=10).json()
             assert bytes.fromhex(v["hex"]).startswith(b"hello") and v["changed"] == [0, 1, 2, 3, 4]
+        finally:
+            rc, _out, err = s.stop()
+            assert rc == 0, err
+    finally:
+        mmsb.mmsb_stop(state)
+
+
+def _sse_blocks(lines: Iterator[str], want: int) -> list[dict[str, str]]:
+    """The first ``want`` server-sent events that carry data, each as its fields."""
+    out: list[dict[str, str]] = []
+    block: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in block:
+                out.append(block)
+                if len(out) == want:
+                    break
+            block = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            block[name] = value
+    return out
+
+
+def test_live_feed_resumes_after_the_last_event_id(tmp_path: Path) -> None:
+    import httpx
+
+    path = tmp_path / "resume"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        a = mmsb.create_page(state, 16).id
+        b = mmsb.create_page(state, 16).id
+        mmsb.add_dependency(state, a, b, mmsb.CONTROL_DEPENDENCY)
+        start = state.last_lsn
+        for k in range(4):
+            mmsb.write_page(state, a, k, b"x")
+            mmsb.create_pages(state, 3, 8)  # one record, an event per page
+        reader = mmsb.attach(path)
+        try:
+            want = [(ev.lsn, ev.type.name, ev.page_id) for ev in reader.changes(start)]
+        finally:
+            reader.close()
+        assert len({lsn for lsn, _t, _p in want}) < len(want)  # LSNs with several events
+        s = Served(path)
+        try:
+            with httpx.stream("GET", s.url + f"api/events?since={start}", timeout=20) as r:
+                got = _sse_blocks(r.iter_lines(), len(want))
+            assert [(json.loads(x["data"])["lsn"], json.loads(x["data"])["type"],
+                     json.loads(x["data"])["page"]) for x in got] == want
+            # The id marks the last event of each LSN, and only that one.
+            for k, x in enumerate(got):
+                lsn = want[k][0]
+                last_of_lsn = k + 1 == len(want) or want[k + 1][0] != lsn
+                assert x.get("id") == (str(lsn) if last_of_lsn else None)
+            # A reconnect with Last-Event-ID resumes after it, whatever since says.
+            mid = want[len(want) // 2][0]
+            after = [w for w in want if w[0] > mid]
+            with httpx.stream("GET", s.url + f"api/events?since={start}", timeout=20,
+                              headers={"Last-Event-ID": str(mid)}) as r:
+                got = _sse_blocks(r.iter_lines(), len(after))
+            assert [json.loads(x["data"])["lsn"] for x in got] == [w[0] for w in after]
+            bad = httpx.get(s.url + "api/events", headers={"Last-Event-ID": "yesterday"},
+                            timeout=10)
+            assert bad.status_code == 400 and bad.json()["error"]["type"] == "InvalidArgumentError"
         finally:
             rc, _out, err = s.stop()
             assert rc == 0, err
@@ -772,6 +837,73 @@ def test_live_view_follows_new_records(tmp_path: Path) -> None:
             rc, _out, err = s.stop()
             assert rc == 0, err
         assert errors == []
+    finally:
+        mmsb.mmsb_stop(state)
+
+
+def test_live_view_resumes_after_the_server_comes_back(tmp_path: Path) -> None:
+    """The inspector stops while the writer goes on, and starts again on the same port:
+    the page reconnects, sends the last LSN it saw (Last-Event-ID) and gets exactly the
+    events it missed, none twice."""
+    import socket
+
+    sync_api = _browser()
+    path = tmp_path / "live"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        page_id = mmsb.create_page(state, 16).id
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        s = Served(path, port)
+        errors: list[str] = []
+        try:
+            with sync_api.sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking"])
+                try:
+                    page = browser.new_page()
+                    page.set_default_timeout(15_000)
+                    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                    page.goto(s.url + f"#/page/{page_id}")
+                    page.wait_for_selector("#live.on")
+                    since = state.last_lsn
+                    mmsb.write_page(state, page_id, 0, b"ABCD")
+                    page.wait_for_function(
+                        f"document.getElementById('live').dataset.lastId === '{state.last_lsn}'")
+                    rc, _out, err = s.stop()
+                    assert rc == 0, err
+                    page.wait_for_function(
+                        "document.getElementById('live').textContent.includes('reconnecting')")
+                    mmsb.write_page(state, page_id, 4, b"EFGH")
+                    mmsb.create_pages(state, 2, 8)
+                    mmsb.write_page(state, page_id, 8, b"IJKL")
+                    lsn = state.last_lsn
+                    s = Served(path, port)
+                    page.wait_for_function(
+                        f"document.getElementById('live').dataset.lastId === '{lsn}'")
+                    reader = mmsb.attach(path)
+                    try:
+                        missed = len(list(reader.changes(since)))
+                    finally:
+                        reader.close()
+                    live = page.locator("#live")
+                    assert live.get_attribute("data-events") == str(missed)
+                    assert live.get_attribute("data-resumes") == "1"
+                    page.wait_for_function(
+                        f"document.getElementById('vlsn').textContent === '{lsn}'")
+                    assert "ABCDEFGHIJKL" in page.inner_text("#hex").replace("\n", "")
+                finally:
+                    browser.close()
+        finally:
+            if s.proc.poll() is None:
+                rc, _out, err = s.stop()
+                assert rc == 0, err
+        # The cut stream and the refused reconnects while the server was down are the
+        # only errors.
+        assert {e.rsplit("::", 1)[-1] for e in errors} <= {
+            "ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING"}, errors
     finally:
         mmsb.mmsb_stop(state)
 

@@ -360,23 +360,36 @@ function fmtNs(ns) {
 }
 
 // -- live ------------------------------------------------------------------------------
+// The feed marks the last event of each LSN with its id; after a dropped connection the
+// browser reconnects on its own and sends that id back (Last-Event-ID), so the server
+// resumes right after the last LSN this page saw.
 let pending = null;
 function follow() {
   if (!summary || !summary.live) return;
   liveLsn = summary.last_lsn;
   const badge = document.getElementById("live");
+  badge.dataset.events = "0";
+  badge.dataset.resumes = "0";
+  let opened = false;
   const src = new EventSource("/api/events" + qs({ since: liveLsn }));
-  src.onopen = () => { badge.classList.add("on"); badge.textContent = `live · LSN ${liveLsn}`; };
+  src.onopen = () => {
+    if (opened) badge.dataset.resumes = String(Number(badge.dataset.resumes) + 1);
+    opened = true;
+    badge.classList.add("on");
+    badge.textContent = `live · LSN ${liveLsn}`;
+  };
   src.onmessage = m => {
     const ev = JSON.parse(m.data);
     liveLsn = Math.max(liveLsn, ev.lsn);
+    badge.dataset.events = String(Number(badge.dataset.events) + 1);
+    if (m.lastEventId) badge.dataset.lastId = m.lastEventId;
     badge.textContent = `live · LSN ${liveLsn}`;
     // Redraw once per burst; a view pinned to an LSN redraws too (its "now" moved).
     clearTimeout(pending);
     pending = setTimeout(render, 300);
   };
   src.addEventListener("feed-error", m => { badge.classList.remove("on"); badge.textContent = "live feed stopped"; showError(new Error(JSON.parse(m.data))); src.close(); });
-  src.onerror = () => { badge.classList.remove("on"); badge.textContent = "reconnecting"; };
+  src.onerror = () => { badge.classList.remove("on"); badge.textContent = `reconnecting after LSN ${liveLsn}`; };
 }
 
 window.addEventListener("hashchange", render);
