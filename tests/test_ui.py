@@ -217,14 +217,100 @@ def test_graph_now_and_at_an_lsn(client: TestClient, demo_bus: Path) -> None:
     assert early["lsn"] == first - 1 and not any(n["stale"] for n in early["nodes"])
 
 
-def test_stats_latency_series(client: TestClient) -> None:
+def test_stats_latency_series(client: TestClient, demo_bus: Path) -> None:
+    from mmsb._storage.stats_file import read_stats
+
     s = get(client, "/api/stats")
+    # The demo's writer published its counters when it stopped (its final checkpoint).
+    pub = read_stats(demo_bus)
+    assert pub is not None and s["writer"]["pid"] == pub["pid"] and s["writer_note"] is None
+    for kind, k in s["writer"]["kinds"].items():
+        assert k["count"] == pub["kinds"][kind]["count"]
+        assert sum(k["hist"]["counts"]) == pub["kinds"][kind]["samples"]
+        assert len(k["hist"]["labels"]) == len(k["hist"]["counts"])
+    assert s["writer"]["kinds"]["delta_apply"]["count"] > 0
+    assert s["writer"]["kinds"]["checkpoint"]["count"] > 0
     assert s["stats"]["total_pages"] == 3
     assert set(s["latency"]) == {"delta_apply", "propagation", "log_append", "checkpoint"}
     assert set(s["latency"]["delta_apply"]) == {"count", "p50", "p90", "p99", "max"}
     sizes = s["delta_payload_bytes"]
     assert len(sizes["labels"]) == len(sizes["counts"])
     assert sum(sizes["counts"]) == s["stats"]["total_deltas"]
+
+
+def test_stats_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    from mmsb._core.monitor import Counters
+    from mmsb._storage.stats_file import SIZE, decode_stats, encode_stats, read_stats
+
+    c = Counters()
+    rng = np.random.default_rng(5)
+    for v in rng.integers(0, 10**8, 5000).tolist():
+        c.delta_apply.add(v)
+    for v in (0, 1, 2, 3, (1 << 63) - 1):
+        c.log_append.add(v)
+    data = encode_stats(c, 42, written_ns=7, pid=9)
+    got = decode_stats(data)
+    assert (got["last_lsn"], got["written_ns"], got["pid"]) == (42, 7, 9)
+    kept = np.frombuffer(c.delta_apply.samples, np.int64)
+    k = got["kinds"]["delta_apply"]
+    assert (k["count"], k["samples"], k["max_ns"]) == (5000, len(kept), c.delta_apply.max_ns)
+    assert [k["p50_ns"], k["p90_ns"], k["p99_ns"]] == pytest.approx(
+        np.percentile(kept, [50, 90, 99]).tolist())
+    assert k["bins"] == np.bincount([int(x).bit_length() for x in kept], minlength=64).tolist()
+    assert got["kinds"]["log_append"]["bins"][:4] == [1, 1, 2, 0]
+    assert got["kinds"]["log_append"]["bins"][63] == 1  # 2**62 ns and longer
+    assert got["kinds"]["propagation"]["samples"] == 0
+    assert read_stats(tmp_path) is None
+    (tmp_path / "map").mkdir()
+    bad = {"size": data[:-1], "magic": b"X" + data[1:], "version": data[:8] + b"\x09" + data[9:],
+           "checksum": data[:100] + bytes([data[100] ^ 1]) + data[101:]}
+    for why, blob in bad.items():
+        (tmp_path / "map" / "stats").write_bytes(blob)
+        with pytest.raises(mmsb.SerializationError):
+            read_stats(tmp_path)
+        assert (tmp_path / "map" / "stats").read_bytes() == blob, why  # nothing rewritten
+    assert len(data) == SIZE == 1292
+
+
+def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path) -> None:
+    """From the group-commit thread, without a checkpoint; an inspector of the bus
+    charts them and never writes the file itself."""
+    import time
+
+    from mmsb._storage.stats_file import read_stats
+
+    path = tmp_path / "pub"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path, config=mmsb.MMSBConfig(
+        enable_gpu=False, fsync="batch", checkpoint_interval=0, max_tlog_size=10**6))
+    try:
+        pid = mmsb.create_page(state, 16).id
+        checkpoints = state.counters.checkpoint.count
+        for k in range(50):
+            mmsb.write_page(state, pid, k % 12, (k + 1).to_bytes(4, "little"))
+        deadline = time.monotonic() + 10
+        pub = read_stats(path)
+        while (pub is None or pub["kinds"]["delta_apply"]["count"] < 50) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+            pub = read_stats(path)
+        assert pub is not None and pub["kinds"]["delta_apply"]["count"] == 50
+        # No checkpoint ran meanwhile: the group-commit thread published them.
+        assert state.counters.checkpoint.count == checkpoints
+        assert pub["kinds"]["checkpoint"]["count"] == checkpoints
+        assert pub["pid"] == os.getpid() and pub["last_lsn"] <= state.last_lsn
+        stats_file = path / "map" / "stats"
+        inspected = Inspected(path)
+        try:
+            c = TestClient(create_app(inspected, lambda: {"testserver"}))
+            raw = stats_file.read_bytes()
+            w = get(c, "/api/stats")["writer"]
+            assert w["kinds"]["delta_apply"]["count"] == 50 and w["pid"] == os.getpid()
+            assert sum(w["kinds"]["delta_apply"]["hist"]["counts"]) == 50
+            assert stats_file.read_bytes() == raw
+        finally:
+            inspected.close()
+    finally:
+        mmsb.mmsb_stop(state)
 
 
 @pytest.mark.parametrize(("url", "status", "kind"), [
@@ -722,6 +808,11 @@ def test_every_view_in_a_browser(browser_page: tuple[Any, list[str]], served: Se
     page.wait_for_selector("#stats")
     assert page.locator("#sizes rect").count() > 0
     assert "total_pages" in page.inner_text("#stats")
+    # The writer's published latency: percentiles and a histogram per kind it sampled.
+    assert "pid" in page.inner_text("#writer-when")
+    kinds = page.locator("#writer .wkind").evaluate_all("ks => ks.map(k => k.dataset.kind)")
+    assert {"delta_apply", "checkpoint"} <= set(kinds)
+    assert page.locator("#writer .wkind svg").count() == 2 * len(kinds)
     page.screenshot(path=str(shots / "stats.png"))
 
     # A bad page id in the address bar: the typed error on screen, not a broken page.

@@ -27,6 +27,7 @@ from .._history.stats import (
     record_columns,
     row_columns,
 )
+from .._storage.stats_file import read_stats
 from ..cli.views import (
     Source,
     blame,
@@ -409,7 +410,45 @@ class Inspected:
                                       0), minlength=top + 1)
         sizes = {"labels": ["0", *(f"{1 << (k - 1)}–{(1 << k) - 1}" for k in range(1, counts.size))],
                  "counts": counts.tolist()}
-        return {"stats": s, "latency": hist, "delta_payload_bytes": sizes}
+        return {"stats": s, "latency": hist, "delta_payload_bytes": sizes,
+                **self._writer_latency()}
+
+    def _writer_latency(self) -> dict[str, Any]:
+        """The latency counters the bus's writer published in DIR/map/stats, with each
+        kind's power-of-two histogram cut to its non-empty bins; ``writer`` is None (and
+        ``writer_note`` says why) when there are none to show."""
+        if not self.is_bus:
+            return {"writer": None, "writer_note": "a checkpoint file holds no writer counters"}
+        try:
+            pub = read_stats(self.path)
+        except (MMSBError, OSError) as exc:
+            return {"writer": None, "writer_note": " ".join(str(exc).split())}
+        if pub is None:
+            return {"writer": None, "writer_note": "the writer has not published its counters "
+                                                   "yet (it does at checkpoints and about once "
+                                                   "a second)"}
+        kinds = {}
+        for name, k in pub["kinds"].items():
+            bins = k.pop("bins")
+            used = [j for j, v in enumerate(bins) if v]
+            lo, hi = (used[0], used[-1]) if used else (0, -1)
+            k["hist"] = {"labels": [_ns_bin(j) for j in range(lo, hi + 1)],
+                         "counts": bins[lo : hi + 1]}
+            kinds[name] = k
+        return {"writer": {"written_ns": pub["written_ns"], "time": format_time(pub["written_ns"]),
+                           "last_lsn": pub["last_lsn"], "pid": pub["pid"], "kinds": kinds},
+                "writer_note": None}
+
+
+def _ns_bin(j: int) -> str:
+    """Label of power-of-two bin ``j`` of the published histograms (its lower bound)."""
+    if j == 0:
+        return "0"
+    ns = 1 << (j - 1)
+    for unit, div in (("s", 10**9), ("ms", 10**6), ("µs", 10**3)):
+        if ns >= div:
+            return f"≥{ns / div:.3g} {unit}"
+    return f"≥{ns} ns"
 
 
 def error_body(exc: MMSBError) -> dict[str, Any]:

@@ -339,8 +339,20 @@ async function stats() {
     return `<div>${title}${barChart(["p50", "p90", "p99", "max"], ["p50", "p90", "p99", "max"].map(q => h[q]), fmtNs)}</div>`;
   }).join("");
   const sizes = s.delta_payload_bytes;
+  const w = s.writer;
+  const writer = w ? `<h3>Writer latency</h3>
+    <p class="muted" id="writer-when">published by the writer (pid ${w.pid}) at ${esc(w.time)}, LSN ${w.last_lsn}; it publishes at checkpoints and about once a second while it writes</p>
+    <div class="cols" id="writer">${Object.entries(w.kinds).map(([kind, k]) => {
+      const title = `<h3>${kind.replace("_", " ")} (${k.count} since start, ${k.samples} samples kept)</h3>`;
+      if (!k.samples) return `<div>${title}<p class="muted">no samples</p></div>`;
+      return `<div class="wkind" data-kind="${kind}">${title}${barChart(["p50", "p90", "p99", "max"], [k.p50_ns, k.p90_ns, k.p99_ns, k.max_ns], fmtNs)}
+        ${barChart(k.hist.labels, k.hist.counts, String)}</div>`;
+    }).join("")}</div>`
+    : `<h3>Writer latency</h3><p class="muted" id="writer-when">${esc(s.writer_note)}</p>`;
   view.innerHTML = `<h2>Statistics</h2>
-    <p class="muted">Latency counters count the work of the process that serves this view (reads), not the writer's;
+    ${writer}
+    <h3>This view</h3>
+    <p class="muted">The latency counters below count the work of the process that serves this view (reads), not the writer's;
       the payload histogram is measured from the log itself.</p>
     <div class="cols"><div><h3>delta payload bytes (${sizes.counts.reduce((a, b) => a + b, 0)} deltas)</h3>
       <div id="sizes">${barChart(sizes.labels, sizes.counts, String)}</div></div>${charts}</div>
