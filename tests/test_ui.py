@@ -856,8 +856,10 @@ def test_timeline_zoom_and_click_through(browser_page: tuple[Any, list[str]],
 
 
 def test_timeline_time_axis_in_a_browser(browser_page: tuple[Any, list[str]],
-                                         served: Served, demo_bus: Path) -> None:
+                                         served: Served, demo_bus: Path,
+                                         tmp_path: Path) -> None:
     page, errors = browser_page
+    shots = _shots() if os.environ.get("MMSB_UI_SCREENSHOTS") else tmp_path
     state = mmsb.open_readonly(demo_bus)
     deltas = mmsb.query_log(state)
     page.goto(served.url + "#/timeline")
@@ -870,6 +872,7 @@ def test_timeline_time_axis_in_a_browser(browser_page: tuple[Any, list[str]],
     ticks = page.locator("#chart text.tick").all_text_contents()
     assert ticks and all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{6}", x) for x in ticks)
     assert page.locator("#log a.lsnlink").all_inner_texts() == [str(d.lsn) for d in deltas]
+    page.screenshot(path=str(shots / "timeline-time.png"))
     # Zoom by dragging over the right half: the address holds a window of microseconds.
     box = page.locator("#chart").bounding_box()
     page.mouse.move(box["x"] + 500, box["y"] + 100)

@@ -130,10 +130,11 @@ function drawTimeline(t, names, p, axis) {
       out += `<rect class="bar" data-bin="${i}" x="${L + i * bw}" y="${y}" width="${Math.max(1, bw - 1)}" height="${h}" fill="${color(name, k)}"><title>${esc(binText(i))}: ${v} ${esc(name)}${t.times[i] ? "\n" + t.times[i] : ""}</title></rect>`;
     });
   }
-  for (const i of [0, Math.floor(n / 2), n - 1]) {
-    if (i < 0) continue;
-    out += `<text class="tick" x="${L + i * bw}" y="${H - 8}">${esc(label(i))}</text>`;
-  }
+  [[0, "start"], [Math.floor(n / 2), "middle"], [n - 1, "end"]].forEach(([i, anchor]) => {
+    if (i < 0 || (anchor !== "start" && i === 0)) return;
+    const x = anchor === "end" ? L + (i + 1) * bw : L + i * bw;
+    out += `<text class="tick" x="${x}" y="${H - 8}" text-anchor="${anchor}">${esc(label(i))}</text>`;
+  });
   out += `<rect id="brush" y="0" height="${H - B}" fill="#6cb4ff" opacity="0.3" width="0"/>`;
   svg.innerHTML = out;
   const bin = x => Math.min(n - 1, Math.max(0, Math.floor((x - L) / bw)));
