@@ -83,6 +83,34 @@ def test_summary_and_timeline_count_every_record(client: TestClient, demo_bus: P
     assert len(zoom["edges"]) - 1 == state.last_lsn - 6 + 1  # one bin per LSN at most
 
 
+def test_timeline_over_time(client: TestClient, demo_bus: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    recs = list(state.log.records)
+    us = [r.timestamp // 1000 for r in recs]
+    t = get(client, "/api/timeline?axis=time&bins=7")
+    assert t["axis"] == "time" and (t["lo"], t["hi"]) == (us[0], us[-1])
+    edges = t["edges"]
+    assert len(edges) - 1 == min(7, us[-1] - us[0] + 1)
+    assert edges[0] == us[0] and edges[-1] == us[-1] + 1
+    assert sum(map(sum, t["series"].values())) == len(recs)
+    for i in range(len(edges) - 1):
+        inside = [r for r, u in zip(recs, us, strict=True) if edges[i] <= u < edges[i + 1]]
+        assert sum(v[i] for v in t["series"].values()) == len(inside)
+        assert t["ranges"][i] == ([inside[0].lsn, inside[-1].lsn] if inside else None)
+        assert (t["times"][i] is None) == (not inside)
+    # Zoomed to a window of time: exactly the records stamped inside it.
+    lo, hi = us[len(us) // 3], us[2 * len(us) // 3]
+    z = get(client, f"/api/timeline?axis=time&lo={lo}&hi={hi}&bins=2000")
+    assert sum(map(sum, z["series"].values())) == sum(lo <= u <= hi for u in us)
+    assert len(z["edges"]) - 1 <= 2000
+    prop = get(client, "/api/timeline?axis=time&source=propagation")
+    assert set(prop["series"]) == {"propagation"}
+    assert sum(prop["series"]["propagation"]) == sum(d.source == "propagation"
+                                                      for d in mmsb.query_log(state))
+    lsn_axis = get(client, "/api/timeline?bins=5")
+    assert lsn_axis["axis"] == "lsn" and len(lsn_axis["ranges"]) == 5
+
+
 def test_log_rows_filter_and_bound(client: TestClient, demo_bus: Path) -> None:
     state = mmsb.open_readonly(demo_bus)
     rows = get(client, "/api/log")["rows"]
@@ -126,6 +154,56 @@ def test_pages_heat_history_version_blame(client: TestClient, demo_bus: Path) ->
     assert any(r.get("source") == "propagation" for r in b["ranges"])
 
 
+def _reference_heat(state: mmsb.MMSBState, ids: list[int], cols: int
+                    ) -> dict[int, tuple[list[int], list[int]]]:
+    """Page id → (deltas per cell, newest LSN per cell), one Delta object at a time."""
+    out = {}
+    for pid in ids:
+        size = state.pages[pid].size
+        nc = min(cols, size)
+        counts = np.zeros(nc, np.int64)
+        last = np.zeros(nc, np.int64)
+        for d in mmsb.get_deltas_for_page(state, pid):
+            idx = d.indices
+            cells = np.unique(idx[idx < size] * nc // size)
+            counts[cells] += 1
+            last[cells] = np.maximum(last[cells], d.lsn)
+        out[pid] = (counts.tolist(), last.tolist())
+    return out
+
+
+def test_heat_across_pages(client: TestClient, demo_bus: Path, tmp_path: Path) -> None:
+    state = mmsb.open_readonly(demo_bus)
+    h = get(client, "/api/heat?cols=64")
+    assert [r["page"] for r in h["rows"]] == list(state.pages) and h["total"] == len(state.pages)
+    # With a cell per byte, a cell's count is how many deltas wrote that byte.
+    per_byte = np.zeros(state.pages[1].size, np.int64)
+    for d in mmsb.get_deltas_for_page(state, 1):
+        per_byte[d.indices] += 1
+    assert h["rows"][0]["cells"] == per_byte.tolist()
+    # Every kind of delta (runs, positions, full and masked dense, merged), resized,
+    # cloned and deleted pages, cells that split bytes unevenly.
+    varied = _varied_history(rounds=20)
+    ck = tmp_path / "varied.ckpt"
+    mmsb.checkpoint_log(varied, ck)
+    inspected = Inspected(ck)
+    try:
+        c = TestClient(create_app(inspected, lambda: {"testserver"}))
+        live = list(varied.pages)
+        assert len(live) > 256 and any(varied.pages[p].size == 80 for p in live)
+        for off in (0, 256):
+            ref = _reference_heat(varied, live[off:off + 256], 7)
+            for mode, which in (("count", 0), ("recency", 1)):
+                got = get(c, f"/api/heat?mode={mode}&offset={off}&limit=256&cols=7")
+                assert got["total"] == len(live)
+                assert [r["page"] for r in got["rows"]] == live[off:off + 256]
+                for r in got["rows"]:
+                    assert r["cells"] == ref[r["page"]][which], (mode, r["page"])
+                assert got["max"] == max(max(v[which]) for v in ref.values())
+    finally:
+        inspected.close()
+
+
 def test_graph_now_and_at_an_lsn(client: TestClient, demo_bus: Path) -> None:
     state = mmsb.open_readonly(demo_bus)
     g = get(client, "/api/graph")
@@ -139,14 +217,100 @@ def test_graph_now_and_at_an_lsn(client: TestClient, demo_bus: Path) -> None:
     assert early["lsn"] == first - 1 and not any(n["stale"] for n in early["nodes"])
 
 
-def test_stats_latency_series(client: TestClient) -> None:
+def test_stats_latency_series(client: TestClient, demo_bus: Path) -> None:
+    from mmsb._storage.stats_file import read_stats
+
     s = get(client, "/api/stats")
+    # The demo's writer published its counters when it stopped (its final checkpoint).
+    pub = read_stats(demo_bus)
+    assert pub is not None and s["writer"]["pid"] == pub["pid"] and s["writer_note"] is None
+    for kind, k in s["writer"]["kinds"].items():
+        assert k["count"] == pub["kinds"][kind]["count"]
+        assert sum(k["hist"]["counts"]) == pub["kinds"][kind]["samples"]
+        assert len(k["hist"]["labels"]) == len(k["hist"]["counts"])
+    assert s["writer"]["kinds"]["delta_apply"]["count"] > 0
+    assert s["writer"]["kinds"]["checkpoint"]["count"] > 0
     assert s["stats"]["total_pages"] == 3
     assert set(s["latency"]) == {"delta_apply", "propagation", "log_append", "checkpoint"}
     assert set(s["latency"]["delta_apply"]) == {"count", "p50", "p90", "p99", "max"}
     sizes = s["delta_payload_bytes"]
     assert len(sizes["labels"]) == len(sizes["counts"])
     assert sum(sizes["counts"]) == s["stats"]["total_deltas"]
+
+
+def test_stats_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    from mmsb._core.monitor import Counters
+    from mmsb._storage.stats_file import SIZE, decode_stats, encode_stats, read_stats
+
+    c = Counters()
+    rng = np.random.default_rng(5)
+    for v in rng.integers(0, 10**8, 5000).tolist():
+        c.delta_apply.add(v)
+    for v in (0, 1, 2, 3, (1 << 63) - 1):
+        c.log_append.add(v)
+    data = encode_stats(c, 42, written_ns=7, pid=9)
+    got = decode_stats(data)
+    assert (got["last_lsn"], got["written_ns"], got["pid"]) == (42, 7, 9)
+    kept = np.frombuffer(c.delta_apply.samples, np.int64)
+    k = got["kinds"]["delta_apply"]
+    assert (k["count"], k["samples"], k["max_ns"]) == (5000, len(kept), c.delta_apply.max_ns)
+    assert [k["p50_ns"], k["p90_ns"], k["p99_ns"]] == pytest.approx(
+        np.percentile(kept, [50, 90, 99]).tolist())
+    assert k["bins"] == np.bincount([int(x).bit_length() for x in kept], minlength=64).tolist()
+    assert got["kinds"]["log_append"]["bins"][:4] == [1, 1, 2, 0]
+    assert got["kinds"]["log_append"]["bins"][63] == 1  # 2**62 ns and longer
+    assert got["kinds"]["propagation"]["samples"] == 0
+    assert read_stats(tmp_path) is None
+    (tmp_path / "map").mkdir()
+    bad = {"size": data[:-1], "magic": b"X" + data[1:], "version": data[:8] + b"\x09" + data[9:],
+           "checksum": data[:100] + bytes([data[100] ^ 1]) + data[101:]}
+    for why, blob in bad.items():
+        (tmp_path / "map" / "stats").write_bytes(blob)
+        with pytest.raises(mmsb.SerializationError):
+            read_stats(tmp_path)
+        assert (tmp_path / "map" / "stats").read_bytes() == blob, why  # nothing rewritten
+    assert len(data) == SIZE == 1292
+
+
+def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path) -> None:
+    """From the group-commit thread, without a checkpoint; an inspector of the bus
+    charts them and never writes the file itself."""
+    import time
+
+    from mmsb._storage.stats_file import read_stats
+
+    path = tmp_path / "pub"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path, config=mmsb.MMSBConfig(
+        enable_gpu=False, fsync="batch", checkpoint_interval=0, max_tlog_size=10**6))
+    try:
+        pid = mmsb.create_page(state, 16).id
+        checkpoints = state.counters.checkpoint.count
+        for k in range(50):
+            mmsb.write_page(state, pid, k % 12, (k + 1).to_bytes(4, "little"))
+        deadline = time.monotonic() + 10
+        pub = read_stats(path)
+        while (pub is None or pub["kinds"]["delta_apply"]["count"] < 50) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+            pub = read_stats(path)
+        assert pub is not None and pub["kinds"]["delta_apply"]["count"] == 50
+        # No checkpoint ran meanwhile: the group-commit thread published them.
+        assert state.counters.checkpoint.count == checkpoints
+        assert pub["kinds"]["checkpoint"]["count"] == checkpoints
+        assert pub["pid"] == os.getpid() and pub["last_lsn"] <= state.last_lsn
+        stats_file = path / "map" / "stats"
+        inspected = Inspected(path)
+        try:
+            c = TestClient(create_app(inspected, lambda: {"testserver"}))
+            raw = stats_file.read_bytes()
+            w = get(c, "/api/stats")["writer"]
+            assert w["kinds"]["delta_apply"]["count"] == 50 and w["pid"] == os.getpid()
+            assert sum(w["kinds"]["delta_apply"]["hist"]["counts"]) == 50
+            assert stats_file.read_bytes() == raw
+        finally:
+            inspected.close()
+    finally:
+        mmsb.mmsb_stop(state)
 
 
 @pytest.mark.parametrize(("url", "status", "kind"), [
@@ -158,10 +322,16 @@ def test_stats_latency_series(client: TestClient) -> None:
     ("/api/pages/1/version?lsn=-1", 400, "InvalidArgumentError"),
     ("/api/pages/1/version?length=1000000", 400, "InvalidArgumentError"),
     ("/api/pages/1/heat?mode=loud", 400, "InvalidArgumentError"),
+    ("/api/heat?mode=loud", 400, "InvalidArgumentError"),
+    ("/api/heat?limit=100000", 400, "InvalidArgumentError"),
+    ("/api/heat?cols=0", 400, "InvalidArgumentError"),
     ("/api/graph?lsn=999999", 400, "InvalidArgumentError"),
     ("/api/graph?lsn=1e3", 400, "InvalidArgumentError"),
     ("/api/timeline?bins=0", 400, "InvalidArgumentError"),
     ("/api/timeline?lo=9&hi=3", 400, "InvalidArgumentError"),
+    ("/api/timeline?axis=epoch", 400, "InvalidArgumentError"),
+    ("/api/timeline?axis=time&bins=2001", 400, "InvalidArgumentError"),
+    ("/api/timeline?axis=time&lo=soon", 400, "InvalidArgumentError"),
     ("/api/log?page=abc", 400, "InvalidArgumentError"),
     ("/api/events?since=-4", 400, "InvalidArgumentError"),
     ("/api/nowhere", 404, "NotFound"),
@@ -234,10 +404,131 @@ def test_timeline_is_aggregated_on_a_large_log(tmp_path: Path) -> None:
         t = r.json()
         assert sum(map(sum, t["series"].values())) == len(state.log.records)
         assert len(t["edges"]) == MAX_BINS + 1 and len(r.content) < 200_000
+        r = c.get(f"/api/timeline?axis=time&bins={MAX_BINS}")
+        t = r.json()
+        assert sum(map(sum, t["series"].values())) == len(state.log.records)
+        assert len(t["edges"]) <= MAX_BINS + 1 and len(r.content) < 300_000
         log = get(c, "/api/log?limit=500")
         assert log["total"] == len(state.tlog) and len(log["rows"]) == 500
         assert len(bytes.fromhex(get(c, "/api/pages/1/version?length=4096")["hex"])) == 64
         assert MAX_BYTES == 4096
+    finally:
+        inspected.close()
+
+
+def _varied_history(max_log: int | None = None, rounds: int = 40) -> mmsb.MMSBState:
+    """A log with every kind of record the inspector aggregates: batches of sparse
+    writes, masked and full dense deltas, metadata flags, edges added and removed,
+    clones, deletions, resizes, and (without ``max_log``) a compression marker half way;
+    with ``max_log`` the log is folded into a replay base as it goes."""
+    state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=max_log or 10**7))
+    ids = [p.id for p in mmsb.create_pages(state, 300, 61)]
+    rng = np.random.default_rng(3)
+    for b in range(rounds):
+        mmsb.apply_batch(state, [(int(ids[i]), int(o), bytes([b, 1, 2])) for i, o in
+                                 zip(rng.integers(0, len(ids), 1500), rng.integers(0, 58, 1500),
+                                     strict=True)], source="batch")
+        size = state.pages[ids[b]].size
+        mask = rng.random(size) < 0.4
+        mmsb.route_delta(state, mmsb.create_delta(
+            state, ids[b], mask, rng.integers(0, 256, size, dtype=np.uint8).tobytes(),
+            source="masked"))
+        mmsb.update_page(state, ids[b + 1], bytes([b]) * state.pages[ids[b + 1]].size)
+        mmsb.set_metadata(state, ids[b + 2], "stale", b % 2 == 0)
+        mmsb.add_dependency(state, ids[b], ids[b + 100], mmsb.CONTROL_DEPENDENCY)
+        if b % 5 == 4:
+            p, c, _t = state.graph.edges()[0]
+            mmsb.remove_dependency(state, p, c)
+        if b % 7 == 3:
+            clone = mmsb.clone_page(state, ids[b + 3])
+            ids.append(clone.id)
+            mmsb.add_dependency(state, ids[b + 3], clone.id, mmsb.DATA_DEPENDENCY)
+        if b % 9 == 8:
+            mmsb.delete_page(state, ids.pop(b + 50))
+        if b % 11 == 5:
+            mmsb.resize_page(state, ids[b + 4], 80)
+        if b == rounds // 2 and max_log is None:
+            mmsb.compress_log(state)
+    return state
+
+
+def _reference_page_stats(state: mmsb.MMSBState) -> dict[int, tuple[int, int, int]]:
+    """Page id → (deltas, bytes written, newest LSN), one Delta object at a time."""
+    out: dict[int, tuple[int, int, int]] = {}
+    for d in state.tlog:
+        n, b, _lsn = out.get(d.page_id, (0, 0, 0))
+        out[d.page_id] = (n + 1, b + d.count, d.lsn)
+    return out
+
+
+def _reference_graph(state: mmsb.MMSBState, lsn: int) -> tuple[dict[int, int], dict[int, Any],
+                                                               list[Any]]:
+    view = mmsb.replay_to_lsn(state, lsn)
+    return ({p: page.epoch for p, page in view.pages.items()},
+            {p: dict(page.metadata) for p, page in view.pages.items() if page.metadata},
+            view.graph.edges())
+
+
+@pytest.mark.parametrize("max_log", [None, 20_000])
+def test_column_statistics_and_past_graphs_equal_the_slow_reference(max_log: int | None) -> None:
+    from mmsb._history.graph_at import graph_at_lsn
+    from mmsb._history.stats import log_statistics, page_statistics
+
+    state = _varied_history(max_log)
+    assert (state.replay_base is not None) == (max_log is not None)
+    assert state.log.horizon_lsn > 0
+    sources: dict[str, int] = {}
+    changed = sparse = 0
+    for d in state.tlog:
+        sources[d.source] = sources.get(d.source, 0) + 1
+        changed += d.count
+        sparse += d.is_sparse
+    got = log_statistics(state.log)
+    assert (got["bytes_changed"], got["sparse_deltas"], got["sources"]) == (changed, sparse, sources)
+    assert list(got["sources"]) == list(sources)  # in the order the deltas meet them
+    assert got["total_deltas"] == len(state.tlog) and got["records"] == len(state.log.records)
+    assert got["first_lsn"] == state.log.records[0].lsn
+    assert page_statistics(state.log) == _reference_page_stats(state)
+    assert mmsb.get_stats(state).total_delta_bytes == changed
+    for lsn in np.linspace(state.log.horizon_lsn, state.last_lsn, 12).astype(int).tolist():
+        past = graph_at_lsn(state, lsn)
+        assert (past.epochs, past.metadata, past.edges) == _reference_graph(state, lsn), lsn
+
+
+def test_large_log_answers_equal_the_slow_reference(tmp_path: Path) -> None:
+    """Page table, summary, stats and past graphs of a log of ~41,000 records (84,000
+    LSNs, compressed half way), served from the log's columns and structural records,
+    against one Delta object at a time and replay_to_lsn."""
+    state = _varied_history(rounds=58)
+    ck = tmp_path / "varied.ckpt"
+    mmsb.checkpoint_log(state, ck)
+    loaded = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=10**7))
+    mmsb.load_checkpoint(loaded, ck)
+    assert len(loaded.log.records) > 40_000
+    inspected = Inspected(ck)
+    try:
+        c = TestClient(create_app(inspected, lambda: {"testserver"}))
+        ref = _reference_page_stats(loaded)
+        rows = get(c, "/api/pages?limit=500")["rows"]
+        assert [r["id"] for r in rows] == list(loaded.pages)
+        for r in rows:
+            want = ref.get(r["id"], (0, 0, None))
+            assert (r["deltas"], r["bytes_written"], r["last_lsn"]) == want, r["id"]
+        log = get(c, "/api/summary")["log"]
+        assert log["bytes_changed"] == sum(b for _n, b, _l in ref.values())
+        assert log["deltas"] == len(loaded.tlog)
+        assert log["sparse_deltas"] == sum(d.is_sparse for d in loaded.tlog)
+        assert get(c, "/api/stats")["stats"]["total_delta_bytes"] == log["bytes_changed"]
+        for lsn in np.linspace(loaded.log.horizon_lsn, loaded.last_lsn, 8).astype(int).tolist():
+            g = get(c, f"/api/graph?lsn={lsn}")
+            epochs, meta, edges = _reference_graph(loaded, lsn)
+            assert {n["id"]: n["epoch"] for n in g["nodes"]} == epochs
+            assert {n["id"] for n in g["nodes"] if n["stale"]} == {
+                p for p, m in meta.items() if m.get("stale")}
+            assert [(e["parent"], e["child"], e["type"]) for e in g["edges"]] == [
+                (p, ch, mmsb.EdgeType(t).name) for p, ch, t in edges]
+        before = loaded.log.horizon_lsn - 1
+        assert get(c, f"/api/graph?lsn={before}", 400)["error"]["type"] == "InvalidArgumentError"
     finally:
         inspected.close()
 
@@ -247,8 +538,9 @@ def test_timeline_is_aggregated_on_a_large_log(tmp_path: Path) -> None:
 class Served:
     """``mmsb ui PATH`` in a subprocess; ``url`` is what it printed."""
 
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmsb", "ui", str(path)],
+    def __init__(self, path: Path, port: int = 0) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmsb", "ui", str(path), "--port",
+                                      str(port)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=ENV)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -341,6 +633,70 @@ def test_live_feed_follows_a_writer(tmp_path: Path) -> None:
         mmsb.mmsb_stop(state)
 
 
+def _sse_blocks(lines: Iterator[str], want: int) -> list[dict[str, str]]:
+    """The first ``want`` server-sent events that carry data, each as its fields."""
+    out: list[dict[str, str]] = []
+    block: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in block:
+                out.append(block)
+                if len(out) == want:
+                    break
+            block = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(": ")
+            block[name] = value
+    return out
+
+
+def test_live_feed_resumes_after_the_last_event_id(tmp_path: Path) -> None:
+    import httpx
+
+    path = tmp_path / "resume"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        a = mmsb.create_page(state, 16).id
+        b = mmsb.create_page(state, 16).id
+        mmsb.add_dependency(state, a, b, mmsb.CONTROL_DEPENDENCY)
+        start = state.last_lsn
+        for k in range(4):
+            mmsb.write_page(state, a, k, b"x")
+            mmsb.create_pages(state, 3, 8)  # one record, an event per page
+        reader = mmsb.attach(path)
+        try:
+            want = [(ev.lsn, ev.type.name, ev.page_id) for ev in reader.changes(start)]
+        finally:
+            reader.close()
+        assert len({lsn for lsn, _t, _p in want}) < len(want)  # LSNs with several events
+        s = Served(path)
+        try:
+            with httpx.stream("GET", s.url + f"api/events?since={start}", timeout=20) as r:
+                got = _sse_blocks(r.iter_lines(), len(want))
+            assert [(json.loads(x["data"])["lsn"], json.loads(x["data"])["type"],
+                     json.loads(x["data"])["page"]) for x in got] == want
+            # The id marks the last event of each LSN, and only that one.
+            for k, x in enumerate(got):
+                lsn = want[k][0]
+                last_of_lsn = k + 1 == len(want) or want[k + 1][0] != lsn
+                assert x.get("id") == (str(lsn) if last_of_lsn else None)
+            # A reconnect with Last-Event-ID resumes after it, whatever since says.
+            mid = want[len(want) // 2][0]
+            after = [w for w in want if w[0] > mid]
+            with httpx.stream("GET", s.url + f"api/events?since={start}", timeout=20,
+                              headers={"Last-Event-ID": str(mid)}) as r:
+                got = _sse_blocks(r.iter_lines(), len(after))
+            assert [json.loads(x["data"])["lsn"] for x in got] == [w[0] for w in after]
+            bad = httpx.get(s.url + "api/events", headers={"Last-Event-ID": "yesterday"},
+                            timeout=10)
+            assert bad.status_code == 400 and bad.json()["error"]["type"] == "InvalidArgumentError"
+        finally:
+            rc, _out, err = s.stop()
+            assert rc == 0, err
+    finally:
+        mmsb.mmsb_stop(state)
+
+
 # -- the browser ---------------------------------------------------------------------------
 
 def _browser() -> Any:
@@ -399,7 +755,23 @@ def test_every_view_in_a_browser(browser_page: tuple[Any, list[str]], served: Se
     assert ids == [str(i) for i in state.pages]
     assert page.locator("#heat div").count() == state.pages[1].size
     assert "sensor.raw" in page.inner_text("#pages")
-    page.screenshot(path=str(shots / "pages.png"))
+    # The heat map across pages: a row per page, a cell per byte (pages of <= 64 bytes),
+    # each titled with the deltas that wrote it.
+    page.wait_for_selector("#heatall rect.hcell")
+    assert page.locator("#heatall text.hrow").all_text_contents() == [str(i) for i in state.pages]
+    assert page.locator("#heatall rect.hcell").count() == sum(
+        min(64, p.size) for p in state.pages.values())
+    written = {int(i) for i in page.locator("#heatall rect.hcell").evaluate_all(
+        "cs => cs.filter(c => !c.textContent.includes(' 0 deltas')).map(c => c.dataset.page)")}
+    assert written == {p for p in state.pages if mmsb.get_deltas_for_page(state, p)}
+    page.screenshot(path=str(shots / "pages.png"), full_page=True)
+    # A page id in that map opens its byte-level map.
+    page.locator("#heatall a", has_text="2").first.click()
+    page.wait_for_function("location.hash.includes('heat=2')")
+    _rendered(page)
+    assert page.locator("#heat div").count() == state.pages[2].size
+    page.goto(served.url + "#/pages")
+    page.wait_for_selector("#heat div")
 
     # Click a page id: its history, newest version, bytes on screen.
     page.locator("#pages a.pagelink", has_text="2").first.click()
@@ -436,6 +808,11 @@ def test_every_view_in_a_browser(browser_page: tuple[Any, list[str]], served: Se
     page.wait_for_selector("#stats")
     assert page.locator("#sizes rect").count() > 0
     assert "total_pages" in page.inner_text("#stats")
+    # The writer's published latency: percentiles and a histogram per kind it sampled.
+    assert "pid" in page.inner_text("#writer-when")
+    kinds = page.locator("#writer .wkind").evaluate_all("ks => ks.map(k => k.dataset.kind)")
+    assert {"delta_apply", "checkpoint"} <= set(kinds)
+    assert page.locator("#writer .wkind svg").count() == 2 * len(kinds)
     page.screenshot(path=str(shots / "stats.png"))
 
     # A bad page id in the address bar: the typed error on screen, not a broken page.
@@ -478,6 +855,50 @@ def test_timeline_zoom_and_click_through(browser_page: tuple[Any, list[str]],
     assert errors == []
 
 
+def test_timeline_time_axis_in_a_browser(browser_page: tuple[Any, list[str]],
+                                         served: Served, demo_bus: Path,
+                                         tmp_path: Path) -> None:
+    page, errors = browser_page
+    shots = _shots() if os.environ.get("MMSB_UI_SCREENSHOTS") else tmp_path
+    state = mmsb.open_readonly(demo_bus)
+    deltas = mmsb.query_log(state)
+    page.goto(served.url + "#/timeline")
+    page.wait_for_selector("#chart rect.bar")
+    page.click("#axis-time")
+    page.wait_for_function("location.hash.includes('axis=time')")
+    _rendered(page)
+    assert page.locator("#chart").get_attribute("data-axis") == "time"
+    assert page.locator("#axis-time.on").count() == 1
+    ticks = page.locator("#chart text.tick").all_text_contents()
+    assert ticks and all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{6}", x) for x in ticks)
+    assert page.locator("#log a.lsnlink").all_inner_texts() == [str(d.lsn) for d in deltas]
+    page.screenshot(path=str(shots / "timeline-time.png"))
+    # Zoom by dragging over the right half: the address holds a window of microseconds.
+    box = page.locator("#chart").bounding_box()
+    page.mouse.move(box["x"] + 500, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 950, box["y"] + 100)
+    page.mouse.up()
+    page.wait_for_function("location.hash.includes('lo=') && location.hash.includes('axis=time')")
+    _rendered(page)
+    lo = int(re.search(r"lo=(\d+)", page.url).group(1))
+    assert lo > state.log.records[0].timestamp // 1000
+    page.wait_for_selector("#zoom-out:not([disabled])")
+    # A bar lists the records of its time bin, by their LSN range.
+    page.locator("#chart rect.bar").last.click()
+    page.wait_for_function("location.hash.includes('blo=')")
+    _rendered(page)
+    blo = int(re.search(r"blo=(\d+)", page.url).group(1))
+    bhi = int(re.search(r"bhi=(\d+)", page.url).group(1))
+    shown = [int(x) for x in page.locator("#log a.lsnlink").all_inner_texts()]
+    assert shown == [d.lsn for d in deltas if blo <= d.lsn <= bhi]
+    page.click("#axis-lsn")
+    page.wait_for_function("!location.hash.includes('axis=time')")
+    _rendered(page)
+    assert page.locator("#chart").get_attribute("data-axis") == "lsn"
+    assert errors == []
+
+
 def test_live_view_follows_new_records(tmp_path: Path) -> None:
     sync_api = _browser()
     path = tmp_path / "live"
@@ -510,6 +931,73 @@ def test_live_view_follows_new_records(tmp_path: Path) -> None:
             rc, _out, err = s.stop()
             assert rc == 0, err
         assert errors == []
+    finally:
+        mmsb.mmsb_stop(state)
+
+
+def test_live_view_resumes_after_the_server_comes_back(tmp_path: Path) -> None:
+    """The inspector stops while the writer goes on, and starts again on the same port:
+    the page reconnects, sends the last LSN it saw (Last-Event-ID) and gets exactly the
+    events it missed, none twice."""
+    import socket
+
+    sync_api = _browser()
+    path = tmp_path / "live"
+    state = mmsb.mmsb_start(enable_gpu=False, path=path)
+    try:
+        page_id = mmsb.create_page(state, 16).id
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        s = Served(path, port)
+        errors: list[str] = []
+        try:
+            with sync_api.sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking"])
+                try:
+                    page = browser.new_page()
+                    page.set_default_timeout(15_000)
+                    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                    page.goto(s.url + f"#/page/{page_id}")
+                    page.wait_for_selector("#live.on")
+                    since = state.last_lsn
+                    mmsb.write_page(state, page_id, 0, b"ABCD")
+                    page.wait_for_function(
+                        f"document.getElementById('live').dataset.lastId === '{state.last_lsn}'")
+                    rc, _out, err = s.stop()
+                    assert rc == 0, err
+                    page.wait_for_function(
+                        "document.getElementById('live').textContent.includes('reconnecting')")
+                    mmsb.write_page(state, page_id, 4, b"EFGH")
+                    mmsb.create_pages(state, 2, 8)
+                    mmsb.write_page(state, page_id, 8, b"IJKL")
+                    lsn = state.last_lsn
+                    s = Served(path, port)
+                    page.wait_for_function(
+                        f"document.getElementById('live').dataset.lastId === '{lsn}'")
+                    reader = mmsb.attach(path)
+                    try:
+                        missed = len(list(reader.changes(since)))
+                    finally:
+                        reader.close()
+                    live = page.locator("#live")
+                    assert live.get_attribute("data-events") == str(missed)
+                    assert live.get_attribute("data-resumes") == "1"
+                    page.wait_for_function(
+                        f"document.getElementById('vlsn').textContent === '{lsn}'")
+                    assert "ABCDEFGHIJKL" in page.inner_text("#hex").replace("\n", "")
+                finally:
+                    browser.close()
+        finally:
+            if s.proc.poll() is None:
+                rc, _out, err = s.stop()
+                assert rc == 0, err
+        # The cut stream and the refused reconnects while the server was down are the
+        # only errors.
+        assert {e.rsplit("::", 1)[-1] for e in errors} <= {
+            "ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING"}, errors
     finally:
         mmsb.mmsb_stop(state)
 

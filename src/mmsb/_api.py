@@ -36,6 +36,8 @@ from ._core.monitor import Counters, MMSBStats
 from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
 from ._history.replay import verify_state_consistency as _verify
+from ._history.stats import log_statistics as _log_statistics
+from ._history.stats import row_counts as _row_counts
 from ._instrument import calls as _calls
 from ._instrument import manager as _instr
 from ._instrument import provenance as _prov
@@ -520,25 +522,8 @@ def compute_log_statistics(state: MMSBState) -> dict[str, Any]:
     ``payload_bytes``."""
     state = _state_of(state, "compute_log_statistics")
     with state.lock:
-        log = state.log
-        sources: dict[str, int] = {}
-        changed = 0
-        sparse = 0
-        for d in log.deltas:
-            sources[d.source] = sources.get(d.source, 0) + 1
-            changed += d.count
-            sparse += d.is_sparse
-        return {
-            "total_deltas": len(log.deltas),
-            "bytes_changed": changed,
-            "sources": sources,
-            "pages": {pid: len(ds) for pid, ds in log.by_page.items()},
-            "records": len(log.records),
-            "first_lsn": log.records[0].lsn if log.records else 0,
-            "last_lsn": log.last_lsn,
-            "sparse_deltas": sparse,
-            "payload_bytes": log.bytes_logged,
-        }
+        # Over the log's columns (numpy), not one Delta object per row.
+        return _log_statistics(state.log)
 
 
 def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
@@ -853,7 +838,7 @@ def get_stats(state: MMSBState) -> MMSBStats:
         c = state.counters
         a = state.arena
         deltas = state.log.deltas
-        delta_bytes = sum(d.count for d in deltas)
+        delta_bytes = int(_row_counts(state.log).sum())
         page_bytes = int(t.size[live].sum()) if live.size else 0
         carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
         da50, da90, da99 = c.delta_apply.percentiles()

@@ -8,6 +8,7 @@ Directory layout::
     DIR/checkpoints/ckpt-<gen>.mmsb  checkpoint of generation <gen> (16 hex digits)
     DIR/wal/wal-<gen>-<seq>.log      log segments written after checkpoint <gen>
     DIR/map/HEAD, table, pages       the mapped pages readers attach to (mapped.py)
+    DIR/map/stats                    the writer's latency counters (stats_file.py)
 
 Recovery = the newest checkpoint + the segments of its generation, in order. Older
 generations' segments hold only records that a checkpoint already covers; segments of
@@ -25,6 +26,8 @@ import secrets
 import struct
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +54,7 @@ from .codec import crc32c, encode_record
 from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
 from .mapped import Publisher
+from .stats_file import PUBLISH_EVERY, publish_stats
 from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
 
 if TYPE_CHECKING:
@@ -140,6 +144,9 @@ class DurableBus:
         """Reads the records other writers appended (shared writers)."""
         self.dir_stamps: tuple[int, int] | None = None
         """The folders' modification times when this writer last released DIR/WRITE."""
+        self.stats_of: Callable[[], MMSBState | None] | None = None
+        """The state whose latency counters go to DIR/map/stats (a weak reference)."""
+        self._stats_seen: tuple[int, ...] = ()
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -271,9 +278,31 @@ class DurableBus:
     def failed_sync(self, writer: SegmentWriter) -> None:
         self.failed = OSError(f"fsync of {writer.path.name} failed")
 
+    def publish_stats(self) -> None:
+        """Copy the writer's latency counters to DIR/map/stats (see stats_file.py) when
+        they changed since the last copy. Called at checkpoints and from the group-commit
+        thread, never from a write call. Raises OSError."""
+        state = self.stats_of() if self.stats_of is not None else None
+        if state is None or self.read_only or self.closed:
+            return
+        c = state.counters
+        seen = (id(c), c.delta_apply.count, c.propagation.count, c.log_append.count,
+                c.checkpoint.count)
+        if seen != self._stats_seen:
+            publish_stats(self.root / "map", c, state.log.last_lsn)
+            self._stats_seen = seen
+
     def _sync_loop(self) -> None:
         interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0
+        next_stats = time.monotonic() + PUBLISH_EVERY
         while not self._stop.wait(interval):
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + PUBLISH_EVERY
+                try:
+                    self.publish_stats()
+                except Exception as exc:  # the group commit must go on whatever happens here
+                    log.warning("publishing the latency counters of %s failed: %s",
+                                self.root, exc)
             with self.io_lock:
                 w = self.writer
                 if w is None or not w.dirty or self.failed is not None:
@@ -611,6 +640,10 @@ class DurableBus:
             log.warning("removing superseded files of %s failed: %s", self.root, exc)
         self.retained = kept
         state.counters.checkpoint.add(time.perf_counter_ns() - t0)
+        try:
+            self.publish_stats()
+        except OSError as exc:
+            log.warning("publishing the latency counters of %s failed: %s", self.root, exc)
         if segment_error is not None:
             raise DurabilityError(
                 f"checkpoint {path.name} is written and in force, but its log segment could "
@@ -938,6 +971,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     state.log.sink_many = bus.sink_many
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
+    bus.stats_of = weakref.ref(state)
     bus.start()
 
 

@@ -28,6 +28,8 @@ __all__ = ["create_app", "MAX_STREAMS"]
 
 MAX_STREAMS = 8
 """Most change-feed streams served at once."""
+RETRY_MS = 1000
+"""Milliseconds a browser waits before it reconnects a dropped change feed."""
 _STATUS = {PageNotFoundError: 404, InvalidArgumentError: 400}
 
 
@@ -87,11 +89,15 @@ def create_app(inspected: Inspected, allowed_hosts: Callable[[], set[str]]) -> A
     routes = [
         Route("/api/summary", endpoint(lambda r: inspected.summary())),
         Route("/api/timeline", endpoint(
-            lambda r: inspected.timeline(bins=q(r, "bins", 200), **filters(r)))),
+            lambda r: inspected.timeline(bins=q(r, "bins", 200), axis=q(r, "axis", "lsn"),
+                                         **filters(r)))),
         Route("/api/log", endpoint(
             lambda r: inspected.log_rows(limit=q(r, "limit", 100), **filters(r)))),
         Route("/api/pages", endpoint(
             lambda r: inspected.pages(offset=q(r, "offset", 0), limit=q(r, "limit", 200)))),
+        Route("/api/heat", endpoint(
+            lambda r: inspected.heat_all(mode=q(r, "mode", "count"), offset=q(r, "offset", 0),
+                                         limit=q(r, "limit", 100), cols=q(r, "cols", 64)))),
         Route("/api/pages/{pid}/heat", endpoint(
             lambda r: inspected.heat(r.path_params["pid"], q(r, "mode", "count")))),
         Route("/api/pages/{pid}/history", endpoint(
@@ -114,35 +120,45 @@ def create_app(inspected: Inspected, allowed_hosts: Callable[[], set[str]]) -> A
 
 def _events(inspected: Inspected, streams: asyncio.Semaphore) -> Callable[[Request], Any]:
     """Server-sent events: one ``data:`` line per change-feed event after ``since``,
-    read from the bus's log (woken by the writer), until the client goes away."""
+    read from the bus's log (woken by the writer), until the client goes away.
+
+    The last event of each LSN carries ``id: LSN``, so a browser that reconnects sends
+    it back as ``Last-Event-ID`` and the feed resumes after it: nothing is lost, and
+    nothing already seen is sent again (a stream cut between two events of one LSN
+    sends that LSN's events again)."""
 
     async def handler(request: Request) -> Response:
         if not inspected.is_bus:
             return _error(404, "NotLive", "a checkpoint file has no change feed; open a bus "
                                           "directory to follow it live")
-        raw = request.query_params.get("since", "0")
-        try:
-            since = int(raw)
-            if since < 0:
-                raise ValueError
-        except ValueError:
-            return _error(400, "InvalidArgumentError", f"since must be an integer >= 0, "
-                                                       f"not {raw[:40]!r}")
+        since = 0
+        for name, raw in (("since", request.query_params.get("since", "0")),
+                          ("Last-Event-ID", request.headers.get("last-event-id", "0"))):
+            try:
+                value = int(raw)
+                if value < 0:
+                    raise ValueError
+            except ValueError:
+                return _error(400, "InvalidArgumentError", f"{name} must be an integer >= 0 "
+                                                           f"(an LSN), not {raw[:40]!r}")
+            since = max(since, value)
         if streams.locked():
             return _error(503, "TooManyStreams", f"at most {MAX_STREAMS} live views at once")
 
         async def feed() -> AsyncIterator[str]:
             async with streams:
                 last = since
-                yield ": feed\n\n"
+                yield f"retry: {RETRY_MS}\n: feed after LSN {since}\n\n"
                 while not await request.is_disconnected():
                     batch = await asyncio.to_thread(_next_batch, inspected, last)
                     if isinstance(batch, str):
                         yield f"event: feed-error\ndata: {json.dumps(batch)}\n\n"
                         return
-                    for ev in batch:
+                    for k, ev in enumerate(batch):
                         last = max(last, ev["lsn"])
-                        yield f"data: {json.dumps(ev)}\n\n"
+                        ends = k + 1 == len(batch) or batch[k + 1]["lsn"] != ev["lsn"]
+                        head = f"id: {ev['lsn']}\n" if ends else ""
+                        yield f"{head}data: {json.dumps(ev)}\n\n"
                     if not batch:
                         yield ": idle\n\n"
 
@@ -153,19 +169,20 @@ def _events(inspected: Inspected, streams: asyncio.Semaphore) -> Callable[[Reque
 
 
 def _next_batch(inspected: Inspected, since: int) -> list[dict[str, Any]] | str:
-    """The events after ``since`` (at most 500), or, when there are none, those that
-    arrive within about a second (the reader sleeps until the writer publishes, no
-    polling); the error text when the feed cannot go on."""
+    """The events after ``since`` (about 500 at most, ending with the last event of an
+    LSN), or, when there are none, those that arrive within about a second (the reader
+    sleeps until the writer publishes, no polling); the error text when the feed cannot
+    go on."""
     out: list[dict[str, Any]] = []
     reader = inspected.reader
     try:
         if reader.last_lsn <= since and not reader.wait_for(since + 1, 1.0):
             return out
         for ev in reader.changes(since):
+            if len(out) >= 500 and ev.lsn != out[-1]["lsn"]:
+                break  # the next batch starts at this LSN
             out.append({"lsn": ev.lsn, "type": ev.type.name, "page": ev.page_id,
                         "timestamp_ns": ev.timestamp})
-            if len(out) >= 500:
-                break
     except MMSBError as exc:
         return " ".join(str(exc).split())
     return out

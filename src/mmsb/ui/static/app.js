@@ -62,41 +62,62 @@ async function render() {
 }
 
 // -- timeline --------------------------------------------------------------------------
+function fmtUs(us, withDate) {
+  // Microseconds since the Unix epoch as UTC time (to the microsecond).
+  const d = new Date(Math.floor(us / 1000)).toISOString();
+  const frac = String(Math.floor(us % 1e6)).padStart(6, "0");
+  return (withDate ? d.slice(0, 10) + " " : "") + d.slice(11, 19) + "." + frac;
+}
+
 async function timeline(r) {
   const p = r.params;
-  const t = await api("timeline" + qs({ lo: p.lo, hi: p.hi, page: p.page, source: p.source, bins: 120 }));
-  const sel = p.blo ? { lo: p.blo, hi: p.bhi } : { lo: t.lo, hi: t.hi };
+  const axis = p.axis === "time" ? "time" : "lsn";
+  const t = await api("timeline" + qs({ axis: p.axis, lo: p.lo, hi: p.hi, page: p.page, source: p.source, bins: 120 }));
+  const spans = t.ranges.filter(Boolean);
+  const sel = p.blo ? { lo: p.blo, hi: p.bhi }
+    : axis === "lsn" ? { lo: t.lo, hi: t.hi }
+    : spans.length ? { lo: spans[0][0], hi: spans[spans.length - 1][1] } : { lo: 1, hi: 0 };
   const log = await api("log" + qs({ lo: sel.lo, hi: sel.hi, page: p.page, source: p.source, limit: 200 }));
   const names = Object.keys(t.series);
   const opts = t.sources.map(s => `<option ${s === p.source ? "selected" : ""}>${esc(s)}</option>`).join("");
+  const range = axis === "lsn" ? `LSN ${t.lo} … ${t.hi}` : `${fmtUs(t.lo, true)} … ${fmtUs(t.hi)} UTC`;
   view.innerHTML = `
     <h2>Timeline</h2>
     <div class="controls">
+      <span class="toggle">x axis <button id="axis-lsn" class="${axis === "lsn" ? "on" : ""}">LSN</button><button id="axis-time" class="${axis === "time" ? "on" : ""}">time</button></span>
       <label>page <input id="f-page" size="6" value="${esc(p.page || "")}"></label>
       <label>source <select id="f-source"><option value="">all</option>${opts}</select></label>
       <button id="f-apply">filter</button>
       <button id="zoom-out" ${p.lo || p.hi ? "" : "disabled"}>zoom out</button>
-      <span class="muted">LSN ${t.lo} … ${t.hi} · drag across the chart to zoom, click a bar for its records</span>
+      <span class="muted" id="t-range">${esc(range)} · drag across the chart to zoom, click a bar for its records</span>
     </div>
     <div class="legend">${names.map((n, k) => `<span><i style="background:${color(n, k)}"></i>${esc(n)}</span>`).join("")}</div>
-    <svg id="chart" width="960" height="220"></svg>
+    <svg id="chart" width="960" height="220" data-axis="${axis}"></svg>
     <h3>Records (LSN ${esc(sel.lo)} … ${esc(sel.hi)}): ${log.total}${log.truncated ? ", first 200 shown" : ""}</h3>
     <table id="log"><tr><th>LSN</th><th>time</th><th>page</th><th>epoch</th><th>source</th><th>bytes</th><th>kind</th></tr>
     ${log.rows.map(d => `<tr><td>${lsnLink(d.page, d.lsn)}</td><td>${esc(d.time)}</td><td>${pageLink(d.page)}</td>
       <td>${d.base_epoch} → ${d.epoch}</td><td>${esc(d.source)}</td><td>${d.bytes}</td><td>${d.kind}</td></tr>`).join("")}</table>`;
-  drawTimeline(t, names, p);
+  drawTimeline(t, names, p, axis);
   const go = extra => { location.hash = "#/timeline" + qs({ ...p, ...extra }); };
   document.getElementById("f-apply").onclick = () => go({
     page: document.getElementById("f-page").value.trim(), source: document.getElementById("f-source").value, blo: "", bhi: "" });
   document.getElementById("zoom-out").onclick = () => go({ lo: "", hi: "", blo: "", bhi: "" });
+  for (const a of ["lsn", "time"]) {
+    document.getElementById("axis-" + a).onclick = () => {
+      if (a !== axis) go({ axis: a === "time" ? "time" : "", lo: "", hi: "", blo: "", bhi: "" });
+    };
+  }
 }
 
-function drawTimeline(t, names, p) {
+function drawTimeline(t, names, p, axis) {
   const svg = document.getElementById("chart");
   const W = 960, H = 220, L = 40, B = 24, n = t.edges.length - 1;
   const totals = Array.from({ length: n }, (_, i) => names.reduce((s, k) => s + t.series[k][i], 0));
   const max = Math.max(1, ...totals);
   const bw = (W - L) / Math.max(1, n);
+  const label = i => axis === "lsn" ? `LSN ${t.edges[i]}` : fmtUs(t.edges[i]);
+  const binText = i => axis === "lsn" ? `LSN ${t.edges[i]}…${t.edges[i + 1] - 1}`
+    : `${fmtUs(t.edges[i])} … ${fmtUs(t.edges[i + 1] - 1)}${t.ranges[i] ? ` (LSN ${t.ranges[i][0]}…${t.ranges[i][1]})` : ""}`;
   let out = `<line x1="${L}" y1="${H - B}" x2="${W}" y2="${H - B}" stroke="#999"/>` +
     `<text x="${L - 4}" y="12" text-anchor="end">${max}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">0</text>`;
   for (let i = 0; i < n; i++) {
@@ -106,13 +127,14 @@ function drawTimeline(t, names, p) {
       if (!v) return;
       const h = (v / max) * (H - B - 10);
       y -= h;
-      out += `<rect class="bar" data-bin="${i}" x="${L + i * bw}" y="${y}" width="${Math.max(1, bw - 1)}" height="${h}" fill="${color(name, k)}"><title>LSN ${t.edges[i]}…${t.edges[i + 1] - 1}: ${v} ${esc(name)}${t.times[i] ? "\n" + t.times[i] : ""}</title></rect>`;
+      out += `<rect class="bar" data-bin="${i}" x="${L + i * bw}" y="${y}" width="${Math.max(1, bw - 1)}" height="${h}" fill="${color(name, k)}"><title>${esc(binText(i))}: ${v} ${esc(name)}${t.times[i] ? "\n" + t.times[i] : ""}</title></rect>`;
     });
   }
-  for (const i of [0, Math.floor(n / 2), n - 1]) {
-    if (i < 0) continue;
-    out += `<text x="${L + i * bw}" y="${H - 8}">LSN ${t.edges[i]}</text>`;
-  }
+  [[0, "start"], [Math.floor(n / 2), "middle"], [n - 1, "end"]].forEach(([i, anchor]) => {
+    if (i < 0 || (anchor !== "start" && i === 0)) return;
+    const x = anchor === "end" ? L + (i + 1) * bw : L + i * bw;
+    out += `<text class="tick" x="${x}" y="${H - 8}" text-anchor="${anchor}">${esc(label(i))}</text>`;
+  });
   out += `<rect id="brush" y="0" height="${H - B}" fill="#6cb4ff" opacity="0.3" width="0"/>`;
   svg.innerHTML = out;
   const bin = x => Math.min(n - 1, Math.max(0, Math.floor((x - L) / bw)));
@@ -128,9 +150,10 @@ function drawTimeline(t, names, p) {
     const x = xOf(e), a = bin(Math.min(start ?? x, x)), z = bin(Math.max(start ?? x, x));
     const drag = start !== null && Math.abs(x - start) > 4;
     start = null;
-    const base = { page: p.page, source: p.source, lo: p.lo, hi: p.hi };
+    const base = { axis: p.axis, page: p.page, source: p.source, lo: p.lo, hi: p.hi };
     if (drag) location.hash = "#/timeline" + qs({ ...base, lo: t.edges[a], hi: t.edges[z + 1] - 1 });
-    else location.hash = "#/timeline" + qs({ ...base, blo: t.edges[a], bhi: t.edges[a + 1] - 1 });
+    else if (axis === "lsn") location.hash = "#/timeline" + qs({ ...base, blo: t.edges[a], bhi: t.edges[a + 1] - 1 });
+    else if (t.ranges[a]) location.hash = "#/timeline" + qs({ ...base, blo: t.ranges[a][0], bhi: t.ranges[a][1] });
   };
 }
 
@@ -142,12 +165,44 @@ async function pages(r) {
   view.innerHTML = `
     <h2>Pages (${list.total}${list.total > list.rows.length ? `, first ${list.rows.length} shown` : ""})</h2>
     <div class="cols"><div>
-    <table id="pages"><tr><th>id</th><th>size</th><th>epoch</th><th>location</th><th>deltas</th><th>metadata</th><th>heat</th></tr>
+    <table id="pages"><tr><th>id</th><th>size</th><th>epoch</th><th>location</th><th>deltas</th><th>bytes written</th><th>last LSN</th><th>metadata</th><th>heat</th></tr>
     ${list.rows.map(p => `<tr><td>${pageLink(p.id)}</td><td>${p.size}</td><td>${p.epoch}</td><td>${esc(p.location)}</td>
-      <td>${p.deltas}</td><td><code>${esc(JSON.stringify(p.metadata))}</code></td>
-      <td><a href="#/pages${qs({ heat: p.id, mode })}">show</a></td></tr>`).join("")}</table></div>
-    <div id="heatbox"></div></div>`;
+      <td>${p.deltas}</td><td>${p.bytes_written}</td><td>${p.last_lsn === null ? "" : lsnLink(p.id, p.last_lsn)}</td><td><code>${esc(JSON.stringify(p.metadata))}</code></td>
+      <td><a href="#/pages${qs({ heat: p.id, mode, hoff: r.params.hoff })}">show</a></td></tr>`).join("")}</table></div>
+    <div id="heatbox"></div></div>
+    <div id="heatallbox"></div>`;
   if (sel) await heatmap(sel, mode);
+  await heatAcross(r.params, mode);
+}
+
+async function heatAcross(params, mode) {
+  // One row per page (100 at a time), each page's bytes cut into at most 64 cells.
+  const off = Number(params.hoff || 0), limit = 100;
+  const h = await api("heat" + qs({ mode, offset: off, limit, cols: 64 }));
+  const vals = h.rows.flatMap(row => row.cells).filter(v => v > 0);
+  const lo = mode === "recency" && vals.length ? Math.min(...vals) : 0;
+  const shade = v => {
+    if (!v) return "#eef1f5";
+    const f = h.max > lo ? (v - lo) / (h.max - lo) : 1;
+    return `hsl(${mode === "count" ? 20 : 210}, 85%, ${80 - 50 * f}%)`;
+  };
+  const C = 10, LBL = 56;
+  let out = "";
+  h.rows.forEach((row, k) => {
+    const y = k * (C + 1);
+    out += `<a href="#/pages${qs({ heat: row.page, mode, hoff: off || "" })}"><text class="hrow" x="${LBL - 6}" y="${y + C - 1}" text-anchor="end">${row.page}</text></a>`;
+    const per = Math.ceil(row.size / row.cells.length);
+    row.cells.forEach((v, c) => {
+      out += `<rect class="hcell" data-page="${row.page}" x="${LBL + c * (C + 1)}" y="${y}" width="${C}" height="${C}" fill="${shade(v)}"><title>page ${row.page}, bytes from ${Math.floor(c * row.size / row.cells.length)} (≈${per} per cell): ${mode === "count" ? `${v} deltas` : v ? `last LSN ${v}` : "not written"}</title></rect>`;
+    });
+  });
+  const more = off + limit < h.total, less = off > 0;
+  document.getElementById("heatallbox").innerHTML = `
+    <h3>Heat across pages by ${mode} (pages ${h.total ? off + 1 : 0} … ${off + h.rows.length} of ${h.total})</h3>
+    <p class="muted">one row per page, its bytes in up to ${h.cols} cells; ${mode === "count" ? "darker: written by more deltas" : "darker: written more recently"}; click a page id for its byte-level map.
+      ${less ? `<a id="heat-prev" href="#/pages${qs({ heat: params.heat, mode, hoff: Math.max(0, off - limit) || "" })}">◀ previous pages</a>` : ""}
+      ${more ? `<a id="heat-next" href="#/pages${qs({ heat: params.heat, mode, hoff: off + limit })}">next pages ▶</a>` : ""}</p>
+    <svg id="heatall" width="${LBL + 64 * (C + 1)}" height="${Math.max(C, h.rows.length * (C + 1))}">${out}</svg>`;
 }
 
 async function heatmap(id, mode) {
@@ -285,8 +340,20 @@ async function stats() {
     return `<div>${title}${barChart(["p50", "p90", "p99", "max"], ["p50", "p90", "p99", "max"].map(q => h[q]), fmtNs)}</div>`;
   }).join("");
   const sizes = s.delta_payload_bytes;
+  const w = s.writer;
+  const writer = w ? `<h3>Writer latency</h3>
+    <p class="muted" id="writer-when">published by the writer (pid ${w.pid}) at ${esc(w.time)}, LSN ${w.last_lsn}; it publishes at checkpoints and about once a second while it writes</p>
+    <div class="cols" id="writer">${Object.entries(w.kinds).map(([kind, k]) => {
+      const title = `<h3>${kind.replace("_", " ")} (${k.count} since start, ${k.samples} samples kept)</h3>`;
+      if (!k.samples) return `<div>${title}<p class="muted">no samples</p></div>`;
+      return `<div class="wkind" data-kind="${kind}">${title}${barChart(["p50", "p90", "p99", "max"], [k.p50_ns, k.p90_ns, k.p99_ns, k.max_ns], fmtNs)}
+        ${barChart(k.hist.labels, k.hist.counts, String)}</div>`;
+    }).join("")}</div>`
+    : `<h3>Writer latency</h3><p class="muted" id="writer-when">${esc(s.writer_note)}</p>`;
   view.innerHTML = `<h2>Statistics</h2>
-    <p class="muted">Latency counters count the work of the process that serves this view (reads), not the writer's;
+    ${writer}
+    <h3>This view</h3>
+    <p class="muted">The latency counters below count the work of the process that serves this view (reads), not the writer's;
       the payload histogram is measured from the log itself.</p>
     <div class="cols"><div><h3>delta payload bytes (${sizes.counts.reduce((a, b) => a + b, 0)} deltas)</h3>
       <div id="sizes">${barChart(sizes.labels, sizes.counts, String)}</div></div>${charts}</div>
@@ -306,23 +373,36 @@ function fmtNs(ns) {
 }
 
 // -- live ------------------------------------------------------------------------------
+// The feed marks the last event of each LSN with its id; after a dropped connection the
+// browser reconnects on its own and sends that id back (Last-Event-ID), so the server
+// resumes right after the last LSN this page saw.
 let pending = null;
 function follow() {
   if (!summary || !summary.live) return;
   liveLsn = summary.last_lsn;
   const badge = document.getElementById("live");
+  badge.dataset.events = "0";
+  badge.dataset.resumes = "0";
+  let opened = false;
   const src = new EventSource("/api/events" + qs({ since: liveLsn }));
-  src.onopen = () => { badge.classList.add("on"); badge.textContent = `live · LSN ${liveLsn}`; };
+  src.onopen = () => {
+    if (opened) badge.dataset.resumes = String(Number(badge.dataset.resumes) + 1);
+    opened = true;
+    badge.classList.add("on");
+    badge.textContent = `live · LSN ${liveLsn}`;
+  };
   src.onmessage = m => {
     const ev = JSON.parse(m.data);
     liveLsn = Math.max(liveLsn, ev.lsn);
+    badge.dataset.events = String(Number(badge.dataset.events) + 1);
+    if (m.lastEventId) badge.dataset.lastId = m.lastEventId;
     badge.textContent = `live · LSN ${liveLsn}`;
     // Redraw once per burst; a view pinned to an LSN redraws too (its "now" moved).
     clearTimeout(pending);
     pending = setTimeout(render, 300);
   };
   src.addEventListener("feed-error", m => { badge.classList.remove("on"); badge.textContent = "live feed stopped"; showError(new Error(JSON.parse(m.data))); src.close(); });
-  src.onerror = () => { badge.classList.remove("on"); badge.textContent = "reconnecting"; };
+  src.onerror = () => { badge.classList.remove("on"); badge.textContent = `reconnecting after LSN ${liveLsn}`; };
 }
 
 window.addEventListener("hashchange", render);
