@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core.delta import Delta
-from .._core.log import join_records
+from .._core.log import LogColumns, TransactionLog, join_records
 from .._core.page_table import LIVE
 from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase
@@ -52,6 +52,7 @@ from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
 from .mapped import Publisher
 from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
+from .walbulk import base_epochs, slice_columns
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -67,6 +68,10 @@ _BUS = struct.Struct("<8sHHQQ")
 _U32 = struct.Struct("<I")
 _CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$")
 _WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+BULK_SCAN = True
+"""Recovery decodes runs of deltas in the log segments in bulk, into columns
+(:mod:`~mmsb._storage.walbulk`); False reads every frame into record objects (the
+reference the bulk reader is tested against)."""
 
 
 def _ckpt_name(gen: int) -> str:
@@ -179,7 +184,8 @@ class DurableBus:
             out.damage = SerializationError(f"cannot read the segment ({exc.strerror or exc})",
                                             path=path)
             return out
-        return scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data)
+        return scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data,
+                            columns=BULK_SCAN)
 
     # -- appending ---------------------------------------------------------------------
     def sink(self, rec: AnyRecord) -> None:
@@ -1044,7 +1050,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         good = _apply_checked(state, scan, p)
         replayed += good
         expected_lsn += good
-        if good < len(scan.records) and scan.damage is None:
+        if good < scan.count and scan.damage is None:
             scan.damage = scan.refused
         if scan.damage is not None:
             if cfg.recovery != "point_in_time":
@@ -1120,13 +1126,89 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
     ``MMSBState.check_record``). Returns how many were applied; on the first
     refusal the reason goes to ``scan.refused`` and the rest is not applied.
 
+    Runs of deltas decoded in bulk (a scan with ``columns``) are checked vectorised and
+    appended to the log as columns (:func:`_apply_columns`); the records read frame by
+    frame go through :func:`_apply_records`. O(records + payload bytes).
+    """
+    if scan.bulk is None:
+        return _apply_records(state, scan.records, scan.offsets, scan, path)
+    done = 0
+    recs: list[AnyRecord] = []
+    offs: list[int] = []
+    for a, b in scan.items():
+        if isinstance(a, LogColumns):
+            if recs:
+                good = _apply_records(state, recs, offs, scan, path)
+                done += good
+                if good < len(recs):
+                    return done
+                recs, offs = [], []
+            good = _apply_columns(state, a, b, scan, path)  # type: ignore[arg-type]
+            done += good
+            if good < len(a):
+                return done
+        else:
+            recs.append(a)
+            offs.append(b)  # type: ignore[arg-type]
+    if recs:
+        done += _apply_records(state, recs, offs, scan, path)
+    return done
+
+
+def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan: SegmentScan,
+                   path: Path) -> int:
+    """Apply a run of deltas held as columns: checked together as
+    :func:`_deltas_that_follow` checks them, kept by the log in one go (built from the
+    columns, then appended with :meth:`TransactionLog.extend_from`) and written into the
+    pages in compiled passes (``TransactionLog.write_rows``). The first delta the
+    vectorised check refuses is checked alone by ``check_record``, so a refusal reads as
+    it always did. Returns how many rows were applied. O(rows + payload bytes)."""
+    log_ = state.log
+    m = len(cols)
+    bases = base_epochs(cols)
+    k = 0
+    while k < m:
+        good = _follow(state, cols.page[k:], cols.psize[k:], bases[k:], cols.epoch[k:])
+        if good:
+            part = slice_columns(cols, k, k + good)
+            tmp = TransactionLog.from_columns(part)
+            r0 = log_.n
+            log_.extend_from(tmp, int(part.lsn[0]) - 1, int(part.lsn[-1]))
+            log_.write_rows(r0, log_.n, state.table, state.arena)
+            top = int(part.ids.max())
+            if top >= state.next_delta_id:
+                state.next_delta_id = top + 1
+            k += good
+            if k == m:
+                break
+        rec = TransactionLog.from_columns(slice_columns(cols, k, k + 1)).delta_at(0)
+        why = state.check_record(rec)
+        if why is None:
+            try:
+                state.apply_record(rec)
+            except MemoryError:
+                why = "a record needing more memory than this machine can give"
+        if why is not None:
+            scan.refused = SerializationError(f"the log holds {why}", path=path,
+                                              offset=int(offsets[k]))
+            return k
+        log_.adopt(rec)
+        k += 1
+    return m
+
+
+def _apply_records(state: MMSBState, recs: list[AnyRecord], offsets: list[int],
+                   scan: SegmentScan, path: Path) -> int:
+    """Apply records in order, each checked against the state first (see
+    ``MMSBState.check_record``). Returns how many were applied; on the first
+    refusal the reason goes to ``scan.refused`` and the rest is not applied.
+
     A run of deltas is checked vectorised (:func:`_deltas_that_follow`) and its rows
     written into the pages in one compiled pass (``TransactionLog.write_rows``); the
     first delta refused, and every structural record, take the one-by-one path, so a
     refusal reads exactly as ``check_record`` words it. O(records + payload bytes).
     """
     log_ = state.log
-    recs = scan.records
     k, n = 0, len(recs)
     while k < n:
         if type(recs[k]) is Delta:
@@ -1155,7 +1237,7 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
                 why = "a record needing more memory than this machine can give"
         if why is not None:
             scan.refused = SerializationError(f"the log holds {why}", path=path,
-                                              offset=scan.offsets[k])
+                                              offset=offsets[k])
             return k
         log_.adopt(rec)
         k += 1
@@ -1163,11 +1245,8 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
 
 
 def _deltas_that_follow(state: MMSBState, run: list[Delta]) -> int:
-    """How many deltas at the start of ``run`` pass ``check_record`` in turn (page live,
-    size as logged, base epoch the page's epoch after the deltas before it), checked
-    together: per page, the first delta must build on the page's epoch and each next
-    one on the epoch of the one before. O(deltas log deltas), vectorised."""
-    t = state.table
+    """How many deltas at the start of ``run`` pass ``check_record`` in turn (see
+    :func:`_follow`)."""
     m = len(run)
     try:
         pids = np.fromiter((d.page_id for d in run), np.int64, m)
@@ -1180,6 +1259,18 @@ def _deltas_that_follow(state: MMSBState, run: list[Delta]) -> int:
         big = next(i for i, d in enumerate(run)
                    if max(d.page_id, d.page_size, d.base_epoch, d.epoch) >= 1 << 63)
         return _deltas_that_follow(state, run[:big]) if big else 0
+    return _follow(state, pids, sizes, bases, epochs)
+
+
+def _follow(state: MMSBState, pids: np.ndarray, sizes: np.ndarray, bases: np.ndarray,
+            epochs: np.ndarray) -> int:
+    """How many deltas at the start of a run (given as columns: page, page size, base
+    epoch, epoch) pass ``check_record`` in turn (page live, size as logged, base epoch
+    the page's epoch after the deltas before it), checked together: per page, the first
+    delta must build on the page's epoch and each next one on the epoch of the one
+    before. O(deltas log deltas), vectorised."""
+    t = state.table
+    m = len(pids)
     top = min(t.next_id, len(t.flags))
     ok = (pids > 0) & (pids < top)
     safe = np.where(ok, pids, 0)
