@@ -120,6 +120,9 @@ class DurableBus:
         self.next_seq = 0
         """Sequence number of the next segment of this generation (when none is open)."""
         self._retry_after = 0
+        self.unsynced: list[Path] = []
+        """Segments recovery replayed without a checkpoint, not known to be on stable
+        storage: synced before the next segment is created, or by a flush."""
         self.recovery_notes: list[str] = []
         self.torn_tails = 0
         self.closed = False
@@ -260,10 +263,31 @@ class DurableBus:
                 # Its records may not be durable: the power-loss guarantee is gone.
                 self.failed_sync(old)
                 raise
+        self._sync_unsynced()
         self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
                                     self.generation, seq)
         self.next_seq = seq + 1
         self._note_position()
+
+    def _sync_unsynced(self) -> None:
+        """Make the segments recovery replayed without a checkpoint durable (caller holds
+        io_lock; the page cache of this boot still holds what a killed writer wrote).
+
+        Raises:
+            OSError: a sync failed (they stay listed, to be synced again).
+        """
+        while self.unsynced:
+            path = self.unsynced[0]
+            try:
+                fd = fsops.open_regular(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self.unsynced.pop(0)  # a checkpoint replaced it
+                continue
+            try:
+                fsops.fdatasync(fd, path)
+            finally:
+                os.close(fd)
+            self.unsynced.pop(0)
 
     def _note_position(self) -> None:
         """Tell the head (and so the other writers of a shared bus) which segment the
@@ -322,12 +346,13 @@ class DurableBus:
             raise DurabilityError(f"the bus at {self.root} failed earlier ({self.failed}); "
                                   "nothing more can be made durable")
         with self.io_lock:
-            if self.writer is not None:
-                try:
+            try:
+                self._sync_unsynced()
+                if self.writer is not None:
                     self.writer.sync()
-                except OSError as exc:
-                    self.failed = exc
-                    raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
+            except OSError as exc:
+                self.failed = exc
+                raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
 
     # -- around each call ----------------------------------------------------------------
     def before_call(self, state: MMSBState) -> set[int]:
@@ -595,6 +620,7 @@ class DurableBus:
             self._note_position()
         self.ckpt_lsn = lsn
         self.reset_chain = False
+        self.unsynced = []  # the checkpoint, synced, holds their records
         self.records_since_ckpt = 0
         self.last_ckpt_time = time.monotonic()
         removed = False
@@ -1075,7 +1101,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             break
     if bus.read_only:
         return
-    if replayed or damaged or bus.generation == 0:
+    if damaged or bus.generation == 0:
         # Start a clean generation: what was recovered becomes a checkpoint, and the
         # segments it covers (a cut tail included) are dropped.
         if bus.generation == 0 and not replayed and not damaged:
@@ -1083,11 +1109,17 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         bus.records_since_ckpt = replayed
         bus.checkpoint(state, evict=False)
     else:
+        # The segments read whole stay the log of this generation (the next automatic
+        # checkpoint covers their records), and the log goes on in a new segment after
+        # them, created by the first write: opening writes and syncs nothing. Segments
+        # a killed writer left may not be on stable storage yet; they are synced before
+        # the new segment is created, so a later segment is never durable before them.
+        bus.records_since_ckpt = replayed
         with bus.io_lock:
             bus.next_seq = len(segs)
-            bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),
-                                       bus.bus_id, bus.generation, len(segs))
-            bus.next_seq += 1
+            bus.writer = None
+            if replayed:
+                bus.unsynced = [p for _seq, p in segs]
 
 
 def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
