@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core.delta import Delta
-from .._core.log import join_records
+from .._core.log import LogColumns, TransactionLog, join_records
 from .._core.page_table import LIVE
 from .._core.records import AnyRecord
 from .._core.snapshot import ReplayBase
@@ -56,6 +56,7 @@ from .fsops import fsync_dir
 from .mapped import Publisher
 from .stats_file import PUBLISH_EVERY, publish_stats
 from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
+from .walbulk import base_epochs, slice_columns
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -71,6 +72,10 @@ _BUS = struct.Struct("<8sHHQQ")
 _U32 = struct.Struct("<I")
 _CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$")
 _WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+BULK_SCAN = True
+"""Recovery decodes runs of deltas in the log segments in bulk, into columns
+(:mod:`~mmsb._storage.walbulk`); False reads every frame into record objects (the
+reference the bulk reader is tested against)."""
 
 
 def _ckpt_name(gen: int) -> str:
@@ -119,6 +124,9 @@ class DurableBus:
         self.next_seq = 0
         """Sequence number of the next segment of this generation (when none is open)."""
         self._retry_after = 0
+        self.unsynced: list[Path] = []
+        """Segments recovery replayed without a checkpoint, not known to be on stable
+        storage: synced before the next segment is created, or by a flush."""
         self.recovery_notes: list[str] = []
         self.torn_tails = 0
         self.closed = False
@@ -186,7 +194,8 @@ class DurableBus:
             out.damage = SerializationError(f"cannot read the segment ({exc.strerror or exc})",
                                             path=path)
             return out
-        return scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data)
+        return scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data,
+                            columns=BULK_SCAN)
 
     # -- appending ---------------------------------------------------------------------
     def sink(self, rec: AnyRecord) -> None:
@@ -261,10 +270,31 @@ class DurableBus:
                 # Its records may not be durable: the power-loss guarantee is gone.
                 self.failed_sync(old)
                 raise
+        self._sync_unsynced()
         self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
                                     self.generation, seq)
         self.next_seq = seq + 1
         self._note_position()
+
+    def _sync_unsynced(self) -> None:
+        """Make the segments recovery replayed without a checkpoint durable (caller holds
+        io_lock; the page cache of this boot still holds what a killed writer wrote).
+
+        Raises:
+            OSError: a sync failed (they stay listed, to be synced again).
+        """
+        while self.unsynced:
+            path = self.unsynced[0]
+            try:
+                fd = fsops.open_regular(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self.unsynced.pop(0)  # a checkpoint replaced it
+                continue
+            try:
+                fsops.fdatasync(fd, path)
+            finally:
+                os.close(fd)
+            self.unsynced.pop(0)
 
     def _note_position(self) -> None:
         """Tell the head (and so the other writers of a shared bus) which segment the
@@ -345,12 +375,13 @@ class DurableBus:
             raise DurabilityError(f"the bus at {self.root} failed earlier ({self.failed}); "
                                   "nothing more can be made durable")
         with self.io_lock:
-            if self.writer is not None:
-                try:
+            try:
+                self._sync_unsynced()
+                if self.writer is not None:
                     self.writer.sync()
-                except OSError as exc:
-                    self.failed = exc
-                    raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
+            except OSError as exc:
+                self.failed = exc
+                raise DurabilityError(f"fsync of the log at {self.root} failed ({exc})") from exc
 
     # -- around each call ----------------------------------------------------------------
     def before_call(self, state: MMSBState) -> set[int]:
@@ -618,6 +649,7 @@ class DurableBus:
             self._note_position()
         self.ckpt_lsn = lsn
         self.reset_chain = False
+        self.unsynced = []  # the checkpoint, synced, holds their records
         self.records_since_ckpt = 0
         self.last_ckpt_time = time.monotonic()
         removed = False
@@ -1078,7 +1110,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         good = _apply_checked(state, scan, p)
         replayed += good
         expected_lsn += good
-        if good < len(scan.records) and scan.damage is None:
+        if good < scan.count and scan.damage is None:
             scan.damage = scan.refused
         if scan.damage is not None:
             if cfg.recovery != "point_in_time":
@@ -1103,7 +1135,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             break
     if bus.read_only:
         return
-    if replayed or damaged or bus.generation == 0:
+    if damaged or bus.generation == 0:
         # Start a clean generation: what was recovered becomes a checkpoint, and the
         # segments it covers (a cut tail included) are dropped.
         if bus.generation == 0 and not replayed and not damaged:
@@ -1111,11 +1143,17 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
         bus.records_since_ckpt = replayed
         bus.checkpoint(state, evict=False)
     else:
+        # The segments read whole stay the log of this generation (the next automatic
+        # checkpoint covers their records), and the log goes on in a new segment after
+        # them, created by the first write: opening writes and syncs nothing. Segments
+        # a killed writer left may not be on stable storage yet; they are synced before
+        # the new segment is created, so a later segment is never durable before them.
+        bus.records_since_ckpt = replayed
         with bus.io_lock:
             bus.next_seq = len(segs)
-            bus.writer = SegmentWriter(bus.wal_dir / _wal_name(bus.generation, len(segs)),
-                                       bus.bus_id, bus.generation, len(segs))
-            bus.next_seq += 1
+            bus.writer = None
+            if replayed:
+                bus.unsynced = [p for _seq, p in segs]
 
 
 def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
@@ -1154,13 +1192,89 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
     ``MMSBState.check_record``). Returns how many were applied; on the first
     refusal the reason goes to ``scan.refused`` and the rest is not applied.
 
+    Runs of deltas decoded in bulk (a scan with ``columns``) are checked vectorised and
+    appended to the log as columns (:func:`_apply_columns`); the records read frame by
+    frame go through :func:`_apply_records`. O(records + payload bytes).
+    """
+    if scan.bulk is None:
+        return _apply_records(state, scan.records, scan.offsets, scan, path)
+    done = 0
+    recs: list[AnyRecord] = []
+    offs: list[int] = []
+    for a, b in scan.items():
+        if isinstance(a, LogColumns):
+            if recs:
+                good = _apply_records(state, recs, offs, scan, path)
+                done += good
+                if good < len(recs):
+                    return done
+                recs, offs = [], []
+            good = _apply_columns(state, a, b, scan, path)  # type: ignore[arg-type]
+            done += good
+            if good < len(a):
+                return done
+        else:
+            recs.append(a)
+            offs.append(b)  # type: ignore[arg-type]
+    if recs:
+        done += _apply_records(state, recs, offs, scan, path)
+    return done
+
+
+def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan: SegmentScan,
+                   path: Path) -> int:
+    """Apply a run of deltas held as columns: checked together as
+    :func:`_deltas_that_follow` checks them, kept by the log in one go (built from the
+    columns, then appended with :meth:`TransactionLog.extend_from`) and written into the
+    pages in compiled passes (``TransactionLog.write_rows``). The first delta the
+    vectorised check refuses is checked alone by ``check_record``, so a refusal reads as
+    it always did. Returns how many rows were applied. O(rows + payload bytes)."""
+    log_ = state.log
+    m = len(cols)
+    bases = base_epochs(cols)
+    k = 0
+    while k < m:
+        good = _follow(state, cols.page[k:], cols.psize[k:], bases[k:], cols.epoch[k:])
+        if good:
+            part = slice_columns(cols, k, k + good)
+            tmp = TransactionLog.from_columns(part)
+            r0 = log_.n
+            log_.extend_from(tmp, int(part.lsn[0]) - 1, int(part.lsn[-1]))
+            log_.write_rows(r0, log_.n, state.table, state.arena)
+            top = int(part.ids.max())
+            if top >= state.next_delta_id:
+                state.next_delta_id = top + 1
+            k += good
+            if k == m:
+                break
+        rec = TransactionLog.from_columns(slice_columns(cols, k, k + 1)).delta_at(0)
+        why = state.check_record(rec)
+        if why is None:
+            try:
+                state.apply_record(rec)
+            except MemoryError:
+                why = "a record needing more memory than this machine can give"
+        if why is not None:
+            scan.refused = SerializationError(f"the log holds {why}", path=path,
+                                              offset=int(offsets[k]))
+            return k
+        log_.adopt(rec)
+        k += 1
+    return m
+
+
+def _apply_records(state: MMSBState, recs: list[AnyRecord], offsets: list[int],
+                   scan: SegmentScan, path: Path) -> int:
+    """Apply records in order, each checked against the state first (see
+    ``MMSBState.check_record``). Returns how many were applied; on the first
+    refusal the reason goes to ``scan.refused`` and the rest is not applied.
+
     A run of deltas is checked vectorised (:func:`_deltas_that_follow`) and its rows
     written into the pages in one compiled pass (``TransactionLog.write_rows``); the
     first delta refused, and every structural record, take the one-by-one path, so a
     refusal reads exactly as ``check_record`` words it. O(records + payload bytes).
     """
     log_ = state.log
-    recs = scan.records
     k, n = 0, len(recs)
     while k < n:
         if type(recs[k]) is Delta:
@@ -1189,7 +1303,7 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
                 why = "a record needing more memory than this machine can give"
         if why is not None:
             scan.refused = SerializationError(f"the log holds {why}", path=path,
-                                              offset=scan.offsets[k])
+                                              offset=offsets[k])
             return k
         log_.adopt(rec)
         k += 1
@@ -1197,11 +1311,8 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
 
 
 def _deltas_that_follow(state: MMSBState, run: list[Delta]) -> int:
-    """How many deltas at the start of ``run`` pass ``check_record`` in turn (page live,
-    size as logged, base epoch the page's epoch after the deltas before it), checked
-    together: per page, the first delta must build on the page's epoch and each next
-    one on the epoch of the one before. O(deltas log deltas), vectorised."""
-    t = state.table
+    """How many deltas at the start of ``run`` pass ``check_record`` in turn (see
+    :func:`_follow`)."""
     m = len(run)
     try:
         pids = np.fromiter((d.page_id for d in run), np.int64, m)
@@ -1214,6 +1325,18 @@ def _deltas_that_follow(state: MMSBState, run: list[Delta]) -> int:
         big = next(i for i, d in enumerate(run)
                    if max(d.page_id, d.page_size, d.base_epoch, d.epoch) >= 1 << 63)
         return _deltas_that_follow(state, run[:big]) if big else 0
+    return _follow(state, pids, sizes, bases, epochs)
+
+
+def _follow(state: MMSBState, pids: np.ndarray, sizes: np.ndarray, bases: np.ndarray,
+            epochs: np.ndarray) -> int:
+    """How many deltas at the start of a run (given as columns: page, page size, base
+    epoch, epoch) pass ``check_record`` in turn (page live, size as logged, base epoch
+    the page's epoch after the deltas before it), checked together: per page, the first
+    delta must build on the page's epoch and each next one on the epoch of the one
+    before. O(deltas log deltas), vectorised."""
+    t = state.table
+    m = len(pids)
     top = min(t.next_id, len(t.flags))
     ok = (pids > 0) & (pids < top)
     safe = np.where(ok, pids, 0)

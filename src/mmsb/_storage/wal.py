@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .._core.log import LogColumns
 from .._core.records import AnyRecord
 from ..errors import SerializationError
 from . import fsops
-from .codec import crc32c, decode_record
+from .codec import KIND_DELTA, crc32c, decode_record
 from .fsops import fsync_dir
+from .walbulk import BulkRows
 
 __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD", "FRAME_HEAD",
@@ -160,6 +164,29 @@ class SegmentScan:
     """A record that decoded but could not follow the state (set by recovery)."""
     missing: bool = False
     """The file vanished before it could be read (a writer's retention removed it)."""
+    parts: list[tuple[Any, int]] = field(default_factory=list)
+    """Scanned with ``columns``: in log order, ``(r0, r1)`` for the bulk rows ``r0 …
+    r1-1`` of ``bulk``, or ``(record, frame offset)`` for a record read frame by frame."""
+    bulk: BulkRows | None = None
+
+    @property
+    def count(self) -> int:
+        """Records read (rows and records alike)."""
+        if self.bulk is None:
+            return len(self.records)
+        return sum(b - a if isinstance(a, int) else 1 for a, b in self.parts)
+
+    def items(self) -> Iterator[tuple[LogColumns, np.ndarray] | tuple[AnyRecord, int]]:
+        """The scan's contents in log order: ``(columns, frame offsets)`` for each run
+        of bulk-decoded deltas, ``(record, frame offset)`` for each other record."""
+        if self.bulk is None:
+            yield from zip(self.records, self.offsets, strict=True)
+            return
+        for a, b in self.parts:
+            if isinstance(a, int):
+                yield self.bulk.columns(a, b)
+            else:
+                yield a, b
 
 
 def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
@@ -198,11 +225,16 @@ def _valid_frame_after(buf: memoryview, start: int, expected: int) -> bool:
 
 
 def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: int,
-                 data: bytes | None = None) -> SegmentScan:
+                 data: bytes | None = None, columns: bool = False) -> SegmentScan:
     """Read a segment (or check its bytes ``data``, already read), checking every frame.
     Records must carry LSNs ``first_lsn``, ``first_lsn + 1`` … in order. Never raises
     for bad content: damage is reported in the result, with its offset; a path that is
-    not a regular file is damage too (it is never followed or waited on)."""
+    not a regular file is damage too (it is never followed or waited on).
+
+    ``columns``: deltas are decoded in bulk into rows (:mod:`~mmsb._storage.walbulk`)
+    and the result's ``parts`` hold them (see :meth:`SegmentScan.items`); other records
+    and every damaged or doubtful frame go through the frame-by-frame reader, so the
+    records, the damage and its offset are the same either way. O(frames + bytes)."""
     out = SegmentScan(path)
     if data is None:
         try:
@@ -237,46 +269,71 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
     pos = SEG_HEADER_SIZE
     out.valid_end = pos
     expected = first_lsn
+    bulk = BulkRows(np.frombuffer(data, np.uint8), end - pos) if columns else None
     while pos < end:
-        if end - pos < FRAME_HEAD:
-            out.torn = True
+        if bulk is not None:
+            r0 = bulk.rows
+            pos, got = bulk.run(pos, end, expected, KIND_DELTA, KIND_GROUP)
+            if got:
+                out.parts.append((r0, bulk.rows))
+                expected += got
+                out.valid_end = pos
+            if pos >= end:
+                break
+        step = _frame_at(buf, pos, end, expected, out, path)
+        if step is None:
             break
-        (length,) = _LEN.unpack_from(buf, pos)
-        (fcrc,) = _U32.unpack_from(buf, pos + 8)
-        body_end = pos + FRAME_HEAD + length
-        if length > MAX_RECORD or body_end > end:
-            # A torn append leaves nothing valid after it; a damaged length does.
-            if _valid_frame_after(buf, pos + 1, expected):
-                out.damage = SerializationError(
-                    "a record length is damaged (intact records follow it)", path=path, offset=pos)
-            else:
-                out.torn = True
-            break
-        body = buf[pos + FRAME_HEAD : body_end]
-        if crc32c(body, crc32c(buf[pos : pos + 8])) != fcrc:
-            if body_end == end or not _valid_frame_after(buf, pos + 1, expected):
-                out.torn = True
-            else:
-                out.damage = SerializationError("record checksum mismatch before the end of the log",
-                                                path=path, offset=pos)
-            break
-        try:
-            recs = decode_frame_body(body)
-        except SerializationError as exc:
-            out.damage = SerializationError(f"record does not decode ({exc.reason})", path=path, offset=pos)
-            break
-        bad = next((r for k, r in enumerate(recs) if r.lsn != expected + k), None)
-        if bad is not None:
-            out.damage = SerializationError(
-                f"record has LSN {bad.lsn} where LSN {expected + recs.index(bad)} belongs (a "
-                "stale or foreign record)", path=path, offset=pos)
-            break
-        out.records.extend(recs)
-        out.offsets.extend([pos] * len(recs))
+        recs, body_end = step
+        if bulk is not None:
+            out.parts.extend((rec, pos) for rec in recs)
+        else:
+            out.records.extend(recs)
+            out.offsets.extend([pos] * len(recs))
         expected += len(recs)
         pos = body_end
         out.valid_end = pos
+    out.bulk = bulk
     return out
+
+
+def _frame_at(buf: memoryview, pos: int, end: int, expected: int, out: SegmentScan,
+              path: Path) -> tuple[list[AnyRecord], int] | None:
+    """Read the frame at ``pos`` (its records must start at LSN ``expected``): its
+    records and where it ends, or None with the torn tail or the damage set in ``out``."""
+    if end - pos < FRAME_HEAD:
+        out.torn = True
+        return None
+    (length,) = _LEN.unpack_from(buf, pos)
+    (fcrc,) = _U32.unpack_from(buf, pos + 8)
+    body_end = pos + FRAME_HEAD + length
+    if length > MAX_RECORD or body_end > end:
+        # A torn append leaves nothing valid after it; a damaged length does.
+        if _valid_frame_after(buf, pos + 1, expected):
+            out.damage = SerializationError(
+                "a record length is damaged (intact records follow it)", path=path, offset=pos)
+        else:
+            out.torn = True
+        return None
+    body = buf[pos + FRAME_HEAD : body_end]
+    if crc32c(body, crc32c(buf[pos : pos + 8])) != fcrc:
+        if body_end == end or not _valid_frame_after(buf, pos + 1, expected):
+            out.torn = True
+        else:
+            out.damage = SerializationError("record checksum mismatch before the end of the log",
+                                            path=path, offset=pos)
+        return None
+    try:
+        recs = decode_frame_body(body)
+    except SerializationError as exc:
+        out.damage = SerializationError(f"record does not decode ({exc.reason})", path=path, offset=pos)
+        return None
+    bad = next((r for k, r in enumerate(recs) if r.lsn != expected + k), None)
+    if bad is not None:
+        out.damage = SerializationError(
+            f"record has LSN {bad.lsn} where LSN {expected + recs.index(bad)} belongs (a "
+            "stale or foreign record)", path=path, offset=pos)
+        return None
+    return recs, body_end
 
 
 def group_body(bodies: list[bytes]) -> bytes:
