@@ -363,3 +363,20 @@ def test_deserialize_other_version_names_both(state, shift: int) -> None:
     with pytest.raises(mmsb.SerializationError, match="version") as info:
         mmsb.deserialize_delta(bytes(blob))
     assert f"version {theirs}" in str(info.value) and f"reads {ours}" in str(info.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(min_size=0, max_size=300), flips=st.lists(st.integers(0, 299)),
+       skew=st.integers(0, 9))
+def test_count_diff_counts_differing_bytes_at_any_alignment(data: bytes, flips: list[int],
+                                                              skew: int) -> None:
+    from mmsb._core.kernels import count_diff
+
+    raw = np.frombuffer(bytes(skew) + data, np.uint8)
+    a = raw[skew:]
+    b = a.copy()
+    for i in flips:
+        if i < len(b):
+            b[i] ^= (i % 255) + 1
+    assert count_diff(a, b) == int(np.count_nonzero(a != b))
+    assert count_diff(b, b) == 0 and count_diff(a, a ^ 0xFF) == len(a)

@@ -50,13 +50,41 @@ def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
 
 
 @njit(cache=True, nogil=True)
-def count_diff(a: np.ndarray, b: np.ndarray) -> int:  # pragma: no cover - compiled
-    """How many positions of the equal-length byte arrays ``a`` and ``b`` differ: one
-    read of each, nothing written (a comparison into a temporary writes as much again)."""
+def _count_diff_bytes(a: np.ndarray, b: np.ndarray) -> int:  # pragma: no cover - compiled
     n = 0
     for i in range(a.shape[0]):
         n += a[i] != b[i]
     return n
+
+
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+_ONES = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, nogil=True)
+def _count_diff_words(a: np.ndarray, b: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Differing bytes of two uint64 arrays, without a branch: in ``x = a ^ b`` the high
+    bit of ``~(((x & 0x7F..) + 0x7F..) | x | 0x7F..)`` is set exactly in the zero bytes,
+    and a multiply sums those bits."""
+    zeros = np.uint64(0)
+    for i in range(a.shape[0]):
+        x = a[i] ^ b[i]
+        y = ~(((x & _LOW7) + _LOW7) | x | _LOW7)
+        zeros += ((y >> np.uint64(7)) * _ONES) >> np.uint64(56)
+    return a.shape[0] * 8 - zeros
+
+
+def count_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """How many positions of the equal-length, contiguous byte arrays ``a`` and ``b``
+    differ: one read of each, nothing written (a comparison into a temporary writes as
+    much again). Where both start on an 8-byte boundary, 8 bytes are compared at a time
+    (about three times faster), the tail byte by byte."""
+    m = len(a)
+    w = m & ~7
+    if w and not (a.ctypes.data | b.ctypes.data) & 7:
+        n = int(_count_diff_words(a[:w].view(np.uint64), b[:w].view(np.uint64)))
+        return n + int(_count_diff_bytes(a[w:], b[w:])) if w < m else n
+    return int(_count_diff_bytes(a, b))
 
 
 @njit(cache=True, nogil=True)
