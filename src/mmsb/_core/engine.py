@@ -923,17 +923,17 @@ class MMSBState:
         done). O(len(data)), O(page size) for a dense write."""
         log = self.log
         kernel = small_entry()
-        frame = self.batch_frame
         if (log.sink is not None or self.bus is not None or not self.config.enable_logging
-                or len(data) > SMALL_WRITE or kernel is None
-                or (frame is not None and not frame.direct)):
+                or len(data) > SMALL_WRITE or kernel is None):
             return None
         t0 = time.perf_counter_ns()
         lock = self.lock
         lock.acquire()
         try:
-            if self.closed or self.recomputing is not None:
-                return None  # write_bytes raises the error the state is in
+            frame = self.batch_frame
+            if self.closed or self.recomputing is not None or (frame is not None
+                                                               and not frame.direct):
+                return None  # write_bytes raises the error the state is in, or takes it
             t = self.table
             addr_v, size_v, epoch_v, flags_v = t.views
             if not (0 < pid < len(flags_v) and flags_v[pid]):
