@@ -313,6 +313,24 @@ def test_damaged_or_hostile_mapped_files(tmp_path: Path) -> None:
     with pytest.raises(mmsb.DurabilityError):
         _bus(path)
     assert target.read_bytes() == b"\0" * 4096
+    (path / "map" / "HEAD").unlink()
+    # Nor where the waiters file belongs, and a FIFO there never blocks an open.
+    waiters = path / "map" / "waiters"
+    waiters.unlink()
+    waiters.symlink_to(target)
+    with pytest.raises(mmsb.DurabilityError):
+        _bus(path)
+    assert target.read_bytes() == b"\0" * 4096
+    waiters.unlink()
+    os.mkfifo(waiters)
+    with pytest.raises(mmsb.DurabilityError):
+        _bus(path)
+    waiters.unlink()
+    s = _bus(path)  # with the file gone, the next open makes it again
+    try:
+        assert waiters.read_bytes()[:8] == b"MMSBWAIT"
+    finally:
+        mmsb.mmsb_stop(s)
 
 
 def test_a_writer_that_died_while_publishing_is_reported(tmp_path: Path,

@@ -214,7 +214,7 @@ class Publisher:
         try:
             self.waiters, self.waiters_addr = _open_waiters(d, create=True)
         except BaseException:
-            self.head.close()
+            # The head's mapping has views now (it is let go with this object).
             self.close_files()
             raise
         static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
