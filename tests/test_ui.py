@@ -260,6 +260,7 @@ def test_stats_file_round_trip_and_refusals(tmp_path: Path) -> None:
     assert got["kinds"]["log_append"]["bins"][:4] == [1, 1, 2, 0]
     assert got["kinds"]["log_append"]["bins"][63] == 1  # 2**62 ns and longer
     assert got["kinds"]["propagation"]["samples"] == 0
+    assert decode_stats(encode_stats(c, 1, written_ns=-5))["written_ns"] == 0  # clock < 1970
     assert read_stats(tmp_path) is None
     (tmp_path / "map").mkdir()
     bad = {"size": data[:-1], "magic": b"X" + data[1:], "version": data[:8] + b"\x09" + data[9:],
