@@ -125,7 +125,8 @@ class Inspected:
         state = self.state()
         return {"path": str(self.path), "kind": self.src.kind, "notes": list(self.src.notes),
                 "pages": len(state.pages), "last_lsn": state.last_lsn,
-                "live": self.is_bus, "log": log_summary(state)}
+                "live": self.is_bus,
+                "log": self._memoized(("summary", state.last_lsn), lambda: log_summary(state))}
 
     def _columns(self, state: mmsb.MMSBState) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                          np.ndarray, list[str]]:
