@@ -200,6 +200,12 @@ def test_heat_across_pages(client: TestClient, demo_bus: Path, tmp_path: Path) -
                 for r in got["rows"]:
                     assert r["cells"] == ref[r["page"]][which], (mode, r["page"])
                 assert got["max"] == max(max(v[which]) for v in ref.values())
+        # One page's map, a cell per byte: the same counts and newest LSNs.
+        for pid in [live[0], live[9], live[20], live[-1]]:
+            size = varied.pages[pid].size
+            count, last = _reference_heat(varied, [pid], size)[pid]
+            assert get(c, f"/api/pages/{pid}/heat")["cells"] == count
+            assert get(c, f"/api/pages/{pid}/heat?mode=recency")["cells"] == last
     finally:
         inspected.close()
 
