@@ -200,6 +200,12 @@ def test_heat_across_pages(client: TestClient, demo_bus: Path, tmp_path: Path) -
                 for r in got["rows"]:
                     assert r["cells"] == ref[r["page"]][which], (mode, r["page"])
                 assert got["max"] == max(max(v[which]) for v in ref.values())
+        # One page's map, a cell per byte: the same counts and newest LSNs.
+        for pid in [live[0], live[9], live[20], live[-1]]:
+            size = varied.pages[pid].size
+            count, last = _reference_heat(varied, [pid], size)[pid]
+            assert get(c, f"/api/pages/{pid}/heat")["cells"] == count
+            assert get(c, f"/api/pages/{pid}/heat?mode=recency")["cells"] == last
     finally:
         inspected.close()
 
@@ -260,6 +266,7 @@ def test_stats_file_round_trip_and_refusals(tmp_path: Path) -> None:
     assert got["kinds"]["log_append"]["bins"][:4] == [1, 1, 2, 0]
     assert got["kinds"]["log_append"]["bins"][63] == 1  # 2**62 ns and longer
     assert got["kinds"]["propagation"]["samples"] == 0
+    assert decode_stats(encode_stats(c, 1, written_ns=-5))["written_ns"] == 0  # clock < 1970
     assert read_stats(tmp_path) is None
     (tmp_path / "map").mkdir()
     bad = {"size": data[:-1], "magic": b"X" + data[1:], "version": data[:8] + b"\x09" + data[9:],

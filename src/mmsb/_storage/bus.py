@@ -674,7 +674,7 @@ class DurableBus:
         state.counters.checkpoint.add(time.perf_counter_ns() - t0)
         try:
             self.publish_stats()
-        except OSError as exc:
+        except Exception as exc:  # advisory: never fails the checkpoint
             log.warning("publishing the latency counters of %s failed: %s", self.root, exc)
         if segment_error is not None:
             raise DurabilityError(

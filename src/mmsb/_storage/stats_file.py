@@ -11,7 +11,8 @@ one complete publication or the previous one; it is not fsynced (a crash may los
 newest copy, never the bus's data). Layout (little-endian), 1,292 bytes::
 
     0    magic "MMSBSTAT" | version u16 (1) | kinds u16 (4) | bins u16 (64) | reserved u16
-    16   written ns u64 (Unix epoch) | last LSN u64 | writer pid u32 | reserved u32
+    16   written ns u64 (Unix epoch; 0 for a clock before 1970) | last LSN u64 |
+         writer pid u32 | reserved u32
     40   four kind blocks of 312 bytes, in the order of KINDS:
            count u64 | total ns u64 | max ns u64 | samples u32 | reserved u32
            p50 ns f64 | p90 ns f64 | p99 ns f64
@@ -76,15 +77,15 @@ def _kind_block(ring: LatencyRing) -> bytes:
     starts = np.searchsorted(samples, _EDGES, "left")
     counts = np.diff(np.append(starts, n))
     counts[0] += int(starts[0])  # negative samples (a clock that went back) count as 0 ns
-    return _KIND.pack(ring.count, ring.total_ns, ring.max_ns, n, 0, *qs) + \
+    return _KIND.pack(ring.count, max(0, ring.total_ns), max(0, ring.max_ns), n, 0, *qs) + \
         np.minimum(counts, 0xFFFFFFFF).astype("<u4").tobytes()
 
 
 def encode_stats(counters: Counters, last_lsn: int, written_ns: int | None = None,
                  pid: int | None = None) -> bytes:
     """The file's bytes for ``counters``. O(samples kept), vectorised."""
-    body = _HEAD.pack(MAGIC, VERSION, len(KINDS), BINS, 0,
-                      time.time_ns() if written_ns is None else written_ns, last_lsn,
+    when = time.time_ns() if written_ns is None else written_ns
+    body = _HEAD.pack(MAGIC, VERSION, len(KINDS), BINS, 0, max(0, when), last_lsn,
                       os.getpid() if pid is None else pid, 0)
     body += b"".join(_kind_block(getattr(counters, k)) for k in KINDS)
     return body + struct.pack("<I", zlib.crc32(body))

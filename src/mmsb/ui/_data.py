@@ -125,7 +125,8 @@ class Inspected:
         state = self.state()
         return {"path": str(self.path), "kind": self.src.kind, "notes": list(self.src.notes),
                 "pages": len(state.pages), "last_lsn": state.last_lsn,
-                "live": self.is_bus, "log": log_summary(state)}
+                "live": self.is_bus,
+                "log": self._memoized(("summary", state.last_lsn), lambda: log_summary(state))}
 
     def _columns(self, state: mmsb.MMSBState) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                          np.ndarray, list[str]]:
@@ -261,21 +262,17 @@ class Inspected:
 
     def heat(self, page_id: Any, mode: str = "count") -> dict[str, Any]:
         """Per byte of the page, how often it was written (``count``) or the LSN that
-        wrote it last (``recency``), pooled (max) into at most MAX_HEAT cells. One numpy
-        assignment per retained delta of the page."""
+        wrote it last (``recency``), pooled (max) into at most MAX_HEAT cells. One
+        compiled pass over the page's retained payloads (a cell per byte)."""
         if mode not in ("count", "recency"):
             raise InvalidArgumentError(f"mode must be 'count' or 'recency', not {mode[:40]!r}")
         state = self.state()
         pid = self._page(state, page_id)
         size = state.pages[pid].size
-        out = np.zeros(size, np.int64)
-        for d in mmsb.get_deltas_for_page(state, pid):
-            idx = d.indices
-            idx = idx[idx < size]
-            if mode == "count":
-                out[idx] += 1
-            else:
-                out[idx] = d.lsn
+        rows = self._rows(state)
+        with state.lock:
+            h = pages_heat(state.log, np.array([pid]), np.array([size]), size, rows.lsn)
+        out = h.counts if mode == "count" else h.last
         cell = max(1, -(-size // MAX_HEAT))
         ncell = -(-size // cell)
         padded = np.zeros(ncell * cell, np.int64)
