@@ -279,16 +279,18 @@ def test_stats_file_round_trip_and_refusals(tmp_path: Path) -> None:
     assert len(data) == SIZE == 1292
 
 
-def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path) -> None:
-    """From the group-commit thread, without a checkpoint; an inspector of the bus
-    charts them and never writes the file itself."""
+@pytest.mark.parametrize("fsync", ["batch", "always", "none"])
+def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path, fsync: str) -> None:
+    """From the writer's background thread (the group commit's, or one of its own when
+    there is no group commit), without a checkpoint; an inspector of the bus charts them
+    and never writes the file itself."""
     import time
 
     from mmsb._storage.stats_file import read_stats
 
     path = tmp_path / "pub"
     state = mmsb.mmsb_start(enable_gpu=False, path=path, config=mmsb.MMSBConfig(
-        enable_gpu=False, fsync="batch", checkpoint_interval=0, max_tlog_size=10**6))
+        enable_gpu=False, fsync=fsync, checkpoint_interval=0, max_tlog_size=10**6))
     try:
         pid = mmsb.create_page(state, 16).id
         checkpoints = state.counters.checkpoint.count
@@ -301,7 +303,7 @@ def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path) -> None:
             time.sleep(0.1)
             pub = read_stats(path)
         assert pub is not None and pub["kinds"]["delta_apply"]["count"] == 50
-        # No checkpoint ran meanwhile: the group-commit thread published them.
+        # No checkpoint ran meanwhile: the background thread published them.
         assert state.counters.checkpoint.count == checkpoints
         assert pub["kinds"]["checkpoint"]["count"] == checkpoints
         assert pub["pid"] == os.getpid() and pub["last_lsn"] <= state.last_lsn

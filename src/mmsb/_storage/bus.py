@@ -310,8 +310,8 @@ class DurableBus:
 
     def publish_stats(self) -> None:
         """Copy the writer's latency counters to DIR/map/stats (see stats_file.py) when
-        they changed since the last copy. Called at checkpoints and from the group-commit
-        thread, never from a write call. Raises OSError."""
+        they changed since the last copy. Called at checkpoints and from the writer's
+        background thread, never from a write call. Raises OSError."""
         state = self.stats_of() if self.stats_of is not None else None
         if state is None or self.read_only or self.closed:
             return
@@ -323,7 +323,10 @@ class DurableBus:
             self._stats_seen = seen
 
     def _sync_loop(self) -> None:
-        interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0
+        """The writer's background thread: the group commit (``fsync="batch"``) and, in
+        every mode, the latency counters to DIR/map/stats at most once a second."""
+        syncing = self.config.fsync == "batch"
+        interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0 if syncing else PUBLISH_EVERY
         next_stats = time.monotonic() + PUBLISH_EVERY
         while not self._stop.wait(interval):
             if time.monotonic() >= next_stats:
@@ -333,6 +336,8 @@ class DurableBus:
                 except Exception as exc:  # the group commit must go on whatever happens here
                     log.warning("publishing the latency counters of %s failed: %s",
                                 self.root, exc)
+            if not syncing:
+                continue
             with self.io_lock:
                 w = self.writer
                 if w is None or not w.dirty or self.failed is not None:
@@ -360,9 +365,9 @@ class DurableBus:
                 os.close(fd)
 
     def start(self) -> None:
-        if self.config.fsync == "batch" and self._syncer is None:
-            self._syncer = threading.Thread(target=self._sync_loop, name="mmsb-group-commit",
-                                            daemon=True)
+        if self._syncer is None:
+            name = "mmsb-group-commit" if self.config.fsync == "batch" else "mmsb-stats"
+            self._syncer = threading.Thread(target=self._sync_loop, name=name, daemon=True)
             self._syncer.start()
 
     def flush(self) -> None:
@@ -738,7 +743,7 @@ class DurableBus:
 
     def close(self, state: MMSBState) -> None:
         """Final checkpoint (when anything was logged since the last), then release the
-        segment, the group-commit thread and the lock."""
+        segment, the background (group-commit) thread and the lock."""
         if self.closed:
             return
         try:

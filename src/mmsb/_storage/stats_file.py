@@ -2,8 +2,9 @@
 
 Latency samples live in the writing process (:class:`~mmsb._core.monitor.Counters`), so
 a reader of the bus (``mmsb ui``, ``attach``) has none of its own. The writer copies
-them into this small file: at each checkpoint, and from the group-commit thread at most
-once per :data:`PUBLISH_EVERY` seconds when they changed. Never from a write call: a
+them into this small file: at each checkpoint, and from the writer's background thread
+(the group commit's, or its own without one) at most once per :data:`PUBLISH_EVERY`
+seconds when they changed. Never from a write call: a
 small write costs what it cost before.
 
 The file is replaced whole (written beside it, then renamed over it), so a reader sees
@@ -49,7 +50,7 @@ BINS = 64
 STATS_NAME = "stats"
 """The file's name in ``DIR/map``."""
 PUBLISH_EVERY = 1.0
-"""Fewest seconds between two publications from the group-commit thread."""
+"""Fewest seconds between two publications from the writer's background thread."""
 
 _HEAD = struct.Struct("<8sHHHHQQII")
 _KIND = struct.Struct("<QQQIIddd")
