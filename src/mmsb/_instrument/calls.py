@@ -2,9 +2,14 @@
 
 Where the interpreter has ``sys.monitoring`` (3.12+), the recorder asks for start and
 end events of the instrumented code objects only, so other code runs untouched. On
-older interpreters it installs a profile function (``sys.setprofile`` in the enabling
-thread, ``threading.setprofile`` for threads started later) that returns at once for
-code it does not know.
+older interpreters it installs the standard library's C profiler (``_lsprof``, the core
+of ``cProfile``) in the enabling thread, and in threads started later through a
+``threading.setprofile`` hook that installs one there. That profiler is told to ignore
+C functions, so a call of a builtin or a numpy function costs nothing more, and it calls
+back into Python only through its clock: the recorder's clock looks at the frame that
+is starting or ending and returns at once for code it does not know. (A Python profile
+function would be called for C functions as well, and 3.11 copies the caller's local
+variables into a dict for every one of those calls.)
 
 Each call of an instrumented function gives one record (function page, depth, start
 time, duration, sequence number). Records are buffered per thread (at most the ring's
@@ -52,7 +57,16 @@ RING_META = "call_ring"
 CALLS_SOURCE = "calls"
 
 MONITORING = sys.version_info >= (3, 12)
-"""True where ``sys.monitoring`` carries the call events (else ``sys.setprofile``)."""
+"""True where ``sys.monitoring`` carries the call events (else a C profiler)."""
+
+if not MONITORING:
+    import _lsprof
+
+    class _Profiler(_lsprof.Profiler):  # type: ignore[misc,unused-ignore]
+        """The C profiler, with room for the ``_mmsb_recorder`` mark that tells MMSB's
+        own hook from a foreign one."""
+
+        _mmsb_recorder: Any = None
 
 _recording: list[CallRecorder] = []
 _recording_lock = threading.Lock()
@@ -152,6 +166,8 @@ class CallRecorder:
         self.offset = time.time_ns() - time.perf_counter_ns()
         self.dropped = 0
         self._prof: Any = None
+        self._boot: Any = None
+        self._profilers: list[Any] = []
         self._tool: int | None = None
         self._flushing = threading.local()
 
@@ -174,9 +190,10 @@ class CallRecorder:
         if MONITORING:
             self._install_monitoring()
         else:
-            self._prof = self._make_profiler()
-            sys.setprofile(self._prof)
-            threading.setprofile(self._prof)
+            self._prof = self._profiler()
+            self._prof.enable(False, False)  # no subcall tables, no C functions
+            self._boot = self._make_boot()
+            threading.setprofile(self._boot)
 
     def add(self, code: types.CodeType, page: int) -> None:
         """Record calls of ``code`` from now on (a unit captured or recaptured)."""
@@ -196,9 +213,10 @@ class CallRecorder:
         if MONITORING:
             self._uninstall_monitoring()
         else:
-            if sys.getprofile() is self._prof:
-                sys.setprofile(None)
-            if threading.getprofile() is self._prof:
+            current: Any = sys.getprofile()
+            if self._prof is not None and current is self._prof:
+                current.disable()
+            if threading.getprofile() is self._boot:
                 threading.setprofile(None)
         with _recording_lock:
             if self in _recording:
@@ -223,41 +241,63 @@ class CallRecorder:
         if len(tb.buf) >= self.mgr.config.flush_every:
             self.flush_thread(tb, opportunistic=True)
 
-    def _make_profiler(self) -> Any:
+    def _profiler(self) -> Any:
+        """A C profiler for one thread whose clock records the calls of instrumented
+        code (see the module's docstring). The recorder keeps every one it made, so one
+        that a thread drops from inside its own clock is never freed while in use."""
         codes = self.codes
         tls = self.tls
         perf = time.perf_counter_ns
+        getframe = sys._getframe
         rec = self
         sampled = self.mgr.config.call_sample_every > 1
         limit = self.mgr.config.flush_every
 
-        # Called for every call and return of this thread's code, C functions
-        # included: the common case (code not instrumented) returns after one lookup.
-        def profile(frame: Any, event: str, arg: Any) -> None:
-            if event == "call":
-                fid = codes.get(id(frame.f_code))
-                if fid is None:
-                    return
-                if not rec.active:
-                    sys.setprofile(None)  # disabled from another thread: leave this one
-                    return
-                tb = getattr(tls, "tb", None) or rec._thread()
-                tb.stack.append((frame, fid, perf()))
-            elif event == "return" and id(frame.f_code) in codes:
-                tb = getattr(tls, "tb", None)
-                if tb is None or not tb.stack or tb.stack[-1][0] is not frame:
-                    return
+        # The profiler calls its clock once as a Python function starts and once as it
+        # ends (returns, raises, or yields): frame 1 is that function's. The recorder's
+        # stack tells the two apart: the top of it is the frame that is ending.
+        def clock() -> int:
+            frame = getframe(1)
+            fid = codes.get(id(frame.f_code))
+            if fid is None:
+                return 0
+            tb = getattr(tls, "tb", None)
+            if tb is not None and tb.stack and tb.stack[-1][0] is frame:
                 _f, fid, t0 = tb.stack.pop()
                 if sampled:
                     rec._done(tb, fid, t0, perf())
-                    return
+                    return 0
                 tb.buf.append((fid, len(tb.stack), t0, perf() - t0))
                 tb.taken += 1
                 if len(tb.buf) >= limit:
                     rec.flush_thread(tb, opportunistic=True)
+                return 0
+            if not rec.active:
+                sys.setprofile(None)  # disabled from another thread: leave this one
+                return 0
+            if tb is None:
+                tb = rec._thread()
+            tb.stack.append((frame, fid, perf()))
+            return 0
 
-        profile._mmsb_recorder = self  # type: ignore[attr-defined]
-        return profile
+        prof = _Profiler(clock, 1e-9, False, False)
+        prof._mmsb_recorder = self
+        self._profilers.append(prof)
+        return prof
+
+    def _make_boot(self) -> Any:
+        """The ``threading.setprofile`` hook: a thread started while calls are recorded
+        runs it once, at its first event, and it installs a C profiler there."""
+        rec = self
+
+        def boot(frame: Any, event: str, arg: Any) -> None:
+            if rec.active:
+                rec._profiler().enable(False, False)  # replaces this hook in this thread
+            else:
+                sys.setprofile(None)
+
+        boot._mmsb_recorder = self  # type: ignore[attr-defined]
+        return boot
 
     def _install_monitoring(self) -> None:
         mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
