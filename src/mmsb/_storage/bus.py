@@ -1253,12 +1253,7 @@ def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan
             if k == m:
                 break
         rec = TransactionLog.from_columns(slice_columns(cols, k, k + 1)).delta_at(0)
-        why = state.check_record(rec)
-        if why is None:
-            try:
-                state.apply_record(rec)
-            except MemoryError:
-                why = "a record needing more memory than this machine can give"
+        why = _check_and_apply(state, rec)
         if why is not None:
             scan.refused = SerializationError(f"the log holds {why}", path=path,
                                               offset=int(offsets[k]))
@@ -1266,6 +1261,17 @@ def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan
         log_.adopt(rec)
         k += 1
     return m
+
+
+def _check_and_apply(state: MMSBState, rec: AnyRecord) -> str | None:
+    """Apply one recovered record after ``check_record``; why it was refused, or None."""
+    why = state.check_record(rec)
+    if why is None:
+        try:
+            state.apply_record(rec)
+        except MemoryError:
+            why = "a record needing more memory than this machine can give"
+    return why
 
 
 def _apply_records(state: MMSBState, recs: list[AnyRecord], offsets: list[int],
@@ -1300,12 +1306,7 @@ def _apply_records(state: MMSBState, recs: list[AnyRecord], offsets: list[int],
                 if good == len(run):
                     continue
         rec = recs[k]
-        why = state.check_record(rec)
-        if why is None:
-            try:
-                state.apply_record(rec)
-            except MemoryError:
-                why = "a record needing more memory than this machine can give"
+        why = _check_and_apply(state, rec)
         if why is not None:
             scan.refused = SerializationError(f"the log holds {why}", path=path,
                                               offset=offsets[k])
