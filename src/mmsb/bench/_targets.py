@@ -237,6 +237,15 @@ TARGETS: tuple[Target, ...] = (
         "B",
     ),
     Target(
+        "durable_log_bytes_per_small_write",
+        "memory: RAM per retained record of a durable bus, full history",
+        "≤ 64 B",
+        Metric("memory/durable_log_per_small_write", "bytes_per_write"),
+        "<=",
+        64,
+        "B",
+    ),
+    Target(
         "delta_dense_1mb_vs_copy",
         "delta, 1 MiB page, all changed",
         "≤ 4 × one numpy copy of 1 MiB, same run",

@@ -37,8 +37,10 @@ def rss():
 
 import mmsb
 
-config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60)
-state = mmsb.MMSBState(config=config)
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
+# With a directory: a durable bus (no checkpoint comes: full history in its log).
+path = sys.argv[2] if len(sys.argv) > 2 else ""
+state = mmsb.mmsb_start(path=path, config=config) if path else mmsb.MMSBState(config=config)
 ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
 rng = np.random.default_rng(3)
 offs = rng.integers(0, 1016, n).tolist()
@@ -90,7 +92,7 @@ print(json.dumps({"n": n, "pages": len(state.pages), "rss_growth": after - befor
 """
 
 
-def _child(ctx: RunContext, script: str, *args: int) -> dict[str, Any]:
+def _child(ctx: RunContext, script: str, *args: int | str) -> dict[str, Any]:
     if not os.path.exists("/proc/self/statm"):
         raise CaseSkipped("resident memory is read from /proc/self/statm, which this system lacks")
     proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True,
@@ -107,6 +109,20 @@ def _child(ctx: RunContext, script: str, *args: int) -> dict[str, Any]:
 def memory_per_write(ctx: RunContext) -> CaseOutcome:
     n = ctx.pick(1_000_000, 20_000)
     out = _child(ctx, _WRITE_BUDGET_CHILD, n)
+    expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} writes were logged")
+    per_write = out["rss_growth"] / out["logged"]
+    m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
+    return CaseOutcome(m, {"writes": out["logged"], "rss_growth_bytes": out["rss_growth"],
+                           "bytes_per_write": per_write,
+                           "bytes_per_write_beyond_changed": per_write - 8})
+
+
+@case("memory", "durable_log_per_small_write",
+      "as log_per_small_write, on a durable bus (fsync='none', no checkpoint: the whole "
+      "history in its log)")
+def memory_per_durable_write(ctx: RunContext) -> CaseOutcome:
+    n = ctx.pick(200_000, 5_000)
+    out = _child(ctx, _WRITE_BUDGET_CHILD, n, str(ctx.path("durable_budget")))
     expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} writes were logged")
     per_write = out["rss_growth"] / out["logged"]
     m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
