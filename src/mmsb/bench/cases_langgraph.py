@@ -10,7 +10,7 @@ Every checkpoint is built before timing, and both savers get the same ones.
 | case | what is timed |
 | --- | --- |
 | ``put_own`` / ``put_own_sqlite`` | each ``put`` of fresh savers driven in turn with the values' encoding precomputed and no sync (MMSB ``fsync="none"``, SQLite ``synchronous=OFF``): what each saver does around LangGraph's encoding and the sync |
-| ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` | each ``put`` of the thread, one sample per put, in runs of fresh savers driven step by step in turn: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file |
+| ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` / ``put_sqlite_normal`` | each ``put`` of the thread, one sample per put, in runs of fresh savers driven step by step in turn: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file with its defaults, and with ``synchronous=NORMAL`` (no sync per commit, as MMSB's ``fsync="batch"``) |
 | ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
 | ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
 | ``decode_middle`` | LangGraph's serializer decoding step ``N // 2``'s messages alone: the floor both savers share |
@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as _metadata
@@ -181,7 +182,8 @@ def _sqlite_bytes(path: Path) -> int:
                if Path(str(path) + suffix).exists())
 
 
-_KINDS = ("mmsb", "always", "memory", "sqlite")
+_KINDS = ("mmsb", "always", "memory", "sqlite", "sqlite_normal")
+_SQLITE_KINDS = ("sqlite", "sqlite_normal")
 
 
 def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
@@ -197,16 +199,20 @@ def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
         stores: dict[str, Any] = {}
         for kind in _KINDS:
             where = ctx.path(f"lg-{kind}-{r}")
-            if kind == "sqlite":
+            if kind in _SQLITE_KINDS:
                 where.mkdir(parents=True, exist_ok=True)
                 stores[kind] = _Sqlite(where / "lg.sqlite")
+                if kind == "sqlite_normal":
+                    stores[kind].saver.setup()
+                    stores[kind].conn.execute("PRAGMA synchronous=NORMAL")
             else:
                 stores[kind] = _open_mmsb(None if kind == "memory" else where,
                                           "always" if kind == "always" else "batch")
-        savers = {k: (v.saver if k == "sqlite" else v) for k, v in stores.items()}
+        savers = {k: (v.saver if k in _SQLITE_KINDS else v) for k, v in stores.items()}
         for kind, times in _drive_all(savers, w).items():
             samples[kind].append(times)
-        ctx.cache["lg_setup"] = _check_setup(savers, stores["sqlite"].conn)
+        ctx.cache["lg_setup"] = _check_setup(savers, stores["sqlite"].conn,
+                                             stores["sqlite_normal"].conn)
         last = r == runs - 1
         for kind, store in stores.items():
             if last and kind in ("mmsb", "sqlite"):
@@ -226,11 +232,15 @@ def _put_runs(ctx: RunContext) -> dict[str, list[list[float]]]:
     return samples
 
 
-def _check_setup(savers: dict[str, Any], conn: sqlite3.Connection) -> dict[str, Any]:
+def _check_setup(savers: dict[str, Any], conn: sqlite3.Connection,
+                 normal: sqlite3.Connection) -> dict[str, Any]:
     """Check that the savers are compared on equal terms, and say how: one serializer
     (the same object: LangGraph's default), SQLite in its default durable mode (WAL,
     ``synchronous=FULL``: the WAL is synced at every commit) against MMSB's
-    ``fsync="always"`` (the log is synced at every ``put``)."""
+    ``fsync="always"`` (the log is synced at every ``put``), and SQLite in WAL with
+    ``synchronous=NORMAL`` (no sync at a commit: a power loss may take the last commits,
+    a crash of the process none) against MMSB's default ``fsync="batch"`` (the same
+    promise, with at most the last 5 ms lost)."""
     serdes = {id(s.serde) for s in savers.values()}
     expect(len(serdes) == 1, "the savers do not share one serializer")
     journal_mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
@@ -238,6 +248,11 @@ def _check_setup(savers: dict[str, Any], conn: sqlite3.Connection) -> dict[str, 
     expect(journal_mode == "wal" and synchronous == 2,
            f"SQLite runs with journal_mode={journal_mode}, synchronous={synchronous}, not "
            "SqliteSaver's defaults (wal, 2 = FULL)")
+    normal_mode = str(normal.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    normal_sync = int(normal.execute("PRAGMA synchronous").fetchone()[0])
+    expect(normal_mode == "wal" and normal_sync == 1,
+           f"the unsynced SQLite runs with journal_mode={normal_mode}, "
+           f"synchronous={normal_sync}, not wal, 1 = NORMAL")
     expect(savers["always"].state.config.fsync == "always",
            "the synced MMSB saver does not sync every put")
     return {
@@ -246,6 +261,7 @@ def _check_setup(savers: dict[str, Any], conn: sqlite3.Connection) -> dict[str, 
         "sqlite_synchronous": synchronous,
         "mmsb_fsync_synced": savers["always"].state.config.fsync,
         "mmsb_fsync_default": savers["mmsb"].state.config.fsync,
+        "sqlite_normal_synchronous": normal_sync,
     }
 
 
@@ -281,6 +297,12 @@ def put_memory(ctx: RunContext) -> CaseOutcome:
 @case("langgraph", "put_sqlite", "SqliteSaver.put on a file (WAL, synchronous=FULL: its defaults)")
 def put_sqlite(ctx: RunContext) -> CaseOutcome:
     return _puts(ctx, "sqlite")
+
+
+@case("langgraph", "put_sqlite_normal", "SqliteSaver.put on a file in WAL with "
+      "synchronous=NORMAL (no sync per commit: the durability of MMSB's fsync=\"batch\")")
+def put_sqlite_normal(ctx: RunContext) -> CaseOutcome:
+    return _puts(ctx, "sqlite_normal")
 
 
 class _Precomputed:
@@ -383,6 +405,14 @@ def _paired(ctx: RunContext, name: str, ops: list[Callable[[], object]],
     return mine
 
 
+def _round_ratio(mine: Measurement, theirs: Measurement) -> float:
+    """The median over the rounds of a paired measurement of MMSB's time over SQLite's
+    in the same round: each pair was taken back to back, so drift in the machine
+    between rounds cancels out of it."""
+    pairs = zip(mine.samples_ns, theirs.samples_ns, strict=False)
+    return statistics.median(a / b for a, b in pairs if b > 0)
+
+
 def _sqlite_side(ctx: RunContext, name: str) -> CaseOutcome:
     m = ctx.cache.get(f"lg_pair:{name}")
     if m is None:
@@ -405,6 +435,7 @@ def _get(ctx: RunContext, name: str, index: int | None) -> CaseOutcome:
         "messages": len(a.checkpoint["channel_values"]["messages"]),
         "sqlite_median_ns": sqlite_median,
         "ratio_to_sqlite": m.stats.median_ns / sqlite_median,
+        "ratio_per_round": _round_ratio(m, ctx.cache[f"lg_pair:{name}"]),
     })
 
 
@@ -462,7 +493,9 @@ def get_middle_storage(ctx: RunContext) -> CaseOutcome:
         mine.serde, theirs.serde = serdes
     sqlite_median = ctx.cache["lg_pair:get_middle_storage"].stats.median_ns
     return CaseOutcome(m, {"sqlite_median_ns": sqlite_median,
-                           "ratio_to_sqlite": m.stats.median_ns / sqlite_median})
+                           "ratio_to_sqlite": m.stats.median_ns / sqlite_median,
+                           "ratio_per_round": _round_ratio(
+                               m, ctx.cache["lg_pair:get_middle_storage"])})
 
 
 @case("langgraph", "get_middle_storage_sqlite", "SqliteSaver.get_tuple of step N/2 with "
@@ -518,6 +551,7 @@ def list_history(ctx: RunContext) -> CaseOutcome:
         "checkpoints": w.n,
         "sqlite_median_ns": sqlite_median,
         "ratio_to_sqlite": m.stats.median_ns / sqlite_median,
+        "ratio_per_round": _round_ratio(m, ctx.cache["lg_pair:list_history"]),
     })
 
 
