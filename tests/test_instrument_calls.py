@@ -141,6 +141,25 @@ def test_threads_started_later_get_their_own_ring(state: mmsb.MMSBState) -> None
     assert counts == [1, 5]
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12+ records through sys.monitoring")
+def test_profilers_of_ended_threads_are_let_go(state: mmsb.MMSBState) -> None:
+    # Each thread started while calls are recorded gets a C profiler of its own; the
+    # recorder lets go of those whose thread has ended, so short threads do not pile up.
+    _enable(state)
+    mgr = manager_of(state)
+    assert mgr is not None and mgr.calls is not None
+    for _ in range(20):
+        t = threading.Thread(target=leaf, args=(1,))
+        t.start()
+        t.join()
+    kept = mgr.calls._profilers
+    assert 1 <= len(kept) <= 2  # this thread's, and at most the last thread's
+    assert all(ref() is threading.current_thread() or not ref().is_alive()  # type: ignore[union-attr]
+               for ref, _p in kept)
+    mmsb.flush_call_events(state)
+    assert sum(1 for e in mmsb.call_events(state) if e.name.endswith("leaf")) == 20
+
+
 def test_no_flush_inside_a_batch(state: mmsb.MMSBState) -> None:
     _enable(state, flush_every=1)
     page = mmsb.create_page(state, 8)

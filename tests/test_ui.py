@@ -3,6 +3,7 @@ runs it (a subprocess beside a live writer), and every view in a headless Chromi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -715,8 +716,10 @@ def _browser() -> Any:
     return sync_api
 
 
-@pytest.fixture
-def browser_page(served: Served) -> Iterator[tuple[Any, list[str]]]:
+@contextlib.contextmanager
+def _chromium_page(timeout_ms: int = 10_000) -> Iterator[tuple[Any, list[str]]]:
+    """A headless Chromium page (Debian's executable) and the list its console errors
+    and page errors go to."""
     sync_api = _browser()
     errors: list[str] = []
     with sync_api.sync_playwright() as pw:
@@ -725,12 +728,18 @@ def browser_page(served: Served) -> Iterator[tuple[Any, list[str]]]:
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.set_default_timeout(10_000)
+            page.set_default_timeout(timeout_ms)
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             yield page, errors
         finally:
             browser.close()
+
+
+@pytest.fixture
+def browser_page(served: Served) -> Iterator[tuple[Any, list[str]]]:
+    with _chromium_page() as page_and_errors:
+        yield page_and_errors
 
 
 def _shots() -> Path:
@@ -909,33 +918,23 @@ def test_timeline_time_axis_in_a_browser(browser_page: tuple[Any, list[str]],
 
 
 def test_live_view_follows_new_records(tmp_path: Path) -> None:
-    sync_api = _browser()
+    _browser()  # skips without Chromium or Playwright
     path = tmp_path / "live"
     state = mmsb.mmsb_start(enable_gpu=False, path=path)
     try:
         page_id = mmsb.create_page(state, 16).id
         s = Served(path)
-        errors: list[str] = []
         try:
-            with sync_api.sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
-                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking"])
-                try:
-                    page = browser.new_page()
-                    page.set_default_timeout(10_000)
-                    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                    page.goto(s.url + f"#/page/{page_id}")
-                    page.wait_for_selector("#live.on")
-                    mmsb.write_page(state, page_id, 0, b"ABCD")
-                    lsn = state.last_lsn
-                    page.wait_for_function(
-                        f"document.getElementById('live').textContent.includes('LSN {lsn}')")
-                    page.wait_for_function(
-                        f"document.getElementById('vlsn').textContent === '{lsn}'")
-                    assert "ABCD" in page.inner_text("#hex")
-                finally:
-                    browser.close()
+            with _chromium_page(10_000) as (page, errors):
+                page.goto(s.url + f"#/page/{page_id}")
+                page.wait_for_selector("#live.on")
+                mmsb.write_page(state, page_id, 0, b"ABCD")
+                lsn = state.last_lsn
+                page.wait_for_function(
+                    f"document.getElementById('live').textContent.includes('LSN {lsn}')")
+                page.wait_for_function(
+                    f"document.getElementById('vlsn').textContent === '{lsn}'")
+                assert "ABCD" in page.inner_text("#hex")
         finally:
             rc, _out, err = s.stop()
             assert rc == 0, err
@@ -950,7 +949,7 @@ def test_live_view_resumes_after_the_server_comes_back(tmp_path: Path) -> None:
     events it missed, none twice."""
     import socket
 
-    sync_api = _browser()
+    _browser()  # skips without Chromium or Playwright
     path = tmp_path / "live"
     state = mmsb.mmsb_start(enable_gpu=False, path=path)
     try:
@@ -959,46 +958,36 @@ def test_live_view_resumes_after_the_server_comes_back(tmp_path: Path) -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         s = Served(path, port)
-        errors: list[str] = []
         try:
-            with sync_api.sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
-                    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking"])
+            with _chromium_page(15_000) as (page, errors):
+                page.goto(s.url + f"#/page/{page_id}")
+                page.wait_for_selector("#live.on")
+                since = state.last_lsn
+                mmsb.write_page(state, page_id, 0, b"ABCD")
+                page.wait_for_function(
+                    f"document.getElementById('live').dataset.lastId === '{state.last_lsn}'")
+                rc, _out, err = s.stop()
+                assert rc == 0, err
+                page.wait_for_function(
+                    "document.getElementById('live').textContent.includes('reconnecting')")
+                mmsb.write_page(state, page_id, 4, b"EFGH")
+                mmsb.create_pages(state, 2, 8)
+                mmsb.write_page(state, page_id, 8, b"IJKL")
+                lsn = state.last_lsn
+                s = Served(path, port)
+                page.wait_for_function(
+                    f"document.getElementById('live').dataset.lastId === '{lsn}'")
+                reader = mmsb.attach(path)
                 try:
-                    page = browser.new_page()
-                    page.set_default_timeout(15_000)
-                    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                    page.goto(s.url + f"#/page/{page_id}")
-                    page.wait_for_selector("#live.on")
-                    since = state.last_lsn
-                    mmsb.write_page(state, page_id, 0, b"ABCD")
-                    page.wait_for_function(
-                        f"document.getElementById('live').dataset.lastId === '{state.last_lsn}'")
-                    rc, _out, err = s.stop()
-                    assert rc == 0, err
-                    page.wait_for_function(
-                        "document.getElementById('live').textContent.includes('reconnecting')")
-                    mmsb.write_page(state, page_id, 4, b"EFGH")
-                    mmsb.create_pages(state, 2, 8)
-                    mmsb.write_page(state, page_id, 8, b"IJKL")
-                    lsn = state.last_lsn
-                    s = Served(path, port)
-                    page.wait_for_function(
-                        f"document.getElementById('live').dataset.lastId === '{lsn}'")
-                    reader = mmsb.attach(path)
-                    try:
-                        missed = len(list(reader.changes(since)))
-                    finally:
-                        reader.close()
-                    live = page.locator("#live")
-                    assert live.get_attribute("data-events") == str(missed)
-                    assert live.get_attribute("data-resumes") == "1"
-                    page.wait_for_function(
-                        f"document.getElementById('vlsn').textContent === '{lsn}'")
-                    assert "ABCDEFGHIJKL" in page.inner_text("#hex").replace("\n", "")
+                    missed = len(list(reader.changes(since)))
                 finally:
-                    browser.close()
+                    reader.close()
+                live = page.locator("#live")
+                assert live.get_attribute("data-events") == str(missed)
+                assert live.get_attribute("data-resumes") == "1"
+                page.wait_for_function(
+                    f"document.getElementById('vlsn').textContent === '{lsn}'")
+                assert "ABCDEFGHIJKL" in page.inner_text("#hex").replace("\n", "")
         finally:
             if s.proc.poll() is None:
                 rc, _out, err = s.stop()

@@ -247,8 +247,9 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
     which it keeps by reference.
 
     Cost: one compare of ``len(new)`` bytes, then O(changed bytes) for a sparse delta or
-    one copy of the page for a dense one (none for that referenced payload). ``scratch`` (at least ``len(new)`` bytes when
-    that is over 64 KiB) holds the comparison of large writes.
+    one copy of the page for a dense one (none for that referenced payload). ``scratch``
+    (at least ``len(new)`` bytes when that is over 64 KiB) holds the comparison of large
+    writes that changed some bytes but not all.
     """
     size = len(view)
     m = len(new)

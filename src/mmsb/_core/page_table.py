@@ -62,8 +62,7 @@ class PageTable:
 
     def is_live(self, page_id: int) -> bool:
         """True if ``page_id`` names a live page. O(1)."""
-        return 0 < page_id < self.next_id and page_id < len(self.flags) and bool(
-            self.flags[page_id] & LIVE)
+        return 0 < page_id < self.next_id and bool(self.views[3][page_id] & LIVE)
 
     def live_ids(self) -> np.ndarray:
         """Ids of live pages, ascending. O(rows)."""

@@ -167,7 +167,8 @@ class CallRecorder:
         self.dropped = 0
         self._prof: Any = None
         self._boot: Any = None
-        self._profilers: list[Any] = []
+        self._profilers: list[tuple[weakref.ref[threading.Thread], Any]] = []
+        """Every C profiler made, with its thread: kept until the thread has ended."""
         self._tool: int | None = None
         self._flushing = threading.local()
 
@@ -243,8 +244,7 @@ class CallRecorder:
 
     def _profiler(self) -> Any:
         """A C profiler for one thread whose clock records the calls of instrumented
-        code (see the module's docstring). The recorder keeps every one it made, so one
-        that a thread drops from inside its own clock is never freed while in use."""
+        code (see the module's docstring), kept by the recorder until its thread ends."""
         codes = self.codes
         tls = self.tls
         perf = time.perf_counter_ns
@@ -282,7 +282,11 @@ class CallRecorder:
 
         prof = _Profiler(clock, 1e-9, False, False)
         prof._mmsb_recorder = self
-        self._profilers.append(prof)
+        # A thread can drop its profiler from inside the profiler's own clock, so the
+        # recorder holds it until that thread has ended (then nothing can be using it).
+        self._profilers = [(t, p) for t, p in self._profilers
+                           if (th := t()) is not None and th.is_alive()]
+        self._profilers.append((weakref.ref(threading.current_thread()), prof))
         return prof
 
     def _make_boot(self) -> Any:

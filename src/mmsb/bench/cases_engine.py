@@ -106,31 +106,30 @@ def _child(ctx: RunContext, script: str, *args: int | str) -> dict[str, Any]:
     return out
 
 
-@case("memory", "log_per_small_write",
-      "RSS growth per logged 8-byte write_page with full history, beyond its changed bytes")
-def memory_per_write(ctx: RunContext) -> CaseOutcome:
-    n = ctx.pick(1_000_000, 20_000)
-    out = _child(ctx, _WRITE_BUDGET_CHILD, n)
+def _per_write_case(ctx: RunContext, *durable_path: str) -> CaseOutcome:
+    """RSS growth per logged 8-byte write in a fresh process (in memory, or on a durable
+    bus at ``durable_path``), beyond nothing and beyond its changed bytes."""
+    n = ctx.pick(200_000 if durable_path else 1_000_000, 5_000 if durable_path else 20_000)
+    out = _child(ctx, _WRITE_BUDGET_CHILD, n, *durable_path)
     expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} writes were logged")
     per_write = out["rss_growth"] / out["logged"]
     m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
     return CaseOutcome(m, {"writes": out["logged"], "rss_growth_bytes": out["rss_growth"],
                            "bytes_per_write": per_write,
                            "bytes_per_write_beyond_changed": per_write - 8})
+
+
+@case("memory", "log_per_small_write",
+      "RSS growth per logged 8-byte write_page with full history, beyond its changed bytes")
+def memory_per_write(ctx: RunContext) -> CaseOutcome:
+    return _per_write_case(ctx)
 
 
 @case("memory", "durable_log_per_small_write",
       "as log_per_small_write, on a durable bus (fsync='none', no checkpoint: the whole "
       "history in its log)")
 def memory_per_durable_write(ctx: RunContext) -> CaseOutcome:
-    n = ctx.pick(200_000, 5_000)
-    out = _child(ctx, _WRITE_BUDGET_CHILD, n, str(ctx.path("durable_budget")))
-    expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} writes were logged")
-    per_write = out["rss_growth"] / out["logged"]
-    m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
-    return CaseOutcome(m, {"writes": out["logged"], "rss_growth_bytes": out["rss_growth"],
-                           "bytes_per_write": per_write,
-                           "bytes_per_write_beyond_changed": per_write - 8})
+    return _per_write_case(ctx, str(ctx.path("durable_budget")))
 
 
 @case("memory", "create_page_loop_1m",
