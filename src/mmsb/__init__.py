@@ -115,6 +115,9 @@ from ._instrument.tracked import tracked_history as tracked_history
 from ._reader import BusReader as BusReader
 from ._reader import ReaderSnapshot as ReaderSnapshot
 from ._reader import attach as attach
+from ._replication.follower import Follower as Follower
+from ._replication.follower import FollowerLag as FollowerLag
+from ._replication.follower import follow as follow
 from ._storage.codec import deserialize_delta as deserialize_delta
 from ._storage.codec import serialize_delta as serialize_delta
 from ._storage.feed import deserialize_event as deserialize_event
@@ -132,8 +135,10 @@ from .errors import InvalidDeltaError as InvalidDeltaError
 from .errors import MetadataError as MetadataError
 from .errors import MissingDependencyError as MissingDependencyError
 from .errors import MMSBError as MMSBError
+from .errors import NotLeaderError as NotLeaderError
 from .errors import PageNotFoundError as PageNotFoundError
 from .errors import PropagationError as PropagationError
+from .errors import ReplicationError as ReplicationError
 from .errors import SerializationError as SerializationError
 from .errors import StateClosedError as StateClosedError
 from .errors import UnsupportedLocationError as UnsupportedLocationError
@@ -177,6 +182,8 @@ __all__ = [
     "execute_propagation", "EventType", "subscribe", "unsubscribe", "Subscription",
     # readers in other processes, the change feed
     "attach", "BusReader", "ReaderSnapshot", "Event", "serialize_event", "deserialize_event",
+    # replication through Redis
+    "follow", "Follower", "FollowerLag",
     # instrumentation
     "InstrumentationConfig", "enable_instrumentation", "disable_instrumentation",
     "configure_instrumentation", "instrumentation_config", "code_pages", "refresh_code",
@@ -192,5 +199,5 @@ __all__ = [
     "SerializationError", "GraphCycleError", "UnsupportedLocationError",
     "InvalidArgumentError", "MetadataError", "HistoryUnavailableError", "StateClosedError",
     "BusLockedError", "DurabilityError", "MissingDependencyError",
-    "PropagationError",
+    "PropagationError", "ReplicationError", "NotLeaderError",
 ]

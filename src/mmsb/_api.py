@@ -42,6 +42,7 @@ from ._instrument import calls as _calls
 from ._instrument import manager as _instr
 from ._instrument import provenance as _prov
 from ._instrument.config import InstrumentationConfig
+from ._replication.leader import start_leader
 from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
@@ -100,7 +101,9 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
     other states) may open the same bus with ``shared=True`` and write it too; each
     changing call waits for the bus's write lock and first applies what the others
     appended. ``shared=False`` (the default) asks for exclusive use: any other writer
-    gets ``BusLockedError``.
+    gets ``BusLockedError``. With ``config.replicate_to`` (a Redis URL) the bus leads
+    its followers: it claims a new term there and publishes its log (see
+    docs/Replication.md); ReplicationError when it may not.
     """
     if not isinstance(shared, bool):
         raise InvalidArgumentError(f"shared must be True or False, not {shared!r}")
@@ -123,9 +126,20 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
     else:
         cfg.enable_gpu = False
     cfg.enable_instrumentation = bool(enable_instrumentation or cfg.enable_instrumentation)
+    if cfg.replicate_to is not None and (path is None or shared):
+        cfg.validate()
+        raise InvalidArgumentError(
+            "MMSBConfig.replicate_to needs a durable bus with exclusive use (a path, "
+            "shared=False): the leader is the one process that writes the log it publishes")
     if path is not None:
         state = MMSBState(cfg)
         open_bus(state, path, shared)
+        if cfg.replicate_to is not None:
+            try:
+                start_leader(state, cfg.replicate_to)
+            except BaseException:
+                state.close()
+                raise
     else:
         state = MMSBState(cfg)
     if cfg.enable_instrumentation:

@@ -23,7 +23,11 @@ _INT_RANGES = {
 _FLOAT_RANGES = {
     "checkpoint_interval": (0.0, 365 * 86400.0),
     "fsync_batch_ms": (0.0, 60_000.0),
+    "ack_timeout": (0.001, 86400.0),
+    "replication_lease": (0.2, 3600.0),
 }
+_REPLICATE_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_ACK_REPLICAS = 64
 MAX_RETAIN_CHECKPOINTS = 1 << 20
 
 
@@ -63,6 +67,20 @@ class MMSBConfig:
     segment_bytes: int = 64 << 20
     """Durable bus only: size at which a log segment file is closed and a new one begun
     (1 to 2**40 bytes)."""
+    replicate_to: str | None = None
+    """Durable bus only: a Redis URL (``redis://HOST:PORT/DB``, ``rediss://``, ``unix://``)
+    to publish the log to, as the leader of its followers (see docs/Replication.md).
+    Needs the ``replicate`` extra (redis-py)."""
+    ack: str = "local"
+    """With ``replicate_to``: when a changing call returns. ``"local"``: once it is in the
+    leader's log (as ``fsync`` says); ``"replicas:N"``: once N followers have applied it
+    and made it durable (1 to 64)."""
+    ack_timeout: float = 10.0
+    """Seconds a call waits for its ``replicas:N`` acknowledgements before it raises
+    DurabilityError (the write stays in the log); 0.001 to 86,400."""
+    replication_lease: float = 5.0
+    """Seconds the leader's lease in Redis lasts unless renewed (it is renewed every
+    third of that); a follower may take over only after it has lapsed. 0.2 to 3,600."""
 
     def validate(self) -> None:
         """Check every field's type and range.
@@ -103,3 +121,28 @@ class MMSBConfig:
             raise InvalidArgumentError(
                 f"MMSBConfig.retain_checkpoints must be None or an int from 1 to "
                 f"{MAX_RETAIN_CHECKPOINTS}, not {rc!r}")
+        url = self.replicate_to
+        if url is not None and (not isinstance(url, str)
+                                or not url.startswith(_REPLICATE_SCHEMES)):
+            raise InvalidArgumentError(
+                f"MMSBConfig.replicate_to must be None or a Redis URL starting with one of "
+                f"{_REPLICATE_SCHEMES}, not {url!r}")
+        replicas_needed(self.ack)
+
+
+def replicas_needed(ack: object) -> int:
+    """The followers an ``ack`` setting waits for: 0 for ``"local"``, N for
+    ``"replicas:N"``.
+
+    Raises:
+        InvalidArgumentError: any other value.
+    """
+    if ack == "local":
+        return 0
+    if isinstance(ack, str) and ack.startswith("replicas:"):
+        digits = ack[len("replicas:"):]
+        if digits.isdigit() and digits.isascii() and 1 <= int(digits) <= MAX_ACK_REPLICAS:
+            return int(digits)
+    raise InvalidArgumentError(
+        f'MMSBConfig.ack must be "local" or "replicas:N" with N from 1 to {MAX_ACK_REPLICAS}, '
+        f"not {ack!r}")

@@ -22,6 +22,8 @@ __all__ = [
     "HistoryUnavailableError",
     "StateClosedError",
     "BusLockedError",
+    "ReplicationError",
+    "NotLeaderError",
     "DurabilityError",
     "MissingDependencyError",
     "PropagationError",
@@ -173,6 +175,18 @@ class BusLockedError(MMSBError, RuntimeError):
 
 class DurabilityError(MMSBError, OSError):
     """A write or fsync of the durable log failed; the bus refuses further writes."""
+
+
+class ReplicationError(MMSBError, RuntimeError):
+    """Replication through Redis cannot go on as asked: the server is unreachable or
+    holds another leader's lease, this bus was superseded by a newer term, or what the
+    stream holds cannot be applied. The message says which and what to do."""
+
+
+class NotLeaderError(DurabilityError):
+    """A write to a bus that is not the leader: a follower (it applies only what its
+    leader logged), or a leader that a newer term has fenced off. Nothing was applied
+    or logged."""
 
 
 class MissingDependencyError(MMSBError, ImportError):

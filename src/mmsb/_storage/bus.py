@@ -46,6 +46,7 @@ from ..errors import (
     HistoryUnavailableError,
     InvalidArgumentError,
     MMSBError,
+    NotLeaderError,
     SerializationError,
 )
 from . import fsops
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["DurableBus", "open_bus", "recover_readonly", "BUS_MAGIC", "bus_files",
-           "BusChangedError", "bus_identity"]
+           "BusChangedError", "bus_identity", "apply_received"]
 
 log = logging.getLogger("mmsb.bus")
 
@@ -135,6 +136,15 @@ class DurableBus:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.fds = {}
+        self.ship: Callable[[int, int, bytes], None] | None = None
+        """The replication shipper's queue (first LSN, last LSN, frames), called with
+        each append once it is in the log; None when the bus does not replicate."""
+        self.not_leader: str | None = None
+        """Why writes are refused (a follower, or a leader fenced off); None: a leader."""
+        self.replication: Any = None
+        """The replication role attached to this bus (leader or follower), told of
+        checkpoints (``after_checkpoint``), of call ends (``after_call``) and of close
+        (``close``)."""
         self.raw_seen: dict[Path, bytes] = {}
         """Read-only opens: the bytes of each checkpoint read (a replay base is kept as
         bytes, since the writer may remove its file)."""
@@ -208,16 +218,30 @@ class DurableBus:
         Raises:
             DurabilityError: the bus failed earlier, or this write or fsync failed (then
                 it refuses every later write).
+            NotLeaderError: the bus is a follower, or a leader a newer term fenced off.
         """
-        if self.failed is not None:
-            raise DurabilityError(
-                f"the bus at {self.root} refuses writes: an earlier write or fsync failed "
-                f"({self.failed}); stop it and reopen it to recover")
+        if self.not_leader is not None:
+            raise NotLeaderError(self.not_leader)
         if len(records) == 1:
             data = frame(encode_record(records[0]))
         else:
             # A batch is one frame: after a crash it is in the log whole, or not at all.
             data = frame(group_body([encode_record(r) for r in records]))
+        self.append_frames(data, records, self.config.fsync == "always")
+
+    def append_frames(self, data: bytes, records: list[AnyRecord], sync: bool) -> None:
+        """Append ``data`` (whole frames holding ``records``, in LSN order) to the log;
+        ``sync``: on stable storage when this returns. A follower appends its leader's
+        frames here byte for byte. The replication shipper, when there is one, gets the
+        frames once they are in the log.
+
+        Raises:
+            DurabilityError: as :meth:`sink_many`.
+        """
+        if self.failed is not None:
+            raise DurabilityError(
+                f"the bus at {self.root} refuses writes: an earlier write or fsync failed "
+                f"({self.failed}); stop it and reopen it to recover")
         with self.io_lock:
             stage = "segment"
             try:
@@ -235,13 +259,16 @@ class DurableBus:
                         # A shared writer's own records: its feed need not read them back.
                         seg.pos = self.writer.size
                         feed.next_lsn = records[-1].lsn + 1
-                if self.config.fsync == "always":
+                if sync:
                     stage = "fsync"
                     self.writer.sync()
                 if self.publisher is not None:
                     self.publisher.note(records)
                     self.publisher.note_append(self.generation, self.writer.seq,
                                                self.writer.size, records[-1].lsn)
+                if self.ship is not None:
+                    # In LSN order (under io_lock); the shipper only queues them.
+                    self.ship(records[0].lsn, records[-1].lsn, data)
             except OSError as exc:
                 if self.failed is None and (stage == "segment" or (
                         stage == "append" and self.writer is not None and self.writer.intact)):
@@ -432,6 +459,8 @@ class DurableBus:
         if self.publisher is not None:
             self.publisher.publish(state)
         self.maybe_checkpoint(state)
+        if self.replication is not None:
+            self.replication.after_call(state)
 
     def _catch_up(self, state: MMSBState) -> set[int]:
         """Apply what other writers appended (caller holds DIR/WRITE), point this
@@ -677,6 +706,8 @@ class DurableBus:
             log.warning("removing superseded files of %s failed: %s", self.root, exc)
         self.retained = kept
         state.counters.checkpoint.add(time.perf_counter_ns() - t0)
+        if self.replication is not None:
+            self.replication.after_checkpoint(state)
         try:
             self.publish_stats()
         except Exception as exc:  # advisory: never fails the checkpoint
@@ -759,6 +790,13 @@ class DurableBus:
                         "is closed all the same, its log holds every record, and reopening it "
                         "recovers them") from exc
         finally:
+            if self.replication is not None:
+                try:
+                    self.replication.close(state)
+                except Exception as exc:  # closing the bus goes on whatever happens here
+                    log.error("stopping replication of %s failed: %s", self.root, exc)
+                self.replication = None
+                self.ship = None
             if self.publisher is not None:
                 try:
                     self.publisher.close(state)
@@ -829,13 +867,20 @@ def _lock(root: Path, shared: bool = False) -> int:
     return fd
 
 
-def _identity(root: Path, has_data: bool) -> int:
+def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
+    """The bus id in DIR/BUS, created (with ``want``, else a random id) when the
+    directory holds no bus yet.
+
+    Raises:
+        SerializationError: the file is missing beside data, damaged, or (with
+            ``want``) names another bus.
+    """
     path = root / "BUS"
     if not os.path.lexists(path):
         if has_data:
             raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
                                      "log segments exist; refusing to guess", path=path)
-        bus_id = secrets.randbits(64) or 1
+        bus_id = want if want is not None else secrets.randbits(64) or 1
         # A clock before 1970 records creation time 0.
         head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, max(0, time.time_ns()))
         tmp = root / ".BUS.tmp"
@@ -864,6 +909,9 @@ def _identity(root: Path, has_data: bool) -> int:
         raise SerializationError("the identity file is damaged or not an MMSB bus", path=path, offset=0)
     if version != BUS_VERSION:
         raise SerializationError(f"unsupported bus format version {version}", path=path, offset=8)
+    if want is not None and bus_id != want:
+        raise SerializationError(f"this directory holds bus {bus_id:016x}, not {want:016x}",
+                                 path=path)
     return int(bus_id)
 
 
@@ -941,10 +989,13 @@ def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
     state.recovery_notes = list(bus.recovery_notes)
 
 
-def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = False) -> None:
+def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = False,
+             bus_id: int | None = None) -> None:
     """Make the fresh ``state`` a durable bus in ``path``: create one there, or reopen
     and recover the one there into ``state``. ``shared``: other processes may write it
     too (each call takes DIR/WRITE and catches up with their records first).
+    ``bus_id``: the id a new bus gets, and the one an existing bus must have (a
+    follower's copy of its leader's bus).
 
     Raises:
         BusLockedError: another process has it open for writing (exclusively, or shared
@@ -973,7 +1024,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
             write_fd = fsops.open_regular(root / "WRITE", os.O_RDWR | os.O_CREAT, create=True)
             fcntl.flock(write_fd, fcntl.LOCK_EX)  # recovery runs between other writers' calls
         files = bus_files(root)
-        bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]))
+        bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]), bus_id)
         for tmp in (root / "checkpoints").glob(".ckpt-*.tmp"):
             _unlink(tmp)
         bus = DurableBus(root, bus_id, config, lock_fd)
@@ -1261,6 +1312,16 @@ def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan
         log_.adopt(rec)
         k += 1
     return m
+
+
+def apply_received(state: MMSBState, recs: list[AnyRecord], path: Path) -> SerializationError | None:
+    """Apply records received from elsewhere (a follower's leader) as recovery applies
+    the log's: each checked against the state first, runs of deltas in bulk. Returns
+    None when all were applied, else why the first refused one was (those before it
+    are applied: the caller discards the state)."""
+    scan = SegmentScan(path)
+    good = _apply_records(state, recs, [0] * len(recs), scan, path)
+    return None if good == len(recs) else scan.refused
 
 
 def _check_and_apply(state: MMSBState, rec: AnyRecord) -> str | None:
