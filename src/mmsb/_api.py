@@ -42,7 +42,7 @@ from ._instrument import calls as _calls
 from ._instrument import manager as _instr
 from ._instrument import provenance as _prov
 from ._instrument.config import InstrumentationConfig
-from ._replication.leader import start_leader
+from ._replication.leader import preflight, start_leader
 from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
@@ -132,12 +132,18 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
             "MMSBConfig.replicate_to needs a durable bus with exclusive use (a path, "
             "shared=False): the leader is the one process that writes the log it publishes")
     if path is not None:
+        if cfg.replicate_to is not None:
+            cfg.validate()
+            preflight(cfg.replicate_to)
         state = MMSBState(cfg)
         open_bus(state, path, shared)
         if cfg.replicate_to is not None:
             try:
                 start_leader(state, cfg.replicate_to)
             except BaseException:
+                # Refused: the bus closes as it was opened, without writing anything.
+                if state.bus is not None:
+                    state.bus.abandon("replication could not start")
                 state.close()
                 raise
     else:

@@ -468,10 +468,16 @@ class MMSBState:
             self.propagate(sources)
 
     def leave(self) -> None:
+        # The end-of-call hook may raise (a replication acknowledgement that timed out, a
+        # failed publication): the call is still over, so the depth and the lock are
+        # given back and queued events delivered before the error reaches the caller.
+        failure: BaseException | None = None
         if self._depth == 1 and self.bus is not None:
             try:
                 if not self.batch_depth:
                     self.bus.after_call(self)
+            except BaseException as exc:
+                failure = exc
             finally:
                 if self.bus.held:
                     self.bus.end_call()
@@ -481,6 +487,8 @@ class MMSBState:
             self._deliver_queued()
         else:
             self.lock.release()
+        if failure is not None:
+            raise failure
 
     def _deliver_queued(self) -> None:
         """Deliver queued events in order. A handler's own writes queue more events;

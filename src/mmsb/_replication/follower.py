@@ -103,6 +103,8 @@ class Follower:
             raise InvalidArgumentError(f"the Redis URL must be a str, not {type(url).__name__}")
         if config is not None and not isinstance(config, MMSBConfig):
             raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(config).__name__}")
+        if node is not None:
+            check_node(node)
         self.url = url
         self.bus_id = _bus_id(bus_id)
         self.path = Path(path)
@@ -133,7 +135,11 @@ class Follower:
         self._thread: threading.Thread | None = None
         self._lease_gone: float | None = None
         self._state = self._open_state()
-        role = read_role(self.path)
+        try:
+            role = read_role(self.path)
+        except BaseException:
+            self._state.close()
+            raise
         if role is not None and role.role == LEADER:
             # A leader's directory (one that died, or stepped down) rejoins as a follower:
             # whatever it logged after the newer term began is replaced by bootstrap.
@@ -143,6 +149,10 @@ class Follower:
         self.need_bootstrap = role is None
         self.want_lsn = 0
         """The least LSN a checkpoint must reach to repair what is missing here."""
+        self.verified = False
+        """This copy's history was checked against the terms in Redis (a copy of a
+        leader that was replaced may hold records the new history does not): until
+        then ``wait_for`` counts none of them."""
         try:
             write_role(self.path, RoleFile(FOLLOWER, self.term, self.node))
         except OSError as exc:
@@ -164,9 +174,8 @@ class Follower:
         recover it from the directory."""
         state = self._state
         if state is not None and not state.closed:
-            bus = state.bus
-            if bus is not None and bus.failed is None:
-                bus.failed = OSError("discarded to be recovered again")
+            if state.bus is not None:
+                state.bus.abandon("discarded to be recovered again")
             try:
                 state.close()
             except MMSBError:
@@ -211,9 +220,9 @@ class Follower:
         """Wait until LSN ``lsn`` is applied here; False after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cv:
-            while self.applied_lsn < lsn:
+            while not self.verified or self.applied_lsn < lsn:
                 if self.error is not None or self.promoted or self.stopping:
-                    return self.applied_lsn >= lsn
+                    return self.verified and self.applied_lsn >= lsn
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -334,6 +343,8 @@ class Follower:
     def _step(self, block: Any) -> bool:
         """Read and apply what follows; True if anything was applied (or the term moved)."""
         a = self.applied_lsn
+        if not self.verified:
+            self._refresh_terms()
         nxt = self._next_term()
         if nxt is not None:
             if a + 1 == nxt[1]:
@@ -341,8 +352,13 @@ class Follower:
                 return True
             if a + 1 > nxt[1]:
                 self.want_lsn = 0
+                self.verified = False
                 raise _Repair(f"this copy holds LSNs up to {a} of term {self.term}, but term "
                               f"{nxt[0]} began at LSN {nxt[1]}")
+        if not self.verified:
+            self.verified = True
+            with self.cv:
+                self.cv.notify_all()
         streams = {self.keys.log(self.term): f"{a}-0", self.keys.log(self.term + 1): "0-0"}
         res = block.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
         if not res:

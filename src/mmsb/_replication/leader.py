@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .._core.engine import MMSBState
     from .._storage.bus import DurableBus
 
-__all__ = ["Leader", "start_leader", "KEEP_CHECKPOINTS"]
+__all__ = ["Leader", "start_leader", "preflight", "KEEP_CHECKPOINTS"]
 
 log = logging.getLogger("mmsb.replication")
 
@@ -382,6 +382,22 @@ class Leader:
                         self.cv.notify_all()
         finally:
             client.close()
+
+
+def preflight(url: str) -> None:
+    """Check that Redis at ``url`` answers, before a leader's bus is opened.
+
+    Raises:
+        ReplicationError: it does not. MissingDependencyError: no redis-py.
+    """
+    client = connect(url)
+    try:
+        client.ping()
+    except redis_errors() as exc:
+        raise ReplicationError(f"cannot reach Redis at {url} ({exc}); the bus was not "
+                               "opened") from None
+    finally:
+        client.close()
 
 
 def start_leader(state: MMSBState, url: str) -> Leader:

@@ -332,6 +332,13 @@ class DurableBus:
             self.publisher.note_append(self.generation, w.seq if w else self.next_seq,
                                        w.size if w else 0, lsn)
 
+    def abandon(self, why: str) -> None:
+        """Close without the final checkpoint: the state in memory is not to be kept
+        (an open refused after recovery, a follower's copy that is recovered again).
+        What the log holds stays as it is."""
+        if self.failed is None:
+            self.failed = OSError(why)
+
     def failed_sync(self, writer: SegmentWriter) -> None:
         self.failed = OSError(f"fsync of {writer.path.name} failed")
 

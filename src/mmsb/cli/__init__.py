@@ -666,6 +666,10 @@ def _attach_optional_commands() -> None:
     from ..ui.command import ui_command
 
     main.add_command(ui_command)
+    from .replicate import follow_command, promote_command
+
+    main.add_command(follow_command)
+    main.add_command(promote_command)
 
 
 _attach_optional_commands()
