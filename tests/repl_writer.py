@@ -10,7 +10,9 @@ forks a child that opens the bus in DIR as the leader (``replicate_to=URL``,
 prints ``dead``; ``quit`` exits. Each write is a batch of two writes (one record group)
 to two pages, with the same tag in both: a follower that held half a batch would show
 two different tags. After each call returns (acknowledged as ACK says) the child
-prints, in one write(2)::
+prints ``bus <id>`` once the bus is open (so that a follower can start before the
+first acknowledged call), ``open <last LSN> <term>`` once its pages exist, then, in one
+write(2)::
 
     ack <lsn> <page id> <sha1 of the page after the call>
 
@@ -41,6 +43,7 @@ def write_loop(url: str, ack: str, pages: int, directory: str, round_no: int) ->
     except mmsb.MMSBError as exc:
         say(f"refused {type(exc).__name__}: {exc}".replace("\n", " ")[:3000])
         os._exit(3)
+    say(f"bus {state.bus.bus_id:016x}")
     ids = sorted(int(k) for k in state.pages.keys())
     while len(ids) < pages:
         ids.append(mmsb.create_page(state, size=64).id)

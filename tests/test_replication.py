@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import mmsb
+from conftest import assert_unchanged, snapshot
 from mmsb._history.timetravel import read_page_at
 from mmsb._replication.wire import (
     Keys,
@@ -33,8 +34,6 @@ from mmsb._replication.wire import (
 )
 from mmsb._storage.codec import encode_record
 from mmsb._storage.wal import frame
-
-from conftest import assert_unchanged, snapshot
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (the test extra has it)")
 REDIS = shutil.which("redis-server")
@@ -423,8 +422,8 @@ def test_automatic_promotion_when_the_lease_lapses(server: RedisServer, tmp_path
     try:
         bus_dir = tmp_path / "lead"
         proc.go(bus_dir, 1)
+        bus_id = int(proc.expect("bus").split()[1], 16)
         proc.expect("open")
-        bus_id = int(read_role_bus(bus_dir), 16)
         got: list[mmsb.MMSBState] = []
         f = mmsb.follow(server.url, bus_id, tmp_path / "f", auto_promote=True,
                         on_promote=got.append,
@@ -517,12 +516,6 @@ def _writer(url: str, ack: str, pages: int) -> _Writer:
     return _Writer(url, ack, pages)
 
 
-def read_role_bus(directory: Path) -> str:
-    from mmsb._storage.bus import bus_identity
-
-    return f"{bus_identity(directory):016x}"
-
-
 def _check_acked(state: mmsb.MMSBState, acked: list[tuple[int, int, str]]) -> None:
     """Every acknowledged call is in ``state``'s history, with the page as it was."""
     with state.lock:
@@ -568,10 +561,11 @@ def test_no_acknowledged_write_is_lost_over_fifty_leader_kills(server: RedisServ
                 follower = mmsb.follow(server.url, bus_id, copy, config=cfg)
             proc.go(lead, round_no)
             line = proc.line(60)
-            assert line.startswith("open"), line
+            assert line.startswith("bus"), line
             if bus_id is None:
-                bus_id = int(read_role_bus(lead), 16)
+                bus_id = int(line.split()[1], 16)
                 follower = mmsb.follow(server.url, bus_id, copy, config=cfg)
+            proc.expect("open")
             assert follower is not None
             acked = proc.acks(rng.randint(1, 12))
             time.sleep(rng.random() * 0.05)
@@ -746,10 +740,38 @@ def test_formats_refuse_damage() -> None:
         decode_entry(raw[:47])
     from mmsb._replication.wire import Manifest, encode_manifest
 
-    m = encode_manifest(Manifest(5, 2, 100, 10, 1, 7))
+    m = encode_manifest(Manifest(5, 2, 100, 99, 10, 1, 7))
     assert decode_manifest(m).lsn == 100
     for i in range(len(m)):
         bad = bytearray(m)
         bad[i] ^= 0x01
         with pytest.raises(mmsb.SerializationError):
             decode_manifest(bytes(bad))
+
+
+def test_a_leader_whose_log_lost_what_it_shipped_is_refused(server: RedisServer,
+                                                             tmp_path: Path) -> None:
+    """A leader that comes back with less of its own term than the stream holds (its
+    disk lost a tail the followers may have acknowledged) must not lead again: that
+    would roll the followers back."""
+    leader = _leader(tmp_path / "lead", server.url)
+    bus_id = leader.bus.bus_id
+    pid = mmsb.create_page(leader, size=16).id
+    mmsb.write_page(leader, pid, 0, b"kept")
+    shutil.copytree(tmp_path / "lead", tmp_path / "image", ignore=shutil.ignore_patterns("LOCK"))
+    for i in range(5):
+        mmsb.write_page(leader, pid, 4, bytes([i + 1]))
+    mmsb.mmsb_stop(leader)
+    shutil.rmtree(tmp_path / "lead")
+    shutil.copytree(tmp_path / "image", tmp_path / "lead")
+    with pytest.raises(mmsb.ReplicationError, match="followers may have acknowledged"):
+        _leader(tmp_path / "lead", server.url)
+    # A follower that has the whole stream takes over instead.
+    f = mmsb.follow(server.url, bus_id, tmp_path / "f")
+    try:
+        assert f.wait_for(7, 20)
+        new = f.promote()
+        assert mmsb.query_page(new, pid)[:5] == b"kept\x05"
+        mmsb.mmsb_stop(new)
+    finally:
+        f.close()

@@ -488,8 +488,7 @@ class Follower:
                 self.cv.wait(0.2)
             return
         man = best[0]
-        chunks = self.client.mget([self.keys.chunk(man.term, man.lsn, i)
-                                   for i in range(man.chunks)])
+        chunks = self.client.mget([self.keys.chunk(man, i) for i in range(man.chunks)])
         if any(c is None for c in chunks):
             return  # trimmed meanwhile: look again
         data = b"".join(chunks)
@@ -652,7 +651,9 @@ class Follower:
                 except SerializationError:
                     continue
                 if man.term < new and man.lsn >= start:
-                    self.client.zrem(k.ckpts, raw)  # beyond where the new term begins
+                    # Beyond where the new term begins: not part of its history.
+                    self.client.zrem(k.ckpts, raw)
+                    self.client.delete(*[k.chunk(man, i) for i in range(man.chunks)])
             write_role(self.path, RoleFile(LEADER, new, self.node))
             state = self.state
             with state.lock:

@@ -11,6 +11,7 @@ every changing call waits at its end until N followers have acknowledged its LSN
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -183,10 +184,11 @@ class Leader:
         r = self.client
         k = self.keys
         chunks = max(1, -(-len(data) // CHUNK))
-        man = Manifest(self.bus.bus_id, self.term, lsn, len(data), chunks, crc32c(data))
+        man = Manifest(self.bus.bus_id, self.term, lsn, secrets.randbits(64), len(data), chunks,
+                       crc32c(data))
         pipe = r.pipeline(transaction=False)
         for i in range(chunks):
-            pipe.set(k.chunk(self.term, lsn, i), data[i * CHUNK:(i + 1) * CHUNK])
+            pipe.set(k.chunk(man, i), data[i * CHUNK:(i + 1) * CHUNK])
         pipe.execute()
         ok = self.scripts.publish(keys=[k.term, k.ckpts], args=[self.term, lsn,
                                                                encode_manifest(man)])
@@ -211,7 +213,7 @@ class Leader:
         old, kept = mans[:-KEEP_CHECKPOINTS], mans[-KEEP_CHECKPOINTS:]
         for man, member in old:
             r.zrem(k.ckpts, member)
-            r.delete(*[k.chunk(man.term, man.lsn, i) for i in range(man.chunks)])
+            r.delete(*[k.chunk(man, i) for i in range(man.chunks)])
         if not kept:
             return
         floor = kept[0][0].lsn
@@ -445,6 +447,13 @@ def start_leader(state: MMSBState, url: str) -> Leader:
             f"Redis at {url} is at term {int(res[1])} of bus {bus.bus_id:016x}, newer than "
             f"this directory's ({mine or 'none'}): another node leads now. Open {root} as a "
             "follower (mmsb.follow) so that it catches up")
+    if code == -3:
+        client.close()
+        raise ReplicationError(
+            f"the stream of term {mine} in Redis at {url} holds LSNs up to {int(res[1])}, but "
+            f"this directory's log ends at {last} (records lost in a power failure?); "
+            "followers may have acknowledged the rest. Promote the most advanced follower "
+            f"(mmsb promote) and let {root} rejoin as a follower")
     term, start = code, int(res[1])
     try:
         write_role(root, RoleFile(LEADER, term, node))

@@ -47,7 +47,9 @@ def connect(url: str, *, block: bool = False) -> Any:
 _CLAIM = """
 -- A leader (re)starts: KEYS term, lease, terms, log:<current>;
 -- ARGV node, ttl_ms, my_term (0: never took part), my_last_lsn, my_oldest_lsn.
--- Returns {new_term, start_lsn} or {-1, holder} (lease held) or {-2, current} (superseded).
+-- Returns {new_term, start_lsn} or {-1, holder} (lease held) or {-2, current} (superseded)
+-- or {-3, published} (the stream holds more of this term than this log: refused, since
+-- followers may have acknowledged what this log lost).
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local lease = redis.call('GET', KEYS[2])
 local mine = tonumber(ARGV[3])
@@ -62,6 +64,7 @@ if cur > 0 then
   local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
   if top[1] then
     local pub = tonumber(string.match(top[1][1], '^(%d+)'))
+    if pub > last and mine == cur then return {-3, tostring(pub)} end
     if pub < last then start = pub + 1 end
   end
 end

@@ -9,7 +9,7 @@ Keys, under ``mmsb:<bus id, 16 hex digits>:``::
     terms           hash: term -> first LSN that term's leader logged
     log:<term>      stream of that term's frames, entry id "<last LSN>-0", field "f"
     ckpts           sorted set: checkpoint manifests, scored by their LSN
-    ck:<term>:<lsn>:<i>  the checkpoint's bytes, chunk i
+    ck:<term>:<lsn>:<nonce>:<i>  a published checkpoint's bytes, chunk i
     head            hash: lsn, term, time (ns) of the newest shipped frame
     followers       hash: node -> msgpack {lsn, term, time, path}
     acks            stream of follower acknowledgements: node, term, lsn
@@ -41,8 +41,8 @@ _ENTRY = struct.Struct("<8sHHQQQQQ")  # magic, version, flags, bus, term, first,
 ENTRY_HEAD = _ENTRY.size + 4
 MANIFEST_MAGIC = b"MMSBRCK\0"
 MANIFEST_VERSION = 1
-_MANIFEST = struct.Struct("<8sHHQQQQII")  # magic, version, flags, bus, term, lsn, size,
-#                                          chunks, crc32c of the whole checkpoint
+_MANIFEST = struct.Struct("<8sHHQQQQQII")  # magic, version, flags, bus, term, lsn, nonce,
+#                                           size, chunks, crc32c of the whole checkpoint
 MANIFEST_SIZE = _MANIFEST.size + 4
 ROLE_MAGIC = b"MMSBREPL"
 ROLE_VERSION = 1
@@ -94,8 +94,8 @@ class Keys:
     def log(self, term: int) -> str:
         return f"{self.prefix}log:{term}"
 
-    def chunk(self, term: int, lsn: int, i: int) -> str:
-        return f"{self.prefix}ck:{term}:{lsn}:{i}"
+    def chunk(self, man: Manifest, i: int) -> str:
+        return f"{self.prefix}ck:{man.term}:{man.lsn}:{man.nonce:016x}:{i}"
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,8 @@ class Manifest:
     bus_id: int
     term: int
     lsn: int
+    nonce: int
+    """Random: two publications at one LSN (a leader asked twice) never share chunks."""
     size: int
     chunks: int
     crc: int
@@ -154,7 +156,7 @@ class Manifest:
 
 def encode_manifest(m: Manifest) -> bytes:
     head = _MANIFEST.pack(MANIFEST_MAGIC, MANIFEST_VERSION, 0, m.bus_id, m.term, m.lsn,
-                          m.size, m.chunks, m.crc)
+                          m.nonce, m.size, m.chunks, m.crc)
     return head + _U32.pack(crc32c(head))
 
 
@@ -163,7 +165,8 @@ def decode_manifest(raw: bytes) -> Manifest:
     if len(raw) != MANIFEST_SIZE:
         raise SerializationError(f"a checkpoint manifest of {len(raw)} bytes, not "
                                  f"{MANIFEST_SIZE}")
-    magic, version, _flags, bus, term, lsn, size, chunks, crc = _MANIFEST.unpack_from(raw, 0)
+    magic, version, _flags, bus, term, lsn, nonce, size, chunks, crc = _MANIFEST.unpack_from(
+        raw, 0)
     if magic != MANIFEST_MAGIC or crc32c(raw[: _MANIFEST.size]) != _U32.unpack_from(
             raw, _MANIFEST.size)[0]:
         raise SerializationError("a checkpoint manifest is damaged or not MMSB's")
@@ -171,7 +174,7 @@ def decode_manifest(raw: bytes) -> Manifest:
         raise SerializationError(f"checkpoint manifest version {version} is not supported")
     if chunks != max(1, -(-size // CHUNK)):
         raise SerializationError(f"a checkpoint manifest says {size} bytes in {chunks} chunks")
-    return Manifest(bus, term, lsn, size, chunks, crc)
+    return Manifest(bus, term, lsn, nonce, size, chunks, crc)
 
 
 @dataclass(frozen=True)
