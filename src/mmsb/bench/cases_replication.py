@@ -56,12 +56,14 @@ def _redis(ctx: RunContext, name: str) -> str:
         raise CaseSkipped(reason)
     import redis
 
+    server = shutil.which("redis-server")
+    assert server is not None
     folder = ctx.path(f"redis-{name}")
     folder.mkdir()
     for _attempt in range(3):
         port = _free_port()
         proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
              "--save", "", "--appendonly", "yes", "--appendfsync", "always",
              "--maxmemory-policy", "noeviction"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
