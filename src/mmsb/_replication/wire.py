@@ -1,6 +1,6 @@
 """What replication keeps in Redis and in a bus directory: key names, the stream entry
 that carries one log frame, the manifest of a published checkpoint, and ``DIR/REPL``
-(this directory's role and term). docs/SerializationSpec.md §18 has every field.
+(this directory's role and term). docs/SerializationSpec.md §19 has every field.
 
 Keys, under ``mmsb:<bus id, 16 hex digits>:``::
 
@@ -11,7 +11,7 @@ Keys, under ``mmsb:<bus id, 16 hex digits>:``::
     ckpts           sorted set: checkpoint manifests, scored by their LSN
     ck:<term>:<lsn>:<nonce>:<i>  a published checkpoint's bytes, chunk i
     head            hash: lsn, term, time (ns) of the newest shipped frame
-    followers       hash: node -> msgpack {lsn, term, time, path}
+    followers       hash: node -> "<lsn>:<term>:<time ns>:<path>"
     acks            stream of follower acknowledgements: node, term, lsn
     ckreq           a follower's request for a fresh checkpoint (its LSN), short-lived
     promote         a request that one follower take over ("<node>" or "best")

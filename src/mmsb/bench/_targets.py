@@ -428,6 +428,15 @@ TARGETS: tuple[Target, ...] = (
         "x",
     ),
     Target(
+        "replication_follower_apply",
+        "replication/follower_apply: a follower applying a stream of small records",
+        "≥ 200,000 records/s (applied, logged and synced, then acknowledged)",
+        Metric("replication/follower_apply", "records_per_s"),
+        ">=",
+        200_000,
+        "/s",
+    ),
+    Target(
         "instrument_calls_overhead",
         "instrumentation: call hooks on a module doing real work",
         "≤ 10 % overhead (a numpy pipeline, hook running against paused)",

@@ -45,7 +45,7 @@ def _categories_option(
     metavar="A,B",
     help=(
         "Comma-separated categories to run (default: all): allocation, delta, propagation, "
-        "persistence, replay, stress, batch, durable, memory, gpu, peers, instrumentation, "
+        "persistence, replay, stress, batch, durable, replication, memory, gpu, peers, instrumentation, "
         "langgraph. Also read from "
         "MMSB_BENCH_CATEGORIES."
     ),
