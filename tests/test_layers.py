@@ -17,7 +17,7 @@ RANKS = [
     ("mmsb.errors", 0), ("mmsb.types", 0), ("mmsb.config", 0), ("mmsb.device", 0),
     ("mmsb._core", 1),
     ("mmsb._history", 2), ("mmsb._storage", 2), ("mmsb._device", 2), ("mmsb._instrument", 2),
-    ("mmsb._api", 3), ("mmsb._reader", 3),
+    ("mmsb._api", 3), ("mmsb._reader", 3), ("mmsb._replication", 3),
     ("mmsb.metrics", 4), ("mmsb.cli", 4), ("mmsb.bench", 4), ("mmsb.integrations", 4),
     ("mmsb.ui", 4),
     ("mmsb.__main__", 5), ("mmsb", 5),
