@@ -25,13 +25,11 @@ from typing import Any
 from .._api import query_page
 from .._core.engine import MMSBState
 from .._core.events import Event
-from .._core.records import AnyRecord
 from .._history.timetravel import read_page_at
 from .._reader import BusReader, attach
-from .._storage.bus import apply_received, open_bus
+from .._storage.bus import apply_frames, open_bus
 from .._storage.checkpoint import read_checkpoint
 from .._storage.codec import crc32c
-from .._storage.wal import decode_frame_body, unframe
 from ..config import MMSBConfig
 from ..errors import (
     InvalidArgumentError,
@@ -376,9 +374,9 @@ class Follower:
         return self._apply_entries(entries, limit)
 
     def _apply_entries(self, entries: list[Any], limit: int | None, again: bool = True) -> bool:
-        recs: list[AnyRecord] = []
+        """Check the entries' headers and order, then apply their frames in one pass."""
         frames: list[memoryview] = []
-        expect = self.applied_lsn + 1
+        first = expect = self.applied_lsn + 1
         shipped = 0
         bad: str | None = None
         for eid, fields in entries:
@@ -400,41 +398,36 @@ class Follower:
             if e.first_lsn != expect:
                 bad = f"LSNs {expect}..{e.first_lsn - 1} are missing before entry {eid.decode()}"
                 break
-            try:
-                got = decode_frame_body(unframe(e.frame))
-                if (len(got) != e.last_lsn - e.first_lsn + 1
-                        or any(r.lsn != e.first_lsn + i for i, r in enumerate(got))):
-                    raise SerializationError("its records' LSNs are not the entry's")
-            except SerializationError as exc:
-                bad = f"entry {eid.decode()}: {exc}"
-                break
-            recs.extend(got)
             frames.append(e.frame)
             expect = e.last_lsn + 1
             shipped = e.time_ns
-        if recs:
-            self._apply(recs, frames, shipped)
+        applied = 0
+        if frames:
+            applied = self._apply(b"".join(frames), first, expect - first, shipped)
+            if applied < expect - first:
+                bad = bad or "a frame in the stream is damaged"
+                expect = first + applied
         if bad is not None:
             if again:
                 # Read once more from where this stopped: a reply cut in transit differs.
                 more = self.client.xrange(self.keys.log(self.term), min=f"{expect}-0",
                                           count=_READ_COUNT)
                 if more:
-                    return self._apply_entries(more, limit, again=False) or bool(recs)
+                    return self._apply_entries(more, limit, again=False) or bool(applied)
             self._ask_checkpoint(expect)
             self.want_lsn = expect
             raise _Repair(bad)
-        return bool(recs)
+        return bool(applied)
 
-    def _apply(self, recs: list[AnyRecord], frames: list[memoryview], shipped: int) -> None:
+    def _apply(self, data: bytes, first: int, count: int, shipped: int) -> int:
+        """Apply and log frames holding records ``first`` … ``first + count - 1``;
+        returns how many were (fewer: a damaged frame, after which nothing is)."""
         state = self.state
         state.enter()
         try:
-            why = apply_received(state, recs, self.path / "wal")
-            if why is not None:
-                raise _Repair(f"a record does not follow this copy ({why})")
-            assert state.bus is not None
-            state.bus.append_frames(b"".join(frames), recs, True)
+            good, problem, discard = apply_frames(state, data, first, self.path / "wal")
+            if discard:
+                raise _Repair(f"a record does not follow this copy ({problem})")
         except BaseException:
             try:
                 state.leave()
@@ -442,12 +435,16 @@ class Follower:
                 self._reopen()
             raise
         state.leave()
-        self.applied_time = shipped
-        self.stats["records"] += len(recs)
-        self.stats["entries"] += len(frames)
-        self._ack()
-        with self.cv:
-            self.cv.notify_all()
+        if problem is not None:
+            log.warning("follower %s: %s", self.node, problem)
+        if good:
+            self.applied_time = shipped
+            self.stats["records"] += good
+            self.stats["entries"] += 1
+            self._ack()
+            with self.cv:
+                self.cv.notify_all()
+        return good
 
     def _ack(self) -> None:
         lsn = self.applied_lsn

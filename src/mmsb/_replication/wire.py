@@ -100,7 +100,8 @@ class Keys:
 
 @dataclass(frozen=True)
 class Entry:
-    """One stream entry: a log frame (WAL framing, its own CRC kept) of one term."""
+    """One stream entry: log frames (WAL framing, each with its own CRC) of one term,
+    holding the records ``first_lsn`` … ``last_lsn``."""
 
     bus_id: int
     term: int

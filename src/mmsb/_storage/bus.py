@@ -56,14 +56,22 @@ from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
 from .mapped import Publisher
 from .stats_file import PUBLISH_EVERY, publish_stats
-from .wal import SegmentScan, SegmentWriter, frame, group_body, scan_segment
-from .walbulk import base_epochs, slice_columns
+from .wal import (
+    SEG_HEADER_SIZE,
+    SegmentScan,
+    SegmentWriter,
+    frame,
+    group_body,
+    scan_segment,
+    segment_header,
+)
+from .walbulk import F_PAGE, base_epochs, slice_columns
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["DurableBus", "open_bus", "recover_readonly", "BUS_MAGIC", "bus_files",
-           "BusChangedError", "bus_identity", "apply_received"]
+           "BusChangedError", "bus_identity", "apply_frames"]
 
 log = logging.getLogger("mmsb.bus")
 
@@ -227,13 +235,16 @@ class DurableBus:
         else:
             # A batch is one frame: after a crash it is in the log whole, or not at all.
             data = frame(group_body([encode_record(r) for r in records]))
-        self.append_frames(data, records, self.config.fsync == "always")
+        if self.publisher is not None:
+            self.publisher.note(records)
+        self.append_frames(data, records[0].lsn, records[-1].lsn, self.config.fsync == "always")
 
-    def append_frames(self, data: bytes, records: list[AnyRecord], sync: bool) -> None:
-        """Append ``data`` (whole frames holding ``records``, in LSN order) to the log;
-        ``sync``: on stable storage when this returns. A follower appends its leader's
-        frames here byte for byte. The replication shipper, when there is one, gets the
-        frames once they are in the log.
+    def append_frames(self, data: bytes | memoryview, first: int, last: int, sync: bool) -> None:
+        """Append ``data`` (whole frames holding the records ``first`` … ``last``, in LSN
+        order) to the log; ``sync``: on stable storage when this returns. A follower
+        appends its leader's frames here byte for byte. The replication shipper, when
+        there is one, gets the frames once they are in the log. (The caller tells the
+        publisher which pages the records change.)
 
         Raises:
             DurabilityError: as :meth:`sink_many`.
@@ -258,17 +269,16 @@ class DurableBus:
                             and seg.pos == before and not seg.buf):
                         # A shared writer's own records: its feed need not read them back.
                         seg.pos = self.writer.size
-                        feed.next_lsn = records[-1].lsn + 1
+                        feed.next_lsn = last + 1
                 if sync:
                     stage = "fsync"
                     self.writer.sync()
                 if self.publisher is not None:
-                    self.publisher.note(records)
                     self.publisher.note_append(self.generation, self.writer.seq,
-                                               self.writer.size, records[-1].lsn)
+                                               self.writer.size, last)
                 if self.ship is not None:
                     # In LSN order (under io_lock); the shipper only queues them.
-                    self.ship(records[0].lsn, records[-1].lsn, data)
+                    self.ship(first, last, bytes(data))
             except OSError as exc:
                 if self.failed is None and (stage == "segment" or (
                         stage == "append" and self.writer is not None and self.writer.intact)):
@@ -282,7 +292,7 @@ class DurableBus:
                 raise DurabilityError(
                     f"writing the log at {self.root} failed ({exc.strerror or exc}); the bus "
                     "refuses further writes") from exc
-        self.records_since_ckpt += len(records)
+        self.records_since_ckpt += last - first + 1
 
     def _roll(self) -> None:
         """Start the next segment of the current generation (caller holds io_lock)."""
@@ -1321,14 +1331,48 @@ def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan
     return m
 
 
-def apply_received(state: MMSBState, recs: list[AnyRecord], path: Path) -> SerializationError | None:
-    """Apply records received from elsewhere (a follower's leader) as recovery applies
-    the log's: each checked against the state first, runs of deltas in bulk. Returns
-    None when all were applied, else why the first refused one was (those before it
-    are applied: the caller discards the state)."""
-    scan = SegmentScan(path)
-    good = _apply_records(state, recs, [0] * len(recs), scan, path)
-    return None if good == len(recs) else scan.refused
+def apply_frames(state: MMSBState, frames: bytes, first_lsn: int,
+                 path: Path) -> tuple[int, SerializationError | None, bool]:
+    """Apply log frames received from elsewhere (a follower's leader), holding records
+    ``first_lsn``, ``first_lsn + 1`` …, exactly as recovery applies a segment's: every
+    frame's length and CRC, the LSN order, and each record against the state (runs of
+    deltas decoded and checked in bulk). The frames applied are appended to this bus's
+    log, synced. Caller holds the state's lock.
+
+    Returns ``(records applied, problem, discard)``: ``problem`` names a damaged frame
+    (those before it are applied and logged) or a refused record; with ``discard`` the
+    state holds records its log does not (a refusal inside a record group) and must be
+    recovered from the directory again.
+
+    Raises:
+        DurabilityError: the log could not be written (the state must be discarded).
+    """
+    bus = state.bus
+    assert bus is not None
+    data = segment_header(bus.bus_id, 0, 0) + frames
+    scan = scan_segment(path, bus.bus_id, 0, 0, first_lsn, data, columns=True)
+    good = _apply_checked(state, scan, path)
+    if scan.refused is not None:
+        return good, scan.refused, True
+    problem = scan.damage
+    if problem is None and scan.torn:
+        problem = SerializationError("the last frame is cut short", path=path,
+                                     offset=scan.valid_end)
+    if good:
+        if bus.publisher is not None:
+            pages: list[int] = []
+            structs: list[AnyRecord] = []
+            for a, b in scan.parts:
+                if isinstance(a, int):
+                    assert scan.bulk is not None
+                    pages.extend(scan.bulk.meta[a:b, F_PAGE].tolist())
+                else:
+                    structs.append(a)
+            bus.publisher.note(structs or scan.records)
+            bus.publisher.note_pages(pages)
+        bus.append_frames(memoryview(data)[SEG_HEADER_SIZE:scan.valid_end], first_lsn,
+                          first_lsn + good - 1, True)
+    return good, problem, False
 
 
 def _check_and_apply(state: MMSBState, rec: AnyRecord) -> str | None:

@@ -334,6 +334,13 @@ class Publisher:
             elif not hasattr(r, "page_id") and not hasattr(r, "parent_id"):
                 self.full = True  # a record that rewrites the state (compaction)
 
+    def note_pages(self, page_ids: list[int]) -> None:
+        """Remember that these pages changed, anywhere in them (deltas applied in bulk,
+        whose spans are not at hand)."""
+        touched = self.touched
+        for pid in set(page_ids):
+            touched[pid] = _WHOLE
+
     # -- publishing --------------------------------------------------------------------
     def publish(self, state: MMSBState) -> None:
         """Make the mapped files show ``state`` (its lock held), then wake followers.

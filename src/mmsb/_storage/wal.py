@@ -27,7 +27,7 @@ from .walbulk import BulkRows
 
 __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", "SEG_HEADER_SIZE", "frame", "segment_header",
            "SegmentWriter", "SegmentScan", "scan_segment", "MAX_RECORD", "FRAME_HEAD",
-           "decode_frame_body", "unframe"]
+           "decode_frame_body"]
 
 SEG_MAGIC = b"MMSBWAL\0"
 SEG_VERSION = 1
@@ -47,23 +47,6 @@ def frame(body: bytes) -> bytes:
     """``length u64 | crc32c(length bytes + body) u32 | body``."""
     head = _LEN.pack(len(body))
     return head + _U32.pack(crc32c(body, crc32c(head))) + body
-
-
-def unframe(data: memoryview) -> memoryview:
-    """The body of exactly one frame (see :func:`frame`).
-
-    Raises:
-        SerializationError: a length that does not match, or a checksum mismatch.
-    """
-    if len(data) < FRAME_HEAD:
-        raise SerializationError(f"a frame of {len(data)} bytes is shorter than its header")
-    (n,) = _LEN.unpack_from(data, 0)
-    if n != len(data) - FRAME_HEAD:
-        raise SerializationError(f"a frame declares {n} body bytes but holds "
-                                 f"{len(data) - FRAME_HEAD}")
-    if crc32c(data[FRAME_HEAD:], crc32c(data[:8])) != _U32.unpack_from(data, 8)[0]:
-        raise SerializationError("a frame fails its checksum")
-    return data[FRAME_HEAD:]
 
 
 def segment_header(bus_id: int, generation: int, seq: int) -> bytes:
@@ -128,7 +111,7 @@ class SegmentWriter:
             raise
         return self
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | memoryview) -> None:
         """Append ``data`` whole. On failure the file is cut back to where it was, so
         nothing partial stays; if even that fails, ``intact`` becomes False.
 
