@@ -780,3 +780,35 @@ def test_a_leader_whose_log_lost_what_it_shipped_is_refused(server: RedisServer,
         mmsb.mmsb_stop(new)
     finally:
         f.close()
+
+
+def test_a_call_waiting_for_acknowledgements_does_not_hold_up_the_others(
+        server: RedisServer, tmp_path: Path) -> None:
+    import threading
+
+    leader = _leader(tmp_path / "lead", server.url, ack="replicas:1", ack_timeout=3)
+    try:
+        with pytest.raises(mmsb.DurabilityError):
+            pid = mmsb.create_page(leader, size=8).id
+        pid = int(next(iter(leader.pages.keys())))
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                mmsb.write_page(leader, pid, 0, b"\x07")
+            except mmsb.DurabilityError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=write)
+        t0 = time.monotonic()
+        t.start()
+        while leader.log.last_lsn < 2:
+            time.sleep(0.001)
+        # The writer waits for its acknowledgement without the state's lock.
+        assert mmsb.query_page(leader, pid)[0] == 7
+        mmsb.write_page(leader, pid, 0, b"\x07")  # changes nothing, logs nothing: no wait
+        assert time.monotonic() - t0 < 2
+        t.join()
+        assert len(errors) == 1 and "0 of the 1 followers" in str(errors[0])
+    finally:
+        mmsb.mmsb_stop(leader)

@@ -442,7 +442,10 @@ class MMSBState:
                 f"the recompute function of page {self.recomputing} tried to change the state; "
                 "a recompute function returns its page's new bytes and changes nothing else")
         self._depth += 1
-        if self._depth == 1 and self.bus is not None and self.bus.shared:
+        if self._depth == 1 and self.bus is not None:
+            self.bus.entered_at = self.log.last_lsn
+            if not self.bus.shared:
+                return
             try:
                 changed = self.bus.before_call(self)
             except BaseException:
@@ -472,10 +475,15 @@ class MMSBState:
         # failed publication): the call is still over, so the depth and the lock are
         # given back and queued events delivered before the error reaches the caller.
         failure: BaseException | None = None
+        ended = 0
+        # The newest LSN of a call that logged something: the bus may wait on it (for
+        # replication acknowledgements) once the lock is free.
         if self._depth == 1 and self.bus is not None:
             try:
                 if not self.batch_depth:
                     self.bus.after_call(self)
+                    if self.log.last_lsn > self.bus.entered_at:
+                        ended = self.log.last_lsn
             except BaseException as exc:
                 failure = exc
             finally:
@@ -489,6 +497,10 @@ class MMSBState:
             self.lock.release()
         if failure is not None:
             raise failure
+        if ended:
+            bus = self.bus
+            if bus is not None:
+                bus.after_unlock(ended)
 
     def _deliver_queued(self) -> None:
         """Deliver queued events in order. A handler's own writes queue more events;

@@ -71,6 +71,7 @@ class Leader:
         self.node = node
         self.start_lsn = start
         self.need = replicas_needed(cfg.ack)
+        self.ack = cfg.ack
         self.ack_timeout = float(cfg.ack_timeout)
         self.ttl_ms = int(cfg.replication_lease * 1000)
         self.client = client
@@ -111,20 +112,21 @@ class Leader:
             self.cv.notify_all()
 
     def after_call(self, state: MMSBState) -> None:
-        """End of a call holding the state's lock: publish a wanted checkpoint, then
-        with ``ack="replicas:N"`` wait for N acknowledgements of the newest LSN.
-
-        Raises:
-            DurabilityError: not acknowledged in time (the write stays in the log), or
-                this leader was fenced off by a newer term.
-        """
+        """End of a call holding the state's lock: publish a checkpoint a follower asked
+        for (see ``wait_acks`` for the acknowledgements)."""
         if self.ckpt_wanted and not state.batch_depth:
             self.ckpt_wanted = False
             self._take_checkpoint(state)
-        if not self.need:
-            return
-        lsn = state.log.last_lsn
-        if lsn <= self.confirmed or lsn < self.start_lsn:
+
+    def wait_acks(self, lsn: int) -> None:
+        """After a call that ended at LSN ``lsn`` released the state's lock: with
+        ``ack="replicas:N"``, wait until N followers have acknowledged it.
+
+        Raises:
+            DurabilityError: not acknowledged in time (the write stays in the log).
+            NotLeaderError: this leader was fenced off by a newer term.
+        """
+        if not self.need or lsn <= self.confirmed or lsn < self.start_lsn:
             return
         deadline = time.monotonic() + self.ack_timeout
         with self.cv:
@@ -142,11 +144,12 @@ class Leader:
                     raise DurabilityError(
                         f"LSN {lsn} is applied and in the leader's log at {self.bus.root}, but "
                         f"only {got} of the {self.need} followers asked for (ack="
-                        f"{state.config.ack!r}) confirmed it within {self.ack_timeout:g} s. It "
+                        f"{self.ack!r}) confirmed it within {self.ack_timeout:g} s. It "
                         "stays in the log and may still reach them; until one has it, a "
                         "follower promoted after this leader died would not.")
                 self.cv.wait(min(left, 0.5))
-        self.confirmed = lsn
+            if lsn > self.confirmed:
+                self.confirmed = lsn
 
     def after_checkpoint(self, state: MMSBState) -> None:
         """The bus checkpointed (caller holds the state's lock): publish one."""

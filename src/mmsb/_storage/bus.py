@@ -149,6 +149,8 @@ class DurableBus:
         each append once it is in the log; None when the bus does not replicate."""
         self.not_leader: str | None = None
         """Why writes are refused (a follower, or a leader fenced off); None: a leader."""
+        self.entered_at = 0
+        """The log's last LSN when the current outermost call began (set by the state)."""
         self.replication: Any = None
         """The replication role attached to this bus (leader or follower), told of
         checkpoints (``after_checkpoint``), of call ends (``after_call``) and of close
@@ -478,6 +480,17 @@ class DurableBus:
         self.maybe_checkpoint(state)
         if self.replication is not None:
             self.replication.after_call(state)
+
+    def after_unlock(self, lsn: int) -> None:
+        """A call that ended at LSN ``lsn`` gave the state's lock back: the replication
+        leader waits here for its acknowledgements, so that other threads' calls go on
+        meanwhile (and their acknowledgements arrive together).
+
+        Raises:
+            DurabilityError: not acknowledged in time; NotLeaderError: fenced off.
+        """
+        if self.replication is not None:
+            self.replication.wait_acks(lsn)
 
     def _catch_up(self, state: MMSBState) -> set[int]:
         """Apply what other writers appended (caller holds DIR/WRITE), point this
