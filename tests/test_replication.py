@@ -812,3 +812,47 @@ def test_a_call_waiting_for_acknowledgements_does_not_hold_up_the_others(
         assert len(errors) == 1 and "0 of the 1 followers" in str(errors[0])
     finally:
         mmsb.mmsb_stop(leader)
+
+
+def test_a_damaged_published_checkpoint_is_refused_and_another_one_used(
+        server: RedisServer, tmp_path: Path) -> None:
+    leader = _leader(tmp_path / "lead", server.url)
+    bus_id = leader.bus.bus_id
+    keys = Keys(bus_id)
+    c = server.client()
+    try:
+        pid = mmsb.create_page(leader, size=16).id
+        mmsb.write_page(leader, pid, 0, b"abc")
+        deadline = time.monotonic() + 20
+        while not c.zcard(keys.ckpts):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Every published checkpoint's first chunk: a flipped byte (its manifest's CRC
+        # no longer matches), or a valid CRC over bytes that are not a checkpoint.
+        for k, raw in enumerate(c.zrange(keys.ckpts, 0, -1)):
+            man = decode_manifest(raw)
+            data = bytearray(c.get(keys.chunk(man, 0)))
+            if k % 2 == 0:
+                data[100] ^= 0xFF
+                c.set(keys.chunk(man, 0), bytes(data))
+            else:
+                from mmsb._replication.wire import Manifest, encode_manifest
+                from mmsb._storage.codec import crc32c
+
+                junk = b"MMSBCKPT" + bytes(len(data) - 8)
+                c.set(keys.chunk(man, 0), junk)
+                fake = Manifest(man.bus_id, man.term, man.lsn, man.nonce, len(junk), 1,
+                                crc32c(junk))
+                c.zrem(keys.ckpts, raw)
+                c.zadd(keys.ckpts, {encode_manifest(fake): man.lsn})
+        f = mmsb.follow(server.url, bus_id, tmp_path / "f")
+        try:
+            # It refuses them, asks the leader for a fresh one, and bootstraps from it.
+            assert f.wait_for(leader.log.last_lsn, 30), f.error
+            assert f.read_page(pid)[:3] == b"abc"
+            assert f.bad_manifests and f.error is None
+        finally:
+            f.close()
+    finally:
+        c.close()
+        mmsb.mmsb_stop(leader)

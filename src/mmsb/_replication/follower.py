@@ -147,6 +147,8 @@ class Follower:
         self.need_bootstrap = role is None
         self.want_lsn = 0
         """The least LSN a checkpoint must reach to repair what is missing here."""
+        self.bad_manifests: set[bytes] = set()
+        """Published checkpoints whose chunks did not match their manifest."""
         self.verified = False
         """This copy's history was checked against the terms in Redis (a copy of a
         leader that was replaced may hold records the new history does not): until
@@ -297,7 +299,12 @@ class Follower:
                             return
                         if self.need_bootstrap:
                             self._bootstrap()
-                            continue
+                    if self.need_bootstrap:
+                        # Nothing usable yet (none published, or one being replaced).
+                        with self.cv:
+                            self.cv.wait(0.2)
+                        continue
+                    with self.lock:
                         applied = self._step(block)
                     if not applied:
                         self._idle()
@@ -476,28 +483,40 @@ class Follower:
                 man = decode_manifest(raw)
             except SerializationError:
                 continue
+            if raw in self.bad_manifests:
+                continue
             if self._valid(man) and (best is None or man.lsn > best[0].lsn):
                 best = (man, raw)
         if best is None or best[0].lsn < self.want_lsn:
             # None yet, or none past what is missing here: ask the leader for one.
             self._ask_checkpoint(max(self.want_lsn, 1))
-            with self.cv:
-                self.cv.wait(0.2)
             return
         man = best[0]
-        chunks = self.client.mget([self.keys.chunk(man, i) for i in range(man.chunks)])
-        if any(c is None for c in chunks):
-            return  # trimmed meanwhile: look again
-        data = b"".join(chunks)
+        chunks: list[bytes | None] = []
+        for i in range(0, man.chunks, 16):
+            chunks += self.client.mget([self.keys.chunk(man, j)
+                                        for j in range(i, min(i + 16, man.chunks))])
+            if chunks[-1] is None or sum(len(c or b"") for c in chunks) > man.size:
+                break
+        if len(chunks) != man.chunks or any(c is None for c in chunks):
+            return  # trimmed meanwhile (or not what the manifest says): look again
+        data = b"".join(c for c in chunks if c is not None)
         if len(data) != man.size or crc32c(data) != man.crc:
             log.warning("published checkpoint at LSN %d is damaged; asking for another", man.lsn)
-            self._ask_checkpoint(man.lsn + 1)
-            time.sleep(0.1)
+            self._ask_checkpoint(man.lsn)
+            self.bad_manifests.add(best[1])
             return
-        ck = read_checkpoint(data, path_label=f"checkpoint at LSN {man.lsn} in Redis")
-        if ck.lsn != man.lsn:
-            raise SerializationError(f"the checkpoint published as LSN {man.lsn} is at LSN "
-                                     f"{ck.lsn}")
+        try:
+            ck = read_checkpoint(data, path_label=f"checkpoint at LSN {man.lsn} in Redis")
+            if ck.lsn != man.lsn:
+                raise SerializationError(f"the checkpoint published as LSN {man.lsn} is at "
+                                         f"LSN {ck.lsn}")
+        except SerializationError as exc:
+            log.warning("follower %s: the published checkpoint at LSN %d is refused (%s); "
+                        "asking for another", self.node, man.lsn, exc)
+            self._ask_checkpoint(man.lsn)
+            self.bad_manifests.add(best[1])
+            return
         state = self.state
         state.enter()
         try:
@@ -598,16 +617,26 @@ class Follower:
             ReplicationError: the lease is held, the term moved on (catch up first), or
                 another follower took over meanwhile. Nothing changed then.
         """
+        restart = False
         if self._thread is not None and self._thread is not threading.current_thread():
             self.stopping = True
             self._thread.join(timeout=10)
             self._thread = None
+            restart = True
+        try:
+            return self._promote(force)
+        finally:
+            if restart and not self.promoted:
+                # Refused: this follower goes on following.
+                self.stopping = False
+                self.start()
+
+    def _promote(self, force: bool) -> MMSBState:
         with self.lock:
             if self.promoted:
                 return self.state
             self._refresh_terms()
             if self.need_bootstrap or self._diverged():
-                self.stopping = False
                 raise ReplicationError(
                     f"follower {self.node} does not hold a copy of the current history yet "
                     "(it must bootstrap first); nothing changed")

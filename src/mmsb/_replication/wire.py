@@ -53,6 +53,8 @@ LEADER = 1
 FOLLOWER = 2
 CHUNK = 4 << 20
 """Bytes per published checkpoint chunk (Redis strings stay far below their limit)."""
+MAX_CHECKPOINT = 1 << 40
+"""Largest published checkpoint a manifest may declare (at most 262,144 chunks)."""
 
 
 def new_node_id() -> str:
@@ -173,6 +175,9 @@ def decode_manifest(raw: bytes) -> Manifest:
         raise SerializationError("a checkpoint manifest is damaged or not MMSB's")
     if version != MANIFEST_VERSION:
         raise SerializationError(f"checkpoint manifest version {version} is not supported")
+    if size > MAX_CHECKPOINT:
+        raise SerializationError(f"a checkpoint manifest declares {size} bytes, more than "
+                                 f"{MAX_CHECKPOINT}")
     if chunks != max(1, -(-size // CHUNK)):
         raise SerializationError(f"a checkpoint manifest says {size} bytes in {chunks} chunks")
     return Manifest(bus, term, lsn, nonce, size, chunks, crc)
