@@ -856,3 +856,61 @@ def test_a_damaged_published_checkpoint_is_refused_and_another_one_used(
     finally:
         c.close()
         mmsb.mmsb_stop(leader)
+
+
+def test_follow_and_promote_commands(server: RedisServer, tmp_path: Path) -> None:
+    import json
+
+    leader = _leader(tmp_path / "lead", server.url)
+    bus = f"{leader.bus.bus_id:016x}"
+    pid = mmsb.create_page(leader, size=8).id
+    mmsb.write_page(leader, pid, 0, b"\x05")
+    cmd = [sys.executable, "-m", "mmsb", "follow", server.url, bus, str(tmp_path / "f"),
+           "--node", "cli1", "--every", "0.2", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "as node cli1" in proc.stdout.readline()
+        last = leader.log.last_lsn
+        while True:
+            status = json.loads(proc.stdout.readline())
+            if status["applied_lsn"] == last:
+                break
+        assert status["lag_lsns"] == 0 and status["term"] == 1
+        mmsb.mmsb_stop(leader)
+        done = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, bus,
+                               "--node", "cli1", "--timeout", "20"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "led by cli1" in done.stdout
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "now leads bus" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The promoted directory opens as the leader of the next term.
+    new = _leader(tmp_path / "f", server.url)
+    try:
+        assert new.bus.replication.term == 3 and mmsb.query_page(new, pid)[0] == 5
+        mmsb.write_page(new, pid, 0, b"\x06")
+    finally:
+        mmsb.mmsb_stop(new)
+    # A stopped follower's directory is promoted in place by --path.
+    f = mmsb.follow(server.url, int(bus, 16), tmp_path / "g")
+    new = _leader(tmp_path / "f", server.url)
+    mmsb.write_page(new, pid, 0, b"\x07")
+    assert f.wait_for(new.log.last_lsn, 20)
+    f.close()
+    mmsb.mmsb_stop(new)
+    done = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, bus, "--path",
+                           str(tmp_path / "g"), "--timeout", "20"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "now leads bus" in done.stdout
+    assert read_role(tmp_path / "g").role == 1
+    # Refusals name the problem and change nothing.
+    bad = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, "zz"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "bus id" in bad.stderr

@@ -363,7 +363,8 @@ class Leader:
         k = self.keys
         self.scripts.ship(keys=[k.term, k.log(self.term), k.head], args=args)
         with self.cv:
-            for _ in batch:
+            # (The queue may have been emptied meanwhile, when it outgrew its limit.)
+            while self.queue and self.queue[0][1] <= batch[-1][1]:
                 self.queued_bytes -= len(self.queue.popleft()[2])
             self.shipped = batch[-1][1]
             self.stats["frames"] += len(batch)
