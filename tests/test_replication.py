@@ -914,3 +914,32 @@ def test_follow_and_promote_commands(server: RedisServer, tmp_path: Path) -> Non
     bad = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, "zz"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "bus id" in bad.stderr
+
+
+def test_frames_dropped_while_redis_was_away_are_crossed_by_a_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmsb._replication import leader as leader_mod
+
+    monkeypatch.setattr(leader_mod, "_QUEUE_LIMIT", 16 << 10)
+    srv = RedisServer(tmp_path / "redis")
+    leader = _leader(tmp_path / "lead", srv.url)
+    f = mmsb.follow(srv.url, leader.bus.bus_id, tmp_path / "f")
+    try:
+        pid = mmsb.create_page(leader, size=256).id
+        mmsb.write_page(leader, pid, 0, b"\x01" * 8)
+        assert f.wait_for(leader.log.last_lsn, 20)
+        srv.stop()
+        # More than the shipper may hold: what it held is dropped, and it remembers that
+        # the stream now has a gap.
+        for i in range(600):
+            mmsb.write_page(leader, pid, i % 200, bytes([i % 251 + 1]) * 40)
+        repl = leader.bus.replication
+        assert repl.queued_bytes <= (16 << 10) and repl.gap
+        srv.start()
+        assert f.wait_for(leader.log.last_lsn, 30), (f.applied_lsn, leader.log.last_lsn)
+        assert _pages(f.state) == _pages(leader)
+        assert f.stats["bootstraps"] >= 2 and f.error is None
+    finally:
+        f.close()
+        mmsb.mmsb_stop(leader)
+        srv.stop()
