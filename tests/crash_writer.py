@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 
 def plan(round_no: int, i: int, sizes: dict[int, int]) -> tuple[str, int, int, bytes]:
@@ -96,10 +97,10 @@ def write_loop(directory: str, round_no: int, fsync: str, max_writes: int | None
         time.sleep(60)
 
 
-def zygote(directory: str, fsync: str, segment_bytes: int, max_tlog: int,
-           retain: int | None) -> int:
-    import mmsb  # noqa: F401 - imported once, before any fork
-
+def serve(run: Callable[[list[str]], None]) -> int:
+    """The fork-server loop (mmsb is imported before): ``go ARGS…`` forks a child that
+    calls ``run(ARGS)`` (it never returns: the child exits after), ``kill`` SIGKILLs
+    and reaps it and prints ``dead``, ``quit`` ends the loop."""
     say("ready")
     child = 0
     for line in sys.stdin:
@@ -107,10 +108,9 @@ def zygote(directory: str, fsync: str, segment_bytes: int, max_tlog: int,
         if cmd[0] == "go":
             sys.stdout.flush()
             child = os.fork()
-            if child == 0:  # the writer: it never returns
+            if child == 0:
                 try:
-                    write_loop(directory, int(cmd[1]), fsync, None, segment_bytes, max_tlog,
-                               retain)
+                    run(cmd[1:])
                 finally:
                     os._exit(1)
             say(f"child {child}")
@@ -126,6 +126,14 @@ def zygote(directory: str, fsync: str, segment_bytes: int, max_tlog: int,
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
     return 0
+
+
+def zygote(directory: str, fsync: str, segment_bytes: int, max_tlog: int,
+           retain: int | None) -> int:
+    import mmsb  # noqa: F401 - imported once, before any fork
+
+    return serve(lambda args: write_loop(directory, int(args[0]), fsync, None, segment_bytes,
+                                         max_tlog, retain))
 
 
 def main(argv: list[str]) -> int:

@@ -23,14 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import sys
 
-
-def say(line: str) -> None:
-    data = (line + "\n").encode()
-    assert len(data) < 4096
-    assert os.write(1, data) == len(data)
+from crash_writer import say, serve
 
 
 def write_loop(url: str, ack: str, pages: int, directory: str, round_no: int) -> None:
@@ -66,31 +61,7 @@ def main(argv: list[str]) -> int:
     url, ack, pages = argv[0], argv[1], int(argv[2])
     import mmsb  # noqa: F401 - imported once, before any fork
 
-    say("ready")
-    child = 0
-    for line in sys.stdin:
-        cmd = line.split()
-        if cmd[0] == "go":
-            sys.stdout.flush()
-            child = os.fork()
-            if child == 0:
-                try:
-                    write_loop(url, ack, pages, cmd[1], int(cmd[2]))
-                finally:
-                    os._exit(1)
-            say(f"child {child}")
-        elif cmd[0] == "kill":
-            if child:
-                os.kill(child, signal.SIGKILL)
-                os.waitpid(child, 0)
-                child = 0
-            say("dead")
-        elif cmd[0] == "quit":
-            break
-    if child:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-    return 0
+    return serve(lambda args: write_loop(url, ack, pages, args[0], int(args[1])))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ and, when it stays wrong, asks for a fresh checkpoint and bootstraps from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -181,6 +182,21 @@ class Follower:
             except MMSBError:
                 pass  # the bus is closed all the same; its log is what counts
         self._state = self._open_state()
+
+    @contextlib.contextmanager
+    def _changing(self, state: MMSBState) -> Iterator[None]:
+        """A change of the local copy, as one call of the state: if it fails part way,
+        the copy in memory is discarded and recovered from the directory."""
+        state.enter()
+        try:
+            yield
+        except BaseException:
+            try:
+                state.leave()
+            finally:
+                self._reopen()
+            raise
+        state.leave()
 
     @property
     def state(self) -> MMSBState:
@@ -430,18 +446,10 @@ class Follower:
         """Apply and log frames holding records ``first`` … ``first + count - 1``;
         returns how many were (fewer: a damaged frame, after which nothing is)."""
         state = self.state
-        state.enter()
-        try:
+        with self._changing(state):
             good, problem, discard = apply_frames(state, data, first, self.path / "wal")
             if discard:
                 raise _Repair(f"a record does not follow this copy ({problem})")
-        except BaseException:
-            try:
-                state.leave()
-            finally:
-                self._reopen()
-            raise
-        state.leave()
         if problem is not None:
             log.warning("follower %s: %s", self.node, problem)
         if good:
@@ -518,8 +526,7 @@ class Follower:
             self.bad_manifests.add(best[1])
             return
         state = self.state
-        state.enter()
-        try:
+        with self._changing(state):
             bus = state.bus
             assert bus is not None
             held, bus.not_leader = bus.not_leader, None
@@ -529,13 +536,6 @@ class Follower:
                 bus.after_restore(state)
             finally:
                 bus.not_leader = held
-        except BaseException:
-            try:
-                state.leave()
-            finally:
-                self._reopen()
-            raise
-        state.leave()
         self._switch(man.term)
         self.need_bootstrap = False
         self.want_lsn = 0

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from .._storage import fsops
 from .._storage.codec import crc32c
-from .._storage.fsops import fsync_dir
 from ..errors import InvalidArgumentError, SerializationError
 
 __all__ = ["Keys", "Entry", "encode_entry", "decode_entry", "Manifest", "encode_manifest",
@@ -233,16 +232,4 @@ def write_role(root: Path, role: RoleFile) -> None:
     """
     node = role.node.encode("ascii")
     head = _ROLE.pack(ROLE_MAGIC, ROLE_VERSION, role.role, role.term, node.ljust(16, b"\0"))
-    tmp = root / ".REPL.tmp"
-    fsops.unlink(tmp)
-    fd = fsops.create_exclusive(tmp)
-    try:
-        fsops.write_all(fd, head + _U32.pack(crc32c(head)), tmp)
-        fsops.fsync(fd, tmp)
-    except BaseException:
-        os.close(fd)
-        fsops.unlink(tmp)
-        raise
-    os.close(fd)
-    fsops.replace(tmp, root / "REPL")
-    fsync_dir(root)
+    fsops.replace_small_file(root, "REPL", head + _U32.pack(crc32c(head)))

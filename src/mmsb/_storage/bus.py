@@ -913,19 +913,7 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
         bus_id = want if want is not None else secrets.randbits(64) or 1
         # A clock before 1970 records creation time 0.
         head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, max(0, time.time_ns()))
-        tmp = root / ".BUS.tmp"
-        fsops.unlink(tmp)  # a leftover (or a planted link) is removed, never written through
-        fd = fsops.create_exclusive(tmp)
-        try:
-            fsops.write_all(fd, head + _U32.pack(crc32c(head)), tmp)
-            fsops.fsync(fd, tmp)
-        except BaseException:
-            os.close(fd)
-            fsops.unlink(tmp)
-            raise
-        os.close(fd)
-        fsops.replace(tmp, path)
-        fsync_dir(root)
+        fsops.replace_small_file(root, "BUS", head + _U32.pack(crc32c(head)))
         return bus_id
     try:
         raw = fsops.read_all(path)

@@ -190,6 +190,30 @@ def fsync_dir(directory: Path, *, strict: bool = True) -> None:
         os.close(fd)
 
 
+def replace_small_file(directory: Path, name: str, data: bytes) -> None:
+    """Replace ``directory/name`` with ``data`` atomically: a temporary ``.name.tmp``
+    (a leftover, or a planted link, is removed first, never written through), created
+    0600 and exclusively, written and fsynced, renamed over ``name``, and the directory
+    fsynced. On failure the old file, if any, stays and the temporary is removed.
+
+    Raises:
+        OSError: the disk refused.
+    """
+    tmp = directory / f".{name}.tmp"
+    unlink(tmp)
+    fd = create_exclusive(tmp)
+    try:
+        write_all(fd, data, tmp)
+        fsync(fd, tmp)
+    except BaseException:
+        os.close(fd)
+        unlink(tmp)
+        raise
+    os.close(fd)
+    replace(tmp, directory / name)
+    fsync_dir(directory)
+
+
 class HookedWriter:
     """A buffered file on a descriptor (``write``, ``seek``, ``tell``, ``truncate``,
     ``flush``) whose writes are hooked steps: one before the first write, then one per

@@ -138,31 +138,10 @@ mmsb.mmsb_stop(s)
 
 
 def _writer(ctx: RunContext, name: str, pages: int, writes: int, gap: float) -> Any:
-    import subprocess
-    import sys
+    from .cases_memory import start_child
 
-    from .cases_memory import _child_env
-
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER_CHILD, str(ctx.path(name)), str(pages),
-                             str(writes), str(gap)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=_child_env())
-
-    def stop() -> None:
-        if proc.poll() is None:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write("\n\n")
-                proc.stdin.flush()
-                proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a stuck child is killed
-                proc.kill()
-                proc.wait()
-
-    ctx.on_close(stop)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    expect(line.startswith("ready"), f"the writer process did not start: {line!r}")
-    return proc
+    return start_child(ctx, _WRITER_CHILD, [str(ctx.path(name)), str(pages), str(writes),
+                                            str(gap)], "writer", "\n\n")
 
 
 @case("durable", "attach_read_1k",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from ._harness import Measurement, summarize
 from ._registry import CaseOutcome, CaseSkipped, RunContext, case, expect
@@ -75,6 +76,32 @@ def _child_env() -> dict[str, str]:
     src = str(Path(mmsb.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def start_child(ctx: RunContext, script: str, args: list[str], what: str,
+                quit_text: str = "\n") -> Any:
+    """A case's helper process: ``python -c script *args``, started once it prints
+    ``ready``; at the end of the run it is sent ``quit_text`` on stdin (and killed if it
+    does not exit within 30 s)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=_child_env())
+
+    def stop() -> None:
+        if proc.poll() is None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(quit_text)
+                proc.stdin.flush()
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a stuck child is killed
+                proc.kill()
+                proc.wait()
+
+    ctx.on_close(stop)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    expect(line.startswith("ready"), f"the {what} process did not start: {line!r}")
+    return proc
 
 
 @case(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -135,29 +134,10 @@ f.close()
 
 def _follower_process(ctx: RunContext, url: str, bus_id: int, name: str, lsn: int) -> Any:
     """A follower of ``bus_id`` in a child process, once it has applied ``lsn``."""
-    from .cases_memory import _child_env
+    from .cases_memory import start_child
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _FOLLOWER_CHILD, url, f"{bus_id:016x}", str(ctx.path(name)),
-         str(lsn)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_child_env())
-
-    def stop() -> None:
-        if proc.poll() is None:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write("\n")
-                proc.stdin.flush()
-                proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a stuck child is killed
-                proc.kill()
-                proc.wait()
-
-    ctx.on_close(stop)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    expect(line.startswith("ready"), f"the follower process did not start: {line!r}")
-    return proc
+    return start_child(ctx, _FOLLOWER_CHILD, [url, f"{bus_id:016x}", str(ctx.path(name)),
+                                              str(lsn)], "follower")
 
 
 def _percentile(values: list[float], q: float) -> float:
