@@ -37,8 +37,8 @@ from mmsb._storage.wal import frame
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (the test extra has it)")
 REDIS = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server (Debian package "
-                                "redis-server) is not installed")
+pytestmark = pytest.mark.skipif(REDIS is None, reason="no redis-server on PATH "
+                                "(apt-get install redis-server)")
 WRITER = Path(__file__).with_name("repl_writer.py")
 
 
