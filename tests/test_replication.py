@@ -943,3 +943,44 @@ def test_frames_dropped_while_redis_was_away_are_crossed_by_a_checkpoint(
         f.close()
         mmsb.mmsb_stop(leader)
         srv.stop()
+
+
+def test_a_follower_whose_disk_refuses_keeps_trying_and_catches_up(
+        server: RedisServer, tmp_path: Path) -> None:
+    import errno
+    import threading
+
+    from mmsb._storage import fsops
+
+    leader = _leader(tmp_path / "lead", server.url)
+    f = mmsb.follow(server.url, leader.bus.bus_id, tmp_path / "f")
+    full = threading.Event()
+    refused = []
+    wal = str(tmp_path / "f" / "wal")
+
+    def hook(step: str, path: str) -> None:
+        if full.is_set() and step == "write" and path.startswith(wal):
+            refused.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    previous = fsops.set_fault_hook(hook)
+    try:
+        pid = mmsb.create_page(leader, size=64).id
+        mmsb.write_page(leader, pid, 0, b"before")
+        assert f.wait_for(leader.log.last_lsn, 20)
+        full.set()
+        for i in range(30):
+            mmsb.write_page(leader, pid, 8, i.to_bytes(2, "little"))
+        deadline = time.monotonic() + 20
+        while not refused:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Nothing it could not log is applied.
+        assert f.applied_lsn < leader.log.last_lsn and f.error is None
+        full.clear()
+        assert f.wait_for(leader.log.last_lsn, 30), f.error
+        assert _pages(f.state) == _pages(leader)
+    finally:
+        fsops.set_fault_hook(previous)
+        f.close()
+        mmsb.mmsb_stop(leader)

@@ -33,6 +33,7 @@ from .._storage.checkpoint import read_checkpoint
 from .._storage.codec import crc32c
 from ..config import MMSBConfig
 from ..errors import (
+    DurabilityError,
     InvalidArgumentError,
     MMSBError,
     ReplicationError,
@@ -334,6 +335,14 @@ class Follower:
                     log.info("follower %s: Redis does not answer (%s); retrying", self.node, exc)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
+                except DurabilityError as exc:
+                    # This copy's own disk refused (full, say): the copy was recovered
+                    # from its directory again; try again later.
+                    log.error("follower %s could not log what it applied (%s); retrying",
+                              self.node, exc)
+                    with self.cv:
+                        self.cv.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
                 except StateClosedError:
                     return
                 except Exception as exc:

@@ -21,7 +21,7 @@ def redis_errors() -> tuple[type[BaseException], ...]:
     import redis
 
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-            redis.exceptions.BusyLoadingError, OSError)
+            redis.exceptions.BusyLoadingError)
 
 
 def connect(url: str, *, block: bool = False) -> Any:
