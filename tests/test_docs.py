@@ -55,7 +55,7 @@ def test_every_config_field_is_in_api_md() -> None:
 
 
 @pytest.mark.parametrize("script", ["quickstart.py", "tutorial.py", "langgraph_agent.py",
-                                    "processes.py"])
+                                    "processes.py", "replication.py"])
 def test_example_runs(script: str, tmp_path: Path) -> None:
     path = ROOT / "examples" / script
     proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=_env(),
