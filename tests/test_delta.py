@@ -385,8 +385,8 @@ def test_count_diff_counts_differing_bytes_at_any_alignment(data: bytes, flips: 
 @settings(max_examples=150, deadline=None)
 @given(data=st.binary(min_size=0, max_size=300), flips=st.lists(st.integers(0, 299)),
        skew=st.integers(0, 9))
-def test_diff_positions_and_runs_match_numpy(data: bytes, flips: list[int], skew: int) -> None:
-    from mmsb._core.kernels import count_diff, diff_positions, runs_of
+def test_diff_scan_and_runs_match_numpy(data: bytes, flips: list[int], skew: int) -> None:
+    from mmsb._core.kernels import diff_scan, runs_of
 
     raw = np.frombuffer(bytes(skew) + data, np.uint8)
     a = raw[skew:]
@@ -395,8 +395,11 @@ def test_diff_positions_and_runs_match_numpy(data: bytes, flips: list[int], skew
         if i < len(b):
             b[i] ^= (i % 255) + 1
     want = np.flatnonzero(a != b)
-    got = diff_positions(a, b, count_diff(a, b))
-    assert got.dtype == np.intp and np.array_equal(got, want)
+    n, got = diff_scan(a, b, len(a))
+    assert n == want.size and got.dtype == np.intp and np.array_equal(got, want)
+    if want.size:
+        n, none = diff_scan(a, b, want.size - 1)
+        assert n == want.size and none.size == 0
     starts, lengths = runs_of(want)
     brk = np.flatnonzero(np.diff(want) != 1) + 1
     ref_starts = want[np.concatenate(([0], brk))] if want.size else want

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidDeltaError
-from .kernels import count_diff, diff_positions
+from .kernels import diff_scan
 
 __all__ = [
     "Delta",
@@ -244,8 +244,9 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
     which it keeps by reference.
 
     Cost: one compiled count of the differing bytes over ``len(new)`` bytes (nothing
-    written), then, for a sparse delta, a second compiled pass that skips equal 8-byte
-    words and writes only the changed positions, O(changed bytes) kept; for a dense one,
+    written), then, for a sparse delta, a second pass in the same call that skips equal
+    8-byte words and writes only the changed positions, O(changed bytes) kept; for a
+    dense one,
     one copy of the page (none for that referenced payload) and one compare into its
     mask.
     """
@@ -254,12 +255,11 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
     cur = view if m == size else view[offset : offset + m]
     if not new.flags.c_contiguous:
         new = np.ascontiguousarray(new)
-    n = count_diff(cur, new)  # one compiled pass, no temporary
+    # One compiled call: the count, and the positions when the delta is sparse.
+    n, rel = diff_scan(cur, new, size >> 2)
     if n == 0:
         return None
     if sparse_enough(n, size):
-        # A second compiled pass, over the words that differ, for the positions.
-        rel = diff_positions(cur, new, n)
         vals = new[rel]
         if offset:
             rel += offset

@@ -88,50 +88,54 @@ def count_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _diff_positions_words(a: np.ndarray, b: np.ndarray, aw: np.ndarray, bw: np.ndarray,
-                          out: np.ndarray) -> int:  # pragma: no cover - compiled
-    """Positions where ``a`` and ``b`` differ into ``out``, 8 bytes compared at a time
-    (``aw``, ``bw``: their first ``8 * len(aw)`` bytes as words) and equal words skipped;
-    returns how many were stored."""
+def _diff_scan(a: np.ndarray, b: np.ndarray,
+               limit: int) -> tuple[int, np.ndarray]:  # pragma: no cover - compiled
+    m = a.shape[0]
+    w = m >> 3
+    words = w > 0 and ((a.ctypes.data | b.ctypes.data) & 7) == 0
     n = 0
-    for i in range(aw.shape[0]):
-        if aw[i] != bw[i]:
-            for j in range(8 * i, 8 * i + 8):
-                if a[j] != b[j]:
-                    out[n] = j
-                    n += 1
-    for j in range(8 * aw.shape[0], a.shape[0]):
-        if a[j] != b[j]:
-            out[n] = j
-            n += 1
-    return n
-
-
-@njit(cache=True, nogil=True)
-def _diff_positions_bytes(a: np.ndarray, b: np.ndarray,
-                          out: np.ndarray) -> int:  # pragma: no cover - compiled
-    n = 0
-    for j in range(a.shape[0]):
-        if a[j] != b[j]:
-            out[n] = j
-            n += 1
-    return n
-
-
-def diff_positions(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` positions (ascending, intp) where the equal-length, contiguous byte
-    arrays ``a`` and ``b`` differ, ``n`` being :func:`count_diff`'s answer: one read of
-    each, where equal 8-byte words (both arrays starting on an 8-byte boundary) cost one
-    compare. O(len(a)) reads, O(n) written."""
+    tail = 0
+    if words:
+        aw = a[:8 * w].view(np.uint64)
+        bw = b[:8 * w].view(np.uint64)
+        zeros = np.uint64(0)
+        for i in range(w):
+            x = aw[i] ^ bw[i]
+            y = ~(((x & _LOW7) + _LOW7) | x | _LOW7)
+            zeros += ((y >> np.uint64(7)) * _ONES) >> np.uint64(56)
+        n = 8 * w - int(zeros)
+        tail = 8 * w
+    for j in range(tail, m):
+        n += a[j] != b[j]
+    if n == 0 or n > limit:
+        return n, np.empty(0, np.intp)
     out = np.empty(n, np.intp)
-    m = len(a)
-    w = m & ~7
-    if w and not (a.ctypes.data | b.ctypes.data) & 7:
-        got = _diff_positions_words(a, b, a[:w].view(np.uint64), b[:w].view(np.uint64), out)
-    else:
-        got = _diff_positions_bytes(a, b, out)
-    assert got == n, (got, n)
-    return out
+    k = 0
+    if words:
+        aw = a[:8 * w].view(np.uint64)
+        bw = b[:8 * w].view(np.uint64)
+        for i in range(w):
+            if aw[i] != bw[i]:
+                for j in range(8 * i, 8 * i + 8):
+                    if a[j] != b[j]:
+                        out[k] = j
+                        k += 1
+    for j in range(tail, m):
+        if a[j] != b[j]:
+            out[k] = j
+            k += 1
+    return n, out
+
+
+def diff_scan(a: np.ndarray, b: np.ndarray, limit: int) -> tuple[int, np.ndarray]:
+    """Compare the equal-length, C-contiguous byte arrays ``a`` and ``b`` in one call:
+    ``(n, positions)``, ``n`` the number of positions that differ and, when ``n`` is at
+    most ``limit`` (and not 0), ``positions`` those ``n`` positions ascending (intp; else
+    an empty array). The count reads 8 bytes at a time, without a branch, where both
+    arrays start on an 8-byte boundary; the positions come from a second pass that skips
+    equal words. Nothing is written but the positions: O(len(a)) reads, O(n) written."""
+    n, out = _diff_scan(a, b, limit)
+    return int(n), out
 
 
 @njit(cache=True, nogil=True)
