@@ -380,3 +380,51 @@ def test_count_diff_counts_differing_bytes_at_any_alignment(data: bytes, flips: 
             b[i] ^= (i % 255) + 1
     assert count_diff(a, b) == int(np.count_nonzero(a != b))
     assert count_diff(b, b) == 0 and count_diff(a, a ^ 0xFF) == len(a)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(min_size=0, max_size=300), flips=st.lists(st.integers(0, 299)),
+       skew=st.integers(0, 9))
+def test_diff_scan_and_runs_match_numpy(data: bytes, flips: list[int], skew: int) -> None:
+    from mmsb._core.kernels import diff_scan, runs_of
+
+    raw = np.frombuffer(bytes(skew) + data, np.uint8)
+    a = raw[skew:]
+    b = a.copy()
+    for i in flips:
+        if i < len(b):
+            b[i] ^= (i % 255) + 1
+    want = np.flatnonzero(a != b)
+    n, got = diff_scan(a, b, len(a))
+    assert n == want.size and got.dtype == np.intp and np.array_equal(got, want)
+    if want.size:
+        n, none = diff_scan(a, b, want.size - 1)
+        assert n == want.size and none.size == 0
+    starts, lengths = runs_of(want)
+    brk = np.flatnonzero(np.diff(want) != 1) + 1
+    ref_starts = want[np.concatenate(([0], brk))] if want.size else want
+    ref_ends = want[np.concatenate((brk - 1, [want.size - 1]))] + 1 if want.size else want
+    assert starts.dtype == np.dtype("<u4") and lengths.dtype == np.dtype("<u4")
+    assert np.array_equal(starts, ref_starts) and np.array_equal(lengths, ref_ends - ref_starts)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("offset", [0, 3, 1000])
+def test_write_of_a_large_value_logs_exactly_the_changed_bytes(state, strided: bool,
+                                                              offset: int) -> None:
+    rng = np.random.default_rng(5)
+    n = 90_000
+    p = mmsb.create_page(state, n + 2000)
+    old = rng.integers(0, 256, n, dtype=np.uint8)
+    mmsb.write_page(state, p.id, offset, old.tobytes())
+    new = old.copy()
+    new[[1, 2, 500, 40_000, n - 1]] ^= 0x5A
+    new[n - 300:] = rng.integers(0, 256, 300, dtype=np.uint8)
+    src = np.repeat(new, 2)[::2] if strided else new
+    before = state.pages[p.id].data.copy()
+    mmsb.write_page(state, p.id, offset, src)
+    d = state.log.deltas[-1]
+    after = state.pages[p.id].data
+    want = np.flatnonzero(before != after)
+    assert np.array_equal(after[offset:offset + n], new)
+    assert d.page_id == p.id and d.is_sparse and np.array_equal(d.indices, want)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidDeltaError
-from .kernels import count_diff
+from .kernels import diff_scan
 
 __all__ = [
     "Delta",
@@ -236,39 +236,30 @@ def make_delta(delta_id: int, page_id: int, base_epoch: int, page_size: int,
     return Delta(delta_id, page_id, base_epoch, epoch, source, page_size, None, None, data, mask)
 
 
-_SMALL = 1 << 16
-
-
 def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, offset: int,
-               new: np.ndarray, source: str, scratch: np.ndarray) -> Delta | None:
+               new: np.ndarray, source: str) -> Delta | None:
     """The delta of writing ``new`` at ``offset`` into a page whose bytes are ``view``:
     only the positions that differ. None when nothing differs. Copies what it keeps,
     except a payload of every byte that is the whole of an immutable ``bytes`` object,
     which it keeps by reference.
 
-    Cost: one compare of ``len(new)`` bytes, then O(changed bytes) for a sparse delta or
-    one copy of the page for a dense one (none for that referenced payload). ``scratch``
-    (at least ``len(new)`` bytes when that is over 64 KiB) holds the comparison of large
-    writes that changed some bytes but not all.
+    Cost: one compiled count of the differing bytes over ``len(new)`` bytes (nothing
+    written), then, for a sparse delta, a second pass in the same call that skips equal
+    8-byte words and writes only the changed positions, O(changed bytes) kept; for a
+    dense one,
+    one copy of the page (none for that referenced payload) and one compare into its
+    mask.
     """
     size = len(view)
     m = len(new)
     cur = view if m == size else view[offset : offset + m]
-    rel: np.ndarray | None = None
-    ne: np.ndarray | None
-    if m <= _SMALL:
-        ne = cur != new
-        rel = ne.nonzero()[0]  # cheap at this size, and a sparse delta needs it anyway
-        n = len(rel)
-    else:
-        n = count_diff(cur, new)  # one compiled pass, no temporary
-        ne = None if n == m or n == 0 else np.not_equal(cur, new, out=scratch[:m].view(bool))
+    if not new.flags.c_contiguous:
+        new = np.ascontiguousarray(new)
+    # One compiled call: the count, and the positions when the delta is sparse.
+    n, rel = diff_scan(cur, new, size >> 2)
     if n == 0:
         return None
     if sparse_enough(n, size):
-        if rel is None:
-            assert ne is not None
-            rel = ne.nonzero()[0]
         vals = new[rel]
         if offset:
             rel += offset
@@ -287,10 +278,10 @@ def diff_write(delta_id: int, page_id: int, base_epoch: int, view: np.ndarray, o
         data = view.copy()
         data[offset : offset + m] = new
     mask = np.zeros(size, dtype=bool)
-    if ne is None:
+    if n == m:
         mask[offset : offset + m] = True
     else:
-        mask[offset : offset + m] = ne
+        np.not_equal(cur, new, out=mask[offset : offset + m])
     return Delta(delta_id, page_id, base_epoch, base_epoch + 1, source, size, None, None, data,
                  mask, exact=True)
 

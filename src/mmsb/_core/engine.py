@@ -322,7 +322,6 @@ class MMSBState:
         self.config = cfg
         self.lock = threading.RLock()
         self.arena = Arena()
-        self._scratch = np.empty(0, np.uint8)
         self.table = PageTable()
         self.log = TransactionLog()
         self.graph = ShadowPageGraph()
@@ -910,10 +909,7 @@ class MMSBState:
             view = self.arena.view(addr, size)
             if tp is bytes:
                 new = np.frombuffer(new, np.uint8)
-            if n_new > 1 << 16 and len(self._scratch) < n_new:
-                self._scratch = np.empty(n_new, np.uint8)
-            d = diff_write(self.next_delta_id, pid, t.epoch.item(pid), view, off, new, source,
-                           self._scratch)
+            d = diff_write(self.next_delta_id, pid, t.epoch.item(pid), view, off, new, source)
             if d is None:
                 return False
             self.next_delta_id += 1

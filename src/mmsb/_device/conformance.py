@@ -161,7 +161,7 @@ def check_apply_engine_deltas(make: Make) -> None:
         assert np.array_equal(b.copy_out(s), model), f"delta of {count} bytes differs"
     new = model.copy()
     new[100:200] ^= 0xFF
-    written = diff_write(9, 1, 5, model, 0, new, "api", np.empty(n, dtype=np.uint8))
+    written = diff_write(9, 1, 5, model, 0, new, "api")
     assert written is not None
     b.apply_delta(s, written)
     apply_delta(model, written)
@@ -216,7 +216,6 @@ def check_diff(make: Make) -> None:
     b.copy_in(s, base)
     assert b.diff(s, base) is None
     assert b.diff(s, base[100:300], offset=100) is None
-    scratch = np.empty(n, dtype=np.uint8)
     for count, offset, length in [(1, 0, n), (300, 0, n), (512, 0, n), (513, 0, n),
                                   (n, 0, n), (40, 1000, 200), (200, 1000, 800)]:
         new = b.copy_out(s)
@@ -227,7 +226,7 @@ def check_diff(make: Make) -> None:
             src = device_array(b, seg) if on_device else seg
             ch = b.diff(s, src, offset)
             assert isinstance(ch, Changes)
-            want = diff_write(1, 1, 0, new, offset, seg, "api", scratch)
+            want = diff_write(1, 1, 0, new, offset, seg, "api")
             assert want is not None
             got = ch.to_delta(1, 1, 0, "api")
             assert ch.is_sparse == want.is_sparse, (count, ch, want)

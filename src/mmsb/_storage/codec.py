@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 
 from .._core.delta import Delta
+from .._core.kernels import runs_of
 from .._core.limits import (
     MAX_COUNTER,
     MAX_METADATA_BYTES,
@@ -117,17 +118,6 @@ def decode_metadata(raw: bytes | memoryview, what: str = "metadata") -> dict[str
 
 # -- encoding --------------------------------------------------------------------------
 
-def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique positions → (starts, lengths) of their consecutive runs (uint32)."""
-    if idx.size == 0:
-        return np.empty(0, np.uint32), np.empty(0, np.uint32)
-    i = idx.astype(np.int64)
-    brk = np.flatnonzero(np.diff(i) != 1) + 1
-    starts = i[np.concatenate(([0], brk))]
-    ends = i[np.concatenate((brk - 1, [i.size - 1]))] + 1
-    return starts.astype("<u4"), (ends - starts).astype("<u4")
-
-
 def _encode_delta_payload(d: Delta) -> list[Any]:
     src = d.source.encode("utf-8")
     if len(src) > 0xFFFF:
@@ -142,7 +132,7 @@ def _encode_delta_payload(d: Delta) -> list[Any]:
             # One contiguous run, the common shape of a small write.
             parts += [_ONE_RUN.pack(ENC_SPARSE_RUNS, 1, int(idx[0]), n), vals]
         else:
-            starts, lengths = _runs(idx)
+            starts, lengths = runs_of(idx)
             parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.data,
                       lengths.data, vals]
     elif d._mask is None:
