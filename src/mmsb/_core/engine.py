@@ -47,7 +47,8 @@ from .events import EventBus
 from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
-from .log import LOG_CHUNK, ColumnRecords, DeltaGroup, DeltaView, TransactionLog, small_entry
+from .log import _SMALL_ENTRY as _small_entries
+from .log import LOG_CHUNK, ColumnRecords, DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -942,7 +943,7 @@ class MMSBState:
         or None when the call is not that case and write_bytes must take it (nothing was
         done). O(len(data)), O(page size) for a dense write."""
         log = self.log
-        kernel = small_entry()
+        kernel = _small_entries.get(1)  # small_entry(), without its frame
         if (log.sink is not None or self.bus is not None or not self.config.enable_logging
                 or len(data) > SMALL_WRITE or kernel is None):
             return None
@@ -969,7 +970,7 @@ class MMSBState:
                     frame.touch(pid)
                 addr = addr_v[pid]
                 epoch = epoch_v[pid] + 1
-                mem = self.arena.chunk(addr >> CHUNK_SHIFT)
+                mem = self.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
                 # TransactionLog.write_small, inlined.
                 row = log.n
                 if row == len(log.rows):
