@@ -100,6 +100,7 @@ def require_page_id(page_id: Any, fn: str) -> int:
 _IMMEDIATE = PropagationMode.IMMEDIATE
 """As a module constant: reading an enum member through its class costs ~0.1 µs."""
 _GOOD_SOURCES: set[str] = set()
+_API = "api"  # the default source, tested by identity first
 
 
 def check_source(source: Any) -> str:
@@ -961,87 +962,96 @@ class MMSBState:
                 return None
             size = size_v[pid]
             n_new = len(data)
-            if off < 0 or off + n_new > size or type(source) is not str \
-                    or source not in _GOOD_SOURCES or (whole and n_new != size):
+            if off < 0 or off + n_new > size or (whole and n_new != size) or (
+                    source is not _API and (type(source) is not str
+                                            or source not in _GOOD_SOURCES)):
                 return None
-            self._depth += 1
-            try:
-                if frame is not None and pid not in frame.touched:
-                    frame.touch(pid)
-                addr = addr_v[pid]
-                epoch = epoch_v[pid] + 1
-                mem = self.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
-                # TransactionLog.write_small, inlined.
-                row = log.n
-                if row == len(log.rows):
-                    log._grow()
-                if log.cur < 0:
-                    log._new_chunk()
-                ts = time.time_ns()
-                if ts < log.last_timestamp:
-                    ts = log.last_timestamp
-                lsn = log.next_lsn
-                src = log.source_ids.get(source)
-                if src is None:
-                    src = log._source_id(source, row)
-                while True:
-                    tail = log.tail
-                    n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
-                                     log.cur_array, tail, LOG_CHUNK - tail, pid, epoch, ts, src,
-                                     (log.cur << 32) | tail)
-                    if n != -2:
-                        break
-                    log._new_chunk()
-                if n <= 0:
-                    return False
-                changed = n if n * 4 <= size else size
-                log.last_changed = changed
-                log.tail = tail + plen
-                log.n = row + 1
-                lsns = log.lsns
-                if lsn != lsns.last + 1 or not row:
-                    lsns.rows.append(row)
-                    lsns.vals.append(lsn)
-                lsns.last = lsn
-                did = self.next_delta_id
-                ids = log.ids
-                if did != ids.last + 1 or not row:
-                    ids.rows.append(row)
-                    ids.vals.append(did)
-                ids.last = did
-                rows = log.index.get(pid)
-                if rows is None:
-                    log.index[pid] = array("I", [row])
-                else:
-                    rows.append(row)
-                log.payload_bytes += plen
-                log.next_lsn = lsn + 1
-                log.last_timestamp = ts
-                # _write_compiled's tail.
-                self.next_delta_id = did + 1
-                epoch_v[pid] = epoch
-                if self.events.active or pid in self.graph.children:
+            # Nothing below calls out of this frame until the write is logged and applied
+            # (no handler, no recompute function), so the call is marked entered
+            # (_depth) only around the calls that can.
+            if frame is not None and pid not in frame.touched:
+                frame.touch(pid)
+            addr = addr_v[pid]
+            epoch = epoch_v[pid] + 1
+            mem = self.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
+            # TransactionLog.write_small, inlined.
+            row = log.n
+            if row == len(log.rows):
+                log._grow()
+            if log.cur < 0:
+                log._new_chunk()
+            ts = time.time_ns()
+            if ts < log.last_timestamp:
+                ts = log.last_timestamp
+            lsn = log.next_lsn
+            src = log.source_ids.get(source)
+            if src is None:
+                src = log._source_id(source, row)
+            while True:
+                tail = log.tail
+                n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
+                                 log.cur_array, tail, LOG_CHUNK - tail, pid, epoch, ts, src,
+                                 (log.cur << 32) | tail)
+                if n != -2:
+                    break
+                log._new_chunk()
+            if n <= 0:
+                return False
+            changed = n if n * 4 <= size else size
+            log.tail = tail + plen
+            log.n = row + 1
+            lsns = log.lsns
+            if lsn != lsns.last + 1 or not row:
+                lsns.rows.append(row)
+                lsns.vals.append(lsn)
+            lsns.last = lsn
+            did = self.next_delta_id
+            ids = log.ids
+            if did != ids.last + 1 or not row:
+                ids.rows.append(row)
+                ids.vals.append(did)
+            ids.last = did
+            rows = log.index.get(pid)
+            if rows is None:
+                log.index[pid] = array("I", [row])
+            else:
+                rows.append(row)
+            log.payload_bytes += plen
+            log.next_lsn = lsn + 1
+            log.last_timestamp = ts
+            # _write_compiled's tail.
+            self.next_delta_id = did + 1
+            epoch_v[pid] = epoch
+            if self.events.active or pid in self.graph.children:
+                # Events and propagation run recompute functions and handlers: the call
+                # counts as entered (_depth) while they run, as in write_bytes.
+                self._depth += 1
+                try:
                     self.after_write(pid, epoch, did, lsn, t0, changed)
-                    return True
-                c = self.counters
-                # c.delta_apply.add(), inlined.
-                ns = time.perf_counter_ns() - t0
-                ring = c.delta_apply
-                pos = ring.pos
-                ring.samples[pos] = ns
-                pos += 1
-                ring.pos = 0 if pos == len(ring.samples) else pos
-                ring.count += 1
-                ring.total_ns += ns
-                if ns > ring.max_ns:
-                    ring.max_ns = ns
-                c.records_logged += 1
-                c.payload_bytes_logged += changed
-                if log.n > self.compact_at and not self.propagating and not self.batch_depth:
-                    self.auto_compress()
+                finally:
+                    self._depth -= 1
                 return True
-            finally:
-                self._depth -= 1
+            c = self.counters
+            # c.delta_apply.add(), inlined.
+            ns = time.perf_counter_ns() - t0
+            ring = c.delta_apply
+            pos = ring.pos
+            ring.samples[pos] = ns
+            pos += 1
+            ring.pos = 0 if pos == len(ring.samples) else pos
+            ring.count += 1
+            ring.total_ns += ns
+            if ns > ring.max_ns:
+                ring.max_ns = ns
+            c.records_logged += 1
+            c.payload_bytes_logged += changed
+            if log.n > self.compact_at and not self.propagating and not self.batch_depth:
+                self._depth += 1
+                try:
+                    self.auto_compress()
+                finally:
+                    self._depth -= 1
+            return True
         finally:
             if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
                 lock.release()
