@@ -956,8 +956,7 @@ class MMSBState:
             if self.closed or self.recomputing is not None or (frame is not None
                                                                and not frame.direct):
                 return None  # write_bytes raises the error the state is in, or takes it
-            t = self.table
-            addr_v, size_v, epoch_v, flags_v = t.views
+            addr_v, size_v, epoch_v, flags_v = self.table.views
             if not (0 < pid < len(flags_v) and flags_v[pid]):
                 return None
             size = size_v[pid]
@@ -1053,7 +1052,7 @@ class MMSBState:
                     self._depth -= 1
             return True
         finally:
-            if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
+            if self.event_queue and self._depth == 0 and not getattr(self._delivering, "on", False):
                 lock.release()
                 self._deliver_queued()
             else:
