@@ -48,7 +48,7 @@ from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
-from .log import LOG_CHUNK, ColumnRecords, DeltaGroup, DeltaView, TransactionLog
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -989,8 +989,7 @@ class MMSBState:
             while True:
                 tail = log.tail
                 n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
-                                 log.cur_array, tail, LOG_CHUNK - tail, pid, epoch, ts, src,
-                                 (log.cur << 32) | tail)
+                                 log.cur_array, tail, pid, epoch, ts, src, log.cur)
                 if n != -2:
                     break
                 log._new_chunk()
