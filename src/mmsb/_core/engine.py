@@ -999,15 +999,18 @@ class MMSBState:
             log.tail = tail + plen
             log.n = row + 1
             lsns = log.lsns
-            if lsn != lsns.last + 1 or not row:
-                lsns.rows.append(row)
-                lsns.vals.append(lsn)
-            lsns.last = lsn
-            did = self.next_delta_id
             ids = log.ids
-            if did != ids.last + 1 or not row:
-                ids.rows.append(row)
-                ids.vals.append(did)
+            did = self.next_delta_id
+            if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
+                # A new run of consecutive LSNs or delta ids starts at this row (one
+                # test for both in the common case, where both runs go on).
+                if lsn != lsns.last + 1 or not row:
+                    lsns.rows.append(row)
+                    lsns.vals.append(lsn)
+                if did != ids.last + 1 or not row:
+                    ids.rows.append(row)
+                    ids.vals.append(did)
+            lsns.last = lsn
             ids.last = did
             rows = log.index.get(pid)
             if rows is None:
@@ -1043,7 +1046,7 @@ class MMSBState:
                 ring.max_ns = ns
             c.records_logged += 1
             c.payload_bytes_logged += changed
-            if log.n > self.compact_at and not self.propagating and not self.batch_depth:
+            if row >= self.compact_at and not self.propagating and not self.batch_depth:
                 self._depth += 1
                 try:
                     self.auto_compress()
