@@ -1438,10 +1438,9 @@ class _BatchFrame:
         """Save page ``pid``'s bytes and epoch before the batch's first compiled write to
         it (later ones need nothing: a rollback restores this copy after undoing them)."""
         st = self.state
-        t = st.table
+        addr_v, size_v, epoch_v, _flags_v = st.table.views  # plain ints, not numpy scalars
         self.touched.add(pid)
-        self.undo.append(("page", pid, int(t.epoch[pid]),
-                          st.arena.view(int(t.addr[pid]), int(t.size[pid])).copy()))
+        self.undo.append(("page", pid, epoch_v[pid], st.arena.view(addr_v[pid], size_v[pid]).copy()))
 
     def rollback(self) -> None:
         st = self.state
