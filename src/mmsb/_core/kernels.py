@@ -39,7 +39,7 @@ LOG_CHUNK = 1 << 18
 def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
     """The compiled entry of ``kernel`` for the numba types of ``args`` (compiled, or
     loaded from the cache, without running it). Calling it skips numba's per-call
-    choice of a compiled version (about 0.3 µs for a kernel of 15 arguments); only for
+    choice of a compiled version (about 0.3 µs for a kernel of 14 arguments); only for
     call sites whose arguments always have exactly those types."""
     try:
         sig = tuple(numba.typeof(a) for a in args)
