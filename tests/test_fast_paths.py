@@ -380,6 +380,21 @@ def test_fused_small_write_path_matches_the_general_path(ops: list[Any], events:
     assert mmsb.verify_state_consistency(a)
 
 
+def test_fused_small_writes_fill_log_chunks_and_go_on_in_a_fresh_one() -> None:
+    # The write kernel works out the current payload chunk's room itself: writes that
+    # fill a chunk must start the next one, and the log must still replay to the state.
+    s = new_state(max_tlog_size=100_000)  # no compaction: every chunk stays
+    ids = [p.id for p in mmsb.create_pages(s, 4, 4096)]
+    rng = np.random.default_rng(11)
+    for i in range(9000):  # about 66 payload bytes each: past two 256 KiB chunks
+        off = int(rng.integers(0, 4096 - 64))
+        page = mmsb.write_page(s, ids[i % 4], off, bytes(rng.integers(1, 256, 64, np.uint8)))
+        assert page == mmsb.Page(s, ids[i % 4]) and page.state is s
+    assert len(s.log.chunks) > 2
+    s._check()
+    assert mmsb.verify_state_consistency(s)
+
+
 def test_fused_write_path_refuses_in_a_closed_state_and_in_a_recompute() -> None:
     s = new_state()
     p, q = mmsb.create_page(s, 8), mmsb.create_page(s, 8)

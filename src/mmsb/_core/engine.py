@@ -47,7 +47,8 @@ from .events import EventBus
 from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
-from .log import LOG_CHUNK, ColumnRecords, DeltaGroup, DeltaView, TransactionLog, small_entry
+from .log import _SMALL_ENTRY as _small_entries
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -99,6 +100,7 @@ def require_page_id(page_id: Any, fn: str) -> int:
 _IMMEDIATE = PropagationMode.IMMEDIATE
 """As a module constant: reading an enum member through its class costs ~0.1 µs."""
 _GOOD_SOURCES: set[str] = set()
+_API = "api"  # the default source, tested by identity first
 
 
 def check_source(source: Any) -> str:
@@ -938,7 +940,7 @@ class MMSBState:
         or None when the call is not that case and write_bytes must take it (nothing was
         done). O(len(data)), O(page size) for a dense write."""
         log = self.log
-        kernel = small_entry()
+        kernel = _small_entries.get(1)  # small_entry(), without its frame
         if (log.sink is not None or self.bus is not None or not self.config.enable_logging
                 or len(data) > SMALL_WRITE or kernel is None):
             return None
@@ -950,95 +952,105 @@ class MMSBState:
             if self.closed or self.recomputing is not None or (frame is not None
                                                                and not frame.direct):
                 return None  # write_bytes raises the error the state is in, or takes it
-            t = self.table
-            addr_v, size_v, epoch_v, flags_v = t.views
+            addr_v, size_v, epoch_v, flags_v = self.table.views
             if not (0 < pid < len(flags_v) and flags_v[pid]):
                 return None
             size = size_v[pid]
             n_new = len(data)
-            if off < 0 or off + n_new > size or type(source) is not str \
-                    or source not in _GOOD_SOURCES or (whole and n_new != size):
+            if off < 0 or off + n_new > size or (whole and n_new != size) or (
+                    source is not _API and (type(source) is not str
+                                            or source not in _GOOD_SOURCES)):
                 return None
-            self._depth += 1
-            try:
-                if frame is not None and pid not in frame.touched:
-                    frame.touch(pid)
-                addr = addr_v[pid]
-                epoch = epoch_v[pid] + 1
-                mem = self.arena.chunk(addr >> CHUNK_SHIFT)
-                # TransactionLog.write_small, inlined.
-                row = log.n
-                if row == len(log.rows):
-                    log._grow()
-                if log.cur < 0:
-                    log._new_chunk()
-                ts = time.time_ns()
-                if ts < log.last_timestamp:
-                    ts = log.last_timestamp
-                lsn = log.next_lsn
-                src = log.source_ids.get(source)
-                if src is None:
-                    src = log._source_id(source, row)
-                while True:
-                    tail = log.tail
-                    n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
-                                     log.cur_array, tail, LOG_CHUNK - tail, pid, epoch, ts, src,
-                                     (log.cur << 32) | tail)
-                    if n != -2:
-                        break
-                    log._new_chunk()
-                if n <= 0:
-                    return False
-                changed = n if n * 4 <= size else size
-                log.last_changed = changed
-                log.tail = tail + plen
-                log.n = row + 1
-                lsns = log.lsns
+            # Nothing below calls out of this frame until the write is logged and applied
+            # (no handler, no recompute function), so the call is marked entered
+            # (_depth) only around the calls that can.
+            if frame is not None and pid not in frame.touched:
+                frame.touch(pid)
+            addr = addr_v[pid]
+            epoch = epoch_v[pid] + 1
+            mem = self.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
+            # TransactionLog.write_small, inlined.
+            row = log.n
+            if row == len(log.rows):
+                log._grow()
+            if log.cur < 0:
+                log._new_chunk()
+            ts = time.time_ns()
+            if ts < log.last_timestamp:
+                ts = log.last_timestamp
+            lsn = log.next_lsn
+            src = log.source_ids.get(source)
+            if src is None:
+                src = log._source_id(source, row)
+            while True:
+                tail = log.tail
+                n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
+                                 log.cur_array, tail, pid, epoch, ts, src, log.cur)
+                if n != -2:
+                    break
+                log._new_chunk()
+            if n <= 0:
+                return False
+            changed = n if n * 4 <= size else size
+            log.tail = tail + plen
+            log.n = row + 1
+            lsns = log.lsns
+            ids = log.ids
+            did = self.next_delta_id
+            if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
+                # A new run of consecutive LSNs or delta ids starts at this row (one
+                # test for both in the common case, where both runs go on).
                 if lsn != lsns.last + 1 or not row:
                     lsns.rows.append(row)
                     lsns.vals.append(lsn)
-                lsns.last = lsn
-                did = self.next_delta_id
-                ids = log.ids
                 if did != ids.last + 1 or not row:
                     ids.rows.append(row)
                     ids.vals.append(did)
-                ids.last = did
-                rows = log.index.get(pid)
-                if rows is None:
-                    log.index[pid] = array("I", [row])
-                else:
-                    rows.append(row)
-                log.payload_bytes += plen
-                log.next_lsn = lsn + 1
-                log.last_timestamp = ts
-                # _write_compiled's tail.
-                self.next_delta_id = did + 1
-                epoch_v[pid] = epoch
-                if self.events.active or pid in self.graph.children:
+            lsns.last = lsn
+            ids.last = did
+            rows = log.index.get(pid)
+            if rows is None:
+                log.index[pid] = array("I", [row])
+            else:
+                rows.append(row)
+            log.payload_bytes += plen
+            log.next_lsn = lsn + 1
+            log.last_timestamp = ts
+            # _write_compiled's tail.
+            self.next_delta_id = did + 1
+            epoch_v[pid] = epoch
+            if self.events.active or pid in self.graph.children:
+                # Events and propagation run recompute functions and handlers: the call
+                # counts as entered (_depth) while they run, as in write_bytes.
+                self._depth += 1
+                try:
                     self.after_write(pid, epoch, did, lsn, t0, changed)
-                    return True
-                c = self.counters
-                # c.delta_apply.add(), inlined.
-                ns = time.perf_counter_ns() - t0
-                ring = c.delta_apply
-                pos = ring.pos
-                ring.samples[pos] = ns
-                pos += 1
-                ring.pos = 0 if pos == len(ring.samples) else pos
-                ring.count += 1
-                ring.total_ns += ns
-                if ns > ring.max_ns:
-                    ring.max_ns = ns
-                c.records_logged += 1
-                c.payload_bytes_logged += changed
-                if log.n > self.compact_at and not self.propagating and not self.batch_depth:
-                    self.auto_compress()
+                finally:
+                    self._depth -= 1
                 return True
-            finally:
-                self._depth -= 1
+            c = self.counters
+            # c.delta_apply.add(), inlined.
+            ns = time.perf_counter_ns() - t0
+            ring = c.delta_apply
+            pos = ring.pos
+            ring.samples[pos] = ns
+            pos += 1
+            ring.pos = 0 if pos == len(ring.samples) else pos
+            ring.count += 1
+            ring.total_ns += ns
+            if ns > ring.max_ns:
+                ring.max_ns = ns
+            c.records_logged += 1
+            c.payload_bytes_logged += changed
+            if row >= self.compact_at and not self.propagating and not self.batch_depth:
+                self._depth += 1
+                try:
+                    self.auto_compress()
+                finally:
+                    self._depth -= 1
+            return True
         finally:
-            if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
+            if self.event_queue and self._depth == 0 and not getattr(self._delivering, "on", False):
                 lock.release()
                 self._deliver_queued()
             else:
@@ -1422,10 +1434,9 @@ class _BatchFrame:
         """Save page ``pid``'s bytes and epoch before the batch's first compiled write to
         it (later ones need nothing: a rollback restores this copy after undoing them)."""
         st = self.state
-        t = st.table
+        addr_v, size_v, epoch_v, _flags_v = st.table.views  # plain ints, not numpy scalars
         self.touched.add(pid)
-        self.undo.append(("page", pid, int(t.epoch[pid]),
-                          st.arena.view(int(t.addr[pid]), int(t.size[pid])).copy()))
+        self.undo.append(("page", pid, epoch_v[pid], st.arena.view(addr_v[pid], size_v[pid]).copy()))
 
     def rollback(self) -> None:
         st = self.state

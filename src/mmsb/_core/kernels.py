@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["ROW_DTYPE", "write_small", "ENC_RUN", "ENC_RUN16", "ENC_POS16", "ENC_POS32",
-           "SMALL_WRITE"]
+           "SMALL_WRITE", "LOG_CHUNK"]
 
 ROW_DTYPE = np.dtype([
     ("page", np.int32), ("psize", np.uint32), ("plen", np.uint32), ("src", np.uint16),
@@ -32,11 +32,14 @@ ENC_RUN16 = 6
 SMALL_WRITE = 4096
 """Writes up to this many bytes go through :func:`write_small`."""
 
+LOG_CHUNK = 1 << 18
+"""Bytes of one payload chunk of the transaction log."""
+
 
 def entry_point(kernel: Any, *args: Any) -> Callable[..., Any]:
     """The compiled entry of ``kernel`` for the numba types of ``args`` (compiled, or
     loaded from the cache, without running it). Calling it skips numba's per-call
-    choice of a compiled version (about 0.3 µs for a kernel of 15 arguments); only for
+    choice of a compiled version (about 0.3 µs for a kernel of 14 arguments); only for
     call sites whose arguments always have exactly those types."""
     try:
         sig = tuple(numba.typeof(a) for a in args)
@@ -188,10 +191,13 @@ def _fill_row(rows: np.ndarray, row: int, pid: int, size: int, plen: int, src: i
 
 @njit(cache=True, nogil=True)
 def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np.ndarray,
-                rows: np.ndarray, row: int, chunk: np.ndarray, coff: int, room: int, pid: int,
-                epoch: int, ts: int, src: int, poff: int) -> tuple[int, int]:  # pragma: no cover
+                rows: np.ndarray, row: int, chunk: np.ndarray, coff: int, pid: int,
+                epoch: int, ts: int, src: int, ci: int) -> tuple[int, int]:  # pragma: no cover
     """Write ``new`` at ``off`` of the page of ``size`` bytes at ``mem[base:]`` as one
-    sparse delta, in one pass.
+    sparse delta, in one pass. The payload goes to ``chunk[coff:]``, the current log
+    chunk (number ``ci``, :data:`LOG_CHUNK` bytes); its room and the row's payload
+    place are worked out here rather than passed (each argument costs the caller's
+    every small write some nanoseconds to cross into compiled code).
 
     Counts the changed bytes; when there are some, encodes them into ``chunk[coff:]``,
     fills log row ``row`` and applies the bytes. At most a quarter of the page changed:
@@ -202,6 +208,8 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     Returns ``(changed, payload length)``; changed is 0 when nothing differs (nothing
     written), -2 when the payload needs more than ``room`` bytes (nothing written).
     """
+    room = LOG_CHUNK - coff
+    poff = (ci << 32) | coff
     m = len(new)
     page = mem[base:base + size]
     # Indexing a slice with the loop counter lets the compare vectorise.

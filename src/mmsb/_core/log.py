@@ -33,6 +33,7 @@ from ..errors import SerializationError
 from .arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .delta import Delta
 from .kernels import (
+    LOG_CHUNK,
     ROW_DTYPE,
     apply_log_rows_one,
     check_payloads,
@@ -69,10 +70,9 @@ ENC_RUN16 = 6
 """Sparse, one contiguous run, page of at most 65,536 bytes: u16 start, then the
 values."""
 
-_CHUNK = 1 << 18
+_CHUNK = LOG_CHUNK
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
-LOG_CHUNK = _CHUNK
 _NO_SOURCE = 0xFFFF
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
 """The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
@@ -663,13 +663,13 @@ class TransactionLog:
         while True:
             tail = self.tail
             n, plen = kernel(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
-                             _CHUNK - tail, pid, epoch, ts, src, (self.cur << 32) | tail)
+                             pid, epoch, ts, src, self.cur)
             if n != -2:
                 break
             self._new_chunk()
         if key and key not in _SMALL_ENTRY:
             _SMALL_ENTRY[key] = entry_point(write_small, mem, base, size, off, new, self.rows,
-                                            row, self.cur_array, tail, 0, pid, epoch, ts, src, 0)
+                                            row, self.cur_array, tail, pid, epoch, ts, src, 0)
         if n <= 0:
             return n
         # The payload bytes a delta counts: its values, or the page for a dense one.
