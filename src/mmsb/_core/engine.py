@@ -940,7 +940,7 @@ class MMSBState:
         or None when the call is not that case and write_bytes must take it (nothing was
         done). O(len(data)), O(page size) for a dense write."""
         log = self.log
-        kernel = _small_entries.get(1)  # small_entry(), without its frame
+        kernel = _small_entries.get(1)  # write_small's compiled entry, once it is made
         if (log.sink is not None or self.bus is not None or not self.config.enable_logging
                 or len(data) > SMALL_WRITE or kernel is None):
             return None

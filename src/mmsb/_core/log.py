@@ -1745,12 +1745,6 @@ class _ByPage:
         return list(self._log.index)
 
 
-def small_entry() -> Callable[..., tuple[int, int]] | None:
-    """The compiled entry of :func:`write_small` for a write of ``bytes``, once a first
-    such write through :meth:`TransactionLog.write_small` has made it (else None)."""
-    return _SMALL_ENTRY.get(1)
-
-
 def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
     """The records of ``parts`` one after another (slices of one log, in LSN order):
     their columns concatenated when every part holds columns
