@@ -984,3 +984,31 @@ def test_a_follower_whose_disk_refuses_keeps_trying_and_catches_up(
         fsops.set_fault_hook(previous)
         f.close()
         mmsb.mmsb_stop(leader)
+
+
+def test_a_promotion_that_died_half_way_does_not_block_the_next(server: RedisServer,
+                                                                tmp_path: Path) -> None:
+    leader = _leader(tmp_path / "lead", server.url, replication_lease=0.5)
+    bus_id = leader.bus.bus_id
+    f = mmsb.follow(server.url, bus_id, tmp_path / "f")
+    pid = mmsb.create_page(leader, size=8).id
+    mmsb.write_page(leader, pid, 0, b"\x01")
+    assert f.wait_for(leader.log.last_lsn, 20)
+    mmsb.mmsb_stop(leader)
+    # Another follower fenced term 1 (term 2) and died before naming term 2's first LSN;
+    # its lease lapsed.
+    keys = Keys(bus_id)
+    c = server.client()
+    c.incr(keys.term)
+    c.close()
+    new = f.promote()
+    try:
+        assert new.bus.replication.term == 3
+        mmsb.write_page(new, pid, 0, b"\x02")
+        g = mmsb.follow(server.url, bus_id, tmp_path / "g")
+        assert g.wait_for(new.log.last_lsn, 20)
+        assert g.read_page(pid)[0] == 2
+        g.close()
+    finally:
+        f.close()
+        mmsb.mmsb_stop(new)

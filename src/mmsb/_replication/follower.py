@@ -651,7 +651,7 @@ class Follower:
                     "(it must bootstrap first); nothing changed")
             k = self.keys
             ttl_ms = int(self.ttl * 1000)
-            res = self.scripts.fence(keys=[k.term, k.lease],
+            res = self.scripts.fence(keys=[k.term, k.lease, k.terms],
                                      args=[self.node, ttl_ms, self.term, "1" if force else "0"])
             if int(res[0]) == -1:
                 raise ReplicationError(

@@ -385,7 +385,7 @@ class Leader:
                     continue
                 if not res:
                     continue
-                changed = False
+                seen: dict[str, int] = {}
                 for _key, entries in res:
                     for eid, fields in entries:
                         last_id = eid
@@ -396,11 +396,14 @@ class Leader:
                             lsn = int(fields[b"l"])
                         except (KeyError, ValueError, UnicodeDecodeError):
                             continue
-                        if lsn > self.acks.get(node, 0):
-                            self.acks[node] = lsn
-                            changed = True
-                if changed:
+                        if lsn > seen.get(node, 0):
+                            seen[node] = lsn
+                if seen:
+                    # Under the condition's lock: waiting calls read the table under it.
                     with self.cv:
+                        for node, lsn in seen.items():
+                            if lsn > self.acks.get(node, 0):
+                                self.acks[node] = lsn
                         self.cv.notify_all()
         finally:
             client.close()

@@ -77,12 +77,17 @@ return {new, start}
 """
 
 _FENCE = """
--- A follower takes over: KEYS term, lease; ARGV node, ttl_ms, followed_term, force.
--- Returns {new_term} or {-1, holder} or {-2, current}.
+-- A follower takes over: KEYS term, lease, terms; ARGV node, ttl_ms, followed_term, force.
+-- Returns {new_term} or {-1, holder} or {-2, current}. Terms after the followed one that
+-- never named their first LSN (a promotion that died half way) are passed over.
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local lease = redis.call('GET', KEYS[2])
 if lease and ARGV[4] ~= '1' then return {-1, lease} end
-if cur ~= tonumber(ARGV[3]) then return {-2, tostring(cur)} end
+local followed = tonumber(ARGV[3])
+if cur < followed then return {-2, tostring(cur)} end
+for t = followed + 1, cur do
+  if redis.call('HEXISTS', KEYS[3], t) == 1 then return {-2, tostring(cur)} end
+end
 local new = cur + 1
 redis.call('SET', KEYS[1], new)
 redis.call('SET', KEYS[2], new .. ':' .. ARGV[1], 'PX', ARGV[2])
