@@ -1012,3 +1012,30 @@ def test_a_promotion_that_died_half_way_does_not_block_the_next(server: RedisSer
     finally:
         f.close()
         mmsb.mmsb_stop(new)
+
+
+def test_a_follower_behind_a_finished_term_whose_stream_lost_frames_bootstraps(
+        server: RedisServer, tmp_path: Path) -> None:
+    leader = _leader(tmp_path / "lead", server.url)
+    bus_id = leader.bus.bus_id
+    f = mmsb.follow(server.url, bus_id, tmp_path / "f")
+    pid = mmsb.create_page(leader, size=8).id
+    assert f.wait_for(leader.log.last_lsn, 20)
+    f.close()
+    for i in range(10):
+        mmsb.write_page(leader, pid, 0, bytes([i + 1]))
+    mmsb.mmsb_stop(leader)
+    c = server.client()
+    c.delete(Keys(bus_id).log(1))  # term 1's stream, gone (as if trimmed)
+    c.close()
+    leader = _leader(tmp_path / "lead", server.url)  # term 2 begins after the last LSN
+    try:
+        f = mmsb.follow(server.url, bus_id, tmp_path / "f")
+        try:
+            assert f.wait_for(leader.log.last_lsn, 20), f.error
+            assert f.read_page(pid)[0] == 10 and f.term == 2
+            assert f.stats["bootstraps"] == 1 and f.stats["repairs"] == 1
+        finally:
+            f.close()
+    finally:
+        mmsb.mmsb_stop(leader)

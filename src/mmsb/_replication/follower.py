@@ -391,19 +391,23 @@ class Follower:
                 self.cv.notify_all()
         streams = {self.keys.log(self.term): f"{a}-0", self.keys.log(self.term + 1): "0-0"}
         res = block.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)
-        if not res:
-            return False
         mine = self.keys.log(self.term).encode()
         entries = []
-        for key, items in res:
+        for key, items in res or ():
             if key == mine:
                 entries = items
             else:
                 self._refresh_terms()  # frames of a newer term: learn where it starts
-        if not entries:
+        if nxt is None:
+            return bool(entries) and self._apply_entries(entries, None)
+        if entries and self._apply_entries(entries, nxt[1] - 1):
             return True
-        limit = nxt[1] - 1 if nxt is not None else None
-        return self._apply_entries(entries, limit)
+        # The term followed here is over (a newer one began), so its stream can no
+        # longer grow: what it lacks before the newer term's start is not coming.
+        self._ask_checkpoint(a + 1)
+        self.want_lsn = a + 1
+        raise _Repair(f"the stream of term {self.term} holds nothing after LSN {a}, but term "
+                      f"{nxt[0]} begins only at LSN {nxt[1]}")
 
     def _apply_entries(self, entries: list[Any], limit: int | None, again: bool = True) -> bool:
         """Check the entries' headers and order, then apply their frames in one pass."""
@@ -502,7 +506,8 @@ class Follower:
                 continue
             if raw in self.bad_manifests:
                 continue
-            if self._valid(man) and (best is None or man.lsn > best[0].lsn):
+            if self._valid(man) and (best is None or (man.lsn, man.term) > (best[0].lsn,
+                                                                            best[0].term)):
                 best = (man, raw)
         if best is None or best[0].lsn < self.want_lsn:
             # None yet, or none past what is missing here: ask the leader for one.
