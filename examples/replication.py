@@ -64,8 +64,8 @@ def main() -> None:
 def run(root: Path, url: str) -> None:
     cfg = mmsb.MMSBConfig(replicate_to=url, ack="replicas:1", ack_timeout=10)
     leader = mmsb.mmsb_start(path=root / "leader", config=cfg)
-    bus_id = leader.bus.bus_id
-    print(f"leader of bus {bus_id:016x}, term {leader.bus.replication.term}")
+    bus_id = leader.bus_id                        # 16 hex digits: what followers name
+    print(f"leader of bus {bus_id}")
 
     # Each follower keeps a durable copy in its own directory (on another machine, it
     # would need only the Redis URL and the bus id).
@@ -79,14 +79,14 @@ def run(root: Path, url: str) -> None:
     last = leader.log.last_lsn
     for f in (a, b):
         assert f.wait_for(last, timeout=10)
-        print(f"follower {f.node}: {f.read_page(page.id)[:6]!r}, lag {f.lag().lsns} LSNs")
+        print(f"follower {f.node}: {f.read_page(page.id)[:6]!r}, lag {f.lag.lsns} LSNs")
     print("follower a, as of LSN 3:", a.read_page_at(page.id, lsn=3)[:6])
 
     # Failover: the leader goes away (here it stops and gives its lease back; after a
     # crash the followers wait for the lease to lapse, or promote with force=True).
     mmsb.mmsb_stop(leader)
     new = a.promote()
-    print(f"follower a leads now, term {new.bus.replication.term}")
+    print(f"follower a leads now, term {a.term}")
     mmsb.write_page(new, page.id, 0, b"after!")     # acknowledged by follower b
     assert b.wait_for(new.log.last_lsn, timeout=10)
     print(f"follower b follows the new leader: {b.read_page(page.id)[:6]!r}")

@@ -170,7 +170,7 @@ def test_leader_and_three_followers_agree_at_every_reported_lsn(server: RedisSer
             # The follower's own log replays to the same pages.
             replayed = mmsb.replay_to_lsn(f.state, last)
             assert _pages(replayed) == _pages(leader)
-            lag = f.lag()
+            lag = f.lag
             assert lag.lsns == 0 and lag.seconds == 0.0 and lag.leader_lsn == last
         assert len(checked) > 3
         # Readers of a follower's directory in the mmsb.attach way see the same pages.
@@ -400,8 +400,8 @@ def test_promote_command_hands_over_to_the_most_advanced_follower(
             assert f.wait_for(leader.log.last_lsn, 20)
         last = leader.log.last_lsn
         mmsb.mmsb_stop(leader)  # gives the lease back
-        result = CliRunner().invoke(main, ["promote", server.url, f"{bus_id:016x}",
-                                           "--timeout", "20"])
+        result = CliRunner().invoke(main, ["promote", "--best", "--url", server.url, "--bus",
+                                           f"{bus_id:016x}", "--timeout", "20"])
         assert result.exit_code == 0, result.output
         assert "term 2" in result.output
         assert len(promoted) == 1
@@ -878,8 +878,9 @@ def test_follow_and_promote_commands(server: RedisServer, tmp_path: Path) -> Non
                 break
         assert status["lag_lsns"] == 0 and status["term"] == 1
         mmsb.mmsb_stop(leader)
-        done = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, bus,
-                               "--node", "cli1", "--timeout", "20"],
+        # The directory names its bus, node and Redis: the running follower is asked.
+        done = subprocess.run([sys.executable, "-m", "mmsb", "promote", str(tmp_path / "f"),
+                               "--timeout", "20"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "led by cli1" in done.stdout
@@ -904,16 +905,22 @@ def test_follow_and_promote_commands(server: RedisServer, tmp_path: Path) -> Non
     assert f.wait_for(new.log.last_lsn, 20)
     f.close()
     mmsb.mmsb_stop(new)
-    done = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, bus, "--path",
-                           str(tmp_path / "g"), "--timeout", "20"],
+    # A stopped follower's directory is promoted in place.
+    done = subprocess.run([sys.executable, "-m", "mmsb", "promote", str(tmp_path / "g"),
+                           "--timeout", "20"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "now leads bus" in done.stdout
-    assert read_role(tmp_path / "g").role == 1
-    # Refusals name the problem and change nothing.
-    bad = subprocess.run([sys.executable, "-m", "mmsb", "promote", server.url, "zz"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "bus id" in bad.stderr
+    role = read_role(tmp_path / "g")
+    assert role is not None and role.role == 1 and role.url == server.url
+    # Refusals name the problem.
+    for args, says in ((["promote", "--best", "--url", server.url, "--bus", "zz"], "bus id"),
+                       (["promote", str(tmp_path / "g")], "leads term"),
+                       (["promote", str(tmp_path / "nothing")], "no MMSB bus"),
+                       (["promote"], "give a follower's PATH")):
+        bad = subprocess.run([sys.executable, "-m", "mmsb", *args], capture_output=True,
+                             text=True, timeout=60)
+        assert bad.returncode != 0 and says in bad.stderr, (args, bad.stderr)
 
 
 def test_frames_dropped_while_redis_was_away_are_crossed_by_a_checkpoint(
@@ -1039,3 +1046,27 @@ def test_a_follower_behind_a_finished_term_whose_stream_lost_frames_bootstraps(
             f.close()
     finally:
         mmsb.mmsb_stop(leader)
+
+
+def test_the_role_file_round_trips_and_refuses_damage(tmp_path: Path) -> None:
+    from mmsb._replication.wire import RoleFile, write_role
+
+    role = RoleFile(2, 7, "node-1", "redis://:secret@host:6379/3")
+    write_role(tmp_path, role)
+    assert read_role(tmp_path) == role
+    assert (tmp_path / "REPL").stat().st_mode & 0o777 == 0o600
+    raw = (tmp_path / "REPL").read_bytes()
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 0x04
+        (tmp_path / "REPL").write_bytes(bytes(bad))
+        with pytest.raises(mmsb.SerializationError):
+            read_role(tmp_path)
+    for cut in (0, 10, len(raw) - 1):
+        (tmp_path / "REPL").write_bytes(raw[:cut])
+        with pytest.raises(mmsb.SerializationError):
+            read_role(tmp_path)
+    (tmp_path / "REPL").unlink()
+    (tmp_path / "REPL").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(mmsb.SerializationError):
+        read_role(tmp_path)

@@ -28,6 +28,7 @@ _FLOAT_RANGES = {
 }
 _REPLICATE_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_ACK_REPLICAS = 64
+MAX_URL = 4096
 MAX_RETAIN_CHECKPOINTS = 1 << 20
 
 
@@ -123,10 +124,11 @@ class MMSBConfig:
                 f"{MAX_RETAIN_CHECKPOINTS}, not {rc!r}")
         url = self.replicate_to
         if url is not None and (not isinstance(url, str)
-                                or not url.startswith(_REPLICATE_SCHEMES)):
+                                or not url.startswith(_REPLICATE_SCHEMES)
+                                or len(url.encode("utf-8", "replace")) > MAX_URL):
             raise InvalidArgumentError(
-                f"MMSBConfig.replicate_to must be None or a Redis URL starting with one of "
-                f"{_REPLICATE_SCHEMES}, not {url!r}")
+                f"MMSBConfig.replicate_to must be None or a Redis URL (at most {MAX_URL} "
+                f"bytes) starting with one of {_REPLICATE_SCHEMES}, not {url!r}")
         replicas_needed(self.ack)
 
 

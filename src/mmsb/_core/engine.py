@@ -424,6 +424,13 @@ class MMSBState:
         return self.log.last_lsn
 
     @property
+    def bus_id(self) -> str | None:
+        """The durable bus's id, 16 hex digits (what ``mmsb.follow`` and the Redis keys of
+        a replicated bus name it by); None for an in-memory state."""
+        bus = self.bus
+        return None if bus is None else f"{bus.bus_id:016x}"
+
+    @property
     def next_page_id(self) -> int:
         return self.table.next_id
 

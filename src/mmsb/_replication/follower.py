@@ -143,7 +143,7 @@ class Follower:
         if role is not None and role.role == LEADER:
             # A leader's directory (one that died, or stepped down) rejoins as a follower:
             # whatever it logged after the newer term began is replaced by bootstrap.
-            role = RoleFile(FOLLOWER, role.term, role.node)
+            role = RoleFile(FOLLOWER, role.term, role.node, url)
         self.node = check_node(node) if node is not None else (role.node if role else new_node_id())
         self.term = role.term if role is not None else 0
         self.need_bootstrap = role is None
@@ -156,7 +156,7 @@ class Follower:
         leader that was replaced may hold records the new history does not): until
         then ``wait_for`` counts none of them."""
         try:
-            write_role(self.path, RoleFile(FOLLOWER, self.term, self.node))
+            write_role(self.path, RoleFile(FOLLOWER, self.term, self.node, self.url))
         except OSError as exc:
             self._state.close()
             raise ReplicationError(f"cannot record the follower's role in {self.path}/REPL "
@@ -211,9 +211,17 @@ class Follower:
         return self.state.log.last_lsn
 
     # -- reading ----------------------------------------------------------------------
-    def read_page(self, page_id: int) -> bytes:
-        """The page's bytes as applied here (:func:`mmsb.query_page`)."""
+    @property
+    def last_lsn(self) -> int:
+        """The newest LSN applied here (as ``BusReader.last_lsn``)."""
+        return self.applied_lsn
+
+    def query_page(self, page_id: int) -> bytes:
+        """The page's bytes as applied here (:func:`mmsb.query_page` on the copy)."""
         return query_page(self.state, page_id)
+
+    read_page = query_page
+    """The same, by the name ``BusReader`` uses."""
 
     def read_page_at(self, page_id: int, *, lsn: int | None = None, epoch: int | None = None,
                      timestamp: int | None = None) -> bytes:
@@ -246,8 +254,10 @@ class Follower:
                 self.cv.wait(0.1 if left is None else min(left, 0.1))
         return True
 
+    @property
     def lag(self) -> FollowerLag:
-        """The leader's newest shipped LSN against what is applied here.
+        """The leader's newest shipped LSN against what is applied here (asked of Redis
+        on each read).
 
         Raises:
             ReplicationError: Redis cannot be reached.
@@ -367,7 +377,7 @@ class Follower:
 
     def _switch(self, term: int) -> None:
         """Follow ``term`` from here on (recorded before any of its frames is applied)."""
-        write_role(self.path, RoleFile(FOLLOWER, term, self.node))
+        write_role(self.path, RoleFile(FOLLOWER, term, self.node, self.url))
         self.term = term
 
     def _step(self, block: Any) -> bool:
@@ -694,7 +704,7 @@ class Follower:
                     # Beyond where the new term begins: not part of its history.
                     self.client.zrem(k.ckpts, raw)
                     self.client.delete(*[k.chunk(man, i) for i in range(man.chunks)])
-            write_role(self.path, RoleFile(LEADER, new, self.node))
+            write_role(self.path, RoleFile(LEADER, new, self.node, self.url))
             state = self.state
             with state.lock:
                 bus = state.bus

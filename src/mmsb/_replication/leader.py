@@ -479,7 +479,7 @@ def start_leader(state: MMSBState, url: str) -> Leader:
             f"(mmsb promote) and let {root} rejoin as a follower")
     term, start = code, int(res[1])
     try:
-        write_role(root, RoleFile(LEADER, term, node))
+        write_role(root, RoleFile(LEADER, term, node, url))
     except OSError as exc:
         client.close()
         raise ReplicationError(f"cannot record the leader's term in {root}/REPL ({exc}); the "

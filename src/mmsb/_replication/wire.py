@@ -45,8 +45,7 @@ _MANIFEST = struct.Struct("<8sHHQQQQQII")  # magic, version, flags, bus, term, l
 MANIFEST_SIZE = _MANIFEST.size + 4
 ROLE_MAGIC = b"MMSBREPL"
 ROLE_VERSION = 1
-_ROLE = struct.Struct("<8sHHQ16s")  # magic, version, role, term, node
-ROLE_SIZE = _ROLE.size + 4
+_ROLE = struct.Struct("<8sHHQ16sH")  # magic, version, role, term, node, URL length
 _U32 = struct.Struct("<I")
 LEADER = 1
 FOLLOWER = 2
@@ -189,6 +188,8 @@ class RoleFile:
     role: int
     term: int
     node: str
+    url: str
+    """The Redis URL it replicates through (``mmsb promote PATH`` reads it)."""
 
 
 def read_role(root: Path) -> RoleFile | None:
@@ -205,11 +206,13 @@ def read_role(root: Path) -> RoleFile | None:
     except OSError as exc:
         raise SerializationError(f"cannot read the replication role file ({exc.strerror or exc})",
                                  path=path) from None
-    if len(raw) != ROLE_SIZE:
-        raise SerializationError(f"the replication role file is {len(raw)} bytes, not "
-                                 f"{ROLE_SIZE}", path=path)
-    magic, version, role, term, node = _ROLE.unpack_from(raw, 0)
-    if magic != ROLE_MAGIC or crc32c(raw[: _ROLE.size]) != _U32.unpack_from(raw, _ROLE.size)[0]:
+    if len(raw) < _ROLE.size + 4:
+        raise SerializationError(f"the replication role file is {len(raw)} bytes, shorter "
+                                 f"than its {_ROLE.size + 4}-byte minimum", path=path)
+    magic, version, role, term, node, url_len = _ROLE.unpack_from(raw, 0)
+    end = _ROLE.size + url_len
+    if (magic != ROLE_MAGIC or len(raw) != end + 4
+            or crc32c(raw[:end]) != _U32.unpack_from(raw, end)[0]):
         raise SerializationError("the replication role file is damaged", path=path, offset=0)
     if version != ROLE_VERSION:
         raise SerializationError(f"replication role file version {version} is not supported",
@@ -218,10 +221,11 @@ def read_role(root: Path) -> RoleFile | None:
         raise SerializationError(f"the replication role file names role {role}", path=path)
     try:
         name = node.rstrip(b"\0").decode("ascii")
+        url = raw[_ROLE.size:end].decode("utf-8")
     except UnicodeDecodeError:
-        raise SerializationError("the replication role file's node name is not ASCII",
+        raise SerializationError("the replication role file's node name or URL is not text",
                                  path=path) from None
-    return RoleFile(role, term, name)
+    return RoleFile(role, term, name, url)
 
 
 def write_role(root: Path, role: RoleFile) -> None:
@@ -231,5 +235,7 @@ def write_role(root: Path, role: RoleFile) -> None:
         OSError: the disk refused (the old file, if any, stays).
     """
     node = role.node.encode("ascii")
-    head = _ROLE.pack(ROLE_MAGIC, ROLE_VERSION, role.role, role.term, node.ljust(16, b"\0"))
+    url = role.url.encode("utf-8")  # at most config.MAX_URL bytes (validated before)
+    head = _ROLE.pack(ROLE_MAGIC, ROLE_VERSION, role.role, role.term, node.ljust(16, b"\0"),
+                      len(url)) + url
     fsops.replace_small_file(root, "REPL", head + _U32.pack(crc32c(head)))

@@ -81,7 +81,7 @@ def _status(f: Any, as_json: bool) -> None:
     from ..errors import ReplicationError
 
     try:
-        lag = f.lag()
+        lag = f.lag
     except ReplicationError as exc:
         click.echo(f"Redis does not answer: {exc}", err=True)
         return
@@ -96,47 +96,84 @@ def _status(f: Any, as_json: bool) -> None:
 
 
 @click.command("promote", short_help="Make a follower the leader of a replicated bus.")
-@click.argument("url")
-@click.argument("bus_id")
-@click.option("--node", default="best", show_default=True,
-              help='The follower to promote, or "best": the most advanced live one.')
-@click.option("--path", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Promote the stopped follower whose copy is in this directory, here.")
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--url", help="The Redis URL (default: the one recorded in PATH).")
+@click.option("--best", is_flag=True,
+              help="Instead of PATH: the most advanced live follower (with --url and --bus).")
+@click.option("--bus", "bus_id", help="With --best: the bus id (16 hex digits).")
 @click.option("--force", is_flag=True,
               help="Depose a leader whose lease still holds (planned switch-over).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds to wait for the follower to take over.")
-def promote_command(url: str, bus_id: str, node: str, path: Path | None, force: bool,
-                    timeout: float) -> None:
-    """Fail over bus BUS_ID in Redis at URL: the follower chosen (a running `mmsb follow`
-    or `mmsb.follow`) fences the current term, applies all the old leader published,
-    and leads the next term. With --path, the stopped follower in that directory is
-    caught up and promoted by this command, then closed, ready to be opened as the
-    leader."""
+def promote_command(path: Path | None, url: str | None, best: bool, bus_id: str | None,
+                    force: bool, timeout: float) -> None:
+    """Fail over a replicated bus to the follower whose copy is in PATH: it fences the
+    current term, applies all the old leader published, and leads the next term. A
+    follower running there (`mmsb follow`, `mmsb.follow`) is asked to do it through
+    Redis; a stopped one is caught up and promoted by this command, then closed, ready
+    to be opened as the leader. With --best (and --url, --bus) the most advanced live
+    follower is asked instead."""
+    from .._replication.wire import FOLLOWER, read_role
+    from .._storage.bus import bus_identity
+    from ..errors import BusLockedError, MMSBError
+
+    if best == (path is not None):
+        raise click.UsageError("give a follower's PATH, or --best with --url and --bus")
+    if best:
+        if url is None or bus_id is None:
+            raise click.UsageError("--best needs --url and --bus")
+        _request(url, _bus_id(bus_id), "best", force, timeout)
+        return
+    assert path is not None
+    try:
+        bus = bus_identity(path)
+        role = read_role(path)
+    except MMSBError as exc:
+        raise click.ClickException(str(exc)) from None
+    if role is None or role.role != FOLLOWER:
+        what = "never replicated" if role is None else f"leads term {role.term}"
+        raise click.ClickException(f"{path} is not a follower's copy ({what})")
+    url = url or role.url
+    try:
+        _promote_here(url, bus, path, force, timeout)
+    except BusLockedError:
+        # A follower process holds it: ask that one, through Redis.
+        _request(url, bus, role.node, force, timeout)
+
+
+def _promote_here(url: str, bus: int, path: Path, force: bool, timeout: float) -> None:
+    """Open the stopped follower in ``path``, catch it up, promote it, close it."""
     from .. import _api
+    from .._replication.follower import follow
+    from .._replication.wire import Keys
+    from ..errors import BusLockedError, MMSBError
+
+    try:
+        f = follow(url, bus, path)
+    except BusLockedError:
+        raise
+    except MMSBError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        head = int(f.client.hget(Keys(bus).head, "lsn") or 0)
+        if not f.wait_for(head, timeout):
+            raise click.ClickException(f"{path} did not catch up to LSN {head} within "
+                                       f"{timeout:g} s; nothing was promoted")
+        state = f.promote(force=force)
+        term, lsn = f.term, state.log.last_lsn
+        _api.mmsb_stop(state)
+    except MMSBError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        f.close()
+    click.echo(f"{path} now leads bus {bus:016x} (term {term}, from LSN {lsn})")
+
+
+def _request(url: str, bus: int, node: str, force: bool, timeout: float) -> None:
+    """Ask the running follower ``node`` (or ``best``) to take over; wait for the term."""
     from .._replication.link import connect, redis_errors
     from .._replication.wire import Keys
-    from ..errors import MMSBError
 
-    bus = _bus_id(bus_id)
-    if path is not None:
-        from .._replication.follower import follow
-
-        try:
-            f = follow(url, bus, path)
-            client = f.client
-            head = int(client.hget(Keys(bus).head, "lsn") or 0)
-            if not f.wait_for(head, timeout):
-                f.close()
-                raise click.ClickException(f"{path} did not catch up to LSN {head} within "
-                                           f"{timeout:g} s; nothing was promoted")
-            state = f.promote(force=force)
-            term, lsn = f.term, state.log.last_lsn
-            _api.mmsb_stop(state)
-        except MMSBError as exc:
-            raise click.ClickException(str(exc)) from None
-        click.echo(f"{path} now leads bus {bus:016x} (term {term}, from LSN {lsn})")
-        return
     k = Keys(bus)
     client = connect(url)
     try:
