@@ -245,14 +245,19 @@ class Follower:
         """Wait until LSN ``lsn`` is applied here; False after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cv:
-            while not self.verified or self.applied_lsn < lsn:
+            while not self._caught_up(lsn):
                 if self.error is not None or self.promoted or self.stopping:
-                    return self.verified and self.applied_lsn >= lsn
+                    return self._caught_up(lsn)
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
                 self.cv.wait(0.1 if left is None else min(left, 0.1))
         return True
+
+    def _caught_up(self, lsn: int) -> bool:
+        """LSN ``lsn`` is applied here, on a copy checked against the current history
+        and not in the middle of a repair."""
+        return self.verified and not self.need_bootstrap and self.applied_lsn >= lsn
 
     @property
     def lag(self) -> FollowerLag:
@@ -561,9 +566,9 @@ class Follower:
             finally:
                 bus.not_leader = held
         self._switch(man.term)
-        self.need_bootstrap = False
-        self.want_lsn = 0
         self.stats["bootstraps"] += 1
+        self.want_lsn = 0
+        self.need_bootstrap = False
         self._ack()
         with self.cv:
             self.cv.notify_all()
