@@ -277,6 +277,8 @@ def test_bad_settings_are_refused(server: RedisServer, tmp_path: Path) -> None:
             mmsb.follow(server.url, bus, tmp_path / "f")
     with pytest.raises(mmsb.InvalidArgumentError):
         mmsb.follow(server.url, 5, tmp_path / "f", node="bad name!")
+    with pytest.raises(mmsb.ReplicationError, match="cannot reach Redis"):
+        mmsb.follow(f"redis://127.0.0.1:{_free_port()}/0", 5, tmp_path / "f")
     assert not (tmp_path / "f").exists()
 
 

@@ -120,6 +120,12 @@ class Follower:
         self.on_promote = on_promote
         self.ttl = float(cfg.replication_lease)
         self.client = connect(url)
+        try:
+            self.client.ping()  # before anything is created on disk
+        except redis_errors() as exc:
+            self.client.close()
+            raise ReplicationError(f"cannot reach Redis at {url} ({exc}); nothing was "
+                                   "created") from None
         self.scripts = Scripts(self.client)
         self.cv = threading.Condition()
         self.lock = threading.RLock()
@@ -129,7 +135,6 @@ class Follower:
         self.promoted = False
         self.error: BaseException | None = None
         self.terms: dict[int, int] = {}
-        self.repairs = 0
         self.applied_time = 0
         self.stats = {"entries": 0, "records": 0, "bootstraps": 0, "repairs": 0}
         self._thread: threading.Thread | None = None
@@ -138,7 +143,7 @@ class Follower:
         try:
             role = read_role(self.path)
         except BaseException:
-            self._state.close()
+            self._discard()
             raise
         if role is not None and role.role == LEADER:
             # A leader's directory (one that died, or stepped down) rejoins as a follower:
@@ -158,7 +163,7 @@ class Follower:
         try:
             write_role(self.path, RoleFile(FOLLOWER, self.term, self.node, self.url))
         except OSError as exc:
-            self._state.close()
+            self._discard()
             raise ReplicationError(f"cannot record the follower's role in {self.path}/REPL "
                                    f"({exc})") from None
 
@@ -170,6 +175,15 @@ class Follower:
         state.bus.not_leader = (f"{self.path} is a follower of bus {self.bus_id:016x}: it applies "
                                 "only what its leader logged; write to the leader")
         return state
+
+    def _discard(self) -> None:
+        """Close the local bus without writing anything (a refused start)."""
+        state = self._state
+        if state is not None and not state.closed:
+            if state.bus is not None:
+                state.bus.abandon("the follower did not start")
+            state.close()
+        self.client.close()
 
     def _reopen(self) -> None:
         """Discard the in-memory state (it may hold records its log does not) and
@@ -755,9 +769,4 @@ def follow(url: str, bus_id: int | str, path: str | os.PathLike[str], *,
     """
     f = Follower(url, bus_id, path, config=config, node=node, auto_promote=auto_promote,
                  on_promote=on_promote)
-    try:
-        f.client.ping()
-    except redis_errors() as exc:
-        f.close()
-        raise ReplicationError(f"cannot reach Redis at {url} ({exc})") from None
     return f.start()
