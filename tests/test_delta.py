@@ -365,6 +365,18 @@ def test_deserialize_other_version_names_both(state, shift: int) -> None:
     assert f"version {theirs}" in str(info.value) and f"reads {ours}" in str(info.value)
 
 
+def _skewed_pair(data: bytes, flips: list[int], skew: int) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` at an address ``skew`` bytes off alignment, and a copy with the bytes at
+    ``flips`` (those inside it) changed."""
+    raw = np.frombuffer(bytes(skew) + data, np.uint8)
+    a = raw[skew:]
+    b = a.copy()
+    for i in flips:
+        if i < len(b):
+            b[i] ^= (i % 255) + 1
+    return a, b
+
+
 @settings(max_examples=150, deadline=None)
 @given(data=st.binary(min_size=0, max_size=300), flips=st.lists(st.integers(0, 299)),
        skew=st.integers(0, 9))
@@ -372,12 +384,7 @@ def test_count_diff_counts_differing_bytes_at_any_alignment(data: bytes, flips: 
                                                               skew: int) -> None:
     from mmsb._core.kernels import count_diff
 
-    raw = np.frombuffer(bytes(skew) + data, np.uint8)
-    a = raw[skew:]
-    b = a.copy()
-    for i in flips:
-        if i < len(b):
-            b[i] ^= (i % 255) + 1
+    a, b = _skewed_pair(data, flips, skew)
     assert count_diff(a, b) == int(np.count_nonzero(a != b))
     assert count_diff(b, b) == 0 and count_diff(a, a ^ 0xFF) == len(a)
 
@@ -388,12 +395,7 @@ def test_count_diff_counts_differing_bytes_at_any_alignment(data: bytes, flips: 
 def test_diff_scan_and_runs_match_numpy(data: bytes, flips: list[int], skew: int) -> None:
     from mmsb._core.kernels import diff_scan, runs_of
 
-    raw = np.frombuffer(bytes(skew) + data, np.uint8)
-    a = raw[skew:]
-    b = a.copy()
-    for i in flips:
-        if i < len(b):
-            b[i] ^= (i % 255) + 1
+    a, b = _skewed_pair(data, flips, skew)
     want = np.flatnonzero(a != b)
     n, got = diff_scan(a, b, len(a))
     assert n == want.size and got.dtype == np.intp and np.array_equal(got, want)

@@ -135,7 +135,6 @@ class Follower:
         self.promoted = False
         self.error: BaseException | None = None
         self.terms: dict[int, int] = {}
-        self.applied_time = 0
         self.stats = {"entries": 0, "records": 0, "bootstraps": 0, "repairs": 0}
         self._thread: threading.Thread | None = None
         self._lease_gone: float | None = None
@@ -442,7 +441,6 @@ class Follower:
         """Check the entries' headers and order, then apply their frames in one pass."""
         frames: list[memoryview] = []
         first = expect = self.applied_lsn + 1
-        shipped = 0
         bad: str | None = None
         for eid, fields in entries:
             try:
@@ -465,10 +463,9 @@ class Follower:
                 break
             frames.append(e.frame)
             expect = e.last_lsn + 1
-            shipped = e.time_ns
         applied = 0
         if frames:
-            applied = self._apply(b"".join(frames), first, expect - first, shipped)
+            applied = self._apply(b"".join(frames), first, expect - first)
             if applied < expect - first:
                 bad = bad or "a frame in the stream is damaged"
                 expect = first + applied
@@ -484,7 +481,7 @@ class Follower:
             raise _Repair(bad)
         return bool(applied)
 
-    def _apply(self, data: bytes, first: int, count: int, shipped: int) -> int:
+    def _apply(self, data: bytes, first: int, count: int) -> int:
         """Apply and log frames holding records ``first`` … ``first + count - 1``;
         returns how many were (fewer: a damaged frame, after which nothing is)."""
         state = self.state
@@ -495,7 +492,6 @@ class Follower:
         if problem is not None:
             log.warning("follower %s: %s", self.node, problem)
         if good:
-            self.applied_time = shipped
             self.stats["records"] += good
             self.stats["entries"] += 1
             self._ack()

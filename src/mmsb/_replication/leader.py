@@ -14,6 +14,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,8 +82,6 @@ class Leader:
         self.queued_bytes = 0
         self.shipped = start - 1
         """Newest LSN whose frame is in the stream."""
-        self.appended = start - 1
-        """Newest LSN handed to the queue."""
         self.acks: dict[str, int] = {}
         self.confirmed = 0
         self.fenced: str | None = None
@@ -91,7 +90,8 @@ class Leader:
         self.gap = False
         self.down_since: float | None = None
         self.stopping = False
-        self.state_ref = state
+        self.state_ref = weakref.ref(state)
+        """The state (weakly: it holds this leader through its bus)."""
         self.stats = {"frames": 0, "entries": 0, "checkpoints": 0, "retries": 0}
         self._threads: list[threading.Thread] = []
 
@@ -108,7 +108,6 @@ class Leader:
                 self.ckpt_wanted = True
             self.queue.append((first, last, data))
             self.queued_bytes += len(data)
-            self.appended = last
             self.cv.notify_all()
 
     def after_call(self, state: MMSBState) -> None:
@@ -315,7 +314,9 @@ class Leader:
     def _want_checkpoint(self) -> None:
         """A follower asked for a checkpoint: take one now if no call is running (the
         state's lock is free), else at the end of the next call."""
-        state = self.state_ref
+        state = self.state_ref()
+        if state is None:
+            return
         if state.lock.acquire(blocking=False):
             try:
                 if not state.closed and not state.batch_depth:
