@@ -2,14 +2,19 @@
 
 Where the interpreter has ``sys.monitoring`` (3.12+), the recorder asks for start and
 end events of the instrumented code objects only, so other code runs untouched. On
-older interpreters it installs the standard library's C profiler (``_lsprof``, the core
-of ``cProfile``) in the enabling thread, and in threads started later through a
-``threading.setprofile`` hook that installs one there. That profiler is told to ignore
-C functions, so a call of a builtin or a numpy function costs nothing more, and it calls
-back into Python only through its clock: the recorder's clock looks at the frame that
-is starting or ending and returns at once for code it does not know. (A Python profile
-function would be called for C functions as well, and 3.11 copies the caller's local
-variables into a dict for every one of those calls.)
+older interpreters each instrumented function's ``__code__`` is swapped for a
+trampoline (:mod:`.trampoline`) that hands the call to a recording callable of that
+function: no process-wide hook is installed, other code (numpy's Python functions, the
+standard library, uninstrumented modules) runs untouched, and every reference to the
+function object sees the recording, whichever way it was taken and whenever.
+Disabling puts each function's own code object back.
+
+What counts as a call is the same on both paths: a plain function's call, from entry to
+return or to an exception leaving it; a generator's or coroutine's *activation*, from
+each ``next()``/``send()`` (the first one starts it) to the next ``yield``/``await``
+suspension, return or exception. A resume through ``throw()`` or ``close()`` is not
+recorded (``sys.monitoring`` reports it as ``PY_THROW``, which the recorder does not
+ask for). Async generators are recorded by ``sys.monitoring`` only.
 
 Each call of an instrumented function gives one record (function page, depth, start
 time, duration, sequence number). Records are buffered per thread (at most the ring's
@@ -20,6 +25,7 @@ batch, a propagation pass or another thread's call), or by :func:`flush`.
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 import threading
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, SerializationError
+from . import trampoline
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -57,16 +64,7 @@ RING_META = "call_ring"
 CALLS_SOURCE = "calls"
 
 MONITORING = sys.version_info >= (3, 12)
-"""True where ``sys.monitoring`` carries the call events (else a C profiler)."""
-
-if not MONITORING:
-    import _lsprof
-
-    class _Profiler(_lsprof.Profiler):  # type: ignore[misc,unused-ignore]
-        """The C profiler, with room for the ``_mmsb_recorder`` mark that tells MMSB's
-        own hook from a foreign one."""
-
-        _mmsb_recorder: Any = None
+"""True where ``sys.monitoring`` carries the call events (else code trampolines)."""
 
 _recording: list[CallRecorder] = []
 _recording_lock = threading.Lock()
@@ -74,12 +72,13 @@ _recording_lock = threading.Lock()
 
 def hook_installed() -> bool:
     """True while a call hook of MMSB is installed: a ``sys.monitoring`` tool named
-    "mmsb", or MMSB's profile function in this thread (or for new threads)."""
+    "mmsb", or (before 3.12) a recorder recording or a trampoline in some function."""
     if MONITORING:
         mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
         return any(mon.get_tool(i) == "mmsb" for i in range(6))
-    return any(getattr(p, "_mmsb_recorder", None) is not None
-               for p in (sys.getprofile(), threading.getprofile()))
+    with _recording_lock:
+        recording = any(r.active for r in _recording)
+    return recording or trampoline.installed() > 0
 
 
 def recording_state() -> Any:
@@ -89,8 +88,9 @@ def recording_state() -> Any:
 
 
 def check_can_record(recorder: CallRecorder | None = None) -> None:
-    """Refuse to record calls when another state records them or a foreign profile
-    function is installed (checked before anything is enabled).
+    """Refuse to record calls when another state records them (checked before anything
+    is enabled). Profile and trace functions (``cProfile``, ``coverage``, debuggers)
+    are no obstacle: neither path installs one.
 
     Raises:
         InvalidArgumentError: naming what is in the way.
@@ -104,12 +104,6 @@ def check_can_record(recorder: CallRecorder | None = None) -> None:
             raise InvalidArgumentError(
                 "calls of instrumented code are already recorded for another state; "
                 "disable its instrumentation (or its calls option) first")
-    if not MONITORING:
-        current = sys.getprofile()
-        if current is not None and getattr(current, "_mmsb_recorder", None) is None:
-            raise InvalidArgumentError(
-                f"another profile function ({current!r}) is installed in this thread; "
-                "recording calls would replace it (remove it with sys.setprofile(None))")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,13 +124,16 @@ class CallEvent:
 
 
 class _Thread:
-    __slots__ = ("stack", "buf", "thread_id", "name", "page", "written", "taken", "counts",
-                 "thread")
+    __slots__ = ("stack", "depth", "buf", "thread_id", "name", "page", "written", "taken",
+                 "counts", "thread")
 
     def __init__(self, capacity: int) -> None:
         t = threading.current_thread()
         self.thread = weakref.ref(t)
         self.stack: list[tuple[Any, int, int]] = []
+        """``sys.monitoring``: (code, function page, start) of each open call."""
+        self.depth = 0
+        """Trampolines: open recorded calls (the depth of the next one)."""
         self.buf: deque[tuple[int, int, int, int]] = deque(maxlen=capacity)
         self.thread_id = threading.get_native_id()
         self.name = t.name
@@ -146,6 +143,51 @@ class _Thread:
         self.taken = 0
         """Records appended to the buffer so far (written + waiting + dropped)."""
         self.counts: dict[int, int] = {}
+
+
+class _Segments:
+    """What a generator's or coroutine's trampoline delegates to: drives the function's
+    own generator (coroutine) and records each activation entered by ``next()`` or
+    ``send()``; ``throw()`` and ``close()`` are passed on unrecorded (as
+    ``sys.monitoring`` reports them: ``PY_THROW``, which the recorder does not ask for)."""
+
+    __slots__ = ("rec", "fid", "it")
+
+    def __init__(self, rec: CallRecorder, fid: int, it: Any) -> None:
+        self.rec = rec
+        self.fid = fid
+        self.it = it
+
+    def __iter__(self) -> _Segments:
+        return self
+
+    def __await__(self) -> _Segments:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        rec = self.rec
+        try:
+            tb = rec.tls.tb
+        except AttributeError:
+            tb = rec._thread()
+        depth = tb.depth
+        tb.depth = depth + 1
+        t0 = time.perf_counter_ns()
+        try:
+            return self.it.send(value)
+        finally:
+            t1 = time.perf_counter_ns()
+            tb.depth = depth
+            rec._done(tb, self.fid, depth, t0, t1)
+
+    def throw(self, *args: Any) -> Any:
+        return self.it.throw(*args)
+
+    def close(self) -> None:
+        self.it.close()
 
 
 class CallRecorder:
@@ -165,10 +207,12 @@ class CallRecorder:
         self.active = False
         self.offset = time.time_ns() - time.perf_counter_ns()
         self.dropped = 0
-        self._prof: Any = None
-        self._boot: Any = None
-        self._profilers: list[tuple[weakref.ref[threading.Thread], Any]] = []
-        """Every C profiler made, with its thread: kept until the thread has ended."""
+        self.targets: dict[int, tuple[types.FunctionType, types.CodeType, int]] = {}
+        """Trampolines: id(function) → (the function, its code, its code page): the
+        functions whose calls are recorded while the recorder is active."""
+        self.swapped: dict[int, tuple[types.FunctionType, types.CodeType, types.CodeType]] = {}
+        """Trampolines: id(function) → (the function, the trampoline installed in it,
+        the code object it replaced), while installed."""
         self._tool: int | None = None
         self._flushing = threading.local()
 
@@ -187,22 +231,38 @@ class CallRecorder:
             if id(code) not in self.codes:
                 self._keep.append(code)
             self.codes[id(code)] = unit.code_page
+            if not MONITORING and unit.unit == "function" and unit.obj is not None:
+                self._target(unit.obj(), code, unit.code_page)
         self.active = True
         if MONITORING:
             self._install_monitoring()
         else:
-            self._prof = self._profiler()
-            self._prof.enable(False, False)  # no subcall tables, no C functions
-            self._boot = self._make_boot()
-            threading.setprofile(self._boot)
+            for fn, code, page in list(self.targets.values()):
+                self._swap(fn, code, page)
 
-    def add(self, code: types.CodeType, page: int) -> None:
-        """Record calls of ``code`` from now on (a unit captured or recaptured)."""
+    def add(self, code: types.CodeType, page: int, obj: Any = None) -> None:
+        """Record calls of ``code`` (the code of ``obj``, a function or method) from now
+        on: a unit captured or recaptured."""
         self.codes[id(code)] = page
         self._keep.append(code)
-        if MONITORING and self._tool is not None:
-            mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
-            mon.set_local_events(self._tool, code, self._local_events)
+        if MONITORING:
+            if self._tool is not None:
+                mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
+                mon.set_local_events(self._tool, code, self._local_events)
+            return
+        fn = self._target(obj, code, page)
+        if fn is not None and self.active:
+            self._swap(fn, code, page)
+
+    def resync(self) -> None:
+        """Trampolines: put a trampoline back into each function whose code was set back
+        to the code it replaced (other changes of ``__code__`` are recaptures: the
+        manager calls :meth:`add` with the new code)."""
+        if MONITORING or not self.active:
+            return
+        for fn, code, page in list(self.targets.values()):
+            if fn.__code__ is code:
+                self._swap(fn, code, page)
 
     def uninstall(self, flush: bool = True) -> None:
         if flush:
@@ -214,14 +274,91 @@ class CallRecorder:
         if MONITORING:
             self._uninstall_monitoring()
         else:
-            current: Any = sys.getprofile()
-            if self._prof is not None and current is self._prof:
-                current.disable()
-            if threading.getprofile() is self._boot:
-                threading.setprofile(None)
+            for key in list(self.swapped):
+                self._unswap(key)
         with _recording_lock:
             if self in _recording:
                 _recording.remove(self)
+
+    # -- trampolines -----------------------------------------------------------------------
+    def _target(self, obj: Any, code: types.CodeType, page: int) -> types.FunctionType | None:
+        """The function behind ``obj`` whose code is ``code``, remembered as one whose
+        calls are recorded (None, with a note, when there is none)."""
+        fn = trampoline.function_of(obj)
+        if fn is None or trampoline.real_code(fn.__code__) is not code:
+            return None
+        if trampoline.kind_of(code) is None:
+            self.mgr._note(f"{code.co_qualname}: an async generator; its calls are recorded "
+                           "only where the interpreter has sys.monitoring (3.12+)")
+            return None
+        self.targets[id(fn)] = (fn, code, page)
+        return fn
+
+    def _swap(self, fn: types.FunctionType, code: types.CodeType, page: int) -> None:
+        """Install a trampoline for ``code`` in ``fn`` (replacing one it has)."""
+        current = self.swapped.get(id(fn))
+        if current is not None and current[0] is fn and fn.__code__ is current[1] \
+                and current[2] is code:
+            return  # in place already
+        if fn.__code__ is not code and (current is None or fn.__code__ is not current[1]):
+            return  # changed since it was captured: the recapture brings the new code
+        if current is not None:
+            self._unswap(id(fn))
+        kind = trampoline.kind_of(code)
+        if kind == trampoline.PLAIN:
+            tramp = trampoline.build(code, self._make_call(self._copy(fn, code), page))
+        else:
+            tramp = trampoline.build(code, functools.partial(_Segments, self, page),
+                                     self._copy(fn, code))
+        trampoline.register(tramp, code)
+        fn.__code__ = tramp
+        self.swapped[id(fn)] = (fn, tramp, code)
+
+    def _unswap(self, key: int) -> None:
+        fn, tramp, code = self.swapped.pop(key)
+        if fn.__code__ is tramp:
+            fn.__code__ = code  # the very code object it had
+        trampoline.unregister(tramp)
+
+    @staticmethod
+    def _copy(fn: types.FunctionType, code: types.CodeType) -> types.FunctionType:
+        """A private function running ``code`` with ``fn``'s globals and closure cells
+        (the trampoline passes every argument, so it needs no defaults)."""
+        inner = types.FunctionType(code, fn.__globals__, code.co_name, None, fn.__closure__)
+        inner.__qualname__ = fn.__qualname__
+        return inner
+
+    def _make_call(self, inner: types.FunctionType, fid: int) -> Any:
+        """The recording callable of one function's trampoline (the hot path: one
+        Python call in front of the function's own)."""
+        tls = self.tls
+        perf = time.perf_counter_ns
+        rec = self
+        sampled = self.mgr.config.call_sample_every > 1
+        limit = self.mgr.config.flush_every
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                tb = tls.tb
+            except AttributeError:
+                tb = rec._thread()
+            depth = tb.depth
+            tb.depth = depth + 1
+            t0 = perf()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                t1 = perf()
+                tb.depth = depth
+                if sampled:
+                    rec._done(tb, fid, depth, t0, t1)
+                else:
+                    tb.buf.append((fid, depth, t0, t1 - t0))
+                    tb.taken += 1
+                    if len(tb.buf) >= limit:
+                        rec.flush_thread(tb, opportunistic=True)
+
+        return call
 
     # -- the hooks -------------------------------------------------------------------------
     def _thread(self) -> _Thread:
@@ -230,78 +367,17 @@ class CallRecorder:
         self.threads.append(tb)
         return tb
 
-    def _done(self, tb: _Thread, fid: int, t0: int, t1: int) -> None:
+    def _done(self, tb: _Thread, fid: int, depth: int, t0: int, t1: int) -> None:
         every = self.mgr.config.call_sample_every
         if every > 1:
             n = tb.counts.get(fid, 0)
             tb.counts[fid] = n + 1
             if n % every:
                 return
-        tb.buf.append((fid, len(tb.stack), t0, t1 - t0))
+        tb.buf.append((fid, depth, t0, t1 - t0))
         tb.taken += 1
         if len(tb.buf) >= self.mgr.config.flush_every:
             self.flush_thread(tb, opportunistic=True)
-
-    def _profiler(self) -> Any:
-        """A C profiler for one thread whose clock records the calls of instrumented
-        code (see the module's docstring), kept by the recorder until its thread ends."""
-        codes = self.codes
-        tls = self.tls
-        perf = time.perf_counter_ns
-        getframe = sys._getframe
-        rec = self
-        sampled = self.mgr.config.call_sample_every > 1
-        limit = self.mgr.config.flush_every
-
-        # The profiler calls its clock once as a Python function starts and once as it
-        # ends (returns, raises, or yields): frame 1 is that function's. The recorder's
-        # stack tells the two apart: the top of it is the frame that is ending.
-        def clock() -> int:
-            frame = getframe(1)
-            fid = codes.get(id(frame.f_code))
-            if fid is None:
-                return 0
-            tb = getattr(tls, "tb", None)
-            if tb is not None and tb.stack and tb.stack[-1][0] is frame:
-                _f, fid, t0 = tb.stack.pop()
-                if sampled:
-                    rec._done(tb, fid, t0, perf())
-                    return 0
-                tb.buf.append((fid, len(tb.stack), t0, perf() - t0))
-                tb.taken += 1
-                if len(tb.buf) >= limit:
-                    rec.flush_thread(tb, opportunistic=True)
-                return 0
-            if not rec.active:
-                sys.setprofile(None)  # disabled from another thread: leave this one
-                return 0
-            if tb is None:
-                tb = rec._thread()
-            tb.stack.append((frame, fid, perf()))
-            return 0
-
-        prof = _Profiler(clock, 1e-9, False, False)
-        prof._mmsb_recorder = self
-        # A thread can drop its profiler from inside the profiler's own clock, so the
-        # recorder holds it until that thread has ended (then nothing can be using it).
-        self._profilers = [(t, p) for t, p in self._profilers
-                           if (th := t()) is not None and th.is_alive()]
-        self._profilers.append((weakref.ref(threading.current_thread()), prof))
-        return prof
-
-    def _make_boot(self) -> Any:
-        """The ``threading.setprofile`` hook: a thread started while calls are recorded
-        runs it once, at its first event, and it installs a C profiler there."""
-        rec = self
-
-        def boot(frame: Any, event: str, arg: Any) -> None:
-            if rec.active:
-                rec._profiler().enable(False, False)  # replaces this hook in this thread
-            else:
-                sys.setprofile(None)
-
-        boot._mmsb_recorder = self  # type: ignore[attr-defined]
-        return boot
 
     def _install_monitoring(self) -> None:
         mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
@@ -334,7 +410,7 @@ class CallRecorder:
             tb = getattr(tls, "tb", None)
             if tb is not None and tb.stack and tb.stack[-1][0] is code:
                 _c, fid, t0 = tb.stack.pop()
-                rec._done(tb, fid, t0, perf())
+                rec._done(tb, fid, len(tb.stack), t0, perf())
 
         mon.register_callback(tool, ev.PY_START, start)
         mon.register_callback(tool, ev.PY_RESUME, start)
@@ -387,7 +463,14 @@ class CallRecorder:
             if n == 0:
                 return 0
             records = [tb.buf.popleft() for _ in range(n)]
-            self._write(st, tb, records)
+            if not opportunistic:
+                self._write(st, tb, records)
+                return n
+            try:
+                self._write(st, tb, records)
+            except Exception as exc:  # a call of the program never fails for a record
+                self.mgr._note(f"call records not written ({exc}); counted as lost")
+                return 0
             return n
         finally:
             self._flushing.on = False

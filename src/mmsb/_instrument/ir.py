@@ -24,6 +24,7 @@ import crc32c as _crc32c
 import msgpack
 
 from ..errors import InvalidArgumentError, SerializationError
+from .trampoline import real_code
 
 __all__ = [
     "CodeIR", "Instr", "IR_MAGIC", "AST_MAGIC", "IR_VERSION", "AST_VERSION",
@@ -116,14 +117,16 @@ class CodeIR:
 
 def code_of(obj: Any) -> types.CodeType | None:
     """The code object behind a function, method, partial, callable instance or code
-    object (None for builtins and other callables without Python code)."""
+    object (None for builtins and other callables without Python code). A function
+    whose calls are recorded through a trampoline gives its own code, not the
+    trampoline."""
     seen = 0
     while seen < 16:
         seen += 1
         if isinstance(obj, types.CodeType):
-            return obj
+            return real_code(obj)
         if isinstance(obj, types.FunctionType):
-            return obj.__code__
+            return real_code(obj.__code__)
         if isinstance(obj, types.MethodType):
             obj = obj.__func__
             continue
@@ -141,7 +144,7 @@ def code_of(obj: Any) -> types.CodeType | None:
         call = next((vars(k)["__call__"] for k in type(obj).__mro__ if "__call__" in vars(k)),
                     None)
         if isinstance(call, types.FunctionType):
-            return call.__code__
+            return real_code(call.__code__)
         return None
     return None
 

@@ -370,7 +370,8 @@ class Instrumentation:
         changed = not first and bool(new_hash) and new_hash != unit.code_hash
         if changed or first:
             unit.world_age = age if changed else unit.world_age
-        unit.obj = _weak(obj)
+        # A bound method is made anew at each attribute access: its function is kept.
+        unit.obj = _weak(obj.__func__ if isinstance(obj, types.MethodType) else obj)
         previous = unit.pages.get("ir")
         for k in ARTEFACT_KINDS:
             blob = blobs.get(k)
@@ -397,7 +398,7 @@ class Instrumentation:
             unit.code_hash = new_hash
             self.by_code[id(code)] = (unit, code)
             if self.calls is not None:
-                self.calls.add(code, unit.code_page)
+                self.calls.add(code, unit.code_page, obj)
             if "ir" in unit.pages:
                 unit.epochs.setdefault(new_hash, int(st.table.epoch[unit.pages["ir"]]))
         if changed and previous is not None:
@@ -471,6 +472,8 @@ class Instrumentation:
             code = code_of(ref)
             if code is not None and code is not unit.code:
                 self.capture_function(ref)
+        if self.calls is not None:
+            self.calls.resync()
         return sorted(n for n, u in self.units.items() if n in before and before[n] != u.code_hash)
 
     # -- recompute functions -------------------------------------------------------------
