@@ -4,6 +4,8 @@ install nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import sys
 import threading
 from typing import Any
@@ -316,3 +318,215 @@ def test_threads_calling_while_another_writes(state: mmsb.MMSBState) -> None:
         per_ring[e.ring_page] = per_ring.get(e.ring_page, 0) + 1
     assert sorted(per_ring.values()) == [400] * 4
     assert mmsb.verify_state_consistency(state)
+
+
+# -- what a call is: the same on both paths (sys.monitoring; trampolines before 3.12) --------
+
+def fact(n: int) -> int:
+    return 1 if n <= 1 else n * fact(n - 1)
+
+
+def raiser(exc: BaseException) -> None:
+    raise exc
+
+
+def counter(n: int) -> Any:
+    total = 0
+    for i in range(n):
+        got = yield i
+        total += got or 0
+    return total
+
+
+async def doubled(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * 2
+
+
+async def agen(n: int) -> Any:
+    for i in range(n):
+        yield i
+
+
+class Kit:
+    def __init__(self, base: int) -> None:
+        self.base = base
+
+    def plain(self, x: int) -> int:
+        return self.base + x
+
+    @staticmethod
+    def static(x: int) -> int:
+        return x - 1
+
+    @classmethod
+    def build(cls, base: int) -> Kit:
+        return cls(base)
+
+
+REGISTRY = {"leaf": leaf}
+"""A reference taken before instrumentation (as a registry or `from m import f` would)."""
+
+
+def _make_closure() -> Any:
+    hits = 0
+
+    def closure(x: int) -> int:
+        nonlocal hits
+        hits += 1
+        return x + hits
+
+    return closure
+
+
+CLOSURE = _make_closure()
+
+
+def _names(st: mmsb.MMSBState) -> list[str]:
+    mmsb.flush_call_events(st)
+    return [e.name.split(":")[1] for e in mmsb.call_events(st)]
+
+
+def test_recursion_records_every_level(state: mmsb.MMSBState) -> None:
+    _enable(state, functions=(fact,))
+    assert fact(4) == 24
+    mmsb.flush_call_events(state)
+    events = mmsb.call_events(state)
+    assert [e.depth for e in events] == [3, 2, 1, 0]  # innermost returns first
+    durations = [e.duration_ns for e in events]
+    assert durations == sorted(durations)
+    starts = [e.start_ns for e in events]
+    assert starts == sorted(starts, reverse=True)
+
+
+def test_an_exception_passes_through_unchanged_and_the_call_is_recorded(
+        state: mmsb.MMSBState) -> None:
+    _enable(state, functions=(raiser,))
+    err = KeyError("k")
+    with pytest.raises(KeyError) as info:
+        raiser(err)
+    assert info.value is err
+    tb = info.value.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    assert tb is not None and tb.tb_frame.f_code is code_of(raiser)  # raised in its code
+    with pytest.raises(SystemExit):
+        raiser(SystemExit(3))
+    mmsb.flush_call_events(state)
+    events = mmsb.call_events(state)
+    assert [e.name.split(":")[1] for e in events] == ["raiser", "raiser"]
+    assert all(e.duration_ns >= 0 and e.depth == 0 for e in events)
+
+
+def test_a_generator_is_recorded_per_activation(state: mmsb.MMSBState) -> None:
+    _enable(state, functions=(counter,))
+    assert inspect.isgeneratorfunction(counter)
+    g = counter(3)
+    assert _names(state) == []  # made, not started: nothing ran
+    assert next(g) == 0
+    assert g.send(5) == 1
+    assert g.send(None) == 2
+    with pytest.raises(StopIteration) as stop:
+        g.send(1)
+    assert stop.value.value == 6
+    assert _names(state) == ["counter"] * 4
+    # throw() and close() resume it unrecorded (sys.monitoring: PY_THROW).
+    g2 = counter(3)
+    next(g2)
+    g2.close()
+    g3 = counter(3)
+    next(g3)
+    with pytest.raises(ValueError):
+        g3.throw(ValueError("into it"))
+    assert _names(state) == ["counter"] * 6
+
+
+def test_a_coroutine_is_recorded_per_activation(state: mmsb.MMSBState) -> None:
+    _enable(state, functions=(doubled,))
+    assert inspect.iscoroutinefunction(doubled)
+    assert asyncio.run(doubled(21)) == 42
+    assert _names(state) == ["doubled", "doubled"]  # to the await, then to the return
+
+
+def test_async_generators(state: mmsb.MMSBState) -> None:
+    _enable(state, functions=(agen,))
+
+    async def consume() -> list[int]:
+        return [x async for x in agen(3)]
+
+    assert asyncio.run(consume()) == [0, 1, 2]
+    names = _names(state)
+    if MONITORING:
+        assert names and set(names) == {"agen"}
+    else:  # not recorded before 3.12, and said so
+        assert names == []
+        mgr = manager_of(state)
+        assert mgr is not None and any("async generator" in n for n in mgr.notes)
+
+
+def test_references_taken_before_instrumentation_are_seen(state: mmsb.MMSBState) -> None:
+    kit = Kit(10)
+    bound = kit.plain
+    _enable(state, functions=(leaf, Kit.plain, Kit.static, Kit.build, CLOSURE))
+    assert REGISTRY["leaf"](2) == 4
+    assert bound(1) == 11 and kit.plain(2) == 12
+    assert Kit.static(5) == 4 and kit.static(5) == 4
+    assert Kit.build(3).base == 3
+    assert CLOSURE(1) == 2 and CLOSURE(1) == 3  # its cell is the one it always had
+    assert _names(state) == ["leaf", "Kit.plain", "Kit.plain", "Kit.static", "Kit.static",
+                             "Kit.build", "_make_closure.<locals>.closure",
+                             "_make_closure.<locals>.closure"]
+
+
+def test_a_bound_method_is_instrumented_through_its_function(state: mmsb.MMSBState) -> None:
+    _enable(state, functions=(Kit(1).plain,))
+    assert Kit(2).plain(3) == 5
+    assert _names(state) == ["Kit.plain"]
+
+
+def test_a_redefined_function_is_recaptured_and_recorded(state: mmsb.MMSBState) -> None:
+    def target(x: int) -> int:
+        return x
+
+    def replacement(x: int) -> int:
+        return x + 100
+
+    _enable(state, functions=(target,))
+    ir_page = mmsb.code_pages(state, target)["ir"]
+    before = mmsb.query_page(state, ir_page)
+    age = mmsb.world_age()
+    assert target(1) == 1
+    target.__code__ = replacement.__code__
+    assert mmsb.refresh_code(state) == [f"{__name__}:{target.__qualname__}"]
+    assert mmsb.world_age() == age + 1
+    assert mmsb.query_page(state, ir_page) != before
+    assert code_of(target) is replacement.__code__
+    assert target(1) == 101
+    assert _names(state) == [target.__qualname__] * 2
+    mmsb.disable_instrumentation(state)
+    assert target.__code__ is replacement.__code__  # the redefinition stays
+    assert target(1) == 101
+
+
+def test_threads_keep_their_own_depths(state: mmsb.MMSBState) -> None:
+    barrier = threading.Barrier(4)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(50):
+            assert outer(3) == 6
+            assert fact(3) == 6
+
+    _enable(state, functions=(leaf, outer, fact), flush_every=7)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mmsb.flush_call_events(state)
+    per_ring: dict[int, list[tuple[str, int]]] = {}
+    for e in mmsb.call_events(state):
+        per_ring.setdefault(e.ring_page, []).append((e.name.split(":")[1], e.depth))
+    one = [("leaf", 1)] * 3 + [("outer", 0), ("fact", 2), ("fact", 1), ("fact", 0)]
+    assert sorted(map(len, per_ring.values())) == [350] * 4
+    assert all(v == one * 50 for v in per_ring.values())
