@@ -183,7 +183,7 @@ def _paired(ctx: RunContext, run: Any, key: str) -> CaseOutcome:
             "overhead_ratio": round(ratio, 4),
             "overhead_pct": round((ratio - 1) * 100, 2),
             "calls_in_ring": len(events),
-            "hook": "sys.monitoring" if sys.version_info >= (3, 12) else "_lsprof (C profiler)",
+            "hook": "sys.monitoring" if sys.version_info >= (3, 12) else "trampolines",
             "workload": key,
         }
     finally:
