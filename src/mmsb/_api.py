@@ -1250,7 +1250,7 @@ def enable_instrumentation(state: MMSBState, config: InstrumentationConfig | Non
 
     Raises:
         InvalidArgumentError: ``config`` is not an InstrumentationConfig; ``calls=True``
-            while another state records calls or a foreign profile function is set.
+            while another state records calls.
         StateClosedError: the state was stopped.
         Nothing is enabled or changed when it raises.
     """
