@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import mmsb
+from mmsb._instrument import trampoline
 
 _names = itertools.count(1)
 
@@ -71,6 +72,7 @@ def make_state() -> Iterator[mmsb.MMSBState]:
     finally:
         mmsb.mmsb_stop(st)
         assert sys.getprofile() is None
+        assert trampoline.installed() == 0  # every function has its own code back
 
 
 PIPELINE = """

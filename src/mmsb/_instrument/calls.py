@@ -213,6 +213,9 @@ class CallRecorder:
         self.swapped: dict[int, tuple[types.FunctionType, types.CodeType, types.CodeType]] = {}
         """Trampolines: id(function) → (the function, the trampoline installed in it,
         the code object it replaced), while installed."""
+        self._built: dict[int, tuple[types.CodeType, int, types.CodeType]] = {}
+        """Trampolines: id(function) → (its code, its page, the trampoline built), kept
+        across uninstall/install of this recorder (the function is in ``targets``)."""
         self._tool: int | None = None
         self._flushing = threading.local()
 
@@ -304,12 +307,16 @@ class CallRecorder:
             return  # changed since it was captured: the recapture brings the new code
         if current is not None:
             self._unswap(id(fn))
-        kind = trampoline.kind_of(code)
-        if kind == trampoline.PLAIN:
+        built = self._built.get(id(fn))
+        if built is not None and built[0] is code and built[1] == page \
+                and self.targets.get(id(fn), (None,))[0] is fn:
+            tramp = built[2]
+        elif trampoline.kind_of(code) == trampoline.PLAIN:
             tramp = trampoline.build(code, self._make_call(self._copy(fn, code), page))
         else:
             tramp = trampoline.build(code, functools.partial(_Segments, self, page),
                                      self._copy(fn, code))
+        self._built[id(fn)] = (code, page, tramp)
         trampoline.register(tramp, code)
         fn.__code__ = tramp
         self.swapped[id(fn)] = (fn, tramp, code)
