@@ -220,4 +220,33 @@ def test_an_async_generator_gets_no_trampoline() -> None:
 
     assert trampoline.kind_of(agen.__code__) is None
     with pytest.raises(ValueError, match="async generator"):
-        trampoline.build(agen.__code__, print)
+        trampoline.build(agen.__code__, "def f({params}):\n    return None\n", {})
+
+
+def test_parameters_named_like_the_trampolines_locals(state: mmsb.MMSBState) -> None:
+    def make() -> Any:
+        _mmsb_t0 = 1
+
+        def odd(_mmsb_tb: int, _mmsb_d: int = 2, *, _mmsb_tb_: int = 3) -> int:
+            return _mmsb_tb + _mmsb_d + _mmsb_tb_ + _mmsb_t0
+
+        return odd
+
+    odd = make()
+    _enable(state, (odd,))
+    assert odd(1) == 7 and odd(1, 1, _mmsb_tb_=1) == 4
+    mmsb.flush_call_events(state)
+    assert len(mmsb.call_events(state)) == 2
+
+
+def test_a_traceback_shows_the_def_line_then_the_function(state: mmsb.MMSBState) -> None:
+    def failing(x: int) -> int:
+        raise ValueError(x)
+
+    first = failing.__code__.co_firstlineno
+    _enable(state, (failing,))
+    assert {line for _s, _e, line in failing.__code__.co_lines()} == {first}
+    with pytest.raises(ValueError) as info:
+        failing(1)
+    frames = [(e.frame.code.raw, e.lineno + 1) for e in info.traceback]
+    assert frames[-2:] == [(failing.__code__, first), (code_of(failing), first + 1)]

@@ -145,6 +145,37 @@ class _Thread:
         self.counts: dict[int, int] = {}
 
 
+_PLAIN = """def f({params}):
+    try:
+        {tb} = {tls}.tb
+    except {nothread}:
+        {tb} = {rec}._thread()
+    {d} = {tb}.depth
+    {tb}.depth = {d} + 1
+    {t0} = {perf}()
+    try:
+        return {inner}({args})
+    finally:
+        {t1} = {perf}()
+        {tb}.depth = {d}
+{done}
+"""
+"""A plain function's trampoline (see :func:`trampoline.build` for the fields); it
+records as the ``sys.monitoring`` path's ``_done`` does, inline: ``{done}`` is one of
+the two below."""
+_RECORD = """        {{tb}}.buf.append(({fid}, {{d}}, {{t0}}, {{t1}} - {{t0}}))
+        {{tb}}.taken += 1
+        if {{len}}({{tb}}.buf) >= {limit}:
+            {{rec}}.flush_thread({{tb}}, True)"""
+_RECORD_SAMPLED = """        {{rec}}._done({{tb}}, {fid}, {{d}}, {{t0}}, {{t1}})"""
+_GENERATOR = """def f({params}):
+    return (yield from {seg}({inner}({args})))
+"""
+_COROUTINE = """async def f({params}):
+    return await {seg}({inner}({args}))
+"""
+
+
 class _Segments:
     """What a generator's or coroutine's trampoline delegates to: drives the function's
     own generator (coroutine) and records each activation entered by ``next()`` or
@@ -311,11 +342,8 @@ class CallRecorder:
         if built is not None and built[0] is code and built[1] == page \
                 and self.targets.get(id(fn), (None,))[0] is fn:
             tramp = built[2]
-        elif trampoline.kind_of(code) == trampoline.PLAIN:
-            tramp = trampoline.build(code, self._make_call(self._copy(fn, code), page))
         else:
-            tramp = trampoline.build(code, functools.partial(_Segments, self, page),
-                                     self._copy(fn, code))
+            tramp = self._build(fn, code, page)
         self._built[id(fn)] = (code, page, tramp)
         trampoline.register(tramp, code)
         fn.__code__ = tramp
@@ -335,37 +363,26 @@ class CallRecorder:
         inner.__qualname__ = fn.__qualname__
         return inner
 
-    def _make_call(self, inner: types.FunctionType, fid: int) -> Any:
-        """The recording callable of one function's trampoline (the hot path: one
-        Python call in front of the function's own)."""
-        tls = self.tls
-        perf = time.perf_counter_ns
-        rec = self
-        sampled = self.mgr.config.call_sample_every > 1
-        limit = self.mgr.config.flush_every
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                tb = tls.tb
-            except AttributeError:
-                tb = rec._thread()
-            depth = tb.depth
-            tb.depth = depth + 1
-            t0 = perf()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                t1 = perf()
-                tb.depth = depth
-                if sampled:
-                    rec._done(tb, fid, depth, t0, t1)
-                else:
-                    tb.buf.append((fid, depth, t0, t1 - t0))
-                    tb.taken += 1
-                    if len(tb.buf) >= limit:
-                        rec.flush_thread(tb, opportunistic=True)
-
-        return call
+    def _build(self, fn: types.FunctionType, code: types.CodeType, page: int
+               ) -> types.CodeType:
+        """The trampoline recording the calls of ``fn`` (running ``code``) as calls of
+        ``page``. A plain function's records inline (the hot path: one frame in front of
+        the function's own, no Python call but the function's); a generator's or
+        coroutine's delegates to :class:`_Segments`."""
+        inner = self._copy(fn, code)
+        kind = trampoline.kind_of(code)
+        if kind == trampoline.GENERATOR:
+            return trampoline.build(code, _GENERATOR, {
+                "seg": functools.partial(_Segments, self, page), "inner": inner})
+        if kind == trampoline.COROUTINE:
+            return trampoline.build(code, _COROUTINE, {
+                "seg": functools.partial(_Segments, self, page), "inner": inner})
+        cfg = self.mgr.config
+        done = (_RECORD_SAMPLED if cfg.call_sample_every > 1 else _RECORD).format(
+            fid=page, limit=cfg.flush_every)
+        return trampoline.build(code, _PLAIN.replace("{done}", done), {
+            "tls": self.tls, "rec": self, "perf": time.perf_counter_ns, "inner": inner,
+            "nothread": AttributeError, "len": len}, temps=("tb", "d", "t0", "t1"))
 
     # -- the hooks -------------------------------------------------------------------------
     def _thread(self) -> _Thread:

@@ -5,18 +5,18 @@ The function object stays what it is (every reference to it — module globals, 
 dicts, ``staticmethod``/``classmethod`` wrappers, registries, closures, other modules'
 imports — keeps working and is seen); only its ``__code__`` is swapped for a
 *trampoline*: code with the same parameters (names, kinds, order), the same free
-variables, name, qualified name, file and first line, whose one statement hands the
-bound arguments on. A plain function's trampoline calls ``call(*args)``, a recording
-callable that runs the original code (a private copy of the function, sharing its
-globals and closure cells). A generator function's trampoline is a generator that
-delegates (``yield from``) to ``segments(copy(*args))``, a coroutine function's is a
-coroutine that awaits it, so ``inspect.isgeneratorfunction`` /
+variables, name, qualified name, file and first line (every instruction on that line),
+which hands the bound arguments on to a private copy of the function (its original
+code object, globals and closure cells) and does what the caller's template says
+around that call (:mod:`.calls` records it). A generator function's trampoline is a
+generator and a coroutine function's a coroutine, so ``inspect.isgeneratorfunction`` /
 ``iscoroutinefunction`` and ``inspect.signature`` answer as before (defaults and
 annotations stay on the function object, which is unchanged).
 
 The trampoline is compiled from generated text that holds only the parameter names
-(identifiers read from the code object) and two placeholder string constants; the
-constants are then replaced by the objects. Nothing is executed to build it.
+(identifiers read from the code object), names of its own locals, integers and
+placeholder string constants; the constants are then replaced by the objects. Nothing is
+executed to build it.
 
 :func:`real_code` maps a trampoline back to the code it stands for, so everything that
 reads a function's code (IR capture, redefinition checks, provenance) sees the
@@ -35,9 +35,6 @@ __all__ = ["real_code", "function_of", "build", "installed", "register", "unregi
            "kind_of", "PLAIN", "GENERATOR", "COROUTINE"]
 
 PLAIN, GENERATOR, COROUTINE = "plain", "generator", "coroutine"
-
-_CALL = "\x00mmsb:call"
-_INNER = "\x00mmsb:inner"
 
 _lock = threading.Lock()
 _originals: dict[int, tuple[types.CodeType, types.CodeType]] = {}
@@ -131,43 +128,72 @@ def _signature(code: types.CodeType) -> tuple[str, str]:
     return ", ".join(params), ", ".join(args)
 
 
-def build(code: types.CodeType, call: Any, inner: Any = None) -> types.CodeType:
-    """The trampoline of ``code`` (see the module's docstring): a plain one calls
-    ``call(*args)``; a generator's or coroutine's delegates to ``call(inner(*args))``.
+def build(code: types.CodeType, template: str, objects: dict[str, Any],
+          temps: tuple[str, ...] = ()) -> types.CodeType:
+    """The trampoline of ``code``, from ``template``: the text of a function ``f``
+    (``def f({params}):`` or ``async def f({params}):`` and its body) in which
+    ``{params}`` is the parameter list of ``code``, ``{args}`` the argument list passing
+    every parameter on, each ``{name}`` of ``objects`` a constant that is that object,
+    and each ``{name}`` of ``temps`` a local variable's name (chosen not to clash with a
+    parameter or a free variable). Every instruction is placed on the first line of
+    ``code`` (a traceback shows its ``def`` line); the flags say generator or
+    coroutine as the template's text does, plus ``code``'s ``CO_ITERABLE_COROUTINE``.
 
     Raises:
-        ValueError: ``code`` is an async generator's.
+        ValueError: ``code`` is an async generator's, or the template does not give a
+            function with the free variables of ``code``.
     """
-    kind = kind_of(code)
-    if kind is None:
+    if kind_of(code) is None:
         raise ValueError(f"{code.co_qualname}: an async generator gets no trampoline")
     params, args = _signature(code)
-    if kind == PLAIN:
-        body = f"def f({params}): return {_CALL!r}({args})"
-    elif kind == GENERATOR:
-        body = f"def f({params}): return (yield from {_CALL!r}({_INNER!r}({args})))"
-    else:
-        body = f"async def f({params}): return await {_CALL!r}({_INNER!r}({args}))"
+    taken = set(code.co_varnames[:_nparams(code)]) | set(code.co_freevars)
+    fields: dict[str, str] = {"params": params, "args": args}
+    for name in temps:
+        local = f"_mmsb_{name}"
+        while local in taken:
+            local += "_"
+        taken.add(local)
+        fields[name] = local
+    marks = {f"\x00mmsb:{name}": obj for name, obj in objects.items()}
+    fields.update({name: repr(f"\x00mmsb:{name}") for name in objects})
+    body = template.format(**fields).rstrip("\n").split("\n")
     free = code.co_freevars
     if free:
         # The same free variables (the function's closure cells are handed to whatever
-        # code it runs): names of the enclosing function, used after the return.
-        text = (f"def outer():\n    {' = '.join(free)} = None\n"
-                f"    {body}; {', '.join(free)}\n")
+        # code it runs): names of an enclosing function, used after the body's return.
+        lines = ["def outer():", f"    {' = '.join(free)} = None"]
+        lines += ["    " + line for line in body]
+        lines.append(f"        {', '.join(free)}")
     else:
-        text = body + "\n"
+        lines = body
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SyntaxWarning)  # "str is not callable": replaced
-        module = compile(text, code.co_filename, "exec", dont_inherit=True)
+        module = compile("\n".join(lines) + "\n", code.co_filename, "exec", dont_inherit=True)
     found = _code_const(module, "outer") if free else module
     tramp = _code_const(found, "f") if found is not None else None
     if tramp is None or tramp.co_freevars != free:
         raise ValueError(f"{code.co_qualname}: no trampoline with its free variables {free}")
-    objects = {_CALL: call, _INNER: inner}
-    consts = tuple(objects.get(c, c) if isinstance(c, str) else c for c in tramp.co_consts)
+    consts = tuple(marks.get(c, c) if isinstance(c, str) else c for c in tramp.co_consts)
     flags = tramp.co_flags | (code.co_flags & inspect.CO_ITERABLE_COROUTINE)
     return tramp.replace(co_consts=consts, co_name=code.co_name, co_qualname=code.co_qualname,
-                         co_firstlineno=code.co_firstlineno, co_flags=flags)
+                         co_firstlineno=code.co_firstlineno, co_flags=flags,
+                         co_linetable=_one_line(len(tramp.co_code) // 2))
+
+
+def _nparams(code: types.CodeType) -> int:
+    n = code.co_argcount + code.co_kwonlyargcount
+    return n + bool(code.co_flags & inspect.CO_VARARGS) + bool(code.co_flags & inspect.CO_VARKEYWORDS)
+
+
+def _one_line(units: int) -> bytes:
+    """A 3.11 location table placing ``units`` code units on the first line: entries of
+    kind 13 ("no column", a signed line delta of 0), eight code units at most each."""
+    out = bytearray()
+    while units > 0:
+        n = min(units, 8)
+        out += bytes((0x80 | (13 << 3) | (n - 1), 0))
+        units -= n
+    return bytes(out)
 
 
 def _code_const(code: types.CodeType, name: str) -> types.CodeType | None:
