@@ -530,3 +530,10 @@ def test_threads_keep_their_own_depths(state: mmsb.MMSBState) -> None:
     one = [("leaf", 1)] * 3 + [("outer", 0), ("fact", 2), ("fact", 1), ("fact", 0)]
     assert sorted(map(len, per_ring.values())) == [350] * 4
     assert all(v == one * 50 for v in per_ring.values())
+
+
+def test_closures_of_one_factory_given_together_are_all_recorded(state: mmsb.MMSBState) -> None:
+    first, second = _make_closure(), _make_closure()
+    _enable(state, functions=(first, second))
+    assert first(0) == 1 and second(0) == 1 and second(0) == 2
+    assert _names(state) == ["_make_closure.<locals>.closure"] * 3

@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, SerializationError
 from . import trampoline
+from .ir import code_of
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -267,6 +268,14 @@ class CallRecorder:
             self.codes[id(code)] = unit.code_page
             if not MONITORING and unit.unit == "function" and unit.obj is not None:
                 self._target(unit.obj(), code, unit.code_page)
+        if not MONITORING:
+            # A unit remembers one function; the config may name several function
+            # objects running the same code (closures made by one factory).
+            for obj in self.mgr.config.functions:
+                code = code_of(obj)
+                found = self.mgr.by_code.get(id(code)) if code is not None else None
+                if found is not None and found[1] is code:
+                    self._target(obj, code, found[0].code_page)
         self.active = True
         if MONITORING:
             self._install_monitoring()

@@ -249,7 +249,12 @@ class Instrumentation:
             return None
         name = _function_name(fn, code)
         module = getattr(fn, "__module__", None) or code.co_filename
-        return self._capture([(name, "function", module, fn, code, None)])[0]
+        unit = self._capture([(name, "function", module, fn, code, None)])[0]
+        if unit is not None and unit.code is code and self.calls is not None:
+            # Another function object running the same code (closures made by one
+            # factory) is the same unit; its calls are recorded too.
+            self.calls.add(code, unit.code_page, fn)
+        return unit
 
     def capture_module(self, module: types.ModuleType, source: str | None = None) -> None:
         """Capture a module and the functions and methods it defines."""
