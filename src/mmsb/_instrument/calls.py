@@ -272,10 +272,10 @@ class CallRecorder:
             # A unit remembers one function; the config may name several function
             # objects running the same code (closures made by one factory).
             for obj in self.mgr.config.functions:
-                code = code_of(obj)
-                found = self.mgr.by_code.get(id(code)) if code is not None else None
-                if found is not None and found[1] is code:
-                    self._target(obj, code, found[0].code_page)
+                own = code_of(obj)
+                found = self.mgr.by_code.get(id(own)) if own is not None else None
+                if own is not None and found is not None and found[1] is own:
+                    self._target(obj, own, found[0].code_page)
         self.active = True
         if MONITORING:
             self._install_monitoring()
