@@ -1265,9 +1265,10 @@ def enable_instrumentation(state: MMSBState, config: InstrumentationConfig | Non
 
 
 def disable_instrumentation(state: MMSBState) -> bool:
-    """Remove every hook the state's instrumentation installed (import hook, profiler or
-    monitoring callbacks, recompute hook), after flushing buffered call records. Pages
-    it made stay. Returns False when it was not enabled."""
+    """Remove every hook the state's instrumentation installed (import hook, monitoring
+    callbacks or call trampolines — each function gets its own code object back —,
+    recompute hook), after flushing buffered call records. Pages it made stay. Returns
+    False when it was not enabled."""
     state = _state_of(state, "disable_instrumentation")
     return _instr.disable(state)
 

@@ -9,7 +9,7 @@ change bumps the process-wide *world age*, rewrites the unit's pages as logged d
 and the ``COMPILER`` edges carry ``IR_INVALIDATED`` to what depends on the IR.
 
 Nothing is installed while a state's instrumentation is disabled: no import hook, no
-profiler, no recompute hook. The layer reads the engine through its public methods and
+call hook (``sys.monitoring`` tool or trampoline), no recompute hook. The layer reads the engine through its public methods and
 changes pages through the function API handed in by ``_api`` (:class:`PageOps`).
 """
 
