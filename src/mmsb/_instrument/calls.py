@@ -3,7 +3,7 @@
 Where the interpreter has ``sys.monitoring`` (3.12+), the recorder asks for start and
 end events of the instrumented code objects only, so other code runs untouched. On
 older interpreters each instrumented function's ``__code__`` is swapped for a
-trampoline (:mod:`.trampoline`) that hands the call to a recording callable of that
+trampoline (:mod:`.trampoline`) that records the call around a private copy of the
 function: no process-wide hook is installed, other code (numpy's Python functions, the
 standard library, uninstrumented modules) runs untouched, and every reference to the
 function object sees the recording, whichever way it was taken and whenever.
