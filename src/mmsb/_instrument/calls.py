@@ -286,8 +286,9 @@ class CallRecorder:
     def add(self, code: types.CodeType, page: int, obj: Any = None) -> None:
         """Record calls of ``code`` (the code of ``obj``, a function or method) from now
         on: a unit captured or recaptured."""
+        if id(code) not in self.codes:  # else it is kept already (so its id is its own)
+            self._keep.append(code)
         self.codes[id(code)] = page
-        self._keep.append(code)
         if MONITORING:
             if self._tool is not None:
                 mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
