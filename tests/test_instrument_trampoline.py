@@ -250,3 +250,23 @@ def test_a_traceback_shows_the_def_line_then_the_function(state: mmsb.MMSBState)
         failing(1)
     frames = [(e.frame.code.raw, e.lineno + 1) for e in info.traceback]
     assert frames[-2:] == [(failing.__code__, first), (code_of(failing), first + 1)]
+
+
+def test_a_function_without_a_trampoline_runs_unrecorded(
+        state: mmsb.MMSBState, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_build = trampoline.build
+
+    def refuse_plain(code: types.CodeType, *args: Any, **kwargs: Any) -> types.CodeType:
+        if code is plain.__code__:
+            raise ValueError("refused for the test")
+        return real_build(code, *args, **kwargs)
+
+    own = plain.__code__
+    monkeypatch.setattr(trampoline, "build", refuse_plain)
+    _enable(state, (plain, Child.static))
+    assert plain.__code__ is own and plain(2) == 2 and Child.static(1) == 1
+    mgr = manager_of(state)
+    assert mgr is not None and any("no trampoline (refused for the test)" in n
+                                   for n in mgr.notes)
+    mmsb.flush_call_events(state)
+    assert [e.name.split(":")[1] for e in mmsb.call_events(state)] == ["Child.static"]

@@ -353,7 +353,13 @@ class CallRecorder:
                 and self.targets.get(id(fn), (None,))[0] is fn:
             tramp = built[2]
         else:
-            tramp = self._build(fn, code, page)
+            try:
+                tramp = self._build(fn, code, page)
+            except (ValueError, SyntaxError, RecursionError) as exc:
+                # The program runs on unrecorded rather than fail the enabling.
+                self.mgr._note(f"{fn.__qualname__}: no trampoline ({exc}); its calls are "
+                               "not recorded")
+                return
         self._built[id(fn)] = (code, page, tramp)
         trampoline.register(tramp, code)
         fn.__code__ = tramp
