@@ -250,6 +250,9 @@ class CallRecorder:
         across uninstall/install of this recorder (the function is in ``targets``)."""
         self._tool: int | None = None
         self._flushing = threading.local()
+        self._swapping = threading.RLock()
+        """Held while trampolines go in or out: an import capturing a module in one
+        thread cannot put one in after another thread's disabling took them out."""
 
     # -- installing ------------------------------------------------------------------------
     def check_can_install(self) -> None:
@@ -276,10 +279,12 @@ class CallRecorder:
                 found = self.mgr.by_code.get(id(own)) if own is not None else None
                 if own is not None and found is not None and found[1] is own:
                     self._target(obj, own, found[0].code_page)
-        self.active = True
         if MONITORING:
+            self.active = True
             self._install_monitoring()
-        else:
+            return
+        with self._swapping:
+            self.active = True
             for fn, code, page in list(self.targets.values()):
                 self._swap(fn, code, page)
 
@@ -294,19 +299,21 @@ class CallRecorder:
                 mon = sys.monitoring  # type: ignore[attr-defined,unused-ignore]
                 mon.set_local_events(self._tool, code, self._local_events)
             return
-        fn = self._target(obj, code, page)
-        if fn is not None and self.active:
-            self._swap(fn, code, page)
+        with self._swapping:
+            fn = self._target(obj, code, page)
+            if fn is not None and self.active:
+                self._swap(fn, code, page)
 
     def resync(self) -> None:
         """Trampolines: put a trampoline back into each function whose code was set back
         to the code it replaced (other changes of ``__code__`` are recaptures: the
         manager calls :meth:`add` with the new code)."""
-        if MONITORING or not self.active:
+        if MONITORING:
             return
-        for fn, code, page in list(self.targets.values()):
-            if fn.__code__ is code:
-                self._swap(fn, code, page)
+        with self._swapping:
+            for fn, code, page in list(self.targets.values()):
+                if self.active and fn.__code__ is code:
+                    self._swap(fn, code, page)
 
     def uninstall(self, flush: bool = True) -> None:
         if flush:
@@ -314,12 +321,14 @@ class CallRecorder:
                 self.flush()
             except Exception as exc:  # a closed state, a refused write: the records go
                 self.mgr._note(f"call records not flushed at disable: {exc}")
-        self.active = False
         if MONITORING:
+            self.active = False
             self._uninstall_monitoring()
         else:
-            for key in list(self.swapped):
-                self._unswap(key)
+            with self._swapping:
+                self.active = False
+                for key in list(self.swapped):
+                    self._unswap(key)
         with _recording_lock:
             if self in _recording:
                 _recording.remove(self)

@@ -24,7 +24,7 @@ import crc32c as _crc32c
 import msgpack
 
 from ..errors import InvalidArgumentError, SerializationError
-from .trampoline import real_code
+from .trampoline import function_of, real_code
 
 __all__ = [
     "CodeIR", "Instr", "IR_MAGIC", "AST_MAGIC", "IR_VERSION", "AST_VERSION",
@@ -116,40 +116,15 @@ class CodeIR:
 # -- finding the code of a callable ------------------------------------------------------
 
 def code_of(obj: Any) -> types.CodeType | None:
-    """The code object behind a function, method, partial, callable instance or code
-    object (None for builtins and other callables without Python code). A function
-    whose calls are recorded through a trampoline gives its own code, not the
-    trampoline."""
-    seen = 0
-    while seen < 16:
-        seen += 1
-        if isinstance(obj, types.CodeType):
-            return real_code(obj)
-        if isinstance(obj, types.FunctionType):
-            return real_code(obj.__code__)
-        if isinstance(obj, types.MethodType):
-            obj = obj.__func__
-            continue
-        if isinstance(obj, staticmethod | classmethod):
-            obj = obj.__func__
-            continue
-        func = getattr(obj, "func", None)  # functools.partial
-        if func is not None and callable(func) and type(obj).__name__ == "partial":
-            obj = func
-            continue
-        wrapped = getattr(obj, "__wrapped__", None)
-        if wrapped is not None:
-            obj = wrapped
-            continue
-        call = next((vars(k)["__call__"] for k in type(obj).__mro__ if "__call__" in vars(k)),
-                    None)
-        if isinstance(call, types.FunctionType):
-            return real_code(call.__code__)
-        return None
-    return None
+    """The code object behind a function, method, ``staticmethod``/``classmethod``,
+    partial, ``__wrapped__`` chain, callable instance or code object (None for builtins
+    and other callables without Python code). A function whose calls are recorded
+    through a trampoline gives its own code, not the trampoline."""
+    if isinstance(obj, types.CodeType):
+        return real_code(obj)
+    fn = function_of(obj)
+    return None if fn is None else real_code(fn.__code__)
 
-
-# -- building the IR ---------------------------------------------------------------------
 
 def extract_code_ir(obj: Any) -> CodeIR:
     """The :class:`CodeIR` of a function, method, code object (or anything
