@@ -53,11 +53,13 @@ def installed() -> int:
 
 
 def register(trampoline: types.CodeType, code: types.CodeType) -> None:
+    """Note that ``trampoline`` stands for ``code`` (as it is put into a function)."""
     with _lock:
         _originals[id(trampoline)] = (trampoline, code)
 
 
 def unregister(trampoline: types.CodeType) -> None:
+    """Forget ``trampoline`` (as its function gets its own code back)."""
     with _lock:
         found = _originals.get(id(trampoline))
         if found is not None and found[0] is trampoline:
