@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -537,3 +538,37 @@ def test_closures_of_one_factory_given_together_are_all_recorded(state: mmsb.MMS
     _enable(state, functions=(first, second))
     assert first(0) == 1 and second(0) == 1 and second(0) == 2
     assert _names(state) == ["_make_closure.<locals>.closure"] * 3
+
+
+def test_enabling_and_disabling_while_other_threads_call(state: mmsb.MMSBState) -> None:
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0] * 3
+
+    def caller(k: int) -> None:
+        try:
+            while not stop.is_set():
+                assert outer(3) == 6 and list(counter(2)) == [0, 1]
+                done[k] += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            _enable(state, functions=(leaf, outer, counter), flush_every=8)
+            seen, until = sum(done), time.monotonic() + 10
+            while sum(done) < seen + 6 and not errors and time.monotonic() < until:
+                time.sleep(0.001)
+            mmsb.disable_instrumentation(state)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert not hook_installed() and code_of(leaf) is LEAF_CODE and leaf.__code__ is LEAF_CODE
+    assert all(e.name.split(":")[1] in ("leaf", "outer", "counter")
+               for e in mmsb.call_events(state))
+    assert len(mmsb.call_events(state)) > 0
