@@ -223,6 +223,16 @@ def test_an_async_generator_gets_no_trampoline() -> None:
         trampoline.build(agen.__code__, "def f({params}):\n    return None\n", {})
 
 
+def test_names_that_are_not_identifiers_never_reach_the_generated_text() -> None:
+    def f(a: int) -> int:
+        return a
+
+    for odd in ("a): pass\ndef g(", "class", "1a"):
+        code = f.__code__.replace(co_varnames=(odd,))
+        with pytest.raises(ValueError, match="not identifiers"):
+            trampoline.build(code, "def f({params}):\n    return None\n", {})
+
+
 def test_parameters_named_like_the_trampolines_locals(state: mmsb.MMSBState) -> None:
     def make() -> Any:
         _mmsb_t0 = 1

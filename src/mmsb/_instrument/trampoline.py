@@ -26,6 +26,7 @@ function's own code while a trampoline is installed.
 from __future__ import annotations
 
 import inspect
+import keyword
 import threading
 import types
 import warnings
@@ -147,6 +148,12 @@ def build(code: types.CodeType, template: str, objects: dict[str, Any],
     """
     if kind_of(code) is None:
         raise ValueError(f"{code.co_qualname}: an async generator gets no trampoline")
+    odd = [n for n in code.co_varnames[:_nparams(code)] + code.co_freevars
+           if not n.isidentifier() or keyword.iskeyword(n)]
+    if odd:
+        # Only plain identifiers ever reach the generated text (a code object built by
+        # hand may name its variables anything).
+        raise ValueError(f"{code.co_qualname}: names that are not identifiers {odd!r}")
     params, args = _signature(code)
     taken = set(code.co_varnames[:_nparams(code)]) | set(code.co_freevars)
     fields: dict[str, str] = {"params": params, "args": args}
