@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
 from .arena import CHUNK_MASK, CHUNK_SHIFT, Arena
+from .batch_writes import BUFFERED_PAGE_MAX, log_buffered
 from .compaction import FoldJob, compaction_step, start_at
 from .delta import (
     Delta,
@@ -221,6 +222,7 @@ class Page:
 
     @property
     def epoch(self) -> int:
+        self._state.settle()
         return int(self._state.table.epoch[self._row()])
 
     @property
@@ -243,6 +245,7 @@ class Page:
     @property
     def mask(self) -> np.ndarray:
         """One bool per byte: True where any applied delta has written."""
+        self._state.settle()
         with self._state.lock:
             return self._state.page_mask(self._row())
 
@@ -266,6 +269,7 @@ class Page:
         return hash((id(self._state), self.id))
 
     def __repr__(self) -> str:
+        self._state.settle()
         t = self._state.table
         if not t.is_live(self.id):
             return f"<Page {self.id} (deleted)>"
@@ -405,6 +409,7 @@ class MMSBState:
             ACTIVE.set(None)
 
     def __repr__(self) -> str:
+        self.settle()
         kind = "closed" if self.closed else ("durable" if self.bus else "in-memory")
         return (f"<MMSBState {kind} pages={self.table.live_count} "
                 f"deltas={len(self.log.deltas)} last_lsn={self.log.last_lsn}>")
@@ -416,11 +421,13 @@ class MMSBState:
 
     @property
     def tlog(self) -> DeltaView:
+        self.settle()
         return DeltaView(self.log)
 
     @property
     def last_lsn(self) -> int:
         """LSN of the newest record (0 when nothing was logged)."""
+        self.settle()
         return self.log.last_lsn
 
     @property
@@ -433,6 +440,15 @@ class MMSBState:
     @property
     def next_page_id(self) -> int:
         return self.table.next_id
+
+    def settle(self) -> None:
+        """Log the writes an open batch holds (see _BatchFrame), when called by the
+        thread that holds them: for reads of epochs, the log and the counters. O(held
+        writes); nothing to do outside a batch."""
+        frame = self.batch_frame
+        if frame is not None and frame.writes and frame.owner == threading.get_ident():
+            with self.lock:
+                log_buffered(self, frame)
 
     def page_handle(self, page_id: int) -> Page:
         """A live :class:`Page` handle on ``page_id`` (not checked: see ``require_page``)."""
@@ -449,6 +465,15 @@ class MMSBState:
             raise InvalidArgumentError(
                 f"the recompute function of page {self.recomputing} tried to change the state; "
                 "a recompute function returns its page's new bytes and changes nothing else")
+        frame = self.batch_frame
+        if frame is not None and frame.writes:
+            # Every call that enters logs the batch's held writes first, so that what it
+            # reads or logs follows them, as after the same writes done one by one.
+            try:
+                log_buffered(self, frame)
+            except BaseException:
+                self.lock.release()
+                raise
         self._depth += 1
         if self._depth == 1 and self.bus is not None:
             self.bus.entered_at = self.log.last_lsn
@@ -971,8 +996,11 @@ class MMSBState:
             # Nothing below calls out of this frame until the write is logged and applied
             # (no handler, no recompute function), so the call is marked entered
             # (_depth) only around the calls that can.
-            if frame is not None and pid not in frame.touched:
-                frame.touch(pid)
+            if frame is not None:
+                if frame.writes:
+                    log_buffered(self, frame)
+                if pid not in frame.touched:
+                    frame.touch(pid)
             addr = addr_v[pid]
             epoch = epoch_v[pid] + 1
             mem = self.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
@@ -1211,6 +1239,8 @@ class MMSBState:
             return
         rows0 = frame.mark[0] if frame.mark is not None else self.log.n
         try:
+            if frame.writes:
+                log_buffered(self, frame)
             self.log.append_held(frame.records)
         except BaseException:
             frame.rollback()
@@ -1366,10 +1396,17 @@ class _BatchFrame:
     then logged in one append when it ends. On an in-memory log (``direct``) they are
     logged at once, as rows, and a failed batch truncates the log back to where it
     began. Either way the bytes and epochs its writes replaced are kept, in order, and
-    restored newest first if it fails."""
+    restored newest first if it fails.
+
+    On an in-memory log, ``write_page`` calls of small bytes made by the thread that
+    holds the batch put their bytes into the page at once and are held as
+    ``(page, offset, bytes)`` (``writes``) without a record; any call that enters the
+    state, reads the log or an epoch, and the batch's end log them first, as one column
+    group (``batch_writes.log_buffered``)."""
 
     __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
-                 "last_ts", "next_delta_id", "queue_len", "pending")
+                 "last_ts", "next_delta_id", "queue_len", "pending", "owner", "writes",
+                 "held", "held_ids", "copies")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
@@ -1386,6 +1423,18 @@ class _BatchFrame:
         self.next_delta_id = state.next_delta_id
         self.queue_len = len(state.event_queue)
         self.pending = set(state.pending)
+        self.owner = threading.get_ident() if self.direct else 0
+        """The thread whose ``write_page`` calls are held (0: none are)."""
+        self.writes: list[tuple[int, int, bytes]] = []
+        """Held writes, in call order, not logged yet (their bytes are in the pages)."""
+        self.held: dict[int, tuple[memoryview, Page, int, int]] = {}
+        """Page id → (its bytes, a handle, a quarter of its size, its slot) for the
+        pages copied since the held writes were last logged; a held write is kept as
+        ``(slot, offset, bytes)``."""
+        self.held_ids: list[int] = []
+        """The pages of those slots, in slot order."""
+        self.copies: list[np.ndarray] = []
+        """Their bytes before their first held write, in slot order."""
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
         """Log ``rec`` at once (``direct``), or stamp it (a copy, for a delta) and hold
@@ -1444,6 +1493,30 @@ class _BatchFrame:
         addr_v, size_v, epoch_v, _flags_v = st.table.views  # plain ints, not numpy scalars
         self.touched.add(pid)
         self.undo.append(("page", pid, epoch_v[pid], st.arena.view(addr_v[pid], size_v[pid]).copy()))
+
+    def hold_page(self, pid: int) -> tuple[memoryview, Page, int, int] | None:
+        """Before the first held write to page ``pid`` since they were last logged: save
+        its bytes and epoch (an undo entry, and the base the held writes are compared
+        with when logged); returns what ``write_page`` needs to hold writes to it, or
+        None when they cannot be held (no such page, a page over BUFFERED_PAGE_MAX, a
+        recompute function running), and the write takes the general path.
+        Holding starts only after an entered call, which logs the held writes and
+        clears ``held``, so a recompute function started since finds ``held`` empty."""
+        st = self.state
+        addr_v, size_v, epoch_v, flags_v = st.table.views
+        if not (0 < pid < len(flags_v) and flags_v[pid]) or st.recomputing is not None:
+            return None
+        size = size_v[pid]
+        if size > BUFFERED_PAGE_MAX:
+            return None
+        view = st.arena.view(addr_v[pid], size)
+        copy = view.copy()
+        self.undo.append(("page", pid, epoch_v[pid], copy))
+        entry = (view.data, Page(st, pid), size >> 2, len(self.held_ids))
+        self.held_ids.append(pid)
+        self.copies.append(copy)
+        self.held[pid] = entry
+        return entry
 
     def rollback(self) -> None:
         st = self.state

@@ -40,6 +40,8 @@ from .kernels import (
     check_rows,
     entry_point,
     gather_payloads,
+    group_encode,
+    group_layout,
     mark_page_rows,
     mark_written,
     write_small,
@@ -496,36 +498,11 @@ class TransactionLog:
         k = len(g)
         if not k:
             return
-        b = g.bounds
-        n = np.diff(b)
-        first = g.pos[b[:-1]]
-        lastp = g.pos[b[1:] - 1]
-        run = lastp - first + 1 == n
-        small = g.sizes <= 1 << 16
-        enc = np.where(run, np.where(small, ENC_RUN16, ENC_RUN),
-                       np.where(small, ENC_POS16, ENC_POS32)).astype(np.uint8)
-        head = np.where(run, np.where(small, 2, 4), np.where(small, 2 * n, 4 * n))
-        plen = head + n
+        enc = np.empty(k, np.uint8)
+        plen = np.empty(k, np.int64)
+        total = group_layout(g.pos, g.bounds, g.sizes, enc, plen)
         offs = np.zeros(k + 1, np.int64)
         np.cumsum(plen, out=offs[1:])
-        total = int(offs[-1])
-        buf = np.empty(total, np.uint8)
-        # values, after each delta's head
-        owner = np.repeat(np.arange(k), n)
-        local = np.arange(len(g.vals)) - b[owner]
-        buf[(offs[:-1] + head)[owner] + local] = g.vals
-        # run starts: two or four little-endian bytes
-        for code, width, dtype in ((ENC_RUN16, 2, np.uint16), (ENC_RUN, 4, np.uint32)):
-            ri = np.flatnonzero(run & (enc == code))
-            if ri.size:
-                starts = first[ri].astype(dtype).view(np.uint8)
-                buf[(offs[ri][:, None] + np.arange(width)).reshape(-1)] = starts
-        for code, width in ((ENC_POS16, 2), (ENC_POS32, 4)):
-            sel = enc[owner] == code
-            if sel.any():
-                pos = g.pos[sel].astype(np.uint16 if width == 2 else np.uint32).view(np.uint8)
-                at = offs[owner[sel]] + width * local[sel]
-                buf[(at[:, None] + np.arange(width)).reshape(-1)] = pos
         if total > _CHUNK >> 2:
             mv = memoryview(bytearray(total))
             self.chunks.append(mv)
@@ -533,7 +510,7 @@ class TransactionLog:
         else:
             mv, base, poff0 = self._room(total)
             ci = poff0 >> 32
-        np.frombuffer(mv, np.uint8, total, base)[:] = buf
+        group_encode(g.pos, g.vals, g.bounds, enc, np.frombuffer(mv, np.uint8, total, base))
         r0 = self.n
         while self.n + k > len(self.rows):
             self._grow()
