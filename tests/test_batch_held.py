@@ -119,7 +119,7 @@ def test_a_held_write_is_in_the_page_at_once() -> None:
     view = s.pages[ids[1]].data
     with mmsb.batch(s):
         page = mmsb.write_page(s, ids[1], 3, b"abc")
-        assert s.batch_frame is not None and len(s.batch_frame.writes) == 1
+        assert s.batch_frame is not None and len(s.batch_frame.writes) == 2  # (slot, offset) and bytes
         assert bytes(view[3:6]) == b"abc"  # a view taken before sees it too
         assert page.epoch == 1  # reading an epoch logs the held writes
         assert s.batch_frame.writes == []
@@ -155,7 +155,7 @@ def test_another_threads_write_waits_for_the_batch() -> None:
         t = threading.Thread(target=other)
         t.start()
         assert not done.wait(0.2)
-        assert s.batch_frame is not None and len(s.batch_frame.writes) == 1
+        assert s.batch_frame is not None and len(s.batch_frame.writes) == 2  # (slot, offset) and bytes
     t.join(10)
     assert done.is_set()
     assert mmsb.query_page(s, ids[1])[:2] == b"zz"

@@ -316,7 +316,9 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
                 end = offset + n
                 if n <= quarter and offset >= 0 and end <= len(view):
                     view[offset:end] = data
-                    frame.writes.append((slot, offset, data))
+                    held = frame.writes
+                    held.append(slot + offset)
+                    held.append(data)
                     return page
     if type(state) is not MMSBState:
         state = _state_of(state, "write_page")

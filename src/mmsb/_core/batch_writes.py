@@ -84,11 +84,12 @@ def log_buffered(state: MMSBState, frame: _BatchFrame) -> int:
     bytes it changed at that moment, as done one by one. Returns the deltas logged.
     Caller holds the lock. O(held writes + bytes of the pages copied)."""
     writes = frame.writes
-    nw = len(writes)
+    nw = len(writes) >> 1
     if not nw:
         return 0
     t0 = time.perf_counter_ns()
-    ks_t, offs_t, datas = zip(*writes, strict=True)
+    keys = np.fromiter(writes[0::2], np.int64, nw)  # slot << 16 | offset
+    datas = writes[1::2]
     # The pages copied, in the order of their slots (a held write names its slot).
     held = np.array(frame.held_ids, np.int64)
     held_sizes = state.table.size[held]
@@ -96,8 +97,8 @@ def log_buffered(state: MMSBState, frame: _BatchFrame) -> int:
     np.cumsum(held_sizes[:-1], out=starts[1:])
     # The compare runs on a scratch copy: the page copies are also the undo entries.
     shadow = np.concatenate(frame.copies)
-    ks = np.fromiter(ks_t, np.int64, nw)
-    offs = np.fromiter(offs_t, np.int64, nw)
+    ks = keys >> 16
+    offs = keys & 0xFFFF
     lens = np.fromiter(map(len, datas), np.int64, nw)
     cat = np.frombuffer(b"".join(datas), np.uint8)
     total = len(cat)

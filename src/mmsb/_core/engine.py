@@ -1389,6 +1389,9 @@ class MMSBState:
                 f"{what} needs the transaction log, but this state has enable_logging=False")
 
 
+_new_page = object.__new__
+
+
 class _BatchFrame:
     """What an open batch holds back and how to undo it.
 
@@ -1425,12 +1428,13 @@ class _BatchFrame:
         self.pending = set(state.pending)
         self.owner = threading.get_ident() if self.direct else 0
         """The thread whose ``write_page`` calls are held (0: none are)."""
-        self.writes: list[tuple[int, int, bytes]] = []
+        self.writes: list[int | bytes] = []
         """Held writes, in call order, not logged yet (their bytes are in the pages)."""
         self.held: dict[int, tuple[memoryview, Page, int, int]] = {}
-        """Page id → (its bytes, a handle, a quarter of its size, its slot) for the
-        pages copied since the held writes were last logged; a held write is kept as
-        ``(slot, offset, bytes)``."""
+        """Page id → (its bytes, a handle, a quarter of its size, its slot << 16) for
+        the pages copied since the held writes were last logged. A held write is kept
+        as two items of ``writes``: ``slot << 16 | offset`` (a held page has at most
+        64 KiB), then its bytes."""
         self.held_ids: list[int] = []
         """The pages of those slots, in slot order."""
         self.copies: list[np.ndarray] = []
@@ -1509,10 +1513,16 @@ class _BatchFrame:
         size = size_v[pid]
         if size > BUFFERED_PAGE_MAX:
             return None
-        view = st.arena.view(addr_v[pid], size)
+        addr = addr_v[pid]
+        chunk = st.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.view, inlined
+        assert chunk is not None
+        view = chunk[addr & CHUNK_MASK:(addr & CHUNK_MASK) + size]
         copy = view.copy()
         self.undo.append(("page", pid, epoch_v[pid], copy))
-        entry = (view.data, Page(st, pid), size >> 2, len(self.held_ids))
+        page = _new_page(Page)
+        page._state = st
+        page.id = pid
+        entry = (view.data, page, size >> 2, len(self.held_ids) << 16)
         self.held_ids.append(pid)
         self.copies.append(copy)
         self.held[pid] = entry
