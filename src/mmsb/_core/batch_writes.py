@@ -11,7 +11,7 @@ epochs and events are those of the same writes done one by one.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def log_buffered(state: MMSBState, frame: _BatchFrame) -> int:
         return 0
     t0 = time.perf_counter_ns()
     keys = np.fromiter(writes[0::2], np.int64, nw)  # slot << 16 | offset
-    datas = writes[1::2]
+    datas = cast(list[bytes], writes[1::2])
     # The pages copied, in the order of their slots (a held write names its slot).
     held = np.array(frame.held_ids, np.int64)
     held_sizes = state.table.size[held]
