@@ -1300,7 +1300,7 @@ class TransactionLog:
             np.cumsum(cols.plen, out=offsets[1:])
             # Payload chunks: at most 4 GiB each (offsets are 32-bit), cut at rows.
             if offsets[-1] < 1 << 32:
-                log.chunks.append(memoryview(bytearray(cols.payload.tobytes())))
+                log.chunks.append(memoryview(bytearray(cols.payload)))  # one copy
                 rows["poff"][:n] = offsets[:-1]
             else:
                 chunk_of = offsets[:-1] >> 32
@@ -1308,7 +1308,7 @@ class TransactionLog:
                 for c in np.unique(chunk_of).tolist():
                     sel = np.flatnonzero(chunk_of == c)
                     lo, hi = int(offsets[sel[0]]), int(offsets[sel[-1] + 1])
-                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi].tobytes())))
+                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi])))
                     poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
                 rows["poff"][:n] = poff
             sids = np.empty(len(cols.sources), np.int64)
