@@ -96,7 +96,7 @@ def log_buffered(state: MMSBState, frame: _BatchFrame) -> int:
     starts = np.zeros(len(held), np.int64)
     np.cumsum(held_sizes[:-1], out=starts[1:])
     # The compare runs on a scratch copy: the page copies are also the undo entries.
-    shadow = np.concatenate(frame.copies)
+    shadow = np.frombuffer(bytearray().join(frame.copies), np.uint8)
     ks = keys >> 16
     offs = keys & 0xFFFF
     lens = np.fromiter(map(len, datas), np.int64, nw)

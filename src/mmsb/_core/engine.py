@@ -1409,14 +1409,15 @@ class _BatchFrame:
 
     __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
                  "last_ts", "next_delta_id", "queue_len", "pending", "owner", "writes",
-                 "held", "held_ids", "copies")
+                 "held", "held_ids", "copies", "chunk_views")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
         self.records: list[AnyRecord | DeltaGroup] = []
         self.undo: list[tuple[Any, ...]] = []
         """("scatter", chunk, offsets, old bytes, pages, epochs) | ("delta", page, epoch,
-        positions or None, old bytes) | ("page", page, epoch, old bytes), oldest first."""
+        positions or None, old bytes) | ("page", page, epoch, old bytes) | ("bytes", page,
+        epoch, old bytes as ``bytes``), oldest first."""
         self.touched: set[int] = set()
         """Pages whose whole bytes are saved (writes taking the compiled path)."""
         self.direct = state.log.sink is None and state.config.enable_logging
@@ -1437,8 +1438,10 @@ class _BatchFrame:
         64 KiB), then its bytes."""
         self.held_ids: list[int] = []
         """The pages of those slots, in slot order."""
-        self.copies: list[np.ndarray] = []
+        self.copies: list[bytes] = []
         """Their bytes before their first held write, in slot order."""
+        self.chunk_views: dict[int, memoryview] = {}
+        """Arena chunk index → a memoryview of it (a held page's bytes are a slice)."""
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
         """Log ``rec`` at once (``direct``), or stamp it (a copy, for a delta) and hold
@@ -1514,15 +1517,20 @@ class _BatchFrame:
         if size > BUFFERED_PAGE_MAX:
             return None
         addr = addr_v[pid]
-        chunk = st.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.view, inlined
-        assert chunk is not None
-        view = chunk[addr & CHUNK_MASK:(addr & CHUNK_MASK) + size]
-        copy = view.copy()
-        self.undo.append(("page", pid, epoch_v[pid], copy))
+        index = addr >> CHUNK_SHIFT
+        chunk = self.chunk_views.get(index)
+        if chunk is None:
+            array = st.arena._chunks[index]
+            assert array is not None
+            chunk = self.chunk_views[index] = memoryview(array)
+        at = addr & CHUNK_MASK
+        view = chunk[at:at + size]
+        copy = bytes(view)
+        self.undo.append(("bytes", pid, epoch_v[pid], copy))
         page = _new_page(Page)
         page._state = st
         page.id = pid
-        entry = (view.data, page, size >> 2, len(self.held_ids) << 16)
+        entry = (view, page, size >> 2, len(self.held_ids) << 16)
         self.held_ids.append(pid)
         self.copies.append(copy)
         self.held[pid] = entry
@@ -1543,6 +1551,8 @@ class _BatchFrame:
             view = st.arena.view(int(t.addr[pid]), int(t.size[pid]))
             if entry[0] == "page":
                 view[:] = entry[3]
+            elif entry[0] == "bytes":
+                view[:] = np.frombuffer(entry[3], np.uint8)
             elif entry[3] is None:
                 view[:] = entry[4]
             else:

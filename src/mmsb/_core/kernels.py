@@ -373,6 +373,21 @@ def advance_epochs(epoch: np.ndarray, pids: np.ndarray, bases: np.ndarray) -> No
 
 
 @njit(cache=True, nogil=True)
+def order_by_page(pages: np.ndarray, top: int, order: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``order`` becomes the stable ordering of ``pages`` (ints in ``[0, top]``) by value:
+    what ``np.argsort(pages, kind="stable")`` gives, by counting. O(len(pages) + top)."""
+    start = np.zeros(top + 2, np.int64)
+    for i in range(pages.shape[0]):
+        start[pages[i] + 1] += 1
+    for v in range(1, top + 2):
+        start[v] += start[v - 1]
+    for i in range(pages.shape[0]):
+        p = pages[i]
+        order[start[p]] = i
+        start[p] += 1
+
+
+@njit(cache=True, nogil=True)
 def group_layout(pos: np.ndarray, bounds: np.ndarray, sizes: np.ndarray, enc: np.ndarray,
                  plen: np.ndarray) -> int:  # pragma: no cover - compiled
     """The payload encoding and length of each sparse delta of a column group (delta

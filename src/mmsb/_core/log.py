@@ -44,6 +44,7 @@ from .kernels import (
     group_layout,
     mark_page_rows,
     mark_written,
+    order_by_page,
     write_small,
 )
 from .limits import MAX_COUNTER, MAX_PAGE_SIZE
@@ -531,7 +532,12 @@ class TransactionLog:
         self.lsns.last = g.lsn + k - 1
         self.ids.push(r0, g.first_id)
         self.ids.last = g.first_id + k - 1
-        order = np.argsort(g.pages, kind="stable")
+        top = int(g.pages.max())
+        if top <= 4 * k + 65536:
+            order = np.empty(k, np.int64)
+            order_by_page(g.pages, top, order)
+        else:  # ids spread too far for counting
+            order = np.argsort(g.pages, kind="stable")
         sp = g.pages[order]
         cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
         rows_bytes = (order + r0).astype(np.uint32).tobytes()
