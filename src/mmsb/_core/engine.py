@@ -1522,7 +1522,7 @@ class _BatchFrame:
         if chunk is None:
             array = st.arena._chunks[index]
             assert array is not None
-            chunk = self.chunk_views[index] = memoryview(array)
+            chunk = self.chunk_views[index] = array.data
         at = addr & CHUNK_MASK
         view = chunk[at:at + size]
         copy = bytes(view)
