@@ -311,10 +311,10 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
             if entry is None:
                 entry = frame.hold_page(page_id)
             if entry is not None:
-                view, page, quarter, slot = entry
+                view, page, quarter, size, slot = entry
                 n = len(data)
                 end = offset + n
-                if n <= quarter and offset >= 0 and end <= len(view):
+                if n <= quarter and offset >= 0 and end <= size:
                     view[offset:end] = data
                     held = frame.writes
                     held.append(slot + offset)

@@ -102,7 +102,7 @@ def log_buffered(state: MMSBState, frame: _BatchFrame) -> int:
     lens = np.fromiter(map(len, datas), np.int64, nw)
     cat = np.frombuffer(b"".join(datas), np.uint8)
     total = len(cat)
-    pos = np.empty(total, np.int64)
+    pos = np.empty(total, np.int32)  # positions in pages of at most 64 KiB
     vals = np.empty(total, np.uint8)
     counts = np.empty(nw, np.int64)
     n = held_apply(shadow, starts[ks], offs, lens, cat, pos, vals, counts)

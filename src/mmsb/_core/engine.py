@@ -1431,9 +1431,9 @@ class _BatchFrame:
         """The thread whose ``write_page`` calls are held (0: none are)."""
         self.writes: list[int | bytes] = []
         """Held writes, in call order, not logged yet (their bytes are in the pages)."""
-        self.held: dict[int, tuple[memoryview, Page, int, int]] = {}
-        """Page id → (its bytes, a handle, a quarter of its size, its slot << 16) for
-        the pages copied since the held writes were last logged. A held write is kept
+        self.held: dict[int, tuple[memoryview, Page, int, int, int]] = {}
+        """Page id → (its bytes, a handle, a quarter of its size, its size, its slot << 16)
+        for the pages copied since the held writes were last logged. A held write is kept
         as two items of ``writes``: ``slot << 16 | offset`` (a held page has at most
         64 KiB), then its bytes."""
         self.held_ids: list[int] = []
@@ -1501,7 +1501,7 @@ class _BatchFrame:
         self.touched.add(pid)
         self.undo.append(("page", pid, epoch_v[pid], st.arena.view(addr_v[pid], size_v[pid]).copy()))
 
-    def hold_page(self, pid: int) -> tuple[memoryview, Page, int, int] | None:
+    def hold_page(self, pid: int) -> tuple[memoryview, Page, int, int, int] | None:
         """Before the first held write to page ``pid`` since they were last logged: save
         its bytes and epoch (an undo entry, and the base the held writes are compared
         with when logged); returns what ``write_page`` needs to hold writes to it, or
@@ -1530,7 +1530,7 @@ class _BatchFrame:
         page = _new_page(Page)
         page._state = st
         page.id = pid
-        entry = (view, page, size >> 2, len(self.held_ids) << 16)
+        entry = (view, page, size >> 2, size, len(self.held_ids) << 16)
         self.held_ids.append(pid)
         self.copies.append(copy)
         self.held[pid] = entry
