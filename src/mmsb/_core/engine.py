@@ -34,7 +34,8 @@ from ..errors import (
     StateClosedError,
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
-from .arena import CHUNK_MASK, CHUNK_SHIFT, Arena
+from .arena import _LARGE as LARGE_SLOT
+from .arena import CHUNK_MASK, CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .batch_writes import BUFFERED_PAGE_MAX, log_buffered
 from .compaction import FoldJob, compaction_step, start_at
 from .delta import (
@@ -49,7 +50,7 @@ from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
-from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -834,10 +835,12 @@ class MMSBState:
         """``create(1, size, "cpu", None)``: one zero-filled cpu page without metadata;
         returns its id. The common case (an in-memory log without a sink, logging on,
         not in a batch or a nested call, a row free in the page table, a slot free in
-        the arena, the open creation run continued) takes no record object: the slot
-        is taken first (it needs no new memory, so it cannot fail), then the creation
-        is logged, then the table row is filled. Anything else takes ``create``, with
-        its refusals. O(1).
+        the arena, the open creation run continued) takes no record object: the
+        creation is logged (the run's one append, the only step that can fail for
+        memory), then the slot is taken (it needs no new memory, so it cannot fail),
+        then the table row is filled; when the run cannot be continued, the slot is
+        taken first and freed again if logging fails. Anything else takes ``create``,
+        with its refusals. O(1).
         """
         lock = self.lock
         lock.acquire()
@@ -853,17 +856,50 @@ class MMSBState:
             # both take the general path, which refuses them.
             lock.release()
             return self.create(1, size, "cpu", None)
-        addr = self.arena.alloc_ready(size)
+        # The usual case, in this frame: room in the current arena chunk (no free-listed
+        # slot to zero) and the open creation run continued (Arena.alloc_ready and
+        # TransactionLog.extend_creation, inlined: two calls fewer).
+        arena = self.arena
+        cls = arena._classes.get(size)
+        bump = arena._bump
+        structs = log.structs
+        run = structs[-1] if structs else None
+        addr = -1
+        if (cls is not None and cls <= LARGE_SLOT and bump + cls <= CHUNK_SIZE
+                and type(run) is _CreateRun and run.size == size and run.location == 0
+                and not arena._free.get(cls)):
+            offsets = run.offsets
+            n = len(offsets)
+            lsn = log.next_lsn
+            ts = time.time_ns()
+            if ts < log.last_timestamp:
+                ts = log.last_timestamp
+            off = ts - run.timestamp
+            if pid == run.first_id + n and lsn == run.lsn + n and off < 1 << 32:
+                try:
+                    offsets.append(off)  # the one step that allocates: first
+                except BaseException:
+                    lock.release()
+                    raise
+                log.struct_count += 1
+                log.next_lsn = lsn + 1
+                log.last_timestamp = ts
+                addr = (arena._cur << CHUNK_SHIFT) | bump
+                arena._bump = bump + cls
+                arena.bytes_in_use += cls
         if addr < 0:
-            lock.release()
-            return self.create(1, size, "cpu", None)
-        try:
+            addr = arena.alloc_ready(size)
+            if addr < 0:
+                lock.release()
+                return self.create(1, size, "cpu", None)
             try:
                 if not log.extend_creation(pid, size, 0):
                     log.append(PageCreate(pid, 1, size, 0, None))
             except BaseException:
-                self.arena.free(addr, size)
+                arena.free(addr, size)
+                lock.release()
                 raise
+        try:
             # Rows past next_id are all zero (PageTable._check), so epoch 0 and the cpu
             # location are already there.
             addr_v, size_v, _epoch_v, flags_v = t.views
