@@ -298,13 +298,7 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
     if type(state) is MMSBState and type(page_id) is int and type(offset) is int \
             and type(data) is bytes:
         frame = state.batch_frame
-        if frame is None:
-            if state.write_small_bytes(page_id, offset, data, source) is not None:
-                page = _new_object(Page)
-                page._state = state
-                page.id = page_id
-                return page
-        elif frame.owner == _get_ident() and source is _API:
+        if frame is not None and frame.owner == _get_ident() and source is _API:
             # Held by the batch (see _BatchFrame): only what can be refused is checked
             # here (the page, the range); a page cannot change size or go inside a batch.
             entry = frame.held.get(page_id)
@@ -320,6 +314,11 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
                     held.append(slot + offset)
                     held.append(data)
                     return page
+        if state.write_small_bytes(page_id, offset, data, source) is not None:
+            page = _new_object(Page)
+            page._state = state
+            page.id = page_id
+            return page
     if type(state) is not MMSBState:
         state = _state_of(state, "write_page")
     state.write_bytes(page_id, offset, data, source, False)
