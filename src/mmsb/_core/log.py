@@ -25,6 +25,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, overload
 
 import numpy as np
@@ -1332,10 +1333,15 @@ class TransactionLog:
             log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(), strict=True))
             order = np.argsort(cols.page, kind="stable")
             sp = cols.page[order]
-            cut = (np.flatnonzero(sp[1:] != sp[:-1]) + 1).tolist()
+            cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
+            starts = np.concatenate(([0], cut))
             raw = order.astype(np.uint32).tobytes()
-            for pid, a, z in zip(sp[[0, *cut]].tolist(), [0, *cut], [*cut, n], strict=True):
-                log.index[pid] = array("I", raw[4 * a:4 * z])
+            # One array of row numbers per page, built by C-level iteration (no Python
+            # loop over the pages).
+            spans = map(slice, (4 * starts).tolist(), (4 * np.append(cut, n)).tolist())
+            log.index = dict(zip(sp[starts].tolist(),
+                                 map(array, repeat("I"), map(raw.__getitem__, spans)),
+                                 strict=True))
             log.payload_bytes = int(offsets[-1])
         for rec in cols.structs:
             log.adopt(rec)
