@@ -29,8 +29,8 @@ BUFFERED_PAGE_MAX = 1 << 16
 copies the whole page (the undo copy and the base the held writes are compared with)."""
 
 
-def log_group(state: MMSBState, frame: _BatchFrame, pids: np.ndarray, sizes: np.ndarray, counts: np.ndarray,
-              pos: np.ndarray, vals: np.ndarray, source: str) -> int:
+def log_group(state: MMSBState, frame: _BatchFrame, pids: np.ndarray, sizes: np.ndarray,
+              counts: np.ndarray, pos: np.ndarray, vals: np.ndarray, source: str) -> int:
     """Log writes that were compared and applied in order as one column group.
 
     Write ``w`` (of page ``pids[w]``, ``sizes[w]`` bytes) changed ``counts[w]`` bytes,

@@ -1438,10 +1438,10 @@ class _BatchFrame:
     restored newest first if it fails.
 
     On an in-memory log, ``write_page`` calls of small bytes made by the thread that
-    holds the batch put their bytes into the page at once and are held as
-    ``(page, offset, bytes)`` (``writes``) without a record; any call that enters the
-    state, reads the log or an epoch, and the batch's end log them first, as one column
-    group (``batch_writes.log_buffered``)."""
+    holds the batch put their bytes into the page at once and are held (``writes``:
+    the page's slot and the offset, then the bytes) without a record; any call that
+    enters the state, reads the log or an epoch, and the batch's end log them first, as
+    one column group (``batch_writes.log_buffered``)."""
 
     __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
                  "last_ts", "next_delta_id", "queue_len", "pending", "owner", "writes",
