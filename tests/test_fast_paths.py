@@ -124,11 +124,19 @@ def test_memory_error_while_logging_leaves_no_record(monkeypatch: pytest.MonkeyP
     def fail(*args: Any) -> int:
         raise MemoryError
 
-    # The first creation of a run is appended as a record, the next ones extend the run.
-    monkeypatch.setattr(s.log, "append" if first else "extend_creation", fail)
+    # The first creation of a run is appended as a record, the next ones extend the run
+    # (an append to its offsets, in create_one's frame).
     if first:
+        monkeypatch.setattr(s.log, "append", fail)
         # A run is only continued by creations of its own size.
         monkeypatch.setattr(s.log, "extend_creation", lambda *a: 0)
+    else:
+        class _NoRoom(list):  # stands for the run's offsets array, out of memory
+            def append(self, _value: Any) -> None:
+                raise MemoryError
+
+        run = s.log.structs[-1]
+        monkeypatch.setattr(run, "offsets", _NoRoom(run.offsets))
     before = snapshot(s)
     in_use = s.arena.bytes_in_use
     with pytest.raises(MemoryError):

@@ -11,6 +11,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from threading import get_ident as _get_ident
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,7 @@ _active = ACTIVE
 # slots: what ``Page(state, page_id)`` does, without the frame of ``Page.__init__``
 # (about 60 ns of a call of one or two microseconds).
 _new_object = object.__new__
+_API = "api"
 
 
 # -- lifecycle -------------------------------------------------------------------------
@@ -284,15 +286,39 @@ def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api"
 def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source: str = "api") -> Page:
     """Write ``data`` at ``offset`` (a partial update). Only differing bytes are logged.
 
+    Inside ``with batch(state)`` on an in-memory state, a write of ``bytes`` of at most a
+    quarter of a page of at most 64 KiB (source ``"api"``) puts its bytes into the page
+    and is held, without a record, until the batch ends or a call reads the log or an
+    epoch: then the held writes are logged together, as the writes one by one would
+    have logged them.
+
     Raises:
         PageNotFoundError: unknown page. InvalidDeltaError: the write runs outside the page.
     """
     if type(state) is MMSBState and type(page_id) is int and type(offset) is int \
-            and type(data) is bytes and state.write_small_bytes(page_id, offset, data, source) is not None:
-        page = _new_object(Page)
-        page._state = state
-        page.id = page_id
-        return page
+            and type(data) is bytes:
+        frame = state.batch_frame
+        if frame is not None and frame.owner == _get_ident() and source is _API:
+            # Held by the batch (see _BatchFrame): only what can be refused is checked
+            # here (the page, the range); a page cannot change size or go inside a batch.
+            entry = frame.held.get(page_id)
+            if entry is None:
+                entry = frame.hold_page(page_id)
+            if entry is not None:
+                view, page, quarter, size, slot = entry
+                n = len(data)
+                end = offset + n
+                if n <= quarter and offset >= 0 and end <= size:
+                    view[offset:end] = data
+                    held = frame.writes
+                    held.append(slot + offset)
+                    held.append(data)
+                    return page
+        if state.write_small_bytes(page_id, offset, data, source) is not None:
+            page = _new_object(Page)
+            page._state = state
+            page.id = page_id
+            return page
     if type(state) is not MMSBState:
         state = _state_of(state, "write_page")
     state.write_bytes(page_id, offset, data, source, False)
@@ -415,6 +441,7 @@ def create_delta(state: MMSBState, page_id: int, mask: Any, data: Any, source: s
     """
     state = _state_of(state, "create_delta")
     check_source(source)
+    state.settle()
     with state.lock:
         pid = state.require_page(page_id, "create_delta")
         t = state.table
@@ -453,7 +480,7 @@ class Batch:
 
     def write(self, page_id: int, offset: int, data: Any, *, source: str = "api") -> None:
         """Write ``data`` at ``offset`` (as write_page)."""
-        self.state.write_bytes(page_id, offset, data, source, False)
+        write_page(self.state, page_id, offset, data, source=source)
 
     def update(self, page_id: int, data: Any, *, source: str = "api") -> None:
         """Replace a page's content (as update_page)."""
@@ -519,6 +546,7 @@ def query_log(state: MMSBState, *, page_id: int | None = None, start_time: int |
     for name, value in (("start_time", start_time), ("end_time", end_time)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise InvalidArgumentError(f"query_log(): {name} must be an int of nanoseconds, not {value!r}")
+    state.settle()
     with state.lock:
         log = state.log
         pool = log.by_page.get(page_id, []) if page_id is not None else log.deltas
@@ -532,6 +560,7 @@ def get_deltas_for_page(state: MMSBState, page_id: int) -> list[Delta]:
     """The retained deltas of one page, in log order. O(its deltas)."""
     state = _state_of(state, "get_deltas_for_page")
     page_id = require_page_id(page_id, "get_deltas_for_page")
+    state.settle()
     with state.lock:
         return list(state.log.by_page.get(page_id, []))
 
@@ -542,6 +571,7 @@ def get_deltas_in_range(state: MMSBState, start: int, stop: int) -> list[Delta]:
     for name, v in (("start", start), ("stop", stop)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise InvalidArgumentError(f"{name} must be an int, not {v!r}")
+    state.settle()
     with state.lock:
         return state.log.deltas[start:stop]
 
@@ -551,6 +581,7 @@ def compute_log_statistics(state: MMSBState) -> dict[str, Any]:
     (page id → delta count), ``records``, ``first_lsn``/``last_lsn``, ``sparse_deltas``,
     ``payload_bytes``."""
     state = _state_of(state, "compute_log_statistics")
+    state.settle()
     with state.lock:
         # Over the log's columns (numpy), not one Delta object per row.
         return _log_statistics(state.log)
@@ -861,6 +892,7 @@ def unsubscribe(state: MMSBState, sub: Subscription) -> bool:
 def get_stats(state: MMSBState) -> MMSBStats:
     """A frozen snapshot of sizes, counters and latency percentiles."""
     state = _state_of(state, "get_stats")
+    state.settle()
     with state.lock:
         t = state.table
         live = t.live_ids()
@@ -913,6 +945,7 @@ def print_stats(state: MMSBState, file: Any = None) -> None:
 def reset_stats(state: MMSBState) -> None:
     """Zero the counters and latency samples; pages, log and graph are untouched."""
     state = _state_of(state, "reset_stats")
+    state.settle()
     with state.lock:
         state.counters = Counters()
         state.events.emitted = 0
@@ -1049,6 +1082,7 @@ def serialize_page(page: Page | PageImage) -> bytes:
         raise InvalidArgumentError(
             f"serialize_page takes a Page or a PageImage, not {type(page).__name__}")
     state = page.state
+    state.settle()
     with state.lock:
         pid = state.require_page(page.id, "serialize_page")
         t = state.table

@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgumentError, InvalidDeltaError
-from ..types import EventType
 from .arena import CHUNK_SHIFT
+from .batch_writes import log_group
 from .delta import as_bytes_array, sparse_enough
 from .engine import MMSBState, check_source
 from .kernels import batch_apply
-from .log import DeltaGroup
 
 __all__ = ["run_batch"]
 
@@ -116,39 +115,10 @@ def _vector_apply(state: MMSBState, writes: list[Any], source: str) -> int | Non
     if not sparse_enough(counts[changed], sizes[changed]).all():
         chunk[at[::-1]] = old[::-1]  # a dense delta: its payload depends on the writes before it
         return None
-    bounds = np.zeros(nw + 1, np.int64)
-    np.cumsum(counts, out=bounds[1:])
-    # Epochs: a page written k times in the batch advances k times, in write order.
-    cpids = pids[changed]
-    order = np.argsort(cpids, kind="stable")
-    sorted_p = cpids[order]
-    first = np.ones(len(sorted_p), bool)
-    first[1:] = sorted_p[1:] != sorted_p[:-1]
-    run_start = np.maximum.accumulate(np.where(first, np.arange(len(sorted_p)), 0))
-    rank = np.empty(len(sorted_p), np.int64)
-    rank[order] = np.arange(len(sorted_p)) - run_start
-    base = t.epoch[cpids] + rank
-    # Build the deltas (views into the shared position and value arrays).
     frame = state.batch_frame
     assert frame is not None
-    first_id = state.next_delta_id
-    ndeltas = len(changed)
-    lsn0, ts = frame.reserve(state.log, ndeltas)
-    group = DeltaGroup(cpids, sizes[changed], base, rel, vals,
-                       np.append(bounds[changed], bounds[nw]), lsn0, ts, first_id, source)
-    state.next_delta_id = first_id + ndeltas
-    frame.hold_group(state.log, group)
-    frame.undo_scatter(c0, at[::-1], old[::-1], cpids, t.epoch[cpids].copy())
-    state.counters.payload_bytes_logged += int(vals.size)
-    np.maximum.at(t.epoch, cpids, base + 1)
-    if state.events.active:
-        for k, (p, e) in enumerate(zip(cpids.tolist(), base.tolist(), strict=True)):
-            state.emit(EventType.DELTA_APPLIED, p, e + 1, first_id + k, lsn0 + k)
-            state.emit(EventType.PAGE_CHANGED, p, e + 1, first_id + k)
-    children = state.graph.children
-    if children:
-        state.pending.update(p for p in set(cpids.tolist()) if p in children)
-    return ndeltas
+    frame.undo_scatter(c0, at[::-1], old[::-1], pids[changed], t.epoch[pids[changed]].copy())
+    return log_group(state, frame, pids, sizes, counts, rel, vals, source)
 
 
 def run_batch(state: MMSBState, writes: Iterable[tuple[int, int, Any]], source: str = "api") -> int:

@@ -34,7 +34,9 @@ from ..errors import (
     StateClosedError,
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
-from .arena import CHUNK_MASK, CHUNK_SHIFT, Arena
+from .arena import _LARGE as LARGE_SLOT
+from .arena import CHUNK_MASK, CHUNK_SHIFT, CHUNK_SIZE, Arena
+from .batch_writes import BUFFERED_PAGE_MAX, log_buffered
 from .compaction import FoldJob, compaction_step, start_at
 from .delta import (
     Delta,
@@ -48,7 +50,7 @@ from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
-from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -221,6 +223,7 @@ class Page:
 
     @property
     def epoch(self) -> int:
+        self._state.settle()
         return int(self._state.table.epoch[self._row()])
 
     @property
@@ -243,6 +246,7 @@ class Page:
     @property
     def mask(self) -> np.ndarray:
         """One bool per byte: True where any applied delta has written."""
+        self._state.settle()
         with self._state.lock:
             return self._state.page_mask(self._row())
 
@@ -266,6 +270,7 @@ class Page:
         return hash((id(self._state), self.id))
 
     def __repr__(self) -> str:
+        self._state.settle()
         t = self._state.table
         if not t.is_live(self.id):
             return f"<Page {self.id} (deleted)>"
@@ -405,6 +410,7 @@ class MMSBState:
             ACTIVE.set(None)
 
     def __repr__(self) -> str:
+        self.settle()
         kind = "closed" if self.closed else ("durable" if self.bus else "in-memory")
         return (f"<MMSBState {kind} pages={self.table.live_count} "
                 f"deltas={len(self.log.deltas)} last_lsn={self.log.last_lsn}>")
@@ -416,11 +422,13 @@ class MMSBState:
 
     @property
     def tlog(self) -> DeltaView:
+        self.settle()
         return DeltaView(self.log)
 
     @property
     def last_lsn(self) -> int:
         """LSN of the newest record (0 when nothing was logged)."""
+        self.settle()
         return self.log.last_lsn
 
     @property
@@ -433,6 +441,15 @@ class MMSBState:
     @property
     def next_page_id(self) -> int:
         return self.table.next_id
+
+    def settle(self) -> None:
+        """Log the writes an open batch holds (see _BatchFrame), when called by the
+        thread that holds them: for reads of epochs, the log and the counters. O(held
+        writes); nothing to do outside a batch."""
+        frame = self.batch_frame
+        if frame is not None and frame.writes and frame.owner == threading.get_ident():
+            with self.lock:
+                log_buffered(self, frame)
 
     def page_handle(self, page_id: int) -> Page:
         """A live :class:`Page` handle on ``page_id`` (not checked: see ``require_page``)."""
@@ -449,6 +466,15 @@ class MMSBState:
             raise InvalidArgumentError(
                 f"the recompute function of page {self.recomputing} tried to change the state; "
                 "a recompute function returns its page's new bytes and changes nothing else")
+        frame = self.batch_frame
+        if frame is not None and frame.writes:
+            # Every call that enters logs the batch's held writes first, so that what it
+            # reads or logs follows them, as after the same writes done one by one.
+            try:
+                log_buffered(self, frame)
+            except BaseException:
+                self.lock.release()
+                raise
         self._depth += 1
         if self._depth == 1 and self.bus is not None:
             self.bus.entered_at = self.log.last_lsn
@@ -809,10 +835,12 @@ class MMSBState:
         """``create(1, size, "cpu", None)``: one zero-filled cpu page without metadata;
         returns its id. The common case (an in-memory log without a sink, logging on,
         not in a batch or a nested call, a row free in the page table, a slot free in
-        the arena, the open creation run continued) takes no record object: the slot
-        is taken first (it needs no new memory, so it cannot fail), then the creation
-        is logged, then the table row is filled. Anything else takes ``create``, with
-        its refusals. O(1).
+        the arena, the open creation run continued) takes no record object: the
+        creation is logged (the run's one append, the only step that can fail for
+        memory), then the slot is taken (it needs no new memory, so it cannot fail),
+        then the table row is filled; when the run cannot be continued, the slot is
+        taken first and freed again if logging fails. Anything else takes ``create``,
+        with its refusals. O(1).
         """
         lock = self.lock
         lock.acquire()
@@ -828,17 +856,50 @@ class MMSBState:
             # both take the general path, which refuses them.
             lock.release()
             return self.create(1, size, "cpu", None)
-        addr = self.arena.alloc_ready(size)
+        # The usual case, in this frame: room in the current arena chunk (no free-listed
+        # slot to zero) and the open creation run continued (Arena.alloc_ready and
+        # TransactionLog.extend_creation, inlined: two calls fewer).
+        arena = self.arena
+        cls = arena._classes.get(size)
+        bump = arena._bump
+        structs = log.structs
+        run = structs[-1] if structs else None
+        addr = -1
+        if (cls is not None and cls <= LARGE_SLOT and bump + cls <= CHUNK_SIZE
+                and type(run) is _CreateRun and run.size == size and run.location == 0
+                and not arena._free.get(cls)):
+            offsets = run.offsets
+            n = len(offsets)
+            lsn = log.next_lsn
+            ts = time.time_ns()
+            if ts < log.last_timestamp:
+                ts = log.last_timestamp
+            off = ts - run.timestamp
+            if pid == run.first_id + n and lsn == run.lsn + n and off < 1 << 32:
+                try:
+                    offsets.append(off)  # the one step that allocates: first
+                except BaseException:
+                    lock.release()
+                    raise
+                log.struct_count += 1
+                log.next_lsn = lsn + 1
+                log.last_timestamp = ts
+                addr = (arena._cur << CHUNK_SHIFT) | bump
+                arena._bump = bump + cls
+                arena.bytes_in_use += cls
         if addr < 0:
-            lock.release()
-            return self.create(1, size, "cpu", None)
-        try:
+            addr = arena.alloc_ready(size)
+            if addr < 0:
+                lock.release()
+                return self.create(1, size, "cpu", None)
             try:
                 if not log.extend_creation(pid, size, 0):
                     log.append(PageCreate(pid, 1, size, 0, None))
             except BaseException:
-                self.arena.free(addr, size)
+                arena.free(addr, size)
+                lock.release()
                 raise
+        try:
             # Rows past next_id are all zero (PageTable._check), so epoch 0 and the cpu
             # location are already there.
             addr_v, size_v, _epoch_v, flags_v = t.views
@@ -971,8 +1032,11 @@ class MMSBState:
             # Nothing below calls out of this frame until the write is logged and applied
             # (no handler, no recompute function), so the call is marked entered
             # (_depth) only around the calls that can.
-            if frame is not None and pid not in frame.touched:
-                frame.touch(pid)
+            if frame is not None:
+                if frame.writes:
+                    log_buffered(self, frame)
+                if pid not in frame.touched:
+                    frame.touch(pid)
             addr = addr_v[pid]
             epoch = epoch_v[pid] + 1
             mem = self.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
@@ -1211,6 +1275,8 @@ class MMSBState:
             return
         rows0 = frame.mark[0] if frame.mark is not None else self.log.n
         try:
+            if frame.writes:
+                log_buffered(self, frame)
             self.log.append_held(frame.records)
         except BaseException:
             frame.rollback()
@@ -1359,6 +1425,9 @@ class MMSBState:
                 f"{what} needs the transaction log, but this state has enable_logging=False")
 
 
+_new_page = object.__new__
+
+
 class _BatchFrame:
     """What an open batch holds back and how to undo it.
 
@@ -1366,17 +1435,25 @@ class _BatchFrame:
     then logged in one append when it ends. On an in-memory log (``direct``) they are
     logged at once, as rows, and a failed batch truncates the log back to where it
     began. Either way the bytes and epochs its writes replaced are kept, in order, and
-    restored newest first if it fails."""
+    restored newest first if it fails.
+
+    On an in-memory log, ``write_page`` calls of small bytes made by the thread that
+    holds the batch put their bytes into the page at once and are held (``writes``:
+    the page's slot and the offset, then the bytes) without a record; any call that
+    enters the state, reads the log or an epoch, and the batch's end log them first, as
+    one column group (``batch_writes.log_buffered``)."""
 
     __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
-                 "last_ts", "next_delta_id", "queue_len", "pending")
+                 "last_ts", "next_delta_id", "queue_len", "pending", "owner", "writes",
+                 "held", "held_ids", "copies", "chunk_views")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
         self.records: list[AnyRecord | DeltaGroup] = []
         self.undo: list[tuple[Any, ...]] = []
         """("scatter", chunk, offsets, old bytes, pages, epochs) | ("delta", page, epoch,
-        positions or None, old bytes) | ("page", page, epoch, old bytes), oldest first."""
+        positions or None, old bytes) | ("page", page, epoch, old bytes) | ("bytes", page,
+        epoch, old bytes as ``bytes``), oldest first."""
         self.touched: set[int] = set()
         """Pages whose whole bytes are saved (writes taking the compiled path)."""
         self.direct = state.log.sink is None and state.config.enable_logging
@@ -1386,6 +1463,21 @@ class _BatchFrame:
         self.next_delta_id = state.next_delta_id
         self.queue_len = len(state.event_queue)
         self.pending = set(state.pending)
+        self.owner = threading.get_ident() if self.direct else 0
+        """The thread whose ``write_page`` calls are held (0: none are)."""
+        self.writes: list[int | bytes] = []
+        """Held writes, in call order, not logged yet (their bytes are in the pages)."""
+        self.held: dict[int, tuple[memoryview, Page, int, int, int]] = {}
+        """Page id → (its bytes, a handle, a quarter of its size, its size, its slot << 16)
+        for the pages copied since the held writes were last logged. A held write is kept
+        as two items of ``writes``: ``slot << 16 | offset`` (a held page has at most
+        64 KiB), then its bytes."""
+        self.held_ids: list[int] = []
+        """The pages of those slots, in slot order."""
+        self.copies: list[bytes] = []
+        """Their bytes before their first held write, in slot order."""
+        self.chunk_views: dict[int, memoryview] = {}
+        """Arena chunk index → a memoryview of it (a held page's bytes are a slice)."""
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
         """Log ``rec`` at once (``direct``), or stamp it (a copy, for a delta) and hold
@@ -1445,6 +1537,41 @@ class _BatchFrame:
         self.touched.add(pid)
         self.undo.append(("page", pid, epoch_v[pid], st.arena.view(addr_v[pid], size_v[pid]).copy()))
 
+    def hold_page(self, pid: int) -> tuple[memoryview, Page, int, int, int] | None:
+        """Before the first held write to page ``pid`` since they were last logged: save
+        its bytes and epoch (an undo entry, and the base the held writes are compared
+        with when logged); returns what ``write_page`` needs to hold writes to it, or
+        None when they cannot be held (no such page, a page over BUFFERED_PAGE_MAX, a
+        recompute function running), and the write takes the general path.
+        Holding starts only after an entered call, which logs the held writes and
+        clears ``held``, so a recompute function started since finds ``held`` empty."""
+        st = self.state
+        addr_v, size_v, epoch_v, flags_v = st.table.views
+        if not (0 < pid < len(flags_v) and flags_v[pid]) or st.recomputing is not None:
+            return None
+        size = size_v[pid]
+        if size > BUFFERED_PAGE_MAX:
+            return None
+        addr = addr_v[pid]
+        index = addr >> CHUNK_SHIFT
+        chunk = self.chunk_views.get(index)
+        if chunk is None:
+            array = st.arena._chunks[index]
+            assert array is not None
+            chunk = self.chunk_views[index] = array.data
+        at = addr & CHUNK_MASK
+        view = chunk[at:at + size]
+        copy = bytes(view)
+        self.undo.append(("bytes", pid, epoch_v[pid], copy))
+        page = _new_page(Page)
+        page._state = st
+        page.id = pid
+        entry = (view, page, size >> 2, size, len(self.held_ids) << 16)
+        self.held_ids.append(pid)
+        self.copies.append(copy)
+        self.held[pid] = entry
+        return entry
+
     def rollback(self) -> None:
         st = self.state
         t = st.table
@@ -1460,6 +1587,8 @@ class _BatchFrame:
             view = st.arena.view(int(t.addr[pid]), int(t.size[pid]))
             if entry[0] == "page":
                 view[:] = entry[3]
+            elif entry[0] == "bytes":
+                view[:] = np.frombuffer(entry[3], np.uint8)
             elif entry[3] is None:
                 view[:] = entry[4]
             else:

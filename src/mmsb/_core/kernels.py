@@ -332,6 +332,112 @@ def batch_apply(mem: np.ndarray, bases: np.ndarray, offs: np.ndarray, lens: np.n
     return k
 
 
+@njit(cache=True, nogil=True)
+def held_apply(mem: np.ndarray, bases: np.ndarray, offs: np.ndarray, lens: np.ndarray,
+               cat: np.ndarray, pos_out: np.ndarray, val_out: np.ndarray,
+               counts: np.ndarray) -> int:  # pragma: no cover - compiled
+    """:func:`batch_apply` without the undo columns: write ``w`` puts ``cat``'s next
+    ``lens[w]`` bytes at offset ``offs[w]`` of the page at ``mem[bases[w]:]``; each byte
+    that differs from what the page holds at that moment is recorded (position in the
+    page, new value) and written; ``counts[w]`` is how many write ``w`` changed.
+    Returns the number of changed bytes."""
+    k = 0
+    src = 0
+    for w in range(lens.shape[0]):
+        base = bases[w]
+        off = offs[w]
+        c = 0
+        for i in range(lens[w]):
+            a = base + off + i
+            b = cat[src + i]
+            if mem[a] != b:
+                pos_out[k] = off + i
+                val_out[k] = b
+                mem[a] = b
+                k += 1
+                c += 1
+        counts[w] = c
+        src += lens[w]
+    return k
+
+
+@njit(cache=True, nogil=True)
+def advance_epochs(epoch: np.ndarray, pids: np.ndarray, bases: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Deltas of pages ``pids`` in order, each advancing its page's epoch by one:
+    ``bases[k]`` is the epoch delta ``k`` starts from; ``epoch`` ends advanced."""
+    for k in range(pids.shape[0]):
+        p = pids[k]
+        e = epoch[p]
+        bases[k] = e
+        epoch[p] = e + 1
+
+
+@njit(cache=True, nogil=True)
+def order_by_page(pages: np.ndarray, top: int, order: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``order`` becomes the stable ordering of ``pages`` (ints in ``[0, top]``) by value:
+    what ``np.argsort(pages, kind="stable")`` gives, by counting. O(len(pages) + top)."""
+    start = np.zeros(top + 2, np.int64)
+    for i in range(pages.shape[0]):
+        start[pages[i] + 1] += 1
+    for v in range(1, top + 2):
+        start[v] += start[v - 1]
+    for i in range(pages.shape[0]):
+        p = pages[i]
+        order[start[p]] = i
+        start[p] += 1
+
+
+@njit(cache=True, nogil=True)
+def group_layout(pos: np.ndarray, bounds: np.ndarray, sizes: np.ndarray, enc: np.ndarray,
+                 plen: np.ndarray) -> int:  # pragma: no cover - compiled
+    """The payload encoding and length of each sparse delta of a column group (delta
+    ``d`` writes positions ``pos[bounds[d]:bounds[d + 1]]``, at least one, of a page of
+    ``sizes[d]`` bytes): a contiguous run keeps its start, others every position, in 2
+    bytes on pages of at most 64 KiB, else 4. Returns the total payload length."""
+    total = 0
+    for d in range(sizes.shape[0]):
+        a = bounds[d]
+        z = bounds[d + 1]
+        n = z - a
+        small = sizes[d] <= 65536
+        if pos[z - 1] - pos[a] + 1 == n:
+            enc[d] = ENC_RUN16 if small else ENC_RUN
+            h = 2 if small else 4
+        else:
+            enc[d] = ENC_POS16 if small else ENC_POS32
+            h = (2 if small else 4) * n
+        plen[d] = h + n
+        total += h + n
+    return total
+
+
+@njit(cache=True, nogil=True)
+def group_encode(pos: np.ndarray, vals: np.ndarray, bounds: np.ndarray, enc: np.ndarray,
+                 out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Write the payloads :func:`group_layout` laid out, back to back into ``out``: each
+    delta's head (its run start, or its positions, little-endian) then its values."""
+    o = 0
+    for d in range(enc.shape[0]):
+        a = bounds[d]
+        n = bounds[d + 1] - a
+        e = enc[d]
+        w = 2 if (e == ENC_RUN16 or e == ENC_POS16) else 4
+        if e == ENC_RUN16 or e == ENC_RUN:
+            s = pos[a]
+            for i in range(w):
+                out[o + i] = (s >> (8 * i)) & 0xFF
+            o += w
+        else:
+            for j in range(n):
+                p = pos[a + j]
+                for i in range(w):
+                    out[o + i] = (p >> (8 * i)) & 0xFF
+                o += w
+        for j in range(n):
+            out[o + j] = vals[a + j]
+        o += n
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _mark_row(chunk: np.ndarray, o: Any, plen: Any, enc: Any, ps: Any, out: np.ndarray,
               base: Any, size: Any) -> None:  # pragma: no cover - compiled

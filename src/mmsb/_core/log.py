@@ -25,6 +25,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, overload
 
 import numpy as np
@@ -40,8 +41,11 @@ from .kernels import (
     check_rows,
     entry_point,
     gather_payloads,
+    group_encode,
+    group_layout,
     mark_page_rows,
     mark_written,
+    order_by_page,
     write_small,
 )
 from .limits import MAX_COUNTER, MAX_PAGE_SIZE
@@ -496,36 +500,11 @@ class TransactionLog:
         k = len(g)
         if not k:
             return
-        b = g.bounds
-        n = np.diff(b)
-        first = g.pos[b[:-1]]
-        lastp = g.pos[b[1:] - 1]
-        run = lastp - first + 1 == n
-        small = g.sizes <= 1 << 16
-        enc = np.where(run, np.where(small, ENC_RUN16, ENC_RUN),
-                       np.where(small, ENC_POS16, ENC_POS32)).astype(np.uint8)
-        head = np.where(run, np.where(small, 2, 4), np.where(small, 2 * n, 4 * n))
-        plen = head + n
+        enc = np.empty(k, np.uint8)
+        plen = np.empty(k, np.int64)
+        total = group_layout(g.pos, g.bounds, g.sizes, enc, plen)
         offs = np.zeros(k + 1, np.int64)
         np.cumsum(plen, out=offs[1:])
-        total = int(offs[-1])
-        buf = np.empty(total, np.uint8)
-        # values, after each delta's head
-        owner = np.repeat(np.arange(k), n)
-        local = np.arange(len(g.vals)) - b[owner]
-        buf[(offs[:-1] + head)[owner] + local] = g.vals
-        # run starts: two or four little-endian bytes
-        for code, width, dtype in ((ENC_RUN16, 2, np.uint16), (ENC_RUN, 4, np.uint32)):
-            ri = np.flatnonzero(run & (enc == code))
-            if ri.size:
-                starts = first[ri].astype(dtype).view(np.uint8)
-                buf[(offs[ri][:, None] + np.arange(width)).reshape(-1)] = starts
-        for code, width in ((ENC_POS16, 2), (ENC_POS32, 4)):
-            sel = enc[owner] == code
-            if sel.any():
-                pos = g.pos[sel].astype(np.uint16 if width == 2 else np.uint32).view(np.uint8)
-                at = offs[owner[sel]] + width * local[sel]
-                buf[(at[:, None] + np.arange(width)).reshape(-1)] = pos
         if total > _CHUNK >> 2:
             mv = memoryview(bytearray(total))
             self.chunks.append(mv)
@@ -533,7 +512,7 @@ class TransactionLog:
         else:
             mv, base, poff0 = self._room(total)
             ci = poff0 >> 32
-        np.frombuffer(mv, np.uint8, total, base)[:] = buf
+        group_encode(g.pos, g.vals, g.bounds, enc, np.frombuffer(mv, np.uint8, total, base))
         r0 = self.n
         while self.n + k > len(self.rows):
             self._grow()
@@ -554,7 +533,12 @@ class TransactionLog:
         self.lsns.last = g.lsn + k - 1
         self.ids.push(r0, g.first_id)
         self.ids.last = g.first_id + k - 1
-        order = np.argsort(g.pages, kind="stable")
+        top = int(g.pages.max())
+        if top <= 4 * k + 65536:
+            order = np.empty(k, np.int64)
+            order_by_page(g.pages, top, order)
+        else:  # ids spread too far for counting
+            order = np.argsort(g.pages, kind="stable")
         sp = g.pages[order]
         cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
         rows_bytes = (order + r0).astype(np.uint32).tobytes()
@@ -1323,7 +1307,7 @@ class TransactionLog:
             np.cumsum(cols.plen, out=offsets[1:])
             # Payload chunks: at most 4 GiB each (offsets are 32-bit), cut at rows.
             if offsets[-1] < 1 << 32:
-                log.chunks.append(memoryview(bytearray(cols.payload.tobytes())))
+                log.chunks.append(memoryview(bytearray(cols.payload)))  # one copy
                 rows["poff"][:n] = offsets[:-1]
             else:
                 chunk_of = offsets[:-1] >> 32
@@ -1331,7 +1315,7 @@ class TransactionLog:
                 for c in np.unique(chunk_of).tolist():
                     sel = np.flatnonzero(chunk_of == c)
                     lo, hi = int(offsets[sel[0]]), int(offsets[sel[-1] + 1])
-                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi].tobytes())))
+                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi])))
                     poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
                 rows["poff"][:n] = poff
             sids = np.empty(len(cols.sources), np.int64)
@@ -1349,10 +1333,15 @@ class TransactionLog:
             log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(), strict=True))
             order = np.argsort(cols.page, kind="stable")
             sp = cols.page[order]
-            cut = (np.flatnonzero(sp[1:] != sp[:-1]) + 1).tolist()
+            cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
+            starts = np.concatenate(([0], cut))
             raw = order.astype(np.uint32).tobytes()
-            for pid, a, z in zip(sp[[0, *cut]].tolist(), [0, *cut], [*cut, n], strict=True):
-                log.index[pid] = array("I", raw[4 * a:4 * z])
+            # One array of row numbers per page, built by C-level iteration (no Python
+            # loop over the pages).
+            spans = map(slice, (4 * starts).tolist(), (4 * np.append(cut, n)).tolist())
+            log.index = dict(zip(sp[starts].tolist(),
+                                 map(array, repeat("I"), map(raw.__getitem__, spans)),
+                                 strict=True))
             log.payload_bytes = int(offsets[-1])
         for rec in cols.structs:
             log.adopt(rec)

@@ -307,10 +307,10 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "restore_100pages",
         "persistence/restore_100pages",
-        "≤ 0.5 ms",
+        "≤ 0.3 ms",
         Median("persistence/restore_100pages"),
         "<=",
-        500_000,
+        300_000,
         "ns",
         julia="0.83 ms",
     ),
