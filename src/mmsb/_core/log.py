@@ -49,7 +49,7 @@ from .page_table import LIVE, PageTable
 from .records import AnyRecord, Compacted, PageCreate
 
 __all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas", "LogColumns",
-           "ColumnRecords", "join_records", "check_columns"]
+           "ColumnRecords", "join_records", "check_columns", "DeferredLog", "load_history"]
 
 Sink = Callable[[AnyRecord], None]
 
@@ -1606,6 +1606,67 @@ class TransactionLog:
                 f"the log holds a delta whose payload does not fit page {int(pages[bad])} "
                 f"(delta row {r0 + bad})")
         return int(wrote)
+
+
+_COUNTERS = frozenset({"next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp",
+                       "sink", "sink_many", "generation", "history_index", "last_lsn"})
+"""What a :class:`DeferredLog` answers without reading its history."""
+
+
+class DeferredLog(TransactionLog):
+    """A log whose retained history is still on disk: it knows its counters (the next
+    LSN, the newest timestamp, the horizon) and its sinks, and the first touch of
+    anything else (a record, a row, an append) builds the whole log with ``loader``
+    and turns this object into that :class:`TransactionLog` in place, so every holder
+    of a reference sees the loaded log and nothing pays for the check afterwards.
+
+    ``loader`` is called with no argument and returns the complete log; it may raise
+    (``SerializationError``: a file of the history is damaged), and then this object
+    stays deferred, so the next touch tries again. Reopening a durable bus uses it so
+    that the time to open does not grow with the retained history.
+    """
+
+    def __init__(self, counters: TransactionLog, loader: Callable[[], TransactionLog]) -> None:
+        for name in ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp",
+                     "sink", "sink_many", "generation"):
+            object.__setattr__(self, name, getattr(counters, name))
+        object.__setattr__(self, "history_index", None)
+        object.__setattr__(self, "_loader", loader)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _COUNTERS or name.startswith("__"):
+            return object.__getattribute__(self, name)
+        _materialize(self)
+        return object.__getattribute__(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _COUNTERS:
+            _materialize(self)
+        object.__setattr__(self, name, value)
+
+
+def _materialize(log: TransactionLog) -> None:
+    if type(log) is not DeferredLog:
+        return
+    own = object.__getattribute__(log, "__dict__")
+    full = own["_loader"]()
+    full.sink, full.sink_many = own["sink"], own["sink_many"]
+    full.generation = max(full.generation, own["generation"]) + 1
+    # The counters may have moved on since the log was deferred (nothing is appended
+    # without loading, but a caller may have set them).
+    full.next_lsn, full.last_timestamp = own["next_lsn"], own["last_timestamp"]
+    full.horizon_lsn, full.horizon_timestamp = own["horizon_lsn"], own["horizon_timestamp"]
+    object.__setattr__(log, "__dict__", full.__dict__)
+    object.__setattr__(log, "__class__", TransactionLog)
+
+
+def load_history(log: TransactionLog) -> None:
+    """Read a deferred log's history now (nothing to do for a loaded log).
+
+    Raises:
+        SerializationError: a file of the history is damaged (the log stays deferred).
+    """
+    _materialize(log)
 
 
 class RecordView(Sequence[AnyRecord]):
