@@ -48,7 +48,7 @@ from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
-from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
+from .log import ColumnRecords, DeferredLog, DeltaGroup, DeltaView, TransactionLog, load_history
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -452,6 +452,15 @@ class MMSBState:
         self._depth += 1
         if self._depth == 1 and self.bus is not None:
             self.bus.entered_at = self.log.last_lsn
+            if type(self.log) is DeferredLog:
+                # A reopened bus reads its history before the first change: a damaged
+                # file of it then refuses the call before anything changed.
+                try:
+                    load_history(self.log)
+                except BaseException:
+                    self._depth -= 1
+                    self.lock.release()
+                    raise
             if not self.bus.shared:
                 return
             try:

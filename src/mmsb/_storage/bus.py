@@ -35,9 +35,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core.delta import Delta
-from .._core.log import ColumnRecords, DeferredLog, LogColumns, TransactionLog, join_records
+from .._core.log import (
+    ColumnRecords,
+    DeferredLog,
+    LogColumns,
+    TransactionLog,
+    join_records,
+    load_history,
+)
 from .._core.page_table import LIVE
-from .._core.records import AnyRecord
+from .._core.records import AnyRecord, Compacted, PageClone, PageResize
 from .._core.snapshot import ReplayBase
 from ..config import MMSBConfig
 from ..errors import (
@@ -694,7 +701,10 @@ class DurableBus:
                 # The new checkpoint is the only one kept: it is its own replay base.
                 state.trim_log(lsn)
                 new.log_from_lsn = lsn
-            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen}
+            # The chain it closes, oldest first, so that an open learns it from this file
+            # alone (the older files are read when the history is).
+            chain = [[c.generation, c.lsn, c.log_from_lsn] for c in kept]
+            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen, "chain": chain}
             base = state.base_bytes() if full else b""
             write_checkpoint(state, path, from_lsn=new.log_from_lsn, bus=info, base=base)
         except BaseException as exc:
@@ -832,6 +842,12 @@ class DurableBus:
                         f"the final checkpoint of the bus at {self.root} failed ({exc}); the bus "
                         "is closed all the same, its log holds every record, and reopening it "
                         "recovers them") from exc
+                except SerializationError as exc:
+                    # The history read only now (see DeferredLog) is damaged.
+                    raise SerializationError(
+                        f"the final checkpoint needs the retained history, which cannot be "
+                        f"read ({exc.reason}); the bus is closed all the same and its log "
+                        "holds every record", path=exc.path) from exc
         finally:
             if self.replication is not None:
                 try:
@@ -1128,9 +1144,9 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             _restore_chain(bus, state, by_gen, gen)
         superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
         if superseded and not bus.read_only:
+            # Not synced: a removal a crash undoes finds the file superseded again.
             for p in superseded:
                 _unlink(p)
-            fsync_dir(bus.ckpt_dir, strict=False)
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
     for p in files["wal"]:
@@ -1174,6 +1190,12 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
                 bus.recovery_notes.append(str(err))
                 break
             raise err
+        if loader is not None and _reads_history(scan):
+            # A resize, a clone or a compaction marker derives from the pages' written
+            # masks, which the whole history holds: read it before going on.
+            _defer_log(state, loader)
+            load_history(state.log)
+            loader = None
         good = _apply_checked(state, scan, p)
         replayed += good
         expected_lsn += good
@@ -1201,8 +1223,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             log.warning("recovery of %s: %s", bus.root, note)
             break
     if loader is not None:
-        load, tail = loader, state.log
-        state.log = DeferredLog(tail, lambda: load(tail))
+        _defer_log(state, loader)
     if bus.read_only:
         return
     if damaged or bus.generation == 0:
@@ -1280,13 +1301,19 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
     heads = [(gen, CheckpointHead(newest.lsn, newest.log_from_lsn, newest.horizon_lsn,
                                   newest.bus, 1 if newest.base is not None else 0))]
+    recorded = _recorded_chain(newest.bus, gen, newest.lsn, newest.log_from_lsn)
     horizon = newest.horizon_lsn
     while heads[-1][1].log_from_lsn != 0 and heads[-1][1].lsn > horizon:
         g_prev = heads[-1][0] - 1
         if g_prev not in by_gen:
             break
-        head = read_checkpoint_head(by_gen[g_prev])
-        _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
+        known = recorded.get(g_prev)
+        if known is not None:
+            # Checked against the file itself when the history is read.
+            head = CheckpointHead(known[0], known[1], 0, newest.bus, -1)
+        else:
+            head = read_checkpoint_head(by_gen[g_prev])
+            _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
         if head.lsn != heads[-1][1].log_from_lsn:
             raise SerializationError(
                 f"checkpoint {g_prev} is at LSN {head.lsn}, but the next one's log starts "
@@ -1294,8 +1321,14 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
         heads.append((g_prev, head))
     heads.reverse()
     first_gen, first = heads[0]
-    if first.log_from_lsn == 0 and first.base_len and first_gen != gen:
-        return None
+    if first.log_from_lsn == 0 and first_gen != gen:
+        if first.base_len < 0:
+            first = read_checkpoint_head(by_gen[first_gen])
+            _check_owner(first.bus, bus.bus_id, first_gen, by_gen[first_gen])
+            if (first.lsn, first.log_from_lsn) != (heads[0][1].lsn, heads[0][1].log_from_lsn):
+                return None
+        if first.base_len:
+            return None
     try:
         state.restore(newest)
     except MemoryError:
@@ -1335,6 +1368,31 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     return load
 
 
+def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
+                    log_from: int) -> dict[int, tuple[int, int]]:
+    """The chain of checkpoints a checkpoint records in its bus identity (``chain``:
+    ``[generation, lsn, log_from_lsn]`` rows, oldest first, ending with itself), as
+    generation → (lsn, log_from_lsn); empty when it records none (older files) or the
+    record does not hold together, so that the files' heads are read instead."""
+    rows = info.get("chain") if info is not None else None
+    if not isinstance(rows, list) or not rows:
+        return {}
+    out: dict[int, tuple[int, int]] = {}
+    prev_gen = prev_lsn = -1
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3
+                and all(type(x) is int and 0 <= x < 1 << 63 for x in row)):
+            return {}
+        g, at, start = row
+        if g <= prev_gen or at < prev_lsn or start > at:
+            return {}
+        out[g] = (at, start)
+        prev_gen, prev_lsn = g, at
+    if out.get(gen) != (lsn, log_from):
+        return {}
+    return out
+
+
 def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
                 newest: Any = None) -> list[tuple[int, Any]]:
     """The chain of checkpoints ending at generation ``gen``, oldest first: walk back
@@ -1364,6 +1422,21 @@ def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
         chain.append((g_prev, ck_prev))
     chain.reverse()
     return chain
+
+
+def _defer_log(state: MMSBState, loader: Callable[[TransactionLog], TransactionLog]) -> None:
+    """Make the state's log (the records after the newest checkpoint) a deferred log
+    whose history ``loader`` reads, with those records after it."""
+    tail = state.log
+    state.log = DeferredLog(tail, lambda: loader(tail))
+
+
+def _reads_history(scan: SegmentScan) -> bool:
+    """Whether applying the scanned records reads the retained history (the written
+    masks of pages: a resize or a clone carries the mask over; a compaction marker
+    folds the log)."""
+    recs = scan.records if scan.bulk is None else [a for a, _ in scan.parts if not isinstance(a, int)]
+    return any(isinstance(r, PageResize | PageClone | Compacted) for r in recs)
 
 
 def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:

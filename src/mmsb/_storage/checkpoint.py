@@ -420,13 +420,13 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
             raise fail(f"unsupported checkpoint format version {version} (this build reads "
                        f"versions {READ_VERSIONS[0]} and {READ_VERSIONS[1]}, and writes "
                        f"{VERSION})", 8)
-        if nsec != len(_TAGS):
+        if nsec != len(_TAGS) or _U32.unpack_from(head, 44)[0] != 0:
             raise fail("header fields out of range", 12)
         fpos = total - _FOOTER_SIZE
         foot = read(_FOOTER_SIZE, fpos)
         fmagic, before = _FOOTER.unpack_from(foot, 0)
         if (fmagic != END_MAGIC or crc32c(foot[:16]) != _U32.unpack_from(foot, 16)[0]
-                or before != fpos):
+                or before != fpos or _U32.unpack_from(foot, 20)[0] != 0):
             raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
         pos = _HEADER_SIZE
         meta: Any = None
