@@ -169,7 +169,7 @@ def _untimed(x: Any) -> Any:
 
 
 @pytest.mark.parametrize("first", ["read_page_at", "replay_to_lsn", "history", "checkpoint_log",
-                                   "compress_log", "write"])
+                                   "compress_log", "write", "load_checkpoint"])
 def test_every_history_call_sees_the_whole_history_after_a_deferred_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
     root = _images(tmp_path)[-1]
@@ -178,6 +178,11 @@ def test_every_history_call_sees_the_whole_history_after_a_deferred_open(
     try:
         assert type(got.log) is DeferredLog
         pid = sorted(got.pages)[0]
+        src = mmsb.MMSBState(_cfg())
+        for size in (16, 40):
+            mmsb.write_page(src, mmsb.create_page(src, size).id, 3, b"other")
+        other = tmp_path / "other.mmsb"
+        mmsb.checkpoint_log(src, other)
         calls: dict[str, Callable[[mmsb.MMSBState], Any]] = {
             "read_page_at": lambda s: mmsb.read_page_at(s, pid, lsn=int(s.log.horizon_lsn) + 3),
             "replay_to_lsn": lambda s: pages_view(mmsb.replay_to_lsn(s, int(s.last_lsn) - 9)),
@@ -185,12 +190,15 @@ def test_every_history_call_sees_the_whole_history_after_a_deferred_open(
             "checkpoint_log": lambda s: pages_view(_exported(s, tmp_path)),
             "compress_log": lambda s: mmsb.compress_log(s),
             "write": lambda s: mmsb.write_page(s, pid, 1, b"after").epoch,
+            "load_checkpoint": lambda s: pages_view(_loaded(s, other)),
         }
         assert calls[first](got) == calls[first](ref)
         assert type(got.log) is TransactionLog
         assert _history_of(got) == _history_of(ref)
         # Writes and compress_log stamp their records with the time they run.
         times = first not in ("compress_log", "write")
+        if first == "load_checkpoint":
+            assert len(got.tlog) == len(src.tlog)
         assert _log_view(got, times) == _log_view(ref, times)
     finally:
         mmsb.mmsb_stop(ref)
@@ -204,6 +212,11 @@ def test_every_history_call_sees_the_whole_history_after_a_deferred_open(
     finally:
         mmsb.mmsb_stop(again)
         mmsb.mmsb_stop(ref2)
+
+
+def _loaded(s: mmsb.MMSBState, path: Path) -> mmsb.MMSBState:
+    mmsb.load_checkpoint(s, path)
+    return s
 
 
 def _exported(s: mmsb.MMSBState, tmp: Path) -> mmsb.MMSBState:
