@@ -193,7 +193,8 @@ def test_every_history_call_sees_the_whole_history_after_a_deferred_open(
             "load_checkpoint": lambda s: pages_view(_loaded(s, other)),
         }
         assert calls[first](got) == calls[first](ref)
-        assert type(got.log) is TransactionLog
+        # Every call but a write of bytes read the history.
+        assert type(got.log) is (DeferredLog if first == "write" else TransactionLog)
         assert _history_of(got) == _history_of(ref)
         # Writes and compress_log stamp their records with the time they run.
         times = first not in ("compress_log", "write")
@@ -282,9 +283,11 @@ def test_the_work_of_a_reopen_after_kill_does_not_grow_with_history(
         try:
             assert int(s.last_lsn) == last and type(s.log) is DeferredLog
             files = sorted(reads)
+            mmsb.write_page(s, 1, 0, b"plain")
+            assert type(s.log) is DeferredLog  # a write of bytes needs no history
             work[n] = ([name for name, _ in files], s.bus.records_since_ckpt,
                        sum(size for _, size in files))
-            assert len(s.tlog) == n  # the whole history is still there, loaded now
+            assert len(s.tlog) == n + 1  # the whole history is still there, loaded now
         finally:
             mmsb.mmsb_stop(s)
     names10, tail10, bytes10 = work[10_000]
@@ -351,38 +354,84 @@ def test_a_damaged_older_checkpoint_is_refused_when_the_history_is_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Damage inside an older checkpoint's log section is found when the history is
     read: the call that needed it raises SerializationError naming the file and
-    changes nothing, and the log stays deferred (the next touch tries again)."""
+    changes nothing, and the log stays deferred (the next touch tries again). Writes
+    of bytes need no history and go on; they are in the log."""
     root = _images(tmp_path)[-1]
     older = sorted((root / "checkpoints").iterdir())[-2]
     _flip_in_log_section(older)
     with pytest.raises(mmsb.SerializationError):
         _open(root, False, monkeypatch)  # the full recovery refuses it at open
     s = _open(root, True, monkeypatch)
-    before = (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id)
     pid = sorted(s.pages)[0]
+    mmsb.write_page(s, pid, 0, b"taken")
+    mmsb.apply_batch(s, [(pid, 8, b"too")])
+    assert type(s.log) is DeferredLog
+    before = (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id, int(s.next_page_id))
     for call in (lambda: mmsb.read_page_at(s, pid, lsn=int(s.last_lsn)),
-                 lambda: mmsb.write_page(s, pid, 0, b"refused"),
                  lambda: mmsb.create_page(s, 8),
-                 lambda: mmsb.apply_batch(s, [(pid, 0, b"no")]),
+                 lambda: mmsb.resize_page(s, pid, 128),
+                 lambda: mmsb.add_dependency(s, pid, sorted(s.pages)[1]),
                  lambda: len(s.tlog)):
         with pytest.raises(mmsb.SerializationError) as info:
             call()
         assert older.name in str(info.value)
         assert type(s.log) is DeferredLog
-        assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id) == before
+        assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
+                int(s.next_page_id)) == before
     # Stopping needs the history for its checkpoint: refused, but the bus is closed
-    # (its lock released) and its files are as they were.
-    files = {p.name: p.read_bytes() for p in (root.with_name(root.name + "-deferred")
-                                              / "wal").iterdir()}
+    # (its lock released) and its log holds the writes.
     with pytest.raises(mmsb.SerializationError, match="closed all the same"):
         mmsb.mmsb_stop(s)
     again = root.with_name(root.name + "-deferred")
-    assert {p.name: p.read_bytes() for p in (again / "wal").iterdir()} == files
     monkeypatch.setattr(bus_mod, "DEFER_HISTORY", True)
     s = mmsb.mmsb_start(path=str(again), config=_cfg())
-    assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id) == before
+    assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
+            int(s.next_page_id)) == before
+    page = mmsb.query_page(s, pid)
+    assert page[:5] == b"taken" and page[8:11] == b"too"
     with pytest.raises(mmsb.SerializationError):
         mmsb.mmsb_stop(s)
+
+
+def test_writes_after_a_deferred_open_need_no_history(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte writes (write_page, update_page, apply_batch, with batch) go to the log
+    after the history without reading it; the log read later holds the history and
+    then the writes, as the full recovery's log does after the same writes."""
+    for root in _images(tmp_path)[-3:]:
+        ref = _open(root, False, monkeypatch)
+        got = _open(root, True, monkeypatch)
+        try:
+            deferred = type(got.log) is DeferredLog
+            for s in (ref, got):
+                ids = sorted(s.pages)
+                mmsb.write_page(s, ids[0], 2, b"one")
+                mmsb.update_page(s, ids[1], bytes(range(s.pages[ids[1]].size % 256)) *
+                                 (s.pages[ids[1]].size // 256) +
+                                 bytes(s.pages[ids[1]].size % 256))
+                mmsb.apply_batch(s, [(ids[0], 10, b"b1"), (ids[-1], 0, b"b2")])
+                with mmsb.batch(s):
+                    mmsb.write_page(s, ids[-1], 5, b"w1")
+                    mmsb.write_page(s, ids[0], 20, b"w2")
+            assert type(got.log) is DeferredLog or not deferred
+            view_got, view_ref = _state_view(got), _state_view(ref)
+            # Index 7 is the newest timestamp: each side wrote at its own time.
+            assert view_got[:7] + view_got[8:] == view_ref[:7] + view_ref[8:]
+            assert _history_of(got) == _history_of(ref)
+            assert _log_view(got, times=False) == _log_view(ref, times=False)
+        finally:
+            mmsb.mmsb_stop(ref)
+            mmsb.mmsb_stop(got)
+        # Reopened, both hold the same.
+        for name in ("-deferred", "-eager"):
+            s = mmsb.mmsb_start(path=str(root.with_name(root.name + name)), config=_cfg())
+            try:
+                if name == "-deferred":
+                    want = (pages_view(s), _history_of(s))
+                else:
+                    assert (pages_view(s), _history_of(s)) == want
+            finally:
+                mmsb.mmsb_stop(s)
 
 
 def test_checkpoints_without_a_recorded_chain_are_read_by_their_heads(

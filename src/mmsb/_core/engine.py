@@ -48,7 +48,7 @@ from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
-from .log import ColumnRecords, DeferredLog, DeltaGroup, DeltaView, TransactionLog, load_history
+from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog
 from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
@@ -452,15 +452,6 @@ class MMSBState:
         self._depth += 1
         if self._depth == 1 and self.bus is not None:
             self.bus.entered_at = self.log.last_lsn
-            if type(self.log) is DeferredLog:
-                # A reopened bus reads its history before the first change: a damaged
-                # file of it then refuses the call before anything changed.
-                try:
-                    load_history(self.log)
-                except BaseException:
-                    self._depth -= 1
-                    self.lock.release()
-                    raise
             if not self.bus.shared:
                 return
             try:
@@ -1172,7 +1163,8 @@ class MMSBState:
         c.delta_apply.add(time.perf_counter_ns() - t0)
         c.records_logged += 1
         c.payload_bytes_logged += changed
-        if self.log.n > self.compact_at and not self.propagating \
+        # A durable bus bounds its log by checkpoints (and its log may be deferred).
+        if self.bus is None and self.log.n > self.compact_at and not self.propagating \
                 and not self.batch_depth:
             self.auto_compress()
 
@@ -1218,7 +1210,10 @@ class MMSBState:
         if not ok:
             frame.rollback()
             return
-        rows0 = frame.mark[0] if frame.mark is not None else self.log.n
+        if frame.mark is not None:
+            rows0 = frame.mark[0]
+        else:
+            rows0 = self.log.n if self.bus is None else 0  # a bus never compacts in memory
         try:
             self.log.append_held(frame.records)
         except BaseException:
@@ -1235,7 +1230,7 @@ class MMSBState:
             self.pending.clear()
             if pending:
                 self.propagate(pending)
-        if self.log.n > self.compact_at:
+        if self.bus is None and self.log.n > self.compact_at:
             # A compaction in progress folds at least twice what the batch logged.
             self.auto_compress(2 * max(0, self.log.n - rows0))
 

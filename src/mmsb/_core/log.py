@@ -1608,54 +1608,79 @@ class TransactionLog:
         return int(wrote)
 
 
-_COUNTERS = frozenset({"next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp",
-                       "sink", "sink_many", "generation", "history_index", "last_lsn"})
-"""What a :class:`DeferredLog` answers without reading its history."""
+_TO_TAIL = frozenset({"next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp",
+                      "sink", "sink_many", "last_lsn", "_next_stamp", "stamp"})
+"""What a :class:`DeferredLog` forwards to its tail (the log of the records after its
+history) without reading the history."""
+_OWN = frozenset({"generation", "history_index", "append", "append_held"})
 
 
 class DeferredLog(TransactionLog):
-    """A log whose retained history is still on disk: it knows its counters (the next
-    LSN, the newest timestamp, the horizon) and its sinks, and the first touch of
-    anything else (a record, a row, an append) builds the whole log with ``loader``
-    and turns this object into that :class:`TransactionLog` in place, so every holder
-    of a reference sees the loaded log and nothing pays for the check afterwards.
+    """A log whose retained history is still on disk, in front of ``tail``: a log of
+    the records after that history. It answers its counters (the next LSN, the newest
+    timestamp, the horizon) and sinks from the tail, and appends deltas to the tail
+    (a plain write needs no history); the first touch of anything else (a record, a
+    row, a structural record to append) builds the whole log with ``loader(tail)`` and
+    turns this object into that :class:`TransactionLog` in place, so every holder of a
+    reference sees the loaded log and nothing pays for the check afterwards.
 
-    ``loader`` is called with no argument and returns the complete log; it may raise
-    (``SerializationError``: a file of the history is damaged), and then this object
-    stays deferred, so the next touch tries again. Reopening a durable bus uses it so
-    that the time to open does not grow with the retained history.
+    ``loader`` returns the complete log: the history, then the tail's records. It may
+    raise (``SerializationError``: a file of the history is damaged), and then this
+    object stays deferred, so the next touch tries again. Reopening a durable bus uses
+    it so that the time to open does not grow with the retained history.
     """
 
-    def __init__(self, counters: TransactionLog, loader: Callable[[], TransactionLog]) -> None:
-        for name in ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp",
-                     "sink", "sink_many", "generation"):
-            object.__setattr__(self, name, getattr(counters, name))
-        object.__setattr__(self, "history_index", None)
+    def __init__(self, tail: TransactionLog,
+                 loader: Callable[[TransactionLog], TransactionLog]) -> None:
+        object.__setattr__(self, "_tail", tail)
         object.__setattr__(self, "_loader", loader)
+        object.__setattr__(self, "generation", tail.generation)
+        object.__setattr__(self, "history_index", None)
 
     def __getattribute__(self, name: str) -> Any:
-        if name in _COUNTERS or name.startswith("__"):
+        if name in _TO_TAIL:
+            return getattr(object.__getattribute__(self, "_tail"), name)
+        if name in _OWN or name.startswith("__"):
             return object.__getattribute__(self, name)
         _materialize(self)
         return object.__getattribute__(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name not in _COUNTERS:
+        if name in _TO_TAIL:
+            setattr(object.__getattribute__(self, "_tail"), name, value)
+            return
+        if name not in _OWN:
             _materialize(self)
         object.__setattr__(self, name, value)
+
+    def append(self, rec: AnyRecord) -> None:
+        """A delta goes to the tail; any other record reads the history first (some
+        derive from it: a resize or a clone carries the page's written mask)."""
+        if type(rec) is Delta:
+            object.__getattribute__(self, "_tail").append(rec)
+            return
+        _materialize(self)
+        self.append(rec)
+
+    def append_held(self, records: Sequence[AnyRecord | DeltaGroup]) -> None:
+        """A batch's deltas go to the tail (see :meth:`append`)."""
+        if all(type(r) is Delta or type(r) is DeltaGroup for r in records):
+            object.__getattribute__(self, "_tail").append_held(records)
+            return
+        _materialize(self)
+        self.append_held(records)
 
 
 def _materialize(log: TransactionLog) -> None:
     if type(log) is not DeferredLog:
         return
     own = object.__getattribute__(log, "__dict__")
-    full = own["_loader"]()
-    full.sink, full.sink_many = own["sink"], own["sink_many"]
+    tail = own["_tail"]
+    full = own["_loader"](tail)
+    full.sink, full.sink_many = tail.sink, tail.sink_many
     full.generation = max(full.generation, own["generation"]) + 1
-    # The counters may have moved on since the log was deferred (nothing is appended
-    # without loading, but a caller may have set them).
-    full.next_lsn, full.last_timestamp = own["next_lsn"], own["last_timestamp"]
-    full.horizon_lsn, full.horizon_timestamp = own["horizon_lsn"], own["horizon_timestamp"]
+    full.next_lsn, full.last_timestamp = tail.next_lsn, tail.last_timestamp
+    full.horizon_lsn, full.horizon_timestamp = tail.horizon_lsn, tail.horizon_timestamp
     object.__setattr__(log, "__dict__", full.__dict__)
     object.__setattr__(log, "__class__", TransactionLog)
 

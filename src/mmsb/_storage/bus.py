@@ -1425,10 +1425,9 @@ def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
 
 
 def _defer_log(state: MMSBState, loader: Callable[[TransactionLog], TransactionLog]) -> None:
-    """Make the state's log (the records after the newest checkpoint) a deferred log
-    whose history ``loader`` reads, with those records after it."""
-    tail = state.log
-    state.log = DeferredLog(tail, lambda: loader(tail))
+    """Make the state's log (the records after the newest checkpoint) the tail of a
+    deferred log whose history ``loader`` reads."""
+    state.log = DeferredLog(state.log, loader)
 
 
 def _reads_history(scan: SegmentScan) -> bool:
