@@ -1608,21 +1608,22 @@ class TransactionLog:
         return int(wrote)
 
 
-_TO_TAIL = frozenset({"next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp",
-                      "sink", "sink_many", "last_lsn", "_next_stamp", "stamp"})
-"""What a :class:`DeferredLog` forwards to its tail (the log of the records after its
-history) without reading the history."""
-_OWN = frozenset({"generation", "history_index", "append", "append_held"})
+_MIRRORED = ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp", "sink",
+             "sink_many")
+"""The counters and sinks a :class:`DeferredLog` holds as its tail does."""
+_OWN = frozenset((*_MIRRORED, "generation", "history_index", "_tail", "_loader"))
 
 
 class DeferredLog(TransactionLog):
     """A log whose retained history is still on disk, in front of ``tail``: a log of
-    the records after that history. It answers its counters (the next LSN, the newest
-    timestamp, the horizon) and sinks from the tail, and appends deltas to the tail
-    (a plain write needs no history); the first touch of anything else (a record, a
-    row, a structural record to append) builds the whole log with ``loader(tail)`` and
-    turns this object into that :class:`TransactionLog` in place, so every holder of a
-    reference sees the loaded log and nothing pays for the check afterwards.
+    the records after that history. It holds the tail's counters (the next LSN, the
+    newest timestamp, the horizon) and sinks as plain attributes, and appends deltas
+    to the tail (a plain write needs no history); the first touch of anything else (a
+    record, a row, a structural record to append) builds the whole log with
+    ``loader(tail)`` and turns this object into that :class:`TransactionLog` in place,
+    so every holder of a reference sees the loaded log and nothing pays for a check
+    afterwards. Attributes it does not hold are looked up through ``__getattr__``, so
+    the counters cost what a loaded log's do.
 
     ``loader`` returns the complete log: the history, then the tail's records. It may
     raise (``SerializationError``: a file of the history is damaged), and then this
@@ -1632,32 +1633,38 @@ class DeferredLog(TransactionLog):
 
     def __init__(self, tail: TransactionLog,
                  loader: Callable[[TransactionLog], TransactionLog]) -> None:
-        object.__setattr__(self, "_tail", tail)
-        object.__setattr__(self, "_loader", loader)
-        object.__setattr__(self, "generation", tail.generation)
-        object.__setattr__(self, "history_index", None)
+        own = self.__dict__
+        for name in _MIRRORED:
+            own[name] = getattr(tail, name)
+        own["generation"] = tail.generation
+        own["history_index"] = None
+        own["_tail"] = tail
+        own["_loader"] = loader
 
-    def __getattribute__(self, name: str) -> Any:
-        if name in _TO_TAIL:
-            return getattr(object.__getattribute__(self, "_tail"), name)
-        if name in _OWN or name.startswith("__"):
-            return object.__getattribute__(self, name)
+    def __getattr__(self, name: str) -> Any:
+        # Only called for what this object does not hold: anything of the history.
+        if name.startswith("__") or type(self) is not DeferredLog:
+            raise AttributeError(name)
         _materialize(self)
-        return object.__getattribute__(self, name)
+        return getattr(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _TO_TAIL:
-            setattr(object.__getattribute__(self, "_tail"), name, value)
-            return
         if name not in _OWN:
             _materialize(self)
+        elif name in _MIRRORED:
+            setattr(self.__dict__["_tail"], name, value)
         object.__setattr__(self, name, value)
+
+    def _mirror(self) -> None:
+        own, tail = self.__dict__, self.__dict__["_tail"]
+        own["next_lsn"], own["last_timestamp"] = tail.next_lsn, tail.last_timestamp
 
     def append(self, rec: AnyRecord) -> None:
         """A delta goes to the tail; any other record reads the history first (some
         derive from it: a resize or a clone carries the page's written mask)."""
         if type(rec) is Delta:
-            object.__getattribute__(self, "_tail").append(rec)
+            self._tail.append(rec)
+            self._mirror()
             return
         _materialize(self)
         self.append(rec)
@@ -1665,7 +1672,8 @@ class DeferredLog(TransactionLog):
     def append_held(self, records: Sequence[AnyRecord | DeltaGroup]) -> None:
         """A batch's deltas go to the tail (see :meth:`append`)."""
         if all(type(r) is Delta or type(r) is DeltaGroup for r in records):
-            object.__getattribute__(self, "_tail").append_held(records)
+            self._tail.append_held(records)
+            self._mirror()
             return
         _materialize(self)
         self.append_held(records)
@@ -1674,7 +1682,7 @@ class DeferredLog(TransactionLog):
 def _materialize(log: TransactionLog) -> None:
     if type(log) is not DeferredLog:
         return
-    own = object.__getattribute__(log, "__dict__")
+    own = log.__dict__
     tail = own["_tail"]
     full = own["_loader"](tail)
     full.sink, full.sink_many = tail.sink, tail.sink_many
