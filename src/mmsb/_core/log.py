@@ -1628,7 +1628,8 @@ class DeferredLog(TransactionLog):
     ``loader`` returns the complete log: the history, then the tail's records. It may
     raise (``SerializationError``: a file of the history is damaged), and then this
     object stays deferred, so the next touch tries again. Reopening a durable bus uses
-    it so that the time to open does not grow with the retained history.
+    it so that the time to open does not grow with the retained history. Like every
+    use of a state's log, appending and loading happen under the state's lock.
     """
 
     def __init__(self, tail: TransactionLog,
