@@ -136,7 +136,7 @@ def test_deferred_open_equals_the_full_recovery_after_a_crash_at_every_point(
             deferred += type(got.log) is DeferredLog
             assert _log_view(got) == _log_view(ref), root.name
             assert type(got.log) is TransactionLog
-            mmsb.verify_state_consistency(got)
+            assert mmsb.verify_state_consistency(got)
         finally:
             mmsb.mmsb_stop(ref)
             mmsb.mmsb_stop(got)
