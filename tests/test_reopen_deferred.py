@@ -13,12 +13,16 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mmsb
 from conftest import edges, pages_view
@@ -484,3 +488,113 @@ def test_checkpoint_head_refuses_damage_where_it_reads(tmp_path: Path) -> None:
     path.write_bytes(bytes(bad_version))
     with pytest.raises(mmsb.SerializationError, match="version 9"):
         ckpt_mod.read_checkpoint_head(path)
+
+
+class DeferredReopenMachine(RuleBasedStateMachine):
+    """Random calls on a durable bus, crashed (its directory copied while it is open)
+    and reopened at random points: the deferred open goes on as the live bus, and at
+    each crash two more copies are opened, one that reads everything at once and one
+    deferred, which must agree on the state and, once read, the log. The live bus
+    keeps writing while its history may still be deferred."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="mmsb-deferred-"))
+        self.k = 0
+        self.live = mmsb.mmsb_start(path=str(self._next()), config=_cfg(max_tlog_size=9))
+        self.model: dict[int, bytes] = {}
+
+    def _next(self) -> Path:
+        self.k += 1
+        return self.tmp / f"bus-{self.k}"
+
+    def teardown(self) -> None:
+        bus_mod.DEFER_HISTORY = True
+        try:
+            mmsb.mmsb_stop(self.live)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _pid(self, data: st.DataObject) -> int:
+        return data.draw(st.sampled_from(sorted(self.model)))
+
+    @rule(size=st.integers(1, 40))
+    def create(self, size: int) -> None:
+        pid = mmsb.create_page(self.live, size).id
+        self.model[pid] = bytes(size)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def write(self, data: st.DataObject) -> None:
+        pid = self._pid(data)
+        size = len(self.model[pid])
+        off = data.draw(st.integers(0, size - 1))
+        new = data.draw(st.binary(min_size=1, max_size=size - off))
+        mmsb.write_page(self.live, pid, off, new)
+        m = self.model[pid]
+        self.model[pid] = m[:off] + new + m[off + len(new):]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def batch(self, data: st.DataObject) -> None:
+        writes = []
+        for _ in range(data.draw(st.integers(1, 4))):
+            pid = self._pid(data)
+            off = data.draw(st.integers(0, len(self.model[pid]) - 1))
+            writes.append((pid, off, bytes([data.draw(st.integers(0, 255))])))
+        mmsb.apply_batch(self.live, writes)
+        for pid, off, b in writes:
+            m = self.model[pid]
+            self.model[pid] = m[:off] + b + m[off + 1:]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), new_size=st.integers(1, 40))
+    def resize(self, data: st.DataObject, new_size: int) -> None:
+        pid = self._pid(data)
+        mmsb.resize_page(self.live, pid, new_size)
+        m = self.model[pid]
+        self.model[pid] = m[:new_size] + bytes(max(0, new_size - len(m)))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def clone(self, data: st.DataObject) -> None:
+        pid = self._pid(data)
+        self.model[mmsb.clone_page(self.live, pid).id] = self.model[pid]
+
+    @precondition(lambda self: len(self.model) > 2)
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        pid = self._pid(data)
+        mmsb.delete_page(self.live, pid)
+        del self.model[pid]
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        assert self.live.bus is not None
+        self.live.bus.flush()
+        image = self._next()
+        shutil.copytree(self.live.bus.root, image)
+        mmsb.mmsb_stop(self.live)
+        views = []
+        for defer in (False, True):
+            copy = self._next()
+            shutil.copytree(image, copy)
+            bus_mod.DEFER_HISTORY = defer
+            s = mmsb.mmsb_start(path=str(copy), config=_cfg(max_tlog_size=9))
+            try:
+                views.append((_state_view(s), _log_view(s)))
+            finally:
+                mmsb.mmsb_stop(s)
+        assert views[0] == views[1]
+        bus_mod.DEFER_HISTORY = True
+        self.live = mmsb.mmsb_start(path=str(image), config=_cfg(max_tlog_size=9))
+
+    @invariant()
+    def pages_are_the_model(self) -> None:
+        assert {pid: mmsb.query_page(self.live, pid) for pid in self.live.pages} == self.model
+
+
+DeferredReopenMachine.TestCase.settings = settings(
+    max_examples=12, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_deferred_reopen_machine = DeferredReopenMachine.TestCase
