@@ -1227,7 +1227,8 @@ class MMSBState:
         c.delta_apply.add(time.perf_counter_ns() - t0)
         c.records_logged += 1
         c.payload_bytes_logged += changed
-        if self.log.n > self.compact_at and not self.propagating \
+        # A durable bus bounds its log by checkpoints (and its log may be deferred).
+        if self.bus is None and self.log.n > self.compact_at and not self.propagating \
                 and not self.batch_depth:
             self.auto_compress()
 
@@ -1273,7 +1274,10 @@ class MMSBState:
         if not ok:
             frame.rollback()
             return
-        rows0 = frame.mark[0] if frame.mark is not None else self.log.n
+        if frame.mark is not None:
+            rows0 = frame.mark[0]
+        else:
+            rows0 = self.log.n if self.bus is None else 0  # a bus never compacts in memory
         try:
             if frame.writes:
                 log_buffered(self, frame)
@@ -1292,7 +1296,7 @@ class MMSBState:
             self.pending.clear()
             if pending:
                 self.propagate(pending)
-        if self.log.n > self.compact_at:
+        if self.bus is None and self.log.n > self.compact_at:
             # A compaction in progress folds at least twice what the batch logged.
             self.auto_compress(2 * max(0, self.log.n - rows0))
 

@@ -53,7 +53,7 @@ from .page_table import LIVE, PageTable
 from .records import AnyRecord, Compacted, PageCreate
 
 __all__ = ["TransactionLog", "DeltaView", "RecordView", "PageDeltas", "LogColumns",
-           "ColumnRecords", "join_records", "check_columns"]
+           "ColumnRecords", "join_records", "check_columns", "DeferredLog", "load_history"]
 
 Sink = Callable[[AnyRecord], None]
 
@@ -1595,6 +1595,101 @@ class TransactionLog:
                 f"the log holds a delta whose payload does not fit page {int(pages[bad])} "
                 f"(delta row {r0 + bad})")
         return int(wrote)
+
+
+_MIRRORED = ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp", "sink",
+             "sink_many")
+"""The counters and sinks a :class:`DeferredLog` holds as its tail does."""
+_OWN = frozenset((*_MIRRORED, "generation", "history_index", "_tail", "_loader"))
+
+
+class DeferredLog(TransactionLog):
+    """A log whose retained history is still on disk, in front of ``tail``: a log of
+    the records after that history. It holds the tail's counters (the next LSN, the
+    newest timestamp, the horizon) and sinks as plain attributes, and appends deltas
+    to the tail (a plain write needs no history); the first touch of anything else (a
+    record, a row, a structural record to append) builds the whole log with
+    ``loader(tail)`` and turns this object into that :class:`TransactionLog` in place,
+    so every holder of a reference sees the loaded log and nothing pays for a check
+    afterwards. Attributes it does not hold are looked up through ``__getattr__``, so
+    the counters cost what a loaded log's do.
+
+    ``loader`` returns the complete log: the history, then the tail's records. It may
+    raise (``SerializationError``: a file of the history is damaged), and then this
+    object stays deferred, so the next touch tries again. Reopening a durable bus uses
+    it so that the time to open does not grow with the retained history. Like every
+    use of a state's log, appending and loading happen under the state's lock.
+    """
+
+    def __init__(self, tail: TransactionLog,
+                 loader: Callable[[TransactionLog], TransactionLog]) -> None:
+        own = self.__dict__
+        for name in _MIRRORED:
+            own[name] = getattr(tail, name)
+        own["generation"] = tail.generation
+        own["history_index"] = None
+        own["_tail"] = tail
+        own["_loader"] = loader
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for what this object does not hold: anything of the history.
+        if name.startswith("__") or type(self) is not DeferredLog:
+            raise AttributeError(name)
+        _materialize(self)
+        return getattr(self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _OWN:
+            _materialize(self)
+        elif name in _MIRRORED:
+            setattr(self.__dict__["_tail"], name, value)
+        object.__setattr__(self, name, value)
+
+    def _mirror(self) -> None:
+        own, tail = self.__dict__, self.__dict__["_tail"]
+        own["next_lsn"], own["last_timestamp"] = tail.next_lsn, tail.last_timestamp
+
+    def append(self, rec: AnyRecord) -> None:
+        """A delta goes to the tail; any other record reads the history first (some
+        derive from it: a resize or a clone carries the page's written mask)."""
+        if type(rec) is Delta:
+            self._tail.append(rec)
+            self._mirror()
+            return
+        _materialize(self)
+        self.append(rec)
+
+    def append_held(self, records: Sequence[AnyRecord | DeltaGroup]) -> None:
+        """A batch's deltas go to the tail (see :meth:`append`)."""
+        if all(type(r) is Delta or type(r) is DeltaGroup for r in records):
+            self._tail.append_held(records)
+            self._mirror()
+            return
+        _materialize(self)
+        self.append_held(records)
+
+
+def _materialize(log: TransactionLog) -> None:
+    if type(log) is not DeferredLog:
+        return
+    own = log.__dict__
+    tail = own["_tail"]
+    full = own["_loader"](tail)
+    full.sink, full.sink_many = tail.sink, tail.sink_many
+    full.generation = max(full.generation, own["generation"]) + 1
+    full.next_lsn, full.last_timestamp = tail.next_lsn, tail.last_timestamp
+    full.horizon_lsn, full.horizon_timestamp = tail.horizon_lsn, tail.horizon_timestamp
+    object.__setattr__(log, "__dict__", full.__dict__)
+    object.__setattr__(log, "__class__", TransactionLog)
+
+
+def load_history(log: TransactionLog) -> None:
+    """Read a deferred log's history now (nothing to do for a loaded log).
+
+    Raises:
+        SerializationError: a file of the history is damaged (the log stays deferred).
+    """
+    _materialize(log)
 
 
 class RecordView(Sequence[AnyRecord]):

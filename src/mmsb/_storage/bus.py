@@ -35,9 +35,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._core.delta import Delta
-from .._core.log import LogColumns, TransactionLog, join_records
+from .._core.log import (
+    ColumnRecords,
+    DeferredLog,
+    LogColumns,
+    TransactionLog,
+    join_records,
+    load_history,
+)
 from .._core.page_table import LIVE
-from .._core.records import AnyRecord
+from .._core.records import AnyRecord, Compacted, PageClone, PageResize
 from .._core.snapshot import ReplayBase
 from ..config import MMSBConfig
 from ..errors import (
@@ -50,7 +57,13 @@ from ..errors import (
     SerializationError,
 )
 from . import fsops
-from .checkpoint import CheckpointBase, read_checkpoint, write_checkpoint
+from .checkpoint import (
+    CheckpointBase,
+    CheckpointHead,
+    read_checkpoint,
+    read_checkpoint_head,
+    write_checkpoint,
+)
 from .codec import crc32c, encode_record
 from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
@@ -85,6 +98,12 @@ BULK_SCAN = True
 """Recovery decodes runs of deltas in the log segments in bulk, into columns
 (:mod:`~mmsb._storage.walbulk`); False reads every frame into record objects (the
 reference the bulk reader is tested against)."""
+DEFER_HISTORY = True
+"""Opening a bus for exclusive use reads the retained history in its checkpoints the
+first time something needs it (:class:`~mmsb._core.log.DeferredLog`); False reads it
+at open (the reference the deferred log is tested against). Shared writers and
+read-only opens always read it at open: another writer's checkpoint may remove the
+files before they would be read."""
 
 
 def _ckpt_name(gen: int) -> str:
@@ -186,8 +205,9 @@ class DurableBus:
         fd = self.fds.get(path)
         return fsops.read_fd(fd) if fd is not None else fsops.read_all(path)
 
-    def read_checkpoint(self, path: Path) -> Any:
-        """Read and check one checkpoint of this bus.
+    def read_checkpoint(self, path: Path, with_log: bool = True) -> Any:
+        """Read and check one checkpoint of this bus (``with_log=False``: its log
+        section checksummed, not decoded).
 
         Raises:
             SerializationError: unreadable (gone, not a regular file) or damaged.
@@ -201,7 +221,7 @@ class DurableBus:
                                      path=path) from None
         if self.read_only:
             self.raw_seen[path] = raw
-        return read_checkpoint(raw, path_label=str(path))
+        return read_checkpoint(raw, path_label=str(path), with_log=with_log)
 
     def scan_segment(self, path: Path, seq: int, first_lsn: int) -> SegmentScan:
         """Read and check one segment of the current generation (see scan_segment)."""
@@ -681,7 +701,10 @@ class DurableBus:
                 # The new checkpoint is the only one kept: it is its own replay base.
                 state.trim_log(lsn)
                 new.log_from_lsn = lsn
-            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen}
+            # The chain it closes, oldest first, so that an open learns it from this file
+            # alone (the older files are read when the history is).
+            chain = [[c.generation, c.lsn, c.log_from_lsn] for c in kept]
+            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen, "chain": chain}
             base = state.base_bytes() if full else b""
             write_checkpoint(state, path, from_lsn=new.log_from_lsn, bus=info, base=base)
         except BaseException as exc:
@@ -819,6 +842,12 @@ class DurableBus:
                         f"the final checkpoint of the bus at {self.root} failed ({exc}); the bus "
                         "is closed all the same, its log holds every record, and reopening it "
                         "recovers them") from exc
+                except SerializationError as exc:
+                    # The history read only now (see DeferredLog) is damaged.
+                    raise SerializationError(
+                        f"the final checkpoint needs the retained history, which cannot be "
+                        f"read ({exc.reason}); the bus is closed all the same and its log "
+                        "holds every record", path=exc.path) from exc
         finally:
             if self.replication is not None:
                 try:
@@ -1046,7 +1075,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         for tmp in (root / "checkpoints").glob(".ckpt-*.tmp"):
             _unlink(tmp)
         bus = DurableBus(root, bus_id, config, lock_fd)
-        _recover(bus, state, files)
+        _recover(bus, state, files, defer=DEFER_HISTORY and not shared)
         try:
             bus.publisher = Publisher(root, bus_id)
         except BaseException:
@@ -1092,52 +1121,32 @@ def _durability(root: Path, what: str, exc: OSError) -> DurabilityError:
     return DurabilityError(f"cannot {what} the bus at {root}: {why}")
 
 
-def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) -> None:
-
+def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
+             defer: bool = False) -> None:
+    """Rebuild ``state`` from the bus's files: the newest checkpoint (and the chain of
+    checkpoints that holds the retained history), then the current generation's
+    segments. ``defer``: the history in the checkpoints is read the first time
+    something needs it (see :func:`_restore_deferred`), so that the time to open does
+    not grow with it.
+    """
     cfg = bus.config
-    ckpts: list[_Ckpt] = []
-    newest = None
     by_gen = {}
     for p in files["checkpoints"]:
         m = _CKPT_RE.match(p.name)
         assert m is not None
         by_gen[int(m.group(1), 16)] = p
+    loader: Callable[[TransactionLog], TransactionLog] | None = None
     if by_gen:
         gen = max(by_gen)
-        newest = bus.read_checkpoint(by_gen[gen])
-        _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
-        chain = _read_chain(bus, by_gen, gen, newest)
-        first_gen, first = chain[0]
-        if first.log_from_lsn == 0:
-            start_slices = chain
-            base: ReplayBase | Path | None = first.base
-        else:
-            # The oldest retained checkpoint is the replay base; its own slice is older.
-            start_slices = chain[1:]
-            base = by_gen[first_gen]
-        newest.records = join_records([ck.records for _g, ck in start_slices])
-        try:
-            state.restore(newest)
-        except MemoryError:
-            raise SerializationError("the checkpoint describes a state larger than the memory "
-                                     "this process may use", path=by_gen[gen]) from None
-        # The newest file's horizon was written after its history was trimmed, so it
-        # already names where the rebuilt log begins; the chain gives its base.
-        if isinstance(base, Path):
-            state.replay_base = CheckpointBase(bus.raw_seen.get(base, base))
-        else:
-            state.replay_base = base
-        state.orphan_from = 0
-        for g, ck in chain:
-            ckpts.append(_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]))
-        bus.generation = gen
-        bus.ckpt_lsn = newest.lsn
-        bus.retained = ckpts
-        superseded = [p for g, p in by_gen.items() if g < chain[0][0]]
+        if defer and not bus.read_only:
+            loader = _restore_deferred(bus, state, by_gen, gen)
+        if loader is None:
+            _restore_chain(bus, state, by_gen, gen)
+        superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
         if superseded and not bus.read_only:
+            # Not synced: a removal a crash undoes finds the file superseded again.
             for p in superseded:
                 _unlink(p)
-            fsync_dir(bus.ckpt_dir, strict=False)
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
     for p in files["wal"]:
@@ -1181,6 +1190,12 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
                 bus.recovery_notes.append(str(err))
                 break
             raise err
+        if loader is not None and _reads_history(scan):
+            # A resize, a clone or a compaction marker derives from the pages' written
+            # masks, which the whole history holds: read it before going on.
+            _defer_log(state, loader)
+            load_history(state.log)
+            loader = None
         good = _apply_checked(state, scan, p)
         replayed += good
         expected_lsn += good
@@ -1207,6 +1222,8 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             bus.recovery_notes.append(note)
             log.warning("recovery of %s: %s", bus.root, note)
             break
+    if loader is not None:
+        _defer_log(state, loader)
     if bus.read_only:
         return
     if damaged or bus.generation == 0:
@@ -1228,6 +1245,152 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]]) ->
             bus.writer = None
             if replayed:
                 bus.unsynced = [p for _seq, p in segs]
+
+
+def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], gen: int) -> None:
+    """Restore the newest checkpoint into ``state`` with the whole retained history:
+    the log sections of the chain of checkpoints joined into its log."""
+    newest = bus.read_checkpoint(by_gen[gen])
+    _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
+    chain = _read_chain(bus, by_gen, gen, newest)
+    first_gen, first = chain[0]
+    if first.log_from_lsn == 0:
+        start_slices = chain
+        base: ReplayBase | Path | None = first.base
+    else:
+        # The oldest retained checkpoint is the replay base; its own slice is older.
+        start_slices = chain[1:]
+        base = by_gen[first_gen]
+    newest.records = join_records([ck.records for _g, ck in start_slices])
+    try:
+        state.restore(newest)
+    except MemoryError:
+        raise SerializationError("the checkpoint describes a state larger than the memory "
+                                 "this process may use", path=by_gen[gen]) from None
+    # The newest file's horizon was written after its history was trimmed, so it
+    # already names where the rebuilt log begins; the chain gives its base.
+    if isinstance(base, Path):
+        state.replay_base = CheckpointBase(bus.raw_seen.get(base, base))
+    else:
+        state.replay_base = base
+    state.orphan_from = 0
+    bus.generation = gen
+    bus.ckpt_lsn = newest.lsn
+    bus.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]) for g, ck in chain]
+
+
+def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path],
+                      gen: int) -> Callable[[TransactionLog], TransactionLog] | None:
+    """Restore the newest checkpoint into ``state`` without its history: its pages,
+    masks, graph and counters are read and checked, its log section only checksummed,
+    and each older checkpoint of the chain is known by its head alone
+    (:func:`read_checkpoint_head`: ownership and where its log starts and ends, read in
+    a few small reads). The state's log is left empty at the checkpoint's LSN, for the
+    segments after it. O(pages + page bytes + checkpoints), whatever the history.
+
+    Returns the loader that builds the complete log later, from the chain's log
+    sections (each file then read whole and checked as :func:`_restore_chain` checks
+    it) followed by the records the log holds by then; None (nothing changed) where
+    the chain starts at a checkpoint that nests a replay base, which only a whole read
+    restores.
+
+    Raises:
+        SerializationError: a checkpoint is damaged, another bus's, or out of its chain.
+    """
+    newest = bus.read_checkpoint(by_gen[gen], with_log=False)
+    _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
+    heads = [(gen, CheckpointHead(newest.lsn, newest.log_from_lsn, newest.horizon_lsn,
+                                  newest.bus, 1 if newest.base is not None else 0))]
+    recorded = _recorded_chain(newest.bus, gen, newest.lsn, newest.log_from_lsn)
+    horizon = newest.horizon_lsn
+    while heads[-1][1].log_from_lsn != 0 and heads[-1][1].lsn > horizon:
+        g_prev = heads[-1][0] - 1
+        if g_prev not in by_gen:
+            break
+        known = recorded.get(g_prev)
+        if known is not None:
+            # Checked against the file itself when the history is read.
+            head = CheckpointHead(known[0], known[1], 0, newest.bus, -1)
+        else:
+            head = read_checkpoint_head(by_gen[g_prev])
+            _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
+        if head.lsn != heads[-1][1].log_from_lsn:
+            raise SerializationError(
+                f"checkpoint {g_prev} is at LSN {head.lsn}, but the next one's log starts "
+                f"at {heads[-1][1].log_from_lsn}", path=by_gen[g_prev])
+        heads.append((g_prev, head))
+    heads.reverse()
+    first_gen, first = heads[0]
+    if first.log_from_lsn == 0 and first_gen != gen:
+        if first.base_len < 0:
+            first = read_checkpoint_head(by_gen[first_gen])
+            _check_owner(first.bus, bus.bus_id, first_gen, by_gen[first_gen])
+            if (first.lsn, first.log_from_lsn) != (heads[0][1].lsn, heads[0][1].log_from_lsn):
+                return None
+        if first.base_len:
+            return None
+    try:
+        state.restore(newest)
+    except MemoryError:
+        raise SerializationError("the checkpoint describes a state larger than the memory "
+                                 "this process may use", path=by_gen[gen]) from None
+    if first.log_from_lsn == 0:
+        start = heads
+        state.replay_base = newest.base if first_gen == gen else None
+    else:
+        start = heads[1:]
+        state.replay_base = CheckpointBase(by_gen[first_gen])
+    state.orphan_from = 0
+    bus.generation = gen
+    bus.ckpt_lsn = newest.lsn
+    bus.retained = [_Ckpt(g, h.lsn, h.log_from_lsn, by_gen[g]) for g, h in heads]
+    slices = [(g, h, by_gen[g]) for g, h in start]
+    ckpt_lsn = newest.lsn
+
+    def load(tail: TransactionLog) -> TransactionLog:
+        parts = []
+        for g, h, path in slices:
+            ck = bus.read_checkpoint(path)
+            _check_owner(ck.bus, bus.bus_id, g, path)
+            if (ck.lsn, ck.log_from_lsn) != (h.lsn, h.log_from_lsn):
+                raise SerializationError("this checkpoint changed after the bus was opened; "
+                                         "its history cannot be read (reopen the bus)", path=path)
+            parts.append(ck.records)
+        records = join_records(parts)
+        if isinstance(records, ColumnRecords):
+            full = TransactionLog.from_columns(records.cols)
+        else:
+            full = TransactionLog()
+            full.replace_all(records)
+        full.extend_from(tail, ckpt_lsn, tail.last_lsn)
+        return full
+
+    return load
+
+
+def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
+                    log_from: int) -> dict[int, tuple[int, int]]:
+    """The chain of checkpoints a checkpoint records in its bus identity (``chain``:
+    ``[generation, lsn, log_from_lsn]`` rows, oldest first, ending with itself), as
+    generation → (lsn, log_from_lsn); empty when it records none (older files) or the
+    record does not hold together, so that the files' heads are read instead."""
+    rows = info.get("chain") if info is not None else None
+    if not isinstance(rows, list) or not rows:
+        return {}
+    out: dict[int, tuple[int, int]] = {}
+    prev_gen = prev_lsn = -1
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3
+                and all(type(x) is int and 0 <= x < 1 << 63 for x in row)):
+            return {}
+        g, at, start = row
+        if g <= prev_gen or at < prev_lsn or start > at:
+            return {}
+        out[g] = (at, start)
+        prev_gen, prev_lsn = g, at
+    if out.get(gen) != (lsn, log_from):
+        return {}
+    return out
 
 
 def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
@@ -1259,6 +1422,20 @@ def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
         chain.append((g_prev, ck_prev))
     chain.reverse()
     return chain
+
+
+def _defer_log(state: MMSBState, loader: Callable[[TransactionLog], TransactionLog]) -> None:
+    """Make the state's log (the records after the newest checkpoint) the tail of a
+    deferred log whose history ``loader`` reads."""
+    state.log = DeferredLog(state.log, loader)
+
+
+def _reads_history(scan: SegmentScan) -> bool:
+    """Whether applying the scanned records reads the retained history (the written
+    masks of pages: a resize or a clone carries the mask over; a compaction marker
+    folds the log)."""
+    recs = scan.records if scan.bulk is None else [a for a, _ in scan.parts if not isinstance(a, int)]
+    return any(isinstance(r, PageResize | PageClone | Compacted) for r in recs)
 
 
 def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:

@@ -22,6 +22,7 @@ import secrets
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["write_checkpoint", "read_checkpoint", "CheckpointData", "CheckpointBase",
-           "checkpoint_bytes", "MAGIC", "VERSION"]
+           "checkpoint_bytes", "MAGIC", "VERSION", "CheckpointHead", "read_checkpoint_head"]
 
 MAGIC = b"MMSBCKPT"
 END_MAGIC = b"MMSBEND\0"
@@ -340,8 +341,11 @@ def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytearray:
     return out
 
 
-def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None) -> CheckpointData:
-    """Read and validate a checkpoint file (or its bytes).
+def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None,
+                    with_log: bool = True) -> CheckpointData:
+    """Read and validate a checkpoint file (or its bytes). ``with_log=False``: the log
+    section is checked against its checksum but not decoded (the records come back
+    empty), for a reader that loads the history later.
 
     Raises:
         SerializationError: bad magic, unsupported version, truncation, checksum
@@ -358,10 +362,120 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
         except OSError as exc:
             raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                      path=label) from None
-    return _parse(memoryview(raw), label)
+    return _parse(memoryview(raw), label, with_log)
 
 
-def _parse(buf: memoryview, label: str) -> CheckpointData:
+@dataclass(frozen=True, slots=True)
+class CheckpointHead:
+    """What a checkpoint says about itself, read without its data sections."""
+
+    lsn: int
+    """LSN of the newest record the checkpoint includes."""
+    log_from_lsn: int
+    """Its log section holds the records after this LSN (0: from the start)."""
+    horizon_lsn: int
+    """Replays of its history can target LSNs ≥ this."""
+    bus: dict[str, Any] | None
+    """Durable bus identity (``bus_id`` hex, ``generation``), None for plain files."""
+    base_len: int
+    """Bytes of its nested replay base (0: none)."""
+
+
+def read_checkpoint_head(path: Path) -> CheckpointHead:
+    """The header, the META section and the section headers of a checkpoint file, each
+    checked against its checksum, read in a few small reads: O(1) in the size of the
+    file's log. The data sections are checked when the file is read whole.
+
+    Raises:
+        SerializationError: unreadable, not a checkpoint, of an unsupported version, cut
+            short, or damaged where it was read.
+    """
+    label = str(path)
+
+    def fail(reason: str, offset: int | None = None) -> SerializationError:
+        return SerializationError(reason, path=label, offset=offset)
+
+    try:
+        fd = fsops.open_regular(path, os.O_RDONLY)
+    except OSError as exc:
+        raise fail(f"cannot read the checkpoint ({exc.strerror or exc})") from None
+    try:
+        total = os.fstat(fd).st_size
+
+        def read(n: int, at: int) -> bytes:
+            out = os.pread(fd, n, at)
+            if len(out) != n:
+                raise fail("the file is shorter than its sections (truncated)", at)
+            return out
+
+        if total < _HEADER_SIZE + _FOOTER_SIZE:
+            raise fail(f"file is {total} bytes, too short for a checkpoint (truncated?)")
+        head = read(_HEADER_SIZE, 0)
+        magic, version, _flags, nsec, lsn, _next_page, _next_delta = _HEADER.unpack_from(head, 0)
+        if magic != MAGIC:
+            raise fail(f"bad magic {bytes(magic)!r}: not an MMSB checkpoint", 0)
+        if crc32c(head[:40]) != _U32.unpack_from(head, 40)[0]:
+            raise fail("header checksum mismatch (the header is damaged)", 0)
+        if version not in READ_VERSIONS:
+            raise fail(f"unsupported checkpoint format version {version} (this build reads "
+                       f"versions {READ_VERSIONS[0]} and {READ_VERSIONS[1]}, and writes "
+                       f"{VERSION})", 8)
+        if nsec != len(_TAGS) or _U32.unpack_from(head, 44)[0] != 0:
+            raise fail("header fields out of range", 12)
+        fpos = total - _FOOTER_SIZE
+        foot = read(_FOOTER_SIZE, fpos)
+        fmagic, before = _FOOTER.unpack_from(foot, 0)
+        if (fmagic != END_MAGIC or crc32c(foot[:16]) != _U32.unpack_from(foot, 16)[0]
+                or before != fpos or _U32.unpack_from(foot, 20)[0] != 0):
+            raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
+        pos = _HEADER_SIZE
+        meta: Any = None
+        base_len = 0
+        for tag_expected in _TAGS:
+            if fpos - pos < _SECTION_SIZE:
+                raise fail("section header runs past the end (truncated)", pos)
+            sh = read(_SECTION_SIZE, pos)
+            tag, codec, raw_len, stored_len, crc = _SECTION.unpack_from(sh, 0)
+            if crc32c(sh[:28]) != _U32.unpack_from(sh, 28)[0] or tag != tag_expected:
+                raise fail(f"section header damaged (expected section {tag_expected.decode()})", pos)
+            if codec not in (CODEC_RAW, CODEC_ZSTD) or stored_len > fpos - pos - _SECTION_SIZE:
+                raise fail(f"section {tag.decode()} has an unknown codec or runs past the end", pos)
+            if tag == b"META":
+                stored = read(stored_len, pos + _SECTION_SIZE)
+                if crc32c(stored) != crc:
+                    raise fail("section META checksum mismatch (its bytes are damaged)",
+                               pos + _SECTION_SIZE)
+                if codec == CODEC_ZSTD:
+                    if raw_len > max(INFLATE_FLOOR, INFLATE_RATIO * stored_len):
+                        raise fail("section META declares more bytes than this format allows")
+                    raw = bytes(_decompress(memoryview(stored), raw_len,
+                                            lambda r: fail(f"section META {r}")))
+                else:
+                    raw = stored
+                try:
+                    meta = msgpack.unpackb(raw, raw=False, strict_map_key=False, max_ext_len=0)
+                except Exception as exc:
+                    raise fail(f"section META is not valid msgpack ({exc})") from None
+            elif tag == b"BASE":
+                base_len = raw_len
+            pos += _SECTION_SIZE + stored_len
+        if pos != fpos:
+            raise fail(f"{fpos - pos} unexpected bytes before the end marker", pos)
+    finally:
+        os.close(fd)
+    if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
+        raise fail("section META does not describe an MMSB checkpoint")
+    from_lsn, horizon, bus = meta.get("log_from_lsn", 0), meta.get("horizon_lsn", 0), meta.get("bus")
+    if not (isinstance(from_lsn, int) and isinstance(horizon, int) and 0 <= from_lsn <= lsn
+            and 0 <= horizon <= lsn + 1):
+        raise fail("section META has an impossible log start or horizon")
+    if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
+                                and isinstance(bus.get("generation"), int)):
+        raise fail("section META has a malformed bus identity")
+    return CheckpointHead(lsn, from_lsn, horizon, bus, base_len)
+
+
+def _parse(buf: memoryview, label: str, with_log: bool = True) -> CheckpointData:
     def fail(reason: str, offset: int | None = None) -> SerializationError:
         return SerializationError(reason, path=label, offset=offset)
 
@@ -429,11 +543,11 @@ def _parse(buf: memoryview, label: str) -> CheckpointData:
                           f"this format allows ({INFLATE_RATIO}:1 beyond {INFLATE_FLOOR} bytes)")
         return _decompress(stored, raw_len, sec_err)
 
-    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version)
+    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
 
 
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
-                     fail: Any, version: int = VERSION) -> CheckpointData:
+                     fail: Any, version: int = VERSION, with_log: bool = True) -> CheckpointData:
     try:
         meta = msgpack.unpackb(bytes(get(b"META")), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
@@ -533,7 +647,10 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if not isinstance(from_lsn, int) or not 0 <= from_lsn <= lsn:
         raise fail("section META has an impossible log start")
     records: Sequence[AnyRecord]
-    if version == 1:
+    if not with_log:
+        records = []
+        first = 0
+    elif version == 1:
         records = _records_v1(get(b"TLOG"), lsn, next_page_id, next_delta_id, fail)
         first = records[0].lsn if records else 0
     else:

@@ -1,0 +1,600 @@
+"""Reopening a durable bus defers its retained history: the newest checkpoint is read
+without its log section and the log is built the first time something needs it
+(``DeferredLog``). The reference is the open that reads everything at once
+(``bus.DEFER_HISTORY = False``): after a crash at any point, both give the same pages,
+epochs, masks, graph, counters and, once loaded, the same log, and every history call
+sees the whole retained history."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import mmsb
+from conftest import edges, pages_view
+from mmsb._core.log import DeferredLog, TransactionLog
+from mmsb._storage import bus as bus_mod
+from mmsb._storage import checkpoint as ckpt_mod
+from mmsb._storage.mapped import HEAD_SIZE
+from mmsb.cli.views import blame, history_rows
+
+
+def _cfg(**kw: Any) -> mmsb.MMSBConfig:
+    kw.setdefault("enable_gpu", False)
+    kw.setdefault("fsync", "none")
+    kw.setdefault("checkpoint_interval", 0)
+    kw.setdefault("max_tlog_size", 24)
+    return mmsb.MMSBConfig(**kw)
+
+
+def _workload(s: mmsb.MMSBState) -> Iterator[None]:
+    """Every kind of record, over several automatic checkpoints; yields after each
+    call (a point where a crash image is taken)."""
+    a, b, c = (p.id for p in mmsb.create_pages(s, 3, 64))
+    yield
+    d = mmsb.create_page(s, 300, metadata={"name": "d"}).id
+    yield
+    mmsb.add_dependency(s, a, b, mmsb.CONTROL_DEPENDENCY)
+    yield
+    for i in range(40):
+        mmsb.write_page(s, (a, b, c, d)[i % 4], (i * 5) % 56, bytes([i + 1]) * 8)
+        if i % 9 == 0:
+            yield
+    mmsb.update_page(s, c, bytes(range(64)))
+    yield
+    mmsb.apply_batch(s, [(a, 0, b"batch"), (d, 290, b"tail!"), (b, 10, b"x" * 20)])
+    yield
+    mmsb.resize_page(s, c, 100)
+    yield
+    e = mmsb.clone_page(s, d).id
+    yield
+    mmsb.set_metadata(s, a, "k", [1, 2])
+    yield
+    mmsb.delete_page(s, b)
+    yield
+    for i in range(30):
+        mmsb.write_page(s, (a, c, d, e)[i % 4], i % 50, (i * 3 + 7).to_bytes(4, "little"))
+        if i % 7 == 0:
+            yield
+    mmsb.add_dependency(s, d, e)
+    yield
+
+
+def _images(tmp: Path, **kw: Any) -> list[Path]:
+    """Crash images of a bus at many points of the workload: the directory copied while
+    its writer is still open (what a SIGKILL leaves, after the log was written)."""
+    root = tmp / "live"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(**kw))
+    out = []
+    for k, _ in enumerate(_workload(s)):
+        s.bus.flush()
+        dst = tmp / f"img-{k}"
+        shutil.copytree(root, dst)
+        out.append(dst)
+    mmsb.mmsb_stop(s)
+    return out
+
+
+def _open(root: Path, defer: bool, monkeypatch: pytest.MonkeyPatch, **kw: Any) -> mmsb.MMSBState:
+    """Open a copy of ``root`` (each open may clean up superseded files)."""
+    dst = root.with_name(root.name + ("-deferred" if defer else "-eager"))
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(root, dst)
+    monkeypatch.setattr(bus_mod, "DEFER_HISTORY", defer)
+    return mmsb.mmsb_start(path=str(dst), config=_cfg(**kw))
+
+
+def _state_view(s: mmsb.MMSBState) -> tuple:
+    """What an open restores, without touching the log."""
+    t = s.table
+    masks = {pid: np.asarray(m).tobytes() for pid, (m, _lsn) in sorted(s.mask_base.items())}
+    bus = s.bus
+    assert bus is not None
+    return (pages_view(s), edges(s), int(s.next_page_id), int(s.last_lsn), s.next_delta_id,
+            s.log.horizon_lsn, s.log.horizon_timestamp, s.log.last_timestamp, masks,
+            t.next_id, s.orphan_from, s.base_bytes(),
+            [(c.generation, c.lsn, c.log_from_lsn, c.path.name) for c in bus.retained],
+            bus.generation, bus.ckpt_lsn, bus.records_since_ckpt, bus.next_seq)
+
+
+def _log_view(s: mmsb.MMSBState, times: bool = True) -> tuple:
+    """The whole log, as columns (loads a deferred log); ``times=False``: without the
+    timestamps (compress_log stamps its records with the time it runs)."""
+    cols = s.log.columns()
+    arrays = tuple(np.asarray(getattr(cols, f)).tobytes() for f in
+                   ("lsn", "ids", "epoch", "ts", "page", "psize", "plen", "src", "enc",
+                    "base_rows", "base_epochs", "payload") if times or f != "ts")
+    structs = tuple((type(r).__name__, r.lsn, r.timestamp if times else 0) for r in cols.structs)
+    masks = tuple(np.asarray(s.pages[pid].mask).tobytes() for pid in sorted(s.pages))
+    return arrays, structs, tuple(cols.sources), s.log.record_count, masks
+
+
+@pytest.mark.parametrize("retain", [None, 2])
+def test_deferred_open_equals_the_full_recovery_after_a_crash_at_every_point(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retain: int | None) -> None:
+    images = _images(tmp_path, retain_checkpoints=retain)
+    assert len(images) >= 20
+    deferred = 0
+    for root in images:
+        ref = _open(root, False, monkeypatch, retain_checkpoints=retain)
+        got = _open(root, True, monkeypatch, retain_checkpoints=retain)
+        try:
+            assert type(ref.log) is TransactionLog
+            assert _state_view(got) == _state_view(ref), root.name
+            # The pages, graph and counters need no history; a resize or a clone in the
+            # log after the newest checkpoint does (it carries the page's written mask).
+            deferred += type(got.log) is DeferredLog
+            assert _log_view(got) == _log_view(ref), root.name
+            assert type(got.log) is TransactionLog
+            assert mmsb.verify_state_consistency(got)
+        finally:
+            mmsb.mmsb_stop(ref)
+            mmsb.mmsb_stop(got)
+    assert deferred >= len(images) // 2
+
+
+def _history_of(s: mmsb.MMSBState) -> tuple:
+    last = int(s.last_lsn)
+    at = []
+    for pid in sorted(s.pages):
+        for lsn in range(max(1, s.log.horizon_lsn), last + 1, 5):
+            try:
+                at.append(mmsb.read_page_at(s, pid, lsn=lsn))
+            except (mmsb.PageNotFoundError, mmsb.InvalidArgumentError) as exc:
+                at.append(type(exc).__name__)
+    replays = [pages_view(mmsb.replay_to_lsn(s, lsn))
+               for lsn in range(max(1, s.log.horizon_lsn), last + 1, 11)]
+    hist = [history_rows(s, pid) for pid in sorted(s.pages)]
+    who = [blame(s, pid) for pid in sorted(s.pages)]
+    return at, replays, _untimed(hist), _untimed(who), len(s.tlog), [d.lsn for d in mmsb.query_log(s)]
+
+
+def _untimed(x: Any) -> Any:
+    """``x`` without the fields that hold a time (compress_log stamps with its own)."""
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if "time" not in k}
+    if isinstance(x, list):
+        return [_untimed(v) for v in x]
+    return x
+
+
+@pytest.mark.parametrize("first", ["read_page_at", "replay_to_lsn", "history", "checkpoint_log",
+                                   "compress_log", "write", "load_checkpoint"])
+def test_every_history_call_sees_the_whole_history_after_a_deferred_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    root = _images(tmp_path)[-1]
+    ref = _open(root, False, monkeypatch)
+    got = _open(root, True, monkeypatch)
+    try:
+        assert type(got.log) is DeferredLog
+        pid = sorted(got.pages)[0]
+        src = mmsb.MMSBState(_cfg())
+        for size in (16, 40):
+            mmsb.write_page(src, mmsb.create_page(src, size).id, 3, b"other")
+        other = tmp_path / "other.mmsb"
+        mmsb.checkpoint_log(src, other)
+        calls: dict[str, Callable[[mmsb.MMSBState], Any]] = {
+            "read_page_at": lambda s: mmsb.read_page_at(s, pid, lsn=int(s.log.horizon_lsn) + 3),
+            "replay_to_lsn": lambda s: pages_view(mmsb.replay_to_lsn(s, int(s.last_lsn) - 9)),
+            "history": lambda s: len(history_rows(s, pid)),
+            "checkpoint_log": lambda s: pages_view(_exported(s, tmp_path)),
+            "compress_log": lambda s: mmsb.compress_log(s),
+            "write": lambda s: mmsb.write_page(s, pid, 1, b"after").epoch,
+            "load_checkpoint": lambda s: pages_view(_loaded(s, other)),
+        }
+        assert calls[first](got) == calls[first](ref)
+        # Every call but a write of bytes read the history.
+        assert type(got.log) is (DeferredLog if first == "write" else TransactionLog)
+        assert _history_of(got) == _history_of(ref)
+        # Writes and compress_log stamp their records with the time they run.
+        times = first not in ("compress_log", "write")
+        if first == "load_checkpoint":
+            assert len(got.tlog) == len(src.tlog)
+        assert _log_view(got, times) == _log_view(ref, times)
+    finally:
+        mmsb.mmsb_stop(ref)
+        mmsb.mmsb_stop(got)
+    # And the bus written on after that reopens to the same state again.
+    again = mmsb.mmsb_start(path=str(root.with_name(root.name + "-deferred")), config=_cfg())
+    ref2 = mmsb.mmsb_start(path=str(root.with_name(root.name + "-eager")), config=_cfg())
+    try:
+        assert pages_view(again) == pages_view(ref2)
+        assert _history_of(again) == _history_of(ref2)
+    finally:
+        mmsb.mmsb_stop(again)
+        mmsb.mmsb_stop(ref2)
+
+
+def _loaded(s: mmsb.MMSBState, path: Path) -> mmsb.MMSBState:
+    mmsb.load_checkpoint(s, path)
+    return s
+
+
+def _exported(s: mmsb.MMSBState, tmp: Path) -> mmsb.MMSBState:
+    path = tmp / f"export-{id(s)}.mmsb"
+    mmsb.checkpoint_log(s, path)
+    out = mmsb.MMSBState(_cfg())
+    mmsb.load_checkpoint(out, path)
+    return out
+
+
+_KILLED = r"""
+import os, signal, sys
+import mmsb
+path, n = sys.argv[1], int(sys.argv[2])
+s = mmsb.mmsb_start(path=path, enable_gpu=False, config=mmsb.MMSBConfig(
+    fsync="none", checkpoint_interval=0, max_tlog_size=1000))
+ids = [p.id for p in mmsb.create_pages(s, 16, 128)]
+writes = [(ids[i % 16], (i * 13) % 120, (i + 1).to_bytes(8, "little")) for i in range(n)]
+for k in range(0, n, 500):
+    for w in writes[k:k + 500]:
+        mmsb.write_page(s, *w)
+print(s.last_lsn, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _killed(root: Path, n: int) -> int:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src")
+    out = subprocess.run([sys.executable, "-c", _KILLED, str(root), str(n)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-500:]
+    return int(out.stdout)
+
+
+@pytest.mark.slow
+def test_the_work_of_a_reopen_after_kill_does_not_grow_with_history(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After 10,000 and 100,000 writes (a checkpoint every 1,000 records, all kept) a
+    reopen reads the same files and the same number of bytes of them, and applies
+    the same number of records: the newest checkpoint and the log after it."""
+    reads: list[tuple[str, int]] = []
+    real_read = bus_mod.DurableBus.read_bytes
+    real_head = bus_mod.read_checkpoint_head
+
+    def read_bytes(self: bus_mod.DurableBus, path: Path) -> bytes:
+        out = real_read(self, path)
+        reads.append((path.parent.name, len(out)))
+        return out
+
+    def head(path: Path) -> Any:
+        reads.append(("head", 1))
+        return real_head(path)
+
+    monkeypatch.setattr(bus_mod.DurableBus, "read_bytes", read_bytes)
+    monkeypatch.setattr(bus_mod, "read_checkpoint_head", head)
+    work = {}
+    for n in (10_000, 100_000):
+        root = tmp_path / f"bus-{n}"
+        last = _killed(root, n)
+        reads.clear()
+        s = mmsb.mmsb_start(path=str(root), config=mmsb.MMSBConfig(enable_gpu=False))
+        try:
+            assert int(s.last_lsn) == last and type(s.log) is DeferredLog
+            files = sorted(reads)
+            mmsb.write_page(s, 1, 0, b"plain")
+            assert type(s.log) is DeferredLog  # a write of bytes needs no history
+            work[n] = ([name for name, _ in files], s.bus.records_since_ckpt,
+                       sum(size for _, size in files))
+            assert len(s.tlog) == n + 1  # the whole history is still there, loaded now
+        finally:
+            mmsb.mmsb_stop(s)
+    names10, tail10, bytes10 = work[10_000]
+    names100, tail100, bytes100 = work[100_000]
+    # The newest checkpoint whole, the head of the chain's first one (whether it nests a
+    # replay base), the log segment after it.
+    assert names10 == names100 == ["checkpoints", "head", "wal"]
+    assert tail10 == tail100
+    # The newest checkpoint names its chain (a few bytes per older checkpoint), and its
+    # compressed log section varies a little with the values written.
+    assert bytes100 < 1.1 * bytes10
+
+
+def _set_boot_id(root: Path, boot: bytes) -> None:
+    """Give the mapped head another boot identity (its checksum made to match), as if
+    the files were written before the operating system restarted."""
+    path = root / "map" / "HEAD"
+    head = bytearray(path.read_bytes())
+    assert len(head) == HEAD_SIZE
+    head[24:40] = boot
+    head[48:52] = struct.pack("<I", ckpt_mod.crc32c(bytes(head[:48])))
+    path.write_bytes(bytes(head))
+
+
+def test_after_an_operating_system_crash_the_bus_recovers_from_the_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mapped files are never the source of the reopened state: with a head of
+    another boot (an OS crash) and page bytes that differ from the log, the reopened
+    pages are the log's, and the mapped files are rewritten from them."""
+    root = _images(tmp_path)[-1]
+    ref = _open(root, False, monkeypatch)
+    want = pages_view(ref)
+    mmsb.mmsb_stop(ref)
+    _set_boot_id(root, bytes(range(16)))
+    pages = root / "map" / "pages"
+    pages.write_bytes(bytes(0x5A for _ in range(pages.stat().st_size)))
+    got = _open(root, True, monkeypatch)
+    try:
+        assert pages_view(got) == want
+    finally:
+        mmsb.mmsb_stop(got)
+    with mmsb.attach(root.with_name(root.name + "-deferred")) as reader:
+        for pid, view in want.items():
+            assert reader.read_page(pid) == view[0]
+
+
+def _flip_in_log_section(path: Path) -> None:
+    """Flip a byte inside the log section (TLOG) of a checkpoint file."""
+    raw = bytearray(path.read_bytes())
+    pos = 48
+    for _ in range(7):
+        tag = bytes(raw[pos:pos + 4])
+        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
+        if tag == b"TLOG":
+            assert stored > 8
+            raw[pos + 32 + stored // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            return
+        pos += 32 + stored
+    raise AssertionError("no log section")
+
+
+def test_a_damaged_older_checkpoint_is_refused_when_the_history_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Damage inside an older checkpoint's log section is found when the history is
+    read: the call that needed it raises SerializationError naming the file and
+    changes nothing, and the log stays deferred (the next touch tries again). Writes
+    of bytes need no history and go on; they are in the log."""
+    root = _images(tmp_path)[-1]
+    older = sorted((root / "checkpoints").iterdir())[-2]
+    _flip_in_log_section(older)
+    with pytest.raises(mmsb.SerializationError):
+        _open(root, False, monkeypatch)  # the full recovery refuses it at open
+    s = _open(root, True, monkeypatch)
+    pid = sorted(s.pages)[0]
+    mmsb.write_page(s, pid, 0, b"taken")
+    mmsb.apply_batch(s, [(pid, 8, b"too")])
+    assert type(s.log) is DeferredLog
+    before = (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id, int(s.next_page_id))
+    for call in (lambda: mmsb.read_page_at(s, pid, lsn=int(s.last_lsn)),
+                 lambda: mmsb.create_page(s, 8),
+                 lambda: mmsb.resize_page(s, pid, 128),
+                 lambda: mmsb.add_dependency(s, pid, sorted(s.pages)[1]),
+                 lambda: len(s.tlog)):
+        with pytest.raises(mmsb.SerializationError) as info:
+            call()
+        assert older.name in str(info.value)
+        assert type(s.log) is DeferredLog
+        assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
+                int(s.next_page_id)) == before
+    # Stopping needs the history for its checkpoint: refused, but the bus is closed
+    # (its lock released) and its log holds the writes.
+    with pytest.raises(mmsb.SerializationError, match="closed all the same"):
+        mmsb.mmsb_stop(s)
+    again = root.with_name(root.name + "-deferred")
+    monkeypatch.setattr(bus_mod, "DEFER_HISTORY", True)
+    s = mmsb.mmsb_start(path=str(again), config=_cfg())
+    assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
+            int(s.next_page_id)) == before
+    page = mmsb.query_page(s, pid)
+    assert page[:5] == b"taken" and page[8:11] == b"too"
+    with pytest.raises(mmsb.SerializationError):
+        mmsb.mmsb_stop(s)
+
+
+def test_writes_after_a_deferred_open_need_no_history(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte writes (write_page, update_page, apply_batch, with batch) go to the log
+    after the history without reading it; the log read later holds the history and
+    then the writes, as the full recovery's log does after the same writes."""
+    for root in _images(tmp_path)[-3:]:
+        ref = _open(root, False, monkeypatch)
+        got = _open(root, True, monkeypatch)
+        try:
+            deferred = type(got.log) is DeferredLog
+            for s in (ref, got):
+                ids = sorted(s.pages)
+                mmsb.write_page(s, ids[0], 2, b"one")
+                mmsb.update_page(s, ids[1], bytes(range(s.pages[ids[1]].size % 256)) *
+                                 (s.pages[ids[1]].size // 256) +
+                                 bytes(s.pages[ids[1]].size % 256))
+                mmsb.apply_batch(s, [(ids[0], 10, b"b1"), (ids[-1], 0, b"b2")])
+                with mmsb.batch(s):
+                    mmsb.write_page(s, ids[-1], 5, b"w1")
+                    mmsb.write_page(s, ids[0], 20, b"w2")
+            assert type(got.log) is DeferredLog or not deferred
+            view_got, view_ref = _state_view(got), _state_view(ref)
+            # Index 7 is the newest timestamp: each side wrote at its own time.
+            assert view_got[:7] + view_got[8:] == view_ref[:7] + view_ref[8:]
+            assert _history_of(got) == _history_of(ref)
+            assert _log_view(got, times=False) == _log_view(ref, times=False)
+        finally:
+            mmsb.mmsb_stop(ref)
+            mmsb.mmsb_stop(got)
+        # Reopened, both hold the same.
+        for name in ("-deferred", "-eager"):
+            s = mmsb.mmsb_start(path=str(root.with_name(root.name + name)), config=_cfg())
+            try:
+                if name == "-deferred":
+                    want = (pages_view(s), _history_of(s))
+                else:
+                    assert (pages_view(s), _history_of(s)) == want
+            finally:
+                mmsb.mmsb_stop(s)
+
+
+def test_checkpoints_without_a_recorded_chain_are_read_by_their_heads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoint files that do not name their chain (written before they did) are
+    walked by reading each older file's head; the result is the same."""
+    monkeypatch.setattr(bus_mod, "_recorded_chain", lambda *a: {})
+    for root in _images(tmp_path)[::6]:
+        ref = _open(root, False, monkeypatch)
+        got = _open(root, True, monkeypatch)
+        try:
+            assert _state_view(got) == _state_view(ref)
+            assert _log_view(got) == _log_view(ref)
+        finally:
+            mmsb.mmsb_stop(ref)
+            mmsb.mmsb_stop(got)
+
+
+def test_checkpoint_head_refuses_damage_where_it_reads(tmp_path: Path) -> None:
+    s = mmsb.MMSBState(_cfg())
+    p = mmsb.create_page(s, 32)
+    mmsb.write_page(s, p.id, 3, b"abc")
+    path = tmp_path / "c.mmsb"
+    mmsb.checkpoint_log(s, path)
+    good = path.read_bytes()
+    head = ckpt_mod.read_checkpoint_head(path)
+    assert (head.lsn, head.log_from_lsn, head.base_len) == (int(s.last_lsn), 0, 0)
+    # Every byte of the header, the META section, the section headers and the footer.
+    sections = []
+    pos = 48
+    for _ in range(7):
+        (stored,) = struct.unpack_from("<Q", good, pos + 16)
+        sections.append((pos, stored))
+        pos += 32 + stored
+    checked = set(range(48)) | set(range(len(good) - 24, len(good)))
+    for k, (at, stored) in enumerate(sections):
+        checked |= set(range(at, at + 32 + (stored if k == 0 else 0)))
+    for offset in sorted(checked):
+        flipped = bytearray(good)
+        flipped[offset] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(mmsb.SerializationError):
+            ckpt_mod.read_checkpoint_head(path)
+    path.write_bytes(good[:-1])
+    with pytest.raises(mmsb.SerializationError):
+        ckpt_mod.read_checkpoint_head(path)
+    bad_version = bytearray(good)
+    bad_version[8:10] = struct.pack("<H", 9)
+    bad_version[40:44] = struct.pack("<I", ckpt_mod.crc32c(bytes(bad_version[:40])))
+    path.write_bytes(bytes(bad_version))
+    with pytest.raises(mmsb.SerializationError, match="version 9"):
+        ckpt_mod.read_checkpoint_head(path)
+
+
+class DeferredReopenMachine(RuleBasedStateMachine):
+    """Random calls on a durable bus, crashed (its directory copied while it is open)
+    and reopened at random points: the deferred open goes on as the live bus, and at
+    each crash two more copies are opened, one that reads everything at once and one
+    deferred, which must agree on the state and, once read, the log. The live bus
+    keeps writing while its history may still be deferred."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="mmsb-deferred-"))
+        self.k = 0
+        self.live = mmsb.mmsb_start(path=str(self._next()), config=_cfg(max_tlog_size=9))
+        self.model: dict[int, bytes] = {}
+
+    def _next(self) -> Path:
+        self.k += 1
+        return self.tmp / f"bus-{self.k}"
+
+    def teardown(self) -> None:
+        bus_mod.DEFER_HISTORY = True
+        try:
+            mmsb.mmsb_stop(self.live)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _pid(self, data: st.DataObject) -> int:
+        return data.draw(st.sampled_from(sorted(self.model)))
+
+    @rule(size=st.integers(1, 40))
+    def create(self, size: int) -> None:
+        pid = mmsb.create_page(self.live, size).id
+        self.model[pid] = bytes(size)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def write(self, data: st.DataObject) -> None:
+        pid = self._pid(data)
+        size = len(self.model[pid])
+        off = data.draw(st.integers(0, size - 1))
+        new = data.draw(st.binary(min_size=1, max_size=size - off))
+        mmsb.write_page(self.live, pid, off, new)
+        m = self.model[pid]
+        self.model[pid] = m[:off] + new + m[off + len(new):]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def batch(self, data: st.DataObject) -> None:
+        writes = []
+        for _ in range(data.draw(st.integers(1, 4))):
+            pid = self._pid(data)
+            off = data.draw(st.integers(0, len(self.model[pid]) - 1))
+            writes.append((pid, off, bytes([data.draw(st.integers(0, 255))])))
+        mmsb.apply_batch(self.live, writes)
+        for pid, off, b in writes:
+            m = self.model[pid]
+            self.model[pid] = m[:off] + b + m[off + 1:]
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), new_size=st.integers(1, 40))
+    def resize(self, data: st.DataObject, new_size: int) -> None:
+        pid = self._pid(data)
+        mmsb.resize_page(self.live, pid, new_size)
+        m = self.model[pid]
+        self.model[pid] = m[:new_size] + bytes(max(0, new_size - len(m)))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def clone(self, data: st.DataObject) -> None:
+        pid = self._pid(data)
+        self.model[mmsb.clone_page(self.live, pid).id] = self.model[pid]
+
+    @precondition(lambda self: len(self.model) > 2)
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        pid = self._pid(data)
+        mmsb.delete_page(self.live, pid)
+        del self.model[pid]
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        assert self.live.bus is not None
+        self.live.bus.flush()
+        image = self._next()
+        shutil.copytree(self.live.bus.root, image)
+        mmsb.mmsb_stop(self.live)
+        views = []
+        for defer in (False, True):
+            copy = self._next()
+            shutil.copytree(image, copy)
+            bus_mod.DEFER_HISTORY = defer
+            s = mmsb.mmsb_start(path=str(copy), config=_cfg(max_tlog_size=9))
+            try:
+                views.append((_state_view(s), _log_view(s)))
+            finally:
+                mmsb.mmsb_stop(s)
+        assert views[0] == views[1]
+        bus_mod.DEFER_HISTORY = True
+        self.live = mmsb.mmsb_start(path=str(image), config=_cfg(max_tlog_size=9))
+
+    @invariant()
+    def pages_are_the_model(self) -> None:
+        assert {pid: mmsb.query_page(self.live, pid) for pid in self.live.pages} == self.model
+
+
+DeferredReopenMachine.TestCase.settings = settings(
+    max_examples=12, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_deferred_reopen_machine = DeferredReopenMachine.TestCase
