@@ -1,0 +1,513 @@
+"""The durable bus's one-frame small write.
+
+``write_page`` / ``update_page`` of a ``bytes`` payload of at most
+:data:`~mmsb._core.kernels.SMALL_WRITE` bytes into a live page of an exclusive, healthy
+durable bus take this path: one Python frame and two compiled calls, where the general
+path builds a :class:`~mmsb._core.delta.Delta`, encodes it with the codec, frames it,
+writes it, keeps it, applies it and publishes it through a dozen calls.
+
+1. :func:`_encode` compares the payload with the page and, when at most a quarter of
+   the page changes (a sparse delta, as ``diff_write`` decides), encodes the log row
+   and payload the in-memory log keeps and the whole write-ahead-log frame
+   (``length u64 | crc32c u32 | body``, the body exactly as
+   :func:`~mmsb._storage.codec.encode_record` writes the delta, its CRC32C computed in
+   the same pass). It writes nothing the state or the files show.
+2. The frame goes to the segment with one ``write(2)``: the record is in the kernel
+   (safe from a crash of the process) before anything takes effect, as on the general
+   path.
+3. :func:`_apply_publish` applies the changed bytes to the page and shows them to
+   attached readers: the log's end in the head, then, under the seqlock, the bytes of
+   the mapped page, its table row and the head's LSN and time; then the notify word.
+
+Anything else declines (returns None) before changing anything and the general path,
+which stays the reference, takes the call: a batch, a shared writer, replication, a
+dense or new-source write, a publication that must be redone, a segment due to roll,
+an injected fault hook or a bus that failed. The frames are byte for byte those of the
+general path (a property test holds the two paths to the same segment bytes, pages,
+epochs, log, events and refusals), so recovery, readers, the change feed and
+replication read them unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numba import njit
+
+from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
+from .._core.engine import _API, _GOOD_SOURCES
+from .._core.kernels import (
+    ENC_POS16,
+    ENC_POS32,
+    ENC_RUN,
+    ENC_RUN16,
+    LOG_CHUNK,
+    SMALL_WRITE,
+    _fill_row,
+    entry_point,
+)
+from ..errors import DurabilityError
+from . import fsops, notify
+from .codec import KIND_DELTA
+from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
+from .wal import FRAME_HEAD
+
+if TYPE_CHECKING:
+    from .._core.engine import MMSBState
+    from .bus import DurableBus
+
+__all__ = ["durable_write_small", "crc32c_of"]
+
+_SRC_AT = FRAME_HEAD + 57
+"""Offset in the frame of the delta's source length (after the 17-byte record head and
+the five u64 fields of a delta)."""
+_MAX_SOURCE = 1024
+"""Longer source names take the general path (the frame buffer has room for this)."""
+_OUT_BYTES = _SRC_AT + 2 + _MAX_SOURCE + 9 + 8 * (SMALL_WRITE // 2 + 1) + SMALL_WRITE
+"""A frame of the largest write this path takes: head, source, run count, at most
+SMALL_WRITE / 2 + 1 runs (u32 start and length each) and the values."""
+_DECLINE_DENSE = -3
+_DECLINE_ROW = -4
+_NO_ROOM = -2
+
+
+def _crc_tables() -> np.ndarray:
+    """Slice-by-8 tables of CRC32C (reflected polynomial 0x82F63B78), as int64."""
+    t = np.zeros((8, 256), np.int64)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        t[0, i] = c
+    for k in range(1, 8):
+        prev = t[k - 1]
+        t[k] = (prev >> 8) ^ t[0][prev & 0xFF]
+    return t
+
+
+_CRC = _crc_tables()
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _crc_update(crc: int, buf: np.ndarray, start: int, end: int) -> int:  # pragma: no cover
+    """Continue the (inverted, running) CRC32C ``crc`` over ``buf[start:end]``."""
+    t = _CRC
+    i = start
+    while end - i >= 8:
+        one = crc ^ (buf[i] | (buf[i + 1] << 8) | (buf[i + 2] << 16) | (buf[i + 3] << 24))
+        two = buf[i + 4] | (buf[i + 5] << 8) | (buf[i + 6] << 16) | (buf[i + 7] << 24)
+        crc = (t[7, one & 0xFF] ^ t[6, (one >> 8) & 0xFF] ^ t[5, (one >> 16) & 0xFF]
+               ^ t[4, (one >> 24) & 0xFF] ^ t[3, two & 0xFF] ^ t[2, (two >> 8) & 0xFF]
+               ^ t[1, (two >> 16) & 0xFF] ^ t[0, (two >> 24) & 0xFF])
+        i += 8
+    while i < end:
+        crc = t[0, (crc ^ buf[i]) & 0xFF] ^ (crc >> 8)
+        i += 1
+    return crc
+
+
+@njit(cache=True, nogil=True)
+def _crc32c(buf: np.ndarray) -> int:  # pragma: no cover - compiled
+    return _crc_update(0xFFFFFFFF, buf, 0, buf.shape[0]) ^ 0xFFFFFFFF
+
+
+def crc32c_of(data: bytes) -> int:
+    """CRC32C of ``data`` by this module's compiled code (for tests against the codec's)."""
+    return int(_crc32c(np.frombuffer(data, np.uint8)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: no cover
+    for j in range(nbytes):
+        out[at + j] = (value >> (8 * j)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
+            row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, table: np.ndarray,
+            pid: int, epoch: int, ts: int, src: int, lsn: int, did: int,
+            body: int) -> tuple[int, int, int, int, int]:  # pragma: no cover - compiled
+    """Step 1 of the module's path. ``body``: where the frame's delta encoding starts in
+    ``out`` (after the source name, which the caller keeps there). Returns ``(changed,
+    log payload length, frame length, first, last)``, ``first`` … ``last`` the range of
+    ``new`` that changes; changed 0: nothing differs; -2: no room in the log chunk; -3:
+    a dense delta; -4: the page's mapped row is not of its size (nothing written in
+    any of these cases)."""
+    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size:
+        return _DECLINE_ROW, 0, 0, 0, 0
+    m = len(new)
+    page = mem[base:base + size]
+    cur = page[off:off + m]
+    n = 0
+    for i in range(m):
+        n += int(cur[i] != new[i])
+    if n == 0:
+        return 0, 0, 0, 0, 0
+    if n * 4 > size:
+        return _DECLINE_DENSE, 0, 0, 0, 0
+    first = 0
+    while cur[first] == new[first]:
+        first += 1
+    last = m - 1
+    while cur[last] == new[last]:
+        last -= 1
+    # The log's row and payload, as TransactionLog keeps the delta (see write_small).
+    one_run = last - first + 1 == n
+    if one_run:
+        enc = ENC_RUN16 if size <= 65536 else ENC_RUN
+        plen = (2 if enc == ENC_RUN16 else 4) + n
+    elif size <= 65536:
+        enc = ENC_POS16
+        plen = 3 * n
+    else:
+        enc = ENC_POS32
+        plen = 5 * n
+    if plen > LOG_CHUNK - coff:
+        return _NO_ROOM, plen, 0, 0, 0
+    if one_run:
+        head = plen - n
+        _put(chunk, coff, off + first, head)
+        for k in range(n):
+            chunk[coff + head + k] = new[first + k]
+    else:
+        w = 2 if enc == ENC_POS16 else 4
+        v = coff + w * n
+        k = 0
+        for i in range(first, last + 1):
+            b = new[i]
+            if cur[i] != b:
+                _put(chunk, coff + w * k, off + i, w)
+                chunk[v + k] = b
+                k += 1
+    _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, (ci << 32) | coff)
+    # The frame: the record head and the delta's fields ...
+    out[FRAME_HEAD] = KIND_DELTA
+    _put(out, FRAME_HEAD + 1, lsn, 8)
+    _put(out, FRAME_HEAD + 9, ts, 8)
+    _put(out, FRAME_HEAD + 17, did, 8)
+    _put(out, FRAME_HEAD + 25, pid, 8)
+    _put(out, FRAME_HEAD + 33, epoch - 1, 8)
+    _put(out, FRAME_HEAD + 41, epoch, 8)
+    _put(out, FRAME_HEAD + 49, size, 8)
+    # ... the source name is in place; then the sparse payload: its runs, the values.
+    p = body
+    out[p] = 0  # codec.ENC_SPARSE_RUNS
+    if one_run:
+        _put(out, p + 1, 1, 4)
+        _put(out, p + 5, off + first, 4)
+        _put(out, p + 9, n, 4)
+        p += 13
+        for k in range(n):
+            out[p + k] = new[first + k]
+    else:
+        runs = 1
+        prev = first
+        for i in range(first + 1, last + 1):
+            if cur[i] != new[i]:
+                if i != prev + 1:
+                    runs += 1
+                prev = i
+        _put(out, p + 1, runs, 4)
+        starts = p + 5
+        lengths = starts + 4 * runs
+        vals = lengths + 4 * runs
+        r = 0
+        k = 0
+        start = first
+        prev = first
+        for i in range(first, last + 1):
+            b = new[i]
+            if cur[i] != b:
+                if i != prev + 1 and k:
+                    _put(out, starts + 4 * r, off + start, 4)
+                    _put(out, lengths + 4 * r, prev - start + 1, 4)
+                    r += 1
+                    start = i
+                prev = i
+                out[vals + k] = b
+                k += 1
+        _put(out, starts + 4 * r, off + start, 4)
+        _put(out, lengths + 4 * r, prev - start + 1, 4)
+        p = vals
+    flen = p + n
+    _put(out, 0, flen - FRAME_HEAD, 8)
+    crc = _crc_update(0xFFFFFFFF, out, 0, 8)
+    crc = _crc_update(crc, out, FRAME_HEAD, flen) ^ 0xFFFFFFFF
+    _put(out, 8, crc, 4)
+    return n, plen, flen, first, last
+
+
+@njit(cache=True, nogil=True)
+def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
+                   pages: np.ndarray, table: np.ndarray, head: np.ndarray, head_addr: int,
+                   pid: int, off: int, epoch: int, lsn: int, ts: int, rows: int, bump: int,
+                   gen: int, seq: int, end: int, notify_addr: int, waiters_addr: int,
+                   publish: bool) -> bool:  # pragma: no cover - compiled
+    """Step 3 of the module's path: ``new[first:last + 1]`` to ``mem[at + first:]`` (the
+    write's place in the page, at offset ``off``); the log's end to the head; then, when
+    ``publish``, the same bytes to the mapped page and the page's table row
+    between two increments of the head's seqlock word (each a full barrier, so no
+    store moves out of the odd section), and the notify word bumped. Returns True when
+    followers wait on the notify word (the caller wakes them)."""
+    for i in range(first, last + 1):
+        mem[at + i] = new[i]
+    head[17] = gen
+    head[18] = seq
+    head[19] = end
+    head[20] = lsn
+    if not publish:
+        return False
+    _atomic_add_u64(head_addr + 64, np.uint64(1))
+    r = 4 * pid
+    slot = table[r] + off
+    for i in range(first, last + 1):
+        pages[slot + i] = mem[at + i]
+    table[r + 2] = epoch
+    table[r + 3] = lsn
+    head[9] = lsn
+    head[10] = rows
+    head[13] = ts if ts > 0 else 0
+    head[22] = bump
+    _atomic_add_u64(head_addr + 64, np.uint64(1))
+    _atomic_add_u32(notify_addr, np.uint32(1))
+    return _atomic_load_u32(waiters_addr) != 0
+
+
+_ENTRIES: dict[str, Any] = {}
+"""The compiled entries of the two kernels, made on first use (see entry_point)."""
+
+
+class FastWriter:
+    """What the path keeps between calls on one bus: the frame buffer (its source name
+    in place for the last source used) and the int64 view of the mapped table."""
+
+    __slots__ = ("out", "view", "source", "body", "table", "table_of")
+
+    def __init__(self) -> None:
+        raw = bytearray(_OUT_BYTES)
+        self.out = np.frombuffer(raw, np.uint8)
+        self.view = memoryview(raw)
+        self.source: str | None = None
+        self.body = 0
+        self.table = np.zeros(0, np.int64)
+        self.table_of: object = None
+
+    def use_source(self, source: str) -> bool:
+        """Put ``source``'s name in the frame buffer; False when it is too long."""
+        raw = source.encode("utf-8")
+        if len(raw) > _MAX_SOURCE:
+            return False
+        out = self.out
+        out[_SRC_AT] = len(raw) & 0xFF
+        out[_SRC_AT + 1] = len(raw) >> 8
+        out[_SRC_AT + 2 : _SRC_AT + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
+        self.source = source
+        self.body = _SRC_AT + 2 + len(raw)
+        return True
+
+
+def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, data: bytes,
+                        source: str, whole: bool) -> bool | None:
+    """``state.write_small_bytes`` on a durable bus (see the module's docstring): True
+    or False as ``write_bytes`` returns (a delta logged or not), or None when the call
+    is not this path's case (nothing was done; ``write_bytes`` takes it). O(len(data)).
+
+    Raises:
+        DurabilityError: the frame could not be written (or synced, ``fsync="always"``);
+            nothing of the write took effect, as on the general path.
+    """
+    w = bus.writer
+    log = state.log
+    if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
+            or bus.ship is not None or bus.replication is not None or log.sink is None
+            or not state.config.enable_logging or len(data) > SMALL_WRITE
+            or w.size >= bus.config.segment_bytes):
+        return None
+    fw = bus.fast
+    enc = _ENTRIES.get("encode", _encode)
+    lock = state.lock
+    lock.acquire()
+    try:
+        pub = bus.publisher
+        if (state.closed or state.recomputing is not None or state.batch_frame is not None
+                or state._depth or bus.closed or pub is None or pub.full or pub.failed
+                or pub.touched):
+            return None
+        addr_v, size_v, epoch_v, flags_v = state.table.views
+        if not (0 < pid < len(flags_v) and flags_v[pid]):
+            return None
+        size = size_v[pid]
+        n_new = len(data)
+        if off < 0 or off + n_new > size or (whole and n_new != size) or (
+                source is not _API and (type(source) is not str
+                                        or source not in _GOOD_SOURCES)):
+            return None
+        src = log.source_ids.get(source)
+        if src is None or size > 0xFFFFFFFF:
+            return None
+        if source is not fw.source and not fw.use_source(source):
+            return None
+        if fw.table_of is not pub.table:
+            fw.table = pub.table.view(np.int64).reshape(-1)
+            fw.table_of = pub.table
+        t0 = time.perf_counter_ns()
+        lsn = log.next_lsn
+        bus.entered_at = lsn - 1
+        addr = addr_v[pid]
+        epoch = epoch_v[pid] + 1
+        mem = state.arena._chunks[addr >> CHUNK_SHIFT]
+        assert mem is not None
+        base = addr & CHUNK_MASK
+        row = log.n
+        if row == len(log.rows):
+            log._grow()
+        if log.cur < 0:
+            log._new_chunk()
+        ts = time.time_ns()
+        if ts < log.last_timestamp:
+            ts = log.last_timestamp
+        did = state.next_delta_id
+        while True:
+            tail = log.tail
+            n, plen, flen, first, last = enc(mem, base, size, off, data, log.rows, row,
+                                             log.cur_array, tail, log.cur, fw.out, fw.table,
+                                             pid, epoch, ts, src, lsn, did, fw.body)
+            if n != _NO_ROOM:
+                break
+            log._new_chunk()
+        if "encode" not in _ENTRIES:
+            _make_entries(mem, data, log, fw, pub)
+        if n < 0:
+            return None
+        if n == 0:
+            # Nothing differs: nothing is logged, as on the general path, whose call
+            # ends with a checkpoint when one is due.
+            bus.maybe_checkpoint(state)
+            return False
+        # Into the kernel before anything takes effect (under io_lock, as every append:
+        # the group commit reads and clears the dirty mark under it).
+        before = w.size
+        always = bus.config.fsync == "always"
+        stage = "append"
+        io_lock = bus.io_lock
+        io_lock.acquire()
+        try:
+            if fsops.hooked():
+                fsops.step("write", w.path)
+            k = os.write(w.fd, fw.view[:flen])
+            if k != flen:
+                fsops.write_all(w.fd, fw.view[k:flen], w.path)
+            w.size = before + flen
+            if always:
+                stage = "fsync"
+                w.dirty = True
+                fsops.fdatasync(w.fd, w.path)
+                w.dirty = False
+            else:
+                w.dirty = True
+        except OSError as exc:
+            raise _failed(bus, state, w, before, pid, off + first, off + last + 1, exc,
+                          stage) from exc
+        finally:
+            io_lock.release()
+        bus.records_since_ckpt += 1
+        # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
+        log.tail = tail + plen
+        log.n = row + 1
+        lsns = log.lsns
+        ids = log.ids
+        if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
+            if lsn != lsns.last + 1 or not row:
+                lsns.rows.append(row)
+                lsns.vals.append(lsn)
+            if did != ids.last + 1 or not row:
+                ids.rows.append(row)
+                ids.vals.append(did)
+        lsns.last = lsn
+        ids.last = did
+        rows = log.index.get(pid)
+        if rows is None:
+            log.index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        log.payload_bytes += plen
+        log.next_lsn = lsn + 1
+        log.last_timestamp = ts
+        state.next_delta_id = did + 1
+        c = state.counters
+        t1 = time.perf_counter_ns()
+        c.log_append.add(t1 - t0)
+        # Applied and shown to readers now, unless events, propagation or compaction
+        # come first (they do on the general path): then the publication is the call's
+        # ordinary one, at its end.
+        simple = not state.events.active and pid not in state.graph.children and not (
+            row >= state.compact_at and not state.propagating and not state.batch_depth)
+        if _ENTRIES.get("apply", _apply_publish)(
+                mem, base + off, data, first, last, pub.pages, fw.table, pub.h, pub.head_addr,
+                pid, off, epoch, lsn, ts, state.table.next_id, pub.bump, bus.generation, w.seq,
+                before + flen, pub.notify_addr, pub.waiters_addr, simple):
+            notify.wake(pub.notify_addr)
+        epoch_v[pid] = epoch
+        if not simple:
+            pub.touched[pid] = (off + first, off + last + 1)
+            state._depth += 1
+            try:
+                state.after_write(pid, epoch, did, lsn, t0, n)
+            finally:
+                state._depth -= 1
+            bus.after_call(state)
+            return True
+        ns = time.perf_counter_ns() - t0
+        c.delta_apply.add(ns)
+        c.records_logged += 1
+        c.payload_bytes_logged += n
+        bus.maybe_checkpoint(state)
+        return True
+    finally:
+        if state.event_queue and state._depth == 0 and not getattr(state._delivering, "on",
+                                                                    False):
+            lock.release()
+            state._deliver_queued()
+        else:
+            lock.release()
+
+
+def _make_entries(mem: np.ndarray, data: bytes, log: Any, fw: FastWriter, pub: Any) -> None:
+    """Compile (or load) the kernels' entries for the types this path passes."""
+    _ENTRIES["encode"] = entry_point(_encode, mem, 0, 1, 0, data, log.rows, 0, log.cur_array,
+                                     0, 0, fw.out, fw.table, 1, 1, 1, 0, 1, 1, 1)
+    _ENTRIES["apply"] = entry_point(_apply_publish, mem, 0, data, 0, 0, pub.pages, fw.table,
+                                    pub.h, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, True)
+
+
+def _failed(bus: DurableBus, state: MMSBState, w: Any, before: int, pid: int, lo: int,
+            hi: int, exc: OSError, stage: str) -> DurabilityError:
+    """The error of a frame that could not be written (``stage`` "append") or synced
+    ("fsync"), with the bus left as the general path (``SegmentWriter.append`` and
+    ``append_frames``) leaves it: a partial frame cut back and the write refused alone,
+    or the bus refusing every later write when the cut or the sync failed; then the
+    call's end as its ``leave`` makes it (the page, unchanged, published again; a
+    checkpoint when one is due). Nothing of the write took effect in the state."""
+    if stage == "append":
+        try:
+            fsops.truncate(w.fd, before, w.path)
+        except OSError:
+            w.intact = False
+        w.size = before
+    why = exc.strerror or exc
+    if stage == "append" and w.intact:
+        err = DurabilityError(f"writing the log at {bus.root} failed ({why}); this write was "
+                              "not applied or logged, and the bus goes on")
+    else:
+        bus.failed = exc
+        err = DurabilityError(f"writing the log at {bus.root} failed ({why}); the bus "
+                              "refuses further writes")
+    pub = bus.publisher
+    if pub is not None:
+        pub.touched[pid] = (lo, hi)
+    bus.after_call(state)
+    return err

@@ -1,0 +1,271 @@
+"""The durable bus's one-frame small write (``_storage/fastwrite.py``) against the
+general path it stands in for: the same segment bytes, pages, epochs, log, events,
+mapped pages and refusals, and the same state after a failed write."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmsb
+from mmsb._storage import fsops
+from mmsb._storage.codec import crc32c
+from mmsb._storage.fastwrite import crc32c_of
+
+_SIZES = (64, 4096, 70_000)
+
+
+def _records(state: mmsb.MMSBState) -> list[tuple[Any, ...]]:
+    out = []
+    for rec in state.log.records:
+        if isinstance(rec, mmsb.Delta):
+            out.append(("delta", rec.lsn, rec.timestamp, rec.page_id, rec.base_epoch, rec.epoch,
+                        rec.source, rec.page_size, bytes(rec.indices.astype(np.int64)),
+                        bytes(rec.values)))
+        else:
+            out.append((type(rec).__name__, rec.lsn))
+    return out
+
+
+def _segments(state: mmsb.MMSBState) -> dict[str, bytes]:
+    assert state.bus is not None
+    if state.bus.failed is None:
+        state.bus.flush()
+    return {p.name: p.read_bytes() for p in sorted(state.bus.wal_dir.iterdir())}
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """time.time_ns as a counter, so that two runs stamp their records alike."""
+    now = [1_700_000_000_000_000_000]
+    real = time.time_ns
+
+    def tick() -> int:
+        now[0] += 1000
+        return now[0]
+
+    monkeypatch.setattr(time, "time_ns", tick)
+    yield
+    monkeypatch.setattr(time, "time_ns", real)
+
+
+@pytest.fixture(scope="module")
+def base_bus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bus with three pages (a small, a 4 KiB and one past 64 KiB), stopped: each run
+    opens a copy, so both runs have the same bus id and history."""
+    path = tmp_path_factory.mktemp("fastwrite") / "base"
+    s = mmsb.mmsb_start(path=path, enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync="none", checkpoint_interval=0))
+    for size in _SIZES:
+        mmsb.create_page(s, size)
+    mmsb.mmsb_stop(s)
+    return path
+
+
+def _open(base: Path, dst: Path, fast: bool, fsync: str = "batch") -> tuple[mmsb.MMSBState, list[int]]:
+    shutil.copytree(base, dst)
+    s = mmsb.mmsb_start(path=dst, enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync=fsync, checkpoint_interval=0,
+                                               segment_bytes=16 << 10))
+    taken = [0]
+    assert s.bus is not None
+    mmsb.write_page(s, sorted(s.pages)[0], 0, b"\xff")  # opens the segment
+    if fast:
+        real = s.bus.write_small
+
+        def counted(*args: Any) -> bool | None:
+            out = real(*args)
+            taken[0] += out is not None
+            return out
+
+        s.bus.write_small = counted  # type: ignore[method-assign]
+    else:
+        s.bus.write_small = lambda *args: None  # type: ignore[method-assign]
+    return s, taken
+
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 2), st.integers(-2, 70_010),
+              st.binary(min_size=0, max_size=48)),
+    st.tuples(st.just("pattern"), st.integers(0, 2), st.integers(0, 60),
+              st.sampled_from([b"\x01\x00\x01", b"\x05" * 20, b"\x07\x00\x00\x07\x00\x07"])),
+    st.tuples(st.just("dense"), st.integers(0, 0), st.integers(0, 0), st.binary(min_size=1)),
+    st.tuples(st.just("source"), st.integers(0, 2), st.sampled_from(["api", "x", "", 7]),
+              st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("update"), st.integers(0, 0), st.integers(0, 0),
+              st.binary(min_size=64, max_size=64)),
+    st.tuples(st.just("batch"), st.integers(0, 2), st.integers(0, 60),
+              st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("big"), st.integers(1, 2), st.integers(0, 0),
+              st.binary(min_size=4097, max_size=4200)),
+), min_size=1, max_size=40)
+
+
+def _run(s: mmsb.MMSBState, ops: list[Any]) -> tuple[list[str], list[Any]]:
+    ids = sorted(s.pages)
+    events: list[Any] = []
+    outcomes = []
+    for op, k, a, data in ops:
+        pid = ids[k]
+        try:
+            if op in ("write", "pattern"):
+                mmsb.write_page(s, pid, a % (_SIZES[k] + 2) - 1 if op == "write" else a, data)
+            elif op == "dense":
+                mmsb.write_page(s, pid, 0, (data * 64)[:64])
+            elif op == "source":
+                mmsb.write_page(s, pid, 3, data, source=a)
+            elif op == "update":
+                mmsb.update_page(s, pid, data)
+            elif op == "batch":
+                with mmsb.batch(s):
+                    mmsb.write_page(s, pid, a, data)
+            else:
+                mmsb.write_page(s, pid, 0, data)
+            outcomes.append("ok")
+        except mmsb.MMSBError as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+        if op == "source" and not events:
+            # Events from here on (the path hands such calls to the general tail).
+            for et in (mmsb.EventType.DELTA_APPLIED, mmsb.EventType.PAGE_CHANGED):
+                mmsb.subscribe(s, et, lambda _st, t, *data: events.append((t, data)))
+    return outcomes, events
+
+
+def _observe(s: mmsb.MMSBState, path: Path) -> dict[str, Any]:
+    ids = sorted(s.pages)
+    reader = mmsb.attach(path)
+    try:
+        mapped = {pid: reader.read_page(pid) for pid in ids}
+    finally:
+        reader.close()
+    return {
+        "segments": _segments(s),
+        "pages": {pid: (s.pages[pid].epoch, mmsb.query_page(s, pid)) for pid in ids},
+        "mapped": mapped,
+        "records": _records(s),
+        "last_lsn": s.last_lsn,
+        "logged": s.counters.records_logged,
+        "payload": s.counters.payload_bytes_logged,
+    }
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops)
+def test_fast_and_general_paths_write_the_same_bytes(ops: list[Any], base_bus: Path,
+                                                     tmp_path: Path, clock: None) -> None:
+    runs = []
+    run_dir = tmp_path / f"r{time.perf_counter_ns()}"
+    for fast in (True, False):
+        s, taken = _open(base_bus, run_dir / str(fast), fast)
+        try:
+            outcomes, events = _run(s, ops)
+            seen = _observe(s, run_dir / str(fast))
+        finally:
+            mmsb.mmsb_stop(s)
+        reopened = mmsb.open_readonly(run_dir / str(fast))
+        seen["reopened"] = {pid: (reopened.pages[pid].epoch, mmsb.query_page(reopened, pid))
+                            for pid in sorted(reopened.pages)}
+        runs.append((outcomes, events, seen, taken[0]))
+    (fo, fe, fs, taken), (go, ge, gs, _) = runs
+    assert fo == go
+    assert fe == ge
+    assert fs == gs
+    assert fs["reopened"] == fs["pages"]
+    if any(op == "pattern" and k for op, k, _a, _d in ops):
+        assert taken, "the one-frame path never ran"
+
+
+def test_fast_path_takes_the_common_write(tmp_path: Path) -> None:
+    s = mmsb.mmsb_start(path=tmp_path / "b", enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
+    try:
+        pid = mmsb.create_page(s, 4096).id
+        mmsb.write_page(s, pid, 0, b"first")  # starts the segment (general path)
+        assert s.bus is not None
+        calls = [0]
+        general = s.log.sink
+
+        def counting(rec: Any) -> None:
+            calls[0] += 1
+            assert general is not None
+            general(rec)
+
+        s.log.sink = counting
+        for i in range(50):
+            mmsb.write_page(s, pid, 64 + i, bytes([i + 1]) * 8)
+        assert calls[0] == 0, "the common write went the general way"
+        assert s.last_lsn == 52
+        assert mmsb.query_page(s, pid)[64:72] == bytes(range(1, 9))
+    finally:
+        mmsb.mmsb_stop(s)
+    r = mmsb.open_readonly(tmp_path / "b")
+    assert r.last_lsn == 52
+    assert mmsb.query_page(r, pid)[64:121] == bytes(range(1, 51)) + bytes([50]) * 7
+
+
+@pytest.mark.parametrize("fsync,step,goes_on", [("batch", "write", True),
+                                                ("always", "write", True),
+                                                ("always", "fsync", False)])
+def test_a_failed_frame_changes_nothing_as_on_the_general_path(
+        base_bus: Path, tmp_path: Path, clock: None, fsync: str, step: str,
+        goes_on: bool) -> None:
+    results = []
+    for fast in (True, False):
+        s, taken = _open(base_bus, tmp_path / str(fast), fast, fsync)
+        pid = sorted(s.pages)[1]
+        try:
+            mmsb.write_page(s, pid, 0, b"\x01\x02")
+            before = _observe(s, tmp_path / str(fast))
+            mapped_lsn = mmsb.attach(tmp_path / str(fast))
+
+            def fail(name: str, path: str) -> None:
+                if name == step and "wal" in str(path):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+            previous = fsops.set_fault_hook(fail)
+            try:
+                with pytest.raises(mmsb.DurabilityError) as info:
+                    mmsb.write_page(s, pid, 100, b"\x09" * 9)
+            finally:
+                fsops.set_fault_hook(previous)
+            after = _observe(s, tmp_path / str(fast))
+            if step == "write":
+                assert after == before  # the state, the log and the segment as they were
+            else:
+                # The frame is in the file (its sync failed): the state does not hold it.
+                assert {k: v for k, v in after.items() if k != "segments"} == \
+                    {k: v for k, v in before.items() if k != "segments"}
+            assert mapped_lsn.read_page(pid)[100:109] == bytes(9)
+            mapped_lsn.close()
+            try:
+                mmsb.write_page(s, pid, 200, b"\x03")
+                went_on = True
+            except mmsb.DurabilityError:
+                went_on = False
+            results.append((str(info.value), went_on, after, taken[0]))
+        finally:
+            try:
+                mmsb.mmsb_stop(s)
+            except mmsb.DurabilityError:
+                pass
+    (fmsg, fon, fafter, ftaken), (gmsg, gon, gafter, _) = results
+    assert fmsg.replace("/True", "/X") == gmsg.replace("/False", "/X")
+    assert fon == gon == goes_on
+    assert fafter["pages"] == gafter["pages"] and fafter["records"] == gafter["records"]
+    assert ftaken >= 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_compiled_crc32c_is_the_codecs(data: bytes) -> None:
+    assert crc32c_of(data) == crc32c(data)
