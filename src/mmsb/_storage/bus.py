@@ -173,7 +173,7 @@ class DurableBus:
         """Reads the records other writers appended (shared writers)."""
         self.dir_stamps: tuple[int, int] | None = None
         """The folders' modification times when this writer last released DIR/WRITE."""
-        self.fast = FastWriter()
+        self.fast = FastWriter(config.fsync == "always")
         """What the one-frame small write keeps between calls (see fastwrite.py)."""
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
@@ -840,6 +840,7 @@ class DurableBus:
                 except OSError as exc:
                     log.error("closing the mapped pages of %s failed: %s", self.root, exc)
                 self.publisher = None
+            self.fast.forget()
             self._stop.set()
             if self._syncer is not None:
                 self._syncer.join(timeout=5)

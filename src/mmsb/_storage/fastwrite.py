@@ -21,8 +21,10 @@ writes it, keeps it, applies it and publishes it through a dozen calls.
 
 Anything else declines (returns None) before changing anything and the general path,
 which stays the reference, takes the call: a batch, a shared writer, replication, a
-dense or new-source write, a publication that must be redone, a segment due to roll,
-an injected fault hook or a bus that failed. The frames are byte for byte those of the
+dense or new-source write, a publication that must be redone, a segment due to roll
+or a bus that failed. Its file steps go through the fault hook of
+:mod:`~mmsb._storage.fsops` as the general path's do (``"write"``, and ``"fsync"`` with
+``fsync="always"``), and a failed one leaves the bus as the general path leaves it. The frames are byte for byte those of the
 general path (a property test holds the two paths to the same segment bytes, pages,
 epochs, log, events and refusals), so recovery, readers, the change feed and
 replication read them unchanged.
@@ -285,9 +287,11 @@ class FastWriter:
     """What the path keeps between calls on one bus: the frame buffer (its source name
     in place for the last source used) and the int64 view of the mapped table."""
 
-    __slots__ = ("out", "view", "source", "body", "table", "table_of")
+    __slots__ = ("out", "view", "source", "body", "table", "table_of", "always")
 
-    def __init__(self) -> None:
+    def __init__(self, always: bool) -> None:
+        self.always = always
+        """``fsync="always"``: each frame is synced before the call returns."""
         raw = bytearray(_OUT_BYTES)
         self.out = np.frombuffer(raw, np.uint8)
         self.view = memoryview(raw)
@@ -295,6 +299,11 @@ class FastWriter:
         self.body = 0
         self.table = np.zeros(0, np.int64)
         self.table_of: object = None
+
+    def forget(self) -> None:
+        """Let go of the mapped table (the bus closes: its mapping and descriptor go)."""
+        self.table = np.zeros(0, np.int64)
+        self.table_of = None
 
     def use_source(self, source: str) -> bool:
         """Put ``source``'s name in the frame buffer; False when it is too long."""
@@ -391,12 +400,12 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # Into the kernel before anything takes effect (under io_lock, as every append:
         # the group commit reads and clears the dirty mark under it).
         before = w.size
-        always = bus.config.fsync == "always"
+        always = fw.always
         stage = "append"
         io_lock = bus.io_lock
         io_lock.acquire()
         try:
-            if fsops.hooked():
+            if fsops._hook is not None:
                 fsops.step("write", w.path)
             k = os.write(w.fd, fw.view[:flen])
             if k != flen:
@@ -410,6 +419,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             else:
                 w.dirty = True
         except OSError as exc:
+            # The error's traceback keeps this frame: not the mapped files with it.
+            pub = None
             raise _failed(bus, state, w, before, pid, off + first, off + last + 1, exc,
                           stage) from exc
         finally:

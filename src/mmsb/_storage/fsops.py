@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FILE_MODE", "set_fault_hook", "hooked", "step", "open_regular", "create_exclusive",
+__all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "create_exclusive",
            "read_all", "read_fd", "write_all", "fsync", "fdatasync", "truncate", "replace",
            "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
 
@@ -52,12 +52,6 @@ def set_fault_hook(hook: Callable[[str, str], None] | None) -> Callable[[str, st
     global _hook
     previous, _hook = _hook, hook
     return previous
-
-
-def hooked() -> bool:
-    """True while a fault hook is installed (a path that makes its file-system calls
-    itself announces them with :func:`step` only then)."""
-    return _hook is not None
 
 
 def step(name: str, path: Any) -> None:
