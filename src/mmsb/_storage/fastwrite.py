@@ -287,11 +287,15 @@ class FastWriter:
     """What the path keeps between calls on one bus: the frame buffer (its source name
     in place for the last source used) and the int64 view of the mapped table."""
 
-    __slots__ = ("out", "view", "source", "body", "table", "table_of", "always")
+    __slots__ = ("out", "view", "source", "body", "table", "table_of", "always", "encode",
+                 "apply")
 
     def __init__(self, always: bool) -> None:
         self.always = always
         """``fsync="always"``: each frame is synced before the call returns."""
+        self.encode: Any = _ENTRIES.get("encode", _encode)
+        self.apply: Any = _ENTRIES.get("apply", _apply_publish)
+        """The kernels: their compiled entries once made (see entry_point)."""
         raw = bytearray(_OUT_BYTES)
         self.out = np.frombuffer(raw, np.uint8)
         self.view = memoryview(raw)
@@ -299,6 +303,19 @@ class FastWriter:
         self.body = 0
         self.table = np.zeros(0, np.int64)
         self.table_of: object = None
+
+    def compiled(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
+        """Take the kernels' compiled entries for the types this path passes (made, or
+        loaded from numba's cache, once a process)."""
+        if "apply" not in _ENTRIES:
+            _ENTRIES["encode"] = entry_point(_encode, mem, 0, 1, 0, data, log.rows, 0,
+                                             log.cur_array, 0, 0, self.out, self.table, 1, 1,
+                                             1, 0, 1, 1, 1)
+            _ENTRIES["apply"] = entry_point(_apply_publish, mem, 0, data, 0, 0, pub.pages,
+                                            self.table, pub.h, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0,
+                                            0, 1, 1, True)
+        self.encode = _ENTRIES["encode"]
+        self.apply = _ENTRIES["apply"]
 
     def forget(self) -> None:
         """Let go of the mapped table (the bus closes: its mapping and descriptor go)."""
@@ -337,7 +354,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             or w.size >= bus.config.segment_bytes):
         return None
     fw = bus.fast
-    enc = _ENTRIES.get("encode", _encode)
+    enc = fw.encode
     lock = state.lock
     lock.acquire()
     try:
@@ -365,7 +382,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             fw.table_of = pub.table
         t0 = time.perf_counter_ns()
         lsn = log.next_lsn
-        bus.entered_at = lsn - 1
         addr = addr_v[pid]
         epoch = epoch_v[pid] + 1
         mem = state.arena._chunks[addr >> CHUNK_SHIFT]
@@ -388,8 +404,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             if n != _NO_ROOM:
                 break
             log._new_chunk()
-        if "encode" not in _ENTRIES:
-            _make_entries(mem, data, log, fw, pub)
+        if fw.apply is _apply_publish:
+            fw.compiled(mem, data, log, pub)
         if n < 0:
             return None
         if n == 0:
@@ -449,20 +465,20 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         log.next_lsn = lsn + 1
         log.last_timestamp = ts
         state.next_delta_id = did + 1
-        c = state.counters
-        t1 = time.perf_counter_ns()
-        c.log_append.add(t1 - t0)
+        log_ns = time.perf_counter_ns() - t0
         # Applied and shown to readers now, unless events, propagation or compaction
         # come first (they do on the general path): then the publication is the call's
         # ordinary one, at its end.
         simple = not state.events.active and pid not in state.graph.children and not (
             row >= state.compact_at and not state.propagating and not state.batch_depth)
-        if _ENTRIES.get("apply", _apply_publish)(
+        if fw.apply(
                 mem, base + off, data, first, last, pub.pages, fw.table, pub.h, pub.head_addr,
                 pid, off, epoch, lsn, ts, state.table.next_id, pub.bump, bus.generation, w.seq,
                 before + flen, pub.notify_addr, pub.waiters_addr, simple):
             notify.wake(pub.notify_addr)
         epoch_v[pid] = epoch
+        c = state.counters
+        c.log_append.add(log_ns)
         if not simple:
             pub.touched[pid] = (off + first, off + last + 1)
             state._depth += 1
@@ -472,11 +488,23 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                 state._depth -= 1
             bus.after_call(state)
             return True
+        # c.delta_apply.add(), inlined (keep it like LatencyRing.add).
         ns = time.perf_counter_ns() - t0
-        c.delta_apply.add(ns)
+        ring = c.delta_apply
+        pos = ring.pos
+        ring.samples[pos] = ns
+        pos += 1
+        ring.pos = 0 if pos == len(ring.samples) else pos
+        ring.count += 1
+        ring.total_ns += ns
+        if ns > ring.max_ns:
+            ring.max_ns = ns
         c.records_logged += 1
         c.payload_bytes_logged += n
-        bus.maybe_checkpoint(state)
+        cfg = bus.config
+        if (bus.records_since_ckpt >= cfg.max_tlog_size + bus._retry_after
+                or cfg.checkpoint_interval > 0):
+            bus.maybe_checkpoint(state)
         return True
     finally:
         if state.event_queue and state._depth == 0 and not getattr(state._delivering, "on",
@@ -485,14 +513,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             state._deliver_queued()
         else:
             lock.release()
-
-
-def _make_entries(mem: np.ndarray, data: bytes, log: Any, fw: FastWriter, pub: Any) -> None:
-    """Compile (or load) the kernels' entries for the types this path passes."""
-    _ENTRIES["encode"] = entry_point(_encode, mem, 0, 1, 0, data, log.rows, 0, log.cur_array,
-                                     0, 0, fw.out, fw.table, 1, 1, 1, 0, 1, 1, 1)
-    _ENTRIES["apply"] = entry_point(_apply_publish, mem, 0, data, 0, 0, pub.pages, fw.table,
-                                    pub.h, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, True)
 
 
 def _failed(bus: DurableBus, state: MMSBState, w: Any, before: int, pid: int, lo: int,
