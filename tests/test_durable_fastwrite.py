@@ -4,10 +4,12 @@ mapped pages and refusals, and the same state after a failed write."""
 
 from __future__ import annotations
 
-import errno
+import os
+import resource
 import shutil
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,11 @@ def _open(base: Path, dst: Path, fast: bool, fsync: str = "batch") -> tuple[mmsb
         real = s.bus.write_small
 
         def counted(*args: Any) -> bool | None:
-            out = real(*args)
+            try:
+                out = real(*args)
+            except mmsb.MMSBError:
+                taken[0] += 1  # a refusal of this path (its frame could not be written)
+                raise
             taken[0] += out is not None
             return out
 
@@ -213,12 +219,32 @@ def test_fast_path_takes_the_common_write(tmp_path: Path) -> None:
     assert mmsb.query_page(r, pid)[64:121] == bytes(range(1, 51)) + bytes([50]) * 7
 
 
-@pytest.mark.parametrize("fsync,step,goes_on", [("batch", "write", True),
-                                                ("always", "write", True),
-                                                ("always", "fsync", False)])
+def _fail_append(s: mmsb.MMSBState) -> Callable[[], None]:
+    """Make the next append to the segment fail (EFBIG: the process's file size limit
+    set to the segment's size), the cut back still possible; returns the undo."""
+    assert s.bus is not None and s.bus.writer is not None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (s.bus.writer.size, limit[1]))
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+
+def _fail_sync(s: mmsb.MMSBState) -> Callable[[], None]:
+    """Make the next fdatasync of the segment fail (EINVAL): its descriptor becomes a
+    pipe's (appends go there); returns the undo (nothing: the bus refuses writes)."""
+    assert s.bus is not None and s.bus.writer is not None
+    r, w = os.pipe()
+    os.dup2(w, s.bus.writer.fd)
+    os.close(w)
+    return lambda: os.close(r)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux file-size limit")
+@pytest.mark.parametrize("fsync,fail,goes_on", [("batch", _fail_append, True),
+                                                ("always", _fail_append, True),
+                                                ("always", _fail_sync, False)])
 def test_a_failed_frame_changes_nothing_as_on_the_general_path(
-        base_bus: Path, tmp_path: Path, clock: None, fsync: str, step: str,
-        goes_on: bool) -> None:
+        base_bus: Path, tmp_path: Path, clock: None, fsync: str,
+        fail: Callable[[mmsb.MMSBState], Callable[[], None]], goes_on: bool) -> None:
     results = []
     for fast in (True, False):
         s, taken = _open(base_bus, tmp_path / str(fast), fast, fsync)
@@ -226,27 +252,21 @@ def test_a_failed_frame_changes_nothing_as_on_the_general_path(
         try:
             mmsb.write_page(s, pid, 0, b"\x01\x02")
             before = _observe(s, tmp_path / str(fast))
-            mapped_lsn = mmsb.attach(tmp_path / str(fast))
-
-            def fail(name: str, path: str) -> None:
-                if name == step and "wal" in str(path):
-                    raise OSError(errno.ENOSPC, "No space left on device")
-
-            previous = fsops.set_fault_hook(fail)
+            reader = mmsb.attach(tmp_path / str(fast))
+            undo = fail(s)
             try:
                 with pytest.raises(mmsb.DurabilityError) as info:
                     mmsb.write_page(s, pid, 100, b"\x09" * 9)
             finally:
-                fsops.set_fault_hook(previous)
+                undo()
             after = _observe(s, tmp_path / str(fast))
-            if step == "write":
+            if goes_on:
                 assert after == before  # the state, the log and the segment as they were
             else:
-                # The frame is in the file (its sync failed): the state does not hold it.
                 assert {k: v for k, v in after.items() if k != "segments"} == \
                     {k: v for k, v in before.items() if k != "segments"}
-            assert mapped_lsn.read_page(pid)[100:109] == bytes(9)
-            mapped_lsn.close()
+            assert reader.read_page(pid)[100:109] == bytes(9)
+            reader.close()
             try:
                 mmsb.write_page(s, pid, 200, b"\x03")
                 went_on = True
@@ -262,7 +282,25 @@ def test_a_failed_frame_changes_nothing_as_on_the_general_path(
     assert fmsg.replace("/True", "/X") == gmsg.replace("/False", "/X")
     assert fon == gon == goes_on
     assert fafter["pages"] == gafter["pages"] and fafter["records"] == gafter["records"]
-    assert ftaken >= 1
+    assert ftaken >= 2  # the first write and the failed one took the one-frame path
+
+
+def test_a_fault_hook_sends_writes_the_general_way(tmp_path: Path) -> None:
+    # The fault-injection loops count the general path's file steps.
+    s = mmsb.mmsb_start(path=tmp_path / "b", enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
+    try:
+        pid = mmsb.create_page(s, 4096).id
+        mmsb.write_page(s, pid, 0, b"first")
+        steps: list[str] = []
+        previous = fsops.set_fault_hook(lambda step, path: steps.append(step))
+        try:
+            mmsb.write_page(s, pid, 8, b"second")
+        finally:
+            fsops.set_fault_hook(previous)
+        assert steps == ["write"]
+    finally:
+        mmsb.mmsb_stop(s)
 
 
 @settings(max_examples=200, deadline=None)

@@ -288,7 +288,10 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
         PageNotFoundError: unknown page. InvalidDeltaError: the write runs outside the page.
     """
     if type(state) is MMSBState and type(page_id) is int and type(offset) is int \
-            and type(data) is bytes and state.write_small_bytes(page_id, offset, data, source) is not None:
+            and type(data) is bytes and (
+                state.write_small_bytes(page_id, offset, data, source) if state.bus is None
+                else state.bus.write_small(state, page_id, offset, data, source, False)
+            ) is not None:
         page = _new_object(Page)
         page._state = state
         page.id = page_id

@@ -2,43 +2,48 @@
 
 ``write_page`` / ``update_page`` of a ``bytes`` payload of at most
 :data:`~mmsb._core.kernels.SMALL_WRITE` bytes into a live page of an exclusive, healthy
-durable bus take this path: one Python frame and two compiled calls, where the general
+durable bus take this path: one Python frame and one compiled call, where the general
 path builds a :class:`~mmsb._core.delta.Delta`, encodes it with the codec, frames it,
-writes it, keeps it, applies it and publishes it through a dozen calls.
+writes it, keeps it, applies it and publishes it through a dozen calls. The compiled
+call (:func:`_write_frame`) does, in order:
 
-1. :func:`_encode` compares the payload with the page and, when at most a quarter of
-   the page changes (a sparse delta, as ``diff_write`` decides), encodes the log row
-   and payload the in-memory log keeps and the whole write-ahead-log frame
-   (``length u64 | crc32c u32 | body``, the body exactly as
-   :func:`~mmsb._storage.codec.encode_record` writes the delta, its CRC32C computed in
-   the same pass). It writes nothing the state or the files show.
-2. The frame goes to the segment with one ``write(2)``: the record is in the kernel
-   (safe from a crash of the process) before anything takes effect, as on the general
-   path.
-3. :func:`_apply_publish` applies the changed bytes to the page and shows them to
-   attached readers: the log's end in the head, then, under the seqlock, the bytes of
-   the mapped page, its table row and the head's LSN and time; then the notify word.
+1. :func:`_encode`: compare the payload with the page and, when at most a quarter of
+   the page changes (a sparse delta, as ``diff_write`` decides), encode the log row and
+   payload the in-memory log keeps and the whole write-ahead-log frame (``length u64 |
+   crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
+   writes the delta, its CRC32C computed in the same pass). Nothing the state or the
+   files show changes.
+2. ``write(2)`` of the frame to the segment (libc's, called at its address), and
+   ``fdatasync`` with ``fsync="always"``: the record is in the kernel (safe from a crash
+   of the process), or on stable storage, before anything takes effect, as on the
+   general path. A failure returns here with nothing applied.
+3. :func:`_apply_publish`: apply the changed bytes to the page and show them to attached
+   readers: the log's end in the head, then, under the seqlock, the bytes of the mapped
+   page, its table row and the head's LSN and time; then the notify word.
 
 Anything else declines (returns None) before changing anything and the general path,
 which stays the reference, takes the call: a batch, a shared writer, replication, a
-dense or new-source write, a publication that must be redone, a segment due to roll
-or a bus that failed. Its file steps go through the fault hook of
-:mod:`~mmsb._storage.fsops` as the general path's do (``"write"``, and ``"fsync"`` with
-``fsync="always"``), and a failed one leaves the bus as the general path leaves it. The frames are byte for byte those of the
-general path (a property test holds the two paths to the same segment bytes, pages,
-epochs, log, events and refusals), so recovery, readers, the change feed and
-replication read them unchanged.
+dense or new-source write, a publication that must be redone, a segment due to roll, a
+bus that failed, a fault hook installed (:func:`~mmsb._storage.fsops.set_fault_hook`:
+its loops walk the general path's steps) or a libc without those calls. The frames are
+byte for byte those of the general path (a property test holds the two paths to the
+same segment bytes, pages, epochs, log, events, mapped pages and refusals), so
+recovery, readers, the change feed and replication read them unchanged.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
 from array import array
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
 
 from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
 from .._core.engine import _API, _GOOD_SOURCES
@@ -75,6 +80,81 @@ SMALL_WRITE / 2 + 1 runs (u32 start and length each) and the values."""
 _DECLINE_DENSE = -3
 _DECLINE_ROW = -4
 _NO_ROOM = -2
+_EINTR = 4
+
+
+def _libc_addresses() -> tuple[int, int, int]:
+    """Addresses of libc's ``write``, ``fdatasync`` and ``__errno_location`` (glibc and
+    musl have all three), for the compiled path to call; zeros where not found (then
+    the general path takes every write)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return tuple(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value or 0
+                     for name in ("write", "fdatasync", "__errno_location"))  # type: ignore[return-value]
+    except (OSError, AttributeError):
+        return 0, 0, 0
+
+
+_LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0)
+
+
+def _write_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        fnty = ir.FunctionType(i64, [i32, i64, i64])
+        f = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(f, [builder.trunc(args[1], i32), args[2], args[3]])
+
+    return sig, codegen
+
+
+def _sync_typer(typingctx: Any, fn: Any, fd: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i32]).as_pointer())
+        return builder.sext(builder.call(f, [builder.trunc(args[1], i32)]), ir.IntType(64))
+
+    return sig, codegen
+
+
+def _errno_typer(typingctx: Any, fn: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32.as_pointer(), []).as_pointer())
+        return builder.sext(builder.load(builder.call(f, [])), ir.IntType(64))
+
+    return sig, codegen
+
+
+def _ptr_typer(typingctx: Any, addr: Any, like: Any) -> Any:  # pragma: no cover
+    dtype = like.dtype
+    sig = types.CPointer(dtype)(types.int64, like)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(dtype).as_pointer())
+
+    return sig, codegen
+
+
+# A typed pointer from an address (``like``: an array of the element type), for
+# numba.carray over a mapping whose address the caller keeps valid.
+_ptr: Any = intrinsic(_ptr_typer)
+# Calls of libc functions at an address (passed in, never baked into cached code).
+_c_write: Any = intrinsic(_write_typer)
+_c_fdatasync: Any = intrinsic(_sync_typer)
+_c_errno: Any = intrinsic(_errno_typer)
+
+# Fields of FastWriter.consts, the ints that change only when the segment, the
+# publisher's mappings or the source name do.
+_K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
+    _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN = range(15)
+_HEAD_WORDS = 512
 
 
 def _crc_tables() -> np.ndarray:
@@ -279,48 +359,117 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
     return _atomic_load_u32(waiters_addr) != 0
 
 
+@njit(cache=True, nogil=True)
+def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
+                 row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, pid: int,
+                 epoch: int, ts: int, src: int, lsn: int, did: int, next_id: int, bump: int,
+                 end: int, publish: bool,
+                 k: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover
+    """The whole path in one call: :func:`_encode`; the frame written to the segment
+    (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
+    :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the mapped files are
+    reached through the addresses there, fewer arrays to pass); ``end``: the segment's
+    size before this frame. Returns ``_encode``'s five values and a status:
+    0, or 1 when followers wait on the notify word (the caller wakes them), or, when a
+    file step failed (nothing applied), ``-(errno * 2 + (1 if it was the sync))``."""
+    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0:
+        return _DECLINE_ROW, 0, 0, 0, 0, 0  # nothing mapped (yet)
+    table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
+    n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
+                                         out, table, pid, epoch, ts, src, lsn, did,
+                                         k[_K_BODY])
+    if n <= 0:
+        return n, plen, flen, first, last, 0
+    at = out.ctypes.data
+    done = 0
+    while done < flen:
+        r = _c_write(k[_K_WRITE], k[_K_FD], at + done, flen - done)
+        if r < 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e == _EINTR:
+                continue
+            return n, plen, flen, first, last, -2 * e
+        done += r
+    if k[_K_ALWAYS]:
+        while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e != _EINTR:
+                return n, plen, flen, first, last, -2 * e - 1
+    pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
+    head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
+    woke = _apply_publish(mem, base + off, new, first, last, pages, table, head, k[_K_HEAD],
+                          pid, off, epoch, lsn, ts, next_id, bump, k[_K_GEN], k[_K_SEQ],
+                          end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
+    return n, plen, flen, first, last, 1 if woke else 0
+
+
 _ENTRIES: dict[str, Any] = {}
 """The compiled entries of the two kernels, made on first use (see entry_point)."""
 
 
 class FastWriter:
     """What the path keeps between calls on one bus: the frame buffer (its source name
-    in place for the last source used) and the int64 view of the mapped table."""
+    in place for the last source used), the int64 view of the mapped table and the
+    ints the kernel reads from :attr:`consts`."""
 
-    __slots__ = ("out", "view", "source", "body", "table", "table_of", "always", "encode",
-                 "apply")
+    __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
+                 "always", "usable", "kernel")
 
     def __init__(self, always: bool) -> None:
+        self.out = np.zeros(_OUT_BYTES, np.uint8)
+        self.source: str | None = None
+        self.table_of: object = None
+        self.pages_of: object = None
+        """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
+        referenced, so that their mappings stay while the addresses are in use)."""
+        self.consts = np.zeros(15, np.int64)
+        """The kernel's ints that change only with the segment, the publisher or the
+        source (the fields ``_K_*``)."""
+        self.writer_of: object = None
+        self.pub_of: object = None
         self.always = always
         """``fsync="always"``: each frame is synced before the call returns."""
-        self.encode: Any = _ENTRIES.get("encode", _encode)
-        self.apply: Any = _ENTRIES.get("apply", _apply_publish)
-        """The kernels: their compiled entries once made (see entry_point)."""
-        raw = bytearray(_OUT_BYTES)
-        self.out = np.frombuffer(raw, np.uint8)
-        self.view = memoryview(raw)
-        self.source: str | None = None
-        self.body = 0
-        self.table = np.zeros(0, np.int64)
-        self.table_of: object = None
+        self.usable = all(_LIBC)
+        """False where libc's calls were not found: the general path takes every write."""
+        self.kernel: Any = _ENTRIES.get("write", _write_frame)
+        """The kernel: its compiled entry once made (see entry_point)."""
+        self.consts[_K_WRITE], self.consts[_K_SYNC], self.consts[_K_ERRNO] = _LIBC
+        self.consts[_K_ALWAYS] = always
 
-    def compiled(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
-        """Take the kernels' compiled entries for the types this path passes (made, or
+    def refresh(self, w: Any, pub: Any, generation: int) -> None:
+        """Take the segment's and the publisher's ints (after a roll, a reopen or the
+        growth of a mapped file)."""
+        k = self.consts
+        k[_K_FD] = w.fd
+        k[_K_GEN] = generation
+        k[_K_SEQ] = w.seq
+        k[_K_HEAD] = pub.head_addr
+        k[_K_NOTIFY] = pub.notify_addr
+        k[_K_WAITERS] = pub.waiters_addr
+        table = pub.table.view(np.int64).reshape(-1)
+        k[_K_TABLE] = table.ctypes.data if table.size else 0
+        k[_K_TABLE_LEN] = table.size
+        k[_K_PAGES] = pub.pages.ctypes.data if pub.pages.size else 0
+        k[_K_PAGES_LEN] = pub.pages.size
+        self.writer_of = w
+        self.pub_of = pub
+        self.table_of = pub.table
+        self.pages_of = pub.pages
+
+    def compile(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
+        """Take the kernel's compiled entry for the types this path passes (made, or
         loaded from numba's cache, once a process)."""
-        if "apply" not in _ENTRIES:
-            _ENTRIES["encode"] = entry_point(_encode, mem, 0, 1, 0, data, log.rows, 0,
-                                             log.cur_array, 0, 0, self.out, self.table, 1, 1,
-                                             1, 0, 1, 1, 1)
-            _ENTRIES["apply"] = entry_point(_apply_publish, mem, 0, data, 0, 0, pub.pages,
-                                            self.table, pub.h, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0,
-                                            0, 1, 1, True)
-        self.encode = _ENTRIES["encode"]
-        self.apply = _ENTRIES["apply"]
+        if "write" not in _ENTRIES:
+            _ENTRIES["write"] = entry_point(
+                _write_frame, mem, 0, 1, 0, data, log.rows, 0, log.cur_array, 0, 0, self.out,
+                1, 1, 1, 0, 1, 1, 1, 0, 0, True, self.consts)
+        self.kernel = _ENTRIES["write"]
 
     def forget(self) -> None:
-        """Let go of the mapped table (the bus closes: its mapping and descriptor go)."""
-        self.table = np.zeros(0, np.int64)
-        self.table_of = None
+        """Let go of the segment and the mapped files (the bus closes: their mappings
+        and descriptors go)."""
+        self.consts[_K_TABLE] = self.consts[_K_PAGES] = self.consts[_K_HEAD] = 0
+        self.table_of = self.pages_of = self.writer_of = self.pub_of = None
 
     def use_source(self, source: str) -> bool:
         """Put ``source``'s name in the frame buffer; False when it is too long."""
@@ -332,7 +481,7 @@ class FastWriter:
         out[_SRC_AT + 1] = len(raw) >> 8
         out[_SRC_AT + 2 : _SRC_AT + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
         self.source = source
-        self.body = _SRC_AT + 2 + len(raw)
+        self.consts[_K_BODY] = _SRC_AT + 2 + len(raw)
         return True
 
 
@@ -348,13 +497,13 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
     """
     w = bus.writer
     log = state.log
+    fw = bus.fast
     if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
             or bus.ship is not None or bus.replication is not None or log.sink is None
             or not state.config.enable_logging or len(data) > SMALL_WRITE
-            or w.size >= bus.config.segment_bytes):
+            or w.size >= bus.config.segment_bytes or fsops._hook is not None
+            or not fw.usable):
         return None
-    fw = bus.fast
-    enc = fw.encode
     lock = state.lock
     lock.acquire()
     try:
@@ -377,16 +526,15 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             return None
         if source is not fw.source and not fw.use_source(source):
             return None
-        if fw.table_of is not pub.table:
-            fw.table = pub.table.view(np.int64).reshape(-1)
-            fw.table_of = pub.table
+        if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
+                or fw.pages_of is not pub.pages):
+            fw.refresh(w, pub, bus.generation)
         t0 = time.perf_counter_ns()
         lsn = log.next_lsn
         addr = addr_v[pid]
         epoch = epoch_v[pid] + 1
         mem = state.arena._chunks[addr >> CHUNK_SHIFT]
         assert mem is not None
-        base = addr & CHUNK_MASK
         row = log.n
         if row == len(log.rows):
             log._grow()
@@ -396,52 +544,50 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         if ts < log.last_timestamp:
             ts = log.last_timestamp
         did = state.next_delta_id
-        while True:
-            tail = log.tail
-            n, plen, flen, first, last = enc(mem, base, size, off, data, log.rows, row,
-                                             log.cur_array, tail, log.cur, fw.out, fw.table,
-                                             pid, epoch, ts, src, lsn, did, fw.body)
-            if n != _NO_ROOM:
-                break
-            log._new_chunk()
-        if fw.apply is _apply_publish:
-            fw.compiled(mem, data, log, pub)
-        if n < 0:
-            return None
-        if n == 0:
+        # Published with the write, unless events, propagation or compaction come first
+        # (they do on the general path): then the call's ordinary publication at its end.
+        simple = not state.events.active and pid not in state.graph.children and not (
+            row >= state.compact_at and not state.propagating and not state.batch_depth)
+        before = w.size
+        # The frame goes to the kernel before anything takes effect, under io_lock as
+        # every append (the group commit reads and clears the dirty mark under it).
+        io_lock = bus.io_lock
+        io_lock.acquire()
+        try:
+            while True:
+                tail = log.tail
+                n, plen, flen, first, last, status = fw.kernel(
+                    mem, addr & CHUNK_MASK, size, off, data, log.rows, row, log.cur_array, tail,
+                    log.cur, fw.out, pid, epoch, ts, src, lsn, did, state.table.next_id,
+                    pub.bump, before, simple, fw.consts)
+                if n != _NO_ROOM:
+                    break
+                log._new_chunk()
+            if n > 0:
+                if status >= 0 or status & 1:
+                    w.size = before + flen  # written whole (a failed sync keeps it there)
+                    w.dirty = status < 0 or not fw.always
+        finally:
+            io_lock.release()
+        if fw.kernel is _write_frame:
+            fw.compile(mem, data, log, pub)
+        if n <= 0:
+            if n < 0:
+                return None
             # Nothing differs: nothing is logged, as on the general path, whose call
             # ends with a checkpoint when one is due.
             bus.maybe_checkpoint(state)
             return False
-        # Into the kernel before anything takes effect (under io_lock, as every append:
-        # the group commit reads and clears the dirty mark under it).
-        before = w.size
-        always = fw.always
-        stage = "append"
-        io_lock = bus.io_lock
-        io_lock.acquire()
-        try:
-            if fsops._hook is not None:
-                fsops.step("write", w.path)
-            k = os.write(w.fd, fw.view[:flen])
-            if k != flen:
-                fsops.write_all(w.fd, fw.view[k:flen], w.path)
-            w.size = before + flen
-            if always:
-                stage = "fsync"
-                w.dirty = True
-                fsops.fdatasync(w.fd, w.path)
-                w.dirty = False
-            else:
-                w.dirty = True
-        except OSError as exc:
-            # The error's traceback keeps this frame: not the mapped files with it.
-            pub = None
+        if status < 0:
+            err = -status
+            exc = OSError(err >> 1, os.strerror(err >> 1))
+            pub = None  # the error's traceback keeps this frame: not the mapped files
             raise _failed(bus, state, w, before, pid, off + first, off + last + 1, exc,
-                          stage) from exc
-        finally:
-            io_lock.release()
+                          "fsync" if err & 1 else "append") from exc
+        if status:
+            notify.wake(pub.notify_addr)
         bus.records_since_ckpt += 1
+        log_ns = time.perf_counter_ns() - t0
         # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
         log.tail = tail + plen
         log.n = row + 1
@@ -465,17 +611,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         log.next_lsn = lsn + 1
         log.last_timestamp = ts
         state.next_delta_id = did + 1
-        log_ns = time.perf_counter_ns() - t0
-        # Applied and shown to readers now, unless events, propagation or compaction
-        # come first (they do on the general path): then the publication is the call's
-        # ordinary one, at its end.
-        simple = not state.events.active and pid not in state.graph.children and not (
-            row >= state.compact_at and not state.propagating and not state.batch_depth)
-        if fw.apply(
-                mem, base + off, data, first, last, pub.pages, fw.table, pub.h, pub.head_addr,
-                pid, off, epoch, lsn, ts, state.table.next_id, pub.bump, bus.generation, w.seq,
-                before + flen, pub.notify_addr, pub.waiters_addr, simple):
-            notify.wake(pub.notify_addr)
         epoch_v[pid] = epoch
         c = state.counters
         c.log_append.add(log_ns)
@@ -501,9 +636,11 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             ring.max_ns = ns
         c.records_logged += 1
         c.payload_bytes_logged += n
+        # bus.maybe_checkpoint()'s test, inlined.
         cfg = bus.config
-        if (bus.records_since_ckpt >= cfg.max_tlog_size + bus._retry_after
-                or cfg.checkpoint_interval > 0):
+        if bus.records_since_ckpt >= cfg.max_tlog_size + bus._retry_after or (
+                cfg.checkpoint_interval > 0
+                and time.monotonic() - bus.last_ckpt_time >= cfg.checkpoint_interval):
             bus.maybe_checkpoint(state)
         return True
     finally:
