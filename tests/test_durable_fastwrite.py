@@ -20,8 +20,6 @@ from hypothesis import strategies as st
 
 import mmsb
 from mmsb._storage import fsops
-from mmsb._storage.codec import crc32c
-from mmsb._storage.fastwrite import crc32c_of
 
 _SIZES = (64, 4096, 70_000)
 
@@ -301,9 +299,3 @@ def test_a_fault_hook_sends_writes_the_general_way(tmp_path: Path) -> None:
         assert steps == ["write"]
     finally:
         mmsb.mmsb_stop(s)
-
-
-@settings(max_examples=200, deadline=None)
-@given(data=st.binary(max_size=300))
-def test_compiled_crc32c_is_the_codecs(data: bytes) -> None:
-    assert crc32c_of(data) == crc32c(data)

@@ -11,8 +11,8 @@ call (:func:`_write_frame`) does, in order:
    the page changes (a sparse delta, as ``diff_write`` decides), encode the log row and
    payload the in-memory log keeps and the whole write-ahead-log frame (``length u64 |
    crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
-   writes the delta, its CRC32C computed in the same pass). Nothing the state or the
-   files show changes.
+   writes the delta; its CRC32C by the bulk segment reader's compiled loop). Nothing
+   the state or the files show changes.
 2. ``write(2)`` of the frame to the segment (libc's, called at its address), and
    ``fdatasync`` with ``fsync="always"``: the record is in the kernel (safe from a crash
    of the process), or on stable storage, before anything takes effect, as on the
@@ -62,12 +62,13 @@ from . import fsops, notify
 from .codec import KIND_DELTA
 from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
 from .wal import FRAME_HEAD
+from .walbulk import CRC_TABLES, _crc
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
     from .bus import DurableBus
 
-__all__ = ["durable_write_small", "crc32c_of"]
+__all__ = ["durable_write_small", "FastWriter"]
 
 _SRC_AT = FRAME_HEAD + 57
 """Offset in the frame of the delta's source length (after the 17-byte record head and
@@ -155,51 +156,6 @@ _c_errno: Any = intrinsic(_errno_typer)
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
     _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN = range(15)
 _HEAD_WORDS = 512
-
-
-def _crc_tables() -> np.ndarray:
-    """Slice-by-8 tables of CRC32C (reflected polynomial 0x82F63B78), as int64."""
-    t = np.zeros((8, 256), np.int64)
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
-        t[0, i] = c
-    for k in range(1, 8):
-        prev = t[k - 1]
-        t[k] = (prev >> 8) ^ t[0][prev & 0xFF]
-    return t
-
-
-_CRC = _crc_tables()
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _crc_update(crc: int, buf: np.ndarray, start: int, end: int) -> int:  # pragma: no cover
-    """Continue the (inverted, running) CRC32C ``crc`` over ``buf[start:end]``."""
-    t = _CRC
-    i = start
-    while end - i >= 8:
-        one = crc ^ (buf[i] | (buf[i + 1] << 8) | (buf[i + 2] << 16) | (buf[i + 3] << 24))
-        two = buf[i + 4] | (buf[i + 5] << 8) | (buf[i + 6] << 16) | (buf[i + 7] << 24)
-        crc = (t[7, one & 0xFF] ^ t[6, (one >> 8) & 0xFF] ^ t[5, (one >> 16) & 0xFF]
-               ^ t[4, (one >> 24) & 0xFF] ^ t[3, two & 0xFF] ^ t[2, (two >> 8) & 0xFF]
-               ^ t[1, (two >> 16) & 0xFF] ^ t[0, (two >> 24) & 0xFF])
-        i += 8
-    while i < end:
-        crc = t[0, (crc ^ buf[i]) & 0xFF] ^ (crc >> 8)
-        i += 1
-    return crc
-
-
-@njit(cache=True, nogil=True)
-def _crc32c(buf: np.ndarray) -> int:  # pragma: no cover - compiled
-    return _crc_update(0xFFFFFFFF, buf, 0, buf.shape[0]) ^ 0xFFFFFFFF
-
-
-def crc32c_of(data: bytes) -> int:
-    """CRC32C of ``data`` by this module's compiled code (for tests against the codec's)."""
-    return int(_crc32c(np.frombuffer(data, np.uint8)))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -317,8 +273,8 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
         p = vals
     flen = p + n
     _put(out, 0, flen - FRAME_HEAD, 8)
-    crc = _crc_update(0xFFFFFFFF, out, 0, 8)
-    crc = _crc_update(crc, out, FRAME_HEAD, flen) ^ 0xFFFFFFFF
+    crc = _crc(CRC_TABLES, 0xFFFFFFFF, out, 0, 8)
+    crc = _crc(CRC_TABLES, crc, out, FRAME_HEAD, flen - FRAME_HEAD) ^ 0xFFFFFFFF
     _put(out, 8, crc, 4)
     return n, plen, flen, first, last
 
