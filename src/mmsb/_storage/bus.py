@@ -173,7 +173,7 @@ class DurableBus:
         """Reads the records other writers appended (shared writers)."""
         self.dir_stamps: tuple[int, int] | None = None
         """The folders' modification times when this writer last released DIR/WRITE."""
-        self.fast = FastWriter(config.fsync == "always")
+        self.fast = FastWriter(config.fsync == "always", config.segment_bytes)
         """What the one-frame small write keeps between calls (see fastwrite.py)."""
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""

@@ -369,9 +369,11 @@ class FastWriter:
     ints the kernel reads from :attr:`consts`."""
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
-                 "always", "usable", "kernel")
+                 "always", "segment_bytes", "usable", "kernel")
 
-    def __init__(self, always: bool) -> None:
+    def __init__(self, always: bool, segment_bytes: int) -> None:
+        self.segment_bytes = segment_bytes
+        """The bus's ``segment_bytes``: a segment this long rolls (the general path)."""
         self.out = np.zeros(_OUT_BYTES, np.uint8)
         self.source: str | None = None
         self.table_of: object = None
@@ -457,7 +459,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
     if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
             or bus.ship is not None or bus.replication is not None or log.sink is None
             or not state.config.enable_logging or len(data) > SMALL_WRITE
-            or w.size >= bus.config.segment_bytes or fsops._hook is not None
+            or w.size >= fw.segment_bytes or fsops._hook is not None
             or not fw.usable):
         return None
     lock = state.lock
@@ -505,26 +507,21 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         simple = not state.events.active and pid not in state.graph.children and not (
             row >= state.compact_at and not state.propagating and not state.batch_depth)
         before = w.size
-        # The frame goes to the kernel before anything takes effect, under io_lock as
-        # every append (the group commit reads and clears the dirty mark under it).
-        io_lock = bus.io_lock
-        io_lock.acquire()
-        try:
-            while True:
-                tail = log.tail
-                n, plen, flen, first, last, status = fw.kernel(
-                    mem, addr & CHUNK_MASK, size, off, data, log.rows, row, log.cur_array, tail,
-                    log.cur, fw.out, pid, epoch, ts, src, lsn, did, state.table.next_id,
-                    pub.bump, before, simple, fw.consts)
-                if n != _NO_ROOM:
-                    break
-                log._new_chunk()
-            if n > 0:
-                if status >= 0 or status & 1:
-                    w.size = before + flen  # written whole (a failed sync keeps it there)
-                    w.dirty = status < 0 or not fw.always
-        finally:
-            io_lock.release()
+        # The frame goes to the kernel before anything takes effect. No io_lock: the
+        # writer changes only under the state's lock (held), and the group commit clears
+        # the dirty mark before its fdatasync, so marking it after the write suffices.
+        while True:
+            tail = log.tail
+            n, plen, flen, first, last, status = fw.kernel(
+                mem, addr & CHUNK_MASK, size, off, data, log.rows, row, log.cur_array, tail,
+                log.cur, fw.out, pid, epoch, ts, src, lsn, did, state.table.next_id,
+                pub.bump, before, simple, fw.consts)
+            if n != _NO_ROOM:
+                break
+            log._new_chunk()
+        if n > 0 and (status >= 0 or status & 1):
+            w.size = before + flen  # written whole (a failed sync leaves it there)
+            w.dirty = status < 0 or not fw.always
         if fw.kernel is _write_frame:
             fw.compile(mem, data, log, pub)
         if n <= 0:
@@ -569,7 +566,16 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         state.next_delta_id = did + 1
         epoch_v[pid] = epoch
         c = state.counters
-        c.log_append.add(log_ns)
+        # c.log_append.add(log_ns), inlined (keep it like LatencyRing.add).
+        ring = c.log_append
+        pos = ring.pos
+        ring.samples[pos] = log_ns
+        pos += 1
+        ring.pos = 0 if pos == len(ring.samples) else pos
+        ring.count += 1
+        ring.total_ns += log_ns
+        if log_ns > ring.max_ns:
+            ring.max_ns = log_ns
         if not simple:
             pub.touched[pid] = (off + first, off + last + 1)
             state._depth += 1
