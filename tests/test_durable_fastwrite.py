@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -151,6 +152,10 @@ def _observe(s: mmsb.MMSBState, path: Path) -> dict[str, Any]:
         mapped = {pid: reader.read_page(pid) for pid in ids}
     finally:
         reader.close()
+    replayed = mmsb.replay_to_lsn(s, s.last_lsn)
+    assert {pid: mmsb.query_page(replayed, pid) for pid in ids} == \
+        {pid: mmsb.query_page(s, pid) for pid in ids}
+    assert mmsb.verify_state_consistency(s)
     return {
         "segments": _segments(s),
         "pages": {pid: (s.pages[pid].epoch, mmsb.query_page(s, pid)) for pid in ids},
@@ -299,3 +304,58 @@ def test_a_fault_hook_sends_writes_the_general_way(tmp_path: Path) -> None:
         assert steps == ["write"]
     finally:
         mmsb.mmsb_stop(s)
+
+
+_SPAN_WRITER = r"""
+import sys
+import mmsb
+from mmsb._storage import fastwrite
+path, writes = sys.argv[1], int(sys.argv[2])
+s = mmsb.mmsb_start(path=path, enable_gpu=False,
+                    config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
+pid = mmsb.create_page(s, 4096).id
+mmsb.write_page(s, pid, 0, b"\0")
+print("open", flush=True)
+sys.stdin.readline()
+page = bytearray(1100)
+for k in range(1, writes + 1):
+    # Two runs of one call, far apart: a reader must see both or neither.
+    page[0:8] = page[1092:1100] = k.to_bytes(8, "little")
+    mmsb.write_page(s, pid, 0, bytes(page))
+print("fast" if s.bus.fast.kernel is not fastwrite._write_frame else "general", flush=True)
+sys.stdin.readline()
+mmsb.mmsb_stop(s)
+"""
+
+
+def test_readers_never_see_half_of_a_one_frame_write(tmp_path: Path) -> None:
+    path = tmp_path / "bus"
+    proc = subprocess.Popen([sys.executable, "-c", _SPAN_WRITER, str(path), "20000"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().startswith("open")
+        reader = mmsb.attach(path)
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            seen = set()
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline and len(seen) < 2000:
+                data = reader.read_page(1)
+                assert data[0:8] == data[1092:1100], "half of a write"
+                seen.add(data[0:8])
+            line = proc.stdout.readline()
+            assert line.strip() == "fast", line
+            data = reader.read_page(1)
+            assert data[0:8] == data[1092:1100] == (20000).to_bytes(8, "little")
+            assert len(seen) > 10
+        finally:
+            reader.close()
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
