@@ -60,6 +60,7 @@ from .._core.kernels import (
 from ..errors import DurabilityError
 from . import fsops, notify
 from .codec import KIND_DELTA
+from .mapped import _BUMP_OFF, _LOG_OFF, _LSN, _ROWS, _SEQ, _TS, HEAD_SIZE
 from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
 from .wal import FRAME_HEAD
 from .walbulk import CRC_TABLES, _crc
@@ -155,7 +156,10 @@ _c_errno: Any = intrinsic(_errno_typer)
 # publisher's mappings or the source name do.
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
     _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN = range(15)
-_HEAD_WORDS = 512
+_HEAD_WORDS = HEAD_SIZE // 8
+# Words of the mapped head (see mapped.py's layout).
+_LOG_WORD = _LOG_OFF // 8
+_BUMP_WORD = _BUMP_OFF // 8
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -293,24 +297,24 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
     followers wait on the notify word (the caller wakes them)."""
     for i in range(first, last + 1):
         mem[at + i] = new[i]
-    head[17] = gen
-    head[18] = seq
-    head[19] = end
-    head[20] = lsn
+    head[_LOG_WORD] = gen
+    head[_LOG_WORD + 1] = seq
+    head[_LOG_WORD + 2] = end
+    head[_LOG_WORD + 3] = lsn
     if not publish:
         return False
-    _atomic_add_u64(head_addr + 64, np.uint64(1))
+    _atomic_add_u64(head_addr + _SEQ * 8, np.uint64(1))
     r = 4 * pid
     slot = table[r] + off
     for i in range(first, last + 1):
         pages[slot + i] = mem[at + i]
     table[r + 2] = epoch
     table[r + 3] = lsn
-    head[9] = lsn
-    head[10] = rows
-    head[13] = ts if ts > 0 else 0
-    head[22] = bump
-    _atomic_add_u64(head_addr + 64, np.uint64(1))
+    head[_LSN] = lsn
+    head[_ROWS] = rows
+    head[_TS] = ts if ts > 0 else 0
+    head[_BUMP_WORD] = bump
+    _atomic_add_u64(head_addr + _SEQ * 8, np.uint64(1))
     _atomic_add_u32(notify_addr, np.uint32(1))
     return _atomic_load_u32(waiters_addr) != 0
 
