@@ -1004,12 +1004,17 @@ class MMSBState:
         batch, no bus. It does what
         write_bytes → _write_compiled → TransactionLog.write_small do, with their checks,
         without their calls (each costs a tenth of a microsecond or more on a path that
-        takes about two). Returns True/False as write_bytes does (a delta logged or not),
-        or None when the call is not that case and write_bytes must take it (nothing was
-        done). O(len(data)), O(page size) for a dense write."""
+        takes about two). On a durable bus the bus's own one-frame path takes the call
+        (``DurableBus.write_small``, which also writes the log frame). Returns
+        True/False as write_bytes does (a delta logged or not), or None when the call is
+        not that case and write_bytes must take it (nothing was done). O(len(data)),
+        O(page size) for a dense write."""
         log = self.log
         kernel = _small_entries.get(1)  # write_small's compiled entry, once it is made
-        if (log.sink is not None or self.bus is not None or not self.config.enable_logging
+        if self.bus is not None:
+            # A durable bus has its own one-frame path (it writes the log frame too).
+            return self.bus.write_small(self, pid, off, data, source, whole)
+        if (log.sink is not None or not self.config.enable_logging
                 or len(data) > SMALL_WRITE or kernel is None):
             return None
         t0 = time.perf_counter_ns()

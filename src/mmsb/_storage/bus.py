@@ -65,6 +65,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .codec import crc32c, encode_record
+from .fastwrite import FastWriter, durable_write_small
 from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
 from .mapped import Publisher
@@ -191,6 +192,8 @@ class DurableBus:
         """Reads the records other writers appended (shared writers)."""
         self.dir_stamps: tuple[int, int] | None = None
         """The folders' modification times when this writer last released DIR/WRITE."""
+        self.fast = FastWriter(config.fsync == "always", config.segment_bytes)
+        """What the one-frame small write keeps between calls (see fastwrite.py)."""
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
@@ -238,6 +241,10 @@ class DurableBus:
                             columns=BULK_SCAN)
 
     # -- appending ---------------------------------------------------------------------
+    write_small = durable_write_small
+    """``state.write_small_bytes`` on this bus: the one-frame path of a small write, or
+    None when the general path must take the call (see fastwrite.py)."""
+
     def sink(self, rec: AnyRecord) -> None:
         self.sink_many([rec])
 
@@ -862,6 +869,7 @@ class DurableBus:
                 except OSError as exc:
                     log.error("closing the mapped pages of %s failed: %s", self.root, exc)
                 self.publisher = None
+            self.fast.forget()
             self._stop.set()
             if self._syncer is not None:
                 self._syncer.join(timeout=5)

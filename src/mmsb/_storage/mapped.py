@@ -210,6 +210,8 @@ class Publisher:
             self.close_files()
             raise
         self.h = np.frombuffer(self.head, "<u8")
+        self.head_addr = self.h.ctypes.data
+        """Address of the head's mapping (compiled publication: its seqlock word)."""
         self.notify_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.head, _NOTIFY_OFF))
         try:
             self.waiters, self.waiters_addr = _open_waiters(d, create=True)
@@ -485,7 +487,7 @@ class Publisher:
             self.h = np.zeros(0, "<u8")
             self.pages = np.zeros(0, np.uint8)
             self.table = np.zeros(0, ROW_DTYPE)
-            self.notify_addr = self.waiters_addr = 0
+            self.notify_addr = self.waiters_addr = self.head_addr = 0
             self.close_files()
 
 

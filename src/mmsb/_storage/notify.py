@@ -85,6 +85,16 @@ def _add_u32_typer(typingctx: Any, addr: Any, val: Any) -> Any:  # pragma: no co
     return sig, codegen
 
 
+def _add_u64_typer(typingctx: Any, addr: Any, val: Any) -> Any:  # pragma: no cover
+    sig = types.uint64(types.int64, types.uint64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+
+    return sig, codegen
+
+
 def _load_u32_typer(typingctx: Any, addr: Any) -> Any:  # pragma: no cover
     sig = types.uint32(types.int64)
 
@@ -106,8 +116,10 @@ def _cas_u32_typer(typingctx: Any, addr: Any, old: Any, new: Any) -> Any:  # pra
     return sig, codegen
 
 
-# Sequentially consistent atomics on a 32-bit word at an address (compiled code only).
+# Sequentially consistent atomics on a 32- or 64-bit word at an address (compiled code
+# only). Each is also a compiler barrier: no plain load or store moves across it.
 _atomic_add_u32: Any = intrinsic(_add_u32_typer)
+_atomic_add_u64: Any = intrinsic(_add_u64_typer)
 _atomic_load_u32: Any = intrinsic(_load_u32_typer)
 _atomic_cas_u32: Any = intrinsic(_cas_u32_typer)
 

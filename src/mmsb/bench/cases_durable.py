@@ -391,3 +391,45 @@ def lmdb_put_nosync(ctx: RunContext) -> CaseOutcome:
 @case("durable", "lmdb_put_sync", "LMDB put of a 4 KiB value with 64 changed bytes, sync=True")
 def lmdb_put_sync(ctx: RunContext) -> CaseOutcome:
     return _lmdb_put_case(ctx, True)
+
+
+def _sqlite_put_case(ctx: RunContext, synchronous: str) -> CaseOutcome:
+    """SQLite in WAL mode, one autocommit ``UPDATE`` of a 4 KiB value with 64 changed
+    bytes per call (the work of durable/append_* and durable/lmdb_put_*)."""
+    import sqlite3
+
+    db = sqlite3.connect(str(ctx.path(f"sqlite-put-{synchronous}.db")), isolation_level=None)
+    ctx.on_close(db.close)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute("CREATE TABLE p (id INTEGER PRIMARY KEY, data BLOB)")
+    db.execute("INSERT INTO p VALUES (1, ?)", (bytes(4096),))
+    page = bytearray(4096)
+    rng = np.random.default_rng(ctx.seed)
+    payloads = [rng.integers(1, 256, _RECORD_BYTES, dtype=np.uint8).tobytes() for _ in range(64)]
+    counter = [0]
+    sql = "UPDATE p SET data = ? WHERE id = 1"
+
+    def batch(_obj: None, n: int) -> None:
+        k = counter[0]
+        ex = db.execute
+        for i in range(n):
+            off = ((k + i) * _RECORD_BYTES) % 4032
+            page[off : off + _RECORD_BYTES] = payloads[(k + i) & 63]
+            ex(sql, (bytes(page),))
+        counter[0] = k + n
+
+    m = ctx.measure(batch, max_inner=ctx.pick(2000 if synchronous == "FULL" else 200_000, 50))
+    return CaseOutcome(m, {"synchronous": synchronous})
+
+
+@case("durable", "sqlite_put_normal",
+      "SQLite WAL, autocommit UPDATE of a 4 KiB value with 64 changed bytes, synchronous=NORMAL")
+def sqlite_put_normal(ctx: RunContext) -> CaseOutcome:
+    return _sqlite_put_case(ctx, "NORMAL")
+
+
+@case("durable", "sqlite_put_full",
+      "SQLite WAL, autocommit UPDATE of a 4 KiB value with 64 changed bytes, synchronous=FULL")
+def sqlite_put_full(ctx: RunContext) -> CaseOutcome:
+    return _sqlite_put_case(ctx, "FULL")

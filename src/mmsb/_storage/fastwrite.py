@@ -1,0 +1,647 @@
+"""The durable bus's one-frame small write.
+
+``write_page`` / ``update_page`` of a ``bytes`` payload of at most
+:data:`~mmsb._core.kernels.SMALL_WRITE` bytes into a live page of an exclusive, healthy
+durable bus take this path: one Python frame and one compiled call, where the general
+path builds a :class:`~mmsb._core.delta.Delta`, encodes it with the codec, frames it,
+writes it, keeps it, applies it and publishes it through a dozen calls. The compiled
+call (:func:`_write_frame`) does, in order:
+
+1. :func:`_encode`: compare the payload with the page and, when at most a quarter of
+   the page changes (a sparse delta, as ``diff_write`` decides), encode the log row and
+   payload the in-memory log keeps and the whole write-ahead-log frame (``length u64 |
+   crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
+   writes the delta; its CRC32C by the bulk segment reader's compiled loop). Nothing
+   the state or the files show changes.
+2. ``write(2)`` of the frame to the segment (libc's, called at its address), and
+   ``fdatasync`` with ``fsync="always"``: the record is in the kernel (safe from a crash
+   of the process), or on stable storage, before anything takes effect, as on the
+   general path. A failure returns here with nothing applied.
+3. :func:`_apply_publish`: apply the changed bytes to the page and show them to attached
+   readers: the log's end in the head, then, under the seqlock, the bytes of the mapped
+   page, its table row and the head's LSN and time; then the notify word.
+
+Anything else declines (returns None) before changing anything and the general path,
+which stays the reference, takes the call: a batch, a shared writer, replication, a
+dense or new-source write, a publication that must be redone, a segment due to roll, a
+bus that failed, a fault hook installed (:func:`~mmsb._storage.fsops.set_fault_hook`:
+its loops walk the general path's steps) or a libc without those calls. The frames are
+byte for byte those of the general path (a property test holds the two paths to the
+same segment bytes, pages, epochs, log, events, mapped pages and refusals), so
+recovery, readers, the change feed and replication read them unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from array import array
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
+from .._core.engine import _API, _GOOD_SOURCES
+from .._core.kernels import (
+    ENC_POS16,
+    ENC_POS32,
+    ENC_RUN,
+    ENC_RUN16,
+    LOG_CHUNK,
+    SMALL_WRITE,
+    _fill_row,
+    entry_point,
+)
+from ..errors import DurabilityError
+from . import fsops, notify
+from .codec import KIND_DELTA
+from .mapped import _BUMP_OFF, _LOG_OFF, _LSN, _ROWS, _SEQ, _TS, HEAD_SIZE
+from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
+from .wal import FRAME_HEAD
+from .walbulk import CRC_TABLES, _crc
+
+if TYPE_CHECKING:
+    from .._core.engine import MMSBState
+    from .bus import DurableBus
+
+__all__ = ["durable_write_small", "FastWriter"]
+
+_SRC_AT = FRAME_HEAD + 57
+"""Offset in the frame of the delta's source length (after the 17-byte record head and
+the five u64 fields of a delta)."""
+_MAX_SOURCE = 1024
+"""Longer source names take the general path (the frame buffer has room for this)."""
+_OUT_BYTES = _SRC_AT + 2 + _MAX_SOURCE + 9 + 8 * (SMALL_WRITE // 2 + 1) + SMALL_WRITE
+"""A frame of the largest write this path takes: head, source, run count, at most
+SMALL_WRITE / 2 + 1 runs (u32 start and length each) and the values."""
+_DECLINE_DENSE = -3
+_DECLINE_ROW = -4
+_NO_ROOM = -2
+_EINTR = 4
+
+
+def _libc_addresses() -> tuple[int, int, int]:
+    """Addresses of libc's ``write``, ``fdatasync`` and ``__errno_location`` (glibc and
+    musl have all three), for the compiled path to call; zeros where not found (then
+    the general path takes every write)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return tuple(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value or 0
+                     for name in ("write", "fdatasync", "__errno_location"))  # type: ignore[return-value]
+    except (OSError, AttributeError):
+        return 0, 0, 0
+
+
+_LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0)
+
+
+def _write_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        fnty = ir.FunctionType(i64, [i32, i64, i64])
+        f = builder.inttoptr(args[0], fnty.as_pointer())
+        return builder.call(f, [builder.trunc(args[1], i32), args[2], args[3]])
+
+    return sig, codegen
+
+
+def _sync_typer(typingctx: Any, fn: Any, fd: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i32]).as_pointer())
+        return builder.sext(builder.call(f, [builder.trunc(args[1], i32)]), ir.IntType(64))
+
+    return sig, codegen
+
+
+def _errno_typer(typingctx: Any, fn: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32.as_pointer(), []).as_pointer())
+        return builder.sext(builder.load(builder.call(f, [])), ir.IntType(64))
+
+    return sig, codegen
+
+
+def _ptr_typer(typingctx: Any, addr: Any, like: Any) -> Any:  # pragma: no cover
+    dtype = like.dtype
+    sig = types.CPointer(dtype)(types.int64, like)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(dtype).as_pointer())
+
+    return sig, codegen
+
+
+# A typed pointer from an address (``like``: an array of the element type), for
+# numba.carray over a mapping whose address the caller keeps valid.
+_ptr: Any = intrinsic(_ptr_typer)
+# Calls of libc functions at an address (passed in, never baked into cached code).
+_c_write: Any = intrinsic(_write_typer)
+_c_fdatasync: Any = intrinsic(_sync_typer)
+_c_errno: Any = intrinsic(_errno_typer)
+
+# Fields of FastWriter.consts, the ints that change only when the segment, the
+# publisher's mappings or the source name do.
+_K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
+    _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN = range(15)
+_HEAD_WORDS = HEAD_SIZE // 8
+# Words of the mapped head (see mapped.py's layout).
+_LOG_WORD = _LOG_OFF // 8
+_BUMP_WORD = _BUMP_OFF // 8
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: no cover
+    for j in range(nbytes):
+        out[at + j] = (value >> (8 * j)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
+            row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, table: np.ndarray,
+            pid: int, epoch: int, ts: int, src: int, lsn: int, did: int,
+            body: int) -> tuple[int, int, int, int, int]:  # pragma: no cover - compiled
+    """Step 1 of the module's path. ``body``: where the frame's delta encoding starts in
+    ``out`` (after the source name, which the caller keeps there). Returns ``(changed,
+    log payload length, frame length, first, last)``, ``first`` … ``last`` the range of
+    ``new`` that changes; changed 0: nothing differs; -2: no room in the log chunk; -3:
+    a dense delta; -4: the page's mapped row is not of its size (nothing written in
+    any of these cases)."""
+    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size:
+        return _DECLINE_ROW, 0, 0, 0, 0
+    m = len(new)
+    page = mem[base:base + size]
+    cur = page[off:off + m]
+    n = 0
+    for i in range(m):
+        n += int(cur[i] != new[i])
+    if n == 0:
+        return 0, 0, 0, 0, 0
+    if n * 4 > size:
+        return _DECLINE_DENSE, 0, 0, 0, 0
+    first = 0
+    while cur[first] == new[first]:
+        first += 1
+    last = m - 1
+    while cur[last] == new[last]:
+        last -= 1
+    # The log's row and payload, as TransactionLog keeps the delta (see write_small).
+    one_run = last - first + 1 == n
+    if one_run:
+        enc = ENC_RUN16 if size <= 65536 else ENC_RUN
+        plen = (2 if enc == ENC_RUN16 else 4) + n
+    elif size <= 65536:
+        enc = ENC_POS16
+        plen = 3 * n
+    else:
+        enc = ENC_POS32
+        plen = 5 * n
+    if plen > LOG_CHUNK - coff:
+        return _NO_ROOM, plen, 0, 0, 0
+    if one_run:
+        head = plen - n
+        _put(chunk, coff, off + first, head)
+        for k in range(n):
+            chunk[coff + head + k] = new[first + k]
+    else:
+        w = 2 if enc == ENC_POS16 else 4
+        v = coff + w * n
+        k = 0
+        for i in range(first, last + 1):
+            b = new[i]
+            if cur[i] != b:
+                _put(chunk, coff + w * k, off + i, w)
+                chunk[v + k] = b
+                k += 1
+    _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, (ci << 32) | coff)
+    # The frame: the record head and the delta's fields ...
+    out[FRAME_HEAD] = KIND_DELTA
+    _put(out, FRAME_HEAD + 1, lsn, 8)
+    _put(out, FRAME_HEAD + 9, ts, 8)
+    _put(out, FRAME_HEAD + 17, did, 8)
+    _put(out, FRAME_HEAD + 25, pid, 8)
+    _put(out, FRAME_HEAD + 33, epoch - 1, 8)
+    _put(out, FRAME_HEAD + 41, epoch, 8)
+    _put(out, FRAME_HEAD + 49, size, 8)
+    # ... the source name is in place; then the sparse payload: its runs, the values.
+    p = body
+    out[p] = 0  # codec.ENC_SPARSE_RUNS
+    if one_run:
+        _put(out, p + 1, 1, 4)
+        _put(out, p + 5, off + first, 4)
+        _put(out, p + 9, n, 4)
+        p += 13
+        for k in range(n):
+            out[p + k] = new[first + k]
+    else:
+        runs = 1
+        prev = first
+        for i in range(first + 1, last + 1):
+            if cur[i] != new[i]:
+                if i != prev + 1:
+                    runs += 1
+                prev = i
+        _put(out, p + 1, runs, 4)
+        starts = p + 5
+        lengths = starts + 4 * runs
+        vals = lengths + 4 * runs
+        r = 0
+        k = 0
+        start = first
+        prev = first
+        for i in range(first, last + 1):
+            b = new[i]
+            if cur[i] != b:
+                if i != prev + 1 and k:
+                    _put(out, starts + 4 * r, off + start, 4)
+                    _put(out, lengths + 4 * r, prev - start + 1, 4)
+                    r += 1
+                    start = i
+                prev = i
+                out[vals + k] = b
+                k += 1
+        _put(out, starts + 4 * r, off + start, 4)
+        _put(out, lengths + 4 * r, prev - start + 1, 4)
+        p = vals
+    flen = p + n
+    _put(out, 0, flen - FRAME_HEAD, 8)
+    crc = _crc(CRC_TABLES, 0xFFFFFFFF, out, 0, 8)
+    crc = _crc(CRC_TABLES, crc, out, FRAME_HEAD, flen - FRAME_HEAD) ^ 0xFFFFFFFF
+    _put(out, 8, crc, 4)
+    return n, plen, flen, first, last
+
+
+@njit(cache=True, nogil=True)
+def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
+                   pages: np.ndarray, table: np.ndarray, head: np.ndarray, head_addr: int,
+                   pid: int, off: int, epoch: int, lsn: int, ts: int, rows: int, bump: int,
+                   gen: int, seq: int, end: int, notify_addr: int, waiters_addr: int,
+                   publish: bool) -> bool:  # pragma: no cover - compiled
+    """Step 3 of the module's path: ``new[first:last + 1]`` to ``mem[at + first:]`` (the
+    write's place in the page, at offset ``off``); the log's end to the head; then, when
+    ``publish``, the same bytes to the mapped page and the page's table row
+    between two increments of the head's seqlock word (each a full barrier, so no
+    store moves out of the odd section), and the notify word bumped. Returns True when
+    followers wait on the notify word (the caller wakes them)."""
+    for i in range(first, last + 1):
+        mem[at + i] = new[i]
+    head[_LOG_WORD] = gen
+    head[_LOG_WORD + 1] = seq
+    head[_LOG_WORD + 2] = end
+    head[_LOG_WORD + 3] = lsn
+    if not publish:
+        return False
+    _atomic_add_u64(head_addr + _SEQ * 8, np.uint64(1))
+    r = 4 * pid
+    slot = table[r] + off
+    for i in range(first, last + 1):
+        pages[slot + i] = mem[at + i]
+    table[r + 2] = epoch
+    table[r + 3] = lsn
+    head[_LSN] = lsn
+    head[_ROWS] = rows
+    head[_TS] = ts if ts > 0 else 0
+    head[_BUMP_WORD] = bump
+    _atomic_add_u64(head_addr + _SEQ * 8, np.uint64(1))
+    _atomic_add_u32(notify_addr, np.uint32(1))
+    return _atomic_load_u32(waiters_addr) != 0
+
+
+@njit(cache=True, nogil=True)
+def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
+                 row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, pid: int,
+                 epoch: int, ts: int, src: int, lsn: int, did: int, next_id: int, bump: int,
+                 end: int, publish: bool,
+                 k: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover
+    """The whole path in one call: :func:`_encode`; the frame written to the segment
+    (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
+    :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the mapped files are
+    reached through the addresses there, fewer arrays to pass); ``end``: the segment's
+    size before this frame. Returns ``_encode``'s five values and a status:
+    0, or 1 when followers wait on the notify word (the caller wakes them), or, when a
+    file step failed (nothing applied), ``-(errno * 2 + (1 if it was the sync))``."""
+    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0:
+        return _DECLINE_ROW, 0, 0, 0, 0, 0  # nothing mapped (yet)
+    table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
+    n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
+                                         out, table, pid, epoch, ts, src, lsn, did,
+                                         k[_K_BODY])
+    if n <= 0:
+        return n, plen, flen, first, last, 0
+    at = out.ctypes.data
+    done = 0
+    while done < flen:
+        r = _c_write(k[_K_WRITE], k[_K_FD], at + done, flen - done)
+        if r < 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e == _EINTR:
+                continue
+            return n, plen, flen, first, last, -2 * e
+        done += r
+    if k[_K_ALWAYS]:
+        while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e != _EINTR:
+                return n, plen, flen, first, last, -2 * e - 1
+    pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
+    head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
+    woke = _apply_publish(mem, base + off, new, first, last, pages, table, head, k[_K_HEAD],
+                          pid, off, epoch, lsn, ts, next_id, bump, k[_K_GEN], k[_K_SEQ],
+                          end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
+    return n, plen, flen, first, last, 1 if woke else 0
+
+
+_ENTRIES: dict[str, Any] = {}
+"""The compiled entries of the two kernels, made on first use (see entry_point)."""
+
+
+class FastWriter:
+    """What the path keeps between calls on one bus: the frame buffer (its source name
+    in place for the last source used), the int64 view of the mapped table and the
+    ints the kernel reads from :attr:`consts`."""
+
+    __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
+                 "always", "segment_bytes", "usable", "kernel")
+
+    def __init__(self, always: bool, segment_bytes: int) -> None:
+        self.segment_bytes = segment_bytes
+        """The bus's ``segment_bytes``: a segment this long rolls (the general path)."""
+        self.out = np.zeros(_OUT_BYTES, np.uint8)
+        self.source: str | None = None
+        self.table_of: object = None
+        self.pages_of: object = None
+        """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
+        referenced, so that their mappings stay while the addresses are in use)."""
+        self.consts = np.zeros(15, np.int64)
+        """The kernel's ints that change only with the segment, the publisher or the
+        source (the fields ``_K_*``)."""
+        self.writer_of: object = None
+        self.pub_of: object = None
+        self.always = always
+        """``fsync="always"``: each frame is synced before the call returns."""
+        self.usable = all(_LIBC)
+        """False where libc's calls were not found: the general path takes every write."""
+        self.kernel: Any = _ENTRIES.get("write", _write_frame)
+        """The kernel: its compiled entry once made (see entry_point)."""
+        self.consts[_K_WRITE], self.consts[_K_SYNC], self.consts[_K_ERRNO] = _LIBC
+        self.consts[_K_ALWAYS] = always
+
+    def refresh(self, w: Any, pub: Any, generation: int) -> None:
+        """Take the segment's and the publisher's ints (after a roll, a reopen or the
+        growth of a mapped file)."""
+        k = self.consts
+        k[_K_FD] = w.fd
+        k[_K_GEN] = generation
+        k[_K_SEQ] = w.seq
+        k[_K_HEAD] = pub.head_addr
+        k[_K_NOTIFY] = pub.notify_addr
+        k[_K_WAITERS] = pub.waiters_addr
+        table = pub.table.view(np.int64).reshape(-1)
+        k[_K_TABLE] = table.ctypes.data if table.size else 0
+        k[_K_TABLE_LEN] = table.size
+        k[_K_PAGES] = pub.pages.ctypes.data if pub.pages.size else 0
+        k[_K_PAGES_LEN] = pub.pages.size
+        self.writer_of = w
+        self.pub_of = pub
+        self.table_of = pub.table
+        self.pages_of = pub.pages
+
+    def compile(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
+        """Take the kernel's compiled entry for the types this path passes (made, or
+        loaded from numba's cache, once a process)."""
+        if "write" not in _ENTRIES:
+            _ENTRIES["write"] = entry_point(
+                _write_frame, mem, 0, 1, 0, data, log.rows, 0, log.cur_array, 0, 0, self.out,
+                1, 1, 1, 0, 1, 1, 1, 0, 0, True, self.consts)
+        self.kernel = _ENTRIES["write"]
+
+    def forget(self) -> None:
+        """Let go of the segment and the mapped files (the bus closes: their mappings
+        and descriptors go)."""
+        self.consts[_K_TABLE] = self.consts[_K_PAGES] = self.consts[_K_HEAD] = 0
+        self.table_of = self.pages_of = self.writer_of = self.pub_of = None
+
+    def use_source(self, source: str) -> bool:
+        """Put ``source``'s name in the frame buffer; False when it is too long."""
+        raw = source.encode("utf-8")
+        if len(raw) > _MAX_SOURCE:
+            return False
+        out = self.out
+        out[_SRC_AT] = len(raw) & 0xFF
+        out[_SRC_AT + 1] = len(raw) >> 8
+        out[_SRC_AT + 2 : _SRC_AT + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
+        self.source = source
+        self.consts[_K_BODY] = _SRC_AT + 2 + len(raw)
+        return True
+
+
+def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, data: bytes,
+                        source: str, whole: bool) -> bool | None:
+    """``state.write_small_bytes`` on a durable bus (see the module's docstring): True
+    or False as ``write_bytes`` returns (a delta logged or not), or None when the call
+    is not this path's case (nothing was done; ``write_bytes`` takes it). O(len(data)).
+
+    Raises:
+        DurabilityError: the frame could not be written (or synced, ``fsync="always"``);
+            nothing of the write took effect, as on the general path.
+    """
+    w = bus.writer
+    log = state.log
+    fw = bus.fast
+    if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
+            or bus.ship is not None or bus.replication is not None or log.sink is None
+            or not state.config.enable_logging or len(data) > SMALL_WRITE
+            or w.size >= fw.segment_bytes or fsops._hook is not None
+            or not fw.usable):
+        return None
+    lock = state.lock
+    lock.acquire()
+    try:
+        pub = bus.publisher
+        if (state.closed or state.recomputing is not None or state.batch_frame is not None
+                or state._depth or bus.closed or pub is None or pub.full or pub.failed
+                or pub.touched):
+            return None
+        addr_v, size_v, epoch_v, flags_v = state.table.views
+        if not (0 < pid < len(flags_v) and flags_v[pid]):
+            return None
+        size = size_v[pid]
+        n_new = len(data)
+        if off < 0 or off + n_new > size or (whole and n_new != size) or (
+                source is not _API and (type(source) is not str
+                                        or source not in _GOOD_SOURCES)):
+            return None
+        src = log.source_ids.get(source)
+        if src is None or size > 0xFFFFFFFF:
+            return None
+        if source is not fw.source and not fw.use_source(source):
+            return None
+        if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
+                or fw.pages_of is not pub.pages):
+            fw.refresh(w, pub, bus.generation)
+        t0 = time.perf_counter_ns()
+        lsn = log.next_lsn
+        addr = addr_v[pid]
+        epoch = epoch_v[pid] + 1
+        mem = state.arena._chunks[addr >> CHUNK_SHIFT]
+        assert mem is not None
+        row = log.n
+        if row == len(log.rows):
+            log._grow()
+        if log.cur < 0:
+            log._new_chunk()
+        ts = time.time_ns()
+        if ts < log.last_timestamp:
+            ts = log.last_timestamp
+        did = state.next_delta_id
+        # Published with the write, unless events, propagation or compaction come first
+        # (they do on the general path): then the call's ordinary publication at its end.
+        simple = not state.events.active and pid not in state.graph.children and not (
+            row >= state.compact_at and not state.propagating and not state.batch_depth)
+        before = w.size
+        # The frame goes to the kernel before anything takes effect. No io_lock: the
+        # writer changes only under the state's lock (held), and the group commit clears
+        # the dirty mark before its fdatasync, so marking it after the write suffices.
+        while True:
+            tail = log.tail
+            n, plen, flen, first, last, status = fw.kernel(
+                mem, addr & CHUNK_MASK, size, off, data, log.rows, row, log.cur_array, tail,
+                log.cur, fw.out, pid, epoch, ts, src, lsn, did, state.table.next_id,
+                pub.bump, before, simple, fw.consts)
+            if n != _NO_ROOM:
+                break
+            log._new_chunk()
+        if n > 0 and (status >= 0 or status & 1):
+            w.size = before + flen  # written whole (a failed sync leaves it there)
+            w.dirty = status < 0 or not fw.always
+        if fw.kernel is _write_frame:
+            fw.compile(mem, data, log, pub)
+        if n <= 0:
+            if n < 0:
+                return None
+            # Nothing differs: nothing is logged, as on the general path, whose call
+            # ends with a checkpoint when one is due.
+            bus.maybe_checkpoint(state)
+            return False
+        if status < 0:
+            err = -status
+            exc = OSError(err >> 1, os.strerror(err >> 1))
+            pub = None  # the error's traceback keeps this frame: not the mapped files
+            raise _failed(bus, state, w, before, pid, off + first, off + last + 1, exc,
+                          "fsync" if err & 1 else "append") from exc
+        if status:
+            notify.wake(pub.notify_addr)
+        bus.records_since_ckpt += 1
+        log_ns = time.perf_counter_ns() - t0
+        # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
+        log.tail = tail + plen
+        log.n = row + 1
+        lsns = log.lsns
+        ids = log.ids
+        if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
+            if lsn != lsns.last + 1 or not row:
+                lsns.rows.append(row)
+                lsns.vals.append(lsn)
+            if did != ids.last + 1 or not row:
+                ids.rows.append(row)
+                ids.vals.append(did)
+        lsns.last = lsn
+        ids.last = did
+        rows = log.index.get(pid)
+        if rows is None:
+            log.index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        log.payload_bytes += plen
+        log.next_lsn = lsn + 1
+        log.last_timestamp = ts
+        state.next_delta_id = did + 1
+        epoch_v[pid] = epoch
+        c = state.counters
+        # c.log_append.add(log_ns), inlined (keep it like LatencyRing.add).
+        ring = c.log_append
+        pos = ring.pos
+        ring.samples[pos] = log_ns
+        pos += 1
+        ring.pos = 0 if pos == len(ring.samples) else pos
+        ring.count += 1
+        ring.total_ns += log_ns
+        if log_ns > ring.max_ns:
+            ring.max_ns = log_ns
+        if not simple:
+            pub.touched[pid] = (off + first, off + last + 1)
+            state._depth += 1
+            try:
+                state.after_write(pid, epoch, did, lsn, t0, n)
+            finally:
+                state._depth -= 1
+            bus.after_call(state)
+            return True
+        # c.delta_apply.add(), inlined (keep it like LatencyRing.add).
+        ns = time.perf_counter_ns() - t0
+        ring = c.delta_apply
+        pos = ring.pos
+        ring.samples[pos] = ns
+        pos += 1
+        ring.pos = 0 if pos == len(ring.samples) else pos
+        ring.count += 1
+        ring.total_ns += ns
+        if ns > ring.max_ns:
+            ring.max_ns = ns
+        c.records_logged += 1
+        c.payload_bytes_logged += n
+        # bus.maybe_checkpoint()'s test, inlined.
+        cfg = bus.config
+        if bus.records_since_ckpt >= cfg.max_tlog_size + bus._retry_after or (
+                cfg.checkpoint_interval > 0
+                and time.monotonic() - bus.last_ckpt_time >= cfg.checkpoint_interval):
+            bus.maybe_checkpoint(state)
+        return True
+    finally:
+        if state.event_queue and state._depth == 0 and not getattr(state._delivering, "on",
+                                                                    False):
+            lock.release()
+            state._deliver_queued()
+        else:
+            lock.release()
+
+
+def _failed(bus: DurableBus, state: MMSBState, w: Any, before: int, pid: int, lo: int,
+            hi: int, exc: OSError, stage: str) -> DurabilityError:
+    """The error of a frame that could not be written (``stage`` "append") or synced
+    ("fsync"), with the bus left as the general path (``SegmentWriter.append`` and
+    ``append_frames``) leaves it: a partial frame cut back and the write refused alone,
+    or the bus refusing every later write when the cut or the sync failed; then the
+    call's end as its ``leave`` makes it (the page, unchanged, published again; a
+    checkpoint when one is due). Nothing of the write took effect in the state."""
+    if stage == "append":
+        try:
+            fsops.truncate(w.fd, before, w.path)
+        except OSError:
+            w.intact = False
+        w.size = before
+    why = exc.strerror or exc
+    if stage == "append" and w.intact:
+        err = DurabilityError(f"writing the log at {bus.root} failed ({why}); this write was "
+                              "not applied or logged, and the bus goes on")
+    else:
+        bus.failed = exc
+        err = DurabilityError(f"writing the log at {bus.root} failed ({why}); the bus "
+                              "refuses further writes")
+    pub = bus.publisher
+    if pub is not None:
+        pub.touched[pid] = (lo, hi)
+    bus.after_call(state)
+    return err
