@@ -57,6 +57,7 @@ from .._core.kernels import (
     _fill_row,
     entry_point,
 )
+from .._core.log import DeferredLog
 from ..errors import DurabilityError
 from . import fsops, notify
 from .codec import KIND_DELTA
@@ -459,6 +460,12 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
     """
     w = bus.writer
     log = state.log
+    deferred = None
+    if type(log) is DeferredLog:
+        # History not read yet (a reopen): the write goes to the log of the records
+        # after it, as DeferredLog.append does, and the counters are mirrored after.
+        deferred = log
+        log = log.__dict__["_tail"]
     fw = bus.fast
     if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
             or bus.ship is not None or bus.replication is not None or log.sink is None
@@ -567,6 +574,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         log.payload_bytes += plen
         log.next_lsn = lsn + 1
         log.last_timestamp = ts
+        if deferred is not None:
+            deferred._mirror()
         state.next_delta_id = did + 1
         epoch_v[pid] = epoch
         c = state.counters
