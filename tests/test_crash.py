@@ -285,8 +285,11 @@ def test_crash_loop_loses_no_acknowledged_write(tmp_path: Path) -> None:
                 mmsb.mmsb_stop(s)
     finally:
         zyg.close()
-    assert rounds_with_acks >= CRASH_ROUNDS * 0.6, (rounds_with_acks, total_acks)
-    assert total_acks > 5 * CRASH_ROUNDS
+    # The kills must land among writes (not only before the first): enough rounds with
+    # acknowledged writes, and writes in them. How many fit in a round depends on the
+    # machine's load, so the bounds are loose.
+    assert rounds_with_acks >= CRASH_ROUNDS * 0.5, (rounds_with_acks, total_acks)
+    assert total_acks > 2 * CRASH_ROUNDS
 
 
 @pytest.mark.slow
