@@ -343,7 +343,9 @@ class MMSBState:
         self.forced: set[int] = set()
         self.event_queue: list[Event] = []
         self._delivering = threading.local()
-        self._depth = 0
+        # How many calls of this state's API are open in the thread holding its lock
+        # (the lock is re-entrant): 0 between calls.
+        self.call_depth = 0
         self.batch_depth = 0
         self.batch_frame: _BatchFrame | None = None
         self.next_delta_id = 1
@@ -475,15 +477,15 @@ class MMSBState:
             except BaseException:
                 self.lock.release()
                 raise
-        self._depth += 1
-        if self._depth == 1 and self.bus is not None:
+        self.call_depth += 1
+        if self.call_depth == 1 and self.bus is not None:
             self.bus.entered_at = self.log.last_lsn
             if not self.bus.shared:
                 return
             try:
                 changed = self.bus.before_call(self)
             except BaseException:
-                self._depth -= 1
+                self.call_depth -= 1
                 self.lock.release()
                 raise
             if changed:
@@ -512,7 +514,7 @@ class MMSBState:
         ended = 0
         # The newest LSN of a call that logged something: the bus may wait on it (for
         # replication acknowledgements) once the lock is free.
-        if self._depth == 1 and self.bus is not None:
+        if self.call_depth == 1 and self.bus is not None:
             try:
                 if not self.batch_depth:
                     self.bus.after_call(self)
@@ -523,8 +525,8 @@ class MMSBState:
             finally:
                 if self.bus.held:
                     self.bus.end_call()
-        self._depth -= 1
-        if self._depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
+        self.call_depth -= 1
+        if self.call_depth == 0 and self.event_queue and not getattr(self._delivering, "on", False):
             self.lock.release()
             self._deliver_queued()
         else:
@@ -535,6 +537,17 @@ class MMSBState:
             bus = self.bus
             if bus is not None:
                 bus.after_unlock(ended)
+
+    def unlock_and_deliver(self) -> None:
+        """Give the state's lock back at the end of a call that took it itself (the
+        durable one-frame write) and, when that was the outermost call, deliver the
+        events it queued, as :meth:`leave` does."""
+        if self.event_queue and self.call_depth == 0 and not getattr(self._delivering, "on",
+                                                                     False):
+            self.lock.release()
+            self._deliver_queued()
+        else:
+            self.lock.release()
 
     def _deliver_queued(self) -> None:
         """Deliver queued events in order. A handler's own writes queue more events;
@@ -850,9 +863,9 @@ class MMSBState:
         if size is None:
             size = self.config.page_size_default
         if (type(size) is not int or not 0 < size <= MAX_PAGE_SIZE or pid >= len(t.flags)
-                or self._depth or self.closed or self.bus is not None or log.sink is not None
+                or self.call_depth or self.closed or self.bus is not None or log.sink is not None
                 or not self.config.enable_logging):
-            # A batch and a running recompute function hold the lock entered (_depth):
+            # A batch and a running recompute function hold the lock entered (call_depth):
             # both take the general path, which refuses them.
             lock.release()
             return self.create(1, size, "cpu", None)
@@ -1036,7 +1049,7 @@ class MMSBState:
                 return None
             # Nothing below calls out of this frame until the write is logged and applied
             # (no handler, no recompute function), so the call is marked entered
-            # (_depth) only around the calls that can.
+            # (call_depth) only around the calls that can.
             if frame is not None:
                 if frame.writes:
                     log_buffered(self, frame)
@@ -1097,12 +1110,12 @@ class MMSBState:
             epoch_v[pid] = epoch
             if self.events.active or pid in self.graph.children:
                 # Events and propagation run recompute functions and handlers: the call
-                # counts as entered (_depth) while they run, as in write_bytes.
-                self._depth += 1
+                # counts as entered (call_depth) while they run, as in write_bytes.
+                self.call_depth += 1
                 try:
                     self.after_write(pid, epoch, did, lsn, t0, changed)
                 finally:
-                    self._depth -= 1
+                    self.call_depth -= 1
                 return True
             c = self.counters
             # c.delta_apply.add(), inlined.
@@ -1119,14 +1132,14 @@ class MMSBState:
             c.records_logged += 1
             c.payload_bytes_logged += changed
             if row >= self.compact_at and not self.propagating and not self.batch_depth:
-                self._depth += 1
+                self.call_depth += 1
                 try:
                     self.auto_compress()
                 finally:
-                    self._depth -= 1
+                    self.call_depth -= 1
             return True
         finally:
-            if self.event_queue and self._depth == 0 and not getattr(self._delivering, "on", False):
+            if self.event_queue and self.call_depth == 0 and not getattr(self._delivering, "on", False):
                 lock.release()
                 self._deliver_queued()
             else:

@@ -478,7 +478,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
     try:
         pub = bus.publisher
         if (state.closed or state.recomputing is not None or state.batch_frame is not None
-                or state._depth or bus.closed or pub is None or pub.full or pub.failed
+                or state.call_depth or bus.closed or pub is None or pub.full or pub.failed
                 or pub.touched):
             return None
         addr_v, size_v, epoch_v, flags_v = state.table.views
@@ -591,11 +591,11 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             ring.max_ns = log_ns
         if not simple:
             pub.touched[pid] = (off + first, off + last + 1)
-            state._depth += 1
+            state.call_depth += 1
             try:
                 state.after_write(pid, epoch, did, lsn, t0, n)
             finally:
-                state._depth -= 1
+                state.call_depth -= 1
             bus.after_call(state)
             return True
         # c.delta_apply.add(), inlined (keep it like LatencyRing.add).
@@ -619,10 +619,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             bus.maybe_checkpoint(state)
         return True
     finally:
-        if state.event_queue and state._depth == 0 and not getattr(state._delivering, "on",
-                                                                    False):
-            lock.release()
-            state._deliver_queued()
+        if state.event_queue:
+            state.unlock_and_deliver()
         else:
             lock.release()
 
