@@ -1285,12 +1285,15 @@ class TransactionLog:
             yield chunk[lo:lo + size]
 
     @classmethod
-    def from_columns(cls, cols: LogColumns) -> TransactionLog:
+    def from_columns(cls, cols: LogColumns, *, adopt: bool = False) -> TransactionLog:
         """A log holding ``cols`` (checked by the caller: see ``check_columns``): the
         rows filled column by column, the payloads as the log's chunks (one per 4 GiB,
         cut at rows), the step maps, per-page indexes and sources built vectorised, the
-        structural records adopted. O(rows + pages + structural records + payload
-        bytes copied once)."""
+        structural records adopted. ``adopt``: ``cols.payload`` is memory nobody else
+        refers to, and the chunks are read-only views of it instead of copies.
+        O(rows + pages + structural records + payload bytes copied once, none with
+        ``adopt``)."""
+        keep = _readonly_view if adopt else _private_copy
         log = cls()
         n = len(cols)
         if n:
@@ -1307,7 +1310,7 @@ class TransactionLog:
             np.cumsum(cols.plen, out=offsets[1:])
             # Payload chunks: at most 4 GiB each (offsets are 32-bit), cut at rows.
             if offsets[-1] < 1 << 32:
-                log.chunks.append(memoryview(bytearray(cols.payload)))  # one copy
+                log.chunks.append(keep(cols.payload))
                 rows["poff"][:n] = offsets[:-1]
             else:
                 chunk_of = offsets[:-1] >> 32
@@ -1315,7 +1318,7 @@ class TransactionLog:
                 for c in np.unique(chunk_of).tolist():
                     sel = np.flatnonzero(chunk_of == c)
                     lo, hi = int(offsets[sel[0]]), int(offsets[sel[-1] + 1])
-                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi])))
+                    log.chunks.append(keep(cols.payload[lo:hi]))
                     poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
                 rows["poff"][:n] = poff
             sids = np.empty(len(cols.sources), np.int64)
@@ -1839,6 +1842,16 @@ def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
     for part in parts:
         out.extend(part)
     return out
+
+
+def _private_copy(payload: np.ndarray) -> memoryview:
+    return memoryview(bytearray(payload))
+
+
+def _readonly_view(payload: np.ndarray) -> memoryview:
+    # Chunks other than the open one are never written: read-only says so, and keeps
+    # the history from changing through this view.
+    return payload.data.toreadonly()
 
 
 def check_columns(cols: LogColumns, next_page_id: int) -> str | None:

@@ -342,27 +342,33 @@ def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytearray:
 
 
 def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None,
-                    with_log: bool = True) -> CheckpointData:
+                    with_log: bool = True, private: bool = False) -> CheckpointData:
     """Read and validate a checkpoint file (or its bytes). ``with_log=False``: the log
     section is checked against its checksum but not decoded (the records come back
-    empty), for a reader that loads the history later.
+    empty), for a reader that loads the history later. ``private`` (a file only): the
+    file is read into a writable buffer of its own, and when its page bytes and log
+    payload are stored raw and the rest of the file is small beside them, the snapshot
+    is marked ``owned``: one restore may take that memory as its own instead of copying
+    it (the caller must restore it at most once and share it with nothing else).
 
     Raises:
         SerializationError: bad magic, unsupported version, truncation, checksum
             mismatch, or contents that do not describe a consistent state; the message
             names the file and offset.
     """
+    raw: Any
     if isinstance(source, bytes | bytearray | memoryview):
         raw = bytes(source)
         label = path_label or "<bytes>"
+        private = False
     else:
         label = str(source)
         try:
-            raw = fsops.read_all(source)
+            raw = fsops.read_private(source).data if private else fsops.read_all(source)
         except OSError as exc:
             raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                      path=label) from None
-    return _parse(memoryview(raw), label, with_log)
+    return _parse(memoryview(raw), label, with_log, private)
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +481,14 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
     return CheckpointHead(lsn, from_lsn, horizon, bus, base_len)
 
 
-def _parse(buf: memoryview, label: str, with_log: bool = True) -> CheckpointData:
+_ADOPT_SLACK = 64 << 10
+"""A private read's snapshot is ``owned`` only when the file's bytes other than the
+pages and the log payload (which a restore that adopts them keeps alive with them) are
+at most this or an eighth of the file."""
+
+
+def _parse(buf: memoryview, label: str, with_log: bool = True,
+           private: bool = False) -> CheckpointData:
     def fail(reason: str, offset: int | None = None) -> SerializationError:
         return SerializationError(reason, path=label, offset=offset)
 
@@ -543,7 +556,13 @@ def _parse(buf: memoryview, label: str, with_log: bool = True) -> CheckpointData
                           f"this format allows ({INFLATE_RATIO}:1 beyond {INFLATE_FLOOR} bytes)")
         return _decompress(stored, raw_len, sec_err)
 
-    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
+    snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
+    if private and sections[b"PDAT"][0] == CODEC_RAW and sections[b"TLOG"][0] == CODEC_RAW:
+        kept = snap.data.nbytes
+        if isinstance(snap.records, ColumnRecords):
+            kept += snap.records.cols.payload.nbytes
+        snap.owned = total - kept <= max(_ADOPT_SLACK, total >> 3)
+    return snap
 
 
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
