@@ -206,21 +206,25 @@ class Arena:
         n = len(sizes)
         if not n or not data.flags.writeable:
             return None
-        top = int(sizes.max())
-        if top > _LARGE or int(sizes.min()) <= 0:
-            return None
-        for size in np.unique(sizes).tolist():
-            if size_class(size) != size:
+        first = int(sizes[0])
+        uniform = bool((sizes == first).all())
+        for size in [first] if uniform else np.unique(sizes).tolist():
+            if not 0 < size <= _LARGE or size_class(size) != size:
                 return None
-        starts = np.zeros(n, np.int64)
-        np.cumsum(sizes[:-1], out=starts[1:])
+        if uniform:
+            starts = np.arange(0, n * first, first, dtype=np.int64)
+        else:
+            starts = np.zeros(n, np.int64)
+            np.cumsum(sizes[:-1], out=starts[1:])
         total = int(starts[-1]) + int(sizes[-1])
         if total != data.nbytes:
             return None
         # Pages starting in one 64 MiB window of the buffer share a chunk that begins at
         # the first of them, so every offset inside a chunk stays below CHUNK_SIZE.
-        window = starts >> CHUNK_SHIFT
-        firsts = np.flatnonzero(np.diff(window, prepend=-1)).tolist()
+        if starts[-1] < CHUNK_SIZE:
+            firsts = [0]
+        else:
+            firsts = np.flatnonzero(np.diff(starts >> CHUNK_SHIFT, prepend=-1)).tolist()
         addrs = np.empty(n, np.int64)
         for k, a in enumerate(firsts):
             b = firsts[k + 1] if k + 1 < len(firsts) else n
@@ -229,7 +233,7 @@ class Arena:
             index = len(self._chunks)
             self._chunks.append(data[lo:hi])
             self._chunks.extend([None] * (-(-(hi - lo) // CHUNK_SIZE) - 1))
-            addrs[a:b] = (index << CHUNK_SHIFT) + (starts[a:b] - lo)
+            np.add(starts[a:b], (index << CHUNK_SHIFT) - lo, out=addrs[a:b])
         self.bytes_in_use += total
         return addrs
 
