@@ -152,3 +152,26 @@ def test_read_private_reads_the_whole_file(tmp_path: Path) -> None:
         path.write_bytes(data)
         buf = fsops.read_private(path)
         assert buf.flags.writeable and buf.tobytes() == data
+
+
+def test_adopt_cuts_a_large_buffer_into_chunks() -> None:
+    from mmsb._core.arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
+
+    size = 16 << 20
+    sizes = np.array([size] * 5 + [1024] * 3, np.int64)
+    data = np.zeros(int(sizes.sum()), np.uint8)  # mapped lazily: nothing is touched
+    arena = Arena()
+    addrs = arena.adopt(data, sizes)
+    assert addrs is not None
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    for addr, start, n in zip(addrs.tolist(), starts.tolist(), sizes.tolist(), strict=True):
+        assert addr & (CHUNK_SIZE - 1) < CHUNK_SIZE
+        view = arena.view(addr, n)
+        assert view.__array_interface__["data"][0] == data[start:].__array_interface__["data"][0]
+    assert len({a >> CHUNK_SHIFT for a in addrs.tolist()}) == 2
+    arena._check(list(zip(addrs.tolist(), sizes.tolist(), strict=True)))
+    assert arena.adopt(data[: 3 * size], np.array([size, size, size - 1], np.int64)) is None
+    assert arena.adopt(np.zeros(0, np.uint8), sizes[:0]) is None
+    frozen = np.zeros(1024, np.uint8)
+    frozen.flags.writeable = False
+    assert arena.adopt(frozen, np.array([1024], np.int64)) is None
