@@ -1354,11 +1354,11 @@ class MMSBState:
         """Replace everything but the lock, config, subscriptions, counters and the
         durable sink with ``snap`` (caller holds the lock). Fresh tables are built first
         and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
-        t = PageTable()
+        n = int(snap.ids.size)
+        rows = int(snap.ids[-1]) + 1 if n else 0
+        t = PageTable(max(rows + rows // 4, 64))  # room for creations after the restore
         arena = Arena()
         graph = ShadowPageGraph()
-        n = int(snap.ids.size)
-        t.reserve(int(snap.ids[-1]) + 1 if n else 1)
         adopted = arena.adopt(snap.data, snap.sizes) if snap.owned and n else None
         if adopted is not None:
             # The snapshot's buffer becomes the arena's: the pages stay where the file

@@ -25,7 +25,6 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, overload
 
 import numpy as np
@@ -1338,12 +1337,11 @@ class TransactionLog:
             sp = cols.page[order]
             cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
             starts = np.concatenate(([0], cut))
-            raw = order.astype(np.uint32).tobytes()
-            # One array of row numbers per page, built by C-level iteration (no Python
+            every = array("I", order.astype(np.uint32).tobytes())
+            # One array of row numbers per page, sliced by C-level iteration (no Python
             # loop over the pages).
-            spans = map(slice, (4 * starts).tolist(), (4 * np.append(cut, n)).tolist())
-            log.index = dict(zip(sp[starts].tolist(),
-                                 map(array, repeat("I"), map(raw.__getitem__, spans)),
+            spans = map(slice, starts.tolist(), np.append(cut, n).tolist())
+            log.index = dict(zip(sp[starts].tolist(), map(every.__getitem__, spans),
                                  strict=True))
             log.payload_bytes = int(offsets[-1])
         for rec in cols.structs:
@@ -1844,6 +1842,25 @@ def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
     return out
 
 
+def _structs_around(cols: LogColumns) -> bool:
+    """True when the structural records, in order among themselves, all come before
+    the rows or all after them (LSNs increasing, timestamps not decreasing): the usual
+    shape (the pages' creations first), checked without merging. O(structural
+    records)."""
+    structs = cols.structs
+    prev_lsn, prev_ts = structs[0].lsn, structs[0].timestamp
+    for rec in structs[1:]:
+        if rec.lsn <= prev_lsn or rec.timestamp < prev_ts:
+            return False
+        prev_lsn, prev_ts = rec.lsn, rec.timestamp
+    n = len(cols)
+    if not n:
+        return True
+    if prev_lsn < cols.lsn[0] and prev_ts <= cols.ts[0]:
+        return True
+    return bool(structs[0].lsn > cols.lsn[-1] and structs[0].timestamp >= cols.ts[-1])
+
+
 def _private_copy(payload: np.ndarray) -> memoryview:
     return memoryview(bytearray(payload))
 
@@ -1892,7 +1909,7 @@ def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
         return "a delta among the structural records"
     if any(not 0 < rec.lsn < MAX_COUNTER for rec in cols.structs):
         return "a structural record with an LSN out of range"
-    if cols.structs:
+    if cols.structs and not _structs_around(cols):
         # Rows are in order already; merged with the structural records, LSNs must
         # still increase and timestamps never decrease.
         lsn = np.concatenate((cols.lsn, np.fromiter((r.lsn for r in cols.structs), np.int64,

@@ -593,10 +593,10 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     epochs = np.frombuffer(table, "<i8", n, 16 * n).astype(np.int64)
     locs = np.frombuffer(table, "u1", n, 24 * n).astype(np.uint8)
     if n:
-        if ids[0] < 1 or (np.diff(ids) <= 0).any() or ids[-1] >= next_page_id:
+        if ids[0] < 1 or ids[-1] >= next_page_id or (ids[1:] <= ids[:-1]).any():
             raise fail("section PTBL page ids are not ascending, positive and below the next id")
-        if ((sizes <= 0).any() or (sizes > MAX_PAGE_SIZE).any() or (epochs < 0).any()
-                or (epochs >= MAX_COUNTER).any() or (locs > 2).any()):
+        if (sizes.min() <= 0 or sizes.max() > MAX_PAGE_SIZE or epochs.min() < 0
+                or epochs.max() >= MAX_COUNTER or locs.max() > 2):
             raise fail("section PTBL has an impossible size, epoch or location")
         rows = (int(ids[-1]) + 1) * 26
         if rows > physical_memory():
@@ -605,14 +605,16 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if next_page_id < 1 or next_page_id > MAX_PAGE_ID + 1:
         raise fail(f"header next page id {next_page_id} is out of range (page ids stop at "
                    f"{MAX_PAGE_ID})")
-    data = np.frombuffer(get(b"PDAT", int(sizes.sum())), np.uint8)
-    if len(data) != int(sizes.sum()):
+    total = int(sizes.sum())
+    data = np.frombuffer(get(b"PDAT", total), np.uint8)
+    if len(data) != total:
         raise fail("section PDAT does not hold exactly the pages' bytes")
-    id_set = set(ids.tolist())
     metadata: dict[int, dict[str, Any]] = {}
     raw_meta = meta.get("metadata", {})
     if not isinstance(raw_meta, dict):
         raise fail("section META metadata is not a map")
+    # The set of ids (and the sizes by id) only where metadata, masks or edges need it.
+    id_set: set[int] = set(ids.tolist()) if raw_meta else set()
     for key, value in raw_meta.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
                 and int(key) in id_set and isinstance(value, dict)):
@@ -626,7 +628,6 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
             metadata[int(key)] = decode_metadata(encode_metadata(value), "page metadata") if value else {}
         except (ValueError, TypeError, OverflowError) as exc:
             raise fail(f"section META metadata of page {key} does not encode ({exc})") from None
-    size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     masks: dict[int, tuple[np.ndarray, int]] = {}
     try:
         mask_rows = msgpack.unpackb(bytes(get(b"MASK")), raw=False, strict_map_key=False, max_ext_len=0)
@@ -634,6 +635,10 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         raise fail(f"section MASK is not valid msgpack ({exc})") from None
     if not isinstance(mask_rows, list):
         raise fail("section MASK is not a list")
+    size_of: dict[int, int] = {}
+    if mask_rows:
+        id_set = id_set or set(ids.tolist())
+        size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     for row in mask_rows:
         if not (isinstance(row, list) and len(row) == 4 and all(isinstance(x, int) for x in row[:3])
                 and isinstance(row[3], bytes)):
@@ -653,6 +658,8 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     types = np.frombuffer(graph_raw, "u1", m, 4 + 16 * m).tolist()
     g = ShadowPageGraph()
     edges: list[tuple[int, int, EdgeType]] = []
+    if m:
+        id_set = id_set or set(ids.tolist())
     for p, c, et in zip(parents, children, types, strict=True):
         if p not in id_set or c not in id_set or et > 3 or g.has_edge(p, c):
             raise fail(f"section GRPH edge {p} → {c} names a missing page, an unknown type or repeats")
