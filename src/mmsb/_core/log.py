@@ -137,11 +137,16 @@ class _Steps:
     def of(cls, values: np.ndarray) -> _Steps:
         """The map of rows ``0 … len(values)-1`` to ``values``. O(rows), vectorised."""
         out = cls()
-        if len(values):
-            brk = np.concatenate(([0], np.flatnonzero(np.diff(values) != 1) + 1))
-            out.rows = array("q", brk.tobytes())
-            out.vals = array("q", values[brk].astype(np.int64).tobytes())
+        n = len(values)
+        if n:
+            out.rows.append(0)
+            out.vals.append(int(values[0]))
             out.last = int(values[-1])
+            brk = np.flatnonzero(values[1:] - values[:-1] != 1)
+            if len(brk):
+                brk += 1
+                out.rows.frombytes(brk.astype(np.int64).tobytes())
+                out.vals.frombytes(values[brk].astype(np.int64).tobytes())
         return out
 
 
