@@ -154,11 +154,12 @@ def test_read_private_reads_the_whole_file(tmp_path: Path) -> None:
         assert buf.flags.writeable and buf.tobytes() == data
 
 
-def test_adopt_cuts_a_large_buffer_into_chunks() -> None:
+@pytest.mark.parametrize("small", [[1024] * 3, []])
+def test_adopt_cuts_a_large_buffer_into_chunks(small: list[int]) -> None:
     from mmsb._core.arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 
     size = 16 << 20
-    sizes = np.array([size] * 5 + [1024] * 3, np.int64)
+    sizes = np.array([size] * 5 + small, np.int64)
     data = np.zeros(int(sizes.sum()), np.uint8)  # mapped lazily: nothing is touched
     arena = Arena()
     addrs = arena.adopt(data, sizes)

@@ -212,13 +212,22 @@ class Arena:
             if not 0 < size <= _LARGE or size_class(size) != size:
                 return None
         if uniform:
-            starts = np.arange(0, n * first, first, dtype=np.int64)
+            total = n * first
+            if total != data.nbytes:
+                return None
+            if total <= CHUNK_SIZE:
+                index = len(self._chunks)
+                self._chunks.append(data)
+                self.bytes_in_use += total
+                base = index << CHUNK_SHIFT
+                return np.arange(base, base + total, first, dtype=np.int64)
+            starts = np.arange(0, total, first, dtype=np.int64)
         else:
             starts = np.zeros(n, np.int64)
             np.cumsum(sizes[:-1], out=starts[1:])
-        total = int(starts[-1]) + int(sizes[-1])
-        if total != data.nbytes:
-            return None
+            total = int(starts[-1]) + int(sizes[-1])
+            if total != data.nbytes:
+                return None
         # Pages starting in one 64 MiB window of the buffer share a chunk that begins at
         # the first of them, so every offset inside a chunk stays below CHUNK_SIZE.
         if starts[-1] < CHUNK_SIZE:

@@ -799,8 +799,10 @@ def decode_columns(raw: Any, fail: Any) -> LogColumns:
         pos += width * count
         return out
 
-    lsn, ids, epoch, ts = (take("<i8", n).astype(np.int64) for _ in range(4))
-    page, psize, plen, src = (take("<u4", n).astype(np.int64) for _ in range(4))
+    # Four columns of each width lie back to back: one conversion each (the rows of
+    # the results are contiguous views).
+    lsn, ids, epoch, ts = take("<i8", 4 * n).astype(np.int64).reshape(4, n)
+    page, psize, plen, src = take("<u4", 4 * n).astype(np.int64).reshape(4, n)
     enc = take("u1", n).copy()
     base_rows = take("<u8", n_bases)
     if n_bases and int(base_rows.max()) >= n:
