@@ -50,6 +50,13 @@ def test_adopted_pages_and_payload_are_the_saved_state(tmp_path: Path) -> None:
     assert _adopted(t)
     assert all(c is None or c.readonly for c in t.log.chunks)
     _same_state(t, s)
+    # Written again from the adopted memory, then written to: the history still reads.
+    again = tmp_path / "again.ckpt"
+    mmsb.checkpoint_log(t, again)
+    _same_state(_load(again), s)
+    lsn = t.log.last_lsn
+    mmsb.write_page(t, 2, 0, b"new bytes")
+    assert mmsb.query_page(mmsb.replay_to_lsn(t, lsn), 2) == mmsb.query_page(s, 2)
 
 
 def test_adopted_pages_are_private(tmp_path: Path) -> None:
