@@ -618,7 +618,9 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     _check_path(path, "load_checkpoint")
     with state.lock:
         state.refuse_in_batch("load_checkpoint")
-    ck = read_checkpoint(path)
+    # Read privately: the state may keep the buffer's pages and log payload (restored
+    # once, below) instead of copying them.
+    ck = read_checkpoint(path, private=True)
     state.enter()
     try:
         state.refuse_in_batch("load_checkpoint")

@@ -195,6 +195,57 @@ class Arena:
             return np.empty(0, dtype=np.int64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def adopt(self, data: np.ndarray, sizes: np.ndarray) -> np.ndarray | None:
+        """Take ``data``, pages of ``sizes`` bytes back to back (a writable uint8 buffer
+        nobody else refers to), as slots of the arena without copying it; returns the
+        pages' addresses (int64), or None, with nothing changed, unless every size is
+        its own size class and at most a quarter chunk (so that a freed slot is reused
+        at exactly its width, and none is a dedicated buffer). The buffer becomes one
+        chunk per 64 MiB of page starts. O(pages) in numpy.
+        """
+        n = len(sizes)
+        if not n or not data.flags.writeable:
+            return None
+        first = int(sizes[0])
+        uniform = bool((sizes == first).all())
+        for size in [first] if uniform else np.unique(sizes).tolist():
+            if not 0 < size <= _LARGE or size_class(size) != size:
+                return None
+        if uniform:
+            total = n * first
+            if total != data.nbytes:
+                return None
+            if total <= CHUNK_SIZE:
+                index = len(self._chunks)
+                self._chunks.append(data)
+                self.bytes_in_use += total
+                base = index << CHUNK_SHIFT
+                return np.arange(base, base + total, first, dtype=np.int64)
+            starts = np.arange(0, total, first, dtype=np.int64)
+        else:
+            starts = np.zeros(n, np.int64)
+            np.cumsum(sizes[:-1], out=starts[1:])
+            total = int(starts[-1]) + int(sizes[-1])
+            if total != data.nbytes:
+                return None
+        # Pages starting in one 64 MiB window of the buffer share a chunk that begins at
+        # the first of them, so every offset inside a chunk stays below CHUNK_SIZE.
+        if starts[-1] < CHUNK_SIZE:
+            firsts = [0]
+        else:
+            firsts = np.flatnonzero(np.diff(starts >> CHUNK_SHIFT, prepend=-1)).tolist()
+        addrs = np.empty(n, np.int64)
+        for k, a in enumerate(firsts):
+            b = firsts[k + 1] if k + 1 < len(firsts) else n
+            lo = int(starts[a])
+            hi = int(starts[b]) if b < n else total
+            index = len(self._chunks)
+            self._chunks.append(data[lo:hi])
+            self._chunks.extend([None] * (-(-(hi - lo) // CHUNK_SIZE) - 1))
+            np.add(starts[a:b], (index << CHUNK_SHIFT) - lo, out=addrs[a:b])
+        self.bytes_in_use += total
+        return addrs
+
     def free(self, addr: int, size: int) -> None:
         """Return the slot at ``addr`` (made for ``size`` bytes) to the allocator. O(1)."""
         cls = size_class(size)

@@ -1367,12 +1367,17 @@ class MMSBState:
         """Replace everything but the lock, config, subscriptions, counters and the
         durable sink with ``snap`` (caller holds the lock). Fresh tables are built first
         and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
-        t = PageTable()
+        n = int(snap.ids.size)
+        rows = int(snap.ids[-1]) + 1 if n else 0
+        t = PageTable(max(rows + rows // 4, 64))  # room for creations after the restore
         arena = Arena()
         graph = ShadowPageGraph()
-        n = int(snap.ids.size)
-        t.reserve(int(snap.ids[-1]) + 1 if n else 1)
-        if n:
+        adopted = arena.adopt(snap.data, snap.sizes) if snap.owned and n else None
+        if adopted is not None:
+            # The snapshot's buffer becomes the arena's: the pages stay where the file
+            # was read, no copy.
+            t.set_rows(snap.ids, adopted, snap.sizes, snap.epochs, snap.locs)
+        elif n:
             # Group runs of consecutive ids of one size: one bulk allocation each.
             ids, sizes = snap.ids, snap.sizes
             brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(sizes) != 0)) + 1
@@ -1398,7 +1403,7 @@ class MMSBState:
         if isinstance(snap.records, ColumnRecords):
             # A log held as columns: built from them in one go (the snapshot may be
             # restored again: its columns are only read).
-            log = TransactionLog.from_columns(snap.records.cols)
+            log = TransactionLog.from_columns(snap.records.cols, adopt=snap.owned)
         else:
             log = TransactionLog()
             log.replace_all(snap.records)
@@ -1421,6 +1426,7 @@ class MMSBState:
         self.pending.clear()
         self.forced.clear()
         self.compaction = None
+        snap.owned = False
 
     def refuse_in_batch(self, what: str) -> None:
         """Calls that read or replace the whole log cannot run inside an open batch,

@@ -25,7 +25,6 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, overload
 
 import numpy as np
@@ -138,11 +137,16 @@ class _Steps:
     def of(cls, values: np.ndarray) -> _Steps:
         """The map of rows ``0 … len(values)-1`` to ``values``. O(rows), vectorised."""
         out = cls()
-        if len(values):
-            brk = np.concatenate(([0], np.flatnonzero(np.diff(values) != 1) + 1))
-            out.rows = array("q", brk.tobytes())
-            out.vals = array("q", values[brk].astype(np.int64).tobytes())
+        n = len(values)
+        if n:
+            out.rows.append(0)
+            out.vals.append(int(values[0]))
             out.last = int(values[-1])
+            brk = np.flatnonzero(values[1:] - values[:-1] != 1)
+            if len(brk):
+                brk += 1
+                out.rows.frombytes(brk.astype(np.int64).tobytes())
+                out.vals.frombytes(values[brk].astype(np.int64).tobytes())
         return out
 
 
@@ -1285,12 +1289,15 @@ class TransactionLog:
             yield chunk[lo:lo + size]
 
     @classmethod
-    def from_columns(cls, cols: LogColumns) -> TransactionLog:
+    def from_columns(cls, cols: LogColumns, *, adopt: bool = False) -> TransactionLog:
         """A log holding ``cols`` (checked by the caller: see ``check_columns``): the
         rows filled column by column, the payloads as the log's chunks (one per 4 GiB,
         cut at rows), the step maps, per-page indexes and sources built vectorised, the
-        structural records adopted. O(rows + pages + structural records + payload
-        bytes copied once)."""
+        structural records adopted. ``adopt``: ``cols.payload`` is memory nobody else
+        refers to, and the chunks are read-only views of it instead of copies.
+        O(rows + pages + structural records + payload bytes copied once, none with
+        ``adopt``)."""
+        keep = _readonly_view if adopt else _private_copy
         log = cls()
         n = len(cols)
         if n:
@@ -1307,7 +1314,7 @@ class TransactionLog:
             np.cumsum(cols.plen, out=offsets[1:])
             # Payload chunks: at most 4 GiB each (offsets are 32-bit), cut at rows.
             if offsets[-1] < 1 << 32:
-                log.chunks.append(memoryview(bytearray(cols.payload)))  # one copy
+                log.chunks.append(keep(cols.payload))
                 rows["poff"][:n] = offsets[:-1]
             else:
                 chunk_of = offsets[:-1] >> 32
@@ -1315,7 +1322,7 @@ class TransactionLog:
                 for c in np.unique(chunk_of).tolist():
                     sel = np.flatnonzero(chunk_of == c)
                     lo, hi = int(offsets[sel[0]]), int(offsets[sel[-1] + 1])
-                    log.chunks.append(memoryview(bytearray(cols.payload[lo:hi])))
+                    log.chunks.append(keep(cols.payload[lo:hi]))
                     poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
                 rows["poff"][:n] = poff
             sids = np.empty(len(cols.sources), np.int64)
@@ -1335,12 +1342,11 @@ class TransactionLog:
             sp = cols.page[order]
             cut = np.flatnonzero(sp[1:] != sp[:-1]) + 1
             starts = np.concatenate(([0], cut))
-            raw = order.astype(np.uint32).tobytes()
-            # One array of row numbers per page, built by C-level iteration (no Python
+            every = array("I", order.astype(np.uint32).tobytes())
+            # One array of row numbers per page, sliced by C-level iteration (no Python
             # loop over the pages).
-            spans = map(slice, (4 * starts).tolist(), (4 * np.append(cut, n)).tolist())
-            log.index = dict(zip(sp[starts].tolist(),
-                                 map(array, repeat("I"), map(raw.__getitem__, spans)),
+            spans = map(slice, starts.tolist(), np.append(cut, n).tolist())
+            log.index = dict(zip(sp[starts].tolist(), map(every.__getitem__, spans),
                                  strict=True))
             log.payload_bytes = int(offsets[-1])
         for rec in cols.structs:
@@ -1841,6 +1847,35 @@ def join_records(parts: Sequence[Sequence[AnyRecord]]) -> Sequence[AnyRecord]:
     return out
 
 
+def _structs_around(cols: LogColumns) -> bool:
+    """True when the structural records, in order among themselves, all come before
+    the rows or all after them (LSNs increasing, timestamps not decreasing): the usual
+    shape (the pages' creations first), checked without merging. O(structural
+    records)."""
+    structs = cols.structs
+    prev_lsn, prev_ts = structs[0].lsn, structs[0].timestamp
+    for rec in structs[1:]:
+        if rec.lsn <= prev_lsn or rec.timestamp < prev_ts:
+            return False
+        prev_lsn, prev_ts = rec.lsn, rec.timestamp
+    n = len(cols)
+    if not n:
+        return True
+    if prev_lsn < cols.lsn[0] and prev_ts <= cols.ts[0]:
+        return True
+    return bool(structs[0].lsn > cols.lsn[-1] and structs[0].timestamp >= cols.ts[-1])
+
+
+def _private_copy(payload: np.ndarray) -> memoryview:
+    return memoryview(bytearray(payload))
+
+
+def _readonly_view(payload: np.ndarray) -> memoryview:
+    # Chunks other than the open one are never written: read-only says so, and keeps
+    # the history from changing through this view.
+    return payload.data.toreadonly()
+
+
 def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
     """Why ``cols`` (read from a file) cannot be a log's records, or None when it can:
     row fields in range (pages below ``next_page_id``, sizes, epochs, LSNs, ids and
@@ -1879,7 +1914,7 @@ def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
         return "a delta among the structural records"
     if any(not 0 < rec.lsn < MAX_COUNTER for rec in cols.structs):
         return "a structural record with an LSN out of range"
-    if cols.structs:
+    if cols.structs and not _structs_around(cols):
         # Rows are in order already; merged with the structural records, LSNs must
         # still increase and timestamps never decrease.
         lsn = np.concatenate((cols.lsn, np.fromiter((r.lsn for r in cols.structs), np.int64,

@@ -82,6 +82,22 @@ class PageTable:
         self.next_id = max(self.next_id, end)
         self.live_count += n
 
+    def set_rows(self, ids: np.ndarray, addrs: np.ndarray, sizes: np.ndarray,
+                 epochs: np.ndarray, locs: np.ndarray) -> None:
+        """Fill the rows of new pages ``ids`` (ascending, not live yet) from columns.
+        O(n) in numpy."""
+        n = len(ids)
+        if not n:
+            return
+        self.reserve(int(ids[-1]) + 1)
+        self.addr[ids] = addrs
+        self.size[ids] = sizes
+        self.epoch[ids] = epochs
+        self.loc[ids] = locs
+        self.flags[ids] = LIVE
+        self.next_id = max(self.next_id, int(ids[-1]) + 1)
+        self.live_count += n
+
     def add_row(self, page_id: int, addr: int, size: int, loc: int) -> None:
         """Fill the row of one new page. O(1)."""
         if page_id >= len(self.addr):

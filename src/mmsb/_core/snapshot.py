@@ -66,3 +66,8 @@ class Snapshot:
     """The log holds the records after this LSN (0: the whole retained log)."""
     bus: dict[str, Any] | None = None
     """Durable bus identity: ``bus_id`` (hex), ``generation``; None for plain files."""
+    owned: bool = False
+    """``data`` and the log columns' payload lie in writable memory that nothing else
+    refers to (a buffer a file was read into for this snapshot alone): the next restore
+    may take them as the state's pages and log payload instead of copying them, and
+    clears this flag."""

@@ -342,27 +342,33 @@ def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytearray:
 
 
 def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None,
-                    with_log: bool = True) -> CheckpointData:
+                    with_log: bool = True, private: bool = False) -> CheckpointData:
     """Read and validate a checkpoint file (or its bytes). ``with_log=False``: the log
     section is checked against its checksum but not decoded (the records come back
-    empty), for a reader that loads the history later.
+    empty), for a reader that loads the history later. ``private`` (a file only): the
+    file is read into a writable buffer of its own, and when its page bytes and log
+    payload are stored raw and the rest of the file is small beside them, the snapshot
+    is marked ``owned``: one restore may take that memory as its own instead of copying
+    it (the caller must restore it at most once and share it with nothing else).
 
     Raises:
         SerializationError: bad magic, unsupported version, truncation, checksum
             mismatch, or contents that do not describe a consistent state; the message
             names the file and offset.
     """
+    raw: Any
     if isinstance(source, bytes | bytearray | memoryview):
         raw = bytes(source)
         label = path_label or "<bytes>"
+        private = False
     else:
         label = str(source)
         try:
-            raw = fsops.read_all(source)
+            raw = fsops.read_private(source).data if private else fsops.read_all(source)
         except OSError as exc:
             raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                      path=label) from None
-    return _parse(memoryview(raw), label, with_log)
+    return _parse(memoryview(raw), label, with_log, private)
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +481,14 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
     return CheckpointHead(lsn, from_lsn, horizon, bus, base_len)
 
 
-def _parse(buf: memoryview, label: str, with_log: bool = True) -> CheckpointData:
+_ADOPT_SLACK = 64 << 10
+"""A private read's snapshot is ``owned`` only when the file's bytes other than the
+pages and the log payload (which a restore that adopts them keeps alive with them) are
+at most this or an eighth of the file."""
+
+
+def _parse(buf: memoryview, label: str, with_log: bool = True,
+           private: bool = False) -> CheckpointData:
     def fail(reason: str, offset: int | None = None) -> SerializationError:
         return SerializationError(reason, path=label, offset=offset)
 
@@ -543,7 +556,13 @@ def _parse(buf: memoryview, label: str, with_log: bool = True) -> CheckpointData
                           f"this format allows ({INFLATE_RATIO}:1 beyond {INFLATE_FLOOR} bytes)")
         return _decompress(stored, raw_len, sec_err)
 
-    return _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
+    snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
+    if private and sections[b"PDAT"][0] == CODEC_RAW and sections[b"TLOG"][0] == CODEC_RAW:
+        kept = snap.data.nbytes
+        if isinstance(snap.records, ColumnRecords):
+            kept += snap.records.cols.payload.nbytes
+        snap.owned = total - kept <= max(_ADOPT_SLACK, total >> 3)
+    return snap
 
 
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
@@ -574,10 +593,10 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     epochs = np.frombuffer(table, "<i8", n, 16 * n).astype(np.int64)
     locs = np.frombuffer(table, "u1", n, 24 * n).astype(np.uint8)
     if n:
-        if ids[0] < 1 or (np.diff(ids) <= 0).any() or ids[-1] >= next_page_id:
+        if ids[0] < 1 or ids[-1] >= next_page_id or (ids[1:] <= ids[:-1]).any():
             raise fail("section PTBL page ids are not ascending, positive and below the next id")
-        if ((sizes <= 0).any() or (sizes > MAX_PAGE_SIZE).any() or (epochs < 0).any()
-                or (epochs >= MAX_COUNTER).any() or (locs > 2).any()):
+        if (sizes.min() <= 0 or sizes.max() > MAX_PAGE_SIZE or epochs.min() < 0
+                or epochs.max() >= MAX_COUNTER or locs.max() > 2):
             raise fail("section PTBL has an impossible size, epoch or location")
         rows = (int(ids[-1]) + 1) * 26
         if rows > physical_memory():
@@ -586,14 +605,16 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     if next_page_id < 1 or next_page_id > MAX_PAGE_ID + 1:
         raise fail(f"header next page id {next_page_id} is out of range (page ids stop at "
                    f"{MAX_PAGE_ID})")
-    data = np.frombuffer(get(b"PDAT", int(sizes.sum())), np.uint8)
-    if len(data) != int(sizes.sum()):
+    total = int(sizes.sum())
+    data = np.frombuffer(get(b"PDAT", total), np.uint8)
+    if len(data) != total:
         raise fail("section PDAT does not hold exactly the pages' bytes")
-    id_set = set(ids.tolist())
     metadata: dict[int, dict[str, Any]] = {}
     raw_meta = meta.get("metadata", {})
     if not isinstance(raw_meta, dict):
         raise fail("section META metadata is not a map")
+    # The set of ids (and the sizes by id) only where metadata, masks or edges need it.
+    id_set: set[int] = set(ids.tolist()) if raw_meta else set()
     for key, value in raw_meta.items():
         if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10
                 and int(key) in id_set and isinstance(value, dict)):
@@ -607,7 +628,6 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
             metadata[int(key)] = decode_metadata(encode_metadata(value), "page metadata") if value else {}
         except (ValueError, TypeError, OverflowError) as exc:
             raise fail(f"section META metadata of page {key} does not encode ({exc})") from None
-    size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     masks: dict[int, tuple[np.ndarray, int]] = {}
     try:
         mask_rows = msgpack.unpackb(bytes(get(b"MASK")), raw=False, strict_map_key=False, max_ext_len=0)
@@ -615,6 +635,10 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         raise fail(f"section MASK is not valid msgpack ({exc})") from None
     if not isinstance(mask_rows, list):
         raise fail("section MASK is not a list")
+    size_of: dict[int, int] = {}
+    if mask_rows:
+        id_set = id_set or set(ids.tolist())
+        size_of = dict(zip(ids.tolist(), sizes.tolist(), strict=True))
     for row in mask_rows:
         if not (isinstance(row, list) and len(row) == 4 and all(isinstance(x, int) for x in row[:3])
                 and isinstance(row[3], bytes)):
@@ -634,6 +658,8 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     types = np.frombuffer(graph_raw, "u1", m, 4 + 16 * m).tolist()
     g = ShadowPageGraph()
     edges: list[tuple[int, int, EdgeType]] = []
+    if m:
+        id_set = id_set or set(ids.tolist())
     for p, c, et in zip(parents, children, types, strict=True):
         if p not in id_set or c not in id_set or et > 3 or g.has_edge(p, c):
             raise fail(f"section GRPH edge {p} → {c} names a missing page, an unknown type or repeats")
@@ -773,8 +799,10 @@ def decode_columns(raw: Any, fail: Any) -> LogColumns:
         pos += width * count
         return out
 
-    lsn, ids, epoch, ts = (take("<i8", n).astype(np.int64) for _ in range(4))
-    page, psize, plen, src = (take("<u4", n).astype(np.int64) for _ in range(4))
+    # Four columns of each width lie back to back: one conversion each (the rows of
+    # the results are contiguous views).
+    lsn, ids, epoch, ts = take("<i8", 4 * n).astype(np.int64).reshape(4, n)
+    page, psize, plen, src = take("<u4", 4 * n).astype(np.int64).reshape(4, n)
     enc = take("u1", n).copy()
     base_rows = take("<u8", n_bases)
     if n_bases and int(base_rows.max()) >= n:

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "create_exclusive",
-           "read_all", "read_fd", "write_all", "fsync", "fdatasync", "truncate", "replace",
+           "read_all", "read_fd", "read_private", "write_all", "fsync", "fdatasync", "truncate", "replace",
            "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
 
 FILE_MODE = 0o600
@@ -129,6 +131,43 @@ def read_all(path: Any) -> bytes:
         return read_fd(fd)
     finally:
         os.close(fd)
+
+
+def read_private(path: Any) -> np.ndarray:
+    """All bytes of the regular file ``path`` in a new writable uint8 array that nothing
+    else refers to: read straight into it (no intermediate ``bytes``), so its memory is
+    touched once. A file that grows while it is read is read to its end.
+
+    Raises:
+        OSError: missing, unreadable, or not a regular file.
+    """
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        buf = np.empty(size, np.uint8)
+        pos = 0
+        while pos < size:
+            got = os.preadv(fd, [buf[pos:].data], pos)
+            if not got:
+                return buf[:pos]
+            pos += got
+        more = _read_tail(fd, size)
+        if more:
+            return np.concatenate((buf, np.frombuffer(more, np.uint8)))
+        return buf
+    finally:
+        os.close(fd)
+
+
+def _read_tail(fd: int, pos: int) -> bytes:
+    """The bytes of ``fd`` from ``pos`` to its end (empty when there are none)."""
+    parts: list[bytes] = []
+    while True:
+        chunk = os.pread(fd, 1 << 16, pos)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        pos += len(chunk)
 
 
 def write_all(fd: int, data: Any, path: Any) -> int:

@@ -1,0 +1,185 @@
+"""``load_checkpoint`` reads the file into a buffer of its own and, where the layout
+allows (page bytes and log payload stored raw, every page size its own size class), keeps
+the pages and the log payload there instead of copying them. The restored state is the
+saved one; its pages are its own (a write reaches neither the log's history, nor another
+state loaded from the same file, nor the state it was saved from); layouts that do not
+allow it are copied as before; damaged files are refused before anything changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmsb
+from mmsb._core.engine import MMSBState
+from mmsb._storage import checkpoint as ckpt_mod
+from mmsb._storage import fsops
+from mmsb.errors import SerializationError
+from test_timetravel import CFG, _same_state
+
+
+def _state(sizes: list[int], seed: int = 7) -> MMSBState:
+    rng = np.random.default_rng(seed)
+    s = MMSBState(CFG)
+    for size in sizes:
+        page = mmsb.create_page(s, size)
+        mmsb.update_page(s, page.id, rng.integers(1, 256, size, dtype=np.uint8).tobytes())
+    for pid in range(1, len(sizes) + 1, 3):
+        mmsb.write_page(s, pid, 1, b"ab")
+    return s
+
+
+def _load(path: Path) -> MMSBState:
+    t = MMSBState(CFG)
+    mmsb.load_checkpoint(t, path)
+    return t
+
+
+def _adopted(s: MMSBState) -> bool:
+    chunk = s.arena.chunk(0)
+    return chunk is not None and not chunk.flags.owndata
+
+
+def test_adopted_pages_and_payload_are_the_saved_state(tmp_path: Path) -> None:
+    s = _state([1024] * 20 + [64] * 7 + [4096] * 3)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    t = _load(path)
+    assert _adopted(t)
+    assert all(c is None or c.readonly for c in t.log.chunks)
+    _same_state(t, s)
+    # Written again from the adopted memory, then written to: the history still reads.
+    again = tmp_path / "again.ckpt"
+    mmsb.checkpoint_log(t, again)
+    _same_state(_load(again), s)
+    lsn = t.log.last_lsn
+    mmsb.write_page(t, 2, 0, b"new bytes")
+    assert mmsb.query_page(mmsb.replay_to_lsn(t, lsn), 2) == mmsb.query_page(s, 2)
+
+
+def test_adopted_pages_are_private(tmp_path: Path) -> None:
+    s = _state([1024] * 12)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    a, b = _load(path), _load(path)
+    assert _adopted(a) and _adopted(b)
+    lsn = a.log.last_lsn
+    before = {pid: mmsb.query_page(a, pid) for pid in a.pages}
+    for pid in a.pages:
+        mmsb.update_page(a, pid, bytes([pid]) * 1024)
+    for pid, old in before.items():
+        assert mmsb.query_page(b, pid) == old
+        assert mmsb.query_page(s, pid) == old
+    past = mmsb.replay_to_lsn(a, lsn)
+    assert {pid: mmsb.query_page(past, pid) for pid in past.pages} == before
+    a._check()
+
+
+def test_a_freed_adopted_slot_is_reused_at_its_width(tmp_path: Path) -> None:
+    s = _state([256] * 9)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    t = _load(path)
+    assert _adopted(t)
+    neighbours = {pid: mmsb.query_page(t, pid) for pid in (4, 6)}
+    mmsb.delete_page(t, 5)
+    page = mmsb.create_page(t, 256)
+    assert mmsb.query_page(t, page.id) == bytes(256)
+    mmsb.update_page(t, page.id, b"\xff" * 256)
+    assert {pid: mmsb.query_page(t, pid) for pid in (4, 6)} == neighbours
+    t._check()
+
+
+@pytest.mark.parametrize("sizes", [[300] * 5, [1024, 1000, 64], [70_000, 64]])
+def test_layouts_that_cannot_be_adopted_are_copied(tmp_path: Path, sizes: list[int]) -> None:
+    s = _state(sizes)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    t = _load(path)
+    assert not _adopted(t)
+    _same_state(t, s)
+
+
+def test_a_snapshot_is_adopted_once(tmp_path: Path) -> None:
+    s = _state([512] * 6)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    snap = ckpt_mod.read_checkpoint(path, private=True)
+    assert snap.owned
+    a, b = MMSBState(CFG), MMSBState(CFG)
+    with a.lock:
+        a.restore(snap)
+    assert not snap.owned
+    with b.lock:
+        b.restore(snap)
+    assert _adopted(a) and not _adopted(b)
+    mmsb.update_page(a, 1, bytes(512))
+    assert mmsb.query_page(b, 1) == mmsb.query_page(s, 1)
+    assert not ckpt_mod.read_checkpoint(path).owned
+    assert not ckpt_mod.read_checkpoint(path.read_bytes()).owned
+
+
+def test_a_file_mostly_of_other_bytes_is_not_adopted(tmp_path: Path) -> None:
+    s = _state([64] * 4)
+    mmsb.create_page(s, 64, metadata={"blob": np.random.default_rng(5).bytes(200_000).hex()})
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    assert not ckpt_mod.read_checkpoint(path, private=True).owned
+    t = _load(path)
+    assert not _adopted(t)
+    _same_state(t, s)
+
+
+def test_private_read_of_a_damaged_file_changes_nothing(tmp_path: Path) -> None:
+    s = _state([1024] * 8)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    good = path.read_bytes()
+    t = _state([64] * 2, seed=3)
+    pages = {pid: mmsb.query_page(t, pid) for pid in t.pages}
+    for cut in (len(good) // 2, len(good) - 1):
+        path.write_bytes(good[:cut])
+        with pytest.raises(SerializationError):
+            mmsb.load_checkpoint(t, path)
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(SerializationError, match="checksum"):
+        mmsb.load_checkpoint(t, path)
+    assert {pid: mmsb.query_page(t, pid) for pid in t.pages} == pages
+    t._check()
+
+
+def test_read_private_reads_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    for size in (0, 1, 65_537, 300_001):
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+        path.write_bytes(data)
+        buf = fsops.read_private(path)
+        assert buf.flags.writeable and buf.tobytes() == data
+
+
+@pytest.mark.parametrize("small", [[1024] * 3, []])
+def test_adopt_cuts_a_large_buffer_into_chunks(small: list[int]) -> None:
+    from mmsb._core.arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
+
+    size = 16 << 20
+    sizes = np.array([size] * 5 + small, np.int64)
+    data = np.zeros(int(sizes.sum()), np.uint8)  # mapped lazily: nothing is touched
+    arena = Arena()
+    addrs = arena.adopt(data, sizes)
+    assert addrs is not None
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    for addr, start, n in zip(addrs.tolist(), starts.tolist(), sizes.tolist(), strict=True):
+        assert addr & (CHUNK_SIZE - 1) < CHUNK_SIZE
+        view = arena.view(addr, n)
+        assert view.__array_interface__["data"][0] == data[start:].__array_interface__["data"][0]
+    assert len({a >> CHUNK_SHIFT for a in addrs.tolist()}) == 2
+    arena._check(list(zip(addrs.tolist(), sizes.tolist(), strict=True)))
+    assert arena.adopt(data[: 3 * size], np.array([size, size, size - 1], np.int64)) is None
+    assert arena.adopt(np.zeros(0, np.uint8), sizes[:0]) is None
+    frozen = np.zeros(1024, np.uint8)
+    frozen.flags.writeable = False
+    assert arena.adopt(frozen, np.array([1024], np.int64)) is None
