@@ -1108,14 +1108,16 @@ class MMSBState:
             # c.delta_apply.add(), inlined.
             ns = time.perf_counter_ns() - t0
             ring = c.delta_apply
-            pos = ring.pos
-            ring.samples[pos] = ns
+            at = ring.at
+            samples = ring.samples
+            pos = at[0]
+            samples[pos] = ns
             pos += 1
-            ring.pos = 0 if pos == len(ring.samples) else pos
-            ring.count += 1
-            ring.total_ns += ns
-            if ns > ring.max_ns:
-                ring.max_ns = ns
+            at[0] = 0 if pos == len(samples) else pos
+            at[1] += 1
+            at[2] += ns
+            if ns > at[3]:
+                at[3] = ns
             c.records_logged += 1
             c.payload_bytes_logged += changed
             if row >= self.compact_at and not self.propagating and not self.batch_depth:

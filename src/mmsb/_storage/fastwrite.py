@@ -86,19 +86,22 @@ _NO_ROOM = -2
 _EINTR = 4
 
 
-def _libc_addresses() -> tuple[int, int, int]:
-    """Addresses of libc's ``write``, ``fdatasync`` and ``__errno_location`` (glibc and
-    musl have all three), for the compiled path to call; zeros where not found (then
-    the general path takes every write)."""
+def _libc_addresses() -> tuple[int, int, int, int]:
+    """Addresses of libc's ``write``, ``fdatasync``, ``__errno_location`` and
+    ``clock_gettime`` (glibc and musl have all four), for the compiled path to call;
+    zeros where not found (then the general path takes every write)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return tuple(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value or 0
-                     for name in ("write", "fdatasync", "__errno_location"))  # type: ignore[return-value]
+                     for name in ("write", "fdatasync", "__errno_location",
+                                  "clock_gettime"))  # type: ignore[return-value]
     except (OSError, AttributeError):
-        return 0, 0, 0
+        return 0, 0, 0, 0
 
 
-_LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0)
+_LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0, 0)
+_CLOCK_MONOTONIC = 1
+"""Linux's clock id of ``CLOCK_MONOTONIC``, the clock of ``time.perf_counter_ns``."""
 
 
 def _write_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any) -> Any:  # pragma: no cover
@@ -135,6 +138,17 @@ def _errno_typer(typingctx: Any, fn: Any) -> Any:  # pragma: no cover
     return sig, codegen
 
 
+def _clock_typer(typingctx: Any, fn: Any, clock: Any, addr: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i32, i64]).as_pointer())
+        return builder.sext(builder.call(f, [builder.trunc(args[1], i32), args[2]]), i64)
+
+    return sig, codegen
+
+
 def _ptr_typer(typingctx: Any, addr: Any, like: Any) -> Any:  # pragma: no cover
     dtype = like.dtype
     sig = types.CPointer(dtype)(types.int64, like)
@@ -152,11 +166,16 @@ _ptr: Any = intrinsic(_ptr_typer)
 _c_write: Any = intrinsic(_write_typer)
 _c_fdatasync: Any = intrinsic(_sync_typer)
 _c_errno: Any = intrinsic(_errno_typer)
+_c_clock_gettime: Any = intrinsic(_clock_typer)
 
 # Fields of FastWriter.consts, the ints that change only when the segment, the
-# publisher's mappings or the source name do.
+# publisher's mappings, the log's chunk, the state's counters or the source name do;
+# the last two words are the kernel's room for clock_gettime's timespec.
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
-    _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN = range(15)
+    _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN, _K_OUT, \
+    _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
+    _K_APPLY_CAP, _K_TIMESPEC = range(25)
+_K_WORDS = _K_TIMESPEC + 2
 _HEAD_WORDS = HEAD_SIZE // 8
 # Words of the mapped head (see mapped.py's layout).
 _LOG_WORD = _LOG_OFF // 8
@@ -167,6 +186,31 @@ _BUMP_WORD = _BUMP_OFF // 8
 def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: no cover
     for j in range(nbytes):
         out[at + j] = (value >> (8 * j)) & 0xFF
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _now(k: np.ndarray) -> int:  # pragma: no cover - compiled
+    """``time.perf_counter_ns()`` (CLOCK_MONOTONIC) through libc's ``clock_gettime``,
+    the timespec in ``k``'s last two words."""
+    _c_clock_gettime(k[_K_CLOCK], _CLOCK_MONOTONIC, k.ctypes.data + 8 * _K_TIMESPEC)
+    return k[_K_TIMESPEC] * 1_000_000_000 + k[_K_TIMESPEC + 1]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sample(k: np.ndarray, ring: int, ns: int) -> None:  # pragma: no cover - compiled
+    """``LatencyRing.add(ns)`` on the ring whose ``samples``, ``at`` and capacity are at
+    ``k[ring:ring + 3]`` (the two arrays through their addresses)."""
+    cap = k[ring + 2]
+    samples = carray(_ptr(k[ring], k), (cap,))
+    at = carray(_ptr(k[ring + 1], k), (4,))
+    pos = at[0]
+    samples[pos] = ns
+    pos += 1
+    at[0] = 0 if pos == cap else pos
+    at[1] += 1
+    at[2] += ns
+    if ns > at[3]:
+        at[3] = ns
 
 
 @njit(cache=True, nogil=True)
@@ -322,26 +366,32 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
 
 @njit(cache=True, nogil=True)
 def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
-                 row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, pid: int,
-                 epoch: int, ts: int, src: int, lsn: int, did: int, next_id: int, bump: int,
-                 end: int, publish: bool,
+                 row: int, coff: int, ci: int, pid: int, epoch: int, ts: int, src: int,
+                 lsn: int, did: int, next_id: int, bump: int, end: int, publish: bool,
                  k: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover
     """The whole path in one call: :func:`_encode`; the frame written to the segment
     (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
-    :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the mapped files are
-    reached through the addresses there, fewer arrays to pass); ``end``: the segment's
-    size before this frame. Returns ``_encode``'s five values and a status:
-    0, or 1 when followers wait on the notify word (the caller wakes them), or, when a
-    file step failed (nothing applied), ``-(errno * 2 + (1 if it was the sync))``."""
-    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0:
+    :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the frame buffer, the
+    log's current chunk, the mapped files and the counters' rings are reached through
+    the addresses there: each array passed costs the call about 0.09 µs); ``end``: the
+    segment's size before this frame. A written frame records the state's
+    ``log_append`` sample (this call's start to the frame in the kernel) and, when
+    ``publish``, its ``delta_apply`` sample (to the page published). Returns
+    ``_encode``'s five values and a status: 0, or 1 when followers wait on the notify
+    word (the caller wakes them), or, when a file step failed (nothing applied),
+    ``-(errno * 2 + (1 if it was the sync))``."""
+    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0 or k[_K_LOG_RING] == 0:
         return _DECLINE_ROW, 0, 0, 0, 0, 0  # nothing mapped (yet)
+    t0 = _now(k)
     table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
+    out = carray(_ptr(k[_K_OUT], mem), (_OUT_BYTES,))
+    chunk = carray(_ptr(k[_K_CHUNK], mem), (LOG_CHUNK,))
     n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
                                          out, table, pid, epoch, ts, src, lsn, did,
                                          k[_K_BODY])
     if n <= 0:
         return n, plen, flen, first, last, 0
-    at = out.ctypes.data
+    at = k[_K_OUT]
     done = 0
     while done < flen:
         r = _c_write(k[_K_WRITE], k[_K_FD], at + done, flen - done)
@@ -356,11 +406,14 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
             e = _c_errno(k[_K_ERRNO])
             if e != _EINTR:
                 return n, plen, flen, first, last, -2 * e - 1
+    _sample(k, _K_LOG_RING, _now(k) - t0)
     pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
     head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
     woke = _apply_publish(mem, base + off, new, first, last, pages, table, head, k[_K_HEAD],
                           pid, off, epoch, lsn, ts, next_id, bump, k[_K_GEN], k[_K_SEQ],
                           end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
+    if publish:
+        _sample(k, _K_APPLY_RING, _now(k) - t0)
     return n, plen, flen, first, last, 1 if woke else 0
 
 
@@ -374,7 +427,7 @@ class FastWriter:
     ints the kernel reads from :attr:`consts`."""
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
-                 "always", "segment_bytes", "usable", "kernel")
+                 "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
@@ -385,9 +438,14 @@ class FastWriter:
         self.pages_of: object = None
         """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
         referenced, so that their mappings stay while the addresses are in use)."""
-        self.consts = np.zeros(15, np.int64)
-        """The kernel's ints that change only with the segment, the publisher or the
-        source (the fields ``_K_*``)."""
+        self.consts = np.zeros(_K_WORDS, np.int64)
+        """The kernel's ints that change only with the segment, the publisher, the
+        log's chunk, the counters or the source (the fields ``_K_*``)."""
+        self.chunk_of: object = None
+        """The log chunk (``cur_array``) whose address ``consts`` holds."""
+        self.counters_of: object = None
+        """The state's counters whose rings' addresses ``consts`` holds (kept
+        referenced, so that the arrays stay while their addresses are in use)."""
         self.writer_of: object = None
         self.pub_of: object = None
         self.always = always
@@ -396,8 +454,10 @@ class FastWriter:
         """False where libc's calls were not found: the general path takes every write."""
         self.kernel: Any = _ENTRIES.get("write", _write_frame)
         """The kernel: its compiled entry once made (see entry_point)."""
-        self.consts[_K_WRITE], self.consts[_K_SYNC], self.consts[_K_ERRNO] = _LIBC
-        self.consts[_K_ALWAYS] = always
+        k = self.consts
+        k[_K_WRITE], k[_K_SYNC], k[_K_ERRNO], k[_K_CLOCK] = _LIBC
+        k[_K_ALWAYS] = always
+        k[_K_OUT] = self.out.ctypes.data
 
     def refresh(self, w: Any, pub: Any, generation: int) -> None:
         """Take the segment's and the publisher's ints (after a roll, a reopen or the
@@ -419,20 +479,39 @@ class FastWriter:
         self.table_of = pub.table
         self.pages_of = pub.pages
 
+    def take_chunk(self, chunk: np.ndarray) -> None:
+        """Take the address of the log's current payload chunk (a new one was started)."""
+        self.consts[_K_CHUNK] = chunk.ctypes.data
+        self.chunk_of = chunk
+
+    def take_counters(self, counters: Any) -> None:
+        """Take the addresses of ``counters``' ``log_append`` and ``delta_apply`` rings,
+        which the kernel records its samples into."""
+        k = self.consts
+        for at, ring in ((_K_LOG_RING, counters.log_append),
+                         (_K_APPLY_RING, counters.delta_apply)):
+            k[at] = ring.samples.buffer_info()[0]
+            k[at + 1] = ring.at.buffer_info()[0]
+            k[at + 2] = len(ring.samples)
+        self.counters_of = counters
+
     def compile(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
         """Take the kernel's compiled entry for the types this path passes (made, or
         loaded from numba's cache, once a process)."""
         if "write" not in _ENTRIES:
             _ENTRIES["write"] = entry_point(
-                _write_frame, mem, 0, 1, 0, data, log.rows, 0, log.cur_array, 0, 0, self.out,
-                1, 1, 1, 0, 1, 1, 1, 0, 0, True, self.consts)
+                _write_frame, mem, 0, 1, 0, data, log.rows, 0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0,
+                0, True, self.consts)
         self.kernel = _ENTRIES["write"]
 
     def forget(self) -> None:
         """Let go of the segment and the mapped files (the bus closes: their mappings
         and descriptors go)."""
-        self.consts[_K_TABLE] = self.consts[_K_PAGES] = self.consts[_K_HEAD] = 0
+        k = self.consts
+        k[_K_TABLE] = k[_K_PAGES] = k[_K_HEAD] = k[_K_CHUNK] = k[_K_LOG_RING] = 0
+        k[_K_APPLY_RING] = 0
         self.table_of = self.pages_of = self.writer_of = self.pub_of = None
+        self.chunk_of = self.counters_of = None
 
     def use_source(self, source: str) -> bool:
         """Put ``source``'s name in the frame buffer; False when it is too long."""
@@ -498,7 +577,9 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
                 or fw.pages_of is not pub.pages):
             fw.refresh(w, pub, bus.generation)
-        t0 = time.perf_counter_ns()
+        c = state.counters
+        if c is not fw.counters_of:
+            fw.take_counters(c)
         lsn = log.next_lsn
         addr = addr_v[pid]
         epoch = epoch_v[pid] + 1
@@ -509,6 +590,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             log._grow()
         if log.cur < 0:
             log._new_chunk()
+        if log.cur_array is not fw.chunk_of:
+            fw.take_chunk(log.cur_array)
         ts = time.time_ns()
         if ts < log.last_timestamp:
             ts = log.last_timestamp
@@ -517,6 +600,9 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # (they do on the general path): then the call's ordinary publication at its end.
         simple = not state.events.active and pid not in state.graph.children and not (
             row >= state.compact_at and not state.propagating and not state.batch_depth)
+        # The kernel records the latency samples of a simple call; the others end in
+        # after_write, which records delta_apply from here.
+        t0 = 0 if simple else time.perf_counter_ns()
         before = w.size
         # The frame goes to the kernel before anything takes effect. No io_lock: the
         # writer changes only under the state's lock (held), and the group commit clears
@@ -524,12 +610,13 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         while True:
             tail = log.tail
             n, plen, flen, first, last, status = fw.kernel(
-                mem, addr & CHUNK_MASK, size, off, data, log.rows, row, log.cur_array, tail,
-                log.cur, fw.out, pid, epoch, ts, src, lsn, did, state.table.next_id,
-                pub.bump, before, simple, fw.consts)
+                mem, addr & CHUNK_MASK, size, off, data, log.rows, row, tail, log.cur, pid,
+                epoch, ts, src, lsn, did, state.table.next_id, pub.bump, before, simple,
+                fw.consts)
             if n != _NO_ROOM:
                 break
             log._new_chunk()
+            fw.take_chunk(log.cur_array)
         if n > 0 and (status >= 0 or status & 1):
             w.size = before + flen  # written whole (a failed sync leaves it there)
             w.dirty = status < 0 or not fw.always
@@ -551,7 +638,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         if status:
             notify.wake(pub.notify_addr)
         bus.records_since_ckpt += 1
-        log_ns = time.perf_counter_ns() - t0
         # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
         log.tail = tail + plen
         log.n = row + 1
@@ -578,17 +664,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             deferred._mirror()
         state.next_delta_id = did + 1
         epoch_v[pid] = epoch
-        c = state.counters
-        # c.log_append.add(log_ns), inlined (keep it like LatencyRing.add).
-        ring = c.log_append
-        pos = ring.pos
-        ring.samples[pos] = log_ns
-        pos += 1
-        ring.pos = 0 if pos == len(ring.samples) else pos
-        ring.count += 1
-        ring.total_ns += log_ns
-        if log_ns > ring.max_ns:
-            ring.max_ns = log_ns
         if not simple:
             pub.touched[pid] = (off + first, off + last + 1)
             state._depth += 1
@@ -598,17 +673,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                 state._depth -= 1
             bus.after_call(state)
             return True
-        # c.delta_apply.add(), inlined (keep it like LatencyRing.add).
-        ns = time.perf_counter_ns() - t0
-        ring = c.delta_apply
-        pos = ring.pos
-        ring.samples[pos] = ns
-        pos += 1
-        ring.pos = 0 if pos == len(ring.samples) else pos
-        ring.count += 1
-        ring.total_ns += ns
-        if ns > ring.max_ns:
-            ring.max_ns = ns
         c.records_logged += 1
         c.payload_bytes_logged += n
         # bus.maybe_checkpoint()'s test, inlined.
