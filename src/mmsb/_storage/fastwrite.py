@@ -82,6 +82,7 @@ _OUT_BYTES = _SRC_AT + 2 + _MAX_SOURCE + 9 + 8 * (SMALL_WRITE // 2 + 1) + SMALL_
 SMALL_WRITE / 2 + 1 runs (u32 start and length each) and the values."""
 _DECLINE_DENSE = -3
 _DECLINE_ROW = -4
+_NO_ROW = -5
 _NO_ROOM = -2
 _EINTR = 4
 
@@ -189,10 +190,10 @@ def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: 
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _now(k: np.ndarray) -> int:  # pragma: no cover - compiled
-    """``time.perf_counter_ns()`` (CLOCK_MONOTONIC) through libc's ``clock_gettime``,
-    the timespec in ``k``'s last two words."""
-    _c_clock_gettime(k[_K_CLOCK], _CLOCK_MONOTONIC, k.ctypes.data + 8 * _K_TIMESPEC)
+def _clock(k: np.ndarray, clock: int) -> int:  # pragma: no cover - compiled
+    """``clock``'s time in ns through libc's ``clock_gettime``, the timespec in ``k``'s
+    last two words (``time.perf_counter_ns()`` of :data:`_CLOCK_MONOTONIC`)."""
+    _c_clock_gettime(k[_K_CLOCK], clock, k.ctypes.data + 8 * _K_TIMESPEC)
     return k[_K_TIMESPEC] * 1_000_000_000 + k[_K_TIMESPEC + 1]
 
 
@@ -364,11 +365,14 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
     return _atomic_load_u32(waiters_addr) != 0
 
 
-@njit(cache=True, nogil=True)
+# Not nogil: the call takes a microsecond or two, less than handing the GIL to another
+# thread and taking it back costs the caller (the state's lock is held throughout, so
+# no other writer could use the time anyway).
+@njit(cache=True)
 def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
                  row: int, coff: int, ci: int, pid: int, epoch: int, ts: int, src: int,
                  lsn: int, did: int, next_id: int, bump: int, end: int, publish: bool,
-                 k: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover
+                 k: np.ndarray) -> tuple[int, int, int, int, int]:  # pragma: no cover
     """The whole path in one call: :func:`_encode`; the frame written to the segment
     (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
     :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the frame buffer, the
@@ -379,18 +383,28 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
     ``publish``, its ``delta_apply`` sample (to the page published). Returns
     ``_encode``'s five values and a status: 0, or 1 when followers wait on the notify
     word (the caller wakes them), or, when a file step failed (nothing applied),
-    ``-(errno * 2 + (1 if it was the sync))``."""
+    ``-(errno * 2 + (1 if it was the sync))``; ``first`` and ``last`` as one int,
+    ``first << 32 | last`` (the caller needs them only when the call does not end here).
+    Changed -5: no row left in ``rows``; -2 also when there is no current log chunk
+    (``ci`` < 0)."""
     if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0 or k[_K_LOG_RING] == 0:
-        return _DECLINE_ROW, 0, 0, 0, 0, 0  # nothing mapped (yet)
-    t0 = _now(k)
+        return _DECLINE_ROW, 0, 0, 0, 0  # nothing mapped (yet)
+    if row >= rows.shape[0]:
+        return _NO_ROW, 0, 0, 0, 0
+    if ci < 0:
+        return _NO_ROOM, 0, 0, 0, 0
+    if k[_K_CHUNK] == 0:
+        return _DECLINE_ROW, 0, 0, 0, 0  # a chunk this path cannot write into
+    t0 = _clock(k, _CLOCK_MONOTONIC)
     table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
     out = carray(_ptr(k[_K_OUT], mem), (_OUT_BYTES,))
     chunk = carray(_ptr(k[_K_CHUNK], mem), (LOG_CHUNK,))
     n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
                                          out, table, pid, epoch, ts, src, lsn, did,
                                          k[_K_BODY])
+    span = first << 32 | last
     if n <= 0:
-        return n, plen, flen, first, last, 0
+        return n, plen, flen, span, 0
     at = k[_K_OUT]
     done = 0
     while done < flen:
@@ -399,22 +413,22 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
             e = _c_errno(k[_K_ERRNO])
             if e == _EINTR:
                 continue
-            return n, plen, flen, first, last, -2 * e
+            return n, plen, flen, span, -2 * e
         done += r
     if k[_K_ALWAYS]:
         while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
             e = _c_errno(k[_K_ERRNO])
             if e != _EINTR:
-                return n, plen, flen, first, last, -2 * e - 1
-    _sample(k, _K_LOG_RING, _now(k) - t0)
+                return n, plen, flen, span, -2 * e - 1
+    _sample(k, _K_LOG_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
     pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
     head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
     woke = _apply_publish(mem, base + off, new, first, last, pages, table, head, k[_K_HEAD],
                           pid, off, epoch, lsn, ts, next_id, bump, k[_K_GEN], k[_K_SEQ],
                           end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
     if publish:
-        _sample(k, _K_APPLY_RING, _now(k) - t0)
-    return n, plen, flen, first, last, 1 if woke else 0
+        _sample(k, _K_APPLY_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
+    return n, plen, flen, span, 1 if woke else 0
 
 
 _ENTRIES: dict[str, Any] = {}
@@ -480,8 +494,11 @@ class FastWriter:
         self.pages_of = pub.pages
 
     def take_chunk(self, chunk: np.ndarray) -> None:
-        """Take the address of the log's current payload chunk (a new one was started)."""
-        self.consts[_K_CHUNK] = chunk.ctypes.data
+        """Take the address of the log's current payload chunk (a new one was started);
+        0 (the general path takes the writes) for one that is not a whole writable
+        :data:`~mmsb._core.kernels.LOG_CHUNK`."""
+        ok = chunk.size == LOG_CHUNK and chunk.flags.writeable
+        self.consts[_K_CHUNK] = chunk.ctypes.data if ok else 0
         self.chunk_of = chunk
 
     def take_counters(self, counters: Any) -> None:
@@ -586,10 +603,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         mem = state.arena._chunks[addr >> CHUNK_SHIFT]
         assert mem is not None
         row = log.n
-        if row == len(log.rows):
-            log._grow()
-        if log.cur < 0:
-            log._new_chunk()
         if log.cur_array is not fw.chunk_of:
             fw.take_chunk(log.cur_array)
         ts = time.time_ns()
@@ -609,14 +622,17 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # the dirty mark before its fdatasync, so marking it after the write suffices.
         while True:
             tail = log.tail
-            n, plen, flen, first, last, status = fw.kernel(
+            n, plen, flen, span, status = fw.kernel(
                 mem, addr & CHUNK_MASK, size, off, data, log.rows, row, tail, log.cur, pid,
                 epoch, ts, src, lsn, did, state.table.next_id, pub.bump, before, simple,
                 fw.consts)
-            if n != _NO_ROOM:
+            if n == _NO_ROOM:
+                log._new_chunk()
+                fw.take_chunk(log.cur_array)
+            elif n == _NO_ROW:
+                log._grow()
+            else:
                 break
-            log._new_chunk()
-            fw.take_chunk(log.cur_array)
         if n > 0 and (status >= 0 or status & 1):
             w.size = before + flen  # written whole (a failed sync leaves it there)
             w.dirty = status < 0 or not fw.always
@@ -633,7 +649,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             err = -status
             exc = OSError(err >> 1, os.strerror(err >> 1))
             pub = None  # the error's traceback keeps this frame: not the mapped files
-            raise _failed(bus, state, w, before, pid, off + first, off + last + 1, exc,
+            raise _failed(bus, state, w, before, pid, off + (span >> 32),
+                          off + (span & 0xFFFFFFFF) + 1, exc,
                           "fsync" if err & 1 else "append") from exc
         if status:
             notify.wake(pub.notify_addr)
@@ -665,7 +682,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         state.next_delta_id = did + 1
         epoch_v[pid] = epoch
         if not simple:
-            pub.touched[pid] = (off + first, off + last + 1)
+            pub.touched[pid] = (off + (span >> 32), off + (span & 0xFFFFFFFF) + 1)
             state._depth += 1
             try:
                 state.after_write(pid, epoch, did, lsn, t0, n)
