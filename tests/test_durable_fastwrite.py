@@ -164,6 +164,10 @@ def _observe(s: mmsb.MMSBState, path: Path) -> dict[str, Any]:
         "last_lsn": s.last_lsn,
         "logged": s.counters.records_logged,
         "payload": s.counters.payload_bytes_logged,
+        "samples": {name: (ring.count, min(ring.count, len(ring.samples)),
+                           ring.count == 0 or 0 < ring.max_ns <= ring.total_ns)
+                    for name in ("log_append", "delta_apply")
+                    for ring in [getattr(s.counters, name)]},
     }
 
 
@@ -192,6 +196,33 @@ def test_fast_and_general_paths_write_the_same_bytes(ops: list[Any], base_bus: P
     assert fs["reopened"] == fs["pages"]
     if any(op == "pattern" and k for op, k, _a, _d in ops):
         assert taken, "the one-frame path never ran"
+
+
+def test_long_runs_of_fast_writes_match_the_general_path(base_bus: Path, tmp_path: Path,
+                                                        clock: None) -> None:
+    """Enough writes that the log's rows grow and its payload chunk fills (the compiled
+    call declines both, the caller makes room and calls again) and segments roll: the
+    same bytes, log and samples as the general path's."""
+    runs = []
+    rng = np.random.default_rng(7)
+    payloads = [rng.integers(1, 256, 64, dtype=np.uint8).tobytes() for _ in range(16)]
+    for fast in (True, False):
+        s, taken = _open(base_bus, tmp_path / str(fast), fast)
+        try:
+            pid = sorted(s.pages)[1]
+            chunks = len(s.log.chunks)
+            capacity = len(s.log.rows)
+            for i in range(4200):
+                mmsb.write_page(s, pid, (i * 64) % 4032, payloads[i % 16])
+            assert len(s.log.chunks) > chunks and len(s.log.rows) > capacity
+            seen = _observe(s, tmp_path / str(fast))
+        finally:
+            mmsb.mmsb_stop(s)
+        runs.append((seen, taken[0]))
+    (fs, taken), (gs, _) = runs
+    assert fs == gs
+    assert fs["samples"]["log_append"][0] >= 4200
+    assert taken >= 4000, "the one-frame path did not take the writes"
 
 
 def test_fast_path_takes_the_common_write(tmp_path: Path) -> None:
