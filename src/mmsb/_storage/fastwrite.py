@@ -225,7 +225,7 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
     ``new`` that changes; changed 0: nothing differs; -2: no room in the log chunk; -3:
     a dense delta; -4: the page's mapped row is not of its size (nothing written in
     any of these cases)."""
-    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size:
+    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size or size > 0xFFFFFFFF:
         return _DECLINE_ROW, 0, 0, 0, 0
     m = len(new)
     page = mem[base:base + size]
@@ -565,8 +565,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
     fw = bus.fast
     if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
             or bus.ship is not None or bus.replication is not None or log.sink is None
-            or not state.config.enable_logging or len(data) > SMALL_WRITE
-            or w.size >= fw.segment_bytes or fsops._hook is not None
+            or not state.config.enable_logging or w.size >= fw.segment_bytes or fsops._hook is not None
             or not fw.usable):
         return None
     lock = state.lock
@@ -582,12 +581,12 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             return None
         size = size_v[pid]
         n_new = len(data)
-        if off < 0 or off + n_new > size or (whole and n_new != size) or (
+        if n_new > SMALL_WRITE or off < 0 or off + n_new > size or (whole and n_new != size) or (
                 source is not _API and (type(source) is not str
                                         or source not in _GOOD_SOURCES)):
             return None
         src = log.source_ids.get(source)
-        if src is None or size > 0xFFFFFFFF:
+        if src is None:
             return None
         if source is not fw.source and not fw.use_source(source):
             return None
@@ -620,9 +619,10 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # The frame goes to the kernel before anything takes effect. No io_lock: the
         # writer changes only under the state's lock (held), and the group commit clears
         # the dirty mark before its fdatasync, so marking it after the write suffices.
+        kernel = fw.kernel
         while True:
             tail = log.tail
-            n, plen, flen, span, status = fw.kernel(
+            n, plen, flen, span, status = kernel(
                 mem, addr & CHUNK_MASK, size, off, data, log.rows, row, tail, log.cur, pid,
                 epoch, ts, src, lsn, did, state.table.next_id, pub.bump, before, simple,
                 fw.consts)
@@ -636,7 +636,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         if n > 0 and (status >= 0 or status & 1):
             w.size = before + flen  # written whole (a failed sync leaves it there)
             w.dirty = status < 0 or not fw.always
-        if fw.kernel is _write_frame:
+        if kernel is _write_frame:
             fw.compile(mem, data, log, pub)
         if n <= 0:
             if n < 0:
@@ -654,7 +654,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                           "fsync" if err & 1 else "append") from exc
         if status:
             notify.wake(pub.notify_addr)
-        bus.records_since_ckpt += 1
+        since = bus.records_since_ckpt + 1
+        bus.records_since_ckpt = since
         # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
         log.tail = tail + plen
         log.n = row + 1
@@ -694,7 +695,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         c.payload_bytes_logged += n
         # bus.maybe_checkpoint()'s test, inlined.
         cfg = bus.config
-        if bus.records_since_ckpt >= cfg.max_tlog_size + bus._retry_after or (
+        if since >= cfg.max_tlog_size + bus._retry_after or (
                 cfg.checkpoint_interval > 0
                 and time.monotonic() - bus.last_ckpt_time >= cfg.checkpoint_interval):
             bus.maybe_checkpoint(state)
