@@ -1118,8 +1118,9 @@ class MMSBState:
             at[2] += ns
             if ns > at[3]:
                 at[3] = ns
-            c.records_logged += 1
-            c.payload_bytes_logged += changed
+            logged = c.logged
+            logged[0] += 1
+            logged[1] += changed
             if row >= self.compact_at and not self.propagating and not self.batch_depth:
                 self._depth += 1
                 try:

@@ -114,10 +114,29 @@ class Counters:
         self.propagation = LatencyRing()
         self.log_append = LatencyRing()
         self.checkpoint = LatencyRing()
-        self.records_logged = 0
-        self.payload_bytes_logged = 0
+        self.logged = array("q", bytes(16))
+        """:attr:`records_logged` and :attr:`payload_bytes_logged`, in a plain array
+        that the durable bus's compiled one-frame write adds to through its address."""
         self.deltas_logged = 0
         self.torn_tails_recovered = 0
+
+    @property
+    def records_logged(self) -> int:
+        """Records appended to the log."""
+        return self.logged[0]
+
+    @records_logged.setter
+    def records_logged(self, value: int) -> None:
+        self.logged[0] = value
+
+    @property
+    def payload_bytes_logged(self) -> int:
+        """Bytes the logged deltas change."""
+        return self.logged[1]
+
+    @payload_bytes_logged.setter
+    def payload_bytes_logged(self, value: int) -> None:
+        self.logged[1] = value
 
 
 @dataclass(frozen=True, slots=True)

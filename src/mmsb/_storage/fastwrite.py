@@ -175,7 +175,7 @@ _c_clock_gettime: Any = intrinsic(_clock_typer)
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
     _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN, _K_OUT, \
     _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
-    _K_APPLY_CAP, _K_TIMESPEC = range(25)
+    _K_APPLY_CAP, _K_LOGGED, _K_TIMESPEC = range(26)
 _K_WORDS = _K_TIMESPEC + 2
 _HEAD_WORDS = HEAD_SIZE // 8
 # Words of the mapped head (see mapped.py's layout).
@@ -380,7 +380,8 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
     the addresses there: each array passed costs the call about 0.09 µs); ``end``: the
     segment's size before this frame. A written frame records the state's
     ``log_append`` sample (this call's start to the frame in the kernel) and, when
-    ``publish``, its ``delta_apply`` sample (to the page published). Returns
+    ``publish``, its ``delta_apply`` sample (to the page published) and adds to the
+    counters' ``records_logged`` and ``payload_bytes_logged``. Returns
     ``_encode``'s five values and a status: 0, or 1 when followers wait on the notify
     word (the caller wakes them), or, when a file step failed (nothing applied),
     ``-(errno * 2 + (1 if it was the sync))``; ``first`` and ``last`` as one int,
@@ -428,6 +429,9 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
                           end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
     if publish:
         _sample(k, _K_APPLY_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
+        logged = carray(_ptr(k[_K_LOGGED], k), (2,))
+        logged[0] += 1
+        logged[1] += n
     return n, plen, flen, span, 1 if woke else 0
 
 
@@ -503,13 +507,14 @@ class FastWriter:
 
     def take_counters(self, counters: Any) -> None:
         """Take the addresses of ``counters``' ``log_append`` and ``delta_apply`` rings,
-        which the kernel records its samples into."""
+        which the kernel records its samples into, and of its ``logged`` counts."""
         k = self.consts
         for at, ring in ((_K_LOG_RING, counters.log_append),
                          (_K_APPLY_RING, counters.delta_apply)):
             k[at] = ring.samples.buffer_info()[0]
             k[at + 1] = ring.at.buffer_info()[0]
             k[at + 2] = len(ring.samples)
+        k[_K_LOGGED] = counters.logged.buffer_info()[0]
         self.counters_of = counters
 
     def compile(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
@@ -526,7 +531,7 @@ class FastWriter:
         and descriptors go)."""
         k = self.consts
         k[_K_TABLE] = k[_K_PAGES] = k[_K_HEAD] = k[_K_CHUNK] = k[_K_LOG_RING] = 0
-        k[_K_APPLY_RING] = 0
+        k[_K_APPLY_RING] = k[_K_LOGGED] = 0
         self.table_of = self.pages_of = self.writer_of = self.pub_of = None
         self.chunk_of = self.counters_of = None
 
@@ -691,8 +696,6 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                 state._depth -= 1
             bus.after_call(state)
             return True
-        c.records_logged += 1
-        c.payload_bytes_logged += n
         # bus.maybe_checkpoint()'s test, inlined.
         cfg = bus.config
         if since >= cfg.max_tlog_size + bus._retry_after or (
