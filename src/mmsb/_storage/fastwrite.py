@@ -369,13 +369,14 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
 # thread and taking it back costs the caller (the state's lock is held throughout, so
 # no other writer could use the time anyway).
 @njit(cache=True)
-def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
+def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, rows: np.ndarray,
                  row: int, coff: int, ci: int, pid: int, epoch: int, ts: int, src: int,
                  lsn: int, did: int, next_id: int, bump: int, end: int, publish: bool,
                  k: np.ndarray) -> tuple[int, int, int, int, int]:  # pragma: no cover
     """The whole path in one call: :func:`_encode`; the frame written to the segment
     (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
-    :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the frame buffer, the
+    :func:`_apply_publish`. ``addr``: the page's arena address (its place in ``mem``,
+    the arena chunk, is ``addr & CHUNK_MASK``); ``k``: the :data:`FastWriter.consts` (the frame buffer, the
     log's current chunk, the mapped files and the counters' rings are reached through
     the addresses there: each array passed costs the call about 0.09 µs); ``end``: the
     segment's size before this frame. A written frame records the state's
@@ -400,6 +401,7 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
     table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
     out = carray(_ptr(k[_K_OUT], mem), (_OUT_BYTES,))
     chunk = carray(_ptr(k[_K_CHUNK], mem), (LOG_CHUNK,))
+    base = addr & CHUNK_MASK
     n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
                                          out, table, pid, epoch, ts, src, lsn, did,
                                          k[_K_BODY])
@@ -628,7 +630,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         while True:
             tail = log.tail
             n, plen, flen, span, status = kernel(
-                mem, addr & CHUNK_MASK, size, off, data, log.rows, row, tail, log.cur, pid,
+                mem, addr, size, off, data, log.rows, row, tail, log.cur, pid,
                 epoch, ts, src, lsn, did, state.table.next_id, pub.bump, before, simple,
                 fw.consts)
             if n == _NO_ROOM:
