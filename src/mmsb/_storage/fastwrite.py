@@ -20,6 +20,15 @@ call (:func:`_write_frame`) does, in order:
 3. :func:`_apply_publish`: apply the changed bytes to the page and show them to attached
    readers: the log's end in the head, then, under the seqlock, the bytes of the mapped
    page, its table row and the head's LSN and time; then the notify word.
+4. The state's counters: the ``log_append`` and ``delta_apply`` latency samples (timed
+   with libc's ``clock_gettime``, the clock of ``time.perf_counter_ns``) and
+   ``records_logged`` / ``payload_bytes_logged``, written into their plain arrays.
+
+What the call reaches through addresses rather than arguments (the frame buffer, the
+log's current chunk, the mapped files, the counters' arrays) sits in one int64 array
+the bus keeps (:attr:`FastWriter.consts`), refreshed when one of them is replaced: each
+array passed costs the call's entry some tens of nanoseconds. The call keeps the GIL:
+it takes a microsecond or two, less than releasing and taking back the GIL costs.
 
 Anything else declines (returns None) before changing anything and the general path,
 which stays the reference, takes the call: a batch, a shared writer, replication, a
