@@ -253,6 +253,41 @@ def test_fast_path_takes_the_common_write(tmp_path: Path) -> None:
     assert mmsb.query_page(r, pid)[64:121] == bytes(range(1, 51)) + bytes([50]) * 7
 
 
+def test_fast_writes_count_into_the_counters_after_a_reset(tmp_path: Path) -> None:
+    """The compiled call writes the samples and counts through the addresses of the
+    state's counters: after reset_stats replaces them, into the new ones only."""
+    s = mmsb.mmsb_start(path=tmp_path / "b", enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
+    try:
+        pid = mmsb.create_page(s, 4096).id
+        for i in range(5):
+            mmsb.write_page(s, pid, 8 * i, bytes([i + 1]) * 8)
+        old = s.counters
+        assert (old.records_logged, old.payload_bytes_logged) >= (5, 40)
+        assert old.log_append.count >= 5 and old.delta_apply.count >= 5
+        seen = (old.records_logged, old.payload_bytes_logged, old.log_append.count,
+                old.delta_apply.count, old.log_append.total_ns)
+        mmsb.reset_stats(s)
+        general = s.log.sink
+        s.log.sink = lambda rec: pytest.fail("a write went the general way")
+        for i in range(3):
+            mmsb.write_page(s, pid, 100 + 4 * i, b"\x09" * 3)
+        s.log.sink = general
+        c = s.counters
+        assert c is not old
+        assert (c.records_logged, c.payload_bytes_logged) == (3, 9)
+        assert c.log_append.count == 3 and c.delta_apply.count == 3
+        assert 0 < c.log_append.max_ns <= c.log_append.total_ns
+        assert list(c.log_append.samples[:3]) != [0, 0, 0]
+        assert c.log_append.pos == 3 and c.delta_apply.pos == 3
+        assert (old.records_logged, old.payload_bytes_logged, old.log_append.count,
+                old.delta_apply.count, old.log_append.total_ns) == seen
+        stats = mmsb.get_stats(s)
+        assert stats.delta_apply_count == 3 and stats.log_append_count == 3
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 def _fail_append(s: mmsb.MMSBState) -> Callable[[], None]:
     """Make the next append to the segment fail (EFBIG: the process's file size limit
     set to the segment's size), the cut back still possible; returns the undo."""
