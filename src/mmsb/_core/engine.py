@@ -51,7 +51,7 @@ from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
 from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
-from .monitor import Counters
+from .monitor import TOTAL_MAX, Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
 from .records import (
@@ -1115,7 +1115,10 @@ class MMSBState:
             pos += 1
             at[0] = 0 if pos == len(samples) else pos
             at[1] += 1
-            at[2] += ns
+            try:
+                at[2] += ns
+            except OverflowError:
+                at[2] = TOTAL_MAX
             if ns > at[3]:
                 at[3] = ns
             logged = c.logged

@@ -12,6 +12,10 @@ import numpy as np
 __all__ = ["MMSBStats", "Counters", "LatencyRing"]
 
 
+TOTAL_MAX = (1 << 63) - 1
+"""Where a ring's total stops growing (an int64: 292 years of summed latency)."""
+
+
 class LatencyRing:
     """The last ``capacity`` latency samples (ns) of one operation, plus exact totals.
 
@@ -27,7 +31,7 @@ class LatencyRing:
         self.at = array("q", bytes(32))
         """The counters: the next sample's place in the ring, the operations recorded,
         their total ns and the largest sample (:attr:`pos`, :attr:`count`,
-        :attr:`total_ns`, :attr:`max_ns`)."""
+        :attr:`total_ns`, :attr:`max_ns`). The total stops at :data:`TOTAL_MAX`."""
 
     @property
     def pos(self) -> int:
@@ -75,7 +79,10 @@ class LatencyRing:
         pos += 1
         at[0] = 0 if pos == len(samples) else pos
         at[1] += 1
-        at[2] += ns
+        try:
+            at[2] += ns
+        except OverflowError:
+            at[2] = TOTAL_MAX
         if ns > at[3]:
             at[3] = ns
 
@@ -89,7 +96,10 @@ class LatencyRing:
         self.samples[at[0]] = mean
         at[0] = (at[0] + 1) % len(self.samples)
         at[1] += n
-        at[2] += total_ns
+        try:
+            at[2] += total_ns
+        except OverflowError:
+            at[2] = TOTAL_MAX
         if mean > at[3]:
             at[3] = mean
 

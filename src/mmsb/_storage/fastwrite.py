@@ -67,6 +67,7 @@ from .._core.kernels import (
     entry_point,
 )
 from .._core.log import DeferredLog
+from .._core.monitor import TOTAL_MAX
 from ..errors import DurabilityError
 from . import fsops, notify
 from .codec import KIND_DELTA
@@ -186,6 +187,7 @@ _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_S
     _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
     _K_APPLY_CAP, _K_LOGGED, _K_TIMESPEC = range(26)
 _K_WORDS = _K_TIMESPEC + 2
+_TOTAL_MAX = TOTAL_MAX
 _HEAD_WORDS = HEAD_SIZE // 8
 # Words of the mapped head (see mapped.py's layout).
 _LOG_WORD = _LOG_OFF // 8
@@ -218,7 +220,8 @@ def _sample(k: np.ndarray, ring: int, ns: int) -> None:  # pragma: no cover - co
     pos += 1
     at[0] = 0 if pos == cap else pos
     at[1] += 1
-    at[2] += ns
+    total = at[2] + ns
+    at[2] = total if total >= at[2] else _TOTAL_MAX  # it stops, as LatencyRing.add's
     if ns > at[3]:
         at[3] = ns
 
