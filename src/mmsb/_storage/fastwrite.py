@@ -379,7 +379,8 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
 
 # Not nogil: the call takes a microsecond or two, less than handing the GIL to another
 # thread and taking it back costs the caller (the state's lock is held throughout, so
-# no other writer could use the time anyway).
+# no other writer could use the time anyway); and a thread that reads the counters it
+# writes (the bus's stats file, from the group commit's thread) sees them whole.
 @njit(cache=True)
 def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, rows: np.ndarray,
                  row: int, coff: int, ci: int, pid: int, epoch: int, ts: int, src: int,
