@@ -164,6 +164,10 @@ def _observe(s: mmsb.MMSBState, path: Path) -> dict[str, Any]:
         "last_lsn": s.last_lsn,
         "logged": s.counters.records_logged,
         "payload": s.counters.payload_bytes_logged,
+        "samples": {name: (ring.count, min(ring.count, len(ring.samples)),
+                           ring.count == 0 or 0 < ring.max_ns <= ring.total_ns)
+                    for name in ("log_append", "delta_apply")
+                    for ring in [getattr(s.counters, name)]},
     }
 
 
@@ -194,6 +198,33 @@ def test_fast_and_general_paths_write_the_same_bytes(ops: list[Any], base_bus: P
         assert taken, "the one-frame path never ran"
 
 
+def test_long_runs_of_fast_writes_match_the_general_path(base_bus: Path, tmp_path: Path,
+                                                        clock: None) -> None:
+    """Enough writes that the log's rows grow and its payload chunk fills (the compiled
+    call declines both, the caller makes room and calls again) and segments roll: the
+    same bytes, log and samples as the general path's."""
+    runs = []
+    rng = np.random.default_rng(7)
+    payloads = [rng.integers(1, 256, 64, dtype=np.uint8).tobytes() for _ in range(16)]
+    for fast in (True, False):
+        s, taken = _open(base_bus, tmp_path / str(fast), fast)
+        try:
+            pid = sorted(s.pages)[1]
+            chunks = len(s.log.chunks)
+            capacity = len(s.log.rows)
+            for i in range(4200):
+                mmsb.write_page(s, pid, (i * 64) % 4032, payloads[i % 16])
+            assert len(s.log.chunks) > chunks and len(s.log.rows) > capacity
+            seen = _observe(s, tmp_path / str(fast))
+        finally:
+            mmsb.mmsb_stop(s)
+        runs.append((seen, taken[0]))
+    (fs, taken), (gs, _) = runs
+    assert fs == gs
+    assert fs["samples"]["log_append"][0] >= 4200
+    assert taken >= 4000, "the one-frame path did not take the writes"
+
+
 def test_fast_path_takes_the_common_write(tmp_path: Path) -> None:
     s = mmsb.mmsb_start(path=tmp_path / "b", enable_gpu=False,
                         config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
@@ -220,6 +251,41 @@ def test_fast_path_takes_the_common_write(tmp_path: Path) -> None:
     r = mmsb.open_readonly(tmp_path / "b")
     assert r.last_lsn == 52
     assert mmsb.query_page(r, pid)[64:121] == bytes(range(1, 51)) + bytes([50]) * 7
+
+
+def test_fast_writes_count_into_the_counters_after_a_reset(tmp_path: Path) -> None:
+    """The compiled call writes the samples and counts through the addresses of the
+    state's counters: after reset_stats replaces them, into the new ones only."""
+    s = mmsb.mmsb_start(path=tmp_path / "b", enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
+    try:
+        pid = mmsb.create_page(s, 4096).id
+        for i in range(5):
+            mmsb.write_page(s, pid, 8 * i, bytes([i + 1]) * 8)
+        old = s.counters
+        assert (old.records_logged, old.payload_bytes_logged) >= (5, 40)
+        assert old.log_append.count >= 5 and old.delta_apply.count >= 5
+        seen = (old.records_logged, old.payload_bytes_logged, old.log_append.count,
+                old.delta_apply.count, old.log_append.total_ns)
+        mmsb.reset_stats(s)
+        general = s.log.sink
+        s.log.sink = lambda rec: pytest.fail("a write went the general way")
+        for i in range(3):
+            mmsb.write_page(s, pid, 100 + 4 * i, b"\x09" * 3)
+        s.log.sink = general
+        c = s.counters
+        assert c is not old
+        assert (c.records_logged, c.payload_bytes_logged) == (3, 9)
+        assert c.log_append.count == 3 and c.delta_apply.count == 3
+        assert 0 < c.log_append.max_ns <= c.log_append.total_ns
+        assert list(c.log_append.samples[:3]) != [0, 0, 0]
+        assert c.log_append.pos == 3 and c.delta_apply.pos == 3
+        assert (old.records_logged, old.payload_bytes_logged, old.log_append.count,
+                old.delta_apply.count, old.log_append.total_ns) == seen
+        stats = mmsb.get_stats(s)
+        assert stats.delta_apply_count == 3 and stats.log_append_count == 3
+    finally:
+        mmsb.mmsb_stop(s)
 
 
 def _fail_append(s: mmsb.MMSBState) -> Callable[[], None]:

@@ -314,9 +314,9 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
                     held.append(slot + offset)
                     held.append(data)
                     return page
-        if (state.write_small_bytes(page_id, offset, data, source) if state.bus is None
-                else state.bus.write_small(state, page_id, offset, data, source, False)
-                ) is not None:
+        bus = state.bus
+        if (state.write_small_bytes(page_id, offset, data, source) if bus is None
+                else bus.write_small(state, page_id, offset, data, source, False)) is not None:
             page = _new_object(Page)
             page._state = state
             page.id = page_id

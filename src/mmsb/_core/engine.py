@@ -51,7 +51,7 @@ from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
 from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
-from .monitor import Counters
+from .monitor import TOTAL_MAX, Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
 from .records import (
@@ -1121,16 +1121,22 @@ class MMSBState:
             # c.delta_apply.add(), inlined.
             ns = time.perf_counter_ns() - t0
             ring = c.delta_apply
-            pos = ring.pos
-            ring.samples[pos] = ns
+            at = ring.at
+            samples = ring.samples
+            pos = at[0]
+            samples[pos] = ns
             pos += 1
-            ring.pos = 0 if pos == len(ring.samples) else pos
-            ring.count += 1
-            ring.total_ns += ns
-            if ns > ring.max_ns:
-                ring.max_ns = ns
-            c.records_logged += 1
-            c.payload_bytes_logged += changed
+            at[0] = 0 if pos == len(samples) else pos
+            at[1] += 1
+            try:
+                at[2] += ns
+            except OverflowError:
+                at[2] = TOTAL_MAX
+            if ns > at[3]:
+                at[3] = ns
+            logged = c.logged
+            logged[0] += 1
+            logged[1] += changed
             if row >= self.compact_at and not self.propagating and not self.batch_depth:
                 self.call_depth += 1
                 try:

@@ -12,31 +12,79 @@ import numpy as np
 __all__ = ["MMSBStats", "Counters", "LatencyRing"]
 
 
-class LatencyRing:
-    """The last ``capacity`` latency samples (ns) of one operation, plus exact totals."""
+TOTAL_MAX = (1 << 63) - 1
+"""Where a ring's total stops growing (an int64: 292 years of summed latency)."""
 
-    __slots__ = ("samples", "pos", "count", "total_ns", "max_ns")
+
+class LatencyRing:
+    """The last ``capacity`` latency samples (ns) of one operation, plus exact totals.
+
+    The ring and its four counters are plain arrays, never resized: the durable bus's
+    compiled one-frame write records its samples through their addresses
+    (:attr:`at`), without a call back into Python."""
+
+    __slots__ = ("samples", "at")
 
     def __init__(self, capacity: int = 4096) -> None:
         self.samples = array("q", bytes(8 * capacity))
         """The ring (a plain array: a store into it costs less than into numpy)."""
-        self.pos = 0
-        self.count = 0
-        self.total_ns = 0
-        self.max_ns = 0
+        self.at = array("q", bytes(32))
+        """The counters: the next sample's place in the ring, the operations recorded,
+        their total ns and the largest sample (:attr:`pos`, :attr:`count`,
+        :attr:`total_ns`, :attr:`max_ns`). The total stops at :data:`TOTAL_MAX`."""
+
+    @property
+    def pos(self) -> int:
+        """Where the next sample goes in :attr:`samples`."""
+        return self.at[0]
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        self.at[0] = value
+
+    @property
+    def count(self) -> int:
+        """Operations recorded."""
+        return self.at[1]
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.at[1] = value
+
+    @property
+    def total_ns(self) -> int:
+        """Their total time (ns)."""
+        return self.at[2]
+
+    @total_ns.setter
+    def total_ns(self, value: int) -> None:
+        self.at[2] = value
+
+    @property
+    def max_ns(self) -> int:
+        """The largest sample (ns)."""
+        return self.at[3]
+
+    @max_ns.setter
+    def max_ns(self, value: int) -> None:
+        self.at[3] = value
 
     def add(self, ns: int) -> None:
-        """Record one sample. O(1). (Inlined in MMSBState.write_small_bytes: keep the two
-        alike.)"""
-        pos = self.pos
+        """Record one sample. O(1). (Inlined in MMSBState.write_small_bytes, and done by
+        the durable one-frame write's compiled call: keep the three alike.)"""
+        at = self.at
         samples = self.samples
+        pos = at[0]
         samples[pos] = ns
         pos += 1
-        self.pos = 0 if pos == len(samples) else pos
-        self.count += 1
-        self.total_ns += ns
-        if ns > self.max_ns:
-            self.max_ns = ns
+        at[0] = 0 if pos == len(samples) else pos
+        at[1] += 1
+        try:
+            at[2] += ns
+        except OverflowError:
+            at[2] = TOTAL_MAX
+        if ns > at[3]:
+            at[3] = ns
 
     def add_many(self, total_ns: int, n: int) -> None:
         """Record ``n`` operations that took ``total_ns`` together (one sample of their
@@ -44,12 +92,16 @@ class LatencyRing:
         if n <= 0:
             return
         mean = total_ns // n
-        self.samples[self.pos] = mean
-        self.pos = (self.pos + 1) % len(self.samples)
-        self.count += n
-        self.total_ns += total_ns
-        if mean > self.max_ns:
-            self.max_ns = mean
+        at = self.at
+        self.samples[at[0]] = mean
+        at[0] = (at[0] + 1) % len(self.samples)
+        at[1] += n
+        try:
+            at[2] += total_ns
+        except OverflowError:
+            at[2] = TOTAL_MAX
+        if mean > at[3]:
+            at[3] = mean
 
     def percentiles(self) -> tuple[float, float, float]:
         """p50, p90, p99 over the retained samples (0 when none)."""
@@ -72,10 +124,29 @@ class Counters:
         self.propagation = LatencyRing()
         self.log_append = LatencyRing()
         self.checkpoint = LatencyRing()
-        self.records_logged = 0
-        self.payload_bytes_logged = 0
+        self.logged = array("q", bytes(16))
+        """:attr:`records_logged` and :attr:`payload_bytes_logged`, in a plain array
+        that the durable bus's compiled one-frame write adds to through its address."""
         self.deltas_logged = 0
         self.torn_tails_recovered = 0
+
+    @property
+    def records_logged(self) -> int:
+        """Records appended to the log."""
+        return self.logged[0]
+
+    @records_logged.setter
+    def records_logged(self, value: int) -> None:
+        self.logged[0] = value
+
+    @property
+    def payload_bytes_logged(self) -> int:
+        """Bytes the logged deltas change."""
+        return self.logged[1]
+
+    @payload_bytes_logged.setter
+    def payload_bytes_logged(self, value: int) -> None:
+        self.logged[1] = value
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,15 @@ call (:func:`_write_frame`) does, in order:
 3. :func:`_apply_publish`: apply the changed bytes to the page and show them to attached
    readers: the log's end in the head, then, under the seqlock, the bytes of the mapped
    page, its table row and the head's LSN and time; then the notify word.
+4. The state's counters: the ``log_append`` and ``delta_apply`` latency samples (timed
+   with libc's ``clock_gettime``, the clock of ``time.perf_counter_ns``) and
+   ``records_logged`` / ``payload_bytes_logged``, written into their plain arrays.
+
+What the call reaches through addresses rather than arguments (the frame buffer, the
+log's current chunk, the mapped files, the counters' arrays) sits in one int64 array
+the bus keeps (:attr:`FastWriter.consts`), refreshed when one of them is replaced: each
+array passed costs the call's entry some tens of nanoseconds. The call keeps the GIL:
+it takes a microsecond or two, less than releasing and taking back the GIL costs.
 
 Anything else declines (returns None) before changing anything and the general path,
 which stays the reference, takes the call: a batch, a shared writer, replication, a
@@ -58,6 +67,7 @@ from .._core.kernels import (
     entry_point,
 )
 from .._core.log import DeferredLog
+from .._core.monitor import TOTAL_MAX
 from ..errors import DurabilityError
 from . import fsops, notify
 from .codec import KIND_DELTA
@@ -82,23 +92,27 @@ _OUT_BYTES = _SRC_AT + 2 + _MAX_SOURCE + 9 + 8 * (SMALL_WRITE // 2 + 1) + SMALL_
 SMALL_WRITE / 2 + 1 runs (u32 start and length each) and the values."""
 _DECLINE_DENSE = -3
 _DECLINE_ROW = -4
+_NO_ROW = -5
 _NO_ROOM = -2
 _EINTR = 4
 
 
-def _libc_addresses() -> tuple[int, int, int]:
-    """Addresses of libc's ``write``, ``fdatasync`` and ``__errno_location`` (glibc and
-    musl have all three), for the compiled path to call; zeros where not found (then
-    the general path takes every write)."""
+def _libc_addresses() -> tuple[int, int, int, int]:
+    """Addresses of libc's ``write``, ``fdatasync``, ``__errno_location`` and
+    ``clock_gettime`` (glibc and musl have all four), for the compiled path to call;
+    zeros where not found (then the general path takes every write)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return tuple(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value or 0
-                     for name in ("write", "fdatasync", "__errno_location"))  # type: ignore[return-value]
+                     for name in ("write", "fdatasync", "__errno_location",
+                                  "clock_gettime"))  # type: ignore[return-value]
     except (OSError, AttributeError):
-        return 0, 0, 0
+        return 0, 0, 0, 0
 
 
-_LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0)
+_LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0, 0)
+_CLOCK_MONOTONIC = 1
+"""Linux's clock id of ``CLOCK_MONOTONIC``, the clock of ``time.perf_counter_ns``."""
 
 
 def _write_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any) -> Any:  # pragma: no cover
@@ -135,6 +149,17 @@ def _errno_typer(typingctx: Any, fn: Any) -> Any:  # pragma: no cover
     return sig, codegen
 
 
+def _clock_typer(typingctx: Any, fn: Any, clock: Any, addr: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i32, i64]).as_pointer())
+        return builder.sext(builder.call(f, [builder.trunc(args[1], i32), args[2]]), i64)
+
+    return sig, codegen
+
+
 def _ptr_typer(typingctx: Any, addr: Any, like: Any) -> Any:  # pragma: no cover
     dtype = like.dtype
     sig = types.CPointer(dtype)(types.int64, like)
@@ -152,11 +177,17 @@ _ptr: Any = intrinsic(_ptr_typer)
 _c_write: Any = intrinsic(_write_typer)
 _c_fdatasync: Any = intrinsic(_sync_typer)
 _c_errno: Any = intrinsic(_errno_typer)
+_c_clock_gettime: Any = intrinsic(_clock_typer)
 
 # Fields of FastWriter.consts, the ints that change only when the segment, the
-# publisher's mappings or the source name do.
+# publisher's mappings, the log's chunk, the state's counters or the source name do;
+# the last two words are the kernel's room for clock_gettime's timespec.
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
-    _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN = range(15)
+    _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN, _K_OUT, \
+    _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
+    _K_APPLY_CAP, _K_LOGGED, _K_TIMESPEC = range(26)
+_K_WORDS = _K_TIMESPEC + 2
+_TOTAL_MAX = TOTAL_MAX
 _HEAD_WORDS = HEAD_SIZE // 8
 # Words of the mapped head (see mapped.py's layout).
 _LOG_WORD = _LOG_OFF // 8
@@ -167,6 +198,32 @@ _BUMP_WORD = _BUMP_OFF // 8
 def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: no cover
     for j in range(nbytes):
         out[at + j] = (value >> (8 * j)) & 0xFF
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _clock(k: np.ndarray, clock: int) -> int:  # pragma: no cover - compiled
+    """``clock``'s time in ns through libc's ``clock_gettime``, the timespec in ``k``'s
+    last two words (``time.perf_counter_ns()`` of :data:`_CLOCK_MONOTONIC`)."""
+    _c_clock_gettime(k[_K_CLOCK], clock, k.ctypes.data + 8 * _K_TIMESPEC)
+    return k[_K_TIMESPEC] * 1_000_000_000 + k[_K_TIMESPEC + 1]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sample(k: np.ndarray, ring: int, ns: int) -> None:  # pragma: no cover - compiled
+    """``LatencyRing.add(ns)`` on the ring whose ``samples``, ``at`` and capacity are at
+    ``k[ring:ring + 3]`` (the two arrays through their addresses)."""
+    cap = k[ring + 2]
+    samples = carray(_ptr(k[ring], k), (cap,))
+    at = carray(_ptr(k[ring + 1], k), (4,))
+    pos = at[0]
+    samples[pos] = ns
+    pos += 1
+    at[0] = 0 if pos == cap else pos
+    at[1] += 1
+    total = at[2] + ns
+    at[2] = total if total >= at[2] else _TOTAL_MAX  # it stops, as LatencyRing.add's
+    if ns > at[3]:
+        at[3] = ns
 
 
 @njit(cache=True, nogil=True)
@@ -180,7 +237,7 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
     ``new`` that changes; changed 0: nothing differs; -2: no room in the log chunk; -3:
     a dense delta; -4: the page's mapped row is not of its size (nothing written in
     any of these cases)."""
-    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size:
+    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size or size > 0xFFFFFFFF:
         return _DECLINE_ROW, 0, 0, 0, 0
     m = len(new)
     page = mem[base:base + size]
@@ -320,28 +377,51 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
     return _atomic_load_u32(waiters_addr) != 0
 
 
-@njit(cache=True, nogil=True)
-def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
-                 row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, pid: int,
-                 epoch: int, ts: int, src: int, lsn: int, did: int, next_id: int, bump: int,
-                 end: int, publish: bool,
-                 k: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover
+# Not nogil: the call takes a microsecond or two, less than handing the GIL to another
+# thread and taking it back costs the caller (the state's lock is held throughout, so
+# no other writer could use the time anyway); and a thread that reads the counters it
+# writes (the bus's stats file, from the group commit's thread) sees them whole.
+@njit(cache=True)
+def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, rows: np.ndarray,
+                 row: int, coff: int, ci: int, pid: int, epoch: int, ts: int, src: int,
+                 lsn: int, did: int, next_id: int, bump: int, end: int, publish: bool,
+                 k: np.ndarray) -> tuple[int, int, int, int, int]:  # pragma: no cover
     """The whole path in one call: :func:`_encode`; the frame written to the segment
     (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
-    :func:`_apply_publish`. ``k``: the :data:`FastWriter.consts` (the mapped files are
-    reached through the addresses there, fewer arrays to pass); ``end``: the segment's
-    size before this frame. Returns ``_encode``'s five values and a status:
-    0, or 1 when followers wait on the notify word (the caller wakes them), or, when a
-    file step failed (nothing applied), ``-(errno * 2 + (1 if it was the sync))``."""
-    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0:
-        return _DECLINE_ROW, 0, 0, 0, 0, 0  # nothing mapped (yet)
+    :func:`_apply_publish`. ``addr``: the page's arena address (its place in ``mem``,
+    the arena chunk, is ``addr & CHUNK_MASK``); ``k``: the :data:`FastWriter.consts` (the frame buffer, the
+    log's current chunk, the mapped files and the counters' rings are reached through
+    the addresses there: each array passed costs the call about 0.09 µs); ``end``: the
+    segment's size before this frame. A written frame records the state's
+    ``log_append`` sample (this call's start to the frame in the kernel) and, when
+    ``publish``, its ``delta_apply`` sample (to the page published) and adds to the
+    counters' ``records_logged`` and ``payload_bytes_logged``. Returns
+    ``_encode``'s five values and a status: 0, or 1 when followers wait on the notify
+    word (the caller wakes them), or, when a file step failed (nothing applied),
+    ``-(errno * 2 + (1 if it was the sync))``; ``first`` and ``last`` as one int,
+    ``first << 32 | last`` (the caller needs them only when the call does not end here).
+    Changed -5: no row left in ``rows``; -2 also when there is no current log chunk
+    (``ci`` < 0)."""
+    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0 or k[_K_LOG_RING] == 0:
+        return _DECLINE_ROW, 0, 0, 0, 0  # nothing mapped (yet)
+    if row >= rows.shape[0]:
+        return _NO_ROW, 0, 0, 0, 0
+    if ci < 0:
+        return _NO_ROOM, 0, 0, 0, 0
+    if k[_K_CHUNK] == 0:
+        return _DECLINE_ROW, 0, 0, 0, 0  # a chunk this path cannot write into
+    t0 = _clock(k, _CLOCK_MONOTONIC)
     table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
+    out = carray(_ptr(k[_K_OUT], mem), (_OUT_BYTES,))
+    chunk = carray(_ptr(k[_K_CHUNK], mem), (LOG_CHUNK,))
+    base = addr & CHUNK_MASK
     n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
                                          out, table, pid, epoch, ts, src, lsn, did,
                                          k[_K_BODY])
+    span = first << 32 | last
     if n <= 0:
-        return n, plen, flen, first, last, 0
-    at = out.ctypes.data
+        return n, plen, flen, span, 0
+    at = k[_K_OUT]
     done = 0
     while done < flen:
         r = _c_write(k[_K_WRITE], k[_K_FD], at + done, flen - done)
@@ -349,19 +429,25 @@ def _write_frame(mem: np.ndarray, base: int, size: int, off: int, new: bytes, ro
             e = _c_errno(k[_K_ERRNO])
             if e == _EINTR:
                 continue
-            return n, plen, flen, first, last, -2 * e
+            return n, plen, flen, span, -2 * e
         done += r
     if k[_K_ALWAYS]:
         while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
             e = _c_errno(k[_K_ERRNO])
             if e != _EINTR:
-                return n, plen, flen, first, last, -2 * e - 1
+                return n, plen, flen, span, -2 * e - 1
+    _sample(k, _K_LOG_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
     pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
     head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
     woke = _apply_publish(mem, base + off, new, first, last, pages, table, head, k[_K_HEAD],
                           pid, off, epoch, lsn, ts, next_id, bump, k[_K_GEN], k[_K_SEQ],
                           end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
-    return n, plen, flen, first, last, 1 if woke else 0
+    if publish:
+        _sample(k, _K_APPLY_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
+        logged = carray(_ptr(k[_K_LOGGED], k), (2,))
+        logged[0] += 1
+        logged[1] += n
+    return n, plen, flen, span, 1 if woke else 0
 
 
 _ENTRIES: dict[str, Any] = {}
@@ -374,7 +460,7 @@ class FastWriter:
     ints the kernel reads from :attr:`consts`."""
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
-                 "always", "segment_bytes", "usable", "kernel")
+                 "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
@@ -385,9 +471,14 @@ class FastWriter:
         self.pages_of: object = None
         """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
         referenced, so that their mappings stay while the addresses are in use)."""
-        self.consts = np.zeros(15, np.int64)
-        """The kernel's ints that change only with the segment, the publisher or the
-        source (the fields ``_K_*``)."""
+        self.consts = np.zeros(_K_WORDS, np.int64)
+        """The kernel's ints that change only with the segment, the publisher, the
+        log's chunk, the counters or the source (the fields ``_K_*``)."""
+        self.chunk_of: object = None
+        """The log chunk (``cur_array``) whose address ``consts`` holds."""
+        self.counters_of: object = None
+        """The state's counters whose rings' addresses ``consts`` holds (kept
+        referenced, so that the arrays stay while their addresses are in use)."""
         self.writer_of: object = None
         self.pub_of: object = None
         self.always = always
@@ -396,8 +487,10 @@ class FastWriter:
         """False where libc's calls were not found: the general path takes every write."""
         self.kernel: Any = _ENTRIES.get("write", _write_frame)
         """The kernel: its compiled entry once made (see entry_point)."""
-        self.consts[_K_WRITE], self.consts[_K_SYNC], self.consts[_K_ERRNO] = _LIBC
-        self.consts[_K_ALWAYS] = always
+        k = self.consts
+        k[_K_WRITE], k[_K_SYNC], k[_K_ERRNO], k[_K_CLOCK] = _LIBC
+        k[_K_ALWAYS] = always
+        k[_K_OUT] = self.out.ctypes.data
 
     def refresh(self, w: Any, pub: Any, generation: int) -> None:
         """Take the segment's and the publisher's ints (after a roll, a reopen or the
@@ -419,20 +512,43 @@ class FastWriter:
         self.table_of = pub.table
         self.pages_of = pub.pages
 
+    def take_chunk(self, chunk: np.ndarray) -> None:
+        """Take the address of the log's current payload chunk (a new one was started);
+        0 (the general path takes the writes) for one that is not a whole writable
+        :data:`~mmsb._core.kernels.LOG_CHUNK`."""
+        ok = chunk.size == LOG_CHUNK and chunk.flags.writeable
+        self.consts[_K_CHUNK] = chunk.ctypes.data if ok else 0
+        self.chunk_of = chunk
+
+    def take_counters(self, counters: Any) -> None:
+        """Take the addresses of ``counters``' ``log_append`` and ``delta_apply`` rings,
+        which the kernel records its samples into, and of its ``logged`` counts."""
+        k = self.consts
+        for at, ring in ((_K_LOG_RING, counters.log_append),
+                         (_K_APPLY_RING, counters.delta_apply)):
+            k[at] = ring.samples.buffer_info()[0]
+            k[at + 1] = ring.at.buffer_info()[0]
+            k[at + 2] = len(ring.samples)
+        k[_K_LOGGED] = counters.logged.buffer_info()[0]
+        self.counters_of = counters
+
     def compile(self, mem: np.ndarray, data: bytes, log: Any, pub: Any) -> None:
         """Take the kernel's compiled entry for the types this path passes (made, or
         loaded from numba's cache, once a process)."""
         if "write" not in _ENTRIES:
             _ENTRIES["write"] = entry_point(
-                _write_frame, mem, 0, 1, 0, data, log.rows, 0, log.cur_array, 0, 0, self.out,
-                1, 1, 1, 0, 1, 1, 1, 0, 0, True, self.consts)
+                _write_frame, mem, 0, 1, 0, data, log.rows, 0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0,
+                0, True, self.consts)
         self.kernel = _ENTRIES["write"]
 
     def forget(self) -> None:
         """Let go of the segment and the mapped files (the bus closes: their mappings
         and descriptors go)."""
-        self.consts[_K_TABLE] = self.consts[_K_PAGES] = self.consts[_K_HEAD] = 0
+        k = self.consts
+        k[_K_TABLE] = k[_K_PAGES] = k[_K_HEAD] = k[_K_CHUNK] = k[_K_LOG_RING] = 0
+        k[_K_APPLY_RING] = k[_K_LOGGED] = 0
         self.table_of = self.pages_of = self.writer_of = self.pub_of = None
+        self.chunk_of = self.counters_of = None
 
     def use_source(self, source: str) -> bool:
         """Put ``source``'s name in the frame buffer; False when it is too long."""
@@ -469,8 +585,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
     fw = bus.fast
     if (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
             or bus.ship is not None or bus.replication is not None or log.sink is None
-            or not state.config.enable_logging or len(data) > SMALL_WRITE
-            or w.size >= fw.segment_bytes or fsops._hook is not None
+            or not state.config.enable_logging or w.size >= fw.segment_bytes or fsops._hook is not None
             or not fw.usable):
         return None
     lock = state.lock
@@ -486,29 +601,29 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             return None
         size = size_v[pid]
         n_new = len(data)
-        if off < 0 or off + n_new > size or (whole and n_new != size) or (
+        if n_new > SMALL_WRITE or off < 0 or off + n_new > size or (whole and n_new != size) or (
                 source is not _API and (type(source) is not str
                                         or source not in _GOOD_SOURCES)):
             return None
         src = log.source_ids.get(source)
-        if src is None or size > 0xFFFFFFFF:
+        if src is None:
             return None
         if source is not fw.source and not fw.use_source(source):
             return None
         if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
                 or fw.pages_of is not pub.pages):
             fw.refresh(w, pub, bus.generation)
-        t0 = time.perf_counter_ns()
+        c = state.counters
+        if c is not fw.counters_of:
+            fw.take_counters(c)
         lsn = log.next_lsn
         addr = addr_v[pid]
         epoch = epoch_v[pid] + 1
         mem = state.arena._chunks[addr >> CHUNK_SHIFT]
         assert mem is not None
         row = log.n
-        if row == len(log.rows):
-            log._grow()
-        if log.cur < 0:
-            log._new_chunk()
+        if log.cur_array is not fw.chunk_of:
+            fw.take_chunk(log.cur_array)
         ts = time.time_ns()
         if ts < log.last_timestamp:
             ts = log.last_timestamp
@@ -517,23 +632,31 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # (they do on the general path): then the call's ordinary publication at its end.
         simple = not state.events.active and pid not in state.graph.children and not (
             row >= state.compact_at and not state.propagating and not state.batch_depth)
+        # The kernel records the latency samples of a simple call; the others end in
+        # after_write, which records delta_apply from here.
+        t0 = 0 if simple else time.perf_counter_ns()
         before = w.size
         # The frame goes to the kernel before anything takes effect. No io_lock: the
         # writer changes only under the state's lock (held), and the group commit clears
         # the dirty mark before its fdatasync, so marking it after the write suffices.
+        kernel = fw.kernel
         while True:
             tail = log.tail
-            n, plen, flen, first, last, status = fw.kernel(
-                mem, addr & CHUNK_MASK, size, off, data, log.rows, row, log.cur_array, tail,
-                log.cur, fw.out, pid, epoch, ts, src, lsn, did, state.table.next_id,
-                pub.bump, before, simple, fw.consts)
-            if n != _NO_ROOM:
+            n, plen, flen, span, status = kernel(
+                mem, addr, size, off, data, log.rows, row, tail, log.cur, pid,
+                epoch, ts, src, lsn, did, state.table.next_id, pub.bump, before, simple,
+                fw.consts)
+            if n == _NO_ROOM:
+                log._new_chunk()
+                fw.take_chunk(log.cur_array)
+            elif n == _NO_ROW:
+                log._grow()
+            else:
                 break
-            log._new_chunk()
         if n > 0 and (status >= 0 or status & 1):
             w.size = before + flen  # written whole (a failed sync leaves it there)
             w.dirty = status < 0 or not fw.always
-        if fw.kernel is _write_frame:
+        if kernel is _write_frame:
             fw.compile(mem, data, log, pub)
         if n <= 0:
             if n < 0:
@@ -546,12 +669,13 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             err = -status
             exc = OSError(err >> 1, os.strerror(err >> 1))
             pub = None  # the error's traceback keeps this frame: not the mapped files
-            raise _failed(bus, state, w, before, pid, off + first, off + last + 1, exc,
+            raise _failed(bus, state, w, before, pid, off + (span >> 32),
+                          off + (span & 0xFFFFFFFF) + 1, exc,
                           "fsync" if err & 1 else "append") from exc
         if status:
             notify.wake(pub.notify_addr)
-        bus.records_since_ckpt += 1
-        log_ns = time.perf_counter_ns() - t0
+        since = bus.records_since_ckpt + 1
+        bus.records_since_ckpt = since
         # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
         log.tail = tail + plen
         log.n = row + 1
@@ -578,19 +702,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             deferred._mirror()
         state.next_delta_id = did + 1
         epoch_v[pid] = epoch
-        c = state.counters
-        # c.log_append.add(log_ns), inlined (keep it like LatencyRing.add).
-        ring = c.log_append
-        pos = ring.pos
-        ring.samples[pos] = log_ns
-        pos += 1
-        ring.pos = 0 if pos == len(ring.samples) else pos
-        ring.count += 1
-        ring.total_ns += log_ns
-        if log_ns > ring.max_ns:
-            ring.max_ns = log_ns
         if not simple:
-            pub.touched[pid] = (off + first, off + last + 1)
+            pub.touched[pid] = (off + (span >> 32), off + (span & 0xFFFFFFFF) + 1)
             state.call_depth += 1
             try:
                 state.after_write(pid, epoch, did, lsn, t0, n)
@@ -598,22 +711,9 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                 state.call_depth -= 1
             bus.after_call(state)
             return True
-        # c.delta_apply.add(), inlined (keep it like LatencyRing.add).
-        ns = time.perf_counter_ns() - t0
-        ring = c.delta_apply
-        pos = ring.pos
-        ring.samples[pos] = ns
-        pos += 1
-        ring.pos = 0 if pos == len(ring.samples) else pos
-        ring.count += 1
-        ring.total_ns += ns
-        if ns > ring.max_ns:
-            ring.max_ns = ns
-        c.records_logged += 1
-        c.payload_bytes_logged += n
         # bus.maybe_checkpoint()'s test, inlined.
         cfg = bus.config
-        if bus.records_since_ckpt >= cfg.max_tlog_size + bus._retry_after or (
+        if since >= cfg.max_tlog_size + bus._retry_after or (
                 cfg.checkpoint_interval > 0
                 and time.monotonic() - bus.last_ckpt_time >= cfg.checkpoint_interval):
             bus.maybe_checkpoint(state)
