@@ -676,7 +676,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             notify.wake(pub.notify_addr)
         since = bus.records_since_ckpt + 1
         bus.records_since_ckpt = since
-        # The log keeps the row the kernel filled (TransactionLog.write_small's tail).
+        # The log keeps the row the kernel filled: TransactionLog.write_small's tail,
+        # inlined as in MMSBState.write_small_bytes (keep the three alike).
         log.tail = tail + plen
         log.n = row + 1
         lsns = log.lsns
