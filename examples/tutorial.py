@@ -221,7 +221,7 @@ def checkpoints(state: mmsb.MMSBState, tmp: str) -> None:
         print("refused:", exc)
     print("restored state untouched:", len(restored.pages), "pages")
 
-    # The seed's form: a new state straight from a file.
+    # Or a new state straight from a file.
     again = mmsb.replay_from_checkpoint(path)
     print("replay_from_checkpoint:", again)
 
@@ -241,7 +241,7 @@ def replay(state: mmsb.MMSBState, shared_id: int) -> None:
     past = mmsb.replay_to_lsn(state, first.lsn)
     print(f"page {shared_id} right after LSN {first.lsn}:", mmsb.query_page(past, shared_id))
 
-    # replay_to_epoch: the seed's per-page cut (each page with its deltas of epoch ≤ N).
+    # replay_to_epoch: a per-page cut (each page with its deltas of epoch ≤ N).
     cut = mmsb.replay_to_epoch(state, 1)
     print(f"page {shared_id} at epoch ≤ 1:", mmsb.query_page(cut, shared_id))
 

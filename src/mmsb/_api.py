@@ -1,4 +1,4 @@
-"""The seed's public calls, in Python spelling. Each one validates fully before it
+"""The public calls. Each one validates fully before it
 changes anything: a refused call raises a typed MMSBError and leaves state and log as
 they were."""
 

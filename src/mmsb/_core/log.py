@@ -352,7 +352,7 @@ class ColumnRecords(Sequence[AnyRecord]):
 class TransactionLog:
     """All retained records of a state, in LSN order, as columns.
 
-    ``deltas`` (the seed's TLog), ``records`` (everything) and ``by_page`` are read-only
+    ``deltas`` (the deltas alone), ``records`` (everything) and ``by_page`` are read-only
     views that build :class:`Delta` objects on demand. Appending a delta is O(its
     payload); reading one is O(log breaks + its payload).
     """

@@ -201,8 +201,8 @@ def replay_records_to_lsn(state: MMSBState, lsn: int) -> MMSBState:
 
 def _epoch_cut(state: MMSBState, lo: int, hi: int) -> MMSBState:
     """The pages as they stand now (ids, sizes, locations, metadata, edges), each with
-    the bytes its history gives for the epoch window [lo, hi]. For lo = 0 (the seed's
-    replay_to_epoch): the page as it was right after its last change at an epoch ≤ hi —
+    the bytes its history gives for the epoch window [lo, hi]. For lo = 0
+    (replay_to_epoch): the page as it was right after its last change at an epoch ≤ hi —
     clones, resizes and the replay base included — laid into its current size. For
     lo > 0 (replay_log's window): only the page's own deltas of that window, applied
     from zero."""
@@ -332,13 +332,13 @@ def _window_cut(state: MMSBState, live: list[int], lo: int, hi: int) -> Cut:
 
 
 def replay_to_epoch(state: MMSBState, epoch: int) -> MMSBState:
-    """The seed's per-page cut, detached: the pages as they stand now, each with only
+    """A per-page cut, detached: the pages as they stand now, each with only
     its deltas of epoch ≤ ``epoch`` applied, in log order."""
     return _epoch_cut(state, 0, epoch)
 
 
 def replay_log(state: MMSBState, start_epoch: int, end_epoch: int) -> dict[int, Page]:
-    """The seed's epoch-window snapshot: page id → detached page rebuilt from the
+    """An epoch-window snapshot: page id → detached page rebuilt from the
     deltas with ``start_epoch ≤ epoch ≤ end_epoch``."""
     snap = _epoch_cut(state, start_epoch, end_epoch)
     return {pid: Page(snap, pid) for pid in snap.pages}
@@ -493,8 +493,8 @@ def incremental_replay(state: MMSBState, deltas: Sequence[Delta]) -> MMSBState:
 
 
 def replay_with_predicate(state: MMSBState, pred: Callable[[int, Delta], Any]) -> list[tuple[int, MMSBState]]:
-    """For each retained delta with ``pred(delta.epoch, delta)`` true (the seed's
-    predicate form), ``(delta.epoch, the state right after that delta)``: detached
+    """For each retained delta with ``pred(delta.epoch, delta)`` true (a
+    predicate over epochs and deltas), ``(delta.epoch, the state right after that delta)``: detached
     states, oldest first. One pass over the log; each hit costs one state copy."""
     state = require_state(state, "replay_with_predicate")
     if not callable(pred):

@@ -130,8 +130,7 @@ def load_results(path: Path) -> dict[str, Any]:
 def merge_baseline(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """``new`` with the cases of ``old`` that ``new`` did not run kept (same mode only).
 
-    Lets a subset of categories refresh a baseline without rerunning everything, as the
-    seed's ``MMSB_BENCH_CATEGORIES`` did.
+    Lets a subset of categories refresh a baseline without rerunning everything.
     """
     merged = dict(new)
     if old is None or old.get("mode") != new.get("mode"):

@@ -109,7 +109,7 @@ class Target:
     key: str
     """Short stable id."""
     benchmark: str
-    """The row's name in SPEC.md (the seed's benchmark name where it has one)."""
+    """The row's name in SPEC.md (the name in its first column)."""
     spec: str
     """The "ours" cell, as SPEC.md words it."""
     quantity: Quantity
@@ -120,7 +120,7 @@ class Target:
     unit: str
     """``"ns"``, ``"x"`` (a ratio), ``"GB/s"``, ``"/s"``, ``"B"``, ``"MB"``."""
     seed: str = "—"
-    """The seed's own target."""
+    """The target in SPEC.md's "seed target" column."""
     julia: str = "—"
     """The Julia build's measured baseline."""
 

@@ -1,4 +1,4 @@
-"""Persistence, replay, the seed's stress workload, and the batch write path."""
+"""Persistence, replay, the stress workload, and the batch write path."""
 
 from __future__ import annotations
 

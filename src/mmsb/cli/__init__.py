@@ -418,7 +418,7 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
 @_path_arg
 @click.option("--lsn", type=click.IntRange(min=0), help="The state right after this log record.")
 @click.option("--epoch", type=click.IntRange(min=0),
-              help="Each page with only its deltas of epoch ≤ N (the seed's per-page cut).")
+              help="Each page with only its deltas of epoch ≤ N (a per-page cut).")
 @click.option("--time", "at_time", type=TIME, help=f"The state at this moment: {_TIME_HELP}.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Checkpoint file to write (load it with mmsb.load_checkpoint).")
