@@ -174,6 +174,48 @@ def runs_of(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts[:k], lengths[:k]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def sparse_encoding(n: int, first: int, last: int, size: int
+                    ) -> tuple[int, int]:  # pragma: no cover - compiled
+    """How the log keeps ``n`` changed bytes spanning ``first`` … ``last`` of a page of
+    ``size`` bytes (at most a quarter of it): ``(encoding, payload length)`` — one run
+    (its start, u16 for a page of at most 65,536 bytes, else u32, then the values), or
+    u16 / u32 positions then the values."""
+    if last - first + 1 == n:
+        enc = ENC_RUN16 if size <= 65536 else ENC_RUN
+        return enc, (2 if enc == ENC_RUN16 else 4) + n
+    if size <= 65536:
+        return ENC_POS16, 3 * n
+    return ENC_POS32, 5 * n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def encode_sparse(chunk: np.ndarray, coff: int, cur: np.ndarray, new: Any, off: int,
+                  first: int, last: int, n: int, enc: int,
+                  plen: int) -> None:  # pragma: no cover - compiled
+    """Write the payload :func:`sparse_encoding` chose at ``chunk[coff:]``: the bytes of
+    ``new`` that differ from ``cur`` (the page from ``off``), positions in the page."""
+    if enc == ENC_RUN or enc == ENC_RUN16:
+        start = off + first
+        head = plen - n
+        for j in range(head):
+            chunk[coff + j] = (start >> (8 * j)) & 0xFF
+        for k in range(n):
+            chunk[coff + head + k] = new[first + k]
+    else:
+        w = 2 if enc == ENC_POS16 else 4
+        v = coff + w * n
+        k = 0
+        for i in range(first, last + 1):
+            b = new[i]
+            if cur[i] != b:
+                p = off + i
+                for j in range(w):
+                    chunk[coff + w * k + j] = (p >> (8 * j)) & 0xFF
+                chunk[v + k] = b
+                k += 1
+
+
 @njit(cache=True, nogil=True)
 def _fill_row(rows: np.ndarray, row: int, pid: int, size: int, plen: int, src: int, enc: int,
               epoch: int, ts: int, poff: int) -> None:  # pragma: no cover - compiled
@@ -229,36 +271,10 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     if n * 4 > size:
         return _write_dense(page, cur, size, off, new, n, rows, row, chunk, coff, room, pid,
                             epoch, ts, src, poff)
-    if last - first + 1 == n:
-        enc = ENC_RUN16 if size <= 65536 else ENC_RUN
-        plen = (2 if enc == ENC_RUN16 else 4) + n
-    elif size <= 65536:
-        enc = ENC_POS16
-        plen = 3 * n
-    else:
-        enc = ENC_POS32
-        plen = 5 * n
+    enc, plen = sparse_encoding(n, first, last, size)
     if plen > room:
         return -2, plen
-    if enc == ENC_RUN or enc == ENC_RUN16:
-        start = off + first
-        head = plen - n
-        for j in range(head):
-            chunk[coff + j] = (start >> (8 * j)) & 0xFF
-        for k in range(n):
-            chunk[coff + head + k] = new[first + k]
-    else:
-        w = 2 if enc == ENC_POS16 else 4
-        v = coff + w * n
-        k = 0
-        for i in range(first, last + 1):
-            b = new[i]
-            if cur[i] != b:
-                p = off + i
-                for j in range(w):
-                    chunk[coff + w * k + j] = (p >> (8 * j)) & 0xFF
-                chunk[v + k] = b
-                k += 1
+    encode_sparse(chunk, coff, cur, new, off, first, last, n, enc, plen)
     for i in range(first, last + 1):
         cur[i] = new[i]
     _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, poff)

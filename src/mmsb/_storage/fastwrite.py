@@ -57,14 +57,12 @@ from numba.extending import intrinsic
 from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
 from .._core.engine import _API, _GOOD_SOURCES
 from .._core.kernels import (
-    ENC_POS16,
-    ENC_POS32,
-    ENC_RUN,
-    ENC_RUN16,
     LOG_CHUNK,
     SMALL_WRITE,
     _fill_row,
+    encode_sparse,
     entry_point,
+    sparse_encoding,
 )
 from .._core.log import DeferredLog
 from .._core.monitor import TOTAL_MAX
@@ -257,32 +255,10 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
         last -= 1
     # The log's row and payload, as TransactionLog keeps the delta (see write_small).
     one_run = last - first + 1 == n
-    if one_run:
-        enc = ENC_RUN16 if size <= 65536 else ENC_RUN
-        plen = (2 if enc == ENC_RUN16 else 4) + n
-    elif size <= 65536:
-        enc = ENC_POS16
-        plen = 3 * n
-    else:
-        enc = ENC_POS32
-        plen = 5 * n
+    enc, plen = sparse_encoding(n, first, last, size)
     if plen > LOG_CHUNK - coff:
         return _NO_ROOM, plen, 0, 0, 0
-    if one_run:
-        head = plen - n
-        _put(chunk, coff, off + first, head)
-        for k in range(n):
-            chunk[coff + head + k] = new[first + k]
-    else:
-        w = 2 if enc == ENC_POS16 else 4
-        v = coff + w * n
-        k = 0
-        for i in range(first, last + 1):
-            b = new[i]
-            if cur[i] != b:
-                _put(chunk, coff + w * k, off + i, w)
-                chunk[v + k] = b
-                k += 1
+    encode_sparse(chunk, coff, cur, new, off, first, last, n, enc, plen)
     _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, (ci << 32) | coff)
     # The frame: the record head and the delta's fields ...
     out[FRAME_HEAD] = KIND_DELTA
