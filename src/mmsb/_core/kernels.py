@@ -175,6 +175,30 @@ def runs_of(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True, inline="always")
+def count_changed(cur: np.ndarray, new: Any, m: int) -> int:  # pragma: no cover - compiled
+    """How many of the first ``m`` bytes of ``new`` differ from ``cur``. Branch-free
+    (indexing with the loop counter), so it vectorises; the ends come after."""
+    n = 0
+    for i in range(m):
+        n += int(cur[i] != new[i])
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def change_ends(cur: np.ndarray, new: Any, m: int
+                ) -> tuple[int, int]:  # pragma: no cover - compiled
+    """The first and last of the first ``m`` positions where ``new`` differs from
+    ``cur`` (some position must differ)."""
+    first = 0
+    while cur[first] == new[first]:
+        first += 1
+    last = m - 1
+    while cur[last] == new[last]:
+        last -= 1
+    return first, last
+
+
+@njit(cache=True, nogil=True, inline="always")
 def sparse_encoding(n: int, first: int, last: int, size: int
                     ) -> tuple[int, int]:  # pragma: no cover - compiled
     """How the log keeps ``n`` changed bytes spanning ``first`` … ``last`` of a page of
@@ -256,18 +280,10 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     page = mem[base:base + size]
     # Indexing a slice with the loop counter lets the compare vectorise.
     cur = page[off:off + m]
-    n = 0
-    for i in range(m):
-        # Branch-free, so it vectorises; the ends of the change are found after.
-        n += int(cur[i] != new[i])
+    n = count_changed(cur, new, m)
     if n == 0:
         return 0, 0
-    first = 0
-    while cur[first] == new[first]:
-        first += 1
-    last = m - 1
-    while cur[last] == new[last]:
-        last -= 1
+    first, last = change_ends(cur, new, m)
     if n * 4 > size:
         return _write_dense(page, cur, size, off, new, n, rows, row, chunk, coff, room, pid,
                             epoch, ts, src, poff)

@@ -1322,10 +1322,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
         else:
             head = read_checkpoint_head(by_gen[g_prev])
             _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
-        if head.lsn != heads[-1][1].log_from_lsn:
-            raise SerializationError(
-                f"checkpoint {g_prev} is at LSN {head.lsn}, but the next one's log starts "
-                f"at {heads[-1][1].log_from_lsn}", path=by_gen[g_prev])
+        _check_link(g_prev, head.lsn, heads[-1][1].log_from_lsn, by_gen[g_prev])
         heads.append((g_prev, head))
     heads.reverse()
     first_gen, first = heads[0]
@@ -1423,10 +1420,7 @@ def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
             break
         ck_prev = bus.read_checkpoint(by_gen[g_prev])
         _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
-        if ck_prev.lsn != chain[-1][1].log_from_lsn:
-            raise SerializationError(
-                f"checkpoint {g_prev} is at LSN {ck_prev.lsn}, but the next one's log starts "
-                f"at {chain[-1][1].log_from_lsn}", path=by_gen[g_prev])
+        _check_link(g_prev, ck_prev.lsn, chain[-1][1].log_from_lsn, by_gen[g_prev])
         chain.append((g_prev, ck_prev))
     chain.reverse()
     return chain
@@ -1658,6 +1652,14 @@ def _follow(state: MMSBState, pids: np.ndarray, sizes: np.ndarray, bases: np.nda
     follows[order] = bases[order] == expected
     ok &= follows
     return m if ok.all() else int(np.argmin(ok))
+
+
+def _check_link(gen: int, lsn: int, next_from: int, path: Path) -> None:
+    """Checkpoint ``gen`` (at ``lsn``) must end where the next one's log starts."""
+    if lsn != next_from:
+        raise SerializationError(
+            f"checkpoint {gen} is at LSN {lsn}, but the next one's log starts at "
+            f"{next_from}", path=path)
 
 
 def _check_owner(info: dict[str, object] | None, bus_id: int, gen: int, path: Path) -> None:

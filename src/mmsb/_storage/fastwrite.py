@@ -60,6 +60,8 @@ from .._core.kernels import (
     LOG_CHUNK,
     SMALL_WRITE,
     _fill_row,
+    change_ends,
+    count_changed,
     encode_sparse,
     entry_point,
     sparse_encoding,
@@ -240,19 +242,12 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
     m = len(new)
     page = mem[base:base + size]
     cur = page[off:off + m]
-    n = 0
-    for i in range(m):
-        n += int(cur[i] != new[i])
+    n = count_changed(cur, new, m)
     if n == 0:
         return 0, 0, 0, 0, 0
     if n * 4 > size:
         return _DECLINE_DENSE, 0, 0, 0, 0
-    first = 0
-    while cur[first] == new[first]:
-        first += 1
-    last = m - 1
-    while cur[last] == new[last]:
-        last -= 1
+    first, last = change_ends(cur, new, m)
     # The log's row and payload, as TransactionLog keeps the delta (see write_small).
     one_run = last - first + 1 == n
     enc, plen = sparse_encoding(n, first, last, size)
