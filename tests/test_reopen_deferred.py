@@ -598,3 +598,72 @@ DeferredReopenMachine.TestCase.settings = settings(
     max_examples=12, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_deferred_reopen_machine = DeferredReopenMachine.TestCase
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("recorded_chain", [True, False])
+def test_a_checkpoint_from_another_timeline_of_the_bus_breaks_the_chain(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded_chain: bool) -> None:
+    """Two copies of one bus directory that went on separately each write a checkpoint
+    of the same generation at different LSNs. Put one copy's file into the other: every
+    checksum holds and the bus id and generation match, but that checkpoint no longer
+    ends where the next one's log starts. Opening refuses it with SerializationError
+    naming the file (the full recovery at open; the deferred open when the history is
+    first read, or at open when the chain is walked by the files' heads) and changes no
+    file."""
+    if not recorded_chain:
+        monkeypatch.setattr(bus_mod, "_recorded_chain", lambda *a: {})
+    cfg = _cfg()
+    root, alt = tmp_path / "bus", tmp_path / "alt"
+    s = mmsb.mmsb_start(path=str(root), config=cfg)
+    pid = mmsb.create_page(s, 64).id
+    mmsb.mmsb_stop(s)
+    shutil.copytree(root, alt)
+
+    def go_on(where: Path, n: int, value: int) -> None:
+        s = mmsb.mmsb_start(path=str(where), config=cfg)
+        for i in range(n):
+            mmsb.write_page(s, pid, i % 60, bytes([value]))
+        mmsb.mmsb_stop(s)
+
+    go_on(root, 30, 1)
+    go_on(alt, 45, 2)
+    go_on(root, 30, 3)
+    ours = {p.name: p for p in (root / "checkpoints").iterdir()}
+    theirs = {p.name: p for p in (alt / "checkpoints").iterdir()}
+    newest = max(ours)
+    # A generation both copies wrote, at different LSNs, that is not the newest here.
+    swapped = max(name for name in set(ours) & set(theirs) if name != newest
+                  and ckpt_mod.read_checkpoint_head(ours[name]).lsn
+                  != ckpt_mod.read_checkpoint_head(theirs[name]).lsn)
+    shutil.copyfile(theirs[swapped], ours[swapped])
+    before = _tree_bytes(root)
+
+    monkeypatch.setattr(bus_mod, "DEFER_HISTORY", False)
+    with pytest.raises(mmsb.SerializationError, match="next one's log starts at") as info:
+        mmsb.mmsb_start(path=str(root), config=cfg)
+    assert swapped in str(info.value)
+    assert _tree_bytes(root) == before
+
+    monkeypatch.setattr(bus_mod, "DEFER_HISTORY", True)
+    if not recorded_chain:
+        with pytest.raises(mmsb.SerializationError, match="next one's log starts at"):
+            mmsb.mmsb_start(path=str(root), config=cfg)
+        assert _tree_bytes(root) == before
+        return
+    s = mmsb.mmsb_start(path=str(root), config=cfg)
+    try:
+        state_before = (pages_view(s), int(s.last_lsn))
+        # The newest checkpoint recorded the chain as it was written: the swapped file
+        # is found not to be the one it recorded.
+        with pytest.raises(mmsb.SerializationError, match="the file was replaced") as info:
+            mmsb.read_page_at(s, pid, lsn=1)
+        assert swapped in str(info.value)
+        assert type(s.log) is DeferredLog
+        assert (pages_view(s), int(s.last_lsn)) == state_before
+    finally:
+        mmsb.mmsb_stop(s)  # nothing written since the open: no checkpoint, no history

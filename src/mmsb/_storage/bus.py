@@ -1358,8 +1358,12 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
             ck = bus.read_checkpoint(path)
             _check_owner(ck.bus, bus.bus_id, g, path)
             if (ck.lsn, ck.log_from_lsn) != (h.lsn, h.log_from_lsn):
-                raise SerializationError("this checkpoint changed after the bus was opened; "
-                                         "its history cannot be read (reopen the bus)", path=path)
+                raise SerializationError(
+                    f"this checkpoint is at LSN {ck.lsn} with its log from LSN "
+                    f"{ck.log_from_lsn}, but the bus opened expecting LSN {h.lsn} from "
+                    f"{h.log_from_lsn} (the newer checkpoint's record of its chain, or the "
+                    "file as it was at the open): the file was replaced or changed; its "
+                    "history cannot be read", path=path)
             parts.append(ck.records)
         records = join_records(parts)
         if isinstance(records, ColumnRecords):
