@@ -581,8 +581,12 @@ class MMSBState:
         return pid
 
     def page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
-        t = self.table
-        v = self.arena.view(int(t.addr[pid]), int(t.size[pid]))
+        addr_v, size_v, _epoch_v, _flags_v = self.table.views
+        addr = addr_v[pid]
+        chunk = self.arena.chunk(addr >> CHUNK_SHIFT)
+        assert chunk is not None
+        off = addr & CHUNK_MASK
+        v = chunk[off:off + size_v[pid]]
         if readonly:
             v = v.view()
             v.flags.writeable = False

@@ -141,7 +141,8 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                         # Instrumentation: note which code produces this page's delta.
                         state.recompute_hook(state, node, fn)
                     src = fn.source if type(fn) is Passthrough and fn.transform is None else 0
-                    if table.is_live(src):
+                    # PageTable.is_live, inlined.
+                    if 0 < src < table.next_id and flags[src] & LIVE:
                         # What the call would return, without the call.
                         arr = state.page_view(src)
                     else:
@@ -172,6 +173,8 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                     if first_error is None:
                         first_error = PropagationError(node, exc)
                         first_error.__cause__ = exc
+        if len(kinds) == 1 and _DATA in kinds:
+            continue  # the common case: no edge of another kind to this page changed
         for edge, key, value, event in _MARKS:
             if edge in kinds:
                 meta = dict(table.meta.get(node, {}))
