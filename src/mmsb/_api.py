@@ -24,6 +24,7 @@ from ._core.engine import (
     Page,
     check_size,
     check_source,
+    create_page,
     normalize_metadata,
     require_page_id,
     require_state,
@@ -221,26 +222,8 @@ _state_of = require_state
 
 
 # -- pages -----------------------------------------------------------------------------
-
-def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
-                metadata: dict[str, Any] | None = None) -> Page:
-    """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
-    epoch 0, with the next id. O(1).
-
-    Raises:
-        InvalidArgumentError (a ValueError): size not a positive int.
-        UnsupportedLocationError: unknown location.
-        GPUMemoryError: a GPU/unified page without a usable CUDA device.
-        MetadataError: metadata msgpack cannot encode.
-    """
-    if type(state) is MMSBState and location == "cpu" and not metadata:
-        page = _new_object(Page)
-        page.id = state.create_one(size)
-        page._state = state
-        return page
-    state = _state_of(state, "create_page")
-    return Page(state, state.create(1, size, location, metadata))
-
+# create_page is the core's (imported above): its common case reads the engine's log,
+# arena and page table in one frame.
 
 def create_pages(state: MMSBState, n: int, size: int | None = None, *, location: Any = "cpu",
                  metadata: dict[str, Any] | None = None) -> list[Page]:

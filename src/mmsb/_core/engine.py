@@ -34,7 +34,6 @@ from ..errors import (
     StateClosedError,
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
-from .arena import _LARGE as LARGE_SLOT
 from .arena import CHUNK_MASK, CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .batch_writes import BUFFERED_PAGE_MAX, log_buffered
 from .compaction import FoldJob, compaction_step, start_at
@@ -73,7 +72,8 @@ from .snapshot import ReplayBase, Snapshot
 if TYPE_CHECKING:
     from .._storage.bus import DurableBus
 
-__all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "normalize_metadata"]
+__all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "create_page",
+           "normalize_metadata"]
 
 RecomputeFn = Callable[["MMSBState", "Page"], Any]
 
@@ -101,6 +101,7 @@ def require_page_id(page_id: Any, fn: str) -> int:
 
 _IMMEDIATE = PropagationMode.IMMEDIATE
 """As a module constant: reading an enum member through its class costs ~0.1 µs."""
+_PAGE_CREATED = EventType.PAGE_CREATED
 _GOOD_SOURCES: set[str] = set()
 _API = "api"  # the default source, tested by identity first
 
@@ -846,14 +847,15 @@ class MMSBState:
 
     def create_one(self, size: Any) -> int:
         """``create(1, size, "cpu", None)``: one zero-filled cpu page without metadata;
-        returns its id. The common case (an in-memory log without a sink, logging on,
-        not in a batch or a nested call, a row free in the page table, a slot free in
-        the arena, the open creation run continued) takes no record object: the
-        creation is logged (the run's one append, the only step that can fail for
-        memory), then the slot is taken (it needs no new memory, so it cannot fail),
-        then the table row is filled; when the run cannot be continued, the slot is
-        taken first and freed again if logging fails. Anything else takes ``create``,
-        with its refusals. O(1).
+        returns its id. :func:`create_page` calls it when its own one-frame case (the
+        open creation run continued) does not apply. The common case here (an in-memory
+        log without a sink, logging on, not in a batch or a nested call, a row free in
+        the page table, a free-listed slot or room in the current arena chunk) takes no
+        general path: the slot is taken first (it needs no new memory, so it cannot
+        fail), then the creation is logged (the open run extended, or a record
+        appended; the slot is freed again if that fails), then the table row is filled.
+        Anything else takes ``create``, with its refusals. O(1), O(size) to zero a
+        reused slot.
         """
         lock = self.lock
         lock.acquire()
@@ -869,49 +871,18 @@ class MMSBState:
             # both take the general path, which refuses them.
             lock.release()
             return self.create(1, size, "cpu", None)
-        # The usual case, in this frame: room in the current arena chunk (no free-listed
-        # slot to zero) and the open creation run continued (Arena.alloc_ready and
-        # TransactionLog.extend_creation, inlined: two calls fewer).
         arena = self.arena
-        cls = arena._classes.get(size)
-        bump = arena._bump
-        structs = log.structs
-        run = structs[-1] if structs else None
-        addr = -1
-        if (cls is not None and cls <= LARGE_SLOT and bump + cls <= CHUNK_SIZE
-                and type(run) is _CreateRun and run.size == size and run.location == 0
-                and not arena._free.get(cls)):
-            offsets = run.offsets
-            n = len(offsets)
-            lsn = log.next_lsn
-            ts = time.time_ns()
-            if ts < log.last_timestamp:
-                ts = log.last_timestamp
-            off = ts - run.timestamp
-            if pid == run.first_id + n and lsn == run.lsn + n and off < 1 << 32:
-                try:
-                    offsets.append(off)  # the one step that allocates: first
-                except BaseException:
-                    lock.release()
-                    raise
-                log.struct_count += 1
-                log.next_lsn = lsn + 1
-                log.last_timestamp = ts
-                addr = (arena._cur << CHUNK_SHIFT) | bump
-                arena._bump = bump + cls
-                arena.bytes_in_use += cls
+        addr = arena.alloc_ready(size)
         if addr < 0:
-            addr = arena.alloc_ready(size)
-            if addr < 0:
-                lock.release()
-                return self.create(1, size, "cpu", None)
-            try:
-                if not log.extend_creation(pid, size, 0):
-                    log.append(PageCreate(pid, 1, size, 0, None))
-            except BaseException:
-                arena.free(addr, size)
-                lock.release()
-                raise
+            lock.release()
+            return self.create(1, size, "cpu", None)
+        try:
+            if not log.extend_creation(pid, size, 0):
+                log.append(PageCreate(pid, 1, size, 0, None))
+        except BaseException:
+            arena.free(addr, size)
+            lock.release()
+            raise
         try:
             # Rows past next_id are all zero (PageTable._check), so epoch 0 and the cpu
             # location are already there.
@@ -921,9 +892,9 @@ class MMSBState:
             flags_v[pid] = LIVE
             t.next_id = pid + 1
             t.live_count += 1
-            self.counters.records_logged += 1
+            self.counters.logged[0] += 1
             if self.events.active:
-                self.event_queue.append((EventType.PAGE_CREATED, (pid,)))
+                self.event_queue.append((_PAGE_CREATED, (pid,)))
         finally:
             lock.release()
         if self.event_queue and not getattr(self._delivering, "on", False):
@@ -1462,6 +1433,97 @@ class MMSBState:
 
 
 _new_page = object.__new__
+_NO_SLOT = CHUNK_SIZE + 1
+"""What create_page reads as the slot class of a size the arena has not cached: no
+room in any chunk for it."""
+
+
+def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
+                metadata: dict[str, Any] | None = None) -> Page:
+    """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
+    epoch 0, with the next id. O(1).
+
+    Raises:
+        InvalidArgumentError (a ValueError): size not a positive int.
+        UnsupportedLocationError: unknown location.
+        GPUMemoryError: a GPU/unified page without a usable CUDA device.
+        MetadataError: metadata msgpack cannot encode.
+    """
+    # The usual case runs in this one frame: a cpu page without metadata on an
+    # in-memory state whose newest structural log entry is the open creation run of
+    # this size, continued by this page (consecutive id and LSN, under 2**32 ns after
+    # the run's first), the slot carved from the current arena chunk with no slot
+    # free-listed anywhere, logging on, not in a batch or a nested call. What
+    # MMSBState.create_one and TransactionLog.extend_creation do, inlined: each call
+    # costs about a tenth of the microsecond this path takes. The creation is logged
+    # first (the offset's append is the only step that allocates), then the slot is
+    # taken, then the table row filled. Anything else takes create_one, then create,
+    # with their refusals.
+    if type(state) is MMSBState and location == "cpu" and not metadata:
+        lock = state.lock
+        lock.acquire()
+        log = state.log
+        structs = log.structs
+        run = structs[-1] if structs else None
+        if size is None:
+            size = state.config.page_size_default
+        if (type(run) is _CreateRun and type(size) is int and run.size == size
+                and run.location == 0 and not state.call_depth and not state.closed
+                and state.bus is None and log.sink is None and state.config.enable_logging):
+            arena = state.arena
+            bump = arena._bump
+            # A size whose slots are not carved from the bump chunks is not cached.
+            cls = arena._classes.get(size, _NO_SLOT)
+            t = state.table
+            pid = t.next_id
+            addr_v, size_v, _epoch_v, flags_v = t.views
+            offsets = run.offsets
+            n = len(offsets)
+            lsn = log.next_lsn
+            if (bump + cls <= CHUNK_SIZE and pid < len(flags_v) and not arena.bytes_free_listed
+                    and pid == run.first_id + n and lsn == run.lsn + n):
+                ts = time.time_ns()
+                last = log.last_timestamp
+                if ts < last:
+                    ts = last
+                off = ts - run.timestamp
+                if off < 4294967296:  # the offsets are 32-bit
+                    try:
+                        offsets.append(off)
+                    except BaseException:
+                        lock.release()
+                        raise
+                    try:
+                        log.struct_count += 1
+                        log.next_lsn = lsn + 1
+                        log.last_timestamp = ts
+                        arena._bump = bump + cls
+                        arena.bytes_in_use += cls
+                        # Rows past next_id are all zero (PageTable._check): epoch 0 and
+                        # the cpu location are already there.
+                        addr_v[pid] = (arena._cur << CHUNK_SHIFT) | bump
+                        size_v[pid] = size
+                        flags_v[pid] = LIVE
+                        t.next_id = pid + 1
+                        t.live_count += 1
+                        state.counters.creations_logged += 1
+                        if state.events.active:
+                            state.event_queue.append((_PAGE_CREATED, (pid,)))
+                    finally:
+                        lock.release()
+                    if state.event_queue and not getattr(state._delivering, "on", False):
+                        state._deliver_queued()
+                    page = _new_page(Page)
+                    page._state = state
+                    page.id = pid
+                    return page
+        lock.release()
+        page = _new_page(Page)
+        page.id = state.create_one(size)
+        page._state = state
+        return page
+    state = require_state(state, "create_page")
+    return Page(state, state.create(1, size, location, metadata))
 
 
 class _BatchFrame:

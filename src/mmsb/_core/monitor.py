@@ -127,17 +127,21 @@ class Counters:
         self.logged = array("q", bytes(16))
         """:attr:`records_logged` and :attr:`payload_bytes_logged`, in a plain array
         that the durable bus's compiled one-frame write adds to through its address."""
+        self.creations_logged = 0
+        """Records logged by create_page's one-frame case, counted apart in a plain int
+        (cheaper to add to than an element of :attr:`logged`);
+        :attr:`records_logged` includes them."""
         self.deltas_logged = 0
         self.torn_tails_recovered = 0
 
     @property
     def records_logged(self) -> int:
         """Records appended to the log."""
-        return self.logged[0]
+        return self.logged[0] + self.creations_logged
 
     @records_logged.setter
     def records_logged(self, value: int) -> None:
-        self.logged[0] = value
+        self.logged[0] = value - self.creations_logged
 
     @property
     def payload_bytes_logged(self) -> int:
