@@ -248,6 +248,22 @@ def test_arena_caches_only_the_slot_classes_of_bump_chunks() -> None:
     s._check()
 
 
+def test_hot_paths_return_handles_that_are_pages() -> None:
+    s = new_state()
+    first = mmsb.create_page(s, 16)
+    with mmsb.batch(s):
+        held = mmsb.write_page(s, first.id, 0, b"ab")
+    handles = [mmsb.create_page(s, 16), mmsb.create_page(s, 16, metadata={"k": 1}),
+               mmsb.write_page(s, 2, 1, b"x"), mmsb.update_page(s, 3, b"y" * 16), held]
+    for h in handles:
+        page = mmsb.Page(s, h.id)
+        assert isinstance(h, mmsb.Page)
+        assert h == page and page == h and hash(h) == hash(page)
+        assert repr(h) == repr(page)
+        assert (h.state, h.size, h.epoch, h.query()) == (s, page.size, page.epoch, page.query())
+    assert [h.id for h in handles] == [2, 3, 2, 3, 1]
+
+
 def test_fast_create_reuses_freed_slots_zeroed() -> None:
     s = new_state()
     a = mmsb.create_page(s, 512)

@@ -22,6 +22,7 @@ from ._core.engine import (
     ACTIVE,
     MMSBState,
     Page,
+    PageHandle,
     check_size,
     check_source,
     create_page,
@@ -88,10 +89,8 @@ __all__ = [
 ]
 
 _active = ACTIVE
-# The hot paths below build their Page handle as ``_new_object(Page)`` and its two
-# slots: what ``Page(state, page_id)`` does, without the frame of ``Page.__init__``
-# (about 60 ns of a call of one or two microseconds).
-_new_object = object.__new__
+# The hot paths below return a PageHandle (a Page built without object.__new__'s
+# argument tuple and subtype check, nor the frame of Page.__init__): see PageHandle.
 _API = "api"
 
 
@@ -259,7 +258,10 @@ def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api"
         state, page_id, data = state_or_page, args[0], args[1]
         if type(page_id) is int and type(data) is bytes \
                 and state.write_small_bytes(page_id, 0, data, source, True) is not None:
-            return Page(state, page_id)
+            page = PageHandle()
+            page._state = state
+            page.id = page_id
+            return page
     else:
         state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
     state.write_bytes(page_id, 0, data, source, True)
@@ -300,7 +302,7 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
         bus = state.bus
         if (state.write_small_bytes(page_id, offset, data, source) if bus is None
                 else bus.write_small(state, page_id, offset, data, source, False)) is not None:
-            page = _new_object(Page)
+            page = PageHandle()
             page._state = state
             page.id = page_id
             return page

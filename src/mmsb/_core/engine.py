@@ -72,8 +72,8 @@ from .snapshot import ReplayBase, Snapshot
 if TYPE_CHECKING:
     from .._storage.bus import DurableBus
 
-__all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "create_page",
-           "normalize_metadata"]
+__all__ = ["MMSBState", "Page", "PageHandle", "PageMap", "PageSnapshot", "check_size",
+           "create_page", "normalize_metadata"]
 
 RecomputeFn = Callable[["MMSBState", "Page"], Any]
 
@@ -277,6 +277,19 @@ class Page:
             return f"<Page {self.id} (deleted)>"
         return (f"<Page {self.id} size={int(t.size[self.id])} epoch={int(t.epoch[self.id])} "
                 f"location={PageLocation(int(t.loc[self.id]))}>")
+
+
+class PageHandle(Page):
+    """The :class:`Page` the hot paths (create_page, write_page, update_page) return: a
+    Page in every respect (``isinstance``, equality, hash, members) but its class.
+    ``PageHandle()`` and its two slots cost about 70 ns less than
+    ``object.__new__(Page)`` and its two slots: with ``object.__init__`` as its
+    ``__init__``, calling the class takes no argument tuple and no subtype check, and
+    runs no Python frame. Only the hot paths make them; ``Page(state, page_id)`` stays
+    the public constructor."""
+
+    __slots__ = ()
+    __init__ = object.__init__
 
 
 class PageMap(Mapping[int, Page]):
@@ -1432,7 +1445,6 @@ class MMSBState:
                 f"{what} needs the transaction log, but this state has enable_logging=False")
 
 
-_new_page = object.__new__
 _NO_SLOT = CHUNK_SIZE + 1
 """What create_page reads as the slot class of a size the arena has not cached: no
 room in any chunk for it."""
@@ -1463,8 +1475,10 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         lock = state.lock
         lock.acquire()
         log = state.log
-        structs = log.structs
-        run = structs[-1] if structs else None
+        try:
+            run = log.structs[-1]
+        except IndexError:
+            run = None
         if size is None:
             size = state.config.page_size_default
         if (type(run) is _CreateRun and type(size) is int and run.size == size
@@ -1513,12 +1527,12 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
                         lock.release()
                     if state.event_queue and not getattr(state._delivering, "on", False):
                         state._deliver_queued()
-                    page = _new_page(Page)
+                    page = PageHandle()
                     page._state = state
                     page.id = pid
                     return page
         lock.release()
-        page = _new_page(Page)
+        page = PageHandle()
         page.id = state.create_one(size)
         page._state = state
         return page
@@ -1661,7 +1675,7 @@ class _BatchFrame:
         view = chunk[at:at + size]
         copy = bytes(view)
         self.undo.append(("bytes", pid, epoch_v[pid], copy))
-        page = _new_page(Page)
+        page = PageHandle()
         page._state = st
         page.id = pid
         entry = (view, page, size >> 2, size, len(self.held_ids) << 16)
