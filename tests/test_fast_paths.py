@@ -4,6 +4,7 @@ Each fast path must leave the same state, log and replays as the general path.""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 import mmsb
 from conftest import assert_unchanged, new_state, snapshot
 from mmsb._core import engine as mmsb_engine
+from mmsb._core.monitor import TOTAL_MAX
 from mmsb._core.records import PageCreate
 
 
@@ -484,6 +486,44 @@ def test_fused_small_write_path_matches_the_general_path(ops: list[Any], events:
         assert getattr(a.counters, name) == getattr(b.counters, name), name
     assert a.counters.delta_apply.count == b.counters.delta_apply.count
     assert mmsb.verify_state_consistency(a)
+
+
+@pytest.mark.parametrize("events", [False, True])
+def test_fused_small_write_records_its_counters(events: bool) -> None:
+    s = new_state()
+    p = mmsb.create_page(s, 64)
+    mmsb.write_page(s, p.id, 0, b"\x01")  # makes the compiled entries
+    if events:
+        mmsb.subscribe(s, mmsb.EventType.PAGE_CHANGED, lambda *_: None)
+    mmsb.reset_stats(s)
+    old = s.counters
+    c = s.counters
+    t0 = time.perf_counter_ns()
+    mmsb.write_page(s, p.id, 8, b"abcd")  # sparse: 4 bytes
+    mmsb.write_page(s, p.id, 8, b"abcd")  # nothing changes: nothing counted
+    mmsb.update_page(s, p.id, bytes(range(1, 65)))  # dense: the page's 64 bytes
+    elapsed = time.perf_counter_ns() - t0
+    assert (c.records_logged, c.payload_bytes_logged) == (2, 4 + 64)
+    ring = c.delta_apply
+    assert ring.count == 2 and ring.pos == 2
+    samples = list(ring.samples[:2])
+    assert all(0 < ns <= elapsed for ns in samples)
+    assert ring.total_ns == sum(samples) and ring.max_ns == max(samples)
+    # After a reset the writes count into the new counters only.
+    mmsb.reset_stats(s)
+    mmsb.write_page(s, p.id, 0, b"\xff")
+    assert s.counters is not old and old.records_logged == 2 and old.delta_apply.count == 2
+    assert (s.counters.records_logged, s.counters.delta_apply.count) == (1, 1)
+
+
+def test_fused_small_write_total_latency_stops_at_its_maximum() -> None:
+    s = new_state()
+    p = mmsb.create_page(s, 64)
+    mmsb.write_page(s, p.id, 0, b"\x01")
+    ring = s.counters.delta_apply
+    ring.total_ns = TOTAL_MAX - 1
+    mmsb.write_page(s, p.id, 0, b"\x02")
+    assert ring.total_ns == TOTAL_MAX and ring.count == 2
 
 
 def test_fused_small_writes_fill_log_chunks_and_go_on_in_a_fresh_one() -> None:

@@ -50,7 +50,7 @@ from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
 from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
-from .monitor import TOTAL_MAX, Counters
+from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
 from .records import (
@@ -1007,7 +1007,8 @@ class MMSBState:
         not that case and write_bytes must take it (nothing was done). O(len(data)),
         O(page size) for a dense write."""
         log = self.log
-        kernel = _small_entries.get(1)  # write_small's compiled entry, once it is made
+        # write_small_counted's compiled entry, once it is made (with write_small's).
+        kernel = _small_entries.get(3)
         if self.bus is not None:
             # A durable bus has its own one-frame path (it writes the log frame too).
             return self.bus.write_small(self, pid, off, data, source, whole)
@@ -1055,10 +1056,16 @@ class MMSBState:
             src = log.source_ids.get(source)
             if src is None:
                 src = log._source_id(source, row)
+            # The compiled call records the write's counters (delta_apply's sample, from
+            # t0 to when the delta is logged and applied, and the logged record and
+            # bytes) unless events or propagation follow: after_write records them then.
+            c = self.counters
+            counted = -1 if self.events.active or pid in self.graph.children else t0
             while True:
                 tail = log.tail
                 n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
-                                 log.cur_array, tail, pid, epoch, ts, src, log.cur)
+                                 log.cur_array, tail, pid, epoch, ts, src, log.cur, c.consts,
+                                 counted)
                 if n != -2:
                     break
                 log._new_chunk()
@@ -1094,7 +1101,7 @@ class MMSBState:
             # _write_compiled's tail.
             self.next_delta_id = did + 1
             epoch_v[pid] = epoch
-            if self.events.active or pid in self.graph.children:
+            if counted < 0:
                 # Events and propagation run recompute functions and handlers: the call
                 # counts as entered (call_depth) while they run, as in write_bytes.
                 self.call_depth += 1
@@ -1103,26 +1110,6 @@ class MMSBState:
                 finally:
                     self.call_depth -= 1
                 return True
-            c = self.counters
-            # c.delta_apply.add(), inlined.
-            ns = time.perf_counter_ns() - t0
-            ring = c.delta_apply
-            at = ring.at
-            samples = ring.samples
-            pos = at[0]
-            samples[pos] = ns
-            pos += 1
-            at[0] = 0 if pos == len(samples) else pos
-            at[1] += 1
-            try:
-                at[2] += ns
-            except OverflowError:
-                at[2] = TOTAL_MAX
-            if ns > at[3]:
-                at[3] = ns
-            logged = c.logged
-            logged[0] += 1
-            logged[1] += changed
             if row >= self.compact_at and not self.propagating and not self.batch_depth:
                 self.call_depth += 1
                 try:

@@ -9,11 +9,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-__all__ = ["MMSBStats", "Counters", "LatencyRing"]
+from .kernels import TOTAL_MAX, counter_consts
 
-
-TOTAL_MAX = (1 << 63) - 1
-"""Where a ring's total stops growing (an int64: 292 years of summed latency)."""
+__all__ = ["MMSBStats", "Counters", "LatencyRing", "TOTAL_MAX"]
 
 
 class LatencyRing:
@@ -127,6 +125,11 @@ class Counters:
         self.logged = array("q", bytes(16))
         """:attr:`records_logged` and :attr:`payload_bytes_logged`, in a plain array
         that the durable bus's compiled one-frame write adds to through its address."""
+        self.consts = counter_consts(self.delta_apply.samples, self.delta_apply.at,
+                                     self.logged)
+        """The addresses through which the in-memory one-frame write's compiled call
+        records its ``delta_apply`` sample and adds to :attr:`logged` (see
+        :func:`~mmsb._core.kernels.counter_consts`)."""
         self.creations_logged = 0
         """Records logged by create_page's one-frame case, counted apart in a plain int
         (cheaper to add to than an element of :attr:`logged`);
