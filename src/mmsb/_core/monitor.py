@@ -68,8 +68,8 @@ class LatencyRing:
         self.at[3] = value
 
     def add(self, ns: int) -> None:
-        """Record one sample. O(1). (Inlined in MMSBState.write_small_bytes, and done by
-        the durable one-frame write's compiled call: keep the three alike.)"""
+        """Record one sample. O(1). (The one-frame writes' compiled calls do the same
+        through :func:`~mmsb._core.kernels.ring_sample`: keep the two alike.)"""
         at = self.at
         samples = self.samples
         pos = at[0]
