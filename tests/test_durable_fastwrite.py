@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from mmsb._core.monitor import TOTAL_MAX
 from mmsb._storage import fsops
 
 _SIZES = (64, 4096, 70_000)
@@ -284,6 +285,23 @@ def test_fast_writes_count_into_the_counters_after_a_reset(tmp_path: Path) -> No
                 old.delta_apply.count, old.log_append.total_ns) == seen
         stats = mmsb.get_stats(s)
         assert stats.delta_apply_count == 3 and stats.log_append_count == 3
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_fast_writes_latency_totals_stop_at_their_maximum(tmp_path: Path) -> None:
+    s = mmsb.mmsb_start(path=tmp_path / "b", enable_gpu=False,
+                        config=mmsb.MMSBConfig(fsync="batch", checkpoint_interval=0))
+    try:
+        pid = mmsb.create_page(s, 4096).id
+        mmsb.write_page(s, pid, 0, b"\x01")
+        c = s.counters
+        c.log_append.total_ns = c.delta_apply.total_ns = TOTAL_MAX - 1
+        general = s.log.sink
+        s.log.sink = lambda rec: pytest.fail("a write went the general way")
+        mmsb.write_page(s, pid, 0, b"\x02")
+        s.log.sink = general
+        assert c.log_append.total_ns == TOTAL_MAX and c.delta_apply.total_ns == TOTAL_MAX
     finally:
         mmsb.mmsb_stop(s)
 

@@ -4,6 +4,7 @@ Each fast path must leave the same state, log and replays as the general path.""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 import mmsb
 from conftest import assert_unchanged, new_state, snapshot
+from mmsb._core import engine as mmsb_engine
+from mmsb._core.monitor import TOTAL_MAX
 from mmsb._core.records import PageCreate
 
 
@@ -125,7 +128,7 @@ def test_memory_error_while_logging_leaves_no_record(monkeypatch: pytest.MonkeyP
         raise MemoryError
 
     # The first creation of a run is appended as a record, the next ones extend the run
-    # (an append to its offsets, in create_one's frame).
+    # (an append to its offsets, in create_page's frame).
     if first:
         monkeypatch.setattr(s.log, "append", fail)
         # A run is only continued by creations of its own size.
@@ -164,6 +167,103 @@ def test_fast_create_falls_back_where_it_must() -> None:
     mmsb.mmsb_stop(s)
     with pytest.raises(mmsb.StateClosedError):
         mmsb.create_page(s, 64)
+
+
+def test_fast_create_refuses_a_size_equal_to_the_runs_but_not_an_int() -> None:
+    # 64.0 == 64 and True == 1: the open run of that size must not take them.
+    for size, bad in ((64, 64.0), (1, True)):
+        s = new_state()
+        mmsb.create_page(s, size)
+        before = snapshot(s)
+        with pytest.raises(mmsb.InvalidArgumentError):
+            mmsb.create_page(s, bad)
+        assert_unchanged(s, before)
+        s._check()
+
+
+def test_fast_create_counts_records_logged_and_resets() -> None:
+    s = new_state()
+    for _ in range(5):
+        mmsb.create_page(s, 64)
+    mmsb.write_page(s, 1, 0, b"x")
+    assert s.counters.records_logged == 6
+    assert mmsb.get_stats(s).records_logged == 6
+    mmsb.reset_stats(s)
+    assert s.counters.records_logged == 0
+    mmsb.create_page(s, 64)
+    mmsb.create_pages(s, 3, 64)
+    assert s.counters.records_logged == 2
+    s.counters.records_logged += 3
+    assert s.counters.records_logged == 5
+
+
+def test_fast_create_starts_a_new_run_past_the_offsets_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = new_state()
+    first = mmsb.create_page(s, 64).id
+    t0 = s.log.last_timestamp
+    now = [t0]
+    monkeypatch.setattr(mmsb_engine.time, "time_ns", lambda: now[0])
+    ids = []
+    for ts in (t0 + 5, t0 + (1 << 32) + 7, t0 + (1 << 32) + 9, t0 + 3):
+        now[0] = ts
+        ids.append(mmsb.create_page(s, 64).id)
+    monkeypatch.undo()
+    assert ids == list(range(first + 1, first + 5))
+    # The second one is more than 2**32 ns after the run's first: a new run starts
+    # there; the last one reads a clock gone back and keeps the previous timestamp.
+    assert len(s.log.structs) == 2
+    recs = list(s.log.records)
+    assert [r.first_id for r in recs] == [first, *ids]
+    assert [r.timestamp for r in recs] == [t0, t0 + 5, t0 + (1 << 32) + 7, t0 + (1 << 32) + 9,
+                                           t0 + (1 << 32) + 9]
+    s._check()
+    replayed = mmsb.replay_to_lsn(s, s.last_lsn)
+    assert _pages(replayed) == _pages(s)
+
+
+def test_fast_create_leaves_free_listed_slots_to_be_reused_first() -> None:
+    s = new_state()
+    small = [mmsb.create_page(s, 64) for _ in range(3)]
+    big = mmsb.create_page(s, 4096)
+    slot = int(s.table.addr[big.id])
+    mmsb.delete_page(s, big.id)
+    # A 4 KiB slot is free-listed: creations of 64 bytes go on (the open run is of 4096
+    # bytes, so create_one takes them), and the next 4 KiB page reuses the slot.
+    more = [mmsb.create_page(s, 64) for _ in range(3)]
+    again = mmsb.create_page(s, 4096)
+    assert int(s.table.addr[again.id]) == slot
+    assert s.arena.bytes_free_listed == 0
+    assert again.query() == bytes(4096)
+    assert [p.id for p in small + more] == [1, 2, 3, 5, 6, 7]
+    s._check()
+
+
+def test_arena_caches_only_the_slot_classes_of_bump_chunks() -> None:
+    s = new_state()
+    huge = 32 << 20  # a dedicated buffer, not a slot of a bump chunk
+    p = mmsb.create_page(s, 1024)
+    q = mmsb.create_page(s, huge)
+    r = mmsb.create_page(s, huge)
+    assert 1024 in s.arena._classes and huge not in s.arena._classes
+    assert s.arena.alloc_ready(huge) == -1
+    assert (p.size, q.size, r.size) == (1024, huge, huge)
+    s._check()
+
+
+def test_hot_paths_return_handles_that_are_pages() -> None:
+    s = new_state()
+    first = mmsb.create_page(s, 16)
+    with mmsb.batch(s):
+        held = mmsb.write_page(s, first.id, 0, b"ab")
+    handles = [mmsb.create_page(s, 16), mmsb.create_page(s, 16, metadata={"k": 1}),
+               mmsb.write_page(s, 2, 1, b"x"), mmsb.update_page(s, 3, b"y" * 16), held]
+    for h in handles:
+        page = mmsb.Page(s, h.id)
+        assert isinstance(h, mmsb.Page)
+        assert h == page and page == h and hash(h) == hash(page)
+        assert repr(h) == repr(page)
+        assert (h.state, h.size, h.epoch, h.query()) == (s, page.size, page.epoch, page.query())
+    assert [h.id for h in handles] == [2, 3, 2, 3, 1]
 
 
 def test_fast_create_reuses_freed_slots_zeroed() -> None:
@@ -386,6 +486,44 @@ def test_fused_small_write_path_matches_the_general_path(ops: list[Any], events:
         assert getattr(a.counters, name) == getattr(b.counters, name), name
     assert a.counters.delta_apply.count == b.counters.delta_apply.count
     assert mmsb.verify_state_consistency(a)
+
+
+@pytest.mark.parametrize("events", [False, True])
+def test_fused_small_write_records_its_counters(events: bool) -> None:
+    s = new_state()
+    p = mmsb.create_page(s, 64)
+    mmsb.write_page(s, p.id, 0, b"\x01")  # makes the compiled entries
+    if events:
+        mmsb.subscribe(s, mmsb.EventType.PAGE_CHANGED, lambda *_: None)
+    mmsb.reset_stats(s)
+    old = s.counters
+    c = s.counters
+    t0 = time.perf_counter_ns()
+    mmsb.write_page(s, p.id, 8, b"abcd")  # sparse: 4 bytes
+    mmsb.write_page(s, p.id, 8, b"abcd")  # nothing changes: nothing counted
+    mmsb.update_page(s, p.id, bytes(range(1, 65)))  # dense: the page's 64 bytes
+    elapsed = time.perf_counter_ns() - t0
+    assert (c.records_logged, c.payload_bytes_logged) == (2, 4 + 64)
+    ring = c.delta_apply
+    assert ring.count == 2 and ring.pos == 2
+    samples = list(ring.samples[:2])
+    assert all(0 < ns <= elapsed for ns in samples)
+    assert ring.total_ns == sum(samples) and ring.max_ns == max(samples)
+    # After a reset the writes count into the new counters only.
+    mmsb.reset_stats(s)
+    mmsb.write_page(s, p.id, 0, b"\xff")
+    assert s.counters is not old and old.records_logged == 2 and old.delta_apply.count == 2
+    assert (s.counters.records_logged, s.counters.delta_apply.count) == (1, 1)
+
+
+def test_fused_small_write_total_latency_stops_at_its_maximum() -> None:
+    s = new_state()
+    p = mmsb.create_page(s, 64)
+    mmsb.write_page(s, p.id, 0, b"\x01")
+    ring = s.counters.delta_apply
+    ring.total_ns = TOTAL_MAX - 1
+    mmsb.write_page(s, p.id, 0, b"\x02")
+    assert ring.total_ns == TOTAL_MAX and ring.count == 2
 
 
 def test_fused_small_writes_fill_log_chunks_and_go_on_in_a_fresh_one() -> None:

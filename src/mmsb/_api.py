@@ -22,8 +22,10 @@ from ._core.engine import (
     ACTIVE,
     MMSBState,
     Page,
+    PageHandle,
     check_size,
     check_source,
+    create_page,
     normalize_metadata,
     require_page_id,
     require_state,
@@ -87,10 +89,8 @@ __all__ = [
 ]
 
 _active = ACTIVE
-# The hot paths below build their Page handle as ``_new_object(Page)`` and its two
-# slots: what ``Page(state, page_id)`` does, without the frame of ``Page.__init__``
-# (about 60 ns of a call of one or two microseconds).
-_new_object = object.__new__
+# The hot paths below return a PageHandle (a Page built without object.__new__'s
+# argument tuple and subtype check, nor the frame of Page.__init__): see PageHandle.
 _API = "api"
 
 
@@ -221,26 +221,8 @@ _state_of = require_state
 
 
 # -- pages -----------------------------------------------------------------------------
-
-def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
-                metadata: dict[str, Any] | None = None) -> Page:
-    """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
-    epoch 0, with the next id. O(1).
-
-    Raises:
-        InvalidArgumentError (a ValueError): size not a positive int.
-        UnsupportedLocationError: unknown location.
-        GPUMemoryError: a GPU/unified page without a usable CUDA device.
-        MetadataError: metadata msgpack cannot encode.
-    """
-    if type(state) is MMSBState and location == "cpu" and not metadata:
-        page = _new_object(Page)
-        page.id = state.create_one(size)
-        page._state = state
-        return page
-    state = _state_of(state, "create_page")
-    return Page(state, state.create(1, size, location, metadata))
-
+# create_page is the core's (imported above): its common case reads the engine's log,
+# arena and page table in one frame.
 
 def create_pages(state: MMSBState, n: int, size: int | None = None, *, location: Any = "cpu",
                  metadata: dict[str, Any] | None = None) -> list[Page]:
@@ -276,7 +258,10 @@ def update_page(state_or_page: MMSBState | Page, *args: Any, source: str = "api"
         state, page_id, data = state_or_page, args[0], args[1]
         if type(page_id) is int and type(data) is bytes \
                 and state.write_small_bytes(page_id, 0, data, source, True) is not None:
-            return Page(state, page_id)
+            page = PageHandle()
+            page._state = state
+            page.id = page_id
+            return page
     else:
         state, page_id, (data,) = _split_page_args(state_or_page, args, "update_page", 1)
     state.write_bytes(page_id, 0, data, source, True)
@@ -317,7 +302,7 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
         bus = state.bus
         if (state.write_small_bytes(page_id, offset, data, source) if bus is None
                 else bus.write_small(state, page_id, offset, data, source, False)) is not None:
-            page = _new_object(Page)
+            page = PageHandle()
             page._state = state
             page.id = page_id
             return page

@@ -54,7 +54,9 @@ class Arena:
         self._reserved: dict[int, list[np.ndarray]] = {}
         """Dedicated buffers of large slots allocated ahead by reserve(), per class."""
         self._classes: dict[int, int] = {}
-        """size → size_class(size), for the sizes seen (at most 256 of them)."""
+        """size → size_class(size), for the sizes seen whose slots come from the bump
+        chunks (a class of at most a quarter chunk; at most 256 sizes): a size not
+        here is a large or a new one."""
 
     # -- reading ---------------------------------------------------------------------
     def view(self, addr: int, size: int) -> np.ndarray:
@@ -138,7 +140,7 @@ class Arena:
         cls = self._classes.get(size)
         if cls is None:
             cls = size_class(size)
-            if len(self._classes) < 256:
+            if cls <= _LARGE and len(self._classes) < 256:
                 self._classes[size] = cls
         free = self._free.get(cls)
         if free:

@@ -34,7 +34,6 @@ from ..errors import (
     StateClosedError,
 )
 from ..types import EdgeType, EventType, PageLocation, PropagationMode, coerce_location
-from .arena import _LARGE as LARGE_SLOT
 from .arena import CHUNK_MASK, CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .batch_writes import BUFFERED_PAGE_MAX, log_buffered
 from .compaction import FoldJob, compaction_step, start_at
@@ -51,7 +50,7 @@ from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
 from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
-from .monitor import TOTAL_MAX, Counters
+from .monitor import Counters
 from .page_table import LIVE, PageTable
 from .propagation import run_propagation
 from .records import (
@@ -73,7 +72,8 @@ from .snapshot import ReplayBase, Snapshot
 if TYPE_CHECKING:
     from .._storage.bus import DurableBus
 
-__all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "normalize_metadata"]
+__all__ = ["MMSBState", "Page", "PageHandle", "PageMap", "PageSnapshot", "check_size",
+           "create_page", "normalize_metadata"]
 
 RecomputeFn = Callable[["MMSBState", "Page"], Any]
 
@@ -101,6 +101,7 @@ def require_page_id(page_id: Any, fn: str) -> int:
 
 _IMMEDIATE = PropagationMode.IMMEDIATE
 """As a module constant: reading an enum member through its class costs ~0.1 µs."""
+_PAGE_CREATED = EventType.PAGE_CREATED
 _GOOD_SOURCES: set[str] = set()
 _API = "api"  # the default source, tested by identity first
 
@@ -276,6 +277,19 @@ class Page:
             return f"<Page {self.id} (deleted)>"
         return (f"<Page {self.id} size={int(t.size[self.id])} epoch={int(t.epoch[self.id])} "
                 f"location={PageLocation(int(t.loc[self.id]))}>")
+
+
+class PageHandle(Page):
+    """The :class:`Page` the hot paths (create_page, write_page, update_page) return: a
+    Page in every respect (``isinstance``, equality, hash, members) but its class.
+    ``PageHandle()`` and its two slots cost about 70 ns less than
+    ``object.__new__(Page)`` and its two slots: with ``object.__init__`` as its
+    ``__init__``, calling the class takes no argument tuple and no subtype check, and
+    runs no Python frame. Only the hot paths make them; ``Page(state, page_id)`` stays
+    the public constructor."""
+
+    __slots__ = ()
+    __init__ = object.__init__
 
 
 class PageMap(Mapping[int, Page]):
@@ -850,14 +864,15 @@ class MMSBState:
 
     def create_one(self, size: Any) -> int:
         """``create(1, size, "cpu", None)``: one zero-filled cpu page without metadata;
-        returns its id. The common case (an in-memory log without a sink, logging on,
-        not in a batch or a nested call, a row free in the page table, a slot free in
-        the arena, the open creation run continued) takes no record object: the
-        creation is logged (the run's one append, the only step that can fail for
-        memory), then the slot is taken (it needs no new memory, so it cannot fail),
-        then the table row is filled; when the run cannot be continued, the slot is
-        taken first and freed again if logging fails. Anything else takes ``create``,
-        with its refusals. O(1).
+        returns its id. :func:`create_page` calls it when its own one-frame case (the
+        open creation run continued) does not apply. The common case here (an in-memory
+        log without a sink, logging on, not in a batch or a nested call, a row free in
+        the page table, a free-listed slot or room in the current arena chunk) takes no
+        general path: the slot is taken first (it needs no new memory, so it cannot
+        fail), then the creation is logged (the open run extended, or a record
+        appended; the slot is freed again if that fails), then the table row is filled.
+        Anything else takes ``create``, with its refusals. O(1), O(size) to zero a
+        reused slot.
         """
         lock = self.lock
         lock.acquire()
@@ -873,49 +888,18 @@ class MMSBState:
             # both take the general path, which refuses them.
             lock.release()
             return self.create(1, size, "cpu", None)
-        # The usual case, in this frame: room in the current arena chunk (no free-listed
-        # slot to zero) and the open creation run continued (Arena.alloc_ready and
-        # TransactionLog.extend_creation, inlined: two calls fewer).
         arena = self.arena
-        cls = arena._classes.get(size)
-        bump = arena._bump
-        structs = log.structs
-        run = structs[-1] if structs else None
-        addr = -1
-        if (cls is not None and cls <= LARGE_SLOT and bump + cls <= CHUNK_SIZE
-                and type(run) is _CreateRun and run.size == size and run.location == 0
-                and not arena._free.get(cls)):
-            offsets = run.offsets
-            n = len(offsets)
-            lsn = log.next_lsn
-            ts = time.time_ns()
-            if ts < log.last_timestamp:
-                ts = log.last_timestamp
-            off = ts - run.timestamp
-            if pid == run.first_id + n and lsn == run.lsn + n and off < 1 << 32:
-                try:
-                    offsets.append(off)  # the one step that allocates: first
-                except BaseException:
-                    lock.release()
-                    raise
-                log.struct_count += 1
-                log.next_lsn = lsn + 1
-                log.last_timestamp = ts
-                addr = (arena._cur << CHUNK_SHIFT) | bump
-                arena._bump = bump + cls
-                arena.bytes_in_use += cls
+        addr = arena.alloc_ready(size)
         if addr < 0:
-            addr = arena.alloc_ready(size)
-            if addr < 0:
-                lock.release()
-                return self.create(1, size, "cpu", None)
-            try:
-                if not log.extend_creation(pid, size, 0):
-                    log.append(PageCreate(pid, 1, size, 0, None))
-            except BaseException:
-                arena.free(addr, size)
-                lock.release()
-                raise
+            lock.release()
+            return self.create(1, size, "cpu", None)
+        try:
+            if not log.extend_creation(pid, size, 0):
+                log.append(PageCreate(pid, 1, size, 0, None))
+        except BaseException:
+            arena.free(addr, size)
+            lock.release()
+            raise
         try:
             # Rows past next_id are all zero (PageTable._check), so epoch 0 and the cpu
             # location are already there.
@@ -925,9 +909,9 @@ class MMSBState:
             flags_v[pid] = LIVE
             t.next_id = pid + 1
             t.live_count += 1
-            self.counters.records_logged += 1
+            self.counters.logged[0] += 1
             if self.events.active:
-                self.event_queue.append((EventType.PAGE_CREATED, (pid,)))
+                self.event_queue.append((_PAGE_CREATED, (pid,)))
         finally:
             lock.release()
         if self.event_queue and not getattr(self._delivering, "on", False):
@@ -1027,7 +1011,8 @@ class MMSBState:
         not that case and write_bytes must take it (nothing was done). O(len(data)),
         O(page size) for a dense write."""
         log = self.log
-        kernel = _small_entries.get(1)  # write_small's compiled entry, once it is made
+        # write_small_counted's compiled entry, once it is made (with write_small's).
+        kernel = _small_entries.get(3)
         if self.bus is not None:
             # A durable bus has its own one-frame path (it writes the log frame too).
             return self.bus.write_small(self, pid, off, data, source, whole)
@@ -1075,10 +1060,16 @@ class MMSBState:
             src = log.source_ids.get(source)
             if src is None:
                 src = log._source_id(source, row)
+            # The compiled call records the write's counters (delta_apply's sample, from
+            # t0 to when the delta is logged and applied, and the logged record and
+            # bytes) unless events or propagation follow: after_write records them then.
+            c = self.counters
+            counted = -1 if self.events.active or pid in self.graph.children else t0
             while True:
                 tail = log.tail
                 n, plen = kernel(mem, addr & CHUNK_MASK, size, off, data, log.rows, row,
-                                 log.cur_array, tail, pid, epoch, ts, src, log.cur)
+                                 log.cur_array, tail, pid, epoch, ts, src, log.cur, c.consts,
+                                 counted)
                 if n != -2:
                     break
                 log._new_chunk()
@@ -1114,7 +1105,7 @@ class MMSBState:
             # _write_compiled's tail.
             self.next_delta_id = did + 1
             epoch_v[pid] = epoch
-            if self.events.active or pid in self.graph.children:
+            if counted < 0:
                 # Events and propagation run recompute functions and handlers: the call
                 # counts as entered (call_depth) while they run, as in write_bytes.
                 self.call_depth += 1
@@ -1123,26 +1114,6 @@ class MMSBState:
                 finally:
                     self.call_depth -= 1
                 return True
-            c = self.counters
-            # c.delta_apply.add(), inlined.
-            ns = time.perf_counter_ns() - t0
-            ring = c.delta_apply
-            at = ring.at
-            samples = ring.samples
-            pos = at[0]
-            samples[pos] = ns
-            pos += 1
-            at[0] = 0 if pos == len(samples) else pos
-            at[1] += 1
-            try:
-                at[2] += ns
-            except OverflowError:
-                at[2] = TOTAL_MAX
-            if ns > at[3]:
-                at[3] = ns
-            logged = c.logged
-            logged[0] += 1
-            logged[1] += changed
             if row >= self.compact_at and not self.propagating and not self.batch_depth:
                 self.call_depth += 1
                 try:
@@ -1465,7 +1436,99 @@ class MMSBState:
                 f"{what} needs the transaction log, but this state has enable_logging=False")
 
 
-_new_page = object.__new__
+_NO_SLOT = CHUNK_SIZE + 1
+"""What create_page reads as the slot class of a size the arena has not cached: no
+room in any chunk for it."""
+
+
+def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
+                metadata: dict[str, Any] | None = None) -> Page:
+    """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
+    epoch 0, with the next id. O(1).
+
+    Raises:
+        InvalidArgumentError (a ValueError): size not a positive int.
+        UnsupportedLocationError: unknown location.
+        GPUMemoryError: a GPU/unified page without a usable CUDA device.
+        MetadataError: metadata msgpack cannot encode.
+    """
+    # The usual case runs in this one frame: a cpu page without metadata on an
+    # in-memory state whose newest structural log entry is the open creation run of
+    # this size, continued by this page (consecutive id and LSN, under 2**32 ns after
+    # the run's first), the slot carved from the current arena chunk with no slot
+    # free-listed anywhere, logging on, not in a batch or a nested call. What
+    # MMSBState.create_one and TransactionLog.extend_creation do, inlined: each call
+    # costs about a tenth of the microsecond this path takes. The creation is logged
+    # first (the offset's append is the only step that allocates), then the slot is
+    # taken, then the table row filled. Anything else takes create_one, then create,
+    # with their refusals.
+    if type(state) is MMSBState and location == "cpu" and not metadata:
+        lock = state.lock
+        lock.acquire()
+        log = state.log
+        try:
+            run = log.structs[-1]
+        except IndexError:
+            run = None
+        if size is None:
+            size = state.config.page_size_default
+        if (type(run) is _CreateRun and type(size) is int and run.size == size
+                and run.location == 0 and not state.call_depth and not state.closed
+                and state.bus is None and log.sink is None and state.config.enable_logging):
+            arena = state.arena
+            bump = arena._bump
+            # A size whose slots are not carved from the bump chunks is not cached.
+            cls = arena._classes.get(size, _NO_SLOT)
+            t = state.table
+            pid = t.next_id
+            addr_v, size_v, _epoch_v, flags_v = t.views
+            offsets = run.offsets
+            n = len(offsets)
+            lsn = log.next_lsn
+            if (bump + cls <= CHUNK_SIZE and pid < len(flags_v) and not arena.bytes_free_listed
+                    and pid == run.first_id + n and lsn == run.lsn + n):
+                ts = time.time_ns()
+                last = log.last_timestamp
+                if ts < last:
+                    ts = last
+                off = ts - run.timestamp
+                if off < 4294967296:  # the offsets are 32-bit
+                    try:
+                        offsets.append(off)
+                    except BaseException:
+                        lock.release()
+                        raise
+                    try:
+                        log.struct_count += 1
+                        log.next_lsn = lsn + 1
+                        log.last_timestamp = ts
+                        arena._bump = bump + cls
+                        arena.bytes_in_use += cls
+                        # Rows past next_id are all zero (PageTable._check): epoch 0 and
+                        # the cpu location are already there.
+                        addr_v[pid] = (arena._cur << CHUNK_SHIFT) | bump
+                        size_v[pid] = size
+                        flags_v[pid] = LIVE
+                        t.next_id = pid + 1
+                        t.live_count += 1
+                        state.counters.creations_logged += 1
+                        if state.events.active:
+                            state.event_queue.append((_PAGE_CREATED, (pid,)))
+                    finally:
+                        lock.release()
+                    if state.event_queue and not getattr(state._delivering, "on", False):
+                        state._deliver_queued()
+                    page = PageHandle()
+                    page._state = state
+                    page.id = pid
+                    return page
+        lock.release()
+        page = PageHandle()
+        page.id = state.create_one(size)
+        page._state = state
+        return page
+    state = require_state(state, "create_page")
+    return Page(state, state.create(1, size, location, metadata))
 
 
 class _BatchFrame:
@@ -1603,7 +1666,7 @@ class _BatchFrame:
         view = chunk[at:at + size]
         copy = bytes(view)
         self.undo.append(("bytes", pid, epoch_v[pid], copy))
-        page = _new_page(Page)
+        page = PageHandle()
         page._state = st
         page.id = pid
         entry = (view, page, size >> 2, size, len(self.held_ids) << 16)

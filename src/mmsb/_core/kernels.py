@@ -5,15 +5,21 @@ encode, apply). One implementation per kernel; compiled once and cached on disk.
 
 from __future__ import annotations
 
+import ctypes
+import sys
+from array import array
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
 
-__all__ = ["ROW_DTYPE", "write_small", "ENC_RUN", "ENC_RUN16", "ENC_POS16", "ENC_POS32",
-           "SMALL_WRITE", "LOG_CHUNK"]
+__all__ = ["ROW_DTYPE", "write_small", "write_small_counted", "ENC_RUN", "ENC_RUN16",
+           "ENC_POS16", "ENC_POS32", "SMALL_WRITE", "LOG_CHUNK", "CLOCK_GETTIME",
+           "counter_consts"]
 
 ROW_DTYPE = np.dtype([
     ("page", np.int32), ("psize", np.uint32), ("plen", np.uint32), ("src", np.uint16),
@@ -240,6 +246,98 @@ def encode_sparse(chunk: np.ndarray, coff: int, cur: np.ndarray, new: Any, off: 
                 k += 1
 
 
+# -- calls through addresses ----------------------------------------------------------
+
+def _libc_clock_gettime() -> int:
+    """The address of libc's ``clock_gettime`` (glibc and musl have it), for compiled
+    code to call; 0 when not found (then the callers that need it take their general
+    path)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        return ctypes.cast(ctypes.CDLL(None).clock_gettime, ctypes.c_void_p).value or 0
+    except (OSError, AttributeError):
+        return 0
+
+
+CLOCK_GETTIME = _libc_clock_gettime()
+CLOCK_MONOTONIC = 1
+"""Linux's clock id of ``CLOCK_MONOTONIC``, the clock of ``time.perf_counter_ns``."""
+
+
+def _clock_typer(typingctx: Any, fn: Any, clock: Any, addr: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i32, i64]).as_pointer())
+        return builder.sext(builder.call(f, [builder.trunc(args[1], i32), args[2]]), i64)
+
+    return sig, codegen
+
+
+def _ptr_typer(typingctx: Any, addr: Any, like: Any) -> Any:  # pragma: no cover
+    dtype = like.dtype
+    sig = types.CPointer(dtype)(types.int64, like)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(dtype).as_pointer())
+
+    return sig, codegen
+
+
+ptr: Any = intrinsic(_ptr_typer)
+"""A typed pointer from an address (``like``: an array of the element type), for
+numba.carray over memory whose address the caller keeps valid."""
+c_clock_gettime: Any = intrinsic(_clock_typer)
+"""libc's ``clock_gettime(clock, timespec address)`` called at the address passed (the
+address is an argument, never baked into cached code)."""
+
+TOTAL_MAX = (1 << 63) - 1
+"""Where a latency ring's total stops growing (an int64: 292 years of summed latency)."""
+
+
+@njit(cache=True, nogil=True, inline="always")
+def ring_sample(k: np.ndarray, ring: int, ns: int) -> None:  # pragma: no cover - compiled
+    """``LatencyRing.add(ns)`` on the ring whose ``samples``, ``at`` and capacity are at
+    ``k[ring:ring + 3]`` (the two arrays through their addresses)."""
+    cap = k[ring + 2]
+    samples = carray(ptr(k[ring], k), (cap,))
+    at = carray(ptr(k[ring + 1], k), (4,))
+    pos = at[0]
+    samples[pos] = ns
+    pos += 1
+    at[0] = 0 if pos == cap else pos
+    at[1] += 1
+    # It stops at TOTAL_MAX, as LatencyRing.add's; tested before the addition, which
+    # LLVM takes as never overflowing (``at[2] + ns < at[2]`` would read as false).
+    at[2] = TOTAL_MAX if ns > TOTAL_MAX - at[2] else at[2] + ns
+    if ns > at[3]:
+        at[3] = ns
+
+
+# Words of Counters.consts (see counter_consts).
+CK_CLOCK, CK_APPLY_RING, CK_LOGGED, CK_TIMESPEC = 0, 1, 4, 5
+_CK_WORDS = CK_TIMESPEC + 2
+
+
+def counter_consts(samples: array, at: array, logged: array) -> np.ndarray:
+    """The int64 words :func:`write_small_counted` reads a state's counters through:
+    libc's ``clock_gettime``, the ``delta_apply`` ring (its ``samples`` and ``at``
+    arrays' addresses and its capacity: what :func:`ring_sample` reads), the ``logged``
+    array's address, and two words of room for the clock's timespec. The arrays are
+    never resized, so their addresses hold as long as they live."""
+    k = np.zeros(_CK_WORDS, np.int64)
+    k[CK_CLOCK] = CLOCK_GETTIME
+    k[CK_APPLY_RING] = samples.buffer_info()[0]
+    k[CK_APPLY_RING + 1] = at.buffer_info()[0]
+    k[CK_APPLY_RING + 2] = len(samples)
+    k[CK_LOGGED] = logged.buffer_info()[0]
+    return k
+
+
+# -- the small write ----------------------------------------------------------------------
+
 @njit(cache=True, nogil=True)
 def _fill_row(rows: np.ndarray, row: int, pid: int, size: int, plen: int, src: int, enc: int,
               epoch: int, ts: int, poff: int) -> None:  # pragma: no cover - compiled
@@ -294,6 +392,30 @@ def write_small(mem: np.ndarray, base: int, size: int, off: int, new: bytes | np
     for i in range(first, last + 1):
         cur[i] = new[i]
     _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, poff)
+    return n, plen
+
+
+@njit(cache=True, nogil=True)
+def write_small_counted(mem: np.ndarray, base: int, size: int, off: int, new: bytes,
+                        rows: np.ndarray, row: int, chunk: np.ndarray, coff: int, pid: int,
+                        epoch: int, ts: int, src: int, ci: int, k: np.ndarray,
+                        t0: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """:func:`write_small`, then, when it logged a delta and ``t0`` is not negative, the
+    write's counters (``k``: the state's :attr:`Counters.consts
+    <mmsb._core.monitor.Counters.consts>`): one ``delta_apply`` latency sample,
+    ``perf_counter_ns`` now (libc's ``clock_gettime`` of ``CLOCK_MONOTONIC``) less
+    ``t0``, and ``records_logged`` / ``payload_bytes_logged`` (the changed bytes; the
+    page's size for a dense delta). In-memory one-frame writes call it: the
+    counters cost a dozen element reads and writes of plain arrays in Python, a few
+    nanoseconds here. Returns what write_small does."""
+    n, plen = write_small(mem, base, size, off, new, rows, row, chunk, coff, pid, epoch, ts,
+                          src, ci)
+    if n > 0 and t0 >= 0:
+        c_clock_gettime(k[CK_CLOCK], CLOCK_MONOTONIC, k.ctypes.data + 8 * CK_TIMESPEC)
+        ring_sample(k, CK_APPLY_RING, k[CK_TIMESPEC] * 1_000_000_000 + k[CK_TIMESPEC + 1] - t0)
+        logged = carray(ptr(k[CK_LOGGED], k), (2,))
+        logged[0] += 1
+        logged[1] += n if n * 4 <= size else size
     return n, plen
 
 

@@ -33,6 +33,7 @@ from ..errors import SerializationError
 from .arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .delta import Delta
 from .kernels import (
+    CLOCK_GETTIME,
     LOG_CHUNK,
     ROW_DTYPE,
     apply_log_rows_one,
@@ -46,6 +47,7 @@ from .kernels import (
     mark_written,
     order_by_page,
     write_small,
+    write_small_counted,
 )
 from .limits import MAX_COUNTER, MAX_PAGE_SIZE
 from .page_table import LIVE, PageTable
@@ -79,7 +81,10 @@ quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
 """The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
-writable C-contiguous uint8 array (2), set on first use."""
+writable C-contiguous uint8 array (2), and of :func:`write_small_counted` for a write
+of ``bytes`` (3, only where libc's ``clock_gettime`` was found), set on first use."""
+_NO_COUNTERS = np.zeros(8, np.int64)
+"""Stands for a state's Counters.consts when the counted entry is compiled."""
 
 
 class _Steps:
@@ -658,6 +663,14 @@ class TransactionLog:
         if key and key not in _SMALL_ENTRY:
             _SMALL_ENTRY[key] = entry_point(write_small, mem, base, size, off, new, self.rows,
                                             row, self.cur_array, tail, pid, epoch, ts, src, 0)
+            if key == 1 and CLOCK_GETTIME:
+                # MMSBState.write_small_bytes's entry (it records the write's counters),
+                # only compiled: it calls libc through addresses.
+                counted = entry_point(write_small_counted, mem, base, size, off, new,
+                                      self.rows, row, self.cur_array, tail, pid, epoch, ts, src,
+                                      0, _NO_COUNTERS, -1)
+                if counted is not write_small_counted:
+                    _SMALL_ENTRY[3] = counted
         if n <= 0:
             return n
         # The payload bytes a delta counts: its values, or the page for a dense one.

@@ -9,11 +9,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-__all__ = ["MMSBStats", "Counters", "LatencyRing"]
+from .kernels import TOTAL_MAX, counter_consts
 
-
-TOTAL_MAX = (1 << 63) - 1
-"""Where a ring's total stops growing (an int64: 292 years of summed latency)."""
+__all__ = ["MMSBStats", "Counters", "LatencyRing", "TOTAL_MAX"]
 
 
 class LatencyRing:
@@ -70,8 +68,8 @@ class LatencyRing:
         self.at[3] = value
 
     def add(self, ns: int) -> None:
-        """Record one sample. O(1). (Inlined in MMSBState.write_small_bytes, and done by
-        the durable one-frame write's compiled call: keep the three alike.)"""
+        """Record one sample. O(1). (The one-frame writes' compiled calls do the same
+        through :func:`~mmsb._core.kernels.ring_sample`: keep the two alike.)"""
         at = self.at
         samples = self.samples
         pos = at[0]
@@ -127,17 +125,26 @@ class Counters:
         self.logged = array("q", bytes(16))
         """:attr:`records_logged` and :attr:`payload_bytes_logged`, in a plain array
         that the durable bus's compiled one-frame write adds to through its address."""
+        self.consts = counter_consts(self.delta_apply.samples, self.delta_apply.at,
+                                     self.logged)
+        """The addresses through which the in-memory one-frame write's compiled call
+        records its ``delta_apply`` sample and adds to :attr:`logged` (see
+        :func:`~mmsb._core.kernels.counter_consts`)."""
+        self.creations_logged = 0
+        """Records logged by create_page's one-frame case, counted apart in a plain int
+        (cheaper to add to than an element of :attr:`logged`);
+        :attr:`records_logged` includes them."""
         self.deltas_logged = 0
         self.torn_tails_recovered = 0
 
     @property
     def records_logged(self) -> int:
         """Records appended to the log."""
-        return self.logged[0]
+        return self.logged[0] + self.creations_logged
 
     @records_logged.setter
     def records_logged(self, value: int) -> None:
-        self.logged[0] = value
+        self.logged[0] = value - self.creations_logged
 
     @property
     def payload_bytes_logged(self) -> int:

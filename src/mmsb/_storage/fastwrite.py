@@ -57,6 +57,7 @@ from numba.extending import intrinsic
 from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
 from .._core.engine import _API, _GOOD_SOURCES
 from .._core.kernels import (
+    CLOCK_MONOTONIC,
     LOG_CHUNK,
     SMALL_WRITE,
     _fill_row,
@@ -66,8 +67,10 @@ from .._core.kernels import (
     entry_point,
     sparse_encoding,
 )
+from .._core.kernels import c_clock_gettime as _c_clock_gettime
+from .._core.kernels import ptr as _ptr
+from .._core.kernels import ring_sample as _sample
 from .._core.log import DeferredLog
-from .._core.monitor import TOTAL_MAX
 from ..errors import DurabilityError
 from . import fsops, notify
 from .codec import KIND_DELTA
@@ -111,8 +114,7 @@ def _libc_addresses() -> tuple[int, int, int, int]:
 
 
 _LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0, 0)
-_CLOCK_MONOTONIC = 1
-"""Linux's clock id of ``CLOCK_MONOTONIC``, the clock of ``time.perf_counter_ns``."""
+_CLOCK_MONOTONIC = CLOCK_MONOTONIC
 
 
 def _write_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any) -> Any:  # pragma: no cover
@@ -149,35 +151,10 @@ def _errno_typer(typingctx: Any, fn: Any) -> Any:  # pragma: no cover
     return sig, codegen
 
 
-def _clock_typer(typingctx: Any, fn: Any, clock: Any, addr: Any) -> Any:  # pragma: no cover
-    sig = types.int64(types.int64, types.int64, types.int64)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        f = builder.inttoptr(args[0], ir.FunctionType(i32, [i32, i64]).as_pointer())
-        return builder.sext(builder.call(f, [builder.trunc(args[1], i32), args[2]]), i64)
-
-    return sig, codegen
-
-
-def _ptr_typer(typingctx: Any, addr: Any, like: Any) -> Any:  # pragma: no cover
-    dtype = like.dtype
-    sig = types.CPointer(dtype)(types.int64, like)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.inttoptr(args[0], context.get_value_type(dtype).as_pointer())
-
-    return sig, codegen
-
-
-# A typed pointer from an address (``like``: an array of the element type), for
-# numba.carray over a mapping whose address the caller keeps valid.
-_ptr: Any = intrinsic(_ptr_typer)
 # Calls of libc functions at an address (passed in, never baked into cached code).
 _c_write: Any = intrinsic(_write_typer)
 _c_fdatasync: Any = intrinsic(_sync_typer)
 _c_errno: Any = intrinsic(_errno_typer)
-_c_clock_gettime: Any = intrinsic(_clock_typer)
 
 # Fields of FastWriter.consts, the ints that change only when the segment, the
 # publisher's mappings, the log's chunk, the state's counters or the source name do;
@@ -187,7 +164,6 @@ _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_S
     _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
     _K_APPLY_CAP, _K_LOGGED, _K_TIMESPEC = range(26)
 _K_WORDS = _K_TIMESPEC + 2
-_TOTAL_MAX = TOTAL_MAX
 _HEAD_WORDS = HEAD_SIZE // 8
 # Words of the mapped head (see mapped.py's layout).
 _LOG_WORD = _LOG_OFF // 8
@@ -206,24 +182,6 @@ def _clock(k: np.ndarray, clock: int) -> int:  # pragma: no cover - compiled
     last two words (``time.perf_counter_ns()`` of :data:`_CLOCK_MONOTONIC`)."""
     _c_clock_gettime(k[_K_CLOCK], clock, k.ctypes.data + 8 * _K_TIMESPEC)
     return k[_K_TIMESPEC] * 1_000_000_000 + k[_K_TIMESPEC + 1]
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _sample(k: np.ndarray, ring: int, ns: int) -> None:  # pragma: no cover - compiled
-    """``LatencyRing.add(ns)`` on the ring whose ``samples``, ``at`` and capacity are at
-    ``k[ring:ring + 3]`` (the two arrays through their addresses)."""
-    cap = k[ring + 2]
-    samples = carray(_ptr(k[ring], k), (cap,))
-    at = carray(_ptr(k[ring + 1], k), (4,))
-    pos = at[0]
-    samples[pos] = ns
-    pos += 1
-    at[0] = 0 if pos == cap else pos
-    at[1] += 1
-    total = at[2] + ns
-    at[2] = total if total >= at[2] else _TOTAL_MAX  # it stops, as LatencyRing.add's
-    if ns > at[3]:
-        at[3] = ns
 
 
 @njit(cache=True, nogil=True)
