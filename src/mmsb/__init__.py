@@ -38,6 +38,7 @@ from ._api import flush_call_events as flush_call_events
 from ._api import get_children as get_children
 from ._api import get_deltas_for_page as get_deltas_for_page
 from ._api import get_deltas_in_range as get_deltas_in_range
+from ._api import get_device_stats as get_device_stats
 from ._api import get_parents as get_parents
 from ._api import get_stats as get_stats
 from ._api import get_subscription_count as get_subscription_count
@@ -68,6 +69,7 @@ from ._api import schedule_propagation as schedule_propagation
 from ._api import serialize_page as serialize_page
 from ._api import set_metadata as set_metadata
 from ._api import subscribe as subscribe
+from ._api import sync_page_to_gpu as sync_page_to_gpu
 from ._api import topological_sort as topological_sort
 from ._api import track_delta_latency as track_delta_latency
 from ._api import track_propagation_latency as track_propagation_latency
@@ -160,7 +162,7 @@ __all__ = [
     # pages
     "Page", "PageLocation", "PageSnapshot", "create_page", "create_pages", "update_page",
     "write_page", "query_page", "delete_page", "resize_page", "clone_page", "migrate_page",
-    "set_metadata", "update_metadata",
+    "set_metadata", "update_metadata", "sync_page_to_gpu", "get_device_stats",
     # deltas
     "Delta", "create_delta", "route_delta", "batch", "Batch", "apply_batch", "merge_deltas",
     "delta_byte_count", "serialize_delta", "deserialize_delta", "compress_delta",

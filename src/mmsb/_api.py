@@ -18,6 +18,7 @@ import numpy as np
 
 from ._core.delta import Delta, delta_from_mask
 from ._core.delta import merge_deltas as _merge
+from ._core.devices import device_stats as _device_stats
 from ._core.engine import (
     ACTIVE,
     MMSBState,
@@ -36,6 +37,8 @@ from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
+from ._device.backend import DeviceStats
+from ._device.probe import is_location_available
 from ._history.replay import verify_state_consistency as _verify
 from ._history.stats import log_statistics as _log_statistics
 from ._history.stats import row_counts as _row_counts
@@ -48,7 +51,6 @@ from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
 from .config import MMSBConfig
-from .device import cuda_available
 from .errors import (
     InvalidArgumentError,
     InvalidDeltaError,
@@ -67,7 +69,8 @@ from .types import (
 __all__ = [
     "mmsb_start", "mmsb_stop", "open_readonly", "active", "active_state",
     "create_page", "create_pages", "update_page", "write_page", "query_page", "delete_page",
-    "resize_page", "clone_page", "migrate_page", "set_metadata", "update_metadata",
+    "resize_page", "clone_page", "migrate_page", "sync_page_to_gpu", "get_device_stats",
+    "set_metadata", "update_metadata",
     "create_delta", "route_delta", "batch", "apply_batch", "Batch",
     "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
     "checkpoint_log", "load_checkpoint", "replay_from_checkpoint",
@@ -101,8 +104,9 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
                shared: bool = False) -> MMSBState:
     """Build a state and make it the active state.
 
-    ``enable_gpu=None`` detects CUDA; ``True`` without CUDA falls back to CPU with a
-    warning. ``path=None`` gives an in-memory state; a directory gives a durable bus
+    ``enable_gpu=None`` detects a usable CUDA device (through CuPy: see
+    docs/Devices.md); ``True`` without one falls back to CPU pages with a warning, and
+    gpu or unified locations are then refused with GPUMemoryError. ``path=None`` gives an in-memory state; a directory gives a durable bus
     there (created, or reopened and recovered). ``shared=True``: other processes (and
     other states) may open the same bus with ``shared=True`` and write it too; each
     changing call waits for the bus's write lock and first applies what the others
@@ -121,9 +125,9 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(config).__name__}")
     cfg = dataclasses.replace(config) if config is not None else MMSBConfig()
     if enable_gpu is None:
-        cfg.enable_gpu = cfg.enable_gpu and cuda_available()
+        cfg.enable_gpu = cfg.enable_gpu and is_location_available("gpu")
     elif enable_gpu:
-        if not cuda_available():
+        if not is_location_available("gpu"):
             warnings.warn("enable_gpu=True but no CUDA device is usable; pages stay on the CPU",
                           RuntimeWarning, stacklevel=2)
             cfg.enable_gpu = False
@@ -223,30 +227,48 @@ _state_of = require_state
 # -- pages -----------------------------------------------------------------------------
 
 def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
-                metadata: dict[str, Any] | None = None) -> Page:
+                metadata: dict[str, Any] | None = None, gpu: bool = False) -> Page:
     """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
-    epoch 0, with the next id. O(1).
+    epoch 0, with the next id. O(1). ``gpu=True`` is ``location="gpu"``: a page with a
+    device copy beside its host mirror (docs/Devices.md).
 
     Raises:
         InvalidArgumentError (a ValueError): size not a positive int.
         UnsupportedLocationError: unknown location.
-        GPUMemoryError: a GPU/unified page without a usable CUDA device.
+        GPUMemoryError: a GPU/unified page without a usable CUDA device, on a durable
+            bus, or out of device memory.
         MetadataError: metadata msgpack cannot encode.
     """
-    if type(state) is MMSBState and location == "cpu" and not metadata:
+    if type(state) is MMSBState and location == "cpu" and not metadata and gpu is False:
         page = _new_object(Page)
         page.id = state.create_one(size)
         page._state = state
         return page
     state = _state_of(state, "create_page")
+    if gpu is not False:
+        location = _gpu_location(gpu, location, "create_page")
     return Page(state, state.create(1, size, location, metadata))
 
 
+def _gpu_location(gpu: Any, location: Any, fn: str) -> Any:
+    """The location a call's ``gpu=`` flag asks for (``gpu=True`` is ``location="gpu"``)."""
+    if not isinstance(gpu, bool):
+        raise InvalidArgumentError(f"{fn}(): gpu must be True or False, not {gpu!r}")
+    if not gpu:
+        return location
+    if location != "cpu" and coerce_location(location) is not PageLocation.GPU:
+        raise InvalidArgumentError(
+            f"{fn}(): gpu=True asks for location 'gpu' but location={location!r} was given too")
+    return "gpu"
+
+
 def create_pages(state: MMSBState, n: int, size: int | None = None, *, location: Any = "cpu",
-                 metadata: dict[str, Any] | None = None) -> list[Page]:
+                 metadata: dict[str, Any] | None = None, gpu: bool = False) -> list[Page]:
     """``n`` new pages in one call: one lock, one log record, one bulk allocation.
-    O(n) in numpy (plus the handles returned)."""
+    O(n) in numpy (plus the handles returned). ``gpu=True`` is ``location="gpu"``."""
     state = _state_of(state, "create_pages")
+    if gpu is not False:
+        location = _gpu_location(gpu, location, "create_pages")
     first = state.create(n, size, location, metadata)
     return [Page(state, pid) for pid in range(first, first + int(n))]
 
@@ -383,24 +405,41 @@ def clone_page(state: MMSBState, page_id: int) -> Page:
 
 
 def migrate_page(state: MMSBState, page_id: int, location: Any) -> Page:
-    """Move a page between CPU / GPU / unified memory: same id, same bytes, same epoch.
+    """Move a page between CPU / GPU / unified memory: same id, same bytes, same epoch,
+    one logged PageMigrate (replay moves it too). A move to a device copies the page's
+    bytes into a new device slot (taken before anything is logged); a move off a device
+    frees its device copy. The host mirror stays where it is.
 
     Raises:
-        UnsupportedLocationError, GPUMemoryError: as for create_page.
+        PageNotFoundError; UnsupportedLocationError, GPUMemoryError: as for create_page.
     """
     state = _state_of(state, "migrate_page")
-    loc = coerce_location(location)
-    state.enter()
-    try:
-        pid = state.require_page(page_id, "migrate_page")
-        old = PageLocation(int(state.table.loc[pid]))
-        if old is not loc:
-            state.check_location(loc, int(state.table.size[pid]))
-            state.commit(PageMigrate(pid, int(loc)))
-            state.emit(EventType.PAGE_MIGRATED, pid, old, loc)
-        return Page(state, pid)
-    finally:
-        state.leave()
+    return Page(state, state.migrate(page_id, location))
+
+
+def sync_page_to_gpu(state: MMSBState, page_id: int) -> bool:
+    """Bring a gpu or unified page's device copy up to date from its host mirror (writes
+    through the compiled small-write path, batches and resizes leave it behind), and
+    wait until it has landed. Returns True if bytes were copied, False if the copy was
+    current. There is no ``sync_page_to_cpu``: the host mirror is never behind.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError: the page's
+        location is not usable here, or out of device memory.
+    """
+    state = _state_of(state, "sync_page_to_gpu")
+    return bool(state.sync_to_device([page_id], "sync_page_to_gpu"))
+
+
+def get_device_stats(state: MMSBState) -> dict[str, DeviceStats]:
+    """The counters of each device backend the state has made (location name →
+    :class:`mmsb._device.DeviceStats`: slots, bytes, copies each way, applies, diffs,
+    syncs). ``DeviceStats.device`` names the memory the backend really uses. Empty
+    before the first device page."""
+    state = _state_of(state, "get_device_stats")
+    state.settle()
+    with state.lock:
+        return _device_stats(state)
 
 
 def set_metadata(state: MMSBState, page_id: int, key: str, value: Any) -> Page:
@@ -611,8 +650,14 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     """Replace ``state``'s pages, graph and log with a checkpoint's. The file is read
     and checked in full first: on any damage nothing changes.
 
+    Gpu and unified pages are loaded with their locations (device copies are made on
+    their next device use); where a location is not usable, see
+    ``MMSBConfig.restore_device_pages_on_cpu``.
+
     Raises:
         SerializationError: bad magic, version, truncation, checksum mismatch.
+        GPUMemoryError: device pages whose location is not usable here (or a durable
+            bus), without ``restore_device_pages_on_cpu``; nothing changed.
     """
     state = _state_of(state, "load_checkpoint")
     _check_path(path, "load_checkpoint")
@@ -624,6 +669,7 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     state.enter()
     try:
         state.refuse_in_batch("load_checkpoint")
+        moved = state.restore_locations(ck)
         if state.bus is not None:
             state.bus.before_restore(state)
         before = state.swap_snapshot()
@@ -640,6 +686,11 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
                     setattr(state, name, value)
                 state.graph._owner = weakref.ref(state)
                 raise
+        for pid in moved:
+            # restore_device_pages_on_cpu: their location is not usable here.
+            state.commit(PageMigrate(pid, int(PageLocation.CPU)))
+            state.emit(EventType.PAGE_MIGRATED, pid, PageLocation(int(ck.locs[
+                int(np.searchsorted(ck.ids, pid))])), PageLocation.CPU)
     finally:
         state.leave()
     return state
@@ -906,6 +957,9 @@ def get_stats(state: MMSBState) -> MMSBStats:
         deltas = state.log.deltas
         delta_bytes = int(_row_counts(state.log).sum())
         page_bytes = int(t.size[live].sum()) if live.size else 0
+        loc_bytes = (np.bincount(t.loc[live], weights=t.size[live], minlength=3).astype(np.int64)
+                     if live.size else np.zeros(3, np.int64))
+        devices = _device_stats(state)
         carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
         da50, da90, da99 = c.delta_apply.percentiles()
         pr50, pr90, pr99 = c.propagation.percentiles()
@@ -938,6 +992,11 @@ def get_stats(state: MMSBState) -> MMSBStats:
             arena_bytes_in_use=a.bytes_in_use, arena_bytes_free=a.bytes_free_listed,
             arena_bytes_reserved=a.bytes_reserved,
             arena_fragmentation=(carved - page_bytes) / carved if carved else 0.0,
+            cpu_page_bytes=int(loc_bytes[0]), gpu_page_bytes=int(loc_bytes[1]),
+            unified_page_bytes=int(loc_bytes[2]),
+            device_bytes_in_use=sum(d.bytes_in_use for d in devices.values()),
+            device_stale_pages=(state.devices.stale_count(state)
+                                if state.devices is not None else int(locs[1] + locs[2])),
         )
 
 

@@ -23,7 +23,6 @@ import msgpack
 import numpy as np
 
 from ..config import MMSBConfig
-from ..device import cuda_unavailable_reason
 from ..errors import (
     GPUMemoryError,
     HistoryUnavailableError,
@@ -44,6 +43,13 @@ from .delta import (
     as_bytes_array,
     diff_write,
     union_mask,
+)
+from .devices import (
+    DeviceCopies,
+    as_host_bytes,
+    check_device_page,
+    is_device_input,
+    refuse_device_on_bus,
 )
 from .events import EventBus
 from .graph import ShadowPageGraph
@@ -253,6 +259,19 @@ class Page:
     def query(self) -> bytes:
         return self._state.page_view(self._row()).tobytes()
 
+    def device_array(self) -> Any:
+        """A read-only view of a gpu or unified page's device copy, without a copy to
+        the host: on a CUDA backend an object with ``__dlpack__`` and
+        ``__cuda_array_interface__`` (PyTorch, JAX and CuPy take it zero-copy). The copy
+        is brought up to date from the host mirror first when a write left it behind.
+        The view shows the page as of this call: call again after writes.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError: the
+            page's location is not usable here, or out of device memory.
+        """
+        return self._state.device_view(self.id)
+
     def update(self, data: Any, *, source: str = "api") -> Page:
         """Replace the whole content (see update_page)."""
         self._state.write_bytes(self.id, 0, data, source, True)
@@ -320,6 +339,10 @@ class MMSBState:
     recompute_hook: Callable[[MMSBState, int, RecomputeFn], None] | None = None
     """Called as ``hook(state, page_id, fn)`` before a propagation pass runs a page's
     recompute function (the instrumentation layer's provenance); None: nothing."""
+    devices: DeviceCopies | None = None
+    """The device backends and the device copies of gpu and unified pages (see
+    _core/devices.py); set on the first device page, so a state without one keeps to
+    the attributes below."""
 
     def __init__(self, config: MMSBConfig | None = None) -> None:
         cfg = MMSBConfig() if config is None else config
@@ -807,15 +830,76 @@ class MMSBState:
         np.maximum.at(t.epoch, pids, eps)
 
     # -- live changes ----------------------------------------------------------------
-    def check_location(self, location: Any, size: int) -> PageLocation:
+    def check_location(self, location: Any, size: int | None) -> PageLocation:
+        """The PageLocation of ``location``; a device location only when its backend is
+        usable here (made on first use).
+
+        Raises:
+            UnsupportedLocationError: not cpu, gpu or unified.
+            GPUMemoryError: a device location on a durable bus, with ``enable_gpu`` off,
+                or not usable on this machine (the message says why).
+        """
         loc = coerce_location(location)
         if loc is not PageLocation.CPU:
-            if not self.config.enable_gpu:
-                raise GPUMemoryError(
-                    f"{loc} pages need enable_gpu=True in MMSBConfig", requested_bytes=size)
-            reason = cuda_unavailable_reason()
-            raise GPUMemoryError(f"cannot place a {loc} page: {reason}", requested_bytes=size)
+            refuse_device_on_bus(self, loc, size)
+            copies = self.devices if self.devices is not None else DeviceCopies()
+            copies.backend(self, int(loc), size)
+            self.devices = copies
         return loc
+
+    def restore_locations(self, snap: Snapshot) -> list[int]:
+        """Before ``snap`` (a checkpoint read from a file) replaces this state: check that
+        its device pages can be placed here. Returns the pages to move to the cpu after
+        the restore (``config.restore_device_pages_on_cpu``); empty when all can stay.
+
+        Raises:
+            GPUMemoryError: device pages whose location is not usable here (or on a
+                durable bus), without the config flag; nothing was changed.
+        """
+        locs = np.asarray(snap.locs)
+        if not locs.size or not locs.any():
+            return []
+        ids = np.asarray(snap.ids)
+        moved: list[int] = []
+        for value in np.unique(locs[locs != 0]).tolist():
+            loc = PageLocation(int(value))
+            count = int(np.count_nonzero(locs == value))
+            try:
+                self.check_location(loc, None)
+            except GPUMemoryError as exc:
+                if not self.config.restore_device_pages_on_cpu or self.bus is not None:
+                    raise GPUMemoryError(
+                        f"the checkpoint holds {count} {loc.name.lower()} page(s), which cannot "
+                        f"be placed here ({exc.reason}); nothing was loaded. Set "
+                        "MMSBConfig.restore_device_pages_on_cpu=True to load them as cpu "
+                        "pages") from None
+                moved.extend(ids[locs == value].tolist())
+        return moved
+
+    def _use_backend_for_tests(self, location: Any, backend: Any) -> None:
+        """Testing only: use ``backend`` (a DeviceBackend, e.g. a HostBackend) as the
+        backend of device location ``location`` of this state, so that the engine's
+        device paths run where no device is. Not reachable through any config; the
+        backend reports what it is (``get_device_stats`` shows a HostBackend's
+        ``device`` as host memory).
+
+        Raises:
+            InvalidArgumentError: not a device location, not a DeviceBackend, or the
+                location already has a backend.
+        """
+        from .._device.backend import DeviceBackend
+
+        loc = coerce_location(location)
+        if loc is PageLocation.CPU:
+            raise InvalidArgumentError("the cpu location keeps its pages in the host arena")
+        if not isinstance(backend, DeviceBackend):
+            raise InvalidArgumentError(f"expected a DeviceBackend, not {type(backend).__name__}")
+        copies = self.devices if self.devices is not None else DeviceCopies()
+        if int(loc) in copies.backends:
+            raise InvalidArgumentError(f"the {loc.name.lower()} location already has a backend")
+        copies.backends[int(loc)] = backend
+        copies.stand_ins.add(int(loc))
+        self.devices = copies
 
     def create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
         if size is None:
@@ -835,7 +919,9 @@ class MMSBState:
             first = self.table.next_id
             if count > 1 or first >= self.table.capacity:
                 self.check_room(count, size)
-            if count:
+            if count and loc is not PageLocation.CPU:
+                self._create_on_device(first, count, size, loc, meta)
+            elif count:
                 self.commit(PageCreate(first, count, size, int(loc), meta))
                 if self.events.active:
                     for pid in range(first, first + count):
@@ -930,6 +1016,182 @@ class MMSBState:
             self._deliver_queued()
         return pid
 
+    def _create_on_device(self, first: int, count: int, size: int, loc: PageLocation,
+                          meta: dict[str, Any] | None) -> None:
+        """Create device pages: their device slots are taken first (a device out of
+        memory refuses the call before anything is logged), then the creation is
+        logged and applied (the host mirrors), then the slots are bound, zero-filled
+        like the mirrors at epoch 0."""
+        copies = self.devices
+        assert copies is not None  # check_location made it
+        slots = copies.take_slots(self, int(loc), count, size)
+        try:
+            self.commit(PageCreate(first, count, size, int(loc), meta))
+        except BaseException:
+            copies.give_back(int(loc), slots)
+            raise
+        for k, slot in enumerate(slots):
+            copies.bind(first + k, int(loc), slot, 0)
+
+    def migrate(self, page_id: Any, location: Any) -> int:
+        """migrate_page: log a PageMigrate and move the page's device copy. A move to a
+        device takes the new slot and copies the mirror's bytes into it first, so a
+        device out of memory refuses the call before anything is logged. Same bytes,
+        same epoch. Returns the page id.
+
+        Raises:
+            PageNotFoundError; UnsupportedLocationError; GPUMemoryError.
+        """
+        loc = coerce_location(location)
+        self.enter()
+        try:
+            pid = self.require_page(page_id, "migrate_page")
+            old = PageLocation(int(self.table.loc[pid]))
+            if old is loc:
+                return pid
+            size = int(self.table.size[pid])
+            self.check_location(loc, size)
+            if loc is PageLocation.CPU:
+                self.commit(PageMigrate(pid, int(loc)))
+            else:
+                copies = self.devices
+                assert copies is not None
+                (slot,) = copies.take_slots(self, int(loc), 1, size)
+                try:
+                    copies.backends[int(loc)].copy_in(slot, self.page_view(pid))
+                    self.commit(PageMigrate(pid, int(loc)))
+                except BaseException:
+                    copies.give_back(int(loc), [slot])
+                    raise
+                copies.bind(pid, int(loc), slot, int(self.table.epoch[pid]))
+            self.emit(EventType.PAGE_MIGRATED, pid, old, loc)
+            return pid
+        finally:
+            self.leave()
+
+    def device_view(self, page_id: Any) -> Any:
+        """Page.device_array: a read-only view of the page's device copy, brought up to
+        date from the host mirror first when it is stale.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError.
+        """
+        self.enter()
+        try:
+            pid = self.require_page(page_id, "device_array")
+            check_device_page(self, pid, "device_array")
+            copies = self.devices
+            assert copies is not None  # a live device page made it (or a check did)
+            b, slot, _ = copies.current(self, pid)
+            return b.view(slot)
+        finally:
+            self.leave()
+
+    def sync_to_device(self, page_ids: Iterable[Any], fn: str) -> list[int]:
+        """Bring the device copies of ``page_ids`` up to date from their mirrors, then
+        wait until the copies have landed. Returns the pages whose bytes were copied.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError.
+        """
+        self.enter()
+        try:
+            pids = [self.require_page(p, fn) for p in page_ids]
+            for pid in pids:
+                check_device_page(self, pid, fn)
+            return self.sync_device_pages(pids)
+        finally:
+            self.leave()
+
+    def sync_device_pages(self, pids: list[int]) -> list[int]:
+        """sync_to_device without the checks (caller holds the lock; live device pages)."""
+        if self.devices is None:
+            # A state made by replay or a restore: its device pages get their backend now.
+            self.devices = DeviceCopies()
+        copies = self.devices
+        copied = []
+        used = set()
+        for pid in pids:
+            b, _slot, did = copies.current(self, pid)
+            used.add(id(b))
+            if did:
+                copied.append(pid)
+        for b in copies.backends.values():
+            if id(b) in used:
+                b.synchronize()
+        return copied
+
+    def write_device_input(self, page_id: Any, offset: Any, data: Any, source: str,
+                           whole: bool) -> bool:
+        """write_bytes for ``data`` that may live on a device (a CUDA array or a DLPack
+        exporter). On a device page the write is diffed on the page's backend against
+        its device copy, which takes the new bytes in the same call
+        (``diff(apply=True)``); only the changes come back, to be logged and applied to
+        the host mirror. On a cpu page the data is read as host bytes. Returns True if
+        a delta was logged.
+
+        Raises:
+            PageNotFoundError; InvalidDeltaError: the write runs outside the page, or the
+            data cannot be read; GPUMemoryError.
+        """
+        fn = "update_page" if whole else "write_page"
+        self.enter()
+        try:
+            pid = self.require_page(page_id, fn)
+            t = self.table
+            if int(t.loc[pid]) == 0:
+                return self.write_bytes(pid, offset, as_host_bytes(data), source, whole)
+            size = int(t.size[pid])
+            nbytes = getattr(data, "nbytes", None)
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int | np.integer):
+                raise InvalidDeltaError(
+                    f"data of type {type(data).__name__} does not say its length (nbytes); "
+                    "pass a CuPy, PyTorch or numpy array", page_id=pid)
+            n_new = int(nbytes)
+            if whole:
+                if n_new != size:
+                    raise InvalidDeltaError(
+                        f"data has {n_new} bytes but the page has {size}; update_page replaces "
+                        "the whole page (use write_page for a part)", page_id=pid)
+                off = 0
+            else:
+                if isinstance(offset, bool) or not isinstance(offset, int | np.integer):
+                    raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
+                off = int(offset)
+                if off < 0 or off + n_new > size:
+                    raise InvalidDeltaError(
+                        f"write of {n_new} bytes at offset {off} runs outside the page "
+                        f"(size {size})", page_id=pid)
+            check_source(source)
+            t0 = time.perf_counter_ns()
+            copies = self.devices
+            if copies is None:
+                copies = self.devices = DeviceCopies()
+            b, slot, _ = copies.current(self, pid)
+            epoch = int(t.epoch[pid])
+            # From here the device copy may take the new bytes before the delta is
+            # logged: until it is, and the mirror follows, the copy counts as stale.
+            copies.epochs[pid] = -1
+            changes = b.diff(slot, data, off, apply=True)
+            if changes is None:
+                copies.epochs[pid] = epoch
+                return False
+            d = changes.to_delta(self.next_delta_id, pid, epoch, source)
+            self.next_delta_id += 1
+            view = self.page_view(pid)
+            if self.batch_frame is not None:
+                lsn = self.log_append(d)
+                self.batch_frame.save(view, d)
+            else:
+                lsn = self.log_append(d)
+            apply_delta(view, d)
+            t.epoch[pid] = d.epoch
+            copies.epochs[pid] = d.epoch
+            self.after_delta(d, t0, lsn)
+            return True
+        finally:
+            self.leave()
+
     def check_room(self, count: int, size: int) -> None:
         """Refuse creations past the id space or the machine's memory, before anything is
         logged (a page table indexed by id grows with the highest id)."""
@@ -953,6 +1215,8 @@ class MMSBState:
         tp = type(data)
         if tp is bytes or (tp is np.ndarray and data.dtype == np.uint8 and data.ndim == 1):
             new = data
+        elif is_device_input(data):
+            return self.write_device_input(page_id, offset, data, source, whole)
         else:
             new = as_bytes_array(data)
         self.enter()
@@ -1005,6 +1269,8 @@ class MMSBState:
                 lsn = self.log_append(d)
             apply_delta(view, d)
             t.epoch[pid] = d.epoch
+            if self.devices is not None and pid in self.devices.slots:
+                self.devices.follow(pid, d, d.base_epoch)
             self.after_delta(d, t0, lsn)
             return True
         finally:
@@ -1229,6 +1495,10 @@ class MMSBState:
             else:
                 apply_delta(view, d)
             t.epoch[pid] = d.epoch
+            if self.devices is not None and pid in self.devices.slots:
+                # The device copy follows lazily (an exact delta's bytes are not the
+                # page's outside its mask).
+                self.devices.epochs[pid] = -1
             self.after_delta(d, t0, lsn)
         finally:
             self.leave()
@@ -1340,6 +1610,8 @@ class MMSBState:
                 assert t.is_live(node), f"edge kept for dead page {node}"
             for pid in self.recompute_fns:
                 assert t.is_live(pid), f"recompute function kept for dead page {pid}"
+            if self.devices is not None:
+                self.devices._check(self)
             if self.config.enable_logging:
                 for pid in live.tolist():
                     deltas = self.log.by_page.get(pid, [])
@@ -1434,6 +1706,10 @@ class MMSBState:
         self.pending.clear()
         self.forced.clear()
         self.compaction = None
+        if self.devices is not None:
+            # Other pages under the same ids, maybe at the same epochs: the device copies
+            # are made again from the restored mirrors on their next use.
+            self.devices.drop_all()
         snap.owned = False
 
     def refuse_in_batch(self, what: str) -> None:
@@ -1641,6 +1917,10 @@ class _BatchFrame:
         st.next_delta_id = self.next_delta_id
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
+        if st.devices is not None:
+            # The mirrors went back to older epochs; a device copy may hold bytes of an
+            # epoch the pages will reach again with other bytes.
+            st.devices.mark_all_stale()
 
 
 
@@ -1709,6 +1989,8 @@ def _reserve_create(state: MMSBState, rec: PageCreate) -> None:
 def _apply_delete(state: MMSBState, rec: PageDelete) -> None:
     t = state.table
     pid = rec.page_id
+    if state.devices is not None:
+        state.devices.drop(pid)
     state.arena.free(int(t.addr[pid]), int(t.size[pid]))
     t.drop_row(pid)
     for parent, child in state.graph.edges_of(pid):
@@ -1734,6 +2016,9 @@ def _apply_resize(state: MMSBState, rec: PageResize) -> None:
     t.addr[pid] = new_addr
     t.size[pid] = rec.new_size
     state.mask_base[pid] = (new_mask, rec.lsn)
+    if state.devices is not None:
+        # Same epoch, other size: a new device copy is made on the page's next device use.
+        state.devices.drop(pid)
 
 
 def _reserve_resize(state: MMSBState, rec: PageResize) -> None:
@@ -1741,6 +2026,10 @@ def _reserve_resize(state: MMSBState, rec: PageResize) -> None:
 
 
 def _apply_migrate(state: MMSBState, rec: PageMigrate) -> None:
+    # The mirror keeps the bytes; the device copy at the old location goes (a live
+    # migration binds the new one after this, see MMSBState.migrate).
+    if state.devices is not None:
+        state.devices.drop(rec.page_id)
     state.table.loc[rec.page_id] = rec.location
 
 

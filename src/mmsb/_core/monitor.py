@@ -250,6 +250,18 @@ class MMSBStats:
     """Arena buffer bytes (virtual; untouched memory is not resident)."""
     arena_fragmentation: float
     """Share of carved arena bytes not holding page bytes (slack + free + tail waste)."""
+    cpu_page_bytes: int = 0
+    """Sum of the sizes of the live cpu pages."""
+    gpu_page_bytes: int = 0
+    """Sum of the sizes of the live gpu pages (each also has a host mirror)."""
+    unified_page_bytes: int = 0
+    """Sum of the sizes of the live unified pages (each also has a host mirror)."""
+    device_bytes_in_use: int = 0
+    """Bytes of the device slots held by device copies, counted by size class, over
+    every device backend (``get_device_stats`` has each backend's counters)."""
+    device_stale_pages: int = 0
+    """Live gpu and unified pages whose device copy is missing or behind their host
+    mirror (brought up to date on their next device use)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,271 @@
+"""Device copies of a state's gpu and unified pages.
+
+The memory model: every page's bytes live in the host arena (its *host mirror*), which
+is what the log, replay, time travel, checkpoints and every read use; a page at
+location ``gpu`` or ``unified`` also has a *device copy*, a slot in the backend of its
+location (:mod:`mmsb._device`). The host mirror is never behind: every logged change
+is applied to it. The device copy follows:
+
+- in the same call, for writes through the general write path (one apply launch of
+  the logged delta) and writes of a device array (diffed on the device with
+  ``diff(apply=True)``, only the changes come back to be logged and mirrored);
+- lazily, for writes that take the compiled small-write paths, batches, replays into
+  the state and resizes: the copy is *stale* (the epoch it holds is not the page's)
+  and is brought up to date from the mirror by the next device use
+  (``Page.device_array``, ``sync_page_to_gpu``, a GPU_SYNC edge).
+
+Staleness is told by epochs: every delta raises the page's epoch, so a copy holding
+the page's current epoch holds its current bytes. What restores an older epoch with
+other bytes (a failed batch, a restored checkpoint) marks the copies stale or drops
+them.
+
+The backends are made on first use through :func:`mmsb._device.get_backend`, so a
+device location that is not usable here is refused with the probe's reason. CuPy is
+imported only then.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError
+from ..types import PageLocation
+from .delta import as_bytes_array
+
+if TYPE_CHECKING:
+    from .._device.backend import DeviceBackend
+    from .delta import Delta
+    from .engine import MMSBState
+
+__all__ = ["DeviceCopies", "as_host_bytes", "check_device_page", "device_stats", "is_device_input", "location_name",
+           "refuse_device_on_bus"]
+
+_NAMES = {int(PageLocation.CPU): "cpu", int(PageLocation.GPU): "gpu",
+          int(PageLocation.UNIFIED): "unified"}
+
+
+def as_host_bytes(data: Any) -> np.ndarray:
+    """The bytes of a DLPack exporter in host memory (for a cpu page).
+
+    Raises:
+        InvalidDeltaError: the array lives on a device, or cannot be read.
+    """
+    try:
+        arr = np.from_dlpack(data)
+    except (TypeError, ValueError, BufferError, RuntimeError, AttributeError) as exc:
+        raise InvalidDeltaError(
+            f"a cpu page takes host bytes, and this {type(data).__name__} could not be read "
+            f"as host memory ({exc}); copy it to the host first, or write it to a gpu or "
+            "unified page") from None
+    return as_bytes_array(arr)
+
+
+def location_name(loc: int) -> str:
+    """``"cpu"``, ``"gpu"`` or ``"unified"`` for a PageLocation value."""
+    return _NAMES[int(loc)]
+
+
+def is_device_input(data: Any) -> bool:
+    """True for an array that may live on a device (CUDA array interface or DLPack) and
+    is not one of the host types a write takes as bytes."""
+    if isinstance(data, bytes | bytearray | memoryview | np.ndarray):
+        return False
+    return hasattr(data, "__cuda_array_interface__") or hasattr(data, "__dlpack__")
+
+
+class DeviceCopies:
+    """The backends of one state and the device copies of its device pages.
+
+    ``slots[pid]`` is the page's slot in ``backends[locs[pid]]``; ``epochs[pid]`` the
+    epoch whose bytes the slot holds (-1: unknown, so stale). A device page without an
+    entry has no device copy yet (it gets one on its next device use).
+    """
+
+    __slots__ = ("backends", "stand_ins", "slots", "locs", "epochs")
+
+    def __init__(self) -> None:
+        self.backends: dict[int, DeviceBackend] = {}
+        self.stand_ins: set[int] = set()
+        """Locations whose backend was given by :meth:`MMSBState._use_backend_for_tests`."""
+        self.slots: dict[int, int] = {}
+        self.locs: dict[int, int] = {}
+        self.epochs: dict[int, int] = {}
+
+    # -- backends ----------------------------------------------------------------------
+    def backend(self, state: MMSBState, loc: int, size: int | None = None) -> DeviceBackend:
+        """The backend of device location ``loc``, made on first use.
+
+        Raises:
+            GPUMemoryError: ``enable_gpu`` is off, or the location is not usable here
+                (the message says why: no CuPy, no driver, no device ...).
+        """
+        b = self.backends.get(loc)
+        if b is not None:
+            return b
+        name = location_name(loc)
+        if not state.config.enable_gpu:
+            raise GPUMemoryError(f"{name} pages need enable_gpu=True in MMSBConfig",
+                                 requested_bytes=size)
+        from .._device.probe import get_backend
+
+        try:
+            b = get_backend(name)
+        except GPUMemoryError as exc:
+            raise GPUMemoryError(exc.reason, requested_bytes=size) from None
+        self.backends[loc] = b
+        return b
+
+    # -- slots -------------------------------------------------------------------------
+    def take_slots(self, state: MMSBState, loc: int, count: int, size: int) -> list[int]:
+        """``count`` zero-filled slots of ``size`` bytes at ``loc``, all or none.
+
+        Raises:
+            GPUMemoryError: the location is not usable, or out of device memory (the
+                slots taken so far are given back).
+        """
+        b = self.backend(state, loc, size)
+        taken: list[int] = []
+        try:
+            for _ in range(count):
+                taken.append(b.alloc(size))
+        except BaseException:
+            for s in taken:
+                b.free(s)
+            raise
+        return taken
+
+    def give_back(self, loc: int, slots: list[int]) -> None:
+        """Free slots taken with :meth:`take_slots` that were never bound."""
+        b = self.backends[loc]
+        for s in slots:
+            b.free(s)
+
+    def bind(self, pid: int, loc: int, slot: int, epoch: int) -> None:
+        """Page ``pid``'s device copy is ``slot`` at ``loc``, holding ``epoch``."""
+        self.drop(pid)
+        self.slots[pid] = slot
+        self.locs[pid] = loc
+        self.epochs[pid] = epoch
+
+    def drop(self, pid: int) -> None:
+        """Free page ``pid``'s device copy, if it has one."""
+        slot = self.slots.pop(pid, None)
+        if slot is None:
+            return
+        loc = self.locs.pop(pid)
+        self.epochs.pop(pid, None)
+        self.backends[loc].free(slot)
+
+    def drop_all(self) -> None:
+        """Free every device copy (the pages keep their locations and get new copies on
+        their next device use)."""
+        for pid in list(self.slots):
+            self.drop(pid)
+
+    def mark_all_stale(self) -> None:
+        """Every device copy is to be refreshed from its mirror before its next use."""
+        for pid in self.epochs:
+            self.epochs[pid] = -1
+
+    # -- keeping copies current --------------------------------------------------------
+    def current(self, state: MMSBState, pid: int) -> tuple[DeviceBackend, int, bool]:
+        """Page ``pid``'s backend and slot, its device copy brought up to date from the
+        host mirror first when it is stale or missing; the bool says whether bytes were
+        copied. The page must be a live device page (the caller checked).
+
+        Raises:
+            GPUMemoryError: the location is not usable here, or out of device memory
+                (nothing changed).
+        """
+        t = state.table
+        loc = int(t.loc[pid])
+        size = int(t.size[pid])
+        epoch = int(t.epoch[pid])
+        slot = self.slots.get(pid)
+        if slot is not None and self.locs[pid] == loc:
+            b = self.backends[loc]
+            if self.epochs[pid] == epoch:
+                return b, slot, False
+        else:
+            b = self.backend(state, loc, size)
+            slot = b.alloc(size)
+            try:
+                b.copy_in(slot, state.page_view(pid))
+            except BaseException:
+                b.free(slot)
+                raise
+            self.bind(pid, loc, slot, epoch)
+            return b, slot, True
+        b.copy_in(slot, state.page_view(pid))
+        self.epochs[pid] = epoch
+        return b, slot, True
+
+    def follow(self, pid: int, d: Delta, base_epoch: int) -> None:
+        """After the logged delta ``d`` was applied to page ``pid``'s mirror: apply it to
+        the device copy too when that copy held ``base_epoch`` (one launch); a stale
+        copy stays stale. A failed apply leaves the copy marked stale."""
+        if self.epochs.get(pid) != base_epoch:
+            return
+        b = self.backends[self.locs[pid]]
+        self.epochs[pid] = -1
+        if d._exact:
+            b.apply_dense(self.slots[pid], d._data)
+        else:
+            b.apply_delta(self.slots[pid], d)
+        self.epochs[pid] = d.epoch
+
+    # -- reporting ---------------------------------------------------------------------
+    def stale_count(self, state: MMSBState) -> int:
+        """Live device pages whose device copy is missing or behind their mirror."""
+        t = state.table
+        live = t.live_ids()
+        dev = live[t.loc[live] != 0].tolist() if live.size else []
+        return sum(1 for pid in dev if self.epochs.get(pid) != int(t.epoch[pid]))
+
+    def _check(self, state: MMSBState) -> None:
+        """Assert that every device copy belongs to a live device page of its location
+        and size, and that a current copy holds its mirror's bytes."""
+        t = state.table
+        for pid, slot in self.slots.items():
+            assert t.is_live(pid), f"device copy kept for dead page {pid}"
+            loc = self.locs[pid]
+            assert int(t.loc[pid]) == loc, f"page {pid}'s device copy is at another location"
+            b = self.backends[loc]
+            assert b.size_of(slot) == int(t.size[pid]), f"page {pid}'s device copy has another size"
+            if self.epochs[pid] == int(t.epoch[pid]):
+                assert np.array_equal(b.copy_out(slot), state.page_view(pid)), \
+                    f"page {pid}'s current device copy differs from its mirror"
+        for b in self.backends.values():
+            b._check()
+
+
+def device_stats(state: MMSBState) -> dict[str, Any]:
+    """Location name → the DeviceStats of that location's backend, for the backends the
+    state has made."""
+    copies = state.devices
+    if copies is None:
+        return {}
+    return {location_name(loc): b.stats() for loc, b in sorted(copies.backends.items())}
+
+
+def refuse_device_on_bus(state: MMSBState, loc: PageLocation, size: int | None) -> None:
+    """Device pages are not built for durable buses: their pages are memory-mapped
+    files, and a device copy beside them is not part of the bus's formats yet."""
+    if state.bus is not None:
+        raise GPUMemoryError(
+            f"{location_name(int(loc))} pages are not available on a durable bus (a bus "
+            "started with a path keeps its pages in memory-mapped files, and device "
+            "copies of them are not built); use an in-memory state for device pages",
+            requested_bytes=size)
+
+
+def check_device_page(state: MMSBState, pid: int, fn: str) -> int:
+    """The location of page ``pid`` when it is a device page, else a typed refusal."""
+    loc = int(state.table.loc[pid])
+    if loc == 0:
+        raise InvalidArgumentError(
+            f"{fn}(): page {pid} is on the cpu and has no device copy; migrate it to "
+            "'gpu' or 'unified' first (migrate_page)")
+    return loc
