@@ -101,13 +101,13 @@ class DeviceCopies:
             GPUMemoryError: ``enable_gpu`` is off, or the location is not usable here
                 (the message says why: no CuPy, no driver, no device ...).
         """
-        b = self.backends.get(loc)
-        if b is not None:
-            return b
         name = location_name(loc)
         if not state.config.enable_gpu:
             raise GPUMemoryError(f"{name} pages need enable_gpu=True in MMSBConfig",
                                  requested_bytes=size)
+        b = self.backends.get(loc)
+        if b is not None:
+            return b
         from .._device.probe import get_backend
 
         try:

@@ -1069,6 +1069,14 @@ class MMSBState:
         finally:
             self.leave()
 
+    def device_copies(self) -> DeviceCopies:
+        """The state's DeviceCopies, made when missing (a state built by replay has
+        device pages without one: their backends are made on their first device use)."""
+        copies = self.devices
+        if copies is None:
+            copies = self.devices = DeviceCopies()
+        return copies
+
     def device_view(self, page_id: Any) -> Any:
         """Page.device_array: a read-only view of the page's device copy, brought up to
         date from the host mirror first when it is stale.
@@ -1080,9 +1088,7 @@ class MMSBState:
         try:
             pid = self.require_page(page_id, "device_array")
             check_device_page(self, pid, "device_array")
-            copies = self.devices
-            assert copies is not None  # a live device page made it (or a check did)
-            b, slot, _ = copies.current(self, pid)
+            b, slot, _ = self.device_copies().current(self, pid)
             return b.view(slot)
         finally:
             self.leave()
@@ -1105,10 +1111,7 @@ class MMSBState:
 
     def sync_device_pages(self, pids: list[int]) -> list[int]:
         """sync_to_device without the checks (caller holds the lock; live device pages)."""
-        if self.devices is None:
-            # A state made by replay or a restore: its device pages get their backend now.
-            self.devices = DeviceCopies()
-        copies = self.devices
+        copies = self.device_copies()
         copied = []
         used = set()
         for pid in pids:
@@ -1164,9 +1167,7 @@ class MMSBState:
                         f"(size {size})", page_id=pid)
             check_source(source)
             t0 = time.perf_counter_ns()
-            copies = self.devices
-            if copies is None:
-                copies = self.devices = DeviceCopies()
+            copies = self.device_copies()
             b, slot, _ = copies.current(self, pid)
             epoch = int(t.epoch[pid])
             # From here the device copy may take the new bytes before the delta is
