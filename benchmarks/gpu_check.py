@@ -3,7 +3,9 @@
     python benchmarks/gpu_check.py [--out DIR] [--quick]
 
 1. Runs ``tests/test_device_backend.py`` (the conformance kit on the host, gpu and
-   unified backends; the device ones skip, with the reason, where no device is usable).
+   unified backends) and ``tests/test_device_engine.py`` (gpu and unified pages in the
+   engine: on a host stand-in, and end to end on the CUDA backends); the device ones
+   skip, with the reason, where no device is usable.
 2. Where a CUDA device is usable, times the device backends: slot allocation; sparse
    (1 % changed) and dense deltas on 1 KiB, 1 MiB and 64 MiB pages; a batch of many
    small deltas; host↔device copies; the diff of a 64 MiB page with 1 % changed; unified
@@ -57,7 +59,8 @@ def run_tests(out: Path) -> dict[str, Any]:
     env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"]
                                              if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "test_device_backend.py")]
+           str(ROOT / "tests" / "test_device_backend.py"),
+           str(ROOT / "tests" / "test_device_engine.py")]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: S603 (fixed argv)
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__, "device": {}, "results": [],
         "tests": {"returncode": None, "counts": {}, "skip_reasons": []}}
     if not args.no_tests:
-        print("== tests: tests/test_device_backend.py", flush=True)
+        print("== tests: tests/test_device_backend.py, tests/test_device_engine.py", flush=True)
         report["tests"] = run_tests(out)
         print(f"   {report['tests']}", flush=True)
     reason = unavailable_reason("gpu")
