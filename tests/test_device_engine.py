@@ -9,6 +9,10 @@ skip, with the probe's reason, where no device is usable.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -683,6 +687,17 @@ def test_checkpoint_with_device_pages_where_no_device(state: mmsb.MMSBState, tmp
     with pytest.raises(GPUMemoryError, match="restore_device_pages_on_cpu"):
         mmsb.replay_from_checkpoint(path)
 
+    kept = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+    mmsb.load_checkpoint(kept, path, keep_device_locations=True)
+    assert kept.pages[g.id].location is PageLocation.GPU and kept.last_lsn == state.last_lsn
+    assert mmsb.query_page(kept, g.id) == b"\x03" * 64
+    assert mmsb.verify_state_consistency(kept)
+    with pytest.raises(GPUMemoryError):
+        kept.pages[g.id].device_array()
+    with pytest.raises(InvalidArgumentError, match="keep_device_locations"):
+        mmsb.load_checkpoint(target, path, keep_device_locations="yes")  # type: ignore[arg-type]
+    assert fingerprint(target) == before
+
     moved = mmsb.replay_from_checkpoint(path, config=mmsb.MMSBConfig(restore_device_pages_on_cpu=True))
     assert moved.pages[g.id].location is PageLocation.CPU
     assert mmsb.query_page(moved, g.id) == b"\x03" * 64
@@ -690,6 +705,19 @@ def test_checkpoint_with_device_pages_where_no_device(state: mmsb.MMSBState, tmp
     assert moved.last_lsn == state.last_lsn + 1
     assert type(moved.log.records[-1]).__name__ == "PageMigrate"
     assert mmsb.verify_state_consistency(moved)
+
+
+def test_cli_reads_a_checkpoint_with_device_pages(state: mmsb.MMSBState, tmp_path: Any) -> None:
+    g = mmsb.create_page(state, 64, location="gpu")
+    mmsb.update_page(state, g.id, b"\x02" * 64)
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(state, path)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(mmsb.__file__).parent.parent)
+    r = subprocess.run([sys.executable, "-m", "mmsb", "verify", str(path)],  # noqa: S603
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
 
 
 def test_checkpoint_with_device_pages_refused_on_a_durable_bus(state: mmsb.MMSBState,
@@ -704,6 +732,8 @@ def test_checkpoint_with_device_pages_refused_on_a_durable_bus(state: mmsb.MMSBS
         before = fingerprint(s)
         with pytest.raises(GPUMemoryError, match="durable bus"):
             mmsb.load_checkpoint(s, path)
+        with pytest.raises(GPUMemoryError, match="durable bus"):
+            mmsb.load_checkpoint(s, path, keep_device_locations=True)
         assert fingerprint(s) == before
     finally:
         mmsb.mmsb_stop(s)

@@ -646,13 +646,16 @@ def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
         return size
 
 
-def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState:
+def load_checkpoint(state: MMSBState, path: str | os.PathLike[str], *,
+                    keep_device_locations: bool = False) -> MMSBState:
     """Replace ``state``'s pages, graph and log with a checkpoint's. The file is read
     and checked in full first: on any damage nothing changes.
 
     Gpu and unified pages are loaded with their locations (device copies are made on
     their next device use); where a location is not usable, see
-    ``MMSBConfig.restore_device_pages_on_cpu``.
+    ``MMSBConfig.restore_device_pages_on_cpu``; ``keep_device_locations=True`` loads
+    them with their locations all the same, for reading the file (their device uses are
+    then refused where the location is not usable; not on a durable bus).
 
     Raises:
         SerializationError: bad magic, version, truncation, checksum mismatch.
@@ -661,6 +664,9 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     """
     state = _state_of(state, "load_checkpoint")
     _check_path(path, "load_checkpoint")
+    if not isinstance(keep_device_locations, bool):
+        raise InvalidArgumentError(
+            f"keep_device_locations must be True or False, not {keep_device_locations!r}")
     with state.lock:
         state.refuse_in_batch("load_checkpoint")
     # Read privately: the state may keep the buffer's pages and log payload (restored
@@ -669,7 +675,7 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     state.enter()
     try:
         state.refuse_in_batch("load_checkpoint")
-        moved = state.restore_locations(ck)
+        moved = state.restore_locations(ck, keep_device_locations)
         if state.bus is not None:
             state.bus.before_restore(state)
         before = state.swap_snapshot()

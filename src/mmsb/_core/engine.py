@@ -847,17 +847,21 @@ class MMSBState:
             self.devices = copies
         return loc
 
-    def restore_locations(self, snap: Snapshot) -> list[int]:
+    def restore_locations(self, snap: Snapshot, keep: bool = False) -> list[int]:
         """Before ``snap`` (a checkpoint read from a file) replaces this state: check that
         its device pages can be placed here. Returns the pages to move to the cpu after
         the restore (``config.restore_device_pages_on_cpu``); empty when all can stay.
+        ``keep``: device pages keep their locations unchecked (a state loaded to be
+        read: their device uses are refused where the location is not usable).
 
         Raises:
-            GPUMemoryError: device pages whose location is not usable here (or on a
-                durable bus), without the config flag; nothing was changed.
+            GPUMemoryError: device pages on a durable bus, or whose location is not
+                usable here without the config flag or ``keep``; nothing was changed.
         """
         locs = np.asarray(snap.locs)
         if not locs.size or not locs.any():
+            return []
+        if keep and self.bus is None:
             return []
         ids = np.asarray(snap.ids)
         moved: list[int] = []
