@@ -313,6 +313,42 @@ def test_device_array_and_sync_refuse_cpu_pages(state: mmsb.MMSBState) -> None:
     assert fingerprint(state) == before
 
 
+def test_ensure_page_on_device(state: mmsb.MMSBState) -> None:
+    p = mmsb.create_page(state, 64)
+    mmsb.write_page(state, p.id, 0, b"host")
+    lsn = state.last_lsn
+    assert mmsb.ensure_page_on_device(state, p.id) == p
+    assert p.location is PageLocation.GPU and state.last_lsn == lsn + 1
+    mmsb.write_page(state, p.id, 4, b"!")  # leaves the copy behind
+    mmsb.ensure_page_on_device(state, p.id, "gpu")
+    assert state.last_lsn == lsn + 2  # the write only: no migration
+    assert mmsb.get_stats(state).device_stale_pages == 0
+    assert device_bytes(p)[:5] == b"host!"
+    mmsb.ensure_page_on_device(state, p, "unified")
+    assert p.location is PageLocation.UNIFIED and device_bytes(p)[:5] == b"host!"
+    mmsb.ensure_page_on_device(state, p.id)  # a device page stays where it is
+    assert p.location is PageLocation.UNIFIED
+    before = fingerprint(state)
+    with pytest.raises(InvalidArgumentError, match="puts a page on a device"):
+        mmsb.ensure_page_on_device(state, p.id, "cpu")
+    with pytest.raises(UnsupportedLocationError):
+        mmsb.ensure_page_on_device(state, p.id, "tape")
+    with pytest.raises(PageNotFoundError):
+        mmsb.ensure_page_on_device(state, 999)
+    assert fingerprint(state) == before
+    state._check()
+
+
+def test_ensure_page_on_device_refused_without_a_device() -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    s._use_backend_for_tests("gpu", FailingBackend(slots=0))
+    p = mmsb.create_page(s, 16)
+    before = fingerprint(s)
+    with pytest.raises(GPUMemoryError):
+        mmsb.ensure_page_on_device(s, p.id)
+    assert fingerprint(s) == before
+
+
 def test_device_array_has_dlpack(state: mmsb.MMSBState) -> None:
     p = mmsb.create_page(state, 32, location="unified")
     mmsb.update_page(state, p.id, bytes(range(32)))

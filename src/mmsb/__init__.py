@@ -31,6 +31,7 @@ from ._api import delete_page as delete_page
 from ._api import detect_cycles as detect_cycles
 from ._api import disable_instrumentation as disable_instrumentation
 from ._api import enable_instrumentation as enable_instrumentation
+from ._api import ensure_page_on_device as ensure_page_on_device
 from ._api import execute_propagation as execute_propagation
 from ._api import find_ancestors as find_ancestors
 from ._api import find_descendants as find_descendants
@@ -162,7 +163,8 @@ __all__ = [
     # pages
     "Page", "PageLocation", "PageSnapshot", "create_page", "create_pages", "update_page",
     "write_page", "query_page", "delete_page", "resize_page", "clone_page", "migrate_page",
-    "set_metadata", "update_metadata", "sync_page_to_gpu", "get_device_stats",
+    "set_metadata", "update_metadata", "sync_page_to_gpu", "ensure_page_on_device",
+    "get_device_stats",
     # deltas
     "Delta", "create_delta", "route_delta", "batch", "Batch", "apply_batch", "merge_deltas",
     "delta_byte_count", "serialize_delta", "deserialize_delta", "compress_delta",

@@ -69,7 +69,8 @@ from .types import (
 __all__ = [
     "mmsb_start", "mmsb_stop", "open_readonly", "active", "active_state",
     "create_page", "create_pages", "update_page", "write_page", "query_page", "delete_page",
-    "resize_page", "clone_page", "migrate_page", "sync_page_to_gpu", "get_device_stats",
+    "resize_page", "clone_page", "migrate_page", "sync_page_to_gpu", "ensure_page_on_device",
+    "get_device_stats",
     "set_metadata", "update_metadata",
     "create_delta", "route_delta", "batch", "apply_batch", "Batch",
     "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
@@ -429,6 +430,34 @@ def sync_page_to_gpu(state: MMSBState, page_id: int) -> bool:
     """
     state = _state_of(state, "sync_page_to_gpu")
     return bool(state.sync_to_device([page_id], "sync_page_to_gpu"))
+
+
+def ensure_page_on_device(state: MMSBState, page_id: int, location: Any = None) -> Page:
+    """Make a page a device page with a current device copy, in one call: a cpu page is
+    migrated (logged) to ``location`` (``None``: ``"gpu"``); a device page is migrated
+    when ``location`` names another device location, and stays otherwise; then its
+    device copy is brought up to date and waited for (as ``sync_page_to_gpu``).
+
+    Raises:
+        PageNotFoundError; UnsupportedLocationError; InvalidArgumentError:
+        ``location="cpu"``; GPUMemoryError: as for migrate_page and sync_page_to_gpu
+        (a refused migration changes nothing).
+    """
+    state = _state_of(state, "ensure_page_on_device")
+    want = None if location is None else coerce_location(location)
+    if want is PageLocation.CPU:
+        raise InvalidArgumentError(
+            "ensure_page_on_device() puts a page on a device: give 'gpu', 'unified' or None")
+    state.enter()
+    try:
+        pid = state.require_page(page_id, "ensure_page_on_device")
+        here = PageLocation(int(state.table.loc[pid]))
+        if here is PageLocation.CPU or (want is not None and want is not here):
+            state.migrate(pid, want if want is not None else PageLocation.GPU)
+        state.sync_to_device([pid], "ensure_page_on_device")
+        return Page(state, pid)
+    finally:
+        state.leave()
 
 
 def get_device_stats(state: MMSBState) -> dict[str, DeviceStats]:
