@@ -15,8 +15,8 @@ PKG = Path(mmsb.__file__).parent
 # (the core's modules among themselves, history from the core, ...).
 RANKS = [
     ("mmsb.errors", 0), ("mmsb.types", 0), ("mmsb.config", 0),
-    ("mmsb._core", 1), ("mmsb._device", 1),
-    ("mmsb._history", 2), ("mmsb._storage", 2), ("mmsb._instrument", 2),
+    ("mmsb._core", 1),
+    ("mmsb._history", 2), ("mmsb._storage", 2), ("mmsb._device", 2), ("mmsb._instrument", 2),
     ("mmsb._api", 3), ("mmsb._reader", 3), ("mmsb._replication", 3),
     ("mmsb.metrics", 4), ("mmsb.cli", 4), ("mmsb.bench", 4), ("mmsb.integrations", 4),
     ("mmsb.ui", 4),

@@ -21,11 +21,14 @@ them.
 
 The backends are made on first use through :func:`mmsb._device.get_backend`, so a
 device location that is not usable here is refused with the probe's reason. CuPy is
-imported only then.
+imported only then. The core does not import the device layer (which sits above it and
+imports the core's delta kernels): the device layer binds its factory here when it is
+imported (:func:`bind_backends`), as the storage layer binds its codecs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,8 +42,25 @@ if TYPE_CHECKING:
     from .delta import Delta
     from .engine import MMSBState
 
-__all__ = ["DeviceCopies", "as_host_bytes", "check_device_page", "device_stats", "is_device_input", "location_name",
-           "refuse_device_on_bus"]
+__all__ = ["DeviceCopies", "as_host_bytes", "bind_backends", "check_device_page", "device_stats",
+           "is_device_input", "location_name", "refuse_device_on_bus"]
+
+_FACTORY: list[tuple[Callable[[str], DeviceBackend], type]] = []
+"""The device layer's ``get_backend`` and its ``DeviceBackend`` class, once bound."""
+
+
+def bind_backends(factory: Callable[[str], DeviceBackend], base: type) -> None:
+    """Called by :mod:`mmsb._device.probe` when imported: ``factory(location_name)``
+    makes a backend (raising GPUMemoryError with the reason when the location is not
+    usable); ``base`` is the class every backend derives from."""
+    _FACTORY[:] = [(factory, base)]
+
+
+def backend_class() -> type:
+    """The DeviceBackend class (the device layer is loaded with ``import mmsb``)."""
+    if not _FACTORY:
+        raise GPUMemoryError("no device layer is loaded (import mmsb)")
+    return _FACTORY[0][1]
 
 _NAMES = {int(PageLocation.CPU): "cpu", int(PageLocation.GPU): "gpu",
           int(PageLocation.UNIFIED): "unified"}
@@ -108,10 +128,10 @@ class DeviceCopies:
         b = self.backends.get(loc)
         if b is not None:
             return b
-        from .._device.probe import get_backend
-
+        if not _FACTORY:
+            raise GPUMemoryError("no device layer is loaded (import mmsb)", requested_bytes=size)
         try:
-            b = get_backend(name)
+            b = _FACTORY[0][0](name)
         except GPUMemoryError as exc:
             raise GPUMemoryError(exc.reason, requested_bytes=size) from None
         self.backends[loc] = b

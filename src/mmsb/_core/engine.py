@@ -47,6 +47,7 @@ from .delta import (
 from .devices import (
     DeviceCopies,
     as_host_bytes,
+    backend_class,
     check_device_page,
     is_device_input,
     refuse_device_on_bus,
@@ -77,6 +78,7 @@ from .records import (
 from .snapshot import ReplayBase, Snapshot
 
 if TYPE_CHECKING:
+    from .._device.backend import DeviceBackend
     from .._storage.bus import DurableBus
 
 __all__ = ["MMSBState", "Page", "PageMap", "PageSnapshot", "check_size", "normalize_metadata"]
@@ -880,7 +882,7 @@ class MMSBState:
                 moved.extend(ids[locs == value].tolist())
         return moved
 
-    def _use_backend_for_tests(self, location: Any, backend: Any) -> None:
+    def _use_backend_for_tests(self, location: Any, backend: DeviceBackend) -> None:
         """Testing only: use ``backend`` (a DeviceBackend, e.g. a HostBackend) as the
         backend of device location ``location`` of this state, so that the engine's
         device paths run where no device is. Not reachable through any config; the
@@ -891,17 +893,15 @@ class MMSBState:
             InvalidArgumentError: not a device location, not a DeviceBackend, or the
                 location already has a backend.
         """
-        from .._device.backend import DeviceBackend
-
         loc = coerce_location(location)
         if loc is PageLocation.CPU:
             raise InvalidArgumentError("the cpu location keeps its pages in the host arena")
-        if not isinstance(backend, DeviceBackend):
+        if not isinstance(backend, backend_class()):
             raise InvalidArgumentError(f"expected a DeviceBackend, not {type(backend).__name__}")
         copies = self.devices if self.devices is not None else DeviceCopies()
         if int(loc) in copies.backends:
             raise InvalidArgumentError(f"the {loc.name.lower()} location already has a backend")
-        copies.backends[int(loc)] = backend
+        copies.backends[int(loc)] = backend  # an instance of the bound DeviceBackend class
         copies.stand_ins.add(int(loc))
         self.devices = copies
 
