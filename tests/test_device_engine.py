@@ -275,6 +275,17 @@ def test_device_array_write_refusals_change_nothing(state: mmsb.MMSBState) -> No
 
     with pytest.raises(InvalidDeltaError, match="does not say its length"):
         mmsb.write_page(state, p.id, 0, NoLength())
+
+    class Unreadable:
+        nbytes = 4
+
+        def __dlpack__(self, **kw: Any) -> Any:
+            raise BufferError("not readable here")
+
+    assert device_bytes(p)[:3] == b"abc"  # the copy is current
+    with pytest.raises(InvalidDeltaError, match="DLPack"):
+        mmsb.write_page(state, p.id, 0, Unreadable())
+    assert mmsb.get_stats(state).device_stale_pages == 0  # refused before any write
     with pytest.raises(PageNotFoundError):
         mmsb.write_page(state, 999, 0, DLPackArray(np.zeros(1, np.uint8)))
     assert fingerprint(state) == before
@@ -433,6 +444,14 @@ def test_migrate_to_the_same_place_logs_nothing(state: mmsb.MMSBState) -> None:
     before = fingerprint(state)
     mmsb.migrate_page(state, p.id, "gpu")
     assert fingerprint(state) == before
+
+
+def test_create_events(state: mmsb.MMSBState) -> None:
+    got = record(state, mmsb.EventType.PAGE_CREATED)
+    p = mmsb.create_page(state, 16, location="gpu")
+    qs = mmsb.create_pages(state, 2, 16, location="unified")
+    c = mmsb.clone_page(state, p.id)
+    assert got == [(mmsb.EventType.PAGE_CREATED, (pid,)) for pid in (p.id, qs[0].id, qs[1].id, c.id)]
 
 
 def test_migrate_events(state: mmsb.MMSBState) -> None:

@@ -29,6 +29,7 @@ from ..errors import (
     InvalidArgumentError,
     InvalidDeltaError,
     MetadataError,
+    MMSBError,
     PageNotFoundError,
     StateClosedError,
 )
@@ -923,10 +924,11 @@ class MMSBState:
             first = self.table.next_id
             if count > 1 or first >= self.table.capacity:
                 self.check_room(count, size)
-            if count and loc is not PageLocation.CPU:
-                self._create_on_device(first, count, size, loc, meta)
-            elif count:
-                self.commit(PageCreate(first, count, size, int(loc), meta))
+            if count:
+                if loc is PageLocation.CPU:
+                    self.commit(PageCreate(first, count, size, int(loc), meta))
+                else:
+                    self._create_on_device(first, count, size, loc, meta)
                 if self.events.active:
                     for pid in range(first, first + count):
                         self.emit(EventType.PAGE_CREATED, pid)
@@ -1177,7 +1179,12 @@ class MMSBState:
             # From here the device copy may take the new bytes before the delta is
             # logged: until it is, and the mirror follows, the copy counts as stale.
             copies.epochs[pid] = -1
-            changes = b.diff(slot, data, off, apply=True)
+            try:
+                changes = b.diff(slot, data, off, apply=True)
+            except MMSBError:
+                # Refused before anything was written (the backend checks first).
+                copies.epochs[pid] = epoch
+                raise
             if changes is None:
                 copies.epochs[pid] = epoch
                 return False
