@@ -62,6 +62,7 @@ def backend_class() -> type:
         raise GPUMemoryError("no device layer is loaded (import mmsb)")
     return _FACTORY[0][1]
 
+
 _NAMES = {int(PageLocation.CPU): "cpu", int(PageLocation.GPU): "gpu",
           int(PageLocation.UNIFIED): "unified"}
 
@@ -103,12 +104,10 @@ class DeviceCopies:
     entry has no device copy yet (it gets one on its next device use).
     """
 
-    __slots__ = ("backends", "stand_ins", "slots", "locs", "epochs")
+    __slots__ = ("backends", "slots", "locs", "epochs")
 
     def __init__(self) -> None:
         self.backends: dict[int, DeviceBackend] = {}
-        self.stand_ins: set[int] = set()
-        """Locations whose backend was given by :meth:`MMSBState._use_backend_for_tests`."""
         self.slots: dict[int, int] = {}
         self.locs: dict[int, int] = {}
         self.epochs: dict[int, int] = {}

@@ -903,7 +903,6 @@ class MMSBState:
         if int(loc) in copies.backends:
             raise InvalidArgumentError(f"the {loc.name.lower()} location already has a backend")
         copies.backends[int(loc)] = backend  # an instance of the bound DeviceBackend class
-        copies.stand_ins.add(int(loc))
         self.devices = copies
 
     def create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
