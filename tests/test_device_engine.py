@@ -890,10 +890,12 @@ def test_cuda_gpu_sync_edge() -> None:
 
     src = mmsb.create_page(s, 256)
     child = mmsb.create_page(s, 256, location="gpu")
-    mmsb.register_passthrough_recompute(s, child.id, src.id)
     mmsb.add_dependency(s, src.id, child.id, mmsb.GPU_SYNC_DEPENDENCY)
+    mmsb.write_page(s, child.id, 0, b"\x08" * 256)  # a small write: the copy falls behind
+    assert mmsb.get_stats(s).device_stale_pages == 1
     got = record(s, mmsb.EventType.GPU_SYNC_COMPLETE)
-    mmsb.update_page(s, src.id, b"\x08" * 256)
+    mmsb.update_page(s, src.id, b"\x01" * 256)
     assert got == [(mmsb.EventType.GPU_SYNC_COMPLETE, (child.id,))]
+    assert mmsb.get_stats(s).device_stale_pages == 0  # synced by the edge
     assert cp.asnumpy(cp.from_dlpack(child.device_array())).tobytes() == b"\x08" * 256
     s._check()
