@@ -482,6 +482,19 @@ def test_unusable_location_refused_with_the_probe_reason(location: str) -> None:
     assert s.devices is None or not s.devices.backends
 
 
+@pytest.mark.skipif(unavailable_reason("gpu") is None, reason="a CUDA device is usable here")
+def test_mmsb_start_enable_gpu_without_a_device_warns_and_refuses() -> None:
+    with pytest.warns(RuntimeWarning, match="no CUDA device is usable"):
+        s = mmsb.mmsb_start(enable_gpu=True)
+    try:
+        assert s.config.enable_gpu is False
+        with pytest.raises(GPUMemoryError, match="enable_gpu=True"):
+            mmsb.create_page(s, 8, gpu=True)
+        assert s.last_lsn == 0
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 def test_enable_gpu_off_refuses_even_with_a_backend(state: mmsb.MMSBState) -> None:
     s = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
     s._use_backend_for_tests("gpu", HostBackend(chunk_size=CHUNK))
