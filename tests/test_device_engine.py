@@ -84,6 +84,11 @@ class FailingBackend(HostBackend):
             raise GPUMemoryError("device copy failed (test backend)")
         super().copy_in(slot, data, offset)
 
+    def copy_in_many(self, items: Any) -> Any:
+        if self.fail_copies:
+            raise GPUMemoryError("device copy failed (test backend)")
+        return super().copy_in_many(items)
+
 
 def fingerprint(s: mmsb.MMSBState) -> tuple[Any, ...]:
     """What a refused call must leave as it was."""

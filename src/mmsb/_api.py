@@ -18,6 +18,7 @@ import numpy as np
 
 from ._core.delta import Delta, delta_from_mask
 from ._core.delta import merge_deltas as _merge
+from ._core.devices import DeviceSync
 from ._core.devices import device_stats as _device_stats
 from ._core.engine import (
     ACTIVE,
@@ -37,8 +38,9 @@ from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
-from ._device.backend import DeviceStats
+from ._device.backend import DeviceStats, Pending
 from ._device.probe import is_location_available
+from ._device.probe import is_unified_memory_available as is_unified_memory_available
 from ._history.replay import verify_state_consistency as _verify
 from ._history.stats import log_statistics as _log_statistics
 from ._history.stats import row_counts as _row_counts
@@ -70,7 +72,9 @@ __all__ = [
     "mmsb_start", "mmsb_stop", "open_readonly", "active", "active_state",
     "create_page", "create_pages", "update_page", "write_page", "query_page", "delete_page",
     "resize_page", "clone_page", "migrate_page", "sync_page_to_gpu", "ensure_page_on_device",
-    "get_device_stats",
+    "get_device_stats", "sync_pages_to_gpu", "sync_page_to_gpu_async", "sync_pages_to_gpu_async",
+    "prefetch_to_gpu", "prefetch_to_cpu", "set_preferred_location", "set_read_mostly",
+    "is_unified_memory_available",
     "set_metadata", "update_metadata",
     "create_delta", "route_delta", "batch", "apply_batch", "Batch",
     "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
@@ -384,6 +388,7 @@ def resize_page(state: MMSBState, page_id: int, new_size: int) -> Page:
         old = int(state.table.size[pid])
         if old != size:
             state.commit(PageResize(pid, size))
+            state.rehome(pid)  # a unified page's new slot: into managed memory
             state.emit(EventType.PAGE_RESIZED, pid, old, size)
         return Page(state, pid)
     finally:
@@ -399,6 +404,7 @@ def clone_page(state: MMSBState, page_id: int) -> Page:
         state.check_room(1, int(state.table.size[src]))
         new_id = state.table.next_id
         state.commit(PageClone(new_id, src))
+        state.rehome(new_id)  # a unified clone: into managed memory
         state.emit(EventType.PAGE_CREATED, new_id)
         return Page(state, new_id)
     finally:
@@ -430,6 +436,109 @@ def sync_page_to_gpu(state: MMSBState, page_id: int) -> bool:
     """
     state = _state_of(state, "sync_page_to_gpu")
     return bool(state.sync_to_device([page_id], "sync_page_to_gpu"))
+
+
+def sync_pages_to_gpu(state: MMSBState, page_ids: Iterable[Any]) -> list[int]:
+    """``sync_page_to_gpu`` for many pages at once: the stale device copies of each
+    backend are written as one batch (one upload, one launch), then waited for. Returns
+    the ids of the pages whose bytes were copied (unified pages in managed memory never
+    need a copy). All pages are checked before anything is copied.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: a cpu page, or ``page_ids`` not an
+        iterable; GPUMemoryError: a location not usable here, or out of device memory.
+    """
+    state = _state_of(state, "sync_pages_to_gpu")
+    return state.sync_to_device(_page_list(page_ids, "sync_pages_to_gpu"), "sync_pages_to_gpu")
+
+
+def sync_page_to_gpu_async(state: MMSBState, page_id: int) -> DeviceSync:
+    """``sync_page_to_gpu`` queued on the backend's stream without waiting: returns a
+    handle whose ``wait()`` blocks until the copy has landed (and returns the ids of the
+    pages copied) and whose ``done()`` says whether it has. Device uses after this call
+    are ordered after the copy (same stream); a consumer on another stream waits for
+    the handle, or takes the page through ``device_array`` (ordered by DLPack).
+
+    Raises:
+        as sync_page_to_gpu.
+    """
+    state = _state_of(state, "sync_page_to_gpu_async")
+    return state.sync_to_device_async([page_id], "sync_page_to_gpu_async")
+
+
+def sync_pages_to_gpu_async(state: MMSBState, page_ids: Iterable[Any]) -> DeviceSync:
+    """``sync_pages_to_gpu`` without waiting: one handle for every backend's batch.
+
+    Raises:
+        as sync_pages_to_gpu.
+    """
+    state = _state_of(state, "sync_pages_to_gpu_async")
+    return state.sync_to_device_async(_page_list(page_ids, "sync_pages_to_gpu_async"),
+                                      "sync_pages_to_gpu_async")
+
+
+def _page_list(page_ids: Any, fn: str) -> list[Any]:
+    if isinstance(page_ids, str | bytes) or not isinstance(page_ids, Iterable):
+        raise InvalidArgumentError(f"{fn}() takes an iterable of page ids, not {page_ids!r}")
+    return list(page_ids)
+
+
+def prefetch_to_gpu(state: MMSBState, page_id: int, *, stream: Any = None) -> Pending:
+    """Migrate a unified page's managed memory to the GPU ahead of use
+    (``cudaMemPrefetchAsync``), queued on ``stream`` (a CuPy stream, a raw stream
+    pointer, or None: the unified backend's stream); returns a ticket (``wait()``,
+    ``done()``). A hint: the page's bytes are correct on either side without it.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: not a unified page, or ``stream`` not
+        a stream; GPUMemoryError: the unified location is not usable here, has no
+        managed memory, or the driver refused the prefetch.
+    """
+    state = _state_of(state, "prefetch_to_gpu")
+    return state.unified_hint(page_id, "prefetch_to_gpu", prefetch="gpu", stream=stream)
+
+
+def prefetch_to_cpu(state: MMSBState, page_id: int, *, stream: Any = None) -> Pending:
+    """``prefetch_to_gpu`` towards host memory, ahead of CPU reads and writes.
+
+    Raises:
+        as prefetch_to_gpu.
+    """
+    state = _state_of(state, "prefetch_to_cpu")
+    return state.unified_hint(page_id, "prefetch_to_cpu", prefetch="cpu", stream=stream)
+
+
+def set_preferred_location(state: MMSBState, page_id: int, location: str | None) -> None:
+    """Advise the driver where a unified page's managed memory should live
+    (``cudaMemAdviseSetPreferredLocation``): ``"gpu"``, ``"cpu"``, or None to clear the
+    advice. Advice covers whole memory pages of the system (usually 4 KiB), so unified
+    pages sharing one share it.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: not a unified page, or a location
+        other than those; GPUMemoryError: as for prefetch_to_gpu.
+    """
+    state = _state_of(state, "set_preferred_location")
+    if location is not None and location not in ("gpu", "cpu"):
+        raise InvalidArgumentError(
+            f"set_preferred_location() takes 'gpu', 'cpu' or None, not {location!r}")
+    state.unified_hint(page_id, "set_preferred_location",
+                       preferred="none" if location is None else location)
+
+
+def set_read_mostly(state: MMSBState, page_id: int, enabled: bool) -> None:
+    """Advise the driver that a unified page is mostly read
+    (``cudaMemAdviseSetReadMostly``; ``False`` unsets it): the CPU and the GPU then
+    each read a copy of it, and a write drops the other side's copy.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: not a unified page, or ``enabled``
+        not a bool; GPUMemoryError: as for prefetch_to_gpu.
+    """
+    state = _state_of(state, "set_read_mostly")
+    if not isinstance(enabled, bool):
+        raise InvalidArgumentError(f"set_read_mostly() takes True or False, not {enabled!r}")
+    state.unified_hint(page_id, "set_read_mostly", read_mostly=enabled)
 
 
 def ensure_page_on_device(state: MMSBState, page_id: int, location: Any = None) -> Page:
@@ -995,6 +1104,7 @@ def get_stats(state: MMSBState) -> MMSBStats:
         loc_bytes = (np.bincount(t.loc[live], weights=t.size[live], minlength=3).astype(np.int64)
                      if live.size else np.zeros(3, np.int64))
         devices = _device_stats(state)
+        copies = state.devices
         carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
         da50, da90, da99 = c.delta_apply.percentiles()
         pr50, pr90, pr99 = c.propagation.percentiles()
@@ -1032,6 +1142,18 @@ def get_stats(state: MMSBState) -> MMSBStats:
             device_bytes_in_use=sum(d.bytes_in_use for d in devices.values()),
             device_stale_pages=(state.devices.stale_count(state)
                                 if state.devices is not None else int(locs[1] + locs[2])),
+            unified_managed_bytes=a.bytes_managed,
+            device_syncs=copies.syncs if copies is not None else 0,
+            device_async_syncs=copies.async_syncs if copies is not None else 0,
+            device_pages_synced=copies.pages_synced if copies is not None else 0,
+            device_bytes_synced=copies.bytes_synced if copies is not None else 0,
+            gpu_deltas_applied=devices["gpu"].deltas_applied if "gpu" in devices else 0,
+            unified_deltas_applied=(devices["unified"].deltas_applied
+                                    if "unified" in devices else 0),
+            unified_prefetches=devices["unified"].prefetches if "unified" in devices else 0,
+            unified_bytes_prefetched=(devices["unified"].bytes_prefetched
+                                      if "unified" in devices else 0),
+            unified_advices=devices["unified"].advices if "unified" in devices else 0,
         )
 
 

@@ -1,8 +1,19 @@
-"""Device copies of a state's gpu and unified pages.
+"""Device copies of a state's gpu and unified pages, and unified pages in managed memory.
 
-The memory model: every page's bytes live in the host arena (its *host mirror*), which
-is what the log, replay, time travel, checkpoints and every read use; a page at
-location ``gpu`` or ``unified`` also has a *device copy*, a slot in the backend of its
+The memory model: every page's bytes live in the host arena, which is what the log,
+replay, time travel, checkpoints and every read use.
+
+A ``unified`` page whose location's backend has managed memory (the CUDA unified
+backend) keeps its bytes in a *managed* chunk of the host arena (memory the CPU and the
+GPU both address, lent by the backend: :meth:`DeviceCopies.managed`): every host path
+writes those bytes in place, and the device reads the same memory, so there is no
+device copy and nothing to keep current. Its bytes are placed there when it is created
+or migrated to ``unified``, and moved there on its next device use when they were
+placed in ordinary memory (a restored checkpoint, a replayed state, a resize or a
+clone without managed memory to hand, a device use inside a batch).
+
+Any other device page (``gpu``, or ``unified`` without managed memory) has a *host
+mirror* in ordinary arena memory and a *device copy*, a slot in the backend of its
 location (:mod:`mmsb._device`). The host mirror is never behind: every logged change
 is applied to it. The device copy follows:
 
@@ -28,7 +39,7 @@ imported (:func:`bind_backends`), as the storage layer binds its codecs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,7 +53,7 @@ if TYPE_CHECKING:
     from .delta import Delta
     from .engine import MMSBState
 
-__all__ = ["DeviceCopies", "as_host_bytes", "bind_backends", "check_device_page", "device_stats",
+__all__ = ["DeviceCopies", "DeviceSync", "as_host_bytes", "bind_backends", "check_device_page", "device_stats",
            "is_device_input", "location_name", "refuse_device_on_bus"]
 
 _FACTORY: list[tuple[Callable[[str], DeviceBackend], type]] = []
@@ -63,6 +74,7 @@ def backend_class() -> type:
     return _FACTORY[0][1]
 
 
+_UNIFIED = int(PageLocation.UNIFIED)
 _NAMES = {int(PageLocation.CPU): "cpu", int(PageLocation.GPU): "gpu",
           int(PageLocation.UNIFIED): "unified"}
 
@@ -104,13 +116,107 @@ class DeviceCopies:
     entry has no device copy yet (it gets one on its next device use).
     """
 
-    __slots__ = ("backends", "slots", "locs", "epochs")
+    __slots__ = ("backends", "slots", "locs", "epochs", "syncs", "async_syncs",
+                 "pages_synced", "bytes_synced")
 
     def __init__(self) -> None:
         self.backends: dict[int, DeviceBackend] = {}
         self.slots: dict[int, int] = {}
         self.locs: dict[int, int] = {}
         self.epochs: dict[int, int] = {}
+        self.syncs = 0
+        """Sync calls (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges)."""
+        self.async_syncs = 0
+        """Of those, the async ones."""
+        self.pages_synced = 0
+        """Device copies brought up to date from their mirrors (by any device use)."""
+        self.bytes_synced = 0
+        """Bytes copied from host mirrors into device copies (by any device use)."""
+
+    # -- unified pages in managed memory -----------------------------------------------
+    def managed(self, state: MMSBState) -> bool:
+        """True when the state's unified pages can live in managed memory: the unified
+        backend has it, and it is bound to the state's arena (done here on first use).
+
+        Raises:
+            GPUMemoryError: the unified location is not usable here.
+        """
+        arena = state.arena
+        if arena.has_managed:
+            return True
+        source = self.backend(state, _UNIFIED).managed_source()
+        if source is None:
+            return False
+        arena.bind_managed(source)
+        return True
+
+    def take_managed(self, state: MMSBState, count: int, size: int) -> list[int]:
+        """``count`` zero-filled managed slots of ``size`` bytes, all or none.
+
+        Raises:
+            GPUMemoryError: not that much managed memory (the slots taken are given back).
+        """
+        arena = state.arena
+        taken: list[int] = []
+        try:
+            for _ in range(count):
+                taken.append(arena.alloc_managed(size))
+        except BaseException:
+            for addr in taken:
+                arena.free(addr, size)
+            raise
+        return taken
+
+    @staticmethod
+    def ordinary_slot(state: MMSBState, size: int) -> int:
+        """A zero-filled slot of ordinary (host) arena memory.
+
+        Raises:
+            InvalidArgumentError: this process cannot get the memory.
+        """
+        try:
+            return state.arena.alloc(size)
+        except MemoryError:
+            raise InvalidArgumentError(
+                f"moving a {size}-byte page needs more host memory than this process can "
+                "get; nothing was changed") from None
+
+    @staticmethod
+    def rebase(state: MMSBState, pid: int, addr: int) -> None:
+        """Page ``pid``'s bytes now live at ``addr`` (a slot of its size holding them);
+        its old slot is freed."""
+        t = state.table
+        old = int(t.addr[pid])
+        state.arena.free(old, int(t.size[pid]))
+        t.addr[pid] = addr
+
+    def home(self, state: MMSBState, pid: int) -> bool:
+        """True when page ``pid`` (live) is a unified page whose bytes live in managed
+        memory, after moving them there from ordinary memory when the unified backend
+        has managed memory (its device copy, if any, is dropped: the device reads the
+        page's own bytes). False for a gpu page, for a unified page where the backend
+        has no managed memory, and inside a batch (which remembers writes by address):
+        those keep a device copy.
+
+        Raises:
+            GPUMemoryError: the unified location is not usable, or out of managed memory
+                (nothing changed).
+        """
+        t = state.table
+        if int(t.loc[pid]) != _UNIFIED:
+            return False
+        addr = int(t.addr[pid])
+        arena = state.arena
+        if arena.is_managed(addr):
+            return True
+        if state.batch_frame is not None or not self.managed(state):
+            return False
+        size = int(t.size[pid])
+        new = arena.alloc_managed(size)
+        arena.view(new, size)[:] = arena.view(addr, size)
+        self.rebase(state, pid, new)
+        self.drop(pid)
+        return True
 
     # -- backends ----------------------------------------------------------------------
     def backend(self, state: MMSBState, loc: int, size: int | None = None) -> DeviceBackend:
@@ -207,6 +313,8 @@ class DeviceCopies:
             b = self.backends[loc]
             if self.epochs[pid] == epoch:
                 return b, slot, False
+            b.copy_in(slot, state.page_view(pid))
+            self.epochs[pid] = epoch
         else:
             b = self.backend(state, loc, size)
             slot = b.alloc(size)
@@ -216,10 +324,77 @@ class DeviceCopies:
                 b.free(slot)
                 raise
             self.bind(pid, loc, slot, epoch)
-            return b, slot, True
-        b.copy_in(slot, state.page_view(pid))
-        self.epochs[pid] = epoch
+        self.pages_synced += 1
+        self.bytes_synced += size
         return b, slot, True
+
+    def refresh(self, state: MMSBState, pids: Iterable[int], *,
+                asynchronous: bool = False) -> DeviceSync:
+        """Bring the device copies of ``pids`` (live device pages) up to date from their
+        host mirrors, as one batch per backend: the missing slots are taken (all or
+        none), then every stale copy of the backend is written by one
+        :meth:`~mmsb._device.DeviceBackend.copy_in_many` (one upload, one launch). Unified
+        pages in managed memory need nothing. Waits for the copies to land unless
+        ``asynchronous``; returns the handle of the copies either way.
+
+        Raises:
+            GPUMemoryError: a location not usable here, or out of device memory; the
+                copies of the backends already done stand, the others are as before.
+        """
+        t = state.table
+        groups: dict[int, list[int]] = {}
+        used: set[int] = set()
+        seen: set[int] = set()
+        for pid in pids:
+            if pid in seen or self.home(state, pid):
+                continue
+            seen.add(pid)
+            loc = int(t.loc[pid])
+            used.add(loc)
+            if self.locs.get(pid) == loc and self.epochs.get(pid) == int(t.epoch[pid]):
+                continue
+            groups.setdefault(loc, []).append(pid)
+        self.syncs += 1
+        if asynchronous:
+            self.async_syncs += 1
+        copied: list[int] = []
+        tickets: list[Any] = []
+        for loc, group in groups.items():
+            b = self.backend(state, loc)
+            fresh = [pid for pid in group if self.locs.get(pid) != loc]
+            new: list[int] = []
+            slot_of: dict[int, int] = {}
+            try:
+                for pid in fresh:
+                    new.append(b.alloc(int(t.size[pid])))
+                    slot_of[pid] = new[-1]
+                ticket = b.copy_in_many(
+                    (slot_of[pid] if pid in slot_of else self.slots[pid], state.page_view(pid))
+                    for pid in group)
+            except BaseException:
+                for slot in new:
+                    b.free(slot)
+                raise
+            for pid in group:
+                epoch = int(t.epoch[pid])
+                if pid in slot_of:
+                    self.bind(pid, loc, slot_of[pid], epoch)
+                else:
+                    self.epochs[pid] = epoch
+                self.bytes_synced += int(t.size[pid])
+            self.pages_synced += len(group)
+            copied.extend(group)
+            if asynchronous:
+                tickets.append(ticket)  # holds the batch's bytes until they landed
+        # Current copies may still take applies queued by earlier writes: the handle
+        # covers everything queued on each backend used.
+        for loc in sorted(used):
+            b = self.backends[loc]
+            if asynchronous:
+                tickets.append(b.marker())
+            else:
+                b.synchronize()
+        return DeviceSync(copied, tickets)
 
     def follow(self, pid: int, d: Delta, base_epoch: int) -> None:
         """After the logged delta ``d`` was applied to page ``pid``'s mirror: apply it to
@@ -237,11 +412,14 @@ class DeviceCopies:
 
     # -- reporting ---------------------------------------------------------------------
     def stale_count(self, state: MMSBState) -> int:
-        """Live device pages whose device copy is missing or behind their mirror."""
+        """Live device pages whose device copy is missing or behind their mirror
+        (unified pages in managed memory have none to be behind)."""
         t = state.table
         live = t.live_ids()
         dev = live[t.loc[live] != 0].tolist() if live.size else []
-        return sum(1 for pid in dev if self.epochs.get(pid) != int(t.epoch[pid]))
+        arena = state.arena
+        return sum(1 for pid in dev if self.epochs.get(pid) != int(t.epoch[pid])
+                   and not arena.is_managed(int(t.addr[pid])))
 
     def _check(self, state: MMSBState) -> None:
         """Assert that every device copy belongs to a live device page of its location
@@ -258,6 +436,39 @@ class DeviceCopies:
                     f"page {pid}'s current device copy differs from its mirror"
         for b in self.backends.values():
             b._check()
+        arena = state.arena
+        live = t.live_ids()
+        for pid in live.tolist():
+            if arena.is_managed(int(t.addr[pid])):
+                assert int(t.loc[pid]) == _UNIFIED, f"page {pid} is in managed memory but not unified"
+                assert pid not in self.slots, f"page {pid} is in managed memory and has a device copy"
+
+
+class DeviceSync:
+    """The handle of a sync of device copies: :meth:`wait` blocks until the copies have
+    landed and returns the ids of the pages whose bytes were copied; :meth:`done` says
+    whether they have, without blocking. A synchronous sync's handle is done already."""
+
+    __slots__ = ("pages", "_tickets")
+
+    def __init__(self, pages: list[int], tickets: list[Any]) -> None:
+        self.pages = pages
+        """Ids of the pages whose device copies were written by this sync."""
+        self._tickets = tickets
+
+    def done(self) -> bool:
+        """True when every copy has landed (does not block)."""
+        return all(t.done() for t in self._tickets)
+
+    def wait(self) -> list[int]:
+        """Block until every copy has landed; returns :attr:`pages`."""
+        for t in self._tickets:
+            t.wait()
+        return self.pages
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "in flight"
+        return f"DeviceSync({len(self.pages)} page(s) copied, {state})"
 
 
 def device_stats(state: MMSBState) -> dict[str, Any]:

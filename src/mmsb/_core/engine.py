@@ -47,6 +47,7 @@ from .delta import (
 )
 from .devices import (
     DeviceCopies,
+    DeviceSync,
     as_host_bytes,
     backend_class,
     check_device_page,
@@ -1029,6 +1030,19 @@ class MMSBState:
         like the mirrors at epoch 0."""
         copies = self.devices
         assert copies is not None  # check_location made it
+        if loc is PageLocation.UNIFIED and copies.managed(self):
+            # Unified pages in managed memory: their managed slots are taken first, the
+            # creation is logged and applied, then the pages are given those slots.
+            addrs = copies.take_managed(self, count, size)
+            try:
+                self.commit(PageCreate(first, count, size, int(loc), meta))
+            except BaseException:
+                for addr in addrs:
+                    self.arena.free(addr, size)
+                raise
+            for k, addr in enumerate(addrs):
+                copies.rebase(self, first + k, addr)
+            return
         slots = copies.take_slots(self, int(loc), count, size)
         try:
             self.commit(PageCreate(first, count, size, int(loc), meta))
@@ -1056,23 +1070,61 @@ class MMSBState:
                 return pid
             size = int(self.table.size[pid])
             self.check_location(loc, size)
+            managed = self.arena.is_managed(int(self.table.addr[pid]))
             if loc is PageLocation.CPU:
-                self.commit(PageMigrate(pid, int(loc)))
+                self._migrate_bytes(pid, PageMigrate(pid, int(loc)), managed, False)
             else:
                 copies = self.devices
                 assert copies is not None
-                (slot,) = copies.take_slots(self, int(loc), 1, size)
-                try:
-                    copies.backends[int(loc)].copy_in(slot, self.page_view(pid))
-                    self.commit(PageMigrate(pid, int(loc)))
-                except BaseException:
-                    copies.give_back(int(loc), [slot])
-                    raise
-                copies.bind(pid, int(loc), slot, int(self.table.epoch[pid]))
+                if loc is PageLocation.UNIFIED and copies.managed(self):
+                    # The bytes move into managed memory: no device copy.
+                    self._migrate_bytes(pid, PageMigrate(pid, int(loc)), managed, True)
+                else:
+                    (slot,) = copies.take_slots(self, int(loc), 1, size)
+                    try:
+                        copies.backends[int(loc)].copy_in(slot, self.page_view(pid))
+                        self._migrate_bytes(pid, PageMigrate(pid, int(loc)), managed, False)
+                    except BaseException:
+                        copies.give_back(int(loc), [slot])
+                        raise
+                    copies.bind(pid, int(loc), slot, int(self.table.epoch[pid]))
             self.emit(EventType.PAGE_MIGRATED, pid, old, loc)
             return pid
         finally:
             self.leave()
+
+    def _migrate_bytes(self, pid: int, rec: PageMigrate, managed: bool, to_managed: bool) -> None:
+        """Log and apply ``rec``, moving the page's bytes between ordinary and managed
+        arena memory when ``managed`` (where they are) differs from ``to_managed``: the
+        new slot is taken and filled before anything is logged, and given back if
+        logging fails."""
+        if managed is to_managed:
+            self.commit(rec)
+            return
+        size = int(self.table.size[pid])
+        copies = self.device_copies()
+        new = (copies.take_managed(self, 1, size)[0] if to_managed
+               else copies.ordinary_slot(self, size))
+        try:
+            self.arena.view(new, size)[:] = self.page_view(pid)
+            self.commit(rec)
+        except BaseException:
+            self.arena.free(new, size)
+            raise
+        copies.rebase(self, pid, new)
+
+    def rehome(self, pid: int) -> None:
+        """After a clone or a resize gave unified page ``pid`` an ordinary slot: move its
+        bytes into managed memory when the unified backend has it at hand. Where it
+        cannot (no backend here, out of managed memory), the page keeps the ordinary
+        slot and a device copy, and its next device use tries again (and raises)."""
+        copies = self.devices
+        if copies is None or int(self.table.loc[pid]) != int(PageLocation.UNIFIED):
+            return
+        try:
+            copies.home(self, pid)
+        except GPUMemoryError:
+            return
 
     def device_copies(self) -> DeviceCopies:
         """The state's DeviceCopies, made when missing (a state built by replay has
@@ -1092,9 +1144,63 @@ class MMSBState:
         self.enter()
         try:
             pid = self.require_page(page_id, "device_array")
-            check_device_page(self, pid, "device_array")
-            b, slot, _ = self.device_copies().current(self, pid)
+            loc = check_device_page(self, pid, "device_array")
+            copies = self.device_copies()
+            if copies.home(self, pid):
+                # Managed memory: the device reads the page's own bytes.
+                return copies.backend(self, loc).memory_view(self.page_view(pid),
+                                                             self._still_at(pid))
+            b, slot, _ = copies.current(self, pid)
             return b.view(slot)
+        finally:
+            self.leave()
+
+    def _still_at(self, pid: int) -> Callable[[], bool]:
+        """A test that page ``pid``'s bytes are still where they are now (same arena,
+        slot and size, page live)."""
+        arena, addr, size = self.arena, int(self.table.addr[pid]), int(self.table.size[pid])
+
+        def alive() -> bool:
+            t = self.table
+            return (self.arena is arena and t.is_live(pid) and int(t.addr[pid]) == addr
+                    and int(t.size[pid]) == size)
+        return alive
+
+    def unified_hint(self, page_id: Any, fn: str, prefetch: str | None = None,
+                     stream: Any = None, preferred: str | None = None,
+                     read_mostly: bool | None = None) -> Any:
+        """prefetch_to_gpu/_cpu, set_preferred_location, set_read_mostly: a hint for a
+        unified page's managed memory (its bytes are moved there first when they are
+        not). Returns the prefetch's ticket, else None.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: not a unified page, or a bad hint;
+            GPUMemoryError: the unified location is not usable here, has no managed
+            memory, or the driver refused the hint.
+        """
+        self.enter()
+        try:
+            pid = self.require_page(page_id, fn)
+            loc = int(self.table.loc[pid])
+            if loc != int(PageLocation.UNIFIED):
+                raise InvalidArgumentError(
+                    f"{fn}(): page {pid} is a {PageLocation(loc).name.lower()} page; "
+                    "memory hints apply to unified pages (migrate_page(state, page, "
+                    "'unified') first)")
+            copies = self.device_copies()
+            b = copies.backend(self, loc)
+            if not copies.home(self, pid):
+                raise GPUMemoryError(
+                    f"{fn}(): the unified location here keeps page {pid} as a host mirror and "
+                    "a device copy, not in managed memory"
+                    + (" (inside a batch pages are not moved; call it after the batch)"
+                       if self.batch_frame is not None else
+                       f" (its backend, {b.device_name()}, has no managed memory)"))
+            view = self.page_view(pid)
+            if prefetch is not None:
+                return b.prefetch_memory(view, prefetch, stream)
+            b.advise_memory(view, preferred=preferred, read_mostly=read_mostly)
+            return None
         finally:
             self.leave()
 
@@ -1114,20 +1220,26 @@ class MMSBState:
         finally:
             self.leave()
 
+    def sync_to_device_async(self, page_ids: Iterable[Any], fn: str) -> DeviceSync:
+        """sync_to_device queued on the backends' streams without waiting: returns the
+        handle (``wait()``, ``done()``). Unified pages in managed memory need no copy.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError.
+        """
+        self.enter()
+        try:
+            pids = [self.require_page(p, fn) for p in page_ids]
+            for pid in pids:
+                check_device_page(self, pid, fn)
+            return self.device_copies().refresh(self, pids, asynchronous=True)
+        finally:
+            self.leave()
+
     def sync_device_pages(self, pids: list[int]) -> list[int]:
-        """sync_to_device without the checks (caller holds the lock; live device pages)."""
-        copies = self.device_copies()
-        copied = []
-        used = set()
-        for pid in pids:
-            b, _slot, did = copies.current(self, pid)
-            used.add(id(b))
-            if did:
-                copied.append(pid)
-        for b in copies.backends.values():
-            if id(b) in used:
-                b.synchronize()
-        return copied
+        """sync_to_device without the checks (caller holds the lock; live device pages):
+        the stale copies of each backend in one batch, then a wait."""
+        return self.device_copies().refresh(self, pids).pages
 
     def write_device_input(self, page_id: Any, offset: Any, data: Any, source: str,
                            whole: bool) -> bool:
@@ -1173,8 +1285,25 @@ class MMSBState:
             check_source(source)
             t0 = time.perf_counter_ns()
             copies = self.device_copies()
-            b, slot, _ = copies.current(self, pid)
             epoch = int(t.epoch[pid])
+            if copies.home(self, pid):
+                # Managed memory: diffed on the device against the page's own bytes;
+                # the logged changes are then written into that memory by the host.
+                changes = copies.backend(self, int(t.loc[pid])).diff_memory(
+                    self.page_view(pid), data, off)
+                if changes is None:
+                    return False
+                d = changes.to_delta(self.next_delta_id, pid, epoch, source)
+                self.next_delta_id += 1
+                view = self.page_view(pid)
+                lsn = self.log_append(d)
+                if self.batch_frame is not None:
+                    self.batch_frame.save(view, d)
+                apply_delta(view, d)
+                t.epoch[pid] = d.epoch
+                self.after_delta(d, t0, lsn)
+                return True
+            b, slot, _ = copies.current(self, pid)
             # From here the device copy may take the new bytes before the delta is
             # logged: until it is, and the mirror follows, the copy counts as stale.
             copies.epochs[pid] = -1
