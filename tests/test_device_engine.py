@@ -812,18 +812,360 @@ def test_checkpoint_with_device_pages_refused_on_a_durable_bus(state: mmsb.MMSBS
         mmsb.mmsb_stop(s)
 
 
+# -- unified pages in managed memory (a stand-in managed allocator) ---------------------------
+
+class ManagedStandIn(HostBackend):
+    """A host backend that lends "managed" memory to the host arena as the CUDA unified
+    backend does: zero-filled buffers it records (plain host memory here), refused with
+    GPUMemoryError past ``budget`` bytes."""
+
+    location = "unified"
+
+    def __init__(self, budget: int | None = None) -> None:
+        super().__init__(chunk_size=CHUNK)
+        self.budget = budget
+        self.buffers: list[np.ndarray] = []
+
+    def managed_source(self) -> Any:
+        return self._chunk
+
+    def _chunk(self, nbytes: int) -> np.ndarray:
+        if self.budget is not None:
+            if nbytes > self.budget:
+                raise GPUMemoryError("out of managed memory (test backend)", requested_bytes=nbytes)
+            self.budget -= nbytes
+        buf = np.zeros(nbytes, np.uint8)
+        self.buffers.append(buf)
+        self._managed_host += nbytes
+        return buf
+
+    def owns(self, arr: np.ndarray) -> bool:
+        return any(np.shares_memory(arr, b) for b in self.buffers)
+
+
+class CountingBackend(HostBackend):
+    """A host backend that counts its batched copies."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=CHUNK)
+        self.batches = 0
+
+    def copy_in_many(self, items: Any) -> Any:
+        self.batches += 1
+        return super().copy_in_many(items)
+
+
+def managed_state(budget: int | None = None) -> tuple[mmsb.MMSBState, ManagedStandIn]:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    s._use_backend_for_tests("gpu", HostBackend(chunk_size=CHUNK))
+    b = ManagedStandIn(budget)
+    s._use_backend_for_tests("unified", b)
+    return s, b
+
+
+def test_unified_page_bytes_are_managed_memory() -> None:
+    s, b = managed_state()
+    u = mmsb.create_page(s, 64, location="unified")
+    c = mmsb.create_page(s, 64)
+    assert b.owns(u.data) and not b.owns(c.data)
+    view = u.device_array()
+    assert np.shares_memory(np.asarray(view), u.data)  # the device reads the page's own bytes
+    assert not np.asarray(view).flags.writeable
+    mmsb.write_page(s, u.id, 3, b"abc")  # the compiled small-write path
+    assert np.asarray(view)[3:6].tobytes() == b"abc"  # no copy, never stale
+    mmsb.update_page(s, u.id, DLPackArray(np.full(64, 7, np.uint8)))  # a device-array write
+    assert u.epoch == 2 and mmsb.query_page(s, u.id) == b"\x07" * 64
+    assert mmsb.sync_page_to_gpu(s, u.id) is False
+    stats = mmsb.get_stats(s)
+    assert stats.unified_managed_bytes == 64 and stats.device_stale_pages == 0
+    assert slots_in_use(s, "unified") == 0  # no device copy
+    assert mmsb.get_device_stats(s)["unified"].bytes_managed_host == 1 << 26
+    assert mmsb.verify_state_consistency(s)
+    s._check()
+
+
+def test_managed_slots_are_reused_and_large_pages_get_their_own() -> None:
+    s, b = managed_state()
+    pages = mmsb.create_pages(s, 3, 100, location="unified")
+    addr = int(s.table.addr[pages[1].id])
+    mmsb.delete_page(s, pages[1].id)
+    again = mmsb.create_page(s, 100, location="unified")
+    assert int(s.table.addr[again.id]) == addr and mmsb.query_page(s, again.id) == b"\0" * 100
+    big = mmsb.create_page(s, (1 << 24) + 1, location="unified")
+    assert b.owns(big.data) and len(b.buffers) == 2
+    mmsb.write_page(s, big.id, 1 << 24, b"z")
+    mmsb.delete_page(s, big.id)
+    assert mmsb.get_stats(s).unified_managed_bytes == 3 * 112  # size class of 100
+    s._check()
+
+
+def test_migrations_move_bytes_between_ordinary_and_managed_memory() -> None:
+    s, b = managed_state()
+    p = mmsb.create_page(s, 48)
+    mmsb.write_page(s, p.id, 0, b"hello")
+    mmsb.migrate_page(s, p.id, "unified")
+    assert b.owns(p.data) and mmsb.query_page(s, p.id)[:5] == b"hello"
+    mmsb.migrate_page(s, p.id, "gpu")
+    assert not b.owns(p.data) and device_bytes(p)[:5] == b"hello"
+    mmsb.migrate_page(s, p.id, "unified")
+    assert b.owns(p.data) and slots_in_use(s, "gpu") == 0
+    mmsb.migrate_page(s, p.id, "cpu")
+    assert not b.owns(p.data) and mmsb.query_page(s, p.id)[:5] == b"hello"
+    assert mmsb.get_stats(s).unified_managed_bytes == 0
+    assert p.epoch == 1
+    assert mmsb.verify_state_consistency(s)
+    replayed = mmsb.replay_to_lsn(s, s.last_lsn)
+    assert mmsb.query_page(replayed, p.id) == mmsb.query_page(s, p.id)
+    s._check()
+
+
+def test_out_of_managed_memory_changes_nothing() -> None:
+    s, _b = managed_state(budget=0)
+    c = mmsb.create_page(s, 32)
+    before = fingerprint(s)
+    with pytest.raises(GPUMemoryError, match="managed memory"):
+        mmsb.create_page(s, 32, location="unified")
+    with pytest.raises(GPUMemoryError, match="managed memory"):
+        mmsb.create_pages(s, 4, 32, location="unified")
+    with pytest.raises(GPUMemoryError, match="managed memory"):
+        mmsb.migrate_page(s, c.id, "unified")
+    assert fingerprint(s) == before
+    assert c.location is PageLocation.CPU
+    s._check()
+
+
+def test_resize_and_clone_of_a_unified_page_stay_in_managed_memory() -> None:
+    s, b = managed_state()
+    u = mmsb.create_page(s, 40, location="unified")
+    mmsb.write_page(s, u.id, 0, b"abcdef")
+    mmsb.resize_page(s, u.id, 500)
+    assert b.owns(u.data) and mmsb.query_page(s, u.id)[:6] == b"abcdef"
+    k = mmsb.clone_page(s, u.id)
+    assert k.location is PageLocation.UNIFIED and b.owns(k.data)
+    assert not np.shares_memory(k.data, u.data) and mmsb.query_page(s, k.id) == mmsb.query_page(s, u.id)
+    s._check()
+
+
+def test_restored_unified_pages_move_into_managed_memory_on_device_use(tmp_path: Any) -> None:
+    s, b = managed_state()
+    u = mmsb.create_page(s, 40, location="unified")
+    mmsb.write_page(s, u.id, 2, b"xyz")
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    mmsb.load_checkpoint(s, path)
+    u = s.pages[u.id]
+    assert not b.owns(u.data)  # a new arena: ordinary memory until the next device use
+    assert np.asarray(u.device_array()).tobytes()[2:5] == b"xyz"
+    assert b.owns(u.data) and slots_in_use(s, "unified") == 0
+    assert mmsb.verify_state_consistency(s)
+    s._check()
+
+
+def test_batches_on_managed_pages_roll_back() -> None:
+    s, b = managed_state()
+    u = mmsb.create_page(s, BIG, location="unified")
+    mmsb.update_page(s, u.id, b"\x01" * BIG)
+    view = np.asarray(u.device_array())
+    with pytest.raises(RuntimeError), mmsb.batch(s):
+        mmsb.write_page(s, u.id, 0, b"\x02\x02")
+        mmsb.update_page(s, u.id, b"\x03" * BIG)
+        mmsb.write_page(s, u.id, 5, DLPackArray(np.full(4, 9, np.uint8)))
+        assert view[:10].tobytes() == b"\x03" * 5 + b"\x09" * 4 + b"\x03"
+        raise RuntimeError("abandon the batch")
+    assert view.tobytes() == b"\x01" * BIG and u.epoch == 1
+    s._check()
+
+
+def test_device_use_inside_a_batch_does_not_move_pages(tmp_path: Any) -> None:
+    s, b = managed_state()
+    u = mmsb.create_page(s, 32, location="unified")
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    mmsb.load_checkpoint(s, path)
+    with mmsb.batch(s):
+        mmsb.write_page(s, u.id, 0, b"in")
+        assert device_bytes(s.pages[u.id])[:2] == b"in"  # a device copy, for now
+        with pytest.raises(GPUMemoryError, match="inside a batch"):
+            mmsb.prefetch_to_gpu(s, u.id)
+    assert not b.owns(s.pages[u.id].data)
+    mmsb.prefetch_to_gpu(s, u.id).wait()
+    assert b.owns(s.pages[u.id].data) and slots_in_use(s, "unified") == 0
+    s._check()
+
+
+def test_unified_hints_are_checked_and_counted() -> None:
+    s, _b = managed_state()
+    u = mmsb.create_page(s, 4096, location="unified")
+    ticket = mmsb.prefetch_to_gpu(s, u.id)
+    assert ticket.done() and ticket.wait() is None
+    mmsb.prefetch_to_cpu(s, u.id, stream=0).wait()
+    mmsb.set_preferred_location(s, u.id, "gpu")
+    mmsb.set_preferred_location(s, u.id, None)
+    mmsb.set_read_mostly(s, u.id, True)
+    stats = mmsb.get_stats(s)
+    assert (stats.unified_prefetches, stats.unified_bytes_prefetched, stats.unified_advices) == (
+        2, 8192, 3)
+
+
+def test_unified_hint_refusals_change_nothing() -> None:
+    s, _b = managed_state()
+    u = mmsb.create_page(s, 64, location="unified")
+    g = mmsb.create_page(s, 64, location="gpu")
+    c = mmsb.create_page(s, 64)
+    before = fingerprint(s)
+    for pid in (g.id, c.id):
+        with pytest.raises(InvalidArgumentError, match="unified pages"):
+            mmsb.prefetch_to_gpu(s, pid)
+        with pytest.raises(InvalidArgumentError, match="unified pages"):
+            mmsb.set_read_mostly(s, pid, True)
+    with pytest.raises(PageNotFoundError):
+        mmsb.prefetch_to_cpu(s, 999)
+    with pytest.raises(InvalidArgumentError, match="stream"):
+        mmsb.prefetch_to_gpu(s, u.id, stream="fast")
+    with pytest.raises(InvalidArgumentError, match="stream"):
+        mmsb.prefetch_to_gpu(s, u.id, stream=-1)
+    with pytest.raises(InvalidArgumentError, match="'gpu', 'cpu' or None"):
+        mmsb.set_preferred_location(s, u.id, "disk")
+    with pytest.raises(InvalidArgumentError, match="True or False"):
+        mmsb.set_read_mostly(s, u.id, 1)  # type: ignore[arg-type]
+    assert fingerprint(s) == before
+    stats = mmsb.get_stats(s)
+    assert stats.unified_prefetches == 0 and stats.unified_advices == 0
+
+
+def test_unified_hints_need_managed_memory(state: mmsb.MMSBState) -> None:
+    u = mmsb.create_page(state, 64, location="unified")  # a stand-in without managed memory
+    before = fingerprint(state)
+    with pytest.raises(GPUMemoryError, match="no managed memory"):
+        mmsb.prefetch_to_gpu(state, u.id)
+    with pytest.raises(GPUMemoryError, match="no managed memory"):
+        mmsb.set_preferred_location(state, u.id, "cpu")
+    assert fingerprint(state) == before
+    plain = mmsb.MMSBState(mmsb.MMSBConfig())
+    plain.create(1, 16, "cpu", None)
+    assert mmsb.is_unified_memory_available() is (unavailable_reason("unified") is None)
+
+
+# -- batched and async syncs --------------------------------------------------------------------
+
+def test_sync_pages_to_gpu_copies_stale_copies_in_one_batch() -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = CountingBackend()
+    s._use_backend_for_tests("gpu", b)
+    pages = mmsb.create_pages(s, 5, 64, location="gpu")
+    for k, p in enumerate(pages[:4]):
+        mmsb.write_page(s, p.id, k, b"w")  # the compiled path: copies left stale
+    assert mmsb.get_stats(s).device_stale_pages == 4
+    copied = mmsb.sync_pages_to_gpu(s, [p.id for p in pages] + [pages[0].id])
+    assert sorted(copied) == [p.id for p in pages[:4]] and b.batches == 1
+    for p in pages:
+        assert device_bytes(p) == mmsb.query_page(s, p.id)
+    stats = mmsb.get_stats(s)
+    assert stats.device_stale_pages == 0 and stats.device_syncs == 1
+    assert stats.device_pages_synced == 4 and stats.device_bytes_synced == 4 * 64
+    assert mmsb.sync_pages_to_gpu(s, [p.id for p in pages]) == [] and b.batches == 1
+    s._check()
+
+
+def test_async_sync_returns_a_handle() -> None:
+    s, _b = managed_state()
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    mmsb.write_page(s, g.id, 0, b"g")
+    mmsb.write_page(s, u.id, 0, b"u")
+    h = mmsb.sync_pages_to_gpu_async(s, [g.id, u.id])
+    assert h.done() and h.wait() == [g.id]  # the unified page needs no copy
+    assert device_bytes(g)[:1] == b"g" and device_bytes(u)[:1] == b"u"
+    mmsb.write_page(s, g.id, 1, b"h")
+    h = mmsb.sync_page_to_gpu_async(s, g.id)
+    assert h.wait() == [g.id] and "1 page(s) copied, done" in repr(h)
+    assert mmsb.get_stats(s).device_async_syncs == 2
+    s._check()
+
+
+def test_sync_refusals_change_nothing(state: mmsb.MMSBState) -> None:
+    g = mmsb.create_page(state, 64, location="gpu")
+    c = mmsb.create_page(state, 64)
+    mmsb.write_page(state, g.id, 0, b"g")
+    stale = mmsb.get_stats(state).device_stale_pages
+    for call in (mmsb.sync_pages_to_gpu, mmsb.sync_pages_to_gpu_async):
+        with pytest.raises(InvalidArgumentError, match="cpu"):
+            call(state, [g.id, c.id])
+        with pytest.raises(PageNotFoundError):
+            call(state, [g.id, 999])
+        with pytest.raises(InvalidArgumentError, match="iterable"):
+            call(state, g.id)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="cpu"):
+        mmsb.sync_page_to_gpu_async(state, c.id)
+    stats = mmsb.get_stats(state)
+    assert stats.device_stale_pages == stale and stats.device_syncs == 0
+
+
+def test_failed_batched_sync_gives_its_new_slots_back() -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = FailingBackend()
+    s._use_backend_for_tests("gpu", b)
+    pages = mmsb.create_pages(s, 3, 64, location="gpu")
+    mmsb.resize_page(s, pages[0].id, 80)  # its device copy goes; a new one is made on sync
+    mmsb.write_page(s, pages[1].id, 0, b"x")
+    held = slots_in_use(s, "gpu")
+    b.fail_copies = True
+    with pytest.raises(GPUMemoryError, match="device copy failed"):
+        mmsb.sync_pages_to_gpu(s, [p.id for p in pages])
+    assert slots_in_use(s, "gpu") == held
+    b.fail_copies = False
+    assert sorted(mmsb.sync_pages_to_gpu(s, [p.id for p in pages])) == [pages[0].id, pages[1].id]
+    s._check()
+
+
+def test_arena_keeps_managed_and_ordinary_slots_apart() -> None:
+    from mmsb._core.arena import CHUNK_SIZE, Arena
+
+    a = Arena()
+    with pytest.raises(RuntimeError, match="no managed-memory source"):
+        a.alloc_managed(16)
+    made: list[np.ndarray] = []
+
+    def source(n: int) -> np.ndarray:
+        made.append(np.zeros(n, np.uint8))
+        return made[-1]
+    a.bind_managed(source)
+    o = a.alloc(64)
+    m = a.alloc_managed(64)
+    assert a.is_managed(m) and not a.is_managed(o)
+    a.free(m, 64)
+    o2 = a.alloc(64)  # a freed managed slot never serves an ordinary allocation
+    assert not a.is_managed(o2)
+    m2 = a.alloc_managed(64)
+    assert m2 == m and a.bytes_managed == 64
+    a.view(m2, 64)[:] = 5
+    a.free(m2, 64)
+    assert a.view(a.alloc_managed(64), 64).sum() == 0  # reused slots are zeroed
+    big = a.alloc_managed(CHUNK_SIZE + 1)
+    assert a.is_managed(big)
+    a._check([(o, 64), (o2, 64), (m, 64), (big, CHUNK_SIZE + 1)])
+    a.free(big, CHUNK_SIZE + 1)
+    assert not a.is_managed(big)
+    a.bind_managed(lambda n: np.zeros(n, np.int16))
+    with pytest.raises(TypeError, match="uint8"):
+        a.alloc_managed(1 << 25)
+
+
 # -- a property: cpu and device pages under the same random operations --------------------------
 
 _OPS = st.lists(st.tuples(
-    st.sampled_from(["write", "write_dev", "update", "migrate", "resize", "sync", "batch"]),
+    st.sampled_from(["write", "write_dev", "update", "migrate", "resize", "sync", "sync_many",
+                     "batch"]),
     st.integers(0, 1 << 16), st.binary(min_size=1, max_size=48),
     st.sampled_from(["cpu", "gpu", "unified"])), min_size=1, max_size=30)
 
 
+@pytest.mark.parametrize("managed", [False, True])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_OPS)
-def test_property_device_pages_match_a_cpu_twin(ops: list[tuple[str, int, bytes, str]]) -> None:
-    s = stand_in_state()
+def test_property_device_pages_match_a_cpu_twin(managed: bool,
+                                                ops: list[tuple[str, int, bytes, str]]) -> None:
+    s = managed_state()[0] if managed else stand_in_state()
     twins = [(mmsb.create_page(s, 96, location=loc).id, mmsb.create_page(s, 96).id)
              for loc in ("gpu", "unified", "cpu")]
     for op, n, data, loc in ops:
@@ -848,6 +1190,9 @@ def test_property_device_pages_match_a_cpu_twin(ops: list[tuple[str, int, bytes,
                 mmsb.resize_page(s, pid, 16 + n % 200)
         elif op == "sync" and s.pages[dev].location is not PageLocation.CPU:
             mmsb.sync_page_to_gpu(s, dev)
+        elif op == "sync_many":
+            ids = [d for d, _ in twins if s.pages[d].location is not PageLocation.CPU]
+            mmsb.sync_pages_to_gpu_async(s, ids).wait()
         elif op == "batch":
             with mmsb.batch(s):
                 for pid in (dev, cpu):
