@@ -1262,3 +1262,59 @@ def test_cuda_gpu_sync_edge() -> None:
     assert mmsb.get_stats(s).device_stale_pages == 0  # synced by the edge
     assert cp.asnumpy(cp.from_dlpack(child.device_array())).tobytes() == b"\x08" * 256
     s._check()
+
+
+def test_cuda_unified_page_is_managed_memory() -> None:
+    s = _cuda_state("unified")
+    import cupy as cp  # type: ignore[import-not-found]
+
+    u = mmsb.create_page(s, 1 << 20, location="unified")
+    view = u.device_array()
+    # One memory, one address on both sides (unified addressing), and it is managed.
+    assert view.ptr == u.data.ctypes.data
+    attrs = cp.cuda.runtime.pointerGetAttributes(view.ptr)
+    assert getattr(attrs, "type", 3) == 3  # cudaMemoryTypeManaged
+    dev = cp.from_dlpack(view)
+    mmsb.write_page(s, u.id, 10, b"cpu wrote")  # the compiled path: a CPU write, no copy
+    assert cp.asnumpy(dev[10:19]).tobytes() == b"cpu wrote"
+    host = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8)
+    mmsb.update_page(s, u.id, host.tobytes())
+    assert bool((dev == cp.asarray(host)).all())
+    mmsb.write_page(s, u.id, 0, cp.full(16, 5, dtype=cp.uint8))  # diffed on the device
+    assert mmsb.query_page(s, u.id)[:16] == b"\x05" * 16
+    assert mmsb.sync_page_to_gpu(s, u.id) is False
+    mmsb.set_preferred_location(s, u.id, "gpu")
+    mmsb.set_read_mostly(s, u.id, True)
+    mmsb.prefetch_to_gpu(s, u.id).wait()
+    stream = cp.cuda.Stream(non_blocking=True)
+    mmsb.prefetch_to_cpu(s, u.id, stream=stream).wait()
+    mmsb.set_read_mostly(s, u.id, False)
+    mmsb.set_preferred_location(s, u.id, None)
+    assert mmsb.query_page(s, u.id)[:16] == b"\x05" * 16
+    stats = mmsb.get_stats(s)
+    assert stats.unified_managed_bytes >= 1 << 20 and stats.unified_prefetches == 2
+    assert mmsb.get_device_stats(s)["unified"].slots_in_use == 0
+    mmsb.resize_page(s, u.id, 1 << 19)
+    with pytest.raises(InvalidArgumentError, match="deleted, resized or moved"):
+        view.__cuda_array_interface__  # noqa: B018 (the export is what is refused)
+    assert u.device_array().ptr == u.data.ctypes.data
+    assert mmsb.verify_state_consistency(s)
+    s._check()
+
+
+def test_cuda_batched_and_async_syncs() -> None:
+    s = _cuda_state("gpu")
+    import cupy as cp  # type: ignore[import-not-found]
+
+    pages = mmsb.create_pages(s, 64, 1024, location="gpu")
+    for k, p in enumerate(pages):
+        mmsb.write_page(s, p.id, k, bytes([k + 1]))  # small writes: copies fall behind
+    assert sorted(mmsb.sync_pages_to_gpu(s, [p.id for p in pages[:32]])) == \
+        [p.id for p in pages[:32]]
+    handle = mmsb.sync_pages_to_gpu_async(s, [p.id for p in pages[32:]])
+    assert sorted(handle.wait()) == [p.id for p in pages[32:]] and handle.done()
+    for p in pages:
+        assert cp.asnumpy(cp.from_dlpack(p.device_array())).tobytes() == mmsb.query_page(s, p.id)
+    stats = mmsb.get_stats(s)
+    assert stats.device_stale_pages == 0 and stats.device_pages_synced == 64
+    s._check()
