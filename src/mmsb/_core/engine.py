@@ -264,11 +264,14 @@ class Page:
         return self._state.page_view(self._row()).tobytes()
 
     def device_array(self) -> Any:
-        """A read-only view of a gpu or unified page's device copy, without a copy to
-        the host: on a CUDA backend an object with ``__dlpack__`` and
-        ``__cuda_array_interface__`` (PyTorch, JAX and CuPy take it zero-copy). The copy
-        is brought up to date from the host mirror first when a write left it behind.
-        The view shows the page as of this call: call again after writes.
+        """A read-only device view of a gpu or unified page, without a copy to the
+        host: on a CUDA backend an object with ``__dlpack__`` and
+        ``__cuda_array_interface__`` (PyTorch, JAX and CuPy take it zero-copy). A
+        unified page in managed memory is viewed in place: the GPU reads the page's own
+        bytes, never behind (the view refuses export once the page is deleted, resized
+        or moved). Otherwise the view is of the page's device copy, brought up to date
+        from the host mirror first when a write left it behind, and shows the page as of
+        this call: call again after writes.
 
         Raises:
             PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError: the
