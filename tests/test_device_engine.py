@@ -988,6 +988,9 @@ def test_device_use_inside_a_batch_does_not_move_pages(tmp_path: Any) -> None:
         with pytest.raises(GPUMemoryError, match="inside a batch"):
             mmsb.prefetch_to_gpu(s, u.id)
     assert not b.owns(s.pages[u.id].data)
+    with pytest.raises(InvalidArgumentError, match="stream"):
+        mmsb.prefetch_to_gpu(s, u.id, stream=1.5)
+    assert not b.owns(s.pages[u.id].data)  # refused before the page was looked at
     mmsb.prefetch_to_gpu(s, u.id).wait()
     assert b.owns(s.pages[u.id].data) and slots_in_use(s, "unified") == 0
     s._check()

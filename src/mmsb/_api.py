@@ -38,7 +38,7 @@ from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
-from ._device.backend import DeviceStats, Pending
+from ._device.backend import DeviceStats, Pending, stream_pointer
 from ._device.probe import is_location_available
 from ._device.probe import is_unified_memory_available as is_unified_memory_available
 from ._history.replay import verify_state_consistency as _verify
@@ -495,6 +495,7 @@ def prefetch_to_gpu(state: MMSBState, page_id: int, *, stream: Any = None) -> Pe
         managed memory, or the driver refused the prefetch.
     """
     state = _state_of(state, "prefetch_to_gpu")
+    stream_pointer(stream)  # refused before anything is looked at
     return state.unified_hint(page_id, "prefetch_to_gpu", prefetch="gpu", stream=stream)
 
 
@@ -505,6 +506,7 @@ def prefetch_to_cpu(state: MMSBState, page_id: int, *, stream: Any = None) -> Pe
         as prefetch_to_gpu.
     """
     state = _state_of(state, "prefetch_to_cpu")
+    stream_pointer(stream)
     return state.unified_hint(page_id, "prefetch_to_cpu", prefetch="cpu", stream=stream)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "DeltaBatch",
     "Pending",
     "DEFAULT_CHUNK_SIZE",
+    "stream_pointer",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 26  # 64 MiB: few allocations, and a 16 MiB page still shares one
@@ -273,8 +274,12 @@ def _host_array(host: Any) -> np.ndarray:
     return host
 
 
-def _stream_ptr(stream: Any) -> int | None:
-    """None, or the raw pointer of a CuPy stream (``.ptr``) or of an int."""
+def stream_pointer(stream: Any) -> int | None:
+    """None, or the raw pointer of a CuPy stream (``.ptr``) or of an int.
+
+    Raises:
+        InvalidArgumentError: anything else.
+    """
     if stream is None:
         return None
     ptr = getattr(stream, "ptr", stream)
@@ -819,7 +824,7 @@ class DeviceBackend(ABC):
         arr = self._memory_array(_host_array(host))
         if to not in ("gpu", "cpu"):
             raise InvalidArgumentError(f"a prefetch goes to 'gpu' or 'cpu', not {to!r}")
-        ptr = _stream_ptr(stream)
+        ptr = stream_pointer(stream)
         event = self._prefetch_memory(arr, to, ptr)
         self._prefetches += 1
         self._prefetched += len(host)
