@@ -1121,6 +1121,21 @@ def test_failed_batched_sync_gives_its_new_slots_back() -> None:
     s._check()
 
 
+def test_gpu_sync_edge_to_a_managed_unified_page_completes_without_a_copy() -> None:
+    s, _b = managed_state()
+    src = mmsb.create_page(s, 16)
+    child = mmsb.create_page(s, 16, location="unified")
+    mmsb.add_dependency(s, src.id, child.id, mmsb.GPU_SYNC_DEPENDENCY)
+    mmsb.write_page(s, child.id, 0, b"c")
+    got = record(s, mmsb.EventType.GPU_SYNC_COMPLETE)
+    mmsb.update_page(s, src.id, b"\x01" * 16)
+    assert got == [(mmsb.EventType.GPU_SYNC_COMPLETE, (child.id,))]
+    stats = mmsb.get_stats(s)
+    assert stats.device_syncs == 1 and stats.device_pages_synced == 0
+    assert device_bytes(child)[:1] == b"c"
+    s._check()
+
+
 def test_arena_keeps_managed_and_ordinary_slots_apart() -> None:
     from mmsb._core.arena import CHUNK_SIZE, Arena
 
