@@ -3,12 +3,17 @@
     python benchmarks/gpu_check.py [--out DIR] [--quick]
 
 1. Runs ``tests/test_device_backend.py`` (the conformance kit on the host, gpu and
-   unified backends; the device ones skip, with the reason, where no device is usable).
+   unified backends) and ``tests/test_device_engine.py`` (gpu and unified pages in the
+   engine: on a host stand-in, and end to end on the CUDA backends); the device ones
+   skip, with the reason, where no device is usable.
 2. Where a CUDA device is usable, times the device backends: slot allocation; sparse
    (1 % changed) and dense deltas on 1 KiB, 1 MiB and 64 MiB pages; a batch of many
    small deltas; host↔device copies; the diff of a 64 MiB page with 1 % changed; unified
    against explicit sync; and the device's own device-to-device copy of 64 MiB, measured
-   in the same run, as the yardstick of the dense-apply target.
+   in the same run, as the yardstick of the dense-apply target. Then the engine's
+   device pages: a unified page's CPU writes read by the GPU with no copy (and that its
+   device view addresses the host arena's bytes), a gpu page's write and sync, a
+   prefetch, and batched, per-page and async syncs of 1000 small gpu pages.
 3. Writes ``gpu_check.json`` and ``gpu_check.md`` (a table with each target's pass or
    fail) into ``--out`` (default: the current directory).
 
@@ -57,7 +62,8 @@ def run_tests(out: Path) -> dict[str, Any]:
     env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"]
                                              if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "test_device_backend.py")]
+           str(ROOT / "tests" / "test_device_backend.py"),
+           str(ROOT / "tests" / "test_device_engine.py")]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,  # noqa: S603 (fixed argv)
@@ -353,6 +359,100 @@ def bench_dlpack(res: Results, cp: Any) -> None:
             "torch.from_dlpack(view) shares the slot's memory", "zero-copy", same)
 
 
+def bench_engine(res: Results, cp: Any, quick: bool) -> None:
+    """The engine's device pages: a unified page's CPU writes read by the GPU with no
+    copy, against a gpu page's write and sync; batched against per-page syncs; a
+    prefetch of a unified page."""
+    import mmsb
+
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    size = 64 * MIB
+    reps = 3 if quick else 10
+    rng = np.random.default_rng(6)
+    pages = [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in range(2)]
+    flip = [0]
+
+    def next_bytes() -> bytes:
+        flip[0] ^= 1
+        return pages[flip[0]]
+
+    if unavailable_reason("unified") is None:
+        u = mmsb.create_page(s, size, location="unified")
+        view = u.device_array()
+        same = view.ptr == u.data.ctypes.data
+        res.add("engine_unified_page_zero_copy", 1.0 if same else 0.0, "bool",
+                "device_array() of a unified page addresses the host arena's bytes",
+                "zero-copy", same)
+        dev = cp.from_dlpack(view)
+
+        def unified_write_read() -> None:
+            mmsb.update_page(s, u.id, next_bytes())  # logged; the CPU writes managed memory
+            int(dev[::4096].sum())  # the GPU reads the same memory
+
+        t = wall(unified_write_read, lambda: None, reps, warmup=1)
+        res.add("engine_unified_update_then_gpu_read_64MiB", t * 1e3, "ms",
+                "update_page (diff, log, CPU write into managed memory) then a GPU kernel "
+                "reading the page; no copy")
+        times = []
+        for _ in range(reps):
+            mmsb.prefetch_to_cpu(s, u.id).wait()  # untimed: the page starts on the host
+            t0 = time.perf_counter()
+            mmsb.prefetch_to_gpu(s, u.id).wait()
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        res.add("engine_unified_prefetch_to_gpu_64MiB", t * 1e3, "ms",
+                f"prefetch_to_gpu + wait of a page on the host, about {gbps(size, t):.1f} GB/s")
+        mmsb.delete_page(s, u.id)
+    else:
+        res.add("engine_unified", float("nan"), "", f"skipped: {unavailable_reason('unified')}")
+    g = mmsb.create_page(s, size, location="gpu")
+
+    def gpu_write_sync() -> None:
+        mmsb.update_page(s, g.id, next_bytes())  # the device copy follows in the same call
+        mmsb.sync_page_to_gpu(s, g.id)
+
+    t = wall(gpu_write_sync, lambda: None, reps, warmup=1)
+    res.add("engine_gpu_update_then_sync_64MiB", t * 1e3, "ms",
+            "update_page on a gpu page (host mirror + one dense copy to the device), then "
+            "sync_page_to_gpu (waits)")
+    mmsb.delete_page(s, g.id)
+    n = 1000
+    small = mmsb.create_pages(s, n, KIB, location="gpu")
+    ids = [p.id for p in small]
+
+    def dirty() -> None:
+        for k, pid in enumerate(ids):
+            mmsb.write_page(s, pid, k % KIB, b"x")  # compiled path: the copies fall behind
+
+    def timed(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(reps):
+            dirty()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_batch = timed(lambda: mmsb.sync_pages_to_gpu(s, ids))
+    res.add("engine_sync_pages_to_gpu_1000x1KiB", t_batch * 1e3, "ms",
+            "1000 stale gpu pages in one batch (one upload, one launch), waited")
+
+    def one_by_one() -> None:
+        for pid in ids:
+            mmsb.sync_page_to_gpu(s, pid)
+
+    t_each = timed(one_by_one)
+    res.add("engine_sync_page_to_gpu_1000x1KiB_one_by_one", t_each * 1e3, "ms",
+            f"the same as 1000 calls; the batch is {t_each / t_batch:.1f}x faster")
+    t_async = timed(lambda: mmsb.sync_pages_to_gpu_async(s, ids))
+    res.add("engine_sync_pages_to_gpu_async_1000x1KiB_call", t_async * 1e3, "ms",
+            "the batch queued, call only (its wait follows outside the timing)")
+    mmsb.sync_pages_to_gpu(s, ids)
+    for pid in (ids[0], ids[-1]):
+        assert cp.asnumpy(cp.from_dlpack(s.pages[pid].device_array())).tobytes() == \
+            mmsb.query_page(s, pid)
+
+
 # -- main --------------------------------------------------------------------------------
 
 def device_info(cp: Any) -> dict[str, Any]:
@@ -399,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "numpy": np.__version__, "device": {}, "results": [],
         "tests": {"returncode": None, "counts": {}, "skip_reasons": []}}
     if not args.no_tests:
-        print("== tests: tests/test_device_backend.py", flush=True)
+        print("== tests: tests/test_device_backend.py, tests/test_device_engine.py", flush=True)
         report["tests"] = run_tests(out)
         print(f"   {report['tests']}", flush=True)
     reason = unavailable_reason("gpu")
@@ -422,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             ("sync", lambda: bench_sync(res, cp, args.quick)),
             ("diff", lambda: bench_diff(res, cp, args.quick)),
             ("dlpack", lambda: bench_dlpack(res, cp)),
+            ("engine", lambda: bench_engine(res, cp, args.quick)),
         ]
         for name, step in steps:
             try:

@@ -9,6 +9,7 @@ a second. Each section stands on its own; read them in order the first time:
  4. events                         9. a durable bus on disk
  5. checkpoints                   10. statistics
                                   11. instrumentation: code on pages
+                                  12. gpu and unified pages (skipped without a device)
 
 Only ``import mmsb`` is used: everything here is public API.
 """
@@ -445,6 +446,40 @@ def instrumentation(tmp: str) -> None:
     sys.modules.pop("weather_pipeline", None)
 
 
+# -- 12. gpu and unified pages -----------------------------------------------------------
+
+def devices() -> None:
+    section("12. gpu and unified pages")
+    if not mmsb.is_unified_memory_available():
+        # No CuPy, no driver, no device, or no managed memory with concurrent access
+        # (docs/Devices.md; the create calls below would say which in their error).
+        print("skipped: no CUDA device with managed memory is usable here")
+        return
+    import cupy as cp
+
+    with mmsb.mmsb_start() as state:                            # enable_gpu detected
+        # A unified page's bytes are managed memory: the CPU writes, the GPU reads the
+        # same bytes, no copy.
+        u = mmsb.create_page(state, 1 << 20, location="unified")
+        mmsb.write_page(state, u.id, 0, b"written on the CPU")
+        on_gpu = cp.from_dlpack(u.device_array())               # a view, not a copy
+        print("GPU reads:", bytes(cp.asnumpy(on_gpu[:18])))
+        mmsb.set_preferred_location(state, u.id, "gpu")         # hints for the driver
+        mmsb.prefetch_to_gpu(state, u.id).wait()
+        # A gpu page keeps a host mirror and a device copy; small writes leave the copy
+        # behind until a sync, and many pages sync in one batch.
+        gpus = mmsb.create_pages(state, 100, 4096, location="gpu")
+        for k, p in enumerate(gpus):
+            mmsb.write_page(state, p.id, 0, k.to_bytes(4, "little"))
+        handle = mmsb.sync_pages_to_gpu_async(state, [p.id for p in gpus])
+        print("synced", len(handle.wait()), "gpu pages in one batch")
+        # Device arrays are written as they are: diffed on the GPU, only changes logged.
+        mmsb.write_page(state, gpus[0].id, 8, cp.arange(16, dtype=cp.uint8))
+        s = mmsb.get_stats(state)
+        print(f"{s.unified_pages} unified page(s), {s.gpu_pages} gpu pages; "
+              f"{s.device_pages_synced} device copies synced, {s.unified_prefetches} prefetch")
+
+
 def main() -> None:
     # enable_gpu=False: CPU pages only, the same on every machine.
     with mmsb.mmsb_start(enable_gpu=False) as state, tempfile.TemporaryDirectory() as tmp:
@@ -460,7 +495,8 @@ def main() -> None:
         durable(tmp)
         statistics(state)
         instrumentation(tmp)
-    print("\ndone: the state was stopped when the with-block ended.")
+    devices()
+    print("\ndone: the states were stopped when their with-blocks ended.")
 
 
 if __name__ == "__main__":

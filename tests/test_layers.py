@@ -14,7 +14,7 @@ PKG = Path(mmsb.__file__).parent
 # Lower rank = lower layer. A module may import only modules of its own rank or lower
 # (the core's modules among themselves, history from the core, ...).
 RANKS = [
-    ("mmsb.errors", 0), ("mmsb.types", 0), ("mmsb.config", 0), ("mmsb.device", 0),
+    ("mmsb.errors", 0), ("mmsb.types", 0), ("mmsb.config", 0),
     ("mmsb._core", 1),
     ("mmsb._history", 2), ("mmsb._storage", 2), ("mmsb._device", 2), ("mmsb._instrument", 2),
     ("mmsb._api", 3), ("mmsb._reader", 3), ("mmsb._replication", 3),

@@ -31,6 +31,7 @@ from ._api import delete_page as delete_page
 from ._api import detect_cycles as detect_cycles
 from ._api import disable_instrumentation as disable_instrumentation
 from ._api import enable_instrumentation as enable_instrumentation
+from ._api import ensure_page_on_device as ensure_page_on_device
 from ._api import execute_propagation as execute_propagation
 from ._api import find_ancestors as find_ancestors
 from ._api import find_descendants as find_descendants
@@ -38,17 +39,21 @@ from ._api import flush_call_events as flush_call_events
 from ._api import get_children as get_children
 from ._api import get_deltas_for_page as get_deltas_for_page
 from ._api import get_deltas_in_range as get_deltas_in_range
+from ._api import get_device_stats as get_device_stats
 from ._api import get_parents as get_parents
 from ._api import get_stats as get_stats
 from ._api import get_subscription_count as get_subscription_count
 from ._api import has_cycle as has_cycle
 from ._api import instrumentation_config as instrumentation_config
+from ._api import is_unified_memory_available as is_unified_memory_available
 from ._api import load_checkpoint as load_checkpoint
 from ._api import merge_deltas as merge_deltas
 from ._api import migrate_page as migrate_page
 from ._api import mmsb_start as mmsb_start
 from ._api import mmsb_stop as mmsb_stop
 from ._api import open_readonly as open_readonly
+from ._api import prefetch_to_cpu as prefetch_to_cpu
+from ._api import prefetch_to_gpu as prefetch_to_gpu
 from ._api import print_stats as print_stats
 from ._api import produced_by as produced_by
 from ._api import propagate_change as propagate_change
@@ -67,7 +72,13 @@ from ._api import route_delta as route_delta
 from ._api import schedule_propagation as schedule_propagation
 from ._api import serialize_page as serialize_page
 from ._api import set_metadata as set_metadata
+from ._api import set_preferred_location as set_preferred_location
+from ._api import set_read_mostly as set_read_mostly
 from ._api import subscribe as subscribe
+from ._api import sync_page_to_gpu as sync_page_to_gpu
+from ._api import sync_page_to_gpu_async as sync_page_to_gpu_async
+from ._api import sync_pages_to_gpu as sync_pages_to_gpu
+from ._api import sync_pages_to_gpu_async as sync_pages_to_gpu_async
 from ._api import topological_sort as topological_sort
 from ._api import track_delta_latency as track_delta_latency
 from ._api import track_propagation_latency as track_propagation_latency
@@ -160,7 +171,10 @@ __all__ = [
     # pages
     "Page", "PageLocation", "PageSnapshot", "create_page", "create_pages", "update_page",
     "write_page", "query_page", "delete_page", "resize_page", "clone_page", "migrate_page",
-    "set_metadata", "update_metadata",
+    "set_metadata", "update_metadata", "sync_page_to_gpu", "ensure_page_on_device",
+    "get_device_stats", "sync_pages_to_gpu", "sync_page_to_gpu_async",
+    "sync_pages_to_gpu_async", "prefetch_to_gpu", "prefetch_to_cpu", "set_preferred_location",
+    "set_read_mostly", "is_unified_memory_available",
     # deltas
     "Delta", "create_delta", "route_delta", "batch", "Batch", "apply_batch", "merge_deltas",
     "delta_byte_count", "serialize_delta", "deserialize_delta", "compress_delta",

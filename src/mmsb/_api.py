@@ -18,6 +18,8 @@ import numpy as np
 
 from ._core.delta import Delta, delta_from_mask
 from ._core.delta import merge_deltas as _merge
+from ._core.devices import DeviceSync, gpu_flag_location
+from ._core.devices import device_stats as _device_stats
 from ._core.engine import (
     ACTIVE,
     MMSBState,
@@ -38,6 +40,9 @@ from ._core.graph import reverse_postorder as _rpo
 from ._core.monitor import Counters, MMSBStats
 from ._core.propagation import Passthrough
 from ._core.records import EdgeAdd, EdgeRemove, PageClone, PageDelete, PageMigrate, PageResize
+from ._device.backend import DeviceStats, Pending, stream_pointer
+from ._device.probe import is_location_available
+from ._device.probe import is_unified_memory_available as is_unified_memory_available
 from ._history.replay import verify_state_consistency as _verify
 from ._history.stats import log_statistics as _log_statistics
 from ._history.stats import row_counts as _row_counts
@@ -50,7 +55,6 @@ from ._storage.bus import BusChangedError, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
 from .config import MMSBConfig
-from .device import cuda_available
 from .errors import (
     InvalidArgumentError,
     InvalidDeltaError,
@@ -69,7 +73,11 @@ from .types import (
 __all__ = [
     "mmsb_start", "mmsb_stop", "open_readonly", "active", "active_state",
     "create_page", "create_pages", "update_page", "write_page", "query_page", "delete_page",
-    "resize_page", "clone_page", "migrate_page", "set_metadata", "update_metadata",
+    "resize_page", "clone_page", "migrate_page", "sync_page_to_gpu", "ensure_page_on_device",
+    "get_device_stats", "sync_pages_to_gpu", "sync_page_to_gpu_async", "sync_pages_to_gpu_async",
+    "prefetch_to_gpu", "prefetch_to_cpu", "set_preferred_location", "set_read_mostly",
+    "is_unified_memory_available",
+    "set_metadata", "update_metadata",
     "create_delta", "route_delta", "batch", "apply_batch", "Batch",
     "query_log", "get_deltas_for_page", "get_deltas_in_range", "compute_log_statistics",
     "checkpoint_log", "load_checkpoint", "replay_from_checkpoint",
@@ -101,8 +109,9 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
                shared: bool = False) -> MMSBState:
     """Build a state and make it the active state.
 
-    ``enable_gpu=None`` detects CUDA; ``True`` without CUDA falls back to CPU with a
-    warning. ``path=None`` gives an in-memory state; a directory gives a durable bus
+    ``enable_gpu=None`` detects a usable CUDA device (through CuPy: see
+    docs/Devices.md); ``True`` without one falls back to CPU pages with a warning, and
+    gpu or unified locations are then refused with GPUMemoryError. ``path=None`` gives an in-memory state; a directory gives a durable bus
     there (created, or reopened and recovered). ``shared=True``: other processes (and
     other states) may open the same bus with ``shared=True`` and write it too; each
     changing call waits for the bus's write lock and first applies what the others
@@ -121,9 +130,9 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(config).__name__}")
     cfg = dataclasses.replace(config) if config is not None else MMSBConfig()
     if enable_gpu is None:
-        cfg.enable_gpu = cfg.enable_gpu and cuda_available()
+        cfg.enable_gpu = cfg.enable_gpu and is_location_available("gpu")
     elif enable_gpu:
-        if not cuda_available():
+        if not is_location_available("gpu"):
             warnings.warn("enable_gpu=True but no CUDA device is usable; pages stay on the CPU",
                           RuntimeWarning, stacklevel=2)
             cfg.enable_gpu = False
@@ -224,11 +233,15 @@ _state_of = require_state
 # create_page is the core's (imported above): its common case reads the engine's log,
 # arena and page table in one frame.
 
+
+
 def create_pages(state: MMSBState, n: int, size: int | None = None, *, location: Any = "cpu",
-                 metadata: dict[str, Any] | None = None) -> list[Page]:
+                 metadata: dict[str, Any] | None = None, gpu: bool = False) -> list[Page]:
     """``n`` new pages in one call: one lock, one log record, one bulk allocation.
-    O(n) in numpy (plus the handles returned)."""
+    O(n) in numpy (plus the handles returned). ``gpu=True`` is ``location="gpu"``."""
     state = _state_of(state, "create_pages")
+    if gpu is not False:
+        location = gpu_flag_location(gpu, location, "create_pages")
     first = state.create(n, size, location, metadata)
     return [Page(state, pid) for pid in range(first, first + int(n))]
 
@@ -346,6 +359,7 @@ def resize_page(state: MMSBState, page_id: int, new_size: int) -> Page:
         old = int(state.table.size[pid])
         if old != size:
             state.commit(PageResize(pid, size))
+            state.rehome(pid)  # a unified page's new slot: into managed memory
             state.emit(EventType.PAGE_RESIZED, pid, old, size)
         return Page(state, pid)
     finally:
@@ -361,6 +375,7 @@ def clone_page(state: MMSBState, page_id: int) -> Page:
         state.check_room(1, int(state.table.size[src]))
         new_id = state.table.next_id
         state.commit(PageClone(new_id, src))
+        state.rehome(new_id)  # a unified clone: into managed memory
         state.emit(EventType.PAGE_CREATED, new_id)
         return Page(state, new_id)
     finally:
@@ -368,24 +383,174 @@ def clone_page(state: MMSBState, page_id: int) -> Page:
 
 
 def migrate_page(state: MMSBState, page_id: int, location: Any) -> Page:
-    """Move a page between CPU / GPU / unified memory: same id, same bytes, same epoch.
+    """Move a page between CPU / GPU / unified memory: same id, same bytes, same epoch,
+    one logged PageMigrate (replay moves it too). A move to a device copies the page's
+    bytes into a new device slot (taken before anything is logged); a move off a device
+    frees its device copy. The host mirror stays where it is.
 
     Raises:
-        UnsupportedLocationError, GPUMemoryError: as for create_page.
+        PageNotFoundError; UnsupportedLocationError, GPUMemoryError: as for create_page.
     """
     state = _state_of(state, "migrate_page")
-    loc = coerce_location(location)
+    return Page(state, state.migrate(page_id, location))
+
+
+def sync_page_to_gpu(state: MMSBState, page_id: int) -> bool:
+    """Bring a gpu or unified page's device copy up to date from its host mirror (writes
+    through the compiled small-write path, batches and resizes leave it behind), and
+    wait until it has landed. Returns True if bytes were copied, False if the copy was
+    current. There is no ``sync_page_to_cpu``: the host mirror is never behind.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError: the page's
+        location is not usable here, or out of device memory.
+    """
+    state = _state_of(state, "sync_page_to_gpu")
+    return bool(state.sync_to_device([page_id], "sync_page_to_gpu"))
+
+
+def sync_pages_to_gpu(state: MMSBState, page_ids: Iterable[Any]) -> list[int]:
+    """``sync_page_to_gpu`` for many pages at once: the stale device copies of each
+    backend are written as one batch (one upload, one launch), then waited for. Returns
+    the ids of the pages whose bytes were copied (unified pages in managed memory never
+    need a copy). All pages are checked before anything is copied.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: a cpu page, or ``page_ids`` not an
+        iterable; GPUMemoryError: a location not usable here, or out of device memory.
+    """
+    state = _state_of(state, "sync_pages_to_gpu")
+    return state.sync_to_device(_page_list(page_ids, "sync_pages_to_gpu"), "sync_pages_to_gpu")
+
+
+def sync_page_to_gpu_async(state: MMSBState, page_id: int) -> DeviceSync:
+    """``sync_page_to_gpu`` queued on the backend's stream without waiting: returns a
+    handle whose ``wait()`` blocks until the copy has landed (and returns the ids of the
+    pages copied) and whose ``done()`` says whether it has. Device uses after this call
+    are ordered after the copy (same stream); a consumer on another stream waits for
+    the handle, or takes the page through ``device_array`` (ordered by DLPack).
+
+    Raises:
+        as sync_page_to_gpu.
+    """
+    state = _state_of(state, "sync_page_to_gpu_async")
+    return state.sync_to_device_async([page_id], "sync_page_to_gpu_async")
+
+
+def sync_pages_to_gpu_async(state: MMSBState, page_ids: Iterable[Any]) -> DeviceSync:
+    """``sync_pages_to_gpu`` without waiting: one handle for every backend's batch.
+
+    Raises:
+        as sync_pages_to_gpu.
+    """
+    state = _state_of(state, "sync_pages_to_gpu_async")
+    return state.sync_to_device_async(_page_list(page_ids, "sync_pages_to_gpu_async"),
+                                      "sync_pages_to_gpu_async")
+
+
+def _page_list(page_ids: Any, fn: str) -> list[Any]:
+    if isinstance(page_ids, str | bytes) or not isinstance(page_ids, Iterable):
+        raise InvalidArgumentError(f"{fn}() takes an iterable of page ids, not {page_ids!r}")
+    return list(page_ids)
+
+
+def prefetch_to_gpu(state: MMSBState, page_id: int, *, stream: Any = None) -> Pending:
+    """Migrate a unified page's managed memory to the GPU ahead of use
+    (``cudaMemPrefetchAsync``), queued on ``stream`` (a CuPy stream, a raw stream
+    pointer, or None: the unified backend's stream); returns a ticket (``wait()``,
+    ``done()``). A hint: the page's bytes are correct on either side without it.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: not a unified page, or ``stream`` not
+        a stream; GPUMemoryError: the unified location is not usable here, has no
+        managed memory, or the driver refused the prefetch.
+    """
+    state = _state_of(state, "prefetch_to_gpu")
+    stream_pointer(stream)  # refused before anything is looked at
+    return state.unified_hint(page_id, "prefetch_to_gpu", prefetch="gpu", stream=stream)
+
+
+def prefetch_to_cpu(state: MMSBState, page_id: int, *, stream: Any = None) -> Pending:
+    """``prefetch_to_gpu`` towards host memory, ahead of CPU reads and writes.
+
+    Raises:
+        as prefetch_to_gpu.
+    """
+    state = _state_of(state, "prefetch_to_cpu")
+    stream_pointer(stream)
+    return state.unified_hint(page_id, "prefetch_to_cpu", prefetch="cpu", stream=stream)
+
+
+def set_preferred_location(state: MMSBState, page_id: int, location: str | None) -> None:
+    """Advise the driver where a unified page's managed memory should live
+    (``cudaMemAdviseSetPreferredLocation``): ``"gpu"``, ``"cpu"``, or None to clear the
+    advice. Advice covers whole memory pages of the system (usually 4 KiB), so unified
+    pages sharing one share it.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: not a unified page, or a location
+        other than those; GPUMemoryError: as for prefetch_to_gpu.
+    """
+    state = _state_of(state, "set_preferred_location")
+    if location is not None and location not in ("gpu", "cpu"):
+        raise InvalidArgumentError(
+            f"set_preferred_location() takes 'gpu', 'cpu' or None, not {location!r}")
+    state.unified_hint(page_id, "set_preferred_location",
+                       preferred="none" if location is None else location)
+
+
+def set_read_mostly(state: MMSBState, page_id: int, enabled: bool) -> None:
+    """Advise the driver that a unified page is mostly read
+    (``cudaMemAdviseSetReadMostly``; ``False`` unsets it): the CPU and the GPU then
+    each read a copy of it, and a write drops the other side's copy.
+
+    Raises:
+        PageNotFoundError; InvalidArgumentError: not a unified page, or ``enabled``
+        not a bool; GPUMemoryError: as for prefetch_to_gpu.
+    """
+    state = _state_of(state, "set_read_mostly")
+    if not isinstance(enabled, bool):
+        raise InvalidArgumentError(f"set_read_mostly() takes True or False, not {enabled!r}")
+    state.unified_hint(page_id, "set_read_mostly", read_mostly=enabled)
+
+
+def ensure_page_on_device(state: MMSBState, page_id: int, location: Any = None) -> Page:
+    """Make a page a device page with a current device copy, in one call: a cpu page is
+    migrated (logged) to ``location`` (``None``: ``"gpu"``); a device page is migrated
+    when ``location`` names another device location, and stays otherwise; then its
+    device copy is brought up to date and waited for (as ``sync_page_to_gpu``).
+
+    Raises:
+        PageNotFoundError; UnsupportedLocationError; InvalidArgumentError:
+        ``location="cpu"``; GPUMemoryError: as for migrate_page and sync_page_to_gpu
+        (a refused migration changes nothing).
+    """
+    state = _state_of(state, "ensure_page_on_device")
+    want = None if location is None else coerce_location(location)
+    if want is PageLocation.CPU:
+        raise InvalidArgumentError(
+            "ensure_page_on_device() puts a page on a device: give 'gpu', 'unified' or None")
     state.enter()
     try:
-        pid = state.require_page(page_id, "migrate_page")
-        old = PageLocation(int(state.table.loc[pid]))
-        if old is not loc:
-            state.check_location(loc, int(state.table.size[pid]))
-            state.commit(PageMigrate(pid, int(loc)))
-            state.emit(EventType.PAGE_MIGRATED, pid, old, loc)
+        pid = state.require_page(page_id, "ensure_page_on_device")
+        here = PageLocation(int(state.table.loc[pid]))
+        if here is PageLocation.CPU or (want is not None and want is not here):
+            state.migrate(pid, want if want is not None else PageLocation.GPU)
+        state.sync_to_device([pid], "ensure_page_on_device")
         return Page(state, pid)
     finally:
         state.leave()
+
+
+def get_device_stats(state: MMSBState) -> dict[str, DeviceStats]:
+    """The counters of each device backend the state has made (location name →
+    :class:`mmsb._device.DeviceStats`: slots, bytes, copies each way, applies, diffs,
+    syncs). ``DeviceStats.device`` names the memory the backend really uses. Empty
+    before the first device page."""
+    state = _state_of(state, "get_device_stats")
+    state.settle()
+    with state.lock:
+        return _device_stats(state)
 
 
 def set_metadata(state: MMSBState, page_id: int, key: str, value: Any) -> Page:
@@ -592,15 +757,27 @@ def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
         return size
 
 
-def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState:
+def load_checkpoint(state: MMSBState, path: str | os.PathLike[str], *,
+                    keep_device_locations: bool = False) -> MMSBState:
     """Replace ``state``'s pages, graph and log with a checkpoint's. The file is read
     and checked in full first: on any damage nothing changes.
 
+    Gpu and unified pages are loaded with their locations (device copies are made on
+    their next device use); where a location is not usable, see
+    ``MMSBConfig.restore_device_pages_on_cpu``; ``keep_device_locations=True`` loads
+    them with their locations all the same, for reading the file (their device uses are
+    then refused where the location is not usable; not on a durable bus).
+
     Raises:
         SerializationError: bad magic, version, truncation, checksum mismatch.
+        GPUMemoryError: device pages whose location is not usable here (or a durable
+            bus), without ``restore_device_pages_on_cpu``; nothing changed.
     """
     state = _state_of(state, "load_checkpoint")
     _check_path(path, "load_checkpoint")
+    if not isinstance(keep_device_locations, bool):
+        raise InvalidArgumentError(
+            f"keep_device_locations must be True or False, not {keep_device_locations!r}")
     with state.lock:
         state.refuse_in_batch("load_checkpoint")
     # Read privately: the state may keep the buffer's pages and log payload (restored
@@ -609,6 +786,7 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     state.enter()
     try:
         state.refuse_in_batch("load_checkpoint")
+        moved = state.restore_locations(ck, keep_device_locations)
         if state.bus is not None:
             state.bus.before_restore(state)
         before = state.swap_snapshot()
@@ -625,6 +803,11 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
                     setattr(state, name, value)
                 state.graph._owner = weakref.ref(state)
                 raise
+        for pid in moved:
+            # restore_device_pages_on_cpu: their location is not usable here.
+            state.commit(PageMigrate(pid, int(PageLocation.CPU)))
+            state.emit(EventType.PAGE_MIGRATED, pid, PageLocation(int(ck.locs[
+                int(np.searchsorted(ck.ids, pid))])), PageLocation.CPU)
     finally:
         state.leave()
     return state
@@ -891,6 +1074,10 @@ def get_stats(state: MMSBState) -> MMSBStats:
         deltas = state.log.deltas
         delta_bytes = int(_row_counts(state.log).sum())
         page_bytes = int(t.size[live].sum()) if live.size else 0
+        loc_bytes = (np.bincount(t.loc[live], weights=t.size[live], minlength=3).astype(np.int64)
+                     if live.size else np.zeros(3, np.int64))
+        devices = _device_stats(state)
+        copies = state.devices
         carved = a.bytes_in_use + a.bytes_free_listed + a.bytes_tail_waste
         da50, da90, da99 = c.delta_apply.percentiles()
         pr50, pr90, pr99 = c.propagation.percentiles()
@@ -923,6 +1110,23 @@ def get_stats(state: MMSBState) -> MMSBStats:
             arena_bytes_in_use=a.bytes_in_use, arena_bytes_free=a.bytes_free_listed,
             arena_bytes_reserved=a.bytes_reserved,
             arena_fragmentation=(carved - page_bytes) / carved if carved else 0.0,
+            cpu_page_bytes=int(loc_bytes[0]), gpu_page_bytes=int(loc_bytes[1]),
+            unified_page_bytes=int(loc_bytes[2]),
+            device_bytes_in_use=sum(d.bytes_in_use for d in devices.values()),
+            device_stale_pages=(state.devices.stale_count(state)
+                                if state.devices is not None else int(locs[1] + locs[2])),
+            unified_managed_bytes=a.bytes_managed,
+            device_syncs=copies.syncs if copies is not None else 0,
+            device_async_syncs=copies.async_syncs if copies is not None else 0,
+            device_pages_synced=copies.pages_synced if copies is not None else 0,
+            device_bytes_synced=copies.bytes_synced if copies is not None else 0,
+            gpu_deltas_applied=devices["gpu"].deltas_applied if "gpu" in devices else 0,
+            unified_deltas_applied=(devices["unified"].deltas_applied
+                                    if "unified" in devices else 0),
+            unified_prefetches=devices["unified"].prefetches if "unified" in devices else 0,
+            unified_bytes_prefetched=(devices["unified"].bytes_prefetched
+                                      if "unified" in devices else 0),
+            unified_advices=devices["unified"].advices if "unified" in devices else 0,
         )
 
 

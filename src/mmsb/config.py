@@ -41,6 +41,11 @@ class MMSBConfig:
     so replay, history and verification raise HistoryUnavailableError."""
     enable_gpu: bool = True
     """Allow GPU and unified pages when a CUDA device is usable."""
+    restore_device_pages_on_cpu: bool = False
+    """When a checkpoint holding gpu or unified pages is loaded where that location is
+    not usable: False (the default) refuses the load with GPUMemoryError, changing
+    nothing; True loads it and moves those pages to the cpu, each move logged as a
+    PageMigrate (so replay and verification agree with the state)."""
     enable_instrumentation: bool = False
     """``mmsb_start`` enables the instrumentation layer (code artefacts, call events and
     provenance on pages) with the default InstrumentationConfig."""
@@ -92,7 +97,8 @@ class MMSBConfig:
         """
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("enable_logging", "enable_gpu", "enable_instrumentation"):
+            if f.name in ("enable_logging", "enable_gpu", "enable_instrumentation",
+                          "restore_device_pages_on_cpu"):
                 if not isinstance(value, bool):
                     raise InvalidArgumentError(f"MMSBConfig.{f.name} must be True or False, not {value!r}")
         for name, (lo, hi) in _INT_RANGES.items():

@@ -82,7 +82,8 @@ class InvalidDeltaError(MMSBError, ValueError):
 
 
 class GPUMemoryError(MMSBError, RuntimeError):
-    """A device page could not be placed: no usable CUDA device, or out of device memory.
+    """A device page could not be placed or reached: GPU pages off, no usable CUDA device
+    (or CuPy), a durable bus (which keeps no device pages), or out of device memory.
 
     Attributes:
         requested_bytes: the size asked for, if known.

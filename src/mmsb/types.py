@@ -56,7 +56,9 @@ class EdgeType(enum.IntEnum):
     CONTROL = 1
     """The child is marked stale (``metadata["stale"] = True``)."""
     GPU_SYNC = 2
-    """A device sync of the child is scheduled (GPU_SYNC_NEEDED event)."""
+    """A device sync of the child is scheduled (GPU_SYNC_NEEDED event); for a gpu or
+    unified child its device copy is brought up to date after the pass
+    (GPU_SYNC_COMPLETE event once it has landed)."""
     COMPILER = 3
     """Compiled artifacts of the child are invalidated (``metadata["ir_valid"] = False``)."""
 
@@ -85,7 +87,8 @@ class EventType(enum.IntEnum):
     GPU_SYNC_NEEDED = 6
     """(page_id, parent_id)"""
     GPU_SYNC_COMPLETE = 7
-    """(page_id,)"""
+    """(page_id,): a gpu or unified page's device copy holds its current bytes, after a
+    GPU_SYNC edge scheduled the sync."""
     IR_INVALIDATED = 8
     """(page_id, parent_id)"""
     PAGE_RESIZED = 9

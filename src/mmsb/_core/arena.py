@@ -5,9 +5,19 @@ offset inside the chunk in the low ``CHUNK_SHIFT`` bits. Chunks come from ``np.z
 which the C library serves from lazily-mapped anonymous memory, so untouched bytes cost
 no resident memory. Slots never straddle chunks; a slot larger than a quarter chunk
 gets a dedicated buffer.
+
+*Managed* chunks hold the bytes of unified pages: they come from a source bound with
+:meth:`Arena.bind_managed` (the unified device backend's managed-memory allocator, which
+hands back a numpy array over memory the CPU and the GPU both address), and are carved
+by a bump cursor and free lists of their own, so an ordinary slot never lands in managed
+memory nor a managed slot in an ordinary chunk. They share the chunk list, and so the
+addressing: every path that reads or writes a page through its address works on them
+unchanged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -57,6 +67,15 @@ class Arena:
         """size → size_class(size), for the sizes seen whose slots come from the bump
         chunks (a class of at most a quarter chunk; at most 256 sizes): a size not
         here is a large or a new one."""
+        self._managed_source: Callable[[int], np.ndarray] | None = None
+        """``source(nbytes)``: a zero-filled writable uint8 array of managed memory."""
+        self._managed: set[int] = set()
+        """Indices of the managed chunks."""
+        self._mcur = -1
+        self._mbump = CHUNK_SIZE
+        self._mfree: dict[int, list[int]] = {}
+        self.bytes_managed = 0
+        """Bytes of the live managed slots, counted by size class (in bytes_in_use too)."""
 
     # -- reading ---------------------------------------------------------------------
     def view(self, addr: int, size: int) -> np.ndarray:
@@ -249,15 +268,85 @@ class Arena:
         return addrs
 
     def free(self, addr: int, size: int) -> None:
-        """Return the slot at ``addr`` (made for ``size`` bytes) to the allocator. O(1)."""
+        """Return the slot at ``addr`` (made for ``size`` bytes) to the allocator (the
+        free lists of its kind, ordinary or managed). O(1)."""
         cls = size_class(size)
         self.bytes_in_use -= cls
+        index = addr >> CHUNK_SHIFT
+        managed = index in self._managed
+        if managed:
+            self.bytes_managed -= cls
         if cls > _LARGE:
-            index = addr >> CHUNK_SHIFT
             self._chunks[index] = None
+            self._managed.discard(index)
             return
-        self._free.setdefault(cls, []).append(addr)
+        (self._mfree if managed else self._free).setdefault(cls, []).append(addr)
         self.bytes_free_listed += cls
+
+    # -- managed memory ----------------------------------------------------------------
+    def bind_managed(self, source: Callable[[int], np.ndarray] | None) -> None:
+        """Use ``source(nbytes)`` for the managed chunks made from now on (None: no
+        managed memory; the chunks already made stay)."""
+        self._managed_source = source
+
+    @property
+    def has_managed(self) -> bool:
+        """True when a managed-memory source is bound."""
+        return self._managed_source is not None
+
+    def is_managed(self, addr: int) -> bool:
+        """True when the slot at ``addr`` lies in a managed chunk. O(1)."""
+        return (addr >> CHUNK_SHIFT) in self._managed
+
+    def alloc_managed(self, size: int) -> int:
+        """A zero-filled slot for ``size`` bytes in managed memory; returns its address.
+        A freed managed slot of the class is reused first (zeroed again), then the
+        current managed chunk; a new chunk (or, above a quarter chunk, a dedicated
+        buffer) comes from the bound source. Amortised O(1).
+
+        Raises:
+            whatever the source raises when it has no memory (GPUMemoryError from the
+            unified backend); nothing is changed then.
+        """
+        source = self._managed_source
+        if source is None:
+            raise RuntimeError("no managed-memory source is bound to this arena")
+        cls = size_class(size)
+        free = self._mfree.get(cls)
+        if free:
+            addr = free.pop()
+            self.bytes_free_listed -= cls
+            self.view(addr, cls)[:] = 0
+        elif cls > _LARGE:
+            buf = self._managed_buffer(source, cls)
+            index = len(self._chunks)
+            self._chunks.append(buf)
+            self._chunks.extend([None] * (max(1, -(-cls // CHUNK_SIZE)) - 1))
+            self._managed.add(index)
+            addr = index << CHUNK_SHIFT
+        else:
+            if self._mbump + cls > CHUNK_SIZE:
+                buf = self._managed_buffer(source, CHUNK_SIZE)
+                if self._mcur >= 0:
+                    self.bytes_tail_waste += CHUNK_SIZE - self._mbump
+                self._mcur = len(self._chunks)
+                self._chunks.append(buf)
+                self._managed.add(self._mcur)
+                self._mbump = 0
+            addr = (self._mcur << CHUNK_SHIFT) | self._mbump
+            self._mbump += cls
+        self.bytes_in_use += cls
+        self.bytes_managed += cls
+        return addr
+
+    @staticmethod
+    def _managed_buffer(source: Callable[[int], np.ndarray], nbytes: int) -> np.ndarray:
+        buf = source(nbytes)
+        if (not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.shape != (nbytes,)
+                or not buf.flags.writeable or not buf.flags.c_contiguous):
+            raise TypeError(f"a managed-memory source must return a writable, contiguous "
+                            f"uint8 array of {nbytes} bytes")
+        return buf
 
     # -- invariants ------------------------------------------------------------------
     def _check(self, live: list[tuple[int, int]]) -> None:
@@ -269,12 +358,19 @@ class Arena:
         spans = [(a, size_class(s)) for a, s in live]
         in_use = sum(c for _, c in spans)
         assert in_use == self.bytes_in_use, (in_use, self.bytes_in_use)
+        managed = sum(c for a, c in spans if (a >> CHUNK_SHIFT) in self._managed)
+        assert managed == self.bytes_managed, (managed, self.bytes_managed)
         free_total = 0
-        for cls, addrs in self._free.items():
-            assert len(set(addrs)) == len(addrs), "a free slot is listed twice"
-            for a in addrs:
-                spans.append((a, cls))
-                free_total += cls
+        for kind, lists in ((False, self._free), (True, self._mfree)):
+            for cls, addrs in lists.items():
+                assert len(set(addrs)) == len(addrs), "a free slot is listed twice"
+                for a in addrs:
+                    assert ((a >> CHUNK_SHIFT) in self._managed) is kind, \
+                        f"free slot at {a:#x} is listed with the other kind of memory"
+                    spans.append((a, cls))
+                    free_total += cls
+        assert self._cur not in self._managed, "the ordinary bump chunk is managed"
+        assert self._mcur < 0 or self._mcur in self._managed, "the managed bump chunk is not"
         assert free_total == self.bytes_free_listed, (free_total, self.bytes_free_listed)
         spans.sort()
         prev_end = -1

@@ -23,13 +23,13 @@ import msgpack
 import numpy as np
 
 from ..config import MMSBConfig
-from ..device import cuda_unavailable_reason
 from ..errors import (
     GPUMemoryError,
     HistoryUnavailableError,
     InvalidArgumentError,
     InvalidDeltaError,
     MetadataError,
+    MMSBError,
     PageNotFoundError,
     StateClosedError,
 )
@@ -43,6 +43,16 @@ from .delta import (
     as_bytes_array,
     diff_write,
     union_mask,
+)
+from .devices import (
+    DeviceCopies,
+    DeviceSync,
+    as_host_bytes,
+    backend_class,
+    check_device_page,
+    gpu_flag_location,
+    is_device_input,
+    refuse_device_on_bus,
 )
 from .events import EventBus
 from .graph import ShadowPageGraph
@@ -70,6 +80,7 @@ from .records import (
 from .snapshot import ReplayBase, Snapshot
 
 if TYPE_CHECKING:
+    from .._device.backend import DeviceBackend
     from .._storage.bus import DurableBus
 
 __all__ = ["MMSBState", "Page", "PageHandle", "PageMap", "PageSnapshot", "check_size",
@@ -254,6 +265,22 @@ class Page:
     def query(self) -> bytes:
         return self._state.page_view(self._row()).tobytes()
 
+    def device_array(self) -> Any:
+        """A read-only device view of a gpu or unified page, without a copy to the
+        host: on a CUDA backend an object with ``__dlpack__`` and
+        ``__cuda_array_interface__`` (PyTorch, JAX and CuPy take it zero-copy). A
+        unified page in managed memory is viewed in place: the GPU reads the page's own
+        bytes, never behind (the view refuses export once the page is deleted, resized
+        or moved). Otherwise the view is of the page's device copy, brought up to date
+        from the host mirror first when a write left it behind, and shows the page as of
+        this call: call again after writes.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError: the
+            page's location is not usable here, or out of device memory.
+        """
+        return self._state.device_view(self.id)
+
     def update(self, data: Any, *, source: str = "api") -> Page:
         """Replace the whole content (see update_page)."""
         self._state.write_bytes(self.id, 0, data, source, True)
@@ -334,6 +361,10 @@ class MMSBState:
     recompute_hook: Callable[[MMSBState, int, RecomputeFn], None] | None = None
     """Called as ``hook(state, page_id, fn)`` before a propagation pass runs a page's
     recompute function (the instrumentation layer's provenance); None: nothing."""
+    devices: DeviceCopies | None = None
+    """The device backends and the device copies of gpu and unified pages (see
+    _core/devices.py); set on the first device page, so a state without one keeps to
+    the attributes below."""
 
     def __init__(self, config: MMSBConfig | None = None) -> None:
         cfg = MMSBConfig() if config is None else config
@@ -825,15 +856,77 @@ class MMSBState:
         np.maximum.at(t.epoch, pids, eps)
 
     # -- live changes ----------------------------------------------------------------
-    def check_location(self, location: Any, size: int) -> PageLocation:
+    def check_location(self, location: Any, size: int | None) -> PageLocation:
+        """The PageLocation of ``location``; a device location only when its backend is
+        usable here (made on first use).
+
+        Raises:
+            UnsupportedLocationError: not cpu, gpu or unified.
+            GPUMemoryError: a device location on a durable bus, with ``enable_gpu`` off,
+                or not usable on this machine (the message says why).
+        """
         loc = coerce_location(location)
         if loc is not PageLocation.CPU:
-            if not self.config.enable_gpu:
-                raise GPUMemoryError(
-                    f"{loc} pages need enable_gpu=True in MMSBConfig", requested_bytes=size)
-            reason = cuda_unavailable_reason()
-            raise GPUMemoryError(f"cannot place a {loc} page: {reason}", requested_bytes=size)
+            refuse_device_on_bus(self, loc, size)
+            copies = self.devices if self.devices is not None else DeviceCopies()
+            copies.backend(self, int(loc), size)
+            self.devices = copies
         return loc
+
+    def restore_locations(self, snap: Snapshot, keep: bool = False) -> list[int]:
+        """Before ``snap`` (a checkpoint read from a file) replaces this state: check that
+        its device pages can be placed here. Returns the pages to move to the cpu after
+        the restore (``config.restore_device_pages_on_cpu``); empty when all can stay.
+        ``keep``: device pages keep their locations unchecked (a state loaded to be
+        read: their device uses are refused where the location is not usable).
+
+        Raises:
+            GPUMemoryError: device pages on a durable bus, or whose location is not
+                usable here without the config flag or ``keep``; nothing was changed.
+        """
+        locs = np.asarray(snap.locs)
+        if not locs.size or not locs.any():
+            return []
+        if keep and self.bus is None:
+            return []
+        ids = np.asarray(snap.ids)
+        moved: list[int] = []
+        for value in np.unique(locs[locs != 0]).tolist():
+            loc = PageLocation(int(value))
+            count = int(np.count_nonzero(locs == value))
+            try:
+                self.check_location(loc, None)
+            except GPUMemoryError as exc:
+                if not self.config.restore_device_pages_on_cpu or self.bus is not None:
+                    raise GPUMemoryError(
+                        f"the checkpoint holds {count} {loc.name.lower()} page(s), which cannot "
+                        f"be placed here ({exc.reason}); nothing was loaded. Set "
+                        "MMSBConfig.restore_device_pages_on_cpu=True to load them as cpu "
+                        "pages") from None
+                moved.extend(ids[locs == value].tolist())
+        return moved
+
+    def _use_backend_for_tests(self, location: Any, backend: DeviceBackend) -> None:
+        """Testing only: use ``backend`` (a DeviceBackend, e.g. a HostBackend) as the
+        backend of device location ``location`` of this state, so that the engine's
+        device paths run where no device is. Not reachable through any config; the
+        backend reports what it is (``get_device_stats`` shows a HostBackend's
+        ``device`` as host memory).
+
+        Raises:
+            InvalidArgumentError: not a device location, not a DeviceBackend, or the
+                location already has a backend.
+        """
+        loc = coerce_location(location)
+        if loc is PageLocation.CPU:
+            raise InvalidArgumentError("the cpu location keeps its pages in the host arena")
+        if not isinstance(backend, backend_class()):
+            raise InvalidArgumentError(f"expected a DeviceBackend, not {type(backend).__name__}")
+        copies = self.devices if self.devices is not None else DeviceCopies()
+        if int(loc) in copies.backends:
+            raise InvalidArgumentError(f"the {loc.name.lower()} location already has a backend")
+        copies.backends[int(loc)] = backend  # an instance of the bound DeviceBackend class
+        self.devices = copies
 
     def create(self, count: int, size: Any, location: Any, metadata: Any) -> int:
         if size is None:
@@ -854,7 +947,10 @@ class MMSBState:
             if count > 1 or first >= self.table.capacity:
                 self.check_room(count, size)
             if count:
-                self.commit(PageCreate(first, count, size, int(loc), meta))
+                if loc is PageLocation.CPU:
+                    self.commit(PageCreate(first, count, size, int(loc), meta))
+                else:
+                    self._create_on_device(first, count, size, loc, meta)
                 if self.events.active:
                     for pid in range(first, first + count):
                         self.emit(EventType.PAGE_CREATED, pid)
@@ -918,6 +1014,316 @@ class MMSBState:
             self._deliver_queued()
         return pid
 
+    def _create_on_device(self, first: int, count: int, size: int, loc: PageLocation,
+                          meta: dict[str, Any] | None) -> None:
+        """Create device pages: their device slots are taken first (a device out of
+        memory refuses the call before anything is logged), then the creation is
+        logged and applied (the host mirrors), then the slots are bound, zero-filled
+        like the mirrors at epoch 0."""
+        copies = self.devices
+        assert copies is not None  # check_location made it
+        if loc is PageLocation.UNIFIED and copies.managed(self):
+            # Unified pages in managed memory: their managed slots are taken first, the
+            # creation is logged and applied, then the pages are given those slots.
+            addrs = copies.take_managed(self, count, size)
+            try:
+                self.commit(PageCreate(first, count, size, int(loc), meta))
+            except BaseException:
+                for addr in addrs:
+                    self.arena.free(addr, size)
+                raise
+            for k, addr in enumerate(addrs):
+                copies.rebase(self, first + k, addr)
+            return
+        slots = copies.take_slots(self, int(loc), count, size)
+        try:
+            self.commit(PageCreate(first, count, size, int(loc), meta))
+        except BaseException:
+            copies.give_back(int(loc), slots)
+            raise
+        for k, slot in enumerate(slots):
+            copies.bind(first + k, int(loc), slot, 0)
+
+    def migrate(self, page_id: Any, location: Any) -> int:
+        """migrate_page: log a PageMigrate and move the page's device copy. A move to a
+        device takes the new slot and copies the mirror's bytes into it first, so a
+        device out of memory refuses the call before anything is logged. Same bytes,
+        same epoch. Returns the page id.
+
+        Raises:
+            PageNotFoundError; UnsupportedLocationError; GPUMemoryError.
+        """
+        loc = coerce_location(location)
+        self.enter()
+        try:
+            pid = self.require_page(page_id, "migrate_page")
+            old = PageLocation(int(self.table.loc[pid]))
+            if old is loc:
+                return pid
+            size = int(self.table.size[pid])
+            self.check_location(loc, size)
+            managed = self.arena.is_managed(int(self.table.addr[pid]))
+            if loc is PageLocation.CPU:
+                self._migrate_bytes(pid, PageMigrate(pid, int(loc)), managed, False)
+            else:
+                copies = self.devices
+                assert copies is not None
+                if loc is PageLocation.UNIFIED and copies.managed(self):
+                    # The bytes move into managed memory: no device copy.
+                    self._migrate_bytes(pid, PageMigrate(pid, int(loc)), managed, True)
+                else:
+                    (slot,) = copies.take_slots(self, int(loc), 1, size)
+                    try:
+                        copies.backends[int(loc)].copy_in(slot, self.page_view(pid))
+                        self._migrate_bytes(pid, PageMigrate(pid, int(loc)), managed, False)
+                    except BaseException:
+                        copies.give_back(int(loc), [slot])
+                        raise
+                    copies.bind(pid, int(loc), slot, int(self.table.epoch[pid]))
+            self.emit(EventType.PAGE_MIGRATED, pid, old, loc)
+            return pid
+        finally:
+            self.leave()
+
+    def _migrate_bytes(self, pid: int, rec: PageMigrate, managed: bool, to_managed: bool) -> None:
+        """Log and apply ``rec``, moving the page's bytes between ordinary and managed
+        arena memory when ``managed`` (where they are) differs from ``to_managed``: the
+        new slot is taken and filled before anything is logged, and given back if
+        logging fails."""
+        if managed is to_managed:
+            self.commit(rec)
+            return
+        size = int(self.table.size[pid])
+        copies = self.device_copies()
+        new = (copies.take_managed(self, 1, size)[0] if to_managed
+               else copies.ordinary_slot(self, size))
+        try:
+            self.arena.view(new, size)[:] = self.page_view(pid)
+            self.commit(rec)
+        except BaseException:
+            self.arena.free(new, size)
+            raise
+        copies.rebase(self, pid, new)
+
+    def rehome(self, pid: int) -> None:
+        """After a clone or a resize gave unified page ``pid`` an ordinary slot: move its
+        bytes into managed memory when the unified backend has it at hand. Where it
+        cannot (no backend here, out of managed memory), the page keeps the ordinary
+        slot and a device copy, and its next device use tries again (and raises)."""
+        copies = self.devices
+        if copies is None or int(self.table.loc[pid]) != int(PageLocation.UNIFIED):
+            return
+        try:
+            copies.home(self, pid)
+        except GPUMemoryError:
+            return
+
+    def device_copies(self) -> DeviceCopies:
+        """The state's DeviceCopies, made when missing (a state built by replay has
+        device pages without one: their backends are made on their first device use)."""
+        copies = self.devices
+        if copies is None:
+            copies = self.devices = DeviceCopies()
+        return copies
+
+    def device_view(self, page_id: Any) -> Any:
+        """Page.device_array: a read-only view of the page's device copy, brought up to
+        date from the host mirror first when it is stale.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError.
+        """
+        self.enter()
+        try:
+            pid = self.require_page(page_id, "device_array")
+            loc = check_device_page(self, pid, "device_array")
+            copies = self.device_copies()
+            if copies.home(self, pid):
+                # Managed memory: the device reads the page's own bytes.
+                return copies.backend(self, loc).memory_view(self.page_view(pid),
+                                                             self._still_at(pid))
+            b, slot, _ = copies.current(self, pid)
+            return b.view(slot)
+        finally:
+            self.leave()
+
+    def _still_at(self, pid: int) -> Callable[[], bool]:
+        """A test that page ``pid``'s bytes are still where they are now (same arena,
+        slot and size, page live)."""
+        arena, addr, size = self.arena, int(self.table.addr[pid]), int(self.table.size[pid])
+
+        def alive() -> bool:
+            t = self.table
+            return (self.arena is arena and t.is_live(pid) and int(t.addr[pid]) == addr
+                    and int(t.size[pid]) == size)
+        return alive
+
+    def unified_hint(self, page_id: Any, fn: str, prefetch: str | None = None,
+                     stream: Any = None, preferred: str | None = None,
+                     read_mostly: bool | None = None) -> Any:
+        """prefetch_to_gpu/_cpu, set_preferred_location, set_read_mostly: a hint for a
+        unified page's managed memory (its bytes are moved there first when they are
+        not). Returns the prefetch's ticket, else None.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: not a unified page, or a bad hint;
+            GPUMemoryError: the unified location is not usable here, has no managed
+            memory, or the driver refused the hint.
+        """
+        self.enter()
+        try:
+            pid = self.require_page(page_id, fn)
+            loc = int(self.table.loc[pid])
+            if loc != int(PageLocation.UNIFIED):
+                raise InvalidArgumentError(
+                    f"{fn}(): page {pid} is a {PageLocation(loc).name.lower()} page; "
+                    "memory hints apply to unified pages (migrate_page(state, page, "
+                    "'unified') first)")
+            copies = self.device_copies()
+            b = copies.backend(self, loc)
+            if not copies.home(self, pid):
+                raise GPUMemoryError(
+                    f"{fn}(): the unified location here keeps page {pid} as a host mirror and "
+                    "a device copy, not in managed memory"
+                    + (" (inside a batch pages are not moved; call it after the batch)"
+                       if self.batch_frame is not None else
+                       f" (its backend, {b.device_name()}, has no managed memory)"))
+            view = self.page_view(pid)
+            if prefetch is not None:
+                return b.prefetch_memory(view, prefetch, stream)
+            b.advise_memory(view, preferred=preferred, read_mostly=read_mostly)
+            return None
+        finally:
+            self.leave()
+
+    def sync_to_device(self, page_ids: Iterable[Any], fn: str) -> list[int]:
+        """Bring the device copies of ``page_ids`` up to date from their mirrors, then
+        wait until the copies have landed. Returns the pages whose bytes were copied.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError.
+        """
+        self.enter()
+        try:
+            pids = [self.require_page(p, fn) for p in page_ids]
+            for pid in pids:
+                check_device_page(self, pid, fn)
+            return self.sync_device_pages(pids)
+        finally:
+            self.leave()
+
+    def sync_to_device_async(self, page_ids: Iterable[Any], fn: str) -> DeviceSync:
+        """sync_to_device queued on the backends' streams without waiting: returns the
+        handle (``wait()``, ``done()``). Unified pages in managed memory need no copy.
+
+        Raises:
+            PageNotFoundError; InvalidArgumentError: a cpu page; GPUMemoryError.
+        """
+        self.enter()
+        try:
+            pids = [self.require_page(p, fn) for p in page_ids]
+            for pid in pids:
+                check_device_page(self, pid, fn)
+            return self.device_copies().refresh(self, pids, asynchronous=True)
+        finally:
+            self.leave()
+
+    def sync_device_pages(self, pids: list[int]) -> list[int]:
+        """sync_to_device without the checks (caller holds the lock; live device pages):
+        the stale copies of each backend in one batch, then a wait."""
+        return self.device_copies().refresh(self, pids).pages
+
+    def write_device_input(self, page_id: Any, offset: Any, data: Any, source: str,
+                           whole: bool) -> bool:
+        """write_bytes for ``data`` that may live on a device (a CUDA array or a DLPack
+        exporter). On a device page the write is diffed on the page's backend against
+        its device copy, which takes the new bytes in the same call
+        (``diff(apply=True)``); only the changes come back, to be logged and applied to
+        the host mirror. On a cpu page the data is read as host bytes. Returns True if
+        a delta was logged.
+
+        Raises:
+            PageNotFoundError; InvalidDeltaError: the write runs outside the page, or the
+            data cannot be read; GPUMemoryError.
+        """
+        fn = "update_page" if whole else "write_page"
+        self.enter()
+        try:
+            pid = self.require_page(page_id, fn)
+            t = self.table
+            if int(t.loc[pid]) == 0:
+                return self.write_bytes(pid, offset, as_host_bytes(data), source, whole)
+            size = int(t.size[pid])
+            nbytes = getattr(data, "nbytes", None)
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int | np.integer):
+                raise InvalidDeltaError(
+                    f"data of type {type(data).__name__} does not say its length (nbytes); "
+                    "pass a CuPy, PyTorch or numpy array", page_id=pid)
+            n_new = int(nbytes)
+            if whole:
+                if n_new != size:
+                    raise InvalidDeltaError(
+                        f"data has {n_new} bytes but the page has {size}; update_page replaces "
+                        "the whole page (use write_page for a part)", page_id=pid)
+                off = 0
+            else:
+                if isinstance(offset, bool) or not isinstance(offset, int | np.integer):
+                    raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
+                off = int(offset)
+                if off < 0 or off + n_new > size:
+                    raise InvalidDeltaError(
+                        f"write of {n_new} bytes at offset {off} runs outside the page "
+                        f"(size {size})", page_id=pid)
+            check_source(source)
+            t0 = time.perf_counter_ns()
+            copies = self.device_copies()
+            epoch = int(t.epoch[pid])
+            if copies.home(self, pid):
+                # Managed memory: diffed on the device against the page's own bytes;
+                # the logged changes are then written into that memory by the host.
+                changes = copies.backend(self, int(t.loc[pid])).diff_memory(
+                    self.page_view(pid), data, off)
+                if changes is None:
+                    return False
+                d = changes.to_delta(self.next_delta_id, pid, epoch, source)
+                self.next_delta_id += 1
+                view = self.page_view(pid)
+                lsn = self.log_append(d)
+                if self.batch_frame is not None:
+                    self.batch_frame.save(view, d)
+                apply_delta(view, d)
+                t.epoch[pid] = d.epoch
+                self.after_delta(d, t0, lsn)
+                return True
+            b, slot, _ = copies.current(self, pid)
+            # From here the device copy may take the new bytes before the delta is
+            # logged: until it is, and the mirror follows, the copy counts as stale.
+            copies.epochs[pid] = -1
+            try:
+                changes = b.diff(slot, data, off, apply=True)
+            except MMSBError:
+                # Refused before anything was written (the backend checks first).
+                copies.epochs[pid] = epoch
+                raise
+            if changes is None:
+                copies.epochs[pid] = epoch
+                return False
+            d = changes.to_delta(self.next_delta_id, pid, epoch, source)
+            self.next_delta_id += 1
+            view = self.page_view(pid)
+            if self.batch_frame is not None:
+                lsn = self.log_append(d)
+                self.batch_frame.save(view, d)
+            else:
+                lsn = self.log_append(d)
+            apply_delta(view, d)
+            t.epoch[pid] = d.epoch
+            copies.epochs[pid] = d.epoch
+            self.after_delta(d, t0, lsn)
+            return True
+        finally:
+            self.leave()
+
     def check_room(self, count: int, size: int) -> None:
         """Refuse creations past the id space or the machine's memory, before anything is
         logged (a page table indexed by id grows with the highest id)."""
@@ -941,6 +1347,8 @@ class MMSBState:
         tp = type(data)
         if tp is bytes or (tp is np.ndarray and data.dtype == np.uint8 and data.ndim == 1):
             new = data
+        elif is_device_input(data):
+            return self.write_device_input(page_id, offset, data, source, whole)
         else:
             new = as_bytes_array(data)
         self.enter()
@@ -993,6 +1401,8 @@ class MMSBState:
                 lsn = self.log_append(d)
             apply_delta(view, d)
             t.epoch[pid] = d.epoch
+            if self.devices is not None and pid in self.devices.slots:
+                self.devices.follow(pid, d, d.base_epoch)
             self.after_delta(d, t0, lsn)
             return True
         finally:
@@ -1204,6 +1614,10 @@ class MMSBState:
             else:
                 apply_delta(view, d)
             t.epoch[pid] = d.epoch
+            if self.devices is not None and pid in self.devices.slots:
+                # The device copy follows lazily (an exact delta's bytes are not the
+                # page's outside its mask).
+                self.devices.epochs[pid] = -1
             self.after_delta(d, t0, lsn)
         finally:
             self.leave()
@@ -1315,6 +1729,8 @@ class MMSBState:
                 assert t.is_live(node), f"edge kept for dead page {node}"
             for pid in self.recompute_fns:
                 assert t.is_live(pid), f"recompute function kept for dead page {pid}"
+            if self.devices is not None:
+                self.devices._check(self)
             if self.config.enable_logging:
                 for pid in live.tolist():
                     deltas = self.log.by_page.get(pid, [])
@@ -1409,6 +1825,10 @@ class MMSBState:
         self.pending.clear()
         self.forced.clear()
         self.compaction = None
+        if self.devices is not None:
+            # Other pages under the same ids, maybe at the same epochs: the device copies
+            # are made again from the restored mirrors on their next use.
+            self.devices.drop_all()
         snap.owned = False
 
     def refuse_in_batch(self, what: str) -> None:
@@ -1442,14 +1862,17 @@ room in any chunk for it."""
 
 
 def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
-                metadata: dict[str, Any] | None = None) -> Page:
+                metadata: dict[str, Any] | None = None, gpu: bool = False) -> Page:
     """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
-    epoch 0, with the next id. O(1).
+    epoch 0, with the next id. O(1). ``gpu=True`` is ``location="gpu"``: a page with a
+    device copy beside its host mirror (docs/Devices.md).
 
     Raises:
-        InvalidArgumentError (a ValueError): size not a positive int.
+        InvalidArgumentError (a ValueError): size not a positive int; ``gpu`` not a bool
+            or contradicting ``location``.
         UnsupportedLocationError: unknown location.
-        GPUMemoryError: a GPU/unified page without a usable CUDA device.
+        GPUMemoryError: a GPU/unified page without a usable CUDA device, on a durable
+            bus, or out of device memory.
         MetadataError: metadata msgpack cannot encode.
     """
     # The usual case runs in this one frame: a cpu page without metadata on an
@@ -1462,7 +1885,7 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
     # first (the offset's append is the only step that allocates), then the slot is
     # taken, then the table row filled. Anything else takes create_one, then create,
     # with their refusals.
-    if type(state) is MMSBState and location == "cpu" and not metadata:
+    if type(state) is MMSBState and location == "cpu" and not metadata and gpu is False:
         lock = state.lock
         lock.acquire()
         log = state.log
@@ -1528,6 +1951,8 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         page._state = state
         return page
     state = require_state(state, "create_page")
+    if gpu is not False:
+        location = gpu_flag_location(gpu, location, "create_page")
     return Page(state, state.create(1, size, location, metadata))
 
 
@@ -1708,6 +2133,10 @@ class _BatchFrame:
         st.next_delta_id = self.next_delta_id
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
+        if st.devices is not None:
+            # The mirrors went back to older epochs; a device copy may hold bytes of an
+            # epoch the pages will reach again with other bytes.
+            st.devices.mark_all_stale()
 
 
 
@@ -1776,6 +2205,8 @@ def _reserve_create(state: MMSBState, rec: PageCreate) -> None:
 def _apply_delete(state: MMSBState, rec: PageDelete) -> None:
     t = state.table
     pid = rec.page_id
+    if state.devices is not None:
+        state.devices.drop(pid)
     state.arena.free(int(t.addr[pid]), int(t.size[pid]))
     t.drop_row(pid)
     for parent, child in state.graph.edges_of(pid):
@@ -1801,6 +2232,9 @@ def _apply_resize(state: MMSBState, rec: PageResize) -> None:
     t.addr[pid] = new_addr
     t.size[pid] = rec.new_size
     state.mask_base[pid] = (new_mask, rec.lsn)
+    if state.devices is not None:
+        # Same epoch, other size: a new device copy is made on the page's next device use.
+        state.devices.drop(pid)
 
 
 def _reserve_resize(state: MMSBState, rec: PageResize) -> None:
@@ -1808,6 +2242,10 @@ def _reserve_resize(state: MMSBState, rec: PageResize) -> None:
 
 
 def _apply_migrate(state: MMSBState, rec: PageMigrate) -> None:
+    # The mirror keeps the bytes; the device copy at the old location goes (a live
+    # migration binds the new one after this, see MMSBState.migrate).
+    if state.devices is not None:
+        state.devices.drop(rec.page_id)
     state.table.loc[rec.page_id] = rec.location
 
 

@@ -257,6 +257,42 @@ class MMSBStats:
     """Arena buffer bytes (virtual; untouched memory is not resident)."""
     arena_fragmentation: float
     """Share of carved arena bytes not holding page bytes (slack + free + tail waste)."""
+    cpu_page_bytes: int = 0
+    """Sum of the sizes of the live cpu pages."""
+    gpu_page_bytes: int = 0
+    """Sum of the sizes of the live gpu pages (each also has a host mirror)."""
+    unified_page_bytes: int = 0
+    """Sum of the sizes of the live unified pages (each also has a host mirror)."""
+    device_bytes_in_use: int = 0
+    """Bytes of the device slots held by device copies, counted by size class, over
+    every device backend (``get_device_stats`` has each backend's counters)."""
+    device_stale_pages: int = 0
+    """Live gpu and unified pages whose device copy is missing or behind their host
+    mirror (brought up to date on their next device use); unified pages in managed
+    memory have no device copy and are never counted."""
+    unified_managed_bytes: int = 0
+    """Bytes of the unified pages whose bytes live in managed memory (by size class)."""
+    device_syncs: int = 0
+    """Device syncs asked for (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges)."""
+    device_async_syncs: int = 0
+    """Of device_syncs, the async ones."""
+    device_pages_synced: int = 0
+    """Device copies brought up to date from their host mirrors, by any device use."""
+    device_bytes_synced: int = 0
+    """Bytes copied from host mirrors into device copies, by any device use."""
+    gpu_deltas_applied: int = 0
+    """Deltas the gpu backend applied to device copies (writes of gpu pages through the
+    general path; device-array writes)."""
+    unified_deltas_applied: int = 0
+    """Deltas the unified backend applied to device copies (only unified pages kept as
+    a mirror and a copy: writes to unified pages in managed memory are the host's own
+    writes of that memory, counted with every delta)."""
+    unified_prefetches: int = 0
+    """Prefetch calls on unified pages (prefetch_to_gpu, prefetch_to_cpu)."""
+    unified_bytes_prefetched: int = 0
+    """Bytes those prefetches covered."""
+    unified_advices: int = 0
+    """Memory-advice calls on unified pages (set_preferred_location, set_read_mostly)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

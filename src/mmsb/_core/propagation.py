@@ -5,7 +5,9 @@ DATA edges recompute the child with its registered function (the result is logge
 a delta with source ``"propagation"``, so replay never calls user code); a recompute
 that yields identical bytes stops the change there (cutoff). CONTROL edges mark the
 child stale, COMPILER edges mark its compiled artifacts invalid (both as logged
-metadata changes), GPU_SYNC edges ask for a device sync. Iterative: no recursion limit.
+metadata changes), GPU_SYNC edges schedule a device sync: GPU_SYNC_NEEDED for every child, and for a gpu or
+unified child its device copy is brought up to date from its host mirror after the
+pass, then GPU_SYNC_COMPLETE once the copy has landed. Iterative: no recursion limit.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidDeltaError, PropagationError
+from ..errors import InvalidDeltaError, MMSBError, PropagationError
 from ..types import EdgeType, EventType
 from .delta import as_bytes_array
 from .page_table import LIVE
@@ -112,6 +114,10 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
             InvalidArgumentError (the ``__cause__``).
         In both cases the sources' writes stand, the rest of the pass still runs, and
         that child (and what depends on it only through it) is left as it was.
+
+        GPUMemoryError: the device sync a GPU_SYNC edge scheduled failed (the device
+            is not usable here, or out of memory): the pass's writes stand and no
+            GPU_SYNC_COMPLETE is emitted.
     """
     changed = set(sources)
     parents = state.graph.parents
@@ -120,6 +126,7 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
     # PageTable.is_live, inlined (rows below next_id exist; rows past it are never live):
     # a call per page is about 2 % of a single hop.
     flags = table.views[3]
+    syncs: list[int] = []
     for node in affected_order(state, sources, forced):
         if not flags[node] & LIVE:
             continue
@@ -184,5 +191,17 @@ def run_propagation(state: MMSBState, sources: set[int], forced: frozenset[int] 
                 state.emit(event, node, kinds[edge])
         if _GPU_SYNC in kinds:
             state.emit(EventType.GPU_SYNC_NEEDED, node, kinds[_GPU_SYNC])
+            if table.loc[node]:
+                syncs.append(node)
+    if syncs:
+        # After the pass, so a child recomputed in it is synced with its new bytes.
+        try:
+            state.sync_device_pages(syncs)
+        except MMSBError as exc:
+            if first_error is None:
+                first_error = exc
+        else:
+            for node in syncs:
+                state.emit(EventType.GPU_SYNC_COMPLETE, node)
     if first_error is not None:
         raise first_error

@@ -19,7 +19,7 @@ Backends are not thread-safe: the engine calls them under its one lock.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "DeltaBatch",
     "Pending",
     "DEFAULT_CHUNK_SIZE",
+    "stream_pointer",
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 26  # 64 MiB: few allocations, and a 16 MiB page still shares one
@@ -77,6 +78,13 @@ class DeviceStats:
     """Bytes copied from other device arrays into slots, on the device."""
     bytes_prefetched: int
     """Bytes of managed memory prefetched (unified backend only)."""
+    prefetches: int = 0
+    """Prefetch calls (slots and the host arena's managed memory)."""
+    advices: int = 0
+    """Memory-advice calls (preferred location, read-mostly)."""
+    bytes_managed_host: int = 0
+    """Bytes of managed memory handed to the host arena for unified pages (chunks and
+    large-page buffers), since the backend was made."""
 
 
 class Changes:
@@ -259,6 +267,28 @@ class Pending:
         return self._result
 
 
+def _host_array(host: Any) -> np.ndarray:
+    if (not isinstance(host, np.ndarray) or host.dtype != np.uint8 or host.ndim != 1
+            or not host.flags.c_contiguous):
+        raise InvalidArgumentError("expected the page's bytes as a contiguous uint8 numpy array")
+    return host
+
+
+def stream_pointer(stream: Any) -> int | None:
+    """None, or the raw pointer of a CuPy stream (``.ptr``) or of an int.
+
+    Raises:
+        InvalidArgumentError: anything else.
+    """
+    if stream is None:
+        return None
+    ptr = getattr(stream, "ptr", stream)
+    if isinstance(ptr, bool) or not isinstance(ptr, int | np.integer) or ptr < 0:
+        raise InvalidArgumentError(
+            f"stream must be a CuPy stream, a raw stream pointer (int) or None, not {stream!r}")
+    return int(ptr)
+
+
 def _int_array(a: Any, what: str, page_id: int | None = None) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
@@ -293,6 +323,9 @@ class DeviceBackend(ABC):
         self._d2h = 0
         self._d2d = 0
         self._prefetched = 0
+        self._prefetches = 0
+        self._advices = 0
+        self._managed_host = 0
 
     # == primitives each backend implements ============================================
     @abstractmethod
@@ -613,6 +646,29 @@ class DeviceBackend(ABC):
                 delta not the size of its slot, positions out of range, unsorted or
                 repeated within a delta.
         """
+        n = self._run_batch(batch)
+        self._deltas += n
+        self._batches += 1
+
+    def marker(self) -> Pending:
+        """A ticket for the work queued on the backend's stream so far."""
+        return Pending(self, self._record_event())
+
+    def copy_in_many(self, items: Iterable[tuple[int, Any]]) -> Pending:
+        """Write whole slots, each ``(slot, data)`` with ``data`` (host bytes) the
+        slot's size, as one batch (one upload, one launch), queued on the backend's
+        stream; returns a ticket. Counted as bytes copied in, not as deltas.
+
+        Raises:
+            InvalidArgumentError: a slot not live.
+            InvalidDeltaError: data not the size of its slot, or a slot given twice.
+        """
+        batch = DeltaBatch.from_items((slot, None, data) for slot, data in items)
+        self._run_batch(batch)
+        return Pending(self, self._record_event(), keep=batch)
+
+    def _run_batch(self, batch: DeltaBatch) -> int:
+        """Validate and write a batch (see apply_batch); returns its delta count."""
         if not isinstance(batch, DeltaBatch):
             raise InvalidArgumentError(f"expected a DeltaBatch, not {type(batch).__name__}")
         n = len(batch.slots)
@@ -652,8 +708,7 @@ class DeviceBackend(ABC):
         if total:
             self._apply_batch(targets, batch, vals, pos)
         self._count_in(total + len(pos) * pos.dtype.itemsize + 32 * n, vals_dev and pos_dev)
-        self._deltas += n
-        self._batches += 1
+        return n
 
     def apply_batch_async(self, batch: DeltaBatch) -> Pending:
         """:meth:`apply_batch` queued on the backend's stream. Raises what it raises."""
@@ -707,6 +762,110 @@ class DeviceBackend(ABC):
             self._deltas += 1
         return changes
 
+    # == managed memory of the host arena ===============================================
+    # A backend with managed memory lends it to the host arena for unified pages: the
+    # engine's host paths write those bytes in place, and the device reads the same
+    # memory (no device copy). These methods take such host arrays (``host``: a slice of
+    # what ``managed_source()`` handed out), not slots.
+    def managed_source(self) -> Callable[[int], np.ndarray] | None:
+        """``source(nbytes)``, giving a zero-filled writable uint8 numpy array over
+        managed memory (the CPU and the device address the same bytes), for the host
+        arena's unified pages; None when the backend has no managed memory (its pages
+        then keep a device copy beside their host mirror). The source raises
+        GPUMemoryError where the memory is not there."""
+        return None
+
+    def memory_view(self, host: np.ndarray, alive: Callable[[], bool]) -> Any:
+        """A read-only view on the device of ``host`` (managed memory), without a copy:
+        the device reads the bytes the host arena holds, so the view is never behind.
+        ``alive()`` says whether the bytes still belong to the page the view was made
+        for; exports are refused once it says no.
+
+        Raises:
+            InvalidArgumentError: ``host`` is not a contiguous uint8 numpy array.
+        """
+        return self._memory_view(self._memory_array(_host_array(host)), alive)
+
+    def diff_memory(self, host: np.ndarray, new: Any, offset: int = 0) -> Changes | None:
+        """The changes of writing ``new`` into ``host`` (managed memory) at ``offset``,
+        computed on the device as :meth:`diff` does, without writing anything (the
+        engine writes the logged changes into the same memory). None when nothing
+        differs.
+
+        Raises:
+            InvalidArgumentError: ``host`` not a contiguous uint8 numpy array, or
+                ``offset`` not a non-negative int.
+            InvalidDeltaError: ``new`` unreadable, or it does not fit at ``offset``.
+        """
+        page = self._memory_array(_host_array(host))
+        size = len(host)
+        src, on_dev = self._coerce(new, "new contents")
+        offset = self._offset(offset)
+        if offset + len(src) > size:
+            raise InvalidDeltaError(
+                f"{len(src)} bytes at offset {offset} run past the end of a {size}-byte page")
+        changes, up, down = self._diff(page, src, on_dev, offset, False)
+        self._h2d += up
+        self._d2h += down
+        self._diffs += 1
+        return changes
+
+    def prefetch_memory(self, host: np.ndarray, to: str, stream: Any = None) -> Pending:
+        """Migrate ``host``'s managed memory to the device (``to="gpu"``) or the host
+        (``"cpu"``) ahead of use, queued on ``stream`` (a CuPy stream, a raw stream
+        pointer, or None for the backend's stream); returns a ticket to wait on. A
+        backend without a device records the call and returns a done ticket.
+
+        Raises:
+            InvalidArgumentError: ``host`` not a contiguous uint8 numpy array, ``to``
+                not ``"gpu"``/``"cpu"``, or ``stream`` not a stream.
+            GPUMemoryError: the driver refused the prefetch.
+        """
+        arr = self._memory_array(_host_array(host))
+        if to not in ("gpu", "cpu"):
+            raise InvalidArgumentError(f"a prefetch goes to 'gpu' or 'cpu', not {to!r}")
+        ptr = stream_pointer(stream)
+        event = self._prefetch_memory(arr, to, ptr)
+        self._prefetches += 1
+        self._prefetched += len(host)
+        return Pending(self, event)
+
+    def advise_memory(self, host: np.ndarray, *, preferred: str | None = None,
+                      read_mostly: bool | None = None) -> None:
+        """Hints for ``host``'s managed memory: ``preferred`` location (``"gpu"``,
+        ``"cpu"``, or ``"none"`` to clear it) and ``read_mostly`` (read copies on each
+        side; a write drops them). A backend without a device records the call.
+
+        Raises:
+            InvalidArgumentError: ``host`` not a contiguous uint8 numpy array, or a hint
+                value that is not one of those above.
+            GPUMemoryError: the driver refused the advice.
+        """
+        arr = self._memory_array(_host_array(host))
+        if preferred is not None and preferred not in ("gpu", "cpu", "none"):
+            raise InvalidArgumentError(
+                f"a preferred location is 'gpu', 'cpu' or 'none', not {preferred!r}")
+        if read_mostly is not None and not isinstance(read_mostly, bool):
+            raise InvalidArgumentError(f"read_mostly must be a bool, not {read_mostly!r}")
+        self._advise_memory(arr, preferred, read_mostly)
+        self._advices += 1
+
+    def _memory_array(self, host: np.ndarray) -> Any:
+        """The backend's array over the memory of ``host`` (the host array itself here)."""
+        return host
+
+    def _memory_view(self, arr: Any, alive: Callable[[], bool]) -> Any:
+        v = arr.view()
+        v.flags.writeable = False
+        return v
+
+    def _prefetch_memory(self, arr: Any, to: str, stream: int | None) -> Any:
+        """Queue the prefetch; returns the event marking its end (None: finished)."""
+        return None
+
+    def _advise_memory(self, arr: Any, preferred: str | None, read_mostly: bool | None) -> None:
+        return None
+
     # == waiting and counters ==========================================================
     def synchronize(self) -> None:
         """Block until every operation queued on this backend has finished."""
@@ -723,7 +882,8 @@ class DeviceBackend(ABC):
             allocations=a.allocations, frees=a.frees, deltas_applied=self._deltas,
             batches_applied=self._batches, diffs=self._diffs, syncs=self._syncs,
             bytes_h2d=self._h2d, bytes_d2h=self._d2h, bytes_d2d=self._d2d,
-            bytes_prefetched=self._prefetched)
+            bytes_prefetched=self._prefetched, prefetches=self._prefetches,
+            advices=self._advices, bytes_managed_host=self._managed_host)
 
     def live_slots(self) -> dict[int, int]:
         """Every live slot and its size."""

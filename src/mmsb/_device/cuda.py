@@ -24,6 +24,7 @@ after checking that CuPy and a device are usable.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from typing import Any
 
 import cupy as cp
@@ -34,7 +35,7 @@ from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError
 from .backend import DEFAULT_CHUNK_SIZE, Changes, DeltaBatch, DeviceBackend, Pending
 from .host import _host_bytes
 
-__all__ = ["CudaBackend", "UnifiedBackend", "DeviceView", "compile_kernels"]
+__all__ = ["CudaBackend", "UnifiedBackend", "DeviceView", "ManagedView", "compile_kernels"]
 
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
 _CPU_DEVICE_ID = -1  # cudaCpuDeviceId
@@ -239,6 +240,45 @@ class DeviceView:
 
     def __repr__(self) -> str:
         return f"DeviceView({self.nbytes} bytes on cuda:{self.device_id}, read-only)"
+
+
+class ManagedView(DeviceView):
+    """A read-only device view of a unified page's bytes in the host arena's managed
+    memory: the same memory the CPU writes, so never behind and never copied. Exports
+    are refused once the page was deleted, resized or moved (``alive()`` says no)."""
+
+    __slots__ = ("_alive",)
+
+    def __init__(self, backend: CudaBackend, arr: Any, alive: Callable[[], bool]) -> None:
+        self._backend = backend
+        self._slot = -1
+        self._gen = 0
+        self._arr = arr
+        self._alive = alive
+
+    def _live(self) -> Any:
+        if not self._alive():
+            raise InvalidArgumentError(
+                "the page under this device view was deleted, resized or moved; ask the "
+                "page for a new one (device_array)")
+        return self._arr
+
+    def get(self) -> np.ndarray:
+        """A host copy of the bytes."""
+        with self._backend._device:
+            return np.asarray(self._live().get(stream=self._backend._stream))
+
+
+class _ManagedBuffer:
+    """Managed memory handed to numpy: exposes the allocation through the array
+    interface and keeps it alive while any array over it lives."""
+
+    __slots__ = ("mem", "__array_interface__")
+
+    def __init__(self, mem: Any, nbytes: int) -> None:
+        self.mem = mem
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                    "data": (int(mem.ptr), False), "version": 3}
 
 
 class CudaBackend(DeviceBackend):
@@ -587,7 +627,9 @@ class UnifiedBackend(CudaBackend):
                 f"reserve_bytes must be a non-negative int, not {reserve_bytes!r}")
         self._reserve = reserve_bytes
 
-    def _new_chunk(self, nbytes: int) -> Any:
+    def _malloc_managed(self, nbytes: int) -> Any:
+        """A managed allocation of ``nbytes`` (a CuPy MemoryPointer), refused when it
+        would leave less than the reserve of the device's free memory."""
         with self._device:
             free, total = cp.cuda.runtime.memGetInfo()
             reserve = self._reserve if self._reserve is not None else max(256 << 20, total // 32)
@@ -597,13 +639,53 @@ class UnifiedBackend(CudaBackend):
                     f"the {free} bytes the device has free; managed memory beyond free "
                     "device memory is refused", requested_bytes=nbytes)
             try:
-                mem = cp.cuda.malloc_managed(nbytes)
+                return cp.cuda.malloc_managed(nbytes)
             except (cp.cuda.memory.OutOfMemoryError, cp.cuda.runtime.CUDARuntimeError) as exc:
                 raise GPUMemoryError(f"managed allocation failed ({exc})",
                                      requested_bytes=nbytes) from exc
+
+    def _new_chunk(self, nbytes: int) -> Any:
+        mem = self._malloc_managed(nbytes)
+        with self._device:
             arr = cp.ndarray((nbytes,), dtype=cp.uint8, memptr=mem)
             cp.cuda.runtime.memsetAsync(arr.data.ptr, 0, nbytes, self._stream.ptr)
         return arr
+
+    # -- managed memory of the host arena ---------------------------------------------
+    def managed_source(self) -> Callable[[int], np.ndarray]:
+        """Managed allocations as numpy arrays, for the host arena's unified pages."""
+        return self._managed_host_chunk
+
+    def _managed_host_chunk(self, nbytes: int) -> np.ndarray:
+        mem = self._malloc_managed(nbytes)
+        with self._device:
+            # Zero-filled, as the arena's chunks are; finished before the CPU uses it.
+            cp.cuda.runtime.memsetAsync(mem.ptr, 0, nbytes, self._stream.ptr)
+            self._stream.synchronize()
+        self._managed_host += nbytes
+        return np.asarray(_ManagedBuffer(mem, nbytes))
+
+    def _memory_array(self, host: np.ndarray) -> Any:
+        # The same bytes, addressed by the device: no copy. ``host`` is the owner, so
+        # the memory outlives every array over it.
+        n = len(host)
+        mem = cp.cuda.UnownedMemory(int(host.ctypes.data), n, host, self._device.id)
+        return cp.ndarray((n,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+
+    def _memory_view(self, arr: Any, alive: Callable[[], bool]) -> ManagedView:
+        return ManagedView(self, arr, alive)
+
+    def _prefetch_memory(self, arr: Any, to: str, stream: int | None) -> Any:
+        self._prefetch(arr, self._target(to), stream)
+        if stream is None:
+            return self._record_event()
+        ev = cp.cuda.Event(disable_timing=True)
+        with self._device:
+            ev.record(cp.cuda.ExternalStream(stream))
+        return ev
+
+    def _advise_memory(self, arr: Any, preferred: str | None, read_mostly: bool | None) -> None:
+        self._advise(arr, len(arr), preferred, read_mostly)
 
     def _host_array(self, dev: Any) -> np.ndarray:
         n = len(dev)
@@ -631,19 +713,21 @@ class UnifiedBackend(CudaBackend):
         dst = self._target(to)
         self._prefetch(arr, dst)
         self._prefetched += size
+        self._prefetches += 1
         return Pending(self, self._record_event())
 
-    def _prefetch(self, arr: Any, dst: int) -> None:
+    def _prefetch(self, arr: Any, dst: int, stream: int | None = None) -> None:
         api = _location_api()
+        ptr = self._stream.ptr if stream is None else stream
         with self._device:
             if api is not None:
-                rc = api[0](int(arr.data.ptr), len(arr), _location(dst), 0, self._stream.ptr)
+                rc = api[0](int(arr.data.ptr), len(arr), _location(dst), 0, ptr)
                 if rc:
                     raise GPUMemoryError(f"the driver refused a prefetch (CUresult {rc})",
                                          requested_bytes=len(arr))
                 return
             try:
-                cp.cuda.runtime.memPrefetchAsync(arr.data.ptr, len(arr), dst, self._stream.ptr)
+                cp.cuda.runtime.memPrefetchAsync(arr.data.ptr, len(arr), dst, ptr)
             except cp.cuda.runtime.CUDARuntimeError as exc:
                 raise GPUMemoryError(f"the runtime refused a prefetch ({exc})",
                                      requested_bytes=len(arr)) from exc
@@ -660,6 +744,11 @@ class UnifiedBackend(CudaBackend):
             GPUMemoryError: the driver refused the advice.
         """
         arr, size = self._array(slot)
+        self._advise(arr, size, preferred, read_mostly)
+        self._advices += 1
+
+    def _advise(self, arr: Any, size: int, preferred: str | None,
+                read_mostly: bool | None) -> None:
         calls: list[tuple[int, int]] = []
         if preferred is not None:
             if preferred == "none":

@@ -12,6 +12,7 @@ import importlib.util
 from functools import lru_cache
 from typing import Any
 
+from .._core.devices import bind_backends
 from ..errors import GPUMemoryError, UnsupportedLocationError
 from .backend import DeviceBackend
 from .host import HostBackend
@@ -145,3 +146,8 @@ def get_backend(location: Any, **options: Any) -> DeviceBackend:
     from .cuda import CudaBackend, UnifiedBackend
 
     return CudaBackend(**options) if loc == "gpu" else UnifiedBackend(**options)
+
+
+# The engine makes the backends of its device pages through get_backend (the core does
+# not import this layer, which sits above it).
+bind_backends(get_backend, DeviceBackend)

@@ -88,7 +88,8 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     if not p.is_file():
         raise UserError(f"{p} is neither a directory nor a regular file")
     state = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
-    mmsb.load_checkpoint(state, p)
+    # Read as written: gpu and unified pages keep their locations (no device is used).
+    mmsb.load_checkpoint(state, p, keep_device_locations=True)
     notes = []
     horizon = state.log.horizon_lsn
     if not _log_is_anchored(state):
