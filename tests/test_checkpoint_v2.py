@@ -240,6 +240,44 @@ def test_join_records_concatenates_slices_of_one_log() -> None:
     assert list(restored.records) == list(log.records)
 
 
+def _same_log_indexes(a: TransactionLog, b: TransactionLog) -> None:
+    """Same rows (but for where payloads lie), step maps, per-page row indexes, base
+    epochs, sources and records."""
+    n = a.n
+    assert b.n == n
+    fields = [f for f in a.rows.dtype.names if f != "poff"]
+    for f in fields:
+        assert (a.rows[f][:n] == b.rows[f][:n]).all(), f
+    assert a.index == b.index
+    assert [a.lsns.at(r) for r in range(n)] == [b.lsns.at(r) for r in range(n)]
+    assert [a.ids.at(r) for r in range(n)] == [b.ids.at(r) for r in range(n)]
+    assert (a.lsns.last, a.ids.last) == (b.lsns.last, b.ids.last)
+    assert a.bases == b.bases and a.sources == b.sources
+    assert a.payload_bytes == b.payload_bytes
+    assert [a.delta_at(r) for r in range(n)] == [b.delta_at(r) for r in range(n)]
+    assert list(a.records) == list(b.records)
+
+
+def test_log_from_columns_builds_the_indexes_of_the_log_they_came_from() -> None:
+    s = _busy()
+    mmsb.compress_log(s)  # merged deltas: breaks in the delta ids, base epochs
+    mmsb.write_page(s, 1, 0, b"after")
+    mmsb.write_page(s, 2, 5, b"later", source="third")
+    with s.lock:
+        cols = s.log.columns()
+    _same_log_indexes(TransactionLog.from_columns(cols), s.log)
+    # Page ids far above the number of rows (ordered by sorting, not by counting).
+    t = MMSBState(CFG)
+    ids = [p.id for p in mmsb.create_pages(t, 3000, 16)]
+    for k, pid in enumerate((ids[-1], ids[5], ids[-1], ids[2000], ids[5])):
+        mmsb.write_page(t, pid, 0, bytes([k + 1]))
+    with t.lock:
+        cols = t.log.columns()
+    rebuilt = TransactionLog.from_columns(cols)
+    _same_log_indexes(rebuilt, t.log)
+    assert rebuilt.index[ids[-1]].tolist() == [0, 2]
+
+
 def _head_columns(s: MMSBState, cut: int) -> LogColumns:
     """The columns of the records with LSN ≤ cut."""
     cols = _cols(s)

@@ -715,3 +715,85 @@ def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarr
         if r and ts[r] < ts[r - 1]:
             return r, 9
     return -1, 0
+
+
+@njit(cache=True, nogil=True)
+def _breaks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Rows 0 and every row whose value is not the previous one's plus one, and their
+    values (int64 each)."""
+    n = values.shape[0]
+    k = 1
+    for r in range(1, n):
+        if values[r] != values[r - 1] + 1:
+            k += 1
+    rows = np.empty(k, np.int64)
+    vals = np.empty(k, np.int64)
+    rows[0] = 0
+    vals[0] = values[0]
+    k = 1
+    for r in range(1, n):
+        if values[r] != values[r - 1] + 1:
+            rows[k] = r
+            vals[k] = values[r]
+            k += 1
+    return rows, vals
+
+
+@njit(cache=True, nogil=True)
+def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: np.ndarray,
+                  src: np.ndarray, enc: np.ndarray, epoch: np.ndarray, ts: np.ndarray,
+                  sids: np.ndarray, lsn: np.ndarray, ids: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                             np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Fill log rows ``0 … n-1`` (of :data:`ROW_DTYPE`) from the columns of ``n`` deltas
+    (at least one) whose payloads lie back to back from offset 0 of one chunk (each
+    row's ``poff`` is the running sum of ``plen``), with sources renumbered through
+    ``sids``. Returns what the log's indexes need: the rows ordered by page, stably
+    (uint32), where each page's rows start in that order and where the last ends,
+    each page's id, and the break rows and values of the LSN and delta-id step maps
+    (see :func:`_breaks`). O(rows + pages), or O(rows log rows) where page ids are
+    sparse."""
+    n = page.shape[0]
+    off = np.int64(0)
+    top = np.int64(0)
+    for i in range(n):
+        r = rows[i]
+        r.page = page[i]
+        r.psize = psize[i]
+        r.plen = plen[i]
+        r.src = sids[src[i]]
+        r.enc = enc[i]
+        r.epoch = epoch[i]
+        r.ts = ts[i]
+        r.poff = off
+        off += plen[i]
+        if page[i] > top:
+            top = page[i]
+    order = np.empty(n, np.uint32)
+    if top <= 4 * n + 1024:
+        start = np.zeros(top + 2, np.int64)
+        for i in range(n):
+            start[page[i] + 1] += 1
+        for v in range(1, top + 2):
+            start[v] += start[v - 1]
+        for i in range(n):
+            p = page[i]
+            order[start[p]] = i
+            start[p] += 1
+    else:
+        order[:] = np.argsort(page, kind="mergesort")
+    bounds = np.empty(n + 1, np.int64)
+    keys = np.empty(n, np.int64)
+    k = 0
+    prev = np.int64(-1)
+    for j in range(n):
+        p = page[order[j]]
+        if p != prev:
+            bounds[k] = j
+            keys[k] = p
+            k += 1
+            prev = p
+    bounds[k] = n
+    lsn_rows, lsn_vals = _breaks(lsn)
+    id_rows, id_vals = _breaks(ids)
+    return order, bounds[:k + 1], keys[:k], lsn_rows, lsn_vals, id_rows, id_vals

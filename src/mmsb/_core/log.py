@@ -39,6 +39,7 @@ from .kernels import (
     check_payloads,
     check_rows,
     entry_point,
+    fill_log_rows,
     gather_payloads,
     group_encode,
     group_layout,
@@ -132,6 +133,16 @@ class _Steps:
 
     def nbytes(self) -> int:
         return 16 * len(self.rows)
+
+    @classmethod
+    def of_breaks(cls, rows: np.ndarray, vals: np.ndarray, last: int) -> _Steps:
+        """The map whose breaks are at ``rows`` (ascending, from 0) with ``vals`` there
+        (int64 each), and whose newest row has ``last``."""
+        out = cls()
+        out.rows.frombytes(rows.tobytes())
+        out.vals.frombytes(vals.tobytes())
+        out.last = last
+        return out
 
     @classmethod
     def of(cls, values: np.ndarray) -> _Steps:
@@ -1300,9 +1311,35 @@ class TransactionLog:
         keep = _readonly_view if adopt else _private_copy
         log = cls()
         n = len(cols)
-        if n:
-            # A quarter more room than the rows loaded, so that the writes after a
-            # reopen do not start by copying every row into a doubled array.
+        sids = np.empty(len(cols.sources) if n else 0, np.int64)
+        for k, name in enumerate(cols.sources if n else ()):
+            sids[k] = log._source_id(name, 0)
+        if n and len(cols.payload) < 1 << 32 and len(sids) < _NO_SOURCE:
+            # The usual case, in one compiled pass: the payloads in one chunk, every
+            # source numbered. A quarter more room than the rows loaded, so that the
+            # writes after a reopen do not start by copying every row into a doubled
+            # array.
+            rows = np.empty(max(n + n // 4, 1024), ROW_DTYPE)
+            order, bounds, keys, lr, lv, ir, iv = fill_log_rows(
+                rows, cols.page, cols.psize, cols.plen, cols.src, cols.enc, cols.epoch,
+                cols.ts, sids, cols.lsn, cols.ids)
+            log.chunks.append(keep(cols.payload))
+            log.rows = rows
+            log.n = n
+            log.lsns = _Steps.of_breaks(lr, lv, int(cols.lsn[-1]))
+            log.ids = _Steps.of_breaks(ir, iv, int(cols.ids[-1]))
+            if len(cols.base_rows):
+                log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(),
+                                     strict=True))
+            # One array of row numbers per page, sliced by C-level iteration (no Python
+            # loop over the pages).
+            every = array("I", order.tobytes())
+            b = bounds.tolist()
+            log.index = dict(zip(keys.tolist(), map(every.__getitem__, map(slice, b, b[1:])),
+                                 strict=True))
+            log.payload_bytes = len(cols.payload)
+        elif n:
+            # Payloads past 4 GiB (several chunks) or sources past the numbered ones.
             rows = np.empty(max(n + n // 4, 1024), ROW_DTYPE)
             rows["page"][:n] = cols.page
             rows["psize"][:n] = cols.psize
@@ -1325,9 +1362,6 @@ class TransactionLog:
                     log.chunks.append(keep(cols.payload[lo:hi]))
                     poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
                 rows["poff"][:n] = poff
-            sids = np.empty(len(cols.sources), np.int64)
-            for k, name in enumerate(cols.sources):
-                sids[k] = log._source_id(name, 0)
             mapped = sids[cols.src] if len(sids) else np.zeros(n, np.int64)
             rows["src"][:n] = mapped
             if len(sids) >= _NO_SOURCE:
