@@ -183,3 +183,38 @@ def test_adopt_cuts_a_large_buffer_into_chunks(small: list[int]) -> None:
     frozen = np.zeros(1024, np.uint8)
     frozen.flags.writeable = False
     assert arena.adopt(frozen, np.array([1024], np.int64)) is None
+
+
+def _index_of(s: MMSBState) -> dict[int, list[int]]:
+    return {pid: rows.tolist() for pid, rows in s.log.index.items()}
+
+
+def test_a_restored_log_makes_its_row_indexes_when_first_read(tmp_path: Path) -> None:
+    s = _state([1024] * 12 + [64] * 5)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    want = _index_of(s)
+    # Read first: the indexes are the saved log's.
+    t = _load(path)
+    assert "index" not in vars(t.log)
+    assert _index_of(t) == want
+    # Written first: the new row joins its page's rows.
+    t = _load(path)
+    mmsb.write_page(t, 3, 0, b"xyz")
+    assert _index_of(t) == {**want, 3: [*want[3], t.log.n - 1]}
+    assert mmsb.verify_state_consistency(t)
+    # A saved history (made before a rewrite that may fail) holds them, so that putting
+    # it back restores them.
+    t = _load(path)
+    with t.lock:
+        saved = t.history_snapshot()
+        t.log.replace_all([])
+        assert t.log.index == {}
+        t.history_restore(saved)
+    assert _index_of(t) == want
+    assert list(t.log.records) == list(s.log.records)
+    # A frozen copy shares them.
+    t = _load(path)
+    with t.lock:
+        frozen = t.log.frozen()
+    assert frozen.index is t.log.index and _index_of(t) == want

@@ -25,6 +25,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, overload
 
 import numpy as np
@@ -387,6 +388,29 @@ class TransactionLog:
         it checks ``generation`` before trusting it."""
         self._clear()
 
+    _index_parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """What a log built by :meth:`from_columns` makes ``index`` from when it is first
+    read: its rows ordered by page, where each page's rows start there (and the end),
+    and the pages' ids."""
+
+    @cached_property
+    def index(self) -> dict[int, array[int]]:
+        """page id → its delta rows, ascending. A log built from columns makes it the
+        first time it is read, one array per page sliced from one array by C-level
+        iteration; every other log holds it from the start."""
+        parts = self._index_parts
+        if parts is None:
+            # Not a log that makes it on read: a deferred log, whose __getattr__ loads
+            # its history on this error.
+            raise AttributeError("index")
+        order, bounds, keys = parts
+        every = array("I", order.tobytes())
+        b = bounds.tolist()
+        index = dict(zip(keys.tolist(), map(every.__getitem__, map(slice, b, b[1:])),
+                         strict=True))
+        self._index_parts = None
+        return index
+
     def _clear(self) -> None:
         self.generation += 1
         # delta rows
@@ -400,8 +424,9 @@ class TransactionLog:
         self.rare_sources: dict[int, str] = {}
         self.sources: list[str] = []
         self.source_ids: dict[str, int] = {}
-        self.index: dict[int, array[int]] = {}
-        """page id → its delta rows, ascending."""
+        self.index = {}
+        if self._index_parts is not None:
+            self._index_parts = None
         self.chunks: list[memoryview | None] = []
         self.cur = -1
         """The shared chunk small payloads go to (-1: none yet)."""
@@ -1095,6 +1120,7 @@ class TransactionLog:
         columns, never edit them). Read it only up to this log's last LSN now: the
         two share the open payload chunk and the newest creation run, which this log
         goes on extending. O(1)."""
+        self.index  # noqa: B018 - made now if it is made on read, so that both share it
         out = TransactionLog.__new__(TransactionLog)
         out.__dict__.update(self.__dict__)
         out.history_index = None
@@ -1102,6 +1128,7 @@ class TransactionLog:
 
     def memento(self) -> dict[str, Any]:
         """Everything a rewrite (replace_all, drop_through) replaces, to undo it."""
+        self.index  # noqa: B018 - made now if it is made on read, so that it is saved
         return dict(self.__dict__)
 
     def restore_memento(self, saved: dict[str, Any]) -> None:
@@ -1331,12 +1358,10 @@ class TransactionLog:
             if len(cols.base_rows):
                 log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(),
                                      strict=True))
-            # One array of row numbers per page, sliced by C-level iteration (no Python
-            # loop over the pages).
-            every = array("I", order.tobytes())
-            b = bounds.tolist()
-            log.index = dict(zip(keys.tolist(), map(every.__getitem__, map(slice, b, b[1:])),
-                                 strict=True))
+            # The per-page row indexes are made the first time they are read (see
+            # ``index``): a restored state that is only read never needs them.
+            del log.index
+            log._index_parts = (order, bounds, keys)
             log.payload_bytes = len(cols.payload)
         elif n:
             # Payloads past 4 GiB (several chunks) or sources past the numbered ones.
