@@ -215,6 +215,35 @@ def test_hostile_columns_in_a_file_are_typed_errors_that_change_nothing(tmp_path
         assert (target.last_lsn, mmsb.query_page(target, 1), len(target.log.records)) == before
 
 
+def test_page_table_refusals_name_the_problem_and_change_nothing(tmp_path: Path) -> None:
+    s = _busy()
+    head, secs = split_checkpoint(ckpt_mod.checkpoint_bytes(s))
+    ptbl = next(st for t, c, r, st in secs if t == b"PTBL")
+    n = len(ptbl) // 25
+    ids = "page ids are not ascending, positive and below the next id"
+    other = "impossible size, epoch or location"
+    cases: dict[str, tuple[int, str, int, str]] = {
+        "id repeated": (8, "<q", 1, ids), "id 0": (0, "<q", 0, ids),
+        "id at the next id": (8 * (n - 1), "<q", head[5], ids),
+        "size 0": (8 * n, "<q", 0, other), "size past the limit": (8 * n, "<q", 2**32, other),
+        "epoch -1": (16 * n, "<q", -1, other), "epoch 2**62": (16 * n + 8, "<q", 2**62, other),
+        "location 3": (24 * n + 1, "<B", 3, other),
+    }
+    target = MMSBState(CFG)
+    mmsb.create_page(target, 8)
+    before = (target.last_lsn, mmsb.query_page(target, 1), len(target.log.records))
+    for name, (off, fmt, v, why) in cases.items():
+        t = bytearray(ptbl)
+        struct.pack_into(fmt, t, off, v)
+        blob = join_checkpoint(head, [(tg, 0, len(t), bytes(t)) if tg == b"PTBL" else (tg, c, r, st)
+                                      for tg, c, r, st in secs])
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(blob)
+        with pytest.raises(mmsb.SerializationError, match=why):
+            mmsb.load_checkpoint(target, path)
+        assert (target.last_lsn, mmsb.query_page(target, 1), len(target.log.records)) == before, name
+
+
 def test_column_records_read_like_a_list() -> None:
     s = _busy()
     records = list(s.log.records)

@@ -690,12 +690,20 @@ def check_payloads(buf: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: n
 @njit(cache=True, nogil=True)
 def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarray,
                page: np.ndarray, psize: np.ndarray, plen: np.ndarray, src: np.ndarray,
-               enc: np.ndarray, n_sources: int, next_page_id: int, max_counter: int,
-               max_page_size: int) -> tuple[int, int]:  # pragma: no cover - compiled
+               enc: np.ndarray, payload: np.ndarray, n_sources: int, next_page_id: int,
+               max_counter: int, max_page_size: int
+               ) -> tuple[int, int]:  # pragma: no cover - compiled
     """The first row whose fields are out of range, and which check it fails (0: none
     fails, row -1): 1 page id, 2 page size, 3 epoch, 4 LSN, 5 delta id, 6 source, 7
-    encoding, 8 LSNs not increasing, 9 timestamps decreasing. O(rows)."""
-    for r in range(lsn.shape[0]):
+    encoding, 8 LSNs not increasing, 9 timestamps decreasing; then 10 when the payload
+    lengths do not add up to ``payload``'s size (with their sum in place of the row),
+    and 11 for the first row whose payload (the rows' payloads lie back to back in
+    ``payload``) is not one the log could have written (:func:`check_payloads`).
+    O(rows + payload bytes)."""
+    n = lsn.shape[0]
+    offs = np.empty(n, np.int64)
+    total = 0
+    for r in range(n):
         if page[r] < 1 or page[r] >= next_page_id:
             return r, 1
         if psize[r] < 1 or psize[r] > max_page_size:
@@ -714,6 +722,13 @@ def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarr
             return r, 8
         if r and ts[r] < ts[r - 1]:
             return r, 9
+        offs[r] = total
+        total += plen[r]
+    if total != payload.shape[0]:
+        return total, 10
+    r = check_payloads(payload, offs, plen, enc, psize)
+    if r >= 0:
+        return r, 11
     return -1, 0
 
 
@@ -797,3 +812,26 @@ def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: n
     lsn_rows, lsn_vals = _breaks(lsn)
     id_rows, id_vals = _breaks(ids)
     return order, bounds[:k + 1], keys[:k], lsn_rows, lsn_vals, id_rows, id_vals
+
+
+@njit(cache=True, nogil=True)
+def check_table(ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray, locs: np.ndarray,
+                next_page_id: int, max_page_size: int, max_counter: int
+                ) -> tuple[int, int]:  # pragma: no cover - compiled
+    """Whether a checkpoint's page-table rows can be a state's: ``(0, total bytes of
+    the pages)`` when they can; ``(1, 0)`` when the ids are not ascending, positive
+    and below ``next_page_id``; ``(2, 0)`` when they are but a size (1 …
+    ``max_page_size``), an epoch (0 … ``max_counter`` − 1) or a location (0 … 2) is
+    out of range. O(rows)."""
+    prev = np.int64(0)
+    for i in range(ids.shape[0]):
+        if ids[i] <= prev or ids[i] >= next_page_id:
+            return 1, 0
+        prev = ids[i]
+    total = 0
+    for i in range(ids.shape[0]):
+        if (sizes[i] < 1 or sizes[i] > max_page_size or epochs[i] < 0
+                or epochs[i] >= max_counter or locs[i] > 2):
+            return 2, 0
+        total += sizes[i]
+    return 0, total

@@ -37,7 +37,6 @@ from .kernels import (
     LOG_CHUNK,
     ROW_DTYPE,
     apply_log_rows_one,
-    check_payloads,
     check_rows,
     entry_point,
     fill_log_rows,
@@ -1939,7 +1938,7 @@ def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
     """Why ``cols`` (read from a file) cannot be a log's records, or None when it can:
     row fields in range (pages below ``next_page_id``, sizes, epochs, LSNs, ids and
     base epochs, encodings, sources), payload lengths that fit their encodings and add
-    up to the payload, payloads the log could have written (:func:`check_payloads`),
+    up to the payload, payloads the log could have written (see :func:`check_rows`),
     no delta among the structural records, and LSNs that increase across rows and
     structural records with timestamps that never decrease. O(rows + payload bytes +
     structural records), vectorised."""
@@ -1949,18 +1948,13 @@ def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
             return f"column {name} holds {len(getattr(cols, name))} values for {n} rows"
     if n:
         r, code = check_rows(cols.lsn, cols.ids, cols.epoch, cols.ts, cols.page, cols.psize,
-                             cols.plen, cols.src, cols.enc, len(cols.sources), next_page_id,
-                             MAX_COUNTER, MAX_PAGE_SIZE)
+                             cols.plen, cols.src, cols.enc, cols.payload, len(cols.sources),
+                             next_page_id, MAX_COUNTER, MAX_PAGE_SIZE)
+        if code == 10:
+            return (f"the rows' payloads add up to {r} bytes, the section holds "
+                    f"{len(cols.payload)}")
         if code:
             return f"delta row {r} has {_ROW_PROBLEMS[code]}"
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(cols.plen, out=offsets[1:])
-        if offsets[-1] != len(cols.payload):
-            return (f"the rows' payloads add up to {int(offsets[-1])} bytes, the section holds "
-                    f"{len(cols.payload)}")
-        r = check_payloads(cols.payload, offsets[:-1], cols.plen, cols.enc, cols.psize)
-        if r >= 0:
-            return f"delta row {r} has a payload the log could not have written"
     rows, bases = cols.base_rows, cols.base_epochs
     if len(rows) != len(bases):
         return "base epochs and their rows differ in number"
@@ -1991,4 +1985,5 @@ _ROW_PROBLEMS = {
     3: "an epoch out of range", 4: "an LSN out of range", 5: "a delta id out of range",
     6: "an unknown source", 7: "an unknown payload encoding",
     8: "an LSN that does not follow the row before", 9: "a timestamp before the row before",
+    11: "a payload the log could not have written",
 }
