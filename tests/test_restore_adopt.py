@@ -218,3 +218,30 @@ def test_a_restored_log_makes_its_row_indexes_when_first_read(tmp_path: Path) ->
     with t.lock:
         frozen = t.log.frozen()
     assert frozen.index is t.log.index and _index_of(t) == want
+
+
+def test_states_read_from_a_large_file_are_independent_of_it(tmp_path: Path) -> None:
+    # 100 pages of 1 KiB and their log: a file past 64 KiB, read into a mapping.
+    s = _state([1024] * 100)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    assert path.stat().st_size > 64 << 10
+    a, b = _load(path), _load(path)
+    assert _adopted(a) and _adopted(b)
+    saved = path.read_bytes()
+    # The file changed in place, then cut short, under the loaded states.
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * len(saved))
+        f.flush()
+        f.truncate(100)
+    _same_state(a, s)
+    _same_state(b, s)
+    # Writes to one state reach neither the other state nor the file.
+    lsn = a.log.last_lsn
+    for pid in list(a.pages)[:50]:
+        mmsb.update_page(a, pid, bytes([pid]) * 1024)
+    _same_state(b, s)
+    assert path.read_bytes() == b"\xff" * 100
+    past = mmsb.replay_to_lsn(a, lsn)
+    assert {pid: mmsb.query_page(past, pid) for pid in past.pages} == {
+        pid: mmsb.query_page(s, pid) for pid in s.pages}

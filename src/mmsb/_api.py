@@ -624,9 +624,12 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str]) -> MMSBState
     state.enter()
     try:
         state.refuse_in_batch("load_checkpoint")
-        if state.bus is not None:
-            state.bus.before_restore(state)
-        before = state.swap_snapshot()
+        bus = state.bus
+        if bus is not None:
+            bus.before_restore(state)
+        # What to put back if the bus cannot follow (a state without one has no step
+        # after the restore that could fail).
+        before = state.swap_snapshot() if bus is not None else {}
         try:
             state.restore(ck)
         except MemoryError:
