@@ -568,10 +568,19 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
     return snap
 
 
+_META_INTS = (
+    *((key, 0, MAX_COUNTER, f"an int from 0 to {MAX_COUNTER - 1}")
+      for key in ("horizon_lsn", "log_from_lsn")),
+    *((key, -(1 << 63), 1 << 63, "a 64-bit int")
+      for key in ("horizon_timestamp", "last_timestamp", "written_ns")),
+)
+"""The META fields that are ints (0 where absent): name, bounds, what they must be."""
+
+
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
                      fail: Any, version: int = VERSION, with_log: bool = True) -> CheckpointData:
     try:
-        meta = msgpack.unpackb(bytes(get(b"META")), raw=False, strict_map_key=False, max_ext_len=0)
+        meta = msgpack.unpackb(get(b"META"), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
         raise fail(f"section META is not valid msgpack ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
@@ -579,12 +588,10 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     n = meta.get("pages")
     if not isinstance(n, int) or not 0 <= n <= MAX_PAGE_ID:
         raise fail("section META has no valid page count")
-    for key in ("horizon_lsn", "log_from_lsn"):
-        if not isinstance(meta.get(key, 0), int) or not 0 <= meta.get(key, 0) < MAX_COUNTER:
-            raise fail(f"section META {key} is not an int from 0 to {MAX_COUNTER - 1}")
-    for key in ("horizon_timestamp", "last_timestamp", "written_ns"):
-        if not isinstance(meta.get(key, 0), int) or not -(1 << 63) <= meta.get(key, 0) < 1 << 63:
-            raise fail(f"section META {key} is not a 64-bit int")
+    for key, lo, hi, what in _META_INTS:
+        value = meta.get(key, 0)
+        if not isinstance(value, int) or not lo <= value < hi:
+            raise fail(f"section META {key} is not {what}")
     if not 0 <= lsn < MAX_COUNTER or not 1 <= next_delta_id < MAX_COUNTER:
         raise fail(f"header LSN {lsn} or next delta id {next_delta_id} is out of range (both "
                    f"stay below {MAX_COUNTER})", 16)
