@@ -221,7 +221,7 @@ def test_a_restored_log_makes_its_row_indexes_when_first_read(tmp_path: Path) ->
 
 
 def test_states_read_from_a_large_file_are_independent_of_it(tmp_path: Path) -> None:
-    # 100 pages of 1 KiB and their log: a file past 64 KiB, read into a mapping.
+    # 100 pages of 1 KiB and their log: a file larger than a C library's small blocks.
     s = _state([1024] * 100)
     path = tmp_path / "s.ckpt"
     mmsb.checkpoint_log(s, path)

@@ -19,7 +19,6 @@ functions, for two reasons:
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 from collections.abc import Callable
@@ -148,7 +147,7 @@ def read_private(path: Any) -> np.ndarray:
     fd = os.open(path, os.O_RDONLY | _SAFE, FILE_MODE)
     size = _require_regular(fd, path).st_size
     try:
-        buf = _private_buffer(size)
+        buf = np.empty(size, np.uint8)
         pos = 0
         while pos < size:
             got = os.preadv(fd, [buf[pos:].data], pos)
@@ -161,27 +160,6 @@ def read_private(path: Any) -> np.ndarray:
         return buf
     finally:
         os.close(fd)
-
-
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_POPULATED_MIN = 64 << 10
-
-
-def _private_buffer(size: int) -> np.ndarray:
-    """A new writable uint8 array of ``size`` bytes that nothing else refers to. From
-    64 KiB on, on Linux, it is an anonymous private mapping made with ``MAP_POPULATE``
-    (the memory of no file: the file is read into it): its pages are allocated in the
-    one call instead of faulting in one by one as the file is read into them, and the
-    mapping goes when the last array over it does. Elsewhere, for less, or when the
-    mapping is refused, a plain array."""
-    if _POPULATE and size >= _POPULATED_MIN:
-        try:
-            m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
-        except OSError:
-            pass
-        else:
-            return np.frombuffer(m, np.uint8)
-    return np.empty(size, np.uint8)
 
 
 def _read_tail(fd: int, pos: int) -> bytes:
