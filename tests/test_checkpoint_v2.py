@@ -307,6 +307,13 @@ def test_log_from_columns_builds_the_indexes_of_the_log_they_came_from() -> None
     assert rebuilt.index[ids[-1]].tolist() == [0, 2]
 
 
+def test_log_from_columns_refuses_a_source_past_its_sources() -> None:
+    cols = _cols(_busy())
+    for bad in (len(cols.sources), -1):
+        with pytest.raises(IndexError):
+            TransactionLog.from_columns(_field(cols, src=_set(cols.src, 1, bad)))
+
+
 def _head_columns(s: MMSBState, cut: int) -> LogColumns:
     """The columns of the records with LSN ≤ cut."""
     cols = _cols(s)

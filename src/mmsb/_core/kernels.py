@@ -763,7 +763,7 @@ def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: n
     """Fill log rows ``0 … n-1`` (of :data:`ROW_DTYPE`) from the columns of ``n`` deltas
     (at least one) whose payloads lie back to back from offset 0 of one chunk (each
     row's ``poff`` is the running sum of ``plen``), with sources renumbered through
-    ``sids``. Returns what the log's indexes need: the rows ordered by page, stably
+    ``sids`` (IndexError for a source past them). Returns what the log's indexes need: the rows ordered by page, stably
     (uint32), where each page's rows start in that order and where the last ends,
     each page's id, and the break rows and values of the LSN and delta-id step maps
     (see :func:`_breaks`). O(rows + pages), or O(rows log rows) where page ids are
@@ -776,7 +776,10 @@ def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: n
         r.page = page[i]
         r.psize = psize[i]
         r.plen = plen[i]
-        r.src = sids[src[i]]
+        s = src[i]
+        if s < 0 or s >= sids.shape[0]:
+            raise IndexError("a row names a source past the columns' sources")
+        r.src = sids[s]
         r.enc = enc[i]
         r.epoch = epoch[i]
         r.ts = ts[i]

@@ -1328,9 +1328,12 @@ class TransactionLog:
     @classmethod
     def from_columns(cls, cols: LogColumns, *, adopt: bool = False) -> TransactionLog:
         """A log holding ``cols`` (checked by the caller: see ``check_columns``): the
-        rows filled column by column, the payloads as the log's chunks (one per 4 GiB,
-        cut at rows), the step maps, per-page indexes and sources built vectorised, the
-        structural records adopted. ``adopt``: ``cols.payload`` is memory nobody else
+        payloads as the log's chunks (one per 4 GiB, cut at rows), the structural
+        records adopted. Where the payloads fit one chunk and every source is numbered,
+        one compiled pass (:func:`~mmsb._core.kernels.fill_log_rows`) fills the rows
+        and finds the step maps and the rows' order by page, from which ``index`` is
+        made when first read; otherwise rows, step maps, per-page indexes and sources
+        are built vectorised. ``adopt``: ``cols.payload`` is memory nobody else
         refers to, and the chunks are read-only views of it instead of copies.
         O(rows + pages + structural records + payload bytes copied once, none with
         ``adopt``)."""
@@ -1340,7 +1343,7 @@ class TransactionLog:
         sids = np.empty(len(cols.sources) if n else 0, np.int64)
         for k, name in enumerate(cols.sources if n else ()):
             sids[k] = log._source_id(name, 0)
-        if n and len(cols.payload) < 1 << 32 and len(sids) < _NO_SOURCE:
+        if n and len(cols.payload) < 1 << 32 and 0 < len(sids) < _NO_SOURCE:
             # The usual case, in one compiled pass: the payloads in one chunk, every
             # source numbered. A quarter more room than the rows loaded, so that the
             # writes after a reopen do not start by copying every row into a doubled
@@ -1363,7 +1366,8 @@ class TransactionLog:
             log._index_parts = (order, bounds, keys)
             log.payload_bytes = len(cols.payload)
         elif n:
-            # Payloads past 4 GiB (several chunks) or sources past the numbered ones.
+            # Payloads past 4 GiB (several chunks), or sources past the numbered ones
+            # (or none named).
             rows = np.empty(max(n + n // 4, 1024), ROW_DTYPE)
             rows["page"][:n] = cols.page
             rows["psize"][:n] = cols.psize
