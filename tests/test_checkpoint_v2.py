@@ -307,11 +307,13 @@ def test_log_from_columns_builds_the_indexes_of_the_log_they_came_from() -> None
     assert rebuilt.index[ids[-1]].tolist() == [0, 2]
 
 
-def test_log_from_columns_refuses_a_source_past_its_sources() -> None:
+def test_log_from_columns_refuses_sources_past_its_sources_and_uneven_columns() -> None:
     cols = _cols(_busy())
     for bad in (len(cols.sources), -1):
         with pytest.raises(IndexError):
             TransactionLog.from_columns(_field(cols, src=_set(cols.src, 1, bad)))
+    with pytest.raises(ValueError, match="different lengths"):
+        TransactionLog.from_columns(_field(cols, epoch=cols.epoch[:-1]))
 
 
 def _head_columns(s: MMSBState, cut: int) -> LogColumns:

@@ -763,12 +763,17 @@ def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: n
     """Fill log rows ``0 … n-1`` (of :data:`ROW_DTYPE`) from the columns of ``n`` deltas
     (at least one) whose payloads lie back to back from offset 0 of one chunk (each
     row's ``poff`` is the running sum of ``plen``), with sources renumbered through
-    ``sids`` (IndexError for a source past them). Returns what the log's indexes need: the rows ordered by page, stably
+    ``sids`` (IndexError for a source past them; ValueError for columns of different
+    lengths). Returns what the log's indexes need: the rows ordered by page, stably
     (uint32), where each page's rows start in that order and where the last ends,
     each page's id, and the break rows and values of the LSN and delta-id step maps
     (see :func:`_breaks`). O(rows + pages), or O(rows log rows) where page ids are
     sparse."""
     n = page.shape[0]
+    if (psize.shape[0] != n or plen.shape[0] != n or src.shape[0] != n or enc.shape[0] != n
+            or epoch.shape[0] != n or ts.shape[0] != n or lsn.shape[0] != n
+            or ids.shape[0] != n or rows.shape[0] < n):
+        raise ValueError("columns of different lengths")
     off = np.int64(0)
     top = np.int64(0)
     for i in range(n):
