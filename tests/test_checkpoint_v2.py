@@ -215,6 +215,35 @@ def test_hostile_columns_in_a_file_are_typed_errors_that_change_nothing(tmp_path
         assert (target.last_lsn, mmsb.query_page(target, 1), len(target.log.records)) == before
 
 
+def test_page_table_refusals_name_the_problem_and_change_nothing(tmp_path: Path) -> None:
+    s = _busy()
+    head, secs = split_checkpoint(ckpt_mod.checkpoint_bytes(s))
+    ptbl = next(st for t, c, r, st in secs if t == b"PTBL")
+    n = len(ptbl) // 25
+    ids = "page ids are not ascending, positive and below the next id"
+    other = "impossible size, epoch or location"
+    cases: dict[str, tuple[int, str, int, str]] = {
+        "id repeated": (8, "<q", 1, ids), "id 0": (0, "<q", 0, ids),
+        "id at the next id": (8 * (n - 1), "<q", head[5], ids),
+        "size 0": (8 * n, "<q", 0, other), "size past the limit": (8 * n, "<q", 2**32, other),
+        "epoch -1": (16 * n, "<q", -1, other), "epoch 2**62": (16 * n + 8, "<q", 2**62, other),
+        "location 3": (24 * n + 1, "<B", 3, other),
+    }
+    target = MMSBState(CFG)
+    mmsb.create_page(target, 8)
+    before = (target.last_lsn, mmsb.query_page(target, 1), len(target.log.records))
+    for name, (off, fmt, v, why) in cases.items():
+        t = bytearray(ptbl)
+        struct.pack_into(fmt, t, off, v)
+        blob = join_checkpoint(head, [(tg, 0, len(t), bytes(t)) if tg == b"PTBL" else (tg, c, r, st)
+                                      for tg, c, r, st in secs])
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(blob)
+        with pytest.raises(mmsb.SerializationError, match=why):
+            mmsb.load_checkpoint(target, path)
+        assert (target.last_lsn, mmsb.query_page(target, 1), len(target.log.records)) == before, name
+
+
 def test_column_records_read_like_a_list() -> None:
     s = _busy()
     records = list(s.log.records)
@@ -238,6 +267,53 @@ def test_join_records_concatenates_slices_of_one_log() -> None:
     assert join_records([list(head), list(tail)]) == list(log.records)
     restored = TransactionLog.from_columns(joined.cols)  # type: ignore[attr-defined]
     assert list(restored.records) == list(log.records)
+
+
+def _same_log_indexes(a: TransactionLog, b: TransactionLog) -> None:
+    """Same rows (but for where payloads lie), step maps, per-page row indexes, base
+    epochs, sources and records."""
+    n = a.n
+    assert b.n == n
+    fields = [f for f in a.rows.dtype.names if f != "poff"]
+    for f in fields:
+        assert (a.rows[f][:n] == b.rows[f][:n]).all(), f
+    assert a.index == b.index
+    assert [a.lsns.at(r) for r in range(n)] == [b.lsns.at(r) for r in range(n)]
+    assert [a.ids.at(r) for r in range(n)] == [b.ids.at(r) for r in range(n)]
+    assert (a.lsns.last, a.ids.last) == (b.lsns.last, b.ids.last)
+    assert a.bases == b.bases and a.sources == b.sources
+    assert a.payload_bytes == b.payload_bytes
+    assert [a.delta_at(r) for r in range(n)] == [b.delta_at(r) for r in range(n)]
+    assert list(a.records) == list(b.records)
+
+
+def test_log_from_columns_builds_the_indexes_of_the_log_they_came_from() -> None:
+    s = _busy()
+    mmsb.compress_log(s)  # merged deltas: breaks in the delta ids, base epochs
+    mmsb.write_page(s, 1, 0, b"after")
+    mmsb.write_page(s, 2, 5, b"later", source="third")
+    with s.lock:
+        cols = s.log.columns()
+    _same_log_indexes(TransactionLog.from_columns(cols), s.log)
+    # Page ids far above the number of rows (ordered by sorting, not by counting).
+    t = MMSBState(CFG)
+    ids = [p.id for p in mmsb.create_pages(t, 3000, 16)]
+    for k, pid in enumerate((ids[-1], ids[5], ids[-1], ids[2000], ids[5])):
+        mmsb.write_page(t, pid, 0, bytes([k + 1]))
+    with t.lock:
+        cols = t.log.columns()
+    rebuilt = TransactionLog.from_columns(cols)
+    _same_log_indexes(rebuilt, t.log)
+    assert rebuilt.index[ids[-1]].tolist() == [0, 2]
+
+
+def test_log_from_columns_refuses_sources_past_its_sources_and_uneven_columns() -> None:
+    cols = _cols(_busy())
+    for bad in (len(cols.sources), -1):
+        with pytest.raises(IndexError):
+            TransactionLog.from_columns(_field(cols, src=_set(cols.src, 1, bad)))
+    with pytest.raises(ValueError, match="different lengths"):
+        TransactionLog.from_columns(_field(cols, epoch=cols.epoch[:-1]))
 
 
 def _head_columns(s: MMSBState, cut: int) -> LogColumns:

@@ -183,3 +183,65 @@ def test_adopt_cuts_a_large_buffer_into_chunks(small: list[int]) -> None:
     frozen = np.zeros(1024, np.uint8)
     frozen.flags.writeable = False
     assert arena.adopt(frozen, np.array([1024], np.int64)) is None
+
+
+def _index_of(s: MMSBState) -> dict[int, list[int]]:
+    return {pid: rows.tolist() for pid, rows in s.log.index.items()}
+
+
+def test_a_restored_log_makes_its_row_indexes_when_first_read(tmp_path: Path) -> None:
+    s = _state([1024] * 12 + [64] * 5)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    want = _index_of(s)
+    # Read first: the indexes are the saved log's.
+    t = _load(path)
+    assert "index" not in vars(t.log)
+    assert _index_of(t) == want
+    # Written first: the new row joins its page's rows.
+    t = _load(path)
+    mmsb.write_page(t, 3, 0, b"xyz")
+    assert _index_of(t) == {**want, 3: [*want[3], t.log.n - 1]}
+    assert mmsb.verify_state_consistency(t)
+    # A saved history (made before a rewrite that may fail) holds them, so that putting
+    # it back restores them.
+    t = _load(path)
+    with t.lock:
+        saved = t.history_snapshot()
+        t.log.replace_all([])
+        assert t.log.index == {}
+        t.history_restore(saved)
+    assert _index_of(t) == want
+    assert list(t.log.records) == list(s.log.records)
+    # A frozen copy shares them.
+    t = _load(path)
+    with t.lock:
+        frozen = t.log.frozen()
+    assert frozen.index is t.log.index and _index_of(t) == want
+
+
+def test_states_read_from_a_large_file_are_independent_of_it(tmp_path: Path) -> None:
+    # 100 pages of 1 KiB and their log: a file larger than a C library's small blocks.
+    s = _state([1024] * 100)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    assert path.stat().st_size > 64 << 10
+    a, b = _load(path), _load(path)
+    assert _adopted(a) and _adopted(b)
+    saved = path.read_bytes()
+    # The file changed in place, then cut short, under the loaded states.
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * len(saved))
+        f.flush()
+        f.truncate(100)
+    _same_state(a, s)
+    _same_state(b, s)
+    # Writes to one state reach neither the other state nor the file.
+    lsn = a.log.last_lsn
+    for pid in list(a.pages)[:50]:
+        mmsb.update_page(a, pid, bytes([pid]) * 1024)
+    _same_state(b, s)
+    assert path.read_bytes() == b"\xff" * 100
+    past = mmsb.replay_to_lsn(a, lsn)
+    assert {pid: mmsb.query_page(past, pid) for pid in past.pages} == {
+        pid: mmsb.query_page(s, pid) for pid in s.pages}

@@ -787,9 +787,12 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str], *,
     try:
         state.refuse_in_batch("load_checkpoint")
         moved = state.restore_locations(ck, keep_device_locations)
-        if state.bus is not None:
-            state.bus.before_restore(state)
-        before = state.swap_snapshot()
+        bus = state.bus
+        if bus is not None:
+            bus.before_restore(state)
+        # What to put back if the bus cannot follow (a state without one has no step
+        # after the restore that could fail).
+        before = state.swap_snapshot() if bus is not None else {}
         try:
             state.restore(ck)
         except MemoryError:

@@ -812,12 +812,20 @@ def check_payloads(buf: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: n
 @njit(cache=True, nogil=True)
 def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarray,
                page: np.ndarray, psize: np.ndarray, plen: np.ndarray, src: np.ndarray,
-               enc: np.ndarray, n_sources: int, next_page_id: int, max_counter: int,
-               max_page_size: int) -> tuple[int, int]:  # pragma: no cover - compiled
+               enc: np.ndarray, payload: np.ndarray, n_sources: int, next_page_id: int,
+               max_counter: int, max_page_size: int
+               ) -> tuple[int, int]:  # pragma: no cover - compiled
     """The first row whose fields are out of range, and which check it fails (0: none
     fails, row -1): 1 page id, 2 page size, 3 epoch, 4 LSN, 5 delta id, 6 source, 7
-    encoding, 8 LSNs not increasing, 9 timestamps decreasing. O(rows)."""
-    for r in range(lsn.shape[0]):
+    encoding, 8 LSNs not increasing, 9 timestamps decreasing; then 10 when the payload
+    lengths do not add up to ``payload``'s size (with their sum in place of the row),
+    and 11 for the first row whose payload (the rows' payloads lie back to back in
+    ``payload``) is not one the log could have written (:func:`check_payloads`).
+    O(rows + payload bytes)."""
+    n = lsn.shape[0]
+    offs = np.empty(n, np.int64)
+    total = 0
+    for r in range(n):
         if page[r] < 1 or page[r] >= next_page_id:
             return r, 1
         if psize[r] < 1 or psize[r] > max_page_size:
@@ -836,4 +844,124 @@ def check_rows(lsn: np.ndarray, ids: np.ndarray, epoch: np.ndarray, ts: np.ndarr
             return r, 8
         if r and ts[r] < ts[r - 1]:
             return r, 9
+        offs[r] = total
+        total += plen[r]
+    if total != payload.shape[0]:
+        return total, 10
+    r = check_payloads(payload, offs, plen, enc, psize)
+    if r >= 0:
+        return r, 11
     return -1, 0
+
+
+@njit(cache=True, nogil=True)
+def _breaks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Rows 0 and every row whose value is not the previous one's plus one, and their
+    values (int64 each)."""
+    n = values.shape[0]
+    k = 1
+    for r in range(1, n):
+        if values[r] != values[r - 1] + 1:
+            k += 1
+    rows = np.empty(k, np.int64)
+    vals = np.empty(k, np.int64)
+    rows[0] = 0
+    vals[0] = values[0]
+    k = 1
+    for r in range(1, n):
+        if values[r] != values[r - 1] + 1:
+            rows[k] = r
+            vals[k] = values[r]
+            k += 1
+    return rows, vals
+
+
+@njit(cache=True, nogil=True)
+def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: np.ndarray,
+                  src: np.ndarray, enc: np.ndarray, epoch: np.ndarray, ts: np.ndarray,
+                  sids: np.ndarray, lsn: np.ndarray, ids: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                             np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Fill log rows ``0 … n-1`` (of :data:`ROW_DTYPE`) from the columns of ``n`` deltas
+    (at least one) whose payloads lie back to back from offset 0 of one chunk (each
+    row's ``poff`` is the running sum of ``plen``), with sources renumbered through
+    ``sids`` (IndexError for a source past them; ValueError for columns of different
+    lengths). Returns what the log's indexes need: the rows ordered by page, stably
+    (uint32), where each page's rows start in that order and where the last ends,
+    each page's id, and the break rows and values of the LSN and delta-id step maps
+    (see :func:`_breaks`). O(rows + pages), or O(rows log rows) where page ids are
+    sparse."""
+    n = page.shape[0]
+    if (psize.shape[0] != n or plen.shape[0] != n or src.shape[0] != n or enc.shape[0] != n
+            or epoch.shape[0] != n or ts.shape[0] != n or lsn.shape[0] != n
+            or ids.shape[0] != n or rows.shape[0] < n):
+        raise ValueError("columns of different lengths")
+    off = np.int64(0)
+    top = np.int64(0)
+    for i in range(n):
+        r = rows[i]
+        r.page = page[i]
+        r.psize = psize[i]
+        r.plen = plen[i]
+        s = src[i]
+        if s < 0 or s >= sids.shape[0]:
+            raise IndexError("a row names a source past the columns' sources")
+        r.src = sids[s]
+        r.enc = enc[i]
+        r.epoch = epoch[i]
+        r.ts = ts[i]
+        r.poff = off
+        off += plen[i]
+        if page[i] > top:
+            top = page[i]
+    order = np.empty(n, np.uint32)
+    if top <= 4 * n + 1024:
+        start = np.zeros(top + 2, np.int64)
+        for i in range(n):
+            start[page[i] + 1] += 1
+        for v in range(1, top + 2):
+            start[v] += start[v - 1]
+        for i in range(n):
+            p = page[i]
+            order[start[p]] = i
+            start[p] += 1
+    else:
+        order[:] = np.argsort(page, kind="mergesort")
+    bounds = np.empty(n + 1, np.int64)
+    keys = np.empty(n, np.int64)
+    k = 0
+    prev = np.int64(-1)
+    for j in range(n):
+        p = page[order[j]]
+        if p != prev:
+            bounds[k] = j
+            keys[k] = p
+            k += 1
+            prev = p
+    bounds[k] = n
+    lsn_rows, lsn_vals = _breaks(lsn)
+    id_rows, id_vals = _breaks(ids)
+    return order, bounds[:k + 1], keys[:k], lsn_rows, lsn_vals, id_rows, id_vals
+
+
+@njit(cache=True, nogil=True)
+def check_table(ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray, locs: np.ndarray,
+                next_page_id: int, max_page_size: int, max_counter: int
+                ) -> tuple[int, int]:  # pragma: no cover - compiled
+    """Whether a checkpoint's page-table rows can be a state's: ``(0, total bytes of
+    the pages)`` when they can; ``(1, 0)`` when the ids are not ascending, positive
+    and below ``next_page_id``; ``(2, 0)`` when they are but a size (1 …
+    ``max_page_size``), an epoch (0 … ``max_counter`` − 1) or a location (0 … 2) is
+    out of range. O(rows)."""
+    prev = np.int64(0)
+    for i in range(ids.shape[0]):
+        if ids[i] <= prev or ids[i] >= next_page_id:
+            return 1, 0
+        prev = ids[i]
+    total = 0
+    for i in range(ids.shape[0]):
+        if (sizes[i] < 1 or sizes[i] > max_page_size or epochs[i] < 0
+                or epochs[i] >= max_counter or locs[i] > 2):
+            return 2, 0
+        total += sizes[i]
+    return 0, total

@@ -25,6 +25,7 @@ import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, overload
 
 import numpy as np
@@ -37,9 +38,9 @@ from .kernels import (
     LOG_CHUNK,
     ROW_DTYPE,
     apply_log_rows_one,
-    check_payloads,
     check_rows,
     entry_point,
+    fill_log_rows,
     gather_payloads,
     group_encode,
     group_layout,
@@ -137,6 +138,16 @@ class _Steps:
 
     def nbytes(self) -> int:
         return 16 * len(self.rows)
+
+    @classmethod
+    def of_breaks(cls, rows: np.ndarray, vals: np.ndarray, last: int) -> _Steps:
+        """The map whose breaks are at ``rows`` (ascending, from 0) with ``vals`` there
+        (int64 each), and whose newest row has ``last``."""
+        out = cls()
+        out.rows.frombytes(rows.tobytes())
+        out.vals.frombytes(vals.tobytes())
+        out.last = last
+        return out
 
     @classmethod
     def of(cls, values: np.ndarray) -> _Steps:
@@ -381,6 +392,29 @@ class TransactionLog:
         it checks ``generation`` before trusting it."""
         self._clear()
 
+    _index_parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """What a log built by :meth:`from_columns` makes ``index`` from when it is first
+    read: its rows ordered by page, where each page's rows start there (and the end),
+    and the pages' ids."""
+
+    @cached_property
+    def index(self) -> dict[int, array[int]]:
+        """page id → its delta rows, ascending. A log built from columns makes it the
+        first time it is read, one array per page sliced from one array by C-level
+        iteration; every other log holds it from the start."""
+        parts = self._index_parts
+        if parts is None:
+            # Not a log that makes it on read: a deferred log, whose __getattr__ loads
+            # its history on this error.
+            raise AttributeError("index")
+        order, bounds, keys = parts
+        every = array("I", order.tobytes())
+        b = bounds.tolist()
+        index = dict(zip(keys.tolist(), map(every.__getitem__, map(slice, b, b[1:])),
+                         strict=True))
+        self._index_parts = None
+        return index
+
     def _clear(self) -> None:
         self.generation += 1
         # delta rows
@@ -394,8 +428,9 @@ class TransactionLog:
         self.rare_sources: dict[int, str] = {}
         self.sources: list[str] = []
         self.source_ids: dict[str, int] = {}
-        self.index: dict[int, array[int]] = {}
-        """page id → its delta rows, ascending."""
+        self.index = {}
+        if self._index_parts is not None:
+            self._index_parts = None
         self.chunks: list[memoryview | None] = []
         self.cur = -1
         """The shared chunk small payloads go to (-1: none yet)."""
@@ -1097,6 +1132,7 @@ class TransactionLog:
         columns, never edit them). Read it only up to this log's last LSN now: the
         two share the open payload chunk and the newest creation run, which this log
         goes on extending. O(1)."""
+        self.index  # noqa: B018 - made now if it is made on read, so that both share it
         out = TransactionLog.__new__(TransactionLog)
         out.__dict__.update(self.__dict__)
         out.history_index = None
@@ -1104,6 +1140,7 @@ class TransactionLog:
 
     def memento(self) -> dict[str, Any]:
         """Everything a rewrite (replace_all, drop_through) replaces, to undo it."""
+        self.index  # noqa: B018 - made now if it is made on read, so that it is saved
         return dict(self.__dict__)
 
     def restore_memento(self, saved: dict[str, Any]) -> None:
@@ -1304,18 +1341,46 @@ class TransactionLog:
     @classmethod
     def from_columns(cls, cols: LogColumns, *, adopt: bool = False) -> TransactionLog:
         """A log holding ``cols`` (checked by the caller: see ``check_columns``): the
-        rows filled column by column, the payloads as the log's chunks (one per 4 GiB,
-        cut at rows), the step maps, per-page indexes and sources built vectorised, the
-        structural records adopted. ``adopt``: ``cols.payload`` is memory nobody else
+        payloads as the log's chunks (one per 4 GiB, cut at rows), the structural
+        records adopted. Where the payloads fit one chunk and every source is numbered,
+        one compiled pass (:func:`~mmsb._core.kernels.fill_log_rows`) fills the rows
+        and finds the step maps and the rows' order by page, from which ``index`` is
+        made when first read; otherwise rows, step maps, per-page indexes and sources
+        are built vectorised. ``adopt``: ``cols.payload`` is memory nobody else
         refers to, and the chunks are read-only views of it instead of copies.
         O(rows + pages + structural records + payload bytes copied once, none with
         ``adopt``)."""
         keep = _readonly_view if adopt else _private_copy
         log = cls()
         n = len(cols)
-        if n:
-            # A quarter more room than the rows loaded, so that the writes after a
-            # reopen do not start by copying every row into a doubled array.
+        sids = np.empty(len(cols.sources) if n else 0, np.int64)
+        for k, name in enumerate(cols.sources if n else ()):
+            sids[k] = log._source_id(name, 0)
+        if n and len(cols.payload) < 1 << 32 and 0 < len(sids) < _NO_SOURCE:
+            # The usual case, in one compiled pass: the payloads in one chunk, every
+            # source numbered. A quarter more room than the rows loaded, so that the
+            # writes after a reopen do not start by copying every row into a doubled
+            # array.
+            rows = np.empty(max(n + n // 4, 1024), ROW_DTYPE)
+            order, bounds, keys, lr, lv, ir, iv = fill_log_rows(
+                rows, cols.page, cols.psize, cols.plen, cols.src, cols.enc, cols.epoch,
+                cols.ts, sids, cols.lsn, cols.ids)
+            log.chunks.append(keep(cols.payload))
+            log.rows = rows
+            log.n = n
+            log.lsns = _Steps.of_breaks(lr, lv, int(cols.lsn[-1]))
+            log.ids = _Steps.of_breaks(ir, iv, int(cols.ids[-1]))
+            if len(cols.base_rows):
+                log.bases = dict(zip(cols.base_rows.tolist(), cols.base_epochs.tolist(),
+                                     strict=True))
+            # The per-page row indexes are made the first time they are read (see
+            # ``index``): a restored state that is only read never needs them.
+            del log.index
+            log._index_parts = (order, bounds, keys)
+            log.payload_bytes = len(cols.payload)
+        elif n:
+            # Payloads past 4 GiB (several chunks), or sources past the numbered ones
+            # (or none named).
             rows = np.empty(max(n + n // 4, 1024), ROW_DTYPE)
             rows["page"][:n] = cols.page
             rows["psize"][:n] = cols.psize
@@ -1338,9 +1403,6 @@ class TransactionLog:
                     log.chunks.append(keep(cols.payload[lo:hi]))
                     poff[sel] = ((len(log.chunks) - 1) << 32) | (offsets[sel] - lo)
                 rows["poff"][:n] = poff
-            sids = np.empty(len(cols.sources), np.int64)
-            for k, name in enumerate(cols.sources):
-                sids[k] = log._source_id(name, 0)
             mapped = sids[cols.src] if len(sids) else np.zeros(n, np.int64)
             rows["src"][:n] = mapped
             if len(sids) >= _NO_SOURCE:
@@ -1893,7 +1955,7 @@ def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
     """Why ``cols`` (read from a file) cannot be a log's records, or None when it can:
     row fields in range (pages below ``next_page_id``, sizes, epochs, LSNs, ids and
     base epochs, encodings, sources), payload lengths that fit their encodings and add
-    up to the payload, payloads the log could have written (:func:`check_payloads`),
+    up to the payload, payloads the log could have written (see :func:`check_rows`),
     no delta among the structural records, and LSNs that increase across rows and
     structural records with timestamps that never decrease. O(rows + payload bytes +
     structural records), vectorised."""
@@ -1903,18 +1965,13 @@ def check_columns(cols: LogColumns, next_page_id: int) -> str | None:
             return f"column {name} holds {len(getattr(cols, name))} values for {n} rows"
     if n:
         r, code = check_rows(cols.lsn, cols.ids, cols.epoch, cols.ts, cols.page, cols.psize,
-                             cols.plen, cols.src, cols.enc, len(cols.sources), next_page_id,
-                             MAX_COUNTER, MAX_PAGE_SIZE)
+                             cols.plen, cols.src, cols.enc, cols.payload, len(cols.sources),
+                             next_page_id, MAX_COUNTER, MAX_PAGE_SIZE)
+        if code == 10:
+            return (f"the rows' payloads add up to {r} bytes, the section holds "
+                    f"{len(cols.payload)}")
         if code:
             return f"delta row {r} has {_ROW_PROBLEMS[code]}"
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(cols.plen, out=offsets[1:])
-        if offsets[-1] != len(cols.payload):
-            return (f"the rows' payloads add up to {int(offsets[-1])} bytes, the section holds "
-                    f"{len(cols.payload)}")
-        r = check_payloads(cols.payload, offsets[:-1], cols.plen, cols.enc, cols.psize)
-        if r >= 0:
-            return f"delta row {r} has a payload the log could not have written"
     rows, bases = cols.base_rows, cols.base_epochs
     if len(rows) != len(bases):
         return "base epochs and their rows differ in number"
@@ -1945,4 +2002,5 @@ _ROW_PROBLEMS = {
     3: "an epoch out of range", 4: "an LSN out of range", 5: "a delta id out of range",
     6: "an unknown source", 7: "an unknown payload encoding",
     8: "an LSN that does not follow the row before", 9: "a timestamp before the row before",
+    11: "a payload the log could not have written",
 }

@@ -89,13 +89,17 @@ class PageTable:
         n = len(ids)
         if not n:
             return
-        self.reserve(int(ids[-1]) + 1)
-        self.addr[ids] = addrs
-        self.size[ids] = sizes
-        self.epoch[ids] = epochs
-        self.loc[ids] = locs
-        self.flags[ids] = LIVE
-        self.next_id = max(self.next_id, int(ids[-1]) + 1)
+        last = int(ids[-1])
+        self.reserve(last + 1)
+        first = int(ids[0])
+        # Ids that run without a gap (the usual restore) are one slice of each column.
+        at: slice | np.ndarray = slice(first, last + 1) if last - first + 1 == n else ids
+        self.addr[at] = addrs
+        self.size[at] = sizes
+        self.epoch[at] = epochs
+        self.loc[at] = locs
+        self.flags[at] = LIVE
+        self.next_id = max(self.next_id, last + 1)
         self.live_count += n
 
     def add_row(self, page_id: int, addr: int, size: int, loc: int) -> None:

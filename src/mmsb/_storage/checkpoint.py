@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import crc32c as _crc32c
 import msgpack
 import numpy as np
 import zstandard
@@ -34,6 +35,7 @@ from .._core.compaction import bind_base_encoder
 from .._core.delta import Delta
 from .._core.engine import physical_memory
 from .._core.graph import ShadowPageGraph
+from .._core.kernels import check_table
 from .._core.limits import MAX_COUNTER, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .._core.log import ColumnRecords, LogColumns, TransactionLog, check_columns
 from .._core.records import AnyRecord, kind_of
@@ -66,10 +68,13 @@ READ_VERSIONS = (1, 2)
 """Read by this build: version 1 (log records one by one) and version 2."""
 _HEADER = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
 _HEADER_SIZE = 48
+_HEADER_FULL = struct.Struct("<8sHHIQQQII")  # the header, its crc and its zero
 _SECTION = struct.Struct("<4sB3xQQI")  # 28 bytes, then header crc u32
+_SECTION_HEAD = struct.Struct("<4sB3xQQII")  # the same and the header crc
 _SECTION_SIZE = 32
 _FOOTER = struct.Struct("<8sQ")  # 16 bytes, then crc u32 + zero u32
 _FOOTER_SIZE = 24
+_FOOTER_FULL = struct.Struct("<8sQII")  # the footer, its crc and its zero
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _TAGS = (b"META", b"PTBL", b"PDAT", b"MASK", b"GRPH", b"TLOG", b"BASE")
@@ -495,31 +500,29 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
     total = len(buf)
     if total < _HEADER_SIZE + _FOOTER_SIZE:
         raise fail(f"file is {total} bytes, too short for a checkpoint (truncated?)")
-    magic, version, _flags, nsec, lsn, next_page_id, next_delta_id = _HEADER.unpack_from(buf, 0)
+    crc = _crc32c.crc32c  # the C function itself: 16 calls per file
+    (magic, version, _flags, nsec, lsn, next_page_id, next_delta_id, hcrc,
+     hzero) = _HEADER_FULL.unpack_from(buf, 0)
     if magic != MAGIC:
         raise fail(f"bad magic {bytes(magic)!r}: not an MMSB checkpoint", 0)
-    (hcrc,) = _U32.unpack_from(buf, 40)
-    if crc32c(buf[:40]) != hcrc:
+    if crc(buf[:40]) != hcrc:
         raise fail("header checksum mismatch (the header is damaged)", 0)
     if version not in READ_VERSIONS:
         raise fail(f"unsupported checkpoint format version {version} (this build reads versions "
                    f"{READ_VERSIONS[0]} and {READ_VERSIONS[1]}, and writes {VERSION})", 8)
-    if _U32.unpack_from(buf, 44)[0] != 0 or nsec != len(_TAGS):
+    if hzero != 0 or nsec != len(_TAGS):
         raise fail("header fields out of range", 12)
     fpos = total - _FOOTER_SIZE
-    fmagic, before = _FOOTER.unpack_from(buf, fpos)
-    (fcrc,) = _U32.unpack_from(buf, fpos + 16)
-    (fzero,) = _U32.unpack_from(buf, fpos + 20)
-    if fmagic != END_MAGIC or crc32c(buf[fpos : fpos + 16]) != fcrc or before != fpos or fzero:
+    fmagic, before, fcrc, fzero = _FOOTER_FULL.unpack_from(buf, fpos)
+    if fmagic != END_MAGIC or crc(buf[fpos : fpos + 16]) != fcrc or before != fpos or fzero:
         raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
     pos = _HEADER_SIZE
     sections: dict[bytes, tuple[int, int, memoryview, int]] = {}
     for tag_expected in _TAGS:
         if fpos - pos < _SECTION_SIZE:
             raise fail("section header runs past the end (truncated)", pos)
-        tag, codec, raw_len, stored_len, crc = _SECTION.unpack_from(buf, pos)
-        (shcrc,) = _U32.unpack_from(buf, pos + 28)
-        if crc32c(buf[pos : pos + 28]) != shcrc:
+        tag, codec, raw_len, stored_len, data_crc, shcrc = _SECTION_HEAD.unpack_from(buf, pos)
+        if crc(buf[pos : pos + 28]) != shcrc:
             raise fail(f"section header checksum mismatch (expected section {tag_expected.decode()})", pos)
         if tag != tag_expected:
             raise fail(f"expected section {tag_expected.decode()}, found {bytes(tag)!r}", pos)
@@ -529,7 +532,7 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         if stored_len > fpos - data_pos:
             raise fail(f"section {tag.decode()} runs past the end of the file (truncated)", pos)
         stored = buf[data_pos : data_pos + stored_len]
-        if crc32c(stored) != crc:
+        if crc(stored) != data_crc:
             raise fail(f"section {tag.decode()} checksum mismatch (its bytes are damaged)", data_pos)
         if codec == CODEC_RAW and stored_len != raw_len:
             raise fail(f"section {tag.decode()} has stored and raw lengths that differ for raw "
@@ -565,10 +568,19 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
     return snap
 
 
+_META_INTS = (
+    *((key, 0, MAX_COUNTER, f"an int from 0 to {MAX_COUNTER - 1}")
+      for key in ("horizon_lsn", "log_from_lsn")),
+    *((key, -(1 << 63), 1 << 63, "a 64-bit int")
+      for key in ("horizon_timestamp", "last_timestamp", "written_ns")),
+)
+"""The META fields that are ints (0 where absent): name, bounds, what they must be."""
+
+
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
                      fail: Any, version: int = VERSION, with_log: bool = True) -> CheckpointData:
     try:
-        meta = msgpack.unpackb(bytes(get(b"META")), raw=False, strict_map_key=False, max_ext_len=0)
+        meta = msgpack.unpackb(get(b"META"), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
         raise fail(f"section META is not valid msgpack ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != "mmsb-checkpoint":
@@ -576,36 +588,34 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     n = meta.get("pages")
     if not isinstance(n, int) or not 0 <= n <= MAX_PAGE_ID:
         raise fail("section META has no valid page count")
-    for key in ("horizon_lsn", "log_from_lsn"):
-        if not isinstance(meta.get(key, 0), int) or not 0 <= meta.get(key, 0) < MAX_COUNTER:
-            raise fail(f"section META {key} is not an int from 0 to {MAX_COUNTER - 1}")
-    for key in ("horizon_timestamp", "last_timestamp", "written_ns"):
-        if not isinstance(meta.get(key, 0), int) or not -(1 << 63) <= meta.get(key, 0) < 1 << 63:
-            raise fail(f"section META {key} is not a 64-bit int")
+    for key, lo, hi, what in _META_INTS:
+        value = meta.get(key, 0)
+        if not isinstance(value, int) or not lo <= value < hi:
+            raise fail(f"section META {key} is not {what}")
     if not 0 <= lsn < MAX_COUNTER or not 1 <= next_delta_id < MAX_COUNTER:
         raise fail(f"header LSN {lsn} or next delta id {next_delta_id} is out of range (both "
                    f"stay below {MAX_COUNTER})", 16)
+    if next_page_id < 1 or next_page_id > MAX_PAGE_ID + 1:
+        raise fail(f"header next page id {next_page_id} is out of range (page ids stop at "
+                   f"{MAX_PAGE_ID})")
     table = get(b"PTBL", n * 25)
     if len(table) != n * 25:
         raise fail(f"section PTBL holds {len(table)} bytes, not the {n * 25} that {n} pages need")
-    ids = np.frombuffer(table, "<i8", n, 0).astype(np.int64)
-    sizes = np.frombuffer(table, "<i8", n, 8 * n).astype(np.int64)
-    epochs = np.frombuffer(table, "<i8", n, 16 * n).astype(np.int64)
+    # The three columns of 64-bit ints lie back to back: one conversion.
+    ids, sizes, epochs = np.frombuffer(table, "<i8", 3 * n).astype(np.int64).reshape(3, n)
     locs = np.frombuffer(table, "u1", n, 24 * n).astype(np.uint8)
+    total = 0
     if n:
-        if ids[0] < 1 or ids[-1] >= next_page_id or (ids[1:] <= ids[:-1]).any():
+        bad, total = check_table(ids, sizes, epochs, locs, next_page_id, MAX_PAGE_SIZE,
+                                 MAX_COUNTER)
+        if bad == 1:
             raise fail("section PTBL page ids are not ascending, positive and below the next id")
-        if (sizes.min() <= 0 or sizes.max() > MAX_PAGE_SIZE or epochs.min() < 0
-                or epochs.max() >= MAX_COUNTER or locs.max() > 2):
+        if bad:
             raise fail("section PTBL has an impossible size, epoch or location")
         rows = (int(ids[-1]) + 1) * 26
         if rows > physical_memory():
             raise fail(f"section PTBL names page id {int(ids[-1])}, whose page-table rows "
                        f"({rows:,} bytes) are more than this machine's memory")
-    if next_page_id < 1 or next_page_id > MAX_PAGE_ID + 1:
-        raise fail(f"header next page id {next_page_id} is out of range (page ids stop at "
-                   f"{MAX_PAGE_ID})")
-    total = int(sizes.sum())
     data = np.frombuffer(get(b"PDAT", total), np.uint8)
     if len(data) != total:
         raise fail("section PDAT does not hold exactly the pages' bytes")
@@ -629,10 +639,15 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         except (ValueError, TypeError, OverflowError) as exc:
             raise fail(f"section META metadata of page {key} does not encode ({exc})") from None
     masks: dict[int, tuple[np.ndarray, int]] = {}
-    try:
-        mask_rows = msgpack.unpackb(bytes(get(b"MASK")), raw=False, strict_map_key=False, max_ext_len=0)
-    except Exception as exc:
-        raise fail(f"section MASK is not valid msgpack ({exc})") from None
+    mask_raw = get(b"MASK")
+    if len(mask_raw) == 1 and mask_raw[0] == 0x90:
+        mask_rows = []  # msgpack's empty array, the usual case
+    else:
+        try:
+            mask_rows = msgpack.unpackb(bytes(mask_raw), raw=False, strict_map_key=False,
+                                        max_ext_len=0)
+        except Exception as exc:
+            raise fail(f"section MASK is not valid msgpack ({exc})") from None
     if not isinstance(mask_rows, list):
         raise fail("section MASK is not a list")
     size_of: dict[int, int] = {}
@@ -653,22 +668,23 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     (m,) = _U32.unpack_from(graph_raw, 0)
     if len(graph_raw) != 4 + m * 17:
         raise fail(f"section GRPH holds {len(graph_raw)} bytes, not the {4 + m * 17} of {m} edges")
-    parents = np.frombuffer(graph_raw, "<i8", m, 4).tolist()
-    children = np.frombuffer(graph_raw, "<i8", m, 4 + 8 * m).tolist()
-    types = np.frombuffer(graph_raw, "u1", m, 4 + 16 * m).tolist()
-    g = ShadowPageGraph()
     edges: list[tuple[int, int, EdgeType]] = []
     if m:
+        parents = np.frombuffer(graph_raw, "<i8", m, 4).tolist()
+        children = np.frombuffer(graph_raw, "<i8", m, 4 + 8 * m).tolist()
+        types = np.frombuffer(graph_raw, "u1", m, 4 + 16 * m).tolist()
+        g = ShadowPageGraph()
         id_set = id_set or set(ids.tolist())
-    for p, c, et in zip(parents, children, types, strict=True):
-        if p not in id_set or c not in id_set or et > 3 or g.has_edge(p, c):
-            raise fail(f"section GRPH edge {p} → {c} names a missing page, an unknown type or repeats")
-        try:
-            g.check_edge(p, c)
-        except Exception:
-            raise fail(f"section GRPH edge {p} → {c} closes a cycle") from None
-        g.add_edge(p, c, EdgeType(et))
-        edges.append((p, c, EdgeType(et)))
+        for p, c, et in zip(parents, children, types, strict=True):
+            if p not in id_set or c not in id_set or et > 3 or g.has_edge(p, c):
+                raise fail(f"section GRPH edge {p} → {c} names a missing page, an unknown type "
+                           "or repeats")
+            try:
+                g.check_edge(p, c)
+            except Exception:
+                raise fail(f"section GRPH edge {p} → {c} closes a cycle") from None
+            g.add_edge(p, c, EdgeType(et))
+            edges.append((p, c, EdgeType(et)))
     from_lsn = meta.get("log_from_lsn", 0)
     if not isinstance(from_lsn, int) or not 0 <= from_lsn <= lsn:
         raise fail("section META has an impossible log start")
@@ -744,6 +760,7 @@ def _records_v2(raw: Any, lsn: int, next_page_id: int, next_delta_id: int,
 _COLS_HEAD = struct.Struct("<QQQQII")
 """Log section v2 head: rows, structural records, payload bytes, base epochs, sources,
 zero."""
+_I8, _U4, _U8 = np.dtype("<i8"), np.dtype("<u4"), np.dtype("<u8")
 _ROW_BYTES = 4 * 8 + 4 * 4 + 1
 """Bytes of columns per row: lsn, id, epoch, ts (i64); page, psize, plen, src (u32); enc
 (u8)."""
@@ -792,23 +809,23 @@ def decode_columns(raw: Any, fail: Any) -> LogColumns:
                    f"{n_structs} structural records and {payload_len} payload bytes: more "
                    f"than its {end - pos} bytes")
 
-    def take(dtype: str, count: int) -> np.ndarray:
-        nonlocal pos
-        width = np.dtype(dtype).itemsize
-        out = np.frombuffer(buf, dtype, count, pos)
-        pos += width * count
-        return out
-
     # Four columns of each width lie back to back: one conversion each (the rows of
     # the results are contiguous views).
-    lsn, ids, epoch, ts = take("<i8", 4 * n).astype(np.int64).reshape(4, n)
-    page, psize, plen, src = take("<u4", 4 * n).astype(np.int64).reshape(4, n)
-    enc = take("u1", n).copy()
-    base_rows = take("<u8", n_bases)
-    if n_bases and int(base_rows.max()) >= n:
-        raise fail("section TLOG base epochs name rows past its rows")
-    base_rows = base_rows.astype(np.int64)
-    base_epochs = take("<i8", n_bases).astype(np.int64)
+    lsn, ids, epoch, ts = np.frombuffer(buf, _I8, 4 * n, pos).astype(np.int64).reshape(4, n)
+    pos += 32 * n
+    page, psize, plen, src = np.frombuffer(buf, _U4, 4 * n, pos).astype(np.int64).reshape(4, n)
+    pos += 16 * n
+    enc = np.frombuffer(buf, np.uint8, n, pos).copy()
+    pos += n
+    if n_bases:
+        base_rows = np.frombuffer(buf, _U8, n_bases, pos)
+        if int(base_rows.max()) >= n:
+            raise fail("section TLOG base epochs name rows past its rows")
+        base_rows = base_rows.astype(np.int64)
+        base_epochs = np.frombuffer(buf, _I8, n_bases, pos + 8 * n_bases).astype(np.int64)
+        pos += 16 * n_bases
+    else:
+        base_rows, base_epochs = np.zeros(0, np.int64), np.zeros(0, np.int64)
     sources: list[str] = []
     for _ in range(n_sources):
         if end - pos < 2:
@@ -818,7 +835,7 @@ def decode_columns(raw: Any, fail: Any) -> LogColumns:
         if end - pos < k:
             raise fail("section TLOG ends inside its sources")
         try:
-            sources.append(bytes(buf[pos:pos + k]).decode("utf-8"))
+            sources.append(str(buf[pos:pos + k], "utf-8"))
         except UnicodeDecodeError:
             raise fail("section TLOG has a source name that is not UTF-8") from None
         pos += k

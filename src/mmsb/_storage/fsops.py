@@ -63,13 +63,15 @@ def step(name: str, path: Any) -> None:
         hook(name, str(path))
 
 
-def _require_regular(fd: int, path: Any) -> None:
+def _require_regular(fd: int, path: Any) -> os.stat_result:
+    """The status of ``fd``, closed (and refused) unless it is a regular file."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise NotRegularFileError(errno.EINVAL, "not a regular file (a FIFO, device, directory "
                                   "or other special file stands where a bus file belongs)",
                                   str(path))
+    return st
 
 
 def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
@@ -141,9 +143,10 @@ def read_private(path: Any) -> np.ndarray:
     Raises:
         OSError: missing, unreadable, or not a regular file.
     """
-    fd = open_regular(path, os.O_RDONLY)
+    step("open", path)
+    fd = os.open(path, os.O_RDONLY | _SAFE, FILE_MODE)
+    size = _require_regular(fd, path).st_size
     try:
-        size = os.fstat(fd).st_size
         buf = np.empty(size, np.uint8)
         pos = 0
         while pos < size:
