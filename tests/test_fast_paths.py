@@ -590,3 +590,27 @@ def test_a_large_all_changed_bytes_payload_is_kept_by_reference(tmp_path: Any) -
     assert t.pages[p.id].query() == one
     mmsb.compress_log(s)
     assert s.pages[p.id].query() == one and mmsb.verify_state_consistency(s)
+
+
+@pytest.mark.parametrize("events", [False, True])
+def test_recomputed_writes_record_their_counters(events: bool) -> None:
+    # A propagation pass's write of a recomputed page (an array, through the compiled
+    # entry that also counts) records one delta_apply sample, one logged record and
+    # its payload bytes, whether the compiled call or after_write records them.
+    s = new_state()
+    a, b = (p.id for p in mmsb.create_pages(s, 2, 256))
+    mmsb.add_dependency(s, a, b, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, b, a)
+    mmsb.write_page(s, a, 0, b"\x01")  # makes the compiled entries
+    if events:
+        mmsb.subscribe(s, mmsb.EventType.PAGE_CHANGED, lambda *_: None)
+    mmsb.reset_stats(s)
+    c = s.counters
+    for i in range(5):
+        mmsb.write_page(s, a, 8 * i, bytes([i + 2]) * 4)  # sparse: 4 bytes each
+    mmsb.update_page(s, a, bytes(range(256)))  # dense on both pages
+    assert c.records_logged == 12
+    assert c.delta_apply.count == 12
+    assert c.payload_bytes_logged == 2 * (5 * 4 + 256)
+    assert mmsb.query_page(s, b) == bytes(range(256))
+    assert mmsb.verify_state_consistency(s)

@@ -1559,22 +1559,27 @@ class MMSBState:
         epoch = epoch_v[pid] + 1
         mem = self.arena.chunk(addr >> CHUNK_SHIFT)
         assert mem is not None
-        lsn = self.log.write_small(mem, addr & CHUNK_MASK, size, off, new, pid, epoch,
-                                   self.next_delta_id, source)
+        log = self.log
+        c = self.counters
+        # The compiled call records the counters unless events or propagation follow
+        # (after_write records them then), as in write_small_bytes.
+        follow = self.events.active or pid in self.graph.children
+        lsn = log.write_small(mem, addr & CHUNK_MASK, size, off, new, pid, epoch,
+                              self.next_delta_id, source, c.consts, -1 if follow else t0)
         if lsn == 0:
             return False
         did = self.next_delta_id
         self.next_delta_id = did + 1
         epoch_v[pid] = epoch
-        if self.events.active or pid in self.graph.children:
-            self.after_write(pid, epoch, did, lsn, t0, self.log.last_changed)
+        if follow:
+            self.after_write(pid, epoch, did, lsn, t0, log.last_changed)
             return True
-        # after_write() with no event to queue and no child to propagate to.
-        c = self.counters
-        c.delta_apply.add(time.perf_counter_ns() - t0)
-        c.records_logged += 1
-        c.payload_bytes_logged += self.log.last_changed
-        if self.log.n > self.compact_at and not self.propagating and not self.batch_depth:
+        if not log.last_counted:
+            # after_write() with no event to queue and no child to propagate to.
+            c.delta_apply.add(time.perf_counter_ns() - t0)
+            c.records_logged += 1
+            c.payload_bytes_logged += log.last_changed
+        if log.n > self.compact_at and not self.propagating and not self.batch_depth:
             self.auto_compress()
         return True
 

@@ -445,6 +445,8 @@ class TransactionLog:
         """Records the structural entries stand for (a creation run counts its pages)."""
         self.payload_bytes = 0
         self.last_changed = 0
+        self.last_counted = False
+        """Whether the last write_small recorded the write's counters itself."""
         """Payload bytes of the delta the last write_small() logged (its values; the
         page's size for a dense one)."""
 
@@ -661,12 +663,17 @@ class TransactionLog:
 
     def write_small(self, mem: np.ndarray, base: int, size: int, off: int,
                     new: bytes | np.ndarray, pid: int, epoch: int, delta_id: int,
-                    source: str) -> int:
+                    source: str, consts: np.ndarray = _NO_COUNTERS, t0: int = -1) -> int:
         """Log and apply the write of ``new`` at ``off`` of the page of ``size`` bytes at
         ``mem[base:]`` as one delta to ``epoch``, in one compiled pass, encoded as
         ``append`` would keep the delta the write makes (sparse or dense). For a log
         without a sink. Returns the delta's LSN; 0 when no byte differs (nothing logged
-        or written). O(len(new)), O(page size) for a dense write."""
+        or written). O(len(new)), O(page size) for a dense write.
+
+        With ``t0`` not negative and ``consts`` a state's :attr:`Counters.consts
+        <mmsb._core.monitor.Counters.consts>`, the compiled call also records the write's
+        counters (as :func:`~mmsb._core.kernels.write_small_counted` does) where it has
+        an entry for ``new``'s type; :attr:`last_counted` says whether it did."""
         row = self.n
         if row == len(self.rows):
             self._grow()
@@ -687,25 +694,32 @@ class TransactionLog:
             key = 2
         else:
             key = 0
-        kernel = _SMALL_ENTRY.get(key, write_small)
+        # Entries 3 and 4: write_small_counted for bytes and for arrays.
+        counting = _SMALL_ENTRY.get(key + 2) if t0 >= 0 and key else None
         while True:
             tail = self.tail
-            n, plen = kernel(mem, base, size, off, new, self.rows, row, self.cur_array, tail,
-                             pid, epoch, ts, src, self.cur)
+            if counting is not None:
+                n, plen = counting(mem, base, size, off, new, self.rows, row, self.cur_array,
+                                   tail, pid, epoch, ts, src, self.cur, consts, t0)
+            else:
+                n, plen = _SMALL_ENTRY.get(key, write_small)(
+                    mem, base, size, off, new, self.rows, row, self.cur_array, tail, pid,
+                    epoch, ts, src, self.cur)
             if n != -2:
                 break
             self._new_chunk()
+        self.last_counted = counting is not None
         if key and key not in _SMALL_ENTRY:
             _SMALL_ENTRY[key] = entry_point(write_small, mem, base, size, off, new, self.rows,
                                             row, self.cur_array, tail, pid, epoch, ts, src, 0)
-            if key == 1 and CLOCK_GETTIME:
-                # MMSBState.write_small_bytes's entry (it records the write's counters),
-                # only compiled: it calls libc through addresses.
+            if CLOCK_GETTIME:
+                # The entries that record the write's counters (MMSBState.write_small_bytes
+                # takes the one for bytes), only compiled: they call libc through addresses.
                 counted = entry_point(write_small_counted, mem, base, size, off, new,
                                       self.rows, row, self.cur_array, tail, pid, epoch, ts, src,
                                       0, _NO_COUNTERS, -1)
                 if counted is not write_small_counted:
-                    _SMALL_ENTRY[3] = counted
+                    _SMALL_ENTRY[key + 2] = counted
         if n <= 0:
             return n
         # The payload bytes a delta counts: its values, or the page for a dense one.
