@@ -669,6 +669,47 @@ def test_gpu_sync_failure_is_reported_and_writes_stand() -> None:
     s._check()
 
 
+class ApplyFailingBackend(HostBackend):
+    """A host backend whose applies of deltas fail while ``fail`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=CHUNK)
+        self.fail = False
+
+    def apply_delta(self, slot: int, delta: Any) -> None:
+        if self.fail:
+            raise GPUMemoryError("delta apply failed (test backend)")
+        super().apply_delta(slot, delta)
+
+    def apply_dense(self, slot: int, data: Any, mask: Any = None) -> None:
+        if self.fail:
+            raise GPUMemoryError("delta apply failed (test backend)")
+        super().apply_dense(slot, data, mask)
+
+
+def test_failed_device_apply_leaves_the_copy_stale_and_the_write_whole() -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = ApplyFailingBackend()
+    s._use_backend_for_tests("gpu", b)
+    g = mmsb.create_page(s, BIG, location="gpu")
+    child = mmsb.create_page(s, BIG)
+    mmsb.add_dependency(s, g.id, child.id, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, child.id, g.id)
+    got = record(s, mmsb.EventType.PAGE_CHANGED)
+    b.fail = True
+    # The general write path: the device copy would follow in the same call.
+    mmsb.update_page(s, g.id, np.full(BIG, 7, np.uint8))
+    assert g.epoch == 1 and mmsb.query_page(s, g.id) == b"\x07" * BIG
+    assert mmsb.query_page(s, child.id) == b"\x07" * BIG  # propagation ran
+    assert (mmsb.EventType.PAGE_CHANGED, (g.id, 1, 1)) in got
+    assert mmsb.get_stats(s).device_stale_pages == 1
+    s._check()
+    b.fail = False
+    assert device_bytes(g) == b"\x07" * BIG  # copied in from the mirror on its next use
+    assert mmsb.verify_state_consistency(s)
+    s._check()
+
+
 # -- history: replay, time travel, checkpoints, compaction ------------------------------------
 
 def test_replay_and_time_travel_match_cpu(state: mmsb.MMSBState) -> None:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError
+from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError, MMSBError
 from ..types import PageLocation, coerce_location
 from .delta import as_bytes_array
 
@@ -399,15 +399,21 @@ class DeviceCopies:
     def follow(self, pid: int, d: Delta, base_epoch: int) -> None:
         """After the logged delta ``d`` was applied to page ``pid``'s mirror: apply it to
         the device copy too when that copy held ``base_epoch`` (one launch); a stale
-        copy stays stale. A failed apply leaves the copy marked stale."""
+        copy stays stale. A failed apply leaves the copy marked stale and does not
+        fail the write: the delta is logged and in the mirror, so the write stands and
+        its events and propagation follow; the next device use copies the mirror in
+        (and reports a device that still fails)."""
         if self.epochs.get(pid) != base_epoch:
             return
         b = self.backends[self.locs[pid]]
         self.epochs[pid] = -1
-        if d._exact:
-            b.apply_dense(self.slots[pid], d._data)
-        else:
-            b.apply_delta(self.slots[pid], d)
+        try:
+            if d._exact:
+                b.apply_dense(self.slots[pid], d._data)
+            else:
+                b.apply_delta(self.slots[pid], d)
+        except MMSBError:
+            return
         self.epochs[pid] = d.epoch
 
     # -- reporting ---------------------------------------------------------------------
