@@ -599,6 +599,34 @@ def test_batch_with_device_pages(state: mmsb.MMSBState) -> None:
     assert mmsb.verify_state_consistency(state)
 
 
+def _memory_counters(s: mmsb.MMSBState) -> tuple[Any, ...]:
+    """The arena's and the backends' counters, which a refused call leaves as they were."""
+    st_ = mmsb.get_stats(s)
+    return (st_.arena_bytes_in_use, st_.arena_bytes_free, st_.arena_bytes_reserved,
+            st_.unified_managed_bytes, mmsb.get_device_stats(s))
+
+
+@pytest.mark.parametrize("managed", [False, True])
+def test_device_creations_and_migrations_in_a_batch_take_nothing(managed: bool) -> None:
+    s = managed_state()[0] if managed else stand_in_state()
+    c = mmsb.create_page(s, 64)
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    before = (fingerprint(s), _memory_counters(s))
+    calls = [lambda: mmsb.create_page(s, 64, location="gpu"),
+             lambda: mmsb.create_pages(s, 3, 64, location="unified"),
+             lambda: mmsb.migrate_page(s, c.id, "gpu"),
+             lambda: mmsb.migrate_page(s, c.id, "unified"),
+             lambda: mmsb.migrate_page(s, u.id, "cpu"),
+             lambda: mmsb.migrate_page(s, g.id, "unified"),
+             lambda: mmsb.ensure_page_on_device(s, c.id)]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="structural change"), mmsb.batch(s):
+            call()
+        assert (fingerprint(s), _memory_counters(s)) == before
+    s._check()
+
+
 def test_failed_batch_restores_device_copies(state: mmsb.MMSBState) -> None:
     p = mmsb.create_page(state, BIG, location="gpu")
     mmsb.update_page(state, p.id, b"\x01" * BIG)

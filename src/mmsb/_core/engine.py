@@ -775,12 +775,23 @@ class MMSBState:
     def commit(self, rec: AnyRecord) -> None:
         """Log then apply a validated structural record."""
         if self.batch_frame is not None:
-            raise InvalidArgumentError(
-                f"{type(rec).__name__} is a structural change, which a batch cannot hold "
-                "(a batch groups writes); make it before or after the batch")
+            self.refuse_structural(type(rec).__name__)
         self.reserve_for(rec)
         self.log_append(rec)
         self.apply_record(rec)
+
+    def refuse_structural(self, kind: str) -> None:
+        """A structural change (a record of ``kind``) cannot be made inside an open batch:
+        callers that take memory before logging one (device slots, managed slots) ask
+        first, so that the refusal changes nothing.
+
+        Raises:
+            InvalidArgumentError: a batch is open.
+        """
+        if self.batch_frame is not None:
+            raise InvalidArgumentError(
+                f"{kind} is a structural change, which a batch cannot hold "
+                "(a batch groups writes); make it before or after the batch")
 
     def reserve_for(self, rec: AnyRecord) -> None:
         """Allocate ahead the memory applying ``rec`` needs (its kind's ``reserve``),
@@ -1022,6 +1033,7 @@ class MMSBState:
         like the mirrors at epoch 0."""
         copies = self.devices
         assert copies is not None  # check_location made it
+        self.refuse_structural("PageCreate")  # before any slot is taken
         if loc is PageLocation.UNIFIED and copies.managed(self):
             # Unified pages in managed memory: their managed slots are taken first, the
             # creation is logged and applied, then the pages are given those slots.
@@ -1060,6 +1072,7 @@ class MMSBState:
             old = PageLocation(int(self.table.loc[pid]))
             if old is loc:
                 return pid
+            self.refuse_structural("PageMigrate")  # before any slot is taken
             size = int(self.table.size[pid])
             self.check_location(loc, size)
             managed = self.arena.is_managed(int(self.table.addr[pid]))
