@@ -21,12 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from mmsb._core import devices as core_devices
 from mmsb._device import HostBackend, unavailable_reason
 from mmsb._device.backend import DeviceBackend
 from mmsb.errors import (
     GPUMemoryError,
     InvalidArgumentError,
     InvalidDeltaError,
+    MetadataError,
     PageNotFoundError,
     UnsupportedLocationError,
 )
@@ -518,6 +520,23 @@ def test_unknown_location_refused(state: mmsb.MMSBState) -> None:
     with pytest.raises(UnsupportedLocationError):
         mmsb.migrate_page(state, p.id, "disk")
     assert fingerprint(state) == before
+
+
+def test_refused_creation_makes_no_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    def factory(name: str) -> DeviceBackend:
+        made.append(name)
+        return HostBackend(chunk_size=CHUNK)
+    monkeypatch.setattr(core_devices, "_FACTORY", [(factory, DeviceBackend)])
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    with pytest.raises(MetadataError):
+        mmsb.create_page(s, 8, location="gpu", metadata={"k": object()})
+    with pytest.raises(MetadataError):
+        mmsb.create_pages(s, 2, 8, location="unified", metadata={1: 2})
+    assert made == [] and mmsb.get_device_stats(s) == {} and s.last_lsn == 0
+    mmsb.create_page(s, 8, location="gpu", metadata={"k": 1})
+    assert made == ["gpu"]
 
 
 def test_out_of_device_memory_logs_nothing() -> None:

@@ -950,8 +950,9 @@ class MMSBState:
             count = int(count)
         if count < 0:
             raise InvalidArgumentError(f"page count must be an int ≥ 0, not {count!r}")
-        loc = PageLocation.CPU if location == "cpu" else self.check_location(location, size)
+        # Metadata first: a refused call must not have made a device backend.
         meta = normalize_metadata(metadata) if metadata else None
+        loc = PageLocation.CPU if location == "cpu" else self.check_location(location, size)
         self.enter()
         try:
             first = self.table.next_id
