@@ -618,6 +618,22 @@ def test_batch_with_device_pages(state: mmsb.MMSBState) -> None:
     assert mmsb.verify_state_consistency(state)
 
 
+def test_held_writes_to_a_page_with_a_current_copy() -> None:
+    s = stand_in_state()
+    g = mmsb.create_page(s, 256, location="gpu")
+    mmsb.update_page(s, g.id, bytes(range(256)))
+    assert device_bytes(g) == bytes(range(256))  # current at epoch 1
+    with mmsb.batch(s):
+        mmsb.write_page(s, g.id, 0, b"held")  # in the page's bytes, not yet in its epoch
+        s._check()
+        assert device_bytes(g)[:4] == b"held"  # a device use logs it first, then copies
+        assert g.epoch == 2
+        mmsb.write_page(s, g.id, 8, b"again")
+        s._check()
+    assert device_bytes(g) == mmsb.query_page(s, g.id)
+    s._check()
+
+
 def _memory_counters(s: mmsb.MMSBState) -> tuple[Any, ...]:
     """The arena's and the backends' counters, which a refused call leaves as they were."""
     st_ = mmsb.get_stats(s)
