@@ -1277,17 +1277,28 @@ def test_arena_keeps_managed_and_ordinary_slots_apart() -> None:
 
 _OPS = st.lists(st.tuples(
     st.sampled_from(["write", "write_dev", "update", "migrate", "resize", "sync", "sync_many",
-                     "batch"]),
+                     "batch", "batch_fail", "apply_batch", "route", "clone", "delete",
+                     "compress", "reload"]),
     st.integers(0, 1 << 16), st.binary(min_size=1, max_size=48),
     st.sampled_from(["cpu", "gpu", "unified"])), min_size=1, max_size=30)
+
+
+class _Abandon(Exception):
+    """Raised to make a batch fail."""
+
+
+def _is_device(s: mmsb.MMSBState, pid: int) -> bool:
+    return s.pages[pid].location is not PageLocation.CPU
 
 
 @pytest.mark.parametrize("managed", [False, True])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_OPS)
 def test_property_device_pages_match_a_cpu_twin(managed: bool,
-                                                ops: list[tuple[str, int, bytes, str]]) -> None:
+                                                ops: list[tuple[str, int, bytes, str]],
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     s = managed_state()[0] if managed else stand_in_state()
+    path = tmp_path_factory.mktemp("ck") / "state.mmsb"
     twins = [(mmsb.create_page(s, 96, location=loc).id, mmsb.create_page(s, 96).id)
              for loc in ("gpu", "unified", "cpu")]
     for op, n, data, loc in ops:
@@ -1310,21 +1321,63 @@ def test_property_device_pages_match_a_cpu_twin(managed: bool,
         elif op == "resize":
             for pid in (dev, cpu):
                 mmsb.resize_page(s, pid, 16 + n % 200)
-        elif op == "sync" and s.pages[dev].location is not PageLocation.CPU:
+        elif op == "sync" and _is_device(s, dev):
             mmsb.sync_page_to_gpu(s, dev)
         elif op == "sync_many":
-            ids = [d for d, _ in twins if s.pages[d].location is not PageLocation.CPU]
+            ids = [d for d, _ in twins if _is_device(s, d)]
             mmsb.sync_pages_to_gpu_async(s, ids).wait()
         elif op == "batch":
             with mmsb.batch(s):
                 for pid in (dev, cpu):
-                    mmsb.write_page(s, pid, off, data)
+                    mmsb.write_page(s, pid, off, data)  # small writes are held
+                s._check()
+                if _is_device(s, dev):
+                    assert device_bytes(s.pages[dev]) == mmsb.query_page(s, cpu)
+        elif op == "batch_fail":
+            # Held, general and device-array writes, and a device use, all undone.
+            with pytest.raises(_Abandon), mmsb.batch(s):
+                mmsb.write_page(s, dev, off, data)
+                mmsb.update_page(s, dev, np.full(size, n % 251, np.uint8))
+                mmsb.write_page(s, dev, off, DLPackArray(np.frombuffer(data, np.uint8).copy()))
+                if _is_device(s, dev):
+                    device_bytes(s.pages[dev])
+                raise _Abandon
+        elif op == "apply_batch":
+            # Sixteen writes or more take the vectorised pass.
+            writes = [(pid, (off + 7 * k) % (size - len(data) + 1), data)
+                      for k in range(8) for pid in (dev, cpu)]
+            mmsb.apply_batch(s, writes)
+        elif op == "route":
+            mask = np.zeros(size, bool)
+            mask[off:off + len(data)] = True
+            fill = np.full(size, n % 256, np.uint8)
+            for pid in (dev, cpu):
+                mmsb.route_delta(s, mmsb.create_delta(s, pid, mask, fill))
+        elif op == "clone" and len(twins) < 6:
+            twins.append((mmsb.clone_page(s, dev).id, mmsb.clone_page(s, cpu).id))
+        elif op == "delete" and len(twins) > 1:
+            twins.remove((dev, cpu))
+            for pid in (dev, cpu):
+                mmsb.delete_page(s, pid)
+            continue
+        elif op == "compress":
+            mmsb.compress_log(s)
+        elif op == "reload":
+            mmsb.checkpoint_log(s, path)
+            mmsb.load_checkpoint(s, path)
         assert mmsb.query_page(s, dev) == mmsb.query_page(s, cpu)
+        s._check()
     for dev, cpu in twins:
-        if s.pages[dev].location is not PageLocation.CPU:
+        if _is_device(s, dev):
             assert device_bytes(s.pages[dev]) == mmsb.query_page(s, cpu)
     assert mmsb.verify_state_consistency(s)
     s._check()
+    # Every device slot a backend holds is a device copy of a live page: none leaked.
+    copies = s.devices
+    assert copies is not None
+    for loc, b in copies.backends.items():
+        held = sum(1 for where in copies.locs.values() if where == loc)
+        assert b.stats().slots_in_use == held
 
 
 # -- real CUDA backends (skipped where none is usable) ------------------------------------------
