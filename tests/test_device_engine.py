@@ -1225,6 +1225,32 @@ def test_failed_batched_sync_gives_its_new_slots_back() -> None:
     s._check()
 
 
+def test_refused_syncs_are_not_counted(tmp_path: Any) -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = FailingBackend()
+    s._use_backend_for_tests("gpu", b)
+    g = mmsb.create_page(s, 64, location="gpu")
+    mmsb.write_page(s, g.id, 0, b"x")
+    b.fail_copies = True
+    for call in (mmsb.sync_page_to_gpu, mmsb.sync_page_to_gpu_async):
+        with pytest.raises(GPUMemoryError, match="device copy failed"):
+            call(s, g.id)
+    stats = mmsb.get_stats(s)
+    assert (stats.device_syncs, stats.device_async_syncs, stats.device_pages_synced) == (0, 0, 0)
+    b.fail_copies = False
+    assert mmsb.sync_page_to_gpu(s, g.id) is True
+    assert mmsb.get_stats(s).device_syncs == 1
+    # A location not usable here: a state loaded to be read, with enable_gpu off.
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    kept = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+    mmsb.load_checkpoint(kept, path, keep_device_locations=True)
+    with pytest.raises(GPUMemoryError, match="enable_gpu=True"):
+        mmsb.sync_pages_to_gpu_async(kept, [g.id])
+    stats = mmsb.get_stats(kept)
+    assert (stats.device_syncs, stats.device_async_syncs) == (0, 0)
+
+
 def test_gpu_sync_edge_to_a_managed_unified_page_completes_without_a_copy() -> None:
     s, _b = managed_state()
     src = mmsb.create_page(s, 16)

@@ -125,7 +125,8 @@ class DeviceCopies:
         self.locs: dict[int, int] = {}
         self.epochs: dict[int, int] = {}
         self.syncs = 0
-        """Sync calls (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges)."""
+        """Syncs done (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges); a refused
+        one is not counted."""
         self.async_syncs = 0
         """Of those, the async ones."""
         self.pages_synced = 0
@@ -354,9 +355,6 @@ class DeviceCopies:
             if self.locs.get(pid) == loc and self.epochs.get(pid) == int(t.epoch[pid]):
                 continue
             groups.setdefault(loc, []).append(pid)
-        self.syncs += 1
-        if asynchronous:
-            self.async_syncs += 1
         copied: list[int] = []
         tickets: list[Any] = []
         for loc, group in groups.items():
@@ -394,6 +392,10 @@ class DeviceCopies:
                 tickets.append(b.marker())
             else:
                 b.synchronize()
+        # Counted once done: a refused sync (a location not usable, out of memory) is not.
+        self.syncs += 1
+        if asynchronous:
+            self.async_syncs += 1
         return DeviceSync(copied, tickets)
 
     def follow(self, pid: int, d: Delta, base_epoch: int) -> None:
