@@ -300,6 +300,36 @@ def test_device_array_write_refusals_change_nothing(state: mmsb.MMSBState) -> No
     state._check()
 
 
+class Unexportable:
+    """A device array that says its length but cannot be read."""
+
+    nbytes = 4
+
+    def __dlpack__(self, **kw: Any) -> Any:
+        raise BufferError("not readable here")
+
+    def __dlpack_device__(self) -> Any:
+        return (1, 0)
+
+
+def test_unreadable_device_array_is_refused_before_any_device_work(tmp_path: Any) -> None:
+    s, b = managed_state()
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    mmsb.write_page(s, g.id, 0, b"g")  # the gpu page's copy is stale
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    mmsb.load_checkpoint(s, path)  # the unified page in ordinary memory, no copies
+    before = fingerprint(s), _memory_counters(s), mmsb.get_stats(s).device_stale_pages
+    for pid in (g.id, u.id):
+        with pytest.raises(InvalidDeltaError, match="DLPack"):
+            mmsb.write_page(s, pid, 0, Unexportable())
+    assert (fingerprint(s), _memory_counters(s), mmsb.get_stats(s).device_stale_pages) == before
+    assert not b.owns(s.pages[u.id].data)  # not moved into managed memory
+    assert mmsb.get_stats(s).device_pages_synced == 0
+    s._check()
+
+
 def test_dlpack_input_on_a_cpu_page(state: mmsb.MMSBState) -> None:
     p = mmsb.create_page(state, 16)
     mmsb.write_page(state, p.id, 2, DLPackArray(np.arange(4, dtype=np.uint8)))

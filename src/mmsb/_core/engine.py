@@ -1291,6 +1291,9 @@ class MMSBState:
             check_source(source)
             t0 = time.perf_counter_ns()
             copies = self.device_copies()
+            # Read first: unreadable data is refused before the page is moved into
+            # managed memory or its device copy brought up to date.
+            data = copies.backend(self, int(t.loc[pid])).read_contents(data)
             epoch = int(t.epoch[pid])
             if copies.home(self, pid):
                 # Managed memory: diffed on the device against the page's own bytes;
