@@ -716,6 +716,28 @@ def test_failed_batch_restores_device_copies(state: mmsb.MMSBState) -> None:
     state._check()
 
 
+def test_failed_batch_keeps_the_copies_of_pages_it_did_not_write(state: mmsb.MMSBState) -> None:
+    a = mmsb.create_page(state, BIG, location="gpu")
+    b = mmsb.create_page(state, BIG, location="gpu")
+    u = mmsb.create_page(state, 64, location="unified")
+    for p in (a, b, u):
+        mmsb.write_page(state, p.id, 0, b"before")
+    assert sorted(mmsb.sync_pages_to_gpu(state, [a.id, b.id, u.id])) == [a.id, b.id, u.id]
+    # A refused apply_batch (checked before anything is applied) changes no copy.
+    with pytest.raises(PageNotFoundError):
+        mmsb.apply_batch(state, [(a.id, 0, b"x"), (999, 0, b"y")])
+    assert mmsb.get_stats(state).device_stale_pages == 0
+    with pytest.raises(RuntimeError), mmsb.batch(state):
+        mmsb.update_page(state, a.id, b"\x02" * BIG)
+        mmsb.write_page(state, u.id, 1, b"held")
+        raise RuntimeError("abandon the batch")
+    assert mmsb.get_stats(state).device_stale_pages == 2  # a's and u's, not b's
+    assert sorted(mmsb.sync_pages_to_gpu(state, [a.id, b.id, u.id])) == [a.id, u.id]
+    for p in (a, b, u):
+        assert device_bytes(p) == mmsb.query_page(state, p.id)
+    state._check()
+
+
 # -- propagation ------------------------------------------------------------------------------
 
 def test_gpu_sync_edge_syncs_and_completes(state: mmsb.MMSBState) -> None:

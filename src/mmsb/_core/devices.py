@@ -290,10 +290,13 @@ class DeviceCopies:
         for pid in list(self.slots):
             self.drop(pid)
 
-    def mark_all_stale(self) -> None:
-        """Every device copy is to be refreshed from its mirror before its next use."""
-        for pid in self.epochs:
-            self.epochs[pid] = -1
+    def mark_stale(self, pids: Iterable[int]) -> None:
+        """The device copies of ``pids`` (those that have one) are to be refreshed from
+        their mirrors before their next use."""
+        epochs = self.epochs
+        for pid in pids:
+            if pid in epochs:
+                epochs[pid] = -1
 
     # -- keeping copies current --------------------------------------------------------
     def current(self, state: MMSBState, pid: int) -> tuple[DeviceBackend, int, bool]:

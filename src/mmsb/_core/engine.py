@@ -2120,6 +2120,7 @@ class _BatchFrame:
     def rollback(self) -> None:
         st = self.state
         t = st.table
+        restored: set[int] = set()
         for entry in reversed(self.undo):
             if entry[0] == "scatter":
                 _kind, chunk, offsets, old_bytes, pids, epochs = entry
@@ -2127,8 +2128,10 @@ class _BatchFrame:
                 assert buf is not None
                 buf[offsets] = old_bytes
                 t.epoch[pids] = epochs
+                restored.update(pids.tolist())
                 continue
             pid, epoch = entry[1], entry[2]
+            restored.add(pid)
             view = st.arena.view(int(t.addr[pid]), int(t.size[pid]))
             if entry[0] == "page":
                 view[:] = entry[3]
@@ -2151,9 +2154,10 @@ class _BatchFrame:
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
         if st.devices is not None:
-            # The mirrors went back to older epochs; a device copy may hold bytes of an
-            # epoch the pages will reach again with other bytes.
-            st.devices.mark_all_stale()
+            # The mirrors of the pages the batch wrote went back to older epochs; their
+            # device copies may hold bytes of an epoch those pages will reach again with
+            # other bytes. The copies of the pages it did not write stay as they were.
+            st.devices.mark_stale(restored)
 
 
 
