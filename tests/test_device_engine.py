@@ -716,7 +716,7 @@ def test_failed_batch_restores_device_copies(state: mmsb.MMSBState) -> None:
     state._check()
 
 
-def test_failed_batch_keeps_the_copies_of_pages_it_did_not_write(state: mmsb.MMSBState) -> None:
+def test_failed_batch_keeps_the_copies_that_did_not_follow_it(state: mmsb.MMSBState) -> None:
     a = mmsb.create_page(state, BIG, location="gpu")
     b = mmsb.create_page(state, BIG, location="gpu")
     u = mmsb.create_page(state, 64, location="unified")
@@ -728,11 +728,19 @@ def test_failed_batch_keeps_the_copies_of_pages_it_did_not_write(state: mmsb.MMS
         mmsb.apply_batch(state, [(a.id, 0, b"x"), (999, 0, b"y")])
     assert mmsb.get_stats(state).device_stale_pages == 0
     with pytest.raises(RuntimeError), mmsb.batch(state):
-        mmsb.update_page(state, a.id, b"\x02" * BIG)
-        mmsb.write_page(state, u.id, 1, b"held")
+        mmsb.update_page(state, a.id, b"\x02" * BIG)  # a's copy follows this write
+        mmsb.write_page(state, u.id, 1, b"held")  # u's copy does not
+        mmsb.apply_batch(state, [(b.id, k, b"v") for k in range(16)])  # nor b's
         raise RuntimeError("abandon the batch")
-    assert mmsb.get_stats(state).device_stale_pages == 2  # a's and u's, not b's
-    assert sorted(mmsb.sync_pages_to_gpu(state, [a.id, b.id, u.id])) == [a.id, u.id]
+    state._check()
+    assert mmsb.get_stats(state).device_stale_pages == 1  # a's only
+    assert mmsb.sync_pages_to_gpu(state, [a.id, b.id, u.id]) == [a.id]
+    for p in (a, b, u):
+        assert device_bytes(p) == mmsb.query_page(state, p.id)
+    # Their epochs again, with other bytes: no copy passes for current.
+    mmsb.update_page(state, a.id, b"\x03" * BIG)
+    mmsb.write_page(state, u.id, 1, b"next")
+    mmsb.apply_batch(state, [(b.id, 0, b"w")])
     for p in (a, b, u):
         assert device_bytes(p) == mmsb.query_page(state, p.id)
     state._check()

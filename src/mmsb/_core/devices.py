@@ -290,12 +290,17 @@ class DeviceCopies:
         for pid in list(self.slots):
             self.drop(pid)
 
-    def mark_stale(self, pids: Iterable[int]) -> None:
-        """The device copies of ``pids`` (those that have one) are to be refreshed from
-        their mirrors before their next use."""
+    def restored(self, state: MMSBState, pids: Iterable[int]) -> None:
+        """After a failed batch put pages ``pids`` back to their bytes and epochs from
+        before it: a device copy that followed one of the batch's writes holds a later
+        epoch, which the page will reach again with other bytes, and is marked stale. A
+        copy holding the restored epoch was current before the batch wrote the page
+        (every device use logs held writes first, raising the epoch), so it holds the
+        restored bytes and stays current."""
         epochs = self.epochs
+        page_epochs = state.table.epoch
         for pid in pids:
-            if pid in epochs:
+            if pid in epochs and epochs[pid] != int(page_epochs[pid]):
                 epochs[pid] = -1
 
     # -- keeping copies current --------------------------------------------------------

@@ -2154,10 +2154,9 @@ class _BatchFrame:
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
         if st.devices is not None:
-            # The mirrors of the pages the batch wrote went back to older epochs; their
-            # device copies may hold bytes of an epoch those pages will reach again with
-            # other bytes. The copies of the pages it did not write stay as they were.
-            st.devices.mark_stale(restored)
+            # The pages the batch wrote went back to older epochs: their device copies
+            # that followed its writes are stale (the others stay as they were).
+            st.devices.restored(st, restored)
 
 
 
