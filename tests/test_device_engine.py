@@ -944,6 +944,34 @@ def test_checkpoint_with_device_pages_where_no_device(state: mmsb.MMSBState, tmp
     assert mmsb.verify_state_consistency(moved)
 
 
+def test_refused_load_makes_no_backend(state: mmsb.MMSBState, tmp_path: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    mmsb.create_page(state, 16, location="gpu")
+    mmsb.create_page(state, 16, location="unified")
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(state, path)
+    made: list[str] = []
+
+    def factory(name: str) -> DeviceBackend:
+        if name == "unified":
+            raise GPUMemoryError("no managed memory here (test factory)")
+        made.append(name)
+        return HostBackend(chunk_size=CHUNK)
+    monkeypatch.setattr(core_devices, "_FACTORY", [(factory, DeviceBackend)])
+    fresh = mmsb.MMSBState(mmsb.MMSBConfig())
+    with pytest.raises(GPUMemoryError, match="1 unified page"):
+        mmsb.load_checkpoint(fresh, path)
+    assert made == ["gpu"]  # made to check the location, then forgotten
+    assert fresh.devices is None and mmsb.get_device_stats(fresh) == {}
+    other = mmsb.MMSBState(mmsb.MMSBConfig())
+    mmsb.create_page(other, 16, location="gpu")  # a backend made before the load
+    held = mmsb.get_device_stats(other)
+    with pytest.raises(GPUMemoryError, match="1 unified page"):
+        mmsb.load_checkpoint(other, path)
+    assert mmsb.get_device_stats(other) == held
+    other._check()
+
+
 def test_cli_reads_a_checkpoint_with_device_pages(state: mmsb.MMSBState, tmp_path: Any) -> None:
     g = mmsb.create_page(state, 64, location="gpu")
     mmsb.update_page(state, g.id, b"\x02" * 64)

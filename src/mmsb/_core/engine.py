@@ -902,6 +902,9 @@ class MMSBState:
             return []
         ids = np.asarray(snap.ids)
         moved: list[int] = []
+        # The backends this check makes are forgotten again if it refuses the load.
+        devices = self.devices
+        had = None if devices is None else dict(devices.backends)
         for value in np.unique(locs[locs != 0]).tolist():
             loc = PageLocation(int(value))
             count = int(np.count_nonzero(locs == value))
@@ -909,6 +912,10 @@ class MMSBState:
                 self.check_location(loc, None)
             except GPUMemoryError as exc:
                 if not self.config.restore_device_pages_on_cpu or self.bus is not None:
+                    if devices is None or had is None:
+                        self.devices = None
+                    else:
+                        devices.backends = had
                     raise GPUMemoryError(
                         f"the checkpoint holds {count} {loc.name.lower()} page(s), which cannot "
                         f"be placed here ({exc.reason}); nothing was loaded. Set "
