@@ -414,6 +414,24 @@ def test_stopped_state_refuses_device_calls(state: mmsb.MMSBState) -> None:
         mmsb.sync_page_to_gpu(state, p.id)
 
 
+def test_stopping_a_state_releases_its_device_copies() -> None:
+    s, managed = managed_state()
+    gpu = s.devices.backends[int(PageLocation.GPU)]  # type: ignore[union-attr]
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    mmsb.update_page(s, g.id, b"\x01" * 64)
+    mmsb.update_page(s, u.id, b"\x02" * 64)
+    assert device_bytes(g) == b"\x01" * 64 and gpu.stats().slots_in_use == 1
+    s.close()
+    assert gpu.stats().slots_in_use == 0 and mmsb.get_device_stats(s) == {}
+    # The bytes stay readable, the managed ones included.
+    assert mmsb.query_page(s, g.id) == b"\x01" * 64
+    assert mmsb.query_page(s, u.id) == b"\x02" * 64 and managed.owns(u.data)
+    with pytest.raises(mmsb.StateClosedError):
+        g.device_array()
+    s._check()
+
+
 # -- structural changes -------------------------------------------------------------------------
 
 def test_delete_frees_the_device_slot(state: mmsb.MMSBState) -> None:

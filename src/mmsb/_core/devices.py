@@ -290,6 +290,13 @@ class DeviceCopies:
         for pid in list(self.slots):
             self.drop(pid)
 
+    def release(self) -> None:
+        """For a stopped state: free every device copy and let go of the backends (and
+        so of their device memory). The pages' bytes stay in the host arena, readable;
+        unified pages in managed memory keep theirs (the arena holds that memory)."""
+        self.drop_all()
+        self.backends.clear()
+
     def restored(self, state: MMSBState, pids: Iterable[int]) -> None:
         """After a failed batch put pages ``pids`` back to their bytes and epochs from
         before it: a device copy that followed one of the batch's writes holds a later

@@ -453,6 +453,10 @@ class MMSBState:
                 # A bus that failed its final checkpoint is still closed (log synced,
                 # lock released): the state says so too.
                 self.closed = self.bus is None or self.bus.closed
+            if self.closed and self.devices is not None:
+                # Device calls are refused from now on: their memory goes now, not when
+                # the last reference to the state does.
+                self.devices.release()
         if ACTIVE.get() is self:
             ACTIVE.set(None)
 
