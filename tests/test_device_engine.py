@@ -321,9 +321,13 @@ def test_unreadable_device_array_is_refused_before_any_device_work(tmp_path: Any
     mmsb.checkpoint_log(s, path)
     mmsb.load_checkpoint(s, path)  # the unified page in ordinary memory, no copies
     before = fingerprint(s), _memory_counters(s), mmsb.get_stats(s).device_stale_pages
+    lying = DLPackArray(np.ones(40, np.uint8))
+    lying.nbytes = 4  # fits at offset 30 by what it says, not by what it holds
     for pid in (g.id, u.id):
         with pytest.raises(InvalidDeltaError, match="DLPack"):
             mmsb.write_page(s, pid, 0, Unexportable())
+        with pytest.raises(InvalidDeltaError, match="says it holds 4 bytes"):
+            mmsb.write_page(s, pid, 30, lying)
     assert (fingerprint(s), _memory_counters(s), mmsb.get_stats(s).device_stale_pages) == before
     assert not b.owns(s.pages[u.id].data)  # not moved into managed memory
     assert mmsb.get_stats(s).device_pages_synced == 0

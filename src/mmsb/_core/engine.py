@@ -1305,6 +1305,10 @@ class MMSBState:
             # Read first: unreadable data is refused before the page is moved into
             # managed memory or its device copy brought up to date.
             data = copies.backend(self, int(t.loc[pid])).read_contents(data)
+            if len(data) != n_new:
+                raise InvalidDeltaError(
+                    f"data says it holds {n_new} bytes (nbytes) but {len(data)} were read; "
+                    "pass a contiguous CuPy, PyTorch or numpy array", page_id=pid)
             epoch = int(t.epoch[pid])
             if copies.home(self, pid):
                 # Managed memory: diffed on the device against the page's own bytes;
