@@ -428,6 +428,7 @@ def test_stopping_a_state_releases_its_device_copies() -> None:
     assert device_bytes(g) == b"\x01" * 64 and gpu.stats().slots_in_use == 1
     s.close()
     assert gpu.stats().slots_in_use == 0 and mmsb.get_device_stats(s) == {}
+    assert not s.arena.has_managed  # the unified backend's source is let go too
     # The bytes stay readable, the managed ones included.
     assert mmsb.query_page(s, g.id) == b"\x01" * 64
     assert mmsb.query_page(s, u.id) == b"\x02" * 64 and managed.owns(u.data)

@@ -290,12 +290,14 @@ class DeviceCopies:
         for pid in list(self.slots):
             self.drop(pid)
 
-    def release(self) -> None:
+    def release(self, state: MMSBState) -> None:
         """For a stopped state: free every device copy and let go of the backends (and
-        so of their device memory). The pages' bytes stay in the host arena, readable;
-        unified pages in managed memory keep theirs (the arena holds that memory)."""
+        so of their device memory), the arena's managed-memory source included. The
+        pages' bytes stay in the host arena, readable; unified pages in managed memory
+        keep theirs (the arena holds the managed chunks it has)."""
         self.drop_all()
         self.backends.clear()
+        state.arena.bind_managed(None)
 
     def restored(self, state: MMSBState, pids: Iterable[int]) -> None:
         """After a failed batch put pages ``pids`` back to their bytes and epochs from

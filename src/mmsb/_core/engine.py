@@ -456,7 +456,7 @@ class MMSBState:
             if self.closed and self.devices is not None:
                 # Device calls are refused from now on: their memory goes now, not when
                 # the last reference to the state does.
-                self.devices.release()
+                self.devices.release(self)
         if ACTIVE.get() is self:
             ACTIVE.set(None)
 
