@@ -21,12 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from mmsb._core import devices as core_devices
 from mmsb._device import HostBackend, unavailable_reason
 from mmsb._device.backend import DeviceBackend
 from mmsb.errors import (
     GPUMemoryError,
     InvalidArgumentError,
     InvalidDeltaError,
+    MetadataError,
     PageNotFoundError,
     UnsupportedLocationError,
 )
@@ -298,6 +300,40 @@ def test_device_array_write_refusals_change_nothing(state: mmsb.MMSBState) -> No
     state._check()
 
 
+class Unexportable:
+    """A device array that says its length but cannot be read."""
+
+    nbytes = 4
+
+    def __dlpack__(self, **kw: Any) -> Any:
+        raise BufferError("not readable here")
+
+    def __dlpack_device__(self) -> Any:
+        return (1, 0)
+
+
+def test_unreadable_device_array_is_refused_before_any_device_work(tmp_path: Any) -> None:
+    s, b = managed_state()
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    mmsb.write_page(s, g.id, 0, b"g")  # the gpu page's copy is stale
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    mmsb.load_checkpoint(s, path)  # the unified page in ordinary memory, no copies
+    before = fingerprint(s), _memory_counters(s), mmsb.get_stats(s).device_stale_pages
+    lying = DLPackArray(np.ones(40, np.uint8))
+    lying.nbytes = 4  # fits at offset 30 by what it says, not by what it holds
+    for pid in (g.id, u.id):
+        with pytest.raises(InvalidDeltaError, match="DLPack"):
+            mmsb.write_page(s, pid, 0, Unexportable())
+        with pytest.raises(InvalidDeltaError, match="says it holds 4 bytes"):
+            mmsb.write_page(s, pid, 30, lying)
+    assert (fingerprint(s), _memory_counters(s), mmsb.get_stats(s).device_stale_pages) == before
+    assert not b.owns(s.pages[u.id].data)  # not moved into managed memory
+    assert mmsb.get_stats(s).device_pages_synced == 0
+    s._check()
+
+
 def test_dlpack_input_on_a_cpu_page(state: mmsb.MMSBState) -> None:
     p = mmsb.create_page(state, 16)
     mmsb.write_page(state, p.id, 2, DLPackArray(np.arange(4, dtype=np.uint8)))
@@ -380,6 +416,25 @@ def test_stopped_state_refuses_device_calls(state: mmsb.MMSBState) -> None:
         p.device_array()
     with pytest.raises(mmsb.StateClosedError):
         mmsb.sync_page_to_gpu(state, p.id)
+
+
+def test_stopping_a_state_releases_its_device_copies() -> None:
+    s, managed = managed_state()
+    gpu = s.devices.backends[int(PageLocation.GPU)]  # type: ignore[union-attr]
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    mmsb.update_page(s, g.id, b"\x01" * 64)
+    mmsb.update_page(s, u.id, b"\x02" * 64)
+    assert device_bytes(g) == b"\x01" * 64 and gpu.stats().slots_in_use == 1
+    s.close()
+    assert gpu.stats().slots_in_use == 0 and mmsb.get_device_stats(s) == {}
+    assert not s.arena.has_managed  # the unified backend's source is let go too
+    # The bytes stay readable, the managed ones included.
+    assert mmsb.query_page(s, g.id) == b"\x01" * 64
+    assert mmsb.query_page(s, u.id) == b"\x02" * 64 and managed.owns(u.data)
+    with pytest.raises(mmsb.StateClosedError):
+        g.device_array()
+    s._check()
 
 
 # -- structural changes -------------------------------------------------------------------------
@@ -520,6 +575,23 @@ def test_unknown_location_refused(state: mmsb.MMSBState) -> None:
     assert fingerprint(state) == before
 
 
+def test_refused_creation_makes_no_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    def factory(name: str) -> DeviceBackend:
+        made.append(name)
+        return HostBackend(chunk_size=CHUNK)
+    monkeypatch.setattr(core_devices, "_FACTORY", [(factory, DeviceBackend)])
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    with pytest.raises(MetadataError):
+        mmsb.create_page(s, 8, location="gpu", metadata={"k": object()})
+    with pytest.raises(MetadataError):
+        mmsb.create_pages(s, 2, 8, location="unified", metadata={1: 2})
+    assert made == [] and mmsb.get_device_stats(s) == {} and s.last_lsn == 0
+    mmsb.create_page(s, 8, location="gpu", metadata={"k": 1})
+    assert made == ["gpu"]
+
+
 def test_out_of_device_memory_logs_nothing() -> None:
     s = mmsb.MMSBState(mmsb.MMSBConfig())
     b = FailingBackend(slots=2)
@@ -599,6 +671,50 @@ def test_batch_with_device_pages(state: mmsb.MMSBState) -> None:
     assert mmsb.verify_state_consistency(state)
 
 
+def test_held_writes_to_a_page_with_a_current_copy() -> None:
+    s = stand_in_state()
+    g = mmsb.create_page(s, 256, location="gpu")
+    mmsb.update_page(s, g.id, bytes(range(256)))
+    assert device_bytes(g) == bytes(range(256))  # current at epoch 1
+    with mmsb.batch(s):
+        mmsb.write_page(s, g.id, 0, b"held")  # in the page's bytes, not yet in its epoch
+        s._check()
+        assert device_bytes(g)[:4] == b"held"  # a device use logs it first, then copies
+        assert g.epoch == 2
+        mmsb.write_page(s, g.id, 8, b"again")
+        s._check()
+    assert device_bytes(g) == mmsb.query_page(s, g.id)
+    s._check()
+
+
+def _memory_counters(s: mmsb.MMSBState) -> tuple[Any, ...]:
+    """The arena's and the backends' counters, which a refused call leaves as they were."""
+    st_ = mmsb.get_stats(s)
+    return (st_.arena_bytes_in_use, st_.arena_bytes_free, st_.arena_bytes_reserved,
+            st_.unified_managed_bytes, mmsb.get_device_stats(s))
+
+
+@pytest.mark.parametrize("managed", [False, True])
+def test_device_creations_and_migrations_in_a_batch_take_nothing(managed: bool) -> None:
+    s = managed_state()[0] if managed else stand_in_state()
+    c = mmsb.create_page(s, 64)
+    g = mmsb.create_page(s, 64, location="gpu")
+    u = mmsb.create_page(s, 64, location="unified")
+    before = (fingerprint(s), _memory_counters(s))
+    calls = [lambda: mmsb.create_page(s, 64, location="gpu"),
+             lambda: mmsb.create_pages(s, 3, 64, location="unified"),
+             lambda: mmsb.migrate_page(s, c.id, "gpu"),
+             lambda: mmsb.migrate_page(s, c.id, "unified"),
+             lambda: mmsb.migrate_page(s, u.id, "cpu"),
+             lambda: mmsb.migrate_page(s, g.id, "unified"),
+             lambda: mmsb.ensure_page_on_device(s, c.id)]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError, match="structural change"), mmsb.batch(s):
+            call()
+        assert (fingerprint(s), _memory_counters(s)) == before
+    s._check()
+
+
 def test_failed_batch_restores_device_copies(state: mmsb.MMSBState) -> None:
     p = mmsb.create_page(state, BIG, location="gpu")
     mmsb.update_page(state, p.id, b"\x01" * BIG)
@@ -620,6 +736,36 @@ def test_failed_batch_restores_device_copies(state: mmsb.MMSBState) -> None:
     mmsb.update_page(state, p.id, b"\x04" * BIG)
     assert p.epoch == 2
     assert device_bytes(p) == b"\x04" * BIG
+    state._check()
+
+
+def test_failed_batch_keeps_the_copies_that_did_not_follow_it(state: mmsb.MMSBState) -> None:
+    a = mmsb.create_page(state, BIG, location="gpu")
+    b = mmsb.create_page(state, BIG, location="gpu")
+    u = mmsb.create_page(state, 64, location="unified")
+    for p in (a, b, u):
+        mmsb.write_page(state, p.id, 0, b"before")
+    assert sorted(mmsb.sync_pages_to_gpu(state, [a.id, b.id, u.id])) == [a.id, b.id, u.id]
+    # A refused apply_batch (checked before anything is applied) changes no copy.
+    with pytest.raises(PageNotFoundError):
+        mmsb.apply_batch(state, [(a.id, 0, b"x"), (999, 0, b"y")])
+    assert mmsb.get_stats(state).device_stale_pages == 0
+    with pytest.raises(RuntimeError), mmsb.batch(state):
+        mmsb.update_page(state, a.id, b"\x02" * BIG)  # a's copy follows this write
+        mmsb.write_page(state, u.id, 1, b"held")  # u's copy does not
+        mmsb.apply_batch(state, [(b.id, k, b"v") for k in range(16)])  # nor b's
+        raise RuntimeError("abandon the batch")
+    state._check()
+    assert mmsb.get_stats(state).device_stale_pages == 1  # a's only
+    assert mmsb.sync_pages_to_gpu(state, [a.id, b.id, u.id]) == [a.id]
+    for p in (a, b, u):
+        assert device_bytes(p) == mmsb.query_page(state, p.id)
+    # Their epochs again, with other bytes: no copy passes for current.
+    mmsb.update_page(state, a.id, b"\x03" * BIG)
+    mmsb.write_page(state, u.id, 1, b"next")
+    mmsb.apply_batch(state, [(b.id, 0, b"w")])
+    for p in (a, b, u):
+        assert device_bytes(p) == mmsb.query_page(state, p.id)
     state._check()
 
 
@@ -666,6 +812,47 @@ def test_gpu_sync_failure_is_reported_and_writes_stand() -> None:
     assert got == []
     b.fail_copies = False
     assert device_bytes(child)[:1] == b"c"
+    s._check()
+
+
+class ApplyFailingBackend(HostBackend):
+    """A host backend whose applies of deltas fail while ``fail`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=CHUNK)
+        self.fail = False
+
+    def apply_delta(self, slot: int, delta: Any) -> None:
+        if self.fail:
+            raise GPUMemoryError("delta apply failed (test backend)")
+        super().apply_delta(slot, delta)
+
+    def apply_dense(self, slot: int, data: Any, mask: Any = None) -> None:
+        if self.fail:
+            raise GPUMemoryError("delta apply failed (test backend)")
+        super().apply_dense(slot, data, mask)
+
+
+def test_failed_device_apply_leaves_the_copy_stale_and_the_write_whole() -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = ApplyFailingBackend()
+    s._use_backend_for_tests("gpu", b)
+    g = mmsb.create_page(s, BIG, location="gpu")
+    child = mmsb.create_page(s, BIG)
+    mmsb.add_dependency(s, g.id, child.id, mmsb.DATA_DEPENDENCY)
+    mmsb.register_passthrough_recompute(s, child.id, g.id)
+    got = record(s, mmsb.EventType.PAGE_CHANGED)
+    b.fail = True
+    # The general write path: the device copy would follow in the same call.
+    mmsb.update_page(s, g.id, np.full(BIG, 7, np.uint8))
+    assert g.epoch == 1 and mmsb.query_page(s, g.id) == b"\x07" * BIG
+    assert mmsb.query_page(s, child.id) == b"\x07" * BIG  # propagation ran
+    assert (mmsb.EventType.PAGE_CHANGED, (g.id, 1, 1)) in got
+    assert mmsb.get_stats(s).device_stale_pages == 1
+    s._check()
+    b.fail = False
+    assert device_bytes(g) == b"\x07" * BIG  # copied in from the mirror on its next use
+    assert mmsb.verify_state_consistency(s)
     s._check()
 
 
@@ -778,6 +965,34 @@ def test_checkpoint_with_device_pages_where_no_device(state: mmsb.MMSBState, tmp
     assert moved.last_lsn == state.last_lsn + 1
     assert type(moved.log.records[-1]).__name__ == "PageMigrate"
     assert mmsb.verify_state_consistency(moved)
+
+
+def test_refused_load_makes_no_backend(state: mmsb.MMSBState, tmp_path: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    mmsb.create_page(state, 16, location="gpu")
+    mmsb.create_page(state, 16, location="unified")
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(state, path)
+    made: list[str] = []
+
+    def factory(name: str) -> DeviceBackend:
+        if name == "unified":
+            raise GPUMemoryError("no managed memory here (test factory)")
+        made.append(name)
+        return HostBackend(chunk_size=CHUNK)
+    monkeypatch.setattr(core_devices, "_FACTORY", [(factory, DeviceBackend)])
+    fresh = mmsb.MMSBState(mmsb.MMSBConfig())
+    with pytest.raises(GPUMemoryError, match="1 unified page"):
+        mmsb.load_checkpoint(fresh, path)
+    assert made == ["gpu"]  # made to check the location, then forgotten
+    assert fresh.devices is None and mmsb.get_device_stats(fresh) == {}
+    other = mmsb.MMSBState(mmsb.MMSBConfig())
+    mmsb.create_page(other, 16, location="gpu")  # a backend made before the load
+    held = mmsb.get_device_stats(other)
+    with pytest.raises(GPUMemoryError, match="1 unified page"):
+        mmsb.load_checkpoint(other, path)
+    assert mmsb.get_device_stats(other) == held
+    other._check()
 
 
 def test_cli_reads_a_checkpoint_with_device_pages(state: mmsb.MMSBState, tmp_path: Any) -> None:
@@ -1121,6 +1336,32 @@ def test_failed_batched_sync_gives_its_new_slots_back() -> None:
     s._check()
 
 
+def test_refused_syncs_are_not_counted(tmp_path: Any) -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = FailingBackend()
+    s._use_backend_for_tests("gpu", b)
+    g = mmsb.create_page(s, 64, location="gpu")
+    mmsb.write_page(s, g.id, 0, b"x")
+    b.fail_copies = True
+    for call in (mmsb.sync_page_to_gpu, mmsb.sync_page_to_gpu_async):
+        with pytest.raises(GPUMemoryError, match="device copy failed"):
+            call(s, g.id)
+    stats = mmsb.get_stats(s)
+    assert (stats.device_syncs, stats.device_async_syncs, stats.device_pages_synced) == (0, 0, 0)
+    b.fail_copies = False
+    assert mmsb.sync_page_to_gpu(s, g.id) is True
+    assert mmsb.get_stats(s).device_syncs == 1
+    # A location not usable here: a state loaded to be read, with enable_gpu off.
+    path = tmp_path / "ck.mmsb"
+    mmsb.checkpoint_log(s, path)
+    kept = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+    mmsb.load_checkpoint(kept, path, keep_device_locations=True)
+    with pytest.raises(GPUMemoryError, match="enable_gpu=True"):
+        mmsb.sync_pages_to_gpu_async(kept, [g.id])
+    stats = mmsb.get_stats(kept)
+    assert (stats.device_syncs, stats.device_async_syncs) == (0, 0)
+
+
 def test_gpu_sync_edge_to_a_managed_unified_page_completes_without_a_copy() -> None:
     s, _b = managed_state()
     src = mmsb.create_page(s, 16)
@@ -1173,17 +1414,28 @@ def test_arena_keeps_managed_and_ordinary_slots_apart() -> None:
 
 _OPS = st.lists(st.tuples(
     st.sampled_from(["write", "write_dev", "update", "migrate", "resize", "sync", "sync_many",
-                     "batch"]),
+                     "batch", "batch_fail", "apply_batch", "route", "clone", "delete",
+                     "compress", "reload"]),
     st.integers(0, 1 << 16), st.binary(min_size=1, max_size=48),
     st.sampled_from(["cpu", "gpu", "unified"])), min_size=1, max_size=30)
+
+
+class _Abandon(Exception):
+    """Raised to make a batch fail."""
+
+
+def _is_device(s: mmsb.MMSBState, pid: int) -> bool:
+    return s.pages[pid].location is not PageLocation.CPU
 
 
 @pytest.mark.parametrize("managed", [False, True])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_OPS)
 def test_property_device_pages_match_a_cpu_twin(managed: bool,
-                                                ops: list[tuple[str, int, bytes, str]]) -> None:
+                                                ops: list[tuple[str, int, bytes, str]],
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     s = managed_state()[0] if managed else stand_in_state()
+    path = tmp_path_factory.mktemp("ck") / "state.mmsb"
     twins = [(mmsb.create_page(s, 96, location=loc).id, mmsb.create_page(s, 96).id)
              for loc in ("gpu", "unified", "cpu")]
     for op, n, data, loc in ops:
@@ -1206,21 +1458,63 @@ def test_property_device_pages_match_a_cpu_twin(managed: bool,
         elif op == "resize":
             for pid in (dev, cpu):
                 mmsb.resize_page(s, pid, 16 + n % 200)
-        elif op == "sync" and s.pages[dev].location is not PageLocation.CPU:
+        elif op == "sync" and _is_device(s, dev):
             mmsb.sync_page_to_gpu(s, dev)
         elif op == "sync_many":
-            ids = [d for d, _ in twins if s.pages[d].location is not PageLocation.CPU]
+            ids = [d for d, _ in twins if _is_device(s, d)]
             mmsb.sync_pages_to_gpu_async(s, ids).wait()
         elif op == "batch":
             with mmsb.batch(s):
                 for pid in (dev, cpu):
-                    mmsb.write_page(s, pid, off, data)
+                    mmsb.write_page(s, pid, off, data)  # small writes are held
+                s._check()
+                if _is_device(s, dev):
+                    assert device_bytes(s.pages[dev]) == mmsb.query_page(s, cpu)
+        elif op == "batch_fail":
+            # Held, general and device-array writes, and a device use, all undone.
+            with pytest.raises(_Abandon), mmsb.batch(s):
+                mmsb.write_page(s, dev, off, data)
+                mmsb.update_page(s, dev, np.full(size, n % 251, np.uint8))
+                mmsb.write_page(s, dev, off, DLPackArray(np.frombuffer(data, np.uint8).copy()))
+                if _is_device(s, dev):
+                    device_bytes(s.pages[dev])
+                raise _Abandon
+        elif op == "apply_batch":
+            # Sixteen writes or more take the vectorised pass.
+            writes = [(pid, (off + 7 * k) % (size - len(data) + 1), data)
+                      for k in range(8) for pid in (dev, cpu)]
+            mmsb.apply_batch(s, writes)
+        elif op == "route":
+            mask = np.zeros(size, bool)
+            mask[off:off + len(data)] = True
+            fill = np.full(size, n % 256, np.uint8)
+            for pid in (dev, cpu):
+                mmsb.route_delta(s, mmsb.create_delta(s, pid, mask, fill))
+        elif op == "clone" and len(twins) < 6:
+            twins.append((mmsb.clone_page(s, dev).id, mmsb.clone_page(s, cpu).id))
+        elif op == "delete" and len(twins) > 1:
+            twins.remove((dev, cpu))
+            for pid in (dev, cpu):
+                mmsb.delete_page(s, pid)
+            continue
+        elif op == "compress":
+            mmsb.compress_log(s)
+        elif op == "reload":
+            mmsb.checkpoint_log(s, path)
+            mmsb.load_checkpoint(s, path)
         assert mmsb.query_page(s, dev) == mmsb.query_page(s, cpu)
+        s._check()
     for dev, cpu in twins:
-        if s.pages[dev].location is not PageLocation.CPU:
+        if _is_device(s, dev):
             assert device_bytes(s.pages[dev]) == mmsb.query_page(s, cpu)
     assert mmsb.verify_state_consistency(s)
     s._check()
+    # Every device slot a backend holds is a device copy of a live page: none leaked.
+    copies = s.devices
+    assert copies is not None
+    for loc, b in copies.backends.items():
+        held = sum(1 for where in copies.locs.values() if where == loc)
+        assert b.stats().slots_in_use == held
 
 
 # -- real CUDA backends (skipped where none is usable) ------------------------------------------

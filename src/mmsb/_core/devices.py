@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError
+from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError, MMSBError
 from ..types import PageLocation, coerce_location
 from .delta import as_bytes_array
 
@@ -125,7 +125,8 @@ class DeviceCopies:
         self.locs: dict[int, int] = {}
         self.epochs: dict[int, int] = {}
         self.syncs = 0
-        """Sync calls (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges)."""
+        """Syncs done (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges); a refused
+        one is not counted."""
         self.async_syncs = 0
         """Of those, the async ones."""
         self.pages_synced = 0
@@ -289,10 +290,27 @@ class DeviceCopies:
         for pid in list(self.slots):
             self.drop(pid)
 
-    def mark_all_stale(self) -> None:
-        """Every device copy is to be refreshed from its mirror before its next use."""
-        for pid in self.epochs:
-            self.epochs[pid] = -1
+    def release(self, state: MMSBState) -> None:
+        """For a stopped state: free every device copy and let go of the backends (and
+        so of their device memory), the arena's managed-memory source included. The
+        pages' bytes stay in the host arena, readable; unified pages in managed memory
+        keep theirs (the arena holds the managed chunks it has)."""
+        self.drop_all()
+        self.backends.clear()
+        state.arena.bind_managed(None)
+
+    def restored(self, state: MMSBState, pids: Iterable[int]) -> None:
+        """After a failed batch put pages ``pids`` back to their bytes and epochs from
+        before it: a device copy that followed one of the batch's writes holds a later
+        epoch, which the page will reach again with other bytes, and is marked stale. A
+        copy holding the restored epoch was current before the batch wrote the page
+        (every device use logs held writes first, raising the epoch), so it holds the
+        restored bytes and stays current."""
+        epochs = self.epochs
+        page_epochs = state.table.epoch
+        for pid in pids:
+            if pid in epochs and epochs[pid] != int(page_epochs[pid]):
+                epochs[pid] = -1
 
     # -- keeping copies current --------------------------------------------------------
     def current(self, state: MMSBState, pid: int) -> tuple[DeviceBackend, int, bool]:
@@ -354,9 +372,6 @@ class DeviceCopies:
             if self.locs.get(pid) == loc and self.epochs.get(pid) == int(t.epoch[pid]):
                 continue
             groups.setdefault(loc, []).append(pid)
-        self.syncs += 1
-        if asynchronous:
-            self.async_syncs += 1
         copied: list[int] = []
         tickets: list[Any] = []
         for loc, group in groups.items():
@@ -394,20 +409,30 @@ class DeviceCopies:
                 tickets.append(b.marker())
             else:
                 b.synchronize()
+        # Counted once done: a refused sync (a location not usable, out of memory) is not.
+        self.syncs += 1
+        if asynchronous:
+            self.async_syncs += 1
         return DeviceSync(copied, tickets)
 
     def follow(self, pid: int, d: Delta, base_epoch: int) -> None:
         """After the logged delta ``d`` was applied to page ``pid``'s mirror: apply it to
         the device copy too when that copy held ``base_epoch`` (one launch); a stale
-        copy stays stale. A failed apply leaves the copy marked stale."""
+        copy stays stale. A failed apply leaves the copy marked stale and does not
+        fail the write: the delta is logged and in the mirror, so the write stands and
+        its events and propagation follow; the next device use copies the mirror in
+        (and reports a device that still fails)."""
         if self.epochs.get(pid) != base_epoch:
             return
         b = self.backends[self.locs[pid]]
         self.epochs[pid] = -1
-        if d._exact:
-            b.apply_dense(self.slots[pid], d._data)
-        else:
-            b.apply_delta(self.slots[pid], d)
+        try:
+            if d._exact:
+                b.apply_dense(self.slots[pid], d._data)
+            else:
+                b.apply_delta(self.slots[pid], d)
+        except MMSBError:
+            return
         self.epochs[pid] = d.epoch
 
     # -- reporting ---------------------------------------------------------------------
@@ -425,13 +450,17 @@ class DeviceCopies:
         """Assert that every device copy belongs to a live device page of its location
         and size, and that a current copy holds its mirror's bytes."""
         t = state.table
+        # Writes an open batch holds are in their pages' bytes but not yet in their
+        # epochs; they are logged, raising the epochs, before any device use.
+        frame = state.batch_frame
+        held = frame.held if frame is not None else {}
         for pid, slot in self.slots.items():
             assert t.is_live(pid), f"device copy kept for dead page {pid}"
             loc = self.locs[pid]
             assert int(t.loc[pid]) == loc, f"page {pid}'s device copy is at another location"
             b = self.backends[loc]
             assert b.size_of(slot) == int(t.size[pid]), f"page {pid}'s device copy has another size"
-            if self.epochs[pid] == int(t.epoch[pid]):
+            if self.epochs[pid] == int(t.epoch[pid]) and pid not in held:
                 assert np.array_equal(b.copy_out(slot), state.page_view(pid)), \
                     f"page {pid}'s current device copy differs from its mirror"
         for b in self.backends.values():

@@ -453,6 +453,10 @@ class MMSBState:
                 # A bus that failed its final checkpoint is still closed (log synced,
                 # lock released): the state says so too.
                 self.closed = self.bus is None or self.bus.closed
+            if self.closed and self.devices is not None:
+                # Device calls are refused from now on: their memory goes now, not when
+                # the last reference to the state does.
+                self.devices.release(self)
         if ACTIVE.get() is self:
             ACTIVE.set(None)
 
@@ -775,12 +779,23 @@ class MMSBState:
     def commit(self, rec: AnyRecord) -> None:
         """Log then apply a validated structural record."""
         if self.batch_frame is not None:
-            raise InvalidArgumentError(
-                f"{type(rec).__name__} is a structural change, which a batch cannot hold "
-                "(a batch groups writes); make it before or after the batch")
+            self.refuse_structural(type(rec).__name__)
         self.reserve_for(rec)
         self.log_append(rec)
         self.apply_record(rec)
+
+    def refuse_structural(self, kind: str) -> None:
+        """A structural change (a record of ``kind``) cannot be made inside an open batch:
+        callers that take memory before logging one (device slots, managed slots) ask
+        first, so that the refusal changes nothing.
+
+        Raises:
+            InvalidArgumentError: a batch is open.
+        """
+        if self.batch_frame is not None:
+            raise InvalidArgumentError(
+                f"{kind} is a structural change, which a batch cannot hold "
+                "(a batch groups writes); make it before or after the batch")
 
     def reserve_for(self, rec: AnyRecord) -> None:
         """Allocate ahead the memory applying ``rec`` needs (its kind's ``reserve``),
@@ -891,6 +906,9 @@ class MMSBState:
             return []
         ids = np.asarray(snap.ids)
         moved: list[int] = []
+        # The backends this check makes are forgotten again if it refuses the load.
+        devices = self.devices
+        had = None if devices is None else dict(devices.backends)
         for value in np.unique(locs[locs != 0]).tolist():
             loc = PageLocation(int(value))
             count = int(np.count_nonzero(locs == value))
@@ -898,6 +916,10 @@ class MMSBState:
                 self.check_location(loc, None)
             except GPUMemoryError as exc:
                 if not self.config.restore_device_pages_on_cpu or self.bus is not None:
+                    if devices is None or had is None:
+                        self.devices = None
+                    else:
+                        devices.backends = had
                     raise GPUMemoryError(
                         f"the checkpoint holds {count} {loc.name.lower()} page(s), which cannot "
                         f"be placed here ({exc.reason}); nothing was loaded. Set "
@@ -939,8 +961,9 @@ class MMSBState:
             count = int(count)
         if count < 0:
             raise InvalidArgumentError(f"page count must be an int ≥ 0, not {count!r}")
-        loc = PageLocation.CPU if location == "cpu" else self.check_location(location, size)
+        # Metadata first: a refused call must not have made a device backend.
         meta = normalize_metadata(metadata) if metadata else None
+        loc = PageLocation.CPU if location == "cpu" else self.check_location(location, size)
         self.enter()
         try:
             first = self.table.next_id
@@ -1022,6 +1045,7 @@ class MMSBState:
         like the mirrors at epoch 0."""
         copies = self.devices
         assert copies is not None  # check_location made it
+        self.refuse_structural("PageCreate")  # before any slot is taken
         if loc is PageLocation.UNIFIED and copies.managed(self):
             # Unified pages in managed memory: their managed slots are taken first, the
             # creation is logged and applied, then the pages are given those slots.
@@ -1060,6 +1084,7 @@ class MMSBState:
             old = PageLocation(int(self.table.loc[pid]))
             if old is loc:
                 return pid
+            self.refuse_structural("PageMigrate")  # before any slot is taken
             size = int(self.table.size[pid])
             self.check_location(loc, size)
             managed = self.arena.is_managed(int(self.table.addr[pid]))
@@ -1277,6 +1302,13 @@ class MMSBState:
             check_source(source)
             t0 = time.perf_counter_ns()
             copies = self.device_copies()
+            # Read first: unreadable data is refused before the page is moved into
+            # managed memory or its device copy brought up to date.
+            data = copies.backend(self, int(t.loc[pid])).read_contents(data)
+            if len(data) != n_new:
+                raise InvalidDeltaError(
+                    f"data says it holds {n_new} bytes (nbytes) but {len(data)} were read; "
+                    "pass a contiguous CuPy, PyTorch or numpy array", page_id=pid)
             epoch = int(t.epoch[pid])
             if copies.home(self, pid):
                 # Managed memory: diffed on the device against the page's own bytes;
@@ -2108,6 +2140,7 @@ class _BatchFrame:
     def rollback(self) -> None:
         st = self.state
         t = st.table
+        restored: set[int] = set()
         for entry in reversed(self.undo):
             if entry[0] == "scatter":
                 _kind, chunk, offsets, old_bytes, pids, epochs = entry
@@ -2115,8 +2148,10 @@ class _BatchFrame:
                 assert buf is not None
                 buf[offsets] = old_bytes
                 t.epoch[pids] = epochs
+                restored.update(pids.tolist())
                 continue
             pid, epoch = entry[1], entry[2]
+            restored.add(pid)
             view = st.arena.view(int(t.addr[pid]), int(t.size[pid]))
             if entry[0] == "page":
                 view[:] = entry[3]
@@ -2139,9 +2174,9 @@ class _BatchFrame:
         del st.event_queue[self.queue_len:]
         st.pending = self.pending
         if st.devices is not None:
-            # The mirrors went back to older epochs; a device copy may hold bytes of an
-            # epoch the pages will reach again with other bytes.
-            st.devices.mark_all_stale()
+            # The pages the batch wrote went back to older epochs: their device copies
+            # that followed its writes are stale (the others stay as they were).
+            st.devices.restored(st, restored)
 
 
 

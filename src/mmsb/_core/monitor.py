@@ -273,7 +273,8 @@ class MMSBStats:
     unified_managed_bytes: int = 0
     """Bytes of the unified pages whose bytes live in managed memory (by size class)."""
     device_syncs: int = 0
-    """Device syncs asked for (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges)."""
+    """Device syncs done (sync_page(s)_to_gpu, their async forms, GPU_SYNC edges); a
+    refused one (a location not usable here, out of device memory) is not counted."""
     device_async_syncs: int = 0
     """Of device_syncs, the async ones."""
     device_pages_synced: int = 0

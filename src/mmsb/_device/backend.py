@@ -732,6 +732,17 @@ class DeviceBackend(ABC):
     def _xp(self, arr: Any) -> Any:
         return np
 
+    def read_contents(self, new: Any) -> Any:
+        """``new`` as this backend reads new contents (:meth:`diff`, :meth:`copy_in`,
+        :meth:`diff_memory`): a 1-d uint8 array, on the device when ``new`` lives there.
+        Passing the result to those calls reads it again at no cost; a caller reads
+        first to refuse unreadable input before it does anything else.
+
+        Raises:
+            InvalidDeltaError: ``new`` unreadable (another device, not bytes, ...).
+        """
+        return self._coerce(new, "new contents")[0]
+
     def diff(self, slot: int, new: Any, offset: int = 0, *, apply: bool = False) -> Changes | None:
         """The changes of writing ``new`` into the slot at ``offset``, computed on the
         device; only the changed positions and values (or, when dense, the page and its
