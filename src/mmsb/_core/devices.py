@@ -108,6 +108,20 @@ def is_device_input(data: Any) -> bool:
     return hasattr(data, "__cuda_array_interface__") or hasattr(data, "__dlpack__")
 
 
+
+def _all_or_none(count: int, take: Callable[[], int], give: Callable[[int], None]) -> list[int]:
+    """``count`` results of ``take()``; if one raises, those taken are given back
+    (``give``) and the error goes on."""
+    taken: list[int] = []
+    try:
+        for _ in range(count):
+            taken.append(take())
+    except BaseException:
+        for x in taken:
+            give(x)
+        raise
+    return taken
+
 class DeviceCopies:
     """The backends of one state and the device copies of its device pages.
 
@@ -158,15 +172,8 @@ class DeviceCopies:
             GPUMemoryError: not that much managed memory (the slots taken are given back).
         """
         arena = state.arena
-        taken: list[int] = []
-        try:
-            for _ in range(count):
-                taken.append(arena.alloc_managed(size))
-        except BaseException:
-            for addr in taken:
-                arena.free(addr, size)
-            raise
-        return taken
+        return _all_or_none(count, lambda: arena.alloc_managed(size),
+                            lambda addr: arena.free(addr, size))
 
     @staticmethod
     def ordinary_slot(state: MMSBState, size: int) -> int:
@@ -252,15 +259,7 @@ class DeviceCopies:
                 slots taken so far are given back).
         """
         b = self.backend(state, loc, size)
-        taken: list[int] = []
-        try:
-            for _ in range(count):
-                taken.append(b.alloc(size))
-        except BaseException:
-            for s in taken:
-                b.free(s)
-            raise
-        return taken
+        return _all_or_none(count, lambda: b.alloc(size), b.free)
 
     def give_back(self, loc: int, slots: list[int]) -> None:
         """Free slots taken with :meth:`take_slots` that were never bound."""

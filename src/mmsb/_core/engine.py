@@ -1230,12 +1230,17 @@ class MMSBState:
         """
         self.enter()
         try:
-            pids = [self.require_page(p, fn) for p in page_ids]
-            for pid in pids:
-                check_device_page(self, pid, fn)
-            return self.sync_device_pages(pids)
+            return self.sync_device_pages(self._device_pages(page_ids, fn))
         finally:
             self.leave()
+
+    def _device_pages(self, page_ids: Iterable[Any], fn: str) -> list[int]:
+        """The ids of ``page_ids``, each a live gpu or unified page (caller holds the
+        lock). Raises PageNotFoundError, or InvalidArgumentError for a cpu page."""
+        pids = [self.require_page(p, fn) for p in page_ids]
+        for pid in pids:
+            check_device_page(self, pid, fn)
+        return pids
 
     def sync_to_device_async(self, page_ids: Iterable[Any], fn: str) -> DeviceSync:
         """sync_to_device queued on the backends' streams without waiting: returns the
@@ -1246,10 +1251,8 @@ class MMSBState:
         """
         self.enter()
         try:
-            pids = [self.require_page(p, fn) for p in page_ids]
-            for pid in pids:
-                check_device_page(self, pid, fn)
-            return self.device_copies().refresh(self, pids, asynchronous=True)
+            return self.device_copies().refresh(self, self._device_pages(page_ids, fn),
+                                                asynchronous=True)
         finally:
             self.leave()
 
@@ -1285,20 +1288,7 @@ class MMSBState:
                     f"data of type {type(data).__name__} does not say its length (nbytes); "
                     "pass a CuPy, PyTorch or numpy array", page_id=pid)
             n_new = int(nbytes)
-            if whole:
-                if n_new != size:
-                    raise InvalidDeltaError(
-                        f"data has {n_new} bytes but the page has {size}; update_page replaces "
-                        "the whole page (use write_page for a part)", page_id=pid)
-                off = 0
-            else:
-                if isinstance(offset, bool) or not isinstance(offset, int | np.integer):
-                    raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
-                off = int(offset)
-                if off < 0 or off + n_new > size:
-                    raise InvalidDeltaError(
-                        f"write of {n_new} bytes at offset {off} runs outside the page "
-                        f"(size {size})", page_id=pid)
+            off = write_range(pid, offset, n_new, size, whole)
             check_source(source)
             t0 = time.perf_counter_ns()
             copies = self.device_copies()
@@ -1392,22 +1382,7 @@ class MMSBState:
                 pid = self.require_page(page_id, "update_page" if whole else "write_page")
             size = t.size.item(pid)
             n_new = len(new)
-            if whole:
-                if n_new != size:
-                    raise InvalidDeltaError(
-                        f"data has {n_new} bytes but the page has {size}; update_page replaces "
-                        "the whole page (use write_page for a part)", page_id=pid)
-                off = 0
-            else:
-                if type(offset) is not int:
-                    if isinstance(offset, bool) or not isinstance(offset, np.integer):
-                        raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
-                    offset = int(offset)
-                off = offset
-                if off < 0 or off + n_new > size:
-                    raise InvalidDeltaError(
-                        f"write of {n_new} bytes at offset {off} runs outside the page "
-                        f"(size {size})", page_id=pid)
+            off = write_range(pid, offset, n_new, size, whole)
             if type(source) is not str or source not in _GOOD_SOURCES:
                 check_source(source)
             addr = t.addr.item(pid)
@@ -1992,6 +1967,31 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         location = gpu_flag_location(gpu, location, "create_page")
     return Page(state, state.create(1, size, location, metadata))
 
+
+
+def write_range(pid: int, offset: Any, n_new: int, size: int, whole: bool) -> int:
+    """Where a write of ``n_new`` bytes at ``offset`` lands in page ``pid`` of ``size``
+    bytes (0 for ``whole``, update_page's write of the whole page).
+
+    Raises:
+        InvalidDeltaError: the length is not the page's (``whole``), the offset is not
+            an int, or the write runs outside the page.
+    """
+    if whole:
+        if n_new != size:
+            raise InvalidDeltaError(
+                f"data has {n_new} bytes but the page has {size}; update_page replaces "
+                "the whole page (use write_page for a part)", page_id=pid)
+        return 0
+    if type(offset) is not int:
+        if isinstance(offset, bool) or not isinstance(offset, np.integer):
+            raise InvalidDeltaError(f"offset must be an int, not {offset!r}", page_id=pid)
+        offset = int(offset)
+    if offset < 0 or offset + n_new > size:
+        raise InvalidDeltaError(
+            f"write of {n_new} bytes at offset {offset} runs outside the page "
+            f"(size {size})", page_id=pid)
+    return offset
 
 class _BatchFrame:
     """What an open batch holds back and how to undo it.
