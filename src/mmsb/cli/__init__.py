@@ -548,16 +548,20 @@ class _Reloading:
 
     def _key(self) -> tuple[Any, ...]:
         from .._storage.bus import bus_files
+        from .._storage.mapped import published_log_end
 
         if not self.path.is_dir():
             st = self.path.stat()
             return (st.st_size, st.st_mtime_ns)
         files = bus_files(self.path)
-        out = []
+        out: list[Any] = []
         for p in [*files["checkpoints"], *files["wal"]]:
             with contextlib.suppress(FileNotFoundError):
                 st = p.stat()
                 out.append((p.name, st.st_size, st.st_mtime_ns))
+        # A write into a segment's space allocated ahead changes neither its size nor,
+        # within the clock's tick, its time: the log's end the writer published does.
+        out.append(published_log_end(self.path))
         return tuple(out)
 
     def __call__(self) -> Any:
