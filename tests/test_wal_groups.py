@@ -26,7 +26,7 @@ def test_a_torn_batch_is_absent_whole(tmp_path):
     s = mmsb.mmsb_start(path=tmp_path / "bus", config=cfg)
     p = mmsb.create_page(s, 64).id
     mmsb.write_page(s, p, 0, b"before")
-    size_before = s.bus.writer.size  # where the frames end (the file is allocated ahead)
+    size_before = s.bus.writer.size  # where the frames end
     mmsb.apply_batch(s, [(p, 10 + i, bytes([i + 1])) for i in range(20)])
     size_after = s.bus.writer.size
     image = _copy_while_open(s, tmp_path / "bus", tmp_path / "img")

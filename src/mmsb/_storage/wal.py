@@ -5,10 +5,10 @@ bus_id u64 | generation u64 | seq u32 | crc32c u32`` — followed by frames
 ``length u64 | crc32c u32 | body``, where the CRC covers the 8 length bytes and the body
 (the record encoding of :mod:`mmsb._storage.codec`, which holds the record's kind and LSN).
 
-Segments are written as version 2: the file is allocated ahead of its frames
-(``posix_fallocate``, :data:`ALLOC_STEP` at a time), so that an append lands in space
-the file already has and a synced append's ``fdatasync`` does not also commit a new
-file size. The log in a version-2 segment ends where its frames stop: at the first
+Segments are written as version 2. A bus that syncs allocates the file ahead of its
+frames (``posix_fallocate``, :data:`ALLOC_STEP` at a time), so that an append lands in
+space the file already has and a synced append's ``fdatasync`` does not also commit a
+new file size. The log in a version-2 segment ends where its frames stop: at the first
 place from which every byte to the end of the file is zero (a frame's length is never
 0, so zeros never read as a frame). A segment that is sealed (its successor started, or
 the bus closed) is cut to that end. Version-1 segments (no space allocated ahead) are
@@ -42,7 +42,8 @@ __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", 
 
 SEG_MAGIC = b"MMSBWAL\0"
 SEG_VERSION = 2
-"""The version segments are written in: allocated ahead, ending where the frames stop."""
+"""The version segments are written in: they may be allocated ahead, and end where the
+frames stop."""
 SEG_VERSIONS = (1, 2)
 """The versions read (1: the file's end is the log's end)."""
 ALLOC_STEP = 1 << 20
@@ -237,9 +238,13 @@ class SegmentWriter:
         if self.fd >= 0:
             try:
                 if seal and self.allocated > self.size and self.intact:
-                    fsops.truncate(self.fd, self.size, self.path)
-                    self.allocated = self.size
-                    self.dirty = True
+                    try:
+                        fsops.truncate(self.fd, self.size, self.path)
+                    except OSError:
+                        pass  # the zeros after the frames still read as the segment's end
+                    else:
+                        self.allocated = self.size
+                        self.dirty = True
                 self.sync()
             finally:
                 os.close(self.fd)
