@@ -437,13 +437,18 @@ class FastWriter:
     ints the kernel reads from :attr:`consts`."""
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
-                 "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of")
+                 "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of",
+                 "room")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
         """The bus's ``segment_bytes``: a segment this long rolls (the general path)."""
         self.out = np.zeros(_OUT_BYTES, np.uint8)
         self.source: str | None = None
+        self.room = _OUT_BYTES
+        """A frame of a write of ``n`` bytes is at most ``room + 5 * n`` bytes long (the
+        frame's head and source name, the encoding's 9 bytes, at most ``n / 2 + 1`` runs
+        of 8 bytes and the ``n`` values), for the source in the buffer."""
         self.table_of: object = None
         self.pages_of: object = None
         """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
@@ -538,6 +543,7 @@ class FastWriter:
         out[_SRC_AT + 2 : _SRC_AT + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
         self.source = source
         self.consts[_K_BODY] = _SRC_AT + 2 + len(raw)
+        self.room = _SRC_AT + 2 + len(raw) + 24
         return True
 
 
@@ -613,7 +619,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # after_write, which records delta_apply from here.
         t0 = 0 if simple else time.perf_counter_ns()
         before = w.size
-        if w.ahead and before + fw.consts[_K_BODY] + 5 * n_new + 16 > w.allocated:
+        if before + 5 * n_new + fw.room > w.allocated and w.ahead:
             # The frame (at most this long: the sparse encoding's runs and values) may
             # not fit the space allocated ahead: the general path allocates, so the
             # segments' bytes do not depend on which path wrote them.

@@ -5,12 +5,13 @@ bus_id u64 | generation u64 | seq u32 | crc32c u32`` — followed by frames
 ``length u64 | crc32c u32 | body``, where the CRC covers the 8 length bytes and the body
 (the record encoding of :mod:`mmsb._storage.codec`, which holds the record's kind and LSN).
 
-Segments are written as version 2. A bus that syncs allocates the file ahead of its
-frames (``posix_fallocate``, :data:`ALLOC_STEP` at a time), so that an append lands in
-space the file already has and a synced append's ``fdatasync`` does not also commit a
-new file size. The log in a version-2 segment ends where its frames stop: at the first
-place from which every byte to the end of the file is zero (a frame's length is never
-0, so zeros never read as a frame). A segment that is sealed (its successor started, or
+Segments are written as version 2. A bus that syncs writes the file ahead of its
+frames with zeros (:data:`ALLOC_STEP` at a time), so that an append overwrites blocks
+the file already has and a synced append's ``fdatasync`` commits neither a new file
+size nor the allocation of a block (see :func:`~mmsb._storage.fsops.allocate`). The
+log in a version-2 segment ends where its frames stop: at the first place from which
+every byte to the end of the file is zero (a frame's length is never 0, so zeros never
+read as a frame). A segment that is sealed (its successor started, or
 the bus closed) is cut to that end. Version-1 segments (no space allocated ahead) are
 still read: there the file's end is the log's end, and zeros at the end are a torn
 append, as they always were.
@@ -18,7 +19,6 @@ append, as they always were.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from collections.abc import Iterator
@@ -47,12 +47,9 @@ frames stop."""
 SEG_VERSIONS = (1, 2)
 """The versions read (1: the file's end is the log's end)."""
 ALLOC_STEP = 1 << 20
-"""Bytes a segment is allocated ahead at a time (at most up to ``segment_bytes``, where
-it rolls): one ``fdatasync`` in this many bytes of frames commits a new file size."""
-_NO_ALLOC = frozenset(e for e in (getattr(errno, "EOPNOTSUPP", None), getattr(errno, "ENOTSUP", None),
-                                  errno.EINVAL, getattr(errno, "ENOSYS", None)) if e is not None)
-"""``posix_fallocate`` errors of a file system that cannot allocate ahead: the segment
-is then written by plain appends."""
+"""Bytes a segment is written ahead at a time (at most up to ``segment_bytes``, where
+it rolls): one ``fdatasync`` in this many bytes of frames writes them and commits the
+new file size."""
 _SEG_HEAD = struct.Struct("<8sHHQQI")
 SEG_HEADER_SIZE = _SEG_HEAD.size + 4
 _LEN = struct.Struct("<Q")
@@ -80,15 +77,14 @@ class SegmentWriter:
     """Writes frames to one segment file at the position it keeps (``pwrite``,
     unbuffered), so a record is in the kernel (safe from a process crash) when
     ``append`` returns; ``sync`` makes it durable (``fdatasync``). The file is allocated
-    ahead of the frames (see the module's docstring); ``size`` is where the frames end,
-    ``allocated`` the file's size. The file is created 0600, exclusively, never through
+    ahead of the frames (see the module's docstring; ``ahead=False``: plain appends, for
+    a bus that never syncs); ``size`` is where the frames end, ``allocated`` the file's
+    size. The file is created 0600, exclusively, never through
     a link; if its header cannot be written and synced, the file is removed again and
     the descriptor closed before the error is raised."""
 
     intact = True
     """False once a failed append could not be cut back (the file's end is unknown)."""
-    ahead = True
-    """False once the file system refused to allocate ahead: plain appends from then on."""
 
     def __init__(self, path: Path, bus_id: int, generation: int, seq: int,
                  roll_at: int = 0, ahead: bool = True) -> None:
@@ -100,8 +96,7 @@ class SegmentWriter:
         self.allocated = 0
         self.roll_at = roll_at
         """The bus's ``segment_bytes``: space is never allocated past it (the segment
-        rolls there); 0: no bound beyond one :data:`ALLOC_STEP`. ``ahead=False``: plain
-        appends (nothing is allocated ahead; the bus does so when it never syncs)."""
+        rolls there); 0: no bound beyond one :data:`ALLOC_STEP`."""
         self.version = SEG_VERSION
         self.dirty = False
         self.fd = fsops.create_exclusive(path, readable=True)
@@ -170,19 +165,21 @@ class SegmentWriter:
         self.size = frames_end(data)
 
     def _allocate(self, need: int) -> None:
-        """Allocate the file ahead so that ``need`` more bytes fit: to the next multiple
-        of :data:`ALLOC_STEP`, not past ``roll_at``. A file system that cannot allocate
-        ahead, or a refusal (a full disk), leaves the write to a plain append, which
-        fails on its own if there is no room."""
+        """Write the file ahead with zeros so that ``need`` more bytes fit: to the next
+        multiple of :data:`ALLOC_STEP`, not past ``roll_at``. A refusal (a full disk)
+        cuts the zeros written back and leaves the write to a plain append, which fails
+        on its own if there is no room (the next append tries again)."""
         end = self.size + need
         target = -(-end // ALLOC_STEP) * ALLOC_STEP
         if self.roll_at:
             target = min(target, max(self.roll_at, end))
         try:
             fsops.allocate(self.fd, self.allocated, target - self.allocated, self.path)
-        except OSError as exc:
-            if exc.errno in _NO_ALLOC:
-                self.ahead = False
+        except OSError:
+            try:
+                fsops.truncate(self.fd, self.allocated, self.path)
+            except OSError:
+                pass  # zeros past the frames read as their end all the same
             return
         self.allocated = target
 

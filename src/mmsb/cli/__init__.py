@@ -538,7 +538,8 @@ def stats(path: Path, as_json: bool) -> None:
 
 class _Reloading:
     """The state of PATH, reopened read-only when its files change (checked with
-    ``stat`` on each scrape, so an idle bus costs no recovery)."""
+    ``stat`` and the log end the writer published, on each scrape, so an idle bus
+    costs no recovery)."""
 
     def __init__(self, path: Path, src: Any) -> None:
         self.path = path
