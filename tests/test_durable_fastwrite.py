@@ -47,7 +47,7 @@ def _segments(state: mmsb.MMSBState) -> dict[str, bytes]:
 
 def _frames(data: bytes) -> bytes:
     """A segment's header and whole frames, read from the format (length u64, crc u32,
-    body); what follows them must be zeros (space allocated ahead: how much there is
+    body); what follows them must be zeros (space written ahead: how much there is
     depends on the allocation, not on what was written)."""
     pos = 36
     while pos + 12 <= len(data):
@@ -350,7 +350,7 @@ def test_a_failed_frame_changes_nothing_as_on_the_general_path(
             after = _observe(s, tmp_path / str(fast))
             if goes_on:
                 # The state, the log and the segment's frames as they were (the failed
-                # append is cut off with the space allocated ahead after it).
+                # append is cut off with the space written ahead after it).
                 assert _frames_only(after) == _frames_only(before)
             else:
                 assert {k: v for k, v in after.items() if k != "segments"} == \

@@ -1,5 +1,5 @@
 """Log segments written ahead (segment version 2, docs/SerializationSpec.md section 4):
-a bus that syncs (``fsync="always"`` or ``"batch"``) extends its current segment with
+a bus that syncs every write (``fsync="always"``) extends its current segment with
 zeros ahead of its frames, and the log ends where the frames stop (zeros
 after them), not at the file's size. Recovery, read-only opens, the change feed and
 shared writers must all find that end, never read the zeros as records or as damage,
@@ -63,10 +63,9 @@ def _fill(s: mmsb.MMSBState, n: int, size: int = 64) -> int:
 # --------------------------------------------------------------------------- writing
 
 
-@pytest.mark.parametrize("fsync", ["always", "batch"])
-def test_a_syncing_bus_writes_into_space_allocated_ahead(tmp_path: Path, fsync: str) -> None:
+def test_a_bus_that_syncs_every_write_writes_into_space_written_ahead(tmp_path: Path) -> None:
     root = tmp_path / "bus"
-    s = mmsb.mmsb_start(path=root, config=cfg(fsync=fsync))
+    s = mmsb.mmsb_start(path=root, config=cfg(fsync="always"))
     try:
         _fill(s, 40)
         s.bus.flush()
@@ -75,7 +74,7 @@ def test_a_syncing_bus_writes_into_space_allocated_ahead(tmp_path: Path, fsync: 
         end = frames_end(data)
         assert version_of(seg) == 2
         assert end == s.bus.writer.size
-        assert len(data) == wal_mod.ALLOC_STEP > end  # allocated ahead, one step
+        assert len(data) == wal_mod.ALLOC_STEP > end  # written ahead, one step
         assert not data[end:].strip(b"\0")  # zeros after the frames
         # What the file holds is what the log holds: an open beside it reads it all.
         ro = mmsb.open_readonly(root)
@@ -84,9 +83,11 @@ def test_a_syncing_bus_writes_into_space_allocated_ahead(tmp_path: Path, fsync: 
         mmsb.mmsb_stop(s)
 
 
-def test_a_bus_that_never_syncs_appends_plainly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsync", ["batch", "none"])
+def test_a_bus_that_does_not_sync_each_write_appends_plainly(tmp_path: Path,
+                                                             fsync: str) -> None:
     root = tmp_path / "bus"
-    s = mmsb.mmsb_start(path=root, config=cfg(fsync="none"))
+    s = mmsb.mmsb_start(path=root, config=cfg(fsync=fsync))
     try:
         _fill(s, 40)
         seg = segments(root)[-1]
@@ -124,10 +125,10 @@ def test_rolled_and_stopped_segments_end_at_their_last_frame(tmp_path: Path) -> 
 
 
 def _image(tmp_path: Path, n: int = 30, **kw: Any) -> tuple[Path, Path, dict[int, tuple]]:
-    """A copy of a syncing bus taken while it is open (its last segment allocated
-    ahead), its last segment, and the state after each LSN."""
+    """A copy of a bus that syncs every write, taken while it is open (its last segment
+    written ahead), its last segment, and the state after each LSN."""
     root = tmp_path / "src"
-    s = mmsb.mmsb_start(path=root, config=cfg(fsync="batch", **kw))
+    s = mmsb.mmsb_start(path=root, config=cfg(fsync="always", **kw))
     pid = mmsb.create_page(s, 48).id
     for i in range(n):
         if i % 7 == 3:
@@ -249,7 +250,7 @@ def test_zeros_before_intact_frames_are_damage(tmp_path: Path) -> None:
     data = seg.read_bytes()
     ends, lsns = _frames(data)
     for k in (1, 5, 15):
-        # Frame k zeroed whole (a lost block, not space allocated ahead): frames follow.
+        # Frame k zeroed whole (a lost block, not space written ahead): frames follow.
         damaged = data[:ends[k]] + bytes(ends[k + 1] - ends[k]) + data[ends[k + 1]:]
         case = tmp_path / f"zeroed-{k}"
         shutil.copytree(image, case)
@@ -330,7 +331,7 @@ def test_a_writer_killed_in_allocated_space_loses_no_acknowledged_write(tmp_path
                 model[pid] = now
         finally:
             mmsb.mmsb_stop(s)
-    assert tails >= 3, "the writer was never killed with space allocated ahead"
+    assert tails >= 3, "the writer was never killed with space written ahead"
 
 
 # --------------------------------------------------------------------------- old files
@@ -383,7 +384,7 @@ def test_version_1_segments_still_open(tmp_path: Path) -> None:
 
 def test_a_reader_follows_across_allocated_space_and_rolls(tmp_path: Path) -> None:
     root = tmp_path / "bus"
-    s = mmsb.mmsb_start(path=root, config=cfg(fsync="batch", segment_bytes=8192,
+    s = mmsb.mmsb_start(path=root, config=cfg(fsync="always", segment_bytes=8192,
                                               max_tlog_size=10_000))
     try:
         pid = mmsb.create_page(s, 256).id
@@ -445,7 +446,7 @@ def test_a_read_that_saw_a_later_frame_before_an_earlier_one_is_read_again(
 
 def test_shared_writers_catch_up_inside_allocated_space(tmp_path: Path) -> None:
     path = tmp_path / "bus"
-    config = cfg(fsync="batch", segment_bytes=16384, max_tlog_size=10_000)
+    config = cfg(fsync="always", segment_bytes=16384, max_tlog_size=10_000)
     a = mmsb.mmsb_start(path=path, shared=True, config=config)
     b = mmsb.mmsb_start(path=path, shared=True, config=config)
     try:
@@ -459,7 +460,7 @@ def test_shared_writers_catch_up_inside_allocated_space(tmp_path: Path) -> None:
         assert mmsb.query_page(b, p.id) == mmsb.query_page(a, p.id)
         assert b.last_lsn == a.last_lsn + 1
         live = segments(path)[-1]
-        assert live.stat().st_size > frames_end(live.read_bytes())  # allocated ahead
+        assert live.stat().st_size > frames_end(live.read_bytes())  # written ahead
         # A writer that dies in the middle of an append into the allocated space leaves
         # its first bytes there, unpublished: the next writer cuts them.
         assert b.bus.writer is not None
@@ -509,7 +510,7 @@ def test_a_refused_allocation_leaves_the_write_to_a_plain_append(tmp_path: Path)
         seg = segments(root)[-1]
         assert seg.stat().st_size == frames_end(seg.read_bytes()) == w.size
         mmsb.write_page(s, pid, 9, b"room again")
-        assert seg.stat().st_size > w.size  # allocated ahead once more
+        assert seg.stat().st_size > w.size  # written ahead once more
         want = view(s)
     finally:
         mmsb.mmsb_stop(s)
@@ -532,7 +533,7 @@ def test_a_full_disk_refuses_the_write_and_loses_nothing_acknowledged(tmp_path: 
         mmsb.write_page(s, pid, 0, b"kept")
         w = s.bus.writer
         assert w is not None
-        # Use up the space allocated ahead, so that the next append needs more.
+        # Use up the space written ahead, so that the next append needs more.
         while w.size + 200 < w.allocated:
             mmsb.write_page(s, pid, 10, os.urandom(40))
         before = view(s)

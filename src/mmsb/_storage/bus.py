@@ -245,7 +245,7 @@ class DurableBus:
                             columns=BULK_SCAN)
         damage = scan.damage
         if self.read_only and damage is not None and damage.offset and scan.version >= 2:
-            # A live writer may have been writing into the space allocated ahead while
+            # A live writer may have been writing into the space written ahead while
             # the file was read (a read copies it page by page, so it can see a later
             # frame but not an earlier one still being written): keep what was seen at
             # the damage, to tell the two apart (see moved_under).
@@ -367,7 +367,7 @@ class DurableBus:
         self._sync_unsynced()
         self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
                                     self.generation, seq, self.config.segment_bytes,
-                                    self.config.fsync != "none")
+                                    self.config.fsync == "always")
         self.next_seq = seq + 1
         self._note_position()
 
@@ -633,7 +633,7 @@ class DurableBus:
                 try:
                     self.writer = SegmentWriter.reopen(path, self.bus_id, gen, seq,
                                                        self.config.segment_bytes, known,
-                                                       self.config.fsync != "none")
+                                                       self.config.fsync == "always")
                 except FileNotFoundError:
                     self.writer = None
                     self.next_seq = seq
@@ -648,7 +648,7 @@ class DurableBus:
                 valid = w.size
                 if not w.clear_after():
                     # A writer died in the middle of an append: cut its torn record (and
-                    # the space allocated ahead after it; the next append allocates).
+                    # the space written ahead after it; the next append writes ahead again).
                     fsops.truncate(w.fd, valid, w.path)
                     w.allocated = valid
                     self.recovery_notes.append(f"{w.path.name}: a torn record another writer "
@@ -771,7 +771,7 @@ class DurableBus:
             try:
                 self.writer = SegmentWriter(self.wal_dir / _wal_name(gen, 0), self.bus_id, gen, 0,
                                             self.config.segment_bytes,
-                                            self.config.fsync != "none")
+                                            self.config.fsync == "always")
                 self.next_seq = 1
             except OSError as exc:
                 if need_segment:
@@ -1284,7 +1284,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
         # The segments read whole stay the log of this generation (the next automatic
         # checkpoint covers their records), and the log goes on in a new segment after
         # them, created by the first write: opening writes and syncs nothing (a segment
-        # a killed writer allocated ahead keeps its zeros after its frames: they read
+        # a killed writer written ahead keeps its zeros after its frames: they read
         # as its end, as when it was written). Segments
         # a killed writer left may not be on stable storage yet; they are synced before
         # the new segment is created, so a later segment is never durable before them.

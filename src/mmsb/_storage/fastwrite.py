@@ -13,9 +13,9 @@ call (:func:`_write_frame`) does, in order:
    crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
    writes the delta; its CRC32C by the bulk segment reader's compiled loop). Nothing
    the state or the files show changes.
-2. ``pwrite(2)`` of the frame to the segment at the end of its frames (libc's, called at
-   its address; the segment is allocated ahead, see wal.py, so the write lands in
-   space the file has and the sync commits no new size), and
+2. ``pwrite(2)`` of the frame to the segment at the end of its frames (libc's, called
+   at its address; the segment is written ahead with zeros, see wal.py, so the write
+   lands in blocks the file has and the sync commits no new size), and
    ``fdatasync`` with ``fsync="always"``: the record is in the kernel (safe from a crash
    of the process), or on stable storage, before anything takes effect, as on the
    general path. A failure returns here with nothing applied.
@@ -35,7 +35,7 @@ it takes a microsecond or two, less than releasing and taking back the GIL costs
 Anything else declines (returns None) before changing anything and the general path,
 which stays the reference, takes the call: a batch, a shared writer, replication, a
 dense or new-source write, a publication that must be redone, a segment due to roll or
-whose space allocated ahead may not hold the frame (the general path allocates, so the
+whose space written ahead may not hold the frame (the general path writes ahead, so the
 segments' bytes do not depend on which path wrote them), a
 bus that failed, a fault hook installed (:func:`~mmsb._storage.fsops.set_fault_hook`:
 its loops walk the general path's steps) or a libc without those calls. The frames are
@@ -621,7 +621,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         before = w.size
         if before + 5 * n_new + fw.room > w.allocated and w.ahead:
             # The frame (at most this long: the sparse encoding's runs and values) may
-            # not fit the space allocated ahead: the general path allocates, so the
+            # not fit the space written ahead: the general path writes ahead, so the
             # segments' bytes do not depend on which path wrote them.
             return None
         # The frame goes to the kernel before anything takes effect. No io_lock: the
@@ -644,7 +644,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         if n > 0 and (status >= 0 or status & 1):
             w.size = before + flen  # written whole (a failed sync leaves it there)
             if w.size > w.allocated:
-                w.allocated = w.size  # written past the space allocated ahead
+                w.allocated = w.size  # written past the space written ahead
             w.dirty = status < 0 or not fw.always
         if kernel is _write_frame:
             fw.compile(mem, data, log, pub)

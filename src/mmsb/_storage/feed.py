@@ -219,9 +219,9 @@ class _Segment:
     def read_frames(self) -> tuple[list[AnyRecord], bool]:
         """Records of the whole frames written since the last call, and whether the
         segment ends (for now) in the middle of a frame. Reading stops at the first
-        frame that is not whole: zeros (space allocated ahead, where the next frame will
+        frame that is not whole: zeros (space written ahead, where the next frame will
         be written), a frame being written, or a torn one (a later segment decides).
-        Reads a step at a time, so that a segment allocated ahead is read about as far
+        Reads a step at a time, so that a segment written ahead is read about as far
         as its frames go. O(bytes of the new frames).
 
         Raises:

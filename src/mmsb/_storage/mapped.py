@@ -143,7 +143,7 @@ def boot_id() -> bytes:
 def published_log_end(root: Path) -> tuple[int, int, int, int] | None:
     """Where the bus in ``root`` last said its log ends (the head's log fields:
     generation, segment, offset, LSN), read without mapping anything; None when there is
-    no head. A segment's size does not say it: segments are allocated ahead."""
+    no head. A segment's size does not say it: segments are written ahead."""
     try:
         fd = fsops.open_regular(_map_dir(root) / "HEAD", os.O_RDONLY)
     except OSError:

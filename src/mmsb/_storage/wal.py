@@ -5,14 +5,14 @@ bus_id u64 | generation u64 | seq u32 | crc32c u32`` — followed by frames
 ``length u64 | crc32c u32 | body``, where the CRC covers the 8 length bytes and the body
 (the record encoding of :mod:`mmsb._storage.codec`, which holds the record's kind and LSN).
 
-Segments are written as version 2. A bus that syncs writes the file ahead of its
-frames with zeros (:data:`ALLOC_STEP` at a time), so that an append overwrites blocks
+Segments are written as version 2. A bus that syncs every write (``fsync="always"``)
+writes the file ahead of its frames with zeros (:data:`ALLOC_STEP` at a time), so that an append overwrites blocks
 the file already has and a synced append's ``fdatasync`` commits neither a new file
 size nor the allocation of a block (see :func:`~mmsb._storage.fsops.allocate`). The
 log in a version-2 segment ends where its frames stop: at the first place from which
 every byte to the end of the file is zero (a frame's length is never 0, so zeros never
 read as a frame). A segment that is sealed (its successor started, or
-the bus closed) is cut to that end. Version-1 segments (no space allocated ahead) are
+the bus closed) is cut to that end. Version-1 segments (no space written ahead) are
 still read: there the file's end is the log's end, and zeros at the end are a torn
 append, as they always were.
 """
@@ -42,7 +42,7 @@ __all__ = ["fsync_dir", "group_body", "KIND_GROUP", "SEG_MAGIC", "SEG_VERSION", 
 
 SEG_MAGIC = b"MMSBWAL\0"
 SEG_VERSION = 2
-"""The version segments are written in: they may be allocated ahead, and end where the
+"""The version segments are written in: they may be written ahead, and end where the
 frames stop."""
 SEG_VERSIONS = (1, 2)
 """The versions read (1: the file's end is the log's end)."""
@@ -76,12 +76,12 @@ def segment_header(bus_id: int, generation: int, seq: int, version: int = SEG_VE
 class SegmentWriter:
     """Writes frames to one segment file at the position it keeps (``pwrite``,
     unbuffered), so a record is in the kernel (safe from a process crash) when
-    ``append`` returns; ``sync`` makes it durable (``fdatasync``). The file is allocated
-    ahead of the frames (see the module's docstring; ``ahead=False``: plain appends, for
-    a bus that never syncs); ``size`` is where the frames end, ``allocated`` the file's
-    size. The file is created 0600, exclusively, never through
-    a link; if its header cannot be written and synced, the file is removed again and
-    the descriptor closed before the error is raised."""
+    ``append`` returns; ``sync`` makes it durable (``fdatasync``). The file is written
+    ahead of the frames with zeros (see the module's docstring; ``ahead=False``: plain
+    appends, for a bus that does not sync each write); ``size`` is where the frames end,
+    ``allocated`` the file's size. The file is created 0600, exclusively, never through a
+    link; if its header cannot be written and synced, the file is removed again and the
+    descriptor closed before the error is raised."""
 
     intact = True
     """False once a failed append could not be cut back (the file's end is unknown)."""
@@ -101,7 +101,7 @@ class SegmentWriter:
         self.dirty = False
         self.fd = fsops.create_exclusive(path, readable=True)
         try:
-            # The header alone is not allocated ahead: the first frame allocates.
+            # The header alone is not written ahead: the first frame writes ahead.
             head = segment_header(bus_id, generation, seq)
             fsops.pwrite_all(self.fd, head, 0, path)
             self.size = self.allocated = len(head)
@@ -230,7 +230,7 @@ class SegmentWriter:
     def close(self, seal: bool = False) -> None:
         """Sync and close. ``seal``: the caller knows ``size`` is the log's end in this
         segment (no other writer appended since) and nothing more is written to it: the
-        space allocated ahead is cut off first, so a sealed segment ends at its last
+        space written ahead is cut off first, so a sealed segment ends at its last
         frame."""
         if self.fd >= 0:
             try:
@@ -259,7 +259,7 @@ class SegmentScan:
     torn: bool = False
     """The file ends inside a frame (or with a bad checksum on the very last frame)."""
     zeros: int = 0
-    """Bytes of zeros after the last frame of a version-2 segment: space allocated ahead,
+    """Bytes of zeros after the last frame of a version-2 segment: space written ahead,
     the log's end (not a torn frame)."""
     version: int = 0
     """The segment's format version (0 until its header is read)."""
@@ -341,7 +341,7 @@ def scan_segment(path: Path, bus_id: int, generation: int, seq: int, first_lsn: 
     for bad content: damage is reported in the result, with its offset; a path that is
     not a regular file is damage too (it is never followed or waited on). In a
     version-2 segment, zeros from some frame boundary to the end of the file are space
-    allocated ahead: the log ends there (``zeros``), it is not torn (``zero_end=False``:
+    written ahead: the log ends there (``zeros``), it is not torn (``zero_end=False``:
     they are a torn frame, as in version 1; for frames received from elsewhere).
 
     ``columns``: deltas are decoded in bulk into rows (:mod:`~mmsb._storage.walbulk`)

@@ -560,7 +560,7 @@ class _Reloading:
             with contextlib.suppress(FileNotFoundError):
                 st = p.stat()
                 out.append((p.name, st.st_size, st.st_mtime_ns))
-        # A write into a segment's space allocated ahead changes neither its size nor,
+        # A write into a segment's space written ahead changes neither its size nor,
         # within the clock's tick, its time: the log's end the writer published does.
         out.append(published_log_end(self.path))
         return tuple(out)

@@ -468,7 +468,7 @@ def bus_files_info(root: Path, step: Callable[[str], None] | None = None) -> dic
             else:
                 row["status"] = "ok"
             if scan.zeros:
-                # The file is allocated ahead of its frames (a syncing writer's segment).
+                # The file is written ahead of its frames (a syncing writer's segment).
                 row["frames_end"] = scan.valid_end
         wal.append(row)
     return {"bus_id": f"{bus_id:016x}", "created": format_time(created), "generation": gen,
