@@ -205,8 +205,8 @@ class SegmentWriter:
         self.dirty = True
 
     def cut(self, end: int) -> None:
-        """Cut the file back to ``end`` (a failed append's start, a torn record another
-        writer left): nothing after the frames stays. ``intact`` becomes False if the
+        """Cut the file back to ``end`` (a failed append's start): nothing after the
+        frames stays, the space written ahead included. ``intact`` becomes False if the
         cut fails."""
         try:
             fsops.truncate(self.fd, end, self.path)
@@ -220,7 +220,7 @@ class SegmentWriter:
         """True when nothing but zeros (or nothing) follows the frames' end in the file:
         no record another writer appended, whole or torn. (An append writes its bytes in
         order, so a writer that died in one left its first bytes.)"""
-        return not any(os.pread(self.fd, FRAME_HEAD, self.size))
+        return not os.pread(self.fd, FRAME_HEAD, self.size).strip(b"\0")
 
     def sync(self) -> None:
         if self.dirty:
