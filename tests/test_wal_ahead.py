@@ -483,6 +483,34 @@ def test_shared_writers_catch_up_inside_allocated_space(tmp_path: Path) -> None:
         mmsb.mmsb_stop(s)
 
 
+def test_a_roll_seals_space_another_writer_wrote_ahead(tmp_path: Path) -> None:
+    """A writer never writes ahead past its own roll size, so its rolls leave no zeros;
+    a shared writer with a smaller roll size rolls a segment another writer wrote
+    ahead: the roll cuts it to its last frame."""
+    path = tmp_path / "bus"
+    a = mmsb.mmsb_start(path=path, shared=True, config=cfg(fsync="always"))
+    b = mmsb.mmsb_start(path=path, shared=True, config=cfg(fsync="always",
+                                                           segment_bytes=4096))
+    try:
+        pid = mmsb.create_page(a, 64).id
+        first = segments(path)[-1]
+        assert first.stat().st_size == wal_mod.ALLOC_STEP  # a wrote ahead
+        for i in range(60):
+            mmsb.write_page(b, pid, i, b"b")
+        assert segments(path)[-1] != first  # b rolled
+        assert first.stat().st_size == frames_end(first.read_bytes())
+        mmsb.write_page(a, pid, 0, b"a")  # a follows b into its segments
+        want = view(a)
+    finally:
+        mmsb.mmsb_stop(a)
+        mmsb.mmsb_stop(b)
+    s = mmsb.mmsb_start(path=path, config=cfg(recovery="strict"))
+    try:
+        assert view(s)[:2] == want[:2]
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 # --------------------------------------------------------------------------- full disks
 
 
