@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -189,6 +190,19 @@ def assert_unchanged(state: mmsb.MMSBState, before: tuple) -> None:
 
 def rand_bytes(rng: np.random.Generator, n: int) -> bytes:
     return rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
+def frames_end(data: bytes) -> int:
+    """Where a log segment's frames end, read from the format (docs/SerializationSpec.md:
+    a 36-byte header, then ``length u64 | crc u32 | body`` frames; in a version-2 segment
+    zeros after them are space allocated ahead), not from the implementation's scanner."""
+    pos = 36
+    while pos + 12 <= len(data):
+        (n,) = struct.unpack_from("<Q", data, pos)
+        if n == 0 or pos + 12 + n > len(data):
+            break
+        pos += 12 + n
+    return pos
 
 
 # --------------------------------------------------------------------------- threads

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import mmsb
+from conftest import frames_end
 from mmsb._storage import fsops
 from mmsb._storage.bus import bus_files
 
@@ -159,7 +160,7 @@ def test_a_torn_tail_still_becomes_a_checkpoint(tmp_path: Path) -> None:
     _killed(root, 300)
     seg = bus_files(root)["wal"][-1]
     with open(seg, "r+b") as f:
-        f.truncate(seg.stat().st_size - 3)
+        f.truncate(frames_end(seg.read_bytes()) - 3)
     before = _listing(root)
     s = mmsb.mmsb_start(path=root, config=_cfg())
     try:

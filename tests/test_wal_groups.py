@@ -26,10 +26,9 @@ def test_a_torn_batch_is_absent_whole(tmp_path):
     s = mmsb.mmsb_start(path=tmp_path / "bus", config=cfg)
     p = mmsb.create_page(s, 64).id
     mmsb.write_page(s, p, 0, b"before")
-    seg = _segment(tmp_path / "bus")
-    size_before = seg.stat().st_size
+    size_before = s.bus.writer.size  # where the frames end
     mmsb.apply_batch(s, [(p, 10 + i, bytes([i + 1])) for i in range(20)])
-    size_after = seg.stat().st_size
+    size_after = s.bus.writer.size
     image = _copy_while_open(s, tmp_path / "bus", tmp_path / "img")
     mmsb.mmsb_stop(s)
     img_seg = _segment(image)
@@ -52,18 +51,18 @@ def test_a_write_failing_in_the_middle_of_a_batch_leaves_nothing_after_reopen(tm
     cfg = mmsb.MMSBConfig(enable_gpu=False, fsync="always")
     s = mmsb.mmsb_start(path=tmp_path, config=cfg)
     p = mmsb.create_page(s, 64).id
-    real_write = os.write
+    real_pwrite = os.pwrite
 
-    def short_write(fd, data):
-        return real_write(fd, bytes(data)[:150]) if len(data) > 150 else real_write(fd, data)
+    def short_pwrite(fd, data, pos):
+        return real_pwrite(fd, bytes(data)[:150] if len(data) > 150 else data, pos)
 
-    def failing_write(fd, data):
-        n = short_write(fd, data)
+    def failing_pwrite(fd, data, pos):
+        n = short_pwrite(fd, data, pos)
         if n < len(data):
             raise OSError(28, "No space left on device")
         return n
 
-    with mock.patch("mmsb._storage.wal.os.write", side_effect=failing_write):
+    with mock.patch("mmsb._storage.fsops.os.pwrite", side_effect=failing_pwrite):
         with pytest.raises(mmsb.DurabilityError):
             mmsb.apply_batch(s, [(p, i, bytes([i + 1])) for i in range(10)])
     assert mmsb.query_page(s, p) == bytes(64)
@@ -81,8 +80,7 @@ def test_damage_inside_a_group_with_records_after_it_is_an_error(tmp_path):
     cfg = mmsb.MMSBConfig(enable_gpu=False, fsync="none", checkpoint_interval=0)
     s = mmsb.mmsb_start(path=tmp_path / "bus", config=cfg)
     p = mmsb.create_page(s, 64).id
-    seg = _segment(tmp_path / "bus")
-    start = seg.stat().st_size
+    start = s.bus.writer.size
     mmsb.apply_batch(s, [(p, i, bytes([i + 1])) for i in range(20)])
     for i in range(5):
         mmsb.write_page(s, p, 40 + i, b"z")

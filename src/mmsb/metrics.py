@@ -261,7 +261,8 @@ class BusFilesCollector:
             "wal": GaugeMetricFamily(f"{ns}_bus_wal_segments",
                                      "Write-ahead log segment files of the bus.", labels=labels),
             "wal_bytes": GaugeMetricFamily(f"{ns}_bus_wal_bytes",
-                                           "Bytes of the bus's log segment files.", labels=labels),
+                                           "Bytes of the bus's log segment files (space written ahead "
+                                           "of the frames included).", labels=labels),
         }
 
     def describe(self) -> list[Any]:

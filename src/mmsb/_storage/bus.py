@@ -95,6 +95,8 @@ _BUS = struct.Struct("<8sHHQQ")
 _U32 = struct.Struct("<I")
 _CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$")
 _WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+_SEEN = 1 << 16
+"""Bytes a read-only open keeps of what it saw where it found a segment damaged."""
 BULK_SCAN = True
 """Recovery decodes runs of deltas in the log segments in bulk, into columns
 (:mod:`~mmsb._storage.walbulk`); False reads every frame into record objects (the
@@ -175,6 +177,8 @@ class DurableBus:
         """The replication role attached to this bus (leader or follower), told of
         checkpoints (``after_checkpoint``), of call ends (``after_call``) and of close
         (``close``)."""
+        self.damage_seen: dict[Path, tuple[int, bytes]] = {}
+        """Read-only opens: the bytes seen where a segment was found damaged."""
         self.raw_seen: dict[Path, bytes] = {}
         """Read-only opens: the bytes of each checkpoint read (a replay base is kept as
         bytes, since the writer may remove its file)."""
@@ -237,8 +241,30 @@ class DurableBus:
             out.damage = SerializationError(f"cannot read the segment ({exc.strerror or exc})",
                                             path=path)
             return out
-        return scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data,
+        scan = scan_segment(path, self.bus_id, self.generation, seq, first_lsn, data,
                             columns=BULK_SCAN)
+        damage = scan.damage
+        if self.read_only and damage is not None and damage.offset and scan.version >= 2:
+            # A live writer may have been writing into the space written ahead while
+            # the file was read (a read copies it page by page, so it can see a later
+            # frame but not an earlier one still being written): keep what was seen at
+            # the damage, to tell the two apart (see moved_under).
+            self.damage_seen[path] = (damage.offset, data[damage.offset:damage.offset + _SEEN])
+        return scan
+
+    def moved_under(self) -> bool:
+        """Whether a segment found damaged by this read-only open holds other bytes now
+        where the damage was: a writer was writing there while it was read, so the
+        damage was the read's, not the file's."""
+        for path, (off, seen) in self.damage_seen.items():
+            fd = self.fds.get(path)
+            try:
+                now = os.pread(fd, len(seen), off) if fd is not None else b""
+            except OSError:
+                return True
+            if now != seen:
+                return True
+        return False
 
     # -- appending ---------------------------------------------------------------------
     write_small = durable_write_small
@@ -295,7 +321,7 @@ class DurableBus:
                 if feed is not None and feed.seg is not None:
                     seg = feed.seg
                     if ((seg.gen, seg.seq) == (self.writer.generation, self.writer.seq)
-                            and seg.pos == before and not seg.buf):
+                            and seg.pos == before):
                         # A shared writer's own records: its feed need not read them back.
                         seg.pos = self.writer.size
                         feed.next_lsn = last + 1
@@ -331,14 +357,17 @@ class DurableBus:
             old, self.writer = self.writer, None
             self.next_seq = seq
             try:
-                old.close()
+                # Sealed: cut to its last frame (this writer's size is the log's end: a
+                # shared writer caught up before its call), then synced.
+                old.close(seal=True)
             except OSError:
                 # Its records may not be durable: the power-loss guarantee is gone.
                 self.failed_sync(old)
                 raise
         self._sync_unsynced()
         self.writer = SegmentWriter(self.wal_dir / _wal_name(self.generation, seq), self.bus_id,
-                                    self.generation, seq)
+                                    self.generation, seq, self.config.segment_bytes,
+                                    self.config.fsync == "always")
         self.next_seq = seq + 1
         self._note_position()
 
@@ -528,7 +557,7 @@ class DurableBus:
         mine = state.log.last_lsn
         dirs = self._dir_stamps()
         if (lsn == mine and w is not None and (gen, seq) == (w.generation, w.seq)
-                and os.fstat(w.fd).st_size == end and dirs == self.dir_stamps):
+                and w.size == end and dirs == self.dir_stamps and w.clear_after()):
             return set()
         if self.feed is not None and self.feed.next_lsn <= mine + 1:
             # It skips this writer's own records (at most one segment's worth) by LSN.
@@ -600,8 +629,11 @@ class DurableBus:
                                               f"({exc})") from exc
                     self.writer = None
                 path = self.wal_dir / _wal_name(gen, seq)
+                known = seg.pos if seg is not None and (seg.gen, seg.seq) == (gen, seq) else None
                 try:
-                    self.writer = SegmentWriter.reopen(path, self.bus_id, gen, seq)
+                    self.writer = SegmentWriter.reopen(path, self.bus_id, gen, seq,
+                                                       self.config.segment_bytes, known,
+                                                       self.config.fsync == "always")
                 except FileNotFoundError:
                     self.writer = None
                     self.next_seq = seq
@@ -609,16 +641,18 @@ class DurableBus:
                     self.next_seq = seq + 1
             w = self.writer
             if w is not None:
-                size = os.fstat(w.fd).st_size
-                valid = seg.pos if seg is not None and (seg.gen, seg.seq) == (gen, seq) else size
-                if size > valid:
-                    # A writer died in the middle of an append: cut its torn record.
+                if seg is not None and (seg.gen, seg.seq) == (gen, seq):
+                    w.size = seg.pos
+                else:
+                    w.find_end()
+                valid = w.size
+                if not w.clear_after():
+                    # A writer died in the middle of an append: cut its torn record (and
+                    # the space written ahead after it; the next append writes ahead again).
                     fsops.truncate(w.fd, valid, w.path)
-                    if seg is not None:
-                        seg.buf = b""
+                    w.allocated = valid
                     self.recovery_notes.append(f"{w.path.name}: a torn record another writer "
                                                f"left at byte {valid} was cut off")
-                w.size = valid
                 self.publisher.note_append(gen, seq, valid, state.log.last_lsn)
         return changed
 
@@ -735,7 +769,9 @@ class DurableBus:
                 except OSError:
                     pass  # the checkpoint, fsynced, holds every record of that segment
             try:
-                self.writer = SegmentWriter(self.wal_dir / _wal_name(gen, 0), self.bus_id, gen, 0)
+                self.writer = SegmentWriter(self.wal_dir / _wal_name(gen, 0), self.bus_id, gen, 0,
+                                            self.config.segment_bytes,
+                                            self.config.fsync == "always")
                 self.next_seq = 1
             except OSError as exc:
                 if need_segment:
@@ -876,7 +912,10 @@ class DurableBus:
             with self.io_lock:
                 if self.writer is not None:
                     try:
-                        self.writer.close()
+                        # Sealed when this writer knows the log's end: exclusive, or a
+                        # shared writer inside its call (caught up).
+                        self.writer.close(seal=self.failed is None
+                                          and (not self.shared or self.held))
                     except OSError as exc:
                         log.error("closing the log at %s failed: %s", self.root, exc)
                     self.writer = None
@@ -1031,7 +1070,7 @@ def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
                 # The writer may drop the file later: keep its bytes.
                 state.replay_base = state.replay_base.detached()
         except SerializationError as exc:
-            if bus.vanished or _listing(root) != (wal, ck):
+            if bus.vanished or _listing(root) != (wal, ck) or bus.moved_under():
                 raise BusChangedError(f"the bus changed while it was read ({exc.reason})",
                                       path=root) from exc
             raise
@@ -1244,7 +1283,9 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
     else:
         # The segments read whole stay the log of this generation (the next automatic
         # checkpoint covers their records), and the log goes on in a new segment after
-        # them, created by the first write: opening writes and syncs nothing. Segments
+        # them, created by the first write: opening writes and syncs nothing (a segment
+        # a killed writer written ahead keeps its zeros after its frames: they read
+        # as its end, as when it was written). Segments
         # a killed writer left may not be on stable storage yet; they are synced before
         # the new segment is created, so a later segment is never durable before them.
         bus.records_since_ckpt = replayed
@@ -1253,6 +1294,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             bus.writer = None
             if replayed:
                 bus.unsynced = [p for _seq, p in segs]
+
 
 
 def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], gen: int) -> None:
@@ -1534,7 +1576,8 @@ def apply_frames(state: MMSBState, frames: bytes, first_lsn: int,
     bus = state.bus
     assert bus is not None
     data = segment_header(bus.bus_id, 0, 0) + frames
-    scan = scan_segment(path, bus.bus_id, 0, 0, first_lsn, data, columns=True)
+    # Received frames are whole: zeros after them are a cut frame, not space ahead.
+    scan = scan_segment(path, bus.bus_id, 0, 0, first_lsn, data, columns=True, zero_end=False)
     good = _apply_checked(state, scan, path)
     if scan.refused is not None:
         return good, scan.refused, True

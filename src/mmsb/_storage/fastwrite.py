@@ -13,7 +13,9 @@ call (:func:`_write_frame`) does, in order:
    crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
    writes the delta; its CRC32C by the bulk segment reader's compiled loop). Nothing
    the state or the files show changes.
-2. ``write(2)`` of the frame to the segment (libc's, called at its address), and
+2. ``pwrite(2)`` of the frame to the segment at the end of its frames (libc's, called
+   at its address; the segment is written ahead with zeros, see wal.py, so the write
+   lands in blocks the file has and the sync commits no new size), and
    ``fdatasync`` with ``fsync="always"``: the record is in the kernel (safe from a crash
    of the process), or on stable storage, before anything takes effect, as on the
    general path. A failure returns here with nothing applied.
@@ -32,7 +34,9 @@ it takes a microsecond or two, less than releasing and taking back the GIL costs
 
 Anything else declines (returns None) before changing anything and the general path,
 which stays the reference, takes the call: a batch, a shared writer, replication, a
-dense or new-source write, a publication that must be redone, a segment due to roll, a
+dense or new-source write, a publication that must be redone, a segment due to roll or
+whose space written ahead may not hold the frame (the general path writes ahead, so the
+segments' bytes do not depend on which path wrote them), a
 bus that failed, a fault hook installed (:func:`~mmsb._storage.fsops.set_fault_hook`:
 its loops walk the general path's steps) or a libc without those calls. The frames are
 byte for byte those of the general path (a property test holds the two paths to the
@@ -101,13 +105,13 @@ _EINTR = 4
 
 
 def _libc_addresses() -> tuple[int, int, int, int]:
-    """Addresses of libc's ``write``, ``fdatasync``, ``__errno_location`` and
+    """Addresses of libc's ``pwrite``, ``fdatasync``, ``__errno_location`` and
     ``clock_gettime`` (glibc and musl have all four), for the compiled path to call;
     zeros where not found (then the general path takes every write)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return tuple(ctypes.cast(getattr(libc, name), ctypes.c_void_p).value or 0
-                     for name in ("write", "fdatasync", "__errno_location",
+                     for name in ("pwrite", "fdatasync", "__errno_location",
                                   "clock_gettime"))  # type: ignore[return-value]
     except (OSError, AttributeError):
         return 0, 0, 0, 0
@@ -117,14 +121,15 @@ _LIBC = _libc_addresses() if sys.platform.startswith("linux") else (0, 0, 0, 0)
 _CLOCK_MONOTONIC = CLOCK_MONOTONIC
 
 
-def _write_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any) -> Any:  # pragma: no cover
-    sig = types.int64(types.int64, types.int64, types.int64, types.int64)
+def _pwrite_typer(typingctx: Any, fn: Any, fd: Any, addr: Any, n: Any,
+                  off: Any) -> Any:  # pragma: no cover
+    sig = types.int64(types.int64, types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         i64, i32 = ir.IntType(64), ir.IntType(32)
-        fnty = ir.FunctionType(i64, [i32, i64, i64])
+        fnty = ir.FunctionType(i64, [i32, i64, i64, i64])
         f = builder.inttoptr(args[0], fnty.as_pointer())
-        return builder.call(f, [builder.trunc(args[1], i32), args[2], args[3]])
+        return builder.call(f, [builder.trunc(args[1], i32), args[2], args[3], args[4]])
 
     return sig, codegen
 
@@ -152,7 +157,7 @@ def _errno_typer(typingctx: Any, fn: Any) -> Any:  # pragma: no cover
 
 
 # Calls of libc functions at an address (passed in, never baked into cached code).
-_c_write: Any = intrinsic(_write_typer)
+_c_pwrite: Any = intrinsic(_pwrite_typer)
 _c_fdatasync: Any = intrinsic(_sync_typer)
 _c_errno: Any = intrinsic(_errno_typer)
 
@@ -316,12 +321,13 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
                  lsn: int, did: int, next_id: int, bump: int, end: int, publish: bool,
                  k: np.ndarray) -> tuple[int, int, int, int, int]:  # pragma: no cover
     """The whole path in one call: :func:`_encode`; the frame written to the segment
-    (``write(2)`` until all of it is, ``fdatasync`` too with ``fsync="always"``); then
+    (``pwrite(2)`` at ``end`` until all of it is, ``fdatasync`` too with
+    ``fsync="always"``); then
     :func:`_apply_publish`. ``addr``: the page's arena address (its place in ``mem``,
     the arena chunk, is ``addr & CHUNK_MASK``); ``k``: the :data:`FastWriter.consts` (the frame buffer, the
     log's current chunk, the mapped files and the counters' rings are reached through
     the addresses there: each array passed costs the call about 0.09 µs); ``end``: the
-    segment's size before this frame. A written frame records the state's
+    end of the segment's frames before this one. A written frame records the state's
     ``log_append`` sample (this call's start to the frame in the kernel) and, when
     ``publish``, its ``delta_apply`` sample (to the page published) and adds to the
     counters' ``records_logged`` and ``payload_bytes_logged``. Returns
@@ -353,7 +359,7 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     at = k[_K_OUT]
     done = 0
     while done < flen:
-        r = _c_write(k[_K_WRITE], k[_K_FD], at + done, flen - done)
+        r = _c_pwrite(k[_K_WRITE], k[_K_FD], at + done, flen - done, end + done)
         if r < 0:
             e = _c_errno(k[_K_ERRNO])
             if e == _EINTR:
@@ -389,13 +395,18 @@ class FastWriter:
     ints the kernel reads from :attr:`consts`."""
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
-                 "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of")
+                 "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of",
+                 "room")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
         """The bus's ``segment_bytes``: a segment this long rolls (the general path)."""
         self.out = np.zeros(_OUT_BYTES, np.uint8)
         self.source: str | None = None
+        self.room = _OUT_BYTES
+        """A frame of a write of ``n`` bytes is at most ``room + 5 * n`` bytes long (the
+        frame's head and source name, the encoding's 9 bytes, at most ``n / 2 + 1`` runs
+        of 8 bytes and the ``n`` values), for the source in the buffer."""
         self.table_of: object = None
         self.pages_of: object = None
         """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
@@ -490,6 +501,7 @@ class FastWriter:
         out[_SRC_AT + 2 : _SRC_AT + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
         self.source = source
         self.consts[_K_BODY] = _SRC_AT + 2 + len(raw)
+        self.room = _SRC_AT + 2 + len(raw) + 24
         return True
 
 
@@ -565,6 +577,11 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         # after_write, which records delta_apply from here.
         t0 = 0 if simple else time.perf_counter_ns()
         before = w.size
+        if before + 5 * n_new + fw.room > w.allocated and w.ahead:
+            # The frame (at most this long: the sparse encoding's runs and values) may
+            # not fit the space written ahead: the general path writes ahead, so the
+            # segments' bytes do not depend on which path wrote them.
+            return None
         # The frame goes to the kernel before anything takes effect. No io_lock: the
         # writer changes only under the state's lock (held), and the group commit clears
         # the dirty mark before its fdatasync, so marking it after the write suffices.
@@ -584,6 +601,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                 break
         if n > 0 and (status >= 0 or status & 1):
             w.size = before + flen  # written whole (a failed sync leaves it there)
+            if w.size > w.allocated:
+                w.allocated = w.size  # written past the space written ahead
             w.dirty = status < 0 or not fw.always
         if kernel is _write_frame:
             fw.compile(mem, data, log, pub)
@@ -664,10 +683,7 @@ def _failed(bus: DurableBus, state: MMSBState, w: Any, before: int, pid: int, lo
     call's end as its ``leave`` makes it (the page, unchanged, published again; a
     checkpoint when one is due). Nothing of the write took effect in the state."""
     if stage == "append":
-        try:
-            fsops.truncate(w.fd, before, w.path)
-        except OSError:
-            w.intact = False
+        w.cut(before)
         w.size = before
     why = exc.strerror or exc
     if stage == "append" and w.intact:

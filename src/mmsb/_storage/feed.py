@@ -40,7 +40,14 @@ from ..errors import HistoryUnavailableError, InvalidArgumentError, Serializatio
 from ..types import EventType
 from . import fsops
 from .codec import crc32c
-from .wal import FRAME_HEAD, MAX_RECORD, SEG_HEADER_SIZE, decode_frame_body, segment_header
+from .wal import (
+    FRAME_HEAD,
+    MAX_RECORD,
+    SEG_HEADER_SIZE,
+    SEG_VERSIONS,
+    decode_frame_body,
+    segment_header,
+)
 
 __all__ = ["serialize_event", "deserialize_event", "record_events", "ChangeFeed",
            "EVENT_MAGIC", "EVENT_VERSION"]
@@ -53,6 +60,8 @@ _LEN = struct.Struct("<Q")
 MAX_EVENT_PAYLOAD = 1 << 24
 _WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
 _READ_STEP = 1 << 20
+_FIRST_STEP = 1 << 16
+"""A poll reads this much first, then twice as much each time it needs more."""
 TICK_NS = 50_000_000
 """Longer than the kernel's file-time granularity (a scheduler tick, at most 10 ms)."""
 
@@ -172,8 +181,15 @@ def deserialize_event(data: bytes | bytearray | memoryview) -> Event:
 
 # -- reading the log -------------------------------------------------------------------
 
+def _nonzero(b: bytes | memoryview) -> bool:
+    """Whether a few bytes (a header or frame head at most) are not all zeros."""
+    return bool(bytes(b).strip(b"\0"))
+
+
 class _Segment:
-    """An open segment and how far it has been read."""
+    """An open segment and how far it has been read (``pos``: the end of the last whole
+    frame read). Nothing after ``pos`` is kept between reads: in a segment allocated
+    ahead, the bytes after the frames are zeros that later frames overwrite."""
 
     def __init__(self, path: Path, gen: int, seq: int, bus_id: int) -> None:
         self.path = path
@@ -181,45 +197,72 @@ class _Segment:
         self.seq = seq
         self.fd = fsops.open_regular(path, os.O_RDONLY)
         self.pos = 0
-        self.header = segment_header(bus_id, gen, seq)
-        self.buf = b""
+        self.headers = tuple(segment_header(bus_id, gen, seq, v) for v in SEG_VERSIONS)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def read_frames(self) -> tuple[list[AnyRecord], bool]:
-        """Records of the complete frames written since the last call, and whether the
-        segment ends (for now) in the middle of a frame.
-
-        Raises:
-            SerializationError: the header is another bus's or generation's, or a frame
-                is damaged with intact frames after it.
-        """
-        out: list[AnyRecord] = []
-        while True:
-            chunk = os.pread(self.fd, _READ_STEP, self.pos + len(self.buf))
+    def _read(self, n: int, at: int) -> bytes:
+        """Up to ``n`` bytes at ``at`` (fewer only at the end of the file)."""
+        parts = []
+        while n > 0:
+            chunk = os.pread(self.fd, n, at)
             if not chunk:
                 break
-            self.buf += chunk
-            if len(chunk) < _READ_STEP:
-                break
-        buf = memoryview(self.buf)
-        at = 0
+            parts.append(chunk)
+            n -= len(chunk)
+            at += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_frames(self) -> tuple[list[AnyRecord], bool]:
+        """Records of the whole frames written since the last call, and whether the
+        segment ends (for now) in the middle of a frame. Reading stops at the first
+        frame that is not whole: zeros (space written ahead, where the next frame will
+        be written), a frame being written, or a torn one (a later segment decides).
+        Reads a step at a time, so that a segment written ahead is read about as far
+        as its frames go. O(bytes of the new frames).
+
+        Raises:
+            SerializationError: the header is another bus's or generation's.
+        """
+        out: list[AnyRecord] = []
         if self.pos == 0:
-            if len(buf) < SEG_HEADER_SIZE:
-                return out, len(buf) > 0
-            if bytes(buf[:SEG_HEADER_SIZE]) != self.header:
+            head = self._read(SEG_HEADER_SIZE, 0)
+            if len(head) < SEG_HEADER_SIZE:
+                return out, _nonzero(head)
+            if head not in self.headers:
                 raise SerializationError("the segment's header is not the one its name calls for",
                                          path=self.path, offset=0)
-            at = SEG_HEADER_SIZE
+            self.pos = SEG_HEADER_SIZE
+        step = _FIRST_STEP
+        data = self._read(step, self.pos)
+        buf = memoryview(data)
+        at = 0  # in buf, which starts at self.pos
         partial = False
-        while at < len(buf):
-            if len(buf) - at < FRAME_HEAD:
-                partial = True
-                break
+        while True:
+            if len(buf) - at < FRAME_HEAD or _LEN.unpack_from(buf, at)[0] + FRAME_HEAD > len(buf) - at:
+                # Read on: the rest of this frame (when its length is known) and a step.
+                need = FRAME_HEAD
+                if len(buf) - at >= FRAME_HEAD:
+                    need += min(_LEN.unpack_from(buf, at)[0], MAX_RECORD)
+                step = min(step * 2, _READ_STEP)
+                more = self._read(max(need - (len(buf) - at), 0) + step,
+                                  self.pos + len(buf))
+                if more:
+                    data = bytes(buf[at:]) + more
+                    self.pos += at
+                    buf = memoryview(data)
+                    at = 0
+                if len(buf) - at < FRAME_HEAD:
+                    partial = _nonzero(buf[at:])
+                    break
             (length,) = _LEN.unpack_from(buf, at)
+            if length == 0:
+                # Zeros: the end of the frames for now (no frame is empty).
+                partial = _nonzero(buf[at : at + FRAME_HEAD])
+                break
             (fcrc,) = _U32.unpack_from(buf, at + 8)
             end = at + FRAME_HEAD + length
             if length > MAX_RECORD or end > len(buf):
@@ -232,7 +275,6 @@ class _Segment:
             out.extend(decode_frame_body(body))
             at = end
         self.pos += at
-        self.buf = bytes(buf[at:])
         return out, partial
 
 

@@ -13,7 +13,7 @@ functions, for two reasons:
   can raise ``OSError`` (ENOSPC, EIO, EROFS …) or end the process at the Nth step, so
   that loops can walk a fault over every step of checkpointing, retention, segment
   rotation and stop. Step names: ``"create"``, ``"open"``, ``"write"``, ``"fsync"``,
-  ``"truncate"``, ``"rename"``, ``"unlink"``, ``"fsync_dir"``.
+  ``"truncate"``, ``"allocate"``, ``"rename"``, ``"unlink"``, ``"fsync_dir"``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "create_exclusive",
-           "read_all", "read_fd", "read_private", "write_all", "fsync", "fdatasync", "truncate", "replace",
+           "read_all", "read_fd", "read_private", "write_all", "pwrite_all", "allocate", "fsync", "fdatasync", "truncate", "replace",
            "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
 
 FILE_MODE = 0o600
@@ -102,9 +102,10 @@ def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
     return fd
 
 
-def create_exclusive(path: Any, *, append: bool = False) -> int:
-    """Create a new regular file at ``path`` (0600), refusing anything already there."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_APPEND if append else 0)
+def create_exclusive(path: Any, *, readable: bool = False) -> int:
+    """Create a new regular file at ``path`` (0600), refusing anything already there;
+    opened for writing (``readable``: for reading too)."""
+    flags = (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_EXCL
     return open_regular(path, flags, create=True)
 
 
@@ -182,6 +183,39 @@ def write_all(fd: int, data: Any, path: Any) -> int:
         n = os.write(fd, view)
         view = view[n:]
     return total
+
+
+def pwrite_all(fd: int, data: Any, pos: int, path: Any) -> int:
+    """Write all of ``data`` to ``fd`` at offset ``pos``; returns how many bytes were
+    written."""
+    step("write", path)
+    view = memoryview(data).cast("B")
+    total = len(view)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view = view[n:]
+        pos += n
+    return total
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def allocate(fd: int, offset: int, length: int, path: Any) -> None:
+    """Write ``length`` zero bytes to ``fd`` at ``offset`` (the file grows to cover
+    them): space written ahead, which later writes overwrite. Unlike space reserved with
+    ``posix_fallocate`` (unwritten extents, which the file system converts, and commits
+    to its journal, as each block is first written), overwriting blocks already written
+    changes no metadata, so a later ``fdatasync`` of them commits nothing but data."""
+    step("allocate", path)
+    end = offset + length
+    while offset < end:
+        n = min(end - offset, len(_ZEROS) * 16)
+        view = memoryview(_ZEROS)
+        parts = [view] * (n // len(_ZEROS))
+        if n % len(_ZEROS):
+            parts.append(view[: n % len(_ZEROS)])
+        offset += os.pwritev(fd, parts, offset)
 
 
 def fsync(fd: int, path: Any) -> None:

@@ -70,7 +70,7 @@ from .codec import crc32c
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
-__all__ = ["Publisher", "MappedPages", "MAP_MAGIC", "MAP_VERSION", "boot_id", "ROW_DTYPE"]
+__all__ = ["Publisher", "MappedPages", "published_log_end", "MAP_MAGIC", "MAP_VERSION", "boot_id", "ROW_DTYPE"]
 
 log = logging.getLogger("mmsb.bus")
 T = TypeVar("T")
@@ -138,6 +138,21 @@ def boot_id() -> bytes:
             return uuid.UUID(f.read().strip()).bytes
     except (OSError, ValueError):
         return bytes(16)
+
+
+def published_log_end(root: Path) -> tuple[int, int, int, int] | None:
+    """Where the bus in ``root`` last said its log ends (the head's log fields:
+    generation, segment, offset, LSN), read without mapping anything; None when there is
+    no head. A segment's size does not say it: segments are written ahead."""
+    try:
+        fd = fsops.open_regular(_map_dir(root) / "HEAD", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, _LOG.size, _LOG_OFF)
+    finally:
+        os.close(fd)
+    return _LOG.unpack(raw) if len(raw) == _LOG.size else None
 
 
 def _map_dir(root: Path) -> Path:

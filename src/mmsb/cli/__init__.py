@@ -538,7 +538,8 @@ def stats(path: Path, as_json: bool) -> None:
 
 class _Reloading:
     """The state of PATH, reopened read-only when its files change (checked with
-    ``stat`` on each scrape, so an idle bus costs no recovery)."""
+    ``stat`` and the log end the writer published, on each scrape, so an idle bus
+    costs no recovery)."""
 
     def __init__(self, path: Path, src: Any) -> None:
         self.path = path
@@ -548,16 +549,20 @@ class _Reloading:
 
     def _key(self) -> tuple[Any, ...]:
         from .._storage.bus import bus_files
+        from .._storage.mapped import published_log_end
 
         if not self.path.is_dir():
             st = self.path.stat()
             return (st.st_size, st.st_mtime_ns)
         files = bus_files(self.path)
-        out = []
+        out: list[Any] = []
         for p in [*files["checkpoints"], *files["wal"]]:
             with contextlib.suppress(FileNotFoundError):
                 st = p.stat()
                 out.append((p.name, st.st_size, st.st_mtime_ns))
+        # A write into a segment's space written ahead changes neither its size nor,
+        # within the clock's tick, its time: the log's end the writer published does.
+        out.append(published_log_end(self.path))
         return tuple(out)
 
     def __call__(self) -> Any:

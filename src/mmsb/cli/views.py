@@ -468,6 +468,9 @@ def bus_files_info(root: Path, step: Callable[[str], None] | None = None) -> dic
                 row["status"] = f"torn tail at byte {scan.valid_end} (being written, or cut)"
             else:
                 row["status"] = "ok"
+            if scan.zeros:
+                # The file is written ahead of its frames (a syncing writer's segment).
+                row["frames_end"] = scan.valid_end
         wal.append(row)
     return {"bus_id": f"{bus_id:016x}", "created": format_time(created), "generation": gen,
             "checkpoints": ckpts, "wal": wal}
