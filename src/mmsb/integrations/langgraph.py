@@ -869,16 +869,18 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         a one-frame write, which a batch never takes). Caller holds the saver's lock,
         and the journal has room for the record. Returns the record and its frame."""
         state = self._state
-        pages = state.pages
         state.enter()
         try:
             state.begin_batch()
             ok = False
             try:
+                # The page table's epochs, taken under the state's lock: a batch refuses
+                # structural changes, so the array stays the table's until it ends.
+                epochs = state.table.epoch
                 written = {}
                 for ch, pid, data in writes:
                     state.write_bytes(pid, 0, data, _SOURCE, False)
-                    written[ch] = (pid, pages[pid].epoch)
+                    written[ch] = (pid, epochs.item(pid))
                 for ch, (typ, data) in blobs.items():
                     w = written.get(ch)
                     refs[ch] = (ChannelRef(ch, new_versions[ch], w[0], w[1], len(data), typ)
