@@ -552,6 +552,39 @@ def test_a_value_the_serializer_cannot_encode_changes_nothing() -> None:
         assert _observed(saver) == before
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_a_put_whose_record_is_refused_undoes_the_values_it_wrote(
+        durable: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The channel writes and the record are one batch: a record refused after the
+    values were written (here one over a lowered frame limit) takes them back."""
+    from mmsb.integrations import _journal as jr
+
+    with MMSBSaver(tmp_path / "bus" if durable else None) as saver:
+        ids = grow(saver, "t", 3)
+        state = saver.state
+
+        def channels() -> dict[int, tuple[int, bytes, int]]:
+            return {pid: (page.epoch, mmsb.query_page(state, pid),
+                          len(mmsb.get_deltas_for_page(state, pid)))
+                    for pid, page in state.pages.items()
+                    if page.metadata.get("mmsb.langgraph") == "channel"}
+
+        # (The journal may grow first, outside the batch: that shows nothing.)
+        before = view(saver), channels()
+        monkeypatch.setattr(jr, "MAX_FRAME", 16)
+        cp = make_checkpoint("00000009-t-", {"messages": [message(7)], "count": 9},
+                             {"messages": 10, "count": 10})
+        with pytest.raises(mmsb.SerializationError, match="frame limit"):
+            saver.put(cfg("t", cid=ids[-1]), cp, {"source": "loop", "step": 9},
+                      {"messages": 10, "count": 10})
+        assert (view(saver), channels()) == before
+        monkeypatch.undo()
+        saver.put(cfg("t", cid=ids[-1]), cp, {"source": "loop", "step": 9},
+                  {"messages": 10, "count": 10})
+        got = saver.get_tuple(cfg("t"))
+        assert got is not None and got.checkpoint["channel_values"]["messages"] == [message(7)]
+
+
 @pytest.mark.parametrize("config", [
     mmsb.MMSBConfig(enable_logging=False),
     mmsb.MMSBConfig(retain_checkpoints=2),

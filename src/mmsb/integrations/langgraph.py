@@ -105,6 +105,9 @@ _STATE_AT = 5
 """Offset of the journal header's state byte."""
 _STRATEGIES = ("keep_latest", "delete")
 _CACHE_RECORDS = 4096
+_EMPTY = ("empty", b"")
+"""The typed value of a channel that a put versions without a value."""
+_VERSION_TYPES = (str, int, float)
 """Decoded journal records kept (they are immutable, so sharing them is safe)."""
 
 Version = str | int | float
@@ -221,6 +224,18 @@ class _Journal:
         old layout are never read again."""
 
 
+def _check_versions(versions: Mapping[Any, Any]) -> None:
+    """Refuse a channel name that is not a str or a version that is not a str, int or
+    float (exact types checked first, the common case)."""
+    for ch, ver in versions.items():
+        if type(ch) is not str or type(ver) not in _VERSION_TYPES:
+            if not isinstance(ch, str) or isinstance(ver, bool) or \
+                    not isinstance(ver, str | int | float):
+                raise InvalidArgumentError(
+                    f"MMSBSaver.put: channel {ch!r} has version {ver!r}; channel names are "
+                    "str and versions str, int or float")
+
+
 def _ranges(mask: np.ndarray) -> builtins.list[tuple[int, int]]:
     """Half-open ranges of the True runs of a bool array (vectorised)."""
     if mask.size == 0:
@@ -281,6 +296,9 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         self._owner: dict[int, tuple[str, str, str]] = {}
         self._owned_by: dict[tuple[str, str], set[int]] = {}
         self._refs: Counter[int] = Counter()
+        self._sizes: dict[int, int] = {}
+        """Page id → its size when last grown: only the saver resizes its pages, and
+        only ``_rewrite`` shrinks one (it updates this), so a put needs no lookup."""
         self._cache: OrderedDict[tuple[int, int, int], jr.Record] = OrderedDict()
         self._path = None if path is None else os.fspath(path)
         self._state = mmsb_start(enable_gpu=False, config=cfg, path=path)
@@ -435,8 +453,10 @@ class MMSBSaver(BaseCheckpointSaver[str]):
             yield start + pos, n, jr.decode_frame(data[pos:pos + n], where, start + pos)
             pos += n
 
-    def _index_record(self, j: _Journal, offset: int, length: int,
-                      record: jr.Record) -> None:
+    def _index_record(self, j: _Journal, offset: int, length: int, record: jr.Record,
+                      refs: dict[str, ChannelRef] | None = None) -> None:
+        """Index one record; ``refs``: a checkpoint record's channel refs by channel, in
+        the record's order, when the caller has them at hand."""
         if isinstance(record, WritesRecord):
             w = j.writes.get(record.checkpoint_id)
             if w is None:
@@ -445,6 +465,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
             w.frames.append((offset, length))
             return
         cid = record.checkpoint_id
+        counts = self._refs
         old = j.entries.get(cid)
         if old is None:
             order = j.order
@@ -453,13 +474,19 @@ class MMSBSaver(BaseCheckpointSaver[str]):
             else:
                 bisect.insort(order, cid)
         else:
-            self._refs.subtract(old.pages)
-        pages = tuple(sorted({c.page_id for c in record.channels if c.page_id}))
-        self._refs.update(pages)
-        j.entries[cid] = _Entry(offset, length, record.parent_id, record.run_id, pages)
-        refs = {c.channel: c for c in record.channels}
+            counts.subtract(old.pages)
+        if refs is None:
+            refs = {c.channel: c for c in record.channels}
+        blobs = j.blobs
+        found = []
         for c in record.channels:
-            j.blobs[(c.channel, c.version)] = c
+            blobs[(c.channel, c.version)] = c
+            if c.page_id:
+                found.append(c.page_id)
+        pages = tuple(sorted(set(found))) if len(found) > 1 else tuple(found)
+        for pid in pages:
+            counts[pid] += 1
+        j.entries[cid] = _Entry(offset, length, record.parent_id, record.run_id, pages)
         j.last = (cid, refs)
 
     def _unindex(self, j: _Journal) -> set[int]:
@@ -492,6 +519,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
             if owner[1] in self._journals.get(owner[0], {}):
                 continue
             delete_page(state, pid)
+            self._sizes.pop(pid, None)
             del self._owner[pid]
             del self._owned[owner]
             pids = self._owned_by.get(owner[:2])
@@ -556,9 +584,13 @@ class MMSBSaver(BaseCheckpointSaver[str]):
     def _grow(self, pid: int, needed: int) -> None:
         """Make page ``pid`` at least ``needed`` bytes (doubling, so a page that grows a
         little each step is resized O(log n) times)."""
+        if needed <= self._sizes.get(pid, -1):
+            return
         size = self._state.pages[pid].size
         if needed > size:
-            resize_page(self._state, pid, min(_MAX_PAGE, max(needed, 2 * size)))
+            size = min(_MAX_PAGE, max(needed, 2 * size))
+            resize_page(self._state, pid, size)
+        self._sizes[pid] = size
 
     def _read(self, pid: int, offset: int, length: int) -> bytes:
         data: bytes = self._state.pages[pid].data[offset:offset + length].tobytes()
@@ -750,32 +782,31 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         thread's journal, all in one batch. Returns the stored checkpoint's config.
         Cost: O(size of the new values) to compare, O(changed bytes) logged."""
         thread, ns, parent_id = self._ids(config, "put")
-        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("id"), str):
+        if type(checkpoint) is not dict and not isinstance(checkpoint, Mapping):
+            raise InvalidArgumentError("MMSBSaver.put: checkpoint must be a Checkpoint dict "
+                                       "with a str 'id'")
+        cid = checkpoint.get("id")
+        if not isinstance(cid, str):
             raise InvalidArgumentError("MMSBSaver.put: checkpoint must be a Checkpoint dict "
                                        "with a str 'id'")
         versions = checkpoint.get("channel_versions", {})
-        if not isinstance(versions, Mapping) or not isinstance(new_versions, Mapping):
+        if ((type(versions) is not dict and not isinstance(versions, Mapping))
+                or (type(new_versions) is not dict and not isinstance(new_versions, Mapping))):
             raise InvalidArgumentError("MMSBSaver.put: channel_versions and new_versions "
                                        "must be dicts")
-        if not isinstance(metadata, Mapping):
+        if type(metadata) is not dict and not isinstance(metadata, Mapping):
             raise InvalidArgumentError("MMSBSaver.put: metadata must be a dict")
-        for ch, ver in builtins.list(versions.items()) + builtins.list(new_versions.items()):
-            if not isinstance(ch, str) or isinstance(ver, bool) or \
-                    not isinstance(ver, str | int | float):
-                raise InvalidArgumentError(
-                    f"MMSBSaver.put: channel {ch!r} has version {ver!r}; channel names are "
-                    "str and versions str, int or float")
-        cid = checkpoint["id"]
+        _check_versions(versions)
+        _check_versions(new_versions)
         c: dict[str, Any] = dict(checkpoint)
         values: Mapping[str, Any] = c.pop("channel_values", None) or {}
         dumps = self.serde.dumps_typed
         cp_typed = dumps(c)
         md = get_checkpoint_metadata(config, metadata)
         md_typed = dumps(md)
-        run_id = md.get("run_id")
+        run = self._opt_str(md.get("run_id"))
         blobs: dict[str, tuple[str, bytes]] = {
-            ch: dumps(values[ch]) if ch in values else ("empty", b"")
-            for ch in new_versions}
+            ch: dumps(values[ch]) if ch in values else _EMPTY for ch in new_versions}
         for ch, (_t, data) in blobs.items():
             if len(data) > _MAX_PAGE:
                 raise InvalidArgumentError(
@@ -792,38 +823,81 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                 if ref is None or ref.version != ver:
                     ref = j.blobs.get((ch, ver))
                 if ref is not None:
-                    refs[ch] = ChannelRef(ch, ver, ref.page_id, ref.epoch, ref.length, ref.type)
-            targets: dict[str, int] = {}
+                    if ref.version != ver or type(ref.version) is not type(ver):
+                        ref = ChannelRef(ch, ver, ref.page_id, ref.epoch, ref.length, ref.type)
+                    refs[ch] = ref
+            writes: builtins.list[tuple[str, int, bytes]] = []
             for ch, (_typ, data) in blobs.items():
                 if data:
-                    targets[ch] = self._channel_page(thread, ns, ch, len(data),
-                                                     parent_refs.get(ch))
+                    writes.append((ch, self._channel_page(thread, ns, ch, len(data),
+                                                          parent_refs.get(ch)), data))
             # The journal must have room for the record before the batch (a resize is
             # refused inside one); its epochs are known only after the writes, so room
             # for an upper bound of its size is made, computed without encoding it.
-            run = self._opt_str(run_id)
             bound = jr.frame_bound(cid, parent_id, cp_typed, md_typed, run,
                                    [(r.channel, r.version, r.type) for r in refs.values()]
                                    + [(ch, new_versions[ch], typed[0])
                                       for ch, typed in blobs.items()])
-            self._grow(j.page_id, (j.end or jr.HEADER_SIZE) + bound)
-            state = self._state
-            with batch(state) as b:
-                for ch, (typ, data) in blobs.items():
-                    if ch in targets:
-                        pid = targets[ch]
-                        b.write(pid, 0, data, source=_SOURCE)
-                        refs[ch] = ChannelRef(ch, new_versions[ch], pid, state.pages[pid].epoch,
-                                              len(data), typ)
-                    else:
-                        refs[ch] = ChannelRef(ch, new_versions[ch], 0, 0, 0, typ)
+            at = j.end
+            self._grow(j.page_id, (at or jr.HEADER_SIZE) + bound)
+            if writes:
+                record, frame = self._commit(j, writes, blobs, refs, cid, parent_id,
+                                             cp_typed, md_typed, run, new_versions)
+            else:
+                # No value to write: the record alone, one write (atomic by itself).
+                for ch, (typ, _data) in blobs.items():
+                    refs[ch] = ChannelRef(ch, new_versions[ch], 0, 0, 0, typ)
                 record = CheckpointRecord(cid, parent_id, cp_typed, md_typed, run,
                                           tuple(refs.values()))
                 frame = jr.encode_frame(record)
-                offset, end = self._append(j, frame, b)
-            j.end = end
-            self._index_record(j, offset, len(frame), record)
-        return self._config(thread, ns, cid)
+                write_page(self._state, j.page_id, at,
+                           frame if at else jr.encode_header() + frame, source=_SOURCE)
+            offset = at or jr.HEADER_SIZE
+            j.end = offset + len(frame)
+            self._index_record(j, offset, len(frame), record, refs)
+        return {"configurable": {"thread_id": thread, "checkpoint_ns": ns,
+                                 "checkpoint_id": cid}}
+
+    def _commit(self, j: _Journal, writes: builtins.list[tuple[str, int, bytes]],
+                blobs: dict[str, tuple[str, bytes]], refs: dict[str, ChannelRef], cid: str,
+                parent_id: str | None, cp_typed: tuple[str, bytes],
+                md_typed: tuple[str, bytes], run: str | None,
+                new_versions: Mapping[str, Any]) -> tuple[CheckpointRecord, bytes]:
+        """Write the channel values, then the checkpoint record that names the epochs
+        they were written at, as one batch (what ``mmsb.batch`` does, run here without
+        its context manager, and each write without ``write_page``'s per-call checks for
+        a one-frame write, which a batch never takes). Caller holds the saver's lock,
+        and the journal has room for the record. Returns the record and its frame."""
+        state = self._state
+        state.enter()
+        try:
+            state.begin_batch()
+            ok = False
+            try:
+                # The page table's epochs, taken under the state's lock: a batch refuses
+                # structural changes, so the array stays the table's until it ends.
+                epochs = state.table.epoch
+                written = {}
+                for ch, pid, data in writes:
+                    state.write_bytes(pid, 0, data, _SOURCE, False)
+                    written[ch] = (pid, epochs.item(pid))
+                for ch, (typ, data) in blobs.items():
+                    w = written.get(ch)
+                    refs[ch] = (ChannelRef(ch, new_versions[ch], w[0], w[1], len(data), typ)
+                                if w is not None else ChannelRef(ch, new_versions[ch], 0, 0, 0,
+                                                                 typ))
+                record = CheckpointRecord(cid, parent_id, cp_typed, md_typed, run,
+                                          tuple(refs.values()))
+                frame = jr.encode_frame(record)
+                at = j.end
+                state.write_bytes(j.page_id, at, frame if at else jr.encode_header() + frame,
+                                  _SOURCE, False)
+                ok = True
+            finally:
+                state.end_batch(ok)
+        finally:
+            state.leave()
+        return record, frame
 
     @staticmethod
     def _opt_str(value: Any) -> str | None:
@@ -923,6 +997,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                 self._journals.pop(j.thread, None)
         for j in js:
             delete_page(self._state, j.page_id)
+            self._sizes.pop(j.page_id, None)
         self._collect(candidates)
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
@@ -1067,6 +1142,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
             target = max(_JOURNAL_START, len(content))
             if size >= 2 * target:
                 resize_page(self._state, j.page_id, target)
+                self._sizes[j.page_id] = target
         self._collect(candidates)
 
     # ------------------------------------------------------------------- async
