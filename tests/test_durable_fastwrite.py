@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from conftest import frames_end
 from mmsb._core.monitor import TOTAL_MAX
 from mmsb._storage import fsops
 
@@ -50,12 +50,7 @@ def _frames(data: bytes) -> bytes:
     """A segment's header and whole frames, read from the format (length u64, crc u32,
     body); what follows them must be zeros (space written ahead: how much there is
     depends on the allocation, not on what was written)."""
-    pos = 36
-    while pos + 12 <= len(data):
-        (n,) = struct.unpack_from("<Q", data, pos)
-        if n == 0 or pos + 12 + n > len(data):
-            break
-        pos += 12 + n
+    pos = frames_end(data)
     assert not data[pos:].strip(b"\0"), "bytes other than zeros after the frames"
     return data[:pos]
 
