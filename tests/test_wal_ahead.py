@@ -49,6 +49,16 @@ def segments(root: Path) -> list[Path]:
     return bus_files(root)["wal"]
 
 
+def strict_reopen_view(root: Path) -> tuple:
+    """:func:`view` of the bus at ``root`` reopened with strict recovery (a torn or
+    damaged log refuses the open), stopped again."""
+    s = mmsb.mmsb_start(path=root, config=cfg(recovery="strict"))
+    try:
+        return view(s)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 def version_of(seg: Path) -> int:
     return int.from_bytes(seg.read_bytes()[8:10], "little")
 
@@ -114,11 +124,7 @@ def test_rolled_and_stopped_segments_end_at_their_last_frame(tmp_path: Path) -> 
         mmsb.mmsb_stop(s)
     for seg in segments(root):
         assert seg.stat().st_size == frames_end(seg.read_bytes()), seg.name
-    s = mmsb.mmsb_start(path=root, config=cfg(recovery="strict"))
-    try:
-        assert view(s) == before
-    finally:
-        mmsb.mmsb_stop(s)
+    assert strict_reopen_view(root) == before
 
 
 # --------------------------------------------------------------------------- recovery
@@ -158,11 +164,7 @@ def test_a_clean_allocated_tail_is_the_end_not_a_torn_record(tmp_path: Path) -> 
         after = view(s)
     finally:
         mmsb.mmsb_stop(s)
-    s = mmsb.mmsb_start(path=image, config=cfg(recovery="strict"))
-    try:
-        assert view(s) == after
-    finally:
-        mmsb.mmsb_stop(s)
+    assert strict_reopen_view(image) == after
 
 
 def _frames(data: bytes) -> tuple[list[int], list[int]]:
@@ -476,11 +478,7 @@ def test_shared_writers_catch_up_inside_allocated_space(tmp_path: Path) -> None:
     finally:
         mmsb.mmsb_stop(a)
         mmsb.mmsb_stop(b)
-    s = mmsb.mmsb_start(path=path, config=cfg(recovery="strict"))
-    try:
-        assert view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    assert strict_reopen_view(path) == want
 
 
 def test_a_roll_seals_space_another_writer_wrote_ahead(tmp_path: Path) -> None:
@@ -504,11 +502,7 @@ def test_a_roll_seals_space_another_writer_wrote_ahead(tmp_path: Path) -> None:
     finally:
         mmsb.mmsb_stop(a)
         mmsb.mmsb_stop(b)
-    s = mmsb.mmsb_start(path=path, config=cfg(recovery="strict"))
-    try:
-        assert view(s)[:2] == want[:2]
-    finally:
-        mmsb.mmsb_stop(s)
+    assert strict_reopen_view(path)[:2] == want[:2]
 
 
 # --------------------------------------------------------------------------- full disks
@@ -542,11 +536,7 @@ def test_a_refused_allocation_leaves_the_write_to_a_plain_append(tmp_path: Path)
         want = view(s)
     finally:
         mmsb.mmsb_stop(s)
-    s = mmsb.mmsb_start(path=root, config=cfg(recovery="strict"))
-    try:
-        assert view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    assert strict_reopen_view(root) == want
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux file-size limit")
@@ -579,11 +569,7 @@ def test_a_full_disk_refuses_the_write_and_loses_nothing_acknowledged(tmp_path: 
         want = view(s)
     finally:
         mmsb.mmsb_stop(s)
-    s = mmsb.mmsb_start(path=root, config=cfg(recovery="strict"))
-    try:
-        assert view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    assert strict_reopen_view(root) == want
 
 
 # --------------------------------------------------------------------------- tools
