@@ -93,3 +93,68 @@ def test_damage_inside_a_group_with_records_after_it_is_an_error(tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(mmsb.SerializationError):
         mmsb.mmsb_start(path=image, config=cfg)
+
+
+def _records_of_every_shape() -> list:
+    """Stamped records: sparse deltas of one run, of several runs (on pages past 64 KiB
+    too), of one byte and of a long source name, dense deltas (full, masked) and
+    structural records."""
+    import numpy as np
+
+    from mmsb._core.delta import diff_write, make_delta
+    from mmsb._core.records import MetadataSet, PageCreate, PageResize
+
+    rng = np.random.default_rng(7)
+    out: list = []
+    page = rng.integers(0, 256, 70_000).astype(np.uint8)
+    new = page.copy()
+    new[3] ^= 1
+    new[69_000:69_200] ^= 0xFF
+    out.append(diff_write(1, 2, 5, page, 0, new, "api"))  # several runs, a big page
+    small = np.zeros(256, np.uint8)
+    out.append(make_delta(2, 3, 1, 256, np.arange(10, 20), np.arange(1, 11, dtype=np.uint8),
+                          "propagation"))  # one run
+    out.append(make_delta(3, 3, 2, 256, np.array([7]), np.array([9], np.uint8), "s" * 300))
+    out.append(diff_write(4, 4, 0, small, 0, np.full(256, 3, np.uint8), "api"))  # dense
+    masked = small.copy()
+    masked[::2] = 1
+    out.append(diff_write(5, 4, 1, small, 0, masked, "api"))  # dense, masked
+    out.append(PageCreate(first_id=9, count=2, size=128, location=0, metadata={"k": "v"}))
+    out.append(MetadataSet(page_id=9, metadata={"a": [1, 2]}, source="api"))
+    out.append(PageResize(page_id=9, new_size=4096))
+    stamped = []
+    for i, r in enumerate(out):
+        if hasattr(r, "stamped"):
+            stamped.append(r.stamped(100 + i, 1_000 + i))
+        else:
+            r.lsn, r.timestamp = 100 + i, 1_000 + i
+            stamped.append(r)
+    return stamped
+
+
+def test_a_batch_frame_holds_the_bytes_of_its_records_grouped():
+    from mmsb._storage.codec import encode_record
+    from mmsb._storage.wal import decode_frame_body, frame, group_body, records_frame
+
+    records = _records_of_every_shape()
+    assert [r.is_sparse for r in records[:5]] == [True, True, True, False, False]
+    for k in range(len(records)):
+        for group in (records[k:], records[:k + 1], [records[k]], records[k:k + 2]):
+            want = (frame(encode_record(group[0])) if len(group) == 1
+                    else frame(group_body([encode_record(r) for r in group])))
+            got = records_frame(group)
+            assert got == want
+            back = decode_frame_body(memoryview(got)[12:])
+            assert back == group
+
+
+def test_a_batch_frame_refuses_a_source_name_too_long_to_encode():
+    from mmsb._storage.wal import records_frame
+    from mmsb.errors import SerializationError
+
+    ok, sparse = _records_of_every_shape()[1:3]
+    long = type(sparse)(sparse.id, sparse.page_id, sparse.base_epoch, sparse.epoch,
+                        "x" * 70_000, sparse.page_size, sparse._idx, sparse._vals, None, None,
+                        lsn=sparse.lsn, timestamp=sparse.timestamp)
+    with pytest.raises(SerializationError, match="65535"):
+        records_frame([ok, long])

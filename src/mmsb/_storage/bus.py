@@ -64,7 +64,7 @@ from .checkpoint import (
     read_checkpoint_head,
     write_checkpoint,
 )
-from .codec import crc32c, encode_record
+from .codec import crc32c
 from .fastwrite import FastWriter, durable_write_small
 from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
@@ -74,8 +74,7 @@ from .wal import (
     SEG_HEADER_SIZE,
     SegmentScan,
     SegmentWriter,
-    frame,
-    group_body,
+    records_frame,
     scan_segment,
     segment_header,
 )
@@ -285,11 +284,8 @@ class DurableBus:
         """
         if self.not_leader is not None:
             raise NotLeaderError(self.not_leader)
-        if len(records) == 1:
-            data = frame(encode_record(records[0]))
-        else:
-            # A batch is one frame: after a crash it is in the log whole, or not at all.
-            data = frame(group_body([encode_record(r) for r in records]))
+        # A batch is one frame: after a crash it is in the log whole, or not at all.
+        data = records_frame(records)
         if self.publisher is not None:
             self.publisher.note(records)
         self.append_frames(data, records[0].lsn, records[-1].lsn, self.config.fsync == "always")
