@@ -122,31 +122,39 @@ def decode_metadata(raw: bytes | memoryview, what: str = "metadata") -> dict[str
 
 # -- encoding --------------------------------------------------------------------------
 
-def _encode_delta_payload(d: Delta) -> list[Any]:
+def _delta_parts(d: Delta) -> tuple[list[Any], int]:
+    """A delta's body (``kind | lsn | timestamp | id | page | base epoch | epoch | page
+    size | source``, then its payload) as buffers to write one after another, and their
+    length in bytes.
+
+    Raises:
+        SerializationError: a source name over 65535 bytes.
+    """
     src = d.source.encode("utf-8")
     if len(src) > 0xFFFF:
         raise SerializationError("delta source name longer than 65535 bytes")
-    parts: list[Any] = [_DELTA.pack(d.id, d.page_id, d.base_epoch, d.epoch, d.page_size),
-                        _U16.pack(len(src)), src]
+    head = _DELTA_FIXED.pack(KIND_DELTA, d.lsn, d.timestamp, d.id, d.page_id, d.base_epoch,
+                             d.epoch, d.page_size, len(src))
+    fixed = _DELTA_FIXED.size + len(src)
     if d._idx is not None:
         idx = d._idx
         n = len(idx)
         vals = np.ascontiguousarray(d._vals).data
         if n and int(idx[-1]) - int(idx[0]) + 1 == n:
             # One contiguous run, the common shape of a small write.
-            parts += [_ONE_RUN.pack(ENC_SPARSE_RUNS, 1, int(idx[0]), n), vals]
-        else:
-            starts, lengths = runs_of(idx)
-            parts += [bytes([ENC_SPARSE_RUNS]), _U32.pack(len(starts)), starts.data,
-                      lengths.data, vals]
-    elif d._mask is None:
-        assert d._data is not None
-        parts += [bytes([ENC_DENSE_FULL]), np.ascontiguousarray(d._data).data]
-    else:
-        assert d._data is not None
-        enc = ENC_DENSE_EXACT if d._exact else ENC_DENSE_MASKED
-        parts += [bytes([enc]), np.packbits(d._mask).data, np.ascontiguousarray(d._data).data]
-    return parts
+            return ([head, src, _ONE_RUN.pack(ENC_SPARSE_RUNS, 1, int(idx[0]), n), vals],
+                    fixed + _ONE_RUN.size + n)
+        starts, lengths = runs_of(idx)
+        k = len(starts)
+        return ([head, src, _RUNS_HEAD.pack(ENC_SPARSE_RUNS, k), starts.data, lengths.data,
+                 vals], fixed + _RUNS_HEAD.size + 8 * k + n)
+    assert d._data is not None
+    data = np.ascontiguousarray(d._data).data
+    if d._mask is None:
+        return [head, src, bytes([ENC_DENSE_FULL]), data], fixed + 1 + data.nbytes
+    enc = ENC_DENSE_EXACT if d._exact else ENC_DENSE_MASKED
+    bits = np.packbits(d._mask).data
+    return [head, src, bytes([enc]), bits, data], fixed + 1 + bits.nbytes + data.nbytes
 
 
 def record_parts(rec: AnyRecord) -> list[Any]:
@@ -163,30 +171,14 @@ def record_parts(rec: AnyRecord) -> list[Any]:
 
 
 def body_parts(rec: AnyRecord) -> tuple[list[Any], int]:
-    """``(parts, n)``: the buffers of :func:`record_parts` and their ``n`` bytes in all.
-    A sparse delta's are made here, in fewer buffers than its kind's encoder makes (the
-    same bytes), its length known without measuring them; other records' come from
-    their kind's encoder.
+    """``(parts, n)``: the buffers of :func:`record_parts` and their ``n`` bytes in all
+    (a delta's length is known without measuring its buffers).
 
     Raises:
-        SerializationError: as :func:`record_parts`; a source name over 65535 bytes.
+        SerializationError: as :func:`record_parts`.
     """
-    if type(rec) is Delta and rec._idx is not None:
-        src = rec.source.encode("utf-8")
-        if len(src) > 0xFFFF:
-            raise SerializationError("delta source name longer than 65535 bytes")
-        head = _DELTA_FIXED.pack(KIND_DELTA, rec.lsn, rec.timestamp, rec.id, rec.page_id,
-                                 rec.base_epoch, rec.epoch, rec.page_size, len(src))
-        idx = rec._idx
-        n = len(idx)
-        vals = np.ascontiguousarray(rec._vals).data
-        if n and int(idx[-1]) - int(idx[0]) + 1 == n:
-            return ([head, src, _ONE_RUN.pack(ENC_SPARSE_RUNS, 1, int(idx[0]), n), vals],
-                    _DELTA_FIXED.size + len(src) + _ONE_RUN.size + n)
-        starts, lengths = runs_of(idx)
-        k = len(starts)
-        return ([head, src, _RUNS_HEAD.pack(ENC_SPARSE_RUNS, k), starts.data, lengths.data,
-                 vals], _DELTA_FIXED.size + len(src) + _RUNS_HEAD.size + 8 * k + n)
+    if type(rec) is Delta:
+        return _delta_parts(rec)
     parts = record_parts(rec)
     return parts, sum(p.nbytes if type(p) is memoryview else len(p) for p in parts)
 
@@ -202,7 +194,7 @@ def _head(rec: AnyRecord, code: int) -> bytes:
 
 
 def _encode_delta(rec: Delta) -> list[Any]:
-    return [_head(rec, KIND_DELTA), *_encode_delta_payload(rec)]
+    return _delta_parts(rec)[0]
 
 
 def _encode_create(rec: PageCreate) -> list[Any]:
@@ -317,7 +309,6 @@ def _decode_delta(r: _Reader, lsn: int, ts: int) -> Delta:
                  exact=enc == ENC_DENSE_EXACT)
 
 
-_DELTA_FIXED = struct.Struct("<BQqQQQQQH")
 _SOURCES: dict[bytes, str] = {}
 
 
