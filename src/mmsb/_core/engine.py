@@ -1392,6 +1392,12 @@ class MMSBState:
                 if frame is not None and pid not in frame.touched:
                     frame.touch(pid)
                 return self._write_compiled(pid, addr, size, off, new, source, t0)
+            if frame is not None and self.bus is not None and not frame.direct:
+                # A durable batch: the write staged for the batch's one compiled commit
+                # (see _storage/fastbatch.py), unless that path declines it.
+                staged = self.bus.stage_write(self, frame, pid, off, new, source, t0)
+                if staged is not None:
+                    return staged
             view = self.arena.view(addr, size)
             if tp is bytes:
                 new = np.frombuffer(new, np.uint8)
@@ -1708,7 +1714,8 @@ class MMSBState:
         try:
             if frame.writes:
                 log_buffered(self, frame)
-            self.log.append_held(frame.records)
+            if frame.staged is None or not self._commit_staged(frame):
+                self.log.append_held(frame.records)
         except BaseException:
             frame.rollback()
             raise
@@ -1726,6 +1733,13 @@ class MMSBState:
         if self.bus is None and self.log.n > self.compact_at:
             # A compaction in progress folds at least twice what the batch logged.
             self.auto_compress(2 * max(0, self.log.n - rows0))
+
+    def _commit_staged(self, frame: _BatchFrame) -> bool:
+        """End a batch of staged writes on the bus's compiled path; False when its
+        writes became held records instead (then the general path ends it)."""
+        bus = self.bus
+        assert bus is not None
+        return bus.commit_staged(self, frame)
 
     # -- invariants ------------------------------------------------------------------
     def _check(self) -> None:
@@ -2010,7 +2024,7 @@ class _BatchFrame:
 
     __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
                  "last_ts", "next_delta_id", "queue_len", "pending", "owner", "writes",
-                 "held", "held_ids", "copies", "chunk_views")
+                 "held", "held_ids", "copies", "chunk_views", "staged")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
@@ -2043,6 +2057,10 @@ class _BatchFrame:
         """Their bytes before their first held write, in slot order."""
         self.chunk_views: dict[int, memoryview] = {}
         """Arena chunk index → a memoryview of it (a held page's bytes are a slice)."""
+        self.staged: Any = None
+        """On a durable bus, the writes staged for the batch's compiled commit (see
+        _storage/fastbatch.py; None: none). They come before any held record: holding
+        one makes them held records first."""
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
         """Log ``rec`` at once (``direct``), or stamp it (a copy, for a delta) and hold
@@ -2050,6 +2068,8 @@ class _BatchFrame:
         if self.direct:
             log.append(rec)
             return log.last_lsn
+        if self.staged is not None:
+            self._unstage()
         if type(rec) is Delta:
             lsn, ts = log._next_stamp()
             rec = rec.stamped(lsn, ts)
@@ -2064,10 +2084,20 @@ class _BatchFrame:
         """A vectorised batch's column group: logged at once (``direct``) or held."""
         if self.direct:
             log._push_group(group)
-        elif log.sink is None and self.state.config.enable_logging:
+            return
+        if self.staged is not None:
+            self._unstage()
+        if log.sink is None and self.state.config.enable_logging:
             self.records.append(group)
         else:
             self.records.extend(group.deltas())
+
+    def _unstage(self) -> None:
+        """The staged writes become held records, in order (the general path then
+        holds the batch's further records after them)."""
+        bus = self.state.bus
+        assert bus is not None
+        bus.unstage(self)
 
     def reserve(self, log: TransactionLog, n: int) -> tuple[int, int]:
         """Reserve ``n`` consecutive LSNs and one timestamp for records about to be held;
@@ -2162,6 +2192,7 @@ class _BatchFrame:
             else:
                 view[entry[3]] = entry[4]
             t.epoch[pid] = epoch
+        self.staged = None  # their log rows, past the log's end, are left unused
         if self.mark is not None:
             st.log.truncate(self.mark)
         for rec in self.records:

@@ -65,6 +65,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .codec import crc32c
+from .fastbatch import commit_staged, stage_write, unstage
 from .fastwrite import FastWriter, durable_write_small
 from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
@@ -269,6 +270,11 @@ class DurableBus:
     write_small = durable_write_small
     """``state.write_small_bytes`` on this bus: the one-frame path of a small write, or
     None when the general path must take the call (see fastwrite.py)."""
+    stage_write = stage_write
+    unstage = unstage
+    commit_staged = commit_staged
+    """A batch's writes staged, and written and published in one call at its end, or
+    made held records for the general path (see fastbatch.py)."""
 
     def sink(self, rec: AnyRecord) -> None:
         self.sink_many([rec])

@@ -396,13 +396,17 @@ class FastWriter:
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
                  "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of",
-                 "room")
+                 "room", "source_bytes", "batch_out")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
         """The bus's ``segment_bytes``: a segment this long rolls (the general path)."""
         self.out = np.zeros(_OUT_BYTES, np.uint8)
         self.source: str | None = None
+        self.source_bytes = np.zeros(0, np.uint8)
+        """The source's name, UTF-8 (what the frame buffer holds)."""
+        self.batch_out = np.zeros(1 << 16, np.uint8)
+        """The frame buffer of a staged batch (fastbatch.py), grown as batches need."""
         self.room = _OUT_BYTES
         """A frame of a write of ``n`` bytes is at most ``room + 5 * n`` bytes long (the
         frame's head and source name, the encoding's 9 bytes, at most ``n / 2 + 1`` runs
@@ -499,6 +503,7 @@ class FastWriter:
         out[_SRC_AT] = len(raw) & 0xFF
         out[_SRC_AT + 1] = len(raw) >> 8
         out[_SRC_AT + 2 : _SRC_AT + 2 + len(raw)] = np.frombuffer(raw, np.uint8)
+        self.source_bytes = np.frombuffer(raw, np.uint8)
         self.source = source
         self.consts[_K_BODY] = _SRC_AT + 2 + len(raw)
         self.room = _SRC_AT + 2 + len(raw) + 24

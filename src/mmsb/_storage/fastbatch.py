@@ -1,0 +1,511 @@
+"""The durable bus's compiled batch: a batch of plain writes staged one by one, then
+written to the log as one frame and published in one compiled call.
+
+On the general path a write inside a batch builds a :class:`~mmsb._core.delta.Delta`,
+stamps and holds a copy of it, and the batch's end encodes every held record with the
+codec, joins them into one group frame with its CRC32C, appends it, keeps each record as
+a log row and publishes the pages it touched, each step a few Python calls. Here:
+
+- **Staging** (:func:`stage_write`, from ``write_bytes`` inside a batch): one compiled
+  call (:func:`_stage`) compares the write with the page (the compiled compare of
+  ``diff_write``) and, when the delta is sparse (at most a quarter of the page, the
+  same rule), writes the delta's record body into the bus's batch buffer exactly as
+  :func:`~mmsb._storage.codec.encode_record` encodes it, fills the log row and payload
+  the in-memory log will keep (past its end: the log does not show them yet, as it
+  does not show a held record), keeps the changed positions and their old bytes (the
+  batch's undo entry) and applies the write to the page. The write is stamped with
+  its LSN, time and delta id then, as a held record is.
+- **Commit** (:func:`commit_staged`, from ``end_batch``): one compiled call
+  (:func:`_commit`) completes the frame around the staged bodies (a group of them, or
+  the single record's frame: the bytes :func:`~mmsb._storage.wal.records_frame`
+  makes), its CRC32C, writes it at the end of the segment's frames (``pwrite(2)``,
+  ``fdatasync`` with ``fsync="always"``), then publishes: the changed runs of each
+  page to the mapped pages, its table row and the head, under the seqlock, and the
+  notify word. Then the log takes the staged rows.
+
+The general path stays the reference. A write this path does not take (a dense delta,
+an unknown source, a page with dependants or device copies, events on, a shared or
+replicating bus, a fault hook, a batch that already holds another record) goes the
+general way; once a batch holds another record, or its end finds a condition the
+commit cannot meet (a segment due to roll, a frame that may not fit the space written
+ahead, mapped files to publish anew), the staged writes become held records (their
+bodies decoded: :func:`unstage`) and the batch ends on the general path. So the
+segments, the log, the pages, the mapped files and the events are byte for byte those
+of the general path (a property test holds the two to that).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numba import carray, njit
+
+from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
+from .._core.kernels import (
+    ENC_RUN,
+    ENC_RUN16,
+    ENC_POS16,
+    LOG_CHUNK,
+    _diff_scan,
+    _fill_row,
+    sparse_encoding,
+)
+from .._core.kernels import ptr as _ptr
+from .._core.log import DeferredLog
+from ..errors import DurabilityError
+from . import fsops, notify
+from .codec import KIND_DELTA, decode_record
+from .fastwrite import (
+    _BUMP_WORD,
+    _EINTR,
+    _HEAD_WORDS,
+    _K_ALWAYS,
+    _K_ERRNO,
+    _K_FD,
+    _K_GEN,
+    _K_HEAD,
+    _K_NOTIFY,
+    _K_PAGES,
+    _K_PAGES_LEN,
+    _K_SEQ,
+    _K_SYNC,
+    _K_TABLE,
+    _K_TABLE_LEN,
+    _K_WAITERS,
+    _K_WRITE,
+    _LOG_WORD,
+    _c_errno,
+    _c_fdatasync,
+    _c_pwrite,
+    _put,
+)
+from .mapped import _LSN, _ROWS, _SEQ, _TS
+from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
+from .wal import FRAME_HEAD, KIND_GROUP
+from .walbulk import CRC_TABLES, _crc
+
+if TYPE_CHECKING:
+    from .._core.engine import MMSBState
+    from .bus import DurableBus
+
+__all__ = ["commit_staged", "stage_write", "unstage"]
+
+_FIXED = 59
+"""A delta body's fixed head: kind u8, lsn u64, time i64, id, page, base epoch, epoch,
+page size (u64 each), source length u16 (codec's ``_DELTA_FIXED``)."""
+_FIRST_BODY = FRAME_HEAD + 5 + 4
+"""Where the first staged body starts in the batch buffer: after the frame's head, the
+group's head (kind u8, count u32) and the body's length (u32)."""
+_SINGLE_AT = _FIRST_BODY - FRAME_HEAD
+"""Where the frame starts when it holds a single record (no group: its head right
+before the body)."""
+_DENSE = -3
+_NO_ROOM = -2
+_SHORT = -6
+_DECLINE_ROW = -4
+# Columns of the commit's per-write table (int64).
+_M_PAGE, _M_ADDR, _M_SIZE, _M_RUNS, _M_K, _M_EPOCH = range(6)
+_M_COLS = 6
+_U32 = struct.Struct("<I")
+
+
+@njit(cache=True, nogil=True)
+def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: np.ndarray,
+           body: int, src: np.ndarray, rows: np.ndarray, row: int, chunk: np.ndarray,
+           coff: int, ci: int, pid: int, epoch: int, ts: int, srcid: int, lsn: int,
+           did: int) -> tuple[int, int, int, int, int, np.ndarray, np.ndarray]:  # pragma: no cover
+    """Stage the write of ``new`` at ``off`` of the page of ``size`` bytes at
+    ``mem[at:]``: the module's staging step. Returns ``(changed, body length, log
+    payload length, where the body's run starts are in out, how many runs, the changed
+    positions, their old bytes)``; changed 0: nothing differs (nothing
+    done); -3: a dense delta, or a log payload the log keeps in a chunk of its own;
+    -2: no room in the log's current chunk (``ci`` < 0: none); -6: the body does not
+    fit ``out`` from ``body`` (its length returned); in all of these nothing is
+    written."""
+    m = new.shape[0]
+    cur = mem[at + off:at + off + m]
+    n, rel = _diff_scan(cur, new, size >> 2)
+    none_i = np.empty(0, np.intp)
+    none_b = np.empty(0, np.uint8)
+    if n == 0:
+        return 0, 0, 0, 0, 0, none_i, none_b
+    if n * 4 > size:
+        return _DENSE, 0, 0, 0, 0, none_i, none_b
+    first = rel[0]
+    last = rel[n - 1]
+    k = 1
+    for i in range(1, n):
+        if rel[i] != rel[i - 1] + 1:
+            k += 1
+    slen = src.shape[0]
+    blen = _FIXED + slen + 5 + 8 * k + n
+    if body + blen > out.shape[0]:
+        return _SHORT, blen, 0, 0, 0, none_i, none_b
+    enc, plen = sparse_encoding(n, first, last, size)
+    if plen > LOG_CHUNK >> 2:
+        return _DENSE, 0, 0, 0, 0, none_i, none_b
+    if ci < 0 or plen > LOG_CHUNK - coff:
+        return _NO_ROOM, 0, plen, 0, 0, none_i, none_b
+    # The record body, as codec.encode_record writes the delta.
+    out[body] = KIND_DELTA
+    _put(out, body + 1, lsn, 8)
+    _put(out, body + 9, ts, 8)
+    _put(out, body + 17, did, 8)
+    _put(out, body + 25, pid, 8)
+    _put(out, body + 33, epoch - 1, 8)
+    _put(out, body + 41, epoch, 8)
+    _put(out, body + 49, size, 8)
+    _put(out, body + 57, slen, 2)
+    p = body + _FIXED
+    for j in range(slen):
+        out[p + j] = src[j]
+    p += slen
+    out[p] = 0  # codec.ENC_SPARSE_RUNS
+    _put(out, p + 1, k, 4)
+    starts = p + 5
+    lengths = starts + 4 * k
+    vals = lengths + 4 * k
+    # The log's payload (TransactionLog._push_delta's encodings): one run's start, or
+    # every position, then the values.
+    head = plen - n
+    one = enc == ENC_RUN or enc == ENC_RUN16
+    w = 0 if one else (2 if enc == ENC_POS16 else 4)
+    if one:
+        _put(chunk, coff, off + first, head)
+    pos = np.empty(n, np.intp)
+    old = np.empty(n, np.uint8)
+    r = 0
+    start = first
+    for i in range(n):
+        q = rel[i]
+        if i and q != rel[i - 1] + 1:
+            _put(out, starts + 4 * r, off + start, 4)
+            _put(out, lengths + 4 * r, rel[i - 1] - start + 1, 4)
+            r += 1
+            start = q
+        b = new[q]
+        out[vals + i] = b
+        chunk[coff + head + i] = b
+        if not one:
+            _put(chunk, coff + w * i, off + q, w)
+        pos[i] = off + q
+        old[i] = cur[q]
+        cur[q] = b
+    _put(out, starts + 4 * r, off + start, 4)
+    _put(out, lengths + 4 * r, last - start + 1, 4)
+    _fill_row(rows, row, pid, size, plen, srcid, enc, epoch, ts, (ci << 32) | coff)
+    return n, blen, plen, starts, k, pos, old
+
+
+@njit(cache=True)
+def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, k: np.ndarray,
+            end: int, lsn: int, ts: int, next_id: int,
+            bump: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """The module's commit step: the frame around the ``count`` staged bodies that end
+    at ``out[stop]``, its CRC32C; ``pwrite(2)`` at ``end`` (the end of the segment's
+    frames) until all of it is written, ``fdatasync`` too with ``fsync="always"``; the
+    log's end to the head; then the publication of every staged write (``meta``'s rows:
+    page, its bytes' address, size, where its runs are in ``out``, their count, its
+    epoch): each run's bytes to the mapped page, the table row's epoch and LSN (the
+    batch's last, ``lsn``), the head's LSN, rows, time and slot end, between two
+    increments of the seqlock word; then the notify word. Returns ``(frame length,
+    status)``: status 0, or 1 when followers wait on the notify word, or, when a file
+    step failed (nothing published), ``-(errno * 2 + (1 if it was the sync))``;
+    frame length -4 (nothing written) when a page's mapped row is not of its size."""
+    table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
+    for i in range(count):
+        pid = meta[i, _M_PAGE]
+        if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != meta[i, _M_SIZE]:
+            return _DECLINE_ROW, 0
+    start = 0
+    if count > 1:
+        out[FRAME_HEAD] = KIND_GROUP
+        _put(out, FRAME_HEAD + 1, count, 4)
+    else:
+        start = _SINGLE_AT
+    flen = stop - start
+    _put(out, start, flen - FRAME_HEAD, 8)
+    crc = _crc(CRC_TABLES, 0xFFFFFFFF, out, start, 8)
+    crc = _crc(CRC_TABLES, crc, out, start + FRAME_HEAD, flen - FRAME_HEAD) ^ 0xFFFFFFFF
+    _put(out, start + 8, crc, 4)
+    at = out.ctypes.data + start
+    done = 0
+    while done < flen:
+        got = _c_pwrite(k[_K_WRITE], k[_K_FD], at + done, flen - done, end + done)
+        if got < 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e == _EINTR:
+                continue
+            return flen, -2 * e
+        done += got
+    if k[_K_ALWAYS]:
+        while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e != _EINTR:
+                return flen, -2 * e - 1
+    head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
+    head[_LOG_WORD] = k[_K_GEN]
+    head[_LOG_WORD + 1] = k[_K_SEQ]
+    head[_LOG_WORD + 2] = end + flen
+    head[_LOG_WORD + 3] = lsn
+    pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
+    _atomic_add_u64(k[_K_HEAD] + _SEQ * 8, np.uint64(1))
+    for i in range(count):
+        pid = meta[i, _M_PAGE]
+        page = carray(_ptr(meta[i, _M_ADDR], out), (meta[i, _M_SIZE],))
+        slot = table[4 * pid]
+        nr = meta[i, _M_K]
+        runs = meta[i, _M_RUNS]
+        for j in range(nr):
+            s = 0
+            n = 0
+            for b in range(4):
+                s |= np.int64(out[runs + 4 * j + b]) << (8 * b)
+                n |= np.int64(out[runs + 4 * nr + 4 * j + b]) << (8 * b)
+            for q in range(s, s + n):
+                pages[slot + q] = page[q]
+        table[4 * pid + 2] = meta[i, _M_EPOCH]
+        table[4 * pid + 3] = lsn
+    head[_LSN] = lsn
+    head[_ROWS] = next_id
+    head[_TS] = ts if ts > 0 else 0
+    head[_BUMP_WORD] = bump
+    _atomic_add_u64(k[_K_HEAD] + _SEQ * 8, np.uint64(1))
+    _atomic_add_u32(k[_K_NOTIFY], np.uint32(1))
+    return flen, 1 if _atomic_load_u32(k[_K_WAITERS]) != 0 else 0
+
+
+class Staged:
+    """The staged writes of one batch (see the module's docstring)."""
+
+    __slots__ = ("writes", "stop", "tail", "meta")
+
+    def __init__(self, tail: int) -> None:
+        self.writes: list[tuple[int, int, int, int, int, int, int, int, int]] = []
+        """Per write: page, log row, LSN, delta id, log payload length, body start,
+        body length, first and last changed position + 1."""
+        self.stop = _FIRST_BODY - 4
+        """Where the next body's length goes (the end of the last body)."""
+        self.tail = tail
+        """Where the next log payload goes in the log's current chunk."""
+        self.meta: list[tuple[int, int, int, int, int, int]] = []
+        """Per write: the commit's row of ``meta`` (see :func:`_commit`)."""
+
+
+def _tail_log(state: MMSBState) -> tuple[Any, Any]:
+    """The log rows are kept in, and the DeferredLog in front of it (or None)."""
+    log = state.log
+    if type(log) is DeferredLog:
+        return log.__dict__["_tail"], log
+    return log, None
+
+
+def _usable(bus: DurableBus, state: MMSBState) -> bool:
+    """Whether the bus is in a state this path's commit can take."""
+    w = bus.writer
+    fw = bus.fast
+    pub = bus.publisher
+    return not (w is None or bus.shared or bus.failed is not None or bus.not_leader is not None
+                or bus.ship is not None or bus.replication is not None
+                or w.size >= fw.segment_bytes or fsops._hook is not None or not fw.usable
+                or bus.closed or pub is None or pub.full or pub.failed or pub.touched
+                or not state.config.enable_logging)
+
+
+def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: int, new: Any,
+                source: str, t0: int) -> bool | None:
+    """``write_bytes`` inside a batch on a durable bus (checked: a live page, the range
+    inside it, a known kind of source; the state's lock held): stage the write (see the
+    module's docstring). True: staged (a delta); False: nothing differs; None: the
+    general path takes it (nothing was done). O(len(new))."""
+    staged = frame.staged
+    if staged is None:
+        if frame.records or frame.direct or not _usable(bus, state):
+            return None
+    if (state.events.active or pid in state.graph.children or state.recomputing is not None
+            or (state.devices is not None and pid in state.devices.slots)):
+        return None
+    log, deferred = _tail_log(state)
+    if log.sink is None and deferred is None:
+        return None
+    srcid = log.source_ids.get(source)
+    if srcid is None:
+        return None
+    fw = bus.fast
+    if source is not fw.source and not fw.use_source(source):
+        return None
+    if type(new) is bytes:
+        arr = np.frombuffer(new, np.uint8)
+    elif new.flags.c_contiguous:
+        arr = new
+    else:
+        arr = np.ascontiguousarray(new)
+    if staged is None:
+        staged = Staged(log.tail)
+    t = state.table
+    addr_v, size_v, epoch_v, _flags_v = t.views
+    addr = addr_v[pid]
+    size = size_v[pid]
+    base_epoch = epoch_v[pid]
+    mem = state.arena.chunk(addr >> CHUNK_SHIFT)
+    assert mem is not None
+    row = log.n + len(staged.writes)
+    if row >= len(log.rows):
+        rows = np.empty(2 * len(log.rows), log.rows.dtype)
+        rows[:row] = log.rows[:row]
+        log.rows = rows
+    lsn, ts = log._next_stamp()
+    did = state.next_delta_id
+    out = fw.batch_out
+    body = staged.stop + 4
+    while True:
+        n, blen, plen, runs, nruns, pos, old = _stage(
+            mem, addr & CHUNK_MASK, size, off, arr, out, body, fw.source_bytes, log.rows,
+            row, log.cur_array, staged.tail, log.cur, pid, base_epoch + 1, ts, srcid, lsn,
+            did)
+        if n == _NO_ROOM:
+            if log.cur >= 0 and plen <= LOG_CHUNK and staged.tail == 0:
+                return None  # pragma: no cover - a fresh chunk always has room
+            log._new_chunk()
+            staged.tail = 0
+        elif n == _SHORT:
+            grown = np.zeros(max(2 * len(out), body + blen + 64), np.uint8)
+            grown[:body] = out[:body]
+            fw.batch_out = out = grown
+        else:
+            break
+    if n == 0:
+        return False
+    if n < 0:
+        return None
+    if frame.staged is None:
+        frame.staged = staged
+    frame.undo.append(("delta", pid, base_epoch, pos, old))
+    staged.writes.append((pid, row, lsn, did, plen, body, blen, int(pos[0]),
+                          int(pos[-1]) + 1))
+    staged.meta.append((pid, mem.ctypes.data + (addr & CHUNK_MASK), size, runs, nruns,
+                        base_epoch + 1))
+    _U32.pack_into(out, body - 4, blen)
+    staged.stop = body + blen
+    staged.tail += plen
+    log.next_lsn = lsn + 1
+    log.last_timestamp = ts
+    if deferred is not None:
+        deferred._mirror()
+    state.next_delta_id = did + 1
+    epoch_v[pid] = base_epoch + 1
+    state.after_write(pid, base_epoch + 1, did, lsn, t0, n)
+    return True
+
+
+def unstage(bus: DurableBus, frame: Any) -> None:
+    """Make the batch's staged writes held records, in order (their bodies decoded:
+    the deltas the general path would hold), so that the batch goes on, or ends, on
+    the general path. The log rows they filled past the log's end are left there
+    (unused). O(staged bytes)."""
+    staged = frame.staged
+    if staged is None:
+        return
+    frame.staged = None
+    out = memoryview(bus.fast.batch_out)
+    frame.records.extend(decode_record(out[at:at + blen], "staged write")
+                         for _pid, _row, _lsn, _did, _plen, at, blen, _lo, _hi
+                         in staged.writes)
+
+
+def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
+    """End a batch that holds only staged writes (``end_batch``, the state's lock held):
+    their frame written (and synced with ``fsync="always"``) and published in one
+    compiled call, then kept as log rows. False when the commit cannot take them now
+    (they became held records: :func:`unstage`); the general path then ends the batch.
+
+    Raises:
+        DurabilityError: the frame could not be written or synced: nothing of it is in
+            the log (the caller rolls the batch back), as on the general path.
+    """
+    staged = frame.staged
+    assert staged is not None and not frame.records
+    w = bus.writer
+    fw = bus.fast
+    pub = bus.publisher
+    count = len(staged.writes)
+    flen = staged.stop - (0 if count > 1 else _SINGLE_AT)
+    if not _usable(bus, state) or (w.ahead and w.size + flen > w.allocated):
+        unstage(bus, frame)
+        return False
+    assert w is not None and pub is not None
+    if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
+            or fw.pages_of is not pub.pages):
+        fw.refresh(w, pub, bus.generation)
+    log, deferred = _tail_log(state)
+    last = staged.writes[-1]
+    before = w.size
+    got, status = _commit(fw.batch_out, count, staged.stop, np.array(staged.meta, np.int64),
+                          fw.consts, before, last[2], log.last_timestamp,
+                          state.table.next_id, pub.bump)
+    if got == _DECLINE_ROW:
+        unstage(bus, frame)
+        return False
+    if status >= 0 or status & 1:
+        w.size = before + flen  # written whole (a failed sync leaves it there)
+        if w.size > w.allocated:
+            w.allocated = w.size
+        w.dirty = status < 0 or not fw.always
+    if status < 0:
+        err = -status
+        exc = OSError(err >> 1, os.strerror(err >> 1))
+        for pid, _row, _lsn, _did, _plen, _at, _blen, lo, hi in staged.writes:
+            old = pub.touched.get(pid)
+            pub.touched[pid] = (lo, hi) if old is None else (min(lo, old[0]), max(hi, old[1]))
+        frame.staged = None
+        raise _failed(bus, w, before, exc, "fsync" if err & 1 else "append") from exc
+    if status:
+        notify.wake(pub.notify_addr)
+    # The log keeps the staged rows: TransactionLog._note_row for each, in order.
+    lsns = log.lsns
+    ids = log.ids
+    index = log.index
+    for pid, row, lsn, did, plen, _at, _blen, _lo, _hi in staged.writes:
+        if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
+            if lsn != lsns.last + 1 or not row:
+                lsns.rows.append(row)
+                lsns.vals.append(lsn)
+            if did != ids.last + 1 or not row:
+                ids.rows.append(row)
+                ids.vals.append(did)
+        lsns.last = lsn
+        ids.last = did
+        rows = index.get(pid)
+        if rows is None:
+            index[pid] = array("I", [row])
+        else:
+            rows.append(row)
+        log.payload_bytes += plen
+    log.n = last[1] + 1
+    log.tail = staged.tail
+    if deferred is not None:
+        deferred._mirror()
+    bus.records_since_ckpt += count
+    frame.staged = None
+    return True
+
+
+def _failed(bus: DurableBus, w: Any, before: int, exc: OSError, stage: str) -> DurabilityError:
+    """The error of a frame that could not be written (``stage`` "append") or synced
+    ("fsync"), the segment and the bus left as ``SegmentWriter.append`` and
+    ``append_frames`` leave them: a partial frame cut back and the batch refused alone,
+    or the bus refusing every later write when the cut or the sync failed."""
+    if stage == "append":
+        w.cut(before)
+        w.size = before
+    why = exc.strerror or exc
+    if stage == "append" and w.intact:
+        return DurabilityError(f"writing the log at {bus.root} failed ({why}); this write was "
+                               "not applied or logged, and the bus goes on")
+    bus.failed = exc
+    return DurabilityError(f"writing the log at {bus.root} failed ({why}); the bus refuses "
+                           "further writes")
