@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_durable_fastwrite import _fail_append, _fail_sync, _frames_only, _observe
 
 import mmsb
+from test_durable_fastwrite import _fail_append, _fail_sync, _frames_only, _observe
 
 _SIZES = (64, 4096, 70_000, 300_000)
 
@@ -265,7 +265,7 @@ def test_staged_writes_keep_their_positions_when_the_log_grows(tmp_path: Path) -
         rng = np.random.default_rng(5)
         want = bytearray(1 << 20)
         with mmsb.batch(s):
-            for i in range(3000):
+            for _i in range(3000):
                 at = int(rng.integers(0, (1 << 20) - 200))
                 data = bytes(rng.integers(1, 256, 150, dtype=np.uint8))
                 want[at:at + 150] = data

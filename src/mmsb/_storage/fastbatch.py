@@ -46,9 +46,9 @@ from numba import carray, njit
 
 from .._core.arena import CHUNK_MASK, CHUNK_SHIFT
 from .._core.kernels import (
+    ENC_POS16,
     ENC_RUN,
     ENC_RUN16,
-    ENC_POS16,
     LOG_CHUNK,
     _diff_scan,
     _fill_row,
@@ -261,8 +261,8 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, k: np.ndar
         nr = meta[i, _M_K]
         runs = meta[i, _M_RUNS]
         for j in range(nr):
-            s = 0
-            n = 0
+            s = np.int64(0)
+            n = np.int64(0)
             for b in range(4):
                 s |= np.int64(out[runs + 4 * j + b]) << (8 * b)
                 n |= np.int64(out[runs + 4 * nr + 4 * j + b]) << (8 * b)
@@ -389,7 +389,7 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
                           int(pos[-1]) + 1))
     staged.meta.append((pid, mem.ctypes.data + (addr & CHUNK_MASK), size, runs, nruns,
                         base_epoch + 1))
-    _U32.pack_into(out, body - 4, blen)
+    _U32.pack_into(out.data, body - 4, blen)
     staged.stop = body + blen
     staged.tail += plen
     log.next_lsn = lsn + 1
@@ -411,7 +411,7 @@ def unstage(bus: DurableBus, frame: Any) -> None:
     if staged is None:
         return
     frame.staged = None
-    out = memoryview(bus.fast.batch_out)
+    out = bus.fast.batch_out.data
     frame.records.extend(decode_record(out[at:at + blen], "staged write")
                          for _pid, _row, _lsn, _did, _plen, at, blen, _lo, _hi
                          in staged.writes)
@@ -434,10 +434,10 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
     pub = bus.publisher
     count = len(staged.writes)
     flen = staged.stop - (0 if count > 1 else _SINGLE_AT)
-    if not _usable(bus, state) or (w.ahead and w.size + flen > w.allocated):
+    if not _usable(bus, state) or w is None or (w.ahead and w.size + flen > w.allocated):
         unstage(bus, frame)
         return False
-    assert w is not None and pub is not None
+    assert pub is not None
     if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
             or fw.pages_of is not pub.pages):
         fw.refresh(w, pub, bus.generation)
