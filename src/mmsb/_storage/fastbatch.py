@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from array import array
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ from .._core.kernels import (
     LOG_CHUNK,
     _diff_scan,
     _fill_row,
+    entry_point,
     sparse_encoding,
 )
 from .._core.kernels import ptr as _ptr
@@ -117,11 +119,12 @@ _U32 = struct.Struct("<I")
 def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: np.ndarray,
            body: int, src: np.ndarray, rows: np.ndarray, row: int, chunk: np.ndarray,
            coff: int, ci: int, pid: int, epoch: int, ts: int, srcid: int, lsn: int,
-           did: int) -> tuple[int, int, int, int, int, np.ndarray, np.ndarray]:  # pragma: no cover
+           did: int) -> tuple[int, int, int, int, int, int, np.ndarray,
+                              np.ndarray]:  # pragma: no cover - compiled
     """Stage the write of ``new`` at ``off`` of the page of ``size`` bytes at
     ``mem[at:]``: the module's staging step. Returns ``(changed, body length, log
-    payload length, where the body's run starts are in out, how many runs, the changed
-    positions, their old bytes)``; changed 0: nothing differs (nothing
+    payload length, where the body's run starts are in out, how many runs, the page's
+    address, the changed positions, their old bytes)``; changed 0: nothing differs (nothing
     done); -3: a dense delta, or a log payload the log keeps in a chunk of its own;
     -2: no room in the log's current chunk (``ci`` < 0: none); -6: the body does not
     fit ``out`` from ``body`` (its length returned); in all of these nothing is
@@ -132,9 +135,9 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     none_i = np.empty(0, np.intp)
     none_b = np.empty(0, np.uint8)
     if n == 0:
-        return 0, 0, 0, 0, 0, none_i, none_b
+        return 0, 0, 0, 0, 0, 0, none_i, none_b
     if n * 4 > size:
-        return _DENSE, 0, 0, 0, 0, none_i, none_b
+        return _DENSE, 0, 0, 0, 0, 0, none_i, none_b
     first = rel[0]
     last = rel[n - 1]
     k = 1
@@ -144,12 +147,12 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     slen = src.shape[0]
     blen = _FIXED + slen + 5 + 8 * k + n
     if body + blen > out.shape[0]:
-        return _SHORT, blen, 0, 0, 0, none_i, none_b
+        return _SHORT, blen, 0, 0, 0, 0, none_i, none_b
     enc, plen = sparse_encoding(n, first, last, size)
     if plen > LOG_CHUNK >> 2:
-        return _DENSE, 0, 0, 0, 0, none_i, none_b
+        return _DENSE, 0, 0, 0, 0, 0, none_i, none_b
     if ci < 0 or plen > LOG_CHUNK - coff:
-        return _NO_ROOM, 0, plen, 0, 0, none_i, none_b
+        return _NO_ROOM, 0, plen, 0, 0, 0, none_i, none_b
     # The record body, as codec.encode_record writes the delta.
     out[body] = KIND_DELTA
     _put(out, body + 1, lsn, 8)
@@ -198,7 +201,7 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     _put(out, starts + 4 * r, off + start, 4)
     _put(out, lengths + 4 * r, last - start + 1, 4)
     _fill_row(rows, row, pid, size, plen, srcid, enc, epoch, ts, (ci << 32) | coff)
-    return n, blen, plen, starts, k, pos, old
+    return n, blen, plen, starts, k, mem.ctypes.data + at, pos, old
 
 
 @njit(cache=True)
@@ -279,6 +282,24 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, k: np.ndar
     return flen, 1 if _atomic_load_u32(k[_K_WAITERS]) != 0 else 0
 
 
+_ENTRIES: dict[Any, Any] = {}
+"""The kernels' compiled entries (see entry_point): ``_stage``'s for a read-only and a
+writable payload (keyed False and True), ``_commit``'s ("commit")."""
+
+
+def _entry(writable: bool, mem: np.ndarray, arr: np.ndarray, out: np.ndarray,
+           src: np.ndarray, rows: np.ndarray, chunk: np.ndarray) -> Any:
+    """``_stage``'s compiled entry for these argument types, made (or loaded from the
+    cache) once a process; the kernel itself, with its dispatch, for other types."""
+    kernel = entry_point(_stage, mem, 0, 1, 0, arr, out, 0, src, rows, 0, chunk, 0, 0, 1,
+                         1, 0, 0, 1, 1)
+    if (mem.dtype == np.uint8 and mem.ndim == 1 and mem.flags.c_contiguous
+            and mem.flags.writeable and arr.ndim == 1 and chunk.flags.writeable
+            and src.flags.writeable is False):
+        _ENTRIES[writable] = kernel
+    return kernel
+
+
 class Staged:
     """The staged writes of one batch (see the module's docstring)."""
 
@@ -292,8 +313,8 @@ class Staged:
         """Where the next body's length goes (the end of the last body)."""
         self.tail = tail
         """Where the next log payload goes in the log's current chunk."""
-        self.meta: list[tuple[int, int, int, int, int, int]] = []
-        """Per write: the commit's row of ``meta`` (see :func:`_commit`)."""
+        self.meta = array("q")
+        """Per write, its row of the commit's ``meta`` (see :func:`_commit`)."""
 
 
 def _tail_log(state: MMSBState) -> tuple[Any, Any]:
@@ -350,45 +371,54 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
     addr_v, size_v, epoch_v, _flags_v = t.views
     addr = addr_v[pid]
     size = size_v[pid]
-    base_epoch = epoch_v[pid]
-    mem = state.arena.chunk(addr >> CHUNK_SHIFT)
-    assert mem is not None
+    epoch = epoch_v[pid] + 1
+    mem = state.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
     row = log.n + len(staged.writes)
     if row >= len(log.rows):
+        # TransactionLog._grow, keeping the staged rows past the log's end too.
         rows = np.empty(2 * len(log.rows), log.rows.dtype)
         rows[:row] = log.rows[:row]
         log.rows = rows
-    lsn, ts = log._next_stamp()
+    ts = time.time_ns()  # TransactionLog._next_stamp, inlined
+    if ts < log.last_timestamp:
+        ts = log.last_timestamp
+    lsn = log.next_lsn
     did = state.next_delta_id
+    chunk = log.cur_array
+    if chunk is not fw.batch_chunk:
+        # The kernel writes payloads into a whole, writable chunk (or, with none yet,
+        # asks for one): a chunk a checkpoint's log was read into may be neither.
+        if log.cur >= 0 and not (chunk.size == LOG_CHUNK and chunk.flags.writeable):
+            return None
+        fw.batch_chunk = chunk
     out = fw.batch_out
     body = staged.stop + 4
+    kernel = _ENTRIES.get(arr.flags.writeable)
+    if kernel is None:
+        kernel = _entry(arr.flags.writeable, mem, arr, out, fw.source_bytes, log.rows,
+                        log.cur_array)
     while True:
-        n, blen, plen, runs, nruns, pos, old = _stage(
+        n, blen, plen, runs, nruns, at, pos, old = kernel(
             mem, addr & CHUNK_MASK, size, off, arr, out, body, fw.source_bytes, log.rows,
-            row, log.cur_array, staged.tail, log.cur, pid, base_epoch + 1, ts, srcid, lsn,
-            did)
+            row, chunk, staged.tail, log.cur, pid, epoch, ts, srcid, lsn, did)
         if n == _NO_ROOM:
             if log.cur >= 0 and plen <= LOG_CHUNK and staged.tail == 0:
                 return None  # pragma: no cover - a fresh chunk always has room
             log._new_chunk()
             staged.tail = 0
+            chunk = fw.batch_chunk = log.cur_array
         elif n == _SHORT:
             grown = np.zeros(max(2 * len(out), body + blen + 64), np.uint8)
             grown[:body] = out[:body]
             fw.batch_out = out = grown
         else:
             break
-    if n == 0:
-        return False
-    if n < 0:
-        return None
-    if frame.staged is None:
-        frame.staged = staged
-    frame.undo.append(("delta", pid, base_epoch, pos, old))
-    staged.writes.append((pid, row, lsn, did, plen, body, blen, int(pos[0]),
-                          int(pos[-1]) + 1))
-    staged.meta.append((pid, mem.ctypes.data + (addr & CHUNK_MASK), size, runs, nruns,
-                        base_epoch + 1))
+    if n <= 0:
+        return None if n else False
+    frame.staged = staged
+    frame.undo.append(("delta", pid, epoch - 1, pos, old))
+    staged.writes.append((pid, row, lsn, did, plen, body, blen, int(pos[0]), int(pos[-1]) + 1))
+    staged.meta.extend((pid, at, size, runs, nruns, epoch))
     _U32.pack_into(out.data, body - 4, blen)
     staged.stop = body + blen
     staged.tail += plen
@@ -397,8 +427,13 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
     if deferred is not None:
         deferred._mirror()
     state.next_delta_id = did + 1
-    epoch_v[pid] = base_epoch + 1
-    state.after_write(pid, base_epoch + 1, did, lsn, t0, n)
+    epoch_v[pid] = epoch
+    # MMSBState.after_write with no event to queue and no dependant to propagate to (a
+    # durable bus compacts nothing in memory).
+    c = state.counters
+    c.delta_apply.add(time.perf_counter_ns() - t0)
+    c.records_logged += 1
+    c.payload_bytes_logged += n
     return True
 
 
@@ -444,9 +479,13 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
     log, deferred = _tail_log(state)
     last = staged.writes[-1]
     before = w.size
-    got, status = _commit(fw.batch_out, count, staged.stop, np.array(staged.meta, np.int64),
-                          fw.consts, before, last[2], log.last_timestamp,
-                          state.table.next_id, pub.bump)
+    meta = np.frombuffer(staged.meta, np.int64).reshape(count, _M_COLS)
+    commit = _ENTRIES.get("commit")
+    if commit is None:
+        commit = _ENTRIES["commit"] = entry_point(_commit, fw.batch_out, 1, 1, meta,
+                                                  fw.consts, 0, 0, 0, 0, 0)
+    got, status = commit(fw.batch_out, count, staged.stop, meta, fw.consts, before, last[2],
+                         log.last_timestamp, state.table.next_id, pub.bump)
     if got == _DECLINE_ROW:
         unstage(bus, frame)
         return False
