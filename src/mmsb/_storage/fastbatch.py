@@ -373,6 +373,7 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
     size = size_v[pid]
     epoch = epoch_v[pid] + 1
     mem = state.arena._chunks[addr >> CHUNK_SHIFT]  # Arena.chunk, inlined
+    assert mem is not None
     row = log.n + len(staged.writes)
     if row >= len(log.rows):
         # TransactionLog._grow, keeping the staged rows past the log's end too.
