@@ -37,7 +37,6 @@ of the general path (a property test holds the two to that).
 from __future__ import annotations
 
 import os
-import struct
 import time
 from array import array
 from typing import TYPE_CHECKING, Any
@@ -66,10 +65,12 @@ from .fastwrite import (
     _EINTR,
     _HEAD_WORDS,
     _K_ALWAYS,
+    _K_APPLY_RING,
     _K_ERRNO,
     _K_FD,
     _K_GEN,
     _K_HEAD,
+    _K_LOGGED,
     _K_NOTIFY,
     _K_PAGES,
     _K_PAGES_LEN,
@@ -83,7 +84,12 @@ from .fastwrite import (
     _c_errno,
     _c_fdatasync,
     _c_pwrite,
+    _clock,
     _put,
+    _sample,
+)
+from .fastwrite import (
+    _CLOCK_MONOTONIC as CLOCK_MONOTONIC,
 )
 from .mapped import _LSN, _ROWS, _SEQ, _TS
 from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
@@ -112,47 +118,52 @@ _DECLINE_ROW = -4
 # Columns of the commit's per-write table (int64).
 _M_PAGE, _M_ADDR, _M_SIZE, _M_RUNS, _M_K, _M_EPOCH = range(6)
 _M_COLS = 6
-_U32 = struct.Struct("<I")
 
 
-@njit(cache=True, nogil=True)
+# Not nogil: it records the write's counters, which other threads read (as the
+# one-frame write's kernel, fastwrite.py).
+@njit(cache=True)
 def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: np.ndarray,
            body: int, src: np.ndarray, rows: np.ndarray, row: int, chunk: np.ndarray,
            coff: int, ci: int, pid: int, epoch: int, ts: int, srcid: int, lsn: int,
-           did: int) -> tuple[int, int, int, int, int, int, np.ndarray,
-                              np.ndarray]:  # pragma: no cover - compiled
+           did: int, k: np.ndarray, t0: int) -> tuple[int, int, int, int, int, int, int, int,
+                                                      np.ndarray,
+                                                      np.ndarray]:  # pragma: no cover
     """Stage the write of ``new`` at ``off`` of the page of ``size`` bytes at
-    ``mem[at:]``: the module's staging step. Returns ``(changed, body length, log
-    payload length, where the body's run starts are in out, how many runs, the page's
-    address, the changed positions, their old bytes)``; changed 0: nothing differs (nothing
-    done); -3: a dense delta, or a log payload the log keeps in a chunk of its own;
-    -2: no room in the log's current chunk (``ci`` < 0: none); -6: the body does not
-    fit ``out`` from ``body`` (its length returned); in all of these nothing is
-    written."""
+    ``mem[at:]``: the module's staging step, the body's length written before it
+    (``out[body - 4:body]``), the state's counters (``k``: :attr:`FastWriter.consts`)
+    given the write's ``delta_apply`` sample (from ``t0``), a record and its changed
+    bytes. Returns ``(changed, body length, log payload length, where the body's run
+    starts are in out, how many runs, the page's address, the first and one past the
+    last changed position, the changed positions, their old bytes)``; changed 0:
+    nothing differs (nothing done); -3: a dense delta, or a log payload the log keeps
+    in a chunk of its own; -2: no room in the log's current chunk (``ci`` < 0: none);
+    -6: the body does not fit ``out`` from ``body`` (its length returned); in all of
+    these nothing is written."""
     m = new.shape[0]
     cur = mem[at + off:at + off + m]
     n, rel = _diff_scan(cur, new, size >> 2)
     none_i = np.empty(0, np.intp)
     none_b = np.empty(0, np.uint8)
     if n == 0:
-        return 0, 0, 0, 0, 0, 0, none_i, none_b
+        return 0, 0, 0, 0, 0, 0, 0, 0, none_i, none_b
     if n * 4 > size:
-        return _DENSE, 0, 0, 0, 0, 0, none_i, none_b
+        return _DENSE, 0, 0, 0, 0, 0, 0, 0, none_i, none_b
     first = rel[0]
     last = rel[n - 1]
-    k = 1
+    runs = 1
     for i in range(1, n):
         if rel[i] != rel[i - 1] + 1:
-            k += 1
+            runs += 1
     slen = src.shape[0]
-    blen = _FIXED + slen + 5 + 8 * k + n
+    blen = _FIXED + slen + 5 + 8 * runs + n
     if body + blen > out.shape[0]:
-        return _SHORT, blen, 0, 0, 0, 0, none_i, none_b
+        return _SHORT, blen, 0, 0, 0, 0, 0, 0, none_i, none_b
     enc, plen = sparse_encoding(n, first, last, size)
     if plen > LOG_CHUNK >> 2:
-        return _DENSE, 0, 0, 0, 0, 0, none_i, none_b
+        return _DENSE, 0, 0, 0, 0, 0, 0, 0, none_i, none_b
     if ci < 0 or plen > LOG_CHUNK - coff:
-        return _NO_ROOM, 0, plen, 0, 0, 0, none_i, none_b
+        return _NO_ROOM, 0, plen, 0, 0, 0, 0, 0, none_i, none_b
     # The record body, as codec.encode_record writes the delta.
     out[body] = KIND_DELTA
     _put(out, body + 1, lsn, 8)
@@ -168,10 +179,10 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
         out[p + j] = src[j]
     p += slen
     out[p] = 0  # codec.ENC_SPARSE_RUNS
-    _put(out, p + 1, k, 4)
+    _put(out, p + 1, runs, 4)
     starts = p + 5
-    lengths = starts + 4 * k
-    vals = lengths + 4 * k
+    lengths = starts + 4 * runs
+    vals = lengths + 4 * runs
     # The log's payload (TransactionLog._push_delta's encodings): one run's start, or
     # every position, then the values.
     head = plen - n
@@ -201,7 +212,13 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     _put(out, starts + 4 * r, off + start, 4)
     _put(out, lengths + 4 * r, last - start + 1, 4)
     _fill_row(rows, row, pid, size, plen, srcid, enc, epoch, ts, (ci << 32) | coff)
-    return n, blen, plen, starts, k, mem.ctypes.data + at, pos, old
+    _put(out, body - 4, blen, 4)
+    _sample(k, _K_APPLY_RING, _clock(k, CLOCK_MONOTONIC) - t0)
+    logged = carray(_ptr(k[_K_LOGGED], k), (2,))
+    logged[0] += 1
+    logged[1] += n
+    return (n, blen, plen, starts, runs, mem.ctypes.data + at, off + first, off + last + 1,
+            pos, old)
 
 
 @njit(cache=True)
@@ -288,14 +305,16 @@ writable payload (keyed False and True), ``_commit``'s ("commit")."""
 
 
 def _entry(writable: bool, mem: np.ndarray, arr: np.ndarray, out: np.ndarray,
-           src: np.ndarray, rows: np.ndarray, chunk: np.ndarray) -> Any:
+           src: np.ndarray, rows: np.ndarray, chunk: np.ndarray, k: np.ndarray) -> Any:
     """``_stage``'s compiled entry for these argument types, made (or loaded from the
-    cache) once a process; the kernel itself, with its dispatch, for other types."""
+    cache) once a process and kept for a payload that is (``writable``) or is not
+    writable; for arguments of other types, the kernel itself, with its dispatch."""
     kernel = entry_point(_stage, mem, 0, 1, 0, arr, out, 0, src, rows, 0, chunk, 0, 0, 1,
-                         1, 0, 0, 1, 1)
+                         1, 0, 0, 1, 1, k, 0)
     if (mem.dtype == np.uint8 and mem.ndim == 1 and mem.flags.c_contiguous
-            and mem.flags.writeable and arr.ndim == 1 and chunk.flags.writeable
-            and src.flags.writeable is False):
+            and mem.flags.writeable and arr.ndim == 1 and arr.flags.c_contiguous
+            and arr.flags.writeable == writable and chunk.flags.writeable
+            and not src.flags.writeable):
         _ENTRIES[writable] = kernel
     return kernel
 
@@ -394,14 +413,17 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
         fw.batch_chunk = chunk
     out = fw.batch_out
     body = staged.stop + 4
-    kernel = _ENTRIES.get(arr.flags.writeable)
+    writable = type(new) is not bytes and arr.flags.writeable
+    kernel = _ENTRIES.get(writable)
     if kernel is None:
-        kernel = _entry(arr.flags.writeable, mem, arr, out, fw.source_bytes, log.rows,
-                        log.cur_array)
+        kernel = _entry(writable, mem, arr, out, fw.source_bytes, log.rows, chunk, fw.consts)
+    c = state.counters
+    if c is not fw.counters_of:
+        fw.take_counters(c)
     while True:
-        n, blen, plen, runs, nruns, at, pos, old = kernel(
+        n, blen, plen, runs, nruns, at, lo, hi, pos, old = kernel(
             mem, addr & CHUNK_MASK, size, off, arr, out, body, fw.source_bytes, log.rows,
-            row, chunk, staged.tail, log.cur, pid, epoch, ts, srcid, lsn, did)
+            row, chunk, staged.tail, log.cur, pid, epoch, ts, srcid, lsn, did, fw.consts, t0)
         if n == _NO_ROOM:
             if log.cur >= 0 and plen <= LOG_CHUNK and staged.tail == 0:
                 return None  # pragma: no cover - a fresh chunk always has room
@@ -418,9 +440,8 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
         return None if n else False
     frame.staged = staged
     frame.undo.append(("delta", pid, epoch - 1, pos, old))
-    staged.writes.append((pid, row, lsn, did, plen, body, blen, int(pos[0]), int(pos[-1]) + 1))
+    staged.writes.append((pid, row, lsn, did, plen, body, blen, lo, hi))
     staged.meta.extend((pid, at, size, runs, nruns, epoch))
-    _U32.pack_into(out.data, body - 4, blen)
     staged.stop = body + blen
     staged.tail += plen
     log.next_lsn = lsn + 1
@@ -429,12 +450,6 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
         deferred._mirror()
     state.next_delta_id = did + 1
     epoch_v[pid] = epoch
-    # MMSBState.after_write with no event to queue and no dependant to propagate to (a
-    # durable bus compacts nothing in memory).
-    c = state.counters
-    c.delta_apply.add(time.perf_counter_ns() - t0)
-    c.records_logged += 1
-    c.payload_bytes_logged += n
     return True
 
 
