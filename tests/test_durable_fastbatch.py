@@ -278,3 +278,27 @@ def test_staged_writes_keep_their_positions_when_the_log_grows(tmp_path: Path) -
         mmsb.mmsb_stop(s)
     again = mmsb.open_readonly(tmp_path / "b")
     assert mmsb.query_page(again, pid) == bytes(want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1), changes=st.integers(0, 40),
+       limit=st.integers(0, 800), shift=st.integers(0, 7))
+def test_the_block_scan_finds_what_diff_scan_finds(size: int, seed: int, changes: int,
+                                                  limit: int, shift: int) -> None:
+    from mmsb._core.kernels import diff_scan
+    from mmsb._storage.fastbatch import _changed
+
+    rng = np.random.default_rng(seed)
+    buf = np.zeros(size + 8, np.uint8)
+    a = buf[shift:shift + size]
+    a[:] = rng.integers(0, 256, size, dtype=np.uint8)
+    b = a.copy()
+    if size:
+        at = rng.integers(0, size, changes)
+        b[at] ^= rng.integers(1, 256, changes, dtype=np.uint8)
+    n, got = _changed(a, b, limit, np.empty(max(size, 1), np.intp))
+    want_n, want = diff_scan(a, b, limit)
+    if want_n <= limit:
+        assert (n, got.tolist()) == (want_n, want.tolist())
+    else:
+        assert n > limit and got.size == 0

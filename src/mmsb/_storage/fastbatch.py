@@ -120,17 +120,66 @@ _M_PAGE, _M_ADDR, _M_SIZE, _M_RUNS, _M_K, _M_EPOCH = range(6)
 _M_COLS = 6
 
 
+_LOW_WORDS = 64
+"""Words (of 8 bytes) per block of :func:`_changed`'s scan."""
+
+
+@njit(cache=True, nogil=True)
+def _changed(a: np.ndarray, b: np.ndarray, limit: int,
+             out: np.ndarray) -> tuple[int, np.ndarray]:  # pragma: no cover - compiled
+    """``(n, positions)`` as ``kernels.diff_scan`` returns them, in one pass where both
+    arrays start on an 8-byte boundary: blocks of 512 bytes are compared as the OR of
+    their words' XORs (a loop the compiler vectorises), and only a block that differs
+    is looked into, word by word, then byte by byte. The positions are written into
+    ``out`` (room for at least ``min(len(a), limit)``) and returned as its first ``n``;
+    the scan stops once more than ``limit`` differ (``n`` then says only that: over
+    ``limit``). Elsewhere (unaligned arrays), ``kernels.diff_scan`` itself."""
+    m = a.shape[0]
+    w = m >> 3
+    if w == 0 or ((a.ctypes.data | b.ctypes.data) & 7) != 0:
+        return _diff_scan(a, b, limit)
+    aw = a[:8 * w].view(np.uint64)
+    bw = b[:8 * w].view(np.uint64)
+    nb = w // _LOW_WORDS
+    n = 0
+    for blk in range(nb):
+        acc = np.uint64(0)
+        base = _LOW_WORDS * blk
+        for i in range(base, base + _LOW_WORDS):
+            acc |= aw[i] ^ bw[i]
+        if acc:
+            for i in range(base, base + _LOW_WORDS):
+                if aw[i] != bw[i]:
+                    for j in range(8 * i, 8 * i + 8):
+                        if a[j] != b[j]:
+                            if n < limit:
+                                out[n] = j
+                            n += 1
+            if n > limit:
+                return n, out[:0]
+    for j in range(8 * _LOW_WORDS * nb, m):
+        if a[j] != b[j]:
+            if n < limit:
+                out[n] = j
+            n += 1
+    if n > limit:
+        return n, out[:0]
+    return n, out[:n]
+
+
 # Not nogil: it records the write's counters, which other threads read (as the
 # one-frame write's kernel, fastwrite.py).
 @njit(cache=True)
 def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: np.ndarray,
            body: int, src: np.ndarray, rows: np.ndarray, row: int, chunk: np.ndarray,
            coff: int, ci: int, pid: int, epoch: int, ts: int, srcid: int, lsn: int,
-           did: int, k: np.ndarray, t0: int) -> tuple[int, int, int, int, int, int, int, int,
+           did: int, k: np.ndarray, t0: int, scratch: np.ndarray
+           ) -> tuple[int, int, int, int, int, int, int, int,
                                                       np.ndarray,
                                                       np.ndarray]:  # pragma: no cover
     """Stage the write of ``new`` at ``off`` of the page of ``size`` bytes at
-    ``mem[at:]``: the module's staging step, the body's length written before it
+    ``mem[at:]``: the module's staging step (``scratch``: room for the changed
+    positions, at least ``min(len(new), size // 4)``), the body's length written before it
     (``out[body - 4:body]``), the state's counters (``k``: :attr:`FastWriter.consts`)
     given the write's ``delta_apply`` sample (from ``t0``), a record and its changed
     bytes. Returns ``(changed, body length, log payload length, where the body's run
@@ -142,7 +191,7 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     these nothing is written."""
     m = new.shape[0]
     cur = mem[at + off:at + off + m]
-    n, rel = _diff_scan(cur, new, size >> 2)
+    n, rel = _changed(cur, new, size >> 2, scratch)
     none_i = np.empty(0, np.intp)
     none_b = np.empty(0, np.uint8)
     if n == 0:
@@ -310,7 +359,7 @@ def _entry(writable: bool, mem: np.ndarray, arr: np.ndarray, out: np.ndarray,
     cache) once a process and kept for a payload that is (``writable``) or is not
     writable; for arguments of other types, the kernel itself, with its dispatch."""
     kernel = entry_point(_stage, mem, 0, 1, 0, arr, out, 0, src, rows, 0, chunk, 0, 0, 1,
-                         1, 0, 0, 1, 1, k, 0)
+                         1, 0, 0, 1, 1, k, 0, np.empty(0, np.intp))
     if (mem.dtype == np.uint8 and mem.ndim == 1 and mem.flags.c_contiguous
             and mem.flags.writeable and arr.ndim == 1 and arr.flags.c_contiguous
             and arr.flags.writeable == writable and chunk.flags.writeable
@@ -420,10 +469,15 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
     c = state.counters
     if c is not fw.counters_of:
         fw.take_counters(c)
+    scratch = fw.batch_pos
+    if len(scratch) < len(arr) and len(scratch) < size >> 2:
+        scratch = fw.batch_pos = np.empty(max(min(len(arr), size >> 2), 2 * len(scratch)),
+                                          np.intp)
     while True:
         n, blen, plen, runs, nruns, at, lo, hi, pos, old = kernel(
             mem, addr & CHUNK_MASK, size, off, arr, out, body, fw.source_bytes, log.rows,
-            row, chunk, staged.tail, log.cur, pid, epoch, ts, srcid, lsn, did, fw.consts, t0)
+            row, chunk, staged.tail, log.cur, pid, epoch, ts, srcid, lsn, did, fw.consts, t0,
+            scratch)
         if n == _NO_ROOM:
             if log.cur >= 0 and plen <= LOG_CHUNK and staged.tail == 0:
                 return None  # pragma: no cover - a fresh chunk always has room

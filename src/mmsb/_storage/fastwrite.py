@@ -396,7 +396,7 @@ class FastWriter:
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
                  "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of",
-                 "room", "source_bytes", "batch_out", "batch_chunk")
+                 "room", "source_bytes", "batch_out", "batch_chunk", "batch_pos")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
@@ -407,6 +407,8 @@ class FastWriter:
         """The source's name, UTF-8 (what the frame buffer holds)."""
         self.batch_out = np.zeros(1 << 16, np.uint8)
         """The frame buffer of a staged batch (fastbatch.py), grown as batches need."""
+        self.batch_pos = np.empty(1 << 12, np.intp)
+        """Room for the changed positions a staged write finds."""
         self.batch_chunk: object = None
         """The log chunk a staged batch last found whole and writable."""
         self.room = _OUT_BYTES
