@@ -84,7 +84,7 @@ class _Abort(Exception):
 
 
 _write = st.tuples(st.sampled_from(["write", "grow", "same", "dense", "source", "meta",
-                                    "bad", "nested", "apply"]),
+                                    "bad", "nested", "apply", "direct", "direct_bad"]),
                    st.integers(0, 3), st.integers(0, 70_000),
                    st.binary(min_size=1, max_size=300))
 _ops = st.lists(st.tuples(st.lists(_write, min_size=1, max_size=6),
@@ -112,6 +112,12 @@ def _one(s: mmsb.MMSBState, pid: int, size: int, op: str, a: int, data: bytes) -
         mmsb.update_metadata(s, pid, {"k": a})
     elif op == "bad":
         mmsb.write_page(s, pid, size, data)  # runs outside the page: refused
+    elif op == "direct":
+        # MMSBState.batch_write, the saver's entry (the batch's caller has entered).
+        s.batch_write(pid, a % (size - len(data) + 1) if len(data) <= size else 0, data[:size],
+                      "api")
+    elif op == "direct_bad":
+        s.batch_write(pid, size - 1, data + b"!", "api")  # runs outside the page: refused
     elif op == "nested":
         with mmsb.batch(s):
             mmsb.write_page(s, pid, a % (size - 4), data[:4])
@@ -191,6 +197,8 @@ def test_holding_another_record_makes_the_staged_writes_held_records(
            ([("write", 1, 70, b"qr"), ("write", 3, 70, b"st")], "abort"),
            ([("write", 1, 80, b"uv"), ("bad", 2, 0, b"w")], "commit"),
            ([("write", 2, 90, b"xy"), ("nested", 3, 5, b"z123")], "commit"),
+           ([("direct", 1, 90, b"xy"), ("direct_bad", 3, 5, b"z123")], "commit"),
+           ([("direct", 1, 93, b"xyz"), ("direct", 2, 5, b"z123")], "commit"),
            ([("write", 1, 5, b"abc"), ("write", 2, 9, b"defg"), ("meta", 1, 3, b"x"),
              ("write", 1, 50, b"hij")], "commit"),
            ([("write", 1, 9, b"after")], "commit")]

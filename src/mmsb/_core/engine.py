@@ -1421,6 +1421,28 @@ class MMSBState:
         finally:
             self.leave()
 
+    def batch_write(self, page_id: Any, offset: Any, data: Any, source: str) -> bool:
+        """``write_bytes(page_id, offset, data, source, False)`` for a caller that holds
+        the state's lock (entered) inside a batch it began: on a durable bus, ``bytes``
+        into a live page, in range, from a known kind of source, go straight to the
+        bus's staged batch (see _storage/fastbatch.py) without entering again; anything
+        else, and whatever that path declines, takes ``write_bytes``. Returns True if a
+        delta was logged. O(len(data))."""
+        frame = self.batch_frame
+        bus = self.bus
+        if (bus is not None and frame is not None and not frame.direct and type(data) is bytes
+                and type(page_id) is int and type(offset) is int and self.call_depth
+                and self.recomputing is None and not self.closed
+                and (source is _API or (type(source) is str and source in _GOOD_SOURCES))):
+            t = self.table
+            if (0 < page_id < len(t.flags) and t.flags[page_id] and offset >= 0
+                    and offset + len(data) <= t.size.item(page_id)):
+                staged = bus.stage_write(self, frame, page_id, offset, data, source,
+                                         time.perf_counter_ns())
+                if staged is not None:
+                    return staged
+        return self.write_bytes(page_id, offset, data, source, False)
+
     def write_small_bytes(self, pid: int, off: int, data: bytes, source: str,
                           whole: bool = False) -> bool | None:
         """write_page's (and, ``whole``, update_page's) common case in one frame: ``pid``

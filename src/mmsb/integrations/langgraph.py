@@ -865,9 +865,10 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                 new_versions: Mapping[str, Any]) -> tuple[CheckpointRecord, bytes]:
         """Write the channel values, then the checkpoint record that names the epochs
         they were written at, as one batch (what ``mmsb.batch`` does, run here without
-        its context manager, and each write without ``write_page``'s per-call checks for
-        a one-frame write, which a batch never takes). Caller holds the saver's lock,
-        and the journal has room for the record. Returns the record and its frame."""
+        its context manager, each write through ``batch_write``: on a durable bus it is
+        staged for the batch's one compiled commit, which writes the batch's frame and
+        publishes its pages). Caller holds the saver's lock, and the journal has room
+        for the record. Returns the record and its frame."""
         state = self._state
         state.enter()
         try:
@@ -879,7 +880,7 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                 epochs = state.table.epoch
                 written = {}
                 for ch, pid, data in writes:
-                    state.write_bytes(pid, 0, data, _SOURCE, False)
+                    state.batch_write(pid, 0, data, _SOURCE)
                     written[ch] = (pid, epochs.item(pid))
                 for ch, (typ, data) in blobs.items():
                     w = written.get(ch)
@@ -890,8 +891,8 @@ class MMSBSaver(BaseCheckpointSaver[str]):
                                           tuple(refs.values()))
                 frame = jr.encode_frame(record)
                 at = j.end
-                state.write_bytes(j.page_id, at, frame if at else jr.encode_header() + frame,
-                                  _SOURCE, False)
+                state.batch_write(j.page_id, at, frame if at else jr.encode_header() + frame,
+                                  _SOURCE)
                 ok = True
             finally:
                 state.end_batch(ok)
