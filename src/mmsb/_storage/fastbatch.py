@@ -50,7 +50,6 @@ from .._core.kernels import (
     ENC_RUN,
     ENC_RUN16,
     LOG_CHUNK,
-    _diff_scan,
     _fill_row,
     entry_point,
     sparse_encoding,
@@ -127,17 +126,19 @@ _LOW_WORDS = 64
 @njit(cache=True, nogil=True)
 def _changed(a: np.ndarray, b: np.ndarray, limit: int,
              out: np.ndarray) -> tuple[int, np.ndarray]:  # pragma: no cover - compiled
-    """``(n, positions)`` as ``kernels.diff_scan`` returns them, in one pass where both
+    """``(n, positions)`` as ``kernels.diff_scan`` returns them, in one pass; where both
     arrays start on an 8-byte boundary: blocks of 512 bytes are compared as the OR of
     their words' XORs (a loop the compiler vectorises), and only a block that differs
     is looked into, word by word, then byte by byte. The positions are written into
     ``out`` (room for at least ``min(len(a), limit)``) and returned as its first ``n``;
     the scan stops once more than ``limit`` differ (``n`` then says only that: over
-    ``limit``). Elsewhere (unaligned arrays), ``kernels.diff_scan`` itself."""
+    ``limit``). Unaligned arrays are compared byte by byte."""
     m = a.shape[0]
     w = m >> 3
     if w == 0 or ((a.ctypes.data | b.ctypes.data) & 7) != 0:
-        return _diff_scan(a, b, limit)
+        # Not on 8-byte boundaries (a write at an odd offset): byte by byte, as
+        # kernels.diff_scan does there.
+        w = 0
     aw = a[:8 * w].view(np.uint64)
     bw = b[:8 * w].view(np.uint64)
     nb = w // _LOW_WORDS
@@ -192,12 +193,10 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     m = new.shape[0]
     cur = mem[at + off:at + off + m]
     n, rel = _changed(cur, new, size >> 2, scratch)
-    none_i = np.empty(0, np.intp)
-    none_b = np.empty(0, np.uint8)
     if n == 0:
-        return 0, 0, 0, 0, 0, 0, 0, 0, none_i, none_b
+        return 0, 0, 0, 0, 0, 0, 0, 0, np.empty(0, np.intp), np.empty(0, np.uint8)
     if n * 4 > size:
-        return _DENSE, 0, 0, 0, 0, 0, 0, 0, none_i, none_b
+        return _DENSE, 0, 0, 0, 0, 0, 0, 0, np.empty(0, np.intp), np.empty(0, np.uint8)
     first = rel[0]
     last = rel[n - 1]
     runs = 1
@@ -207,12 +206,12 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     slen = src.shape[0]
     blen = _FIXED + slen + 5 + 8 * runs + n
     if body + blen > out.shape[0]:
-        return _SHORT, blen, 0, 0, 0, 0, 0, 0, none_i, none_b
+        return _SHORT, blen, 0, 0, 0, 0, 0, 0, np.empty(0, np.intp), np.empty(0, np.uint8)
     enc, plen = sparse_encoding(n, first, last, size)
     if plen > LOG_CHUNK >> 2:
-        return _DENSE, 0, 0, 0, 0, 0, 0, 0, none_i, none_b
+        return _DENSE, 0, 0, 0, 0, 0, 0, 0, np.empty(0, np.intp), np.empty(0, np.uint8)
     if ci < 0 or plen > LOG_CHUNK - coff:
-        return _NO_ROOM, 0, plen, 0, 0, 0, 0, 0, none_i, none_b
+        return _NO_ROOM, 0, plen, 0, 0, 0, 0, 0, np.empty(0, np.intp), np.empty(0, np.uint8)
     # The record body, as codec.encode_record writes the delta.
     out[body] = KIND_DELTA
     _put(out, body + 1, lsn, 8)
