@@ -6,22 +6,29 @@ stamps and holds a copy of it, and the batch's end encodes every held record wit
 codec, joins them into one group frame with its CRC32C, appends it, keeps each record as
 a log row and publishes the pages it touched, each step a few Python calls. Here:
 
-- **Staging** (:func:`stage_write`, from ``write_bytes`` inside a batch): one compiled
-  call (:func:`_stage`) compares the write with the page (the compiled compare of
-  ``diff_write``) and, when the delta is sparse (at most a quarter of the page, the
-  same rule), writes the delta's record body into the bus's batch buffer exactly as
+- **Staging** (:func:`stage_write`, from ``write_bytes`` or ``batch_write`` inside a
+  batch): one compiled call (:func:`_stage`) finds the changed positions in one pass
+  (:func:`_changed`) and, when the delta is sparse (at most a quarter of the page,
+  ``diff_write``'s rule), writes the delta's record body into the bus's batch buffer exactly as
   :func:`~mmsb._storage.codec.encode_record` encodes it, fills the log row and payload
   the in-memory log will keep (past its end: the log does not show them yet, as it
   does not show a held record), keeps the changed positions and their old bytes (the
-  batch's undo entry) and applies the write to the page. The write is stamped with
-  its LSN, time and delta id then, as a held record is.
+  batch's undo entry), applies the write to the page and records the write's
+  counters. The write is stamped with its LSN, time and delta id then, as a held
+  record is.
 - **Commit** (:func:`commit_staged`, from ``end_batch``): one compiled call
   (:func:`_commit`) completes the frame around the staged bodies (a group of them, or
   the single record's frame: the bytes :func:`~mmsb._storage.wal.records_frame`
   makes), its CRC32C, writes it at the end of the segment's frames (``pwrite(2)``,
   ``fdatasync`` with ``fsync="always"``), then publishes: the changed runs of each
   page to the mapped pages, its table row and the head, under the seqlock, and the
-  notify word. Then the log takes the staged rows.
+  notify word. Then the log takes the staged rows. Only the changed runs are copied
+  to the mapped pages: a batch is staged only while no publication is pending, so
+  they hold every other byte already.
+
+Both calls keep the GIL, as the one-frame write's does (fastwrite.py): the state's lock
+is held throughout, so no other writer could use the time, and a thread that reads the
+counters the staging call writes sees them whole.
 
 The general path stays the reference. A write this path does not take (a dense delta,
 an unknown source, a page with dependants or device copies, events on, a shared or
@@ -418,7 +425,7 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
             or (state.devices is not None and pid in state.devices.slots)):
         return None
     log, deferred = _tail_log(state)
-    if log.sink is None and deferred is None:
+    if log.sink is None:
         return None
     srcid = log.source_ids.get(source)
     if srcid is None:
