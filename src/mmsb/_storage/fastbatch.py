@@ -44,6 +44,7 @@ of the general path (a property test holds the two to that).
 from __future__ import annotations
 
 import os
+import struct
 import time
 from array import array
 from typing import TYPE_CHECKING, Any
@@ -122,8 +123,9 @@ _NO_ROOM = -2
 _SHORT = -6
 _DECLINE_ROW = -4
 # Columns of the commit's per-write table (int64).
-_M_PAGE, _M_ADDR, _M_SIZE, _M_RUNS, _M_K, _M_EPOCH = range(6)
-_M_COLS = 6
+_M_PAGE, _M_ADDR, _M_SIZE, _M_RUNS, _M_K, _M_EPOCH, _M_BODY, _M_ROW, _M_TS = range(9)
+_M_COLS = 9
+_TS8 = struct.Struct("<q")
 
 
 _LOW_WORDS = 64
@@ -277,11 +279,14 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
 
 
 @njit(cache=True)
-def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, k: np.ndarray,
-            end: int, lsn: int, ts: int, next_id: int,
+def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, rows: np.ndarray,
+            k: np.ndarray, end: int, lsn: int, ts: int, next_id: int,
             bump: int) -> tuple[int, int]:  # pragma: no cover - compiled
-    """The module's commit step: the frame around the ``count`` staged bodies that end
-    at ``out[stop]``, its CRC32C; ``pwrite(2)`` at ``end`` (the end of the segment's
+    """The module's commit step: each staged write's time stamp (read when it was
+    staged, after its compare, as the general path reads it when it holds the record)
+    into its body and its log row (``meta``'s last three columns: where the body
+    starts in ``out``, the row, the time); the frame around the ``count`` staged bodies
+    that end at ``out[stop]``, its CRC32C; ``pwrite(2)`` at ``end`` (the end of the segment's
     frames) until all of it is written, ``fdatasync`` too with ``fsync="always"``; the
     log's end to the head; then the publication of every staged write (``meta``'s rows:
     page, its bytes' address, size, where its runs are in ``out``, their count, its
@@ -296,6 +301,9 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, k: np.ndar
         pid = meta[i, _M_PAGE]
         if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != meta[i, _M_SIZE]:
             return _DECLINE_ROW, 0
+    for i in range(count):
+        _put(out, meta[i, _M_BODY] + 9, meta[i, _M_TS], 8)
+        rows[meta[i, _M_ROW]].ts = meta[i, _M_TS]
     start = 0
     if count > 1:
         out[FRAME_HEAD] = KIND_GROUP
@@ -380,9 +388,9 @@ class Staged:
     __slots__ = ("writes", "stop", "tail", "meta")
 
     def __init__(self, tail: int) -> None:
-        self.writes: list[tuple[int, int, int, int, int, int, int, int, int]] = []
+        self.writes: list[tuple[int, int, int, int, int, int, int, int, int, int]] = []
         """Per write: page, log row, LSN, delta id, log payload length, body start,
-        body length, first and last changed position + 1."""
+        body length, first and last changed position + 1, time stamp."""
         self.stop = _FIRST_BODY - 4
         """Where the next body's length goes (the end of the last body)."""
         self.tail = tail
@@ -454,9 +462,6 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
         rows = np.empty(2 * len(log.rows), log.rows.dtype)
         rows[:row] = log.rows[:row]
         log.rows = rows
-    ts = time.time_ns()  # TransactionLog._next_stamp, inlined
-    if ts < log.last_timestamp:
-        ts = log.last_timestamp
     lsn = log.next_lsn
     did = state.next_delta_id
     chunk = log.cur_array
@@ -482,7 +487,7 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
     while True:
         n, blen, plen, runs, nruns, at, lo, hi, pos, old = kernel(
             mem, addr & CHUNK_MASK, size, off, arr, out, body, fw.source_bytes, log.rows,
-            row, chunk, staged.tail, log.cur, pid, epoch, ts, srcid, lsn, did, fw.consts, t0,
+            row, chunk, staged.tail, log.cur, pid, epoch, 0, srcid, lsn, did, fw.consts, t0,
             scratch)
         if n == _NO_ROOM:
             if log.cur >= 0 and plen <= LOG_CHUNK and staged.tail == 0:
@@ -498,10 +503,15 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
             break
     if n <= 0:
         return None if n else False
+    # The time stamp, read as the general path reads it when it holds the record (the
+    # commit writes it into the body and the row, which the kernel left at 0).
+    ts = time.time_ns()  # TransactionLog._next_stamp, inlined
+    if ts < log.last_timestamp:
+        ts = log.last_timestamp
     frame.staged = staged
     frame.undo.append(("delta", pid, epoch - 1, pos, old))
-    staged.writes.append((pid, row, lsn, did, plen, body, blen, lo, hi))
-    staged.meta.extend((pid, at, size, runs, nruns, epoch))
+    staged.writes.append((pid, row, lsn, did, plen, body, blen, lo, hi, ts))
+    staged.meta.extend((pid, at, size, runs, nruns, epoch, body, row, ts))
     staged.stop = body + blen
     staged.tail += plen
     log.next_lsn = lsn + 1
@@ -523,8 +533,10 @@ def unstage(bus: DurableBus, frame: Any) -> None:
         return
     frame.staged = None
     out = bus.fast.batch_out.data
+    for _pid, _row, _lsn, _did, _plen, at, _blen, _lo, _hi, ts in staged.writes:
+        _TS8.pack_into(out, at + 9, ts)  # the time stamp the commit would write
     frame.records.extend(decode_record(out[at:at + blen], "staged write")
-                         for _pid, _row, _lsn, _did, _plen, at, blen, _lo, _hi
+                         for _pid, _row, _lsn, _did, _plen, at, blen, _lo, _hi, _ts
                          in staged.writes)
 
 
@@ -559,9 +571,9 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
     commit = _ENTRIES.get("commit")
     if commit is None:
         commit = _ENTRIES["commit"] = entry_point(_commit, fw.batch_out, 1, 1, meta,
-                                                  fw.consts, 0, 0, 0, 0, 0)
-    got, status = commit(fw.batch_out, count, staged.stop, meta, fw.consts, before, last[2],
-                         log.last_timestamp, state.table.next_id, pub.bump)
+                                                  log.rows, fw.consts, 0, 0, 0, 0, 0)
+    got, status = commit(fw.batch_out, count, staged.stop, meta, log.rows, fw.consts, before,
+                         last[2], log.last_timestamp, state.table.next_id, pub.bump)
     if got == _DECLINE_ROW:
         unstage(bus, frame)
         return False
@@ -573,7 +585,7 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
     if status < 0:
         err = -status
         exc = OSError(err >> 1, os.strerror(err >> 1))
-        for pid, _row, _lsn, _did, _plen, _at, _blen, lo, hi in staged.writes:
+        for pid, _row, _lsn, _did, _plen, _at, _blen, lo, hi, _ts in staged.writes:
             old = pub.touched.get(pid)
             pub.touched[pid] = (lo, hi) if old is None else (min(lo, old[0]), max(hi, old[1]))
         frame.staged = None
@@ -584,7 +596,7 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
     lsns = log.lsns
     ids = log.ids
     index = log.index
-    for pid, row, lsn, did, plen, _at, _blen, _lo, _hi in staged.writes:
+    for pid, row, lsn, did, plen, _at, _blen, _lo, _hi, _ts in staged.writes:
         if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
             if lsn != lsns.last + 1 or not row:
                 lsns.rows.append(row)
