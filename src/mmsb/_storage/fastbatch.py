@@ -184,15 +184,15 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
            body: int, src: np.ndarray, rows: np.ndarray, row: int, chunk: np.ndarray,
            coff: int, ci: int, pid: int, epoch: int, ts: int, srcid: int, lsn: int,
            did: int, k: np.ndarray, t0: int, scratch: np.ndarray
-           ) -> tuple[int, int, int, int, int, int, int, int,
-                                                      np.ndarray,
-                                                      np.ndarray]:  # pragma: no cover
+           ) -> tuple[int, int, int, int, int, int, int, int, np.ndarray,
+                      np.ndarray]:  # pragma: no cover - compiled
     """Stage the write of ``new`` at ``off`` of the page of ``size`` bytes at
     ``mem[at:]``: the module's staging step (``scratch``: room for the changed
-    positions, at least ``min(len(new), size // 4)``), the body's length written before it
-    (``out[body - 4:body]``), the state's counters (``k``: :attr:`FastWriter.consts`)
+    positions, at least ``min(len(new), size // 4)``), the body's length written before
+    it (``out[body - 4:body]``), the state's counters (``k``: :attr:`FastWriter.consts`)
     given the write's ``delta_apply`` sample (from ``t0``), a record and its changed
-    bytes. Returns ``(changed, body length, log payload length, where the body's run
+    bytes. The body and the log row take ``ts`` as their time stamp (:func:`stage_write`
+    passes 0: :func:`_commit` writes the stamp). Returns ``(changed, body length, log payload length, where the body's run
     starts are in out, how many runs, the page's address, the first and one past the
     last changed position, the changed positions, their old bytes)``; changed 0:
     nothing differs (nothing done); -3: a dense delta, or a log payload the log keeps
