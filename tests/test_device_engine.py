@@ -615,6 +615,49 @@ def test_out_of_device_memory_logs_nothing() -> None:
     s._check()
 
 
+class CompareOOMBackend(HostBackend):
+    """A host backend whose next ``compares`` device compares run out of memory inside
+    the array library, as CuPy's OutOfMemoryError would, before anything is written."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=CHUNK)
+        self.compares = 0
+
+    def _diff(self, page: Any, new: Any, on_device: bool, offset: int,
+              apply: bool) -> Any:
+        if self.compares:
+            self.compares -= 1
+            raise MemoryError("Unable to allocate 8 KiB for the compare")
+        return super()._diff(page, new, on_device, offset, apply)
+
+
+@pytest.mark.parametrize("location", ["gpu", "unified"])
+def test_out_of_memory_inside_a_device_compare_is_refused(location: str) -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = CompareOOMBackend()
+    s._use_backend_for_tests(location, b)
+    p = mmsb.create_page(s, BIG, location=location)
+    mmsb.write_page(s, p.id, 0, b"abc")
+    mmsb.sync_page_to_gpu(s, p.id)
+    new = np.zeros(BIG, np.uint8)
+    new[100:104] = 7
+    before = fingerprint(s)
+    stats = mmsb.get_device_stats(s)[location]
+    b.compares = 1
+    with pytest.raises(GPUMemoryError, match="ran out of memory comparing 8192 bytes") as info:
+        mmsb.update_page(s, p.id, DLPackArray(new))
+    assert info.value.requested_bytes == BIG
+    assert isinstance(info.value.__cause__, MemoryError)
+    assert fingerprint(s) == before
+    assert device_bytes(p)[:4] == b"abc\0"  # the device copy was not written either
+    assert mmsb.get_device_stats(s)[location].diffs == stats.diffs
+    s._check()
+    # Memory back: the same write goes through.
+    mmsb.update_page(s, p.id, DLPackArray(new))
+    assert mmsb.query_page(s, p.id) == new.tobytes() and device_bytes(p) == new.tobytes()
+    s._check()
+
+
 def test_durable_bus_refuses_device_pages(tmp_path: Any) -> None:
     s = mmsb.mmsb_start(path=tmp_path / "bus", config=mmsb.MMSBConfig(fsync="none"))
     try:
