@@ -1142,6 +1142,23 @@ def test_unified_page_bytes_are_managed_memory() -> None:
     s._check()
 
 
+@pytest.mark.parametrize("count", [1, 5])
+def test_unified_creation_takes_no_ordinary_memory(count: int) -> None:
+    # A fresh state: creating unified pages in managed memory neither carves nor
+    # free-lists ordinary arena slots (nor maps an ordinary chunk on the way).
+    s, b = managed_state()
+    arena = s.arena
+    chunks = len(arena._chunks)
+    pages = mmsb.create_pages(s, count, 100, location="unified", metadata={"k": 1})
+    assert all(b.owns(p.data) for p in pages)
+    assert arena.bytes_free_listed == 0
+    assert arena.bytes_in_use == arena.bytes_managed == count * 112  # size class of 100
+    assert len(arena._chunks) == chunks + 1 and len(arena._managed) == 1  # the managed one
+    assert all(dict(p.metadata) == {"k": 1} for p in pages)
+    assert mmsb.verify_state_consistency(s)
+    s._check()
+
+
 def test_managed_slots_are_reused_and_large_pages_get_their_own() -> None:
     s, b = managed_state()
     pages = mmsb.create_pages(s, 3, 100, location="unified")

@@ -1048,16 +1048,23 @@ class MMSBState:
         self.refuse_structural("PageCreate")  # before any slot is taken
         if loc is PageLocation.UNIFIED and copies.managed(self):
             # Unified pages in managed memory: their managed slots are taken first, the
-            # creation is logged and applied, then the pages are given those slots.
+            # creation is logged and the pages are placed in them (no ordinary slot is
+            # taken on the way).
             addrs = copies.take_managed(self, count, size)
+            rec = PageCreate(first, count, size, int(loc), meta)
             try:
-                self.commit(PageCreate(first, count, size, int(loc), meta))
+                try:
+                    self.table.reserve(first + count)
+                except MemoryError:
+                    raise InvalidArgumentError(
+                        f"{count} page rows need more memory than this process can get; "
+                        "nothing was logged or changed") from None
+                self.log_append(rec)
             except BaseException:
                 for addr in addrs:
                     self.arena.free(addr, size)
                 raise
-            for k, addr in enumerate(addrs):
-                copies.rebase(self, first + k, addr)
+            _place_create(self, rec, np.asarray(addrs, dtype=np.int64))
             return
         slots = copies.take_slots(self, int(loc), count, size)
         try:
@@ -2229,9 +2236,16 @@ def _apply_create(state: MMSBState, rec: PageCreate) -> None:
     t = state.table
     if rec.count == 1:
         t.add_row(rec.first_id, state.arena.alloc(rec.size), rec.size, rec.location)
+        if rec.metadata:
+            t.meta[rec.first_id] = dict(rec.metadata)
     else:
-        t.add_rows(rec.first_id, state.arena.alloc_many(rec.count, rec.size), rec.size,
-                   rec.location)
+        _place_create(state, rec, state.arena.alloc_many(rec.count, rec.size))
+
+
+def _place_create(state: MMSBState, rec: PageCreate, addrs: np.ndarray) -> None:
+    """The rows of ``rec``'s pages, at ``addrs`` (slots of ``rec.size`` already taken)."""
+    t = state.table
+    t.add_rows(rec.first_id, addrs, rec.size, rec.location)
     if rec.metadata:
         for pid in range(rec.first_id, rec.first_id + rec.count):
             t.meta[pid] = dict(rec.metadata)
