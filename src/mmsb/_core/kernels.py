@@ -1025,34 +1025,46 @@ length (59), the body encoding byte and the run count (5)."""
 
 
 @njit(cache=True, nogil=True)
-def check_segment_rows(rows: np.ndarray, sel: np.ndarray, cid: int, buf: np.ndarray,
-                       srclen: np.ndarray, crcs: np.ndarray, tab: np.ndarray,
-                       end: int) -> int:  # pragma: no cover - compiled
-    """Check the frames of the log rows ``sel`` whose payload is an :data:`ENC_SEGRUN`
-    run in segment chunk ``cid`` (``buf``, whose first ``end`` bytes the segment file
-    holds; rows of other chunks or encodings are skipped): the frame, found from the
-    payload's place and the row's source name length (``srclen[src]``), lies inside
-    ``end`` and its CRC32C over its length and body is the one the log noted when it
-    wrote the frame (``crcs[row]``). Returns the first row that fails, or -1.
-    O(the rows' frame bytes)."""
-    for i in range(sel.shape[0]):
-        r = sel[i]
+def check_segment_rows(rows: np.ndarray, sel: np.ndarray, r0: int, r1: int, cid: int,
+                       buf: np.ndarray, srclen: np.ndarray, crcs: np.ndarray, tab: np.ndarray,
+                       end: int) -> tuple[int, int, int]:  # pragma: no cover - compiled
+    """Check the frames of the log rows ``sel`` (row numbers; when empty, rows ``r0 …
+    r1-1``) whose payload is an :data:`ENC_SEGRUN` run in segment chunk ``cid``
+    (``buf``, whose first ``end`` bytes the segment file holds): the frame, found from
+    the payload's place and the row's source name length (``srclen[src]``), lies
+    inside ``end`` and its CRC32C over its length and body is the one the log noted
+    when it wrote the frame (``crcs[row]``). Returns ``(the first row that fails or
+    -1, lowest, highest)`` chunk numbers of the segment rows met in any chunk (-1, -1:
+    none), so that the caller checks the other chunks too. O(the rows + their frames'
+    bytes in ``cid``)."""
+    lo = np.int64(-1)
+    hi = np.int64(-1)
+    count = sel.shape[0] if sel.shape[0] else r1 - r0
+    for i in range(count):
+        r = np.int64(sel[i]) if sel.shape[0] else r0 + i
+        if rows[r].enc != 7:
+            continue
         poff = rows[r].poff
-        if (poff >> 32) != cid or rows[r].enc != 7:
+        c = poff >> 32
+        if lo < 0 or c < lo:
+            lo = c
+        if c > hi:
+            hi = c
+        if c != cid:
             continue
         p = poff & 0xFFFFFFFF
         src = np.int64(rows[r].src)
         if src >= srclen.shape[0]:
-            return r
+            return r, lo, hi
         f = p - SEG_BEFORE_RUN - srclen[src]
         stop = p + np.int64(rows[r].plen)
         if f < 0 or stop > end or stop > buf.shape[0]:
-            return r
-        c = crc_update(tab, 0xFFFFFFFF, buf, f, 8)
-        c = crc_update(tab, c, buf, f + 12, stop - f - 12) ^ 0xFFFFFFFF
-        if c != np.int64(crcs[r]):
-            return r
-    return -1
+            return r, lo, hi
+        k = crc_update(tab, 0xFFFFFFFF, buf, f, 8)
+        k = crc_update(tab, k, buf, f + 12, stop - f - 12) ^ 0xFFFFFFFF
+        if k != np.int64(crcs[r]):
+            return r, lo, hi
+    return -1, lo, hi
 
 
 @njit(cache=True, nogil=True)

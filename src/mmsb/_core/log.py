@@ -96,10 +96,23 @@ class SegmentSource(Protocol):
         end would kill the process (SIGBUS)."""
         ...
 
+    @property
+    def array(self) -> np.ndarray:
+        """The mapping's bytes (the chunk's), as a read-only uint8 array."""
+        ...
+
+
 _CHUNK = LOG_CHUNK
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
+_NO_ROWS = np.zeros(0, np.int64)
+_ARRAY_DTYPES = {"I": np.uint32, "q": np.int64, "l": np.int_, "L": np.uint}
+"""numpy dtypes of the typecodes of row-number arrays (array.array)."""
+_CHECK_ENTRY: dict[int, Callable[..., tuple[int, int, int]]] = {}
+"""The compiled entry of :func:`check_segment_rows` for the types check_segments passes
+(numba's choice of a version costs about 2 µs a call with a structured array)."""
+"""An empty row selection (check_segments of a row range)."""
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
 """The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
 writable C-contiguous uint8 array (2), and of :func:`write_small_counted` for a write
@@ -825,29 +838,40 @@ class TransactionLog:
         Raises:
             SerializationError: a segment was cut, replaced or changed under the log.
         """
-        if not self.segs or self.crcs is None:
+        segs = self.segs
+        if not segs or self.crcs is None:
             return
         if sel is None:
-            stop = self.n if r1 is None else min(r1, self.n)
-            if r0 >= stop:
+            r1 = self.n if r1 is None else min(r1, self.n)
+            if r0 >= r1:
                 return
-            sel = np.arange(r0, stop, dtype=np.int64)
-            used = self.rows["poff"][r0:stop] >> 32
-        else:
-            if not len(sel):
-                return
-            used = self.rows["poff"][sel] >> 32
-        lo, hi = int(used.min()), int(used.max())
-        cids = [c for c in self.segs if lo <= c <= hi]
-        if len(cids) > 1 or (cids and lo != hi):
-            cids = [c for c in np.unique(used).tolist() if c in self.segs]
-        for ci in cids:
-            source = self.segs[ci]
+            sel = _NO_ROWS
+        elif not len(sel):
+            return
+        check = _CHECK_ENTRY.get(0)
+        if check is not None and len(segs) == 1:
+            # One segment (the usual case), in one call.
+            for ci, source in segs.items():
+                bad, lo, hi = check(self.rows, sel, r0, r1 or 0, ci, source.array,
+                                    self._source_lengths(), self.crcs, CRC_TABLES,
+                                    source.readable())
+                if bad < 0:
+                    return
+        # The newest segment first (reads are mostly of recent rows); the kernel tells
+        # which other chunks the rows reach.
+        todo = [max(segs)]
+        seen: set[int] = set()
+        while todo:
+            ci = todo.pop()
+            seen.add(ci)
+            source = segs[ci]
             end = source.readable()
-            chunk = self.chunks[ci]
-            assert chunk is not None
-            bad = check_segment_rows(self.rows, sel, ci, np.frombuffer(chunk, np.uint8),
-                                     self._source_lengths(), self.crcs, CRC_TABLES, end)
+            args = (self.rows, sel, r0, r1 or 0, ci, source.array, self._source_lengths(),
+                    self.crcs, CRC_TABLES, end)
+            check = _CHECK_ENTRY.get(0)
+            if check is None:
+                check = _CHECK_ENTRY[0] = entry_point(check_segment_rows, *args)
+            bad, lo, hi = check(*args)
             if bad >= 0:
                 at = int(self.rows["poff"][bad]) & 0xFFFFFFFF
                 raise SerializationError(
@@ -855,6 +879,8 @@ class TransactionLog:
                     f"{int(self.rows['page'][bad])}) no longer holds what the bus wrote "
                     "there: the segment was changed or cut after it was written; its "
                     "history cannot be read", path=getattr(source, "path", None), offset=at)
+            if lo >= 0 and (lo != ci or hi != ci) and not todo:
+                todo = [c for c in segs if lo <= c <= hi and c not in seen]
 
     def _has_segment_rows(self, r0: int, r1: int) -> bool:
         return bool(self.segs) and bool((self.rows["enc"][r0:r1] == ENC_SEGRUN).any())
@@ -950,10 +976,16 @@ class TransactionLog:
         self.last_timestamp = ts
 
     # -- reading ---------------------------------------------------------------------
-    def delta_at(self, row: int) -> Delta:
-        """The delta of ``row`` as a fresh, immutable object. O(log breaks + payload)."""
+    def delta_at(self, row: int, checked: bool = False) -> Delta:
+        """The delta of ``row`` as a fresh, immutable object (``checked``: the caller
+        has just checked the row with :meth:`check_segments`). O(log breaks +
+        payload).
+
+        Raises:
+            SerializationError: the row's frame in a mapped segment is damaged or cut.
+        """
         pid, size, plen, sid, enc, epoch, ts, poff = self.rows[row].item()
-        if enc == ENC_SEGRUN:
+        if enc == ENC_SEGRUN and not checked:
             self.check_segments(np.array([row], np.int64))
         chunk = self.chunks[poff >> 32]
         assert chunk is not None
@@ -1023,9 +1055,14 @@ class TransactionLog:
 
         it = structural()
         nxt = next(it, None)
+        # Rows in mapped segments are checked a block at a time, just before they are read.
+        checked = r if self.segs else nr
         while r < nr or nxt is not None:
             if r < nr and (nxt is None or lsns.at(r) < nxt.lsn):
-                yield self.delta_at(r)
+                if r >= checked:
+                    checked = min(nr, r + 4096)
+                    self.check_segments(r0=r, r1=checked)
+                yield self.delta_at(r, True)
                 r += 1
             else:
                 assert nxt is not None
@@ -1614,8 +1651,12 @@ class TransactionLog:
         """:meth:`apply_row` for each of ``rows`` (deltas of one page, in log order);
         returns the bytes they write. O(their payloads)."""
         if self.segs:
-            rows = list(rows)
-            self.check_segments(np.array(rows, np.int64))
+            sel = (np.frombuffer(rows, _ARRAY_DTYPES[rows.typecode]).astype(np.int64)
+                   if type(rows) is array and rows.typecode in _ARRAY_DTYPES
+                   else np.array(list(rows), np.int64))
+            if len(sel):
+                self.check_segments(sel)
+            rows = sel.tolist()
         unpack, width = self._row_struct.unpack_from, self._row_struct.size
         cols, chunks = self.rows.data, self.chunks
         wrote = 0

@@ -18,8 +18,9 @@ is let go (``munmap``) when the last view of it is.
 
 Reading a mapping past the end of its file kills the process (SIGBUS), which no
 exception can catch. So before rows are read from a segment, the log asks
-:meth:`MappedSegment.readable`, which checks with ``fstat`` that the file still reaches
-past the last frame the bus wrote there (and is still a regular file), and then the log
+:meth:`MappedSegment.readable`, which checks (seeking its descriptor's end, the cheapest
+call that tells a file's size) that the file still reaches past the last frame the bus
+wrote there, and then the log
 checks each row's frame against the CRC32C it noted when writing it (see
 :meth:`TransactionLog.check_segments <mmsb._core.log.TransactionLog.check_segments>`).
 A file cut between that check and the read (by another process, at that instant) is
@@ -81,14 +82,20 @@ class MappedSegment:
     :class:`~mmsb._storage.wal.SegmentWriter` that appends to it; its ``size`` (where
     the frames end, kept after it is closed) is how far rows may point."""
 
-    __slots__ = ("path", "fd", "writer", "length", "view", "__weakref__")
+    __slots__ = ("path", "fd", "writer", "length", "array", "view", "__weakref__")
 
     def __init__(self, writer: Any, length: int) -> None:
         assert _CALLS is not None
         self.path = str(writer.path)
         self.writer = writer
         self.length = -(-length // _PAGE) * _PAGE
-        self.fd = os.dup(writer.fd)
+        self.fd = _own_descriptor(writer.fd)
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise OSError(f"{self.path} is not a regular file")
+        except OSError:
+            os.close(self.fd)
+            raise
         addr = _CALLS[0](None, self.length, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
             err = ctypes.get_errno()
@@ -99,7 +106,10 @@ class MappedSegment:
         weakref.finalize(raw, _unmap, addr, self.length, self.fd)
         arr = np.frombuffer(raw, np.uint8)
         arr.flags.writeable = False
+        self.array = arr
+        """The mapping's bytes, read-only."""
         self.view = memoryview(arr)
+        """The same, as the log's payload chunk."""
 
     def readable(self) -> int:
         """Where the frames the log points into end in the file, after checking that
@@ -112,15 +122,24 @@ class MappedSegment:
         """
         end = int(self.writer.size)
         try:
-            st = os.fstat(self.fd)
+            size = os.lseek(self.fd, 0, os.SEEK_END)
         except OSError as exc:
             raise SerializationError(f"cannot check the log segment ({exc.strerror or exc}); "
                                      "its history cannot be read", path=self.path) from None
-        if not stat.S_ISREG(st.st_mode) or st.st_size < end:
+        if size < end:
             raise SerializationError(
-                f"the log segment was cut to {st.st_size} bytes after the bus wrote {end} "
-                "there; its history cannot be read", path=self.path, offset=st.st_size)
+                f"the log segment was cut to {size} bytes after the bus wrote {end} there; "
+                "its history cannot be read", path=self.path, offset=size)
         return end
+
+
+def _own_descriptor(fd: int) -> int:
+    """A read-only descriptor of the file ``fd`` is open on, with an offset of its own
+    (``readable`` seeks it), through /proc where there is one, else a ``dup``."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return os.dup(fd)
 
 
 def map_segment(writer: Any, segment_bytes: int, frame_room: int) -> MappedSegment | None:
