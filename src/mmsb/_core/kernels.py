@@ -1027,7 +1027,7 @@ length (59), the body encoding byte and the run count (5)."""
 @njit(cache=True, nogil=True)
 def check_segment_rows(rows: np.ndarray, sel: np.ndarray, r0: int, r1: int, cid: int,
                        buf: np.ndarray, srclen: np.ndarray, crcs: np.ndarray, tab: np.ndarray,
-                       end: int) -> tuple[int, int, int]:  # pragma: no cover - compiled
+                       end: int) -> tuple[Any, Any, Any]:  # pragma: no cover - compiled
     """Check the frames of the log rows ``sel`` (row numbers; when empty, rows ``r0 …
     r1-1``) whose payload is an :data:`ENC_SEGRUN` run in segment chunk ``cid``
     (``buf``, whose first ``end`` bytes the segment file holds): the frame, found from

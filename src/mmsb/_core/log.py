@@ -1519,7 +1519,7 @@ class TransactionLog:
             return
         if self._has_segment_rows(r0, n):
             # Runs read from mapped segments change encoding on the way (see columns).
-            yield memoryview(self.columns(start).payload)
+            yield self.columns(start).payload.data
             return
         rows = self.rows[r0:n]
         poff = np.ascontiguousarray(rows["poff"])

@@ -514,7 +514,10 @@ class FastWriter:
         self.consts[_K_SEG] = ci
         self.take_crcs(log.crcs)
 
-    def take_crcs(self, crcs: np.ndarray) -> None:
+    def take_crcs(self, crcs: np.ndarray | None) -> None:
+        """Take the address of the log's CRC column (one exists once the segment is
+        one of its chunks)."""
+        assert crcs is not None
         self.crcs_of = crcs
         self.consts[_K_CRCS] = crcs.ctypes.data
         self.consts[_K_CRCS_LEN] = len(crcs)

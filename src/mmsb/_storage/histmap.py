@@ -104,11 +104,11 @@ class MappedSegment:
         raw = (ctypes.c_ubyte * self.length).from_address(addr)
         # The mapping goes when the last array or view over it does (they keep ``raw``).
         weakref.finalize(raw, _unmap, addr, self.length, self.fd)
-        arr = np.frombuffer(raw, np.uint8)
+        arr = np.frombuffer(memoryview(raw).cast("B"), np.uint8)
         arr.flags.writeable = False
         self.array = arr
         """The mapping's bytes, read-only."""
-        self.view = memoryview(arr)
+        self.view = arr.data
         """The same, as the log's payload chunk."""
 
     def readable(self) -> int:
