@@ -277,3 +277,27 @@ def test_a_segment_replaced_by_another_file_is_still_read(tmp_path: Path, what: 
         os.rename(moved, path)
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_mapped_segments_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:
+    """Past MAX_MAPPED_SEGMENTS, the oldest segment's rows move into memory and its
+    mapping (and descriptor) goes; reads are unchanged."""
+    import mmsb._core.log as log_mod
+
+    monkeypatch.setattr(log_mod, "MAX_MAPPED_SEGMENTS", 2)
+    s = start(tmp_path / "bus", segment_bytes=4096)
+    try:
+        ids, seen = write_some(s, 400)
+        log = s.log
+        assert len(log.segs) == 2
+        assert sum(c is None for c in log.chunks) >= 1
+        check_history(s, ids, seen, every=3)
+        assert not (log.columns().enc == ENC_SEGRUN).any()
+        assert mmsb.verify_state_consistency(s)
+    finally:
+        mmsb.mmsb_stop(s)
+    s = start(tmp_path / "bus")
+    try:
+        check_history(s, ids, seen, every=9)
+    finally:
+        mmsb.mmsb_stop(s)

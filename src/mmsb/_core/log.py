@@ -85,6 +85,12 @@ see :meth:`TransactionLog.map_segment`; never in a checkpoint, which gets the ru
 encodings above)."""
 
 
+MAX_MAPPED_SEGMENTS = 64
+"""Mapped segments a log keeps at most (each holds a descriptor, and the disk space of
+a segment a checkpoint removed): past it, the oldest one's rows get their payloads
+copied into memory (:meth:`TransactionLog.unmap_segment`)."""
+
+
 class SegmentSource(Protocol):
     """A log segment whose mapping is one of a log's payload chunks
     (:meth:`TransactionLog.map_segment`)."""
@@ -810,12 +816,50 @@ class TransactionLog:
         read; returns its chunk number. The writer then fills rows of encoding
         :data:`ENC_SEGRUN` pointing at the frames it appends there, and their CRCs in
         :attr:`crcs`. O(rows) the first time (the CRC column is made), else O(1)."""
+        while len(self.segs) >= MAX_MAPPED_SEGMENTS:
+            self.unmap_segment(min(self.segs))
         self.chunks.append(view)
         ci = len(self.chunks) - 1
         self.segs[ci] = source
         if self.crcs is None:
             self.crcs = np.zeros(len(self.rows), np.uint32)
         return ci
+
+    def unmap_segment(self, ci: int) -> None:
+        """Let go of the mapped segment chunk ``ci``: the rows that point there get
+        their payloads copied into a chunk of memory (checked first, in the run
+        encodings of memory), so the mapping and its file (kept open, even once a
+        checkpoint removed it) go. O(rows + their payloads).
+
+        Raises:
+            SerializationError: the segment was cut or changed (nothing changed).
+        """
+        if ci not in self.segs:
+            return
+        n = self.n
+        sel = np.flatnonzero((self.rows["enc"][:n] == ENC_SEGRUN)
+                             & ((self.rows["poff"][:n] >> 32) == ci))
+        if len(sel):
+            self.check_segments(sel)
+            rows = self.rows[sel]
+            psize = rows["psize"].astype(np.int64)
+            plen = rows["plen"].astype(np.int64)
+            small = psize <= 1 << 16
+            out_plen = plen - np.where(small, 6, 4)
+            at = np.zeros(len(sel) + 1, np.int64)
+            np.cumsum(out_plen, out=at[1:])
+            buf = np.empty(int(at[-1]), np.uint8)
+            gather_converted(self.segs[ci].array, rows["poff"] & 0xFFFFFFFF, plen,
+                             np.ascontiguousarray(rows["enc"]), psize, buf, at[:-1])
+            self.chunks.append(memoryview(buf.data))
+            new = len(self.chunks) - 1
+            col = self.rows
+            col["poff"][sel] = (new << 32) | at[:-1]
+            col["plen"][sel] = out_plen
+            col["enc"][sel] = np.where(small, ENC_RUN16, ENC_RUN).astype(np.uint8)
+            self.payload_bytes -= int(plen.sum() - out_plen.sum())
+        del self.segs[ci]
+        self.chunks[ci] = None
 
     def _source_lengths(self) -> np.ndarray:
         """The UTF-8 length of each numbered source's name (int64), as a frame holds it."""
@@ -1173,11 +1217,13 @@ class TransactionLog:
                                starts, out, bounds, lens)
 
     def _chunks_of(self, r0: int, r1: int) -> list[int]:
-        """The payload chunks rows ``r0 … r1-1`` use, ascending. O(rows)."""
+        """The payload chunks rows ``r0 … r1-1`` use, ascending (a chunk let go is
+        never one: no row points there). O(rows)."""
         ci = self.rows["poff"][r0:r1] >> 32
         lo, hi = int(ci.min()), int(ci.max())
         if hi - lo < 4:
-            return list(range(lo, hi + 1))
+            chunks = self.chunks
+            return [c for c in range(lo, hi + 1) if chunks[c] is not None]
         return np.unique(ci).tolist()
 
     def _mark(self, poff: np.ndarray, plen: np.ndarray, enc: np.ndarray, psize: np.ndarray,
