@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 __all__ = ["ROW_DTYPE", "write_small", "write_small_counted", "ENC_RUN", "ENC_RUN16",
            "ENC_POS16", "ENC_POS32", "ENC_SEGRUN", "SMALL_WRITE", "LOG_CHUNK", "CLOCK_GETTIME",
            "CRC_TABLES", "crc_update", "check_segment_rows", "gather_converted",
+           "apply_rows_of_chunk",
            "counter_consts"]
 
 ROW_DTYPE = np.dtype([
@@ -1084,3 +1085,29 @@ def gather_converted(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, enc
             _copy(out[a + head:a + head + n], chunk[o + 8:o + 8 + n])
         else:
             _copy(out[a:a + plens[r]], chunk[o:o + plens[r]])
+
+
+@njit(cache=True, nogil=True)
+def apply_rows_of_chunk(rows: np.ndarray, sel: np.ndarray, start: int, cid: int,
+                        chunk: np.ndarray, buf: np.ndarray) -> tuple[Any, Any]:  # pragma: no cover
+    """Write into ``buf`` (one page's bytes) the deltas of log rows ``sel[start:]``, in
+    order, while their payloads lie in chunk ``cid`` (``chunk``; see
+    :func:`_apply_row`). Returns ``(the index in sel of the first row not applied,
+    bytes written)``; the index is ``-1 - i`` for a row ``sel[i]`` whose payload does
+    not fit the page or the chunk (nothing of it written for a run or dense row)."""
+    wrote = 0
+    size = buf.shape[0]
+    for i in range(start, sel.shape[0]):
+        r = sel[i]
+        poff = rows[r].poff
+        if (poff >> 32) != cid:
+            return i, wrote
+        if np.int64(rows[r].psize) != size:
+            return -1 - i, wrote
+        plen: Any = np.int64(rows[r].plen)
+        enc: Any = np.int64(rows[r].enc)
+        n = _apply_row(chunk, poff & 0xFFFFFFFF, plen, enc, size, buf, 0)
+        if n < 0:
+            return -1 - i, wrote
+        wrote += n
+    return sel.shape[0], wrote

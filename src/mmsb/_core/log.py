@@ -39,6 +39,7 @@ from .kernels import (
     LOG_CHUNK,
     ROW_DTYPE,
     apply_log_rows_one,
+    apply_rows_of_chunk,
     check_rows,
     check_segment_rows,
     entry_point,
@@ -115,8 +116,9 @@ _NO_SOURCE = 0xFFFF
 _NO_ROWS = np.zeros(0, np.int64)
 _ARRAY_DTYPES = {"I": np.uint32, "q": np.int64, "l": np.int_, "L": np.uint}
 """numpy dtypes of the typecodes of row-number arrays (array.array)."""
-_CHECK_ENTRY: dict[int, Callable[..., tuple[int, int, int]]] = {}
-"""The compiled entry of :func:`check_segment_rows` for the types check_segments passes
+_CHECK_ENTRY: dict[int, Callable[..., Any]] = {}
+"""The compiled entries of :func:`check_segment_rows` (0) and of
+:func:`apply_rows_of_chunk` on a mapped segment (1) for the types the log passes
 (numba's choice of a version costs about 2 µs a call with a structured array)."""
 """An empty row selection (check_segments of a row range)."""
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
@@ -1697,12 +1699,7 @@ class TransactionLog:
         """:meth:`apply_row` for each of ``rows`` (deltas of one page, in log order);
         returns the bytes they write. O(their payloads)."""
         if self.segs:
-            sel = (np.frombuffer(rows, _ARRAY_DTYPES[rows.typecode]).astype(np.int64)
-                   if type(rows) is array and rows.typecode in _ARRAY_DTYPES
-                   else np.array(list(rows), np.int64))
-            if len(sel):
-                self.check_segments(sel)
-            rows = sel.tolist()
+            return self._apply_rows_compiled(rows, buf)
         unpack, width = self._row_struct.unpack_from, self._row_struct.size
         cols, chunks = self.rows.data, self.chunks
         wrote = 0
@@ -1732,6 +1729,49 @@ class TransactionLog:
                     buf[:] = data
                 wrote += size
         return wrote
+
+    def _apply_rows_compiled(self, rows: Iterable[int], buf: np.ndarray) -> int:
+        """:meth:`apply_rows` of a log with mapped segments: the rows checked
+        (:meth:`check_segments`), then applied by one compiled call per run of rows
+        whose payloads share a chunk (:func:`~mmsb._core.kernels.apply_rows_of_chunk`).
+
+        Raises:
+            SerializationError: a row's frame was cut or changed, or its payload does
+                not fit the page (a damaged log).
+        """
+        sel = (np.frombuffer(rows, _ARRAY_DTYPES[rows.typecode]).astype(np.int64)
+               if type(rows) is array and rows.typecode in _ARRAY_DTYPES
+               else np.array(list(rows), np.int64))
+        if not len(sel):
+            return 0
+        self.check_segments(sel)
+        apply = _CHECK_ENTRY.get(1)
+        chunks, segs, table = self.chunks, self.segs, self.rows
+        wrote = i = 0
+        while i < len(sel):
+            ci = int(table["poff"][sel[i]]) >> 32
+            source = segs.get(ci)
+            if source is not None:
+                arr = source.array
+            else:
+                chunk = chunks[ci]
+                assert chunk is not None, "a kept row's payload chunk was let go"
+                arr = np.frombuffer(chunk, np.uint8)
+            args = (table, sel, i, ci, arr, buf)
+            if apply is None or source is None or type(buf) is not np.ndarray:
+                i, n = apply_rows_of_chunk(*args)
+                if source is not None and apply is None and buf.flags.c_contiguous \
+                        and buf.flags.writeable and buf.dtype == np.uint8:
+                    apply = _CHECK_ENTRY[1] = entry_point(apply_rows_of_chunk, *args)
+            else:
+                i, n = apply(*args)
+            if i < 0:
+                bad = int(sel[-1 - i])
+                raise SerializationError(
+                    f"the log holds a delta whose payload does not fit page "
+                    f"{int(table['page'][bad])} (delta row {bad})")
+            wrote += n
+        return int(wrote)
 
     def extend_from(self, other: TransactionLog, start: int, stop: int) -> None:
         """Keep ``other``'s records with ``start`` < LSN ≤ ``stop``, as adopting them one
