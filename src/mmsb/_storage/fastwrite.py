@@ -11,8 +11,11 @@ call (:func:`_write_frame`) does, in order:
    the page changes (a sparse delta, as ``diff_write`` decides), encode the log row and
    payload the in-memory log keeps and the whole write-ahead-log frame (``length u64 |
    crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
-   writes the delta; its CRC32C by the bulk segment reader's compiled loop). Nothing
-   the state or the files show changes.
+   writes the delta; its CRC32C by the bulk segment reader's compiled loop). A delta of
+   one run whose frame fits the segment's read-only mapping (a chunk of the log, see
+   histmap.py) keeps no payload in the log: its row points at the run inside the frame
+   (``ENC_SEGRUN``) and the frame's CRC goes to the log's CRC column. Nothing the state
+   or the files show changes.
 2. ``pwrite(2)`` of the frame to the segment at the end of its frames (libc's, called
    at its address; the segment is written ahead with zeros, see wal.py, so the write
    lands in blocks the file has and the sync commits no new size), and
