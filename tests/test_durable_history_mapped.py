@@ -330,3 +330,15 @@ def test_writes_after_a_reopen_keep_mapped_rows_once_history_loads(tmp_path: Pat
             [d.values.tobytes() for d in log.deltas]
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_segments_too_long_to_map_keep_payloads_in_memory(tmp_path: Path) -> None:
+    """A row's payload offset is 32 bits: a bus whose segments may pass 4 GiB maps none
+    and keeps its payloads as an in-memory log does."""
+    s = start(tmp_path / "bus", segment_bytes=1 << 33)
+    try:
+        ids, seen = write_some(s, 200)
+        assert not s.log.segs and not len(segment_rows(s.log))
+        check_history(s, ids, seen, every=5)
+    finally:
+        mmsb.mmsb_stop(s)
