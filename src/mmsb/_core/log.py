@@ -902,6 +902,10 @@ class TransactionLog:
             sel = _NO_ROWS
         elif not len(sel):
             return
+        elif (sel.dtype != np.int64 or sel.ndim != 1 or not sel.flags.c_contiguous
+              or not sel.flags.writeable):
+            # The compiled entry takes exactly the types it was made for.
+            sel = np.array(sel, np.int64).reshape(-1)
         check = _CHECK_ENTRY.get(0)
         if check is not None and len(segs) == 1:
             # One segment (the usual case), in one call.
@@ -1753,7 +1757,11 @@ class TransactionLog:
         if not len(sel):
             return 0
         self.check_segments(sel)
-        apply = _CHECK_ENTRY.get(1)
+        # The compiled entry takes only the types it was made for: a writable,
+        # contiguous 1-D uint8 page buffer (other buffers go through numba's dispatch).
+        plain = (type(buf) is np.ndarray and buf.dtype == np.uint8 and buf.ndim == 1
+                 and buf.flags.c_contiguous and buf.flags.writeable)
+        apply = _CHECK_ENTRY.get(1) if plain else None
         chunks, segs, table = self.chunks, self.segs, self.rows
         wrote = i = 0
         while i < len(sel):
@@ -1766,10 +1774,9 @@ class TransactionLog:
                 assert chunk is not None, "a kept row's payload chunk was let go"
                 arr = np.frombuffer(chunk, np.uint8)
             args = (table, sel, i, ci, arr, buf)
-            if apply is None or source is None or type(buf) is not np.ndarray:
+            if apply is None or source is None:
                 i, n = apply_rows_of_chunk(*args)
-                if source is not None and apply is None and buf.flags.c_contiguous \
-                        and buf.flags.writeable and buf.dtype == np.uint8:
+                if source is not None and apply is None and plain:
                     apply = _CHECK_ENTRY[1] = entry_point(apply_rows_of_chunk, *args)
             else:
                 i, n = apply(*args)
