@@ -393,9 +393,14 @@ class HistoryIndex:
         line's events and their bytes)."""
         buf = self.bytes_after(line, 0).copy()
         log = self.log
+        if log.segs:
+            # Rows read from mapped log segments: checked in one go.
+            log.check_segments(np.array([r for k, r in zip(line.kinds[1:], line.refs[1:],
+                                                            strict=True) if k == DELTA],
+                                        np.int64))
         for kind, ref in zip(line.kinds[1:], line.refs[1:], strict=True):
             if kind == DELTA:
-                d = log.delta_at(ref)
+                d = log.delta_at(ref, True)
                 apply_delta(buf, d)
                 yield d, buf
             elif kind == RESIZE:
