@@ -61,7 +61,7 @@ from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bou
 from .log import _SMALL_ENTRY as _small_entries
 from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
 from .monitor import Counters
-from .page_table import LIVE, PageTable
+from .page_table import LIVE, CreationCursor, PageTable
 from .propagation import run_propagation
 from .records import (
     AnyRecord,
@@ -440,6 +440,7 @@ class MMSBState:
                 # recompute functions follow them before it goes.
                 self.enter()
                 self.leave()
+            self.table.creating = None
             hooks, self.close_hooks = self.close_hooks, ()
             for hook in hooks:
                 try:
@@ -509,6 +510,10 @@ class MMSBState:
     # -- locking and event delivery --------------------------------------------------
     def enter(self) -> None:
         self.lock.acquire()
+        # Any call may change what create_page's creation cursor rests on (the log's
+        # tail, the arena, the table, a batch): it is made again by the next
+        # create_one.
+        self.table.creating = None
         if self.closed:
             self.lock.release()
             raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
@@ -1031,6 +1036,17 @@ class MMSBState:
             self.counters.logged[0] += 1
             if self.events.active:
                 self.event_queue.append((_PAGE_CREATED, (pid,)))
+            # The next creations of this size continue the run through create_page's
+            # cursor while their slots come from the current chunk (no slot is
+            # free-listed) and the table has their rows.
+            cls = arena._classes.get(size)
+            if cls is not None and not arena.bytes_free_listed and arena._cur >= 0:
+                run = log.structs[-1]
+                assert type(run) is _CreateRun
+                t.creating = CreationCursor(
+                    size, cls, min(len(flags_v), pid + 1 + (CHUNK_SIZE - arena._bump) // cls),
+                    log.next_lsn - pid - 1, arena._cur << CHUNK_SHIFT, run.timestamp,
+                    run.offsets)
         finally:
             lock.release()
         if self.event_queue and not getattr(self._delivering, "on", False):
@@ -1868,11 +1884,6 @@ class MMSBState:
                 f"{what} needs the transaction log, but this state has enable_logging=False")
 
 
-_NO_SLOT = CHUNK_SIZE + 1
-"""What create_page reads as the slot class of a size the arena has not cached: no
-room in any chunk for it."""
-
-
 def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
                 metadata: dict[str, Any] | None = None, gpu: bool = False) -> Page:
     """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
@@ -1888,48 +1899,38 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         MetadataError: metadata msgpack cannot encode.
     """
     # The usual case runs in this one frame: a cpu page without metadata on an
-    # in-memory state whose newest structural log entry is the open creation run of
-    # this size, continued by this page (consecutive id and LSN, under 2**32 ns after
-    # the run's first), the slot carved from the current arena chunk with no slot
-    # free-listed anywhere, logging on, not in a batch or a nested call. What
-    # MMSBState.create_one and TransactionLog.extend_creation do, inlined: each call
-    # costs about a tenth of the microsecond this path takes. The creation is logged
-    # first (the offset's append is the only step that allocates), then the slot is
-    # taken, then the table row filled. Anything else takes create_one, then create,
-    # with their refusals.
+    # in-memory state whose table holds a creation cursor (CreationCursor) of this
+    # size, still valid (the log's next LSN minus the table's next id is the cursor's
+    # gap: no record came in between, and no call entered the state since, which
+    # drops the cursor), logging on, a row and a slot in the current arena chunk left
+    # for it (the cursor's stop), under 2**32 ns after the run's first creation.
+    # MMSBState.create_one, which every other case calls, opens or continues the run
+    # the general way and makes the cursor; what the cursor holds was checked there
+    # (the state open, no bus or sink, no nested call or batch, the run the newest
+    # structural entry, no slot free-listed). The creation is logged first (the
+    # offset's append is the only step that allocates), then the slot is taken, then
+    # the table row filled, each counter as create_one leaves it.
     if type(state) is MMSBState and location == "cpu" and not metadata and gpu is False:
-        lock = state.lock
-        lock.acquire()
-        log = state.log
-        try:
-            run = log.structs[-1]
-        except IndexError:
-            run = None
         if size is None:
             size = state.config.page_size_default
-        if (type(run) is _CreateRun and type(size) is int and run.size == size
-                and run.location == 0 and not state.call_depth and not state.closed
-                and state.bus is None and log.sink is None and state.config.enable_logging):
-            arena = state.arena
-            bump = arena._bump
-            # A size whose slots are not carved from the bump chunks is not cached.
-            cls = arena._classes.get(size, _NO_SLOT)
-            t = state.table
+        lock = state.lock
+        lock.acquire()
+        t = state.table
+        cur = t.creating
+        # The same int object as the run's size is the usual case (a constant).
+        if cur is not None and (size is cur.size or type(size) is int and size == cur.size):
             pid = t.next_id
-            addr_v, size_v, _epoch_v, flags_v = t.views
-            offsets = run.offsets
-            n = len(offsets)
+            log = state.log
             lsn = log.next_lsn
-            if (bump + cls <= CHUNK_SIZE and pid < len(flags_v) and not arena.bytes_free_listed
-                    and pid == run.first_id + n and lsn == run.lsn + n):
+            if pid < cur.stop and lsn - pid == cur.gap and state.config.enable_logging:
                 ts = time.time_ns()
                 last = log.last_timestamp
                 if ts < last:
                     ts = last
-                off = ts - run.timestamp
+                off = ts - cur.t0
                 if off < 4294967296:  # the offsets are 32-bit
                     try:
-                        offsets.append(off)
+                        cur.offsets.append(off)
                     except BaseException:
                         lock.release()
                         raise
@@ -1937,11 +1938,15 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
                         log.struct_count += 1
                         log.next_lsn = lsn + 1
                         log.last_timestamp = ts
+                        arena = state.arena
+                        bump = arena._bump
+                        cls = cur.cls
                         arena._bump = bump + cls
                         arena.bytes_in_use += cls
                         # Rows past next_id are all zero (PageTable._check): epoch 0 and
                         # the cpu location are already there.
-                        addr_v[pid] = (arena._cur << CHUNK_SHIFT) | bump
+                        addr_v, size_v, _epoch_v, flags_v = t.views
+                        addr_v[pid] = cur.hi | bump
                         size_v[pid] = size
                         flags_v[pid] = LIVE
                         t.next_id = pid + 1
