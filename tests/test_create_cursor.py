@@ -40,7 +40,10 @@ def _pages(state: mmsb.MMSBState) -> list[tuple[int, int, int, bytes, dict[str, 
 
 
 def _counts(state: mmsb.MMSBState) -> tuple[int, ...]:
-    # Read straight from the engine's objects, without entering the state.
+    """The engine's counters, read straight from its objects after a settle (what the
+    readers of counters do: get_stats, len(state.pages), repr, _check), without
+    entering the state."""
+    state.settle()
     a = state.arena
     return (state.table.next_id, state.table.live_count, state.log.next_lsn,
             state.log.record_count, state.counters.records_logged, a.bytes_in_use,
@@ -48,24 +51,26 @@ def _counts(state: mmsb.MMSBState) -> tuple[int, ...]:
 
 
 _SIZES = st.sampled_from([None, 64, 64, 64, 16, 100])
+_OPS = {
+    "create": st.tuples(st.just("create"), _SIZES, st.none()),
+    # A creation with metadata takes one id and one LSN, as a creation by the cursor
+    # does.
+    "apart": st.tuples(st.just("create"), _SIZES, st.just({"k": 1})),
+    "bulk": st.tuples(st.just("bulk"), st.integers(1, 3), st.none()),
+    "clone": st.tuples(st.just("clone"), st.integers(0, 40), st.none()),
+    # A one-frame write takes an LSN without entering the state.
+    "write": st.tuples(st.just("write"), st.integers(0, 40), st.binary(min_size=1, max_size=16)),
+    "read": st.tuples(st.just("read"), st.integers(0, 40), st.none()),
+    "delete": st.tuples(st.just("delete"), st.integers(0, 40), st.none()),
+    "meta": st.tuples(st.just("meta"), st.integers(0, 40), st.none()),
+    "resize": st.tuples(st.just("resize"), st.integers(0, 40), st.none()),
+    "batch": st.tuples(st.just("batch"), st.integers(0, 40), st.booleans()),
+}
 # Creations are half the calls, so that runs of them, broken by every other kind of
-# call, are common.
-_create = st.tuples(st.just("create"), _SIZES, st.none())
-# A creation with metadata takes one id and one LSN, as a creation by the cursor does.
-_apart = st.tuples(st.just("create"), _SIZES, st.just({"k": 1}))
-# A one-frame write takes an LSN without entering the state.
-_write = st.tuples(st.just("write"), st.integers(0, 40), st.binary(min_size=1, max_size=16))
-_ops = st.lists(st.one_of(
-    _create, _create, _create, _create, _create, _create, _create, _apart, _apart,
-    st.tuples(st.just("bulk"), st.integers(1, 3), st.none()),
-    st.tuples(st.just("clone"), st.integers(0, 40), st.none()),
-    _write, _write, _write,
-    st.tuples(st.just("read"), st.integers(0, 40), st.none()),
-    st.tuples(st.just("delete"), st.integers(0, 40), st.none()),
-    st.tuples(st.just("meta"), st.integers(0, 40), st.none()),
-    st.tuples(st.just("resize"), st.integers(0, 40), st.none()),
-    st.tuples(st.just("batch"), st.integers(0, 40), st.booleans()),
-), min_size=2, max_size=40)
+# call, are common (a kind is drawn uniformly from this list).
+_KINDS = ["create"] * 7 + ["apart"] * 2 + ["write"] * 3 + [
+    "bulk", "clone", "read", "delete", "meta", "resize", "batch"]
+_ops = st.lists(st.sampled_from(_KINDS).flatmap(_OPS.__getitem__), min_size=2, max_size=40)
 
 
 def _run(state: mmsb.MMSBState, ops: list[tuple[str, Any, Any]], seen: list[int],
@@ -329,3 +334,34 @@ def test_threads_creating_and_changing_the_state_at_once() -> None:
     assert lsns == list(range(1, len(lsns) + 1))
     replayed = mmsb.replay_to_lsn(s, s.last_lsn)
     assert len(replayed.pages) == len(s.pages)
+
+
+def test_the_arena_and_live_counts_are_brought_up_to_date_before_any_reader() -> None:
+    s = new_state()
+    mmsb.create_page(s, 64)
+    mmsb.create_page(s, 64)  # makes the cursor; counted
+    a, t = s.arena, s.table
+    in_use, live = a.bytes_in_use, t.live_count
+    for _ in range(5):
+        mmsb.create_page(s, 64)
+    # The cursor's five creations are not in the arena's and the table's counts yet...
+    assert (a.bytes_in_use, t.live_count) == (in_use, live)
+    # ...and every reader counts them first.
+    assert len(s.pages) == 7
+    assert (a.bytes_in_use, t.live_count) == (in_use + 5 * 64, 7)
+    for _ in range(3):
+        mmsb.create_page(s, 64)
+    assert mmsb.get_stats(s).total_pages == 10
+    assert mmsb.get_stats(s).arena_bytes_in_use == 10 * 64
+    mmsb.create_page(s, 64)
+    assert "pages=11" in repr(s)
+    mmsb.create_page(s, 64)
+    s._check()
+    assert t.live_count == 12
+    # A call that enters counts them too, before it uses the arena: the slot of a page
+    # created apart follows the cursor's last one.
+    mmsb.create_page(s, 64)
+    q = mmsb.create_page(s, 64, metadata={"k": 1})
+    assert int(t.addr[q.id]) == int(t.addr[q.id - 1]) + 64
+    assert (a.bytes_in_use, t.live_count) == (14 * 64, 14)
+    s._check()

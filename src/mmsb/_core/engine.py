@@ -337,6 +337,7 @@ class PageMap(Mapping[int, Page]):
         return iter(self._state.table.live_ids().tolist())
 
     def __len__(self) -> int:
+        self._state.settle_creations()
         return self._state.table.live_count
 
     def __repr__(self) -> str:
@@ -440,7 +441,7 @@ class MMSBState:
                 # recompute functions follow them before it goes.
                 self.enter()
                 self.leave()
-            self.table.creating = None
+            self.drop_cursor()
             hooks, self.close_hooks = self.close_hooks, ()
             for hook in hooks:
                 try:
@@ -502,6 +503,39 @@ class MMSBState:
         if frame is not None and frame.writes and frame.owner == threading.get_ident():
             with self.lock:
                 log_buffered(self, frame)
+        self.settle_creations()
+
+    def settle_creations(self) -> None:
+        """Count the creations create_page's cursor made and has not counted yet (see
+        :meth:`count_creations`); nothing to do (and no lock taken) when there are
+        none. O(1)."""
+        t = self.table
+        cur = t.creating
+        if cur is not None and cur.start != t.next_id:
+            with self.lock:
+                self.count_creations()
+
+    def count_creations(self) -> None:
+        """Under the lock: add the creations create_page's cursor made since it last
+        counted them to the arena (its bump offset and bytes in use) and to the table's
+        live count; their records, rows and ids are in place already. O(1)."""
+        t = self.table
+        cur = t.creating
+        if cur is None:
+            return
+        n = t.next_id - cur.start
+        if n:
+            cur.start = t.next_id
+            arena = self.arena
+            arena._bump = cur.bump
+            arena.bytes_in_use += n * cur.cls
+            t.live_count += n
+
+    def drop_cursor(self) -> None:
+        """Under the lock: count the creation cursor's creations and drop it, so that
+        the next create_page takes create_one. O(1)."""
+        self.count_creations()
+        self.table.creating = None
 
     def page_handle(self, page_id: int) -> Page:
         """A live :class:`Page` handle on ``page_id`` (not checked: see ``require_page``)."""
@@ -511,9 +545,10 @@ class MMSBState:
     def enter(self) -> None:
         self.lock.acquire()
         # Any call may change what create_page's creation cursor rests on (the log's
-        # tail, the arena, the table, a batch): it is made again by the next
-        # create_one.
-        self.table.creating = None
+        # tail, the arena, the table, a batch) or read what it leaves out: its
+        # creations are counted and it is dropped (the next create_one makes it again).
+        if self.table.creating is not None:
+            self.drop_cursor()
         if self.closed:
             self.lock.release()
             raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
@@ -1000,6 +1035,9 @@ class MMSBState:
         """
         lock = self.lock
         lock.acquire()
+        # The cursor's creations are counted before the arena is used (its bump offset)
+        # and before this creation makes a new cursor.
+        self.count_creations()
         t = self.table
         pid = t.next_id
         log = self.log
@@ -1043,10 +1081,11 @@ class MMSBState:
             if cls is not None and not arena.bytes_free_listed and arena._cur >= 0:
                 run = log.structs[-1]
                 assert type(run) is _CreateRun
+                bump = arena._bump
                 t.creating = CreationCursor(
-                    size, cls, min(len(flags_v), pid + 1 + (CHUNK_SIZE - arena._bump) // cls),
-                    log.next_lsn - pid - 1, arena._cur << CHUNK_SHIFT, run.timestamp,
-                    run.offsets)
+                    size, cls, min(len(flags_v), pid + 1 + (CHUNK_SIZE - bump) // cls),
+                    log.next_lsn - pid - 1, arena._cur << CHUNK_SHIFT, bump, pid + 1,
+                    run.timestamp, run.offsets)
         finally:
             lock.release()
         if self.event_queue and not getattr(self._delivering, "on", False):
@@ -1747,6 +1786,7 @@ class MMSBState:
     def _check(self) -> None:
         """Assert every invariant of the table, arena, log and graph."""
         with self.lock:
+            self.count_creations()
             t = self.table
             t._check()
             live = t.live_ids()
@@ -1908,8 +1948,10 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
     # the general way and makes the cursor; what the cursor holds was checked there
     # (the state open, no bus or sink, no nested call or batch, the run the newest
     # structural entry, no slot free-listed). The creation is logged first (the
-    # offset's append is the only step that allocates), then the slot is taken, then
-    # the table row filled, each counter as create_one leaves it.
+    # offset's append is the only step that allocates), then the slot is taken from
+    # the cursor, then the table row filled. The arena's bump offset and bytes in use
+    # and the table's live count are brought up to date by count_creations, before
+    # anything reads them (any call that enters, settle, len(state.pages), _check).
     if type(state) is MMSBState and location == "cpu" and not metadata and gpu is False:
         if size is None:
             size = state.config.page_size_default
@@ -1938,11 +1980,10 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
                         log.struct_count += 1
                         log.next_lsn = lsn + 1
                         log.last_timestamp = ts
-                        arena = state.arena
-                        bump = arena._bump
-                        cls = cur.cls
-                        arena._bump = bump + cls
-                        arena.bytes_in_use += cls
+                        # The slot: the arena's bump offset and bytes in use, and the
+                        # table's live count, are counted later (count_creations).
+                        bump = cur.bump
+                        cur.bump = bump + cur.cls
                         # Rows past next_id are all zero (PageTable._check): epoch 0 and
                         # the cpu location are already there.
                         addr_v, size_v, _epoch_v, flags_v = t.views
@@ -1950,7 +1991,6 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
                         size_v[pid] = size
                         flags_v[pid] = LIVE
                         t.next_id = pid + 1
-                        t.live_count += 1
                         state.counters.creations_logged += 1
                         if state.events.active:
                             state.event_queue.append((_PAGE_CREATED, (pid,)))
