@@ -365,3 +365,37 @@ def test_the_arena_and_live_counts_are_brought_up_to_date_before_any_reader() ->
     assert int(t.addr[q.id]) == int(t.addr[q.id - 1]) + 64
     assert (a.bytes_in_use, t.live_count) == (14 * 64, 14)
     s._check()
+
+
+def test_a_creation_that_makes_no_cursor_drops_the_one_there() -> None:
+    # Past 256 sizes the arena caches no more size classes, and create_one makes no
+    # cursor for such a size; the creation takes one id and one LSN, as the cursor's
+    # do, so the cursor of the run before must not outlive it.
+    s = new_state()
+    for size in range(1, 301):
+        mmsb.create_page(s, size)
+    classes = s.arena._classes
+    assert len(classes) == 256 and 32 in classes and 5000 not in classes
+    a = [mmsb.create_page(s, 32).id for _ in range(3)]
+    assert _has_cursor(s)
+    odd = [mmsb.create_page(s, 5000).id for _ in range(2)]
+    assert not _has_cursor(s)
+    b = [mmsb.create_page(s, 32).id for _ in range(3)]
+    assert a + odd + b == list(range(301, 309))
+    recs = [r for r in s.log.records if r.first_id > 300]
+    assert [(r.first_id, r.size) for r in recs] == [
+        (pid, 32) for pid in a] + [(pid, 5000) for pid in odd] + [(pid, 32) for pid in b]
+    assert [r.lsn for r in s.log.records] == list(range(1, 309))
+    s._check()
+
+
+def test_a_cursor_is_made_when_a_run_is_continued_not_when_it_is_opened() -> None:
+    s = new_state()
+    mmsb.create_page(s, 64)
+    for size in (32, 64, 32, 64):
+        mmsb.create_page(s, size)  # each opens a run
+        assert not _has_cursor(s)
+    mmsb.create_page(s, 64)  # continues the last one
+    assert _has_cursor(s)
+    assert len(s.log.structs) == 5
+    s._check()

@@ -1030,15 +1030,20 @@ class MMSBState:
         general path: the slot is taken first (it needs no new memory, so it cannot
         fail), then the creation is logged (the open run extended, or a record
         appended; the slot is freed again if that fails), then the table row is filled.
-        Anything else takes ``create``, with its refusals. O(1), O(size) to zero a
-        reused slot.
+        Anything else takes ``create``, with its refusals. The creation cursor there was
+        is counted and dropped first; when the open run was extended, a new one is
+        left for create_page's one frame (see :class:`CreationCursor`). O(1), O(size)
+        to zero a reused slot.
         """
         lock = self.lock
         lock.acquire()
-        # The cursor's creations are counted before the arena is used (its bump offset)
-        # and before this creation makes a new cursor.
-        self.count_creations()
         t = self.table
+        if t.creating is not None:
+            # The cursor's creations are counted before the arena is used (its bump
+            # offset), and the cursor is dropped: this creation takes one id and one
+            # LSN, as the cursor's do, so a cursor left in place would go on as if
+            # its run were still the newest entry.
+            self.drop_cursor()
         pid = t.next_id
         log = self.log
         if size is None:
@@ -1056,7 +1061,8 @@ class MMSBState:
             lock.release()
             return self.create(1, size, "cpu", None)
         try:
-            if not log.extend_creation(pid, size, 0):
+            extended = log.extend_creation(pid, size, 0)
+            if not extended:
                 log.append(PageCreate(pid, 1, size, 0, None))
         except BaseException:
             arena.free(addr, size)
@@ -1074,10 +1080,11 @@ class MMSBState:
             self.counters.logged[0] += 1
             if self.events.active:
                 self.event_queue.append((_PAGE_CREATED, (pid,)))
-            # The next creations of this size continue the run through create_page's
-            # cursor while their slots come from the current chunk (no slot is
-            # free-listed) and the table has their rows.
-            cls = arena._classes.get(size)
+            # A run continued here goes on through create_page's cursor while its slots
+            # come from the current chunk (no slot is free-listed) and the table has
+            # their rows. A run just opened makes none: creations of changing sizes,
+            # or each after a write, open a run each and would never use it.
+            cls = arena._classes.get(size) if extended else None
             if cls is not None and not arena.bytes_free_listed and arena._cur >= 0:
                 run = log.structs[-1]
                 assert type(run) is _CreateRun
