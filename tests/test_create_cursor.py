@@ -135,7 +135,7 @@ def test_cursor_creation_leaves_what_the_general_path_leaves(
     ops = [("create", 64, None), ("create", 64, None), *ops]
     _run(fast, ops, ids_fast, False)
     _run(general, ops, ids_general, True)
-    # Counters first, read straight from the objects (no call entered the state).
+    # Counters first, read from the objects after a settle, before any other call.
     assert _counts(fast) == _counts(general)
     assert ids_fast == ids_general
     assert events["fast"] == events["general"]
