@@ -436,9 +436,6 @@ class TransactionLog:
         self.generation = 0
         """Bumped each time the log's contents are replaced or rewritten (compression,
         trimming, a restored memento), so what was derived from them can tell."""
-        self.history_index: object | None = None
-        """What the history layer derives from these records (time-travel keyframes);
-        it checks ``generation`` before trusting it."""
         self._clear()
 
     _index_parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -1364,7 +1361,6 @@ class TransactionLog:
         self.index  # noqa: B018 - made now if it is made on read, so that both share it
         out = TransactionLog.__new__(TransactionLog)
         out.__dict__.update(self.__dict__)
-        out.history_index = None
         return out
 
     def memento(self) -> dict[str, Any]:
@@ -1545,7 +1541,6 @@ class TransactionLog:
         entries), vectorised."""
         out = TransactionLog.__new__(TransactionLog)
         out.__dict__.update(self.__dict__)
-        out.history_index = None
         out.sink = out.sink_many = None
         out.rows = self.rows[:max(self.n, 1024)].copy() if self.n else np.empty(1024, ROW_DTYPE)
         for name in ("lsns", "ids"):
@@ -1996,7 +1991,7 @@ class TransactionLog:
 _MIRRORED = ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp", "sink",
              "sink_many")
 """The counters and sinks a :class:`DeferredLog` holds as its tail does."""
-_OWN = frozenset((*_MIRRORED, "generation", "history_index", "_tail", "_loader"))
+_OWN = frozenset((*_MIRRORED, "generation", "_tail", "_loader"))
 
 
 class DeferredLog(TransactionLog):
@@ -2023,7 +2018,6 @@ class DeferredLog(TransactionLog):
         for name in _MIRRORED:
             own[name] = getattr(tail, name)
         own["generation"] = tail.generation
-        own["history_index"] = None
         own["_tail"] = tail
         own["_loader"] = loader
 
