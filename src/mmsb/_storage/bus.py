@@ -127,9 +127,16 @@ class _Ckpt:
 def bus_files(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
     """The checkpoint and segment files of a bus directory, oldest first."""
     r = Path(root)
-    ck = sorted(p for p in (r / "checkpoints").glob("ckpt-*.mmsb") if _CKPT_RE.match(p.name))
-    wal = sorted(p for p in (r / "wal").glob("wal-*.log") if _WAL_RE.match(p.name))
-    return {"checkpoints": ck, "wal": wal}
+    return {"checkpoints": _names(r / "checkpoints", _CKPT_RE), "wal": _names(r / "wal", _WAL_RE)}
+
+
+def _names(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """The files in ``folder`` whose names match ``pattern``, sorted (one listing)."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in sorted(n for n in names if pattern.match(n))]
 
 
 class DurableBus:
@@ -366,6 +373,7 @@ class DurableBus:
                                     self.config.fsync == "always")
         self.next_seq = seq + 1
         self._note_position()
+        self.start()
 
     def _sync_unsynced(self) -> None:
         """Make the segments recovery replayed without a checkpoint durable (caller holds
@@ -463,7 +471,10 @@ class DurableBus:
                 os.close(fd)
 
     def start(self) -> None:
-        if self._syncer is None:
+        """Start the background thread (group commit, latency counters) if it is not
+        running: when the log has a segment to sync, so that opening a bus that is then
+        only read starts no thread. A closed or read-only bus starts none."""
+        if self._syncer is None and not self.read_only and not self._stop.is_set():
             name = "mmsb-group-commit" if self.config.fsync == "batch" else "mmsb-stats"
             self._syncer = threading.Thread(target=self._sync_loop, name=name, daemon=True)
             self._syncer.start()
@@ -773,6 +784,8 @@ class DurableBus:
                 if need_segment:
                     segment_error = exc
             self._note_position()
+        if self.writer is not None:
+            self.start()
         self.ckpt_lsn = lsn
         self.reset_chain = False
         self.unsynced = []  # the checkpoint, synced, holds their records
@@ -1025,8 +1038,8 @@ def _listing(root: Path) -> tuple[list[Path], list[Path]]:
     """Segments, then checkpoints. In this order a checkpoint that replaces the listed
     segments is listed with them, so the two lists always cover every record that was
     in the log when the listing began."""
-    wal = bus_files(root)["wal"]
-    ck = bus_files(root)["checkpoints"]
+    wal = _names(root / "wal", _WAL_RE)
+    ck = _names(root / "checkpoints", _CKPT_RE)
     return wal, ck
 
 
@@ -1128,6 +1141,10 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
                 except OSError:
                     pass  # the recovered state is in its checkpoint; nothing more to keep
             raise
+        if not shared:
+            # The pages the last writer published, when they check out against the
+            # recovered state, are kept; otherwise (and for shared writers) rebuilt.
+            bus.publisher.adopt(state)
         bus.publisher.publish(state)
         w = bus.writer
         bus.publisher.note_append(bus.generation, w.seq if w else bus.next_seq,
@@ -1150,7 +1167,8 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
     bus.stats_of = weakref.ref(state)
-    bus.start()
+    if bus.writer is not None or shared:
+        bus.start()
 
 
 def _durability(root: Path, what: str, exc: OSError) -> DurabilityError:
