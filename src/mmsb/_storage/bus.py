@@ -176,6 +176,8 @@ class DurableBus:
         self.recovery_notes: list[str] = []
         self.torn_tails = 0
         self.closed = False
+        self.closing = False
+        """close() has begun: its final checkpoint starts no background thread."""
         self.read_only = False
         """Recovery only: nothing on disk is changed (open_readonly)."""
         self._stop = threading.Event()
@@ -483,7 +485,7 @@ class DurableBus:
         """Start the background thread (group commit, latency counters) if it is not
         running: when the log has a segment to sync, so that opening a bus that is then
         only read starts no thread. A closed or read-only bus starts none."""
-        if self._syncer is None and not self.read_only and not self._stop.is_set():
+        if self._syncer is None and not self.read_only and not self.closing:
             name = "mmsb-group-commit" if self.config.fsync == "batch" else "mmsb-stats"
             self._syncer = threading.Thread(target=self._sync_loop, name=name, daemon=True)
             self._syncer.start()
@@ -891,6 +893,7 @@ class DurableBus:
         segment, the background (group-commit) thread and the lock."""
         if self.closed:
             return
+        self.closing = True
         try:
             if self.shared and self.failed is None:
                 # The final checkpoint must hold the other writers' records too.
