@@ -224,6 +224,15 @@ def test_a_reopen_does_the_same_work_after_10k_and_100k_records(
         return out
 
     monkeypatch.setattr(bus_mod.DurableBus, "read_bytes", read_bytes)
+    real_front = bus_mod.read_checkpoint_front
+
+    def front(path: Path) -> Any:
+        # The newest checkpoint, read without its log section: counted as the whole
+        # file (more than is read).
+        reads.append((path.parent.name, path.stat().st_size))
+        return real_front(path)
+
+    monkeypatch.setattr(bus_mod, "read_checkpoint_front", front)
     work = {}
     for n in (10_000, 100_000):
         root = tmp_path / f"bus-{n}"
@@ -238,7 +247,7 @@ def test_a_reopen_does_the_same_work_after_10k_and_100k_records(
                        list(compared))
         finally:
             mmsb.mmsb_stop(s)
-    assert work[10_000][0] == work[100_000][0]
+    assert work[10_000][0] == work[100_000][0] == ["checkpoints", "wal"]
     assert work[100_000][1] < 1.1 * work[10_000][1]
     assert work[10_000][2] == work[100_000][2] == [16]
 
@@ -543,3 +552,95 @@ def test_an_open_that_reads_only_starts_no_thread(tmp_path: Path) -> None:
         assert mmsb.query_page(s, sorted(s.pages)[0])[:1] == b"v"
     finally:
         mmsb.mmsb_stop(s)
+
+
+# --------------------------------------------------------------------------- the newest checkpoint
+
+
+def _snap_view(snap: Any) -> tuple:
+    return (snap.lsn, snap.next_page_id, snap.next_delta_id, snap.ids.tobytes(),
+            snap.sizes.tobytes(), snap.epochs.tobytes(), snap.locs.tobytes(),
+            bytes(np.asarray(snap.data)), snap.metadata,
+            {k: (np.asarray(m).tobytes(), at) for k, (m, at) in snap.masks.items()},
+            snap.edges, list(snap.records), snap.horizon_lsn, snap.last_timestamp, snap.info,
+            snap.log_from_lsn, snap.bus)
+
+
+def _sections(raw: bytes) -> dict[bytes, tuple[int, int]]:
+    """tag → (offset of the section's data, its stored length)."""
+    out = {}
+    pos = 48
+    for _ in range(7):
+        tag = raw[pos:pos + 4]
+        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
+        out[tag] = (pos + 32, stored)
+        pos += 32 + stored
+    return out
+
+
+def test_the_newest_checkpoint_is_read_without_its_log_section(tmp_path: Path) -> None:
+    """``read_checkpoint_front`` gives what a read without the log gives, reads none of
+    the log section's bytes, and hands the page bytes over (``owned``); damage anywhere
+    it reads is refused with SerializationError at the file's offset, damage in the
+    log section is left to the read of the history."""
+    from mmsb._storage.checkpoint import read_checkpoint, read_checkpoint_front
+
+    img = _image(tmp_path)
+    path = sorted((img / "checkpoints").glob("ckpt-*.mmsb"))[-1]
+    raw = path.read_bytes()
+    front = read_checkpoint_front(path)
+    whole = read_checkpoint(path, with_log=False)
+    assert _snap_view(front) == _snap_view(whole)
+    assert front.owned and front.records == []
+    log_at, log_len = _sections(raw)[b"TLOG"]
+    assert log_len > 0
+    bad = tmp_path / "bad.mmsb"
+    rng = random.Random(3)
+    spots = sorted({0, 9, 40, 49, 60, log_at - 33, log_at - 5, log_at + log_len,
+                    len(raw) - 30, len(raw) - 20, len(raw) - 1,
+                    *(rng.randrange(len(raw)) for _ in range(40))})
+    for at in spots:
+        damaged = bytearray(raw)
+        damaged[at] ^= 0x21
+        bad.write_bytes(bytes(damaged))
+        if log_at <= at < log_at + log_len:
+            assert _snap_view(read_checkpoint_front(bad)) == _snap_view(whole)
+            with pytest.raises(mmsb.SerializationError):
+                read_checkpoint(bad)
+            continue
+        with pytest.raises(mmsb.SerializationError) as info:
+            read_checkpoint_front(bad)
+        assert info.value.path == str(bad)
+        if info.value.offset is not None:
+            assert 0 <= info.value.offset < len(raw)
+    for cut in (0, 20, 47, 60, log_at - 10, log_at + 3, log_at + log_len, len(raw) - 1):
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(mmsb.SerializationError):
+            read_checkpoint_front(bad)
+    bad.write_bytes(raw + b"\0")
+    with pytest.raises(mmsb.SerializationError):
+        read_checkpoint_front(bad)
+
+
+def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
+        tmp_path: Path) -> None:
+    """The open does not read the newest checkpoint's log section: its damage is
+    refused (SerializationError naming the file) by the first call that needs the
+    history, which changes nothing."""
+    img = _image(tmp_path)
+    root = _copy(img, "bus")
+    path = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
+    raw = bytearray(path.read_bytes())
+    log_at, log_len = _sections(bytes(raw))[b"TLOG"]
+    raw[log_at + log_len // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    try:
+        before = pages_view(s), edges(s), int(s.last_lsn)
+        with pytest.raises(mmsb.SerializationError) as info:
+            len(s.tlog)
+        assert path.name in str(info.value)
+        assert (pages_view(s), edges(s), int(s.last_lsn)) == before
+    finally:
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.mmsb_stop(s)

@@ -62,6 +62,7 @@ from .checkpoint import (
     CheckpointBase,
     CheckpointHead,
     read_checkpoint,
+    read_checkpoint_front,
     read_checkpoint_head,
     write_checkpoint,
 )
@@ -230,12 +231,15 @@ class DurableBus:
         return fsops.read_fd(fd) if fd is not None else fsops.read_all(path)
 
     def read_checkpoint(self, path: Path, with_log: bool = True) -> Any:
-        """Read and check one checkpoint of this bus (``with_log=False``: its log
-        section checksummed, not decoded).
+        """Read and check one checkpoint of this bus (``with_log=False``: without its log
+        section's bytes, which whoever reads the history reads and checks; the page
+        bytes read into memory the restore then takes as its own).
 
         Raises:
             SerializationError: unreadable (gone, not a regular file) or damaged.
         """
+        if not with_log and not self.read_only and path not in self.fds:
+            return read_checkpoint_front(path)
         try:
             raw = self.read_bytes(path)
         except OSError as exc:
