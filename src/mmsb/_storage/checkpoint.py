@@ -429,7 +429,7 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
         # Not a file whose sections lead to a log section: read whole, whose checks
         # name what is wrong.
         return read_checkpoint(path, with_log=False, private=True)
-    return _parse(memoryview(buf), label, False, True, hole)
+    return _parse(buf.data, label, False, True, hole)
 
 
 @dataclass(frozen=True, slots=True)
