@@ -644,3 +644,32 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
     finally:
         with pytest.raises(mmsb.SerializationError):
             mmsb.mmsb_stop(s)
+
+
+def test_slots_freed_over_many_sessions_are_packed_again(tmp_path: Path) -> None:
+    """An adopting open does not learn the slots earlier writers freed; once they
+    outweigh the pages, the open packs the files again, so churn over many sessions
+    does not grow the pages file without bound."""
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    keep = mmsb.create_page(s, 64).id
+    mmsb.mmsb_stop(s)
+    reasons = []
+    for k in range(12):
+        s, because = _reopen(root)
+        reasons.append(because)
+        try:
+            # A slot freed below one still in use: a gap the next open cannot learn.
+            big = mmsb.create_page(s, 256 << 10).id
+            mmsb.write_page(s, big, 7, b"big")
+            mmsb.write_page(s, mmsb.create_page(s, 64).id, 0, bytes([k + 1]))
+            mmsb.write_page(s, keep, 0, bytes([k + 1]))
+            mmsb.delete_page(s, big)
+            _reader_sees(root, s)
+        finally:
+            mmsb.mmsb_stop(s)
+    assert reasons[0] is None
+    assert any(r is not None and "packed" in r for r in reasons)
+    assert (root / "map" / "pages").stat().st_size <= 4 << 20
+    s = _check(root, _reference(root), adopted=None)
+    mmsb.mmsb_stop(s)

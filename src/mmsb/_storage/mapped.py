@@ -140,17 +140,18 @@ _ROW_PROBLEMS = {
 @njit(cache=True, nogil=True)
 def _check_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
                 epochs: np.ndarray, addrs: np.ndarray, lsn: int, bump: int, cand: np.ndarray,
-                touch: np.ndarray) -> tuple[int, int, int, int]:  # pragma: no cover - compiled
+                touch: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled
     """Check a mapped table (rows of offset, size, epoch, lsn) against the recovered
     page table (``flags``, ``sizes``, ``epochs``, ``addrs`` of ids below ``rows``).
 
-    Returns ``(problem, n_cand, n_touch, first_chunk)``: problem 0 when the rows are
+    Returns ``(problem, n_cand, n_touch, first_chunk, slot_bytes, top)``: problem 0 when the rows are
     sane (1: a row past ``rows`` holds a page; 2: a slot lies outside ``[0, bump)`` or
     overlaps another; 3: a row's LSN is beyond ``lsn``); ``cand[:n_cand]`` the live
     pages whose row has the state's size and epoch (their bytes are compared next),
     ``touch[:n_touch]`` the ids whose row must be written again (a live page without a
     matching row, a row of a page no longer live), ``first_chunk`` the arena chunk of
-    the first candidate (-1: none)."""
+    the first candidate (-1: none), ``slot_bytes`` the bytes of the rows' slots and
+    ``top`` the end of the last of them."""
     m = tab.shape[0]
     lo = np.empty(m, np.int64)
     hi = np.empty(m, np.int64)
@@ -162,9 +163,9 @@ def _check_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray
         size = tab[r, 1]
         if size >= 0:
             if r >= rows:
-                return 1, 0, 0, -1
+                return 1, 0, 0, -1, 0, 0
             if tab[r, 3] > lsn:
-                return 3, 0, 0, -1
+                return 3, 0, 0, -1, 0, 0
             c = 16
             if size > 16:
                 top = 1
@@ -176,7 +177,7 @@ def _check_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray
                 c = (size + step - 1) // step * step
             off = tab[r, 0]
             if off < 0 or off > bump - c:
-                return 2, 0, 0, -1
+                return 2, 0, 0, -1, 0, 0
             lo[used] = off
             hi[used] = off + c
             used += 1
@@ -192,12 +193,17 @@ def _check_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray
         elif size >= 0:
             touch[n_touch] = r
             n_touch += 1
+    slot_bytes = 0
+    top = 0
+    for k in range(used):
+        slot_bytes += hi[k] - lo[k]
+        top = max(top, hi[k])
     if used > 1:
         order = np.argsort(lo[:used])
         for k in range(1, used):
             if lo[order[k]] < hi[order[k - 1]]:
-                return 2, 0, 0, -1
-    return 0, n_cand, n_touch, first
+                return 2, 0, 0, -1, 0, 0
+    return 0, n_cand, n_touch, first, slot_bytes, top
 
 
 @njit(cache=True, nogil=True)
@@ -552,11 +558,16 @@ class Publisher:
         n = t.flags.shape[0]
         cand = np.empty(n, np.int64)
         touch = np.empty(tab.shape[0], np.int64)
-        code, n_cand, n_touch, first = _check_rows(tab, rows, t.flags[:rows], t.size[:rows],
-                                                   t.epoch[:rows], t.addr[:rows], lsn, bump,
-                                                   cand, touch)
+        code, n_cand, n_touch, first, slot_bytes, top = _check_rows(
+            tab, rows, t.flags[:rows], t.size[:rows], t.epoch[:rows], t.addr[:rows], lsn, bump,
+            cand, touch)
         if code:
             return _ROW_PROBLEMS[code]
+        if top - slot_bytes > max(slot_bytes, _MIN_PAGES):
+            # Slots freed by earlier writers are not learnt from the files (they would be
+            # lost to this one): past this much of them the pages are packed again.
+            return "more of the pages file is freed slots than pages (packed again)"
+
         # The rows are sane: keep each live page whose row and bytes equal the state's.
         same = np.ones(n_cand, np.bool_)
         cand = cand[:n_cand]
@@ -573,7 +584,7 @@ class Publisher:
             touched[pid] = _WHOLE
         for pid in cand[~same].tolist():
             touched[pid] = _WHOLE
-        self.bump = bump
+        self.bump = top  # nothing live lies past the last slot in use
         self.free.clear()
         _U64.pack_into(self.head, _OWNER_OFF, self.token)
         return None
