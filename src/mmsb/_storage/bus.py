@@ -231,9 +231,9 @@ class DurableBus:
         return fsops.read_fd(fd) if fd is not None else fsops.read_all(path)
 
     def read_checkpoint(self, path: Path, with_log: bool = True) -> Any:
-        """Read and check one checkpoint of this bus (``with_log=False``: without its log
-        section's bytes, which whoever reads the history reads and checks; the page
-        bytes read into memory the restore then takes as its own).
+        """Read and check one checkpoint of this bus (``with_log=False``: its log section
+        checksummed, neither decoded nor kept; a writer's open reads the page bytes into
+        memory the restore then takes as its own, see ``read_checkpoint_front``).
 
         Raises:
             SerializationError: unreadable (gone, not a regular file) or damaged.

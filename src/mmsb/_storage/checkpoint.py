@@ -378,14 +378,13 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
 
 
 def read_checkpoint_front(path: Path) -> CheckpointData:
-    """A checkpoint file read as ``read_checkpoint(path, with_log=False, private=True)``
-    reads it, but without the bytes of its log section: the header, every section
-    header and every other section (each checked against its checksum, the log
-    section's header too) are read into one private buffer, and the log section's
-    bytes are left on disk for whoever reads the history later (which reads and checks
-    the file whole). With the log's bytes out of that buffer, a snapshot whose page
-    bytes are stored raw is ``owned``: a restore takes them as its pages without a copy.
-    O(file - log section).
+    """A checkpoint file read and checked as ``read_checkpoint(path, with_log=False,
+    private=True)`` reads it, but without keeping the bytes of its log section: the
+    header, every section header and every other section are read into one private
+    buffer, and the log section's bytes are read in steps of 64 KiB only to be checked
+    against their checksum (whoever reads the history reads the file again). With the
+    log's bytes out of that buffer, a snapshot whose page bytes are stored raw is
+    ``owned``: a restore takes them as its pages without a copy. O(file).
 
     Raises:
         SerializationError: as :func:`read_checkpoint` (the file read whole when its
@@ -405,7 +404,7 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
             sh = os.pread(fd, _SECTION_SIZE, pos)
             if len(sh) != _SECTION_SIZE:
                 break
-            got, _codec, _raw, stored_len, _crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
+            got, _codec, _raw, stored_len, log_crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
             if got != tag or crc32c(sh[:28]) != shcrc:
                 break
             if tag == b"TLOG":
@@ -420,6 +419,19 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
             got_back = os.preadv(fd, [buf[front:].data], front + hole)
             if got_front != front or got_back != buf.size - front:
                 hole = -1  # changed while read: the whole read below says how
+            else:
+                step = bytearray(min(hole, _STREAM_CHUNK >> 4) or 1)
+                view = memoryview(step)
+                crc = 0
+                at = 0
+                while at < hole:
+                    n = os.preadv(fd, [view[: min(len(step), hole - at)]], front + at)
+                    if n <= 0:
+                        break
+                    crc = crc32c(view[:n], crc)
+                    at += n
+                if at != hole or crc != log_crc:
+                    hole = -1  # damaged (or cut meanwhile): the whole read below says where
     except OSError as exc:
         raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                  path=label) from None
@@ -596,7 +608,7 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
             raise fail(f"section {tag.decode()} has an unknown codec or an impossible size", pos)
         data_pos = pos + _SECTION_SIZE
         if hole >= 0 and tag == b"TLOG":
-            # Left on disk: checked when the history is read.
+            # Not in the buffer (read_checkpoint_front checked its bytes' checksum).
             if stored_len != hole or (codec == CODEC_RAW and stored_len != raw_len):
                 raise fail("section TLOG changed while the file was read", pos)
             sections[tag] = (codec, raw_len, buf[data_pos:data_pos], data_pos)
