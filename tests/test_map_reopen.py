@@ -663,3 +663,32 @@ def test_slots_freed_over_many_sessions_are_packed_again(tmp_path: Path) -> None
     assert (root / "map" / "pages").stat().st_size <= 4 << 20
     s = _check(root, _reference(root), adopted=None)
     mmsb.mmsb_stop(s)
+
+
+def test_an_open_that_fails_after_recovery_leaves_no_thread(tmp_path: Path) -> None:
+    """Recovery of a torn tail writes a checkpoint (and its first segment) before the
+    mapped files are opened; an open that then fails (a symlink where the map folder
+    belongs) leaves no background thread behind."""
+    img = _image(tmp_path)
+    root = _copy(img, "bus")
+    seg = sorted((root / "wal").glob("wal-*.log"))[-1]
+    with open(seg, "ab") as f:
+        f.write(b"\x40\0\0\0\0\0\0\0\1\2")  # a torn frame: recovery cuts it, checkpoints
+    shutil.rmtree(root / "map")
+    (root / "map").symlink_to(tmp_path)
+
+    def ours() -> int:
+        return sum(t.name in ("mmsb-group-commit", "mmsb-stats") for t in threading.enumerate())
+
+    base = ours()
+    with pytest.raises(mmsb.DurabilityError):
+        mmsb.mmsb_start(path=root, config=mmsb.MMSBConfig(enable_gpu=False))
+    assert ours() == base
+    (root / "map").unlink()
+    s = mmsb.mmsb_start(path=root, config=mmsb.MMSBConfig(enable_gpu=False))
+    try:
+        _reader_sees(root, s)
+        mmsb.write_page(s, sorted(s.pages)[0], 0, b"w")
+        assert ours() == base + 1
+    finally:
+        mmsb.mmsb_stop(s)

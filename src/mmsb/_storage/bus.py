@@ -179,6 +179,9 @@ class DurableBus:
         self.closed = False
         self.closing = False
         """close() has begun: its final checkpoint starts no background thread."""
+        self.opened = False
+        """The open succeeded: before, a checkpoint of recovery starts no background
+        thread (an open that fails after it would leave the thread behind)."""
         self.read_only = False
         """Recovery only: nothing on disk is changed (open_readonly)."""
         self._stop = threading.Event()
@@ -488,8 +491,8 @@ class DurableBus:
     def start(self) -> None:
         """Start the background thread (group commit, latency counters) if it is not
         running: when the log has a segment to sync, so that opening a bus that is then
-        only read starts no thread. A closed or read-only bus starts none."""
-        if self._syncer is None and not self.read_only and not self.closing:
+        only read starts no thread. A bus not (yet) open, or closing, starts none."""
+        if self._syncer is None and self.opened and not self.closing:
             name = "mmsb-group-commit" if self.config.fsync == "batch" else "mmsb-stats"
             self._syncer = threading.Thread(target=self._sync_loop, name=name, daemon=True)
             self._syncer.start()
@@ -1188,6 +1191,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     state.counters.torn_tails_recovered = bus.torn_tails
     state.recovery_notes = list(bus.recovery_notes)
     bus.stats_of = weakref.ref(state)
+    bus.opened = True
     if bus.writer is not None or shared:
         bus.start()
 
