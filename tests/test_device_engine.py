@@ -615,6 +615,49 @@ def test_out_of_device_memory_logs_nothing() -> None:
     s._check()
 
 
+class CompareOOMBackend(HostBackend):
+    """A host backend whose next ``compares`` device compares run out of memory inside
+    the array library, as CuPy's OutOfMemoryError would, before anything is written."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=CHUNK)
+        self.compares = 0
+
+    def _diff(self, page: Any, new: Any, on_device: bool, offset: int,
+              apply: bool) -> Any:
+        if self.compares:
+            self.compares -= 1
+            raise MemoryError("Unable to allocate 8 KiB for the compare")
+        return super()._diff(page, new, on_device, offset, apply)
+
+
+@pytest.mark.parametrize("location", ["gpu", "unified"])
+def test_out_of_memory_inside_a_device_compare_is_refused(location: str) -> None:
+    s = mmsb.MMSBState(mmsb.MMSBConfig())
+    b = CompareOOMBackend()
+    s._use_backend_for_tests(location, b)
+    p = mmsb.create_page(s, BIG, location=location)
+    mmsb.write_page(s, p.id, 0, b"abc")
+    mmsb.sync_page_to_gpu(s, p.id)
+    new = np.zeros(BIG, np.uint8)
+    new[100:104] = 7
+    before = fingerprint(s)
+    stats = mmsb.get_device_stats(s)[location]
+    b.compares = 1
+    with pytest.raises(GPUMemoryError, match="ran out of memory comparing 8192 bytes") as info:
+        mmsb.update_page(s, p.id, DLPackArray(new))
+    assert info.value.requested_bytes == BIG
+    assert isinstance(info.value.__cause__, MemoryError)
+    assert fingerprint(s) == before
+    assert device_bytes(p)[:4] == b"abc\0"  # the device copy was not written either
+    assert mmsb.get_device_stats(s)[location].diffs == stats.diffs
+    s._check()
+    # Memory back: the same write goes through.
+    mmsb.update_page(s, p.id, DLPackArray(new))
+    assert mmsb.query_page(s, p.id) == new.tobytes() and device_bytes(p) == new.tobytes()
+    s._check()
+
+
 def test_durable_bus_refuses_device_pages(tmp_path: Any) -> None:
     s = mmsb.mmsb_start(path=tmp_path / "bus", config=mmsb.MMSBConfig(fsync="none"))
     try:
@@ -1095,6 +1138,23 @@ def test_unified_page_bytes_are_managed_memory() -> None:
     assert stats.unified_managed_bytes == 64 and stats.device_stale_pages == 0
     assert slots_in_use(s, "unified") == 0  # no device copy
     assert mmsb.get_device_stats(s)["unified"].bytes_managed_host == 1 << 26
+    assert mmsb.verify_state_consistency(s)
+    s._check()
+
+
+@pytest.mark.parametrize("count", [1, 5])
+def test_unified_creation_takes_no_ordinary_memory(count: int) -> None:
+    # A fresh state: creating unified pages in managed memory neither carves nor
+    # free-lists ordinary arena slots (nor maps an ordinary chunk on the way).
+    s, b = managed_state()
+    arena = s.arena
+    chunks = len(arena._chunks)
+    pages = mmsb.create_pages(s, count, 100, location="unified", metadata={"k": 1})
+    assert all(b.owns(p.data) for p in pages)
+    assert arena.bytes_free_listed == 0
+    assert arena.bytes_in_use == arena.bytes_managed == count * 112  # size class of 100
+    assert len(arena._chunks) == chunks + 1 and len(arena._managed) == 1  # the managed one
+    assert all(dict(p.metadata) == {"k": 1} for p in pages)
     assert mmsb.verify_state_consistency(s)
     s._check()
 

@@ -1069,6 +1069,7 @@ def get_stats(state: MMSBState) -> MMSBStats:
     state = _state_of(state, "get_stats")
     state.settle()
     with state.lock:
+        state.count_creations()  # another thread's, since the settle
         t = state.table
         live = t.live_ids()
         locs = np.bincount(t.loc[live], minlength=3) if live.size else np.zeros(3, np.int64)

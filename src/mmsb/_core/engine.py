@@ -61,7 +61,7 @@ from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bou
 from .log import _SMALL_ENTRY as _small_entries
 from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
 from .monitor import Counters
-from .page_table import LIVE, PageTable
+from .page_table import LIVE, CreationCursor, PageTable
 from .propagation import run_propagation
 from .records import (
     AnyRecord,
@@ -337,6 +337,7 @@ class PageMap(Mapping[int, Page]):
         return iter(self._state.table.live_ids().tolist())
 
     def __len__(self) -> int:
+        self._state.settle_creations()
         return self._state.table.live_count
 
     def __repr__(self) -> str:
@@ -440,6 +441,7 @@ class MMSBState:
                 # recompute functions follow them before it goes.
                 self.enter()
                 self.leave()
+            self.drop_cursor()
             hooks, self.close_hooks = self.close_hooks, ()
             for hook in hooks:
                 try:
@@ -501,6 +503,39 @@ class MMSBState:
         if frame is not None and frame.writes and frame.owner == threading.get_ident():
             with self.lock:
                 log_buffered(self, frame)
+        self.settle_creations()
+
+    def settle_creations(self) -> None:
+        """Count the creations create_page's cursor made and has not counted yet (see
+        :meth:`count_creations`); nothing to do (and no lock taken) when there are
+        none. O(1)."""
+        t = self.table
+        cur = t.creating
+        if cur is not None and cur.start != t.next_id:
+            with self.lock:
+                self.count_creations()
+
+    def count_creations(self) -> None:
+        """Under the lock: add the creations create_page's cursor made since it last
+        counted them to the arena (its bump offset and bytes in use) and to the table's
+        live count; their records, rows and ids are in place already. O(1)."""
+        t = self.table
+        cur = t.creating
+        if cur is None:
+            return
+        n = t.next_id - cur.start
+        if n:
+            cur.start = t.next_id
+            arena = self.arena
+            arena._bump = cur.bump
+            arena.bytes_in_use += n * cur.cls
+            t.live_count += n
+
+    def drop_cursor(self) -> None:
+        """Under the lock: count the creation cursor's creations and drop it, so that
+        the next create_page takes create_one. O(1)."""
+        self.count_creations()
+        self.table.creating = None
 
     def page_handle(self, page_id: int) -> Page:
         """A live :class:`Page` handle on ``page_id`` (not checked: see ``require_page``)."""
@@ -509,6 +544,11 @@ class MMSBState:
     # -- locking and event delivery --------------------------------------------------
     def enter(self) -> None:
         self.lock.acquire()
+        # Any call may change what create_page's creation cursor rests on (the log's
+        # tail, the arena, the table, a batch) or read what it leaves out: its
+        # creations are counted and it is dropped (the next create_one makes it again).
+        if self.table.creating is not None:
+            self.drop_cursor()
         if self.closed:
             self.lock.release()
             raise StateClosedError("this state was stopped with mmsb_stop(); start a new one")
@@ -990,12 +1030,20 @@ class MMSBState:
         general path: the slot is taken first (it needs no new memory, so it cannot
         fail), then the creation is logged (the open run extended, or a record
         appended; the slot is freed again if that fails), then the table row is filled.
-        Anything else takes ``create``, with its refusals. O(1), O(size) to zero a
-        reused slot.
+        Anything else takes ``create``, with its refusals. The creation cursor there was
+        is counted and dropped first; when the open run was extended, a new one is
+        left for create_page's one frame (see :class:`CreationCursor`). O(1), O(size)
+        to zero a reused slot.
         """
         lock = self.lock
         lock.acquire()
         t = self.table
+        if t.creating is not None:
+            # The cursor's creations are counted before the arena is used (its bump
+            # offset), and the cursor is dropped: this creation takes one id and one
+            # LSN, as the cursor's do, so a cursor left in place would go on as if
+            # its run were still the newest entry.
+            self.drop_cursor()
         pid = t.next_id
         log = self.log
         if size is None:
@@ -1013,7 +1061,8 @@ class MMSBState:
             lock.release()
             return self.create(1, size, "cpu", None)
         try:
-            if not log.extend_creation(pid, size, 0):
+            extended = log.extend_creation(pid, size, 0)
+            if not extended:
                 log.append(PageCreate(pid, 1, size, 0, None))
         except BaseException:
             arena.free(addr, size)
@@ -1031,6 +1080,19 @@ class MMSBState:
             self.counters.logged[0] += 1
             if self.events.active:
                 self.event_queue.append((_PAGE_CREATED, (pid,)))
+            # A run continued here goes on through create_page's cursor while its slots
+            # come from the current chunk (no slot is free-listed) and the table has
+            # their rows. A run just opened makes none: creations of changing sizes,
+            # or each after a write, open a run each and would never use it.
+            cls = arena._classes.get(size) if extended else None
+            if cls is not None and not arena.bytes_free_listed and arena._cur >= 0:
+                run = log.structs[-1]
+                assert type(run) is _CreateRun
+                bump = arena._bump
+                t.creating = CreationCursor(
+                    size, cls, min(len(flags_v), pid + 1 + (CHUNK_SIZE - bump) // cls),
+                    log.next_lsn - pid - 1, arena._cur << CHUNK_SHIFT, bump, pid + 1,
+                    run.timestamp, run.offsets)
         finally:
             lock.release()
         if self.event_queue and not getattr(self._delivering, "on", False):
@@ -1048,16 +1110,23 @@ class MMSBState:
         self.refuse_structural("PageCreate")  # before any slot is taken
         if loc is PageLocation.UNIFIED and copies.managed(self):
             # Unified pages in managed memory: their managed slots are taken first, the
-            # creation is logged and applied, then the pages are given those slots.
+            # creation is logged and the pages are placed in them (no ordinary slot is
+            # taken on the way).
             addrs = copies.take_managed(self, count, size)
+            rec = PageCreate(first, count, size, int(loc), meta)
             try:
-                self.commit(PageCreate(first, count, size, int(loc), meta))
+                try:
+                    self.table.reserve(first + count)
+                except MemoryError:
+                    raise InvalidArgumentError(
+                        f"{count} page rows need more memory than this process can get; "
+                        "nothing was logged or changed") from None
+                self.log_append(rec)
             except BaseException:
                 for addr in addrs:
                     self.arena.free(addr, size)
                 raise
-            for k, addr in enumerate(addrs):
-                copies.rebase(self, first + k, addr)
+            _place_create(self, rec, np.asarray(addrs, dtype=np.int64))
             return
         slots = copies.take_slots(self, int(loc), count, size)
         try:
@@ -1767,6 +1836,7 @@ class MMSBState:
     def _check(self) -> None:
         """Assert every invariant of the table, arena, log and graph."""
         with self.lock:
+            self.count_creations()
             t = self.table
             t._check()
             live = t.live_ids()
@@ -1904,11 +1974,6 @@ class MMSBState:
                 f"{what} needs the transaction log, but this state has enable_logging=False")
 
 
-_NO_SLOT = CHUNK_SIZE + 1
-"""What create_page reads as the slot class of a size the arena has not cached: no
-room in any chunk for it."""
-
-
 def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",
                 metadata: dict[str, Any] | None = None, gpu: bool = False) -> Page:
     """A new zero-filled page of ``size`` bytes (default ``config.page_size_default``),
@@ -1924,48 +1989,40 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
         MetadataError: metadata msgpack cannot encode.
     """
     # The usual case runs in this one frame: a cpu page without metadata on an
-    # in-memory state whose newest structural log entry is the open creation run of
-    # this size, continued by this page (consecutive id and LSN, under 2**32 ns after
-    # the run's first), the slot carved from the current arena chunk with no slot
-    # free-listed anywhere, logging on, not in a batch or a nested call. What
-    # MMSBState.create_one and TransactionLog.extend_creation do, inlined: each call
-    # costs about a tenth of the microsecond this path takes. The creation is logged
-    # first (the offset's append is the only step that allocates), then the slot is
-    # taken, then the table row filled. Anything else takes create_one, then create,
-    # with their refusals.
+    # in-memory state whose table holds a creation cursor (CreationCursor) of this
+    # size, still valid (the log's next LSN minus the table's next id is the cursor's
+    # gap: no record came in between, and no call entered the state since, which
+    # drops the cursor), logging on, a row and a slot in the current arena chunk left
+    # for it (the cursor's stop), under 2**32 ns after the run's first creation.
+    # MMSBState.create_one, which every other case calls, opens or continues the run
+    # the general way and makes the cursor; what the cursor holds was checked there
+    # (the state open, no bus or sink, no nested call or batch, the run the newest
+    # structural entry, no slot free-listed). The creation is logged first (the
+    # offset's append is the only step that allocates), then the slot is taken from
+    # the cursor, then the table row filled. The arena's bump offset and bytes in use
+    # and the table's live count are brought up to date by count_creations, before
+    # anything reads them (any call that enters, settle, len(state.pages), _check).
     if type(state) is MMSBState and location == "cpu" and not metadata and gpu is False:
-        lock = state.lock
-        lock.acquire()
-        log = state.log
-        try:
-            run = log.structs[-1]
-        except IndexError:
-            run = None
         if size is None:
             size = state.config.page_size_default
-        if (type(run) is _CreateRun and type(size) is int and run.size == size
-                and run.location == 0 and not state.call_depth and not state.closed
-                and state.bus is None and log.sink is None and state.config.enable_logging):
-            arena = state.arena
-            bump = arena._bump
-            # A size whose slots are not carved from the bump chunks is not cached.
-            cls = arena._classes.get(size, _NO_SLOT)
-            t = state.table
+        lock = state.lock
+        lock.acquire()
+        t = state.table
+        cur = t.creating
+        # The same int object as the run's size is the usual case (a constant).
+        if cur is not None and (size is cur.size or type(size) is int and size == cur.size):
             pid = t.next_id
-            addr_v, size_v, _epoch_v, flags_v = t.views
-            offsets = run.offsets
-            n = len(offsets)
+            log = state.log
             lsn = log.next_lsn
-            if (bump + cls <= CHUNK_SIZE and pid < len(flags_v) and not arena.bytes_free_listed
-                    and pid == run.first_id + n and lsn == run.lsn + n):
+            if pid < cur.stop and lsn - pid == cur.gap and state.config.enable_logging:
                 ts = time.time_ns()
                 last = log.last_timestamp
                 if ts < last:
                     ts = last
-                off = ts - run.timestamp
+                off = ts - cur.t0
                 if off < 4294967296:  # the offsets are 32-bit
                     try:
-                        offsets.append(off)
+                        cur.offsets.append(off)
                     except BaseException:
                         lock.release()
                         raise
@@ -1973,15 +2030,17 @@ def create_page(state: MMSBState, size: int | None = None, *, location: Any = "c
                         log.struct_count += 1
                         log.next_lsn = lsn + 1
                         log.last_timestamp = ts
-                        arena._bump = bump + cls
-                        arena.bytes_in_use += cls
+                        # The slot: the arena's bump offset and bytes in use, and the
+                        # table's live count, are counted later (count_creations).
+                        bump = cur.bump
+                        cur.bump = bump + cur.cls
                         # Rows past next_id are all zero (PageTable._check): epoch 0 and
                         # the cpu location are already there.
-                        addr_v[pid] = (arena._cur << CHUNK_SHIFT) | bump
+                        addr_v, size_v, _epoch_v, flags_v = t.views
+                        addr_v[pid] = cur.hi | bump
                         size_v[pid] = size
                         flags_v[pid] = LIVE
                         t.next_id = pid + 1
-                        t.live_count += 1
                         state.counters.creations_logged += 1
                         if state.events.active:
                             state.event_queue.append((_PAGE_CREATED, (pid,)))
@@ -2282,9 +2341,16 @@ def _apply_create(state: MMSBState, rec: PageCreate) -> None:
     t = state.table
     if rec.count == 1:
         t.add_row(rec.first_id, state.arena.alloc(rec.size), rec.size, rec.location)
+        if rec.metadata:
+            t.meta[rec.first_id] = dict(rec.metadata)
     else:
-        t.add_rows(rec.first_id, state.arena.alloc_many(rec.count, rec.size), rec.size,
-                   rec.location)
+        _place_create(state, rec, state.arena.alloc_many(rec.count, rec.size))
+
+
+def _place_create(state: MMSBState, rec: PageCreate, addrs: np.ndarray) -> None:
+    """The rows of ``rec``'s pages, at ``addrs`` (slots of ``rec.size`` already taken)."""
+    t = state.table
+    t.add_rows(rec.first_id, addrs, rec.size, rec.location)
     if rec.metadata:
         for pid in range(rec.first_id, rec.first_id + rec.count):
             t.meta[pid] = dict(rec.metadata)

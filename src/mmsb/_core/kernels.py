@@ -18,7 +18,9 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 
 __all__ = ["ROW_DTYPE", "write_small", "write_small_counted", "ENC_RUN", "ENC_RUN16",
-           "ENC_POS16", "ENC_POS32", "SMALL_WRITE", "LOG_CHUNK", "CLOCK_GETTIME",
+           "ENC_POS16", "ENC_POS32", "ENC_SEGRUN", "SMALL_WRITE", "LOG_CHUNK", "CLOCK_GETTIME",
+           "CRC_TABLES", "crc_update", "check_segment_rows", "gather_converted",
+           "apply_rows_of_chunk",
            "counter_consts"]
 
 ROW_DTYPE = np.dtype([
@@ -34,6 +36,9 @@ ENC_POS32 = 2
 ENC_FULL = 3
 ENC_EXACT = 4
 ENC_RUN16 = 6
+ENC_SEGRUN = 7
+"""One contiguous run read where a log segment's frame holds it: u32 start, u32 count,
+then the values (see :mod:`mmsb._core.log`)."""
 
 SMALL_WRITE = 4096
 """Writes up to this many bytes go through :func:`write_small`."""
@@ -606,6 +611,11 @@ def _mark_row(chunk: np.ndarray, o: Any, plen: Any, enc: Any, ps: Any, out: np.n
         start = np.int64(chunk[o]) | (np.int64(chunk[o + 1]) << 8)
         for p in range(start, min(start + plen - 2, size)):
             out[base + p] = True
+    elif enc == 7:
+        start = (np.int64(chunk[o]) | (np.int64(chunk[o + 1]) << 8)
+                 | (np.int64(chunk[o + 2]) << 16) | (np.int64(chunk[o + 3]) << 24))
+        for p in range(start, min(start + plen - 8, size)):
+            out[base + p] = True
     elif enc == 1 or enc == 2:
         w = 2 if enc == 1 else 4
         n = plen // (w + 1)
@@ -679,12 +689,12 @@ def _apply_row(src: np.ndarray, o: int, plen: int, enc: int, size: int, dst: np.
     if o + plen > src.shape[0] or d + size > dst.shape[0]:
         return -1
     page = dst[d:d + size]
-    if enc == 0 or enc == 6:
-        head = 4 if enc == 0 else 2
+    if enc == 0 or enc == 6 or enc == 7:
+        head = 4 if enc == 0 else (2 if enc == 6 else 8)
         if plen < head:
             return -1
         start = np.int64(0)
-        for j in range(head):
+        for j in range(head if head < 8 else 4):
             start |= np.int64(src[o + j]) << (8 * j)
         n = plen - head
         if start + n > size:
@@ -965,3 +975,139 @@ def check_table(ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray, locs: np
             return 2, 0
         total += sizes[i]
     return 0, total
+
+
+def _crc_tables() -> np.ndarray:
+    """The eight 256-entry tables of CRC32C (reflected, slicing by 8), built with numpy."""
+    t0 = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t0 = np.where(t0 & 1, (t0 >> 1) ^ np.uint32(0x82F63B78), t0 >> 1).astype(np.uint32)
+    out = np.empty((8, 256), np.int64)
+    out[0] = t0
+    for k in range(1, 8):
+        prev = out[k - 1]
+        out[k] = (prev >> 8) ^ t0[prev & 0xFF]
+    return out
+
+
+CRC_TABLES = _crc_tables()
+"""CRC32C's tables for :func:`crc_update` (the log segments' frame checksum)."""
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _le32(buf: np.ndarray, p: Any) -> Any:  # pragma: no cover - compiled
+    return (np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16)
+            | (np.int64(buf[p + 3]) << 24))
+
+
+@njit(cache=True, nogil=True)
+def crc_update(tab: np.ndarray, c: Any, buf: np.ndarray, p: Any, n: Any) -> Any:  # pragma: no cover
+    """Continue the CRC32C register ``c`` (not inverted; int64 holding 32 bits) over
+    ``buf[p:p + n]``, eight bytes a step (``tab``: :data:`CRC_TABLES`)."""
+    while n >= 8:
+        one = c ^ _le32(buf, p)
+        two = _le32(buf, p + 4)
+        c = (tab[7, one & 0xFF] ^ tab[6, (one >> 8) & 0xFF] ^ tab[5, (one >> 16) & 0xFF]
+             ^ tab[4, one >> 24] ^ tab[3, two & 0xFF] ^ tab[2, (two >> 8) & 0xFF]
+             ^ tab[1, (two >> 16) & 0xFF] ^ tab[0, two >> 24])
+        p += 8
+        n -= 8
+    while n > 0:
+        c = tab[0, (c ^ np.int64(buf[p])) & 0xFF] ^ (c >> 8)
+        p += 1
+        n -= 1
+    return c
+
+
+SEG_BEFORE_RUN = 12 + 59 + 5
+"""Bytes of a one-run delta's frame before its run's start field, its source name
+aside: the frame's length and CRC (12), the delta's fixed fields and its source's
+length (59), the body encoding byte and the run count (5)."""
+
+
+@njit(cache=True, nogil=True)
+def check_segment_rows(rows: np.ndarray, sel: np.ndarray, r0: int, r1: int, cid: int,
+                       buf: np.ndarray, srclen: np.ndarray, crcs: np.ndarray, tab: np.ndarray,
+                       end: int) -> tuple[Any, Any, Any]:  # pragma: no cover - compiled
+    """Check the frames of the log rows ``sel`` (row numbers; when empty, rows ``r0 …
+    r1-1``) whose payload is an :data:`ENC_SEGRUN` run in segment chunk ``cid``
+    (``buf``, whose first ``end`` bytes the segment file holds): the frame, found from
+    the payload's place and the row's source name length (``srclen[src]``), lies
+    inside ``end`` and its CRC32C over its length and body is the one the log noted
+    when it wrote the frame (``crcs[row]``). Returns ``(the first row that fails or
+    -1, lowest, highest)`` chunk numbers of the segment rows met in any chunk (-1, -1:
+    none), so that the caller checks the other chunks too. O(the rows + their frames'
+    bytes in ``cid``)."""
+    lo = np.int64(-1)
+    hi = np.int64(-1)
+    count = sel.shape[0] if sel.shape[0] else r1 - r0
+    for i in range(count):
+        r = np.int64(sel[i]) if sel.shape[0] else r0 + i
+        if rows[r].enc != 7:
+            continue
+        poff = rows[r].poff
+        c = poff >> 32
+        if lo < 0 or c < lo:
+            lo = c
+        if c > hi:
+            hi = c
+        if c != cid:
+            continue
+        p = poff & 0xFFFFFFFF
+        src = np.int64(rows[r].src)
+        if src >= srclen.shape[0]:
+            return r, lo, hi
+        f = p - SEG_BEFORE_RUN - srclen[src]
+        stop = p + np.int64(rows[r].plen)
+        if f < 0 or stop > end or stop > buf.shape[0]:
+            return r, lo, hi
+        k = crc_update(tab, 0xFFFFFFFF, buf, f, 8)
+        k = crc_update(tab, k, buf, f + 12, stop - f - 12) ^ 0xFFFFFFFF
+        if k != np.int64(crcs[r]):
+            return r, lo, hi
+    return -1, lo, hi
+
+
+@njit(cache=True, nogil=True)
+def gather_converted(chunk: np.ndarray, offs: np.ndarray, plens: np.ndarray, encs: np.ndarray,
+                     psizes: np.ndarray, out: np.ndarray, at: np.ndarray) -> None:  # pragma: no cover
+    """:func:`gather_payloads`, with each :data:`ENC_SEGRUN` payload (``u32 start, u32
+    count, values``) written as the in-memory run encoding instead (u16 start for a page
+    of at most 65,536 bytes, else u32, then the values)."""
+    for r in range(offs.shape[0]):
+        o = offs[r]
+        a = at[r]
+        if encs[r] == 7:
+            head = 2 if psizes[r] <= 65536 else 4
+            for j in range(head):
+                out[a + j] = chunk[o + j]
+            n = plens[r] - 8
+            _copy(out[a + head:a + head + n], chunk[o + 8:o + 8 + n])
+        else:
+            _copy(out[a:a + plens[r]], chunk[o:o + plens[r]])
+
+
+@njit(cache=True, nogil=True)
+def apply_rows_of_chunk(rows: np.ndarray, sel: np.ndarray, start: int, cid: int,
+                        chunk: np.ndarray, buf: np.ndarray) -> tuple[Any, Any]:  # pragma: no cover
+    """Write into ``buf`` (one page's bytes) the deltas of log rows ``sel[start:]``, in
+    order, while their payloads lie in chunk ``cid`` (``chunk``; see
+    :func:`_apply_row`). Returns ``(the index in sel of the first row not applied,
+    bytes written)``; the index is ``-1 - i`` for a row ``sel[i]`` whose payload does
+    not fit the page or the chunk (nothing of it written for a run or dense row)."""
+    wrote = 0
+    size = buf.shape[0]
+    for i in range(start, sel.shape[0]):
+        r = sel[i]
+        poff = rows[r].poff
+        if (poff >> 32) != cid:
+            return i, wrote
+        if np.int64(rows[r].psize) != size:
+            return -1 - i, wrote
+        plen: Any = np.int64(rows[r].plen)
+        enc: Any = np.int64(rows[r].enc)
+        n = _apply_row(chunk, poff & 0xFFFFFFFF, plen, enc, size, buf, 0)
+        if n < 0:
+            return -1 - i, wrote
+        wrote += n
+    return sel.shape[0], wrote

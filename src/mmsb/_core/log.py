@@ -15,6 +15,14 @@ Per-page indexes are arrays of row numbers, so a page's history is found without
 scan. Memory per logged small write: 39 bytes of columns, 4 of page index, the
 payload (2 bytes of run start on a page of at most 64 KiB, plus the changed bytes, for
 a contiguous write).
+
+On a durable bus, a payload can stay where the bus's write-ahead log segment holds it:
+the segment's read-only mapping is one of the log's chunks (:meth:`map_segment
+<TransactionLog.map_segment>`) and the row (:data:`ENC_SEGRUN`) points at the run inside
+the delta's frame; the log then keeps the CRC32C of each such frame (4 bytes a row) and
+checks the file's length and the frames' CRCs before reading them
+(:meth:`TransactionLog.check_segments`), so a segment cut or rewritten under the bus is
+refused, never read. Checkpoints and snapshots get those rows in the run encodings above.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 
@@ -35,12 +43,16 @@ from .arena import CHUNK_SHIFT, CHUNK_SIZE, Arena
 from .delta import Delta
 from .kernels import (
     CLOCK_GETTIME,
+    CRC_TABLES,
     LOG_CHUNK,
     ROW_DTYPE,
     apply_log_rows_one,
+    apply_rows_of_chunk,
     check_rows,
+    check_segment_rows,
     entry_point,
     fill_log_rows,
+    gather_converted,
     gather_payloads,
     group_encode,
     group_layout,
@@ -75,11 +87,48 @@ ENC_MASKED = 5
 ENC_RUN16 = 6
 """Sparse, one contiguous run, page of at most 65,536 bytes: u16 start, then the
 values."""
+ENC_SEGRUN = 7
+"""Sparse, one contiguous run, read from a log segment where the delta's frame holds
+it: u32 start, u32 count, then the values (the payload is a mapped segment's bytes,
+see :meth:`TransactionLog.map_segment`; never in a checkpoint, which gets the run
+encodings above)."""
+
+
+MAX_MAPPED_SEGMENTS = 64
+"""Mapped segments a log keeps at most (each holds a descriptor, and the disk space of
+a segment a checkpoint removed): past it, the oldest one's rows get their payloads
+copied into memory (:meth:`TransactionLog.unmap_segment`)."""
+
+
+class SegmentSource(Protocol):
+    """A log segment whose mapping is one of a log's payload chunks
+    (:meth:`TransactionLog.map_segment`)."""
+
+    def readable(self) -> int:
+        """The bytes of the file that hold frames the log points into, after checking
+        that the file still holds them (else it raises
+        :class:`~mmsb.errors.SerializationError`): reading the mapping past the file's
+        end would kill the process (SIGBUS)."""
+        ...
+
+    @property
+    def array(self) -> np.ndarray:
+        """The mapping's bytes (the chunk's), as a read-only uint8 array."""
+        ...
+
 
 _CHUNK = LOG_CHUNK
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
+_NO_ROWS = np.zeros(0, np.int64)
+_ARRAY_DTYPES = {"I": np.uint32, "q": np.int64, "l": np.int_, "L": np.uint}
+"""numpy dtypes of the typecodes of row-number arrays (array.array)."""
+_CHECK_ENTRY: dict[int, Callable[..., Any]] = {}
+"""The compiled entries of :func:`check_segment_rows` (0) and of
+:func:`apply_rows_of_chunk` on a mapped segment (1) for the types the log passes
+(numba's choice of a version costs about 2 µs a call with a structured array)."""
+"""An empty row selection (check_segments of a row range)."""
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
 """The compiled entries of :func:`write_small` for a write of ``bytes`` (1) and of a
 writable C-contiguous uint8 array (2), and of :func:`write_small_counted` for a write
@@ -387,9 +436,6 @@ class TransactionLog:
         self.generation = 0
         """Bumped each time the log's contents are replaced or rewritten (compression,
         trimming, a restored memento), so what was derived from them can tell."""
-        self.history_index: object | None = None
-        """What the history layer derives from these records (time-travel keyframes);
-        it checks ``generation`` before trusting it."""
         self._clear()
 
     _index_parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -432,6 +478,12 @@ class TransactionLog:
         if self._index_parts is not None:
             self._index_parts = None
         self.chunks: list[memoryview | None] = []
+        self.segs: dict[int, SegmentSource] = {}
+        """Payload chunks that are mapped log segments, by chunk number: the rows that
+        point there (:data:`ENC_SEGRUN`) are checked against them before being read."""
+        self.crcs: np.ndarray | None = None
+        """uint32 per row, as long as ``rows``, when the log has segment chunks: the
+        CRC32C of the frame an :data:`ENC_SEGRUN` row's payload lies in, as written."""
         self.cur = -1
         """The shared chunk small payloads go to (-1: none yet)."""
         self.cur_array = np.zeros(0, np.uint8)
@@ -470,8 +522,10 @@ class TransactionLog:
         """Memory the log's columns, indexes and payload chunks hold. O(pages)."""
         cols = ROW_DTYPE.itemsize * self.n
         idx = sum(a.itemsize * len(a) for a in self.index.values())
-        chunks = sum(c.nbytes for c in self.chunks if c is not None)
-        return cols + idx + chunks + self.lsns.nbytes() + self.ids.nbytes()
+        chunks = sum(c.nbytes for i, c in enumerate(self.chunks)
+                     if c is not None and i not in self.segs)
+        crcs = 4 * self.n if self.crcs is not None else 0
+        return cols + idx + chunks + crcs + self.lsns.nbytes() + self.ids.nbytes()
 
     # -- stamping --------------------------------------------------------------------
     def stamp(self, rec: AnyRecord) -> None:
@@ -751,6 +805,140 @@ class TransactionLog:
         rows = np.empty(2 * len(self.rows), ROW_DTYPE)
         rows[: self.n] = self.rows[: self.n]
         self.rows = rows
+        self._fit_crcs()
+
+    def _fit_crcs(self) -> None:
+        """Make ``crcs`` as long as ``rows`` (when the log has one)."""
+        crcs = self.crcs
+        if crcs is not None and len(crcs) != len(self.rows):
+            out = np.zeros(len(self.rows), np.uint32)
+            k = min(len(crcs), len(out))
+            out[:k] = crcs[:k]
+            self.crcs = out
+
+    # -- payloads in mapped log segments -----------------------------------------------
+    def map_segment(self, view: memoryview, source: SegmentSource) -> int:
+        """Take ``view`` (a read-only mapping of a log segment, at most 4 GiB) as a
+        payload chunk, checked through ``source`` before rows pointing into it are
+        read; returns its chunk number. The writer then fills rows of encoding
+        :data:`ENC_SEGRUN` pointing at the frames it appends there, and their CRCs in
+        :attr:`crcs`. O(rows) the first time (the CRC column is made), else O(1)."""
+        while len(self.segs) >= MAX_MAPPED_SEGMENTS:
+            self.unmap_segment(min(self.segs))
+        self.chunks.append(view)
+        ci = len(self.chunks) - 1
+        self.segs[ci] = source
+        if self.crcs is None:
+            self.crcs = np.zeros(len(self.rows), np.uint32)
+        return ci
+
+    def unmap_segment(self, ci: int) -> None:
+        """Let go of the mapped segment chunk ``ci``: the rows that point there get
+        their payloads copied into a chunk of memory (checked first, in the run
+        encodings of memory), so the mapping and its file (kept open, even once a
+        checkpoint removed it) go. O(rows + their payloads).
+
+        Raises:
+            SerializationError: the segment was cut or changed (nothing changed).
+        """
+        if ci not in self.segs:
+            return
+        n = self.n
+        sel = np.flatnonzero((self.rows["enc"][:n] == ENC_SEGRUN)
+                             & ((self.rows["poff"][:n] >> 32) == ci))
+        if len(sel):
+            self.check_segments(sel)
+            rows = self.rows[sel]
+            psize = rows["psize"].astype(np.int64)
+            plen = rows["plen"].astype(np.int64)
+            small = psize <= 1 << 16
+            out_plen = plen - np.where(small, 6, 4)
+            at = np.zeros(len(sel) + 1, np.int64)
+            np.cumsum(out_plen, out=at[1:])
+            buf = np.empty(int(at[-1]), np.uint8)
+            gather_converted(self.segs[ci].array, rows["poff"] & 0xFFFFFFFF, plen,
+                             np.ascontiguousarray(rows["enc"]), psize, buf, at[:-1])
+            self.chunks.append(memoryview(buf.data))
+            new = len(self.chunks) - 1
+            col = self.rows
+            col["poff"][sel] = (new << 32) | at[:-1]
+            col["plen"][sel] = out_plen
+            col["enc"][sel] = np.where(small, ENC_RUN16, ENC_RUN).astype(np.uint8)
+            self.payload_bytes -= int(plen.sum() - out_plen.sum())
+        del self.segs[ci]
+        self.chunks[ci] = None
+
+    def _source_lengths(self) -> np.ndarray:
+        """The UTF-8 length of each numbered source's name (int64), as a frame holds it."""
+        got = self.__dict__.get("_srclen")
+        if got is None or len(got) != len(self.sources):
+            got = np.array([len(x.encode("utf-8")) for x in self.sources], np.int64)
+            self.__dict__["_srclen"] = got
+        return got
+
+    def check_segments(self, sel: np.ndarray | None = None, r0: int = 0,
+                       r1: int | None = None) -> None:
+        """Check the rows ``sel`` (row numbers; else rows ``r0 … r1-1``) whose payload is
+        in a mapped segment before they are read: the segment file still holds their
+        frames (a file cut under a mapping would kill the process on reading, SIGBUS)
+        and each frame's CRC32C over its bytes in the mapping is the one the log noted
+        when it wrote the frame, so a frame damaged or rewritten since (even with a
+        valid checksum of its own) is refused rather than read. Nothing to do for a
+        log without segment chunks. O(the rows + their frames' bytes).
+
+        Raises:
+            SerializationError: a segment was cut, replaced or changed under the log.
+        """
+        segs = self.segs
+        if not segs or self.crcs is None:
+            return
+        if sel is None:
+            r1 = self.n if r1 is None else min(r1, self.n)
+            if r0 >= r1:
+                return
+            sel = _NO_ROWS
+        elif not len(sel):
+            return
+        elif (sel.dtype != np.int64 or sel.ndim != 1 or not sel.flags.c_contiguous
+              or not sel.flags.writeable):
+            # The compiled entry takes exactly the types it was made for.
+            sel = np.array(sel, np.int64).reshape(-1)
+        check = _CHECK_ENTRY.get(0)
+        if check is not None and len(segs) == 1:
+            # One segment (the usual case), in one call.
+            for ci, source in segs.items():
+                bad, lo, hi = check(self.rows, sel, r0, r1 or 0, ci, source.array,
+                                    self._source_lengths(), self.crcs, CRC_TABLES,
+                                    source.readable())
+                if bad < 0:
+                    return
+        # The newest segment first (reads are mostly of recent rows); the kernel tells
+        # which other chunks the rows reach.
+        todo = [max(segs)]
+        seen: set[int] = set()
+        while todo:
+            ci = todo.pop()
+            seen.add(ci)
+            source = segs[ci]
+            end = source.readable()
+            args = (self.rows, sel, r0, r1 or 0, ci, source.array, self._source_lengths(),
+                    self.crcs, CRC_TABLES, end)
+            check = _CHECK_ENTRY.get(0)
+            if check is None:
+                check = _CHECK_ENTRY[0] = entry_point(check_segment_rows, *args)
+            bad, lo, hi = check(*args)
+            if bad >= 0:
+                at = int(self.rows["poff"][bad]) & 0xFFFFFFFF
+                raise SerializationError(
+                    f"the frame of the delta at LSN {self.lsns.at(bad)} (page "
+                    f"{int(self.rows['page'][bad])}) no longer holds what the bus wrote "
+                    "there: the segment was changed or cut after it was written; its "
+                    "history cannot be read", path=getattr(source, "path", None), offset=at)
+            if lo >= 0 and (lo != ci or hi != ci) and not todo:
+                todo = [c for c in segs if lo <= c <= hi and c not in seen]
+
+    def _has_segment_rows(self, r0: int, r1: int) -> bool:
+        return bool(self.segs) and bool((self.rows["enc"][r0:r1] == ENC_SEGRUN).any())
 
     def _source_id(self, source: str, row: int) -> int:
         sid = self.source_ids.get(source)
@@ -843,17 +1031,25 @@ class TransactionLog:
         self.last_timestamp = ts
 
     # -- reading ---------------------------------------------------------------------
-    def delta_at(self, row: int) -> Delta:
-        """The delta of ``row`` as a fresh, immutable object. O(log breaks + payload)."""
+    def delta_at(self, row: int, checked: bool = False) -> Delta:
+        """The delta of ``row`` as a fresh, immutable object (``checked``: the caller
+        has just checked the row with :meth:`check_segments`). O(log breaks +
+        payload).
+
+        Raises:
+            SerializationError: the row's frame in a mapped segment is damaged or cut.
+        """
         pid, size, plen, sid, enc, epoch, ts, poff = self.rows[row].item()
+        if enc == ENC_SEGRUN and not checked:
+            self.check_segments(np.array([row], np.int64))
         chunk = self.chunks[poff >> 32]
         assert chunk is not None
         off = poff & 0xFFFFFFFF
         raw = np.frombuffer(chunk, np.uint8, plen, off)
         idx = vals = data = mask = None
-        if enc == ENC_RUN or enc == ENC_RUN16:
-            head = 4 if enc == ENC_RUN else 2
-            first = int.from_bytes(raw[:head].tobytes(), "little")
+        if enc == ENC_RUN or enc == ENC_RUN16 or enc == ENC_SEGRUN:
+            head = 4 if enc == ENC_RUN else (2 if enc == ENC_RUN16 else 8)
+            first = int.from_bytes(raw[:min(head, 4)].tobytes(), "little")
             vals = raw[head:].copy()
             idx = np.arange(first, first + len(vals), dtype=np.intp)
         elif enc == ENC_POS16 or enc == ENC_POS32:
@@ -914,9 +1110,14 @@ class TransactionLog:
 
         it = structural()
         nxt = next(it, None)
+        # Rows in mapped segments are checked a block at a time, just before they are read.
+        checked = r if self.segs else nr
         while r < nr or nxt is not None:
             if r < nr and (nxt is None or lsns.at(r) < nxt.lsn):
-                yield self.delta_at(r)
+                if r >= checked:
+                    checked = min(nr, r + 4096)
+                    self.check_segments(r0=r, r1=checked)
+                yield self.delta_at(r, True)
                 r += 1
             else:
                 assert nxt is not None
@@ -971,6 +1172,8 @@ class TransactionLog:
             owner = own[sel]
         # Field by field: a gather of whole packed rows is far slower than of columns.
         rows = self.rows
+        if self.segs:
+            self.check_segments(np.arange(n, dtype=np.int64)[sel])
         self._mark(rows["poff"][:n][sel], rows["plen"][:n][sel], rows["enc"][:n][sel],
                    rows["psize"][:n][sel], owner, bounds, np.asarray(sizes, np.int64), out)
         return [out[bounds[k]:bounds[k + 1]] for k in range(len(sizes))]
@@ -999,6 +1202,7 @@ class TransactionLog:
         # few pages of a large id space cost little.
         slot = np.zeros(int(pids.max()) + 1, np.int32)
         slot[pids] = np.arange(1, len(pids) + 1, dtype=np.int32)
+        self.check_segments(r0=r0, r1=r1)
         for ci in self._chunks_of(r0, r1):
             chunk = self.chunks[ci]
             if chunk is None:
@@ -1016,6 +1220,7 @@ class TransactionLog:
         if r0 >= r1:
             return
         lens = np.diff(bounds)
+        self.check_segments(r0=r0, r1=r1)
         for ci in self._chunks_of(r0, r1):
             chunk = self.chunks[ci]
             if chunk is not None:
@@ -1023,11 +1228,13 @@ class TransactionLog:
                                starts, out, bounds, lens)
 
     def _chunks_of(self, r0: int, r1: int) -> list[int]:
-        """The payload chunks rows ``r0 … r1-1`` use, ascending. O(rows)."""
+        """The payload chunks rows ``r0 … r1-1`` use, ascending (a chunk let go is
+        never one: no row points there). O(rows)."""
         ci = self.rows["poff"][r0:r1] >> 32
         lo, hi = int(ci.min()), int(ci.max())
         if hi - lo < 4:
-            return list(range(lo, hi + 1))
+            chunks = self.chunks
+            return [c for c in range(lo, hi + 1) if chunks[c] is not None]
         return np.unique(ci).tolist()
 
     def _mark(self, poff: np.ndarray, plen: np.ndarray, enc: np.ndarray, psize: np.ndarray,
@@ -1083,6 +1290,7 @@ class TransactionLog:
         kept[:n - k] = self.rows[k:n]
         lsns, ids, bases, rare = self.lsns, self.ids, self.bases, self.rare_sources
         sources, source_ids, chunks = self.sources, self.source_ids, self.chunks
+        segs, crcs = self.segs, self.crcs
         cur, tail = self.cur, self.tail
         payload = int(kept["plen"][:n - k].sum(dtype=np.int64)) if k else self.payload_bytes
         # Structural entries: the ones after the last one at or before lsn, and the
@@ -1121,6 +1329,10 @@ class TransactionLog:
         if cur >= 0 and not (used == cur).any():
             used = np.sort(np.append(used, cur))
         self.chunks = [chunks[c] for c in used.tolist()]
+        self.segs = {i: segs[c] for i, c in enumerate(used.tolist()) if c in segs}
+        if self.segs and crcs is not None:
+            self.crcs = np.zeros(len(kept), np.uint32)
+            self.crcs[:n - k] = crcs[k:n]
         if self.n and len(used):
             remap = np.zeros(int(used[-1]) + 1, np.int64)
             remap[used] = np.arange(len(used))
@@ -1149,7 +1361,6 @@ class TransactionLog:
         self.index  # noqa: B018 - made now if it is made on read, so that both share it
         out = TransactionLog.__new__(TransactionLog)
         out.__dict__.update(self.__dict__)
-        out.history_index = None
         return out
 
     def memento(self) -> dict[str, Any]:
@@ -1188,6 +1399,8 @@ class TransactionLog:
         del self.lsns.rows[nl:], self.lsns.vals[nl:], self.ids.rows[ni:], self.ids.vals[ni:]
         self.lsns.last, self.ids.last = lsn_last, id_last
         del self.chunks[nchunks:]
+        for ci in [c for c in self.segs if c >= nchunks]:
+            del self.segs[ci]
         self.cur, self.tail = cur, tail
         chunk = self.chunks[cur] if cur >= 0 else None
         self.cur_array = np.frombuffer(chunk, np.uint8) if chunk is not None else np.zeros(0, np.uint8)
@@ -1265,8 +1478,22 @@ class TransactionLog:
         r0, n = self.rows_through(start), self.n
         rows = self.rows[r0:n]
         plen = rows["plen"].astype(np.int64)
+        enc = np.ascontiguousarray(rows["enc"])
+        psize = rows["psize"].astype(np.int64)
+        # Runs read from mapped segments are given in the run encodings of memory.
+        seg = enc == ENC_SEGRUN if self.segs else None
+        out_plen, out_enc = plen, enc
+        if seg is not None and seg.any():
+            self.check_segments(r0=r0, r1=n)
+            small = psize[seg] <= 1 << 16
+            out_plen = plen.copy()
+            out_plen[seg] -= np.where(small, 6, 4)
+            out_enc = enc.copy()
+            out_enc[seg] = np.where(small, ENC_RUN16, ENC_RUN)
+        else:
+            seg = None
         offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(plen, out=offsets[1:])
+        np.cumsum(out_plen, out=offsets[1:])
         payload = np.empty(int(offsets[-1]) if gather else 0, np.uint8)
         if len(rows) and gather:
             poff = np.ascontiguousarray(rows["poff"])
@@ -1275,8 +1502,13 @@ class TransactionLog:
                 chunk = self.chunks[c]
                 assert chunk is not None, "a kept row's payload chunk was let go"
                 sel = np.flatnonzero(ci == c)
-                gather_payloads(np.frombuffer(chunk, np.uint8), (poff & 0xFFFFFFFF)[sel],
-                                plen[sel], payload, offsets[sel])
+                if seg is not None:
+                    gather_converted(np.frombuffer(chunk, np.uint8), (poff & 0xFFFFFFFF)[sel],
+                                     plen[sel], enc[sel], psize[sel], payload, offsets[sel])
+                else:
+                    gather_payloads(np.frombuffer(chunk, np.uint8),
+                                    (poff & 0xFFFFFFFF)[sel], plen[sel], payload,
+                                    offsets[sel])
         # Sources: the ones these rows name, numbered from 0.
         src = rows["src"].astype(np.int64)
         names: list[str] = []
@@ -1298,8 +1530,8 @@ class TransactionLog:
         return LogColumns(
             self.row_lsns(r0, n), self.row_ids(r0, n), rows["epoch"].astype(np.int64),
             rows["ts"].astype(np.int64), rows["page"].astype(np.int64),
-            rows["psize"].astype(np.int64), plen, out_src, np.ascontiguousarray(rows["enc"]),
-            names, base_rows, base_epochs, payload, list(self.iter_structs(start)))
+            psize, out_plen, out_src, out_enc, names, base_rows, base_epochs, payload,
+            list(self.iter_structs(start)))
 
     def clone(self) -> TransactionLog:
         """A log holding the same records that can go on independently: the columns,
@@ -1309,7 +1541,6 @@ class TransactionLog:
         entries), vectorised."""
         out = TransactionLog.__new__(TransactionLog)
         out.__dict__.update(self.__dict__)
-        out.history_index = None
         out.sink = out.sink_many = None
         out.rows = self.rows[:max(self.n, 1024)].copy() if self.n else np.empty(1024, ROW_DTYPE)
         for name in ("lsns", "ids"):
@@ -1323,6 +1554,10 @@ class TransactionLog:
         out.source_ids = dict(self.source_ids)
         out.index = {pid: array("I", rows) for pid, rows in self.index.items()}
         out.chunks = list(self.chunks)
+        out.segs = dict(self.segs)
+        if self.crcs is not None:
+            out.crcs = np.zeros(len(out.rows), np.uint32)
+            out.crcs[:self.n] = self.crcs[:self.n]
         out.cur, out.tail, out.cur_array = -1, _CHUNK, np.zeros(0, np.uint8)
         out.structs = [_CreateRun.copy(s) if type(s) is _CreateRun else s for s in self.structs]
         out.struct_lsn = array("q", self.struct_lsn)
@@ -1336,6 +1571,10 @@ class TransactionLog:
         log appends them so), no copy. O(rows) to find the runs."""
         r0, n = self.rows_through(start), self.n
         if r0 >= n:
+            return
+        if self._has_segment_rows(r0, n):
+            # Runs read from mapped segments change encoding on the way (see columns).
+            yield self.columns(start).payload.data
             return
         rows = self.rows[r0:n]
         poff = np.ascontiguousarray(rows["poff"])
@@ -1466,6 +1705,8 @@ class TransactionLog:
     def apply_rows(self, rows: Iterable[int], buf: np.ndarray) -> int:
         """:meth:`apply_row` for each of ``rows`` (deltas of one page, in log order);
         returns the bytes they write. O(their payloads)."""
+        if self.segs:
+            return self._apply_rows_compiled(rows, buf)
         unpack, width = self._row_struct.unpack_from, self._row_struct.size
         cols, chunks = self.rows.data, self.chunks
         wrote = 0
@@ -1474,9 +1715,9 @@ class TransactionLog:
             chunk = chunks[poff >> 32]
             assert chunk is not None
             off = poff & 0xFFFFFFFF
-            if enc == ENC_RUN or enc == ENC_RUN16:
-                head = 4 if enc == ENC_RUN else 2
-                first = int.from_bytes(chunk[off:off + head], "little")
+            if enc == ENC_RUN or enc == ENC_RUN16 or enc == ENC_SEGRUN:
+                head = 4 if enc == ENC_RUN else (2 if enc == ENC_RUN16 else 8)
+                first = int.from_bytes(chunk[off:off + min(head, 4)], "little")
                 n = plen - head
                 buf[first:first + n] = chunk[off + head:off + plen]
                 wrote += n
@@ -1496,6 +1737,52 @@ class TransactionLog:
                 wrote += size
         return wrote
 
+    def _apply_rows_compiled(self, rows: Iterable[int], buf: np.ndarray) -> int:
+        """:meth:`apply_rows` of a log with mapped segments: the rows checked
+        (:meth:`check_segments`), then applied by one compiled call per run of rows
+        whose payloads share a chunk (:func:`~mmsb._core.kernels.apply_rows_of_chunk`).
+
+        Raises:
+            SerializationError: a row's frame was cut or changed, or its payload does
+                not fit the page (a damaged log).
+        """
+        sel = (np.frombuffer(rows, _ARRAY_DTYPES[rows.typecode]).astype(np.int64)
+               if type(rows) is array and rows.typecode in _ARRAY_DTYPES
+               else np.array(list(rows), np.int64))
+        if not len(sel):
+            return 0
+        self.check_segments(sel)
+        # The compiled entry takes only the types it was made for: a writable,
+        # contiguous 1-D uint8 page buffer (other buffers go through numba's dispatch).
+        plain = (type(buf) is np.ndarray and buf.dtype == np.uint8 and buf.ndim == 1
+                 and buf.flags.c_contiguous and buf.flags.writeable)
+        apply = _CHECK_ENTRY.get(1) if plain else None
+        chunks, segs, table = self.chunks, self.segs, self.rows
+        wrote = i = 0
+        while i < len(sel):
+            ci = int(table["poff"][sel[i]]) >> 32
+            source = segs.get(ci)
+            if source is not None:
+                arr = source.array
+            else:
+                chunk = chunks[ci]
+                assert chunk is not None, "a kept row's payload chunk was let go"
+                arr = np.frombuffer(chunk, np.uint8)
+            args = (table, sel, i, ci, arr, buf)
+            if apply is None or source is None:
+                i, n = apply_rows_of_chunk(*args)
+                if source is not None and apply is None and plain:
+                    apply = _CHECK_ENTRY[1] = entry_point(apply_rows_of_chunk, *args)
+            else:
+                i, n = apply(*args)
+            if i < 0:
+                bad = int(sel[-1 - i])
+                raise SerializationError(
+                    f"the log holds a delta whose payload does not fit page "
+                    f"{int(table['page'][bad])} (delta row {bad})")
+            wrote += n
+        return int(wrote)
+
     def extend_from(self, other: TransactionLog, start: int, stop: int) -> None:
         """Keep ``other``'s records with ``start`` < LSN ≤ ``stop``, as adopting them one
         by one in LSN order would: delta rows copied in one go, with their payloads
@@ -1511,6 +1798,7 @@ class TransactionLog:
                 rows = np.empty(max(2 * len(self.rows), at + m), ROW_DTYPE)
                 rows[:at] = self.rows[:at]
                 self.rows = rows
+                self._fit_crcs()
             new = self.rows[at:at + m]
             new.view(np.uint8)[:] = other.rows[r0:r1].view(np.uint8)
             # Payload chunks: shared, renumbered (by identity: a chunk taken before
@@ -1528,7 +1816,14 @@ class TransactionLog:
                 if k is None:
                     self.chunks.append(buf)
                     k = have[id(buf)] = len(self.chunks) - 1
+                if c in other.segs:
+                    self.segs[k] = other.segs[c]
                 lut[c - lo] = k
+            if other.crcs is not None and self.segs:
+                if self.crcs is None:
+                    self.crcs = np.zeros(len(self.rows), np.uint32)
+                self._fit_crcs()
+                self.crcs[at:at + m] = other.crcs[r0:r1]
             if not (lut == np.arange(lo, hi + 1)).all():
                 poff[:] = (lut[ci - lo] << 32) | (poff & 0xFFFFFFFF)
             # Sources: renumbered where this log numbers them otherwise.
@@ -1628,6 +1923,7 @@ class TransactionLog:
         """
         if r0 >= r1:
             return 0
+        self.check_segments(r0=r0, r1=r1)
         rows = self.rows[r0:r1]
         pages = rows["page"].astype(np.int64)
         sizes = rows["psize"].astype(np.int64)
@@ -1695,7 +1991,7 @@ class TransactionLog:
 _MIRRORED = ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp", "sink",
              "sink_many")
 """The counters and sinks a :class:`DeferredLog` holds as its tail does."""
-_OWN = frozenset((*_MIRRORED, "generation", "history_index", "_tail", "_loader"))
+_OWN = frozenset((*_MIRRORED, "generation", "_tail", "_loader"))
 
 
 class DeferredLog(TransactionLog):
@@ -1722,7 +2018,6 @@ class DeferredLog(TransactionLog):
         for name in _MIRRORED:
             own[name] = getattr(tail, name)
         own["generation"] = tail.generation
-        own["history_index"] = None
         own["_tail"] = tail
         own["_loader"] = loader
 

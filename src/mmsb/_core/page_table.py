@@ -7,14 +7,58 @@ lets a million pages cost a few numpy columns.
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import numpy as np
 
-__all__ = ["PageTable", "LIVE"]
+__all__ = ["PageTable", "LIVE", "CreationCursor"]
 
 LIVE = 1
 _COLUMNS = (("addr", np.int64), ("size", np.int64), ("epoch", np.int64), ("loc", np.uint8), ("flags", np.uint8))
+
+
+class CreationCursor:
+    """What the engine's one-frame ``create_page`` needs to continue the open creation
+    run, worked out once when the run is opened or continued by the general path
+    (``MMSBState.create_one``), so that each further creation checks four numbers
+    instead of the log's, the arena's and the state's conditions one by one.
+
+    It is valid while the log's next LSN minus the table's next id is ``gap``: every
+    record logged moves the next LSN, and the only calls that move both by one
+    (a page created apart, with its own record) enter the state, which drops the
+    cursor (so do ``close`` and a restore, which replaces the table).
+
+    While it is on the table, the creations it made since ``start`` have their log
+    records, table rows and ids, but the arena's bump offset is ``bump`` here and the
+    arena's bytes in use and the table's live count leave them out:
+    ``MMSBState.count_creations`` adds them, before any call that enters the state,
+    a settle (the counters' readers) or a check reads them."""
+
+    __slots__ = ("size", "cls", "stop", "gap", "hi", "bump", "start", "t0", "offsets")
+
+    def __init__(self, size: int, cls: int, stop: int, gap: int, hi: int, bump: int,
+                 start: int, t0: int, offsets: array[int]) -> None:
+        self.size = size
+        """The run's page size (the size of the page the call asks for)."""
+        self.cls = cls
+        """Its arena size class: the bytes each slot takes from the current chunk."""
+        self.stop = stop
+        """The first page id this cursor cannot create: past the table's rows or the
+        room left in the arena's current chunk."""
+        self.gap = gap
+        """The log's next LSN minus the table's next id when the cursor is valid."""
+        self.hi = hi
+        """The current arena chunk's index, shifted to an address's high bits."""
+        self.bump = bump
+        """Where the next slot starts in that chunk (the arena's bump offset)."""
+        self.start = start
+        """The first page id the cursor made that the arena's and the table's counts
+        leave out (``count_creations`` moves it to the next id)."""
+        self.t0 = t0
+        """The run's first timestamp (the offsets count from it, in 32 bits)."""
+        self.offsets = offsets
+        """The run's offsets column (appending one is logging the creation)."""
 
 
 class PageTable:
@@ -35,6 +79,9 @@ class PageTable:
         self.meta: dict[int, dict[str, Any]] = {}
         self.next_id = 1
         self.live_count = 0
+        self.creating: CreationCursor | None = None
+        """The engine's open creation cursor (see :class:`CreationCursor`); None when
+        ``create_page`` takes its general path next. Dropped with the table."""
 
     @property
     def capacity(self) -> int:

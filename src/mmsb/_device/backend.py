@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .._core.delta import Delta, as_bytes_array
-from ..errors import InvalidArgumentError, InvalidDeltaError
+from ..errors import GPUMemoryError, InvalidArgumentError, InvalidDeltaError
 from .arena import SlotArena
 
 __all__ = [
@@ -399,6 +399,26 @@ class DeviceBackend(ABC):
     def _synchronize(self) -> None:
         """Wait until all work queued on the backend's stream has finished."""
 
+    def _out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised by the backend's own array library inside a device
+        operation, means its memory ran out (the host backend: numpy's MemoryError)."""
+        return isinstance(exc, MemoryError)
+
+    def _compare(self, page: Any, src: Any, on_dev: bool, offset: int,
+                 apply: bool) -> tuple[Changes | None, int, int]:
+        """``_diff``, with the array library's out-of-memory error raised as
+        GPUMemoryError. The compare's temporaries are all taken before ``apply`` writes
+        anything, so a refusal leaves the slot as it was."""
+        try:
+            return self._diff(page, src, on_dev, offset, apply)
+        except Exception as exc:
+            if self._out_of_memory(exc):
+                raise GPUMemoryError(
+                    f"{self.device_name} ran out of memory comparing {len(src)} bytes "
+                    f"({type(exc).__name__}: {exc}); free device pages, or write the "
+                    "contents in smaller pieces", requested_bytes=len(src)) from exc
+            raise
+
     @abstractmethod
     def _record_event(self) -> Any:
         """A marker after the work queued so far (None when nothing is pending)."""
@@ -758,6 +778,8 @@ class DeviceBackend(ABC):
         Raises:
             InvalidArgumentError: ``slot`` not live, or ``offset`` not a non-negative int.
             InvalidDeltaError: ``new`` unreadable, or it does not fit at ``offset``.
+            GPUMemoryError: the device ran out of memory for the compare (the slot is
+                left as it was).
         """
         page, size = self._array(slot)
         src, on_dev = self._coerce(new, "new contents")
@@ -765,7 +787,7 @@ class DeviceBackend(ABC):
         if offset + len(src) > size:
             raise InvalidDeltaError(
                 f"{len(src)} bytes at offset {offset} run past the end of a {size}-byte slot")
-        changes, up, down = self._diff(page, src, on_dev, offset, bool(apply))
+        changes, up, down = self._compare(page, src, on_dev, offset, bool(apply))
         self._h2d += up
         self._d2h += down
         self._diffs += 1
@@ -807,6 +829,7 @@ class DeviceBackend(ABC):
             InvalidArgumentError: ``host`` not a contiguous uint8 numpy array, or
                 ``offset`` not a non-negative int.
             InvalidDeltaError: ``new`` unreadable, or it does not fit at ``offset``.
+            GPUMemoryError: the device ran out of memory for the compare.
         """
         page = self._memory_array(_host_array(host))
         size = len(host)
@@ -815,7 +838,7 @@ class DeviceBackend(ABC):
         if offset + len(src) > size:
             raise InvalidDeltaError(
                 f"{len(src)} bytes at offset {offset} run past the end of a {size}-byte page")
-        changes, up, down = self._diff(page, src, on_dev, offset, False)
+        changes, up, down = self._compare(page, src, on_dev, offset, False)
         self._h2d += up
         self._d2h += down
         self._diffs += 1

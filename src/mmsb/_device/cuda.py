@@ -570,6 +570,9 @@ class CudaBackend(DeviceBackend):
                     self._stream.synchronize()  # new_d is a temporary: let the copy land
         return changes, up, down
 
+    def _out_of_memory(self, exc: BaseException) -> bool:
+        return isinstance(exc, (cp.cuda.memory.OutOfMemoryError, MemoryError))
+
     # -- waiting ---------------------------------------------------------------------
     def _synchronize(self) -> None:
         self._stream.synchronize()

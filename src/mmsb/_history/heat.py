@@ -54,10 +54,10 @@ def _heat_rows(rows: np.ndarray, sel: np.ndarray, lsns: np.ndarray, slots: np.nd
         enc = np.int64(rows[r].enc)
         ps = np.int64(rows[r].psize)
         prev = -1
-        if enc == 0 or enc == 6:
-            head = 4 if enc == 0 else 2
+        if enc == 0 or enc == 6 or enc == 7:
+            head = 4 if enc == 0 else (2 if enc == 6 else 8)
             start = np.int64(0)
-            for j in range(head):
+            for j in range(min(head, 4)):
                 start |= np.int64(chunk[o + j]) << (8 * j)
             for p in range(start, min(start + plen - head, size)):
                 prev = _touch(p, size, nc, base, lsn, prev, counts, last)
@@ -118,6 +118,7 @@ def pages_heat(log: TransactionLog, ids: np.ndarray, sizes: np.ndarray, cols: in
     if parts:
         sel = np.concatenate(parts)
         slot = np.concatenate(slots)
+        log.check_segments(sel)
         chunk_of = log.rows["poff"][sel] >> 32
         for ci in np.unique(chunk_of).tolist():
             mine = chunk_of == ci

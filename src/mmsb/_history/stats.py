@@ -22,6 +22,7 @@ from .._core.log import (
     ENC_POS32,
     ENC_RUN,
     ENC_RUN16,
+    ENC_SEGRUN,
     TransactionLog,
     _CreateRun,
 )
@@ -60,7 +61,7 @@ def row_counts(log: TransactionLog, r0: int = 0, r1: int | None = None) -> np.nd
     plen = rows["plen"].astype(np.int64)
     psize = rows["psize"].astype(np.int64)
     out = np.zeros(len(rows), np.int64)
-    for code, head in ((ENC_RUN, 4), (ENC_RUN16, 2)):
+    for code, head in ((ENC_RUN, 4), (ENC_RUN16, 2), (ENC_SEGRUN, 8)):
         sel = enc == code
         out[sel] = plen[sel] - head
     for code, width in ((ENC_POS16, 2), (ENC_POS32, 4)):
@@ -131,7 +132,8 @@ def row_columns(log: TransactionLog) -> RowColumns:
     for k, name in enumerate(names):
         ordered[int(lut[k])] = name
     enc = rows["enc"]
-    sparse = (enc == ENC_RUN) | (enc == ENC_RUN16) | (enc == ENC_POS16) | (enc == ENC_POS32)
+    sparse = ((enc == ENC_RUN) | (enc == ENC_RUN16) | (enc == ENC_POS16) | (enc == ENC_POS32)
+              | (enc == ENC_SEGRUN))
     return RowColumns(log.row_lsns(0, n), rows["page"].astype(np.int64), rows["ts"].astype(np.int64),
                       lut[src] if n else src, ordered, row_counts(log), sparse)
 

@@ -3,9 +3,10 @@ per-page keyframes instead of a replay of the whole log.
 
 The index
 ---------
-One :class:`HistoryIndex` per log (kept in ``log.history_index``, rebuilt when the
-log's ``generation`` says its contents were replaced or rewritten: compression,
-trimming, a restored checkpoint or memento). It follows the log by LSN: each read first
+One :class:`HistoryIndex` per log object, kept beside it in a weak mapping (a copy of a
+log gets its own, and the log's hot attributes stay few), rebuilt when the log's
+``generation`` says its contents were replaced or rewritten (compression, trimming, a
+restored checkpoint or memento). It follows the log by LSN: each read first
 indexes the records logged since the last one, the new delta rows in one vectorised pass
 over the log's columns (pages, epochs, LSNs from the step map). It holds:
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import weakref
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -393,9 +395,14 @@ class HistoryIndex:
         line's events and their bytes)."""
         buf = self.bytes_after(line, 0).copy()
         log = self.log
+        if log.segs:
+            # Rows read from mapped log segments: checked in one go.
+            log.check_segments(np.array([r for k, r in zip(line.kinds[1:], line.refs[1:],
+                                                            strict=True) if k == DELTA],
+                                        np.int64))
         for kind, ref in zip(line.kinds[1:], line.refs[1:], strict=True):
             if kind == DELTA:
-                d = log.delta_at(ref)
+                d = log.delta_at(ref, True)
                 apply_delta(buf, d)
                 yield d, buf
             elif kind == RESIZE:
@@ -480,14 +487,19 @@ def damaged_log_errors() -> Iterator[None]:
             f"{exc}); it names a page, size or epoch the state does not have") from None
 
 
+_INDEXES: weakref.WeakKeyDictionary[TransactionLog, HistoryIndex] = weakref.WeakKeyDictionary()
+"""Each log's history index; it goes with its log."""
+
+
 def history_index(state: MMSBState) -> HistoryIndex:
     """The state's history index, rebuilt if the log's contents were replaced and
     caught up with the records logged since the last call. Caller holds the lock.
     O(new records)."""
-    ix = state.log.history_index
-    if not isinstance(ix, HistoryIndex) or not ix.valid_for(state):
+    log = state.log
+    ix = _INDEXES.get(log)
+    if ix is None or not ix.valid_for(state):
         ix = HistoryIndex(state)
-        state.log.history_index = ix
+        _INDEXES[log] = ix
     ix.catch_up()
     return ix
 

@@ -58,7 +58,8 @@ if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["write_checkpoint", "read_checkpoint", "CheckpointData", "CheckpointBase",
-           "checkpoint_bytes", "MAGIC", "VERSION", "CheckpointHead", "read_checkpoint_head"]
+           "checkpoint_bytes", "MAGIC", "VERSION", "CheckpointHead", "read_checkpoint_head",
+           "read_checkpoint_front"]
 
 MAGIC = b"MMSBCKPT"
 END_MAGIC = b"MMSBEND\0"
@@ -376,6 +377,73 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
     return _parse(memoryview(raw), label, with_log, private)
 
 
+def read_checkpoint_front(path: Path) -> CheckpointData:
+    """A checkpoint file read and checked as ``read_checkpoint(path, with_log=False,
+    private=True)`` reads it, but without keeping the bytes of its log section: the
+    header, every section header and every other section are read into one private
+    buffer, and the log section's bytes are read in steps of 64 KiB only to be checked
+    against their checksum (whoever reads the history reads the file again). With the
+    log's bytes out of that buffer, a snapshot whose page bytes are stored raw is
+    ``owned``: a restore takes them as its pages without a copy. O(file).
+
+    Raises:
+        SerializationError: as :func:`read_checkpoint` (the file read whole when its
+            section headers do not lead to its log section).
+    """
+    label = str(path)
+    try:
+        fd = fsops.open_regular(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
+                                 path=label) from None
+    try:
+        total = os.fstat(fd).st_size
+        pos = _HEADER_SIZE
+        hole = -1
+        for tag in _TAGS:
+            sh = os.pread(fd, _SECTION_SIZE, pos)
+            if len(sh) != _SECTION_SIZE:
+                break
+            got, _codec, _raw, stored_len, log_crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
+            if got != tag or crc32c(sh[:28]) != shcrc:
+                break
+            if tag == b"TLOG":
+                if pos + _SECTION_SIZE + stored_len <= total - _FOOTER_SIZE:
+                    hole = stored_len
+                break
+            pos += _SECTION_SIZE + stored_len
+        if hole >= 0:
+            front = pos + _SECTION_SIZE
+            buf = np.empty(total - hole, np.uint8)
+            got_front = os.preadv(fd, [buf[:front].data], 0)
+            got_back = os.preadv(fd, [buf[front:].data], front + hole)
+            if got_front != front or got_back != buf.size - front:
+                hole = -1  # changed while read: the whole read below says how
+            else:
+                step = bytearray(min(hole, _STREAM_CHUNK >> 4) or 1)
+                view = memoryview(step)
+                crc = 0
+                at = 0
+                while at < hole:
+                    n = os.preadv(fd, [view[: min(len(step), hole - at)]], front + at)
+                    if n <= 0:
+                        break
+                    crc = crc32c(view[:n], crc)
+                    at += n
+                if at != hole or crc != log_crc:
+                    hole = -1  # damaged (or cut meanwhile): the whole read below says where
+    except OSError as exc:
+        raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
+                                 path=label) from None
+    finally:
+        os.close(fd)
+    if hole < 0:
+        # Not a file whose sections lead to a log section: read whole, whose checks
+        # name what is wrong.
+        return read_checkpoint(path, with_log=False, private=True)
+    return _parse(buf.data, label, False, True, hole)
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointHead:
     """What a checkpoint says about itself, read without its data sections."""
@@ -493,9 +561,15 @@ at most this or an eighth of the file."""
 
 
 def _parse(buf: memoryview, label: str, with_log: bool = True,
-           private: bool = False) -> CheckpointData:
+           private: bool = False, hole: int = -1) -> CheckpointData:
+    """``hole`` ≥ 0 (``with_log`` False): ``buf`` is the file without the bytes of its
+    log section, that many (see :func:`read_checkpoint_front`); offsets in errors are
+    the file's."""
+    shift = 0
+
     def fail(reason: str, offset: int | None = None) -> SerializationError:
-        return SerializationError(reason, path=label, offset=offset)
+        return SerializationError(reason, path=label,
+                                  offset=None if offset is None else offset + shift)
 
     total = len(buf)
     if total < _HEADER_SIZE + _FOOTER_SIZE:
@@ -514,11 +588,15 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         raise fail("header fields out of range", 12)
     fpos = total - _FOOTER_SIZE
     fmagic, before, fcrc, fzero = _FOOTER_FULL.unpack_from(buf, fpos)
-    if fmagic != END_MAGIC or crc(buf[fpos : fpos + 16]) != fcrc or before != fpos or fzero:
+    if (fmagic != END_MAGIC or crc(buf[fpos : fpos + 16]) != fcrc
+            or before != fpos + max(hole, 0) or fzero):
+        shift = max(hole, 0)
         raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
     pos = _HEADER_SIZE
     sections: dict[bytes, tuple[int, int, memoryview, int]] = {}
     for tag_expected in _TAGS:
+        if hole >= 0 and tag_expected == b"BASE":
+            shift = hole  # past the log section left on disk
         if fpos - pos < _SECTION_SIZE:
             raise fail("section header runs past the end (truncated)", pos)
         tag, codec, raw_len, stored_len, data_crc, shcrc = _SECTION_HEAD.unpack_from(buf, pos)
@@ -529,6 +607,13 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         if codec not in (CODEC_RAW, CODEC_ZSTD) or raw_len > _MAX_SECTION:
             raise fail(f"section {tag.decode()} has an unknown codec or an impossible size", pos)
         data_pos = pos + _SECTION_SIZE
+        if hole >= 0 and tag == b"TLOG":
+            # Not in the buffer (read_checkpoint_front checked its bytes' checksum).
+            if stored_len != hole or (codec == CODEC_RAW and stored_len != raw_len):
+                raise fail("section TLOG changed while the file was read", pos)
+            sections[tag] = (codec, raw_len, buf[data_pos:data_pos], data_pos)
+            pos = data_pos
+            continue
         if stored_len > fpos - data_pos:
             raise fail(f"section {tag.decode()} runs past the end of the file (truncated)", pos)
         stored = buf[data_pos : data_pos + stored_len]
@@ -537,10 +622,11 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         if codec == CODEC_RAW and stored_len != raw_len:
             raise fail(f"section {tag.decode()} has stored and raw lengths that differ for raw "
                        "data", data_pos)
-        sections[tag] = (codec, raw_len, stored, data_pos)
+        sections[tag] = (codec, raw_len, stored, data_pos + shift)
         pos = data_pos + stored_len
     if pos != fpos:
         raise fail(f"{fpos - pos} unexpected bytes before the end marker", pos)
+    shift = 0  # the sections hold their offsets in the file
 
     def get(tag: bytes, exact: int | None = None) -> Any:
         """A section's bytes, inflated only after its declared size passed its bound:
@@ -560,7 +646,8 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         return _decompress(stored, raw_len, sec_err)
 
     snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
-    if private and sections[b"PDAT"][0] == CODEC_RAW and sections[b"TLOG"][0] == CODEC_RAW:
+    if private and sections[b"PDAT"][0] == CODEC_RAW and (
+            hole >= 0 or sections[b"TLOG"][0] == CODEC_RAW):
         kept = snap.data.nbytes
         if isinstance(snap.records, ColumnRecords):
             kept += snap.records.cols.payload.nbytes

@@ -462,6 +462,7 @@ def stage_write(bus: DurableBus, state: MMSBState, frame: Any, pid: int, off: in
         rows = np.empty(2 * len(log.rows), log.rows.dtype)
         rows[:row] = log.rows[:row]
         log.rows = rows
+        log._fit_crcs()
     lsn = log.next_lsn
     did = state.next_delta_id
     chunk = log.cur_array

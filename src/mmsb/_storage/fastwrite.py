@@ -11,8 +11,11 @@ call (:func:`_write_frame`) does, in order:
    the page changes (a sparse delta, as ``diff_write`` decides), encode the log row and
    payload the in-memory log keeps and the whole write-ahead-log frame (``length u64 |
    crc32c u32 | body``, the body exactly as :func:`~mmsb._storage.codec.encode_record`
-   writes the delta; its CRC32C by the bulk segment reader's compiled loop). Nothing
-   the state or the files show changes.
+   writes the delta; its CRC32C by the bulk segment reader's compiled loop). A delta of
+   one run whose frame fits the segment's read-only mapping (a chunk of the log, see
+   histmap.py) keeps no payload in the log: its row points at the run inside the frame
+   (``ENC_SEGRUN``) and the frame's CRC goes to the log's CRC column. Nothing the state
+   or the files show changes.
 2. ``pwrite(2)`` of the frame to the segment at the end of its frames (libc's, called
    at its address; the segment is written ahead with zeros, see wal.py, so the write
    lands in blocks the file has and the sync commits no new size), and
@@ -78,6 +81,7 @@ from .._core.log import DeferredLog
 from ..errors import DurabilityError
 from . import fsops, notify
 from .codec import KIND_DELTA
+from .histmap import MappedSegment, map_segment
 from .mapped import _BUMP_OFF, _LOG_OFF, _LSN, _ROWS, _SEQ, _TS, HEAD_SIZE
 from .notify import _atomic_add_u32, _atomic_add_u64, _atomic_load_u32
 from .wal import FRAME_HEAD
@@ -167,8 +171,10 @@ _c_errno: Any = intrinsic(_errno_typer)
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
     _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN, _K_OUT, \
     _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
-    _K_APPLY_CAP, _K_LOGGED, _K_TIMESPEC = range(26)
+    _K_APPLY_CAP, _K_LOGGED, _K_SEG, _K_SEG_LEN, _K_CRCS, _K_CRCS_LEN, _K_TIMESPEC = range(30)
 _K_WORDS = _K_TIMESPEC + 2
+_U32_LIKE = np.zeros(1, np.uint32)
+"""The element type of the log's CRC column, for the kernel's typed pointer to it."""
 _HEAD_WORDS = HEAD_SIZE // 8
 # Words of the mapped head (see mapped.py's layout).
 _LOG_WORD = _LOG_OFF // 8
@@ -193,31 +199,45 @@ def _clock(k: np.ndarray, clock: int) -> int:  # pragma: no cover - compiled
 def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
             row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, table: np.ndarray,
             pid: int, epoch: int, ts: int, src: int, lsn: int, did: int,
-            body: int) -> tuple[int, int, int, int, int]:  # pragma: no cover - compiled
+            body: int, seg: int, seg_len: int, end: int,
+            crcs: np.ndarray) -> tuple[int, int, int, int, int, bool]:  # pragma: no cover
     """Step 1 of the module's path. ``body``: where the frame's delta encoding starts in
-    ``out`` (after the source name, which the caller keeps there). Returns ``(changed,
-    log payload length, frame length, first, last)``, ``first`` … ``last`` the range of
+    ``out`` (after the source name, which the caller keeps there). ``seg``: the log's
+    chunk number of the segment's mapping (``seg_len`` bytes; -1: none), the frame to
+    go at ``end`` of the segment: a one-run delta whose frame fits the mapping gets a
+    row pointing at its run in the frame there (``ENC_SEGRUN``, the frame's CRC in
+    ``crcs[row]``) and nothing in the log chunk. Returns ``(changed, log payload
+    length, frame length, first, last, in segment)``, ``first`` … ``last`` the range of
     ``new`` that changes; changed 0: nothing differs; -2: no room in the log chunk; -3:
     a dense delta; -4: the page's mapped row is not of its size (nothing written in
     any of these cases)."""
     if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size or size > 0xFFFFFFFF:
-        return _DECLINE_ROW, 0, 0, 0, 0
+        return _DECLINE_ROW, 0, 0, 0, 0, False
     m = len(new)
     page = mem[base:base + size]
     cur = page[off:off + m]
     n = count_changed(cur, new, m)
     if n == 0:
-        return 0, 0, 0, 0, 0
+        return 0, 0, 0, 0, 0, False
     if n * 4 > size:
-        return _DECLINE_DENSE, 0, 0, 0, 0
+        return _DECLINE_DENSE, 0, 0, 0, 0, False
     first, last = change_ends(cur, new, m)
-    # The log's row and payload, as TransactionLog keeps the delta (see write_small).
     one_run = last - first + 1 == n
-    enc, plen = sparse_encoding(n, first, last, size)
-    if plen > LOG_CHUNK - coff:
-        return _NO_ROOM, plen, 0, 0, 0
-    encode_sparse(chunk, coff, cur, new, off, first, last, n, enc, plen)
-    _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, (ci << 32) | coff)
+    # A one-run delta whose frame fits the segment's mapping: its row points at the run
+    # in the frame (u32 start, u32 count, values, 5 bytes into the body's encoding).
+    in_seg = one_run and seg >= 0 and end + body + 13 + n <= seg_len
+    if in_seg:
+        if row >= crcs.shape[0]:
+            return _NO_ROW, 0, 0, 0, 0, False
+        plen = 8 + n
+        _fill_row(rows, row, pid, size, plen, src, 7, epoch, ts, (seg << 32) | (end + body + 5))
+    else:
+        # The log's row and payload, as TransactionLog keeps the delta (see write_small).
+        enc, plen = sparse_encoding(n, first, last, size)
+        if plen > LOG_CHUNK - coff:
+            return _NO_ROOM, plen, 0, 0, 0, False
+        encode_sparse(chunk, coff, cur, new, off, first, last, n, enc, plen)
+        _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, (ci << 32) | coff)
     # The frame: the record head and the delta's fields ...
     out[FRAME_HEAD] = KIND_DELTA
     _put(out, FRAME_HEAD + 1, lsn, 8)
@@ -272,7 +292,9 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
     crc = _crc(CRC_TABLES, 0xFFFFFFFF, out, 0, 8)
     crc = _crc(CRC_TABLES, crc, out, FRAME_HEAD, flen - FRAME_HEAD) ^ 0xFFFFFFFF
     _put(out, 8, crc, 4)
-    return n, plen, flen, first, last
+    if in_seg:
+        crcs[row] = crc
+    return n, plen, flen, first, last, in_seg
 
 
 @njit(cache=True, nogil=True)
@@ -335,8 +357,10 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     word (the caller wakes them), or, when a file step failed (nothing applied),
     ``-(errno * 2 + (1 if it was the sync))``; ``first`` and ``last`` as one int,
     ``first << 32 | last`` (the caller needs them only when the call does not end here).
-    Changed -5: no row left in ``rows``; -2 also when there is no current log chunk
-    (``ci`` < 0)."""
+    Changed -5: no row left in ``rows`` (or in the log's CRC column); -2 also when
+    there is no current log chunk (``ci`` < 0). Status bit 2 (status ≥ 0): the row
+    points at the frame in the segment's mapping (``ENC_SEGRUN``), and the log chunk
+    was not used."""
     if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0 or k[_K_LOG_RING] == 0:
         return _DECLINE_ROW, 0, 0, 0, 0  # nothing mapped (yet)
     if row >= rows.shape[0]:
@@ -349,10 +373,12 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
     out = carray(_ptr(k[_K_OUT], mem), (_OUT_BYTES,))
     chunk = carray(_ptr(k[_K_CHUNK], mem), (LOG_CHUNK,))
+    crcs = carray(_ptr(k[_K_CRCS], _U32_LIKE), (k[_K_CRCS_LEN],))
     base = addr & CHUNK_MASK
-    n, plen, flen, first, last = _encode(mem, base, size, off, new, rows, row, chunk, coff, ci,
-                                         out, table, pid, epoch, ts, src, lsn, did,
-                                         k[_K_BODY])
+    n, plen, flen, first, last, in_seg = _encode(mem, base, size, off, new, rows, row, chunk,
+                                                 coff, ci, out, table, pid, epoch, ts, src,
+                                                 lsn, did, k[_K_BODY], k[_K_SEG],
+                                                 k[_K_SEG_LEN], end, crcs)
     span = first << 32 | last
     if n <= 0:
         return n, plen, flen, span, 0
@@ -382,7 +408,7 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
         logged = carray(_ptr(k[_K_LOGGED], k), (2,))
         logged[0] += 1
         logged[1] += n
-    return n, plen, flen, span, 1 if woke else 0
+    return n, plen, flen, span, (1 if woke else 0) | (2 if in_seg else 0)
 
 
 _ENTRIES: dict[str, Any] = {}
@@ -396,7 +422,8 @@ class FastWriter:
 
     __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
                  "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of",
-                 "room", "source_bytes", "batch_out", "batch_chunk", "batch_pos")
+                 "room", "seg_writer", "seg", "seg_ci", "crcs_of", "source_bytes",
+                 "batch_out", "batch_chunk", "batch_pos")
 
     def __init__(self, always: bool, segment_bytes: int) -> None:
         self.segment_bytes = segment_bytes
@@ -433,12 +460,22 @@ class FastWriter:
         """``fsync="always"``: each frame is synced before the call returns."""
         self.usable = all(_LIBC)
         """False where libc's calls were not found: the general path takes every write."""
+        self.seg_writer: object = None
+        """The segment writer whose file :attr:`seg` maps (or failed to)."""
+        self.seg: MappedSegment | None = None
+        """The read-only mapping of the open segment, a payload chunk of the log: the
+        rows of one-run writes point at their frames there (see histmap.py)."""
+        self.seg_ci = -1
+        """The log's chunk number of :attr:`seg` (as in ``consts``)."""
+        self.crcs_of: object = None
+        """The log's CRC column whose address ``consts`` holds."""
         self.kernel: Any = _ENTRIES.get("write", _write_frame)
         """The kernel: its compiled entry once made (see entry_point)."""
         k = self.consts
         k[_K_WRITE], k[_K_SYNC], k[_K_ERRNO], k[_K_CLOCK] = _LIBC
         k[_K_ALWAYS] = always
         k[_K_OUT] = self.out.ctypes.data
+        k[_K_SEG] = -1
 
     def refresh(self, w: Any, pub: Any, generation: int) -> None:
         """Take the segment's and the publisher's ints (after a roll, a reopen or the
@@ -468,6 +505,35 @@ class FastWriter:
         self.consts[_K_CHUNK] = chunk.ctypes.data if ok else 0
         self.chunk_of = chunk
 
+    def take_segment(self, w: Any) -> None:
+        """Map the segment ``w`` writes (see histmap.py); none when it cannot be."""
+        self.seg_writer = w
+        self.seg = map_segment(w, self.segment_bytes, _OUT_BYTES)
+        self.seg_ci = -1
+        self.consts[_K_SEG] = -1
+        self.consts[_K_SEG_LEN] = self.seg.length if self.seg is not None else 0
+
+    def take_log(self, log: Any) -> None:
+        """Make the mapped segment one of ``log``'s payload chunks (found, or added),
+        and take the address of the log's CRC column."""
+        seg = self.seg
+        assert seg is not None
+        view = seg.view
+        ci = next((i for i, c in enumerate(log.chunks) if c is view), -1)
+        if ci < 0 or ci not in log.segs:
+            ci = log.map_segment(view, seg)
+        self.seg_ci = ci
+        self.consts[_K_SEG] = ci
+        self.take_crcs(log.crcs)
+
+    def take_crcs(self, crcs: np.ndarray | None) -> None:
+        """Take the address of the log's CRC column (one exists once the segment is
+        one of its chunks)."""
+        assert crcs is not None
+        self.crcs_of = crcs
+        self.consts[_K_CRCS] = crcs.ctypes.data
+        self.consts[_K_CRCS_LEN] = len(crcs)
+
     def take_counters(self, counters: Any) -> None:
         """Take the addresses of ``counters``' ``log_append`` and ``delta_apply`` rings,
         which the kernel records its samples into, and of its ``logged`` counts."""
@@ -494,9 +560,11 @@ class FastWriter:
         and descriptors go)."""
         k = self.consts
         k[_K_TABLE] = k[_K_PAGES] = k[_K_HEAD] = k[_K_CHUNK] = k[_K_LOG_RING] = 0
-        k[_K_APPLY_RING] = k[_K_LOGGED] = 0
+        k[_K_APPLY_RING] = k[_K_LOGGED] = k[_K_CRCS] = k[_K_CRCS_LEN] = 0
+        k[_K_SEG] = -1
         self.table_of = self.pages_of = self.writer_of = self.pub_of = None
-        self.chunk_of = self.counters_of = None
+        self.chunk_of = self.counters_of = self.seg_writer = self.seg = self.crcs_of = None
+        self.seg_ci = -1
 
     def use_source(self, source: str) -> bool:
         """Put ``source``'s name in the frame buffer; False when it is too long."""
@@ -574,6 +642,16 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         row = log.n
         if log.cur_array is not fw.chunk_of:
             fw.take_chunk(log.cur_array)
+        if fw.seg_writer is not w:
+            fw.take_segment(w)
+        seg = fw.seg
+        if seg is not None:
+            ci = fw.seg_ci
+            chunks = log.chunks
+            if ci < 0 or ci >= len(chunks) or chunks[ci] is not seg.view:
+                fw.take_log(log)
+            elif log.crcs is not fw.crcs_of:
+                fw.take_crcs(log.crcs)
         ts = time.time_ns()
         if ts < log.last_timestamp:
             ts = log.last_timestamp
@@ -606,6 +684,8 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
                 fw.take_chunk(log.cur_array)
             elif n == _NO_ROW:
                 log._grow()
+                if seg is not None:
+                    fw.take_crcs(log.crcs)
             else:
                 break
         if n > 0 and (status >= 0 or status & 1):
@@ -629,13 +709,14 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
             raise _failed(bus, state, w, before, pid, off + (span >> 32),
                           off + (span & 0xFFFFFFFF) + 1, exc,
                           "fsync" if err & 1 else "append") from exc
-        if status:
+        if status & 1:
             notify.wake(pub.notify_addr)
         since = bus.records_since_ckpt + 1
         bus.records_since_ckpt = since
         # The log keeps the row the kernel filled: TransactionLog.write_small's tail,
         # inlined as in MMSBState.write_small_bytes (keep the three alike).
-        log.tail = tail + plen
+        if not status & 2:
+            log.tail = tail + plen
         log.n = row + 1
         lsns = log.lsns
         ids = log.ids

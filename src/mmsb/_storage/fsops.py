@@ -91,15 +91,35 @@ def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
     """
     step("create" if create else "open", path)
     fd = os.open(path, flags | _SAFE, FILE_MODE)
-    _require_regular(fd, path)
+    st = _require_regular(fd, path)
     if flags & (os.O_WRONLY | os.O_RDWR):
         try:
-            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            if stat.S_IMODE(st.st_mode) & 0o077:
                 os.fchmod(fd, FILE_MODE)
         except OSError:
             os.close(fd)
             raise
     return fd
+
+
+def bus_folder(path: Path) -> None:
+    """Make sure ``path`` is a folder of the bus (created 0700 when missing), never a
+    symlink or a file standing where it belongs.
+
+    Raises:
+        NotRegularFileError: something other than a folder is there.
+        OSError: as the system calls raise it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.mkdir(path, 0o700)
+            return
+        except FileExistsError:
+            st = os.lstat(path)  # made meanwhile
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotRegularFileError(errno.EINVAL, "not a directory of the bus", str(path))
 
 
 def create_exclusive(path: Any, *, readable: bool = False) -> int:

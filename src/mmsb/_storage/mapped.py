@@ -130,14 +130,135 @@ def _gather(dst: np.ndarray, dst_offs: np.ndarray, src: np.ndarray, src_offs: np
             dst[d + k] = src[s + k]
 
 
+_ROW_PROBLEMS = {
+    1: "the table has rows past the recovered pages",
+    2: "the table's slots overlap or lie outside the pages file",
+    3: "the table has pages of an LSN beyond the head's",
+}
+
+
+@njit(cache=True, nogil=True)
+def _check_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
+                epochs: np.ndarray, addrs: np.ndarray, lsn: int, bump: int, cand: np.ndarray,
+                touch: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled
+    """Check a mapped table (rows of offset, size, epoch, lsn) against the recovered
+    page table (``flags``, ``sizes``, ``epochs``, ``addrs`` of ids below ``rows``).
+
+    Returns ``(problem, n_cand, n_touch, first_chunk, slot_bytes, top)``: problem 0 when the rows are
+    sane (1: a row past ``rows`` holds a page; 2: a slot lies outside ``[0, bump)`` or
+    overlaps another; 3: a row's LSN is beyond ``lsn``); ``cand[:n_cand]`` the live
+    pages whose row has the state's size and epoch (their bytes are compared next),
+    ``touch[:n_touch]`` the ids whose row must be written again (a live page without a
+    matching row, a row of a page no longer live), ``first_chunk`` the arena chunk of
+    the first candidate (-1: none), ``slot_bytes`` the bytes of the rows' slots and
+    ``top`` the end of the last of them."""
+    m = tab.shape[0]
+    lo = np.empty(m, np.int64)
+    hi = np.empty(m, np.int64)
+    used = 0
+    n_cand = 0
+    n_touch = 0
+    first = -1
+    for r in range(m):
+        size = tab[r, 1]
+        if size >= 0:
+            if r >= rows:
+                return 1, 0, 0, -1, 0, 0
+            if tab[r, 3] > lsn:
+                return 3, 0, 0, -1, 0, 0
+            c = 16
+            if size > 16:
+                top = 1
+                v = size - 1
+                while v > 1:
+                    v >>= 1
+                    top <<= 1
+                step = top >> 2
+                c = (size + step - 1) // step * step
+            off = tab[r, 0]
+            if off < 0 or off > bump - c:
+                return 2, 0, 0, -1, 0, 0
+            lo[used] = off
+            hi[used] = off + c
+            used += 1
+        if r < rows and flags[r] & 1:
+            if size == sizes[r] and tab[r, 2] == epochs[r]:
+                cand[n_cand] = r
+                n_cand += 1
+                if first < 0:
+                    first = addrs[r] >> CHUNK_SHIFT
+            else:
+                touch[n_touch] = r
+                n_touch += 1
+        elif size >= 0:
+            touch[n_touch] = r
+            n_touch += 1
+    slot_bytes = 0
+    top = 0
+    for k in range(used):
+        slot_bytes += hi[k] - lo[k]
+        top = max(top, hi[k])
+    if used > 1:
+        order = np.argsort(lo[:used])
+        for k in range(1, used):
+            if lo[order[k]] < hi[order[k - 1]]:
+                return 2, 0, 0, -1, 0, 0
+    return 0, n_cand, n_touch, first, slot_bytes, top
+
+
+@njit(cache=True, nogil=True)
+def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand: np.ndarray,
+                   addrs: np.ndarray, sizes: np.ndarray, chunk: int, mem: np.ndarray,
+                   mem64: np.ndarray, same: np.ndarray) -> int:  # pragma: no cover - compiled
+    """For the candidates whose arena address lies in chunk ``chunk`` (bytes ``mem``;
+    ``pages64`` and ``mem64``: the same bytes as u64 words, for the aligned pages):
+    ``same[i]`` = whether the mapped bytes of page ``cand[i]`` equal the arena's.
+    Returns the smallest chunk index above ``chunk`` that a candidate uses (-1: none)."""
+    nxt = -1
+    for i in range(cand.shape[0]):
+        pid = cand[i]
+        a = addrs[pid]
+        c = a >> CHUNK_SHIFT
+        if c != chunk:
+            if c > chunk and (nxt < 0 or c < nxt):
+                nxt = c
+            continue
+        p = tab[pid, 0]
+        q = a & CHUNK_MASK
+        n = sizes[pid]
+        k = 0
+        diff = 0
+        if (p | q) & 7 == 0:
+            # Eight bytes at a time where both sides are aligned (no early exit).
+            pw = p >> 3
+            qw = q >> 3
+            wide = np.uint64(0)
+            for j in range(n >> 3):
+                wide |= pages64[pw + j] ^ mem64[qw + j]
+            diff = 1 if wide else 0
+            k = n & ~7
+        for j in range(k, n):
+            if pages[p + j] != mem[q + j]:
+                diff = 1
+        same[i] = diff == 0
+    return nxt
+
+
+_BOOT: bytes | None = None
+
+
 def boot_id() -> bytes:
     """16 bytes naming this boot of the operating system (Linux: the kernel's boot id);
     zeros when unknown. Mapped pages written before another boot are never trusted."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return uuid.UUID(f.read().strip()).bytes
-    except (OSError, ValueError):
-        return bytes(16)
+    global _BOOT
+    if _BOOT is None:
+        # Read once: a process never outlives the boot it started in.
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _BOOT = uuid.UUID(f.read().strip()).bytes
+        except (OSError, ValueError):
+            _BOOT = bytes(16)
+    return _BOOT
 
 
 def published_log_end(root: Path) -> tuple[int, int, int, int] | None:
@@ -209,9 +330,7 @@ class Publisher:
 
     def __init__(self, root: Path, bus_id: int) -> None:
         d = _map_dir(root)
-        if d.is_symlink() or (d.exists() and not d.is_dir()):
-            raise fsops.NotRegularFileError(errno.EINVAL, "not a directory of the bus", str(d))
-        d.mkdir(mode=0o700, exist_ok=True)
+        fsops.bus_folder(d)
         self.root = root
         self.fds: dict[str, int] = {}
         try:
@@ -234,6 +353,17 @@ class Publisher:
             # The head's mapping has views now (it is let go with this object).
             self.close_files()
             raise
+        # What the last writer left, read before this one takes the head over: whether
+        # its publication can be adopted (see adopt).
+        prev = bytes(self.head[: _STATIC.size + 4])
+        magic, version, _f, _r, prev_bus, prev_boot, _c = _STATIC.unpack_from(prev, 0)
+        self.bus_id = bus_id
+        self.prev_ok = (magic == MAP_MAGIC and version == MAP_VERSION
+                        and _U32.unpack_from(prev, _STATIC.size)[0] == crc32c(prev[: _STATIC.size]))
+        self.prev_bus = prev_bus
+        self.prev_boot = prev_boot
+        self.prev_seq = int(self.h[_SEQ])
+        self.prev_status = _U32.unpack_from(self.head, _STATUS_OFF)[0]
         static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
         self.h[_SEQ] = self.h[_SEQ] | 1  # readers wait while the files are rebuilt
         self.head[0 : _STATIC.size] = static
@@ -256,6 +386,12 @@ class Publisher:
         self.token = int.from_bytes(os.urandom(8), "little") | 1
         """Names this publisher in the head's owner field: another writer of a shared
         bus that published since means the slot allocator must be rebuilt."""
+        self.opening = True
+        """The first publication is still to come (the head's seq is odd because this
+        writer set it so, not because a writer died publishing)."""
+        self.rebuilt_because: str | None = "the files have not been checked"
+        """Why the first publication rewrites every page (None: the files the last
+        writer left were adopted, see adopt)."""
 
     # -- the log's end (shared writers) ----------------------------------------------------
     def log_end(self) -> tuple[int, int, int, int]:
@@ -358,6 +494,101 @@ class Publisher:
         for pid in set(page_ids):
             touched[pid] = _WHOLE
 
+    # -- reopening -----------------------------------------------------------------------
+    def adopt(self, state: MMSBState) -> bool:
+        """Take over the files the last writer of this bus published, instead of
+        rewriting every page, when they check out against the recovered ``state`` (its
+        lock held; before the first publication). The recovered state stays the truth:
+        the files are only ever compared with it, never read into it.
+
+        They are adopted when the last writer ran on this boot of the machine (same boot
+        id: its stores are in the page cache, whatever became of the process), for this
+        bus (same bus id), finished its last publication (seq even, status not failed),
+        showed no LSN beyond the recovered log's end, and left a table whose rows are
+        sane: every slot inside the part of the pages file carved so far, no two slots
+        overlapping, no row past the recovered page ids. Then each live page whose row
+        (size, epoch) and bytes equal the state's is kept as it is, and only the others
+        (pages changed by records the dead writer logged but did not publish, pages
+        deleted since) are published. Anything else (another boot, a torn or failed
+        publication, a damaged or edited file) rebuilds the files from ``state`` as every
+        open did before. O(rows + page bytes) either way; the adopted case only reads
+        the files. Returns whether they were adopted (``rebuilt_because`` says why not).
+        """
+        why = self._adoption_problem(state)
+        self.rebuilt_because = why
+        if why is not None:
+            log.info("reopening %s: the mapped pages are rebuilt (%s)", self.root, why)
+            self.full = True
+            return False
+        self.full = False
+        return True
+
+    def _adoption_problem(self, state: MMSBState) -> str | None:
+        """Why the files the last writer left cannot be adopted; None when they can
+        (and then they are mapped, the slot allocator set from them and the pages that
+        differ from ``state`` noted for the first publication)."""
+        if not self.prev_ok:
+            return "the head is missing, damaged or of another version"
+        if self.prev_bus != self.bus_id:
+            return "the head names another bus"
+        mine = boot_id()
+        if self.prev_boot != mine or mine == bytes(16):
+            return "they were written before the machine restarted (another boot id)"
+        if self.prev_seq & 1:
+            return "the last writer stopped in the middle of a publication"
+        if self.prev_status not in (STATUS_NONE, STATUS_LIVE):
+            return "the last writer's publication failed"
+        h = self.h
+        lsn = int(h[_LSN])
+        if lsn > state.log.last_lsn:
+            return f"they show LSN {lsn}, beyond the recovered log's end {state.log.last_lsn}"
+        plen, tlen = int(h[_PAGES_BYTES]), int(h[_TABLE_BYTES])
+        bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
+        t = state.table
+        rows = t.next_id
+        if (tlen % ROW_SIZE or plen % 8 or tlen > os.fstat(self.fds["table"]).st_size
+                or plen > os.fstat(self.fds["pages"]).st_size or bump > plen
+                or tlen // ROW_SIZE < max(rows, 1) or plen < _MIN_PAGES or tlen < _MIN_ROWS * ROW_SIZE):
+            return "the head's file lengths do not match the files"
+        self.pages_cap = plen
+        self.table_rows = tlen // ROW_SIZE
+        self._remap_pages(plen)
+        self._remap_table(self.table_rows)
+        tab = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)  # type: ignore[arg-type]
+        n = t.flags.shape[0]
+        cand = np.empty(n, np.int64)
+        touch = np.empty(tab.shape[0], np.int64)
+        code, n_cand, n_touch, first, slot_bytes, top = _check_rows(
+            tab, rows, t.flags[:rows], t.size[:rows], t.epoch[:rows], t.addr[:rows], lsn, bump,
+            cand, touch)
+        if code:
+            return _ROW_PROBLEMS[code]
+        if top - slot_bytes > max(slot_bytes, _MIN_PAGES):
+            # Slots freed by earlier writers are not learnt from the files (they would be
+            # lost to this one): past this much of them the pages are packed again.
+            return "more of the pages file is freed slots than pages (packed again)"
+
+        # The rows are sane: keep each live page whose row and bytes equal the state's.
+        same = np.ones(n_cand, np.bool_)
+        cand = cand[:n_cand]
+        chunk = first
+        while chunk >= 0:
+            mem = state.arena.chunk(chunk)
+            assert mem is not None
+            wide = mem[: mem.shape[0] & ~7].view(np.uint64)
+            chunk = _compare_chunk(self.pages, self.pages.view(np.uint64), tab, cand, t.addr,
+                                   t.size, chunk, mem, wide, same)
+        touched = self.touched
+        touched.clear()
+        for pid in touch[:n_touch].tolist():
+            touched[pid] = _WHOLE
+        for pid in cand[~same].tolist():
+            touched[pid] = _WHOLE
+        self.bump = top  # nothing live lies past the last slot in use
+        self.free.clear()
+        _U64.pack_into(self.head, _OWNER_OFF, self.token)
+        return None
+
     # -- publishing --------------------------------------------------------------------
     def publish(self, state: MMSBState) -> None:
         """Make the mapped files show ``state`` (its lock held), then wake followers.
@@ -365,7 +596,11 @@ class Publisher:
         readers raise instead of reading stale pages; the next call retries in full."""
         head = self.head
         (seq,) = _U64.unpack_from(head, 64)
-        if seq & 1 or _U32.unpack_from(head, _STATUS_OFF)[0] == STATUS_FAILED:
+        opening = self.opening
+        self.opening = False
+        if opening:
+            pass  # the head's seq is odd since this writer opened (its files checked)
+        elif seq & 1 or _U32.unpack_from(head, _STATUS_OFF)[0] == STATUS_FAILED:
             # The last publisher died in the middle (writers publish one at a time), or
             # could not finish: what it was copying may be torn, so all is written again.
             self.full = True

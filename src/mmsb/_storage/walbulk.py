@@ -25,29 +25,14 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from .._core.kernels import CRC_TABLES
+from .._core.kernels import crc_update as _crc
 from .._core.limits import MAX_COUNTER, MAX_PAGE_SIZE
 from .._core.log import LogColumns
 
 __all__ = ["BulkRows", "crc32c_np", "decode_frames", "fill_payload", "CRC_TABLES", "base_epochs",
            "slice_columns"]
 
-_POLY = 0x82F63B78
-
-
-def _crc_tables() -> np.ndarray:
-    """The eight 256-entry tables of CRC32C (reflected, slicing by 8), built with numpy."""
-    t0 = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        t0 = np.where(t0 & 1, (t0 >> 1) ^ np.uint32(_POLY), t0 >> 1).astype(np.uint32)
-    out = np.empty((8, 256), np.int64)
-    out[0] = t0
-    for k in range(1, 8):
-        prev = out[k - 1]
-        out[k] = (prev >> 8) ^ t0[prev & 0xFF]
-    return out
-
-
-CRC_TABLES = _crc_tables()
 
 # Row fields (columns of the ``meta`` array, int64).
 F_LSN, F_ID, F_EPOCH, F_BASE, F_TS, F_PAGE, F_PSIZE, F_PLEN, F_ENC, F_SRC, F_AT, F_WENC, \
@@ -83,25 +68,6 @@ def _u64(buf: np.ndarray, p: Any) -> Any:  # pragma: no cover - compiled
 def _u32(buf: np.ndarray, p: Any) -> Any:  # pragma: no cover - compiled
     return (np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16)
             | (np.int64(buf[p + 3]) << 24))
-
-
-@njit(cache=True, nogil=True)
-def _crc(tab: np.ndarray, c: Any, buf: np.ndarray, p: Any, n: Any) -> Any:  # pragma: no cover
-    """Continue the CRC32C register ``c`` (not inverted; int64 holding 32 bits) over
-    ``buf[p:p + n]``, eight bytes a step."""
-    while n >= 8:
-        one = c ^ _u32(buf, p)
-        two = _u32(buf, p + 4)
-        c = (tab[7, one & 0xFF] ^ tab[6, (one >> 8) & 0xFF] ^ tab[5, (one >> 16) & 0xFF]
-             ^ tab[4, one >> 24] ^ tab[3, two & 0xFF] ^ tab[2, (two >> 8) & 0xFF]
-             ^ tab[1, (two >> 16) & 0xFF] ^ tab[0, two >> 24])
-        p += 8
-        n -= 8
-    while n > 0:
-        c = tab[0, (c ^ np.int64(buf[p])) & 0xFF] ^ (c >> 8)
-        p += 1
-        n -= 1
-    return c
 
 
 @njit(cache=True, nogil=True)

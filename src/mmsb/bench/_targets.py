@@ -246,6 +246,15 @@ TARGETS: tuple[Target, ...] = (
         "B",
     ),
     Target(
+        "durable_history_2m_rss",
+        "memory: a durable bus's RAM over 2,000,000 small writes, full history",
+        "≤ 128 MB (64 B per retained record)",
+        Metric("memory/durable_history_2m", "rss_growth_mb_per_2m"),
+        "<=",
+        128,
+        "MB",
+    ),
+    Target(
         "delta_dense_1mb_vs_copy",
         "delta, 1 MiB page, all changed",
         "≤ 4 × one numpy copy of 1 MiB, same run",

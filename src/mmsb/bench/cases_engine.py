@@ -65,6 +65,53 @@ logged = len(state.tlog) - logged0
 print(json.dumps({"n": n, "logged": logged, "rss_growth": after - before}))
 """
 
+_DURABLE_HISTORY_CHILD = r"""
+import gc, json, os, sys, time
+import numpy as np
+n = int(sys.argv[1])
+path = sys.argv[2]
+
+def rss():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+import mmsb
+
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
+state = mmsb.mmsb_start(path=path, config=config)
+ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
+rng = np.random.default_rng(5)
+# Cycled draws (the writes still change bytes: offsets and pages vary), so that the
+# payloads do not weigh on the measure.
+k = 1 << 16
+offs = rng.integers(0, 1016, k).tolist()
+pids = [ids[i] for i in rng.integers(0, 64, k).tolist()]
+pay = [row.tobytes() for row in rng.integers(1, 256, (k, 8), dtype=np.uint8)]
+skew = rng.integers(0, 1016, 64).tolist()
+for i in range(2000):  # the kernels and the first chunks, as on any bus in use
+    mmsb.write_page(state, pids[i], offs[i], pay[i])
+gc.collect()
+before = rss()
+logged0 = len(state.tlog)
+write = mmsb.write_page
+t0 = time.perf_counter()
+for i in range(n):
+    j = i & (k - 1)
+    write(state, pids[j], (offs[j] + skew[(i >> 16) & 63]) % 1016, pay[j])
+secs = time.perf_counter() - t0
+gc.collect()
+after = rss()
+logged = len(state.tlog) - logged0
+probe = mmsb.read_page_at(state, ids[0], lsn=state.last_lsn // 2)
+print(json.dumps({"n": n, "logged": logged, "rss_growth": after - before, "secs": secs,
+                  "probe": len(probe)}))
+"""
+
 _CREATE_LOOP_CHILD = r"""
 import gc, json, os, sys, time
 n = int(sys.argv[1])
@@ -130,6 +177,22 @@ def memory_per_write(ctx: RunContext) -> CaseOutcome:
       "history in its log)")
 def memory_per_durable_write(ctx: RunContext) -> CaseOutcome:
     return _per_write_case(ctx, str(ctx.path("durable_budget")))
+
+
+@case("memory", "durable_history_2m",
+      "RSS growth of a durable bus over 2,000,000 8-byte writes with the whole history "
+      "in its log (fsync='none', no checkpoint), beyond the bus before them")
+def memory_durable_history(ctx: RunContext) -> CaseOutcome:
+    n = ctx.pick(2_000_000, 20_000)
+    out = _child(ctx, _DURABLE_HISTORY_CHILD, n, str(ctx.path("durable_history")))
+    expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} writes were logged")
+    expect(out["probe"] == 1024, "read_page_at of the history failed")
+    per_write = out["rss_growth"] / out["logged"]
+    m = Measurement(stats=summarize([per_write], 1), samples_ns=(per_write,))
+    return CaseOutcome(m, {"writes": out["logged"], "rss_growth_bytes": out["rss_growth"],
+                           "bytes_per_write": per_write,
+                           "rss_growth_mb_per_2m": per_write * 2_000_000 / 1e6,
+                           "write_s": out["secs"]})
 
 
 @case("memory", "create_page_loop_1m",

@@ -1,0 +1,344 @@
+"""A durable bus's retained history read from its log segments through read-only
+mappings: the rows of one-run small writes point at their frames there
+(``ENC_SEGRUN``) instead of holding copies. Reads give the bytes an in-memory history
+gives; segments removed by checkpoints stay readable; a segment cut, rewritten (with a
+valid checksum of its own) or replaced under the bus is refused with a typed error,
+never a crash or wrong bytes; checkpoints and snapshots hold the in-memory encodings."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mmsb
+from mmsb._core.kernels import SEG_BEFORE_RUN
+from mmsb._core.log import ENC_RUN, ENC_RUN16, ENC_SEGRUN, TransactionLog
+from mmsb._storage.bus import bus_files
+from mmsb._storage.codec import crc32c
+
+PAGE = 256
+
+
+def start(path: Path, **kw: Any) -> mmsb.MMSBState:
+    kw.setdefault("enable_gpu", False)
+    kw.setdefault("fsync", "none")
+    kw.setdefault("max_tlog_size", 1 << 40)
+    return mmsb.mmsb_start(path=str(path), config=mmsb.MMSBConfig(**kw))
+
+
+def write_some(state: mmsb.MMSBState, n: int, seed: int = 1, pages: int = 4,
+               width: int = 8) -> tuple[list[int], dict[int, dict[int, bytes]]]:
+    """``n`` small writes of fresh bytes; returns the page ids and, per LSN, every
+    page's bytes right after it."""
+    ids = [p.id for p in mmsb.create_pages(state, pages, PAGE)]
+    rng = np.random.default_rng(seed)
+    now = {pid: bytearray(PAGE) for pid in ids}
+    seen: dict[int, dict[int, bytes]] = {}
+    for _ in range(n):
+        pid = ids[int(rng.integers(0, pages))]
+        off = int(rng.integers(0, PAGE - width))
+        data = rng.integers(1, 256, width, dtype=np.uint8).tobytes()
+        mmsb.write_page(state, pid, off, data)
+        now[pid][off:off + width] = data
+        seen[state.last_lsn] = {p: bytes(b) for p, b in now.items()}
+    return ids, seen
+
+
+def segment_rows(log: TransactionLog) -> np.ndarray:
+    return np.flatnonzero(log.rows["enc"][:log.n] == ENC_SEGRUN)
+
+
+def check_history(state: mmsb.MMSBState, ids: list[int],
+                  seen: dict[int, dict[int, bytes]], every: int = 1) -> None:
+    for lsn in sorted(seen)[::every]:
+        for pid in ids:
+            assert mmsb.read_page_at(state, pid, lsn=lsn) == seen[lsn][pid], (pid, lsn)
+
+
+def frame_of(log: TransactionLog, row: int) -> tuple[str, int, int]:
+    """(segment path, frame start, payload start) of a segment row."""
+    poff = int(log.rows["poff"][row])
+    ci, at = poff >> 32, poff & 0xFFFFFFFF
+    src = log.sources[int(log.rows["src"][row])]
+    return log.segs[ci].path, at - SEG_BEFORE_RUN - len(src.encode()), at  # type: ignore[attr-defined]
+
+
+def test_small_writes_are_read_from_the_segment(tmp_path: Path) -> None:
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 600)
+        log = s.log
+        rows = segment_rows(log)
+        # Fresh random bytes make one run nearly always: almost every row is mapped.
+        assert len(rows) > 500 and log.segs and log.crcs is not None
+        check_history(s, ids, seen, every=7)
+        lsns = sorted(seen)
+        for lsn in lsns[::50]:
+            past = mmsb.replay_to_lsn(s, lsn)
+            for pid in ids:
+                assert mmsb.query_page(past, pid) == seen[lsn][pid]
+        for pid in ids:
+            hist = mmsb.replay_page_history(s, pid)
+            assert hist
+        # The deltas read back equal those an in-memory state logs for the same writes.
+        mem = mmsb.MMSBState(config=mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 40))
+        write_some(mem, 600)
+        got = [(d.page_id, d.epoch, d.indices.tolist(), bytes(d.values)) for d in log.deltas]
+        want = [(d.page_id, d.epoch, d.indices.tolist(), bytes(d.values))
+                for d in mem.log.deltas]
+        assert got == want
+        assert mmsb.verify_state_consistency(s)
+        # The log's payload chunk holds only the rows that are not mapped.
+        plen = log.rows["plen"][:log.n].astype(np.int64)
+        assert len(log.chunks) == 1 + len(log.segs)
+        assert log.tail == int(plen.sum() - plen[rows].sum())
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_an_in_memory_state_keeps_its_payloads(tmp_path: Path) -> None:
+    mem = mmsb.MMSBState(config=mmsb.MMSBConfig(enable_gpu=False))
+    write_some(mem, 200)
+    assert not mem.log.segs and mem.log.crcs is None
+    assert not len(segment_rows(mem.log))
+
+
+def test_snapshots_and_checkpoints_hold_memory_encodings(tmp_path: Path) -> None:
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 300)
+        cols = s.log.columns()
+        assert not (cols.enc == ENC_SEGRUN).any()
+        assert set(cols.enc.tolist()) <= {ENC_RUN, ENC_RUN16, 1, 2, 3, 4, 5}
+        copy = TransactionLog.from_columns(cols)
+        assert [d.values.tobytes() for d in copy.deltas] == \
+            [d.values.tobytes() for d in s.log.deltas]
+        out = tmp_path / "export.mmsb"
+        mmsb.checkpoint_log(s, str(out))
+        loaded = mmsb.load_checkpoint(
+            mmsb.MMSBState(config=mmsb.MMSBConfig(enable_gpu=False)), str(out))
+        for pid in ids:
+            assert mmsb.query_page(loaded, pid) == seen[max(seen)][pid]
+        assert len(loaded.log.deltas) == len(s.log.deltas)
+    finally:
+        mmsb.mmsb_stop(s)
+    # Reopened (from the checkpoint the stop wrote), the history is whole.
+    s = start(tmp_path / "bus")
+    try:
+        check_history(s, ids, seen, every=11)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_segments_removed_by_checkpoints_stay_readable(tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    s = start(root, max_tlog_size=150, segment_bytes=4096, retain_checkpoints=None)
+    try:
+        first = set(bus_files(root)["wal"])
+        ids, seen = write_some(s, 900)
+        gone = first - set(bus_files(root)["wal"])
+        assert gone, "no segment was removed"
+        log = s.log
+        assert len(log.segs) > 2
+        # Rows point into segments whose files are gone and into several segments.
+        assert any(not os.path.exists(src.path) for src in log.segs.values())  # type: ignore[attr-defined]
+        check_history(s, ids, seen, every=5)
+        assert mmsb.verify_state_consistency(s)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_compaction_folds_mapped_rows(tmp_path: Path) -> None:
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 400)
+        mmsb.compress_log(s)
+        assert mmsb.verify_state_consistency(s)
+        for pid in ids:
+            assert mmsb.query_page(s, pid) == seen[max(seen)][pid]
+        ids2, seen2 = write_some(s, 100, seed=5)
+        check_history(s, ids2, seen2, every=3)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def _state_of(s: mmsb.MMSBState) -> tuple[Any, ...]:
+    return (s.log.n, s.last_lsn, {pid: mmsb.query_page(s, pid) for pid in s.pages})
+
+
+def test_a_segment_cut_under_the_bus_is_refused(tmp_path: Path) -> None:
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 300)
+        row = int(segment_rows(s.log)[10])
+        path, frame, _ = frame_of(s.log, row)
+        before = _state_of(s)
+        os.truncate(path, frame + 4)
+        lsn = s.log.lsns.at(row)
+        pid = int(s.log.rows["page"][row])
+        with pytest.raises(mmsb.SerializationError, match="cut"):
+            mmsb.read_page_at(s, pid, lsn=lsn)
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.replay_to_lsn(s, lsn)
+        with pytest.raises(mmsb.SerializationError):
+            list(s.log.deltas)
+        assert _state_of(s) == before
+        # Pages themselves are not history: they still read.
+        assert mmsb.query_page(s, ids[0]) == seen[max(seen)][ids[0]]
+    finally:
+        s.bus.abandon("the test cut its log")  # type: ignore[attr-defined]
+        mmsb.mmsb_stop(s)
+
+
+def _rewrite_value(path: str, frame: int, at: int) -> None:
+    """Change one value byte of the frame at ``frame`` and give the frame a valid CRC
+    again: damage no checksum in the file shows."""
+    with open(path, "r+b") as f:
+        f.seek(frame)
+        head = f.read(12)
+        length = struct.unpack("<Q", head[:8])[0]
+        body = bytearray(f.read(length))
+        body[at - frame - 12 + 8] ^= 0x5A
+        f.seek(frame + 8)
+        f.write(struct.pack("<I", crc32c(bytes(body), crc32c(head[:8]))))
+        f.write(body)
+
+
+def test_a_frame_rewritten_with_a_valid_checksum_is_refused(tmp_path: Path) -> None:
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 300)
+        row = int(segment_rows(s.log)[-40])
+        path, frame, at = frame_of(s.log, row)
+        _rewrite_value(path, frame, at)
+        before = _state_of(s)
+        pid = int(s.log.rows["page"][row])
+        lsn = s.log.lsns.at(row)
+        with pytest.raises(mmsb.SerializationError, match="no longer holds"):
+            mmsb.read_page_at(s, pid, lsn=lsn)
+        with pytest.raises(mmsb.SerializationError):
+            s.log.delta_at(row)
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.replay_page_history(s, pid)
+        with pytest.raises(mmsb.SerializationError):
+            s.log.columns()
+        assert _state_of(s) == before
+        # Rows of other frames still read.
+        other = [p for p in ids if p != pid][0]
+        assert mmsb.read_page_at(s, other, lsn=lsn) == seen[lsn][other]
+    finally:
+        s.bus.abandon("the test damaged its log")  # type: ignore[attr-defined]
+        mmsb.mmsb_stop(s)
+
+
+def test_damage_in_an_older_segment_is_refused(tmp_path: Path) -> None:
+    s = start(tmp_path / "bus", segment_bytes=4096)
+    try:
+        write_some(s, 400)
+        log = s.log
+        assert len(log.segs) > 2
+        rows = segment_rows(log)
+        oldest = min(log.segs)
+        row = int(rows[(log.rows["poff"][rows] >> 32) == oldest][3])
+        path, frame, at = frame_of(log, row)
+        _rewrite_value(path, frame, at)
+        with pytest.raises(mmsb.SerializationError):
+            log.check_segments(r0=0, r1=log.n)
+        with pytest.raises(mmsb.SerializationError):
+            list(log.records)
+    finally:
+        s.bus.abandon("the test damaged its log")  # type: ignore[attr-defined]
+        mmsb.mmsb_stop(s)
+
+
+@pytest.mark.parametrize("what", ["fifo", "symlink", "removed"])
+def test_a_segment_replaced_by_another_file_is_still_read(tmp_path: Path, what: str) -> None:
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 200)
+        row = int(segment_rows(s.log)[5])
+        path, _, _ = frame_of(s.log, row)
+        moved = path + ".moved"
+        os.rename(path, moved)
+        if what == "fifo":
+            os.mkfifo(path)
+        elif what == "symlink":
+            other = tmp_path / "other"
+            other.write_bytes(b"\0" * 100)
+            os.symlink(other, path)
+        check_history(s, ids, seen, every=3)
+        if what != "removed":
+            os.unlink(path)
+        os.rename(moved, path)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_mapped_segments_are_bounded(tmp_path: Path, monkeypatch: Any) -> None:
+    """Past MAX_MAPPED_SEGMENTS, the oldest segment's rows move into memory and its
+    mapping (and descriptor) goes; reads are unchanged."""
+    import mmsb._core.log as log_mod
+
+    monkeypatch.setattr(log_mod, "MAX_MAPPED_SEGMENTS", 2)
+    s = start(tmp_path / "bus", segment_bytes=4096)
+    try:
+        ids, seen = write_some(s, 400)
+        log = s.log
+        assert len(log.segs) == 2
+        assert sum(c is None for c in log.chunks) >= 1
+        check_history(s, ids, seen, every=3)
+        assert not (log.columns().enc == ENC_SEGRUN).any()
+        assert mmsb.verify_state_consistency(s)
+    finally:
+        mmsb.mmsb_stop(s)
+    s = start(tmp_path / "bus")
+    try:
+        check_history(s, ids, seen, every=9)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_writes_after_a_reopen_keep_mapped_rows_once_history_loads(tmp_path: Path) -> None:
+    """After a reopen the history is deferred: new writes go to the tail log, mapped;
+    loading the history appends the tail (its segment chunks with it)."""
+    root = tmp_path / "bus"
+    s = start(root)
+    ids, seen = write_some(s, 200)
+    mmsb.mmsb_stop(s)
+    s = start(root)
+    try:
+        rng = np.random.default_rng(9)
+        now = {pid: bytearray(seen[max(seen)][pid]) for pid in ids}
+        for _ in range(150):
+            pid = ids[int(rng.integers(0, len(ids)))]
+            off = int(rng.integers(0, PAGE - 8))
+            data = rng.integers(1, 256, 8, dtype=np.uint8).tobytes()
+            mmsb.write_page(s, pid, off, data)
+            now[pid][off:off + 8] = data
+            seen[s.last_lsn] = {p: bytes(b) for p, b in now.items()}
+        check_history(s, ids, seen, every=4)
+        log = s.log
+        assert log.segs and len(segment_rows(log)) > 100
+        assert mmsb.verify_state_consistency(s)
+        twin = log.clone()
+        assert [d.values.tobytes() for d in twin.deltas] == \
+            [d.values.tobytes() for d in log.deltas]
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_segments_too_long_to_map_keep_payloads_in_memory(tmp_path: Path) -> None:
+    """A row's payload offset is 32 bits: a bus whose segments may pass 4 GiB maps none
+    and keeps its payloads as an in-memory log does."""
+    s = start(tmp_path / "bus", segment_bytes=1 << 33)
+    try:
+        ids, seen = write_some(s, 200)
+        assert not s.log.segs and not len(segment_rows(s.log))
+        check_history(s, ids, seen, every=5)
+    finally:
+        mmsb.mmsb_stop(s)
