@@ -46,6 +46,11 @@ def _apply(s: mmsb.MMSBState, ids: list[int], o: tuple[Any, ...]) -> None:
         mmsb.route_delta(s, mmsb.create_delta(s, pid, mask, data))
 
 
+def _counted(s: mmsb.MMSBState) -> tuple[int, int]:
+    stats = mmsb.get_stats(s)
+    return stats.records_logged, stats.payload_bytes_logged
+
+
 def _state(kind: str, tmp: Path) -> tuple[mmsb.MMSBState, list[int]]:
     s = mmsb.mmsb_start(path=tmp) if kind == "bus" else mmsb.MMSBState()
     ids = [mmsb.create_page(s, n).id for n in SIZES]
@@ -60,12 +65,14 @@ def test_a_failed_batch_changes_nothing(tmp_path_factory: Any, kind: str,
                                         ops: list[tuple[Any, ...]]) -> None:
     s, ids = _state(kind, tmp_path_factory.mktemp("b"))
     try:
-        before = (pages_view(s), log_view(s), s.last_lsn, len(s.log.records))
+        before = (pages_view(s), log_view(s), s.last_lsn, len(s.log.records), _counted(s))
         with pytest.raises(RuntimeError, match="user code failed"), mmsb.batch(s):
             for o in ops:
                 _apply(s, ids, o)
             raise RuntimeError("user code failed")
-        assert (pages_view(s), log_view(s), s.last_lsn, len(s.log.records)) == before
+        # The counters too: a failed batch logged nothing.
+        assert (pages_view(s), log_view(s), s.last_lsn, len(s.log.records),
+                _counted(s)) == before
         assert mmsb.verify_state_consistency(s)
         s._check()
         # and the state goes on: the same operations, committed this time
@@ -94,3 +101,4 @@ def test_a_batch_logs_what_the_writes_one_by_one_log(tmp_path_factory: Any,
             for d in a.tlog] == [(d.page_id, d.epoch, d.base_epoch, d.indices.tolist(),
                                   d.values.tolist()) for d in b.tlog]
     assert a.last_lsn == b.last_lsn
+    assert _counted(a) == _counted(b)

@@ -2105,7 +2105,7 @@ class _BatchFrame:
 
     __slots__ = ("state", "records", "undo", "touched", "direct", "mark", "next_lsn",
                  "last_ts", "next_delta_id", "queue_len", "pending", "owner", "writes",
-                 "held", "held_ids", "copies", "chunk_views", "staged")
+                 "held", "held_ids", "copies", "chunk_views", "staged", "counted")
 
     def __init__(self, state: MMSBState) -> None:
         self.state = state
@@ -2142,6 +2142,10 @@ class _BatchFrame:
         """On a durable bus, the writes staged for the batch's compiled commit (see
         _storage/fastbatch.py; None: none). They come before any held record: holding
         one makes them held records first."""
+        logged = state.counters.logged
+        self.counted = (logged[0], logged[1])
+        """``records_logged`` and ``payload_bytes_logged`` (less creations) when the
+        batch began: a failed batch logged nothing, so its rollback puts them back."""
 
     def hold(self, log: TransactionLog, rec: AnyRecord) -> int:
         """Log ``rec`` at once (``direct``), or stamp it (a copy, for a delta) and hold
@@ -2274,6 +2278,9 @@ class _BatchFrame:
                 view[entry[3]] = entry[4]
             t.epoch[pid] = epoch
         self.staged = None  # their log rows, past the log's end, are left unused
+        logged = st.counters.logged
+        if logged[0] >= self.counted[0]:  # (not when the counters were reset meanwhile)
+            logged[0], logged[1] = self.counted
         if self.mark is not None:
             st.log.truncate(self.mark)
         for rec in self.records:
