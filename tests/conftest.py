@@ -13,7 +13,8 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,21 @@ def new_state(**config: Any) -> mmsb.MMSBState:
     """A fresh in-memory CPU-only state; keyword arguments go to MMSBConfig."""
     config.setdefault("enable_gpu", False)
     return mmsb.MMSBState(mmsb.MMSBConfig(**config))
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """time.time_ns as a counter, so that two runs stamp their records alike."""
+    now = [1_700_000_000_000_000_000]
+    real = time.time_ns
+
+    def tick() -> int:
+        now[0] += 1000
+        return now[0]
+
+    monkeypatch.setattr(time, "time_ns", tick)
+    yield
+    monkeypatch.setattr(time, "time_ns", real)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,6 @@ import mmsb
 from test_durable_fastwrite import _fail_append, _fail_sync, _frames_only, _observe
 
 _SIZES = (64, 4096, 70_000, 300_000)
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """time.time_ns as a counter, so that two runs stamp their records alike."""
-    now = [1_700_000_000_000_000_000]
-    real = time.time_ns
-
-    def tick() -> int:
-        now[0] += 1000
-        return now[0]
-
-    monkeypatch.setattr(time, "time_ns", tick)
-    yield
-    monkeypatch.setattr(time, "time_ns", real)
 
 
 @pytest.fixture(scope="module")

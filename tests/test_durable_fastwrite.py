@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,21 +57,6 @@ def _frames(data: bytes) -> bytes:
 
 def _frames_only(seen: dict[str, Any]) -> dict[str, Any]:
     return {**seen, "segments": {k: _frames(v) for k, v in seen["segments"].items()}}
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """time.time_ns as a counter, so that two runs stamp their records alike."""
-    now = [1_700_000_000_000_000_000]
-    real = time.time_ns
-
-    def tick() -> int:
-        now[0] += 1000
-        return now[0]
-
-    monkeypatch.setattr(time, "time_ns", tick)
-    yield
-    monkeypatch.setattr(time, "time_ns", real)
 
 
 @pytest.fixture(scope="module")

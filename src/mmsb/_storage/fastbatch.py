@@ -598,15 +598,8 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
     ids = log.ids
     index = log.index
     for pid, row, lsn, did, plen, _at, _blen, _lo, _hi, _ts in staged.writes:
-        if lsn != lsns.last + 1 or did != ids.last + 1 or not row:
-            if lsn != lsns.last + 1 or not row:
-                lsns.rows.append(row)
-                lsns.vals.append(lsn)
-            if did != ids.last + 1 or not row:
-                ids.rows.append(row)
-                ids.vals.append(did)
-        lsns.last = lsn
-        ids.last = did
+        lsns.push(row, lsn)
+        ids.push(row, did)
         rows = index.get(pid)
         if rows is None:
             index[pid] = array("I", [row])
