@@ -564,18 +564,23 @@ def _tt_mmsb(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
     """A state holding the workload as ``write_page`` calls: (state, page ids, the LSN
     right after each update, workload). Built once per run."""
     if "tt_mmsb" not in ctx.cache:
-        import mmsb
-
-        w = _tt_workload(ctx)
-        state = ctx.new_state()
-        ids = [p.id for p in mmsb.create_pages(state, w.pages, PAGE)]
-        lsns: list[int] = []
-        for p, off, data in zip(w.pids, w.offsets, w.regions, strict=True):
-            mmsb.write_page(state, ids[p], off, data)
-            lsns.append(int(state.last_lsn))
-        ctx.cache["tt_mmsb"] = (state, ids, lsns, w)
+        ctx.cache["tt_mmsb"] = _tt_fill(ctx, ctx.new_state())
     out: tuple[Any, list[int], list[int], Workload] = ctx.cache["tt_mmsb"]
     return out
+
+
+def _tt_fill(ctx: RunContext, state: Any) -> tuple[Any, list[int], list[int], Workload]:
+    """The workload written into ``state`` one ``write_page`` call per update: (state,
+    page ids, the LSN right after each update, workload)."""
+    import mmsb
+
+    w = _tt_workload(ctx)
+    ids = [p.id for p in mmsb.create_pages(state, w.pages, PAGE)]
+    lsns: list[int] = []
+    for p, off, data in zip(w.pids, w.offsets, w.regions, strict=True):
+        mmsb.write_page(state, ids[p], off, data)
+        lsns.append(int(state.last_lsn))
+    return state, ids, lsns, w
 
 
 @case("peers", "read_page_at_mmsb",
@@ -700,16 +705,10 @@ def _tt_durable(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
     if "tt_durable" not in ctx.cache:
         import mmsb
 
-        w = _tt_workload(ctx)
         state = mmsb.mmsb_start(path=ctx.path("tt-durable"), enable_gpu=False,
                                 config=ctx.mmsb_config(fsync="none"))
         ctx.on_close(lambda: mmsb.mmsb_stop(state))
-        ids = [p.id for p in mmsb.create_pages(state, w.pages, PAGE)]
-        lsns: list[int] = []
-        for p, off, data in zip(w.pids, w.offsets, w.regions, strict=True):
-            mmsb.write_page(state, ids[p], off, data)
-            lsns.append(int(state.last_lsn))
-        ctx.cache["tt_durable"] = (state, ids, lsns, w)
+        ctx.cache["tt_durable"] = _tt_fill(ctx, state)
     out: tuple[Any, list[int], list[int], Workload] = ctx.cache["tt_durable"]
     return out
 
