@@ -236,3 +236,20 @@ def test_missing_peer_is_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch) ->
     assert others and all(r["status"] == "ok" for r in others)
     rows = [r for r in doc["peer_ratios"] if r["peer"] == "lmdb"]
     assert rows and all(r["value"] is None and r["note"] for r in rows)
+
+
+def test_paired_measurements_rotate_the_order_each_round() -> None:
+    from mmsb.bench._harness import HarnessSettings, measure_paired
+
+    order: list[str] = []
+
+    def batch_of(name: str) -> Any:
+        def batch(_obj: Any, n: int) -> None:
+            order.extend([name] * n)
+        return batch
+
+    settings = HarnessSettings(repeats=4, warmup=1, target_batch_ns=1, min_samples=1,
+                               case_budget_ns=10**12)
+    got = measure_paired([batch_of("a"), batch_of("b"), batch_of("c")], settings)
+    assert [len(m.samples_ns) for m in got] == [4, 4, 4]
+    assert "".join(order[3:]) == "abc" + "bca" + "cab" + "abc"

@@ -166,6 +166,9 @@ def _check_everything(s, ids):
             at = [data for _, data, ep in rows if ep == e]
             if at:
                 assert mmsb.read_page_at(s, pid, epoch=e) == at[-1], (pid, e)
+                for n in (0, 1, len(at[-1]) // 2, len(at[-1]), len(at[-1]) + 3):
+                    assert timetravel.read_page_prefix_at(s, pid, epoch=e, length=n) == \
+                        at[-1][:n], (pid, e, n)
             else:
                 with pytest.raises((InvalidArgumentError, HistoryUnavailableError,
                                     PageNotFoundError)):
@@ -325,6 +328,37 @@ def test_no_history_is_refused():
         mmsb.read_page_at(s, p, lsn=s.last_lsn)
     with pytest.raises(MMSBError):
         mmsb.read_page_at(s, p, epoch=1)
+
+
+@pytest.mark.parametrize("scratch_max", [0, 40, timetravel.SCRATCH_MAX])
+def test_prefix_reads_return_their_own_bytes(monkeypatch, scratch_max):
+    # Rebuilt in the index's scratch buffer (or, past SCRATCH_MAX, in a new array):
+    # each result is a copy that a later read does not change.
+    monkeypatch.setattr(timetravel, "SCRATCH_MAX", scratch_max)
+    s = MMSBState(CFG)
+    p = mmsb.create_page(s, 64).id
+    for i in range(30):
+        mmsb.write_page(s, p, i, bytes([i + 1]) * 3)
+    mmsb.resize_page(s, p, 96)
+    for i in range(30, 40):
+        mmsb.write_page(s, p, i, b"\xee")
+    top = int(s.table.epoch[p])
+    got = [(e, timetravel.read_page_prefix_at(s, p, epoch=e, length=50))
+           for e in range(top + 1)]
+    for e, data in got:
+        assert type(data) is bytes
+        assert data == mmsb.read_page_at(s, p, epoch=e)[:50], e
+
+
+@pytest.mark.parametrize("call", [dict(epoch=1, length=-1), dict(epoch=1, length="3"),
+                                  dict(epoch=1, length=2.0), dict(epoch=-1, length=3),
+                                  dict(epoch=10**9, length=3), dict(epoch=True, length=3)])
+def test_prefix_read_refusals(call):
+    s, a, _b, _late = _history_state()
+    before = _fingerprint(s)
+    with pytest.raises(InvalidArgumentError):
+        timetravel.read_page_prefix_at(s, a, **call)
+    assert _fingerprint(s) == before
 
 
 def test_a_read_applies_at_most_k_deltas():

@@ -49,11 +49,11 @@ from .. import (
     get_deltas_for_page,
     mmsb_start,
     mmsb_stop,
-    read_page_at,
     resize_page,
     update_metadata,
     write_page,
 )
+from .._history.timetravel import read_page_prefix_at
 from ..errors import (
     InvalidArgumentError,
     MissingDependencyError,
@@ -631,7 +631,10 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         page = self._state.pages[ref.page_id]
         if page.epoch == ref.epoch:
             return self._read(ref.page_id, 0, ref.length)
-        return read_page_at(self._state, ref.page_id, epoch=ref.epoch)[:ref.length]
+        # Only the value's bytes are copied out, not the whole page (which may be up to
+        # twice the value's size) and then the value from that.
+        return read_page_prefix_at(self._state, ref.page_id, epoch=ref.epoch,
+                                   length=ref.length)
 
     def _writes(self, j: _Journal, cid: str) -> builtins.list[tuple[str, str, str, bytes, str, int]]:
         """``(task_id, channel, type, value, task_path, idx)`` of a checkpoint's pending
