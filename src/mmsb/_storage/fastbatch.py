@@ -66,7 +66,7 @@ from .._core.kernels import ptr as _ptr
 from .._core.log import DeferredLog
 from ..errors import DurabilityError
 from . import fsops, notify
-from .codec import KIND_DELTA, decode_record
+from .codec import decode_record
 from .fastwrite import (
     _BUMP_WORD,
     _EINTR,
@@ -93,6 +93,7 @@ from .fastwrite import (
     _c_pwrite,
     _clock,
     _put,
+    _put_delta_head,
     _sample,
 )
 from .fastwrite import (
@@ -222,14 +223,7 @@ def _stage(mem: np.ndarray, at: int, size: int, off: int, new: np.ndarray, out: 
     if ci < 0 or plen > LOG_CHUNK - coff:
         return _NO_ROOM, 0, plen, 0, 0, 0, 0, 0, np.empty(0, np.intp), np.empty(0, np.uint8)
     # The record body, as codec.encode_record writes the delta.
-    out[body] = KIND_DELTA
-    _put(out, body + 1, lsn, 8)
-    _put(out, body + 9, ts, 8)
-    _put(out, body + 17, did, 8)
-    _put(out, body + 25, pid, 8)
-    _put(out, body + 33, epoch - 1, 8)
-    _put(out, body + 41, epoch, 8)
-    _put(out, body + 49, size, 8)
+    _put_delta_head(out, body, lsn, ts, did, pid, epoch, size)
     _put(out, body + 57, slen, 2)
     p = body + _FIXED
     for j in range(slen):

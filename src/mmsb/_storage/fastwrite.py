@@ -188,6 +188,22 @@ def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: 
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _put_delta_head(out: np.ndarray, at: int, lsn: int, ts: int, did: int, pid: int,
+                    epoch: int, size: int) -> None:  # pragma: no cover - compiled
+    """A delta record's fixed head at ``out[at:]``, as codec.encode_record writes it: the
+    kind, LSN, timestamp, delta id, page, base epoch, epoch and page size (the source
+    name's length and the payload follow)."""
+    out[at] = KIND_DELTA
+    _put(out, at + 1, lsn, 8)
+    _put(out, at + 9, ts, 8)
+    _put(out, at + 17, did, 8)
+    _put(out, at + 25, pid, 8)
+    _put(out, at + 33, epoch - 1, 8)
+    _put(out, at + 41, epoch, 8)
+    _put(out, at + 49, size, 8)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _clock(k: np.ndarray, clock: int) -> int:  # pragma: no cover - compiled
     """``clock``'s time in ns through libc's ``clock_gettime``, the timespec in ``k``'s
     last two words (``time.perf_counter_ns()`` of :data:`_CLOCK_MONOTONIC`)."""
@@ -239,14 +255,7 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
         encode_sparse(chunk, coff, cur, new, off, first, last, n, enc, plen)
         _fill_row(rows, row, pid, size, plen, src, enc, epoch, ts, (ci << 32) | coff)
     # The frame: the record head and the delta's fields ...
-    out[FRAME_HEAD] = KIND_DELTA
-    _put(out, FRAME_HEAD + 1, lsn, 8)
-    _put(out, FRAME_HEAD + 9, ts, 8)
-    _put(out, FRAME_HEAD + 17, did, 8)
-    _put(out, FRAME_HEAD + 25, pid, 8)
-    _put(out, FRAME_HEAD + 33, epoch - 1, 8)
-    _put(out, FRAME_HEAD + 41, epoch, 8)
-    _put(out, FRAME_HEAD + 49, size, 8)
+    _put_delta_head(out, FRAME_HEAD, lsn, ts, did, pid, epoch, size)
     # ... the source name is in place; then the sparse payload: its runs, the values.
     p = body
     out[p] = 0  # codec.ENC_SPARSE_RUNS
