@@ -69,12 +69,8 @@ from . import fsops, notify
 from .codec import decode_record
 from .fastwrite import (
     _BUMP_WORD,
-    _EINTR,
     _HEAD_WORDS,
-    _K_ALWAYS,
     _K_APPLY_RING,
-    _K_ERRNO,
-    _K_FD,
     _K_GEN,
     _K_HEAD,
     _K_LOGGED,
@@ -82,15 +78,11 @@ from .fastwrite import (
     _K_PAGES,
     _K_PAGES_LEN,
     _K_SEQ,
-    _K_SYNC,
     _K_TABLE,
     _K_TABLE_LEN,
     _K_WAITERS,
-    _K_WRITE,
     _LOG_WORD,
-    _c_errno,
-    _c_fdatasync,
-    _c_pwrite,
+    _append_synced,
     _clock,
     _put,
     _put_delta_head,
@@ -309,21 +301,9 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, rows: np.n
     crc = _crc(CRC_TABLES, 0xFFFFFFFF, out, start, 8)
     crc = _crc(CRC_TABLES, crc, out, start + FRAME_HEAD, flen - FRAME_HEAD) ^ 0xFFFFFFFF
     _put(out, start + 8, crc, 4)
-    at = out.ctypes.data + start
-    done = 0
-    while done < flen:
-        got = _c_pwrite(k[_K_WRITE], k[_K_FD], at + done, flen - done, end + done)
-        if got < 0:
-            e = _c_errno(k[_K_ERRNO])
-            if e == _EINTR:
-                continue
-            return flen, -2 * e
-        done += got
-    if k[_K_ALWAYS]:
-        while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
-            e = _c_errno(k[_K_ERRNO])
-            if e != _EINTR:
-                return flen, -2 * e - 1
+    err = _append_synced(k, out.ctypes.data + start, flen, end)
+    if err:
+        return flen, err
     head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
     head[_LOG_WORD] = k[_K_GEN]
     head[_LOG_WORD + 1] = k[_K_SEQ]

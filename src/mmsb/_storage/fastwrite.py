@@ -188,6 +188,29 @@ def _put(out: np.ndarray, at: int, value: int, nbytes: int) -> None:  # pragma: 
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _append_synced(k: np.ndarray, at: int, flen: int, end: int) -> int:  # pragma: no cover
+    """Write the ``flen`` bytes at address ``at`` to the segment at offset ``end``
+    (``pwrite`` until done, again on EINTR), then ``fdatasync`` it when the bus syncs
+    every write. Returns 0, ``-2 * errno`` for a failed write, ``-2 * errno - 1`` for
+    a failed sync."""
+    done = 0
+    while done < flen:
+        got = _c_pwrite(k[_K_WRITE], k[_K_FD], at + done, flen - done, end + done)
+        if got < 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e == _EINTR:
+                continue
+            return -2 * e
+        done += got
+    if k[_K_ALWAYS]:
+        while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
+            e = _c_errno(k[_K_ERRNO])
+            if e != _EINTR:
+                return -2 * e - 1
+    return 0
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _put_delta_head(out: np.ndarray, at: int, lsn: int, ts: int, did: int, pid: int,
                     epoch: int, size: int) -> None:  # pragma: no cover - compiled
     """A delta record's fixed head at ``out[at:]``, as codec.encode_record writes it: the
@@ -391,21 +414,9 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     span = first << 32 | last
     if n <= 0:
         return n, plen, flen, span, 0
-    at = k[_K_OUT]
-    done = 0
-    while done < flen:
-        r = _c_pwrite(k[_K_WRITE], k[_K_FD], at + done, flen - done, end + done)
-        if r < 0:
-            e = _c_errno(k[_K_ERRNO])
-            if e == _EINTR:
-                continue
-            return n, plen, flen, span, -2 * e
-        done += r
-    if k[_K_ALWAYS]:
-        while _c_fdatasync(k[_K_SYNC], k[_K_FD]) != 0:
-            e = _c_errno(k[_K_ERRNO])
-            if e != _EINTR:
-                return n, plen, flen, span, -2 * e - 1
+    err = _append_synced(k, k[_K_OUT], flen, end)
+    if err:
+        return n, plen, flen, span, err
     _sample(k, _K_LOG_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
     pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
     head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
