@@ -139,6 +139,16 @@ def _patch(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
+def _flip(path: Path, offset: int) -> None:
+    """Invert one byte: a change whatever the byte held (a fixed value would be no
+    change when the byte already held it, as a checksum byte does one time in 256)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([old ^ 0xFF]))
+
+
 def _set_head_u64(root: Path, word: int, value: int) -> None:
     _patch(root / "map" / "HEAD", word * 8, struct.pack("<Q", value))
 
@@ -445,8 +455,7 @@ def _damages(want: tuple, rows: np.ndarray, head: np.ndarray) -> list[tuple[str,
         ("rows swapped", True, "", swap_rows),
         ("another boot", False, "restarted", lambda r: _set_static(r, 24, bytes(range(16)))),
         ("another bus", False, "another bus", lambda r: _set_static(r, 16, b"\x01" * 8)),
-        ("head checksum", False, "damaged",
-         lambda r: _patch(r / "map" / "HEAD", 49, b"\xff")),
+        ("head checksum", False, "damaged", lambda r: _flip(r / "map" / "HEAD", 49)),
         ("head cut short", False, "damaged",
          lambda r: (r / "map" / "HEAD").write_bytes((r / "map" / "HEAD").read_bytes()[:40])),
         ("a failed publication", False, "failed",
