@@ -868,6 +868,67 @@ class TransactionLog:
         del self.segs[ci]
         self.chunks[ci] = None
 
+    def point_at_segment(self, r0: int, r1: int, keep: np.ndarray, at: np.ndarray,
+                         crcs: np.ndarray, view: memoryview, source: SegmentSource) -> int:
+        """Make the rows ``r0 … r1-1`` (just appended, their payloads in chunks that no
+        other row uses, as :meth:`extend_from` of a log built by :meth:`from_columns`
+        leaves them) read from a mapped log segment where they can: row ``r0 + i``
+        with ``keep[i]`` is a one-run delta whose frame (CRC32C ``crcs[i]``) lies in
+        the segment ``view`` maps (``source`` checks it), its run's start field at
+        ``at[i]``: it becomes an :data:`ENC_SEGRUN` row pointing there. The other rows'
+        payloads are copied into one chunk of their own, and the chunks the rows used
+        are let go: what recovery keeps of a replayed segment is what a live bus kept
+        of the same writes. Returns the rows pointed at the segment.
+
+        The rows' runs are what the caller read from the same file (the frames checked
+        then); the rows are checked against the mapping before they are read, as a
+        live bus's are. O(rows + the other rows' payload bytes).
+        """
+        n = r1 - r0
+        if n <= 0:
+            return 0
+        rows = self.rows[r0:r1]
+        enc = rows["enc"]
+        psize = rows["psize"].astype(np.int64)
+        small = psize <= 1 << 16
+        ok = (keep & ((enc == ENC_RUN16) & small | (enc == ENC_RUN) & ~small)
+              & (rows["src"] != _NO_SOURCE) & (at >= 0) & (at < 1 << 32))
+        sel = np.flatnonzero(ok)
+        if not len(sel):
+            return 0
+        old = np.unique(rows["poff"] >> 32)
+        ci = next((i for i, c in enumerate(self.chunks) if c is view), -1)
+        if ci < 0 or ci not in self.segs:
+            ci = self.map_segment(view, source)
+        assert self.crcs is not None
+        self._fit_crcs()
+        plen = rows["plen"].astype(np.int64)
+        new_plen = plen[sel] - np.where(small[sel], 2, 4) + 8
+        # The other rows' payloads, gathered into a chunk of their own.
+        rest = np.flatnonzero(~ok)
+        if len(rest):
+            poff = rows["poff"][rest]
+            where = np.zeros(len(rest) + 1, np.int64)
+            np.cumsum(plen[rest], out=where[1:])
+            buf = np.empty(int(where[-1]), np.uint8)
+            for c in np.unique(poff >> 32).tolist():
+                part = np.flatnonzero((poff >> 32) == c)
+                chunk = self.chunks[c]
+                assert chunk is not None
+                gather_payloads(np.frombuffer(chunk, np.uint8), poff[part] & 0xFFFFFFFF,
+                                plen[rest][part], buf, where[part])
+            self.chunks.append(memoryview(buf.data))
+            rows["poff"][rest] = ((len(self.chunks) - 1) << 32) | where[:-1]
+        rows["poff"][sel] = (ci << 32) | at[sel]
+        rows["plen"][sel] = new_plen
+        rows["enc"][sel] = ENC_SEGRUN
+        self.crcs[r0 + sel] = crcs[sel]
+        self.payload_bytes += int(new_plen.sum() - plen[sel].sum())
+        for c in old.tolist():
+            if c != ci and c not in self.segs and c != self.cur:
+                self.chunks[c] = None
+        return len(sel)
+
     def _source_lengths(self) -> np.ndarray:
         """The UTF-8 length of each numbered source's name (int64), as a frame holds it."""
         got = self.__dict__.get("_srclen")

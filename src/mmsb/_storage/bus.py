@@ -71,6 +71,7 @@ from .fastbatch import commit_staged, stage_write, unstage
 from .fastwrite import FastWriter, durable_write_small
 from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
+from .histmap import MappedSegment, map_replayed
 from .mapped import Publisher
 from .stats_file import PUBLISH_EVERY, publish_stats
 from .wal import (
@@ -111,6 +112,12 @@ BULK_SCAN = True
 """Recovery decodes runs of deltas in the log segments in bulk, into columns
 (:mod:`~mmsb._storage.walbulk`); False reads every frame into record objects (the
 reference the bulk reader is tested against)."""
+MAP_HISTORY = True
+"""Opening a bus for exclusive use keeps the rows of the one-run deltas it replays
+from the current generation's segments pointing at their frames there, through a
+read-only mapping of each segment (histmap.py), as the live bus keeps the rows of its
+one-run small writes; False copies every payload into memory (the reference the
+mapped rows are tested against)."""
 DEFER_HISTORY = True
 """Opening a bus for exclusive use reads the retained history in its checkpoints the
 first time something needs it (:class:`~mmsb._core.log.DeferredLog`); False reads it
@@ -223,6 +230,9 @@ class DurableBus:
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
+        self.map_history = False
+        """Recovery points the rows of one-run deltas at their frames in the segments
+        it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -1161,6 +1171,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
             if name.startswith(".ckpt-") and name.endswith(".tmp"):
                 _unlink(ckpt_dir / name)
         bus = DurableBus(root, bus_id, config, lock_fd)
+        bus.map_history = MAP_HISTORY and not shared
         _recover(bus, state, files, defer=DEFER_HISTORY and not shared)
         try:
             bus.publisher = Publisher(root, bus_id)
@@ -1288,7 +1299,10 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             _defer_log(state, loader)
             load_history(state.log)
             loader = None
-        good = _apply_checked(state, scan, p)
+        seg = None
+        if bus.map_history and not bus.read_only and scan.bulk is not None and scan.bulk.rows:
+            seg = map_replayed(p, scan.valid_end)
+        good = _apply_checked(state, scan, p, seg)
         replayed += good
         expected_lsn += good
         if good < scan.count and scan.damage is None:
@@ -1531,48 +1545,62 @@ def _reads_history(scan: SegmentScan) -> bool:
     return any(isinstance(r, PageResize | PageClone | Compacted) for r in recs)
 
 
-def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path) -> int:
+def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path,
+                   seg: MappedSegment | None = None) -> int:
     """Apply a segment's records in order, each checked against the state first (see
     ``MMSBState.check_record``). Returns how many were applied; on the first
     refusal the reason goes to ``scan.refused`` and the rest is not applied.
 
     Runs of deltas decoded in bulk (a scan with ``columns``) are checked vectorised and
     appended to the log as columns (:func:`_apply_columns`); the records read frame by
-    frame go through :func:`_apply_records`. O(records + payload bytes).
+    frame go through :func:`_apply_records`. ``seg``: the segment's read-only mapping,
+    into which the log's rows of one-run deltas decoded in bulk then point instead of
+    holding their payloads (see :func:`_apply_columns`). O(records + payload bytes).
     """
     if scan.bulk is None:
         return _apply_records(state, scan.records, scan.offsets, scan, path)
     done = 0
     recs: list[AnyRecord] = []
     offs: list[int] = []
-    for a, b in scan.items():
-        if isinstance(a, LogColumns):
+    bulk = scan.bulk
+    for a, b in scan.parts:
+        assert bulk is not None
+        if isinstance(a, int):
             if recs:
                 good = _apply_records(state, recs, offs, scan, path)
                 done += good
                 if good < len(recs):
                     return done
                 recs, offs = [], []
-            good = _apply_columns(state, a, b, scan, path)  # type: ignore[arg-type]
+            cols, frames = bulk.columns(a, b)
+            runs = bulk.one_runs(a, b) if seg is not None else None
+            good = _apply_columns(state, cols, frames, scan, path, seg, runs)
             done += good
-            if good < len(a):
+            if good < len(cols):
                 return done
         else:
             recs.append(a)
-            offs.append(b)  # type: ignore[arg-type]
+            offs.append(b)
     if recs:
         done += _apply_records(state, recs, offs, scan, path)
     return done
 
 
 def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan: SegmentScan,
-                   path: Path) -> int:
+                   path: Path, seg: MappedSegment | None = None,
+                   runs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> int:
     """Apply a run of deltas held as columns: checked together as
     :func:`_deltas_that_follow` checks them, kept by the log in one go (built from the
     columns, then appended with :meth:`TransactionLog.extend_from`) and written into the
     pages in compiled passes (``TransactionLog.write_rows``). The first delta the
     vectorised check refuses is checked alone by ``check_record``, so a refusal reads as
-    it always did. Returns how many rows were applied. O(rows + payload bytes)."""
+    it always did. Returns how many rows were applied. O(rows + payload bytes).
+
+    ``seg`` and ``runs`` (:meth:`BulkRows.one_runs` of the columns' rows): once written
+    into the pages (from the bytes read), the rows of one-run deltas are pointed at
+    their frames in the segment's mapping
+    (:meth:`TransactionLog.point_at_segment`), so the log keeps no copy of their
+    payloads, as on a live bus."""
     log_ = state.log
     m = len(cols)
     bases = base_epochs(cols)
@@ -1585,6 +1613,10 @@ def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan
             r0 = log_.n
             log_.extend_from(tmp, int(part.lsn[0]) - 1, int(part.lsn[-1]))
             log_.write_rows(r0, log_.n, state.table, state.arena)
+            if seg is not None and runs is not None and log_.n - r0 == good:
+                which, at, crcs = runs
+                log_.point_at_segment(r0, log_.n, which[k:k + good], at[k:k + good],
+                                      crcs[k:k + good], seg.view, seg)
             top = int(part.ids.max())
             if top >= state.next_delta_id:
                 state.next_delta_id = top + 1

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import SerializationError
 
-__all__ = ["MappedSegment", "map_segment"]
+__all__ = ["MappedSegment", "map_segment", "map_replayed"]
 
 _PAGE = mmap.PAGESIZE
 _MAX_MAPPED = 1 << 32
@@ -154,3 +154,40 @@ def map_segment(writer: Any, segment_bytes: int, frame_room: int) -> MappedSegme
         return MappedSegment(writer, length)
     except OSError:
         return None
+
+
+class _Replayed:
+    """A segment recovery replayed, which no writer appends to: where its frames end
+    (``size``) is fixed, as :class:`MappedSegment` reads it of a writer."""
+
+    __slots__ = ("path", "fd", "size")
+
+    def __init__(self, path: str, fd: int, size: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = size
+
+
+def map_replayed(path: os.PathLike[str] | str, end: int) -> MappedSegment | None:
+    """A read-only mapping of a segment that recovery read, for the rows it keeps
+    pointing into the segment's frames (see :meth:`TransactionLog.point_at_segment
+    <mmsb._core.log.TransactionLog.point_at_segment>`), up to ``end`` (where the frames
+    it read end). The file is opened anew, no-follow, and must be a regular file
+    reaching ``end``; the rows are checked against the mapping (each frame's CRC32C as
+    read) before they are read, so a file replaced or changed since the read is
+    refused then. None where it cannot be mapped (see :func:`map_segment`)."""
+    if _CALLS is None or end <= 0 or end >= _MAX_MAPPED:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        seg = MappedSegment(_Replayed(str(path), fd, end), end)
+        seg.readable()
+    except (OSError, SerializationError):
+        return None
+    finally:
+        os.close(fd)
+    return seg
+

@@ -392,6 +392,24 @@ class BulkRows:
         return cols, np.ascontiguousarray(m[:, F_FRAME])
 
 
+    def one_runs(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which of rows ``r0 … r1-1`` are one-run sparse deltas alone in their frame
+        (not in a group), whose payload a log may read from the segment itself
+        (:data:`~mmsb._core.log.ENC_SEGRUN`: the run's start and length fields, then
+        its values, the frame's last bytes); for each, the offset of that start field
+        and the frame's CRC32C (as the frame holds it, checked by the decoder).
+        Returns ``(which, offsets, crcs)``. O(rows), vectorised."""
+        m = self.meta[r0:r1]
+        frame = m[:, F_FRAME]
+        alone = m[:, F_AT] == frame + 12 + _DELTA_FIXED + self.src_len[m[:, F_SRC]] + 1
+        which = (m[:, F_WENC] == _W_SPARSE) & (m[:, F_NRUNS] == 1) & alone
+        buf = self.buf
+        at = np.where(which, frame + 8, 0)
+        crcs = (buf[at].astype(np.uint32) | (buf[at + 1].astype(np.uint32) << 8)
+                | (buf[at + 2].astype(np.uint32) << 16) | (buf[at + 3].astype(np.uint32) << 24))
+        return which, np.where(which, m[:, F_AT] + 4, -1), crcs
+
+
 def base_epochs(cols: LogColumns) -> Any:
     """Each row's base epoch (epoch − 1 except at ``base_rows``)."""
     out = cols.epoch - 1
