@@ -342,3 +342,290 @@ def test_segments_too_long_to_map_keep_payloads_in_memory(tmp_path: Path) -> Non
         check_history(s, ids, seen, every=5)
     finally:
         mmsb.mmsb_stop(s)
+
+
+# -- a reopened bus: the rows recovery replays from the current generation's segments --
+
+def crash(s: mmsb.MMSBState) -> None:
+    """Stop ``s`` as a killed process leaves its bus: no final checkpoint, the segment
+    not sealed (the frames the kernel has are all there is)."""
+    s.bus.abandon("the test stands for a crash")  # type: ignore[attr-defined]
+    mmsb.mmsb_stop(s)
+
+
+def more_writes(state: mmsb.MMSBState, ids: list[int], seen: dict[int, dict[int, bytes]],
+                n: int, seed: int) -> None:
+    """``n`` writes of mixed shapes (one run, several runs, dense, rewrites of the same
+    bytes), noted in ``seen`` as write_some notes them."""
+    rng = np.random.default_rng(seed)
+    now = {pid: bytearray(mmsb.query_page(state, pid)) for pid in ids}
+    for _ in range(n):
+        pid = ids[int(rng.integers(0, len(ids)))]
+        kind = int(rng.integers(0, 5))
+        if kind == 0:  # several runs
+            data = bytearray(now[pid][:64])
+            for k in range(0, 64, 9):
+                data[k] ^= 0x33
+            off = 0
+        elif kind == 1:  # the whole page
+            data = bytearray(rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes())
+            off = 0
+        else:
+            width = int(rng.integers(1, 24))
+            off = int(rng.integers(0, PAGE - width))
+            data = bytearray(rng.integers(1, 256, width, dtype=np.uint8).tobytes())
+        mmsb.write_page(state, pid, off, bytes(data))
+        now[pid][off:off + len(data)] = data
+        seen[state.last_lsn] = {p: bytes(b) for p, b in now.items()}
+
+
+def deltas_of(log: TransactionLog, stamps: bool = True) -> list[tuple[Any, ...]]:
+    return [(d.lsn, d.id, d.page_id, d.base_epoch, d.epoch, d.source,
+             d.timestamp if stamps else None,
+             None if d.indices is None else d.indices.tolist(),
+             None if d.values is None else bytes(d.values),
+             None if d.data is None else bytes(d.data),
+             None if d.mask is None else d.mask.tolist()) for d in log.deltas]
+
+
+def test_a_reopen_after_a_crash_reads_the_replayed_segments_through_mappings(
+        tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    s = start(root)
+    ids, seen = write_some(s, 3000)
+    crash(s)
+    s = start(root)
+    try:
+        log = s.log
+        rows = segment_rows(log)
+        assert len(rows) > 2900 and log.segs and log.crcs is not None
+        # The payload chunks hold only the rows that are not mapped.
+        plen = log.rows["plen"][:log.n].astype(np.int64)
+        kept = sum(c.nbytes for i, c in enumerate(log.chunks)
+                   if c is not None and i not in log.segs)
+        assert kept == int(plen.sum() - plen[rows].sum())
+        check_history(s, ids, seen, every=7)
+        for lsn in sorted(seen)[::300]:
+            past = mmsb.replay_to_lsn(s, lsn)
+            for pid in ids:
+                assert mmsb.query_page(past, pid) == seen[lsn][pid]
+        assert mmsb.verify_state_consistency(s)
+        # Writes after the reopen, then the whole history again after a second crash.
+        more_writes(s, ids, seen, 400, seed=4)
+        check_history(s, ids, seen, every=11)
+    finally:
+        crash(s)
+    s = start(root)
+    try:
+        check_history(s, ids, seen, every=13)
+    finally:
+        mmsb.mmsb_stop(s)
+    # Stopped cleanly, the history is in the checkpoint the stop wrote.
+    s = start(root)
+    try:
+        check_history(s, ids, seen, every=17)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def _open_both(root: Path, tmp: Path, monkeypatch: Any, **kw: Any) -> list[mmsb.MMSBState]:
+    """The bus at ``root`` opened twice from copies: its replayed rows mapped, and every
+    payload read into memory (the reference)."""
+    import shutil
+
+    import mmsb._storage.bus as bus_mod
+
+    out = []
+    for flag in (True, False):
+        copy = tmp / f"copy-{flag}-{len(list(tmp.iterdir()))}"
+        shutil.copytree(root, copy)
+        monkeypatch.setattr(bus_mod, "MAP_HISTORY", flag)
+        out.append(start(copy, **kw))
+    monkeypatch.setattr(bus_mod, "MAP_HISTORY", True)
+    return out
+
+
+def _same_reads(mapped: mmsb.MMSBState, ref: mmsb.MMSBState, ids: list[int],
+                stamps: bool = True) -> None:
+    from mmsb.cli import views
+
+    assert mapped.last_lsn == ref.last_lsn
+    assert deltas_of(mapped.log, stamps) == deltas_of(ref.log, stamps)
+    first = ref.log.horizon_lsn
+    for lsn in range(max(first, 1), ref.last_lsn + 1, 37):
+        for pid in ids:
+            assert mmsb.read_page_at(mapped, pid, lsn=lsn) == mmsb.read_page_at(ref, pid, lsn=lsn)
+        a, b = mmsb.replay_to_lsn(mapped, lsn), mmsb.replay_to_lsn(ref, lsn)
+        assert {p: mmsb.query_page(a, p) for p in ids} == {p: mmsb.query_page(b, p) for p in ids}
+    for pid in ids:
+        if stamps:
+            assert views.history_rows(mapped, pid) == views.history_rows(ref, pid)
+            assert views.blame(mapped, pid) == views.blame(ref, pid)
+    assert (mapped.log.columns().enc == ref.log.columns().enc).all()
+
+
+@pytest.mark.parametrize("case", ["plain", "rotation", "compressed", "small_segments"])
+def test_mapped_rows_read_as_rows_in_memory(tmp_path: Path, monkeypatch: Any, case: str) -> None:
+    """Reads of a reopened bus whose replayed rows are mapped give what a reopen that
+    reads every payload into memory gives: deltas, read_page_at, replay_to_lsn, and the
+    CLI's history and blame; over checkpoint rotation, a compressed log and many
+    segments."""
+    kw: dict[str, Any] = {}
+    if case == "rotation":
+        kw = {"max_tlog_size": 800, "retain_checkpoints": 2}
+    elif case == "small_segments":
+        kw = {"segment_bytes": 8192}
+    root = tmp_path / "bus"
+    s = start(root, **kw)
+    ids, _ = write_some(s, 1500, seed=3)
+    seen: dict[int, dict[int, bytes]] = {}
+    more_writes(s, ids, seen, 600, seed=6)
+    if case == "compressed":
+        mmsb.compress_log(s)
+        more_writes(s, ids, seen, 900, seed=7)
+    crash(s)
+    work = tmp_path / "work"
+    work.mkdir()
+    mapped, ref = _open_both(root, work, monkeypatch, **kw)
+    try:
+        assert len(segment_rows(mapped.log)) > 100
+        assert not len(segment_rows(ref.log))
+        _same_reads(mapped, ref, ids)
+        # Both go on alike: more writes, a checkpoint, and another reopen.
+        for st in (mapped, ref):
+            more_writes(st, ids, {}, 200, seed=8)
+            with st.lock:
+                st.bus.checkpoint(st)  # type: ignore[union-attr]
+        # (The writes after the reopen were made at other times in each.)
+        _same_reads(mapped, ref, ids, stamps=False)
+    finally:
+        mmsb.mmsb_stop(mapped)
+        mmsb.mmsb_stop(ref)
+
+
+def test_a_kill_9_reopen_maps_the_segments(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    script = r"""
+import os, signal, sys
+import mmsb
+s = mmsb.mmsb_start(path=sys.argv[1], config=mmsb.MMSBConfig(
+    enable_gpu=False, fsync="none", checkpoint_interval=0, max_tlog_size=1 << 40))
+ids = [p.id for p in mmsb.create_pages(s, 8, 256)]
+for i in range(4000):
+    mmsb.write_page(s, ids[i % 8], (i * 13) % 240, (i + 1).to_bytes(8, "little"))
+print(s.last_lsn, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    root = tmp_path / "bus"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src")
+    out = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-500:]
+    s = start(root)
+    try:
+        assert s.last_lsn == int(out.stdout)
+        assert len(segment_rows(s.log)) > 3900
+        pages = {pid: bytearray(256) for pid in range(1, 9)}
+        lsn0 = s.last_lsn - 4000
+        for i in range(4000):
+            pid = 1 + i % 8
+            at = (i * 13) % 240
+            pages[pid][at:at + 8] = (i + 1).to_bytes(8, "little")
+            if i % 97 == 0 or i == 3999:
+                assert mmsb.read_page_at(s, pid, lsn=lsn0 + i + 1) == bytes(pages[pid])
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_a_replayed_segment_cut_after_the_reopen_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    s = start(root)
+    ids, seen = write_some(s, 1500)
+    crash(s)
+    s = start(root)
+    try:
+        rows = segment_rows(s.log)
+        row = int(rows[len(rows) // 2])
+        path, frame, _ = frame_of(s.log, row)
+        before = _state_of(s)
+        os.truncate(path, frame + 4)
+        pid = int(s.log.rows["page"][row])
+        lsn = s.log.lsns.at(row)
+        with pytest.raises(mmsb.SerializationError, match="cut"):
+            mmsb.read_page_at(s, pid, lsn=lsn)
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.replay_to_lsn(s, lsn)
+        with pytest.raises(mmsb.SerializationError):
+            list(s.log.deltas)
+        assert _state_of(s) == before
+        assert mmsb.query_page(s, ids[0]) == seen[max(seen)][ids[0]]
+    finally:
+        crash(s)
+
+
+def test_a_replayed_frame_rewritten_after_the_reopen_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    s = start(root)
+    ids, seen = write_some(s, 1500)
+    crash(s)
+    s = start(root)
+    try:
+        row = int(segment_rows(s.log)[100])
+        path, frame, at = frame_of(s.log, row)
+        _rewrite_value(path, frame, at)
+        before = _state_of(s)
+        pid = int(s.log.rows["page"][row])
+        lsn = s.log.lsns.at(row)
+        with pytest.raises(mmsb.SerializationError, match="no longer holds"):
+            mmsb.read_page_at(s, pid, lsn=lsn)
+        with pytest.raises(mmsb.SerializationError):
+            s.log.columns()
+        assert _state_of(s) == before
+        other = [p for p in ids if p != pid][0]
+        assert mmsb.read_page_at(s, other, lsn=lsn) == seen[lsn][other]
+    finally:
+        crash(s)
+
+
+def test_a_torn_tail_at_reopen_keeps_the_whole_records_mapped(tmp_path: Path) -> None:
+    """A segment cut inside its last frame: recovery drops the torn record and starts a
+    new generation (a checkpoint, which reads the mapped rows); the history before it is
+    whole."""
+    root = tmp_path / "bus"
+    s = start(root)
+    ids, seen = write_some(s, 1500)
+    crash(s)
+    seg = max(bus_files(root)["wal"], key=lambda p: p.stat().st_size)
+    data = seg.read_bytes().rstrip(b"\0")
+    os.truncate(seg, len(data) - 3)
+    s = start(root)
+    try:
+        assert s.last_lsn == max(seen) - 1
+        del seen[max(seen)]
+        check_history(s, ids, seen, every=9)
+        assert mmsb.verify_state_consistency(s)
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+@pytest.mark.parametrize("what", ["fifo", "symlink"])
+def test_a_replayed_segment_is_mapped_only_as_a_regular_file(tmp_path: Path, what: str) -> None:
+    from mmsb._storage.histmap import map_replayed
+
+    target = tmp_path / "target"
+    target.write_bytes(b"\1" * 8192)
+    path = tmp_path / "seg"
+    if what == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink(target, path)
+    assert map_replayed(path, 4096) is None
+    # Shorter than the frames read: not mapped either.
+    assert map_replayed(target, 9000) is None
+    seg = map_replayed(target, 8192)
+    assert seg is not None and seg.readable() == 8192
+    assert bytes(seg.array[:4]) == b"\1" * 4

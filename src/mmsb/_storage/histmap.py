@@ -183,6 +183,10 @@ def map_replayed(path: os.PathLike[str] | str, end: int) -> MappedSegment | None
     except OSError:
         return None
     try:
+        # Checked before the mapping's own descriptor is opened (through /proc, which
+        # would wait on a FIFO).
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         seg = MappedSegment(_Replayed(str(path), fd, end), end)
         seg.readable()
     except (OSError, SerializationError):

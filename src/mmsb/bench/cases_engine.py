@@ -112,6 +112,76 @@ print(json.dumps({"n": n, "logged": logged, "rss_growth": after - before, "secs"
                   "probe": len(probe)}))
 """
 
+_KILLED_HISTORY_CHILD = r"""
+import os, signal, sys
+import numpy as np
+n = int(sys.argv[1])
+path = sys.argv[2]
+import mmsb
+
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
+state = mmsb.mmsb_start(path=path, config=config)
+ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
+rng = np.random.default_rng(5)
+k = 1 << 16
+offs = rng.integers(0, 1016, k).tolist()
+pids = [ids[i] for i in rng.integers(0, 64, k).tolist()]
+pay = [row.tobytes() for row in rng.integers(1, 256, (k, 8), dtype=np.uint8)]
+skew = rng.integers(0, 1016, 64).tolist()
+write = mmsb.write_page
+for i in range(n):
+    j = i & (k - 1)
+    write(state, pids[j], (offs[j] + skew[(i >> 16) & 63]) % 1016, pay[j])
+print(state.last_lsn, flush=True)
+# Left as a killed writer leaves it: no final checkpoint, the history in the segments.
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+_REOPEN_HISTORY_CHILD = r"""
+import gc, json, os, shutil, signal, sys, time
+import numpy as np
+path, warm_path = sys.argv[1], sys.argv[2]
+
+def rss():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+import mmsb
+
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
+# The kernels of writing, of recovery and of history reads, loaded by a small bus
+# reopened after the same kind of writes, so that only the history is counted.
+warm = mmsb.mmsb_start(path=warm_path, config=config)
+wids = [p.id for p in mmsb.create_pages(warm, 8, 1024)]
+for i in range(20000):
+    mmsb.write_page(warm, wids[i & 7], (i * 37) % 1016, (i + 1).to_bytes(8, "little"))
+warm.bus.abandon("warm-up")
+mmsb.mmsb_stop(warm)
+warm = mmsb.mmsb_start(path=warm_path, config=config)
+mmsb.read_page_at(warm, wids[0], lsn=warm.last_lsn // 2)
+mmsb.mmsb_stop(warm)
+del warm
+shutil.rmtree(warm_path, ignore_errors=True)
+gc.collect()
+before = rss()
+t0 = time.perf_counter()
+state = mmsb.mmsb_start(path=path, config=config)
+secs = time.perf_counter() - t0
+ids = sorted(state.pages)
+probe = mmsb.read_page_at(state, ids[0], lsn=state.last_lsn // 2)
+gc.collect()
+after = rss()
+logged = len(state.tlog)
+print(json.dumps({"logged": logged, "rss_growth": after - before, "open_s": secs,
+                  "probe": len(probe)}))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
 _CREATE_LOOP_CHILD = r"""
 import gc, json, os, sys, time
 n = int(sys.argv[1])
@@ -193,6 +263,45 @@ def memory_durable_history(ctx: RunContext) -> CaseOutcome:
                            "bytes_per_write": per_write,
                            "rss_growth_mb_per_2m": per_write * 2_000_000 / 1e6,
                            "write_s": out["secs"]})
+
+
+@case("memory", "durable_history_reopen_2m",
+      "RSS growth of reopening a durable bus after 2,000,000 8-byte writes with the whole "
+      "history in its log, left as a kill -9 leaves it (fsync='none', no checkpoint): "
+      "the history a reopen keeps, against durable_history_2m's live figure")
+def memory_durable_history_reopen(ctx: RunContext) -> CaseOutcome:
+    n = ctx.pick(2_000_000, 20_000)
+    if not os.path.exists("/proc/self/statm"):
+        raise CaseSkipped("resident memory is read from /proc/self/statm, which this system lacks")
+    path = str(ctx.path("durable_history_reopen"))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_HISTORY_CHILD, str(n), path],
+                          capture_output=True, text=True, timeout=ctx.pick(900, 120),
+                          env=_child_env(), check=False)
+    expect(proc.returncode == -9 and proc.stdout.strip().isdigit(),
+           f"the writing child did not end as killed (rc {proc.returncode})")
+    out = _child_killed(ctx, _REOPEN_HISTORY_CHILD, path,
+                        str(ctx.path("durable_history_reopen_warm")))
+    expect(out["logged"] > 0.95 * n, f"only {out['logged']} of {n} records were recovered")
+    expect(out["probe"] == 1024, "read_page_at of the history failed")
+    per_record = out["rss_growth"] / out["logged"]
+    m = Measurement(stats=summarize([per_record], 1), samples_ns=(per_record,))
+    return CaseOutcome(m, {"records": out["logged"], "rss_growth_bytes": out["rss_growth"],
+                           "bytes_per_record": per_record,
+                           "rss_growth_mb_per_2m": per_record * 2_000_000 / 1e6,
+                           "open_s": out["open_s"]})
+
+
+def _child_killed(ctx: RunContext, script: str, *args: str) -> dict[str, Any]:
+    """:func:`_child` for a child that prints its result and then kills itself (so that
+    its bus is left as a crash leaves it)."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, timeout=ctx.pick(900, 120), env=_child_env(), check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != -9 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"memory child process failed (rc {proc.returncode}): {tail[0]}")
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
 
 
 @case("memory", "create_page_loop_1m",
