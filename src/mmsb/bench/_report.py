@@ -76,7 +76,8 @@ def _headline(metrics: Mapping[str, Any]) -> str:
         ratio = f" ({metrics['rss_ratio']:.2f}×)" if "rss_ratio" in metrics else ""
         parts.append(f"{metrics['rss_bytes_per_page']:.1f} B/page{ratio}")
     if "rss_growth_mb_per_2m" in metrics:
-        parts.append(f"{metrics['bytes_per_write']:.1f} B/record, "
+        per = metrics.get("bytes_per_record", metrics.get("bytes_per_write", 0.0))
+        parts.append(f"{per:.1f} B/record, "
                      f"{metrics['rss_growth_mb_per_2m']:.1f} MB per 2 M records")
     if "bytes_per_write_beyond_changed" in metrics:
         parts.append(f"{metrics['bytes_per_write_beyond_changed']:.1f} B/write beyond its bytes")
