@@ -713,6 +713,75 @@ def _tt_durable(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
     return out
 
 
+def _tt_reopened(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
+    """:func:`_tt_durable`'s bus stopped as a crash leaves it (no final checkpoint) and
+    reopened: the history is the rows recovery replayed from its segments (mapped)."""
+    if "tt_reopened" not in ctx.cache:
+        import mmsb
+
+        path = ctx.path("tt-reopened")
+        config = ctx.mmsb_config(fsync="none")
+        state = mmsb.mmsb_start(path=path, enable_gpu=False, config=config)
+        _state, ids, lsns, w = _tt_fill(ctx, state)
+        state.bus.abandon("the history is to be read back as a crash leaves it")
+        mmsb.mmsb_stop(state)
+        state = mmsb.mmsb_start(path=path, enable_gpu=False, config=config)
+        ctx.on_close(lambda: mmsb.mmsb_stop(state))
+        ctx.cache["tt_reopened"] = (state, ids, lsns, w)
+    out: tuple[Any, list[int], list[int], Workload] = ctx.cache["tt_reopened"]
+    return out
+
+
+@case("replay", "read_page_at_reopened",
+      "as read_page_at_durable, on the bus reopened after a crash (the history replayed "
+      "from its segments at the open, read through their mappings)")
+def _read_page_at_reopened(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    state, ids, lsns, w = _tt_reopened(ctx)
+    probes = _tt_probes(ctx, w)
+    args = [(ids[w.pids[i]], lsns[i]) for i in probes]
+    read = mmsb.read_page_at
+    for pid, lsn in args:  # the first read of each page builds its keyframes
+        read(state, pid, lsn=lsn)
+    m_args = len(args)
+
+    def batch(_obj: None, n: int) -> None:
+        for k in range(n):
+            pid, lsn = args[k % m_args]
+            read(state, pid, lsn=lsn)
+
+    m = ctx.measure(batch, max_inner=ctx.pick(10_000, 20))
+    for i, (pid, lsn) in zip(probes, args, strict=True):
+        expect(read(state, pid, lsn=lsn) == w.fulls[i], "read_page_at returned the wrong bytes")
+    return CaseOutcome(m, {"pages": w.pages, "writes": w.n, "probes": m_args})
+
+
+@case("replay", "to_lsn_reopened",
+      "as to_lsn_durable, on the bus reopened after a crash (see read_page_at_reopened)")
+def _replay_to_lsn_reopened(ctx: RunContext) -> CaseOutcome:
+    import mmsb
+
+    state, ids, lsns, w = _tt_reopened(ctx)
+    probes = _tt_probes(ctx, w)[: ctx.pick(200, 5)]
+    targets = [lsns[i] for i in probes]
+    m_targets = len(targets)
+    replay = mmsb.replay_to_lsn
+    for lsn in targets:
+        replay(state, lsn)
+
+    def batch(_obj: None, n: int) -> None:
+        for k in range(n):
+            replay(state, targets[k % m_targets])
+
+    m = ctx.measure(batch, max_inner=ctx.pick(200, 5))
+    i = probes[0]
+    past = replay(state, lsns[i])
+    expect(mmsb.query_page(past, ids[w.pids[i]]) == w.fulls[i],
+           "replay_to_lsn returned the wrong bytes")
+    return CaseOutcome(m, {"pages": w.pages, "writes": w.n})
+
+
 @case("replay", "read_page_at_durable",
       "read_page_at of one 1 KiB page at a random past LSN on a durable bus (64 pages, "
       "5,000 writes of 64 B, the history in its log segments)")
