@@ -2211,7 +2211,7 @@ class DeltaView(Sequence[Delta]):
     def __getitem__(self, i: int | slice) -> Delta | list[Delta]:
         n = len(self)
         if isinstance(i, slice):
-            return [self._log.delta_at(r) for r in range(*i.indices(n))]
+            return list(_deltas_of_rows(self._log, range(*i.indices(n))))
         if i < 0:
             i += n
         if not 0 <= i < n:
@@ -2219,8 +2219,7 @@ class DeltaView(Sequence[Delta]):
         return self._log.delta_at(i)
 
     def __iter__(self) -> Iterator[Delta]:
-        log = self._log
-        return (log.delta_at(r) for r in range(log.n))
+        return _deltas_of_rows(self._log, range(self._log.n))
 
     def __repr__(self) -> str:
         return f"<TLog {len(self)} deltas, last LSN {self._log.last_lsn}>"
@@ -2242,12 +2241,37 @@ class PageDeltas(Sequence[Delta]):
     def __getitem__(self, i: slice) -> list[Delta]: ...
     def __getitem__(self, i: int | slice) -> Delta | list[Delta]:
         if isinstance(i, slice):
-            return [self._log.delta_at(r) for r in self._rows[i]]
+            return list(_deltas_of_rows(self._log, self._rows[i]))
         return self._log.delta_at(self._rows[i])
 
     def __iter__(self) -> Iterator[Delta]:
-        log = self._log
-        return (log.delta_at(r) for r in list(self._rows))
+        return _deltas_of_rows(self._log, list(self._rows))
+
+
+_CHECK_BLOCK = 4096
+"""Rows in mapped segments are checked this many at a time, just before they are read."""
+
+
+def _deltas_of_rows(log: TransactionLog, rows: Sequence[int]) -> Iterator[Delta]:
+    """The deltas of ``rows`` (row numbers), in that order, built on demand; rows whose
+    payload is in a mapped segment are checked a block at a time (one compiled call per
+    block rather than one per row) just before they are read.
+
+    Raises:
+        SerializationError: a row's frame in a mapped segment is damaged or cut.
+    """
+    if not log.segs:
+        for r in rows:
+            yield log.delta_at(r)
+        return
+    for k in range(0, len(rows), _CHECK_BLOCK):
+        block = rows[k:k + _CHECK_BLOCK]
+        if isinstance(block, range) and block.step == 1:
+            log.check_segments(r0=block.start, r1=block.stop)
+        else:
+            log.check_segments(np.array(block, np.int64))
+        for r in block:
+            yield log.delta_at(r, True)
 
 
 class _ByPage:
