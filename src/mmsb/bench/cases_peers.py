@@ -723,7 +723,9 @@ def _tt_reopened(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
         config = ctx.mmsb_config(fsync="none")
         state = mmsb.mmsb_start(path=path, enable_gpu=False, config=config)
         _state, ids, lsns, w = _tt_fill(ctx, state)
-        state.bus.abandon("the history is to be read back as a crash leaves it")
+        bus = state.bus
+        assert bus is not None
+        bus.abandon("the history is to be read back as a crash leaves it")
         mmsb.mmsb_stop(state)
         state = mmsb.mmsb_start(path=path, enable_gpu=False, config=config)
         ctx.on_close(lambda: mmsb.mmsb_stop(state))
