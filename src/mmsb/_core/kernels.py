@@ -1034,7 +1034,10 @@ def check_segment_rows(rows: np.ndarray, sel: np.ndarray, r0: int, r1: int, cid:
     (``buf``, whose first ``end`` bytes the segment file holds): the frame, found from
     the payload's place and the row's source name length (``srclen[src]``), lies
     inside ``end`` and its CRC32C over its length and body is the one the log noted
-    when it wrote the frame (``crcs[row]``). Returns ``(the first row that fails or
+    when it wrote the frame (``crcs[row]``). For a delta inside a record group (rows
+    recovery kept), the place so found is 12 bytes before the delta's body, inside the
+    group's frame, and ``crcs[row]`` is the CRC32C of that same span (its 8 bytes
+    there, then the body): the bytes the row reads are covered either way. Returns ``(the first row that fails or
     -1, lowest, highest)`` chunk numbers of the segment rows met in any chunk (-1, -1:
     none), so that the caller checks the other chunks too. O(the rows + their frames'
     bytes in ``cid``)."""

@@ -483,7 +483,10 @@ class TransactionLog:
         point there (:data:`ENC_SEGRUN`) are checked against them before being read."""
         self.crcs: np.ndarray | None = None
         """uint32 per row, as long as ``rows``, when the log has segment chunks: the
-        CRC32C of the frame an :data:`ENC_SEGRUN` row's payload lies in, as written."""
+        CRC32C of the frame an :data:`ENC_SEGRUN` row's payload lies in, as written (for
+        a delta that recovery read inside a record group, the CRC32C of the same span
+        of the group's bytes: the 8 bytes 12 before the delta's body, then the body,
+        see :func:`~mmsb._core.kernels.check_segment_rows`)."""
         self.cur = -1
         """The shared chunk small payloads go to (-1: none yet)."""
         self.cur_array = np.zeros(0, np.uint8)
@@ -875,7 +878,9 @@ class TransactionLog:
         leaves them) read from a mapped log segment where they can: row ``r0 + i``
         with ``keep[i]`` is a one-run delta whose frame (CRC32C ``crcs[i]``) lies in
         the segment ``view`` maps (``source`` checks it), its run's start field at
-        ``at[i]``: it becomes an :data:`ENC_SEGRUN` row pointing there. The other rows'
+        ``at[i]``: it becomes an :data:`ENC_SEGRUN` row pointing there (a delta inside
+        a record group too: ``crcs[i]`` is then that of the same span of the group's
+        bytes, see :attr:`crcs`). The other rows'
         payloads are copied into one chunk of their own, and the chunks the rows used
         are let go: what recovery keeps of a replayed segment is what a live bus kept
         of the same writes. Returns the rows pointed at the segment.

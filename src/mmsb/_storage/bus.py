@@ -1597,8 +1597,8 @@ def _apply_columns(state: MMSBState, cols: LogColumns, offsets: np.ndarray, scan
     it always did. Returns how many rows were applied. O(rows + payload bytes).
 
     ``seg`` and ``runs`` (:meth:`BulkRows.one_runs` of the columns' rows): once written
-    into the pages (from the bytes read), the rows of one-run deltas are pointed at
-    their frames in the segment's mapping
+    into the pages (from the bytes read), the rows of one-run deltas (alone in their
+    frame or in a record group) are pointed at their bytes in the segment's mapping
     (:meth:`TransactionLog.point_at_segment`), so the log keeps no copy of their
     payloads, as on a live bus."""
     log_ = state.log

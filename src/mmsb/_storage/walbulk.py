@@ -30,7 +30,7 @@ from .._core.kernels import crc_update as _crc
 from .._core.limits import MAX_COUNTER, MAX_PAGE_SIZE
 from .._core.log import LogColumns
 
-__all__ = ["BulkRows", "crc32c_np", "decode_frames", "fill_payload", "CRC_TABLES", "base_epochs",
+__all__ = ["BulkRows", "crc32c_np", "decode_frames", "fill_payload", "CRC_TABLES", "base_epochs", "span_crcs",
            "slice_columns"]
 
 
@@ -393,21 +393,49 @@ class BulkRows:
 
 
     def one_runs(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which of rows ``r0 … r1-1`` are one-run sparse deltas alone in their frame
-        (not in a group), whose payload a log may read from the segment itself
-        (:data:`~mmsb._core.log.ENC_SEGRUN`: the run's start and length fields, then
-        its values, the frame's last bytes); for each, the offset of that start field
-        and the frame's CRC32C (as the frame holds it, checked by the decoder).
-        Returns ``(which, offsets, crcs)``. O(rows), vectorised."""
+        """Which of rows ``r0 … r1-1`` are one-run sparse deltas, whose payload a log
+        may read from the segment itself (:data:`~mmsb._core.log.ENC_SEGRUN`: the
+        run's start and length fields, then its values, the last bytes of the record's
+        body); for each, the offset of that start field and the CRC32C a log checks
+        the row's bytes against before reading them
+        (:func:`~mmsb._core.kernels.check_segment_rows`: over the 8 bytes 12 before the
+        record's body, then from the body to its end). For a record alone in its frame
+        that is the frame's own CRC32C, as the frame holds it (checked by the decoder);
+        for a record in a group it is computed here from the bytes read. Returns
+        ``(which, offsets, crcs)``. O(rows + the grouped records' bytes)."""
         m = self.meta[r0:r1]
         frame = m[:, F_FRAME]
-        alone = m[:, F_AT] == frame + 12 + _DELTA_FIXED + self.src_len[m[:, F_SRC]] + 1
-        which = (m[:, F_WENC] == _W_SPARSE) & (m[:, F_NRUNS] == 1) & alone
+        slen = self.src_len[m[:, F_SRC]]
+        which = (m[:, F_WENC] == _W_SPARSE) & (m[:, F_NRUNS] == 1)
+        at = np.where(which, m[:, F_AT] + 4, -1)
+        alone = m[:, F_AT] == frame + 12 + _DELTA_FIXED + slen + 1
         buf = self.buf
-        at = np.where(which, frame + 8, 0)
-        crcs = (buf[at].astype(np.uint32) | (buf[at + 1].astype(np.uint32) << 8)
-                | (buf[at + 2].astype(np.uint32) << 16) | (buf[at + 3].astype(np.uint32) << 24))
-        return which, np.where(which, m[:, F_AT] + 4, -1), crcs
+        head = np.where(alone & which, frame + 8, 0)
+        crcs = (buf[head].astype(np.uint32) | (buf[head + 1].astype(np.uint32) << 8)
+                | (buf[head + 2].astype(np.uint32) << 16)
+                | (buf[head + 3].astype(np.uint32) << 24))
+        grouped = np.flatnonzero(which & ~alone)
+        if len(grouped):
+            values = m[grouped, F_PLEN] - np.where(m[grouped, F_PSIZE] <= 65536, 2, 4)
+            start = at[grouped] - 12 - _DELTA_FIXED - slen[grouped] - 5
+            stop = at[grouped] + 8 + values
+            crcs[grouped] = span_crcs(CRC_TABLES, buf, start, stop)
+        return which, at, crcs
+
+
+@njit(cache=True, nogil=True)
+def span_crcs(tab: np.ndarray, buf: np.ndarray, start: np.ndarray,
+              stop: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """For each span ``start[i] … stop[i]`` of ``buf``, the CRC32C of its first 8 bytes
+    and of its bytes from 12 on (a frame's CRC, taken over any span: see
+    :meth:`BulkRows.one_runs`)."""
+    out = np.empty(start.shape[0], np.uint32)
+    for i in range(start.shape[0]):
+        f = start[i]
+        c = _crc(tab, 0xFFFFFFFF, buf, f, 8)
+        c = _crc(tab, c, buf, f + 12, stop[i] - f - 12)
+        out[i] = c ^ 0xFFFFFFFF
+    return out
 
 
 def base_epochs(cols: LogColumns) -> Any:
