@@ -19,7 +19,8 @@ a contiguous write).
 On a durable bus, a payload can stay where the bus's write-ahead log segment holds it:
 the segment's read-only mapping is one of the log's chunks (:meth:`map_segment
 <TransactionLog.map_segment>`) and the row (:data:`ENC_SEGRUN`) points at the run inside
-the delta's frame; the log then keeps the CRC32C of each such frame (4 bytes a row) and
+the delta's frame (rows of the one-frame small write, and rows recovery replays from a
+segment, :meth:`TransactionLog.point_at_segment`); the log then keeps the CRC32C of each such frame (4 bytes a row) and
 checks the file's length and the frames' CRCs before reading them
 (:meth:`TransactionLog.check_segments`), so a segment cut or rewritten under the bus is
 refused, never read. Checkpoints and snapshots get those rows in the run encodings above.

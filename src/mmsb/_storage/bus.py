@@ -1564,7 +1564,6 @@ def _apply_checked(state: MMSBState, scan: SegmentScan, path: Path,
     offs: list[int] = []
     bulk = scan.bulk
     for a, b in scan.parts:
-        assert bulk is not None
         if isinstance(a, int):
             if recs:
                 good = _apply_records(state, recs, offs, scan, path)

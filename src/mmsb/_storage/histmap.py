@@ -6,7 +6,10 @@ and keeps, in the in-memory log, a row pointing at the run's bytes inside that f
 (:data:`~mmsb._core.log.ENC_SEGRUN`) instead of a copy of them: the log takes the
 segment's mapping as one of its payload chunks (:meth:`TransactionLog.map_segment
 <mmsb._core.log.TransactionLog.map_segment>`), and history is read from it as from any
-chunk.
+chunk. Recovery does the same for the segments it replays at a reopen
+(:func:`map_replayed`: mapped up to the end of the frames it read, and the rows of the
+one-run deltas it decoded pointed there, see :meth:`TransactionLog.point_at_segment
+<mmsb._core.log.TransactionLog.point_at_segment>`).
 
 A segment is mapped once, ``PROT_READ`` and ``MAP_SHARED``, over its whole possible
 length (the bus's ``segment_bytes`` and room for one more frame: the frames appended
@@ -182,16 +185,18 @@ def map_replayed(path: os.PathLike[str] | str, end: int) -> MappedSegment | None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    source = _Replayed(str(path), fd, end)
     try:
         # Checked before the mapping's own descriptor is opened (through /proc, which
         # would wait on a FIFO).
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        seg = MappedSegment(_Replayed(str(path), fd, end), end)
+        seg = MappedSegment(source, end)
         seg.readable()
     except (OSError, SerializationError):
         return None
     finally:
         os.close(fd)
+        source.fd = -1  # the mapping reads through a descriptor of its own
     return seg
 
