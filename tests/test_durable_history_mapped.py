@@ -18,10 +18,20 @@ import pytest
 import mmsb
 from mmsb._core.kernels import SEG_BEFORE_RUN
 from mmsb._core.log import ENC_RUN, ENC_RUN16, ENC_SEGRUN, TransactionLog
-from mmsb._storage.bus import bus_files
+from mmsb._storage.bus import MAP_MIN_BYTES, bus_files
 from mmsb._storage.codec import crc32c
 
 PAGE = 256
+
+
+@pytest.fixture(autouse=True)
+def _map_short_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reopens here map replayed segments of any length the bulk reader takes (by
+    default only those of MAP_MIN_BYTES or more: see
+    test_only_segments_worth_mapping_are_mapped), so that small buses test them."""
+    import mmsb._storage.bus as bus_mod
+
+    monkeypatch.setattr(bus_mod, "MAP_MIN_BYTES", 4096)
 
 
 def start(path: Path, **kw: Any) -> mmsb.MMSBState:
@@ -776,3 +786,24 @@ def test_batched_deltas_replayed_at_a_reopen_are_mapped(tmp_path: Path,
     finally:
         crash(mapped)
         mmsb.mmsb_stop(ref)
+
+
+def test_only_segments_worth_mapping_are_mapped(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default MAP_MIN_BYTES, the short tail a kill leaves after a checkpoint
+    keeps its payloads in RAM (mapping it would cost the open more than it saves); a
+    long one is mapped. Reads are the same either way."""
+    import mmsb._storage.bus as bus_mod
+
+    monkeypatch.setattr(bus_mod, "MAP_MIN_BYTES", MAP_MIN_BYTES)
+    for n, mapped in ((300, False), (3500, True)):
+        root = tmp_path / f"bus-{n}"
+        s = start(root)
+        ids, seen = write_some(s, n)
+        crash(s)
+        s = start(root)
+        try:
+            assert bool(len(segment_rows(s.log))) is mapped
+            check_history(s, ids, seen, every=29)
+        finally:
+            mmsb.mmsb_stop(s)

@@ -118,6 +118,12 @@ from the current generation's segments pointing at their frames there, through a
 read-only mapping of each segment (histmap.py), as the live bus keeps the rows of its
 one-run small writes; False copies every payload into memory (the reference the
 mapped rows are tested against)."""
+MAP_MIN_BYTES = 1 << 18
+"""A replayed segment whose frames take fewer bytes keeps its payloads in RAM: mapping
+it and pointing its rows there costs about 0.2 ms of the open (a file opened, mapped
+and checked, a dozen vectorised passes), which the few kilobytes of payload of the
+short tail a kill leaves after the newest checkpoint never win back (a reopen after a
+kill is timed against SQLite's open)."""
 DEFER_HISTORY = True
 """Opening a bus for exclusive use reads the retained history in its checkpoints the
 first time something needs it (:class:`~mmsb._core.log.DeferredLog`); False reads it
@@ -1300,7 +1306,8 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             load_history(state.log)
             loader = None
         seg = None
-        if bus.map_history and not bus.read_only and scan.bulk is not None and scan.bulk.rows:
+        if (bus.map_history and not bus.read_only and scan.bulk is not None
+                and scan.bulk.rows and scan.valid_end >= MAP_MIN_BYTES):
             seg = map_replayed(p, scan.valid_end)
         good = _apply_checked(state, scan, p, seg)
         replayed += good
