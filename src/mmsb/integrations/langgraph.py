@@ -625,14 +625,12 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         return {c.channel: c for c in self._checkpoint(j, cid).channels}
 
     def _value(self, ref: ChannelRef) -> bytes:
-        """The serialized bytes of one channel value, read at its epoch."""
+        """The serialized bytes of one channel value, read at its epoch: one call, which
+        copies them from the page when it is still at that epoch, else rebuilds only
+        the value's bytes from the history (not the whole page, which may be up to
+        twice the value's size)."""
         if ref.page_id == 0:
             return b""
-        page = self._state.pages[ref.page_id]
-        if page.epoch == ref.epoch:
-            return self._read(ref.page_id, 0, ref.length)
-        # Only the value's bytes are copied out, not the whole page (which may be up to
-        # twice the value's size) and then the value from that.
         return read_page_prefix_at(self._state, ref.page_id, epoch=ref.epoch,
                                    length=ref.length)
 
@@ -670,16 +668,18 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         versions = checkpoint.get("channel_versions") or {}
         checkpoint["channel_values"] = {k: loads(v) for k, v in values.items()
                                         if k in versions}
-        writes.sort(key=lambda w: writes_sort_key(w[4], w[0], w[5]))
+        if len(writes) > 1:
+            writes.sort(key=lambda w: writes_sort_key(w[4], w[0], w[5]))
         pending: builtins.list[PendingWrite] = [(w[0], w[1], loads((w[2], w[3])))
                                                  for w in writes]
+        # CheckpointTuple's fields in order: config, checkpoint, metadata, parent_config,
+        # pending_writes.
         return CheckpointTuple(
-            config=config if config is not None else self._config(j.thread, j.ns, cid),
-            checkpoint=checkpoint,
-            metadata=metadata if metadata is not None else loads(record.metadata),
-            parent_config=(self._config(j.thread, j.ns, record.parent_id)
-                           if record.parent_id else None),
-            pending_writes=pending,
+            config if config is not None else self._config(j.thread, j.ns, cid),
+            checkpoint,
+            metadata if metadata is not None else loads(record.metadata),
+            (self._config(j.thread, j.ns, record.parent_id) if record.parent_id else None),
+            pending,
         )
 
     # ------------------------------------------------------------------- reading
@@ -758,11 +758,15 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         left = limit
         for cid, thread, ns in picked:
             with self._lock:
-                found = self._journal(thread, ns)
-                if found is None or cid not in found.entries:
+                found = self._journals.get(thread, {}).get(ns)
+                if found is None:
+                    continue
+                entry = found.entries.get(cid)
+                if entry is None:
                     continue
                 j = found
-                record = self._checkpoint(j, cid)
+                record = self._record(j, entry)
+                assert isinstance(record, CheckpointRecord)
                 metadata = loads(record.metadata)
                 if filter and not all(metadata.get(k) == v for k, v in filter.items()):
                     continue
