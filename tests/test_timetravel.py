@@ -393,6 +393,21 @@ def test_prefix_reads_equal_whole_page_reads_with_writes_past_the_prefix(durable
             got = timetravel.read_page_prefix_at(s, pid, epoch=e, length=n)
             assert type(got) is bytes
             assert got == whole[:n], (pid, e, n)
+        # Several versions of a page in one call (rebuilt a keyframe span at a time, in
+        # log order, whatever the order asked; repeats and the current epoch included).
+        for pid in ids:
+            asked = [(e, n) for (p, e, n) in reads if p == pid]
+            asked += asked[:7] + [(tops[pid], 33)]
+            rng.shuffle(asked)
+            fine = []
+            for e, n in asked:
+                try:
+                    fine.append(((e, n), mmsb.read_page_at(s, pid, epoch=e)[:n]))
+                except MMSBError:
+                    pass
+            got = timetravel.read_page_prefixes_at(s, pid, [w for w, _ in fine])
+            assert got == [want for _, want in fine]
+            assert all(type(g) is bytes for g in got)
         for pid in ids:  # the current version, copied from the page itself
             assert timetravel.read_page_prefix_at(s, pid, epoch=tops[pid], length=40) == \
                 mmsb.query_page(s, pid)[:40]
@@ -410,6 +425,24 @@ def test_prefix_read_refusals(call):
     with pytest.raises(InvalidArgumentError):
         timetravel.read_page_prefix_at(s, a, **call)
     assert _fingerprint(s) == before
+
+
+@pytest.mark.parametrize("reads", [
+    "ab", b"ab", 5, None, [(1,)], [(1, 2, 3)], [[1, 2]], [(1.0, 2)], [(1, "2")],
+    [(True, 2)], [(1, -1)], [(-1, 1)], [(1, 2), (10**9, 2)]])
+def test_several_prefix_reads_refusals(reads):
+    s, a, _b, _late = _history_state()
+    before = _fingerprint(s)
+    with pytest.raises(InvalidArgumentError):
+        timetravel.read_page_prefixes_at(s, a, reads)
+    assert _fingerprint(s) == before
+
+
+def test_several_prefix_reads_of_nothing_and_of_a_missing_page():
+    s, a, _b, _late = _history_state()
+    assert timetravel.read_page_prefixes_at(s, a, []) == []
+    with pytest.raises(PageNotFoundError):
+        timetravel.read_page_prefixes_at(s, 10**6, [(1, 4)])
 
 
 def test_a_read_applies_at_most_k_deltas():

@@ -42,7 +42,7 @@ import dataclasses
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,7 @@ __all__ = [
     "check_lsn_reachable",
     "read_page_at",
     "read_page_prefix_at",
+    "read_page_prefixes_at",
     "lsn_at_time",
     "state_at_lsn",
 ]
@@ -433,6 +434,57 @@ class HistoryIndex:
         self.log.apply_rows(line.refs[at + 1 : j + 1], buf)
         return buf[:n].tobytes()
 
+    def prefixes_after(self, line: PageLine,
+                       wants: Sequence[tuple[int, int]]) -> list[bytes]:
+        """:meth:`prefix_after` of several events of one line, ``(j, length)`` each
+        (``j`` not a deletion), in the order asked. The events that share a keyframe
+        are rebuilt in one pass in log order: the keyframe's prefix (as long as the
+        longest asked of them) copied once into the scratch buffer, then each event's
+        deltas applied once, on top of the event before it, and its prefix copied out.
+        For a history read version by version (``MMSBSaver.list``) that is one keyframe
+        copy and K deltas per K versions, where reading them one at a time costs a
+        keyframe copy and up to K deltas each. O(log events + the keyframes' prefixes +
+        the deltas up to the last event asked + the bytes returned)."""
+        out: list[bytes] = [b""] * len(wants)
+        if not wants:
+            return out
+        top = max(j for j, _n in wants)
+        if line.built < top:
+            self._build(line)
+        elif self.lru and next(reversed(self.lru)) != line.pid:
+            self._touch(line)
+        frame_pos, frames, refs = line.frame_pos, line.frames, line.refs
+        spans: dict[int, list[int]] = {}
+        for k, (j, _n) in enumerate(wants):
+            spans.setdefault(bisect.bisect_right(frame_pos, j) - 1, []).append(k)
+        for f, ks in spans.items():
+            frame = frames[f]
+            at = frame_pos[f]
+            size = frame.size
+            ks.sort(key=lambda k: wants[k][0])
+            buf: np.ndarray | None = None
+            done = at
+            for k in ks:
+                j, n = wants[k]
+                n = min(n, size)
+                if j == at:
+                    out[k] = frame[:n].tobytes()
+                    continue
+                if buf is None:
+                    if size > SCRATCH_MAX:
+                        buf = np.empty(size, np.uint8)
+                    else:
+                        if self._scratch.size < size:
+                            self._scratch = np.empty(size, np.uint8)
+                        buf = self._scratch[:size]
+                    longest = min(size, max(wants[q][1] for q in ks))
+                    buf[:longest] = frame[:longest]
+                if j > done:
+                    self.log.apply_rows(refs[done + 1 : j + 1], buf)
+                    done = j
+                out[k] = buf[:n].tobytes()
+        return out
+
     def walk(self, line: PageLine) -> Iterator[tuple[Delta, np.ndarray]]:
         """Each delta of the line (built from its row) with the page's bytes right after
         it (one buffer, updated in place: copy what you keep), oldest first. O(the
@@ -682,6 +734,60 @@ def read_page_prefix_at(state: MMSBState, page_id: int, *, epoch: int, length: i
             return ix.prefix_after(line, j, n)
         except (MemoryError, IndexError, KeyError, ValueError, OverflowError) as exc:
             raise _damaged(exc) from None
+
+
+def read_page_prefixes_at(state: MMSBState, page_id: int,
+                          reads: Sequence[tuple[int, int]]) -> list[bytes]:
+    """:func:`read_page_prefix_at` of several versions of one page: ``reads`` holds
+    ``(epoch, length)`` pairs; returns ``read_page_at(state, page_id,
+    epoch=epoch)[:length]`` for each, in the order asked, under one lock. The past
+    versions that share a keyframe are rebuilt in one pass
+    (:meth:`HistoryIndex.prefixes_after`); a version at the page's current epoch is
+    copied from the page. Every pair is checked before anything is read. Same errors
+    as ``read_page_at``; each ``length`` must be an int ≥ 0."""
+    state = require_state(state, "read_page_prefixes_at")
+    pid = require_page_id(page_id, "read_page_prefixes_at")
+    if isinstance(reads, str | bytes) or not isinstance(reads, Sequence):
+        raise InvalidArgumentError("read_page_prefixes_at(): reads must be a sequence of "
+                                   f"(epoch, length) pairs, not {type(reads).__name__}")
+    wanted: list[tuple[int, int]] = []
+    for item in reads:
+        if type(item) is not tuple or len(item) != 2:
+            raise InvalidArgumentError("read_page_prefixes_at(): each read must be an "
+                                       f"(epoch, length) tuple, not {item!r}")
+        epoch, length = item
+        e = epoch if type(epoch) is int else _as_int(epoch, "epoch")
+        n = length if type(length) is int else _as_int(length, "length")
+        if e < 0:
+            raise InvalidArgumentError(f"epoch {e} is negative")
+        if n < 0:
+            raise InvalidArgumentError(f"length {n} is negative")
+        wanted.append((e, n))
+    out: list[bytes] = [b""] * len(wanted)
+    with state.lock:
+        state.require_replayable("read_page_prefixes_at")
+        table = state.table
+        current = int(table.views[2][pid]) if table.is_live(pid) else -1
+        try:
+            ix: HistoryIndex | None = None
+            past: list[tuple[int, int]] = []
+            slots: list[int] = []
+            line: PageLine | None = None
+            for k, (e, n) in enumerate(wanted):
+                if e == current:
+                    out[k] = state.page_view(pid)[:n].tobytes()
+                    continue
+                if ix is None:
+                    ix = history_index(state)
+                line, j = ix.position_at_epoch(pid, e)
+                past.append((j, n))
+                slots.append(k)
+            if ix is not None and line is not None:
+                for k, data in zip(slots, ix.prefixes_after(line, past), strict=True):
+                    out[k] = data
+        except (MemoryError, IndexError, KeyError, ValueError, OverflowError) as exc:
+            raise _damaged(exc) from None
+    return out
 
 
 def state_at_lsn(state: MMSBState, lsn: int) -> MMSBState:
