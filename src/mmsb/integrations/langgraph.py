@@ -690,7 +690,8 @@ class MMSBSaver(BaseCheckpointSaver[str]):
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """The checkpoint ``config`` names (its ``checkpoint_id``), or the thread's
         latest in that namespace; ``None`` if there is none. Cost: one record, one read
-        per channel (``read_page_at`` for a past version: a keyframe plus at most 8
+        per channel (``read_page_prefix_at``: the value's bytes copied from the page,
+        or for a past version its prefix rebuilt from a keyframe and at most 8
         deltas), then LangGraph's decoding."""
         thread, ns, cid = self._ids(config, "get_tuple")
         with self._lock:
