@@ -42,7 +42,7 @@ import dataclasses
 import weakref
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,7 @@ __all__ = [
     "check_lsn_reachable",
     "read_page_at",
     "read_page_prefix_at",
+    "read_page_prefixes_at",
     "lsn_at_time",
     "state_at_lsn",
 ]
@@ -400,21 +401,89 @@ class HistoryIndex:
         """The first ``length`` bytes of the page (all of it when ``None``) right after
         its event ``j`` (not a deletion), as new bytes: copied straight from the
         keyframe when ``j`` is one, else rebuilt in the index's scratch buffer (pages up
-        to ``SCRATCH_MAX`` bytes; a larger one in a new array) and copied out. A read of
-        a past version then allocates only the bytes it returns, not a page-sized array
-        and a page-sized bytes object as well, which keeps a loop of reads (a history
-        listed version by version) off the allocator and out of cold memory.
-        O(log events + page size + K deltas)."""
+        to ``SCRATCH_MAX`` bytes; a larger one in a new array) and copied out.
+
+        Only the prefix is rebuilt: the keyframe's first ``length`` bytes are copied into
+        the buffer and the deltas after it applied over the whole page-sized buffer,
+        whose bytes past ``length`` are left as they are (stale, never read). Every delta
+        encoding only writes its positions and never reads the page, so the prefix comes
+        out as the whole page's would. A read of a past version then moves about twice
+        the value's bytes (keyframe to buffer, buffer to the result), not a page-sized
+        copy as well, which matters when the page is up to twice the value (pages that
+        grow by doubling) and the keyframe is out of the CPU's caches (a history listed
+        version by version, each one decoded in between).
+        O(log events + length + K deltas)."""
         if line.built < j:
             self._build(line)
+        elif self.lru and next(reversed(self.lru)) != line.pid:
+            self._touch(line)
         f = bisect.bisect_right(line.frame_pos, j) - 1
         frame = line.frames[f]
-        if line.frame_pos[f] == j or frame.size > SCRATCH_MAX:
-            return self.bytes_after(line, j)[:length].tobytes()
-        if self._scratch.size < frame.size:
-            self._scratch = np.empty(frame.size, np.uint8)
-        buf = self.bytes_after(line, j, out=self._scratch[:frame.size])
-        return buf[:length].tobytes()
+        at = line.frame_pos[f]
+        size = frame.size
+        n = size if length is None or length > size else length
+        if at == j:
+            return frame[:n].tobytes()
+        if size > SCRATCH_MAX:
+            buf = np.empty(size, np.uint8)
+        else:
+            if self._scratch.size < size:
+                self._scratch = np.empty(size, np.uint8)
+            buf = self._scratch[:size]
+        buf[:n] = frame[:n]
+        self.log.apply_rows(line.refs[at + 1 : j + 1], buf)
+        return buf[:n].tobytes()
+
+    def prefixes_after(self, line: PageLine,
+                       wants: Sequence[tuple[int, int]]) -> list[bytes]:
+        """:meth:`prefix_after` of several events of one line, ``(j, length)`` each
+        (``j`` not a deletion), in the order asked. The events that share a keyframe
+        are rebuilt in one pass in log order: the keyframe's prefix (as long as the
+        longest asked of them) copied once into the scratch buffer, then each event's
+        deltas applied once, on top of the event before it, and its prefix copied out.
+        For a history read version by version (``MMSBSaver.list``) that is one keyframe
+        copy and K deltas per K versions, where reading them one at a time costs a
+        keyframe copy and up to K deltas each. O(log events + the keyframes' prefixes +
+        the deltas up to the last event asked + the bytes returned)."""
+        out: list[bytes] = [b""] * len(wants)
+        if not wants:
+            return out
+        top = max(j for j, _n in wants)
+        if line.built < top:
+            self._build(line)
+        elif self.lru and next(reversed(self.lru)) != line.pid:
+            self._touch(line)
+        frame_pos, frames, refs = line.frame_pos, line.frames, line.refs
+        spans: dict[int, list[int]] = {}
+        for k, (j, _n) in enumerate(wants):
+            spans.setdefault(bisect.bisect_right(frame_pos, j) - 1, []).append(k)
+        for f, ks in spans.items():
+            frame = frames[f]
+            at = frame_pos[f]
+            size = frame.size
+            ks.sort(key=lambda k: wants[k][0])
+            buf: np.ndarray | None = None
+            done = at
+            for k in ks:
+                j, n = wants[k]
+                n = min(n, size)
+                if j == at:
+                    out[k] = frame[:n].tobytes()
+                    continue
+                if buf is None:
+                    if size > SCRATCH_MAX:
+                        buf = np.empty(size, np.uint8)
+                    else:
+                        if self._scratch.size < size:
+                            self._scratch = np.empty(size, np.uint8)
+                        buf = self._scratch[:size]
+                    longest = min(size, max(wants[q][1] for q in ks))
+                    buf[:longest] = frame[:longest]
+                if j > done:
+                    self.log.apply_rows(refs[done + 1 : j + 1], buf)
+                    done = j
+                out[k] = buf[:n].tobytes()
+        return out
 
     def walk(self, line: PageLine) -> Iterator[tuple[Delta, np.ndarray]]:
         """Each delta of the line (built from its row) with the page's bytes right after
@@ -496,6 +565,19 @@ class HistoryIndex:
         return line, j
 
 
+def _damaged(exc: BaseException) -> BaseException:
+    """What :func:`damaged_log_errors` raises for ``exc``: a SerializationError for what
+    only a damaged or crafted log can cause, ``exc`` itself for an MMSBError."""
+    if isinstance(exc, MemoryError):
+        return SerializationError("the retained log holds a record whose replay needs more "
+                                  "memory than this process can get")
+    if isinstance(exc, MMSBError):
+        return exc
+    return SerializationError(
+        f"the retained log holds a record that cannot be replayed ({type(exc).__name__}: "
+        f"{exc}); it names a page, size or epoch the state does not have")
+
+
 @contextlib.contextmanager
 def damaged_log_errors() -> Iterator[None]:
     """Turn what only a damaged or crafted log can cause (a record naming a page, size
@@ -503,15 +585,11 @@ def damaged_log_errors() -> Iterator[None]:
     before it was logged) into a SerializationError."""
     try:
         yield
-    except MemoryError:
-        raise SerializationError("the retained log holds a record whose replay needs more "
-                                 "memory than this process can get") from None
-    except (IndexError, KeyError, ValueError, OverflowError) as exc:
-        if isinstance(exc, MMSBError):
+    except (MemoryError, IndexError, KeyError, ValueError, OverflowError) as exc:
+        translated = _damaged(exc)
+        if translated is exc:
             raise
-        raise SerializationError(
-            f"the retained log holds a record that cannot be replayed ({type(exc).__name__}: "
-            f"{exc}); it names a page, size or epoch the state does not have") from None
+        raise translated from None
 
 
 _INDEXES: weakref.WeakKeyDictionary[TransactionLog, HistoryIndex] = weakref.WeakKeyDictionary()
@@ -629,21 +707,87 @@ def read_page_prefix_at(state: MMSBState, page_id: int, *, epoch: int, length: i
     """``read_page_at(state, page_id, epoch=epoch)[:length]`` without building the
     whole page as bytes first (:meth:`HistoryIndex.prefix_after`): for a caller that
     keeps a value of ``length`` bytes at the start of a page larger than it (the
-    LangGraph saver's channel pages). Same errors as ``read_page_at``; ``length`` must
-    be an int ≥ 0."""
+    LangGraph saver's channel pages). When ``epoch`` is the page's current epoch the
+    bytes are copied straight from the page (the same bytes the history holds for that
+    epoch), without the history index. Same errors as ``read_page_at``; ``length``
+    must be an int ≥ 0.
+
+    One lock, one copy of the ``length`` bytes for the current version; for a past one
+    a copy of the keyframe's prefix, at most K deltas and the copy out."""
     state = require_state(state, "read_page_prefix_at")
     pid = require_page_id(page_id, "read_page_prefix_at")
-    n = _as_int(length, "length")
+    n = length if type(length) is int else _as_int(length, "length")
     if n < 0:
         raise InvalidArgumentError(f"length {n} is negative")
-    with state.lock, damaged_log_errors():
+    e = epoch if type(epoch) is int else _as_int(epoch, "epoch")
+    if e < 0:
+        raise InvalidArgumentError(f"epoch {e} is negative")
+    with state.lock:
         state.require_replayable("read_page_prefix_at")
-        e = _as_int(epoch, "epoch")
+        table = state.table
+        if table.is_live(pid) and table.views[2][pid] == e:
+            data: bytes = state.page_view(pid)[:n].tobytes()
+            return data
+        try:
+            ix = history_index(state)
+            line, j = ix.position_at_epoch(pid, e)
+            return ix.prefix_after(line, j, n)
+        except (MemoryError, IndexError, KeyError, ValueError, OverflowError) as exc:
+            raise _damaged(exc) from None
+
+
+def read_page_prefixes_at(state: MMSBState, page_id: int,
+                          reads: Sequence[tuple[int, int]]) -> list[bytes]:
+    """:func:`read_page_prefix_at` of several versions of one page: ``reads`` holds
+    ``(epoch, length)`` pairs; returns ``read_page_at(state, page_id,
+    epoch=epoch)[:length]`` for each, in the order asked, under one lock. The past
+    versions that share a keyframe are rebuilt in one pass
+    (:meth:`HistoryIndex.prefixes_after`); a version at the page's current epoch is
+    copied from the page. Every pair is checked before anything is read. Same errors
+    as ``read_page_at``; each ``length`` must be an int ≥ 0."""
+    state = require_state(state, "read_page_prefixes_at")
+    pid = require_page_id(page_id, "read_page_prefixes_at")
+    if isinstance(reads, str | bytes) or not isinstance(reads, Sequence):
+        raise InvalidArgumentError("read_page_prefixes_at(): reads must be a sequence of "
+                                   f"(epoch, length) pairs, not {type(reads).__name__}")
+    wanted: list[tuple[int, int]] = []
+    for item in reads:
+        if type(item) is not tuple or len(item) != 2:
+            raise InvalidArgumentError("read_page_prefixes_at(): each read must be an "
+                                       f"(epoch, length) tuple, not {item!r}")
+        epoch, length = item
+        e = epoch if type(epoch) is int else _as_int(epoch, "epoch")
+        n = length if type(length) is int else _as_int(length, "length")
         if e < 0:
             raise InvalidArgumentError(f"epoch {e} is negative")
-        ix = history_index(state)
-        line, j = ix.position_at_epoch(pid, e)
-        return ix.prefix_after(line, j, n)
+        if n < 0:
+            raise InvalidArgumentError(f"length {n} is negative")
+        wanted.append((e, n))
+    out: list[bytes] = [b""] * len(wanted)
+    with state.lock:
+        state.require_replayable("read_page_prefixes_at")
+        table = state.table
+        current = int(table.views[2][pid]) if table.is_live(pid) else -1
+        try:
+            ix: HistoryIndex | None = None
+            past: list[tuple[int, int]] = []
+            slots: list[int] = []
+            line: PageLine | None = None
+            for k, (e, n) in enumerate(wanted):
+                if e == current:
+                    out[k] = state.page_view(pid)[:n].tobytes()
+                    continue
+                if ix is None:
+                    ix = history_index(state)
+                line, j = ix.position_at_epoch(pid, e)
+                past.append((j, n))
+                slots.append(k)
+            if ix is not None and line is not None:
+                for k, data in zip(slots, ix.prefixes_after(line, past), strict=True):
+                    out[k] = data
+        except (MemoryError, IndexError, KeyError, ValueError, OverflowError) as exc:
+            raise _damaged(exc) from None
+    return out
 
 
 def state_at_lsn(state: MMSBState, lsn: int) -> MMSBState:

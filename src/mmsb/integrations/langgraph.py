@@ -53,7 +53,7 @@ from .. import (
     update_metadata,
     write_page,
 )
-from .._history.timetravel import read_page_prefix_at
+from .._history.timetravel import read_page_prefix_at, read_page_prefixes_at
 from ..errors import (
     InvalidArgumentError,
     MissingDependencyError,
@@ -105,10 +105,13 @@ _STATE_AT = 5
 """Offset of the journal header's state byte."""
 _STRATEGIES = ("keep_latest", "delete")
 _CACHE_RECORDS = 4096
+"""Decoded journal records kept (they are immutable, so sharing them is safe)."""
+_LIST_AHEAD = 8
+"""Checkpoints ``list`` reads at a time: the history index's keyframe interval, so
+the versions between two keyframes are rebuilt in one pass."""
 _EMPTY = ("empty", b"")
 """The typed value of a channel that a put versions without a value."""
 _VERSION_TYPES = (str, int, float)
-"""Decoded journal records kept (they are immutable, so sharing them is safe)."""
 
 Version = str | int | float
 
@@ -625,14 +628,12 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         return {c.channel: c for c in self._checkpoint(j, cid).channels}
 
     def _value(self, ref: ChannelRef) -> bytes:
-        """The serialized bytes of one channel value, read at its epoch."""
+        """The serialized bytes of one channel value, read at its epoch: one call, which
+        copies them from the page when it is still at that epoch, else rebuilds only
+        the value's bytes from the history (not the whole page, which may be up to
+        twice the value's size)."""
         if ref.page_id == 0:
             return b""
-        page = self._state.pages[ref.page_id]
-        if page.epoch == ref.epoch:
-            return self._read(ref.page_id, 0, ref.length)
-        # Only the value's bytes are copied out, not the whole page (which may be up to
-        # twice the value's size) and then the value from that.
         return read_page_prefix_at(self._state, ref.page_id, epoch=ref.epoch,
                                    length=ref.length)
 
@@ -670,16 +671,18 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         versions = checkpoint.get("channel_versions") or {}
         checkpoint["channel_values"] = {k: loads(v) for k, v in values.items()
                                         if k in versions}
-        writes.sort(key=lambda w: writes_sort_key(w[4], w[0], w[5]))
+        if len(writes) > 1:
+            writes.sort(key=lambda w: writes_sort_key(w[4], w[0], w[5]))
         pending: builtins.list[PendingWrite] = [(w[0], w[1], loads((w[2], w[3])))
                                                  for w in writes]
+        # CheckpointTuple's fields in order: config, checkpoint, metadata, parent_config,
+        # pending_writes.
         return CheckpointTuple(
-            config=config if config is not None else self._config(j.thread, j.ns, cid),
-            checkpoint=checkpoint,
-            metadata=metadata if metadata is not None else loads(record.metadata),
-            parent_config=(self._config(j.thread, j.ns, record.parent_id)
-                           if record.parent_id else None),
-            pending_writes=pending,
+            config if config is not None else self._config(j.thread, j.ns, cid),
+            checkpoint,
+            metadata if metadata is not None else loads(record.metadata),
+            (self._config(j.thread, j.ns, record.parent_id) if record.parent_id else None),
+            pending,
         )
 
     # ------------------------------------------------------------------- reading
@@ -687,7 +690,8 @@ class MMSBSaver(BaseCheckpointSaver[str]):
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         """The checkpoint ``config`` names (its ``checkpoint_id``), or the thread's
         latest in that namespace; ``None`` if there is none. Cost: one record, one read
-        per channel (``read_page_at`` for a past version: a keyframe plus at most 8
+        per channel (``read_page_prefix_at``: the value's bytes copied from the page,
+        or for a past version its prefix rebuilt from a keyframe and at most 8
         deltas), then LangGraph's decoding."""
         thread, ns, cid = self._ids(config, "get_tuple")
         with self._lock:
@@ -708,8 +712,10 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         """Checkpoints, newest first (by id): of ``config``'s thread (and namespace, when
         it names one; and only its ``checkpoint_id``, when it names one), or of every
         thread when ``config`` is ``None``; with every ``filter`` key equal in the
-        metadata, ids before ``before``'s, at most ``limit``. Items are built one at a
-        time, each under the lock; a checkpoint deleted meanwhile is skipped."""
+        metadata, ids before ``before``'s, at most ``limit``. Items are read a few at a
+        time (up to 8, never more than ``limit`` leaves), under the lock, the values of
+        one page's versions together; a checkpoint deleted before it is yielded is
+        skipped."""
         if filter is not None and not isinstance(filter, Mapping):
             raise InvalidArgumentError(f"MMSBSaver.list: filter must be a dict, not "
                                        f"{type(filter).__name__}")
@@ -756,25 +762,56 @@ class MMSBSaver(BaseCheckpointSaver[str]):
         picked.sort(key=lambda t: t[0], reverse=True)
         loads = self.serde.loads_typed
         left = limit
-        for cid, thread, ns in picked:
+        at = 0
+        while at < len(picked):
+            # A few checkpoints at a time (no more than are still to be yielded): their
+            # records and metadata under the lock, then their values read together, so
+            # the versions of a page that share a keyframe are rebuilt in one pass.
+            want = _LIST_AHEAD if left is None else min(_LIST_AHEAD, left)
+            chunk: builtins.list[tuple[_Journal, str, CheckpointRecord, Any,
+                                       builtins.list[tuple[str, str, str, bytes, str, int]]]] = []
             with self._lock:
-                found = self._journal(thread, ns)
-                if found is None or cid not in found.entries:
-                    continue
-                j = found
-                record = self._checkpoint(j, cid)
-                metadata = loads(record.metadata)
-                if filter and not all(metadata.get(k) == v for k, v in filter.items()):
-                    continue
-                raw = (record,
-                       {c.channel: (c.type, self._value(c)) for c in record.channels
-                        if c.type != "empty"},
-                       self._writes(j, cid))
-            yield self._tuple(j, cid, None, raw, metadata)
-            if left is not None:
-                left -= 1
-                if left <= 0:
-                    return
+                while at < len(picked) and len(chunk) < want:
+                    cid, thread, ns = picked[at]
+                    at += 1
+                    found = self._journals.get(thread, {}).get(ns)
+                    if found is None:
+                        continue
+                    entry = found.entries.get(cid)
+                    if entry is None:
+                        continue
+                    record = self._record(found, entry)
+                    assert isinstance(record, CheckpointRecord)
+                    metadata = loads(record.metadata)
+                    if filter and not all(metadata.get(k) == v for k, v in filter.items()):
+                        continue
+                    chunk.append((found, cid, record, metadata, self._writes(found, cid)))
+                values = self._values([item[2] for item in chunk])
+            for (j, cid, record, metadata, writes), vals in zip(chunk, values, strict=True):
+                with self._lock:
+                    found = self._journals.get(j.thread, {}).get(j.ns)
+                    if found is None or cid not in found.entries:
+                        continue  # deleted (or pruned) since it was read
+                yield self._tuple(j, cid, None, (record, vals, writes), metadata)
+                if left is not None:
+                    left -= 1
+                    if left <= 0:
+                        return
+
+    def _values(self, records: Sequence[CheckpointRecord]
+                ) -> builtins.list[dict[str, tuple[str, bytes]]]:
+        """Each record's typed channel values (``_raw``'s second item), the versions of
+        one page read with one call (``read_page_prefixes_at``). Caller holds the
+        lock."""
+        reads: dict[int, builtins.list[tuple[int, int]]] = {}
+        for record in records:
+            for c in record.channels:
+                if c.page_id and c.type != "empty":
+                    reads.setdefault(c.page_id, []).append((c.epoch, c.length))
+        got = {pid: iter(read_page_prefixes_at(self._state, pid, want))
+               for pid, want in reads.items()}
+        return [{c.channel: (c.type, next(got[c.page_id]) if c.page_id else b"")
+                 for c in record.channels if c.type != "empty"} for record in records]
 
     # ------------------------------------------------------------------- writing
 
