@@ -14,6 +14,11 @@ from .kernels import TOTAL_MAX, counter_consts
 __all__ = ["MMSBStats", "Counters", "LatencyRing", "TOTAL_MAX"]
 
 
+_RING = 4096
+_ZEROS = bytes(8 * _RING)
+"""A zero ring's bytes, copied into each new ring (a state makes four)."""
+
+
 class LatencyRing:
     """The last ``capacity`` latency samples (ns) of one operation, plus exact totals.
 
@@ -23,8 +28,8 @@ class LatencyRing:
 
     __slots__ = ("samples", "at")
 
-    def __init__(self, capacity: int = 4096) -> None:
-        self.samples = array("q", bytes(8 * capacity))
+    def __init__(self, capacity: int = _RING) -> None:
+        self.samples = array("q", _ZEROS if capacity == _RING else bytes(8 * capacity))
         """The ring (a plain array: a store into it costs less than into numpy)."""
         self.at = array("q", bytes(32))
         """The counters: the next sample's place in the ring, the operations recorded,

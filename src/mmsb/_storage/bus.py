@@ -976,7 +976,7 @@ def _unlink(path: Path) -> None:
 def _lock(root: Path, shared: bool = False) -> int:
     """Take DIR/LOCK for the writer's lifetime: exclusive, or shared with the other
     shared writers (either kind keeps the other out)."""
-    fd = fsops.open_regular(root / "LOCK", os.O_RDWR | os.O_CREAT, create=True)
+    fd, st = fsops.open_regular_stat(root / "LOCK", os.O_RDWR | os.O_CREAT, create=True)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -1000,7 +1000,7 @@ def _lock(root: Path, shared: bool = False) -> int:
         return fd
     try:
         pid = f"{os.getpid()}\n".encode()
-        if os.fstat(fd).st_size != len(pid):
+        if st.st_size != len(pid):  # (its size when opened: only this process writes it now)
             os.ftruncate(fd, 0)  # (a file of that length is overwritten whole)
         os.pwrite(fd, pid, 0)
     except OSError:
@@ -1028,12 +1028,19 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
         fsops.replace_small_file(root, "BUS", head + _U32.pack(crc32c(head)))
         return bus_id
     try:
-        raw = fsops.read_all(path)
+        # One read, one byte longer than the file must be: a short read tells a file of
+        # the right length from a longer one.
+        fd, st = fsops.open_regular_stat(path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, _BUS.size + 5, 0)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SerializationError(f"cannot read the identity file ({exc.strerror or exc})",
                                  path=path) from None
     if len(raw) != _BUS.size + 4:
-        raise SerializationError(f"the identity file is {len(raw)} bytes, not {_BUS.size + 4}", path=path)
+        size = max(len(raw), st.st_size)
+        raise SerializationError(f"the identity file is {size} bytes, not {_BUS.size + 4}", path=path)
     magic, version, _flags, bus_id, _created = _BUS.unpack_from(raw, 0)
     if magic != BUS_MAGIC or crc32c(raw[: _BUS.size]) != _U32.unpack_from(raw, _BUS.size)[0]:
         raise SerializationError("the identity file is damaged or not an MMSB bus", path=path, offset=0)
