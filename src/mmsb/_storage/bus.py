@@ -30,6 +30,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,11 +219,15 @@ class DurableBus:
         """Reads the records other writers appended (shared writers)."""
         self.dir_stamps: tuple[int, int] | None = None
         """The folders' modification times when this writer last released DIR/WRITE."""
-        self.fast = FastWriter(config.fsync == "always", config.segment_bytes)
-        """What the one-frame small write keeps between calls (see fastwrite.py)."""
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
+
+    @cached_property
+    def fast(self) -> FastWriter:
+        """What the one-frame small write keeps between calls (see fastwrite.py): made
+        by the first call that uses it (an open that writes nothing makes none)."""
+        return FastWriter(self.config.fsync == "always", self.config.segment_bytes)
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -939,7 +944,9 @@ class DurableBus:
                 except OSError as exc:
                     log.error("closing the mapped pages of %s failed: %s", self.root, exc)
                 self.publisher = None
-            self.fast.forget()
+            fast = self.__dict__.get("fast")
+            if fast is not None:
+                fast.forget()
             self._stop.set()
             if self._syncer is not None:
                 self._syncer.join(timeout=5)
@@ -1000,9 +1007,9 @@ def _lock(root: Path, shared: bool = False) -> int:
         return fd
     try:
         pid = f"{os.getpid()}\n".encode()
-        if st.st_size != len(pid):  # (its size when opened: only this process writes it now)
-            os.ftruncate(fd, 0)  # (a file of that length is overwritten whole)
         os.pwrite(fd, pid, 0)
+        if st.st_size > len(pid):  # (its size when opened: only this process writes it now)
+            os.ftruncate(fd, len(pid))  # what is left of a longer pid goes
     except OSError:
         os.close(fd)
         raise
@@ -1140,9 +1147,8 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         SerializationError: damage that the recovery mode does not tolerate, naming the
             file and offset.
     """
-    config = state.config
+    config = state.config  # (checked when the state was built)
     root = Path(path)
-    config.validate()
     try:
         try:
             if not stat.S_ISDIR(os.stat(root).st_mode):

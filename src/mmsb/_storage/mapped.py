@@ -290,9 +290,9 @@ def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
     """
     path = d / "waiters"
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
-    fd = fsops.open_regular(path, flags, create=create)
+    fd, st = fsops.open_regular_stat(path, flags, create=create)
     try:
-        if os.fstat(fd).st_size < WAIT_SIZE:
+        if st.st_size < WAIT_SIZE:
             if not create:
                 raise SerializationError("the waiters file is shorter than its layout", path=path)
             _grow(fd, path, WAIT_SIZE)
@@ -333,11 +333,15 @@ class Publisher:
         fsops.bus_folder(d)
         self.root = root
         self.fds: dict[str, int] = {}
+        self.opened_sizes: dict[str, int] = {}
+        """The files' sizes when this writer opened them (before it grew any)."""
         try:
             for name in ("HEAD", "table", "pages"):
-                self.fds[name] = fsops.open_regular(d / name, os.O_RDWR | os.O_CREAT, create=True)
+                fd, st = fsops.open_regular_stat(d / name, os.O_RDWR | os.O_CREAT, create=True)
+                self.fds[name] = fd
+                self.opened_sizes[name] = st.st_size
             head_fd = self.fds["HEAD"]
-            if os.fstat(head_fd).st_size < HEAD_SIZE:
+            if self.opened_sizes["HEAD"] < HEAD_SIZE:
                 _grow(head_fd, d / "HEAD", HEAD_SIZE)
             self.head = mmap.mmap(head_fd, HEAD_SIZE)
         except BaseException:
@@ -371,8 +375,8 @@ class Publisher:
         self.h[_PID] = os.getpid()
         self.h[_START] = self.h[_START] + 1
         _U32.pack_into(self.head, _STATUS_OFF, STATUS_LIVE)
-        self.pages_cap = max(int(self.h[_PAGES_BYTES]), os.fstat(self.fds["pages"]).st_size)
-        self.table_rows = max(int(self.h[_TABLE_BYTES]), os.fstat(self.fds["table"]).st_size) // ROW_SIZE
+        self.pages_cap = max(int(self.h[_PAGES_BYTES]), self.opened_sizes["pages"])
+        self.table_rows = max(int(self.h[_TABLE_BYTES]), self.opened_sizes["table"]) // ROW_SIZE
         self.pages_mm: mmap.mmap | None = None
         self.table_mm: mmap.mmap | None = None
         self.pages = np.zeros(0, np.uint8)
@@ -546,8 +550,11 @@ class Publisher:
         bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
         t = state.table
         rows = t.next_id
-        if (tlen % ROW_SIZE or plen % 8 or tlen > os.fstat(self.fds["table"]).st_size
-                or plen > os.fstat(self.fds["pages"]).st_size or bump > plen
+        # (The files' sizes when opened: this writer holds the bus's lock and has not
+        # grown them yet.)
+        sizes = self.opened_sizes
+        if (tlen % ROW_SIZE or plen % 8 or tlen > sizes["table"]
+                or plen > sizes["pages"] or bump > plen
                 or tlen // ROW_SIZE < max(rows, 1) or plen < _MIN_PAGES or tlen < _MIN_ROWS * ROW_SIZE):
             return "the head's file lengths do not match the files"
         self.pages_cap = plen
