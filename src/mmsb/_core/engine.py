@@ -1936,6 +1936,11 @@ class MMSBState:
             # A log held as columns: built from them in one go (the snapshot may be
             # restored again: its columns are only read).
             log = TransactionLog.from_columns(snap.records.cols, adopt=snap.owned)
+        elif not snap.records and _untouched(self.log):
+            # The log this state was built with, never written: as good as a new one
+            # (a durable bus's open restores its newest checkpoint into a new state).
+            log = self.log
+            log.generation += 1
         else:
             log = TransactionLog()
             log.replace_all(snap.records)
@@ -1987,6 +1992,14 @@ class MMSBState:
         if not self.config.enable_logging:
             raise HistoryUnavailableError(
                 f"{what} needs the transaction log, but this state has enable_logging=False")
+
+
+def _untouched(log: TransactionLog) -> bool:
+    """Whether ``log`` is a plain log as a new state makes it, never written or
+    replaced: no record, no payload chunk, no sink, LSNs from 1."""
+    return (type(log) is TransactionLog and log.generation == 1 and log.next_lsn == 1
+            and log.n == 0 and log.struct_count == 0 and not log.chunks
+            and log.horizon_lsn == 0 and log.sink is None and log.sink_many is None)
 
 
 def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -382,10 +383,10 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
     private=True)`` reads it, but without keeping the bytes of its log section: the
     header, every section header and every other section are read into one private
     buffer, and the log section's bytes are read only to be checked against their
-    checksum (whoever reads the history reads the file again): up to 4 MiB of them in
-    the same system call as the rest of the file, into a buffer let go once checked, a
-    longer section in steps of 64 KiB. With the
-    log's bytes out of that buffer, a snapshot whose page bytes are stored raw is
+    checksum (whoever reads the history reads the file again): up to 1 MiB of them in
+    the same system call as the rest of the file, into the thread's scratch buffer, a
+    longer section in steps of 64 KiB. With the log's bytes out of the kept buffer, a
+    snapshot whose page bytes are stored raw is
     ``owned``: a restore takes them as its pages without a copy. O(file).
 
     Raises:
@@ -419,13 +420,12 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
             # their own (checked, then let go), the rest into the one that is kept.
             front = pos + _SECTION_SIZE
             buf = np.empty(total - hole, np.uint8)
-            log_buf = np.empty(hole, np.uint8)
-            got = os.preadv(fd, [buf[:front].data, log_buf.data, buf[front:].data], 0)
+            log_buf = _log_scratch(hole)
+            got = os.preadv(fd, [buf[:front].data, log_buf, buf[front:].data], 0)
             if got != total:
                 hole = -1  # changed while read: the whole read below says how
-            elif crc32c(log_buf.data) != log_crc:
+            elif crc32c(log_buf) != log_crc:
                 hole = -1  # damaged: the whole read below says where
-            del log_buf
         elif hole >= 0:
             front = pos + _SECTION_SIZE
             buf = np.empty(total - hole, np.uint8)
@@ -568,9 +568,24 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
     return CheckpointHead(lsn, from_lsn, horizon, bus, base_len)
 
 
-_FRONT_LOG_MAX = 4 << 20
-"""A log section up to this long is read with the rest of the file in one system call
-(into a buffer of its own, let go once checked); a longer one in steps of 64 KiB."""
+_FRONT_LOG_MAX = 1 << 20
+"""A log section up to this long is read with the rest of the file in one system call,
+into the reading thread's scratch buffer (only checked, never kept); a longer one in
+steps of 64 KiB."""
+_SCRATCH = threading.local()
+
+
+def _log_scratch(n: int) -> memoryview:
+    """``n`` bytes of this thread's scratch buffer (at most ``_FRONT_LOG_MAX``, kept
+    between reads, so that the pages it spans are touched once per thread, not once per
+    read)."""
+    buf: bytearray | None = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = bytearray(max(n, 1 << 16))
+        _SCRATCH.buf = buf
+    return memoryview(buf)[:n]
+
+
 _ADOPT_SLACK = 64 << 10
 """A private read's snapshot is ``owned`` only when the file's bytes other than the
 pages and the log payload (which a restore that adopts them keeps alive with them) are
