@@ -983,7 +983,7 @@ def _unlink(path: Path) -> None:
 def _lock(root: Path, shared: bool = False) -> int:
     """Take DIR/LOCK for the writer's lifetime: exclusive, or shared with the other
     shared writers (either kind keeps the other out)."""
-    fd, st = fsops.open_regular_stat(root / "LOCK", os.O_RDWR | os.O_CREAT, create=True)
+    fd, st = fsops.open_regular_stat(f"{root}/LOCK", os.O_RDWR | os.O_CREAT, create=True)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -1155,8 +1155,9 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
                 raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
         except FileNotFoundError:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sub in ("checkpoints", "wal"):
-            fsops.bus_folder(root / sub)
+        where = str(root)
+        for sub in ("/checkpoints", "/wal"):
+            fsops.bus_folder(where + sub)
         lock_fd = _lock(root, shared)
     except OSError as exc:
         raise _durability(root, "open", exc) from exc

@@ -108,7 +108,7 @@ def open_regular_stat(path: Any, flags: int, *, create: bool = False) -> tuple[i
     return fd, st
 
 
-def bus_folder(path: Path) -> None:
+def bus_folder(path: str | Path) -> None:
     """Make sure ``path`` is a folder of the bus (created 0700 when missing), never a
     symlink or a file standing where it belongs.
 

@@ -310,6 +310,12 @@ def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
     return mm, addr
 
 
+def _address(a: np.ndarray) -> int:
+    """The address of ``a``'s first byte (as ``a.ctypes.data``, without making the
+    ctypes helper object)."""
+    return int(a.__array_interface__["data"][0])
+
+
 def _grow(fd: int, path: Path, size: int) -> None:
     """Extend the file to ``size`` bytes with its blocks allocated."""
     try:
@@ -348,9 +354,9 @@ class Publisher:
             self.close_files()
             raise
         self.h = np.frombuffer(self.head, "<u8")
-        self.head_addr = self.h.ctypes.data
+        self.head_addr = _address(self.h)
         """Address of the head's mapping (compiled publication: its seqlock word)."""
-        self.notify_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.head, _NOTIFY_OFF))
+        self.notify_addr = self.head_addr + _NOTIFY_OFF
         try:
             self.waiters, self.waiters_addr = _open_waiters(d, create=True)
         except BaseException:
