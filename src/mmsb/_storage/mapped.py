@@ -99,6 +99,9 @@ _SEQ, _LSN, _ROWS, _PAGES_BYTES, _TABLE_BYTES, _TS = 8, 9, 10, 11, 12, 13
 _NOTIFY_OFF, _STATUS_OFF, _PID, _START = 112, 116, 15, 16
 _LOG_OFF, _OWNER_OFF, _BUMP_OFF = 136, 168, 176
 _LOG = struct.Struct("<QQQQ")
+_HEAD_FIELDS = _BUMP_OFF + 8
+"""Bytes of the head that hold fields (the rest of its page is zeros)."""
+_U64_MAX = (1 << 64) - 1
 STATUS_NONE, STATUS_LIVE, STATUS_FAILED = 0, 1, 2
 _MIN_PAGES = 1 << 20
 _MIN_ROWS = 1024
@@ -244,6 +247,63 @@ def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand
     return nxt
 
 
+@njit(cache=True, nogil=True)
+def _adopt_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
+                epochs: np.ndarray, addrs: np.ndarray, lsn: int, bump: int, pages: np.ndarray,
+                pages64: np.ndarray, chunk: int, mem: np.ndarray, mem64: np.ndarray,
+                touch: np.ndarray, other: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled
+    """:func:`_check_rows` and :func:`_compare_chunk` in one pass: the rows checked,
+    and the bytes of each candidate whose arena address lies in chunk ``chunk`` (bytes
+    ``mem``, ``mem64`` the same as u64 words) compared with its mapped bytes as they
+    are found. ``flags``, ``sizes``, ``epochs`` and ``addrs`` are the recovered page
+    table's whole columns (ids below ``rows`` are read).
+
+    Returns ``(problem, n_touch, n_other, slot_bytes, top, compared)``: ``problem`` as
+    :func:`_check_rows` (0: sane); ``touch[:n_touch]`` the ids whose row must be written
+    again or whose bytes differ, in ascending order of the rows, then of the pages;
+    ``other[:n_other]`` the candidates in other chunks (not compared yet);
+    ``compared`` the candidates compared."""
+    problem, n_cand, n_touch, _first, slot_bytes, top = _check_rows(
+        tab, rows, flags[:rows], sizes[:rows], epochs[:rows], addrs[:rows], lsn, bump,
+        other, touch)
+    if problem:
+        return problem, 0, 0, 0, 0, 0
+    n_other = 0
+    compared = 0
+    for i in range(n_cand):
+        pid = other[i]
+        a = addrs[pid]
+        if a >> CHUNK_SHIFT != chunk:
+            other[n_other] = pid
+            n_other += 1
+            continue
+        compared += 1
+        p = tab[pid, 0]
+        q = a & CHUNK_MASK
+        n = sizes[pid]
+        k = 0
+        diff = 0
+        if (p | q) & 7 == 0:
+            pw = p >> 3
+            qw = q >> 3
+            wide = np.uint64(0)
+            for j in range(n >> 3):
+                wide |= pages64[pw + j] ^ mem64[qw + j]
+            diff = 1 if wide else 0
+            k = n & ~7
+        for j in range(k, n):
+            if pages[p + j] != mem[q + j]:
+                diff = 1
+        if diff:
+            touch[n_touch] = pid
+            n_touch += 1
+    return 0, n_touch, n_other, slot_bytes, top, compared
+
+
+_NO_BYTES = np.zeros(0, np.uint8)
+_NO_WORDS = np.zeros(0, np.uint64)
+
+
 _BOOT: bytes | None = None
 
 
@@ -363,26 +423,30 @@ class Publisher:
             # The head's mapping has views now (it is let go with this object).
             self.close_files()
             raise
-        # What the last writer left, read before this one takes the head over: whether
-        # its publication can be adopted (see adopt).
-        prev = bytes(self.head[: _STATIC.size + 4])
+        # What the last writer left, read (in one copy of the head's fields) before
+        # this one takes the head over: whether its publication can be adopted (see
+        # adopt).
+        prev = self.head[:_HEAD_FIELDS]
         magic, version, _f, _r, prev_bus, prev_boot, _c = _STATIC.unpack_from(prev, 0)
         self.bus_id = bus_id
         self.prev_ok = (magic == MAP_MAGIC and version == MAP_VERSION
                         and _U32.unpack_from(prev, _STATIC.size)[0] == crc32c(prev[: _STATIC.size]))
         self.prev_bus = prev_bus
         self.prev_boot = prev_boot
-        self.prev_seq = int(self.h[_SEQ])
-        self.prev_status = _U32.unpack_from(self.head, _STATUS_OFF)[0]
+        self.prev_seq = _U64.unpack_from(prev, _SEQ * 8)[0]
+        self.prev_status = _U32.unpack_from(prev, _STATUS_OFF)[0]
+        pages_bytes, table_bytes = _TWO.unpack_from(prev, _PAGES_BYTES * 8)
+        started = _U64.unpack_from(prev, _START * 8)[0]
         static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
-        self.h[_SEQ] = self.h[_SEQ] | 1  # readers wait while the files are rebuilt
-        self.head[0 : _STATIC.size] = static
-        self.head[_STATIC.size : _STATIC.size + 4] = _U32.pack(crc32c(static))
-        self.h[_PID] = os.getpid()
-        self.h[_START] = self.h[_START] + 1
-        _U32.pack_into(self.head, _STATUS_OFF, STATUS_LIVE)
-        self.pages_cap = max(int(self.h[_PAGES_BYTES]), self.opened_sizes["pages"])
-        self.table_rows = max(int(self.h[_TABLE_BYTES]), self.opened_sizes["table"]) // ROW_SIZE
+        head = self.head
+        _U64.pack_into(head, _SEQ * 8, self.prev_seq | 1)  # readers wait while the files are rebuilt
+        head[0 : _STATIC.size] = static
+        _U32.pack_into(head, _STATIC.size, crc32c(static))
+        _U64.pack_into(head, _PID * 8, os.getpid())
+        _U64.pack_into(head, _START * 8, (started + 1) & _U64_MAX)
+        _U32.pack_into(head, _STATUS_OFF, STATUS_LIVE)
+        self.pages_cap = max(pages_bytes, self.opened_sizes["pages"])
+        self.table_rows = max(table_bytes, self.opened_sizes["table"]) // ROW_SIZE
         self.pages_mm: mmap.mmap | None = None
         self.table_mm: mmap.mmap | None = None
         self.pages = np.zeros(0, np.uint8)
@@ -548,12 +612,12 @@ class Publisher:
             return "the last writer stopped in the middle of a publication"
         if self.prev_status not in (STATUS_NONE, STATUS_LIVE):
             return "the last writer's publication failed"
-        h = self.h
-        lsn = int(h[_LSN])
+        head = self.head
+        (lsn,) = _U64.unpack_from(head, _LSN * 8)
         if lsn > state.log.last_lsn:
             return f"they show LSN {lsn}, beyond the recovered log's end {state.log.last_lsn}"
-        plen, tlen = int(h[_PAGES_BYTES]), int(h[_TABLE_BYTES])
-        bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
+        plen, tlen = _TWO.unpack_from(head, _PAGES_BYTES * 8)
+        (bump,) = _U64.unpack_from(head, _BUMP_OFF)
         t = state.table
         rows = t.next_id
         # (The files' sizes when opened: this writer holds the bus's lock and has not
@@ -568,12 +632,22 @@ class Publisher:
         self._remap_pages(plen)
         self._remap_table(self.table_rows)
         tab = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)  # type: ignore[arg-type]
-        n = t.flags.shape[0]
-        cand = np.empty(n, np.int64)
-        touch = np.empty(tab.shape[0], np.int64)
-        code, n_cand, n_touch, first, slot_bytes, top = _check_rows(
-            tab, rows, t.flags[:rows], t.size[:rows], t.epoch[:rows], t.addr[:rows], lsn, bump,
-            cand, touch)
+        touch = np.empty(tab.shape[0] + rows, np.int64)
+        other = np.empty(max(rows, 1), np.int64)
+        # The arena's first chunk (where a restored state's pages usually all lie) is
+        # compared in the same pass as the rows are checked; others after it.
+        try:
+            mem = state.arena.chunk(0)
+        except IndexError:
+            mem = None  # (no chunk yet: no page either)
+        if mem is None:
+            chunk, mem, wide = -1, _NO_BYTES, _NO_WORDS
+        else:
+            chunk, wide = 0, mem[: mem.shape[0] & ~7].view(np.uint64)
+        pages = self.pages
+        code, n_touch, n_other, slot_bytes, top, _compared = _adopt_rows(
+            tab, rows, t.flags, t.size, t.epoch, t.addr, lsn, bump, pages,
+            pages.view(np.uint64), chunk, mem, wide, touch, other)
         if code:
             return _ROW_PROBLEMS[code]
         if top - slot_bytes > max(slot_bytes, _MIN_PAGES):
@@ -582,21 +656,22 @@ class Publisher:
             return "more of the pages file is freed slots than pages (packed again)"
 
         # The rows are sane: keep each live page whose row and bytes equal the state's.
-        same = np.ones(n_cand, np.bool_)
-        cand = cand[:n_cand]
-        chunk = first
-        while chunk >= 0:
-            mem = state.arena.chunk(chunk)
-            assert mem is not None
-            wide = mem[: mem.shape[0] & ~7].view(np.uint64)
-            chunk = _compare_chunk(self.pages, self.pages.view(np.uint64), tab, cand, t.addr,
-                                   t.size, chunk, mem, wide, same)
         touched = self.touched
         touched.clear()
         for pid in touch[:n_touch].tolist():
             touched[pid] = _WHOLE
-        for pid in cand[~same].tolist():
-            touched[pid] = _WHOLE
+        if n_other:
+            cand = other[:n_other]
+            same = np.ones(n_other, np.bool_)
+            nxt = int(t.addr[cand].min()) >> CHUNK_SHIFT
+            while nxt >= 0:
+                mem = state.arena.chunk(nxt)
+                assert mem is not None
+                wide = mem[: mem.shape[0] & ~7].view(np.uint64)
+                nxt = _compare_chunk(pages, pages.view(np.uint64), tab, cand, t.addr, t.size,
+                                     nxt, mem, wide, same)
+            for pid in cand[~same].tolist():
+                touched[pid] = _WHOLE
         self.bump = top  # nothing live lies past the last slot in use
         self.free.clear()
         _U64.pack_into(self.head, _OWNER_OFF, self.token)
