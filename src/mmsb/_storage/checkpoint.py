@@ -687,6 +687,10 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
     return snap
 
 
+_ROWS_FIT = 1 << 24
+"""Page-table rows of at most this many bytes are not held against the machine's memory
+(asked of the system only for a larger table)."""
+
 _META_INTS = (
     *((key, 0, MAX_COUNTER, f"an int from 0 to {MAX_COUNTER - 1}")
       for key in ("horizon_lsn", "log_from_lsn")),
@@ -732,7 +736,7 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         if bad:
             raise fail("section PTBL has an impossible size, epoch or location")
         rows = (int(ids[-1]) + 1) * 26
-        if rows > physical_memory():
+        if rows > _ROWS_FIT and rows > physical_memory():
             raise fail(f"section PTBL names page id {int(ids[-1])}, whose page-table rows "
                        f"({rows:,} bytes) are more than this machine's memory")
     data = np.frombuffer(get(b"PDAT", total), np.uint8)

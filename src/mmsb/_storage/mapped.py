@@ -44,7 +44,6 @@ full disk is an error at growth, never a fault in the middle of a copy.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
@@ -340,7 +339,7 @@ def _map_dir(root: Path) -> Path:
     return root / "map"
 
 
-def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
+def _open_waiters(d: Path | str, create: bool) -> tuple[mmap.mmap, int]:
     """Map ``d/waiters`` writable; (mapping, address of its count). ``create``: the
     writer makes the file (or gives a damaged one a fresh header and a zero count).
 
@@ -348,7 +347,7 @@ def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
         OSError: the file cannot be opened for writing.
         SerializationError: (a follower) the file is not a waiters file of this layout.
     """
-    path = d / "waiters"
+    path = f"{d}/waiters"
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
     fd, st = fsops.open_regular_stat(path, flags, create=create)
     try:
@@ -366,8 +365,7 @@ def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
             raise SerializationError("the waiters file is damaged or of another version", path=path)
         mm[0:WAIT_SIZE] = bytes(WAIT_SIZE)
         _WAIT_HEAD.pack_into(mm, 0, WAIT_MAGIC, WAIT_VERSION, 0, 0)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm, _WAIT_COUNT_OFF))
-    return mm, addr
+    return mm, _address(np.frombuffer(mm, np.uint8)) + _WAIT_COUNT_OFF
 
 
 def _address(a: np.ndarray) -> int:
@@ -376,7 +374,7 @@ def _address(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
 
 
-def _grow(fd: int, path: Path, size: int) -> None:
+def _grow(fd: int, path: Path | str, size: int) -> None:
     """Extend the file to ``size`` bytes with its blocks allocated."""
     try:
         os.posix_fallocate(fd, 0, size)
@@ -395,7 +393,7 @@ class Publisher:
     """
 
     def __init__(self, root: Path, bus_id: int) -> None:
-        d = _map_dir(root)
+        d = f"{root}/map"  # (the path of _map_dir, as a string: opened, never kept)
         fsops.bus_folder(d)
         self.root = root
         self.fds: dict[str, int] = {}
@@ -403,12 +401,13 @@ class Publisher:
         """The files' sizes when this writer opened them (before it grew any)."""
         try:
             for name in ("HEAD", "table", "pages"):
-                fd, st = fsops.open_regular_stat(d / name, os.O_RDWR | os.O_CREAT, create=True)
+                fd, st = fsops.open_regular_stat(f"{d}/{name}", os.O_RDWR | os.O_CREAT,
+                                                 create=True)
                 self.fds[name] = fd
                 self.opened_sizes[name] = st.st_size
             head_fd = self.fds["HEAD"]
             if self.opened_sizes["HEAD"] < HEAD_SIZE:
-                _grow(head_fd, d / "HEAD", HEAD_SIZE)
+                _grow(head_fd, f"{d}/HEAD", HEAD_SIZE)
             self.head = mmap.mmap(head_fd, HEAD_SIZE)
         except BaseException:
             self.close_files()
