@@ -186,7 +186,8 @@ class DurableBus:
         thread (an open that fails after it would leave the thread behind)."""
         self.read_only = False
         """Recovery only: nothing on disk is changed (open_readonly)."""
-        self._stop = threading.Event()
+        self._stop: threading.Event | None = None
+        """Set to end the background thread (made when the thread is started)."""
         self._syncer: threading.Thread | None = None
         self.fds = {}
         self.ship: Callable[[int, int, bytes], None] | None = None
@@ -463,7 +464,9 @@ class DurableBus:
         syncing = self.config.fsync == "batch"
         interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0 if syncing else PUBLISH_EVERY
         next_stats = time.monotonic() + PUBLISH_EVERY
-        while not self._stop.wait(interval):
+        stop = self._stop
+        assert stop is not None  # (made before the thread was started)
+        while not stop.wait(interval):
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + PUBLISH_EVERY
                 try:
@@ -505,6 +508,7 @@ class DurableBus:
         only read starts no thread. A bus not (yet) open, or closing, starts none."""
         if self._syncer is None and self.opened and not self.closing:
             name = "mmsb-group-commit" if self.config.fsync == "batch" else "mmsb-stats"
+            self._stop = threading.Event()
             self._syncer = threading.Thread(target=self._sync_loop, name=name, daemon=True)
             self._syncer.start()
 
@@ -947,7 +951,8 @@ class DurableBus:
             fast = self.__dict__.get("fast")
             if fast is not None:
                 fast.forget()
-            self._stop.set()
+            if self._stop is not None:
+                self._stop.set()
             if self._syncer is not None:
                 self._syncer.join(timeout=5)
             with self.io_lock:
