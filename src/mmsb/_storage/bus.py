@@ -1030,10 +1030,7 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
             ``want``) names another bus.
     """
     path = root / "BUS"
-    if not os.path.lexists(path):
-        if has_data:
-            raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
-                                     "log segments exist; refusing to guess", path=path)
+    if not has_data and not os.path.lexists(path):
         bus_id = want if want is not None else secrets.randbits(64) or 1
         # A clock before 1970 records creation time 0.
         head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, max(0, time.time_ns()))
@@ -1047,6 +1044,10 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
             raw = os.pread(fd, _BUS.size + 5, 0)
         finally:
             os.close(fd)
+    except FileNotFoundError:
+        # (Only where checkpoints or segments exist: a new bus's is made above.)
+        raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
+                                 "log segments exist; refusing to guess", path=path) from None
     except OSError as exc:
         raise SerializationError(f"cannot read the identity file ({exc.strerror or exc})",
                                  path=path) from None
