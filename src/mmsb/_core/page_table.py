@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernels import live_rows
+
 __all__ = ["PageTable", "LIVE", "CreationCursor"]
 
 LIVE = 1
@@ -113,8 +115,7 @@ class PageTable:
 
     def live_ids(self) -> np.ndarray:
         """Ids of live pages, ascending. O(rows)."""
-        n = self.next_id
-        return np.flatnonzero(self.flags[:n] & LIVE).astype(np.int64)
+        return live_rows(self.flags, self.next_id, LIVE)
 
     def add_rows(self, first_id: int, addrs: np.ndarray, size: int, loc: int) -> None:
         """Fill rows ``first_id …`` for new pages at ``addrs``. O(n) in numpy."""
