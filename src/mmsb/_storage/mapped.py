@@ -247,26 +247,31 @@ def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand
 
 
 @njit(cache=True, nogil=True)
-def _adopt_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
+def _adopt_rows(words: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
                 epochs: np.ndarray, addrs: np.ndarray, lsn: int, bump: int, pages: np.ndarray,
-                pages64: np.ndarray, chunk: int, mem: np.ndarray, mem64: np.ndarray,
-                touch: np.ndarray, other: np.ndarray) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled
-    """:func:`_check_rows` and :func:`_compare_chunk` in one pass: the rows checked,
-    and the bytes of each candidate whose arena address lies in chunk ``chunk`` (bytes
-    ``mem``, ``mem64`` the same as u64 words) compared with its mapped bytes as they
-    are found. ``flags``, ``sizes``, ``epochs`` and ``addrs`` are the recovered page
-    table's whole columns (ids below ``rows`` are read).
+                chunk: int, mem: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int, int, int]:  # pragma: no cover - compiled
+    """:func:`_check_rows` and :func:`_compare_chunk` in one call: the rows of the
+    mapped table (``words``: its int64 words, four a row) checked, and the bytes of each
+    candidate whose arena address lies in chunk ``chunk`` (bytes ``mem``) compared with
+    its mapped bytes as they are found (eight bytes at a time where both are aligned).
+    ``flags``, ``sizes``, ``epochs`` and ``addrs`` are the recovered page table's whole
+    columns (ids below ``rows`` are read).
 
-    Returns ``(problem, n_touch, n_other, slot_bytes, top, compared)``: ``problem`` as
-    :func:`_check_rows` (0: sane); ``touch[:n_touch]`` the ids whose row must be written
-    again or whose bytes differ, in ascending order of the rows, then of the pages;
-    ``other[:n_other]`` the candidates in other chunks (not compared yet);
-    ``compared`` the candidates compared."""
+    Returns ``(problem, touch, other, slot_bytes, top, compared)``: ``problem`` as
+    :func:`_check_rows` (0: sane); ``touch`` the ids whose row must be written again or
+    whose bytes differ, in ascending order of the rows, then of the pages; ``other``
+    the candidates in other chunks (not compared yet); ``compared`` the candidates
+    compared."""
+    tab = words.reshape(-1, 4)
+    touch = np.empty(tab.shape[0] + rows, np.int64)
+    other = np.empty(max(rows, 1), np.int64)
     problem, n_cand, n_touch, _first, slot_bytes, top = _check_rows(
         tab, rows, flags[:rows], sizes[:rows], epochs[:rows], addrs[:rows], lsn, bump,
         other, touch)
     if problem:
-        return problem, 0, 0, 0, 0, 0
+        return problem, touch[:0], other[:0], 0, 0, 0
+    pages64 = pages[: pages.shape[0] & ~7].view(np.uint64)
+    mem64 = mem[: mem.shape[0] & ~7].view(np.uint64)
     n_other = 0
     compared = 0
     for i in range(n_cand):
@@ -296,11 +301,11 @@ def _adopt_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray
         if diff:
             touch[n_touch] = pid
             n_touch += 1
-    return 0, n_touch, n_other, slot_bytes, top, compared
+    return 0, touch[:n_touch], other[:n_other], slot_bytes, top, compared
 
 
 _NO_BYTES = np.zeros(0, np.uint8)
-_NO_WORDS = np.zeros(0, np.uint64)
+_NO_ROWS = np.zeros(0, ROW_DTYPE)
 
 
 _BOOT: bytes | None = None
@@ -448,8 +453,8 @@ class Publisher:
         self.table_rows = max(table_bytes, self.opened_sizes["table"]) // ROW_SIZE
         self.pages_mm: mmap.mmap | None = None
         self.table_mm: mmap.mmap | None = None
-        self.pages = np.zeros(0, np.uint8)
-        self.table = np.zeros(0, ROW_DTYPE)
+        self.pages = _NO_BYTES  # (mapped by the adoption or the first publication)
+        self.table = _NO_ROWS
         self.bump = 0
         self.free: dict[int, list[int]] = {}
         self.touched: dict[int, tuple[int, int]] = {}
@@ -630,23 +635,18 @@ class Publisher:
         self.table_rows = tlen // ROW_SIZE
         self._remap_pages(plen)
         self._remap_table(self.table_rows)
-        tab = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)  # type: ignore[arg-type]
-        touch = np.empty(tab.shape[0] + rows, np.int64)
-        other = np.empty(max(rows, 1), np.int64)
+        words = np.frombuffer(self.table_mm, "<i8")  # type: ignore[arg-type]
         # The arena's first chunk (where a restored state's pages usually all lie) is
-        # compared in the same pass as the rows are checked; others after it.
+        # compared in the same call as the rows are checked; others after it.
         try:
             mem = state.arena.chunk(0)
         except IndexError:
             mem = None  # (no chunk yet: no page either)
-        if mem is None:
-            chunk, mem, wide = -1, _NO_BYTES, _NO_WORDS
-        else:
-            chunk, wide = 0, mem[: mem.shape[0] & ~7].view(np.uint64)
+        chunk = -1 if mem is None else 0
         pages = self.pages
-        code, n_touch, n_other, slot_bytes, top, _compared = _adopt_rows(
-            tab, rows, t.flags, t.size, t.epoch, t.addr, lsn, bump, pages,
-            pages.view(np.uint64), chunk, mem, wide, touch, other)
+        code, touch, other, slot_bytes, top, _compared = _adopt_rows(
+            words, rows, t.flags, t.size, t.epoch, t.addr, lsn, bump, pages, chunk,
+            _NO_BYTES if mem is None else mem)
         if code:
             return _ROW_PROBLEMS[code]
         if top - slot_bytes > max(slot_bytes, _MIN_PAGES):
@@ -657,11 +657,12 @@ class Publisher:
         # The rows are sane: keep each live page whose row and bytes equal the state's.
         touched = self.touched
         touched.clear()
-        for pid in touch[:n_touch].tolist():
+        for pid in touch.tolist():
             touched[pid] = _WHOLE
-        if n_other:
-            cand = other[:n_other]
-            same = np.ones(n_other, np.bool_)
+        if other.size:
+            tab = words.reshape(-1, 4)
+            cand = other
+            same = np.ones(other.size, np.bool_)
             nxt = int(t.addr[cand].min()) >> CHUNK_SHIFT
             while nxt >= 0:
                 mem = state.arena.chunk(nxt)
