@@ -172,3 +172,28 @@ def test_lock_holds_exactly_this_process_id_after_the_open(tmp_path: Path, old: 
         assert (root / "LOCK").read_bytes() == f"{os.getpid()}\n".encode()
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_a_read_of_a_whole_file_goes_on_after_a_short_read_before_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-file read takes a short read past the file's size as its end, but one
+    before it (the kernel returns at most about 2 GiB a call) as a reason to read on."""
+    from mmsb._storage import fsops
+
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 1000
+    path.write_bytes(data)
+    real = os.pread
+    calls: list[int] = []
+
+    def short(fd: int, n: int, at: int) -> bytes:
+        calls.append(at)
+        return real(fd, min(n, 70_000), at)
+
+    monkeypatch.setattr(fsops.os, "pread", short)
+    assert fsops.read_all(path) == data
+    assert len(calls) == 4  # 70,000 × 3, then the last 46,000 bytes (a short read: the end)
+    calls.clear()
+    path.write_bytes(data[:1000])
+    assert fsops.read_all(path) == data[:1000]
+    assert calls == [0]  # one read: short past the size

@@ -137,9 +137,10 @@ def create_exclusive(path: Any, *, readable: bool = False) -> int:
 
 def read_fd(fd: int, size: int = -1) -> bytes:
     """All bytes of the open regular file ``fd``, from its start. ``size``: its size
-    when known (an ``fstat`` just made), else it is asked for. Each read asks for more
-    than the bytes left, so that a short read (the end of a regular file) ends it
-    without one more read that returns nothing."""
+    when known (an ``fstat`` just made), else it is asked for. Each read asks for one
+    byte more than the bytes left, so that a short read past ``size`` (the end of the
+    file) ends it without one more read that returns nothing; a short read before
+    ``size`` (the kernel returns at most about 2 GiB a call) reads on."""
     if size < 0:
         size = os.fstat(fd).st_size
     parts = []
@@ -151,7 +152,7 @@ def read_fd(fd: int, size: int = -1) -> bytes:
             break
         parts.append(chunk)
         pos += len(chunk)
-        if len(chunk) < want:
+        if len(chunk) < want and pos >= size:
             break
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
