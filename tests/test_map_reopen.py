@@ -26,6 +26,7 @@ import pytest
 
 import mmsb
 from conftest import edges, pages_view
+from mmsb._core.arena import CHUNK_SHIFT
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import mapped
 from mmsb._storage.codec import crc32c
@@ -212,19 +213,61 @@ def test_records_logged_but_not_published_are_published_at_reopen(tmp_path: Path
     mmsb.mmsb_stop(s)
 
 
+def test_pages_in_several_arena_chunks_are_compared_in_each(tmp_path: Path) -> None:
+    """A page large enough for an arena chunk of its own (the others share the first):
+    the open compares the first chunk's pages in the pass that checks the rows and the
+    others after it; a damaged mapped copy in either is published again, the rest kept."""
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    small = [p.id for p in mmsb.create_pages(s, 4, 512)]
+    big = mmsb.create_page(s, (16 << 20) + 4096).id
+    for k, pid in enumerate(small):
+        mmsb.write_page(s, pid, k, bytes([k + 1]) * 8)
+    mmsb.write_page(s, big, (16 << 20) - 3, b"far end!")
+    s.bus.flush()
+    img = tmp_path / "image"
+    shutil.copytree(root, img)
+    mmsb.mmsb_stop(s)
+    want = _reference(img)
+    rows = _rows(img)
+    for pid in (small[2], big):
+        work = _copy(img, f"bus-{pid}")
+        off, size = int(rows[pid]["offset"]), int(rows[pid]["size"])
+        _flip(work / "map" / "pages", off + size - 1)
+        pages_before = (work / "map" / "pages").read_bytes()
+        s = _check(work, want, adopted=True)
+        try:
+            addrs = s.table.addr
+            assert addrs[big] >> CHUNK_SHIFT != addrs[small[0]] >> CHUNK_SHIFT  # two chunks
+            after = (work / "map" / "pages").read_bytes()
+            # The damaged page was published again; no other byte changed.
+            changed = np.flatnonzero(np.frombuffer(after, np.uint8)
+                                     != np.frombuffer(pages_before, np.uint8))
+            assert changed.tolist() == [off + size - 1]
+        finally:
+            mmsb.mmsb_stop(s)
+
+
 def test_a_reopen_does_the_same_work_after_10k_and_100k_records(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The mapped files adopted after 10,000 and after 100,000 writes: the open reads
     the same files and bytes, and compares the same pages (the state's, not the
     history's)."""
     compared: list[int] = []
-    real = mapped._compare_chunk
+    real = mapped._adopt_rows
+    real_other = mapped._compare_chunk
 
-    def count(*args: Any) -> int:
+    def count(*args: Any) -> Any:
+        out = real(*args)
+        compared.append(out[5])
+        return out
+
+    def count_other(*args: Any) -> int:
         compared.append(len(args[3]))
-        return real(*args)
+        return real_other(*args)
 
-    monkeypatch.setattr(mapped, "_compare_chunk", count)
+    monkeypatch.setattr(mapped, "_adopt_rows", count)
+    monkeypatch.setattr(mapped, "_compare_chunk", count_other)
     reads: list[tuple[str, int]] = []
     real_read = bus_mod.DurableBus.read_bytes
 

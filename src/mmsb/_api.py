@@ -327,9 +327,10 @@ def write_page(state: MMSBState, page_id: int, offset: int, data: Any, *, source
 
 def query_page(state: MMSBState, page_id: int) -> bytes:
     """A copy of the page's current bytes. O(size)."""
-    state = _state_of(state, "query_page")
+    if type(state) is not MMSBState:
+        state = _state_of(state, "query_page")
     with state.lock:
-        return state.page_view(state.require_page(page_id, "query_page")).tobytes()
+        return state.page_bytes(page_id, "query_page")
 
 
 def delete_page(state: MMSBState, page_id: int) -> None:

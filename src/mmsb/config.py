@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from .errors import InvalidArgumentError
 from .types import PropagationMode
@@ -26,6 +26,8 @@ _FLOAT_RANGES = {
     "ack_timeout": (0.001, 86400.0),
     "replication_lease": (0.2, 3600.0),
 }
+_BOOL_FIELDS = ("enable_logging", "enable_gpu", "restore_device_pages_on_cpu",
+                "enable_instrumentation")
 _REPLICATE_SCHEMES = ("redis://", "rediss://", "unix://")
 MAX_ACK_REPLICAS = 64
 MAX_URL = 4096
@@ -95,12 +97,10 @@ class MMSBConfig:
             InvalidArgumentError: naming the first bad field, its value and what it
                 accepts (numbers must be finite and inside the field's range).
         """
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("enable_logging", "enable_gpu", "enable_instrumentation",
-                          "restore_device_pages_on_cpu"):
-                if not isinstance(value, bool):
-                    raise InvalidArgumentError(f"MMSBConfig.{f.name} must be True or False, not {value!r}")
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"MMSBConfig.{name} must be True or False, not {value!r}")
         for name, (lo, hi) in _INT_RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:

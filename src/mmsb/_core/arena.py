@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .kernels import uniform_starts
+
 __all__ = ["Arena", "size_class", "CHUNK_SHIFT", "CHUNK_SIZE"]
 
 CHUNK_SHIFT = 26
@@ -227,8 +229,12 @@ class Arena:
         n = len(sizes)
         if not n or not data.flags.writeable:
             return None
+        index = len(self._chunks)
+        # The usual case (one size) in one compiled call: the addresses the pages get
+        # when the buffer becomes the next chunk (empty: the sizes differ).
+        back_to_back = uniform_starts(sizes, index << CHUNK_SHIFT)
+        uniform = back_to_back.shape[0] == n
         first = int(sizes[0])
-        uniform = bool((sizes == first).all())
         for size in [first] if uniform else np.unique(sizes).tolist():
             if not 0 < size <= _LARGE or size_class(size) != size:
                 return None
@@ -237,11 +243,9 @@ class Arena:
             if total != data.nbytes:
                 return None
             if total <= CHUNK_SIZE:
-                index = len(self._chunks)
                 self._chunks.append(data)
                 self.bytes_in_use += total
-                base = index << CHUNK_SHIFT
-                return np.arange(base, base + total, first, dtype=np.int64)
+                return back_to_back
             starts = np.arange(0, total, first, dtype=np.int64)
         else:
             starts = np.zeros(n, np.int64)

@@ -669,6 +669,21 @@ class MMSBState:
             raise PageNotFoundError(pid, context)
         return pid
 
+    def page_bytes(self, page_id: Any, context: str) -> bytes:
+        """A copy of the bytes of live page ``page_id`` (the caller holds the lock): an
+        int id of a live page is found without the general checks of
+        :meth:`require_page`, which takes every other case (and raises as it does).
+        O(size)."""
+        t = self.table
+        addr_v, size_v, _epoch_v, flags_v = t.views
+        if not (type(page_id) is int and 0 < page_id < t.next_id and flags_v[page_id] & LIVE):
+            page_id = self.require_page(page_id, context)
+        addr = addr_v[page_id]
+        chunk = self.arena.chunk(addr >> CHUNK_SHIFT)
+        assert chunk is not None
+        off = addr & CHUNK_MASK
+        return chunk[off:off + size_v[page_id]].tobytes()
+
     def page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
         addr_v, size_v, _epoch_v, _flags_v = self.table.views
         addr = addr_v[pid]
@@ -1921,6 +1936,11 @@ class MMSBState:
             # A log held as columns: built from them in one go (the snapshot may be
             # restored again: its columns are only read).
             log = TransactionLog.from_columns(snap.records.cols, adopt=snap.owned)
+        elif not snap.records and _untouched(self.log):
+            # The log this state was built with, never written: as good as a new one
+            # (a durable bus's open restores its newest checkpoint into a new state).
+            log = self.log
+            log.generation += 1
         else:
             log = TransactionLog()
             log.replace_all(snap.records)
@@ -1972,6 +1992,14 @@ class MMSBState:
         if not self.config.enable_logging:
             raise HistoryUnavailableError(
                 f"{what} needs the transaction log, but this state has enable_logging=False")
+
+
+def _untouched(log: TransactionLog) -> bool:
+    """Whether ``log`` is a plain log as a new state makes it, never written or
+    replaced: no record, no payload chunk, no sink, LSNs from 1."""
+    return (type(log) is TransactionLog and log.generation == 1 and log.next_lsn == 1
+            and log.n == 0 and log.struct_count == 0 and not log.chunks
+            and log.horizon_lsn == 0 and log.sink is None and log.sink_many is None)
 
 
 def create_page(state: MMSBState, size: int | None = None, *, location: Any = "cpu",

@@ -955,6 +955,57 @@ def fill_log_rows(rows: np.ndarray, page: np.ndarray, psize: np.ndarray, plen: n
 
 
 @njit(cache=True, nogil=True)
+def live_rows(flags: np.ndarray, n: int, live: int) -> np.ndarray:  # pragma: no cover - compiled
+    """The rows below ``n`` whose ``flags`` have a bit of ``live``, ascending (what
+    ``np.flatnonzero(flags[:n] & live)`` gives, in one compiled call rather than four
+    numpy calls)."""
+    n = min(n, flags.shape[0])
+    k = 0
+    for i in range(n):
+        if flags[i] & live:
+            k += 1
+    out = np.empty(k, np.int64)
+    k = 0
+    for i in range(n):
+        if flags[i] & live:
+            out[k] = i
+            k += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def fill_rows(addr: np.ndarray, size: np.ndarray, epoch: np.ndarray, loc: np.ndarray,
+              flags: np.ndarray, ids: np.ndarray, addrs: np.ndarray, sizes: np.ndarray,
+              epochs: np.ndarray, locs: np.ndarray, live: int) -> None:  # pragma: no cover - compiled
+    """Fill the page-table rows ``ids`` (inside the columns) from the given columns and
+    mark them ``live``: five column assignments in one compiled call."""
+    for k in range(ids.shape[0]):
+        i = ids[k]
+        addr[i] = addrs[k]
+        size[i] = sizes[k]
+        epoch[i] = epochs[k]
+        loc[i] = locs[k]
+        flags[i] = live
+
+
+@njit(cache=True, nogil=True)
+def uniform_starts(sizes: np.ndarray, base: int) -> np.ndarray:  # pragma: no cover - compiled
+    """``base + i * sizes[0]`` for each page ``i`` when every size is ``sizes[0]`` (pages
+    back to back from ``base``); empty when the sizes differ or there are none."""
+    n = sizes.shape[0]
+    if n == 0:
+        return np.empty(0, np.int64)
+    first = sizes[0]
+    for i in range(1, n):
+        if sizes[i] != first:
+            return np.empty(0, np.int64)
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = base + i * first
+    return out
+
+
+@njit(cache=True, nogil=True)
 def check_table(ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray, locs: np.ndarray,
                 next_page_id: int, max_page_size: int, max_counter: int
                 ) -> tuple[int, int]:  # pragma: no cover - compiled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any, TextIO
 
 import numpy as np
@@ -12,6 +13,11 @@ import numpy as np
 from .kernels import TOTAL_MAX, counter_consts
 
 __all__ = ["MMSBStats", "Counters", "LatencyRing", "TOTAL_MAX"]
+
+
+_RING = 4096
+_ZEROS = bytes(8 * _RING)
+"""A zero ring's bytes, copied into each new ring (a state makes four)."""
 
 
 class LatencyRing:
@@ -23,8 +29,8 @@ class LatencyRing:
 
     __slots__ = ("samples", "at")
 
-    def __init__(self, capacity: int = 4096) -> None:
-        self.samples = array("q", bytes(8 * capacity))
+    def __init__(self, capacity: int = _RING) -> None:
+        self.samples = array("q", _ZEROS if capacity == _RING else bytes(8 * capacity))
         """The ring (a plain array: a store into it costs less than into numpy)."""
         self.at = array("q", bytes(32))
         """The counters: the next sample's place in the ring, the operations recorded,
@@ -118,24 +124,45 @@ class Counters:
     """The live counters of one state (mutated by the engine; read by get_stats)."""
 
     def __init__(self) -> None:
-        self.delta_apply = LatencyRing()
-        self.propagation = LatencyRing()
-        self.log_append = LatencyRing()
-        self.checkpoint = LatencyRing()
         self.logged = array("q", bytes(16))
         """:attr:`records_logged` and :attr:`payload_bytes_logged`, in a plain array
         that the durable bus's compiled one-frame write adds to through its address."""
-        self.consts = counter_consts(self.delta_apply.samples, self.delta_apply.at,
-                                     self.logged)
-        """The addresses through which the in-memory one-frame write's compiled call
-        records its ``delta_apply`` sample and adds to :attr:`logged` (see
-        :func:`~mmsb._core.kernels.counter_consts`)."""
         self.creations_logged = 0
         """Records logged by create_page's one-frame case, counted apart in a plain int
         (cheaper to add to than an element of :attr:`logged`);
         :attr:`records_logged` includes them."""
         self.deltas_logged = 0
         self.torn_tails_recovered = 0
+
+    # The rings are made when first used (a state that is opened and only read makes
+    # none); each is the same object from then on, so addresses taken of it hold.
+    @cached_property
+    def delta_apply(self) -> LatencyRing:
+        """Deltas applied (writes and propagation)."""
+        return LatencyRing()
+
+    @cached_property
+    def propagation(self) -> LatencyRing:
+        """Propagation passes."""
+        return LatencyRing()
+
+    @cached_property
+    def log_append(self) -> LatencyRing:
+        """Appends to the log."""
+        return LatencyRing()
+
+    @cached_property
+    def checkpoint(self) -> LatencyRing:
+        """Checkpoints."""
+        return LatencyRing()
+
+    @cached_property
+    def consts(self) -> np.ndarray:
+        """The addresses through which the in-memory one-frame write's compiled call
+        records its ``delta_apply`` sample and adds to :attr:`logged` (see
+        :func:`~mmsb._core.kernels.counter_consts`)."""
+        ring = self.delta_apply
+        return counter_consts(ring.samples, ring.at, self.logged)
 
     @property
     def records_logged(self) -> int:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernels import fill_rows, live_rows
+
 __all__ = ["PageTable", "LIVE", "CreationCursor"]
 
 LIVE = 1
@@ -70,11 +72,10 @@ class PageTable:
 
     def __init__(self, capacity: int = 64) -> None:
         capacity = max(capacity, 2)
-        self.addr = np.zeros(capacity, np.int64)
-        self.size = np.zeros(capacity, np.int64)
-        self.epoch = np.zeros(capacity, np.int64)
-        self.loc = np.zeros(capacity, np.uint8)
-        self.flags = np.zeros(capacity, np.uint8)
+        # Two allocations, not five: the columns are rows of them (each contiguous;
+        # reserve() gives every column an array of its own when the table grows).
+        self.addr, self.size, self.epoch = np.zeros((3, capacity), np.int64)
+        self.loc, self.flags = np.zeros((2, capacity), np.uint8)
         self.views = self._views()
         self.meta: dict[int, dict[str, Any]] = {}
         self.next_id = 1
@@ -113,8 +114,7 @@ class PageTable:
 
     def live_ids(self) -> np.ndarray:
         """Ids of live pages, ascending. O(rows)."""
-        n = self.next_id
-        return np.flatnonzero(self.flags[:n] & LIVE).astype(np.int64)
+        return live_rows(self.flags, self.next_id, LIVE)
 
     def add_rows(self, first_id: int, addrs: np.ndarray, size: int, loc: int) -> None:
         """Fill rows ``first_id …`` for new pages at ``addrs``. O(n) in numpy."""
@@ -131,21 +131,16 @@ class PageTable:
 
     def set_rows(self, ids: np.ndarray, addrs: np.ndarray, sizes: np.ndarray,
                  epochs: np.ndarray, locs: np.ndarray) -> None:
-        """Fill the rows of new pages ``ids`` (ascending, not live yet) from columns.
-        O(n) in numpy."""
+        """Fill the rows of new pages ``ids`` (positive, ascending, not live yet) from
+        columns. O(n), in one compiled pass."""
         n = len(ids)
         if not n:
             return
         last = int(ids[-1])
+        assert int(ids[0]) > 0, "page ids are positive"  # (checked by every reader)
         self.reserve(last + 1)
-        first = int(ids[0])
-        # Ids that run without a gap (the usual restore) are one slice of each column.
-        at: slice | np.ndarray = slice(first, last + 1) if last - first + 1 == n else ids
-        self.addr[at] = addrs
-        self.size[at] = sizes
-        self.epoch[at] = epochs
-        self.loc[at] = locs
-        self.flags[at] = LIVE
+        fill_rows(self.addr, self.size, self.epoch, self.loc, self.flags, ids, addrs, sizes,
+                  epochs, locs, LIVE)
         self.next_id = max(self.next_id, last + 1)
         self.live_count += n
 

@@ -30,6 +30,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,7 +199,8 @@ class DurableBus:
         thread (an open that fails after it would leave the thread behind)."""
         self.read_only = False
         """Recovery only: nothing on disk is changed (open_readonly)."""
-        self._stop = threading.Event()
+        self._stop: threading.Event | None = None
+        """Set to end the background thread (made when the thread is started)."""
         self._syncer: threading.Thread | None = None
         self.fds = {}
         self.ship: Callable[[int, int, bytes], None] | None = None
@@ -231,14 +233,18 @@ class DurableBus:
         """Reads the records other writers appended (shared writers)."""
         self.dir_stamps: tuple[int, int] | None = None
         """The folders' modification times when this writer last released DIR/WRITE."""
-        self.fast = FastWriter(config.fsync == "always", config.segment_bytes)
-        """What the one-frame small write keeps between calls (see fastwrite.py)."""
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
         self.map_history = False
         """Recovery points the rows of one-run deltas at their frames in the segments
         it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
+
+    @cached_property
+    def fast(self) -> FastWriter:
+        """What the one-frame small write keeps between calls (see fastwrite.py): made
+        by the first call that uses it (an open that writes nothing makes none)."""
+        return FastWriter(self.config.fsync == "always", self.config.segment_bytes)
 
     # -- reading (recovery) ----------------------------------------------------------
     fds: dict[Path, int]
@@ -474,7 +480,9 @@ class DurableBus:
         syncing = self.config.fsync == "batch"
         interval = max(self.config.fsync_batch_ms, 0.1) / 1000.0 if syncing else PUBLISH_EVERY
         next_stats = time.monotonic() + PUBLISH_EVERY
-        while not self._stop.wait(interval):
+        stop = self._stop
+        assert stop is not None  # (made before the thread was started)
+        while not stop.wait(interval):
             if time.monotonic() >= next_stats:
                 next_stats = time.monotonic() + PUBLISH_EVERY
                 try:
@@ -516,6 +524,7 @@ class DurableBus:
         only read starts no thread. A bus not (yet) open, or closing, starts none."""
         if self._syncer is None and self.opened and not self.closing:
             name = "mmsb-group-commit" if self.config.fsync == "batch" else "mmsb-stats"
+            self._stop = threading.Event()
             self._syncer = threading.Thread(target=self._sync_loop, name=name, daemon=True)
             self._syncer.start()
 
@@ -955,8 +964,11 @@ class DurableBus:
                 except OSError as exc:
                     log.error("closing the mapped pages of %s failed: %s", self.root, exc)
                 self.publisher = None
-            self.fast.forget()
-            self._stop.set()
+            fast = self.__dict__.get("fast")
+            if fast is not None:
+                fast.forget()
+            if self._stop is not None:
+                self._stop.set()
             if self._syncer is not None:
                 self._syncer.join(timeout=5)
             with self.io_lock:
@@ -992,7 +1004,7 @@ def _unlink(path: Path) -> None:
 def _lock(root: Path, shared: bool = False) -> int:
     """Take DIR/LOCK for the writer's lifetime: exclusive, or shared with the other
     shared writers (either kind keeps the other out)."""
-    fd = fsops.open_regular(root / "LOCK", os.O_RDWR | os.O_CREAT, create=True)
+    fd, st = fsops.open_regular_stat(f"{root}/LOCK", os.O_RDWR | os.O_CREAT, create=True)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
@@ -1016,9 +1028,9 @@ def _lock(root: Path, shared: bool = False) -> int:
         return fd
     try:
         pid = f"{os.getpid()}\n".encode()
-        if os.fstat(fd).st_size != len(pid):
-            os.ftruncate(fd, 0)  # (a file of that length is overwritten whole)
         os.pwrite(fd, pid, 0)
+        if st.st_size > len(pid):  # (its size when opened: only this process writes it now)
+            os.ftruncate(fd, len(pid))  # what is left of a longer pid goes
     except OSError:
         os.close(fd)
         raise
@@ -1034,22 +1046,30 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
             ``want``) names another bus.
     """
     path = root / "BUS"
-    if not os.path.lexists(path):
-        if has_data:
-            raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
-                                     "log segments exist; refusing to guess", path=path)
+    if not has_data and not os.path.lexists(path):
         bus_id = want if want is not None else secrets.randbits(64) or 1
         # A clock before 1970 records creation time 0.
         head = _BUS.pack(BUS_MAGIC, BUS_VERSION, 0, bus_id, max(0, time.time_ns()))
         fsops.replace_small_file(root, "BUS", head + _U32.pack(crc32c(head)))
         return bus_id
     try:
-        raw = fsops.read_all(path)
+        # One read, one byte longer than the file must be: a short read tells a file of
+        # the right length from a longer one.
+        fd, st = fsops.open_regular_stat(path, os.O_RDONLY)
+        try:
+            raw = os.pread(fd, _BUS.size + 5, 0)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        # (Only where checkpoints or segments exist: a new bus's is made above.)
+        raise SerializationError("the bus identity file BUS is missing, but checkpoints or "
+                                 "log segments exist; refusing to guess", path=path) from None
     except OSError as exc:
         raise SerializationError(f"cannot read the identity file ({exc.strerror or exc})",
                                  path=path) from None
     if len(raw) != _BUS.size + 4:
-        raise SerializationError(f"the identity file is {len(raw)} bytes, not {_BUS.size + 4}", path=path)
+        size = max(len(raw), st.st_size)
+        raise SerializationError(f"the identity file is {size} bytes, not {_BUS.size + 4}", path=path)
     magic, version, _flags, bus_id, _created = _BUS.unpack_from(raw, 0)
     if magic != BUS_MAGIC or crc32c(raw[: _BUS.size]) != _U32.unpack_from(raw, _BUS.size)[0]:
         raise SerializationError("the identity file is damaged or not an MMSB bus", path=path, offset=0)
@@ -1149,17 +1169,17 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         SerializationError: damage that the recovery mode does not tolerate, naming the
             file and offset.
     """
-    config = state.config
+    config = state.config  # (checked when the state was built)
     root = Path(path)
-    config.validate()
     try:
         try:
             if not stat.S_ISDIR(os.stat(root).st_mode):
                 raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
         except FileNotFoundError:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sub in ("checkpoints", "wal"):
-            fsops.bus_folder(root / sub)
+        where = str(root)
+        for sub in ("/checkpoints", "/wal"):
+            fsops.bus_folder(where + sub)
         lock_fd = _lock(root, shared)
     except OSError as exc:
         raise _durability(root, "open", exc) from exc

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -381,9 +382,11 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
     """A checkpoint file read and checked as ``read_checkpoint(path, with_log=False,
     private=True)`` reads it, but without keeping the bytes of its log section: the
     header, every section header and every other section are read into one private
-    buffer, and the log section's bytes are read in steps of 64 KiB only to be checked
-    against their checksum (whoever reads the history reads the file again). With the
-    log's bytes out of that buffer, a snapshot whose page bytes are stored raw is
+    buffer, and the log section's bytes are read only to be checked against their
+    checksum (whoever reads the history reads the file again): up to 1 MiB of them in
+    the same system call as the rest of the file, into the thread's scratch buffer, a
+    longer section in steps of 64 KiB. With the log's bytes out of the kept buffer, a
+    snapshot whose page bytes are stored raw is
     ``owned``: a restore takes them as its pages without a copy. O(file).
 
     Raises:
@@ -392,12 +395,12 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
     """
     label = str(path)
     try:
-        fd = fsops.open_regular(path, os.O_RDONLY)
+        fd, st = fsops.open_regular_stat(path, os.O_RDONLY)
     except OSError as exc:
         raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                  path=label) from None
     try:
-        total = os.fstat(fd).st_size
+        total = st.st_size
         pos = _HEADER_SIZE
         hole = -1
         for tag in _TAGS:
@@ -412,7 +415,18 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
                     hole = stored_len
                 break
             pos += _SECTION_SIZE + stored_len
-        if hole >= 0:
+        if 0 <= hole <= _FRONT_LOG_MAX:
+            # The whole file in one read: the log section's bytes into a buffer of
+            # their own (checked, then let go), the rest into the one that is kept.
+            front = pos + _SECTION_SIZE
+            buf = np.empty(total - hole, np.uint8)
+            log_buf = _log_scratch(hole)
+            got = os.preadv(fd, [buf[:front].data, log_buf, buf[front:].data], 0)
+            if got != total:
+                hole = -1  # changed while read: the whole read below says how
+            elif crc32c(log_buf) != log_crc:
+                hole = -1  # damaged: the whole read below says where
+        elif hole >= 0:
             front = pos + _SECTION_SIZE
             buf = np.empty(total - hole, np.uint8)
             got_front = os.preadv(fd, [buf[:front].data], 0)
@@ -554,6 +568,24 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
     return CheckpointHead(lsn, from_lsn, horizon, bus, base_len)
 
 
+_FRONT_LOG_MAX = 1 << 20
+"""A log section up to this long is read with the rest of the file in one system call,
+into the reading thread's scratch buffer (only checked, never kept); a longer one in
+steps of 64 KiB."""
+_SCRATCH = threading.local()
+
+
+def _log_scratch(n: int) -> memoryview:
+    """``n`` bytes of this thread's scratch buffer (at most ``_FRONT_LOG_MAX``, kept
+    between reads, so that the pages it spans are touched once per thread, not once per
+    read)."""
+    buf: bytearray | None = getattr(_SCRATCH, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = bytearray(max(n, 1 << 16))
+        _SCRATCH.buf = buf
+    return memoryview(buf)[:n]
+
+
 _ADOPT_SLACK = 64 << 10
 """A private read's snapshot is ``owned`` only when the file's bytes other than the
 pages and the log payload (which a restore that adopts them keeps alive with them) are
@@ -655,6 +687,10 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
     return snap
 
 
+_ROWS_FIT = 1 << 24
+"""Page-table rows of at most this many bytes are not held against the machine's memory
+(asked of the system only for a larger table)."""
+
 _META_INTS = (
     *((key, 0, MAX_COUNTER, f"an int from 0 to {MAX_COUNTER - 1}")
       for key in ("horizon_lsn", "log_from_lsn")),
@@ -700,7 +736,7 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         if bad:
             raise fail("section PTBL has an impossible size, epoch or location")
         rows = (int(ids[-1]) + 1) * 26
-        if rows > physical_memory():
+        if rows > _ROWS_FIT and rows > physical_memory():
             raise fail(f"section PTBL names page id {int(ids[-1])}, whose page-table rows "
                        f"({rows:,} bytes) are more than this machine's memory")
     data = np.frombuffer(get(b"PDAT", total), np.uint8)

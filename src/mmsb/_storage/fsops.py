@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "create_exclusive",
+__all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "open_regular_stat", "create_exclusive",
            "read_all", "read_fd", "read_private", "write_all", "pwrite_all", "allocate", "fsync", "fdatasync", "truncate", "replace",
            "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
 
@@ -89,6 +89,12 @@ def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
             from the kernel as a plain OSError).
         OSError: as the system call raises it.
     """
+    return open_regular_stat(path, flags, create=create)[0]
+
+
+def open_regular_stat(path: Any, flags: int, *, create: bool = False) -> tuple[int, os.stat_result]:
+    """:func:`open_regular`, and the file's status as it was when opened (the ``fstat``
+    that checked it is a regular file: its size, without another system call)."""
     step("create" if create else "open", path)
     fd = os.open(path, flags | _SAFE, FILE_MODE)
     st = _require_regular(fd, path)
@@ -99,10 +105,10 @@ def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
         except OSError:
             os.close(fd)
             raise
-    return fd
+    return fd, st
 
 
-def bus_folder(path: Path) -> None:
+def bus_folder(path: str | Path) -> None:
     """Make sure ``path`` is a folder of the bus (created 0700 when missing), never a
     symlink or a file standing where it belongs.
 
@@ -129,17 +135,25 @@ def create_exclusive(path: Any, *, readable: bool = False) -> int:
     return open_regular(path, flags, create=True)
 
 
-def read_fd(fd: int) -> bytes:
-    """All bytes of the open regular file ``fd``, from its start."""
-    size = os.fstat(fd).st_size
+def read_fd(fd: int, size: int = -1) -> bytes:
+    """All bytes of the open regular file ``fd``, from its start. ``size``: its size
+    when known (an ``fstat`` just made), else it is asked for. Each read asks for one
+    byte more than the bytes left, so that a short read past ``size`` (the end of the
+    file) ends it without one more read that returns nothing; a short read before
+    ``size`` (the kernel returns at most about 2 GiB a call) reads on."""
+    if size < 0:
+        size = os.fstat(fd).st_size
     parts = []
     pos = 0
     while True:
-        chunk = os.pread(fd, max(size - pos, 1 << 16), pos)
+        want = max(size - pos, 1 << 16) + 1
+        chunk = os.pread(fd, want, pos)
         if not chunk:
             break
         parts.append(chunk)
         pos += len(chunk)
+        if len(chunk) < want and pos >= size:
+            break
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
@@ -149,9 +163,9 @@ def read_all(path: Any) -> bytes:
     Raises:
         OSError: missing, unreadable, or not a regular file.
     """
-    fd = open_regular(path, os.O_RDONLY)
+    fd, st = open_regular_stat(path, os.O_RDONLY)
     try:
-        return read_fd(fd)
+        return read_fd(fd, st.st_size)
     finally:
         os.close(fd)
 

@@ -44,7 +44,6 @@ full disk is an error at growth, never a fault in the middle of a copy.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
@@ -99,6 +98,9 @@ _SEQ, _LSN, _ROWS, _PAGES_BYTES, _TABLE_BYTES, _TS = 8, 9, 10, 11, 12, 13
 _NOTIFY_OFF, _STATUS_OFF, _PID, _START = 112, 116, 15, 16
 _LOG_OFF, _OWNER_OFF, _BUMP_OFF = 136, 168, 176
 _LOG = struct.Struct("<QQQQ")
+_HEAD_FIELDS = _BUMP_OFF + 8
+"""Bytes of the head that hold fields (the rest of its page is zeros)."""
+_U64_MAX = (1 << 64) - 1
 STATUS_NONE, STATUS_LIVE, STATUS_FAILED = 0, 1, 2
 _MIN_PAGES = 1 << 20
 _MIN_ROWS = 1024
@@ -244,6 +246,68 @@ def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand
     return nxt
 
 
+@njit(cache=True, nogil=True)
+def _adopt_rows(words: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
+                epochs: np.ndarray, addrs: np.ndarray, lsn: int, bump: int, pages: np.ndarray,
+                chunk: int, mem: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int, int, int]:  # pragma: no cover - compiled
+    """:func:`_check_rows` and :func:`_compare_chunk` in one call: the rows of the
+    mapped table (``words``: its int64 words, four a row) checked, and the bytes of each
+    candidate whose arena address lies in chunk ``chunk`` (bytes ``mem``) compared with
+    its mapped bytes as they are found (eight bytes at a time where both are aligned).
+    ``flags``, ``sizes``, ``epochs`` and ``addrs`` are the recovered page table's whole
+    columns (ids below ``rows`` are read).
+
+    Returns ``(problem, touch, other, slot_bytes, top, compared)``: ``problem`` as
+    :func:`_check_rows` (0: sane); ``touch`` the ids whose row must be written again or
+    whose bytes differ, in ascending order of the rows, then of the pages; ``other``
+    the candidates in other chunks (not compared yet); ``compared`` the candidates
+    compared."""
+    tab = words.reshape(-1, 4)
+    touch = np.empty(tab.shape[0] + rows, np.int64)
+    other = np.empty(max(rows, 1), np.int64)
+    problem, n_cand, n_touch, _first, slot_bytes, top = _check_rows(
+        tab, rows, flags[:rows], sizes[:rows], epochs[:rows], addrs[:rows], lsn, bump,
+        other, touch)
+    if problem:
+        return problem, touch[:0], other[:0], 0, 0, 0
+    pages64 = pages[: pages.shape[0] & ~7].view(np.uint64)
+    mem64 = mem[: mem.shape[0] & ~7].view(np.uint64)
+    n_other = 0
+    compared = 0
+    for i in range(n_cand):
+        pid = other[i]
+        a = addrs[pid]
+        if a >> CHUNK_SHIFT != chunk:
+            other[n_other] = pid
+            n_other += 1
+            continue
+        compared += 1
+        p = tab[pid, 0]
+        q = a & CHUNK_MASK
+        n = sizes[pid]
+        k = 0
+        diff = 0
+        if (p | q) & 7 == 0:
+            pw = p >> 3
+            qw = q >> 3
+            wide = np.uint64(0)
+            for j in range(n >> 3):
+                wide |= pages64[pw + j] ^ mem64[qw + j]
+            diff = 1 if wide else 0
+            k = n & ~7
+        for j in range(k, n):
+            if pages[p + j] != mem[q + j]:
+                diff = 1
+        if diff:
+            touch[n_touch] = pid
+            n_touch += 1
+    return 0, touch[:n_touch], other[:n_other], slot_bytes, top, compared
+
+
+_NO_BYTES = np.zeros(0, np.uint8)
+_NO_ROWS = np.zeros(0, ROW_DTYPE)
+
+
 _BOOT: bytes | None = None
 
 
@@ -280,7 +344,7 @@ def _map_dir(root: Path) -> Path:
     return root / "map"
 
 
-def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
+def _open_waiters(d: Path | str, create: bool) -> tuple[mmap.mmap, int]:
     """Map ``d/waiters`` writable; (mapping, address of its count). ``create``: the
     writer makes the file (or gives a damaged one a fresh header and a zero count).
 
@@ -288,11 +352,11 @@ def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
         OSError: the file cannot be opened for writing.
         SerializationError: (a follower) the file is not a waiters file of this layout.
     """
-    path = d / "waiters"
+    path = f"{d}/waiters"
     flags = os.O_RDWR | (os.O_CREAT if create else 0)
-    fd = fsops.open_regular(path, flags, create=create)
+    fd, st = fsops.open_regular_stat(path, flags, create=create)
     try:
-        if os.fstat(fd).st_size < WAIT_SIZE:
+        if st.st_size < WAIT_SIZE:
             if not create:
                 raise SerializationError("the waiters file is shorter than its layout", path=path)
             _grow(fd, path, WAIT_SIZE)
@@ -306,11 +370,16 @@ def _open_waiters(d: Path, create: bool) -> tuple[mmap.mmap, int]:
             raise SerializationError("the waiters file is damaged or of another version", path=path)
         mm[0:WAIT_SIZE] = bytes(WAIT_SIZE)
         _WAIT_HEAD.pack_into(mm, 0, WAIT_MAGIC, WAIT_VERSION, 0, 0)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mm, _WAIT_COUNT_OFF))
-    return mm, addr
+    return mm, _address(np.frombuffer(mm, np.uint8)) + _WAIT_COUNT_OFF
 
 
-def _grow(fd: int, path: Path, size: int) -> None:
+def _address(a: np.ndarray) -> int:
+    """The address of ``a``'s first byte (as ``a.ctypes.data``, without making the
+    ctypes helper object)."""
+    return int(a.__array_interface__["data"][0])
+
+
+def _grow(fd: int, path: Path | str, size: int) -> None:
     """Extend the file to ``size`` bytes with its blocks allocated."""
     try:
         os.posix_fallocate(fd, 0, size)
@@ -329,54 +398,63 @@ class Publisher:
     """
 
     def __init__(self, root: Path, bus_id: int) -> None:
-        d = _map_dir(root)
+        d = f"{root}/map"  # (the path of _map_dir, as a string: opened, never kept)
         fsops.bus_folder(d)
         self.root = root
         self.fds: dict[str, int] = {}
+        self.opened_sizes: dict[str, int] = {}
+        """The files' sizes when this writer opened them (before it grew any)."""
         try:
             for name in ("HEAD", "table", "pages"):
-                self.fds[name] = fsops.open_regular(d / name, os.O_RDWR | os.O_CREAT, create=True)
+                fd, st = fsops.open_regular_stat(f"{d}/{name}", os.O_RDWR | os.O_CREAT,
+                                                 create=True)
+                self.fds[name] = fd
+                self.opened_sizes[name] = st.st_size
             head_fd = self.fds["HEAD"]
-            if os.fstat(head_fd).st_size < HEAD_SIZE:
-                _grow(head_fd, d / "HEAD", HEAD_SIZE)
+            if self.opened_sizes["HEAD"] < HEAD_SIZE:
+                _grow(head_fd, f"{d}/HEAD", HEAD_SIZE)
             self.head = mmap.mmap(head_fd, HEAD_SIZE)
         except BaseException:
             self.close_files()
             raise
         self.h = np.frombuffer(self.head, "<u8")
-        self.head_addr = self.h.ctypes.data
+        self.head_addr = _address(self.h)
         """Address of the head's mapping (compiled publication: its seqlock word)."""
-        self.notify_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.head, _NOTIFY_OFF))
+        self.notify_addr = self.head_addr + _NOTIFY_OFF
         try:
             self.waiters, self.waiters_addr = _open_waiters(d, create=True)
         except BaseException:
             # The head's mapping has views now (it is let go with this object).
             self.close_files()
             raise
-        # What the last writer left, read before this one takes the head over: whether
-        # its publication can be adopted (see adopt).
-        prev = bytes(self.head[: _STATIC.size + 4])
+        # What the last writer left, read (in one copy of the head's fields) before
+        # this one takes the head over: whether its publication can be adopted (see
+        # adopt).
+        prev = self.head[:_HEAD_FIELDS]
         magic, version, _f, _r, prev_bus, prev_boot, _c = _STATIC.unpack_from(prev, 0)
         self.bus_id = bus_id
         self.prev_ok = (magic == MAP_MAGIC and version == MAP_VERSION
                         and _U32.unpack_from(prev, _STATIC.size)[0] == crc32c(prev[: _STATIC.size]))
         self.prev_bus = prev_bus
         self.prev_boot = prev_boot
-        self.prev_seq = int(self.h[_SEQ])
-        self.prev_status = _U32.unpack_from(self.head, _STATUS_OFF)[0]
+        self.prev_seq = _U64.unpack_from(prev, _SEQ * 8)[0]
+        self.prev_status = _U32.unpack_from(prev, _STATUS_OFF)[0]
+        pages_bytes, table_bytes = _TWO.unpack_from(prev, _PAGES_BYTES * 8)
+        started = _U64.unpack_from(prev, _START * 8)[0]
         static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
-        self.h[_SEQ] = self.h[_SEQ] | 1  # readers wait while the files are rebuilt
-        self.head[0 : _STATIC.size] = static
-        self.head[_STATIC.size : _STATIC.size + 4] = _U32.pack(crc32c(static))
-        self.h[_PID] = os.getpid()
-        self.h[_START] = self.h[_START] + 1
-        _U32.pack_into(self.head, _STATUS_OFF, STATUS_LIVE)
-        self.pages_cap = max(int(self.h[_PAGES_BYTES]), os.fstat(self.fds["pages"]).st_size)
-        self.table_rows = max(int(self.h[_TABLE_BYTES]), os.fstat(self.fds["table"]).st_size) // ROW_SIZE
+        head = self.head
+        _U64.pack_into(head, _SEQ * 8, self.prev_seq | 1)  # readers wait while the files are rebuilt
+        head[0 : _STATIC.size] = static
+        _U32.pack_into(head, _STATIC.size, crc32c(static))
+        _U64.pack_into(head, _PID * 8, os.getpid())
+        _U64.pack_into(head, _START * 8, (started + 1) & _U64_MAX)
+        _U32.pack_into(head, _STATUS_OFF, STATUS_LIVE)
+        self.pages_cap = max(pages_bytes, self.opened_sizes["pages"])
+        self.table_rows = max(table_bytes, self.opened_sizes["table"]) // ROW_SIZE
         self.pages_mm: mmap.mmap | None = None
         self.table_mm: mmap.mmap | None = None
-        self.pages = np.zeros(0, np.uint8)
-        self.table = np.zeros(0, ROW_DTYPE)
+        self.pages = _NO_BYTES  # (mapped by the adoption or the first publication)
+        self.table = _NO_ROWS
         self.bump = 0
         self.free: dict[int, list[int]] = {}
         self.touched: dict[int, tuple[int, int]] = {}
@@ -538,29 +616,37 @@ class Publisher:
             return "the last writer stopped in the middle of a publication"
         if self.prev_status not in (STATUS_NONE, STATUS_LIVE):
             return "the last writer's publication failed"
-        h = self.h
-        lsn = int(h[_LSN])
+        head = self.head
+        (lsn,) = _U64.unpack_from(head, _LSN * 8)
         if lsn > state.log.last_lsn:
             return f"they show LSN {lsn}, beyond the recovered log's end {state.log.last_lsn}"
-        plen, tlen = int(h[_PAGES_BYTES]), int(h[_TABLE_BYTES])
-        bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
+        plen, tlen = _TWO.unpack_from(head, _PAGES_BYTES * 8)
+        (bump,) = _U64.unpack_from(head, _BUMP_OFF)
         t = state.table
         rows = t.next_id
-        if (tlen % ROW_SIZE or plen % 8 or tlen > os.fstat(self.fds["table"]).st_size
-                or plen > os.fstat(self.fds["pages"]).st_size or bump > plen
+        # (The files' sizes when opened: this writer holds the bus's lock and has not
+        # grown them yet.)
+        sizes = self.opened_sizes
+        if (tlen % ROW_SIZE or plen % 8 or tlen > sizes["table"]
+                or plen > sizes["pages"] or bump > plen
                 or tlen // ROW_SIZE < max(rows, 1) or plen < _MIN_PAGES or tlen < _MIN_ROWS * ROW_SIZE):
             return "the head's file lengths do not match the files"
         self.pages_cap = plen
         self.table_rows = tlen // ROW_SIZE
         self._remap_pages(plen)
         self._remap_table(self.table_rows)
-        tab = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)  # type: ignore[arg-type]
-        n = t.flags.shape[0]
-        cand = np.empty(n, np.int64)
-        touch = np.empty(tab.shape[0], np.int64)
-        code, n_cand, n_touch, first, slot_bytes, top = _check_rows(
-            tab, rows, t.flags[:rows], t.size[:rows], t.epoch[:rows], t.addr[:rows], lsn, bump,
-            cand, touch)
+        words = np.frombuffer(self.table_mm, "<i8")  # type: ignore[arg-type]
+        # The arena's first chunk (where a restored state's pages usually all lie) is
+        # compared in the same call as the rows are checked; others after it.
+        try:
+            mem = state.arena.chunk(0)
+        except IndexError:
+            mem = None  # (no chunk yet: no page either)
+        chunk = -1 if mem is None else 0
+        pages = self.pages
+        code, touch, other, slot_bytes, top, _compared = _adopt_rows(
+            words, rows, t.flags, t.size, t.epoch, t.addr, lsn, bump, pages, chunk,
+            _NO_BYTES if mem is None else mem)
         if code:
             return _ROW_PROBLEMS[code]
         if top - slot_bytes > max(slot_bytes, _MIN_PAGES):
@@ -569,21 +655,23 @@ class Publisher:
             return "more of the pages file is freed slots than pages (packed again)"
 
         # The rows are sane: keep each live page whose row and bytes equal the state's.
-        same = np.ones(n_cand, np.bool_)
-        cand = cand[:n_cand]
-        chunk = first
-        while chunk >= 0:
-            mem = state.arena.chunk(chunk)
-            assert mem is not None
-            wide = mem[: mem.shape[0] & ~7].view(np.uint64)
-            chunk = _compare_chunk(self.pages, self.pages.view(np.uint64), tab, cand, t.addr,
-                                   t.size, chunk, mem, wide, same)
         touched = self.touched
         touched.clear()
-        for pid in touch[:n_touch].tolist():
+        for pid in touch.tolist():
             touched[pid] = _WHOLE
-        for pid in cand[~same].tolist():
-            touched[pid] = _WHOLE
+        if other.size:
+            tab = words.reshape(-1, 4)
+            cand = other
+            same = np.ones(other.size, np.bool_)
+            nxt = int(t.addr[cand].min()) >> CHUNK_SHIFT
+            while nxt >= 0:
+                mem = state.arena.chunk(nxt)
+                assert mem is not None
+                wide = mem[: mem.shape[0] & ~7].view(np.uint64)
+                nxt = _compare_chunk(pages, pages.view(np.uint64), tab, cand, t.addr, t.size,
+                                     nxt, mem, wide, same)
+            for pid in cand[~same].tolist():
+                touched[pid] = _WHOLE
         self.bump = top  # nothing live lies past the last slot in use
         self.free.clear()
         _U64.pack_into(self.head, _OWNER_OFF, self.token)

@@ -1,0 +1,199 @@
+"""What a reopen reads, and how: the identity file in one read, the newest checkpoint's
+log section checked in the same read as the rest of the file (or in steps where it is
+long), LOCK's pid rewritten whole. Each refusal changes nothing on disk, and the state a
+reopen builds equals checkpoint + full log replay (``open_readonly``) either way."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+import mmsb
+from conftest import edges, pages_view
+from mmsb._storage import checkpoint as ckpt_mod
+
+
+def _cfg() -> mmsb.MMSBConfig:
+    return mmsb.MMSBConfig(enable_gpu=False, fsync="none", checkpoint_interval=0,
+                           max_tlog_size=24)
+
+
+def _image(tmp: Path) -> Path:
+    """A crash image (the directory copied while its writer is open) whose newest
+    checkpoint has records in its log section, and a few records after it."""
+    root = tmp / "live"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    ids = [p.id for p in mmsb.create_pages(s, 4, 128)]
+    for i in range(70):
+        mmsb.write_page(s, ids[i % 4], (i * 3) % 120, bytes([i % 250 + 1]) * 8)
+    s.bus.flush()
+    img = tmp / "image"
+    shutil.copytree(root, img)
+    mmsb.mmsb_stop(s)
+    return img
+
+
+def _copy(img: Path, name: str) -> Path:
+    dst = img.with_name(name)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(img, dst)
+    return dst
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _view(s: mmsb.MMSBState) -> tuple:
+    return (pages_view(s), edges(s), int(s.last_lsn), int(s.next_page_id), s.next_delta_id,
+            [(d.lsn, d.page_id, d.epoch) for d in s.tlog])
+
+
+def _reference(root: Path) -> tuple:
+    return _view(mmsb.open_readonly(root, config=_cfg()))
+
+
+def _newest(root: Path) -> Path:
+    return sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
+
+
+def _flip_in_log_section(path: Path) -> None:
+    """Invert a byte in the middle of the checkpoint's log section (TLOG)."""
+    raw = bytearray(path.read_bytes())
+    pos = 48
+    for _ in range(7):
+        tag = bytes(raw[pos:pos + 4])
+        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
+        if tag == b"TLOG":
+            assert stored > 8
+            raw[pos + 32 + stored // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            return
+        pos += 32 + stored
+    raise AssertionError("no log section")
+
+
+@pytest.mark.parametrize("one_read", [True, False])
+def test_the_newest_checkpoint_reads_the_same_in_one_read_or_in_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_read: bool) -> None:
+    """A log section read with the rest of the file, or (past the one-read limit) in
+    steps: the reopened state and its history are the full replay's either way."""
+    img = _image(tmp_path)
+    want = _reference(img)
+    if not one_read:
+        monkeypatch.setattr(ckpt_mod, "_FRONT_LOG_MAX", 0)
+    for k in range(2):  # the second read reuses the thread's scratch buffer
+        root = _copy(img, f"bus-{k}")
+        s = mmsb.mmsb_start(path=str(root), config=_cfg())
+        try:
+            assert _view(s) == want
+        finally:
+            mmsb.mmsb_stop(s)
+
+
+@pytest.mark.parametrize("one_read", [True, False])
+def test_damage_in_the_newest_log_section_is_refused_at_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_read: bool) -> None:
+    """The newest checkpoint's log section is not kept at open, but its checksum is
+    checked there, read in one call or in steps: a damaged byte is refused with
+    SerializationError naming the file, and nothing on disk changes."""
+    img = _image(tmp_path)
+    if not one_read:
+        monkeypatch.setattr(ckpt_mod, "_FRONT_LOG_MAX", 0)
+    root = _copy(img, "bus")
+    newest = _newest(root)
+    _flip_in_log_section(newest)
+    before = _files(root)
+    with pytest.raises(mmsb.SerializationError) as info:
+        mmsb.mmsb_start(path=str(root), config=_cfg())
+    assert newest.name in str(info.value)
+    assert "TLOG" in str(info.value)
+    after = _files(root)
+    after.pop("LOCK", None)
+    before.pop("LOCK", None)
+    assert after == before
+
+
+def test_an_identity_file_one_byte_longer_is_refused(tmp_path: Path) -> None:
+    """BUS is read with one byte more than it may hold: a longer file is refused,
+    naming its length, and nothing changes."""
+    root = _copy(_image(tmp_path), "bus")
+    with open(root / "BUS", "ab") as f:
+        f.write(b"\0")
+    before = _files(root)
+    with pytest.raises(mmsb.SerializationError, match="33 bytes, not 32"):
+        mmsb.mmsb_start(path=str(root), config=_cfg())
+    assert _files(root) == before
+
+
+def test_an_identity_file_one_byte_shorter_is_refused(tmp_path: Path) -> None:
+    root = _copy(_image(tmp_path), "bus")
+    raw = (root / "BUS").read_bytes()
+    (root / "BUS").write_bytes(raw[:-1])
+    before = _files(root)
+    with pytest.raises(mmsb.SerializationError, match="31 bytes, not 32"):
+        mmsb.mmsb_start(path=str(root), config=_cfg())
+    assert _files(root) == before
+
+
+def test_a_missing_identity_file_beside_data_is_refused(tmp_path: Path) -> None:
+    """Checkpoints and segments without BUS: refused (never guessed), nothing made."""
+    root = _copy(_image(tmp_path), "bus")
+    (root / "BUS").unlink()
+    before = _files(root)
+    with pytest.raises(mmsb.SerializationError, match="BUS is missing"):
+        mmsb.mmsb_start(path=str(root), config=_cfg())
+    assert _files(root) == before
+
+
+def test_an_identity_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    root = _copy(_image(tmp_path), "bus")
+    real = tmp_path / "elsewhere"
+    (root / "BUS").rename(real)
+    os.symlink(real, root / "BUS")
+    with pytest.raises(mmsb.SerializationError, match="cannot read the identity file"):
+        mmsb.mmsb_start(path=str(root), config=_cfg())
+    assert (root / "BUS").is_symlink()
+
+
+@pytest.mark.parametrize("old", [b"7\n", b"1234567890123\n", b""])
+def test_lock_holds_exactly_this_process_id_after_the_open(tmp_path: Path, old: bytes) -> None:
+    """Whatever the last writer left in LOCK (a shorter or longer pid, nothing), the
+    open leaves exactly its own pid there."""
+    root = _copy(_image(tmp_path), "bus")
+    (root / "LOCK").write_bytes(old)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert (root / "LOCK").read_bytes() == f"{os.getpid()}\n".encode()
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_a_read_of_a_whole_file_goes_on_after_a_short_read_before_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-file read takes a short read past the file's size as its end, but one
+    before it (the kernel returns at most about 2 GiB a call) as a reason to read on."""
+    from mmsb._storage import fsops
+
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 1000
+    path.write_bytes(data)
+    real = os.pread
+    calls: list[int] = []
+
+    def short(fd: int, n: int, at: int) -> bytes:
+        calls.append(at)
+        return real(fd, min(n, 70_000), at)
+
+    monkeypatch.setattr(fsops.os, "pread", short)
+    assert fsops.read_all(path) == data
+    assert len(calls) == 4  # 70,000 × 3, then the last 46,000 bytes (a short read: the end)
+    calls.clear()
+    path.write_bytes(data[:1000])
+    assert fsops.read_all(path) == data[:1000]
+    assert calls == [0]  # one read: short past the size
