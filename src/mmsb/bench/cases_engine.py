@@ -19,11 +19,7 @@ from .cases_core import KIB
 from .cases_io import _batch_setup, _rng
 from .cases_memory import _child_env
 
-_WRITE_BUDGET_CHILD = r"""
-import gc, json, os, sys, time
-import numpy as np
-n = int(sys.argv[1])
-
+_RSS = r"""
 def rss():
     # Freed memory the C library still holds is given back first, so that only what
     # is in use counts (the log's columns grow by doubling and free the old copy).
@@ -34,7 +30,29 @@ def rss():
         pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+"""
 
+# A durable bus of 64 pages of 1 KiB (no checkpoint comes: the whole history in its
+# log) and the draws of its 8-byte writes, cycled (the writes still change bytes:
+# offsets and pages vary), so that the payloads do not weigh on the measure.
+_HISTORY_WORKLOAD = r"""
+config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
+state = mmsb.mmsb_start(path=path, config=config)
+ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
+rng = np.random.default_rng(5)
+k = 1 << 16
+offs = rng.integers(0, 1016, k).tolist()
+pids = [ids[i] for i in rng.integers(0, 64, k).tolist()]
+pay = [row.tobytes() for row in rng.integers(1, 256, (k, 8), dtype=np.uint8)]
+skew = rng.integers(0, 1016, 64).tolist()
+"""
+
+_WRITE_BUDGET_CHILD = r"""
+import gc, json, os, sys, time
+import numpy as np
+n = int(sys.argv[1])
+
+""" + _RSS + r"""
 import mmsb
 
 config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
@@ -71,29 +89,10 @@ import numpy as np
 n = int(sys.argv[1])
 path = sys.argv[2]
 
-def rss():
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
+""" + _RSS + r"""
 import mmsb
 
-config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
-state = mmsb.mmsb_start(path=path, config=config)
-ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
-rng = np.random.default_rng(5)
-# Cycled draws (the writes still change bytes: offsets and pages vary), so that the
-# payloads do not weigh on the measure.
-k = 1 << 16
-offs = rng.integers(0, 1016, k).tolist()
-pids = [ids[i] for i in rng.integers(0, 64, k).tolist()]
-pay = [row.tobytes() for row in rng.integers(1, 256, (k, 8), dtype=np.uint8)]
-skew = rng.integers(0, 1016, 64).tolist()
-for i in range(2000):  # the kernels and the first chunks, as on any bus in use
+""" + _HISTORY_WORKLOAD + r"""for i in range(2000):  # the kernels and the first chunks, as on any bus in use
     mmsb.write_page(state, pids[i], offs[i], pay[i])
 gc.collect()
 before = rss()
@@ -119,16 +118,7 @@ n = int(sys.argv[1])
 path = sys.argv[2]
 import mmsb
 
-config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")
-state = mmsb.mmsb_start(path=path, config=config)
-ids = [p.id for p in mmsb.create_pages(state, 64, 1024)]
-rng = np.random.default_rng(5)
-k = 1 << 16
-offs = rng.integers(0, 1016, k).tolist()
-pids = [ids[i] for i in rng.integers(0, 64, k).tolist()]
-pay = [row.tobytes() for row in rng.integers(1, 256, (k, 8), dtype=np.uint8)]
-skew = rng.integers(0, 1016, 64).tolist()
-write = mmsb.write_page
+""" + _HISTORY_WORKLOAD + r"""write = mmsb.write_page
 for i in range(n):
     j = i & (k - 1)
     write(state, pids[j], (offs[j] + skew[(i >> 16) & 63]) % 1016, pay[j])
@@ -142,15 +132,7 @@ import gc, json, os, shutil, signal, sys, time
 import numpy as np
 path, warm_path = sys.argv[1], sys.argv[2]
 
-def rss():
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
+""" + _RSS + r"""
 import mmsb
 
 config = mmsb.MMSBConfig(enable_gpu=False, max_tlog_size=1 << 60, fsync="none")

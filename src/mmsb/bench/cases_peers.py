@@ -734,13 +734,11 @@ def _tt_reopened(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
     return out
 
 
-@case("replay", "read_page_at_reopened",
-      "as read_page_at_durable, on the bus reopened after a crash (the history replayed "
-      "from its segments at the open, read through their mappings)")
-def _read_page_at_reopened(ctx: RunContext) -> CaseOutcome:
+def _tt_read_page_at(ctx: RunContext, fixture: Any) -> CaseOutcome:
+    """read_page_at of one page at random past LSNs of the bus ``fixture(ctx)`` gives."""
     import mmsb
 
-    state, ids, lsns, w = _tt_reopened(ctx)
+    state, ids, lsns, w = fixture(ctx)
     probes = _tt_probes(ctx, w)
     args = [(ids[w.pids[i]], lsns[i]) for i in probes]
     read = mmsb.read_page_at
@@ -759,12 +757,11 @@ def _read_page_at_reopened(ctx: RunContext) -> CaseOutcome:
     return CaseOutcome(m, {"pages": w.pages, "writes": w.n, "probes": m_args})
 
 
-@case("replay", "to_lsn_reopened",
-      "as to_lsn_durable, on the bus reopened after a crash (see read_page_at_reopened)")
-def _replay_to_lsn_reopened(ctx: RunContext) -> CaseOutcome:
+def _tt_replay_to_lsn(ctx: RunContext, fixture: Any) -> CaseOutcome:
+    """replay_to_lsn at random past LSNs of the bus ``fixture(ctx)`` gives."""
     import mmsb
 
-    state, ids, lsns, w = _tt_reopened(ctx)
+    state, ids, lsns, w = fixture(ctx)
     probes = _tt_probes(ctx, w)[: ctx.pick(200, 5)]
     targets = [lsns[i] for i in probes]
     m_targets = len(targets)
@@ -782,57 +779,33 @@ def _replay_to_lsn_reopened(ctx: RunContext) -> CaseOutcome:
     expect(mmsb.query_page(past, ids[w.pids[i]]) == w.fulls[i],
            "replay_to_lsn returned the wrong bytes")
     return CaseOutcome(m, {"pages": w.pages, "writes": w.n})
+
+
+@case("replay", "read_page_at_reopened",
+      "as read_page_at_durable, on the bus reopened after a crash (the history replayed "
+      "from its segments at the open, read through their mappings)")
+def _read_page_at_reopened(ctx: RunContext) -> CaseOutcome:
+    return _tt_read_page_at(ctx, _tt_reopened)
+
+
+@case("replay", "to_lsn_reopened",
+      "as to_lsn_durable, on the bus reopened after a crash (see read_page_at_reopened)")
+def _replay_to_lsn_reopened(ctx: RunContext) -> CaseOutcome:
+    return _tt_replay_to_lsn(ctx, _tt_reopened)
 
 
 @case("replay", "read_page_at_durable",
       "read_page_at of one 1 KiB page at a random past LSN on a durable bus (64 pages, "
       "5,000 writes of 64 B, the history in its log segments)")
 def _read_page_at_durable(ctx: RunContext) -> CaseOutcome:
-    import mmsb
-
-    state, ids, lsns, w = _tt_durable(ctx)
-    probes = _tt_probes(ctx, w)
-    args = [(ids[w.pids[i]], lsns[i]) for i in probes]
-    read = mmsb.read_page_at
-    for pid, lsn in args:  # the first read of each page builds its keyframes
-        read(state, pid, lsn=lsn)
-    m_args = len(args)
-
-    def batch(_obj: None, n: int) -> None:
-        for k in range(n):
-            pid, lsn = args[k % m_args]
-            read(state, pid, lsn=lsn)
-
-    m = ctx.measure(batch, max_inner=ctx.pick(10_000, 20))
-    for i, (pid, lsn) in zip(probes, args, strict=True):
-        expect(read(state, pid, lsn=lsn) == w.fulls[i], "read_page_at returned the wrong bytes")
-    return CaseOutcome(m, {"pages": w.pages, "writes": w.n, "probes": m_args})
+    return _tt_read_page_at(ctx, _tt_durable)
 
 
 @case("replay", "to_lsn_durable",
       "replay_to_lsn at a random past LSN on a durable bus (64 pages of 1 KiB, 5,000 "
       "writes of 64 B, the history in its log segments)")
 def _replay_to_lsn_durable(ctx: RunContext) -> CaseOutcome:
-    import mmsb
-
-    state, ids, lsns, w = _tt_durable(ctx)
-    probes = _tt_probes(ctx, w)[: ctx.pick(200, 5)]
-    targets = [lsns[i] for i in probes]
-    m_targets = len(targets)
-    replay = mmsb.replay_to_lsn
-    for lsn in targets:
-        replay(state, lsn)
-
-    def batch(_obj: None, n: int) -> None:
-        for k in range(n):
-            replay(state, targets[k % m_targets])
-
-    m = ctx.measure(batch, max_inner=ctx.pick(200, 5))
-    i = probes[0]
-    past = replay(state, lsns[i])
-    expect(mmsb.query_page(past, ids[w.pids[i]]) == w.fulls[i],
-           "replay_to_lsn returned the wrong bytes")
-    return CaseOutcome(m, {"pages": w.pages, "writes": w.n})
+    return _tt_replay_to_lsn(ctx, _tt_durable)
 
 
 for _peer in PEERS:
