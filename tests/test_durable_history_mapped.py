@@ -185,24 +185,30 @@ def test_a_segment_cut_under_the_bus_is_refused(tmp_path: Path) -> None:
     s = start(tmp_path / "bus")
     try:
         ids, seen = write_some(s, 300)
-        row = int(segment_rows(s.log)[10])
-        path, frame, _ = frame_of(s.log, row)
-        before = _state_of(s)
-        os.truncate(path, frame + 4)
-        lsn = s.log.lsns.at(row)
-        pid = int(s.log.rows["page"][row])
-        with pytest.raises(mmsb.SerializationError, match="cut"):
-            mmsb.read_page_at(s, pid, lsn=lsn)
-        with pytest.raises(mmsb.SerializationError):
-            mmsb.replay_to_lsn(s, lsn)
-        with pytest.raises(mmsb.SerializationError):
-            list(s.log.deltas)
-        assert _state_of(s) == before
-        # Pages themselves are not history: they still read.
-        assert mmsb.query_page(s, ids[0]) == seen[max(seen)][ids[0]]
+        _cut_under_a_row(s, int(segment_rows(s.log)[10]), ids, seen)
     finally:
         s.bus.abandon("the test cut its log")  # type: ignore[attr-defined]
         mmsb.mmsb_stop(s)
+
+
+def _cut_under_a_row(s: mmsb.MMSBState, row: int, ids: list[int],
+                     seen: dict[int, dict[int, bytes]]) -> None:
+    """Cut the segment inside the frame ``row`` points into: every read of that history
+    is refused with SerializationError and changes nothing; the pages themselves are
+    not history and still read."""
+    path, frame, _ = frame_of(s.log, row)
+    before = _state_of(s)
+    os.truncate(path, frame + 4)
+    pid = int(s.log.rows["page"][row])
+    lsn = s.log.lsns.at(row)
+    with pytest.raises(mmsb.SerializationError, match="cut"):
+        mmsb.read_page_at(s, pid, lsn=lsn)
+    with pytest.raises(mmsb.SerializationError):
+        mmsb.replay_to_lsn(s, lsn)
+    with pytest.raises(mmsb.SerializationError):
+        list(s.log.deltas)
+    assert _state_of(s) == before
+    assert mmsb.query_page(s, ids[0]) == seen[max(seen)][ids[0]]
 
 
 def _rewrite_value(path: str, frame: int, at: int) -> None:
@@ -568,20 +574,7 @@ def test_a_replayed_segment_cut_after_the_reopen_is_refused(tmp_path: Path) -> N
     s = start(root)
     try:
         rows = segment_rows(s.log)
-        row = int(rows[len(rows) // 2])
-        path, frame, _ = frame_of(s.log, row)
-        before = _state_of(s)
-        os.truncate(path, frame + 4)
-        pid = int(s.log.rows["page"][row])
-        lsn = s.log.lsns.at(row)
-        with pytest.raises(mmsb.SerializationError, match="cut"):
-            mmsb.read_page_at(s, pid, lsn=lsn)
-        with pytest.raises(mmsb.SerializationError):
-            mmsb.replay_to_lsn(s, lsn)
-        with pytest.raises(mmsb.SerializationError):
-            list(s.log.deltas)
-        assert _state_of(s) == before
-        assert mmsb.query_page(s, ids[0]) == seen[max(seen)][ids[0]]
+        _cut_under_a_row(s, int(rows[len(rows) // 2]), ids, seen)
     finally:
         crash(s)
 
