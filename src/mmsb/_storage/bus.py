@@ -259,9 +259,8 @@ class DurableBus:
         Raises:
             SerializationError: unreadable (gone, not a regular file) or damaged.
         """
-        store = self.ckpt_dir / STORE_NAME
         if not with_log and not self.read_only and path not in self.fds:
-            return read_checkpoint_front(path, store)
+            return read_checkpoint_front(path)  # its page store is the one beside it
         try:
             raw = self.read_bytes(path)
         except OSError as exc:
@@ -271,8 +270,8 @@ class DurableBus:
                                      path=path) from None
         if self.read_only:
             self.raw_seen[path] = raw
-        return read_checkpoint(raw, path_label=str(path), with_log=with_log, store=store,
-                               pages=pages)
+        return read_checkpoint(raw, path_label=str(path), with_log=with_log,
+                               store=self.ckpt_dir / STORE_NAME, pages=pages)
 
     def scan_segment(self, path: Path, seq: int, first_lsn: int) -> SegmentScan:
         """Read and check one segment of the current generation (see scan_segment)."""

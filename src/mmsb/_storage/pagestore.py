@@ -13,7 +13,8 @@ Layout (little-endian; docs/SerializationSpec.md)::
 
     0     magic "MMSBPGST" | version u16 | flags u16 | zero u32 | bus id u64 | uid u64
           | created ns u64 | crc32c(bytes 0..40) u32 | zero u32          (48 bytes)
-    4096  slots: a page of ``n`` bytes in a slot of ``size_class(n)`` bytes
+    48    zero (16 bytes)
+    64    slots: a page of ``n`` bytes in a slot of ``size_class(n)`` bytes
 
 Nothing in the file says which slots are in use: every checkpoint record lists all the
 slots the retained checkpoints name (its *pins*, with the newest generation naming
@@ -44,7 +45,8 @@ STORE_NAME = "pages"
 """The page store's name in ``DIR/checkpoints`` (no checkpoint's name looks like it)."""
 STORE_MAGIC = b"MMSBPGST"
 STORE_VERSION = 1
-DATA_START = 4096
+DATA_START = 64
+"""Where the slots begin: after the header, 16-byte aligned as every slot is."""
 _HEAD = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
 _HEAD_FULL = struct.Struct("<8sHHIQQQII")
 _IOV = 512
@@ -94,12 +96,12 @@ def _check_head(raw: bytes, path: Path, bus_id: int | None) -> int:
     Raises:
         SerializationError: not a page store, damaged, of another version or bus.
     """
-    if len(raw) < _HEAD_FULL.size:
+    if len(raw) < DATA_START:
         raise _fail(path, "the checkpoint page store is shorter than its header (truncated)", 0)
     magic, version, _flags, zero, bus, uid, _created, crc, zero2 = _HEAD_FULL.unpack_from(raw, 0)
     if magic != STORE_MAGIC:
         raise _fail(path, f"bad magic {bytes(magic)!r}: not an MMSB checkpoint page store", 0)
-    if crc32c(raw[:_HEAD.size]) != crc or zero or zero2:
+    if crc32c(raw[:_HEAD.size]) != crc or zero or zero2 or any(raw[_HEAD_FULL.size:DATA_START]):
         raise _fail(path, "the checkpoint page store's header is damaged", 0)
     if version != STORE_VERSION:
         raise _fail(path, f"unsupported page store version {version} (this build reads "
@@ -128,7 +130,7 @@ def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
                     f"({exc.strerror or exc})") from None
     try:
         total = os.fstat(fd).st_size
-        uid = _check_head(os.pread(fd, _HEAD_FULL.size, 0), path, None)
+        uid = _check_head(os.pread(fd, DATA_START, 0), path, None)
         if uid != refs.uid:
             raise _fail(path, f"the checkpoint page store is not the one {label} was written "
                         "to (it was made anew)", 24)
@@ -202,7 +204,7 @@ class PageStore:
         except FileNotFoundError:
             fd = self._create()
         try:
-            self.uid = _check_head(os.pread(fd, _HEAD_FULL.size, 0), self.path, self.bus_id)
+            self.uid = _check_head(os.pread(fd, DATA_START, 0), self.path, self.bus_id)
             self.end = max(DATA_START, os.fstat(fd).st_size)
         except BaseException:
             os.close(fd)
