@@ -793,12 +793,12 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
 
     load = None
     if version == REFS_VERSION and pages:
-        if store is None:
-            raise fail("its pages are in a bus's checkpoint page store, which this read was "
-                       "not given (read the file in its bus directory)")
         where = store
 
         def load(refs: PageRefs) -> np.ndarray:
+            if where is None:
+                raise fail("its pages are in a bus's checkpoint page store, which this read "
+                           "was not given (read the file in its bus directory)")
             return read_pages(where, refs, f"checkpoint {label}")
 
     snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log,
