@@ -261,16 +261,17 @@ class PageStore:
             lens.append(n)
         o = np.concatenate(offs)
         n = np.concatenate(lens)
+        if o.size == 0:
+            self.top = DATA_START
+            return []
         order = np.argsort(o, kind="stable")
         o, e = o[order], (o + n)[order]
-        gaps = []
-        at = DATA_START
-        for start, stop in zip(o.tolist(), e.tolist(), strict=True):
-            if start > at:
-                gaps.append([at, start])
-            at = max(at, stop)
-        self.top = at
-        return gaps
+        # The end of what is in use before each slot: a gap precedes a slot that
+        # starts past it. O(slots log slots), vectorised.
+        reach = np.maximum.accumulate(np.concatenate(([DATA_START], e)))
+        at = np.flatnonzero(o > reach[:-1])
+        self.top = int(reach[-1])
+        return [[int(reach[i]), int(o[i])] for i in at.tolist()]
 
     def write(self, state: Any, gen: int, changed: np.ndarray | None, oldest_gen: int,
               fresh: bool) -> PageRefs:
