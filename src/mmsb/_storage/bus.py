@@ -814,11 +814,15 @@ class DurableBus:
                              refs=refs)
         except BaseException as exc:
             state.history_restore(saved)
+            if refs is not None and self.store is not None:
+                self.store.hold(refs)
             if isinstance(exc, OSError):
                 raise DurabilityError(
                     f"writing checkpoint {path.name} failed ({exc.strerror or exc}); the log "
                     "still holds every record, and the bus goes on") from exc
             raise
+        if refs is not None and self.store is not None:
+            self.store.commit(refs)
         if oldest is new and not full:
             state.replay_base = CheckpointBase(path)
         segment_error: OSError | None = None
@@ -871,7 +875,7 @@ class DurableBus:
         self.retained = kept
         if refs is not None and self.store is not None:
             # Slots only the evicted checkpoints named are free once their files are gone.
-            self.store.commit(refs, released)
+            self.store.release(released)
         state.counters.checkpoint.add(time.perf_counter_ns() - t0)
         if self.replication is not None:
             self.replication.after_checkpoint(state)

@@ -187,8 +187,12 @@ class PageStore:
         self.top = DATA_START
         """End of the last slot in use (see _gaps)."""
         self.held: list[tuple[np.ndarray, np.ndarray]] = []
-        """Slots of checkpoints evicted but not known to be removed from the disk:
-        never reused by this writer (the next open frees them)."""
+        """Slots never reused by this writer (the next open frees them): those of
+        checkpoints evicted but not known to be removed from the disk, and those a
+        failed checkpoint wrote."""
+        self.evicted: list[tuple[np.ndarray, np.ndarray]] = []
+        """Slots only the checkpoints the last one evicts name, until their files are
+        removed (see release)."""
 
     def open(self) -> None:
         """Open the store, creating it when missing.
@@ -256,7 +260,7 @@ class PageStore:
         if self.pins is not None:
             offs.append(self.pins.pin_offsets)
             lens.append(self.pins.pin_lengths)
-        for o, n in self.held:
+        for o, n in (*self.held, *self.evicted):
             offs.append(o)
             lens.append(n)
         o = np.concatenate(offs)
@@ -377,19 +381,36 @@ class PageStore:
 
         flush()
 
-    def commit(self, refs: PageRefs, released: bool) -> None:
-        """The checkpoint of ``refs`` is in place: its references are the previous ones
-        of the next checkpoint. ``released``: the files of the checkpoints it evicted
-        are removed for good, so their slots are free; otherwise they stay held until
-        the bus is opened again."""
+    def commit(self, refs: PageRefs) -> None:
+        """The record of ``refs`` is in place: its references are the previous ones of
+        the next checkpoint. The slots only the older checkpoints it evicts name stay
+        in use until :meth:`release` says those files are gone."""
         prev = self.pins
-        if not released and prev is not None:
+        if prev is not None:
             gone = ~np.isin(prev.pin_offsets, refs.pin_offsets)
             if gone.any():
-                self.held.append((prev.pin_offsets[gone], prev.pin_lengths[gone]))
+                self.evicted.append((prev.pin_offsets[gone], prev.pin_lengths[gone]))
         self.pins = refs
         self.reusable = True
+
+    def release(self, removed: bool) -> None:
+        """After the evicted checkpoints' files were removed (``removed``: for good, the
+        folder synced), their slots are free; otherwise they stay held until the bus is
+        opened again. Free space at the file's end is then cut off."""
+        if not removed:
+            self.held.extend(self.evicted)
+        self.evicted = []
         self._shrink()
+
+    def hold(self, refs: PageRefs) -> None:
+        """A checkpoint whose record may or may not be in place failed (an error after
+        its rename, say): the slots it wrote are never reused by this writer, so that
+        record, if it is there, stays readable. The next open frees them."""
+        mine = refs.pin_gens == int(refs.pin_gens.max(initial=0))
+        if self.pins is not None:
+            mine &= ~np.isin(refs.pin_offsets, self.pins.pin_offsets)
+        if mine.any():
+            self.held.append((refs.pin_offsets[mine], refs.pin_lengths[mine]))
 
     def _shrink(self) -> None:
         """Cut free space at the end of the file (best effort: it is only space)."""
@@ -401,8 +422,3 @@ class PageStore:
             except OSError:
                 return
             self.end = top
-
-    def forget(self) -> None:
-        """A chain started anew without this store (a self-contained checkpoint): no
-        retained checkpoint names a slot once the older files are gone."""
-        self.pins = None
