@@ -534,3 +534,56 @@ def test_shared_writers_and_older_buses(tmp_path: Path) -> None:
         assert _view(s) == want
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_a_failed_checkpoint_s_slots_are_not_reused(tmp_path: Path) -> None:
+    """A checkpoint that fails after its record was renamed into place (the folder's
+    fsync refused) may be in force after a crash: the next checkpoint writes its pages
+    elsewhere, so that record still reads back whole."""
+    root = tmp_path / "bus"
+    s = _build(root)
+    folder = str(root / "checkpoints")
+    armed = [True]
+
+    def hook(step: str, path: Any) -> None:
+        if armed[0] and step == "fsync_dir" and str(path) == folder:
+            armed[0] = False
+            raise OSError(5, "injected EIO", path)
+
+    try:
+        mmsb.write_page(s, 1, 0, b"first...")
+        prev = fsops.set_fault_hook(hook)
+        try:
+            with pytest.raises(mmsb.DurabilityError):
+                s.bus.checkpoint(s)
+        finally:
+            fsops.set_fault_hook(prev)
+        assert not armed[0]
+        stale = tmp_path / "stale.mmsb"
+        stale.write_bytes(_ckpts(root)[-1].read_bytes())
+        mmsb.write_page(s, 1, 0, b"second..")
+        s.bus.checkpoint(s)
+        again = _refs(_ckpts(root)[-1])
+        old = ckpt_mod.read_checkpoint(stale, store=_store(root))  # its slots intact
+        assert old.data[:8].tobytes() == b"first..."
+        assert again.offsets[0] != old.page_refs.offsets[0]
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_the_cli_reads_and_checks_the_records(tmp_path: Path) -> None:
+    """The CLI's view of a bus's checkpoint files reads each record with its pages
+    from the store: a damaged pinned slot shows as a damaged file naming the store."""
+    from mmsb.cli.views import bus_files_info
+
+    root, refs, _want = _damaged(tmp_path)
+    info = bus_files_info(root)
+    rows = info["checkpoints"]
+    assert [r["status"] for r in rows] == ["ok"] * len(rows)
+    assert rows[-1]["pages"] == PAGES
+    store = _store(root)
+    raw = bytearray(store.read_bytes())
+    raw[int(refs.offsets[0])] ^= 0x01
+    store.write_bytes(bytes(raw))
+    rows = bus_files_info(root)["checkpoints"]
+    assert rows[-1]["status"] == "damaged" and STORE_NAME in rows[-1]["error"]
