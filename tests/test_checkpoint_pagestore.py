@@ -587,3 +587,51 @@ def test_the_cli_reads_and_checks_the_records(tmp_path: Path) -> None:
     store.write_bytes(bytes(raw))
     rows = bus_files_info(root)["checkpoints"]
     assert rows[-1]["status"] == "damaged" and STORE_NAME in rows[-1]["error"]
+
+
+def test_an_unused_damaged_store_is_made_anew(tmp_path: Path) -> None:
+    """A page store that no retained checkpoint names (a bus whose checkpoints are
+    self-contained) is made anew when its header is damaged; one that a retained
+    checkpoint names is refused (test_damaged_page_store_is_refused_naming_it)."""
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(), shared=True)
+    mmsb.create_page(s, 100)
+    mmsb.mmsb_stop(s)
+    _store(root).write_bytes(b"junk" * 100)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        mmsb.write_page(s, 1, 0, b"kept")
+        s.bus.checkpoint(s)
+        want = _view(s)
+    finally:
+        mmsb.mmsb_stop(s)
+    assert _store(root).read_bytes()[:8] == b"MMSBPGST"
+    _os_crash(root)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert _view(s) == want
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_pages_with_padded_slots(tmp_path: Path) -> None:
+    """Pages whose size is not a size class leave padding in their slots, which is
+    never written nor read."""
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        for k, size in enumerate((1, 17, 1000, 5000, 70_000)):
+            p = mmsb.create_page(s, size)
+            mmsb.write_page(s, p.id, 0, bytes([k + 1]) * size)
+        s.bus.checkpoint(s)
+        mmsb.write_page(s, 3, 999, b"z")
+        s.bus.checkpoint(s)
+        want = _view(s)
+    finally:
+        mmsb.mmsb_stop(s)
+    _os_crash(root)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert _view(s) == want
+    finally:
+        mmsb.mmsb_stop(s)

@@ -199,7 +199,9 @@ class PageStore:
 
         Raises:
             OSError: the file cannot be created or opened.
-            SerializationError: it is not this bus's page store, or its header is damaged.
+            SerializationError: it is not this bus's page store, or its header is
+                damaged, and a retained checkpoint names its slots (a store no
+                retained checkpoint names is made anew).
         """
         if self.fd >= 0:
             return
@@ -209,6 +211,18 @@ class PageStore:
             fd = self._create()
         try:
             self.uid = _check_head(os.pread(fd, DATA_START, 0), self.path, self.bus_id)
+        except SerializationError:
+            os.close(fd)
+            if self.pins is not None:
+                raise
+            # No retained checkpoint names a slot of it: a damaged store is made anew.
+            fsops.unlink(self.path)
+            fd = self._create()
+            self.uid = _check_head(os.pread(fd, DATA_START, 0), self.path, self.bus_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             self.end = max(DATA_START, os.fstat(fd).st_size)
         except BaseException:
             os.close(fd)
@@ -345,7 +359,7 @@ class PageStore:
 
     def _write_slots(self, state: Any, ids: np.ndarray, offs: np.ndarray, sizes: np.ndarray,
                      crcs: np.ndarray, rows: np.ndarray) -> None:
-        """Write the pages ``ids`` at ``offs`` (runs of slots back to back in one vectored
+        """Write the pages ``ids`` at ``offs`` (runs of pages back to back in one vectored
         write each) and note their CRC32Cs in ``crcs[rows]``."""
         order = np.argsort(offs, kind="stable")
         lengths = slot_lengths(sizes)
@@ -375,9 +389,8 @@ class PageStore:
                 flush()
                 start = off
             parts.append(view)
-            if slot > size:
-                parts.append(memoryview(bytes(slot - size)))
-            at = off + slot
+            # A slot's padding is never read: a run of writes ends where one begins.
+            at = off + size if slot > size else off + slot
 
         flush()
 
