@@ -561,6 +561,9 @@ def test_a_failed_checkpoint_s_slots_are_not_reused(tmp_path: Path) -> None:
         assert not armed[0]
         stale = tmp_path / "stale.mmsb"
         stale.write_bytes(_ckpts(root)[-1].read_bytes())
+        # The bus refuses writes now (the record may be in force): checkpoint again, as
+        # the final checkpoint of a stop would if the bus had not failed.
+        s.bus.failed = None
         mmsb.write_page(s, 1, 0, b"second..")
         s.bus.checkpoint(s)
         again = _refs(_ckpts(root)[-1])
@@ -633,5 +636,42 @@ def test_pages_with_padded_slots(tmp_path: Path) -> None:
     s = mmsb.mmsb_start(path=str(root), config=_cfg())
     try:
         assert _view(s) == want
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_a_checkpoint_whose_folder_sync_fails_stops_the_writes(tmp_path: Path) -> None:
+    """After a checkpoint renamed into place whose folder sync failed, a crash may leave
+    it in force, and it would cover this generation's segments: the bus refuses writes
+    until reopened, so nothing acknowledged after it can be lost, and the reopened bus
+    holds every acknowledged write."""
+    root = tmp_path / "bus"
+    s = _build(root)
+    folder = str(root / "checkpoints")
+    armed = [True]
+
+    def hook(step: str, path: Any) -> None:
+        if armed[0] and step == "fsync_dir" and str(path) == folder:
+            armed[0] = False
+            raise OSError(5, "injected EIO", path)
+
+    mmsb.write_page(s, 1, 0, b"acked...")
+    want = _view(s)
+    prev = fsops.set_fault_hook(hook)
+    try:
+        with pytest.raises(mmsb.DurabilityError, match="reopened"):
+            s.bus.checkpoint(s)
+    finally:
+        fsops.set_fault_hook(prev)
+    with pytest.raises(mmsb.DurabilityError):
+        mmsb.write_page(s, 1, 0, b"refused.")
+    assert _view(s) == want
+    s.bus.abandon("killed")
+    mmsb.mmsb_stop(s)
+    _os_crash(root)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert _view(s) == want
+        mmsb.write_page(s, 1, 0, b"again...")
     finally:
         mmsb.mmsb_stop(s)

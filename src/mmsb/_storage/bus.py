@@ -816,6 +816,16 @@ class DurableBus:
             state.history_restore(saved)
             if refs is not None and self.store is not None:
                 self.store.hold(refs)
+            if isinstance(exc, OSError) and os.path.lexists(path):
+                # Renamed into place, but its folder's sync failed: after a crash it may
+                # be in force, and records appended to this generation's segments after
+                # it would then be taken as covered by it. Refuse further writes until
+                # the bus is reopened (as after a failed fsync of the log).
+                self.failed = exc
+                raise DurabilityError(
+                    f"checkpoint {path.name} was written but its folder could not be synced "
+                    f"({exc.strerror or exc}); the bus refuses further writes until it is "
+                    "reopened, and the log holds every record") from exc
             if isinstance(exc, OSError):
                 raise DurabilityError(
                     f"writing checkpoint {path.name} failed ({exc.strerror or exc}); the log "

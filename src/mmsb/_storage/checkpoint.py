@@ -434,7 +434,9 @@ def inline_pages(raw: bytes, label: str, store: Path | None) -> bytes:
         SerializationError: the checkpoint is damaged, or its pages cannot be read back
             from the page store (the message names the store and the slot).
     """
-    snap = read_checkpoint(raw, path_label=label, store=store)
+    # Every section is checked against its checksum; the log's is kept as it is, so it
+    # is not decoded.
+    snap = read_checkpoint(raw, path_label=label, store=store, with_log=False)
     buf = memoryview(raw)
     out = io.BytesIO()
     head = bytearray(buf[:_HEADER_SIZE])
