@@ -675,3 +675,14 @@ def test_a_checkpoint_whose_folder_sync_fails_stops_the_writes(tmp_path: Path) -
         mmsb.write_page(s, 1, 0, b"again...")
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_a_store_being_created_when_killed_is_removed_at_open(tmp_path: Path) -> None:
+    root = tmp_path / "bus"
+    s = _build(root)
+    mmsb.mmsb_stop(s)
+    left = root / "checkpoints" / f".{STORE_NAME}.0123456789ab.tmp"
+    left.write_bytes(b"MMSBPGST")
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    mmsb.mmsb_stop(s)
+    assert not left.exists()

@@ -1255,7 +1255,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
                  "wal": _names(root / "wal", _WAL_RE)}
         bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]), bus_id)
         for name in in_ckpt:
-            if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            if name.startswith((".ckpt-", f".{STORE_NAME}.")) and name.endswith(".tmp"):
                 _unlink(ckpt_dir / name)
         bus = DurableBus(root, bus_id, config, lock_fd)
         bus.use_store = not shared
