@@ -351,7 +351,7 @@ def test_verify_reports_a_state_that_differs_from_its_log(tmp_path: Path) -> Non
 def test_verify_finds_a_damaged_checkpoint_file(bus: Path, tmp_path: Path) -> None:
     copy = tmp_path / "bus"
     shutil.copytree(bus, copy)
-    oldest = sorted((copy / "checkpoints").iterdir())[0]  # not needed by recovery
+    oldest = sorted((copy / "checkpoints").glob("ckpt-*.mmsb"))[0]  # not needed by recovery
     raw = bytearray(oldest.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     oldest.write_bytes(bytes(raw))
@@ -487,7 +487,7 @@ def error_runs(bus: Path, crafted: Path, tmp_path_factory: pytest.TempPathFactor
             if k == 0:
                 mmsb.create_page(s, 16)
             mmsb.write_page(s, 1, 3 * k, b"\x07" * 4)
-    slice_file = sorted((two / "checkpoints").iterdir())[-1]
+    slice_file = sorted((two / "checkpoints").glob("ckpt-*.mmsb"))[-1]
 
     def run(k: int, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], Path]:
         out = tmp / f"out{k}.mmsb"

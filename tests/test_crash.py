@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -367,7 +368,7 @@ def torn_image(fast_base: Path) -> dict[str, Any]:
     for lsn, view in after.items():
         assert ref[lsn] == view
     segs = [k for k in image if k.startswith("wal/")]
-    assert len(segs) == 1 and len([k for k in image if k.startswith("checkpoints/")]) == 1
+    assert len(segs) == 1 and len([k for k in image if k.startswith("checkpoints/ckpt-")]) == 1
     seg = image[segs[0]]
     ends = frame_ends(seg)
     assert len(ends) - 1 == last >= 50
@@ -476,9 +477,18 @@ def damage_image(fast_base: Path) -> dict[str, Any]:
     ref = {lsn: state_view(mmsb.replay_to_lsn(s, lsn)) for lsn in range(last + 1)}
     mmsb.mmsb_stop(s)
     names = sorted(image)
-    assert len(names) == 4, names
+    assert len(names) == 5, names  # with the checkpoints' page store
+    # The bytes of the page store that matter: its header and the pages the checkpoint
+    # names (other slots are free space).
+    refs = ckpt_mod.read_checkpoint(root / next(n for n in names if "ckpt-" in n)).page_refs
+    assert refs is not None
+    store = image["checkpoints/pages"]
+    named = np.zeros(len(store), bool)
+    named[:64] = True
+    for off, size in zip(refs.offsets.tolist(), refs.sizes.tolist(), strict=True):
+        named[off:off + size] = True
     return {"image": image, "ref": ref, "last": last, "ckpt_lsn": ckpt_lsn, "base": base,
-            "last_seg": max(n for n in names if n.startswith("wal/"))}
+            "last_seg": max(n for n in names if n.startswith("wal/")), "named": named}
 
 
 def _classify(open_fn: Callable[[Path], mmsb.MMSBState], root: Path, dmg: dict[str, Any],
@@ -532,6 +542,11 @@ def test_every_flipped_byte_of_every_bus_file(damage_image: dict[str, Any],
             before = read_image(root) if recovery == "readonly" else None
             outcome = _classify(open_fn, root, dmg, rel, offset, recovery == "point_in_time")
             counts[outcome] += 1
+            if rel == "checkpoints/pages":
+                # A checkpoint names each page's slot with its CRC32C: damage there is
+                # refused; a byte of a free slot changes nothing.
+                want = "error" if dmg["named"][offset] else "exact"
+                assert outcome == want, f"{rel} byte {offset}: {outcome}"
             if recovery == "strict":
                 assert outcome != "earlier", f"{rel} byte {offset}: strict mode cut the log"
             if recovery == "point_in_time":
@@ -540,7 +555,7 @@ def test_every_flipped_byte_of_every_bus_file(damage_image: dict[str, Any],
                 assert read_image(root) == before, f"{rel} byte {offset}: read-only wrote"
     # Every byte of BUS and of the checkpoint is checksummed: never silently accepted.
     for rel, counts in outcomes.items():
-        if not rel.startswith("wal/"):
+        if not rel.startswith("wal/") and rel != "checkpoints/pages":
             assert counts["error"] == len(dmg["image"][rel]), (rel, counts)
 
 
@@ -654,7 +669,7 @@ def _bus_parts(tmp_path: Path) -> dict[str, Any]:
     mmsb.write_page(s, p.id, 0, b"x")
     mmsb.mmsb_stop(s)
     image = read_image(root)
-    ck = ckpt_mod.read_checkpoint(root / max(k for k in image if k.startswith("checkpoints/")))
+    ck = ckpt_mod.read_checkpoint(root / max(k for k in image if k.startswith("checkpoints/ckpt-")))
     gen = int(ck.bus["generation"])
     bus_id = int(ck.bus["bus_id"], 16)
     seq = max(int(k[-12:-4], 16) for k in image if k.startswith(f"wal/wal-{gen:016x}")) + 1

@@ -105,10 +105,17 @@ def _checkpoints() -> list[bytes]:
         with b.lock:
             out.append(ckpt_mod.checkpoint_bytes(b))
         mmsb.mmsb_stop(b)
-        out += [f.read_bytes() for f in sorted((Path(d) / "checkpoints").glob("ckpt-*"))]
+        # Its files name their pages in the bus's page store: made self-contained here
+        # (the records as written are fuzzed on their own below).
+        store = Path(d) / "checkpoints" / "pages"
+        for f in sorted((Path(d) / "checkpoints").glob("ckpt-*")):
+            REF_CHECKPOINTS.append(f.read_bytes())
+            out.append(ckpt_mod.inline_pages(f.read_bytes(), f.name, store))
     return out
 
 
+REF_CHECKPOINTS: list[bytes] = []
+"""A durable bus's checkpoint records as written (format version 3: PREF, no pages)."""
 CHECKPOINTS = _checkpoints()
 
 
@@ -312,6 +319,18 @@ def checkpoint_inputs(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         secs[k][1] = draw(st.sampled_from([0, 1, 2]))
     return _join(head, secs, exact_lengths=draw(st.booleans()))
+
+
+@FUZZ
+@given(st.sampled_from(REF_CHECKPOINTS).flatmap(mutate))
+def test_read_checkpoint_records_raise_only_serialization_error(blob: bytes) -> None:
+    """Records naming their pages in a page store, mutated, read without the store:
+    their page references are checked, then the read is refused, typed."""
+    ck = _only_serialization_error(ckpt_mod.read_checkpoint, blob)
+    assert ck is None or ck.page_refs is None  # a record is never taken without its pages
+    ck = _only_serialization_error(lambda b: ckpt_mod.read_checkpoint(b, pages=False), blob)
+    if ck is not None and ck.page_refs is not None:
+        assert len(ck.page_refs.offsets) == len(ck.ids)
 
 
 @FUZZ

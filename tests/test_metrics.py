@@ -128,11 +128,12 @@ def test_bus_files_collector(tmp_path: Path) -> None:
     with mmsb.mmsb_start(enable_gpu=False, path=path) as s:
         mmsb.create_page(s, 16)
         mmsb.write_page(s, 1, 0, b"x" * 16)
-    files = {p.name: p.stat().st_size for p in (path / "checkpoints").iterdir()}
+    files = {p.name: p.stat().st_size for p in (path / "checkpoints").glob("ckpt-*.mmsb")}
+    store = (path / "checkpoints" / "pages").stat().st_size
     wal = {p.name: p.stat().st_size for p in (path / "wal").iterdir()}
     reg = _registry(BusFilesCollector(path))
     assert reg.get_sample_value("mmsb_bus_checkpoint_files") == len(files)
-    assert reg.get_sample_value("mmsb_bus_checkpoint_bytes") == sum(files.values())
+    assert reg.get_sample_value("mmsb_bus_checkpoint_bytes") == sum(files.values()) + store
     assert reg.get_sample_value("mmsb_bus_wal_segments") == len(wal)
     assert reg.get_sample_value("mmsb_bus_wal_bytes") == sum(wal.values())
     text = render_metrics(mmsb.open_readonly(path), bus_path=path, activity=False)

@@ -370,7 +370,7 @@ def test_a_damaged_older_checkpoint_is_refused_when_the_history_is_read(
     changes nothing, and the log stays deferred (the next touch tries again). Writes
     of bytes need no history and go on; they are in the log."""
     root = _images(tmp_path)[-1]
-    older = sorted((root / "checkpoints").iterdir())[-2]
+    older = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-2]
     _flip_in_log_section(older)
     with pytest.raises(mmsb.SerializationError):
         _open(root, False, monkeypatch)  # the full recovery refuses it at open
@@ -642,8 +642,8 @@ def test_a_checkpoint_from_another_timeline_of_the_bus_breaks_the_chain(
     go_on(root, 30, 1)
     go_on(alt, 45, 2)
     go_on(root, 30, 3)
-    ours = {p.name: p for p in (root / "checkpoints").iterdir()}
-    theirs = {p.name: p for p in (alt / "checkpoints").iterdir()}
+    ours = {p.name: p for p in (root / "checkpoints").glob("ckpt-*.mmsb")}
+    theirs = {p.name: p for p in (alt / "checkpoints").glob("ckpt-*.mmsb")}
     newest = max(ours)
     # A generation both copies wrote, at different LSNs, that is not the newest here.
     swapped = max(name for name in set(ours) & set(theirs) if name != newest

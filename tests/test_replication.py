@@ -406,6 +406,11 @@ def test_promote_command_hands_over_to_the_most_advanced_follower(
                                            f"{bus_id:016x}", "--timeout", "20"])
         assert result.exit_code == 0, result.output
         assert "term 2" in result.output
+        # The command returns once the new term is in Redis; the follower hands the new
+        # leader to on_promote once it has started shipping, a moment later.
+        deadline = time.monotonic() + 20
+        while not promoted and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(promoted) == 1
         new = promoted[0]
         assert new.log.last_lsn == last and mmsb.query_page(new, pid)[0] == 10

@@ -239,7 +239,8 @@ class MMSBCollector:
 
 class BusFilesCollector:
     """Disk use of a durable bus directory: checkpoint files and log segments, by
-    count and bytes. Only ``stat`` calls: nothing is read or written. O(files)."""
+    count and bytes (the checkpoints' bytes include their page store,
+    ``checkpoints/pages``). Only ``stat`` calls: nothing is read or written. O(files)."""
 
     def __init__(self, path: str | os.PathLike[str], *, namespace: str = "mmsb",
                  const_labels: dict[str, str] | None = None) -> None:
@@ -257,7 +258,8 @@ class BusFilesCollector:
             "checkpoints": GaugeMetricFamily(f"{ns}_bus_checkpoint_files",
                                              "Checkpoint files of the bus.", labels=labels),
             "checkpoint_bytes": GaugeMetricFamily(f"{ns}_bus_checkpoint_bytes",
-                                                  "Bytes of the bus's checkpoint files.", labels=labels),
+                                                  "Bytes of the bus's checkpoint files and their "
+                                                  "page store.", labels=labels),
             "wal": GaugeMetricFamily(f"{ns}_bus_wal_segments",
                                      "Write-ahead log segment files of the bus.", labels=labels),
             "wal_bytes": GaugeMetricFamily(f"{ns}_bus_wal_bytes",
@@ -270,6 +272,7 @@ class BusFilesCollector:
 
     def collect(self) -> Iterator[Any]:
         from ._storage.bus import bus_files
+        from ._storage.pagestore import STORE_NAME
 
         fams = self._families()
         const = list(self.const_labels.values())
@@ -283,6 +286,11 @@ class BusFilesCollector:
                 except FileNotFoundError:  # dropped by the writer while we looked
                     continue
             fams[count_name].add_metric(const, len(sizes))
+            if kind == "checkpoints":
+                try:
+                    sizes.append((self.path / "checkpoints" / STORE_NAME).stat().st_size)
+                except FileNotFoundError:  # no checkpoint keeps its pages there yet
+                    pass
             fams[bytes_name].add_metric(const, sum(sizes))
         yield from fams.values()
 

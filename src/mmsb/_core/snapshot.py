@@ -71,3 +71,7 @@ class Snapshot:
     refers to (a buffer a file was read into for this snapshot alone): the next restore
     may take them as the state's pages and log payload instead of copying them, and
     clears this flag."""
+    page_refs: Any = None
+    """Where the pages lie in the bus's checkpoint page store, for a checkpoint that
+    keeps them there (format version 3; ``data`` holds them, read and checked); None
+    for a self-contained checkpoint."""

@@ -6,6 +6,9 @@ Directory layout::
     DIR/LOCK                         flock()ed by the one writer process
     DIR/BUS                          identity: magic, version, bus id, creation time, CRC
     DIR/checkpoints/ckpt-<gen>.mmsb  checkpoint of generation <gen> (16 hex digits)
+    DIR/checkpoints/pages            the checkpoints' page store (pagestore.py): an
+                                     exclusive writer's checkpoint writes only the pages
+                                     changed since the last one there, and names them
     DIR/wal/wal-<gen>-<seq>.log      log segments written after checkpoint <gen>
     DIR/map/HEAD, table, pages       the mapped pages readers attach to (mapped.py)
     DIR/map/stats                    the writer's latency counters (stats_file.py)
@@ -46,7 +49,7 @@ from .._core.log import (
     load_history,
 )
 from .._core.page_table import LIVE
-from .._core.records import AnyRecord, Compacted, PageClone, PageResize
+from .._core.records import AnyRecord, Compacted, PageClone, PageResize, kind_of
 from .._core.snapshot import ReplayBase
 from ..config import MMSBConfig
 from ..errors import (
@@ -60,6 +63,7 @@ from ..errors import (
 )
 from . import fsops
 from .checkpoint import (
+    REFS_VERSION,
     CheckpointBase,
     CheckpointHead,
     read_checkpoint,
@@ -74,6 +78,7 @@ from .feed import TICK_NS, ChangeFeed
 from .fsops import fsync_dir
 from .histmap import MappedSegment, map_replayed
 from .mapped import Publisher
+from .pagestore import STORE_NAME, PageRefs, PageStore
 from .stats_file import PUBLISH_EVERY, publish_stats
 from .wal import (
     SEG_HEADER_SIZE,
@@ -239,6 +244,16 @@ class DurableBus:
         self.map_history = False
         """Recovery points the rows of one-run deltas at their frames in the segments
         it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
+        self.use_store = False
+        """Checkpoints keep their pages in the page store (DIR/checkpoints/pages) and
+        write only the pages changed since the last one: an exclusive writer's. Shared
+        writers (whose processes would each need the store's free space) write
+        self-contained checkpoints."""
+        self.store: PageStore | None = None
+        """The page store, opened by the first checkpoint that uses it."""
+        self.open_refs: PageRefs | None = None
+        """The page references of the newest checkpoint found at open (None: it holds
+        its pages itself)."""
 
     @cached_property
     def fast(self) -> FastWriter:
@@ -256,16 +271,18 @@ class DurableBus:
         fd = self.fds.get(path)
         return fsops.read_fd(fd) if fd is not None else fsops.read_all(path)
 
-    def read_checkpoint(self, path: Path, with_log: bool = True) -> Any:
+    def read_checkpoint(self, path: Path, with_log: bool = True, pages: bool = True) -> Any:
         """Read and check one checkpoint of this bus (``with_log=False``: its log section
         checksummed, neither decoded nor kept; a writer's open reads the page bytes into
         memory the restore then takes as its own, see ``read_checkpoint_front``).
+        ``pages=False``: a checkpoint whose pages are in the page store is read without
+        them (for its log alone).
 
         Raises:
             SerializationError: unreadable (gone, not a regular file) or damaged.
         """
         if not with_log and not self.read_only and path not in self.fds:
-            return read_checkpoint_front(path)
+            return read_checkpoint_front(path)  # its page store is the one beside it
         try:
             raw = self.read_bytes(path)
         except OSError as exc:
@@ -275,7 +292,8 @@ class DurableBus:
                                      path=path) from None
         if self.read_only:
             self.raw_seen[path] = raw
-        return read_checkpoint(raw, path_label=str(path), with_log=with_log)
+        return read_checkpoint(raw, path_label=str(path), with_log=with_log,
+                               store=self.ckpt_dir / STORE_NAME, pages=pages)
 
     def scan_segment(self, path: Path, seq: int, first_lsn: int) -> SegmentScan:
         """Read and check one segment of the current generation (see scan_segment)."""
@@ -786,7 +804,11 @@ class DurableBus:
         kept.append(new)
         if keep is not None and len(kept) > keep and evict:
             kept = kept[-keep:]
+        # Pages the records since the last checkpoint change (read before history is
+        # trimmed): those the page store must write again.
+        changed = self._changed_pages(state) if self.use_store and not full else None
         saved = state.history_snapshot()
+        refs: PageRefs | None = None
         try:
             # History older than the oldest kept checkpoint leaves memory first, so that
             # the new file's masks and log describe exactly what recovery will rebuild.
@@ -803,14 +825,39 @@ class DurableBus:
             chain = [[c.generation, c.lsn, c.log_from_lsn] for c in kept]
             info = {"bus_id": f"{self.bus_id:016x}", "generation": gen, "chain": chain}
             base = state.base_bytes() if full else b""
-            write_checkpoint(state, path, from_lsn=new.log_from_lsn, bus=info, base=base)
+            refs = None
+            if self.use_store:
+                # The pages changed since the last checkpoint go to the page store, synced
+                # before the record that names them is written.
+                try:
+                    refs = self._store_pages(state, gen, kept[0].generation, full, changed)
+                except SerializationError as exc:
+                    raise DurabilityError(
+                        f"checkpoint {path.name} cannot use the page store ({exc}); the "
+                        "log still holds every record, and the bus goes on") from exc
+            write_checkpoint(state, path, from_lsn=new.log_from_lsn, bus=info, base=base,
+                             refs=refs)
         except BaseException as exc:
             state.history_restore(saved)
+            if refs is not None and self.store is not None:
+                self.store.hold(refs)
+            if isinstance(exc, OSError) and os.path.lexists(path):
+                # Renamed into place, but its folder's sync failed: after a crash it may
+                # be in force, and records appended to this generation's segments after
+                # it would then be taken as covered by it. Refuse further writes until
+                # the bus is reopened (as after a failed fsync of the log).
+                self.failed = exc
+                raise DurabilityError(
+                    f"checkpoint {path.name} was written but its folder could not be synced "
+                    f"({exc.strerror or exc}); the bus refuses further writes until it is "
+                    "reopened, and the log holds every record") from exc
             if isinstance(exc, OSError):
                 raise DurabilityError(
                     f"writing checkpoint {path.name} failed ({exc.strerror or exc}); the log "
                     "still holds every record, and the bus goes on") from exc
             raise
+        if refs is not None and self.store is not None:
+            self.store.commit(refs)
         if oldest is new and not full:
             state.replay_base = CheckpointBase(path)
         segment_error: OSError | None = None
@@ -841,6 +888,7 @@ class DurableBus:
         self.records_since_ckpt = 0
         self.last_ckpt_time = time.monotonic()
         removed = False
+        released = True
         try:
             for p in bus_files(self.root)["wal"]:
                 m = _WAL_RE.match(p.name)
@@ -857,8 +905,12 @@ class DurableBus:
                 fsync_dir(self.ckpt_dir, strict=False)
         except OSError as exc:
             # What stays is superseded: recovery ignores (and later removes) it.
+            released = False
             log.warning("removing superseded files of %s failed: %s", self.root, exc)
         self.retained = kept
+        if refs is not None and self.store is not None:
+            # Slots only the evicted checkpoints named are free once their files are gone.
+            self.store.release(released)
         state.counters.checkpoint.add(time.perf_counter_ns() - t0)
         if self.replication is not None:
             self.replication.after_checkpoint(state)
@@ -872,6 +924,48 @@ class DurableBus:
                 f"not be created ({segment_error.strerror or segment_error}); the next write "
                 "creates it once the disk has room") from segment_error
         return path
+
+    def _changed_pages(self, state: MMSBState) -> np.ndarray:
+        """Ids of the pages the records after the newest checkpoint name (int64).
+        O(records since)."""
+        cols = state.log.columns(self.ckpt_lsn, gather=False)
+        parts = [cols.page.astype(np.int64)]
+        if cols.structs:
+            parts.append(np.array([p for rec in cols.structs for p in kind_of(rec).pages(rec)],
+                                  np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def _store_pages(self, state: MMSBState, gen: int, oldest_gen: int, full: bool,
+                     changed: np.ndarray | None) -> PageRefs:
+        """Write checkpoint ``gen``'s changed pages to the page store (see
+        :meth:`PageStore.write`); the pins of generations before ``oldest_gen`` go.
+
+        Raises:
+            OSError: the store could not be written or synced.
+            SerializationError: the store or an older checkpoint naming it is damaged.
+        """
+        store = self.store
+        if store is None:
+            store = PageStore(self.ckpt_dir, self.bus_id)
+            refs = self.open_refs
+            store.reusable = refs is not None
+            if refs is None and not full:
+                refs = self._older_refs()
+            store.adopt(refs, self.retained[0].generation if self.retained else 0)
+            self.store = store
+        reuse = store.reusable and not full and changed is not None
+        return store.write(state, gen, changed if reuse else None, oldest_gen, fresh=full)
+
+    def _older_refs(self) -> PageRefs | None:
+        """The page references of the newest retained checkpoint that has any (the
+        newest one holds its pages itself: a shared writer wrote it), for the pins of
+        the older checkpoints that still name the page store."""
+        for c in reversed(self.retained):
+            if read_checkpoint_head(c.path).version == REFS_VERSION:
+                ck = read_checkpoint(c.path, with_log=False, pages=False)
+                _check_owner(ck.bus, self.bus_id, c.generation, c.path)
+                return ck.page_refs
+        return None
 
     def _all_ckpts(self) -> list[_Ckpt]:
         out = []
@@ -988,6 +1082,8 @@ class DurableBus:
                 self.end_call()
                 os.close(self.write_fd)
                 self.write_fd = -1
+            if self.store is not None:
+                self.store.close()
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
             finally:
@@ -1184,6 +1280,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     except OSError as exc:
         raise _durability(root, "open", exc) from exc
     write_fd = -1
+    bus: DurableBus | None = None
     try:
         if shared:
             write_fd = fsops.open_regular(root / "WRITE", os.O_RDWR | os.O_CREAT, create=True)
@@ -1194,10 +1291,11 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
                  "wal": _names(root / "wal", _WAL_RE)}
         bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]), bus_id)
         for name in in_ckpt:
-            if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            if name.startswith((".ckpt-", f".{STORE_NAME}.")) and name.endswith(".tmp"):
                 _unlink(ckpt_dir / name)
         bus = DurableBus(root, bus_id, config, lock_fd)
         bus.map_history = MAP_HISTORY and not shared
+        bus.use_store = not shared
         _recover(bus, state, files, defer=DEFER_HISTORY and not shared)
         try:
             bus.publisher = Publisher(root, bus_id)
@@ -1221,6 +1319,8 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     except BaseException as exc:
         if write_fd >= 0:
             os.close(write_fd)
+        if bus is not None and bus.store is not None:
+            bus.store.close()
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
         if isinstance(exc, OSError) and not isinstance(exc, MMSBError):
@@ -1406,10 +1506,12 @@ def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], g
     # The newest file's horizon was written after its history was trimmed, so it
     # already names where the rebuilt log begins; the chain gives its base.
     if isinstance(base, Path):
-        state.replay_base = CheckpointBase(bus.raw_seen.get(base, base))
+        state.replay_base = CheckpointBase(bus.raw_seen.get(base, base),
+                                           bus.ckpt_dir / STORE_NAME)
     else:
         state.replay_base = base
     state.orphan_from = 0
+    bus.open_refs = newest.page_refs
     bus.generation = gen
     bus.ckpt_lsn = newest.lsn
     bus.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]) for g, ck in chain]
@@ -1474,6 +1576,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
         start = heads[1:]
         state.replay_base = CheckpointBase(by_gen[first_gen])
     state.orphan_from = 0
+    bus.open_refs = newest.page_refs
     bus.generation = gen
     bus.ckpt_lsn = newest.lsn
     bus.retained = [_Ckpt(g, h.lsn, h.log_from_lsn, by_gen[g]) for g, h in heads]
@@ -1483,7 +1586,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     def load(tail: TransactionLog) -> TransactionLog:
         parts = []
         for g, h, path in slices:
-            ck = bus.read_checkpoint(path)
+            ck = bus.read_checkpoint(path, pages=False)
             _check_owner(ck.bus, bus.bus_id, g, path)
             if (ck.lsn, ck.log_from_lsn) != (h.lsn, h.log_from_lsn):
                 raise SerializationError(
@@ -1550,7 +1653,7 @@ def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
         g_prev = chain[-1][0] - 1
         if g_prev not in by_gen:
             break
-        ck_prev = bus.read_checkpoint(by_gen[g_prev])
+        ck_prev = bus.read_checkpoint(by_gen[g_prev], pages=False)
         _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
         _check_link(g_prev, ck_prev.lsn, chain[-1][1].log_from_lsn, by_gen[g_prev])
         chain.append((g_prev, ck_prev))

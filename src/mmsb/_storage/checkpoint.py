@@ -8,6 +8,8 @@ Layout (little-endian; docs/SerializationSpec.md has every field)::
     section  32 B   tag 4s | codec u8 | 3 zero | raw_len u64 | stored_len u64
                     | crc32c(stored) u32 | crc32c(first 28 B) u32, then stored bytes
     ...             sections META, PTBL, PDAT, MASK, GRPH, TLOG, BASE, in that order
+                    (version 3: PREF in place of PDAT, the pages being in the bus's
+                    checkpoint page store, see pagestore.py)
     footer   24 B   "MMSBEND\\0" | bytes before footer u64 | crc32c(first 16 B) u32 | zero u32
 
 Writers go through a temporary file, fsync and rename, so a reader sees the old file
@@ -17,6 +19,7 @@ target state.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import struct
@@ -54,20 +57,26 @@ from .codec import (
     encode_record,
 )
 from .fsops import fsync_dir
+from .pagestore import DATA_START, STORE_NAME, PageRefs, read_pages, slot_lengths
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["write_checkpoint", "read_checkpoint", "CheckpointData", "CheckpointBase",
+           "inline_pages", "REFS_VERSION",
            "checkpoint_bytes", "MAGIC", "VERSION", "CheckpointHead", "read_checkpoint_head",
            "read_checkpoint_front"]
 
 MAGIC = b"MMSBCKPT"
 END_MAGIC = b"MMSBEND\0"
 VERSION = 2
-"""Written by this build. Version 2 holds the log section as columns (TLOG v2)."""
-READ_VERSIONS = (1, 2)
-"""Read by this build: version 1 (log records one by one) and version 2."""
+"""Written by this build for a self-contained file. Version 2 holds the log section as
+columns (TLOG v2)."""
+REFS_VERSION = 3
+"""Written by a durable bus's exclusive writer: version 2 with the page bytes in the
+bus's checkpoint page store, named by a PREF section (page references)."""
+READ_VERSIONS = (1, 2, 3)
+"""Read by this build: version 1 (log records one by one), 2 and 3."""
 _HEADER = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
 _HEADER_SIZE = 48
 _HEADER_FULL = struct.Struct("<8sHHIQQQII")  # the header, its crc and its zero
@@ -80,6 +89,15 @@ _FOOTER_FULL = struct.Struct("<8sQII")  # the footer, its crc and its zero
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _TAGS = (b"META", b"PTBL", b"PDAT", b"MASK", b"GRPH", b"TLOG", b"BASE")
+_TAGS_REFS = (b"META", b"PTBL", b"PREF", b"MASK", b"GRPH", b"TLOG", b"BASE")
+
+
+def _tags(version: int) -> tuple[bytes, ...]:
+    return _TAGS_REFS if version == REFS_VERSION else _TAGS
+
+
+_REFS_HEAD = struct.Struct("<QQQQ")
+"""PREF section head: store uid, pages, pins, zero."""
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 _MAX_SECTION = 1 << 42
@@ -88,30 +106,61 @@ _STREAM_CHUNK = 1 << 20
 
 
 class CheckpointBase(ReplayBase):
-    """A replay base held as a checkpoint: its bytes, or a file of a durable bus."""
+    """A replay base held as a checkpoint: its bytes, or a file of a durable bus.
+    ``store``: the page store that a checkpoint of format version 3 names its pages in
+    (by default, for a file, the store beside it)."""
 
-    def __init__(self, source: bytes | Path) -> None:
+    def __init__(self, source: bytes | Path, store: Path | None = None) -> None:
         self.source = source
+        self.store = store
 
     def raw(self) -> bytes:
-        """The checkpoint's bytes.
+        """The checkpoint's bytes, self-contained (a version-3 checkpoint's pages are
+        read from its page store, checked, and written in).
 
         Raises:
-            SerializationError: the file cannot be read (gone, or not a regular file).
+            SerializationError: the file cannot be read (gone, or not a regular file),
+                or its pages cannot be read back from the page store.
         """
         if isinstance(self.source, bytes):
-            return self.source
-        try:
-            return fsops.read_all(self.source)
-        except OSError as exc:
-            raise SerializationError(f"cannot read the replay base ({exc.strerror or exc})",
-                                     path=self.source) from None
+            raw = self.source
+            label = "replay base"
+        else:
+            try:
+                raw = fsops.read_all(self.source)
+            except OSError as exc:
+                raise SerializationError(f"cannot read the replay base ({exc.strerror or exc})",
+                                         path=self.source) from None
+            label = str(self.source)
+        if _version_of(raw) == REFS_VERSION:
+            raw = inline_pages(raw, label, self._store())
+        return raw
+
+    def _store(self) -> Path | None:
+        if self.store is not None:
+            return self.store
+        return None if isinstance(self.source, bytes) else _sibling_store(self.source)
 
     def snapshot(self) -> Snapshot:
+        if isinstance(self.source, bytes) and _version_of(self.source) != REFS_VERSION:
+            return read_checkpoint(self.source, path_label="replay base")
         return read_checkpoint(self.raw(), path_label="replay base")
 
     def detached(self) -> ReplayBase:
-        return self if isinstance(self.source, bytes) else CheckpointBase(self.raw())
+        if isinstance(self.source, bytes) and _version_of(self.source) != REFS_VERSION:
+            return self
+        return CheckpointBase(self.raw())
+
+
+def _version_of(raw: bytes) -> int:
+    """The format version a checkpoint's bytes declare (0: too short to say)."""
+    if len(raw) < _HEADER_SIZE or raw[:8] != MAGIC:
+        return 0
+    return int(_U16.unpack_from(raw, 8)[0])
+
+
+def _sibling_store(path: Path) -> Path:
+    return Path(path).parent / STORE_NAME
 
 
 CheckpointData = Snapshot
@@ -227,12 +276,16 @@ def _page_runs(state: MMSBState, ids: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
-                bus: dict[str, Any] | None = None, base: bytes = b"") -> None:
+                bus: dict[str, Any] | None = None, base: bytes = b"",
+                refs: PageRefs | None = None) -> None:
     t = state.table
     log = state.log
     ids = t.live_ids()
     cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-    header = _HEADER.pack(MAGIC, VERSION, 0, len(_TAGS), log.last_lsn, t.next_id,
+    if refs is not None and not np.array_equal(refs.ids, ids):
+        raise ValueError("the page references do not list the state's live pages")
+    version = VERSION if refs is None else REFS_VERSION
+    header = _HEADER.pack(MAGIC, version, 0, len(_TAGS), log.last_lsn, t.next_id,
                           state.next_delta_id)
     f.write(header + _U32.pack(crc32c(header)) + _U32.pack(0))
     meta = {
@@ -252,11 +305,15 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
     table = [ids.astype("<i8").data, t.size[ids].astype("<i8").data,
              t.epoch[ids].astype("<i8").data, t.loc[ids].astype("u1").data]
     _write_section(f, b"PTBL", lambda: table, cctx, sized_by_table=True)
-    # Page bytes go straight from the arena to the file: no gathered copy.
-    runs = _page_runs(state, ids)
-    arena = state.arena
-    _write_section(f, b"PDAT", lambda: (arena.view(a, n).data for a, n in runs), cctx,
-                   sized_by_table=True)
+    if refs is not None:
+        parts = encode_refs(refs)
+        _write_section(f, b"PREF", lambda: parts, cctx)
+    else:
+        # Page bytes go straight from the arena to the file: no gathered copy.
+        runs = _page_runs(state, ids)
+        arena = state.arena
+        _write_section(f, b"PDAT", lambda: (arena.view(a, n).data for a, n in runs), cctx,
+                       sized_by_table=True)
     masks = [[pid, as_of, len(m), np.packbits(m).tobytes()]
              for pid, (m, as_of) in sorted(state.mask_base.items())]
     mask_raw = msgpack.packb(masks, use_bin_type=True)
@@ -275,13 +332,15 @@ def _write_body(f: BinaryIO, state: MMSBState, from_lsn: int = 0,
 
 def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: bool = True,
                      from_lsn: int = 0, bus: dict[str, Any] | None = None,
-                     base: bytes | None = None) -> int:
+                     base: bytes | None = None, refs: PageRefs | None = None) -> int:
     """Write ``state`` (caller holds its lock) to ``path`` atomically: a temporary file in
     the same directory, fsync, rename, fsync of the directory. Returns the file size.
 
     ``from_lsn``: keep only the log records after it (a durable bus's slice since its
     previous checkpoint). ``base``: the nested base checkpoint; by default the state's
-    own replay base, so the file stands alone."""
+    own replay base, so the file stands alone. ``refs``: the pages are in the bus's
+    page store, already written and synced there (:class:`PageStore.write`): the file
+    (format version 3) names them instead of holding them."""
     if base is None:
         base = state.base_bytes() if not from_lsn else b""
     target = Path(path)
@@ -289,7 +348,7 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
     tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
     f = fsops.HookedWriter(fsops.create_exclusive(tmp), tmp)
     try:
-        _write_body(f, state, from_lsn, bus, base)  # type: ignore[arg-type]
+        _write_body(f, state, from_lsn, bus, base, refs)  # type: ignore[arg-type]
         f.flush()
         if fsync:
             fsops.fsync(f.fd, tmp)
@@ -314,8 +373,6 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
 
 def checkpoint_bytes(state: MMSBState) -> bytes:
     """The checkpoint of ``state`` as bytes (caller holds its lock)."""
-    import io
-
     buf = io.BytesIO()
     _write_body(buf, state, 0, None, state.base_bytes())
     return buf.getvalue()
@@ -323,6 +380,86 @@ def checkpoint_bytes(state: MMSBState) -> bytes:
 
 # A replay base that in-memory compaction folded is encoded as a checkpoint of it.
 bind_base_encoder(checkpoint_bytes)
+
+
+def encode_refs(refs: PageRefs) -> list[Any]:
+    """The PREF section of ``refs``: head, then offsets and CRCs of the pages in the
+    page table's order, then the pins (offsets, lengths, generations)."""
+    n, m = int(refs.ids.size), int(refs.pin_offsets.size)
+    return [_REFS_HEAD.pack(refs.uid, n, m, 0), refs.offsets.astype("<i8").data,
+            refs.crcs.astype("<u4").data, refs.pin_offsets.astype("<i8").data,
+            refs.pin_lengths.astype("<i8").data, refs.pin_gens.astype("<i8").data]
+
+
+def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray,
+                generation: int | None, fail: Any) -> PageRefs:
+    """A PREF section back into :class:`PageRefs`, checked: the page count is the page
+    table's, slots lie after the store's header, the pins are ascending and do not
+    overlap, and each page's slot is a pin of its size class named by this checkpoint's
+    ``generation`` (None: a file outside a bus, whose generation is not known)."""
+    buf = memoryview(raw)
+    if len(buf) < _REFS_HEAD.size:
+        raise fail("section PREF is shorter than its head")
+    uid, n, m, zero = _REFS_HEAD.unpack_from(buf, 0)
+    if zero or not uid or n != ids.size:
+        raise fail(f"section PREF lists {n} pages where the page table lists {ids.size}, or "
+                   "its head is malformed")
+    if len(buf) != _REFS_HEAD.size + 12 * n + 24 * m:
+        raise fail(f"section PREF holds {len(buf)} bytes, not the "
+                   f"{_REFS_HEAD.size + 12 * n + 24 * m} of {n} pages and {m} pinned slots")
+    pos = _REFS_HEAD.size
+    offsets = np.frombuffer(buf, "<i8", n, pos).astype(np.int64)
+    crcs = np.frombuffer(buf, "<u4", n, pos + 8 * n).astype(np.uint32)
+    pos += 12 * n
+    po, pl, pg = np.frombuffer(buf, "<i8", 3 * m, pos).astype(np.int64).reshape(3, m)
+    if m and (int(po[0]) < DATA_START or (pl <= 0).any() or (pg < 1).any()
+              or (po[1:] < po[:-1] + pl[:-1]).any()):
+        raise fail("section PREF pins slots out of order, overlapping or inside the store's "
+                   "header")
+    if n:
+        k = np.minimum(np.searchsorted(po, offsets), max(m - 1, 0))
+        own = pg[k] == generation if generation is not None else True
+        if (m == 0 or (po[k] != offsets).any() or (pl[k] != slot_lengths(sizes)).any()
+                or not np.all(own) or np.unique(offsets).size != n):
+            raise fail("section PREF names a page slot that it does not pin for this "
+                       "checkpoint, of another size or shared by two pages")
+    return PageRefs(int(uid), ids, sizes, epochs, offsets, crcs, po, pl, pg)
+
+
+def inline_pages(raw: bytes, label: str, store: Path | None) -> bytes:
+    """A version-3 checkpoint's bytes made self-contained (version 2): its pages read
+    from ``store`` and checked against their CRC32Cs, the other sections kept as they
+    are. O(file + page bytes).
+
+    Raises:
+        SerializationError: the checkpoint is damaged, or its pages cannot be read back
+            from the page store (the message names the store and the slot).
+    """
+    # Every section is checked against its checksum; the log's is kept as it is, so it
+    # is not decoded.
+    snap = read_checkpoint(raw, path_label=label, store=store, with_log=False)
+    buf = memoryview(raw)
+    out = io.BytesIO()
+    head = bytearray(buf[:_HEADER_SIZE])
+    _U16.pack_into(head, 8, VERSION)
+    _U32.pack_into(head, 40, crc32c(bytes(head[:40])))
+    out.write(head)
+    pos = _HEADER_SIZE
+    cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    data = snap.data
+    for tag in _TAGS_REFS:
+        stored_len = _SECTION.unpack_from(buf, pos)[3]
+        end = pos + _SECTION_SIZE + stored_len
+        if tag == b"PREF":
+            _write_section(out, b"PDAT", lambda: [data.data], cctx,
+                           sized_by_table=True)
+        else:
+            out.write(buf[pos:end])
+        pos = end
+    before_footer = out.tell()
+    footer = _FOOTER.pack(END_MAGIC, before_footer)
+    out.write(footer + _U32.pack(crc32c(footer)) + _U32.pack(0))
+    return out.getvalue()
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -349,7 +486,8 @@ def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytearray:
 
 
 def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None,
-                    with_log: bool = True, private: bool = False) -> CheckpointData:
+                    with_log: bool = True, private: bool = False, store: Path | None = None,
+                    pages: bool = True) -> CheckpointData:
     """Read and validate a checkpoint file (or its bytes). ``with_log=False``: the log
     section is checked against its checksum but not decoded (the records come back
     empty), for a reader that loads the history later. ``private`` (a file only): the
@@ -357,6 +495,9 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
     payload are stored raw and the rest of the file is small beside them, the snapshot
     is marked ``owned``: one restore may take that memory as its own instead of copying
     it (the caller must restore it at most once and share it with nothing else).
+    ``store``: the page store a version-3 checkpoint's pages are read from (for a file,
+    by default the one beside it). ``pages=False``: a version-3 checkpoint's pages are
+    not read (its ``data`` comes back empty), for a reader of its log alone.
 
     Raises:
         SerializationError: bad magic, unsupported version, truncation, checksum
@@ -375,10 +516,12 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
         except OSError as exc:
             raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                      path=label) from None
-    return _parse(memoryview(raw), label, with_log, private)
+        if store is None:
+            store = _sibling_store(Path(source))
+    return _parse(memoryview(raw), label, with_log, private, store=store, pages=pages)
 
 
-def read_checkpoint_front(path: Path) -> CheckpointData:
+def read_checkpoint_front(path: Path, store: Path | None = None) -> CheckpointData:
     """A checkpoint file read and checked as ``read_checkpoint(path, with_log=False,
     private=True)`` reads it, but without keeping the bytes of its log section: the
     header, every section header and every other section are read into one private
@@ -408,7 +551,7 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
             if len(sh) != _SECTION_SIZE:
                 break
             got, _codec, _raw, stored_len, log_crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
-            if got != tag or crc32c(sh[:28]) != shcrc:
+            if (got != tag and not (tag == b"PDAT" and got == b"PREF")) or crc32c(sh[:28]) != shcrc:
                 break
             if tag == b"TLOG":
                 if pos + _SECTION_SIZE + stored_len <= total - _FOOTER_SIZE:
@@ -454,8 +597,9 @@ def read_checkpoint_front(path: Path) -> CheckpointData:
     if hole < 0:
         # Not a file whose sections lead to a log section: read whole, whose checks
         # name what is wrong.
-        return read_checkpoint(path, with_log=False, private=True)
-    return _parse(buf.data, label, False, True, hole)
+        return read_checkpoint(path, with_log=False, private=True, store=store)
+    return _parse(buf.data, label, False, True, hole,
+                  store=store if store is not None else _sibling_store(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +616,8 @@ class CheckpointHead:
     """Durable bus identity (``bus_id`` hex, ``generation``), None for plain files."""
     base_len: int
     """Bytes of its nested replay base (0: none)."""
+    version: int = VERSION
+    """Its format version (3: its pages are in the bus's checkpoint page store)."""
 
 
 def read_checkpoint_head(path: Path) -> CheckpointHead:
@@ -511,8 +657,8 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
             raise fail("header checksum mismatch (the header is damaged)", 0)
         if version not in READ_VERSIONS:
             raise fail(f"unsupported checkpoint format version {version} (this build reads "
-                       f"versions {READ_VERSIONS[0]} and {READ_VERSIONS[1]}, and writes "
-                       f"{VERSION})", 8)
+                       f"versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}, and writes "
+                       f"{VERSION} and {REFS_VERSION})", 8)
         if nsec != len(_TAGS) or _U32.unpack_from(head, 44)[0] != 0:
             raise fail("header fields out of range", 12)
         fpos = total - _FOOTER_SIZE
@@ -524,7 +670,7 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
         pos = _HEADER_SIZE
         meta: Any = None
         base_len = 0
-        for tag_expected in _TAGS:
+        for tag_expected in _tags(version):
             if fpos - pos < _SECTION_SIZE:
                 raise fail("section header runs past the end (truncated)", pos)
             sh = read(_SECTION_SIZE, pos)
@@ -565,7 +711,7 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
     if bus is not None and not (isinstance(bus, dict) and isinstance(bus.get("bus_id"), str)
                                 and isinstance(bus.get("generation"), int)):
         raise fail("section META has a malformed bus identity")
-    return CheckpointHead(lsn, from_lsn, horizon, bus, base_len)
+    return CheckpointHead(lsn, from_lsn, horizon, bus, base_len, version)
 
 
 _FRONT_LOG_MAX = 1 << 20
@@ -593,10 +739,11 @@ at most this or an eighth of the file."""
 
 
 def _parse(buf: memoryview, label: str, with_log: bool = True,
-           private: bool = False, hole: int = -1) -> CheckpointData:
+           private: bool = False, hole: int = -1, *, store: Path | None = None,
+           pages: bool = True) -> CheckpointData:
     """``hole`` ≥ 0 (``with_log`` False): ``buf`` is the file without the bytes of its
     log section, that many (see :func:`read_checkpoint_front`); offsets in errors are
-    the file's."""
+    the file's. ``store``, ``pages``: as :func:`read_checkpoint`."""
     shift = 0
 
     def fail(reason: str, offset: int | None = None) -> SerializationError:
@@ -615,7 +762,8 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         raise fail("header checksum mismatch (the header is damaged)", 0)
     if version not in READ_VERSIONS:
         raise fail(f"unsupported checkpoint format version {version} (this build reads versions "
-                   f"{READ_VERSIONS[0]} and {READ_VERSIONS[1]}, and writes {VERSION})", 8)
+                   f"{READ_VERSIONS[0]} to {READ_VERSIONS[-1]}, and writes {VERSION} and "
+                   f"{REFS_VERSION})", 8)
     if hzero != 0 or nsec != len(_TAGS):
         raise fail("header fields out of range", 12)
     fpos = total - _FOOTER_SIZE
@@ -626,7 +774,7 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         raise fail("the end marker is missing or damaged (the file is truncated or cut)", fpos)
     pos = _HEADER_SIZE
     sections: dict[bytes, tuple[int, int, memoryview, int]] = {}
-    for tag_expected in _TAGS:
+    for tag_expected in _tags(version):
         if hole >= 0 and tag_expected == b"BASE":
             shift = hole  # past the log section left on disk
         if fpos - pos < _SECTION_SIZE:
@@ -677,8 +825,23 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
                           f"this format allows ({INFLATE_RATIO}:1 beyond {INFLATE_FLOOR} bytes)")
         return _decompress(stored, raw_len, sec_err)
 
-    snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log)
-    if private and sections[b"PDAT"][0] == CODEC_RAW and (
+    load = None
+    if version == REFS_VERSION and pages:
+        where = store
+
+        def load(refs: PageRefs) -> np.ndarray:
+            if where is None:
+                raise fail("its pages are in a bus's checkpoint page store, which this read "
+                           "was not given (read the file in its bus directory)")
+            return read_pages(where, refs, f"checkpoint {label}")
+
+    snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log,
+                            load)
+    if version == REFS_VERSION:
+        # The pages were read into a buffer of their own; with no log in the read
+        # buffer, nothing else refers to them.
+        snap.owned = private and hole >= 0 and pages
+    elif private and sections[b"PDAT"][0] == CODEC_RAW and (
             hole >= 0 or sections[b"TLOG"][0] == CODEC_RAW):
         kept = snap.data.nbytes
         if isinstance(snap.records, ColumnRecords):
@@ -701,7 +864,8 @@ _META_INTS = (
 
 
 def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
-                     fail: Any, version: int = VERSION, with_log: bool = True) -> CheckpointData:
+                     fail: Any, version: int = VERSION, with_log: bool = True,
+                     load: Callable[[PageRefs], np.ndarray] | None = None) -> CheckpointData:
     try:
         meta = msgpack.unpackb(get(b"META"), raw=False, strict_map_key=False, max_ext_len=0)
     except Exception as exc:
@@ -739,9 +903,14 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
         if rows > _ROWS_FIT and rows > physical_memory():
             raise fail(f"section PTBL names page id {int(ids[-1])}, whose page-table rows "
                        f"({rows:,} bytes) are more than this machine's memory")
-    data = np.frombuffer(get(b"PDAT", total), np.uint8)
-    if len(data) != total:
-        raise fail("section PDAT does not hold exactly the pages' bytes")
+    refs_raw = None
+    if version == REFS_VERSION:
+        refs_raw = get(b"PREF")
+        data = np.zeros(0, np.uint8)
+    else:
+        data = np.frombuffer(get(b"PDAT", total), np.uint8)
+        if len(data) != total:
+            raise fail("section PDAT does not hold exactly the pages' bytes")
     metadata: dict[int, dict[str, Any]] = {}
     raw_meta = meta.get("metadata", {})
     if not isinstance(raw_meta, dict):
@@ -835,9 +1004,17 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     base = bytes(get(b"BASE"))
     if base and not base.startswith(MAGIC):
         raise fail("section BASE does not hold a checkpoint")
-    return CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
+    refs = None
+    if refs_raw is not None:
+        refs = decode_refs(refs_raw, ids, sizes, epochs,
+                           bus["generation"] if bus is not None else None, fail)
+        if load is not None:
+            data = load(refs)
+    snap = CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,
                           metadata, masks, edges, records, horizon, last_ts, meta,
                           CheckpointBase(base) if base else None, from_lsn, bus)
+    snap.page_refs = refs
+    return snap
 
 
 def _records_v1(raw: Any, lsn: int, next_page_id: int, next_delta_id: int,

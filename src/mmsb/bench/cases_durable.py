@@ -89,7 +89,7 @@ def _recovery_case(ctx: RunContext, name: str, every: int | None) -> CaseOutcome
     state.bus.flush()
     state.bus.records_since_ckpt = 0
     mmsb.mmsb_stop(state)
-    checkpoints = len(list((path / "checkpoints").iterdir()))
+    checkpoints = len(list((path / "checkpoints").glob("ckpt-*.mmsb")))
 
     def batch(_obj: None, n: int) -> None:
         for _ in range(n):
@@ -114,6 +114,69 @@ def recovery_100k(ctx: RunContext) -> CaseOutcome:
       "recover a bus whose 100k records lie in a chain of checkpoints (one per 10k records)")
 def recovery_100k_chain(ctx: RunContext) -> CaseOutcome:
     return _recovery_case(ctx, "recovery-chain", 10_000)
+
+
+def _bytes_written() -> int | None:
+    """Bytes this process has handed to write calls so far (Linux ``wchar``)."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+@case("durable", "checkpoint_few_changed",
+      "checkpoint a bus of 10,000 pages of 1 KiB after 8-byte writes to 10 of them")
+def checkpoint_few_changed(ctx: RunContext) -> CaseOutcome:
+    """The cost of one checkpoint when few pages changed since the last: its time (the
+    write and fsyncs of whatever it writes, and the removal of the checkpoint that
+    ``retain_checkpoints=2`` evicts) and the bytes it hands to write calls."""
+    import mmsb
+
+    n_pages = ctx.pick(10_000, 200)
+    changed = 10
+    cfg = ctx.mmsb_config(fsync="batch", checkpoint_interval=0, retain_checkpoints=2)
+    state = mmsb.mmsb_start(config=cfg, path=ctx.path("checkpoint-few"))
+    ctx.on_close(lambda: mmsb.mmsb_stop(state))
+    ids = [p.id for p in mmsb.create_pages(state, n_pages, 1024)]
+    rng = np.random.default_rng(ctx.seed + 2)
+    fill = rng.integers(0, 256, (n_pages, 1024), dtype=np.uint8)
+    for start in range(0, n_pages, 1000):
+        mmsb.apply_batch(state, [(ids[i], 0, fill[i].tobytes())
+                                 for i in range(start, min(n_pages, start + 1000))])
+    assert state.bus is not None
+    bus = state.bus
+    with state.lock:
+        bus.checkpoint(state)
+    rounds = [0]
+    written: list[int] = []
+
+    def setup(_n: int) -> None:
+        k = rounds[0]
+        rounds[0] = k + 1
+        mmsb.apply_batch(state, [(ids[(k * 131 + j * 997) % n_pages], (k * 8) % 1016,
+                                  rng.integers(1, 256, 8, dtype=np.uint8).tobytes())
+                                 for j in range(changed)])
+
+    def batch(_obj: None, n: int) -> None:
+        for _ in range(n):
+            before = _bytes_written()
+            with state.lock:
+                bus.checkpoint(state)
+            after = _bytes_written()
+            if before is not None and after is not None:
+                written.append(after - before)
+
+    m = ctx.measure(batch, setup=setup, inner=1, repeats=ctx.pick(15, 3))
+    return CaseOutcome(m, {
+        "pages": n_pages,
+        "changed_pages": changed,
+        "page_bytes": n_pages * 1024,
+        "bytes_written": float(np.median(written)) if written else None,
+    })
 
 
 # -- readers in other processes ----------------------------------------------------------
