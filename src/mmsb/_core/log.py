@@ -125,10 +125,6 @@ _NO_SOURCE = 0xFFFF
 _NO_ROWS = np.zeros(0, np.int64)
 _ARRAY_DTYPES = {"I": np.uint32, "q": np.int64, "l": np.int_, "L": np.uint}
 """numpy dtypes of the typecodes of row-number arrays (array.array)."""
-_ROW_WIDTH = ROW_DTYPE.itemsize
-_POFF_AT: int = ROW_DTYPE.fields["poff"][1]  # type: ignore[index]
-_POFF = struct.Struct("=q")
-"""A row's ``poff`` field (its payload's chunk and offset), read without numpy."""
 _U8 = np.dtype(np.uint8)
 _CHECK_ENTRY: dict[int, Callable[..., Any]] = {}
 """The compiled entries of :func:`check_segment_rows` (0) and of
@@ -1827,12 +1823,13 @@ class TransactionLog:
         rows whose payloads share a chunk
         (:func:`~mmsb._core.kernels.apply_rows_of_chunk`). The rows whose payloads lie
         in a mapped segment are checked before any of them is read, as
-        :meth:`check_segments` does: once per segment the rows reach, the rows in it
-        (its file's size, then each of their frames' CRC32C). Rows whose payloads are
-        in memory (every row that is not a one-run delta of the one-frame path or of
-        recovery's mapped rows) are not checked: their bytes never left the process,
-        so no other file or process can change them, and the segments' files are not
-        looked at for them.
+        :meth:`check_segments` does: once per segment the rows reach, all the rows in
+        it (its file's size, then each of their frames' CRC32C), before the first of
+        them is applied (on an error ``buf`` may hold the rows applied before). Rows
+        whose payloads are in memory (every row that is not a one-run delta of the
+        one-frame path or of recovery's mapped rows) are not checked: their bytes never
+        left the process, so no other file or process can change them, and the
+        segments' files are not looked at for them.
 
         Raises:
             SerializationError: a row's frame was cut or changed, or its payload does
@@ -1850,15 +1847,6 @@ class TransactionLog:
             if not len(sel):
                 return 0
         chunks, segs, table = self.chunks, self.segs, self.rows
-        # Each row's payload chunk, read without numpy: the rows are few (those from a
-        # keyframe to a version), and one numpy call costs more than the loop when the
-        # read comes with the CPU's caches cold.
-        unpack, cols = _POFF.unpack_from, table.data
-        chunk_of = [unpack(cols, r * _ROW_WIDTH + _POFF_AT)[0] >> 32 for r in sel.tolist()]
-        for ci in set(chunk_of):
-            source = segs.get(ci)
-            if source is not None:
-                self._check_chunk(ci, source, sel)
         # The compiled entries take only the types they were made for: a writable,
         # contiguous 1-D uint8 page buffer (other buffers go through numba's dispatch),
         # and a read-only (a mapping, bytes) or a writable (an arena chunk) payload
@@ -1866,13 +1854,19 @@ class TransactionLog:
         flags = buf.flags if type(buf) is np.ndarray else None
         plain = (flags is not None and buf.dtype is _U8 and buf.ndim == 1
                  and flags.c_contiguous and flags.writeable)
+        poffs = table["poff"]
+        checked: list[int] = []
         wrote = i = 0
         while i < len(sel):
-            ci = chunk_of[i]
+            ci = int(poffs[sel[i]]) >> 32
             source = segs.get(ci)
             if source is not None:
                 arr = source.array
                 key = 1
+                if ci not in checked:
+                    # Before any row of the segment is read: all of the rows in it.
+                    self._check_chunk(ci, source, sel)
+                    checked.append(ci)
             else:
                 chunk = chunks[ci]
                 assert chunk is not None, "a kept row's payload chunk was let go"
