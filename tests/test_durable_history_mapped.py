@@ -18,6 +18,7 @@ import pytest
 import mmsb
 from mmsb._core.kernels import SEG_BEFORE_RUN
 from mmsb._core.log import ENC_RUN, ENC_RUN16, ENC_SEGRUN, TransactionLog
+from mmsb._history.timetravel import read_page_prefix_at
 from mmsb._storage.bus import MAP_MIN_BYTES, bus_files
 from mmsb._storage.codec import crc32c
 
@@ -800,3 +801,76 @@ def test_only_segments_worth_mapping_are_mapped(tmp_path: Path,
             check_history(s, ids, seen, every=29)
         finally:
             mmsb.mmsb_stop(s)
+
+
+def _scattered(state: mmsb.MMSBState, pid: int, rounds: int) -> dict[int, bytes]:
+    """Writes that change a few bytes apart (deltas of several runs, whose payloads the
+    log keeps in memory); returns the page's bytes after each, by LSN."""
+    now = bytearray(PAGE)
+    seen: dict[int, bytes] = {}
+    for k in range(rounds):
+        for at in (3, 90, 200):
+            now[at] = (now[at] + k + 1) % 256 or 1
+        mmsb.write_page(state, pid, 0, bytes(now))
+        seen[state.last_lsn] = bytes(now)
+    return seen
+
+
+def test_rows_in_memory_are_read_without_the_segments(tmp_path: Path) -> None:
+    """A delta whose payload the log holds in memory is applied without looking at the
+    segments (nothing outside the process can change it): a cut segment refuses the
+    reads of its own rows, not theirs."""
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 100)
+        pid = mmsb.create_pages(s, 1, PAGE)[0].id
+        mine = _scattered(s, pid, 30)
+        log = s.log
+        rows = np.flatnonzero(log.rows["page"][:log.n] == pid)
+        assert len(rows) == 30 and not (log.rows["enc"][rows] == ENC_SEGRUN).any()
+        row = int(segment_rows(log)[5])
+        path, frame, _ = frame_of(log, row)
+        os.truncate(path, frame + 4)
+        before = _state_of(s)
+        epochs = {lsn: k + 1 for k, lsn in enumerate(sorted(mine))}
+        for lsn in sorted(mine)[:-1]:
+            assert mmsb.read_page_at(s, pid, lsn=lsn) == mine[lsn]
+            assert read_page_prefix_at(s, pid, epoch=epochs[lsn], length=100) == mine[lsn][:100]
+        with pytest.raises(mmsb.SerializationError, match="cut"):
+            mmsb.read_page_at(s, int(log.rows["page"][row]), lsn=log.lsns.at(row))
+        assert _state_of(s) == before
+    finally:
+        s.bus.abandon("the test cut its log")  # type: ignore[attr-defined]
+        mmsb.mmsb_stop(s)
+
+
+@pytest.mark.parametrize("damage", ["cut", "rewritten"])
+def test_every_read_checks_its_segment_rows(tmp_path: Path, damage: str) -> None:
+    """A read checks the segment rows it applies each time, not once: a version read
+    (and its frames found intact) is refused once its segment is cut, or a frame of it
+    rewritten with a valid checksum of its own; the reads before stay right."""
+    s = start(tmp_path / "bus")
+    try:
+        ids, seen = write_some(s, 300)
+        log = s.log
+        row = int(segment_rows(log)[-40])
+        pid = int(log.rows["page"][row])
+        lsn = log.lsns.at(row)
+        epoch = int(log.rows["epoch"][row])
+        assert mmsb.read_page_at(s, pid, lsn=lsn) == seen[lsn][pid]
+        assert read_page_prefix_at(s, pid, epoch=epoch, length=PAGE) == seen[lsn][pid]
+        path, frame, at = frame_of(log, row)
+        if damage == "cut":
+            os.truncate(path, frame + 4)
+        else:
+            _rewrite_value(path, frame, at)
+        before = _state_of(s)
+        for _ in range(2):
+            with pytest.raises(mmsb.SerializationError):
+                mmsb.read_page_at(s, pid, lsn=lsn)
+            with pytest.raises(mmsb.SerializationError):
+                read_page_prefix_at(s, pid, epoch=epoch, length=PAGE)
+        assert _state_of(s) == before
+    finally:
+        s.bus.abandon("the test damaged its log")  # type: ignore[attr-defined]
+        mmsb.mmsb_stop(s)

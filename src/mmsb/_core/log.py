@@ -125,9 +125,11 @@ _NO_SOURCE = 0xFFFF
 _NO_ROWS = np.zeros(0, np.int64)
 _ARRAY_DTYPES = {"I": np.uint32, "q": np.int64, "l": np.int_, "L": np.uint}
 """numpy dtypes of the typecodes of row-number arrays (array.array)."""
+_U8 = np.dtype(np.uint8)
 _CHECK_ENTRY: dict[int, Callable[..., Any]] = {}
 """The compiled entries of :func:`check_segment_rows` (0) and of
-:func:`apply_rows_of_chunk` on a mapped segment (1) for the types the log passes
+:func:`apply_rows_of_chunk` on a read-only payload chunk (1: a mapped segment, a chunk
+over bytes) and on a writable one (2: the arena's) for the types the log passes
 (numba's choice of a version costs about 2 µs a call with a structured array)."""
 """An empty row selection (check_segments of a row range)."""
 _SMALL_ENTRY: dict[int, Callable[..., tuple[int, int]]] = {}
@@ -986,23 +988,35 @@ class TransactionLog:
         while todo:
             ci = todo.pop()
             seen.add(ci)
-            source = segs[ci]
-            end = source.readable()
-            args = (self.rows, sel, r0, r1 or 0, ci, source.array, self._source_lengths(),
-                    self.crcs, CRC_TABLES, end)
-            check = _CHECK_ENTRY.get(0)
-            if check is None:
-                check = _CHECK_ENTRY[0] = entry_point(check_segment_rows, *args)
-            bad, lo, hi = check(*args)
-            if bad >= 0:
-                at = int(self.rows["poff"][bad]) & 0xFFFFFFFF
-                raise SerializationError(
-                    f"the frame of the delta at LSN {self.lsns.at(bad)} (page "
-                    f"{int(self.rows['page'][bad])}) no longer holds what the bus wrote "
-                    "there: the segment was changed or cut after it was written; its "
-                    "history cannot be read", path=getattr(source, "path", None), offset=at)
+            lo, hi = self._check_chunk(ci, segs[ci], sel, r0, r1 or 0)
             if lo >= 0 and (lo != ci or hi != ci) and not todo:
                 todo = [c for c in segs if lo <= c <= hi and c not in seen]
+
+    def _check_chunk(self, ci: int, source: SegmentSource, sel: np.ndarray, r0: int = 0,
+                     r1: int = 0) -> tuple[int, int]:
+        """:meth:`check_segments` of the rows ``sel`` (else ``r0 … r1-1``) whose payload
+        lies in the mapped segment chunk ``ci``; ``sel`` is an int64, writable,
+        contiguous 1-D array. Returns the lowest and highest chunk numbers of the
+        segment rows met in any chunk (-1, -1: none).
+
+        Raises:
+            SerializationError: the segment was cut, replaced or changed under the log.
+        """
+        end = source.readable()
+        args = (self.rows, sel, r0, r1, ci, source.array, self._source_lengths(),
+                self.crcs, CRC_TABLES, end)
+        check = _CHECK_ENTRY.get(0)
+        if check is None:
+            check = _CHECK_ENTRY[0] = entry_point(check_segment_rows, *args)
+        bad, lo, hi = check(*args)
+        if bad >= 0:
+            at = int(self.rows["poff"][bad]) & 0xFFFFFFFF
+            raise SerializationError(
+                f"the frame of the delta at LSN {self.lsns.at(bad)} (page "
+                f"{int(self.rows['page'][bad])}) no longer holds what the bus wrote "
+                "there: the segment was changed or cut after it was written; its "
+                "history cannot be read", path=getattr(source, "path", None), offset=at)
+        return int(lo), int(hi)
 
     def _has_segment_rows(self, r0: int, r1: int) -> bool:
         return bool(self.segs) and bool((self.rows["enc"][r0:r1] == ENC_SEGRUN).any())
@@ -1805,41 +1819,65 @@ class TransactionLog:
         return wrote
 
     def _apply_rows_compiled(self, rows: Iterable[int], buf: np.ndarray) -> int:
-        """:meth:`apply_rows` of a log with mapped segments: the rows checked
-        (:meth:`check_segments`), then applied by one compiled call per run of rows
-        whose payloads share a chunk (:func:`~mmsb._core.kernels.apply_rows_of_chunk`).
+        """:meth:`apply_rows` of a log with mapped segments: one compiled call per run of
+        rows whose payloads share a chunk
+        (:func:`~mmsb._core.kernels.apply_rows_of_chunk`). The rows whose payloads lie
+        in a mapped segment are checked before any of them is read, as
+        :meth:`check_segments` does: once per segment the rows reach, all the rows in
+        it (its file's size, then each of their frames' CRC32C), before the first of
+        them is applied (on an error ``buf`` may hold the rows applied before). Rows
+        whose payloads are in memory (every row that is not a one-run delta of the
+        one-frame path or of recovery's mapped rows) are not checked: their bytes never
+        left the process, so no other file or process can change them, and the
+        segments' files are not looked at for them.
 
         Raises:
             SerializationError: a row's frame was cut or changed, or its payload does
                 not fit the page (a damaged log).
         """
-        sel = (np.frombuffer(rows, _ARRAY_DTYPES[rows.typecode]).astype(np.int64)
-               if type(rows) is array and rows.typecode in _ARRAY_DTYPES
-               else np.array(list(rows), np.int64))
-        if not len(sel):
-            return 0
-        self.check_segments(sel)
-        # The compiled entry takes only the types it was made for: a writable,
-        # contiguous 1-D uint8 page buffer (other buffers go through numba's dispatch).
-        plain = (type(buf) is np.ndarray and buf.dtype == np.uint8 and buf.ndim == 1
-                 and buf.flags.c_contiguous and buf.flags.writeable)
-        apply = _CHECK_ENTRY.get(1) if plain else None
+        if type(rows) is array and rows.typecode == "q":
+            # A slice of a page line's refs: the row numbers as they are, no copy.
+            if not rows:
+                return 0
+            sel = np.frombuffer(rows, np.int64)
+        else:
+            sel = (np.frombuffer(rows, _ARRAY_DTYPES[rows.typecode]).astype(np.int64)
+                   if type(rows) is array and rows.typecode in _ARRAY_DTYPES
+                   else np.array(list(rows), np.int64))
+            if not len(sel):
+                return 0
         chunks, segs, table = self.chunks, self.segs, self.rows
+        # The compiled entries take only the types they were made for: a writable,
+        # contiguous 1-D uint8 page buffer (other buffers go through numba's dispatch),
+        # and a read-only (a mapping, bytes) or a writable (an arena chunk) payload
+        # chunk.
+        flags = buf.flags if type(buf) is np.ndarray else None
+        plain = (flags is not None and buf.dtype is _U8 and buf.ndim == 1
+                 and flags.c_contiguous and flags.writeable)
+        poffs = table["poff"]
+        checked: list[int] = []
         wrote = i = 0
         while i < len(sel):
-            ci = int(table["poff"][sel[i]]) >> 32
+            ci = int(poffs[sel[i]]) >> 32
             source = segs.get(ci)
             if source is not None:
                 arr = source.array
+                key = 1
+                if ci not in checked:
+                    # Before any row of the segment is read: all of the rows in it.
+                    self._check_chunk(ci, source, sel)
+                    checked.append(ci)
             else:
                 chunk = chunks[ci]
                 assert chunk is not None, "a kept row's payload chunk was let go"
                 arr = np.frombuffer(chunk, np.uint8)
+                key = 1 if chunk.readonly else 2
+            apply = _CHECK_ENTRY.get(key) if plain else None
             args = (table, sel, i, ci, arr, buf)
-            if apply is None or source is None:
+            if apply is None:
                 i, n = apply_rows_of_chunk(*args)
-                if source is not None and apply is None and plain:
-                    apply = _CHECK_ENTRY[1] = entry_point(apply_rows_of_chunk, *args)
+                if plain:
+                    _CHECK_ENTRY[key] = entry_point(apply_rows_of_chunk, *args)
             else:
                 i, n = apply(*args)
             if i < 0:

@@ -11,11 +11,11 @@ Every checkpoint is built before timing, and both savers get the same ones.
 | --- | --- |
 | ``put_own`` / ``put_own_sqlite`` | each ``put`` of fresh savers driven in turn with the values' encoding precomputed and no sync (MMSB ``fsync="none"``, SQLite ``synchronous=OFF``): what each saver does around LangGraph's encoding and the sync |
 | ``put`` / ``put_always`` / ``put_memory`` / ``put_sqlite`` / ``put_sqlite_normal`` | each ``put`` of the thread, one sample per put, in runs of fresh savers driven step by step in turn: MMSB durable (``fsync="batch"``, its default), durable with ``fsync="always"`` (a sync per put, like SQLite's default ``synchronous=FULL`` in WAL mode), in memory; SQLite on a file with its defaults, and with ``synchronous=NORMAL`` (no sync per commit, as MMSB's ``fsync="batch"``) |
-| ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved |
-| ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved |
+| ``get_latest`` / ``get_latest_sqlite`` | ``get_tuple`` of the thread's latest checkpoint, A/B interleaved (201 rounds) |
+| ``get_middle`` / ``get_middle_sqlite`` | ``get_tuple`` of step ``N // 2``, A/B interleaved (201 rounds) |
 | ``decode_middle`` | LangGraph's serializer decoding step ``N // 2``'s messages alone: the floor both savers share |
 | ``encode_middle`` | LangGraph's serializer encoding step ``N // 2``'s checkpoint: the floor of a put at that step, which both savers pay |
-| ``get_middle_storage`` / ``get_middle_storage_sqlite`` | ``get_tuple`` of step ``N // 2`` with a serializer that decodes nothing: what each saver does around LangGraph's decoding, A/B interleaved |
+| ``get_middle_storage`` / ``get_middle_storage_sqlite`` | ``get_tuple`` of step ``N // 2`` with a serializer that decodes nothing: what each saver does around LangGraph's decoding, A/B interleaved (201 rounds) |
 | ``list_history`` / ``list_history_sqlite`` | ``list`` of the whole thread, A/B interleaved |
 | ``reopen`` / ``reopen_sqlite`` | open the saver on its files and ``get_tuple`` the latest, A/B interleaved; the files' sizes (``disk_bytes``: the bus directory after ``close``, the SQLite file with its ``-wal`` and ``-shm``) are ``reopen``'s metrics |
 
@@ -458,6 +458,12 @@ def _sqlite_side(ctx: RunContext, name: str) -> CaseOutcome:
     return CaseOutcome(m, {"paired_with": f"langgraph/{name}"})
 
 
+_READ_ROUNDS = 201
+"""Rounds of a paired ``get_tuple`` (a few ms each): where the two sides differ by a
+percent or two, the harness's default 31 leave the medians' ratio spread over a few
+percent from run to run."""
+
+
 def _get(ctx: RunContext, name: str, index: int | None) -> CaseOutcome:
     w = _workload(ctx)
     mine, theirs = _savers(ctx)
@@ -467,7 +473,8 @@ def _get(ctx: RunContext, name: str, index: int | None) -> CaseOutcome:
     expect(a.checkpoint["channel_values"] == b.checkpoint["channel_values"],
            f"{name}: the savers return different channel values")
     expect(a.pending_writes == b.pending_writes, f"{name}: different pending writes")
-    m = _paired(ctx, name, [lambda: mine.get_tuple(config), lambda: theirs.get_tuple(config)])
+    m = _paired(ctx, name, [lambda: mine.get_tuple(config), lambda: theirs.get_tuple(config)],
+                repeats=ctx.pick(_READ_ROUNDS, 3))
     sqlite_median = ctx.cache[f"lg_pair:{name}"].stats.median_ns
     return CaseOutcome(m, {
         "messages": len(a.checkpoint["channel_values"]["messages"]),
@@ -527,7 +534,8 @@ def get_middle_storage(ctx: RunContext) -> CaseOutcome:
         expect(mine.get_tuple(config) is not None and theirs.get_tuple(config) is not None,
                "get_middle_storage: a saver lost the checkpoint")
         m = _paired(ctx, "get_middle_storage", [lambda: mine.get_tuple(config),
-                                                lambda: theirs.get_tuple(config)])
+                                                lambda: theirs.get_tuple(config)],
+                    repeats=ctx.pick(_READ_ROUNDS, 3))
     finally:
         mine.serde, theirs.serde = serdes
     sqlite_median = ctx.cache["lg_pair:get_middle_storage"].stats.median_ns
