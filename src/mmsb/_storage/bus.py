@@ -236,6 +236,11 @@ class DurableBus:
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
+        self.superseded: list[Path] = []
+        """Checkpoints older than the retained chain that recovery found (a crash left
+        them before retention removed them): ignored by every recovery, and removed by
+        the next automatic checkpoint or the close (see :meth:`drop_superseded`), not
+        by the open."""
         self.map_history = False
         """Recovery points the rows of one-run deltas at their frames in the segments
         it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
@@ -748,6 +753,7 @@ class DurableBus:
             interval > 0 and time.monotonic() - self.last_ckpt_time >= interval)
         if not due:
             return
+        self.drop_superseded()
         try:
             self.checkpoint(state)
         except (OSError, MMSBError) as exc:
@@ -873,6 +879,17 @@ class DurableBus:
                 "creates it once the disk has room") from segment_error
         return path
 
+    def drop_superseded(self) -> None:
+        """Remove the superseded checkpoints recovery found (not synced: a removal a
+        crash undoes finds the file superseded again). A failure is logged; what stays
+        is ignored by recovery."""
+        gone, self.superseded = self.superseded, []
+        for p in gone:
+            try:
+                _unlink(p)
+            except OSError as exc:
+                log.warning("removing superseded checkpoint %s failed: %s", p, exc)
+
     def _all_ckpts(self) -> list[_Ckpt]:
         out = []
         for p in bus_files(self.root)["checkpoints"]:
@@ -933,6 +950,7 @@ class DurableBus:
             return
         self.closing = True
         try:
+            self.drop_superseded()
             if self.shared and self.failed is None:
                 # The final checkpoint must hold the other writers' records too.
                 self.before_call(state)
@@ -1271,11 +1289,9 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             loader = _restore_deferred(bus, state, by_gen, gen)
         if loader is None:
             _restore_chain(bus, state, by_gen, gen)
-        superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
-        if superseded and not bus.read_only:
-            # Not synced: a removal a crash undoes finds the file superseded again.
-            for p in superseded:
-                _unlink(p)
+        if not bus.read_only:
+            # Removed after the open (drop_superseded), which never reads them.
+            bus.superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
     for p in files["wal"]:
