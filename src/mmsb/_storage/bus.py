@@ -172,8 +172,6 @@ class DurableBus:
         self.bus_id = bus_id
         self.config = config
         self.lock_fd = lock_fd
-        self.ckpt_dir = root / "checkpoints"
-        self.wal_dir = root / "wal"
         self.generation = 0
         self.ckpt_lsn = 0
         self.retained: list[_Ckpt] = []
@@ -244,6 +242,16 @@ class DurableBus:
         self.map_history = False
         """Recovery points the rows of one-run deltas at their frames in the segments
         it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
+
+    @cached_property
+    def ckpt_dir(self) -> Path:
+        """DIR/checkpoints (made when first used: an open lists it by its name)."""
+        return self.root / "checkpoints"
+
+    @cached_property
+    def wal_dir(self) -> Path:
+        """DIR/wal (made when first used)."""
+        return self.root / "wal"
 
     @cached_property
     def fast(self) -> FastWriter:
@@ -1063,7 +1071,7 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
         SerializationError: the file is missing beside data, damaged, or (with
             ``want``) names another bus.
     """
-    path = root / "BUS"
+    path = f"{root}/BUS"
     if not has_data and not os.path.lexists(path):
         bus_id = want if want is not None else secrets.randbits(64) or 1
         # A clock before 1970 records creation time 0.
