@@ -1198,14 +1198,19 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     config = state.config  # (checked when the state was built)
     root = Path(path)
     try:
-        try:
-            if not stat.S_ISDIR(os.stat(root).st_mode):
-                raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
-        except FileNotFoundError:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
         where = str(root)
-        for sub in ("/checkpoints", "/wal"):
-            fsops.bus_folder(where + sub)
+        try:
+            # (The usual case, a bus folder there: no stat of the directory first.)
+            fsops.bus_folder(where + "/checkpoints")
+        except (FileNotFoundError, NotADirectoryError):
+            try:
+                if not stat.S_ISDIR(os.stat(root).st_mode):
+                    raise MMSBError(f"{root} exists and is not a directory; a bus needs a "
+                                    "directory") from None
+            except FileNotFoundError:
+                root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fsops.bus_folder(where + "/checkpoints")
+        fsops.bus_folder(where + "/wal")
         lock_fd = _lock(root, shared)
     except OSError as exc:
         raise _durability(root, "open", exc) from exc
