@@ -248,6 +248,34 @@ def test_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
         start(f)
 
 
+def test_the_bus_directory_is_made_or_refused_before_its_folders(tmp_path: Path) -> None:
+    """The open makes its folders in the directory, making the directory (and its
+    parents) when missing; a file where the directory belongs is refused, unchanged,
+    whether it stands at the path itself or above it."""
+    f = tmp_path / "file"
+    f.write_bytes(b"not a directory")
+    for where in (f, f / "bus"):
+        with pytest.raises(mmsb.MMSBError) as info:
+            start(where)
+        assert "not a directory" in str(info.value).lower()
+        assert f.read_bytes() == b"not a directory"
+    deep = tmp_path / "a" / "b" / "bus"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for root in (deep, empty):
+        s = start(root)
+        try:
+            mmsb.create_page(s, 4)
+        finally:
+            mmsb.mmsb_stop(s)
+        assert (root / "checkpoints").is_dir() and (root / "wal").is_dir()
+        again = start(root)
+        try:
+            assert len(again.pages) == 1
+        finally:
+            mmsb.mmsb_stop(again)
+
+
 def test_missing_identity_file_with_data_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "bus"
     s = start(root)

@@ -185,3 +185,59 @@ def test_reopen_twice_without_writes_replays_the_same(tmp_path: Path) -> None:
         assert _snapshot(second) == snap
     finally:
         mmsb.mmsb_stop(second)
+
+
+def test_a_superseded_checkpoint_is_removed_after_the_open_not_by_it(tmp_path: Path) -> None:
+    """The open leaves a checkpoint older than the retained chain where it is (it never
+    reads it); a crash before anything removed it finds it superseded again, and the
+    next automatic checkpoint or the close removes it."""
+    root = tmp_path / "bus"
+    logged = _killed(root, 1000)
+    before = _listing(root)
+    oldest = bus_files(root)["checkpoints"][0]
+    reference = _snapshot(mmsb.open_readonly(root, config=_cfg()))
+    crashed = tmp_path / "crashed"
+    shutil.copytree(root, crashed)
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    try:
+        assert s.bus.superseded == [oldest]
+        assert oldest.exists() and _listing(root) == before, "the open removed nothing"
+        assert s.last_lsn == logged and _snapshot(s) == reference
+    finally:
+        mmsb.mmsb_stop(s)
+    assert not oldest.exists(), "the close removes it"
+    # Opened, then killed before any checkpoint or close: the file is still there, and
+    # the next open ignores it as the first did.
+    s = mmsb.mmsb_start(path=crashed, config=_cfg())
+    try:
+        assert _snapshot(s) == reference
+        kept = crashed / "checkpoints" / oldest.name
+        assert s.bus.superseded == [kept] and kept.exists()
+        pid = min(s.pages)
+        for i in range(701):  # past max_tlog_size: an automatic checkpoint
+            mmsb.write_page(s, pid, 0, (i + 1).to_bytes(8, "little"))
+        assert not kept.exists() and s.bus.superseded == [], "the checkpoint removed it"
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_a_superseded_checkpoint_that_cannot_be_removed_is_left_and_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "bus"
+    logged = _killed(root, 1000)
+    oldest = bus_files(root)["checkpoints"][0]
+
+    def refuse(path: Any, *, missing_ok: bool = True) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    monkeypatch.setattr(fsops, "unlink", refuse)
+    mmsb.mmsb_stop(s)  # logged, not raised
+    monkeypatch.undo()
+    assert oldest.exists()
+    again = mmsb.mmsb_start(path=root, config=_cfg())
+    try:
+        assert again.last_lsn == logged and again.bus.superseded == [oldest]
+    finally:
+        mmsb.mmsb_stop(again)
+    assert not oldest.exists()

@@ -526,3 +526,26 @@ def test_state_pages_mapping(state) -> None:
     assert set(got) == {a.id, b.id}
     mmsb.delete_page(state, a.id)
     assert len(state.pages) == 1 and a.id not in state.pages
+
+
+def test_query_page_reads_through_kept_buffer_views_dropped_with_their_buffer() -> None:
+    """query_page copies out through a memoryview of the page's buffer, kept while the
+    buffer is: a large page's own buffer, freed by its deletion, takes its view with it,
+    and the pages made after it read their own bytes."""
+    from mmsb._core.arena import CHUNK_SHIFT
+
+    s = mmsb.MMSBState()
+    small = mmsb.create_page(s, 16)
+    big = mmsb.create_page(s, 1 << 25)  # past a quarter buffer: a buffer of its own
+    mmsb.write_page(s, small.id, 0, b"small")
+    mmsb.write_page(s, big.id, 5, b"big")
+    assert mmsb.query_page(s, small.id)[:5] == b"small"
+    assert mmsb.query_page(s, big.id)[5:8] == b"big"
+    index = int(s.table.addr[big.id]) >> CHUNK_SHIFT
+    assert index in s.arena._views
+    mmsb.delete_page(s, big.id)
+    assert index not in s.arena._views and s.arena.chunk(index) is None
+    again = mmsb.create_page(s, 1 << 25)
+    mmsb.write_page(s, again.id, 0, b"again")
+    assert mmsb.query_page(s, again.id)[:5] == b"again"
+    assert mmsb.query_page(s, small.id)[:5] == b"small"

@@ -79,12 +79,16 @@ def _flip_in_log_section(path: Path) -> None:
 
 
 @pytest.mark.parametrize("one_read", [True, False])
+@pytest.mark.parametrize("window", [4096, 32, 100])
 def test_the_newest_checkpoint_reads_the_same_in_one_read_or_in_steps(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_read: bool) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_read: bool, window: int) -> None:
     """A log section read with the rest of the file, or (past the one-read limit) in
-    steps: the reopened state and its history are the full replay's either way."""
+    steps, its section heads found through windows of any size (one head a read, heads
+    across a window's end): the reopened state and its history are the full replay's
+    either way."""
     img = _image(tmp_path)
     want = _reference(img)
+    monkeypatch.setattr(ckpt_mod, "_HEAD_WINDOW", window)
     if not one_read:
         monkeypatch.setattr(ckpt_mod, "_FRONT_LOG_MAX", 0)
     for k in range(2):  # the second read reuses the thread's scratch buffer
@@ -197,3 +201,30 @@ def test_a_read_of_a_whole_file_goes_on_after_a_short_read_before_its_end(
     path.write_bytes(data[:1000])
     assert fsops.read_all(path) == data[:1000]
     assert calls == [0]  # one read: short past the size
+
+
+@pytest.mark.parametrize("window", [4096, 32])
+@pytest.mark.parametrize("tag", [b"META", b"PDAT", b"GRPH", b"TLOG"])
+def test_a_damaged_section_head_is_refused_at_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: bytes, window: int) -> None:
+    """A damaged byte in a section head (found through the window of heads, or one head
+    a read) is refused with SerializationError naming the file and the section; nothing
+    on disk changes."""
+    monkeypatch.setattr(ckpt_mod, "_HEAD_WINDOW", window)
+    root = _copy(_image(tmp_path), "bus")
+    newest = _newest(root)
+    raw = bytearray(newest.read_bytes())
+    pos = 48
+    while bytes(raw[pos:pos + 4]) != tag:
+        pos += 32 + struct.unpack_from("<Q", raw, pos + 16)[0]
+    raw[pos + 17] ^= 0xFF  # the stored length
+    newest.write_bytes(bytes(raw))
+    before = _files(root)
+    with pytest.raises(mmsb.SerializationError) as info:
+        mmsb.mmsb_start(path=str(root), config=_cfg())
+    assert newest.name in str(info.value)
+    assert tag.decode() in str(info.value)
+    after = _files(root)
+    after.pop("LOCK", None)
+    before.pop("LOCK", None)
+    assert after == before

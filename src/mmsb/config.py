@@ -114,7 +114,8 @@ class MMSBConfig:
                     f"MMSBConfig.{name} must be a finite number from {flo:g} to {fhi:g}, "
                     f"not {value!r}")
         try:
-            self.propagation_mode = PropagationMode(self.propagation_mode)
+            if type(self.propagation_mode) is not PropagationMode:  # (a member: as it is)
+                self.propagation_mode = PropagationMode(self.propagation_mode)
         except (ValueError, TypeError):
             raise InvalidArgumentError(
                 f"MMSBConfig.propagation_mode must be a PropagationMode, not {self.propagation_mode!r}") from None

@@ -679,10 +679,8 @@ class MMSBState:
         if not (type(page_id) is int and 0 < page_id < t.next_id and flags_v[page_id] & LIVE):
             page_id = self.require_page(page_id, context)
         addr = addr_v[page_id]
-        chunk = self.arena.chunk(addr >> CHUNK_SHIFT)
-        assert chunk is not None
         off = addr & CHUNK_MASK
-        return chunk[off:off + size_v[page_id]].tobytes()
+        return self.arena.chunk_bytes(addr >> CHUNK_SHIFT)[off:off + size_v[page_id]].tobytes()
 
     def page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
         addr_v, size_v, _epoch_v, _flags_v = self.table.views

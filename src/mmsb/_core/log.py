@@ -119,6 +119,9 @@ class SegmentSource(Protocol):
 
 
 _CHUNK = LOG_CHUNK
+_NO_CHUNK = np.zeros(0, np.uint8)
+"""``cur_array`` of a log with no current payload chunk (empty: nothing is written
+through it; shared by every such log)."""
 """Payload arena chunk (256 KiB: a fresh one is cheap to fault in); a payload over a
 quarter of it gets a chunk of its own."""
 _NO_SOURCE = 0xFFFF
@@ -492,7 +495,7 @@ class TransactionLog:
         see :func:`~mmsb._core.kernels.check_segment_rows`)."""
         self.cur = -1
         """The shared chunk small payloads go to (-1: none yet)."""
-        self.cur_array = np.zeros(0, np.uint8)
+        self.cur_array = _NO_CHUNK
         self.tail = _CHUNK
         # structural records, by first LSN
         self.structs: list[AnyRecord | _CreateRun] = []

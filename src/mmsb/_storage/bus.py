@@ -177,8 +177,6 @@ class DurableBus:
         self.bus_id = bus_id
         self.config = config
         self.lock_fd = lock_fd
-        self.ckpt_dir = root / "checkpoints"
-        self.wal_dir = root / "wal"
         self.generation = 0
         self.ckpt_lsn = 0
         self.retained: list[_Ckpt] = []
@@ -241,6 +239,11 @@ class DurableBus:
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
+        self.superseded: list[Path] = []
+        """Checkpoints older than the retained chain that recovery found (a crash left
+        them before retention removed them): ignored by every recovery, and removed by
+        the next automatic checkpoint or the close (see :meth:`drop_superseded`), not
+        by the open."""
         self.map_history = False
         """Recovery points the rows of one-run deltas at their frames in the segments
         it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
@@ -254,6 +257,16 @@ class DurableBus:
         self.open_refs: PageRefs | None = None
         """The page references of the newest checkpoint found at open (None: it holds
         its pages itself)."""
+
+    @cached_property
+    def ckpt_dir(self) -> Path:
+        """DIR/checkpoints (made when first used: an open lists it by its name)."""
+        return self.root / "checkpoints"
+
+    @cached_property
+    def wal_dir(self) -> Path:
+        """DIR/wal (made when first used)."""
+        return self.root / "wal"
 
     @cached_property
     def fast(self) -> FastWriter:
@@ -766,6 +779,7 @@ class DurableBus:
             interval > 0 and time.monotonic() - self.last_ckpt_time >= interval)
         if not due:
             return
+        self.drop_superseded()
         try:
             self.checkpoint(state)
         except (OSError, MMSBError) as exc:
@@ -967,6 +981,17 @@ class DurableBus:
                 return ck.page_refs
         return None
 
+    def drop_superseded(self) -> None:
+        """Remove the superseded checkpoints recovery found (not synced: a removal a
+        crash undoes finds the file superseded again). A failure is logged; what stays
+        is ignored by recovery."""
+        gone, self.superseded = self.superseded, []
+        for p in gone:
+            try:
+                _unlink(p)
+            except OSError as exc:
+                log.warning("removing superseded checkpoint %s failed: %s", p, exc)
+
     def _all_ckpts(self) -> list[_Ckpt]:
         out = []
         for p in bus_files(self.root)["checkpoints"]:
@@ -1027,6 +1052,7 @@ class DurableBus:
             return
         self.closing = True
         try:
+            self.drop_superseded()
             if self.shared and self.failed is None:
                 # The final checkpoint must hold the other writers' records too.
                 self.before_call(state)
@@ -1141,7 +1167,7 @@ def _identity(root: Path, has_data: bool, want: int | None = None) -> int:
         SerializationError: the file is missing beside data, damaged, or (with
             ``want``) names another bus.
     """
-    path = root / "BUS"
+    path = f"{root}/BUS"
     if not has_data and not os.path.lexists(path):
         bus_id = want if want is not None else secrets.randbits(64) or 1
         # A clock before 1970 records creation time 0.
@@ -1268,14 +1294,19 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     config = state.config  # (checked when the state was built)
     root = Path(path)
     try:
-        try:
-            if not stat.S_ISDIR(os.stat(root).st_mode):
-                raise MMSBError(f"{root} exists and is not a directory; a bus needs a directory")
-        except FileNotFoundError:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
         where = str(root)
-        for sub in ("/checkpoints", "/wal"):
-            fsops.bus_folder(where + sub)
+        try:
+            # (The usual case, a bus folder there: no stat of the directory first.)
+            fsops.bus_folder(where + "/checkpoints")
+        except (FileNotFoundError, NotADirectoryError):
+            try:
+                if not stat.S_ISDIR(os.stat(root).st_mode):
+                    raise MMSBError(f"{root} exists and is not a directory; a bus needs a "
+                                    "directory") from None
+            except FileNotFoundError:
+                root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fsops.bus_folder(where + "/checkpoints")
+        fsops.bus_folder(where + "/wal")
         lock_fd = _lock(root, shared)
     except OSError as exc:
         raise _durability(root, "open", exc) from exc
@@ -1371,11 +1402,9 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
             loader = _restore_deferred(bus, state, by_gen, gen)
         if loader is None:
             _restore_chain(bus, state, by_gen, gen)
-        superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
-        if superseded and not bus.read_only:
-            # Not synced: a removal a crash undoes finds the file superseded again.
-            for p in superseded:
-                _unlink(p)
+        if not bus.read_only:
+            # Removed after the open (drop_superseded), which never reads them.
+            bus.superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
     for p in files["wal"]:

@@ -546,10 +546,18 @@ def read_checkpoint_front(path: Path, store: Path | None = None) -> CheckpointDa
         total = st.st_size
         pos = _HEADER_SIZE
         hole = -1
+        # The section heads are read through a window of _HEAD_WINDOW bytes, read again
+        # only where a head lies outside it: two reads for the usual file (the heads
+        # before the page bytes, then those after them), not one per section.
+        win = b""
+        win_at = 0
         for tag in _TAGS:
-            sh = os.pread(fd, _SECTION_SIZE, pos)
-            if len(sh) != _SECTION_SIZE:
-                break
+            if not win_at <= pos <= win_at + len(win) - _SECTION_SIZE:
+                win = os.pread(fd, _HEAD_WINDOW, pos)
+                win_at = pos
+                if len(win) < _SECTION_SIZE:
+                    break
+            sh = win[pos - win_at:pos - win_at + _SECTION_SIZE]
             got, _codec, _raw, stored_len, log_crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
             if (got != tag and not (tag == b"PDAT" and got == b"PREF")) or crc32c(sh[:28]) != shcrc:
                 break
@@ -713,6 +721,10 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
         raise fail("section META has a malformed bus identity")
     return CheckpointHead(lsn, from_lsn, horizon, bus, base_len, version)
 
+
+_HEAD_WINDOW = 4096
+"""Bytes read at a time while looking for a checkpoint's section heads (see
+:func:`read_checkpoint_front`)."""
 
 _FRONT_LOG_MAX = 1 << 20
 """A log section up to this long is read with the rest of the file in one system call,

@@ -631,11 +631,15 @@ class Publisher:
                 or plen > sizes["pages"] or bump > plen
                 or tlen // ROW_SIZE < max(rows, 1) or plen < _MIN_PAGES or tlen < _MIN_ROWS * ROW_SIZE):
             return "the head's file lengths do not match the files"
+        # Mapped at the head's lengths, which the files' sizes were just checked to
+        # cover (as _remap_pages and _remap_table would map them, without their fstat).
         self.pages_cap = plen
         self.table_rows = tlen // ROW_SIZE
-        self._remap_pages(plen)
-        self._remap_table(self.table_rows)
-        words = np.frombuffer(self.table_mm, "<i8")  # type: ignore[arg-type]
+        self.pages_mm = mmap.mmap(self.fds["pages"], plen)
+        self.pages = np.frombuffer(self.pages_mm, np.uint8)
+        self.table_mm = mmap.mmap(self.fds["table"], tlen)
+        self.table = np.frombuffer(self.table_mm, ROW_DTYPE)
+        words = np.frombuffer(self.table_mm, "<i8")
         # The arena's first chunk (where a restored state's pages usually all lie) is
         # compared in the same call as the rows are checked; others after it.
         try:
