@@ -204,16 +204,20 @@ def test_a_read_of_a_whole_file_goes_on_after_a_short_read_before_its_end(
 
 
 @pytest.mark.parametrize("window", [4096, 32])
-@pytest.mark.parametrize("tag", [b"META", b"PDAT", b"GRPH", b"TLOG"])
+@pytest.mark.parametrize("tag", [b"META", b"PAGES", b"GRPH", b"TLOG"])
 def test_a_damaged_section_head_is_refused_at_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tag: bytes, window: int) -> None:
     """A damaged byte in a section head (found through the window of heads, or one head
     a read) is refused with SerializationError naming the file and the section; nothing
-    on disk changes."""
+    on disk changes. PAGES: the pages' section, PDAT (the bytes) or, in a record whose
+    pages are in the page store, PREF (their slots)."""
     monkeypatch.setattr(ckpt_mod, "_HEAD_WINDOW", window)
     root = _copy(_image(tmp_path), "bus")
     newest = _newest(root)
     raw = bytearray(newest.read_bytes())
+    if tag == b"PAGES":
+        version = struct.unpack_from("<H", raw, 8)[0]
+        tag = b"PREF" if version == ckpt_mod.REFS_VERSION else b"PDAT"
     pos = 48
     while bytes(raw[pos:pos + 4]) != tag:
         pos += 32 + struct.unpack_from("<Q", raw, pos + 16)[0]
