@@ -686,3 +686,36 @@ def test_a_store_being_created_when_killed_is_removed_at_open(tmp_path: Path) ->
     s = mmsb.mmsb_start(path=str(root), config=_cfg())
     mmsb.mmsb_stop(s)
     assert not left.exists()
+
+
+def test_page_references_are_checked_against_their_pins() -> None:
+    """Each rule of a PREF section's check, one broken at a time (0: sound; 1: the pins
+    themselves are wrong; 2: a page's slot is not a pin of its size and generation)."""
+    from mmsb._core.arena import size_class
+    from mmsb._storage.pagestore import DATA_START, refs_problem
+
+    sizes = np.array([1000, 16, 5000], np.int64)
+    lens = np.array([size_class(int(n)) for n in sizes], np.int64)
+    po = np.array([DATA_START, DATA_START + 2048, DATA_START + 4096], np.int64)
+    gens = np.array([3, 3, 3], np.int64)
+    offs = po.copy()
+
+    def check(offsets=offs, sz=sizes, p=po, pl=lens, pg=gens, gen=3):  # type: ignore[no-untyped-def]
+        return refs_problem(np.asarray(offsets, np.int64), np.asarray(sz, np.int64),
+                            np.asarray(p, np.int64), np.asarray(pl, np.int64),
+                            np.asarray(pg, np.int64), gen)
+
+    assert check() == 0
+    assert check(gen=None) == 0
+    assert check(offsets=offs[[2, 0, 1]], sz=sizes[[2, 0, 1]]) == 0  # any page order
+    assert check(p=[DATA_START - 16, *po[1:]], offsets=[DATA_START - 16, *offs[1:]]) == 1
+    assert check(p=po[[1, 0, 2]], offsets=offs[[1, 0, 2]], pl=lens[[1, 0, 2]]) == 1
+    assert check(pl=[lens[0], lens[1], 0]) == 1
+    assert check(pg=[3, 0, 3]) == 1
+    assert check(p=[po[0], po[0] + lens[0] - 16, po[2]],
+                 offsets=[po[0], po[0] + lens[0] - 16, po[2]]) == 1  # overlapping pins
+    assert check(offsets=[offs[0], offs[1], offs[2] + 16]) == 2  # not a pin's start
+    assert check(offsets=[offs[0], offs[0], offs[2]]) == 2  # two pages, one slot
+    assert check(pg=[3, 2, 3]) == 2  # pinned for another generation
+    assert check(sz=[1000, 16, 2000]) == 2  # a slot of another size class
+    assert check(p=np.zeros(0), pl=np.zeros(0), pg=np.zeros(0)) == 2  # no pins at all

@@ -57,7 +57,7 @@ from .codec import (
     encode_record,
 )
 from .fsops import fsync_dir
-from .pagestore import DATA_START, STORE_NAME, PageRefs, read_pages, slot_lengths
+from .pagestore import STORE_NAME, PageRefs, read_pages, refs_problem
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -412,17 +412,13 @@ def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray
     crcs = np.frombuffer(buf, "<u4", n, pos + 8 * n).astype(np.uint32)
     pos += 12 * n
     po, pl, pg = np.frombuffer(buf, "<i8", 3 * m, pos).astype(np.int64).reshape(3, m)
-    if m and (int(po[0]) < DATA_START or (pl <= 0).any() or (pg < 1).any()
-              or (po[1:] < po[:-1] + pl[:-1]).any()):
+    problem = refs_problem(offsets, sizes, po, pl, pg, generation)
+    if problem == 1:
         raise fail("section PREF pins slots out of order, overlapping or inside the store's "
                    "header")
-    if n:
-        k = np.minimum(np.searchsorted(po, offsets), max(m - 1, 0))
-        own = pg[k] == generation if generation is not None else True
-        if (m == 0 or (po[k] != offsets).any() or (pl[k] != slot_lengths(sizes)).any()
-                or not np.all(own) or np.unique(offsets).size != n):
-            raise fail("section PREF names a page slot that it does not pin for this "
-                       "checkpoint, of another size or shared by two pages")
+    if problem:
+        raise fail("section PREF names a page slot that it does not pin for this "
+                   "checkpoint, of another size or shared by two pages")
     return PageRefs(int(uid), ids, sizes, epochs, offsets, crcs, po, pl, pg)
 
 

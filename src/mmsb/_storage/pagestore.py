@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from .._core.arena import size_class
+from .._core.kernels import CRC_TABLES, crc_update
 from ..errors import SerializationError
 from . import fsops
 from .codec import crc32c
@@ -59,6 +61,70 @@ def slot_lengths(sizes: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     uniq, inv = np.unique(np.maximum(sizes, 1), return_inverse=True)
     return np.array([size_class(int(x)) for x in uniq], np.int64)[inv]
+
+
+@njit(cache=True, nogil=True)
+def _refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np.ndarray,
+                  pg: np.ndarray, generation: int, start: int) -> int:  # pragma: no cover - compiled
+    """Check page references against the pins in one pass. Returns 0 when sound; 1: the
+    pins are out of order, overlap, lie inside the store's header, or have a length or
+    generation below 1; 2: a page's slot is not a pin of its size class named by
+    ``generation`` (< 0: any), or two pages share one."""
+    m = po.shape[0]
+    for j in range(m):
+        if pl[j] <= 0 or pg[j] < 1 or (j == 0 and po[0] < start):
+            return 1
+        if j > 0 and po[j] < po[j - 1] + pl[j - 1]:
+            return 1
+    used = np.zeros(m, np.bool_)
+    for i in range(offsets.shape[0]):
+        off = offsets[i]
+        lo, hi = 0, m  # the pin starting at ``off``: binary search (pins ascend)
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if po[mid] < off:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == m or po[lo] != off or used[lo]:
+            return 2
+        used[lo] = True
+        size = max(sizes[i], 1)
+        if size <= 16:
+            cls = 16
+        else:
+            top = 1
+            while top * 2 < size:
+                top *= 2
+            step = top >> 2
+            cls = (size + step - 1) // step * step
+        if pl[lo] != cls or (generation >= 0 and pg[lo] != generation):
+            return 2
+    return 0
+
+
+@njit(cache=True, nogil=True)
+def _gather_checked(dst: np.ndarray, src: np.ndarray, src_offs: np.ndarray, sizes: np.ndarray,
+                    crcs: np.ndarray, tab: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Copy the pages ``src[src_offs[i]:][:sizes[i]]`` back to back into ``dst``, each
+    checked against its CRC32C ``crcs[i]``. Returns the first page that does not
+    match (its bytes are not trusted), else -1."""
+    d = 0
+    for i in range(sizes.shape[0]):
+        s = src_offs[i]
+        n = sizes[i]
+        if (crc_update(tab, 0xFFFFFFFF, src, s, n) ^ 0xFFFFFFFF) != crcs[i]:
+            return i
+        dst[d:d + n] = src[s:s + n]
+        d += n
+    return -1
+
+
+def refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np.ndarray,
+                 pg: np.ndarray, generation: int | None) -> int:
+    """:func:`_refs_problem` (0: sound) with ``generation`` None for any generation."""
+    return int(_refs_problem(offsets, sizes, po, pl, pg,
+                             -1 if generation is None else generation, DATA_START))
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +187,6 @@ def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
             shorter than a slot, or a page's bytes do not match their checksum (the
             message names the checkpoint, the page and the store's offset).
     """
-    from .mapped import _gather
 
     try:
         fd = fsops.open_regular(path, os.O_RDONLY)
@@ -144,26 +209,35 @@ def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
             raise _fail(path, f"page {int(refs.ids[k])} of {label} lies past the end of the "
                         f"checkpoint page store ({total} bytes; truncated?)",
                         int(refs.offsets[k]))
-        mm = mmap.mmap(fd, total, prot=mmap.PROT_READ)
+        lo = int(refs.offsets.min())
+        hi = int(ends.max())
+        if hi - lo <= 2 * out.size + (1 << 16):
+            # The slots lie close together (as after a few checkpoints): one read of
+            # the span holding them all.
+            mm: mmap.mmap | None = None
+            span: bytes | mmap.mmap = os.pread(fd, hi - lo, lo)
+            if len(span) != hi - lo:
+                raise _fail(path, f"the checkpoint page store that {label} needs was cut "
+                            "while it was read", lo)
+        else:
+            lo = 0
+            mm = span = mmap.mmap(fd, total, prot=mmap.PROT_READ)
     except OSError as exc:
         raise _fail(path, f"cannot read the checkpoint page store ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
     try:
-        src = np.frombuffer(mm, np.uint8)
-        dst_offs = np.zeros(n, np.int64)
-        np.cumsum(refs.sizes[:-1], out=dst_offs[1:])
-        _gather(out, dst_offs, src, refs.offsets, refs.sizes)
+        src = np.frombuffer(span, np.uint8)
+        bad = int(_gather_checked(out, src, refs.offsets - lo, refs.sizes,
+                                  refs.crcs.astype(np.int64), CRC_TABLES))
         del src
     finally:
-        mm.close()
-    view = memoryview(out.data)
-    for k, (a, size, want) in enumerate(zip(dst_offs.tolist(), refs.sizes.tolist(),
-                                             refs.crcs.tolist(), strict=True)):
-        if crc32c(view[a:a + size]) != want:
-            raise _fail(path, f"page {int(refs.ids[k])} of {label} does not match its checksum "
-                        "in the checkpoint page store (the slot is damaged)",
-                        int(refs.offsets[k]))
+        if mm is not None:
+            mm.close()
+    if bad >= 0:
+        raise _fail(path, f"page {int(refs.ids[bad])} of {label} does not match its checksum "
+                    "in the checkpoint page store (the slot is damaged)",
+                    int(refs.offsets[bad]))
     return out
 
 
