@@ -189,46 +189,44 @@ def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
     """
 
     try:
-        fd = fsops.open_regular(path, os.O_RDONLY)
+        fd, st = fsops.open_regular_stat(path, os.O_RDONLY)
     except OSError as exc:
         raise _fail(path, f"cannot read the checkpoint page store that {label} needs "
                     f"({exc.strerror or exc})") from None
     try:
-        total = os.fstat(fd).st_size
-        uid = _check_head(os.pread(fd, DATA_START, 0), path, None)
+        total = st.st_size
+        n = refs.ids.size
+        out = np.empty(int(refs.sizes.sum()), np.uint8)
+        ends = refs.offsets + refs.sizes
+        hi = int(ends.max()) if n else DATA_START
+        # The slots in use lie near the file's start (as they do once freed space is
+        # reused): one read of the header and the span holding them all.
+        near = hi <= DATA_START + 2 * out.size + (1 << 16)
+        mm: mmap.mmap | None = None
+        span: bytes | mmap.mmap = os.pread(fd, hi if near else DATA_START, 0)
+        uid = _check_head(span[:DATA_START], path, None)
         if uid != refs.uid:
             raise _fail(path, f"the checkpoint page store is not the one {label} was written "
                         "to (it was made anew)", 24)
-        n = refs.ids.size
-        out = np.empty(int(refs.sizes.sum()), np.uint8)
         if n == 0:
             return out
-        ends = refs.offsets + refs.sizes
-        if int(ends.max()) > total:
+        if hi > total:
             k = int(np.argmax(ends > total))
             raise _fail(path, f"page {int(refs.ids[k])} of {label} lies past the end of the "
                         f"checkpoint page store ({total} bytes; truncated?)",
                         int(refs.offsets[k]))
-        lo = int(refs.offsets.min())
-        hi = int(ends.max())
-        if hi - lo <= 2 * out.size + (1 << 16):
-            # The slots lie close together (as after a few checkpoints): one read of
-            # the span holding them all.
-            mm: mmap.mmap | None = None
-            span: bytes | mmap.mmap = os.pread(fd, hi - lo, lo)
-            if len(span) != hi - lo:
-                raise _fail(path, f"the checkpoint page store that {label} needs was cut "
-                            "while it was read", lo)
-        else:
-            lo = 0
+        if not near:
             mm = span = mmap.mmap(fd, total, prot=mmap.PROT_READ)
+        elif len(span) != hi:
+            raise _fail(path, f"the checkpoint page store that {label} needs was cut "
+                        "while it was read", len(span))
     except OSError as exc:
         raise _fail(path, f"cannot read the checkpoint page store ({exc.strerror or exc})") from None
     finally:
         os.close(fd)
     try:
         src = np.frombuffer(span, np.uint8)
-        bad = int(_gather_checked(out, src, refs.offsets - lo, refs.sizes,
+        bad = int(_gather_checked(out, src, refs.offsets, refs.sizes,
                                   refs.crcs.astype(np.int64), CRC_TABLES))
         del src
     finally:
