@@ -208,6 +208,28 @@ def _check_rows(tab: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray
     return 0, n_cand, n_touch, first, slot_bytes, top
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _differ(pages: np.ndarray, pages64: np.ndarray, p: int, mem: np.ndarray,
+            mem64: np.ndarray, q: int, n: int) -> bool:  # pragma: no cover - compiled
+    """Whether ``pages[p:p + n]`` and ``mem[q:q + n]`` differ: eight bytes at a time where
+    both sides are aligned (``pages64``, ``mem64``: the same bytes as u64 words), with no
+    early exit."""
+    k = 0
+    diff = False
+    if (p | q) & 7 == 0:
+        pw = p >> 3
+        qw = q >> 3
+        wide = np.uint64(0)
+        for j in range(n >> 3):
+            wide |= pages64[pw + j] ^ mem64[qw + j]
+        diff = wide != 0
+        k = n & ~7
+    for j in range(k, n):
+        if pages[p + j] != mem[q + j]:
+            diff = True
+    return diff
+
+
 @njit(cache=True, nogil=True)
 def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand: np.ndarray,
                    addrs: np.ndarray, sizes: np.ndarray, chunk: int, mem: np.ndarray,
@@ -225,24 +247,8 @@ def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand
             if c > chunk and (nxt < 0 or c < nxt):
                 nxt = c
             continue
-        p = tab[pid, 0]
-        q = a & CHUNK_MASK
-        n = sizes[pid]
-        k = 0
-        diff = 0
-        if (p | q) & 7 == 0:
-            # Eight bytes at a time where both sides are aligned (no early exit).
-            pw = p >> 3
-            qw = q >> 3
-            wide = np.uint64(0)
-            for j in range(n >> 3):
-                wide |= pages64[pw + j] ^ mem64[qw + j]
-            diff = 1 if wide else 0
-            k = n & ~7
-        for j in range(k, n):
-            if pages[p + j] != mem[q + j]:
-                diff = 1
-        same[i] = diff == 0
+        same[i] = not _differ(pages, pages64, tab[pid, 0], mem, mem64, a & CHUNK_MASK,
+                              sizes[pid])
     return nxt
 
 
@@ -282,23 +288,7 @@ def _adopt_rows(words: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarr
             n_other += 1
             continue
         compared += 1
-        p = tab[pid, 0]
-        q = a & CHUNK_MASK
-        n = sizes[pid]
-        k = 0
-        diff = 0
-        if (p | q) & 7 == 0:
-            pw = p >> 3
-            qw = q >> 3
-            wide = np.uint64(0)
-            for j in range(n >> 3):
-                wide |= pages64[pw + j] ^ mem64[qw + j]
-            diff = 1 if wide else 0
-            k = n & ~7
-        for j in range(k, n):
-            if pages[p + j] != mem[q + j]:
-                diff = 1
-        if diff:
+        if _differ(pages, pages64, tab[pid, 0], mem, mem64, a & CHUNK_MASK, sizes[pid]):
             touch[n_touch] = pid
             n_touch += 1
     return 0, touch[:n_touch], other[:n_other], slot_bytes, top, compared
