@@ -536,12 +536,9 @@ def test_shared_writers_and_older_buses(tmp_path: Path) -> None:
         mmsb.mmsb_stop(s)
 
 
-def test_a_failed_checkpoint_s_slots_are_not_reused(tmp_path: Path) -> None:
-    """A checkpoint that fails after its record was renamed into place (the folder's
-    fsync refused) may be in force after a crash: the next checkpoint writes its pages
-    elsewhere, so that record still reads back whole."""
-    root = tmp_path / "bus"
-    s = _build(root)
+def _checkpoint_with_folder_sync_failing(s: mmsb.MMSBState, root: Path) -> str:
+    """A checkpoint whose fsync of the checkpoints' folder, after the rename, fails once
+    (EIO): it raises DurabilityError, whose message is returned."""
     folder = str(root / "checkpoints")
     armed = [True]
 
@@ -550,15 +547,25 @@ def test_a_failed_checkpoint_s_slots_are_not_reused(tmp_path: Path) -> None:
             armed[0] = False
             raise OSError(5, "injected EIO", path)
 
+    prev = fsops.set_fault_hook(hook)
+    try:
+        with pytest.raises(mmsb.DurabilityError) as info:
+            s.bus.checkpoint(s)
+    finally:
+        fsops.set_fault_hook(prev)
+    assert not armed[0]
+    return str(info.value)
+
+
+def test_a_failed_checkpoint_s_slots_are_not_reused(tmp_path: Path) -> None:
+    """A checkpoint that fails after its record was renamed into place (the folder's
+    fsync refused) may be in force after a crash: the next checkpoint writes its pages
+    elsewhere, so that record still reads back whole."""
+    root = tmp_path / "bus"
+    s = _build(root)
     try:
         mmsb.write_page(s, 1, 0, b"first...")
-        prev = fsops.set_fault_hook(hook)
-        try:
-            with pytest.raises(mmsb.DurabilityError):
-                s.bus.checkpoint(s)
-        finally:
-            fsops.set_fault_hook(prev)
-        assert not armed[0]
+        _checkpoint_with_folder_sync_failing(s, root)
         stale = tmp_path / "stale.mmsb"
         stale.write_bytes(_ckpts(root)[-1].read_bytes())
         # The bus refuses writes now (the record may be in force): checkpoint again, as
@@ -647,22 +654,9 @@ def test_a_checkpoint_whose_folder_sync_fails_stops_the_writes(tmp_path: Path) -
     holds every acknowledged write."""
     root = tmp_path / "bus"
     s = _build(root)
-    folder = str(root / "checkpoints")
-    armed = [True]
-
-    def hook(step: str, path: Any) -> None:
-        if armed[0] and step == "fsync_dir" and str(path) == folder:
-            armed[0] = False
-            raise OSError(5, "injected EIO", path)
-
     mmsb.write_page(s, 1, 0, b"acked...")
     want = _view(s)
-    prev = fsops.set_fault_hook(hook)
-    try:
-        with pytest.raises(mmsb.DurabilityError, match="reopened"):
-            s.bus.checkpoint(s)
-    finally:
-        fsops.set_fault_hook(prev)
+    assert "reopened" in _checkpoint_with_folder_sync_failing(s, root)
     with pytest.raises(mmsb.DurabilityError):
         mmsb.write_page(s, 1, 0, b"refused.")
     assert _view(s) == want
