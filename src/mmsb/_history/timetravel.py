@@ -374,18 +374,22 @@ class HistoryIndex:
             self.frame_bytes -= old.nbytes
             old.drop_frames()
 
-    def bytes_after(self, line: PageLine, j: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The page's bytes right after its event ``j`` (not a deletion): the nearest
-        keyframe at or before it plus at most K deltas, applied from the log's columns.
-        The keyframe itself (read-only by contract) when ``j`` is a keyframe and ``out``
-        is None; else ``out`` or a new array. O(log events + page size + K deltas)."""
+    def _keyframe_for(self, line: PageLine, j: int) -> tuple[np.ndarray, int]:
+        """The nearest keyframe at or before the page's event ``j`` and that keyframe's
+        event, the page's keyframes built that far (and the page marked recently used)."""
         if line.built < j:
             self._build(line)
         elif self.lru and next(reversed(self.lru)) != line.pid:
             self._touch(line)
         f = bisect.bisect_right(line.frame_pos, j) - 1
-        frame = line.frames[f]
-        at = line.frame_pos[f]
+        return line.frames[f], line.frame_pos[f]
+
+    def bytes_after(self, line: PageLine, j: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The page's bytes right after its event ``j`` (not a deletion): the nearest
+        keyframe at or before it plus at most K deltas, applied from the log's columns.
+        The keyframe itself (read-only by contract) when ``j`` is a keyframe and ``out``
+        is None; else ``out`` or a new array. O(log events + page size + K deltas)."""
+        frame, at = self._keyframe_for(line, j)
         if at == j and out is None:
             return frame
         if out is None:
@@ -413,13 +417,7 @@ class HistoryIndex:
         grow by doubling) and the keyframe is out of the CPU's caches (a history listed
         version by version, each one decoded in between).
         O(log events + length + K deltas)."""
-        if line.built < j:
-            self._build(line)
-        elif self.lru and next(reversed(self.lru)) != line.pid:
-            self._touch(line)
-        f = bisect.bisect_right(line.frame_pos, j) - 1
-        frame = line.frames[f]
-        at = line.frame_pos[f]
+        frame, at = self._keyframe_for(line, j)
         size = frame.size
         n = size if length is None or length > size else length
         if at == j:

@@ -676,27 +676,7 @@ def _read_version_lmdb(ctx: RunContext) -> CaseOutcome:
 @case("replay", "to_lsn_64x1k",
       "replay_to_lsn at a random past LSN: 64 pages of 1 KiB, 5,000 writes of 64 B")
 def _replay_to_lsn_64x1k(ctx: RunContext) -> CaseOutcome:
-    import mmsb
-
-    state, ids, lsns, w = _tt_mmsb(ctx)
-    probes = _tt_probes(ctx, w)[: ctx.pick(200, 5)]
-    targets = [lsns[i] for i in probes]
-    m_targets = len(targets)
-    replay = mmsb.replay_to_lsn
-    for lsn in targets:  # the first replays build the pages' keyframes
-        replay(state, lsn)
-
-    def batch(_obj: None, n: int) -> None:
-        for k in range(n):
-            replay(state, targets[k % m_targets])
-
-    m = ctx.measure(batch, max_inner=ctx.pick(200, 5))
-    i = probes[0]
-    past = replay(state, lsns[i])
-    expect(mmsb.query_page(past, ids[w.pids[i]]) == w.fulls[i],
-           "replay_to_lsn returned the wrong bytes")
-    expect(past.last_lsn == lsns[i], "replay_to_lsn stopped at the wrong record")
-    return CaseOutcome(m, {"pages": w.pages, "writes": w.n})
+    return _tt_replay_to_lsn(ctx, _tt_mmsb)
 
 
 def _tt_durable(ctx: RunContext) -> tuple[Any, list[int], list[int], Workload]:
@@ -766,7 +746,7 @@ def _tt_replay_to_lsn(ctx: RunContext, fixture: Any) -> CaseOutcome:
     targets = [lsns[i] for i in probes]
     m_targets = len(targets)
     replay = mmsb.replay_to_lsn
-    for lsn in targets:
+    for lsn in targets:  # the first replays build the pages' keyframes
         replay(state, lsn)
 
     def batch(_obj: None, n: int) -> None:
@@ -778,6 +758,7 @@ def _tt_replay_to_lsn(ctx: RunContext, fixture: Any) -> CaseOutcome:
     past = replay(state, lsns[i])
     expect(mmsb.query_page(past, ids[w.pids[i]]) == w.fulls[i],
            "replay_to_lsn returned the wrong bytes")
+    expect(past.last_lsn == lsns[i], "replay_to_lsn stopped at the wrong record")
     return CaseOutcome(m, {"pages": w.pages, "writes": w.n})
 
 
