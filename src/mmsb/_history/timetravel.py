@@ -377,12 +377,25 @@ class HistoryIndex:
     def _keyframe_for(self, line: PageLine, j: int) -> tuple[np.ndarray, int]:
         """The nearest keyframe at or before the page's event ``j`` and that keyframe's
         event, the page's keyframes built that far (and the page marked recently used)."""
+        self._ready(line, j)
+        f = bisect.bisect_right(line.frame_pos, j) - 1
+        return line.frames[f], line.frame_pos[f]
+
+    def _ready(self, line: PageLine, j: int) -> None:
+        """Build the page's keyframes up to its event ``j`` (and mark it recently used)."""
         if line.built < j:
             self._build(line)
         elif self.lru and next(reversed(self.lru)) != line.pid:
             self._touch(line)
-        f = bisect.bisect_right(line.frame_pos, j) - 1
-        return line.frames[f], line.frame_pos[f]
+
+    def _buffer(self, size: int) -> np.ndarray:
+        """A page-sized buffer to rebuild a version in: the index's scratch buffer (grown
+        as needed) for pages up to ``SCRATCH_MAX`` bytes, else a new array."""
+        if size > SCRATCH_MAX:
+            return np.empty(size, np.uint8)
+        if self._scratch.size < size:
+            self._scratch = np.empty(size, np.uint8)
+        return self._scratch[:size]
 
     def bytes_after(self, line: PageLine, j: int, out: np.ndarray | None = None) -> np.ndarray:
         """The page's bytes right after its event ``j`` (not a deletion): the nearest
@@ -422,12 +435,7 @@ class HistoryIndex:
         n = size if length is None or length > size else length
         if at == j:
             return frame[:n].tobytes()
-        if size > SCRATCH_MAX:
-            buf = np.empty(size, np.uint8)
-        else:
-            if self._scratch.size < size:
-                self._scratch = np.empty(size, np.uint8)
-            buf = self._scratch[:size]
+        buf = self._buffer(size)
         buf[:n] = frame[:n]
         self.log.apply_rows(line.refs[at + 1 : j + 1], buf)
         return buf[:n].tobytes()
@@ -446,11 +454,7 @@ class HistoryIndex:
         out: list[bytes] = [b""] * len(wants)
         if not wants:
             return out
-        top = max(j for j, _n in wants)
-        if line.built < top:
-            self._build(line)
-        elif self.lru and next(reversed(self.lru)) != line.pid:
-            self._touch(line)
+        self._ready(line, max(j for j, _n in wants))
         frame_pos, frames, refs = line.frame_pos, line.frames, line.refs
         spans: dict[int, list[int]] = {}
         for k, (j, _n) in enumerate(wants):
@@ -469,12 +473,7 @@ class HistoryIndex:
                     out[k] = frame[:n].tobytes()
                     continue
                 if buf is None:
-                    if size > SCRATCH_MAX:
-                        buf = np.empty(size, np.uint8)
-                    else:
-                        if self._scratch.size < size:
-                            self._scratch = np.empty(size, np.uint8)
-                        buf = self._scratch[:size]
+                    buf = self._buffer(size)
                     longest = min(size, max(wants[q][1] for q in ks))
                     buf[:longest] = frame[:longest]
                 if j > done:
