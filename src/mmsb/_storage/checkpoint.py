@@ -136,7 +136,7 @@ class CheckpointBase(ReplayBase):
             raw = inline_pages(raw, label, self._store())
         return raw
 
-    def _store(self) -> Path | None:
+    def _store(self) -> str | Path | None:
         if self.store is not None:
             return self.store
         return None if isinstance(self.source, bytes) else _sibling_store(self.source)
@@ -159,8 +159,9 @@ def _version_of(raw: bytes) -> int:
     return int(_U16.unpack_from(raw, 8)[0])
 
 
-def _sibling_store(path: Path) -> Path:
-    return Path(path).parent / STORE_NAME
+def _sibling_store(path: str | os.PathLike[str]) -> str:
+    """The page store beside the checkpoint at ``path`` (as a string: opened, not kept)."""
+    return os.path.join(os.path.dirname(os.fspath(path)), STORE_NAME)
 
 
 CheckpointData = Snapshot
@@ -422,7 +423,7 @@ def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray
     return PageRefs(int(uid), ids, sizes, epochs, offsets, crcs, po, pl, pg)
 
 
-def inline_pages(raw: bytes, label: str, store: Path | None) -> bytes:
+def inline_pages(raw: bytes, label: str, store: str | Path | None) -> bytes:
     """A version-3 checkpoint's bytes made self-contained (version 2): its pages read
     from ``store`` and checked against their CRC32Cs, the other sections kept as they
     are. O(file + page bytes).
@@ -482,7 +483,7 @@ def _decompress(stored: memoryview, raw_len: int, err: Any) -> bytearray:
 
 
 def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str | None = None,
-                    with_log: bool = True, private: bool = False, store: Path | None = None,
+                    with_log: bool = True, private: bool = False, store: str | Path | None = None,
                     pages: bool = True) -> CheckpointData:
     """Read and validate a checkpoint file (or its bytes). ``with_log=False``: the log
     section is checked against its checksum but not decoded (the records come back
@@ -517,7 +518,7 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
     return _parse(memoryview(raw), label, with_log, private, store=store, pages=pages)
 
 
-def read_checkpoint_front(path: Path, store: Path | None = None) -> CheckpointData:
+def read_checkpoint_front(path: Path, store: str | Path | None = None) -> CheckpointData:
     """A checkpoint file read and checked as ``read_checkpoint(path, with_log=False,
     private=True)`` reads it, but without keeping the bytes of its log section: the
     header, every section header and every other section are read into one private
@@ -644,8 +645,14 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
         raise fail(f"cannot read the checkpoint ({exc.strerror or exc})") from None
     try:
         total = os.fstat(fd).st_size
+        # The file's first _HEAD_WINDOW bytes in one read: a small checkpoint (the first
+        # of a chain, or one of few records) is read in that one call, a larger one's
+        # header and leading section heads too.
+        win = os.pread(fd, min(total, _HEAD_WINDOW), 0)
 
         def read(n: int, at: int) -> bytes:
+            if at + n <= len(win):
+                return win[at:at + n]
             out = os.pread(fd, n, at)
             if len(out) != n:
                 raise fail("the file is shorter than its sections (truncated)", at)
@@ -747,7 +754,7 @@ at most this or an eighth of the file."""
 
 
 def _parse(buf: memoryview, label: str, with_log: bool = True,
-           private: bool = False, hole: int = -1, *, store: Path | None = None,
+           private: bool = False, hole: int = -1, *, store: str | Path | None = None,
            pages: bool = True) -> CheckpointData:
     """``hole`` ≥ 0 (``with_log`` False): ``buf`` is the file without the bytes of its
     log section, that many (see :func:`read_checkpoint_front`); offsets in errors are

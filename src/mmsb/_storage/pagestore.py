@@ -127,7 +127,7 @@ def refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np.
                              -1 if generation is None else generation, DATA_START))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PageRefs:
     """Where a checkpoint's pages lie in the page store (its PREF section)."""
 
@@ -152,11 +152,11 @@ class PageRefs:
     """… and the newest generation that names it (int64)."""
 
 
-def _fail(path: Path, reason: str, offset: int | None = None) -> SerializationError:
+def _fail(path: str | Path, reason: str, offset: int | None = None) -> SerializationError:
     return SerializationError(reason, path=path, offset=offset)
 
 
-def _check_head(raw: bytes, path: Path, bus_id: int | None) -> int:
+def _check_head(raw: bytes, path: str | Path, bus_id: int | None) -> int:
     """The uid of a store whose first 48 bytes are ``raw``.
 
     Raises:
@@ -178,7 +178,50 @@ def _check_head(raw: bytes, path: Path, bus_id: int | None) -> int:
     return int(uid)
 
 
-def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _layout(offsets: np.ndarray, sizes: np.ndarray,
+            run_first: np.ndarray) -> tuple[int, int, int]:  # pragma: no cover - compiled
+    """Where the pages ``offsets``/``sizes`` name lie in the store: (their bytes in
+    all, the end of the furthest slot, how many runs). A run is a sequence of pages
+    each starting where the one before ends (as a checkpoint that wrote them all in
+    one go leaves them); ``run_first`` (n + 1 entries) gets each run's first page,
+    then n."""
+    n = offsets.shape[0]
+    total = 0
+    hi = 0
+    runs = 0
+    for i in range(n):
+        total += sizes[i]
+        end = offsets[i] + sizes[i]
+        if end > hi:
+            hi = end
+        if i == 0 or offsets[i] != offsets[i - 1] + sizes[i - 1]:
+            run_first[runs] = i
+            runs += 1
+    run_first[runs] = n
+    return total, hi, runs
+
+
+@njit(cache=True, nogil=True)
+def _first_unmatched(buf: np.ndarray, sizes: np.ndarray, crcs: np.ndarray,
+                     tab: np.ndarray) -> int:  # pragma: no cover - compiled
+    """The first of the pages lying back to back in ``buf`` whose bytes do not match
+    their CRC32C ``crcs[i]``, else -1."""
+    d = 0
+    for i in range(sizes.shape[0]):
+        n = sizes[i]
+        if (crc_update(tab, 0xFFFFFFFF, buf, d, n) ^ 0xFFFFFFFF) != crcs[i]:
+            return i
+        d += n
+    return -1
+
+
+_DIRECT_RUNS = 4
+"""Pages in at most this many runs are read straight into place (a read per run);
+more scattered ones are gathered from one read of the span holding them."""
+
+
+def read_pages(path: str | Path, refs: PageRefs, label: str) -> np.ndarray:
     """The bytes of the pages ``refs`` names, back to back in id order, each checked
     against its CRC32C. O(page bytes).
 
@@ -193,31 +236,59 @@ def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
     except OSError as exc:
         raise _fail(path, f"cannot read the checkpoint page store that {label} needs "
                     f"({exc.strerror or exc})") from None
+    n = refs.ids.size
+    run_first = np.empty(n + 1, np.int64)
+    size, hi, runs = _layout(refs.offsets, refs.sizes, run_first)
+    hi = max(hi, DATA_START)
+    out = np.empty(size, np.uint8)
+    mm: mmap.mmap | None = None
+    span: bytes | mmap.mmap | None = None
     try:
         total = st.st_size
-        n = refs.ids.size
-        out = np.empty(int(refs.sizes.sum()), np.uint8)
-        ends = refs.offsets + refs.sizes
-        hi = int(ends.max()) if n else DATA_START
-        # The slots in use lie near the file's start (as they do once freed space is
-        # reused): one read of the header and the span holding them all.
-        near = hi <= DATA_START + 2 * out.size + (1 << 16)
-        mm: mmap.mmap | None = None
-        span: bytes | mmap.mmap = os.pread(fd, hi if near else DATA_START, 0)
-        uid = _check_head(span[:DATA_START], path, None)
+        direct = 0 < runs <= _DIRECT_RUNS and hi <= total
+        if direct:
+            # The header and each run read straight into place (the header and the
+            # first run in one call when the run starts right after it).
+            head = bytearray(DATA_START)
+            at = 0
+            first = True
+            for r in range(runs):
+                a, b = int(run_first[r]), int(run_first[r + 1])
+                off = int(refs.offsets[a])
+                length = int(refs.offsets[b - 1] + refs.sizes[b - 1]) - off
+                if first and off == DATA_START:
+                    got = os.preadv(fd, [head, out[at:at + length].data], 0) - DATA_START
+                else:
+                    if first and os.preadv(fd, [head], 0) != DATA_START:
+                        head = bytearray()
+                    got = os.preadv(fd, [out[at:at + length].data], off)
+                first = False
+                if got != length:
+                    raise _fail(path, f"the checkpoint page store that {label} needs was "
+                                "cut while it was read", off + max(got, 0))
+                at += length
+            raw_head: bytes | bytearray | mmap.mmap = head
+        else:
+            # The slots in use lie near the file's start (as they do once freed space
+            # is reused): one read of the header and the span holding them all.
+            near = hi <= DATA_START + 2 * size + (1 << 16)
+            span = os.pread(fd, hi if near else DATA_START, 0)
+            raw_head = span
+        uid = _check_head(bytes(raw_head[:DATA_START]), path, None)
         if uid != refs.uid:
             raise _fail(path, f"the checkpoint page store is not the one {label} was written "
                         "to (it was made anew)", 24)
         if n == 0:
             return out
         if hi > total:
+            ends = refs.offsets + refs.sizes
             k = int(np.argmax(ends > total))
             raise _fail(path, f"page {int(refs.ids[k])} of {label} lies past the end of the "
                         f"checkpoint page store ({total} bytes; truncated?)",
                         int(refs.offsets[k]))
-        if not near:
+        if not direct and not near:
             mm = span = mmap.mmap(fd, total, prot=mmap.PROT_READ)
-        elif len(span) != hi:
+        elif not direct and span is not None and len(span) != hi:
             raise _fail(path, f"the checkpoint page store that {label} needs was cut "
                         "while it was read", len(span))
     except OSError as exc:
@@ -225,10 +296,13 @@ def read_pages(path: Path, refs: PageRefs, label: str) -> np.ndarray:
     finally:
         os.close(fd)
     try:
-        src = np.frombuffer(span, np.uint8)
-        bad = int(_gather_checked(out, src, refs.offsets, refs.sizes,
-                                  refs.crcs.astype(np.int64), CRC_TABLES))
-        del src
+        if direct:
+            bad = int(_first_unmatched(out, refs.sizes, refs.crcs, CRC_TABLES))
+        else:
+            src = np.frombuffer(span, np.uint8)  # type: ignore[arg-type]
+            bad = int(_gather_checked(out, src, refs.offsets, refs.sizes,
+                                      refs.crcs.astype(np.int64), CRC_TABLES))
+            del src
     finally:
         if mm is not None:
             mm.close()
