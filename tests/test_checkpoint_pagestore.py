@@ -25,6 +25,7 @@ import mmsb
 from conftest import edges, pages_view
 from mmsb._storage import checkpoint as ckpt_mod
 from mmsb._storage import fsops
+from mmsb._storage import pagestore as pagestore_mod
 from mmsb._storage.mapped import HEAD_SIZE
 from mmsb._storage.pagestore import DATA_START, STORE_NAME
 
@@ -371,11 +372,15 @@ def _damaged(tmp_path: Path) -> tuple[Path, Any, tuple]:
     return root, _refs(_ckpts(root)[-1]), want
 
 
+@pytest.mark.parametrize("direct_runs", [0, 1 << 20])
 @pytest.mark.parametrize("where", ["pinned", "header", "truncated", "missing", "foreign"])
-def test_damaged_page_store_is_refused_naming_it(tmp_path: Path, where: str) -> None:
+def test_damaged_page_store_is_refused_naming_it(tmp_path: Path, where: str, direct_runs: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Damage to the slots a checkpoint names (the files otherwise valid) is a typed
     error naming the page store, for a writer's open and open_readonly alike, and the
-    refused open changes no file; never a wrong state."""
+    refused open changes no file; never a wrong state. The pages read either way: each
+    run of slots straight into place, or gathered from one read of their span."""
+    monkeypatch.setattr(pagestore_mod, "_DIRECT_RUNS", direct_runs)
     root, refs, _want = _damaged(tmp_path)
     store = _store(root)
     raw = bytearray(store.read_bytes())
@@ -624,9 +629,13 @@ def test_an_unused_damaged_store_is_made_anew(tmp_path: Path) -> None:
         mmsb.mmsb_stop(s)
 
 
-def test_pages_with_padded_slots(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct_runs", [0, 1 << 20])
+def test_pages_with_padded_slots(tmp_path: Path, direct_runs: int,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Pages whose size is not a size class leave padding in their slots, which is
-    never written nor read."""
+    never written nor read (the pages read run by run into place, or gathered from
+    their span)."""
+    monkeypatch.setattr(pagestore_mod, "_DIRECT_RUNS", direct_runs)
     root = tmp_path / "bus"
     s = mmsb.mmsb_start(path=str(root), config=_cfg())
     try:
