@@ -305,9 +305,9 @@ def test_the_work_of_a_reopen_after_kill_does_not_grow_with_history(
             mmsb.mmsb_stop(s)
     names10, tail10, bytes10 = work[10_000]
     names100, tail100, bytes100 = work[100_000]
-    # The newest checkpoint whole, the head of the chain's first one (whether it nests a
-    # replay base), the log segment after it.
-    assert names10 == names100 == ["checkpoints", "head", "wal"]
+    # The newest checkpoint whole and the log segment after it: whether the chain's
+    # first checkpoint nests a replay base is in the newest one's record of its chain.
+    assert names10 == names100 == ["checkpoints", "wal"]
     assert tail10 == tail100
     # The newest checkpoint names its chain (a few bytes per older checkpoint), and its
     # compressed log section varies a little with the values written.
@@ -676,3 +676,77 @@ def test_a_checkpoint_from_another_timeline_of_the_bus_breaks_the_chain(
         assert (pages_view(s), int(s.last_lsn)) == state_before
     finally:
         mmsb.mmsb_stop(s)  # nothing written since the open: no checkpoint, no history
+
+
+@pytest.mark.parametrize("record", ["kept", "lying"])
+def test_a_chain_that_starts_with_a_replay_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: str) -> None:
+    """A chain whose first checkpoint nests a replay base (one that load_checkpoint of a
+    compacted state's export started) is read whole at open: the newest checkpoint's
+    record of its chain says so (the bytes of that base), so no file but the newest is
+    read to learn it. A record that says the first file nests none (a hostile file
+    whose checksums hold) is found out when the history is read: SerializationError
+    naming the file, nothing changed."""
+    mem = mmsb.MMSBState(_cfg())
+    pid = mmsb.create_page(mem, 64).id
+    for i in range(200):  # compacted as it goes: the history keeps a replay base
+        mmsb.write_page(mem, pid, i % 60, bytes([i % 250 + 1]))
+    assert mem.replay_base is not None
+    export = tmp_path / "export.mmsb"
+    mmsb.checkpoint_log(mem, export)
+    root = tmp_path / "live"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    mmsb.load_checkpoint(s, export)
+    for i in range(60):  # several automatic checkpoints after the chain's start
+        mmsb.write_page(s, pid, (i * 7) % 60, bytes([i + 100]))
+    s.bus.flush()
+    img = tmp_path / "img"
+    shutil.copytree(root, img)
+    mmsb.mmsb_stop(s)
+    files = sorted((img / "checkpoints").glob("ckpt-*.mmsb"))
+    assert len(files) >= 3
+    first = ckpt_mod.read_checkpoint_head(files[0])
+    assert first.log_from_lsn == 0 and first.base_len > 0
+    newest = ckpt_mod.read_checkpoint(files[-1], with_log=False, pages=False)
+    rows = newest.bus["chain"]
+    assert rows[0][:3] == [int(files[0].name[5:21], 16), first.lsn, 0]
+    assert rows[0][3] == first.base_len  # the writer knew it, and recorded it
+    heads: list[Path] = []
+    real_head = bus_mod.read_checkpoint_head
+
+    def head(path: Path) -> Any:
+        heads.append(path)
+        return real_head(path)
+
+    monkeypatch.setattr(bus_mod, "read_checkpoint_head", head)
+    ref = _open(img, False, monkeypatch)
+    if record == "kept":
+        got = _open(img, True, monkeypatch)
+        try:
+            assert heads == []
+            assert type(got.log) is not DeferredLog  # read whole: it nests a base
+            assert _state_view(got) == _state_view(ref)
+            assert _log_view(got) == _log_view(ref)
+        finally:
+            mmsb.mmsb_stop(ref)
+            mmsb.mmsb_stop(got)
+        return
+    mmsb.mmsb_stop(ref)
+    real_chain = bus_mod._recorded_chain
+
+    def lying(*args: Any) -> dict[int, tuple[int, int, int]]:
+        return {g: (at, start, 0) for g, (at, start, _base) in real_chain(*args).items()}
+
+    monkeypatch.setattr(bus_mod, "_recorded_chain", lying)
+    got = _open(img, True, monkeypatch)
+    try:
+        assert type(got.log) is DeferredLog
+        before = (pages_view(got), int(got.last_lsn))
+        with pytest.raises(mmsb.SerializationError, match="the file was replaced") as info:
+            mmsb.read_page_at(got, pid, lsn=int(got.last_lsn) - 1)
+        assert files[0].name in str(info.value)
+        assert type(got.log) is DeferredLog
+        assert (pages_view(got), int(got.last_lsn)) == before
+    finally:
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.mmsb_stop(got)  # its final checkpoint needs the history

@@ -152,6 +152,10 @@ class _Ckpt:
     lsn: int
     log_from_lsn: int
     path: Path
+    base_len: int = -1
+    """Bytes of the replay base the file nests (0: none; -1: not known here). Recorded in
+    the chain rows of later checkpoints, so that an open learns whether the chain's
+    start nests one without reading that file."""
 
 
 def bus_files(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
@@ -763,7 +767,8 @@ class DurableBus:
         chain = _read_chain(self, by_gen, gen)
         self.generation = gen
         self.ckpt_lsn = chain[-1][1].lsn
-        self.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]) for g, ck in chain]
+        self.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g], _nested_len(ck))
+                         for g, ck in chain]
         self.records_since_ckpt = 0
 
     # -- checkpoints -------------------------------------------------------------------
@@ -834,11 +839,14 @@ class DurableBus:
                 # The new checkpoint is the only one kept: it is its own replay base.
                 state.trim_log(lsn)
                 new.log_from_lsn = lsn
-            # The chain it closes, oldest first, so that an open learns it from this file
-            # alone (the older files are read when the history is).
-            chain = [[c.generation, c.lsn, c.log_from_lsn] for c in kept]
-            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen, "chain": chain}
             base = state.base_bytes() if full else b""
+            new.base_len = len(base)
+            # The chain it closes, oldest first, so that an open learns it from this file
+            # alone (the older files are read when the history is): with the length of
+            # the replay base each file nests, where this writer knows it.
+            chain = [[c.generation, c.lsn, c.log_from_lsn, *([c.base_len] if c.base_len >= 0 else [])]
+                     for c in kept]
+            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen, "chain": chain}
             refs = None
             if self.use_store:
                 # The pages changed since the last checkpoint go to the page store, synced
@@ -1543,7 +1551,8 @@ def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], g
     bus.open_refs = newest.page_refs
     bus.generation = gen
     bus.ckpt_lsn = newest.lsn
-    bus.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g]) for g, ck in chain]
+    bus.retained = [_Ckpt(g, ck.lsn, ck.log_from_lsn, by_gen[g], _nested_len(ck))
+                    for g, ck in chain]
 
 
 def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path],
@@ -1567,7 +1576,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     newest = bus.read_checkpoint(by_gen[gen], with_log=False)
     _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
     heads = [(gen, CheckpointHead(newest.lsn, newest.log_from_lsn, newest.horizon_lsn,
-                                  newest.bus, 1 if newest.base is not None else 0))]
+                                  newest.bus, _nested_len(newest)))]
     recorded = _recorded_chain(newest.bus, gen, newest.lsn, newest.log_from_lsn)
     horizon = newest.horizon_lsn
     while heads[-1][1].log_from_lsn != 0 and heads[-1][1].lsn > horizon:
@@ -1577,7 +1586,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
         known = recorded.get(g_prev)
         if known is not None:
             # Checked against the file itself when the history is read.
-            head = CheckpointHead(known[0], known[1], 0, newest.bus, -1)
+            head = CheckpointHead(known[0], known[1], 0, newest.bus, known[2])
         else:
             head = read_checkpoint_head(by_gen[g_prev])
             _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
@@ -1608,7 +1617,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     bus.open_refs = newest.page_refs
     bus.generation = gen
     bus.ckpt_lsn = newest.lsn
-    bus.retained = [_Ckpt(g, h.lsn, h.log_from_lsn, by_gen[g]) for g, h in heads]
+    bus.retained = [_Ckpt(g, h.lsn, h.log_from_lsn, by_gen[g], h.base_len) for g, h in heads]
     slices = [(g, h, by_gen[g]) for g, h in start]
     ckpt_lsn = newest.lsn
 
@@ -1617,10 +1626,12 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
         for g, h, path in slices:
             ck = bus.read_checkpoint(path, pages=False)
             _check_owner(ck.bus, bus.bus_id, g, path)
-            if (ck.lsn, ck.log_from_lsn) != (h.lsn, h.log_from_lsn):
+            if ((ck.lsn, ck.log_from_lsn) != (h.lsn, h.log_from_lsn)
+                    or (h.base_len >= 0 and (ck.base is not None) != (h.base_len > 0))):
                 raise SerializationError(
                     f"this checkpoint is at LSN {ck.lsn} with its log from LSN "
-                    f"{ck.log_from_lsn}, but the bus opened expecting LSN {h.lsn} from "
+                    f"{ck.log_from_lsn} ({'with' if ck.base is not None else 'without'} a "
+                    f"replay base), but the bus opened expecting LSN {h.lsn} from "
                     f"{h.log_from_lsn} (the newer checkpoint's record of its chain, or the "
                     "file as it was at the open): the file was replaced or changed; its "
                     "history cannot be read", path=path)
@@ -1637,27 +1648,37 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     return load
 
 
+def _nested_len(ck: Any) -> int:
+    """Bytes of the replay base a decoded checkpoint nests (0: none; -1: not known)."""
+    if ck.base is None:
+        return 0
+    source = ck.base.source
+    return len(source) if isinstance(source, bytes) else -1
+
+
 def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
-                    log_from: int) -> dict[int, tuple[int, int]]:
+                    log_from: int) -> dict[int, tuple[int, int, int]]:
     """The chain of checkpoints a checkpoint records in its bus identity (``chain``:
-    ``[generation, lsn, log_from_lsn]`` rows, oldest first, ending with itself), as
-    generation → (lsn, log_from_lsn); empty when it records none (older files) or the
-    record does not hold together, so that the files' heads are read instead."""
+    ``[generation, lsn, log_from_lsn]`` rows, oldest first, ending with itself, each
+    with the bytes of the replay base the file nests as a fourth int where the writer
+    knew it), as generation → (lsn, log_from_lsn, base bytes or -1); empty when it
+    records none (older files) or the record does not hold together, so that the
+    files' heads are read instead."""
     rows = info.get("chain") if info is not None else None
     if not isinstance(rows, list) or not rows:
         return {}
-    out: dict[int, tuple[int, int]] = {}
+    out: dict[int, tuple[int, int, int]] = {}
     prev_gen = prev_lsn = -1
     for row in rows:
-        if not (isinstance(row, list) and len(row) == 3
+        if not (isinstance(row, list) and 3 <= len(row) <= 4
                 and all(type(x) is int and 0 <= x < 1 << 63 for x in row)):
             return {}
-        g, at, start = row
+        g, at, start = row[0], row[1], row[2]
         if g <= prev_gen or at < prev_lsn or start > at:
             return {}
-        out[g] = (at, start)
+        out[g] = (at, start, row[3] if len(row) == 4 else -1)
         prev_gen, prev_lsn = g, at
-    if out.get(gen) != (lsn, log_from):
+    if out.get(gen, (-1, -1, -1))[:2] != (lsn, log_from):
         return {}
     return out
 
