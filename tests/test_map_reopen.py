@@ -279,11 +279,11 @@ def test_a_reopen_does_the_same_work_after_10k_and_100k_records(
     monkeypatch.setattr(bus_mod.DurableBus, "read_bytes", read_bytes)
     real_front = bus_mod.read_checkpoint_front
 
-    def front(path: Path) -> Any:
+    def front(path: Path, store: Any = None) -> Any:
         # The newest checkpoint, read without its log section: counted as the whole
         # file (more than is read).
         reads.append((path.parent.name, path.stat().st_size))
-        return real_front(path)
+        return real_front(path, store)
 
     monkeypatch.setattr(bus_mod, "read_checkpoint_front", front)
     work = {}
@@ -632,8 +632,10 @@ def _sections(raw: bytes) -> dict[bytes, tuple[int, int]]:
 
 def test_the_newest_checkpoint_is_read_without_its_log_section(tmp_path: Path) -> None:
     """``read_checkpoint_front`` gives what a read without the log gives and hands the
-    page bytes over (``owned``); damage anywhere in the file, the log section's bytes
-    included, is refused with SerializationError at the file's offset."""
+    page bytes over (``owned``); damage anywhere in the file but the log section's
+    bytes is refused with SerializationError at the file's offset. The log section's
+    bytes it neither reads nor checks: damage there is refused by the whole read that
+    the history's read makes."""
     from mmsb._storage.checkpoint import read_checkpoint, read_checkpoint_front
 
     img = _image(tmp_path)
@@ -655,6 +657,13 @@ def test_the_newest_checkpoint_is_read_without_its_log_section(tmp_path: Path) -
         damaged = bytearray(raw)
         damaged[at] ^= 0x21
         bad.write_bytes(bytes(damaged))
+        if log_at <= at < log_at + log_len:
+            store = path.parent / "pages"  # (the page store beside the file it was)
+            assert _snap_view(read_checkpoint_front(bad, store)) == _snap_view(whole)
+            with pytest.raises(mmsb.SerializationError, match="TLOG") as info:
+                read_checkpoint(bad, store=store)
+            assert info.value.offset == log_at
+            continue
         with pytest.raises(mmsb.SerializationError) as info:
             read_checkpoint_front(bad)
         assert info.value.path == str(bad)
@@ -669,9 +678,11 @@ def test_the_newest_checkpoint_is_read_without_its_log_section(tmp_path: Path) -
         read_checkpoint_front(bad)
 
 
-def test_damage_in_the_newest_log_section_is_refused_at_open(tmp_path: Path) -> None:
-    """The open does not keep the newest checkpoint's log section, but checks it: damage
-    there refuses the open (SerializationError naming the file), which writes nothing."""
+def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
+        tmp_path: Path) -> None:
+    """The open neither keeps nor checks the newest checkpoint's log section (it is
+    history): the open goes on, and the first read of the history refuses the damage
+    (SerializationError naming the file, at the section's offset), changing nothing."""
     img = _image(tmp_path)
     root = _copy(img, "bus")
     path = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
@@ -679,13 +690,18 @@ def test_damage_in_the_newest_log_section_is_refused_at_open(tmp_path: Path) -> 
     log_at, log_len = _sections(bytes(raw))[b"TLOG"]
     raw[log_at + log_len // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "LOCK"}
-    with pytest.raises(mmsb.SerializationError) as info:
-        mmsb.mmsb_start(path=root, config=_cfg())
-    assert path.name in str(info.value)
-    assert info.value.offset == log_at
-    assert {p: p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "LOCK"} == before
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    try:
+        pid = sorted(s.pages)[0]
+        kept = (pages_view(s), int(s.last_lsn))
+        with pytest.raises(mmsb.SerializationError) as info:
+            mmsb.read_page_at(s, pid, lsn=int(s.last_lsn) - 1)
+        assert path.name in str(info.value)
+        assert info.value.offset == log_at
+        assert (pages_view(s), int(s.last_lsn)) == kept
+    finally:
+        with pytest.raises(mmsb.SerializationError):
+            mmsb.mmsb_stop(s)
 
 
 def test_slots_freed_over_many_sessions_are_packed_again(tmp_path: Path) -> None:

@@ -279,11 +279,11 @@ def test_the_work_of_a_reopen_after_kill_does_not_grow_with_history(
     monkeypatch.setattr(bus_mod.DurableBus, "read_bytes", read_bytes)
     real_front = bus_mod.read_checkpoint_front
 
-    def front(path: Path) -> Any:
+    def front(path: Path, store: Any = None) -> Any:
         # The newest checkpoint, read without its log section: counted as the whole
         # file (more than is read).
         reads.append((path.parent.name, path.stat().st_size))
-        return real_front(path)
+        return real_front(path, store)
 
     monkeypatch.setattr(bus_mod, "read_checkpoint_front", front)
     monkeypatch.setattr(bus_mod, "read_checkpoint_head", head)

@@ -1,7 +1,8 @@
-"""What a reopen reads, and how: the identity file in one read, the newest checkpoint's
-log section checked in the same read as the rest of the file (or in steps where it is
-long), LOCK's pid rewritten whole. Each refusal changes nothing on disk, and the state a
-reopen builds equals checkpoint + full log replay (``open_readonly``) either way."""
+"""What a reopen reads, and how: the identity file in one read, the newest checkpoint
+without its log section's bytes (its section heads through a window; the log section is
+checked when the history is read), LOCK's pid rewritten whole. Each refusal changes
+nothing on disk, and the state a reopen builds equals checkpoint + full log replay
+(``open_readonly``) either way."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 
 import mmsb
 from conftest import edges, pages_view
+from mmsb._core.log import DeferredLog
+from mmsb._storage import bus as bus_mod
 from mmsb._storage import checkpoint as ckpt_mod
 
 
@@ -78,20 +81,17 @@ def _flip_in_log_section(path: Path) -> None:
     raise AssertionError("no log section")
 
 
-@pytest.mark.parametrize("one_read", [True, False])
 @pytest.mark.parametrize("window", [4096, 32, 100])
-def test_the_newest_checkpoint_reads_the_same_in_one_read_or_in_steps(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_read: bool, window: int) -> None:
-    """A log section read with the rest of the file, or (past the one-read limit) in
-    steps, its section heads found through windows of any size (one head a read, heads
-    across a window's end): the reopened state and its history are the full replay's
-    either way."""
+def test_the_newest_checkpoint_reads_the_same_through_any_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
+    """The newest checkpoint's section heads found through windows of any size (one
+    head a read, heads across a window's end, the part before the log section taken
+    from the window or read again): the reopened state and its history are the full
+    replay's either way."""
     img = _image(tmp_path)
     want = _reference(img)
     monkeypatch.setattr(ckpt_mod, "_HEAD_WINDOW", window)
-    if not one_read:
-        monkeypatch.setattr(ckpt_mod, "_FRONT_LOG_MAX", 0)
-    for k in range(2):  # the second read reuses the thread's scratch buffer
+    for k in range(2):
         root = _copy(img, f"bus-{k}")
         s = mmsb.mmsb_start(path=str(root), config=_cfg())
         try:
@@ -100,27 +100,48 @@ def test_the_newest_checkpoint_reads_the_same_in_one_read_or_in_steps(
             mmsb.mmsb_stop(s)
 
 
-@pytest.mark.parametrize("one_read", [True, False])
-def test_damage_in_the_newest_log_section_is_refused_at_open(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_read: bool) -> None:
-    """The newest checkpoint's log section is not kept at open, but its checksum is
-    checked there, read in one call or in steps: a damaged byte is refused with
-    SerializationError naming the file, and nothing on disk changes."""
+@pytest.mark.parametrize("defer", [True, False])
+def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, defer: bool) -> None:
+    """The newest checkpoint's log section is history: an open that defers the history
+    neither reads nor checks its bytes, and the first call that needs the history
+    refuses the damage with SerializationError naming the file and the section,
+    changing nothing (the state, the log, the files); an open that reads the history at
+    once refuses it at open, writing nothing."""
     img = _image(tmp_path)
-    if not one_read:
-        monkeypatch.setattr(ckpt_mod, "_FRONT_LOG_MAX", 0)
+    want = _reference(img)
     root = _copy(img, "bus")
     newest = _newest(root)
     _flip_in_log_section(newest)
+    monkeypatch.setattr(bus_mod, "DEFER_HISTORY", defer)
     before = _files(root)
-    with pytest.raises(mmsb.SerializationError) as info:
-        mmsb.mmsb_start(path=str(root), config=_cfg())
-    assert newest.name in str(info.value)
-    assert "TLOG" in str(info.value)
-    after = _files(root)
-    after.pop("LOCK", None)
-    before.pop("LOCK", None)
-    assert after == before
+    if not defer:
+        with pytest.raises(mmsb.SerializationError) as info:
+            mmsb.mmsb_start(path=str(root), config=_cfg())
+        assert newest.name in str(info.value) and "TLOG" in str(info.value)
+        after = _files(root)
+        after.pop("LOCK", None)
+        before.pop("LOCK", None)
+        assert after == before
+        return
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert type(s.log) is DeferredLog
+        assert (pages_view(s), edges(s), int(s.last_lsn)) == want[:3]
+        pid = sorted(s.pages)[0]
+        kept = (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id)
+        on_disk = {k: v for k, v in _files(root).items() if not k.startswith("map/")}
+        for call in (lambda: mmsb.read_page_at(s, pid, lsn=int(s.last_lsn) - 1),
+                     lambda: len(s.tlog)):
+            with pytest.raises(mmsb.SerializationError) as info:
+                call()
+            assert newest.name in str(info.value) and "TLOG" in str(info.value)
+            assert type(s.log) is DeferredLog
+            assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id) == kept
+            assert {k: v for k, v in _files(root).items() if not k.startswith("map/")} == on_disk
+    finally:
+        with pytest.raises(mmsb.SerializationError, match="closed all the same"):
+            mmsb.mmsb_stop(s)  # its final checkpoint needs the history
 
 
 def test_an_identity_file_one_byte_longer_is_refused(tmp_path: Path) -> None:

@@ -299,7 +299,8 @@ class DurableBus:
             SerializationError: unreadable (gone, not a regular file) or damaged.
         """
         if not with_log and not self.read_only and path not in self.fds:
-            return read_checkpoint_front(path)  # its page store is the one beside it
+            # Its page store is the one beside it, in this bus's checkpoints folder.
+            return read_checkpoint_front(path, f"{self.root}/checkpoints/{STORE_NAME}")
         try:
             raw = self.read_bytes(path)
         except OSError as exc:

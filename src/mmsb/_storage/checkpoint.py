@@ -23,7 +23,6 @@ import io
 import os
 import secrets
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -520,14 +519,13 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
 
 def read_checkpoint_front(path: Path, store: str | Path | None = None) -> CheckpointData:
     """A checkpoint file read and checked as ``read_checkpoint(path, with_log=False,
-    private=True)`` reads it, but without keeping the bytes of its log section: the
-    header, every section header and every other section are read into one private
-    buffer, and the log section's bytes are read only to be checked against their
-    checksum (whoever reads the history reads the file again): up to 1 MiB of them in
-    the same system call as the rest of the file, into the thread's scratch buffer, a
-    longer section in steps of 64 KiB. With the log's bytes out of the kept buffer, a
-    snapshot whose page bytes are stored raw is
-    ``owned``: a restore takes them as its pages without a copy. O(file).
+    private=True)`` reads it, but without the bytes of its log section: the header,
+    every section header and every other section are read into one private buffer and
+    checked; the log section's bytes are neither read nor checked here (they are the
+    history: whoever reads it reads the file again, whole, and checks them then, as it
+    checks the older checkpoints' log sections). With the log's bytes out of the kept
+    buffer, a snapshot whose page bytes are stored raw is ``owned``: a restore takes
+    them as its pages without a copy. O(file without its log section).
 
     Raises:
         SerializationError: as :func:`read_checkpoint` (the file read whole when its
@@ -543,10 +541,11 @@ def read_checkpoint_front(path: Path, store: str | Path | None = None) -> Checkp
         total = st.st_size
         pos = _HEADER_SIZE
         hole = -1
-        # The section heads are read through a window of _HEAD_WINDOW bytes, read again
-        # only where a head lies outside it: two reads for the usual file (the heads
-        # before the page bytes, then those after them), not one per section.
-        win = b""
+        # The section heads are read through a window of _HEAD_WINDOW bytes from the
+        # file's start, read again only where a head lies outside it: one read for the
+        # usual file (the header and every head before the log section), not one per
+        # section.
+        win = os.pread(fd, _HEAD_WINDOW, 0)
         win_at = 0
         for tag in _TAGS:
             if not win_at <= pos <= win_at + len(win) - _SECTION_SIZE:
@@ -555,7 +554,7 @@ def read_checkpoint_front(path: Path, store: str | Path | None = None) -> Checkp
                 if len(win) < _SECTION_SIZE:
                     break
             sh = win[pos - win_at:pos - win_at + _SECTION_SIZE]
-            got, _codec, _raw, stored_len, log_crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
+            got, _codec, _raw, stored_len, _log_crc, shcrc = _SECTION_HEAD.unpack_from(sh, 0)
             if (got != tag and not (tag == b"PDAT" and got == b"PREF")) or crc32c(sh[:28]) != shcrc:
                 break
             if tag == b"TLOG":
@@ -563,37 +562,19 @@ def read_checkpoint_front(path: Path, store: str | Path | None = None) -> Checkp
                     hole = stored_len
                 break
             pos += _SECTION_SIZE + stored_len
-        if 0 <= hole <= _FRONT_LOG_MAX:
-            # The whole file in one read: the log section's bytes into a buffer of
-            # their own (checked, then let go), the rest into the one that is kept.
+        if hole >= 0:
+            # The file but its log section's bytes, into one buffer: what lies before
+            # them (from the window when it holds it all), then what lies after them.
             front = pos + _SECTION_SIZE
             buf = np.empty(total - hole, np.uint8)
-            log_buf = _log_scratch(hole)
-            got = os.preadv(fd, [buf[:front].data, log_buf, buf[front:].data], 0)
-            if got != total:
-                hole = -1  # changed while read: the whole read below says how
-            elif crc32c(log_buf) != log_crc:
-                hole = -1  # damaged: the whole read below says where
-        elif hole >= 0:
-            front = pos + _SECTION_SIZE
-            buf = np.empty(total - hole, np.uint8)
-            got_front = os.preadv(fd, [buf[:front].data], 0)
+            if win_at == 0 and front <= len(win):
+                buf[:front] = np.frombuffer(win, np.uint8, front)
+                got_front = front
+            else:
+                got_front = os.preadv(fd, [buf[:front].data], 0)
             got_back = os.preadv(fd, [buf[front:].data], front + hole)
             if got_front != front or got_back != buf.size - front:
                 hole = -1  # changed while read: the whole read below says how
-            else:
-                step = bytearray(min(hole, _STREAM_CHUNK >> 4) or 1)
-                view = memoryview(step)
-                crc = 0
-                at = 0
-                while at < hole:
-                    n = os.preadv(fd, [view[: min(len(step), hole - at)]], front + at)
-                    if n <= 0:
-                        break
-                    crc = crc32c(view[:n], crc)
-                    at += n
-                if at != hole or crc != log_crc:
-                    hole = -1  # damaged (or cut meanwhile): the whole read below says where
     except OSError as exc:
         raise SerializationError(f"cannot read the file ({exc.strerror or exc})",
                                  path=label) from None
@@ -729,24 +710,6 @@ _HEAD_WINDOW = 4096
 """Bytes read at a time while looking for a checkpoint's section heads (see
 :func:`read_checkpoint_front`)."""
 
-_FRONT_LOG_MAX = 1 << 20
-"""A log section up to this long is read with the rest of the file in one system call,
-into the reading thread's scratch buffer (only checked, never kept); a longer one in
-steps of 64 KiB."""
-_SCRATCH = threading.local()
-
-
-def _log_scratch(n: int) -> memoryview:
-    """``n`` bytes of this thread's scratch buffer (at most ``_FRONT_LOG_MAX``, kept
-    between reads, so that the pages it spans are touched once per thread, not once per
-    read)."""
-    buf: bytearray | None = getattr(_SCRATCH, "buf", None)
-    if buf is None or len(buf) < n:
-        buf = bytearray(max(n, 1 << 16))
-        _SCRATCH.buf = buf
-    return memoryview(buf)[:n]
-
-
 _ADOPT_SLACK = 64 << 10
 """A private read's snapshot is ``owned`` only when the file's bytes other than the
 pages and the log payload (which a restore that adopts them keeps alive with them) are
@@ -803,7 +766,7 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
             raise fail(f"section {tag.decode()} has an unknown codec or an impossible size", pos)
         data_pos = pos + _SECTION_SIZE
         if hole >= 0 and tag == b"TLOG":
-            # Not in the buffer (read_checkpoint_front checked its bytes' checksum).
+            # Not in the buffer: checked when the history is read (read_checkpoint_front).
             if stored_len != hole or (codec == CODEC_RAW and stored_len != raw_len):
                 raise fail("section TLOG changed while the file was read", pos)
             sections[tag] = (codec, raw_len, buf[data_pos:data_pos], data_pos)
