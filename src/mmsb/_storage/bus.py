@@ -290,8 +290,9 @@ class DurableBus:
 
     def read_checkpoint(self, path: Path, with_log: bool = True, pages: bool = True) -> Any:
         """Read and check one checkpoint of this bus (``with_log=False``: its log section
-        checksummed, neither decoded nor kept; a writer's open reads the page bytes into
-        memory the restore then takes as its own, see ``read_checkpoint_front``).
+        neither decoded nor kept; a writer's open neither reads nor checks its bytes, and
+        reads the page bytes into memory the restore then takes as its own, see
+        ``read_checkpoint_front``).
         ``pages=False``: a checkpoint whose pages are in the page store is read without
         them (for its log alone).
 
@@ -1559,8 +1560,8 @@ def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], g
 def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path],
                       gen: int) -> Callable[[TransactionLog], TransactionLog] | None:
     """Restore the newest checkpoint into ``state`` without its history: its pages,
-    masks, graph and counters are read and checked, its log section only checksummed,
-    and each older checkpoint of the chain is known by its head alone
+    masks, graph and counters are read and checked, its log section left on disk (read
+    and checked with the rest of the history), and each older checkpoint of the chain is known by its head alone
     (:func:`read_checkpoint_head`: ownership and where its log starts and ends, read in
     a few small reads). The state's log is left empty at the checkpoint's LSN, for the
     segments after it. O(pages + page bytes + checkpoints), whatever the history.
