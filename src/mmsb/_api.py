@@ -150,7 +150,7 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         if cfg.replicate_to is not None:
             cfg.validate()
             preflight(cfg.replicate_to)
-        state = MMSBState(cfg)
+        state = MMSBState(cfg, _defaults=config is None)
         open_bus(state, path, shared)
         if cfg.replicate_to is not None:
             try:
@@ -162,7 +162,7 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
                 state.close()
                 raise
     else:
-        state = MMSBState(cfg)
+        state = MMSBState(cfg, _defaults=config is None)
     if cfg.enable_instrumentation:
         _instr.enable(state, InstrumentationConfig(), _ops())
     _active.set(state)

@@ -367,11 +367,14 @@ class MMSBState:
     _core/devices.py); set on the first device page, so a state without one keeps to
     the attributes below."""
 
-    def __init__(self, config: MMSBConfig | None = None) -> None:
+    def __init__(self, config: MMSBConfig | None = None, *, _defaults: bool = False) -> None:
+        # ``_defaults``: ``config`` is a default MMSBConfig() whose only changes are bools
+        # (mmsb_start without a config): valid as built, so not checked field by field.
         cfg = MMSBConfig() if config is None else config
         if not isinstance(cfg, MMSBConfig):
             raise InvalidArgumentError(f"config must be an MMSBConfig, not {type(cfg).__name__}")
-        cfg.validate()
+        if config is not None and not _defaults:
+            cfg.validate()
         self.config = cfg
         self.lock = threading.RLock()
         self.arena = Arena()
