@@ -1402,9 +1402,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
     cfg = bus.config
     by_gen = {}
     for p in files["checkpoints"]:
-        m = _CKPT_RE.match(p.name)
-        assert m is not None
-        by_gen[int(m.group(1), 16)] = p
+        by_gen[int(p.name[5:21], 16)] = p  # (a name _CKPT_RE matched)
     loader: Callable[[TransactionLog], TransactionLog] | None = None
     if by_gen:
         gen = max(by_gen)
@@ -1672,9 +1670,11 @@ def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
     out: dict[int, tuple[int, int, int]] = {}
     prev_gen = prev_lsn = -1
     for row in rows:
-        if not (isinstance(row, list) and 3 <= len(row) <= 4
-                and all(type(x) is int and 0 <= x < 1 << 63 for x in row)):
+        if type(row) is not list or not 3 <= len(row) <= 4:
             return {}
+        for x in row:
+            if type(x) is not int or not 0 <= x < 1 << 63:
+                return {}
         g, at, start = row[0], row[1], row[2]
         if g <= prev_gen or at < prev_lsn or start > at:
             return {}
