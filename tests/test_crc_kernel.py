@@ -112,6 +112,10 @@ def test_read_only_and_sliced_buffers(crc: Any) -> None:
     assert _got(crc, ro, 3, 4090) == _want(base[3:4093])
     view = base[5:]
     assert _got(crc, view, 0, view.shape[0]) == _want(view)
+    strided = base[1::3]
+    assert not strided.flags.c_contiguous
+    for n in (0, 3, 8, 13, 1000):
+        assert _got(crc, strided, 2, n) == _want(strided[2:2 + n]), n
 
 
 def test_callers_match_the_package() -> None:

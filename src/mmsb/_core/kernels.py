@@ -1078,8 +1078,9 @@ def crc_update_tables(tab: np.ndarray, c: Any, buf: np.ndarray, p: Any, n: Any) 
 
 def _crc_step_typer(typingctx: Any, c: Any, buf: Any, p: Any, width: Any) -> Any:  # pragma: no cover
     """``crc32`` of SSE4.2 (CRC32C) continuing ``c`` over the ``width`` (8, 4 or 1, a
-    constant) bytes at ``buf[p]`` (a uint8 array), read unaligned; int64 in and out."""
-    if (not isinstance(buf, types.Array) or buf.dtype != types.uint8
+    constant) bytes at ``buf[p]`` (a one-dimensional uint8 array whose bytes lie next
+    to each other), read unaligned; int64 in and out."""
+    if (not isinstance(buf, types.Array) or buf.dtype != types.uint8 or buf.ndim != 1
             or not isinstance(width, types.IntegerLiteral) or width.literal_value not in (1, 4, 8)):
         return None
     bits = 8 * width.literal_value
@@ -1109,6 +1110,9 @@ def crc_update_hardware(tab: np.ndarray, c: Any, buf: np.ndarray, p: Any, n: Any
     computes CRC32C): eight bytes a step, then four, then single bytes; ``tab`` is not
     read. Only for x86-64 CPUs with SSE4.2, compiled for that CPU (see
     :data:`CRC_HARDWARE`)."""
+    if buf.strides[0] != 1:
+        # A strided view: its bytes are not next to each other, as the steps read them.
+        return crc_update_tables(tab, c, buf, p, n)
     c = np.int64(c) & 0xFFFFFFFF
     p = np.intp(p)
     end = p + np.intp(n)
