@@ -1159,8 +1159,11 @@ def _crc_hardware_usable() -> bool:
 
 CRC_HARDWARE: bool = _crc_hardware_usable()
 """Whether :func:`crc_update` is :func:`crc_update_hardware` (the CPU's ``crc32``
-instruction, about 10x the tables' speed) rather than :func:`crc_update_tables`.
-Chosen once, when this module is imported, before any kernel that calls it compiles."""
+instruction, about 5-6 times the tables' speed) rather than :func:`crc_update_tables`.
+Chosen once, when this module is imported, before any kernel that calls it compiles.
+A calling kernel that numba loads from its on-disk cache holds the version it was
+compiled with (numba's cache key of a kernel does not cover the functions it calls);
+the key's CPU name and features make that the same CPU, where both are correct."""
 
 crc_update: Any = crc_update_hardware if CRC_HARDWARE else crc_update_tables
 """Continue the CRC32C register ``c`` (not inverted; int64 holding 32 bits) over
