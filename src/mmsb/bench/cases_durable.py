@@ -432,6 +432,38 @@ def reopen_after_kill_10k(ctx: RunContext) -> CaseOutcome:
     return _reopen_case(ctx, 10_000)
 
 
+@case("durable", "crc32c_64k",
+      "CRC32C of 64 KiB (the page store's 64 pages of 1 KiB that a reopen checks) by the "
+      "compiled crc_update; the table version's time in the same run")
+def crc32c_64k(ctx: RunContext) -> CaseOutcome:
+    """One ``crc_update`` call over 64 KiB of random bytes: the version the kernels use
+    (the CPU's ``crc32`` instruction where :data:`CRC_HARDWARE`), and the table version
+    (slicing by 8) for comparison, both checked against the ``crc32c`` package."""
+    import crc32c
+
+    from .._core.kernels import CRC_HARDWARE, CRC_TABLES, crc_update, crc_update_tables
+
+    buf = np.random.default_rng(ctx.seed).integers(0, 256, 1 << 16, dtype=np.uint8)
+    want = crc32c.crc32c(buf.tobytes())
+    for name, fn in (("crc_update", crc_update), ("crc_update_tables", crc_update_tables)):
+        expect(int(fn(CRC_TABLES, 0xFFFFFFFF, buf, 0, buf.size)) ^ 0xFFFFFFFF == want,
+               f"{name} differs from the crc32c package")
+
+    def batch_with(fn: Any) -> Any:
+        def batch(_obj: None, n: int) -> None:
+            for _ in range(n):
+                fn(CRC_TABLES, 0xFFFFFFFF, buf, 0, 65536)
+        return batch
+
+    m = ctx.measure(batch_with(crc_update), max_inner=ctx.pick(100_000, 10))
+    tables = ctx.measure(batch_with(crc_update_tables), max_inner=ctx.pick(100_000, 10))
+    chosen_ns = m.stats.median_ns
+    return CaseOutcome(m, {"hardware": CRC_HARDWARE, "bytes": 65536,
+                           "gb_per_s": 65536 / chosen_ns,
+                           "tables_ns": tables.stats.median_ns,
+                           "tables_over_chosen": tables.stats.median_ns / chosen_ns})
+
+
 @case("durable", "reopen_after_kill_100k",
       "as reopen_after_kill_10k after 100,000 writes (the cost should not grow with history)")
 def reopen_after_kill_100k(ctx: RunContext) -> CaseOutcome:
