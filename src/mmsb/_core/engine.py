@@ -1902,14 +1902,21 @@ class MMSBState:
         and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
         n = int(snap.ids.size)
         rows = int(snap.ids[-1]) + 1 if n else 0
-        t = PageTable(max(rows + rows // 4, 64))  # room for creations after the restore
         arena = Arena()
         graph = ShadowPageGraph()
         adopted = arena.adopt(snap.data, snap.sizes) if snap.owned and n else None
+        cur = self.table
+        # A table that never held a page, with room for the rows (a state built to be
+        # restored, as a durable bus's open builds one), is filled in place, last, when
+        # nothing else can fail; any other table is left as it is until the swap.
+        reuse = (adopted is not None and cur.next_id == 1 and not cur.meta
+                 and len(cur.flags) >= rows)
+        t = cur if reuse else PageTable(max(rows + rows // 4, 64))  # room for creations
         if adopted is not None:
             # The snapshot's buffer becomes the arena's: the pages stay where the file
             # was read, no copy.
-            t.set_rows(snap.ids, adopted, snap.sizes, snap.epochs, snap.locs)
+            if not reuse:
+                t.set_rows(snap.ids, adopted, snap.sizes, snap.epochs, snap.locs)
         elif n:
             # Group runs of consecutive ids of one size: one bulk allocation each.
             ids, sizes = snap.ids, snap.sizes
@@ -1929,8 +1936,7 @@ class MMSBState:
                         arena.view(addr, size)[:] = src[k * size : (k + 1) * size]
             t.epoch[ids] = snap.epochs
             t.loc[ids] = snap.locs
-        t.next_id = snap.next_page_id
-        t.meta = {pid: dict(m) for pid, m in snap.metadata.items() if m}
+        meta = {pid: dict(m) for pid, m in snap.metadata.items() if m}
         for p, c, et in snap.edges:
             graph.add_edge(p, c, et)
         if isinstance(snap.records, ColumnRecords):
@@ -1951,6 +1957,11 @@ class MMSBState:
         ht = snap.info.get("horizon_timestamp", 0)
         log.horizon_timestamp = ht if isinstance(ht, int) else 0
         log.sink, log.sink_many = self.log.sink, self.log.sink_many
+        if reuse:
+            assert adopted is not None
+            t.set_rows(snap.ids, adopted, snap.sizes, snap.epochs, snap.locs)
+        t.next_id = snap.next_page_id
+        t.meta = meta
         self.arena = arena
         self.table = t
         self.log = log

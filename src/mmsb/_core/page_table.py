@@ -70,7 +70,7 @@ class PageTable:
     ``meta`` maps page id → metadata dict, only for pages that have metadata.
     """
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, capacity: int = 128) -> None:
         capacity = max(capacity, 2)
         # Two allocations, not five: the columns are rows of them (each contiguous;
         # reserve() gives every column an array of its own when the table grows).

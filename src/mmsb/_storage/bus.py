@@ -1287,6 +1287,9 @@ def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
     state.recovery_notes = list(bus.recovery_notes)
 
 
+_PATH_TYPE = type(Path())
+
+
 def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = False,
              bus_id: int | None = None) -> None:
     """Make the fresh ``state`` a durable bus in ``path``: create one there, or reopen
@@ -1302,7 +1305,9 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
             file and offset.
     """
     config = state.config  # (checked when the state was built)
-    root = Path(path)
+    # A Path given is kept as it is (immutable): not parsed again, and its string, when
+    # it was already made, not joined again.
+    root = path if type(path) is _PATH_TYPE else Path(path)
     try:
         where = str(root)
         try:
