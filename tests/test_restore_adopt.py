@@ -245,3 +245,34 @@ def test_states_read_from_a_large_file_are_independent_of_it(tmp_path: Path) -> 
     past = mmsb.replay_to_lsn(a, lsn)
     assert {pid: mmsb.query_page(past, pid) for pid in past.pages} == {
         pid: mmsb.query_page(s, pid) for pid in s.pages}
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_restore_that_fails_late_changes_nothing(tmp_path: Path, fresh: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore that fails after the pages were taken over (here: the log cannot be
+    built) leaves the state as it was: a state that never held a page (whose page
+    table the restore fills in place, last) as well as one with pages of its own."""
+    s = _state([1024] * 8 + [64] * 3)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    t = MMSBState(CFG)
+    if not fresh:
+        mmsb.write_page(t, mmsb.create_page(t, 32).id, 0, b"mine")
+    before = ({pid: mmsb.query_page(t, pid) for pid in t.pages}, t.table.next_id,
+              t.table.live_count, int(t.last_lsn), t.table.flags.tobytes())
+
+    def no_log(*_a: object, **_k: object) -> None:
+        raise MemoryError
+
+    from mmsb._core.log import TransactionLog
+    monkeypatch.setattr(TransactionLog, "from_columns", staticmethod(no_log))
+    with pytest.raises(SerializationError, match="larger than the memory"):
+        mmsb.load_checkpoint(t, path)
+    assert ({pid: mmsb.query_page(t, pid) for pid in t.pages}, t.table.next_id,
+            t.table.live_count, int(t.last_lsn), t.table.flags.tobytes()) == before
+    monkeypatch.undo()
+    table = t.table
+    mmsb.load_checkpoint(t, path)  # and then it restores
+    _same_state(t, s)
+    assert (t.table is table) == fresh  # filled in place only where it never held a page
