@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import weakref
+from _thread import RLock as _RLock
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -376,7 +377,7 @@ class MMSBState:
         if config is not None and not _defaults:
             cfg.validate()
         self.config = cfg
-        self.lock = threading.RLock()
+        self.lock = _RLock()  # (threading.RLock's C type, without its wrapper)
         self.arena = Arena()
         self.table = PageTable()
         self.log = TransactionLog()
