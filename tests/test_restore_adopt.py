@@ -276,3 +276,32 @@ def test_a_restore_that_fails_late_changes_nothing(tmp_path: Path, fresh: bool,
     mmsb.load_checkpoint(t, path)  # and then it restores
     _same_state(t, s)
     assert (t.table is table) == fresh  # filled in place only where it never held a page
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_load_the_bus_cannot_follow_changes_nothing(tmp_path: Path, fresh: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_checkpoint into a durable bus whose checkpoint of the loaded state fails
+    (a full disk, here a DurabilityError from the checkpoint) is refused and puts the
+    state back as it was: a bus that never held a page as well as one with pages."""
+    s = _state([1024] * 8 + [64] * 3)
+    path = tmp_path / "s.ckpt"
+    mmsb.checkpoint_log(s, path)
+    bus = mmsb.mmsb_start(path=str(tmp_path / "bus"), config=mmsb.MMSBConfig(enable_gpu=False))
+    try:
+        if not fresh:
+            mmsb.write_page(bus, mmsb.create_page(bus, 32).id, 0, b"mine")
+        before = ({pid: mmsb.query_page(bus, pid) for pid in bus.pages}, bus.table.next_id,
+                  bus.table.live_count, int(bus.last_lsn), bus.table.flags.tobytes())
+
+        def full(*_a: object, **_k: object) -> None:
+            raise mmsb.DurabilityError("no room left on the device (test)")
+
+        monkeypatch.setattr(type(bus.bus), "checkpoint", full)
+        with pytest.raises(mmsb.DurabilityError):
+            mmsb.load_checkpoint(bus, path)
+        assert ({pid: mmsb.query_page(bus, pid) for pid in bus.pages}, bus.table.next_id,
+                bus.table.live_count, int(bus.last_lsn), bus.table.flags.tobytes()) == before
+        monkeypatch.undo()
+    finally:
+        mmsb.mmsb_stop(bus)

@@ -740,6 +740,11 @@ class MMSBState:
         names = ("arena", "table", "log", "graph", "mask_base", "next_delta_id", "replay_base",
                  "orphan_from", "recompute_fns", "pending", "forced")
         out = {n: getattr(self, n) for n in names}
+        t = self.table
+        if t.next_id == 1 and not t.meta:
+            # A table that never held a page is filled in place by the restore (see
+            # restore): an empty one goes back.
+            out["table"] = PageTable(len(t.flags))
         out["pending"] = set(self.pending)
         out["forced"] = set(self.forced)
         return out
