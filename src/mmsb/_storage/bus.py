@@ -167,10 +167,16 @@ def bus_files(root: str | os.PathLike[str]) -> dict[str, list[Path]]:
 def _names(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     """The files in ``folder`` whose names match ``pattern``, sorted (one listing)."""
     try:
-        names = os.listdir(folder)
+        # (iterdir makes each child's path without parsing its name again, as ``/`` does.)
+        found = [p for p in folder.iterdir() if pattern.match(p.name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [folder / n for n in sorted(n for n in names if pattern.match(n))]
+    found.sort(key=_name_of)
+    return found
+
+
+def _name_of(p: Path) -> str:
+    return p.name
 
 
 class DurableBus:
@@ -1332,13 +1338,17 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
             write_fd = fsops.open_regular(root / "WRITE", os.O_RDWR | os.O_CREAT, create=True)
             fcntl.flock(write_fd, fcntl.LOCK_EX)  # recovery runs between other writers' calls
         ckpt_dir = root / "checkpoints"
-        in_ckpt = os.listdir(ckpt_dir)  # one listing: the checkpoints and what a crash left
-        files = {"checkpoints": [ckpt_dir / n for n in sorted(n for n in in_ckpt if _CKPT_RE.match(n))],
-                 "wal": _names(root / "wal", _WAL_RE)}
+        # One listing: the checkpoints and what a crash left (iterdir makes each child's
+        # path without parsing its name again, as ``/`` does).
+        in_ckpt = list(ckpt_dir.iterdir())
+        ckpts = [p for p in in_ckpt if _CKPT_RE.match(p.name)]
+        ckpts.sort(key=_name_of)
+        files = {"checkpoints": ckpts, "wal": _names(root / "wal", _WAL_RE)}
         bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]), bus_id)
-        for name in in_ckpt:
+        for p in in_ckpt:
+            name = p.name
             if name.startswith((".ckpt-", f".{STORE_NAME}.")) and name.endswith(".tmp"):
-                _unlink(ckpt_dir / name)
+                _unlink(p)
         bus = DurableBus(root, bus_id, config, lock_fd)
         bus.map_history = MAP_HISTORY and not shared
         bus.use_store = not shared

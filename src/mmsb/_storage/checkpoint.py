@@ -588,7 +588,7 @@ def read_checkpoint_front(path: Path, store: str | Path | None = None) -> Checkp
                   store=store if store is not None else _sibling_store(path))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckpointHead:
     """What a checkpoint says about itself, read without its data sections."""
 

@@ -146,7 +146,9 @@ def read_fd(fd: int, size: int = -1) -> bytes:
     parts = []
     pos = 0
     while True:
-        want = max(size - pos, 1 << 16) + 1
+        # (At least a page past the known size: a file that grew since is read on in
+        # steps of that, without a 64 KiB buffer for a file of a few hundred bytes.)
+        want = max(size - pos, 4096) + 1
         chunk = os.pread(fd, want, pos)
         if not chunk:
             break
