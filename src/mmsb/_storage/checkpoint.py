@@ -706,9 +706,12 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
     return CheckpointHead(lsn, from_lsn, horizon, bus, base_len, version)
 
 
-_HEAD_WINDOW = 4096
+_HEAD_WINDOW = 32 << 10
 """Bytes read at a time while looking for a checkpoint's section heads (see
-:func:`read_checkpoint_front`)."""
+:func:`read_checkpoint_front`): enough for the header and every section before the log
+section of a bus checkpoint of a few hundred pages (its page references and pinned
+slots included), so that one read holds them, and a copy of a few more KiB costs less
+than another system call."""
 
 _ADOPT_SLACK = 64 << 10
 """A private read's snapshot is ``owned`` only when the file's bytes other than the
