@@ -182,6 +182,30 @@ def content_view(state: mmsb.MMSBState) -> dict[int, tuple[bytes, int]]:
     return {pid: (mmsb.query_page(state, pid), int(state.pages[pid].epoch)) for pid in page_ids(state)}
 
 
+def checkpoint_sections(raw: bytes) -> dict[bytes, tuple[int, int]]:
+    """A checkpoint file's sections, from its bytes: tag → (offset of the section's
+    data, its stored length)."""
+    out = {}
+    pos = 48
+    while pos + 32 <= len(raw) - 24:
+        tag = bytes(raw[pos:pos + 4])
+        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
+        out[tag] = (pos + 32, stored)
+        pos += 32 + stored
+    return out
+
+
+def flip_in_log_section(path: Any) -> int:
+    """Invert a byte in the middle of a checkpoint file's log section (TLOG); returns
+    the section's data offset."""
+    raw = bytearray(path.read_bytes())
+    at, stored = checkpoint_sections(bytes(raw))[b"TLOG"]
+    assert stored > 8
+    raw[at + stored // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return at
+
+
 def log_view(state: mmsb.MMSBState) -> list[tuple[int, int, int]]:
     return [(int(d.lsn), int(d.page_id), int(d.epoch)) for d in state.tlog]
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import mmsb
-from conftest import edges, pages_view
+from conftest import checkpoint_sections, edges, pages_view
 from mmsb._core.arena import CHUNK_SHIFT
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import mapped
@@ -618,18 +618,6 @@ def _snap_view(snap: Any) -> tuple:
             snap.log_from_lsn, snap.bus)
 
 
-def _sections(raw: bytes) -> dict[bytes, tuple[int, int]]:
-    """tag → (offset of the section's data, its stored length)."""
-    out = {}
-    pos = 48
-    for _ in range(7):
-        tag = raw[pos:pos + 4]
-        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
-        out[tag] = (pos + 32, stored)
-        pos += 32 + stored
-    return out
-
-
 def test_the_newest_checkpoint_is_read_without_its_log_section(tmp_path: Path) -> None:
     """``read_checkpoint_front`` gives what a read without the log gives and hands the
     page bytes over (``owned``); damage anywhere in the file but the log section's
@@ -645,7 +633,7 @@ def test_the_newest_checkpoint_is_read_without_its_log_section(tmp_path: Path) -
     whole = read_checkpoint(path, with_log=False)
     assert _snap_view(front) == _snap_view(whole)
     assert front.owned and front.records == []
-    log_at, log_len = _sections(raw)[b"TLOG"]
+    log_at, log_len = checkpoint_sections(raw)[b"TLOG"]
     assert log_len > 0
     bad = tmp_path / "bad.mmsb"
     rng = random.Random(3)
@@ -687,7 +675,7 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
     root = _copy(img, "bus")
     path = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
     raw = bytearray(path.read_bytes())
-    log_at, log_len = _sections(bytes(raw))[b"TLOG"]
+    log_at, log_len = checkpoint_sections(bytes(raw))[b"TLOG"]
     raw[log_at + log_len // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
     s = mmsb.mmsb_start(path=root, config=_cfg())

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mmsb
-from conftest import edges, pages_view
+from conftest import edges, flip_in_log_section, pages_view
 from mmsb._core.log import DeferredLog, TransactionLog
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import checkpoint as ckpt_mod
@@ -347,22 +347,6 @@ def test_after_an_operating_system_crash_the_bus_recovers_from_the_log(
             assert reader.read_page(pid) == view[0]
 
 
-def _flip_in_log_section(path: Path) -> None:
-    """Flip a byte inside the log section (TLOG) of a checkpoint file."""
-    raw = bytearray(path.read_bytes())
-    pos = 48
-    for _ in range(7):
-        tag = bytes(raw[pos:pos + 4])
-        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
-        if tag == b"TLOG":
-            assert stored > 8
-            raw[pos + 32 + stored // 2] ^= 0xFF
-            path.write_bytes(bytes(raw))
-            return
-        pos += 32 + stored
-    raise AssertionError("no log section")
-
-
 def test_a_damaged_older_checkpoint_is_refused_when_the_history_is_read(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Damage inside an older checkpoint's log section is found when the history is
@@ -371,7 +355,7 @@ def test_a_damaged_older_checkpoint_is_refused_when_the_history_is_read(
     of bytes need no history and go on; they are in the log."""
     root = _images(tmp_path)[-1]
     older = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-2]
-    _flip_in_log_section(older)
+    flip_in_log_section(older)
     with pytest.raises(mmsb.SerializationError):
         _open(root, False, monkeypatch)  # the full recovery refuses it at open
     s = _open(root, True, monkeypatch)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import mmsb
-from conftest import edges, pages_view
+from conftest import edges, flip_in_log_section, pages_view
 from mmsb._core.log import DeferredLog
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import checkpoint as ckpt_mod
@@ -65,22 +65,6 @@ def _newest(root: Path) -> Path:
     return sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
 
 
-def _flip_in_log_section(path: Path) -> None:
-    """Invert a byte in the middle of the checkpoint's log section (TLOG)."""
-    raw = bytearray(path.read_bytes())
-    pos = 48
-    for _ in range(7):
-        tag = bytes(raw[pos:pos + 4])
-        (stored,) = struct.unpack_from("<Q", raw, pos + 16)
-        if tag == b"TLOG":
-            assert stored > 8
-            raw[pos + 32 + stored // 2] ^= 0xFF
-            path.write_bytes(bytes(raw))
-            return
-        pos += 32 + stored
-    raise AssertionError("no log section")
-
-
 @pytest.mark.parametrize("window", [4096, 32, 100])
 def test_the_newest_checkpoint_reads_the_same_through_any_window(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
@@ -112,7 +96,7 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
     want = _reference(img)
     root = _copy(img, "bus")
     newest = _newest(root)
-    _flip_in_log_section(newest)
+    flip_in_log_section(newest)
     monkeypatch.setattr(bus_mod, "DEFER_HISTORY", defer)
     before = _files(root)
     if not defer:
