@@ -206,6 +206,17 @@ def flip_in_log_section(path: Any) -> int:
     return at
 
 
+def copy_beside(img: Any, name: str) -> Any:
+    """A fresh copy of the directory ``img`` beside it, named ``name`` (an earlier copy
+    of that name is replaced)."""
+    import shutil
+
+    dst = img.with_name(name)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(img, dst)
+    return dst
+
+
 def log_view(state: mmsb.MMSBState) -> list[tuple[int, int, int]]:
     return [(int(d.lsn), int(d.page_id), int(d.epoch)) for d in state.tlog]
 

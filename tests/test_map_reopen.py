@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import mmsb
-from conftest import checkpoint_sections, edges, pages_view
+from conftest import checkpoint_sections, copy_beside, edges, pages_view
 from mmsb._core.arena import CHUNK_SHIFT
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import mapped
@@ -67,13 +67,6 @@ def _image(tmp: Path, rounds: int = 60) -> Path:
     shutil.copytree(root, img)
     mmsb.mmsb_stop(s)
     return img
-
-
-def _copy(img: Path, name: str) -> Path:
-    dst = img.with_name(name)
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(img, dst)
-    return dst
 
 
 def _view(s: mmsb.MMSBState) -> tuple:
@@ -177,7 +170,7 @@ def _set_row(root: Path, pid: int, offset: int, size: int, epoch: int, lsn: int)
 def test_a_reopen_after_a_kill_adopts_the_mapped_pages(tmp_path: Path) -> None:
     img = _image(tmp_path)
     want = _reference(img)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
     pages_before = (root / "map" / "pages").read_bytes()
     s = _check(root, want, adopted=True)
     try:
@@ -198,7 +191,7 @@ def test_records_logged_but_not_published_are_published_at_reopen(tmp_path: Path
     older LSN; the pages those records changed are published again, the others kept."""
     img = _image(tmp_path)
     want = _reference(img)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
     rows = _rows(root)
     head = _head_words(root)
     # The page the last call changed: the one row published at the head's LSN.
@@ -231,7 +224,7 @@ def test_pages_in_several_arena_chunks_are_compared_in_each(tmp_path: Path) -> N
     want = _reference(img)
     rows = _rows(img)
     for pid in (small[2], big):
-        work = _copy(img, f"bus-{pid}")
+        work = copy_beside(img, f"bus-{pid}")
         off, size = int(rows[pid]["offset"]), int(rows[pid]["size"])
         _flip(work / "map" / "pages", off + size - 1)
         pages_before = (work / "map" / "pages").read_bytes()
@@ -400,7 +393,7 @@ def test_a_writer_killed_in_the_middle_of_a_publication(tmp_path: Path) -> None:
     """The head's seq odd and a page half copied: the files are rebuilt from the log."""
     img = _image(tmp_path)
     want = _reference(img)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
     head = _head_words(root)
     rows = _rows(root)
     pid = sorted(want[0])[0]
@@ -536,7 +529,7 @@ def test_damaged_or_hostile_mapped_files_never_change_the_state(tmp_path: Path) 
     rows = _rows(img)
     head = _head_words(img)
     for k, (name, adopted, why, edit) in enumerate(_damages(want, rows, head)):
-        root = _copy(img, f"bus-{k}")
+        root = copy_beside(img, f"bus-{k}")
         edit(root)
         try:
             s = _check(root, want, adopted=adopted, why=why)
@@ -578,7 +571,7 @@ def test_an_open_that_reads_only_starts_no_thread(tmp_path: Path) -> None:
     """The background thread (group commit, latency counters) starts with the first
     segment a write needs, not at the open."""
     img = _image(tmp_path)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
 
     def ours() -> int:
         return sum(t.name in ("mmsb-group-commit", "mmsb-stats") for t in threading.enumerate())
@@ -672,7 +665,7 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
     history): the open goes on, and the first read of the history refuses the damage
     (SerializationError naming the file, at the section's offset), changing nothing."""
     img = _image(tmp_path)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
     path = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
     raw = bytearray(path.read_bytes())
     log_at, log_len = checkpoint_sections(bytes(raw))[b"TLOG"]
@@ -726,7 +719,7 @@ def test_an_open_that_fails_after_recovery_leaves_no_thread(tmp_path: Path) -> N
     mapped files are opened; an open that then fails (a symlink where the map folder
     belongs) leaves no background thread behind."""
     img = _image(tmp_path)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
     seg = sorted((root / "wal").glob("wal-*.log"))[-1]
     with open(seg, "ab") as f:
         f.write(b"\x40\0\0\0\0\0\0\0\1\2")  # a torn frame: recovery cuts it, checkpoints

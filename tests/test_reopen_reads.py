@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import mmsb
-from conftest import edges, flip_in_log_section, pages_view
+from conftest import copy_beside, edges, flip_in_log_section, pages_view
 from mmsb._core.log import DeferredLog
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import checkpoint as ckpt_mod
@@ -38,13 +38,6 @@ def _image(tmp: Path) -> Path:
     shutil.copytree(root, img)
     mmsb.mmsb_stop(s)
     return img
-
-
-def _copy(img: Path, name: str) -> Path:
-    dst = img.with_name(name)
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(img, dst)
-    return dst
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -76,7 +69,7 @@ def test_the_newest_checkpoint_reads_the_same_through_any_window(
     want = _reference(img)
     monkeypatch.setattr(ckpt_mod, "_HEAD_WINDOW", window)
     for k in range(2):
-        root = _copy(img, f"bus-{k}")
+        root = copy_beside(img, f"bus-{k}")
         s = mmsb.mmsb_start(path=str(root), config=_cfg())
         try:
             assert _view(s) == want
@@ -94,7 +87,7 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
     once refuses it at open, writing nothing."""
     img = _image(tmp_path)
     want = _reference(img)
-    root = _copy(img, "bus")
+    root = copy_beside(img, "bus")
     newest = _newest(root)
     flip_in_log_section(newest)
     monkeypatch.setattr(bus_mod, "DEFER_HISTORY", defer)
@@ -131,7 +124,7 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
 def test_an_identity_file_one_byte_longer_is_refused(tmp_path: Path) -> None:
     """BUS is read with one byte more than it may hold: a longer file is refused,
     naming its length, and nothing changes."""
-    root = _copy(_image(tmp_path), "bus")
+    root = copy_beside(_image(tmp_path), "bus")
     with open(root / "BUS", "ab") as f:
         f.write(b"\0")
     before = _files(root)
@@ -141,7 +134,7 @@ def test_an_identity_file_one_byte_longer_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_identity_file_one_byte_shorter_is_refused(tmp_path: Path) -> None:
-    root = _copy(_image(tmp_path), "bus")
+    root = copy_beside(_image(tmp_path), "bus")
     raw = (root / "BUS").read_bytes()
     (root / "BUS").write_bytes(raw[:-1])
     before = _files(root)
@@ -152,7 +145,7 @@ def test_an_identity_file_one_byte_shorter_is_refused(tmp_path: Path) -> None:
 
 def test_a_missing_identity_file_beside_data_is_refused(tmp_path: Path) -> None:
     """Checkpoints and segments without BUS: refused (never guessed), nothing made."""
-    root = _copy(_image(tmp_path), "bus")
+    root = copy_beside(_image(tmp_path), "bus")
     (root / "BUS").unlink()
     before = _files(root)
     with pytest.raises(mmsb.SerializationError, match="BUS is missing"):
@@ -161,7 +154,7 @@ def test_a_missing_identity_file_beside_data_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_identity_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
-    root = _copy(_image(tmp_path), "bus")
+    root = copy_beside(_image(tmp_path), "bus")
     real = tmp_path / "elsewhere"
     (root / "BUS").rename(real)
     os.symlink(real, root / "BUS")
@@ -174,7 +167,7 @@ def test_an_identity_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
 def test_lock_holds_exactly_this_process_id_after_the_open(tmp_path: Path, old: bytes) -> None:
     """Whatever the last writer left in LOCK (a shorter or longer pid, nothing), the
     open leaves exactly its own pid there."""
-    root = _copy(_image(tmp_path), "bus")
+    root = copy_beside(_image(tmp_path), "bus")
     (root / "LOCK").write_bytes(old)
     s = mmsb.mmsb_start(path=str(root), config=_cfg())
     try:
@@ -217,7 +210,7 @@ def test_a_damaged_section_head_is_refused_at_open(
     on disk changes. PAGES: the pages' section, PDAT (the bytes) or, in a record whose
     pages are in the page store, PREF (their slots)."""
     monkeypatch.setattr(ckpt_mod, "_HEAD_WINDOW", window)
-    root = _copy(_image(tmp_path), "bus")
+    root = copy_beside(_image(tmp_path), "bus")
     newest = _newest(root)
     raw = bytearray(newest.read_bytes())
     if tag == b"PAGES":
