@@ -740,11 +740,6 @@ class MMSBState:
         names = ("arena", "table", "log", "graph", "mask_base", "next_delta_id", "replay_base",
                  "orphan_from", "recompute_fns", "pending", "forced")
         out = {n: getattr(self, n) for n in names}
-        t = self.table
-        if t.next_id == 1 and not t.meta:
-            # A table that never held a page is filled in place by the restore (see
-            # restore): an empty one goes back.
-            out["table"] = PageTable(len(t.flags))
         out["pending"] = set(self.pending)
         out["forced"] = set(self.forced)
         return out
@@ -1902,20 +1897,21 @@ class MMSBState:
             {"horizon_timestamp": log.horizon_timestamp}, self.replay_base,
             self.orphan_from, None)
 
-    def restore(self, snap: Snapshot) -> None:
+    def restore(self, snap: Snapshot, *, fresh: bool = False) -> None:
         """Replace everything but the lock, config, subscriptions, counters and the
         durable sink with ``snap`` (caller holds the lock). Fresh tables are built first
-        and swapped in, so a failure changes nothing. O(pages + page bytes + records)."""
+        and swapped in, so a failure changes nothing. ``fresh``: the state was built to
+        be restored (a durable bus's recovery) and nothing keeps its parts to put them
+        back: its page table, which never held a page, is filled in place, last, when
+        nothing else can fail, instead of a second one being built.
+        O(pages + page bytes + records)."""
         n = int(snap.ids.size)
         rows = int(snap.ids[-1]) + 1 if n else 0
         arena = Arena()
         graph = ShadowPageGraph()
         adopted = arena.adopt(snap.data, snap.sizes) if snap.owned and n else None
         cur = self.table
-        # A table that never held a page, with room for the rows (a state built to be
-        # restored, as a durable bus's open builds one), is filled in place, last, when
-        # nothing else can fail; any other table is left as it is until the swap.
-        reuse = (adopted is not None and cur.next_id == 1 and not cur.meta
+        reuse = (fresh and adopted is not None and cur.next_id == 1 and not cur.meta
                  and len(cur.flags) >= rows)
         t = cur if reuse else PageTable(max(rows + rows // 4, 64))  # room for creations
         if adopted is not None:

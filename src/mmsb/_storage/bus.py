@@ -142,6 +142,12 @@ def _ckpt_name(gen: int) -> str:
     return f"ckpt-{gen:016x}.mmsb"
 
 
+def _ckpt_gen(name: str) -> int:
+    """The generation of a checkpoint named as :func:`_ckpt_name` names it (a name
+    ``_CKPT_RE`` matched)."""
+    return int(name[5:21], 16)
+
+
 def _wal_name(gen: int, seq: int) -> str:
     return f"wal-{gen:016x}-{seq:08x}.log"
 
@@ -168,9 +174,14 @@ def _names(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     """The files in ``folder`` whose names match ``pattern``, sorted (one listing)."""
     try:
         # (iterdir makes each child's path without parsing its name again, as ``/`` does.)
-        found = [p for p in folder.iterdir() if pattern.match(p.name)]
+        return _matching(list(folder.iterdir()), pattern)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def _matching(entries: list[Path], pattern: re.Pattern[str]) -> list[Path]:
+    """The ``entries`` whose names match ``pattern``, sorted by name."""
+    found = [p for p in entries if pattern.match(p.name)]
     found.sort(key=_name_of)
     return found
 
@@ -1341,9 +1352,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         # One listing: the checkpoints and what a crash left (iterdir makes each child's
         # path without parsing its name again, as ``/`` does).
         in_ckpt = list(ckpt_dir.iterdir())
-        ckpts = [p for p in in_ckpt if _CKPT_RE.match(p.name)]
-        ckpts.sort(key=_name_of)
-        files = {"checkpoints": ckpts, "wal": _names(root / "wal", _WAL_RE)}
+        files = {"checkpoints": _matching(in_ckpt, _CKPT_RE), "wal": _names(root / "wal", _WAL_RE)}
         bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]), bus_id)
         for p in in_ckpt:
             name = p.name
@@ -1417,7 +1426,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
     cfg = bus.config
     by_gen = {}
     for p in files["checkpoints"]:
-        by_gen[int(p.name[5:21], 16)] = p  # (a name _CKPT_RE matched)
+        by_gen[_ckpt_gen(p.name)] = p
     loader: Callable[[TransactionLog], TransactionLog] | None = None
     if by_gen:
         gen = max(by_gen)
@@ -1551,7 +1560,7 @@ def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], g
         base = by_gen[first_gen]
     newest.records = join_records([ck.records for _g, ck in start_slices])
     try:
-        state.restore(newest)
+        state.restore(newest, fresh=True)
     except MemoryError:
         raise SerializationError("the checkpoint describes a state larger than the memory "
                                  "this process may use", path=by_gen[gen]) from None
@@ -1618,7 +1627,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
         if first.base_len:
             return None
     try:
-        state.restore(newest)
+        state.restore(newest, fresh=True)
     except MemoryError:
         raise SerializationError("the checkpoint describes a state larger than the memory "
                                  "this process may use", path=by_gen[gen]) from None
