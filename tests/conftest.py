@@ -296,3 +296,17 @@ def run_workers(target: Callable[..., Any], args: Iterable[Sequence[Any]],
                 timeout: float = 120.0) -> None:
     """Run ``target(*a)`` for each ``a`` in its own thread; see ``Workers.join``."""
     Workers(target, args).join(timeout)
+
+
+def set_boot_id(root: Any, boot: bytes) -> None:
+    """Give a bus's mapped head another boot identity (its checksum made to match), as
+    if the files were written before the operating system restarted."""
+    from mmsb._storage.codec import crc32c
+    from mmsb._storage.mapped import HEAD_SIZE
+
+    path = root / "map" / "HEAD"
+    head = bytearray(path.read_bytes())
+    assert len(head) == HEAD_SIZE
+    head[24:40] = boot
+    head[48:52] = struct.pack("<I", crc32c(bytes(head[:48])))
+    path.write_bytes(bytes(head))

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 
 import mmsb
-from conftest import edges, pages_view
+from conftest import edges, pages_view, set_boot_id
 from mmsb._storage import checkpoint as ckpt_mod
 from mmsb._storage import fsops
 from mmsb._storage import pagestore as pagestore_mod
-from mmsb._storage.mapped import HEAD_SIZE
 from mmsb._storage.pagestore import DATA_START, STORE_NAME
 
 PAGES = 120
@@ -68,23 +67,21 @@ def _write_few(s: mmsb.MMSBState, round_no: int, n: int = 3) -> None:
         mmsb.write_page(s, pid, (round_no * 31) % (SIZE - 8), bytes([round_no % 256, k]) * 4)
 
 
-def _set_boot_id(root: Path, boot: bytes) -> None:
-    """Give the mapped head another boot identity (its checksum made to match), as if
-    the files were written before the operating system restarted."""
-    path = root / "map" / "HEAD"
-    head = bytearray(path.read_bytes())
-    assert len(head) == HEAD_SIZE
-    head[24:40] = boot
-    head[48:52] = struct.pack("<I", ckpt_mod.crc32c(bytes(head[:48])))
-    path.write_bytes(bytes(head))
-
-
 def _os_crash(root: Path) -> None:
     """What an operating-system crash leaves of the mapped files: never trusted (another
     boot), and here their page bytes lost as well."""
-    _set_boot_id(root, bytes(range(16)))
+    set_boot_id(root, bytes(range(16)))
     pages = root / "map" / "pages"
     pages.write_bytes(b"\x5a" * pages.stat().st_size)
+
+
+def _assert_reopens_as(root: Path, want: tuple, retain: int | None = None) -> None:
+    """Open the bus in ``root`` and find ``want`` (:func:`_view`) there."""
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(retain))
+    try:
+        assert _view(s) == want
+    finally:
+        mmsb.mmsb_stop(s)
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -126,11 +123,7 @@ def test_a_checkpoint_writes_only_the_pages_changed_since_the_last(tmp_path: Pat
         want = _view(s)
     finally:
         mmsb.mmsb_stop(s)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg())
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want)
 
 
 def test_changes_that_keep_the_epoch_are_written_again(tmp_path: Path) -> None:
@@ -242,11 +235,7 @@ def test_compress_and_load_start_a_chain_with_every_page_written(tmp_path: Path)
     finally:
         mmsb.mmsb_stop(s)
     _os_crash(root)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg(2))
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want, 2)
 
 
 # -- crashes -------------------------------------------------------------------------------
@@ -352,11 +341,7 @@ def test_an_os_crash_after_a_checkpoint(tmp_path: Path, later_writes: bool) -> N
     s.bus.abandon("killed")
     mmsb.mmsb_stop(s)
     _os_crash(root)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg(2))
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want, 2)
 
 
 # -- damage ----------------------------------------------------------------------------------
@@ -373,7 +358,8 @@ def _damaged(tmp_path: Path) -> tuple[Path, Any, tuple]:
 
 
 @pytest.mark.parametrize("direct_runs", [0, 1 << 20])
-@pytest.mark.parametrize("where", ["pinned", "header", "truncated", "missing", "foreign"])
+@pytest.mark.parametrize("where", ["pinned", "header", "truncated", "cut", "missing",
+                                   "foreign"])
 def test_damaged_page_store_is_refused_naming_it(tmp_path: Path, where: str, direct_runs: int,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Damage to the slots a checkpoint names (the files otherwise valid) is a typed
@@ -393,6 +379,20 @@ def test_damaged_page_store_is_refused_naming_it(tmp_path: Path, where: str, dir
         store.write_bytes(bytes(raw))
     elif where == "truncated":
         store.write_bytes(bytes(raw[: int(refs.offsets.max()) + 10]))
+    elif where == "cut":
+        # Cut after its size was taken: the reads come back short of what it said.
+        store.write_bytes(bytes(raw[: int(refs.offsets.max()) + 10]))
+        real = fsops.open_regular_stat
+
+        def stale_size(path: Any, flags: int, **kw: Any) -> tuple[int, os.stat_result]:
+            fd, st = real(path, flags, **kw)
+            if Path(path).name == STORE_NAME:
+                fields = list(st[:10])
+                fields[6] = len(raw)
+                st = os.stat_result(fields)
+            return fd, st
+
+        monkeypatch.setattr(pagestore_mod.fsops, "open_regular_stat", stale_size)
     elif where == "missing":
         store.unlink()
     else:
@@ -405,6 +405,8 @@ def test_damaged_page_store_is_refused_naming_it(tmp_path: Path, where: str, dir
     with pytest.raises(mmsb.SerializationError) as info:
         mmsb.mmsb_start(path=str(root), config=_cfg(2))
     assert STORE_NAME in str(info.value)
+    if where == "cut":
+        assert "cut while it was read" in str(info.value)
     assert _digest(root) == before
     with pytest.raises(mmsb.SerializationError):
         mmsb.open_readonly(root)
@@ -424,11 +426,7 @@ def test_a_free_slot_damaged_changes_nothing(tmp_path: Path) -> None:
     raw[int(free[0])] ^= 0xFF
     store.write_bytes(bytes(raw))
     _os_crash(root)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg(2))
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want, 2)
 
 
 def test_a_record_naming_slots_it_does_not_pin_is_refused(tmp_path: Path) -> None:
@@ -489,11 +487,7 @@ def test_the_store_holds_what_the_retained_checkpoints_pin(tmp_path: Path,
     finally:
         mmsb.mmsb_stop(s)
     _os_crash(root)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg(retain))
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want, retain)
 
 
 # -- other writers and formats -------------------------------------------------------------
@@ -622,11 +616,7 @@ def test_an_unused_damaged_store_is_made_anew(tmp_path: Path) -> None:
         mmsb.mmsb_stop(s)
     assert _store(root).read_bytes()[:8] == b"MMSBPGST"
     _os_crash(root)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg())
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want)
 
 
 @pytest.mark.parametrize("direct_runs", [0, 1 << 20])
@@ -649,11 +639,7 @@ def test_pages_with_padded_slots(tmp_path: Path, direct_runs: int,
     finally:
         mmsb.mmsb_stop(s)
     _os_crash(root)
-    s = mmsb.mmsb_start(path=str(root), config=_cfg())
-    try:
-        assert _view(s) == want
-    finally:
-        mmsb.mmsb_stop(s)
+    _assert_reopens_as(root, want)
 
 
 def test_a_checkpoint_whose_folder_sync_fails_stops_the_writes(tmp_path: Path) -> None:

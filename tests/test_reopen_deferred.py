@@ -25,11 +25,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import mmsb
-from conftest import edges, flip_in_log_section, pages_view
+from conftest import edges, flip_in_log_section, pages_view, set_boot_id
 from mmsb._core.log import DeferredLog, TransactionLog
 from mmsb._storage import bus as bus_mod
 from mmsb._storage import checkpoint as ckpt_mod
-from mmsb._storage.mapped import HEAD_SIZE
 from mmsb.cli.views import blame, history_rows
 
 
@@ -314,17 +313,6 @@ def test_the_work_of_a_reopen_after_kill_does_not_grow_with_history(
     assert bytes100 < 1.1 * bytes10
 
 
-def _set_boot_id(root: Path, boot: bytes) -> None:
-    """Give the mapped head another boot identity (its checksum made to match), as if
-    the files were written before the operating system restarted."""
-    path = root / "map" / "HEAD"
-    head = bytearray(path.read_bytes())
-    assert len(head) == HEAD_SIZE
-    head[24:40] = boot
-    head[48:52] = struct.pack("<I", ckpt_mod.crc32c(bytes(head[:48])))
-    path.write_bytes(bytes(head))
-
-
 def test_after_an_operating_system_crash_the_bus_recovers_from_the_log(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The mapped files are never the source of the reopened state: with a head of
@@ -334,7 +322,7 @@ def test_after_an_operating_system_crash_the_bus_recovers_from_the_log(
     ref = _open(root, False, monkeypatch)
     want = pages_view(ref)
     mmsb.mmsb_stop(ref)
-    _set_boot_id(root, bytes(range(16)))
+    set_boot_id(root, bytes(range(16)))
     pages = root / "map" / "pages"
     pages.write_bytes(bytes(0x5A for _ in range(pages.stat().st_size)))
     got = _open(root, True, monkeypatch)

@@ -242,7 +242,8 @@ def read_pages(path: str | Path, refs: PageRefs, label: str) -> np.ndarray:
     hi = max(hi, DATA_START)
     out = np.empty(size, np.uint8)
     mm: mmap.mmap | None = None
-    span: bytes | mmap.mmap | None = None
+    span: bytes | mmap.mmap = b""
+    near = True
     try:
         total = st.st_size
         direct = 0 < runs <= _DIRECT_RUNS and hi <= total
@@ -286,11 +287,12 @@ def read_pages(path: str | Path, refs: PageRefs, label: str) -> np.ndarray:
             raise _fail(path, f"page {int(refs.ids[k])} of {label} lies past the end of the "
                         f"checkpoint page store ({total} bytes; truncated?)",
                         int(refs.offsets[k]))
-        if not direct and not near:
-            mm = span = mmap.mmap(fd, total, prot=mmap.PROT_READ)
-        elif not direct and span is not None and len(span) != hi:
-            raise _fail(path, f"the checkpoint page store that {label} needs was cut "
-                        "while it was read", len(span))
+        if not direct:
+            if not near:
+                mm = span = mmap.mmap(fd, total, prot=mmap.PROT_READ)
+            elif len(span) != hi:
+                raise _fail(path, f"the checkpoint page store that {label} needs was cut "
+                            "while it was read", len(span))
     except OSError as exc:
         raise _fail(path, f"cannot read the checkpoint page store ({exc.strerror or exc})") from None
     finally:
@@ -299,7 +301,7 @@ def read_pages(path: str | Path, refs: PageRefs, label: str) -> np.ndarray:
         if direct:
             bad = int(_first_unmatched(out, refs.sizes, refs.crcs, CRC_TABLES))
         else:
-            src = np.frombuffer(span, np.uint8)  # type: ignore[arg-type]
+            src = np.frombuffer(span, np.uint8)
             bad = int(_gather_checked(out, src, refs.offsets, refs.sizes,
                                       refs.crcs.astype(np.int64), CRC_TABLES))
             del src
