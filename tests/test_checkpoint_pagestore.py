@@ -708,3 +708,121 @@ def test_page_references_are_checked_against_their_pins() -> None:
     assert check(pg=[3, 2, 3]) == 2  # pinned for another generation
     assert check(sz=[1000, 16, 2000]) == 2  # a slot of another size class
     assert check(p=np.zeros(0), pl=np.zeros(0), pg=np.zeros(0)) == 2  # no pins at all
+
+
+def test_pins_are_kept_as_runs_and_checked_as_runs() -> None:
+    """Slot-by-slot pins become runs (slots back to back of one length and generation)
+    and come back the same; a page's slot is checked against the runs: at a slot's
+    start inside a run, of its size class and generation, no two pages at one slot, and
+    runs that overlap, sit in the header or reach past 2^62 are refused."""
+    from mmsb._storage.pagestore import _pin_slots, pin_runs, runs_problem
+
+    # Two runs of generation 4 (lengths 1024 and 16), one of generation 5 after a gap.
+    po = np.array([64, 1088, 2112, 3136, 3152, 8192, 9216], np.int64)
+    pl = np.array([1024, 1024, 1024, 16, 16, 1024, 1024], np.int64)
+    pg = np.array([4, 4, 4, 4, 4, 5, 5], np.int64)
+    runs = pin_runs(po, pl, pg)
+    assert runs.tolist() == [[64, 3136, 8192], [3, 2, 2], [1024, 16, 1024], [4, 4, 5]]
+    back = _pin_slots(runs)
+    assert [a.tolist() for a in back] == [po.tolist(), pl.tolist(), pg.tolist()]
+    assert pin_runs(*(np.zeros(0, np.int64),) * 3).shape == (4, 0)
+
+    sizes = np.array([1000, 16, 1000], np.int64)
+
+    def check(offsets: list[int], gen: int | None = 5, r: np.ndarray = runs,
+              sz: np.ndarray = sizes) -> int:
+        return runs_problem(np.array(offsets, np.int64), sz, r, gen)
+
+    assert check([9216, 3152, 8192], gen=None) == 0
+    assert check([1088, 3136, 2112], gen=4) == 0  # slots in the middle of runs
+    assert check([1088, 3136, 2112], gen=5) == 2  # pinned for another generation
+    assert check([1088 + 16, 3136, 2112], gen=4) == 2  # not at a slot's start
+    assert check([64 + 3 * 1024, 3136, 2112], gen=4) == 2  # past its run's slots
+    assert check([32, 3136, 2112], gen=None) == 2  # before every run
+    assert check([1088, 3136, 1088], gen=4) == 2  # two pages, one slot
+    assert check([1088, 1088 + 1024, 2112], gen=4, sz=np.array([1000, 1000, 16])) == 2  # size
+    bad = runs.copy()
+    bad[0, 1] = 3000  # overlaps the run before it
+    assert check([9216, 3152, 8192], r=bad) == 1
+    for row, value in ((1, 0), (2, 0), (3, 0)):  # no slots, no length, no generation
+        bad = runs.copy()
+        bad[row, 0] = value
+        assert check([9216, 3152, 8192], r=bad) == 1
+    bad = runs.copy()
+    bad[0, 0] = 16  # inside the store's header
+    assert check([9216, 3152, 8192], r=bad) == 1
+    bad = runs.copy()
+    bad[1, 2] = 1 << 61  # would reach past 2^62 (and overflow a product)
+    assert check([9216, 3152, 8192], r=bad) == 1
+
+
+def test_a_page_reference_section_of_either_pin_layout_reads_the_same() -> None:
+    """PREF stores the pins as runs (flags 1, as this build writes); a section that
+    lists them slot by slot (flags 0, as earlier builds wrote) reads back to the same
+    references; other flags and wrong lengths are refused."""
+    from mmsb._storage.pagestore import PageRefs
+
+    ids = np.array([1, 2, 3], np.int64)
+    sizes = np.array([1000, 16, 1000], np.int64)
+    epochs = np.zeros(3, np.int64)
+    offsets = np.array([64, 3136, 1088], np.int64)
+    crcs = np.array([7, 8, 9], np.uint32)
+    po = np.array([64, 1088, 2112, 3136], np.int64)
+    pl = np.array([1024, 1024, 1024, 16], np.int64)
+    pg = np.array([2, 2, 1, 2], np.int64)
+    refs = PageRefs.from_slots(77, ids, sizes, epochs, offsets, crcs, po, pl, pg)
+    as_runs = b"".join(bytes(p) for p in ckpt_mod.encode_refs(refs))
+    assert struct.unpack_from("<QQQQ", as_runs) == (77, 3, 3, 1)  # 3 runs, not 4 slots
+    slotwise = (struct.pack("<QQQQ", 77, 3, 4, 0) + offsets.astype("<i8").tobytes()
+                + crcs.astype("<u4").tobytes() + po.astype("<i8").tobytes()
+                + pl.astype("<i8").tobytes() + pg.astype("<i8").tobytes())
+
+    def fail(reason: str) -> mmsb.SerializationError:
+        return mmsb.SerializationError(reason)
+
+    for raw in (as_runs, slotwise):
+        got = ckpt_mod.decode_refs(raw, ids, sizes, epochs, 2, fail)
+        assert got.offsets.tolist() == offsets.tolist() and got.crcs.tolist() == [7, 8, 9]
+        assert [got.pin_offsets.tolist(), got.pin_lengths.tolist(), got.pin_gens.tolist()] \
+            == [po.tolist(), pl.tolist(), pg.tolist()]
+        assert got.runs.tolist() == refs.runs.tolist()
+    with pytest.raises(mmsb.SerializationError, match="head is malformed"):
+        ckpt_mod.decode_refs(as_runs[:24] + struct.pack("<Q", 2) + as_runs[32:], ids, sizes,
+                             epochs, 2, fail)
+    with pytest.raises(mmsb.SerializationError, match="pinned runs of slots"):
+        ckpt_mod.decode_refs(as_runs[:-8], ids, sizes, epochs, 2, fail)
+    with pytest.raises(mmsb.SerializationError, match="does not pin for this checkpoint"):
+        ckpt_mod.decode_refs(as_runs, ids, sizes, epochs, 1, fail)
+
+
+def test_a_bus_that_never_frees_a_slot_pins_a_run_per_checkpoint(tmp_path: Path) -> None:
+    """Every checkpoint kept (the default): the newest record pins every older
+    checkpoint's slots, stored as about one run per checkpoint, not a row per slot;
+    the next checkpoint after a reopen expands them and writes a sound record."""
+    root = tmp_path / "bus"
+    cfg = _cfg(max_tlog_size=40)
+    s = mmsb.mmsb_start(path=str(root), config=cfg)
+    ids = [p.id for p in mmsb.create_pages(s, 24, 512)]
+    for i in range(400):
+        mmsb.write_page(s, ids[i % 24], (i * 5) % 500, bytes([i % 250 + 1]) * 8)
+    gens = s.bus.generation
+    mmsb.mmsb_stop(s)
+    newest = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
+    refs = ckpt_mod.read_checkpoint(newest, with_log=False).page_refs
+    assert refs.pin_offsets.size >= 24 * (gens - 1)  # every checkpoint's slots
+    assert refs.runs.shape[1] <= gens + 1
+    s = mmsb.mmsb_start(path=str(root), config=cfg)
+    try:
+        before = pages_view(s)
+        for i in range(60):
+            mmsb.write_page(s, ids[i % 24], 0, bytes([i + 1]))
+        s.bus.checkpoint(s)
+        after = pages_view(s)
+    finally:
+        mmsb.mmsb_stop(s)
+    assert after != before
+    s = mmsb.mmsb_start(path=str(root), config=cfg)
+    try:
+        assert pages_view(s) == after
+    finally:
+        mmsb.mmsb_stop(s)

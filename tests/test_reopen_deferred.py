@@ -298,19 +298,21 @@ def test_the_work_of_a_reopen_after_kill_does_not_grow_with_history(
             mmsb.write_page(s, 1, 0, b"plain")
             assert type(s.log) is DeferredLog  # a write of bytes needs no history
             work[n] = ([name for name, _ in files], s.bus.records_since_ckpt,
-                       sum(size for _, size in files))
+                       sum(size for _, size in files), s.bus.generation)
             assert len(s.tlog) == n + 1  # the whole history is still there, loaded now
         finally:
             mmsb.mmsb_stop(s)
-    names10, tail10, bytes10 = work[10_000]
-    names100, tail100, bytes100 = work[100_000]
+    names10, tail10, bytes10, gens10 = work[10_000]
+    names100, tail100, bytes100, gens100 = work[100_000]
     # The newest checkpoint whole and the log segment after it: whether the chain's
     # first checkpoint nests a replay base is in the newest one's record of its chain.
     assert names10 == names100 == ["checkpoints", "wal"]
     assert tail10 == tail100
-    # The newest checkpoint names its chain (a few bytes per older checkpoint), and its
-    # compressed log section varies a little with the values written.
-    assert bytes100 < 1.1 * bytes10
+    # The newest checkpoint records its chain and the page-store slots the chain pins,
+    # each a row of 32 bytes per older checkpoint (read as arrays, no loop per row), and
+    # its compressed log section varies a little with the values written.
+    assert gens100 > 5 * gens10
+    assert bytes100 - bytes10 < 64 * (gens100 - gens10) + 0.1 * bytes10
 
 
 def test_after_an_operating_system_crash_the_bus_recovers_from_the_log(
@@ -423,7 +425,7 @@ def test_checkpoints_without_a_recorded_chain_are_read_by_their_heads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoint files that do not name their chain (written before they did) are
     walked by reading each older file's head; the result is the same."""
-    monkeypatch.setattr(bus_mod, "_recorded_chain", lambda *a: {})
+    monkeypatch.setattr(bus_mod, "_recorded_chain", lambda *a: None)
     for root in _images(tmp_path)[::6]:
         ref = _open(root, False, monkeypatch)
         got = _open(root, True, monkeypatch)
@@ -597,7 +599,7 @@ def test_a_checkpoint_from_another_timeline_of_the_bus_breaks_the_chain(
     first read, or at open when the chain is walked by the files' heads) and changes no
     file."""
     if not recorded_chain:
-        monkeypatch.setattr(bus_mod, "_recorded_chain", lambda *a: {})
+        monkeypatch.setattr(bus_mod, "_recorded_chain", lambda *a: None)
     cfg = _cfg()
     root, alt = tmp_path / "bus", tmp_path / "alt"
     s = mmsb.mmsb_start(path=str(root), config=cfg)
@@ -680,7 +682,7 @@ def test_a_chain_that_starts_with_a_replay_base(
     first = ckpt_mod.read_checkpoint_head(files[0])
     assert first.log_from_lsn == 0 and first.base_len > 0
     newest = ckpt_mod.read_checkpoint(files[-1], with_log=False, pages=False)
-    rows = newest.bus["chain"]
+    rows = np.frombuffer(newest.bus["chain"], "<i8").reshape(-1, 4).tolist()
     assert rows[0][:3] == [int(files[0].name[5:21], 16), first.lsn, 0]
     assert rows[0][3] == first.base_len  # the writer knew it, and recorded it
     heads: list[Path] = []
@@ -706,8 +708,10 @@ def test_a_chain_that_starts_with_a_replay_base(
     mmsb.mmsb_stop(ref)
     real_chain = bus_mod._recorded_chain
 
-    def lying(*args: Any) -> dict[int, tuple[int, int, int]]:
-        return {g: (at, start, 0) for g, (at, start, _base) in real_chain(*args).items()}
+    def lying(*args: Any) -> np.ndarray:
+        rows = real_chain(*args).copy()
+        rows[:, 3] = 0  # every file said to nest no replay base
+        return rows
 
     monkeypatch.setattr(bus_mod, "_recorded_chain", lying)
     got = _open(img, True, monkeypatch)
@@ -722,3 +726,61 @@ def test_a_chain_that_starts_with_a_replay_base(
     finally:
         with pytest.raises(mmsb.SerializationError):
             mmsb.mmsb_stop(got)  # its final checkpoint needs the history
+
+
+def test_a_recorded_chain_is_read_packed_or_as_lists_and_refused_when_it_does_not_hold() -> None:
+    """The newest checkpoint's record of its chain: packed int64 rows (as this build
+    writes) or lists of three or four ints (as earlier builds wrote) read to the same
+    rows; a record that does not hold together is not used (the heads are read)."""
+    rows = [[3, 100, 0, 0], [4, 180, 100, 0], [5, 260, 180, -1]]
+    packed = np.array(rows, "<i8").tobytes()
+    ckpts = [bus_mod._Ckpt(g, at, start, Path("x"), base) for g, at, start, base in rows]
+    assert bus_mod._chain_record(ckpts) == packed
+    info = {"chain": packed}
+    assert bus_mod._recorded_chain(info, 5, 260, 180).tolist() == rows
+    lists = {"chain": [[3, 100, 0, 0], [4, 180, 100], [5, 260, 180]]}
+    assert bus_mod._recorded_chain(lists, 5, 260, 180).tolist() == [
+        [3, 100, 0, 0], [4, 180, 100, -1], [5, 260, 180, -1]]
+    for bad in (
+        {"chain": packed[:-8]},  # not whole rows
+        {"chain": b""},
+        {"chain": np.array([[3, 100, 0, 0], [3, 180, 100, 0], [5, 260, 180, 0]],
+                           "<i8").tobytes()},  # generations not ascending
+        {"chain": np.array([[4, 300, 0, 0], [5, 260, 180, 0]], "<i8").tobytes()},  # LSN back
+        {"chain": np.array([[5, 260, 270, 0]], "<i8").tobytes()},  # log starts past its end
+        {"chain": np.array([[5, 260, 180, -2]], "<i8").tobytes()},  # base bytes below -1
+        {"chain": [[3, 100, 0, 0], [4, 180]]},
+        {"chain": [[3, 100, 0, 0, 1]]},
+        {"chain": [[3, 100, 0, True]]},
+        {"chain": "rows"},
+        {},
+    ):
+        assert bus_mod._recorded_chain(bad, 5, 260, 180) is None
+    assert bus_mod._recorded_chain(info, 5, 261, 180) is None  # not this file's row
+    assert bus_mod._recorded_chain(None, 5, 260, 180) is None
+
+
+def test_names_in_the_bus_folders_that_only_look_like_its_files_are_ignored(
+        tmp_path: Path) -> None:
+    """A name that a checkpoint's or a segment's name is only part of (one that ends
+    in a newline, or one in upper case) is not the bus's: the open neither reads nor
+    removes it."""
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    pid = mmsb.create_page(s, 64).id
+    mmsb.write_page(s, pid, 0, b"kept")
+    mmsb.mmsb_stop(s)
+    newest = sorted((root / "checkpoints").glob("ckpt-*.mmsb"))[-1]
+    gen = int(newest.name[5:21], 16)
+    odd = [root / "checkpoints" / f"ckpt-{gen + 1:016x}.mmsb\n",
+           root / "checkpoints" / f"ckpt-{gen + 0xabc:016X}.mmsb",
+           root / "wal" / f"wal-{gen + 1:016x}-00000000.log\n"]
+    for p in odd:
+        p.write_bytes(b"not a bus file")
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert bytes(mmsb.query_page(s, pid)[:4]) == b"kept"
+        assert s.bus.generation == gen and not s.recovery_notes
+    finally:
+        mmsb.mmsb_stop(s)
+    assert all(p.read_bytes() == b"not a bus file" for p in odd)

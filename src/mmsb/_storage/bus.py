@@ -65,7 +65,6 @@ from . import fsops
 from .checkpoint import (
     REFS_VERSION,
     CheckpointBase,
-    CheckpointHead,
     read_checkpoint,
     read_checkpoint_front,
     read_checkpoint_head,
@@ -102,8 +101,10 @@ BUS_MAGIC = b"MMSBBUS\0"
 BUS_VERSION = 1
 _BUS = struct.Struct("<8sHHQQ")
 _U32 = struct.Struct("<I")
-_CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$")
-_WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+_CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb\Z")
+_CKPT_LINES = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$", re.MULTILINE)
+""":data:`_CKPT_RE` over names joined by newlines."""
+_WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log\Z")
 _SMALL_SEGMENT = 4096
 """A segment of at most this many bytes (a few dozen records: what a reopen after a
 kill usually finds after the newest checkpoint) is read frame by frame: decoding and
@@ -190,6 +191,38 @@ def _name_of(p: Path) -> str:
     return p.name
 
 
+class _Listed:
+    """The checkpoints of a bus folder by generation, from one listing of its names.
+    A path is made only when asked for: an open needs two or three of them, whatever
+    the number of checkpoints."""
+
+    __slots__ = ("folder", "names")
+
+    def __init__(self, folder: Path, names: list[str]) -> None:
+        self.folder = folder
+        joined = "\n".join(names)
+        if joined.count("\n") + 1 == len(names):
+            # One match over all the names (none holds a newline): a listing of many
+            # checkpoints costs a scan, not a match per name.
+            found = _CKPT_LINES.findall(joined)
+        else:
+            found = [m.group(1) for n in names if (m := _CKPT_RE.match(n))]
+        self.names = {int(h, 16): f"ckpt-{h}.mmsb" for h in found}
+
+    def __contains__(self, gen: int) -> bool:
+        return gen in self.names
+
+    def __getitem__(self, gen: int) -> Path:
+        return self.folder / self.names[gen]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def older_than(self, gen: int) -> list[Path]:
+        """The paths of the checkpoints before generation ``gen``."""
+        return [self[g] for g in self.names if g < gen]
+
+
 class DurableBus:
     """The disk side of one state: the segment writer, group commit, checkpoints."""
 
@@ -200,7 +233,11 @@ class DurableBus:
         self.lock_fd = lock_fd
         self.generation = 0
         self.ckpt_lsn = 0
-        self.retained: list[_Ckpt] = []
+        self._retained: list[_Ckpt] | None = []
+        self._chain: tuple[np.ndarray, _Listed] | None = None
+        """The retained chain as an open found it (rows of generation, LSN, log start,
+        nested base bytes; and the listing naming the files), until :attr:`retained`
+        is first asked for."""
         self.writer: SegmentWriter | None = None
         self.failed: BaseException | None = None
         self.io_lock = threading.Lock()
@@ -278,6 +315,34 @@ class DurableBus:
         self.open_refs: PageRefs | None = None
         """The page references of the newest checkpoint found at open (None: it holds
         its pages itself)."""
+
+    @property
+    def retained(self) -> list[_Ckpt]:
+        """The retained chain of checkpoints, oldest first (made from the rows an open
+        found when first asked for: the open itself never needs it)."""
+        if self._retained is None:
+            assert self._chain is not None
+            rows, by_gen = self._chain
+            self._retained = [_Ckpt(g, at, start, by_gen[g], base)
+                              for g, at, start, base in rows.tolist()]
+            self._chain = None
+        return self._retained
+
+    @retained.setter
+    def retained(self, chain: list[_Ckpt]) -> None:
+        self._retained = chain
+        self._chain = None
+
+    def _take_chain(self, rows: np.ndarray, by_gen: _Listed) -> None:
+        self._retained = None
+        self._chain = (rows, by_gen)
+
+    def oldest_generation(self) -> int:
+        """The generation of the oldest retained checkpoint (0: none)."""
+        if self._retained is None:
+            assert self._chain is not None
+            return int(self._chain[0][0, 0])
+        return self._retained[0].generation if self._retained else 0
 
     @cached_property
     def ckpt_dir(self) -> Path:
@@ -775,11 +840,7 @@ class DurableBus:
 
     def _refresh_chain(self, gen: int) -> None:
         """Another writer checkpointed: learn the chain of checkpoints now on disk."""
-        by_gen = {}
-        for p in bus_files(self.root)["checkpoints"]:
-            m = _CKPT_RE.match(p.name)
-            if m:
-                by_gen[int(m.group(1), 16)] = p
+        by_gen = _Listed(self.ckpt_dir, _listdir(self.ckpt_dir))
         if gen not in by_gen:
             raise DurabilityError(f"the log of {self.root} is at generation {gen}, whose "
                                   "checkpoint is missing")
@@ -863,9 +924,8 @@ class DurableBus:
             # The chain it closes, oldest first, so that an open learns it from this file
             # alone (the older files are read when the history is): with the length of
             # the replay base each file nests, where this writer knows it.
-            chain = [[c.generation, c.lsn, c.log_from_lsn, *([c.base_len] if c.base_len >= 0 else [])]
-                     for c in kept]
-            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen, "chain": chain}
+            info = {"bus_id": f"{self.bus_id:016x}", "generation": gen,
+                    "chain": _chain_record(kept)}
             refs = None
             if self.use_store:
                 # The pages changed since the last checkpoint go to the page store, synced
@@ -1246,6 +1306,14 @@ class BusChangedError(SerializationError):
     checkpointed and removed what was listed); reading again gives a consistent view."""
 
 
+def _listdir(folder: Path) -> list[str]:
+    """The names in ``folder`` (none when it is missing)."""
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def _listing(root: Path) -> tuple[list[Path], list[Path]]:
     """Segments, then checkpoints. In this order a checkpoint that replaces the listed
     segments is listed with them, so the two lists always cover every record that was
@@ -1286,7 +1354,7 @@ def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
             raise SerializationError(f"cannot open a bus file ({exc.strerror or exc})",
                                      path=exc.filename) from None
         try:
-            _recover(bus, state, {"checkpoints": ck, "wal": wal})
+            _recover(bus, state, _Listed(root / "checkpoints", [p.name for p in ck]), wal)
             if state.replay_base is not None:
                 # The writer may drop the file later: keep its bytes.
                 state.replay_base = state.replay_base.detached()
@@ -1349,19 +1417,19 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
             write_fd = fsops.open_regular(root / "WRITE", os.O_RDWR | os.O_CREAT, create=True)
             fcntl.flock(write_fd, fcntl.LOCK_EX)  # recovery runs between other writers' calls
         ckpt_dir = root / "checkpoints"
-        # One listing: the checkpoints and what a crash left (iterdir makes each child's
-        # path without parsing its name again, as ``/`` does).
-        in_ckpt = list(ckpt_dir.iterdir())
-        files = {"checkpoints": _matching(in_ckpt, _CKPT_RE), "wal": _names(root / "wal", _WAL_RE)}
-        bus_id = _identity(root, bool(files["checkpoints"] or files["wal"]), bus_id)
-        for p in in_ckpt:
-            name = p.name
+        # One listing of names: the checkpoints and what a crash left (a path is made
+        # only for the few files the open reads).
+        in_ckpt = os.listdir(ckpt_dir)
+        listed = _Listed(ckpt_dir, in_ckpt)
+        wal = _names(root / "wal", _WAL_RE)
+        bus_id = _identity(root, bool(listed or wal), bus_id)
+        for name in in_ckpt:
             if name.startswith((".ckpt-", f".{STORE_NAME}.")) and name.endswith(".tmp"):
-                _unlink(p)
+                _unlink(ckpt_dir / name)
         bus = DurableBus(root, bus_id, config, lock_fd)
         bus.map_history = MAP_HISTORY and not shared
         bus.use_store = not shared
-        _recover(bus, state, files, defer=DEFER_HISTORY and not shared)
+        _recover(bus, state, listed, wal, defer=DEFER_HISTORY and not shared)
         try:
             bus.publisher = Publisher(root, bus_id)
         except BaseException:
@@ -1415,7 +1483,7 @@ def _durability(root: Path, what: str, exc: OSError) -> DurabilityError:
     return DurabilityError(f"cannot {what} the bus at {root}: {why}")
 
 
-def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
+def _recover(bus: DurableBus, state: MMSBState, by_gen: _Listed, wal: list[Path],
              defer: bool = False) -> None:
     """Rebuild ``state`` from the bus's files: the newest checkpoint (and the chain of
     checkpoints that holds the retained history), then the current generation's
@@ -1424,22 +1492,19 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
     not grow with it.
     """
     cfg = bus.config
-    by_gen = {}
-    for p in files["checkpoints"]:
-        by_gen[_ckpt_gen(p.name)] = p
     loader: Callable[[TransactionLog], TransactionLog] | None = None
     if by_gen:
-        gen = max(by_gen)
+        gen = max(by_gen.names)
         if defer and not bus.read_only:
             loader = _restore_deferred(bus, state, by_gen, gen)
         if loader is None:
             _restore_chain(bus, state, by_gen, gen)
         if not bus.read_only:
             # Removed after the open (drop_superseded), which never reads them.
-            bus.superseded = [p for g, p in by_gen.items() if g < bus.retained[0].generation]
+            bus.superseded = by_gen.older_than(bus.oldest_generation())
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
-    for p in files["wal"]:
+    for p in wal:
         m = _WAL_RE.match(p.name)
         assert m is not None
         g, seq = int(m.group(1), 16), int(m.group(2), 16)
@@ -1544,7 +1609,7 @@ def _recover(bus: DurableBus, state: MMSBState, files: dict[str, list[Path]],
 
 
 
-def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], gen: int) -> None:
+def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: _Listed, gen: int) -> None:
     """Restore the newest checkpoint into ``state`` with the whole retained history:
     the log sections of the chain of checkpoints joined into its log."""
     newest = bus.read_checkpoint(by_gen[gen])
@@ -1579,14 +1644,17 @@ def _restore_chain(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path], g
                     for g, ck in chain]
 
 
-def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path],
+def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
                       gen: int) -> Callable[[TransactionLog], TransactionLog] | None:
     """Restore the newest checkpoint into ``state`` without its history: its pages,
     masks, graph and counters are read and checked, its log section left on disk (read
-    and checked with the rest of the history), and each older checkpoint of the chain is known by its head alone
-    (:func:`read_checkpoint_head`: ownership and where its log starts and ends, read in
-    a few small reads). The state's log is left empty at the checkpoint's LSN, for the
-    segments after it. O(pages + page bytes + checkpoints), whatever the history.
+    and checked with the rest of the history), and the older checkpoints of the chain
+    are known from the newest file's record of its chain (``bus.chain``), checked
+    there as a whole without a loop over its rows in Python; files whose record lacks
+    one have their heads read (:func:`read_checkpoint_head`: ownership and where its
+    log starts and ends, in a few small reads). The state's log is left empty at the
+    checkpoint's LSN, for the segments after it. O(pages + page bytes), and a few
+    bytes per retained checkpoint, whatever the history.
 
     Returns the loader that builds the complete log later, from the chain's log
     sections (each file then read whole and checked as :func:`_restore_chain` checks
@@ -1599,64 +1667,50 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     """
     newest = bus.read_checkpoint(by_gen[gen], with_log=False)
     _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
-    heads = [(gen, CheckpointHead(newest.lsn, newest.log_from_lsn, newest.horizon_lsn,
-                                  newest.bus, _nested_len(newest)))]
-    recorded = _recorded_chain(newest.bus, gen, newest.lsn, newest.log_from_lsn)
-    horizon = newest.horizon_lsn
-    while heads[-1][1].log_from_lsn != 0 and heads[-1][1].lsn > horizon:
-        g_prev = heads[-1][0] - 1
-        if g_prev not in by_gen:
-            break
-        known = recorded.get(g_prev)
-        if known is not None:
-            # Checked against the file itself when the history is read.
-            head = CheckpointHead(known[0], known[1], 0, newest.bus, known[2])
-        else:
-            head = read_checkpoint_head(by_gen[g_prev])
-            _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
-        _check_link(g_prev, head.lsn, heads[-1][1].log_from_lsn, by_gen[g_prev])
-        heads.append((g_prev, head))
-    heads.reverse()
-    first_gen, first = heads[0]
-    if first.log_from_lsn == 0 and first_gen != gen:
-        if first.base_len < 0:
-            first = read_checkpoint_head(by_gen[first_gen])
-            _check_owner(first.bus, bus.bus_id, first_gen, by_gen[first_gen])
-            if (first.lsn, first.log_from_lsn) != (heads[0][1].lsn, heads[0][1].log_from_lsn):
+    rows = _walk_recorded(newest, gen, by_gen)
+    if rows is None:
+        rows = _walk_heads(bus, newest, gen, by_gen)
+    first_gen, first_lsn, first_from, first_base = (int(x) for x in rows[0])
+    if first_from == 0 and first_gen != gen:
+        if first_base < 0:
+            head = read_checkpoint_head(by_gen[first_gen])
+            _check_owner(head.bus, bus.bus_id, first_gen, by_gen[first_gen])
+            if (head.lsn, head.log_from_lsn) != (first_lsn, first_from):
                 return None
-        if first.base_len:
+            first_base = rows[0, 3] = head.base_len
+        if first_base:
             return None
     try:
         state.restore(newest, fresh=True)
     except MemoryError:
         raise SerializationError("the checkpoint describes a state larger than the memory "
                                  "this process may use", path=by_gen[gen]) from None
-    if first.log_from_lsn == 0:
-        start = heads
+    if first_from == 0:
+        start = 0
         state.replay_base = newest.base if first_gen == gen else None
     else:
-        start = heads[1:]
+        start = 1
         state.replay_base = CheckpointBase(by_gen[first_gen])
     state.orphan_from = 0
     bus.open_refs = newest.page_refs
     bus.generation = gen
     bus.ckpt_lsn = newest.lsn
-    bus.retained = [_Ckpt(g, h.lsn, h.log_from_lsn, by_gen[g], h.base_len) for g, h in heads]
-    slices = [(g, h, by_gen[g]) for g, h in start]
+    bus._take_chain(rows, by_gen)
     ckpt_lsn = newest.lsn
 
     def load(tail: TransactionLog) -> TransactionLog:
         parts = []
-        for g, h, path in slices:
+        for g, at, log_from, base_len in rows[start:].tolist():
+            path = by_gen[g]
             ck = bus.read_checkpoint(path, pages=False)
             _check_owner(ck.bus, bus.bus_id, g, path)
-            if ((ck.lsn, ck.log_from_lsn) != (h.lsn, h.log_from_lsn)
-                    or (h.base_len >= 0 and (ck.base is not None) != (h.base_len > 0))):
+            if ((ck.lsn, ck.log_from_lsn) != (at, log_from)
+                    or (base_len >= 0 and (ck.base is not None) != (base_len > 0))):
                 raise SerializationError(
                     f"this checkpoint is at LSN {ck.lsn} with its log from LSN "
                     f"{ck.log_from_lsn} ({'with' if ck.base is not None else 'without'} a "
-                    f"replay base), but the bus opened expecting LSN {h.lsn} from "
-                    f"{h.log_from_lsn} (the newer checkpoint's record of its chain, or the "
+                    f"replay base), but the bus opened expecting LSN {at} from "
+                    f"{log_from} (the newer checkpoint's record of its chain, or the "
                     "file as it was at the open): the file was replaced or changed; its "
                     "history cannot be read", path=path)
             parts.append(ck.records)
@@ -1672,6 +1726,65 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: dict[int, Path]
     return load
 
 
+def _walk_recorded(newest: Any, gen: int, by_gen: _Listed) -> np.ndarray | None:
+    """The chain ending at generation ``gen`` (the checkpoint ``newest``) as rows of
+    (generation, LSN, log start, nested base bytes or -1), oldest first, from the
+    newest file's record of its chain; the walk :func:`_walk_heads` makes, done on the
+    record as a whole. None where the file records no chain, or one that does not reach
+    where the walk ends (the heads are read then).
+
+    Raises:
+        SerializationError: two checkpoints of the chain do not link.
+    """
+    rows = _recorded_chain(newest.bus, gen, newest.lsn, newest.log_from_lsn)
+    if rows is None:
+        return None
+    gens = rows[:, 0]
+    k = gens.size
+    if int(gens[0]) != gen - k + 1:
+        return None  # (ascending and ending at ``gen``: consecutive only so)
+    # The walk goes on from a checkpoint to the one before it while its log does not
+    # start from nothing and it is newer than the newest file's horizon.
+    stops = np.flatnonzero((rows[:, 2] == 0) | (rows[:, 1] <= newest.horizon_lsn))
+    if stops.size == 0:
+        return None
+    first = int(stops[-1])
+    # A file that is missing ends the walk after it.
+    names = by_gen.names
+    gone = [g for g in range(int(gens[first]), gen) if g not in names]
+    if gone:
+        first = gone[-1] + 1 - int(gens[0])
+    rows = rows[first:]
+    bad = np.flatnonzero(rows[:-1, 1] != rows[1:, 2])
+    if bad.size:
+        i = int(bad[0])
+        _check_link(int(rows[i, 0]), int(rows[i, 1]), int(rows[i + 1, 2]), by_gen[int(rows[i, 0])])
+    return rows
+
+
+def _walk_heads(bus: DurableBus, newest: Any, gen: int, by_gen: _Listed) -> np.ndarray:
+    """The chain ending at generation ``gen`` as :func:`_walk_recorded` gives it, from
+    the heads of the older files: walk back while the files are there, down to the
+    newest file's horizon (its replay base) or the chain's start.
+
+    Raises:
+        SerializationError: a checkpoint is damaged, another bus's, or does not end
+            where the next one's log starts.
+    """
+    heads = [(gen, newest.lsn, newest.log_from_lsn, _nested_len(newest))]
+    horizon = newest.horizon_lsn
+    while heads[-1][2] != 0 and heads[-1][1] > horizon:
+        g_prev = heads[-1][0] - 1
+        if g_prev not in by_gen:
+            break
+        head = read_checkpoint_head(by_gen[g_prev])
+        _check_owner(head.bus, bus.bus_id, g_prev, by_gen[g_prev])
+        _check_link(g_prev, head.lsn, heads[-1][2], by_gen[g_prev])
+        heads.append((g_prev, head.lsn, head.log_from_lsn, head.base_len))
+    heads.reverse()
+    return np.array(heads, np.int64)
+
+
 def _nested_len(ck: Any) -> int:
     """Bytes of the replay base a decoded checkpoint nests (0: none; -1: not known)."""
     if ck.base is None:
@@ -1680,36 +1793,51 @@ def _nested_len(ck: Any) -> int:
     return len(source) if isinstance(source, bytes) else -1
 
 
+def _chain_record(kept: list[_Ckpt]) -> bytes:
+    """The ``chain`` a checkpoint records: a row per retained checkpoint, oldest first
+    (generation, LSN, log start, bytes of the replay base it nests or -1 where not
+    known), packed as little-endian int64s."""
+    return np.array([[c.generation, c.lsn, c.log_from_lsn, c.base_len] for c in kept],
+                    "<i8").tobytes()
+
+
 def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
-                    log_from: int) -> dict[int, tuple[int, int, int]]:
+                    log_from: int) -> np.ndarray | None:
     """The chain of checkpoints a checkpoint records in its bus identity (``chain``:
-    ``[generation, lsn, log_from_lsn]`` rows, oldest first, ending with itself, each
-    with the bytes of the replay base the file nests as a fourth int where the writer
-    knew it), as generation → (lsn, log_from_lsn, base bytes or -1); empty when it
-    records none (older files) or the record does not hold together, so that the
-    files' heads are read instead."""
-    rows = info.get("chain") if info is not None else None
-    if not isinstance(rows, list) or not rows:
-        return {}
-    out: dict[int, tuple[int, int, int]] = {}
-    prev_gen = prev_lsn = -1
-    for row in rows:
-        if type(row) is not list or not 3 <= len(row) <= 4:
-            return {}
-        for x in row:
-            if type(x) is not int or not 0 <= x < 1 << 63:
-                return {}
-        g, at, start = row[0], row[1], row[2]
-        if g <= prev_gen or at < prev_lsn or start > at:
-            return {}
-        out[g] = (at, start, row[3] if len(row) == 4 else -1)
-        prev_gen, prev_lsn = g, at
-    if out.get(gen, (-1, -1, -1))[:2] != (lsn, log_from):
-        return {}
-    return out
+    rows of generation, LSN, log start and the bytes of the replay base the file nests,
+    oldest first, ending with itself; packed as :func:`_chain_record` packs them, or,
+    as earlier builds wrote it, a list of ``[generation, lsn, log_from_lsn]`` lists
+    with that fourth int where the writer knew it) as int64 rows (-1: base bytes not
+    known); None when it records none or the record does not hold together, so that
+    the files' heads are read instead. O(rows), vectorised."""
+    raw = info.get("chain") if info is not None else None
+    if isinstance(raw, bytes):
+        if not raw or len(raw) % 32:
+            return None
+        rows = np.frombuffer(raw, "<i8").reshape(-1, 4).astype(np.int64)
+    elif isinstance(raw, list) and raw:
+        listed = []
+        for row in raw:
+            if type(row) is not list or not 3 <= len(row) <= 4:
+                return None
+            for x in row:
+                if type(x) is not int or not 0 <= x < 1 << 63:
+                    return None
+            listed.append(row if len(row) == 4 else [*row, -1])
+        rows = np.array(listed, np.int64)
+    else:
+        return None
+    g, at, start, base = rows.T
+    if (g < 0).any() or (start < 0).any() or (start > at).any() or (base < -1).any():
+        return None
+    if (np.diff(g) <= 0).any() or (np.diff(at) < 0).any():
+        return None
+    if (int(g[-1]), int(at[-1]), int(start[-1])) != (gen, lsn, log_from):
+        return None
+    return rows
 
 
-def _read_chain(bus: DurableBus, by_gen: dict[int, Path], gen: int,
+def _read_chain(bus: DurableBus, by_gen: _Listed, gen: int,
                 newest: Any = None) -> list[tuple[int, Any]]:
     """The chain of checkpoints ending at generation ``gen``, oldest first: walk back
     while the files are there, down to the newest file's horizon (its replay base) or

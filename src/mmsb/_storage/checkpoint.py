@@ -56,7 +56,7 @@ from .codec import (
     encode_record,
 )
 from .fsops import fsync_dir
-from .pagestore import STORE_NAME, PageRefs, read_pages, refs_problem
+from .pagestore import STORE_NAME, PageRefs, pin_runs, read_pages, runs_problem
 
 if TYPE_CHECKING:
     from .._core.engine import MMSBState
@@ -96,7 +96,9 @@ def _tags(version: int) -> tuple[bytes, ...]:
 
 
 _REFS_HEAD = struct.Struct("<QQQQ")
-"""PREF section head: store uid, pages, pins, zero."""
+"""PREF section head: store uid, pages, pins, flags."""
+_PINS_AS_RUNS = 1
+"""PREF flag: the pins are stored as runs of slots (see :func:`~.pagestore.pin_runs`)."""
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 _MAX_SECTION = 1 << 42
@@ -384,11 +386,11 @@ bind_base_encoder(checkpoint_bytes)
 
 def encode_refs(refs: PageRefs) -> list[Any]:
     """The PREF section of ``refs``: head, then offsets and CRCs of the pages in the
-    page table's order, then the pins (offsets, lengths, generations)."""
-    n, m = int(refs.ids.size), int(refs.pin_offsets.size)
-    return [_REFS_HEAD.pack(refs.uid, n, m, 0), refs.offsets.astype("<i8").data,
-            refs.crcs.astype("<u4").data, refs.pin_offsets.astype("<i8").data,
-            refs.pin_lengths.astype("<i8").data, refs.pin_gens.astype("<i8").data]
+    page table's order, then the pins as runs (first offsets, counts, slot lengths,
+    generations)."""
+    n, r = int(refs.ids.size), int(refs.runs.shape[1])
+    return [_REFS_HEAD.pack(refs.uid, n, r, _PINS_AS_RUNS), refs.offsets.astype("<i8").data,
+            refs.crcs.astype("<u4").data, np.ascontiguousarray(refs.runs, "<i8").reshape(-1).data]
 
 
 def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray,
@@ -396,30 +398,36 @@ def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray
     """A PREF section back into :class:`PageRefs`, checked: the page count is the page
     table's, slots lie after the store's header, the pins are ascending and do not
     overlap, and each page's slot is a pin of its size class named by this checkpoint's
-    ``generation`` (None: a file outside a bus, whose generation is not known)."""
+    ``generation`` (None: a file outside a bus, whose generation is not known). Pins
+    are stored as runs (flags 1) or, in files of earlier builds, slot by slot (flags 0).
+    O(pages + runs)."""
     buf = memoryview(raw)
     if len(buf) < _REFS_HEAD.size:
         raise fail("section PREF is shorter than its head")
-    uid, n, m, zero = _REFS_HEAD.unpack_from(buf, 0)
-    if zero or not uid or n != ids.size:
+    uid, n, m, flags = _REFS_HEAD.unpack_from(buf, 0)
+    if flags not in (0, _PINS_AS_RUNS) or not uid or n != ids.size:
         raise fail(f"section PREF lists {n} pages where the page table lists {ids.size}, or "
                    "its head is malformed")
-    if len(buf) != _REFS_HEAD.size + 12 * n + 24 * m:
+    cols = 4 if flags else 3
+    if len(buf) != _REFS_HEAD.size + 12 * n + 8 * cols * m:
         raise fail(f"section PREF holds {len(buf)} bytes, not the "
-                   f"{_REFS_HEAD.size + 12 * n + 24 * m} of {n} pages and {m} pinned slots")
+                   f"{_REFS_HEAD.size + 12 * n + 8 * cols * m} of {n} pages and {m} pinned "
+                   f"{'runs of slots' if flags else 'slots'}")
     pos = _REFS_HEAD.size
     offsets = np.frombuffer(buf, "<i8", n, pos).astype(np.int64)
     crcs = np.frombuffer(buf, "<u4", n, pos + 8 * n).astype(np.uint32)
     pos += 12 * n
-    po, pl, pg = np.frombuffer(buf, "<i8", 3 * m, pos).astype(np.int64).reshape(3, m)
-    problem = refs_problem(offsets, sizes, po, pl, pg, generation)
+    pins = np.frombuffer(buf, "<i8", cols * m, pos).astype(np.int64).reshape(cols, m)
+    if not flags:
+        pins = pin_runs(pins[0], pins[1], pins[2])
+    problem = runs_problem(offsets, sizes, pins, generation)
     if problem == 1:
         raise fail("section PREF pins slots out of order, overlapping or inside the store's "
                    "header")
     if problem:
         raise fail("section PREF names a page slot that it does not pin for this "
                    "checkpoint, of another size or shared by two pages")
-    return PageRefs(int(uid), ids, sizes, epochs, offsets, crcs, po, pl, pg)
+    return PageRefs(int(uid), ids, sizes, epochs, offsets, crcs, pins)
 
 
 def inline_pages(raw: bytes, label: str, store: str | Path | None) -> bytes:

@@ -58,7 +58,7 @@ _EV_HEAD = struct.Struct("<4sBBHQQQI")
 _U32 = struct.Struct("<I")
 _LEN = struct.Struct("<Q")
 MAX_EVENT_PAYLOAD = 1 << 24
-_WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+_WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log\Z")
 _READ_STEP = 1 << 20
 _FIRST_STEP = 1 << 16
 """A poll reads this much first, then twice as much each time it needs more."""

@@ -28,7 +28,6 @@ import os
 import secrets
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,31 +63,40 @@ def slot_lengths(sizes: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np.ndarray,
-                  pg: np.ndarray, generation: int, start: int) -> int:  # pragma: no cover - compiled
-    """Check page references against the pins in one pass. Returns 0 when sound; 1: the
-    pins are out of order, overlap, lie inside the store's header, or have a length or
-    generation below 1; 2: a page's slot is not a pin of its size class named by
-    ``generation`` (< 0: any), or two pages share one."""
-    m = po.shape[0]
+def _refs_problem(offsets: np.ndarray, sizes: np.ndarray, ro: np.ndarray, rc: np.ndarray,
+                  rl: np.ndarray, rg: np.ndarray, generation: int,
+                  start: int) -> int:  # pragma: no cover - compiled
+    """Check page references against the pins, given as runs (``ro[j]``: the first
+    slot's offset, ``rc[j]`` slots of ``rl[j]`` bytes back to back, named by
+    generation ``rg[j]``), in one pass. Returns 0 when sound; 1: the runs are out of
+    order, overlap, lie inside the store's header, reach past 2^62, or have a count,
+    length or generation below 1; 2: a page's slot is not a pinned slot of its size
+    class named by ``generation`` (< 0: any), or two pages share one."""
+    m = ro.shape[0]
     for j in range(m):
-        if pl[j] <= 0 or pg[j] < 1 or (j == 0 and po[0] < start):
+        if rc[j] <= 0 or rl[j] <= 0 or rg[j] < 1 or (j == 0 and ro[0] < start):
             return 1
-        if j > 0 and po[j] < po[j - 1] + pl[j - 1]:
+        # (No run reaches past 2^62, so the sums below cannot overflow.)
+        if ro[j] >= 1 << 62 or rl[j] >= 1 << 40 or rc[j] > ((1 << 62) - ro[j]) // rl[j]:
             return 1
-    used = np.zeros(m, np.bool_)
-    for i in range(offsets.shape[0]):
+        if j > 0 and ro[j] < ro[j - 1] + rc[j - 1] * rl[j - 1]:
+            return 1
+    n = offsets.shape[0]
+    for i in range(n):
         off = offsets[i]
-        lo, hi = 0, m  # the pin starting at ``off``: binary search (pins ascend)
+        lo, hi = 0, m  # the last run starting at or before ``off`` (runs ascend)
         while lo < hi:
             mid = (lo + hi) >> 1
-            if po[mid] < off:
+            if ro[mid] <= off:
                 lo = mid + 1
             else:
                 hi = mid
-        if lo == m or po[lo] != off or used[lo]:
+        j = lo - 1
+        if j < 0:
             return 2
-        used[lo] = True
+        d = off - ro[j]
+        if d % rl[j] != 0 or d // rl[j] >= rc[j]:
+            return 2
         size = max(sizes[i], 1)
         if size <= 16:
             cls = 16
@@ -98,7 +106,12 @@ def _refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np
                 top *= 2
             step = top >> 2
             cls = (size + step - 1) // step * step
-        if pl[lo] != cls or (generation >= 0 and pg[lo] != generation):
+        if rl[j] != cls or (generation >= 0 and rg[j] != generation):
+            return 2
+    # Pinned slots never overlap, so two pages share a slot only at one offset.
+    order = np.sort(offsets)
+    for i in range(1, n):
+        if order[i] == order[i - 1]:
             return 2
     return 0
 
@@ -122,34 +135,102 @@ def _gather_checked(dst: np.ndarray, src: np.ndarray, src_offs: np.ndarray, size
 
 def refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np.ndarray,
                  pg: np.ndarray, generation: int | None) -> int:
-    """:func:`_refs_problem` (0: sound) with ``generation`` None for any generation."""
-    return int(_refs_problem(offsets, sizes, po, pl, pg,
+    """:func:`_refs_problem` (0: sound) for pins given slot by slot (offsets, lengths,
+    generations), with ``generation`` None for any generation."""
+    return runs_problem(offsets, sizes, np.stack((po, np.ones_like(po), pl, pg)), generation)
+
+
+def runs_problem(offsets: np.ndarray, sizes: np.ndarray, runs: np.ndarray,
+                 generation: int | None) -> int:
+    """:func:`_refs_problem` (0: sound) for pins given as runs (see :class:`PageRefs`)."""
+    return int(_refs_problem(offsets, sizes, runs[0], runs[1], runs[2], runs[3],
                              -1 if generation is None else generation, DATA_START))
 
 
-@dataclass(slots=True)
-class PageRefs:
-    """Where a checkpoint's pages lie in the page store (its PREF section)."""
+def pin_runs(po: np.ndarray, pl: np.ndarray, pg: np.ndarray) -> np.ndarray:
+    """Pins given slot by slot (ascending offsets) as runs: each longest sequence of
+    slots of one length and one generation, each starting where the one before ends,
+    becomes one row (first offset, count, length, generation). A checkpoint writes its
+    new slots back to back, so a bus that never frees a slot pins about one run per
+    retained checkpoint and size class. O(pins), vectorised."""
+    m = po.size
+    if m == 0:
+        return np.zeros((4, 0), np.int64)
+    cut = np.ones(m, bool)
+    cut[1:] = (po[1:] != po[:-1] + pl[:-1]) | (pl[1:] != pl[:-1]) | (pg[1:] != pg[:-1])
+    first = np.flatnonzero(cut)
+    counts = np.diff(np.append(first, m))
+    return np.stack((po[first], counts, pl[first], pg[first])).astype(np.int64)
 
-    uid: int
-    """The page store's uid (its header): a store made anew never passes for the old."""
-    ids: np.ndarray
-    """Live page ids, ascending, as the checkpoint's page table lists them (int64)."""
-    sizes: np.ndarray
-    """Their sizes (int64)."""
-    epochs: np.ndarray
-    """Their epochs (int64): a page whose size and epoch match and that no record
-    since changed keeps its slot at the next checkpoint."""
-    offsets: np.ndarray
-    """Slot offset of each page in the store (int64)."""
-    crcs: np.ndarray
-    """CRC32C of each page's bytes (uint32)."""
-    pin_offsets: np.ndarray
-    """Every slot a retained checkpoint names, ascending (int64) …"""
-    pin_lengths: np.ndarray
-    """… its length (int64) …"""
-    pin_gens: np.ndarray
-    """… and the newest generation that names it (int64)."""
+
+def _pin_slots(runs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs back to slot-by-slot pins (offsets, lengths, generations). O(pins)."""
+    ro, rc, rl, rg = runs
+    if rc.size == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    within = np.arange(int(rc.sum()), dtype=np.int64) - np.repeat(np.cumsum(rc) - rc, rc)
+    lengths = np.repeat(rl, rc)
+    return np.repeat(ro, rc) + within * lengths, lengths, np.repeat(rg, rc)
+
+
+class PageRefs:
+    """Where a checkpoint's pages lie in the page store (its PREF section), with the
+    slots every retained checkpoint names (its *pins*). The pins are kept as runs (see
+    :func:`pin_runs`), as the section stores them, and slot by slot only once a writer
+    asks for them (the first checkpoint after an open): an open reads and checks the
+    runs alone, a few per retained checkpoint."""
+
+    __slots__ = ("uid", "ids", "sizes", "epochs", "offsets", "crcs", "runs", "_slots")
+
+    def __init__(self, uid: int, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray,
+                 offsets: np.ndarray, crcs: np.ndarray, runs: np.ndarray) -> None:
+        self.uid = uid
+        """The page store's uid (its header): a store made anew never passes for the old."""
+        self.ids = ids
+        """Live page ids, ascending, as the checkpoint's page table lists them (int64)."""
+        self.sizes = sizes
+        """Their sizes (int64)."""
+        self.epochs = epochs
+        """Their epochs (int64): a page whose size and epoch match and that no record
+        since changed keeps its slot at the next checkpoint."""
+        self.offsets = offsets
+        """Slot offset of each page in the store (int64)."""
+        self.crcs = crcs
+        """CRC32C of each page's bytes (uint32)."""
+        self.runs = runs
+        """The pins as runs: int64 rows (first offset, count, slot length, generation),
+        shape (4, runs), ascending and not overlapping."""
+        self._slots: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def from_slots(cls, uid: int, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray,
+                   offsets: np.ndarray, crcs: np.ndarray, po: np.ndarray, pl: np.ndarray,
+                   pg: np.ndarray) -> PageRefs:
+        """References whose pins are given slot by slot (ascending offsets)."""
+        refs = cls(uid, ids, sizes, epochs, offsets, crcs, pin_runs(po, pl, pg))
+        refs._slots = (po, pl, pg)
+        return refs
+
+    def _pins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._slots is None:
+            self._slots = _pin_slots(self.runs)
+        return self._slots
+
+    @property
+    def pin_offsets(self) -> np.ndarray:
+        """Every slot a retained checkpoint names, ascending (int64) …"""
+        return self._pins()[0]
+
+    @property
+    def pin_lengths(self) -> np.ndarray:
+        """… its length (int64) …"""
+        return self._pins()[1]
+
+    @property
+    def pin_gens(self) -> np.ndarray:
+        """… and the newest generation that names it (int64)."""
+        return self._pins()[2]
 
 
 def _fail(path: str | Path, reason: str, offset: int | None = None) -> SerializationError:
@@ -409,9 +490,9 @@ class PageStore:
             self.pins = None
             return
         keep = refs.pin_gens >= oldest_gen
-        self.pins = PageRefs(refs.uid, refs.ids, refs.sizes, refs.epochs, refs.offsets,
-                             refs.crcs, refs.pin_offsets[keep], refs.pin_lengths[keep],
-                             refs.pin_gens[keep])
+        self.pins = PageRefs.from_slots(refs.uid, refs.ids, refs.sizes, refs.epochs,
+                                        refs.offsets, refs.crcs, refs.pin_offsets[keep],
+                                        refs.pin_lengths[keep], refs.pin_gens[keep])
 
     # -- a checkpoint ------------------------------------------------------------------
     def _gaps(self) -> list[list[int]]:
@@ -502,8 +583,8 @@ class PageStore:
         pl = np.concatenate((pl, lengths))
         pg = np.concatenate((pg, np.full(n, gen, np.int64)))
         order = np.argsort(po, kind="stable")
-        return PageRefs(self.uid, ids, sizes, epochs, offsets, crcs, po[order], pl[order],
-                        pg[order])
+        return PageRefs.from_slots(self.uid, ids, sizes, epochs, offsets, crcs, po[order],
+                                   pl[order], pg[order])
 
     def _write_slots(self, state: Any, ids: np.ndarray, offs: np.ndarray, sizes: np.ndarray,
                      crcs: np.ndarray, rows: np.ndarray) -> None:

@@ -36,8 +36,8 @@ __all__ = [
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _FRACTION = re.compile(r"(\d{2}:\d{2}(?::\d{2})?)[.,](\d+)")
-_CKPT_NAME = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$")
-_WAL_NAME = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log$")
+_CKPT_NAME = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb\Z")
+_WAL_NAME = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log\Z")
 _BUS_HEAD = struct.Struct("<8sHHQQ")
 PREVIEW_BYTES = 16
 
