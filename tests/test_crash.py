@@ -500,8 +500,8 @@ def _classify(open_fn: Callable[[Path], mmsb.MMSBState], root: Path, dmg: dict[s
     else fails. An earlier state may come from damage in the last segment (a tail), or in
     any segment with ``earlier_from_any_segment`` (point_in_time). Damage in the history
     that a writer's open leaves on disk (the checkpoints' log sections) is refused when
-    the history is read: "error" too, and then the stop, whose checkpoint needs it, is
-    refused as well (the bus closed all the same)."""
+    the history is read: "error" too (the stop, whose checkpoint writes only the log's
+    tail, may then succeed, or be refused where it reads the history)."""
     where = f"{rel} byte {offset}"
     try:
         s = open_fn(root)

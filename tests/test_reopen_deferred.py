@@ -365,18 +365,22 @@ def test_a_damaged_older_checkpoint_is_refused_when_the_history_is_read(
         assert type(s.log) is DeferredLog
         assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
                 int(s.next_page_id)) == before
-    # Stopping needs the history for its checkpoint: refused, but the bus is closed
-    # (its lock released) and its log holds the writes.
-    with pytest.raises(mmsb.SerializationError, match="closed all the same"):
-        mmsb.mmsb_stop(s)
+    # Stopping checkpoints the records since the last checkpoint, which the log's tail
+    # holds: it needs no history, and succeeds. The damage stays where it was, found
+    # by the next read of the history.
+    mmsb.mmsb_stop(s)
     again = root.with_name(root.name + "-deferred")
     monkeypatch.setattr(bus_mod, "DEFER_HISTORY", True)
     s = mmsb.mmsb_start(path=str(again), config=_cfg())
-    assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
-            int(s.next_page_id)) == before
-    page = mmsb.query_page(s, pid)
-    assert page[:5] == b"taken" and page[8:11] == b"too"
-    with pytest.raises(mmsb.SerializationError):
+    try:
+        assert (pages_view(s), edges(s), int(s.last_lsn), s.next_delta_id,
+                int(s.next_page_id)) == before
+        page = mmsb.query_page(s, pid)
+        assert page[:5] == b"taken" and page[8:11] == b"too"
+        with pytest.raises(mmsb.SerializationError) as info:
+            mmsb.read_page_at(s, pid, lsn=int(s.last_lsn) - 1)
+        assert older.name in str(info.value)
+    finally:
         mmsb.mmsb_stop(s)
 
 
@@ -724,8 +728,7 @@ def test_a_chain_that_starts_with_a_replay_base(
         assert type(got.log) is DeferredLog
         assert (pages_view(got), int(got.last_lsn)) == before
     finally:
-        with pytest.raises(mmsb.SerializationError):
-            mmsb.mmsb_stop(got)  # its final checkpoint needs the history
+        mmsb.mmsb_stop(got)  # its final checkpoint writes the log's tail: no history needed
 
 
 def test_a_recorded_chain_is_read_packed_or_as_lists_and_refused_when_it_does_not_hold() -> None:
@@ -784,3 +787,96 @@ def test_names_in_the_bus_folders_that_only_look_like_its_files_are_ignored(
     finally:
         mmsb.mmsb_stop(s)
     assert all(p.read_bytes() == b"not a bus file" for p in odd)
+
+
+@pytest.mark.parametrize("retain", [None, 1, 3])
+def test_checkpoints_after_a_reopen_read_the_history_only_when_they_trim_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, retain: int | None) -> None:
+    """A checkpoint that keeps all the history (every one with every checkpoint kept,
+    and the close's, which evicts nothing) writes the records since the last one from
+    the deferred log's tail: the history stays on disk. One that drops history
+    (retention evicting a checkpoint) reads it first. Either way the files it leaves
+    reopen to the state and the whole log of a bus that read everything at open."""
+    live = tmp_path / "live"
+    s = mmsb.mmsb_start(path=str(live), config=_cfg(retain_checkpoints=retain))
+    pids = [p.id for p in mmsb.create_pages(s, 4, 64)]
+    for i in range(130):  # several automatic checkpoints, then a tail of writes
+        mmsb.write_page(s, pids[i % 4], (i * 3) % 56, bytes([i % 250 + 1]) * 8)
+    s.bus.flush()
+    img = tmp_path / "img"
+    shutil.copytree(live, img)  # what a kill leaves
+    mmsb.mmsb_stop(s)
+    loads: list[int] = []
+    real = bus_mod._restore_deferred
+
+    def counted(*args: Any) -> Any:
+        loader = real(*args)
+        if loader is None:
+            return None
+
+        def load(tail: Any) -> Any:
+            loads.append(1)
+            return loader(tail)
+
+        return load
+
+    monkeypatch.setattr(bus_mod, "_restore_deferred", counted)
+    views = []
+    for defer in (False, True):
+        s = _open(img, defer, monkeypatch, retain_checkpoints=retain)
+        try:
+            if defer:
+                assert type(s.log) is DeferredLog
+            pids = sorted(s.pages)
+            for i in range(60):  # two automatic checkpoints (max_tlog_size=24)
+                mmsb.write_page(s, pids[i % len(pids)], i % 40, bytes([i + 1]) * 4)
+            if defer:
+                # Retention that evicts drops history: read for that, not before.
+                assert (type(s.log) is DeferredLog) == (retain is None)
+                assert len(loads) == (0 if retain is None else 1)
+        finally:
+            mmsb.mmsb_stop(s)
+        if defer and retain is None:
+            assert loads == []  # closed without reading the history
+        root = img.with_name(img.name + ("-deferred" if defer else "-eager"))
+        monkeypatch.setattr(bus_mod, "DEFER_HISTORY", False)
+        s = mmsb.mmsb_start(path=str(root), config=_cfg(retain_checkpoints=retain))
+        try:
+            # Not the clock's readings (the writes after the reopen are not timed alike):
+            # the horizon's and the last timestamps, and the replay base but its pages.
+            state = [x for k, x in enumerate(_state_view(s)) if k not in (6, 7, 11)]
+            base = s.replay_base
+            state.append(None if base is None else base.snapshot().data.tobytes())
+            views.append((state, _log_view(s, times=False)))
+        finally:
+            mmsb.mmsb_stop(s)
+    assert views[0] == views[1]
+
+
+def test_compress_log_after_a_reopen_reads_the_history_and_undoes_itself_when_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compress_log rewrites the history: it reads a reopened bus's history first, so
+    that a compression the bus cannot checkpoint is undone to the whole log, not to the
+    tail alone."""
+    img = _images(tmp_path)[-1]
+    ref = _open(img, False, monkeypatch)
+    try:
+        want = (_state_view(ref), _log_view(ref))
+    finally:
+        mmsb.mmsb_stop(ref)
+    s = _open(img, True, monkeypatch)
+    try:
+        assert type(s.log) is DeferredLog
+
+        def refuse(state: Any) -> None:
+            raise mmsb.DurabilityError("no room for the checkpoint")
+
+        monkeypatch.setattr(s.bus, "after_compress", refuse)
+        with pytest.raises(mmsb.DurabilityError, match="no room"):
+            mmsb.compress_log(s)
+        monkeypatch.undo()
+        assert type(s.log) is not DeferredLog
+        assert _log_view(s) == want[1]
+        assert pages_view(s) == want[0][0]
+    finally:
+        mmsb.mmsb_stop(s)

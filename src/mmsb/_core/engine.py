@@ -60,7 +60,15 @@ from .graph import ShadowPageGraph
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
-from .log import ColumnRecords, DeltaGroup, DeltaView, TransactionLog, _CreateRun
+from .log import (
+    ColumnRecords,
+    DeferredLog,
+    DeltaGroup,
+    DeltaView,
+    TransactionLog,
+    _CreateRun,
+    load_history,
+)
 from .monitor import Counters
 from .page_table import LIVE, CreationCursor, PageTable
 from .propagation import run_propagation
@@ -724,10 +732,19 @@ class MMSBState:
             if self.table.is_live(pid):
                 self.mask_base[pid] = (self.page_mask(pid), lsn)
 
-    def history_snapshot(self) -> tuple[Any, ...]:
+    def history_snapshot(self, rewrites: bool = True) -> tuple[Any, ...]:
         """What trimming or rewriting the log changes, to undo it if a checkpoint fails.
         O(pages with a mask base); the log's columns are replaced, never edited, by those
-        operations, so references suffice."""
+        operations, so references suffice. ``rewrites=False``: the caller neither trims
+        nor rewrites the log, so a history still on disk (a reopened bus's) is not read
+        for it.
+
+        Raises:
+            SerializationError: the history had to be read, and a file of it is damaged
+                (nothing changed).
+        """
+        if rewrites:
+            load_history(self.log)
         return (self.log.memento(), dict(self.mask_base), self.replay_base,
                 self.orphan_from, self.next_delta_id)
 
@@ -748,6 +765,8 @@ class MMSBState:
         """Drop retained records with LSN ≤ ``lsn`` (history the bus no longer keeps),
         folding the masks they carried into the pages' mask bases."""
         log = self.log
+        if log.horizon_lsn >= lsn and type(log) is DeferredLog:
+            return  # nothing retained is that old: no need to read the history to see it
         k = log.index_after_lsn(lsn)
         if k == 0 and log.horizon_lsn >= lsn:
             return

@@ -1456,6 +1456,10 @@ class TransactionLog:
         return dict(self.__dict__)
 
     def restore_memento(self, saved: dict[str, Any]) -> None:
+        if _DEFERRED_MEMENTO in saved:
+            # Taken while the history was on disk, and the log read it since: nothing
+            # rewrote it (a rewrite reads the history before its memento is taken).
+            return
         generation = self.generation
         self.__dict__.update(saved)
         self.generation = generation + 1
@@ -2099,10 +2103,12 @@ class TransactionLog:
         return int(wrote)
 
 
+_DEFERRED_MEMENTO = "deferred tail"
+"""The key of a :class:`DeferredLog`'s memento."""
 _MIRRORED = ("next_lsn", "last_timestamp", "horizon_lsn", "horizon_timestamp", "sink",
              "sink_many")
 """The counters and sinks a :class:`DeferredLog` holds as its tail does."""
-_OWN = frozenset((*_MIRRORED, "generation", "_tail", "_loader"))
+_OWN = frozenset((*_MIRRORED, "generation", "_tail", "_loader", "_upto"))
 
 
 class DeferredLog(TransactionLog):
@@ -2124,13 +2130,15 @@ class DeferredLog(TransactionLog):
     """
 
     def __init__(self, tail: TransactionLog,
-                 loader: Callable[[TransactionLog], TransactionLog]) -> None:
+                 loader: Callable[[TransactionLog], TransactionLog], upto: int) -> None:
         own = self.__dict__
         for name in _MIRRORED:
             own[name] = getattr(tail, name)
         own["generation"] = tail.generation
         own["_tail"] = tail
         own["_loader"] = loader
+        own["_upto"] = upto
+        """The history's newest LSN: the tail holds every record after it."""
 
     def __getattr__(self, name: str) -> Any:
         # Only called for what this object does not hold: anything of the history.
@@ -2168,6 +2176,34 @@ class DeferredLog(TransactionLog):
             return
         _materialize(self)
         self.append_held(records)
+
+    # What a checkpoint that rewrites no history reads (the pages the records since
+    # the last one name, its log section), served by the tail alone: closing a bus
+    # after a reopen, or its automatic checkpoints with every checkpoint kept, never
+    # read the history.
+    def columns(self, start: int = 0, gather: bool = True) -> LogColumns:
+        """As :meth:`TransactionLog.columns`; from the tail when ``start`` is at or
+        after the history's newest LSN (the history is read otherwise)."""
+        if start >= self._upto:
+            return self._tail.columns(start, gather)
+        _materialize(self)
+        return self.columns(start, gather)
+
+    def payload_parts(self, start: int = 0) -> Iterator[memoryview]:
+        """As :meth:`TransactionLog.payload_parts`, from the tail as :meth:`columns`."""
+        if start >= self._upto:
+            return self._tail.payload_parts(start)
+        _materialize(self)
+        return self.payload_parts(start)
+
+    def memento(self) -> dict[str, Any]:
+        """The tail's: a caller that rewrites the log (a trim) reads the history
+        before it takes this (see :meth:`TransactionLog.restore_memento`)."""
+        return {_DEFERRED_MEMENTO: self._tail.memento()}
+
+    def restore_memento(self, saved: dict[str, Any]) -> None:
+        self._tail.restore_memento(saved[_DEFERRED_MEMENTO])
+        self._mirror()
 
 
 def _materialize(log: TransactionLog) -> None:

@@ -906,12 +906,16 @@ class DurableBus:
         # Pages the records since the last checkpoint change (read before history is
         # trimmed): those the page store must write again.
         changed = self._changed_pages(state) if self.use_store and not full else None
-        saved = state.history_snapshot()
+        oldest = kept[0]
+        # Whether history leaves memory (older than the oldest kept checkpoint): only
+        # then is a history still on disk (a reopened bus's) read for this checkpoint.
+        trims = ((oldest is not new and not self._chain_starts_at(kept)
+                  and oldest.lsn > state.log.horizon_lsn) or (oldest is new and not full))
+        saved = state.history_snapshot(rewrites=trims or full)
         refs: PageRefs | None = None
         try:
             # History older than the oldest kept checkpoint leaves memory first, so that
             # the new file's masks and log describe exactly what recovery will rebuild.
-            oldest = kept[0]
             if oldest is not new and not self._chain_starts_at(kept):
                 state.trim_log(oldest.lsn)
                 state.replay_base = CheckpointBase(oldest.path)
@@ -1152,7 +1156,8 @@ class DurableBus:
                         "is closed all the same, its log holds every record, and reopening it "
                         "recovers them") from exc
                 except SerializationError as exc:
-                    # The history read only now (see DeferredLog) is damaged.
+                    # A checkpoint that had to read the history (see DeferredLog) found
+                    # it damaged.
                     raise SerializationError(
                         f"the final checkpoint needs the retained history, which cannot be "
                         f"read ({exc.reason}); the bus is closed all the same and its log "
@@ -1548,7 +1553,7 @@ def _recover(bus: DurableBus, state: MMSBState, by_gen: _Listed, wal: list[Path]
         if loader is not None and _reads_history(scan):
             # A resize, a clone or a compaction marker derives from the pages' written
             # masks, which the whole history holds: read it before going on.
-            _defer_log(state, loader)
+            _defer_log(state, loader, bus.ckpt_lsn)
             load_history(state.log)
             loader = None
         seg = None
@@ -1582,7 +1587,7 @@ def _recover(bus: DurableBus, state: MMSBState, by_gen: _Listed, wal: list[Path]
             log.warning("recovery of %s: %s", bus.root, note)
             break
     if loader is not None:
-        _defer_log(state, loader)
+        _defer_log(state, loader, bus.ckpt_lsn)
     if bus.read_only:
         return
     if damaged or bus.generation == 0:
@@ -1865,10 +1870,11 @@ def _read_chain(bus: DurableBus, by_gen: _Listed, gen: int,
     return chain
 
 
-def _defer_log(state: MMSBState, loader: Callable[[TransactionLog], TransactionLog]) -> None:
-    """Make the state's log (the records after the newest checkpoint) the tail of a
-    deferred log whose history ``loader`` reads."""
-    state.log = DeferredLog(state.log, loader)
+def _defer_log(state: MMSBState, loader: Callable[[TransactionLog], TransactionLog],
+               upto: int) -> None:
+    """Make the state's log (the records after the newest checkpoint, at LSN ``upto``)
+    the tail of a deferred log whose history ``loader`` reads."""
+    state.log = DeferredLog(state.log, loader, upto)
 
 
 def _reads_history(scan: SegmentScan) -> bool:
