@@ -912,3 +912,92 @@ def test_a_writer_that_died_inside_a_checkpoint_loses_nothing(tmp_path: Path) ->
     assert mmsb.query_page(c, p.id)[:6] == b"after!"
     assert mmsb.verify_state_consistency(c)
     mmsb.mmsb_stop(c)
+
+
+_EDIT_TABLE = r"""
+import mmap, os, sys
+import numpy as np
+import mmsb
+from mmsb._storage.mapped import ROW_DTYPE
+root = sys.argv[1]
+s = mmsb.mmsb_start(path=root, config=mmsb.MMSBConfig(enable_gpu=False, fsync="none"))
+ids = [p.id for p in mmsb.create_pages(s, 6, 256)]
+for pid in ids:
+    mmsb.write_page(s, pid, 0, bytes([pid]) * 16)
+fd = os.open(os.path.join(root, "map", "table"), os.O_RDWR)
+mm = mmap.mmap(fd, os.fstat(fd).st_size)
+tab = np.frombuffer(mm, ROW_DTYPE)
+a, b, c, d, e, f = ids
+tab["offset"][a] = 1 << 40  # far past the pages file
+tab["offset"][b] = -4096  # before it
+tab["size"][c] = 4096  # another size
+tab["offset"][d] = tab["offset"][e]  # another page's slot
+tab["size"][f] = -7
+mmsb.write_page(s, a, 3, b"\x01\x02")  # the compiled one-write path
+mmsb.apply_batch(s, [(b, 5, b"xy"), (d, 7, b"zz")])  # the staged batch
+mmsb.write_page(s, c, 0, bytes(range(200)))  # the general path (a dense write)
+mmsb.write_page(s, f, 1, b"q")
+mmsb.write_page(s, e, 2, b"e")
+r = mmsb.attach(root)
+for pid in ids:
+    assert r.read_page(pid) == bytes(mmsb.query_page(s, pid)), pid
+    row = tab[pid]
+    assert row["size"] == 256 and 0 <= row["offset"] < (1 << 30), (pid, row)
+r.close()
+mmsb.mmsb_stop(s)
+print("ok")
+"""
+
+
+def test_a_table_edited_beside_the_writer_never_steers_its_stores(tmp_path: Path) -> None:
+    """The mapped table is shared with every process of the bus's owner; the writer
+    keeps its own record of where each page's slot lies and never reads a row back to
+    find it. Rows edited under a running writer (slots past or before the pages file,
+    another size, another page's slot, a negative size) neither crash it nor make it
+    write outside the pages file or over another page: each page it writes next is
+    published at its own slot and its row put right, so a reader sees the writer's
+    pages. (Run in a child: a store outside the mapping would kill the process.)"""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent / "src")
+    out = subprocess.run([sys.executable, "-c", _EDIT_TABLE, str(tmp_path / "bus")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_shared_writer_checks_the_rows_another_writer_left(tmp_path: Path) -> None:
+    """A shared writer takes over the slots another writer published only after
+    checking them: rows edited to lie outside the pages file, or over one another,
+    have it write every page again, and readers see every writer's pages."""
+    from mmsb._storage.mapped import ROW_DTYPE
+
+    path = tmp_path / "bus"
+    cfg = mmsb.MMSBConfig(fsync="none")
+    a = mmsb.mmsb_start(path=path, shared=True, enable_gpu=False, config=cfg)
+    b = mmsb.mmsb_start(path=path, shared=True, enable_gpu=False, config=cfg)
+    try:
+        ids = [p.id for p in mmsb.create_pages(a, 4, 128)]
+        for pid in ids:
+            mmsb.write_page(a, pid, 0, bytes([pid]) * 8)
+        for edit in ("past", "overlap"):
+            with open(path / "map" / "table", "r+b") as f:
+                tab = np.frombuffer(bytearray(f.read()), ROW_DTYPE).copy()
+                if edit == "past":
+                    tab["offset"][ids[0]] = 1 << 40
+                else:
+                    tab["offset"][ids[1]] = tab["offset"][ids[2]]
+                f.seek(0)
+                f.write(tab.tobytes())
+            writer = b if edit == "past" else a
+            other = a if writer is b else b
+            mmsb.write_page(writer, ids[3], 1, edit.encode())  # takes over from the other
+            mmsb.write_page(other, ids[1], 2, b"!")
+            r = mmsb.attach(path)
+            try:
+                for pid in ids:  # (``other`` wrote last: it holds every record)
+                    assert r.read_page(pid) == bytes(mmsb.query_page(other, pid)), (edit, pid)
+                assert r.read_page(ids[3])[1:1 + len(edit)] == edit.encode()
+            finally:
+                r.close()
+    finally:
+        mmsb.mmsb_stop(a)
+        mmsb.mmsb_stop(b)

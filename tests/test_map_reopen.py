@@ -681,8 +681,7 @@ def test_damage_in_the_newest_log_section_is_refused_when_the_history_is_read(
         assert info.value.offset == log_at
         assert (pages_view(s), int(s.last_lsn)) == kept
     finally:
-        with pytest.raises(mmsb.SerializationError):
-            mmsb.mmsb_stop(s)
+        mmsb.mmsb_stop(s)  # its final checkpoint writes the log's tail: no history needed
 
 
 def test_slots_freed_over_many_sessions_are_packed_again(tmp_path: Path) -> None:

@@ -78,6 +78,8 @@ from .fastwrite import (
     _K_PAGES,
     _K_PAGES_LEN,
     _K_SEQ,
+    _K_SLOTS,
+    _K_SLOTS_LEN,
     _K_TABLE,
     _K_TABLE_LEN,
     _K_WAITERS,
@@ -281,11 +283,19 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, rows: np.n
     increments of the seqlock word; then the notify word. Returns ``(frame length,
     status)``: status 0, or 1 when followers wait on the notify word, or, when a file
     step failed (nothing published), ``-(errno * 2 + (1 if it was the sync))``;
-    frame length -4 (nothing written) when a page's mapped row is not of its size."""
+    frame length -4 (nothing written) when a page's slot (the publisher's own record
+    of the mapped rows) is not of its size or not inside the pages file."""
     table = carray(_ptr(k[_K_TABLE], k), (k[_K_TABLE_LEN],))
+    # Where each page lies: the publisher's own record of the mapped rows (the shared
+    # table is written, never read), checked inside the pages file before anything is
+    # written.
+    slots = carray(_ptr(k[_K_SLOTS], k), (k[_K_SLOTS_LEN],))
     for i in range(count):
         pid = meta[i, _M_PAGE]
-        if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != meta[i, _M_SIZE]:
+        size = meta[i, _M_SIZE]
+        if (table.shape[0] <= 4 * pid + 3 or slots.shape[0] <= 2 * pid + 1
+                or slots[2 * pid + 1] != size or slots[2 * pid] < 0
+                or slots[2 * pid] + size > k[_K_PAGES_LEN]):
             return _DECLINE_ROW, 0
     for i in range(count):
         _put(out, meta[i, _M_BODY] + 9, meta[i, _M_TS], 8)
@@ -314,7 +324,7 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, rows: np.n
     for i in range(count):
         pid = meta[i, _M_PAGE]
         page = carray(_ptr(meta[i, _M_ADDR], out), (meta[i, _M_SIZE],))
-        slot = table[4 * pid]
+        slot = slots[2 * pid]
         nr = meta[i, _M_K]
         runs = meta[i, _M_RUNS]
         for j in range(nr):
@@ -325,6 +335,8 @@ def _commit(out: np.ndarray, count: int, stop: int, meta: np.ndarray, rows: np.n
                 n |= np.int64(out[runs + 4 * nr + 4 * j + b]) << (8 * b)
             for q in range(s, s + n):
                 pages[slot + q] = page[q]
+        table[4 * pid] = slot
+        table[4 * pid + 1] = meta[i, _M_SIZE]
         table[4 * pid + 2] = meta[i, _M_EPOCH]
         table[4 * pid + 3] = lsn
     head[_LSN] = lsn
@@ -537,7 +549,7 @@ def commit_staged(bus: DurableBus, state: MMSBState, frame: Any) -> bool:
         return False
     assert pub is not None
     if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
-            or fw.pages_of is not pub.pages):
+            or fw.pages_of is not pub.pages or fw.slots_of is not pub.slots):
         fw.refresh(w, pub, bus.generation)
     log, deferred = _tail_log(state)
     last = staged.writes[-1]

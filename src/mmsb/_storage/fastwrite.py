@@ -171,7 +171,8 @@ _c_errno: Any = intrinsic(_errno_typer)
 _K_FD, _K_WRITE, _K_SYNC, _K_ERRNO, _K_HEAD, _K_NOTIFY, _K_WAITERS, _K_GEN, _K_SEQ, \
     _K_BODY, _K_ALWAYS, _K_PAGES, _K_PAGES_LEN, _K_TABLE, _K_TABLE_LEN, _K_OUT, \
     _K_CHUNK, _K_CLOCK, _K_LOG_RING, _K_LOG_AT, _K_LOG_CAP, _K_APPLY_RING, _K_APPLY_AT, \
-    _K_APPLY_CAP, _K_LOGGED, _K_SEG, _K_SEG_LEN, _K_CRCS, _K_CRCS_LEN, _K_TIMESPEC = range(30)
+    _K_APPLY_CAP, _K_LOGGED, _K_SEG, _K_SEG_LEN, _K_CRCS, _K_CRCS_LEN, _K_SLOTS, _K_SLOTS_LEN, \
+    _K_TIMESPEC = range(32)
 _K_WORDS = _K_TIMESPEC + 2
 _U32_LIKE = np.zeros(1, np.uint32)
 """The element type of the log's CRC column, for the kernel's typed pointer to it."""
@@ -236,7 +237,7 @@ def _clock(k: np.ndarray, clock: int) -> int:  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: np.ndarray,
-            row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, table: np.ndarray,
+            row: int, chunk: np.ndarray, coff: int, ci: int, out: np.ndarray, slots: np.ndarray,
             pid: int, epoch: int, ts: int, src: int, lsn: int, did: int,
             body: int, seg: int, seg_len: int, end: int,
             crcs: np.ndarray) -> tuple[int, int, int, int, int, bool]:  # pragma: no cover
@@ -248,9 +249,10 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
     ``crcs[row]``) and nothing in the log chunk. Returns ``(changed, log payload
     length, frame length, first, last, in segment)``, ``first`` … ``last`` the range of
     ``new`` that changes; changed 0: nothing differs; -2: no room in the log chunk; -3:
-    a dense delta; -4: the page's mapped row is not of its size (nothing written in
+    a dense delta; -4: the page's slot (``slots``, the publisher's own record of the
+    mapped rows) is not of its size (nothing written in
     any of these cases)."""
-    if table.shape[0] <= 4 * pid + 3 or table[4 * pid + 1] != size or size > 0xFFFFFFFF:
+    if slots.shape[0] <= 2 * pid + 1 or slots[2 * pid + 1] != size or size > 0xFFFFFFFF:
         return _DECLINE_ROW, 0, 0, 0, 0, False
     m = len(new)
     page = mem[base:base + size]
@@ -332,13 +334,15 @@ def _encode(mem: np.ndarray, base: int, size: int, off: int, new: bytes, rows: n
 @njit(cache=True, nogil=True)
 def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
                    pages: np.ndarray, table: np.ndarray, head: np.ndarray, head_addr: int,
-                   pid: int, off: int, epoch: int, lsn: int, ts: int, rows: int, bump: int,
+                   pid: int, slot: int, size: int, off: int, epoch: int, lsn: int, ts: int,
+                   rows: int, bump: int,
                    gen: int, seq: int, end: int, notify_addr: int, waiters_addr: int,
                    publish: bool) -> bool:  # pragma: no cover - compiled
     """Step 3 of the module's path: ``new[first:last + 1]`` to ``mem[at + first:]`` (the
     write's place in the page, at offset ``off``); the log's end to the head; then, when
-    ``publish``, the same bytes to the mapped page and the page's table row
-    between two increments of the head's seqlock word (each a full barrier, so no
+    ``publish``, the same bytes to the mapped page (at ``slot``, the publisher's own
+    record of where it lies: the mapped row is written, never read) and the page's
+    table row between two increments of the head's seqlock word (each a full barrier, so no
     store moves out of the odd section), and the notify word bumped. Returns True when
     followers wait on the notify word (the caller wakes them)."""
     for i in range(first, last + 1):
@@ -351,9 +355,11 @@ def _apply_publish(mem: np.ndarray, at: int, new: bytes, first: int, last: int,
         return False
     _atomic_add_u64(head_addr + _SEQ * 8, np.uint64(1))
     r = 4 * pid
-    slot = table[r] + off
+    at_slot = slot + off
     for i in range(first, last + 1):
-        pages[slot + i] = mem[at + i]
+        pages[at_slot + i] = mem[at + i]
+    table[r] = slot
+    table[r + 1] = size
     table[r + 2] = epoch
     table[r + 3] = lsn
     head[_LSN] = lsn
@@ -393,8 +399,13 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     there is no current log chunk (``ci`` < 0). Status bit 2 (status ≥ 0): the row
     points at the frame in the segment's mapping (``ENC_SEGRUN``), and the log chunk
     was not used."""
-    if k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_HEAD] == 0 or k[_K_LOG_RING] == 0:
+    if (k[_K_PAGES] == 0 or k[_K_TABLE] == 0 or k[_K_SLOTS] == 0 or k[_K_HEAD] == 0
+            or k[_K_LOG_RING] == 0):
         return _DECLINE_ROW, 0, 0, 0, 0  # nothing mapped (yet)
+    slots = carray(_ptr(k[_K_SLOTS], k), (k[_K_SLOTS_LEN],))
+    slot = slots[2 * pid] if slots.shape[0] > 2 * pid + 1 else -1
+    if slot < 0 or slot + size > k[_K_PAGES_LEN] or 4 * pid + 3 >= k[_K_TABLE_LEN]:
+        return _DECLINE_ROW, 0, 0, 0, 0  # (the general path publishes it)
     if row >= rows.shape[0]:
         return _NO_ROW, 0, 0, 0, 0
     if ci < 0:
@@ -408,7 +419,7 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     crcs = carray(_ptr(k[_K_CRCS], _U32_LIKE), (k[_K_CRCS_LEN],))
     base = addr & CHUNK_MASK
     n, plen, flen, first, last, in_seg = _encode(mem, base, size, off, new, rows, row, chunk,
-                                                 coff, ci, out, table, pid, epoch, ts, src,
+                                                 coff, ci, out, slots, pid, epoch, ts, src,
                                                  lsn, did, k[_K_BODY], k[_K_SEG],
                                                  k[_K_SEG_LEN], end, crcs)
     span = first << 32 | last
@@ -421,7 +432,8 @@ def _write_frame(mem: np.ndarray, addr: int, size: int, off: int, new: bytes, ro
     pages = carray(_ptr(k[_K_PAGES], out), (k[_K_PAGES_LEN],))
     head = carray(_ptr(k[_K_HEAD], k), (_HEAD_WORDS,))
     woke = _apply_publish(mem, base + off, new, first, last, pages, table, head, k[_K_HEAD],
-                          pid, off, epoch, lsn, ts, next_id, bump, k[_K_GEN], k[_K_SEQ],
+                          pid, slot, size, off, epoch, lsn, ts, next_id, bump, k[_K_GEN],
+                          k[_K_SEQ],
                           end + flen, k[_K_NOTIFY], k[_K_WAITERS], publish)
     if publish:
         _sample(k, _K_APPLY_RING, _clock(k, _CLOCK_MONOTONIC) - t0)
@@ -440,7 +452,8 @@ class FastWriter:
     in place for the last source used), the int64 view of the mapped table and the
     ints the kernel reads from :attr:`consts`."""
 
-    __slots__ = ("out", "source", "table_of", "pages_of", "consts", "writer_of", "pub_of",
+    __slots__ = ("out", "source", "table_of", "pages_of", "slots_of", "consts", "writer_of",
+                 "pub_of",
                  "always", "segment_bytes", "usable", "kernel", "chunk_of", "counters_of",
                  "room", "seg_writer", "seg", "seg_ci", "crcs_of", "source_bytes",
                  "batch_out", "batch_chunk", "batch_pos")
@@ -464,8 +477,9 @@ class FastWriter:
         of 8 bytes and the ``n`` values), for the source in the buffer."""
         self.table_of: object = None
         self.pages_of: object = None
-        """The publisher's table and pages arrays whose addresses ``consts`` holds (kept
-        referenced, so that their mappings stay while the addresses are in use)."""
+        self.slots_of: object = None
+        """The publisher's table, pages and slots arrays whose addresses ``consts`` holds
+        (kept referenced, so that their mappings stay while the addresses are in use)."""
         self.consts = np.zeros(_K_WORDS, np.int64)
         """The kernel's ints that change only with the segment, the publisher, the
         log's chunk, the counters or the source (the fields ``_K_*``)."""
@@ -512,10 +526,13 @@ class FastWriter:
         k[_K_TABLE_LEN] = table.size
         k[_K_PAGES] = pub.pages.ctypes.data if pub.pages.size else 0
         k[_K_PAGES_LEN] = pub.pages.size
+        k[_K_SLOTS] = pub.slots.ctypes.data if pub.slots.size else 0
+        k[_K_SLOTS_LEN] = pub.slots.size
         self.writer_of = w
         self.pub_of = pub
         self.table_of = pub.table
         self.pages_of = pub.pages
+        self.slots_of = pub.slots
 
     def take_chunk(self, chunk: np.ndarray) -> None:
         """Take the address of the log's current payload chunk (a new one was started);
@@ -579,10 +596,10 @@ class FastWriter:
         """Let go of the segment and the mapped files (the bus closes: their mappings
         and descriptors go)."""
         k = self.consts
-        k[_K_TABLE] = k[_K_PAGES] = k[_K_HEAD] = k[_K_CHUNK] = k[_K_LOG_RING] = 0
+        k[_K_TABLE] = k[_K_PAGES] = k[_K_SLOTS] = k[_K_HEAD] = k[_K_CHUNK] = k[_K_LOG_RING] = 0
         k[_K_APPLY_RING] = k[_K_LOGGED] = k[_K_CRCS] = k[_K_CRCS_LEN] = 0
         k[_K_SEG] = -1
-        self.table_of = self.pages_of = self.writer_of = self.pub_of = None
+        self.table_of = self.pages_of = self.slots_of = self.writer_of = self.pub_of = None
         self.chunk_of = self.counters_of = self.seg_writer = self.seg = self.crcs_of = None
         self.seg_ci = -1
 
@@ -649,7 +666,7 @@ def durable_write_small(bus: DurableBus, state: MMSBState, pid: int, off: int, d
         if source is not fw.source and not fw.use_source(source):
             return None
         if (fw.writer_of is not w or fw.pub_of is not pub or fw.table_of is not pub.table
-                or fw.pages_of is not pub.pages):
+                or fw.pages_of is not pub.pages or fw.slots_of is not pub.slots):
             fw.refresh(w, pub, bus.generation)
         c = state.counters
         if c is not fw.counters_of:

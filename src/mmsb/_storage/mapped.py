@@ -298,6 +298,26 @@ _NO_BYTES = np.zeros(0, np.uint8)
 _NO_ROWS = np.zeros(0, ROW_DTYPE)
 
 
+def _rows_problem(rows: np.ndarray, bump: int, pages_len: int) -> bool:
+    """Whether table rows (``rows``: offset, size pairs; size -1: no page) are unfit to
+    be a writer's record of its slots: a size below -1 or of 2^32 or more, a slot that
+    does not lie within the first ``bump`` bytes of a pages file of ``pages_len``, or
+    two slots that overlap. O(rows log rows), vectorised."""
+    size = rows[:, 1]
+    if not 0 <= bump <= pages_len or (size < -1).any() or (size >= 1 << 32).any():
+        return True
+    used = size >= 0
+    off, size = rows[used, 0], size[used]
+    if off.size == 0:
+        return False
+    uniq, inv = np.unique(np.maximum(size, 1), return_inverse=True)
+    end = off + np.array([size_class(int(x)) for x in uniq], np.int64)[inv]
+    if (off < 0).any() or (end > bump).any():
+        return True
+    order = np.argsort(off, kind="stable")
+    return bool((off[order][1:] < end[order][:-1]).any())
+
+
 _BOOT: bytes | None = None
 
 
@@ -445,6 +465,13 @@ class Publisher:
         self.table_mm: mmap.mmap | None = None
         self.pages = _NO_BYTES  # (mapped by the adoption or the first publication)
         self.table = _NO_ROWS
+        self.slots = np.zeros(0, np.int64)
+        """This writer's own record of each row's slot, two int64s a row (offset, size;
+        size -1: no page): what it reads to find a page's slot, never the shared table,
+        which any process of the bus's owner could edit (an edited row would otherwise
+        steer the writer's stores, in compiled code, outside the pages file). Rows are
+        copied in only after they are checked (an adoption, another shared writer's
+        publication)."""
         self.bump = 0
         self.free: dict[int, list[int]] = {}
         self.touched: dict[int, tuple[int, int]] = {}
@@ -483,6 +510,14 @@ class Publisher:
             self._remap_table(trows)
         self.bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
         self.free.clear()
+        # Its rows, checked before this writer takes them as its own: any that lies
+        # outside the pages file or overlaps another (a damaged or edited table) has
+        # every page written again instead.
+        rows = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)[:, :2]  # type: ignore[arg-type]
+        if _rows_problem(rows, self.bump, self.pages.shape[0]):
+            self.full = True
+        else:
+            self.slots[:] = rows.reshape(-1)
 
     # -- files -------------------------------------------------------------------------
     def close_files(self) -> None:
@@ -514,6 +549,16 @@ class Publisher:
         self.table = np.frombuffer(self.table_mm, ROW_DTYPE)
         self.table_rows = cap
         self.h[_TABLE_BYTES] = nbytes
+        self._size_slots(cap)
+
+    def _size_slots(self, rows: int) -> None:
+        """Grow :attr:`slots` to ``rows`` rows (the new ones: no page)."""
+        old = self.slots
+        if old.size < 2 * rows:
+            new = np.zeros(2 * rows, np.int64)
+            new[1::2] = -1
+            new[:old.size] = old
+            self.slots = new
 
     # -- slots -------------------------------------------------------------------------
     def _alloc(self, size: int) -> int:
@@ -629,6 +674,8 @@ class Publisher:
         self.pages = np.frombuffer(self.pages_mm, np.uint8)
         self.table_mm = mmap.mmap(self.fds["table"], tlen)
         self.table = np.frombuffer(self.table_mm, ROW_DTYPE)
+        self.slots = np.zeros(0, np.int64)
+        self._size_slots(self.table_rows)
         words = np.frombuffer(self.table_mm, "<i8")
         # The arena's first chunk (where a restored state's pages usually all lie) is
         # compared in the same call as the rows are checked; others after it.
@@ -668,6 +715,10 @@ class Publisher:
                 touched[pid] = _WHOLE
         self.bump = top  # nothing live lies past the last slot in use
         self.free.clear()
+        # The rows just checked are this writer's record of its slots from now on.
+        own = self.slots.reshape(-1, 2)
+        own[:rows] = words.reshape(-1, 4)[:rows, :2]
+        own[:rows][t.flags[:rows] & LIVE == 0] = (0, -1)
         _U64.pack_into(self.head, _OWNER_OFF, self.token)
         return None
 
@@ -732,6 +783,8 @@ class Publisher:
             self._remap_pages(0)
         self.free.clear()
         self.table["size"] = -1
+        self.slots[0::2] = 0
+        self.slots[1::2] = -1
         ids = t.live_ids()
         lsn = state.log.last_lsn
         if ids.size == 0:
@@ -758,6 +811,8 @@ class Publisher:
         tab["size"][ids] = sizes
         tab["epoch"][ids] = t.epoch[ids]
         tab["lsn"][ids] = lsn
+        self.slots[2 * ids] = offs
+        self.slots[2 * ids + 1] = sizes
         self.bump = need
 
     def _publish_touched(self, state: MMSBState) -> None:
@@ -772,19 +827,22 @@ class Publisher:
             if flags[pid] & LIVE:
                 self._write_page(state, pid, lsn, lo, hi, fresh=False)
             else:
-                off, size = _TWO_I.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+                own = self.slots
+                off, size = int(own[2 * pid]), int(own[2 * pid + 1])
                 if size >= 0:
                     self._release(off, size)
-                    _ROW.pack_into(self.table_mm, pid * ROW_SIZE, off, -1, 0, lsn)  # type: ignore[arg-type]
+                    own[2 * pid + 1] = -1
+                _ROW.pack_into(self.table_mm, pid * ROW_SIZE, off, -1, 0, lsn)  # type: ignore[arg-type]
 
     def _write_page(self, state: MMSBState, pid: int, lsn: int, lo: int, hi: int,
                     fresh: bool) -> None:
         t = state.table
         size = int(t.size[pid])
+        own = self.slots
         if fresh:
             old_off, old_size = 0, -1
         else:
-            old_off, old_size = _TWO_I.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+            old_off, old_size = int(own[2 * pid]), int(own[2 * pid + 1])
         if old_size == size:
             off = old_off
         else:
@@ -804,6 +862,8 @@ class Publisher:
             hi = min(hi, size)
             pages[off + lo : off + hi] = view[lo:hi]  # type: ignore[call-overload]
         _ROW.pack_into(self.table_mm, pid * ROW_SIZE, off, size, int(t.epoch[pid]), lsn)  # type: ignore[arg-type]
+        own[2 * pid] = off
+        own[2 * pid + 1] = size
 
     def close(self, state: MMSBState | None) -> None:
         """Last publication and ``status`` = no writer; the files stay for readers."""
