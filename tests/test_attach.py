@@ -1001,3 +1001,31 @@ def test_a_shared_writer_checks_the_rows_another_writer_left(tmp_path: Path) -> 
     finally:
         mmsb.mmsb_stop(a)
         mmsb.mmsb_stop(b)
+
+
+def test_a_reader_never_takes_bytes_from_an_edited_row(tmp_path: Path) -> None:
+    """A row edited to a negative offset (a slice of a mapping from its end in Python)
+    or past the pages file is not read: the page is reported missing
+    (PageNotFoundError), by a read and by a snapshot."""
+    from mmsb._storage.mapped import ROW_DTYPE
+
+    path = tmp_path / "bus"
+    s = _bus(path)
+    try:
+        pid = mmsb.create_page(s, 64).id
+        mmsb.write_page(s, pid, 0, b"mine")
+        r = mmsb.attach(path)
+        try:
+            assert r.read_page(pid)[:4] == b"mine"
+            for off in (-64, 1 << 40):
+                with open(path / "map" / "table", "r+b") as f:
+                    f.seek(pid * ROW_DTYPE.itemsize)
+                    f.write(struct.pack("<q", off))
+                with pytest.raises(mmsb.PageNotFoundError):
+                    r.read_page(pid)
+                with pytest.raises(mmsb.PageNotFoundError):
+                    r.snapshot([pid])
+        finally:
+            r.close()
+    finally:
+        mmsb.mmsb_stop(s)

@@ -1023,7 +1023,7 @@ class MappedPages:
             epoch = 0
             if 0 < pid and (pid + 1) * ROW_SIZE <= tlen:
                 off, size, epoch = _ROW3.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
-                if size >= 0 and off + size <= plen:
+                if size >= 0 and 0 <= off <= plen - size:
                     data = self.pages_mm[off : off + size]  # type: ignore[index]
             s2, lsn = _TWO.unpack_from(head, 64)
             if s1 != s2:
@@ -1061,7 +1061,7 @@ class MappedPages:
             out: dict[int, bytes] = {}
             for pid in pids:
                 off, size, _e, _l = self._row(pid)
-                if size < 0 or self.pages_mm is None or off + size > self.pages_len:
+                if (size < 0 or self.pages_mm is None or not 0 <= off <= self.pages_len - size):
                     return out, pid
                 out[pid] = self.pages_mm[off : off + size]
             return out, None
