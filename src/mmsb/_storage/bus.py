@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numba import njit
 
 from .._core.delta import Delta
 from .._core.log import (
@@ -196,7 +197,7 @@ class _Listed:
     A path is made only when asked for: an open needs two or three of them, whatever
     the number of checkpoints."""
 
-    __slots__ = ("folder", "names")
+    __slots__ = ("folder", "names", "_paths", "_gens")
 
     def __init__(self, folder: Path, names: list[str]) -> None:
         self.folder = folder
@@ -208,18 +209,31 @@ class _Listed:
         else:
             found = [m.group(1) for n in names if (m := _CKPT_RE.match(n))]
         self.names = {int(h, 16): f"ckpt-{h}.mmsb" for h in found}
+        self._paths: dict[int, Path] = {}
+        self._gens: np.ndarray | None = None
 
     def __contains__(self, gen: int) -> bool:
         return gen in self.names
 
     def __getitem__(self, gen: int) -> Path:
-        return self.folder / self.names[gen]
+        path = self._paths.get(gen)
+        if path is None:
+            path = self._paths[gen] = self.folder / self.names[gen]
+        return path
+
+    def generations(self) -> np.ndarray:
+        """The listed generations, ascending (int64)."""
+        if self._gens is None:
+            self._gens = np.sort(np.fromiter(self.names, np.int64, len(self.names)))
+        return self._gens
 
     def __len__(self) -> int:
         return len(self.names)
 
     def older_than(self, gen: int) -> list[Path]:
         """The paths of the checkpoints before generation ``gen``."""
+        if not self.names or min(self.names) >= gen:
+            return []
         return [self[g] for g in self.names if g < gen]
 
 
@@ -1731,12 +1745,61 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     return load
 
 
+@njit(cache=True, nogil=True)
+def _chain_problem(rows: np.ndarray, gen: int, lsn: int,
+                   log_from: int) -> bool:  # pragma: no cover - compiled
+    """Whether recorded chain rows (generation, LSN, log start, base bytes) do not hold
+    together: a negative field (base bytes below -1), a log start past its LSN,
+    generations not ascending, LSNs going back, or a last row that is not (``gen``,
+    ``lsn``, ``log_from``)."""
+    k = rows.shape[0]
+    if k == 0:
+        return True
+    for i in range(k):
+        if (rows[i, 0] < 0 or rows[i, 1] < 0 or rows[i, 2] < 0 or rows[i, 3] < -1
+                or rows[i, 2] > rows[i, 1]):
+            return True
+        if i and (rows[i, 0] <= rows[i - 1, 0] or rows[i, 1] < rows[i - 1, 1]):
+            return True
+    return not (rows[k - 1, 0] == gen and rows[k - 1, 1] == lsn and rows[k - 1, 2] == log_from)
+
+
+@njit(cache=True, nogil=True)
+def _chain_walk(rows: np.ndarray, horizon: int, listed: np.ndarray) -> int:  # pragma: no cover - compiled
+    """The walk of :func:`_walk_heads` on recorded rows (sound, ending at the newest
+    file): from the last row back to the one before it while the current one's log
+    does not start from nothing, it is newer than ``horizon`` and the previous
+    generation's file is listed (``listed``: the listed generations, ascending).
+    Returns the index of the chain's first row; -1 where the walk would go on before
+    the first row or the generations do not follow one by one (the record cannot say:
+    the heads are read); -2 - i where row ``i`` ends at another LSN than row ``i + 1``'s
+    log starts (the chain does not link there)."""
+    i = rows.shape[0] - 1
+    while rows[i, 2] != 0 and rows[i, 1] > horizon:
+        prev = rows[i, 0] - 1
+        lo, hi = 0, listed.shape[0]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if listed[mid] < prev:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == listed.shape[0] or listed[lo] != prev:
+            return i  # its file is gone: the chain starts here
+        if i == 0 or rows[i - 1, 0] != prev:
+            return -1
+        if rows[i - 1, 1] != rows[i, 2]:
+            return -2 - (i - 1)
+        i -= 1
+    return i
+
+
 def _walk_recorded(newest: Any, gen: int, by_gen: _Listed) -> np.ndarray | None:
     """The chain ending at generation ``gen`` (the checkpoint ``newest``) as rows of
     (generation, LSN, log start, nested base bytes or -1), oldest first, from the
-    newest file's record of its chain; the walk :func:`_walk_heads` makes, done on the
-    record as a whole. None where the file records no chain, or one that does not reach
-    where the walk ends (the heads are read then).
+    newest file's record of its chain: the walk :func:`_walk_heads` makes, in one
+    compiled pass over the record (:func:`_chain_walk`). None where the file records
+    no chain, or one that does not reach where the walk ends (the heads are read then).
 
     Raises:
         SerializationError: two checkpoints of the chain do not link.
@@ -1744,27 +1807,14 @@ def _walk_recorded(newest: Any, gen: int, by_gen: _Listed) -> np.ndarray | None:
     rows = _recorded_chain(newest.bus, gen, newest.lsn, newest.log_from_lsn)
     if rows is None:
         return None
-    gens = rows[:, 0]
-    k = gens.size
-    if int(gens[0]) != gen - k + 1:
-        return None  # (ascending and ending at ``gen``: consecutive only so)
-    # The walk goes on from a checkpoint to the one before it while its log does not
-    # start from nothing and it is newer than the newest file's horizon.
-    stops = np.flatnonzero((rows[:, 2] == 0) | (rows[:, 1] <= newest.horizon_lsn))
-    if stops.size == 0:
+    first = int(_chain_walk(rows, newest.horizon_lsn, by_gen.generations()))
+    if first == -1:
         return None
-    first = int(stops[-1])
-    # A file that is missing ends the walk after it.
-    names = by_gen.names
-    gone = [g for g in range(int(gens[first]), gen) if g not in names]
-    if gone:
-        first = gone[-1] + 1 - int(gens[0])
-    rows = rows[first:]
-    bad = np.flatnonzero(rows[:-1, 1] != rows[1:, 2])
-    if bad.size:
-        i = int(bad[0])
-        _check_link(int(rows[i, 0]), int(rows[i, 1]), int(rows[i + 1, 2]), by_gen[int(rows[i, 0])])
-    return rows
+    if first < -1:
+        i = -2 - first
+        _check_link(int(rows[i, 0]), int(rows[i, 1]), int(rows[i + 1, 2]),
+                    by_gen[int(rows[i, 0])])
+    return rows[first:]
 
 
 def _walk_heads(bus: DurableBus, newest: Any, gen: int, by_gen: _Listed) -> np.ndarray:
@@ -1812,9 +1862,9 @@ def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
     rows of generation, LSN, log start and the bytes of the replay base the file nests,
     oldest first, ending with itself; packed as :func:`_chain_record` packs them, or,
     as earlier builds wrote it, a list of ``[generation, lsn, log_from_lsn]`` lists
-    with that fourth int where the writer knew it) as int64 rows (-1: base bytes not
-    known); None when it records none or the record does not hold together, so that
-    the files' heads are read instead. O(rows), vectorised."""
+    with that fourth int where the writer knew it) as C-ordered int64 rows (-1: base
+    bytes not known); None when it records none or the record does not hold together
+    (:func:`_chain_problem`), so that the files' heads are read instead."""
     raw = info.get("chain") if info is not None else None
     if isinstance(raw, bytes):
         if not raw or len(raw) % 32:
@@ -1832,14 +1882,7 @@ def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
         rows = np.array(listed, np.int64)
     else:
         return None
-    g, at, start, base = rows.T
-    if (g < 0).any() or (start < 0).any() or (start > at).any() or (base < -1).any():
-        return None
-    if (np.diff(g) <= 0).any() or (np.diff(at) < 0).any():
-        return None
-    if (int(g[-1]), int(at[-1]), int(start[-1])) != (gen, lsn, log_from):
-        return None
-    return rows
+    return None if _chain_problem(rows, gen, lsn, log_from) else rows
 
 
 def _read_chain(bus: DurableBus, by_gen: _Listed, gen: int,

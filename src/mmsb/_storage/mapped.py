@@ -255,7 +255,8 @@ def _compare_chunk(pages: np.ndarray, pages64: np.ndarray, tab: np.ndarray, cand
 @njit(cache=True, nogil=True)
 def _adopt_rows(words: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarray,
                 epochs: np.ndarray, addrs: np.ndarray, lsn: int, bump: int, pages: np.ndarray,
-                chunk: int, mem: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int, int, int]:  # pragma: no cover - compiled
+                chunk: int, mem: np.ndarray,
+                own: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int, int, int]:  # pragma: no cover - compiled
     """:func:`_check_rows` and :func:`_compare_chunk` in one call: the rows of the
     mapped table (``words``: its int64 words, four a row) checked, and the bytes of each
     candidate whose arena address lies in chunk ``chunk`` (bytes ``mem``) compared with
@@ -267,7 +268,9 @@ def _adopt_rows(words: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarr
     :func:`_check_rows` (0: sane); ``touch`` the ids whose row must be written again or
     whose bytes differ, in ascending order of the rows, then of the pages; ``other``
     the candidates in other chunks (not compared yet); ``compared`` the candidates
-    compared."""
+    compared. When the rows are sane, ``own`` (two int64s a row: offset, size) gets
+    them as the writer's record of its slots (size -1: no page), rows past the table's
+    none."""
     tab = words.reshape(-1, 4)
     touch = np.empty(tab.shape[0] + rows, np.int64)
     other = np.empty(max(rows, 1), np.int64)
@@ -276,6 +279,13 @@ def _adopt_rows(words: np.ndarray, rows: int, flags: np.ndarray, sizes: np.ndarr
         other, touch)
     if problem:
         return problem, touch[:0], other[:0], 0, 0, 0
+    for r in range(own.shape[0] // 2):
+        if r < tab.shape[0] and tab[r, 1] >= 0:
+            own[2 * r] = tab[r, 0]
+            own[2 * r + 1] = tab[r, 1]
+        else:
+            own[2 * r] = 0
+            own[2 * r + 1] = -1
     pages64 = pages[: pages.shape[0] & ~7].view(np.uint64)
     mem64 = mem[: mem.shape[0] & ~7].view(np.uint64)
     n_other = 0
@@ -674,8 +684,7 @@ class Publisher:
         self.pages = np.frombuffer(self.pages_mm, np.uint8)
         self.table_mm = mmap.mmap(self.fds["table"], tlen)
         self.table = np.frombuffer(self.table_mm, ROW_DTYPE)
-        self.slots = np.zeros(0, np.int64)
-        self._size_slots(self.table_rows)
+        self.slots = np.empty(2 * self.table_rows, np.int64)  # (filled by _adopt_rows)
         words = np.frombuffer(self.table_mm, "<i8")
         # The arena's first chunk (where a restored state's pages usually all lie) is
         # compared in the same call as the rows are checked; others after it.
@@ -687,9 +696,9 @@ class Publisher:
         pages = self.pages
         code, touch, other, slot_bytes, top, _compared = _adopt_rows(
             words, rows, t.flags, t.size, t.epoch, t.addr, lsn, bump, pages, chunk,
-            _NO_BYTES if mem is None else mem)
+            _NO_BYTES if mem is None else mem, self.slots)
         if code:
-            return _ROW_PROBLEMS[code]
+            return _ROW_PROBLEMS[code]  # (the files are rebuilt, every row made anew)
         if top - slot_bytes > max(slot_bytes, _MIN_PAGES):
             # Slots freed by earlier writers are not learnt from the files (they would be
             # lost to this one): past this much of them the pages are packed again.
@@ -715,10 +724,6 @@ class Publisher:
                 touched[pid] = _WHOLE
         self.bump = top  # nothing live lies past the last slot in use
         self.free.clear()
-        # The rows just checked are this writer's record of its slots from now on.
-        own = self.slots.reshape(-1, 2)
-        own[:rows] = words.reshape(-1, 4)[:rows, :2]
-        own[:rows][t.flags[:rows] & LIVE == 0] = (0, -1)
         _U64.pack_into(self.head, _OWNER_OFF, self.token)
         return None
 
