@@ -880,3 +880,26 @@ def test_compress_log_after_a_reopen_reads_the_history_and_undoes_itself_when_re
         assert pages_view(s) == want[0][0]
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_the_recorded_chain_is_walked_as_the_heads_would_be() -> None:
+    """The compiled walk over a recorded chain stops where the walk over the files'
+    heads stops: at a chain start, at the newest file's horizon, or after a file that
+    is gone; it gives way to the heads (-1) where the record does not reach or its
+    generations skip one, and names the row where two checkpoints do not link."""
+    rows = np.array([[3, 100, 0, 0], [4, 180, 100, 0], [5, 260, 180, 0], [6, 300, 260, 0]],
+                    np.int64)
+    every = np.array([1, 2, 3, 4, 5, 6], np.int64)
+    walk = bus_mod._chain_walk
+    assert walk(rows, 0, every) == 0  # back to the chain's start (log from 0)
+    assert walk(rows, 180, every) == 1  # the file at the horizon is the replay base
+    assert walk(rows, 300, every) == 3  # the newest file alone
+    assert walk(rows, 0, np.array([1, 2, 3, 5, 6], np.int64)) == 2  # generation 4 gone
+    trimmed = rows[1:].copy()
+    assert walk(trimmed, 0, every) == -1  # row 4 starts after 100: the record ends first
+    skipping = rows.copy()
+    skipping[1, 0] = 2  # generations 2, then 5
+    assert walk(skipping, 0, every) == -1
+    broken = rows.copy()
+    broken[1, 1] = 170  # generation 4 ends at 170, generation 5 starts after 180
+    assert walk(broken, 0, every) == -2 - 1
