@@ -537,3 +537,36 @@ def test_parse_range_forms() -> None:
     for bad in ("3", "a:b", "1:2:3", "-1:4"):
         with pytest.raises(ValueError):
             parse_range(bad)
+
+
+def test_a_checkpoint_dropped_while_it_is_read_is_not_called_damaged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint the writer removes while the inspector reads it may name page-store
+    slots that are reused by then: what does not check out is reported as removed, not
+    as damage. A file that is still there and does not check out is damaged."""
+    from mmsb._storage import checkpoint as ckpt_mod
+    from mmsb.cli.views import checkpoint_file_info
+
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=mmsb.MMSBConfig(enable_gpu=False))
+    pid = mmsb.create_page(s, 64).id
+    mmsb.write_page(s, pid, 0, b"x")
+    mmsb.mmsb_stop(s)
+    path = bus_files(root)["checkpoints"][-1]
+    real = ckpt_mod.read_checkpoint
+    keep = path.read_bytes()
+
+    def reused(p: Any, **kw: Any) -> Any:
+        real(p, **kw)  # read whole, then found not to check out
+        if remove:
+            os.unlink(p)
+        raise mmsb.SerializationError("page 1 does not match its checksum", path=p)
+
+    monkeypatch.setattr(ckpt_mod, "read_checkpoint", reused)
+    for remove in (True, False):
+        info = checkpoint_file_info(path)
+        if remove:
+            assert info["status"].startswith("removed while reading"), info
+            path.write_bytes(keep)
+        else:
+            assert info["status"] == "damaged" and "checksum" in info["error"], info

@@ -401,6 +401,12 @@ def checkpoint_file_info(path: Path) -> dict[str, Any]:
         info["status"] = "removed while reading (the writer dropped it)"
         return info
     except SerializationError as exc:
+        if not os.path.lexists(path):
+            # Dropped by the writer while it was read: the page-store slots it named may
+            # have been reused already (they are freed once the file is removed), so
+            # what did not check out is not damage.
+            info["status"] = "removed while reading (the writer dropped it)"
+            return info
         info["status"] = "damaged"
         info["error"] = str(exc)
         return info
