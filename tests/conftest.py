@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 import mmsb
+from mmsb._storage import checkpoint as _ckpt
+from mmsb._storage.codec import crc32c as _crc32c
 
 # --------------------------------------------------------------------------- CI
 #
@@ -310,3 +312,27 @@ def set_boot_id(root: Any, boot: bytes) -> None:
     head[24:40] = boot
     head[48:52] = struct.pack("<I", crc32c(bytes(head[:48])))
     path.write_bytes(bytes(head))
+
+
+def split_checkpoint(raw: bytes) -> tuple[tuple, list[tuple[bytes, int, int, bytes]]]:
+    """(header fields, [(tag, codec, raw_len, stored bytes)]) of a checkpoint file."""
+    head = _ckpt._HEADER.unpack_from(raw, 0)
+    pos = 48
+    secs = []
+    for _ in range(head[3]):
+        tag, codec, raw_len, stored_len, _crc = _ckpt._SECTION.unpack_from(raw, pos)
+        secs.append((tag, codec, raw_len, raw[pos + 32: pos + 32 + stored_len]))
+        pos += 32 + stored_len
+    return head, secs
+
+
+def join_checkpoint(head: tuple, secs: list[tuple[bytes, int, int, bytes]]) -> bytes:
+    """A checkpoint file from parts, with every checksum and length made valid."""
+    h = _ckpt._HEADER.pack(*head)
+    out = [h, struct.pack("<II", _crc32c(h), 0)]
+    for tag, codec, raw_len, stored in secs:
+        s = struct.pack("<4sB3xQQI", tag, codec, raw_len, len(stored), _crc32c(stored))
+        out += [s, struct.pack("<I", _crc32c(s)), stored]
+    body = b"".join(out)
+    f = struct.pack("<8sQ", b"MMSBEND\0", len(body))
+    return body + f + struct.pack("<II", _crc32c(f), 0)

@@ -826,3 +826,49 @@ def test_a_bus_that_never_frees_a_slot_pins_a_run_per_checkpoint(tmp_path: Path)
         assert pages_view(s) == after
     finally:
         mmsb.mmsb_stop(s)
+
+
+def test_runs_that_reach_past_the_store_are_refused_before_they_are_expanded(
+        tmp_path: Path) -> None:
+    """A newest record whose checksums hold but whose last run of pins counts 2^40
+    slots (past the store's end; the open's check of the runs passes it, since the
+    file's own pages lie in it) is refused by the first checkpoint, which would expand
+    the runs slot by slot: a DurabilityError naming the store, no memory asked for, the
+    log keeping every record; reopened with the record put right, nothing is lost."""
+    from conftest import join_checkpoint, split_checkpoint
+
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    ids = [p.id for p in mmsb.create_pages(s, 8, 512)]
+    for pid in ids:
+        mmsb.write_page(s, pid, 0, bytes([pid]) * 8)
+    mmsb.mmsb_stop(s)
+    newest = _ckpts(root)[-1]
+    good = newest.read_bytes()
+    head, secs = split_checkpoint(good)
+    (tag, codec, raw_len, pref), = [x for x in secs if x[0] == b"PREF"]
+    assert codec == 0  # (a small section is stored raw)
+    uid, n, m, flags = struct.unpack_from("<QQQQ", pref)
+    assert flags == 1 and m >= 1
+    counts_at = 32 + 12 * n + 8 * m  # the runs' counts, after their offsets
+    bad = bytearray(pref)
+    struct.pack_into("<q", bad, counts_at + 8 * (m - 1), 1 << 40)
+    newest.write_bytes(join_checkpoint(head, [(t, c, r, bytes(bad) if t == b"PREF" else st)
+                                              for t, c, r, st in secs]))
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        mmsb.write_page(s, ids[0], 1, b"after")
+        lsn = int(s.last_lsn)
+        with pytest.raises(mmsb.DurabilityError, match="past the end of the store"):
+            s.bus.checkpoint(s)
+        assert int(s.last_lsn) == lsn and _ckpts(root)[-1] == newest
+    finally:
+        with pytest.raises(mmsb.DurabilityError):
+            mmsb.mmsb_stop(s)  # its final checkpoint is refused the same way
+    newest.write_bytes(good)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert int(s.last_lsn) == lsn
+        assert bytes(mmsb.query_page(s, ids[0])[:6]) == bytes([ids[0]]) + b"after"
+    finally:
+        mmsb.mmsb_stop(s)

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 
 import mmsb
+from conftest import join_checkpoint, split_checkpoint
 from mmsb._core.engine import MMSBState
 from mmsb._core.log import ColumnRecords, LogColumns, TransactionLog, check_columns, join_records
 from mmsb._storage import checkpoint as ckpt_mod
 from mmsb._storage.codec import encode_record
-from test_crash import join_checkpoint, split_checkpoint
 from test_timetravel import CFG, _run, _same_state, ops
 
 

@@ -40,7 +40,7 @@ import pytest
 import zstandard
 
 import mmsb
-from conftest import edges, pages_view
+from conftest import edges, join_checkpoint, pages_view, split_checkpoint
 from crash_writer import apply as apply_write
 from crash_writer import digest, plan
 from mmsb._storage import checkpoint as ckpt_mod
@@ -839,30 +839,6 @@ def test_a_large_but_possible_resize_in_the_log_is_never_an_untyped_error(tmp_pa
 
 
 # ---- crafted checkpoints (valid checksums, impossible sizes)
-
-
-def split_checkpoint(raw: bytes) -> tuple[tuple, list[tuple[bytes, int, int, bytes]]]:
-    """(header fields, [(tag, codec, raw_len, stored bytes)]) of a checkpoint file."""
-    head = ckpt_mod._HEADER.unpack_from(raw, 0)
-    pos = 48
-    secs = []
-    for _ in range(head[3]):
-        tag, codec, raw_len, stored_len, _crc = ckpt_mod._SECTION.unpack_from(raw, pos)
-        secs.append((tag, codec, raw_len, raw[pos + 32: pos + 32 + stored_len]))
-        pos += 32 + stored_len
-    return head, secs
-
-
-def join_checkpoint(head: tuple, secs: list[tuple[bytes, int, int, bytes]]) -> bytes:
-    """A checkpoint file from parts, with every checksum and length made valid."""
-    h = ckpt_mod._HEADER.pack(*head)
-    out = [h, struct.pack("<II", crc32c(h), 0)]
-    for tag, codec, raw_len, stored in secs:
-        s = struct.pack("<4sB3xQQI", tag, codec, raw_len, len(stored), crc32c(stored))
-        out += [s, struct.pack("<I", crc32c(s)), stored]
-    body = b"".join(out)
-    f = struct.pack("<8sQ", b"MMSBEND\0", len(body))
-    return body + f + struct.pack("<II", crc32c(f), 0)
 
 
 def _small_checkpoint() -> bytes:

@@ -485,14 +485,29 @@ class PageStore:
 
     def adopt(self, refs: PageRefs | None, oldest_gen: int) -> None:
         """Take the page references of the newest checkpoint that uses this store (read
-        at open), keeping the pins of the generations from ``oldest_gen`` on."""
+        at open), keeping the pins of the generations from ``oldest_gen`` on, made slot
+        by slot from their runs. O(pins kept).
+
+        Raises:
+            SerializationError: a run reaches past the end of the store's file.
+        """
         if refs is None:
             self.pins = None
             return
-        keep = refs.pin_gens >= oldest_gen
+        runs = refs.runs[:, refs.runs[3] >= oldest_gen]
+        if runs.shape[1]:
+            # Made slot by slot next: a record whose checksums hold but whose runs reach
+            # past the store (none does: the store is cut only below its last pin) is
+            # refused before it can ask for more memory than the store has slots.
+            try:
+                size = os.lstat(self.path).st_size
+            except FileNotFoundError:
+                size = -1  # (made anew by the checkpoint: no pin of it is reused)
+            if size >= 0 and int((runs[0] + runs[1] * runs[2]).max()) > size:
+                raise _fail(self.path, "the newest checkpoint pins page-store slots past the "
+                            f"end of the store ({size} bytes)")
         self.pins = PageRefs.from_slots(refs.uid, refs.ids, refs.sizes, refs.epochs,
-                                        refs.offsets, refs.crcs, refs.pin_offsets[keep],
-                                        refs.pin_lengths[keep], refs.pin_gens[keep])
+                                        refs.offsets, refs.crcs, *_pin_slots(runs))
 
     # -- a checkpoint ------------------------------------------------------------------
     def _gaps(self) -> list[list[int]]:
