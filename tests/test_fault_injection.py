@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,76 @@ def test_a_real_kill_at_file_steps_loses_no_acknowledged_write(tmp_path: Path,
         finally:
             mmsb.mmsb_stop(s)
     assert killed >= total - 1
+
+
+def _after_reopen() -> list[Callable[[mmsb.MMSBState], Any]]:
+    """Writes on a reopened bus whose history is still on disk, past automatic
+    checkpoints (each of which keeps its history, or drops some with retention)."""
+    return [lambda s, i=i: mmsb.write_page(s, 1 + i % 2, 30 + i % 10, bytes([i + 90]) * 3)
+            for i in range(8)]
+
+
+@pytest.mark.parametrize("retain", [None, 2])
+def test_a_kill_at_every_file_step_after_a_reopen_loses_no_acknowledged_write(
+        tmp_path: Path, retain: int | None) -> None:
+    """The checkpoints of a reopened bus that leave its history on disk (written from
+    the log's tail) and the close's, killed at each of their file steps: every
+    acknowledged write survives, the whole history replays to the state."""
+    base = tmp_path / "base"
+    s = mmsb.mmsb_start(config=_cfg(retain), path=base)
+    for step in _steps():
+        step(s)
+    mmsb.mmsb_stop(s)
+    count = [0]
+    views = []
+
+    def counting(step: str, path: str) -> None:
+        count[0] += 1
+
+    clean = tmp_path / "clean"
+    shutil.copytree(base, clean)
+    prev = fsops.set_fault_hook(counting)
+    try:
+        s = mmsb.mmsb_start(config=_cfg(retain), path=clean)
+        assert type(s.log).__name__ == "DeferredLog"  # the history is still on disk
+        views.append(_view(s))
+        for step in _after_reopen():
+            step(s)
+            views.append(_view(s))
+        mmsb.mmsb_stop(s)
+    finally:
+        fsops.set_fault_hook(prev)
+    total = count[0]
+    assert total > 20
+    n_steps = len(_after_reopen())
+    for n in range(1, total + 1):
+        root = tmp_path / f"k{n}"
+        shutil.copytree(base, root)
+        seen = [0]
+
+        def hook(step: str, path: str, n: int = n, seen: list[int] = seen) -> None:
+            seen[0] += 1
+            if seen[0] >= n:
+                raise Crash(f"{step} {path}")
+
+        done = 0
+        s = None
+        prev = fsops.set_fault_hook(hook)
+        try:
+            s = mmsb.mmsb_start(config=_cfg(retain), path=root)
+            for step in _after_reopen():
+                step(s)
+                done += 1
+            mmsb.mmsb_stop(s)
+        except Crash:
+            _drop(s)
+        finally:
+            fsops.set_fault_hook(prev)
+        s = mmsb.mmsb_start(config=_cfg(retain), path=root)
+        try:
+            k = min(done, n_steps)
+            allowed = [views[k]] + ([views[k + 1]] if k + 1 < len(views) else [])
+            assert _view(s) in allowed, (n, done)
+            assert mmsb.verify_state_consistency(s)  # the whole history replays to it
+        finally:
+            mmsb.mmsb_stop(s)
