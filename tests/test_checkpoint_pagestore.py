@@ -681,7 +681,7 @@ def test_page_references_are_checked_against_their_pins() -> None:
     """Each rule of a PREF section's check, one broken at a time (0: sound; 1: the pins
     themselves are wrong; 2: a page's slot is not a pin of its size and generation)."""
     from mmsb._core.arena import size_class
-    from mmsb._storage.pagestore import DATA_START, refs_problem
+    from mmsb._storage.pagestore import DATA_START, runs_problem
 
     sizes = np.array([1000, 16, 5000], np.int64)
     lens = np.array([size_class(int(n)) for n in sizes], np.int64)
@@ -690,9 +690,10 @@ def test_page_references_are_checked_against_their_pins() -> None:
     offs = po.copy()
 
     def check(offsets=offs, sz=sizes, p=po, pl=lens, pg=gens, gen=3):  # type: ignore[no-untyped-def]
-        return refs_problem(np.asarray(offsets, np.int64), np.asarray(sz, np.int64),
-                            np.asarray(p, np.int64), np.asarray(pl, np.int64),
-                            np.asarray(pg, np.int64), gen)
+        po = np.asarray(p, np.int64)  # (each pin a run of one slot)
+        runs = np.stack((po, np.ones_like(po), np.asarray(pl, np.int64),
+                         np.asarray(pg, np.int64)))
+        return runs_problem(np.asarray(offsets, np.int64), np.asarray(sz, np.int64), runs, gen)
 
     assert check() == 0
     assert check(gen=None) == 0

@@ -2120,7 +2120,9 @@ class DeferredLog(TransactionLog):
     ``loader(tail)`` and turns this object into that :class:`TransactionLog` in place,
     so every holder of a reference sees the loaded log and nothing pays for a check
     afterwards. Attributes it does not hold are looked up through ``__getattr__``, so
-    the counters cost what a loaded log's do.
+    the counters cost what a loaded log's do. The records after the history's newest
+    LSN (``upto``) as columns, their payloads and an undo record of the tail are served
+    by the tail too: what a checkpoint that keeps the history needs.
 
     ``loader`` returns the complete log: the history, then the tail's records. It may
     raise (``SerializationError``: a file of the history is damaged), and then this
@@ -2137,8 +2139,7 @@ class DeferredLog(TransactionLog):
         own["generation"] = tail.generation
         own["_tail"] = tail
         own["_loader"] = loader
-        own["_upto"] = upto
-        """The history's newest LSN: the tail holds every record after it."""
+        own["_upto"] = upto  # the history's newest LSN: the tail holds every record after it
 
     def __getattr__(self, name: str) -> Any:
         # Only called for what this object does not hold: anything of the history.

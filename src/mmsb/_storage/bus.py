@@ -144,12 +144,6 @@ def _ckpt_name(gen: int) -> str:
     return f"ckpt-{gen:016x}.mmsb"
 
 
-def _ckpt_gen(name: str) -> int:
-    """The generation of a checkpoint named as :func:`_ckpt_name` names it (a name
-    ``_CKPT_RE`` matched)."""
-    return int(name[5:21], 16)
-
-
 def _wal_name(gen: int, seq: int) -> str:
     return f"wal-{gen:016x}-{seq:08x}.log"
 
@@ -176,14 +170,9 @@ def _names(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     """The files in ``folder`` whose names match ``pattern``, sorted (one listing)."""
     try:
         # (iterdir makes each child's path without parsing its name again, as ``/`` does.)
-        return _matching(list(folder.iterdir()), pattern)
+        found = [p for p in folder.iterdir() if pattern.match(p.name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def _matching(entries: list[Path], pattern: re.Pattern[str]) -> list[Path]:
-    """The ``entries`` whose names match ``pattern``, sorted by name."""
-    found = [p for p in entries if pattern.match(p.name)]
     found.sort(key=_name_of)
     return found
 

@@ -87,7 +87,6 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TWO = struct.Struct("<QQ")
 _ROW3 = struct.Struct("<qqq")
-_TWO_I = struct.Struct("<qq")
 _ROW = struct.Struct("<qqqq")
 _WHOLE = (0, 1 << 62)
 """A touched range that covers any page."""

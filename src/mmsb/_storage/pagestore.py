@@ -133,13 +133,6 @@ def _gather_checked(dst: np.ndarray, src: np.ndarray, src_offs: np.ndarray, size
     return -1
 
 
-def refs_problem(offsets: np.ndarray, sizes: np.ndarray, po: np.ndarray, pl: np.ndarray,
-                 pg: np.ndarray, generation: int | None) -> int:
-    """:func:`_refs_problem` (0: sound) for pins given slot by slot (offsets, lengths,
-    generations), with ``generation`` None for any generation."""
-    return runs_problem(offsets, sizes, np.stack((po, np.ones_like(po), pl, pg)), generation)
-
-
 def runs_problem(offsets: np.ndarray, sizes: np.ndarray, runs: np.ndarray,
                  generation: int | None) -> int:
     """:func:`_refs_problem` (0: sound) for pins given as runs (see :class:`PageRefs`)."""
