@@ -61,8 +61,10 @@ def _steps() -> list[Callable[[mmsb.MMSBState], Any]]:
     return out
 
 
-def _expected(retain: int | None, root: Path) -> tuple[list[dict], int]:
-    """The view after each step of a fault-free run, and the number of file steps."""
+def _expected(retain: int | None, root: Path,
+              steps: list[Callable[[mmsb.MMSBState], Any]] | None = None) -> tuple[list[dict], int]:
+    """The view after each step of a fault-free run of ``steps`` (the workload by
+    default) on the bus at ``root``, and the number of file steps."""
     count = [0]
 
     def hook(step: str, path: str) -> None:
@@ -73,7 +75,7 @@ def _expected(retain: int | None, root: Path) -> tuple[list[dict], int]:
     try:
         s = mmsb.mmsb_start(config=_cfg(retain), path=root)
         views.append(_view(s))
-        for step in _steps():
+        for step in _steps() if steps is None else steps:
             step(s)
             views.append(_view(s))
         mmsb.mmsb_stop(s)
@@ -100,14 +102,16 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _run(root: Path, retain: int | None, hook: Callable[[str, str], None]) -> tuple[int, Any]:
-    """Run the workload under ``hook``; returns (steps acknowledged, what ended it)."""
+def _run(root: Path, retain: int | None, hook: Callable[[str, str], None],
+         steps: list[Callable[[mmsb.MMSBState], Any]] | None = None) -> tuple[int, Any]:
+    """Run ``steps`` (the workload by default) under ``hook``; returns (steps
+    acknowledged, what ended it)."""
     done = 0
     s = None
     prev = fsops.set_fault_hook(hook)
     try:
         s = mmsb.mmsb_start(config=_cfg(retain), path=root)
-        for step in _steps():
+        for step in _steps() if steps is None else steps:
             step(s)
             done += 1
         mmsb.mmsb_stop(s)
@@ -118,6 +122,18 @@ def _run(root: Path, retain: int | None, hook: Callable[[str, str], None]) -> tu
         return done, exc
     finally:
         fsops.set_fault_hook(prev)
+
+
+def _crash_from(n: int) -> Callable[[str, str], None]:
+    """A hook that kills at the ``n``-th file step and every one after it."""
+    seen = [0]
+
+    def hook(step: str, path: str) -> None:
+        seen[0] += 1
+        if seen[0] >= n:
+            raise Crash(f"{step} {path}")
+
+    return hook
 
 
 RETAIN = [None, 1, 2]
@@ -131,14 +147,7 @@ def test_a_kill_at_every_file_step_loses_no_acknowledged_write(tmp_path: Path,
     n_steps = len(_steps())
     for n in range(1, total + 1):
         root = tmp_path / f"k{n}"
-        seen = [0]
-
-        def hook(step: str, path: str, n: int = n, seen: list[int] = seen) -> None:
-            seen[0] += 1
-            if seen[0] >= n:
-                raise Crash(f"{step} {path}")
-
-        done, crash = _run(root, retain, hook)
+        done, crash = _run(root, retain, _crash_from(n))
         assert crash is not None or done == n_steps + 1
         if not root.exists() or not (root / "BUS").exists():
             continue  # killed before the bus existed
@@ -303,51 +312,20 @@ def test_a_kill_at_every_file_step_after_a_reopen_loses_no_acknowledged_write(
     for step in _steps():
         step(s)
     mmsb.mmsb_stop(s)
-    count = [0]
-    views = []
-
-    def counting(step: str, path: str) -> None:
-        count[0] += 1
-
-    clean = tmp_path / "clean"
-    shutil.copytree(base, clean)
-    prev = fsops.set_fault_hook(counting)
+    shutil.copytree(base, tmp_path / "probe")
+    s = mmsb.mmsb_start(config=_cfg(retain), path=tmp_path / "probe")
     try:
-        s = mmsb.mmsb_start(config=_cfg(retain), path=clean)
         assert type(s.log).__name__ == "DeferredLog"  # the history is still on disk
-        views.append(_view(s))
-        for step in _after_reopen():
-            step(s)
-            views.append(_view(s))
-        mmsb.mmsb_stop(s)
     finally:
-        fsops.set_fault_hook(prev)
-    total = count[0]
+        mmsb.mmsb_stop(s)
+    shutil.copytree(base, tmp_path / "clean")
+    views, total = _expected(retain, tmp_path / "clean", _after_reopen())
     assert total > 20
     n_steps = len(_after_reopen())
     for n in range(1, total + 1):
         root = tmp_path / f"k{n}"
         shutil.copytree(base, root)
-        seen = [0]
-
-        def hook(step: str, path: str, n: int = n, seen: list[int] = seen) -> None:
-            seen[0] += 1
-            if seen[0] >= n:
-                raise Crash(f"{step} {path}")
-
-        done = 0
-        s = None
-        prev = fsops.set_fault_hook(hook)
-        try:
-            s = mmsb.mmsb_start(config=_cfg(retain), path=root)
-            for step in _after_reopen():
-                step(s)
-                done += 1
-            mmsb.mmsb_stop(s)
-        except Crash:
-            _drop(s)
-        finally:
-            fsops.set_fault_hook(prev)
+        done, _crash = _run(root, retain, _crash_from(n), _after_reopen())
         s = mmsb.mmsb_start(config=_cfg(retain), path=root)
         try:
             k = min(done, n_steps)
