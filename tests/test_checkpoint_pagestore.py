@@ -829,13 +829,13 @@ def test_a_bus_that_never_frees_a_slot_pins_a_run_per_checkpoint(tmp_path: Path)
         mmsb.mmsb_stop(s)
 
 
-def test_runs_that_reach_past_the_store_are_refused_before_they_are_expanded(
+def test_pins_of_more_slots_than_memory_holds_are_refused_before_they_are_expanded(
         tmp_path: Path) -> None:
     """A newest record whose checksums hold but whose last run of pins counts 2^40
-    slots (past the store's end; the open's check of the runs passes it, since the
-    file's own pages lie in it) is refused by the first checkpoint, which would expand
-    the runs slot by slot: a DurabilityError naming the store, no memory asked for, the
-    log keeping every record; reopened with the record put right, nothing is lost."""
+    slots (the open's check of the runs passes it: the file's own pages lie in it) is
+    refused by the first checkpoint, which would make the runs slot by slot: a
+    DurabilityError naming the store, no memory asked for, the log keeping every
+    record; reopened with the record put right, nothing is lost."""
     from conftest import join_checkpoint, split_checkpoint
 
     root = tmp_path / "bus"
@@ -860,7 +860,7 @@ def test_runs_that_reach_past_the_store_are_refused_before_they_are_expanded(
     try:
         mmsb.write_page(s, ids[0], 1, b"after")
         lsn = int(s.last_lsn)
-        with pytest.raises(mmsb.DurabilityError, match="past the end of the store"):
+        with pytest.raises(mmsb.DurabilityError, match="more than this machine's memory"):
             s.bus.checkpoint(s)
         assert int(s.last_lsn) == lsn and _ckpts(root)[-1] == newest
     finally:

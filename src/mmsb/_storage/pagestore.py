@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from .._core.arena import size_class
+from .._core.engine import physical_memory
 from .._core.kernels import CRC_TABLES, crc_update
 from ..errors import SerializationError
 from . import fsops
@@ -52,6 +53,9 @@ _HEAD = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
 _HEAD_FULL = struct.Struct("<8sHHIQQQII")
 _IOV = 512
 """Buffers per vectored write."""
+_PINS_FIT = 1 << 28
+"""Bytes of slot-by-slot pins (about 48 a slot, with the writer's work on them) that are
+not held against the machine's memory (asked of the system only past this)."""
 
 
 def slot_lengths(sizes: np.ndarray) -> np.ndarray:
@@ -482,25 +486,25 @@ class PageStore:
         by slot from their runs. O(pins kept).
 
         Raises:
-            SerializationError: a run reaches past the end of the store's file.
+            SerializationError: the runs count more slots than memory can hold.
         """
         if refs is None:
             self.pins = None
             return
         runs = refs.runs[:, refs.runs[3] >= oldest_gen]
-        if runs.shape[1]:
-            # Made slot by slot next: a record whose checksums hold but whose runs reach
-            # past the store (none does: the store is cut only below its last pin) is
-            # refused before it can ask for more memory than the store has slots.
-            try:
-                size = os.lstat(self.path).st_size
-            except FileNotFoundError:
-                size = -1  # (made anew by the checkpoint: no pin of it is reused)
-            if size >= 0 and int((runs[0] + runs[1] * runs[2]).max()) > size:
-                raise _fail(self.path, "the newest checkpoint pins page-store slots past the "
-                            f"end of the store ({size} bytes)")
+        # Made slot by slot next: a record whose checksums hold but whose runs count
+        # more slots than this machine could hold is refused before memory is asked for.
+        total = sum(runs[1].tolist())
+        if 48 * total > _PINS_FIT and 48 * total > physical_memory():
+            raise _fail(self.path, f"the newest checkpoint pins {total:,} page-store slots, "
+                        "more than this machine's memory can hold (a damaged record?)")
+        try:
+            slots = _pin_slots(runs)
+        except MemoryError:
+            raise _fail(self.path, f"the newest checkpoint pins {total:,} page-store slots, "
+                        "more than this process may hold in memory") from None
         self.pins = PageRefs.from_slots(refs.uid, refs.ids, refs.sizes, refs.epochs,
-                                        refs.offsets, refs.crcs, *_pin_slots(runs))
+                                        refs.offsets, refs.crcs, *slots)
 
     # -- a checkpoint ------------------------------------------------------------------
     def _gaps(self) -> list[list[int]]:
