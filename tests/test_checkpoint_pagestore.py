@@ -758,9 +758,9 @@ def test_pins_are_kept_as_runs_and_checked_as_runs() -> None:
 
 
 def test_a_page_reference_section_of_either_pin_layout_reads_the_same() -> None:
-    """PREF stores the pins as runs (flags 1, as this build writes); a section that
-    lists them slot by slot (flags 0, as earlier builds wrote) reads back to the same
-    references; other flags and wrong lengths are refused."""
+    """PREF stores the pins as runs (format version 4, as this build writes); a
+    version-3 section lists them slot by slot (as earlier builds wrote), and reads back
+    to the same references; a nonzero reserved word and wrong lengths are refused."""
     from mmsb._storage.pagestore import PageRefs
 
     ids = np.array([1, 2, 3], np.int64)
@@ -773,7 +773,7 @@ def test_a_page_reference_section_of_either_pin_layout_reads_the_same() -> None:
     pg = np.array([2, 2, 1, 2], np.int64)
     refs = PageRefs.from_slots(77, ids, sizes, epochs, offsets, crcs, po, pl, pg)
     as_runs = b"".join(bytes(p) for p in ckpt_mod.encode_refs(refs))
-    assert struct.unpack_from("<QQQQ", as_runs) == (77, 3, 3, 1)  # 3 runs, not 4 slots
+    assert struct.unpack_from("<QQQQ", as_runs) == (77, 3, 3, 0)  # 3 runs, not 4 slots
     slotwise = (struct.pack("<QQQQ", 77, 3, 4, 0) + offsets.astype("<i8").tobytes()
                 + crcs.astype("<u4").tobytes() + po.astype("<i8").tobytes()
                 + pl.astype("<i8").tobytes() + pg.astype("<i8").tobytes())
@@ -781,15 +781,17 @@ def test_a_page_reference_section_of_either_pin_layout_reads_the_same() -> None:
     def fail(reason: str) -> mmsb.SerializationError:
         return mmsb.SerializationError(reason)
 
-    for raw in (as_runs, slotwise):
-        got = ckpt_mod.decode_refs(raw, ids, sizes, epochs, 2, fail)
+    for raw, runs in ((as_runs, True), (slotwise, False)):
+        got = ckpt_mod.decode_refs(raw, ids, sizes, epochs, 2, fail, runs=runs)
         assert got.offsets.tolist() == offsets.tolist() and got.crcs.tolist() == [7, 8, 9]
         assert [got.pin_offsets.tolist(), got.pin_lengths.tolist(), got.pin_gens.tolist()] \
             == [po.tolist(), pl.tolist(), pg.tolist()]
         assert got.runs.tolist() == refs.runs.tolist()
     with pytest.raises(mmsb.SerializationError, match="head is malformed"):
-        ckpt_mod.decode_refs(as_runs[:24] + struct.pack("<Q", 2) + as_runs[32:], ids, sizes,
+        ckpt_mod.decode_refs(as_runs[:24] + struct.pack("<Q", 1) + as_runs[32:], ids, sizes,
                              epochs, 2, fail)
+    with pytest.raises(mmsb.SerializationError, match="pinned slots"):
+        ckpt_mod.decode_refs(as_runs, ids, sizes, epochs, 2, fail, runs=False)  # (4 of 3 B)
     with pytest.raises(mmsb.SerializationError, match="pinned runs of slots"):
         ckpt_mod.decode_refs(as_runs[:-8], ids, sizes, epochs, 2, fail)
     with pytest.raises(mmsb.SerializationError, match="does not pin for this checkpoint"):
@@ -849,8 +851,8 @@ def test_pins_of_more_slots_than_memory_holds_are_refused_before_they_are_expand
     head, secs = split_checkpoint(good)
     (tag, codec, raw_len, pref), = [x for x in secs if x[0] == b"PREF"]
     assert codec == 0  # (a small section is stored raw)
-    uid, n, m, flags = struct.unpack_from("<QQQQ", pref)
-    assert flags == 1 and m >= 1
+    uid, n, m, zero = struct.unpack_from("<QQQQ", pref)
+    assert zero == 0 and m >= 1 and head[1] == ckpt_mod.REFS_VERSION
     counts_at = 32 + 12 * n + 8 * m  # the runs' counts, after their offsets
     bad = bytearray(pref)
     struct.pack_into("<q", bad, counts_at + 8 * (m - 1), 1 << 40)
@@ -871,5 +873,68 @@ def test_pins_of_more_slots_than_memory_holds_are_refused_before_they_are_expand
     try:
         assert int(s.last_lsn) == lsn
         assert bytes(mmsb.query_page(s, ids[0])[:6]) == bytes([ids[0]]) + b"after"
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_a_bus_of_version_3_checkpoints_opens_and_goes_on_in_version_4(
+        tmp_path: Path) -> None:
+    """A bus whose newest checkpoint an earlier build wrote (format version 3: its pins
+    slot by slot, its chain recorded as lists in META ``chain``) opens to the same
+    state, deferring its history as before, and its next checkpoint is version 4."""
+    import msgpack
+
+    from conftest import join_checkpoint, split_checkpoint
+    from mmsb._storage.pagestore import PageRefs
+
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(max_tlog_size=30))
+    ids = [p.id for p in mmsb.create_pages(s, 6, 300)]
+    for i in range(100):
+        mmsb.write_page(s, ids[i % 6], i % 290, bytes([i + 1]) * 4)
+    want = _view(s)
+    mmsb.mmsb_stop(s)
+    newest = _ckpts(root)[-1]
+    assert len(_ckpts(root)) >= 3
+    head, secs = split_checkpoint(newest.read_bytes())
+    ck = ckpt_mod.read_checkpoint(newest, with_log=False, pages=False)
+    refs: PageRefs = ck.page_refs
+    parts = []
+    for tag, codec, raw_len, stored in secs:
+        if tag == b"PREF":
+            n, m = refs.ids.size, refs.pin_offsets.size
+            stored = (struct.pack("<QQQQ", refs.uid, n, m, 0) + refs.offsets.astype("<i8").tobytes()
+                      + refs.crcs.astype("<u4").tobytes()
+                      + refs.pin_offsets.astype("<i8").tobytes()
+                      + refs.pin_lengths.astype("<i8").tobytes()
+                      + refs.pin_gens.astype("<i8").tobytes())
+            codec, raw_len = 0, len(stored)
+        elif tag == b"META":
+            assert codec == 0
+            meta = msgpack.unpackb(stored, raw=False, strict_map_key=False)
+            rows = np.frombuffer(meta["bus"].pop("chain_rows"), "<i8").reshape(-1, 4)
+            meta["bus"]["chain"] = [r[:3] if r[3] < 0 else r for r in rows.tolist()]
+            stored = msgpack.packb(meta, use_bin_type=True)
+            raw_len = len(stored)
+        parts.append((tag, codec, raw_len, stored))
+    newest.write_bytes(join_checkpoint((head[0], 3, *head[2:]), parts))
+    assert ckpt_mod.read_checkpoint_head(newest).version == 3
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(max_tlog_size=30))
+    try:
+        assert type(s.log).__name__ == "DeferredLog"
+        assert _view(s) == want
+        got = s.bus.open_refs
+        assert got.runs.shape[1] < got.pin_offsets.size  # merged into runs on reading
+        assert got.pin_offsets.tolist() == refs.pin_offsets.tolist()
+        mmsb.write_page(s, ids[0], 0, b"v4")
+        s.bus.checkpoint(s)
+        assert ckpt_mod.read_checkpoint_head(_ckpts(root)[-1]).version == 4
+        assert mmsb.verify_state_consistency(s)  # the history, through the v3 file
+        want = _view(s)
+    finally:
+        mmsb.mmsb_stop(s)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(max_tlog_size=30))
+    try:
+        assert _view(s) == want
     finally:
         mmsb.mmsb_stop(s)

@@ -115,7 +115,7 @@ def _checkpoints() -> list[bytes]:
 
 
 REF_CHECKPOINTS: list[bytes] = []
-"""A durable bus's checkpoint records as written (format version 3: PREF, no pages)."""
+"""A durable bus's checkpoint records as written (format version 4: PREF, no pages)."""
 CHECKPOINTS = _checkpoints()
 
 

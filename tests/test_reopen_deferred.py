@@ -686,7 +686,7 @@ def test_a_chain_that_starts_with_a_replay_base(
     first = ckpt_mod.read_checkpoint_head(files[0])
     assert first.log_from_lsn == 0 and first.base_len > 0
     newest = ckpt_mod.read_checkpoint(files[-1], with_log=False, pages=False)
-    rows = np.frombuffer(newest.bus["chain"], "<i8").reshape(-1, 4).tolist()
+    rows = np.frombuffer(newest.bus["chain_rows"], "<i8").reshape(-1, 4).tolist()
     assert rows[0][:3] == [int(files[0].name[5:21], 16), first.lsn, 0]
     assert rows[0][3] == first.base_len  # the writer knew it, and recorded it
     heads: list[Path] = []
@@ -732,26 +732,27 @@ def test_a_chain_that_starts_with_a_replay_base(
 
 
 def test_a_recorded_chain_is_read_packed_or_as_lists_and_refused_when_it_does_not_hold() -> None:
-    """The newest checkpoint's record of its chain: packed int64 rows (as this build
-    writes) or lists of three or four ints (as earlier builds wrote) read to the same
-    rows; a record that does not hold together is not used (the heads are read)."""
+    """The newest checkpoint's record of its chain: packed int64 rows (``chain_rows``,
+    as this build writes) or lists of three or four ints (``chain``, as earlier builds
+    wrote) read to the same rows; a record that does not hold together is not used
+    (the heads are read)."""
     rows = [[3, 100, 0, 0], [4, 180, 100, 0], [5, 260, 180, -1]]
     packed = np.array(rows, "<i8").tobytes()
     ckpts = [bus_mod._Ckpt(g, at, start, Path("x"), base) for g, at, start, base in rows]
     assert bus_mod._chain_record(ckpts) == packed
-    info = {"chain": packed}
+    info = {"chain_rows": packed}
     assert bus_mod._recorded_chain(info, 5, 260, 180).tolist() == rows
     lists = {"chain": [[3, 100, 0, 0], [4, 180, 100], [5, 260, 180]]}
     assert bus_mod._recorded_chain(lists, 5, 260, 180).tolist() == [
         [3, 100, 0, 0], [4, 180, 100, -1], [5, 260, 180, -1]]
     for bad in (
-        {"chain": packed[:-8]},  # not whole rows
-        {"chain": b""},
-        {"chain": np.array([[3, 100, 0, 0], [3, 180, 100, 0], [5, 260, 180, 0]],
-                           "<i8").tobytes()},  # generations not ascending
-        {"chain": np.array([[4, 300, 0, 0], [5, 260, 180, 0]], "<i8").tobytes()},  # LSN back
-        {"chain": np.array([[5, 260, 270, 0]], "<i8").tobytes()},  # log starts past its end
-        {"chain": np.array([[5, 260, 180, -2]], "<i8").tobytes()},  # base bytes below -1
+        {"chain_rows": packed[:-8]},  # not whole rows
+        {"chain_rows": b""},
+        {"chain_rows": np.array([[3, 100, 0, 0], [3, 180, 100, 0], [5, 260, 180, 0]],
+                                "<i8").tobytes()},  # generations not ascending
+        {"chain_rows": np.array([[4, 300, 0, 0], [5, 260, 180, 0]], "<i8").tobytes()},  # LSN back
+        {"chain_rows": np.array([[5, 260, 270, 0]], "<i8").tobytes()},  # log starts past its end
+        {"chain_rows": np.array([[5, 260, 180, -2]], "<i8").tobytes()},  # base bytes below -1
         {"chain": [[3, 100, 0, 0], [4, 180]]},
         {"chain": [[3, 100, 0, 0, 1]]},
         {"chain": [[3, 100, 0, True]]},

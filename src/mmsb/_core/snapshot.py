@@ -73,5 +73,5 @@ class Snapshot:
     clears this flag."""
     page_refs: Any = None
     """Where the pages lie in the bus's checkpoint page store, for a checkpoint that
-    keeps them there (format version 3; ``data`` holds them, read and checked); None
+    keeps them there (format versions 3 and 4; ``data`` holds them, read and checked); None
     for a self-contained checkpoint."""

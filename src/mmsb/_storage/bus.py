@@ -64,7 +64,7 @@ from ..errors import (
 )
 from . import fsops
 from .checkpoint import (
-    REFS_VERSION,
+    REFS_VERSIONS,
     CheckpointBase,
     read_checkpoint,
     read_checkpoint_front,
@@ -932,7 +932,7 @@ class DurableBus:
             # alone (the older files are read when the history is): with the length of
             # the replay base each file nests, where this writer knows it.
             info = {"bus_id": f"{self.bus_id:016x}", "generation": gen,
-                    "chain": _chain_record(kept)}
+                    "chain_rows": _chain_record(kept)}
             refs = None
             if self.use_store:
                 # The pages changed since the last checkpoint go to the page store, synced
@@ -1069,7 +1069,7 @@ class DurableBus:
         newest one holds its pages itself: a shared writer wrote it), for the pins of
         the older checkpoints that still name the page store."""
         for c in reversed(self.retained):
-            if read_checkpoint_head(c.path).version == REFS_VERSION:
+            if read_checkpoint_head(c.path).version in REFS_VERSIONS:
                 ck = read_checkpoint(c.path, with_log=False, pages=False)
                 _check_owner(ck.bus, self.bus_id, c.generation, c.path)
                 return ck.page_refs
@@ -1657,7 +1657,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     """Restore the newest checkpoint into ``state`` without its history: its pages,
     masks, graph and counters are read and checked, its log section left on disk (read
     and checked with the rest of the history), and the older checkpoints of the chain
-    are known from the newest file's record of its chain (``bus.chain``), checked
+    are known from the newest file's record of its chain (``bus.chain_rows``), checked
     there as a whole without a loop over its rows in Python; files whose record lacks
     one have their heads read (:func:`read_checkpoint_head`: ownership and where its
     log starts and ends, in a few small reads). The state's log is left empty at the
@@ -1838,7 +1838,7 @@ def _nested_len(ck: Any) -> int:
 
 
 def _chain_record(kept: list[_Ckpt]) -> bytes:
-    """The ``chain`` a checkpoint records: a row per retained checkpoint, oldest first
+    """The ``chain_rows`` a checkpoint records: a row per retained checkpoint, oldest first
     (generation, LSN, log start, bytes of the replay base it nests or -1 where not
     known), packed as little-endian int64s."""
     return np.array([[c.generation, c.lsn, c.log_from_lsn, c.base_len] for c in kept],
@@ -1847,14 +1847,18 @@ def _chain_record(kept: list[_Ckpt]) -> bytes:
 
 def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
                     log_from: int) -> np.ndarray | None:
-    """The chain of checkpoints a checkpoint records in its bus identity (``chain``:
+    """The chain of checkpoints a checkpoint records in its bus identity (``chain_rows``:
     rows of generation, LSN, log start and the bytes of the replay base the file nests,
-    oldest first, ending with itself; packed as :func:`_chain_record` packs them, or,
-    as earlier builds wrote it, a list of ``[generation, lsn, log_from_lsn]`` lists
-    with that fourth int where the writer knew it) as C-ordered int64 rows (-1: base
+    oldest first, ending with itself, packed as :func:`_chain_record` packs them; or,
+    as earlier builds recorded it, ``chain``: a list of ``[generation, lsn,
+    log_from_lsn]`` lists with that fourth int where the writer knew it) as C-ordered int64 rows (-1: base
     bytes not known); None when it records none or the record does not hold together
     (:func:`_chain_problem`), so that the files' heads are read instead."""
-    raw = info.get("chain") if info is not None else None
+    raw = None
+    if info is not None:
+        raw = info.get("chain_rows")
+        if raw is None:
+            raw = info.get("chain")  # (as earlier builds recorded it: a list of lists)
     if isinstance(raw, bytes):
         if not raw or len(raw) % 32:
             return None

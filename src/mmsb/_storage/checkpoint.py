@@ -8,7 +8,7 @@ Layout (little-endian; docs/SerializationSpec.md has every field)::
     section  32 B   tag 4s | codec u8 | 3 zero | raw_len u64 | stored_len u64
                     | crc32c(stored) u32 | crc32c(first 28 B) u32, then stored bytes
     ...             sections META, PTBL, PDAT, MASK, GRPH, TLOG, BASE, in that order
-                    (version 3: PREF in place of PDAT, the pages being in the bus's
+                    (versions 3 and 4: PREF in place of PDAT, the pages being in the bus's
                     checkpoint page store, see pagestore.py)
     footer   24 B   "MMSBEND\\0" | bytes before footer u64 | crc32c(first 16 B) u32 | zero u32
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .._core.engine import MMSBState
 
 __all__ = ["write_checkpoint", "read_checkpoint", "CheckpointData", "CheckpointBase",
-           "inline_pages", "REFS_VERSION",
+           "inline_pages", "REFS_VERSION", "REFS_VERSIONS",
            "checkpoint_bytes", "MAGIC", "VERSION", "CheckpointHead", "read_checkpoint_head",
            "read_checkpoint_front"]
 
@@ -71,11 +71,14 @@ END_MAGIC = b"MMSBEND\0"
 VERSION = 2
 """Written by this build for a self-contained file. Version 2 holds the log section as
 columns (TLOG v2)."""
-REFS_VERSION = 3
+REFS_VERSION = 4
 """Written by a durable bus's exclusive writer: version 2 with the page bytes in the
-bus's checkpoint page store, named by a PREF section (page references)."""
-READ_VERSIONS = (1, 2, 3)
-"""Read by this build: version 1 (log records one by one), 2 and 3."""
+bus's checkpoint page store, named by a PREF section (page references), whose pins are
+runs of slots. Version 3, read too, held the pins slot by slot."""
+REFS_VERSIONS = (3, 4)
+"""The versions whose pages are in the page store (a PREF section in PDAT's place)."""
+READ_VERSIONS = (1, 2, 3, 4)
+"""Read by this build: version 1 (log records one by one), 2, 3 and 4."""
 _HEADER = struct.Struct("<8sHHIQQQ")  # 40 bytes, then crc u32 + zero u32
 _HEADER_SIZE = 48
 _HEADER_FULL = struct.Struct("<8sHHIQQQII")  # the header, its crc and its zero
@@ -92,13 +95,11 @@ _TAGS_REFS = (b"META", b"PTBL", b"PREF", b"MASK", b"GRPH", b"TLOG", b"BASE")
 
 
 def _tags(version: int) -> tuple[bytes, ...]:
-    return _TAGS_REFS if version == REFS_VERSION else _TAGS
+    return _TAGS_REFS if version in REFS_VERSIONS else _TAGS
 
 
 _REFS_HEAD = struct.Struct("<QQQQ")
-"""PREF section head: store uid, pages, pins, flags."""
-_PINS_AS_RUNS = 1
-"""PREF flag: the pins are stored as runs of slots (see :func:`~.pagestore.pin_runs`)."""
+"""PREF section head: store uid, pages, pins (runs of slots in version 4), zero."""
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 _MAX_SECTION = 1 << 42
@@ -108,7 +109,7 @@ _STREAM_CHUNK = 1 << 20
 
 class CheckpointBase(ReplayBase):
     """A replay base held as a checkpoint: its bytes, or a file of a durable bus.
-    ``store``: the page store that a checkpoint of format version 3 names its pages in
+    ``store``: the page store that a checkpoint of format version 3 or 4 names its pages in
     (by default, for a file, the store beside it)."""
 
     def __init__(self, source: bytes | Path, store: Path | None = None) -> None:
@@ -116,7 +117,7 @@ class CheckpointBase(ReplayBase):
         self.store = store
 
     def raw(self) -> bytes:
-        """The checkpoint's bytes, self-contained (a version-3 checkpoint's pages are
+        """The checkpoint's bytes, self-contained (a version-3 or -4 checkpoint's pages are
         read from its page store, checked, and written in).
 
         Raises:
@@ -133,7 +134,7 @@ class CheckpointBase(ReplayBase):
                 raise SerializationError(f"cannot read the replay base ({exc.strerror or exc})",
                                          path=self.source) from None
             label = str(self.source)
-        if _version_of(raw) == REFS_VERSION:
+        if _version_of(raw) in REFS_VERSIONS:
             raw = inline_pages(raw, label, self._store())
         return raw
 
@@ -143,12 +144,12 @@ class CheckpointBase(ReplayBase):
         return None if isinstance(self.source, bytes) else _sibling_store(self.source)
 
     def snapshot(self) -> Snapshot:
-        if isinstance(self.source, bytes) and _version_of(self.source) != REFS_VERSION:
+        if isinstance(self.source, bytes) and _version_of(self.source) not in REFS_VERSIONS:
             return read_checkpoint(self.source, path_label="replay base")
         return read_checkpoint(self.raw(), path_label="replay base")
 
     def detached(self) -> ReplayBase:
-        if isinstance(self.source, bytes) and _version_of(self.source) != REFS_VERSION:
+        if isinstance(self.source, bytes) and _version_of(self.source) not in REFS_VERSIONS:
             return self
         return CheckpointBase(self.raw())
 
@@ -342,7 +343,7 @@ def write_checkpoint(state: MMSBState, path: str | os.PathLike[str], *, fsync: b
     previous checkpoint). ``base``: the nested base checkpoint; by default the state's
     own replay base, so the file stands alone. ``refs``: the pages are in the bus's
     page store, already written and synced there (:class:`PageStore.write`): the file
-    (format version 3) names them instead of holding them."""
+    (format version 4) names them instead of holding them."""
     if base is None:
         base = state.base_bytes() if not from_lsn else b""
     target = Path(path)
@@ -389,36 +390,36 @@ def encode_refs(refs: PageRefs) -> list[Any]:
     page table's order, then the pins as runs (first offsets, counts, slot lengths,
     generations)."""
     n, r = int(refs.ids.size), int(refs.runs.shape[1])
-    return [_REFS_HEAD.pack(refs.uid, n, r, _PINS_AS_RUNS), refs.offsets.astype("<i8").data,
+    return [_REFS_HEAD.pack(refs.uid, n, r, 0), refs.offsets.astype("<i8").data,
             refs.crcs.astype("<u4").data, np.ascontiguousarray(refs.runs, "<i8").reshape(-1).data]
 
 
 def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray,
-                generation: int | None, fail: Any) -> PageRefs:
+                generation: int | None, fail: Any, runs: bool = True) -> PageRefs:
     """A PREF section back into :class:`PageRefs`, checked: the page count is the page
     table's, slots lie after the store's header, the pins are ascending and do not
     overlap, and each page's slot is a pin of its size class named by this checkpoint's
     ``generation`` (None: a file outside a bus, whose generation is not known). Pins
-    are stored as runs (flags 1) or, in files of earlier builds, slot by slot (flags 0).
+    are stored as runs (``runs``: format version 4) or, in version 3, slot by slot.
     O(pages + runs)."""
     buf = memoryview(raw)
     if len(buf) < _REFS_HEAD.size:
         raise fail("section PREF is shorter than its head")
-    uid, n, m, flags = _REFS_HEAD.unpack_from(buf, 0)
-    if flags not in (0, _PINS_AS_RUNS) or not uid or n != ids.size:
+    uid, n, m, zero = _REFS_HEAD.unpack_from(buf, 0)
+    if zero or not uid or n != ids.size:
         raise fail(f"section PREF lists {n} pages where the page table lists {ids.size}, or "
                    "its head is malformed")
-    cols = 4 if flags else 3
+    cols = 4 if runs else 3
     if len(buf) != _REFS_HEAD.size + 12 * n + 8 * cols * m:
         raise fail(f"section PREF holds {len(buf)} bytes, not the "
                    f"{_REFS_HEAD.size + 12 * n + 8 * cols * m} of {n} pages and {m} pinned "
-                   f"{'runs of slots' if flags else 'slots'}")
+                   f"{'runs of slots' if runs else 'slots'}")
     pos = _REFS_HEAD.size
     offsets = np.frombuffer(buf, "<i8", n, pos).astype(np.int64)
     crcs = np.frombuffer(buf, "<u4", n, pos + 8 * n).astype(np.uint32)
     pos += 12 * n
     pins = np.frombuffer(buf, "<i8", cols * m, pos).astype(np.int64).reshape(cols, m)
-    if not flags:
+    if not runs:
         pins = pin_runs(pins[0], pins[1], pins[2])
     problem = runs_problem(offsets, sizes, pins, generation)
     if problem == 1:
@@ -431,7 +432,7 @@ def decode_refs(raw: Any, ids: np.ndarray, sizes: np.ndarray, epochs: np.ndarray
 
 
 def inline_pages(raw: bytes, label: str, store: str | Path | None) -> bytes:
-    """A version-3 checkpoint's bytes made self-contained (version 2): its pages read
+    """A version-3 or -4 checkpoint's bytes made self-contained (version 2): its pages read
     from ``store`` and checked against their CRC32Cs, the other sections kept as they
     are. O(file + page bytes).
 
@@ -499,8 +500,8 @@ def read_checkpoint(source: str | os.PathLike[str] | bytes, *, path_label: str |
     payload are stored raw and the rest of the file is small beside them, the snapshot
     is marked ``owned``: one restore may take that memory as its own instead of copying
     it (the caller must restore it at most once and share it with nothing else).
-    ``store``: the page store a version-3 checkpoint's pages are read from (for a file,
-    by default the one beside it). ``pages=False``: a version-3 checkpoint's pages are
+    ``store``: the page store a version-3 or -4 checkpoint's pages are read from (for a file,
+    by default the one beside it). ``pages=False``: a version-3 or -4 checkpoint's pages are
     not read (its ``data`` comes back empty), for a reader of its log alone.
 
     Raises:
@@ -611,7 +612,7 @@ class CheckpointHead:
     base_len: int
     """Bytes of its nested replay base (0: none)."""
     version: int = VERSION
-    """Its format version (3: its pages are in the bus's checkpoint page store)."""
+    """Its format version (3 and 4: its pages are in the bus's checkpoint page store)."""
 
 
 def read_checkpoint_head(path: Path) -> CheckpointHead:
@@ -815,7 +816,7 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
         return _decompress(stored, raw_len, sec_err)
 
     load = None
-    if version == REFS_VERSION and pages:
+    if version in REFS_VERSIONS and pages:
         where = store
 
         def load(refs: PageRefs) -> np.ndarray:
@@ -826,7 +827,7 @@ def _parse(buf: memoryview, label: str, with_log: bool = True,
 
     snap = _decode_sections(get, lsn, next_page_id, next_delta_id, fail, version, with_log,
                             load)
-    if version == REFS_VERSION:
+    if version in REFS_VERSIONS:
         # The pages were read into a buffer of their own; with no log in the read
         # buffer, nothing else refers to them.
         snap.owned = private and hole >= 0 and pages
@@ -893,7 +894,7 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
             raise fail(f"section PTBL names page id {int(ids[-1])}, whose page-table rows "
                        f"({rows:,} bytes) are more than this machine's memory")
     refs_raw = None
-    if version == REFS_VERSION:
+    if version in REFS_VERSIONS:
         refs_raw = get(b"PREF")
         data = np.zeros(0, np.uint8)
     else:
@@ -996,7 +997,8 @@ def _decode_sections(get: Any, lsn: int, next_page_id: int, next_delta_id: int,
     refs = None
     if refs_raw is not None:
         refs = decode_refs(refs_raw, ids, sizes, epochs,
-                           bus["generation"] if bus is not None else None, fail)
+                           bus["generation"] if bus is not None else None, fail,
+                           runs=version == REFS_VERSION)
         if load is not None:
             data = load(refs)
     snap = CheckpointData(lsn, next_page_id, next_delta_id, ids, sizes, epochs, locs, data,

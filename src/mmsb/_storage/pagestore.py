@@ -1,6 +1,6 @@
 """The page store of a durable bus's checkpoints: ``DIR/checkpoints/pages``.
 
-A bus checkpoint written by an exclusive writer (format version 3, see
+A bus checkpoint written by an exclusive writer (format version 4, or 3, see
 :mod:`~mmsb._storage.checkpoint`) does not hold the page bytes itself: it names, for
 each live page, a slot of this file and the CRC32C of the page's bytes there (its
 *page references*). A checkpoint writes only the pages changed since the previous
