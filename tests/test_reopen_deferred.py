@@ -904,3 +904,39 @@ def test_the_recorded_chain_is_walked_as_the_heads_would_be() -> None:
     broken = rows.copy()
     broken[1, 1] = 170  # generation 4 ends at 170, generation 5 starts after 180
     assert walk(broken, 0, every) == -2 - 1
+
+
+def test_a_checkpoint_that_evicts_a_file_of_the_history_reads_it_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bus's first checkpoint is at LSN 0, so the next one's log also starts from
+    nothing: evicting the first (retention of 2) drops no record from memory, but it
+    removes a file the deferred history would be read from. Such a checkpoint reads the
+    history before it removes the file; the history is whole afterwards."""
+    root = tmp_path / "bus"
+    cfg = dict(retain_checkpoints=2, max_tlog_size=6)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg(**cfg))
+    pid = mmsb.create_page(s, 64).id
+    for i in range(3):  # fewer than a checkpoint's worth: the log holds them
+        mmsb.write_page(s, pid, i, bytes([i + 1]))
+    s.bus.flush()
+    img = tmp_path / "img"
+    shutil.copytree(root, img)  # what a kill leaves: checkpoint 1 at LSN 0, a segment
+    mmsb.mmsb_stop(s)
+    views = []
+    for defer in (False, True):
+        copy = tmp_path / f"img-{defer}"
+        shutil.copytree(img, copy)
+        monkeypatch.setattr(bus_mod, "DEFER_HISTORY", defer)
+        s = mmsb.mmsb_start(path=str(copy), config=_cfg(**cfg))
+        try:
+            assert (type(s.log) is DeferredLog) == defer
+            assert [(c.lsn, c.log_from_lsn) for c in s.bus.retained] == [(0, 0)]
+            for i in range(20):  # checkpoints 2 (its log from LSN 0), 3 (evicts 1), 4
+                mmsb.write_page(s, pid, 10 + i, bytes([i + 50]))
+            assert s.bus.generation >= 4
+            mmsb.set_metadata(s, pid, "k", "v")  # a structural record: reads the history
+            assert mmsb.verify_state_consistency(s)
+            views.append((pages_view(s), _log_view(s, times=False)))
+        finally:
+            mmsb.mmsb_stop(s)
+    assert views[0] == views[1]

@@ -910,11 +910,14 @@ class DurableBus:
         # trimmed): those the page store must write again.
         changed = self._changed_pages(state) if self.use_store and not full else None
         oldest = kept[0]
-        # Whether history leaves memory (older than the oldest kept checkpoint): only
-        # then is a history still on disk (a reopened bus's) read for this checkpoint.
+        # A history still on disk (a reopened bus's) is read for this checkpoint only
+        # where it rewrites the log (history older than the oldest kept checkpoint
+        # leaves memory) or removes a file the history would be read from (an evicted
+        # checkpoint, even one whose records a newer slice also holds).
         trims = ((oldest is not new and not self._chain_starts_at(kept)
                   and oldest.lsn > state.log.horizon_lsn) or (oldest is new and not full))
-        saved = state.history_snapshot(rewrites=trims or full)
+        evicts = len(kept) <= len(self.retained)
+        saved = state.history_snapshot(rewrites=trims or evicts or full)
         refs: PageRefs | None = None
         try:
             # History older than the oldest kept checkpoint leaves memory first, so that
