@@ -62,7 +62,6 @@ from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bou
 from .log import _SMALL_ENTRY as _small_entries
 from .log import (
     ColumnRecords,
-    DeferredLog,
     DeltaGroup,
     DeltaView,
     TransactionLog,
@@ -765,8 +764,6 @@ class MMSBState:
         """Drop retained records with LSN ≤ ``lsn`` (history the bus no longer keeps),
         folding the masks they carried into the pages' mask bases."""
         log = self.log
-        if log.horizon_lsn >= lsn and type(log) is DeferredLog:
-            return  # nothing retained is that old: no need to read the history to see it
         k = log.index_after_lsn(lsn)
         if k == 0 and log.horizon_lsn >= lsn:
             return

@@ -74,7 +74,7 @@ from .checkpoint import (
 from .codec import crc32c
 from .fastbatch import commit_staged, stage_write, unstage
 from .fastwrite import FastWriter, durable_write_small
-from .feed import TICK_NS, ChangeFeed
+from .feed import _WAL_RE, TICK_NS, ChangeFeed
 from .fsops import fsync_dir
 from .histmap import MappedSegment, map_replayed
 from .mapped import Publisher
@@ -105,7 +105,6 @@ _U32 = struct.Struct("<I")
 _CKPT_RE = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb\Z")
 _CKPT_LINES = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb$", re.MULTILINE)
 """:data:`_CKPT_RE` over names joined by newlines."""
-_WAL_RE = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log\Z")
 _SMALL_SEGMENT = 4096
 """A segment of at most this many bytes (a few dozen records: what a reopen after a
 kill usually finds after the newest checkpoint) is read frame by frame: decoding and
@@ -923,7 +922,8 @@ class DurableBus:
             # History older than the oldest kept checkpoint leaves memory first, so that
             # the new file's masks and log describe exactly what recovery will rebuild.
             if oldest is not new and not self._chain_starts_at(kept):
-                state.trim_log(oldest.lsn)
+                if trims:
+                    state.trim_log(oldest.lsn)
                 state.replay_base = CheckpointBase(oldest.path)
             elif oldest is new and not full:
                 # The new checkpoint is the only one kept: it is its own replay base.

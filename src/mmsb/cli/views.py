@@ -24,6 +24,8 @@ from .._core.records import PageClone
 from .._history.replay import replay_records_to_lsn, state_differences
 from .._history.timetravel import CLONE, RESIZE, history_index
 from .._instrument.provenance import provenance_index
+from .._storage.bus import _CKPT_RE as _CKPT_NAME
+from .._storage.bus import _WAL_RE as _WAL_NAME
 from .._storage.bus import bus_files
 from ..errors import MMSBError, SerializationError
 
@@ -36,8 +38,6 @@ __all__ = [
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 _FRACTION = re.compile(r"(\d{2}:\d{2}(?::\d{2})?)[.,](\d+)")
-_CKPT_NAME = re.compile(r"^ckpt-([0-9a-f]{16})\.mmsb\Z")
-_WAL_NAME = re.compile(r"^wal-([0-9a-f]{16})-([0-9a-f]{8})\.log\Z")
 _BUS_HEAD = struct.Struct("<8sHHQQ")
 PREVIEW_BYTES = 16
 
