@@ -718,8 +718,8 @@ def read_checkpoint_head(path: Path) -> CheckpointHead:
 _HEAD_WINDOW = 32 << 10
 """Bytes read at a time while looking for a checkpoint's section heads (see
 :func:`read_checkpoint_front`): enough for the header and every section before the log
-section of a bus checkpoint of a few hundred pages (its page references and pinned
-slots included), so that one read holds them, and a copy of a few more KiB costs less
+section of a bus checkpoint of a few hundred pages (its page references and the runs of
+pinned slots included), so that one read holds them, and a copy of a few more KiB costs less
 than another system call."""
 
 _ADOPT_SLACK = 64 << 10

@@ -307,26 +307,6 @@ _NO_BYTES = np.zeros(0, np.uint8)
 _NO_ROWS = np.zeros(0, ROW_DTYPE)
 
 
-def _rows_problem(rows: np.ndarray, bump: int, pages_len: int) -> bool:
-    """Whether table rows (``rows``: offset, size pairs; size -1: no page) are unfit to
-    be a writer's record of its slots: a size below -1 or of 2^32 or more, a slot that
-    does not lie within the first ``bump`` bytes of a pages file of ``pages_len``, or
-    two slots that overlap. O(rows log rows), vectorised."""
-    size = rows[:, 1]
-    if not 0 <= bump <= pages_len or (size < -1).any() or (size >= 1 << 32).any():
-        return True
-    used = size >= 0
-    off, size = rows[used, 0], size[used]
-    if off.size == 0:
-        return False
-    uniq, inv = np.unique(np.maximum(size, 1), return_inverse=True)
-    end = off + np.array([size_class(int(x)) for x in uniq], np.int64)[inv]
-    if (off < 0).any() or (end > bump).any():
-        return True
-    order = np.argsort(off, kind="stable")
-    return bool((off[order][1:] < end[order][:-1]).any())
-
-
 _BOOT: bytes | None = None
 
 
@@ -505,10 +485,12 @@ class Publisher:
     def note_append(self, gen: int, seq: int, end: int, lsn: int) -> None:
         _LOG.pack_into(self.head, _LOG_OFF, gen, seq, end, lsn)
 
-    def _take_over(self) -> None:
+    def _take_over(self, state: MMSBState) -> None:
         """Another writer published last: map the files at their current length and
         take the slot allocator's end from the head (free slots it left are not reused
-        until the next full publication)."""
+        until the next full publication), and its rows as this writer's record of its
+        slots once they check out against ``state`` (caught up with that writer's
+        records)."""
         plen = int(self.h[_PAGES_BYTES])
         if plen > self.pages.shape[0]:
             self.pages_cap = plen
@@ -519,14 +501,20 @@ class Publisher:
             self._remap_table(trows)
         self.bump = int(_U64.unpack_from(self.head, _BUMP_OFF)[0])
         self.free.clear()
-        # Its rows, checked before this writer takes them as its own: any that lies
-        # outside the pages file or overlaps another (a damaged or edited table) has
-        # every page written again instead.
-        rows = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)[:, :2]  # type: ignore[arg-type]
-        if _rows_problem(rows, self.bump, self.pages.shape[0]):
+        # Its rows, checked as an adoption checks them before this writer takes them as
+        # its own: a slot outside the pages file or over another, a page past the
+        # state's (a damaged or edited table) has every page written again instead.
+        tab = np.frombuffer(self.table_mm, "<i8").reshape(-1, 4)  # type: ignore[arg-type]
+        t = state.table
+        rows = t.next_id
+        problem = not 0 <= self.bump <= self.pages.shape[0] or _check_rows(
+            tab, rows, t.flags[:rows], t.size[:rows], t.epoch[:rows], t.addr[:rows],
+            state.log.last_lsn, self.bump, np.empty(max(rows, 1), np.int64),
+            np.empty(tab.shape[0] + rows, np.int64))[0]
+        if problem:
             self.full = True
         else:
-            self.slots[:] = rows.reshape(-1)
+            self.slots[:] = tab[:, :2].reshape(-1)
 
     # -- files -------------------------------------------------------------------------
     def close_files(self) -> None:
@@ -746,7 +734,7 @@ class Publisher:
         _U64.pack_into(head, 64, seq | 1)
         if _U64.unpack_from(head, _OWNER_OFF)[0] != self.token:
             if self.pages_mm is not None:
-                self._take_over()
+                self._take_over(state)
             _U64.pack_into(head, _OWNER_OFF, self.token)
         try:
             if self.full or self.failed:
