@@ -324,7 +324,7 @@ def _killed_after(root: Path, n: int) -> int:
 
 
 _WRITER = textwrap.dedent("""
-    import random, sys
+    import random, signal, sys
     sys.path.insert(0, {src!r})
     import mmsb
     s = mmsb.mmsb_start(path={path!r}, enable_gpu=False,
@@ -332,8 +332,14 @@ _WRITER = textwrap.dedent("""
                                                max_tlog_size=50))
     rng = random.Random({seed})
     ids = sorted(s.pages) or [p.id for p in mmsb.create_pages(s, 4, 128)]
+    pause = []  # SIGUSR1: stop between two calls and say so
+    signal.signal(signal.SIGUSR1, lambda *_: pause.append(1))
     print("ready", flush=True)
     while True:
+      if pause:
+        print("paused", flush=True)
+        while True:
+          signal.pause()
       try:
         k = rng.random()
         live = sorted(s.pages)
@@ -389,6 +395,106 @@ def test_kill_at_random_points_reopens_to_the_replayed_state(tmp_path: Path) -> 
     assert adopted >= 1
 
 
+@pytest.mark.parametrize("torn", [False, True], ids=["published", "torn"])
+def test_readers_read_the_last_publication_while_a_writer_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: bool) -> None:
+    """Between a writer's open of the mapped files and its first publication (however
+    long its checks take) readers read the last writer's pages, without waiting on the
+    new writer; a reader of a torn publication waits for it rather than giving up."""
+    root = copy_beside(_image(tmp_path), "bus")
+    if torn:
+        _set_head_u64(root, 8, int(_head_words(root)[8]) | 1)
+    reader = mmsb.attach(root)
+    before = None if torn else {q: reader.read_page(q) for q in reader.page_ids()}
+    seen: dict[str, Any] = {}
+    real = mapped.Publisher.adopt
+
+    def read_all() -> None:
+        seen.setdefault("out", []).append({q: reader.read_page(q) for q in reader.page_ids()})
+
+    def adopt(self: mapped.Publisher, state: mmsb.MMSBState) -> bool:
+        seen["pid"] = reader.writer_pid
+        if torn:
+            # The publication torn, its writer gone: a reader waits for the writer that
+            # opens now (it was told its pid), and reads what it publishes.
+            seen["thread"] = threading.Thread(target=read_all)
+            seen["thread"].start()
+        else:
+            t0 = time.monotonic()
+            read_all()
+            seen["took"] = time.monotonic() - t0
+            with mmsb.attach(root) as late:
+                seen["late"] = {q: late.read_page(q) for q in late.page_ids()}
+        return real(self, state)
+
+    monkeypatch.setattr(mapped.Publisher, "adopt", adopt)
+    try:
+        s, because = _reopen(root)
+        monkeypatch.setattr(mapped.Publisher, "adopt", real)
+        if torn:
+            seen["thread"].join(timeout=30)
+            assert seen["out"] == [{q: mmsb.query_page(s, q) for q in s.pages}]
+            assert because is not None and "middle of a publication" in because
+        else:
+            assert because is None
+            assert seen["out"] == [before] and seen["late"] == before
+            assert seen["took"] < mapped._STALL_LIMIT
+        assert seen["pid"] == os.getpid()
+        mmsb.mmsb_stop(s)
+    finally:
+        reader.close()
+
+
+def test_a_reader_attaching_while_a_writer_rebuilds_after_a_restart_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an OS restart (another boot id) the files are not shown to a reader that
+    attaches while the new writer's open checks them: the head still names the old
+    boot until the rebuild is published."""
+    root = copy_beside(_image(tmp_path), "bus")
+    _set_static(root, 24, bytes(range(16)))
+    with pytest.raises(mmsb.HistoryUnavailableError):
+        mmsb.attach(root)
+    seen: list[type] = []
+    real = mapped.Publisher.adopt
+
+    def adopt(self: mapped.Publisher, state: mmsb.MMSBState) -> bool:
+        try:
+            mmsb.attach(root).close()
+        except mmsb.MMSBError as exc:
+            seen.append(type(exc))
+        return real(self, state)
+
+    monkeypatch.setattr(mapped.Publisher, "adopt", adopt)
+    s, because = _reopen(root)
+    assert seen == [mmsb.HistoryUnavailableError]
+    assert because is not None and "another boot id" in because
+    _reader_sees(root, s)
+    mmsb.mmsb_stop(s)
+
+
+def test_a_reader_attaching_before_the_first_writer_published_is_told_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new bus's head is all zeros until its first publication: an attach then says
+    the writer has not published yet, not that the head is damaged."""
+    root = tmp_path / "bus"
+    seen: list[str] = []
+    real = mapped.Publisher.publish
+
+    def publish(self: mapped.Publisher, state: mmsb.MMSBState) -> None:
+        if self.opening:
+            with pytest.raises(mmsb.SerializationError) as err:
+                mmsb.attach(root)
+            seen.append(str(err.value))
+        real(self, state)
+
+    monkeypatch.setattr(mapped.Publisher, "publish", publish)
+    s = mmsb.mmsb_start(path=root, config=_cfg())
+    monkeypatch.setattr(mapped.Publisher, "publish", real)
+    assert len(seen) == 1 and "has not published its pages yet" in seen[0]
+    _reader_sees(root, s)
+    mmsb.mmsb_stop(s)
+
+
 def test_a_writer_killed_in_the_middle_of_a_publication(tmp_path: Path) -> None:
     """The head's seq odd and a page half copied: the files are rebuilt from the log."""
     img = _image(tmp_path)
@@ -403,10 +509,12 @@ def test_a_writer_killed_in_the_middle_of_a_publication(tmp_path: Path) -> None:
     mmsb.mmsb_stop(s)
 
 
-def test_a_reader_attached_across_the_reopen_keeps_working(tmp_path: Path) -> None:
-    """A reader attached to a writer that is killed keeps reading its last pages, then
-    follows the next writer (adopting or rebuilding the files) without attaching
-    again."""
+@pytest.mark.parametrize("torn", [False, True], ids=["between-calls", "mid-publication"])
+def test_a_reader_attached_across_the_reopen_keeps_working(tmp_path: Path,
+                                                            torn: bool) -> None:
+    """A reader attached to a writer that is killed keeps reading its last pages (or,
+    when the kill landed inside a publication, says it cannot), then follows the next
+    writer (adopting or rebuilding the files) without attaching again."""
     root = tmp_path / "bus"
     proc = subprocess.Popen([sys.executable, "-c", _WRITER.format(src=SRC, path=str(root),
                                                                   seed=11)],
@@ -415,23 +523,42 @@ def test_a_reader_attached_across_the_reopen_keeps_working(tmp_path: Path) -> No
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # killed between two calls, not inside one
+        assert proc.stdout.readline().strip() == "paused"
     finally:
         proc.kill()
         proc.wait(timeout=30)
+    if torn:  # as if killed inside its publication: the sequence left odd
+        with open(root / "map" / "HEAD", "r+b") as f:
+            f.seek(64)
+            (seq,) = struct.unpack("<Q", f.read(8))
+            f.seek(64)
+            f.write(struct.pack("<Q", seq | 1))
     reader = mmsb.attach(root)
     try:
-        assert all(reader.read_page(pid) for pid in reader.page_ids())
+        if torn:
+            with pytest.raises(mmsb.DurabilityError, match="middle of publishing"):
+                reader.page_ids()
+        else:
+            assert all(reader.read_page(pid) for pid in reader.page_ids())
         errors: list[BaseException] = []
         stop = threading.Event()
+        reopened = threading.Event()
 
         def read_on() -> None:
             try:
                 while not stop.is_set():
-                    for pid in reader.page_ids():
-                        try:
-                            reader.read_page(pid)
-                        except mmsb.PageNotFoundError:
-                            pass  # deleted by the new writer meanwhile
+                    after_reopen = reopened.is_set()
+                    try:
+                        for pid in reader.page_ids():
+                            try:
+                                reader.read_page(pid)
+                            except mmsb.PageNotFoundError:
+                                pass  # deleted by the new writer meanwhile
+                    except mmsb.DurabilityError as exc:
+                        if not torn or after_reopen or "middle of publishing" not in str(exc):
+                            raise
+                        time.sleep(0.001)  # the killed publication, until a writer reopens
             except BaseException as exc:
                 errors.append(exc)
 
@@ -441,8 +568,12 @@ def test_a_reader_attached_across_the_reopen_keeps_working(tmp_path: Path) -> No
             if rebuild:
                 _set_static(root, 24, bytes(range(16)))  # another boot
             s, because = _reopen(root)
+            reopened.set()
             try:
-                assert (because is None) is not rebuild
+                if torn and not rebuild:
+                    assert because is not None and "middle of a publication" in because
+                else:
+                    assert (because is None) is not rebuild, because
                 pid = sorted(s.pages)[0]
                 mmsb.write_page(s, pid, 0, b"new!")
                 assert reader.wait_for(s.last_lsn, timeout=10)

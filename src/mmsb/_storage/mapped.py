@@ -440,14 +440,19 @@ class Publisher:
         self.prev_status = _U32.unpack_from(prev, _STATUS_OFF)[0]
         pages_bytes, table_bytes = _TWO.unpack_from(prev, _PAGES_BYTES * 8)
         started = _U64.unpack_from(prev, _START * 8)[0]
-        static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(), max(0, time.time_ns()))
+        self.static = _STATIC.pack(MAP_MAGIC, MAP_VERSION, 0, 0, bus_id, boot_id(),
+                                   max(0, time.time_ns()))
+        """The head's identity as this writer writes it: in its first publication."""
+        # The identity, the seq and the status stay as the last writer left them until
+        # this writer's first publication: readers go on reading the last publication
+        # (or wait, when it was torn, for this writer instead of giving up on a dead
+        # one) while the files are checked, however long that takes; a reader attaching
+        # meanwhile still sees the last writer's boot id (after an OS crash, it refuses
+        # the files instead of reading stores that may be lost). The first publication
+        # rewrites what differs under an odd seq, and only then says "live".
         head = self.head
-        _U64.pack_into(head, _SEQ * 8, self.prev_seq | 1)  # readers wait while the files are rebuilt
-        head[0 : _STATIC.size] = static
-        _U32.pack_into(head, _STATIC.size, crc32c(static))
         _U64.pack_into(head, _PID * 8, os.getpid())
         _U64.pack_into(head, _START * 8, (started + 1) & _U64_MAX)
-        _U32.pack_into(head, _STATUS_OFF, STATUS_LIVE)
         self.pages_cap = max(pages_bytes, self.opened_sizes["pages"])
         self.table_rows = max(table_bytes, self.opened_sizes["table"]) // ROW_SIZE
         self.pages_mm: mmap.mmap | None = None
@@ -471,8 +476,8 @@ class Publisher:
         """Names this publisher in the head's owner field: another writer of a shared
         bus that published since means the slot allocator must be rebuilt."""
         self.opening = True
-        """The first publication is still to come (the head's seq is odd because this
-        writer set it so, not because a writer died publishing)."""
+        """The first publication is still to come (the head's seq and status are still
+        the last writer's: what it left is judged by the adoption, not by publish)."""
         self.rebuilt_because: str | None = "the files have not been checked"
         """Why the first publication rewrites every page (None: the files the last
         writer left were adopted, see adopt)."""
@@ -724,7 +729,7 @@ class Publisher:
         opening = self.opening
         self.opening = False
         if opening:
-            pass  # the head's seq is odd since this writer opened (its files checked)
+            pass  # the files were judged when this writer opened (self.full says how)
         elif seq & 1 or _U32.unpack_from(head, _STATUS_OFF)[0] == STATUS_FAILED:
             # The last publisher died in the middle (writers publish one at a time), or
             # could not finish: what it was copying may be torn, so all is written again.
@@ -732,6 +737,13 @@ class Publisher:
         elif not self.touched and not self.full:
             return
         _U64.pack_into(head, 64, seq | 1)
+        if opening:
+            # (Under the odd seq: a failed writer's pages, or those of another boot, are
+            # not shown as live before they are written again.)
+            static = self.static
+            head[0 : _STATIC.size] = static
+            _U32.pack_into(head, _STATIC.size, crc32c(static))
+            _U32.pack_into(head, _STATUS_OFF, STATUS_LIVE)
         if _U64.unpack_from(head, _OWNER_OFF)[0] != self.token:
             if self.pages_mm is not None:
                 self._take_over(state)
@@ -892,11 +904,21 @@ class MappedPages:
         except BaseException:
             self._close_fds()
             raise
-        raw = self.head[: _STATIC.size]
+        for _ in range(50):
+            # (A writer's first publication rewrites these bytes under its odd seq: a
+            # read that overlaps it is taken again.)
+            raw = self.head[: _STATIC.size]
+            (crc,) = _U32.unpack_from(self.head, _STATIC.size)
+            if crc == crc32c(raw):
+                break
+            time.sleep(0.001)
         magic, version, _flags, _r, head_bus, self.boot, _created = _STATIC.unpack(raw)
-        (crc,) = _U32.unpack_from(self.head, _STATIC.size)
         if magic != MAP_MAGIC or crc != crc32c(raw):
             self.close()
+            if not any(raw) and not crc:
+                raise SerializationError("the bus's first writer has not published its pages "
+                                         "yet; attach once its open has returned",
+                                         path=d / "HEAD")
             raise SerializationError("the mapped head is damaged or not an MMSB map", path=d / "HEAD")
         if version != MAP_VERSION:
             self.close()
