@@ -1668,8 +1668,8 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     bytes per retained checkpoint, whatever the history.
 
     Returns the loader that builds the complete log later, from the chain's log
-    sections (each file then read whole and checked as :func:`_restore_chain` checks
-    it) followed by the records the log holds by then; None (nothing changed) where
+    sections (each file then read whole and checked against the chain's rows, as
+    :func:`_chain_files` checks the files of an eager open) followed by the records the log holds by then; None (nothing changed) where
     the chain starts at a checkpoint that nests a replay base, which only a whole read
     restores.
 
@@ -1678,9 +1678,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     """
     newest = bus.read_checkpoint(by_gen[gen], with_log=False)
     _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
-    rows = _walk_recorded(newest, gen, by_gen)
-    if rows is None:
-        rows = _walk_heads(bus, newest, gen, by_gen)
+    rows = _chain_of(bus, newest, gen, by_gen)
     first_gen, first_lsn, first_from, first_base = (int(x) for x in rows[0])
     if first_from == 0 and first_gen != gen:
         if first_base < 0:
@@ -1710,22 +1708,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     ckpt_lsn = newest.lsn
 
     def load(tail: TransactionLog) -> TransactionLog:
-        parts = []
-        for g, at, log_from, base_len in rows[start:].tolist():
-            path = by_gen[g]
-            ck = bus.read_checkpoint(path, pages=False)
-            _check_owner(ck.bus, bus.bus_id, g, path)
-            if ((ck.lsn, ck.log_from_lsn) != (at, log_from)
-                    or (base_len >= 0 and (ck.base is not None) != (base_len > 0))):
-                raise SerializationError(
-                    f"this checkpoint is at LSN {ck.lsn} with its log from LSN "
-                    f"{ck.log_from_lsn} ({'with' if ck.base is not None else 'without'} a "
-                    f"replay base), but the bus opened expecting LSN {at} from "
-                    f"{log_from} (the newer checkpoint's record of its chain, or the "
-                    "file as it was at the open): the file was replaced or changed; its "
-                    "history cannot be read", path=path)
-            parts.append(ck.records)
-        records = join_records(parts)
+        records = join_records([ck.records for _g, ck in _chain_files(bus, rows[start:], by_gen)])
         if isinstance(records, ColumnRecords):
             full = TransactionLog.from_columns(records.cols)
         else:
@@ -1883,10 +1866,11 @@ def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
 
 def _read_chain(bus: DurableBus, by_gen: _Listed, gen: int,
                 newest: Any = None) -> list[tuple[int, Any]]:
-    """The chain of checkpoints ending at generation ``gen``, oldest first: walk back
-    while the files are there, down to the newest file's horizon (its replay base) or
-    the chain's start. An older checkpoint that a crash left behind before retention
-    removed it is superseded, never part of the chain.
+    """The chain of checkpoints ending at generation ``gen``, oldest first, each read
+    whole (the older ones without their pages): the chain found as a deferred open
+    finds it (:func:`_chain_of`), then each file checked against it. An older
+    checkpoint that a crash left behind before retention removed it is superseded,
+    never part of the chain.
 
     Raises:
         SerializationError: a checkpoint is damaged, another bus's, or does not end
@@ -1895,18 +1879,50 @@ def _read_chain(bus: DurableBus, by_gen: _Listed, gen: int,
     if newest is None:
         newest = bus.read_checkpoint(by_gen[gen])
         _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
-    chain = [(gen, newest)]
-    horizon = newest.horizon_lsn
-    while chain[-1][1].log_from_lsn != 0 and chain[-1][1].lsn > horizon:
-        g_prev = chain[-1][0] - 1
-        if g_prev not in by_gen:
-            break
-        ck_prev = bus.read_checkpoint(by_gen[g_prev], pages=False)
-        _check_owner(ck_prev.bus, bus.bus_id, g_prev, by_gen[g_prev])
-        _check_link(g_prev, ck_prev.lsn, chain[-1][1].log_from_lsn, by_gen[g_prev])
-        chain.append((g_prev, ck_prev))
-    chain.reverse()
-    return chain
+    rows = _chain_of(bus, newest, gen, by_gen)
+    return [*_chain_files(bus, rows[:-1], by_gen), (gen, newest)]
+
+
+def _chain_of(bus: DurableBus, newest: Any, gen: int, by_gen: _Listed) -> np.ndarray:
+    """The chain ending at generation ``gen`` (the checkpoint ``newest``) as rows of
+    (generation, LSN, log start, nested base bytes or -1), oldest first: from the
+    newest file's record of its chain where it holds (:func:`_walk_recorded`),
+    otherwise from the older files' heads (:func:`_walk_heads`).
+
+    Raises:
+        SerializationError: two checkpoints of the chain do not link, or a head read is
+            damaged or another bus's.
+    """
+    rows = _walk_recorded(newest, gen, by_gen)
+    return _walk_heads(bus, newest, gen, by_gen) if rows is None else rows
+
+
+def _chain_files(bus: DurableBus, rows: np.ndarray, by_gen: _Listed) -> list[tuple[int, Any]]:
+    """The checkpoints of chain ``rows`` (see :func:`_chain_of`), each read whole but
+    for its pages, checked as this bus's and against its row: its LSN, where its log
+    starts and whether it nests a replay base (so that the links the rows were
+    checked for hold for the files).
+
+    Raises:
+        SerializationError: a file is damaged, another bus's, or not what its row says
+            (replaced or changed since the row was written or read).
+    """
+    out = []
+    for g, at, log_from, base_len in rows.tolist():
+        path = by_gen[g]
+        ck = bus.read_checkpoint(path, pages=False)
+        _check_owner(ck.bus, bus.bus_id, g, path)
+        if ((ck.lsn, ck.log_from_lsn) != (at, log_from)
+                or (base_len >= 0 and (ck.base is not None) != (base_len > 0))):
+            raise SerializationError(
+                f"this checkpoint is at LSN {ck.lsn} with its log from LSN "
+                f"{ck.log_from_lsn} ({'with' if ck.base is not None else 'without'} a "
+                f"replay base), but its chain says LSN {at} from {log_from} (the newer "
+                "checkpoint's record of it, or the file as it was when the chain was "
+                "walked): the file was replaced or changed; its history cannot be read",
+                path=path)
+        out.append((g, ck))
+    return out
 
 
 def _defer_log(state: MMSBState, loader: Callable[[TransactionLog], TransactionLog],
