@@ -7,6 +7,7 @@ exactly its pages."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -493,6 +494,41 @@ def test_a_reader_attaching_before_the_first_writer_published_is_told_so(
     assert len(seen) == 1 and "has not published its pages yet" in seen[0]
     _reader_sees(root, s)
     mmsb.mmsb_stop(s)
+
+
+@pytest.mark.parametrize("where", ["adopt", "note_append"])
+def test_an_open_that_fails_after_the_mapped_files_leaves_them_as_they_were(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """An open that fails after it opened the mapped files (before its first
+    publication, or after it) closes them and leaves the head as readers can go on
+    with: the last writer's pid put back, or the status of a closed bus; nothing else
+    changes, and the next open goes on."""
+    root = copy_beside(_image(tmp_path), "bus")
+    want = _reference(root)
+    words = _head_words(root)
+    reader = mmsb.attach(root)
+    before = {q: reader.read_page(q) for q in reader.page_ids()}
+    fds = len(os.listdir("/proc/self/fd"))
+
+    def fail(*_a: Any) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(mapped.Publisher, where, fail)
+    with pytest.raises(mmsb.DurabilityError, match="injected"):
+        mmsb.mmsb_start(path=root, config=_cfg())
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    after = _head_words(root)
+    if where == "adopt":
+        # Not published: the head is the last writer's, word for word.
+        assert after.tobytes() == words.tobytes()
+        assert {q: reader.read_page(q) for q in reader.page_ids()} == before
+    else:
+        assert reader.writer_pid is None and reader.read_page(sorted(before)[0]) == before[
+            sorted(before)[0]]
+    s = _check(root, want, adopted=None)
+    mmsb.mmsb_stop(s)
+    reader.close()
 
 
 def test_a_writer_killed_in_the_middle_of_a_publication(tmp_path: Path) -> None:

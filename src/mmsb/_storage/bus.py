@@ -1441,15 +1441,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         bus.map_history = MAP_HISTORY and not shared
         bus.use_store = not shared
         _recover(bus, state, listed, wal, defer=DEFER_HISTORY and not shared)
-        try:
-            bus.publisher = Publisher(root, bus_id)
-        except BaseException:
-            if bus.writer is not None:
-                try:
-                    bus.writer.close()
-                except OSError:
-                    pass  # the recovered state is in its checkpoint; nothing more to keep
-            raise
+        bus.publisher = Publisher(root, bus_id)
         if not shared:
             # The pages the last writer published, when they check out against the
             # recovered state, are kept; otherwise (and for shared writers) rebuilt.
@@ -1463,8 +1455,17 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
     except BaseException as exc:
         if write_fd >= 0:
             os.close(write_fd)
-        if bus is not None and bus.store is not None:
-            bus.store.close()
+        if bus is not None:
+            if bus.publisher is not None:
+                bus.publisher.abandon()
+                bus.publisher = None
+            if bus.writer is not None:
+                try:
+                    bus.writer.close()
+                except OSError:
+                    pass  # the recovered state is in its checkpoint; nothing more to keep
+            if bus.store is not None:
+                bus.store.close()
         fcntl.flock(lock_fd, fcntl.LOCK_UN)
         os.close(lock_fd)
         if isinstance(exc, OSError) and not isinstance(exc, MMSBError):

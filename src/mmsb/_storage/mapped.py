@@ -451,6 +451,8 @@ class Publisher:
         # the files instead of reading stores that may be lost). The first publication
         # rewrites what differs under an odd seq, and only then says "live".
         head = self.head
+        self.prev_pid = _U64.unpack_from(prev, _PID * 8)[0]
+        self.prev_started = started
         _U64.pack_into(head, _PID * 8, os.getpid())
         _U64.pack_into(head, _START * 8, (started + 1) & _U64_MAX)
         self.pages_cap = max(pages_bytes, self.opened_sizes["pages"])
@@ -868,6 +870,24 @@ class Publisher:
         _ROW.pack_into(self.table_mm, pid * ROW_SIZE, off, size, int(t.epoch[pid]), lsn)  # type: ignore[arg-type]
         own[2 * pid] = off
         own[2 * pid + 1] = size
+
+    def abandon(self) -> None:
+        """The open this publisher was made for failed: before its first publication
+        the head is left as the last writer left it (its pid and the count of opens
+        put back), after it as a close without a state leaves it; the files are closed
+        either way."""
+        if not self.fds:
+            return
+        if not self.opening:
+            self.close(None)
+            return
+        _U64.pack_into(self.head, _PID * 8, self.prev_pid)
+        _U64.pack_into(self.head, _START * 8, self.prev_started)
+        self.h = np.zeros(0, "<u8")
+        self.pages = np.zeros(0, np.uint8)
+        self.table = np.zeros(0, ROW_DTYPE)
+        self.notify_addr = self.waiters_addr = self.head_addr = 0
+        self.close_files()
 
     def close(self, state: MMSBState | None) -> None:
         """Last publication and ``status`` = no writer; the files stay for readers."""
