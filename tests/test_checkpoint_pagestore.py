@@ -877,6 +877,43 @@ def test_pins_of_more_slots_than_memory_holds_are_refused_before_they_are_expand
         mmsb.mmsb_stop(s)
 
 
+def test_pins_that_cannot_be_allocated_refuse_the_checkpoint_and_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins within the machine's memory whose slot-by-slot arrays still cannot be
+    allocated (this process's limit) refuse the first checkpoint after the open with a
+    DurabilityError naming the store; the state, the log and the files are as they
+    were, and the next checkpoint, with memory to spare, goes through."""
+    from mmsb._storage import pagestore
+
+    root = tmp_path / "bus"
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    ids = [p.id for p in mmsb.create_pages(s, 8, 512)]
+    mmsb.mmsb_stop(s)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        mmsb.write_page(s, ids[0], 1, b"after")
+        lsn, view, files = int(s.last_lsn), pages_view(s), _ckpts(root)
+        real = pagestore._pin_slots
+
+        def no_memory(*_a: object) -> object:
+            raise MemoryError
+
+        monkeypatch.setattr(pagestore, "_pin_slots", no_memory)
+        with pytest.raises(mmsb.DurabilityError, match="more than this process may hold"):
+            s.bus.checkpoint(s)
+        assert (int(s.last_lsn), pages_view(s), _ckpts(root)) == (lsn, view, files)
+        monkeypatch.setattr(pagestore, "_pin_slots", real)
+        s.bus.checkpoint(s)
+        assert len(_ckpts(root)) == len(files) + 1
+    finally:
+        mmsb.mmsb_stop(s)
+    s = mmsb.mmsb_start(path=str(root), config=_cfg())
+    try:
+        assert int(s.last_lsn) == lsn and pages_view(s) == view
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 def test_a_bus_of_version_3_checkpoints_opens_and_goes_on_in_version_4(
         tmp_path: Path) -> None:
     """A bus whose newest checkpoint an earlier build wrote (format version 3: its pins
