@@ -913,19 +913,20 @@ class DurableBus:
         # where it rewrites the log (history older than the oldest kept checkpoint
         # leaves memory) or removes a file the history would be read from (an evicted
         # checkpoint, even one whose records a newer slice also holds).
-        trims = ((oldest is not new and not self._chain_starts_at(kept)
-                  and oldest.lsn > state.log.horizon_lsn) or (oldest is new and not full))
+        rebased = oldest is not new and not self._chain_starts_at(kept)
+        alone = oldest is new and not full
+        trims = (rebased and oldest.lsn > state.log.horizon_lsn) or alone
         evicts = len(kept) <= len(self.retained)
         saved = state.history_snapshot(rewrites=trims or evicts or full)
         refs: PageRefs | None = None
         try:
             # History older than the oldest kept checkpoint leaves memory first, so that
             # the new file's masks and log describe exactly what recovery will rebuild.
-            if oldest is not new and not self._chain_starts_at(kept):
+            if rebased:
                 if trims:
                     state.trim_log(oldest.lsn)
                 state.replay_base = CheckpointBase(oldest.path)
-            elif oldest is new and not full:
+            elif alone:
                 # The new checkpoint is the only one kept: it is its own replay base.
                 state.trim_log(lsn)
                 new.log_from_lsn = lsn
@@ -1669,10 +1670,10 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     bytes per retained checkpoint, whatever the history.
 
     Returns the loader that builds the complete log later, from the chain's log
-    sections (each file then read whole and checked against the chain's rows, as
-    :func:`_chain_files` checks the files of an eager open) followed by the records the log holds by then; None (nothing changed) where
-    the chain starts at a checkpoint that nests a replay base, which only a whole read
-    restores.
+    sections (each file then read whole and checked against the chain's rows by
+    :func:`_chain_files`, as an eager open checks them) followed by the records the log
+    holds by then; None (nothing changed) where the chain starts at a checkpoint that
+    nests a replay base, which only a whole read restores.
 
     Raises:
         SerializationError: a checkpoint is damaged, another bus's, or out of its chain.
@@ -1838,9 +1839,10 @@ def _recorded_chain(info: dict[str, Any] | None, gen: int, lsn: int,
     rows of generation, LSN, log start and the bytes of the replay base the file nests,
     oldest first, ending with itself, packed as :func:`_chain_record` packs them; or,
     as earlier builds recorded it, ``chain``: a list of ``[generation, lsn,
-    log_from_lsn]`` lists with that fourth int where the writer knew it) as C-ordered int64 rows (-1: base
-    bytes not known); None when it records none or the record does not hold together
-    (:func:`_chain_problem`), so that the files' heads are read instead."""
+    log_from_lsn]`` lists with that fourth int where the writer knew it) as C-ordered
+    int64 rows (-1: base bytes not known); None when it records none or the record
+    does not hold together (:func:`_chain_problem`), so that the files' heads are read
+    instead."""
     raw = None
     if info is not None:
         raw = info.get("chain_rows")
