@@ -883,11 +883,7 @@ class Publisher:
             return
         _U64.pack_into(self.head, _PID * 8, self.prev_pid)
         _U64.pack_into(self.head, _START * 8, self.prev_started)
-        self.h = np.zeros(0, "<u8")
-        self.pages = np.zeros(0, np.uint8)
-        self.table = np.zeros(0, ROW_DTYPE)
-        self.notify_addr = self.waiters_addr = self.head_addr = 0
-        self.close_files()
+        self._let_go()
 
     def close(self, state: MMSBState | None) -> None:
         """Last publication and ``status`` = no writer; the files stay for readers."""
@@ -900,11 +896,16 @@ class Publisher:
             self.h[_PID] = 0
             notify.bump(self.notify_addr, self.waiters_addr)
         finally:
-            self.h = np.zeros(0, "<u8")
-            self.pages = np.zeros(0, np.uint8)
-            self.table = np.zeros(0, ROW_DTYPE)
-            self.notify_addr = self.waiters_addr = self.head_addr = 0
-            self.close_files()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop the views of the mappings (they go with their last view) and close the
+        files."""
+        self.h = np.zeros(0, "<u8")
+        self.pages = np.zeros(0, np.uint8)
+        self.table = np.zeros(0, ROW_DTYPE)
+        self.notify_addr = self.waiters_addr = self.head_addr = 0
+        self.close_files()
 
 
 class MappedPages:
