@@ -421,9 +421,7 @@ def test_readers_read_the_last_publication_while_a_writer_opens(
             seen["thread"] = threading.Thread(target=read_all)
             seen["thread"].start()
         else:
-            t0 = time.monotonic()
-            read_all()
-            seen["took"] = time.monotonic() - t0
+            read_all()  # (a read that waited on this open would raise, it cannot end)
             with mmsb.attach(root) as late:
                 seen["late"] = {q: late.read_page(q) for q in late.page_ids()}
         return real(self, state)
@@ -439,7 +437,6 @@ def test_readers_read_the_last_publication_while_a_writer_opens(
         else:
             assert because is None
             assert seen["out"] == [before] and seen["late"] == before
-            assert seen["took"] < mapped._STALL_LIMIT
         assert seen["pid"] == os.getpid()
         mmsb.mmsb_stop(s)
     finally:
@@ -565,11 +562,7 @@ def test_a_reader_attached_across_the_reopen_keeps_working(tmp_path: Path,
         proc.kill()
         proc.wait(timeout=30)
     if torn:  # as if killed inside its publication: the sequence left odd
-        with open(root / "map" / "HEAD", "r+b") as f:
-            f.seek(64)
-            (seq,) = struct.unpack("<Q", f.read(8))
-            f.seek(64)
-            f.write(struct.pack("<Q", seq | 1))
+        _set_head_u64(root, 8, int(_head_words(root)[8]) | 1)
     reader = mmsb.attach(root)
     try:
         if torn:
