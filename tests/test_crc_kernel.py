@@ -137,13 +137,14 @@ def test_callers_match_the_package() -> None:
 
 
 def _run_here(env: dict[str, str], tmp_path: Path) -> None:
-    """This file's other tests in a new process with ``env`` added, numba's cache in
-    ``tmp_path`` (so the kernels that call ``crc_update`` compile in that process)."""
+    """This file's other tests in one new process (``-n0``: no worker processes) with
+    ``env`` added, numba's cache in ``tmp_path`` (so the kernels that call
+    ``crc_update`` compile in that process)."""
     full = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), **env)
     root = Path(__file__).resolve().parent.parent
     full["PYTHONPATH"] = os.pathsep.join([str(root / "src"), full.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n0", __file__,
          "-k", "not subprocess"],
         cwd=root, env=full, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
