@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from mmsb._storage import mapped
 from mmsb._storage.feed import record_events
 from mmsb._storage.mapped import HEAD_SIZE, MAP_MAGIC
 
@@ -357,6 +359,73 @@ def test_a_writer_that_died_while_publishing_is_reported(tmp_path: Path,
     with mmsb.attach(path) as r:
         assert r.read_page(p.id) == bytes(8)
     mmsb.mmsb_stop(s)
+
+
+def test_a_long_publication_is_waited_for_while_it_makes_progress(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live writer's publication that lasts longer than the stall limit is waited for
+    as long as its progress word moves (a rebuild of gigabytes is not a stall); one
+    whose word stands still for the limit is given up on, and a later publication reads
+    again."""
+    monkeypatch.setattr(mapped, "_STALL_LIMIT", 0.3)
+    path = tmp_path / "bus"
+    s = _bus(path)
+    try:
+        p = mmsb.create_page(s, 8)
+        mmsb.write_page(s, p.id, 0, b"\x05" * 8)
+        head = s.bus.publisher.head
+        (seq,) = struct.unpack_from("<Q", head, 64)
+        with mmsb.attach(path) as r:
+            # This process is the writer (alive); its publication is made to last four
+            # times the limit, stepping its progress word every 50 ms.
+            struct.pack_into("<Q", head, 64, seq | 1)
+
+            def publishing() -> None:
+                end = time.monotonic() + 1.2
+                step = 0
+                while time.monotonic() < end:
+                    step += 1
+                    struct.pack_into("<Q", head, mapped._PROGRESS_OFF, step)
+                    time.sleep(0.05)
+                struct.pack_into("<Q", head, 64, (seq | 1) + 1)
+
+            t = threading.Thread(target=publishing)
+            t.start()
+            try:
+                # Returns only once seq is even again: after the whole publication.
+                assert r.read_page(p.id) == b"\x05" * 8
+            finally:
+                t.join()
+            # The same publication with its word standing still: given up on.
+            struct.pack_into("<Q", head, 64, seq + 3)
+            with pytest.raises(mmsb.DurabilityError, match="no progress for 0.3 s"):
+                r.read_page(p.id)
+            struct.pack_into("<Q", head, 64, seq + 4)
+            mmsb.write_page(s, p.id, 0, b"\x06" * 8)
+            assert r.read_page(p.id) == b"\x06" * 8
+    finally:
+        mmsb.mmsb_stop(s)
+
+
+def test_a_publication_of_many_pages_steps_its_progress_word(tmp_path: Path) -> None:
+    s = _bus(path := tmp_path / "bus")
+    try:
+        def progress() -> int:
+            return struct.unpack_from("<Q", (path / "map" / "HEAD").read_bytes(),
+                                      mapped._PROGRESS_OFF)[0]
+
+        before = progress()
+        ids = [pg.id for pg in mmsb.create_pages(s, 2 * mapped._PROGRESS_PAGES + 10, 8)]
+        with mmsb.batch(s):
+            for pid in ids:
+                mmsb.write_page(s, pid, 0, b"\x01")
+        assert progress() >= before + 2
+        # A publication of a few pages leaves it as it is.
+        now = progress()
+        mmsb.write_page(s, ids[0], 0, b"\x02")
+        assert progress() == now
+    finally:
+        mmsb.mmsb_stop(s)
 
 
 # --------------------------------------------------------------------------- other processes

@@ -95,9 +95,9 @@ ROW_SIZE = ROW_DTYPE.itemsize
 # Word indexes (u64) of the dynamic fields.
 _SEQ, _LSN, _ROWS, _PAGES_BYTES, _TABLE_BYTES, _TS = 8, 9, 10, 11, 12, 13
 _NOTIFY_OFF, _STATUS_OFF, _PID, _START = 112, 116, 15, 16
-_LOG_OFF, _OWNER_OFF, _BUMP_OFF = 136, 168, 176
+_LOG_OFF, _OWNER_OFF, _BUMP_OFF, _PROGRESS_OFF = 136, 168, 176, 184
 _LOG = struct.Struct("<QQQQ")
-_HEAD_FIELDS = _BUMP_OFF + 8
+_HEAD_FIELDS = _PROGRESS_OFF + 8
 """Bytes of the head that hold fields (the rest of its page is zeros)."""
 _U64_MAX = (1 << 64) - 1
 STATUS_NONE, STATUS_LIVE, STATUS_FAILED = 0, 1, 2
@@ -105,7 +105,10 @@ _MIN_PAGES = 1 << 20
 _MIN_ROWS = 1024
 _READ_SPINS = 1000
 _STALL_LIMIT = 5.0
-"""Seconds a reader waits for a publication in progress before it gives up."""
+"""Seconds a reader waits for a publication in progress that makes no progress (its
+``progress`` word unchanged) before it gives up."""
+_PROGRESS_PAGES = 4096
+"""Pages a publication of touched pages copies between two steps of ``progress``."""
 
 
 def _alive(pid: int) -> bool:
@@ -773,6 +776,13 @@ class Publisher:
         _U64.pack_into(head, 64, (seq | 1) + 1)
         notify.bump(self.notify_addr, self.waiters_addr)
 
+    def _progress(self) -> None:
+        """Step the head's ``progress`` word: a publication is copying, so readers
+        waiting on its odd ``seq`` keep waiting (a long one, such as a rebuild of
+        gigabytes, is not taken for a stalled writer)."""
+        h = self.h
+        h[_PROGRESS_OFF // 8] = (int(h[_PROGRESS_OFF // 8]) + 1) & _U64_MAX
+
     def _ensure_rows(self, rows: int) -> None:
         if rows > self.table.shape[0]:
             old = self.table.shape[0]
@@ -804,6 +814,7 @@ class Publisher:
         need = int(offs[-1] + cls[-1])
         if need > self.pages.shape[0]:
             self._remap_pages(need)
+            self._progress()
         addrs = t.addr[ids].astype(np.int64)
         chunks = addrs >> CHUNK_SHIFT
         within = addrs & CHUNK_MASK
@@ -812,6 +823,7 @@ class Publisher:
             src = state.arena.chunk(c)
             assert src is not None
             _gather(self.pages, offs[sel], src, within[sel], sizes[sel])
+            self._progress()  # (one arena chunk, at most 64 MiB, at a time)
         tab = self.table
         tab["offset"][ids] = offs
         tab["size"][ids] = sizes
@@ -827,7 +839,15 @@ class Publisher:
             self._ensure_rows(t.next_id)
         lsn = state.log.last_lsn
         flags = t.flags
+        # (Only a publication of many pages steps the progress word, every so many.)
+        step = _PROGRESS_PAGES if len(self.touched) > _PROGRESS_PAGES else 0
+        copied = 0
         for pid, (lo, hi) in self.touched.items():
+            if step:
+                copied += 1
+                if copied == step:
+                    copied = 0
+                    self._progress()
             if pid >= t.next_id:
                 continue
             if flags[pid] & LIVE:
@@ -1015,17 +1035,27 @@ class MappedPages:
             (s,) = _U64.unpack_from(head, 64)
             if not s & 1:
                 return int(s)
+        # A live writer's publication is waited for as long as it makes progress: the
+        # limit counts from the last step of its progress word.
+        (progress,) = _U64.unpack_from(head, _PROGRESS_OFF)
         deadline = time.monotonic() + _STALL_LIMIT
-        while time.monotonic() < deadline:
+        while True:
             time.sleep(0.0002)
             (s,) = _U64.unpack_from(head, 64)
             if not s & 1:
                 return int(s)
             if not _alive(self.writer_pid):
                 break
+            (now_progress,) = _U64.unpack_from(head, _PROGRESS_OFF)
+            now = time.monotonic()
+            if now_progress != progress:
+                progress = now_progress
+                deadline = now + _STALL_LIMIT
+            elif now >= deadline:
+                break
         raise DurabilityError(f"the writer of {self.root} stopped in the middle of publishing "
-                              "its pages (it died or stalls); the pages show again once a "
-                              "writer reopens the bus")
+                              f"its pages (it died, or made no progress for {_STALL_LIMIT:g} "
+                              "s); the pages show again once a writer reopens the bus")
 
     def _row(self, pid: int) -> tuple[int, int, int, int]:
         if pid < 1 or (pid + 1) * ROW_SIZE > self.table_len:
