@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmsb
+from conftest import set_boot_id
 from mmsb._storage import mapped
 from mmsb._storage.feed import record_events
 from mmsb._storage.mapped import HEAD_SIZE, MAP_MAGIC
@@ -407,23 +408,35 @@ def test_a_long_publication_is_waited_for_while_it_makes_progress(
         mmsb.mmsb_stop(s)
 
 
-def test_a_publication_of_many_pages_steps_its_progress_word(tmp_path: Path) -> None:
-    s = _bus(path := tmp_path / "bus")
-    try:
-        def progress() -> int:
-            return struct.unpack_from("<Q", (path / "map" / "HEAD").read_bytes(),
-                                      mapped._PROGRESS_OFF)[0]
+def test_publications_step_their_progress_word(tmp_path: Path) -> None:
+    """A partial publication steps it once per _PROGRESS_PAGES pages, one of a few pages
+    not at all; a full one (the rebuild of files of another boot) once per arena chunk
+    it copies, after the files it grows."""
+    path = tmp_path / "bus"
 
-        before = progress()
+    def progress() -> int:
+        return struct.unpack_from("<Q", (path / "map" / "HEAD").read_bytes(),
+                                  mapped._PROGRESS_OFF)[0]
+
+    s = _bus(path)
+    try:
         ids = [pg.id for pg in mmsb.create_pages(s, 2 * mapped._PROGRESS_PAGES + 10, 8)]
+        before = progress()
         with mmsb.batch(s):
             for pid in ids:
                 mmsb.write_page(s, pid, 0, b"\x01")
-        assert progress() >= before + 2
-        # A publication of a few pages leaves it as it is.
-        now = progress()
+        assert progress() == before + 2
         mmsb.write_page(s, ids[0], 0, b"\x02")
-        assert progress() == now
+        assert progress() == before + 2
+    finally:
+        mmsb.mmsb_stop(s)
+    set_boot_id(path, bytes(range(16)))
+    before = progress()
+    s = _bus(path)
+    try:
+        assert progress() > before
+        with mmsb.attach(path) as r:
+            assert r.read_page(ids[0]) == b"\x02" + bytes(7)
     finally:
         mmsb.mmsb_stop(s)
 

@@ -421,7 +421,9 @@ def test_readers_read_the_last_publication_while_a_writer_opens(
             seen["thread"] = threading.Thread(target=read_all)
             seen["thread"].start()
         else:
-            read_all()  # (a read that waited on this open would raise, it cannot end)
+            # (In the open's own thread: had the open made readers wait, this read
+            # would raise once the stall limit passed, instead of returning.)
+            read_all()
             with mmsb.attach(root) as late:
                 seen["late"] = {q: late.read_page(q) for q in late.page_ids()}
         return real(self, state)

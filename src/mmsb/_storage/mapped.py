@@ -107,6 +107,8 @@ _READ_SPINS = 1000
 _STALL_LIMIT = 5.0
 """Seconds a reader waits for a publication in progress that makes no progress (its
 ``progress`` word unchanged) before it gives up."""
+_MAX_PAUSE = 0.01
+"""Longest sleep between two looks of a reader waiting for a publication (seconds)."""
 _PROGRESS_PAGES = 4096
 """Pages a publication of touched pages copies between two steps of ``progress``."""
 
@@ -1039,8 +1041,12 @@ class MappedPages:
         # limit counts from the last step of its progress word.
         (progress,) = _U64.unpack_from(head, _PROGRESS_OFF)
         deadline = time.monotonic() + _STALL_LIMIT
+        pause = 0.0002
         while True:
-            time.sleep(0.0002)
+            # (The pause doubles up to 10 ms: a wait through a long publication costs
+            # a hundred wakes a second, not thousands.)
+            time.sleep(pause)
+            pause = min(pause * 2, _MAX_PAUSE)
             (s,) = _U64.unpack_from(head, 64)
             if not s & 1:
                 return int(s)
