@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +298,10 @@ def test_a_writer_killed_in_allocated_space_loses_no_acknowledged_write(tmp_path
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(mmsb.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]))
     tails = 0
-    for r, delay in enumerate((0.0, 0.01, 0.03, 0.05, 0.08)):
+    # Each round is killed once the writer has acknowledged a given number of writes
+    # (not after a fixed sleep, which a slow machine can spend before the first frame):
+    # from the first frame on, the segment holds space written ahead of its frames.
+    for r, seen in enumerate((1, 3, 10, 30, 80)):
         proc = subprocess.Popen(
             [sys.executable, str(WRITER), str(root), str(r), "always", "-", str(1 << 26), "100000"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
@@ -307,10 +309,11 @@ def test_a_writer_killed_in_allocated_space_loses_no_acknowledged_write(tmp_path
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
         assert proc.stdout.readline().startswith(b"open ")
-        time.sleep(delay)
+        early = [proc.stdout.readline() for _ in range(seen)]
+        assert all(ln.startswith(b"ack ") for ln in early), early
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        lines = [ln.decode() for ln in proc.stdout.read().splitlines(keepends=True)
+        lines = [ln.decode() for ln in early + proc.stdout.read().splitlines(keepends=True)
                  if ln.endswith(b"\n")]
         proc.stdin.close()
         proc.stdout.close()
@@ -333,7 +336,7 @@ def test_a_writer_killed_in_allocated_space_loses_no_acknowledged_write(tmp_path
                 model[pid] = now
         finally:
             mmsb.mmsb_stop(s)
-    assert tails >= 3, "the writer was never killed with space written ahead"
+    assert tails == 5, "a writer was killed without space written ahead"
 
 
 # --------------------------------------------------------------------------- old files
