@@ -20,7 +20,8 @@ Fork-server mode, for the crash loop (one interpreter start-up for all rounds)::
 
     python tests/crash_writer.py --zygote DIR FSYNC SEGMENT_BYTES MAX_TLOG [RETAIN]
 
-imports mmsb once, then reads commands on stdin: ``go ROUND`` forks a child that opens
+imports mmsb once and loads the compiled kernels a writer uses on a scratch bus (see
+``warm``), then reads commands on stdin: ``go ROUND`` forks a child that opens
 the bus *after the fork* and runs the same write loop (its lines go to the shared
 stdout, each in one ``os.write`` smaller than PIPE_BUF, so lines never interleave or
 tear); ``kill`` sends that child SIGKILL, reaps it and prints ``dead``; ``quit`` exits.
@@ -34,6 +35,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def plan(round_no: int, i: int, sizes: dict[int, int]) -> tuple[str, int, int, bytes]:
@@ -128,10 +130,63 @@ def serve(run: Callable[[list[str]], None]) -> int:
     return 0
 
 
+def warm(**config: Any) -> None:
+    """Load, once in the fork server, the compiled kernels a writer's rounds use: numba
+    builds its typing context on the first call of a process (most of a second), which
+    every forked writer would otherwise pay before it opens the bus, so that a kill
+    soon after the fork would land in that start-up instead of the bus's open. A
+    scratch bus is written, stopped, reopened, written by a child killed without
+    stopping, and recovered; nothing of it is left, no thread runs after it."""
+    import shutil
+    import tempfile
+
+    import mmsb
+
+    cfg = mmsb.MMSBConfig(enable_gpu=False, **config)
+    max_tlog = cfg.max_tlog_size
+    scratch = tempfile.mkdtemp(prefix="mmsb-warm-")
+    try:
+        sizes: dict[int, int] = {}
+        for step in range(3):
+            if step == 1:
+                child = os.fork()
+                if child == 0:
+                    try:
+                        state = mmsb.mmsb_start(path=scratch, config=cfg)
+                        _writes(state, sizes, 2 * max_tlog)
+                    finally:
+                        os._exit(0)  # as a killed writer: nothing stopped or flushed
+                os.waitpid(child, 0)
+                continue
+            state = mmsb.mmsb_start(path=scratch, config=cfg)
+            if not state.pages:
+                for n in (64, 300):
+                    mmsb.create_page(state, n)
+            sizes = {pid: int(p.size) for pid, p in state.pages.items()}
+            _writes(state, sizes, 2 * max_tlog)
+            mmsb.mmsb_stop(state)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _writes(state: Any, sizes: dict[int, int], n: int) -> None:
+    import mmsb
+
+    for i in range(n):
+        kind, pid, offset, data = plan(-1, i, sizes)
+        if kind == "update":
+            mmsb.update_page(state, pid, data)
+        else:
+            mmsb.write_page(state, pid, offset, data)
+        mmsb.query_page(state, pid)
+
+
 def zygote(directory: str, fsync: str, segment_bytes: int, max_tlog: int,
            retain: int | None) -> int:
     import mmsb  # noqa: F401 - imported once, before any fork
 
+    warm(fsync=fsync, segment_bytes=segment_bytes, max_tlog_size=max_tlog,
+         retain_checkpoints=retain)
     return serve(lambda args: write_loop(directory, int(args[0]), fsync, None, segment_bytes,
                                          max_tlog, retain))
 

@@ -4,7 +4,8 @@ Fork-server mode (one interpreter start-up for all rounds)::
 
     python tests/repl_writer.py URL ACK PAGES
 
-imports mmsb once, prints ``ready``, then reads commands on stdin: ``go DIR ROUND``
+imports mmsb once, loads the compiled kernels of its durable writes (``warm`` in
+crash_writer.py), prints ``ready``, then reads commands on stdin: ``go DIR ROUND``
 forks a child that opens the bus in DIR as the leader (``replicate_to=URL``,
 ``ack=ACK``) and writes in a loop; ``kill`` sends that child SIGKILL, reaps it and
 prints ``dead``; ``quit`` exits. Each write is a batch of two writes (one record group)
@@ -25,7 +26,7 @@ import hashlib
 import os
 import sys
 
-from crash_writer import say, serve
+from crash_writer import say, serve, warm
 
 
 def write_loop(url: str, ack: str, pages: int, directory: str, round_no: int) -> None:
@@ -61,6 +62,7 @@ def main(argv: list[str]) -> int:
     url, ack, pages = argv[0], argv[1], int(argv[2])
     import mmsb  # noqa: F401 - imported once, before any fork
 
+    warm(max_tlog_size=300)  # the leader's durable paths (not its replication's)
     return serve(lambda args: write_loop(url, ack, pages, args[0], int(args[1])))
 
 
