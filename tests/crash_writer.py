@@ -135,8 +135,9 @@ def warm(**config: Any) -> None:
     builds its typing context on the first call of a process (most of a second), which
     every forked writer would otherwise pay before it opens the bus, so that a kill
     soon after the fork would land in that start-up instead of the bus's open. A
-    scratch bus is written, stopped, reopened, written by a child killed without
-    stopping, and recovered; nothing of it is left, no thread runs after it."""
+    scratch bus is written and stopped; a forked child reopens it, writes and exits
+    without stopping (as a killed writer); the bus is then recovered, written and
+    stopped again. Nothing of it is left, and no thread runs after it."""
     import shutil
     import tempfile
 
