@@ -410,8 +410,8 @@ def test_a_long_publication_is_waited_for_while_it_makes_progress(
 
 def test_publications_step_their_progress_word(tmp_path: Path) -> None:
     """A partial publication steps it once per _PROGRESS_PAGES pages, one of a few pages
-    not at all; a full one (the rebuild of files of another boot) once per arena chunk
-    it copies, after the files it grows."""
+    not at all unless it grows the files; a full one (the rebuild of files of another
+    boot) once per arena chunk it copies, and as it grows the files."""
     path = tmp_path / "bus"
 
     def progress() -> int:
@@ -428,6 +428,10 @@ def test_publications_step_their_progress_word(tmp_path: Path) -> None:
         assert progress() == before + 2
         mmsb.write_page(s, ids[0], 0, b"\x02")
         assert progress() == before + 2
+        # A few pages that do not fit the pages file: its growth steps the word.
+        grown = progress()
+        mmsb.create_pages(s, 3, 1 << 20)
+        assert progress() > grown
     finally:
         mmsb.mmsb_stop(s)
     set_boot_id(path, bytes(range(16)))

@@ -545,6 +545,7 @@ class Publisher:
         self.pages = np.frombuffer(self.pages_mm, np.uint8)
         self.pages_cap = cap
         self.h[_PAGES_BYTES] = cap
+        self._progress()  # (growing a file of gigabytes may take a while)
 
     def _remap_table(self, rows: int) -> None:
         cap = max(_MIN_ROWS, self.table_rows)
@@ -559,6 +560,7 @@ class Publisher:
         self.table_rows = cap
         self.h[_TABLE_BYTES] = nbytes
         self._size_slots(cap)
+        self._progress()
 
     def _size_slots(self, rows: int) -> None:
         """Grow :attr:`slots` to ``rows`` rows (the new ones: no page)."""
@@ -779,9 +781,11 @@ class Publisher:
         notify.bump(self.notify_addr, self.waiters_addr)
 
     def _progress(self) -> None:
-        """Step the head's ``progress`` word: a publication is copying, so readers
-        waiting on its odd ``seq`` keep waiting (a long one, such as a rebuild of
-        gigabytes, is not taken for a stalled writer)."""
+        """Step the head's ``progress`` word: a publication is copying or growing the
+        files, so readers waiting on its odd ``seq`` keep waiting (a long one, such as a
+        rebuild of gigabytes, is not taken for a stalled writer). A step outside a
+        publication (the files grown as another shared writer's are taken over) is read
+        by nobody: readers look at the word only while ``seq`` is odd."""
         h = self.h
         h[_PROGRESS_OFF // 8] = (int(h[_PROGRESS_OFF // 8]) + 1) & _U64_MAX
 
@@ -816,7 +820,6 @@ class Publisher:
         need = int(offs[-1] + cls[-1])
         if need > self.pages.shape[0]:
             self._remap_pages(need)
-            self._progress()
         addrs = t.addr[ids].astype(np.int64)
         chunks = addrs >> CHUNK_SHIFT
         within = addrs & CHUNK_MASK
