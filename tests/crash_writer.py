@@ -87,12 +87,8 @@ def write_loop(directory: str, round_no: int, fsync: str, max_writes: int | None
     sizes = {pid: int(p.size) for pid, p in state.pages.items()}
     i = 0
     while max_writes is None or i < max_writes:
-        kind, pid, offset, data = plan(round_no, i, sizes)
-        if kind == "update":
-            page = mmsb.update_page(state, pid, data)
-        else:
-            page = mmsb.write_page(state, pid, offset, data)
-        say(f"ack {i} {pid} {int(page.epoch)} {digest(mmsb.query_page(state, pid))}")
+        pid, epoch = write(state, round_no, i, sizes)
+        say(f"ack {i} {pid} {epoch} {digest(mmsb.query_page(state, pid))}")
         i += 1
     say("done")
     while True:
@@ -144,42 +140,42 @@ def warm(**config: Any) -> None:
     import mmsb
 
     cfg = mmsb.MMSBConfig(enable_gpu=False, **config)
-    max_tlog = cfg.max_tlog_size
+    n = 2 * cfg.max_tlog_size  # (checkpoints and segment rolls included)
     scratch = tempfile.mkdtemp(prefix="mmsb-warm-")
     try:
-        sizes: dict[int, int] = {}
-        for step in range(3):
-            if step == 1:
-                child = os.fork()
-                if child == 0:
-                    try:
-                        state = mmsb.mmsb_start(path=scratch, config=cfg)
-                        _writes(state, sizes, 2 * max_tlog)
-                    finally:
-                        os._exit(0)  # as a killed writer: nothing stopped or flushed
-                os.waitpid(child, 0)
-                continue
-            state = mmsb.mmsb_start(path=scratch, config=cfg)
-            if not state.pages:
-                for n in (64, 300):
-                    mmsb.create_page(state, n)
-            sizes = {pid: int(p.size) for pid, p in state.pages.items()}
-            _writes(state, sizes, 2 * max_tlog)
-            mmsb.mmsb_stop(state)
+        state = mmsb.mmsb_start(path=scratch, config=cfg)
+        sizes = {mmsb.create_page(state, size).id: size for size in (64, 300)}
+        for i in range(n):
+            write(state, -1, i, sizes)
+        mmsb.mmsb_stop(state)
+        child = os.fork()
+        if child == 0:
+            try:
+                state = mmsb.mmsb_start(path=scratch, config=cfg)
+                for i in range(n):
+                    write(state, -2, i, sizes)
+            finally:
+                os._exit(0)  # as a killed writer: nothing stopped or flushed
+        os.waitpid(child, 0)
+        state = mmsb.mmsb_start(path=scratch, config=cfg)
+        for i in range(n):
+            write(state, -3, i, sizes)
+        mmsb.mmsb_stop(state)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _writes(state: Any, sizes: dict[int, int], n: int) -> None:
+def write(state: Any, round_no: int, i: int, sizes: dict[int, int]) -> tuple[int, int]:
+    """Make write ``i`` of round ``round_no`` (see :func:`plan`); (page id, its epoch
+    after the write)."""
     import mmsb
 
-    for i in range(n):
-        kind, pid, offset, data = plan(-1, i, sizes)
-        if kind == "update":
-            mmsb.update_page(state, pid, data)
-        else:
-            mmsb.write_page(state, pid, offset, data)
-        mmsb.query_page(state, pid)
+    kind, pid, offset, data = plan(round_no, i, sizes)
+    if kind == "update":
+        page = mmsb.update_page(state, pid, data)
+    else:
+        page = mmsb.write_page(state, pid, offset, data)
+    return pid, int(page.epoch)
 
 
 def zygote(directory: str, fsync: str, segment_bytes: int, max_tlog: int,

@@ -28,12 +28,15 @@ import sys
 
 from crash_writer import say, serve, warm
 
+MAX_TLOG = 300
+"""The leader's ``max_tlog_size``: checkpoints every 300 records."""
+
 
 def write_loop(url: str, ack: str, pages: int, directory: str, round_no: int) -> None:
     import mmsb
 
     cfg = mmsb.MMSBConfig(enable_gpu=False, replicate_to=url, ack=ack, ack_timeout=30,
-                          replication_lease=1.0, max_tlog_size=300)
+                          replication_lease=1.0, max_tlog_size=MAX_TLOG)
     try:
         state = mmsb.mmsb_start(path=directory, config=cfg)
     except mmsb.MMSBError as exc:
@@ -62,7 +65,7 @@ def main(argv: list[str]) -> int:
     url, ack, pages = argv[0], argv[1], int(argv[2])
     import mmsb  # noqa: F401 - imported once, before any fork
 
-    warm(max_tlog_size=300)  # the leader's durable paths (not its replication's)
+    warm(max_tlog_size=MAX_TLOG)  # the leader's durable paths (not its replication's)
     return serve(lambda args: write_loop(url, ack, pages, args[0], int(args[1])))
 
 
