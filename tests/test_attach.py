@@ -336,6 +336,51 @@ def test_damaged_or_hostile_mapped_files(tmp_path: Path) -> None:
         mmsb.mmsb_stop(s)
 
 
+def test_mapped_files_shorter_than_their_head_says_are_refused(tmp_path: Path) -> None:
+    """A head whose lengths go past its files (a file cut, or the lengths edited): an
+    attach, and a reader already attached at its next read, get SerializationError
+    naming the file, never a ValueError from mmap or SIGBUS, and nothing changes: the
+    files stay as they were, and an attached reader reads again once the head is put
+    back."""
+    path = tmp_path / "bus"
+    s = _bus(path)
+    p = mmsb.create_page(s, 1024)
+    mmsb.write_page(s, p.id, 0, b"kept")
+    mmsb.mmsb_stop(s)
+    head_path = path / "map" / "HEAD"
+    head = head_path.read_bytes()
+    plen, tlen = struct.unpack_from("<QQ", head, mapped._PAGES_BYTES * 8)
+    for name, length in (("pages", plen), ("table", tlen)):
+        f = path / "map" / name
+        whole = f.read_bytes()
+        assert len(whole) == length
+        os.truncate(f, 64)
+        cut = _files(path)
+        with pytest.raises(mmsb.SerializationError, match=f"gives {name} {length} bytes, "
+                           "but the file is 64 bytes") as err:
+            mmsb.attach(path)
+        assert err.value.path == str(f)
+        assert _files(path) == cut
+        f.write_bytes(whole)
+    r = mmsb.attach(path)
+    try:
+        assert r.read_page(p.id)[:4] == b"kept"
+        before = _files(path)
+        for delta in (4096, 1 << 40, (1 << 63) - plen):
+            bad = bytearray(head)
+            struct.pack_into("<Q", bad, mapped._PAGES_BYTES * 8, plen + delta)
+            head_path.write_bytes(bytes(bad))
+            with pytest.raises(mmsb.SerializationError, match="mapped files were cut or edited"):
+                r.read_page(p.id)
+            with pytest.raises(mmsb.SerializationError, match="mapped files were cut or edited"):
+                mmsb.attach(path)
+        head_path.write_bytes(head)
+        assert _files(path) == before
+        assert r.read_page(p.id)[:4] == b"kept"
+    finally:
+        r.close()
+
+
 def test_a_writer_that_died_while_publishing_is_reported(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "bus"

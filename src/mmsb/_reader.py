@@ -115,6 +115,8 @@ class BusReader:
             PageNotFoundError: no live page with that id.
             DurabilityError: the writer could not publish (a full disk), or died while
                 publishing (until a writer reopens the bus).
+            SerializationError: the head gives the mapped files lengths they do not
+                reach (a file cut, or the head edited).
         """
         if self.closed:
             raise StateClosedError("this reader was closed; attach again")
@@ -127,6 +129,7 @@ class BusReader:
 
         Raises:
             PageNotFoundError: no live page with that id.
+            SerializationError: as :meth:`read_page`.
         """
         return self._live().read(_page_id(page_id))[1]
 
@@ -139,6 +142,7 @@ class BusReader:
 
         Raises:
             PageNotFoundError: one of the pages is not live at that LSN.
+            SerializationError: as :meth:`read_page`.
         """
         m = self._live()
         if page_ids is not None:

@@ -987,7 +987,11 @@ class MappedPages:
         self.table_mm: mmap.mmap | None = None
         self.pages_len = 0
         self.table_len = 0
-        self._remap()
+        try:
+            self._remap()
+        except BaseException:
+            self.close()
+            raise
 
     def _close_fds(self) -> None:
         for fd in self.fds.values():
@@ -1000,14 +1004,39 @@ class MappedPages:
         self._close_fds()
 
     def _remap(self) -> None:
+        """Map ``pages`` and ``table`` again at the lengths the head gives now (a
+        writer grows a file before it says so there, and never shrinks one).
+
+        Raises:
+            SerializationError: a file is shorter than the head says (cut, or the head
+                edited), or cannot be mapped at that length; the mappings are as before.
+        """
         plen = int(self.h[_PAGES_BYTES])
         tlen = int(self.h[_TABLE_BYTES])
-        if plen != self.pages_len:
-            self.pages_mm = mmap.mmap(self.fds["pages"], plen, prot=mmap.PROT_READ) if plen else None
-            self.pages_len = plen
-        if tlen != self.table_len:
-            self.table_mm = mmap.mmap(self.fds["table"], tlen, prot=mmap.PROT_READ) if tlen else None
-            self.table_len = tlen
+        pages_mm, table_mm = self.pages_mm, self.table_mm
+        for name, length in (("pages", plen), ("table", tlen)):
+            if length == (self.pages_len if name == "pages" else self.table_len):
+                continue
+            try:
+                mm = mmap.mmap(self.fds[name], length, prot=mmap.PROT_READ) if length else None
+            except (ValueError, OverflowError, OSError) as exc:
+                # (Python's mmap refuses a length past the file's end, which reading
+                # would otherwise turn into SIGBUS.)
+                try:
+                    size = f"{os.fstat(self.fds[name]).st_size} bytes"
+                except OSError:
+                    size = "of unknown size"
+                raise SerializationError(
+                    f"the mapped head gives {name} {length} bytes, but the file is {size} "
+                    f"({exc}): the mapped files were cut or edited; a writer's next open "
+                    "rebuilds them, and open_readonly reads the bus from its log meanwhile",
+                    path=_map_dir(self.root) / name) from None
+            if name == "pages":
+                pages_mm = mm
+            else:
+                table_mm = mm
+        self.pages_mm, self.pages_len = pages_mm, plen
+        self.table_mm, self.table_len = table_mm, tlen
 
     # -- counters --------------------------------------------------------------------
     @property
