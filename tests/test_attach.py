@@ -236,16 +236,17 @@ def test_refused_reader_calls_change_nothing(bus: tuple[Path, mmsb.MMSBState],
     for bad_lsn in (-1, "3", None, True):
         with pytest.raises(mmsb.InvalidArgumentError):
             r.wait_for(bad_lsn, timeout=0)  # type: ignore[arg-type]
-    for bad_timeout in (-1, True, "1"):
-        with pytest.raises(mmsb.InvalidArgumentError):
+    for bad_timeout in (-1, True, "1", float("nan"), -float("inf")):
+        with pytest.raises(mmsb.InvalidArgumentError, match="timeout must be a number"):
             r.wait_for(1, timeout=bad_timeout)  # type: ignore[arg-type]
+        with pytest.raises(mmsb.InvalidArgumentError, match="timeout must be a number"):
+            r.changes(0, follow=True, timeout=bad_timeout)  # type: ignore[arg-type]
     for bad_since in (-1, "0", 1.5, True):
         with pytest.raises(mmsb.InvalidArgumentError):
             r.changes(bad_since)  # type: ignore[arg-type]
-    with pytest.raises(mmsb.InvalidArgumentError):
-        r.changes(0, timeout=-2)
-    with pytest.raises(mmsb.InvalidArgumentError):
-        r.snapshot(object())
+    for bad_ids in (object(), "12", b"\x01"):
+        with pytest.raises(mmsb.InvalidArgumentError, match="page_ids must be"):
+            r.snapshot(bad_ids)
     r.close()
     with pytest.raises(mmsb.StateClosedError):
         r.read_page(p.id)

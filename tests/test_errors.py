@@ -40,6 +40,32 @@ def test_page_not_found_message_and_field(state) -> None:
         mmsb.delete_page(state, 4242)
 
 
+def test_an_id_that_is_not_an_int_is_named_as_what_it_is(state, tmp_path) -> None:
+    """The string "1" or the float 1.0 must not read as page 1 (which exists here): the
+    message shows the value's repr and its type, on the engine and on a reader alike,
+    and nothing changes."""
+    import numpy as np
+
+    p = mmsb.create_page(state, 8)
+    assert p.id == 1
+    before = snapshot(state)
+    for bad in ("1", 1.0, True, None, b"1"):
+        with pytest.raises(mmsb.PageNotFoundError, match=r"no page has the id .* a page id is "
+                           rf"an int, not a {type(bad).__name__}\b") as ei:
+            mmsb.query_page(state, bad)
+        assert repr(bad) in str(ei.value) and ei.value.page_id is bad
+    assert_unchanged(state, before)
+    assert "page 7 does not exist" in str(mmsb.PageNotFoundError(np.int64(7), "x"))
+    s = mmsb.mmsb_start(path=tmp_path / "bus", enable_gpu=False)
+    try:
+        mmsb.create_page(s, 8)
+        with mmsb.attach(tmp_path / "bus") as r:
+            with pytest.raises(mmsb.PageNotFoundError, match="no page has the id '1'"):
+                r.read_page("1")
+    finally:
+        mmsb.mmsb_stop(s)
+
+
 def test_invalid_delta_message_mentions_page(state) -> None:
     p = mmsb.create_page(state, 8)
     with pytest.raises(mmsb.InvalidDeltaError) as ei:

@@ -195,6 +195,12 @@ def test_follower_resumes_after_restart_without_a_new_bootstrap(server: RedisSer
         for i in range(50):
             mmsb.write_page(leader, pid, 0, i.to_bytes(4, "little"))
         assert f.wait_for(leader.log.last_lsn, 20)
+        applied = f.applied_lsn
+        for bad_lsn, bad_timeout in ((-1, 1), ("3", 1), (True, 1), (1, float("nan")), (1, -1),
+                                     (1, "1")):
+            with pytest.raises(mmsb.InvalidArgumentError):
+                f.wait_for(bad_lsn, bad_timeout)  # type: ignore[arg-type]
+        assert f.applied_lsn == applied
         node = f.node
         f.close()
         for i in range(50, 80):

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _api
-from ._core.engine import MMSBState
+from ._core.engine import MMSBState, check_timeout
 from ._core.events import Event
 from ._core.graph import ShadowPageGraph
 from ._core.records import AnyRecord
@@ -162,13 +162,12 @@ class BusReader:
         ``timeout`` seconds (``None``: no limit). Sleeps in the kernel, no polling.
 
         Raises:
-            InvalidArgumentError: lsn is not an int >= 0 or timeout is negative.
+            InvalidArgumentError: lsn is not an int >= 0, or timeout is not None nor
+                a number >= 0 (NaN included).
         """
         if isinstance(lsn, bool) or not isinstance(lsn, int) or lsn < 0:
             raise InvalidArgumentError(f"lsn must be an int >= 0, not {lsn!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                    or timeout < 0):
-            raise InvalidArgumentError(f"timeout must be a number >= 0 or None, not {timeout!r}")
+        timeout = check_timeout(timeout)
         m = self._live()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -190,14 +189,13 @@ class BusReader:
         last LSN seen: every event comes once, in order.
 
         Raises:
-            InvalidArgumentError: since is not an int >= 0.
+            InvalidArgumentError: since is not an int >= 0, or timeout is not None nor a
+                number >= 0.
             HistoryUnavailableError: ``since`` is older than the history the bus retains.
             SerializationError: damage in the log.
         """
         m = self._live()
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                    or timeout < 0):
-            raise InvalidArgumentError(f"timeout must be a number >= 0 or None, not {timeout!r}")
+        timeout = check_timeout(timeout)
         feed = ChangeFeed(self.path, self.bus_id, since,
                           lambda: _api.open_readonly(self.path).log, lambda: m.lsn)
         return _events(feed.follow(lambda: m.notify_value, m.wait, timeout, not follow))
@@ -242,6 +240,10 @@ def _page_id(page_id: Any) -> int:
 def _iterable(ids: Any) -> list[Any]:
     if isinstance(ids, int) and not isinstance(ids, bool):
         return [ids]
+    if isinstance(ids, str | bytes | bytearray | memoryview):
+        # (Iterable, but of characters or bytes, never of page ids.)
+        raise InvalidArgumentError(f"page_ids must be a page id, an iterable of ids or None, "
+                                   f"not {type(ids).__name__}")
     try:
         return list(ids)
     except TypeError:

@@ -53,10 +53,17 @@ class PageNotFoundError(MMSBError, KeyError):
         self.page_id = page_id
         self.context = context
         where = f" in {context}" if context else ""
-        super().__init__(
-            f"page {page_id} does not exist{where}; "
-            "create it with create_page() or use an id from state.pages"
-        )
+        if not isinstance(page_id, bool) and hasattr(page_id, "__index__"):  # int, numpy ints
+            super().__init__(
+                f"page {page_id} does not exist{where}; "
+                "create it with create_page() or use an id from state.pages"
+            )
+        else:
+            # (Shown as its repr: the string "1" must not read as page 1.)
+            super().__init__(
+                f"no page has the id {page_id!r}{where}: a page id is an int, not a "
+                f"{type(page_id).__name__}; use an id from state.pages"
+            )
 
 
 class InvalidDeltaError(MMSBError, ValueError):

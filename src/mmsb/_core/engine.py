@@ -153,6 +153,17 @@ def check_size(size: object, what: str = "size") -> int:
     return int(size)
 
 
+def check_timeout(timeout: object) -> float | None:
+    """A wait's limit in seconds: None (no limit) or a number >= 0 (``inf`` waits as long
+    as None). NaN is refused with the rest: it compares false with every deadline, so a
+    wait given it would neither end nor time out."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise InvalidArgumentError(f"timeout must be a number >= 0 or None, not {timeout!r}")
+    return float(timeout)
+
+
 def normalize_metadata(metadata: Any, page_id: int | None = None) -> dict[str, Any]:
     """The stored form of a metadata mapping: str keys, msgpack-encodable values, as
     they read back after a round trip (tuples become lists), so replay and reload

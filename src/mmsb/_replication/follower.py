@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._api import query_page
-from .._core.engine import MMSBState
+from .._core.engine import MMSBState, check_timeout
 from .._core.events import Event
 from .._history.timetravel import read_page_at
 from .._reader import BusReader, attach
@@ -255,7 +255,15 @@ class Follower:
             reader.close()
 
     def wait_for(self, lsn: int, timeout: float | None = None) -> bool:
-        """Wait until LSN ``lsn`` is applied here; False after ``timeout`` seconds."""
+        """Wait until LSN ``lsn`` is applied here; False after ``timeout`` seconds.
+
+        Raises:
+            InvalidArgumentError: lsn is not an int >= 0, or timeout is not None nor a
+                number >= 0.
+        """
+        if isinstance(lsn, bool) or not isinstance(lsn, int) or lsn < 0:
+            raise InvalidArgumentError(f"lsn must be an int >= 0, not {lsn!r}")
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cv:
             while not self._caught_up(lsn):
