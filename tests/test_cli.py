@@ -451,6 +451,7 @@ def test_metrics_without_prometheus_client_is_one_line(bus: Path, tmp_path: Path
 ERROR_CASES = [
     (["inspect", "{missing}"], "does not exist"),
     (["log", "{empty_dir}"], "not an MMSB bus"),
+    (["inspect", "{fifo_bus}"], "BUS is not a regular file"),
     (["stats", "{garbage}"], "cannot decode"),
     (["verify", "{truncated}"], "truncated"),
     (["history", "{bus}", "99"], "page 99 does not exist"),
@@ -477,6 +478,8 @@ def error_runs(bus: Path, crafted: Path, tmp_path_factory: pytest.TempPathFactor
     """Every error case, run at once; each gets its own --out path to check."""
     tmp = tmp_path_factory.mktemp("errors")
     (tmp / "empty").mkdir()
+    (tmp / "fifo-bus").mkdir()
+    os.mkfifo(tmp / "fifo-bus" / "BUS")  # never opened: it would block a reader
     (tmp / "garbage.mmsb").write_bytes(b"not a checkpoint at all, sorry")
     raw = crafted.read_bytes()
     (tmp / "truncated.mmsb").write_bytes(raw[: len(raw) - 40])
@@ -491,7 +494,7 @@ def error_runs(bus: Path, crafted: Path, tmp_path_factory: pytest.TempPathFactor
 
     def run(k: int, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], Path]:
         out = tmp / f"out{k}.mmsb"
-        names = {"missing": tmp / "nope", "empty_dir": tmp / "empty",
+        names = {"missing": tmp / "nope", "empty_dir": tmp / "empty", "fifo_bus": tmp / "fifo-bus",
                  "garbage": tmp / "garbage.mmsb", "truncated": tmp / "truncated.mmsb",
                  "bus": bus, "out": out, "slice": slice_file}
         return mmsb_cmd(*(a.format(**names) for a in argv), check=None), out

@@ -77,6 +77,10 @@ def open_source(path: str | os.PathLike[str]) -> Source:
     """
     p = Path(path)
     if p.is_dir():
+        if os.path.lexists(p / "BUS") and not (p / "BUS").is_file():
+            raise UserError(f"{p}/BUS is not a regular file (a FIFO, a device, a folder or a "
+                            "link stands where a bus keeps its identity); a bus directory "
+                            "holds its own files only")
         if not (p / "BUS").is_file():
             raise UserError(f"{p} is a directory but not an MMSB bus (it has no BUS file); "
                             "give a bus directory (mmsb demo --path DIR makes one) or a "
