@@ -382,6 +382,53 @@ def test_mapped_files_shorter_than_their_head_says_are_refused(tmp_path: Path) -
         r.close()
 
 
+@pytest.mark.parametrize("kind", ["file", "fifo", "symlink"])
+@pytest.mark.parametrize("folder", ["wal", "checkpoints"])
+def test_a_folder_of_the_bus_replaced_is_refused_by_readers(tmp_path: Path, folder: str,
+                                                           kind: str) -> None:
+    """Something else at DIR/wal or DIR/checkpoints (a file, a FIFO, or a symlink to a
+    copy of the very folder): a read-only open, a reader's change feed and a writer's
+    open are refused with a typed error naming it, never a listing through it (which
+    showed an empty or a foreign bus as this one) nor a NotADirectoryError, and
+    nothing changes; with the folder back, all of them read the bus again."""
+    path = tmp_path / "bus"
+    s = _bus(path, checkpoint_interval=0)
+    p = mmsb.create_page(s, 8)
+    mmsb.write_page(s, p.id, 0, b"one")
+    mmsb.write_page(s, p.id, 0, b"two")
+    lsn = s.last_lsn
+    r = mmsb.attach(path)
+    try:
+        assert [e.lsn for e in r.changes(0)][-1] == lsn
+        real = path / folder
+        aside = tmp_path / f"{folder}-aside"
+        os.rename(real, aside)
+        if kind == "file":
+            real.write_bytes(b"x")
+        elif kind == "fifo":
+            os.mkfifo(real)
+        else:
+            os.symlink(aside, real)  # the same files, through a link
+        before = _files(path)
+        with pytest.raises(mmsb.SerializationError, match=f"{folder} is not a folder of the bus"):
+            mmsb.open_readonly(path)
+        if folder == "wal":
+            with pytest.raises(mmsb.SerializationError, match="wal is not a folder of the bus"):
+                list(r.changes(0))
+        assert _files(path) == before and s.last_lsn == lsn
+        real.unlink()
+        os.rename(aside, real)
+        assert mmsb.query_page(mmsb.open_readonly(path), p.id)[:3] == b"two"
+        assert [e.lsn for e in r.changes(0)][-1] == lsn
+    finally:
+        r.close()
+        mmsb.mmsb_stop(s)
+    os.rename(real, aside)
+    os.symlink(aside, real)
+    with pytest.raises(mmsb.DurabilityError, match="symlink or not a regular file"):
+        _bus(path)
+
+
 def test_a_writer_that_died_while_publishing_is_reported(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "bus"

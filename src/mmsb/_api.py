@@ -191,7 +191,8 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
 
     Raises:
         InvalidArgumentError: config is not an MMSBConfig or holds a bad value.
-        SerializationError: no bus there, or damage the recovery mode does not tolerate.
+        SerializationError: no bus there, its ``wal`` or ``checkpoints`` is no folder (a
+            file, a FIFO, a symlink), or damage the recovery mode does not tolerate.
     """
     for _ in range(_READONLY_ATTEMPTS - 1):
         state = MMSBState(config)

@@ -1329,7 +1329,23 @@ def _listdir(folder: Path) -> list[str]:
 def _listing(root: Path) -> tuple[list[Path], list[Path]]:
     """Segments, then checkpoints. In this order a checkpoint that replaces the listed
     segments is listed with them, so the two lists always cover every record that was
-    in the log when the listing began."""
+    in the log when the listing began.
+
+    Raises:
+        SerializationError: ``wal`` or ``checkpoints`` is there but is no folder (a
+            file, a FIFO, a symlink): a listing through it would show no records, or
+            another folder's, as the bus's.
+    """
+    for name in ("wal", "checkpoints"):
+        try:
+            mode = os.lstat(root / name).st_mode
+        except FileNotFoundError:
+            continue  # (none there: nothing of that kind to read)
+        if not stat.S_ISDIR(mode):
+            raise SerializationError(
+                f"{name} is not a folder of the bus (a file, a FIFO or a symlink stands "
+                "there); a bus's files are never read through links or from special "
+                "files: put its folder back", path=root / name)
     wal = _names(root / "wal", _WAL_RE)
     ck = _names(root / "checkpoints", _CKPT_RE)
     return wal, ck
@@ -1345,7 +1361,8 @@ def recover_readonly(state: MMSBState, path: str | os.PathLike[str]) -> None:
     Raises:
         BusChangedError: a listed file was removed before it could be opened or read, or
             the listing changed while damage was found (read again: the writer moved on).
-        SerializationError: no bus there, or damage the recovery mode does not tolerate.
+        SerializationError: no bus there, its ``wal`` or ``checkpoints`` is no folder, or
+            damage the recovery mode does not tolerate.
     """
     cfg = state.config
     root = Path(path)
@@ -1488,6 +1505,8 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
 def _durability(root: Path, what: str, exc: OSError) -> DurabilityError:
     """The typed error for a file-system failure while opening a bus."""
     why = exc.strerror or str(exc)
+    if exc.filename is not None:
+        why = f"{exc.filename}: {why}"
     if exc.errno == errno.ELOOP or isinstance(exc, fsops.NotRegularFileError):
         why = (f"{exc.filename} is a symlink or not a regular file; bus files are never "
                "followed through links or read from special files")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -312,9 +313,15 @@ class ChangeFeed:
         """The bus's segments, oldest first (listed again only when the folder changed)."""
         wal = self.root / "wal"
         try:
-            stamp = os.stat(wal).st_mtime_ns
+            st = os.lstat(wal)
         except FileNotFoundError:
             return []
+        if not stat.S_ISDIR(st.st_mode):
+            raise SerializationError(
+                "wal is not a folder of the bus (a file, a FIFO or a symlink stands there); "
+                "a bus's segments are never read through links or from special files: put "
+                "its folder back", path=wal)
+        stamp = st.st_mtime_ns
         # A folder's time is the kernel's coarse clock: a listing taken within a tick of
         # the last change could miss a change made in that same tick, so it is trusted
         # only when taken well after the change.
