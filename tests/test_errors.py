@@ -66,6 +66,43 @@ def test_an_id_that_is_not_an_int_is_named_as_what_it_is(state, tmp_path) -> Non
         mmsb.mmsb_stop(s)
 
 
+class _BytesPath:
+    """An os.PathLike whose path is bytes."""
+
+    def __fspath__(self) -> bytes:
+        return b"bus"
+
+
+@pytest.mark.parametrize("bad", ["", "bus\0x", 5, None, _BytesPath()],
+                         ids=["empty", "nul", "int", "none", "bytes"])
+def test_a_path_that_names_no_file_is_refused_everywhere(state, bad, tmp_path,
+                                                        monkeypatch) -> None:
+    """An empty path (which named the current directory: mmsb_start made a bus there), a
+    NUL character (a ValueError from the system call), a non-path or a bytes path:
+    InvalidArgumentError from every call that takes a path, and nothing is made in the
+    current directory nor changed in the state."""
+    monkeypatch.chdir(tmp_path)
+    mmsb.create_page(state, 8)
+    before = snapshot(state)
+    calls = {
+        "mmsb_start": lambda: mmsb.mmsb_start(path=bad, enable_gpu=False),
+        "open_readonly": lambda: mmsb.open_readonly(bad),
+        "attach": lambda: mmsb.attach(bad),
+        "checkpoint_log": lambda: mmsb.checkpoint_log(state, bad),
+        "load_checkpoint": lambda: mmsb.load_checkpoint(state, bad),
+        "replay_from_checkpoint": lambda: mmsb.replay_from_checkpoint(bad),
+        # (Refused before Redis is asked: no server needed.)
+        "follow": lambda: mmsb.follow("redis://127.0.0.1:1", 1, bad),
+    }
+    for name, call in calls.items():
+        if bad is None and name == "mmsb_start":
+            continue  # (path=None is the in-memory state)
+        with pytest.raises(mmsb.InvalidArgumentError, match=rf"^{name}\(\) "):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    assert_unchanged(state, before)
+
+
 def test_invalid_delta_message_mentions_page(state) -> None:
     p = mmsb.create_page(state, 8)
     with pytest.raises(mmsb.InvalidDeltaError) as ei:

@@ -25,6 +25,7 @@ from ._core.engine import (
     MMSBState,
     Page,
     PageHandle,
+    check_path,
     check_size,
     check_source,
     create_page,
@@ -124,6 +125,8 @@ def mmsb_start(*, enable_gpu: bool | None = None, enable_instrumentation: bool =
         raise InvalidArgumentError(f"shared must be True or False, not {shared!r}")
     if shared and path is None:
         raise InvalidArgumentError("shared=True needs a path: only a durable bus has other writers")
+    if path is not None:
+        check_path(path, "mmsb_start")
     import dataclasses
 
     if config is not None and not isinstance(config, MMSBConfig):
@@ -190,10 +193,12 @@ def open_readonly(path: str | os.PathLike[str], config: MMSBConfig | None = None
     returned state stay in memory.
 
     Raises:
-        InvalidArgumentError: config is not an MMSBConfig or holds a bad value.
+        InvalidArgumentError: path is not a path (or empty, or holds a NUL), or config is
+            not an MMSBConfig or holds a bad value.
         SerializationError: no bus there, its ``wal`` or ``checkpoints`` is no folder (a
             file, a FIFO, a symlink), or damage the recovery mode does not tolerate.
     """
+    check_path(path, "open_readonly")
     for _ in range(_READONLY_ATTEMPTS - 1):
         state = MMSBState(config)
         try:
@@ -747,7 +752,7 @@ def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
     import time
 
     state = _state_of(state, "checkpoint_log")
-    _check_path(path, "checkpoint_log")
+    check_path(path, "checkpoint_log")
     with state.lock:
         state.refuse_in_batch("checkpoint_log")
         t0 = time.perf_counter_ns()
@@ -776,7 +781,7 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str], *,
             bus), without ``restore_device_pages_on_cpu``; nothing changed.
     """
     state = _state_of(state, "load_checkpoint")
-    _check_path(path, "load_checkpoint")
+    check_path(path, "load_checkpoint")
     if not isinstance(keep_device_locations, bool):
         raise InvalidArgumentError(
             f"keep_device_locations must be True or False, not {keep_device_locations!r}")
@@ -818,17 +823,13 @@ def load_checkpoint(state: MMSBState, path: str | os.PathLike[str], *,
     return state
 
 
-def _check_path(path: Any, fn: str) -> None:
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidArgumentError(f"{fn}() takes a file path (str or os.PathLike), not {type(path).__name__}")
-
-
 def replay_from_checkpoint(path: str | os.PathLike[str], target_epoch: int | None = None,
                            *, config: MMSBConfig | None = None) -> MMSBState:
     """A new state from a checkpoint file; with ``target_epoch``, its per-page epoch
     cut (replay_to_epoch) instead."""
     from ._history.replay import replay_to_epoch
 
+    check_path(path, "replay_from_checkpoint")
     state = MMSBState(config)
     load_checkpoint(state, path)
     if target_epoch is None:

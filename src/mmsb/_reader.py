@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _api
-from ._core.engine import MMSBState, check_timeout
+from ._core.engine import MMSBState, check_path, check_timeout
 from ._core.events import Event
 from ._core.graph import ShadowPageGraph
 from ._core.records import AnyRecord
@@ -263,6 +263,5 @@ def attach(path: str | os.PathLike[str]) -> BusReader:
         HistoryUnavailableError: the mapped pages were written before the machine last
             restarted (open the bus for writing once to rebuild them).
     """
-    if not isinstance(path, str | os.PathLike):
-        raise InvalidArgumentError(f"attach takes a path, not {type(path).__name__}")
+    check_path(path, "attach")
     return BusReader(path)

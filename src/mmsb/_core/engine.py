@@ -153,6 +153,25 @@ def check_size(size: object, what: str = "size") -> int:
     return int(size)
 
 
+def check_path(path: object, fn: str) -> None:
+    """A file or directory path a call takes: a str or an os.PathLike giving a str, not
+    empty (which would name the current directory without saying so) and without a NUL
+    character (which no file name holds: the system calls refuse it as ValueError)."""
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidArgumentError(f"{fn}() takes a file path (str or os.PathLike), not "
+                                   f"{type(path).__name__}")
+    raw = os.fspath(path)
+    if not isinstance(raw, str):
+        raise InvalidArgumentError(f"{fn}() takes a path that is text, not "
+                                   f"{type(raw).__name__}")
+    if not raw:
+        raise InvalidArgumentError(f"{fn}() got an empty path; name the file or directory "
+                                   "('.' for the current directory)")
+    if "\0" in raw:
+        raise InvalidArgumentError(f"{fn}() got a path with a NUL character ({raw!r}), which "
+                                   "no file name can hold")
+
+
 def check_timeout(timeout: object) -> float | None:
     """A wait's limit in seconds: None (no limit) or a number >= 0 (``inf`` waits as long
     as None). NaN is refused with the rest: it compares false with every deadline, so a

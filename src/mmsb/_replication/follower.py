@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._api import query_page
-from .._core.engine import MMSBState, check_timeout
+from .._core.engine import MMSBState, check_path, check_timeout
 from .._core.events import Event
 from .._history.timetravel import read_page_at
 from .._reader import BusReader, attach
@@ -771,6 +771,7 @@ def follow(url: str, bus_id: int | str, path: str | os.PathLike[str], *,
         MissingDependencyError: redis-py is not installed. BusLockedError: another
         process has ``path`` open. SerializationError: ``path`` holds another bus.
     """
+    check_path(path, "follow")
     f = Follower(url, bus_id, path, config=config, node=node, auto_promote=auto_promote,
                  on_promote=on_promote)
     return f.start()
