@@ -51,6 +51,7 @@ import os
 import struct
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -933,6 +934,17 @@ class Publisher:
         self.close_files()
 
 
+def _close_all(fds: dict[str, int]) -> None:
+    """Close the descriptors in ``fds`` and empty it (a reader's, at its close or when it
+    is collected: whichever comes first does it)."""
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # (already closed: nothing is left to release)
+    fds.clear()
+
+
 class MappedPages:
     """A reader's read-only mapping of a bus's pages (see the module's docstring)."""
 
@@ -940,6 +952,10 @@ class MappedPages:
         d = _map_dir(root)
         self.root = root
         self.fds: dict[str, int] = {}
+        # A reader dropped without close() closes its descriptors when it is collected
+        # (its mappings go with their objects), as a file object does: a process that
+        # attaches over and over never runs out of descriptors.
+        self._release = weakref.finalize(self, _close_all, self.fds)
         try:
             for name in ("HEAD", "table", "pages"):
                 self.fds[name] = fsops.open_regular(d / name, os.O_RDONLY)
@@ -994,9 +1010,7 @@ class MappedPages:
             raise
 
     def _close_fds(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self._release()
 
     def close(self) -> None:
         self.pages_mm = self.table_mm = None
