@@ -169,7 +169,10 @@ class HistoryIndex:
 
     def __init__(self, state: MMSBState) -> None:
         log = state.log
-        self.log = log
+        # Held weakly: the index is the value of its log in _INDEXES, a weak-keyed
+        # table, and a value that held its key would keep every log indexed once (and
+        # the segment mappings its rows point into) alive for the life of the process.
+        self._log = weakref.ref(log)
         self.generation = log.generation
         self.horizon = log.horizon_lsn
         self.base = state.replay_base
@@ -190,11 +193,18 @@ class HistoryIndex:
         self._scratch = np.empty(0, np.uint8)
         """Where ``prefix_after`` rebuilds a page (never handed out)."""
 
+    @property
+    def log(self) -> TransactionLog:
+        """The log this index is of (alive: the index is reached through it)."""
+        log = self._log()
+        assert log is not None
+        return log
+
     def valid_for(self, state: MMSBState) -> bool:
         """True while the log still holds the contents this index was built from (same
         log, same generation, horizon and replay base)."""
         log = state.log
-        return (log is self.log and log.generation == self.generation
+        return (log is self._log() and log.generation == self.generation
                 and log.horizon_lsn == self.horizon and state.replay_base is self.base)
 
     # -- scanning ----------------------------------------------------------------------
