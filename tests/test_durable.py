@@ -968,3 +968,45 @@ def test_segment_of_another_version_is_refused_naming_both(tmp_path: Path, their
     message = str(info.value)
     assert f"version {theirs}" in message, message
     assert "reads versions 1, 2" in message, message
+
+
+def test_an_export_into_a_bus_directorys_own_files_is_refused(tmp_path: Path) -> None:
+    """checkpoint_log (and mmsb_stop's checkpoint_path) onto a bus directory's BUS, LOCK
+    or WRITE, or into its checkpoints, wal or map folder (also through a link to one,
+    and another bus's as well as this state's own): InvalidArgumentError naming the bus,
+    and nothing is written: the file wrote over BUS and the bus could not open again.
+    An export beside them, or elsewhere, is written."""
+    root = tmp_path / "bus"
+    other = tmp_path / "other"
+    mmsb.mmsb_stop(mmsb.mmsb_start(path=other, enable_gpu=False))
+    s = mmsb.mmsb_start(path=root, enable_gpu=False)
+    p = mmsb.create_page(s, 64)
+    mmsb.write_page(s, p.id, 0, b"kept")
+    (tmp_path / "ck-link").symlink_to(root / "checkpoints")
+    targets = [root / "BUS", root / "LOCK", root / "WRITE", root / "checkpoints" / "x.mmsb",
+               root / "checkpoints" / "ckpt-00000000000000ff.mmsb", root / "wal" / "x",
+               root / "map" / "pages", tmp_path / "ck-link" / "y.mmsb", other / "BUS",
+               other / "wal" / "z.mmsb"]
+
+    def files() -> dict[str, bytes]:
+        return {str(f): f.read_bytes() for d in (root, other) for f in sorted(d.rglob("*"))
+                if f.is_file() and f.name not in ("LOCK", "stats")}
+
+    before, lsn = files(), s.last_lsn
+    for target in targets:
+        with pytest.raises(mmsb.InvalidArgumentError, match="which would break that bus"):
+            mmsb.checkpoint_log(s, target)
+    with pytest.raises(mmsb.InvalidArgumentError, match="which would break that bus"):
+        mmsb.mmsb_stop(s, checkpoint_path=root / "BUS")
+    assert not s.closed and s.last_lsn == lsn and files() == before
+    assert mmsb.checkpoint_log(s, root / "export.mmsb") > 0
+    assert mmsb.checkpoint_log(s, tmp_path / "export.mmsb") > 0
+    mmsb.mmsb_stop(s)
+    s = mmsb.mmsb_start(path=root, enable_gpu=False)
+    try:
+        assert mmsb.query_page(s, p.id)[:4] == b"kept"
+    finally:
+        mmsb.mmsb_stop(s)
+    t = mmsb.MMSBState(mmsb.MMSBConfig(enable_gpu=False))
+    mmsb.load_checkpoint(t, root / "export.mmsb")
+    assert mmsb.query_page(t, p.id)[:4] == b"kept"

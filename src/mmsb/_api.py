@@ -52,7 +52,7 @@ from ._instrument import manager as _instr
 from ._instrument import provenance as _prov
 from ._instrument.config import InstrumentationConfig
 from ._replication.leader import preflight, start_leader
-from ._storage.bus import BusChangedError, open_bus, recover_readonly
+from ._storage.bus import BusChangedError, bus_part_at, open_bus, recover_readonly
 from ._storage.checkpoint import read_checkpoint, write_checkpoint
 from ._storage.pagecodec import PageImage, encode_page
 from .config import MMSBConfig
@@ -748,11 +748,23 @@ def compute_log_statistics(state: MMSBState) -> dict[str, Any]:
 
 def checkpoint_log(state: MMSBState, path: str | os.PathLike[str]) -> int:
     """Write pages (bytes, epochs, metadata, locations), graph and log to one file
-    (atomically, fsynced). Returns its size in bytes."""
+    (atomically, fsynced). Returns its size in bytes.
+
+    Raises:
+        InvalidArgumentError: path is not a path, or lies in a bus directory's own
+            entries (its BUS, LOCK or WRITE file, or its checkpoints, wal or map folder),
+            where the file would break that bus.
+        SerializationError: the file cannot be written (nothing is left of it).
+    """
     import time
 
     state = _state_of(state, "checkpoint_log")
     check_path(path, "checkpoint_log")
+    part = bus_part_at(path)
+    if part is not None:
+        raise InvalidArgumentError(
+            f"checkpoint_log() would write {path} {part}, which would break that bus; "
+            "export to a path outside its own files and folders")
     with state.lock:
         state.refuse_in_batch("checkpoint_log")
         t0 = time.perf_counter_ns()

@@ -176,6 +176,24 @@ def _names(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     return found
 
 
+_BUS_ENTRIES = frozenset({"BUS", "LOCK", "WRITE", "checkpoints", "wal", "map"})
+"""What a bus directory holds of its own (its identity, its locks, its folders)."""
+
+
+def bus_part_at(path: str | os.PathLike[str]) -> str | None:
+    """What of a bus ``path`` would replace, where it lies in a bus directory's own
+    entries (its identity or lock files, or anything in its checkpoints, wal or map
+    folder; links in the folders above it resolved): a description naming the bus
+    directory, else None. A file written there (an export) would break that bus."""
+    target = Path(os.path.realpath(os.path.dirname(os.path.abspath(path))))
+    name = os.path.basename(os.fspath(path))
+    if name in _BUS_ENTRIES and os.path.lexists(target / "BUS"):
+        return f"in place of the {name} of the bus directory {target}"
+    if target.name in ("checkpoints", "wal", "map") and os.path.lexists(target.parent / "BUS"):
+        return f"inside the {target.name} folder of the bus directory {target.parent}"
+    return None
+
+
 def _name_of(p: Path) -> str:
     return p.name
 
