@@ -171,3 +171,35 @@ def test_random_edges_against_model(pairs) -> None:
         assert set(mmsb.find_descendants(s.graph, n)) == expect
         expect_up = {m for m in range(1, 9) if m != n and _reachable(adj, m, n)}
         assert set(mmsb.find_ancestors(s.graph, n)) == expect_up
+
+
+def test_graph_queries_take_ids_or_pages_and_refuse_anything_else(state) -> None:
+    """The graph queries take an int id or a Page (a Page was looked up as itself and
+    found no edges); a list, a dict or a str is InvalidArgumentError (a list was an
+    unhashable TypeError, a str found nothing), as are schedule_propagation with one id
+    instead of ids, set_metadata with a key that is not a str, and delta_byte_count of a
+    non-delta; nothing changes."""
+    a, b, c = _pages(state, 3)
+    mmsb.add_dependency(state, a, b)
+    mmsb.add_dependency(state, b, c)
+    page_a, page_c = state.pages[a], state.pages[c]
+    assert mmsb.get_children(state, page_a) == mmsb.get_children(state, a) == [
+        (b, mmsb.EdgeType.DATA)]
+    assert mmsb.get_parents(state.graph, page_c) == [(b, mmsb.EdgeType.DATA)]
+    assert mmsb.find_descendants(state, page_a) == {b, c}
+    assert mmsb.find_ancestors(state, page_c) == {a, b}
+    before = snapshot(state)
+    for fn in (mmsb.get_children, mmsb.get_parents, mmsb.find_descendants, mmsb.find_ancestors):
+        for bad in ([], {}, "1", 1.0, None, True):
+            with pytest.raises(mmsb.InvalidArgumentError, match=f"^{fn.__name__}\\(\\)"):
+                fn(state, bad)
+    with pytest.raises(mmsb.InvalidArgumentError, match="iterable of page ids"):
+        mmsb.schedule_propagation(state, a)  # type: ignore[arg-type]
+    for key in ([], {}, 1, None):
+        with pytest.raises(mmsb.MetadataError, match="keys must be str"):
+            mmsb.set_metadata(state, a, key, 1)  # type: ignore[arg-type]
+    for bad in (None, 1, b"\x01", state):
+        with pytest.raises(mmsb.InvalidArgumentError, match="takes a Delta"):
+            mmsb.delta_byte_count(bad)  # type: ignore[arg-type]
+    assert_unchanged(state, before)
+    assert not state.pending

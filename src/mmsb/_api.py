@@ -59,6 +59,7 @@ from .config import MMSBConfig
 from .errors import (
     InvalidArgumentError,
     InvalidDeltaError,
+    MetadataError,
     PageNotFoundError,
     SerializationError,
 )
@@ -561,7 +562,14 @@ def get_device_stats(state: MMSBState) -> dict[str, DeviceStats]:
 
 
 def set_metadata(state: MMSBState, page_id: int, key: str, value: Any) -> Page:
-    """Set one metadata entry (logged; replayable). ``value`` must be msgpack-encodable."""
+    """Set one metadata entry (logged; replayable). ``value`` must be msgpack-encodable.
+
+    Raises:
+        MetadataError: ``key`` is not a str, or ``value`` cannot be stored (nothing
+            changes).
+    """
+    if not isinstance(key, str):
+        raise MetadataError(f"metadata keys must be str, not {key!r}")
     return update_metadata(state, page_id, {key: value})
 
 
@@ -919,12 +927,12 @@ def _g(obj: Any, fn: str) -> ShadowPageGraph:
 
 def get_children(graph: ShadowPageGraph | MMSBState, page_id: int) -> list[tuple[int, EdgeType]]:
     """``(child_id, edge_type)`` pairs of ``page_id``."""
-    return _g(graph, "get_children").get_children(page_id)
+    return _g(graph, "get_children").get_children(require_page_id(page_id, "get_children"))
 
 
 def get_parents(graph: ShadowPageGraph | MMSBState, page_id: int) -> list[tuple[int, EdgeType]]:
     """``(parent_id, edge_type)`` pairs of ``page_id``."""
-    return _g(graph, "get_parents").get_parents(page_id)
+    return _g(graph, "get_parents").get_parents(require_page_id(page_id, "get_parents"))
 
 
 def has_cycle(graph: ShadowPageGraph | MMSBState) -> bool:
@@ -939,12 +947,12 @@ def topological_sort(graph: ShadowPageGraph | MMSBState) -> list[int]:
 
 def find_descendants(graph: ShadowPageGraph | MMSBState, page_id: int) -> set[int]:
     """Every page reachable from ``page_id``."""
-    return _g(graph, "find_descendants").find_descendants(page_id)
+    return _g(graph, "find_descendants").find_descendants(require_page_id(page_id, "find_descendants"))
 
 
 def find_ancestors(graph: ShadowPageGraph | MMSBState, page_id: int) -> set[int]:
     """Every page from which ``page_id`` is reachable."""
-    return _g(graph, "find_ancestors").find_ancestors(page_id)
+    return _g(graph, "find_ancestors").find_ancestors(require_page_id(page_id, "find_ancestors"))
 
 
 # -- propagation -----------------------------------------------------------------------
@@ -1022,8 +1030,14 @@ def queue_recomputation(state: MMSBState, page_id: int) -> None:
 
 
 def schedule_propagation(state: MMSBState, page_ids: Iterable[int]) -> None:
-    """Queue several pages' dependents for the next execute_propagation()."""
-    propagate_change(state, list(page_ids), PropagationMode.DEFERRED)
+    """Queue several pages' dependents for the next execute_propagation().
+
+    Raises:
+        InvalidArgumentError: page_ids is not an iterable of page ids.
+        PageNotFoundError: one of them is not a live page (nothing is queued).
+    """
+    propagate_change(state, _page_list(page_ids, "schedule_propagation"),
+                     PropagationMode.DEFERRED)
 
 
 def _flush_pending(state: MMSBState) -> None:

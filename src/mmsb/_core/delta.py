@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidDeltaError
+from ..errors import InvalidArgumentError, InvalidDeltaError
 from .kernels import diff_scan
 
 __all__ = [
@@ -352,7 +352,13 @@ def merge_deltas(d1: Delta, d2: Delta, *, delta_id: int | None = None,
 
 
 def delta_byte_count(delta: Delta) -> int:
-    """Number of bytes the delta writes."""
+    """Number of bytes the delta writes.
+
+    Raises:
+        InvalidArgumentError: ``delta`` is not a Delta.
+    """
+    if not isinstance(delta, Delta):
+        raise InvalidArgumentError(f"delta_byte_count() takes a Delta, not {type(delta).__name__}")
     return delta.count
 
 
