@@ -99,6 +99,13 @@ def test_print_stats(state) -> None:
     assert "3" in out
 
 
+def test_print_stats_refuses_what_cannot_be_written_to(state, capsys) -> None:
+    for bad in (1, "out.txt", b"x", object()):
+        with pytest.raises(mmsb.InvalidArgumentError, match="takes a text file"):
+            mmsb.print_stats(state, file=bad)
+    assert capsys.readouterr().out == ""
+
+
 def test_print_stats_default_stdout(state, capsys) -> None:
     mmsb.create_page(state, 4)
     mmsb.print_stats(state)

@@ -172,6 +172,9 @@ def test_classes_without_dict_are_refused() -> None:
         mmsb.tracked(Slotted)
     with pytest.raises(mmsb.InvalidArgumentError):
         mmsb.tracked(fields="abc")
+    for bad in (1, True, 1.5, ["a", 1]):
+        with pytest.raises(mmsb.InvalidArgumentError, match="list of attribute names"):
+            mmsb.tracked(fields=bad)  # type: ignore[arg-type]
     with pytest.raises(mmsb.InvalidArgumentError):
         mmsb.tracked(3)  # type: ignore[arg-type]
 

@@ -1164,7 +1164,14 @@ def get_stats(state: MMSBState) -> MMSBStats:
 
 
 def print_stats(state: MMSBState, file: Any = None) -> None:
-    """Print get_stats() as a table (to ``file``, default stdout)."""
+    """Print get_stats() as a table (to ``file``, default stdout).
+
+    Raises:
+        InvalidArgumentError: ``file`` is neither None nor something with a ``write``.
+    """
+    if file is not None and not callable(getattr(file, "write", None)):
+        raise InvalidArgumentError(f"print_stats(file=...) takes a text file (something with "
+                                   f"write()) or None, not {type(file).__name__}")
     get_stats(state).render(file)
 
 

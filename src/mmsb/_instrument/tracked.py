@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -178,8 +178,10 @@ def tracked(cls: type | None = None, *, fields: tuple[str, ...] | list[str] | No
         InvalidArgumentError: not a class, instances without ``__dict__``, bad ``fields``.
     """
     if fields is not None:
-        if isinstance(fields, str) or not all(isinstance(f, str) for f in fields):
-            raise InvalidArgumentError("tracked(fields=...) takes a list of attribute names")
+        if (isinstance(fields, str) or not isinstance(fields, Iterable)
+                or not all(isinstance(f, str) for f in fields)):
+            raise InvalidArgumentError("tracked(fields=...) takes a list of attribute names, "
+                                       f"not {fields!r}")
         names: tuple[str, ...] | None = tuple(fields)
     else:
         names = None
