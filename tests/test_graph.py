@@ -193,6 +193,21 @@ def test_graph_queries_take_ids_or_pages_and_refuse_anything_else(state) -> None
         for bad in ([], {}, "1", 1.0, None, True):
             with pytest.raises(mmsb.InvalidArgumentError, match=f"^{fn.__name__}\\(\\)"):
                 fn(state, bad)
+    g = state.graph
+    for bad in ([], {}, "1", 1.0, None, True):
+        for name, call in (("has_edge", lambda x: g.has_edge(x, b)),
+                           ("has_edge", lambda x: g.has_edge(a, x)),
+                           ("get_children", g.get_children), ("get_parents", g.get_parents),
+                           ("path", lambda x: g.path(a, x)),
+                           ("find_descendants", g.find_descendants),
+                           ("find_ancestors", g.find_ancestors),
+                           ("topological_sort", lambda x: g.topological_sort([a, x]))):
+            with pytest.raises(mmsb.InvalidArgumentError, match=f"^{name}\\(\\)"):
+                call(bad)
+    for bad_subset in (1, "12", b"1"):
+        with pytest.raises(mmsb.InvalidArgumentError, match="subset must be an iterable"):
+            g.topological_sort(bad_subset)  # type: ignore[arg-type]
+    assert g.topological_sort([c, a, b]) == [a, b, c] and g.path(a, c) == [a, b, c]
     with pytest.raises(mmsb.InvalidArgumentError, match="iterable of page ids"):
         mmsb.schedule_propagation(state, a)  # type: ignore[arg-type]
     for key in ([], {}, 1, None):

@@ -103,6 +103,8 @@ def test_print_stats_refuses_what_cannot_be_written_to(state, capsys) -> None:
     for bad in (1, "out.txt", b"x", object()):
         with pytest.raises(mmsb.InvalidArgumentError, match="takes a text file"):
             mmsb.print_stats(state, file=bad)
+        with pytest.raises(mmsb.InvalidArgumentError, match="takes a text file"):
+            mmsb.get_stats(state).render(bad)  # type: ignore[arg-type]
     assert capsys.readouterr().out == ""
 
 

@@ -1169,9 +1169,6 @@ def print_stats(state: MMSBState, file: Any = None) -> None:
     Raises:
         InvalidArgumentError: ``file`` is neither None nor something with a ``write``.
     """
-    if file is not None and not callable(getattr(file, "write", None)):
-        raise InvalidArgumentError(f"print_stats(file=...) takes a text file (something with "
-                                   f"write()) or None, not {type(file).__name__}")
     get_stats(state).render(file)
 
 

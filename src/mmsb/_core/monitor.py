@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .kernels import TOTAL_MAX, counter_consts
 
 __all__ = ["MMSBStats", "Counters", "LatencyRing", "TOTAL_MAX"]
@@ -326,7 +327,15 @@ class MMSBStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def render(self, file: TextIO | None = None) -> None:
-        """Print as a table (rich)."""
+        """Print as a table (rich).
+
+        Raises:
+            InvalidArgumentError: ``file`` is neither None nor something with a
+                ``write``.
+        """
+        if file is not None and not callable(getattr(file, "write", None)):
+            raise InvalidArgumentError(f"print_stats(file=...) takes a text file (something "
+                                       f"with write()) or None, not {type(file).__name__}")
         from rich.console import Console
         from rich.table import Table
 
