@@ -25,12 +25,18 @@ from mmsb._storage.bus import bus_files
 from mmsb.cli.views import blame, format_time, parse_range, parse_time
 
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1"}
+if ENV.get("PYTHONPATH"):
+    # (Absolute: some commands run in a working folder of their own.)
+    ENV["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else p
+                                        for p in ENV["PYTHONPATH"].split(os.pathsep))
 
 
-def mmsb_cmd(*args: Any, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mmsb.cli ARGS``; with ``check``, assert that exit status."""
+def mmsb_cmd(*args: Any, check: int | None = 0,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mmsb.cli ARGS`` (in ``cwd``); with ``check``, assert that exit
+    status."""
     r = subprocess.run([sys.executable, "-m", "mmsb", *map(str, args)],
-                       capture_output=True, text=True, env=ENV, timeout=60)
+                       capture_output=True, text=True, env=ENV, timeout=60, cwd=cwd)
     if check is not None:
         assert r.returncode == check, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
     return r
@@ -452,6 +458,9 @@ ERROR_CASES = [
     (["inspect", "{missing}"], "does not exist"),
     (["log", "{empty_dir}"], "not an MMSB bus"),
     (["inspect", "{fifo_bus}"], "BUS is not a regular file"),
+    (["inspect", ""], "an empty path names nothing"),
+    (["demo", "--path", ""], "an empty path names nothing"),
+    (["replay", "{bus}", "--lsn", "1", "--out", ""], "an empty path names nothing"),
     (["stats", "{garbage}"], "cannot decode"),
     (["verify", "{truncated}"], "truncated"),
     (["history", "{bus}", "99"], "page 99 does not exist"),
@@ -474,8 +483,9 @@ ERROR_CASES = [
 
 @pytest.fixture(scope="module")
 def error_runs(bus: Path, crafted: Path, tmp_path_factory: pytest.TempPathFactory,
-               ) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
-    """Every error case, run at once; each gets its own --out path to check."""
+               ) -> dict[str, tuple[subprocess.CompletedProcess[str], Path, Path]]:
+    """Every error case, run at once, each in an empty working folder of its own; each
+    gets its own --out path to check."""
     tmp = tmp_path_factory.mktemp("errors")
     (tmp / "empty").mkdir()
     (tmp / "fifo-bus").mkdir()
@@ -492,12 +502,16 @@ def error_runs(bus: Path, crafted: Path, tmp_path_factory: pytest.TempPathFactor
             mmsb.write_page(s, 1, 3 * k, b"\x07" * 4)
     slice_file = sorted((two / "checkpoints").glob("ckpt-*.mmsb"))[-1]
 
-    def run(k: int, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], Path]:
+    def run(k: int, argv: list[str]) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
         out = tmp / f"out{k}.mmsb"
         names = {"missing": tmp / "nope", "empty_dir": tmp / "empty", "fifo_bus": tmp / "fifo-bus",
                  "garbage": tmp / "garbage.mmsb", "truncated": tmp / "truncated.mmsb",
                  "bus": bus, "out": out, "slice": slice_file}
-        return mmsb_cmd(*(a.format(**names) for a in argv), check=None), out
+        # (In an empty folder of their own: a path refused as empty must not have made
+        # anything in the working directory either.)
+        cwd = tmp / f"cwd{k}"
+        cwd.mkdir()
+        return mmsb_cmd(*(a.format(**names) for a in argv), check=None, cwd=cwd), out, cwd
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {" ".join(argv): pool.submit(run, k, argv)
@@ -508,7 +522,7 @@ def error_runs(bus: Path, crafted: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.mark.parametrize(("argv", "needle"), ERROR_CASES, ids=[" ".join(a) for a, _ in ERROR_CASES])
 def test_user_errors_are_one_line(argv: list[str], needle: str,
                                   error_runs: dict[str, Any]) -> None:
-    r, out = error_runs[" ".join(argv)]
+    r, out, cwd = error_runs[" ".join(argv)]
     assert r.returncode == 2, r.stderr
     assert r.stdout == ""
     lines = r.stderr.splitlines()
@@ -516,6 +530,7 @@ def test_user_errors_are_one_line(argv: list[str], needle: str,
     assert lines[0].startswith("mmsb: error: ") and needle in lines[0], lines[0]
     assert "Traceback" not in r.stderr
     assert not out.exists()
+    assert list(cwd.iterdir()) == []
 
 
 # -- argument parsing (in process) -----------------------------------------------------------

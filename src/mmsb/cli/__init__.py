@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import MMSBError
+from .params import PathParam
 
 __all__ = ["main"]
 
@@ -114,7 +115,7 @@ TIME = _TimeType()
 PAGE = _PageType()
 _TIME_HELP = "ISO 8601 (2025-01-31T12:00:00Z; no zone means UTC) or integer nanoseconds"
 
-_path_arg = click.argument("path", type=click.Path(path_type=Path))
+_path_arg = click.argument("path", type=PathParam(path_type=Path))
 _json_opt = click.option("--json", "as_json", is_flag=True,
                          help="Print one JSON document instead of tables (for scripts).")
 _page_arg = click.argument("page", type=PAGE)
@@ -207,7 +208,7 @@ def main() -> None:
 
 
 @main.command(short_help="Run the guided demo (in memory, or on a durable bus with --path).")
-@click.option("--path", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--path", type=PathParam(file_okay=False, path_type=Path), default=None,
               help="Run on a durable bus in this directory (created if missing) instead of in memory.")
 def demo(path: Path | None) -> None:
     """Run the guided demo: pages, a dependency, writes, propagation, replay,
@@ -420,7 +421,7 @@ def blame(path: Path, page: int, byte_range: tuple[int | None, int | None] | Non
 @click.option("--epoch", type=click.IntRange(min=0),
               help="Each page with only its deltas of epoch ≤ N (a per-page cut).")
 @click.option("--time", "at_time", type=TIME, help=f"The state at this moment: {_TIME_HELP}.")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+@click.option("--out", "out_path", required=True, type=PathParam(path_type=Path),
               help="Checkpoint file to write (load it with mmsb.load_checkpoint).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_json_opt

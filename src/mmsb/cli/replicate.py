@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from .params import PathParam
+
 __all__ = ["follow_command", "promote_command"]
 
 
@@ -29,7 +31,7 @@ def _bus_id(value: str) -> int:
 @click.command("follow", short_help="Keep a local copy of a replicated bus (a follower).")
 @click.argument("url")
 @click.argument("bus_id")
-@click.argument("path", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", type=PathParam(file_okay=False, path_type=Path))
 @click.option("--node", help="This follower's name (1-16 of A-Z a-z 0-9 _ . -); kept in PATH.")
 @click.option("--ack", default="local", show_default=True,
               help='What the bus acknowledges with once this follower leads it: "local" or '
@@ -96,7 +98,7 @@ def _status(f: Any, as_json: bool) -> None:
 
 
 @click.command("promote", short_help="Make a follower the leader of a replicated bus.")
-@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", required=False, type=PathParam(file_okay=False, path_type=Path))
 @click.option("--url", help="The Redis URL (default: the one recorded in PATH).")
 @click.option("--best", is_flag=True,
               help="Instead of PATH: the most advanced live follower (with --url and --bus).")
