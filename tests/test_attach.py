@@ -4,6 +4,7 @@ change feed (``changes``, ``serialize_event``, ``mmsb tail``)."""
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import signal
 import stat
@@ -145,6 +146,58 @@ def test_a_reader_dropped_without_close_releases_its_descriptors(
     r.close()
     del r
     assert count() <= before
+
+
+def test_a_remap_from_older_lengths_never_replaces_a_newer_one(
+        bus: tuple[Path, mmsb.MMSBState], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads sharing a reader remap one at a time. Thread B starts remapping to the
+    lengths the head gives after one growth and is held inside mmap; the files grow
+    again, and thread C remaps. C must not map before B is done (each stored its
+    mappings and lengths as separate attributes, so a thread could pair a length with
+    a mapping shorter than it: "buffer is smaller than requested size"), and B must not
+    then store its older mappings over C's: the reader ends mapped at the head's
+    newest lengths, and every page reads."""
+    path, s = bus
+    first = mmsb.create_page(s, 64)
+    r = mmsb.attach(path)
+    m = r._map
+    real_mmap = mapped.mmap.mmap
+    inside, release = threading.Event(), threading.Event()
+    held: list[threading.Thread] = []
+
+    def held_mmap(*args: object, **kwargs: object) -> mmap.mmap:
+        if held and threading.current_thread() is held[0] and not release.is_set():
+            inside.set()
+            release.wait(10)
+        return real_mmap(*args, **kwargs)
+
+    def head_lengths() -> tuple[int, int]:
+        return int(m.h[mapped._PAGES_BYTES]), int(m.h[mapped._TABLE_BYTES])
+
+    monkeypatch.setattr(mapped.mmap, "mmap", held_mmap)
+    try:
+        mmsb.create_pages(s, 40, 1 << 16)  # the files grow: B's lengths
+        b = threading.Thread(target=m._remap)
+        held.append(b)
+        b.start()
+        assert inside.wait(10)
+        ids = [p.id for p in mmsb.create_pages(s, 40, 1 << 17)]  # they grow again
+        newest = head_lengths()
+        c = threading.Thread(target=m._remap)
+        c.start()
+        c.join(0.3)
+        assert c.is_alive()  # C waits for B
+        release.set()
+        b.join(10)
+        c.join(10)
+    finally:
+        release.set()
+        monkeypatch.undo()
+    assert (m.maps[1], m.maps[3]) == newest == head_lengths()
+    assert r.read_page(first.id) == bytes(64)
+    assert r.read_page(ids[-1]) == bytes(1 << 17)
+    assert sorted(r.snapshot().pages) == sorted(s.pages)
+    r.close()
 
 
 def test_snapshot_is_consistent_at_one_lsn(bus: tuple[Path, mmsb.MMSBState]) -> None:

@@ -49,6 +49,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import time
 import uuid
 import weakref
@@ -934,6 +935,11 @@ class Publisher:
         self.close_files()
 
 
+_Maps = tuple["mmap.mmap | None", int, "mmap.mmap | None", int]
+"""A reader's mappings: (pages, its length, table, its length)."""
+_NO_MAPS: _Maps = (None, 0, None, 0)
+
+
 def _close_all(fds: dict[str, int]) -> None:
     """Close the descriptors in ``fds`` and empty it (a reader's, at its close or when it
     is collected: whichever comes first does it)."""
@@ -999,10 +1005,11 @@ class MappedPages:
         except (OSError, SerializationError):
             pass  # not writable here (a read-only mount, another owner), or not there:
             # this follower sleeps in short steps instead of being counted
-        self.pages_mm: mmap.mmap | None = None
-        self.table_mm: mmap.mmap | None = None
-        self.pages_len = 0
-        self.table_len = 0
+        self.maps: _Maps = _NO_MAPS
+        """(pages mapping, its length, table mapping, its length): replaced whole, never
+        edited, so that a thread reads one mapping with its own length while another
+        remaps (the mappings are None while their lengths are 0)."""
+        self._remapping = threading.Lock()
         try:
             self._remap()
         except BaseException:
@@ -1013,44 +1020,46 @@ class MappedPages:
         self._release()
 
     def close(self) -> None:
-        self.pages_mm = self.table_mm = None
+        self.maps = _NO_MAPS
         self.h = np.zeros(0, "<u8")
         self._close_fds()
 
     def _remap(self) -> None:
         """Map ``pages`` and ``table`` again at the lengths the head gives now (a
-        writer grows a file before it says so there, and never shrinks one).
+        writer grows a file before it says so there, and never shrinks one). Threads
+        sharing this reader remap one at a time, each at the head's lengths as it reads
+        them then: a remap made from lengths read earlier never replaces a newer one.
 
         Raises:
             SerializationError: a file is shorter than the head says (cut, or the head
                 edited), or cannot be mapped at that length; the mappings are as before.
         """
-        plen = int(self.h[_PAGES_BYTES])
-        tlen = int(self.h[_TABLE_BYTES])
-        pages_mm, table_mm = self.pages_mm, self.table_mm
-        for name, length in (("pages", plen), ("table", tlen)):
-            if length == (self.pages_len if name == "pages" else self.table_len):
-                continue
-            try:
-                mm = mmap.mmap(self.fds[name], length, prot=mmap.PROT_READ) if length else None
-            except (ValueError, OverflowError, OSError) as exc:
-                # (Python's mmap refuses a length past the file's end, which reading
-                # would otherwise turn into SIGBUS.)
+        with self._remapping:
+            plen = int(self.h[_PAGES_BYTES])
+            tlen = int(self.h[_TABLE_BYTES])
+            pages_mm, old_plen, table_mm, old_tlen = self.maps
+            for name, length, old in (("pages", plen, old_plen), ("table", tlen, old_tlen)):
+                if length == old:
+                    continue
                 try:
-                    size = f"{os.fstat(self.fds[name]).st_size} bytes"
-                except OSError:
-                    size = "of unknown size"
-                raise SerializationError(
-                    f"the mapped head gives {name} {length} bytes, but the file is {size} "
-                    f"({exc}): the mapped files were cut or edited; a writer's next open "
-                    "rebuilds them, and open_readonly reads the bus from its log meanwhile",
-                    path=_map_dir(self.root) / name) from None
-            if name == "pages":
-                pages_mm = mm
-            else:
-                table_mm = mm
-        self.pages_mm, self.pages_len = pages_mm, plen
-        self.table_mm, self.table_len = table_mm, tlen
+                    mm = mmap.mmap(self.fds[name], length, prot=mmap.PROT_READ) if length else None
+                except (ValueError, OverflowError, OSError) as exc:
+                    # (Python's mmap refuses a length past the file's end, which reading
+                    # would otherwise turn into SIGBUS.)
+                    try:
+                        size = f"{os.fstat(self.fds[name]).st_size} bytes"
+                    except OSError:
+                        size = "of unknown size"
+                    raise SerializationError(
+                        f"the mapped head gives {name} {length} bytes, but the file is {size} "
+                        f"({exc}): the mapped files were cut or edited; a writer's next open "
+                        "rebuilds them, and open_readonly reads the bus from its log meanwhile",
+                        path=_map_dir(self.root) / name) from None
+                if name == "pages":
+                    pages_mm = mm
+                else:
+                    table_mm = mm
+            self.maps = (pages_mm, plen, table_mm, tlen)
 
     # -- counters --------------------------------------------------------------------
     @property
@@ -1109,12 +1118,6 @@ class MappedPages:
                               f"its pages (it died, or made no progress for {_STALL_LIMIT:g} "
                               "s); the pages show again once a writer reopens the bus")
 
-    def _row(self, pid: int) -> tuple[int, int, int, int]:
-        if pid < 1 or (pid + 1) * ROW_SIZE > self.table_len:
-            return (0, -1, 0, 0)
-        assert self.table_mm is not None
-        return struct.unpack_from("<qqqq", self.table_mm, pid * ROW_SIZE)
-
     def _check_status(self) -> None:
         if self.status == STATUS_FAILED:
             raise DurabilityError(f"the writer of {self.root} could not publish its pages "
@@ -1133,15 +1136,16 @@ class MappedPages:
             if s1 & 1:
                 s1 = self._stable_seq()
             plen, tlen = _TWO.unpack_from(head, _PAGES_BYTES * 8)
-            if plen != self.pages_len or tlen != self.table_len:
+            pages_mm, mapped_plen, table_mm, mapped_tlen = self.maps
+            if plen != mapped_plen or tlen != mapped_tlen:
                 self._remap()
                 continue
             data = None
             epoch = 0
             if 0 < pid and (pid + 1) * ROW_SIZE <= tlen:
-                off, size, epoch = _ROW3.unpack_from(self.table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+                off, size, epoch = _ROW3.unpack_from(table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
                 if size >= 0 and 0 <= off <= plen - size:
-                    data = self.pages_mm[off : off + size]  # type: ignore[index]
+                    data = pages_mm[off : off + size]  # type: ignore[index]
             s2, lsn = _TWO.unpack_from(head, 64)
             if s1 != s2:
                 continue
@@ -1152,17 +1156,18 @@ class MappedPages:
                 self._check_status()
             return data, epoch, lsn
 
-    def _consistent(self, fn: Callable[[], T]) -> tuple[T, int]:
-        """``fn()`` run inside one publication (retried until no publication overlaps
-        it), and that publication's LSN."""
+    def _consistent(self, fn: Callable[[_Maps], T]) -> tuple[T, int]:
+        """``fn(maps)`` run inside one publication (retried until no publication
+        overlaps it) on mappings of that publication's lengths, and its LSN."""
         head = self.head
         while True:
             s1 = self._stable_seq()
             plen, tlen = _TWO.unpack_from(head, _PAGES_BYTES * 8)
-            if plen != self.pages_len or tlen != self.table_len:
+            maps = self.maps
+            if plen != maps[1] or tlen != maps[3]:
                 self._remap()
                 continue
-            out = fn()
+            out = fn(maps)
             s2, lsn = _TWO.unpack_from(head, 64)
             if s1 == s2:
                 self._check_status()
@@ -1174,13 +1179,16 @@ class MappedPages:
         Raises:
             PageNotFoundError: one of them is not live at that publication.
         """
-        def copy() -> tuple[dict[int, bytes], int | None]:
+        def copy(maps: _Maps) -> tuple[dict[int, bytes], int | None]:
             out: dict[int, bytes] = {}
+            pages_mm, plen, table_mm, tlen = maps
             for pid in pids:
-                off, size, _e, _l = self._row(pid)
-                if (size < 0 or self.pages_mm is None or not 0 <= off <= self.pages_len - size):
+                if pid < 1 or (pid + 1) * ROW_SIZE > tlen or pages_mm is None:
                     return out, pid
-                out[pid] = self.pages_mm[off : off + size]
+                off, size, _epoch = _ROW3.unpack_from(table_mm, pid * ROW_SIZE)  # type: ignore[arg-type]
+                if size < 0 or not 0 <= off <= plen - size:
+                    return out, pid
+                out[pid] = pages_mm[off : off + size]
             return out, None
 
         (pages, missing), lsn = self._consistent(copy)
@@ -1190,11 +1198,12 @@ class MappedPages:
 
     def live_ids(self) -> tuple[list[int], int]:
         """Ids of the live pages at one publication, and its LSN."""
-        def ids() -> list[int]:
-            rows = min(int(_U64.unpack_from(self.head, _ROWS * 8)[0]), self.table_len // ROW_SIZE)
-            if self.table_mm is None or rows <= 1:
+        def ids(maps: _Maps) -> list[int]:
+            table_mm, tlen = maps[2], maps[3]
+            rows = min(int(_U64.unpack_from(self.head, _ROWS * 8)[0]), tlen // ROW_SIZE)
+            if table_mm is None or rows <= 1:
                 return []
-            table = np.frombuffer(self.table_mm, ROW_DTYPE, rows)
+            table = np.frombuffer(table_mm, ROW_DTYPE, rows)
             return (np.flatnonzero(table["size"][1:] >= 0) + 1).tolist()
 
         return self._consistent(ids)
