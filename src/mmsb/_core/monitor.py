@@ -334,8 +334,8 @@ class MMSBStats:
                 ``write``.
         """
         if file is not None and not callable(getattr(file, "write", None)):
-            raise InvalidArgumentError(f"print_stats(file=...) takes a text file (something "
-                                       f"with write()) or None, not {type(file).__name__}")
+            raise InvalidArgumentError(f"file= takes a text file (something with write()) "
+                                       f"or None, not {type(file).__name__}")
         from rich.console import Console
         from rich.table import Table
 

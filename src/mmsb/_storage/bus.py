@@ -1354,16 +1354,8 @@ def _listing(root: Path) -> tuple[list[Path], list[Path]]:
             file, a FIFO, a symlink): a listing through it would show no records, or
             another folder's, as the bus's.
     """
-    for name in ("wal", "checkpoints"):
-        try:
-            mode = os.lstat(root / name).st_mode
-        except FileNotFoundError:
-            continue  # (none there: nothing of that kind to read)
-        if not stat.S_ISDIR(mode):
-            raise SerializationError(
-                f"{name} is not a folder of the bus (a file, a FIFO or a symlink stands "
-                "there); a bus's files are never read through links or from special "
-                "files: put its folder back", path=root / name)
+    fsops.read_bus_folder(root / "wal")
+    fsops.read_bus_folder(root / "checkpoints")
     wal = _names(root / "wal", _WAL_RE)
     ck = _names(root / "checkpoints", _CKPT_RE)
     return wal, ck

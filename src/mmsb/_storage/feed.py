@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -312,15 +311,9 @@ class ChangeFeed:
     def _segments(self) -> list[tuple[int, int, Path]]:
         """The bus's segments, oldest first (listed again only when the folder changed)."""
         wal = self.root / "wal"
-        try:
-            st = os.lstat(wal)
-        except FileNotFoundError:
+        st = fsops.read_bus_folder(wal)
+        if st is None:
             return []
-        if not stat.S_ISDIR(st.st_mode):
-            raise SerializationError(
-                "wal is not a folder of the bus (a file, a FIFO or a symlink stands there); "
-                "a bus's segments are never read through links or from special files: put "
-                "its folder back", path=wal)
         stamp = st.st_mtime_ns
         # A folder's time is the kernel's coarse clock: a listing taken within a tick of
         # the last change could miss a change made in that same tick, so it is trusted

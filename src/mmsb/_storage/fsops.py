@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import SerializationError
+
 __all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "open_regular_stat", "create_exclusive",
            "read_all", "read_fd", "read_private", "write_all", "pwrite_all", "allocate", "fsync", "fdatasync", "truncate", "replace",
            "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
@@ -126,6 +128,28 @@ def bus_folder(path: str | Path) -> None:
             st = os.lstat(path)  # made meanwhile
     if not stat.S_ISDIR(st.st_mode):
         raise NotRegularFileError(errno.EINVAL, "not a directory of the bus", str(path))
+
+
+def read_bus_folder(path: Path) -> os.stat_result | None:
+    """The status of the bus folder ``path`` for a reader, without following a link:
+    None when it is missing (nothing of that kind to read).
+
+    Raises:
+        SerializationError: something other than a folder stands there (a file, a FIFO,
+            a symlink): a listing through it would show no files, or another folder's,
+            as the bus's.
+        OSError: as ``lstat`` raises it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        raise SerializationError(
+            f"{Path(path).name} is not a folder of the bus (a file, a FIFO or a symlink "
+            "stands there); a bus's files are never read through links or from special "
+            "files: put its folder back", path=path)
+    return st
 
 
 def create_exclusive(path: Any, *, readable: bool = False) -> int:

@@ -944,10 +944,7 @@ def _close_all(fds: dict[str, int]) -> None:
     """Close the descriptors in ``fds`` and empty it (a reader's, at its close or when it
     is collected: whichever comes first does it)."""
     for fd in fds.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # (already closed: nothing is left to release)
+        os.close(fd)
     fds.clear()
 
 
@@ -1038,28 +1035,34 @@ class MappedPages:
             plen = int(self.h[_PAGES_BYTES])
             tlen = int(self.h[_TABLE_BYTES])
             pages_mm, old_plen, table_mm, old_tlen = self.maps
-            for name, length, old in (("pages", plen, old_plen), ("table", tlen, old_tlen)):
-                if length == old:
-                    continue
-                try:
-                    mm = mmap.mmap(self.fds[name], length, prot=mmap.PROT_READ) if length else None
-                except (ValueError, OverflowError, OSError) as exc:
-                    # (Python's mmap refuses a length past the file's end, which reading
-                    # would otherwise turn into SIGBUS.)
-                    try:
-                        size = f"{os.fstat(self.fds[name]).st_size} bytes"
-                    except OSError:
-                        size = "of unknown size"
-                    raise SerializationError(
-                        f"the mapped head gives {name} {length} bytes, but the file is {size} "
-                        f"({exc}): the mapped files were cut or edited; a writer's next open "
-                        "rebuilds them, and open_readonly reads the bus from its log meanwhile",
-                        path=_map_dir(self.root) / name) from None
-                if name == "pages":
-                    pages_mm = mm
-                else:
-                    table_mm = mm
+            if plen != old_plen:
+                pages_mm = self._map("pages", plen)
+            if tlen != old_tlen:
+                table_mm = self._map("table", tlen)
             self.maps = (pages_mm, plen, table_mm, tlen)
+
+    def _map(self, name: str, length: int) -> mmap.mmap | None:
+        """File ``name`` mapped read-only at ``length`` bytes (None for 0).
+
+        Raises:
+            SerializationError: the file is shorter (Python's mmap refuses a length past
+                the file's end, which reading would otherwise turn into SIGBUS), or
+                cannot be mapped at that length.
+        """
+        if not length:
+            return None
+        try:
+            return mmap.mmap(self.fds[name], length, prot=mmap.PROT_READ)
+        except (ValueError, OverflowError, OSError) as exc:
+            try:
+                size = f"{os.fstat(self.fds[name]).st_size} bytes"
+            except OSError:
+                size = "of unknown size"
+            raise SerializationError(
+                f"the mapped head gives {name} {length} bytes, but the file is {size} "
+                f"({exc}): the mapped files were cut or edited; a writer's next open "
+                "rebuilds them, and open_readonly reads the bus from its log meanwhile",
+                path=_map_dir(self.root) / name) from None
 
     # -- counters --------------------------------------------------------------------
     @property
