@@ -280,6 +280,37 @@ def test_stats_file_round_trip_and_refusals(tmp_path: Path) -> None:
     assert len(data) == SIZE == 1292
 
 
+def test_publications_of_the_counters_from_two_threads_never_collide(tmp_path: Path) -> None:
+    """A checkpoint and the writer's background thread both publish DIR/map/stats: they
+    shared one temporary file, and a rename could find it already renamed by the other
+    (FileNotFoundError, logged as "publishing the latency counters ... failed")."""
+    import threading
+
+    from mmsb._core.monitor import Counters
+    from mmsb._storage.stats_file import decode_stats, publish_stats
+
+    (tmp_path / "map").mkdir()
+    c = Counters()
+    c.delta_apply.add(5)
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        for _ in range(300):
+            try:
+                publish_stats(tmp_path / "map", c, 7)
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+
+    threads = [threading.Thread(target=publish) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert decode_stats((tmp_path / "map" / "stats").read_bytes())["last_lsn"] == 7
+    assert sorted(p.name for p in (tmp_path / "map").iterdir()) == ["stats"]
+
+
 @pytest.mark.parametrize("fsync", ["batch", "always", "none"])
 def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path, fsync: str) -> None:
     """From the writer's background thread (the group commit's, or one of its own when

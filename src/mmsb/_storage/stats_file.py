@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -92,17 +93,26 @@ def encode_stats(counters: Counters, last_lsn: int, written_ns: int | None = Non
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+_PUBLISHING = threading.Lock()
+"""One publication at a time in a process: a checkpoint and the writer's background
+thread both publish."""
+
+
 def publish_stats(map_dir: Path, counters: Counters, last_lsn: int) -> None:
-    """Replace ``map_dir/stats`` with the current counters (written beside it, then
-    renamed over it; mode 0600). Raises OSError."""
+    """Replace ``map_dir/stats`` with the current counters (written beside it under a
+    name of this process's, ``stats.PID.tmp``, then renamed over it; mode 0600). Two
+    publishers never write one temporary file: the threads of a process take turns,
+    and each process (a shared writer) has its own, so a rename never finds its file
+    gone or half another's. Raises OSError."""
     data = encode_stats(counters, last_lsn)
-    tmp = map_dir / (STATS_NAME + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, map_dir / STATS_NAME)
+    tmp = map_dir / f"{STATS_NAME}.{os.getpid()}.tmp"
+    with _PUBLISHING:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, map_dir / STATS_NAME)
 
 
 def decode_stats(data: bytes, what: str = "the stats file") -> dict[str, Any]:
