@@ -542,9 +542,9 @@ def test_query_page_reads_through_kept_buffer_views_dropped_with_their_buffer() 
     assert mmsb.query_page(s, small.id)[:5] == b"small"
     assert mmsb.query_page(s, big.id)[5:8] == b"big"
     index = int(s.table.addr[big.id]) >> CHUNK_SHIFT
-    assert index in s.arena._views
+    assert index in s.arena.byte_views
     mmsb.delete_page(s, big.id)
-    assert index not in s.arena._views and s.arena.chunk(index) is None
+    assert index not in s.arena.byte_views and s.arena.chunk(index) is None
     again = mmsb.create_page(s, 1 << 25)
     mmsb.write_page(s, again.id, 0, b"again")
     assert mmsb.query_page(s, again.id)[:5] == b"again"

@@ -55,9 +55,9 @@ class Arena:
 
     def __init__(self) -> None:
         self._chunks: list[np.ndarray | None] = []
-        self._views: dict[int, memoryview] = {}
-        """Memoryviews of buffers, made by :meth:`chunk_bytes` (dropped with their
-        buffer)."""
+        self.byte_views: dict[int, memoryview] = {}
+        """Memoryviews of buffers by index, made by :meth:`chunk_bytes` (dropped with
+        their buffer): a page read looks its buffer up here first, without a call."""
         self._cur = -1
         self._bump = CHUNK_SIZE
         self._free: dict[int, list[int]] = {}
@@ -97,11 +97,11 @@ class Arena:
         """A memoryview of buffer ``index`` (which must be live), made once and kept
         while the buffer is: a slice of it copies out as ``bytes`` about twice as fast
         as a numpy slice's ``tobytes``."""
-        view = self._views.get(index)
+        view = self.byte_views.get(index)
         if view is None:
             chunk = self._chunks[index]
             assert chunk is not None
-            view = self._views[index] = chunk.data
+            view = self.byte_views[index] = chunk.data
         return view
 
     @property
@@ -296,7 +296,7 @@ class Arena:
             self.bytes_managed -= cls
         if cls > _LARGE:
             self._chunks[index] = None
-            self._views.pop(index, None)
+            self.byte_views.pop(index, None)
             self._managed.discard(index)
             return
         (self._mfree if managed else self._free).setdefault(cls, []).append(addr)

@@ -17,6 +17,7 @@ import weakref
 from _thread import RLock as _RLock
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import PurePath
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -157,10 +158,14 @@ def check_path(path: object, fn: str) -> None:
     """A file or directory path a call takes: a str or an os.PathLike giving a str, not
     empty (which would name the current directory without saying so) and without a NUL
     character (which no file name holds: the system calls refuse it as ValueError)."""
-    if not isinstance(path, str | os.PathLike):
+    if isinstance(path, str):
+        raw: object = path
+    elif isinstance(path, PurePath) or isinstance(path, os.PathLike):
+        # (A Path is told from the class itself, before the slower check of the ABC.)
+        raw = os.fspath(path)
+    else:
         raise InvalidArgumentError(f"{fn}() takes a file path (str or os.PathLike), not "
                                    f"{type(path).__name__}")
-    raw = os.fspath(path)
     if not isinstance(raw, str):
         raise InvalidArgumentError(f"{fn}() takes a path that is text, not "
                                    f"{type(raw).__name__}")
@@ -720,8 +725,11 @@ class MMSBState:
         if not (type(page_id) is int and 0 < page_id < t.next_id and flags_v[page_id] & LIVE):
             page_id = self.require_page(page_id, context)
         addr = addr_v[page_id]
+        index = addr >> CHUNK_SHIFT
+        # (The buffer's view from the arena's table, made by chunk_bytes the first time.)
+        buf = self.arena.byte_views.get(index) or self.arena.chunk_bytes(index)
         off = addr & CHUNK_MASK
-        return self.arena.chunk_bytes(addr >> CHUNK_SHIFT)[off:off + size_v[page_id]].tobytes()
+        return buf[off:off + size_v[page_id]].tobytes()
 
     def page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
         addr_v, size_v, _epoch_v, _flags_v = self.table.views
