@@ -230,7 +230,7 @@ class _Listed:
     def generations(self) -> np.ndarray:
         """The listed generations, ascending (int64)."""
         if self._gens is None:
-            self._gens = np.sort(np.fromiter(self.names, np.int64, len(self.names)))
+            self._gens = np.array(sorted(self.names), np.int64)
         return self._gens
 
     def __len__(self) -> int:
@@ -317,11 +317,9 @@ class DurableBus:
         self.stats_of: Callable[[], MMSBState | None] | None = None
         """The state whose latency counters go to DIR/map/stats (a weak reference)."""
         self._stats_seen: tuple[int, ...] = ()
-        self.superseded: list[Path] = []
-        """Checkpoints older than the retained chain that recovery found (a crash left
-        them before retention removed them): ignored by every recovery, and removed by
-        the next automatic checkpoint or the close (see :meth:`drop_superseded`), not
-        by the open."""
+        self._superseded: list[Path] | tuple[_Listed, int] = []
+        """:attr:`superseded`, or the listing and generation it is made from when
+        first asked for (an open that finds them lists their names, makes no path)."""
         self.map_history = False
         """Recovery points the rows of one-run deltas at their frames in the segments
         it replays (see :data:`MAP_HISTORY`); set by an exclusive open."""
@@ -335,6 +333,22 @@ class DurableBus:
         self.open_refs: PageRefs | None = None
         """The page references of the newest checkpoint found at open (None: it holds
         its pages itself)."""
+
+    @property
+    def superseded(self) -> list[Path]:
+        """Checkpoints older than the retained chain that recovery found (a crash left
+        them before retention removed them): ignored by every recovery, and removed by
+        the next automatic checkpoint or the close (see :meth:`drop_superseded`), not
+        by the open."""
+        found = self._superseded
+        if isinstance(found, tuple):
+            listed, oldest = found
+            found = self._superseded = listed.older_than(oldest)
+        return found
+
+    @superseded.setter
+    def superseded(self, paths: list[Path]) -> None:
+        self._superseded = paths
 
     @property
     def retained(self) -> list[_Ckpt]:
@@ -387,7 +401,8 @@ class DurableBus:
 
     def read_bytes(self, path: Path) -> bytes:
         """A bus file's bytes: from its descriptor opened ahead, else opened no-follow."""
-        fd = self.fds.get(path)
+        # (A writer's open has no descriptors opened ahead: its paths are not hashed.)
+        fd = self.fds.get(path) if self.fds else None
         return fsops.read_fd(fd) if fd is not None else fsops.read_all(path)
 
     def read_checkpoint(self, path: Path, with_log: bool = True, pages: bool = True) -> Any:
@@ -401,7 +416,7 @@ class DurableBus:
         Raises:
             SerializationError: unreadable (gone, not a regular file) or damaged.
         """
-        if not with_log and not self.read_only and path not in self.fds:
+        if not with_log and not self.read_only and not (self.fds and path in self.fds):
             # Its page store is the one beside it, in this bus's checkpoints folder.
             return read_checkpoint_front(path, f"{self.root}/checkpoints/{STORE_NAME}")
         try:
@@ -1463,7 +1478,7 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         wal = _names(root / "wal", _WAL_RE)
         bus_id = _identity(root, bool(listed or wal), bus_id)
         for name in in_ckpt:
-            if name.startswith((".ckpt-", f".{STORE_NAME}.")) and name.endswith(".tmp"):
+            if name.startswith(_TEMP_PREFIXES) and name.endswith(".tmp"):
                 _unlink(ckpt_dir / name)
         bus = DurableBus(root, bus_id, config, lock_fd)
         bus.map_history = MAP_HISTORY and not shared
@@ -1512,6 +1527,11 @@ def open_bus(state: MMSBState, path: str | os.PathLike[str], shared: bool = Fals
         bus.start()
 
 
+_TEMP_PREFIXES = (".ckpt-", f".{STORE_NAME}.")
+"""How the temporary files of a checkpoint or of the page store being written begin
+(what a crash leaves of them is removed by the next writer's open)."""
+
+
 def _durability(root: Path, what: str, exc: OSError) -> DurabilityError:
     """The typed error for a file-system failure while opening a bus."""
     why = exc.strerror or str(exc)
@@ -1543,7 +1563,7 @@ def _recover(bus: DurableBus, state: MMSBState, by_gen: _Listed, wal: list[Path]
             _restore_chain(bus, state, by_gen, gen)
         if not bus.read_only:
             # Removed after the open (drop_superseded), which never reads them.
-            bus.superseded = by_gen.older_than(bus.oldest_generation())
+            bus._superseded = (by_gen, bus.oldest_generation())
     # Replay the current generation's segments.
     segs: list[tuple[int, Path]] = []
     for p in wal:
@@ -1710,7 +1730,7 @@ def _restore_deferred(bus: DurableBus, state: MMSBState, by_gen: _Listed,
     newest = bus.read_checkpoint(by_gen[gen], with_log=False)
     _check_owner(newest.bus, bus.bus_id, gen, by_gen[gen])
     rows = _chain_of(bus, newest, gen, by_gen)
-    first_gen, first_lsn, first_from, first_base = (int(x) for x in rows[0])
+    first_gen, first_lsn, first_from, first_base = rows[0].tolist()
     if first_from == 0 and first_gen != gen:
         if first_base < 0:
             head = read_checkpoint_head(by_gen[first_gen])
