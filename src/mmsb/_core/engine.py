@@ -715,22 +715,6 @@ class MMSBState:
             raise PageNotFoundError(pid, context)
         return pid
 
-    def page_bytes(self, page_id: Any, context: str) -> bytes:
-        """A copy of the bytes of live page ``page_id`` (the caller holds the lock): an
-        int id of a live page is found without the general checks of
-        :meth:`require_page`, which takes every other case (and raises as it does).
-        O(size)."""
-        t = self.table
-        addr_v, size_v, _epoch_v, flags_v = t.views
-        if not (type(page_id) is int and 0 < page_id < t.next_id and flags_v[page_id] & LIVE):
-            page_id = self.require_page(page_id, context)
-        addr = addr_v[page_id]
-        index = addr >> CHUNK_SHIFT
-        # (The buffer's view from the arena's table, made by chunk_bytes the first time.)
-        buf = self.arena.byte_views.get(index) or self.arena.chunk_bytes(index)
-        off = addr & CHUNK_MASK
-        return buf[off:off + size_v[page_id]].tobytes()
-
     def page_view(self, pid: int, readonly: bool = False) -> np.ndarray:
         addr_v, size_v, _epoch_v, _flags_v = self.table.views
         addr = addr_v[pid]
