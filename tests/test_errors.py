@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import mmsb
@@ -101,6 +103,39 @@ def test_a_path_that_names_no_file_is_refused_everywhere(state, bad, tmp_path,
             call()
     assert list(tmp_path.iterdir()) == []
     assert_unchanged(state, before)
+
+
+class _StrPath:
+    """An os.PathLike of the user's own (not a pathlib path) whose path is text."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+class _Name(str):
+    """A str subclass as a path."""
+
+
+@pytest.mark.parametrize("kind", ["str", "str subclass", "Path", "PathLike"])
+def test_every_kind_of_text_path_opens_the_same_bus(tmp_path, kind) -> None:
+    """A path is taken as a str, a str subclass, a pathlib path or any os.PathLike
+    giving text: each opens (and reopens) the bus it names."""
+    where = str(tmp_path / "bus")
+    make = {"str": str, "str subclass": _Name, "Path": Path, "PathLike": _StrPath}[kind]
+    s = mmsb.mmsb_start(path=make(where), enable_gpu=False)
+    mmsb.write_page(s, mmsb.create_page(s, 8).id, 0, b"kept")
+    mmsb.mmsb_stop(s)
+    again = mmsb.mmsb_start(path=make(where), enable_gpu=False)
+    try:
+        assert mmsb.query_page(again, 1)[:4] == b"kept"
+    finally:
+        mmsb.mmsb_stop(again)
+    assert mmsb.open_readonly(make(where)).last_lsn == again.last_lsn
+    with mmsb.attach(make(where)) as r:
+        assert r.read_page(1)[:4] == b"kept"
 
 
 def test_invalid_delta_message_mentions_page(state) -> None:
