@@ -31,7 +31,8 @@ from ..errors import SerializationError
 
 __all__ = ["FILE_MODE", "set_fault_hook", "step", "open_regular", "open_regular_stat", "create_exclusive",
            "read_all", "read_fd", "read_private", "write_all", "pwrite_all", "allocate", "fsync", "fdatasync", "truncate", "replace",
-           "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError"]
+           "unlink", "fsync_dir", "HookedWriter", "NotRegularFileError", "process_alive",
+           "bus_folder", "read_bus_folder"]
 
 FILE_MODE = 0o600
 """Mode of every file the bus creates (page bytes are not for other users)."""
@@ -65,15 +66,6 @@ def step(name: str, path: Any) -> None:
         hook(name, str(path))
 
 
-def _require_regular(fd: int, path: Any) -> os.stat_result:
-    """The status of ``fd``, closed (and refused) unless it is a regular file."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise NotRegularFileError(errno.EINVAL, _NOT_REGULAR, str(path))
-    return st
-
-
 _NOT_REGULAR = ("not a regular file (a FIFO, device, directory or other special file "
                 "stands where a bus file belongs)")
 
@@ -99,8 +91,8 @@ def open_regular(path: Any, flags: int, *, create: bool = False) -> int:
 def open_regular_stat(path: Any, flags: int, *, create: bool = False) -> tuple[int, os.stat_result]:
     """:func:`open_regular`, and the file's status as it was when opened (the ``fstat``
     that checked it is a regular file: its size, without another system call)."""
-    # (The fault hook's announcement and the regular-file check of step and
-    # _require_regular, written out: every file an open of a bus reads comes here.)
+    # (The fault hook's announcement of step, written out: every file an open of a bus
+    # reads comes here.)
     hook = _hook
     if hook is not None:
         hook("create" if create else "open", str(path))
@@ -117,6 +109,20 @@ def open_regular_stat(path: Any, flags: int, *, create: bool = False) -> tuple[i
             os.close(fd)
             raise
     return fd, st
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts: it cannot be
+    signalled, but it is there)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def bus_folder(path: str | Path) -> None:
@@ -213,9 +219,8 @@ def read_private(path: Any) -> np.ndarray:
     Raises:
         OSError: missing, unreadable, or not a regular file.
     """
-    step("open", path)
-    fd = os.open(path, os.O_RDONLY | _SAFE, FILE_MODE)
-    size = _require_regular(fd, path).st_size
+    fd, st = open_regular_stat(path, os.O_RDONLY)
+    size = st.st_size
     try:
         buf = np.empty(size, np.uint8)
         pos = 0

@@ -116,18 +116,6 @@ _PROGRESS_PAGES = 4096
 """Pages a publication of touched pages copies between two steps of ``progress``."""
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @njit(cache=True, nogil=True)
 def _gather(dst: np.ndarray, dst_offs: np.ndarray, src: np.ndarray, src_offs: np.ndarray,
             sizes: np.ndarray) -> None:  # pragma: no cover - compiled
@@ -1109,7 +1097,7 @@ class MappedPages:
             (s,) = _U64.unpack_from(head, 64)
             if not s & 1:
                 return int(s)
-            if not _alive(self.writer_pid):
+            if not fsops.process_alive(self.writer_pid):
                 break
             (now_progress,) = _U64.unpack_from(head, _PROGRESS_OFF)
             now = time.monotonic()
