@@ -57,7 +57,7 @@ from .devices import (
     refuse_device_on_bus,
 )
 from .events import EventBus
-from .graph import ShadowPageGraph
+from .graph import ShadowPageGraph, as_page_id
 from .kernels import SMALL_WRITE
 from .limits import MAX_METADATA_BYTES, MAX_PAGE_ID, MAX_PAGE_SIZE, metadata_bounds_problem
 from .log import _SMALL_ENTRY as _small_entries
@@ -114,9 +114,7 @@ def require_page_id(page_id: Any, fn: str) -> int:
     """A page id (an int, or a Page) as an int; anything else is a typed refusal."""
     if isinstance(page_id, Page):
         return page_id.id
-    if isinstance(page_id, bool) or not isinstance(page_id, int | np.integer):
-        raise InvalidArgumentError(f"{fn}(): a page id must be an int, not {type(page_id).__name__}")
-    return int(page_id)
+    return as_page_id(page_id, fn)
 
 
 _IMMEDIATE = PropagationMode.IMMEDIATE

@@ -10,12 +10,14 @@ from typing import Any
 from ..errors import GraphCycleError, InvalidArgumentError
 from ..types import EdgeType
 
-__all__ = ["ShadowPageGraph", "compute_closure", "detect_cycles", "reverse_postorder"]
+__all__ = ["ShadowPageGraph", "as_page_id", "compute_closure", "detect_cycles",
+           "reverse_postorder"]
 
 
-def _node(page_id: Any, fn: str) -> int:
-    """A page id given to a graph query: an int (numpy ints too), never a bool, a float
-    or anything unhashable, which would find nothing or fail as a TypeError."""
+def as_page_id(page_id: Any, fn: str) -> int:
+    """A page id given to call ``fn``: an int (numpy ints and other integers too) as an
+    int; a bool, a float or anything else (which a lookup would find nothing under, or
+    fail on as unhashable) is InvalidArgumentError."""
     if type(page_id) is int:
         return page_id
     if isinstance(page_id, bool) or not hasattr(page_id, "__index__"):
@@ -57,19 +59,19 @@ class ShadowPageGraph:
         return sorted((p, c, t) for p, cs in self.children.items() for c, t in cs.items())
 
     def has_edge(self, parent: int, child: int) -> bool:
-        return _node(child, "has_edge") in self.children.get(_node(parent, "has_edge"), {})
+        return as_page_id(child, "has_edge") in self.children.get(as_page_id(parent, "has_edge"), {})
 
     def get_children(self, page_id: int) -> list[tuple[int, EdgeType]]:
         """``(child_id, edge_type)`` pairs, by child id."""
-        return sorted(self.children.get(_node(page_id, "get_children"), {}).items())
+        return sorted(self.children.get(as_page_id(page_id, "get_children"), {}).items())
 
     def get_parents(self, page_id: int) -> list[tuple[int, EdgeType]]:
         """``(parent_id, edge_type)`` pairs, by parent id."""
-        return sorted(self.parents.get(_node(page_id, "get_parents"), {}).items())
+        return sorted(self.parents.get(as_page_id(page_id, "get_parents"), {}).items())
 
     def path(self, start: int, goal: int) -> list[int] | None:
         """A path start → … → goal along edges, or None. Iterative BFS."""
-        start, goal = _node(start, "path"), _node(goal, "path")
+        start, goal = as_page_id(start, "path"), as_page_id(goal, "path")
         if start == goal:
             return [start]
         prev: dict[int, int] = {start: start}
@@ -90,11 +92,11 @@ class ShadowPageGraph:
 
     def find_descendants(self, page_id: int) -> set[int]:
         """Every id reachable from ``page_id`` (not itself). Iterative."""
-        return self._reach(_node(page_id, "find_descendants"), self.children)
+        return self._reach(as_page_id(page_id, "find_descendants"), self.children)
 
     def find_ancestors(self, page_id: int) -> set[int]:
         """Every id from which ``page_id`` is reachable (not itself). Iterative."""
-        return self._reach(_node(page_id, "find_ancestors"), self.parents)
+        return self._reach(as_page_id(page_id, "find_ancestors"), self.parents)
 
     @staticmethod
     def _reach(start: int, adj: dict[int, dict[int, EdgeType]]) -> set[int]:
@@ -123,7 +125,7 @@ class ShadowPageGraph:
             raise InvalidArgumentError("topological_sort(): subset must be an iterable of "
                                        f"page ids or None, not {type(subset).__name__}")
         else:
-            nodes = {_node(n, "topological_sort") for n in subset}
+            nodes = {as_page_id(n, "topological_sort") for n in subset}
         indeg = {n: 0 for n in nodes}
         for n in nodes:
             for c in self.children.get(n, ()):
