@@ -311,6 +311,34 @@ def test_publications_of_the_counters_from_two_threads_never_collide(tmp_path: P
     assert sorted(p.name for p in (tmp_path / "map").iterdir()) == ["stats"]
 
 
+def test_a_first_publication_removes_what_killed_publishers_left(tmp_path: Path) -> None:
+    """A publisher killed between its write and its rename leaves its stats.PID.tmp: the
+    next process's first publication to the folder removes each one whose process no
+    longer runs, and leaves a live process's and any other name alone."""
+    import subprocess
+    import sys
+
+    from mmsb._storage.stats_file import publish_stats
+
+    map_dir = tmp_path / "map"
+    map_dir.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f"stats.{gone.pid}.tmp", f"stats.{live.pid}.tmp", "stats.x.tmp", "notes"):
+            (map_dir / name).write_bytes(b"left")
+        (map_dir / "stats.0.tmp").mkdir()  # (not a file: left as it is, nothing fails)
+        from mmsb._core.monitor import Counters
+
+        publish_stats(map_dir, Counters(), 3)
+        assert sorted(p.name for p in map_dir.iterdir()) == sorted(
+            ["notes", "stats", "stats.0.tmp", f"stats.{live.pid}.tmp", "stats.x.tmp"])
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("fsync", ["batch", "always", "none"])
 def test_writer_publishes_its_counters_while_it_writes(tmp_path: Path, fsync: str) -> None:
     """From the writer's background thread (the group commit's, or one of its own when

@@ -29,6 +29,7 @@ newest copy, never the bus's data). Layout (little-endian), 1,292 bytes::
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 import time
@@ -40,6 +41,7 @@ import numpy as np
 
 from .._core.monitor import Counters, LatencyRing
 from ..errors import SerializationError
+from .fsops import process_alive
 
 __all__ = ["KINDS", "PUBLISH_EVERY", "STATS_NAME", "encode_stats", "publish_stats",
            "read_stats", "decode_stats"]
@@ -96,6 +98,22 @@ def encode_stats(counters: Counters, last_lsn: int, written_ns: int | None = Non
 _PUBLISHING = threading.Lock()
 """One publication at a time in a process: a checkpoint and the writer's background
 thread both publish."""
+_TEMP = re.compile(rf"{STATS_NAME}\.([0-9]{{1,10}})\.tmp")
+"""The temporary file of the publisher whose pid it names."""
+_SWEPT: set[str] = set()
+"""The map folders whose dead publishers' temporary files this process has removed."""
+
+
+def _sweep(map_dir: Path) -> None:
+    """Remove the temporary files that publishers which no longer run left in
+    ``map_dir`` (killed between a write and its rename); a live process's stays."""
+    for name in os.listdir(map_dir):
+        m = _TEMP.fullmatch(name)
+        if m is not None and not process_alive(int(m.group(1))):
+            try:
+                os.unlink(map_dir / name)
+            except OSError:
+                pass  # (removed first by another process, or not a file: left as it is)
 
 
 def publish_stats(map_dir: Path, counters: Counters, last_lsn: int) -> None:
@@ -103,10 +121,15 @@ def publish_stats(map_dir: Path, counters: Counters, last_lsn: int) -> None:
     name of this process's, ``stats.PID.tmp``, then renamed over it; mode 0600). Two
     publishers never write one temporary file: the threads of a process take turns,
     and each process (a shared writer) has its own, so a rename never finds its file
-    gone or half another's. Raises OSError."""
+    gone or half another's. A process's first publication to a folder removes the
+    temporary files of publishers no longer running. Raises OSError."""
     data = encode_stats(counters, last_lsn)
     tmp = map_dir / f"{STATS_NAME}.{os.getpid()}.tmp"
     with _PUBLISHING:
+        if str(map_dir) not in _SWEPT:
+            # Once a process and folder: what killed publishers left goes.
+            _SWEPT.add(str(map_dir))
+            _sweep(map_dir)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, data)
