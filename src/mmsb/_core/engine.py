@@ -112,6 +112,8 @@ def require_state(obj: Any, fn: str) -> MMSBState:
 
 def require_page_id(page_id: Any, fn: str) -> int:
     """A page id (an int, or a Page) as an int; anything else is a typed refusal."""
+    if type(page_id) is int:
+        return page_id  # (the usual case, first: read_page_at and the log queries)
     if isinstance(page_id, Page):
         return page_id.id
     return as_page_id(page_id, fn)
